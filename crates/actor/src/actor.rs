@@ -1,0 +1,280 @@
+//! [`Actor`]: one module instance in its own store, fed one message at a time.
+
+use std::sync::Arc;
+
+use tern_compute::Device;
+use wasmtime::{Instance, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc};
+
+use crate::guest_memory::{self, AbiError};
+use crate::{ActorError, Runtime, abi};
+
+/// What the guest returned for one message, and what it emitted meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// `tern_on_message`'s result.
+    pub code: i32,
+    /// Every byte the guest emitted while handling the message.
+    pub output: Vec<u8>,
+}
+
+/// Per-actor host state: what host functions see of the actor.
+pub(crate) struct HostState {
+    pub(crate) device: Arc<dyn Device>,
+    pub(crate) memory: Option<Memory>,
+    pub(crate) last_error: Option<String>,
+    output: Vec<u8>,
+    output_limit: usize,
+    stream: Option<Box<dyn FnMut(&[u8]) + Send>>,
+    limiter: Limiter,
+}
+
+impl HostState {
+    /// Records `bytes` as output and passes them to the stream, if any.
+    pub(crate) fn emit(&mut self, bytes: &[u8]) -> Result<(), AbiError> {
+        if self.output.len() + bytes.len() > self.output_limit {
+            return Err(AbiError::OutputLimit {
+                limit: self.output_limit,
+            });
+        }
+        self.output.extend_from_slice(bytes);
+        if let Some(stream) = &mut self.stream {
+            stream(bytes);
+        }
+        Ok(())
+    }
+}
+
+/// Caps linear memory and tables, and remembers the last growth it refused.
+struct Limiter {
+    memory_bytes: usize,
+    refused: Option<usize>,
+}
+
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.refused = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        4
+    }
+}
+
+/// A sandboxed Wasm actor. Faults stay inside it: a trap poisons this actor only.
+pub struct Actor {
+    store: Store<HostState>,
+    memory: Memory,
+    alloc: TypedFunc<u32, u32>,
+    on_message: TypedFunc<(u32, u32), i32>,
+    deadline_ticks: u64,
+    limit_ms: u128,
+    poisoned: Option<String>,
+}
+
+impl Actor {
+    /// Compiles and instantiates `wasm` (binary or text), then runs its `tern_init`.
+    pub fn load(runtime: &Runtime, wasm: &[u8]) -> Result<Actor, ActorError> {
+        let module =
+            Module::new(&runtime.engine, wasm).map_err(|e| ActorError::Module(format!("{e:#}")))?;
+        Self::instantiate(runtime, &module)
+    }
+
+    fn instantiate(runtime: &Runtime, module: &Module) -> Result<Actor, ActorError> {
+        let limits = runtime.limits;
+        let state = HostState {
+            device: runtime.device.clone(),
+            memory: None,
+            last_error: None,
+            output: Vec::new(),
+            output_limit: limits.output_bytes,
+            stream: None,
+            limiter: Limiter {
+                memory_bytes: limits.memory_bytes,
+                refused: None,
+            },
+        };
+        let mut store = Store::new(&runtime.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(runtime.deadline_ticks());
+        let mut linker = Linker::new(&runtime.engine);
+        abi::link(&mut linker).map_err(|e| ActorError::Engine(format!("{e:#}")))?;
+        let limit_ms = limits.call_time.as_millis();
+        let instance = linker.instantiate(&mut store, module).map_err(|e| {
+            match classify(&e, "start", limit_ms, &store) {
+                ActorError::Trap { message, .. } if e.downcast_ref::<Trap>().is_none() => {
+                    ActorError::Instantiate(message)
+                }
+                other => other,
+            }
+        })?;
+        let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| {
+            ActorError::Module("the module exports no memory named `memory`".into())
+        })?;
+        if !runtime.is_region_base(memory.data_ptr(&store)) {
+            return Err(ActorError::Module(
+                "the module's memory is not a Tern region".into(),
+            ));
+        }
+        store.data_mut().memory = Some(memory);
+        let alloc = typed(&instance, &mut store, "tern_alloc")?;
+        let on_message = typed(&instance, &mut store, "tern_on_message")?;
+        let mut actor = Actor {
+            store,
+            memory,
+            alloc,
+            on_message,
+            deadline_ticks: runtime.deadline_ticks(),
+            limit_ms,
+            poisoned: None,
+        };
+        if let Some(init) = instance.get_export(&mut actor.store, "tern_init") {
+            let init = init
+                .into_func()
+                .and_then(|f| f.typed::<(), ()>(&actor.store).ok())
+                .ok_or_else(|| {
+                    ActorError::Module("export `tern_init` must be a function () -> ()".into())
+                })?;
+            actor.call("tern_init", |store| init.call(store, ()))?;
+        }
+        Ok(actor)
+    }
+
+    /// Streams every `emit` to `sink` as it happens, in addition to collecting it.
+    pub fn on_output(&mut self, sink: impl FnMut(&[u8]) + Send + 'static) {
+        self.store.data_mut().stream = Some(Box::new(sink));
+    }
+
+    /// Delivers one message: the guest allocates room for it, the host copies it in, and the
+    /// guest's `tern_on_message` handles it.
+    pub fn send(&mut self, message: &[u8]) -> Result<Reply, ActorError> {
+        let len = u32::try_from(message.len()).map_err(|_| ActorError::Abi {
+            export: "tern_alloc",
+            message: "message larger than 4 GiB".into(),
+        })?;
+        self.store.data_mut().output.clear();
+        let alloc = self.alloc.clone();
+        let ptr = self.call("tern_alloc", |store| alloc.call(store, len))?;
+        let memory = self.memory;
+        let size = memory.data_size(&self.store);
+        let range =
+            guest_memory::check("tern_alloc result", size, ptr, len.into(), 1, 1).map_err(|e| {
+                self.poison(ActorError::Abi {
+                    export: "tern_alloc",
+                    message: e.to_string(),
+                })
+            })?;
+        memory.data_mut(&mut self.store)[range.offset()..range.offset() + range.bytes()]
+            .copy_from_slice(message);
+        let on_message = self.on_message.clone();
+        let code = self.call("tern_on_message", |store| {
+            on_message.call(store, (ptr, len))
+        })?;
+        Ok(Reply {
+            code,
+            output: std::mem::take(&mut self.store.data_mut().output),
+        })
+    }
+
+    /// The guest memory's base address: the Tern region every device sees.
+    pub fn memory_base(&self) -> *const u8 {
+        self.memory.data_ptr(&self.store)
+    }
+
+    /// The guest memory's size in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory.data_size(&self.store)
+    }
+
+    /// The last ABI error message the guest caused, if any.
+    pub fn last_error(&self) -> Option<&str> {
+        self.store.data().last_error.as_deref()
+    }
+
+    /// Why this actor takes no more messages, if it failed.
+    pub fn fault(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    /// Runs one guest call under a fresh deadline; a trap poisons the actor.
+    fn call<T>(
+        &mut self,
+        export: &'static str,
+        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T, ActorError> {
+        if let Some(fault) = &self.poisoned {
+            return Err(ActorError::Poisoned(fault.clone()));
+        }
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        match f(&mut self.store) {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                let err = classify(&e, export, self.limit_ms, &self.store);
+                Err(self.poison(err))
+            }
+        }
+    }
+
+    fn poison(&mut self, err: ActorError) -> ActorError {
+        self.poisoned = Some(err.to_string());
+        err
+    }
+}
+
+fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+    instance: &Instance,
+    store: &mut Store<HostState>,
+    name: &'static str,
+) -> Result<TypedFunc<P, R>, ActorError> {
+    instance
+        .get_typed_func::<P, R>(store, name)
+        .map_err(|e| ActorError::Module(format!("export `{name}`: {e:#}")))
+}
+
+/// Turns a Wasmtime error from a guest call into an [`ActorError`] that says what happened.
+fn classify(
+    e: &wasmtime::Error,
+    export: &'static str,
+    limit_ms: u128,
+    store: &Store<HostState>,
+) -> ActorError {
+    if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return ActorError::TimeLimit { export, limit_ms };
+    }
+    let mut message = format!("{e:#}");
+    if let Some(bytes) = store.data().limiter.refused {
+        message.push_str(&format!(
+            " (memory growth to {bytes} bytes was refused earlier: the cap is {} bytes)",
+            store.data().limiter.memory_bytes
+        ));
+    }
+    ActorError::Trap { export, message }
+}

@@ -1,0 +1,262 @@
+//! The one place where guest-supplied offsets and lengths become host memory.
+//!
+//! Every host function turns its pointer arguments into [`GuestRange`]s here, against the
+//! memory's size at the moment of the call, before any host or device code reads or writes.
+//! A range is in bounds, its size product did not overflow, and its start is aligned for
+//! its element type; typed views are only made from ranges checked here.
+
+use std::fmt;
+
+use tern_compute::ComputeError;
+
+/// A negative ABI result, with the message `tern.last_error` returns.
+#[derive(Debug, thiserror::Error)]
+pub enum AbiError {
+    #[error("{what}: bytes {offset}..{end} are outside guest memory of {memory} bytes")]
+    OutOfBounds {
+        what: &'static str,
+        offset: u64,
+        end: u64,
+        memory: usize,
+    },
+    #[error("{what}: offset {offset} is not a multiple of {align}")]
+    Misaligned {
+        what: &'static str,
+        offset: u32,
+        align: usize,
+    },
+    #[error("{what}: size overflows ({detail})")]
+    Overflow { what: &'static str, detail: String },
+    #[error("{what} overlaps {other}; an output must not alias an input")]
+    Overlap {
+        what: &'static str,
+        other: &'static str,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("device error: {0}")]
+    Device(#[from] ComputeError),
+    #[error("output limit of {limit} bytes per message reached")]
+    OutputLimit { limit: usize },
+}
+
+impl AbiError {
+    /// The code a host function returns for this error; always negative.
+    pub fn code(&self) -> i32 {
+        match self {
+            AbiError::OutOfBounds { .. } => -1,
+            AbiError::Misaligned { .. } => -2,
+            AbiError::Overflow { .. } => -3,
+            AbiError::Overlap { .. } => -4,
+            AbiError::Invalid(_) => -5,
+            AbiError::Device(_) => -6,
+            AbiError::OutputLimit { .. } => -7,
+        }
+    }
+}
+
+/// A checked byte range of guest memory: `offset + bytes <= memory size` and `offset` is a
+/// multiple of the element alignment it was checked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestRange {
+    offset: usize,
+    bytes: usize,
+}
+
+impl GuestRange {
+    /// First byte's offset into guest memory.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Length in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether the two ranges share a byte.
+    pub fn overlaps(&self, other: &GuestRange) -> bool {
+        self.bytes > 0
+            && other.bytes > 0
+            && self.offset < other.offset + other.bytes
+            && other.offset < self.offset + self.bytes
+    }
+}
+
+impl fmt::Display for GuestRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..{}", self.offset, self.offset + self.bytes)
+    }
+}
+
+/// Checks `count` elements of `elem_bytes` each, aligned to `align`, starting at guest
+/// `offset`, against a memory of `memory` bytes.
+pub fn check(
+    what: &'static str,
+    memory: usize,
+    offset: u32,
+    count: u64,
+    elem_bytes: usize,
+    align: usize,
+) -> Result<GuestRange, AbiError> {
+    let bytes = count
+        .checked_mul(elem_bytes as u64)
+        .ok_or_else(|| AbiError::Overflow {
+            what,
+            detail: format!("{count} elements of {elem_bytes} bytes"),
+        })?;
+    let end = u64::from(offset)
+        .checked_add(bytes)
+        .ok_or_else(|| AbiError::Overflow {
+            what,
+            detail: format!("offset {offset} + {bytes} bytes"),
+        })?;
+    if end > memory as u64 {
+        return Err(AbiError::OutOfBounds {
+            what,
+            offset: offset.into(),
+            end,
+            memory,
+        });
+    }
+    if align > 1 && offset as usize % align != 0 {
+        return Err(AbiError::Misaligned {
+            what,
+            offset,
+            align,
+        });
+    }
+    Ok(GuestRange {
+        offset: offset as usize,
+        bytes: bytes as usize,
+    })
+}
+
+/// `rows * cols` as an element count, refusing overflow of the guest's 32-bit world.
+pub fn product(what: &'static str, rows: u32, cols: u32) -> Result<u64, AbiError> {
+    let n = u64::from(rows) * u64::from(cols);
+    if n > u64::from(u32::MAX) {
+        return Err(AbiError::Overflow {
+            what,
+            detail: format!("{rows} x {cols} elements"),
+        });
+    }
+    Ok(n)
+}
+
+/// Borrows checked ranges of one guest memory as typed slices.
+pub struct GuestMemory<'m> {
+    data: &'m mut [u8],
+}
+
+impl<'m> GuestMemory<'m> {
+    pub fn new(data: &'m mut [u8]) -> GuestMemory<'m> {
+        GuestMemory { data }
+    }
+
+    /// The memory's size in bytes now.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The bytes of a checked range.
+    pub fn bytes(&self, range: GuestRange) -> &[u8] {
+        &self.data[range.offset..range.offset + range.bytes]
+    }
+
+    /// The bytes of a checked range, writable.
+    pub fn bytes_mut(&mut self, range: GuestRange) -> &mut [u8] {
+        &mut self.data[range.offset..range.offset + range.bytes]
+    }
+
+    /// Two read-only `f32` views and one writable one, for an operation whose output must not
+    /// alias its inputs. All three ranges must come from [`check`] with 4-byte alignment
+    /// against this memory.
+    pub fn f32_in_in_out(
+        &mut self,
+        a: GuestRange,
+        b: GuestRange,
+        c: GuestRange,
+    ) -> Result<(&[f32], &[f32], &mut [f32]), AbiError> {
+        if c.overlaps(&a) {
+            return Err(AbiError::Overlap {
+                what: "c",
+                other: "a",
+            });
+        }
+        if c.overlaps(&b) {
+            return Err(AbiError::Overlap {
+                what: "c",
+                other: "b",
+            });
+        }
+        for r in [a, b, c] {
+            if r.offset + r.bytes > self.data.len() || r.offset % 4 != 0 || r.bytes % 4 != 0 {
+                return Err(AbiError::Invalid(format!(
+                    "range {r} was not checked as f32s"
+                )));
+            }
+        }
+        let base = self.data.as_mut_ptr();
+        // SAFETY: each range is inside `self.data` and 4-byte aligned relative to a
+        // page-aligned base (checked above), every bit pattern is a valid f32, and the
+        // mutable view `c` is disjoint from `a` and `b` (checked above); all three borrow
+        // `self` mutably, so nothing else can touch the memory while they live.
+        unsafe {
+            Ok((
+                std::slice::from_raw_parts(base.add(a.offset).cast::<f32>(), a.bytes / 4),
+                std::slice::from_raw_parts(base.add(b.offset).cast::<f32>(), b.bytes / 4),
+                std::slice::from_raw_parts_mut(base.add(c.offset).cast::<f32>(), c.bytes / 4),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_bounds_overflow_and_alignment() {
+        assert_eq!(check("x", 100, 96, 1, 4, 4).unwrap().bytes(), 4);
+        assert!(matches!(
+            check("x", 100, 97, 1, 4, 4),
+            Err(AbiError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            check("x", 100, 98, 0, 4, 4),
+            Err(AbiError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            check("x", 100, u32::MAX, 1, 1, 1),
+            Err(AbiError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            check("x", 100, 0, u64::MAX, 4, 4),
+            Err(AbiError::Overflow { .. })
+        ));
+        assert!(matches!(
+            product("m*k", 65536, 65536),
+            Err(AbiError::Overflow { .. })
+        ));
+        assert_eq!(check("x", 100, 100, 0, 4, 4).unwrap().bytes(), 0);
+    }
+
+    #[test]
+    fn refuses_an_output_that_aliases_an_input() {
+        let mut buf = vec![0u8; 64];
+        let mut mem = GuestMemory::new(&mut buf);
+        let a = check("a", 64, 0, 4, 4, 4).unwrap();
+        let c = check("c", 64, 12, 4, 4, 4).unwrap();
+        assert!(matches!(
+            mem.f32_in_in_out(a, a, c),
+            Err(AbiError::Overlap { .. })
+        ));
+        let c = check("c", 64, 16, 4, 4, 4).unwrap();
+        assert!(mem.f32_in_in_out(a, a, c).is_ok());
+    }
+}

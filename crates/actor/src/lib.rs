@@ -1,0 +1,51 @@
+//! Sandboxed WebAssembly actors whose linear memory is Tern's own shared region.
+//!
+//! A [`Runtime`] owns one Wasmtime engine configured so that every linear memory is a
+//! [`tern_memory::Region`] attached to the runtime's compute [`Device`]: the guest's pointer
+//! is the device's pointer, and no byte is copied between them. An [`Actor`] is one module
+//! instance in its own store, driven through the `tern` guest ABI ([`abi`]).
+//!
+//! Guarantees:
+//! - Every guest-supplied offset, length, alignment and size product is checked in one
+//!   place ([`guest_memory`]) before host or device code touches memory; a bad call returns
+//!   a negative code and leaves a message for `tern.last_error`.
+//! - A runaway guest is interrupted (epoch deadline), memory is capped, and a trap poisons
+//!   only that actor: every later call on it reports the original fault.
+//! - Device work on guest memory completes before the host call that started it returns.
+
+pub mod abi;
+mod actor;
+pub mod guest_memory;
+mod runtime;
+
+pub use actor::{Actor, Reply};
+pub use runtime::{Limits, Runtime};
+pub use tern_compute::Device;
+
+/// Errors from loading or driving an actor.
+#[derive(Debug, thiserror::Error)]
+pub enum ActorError {
+    #[error("cannot set up the Wasm engine: {0}")]
+    Engine(String),
+    #[error("invalid module: {0}")]
+    Module(String),
+    #[error("cannot instantiate the module: {0}")]
+    Instantiate(String),
+    #[error("the guest trapped in `{export}`: {message}")]
+    Trap {
+        export: &'static str,
+        message: String,
+    },
+    #[error("the guest ran past its time limit of {limit_ms} ms in `{export}` and was interrupted")]
+    TimeLimit {
+        export: &'static str,
+        limit_ms: u128,
+    },
+    #[error("the guest broke the ABI in `{export}`: {message}")]
+    Abi {
+        export: &'static str,
+        message: String,
+    },
+    #[error("this actor failed earlier and takes no more messages ({0})")]
+    Poisoned(String),
+}

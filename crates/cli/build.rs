@@ -1,0 +1,57 @@
+//! Builds the example actors in `guests/` to wasm32 so `tern run <name>` can find them.
+//!
+//! The guests are a workspace of their own (they target wasm32-unknown-unknown); this runs
+//! the same cargo on it with its own target directory, then tells the binary where the
+//! `.wasm` files are.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest_dir
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .to_path_buf();
+    let guests = root.join("guests");
+    let target_dir = root.join("target").join("guests");
+    for dir in [
+        "guests/Cargo.toml",
+        "guests/Cargo.lock",
+        "guests/matmul",
+        "guest/src",
+        "guest/Cargo.toml",
+    ] {
+        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&guests)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-unknown-unknown",
+            "--target-dir",
+        ])
+        .arg(&target_dir);
+    // The outer build's settings are for the host; the guests get their own.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CARGO_") && key != "CARGO_HOME"
+            || key == "RUSTFLAGS"
+            || key == "RUSTC_WRAPPER"
+        {
+            cmd.env_remove(key);
+        }
+    }
+    let status = cmd.status().expect("cannot run cargo to build the guests");
+    if !status.success() {
+        panic!(
+            "building the guests failed; is the wasm32 target installed? \
+             (rustup target add wasm32-unknown-unknown)"
+        );
+    }
+    let out = target_dir.join("wasm32-unknown-unknown").join("release");
+    println!("cargo:rustc-env=TERN_GUEST_DIR={}", out.display());
+}

@@ -1,0 +1,47 @@
+//! `tern`: run, chat with and benchmark Tern actors.
+
+mod bench;
+mod run;
+
+use clap::{Parser, Subcommand};
+use tern_compute::DeviceChoice;
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Stateful, sandboxed AI actors on shared GPU memory"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load an actor, send it one message and print what it emits.
+    Run(run::RunArgs),
+    /// Measure Tern against a baseline, in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Parses `--device`.
+pub fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse()
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Bench(cmd) => bench::bench(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
