@@ -37,19 +37,22 @@ fn main() {
         ])
         .arg(&target_dir);
     // The outer build's settings are for the host; the guests get their own.
+    let host_only = [
+        "RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CLIPPY_ARGS",
+    ];
     for (key, _) in std::env::vars() {
-        if key.starts_with("CARGO_") && key != "CARGO_HOME"
-            || key == "RUSTFLAGS"
-            || key == "RUSTC_WRAPPER"
-        {
+        if key.starts_with("CARGO_") && key != "CARGO_HOME" || host_only.contains(&key.as_str()) {
             cmd.env_remove(key);
         }
     }
     let status = cmd.status().expect("cannot run cargo to build the guests");
     if !status.success() {
         panic!(
-            "building the guests failed; is the wasm32 target installed? \
-             (rustup target add wasm32-unknown-unknown)"
+            "building the guests failed (cargo's output is above); scripts/setup.sh installs \
+             the wasm32-unknown-unknown target they need"
         );
     }
     let out = target_dir.join("wasm32-unknown-unknown").join("release");

@@ -46,8 +46,14 @@ pub fn __init<A: Actor>(cell: &ActorCell<A>) {
     cell.with(|a| a.init());
 }
 
+/// Hands the message at `ptr` to the actor, then frees it.
+///
+/// # Safety
+///
+/// `ptr` is null or came from `__alloc(len)`, has `len` initialized bytes, and is not used
+/// again by the caller.
 #[doc(hidden)]
-pub fn __on_message<A: Actor>(cell: &ActorCell<A>, ptr: *mut u8, len: u32) -> i32 {
+pub unsafe fn __on_message<A: Actor>(cell: &ActorCell<A>, ptr: *mut u8, len: u32) -> i32 {
     if ptr.is_null() {
         return -100;
     }
@@ -88,8 +94,11 @@ macro_rules! export_actor {
         }
 
         #[unsafe(no_mangle)]
+        #[allow(clippy::not_unsafe_ptr_arg_deref)] // called only by the host, as documented
         pub extern "C" fn tern_on_message(ptr: *mut u8, len: u32) -> i32 {
-            $crate::__on_message(&__TERN_ACTOR, ptr, len)
+            // SAFETY: the host passes the pointer `tern_alloc(len)` returned, with the
+            // message's `len` bytes written into it, and never reuses it.
+            unsafe { $crate::__on_message(&__TERN_ACTOR, ptr, len) }
         }
     };
 }

@@ -63,9 +63,14 @@ fn matmul_f32(
 ) -> i32 {
     with_memory(&mut caller, |mem, state| {
         let len = mem.len();
-        let a = guest_memory::check("a", len, a, guest_memory::product("m*k", m, k)?, 4, 4)?;
-        let b = guest_memory::check("b", len, b, guest_memory::product("k*n", k, n)?, 4, 4)?;
-        let c = guest_memory::check("c", len, c, guest_memory::product("m*n", m, n)?, 4, 4)?;
+        let (mk, kn, mn) = (
+            guest_memory::product("m*k", m, k)?,
+            guest_memory::product("k*n", k, n)?,
+            guest_memory::product("m*n", m, n)?,
+        );
+        let a = guest_memory::check("a", len, a, mk, 4, 4)?;
+        let b = guest_memory::check("b", len, b, kn, 4, 4)?;
+        let c = guest_memory::check("c", len, c, mn, 4, 4)?;
         let (a, b, c) = mem.f32_in_in_out(a, b, c)?;
         let dims = MatmulDims {
             m: m as usize,

@@ -17,6 +17,9 @@ pub struct Reply {
     pub output: Vec<u8>,
 }
 
+/// Where emitted bytes go as they are emitted.
+type OutputSink = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Per-actor host state: what host functions see of the actor.
 pub(crate) struct HostState {
     pub(crate) device: Arc<dyn Device>,
@@ -24,7 +27,7 @@ pub(crate) struct HostState {
     pub(crate) last_error: Option<String>,
     output: Vec<u8>,
     output_limit: usize,
-    stream: Option<Box<dyn FnMut(&[u8]) + Send>>,
+    stream: Option<OutputSink>,
     limiter: Limiter,
 }
 

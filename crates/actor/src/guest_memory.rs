@@ -119,7 +119,7 @@ pub fn check(
             memory,
         });
     }
-    if align > 1 && offset as usize % align != 0 {
+    if align > 1 && !(offset as usize).is_multiple_of(align) {
         return Err(AbiError::Misaligned {
             what,
             offset,
@@ -143,6 +143,9 @@ pub fn product(what: &'static str, rows: u32, cols: u32) -> Result<u64, AbiError
     }
     Ok(n)
 }
+
+/// Two input views and one output view of guest memory, disjoint from the inputs.
+pub type InInOut<'a> = (&'a [f32], &'a [f32], &'a mut [f32]);
 
 /// Borrows checked ranges of one guest memory as typed slices.
 pub struct GuestMemory<'m> {
@@ -181,7 +184,7 @@ impl<'m> GuestMemory<'m> {
         a: GuestRange,
         b: GuestRange,
         c: GuestRange,
-    ) -> Result<(&[f32], &[f32], &mut [f32]), AbiError> {
+    ) -> Result<InInOut<'_>, AbiError> {
         if c.overlaps(&a) {
             return Err(AbiError::Overlap {
                 what: "c",
@@ -195,7 +198,10 @@ impl<'m> GuestMemory<'m> {
             });
         }
         for r in [a, b, c] {
-            if r.offset + r.bytes > self.data.len() || r.offset % 4 != 0 || r.bytes % 4 != 0 {
+            if r.offset + r.bytes > self.data.len()
+                || !r.offset.is_multiple_of(4)
+                || !r.bytes.is_multiple_of(4)
+            {
                 return Err(AbiError::Invalid(format!(
                     "range {r} was not checked as f32s"
                 )));

@@ -88,6 +88,12 @@ impl Runtime {
         })
     }
 
+    /// The Wasmtime engine, configured so that every linear memory is a Tern region. Stores
+    /// made on it directly must set an epoch deadline (`Store::set_epoch_deadline`).
+    pub fn engine(&self) -> &wasmtime::Engine {
+        &self.engine
+    }
+
     /// The device every actor of this runtime computes on.
     pub fn device(&self) -> &Arc<dyn Device> {
         &self.device

@@ -13,6 +13,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod testing;
 
 use std::fmt;
 use std::sync::Arc;
@@ -91,7 +92,7 @@ impl MatmulDims {
             ("c", self.m, self.n, c),
         ];
         for (operand, rows, cols, actual) in expect {
-            let expected = rows.checked_mul(cols).unwrap_or(usize::MAX);
+            let expected = rows.saturating_mul(cols);
             if expected != actual {
                 return Err(ComputeError::Shape {
                     operand,

@@ -4,16 +4,46 @@
 
 use crate::{ComputeError, Device, DeviceChoice, HostMapper, HostRange, MatmulDims, StagedMatmul};
 
-/// The host CPU, using every available core with a fixed split of rows.
-#[derive(Debug)]
+/// The host CPU, using every available core (a persistent pool) with a fixed split of rows.
 pub struct CpuDevice {
     threads: usize,
+    pool: rayon::ThreadPool,
+}
+
+impl std::fmt::Debug for CpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 impl CpuDevice {
     pub fn new() -> CpuDevice {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        CpuDevice { threads }
+        CpuDevice::with_threads(threads)
+    }
+
+    /// A CPU device with exactly `threads` workers (at least one).
+    pub fn with_threads(threads: usize) -> CpuDevice {
+        let threads = threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("tern-cpu-{i}"))
+            .build()
+            .unwrap_or_else(|_| {
+                // Could not start threads: fall back to running on the caller's thread.
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .use_current_thread()
+                    .build()
+                    .expect("a pool on the current thread")
+            });
+        let threads = pool.current_num_threads();
+        CpuDevice { threads, pool }
+    }
+
+    /// Runs `f` on this device's worker pool.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
     }
 }
 
@@ -50,14 +80,14 @@ impl Device for CpuDevice {
         dims: MatmulDims,
     ) -> Result<(), ComputeError> {
         dims.check(a.len(), b.len(), c.len())?;
-        matmul_f32(a, b, c, dims, self.threads);
+        self.install(|| matmul_f32(a, b, c, dims, self.threads));
         Ok(())
     }
 
     fn staged_matmul(&self, dims: MatmulDims) -> Result<Box<dyn StagedMatmul + '_>, ComputeError> {
         Ok(Box::new(CpuStaged {
             dims,
-            threads: self.threads,
+            device: self,
             a: vec![0.0; dims.m * dims.k],
             b: vec![0.0; dims.k * dims.n],
             c: vec![0.0; dims.m * dims.n],
@@ -65,50 +95,53 @@ impl Device for CpuDevice {
     }
 }
 
-/// `c = a · b`; rows of `c` are split evenly over `threads`. Each element sums its `k`
-/// products in order, so the result does not depend on the thread count.
+/// `c = a · b`; rows of `c` are split evenly into `threads` chunks, run on the current rayon
+/// pool. Each element sums its `k` products in order, so the result does not depend on the
+/// thread count.
 pub fn matmul_f32(a: &[f32], b: &[f32], c: &mut [f32], dims: MatmulDims, threads: usize) {
+    use rayon::prelude::*;
     let MatmulDims { m, n, k } = dims;
     if m == 0 || n == 0 {
         return;
     }
     let rows_per_thread = m.div_ceil(threads.max(1));
-    std::thread::scope(|scope| {
-        for (chunk, c_rows) in c.chunks_mut(rows_per_thread * n).enumerate() {
+    c.par_chunks_mut(rows_per_thread * n)
+        .enumerate()
+        .for_each(|(chunk, c_rows)| {
             let row0 = chunk * rows_per_thread;
-            scope.spawn(move || {
-                for (r, c_row) in c_rows.chunks_mut(n).enumerate() {
-                    let a_row = &a[(row0 + r) * k..(row0 + r + 1) * k];
-                    c_row.fill(0.0);
-                    // The hot loop: c_row += a[i][p] * b[p][..] for p in order.
-                    for (p, &a_ip) in a_row.iter().enumerate() {
-                        let b_row = &b[p * n..(p + 1) * n];
-                        for (c_ij, &b_pj) in c_row.iter_mut().zip(b_row) {
-                            *c_ij += a_ip * b_pj;
-                        }
+            for (r, c_row) in c_rows.chunks_mut(n).enumerate() {
+                let a_row = &a[(row0 + r) * k..(row0 + r + 1) * k];
+                c_row.fill(0.0);
+                // The hot loop: c_row += a[i][p] * b[p][..] for p in order.
+                for (p, &a_ip) in a_row.iter().enumerate() {
+                    let b_row = &b[p * n..(p + 1) * n];
+                    for (c_ij, &b_pj) in c_row.iter_mut().zip(b_row) {
+                        *c_ij += a_ip * b_pj;
                     }
                 }
-            });
-        }
-    });
+            }
+        });
 }
 
 /// The CPU's copy path: operands copied into buffers of its own, as a runtime that cannot
 /// share guest memory would.
-struct CpuStaged {
+struct CpuStaged<'d> {
     dims: MatmulDims,
-    threads: usize,
+    device: &'d CpuDevice,
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
 }
 
-impl StagedMatmul for CpuStaged {
+impl StagedMatmul for CpuStaged<'_> {
     fn run(&mut self, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<(), ComputeError> {
         self.dims.check(a.len(), b.len(), c.len())?;
         self.a.copy_from_slice(a);
         self.b.copy_from_slice(b);
-        matmul_f32(&self.a, &self.b, &mut self.c, self.dims, self.threads);
+        let threads = self.device.threads;
+        let (a, b, c_own, dims) = (&self.a, &self.b, &mut self.c, self.dims);
+        self.device
+            .install(|| matmul_f32(a, b, c_own, dims, threads));
         c.copy_from_slice(&self.c);
         Ok(())
     }

@@ -17,6 +17,8 @@ use crate::{ComputeError, Device, DeviceChoice, HostMapper, HostRange, MatmulDim
 const MATMUL_SRC: &str = include_str!("../../kernels/matmul.cu");
 const MATMUL_TILE: usize = 128;
 const MATMUL_THREADS: u32 = 256;
+/// The kernel's compile-time cluster shape (blocks along n, along m); grids are padded to it.
+const MATMUL_CLUSTER: (usize, usize) = (4, 2);
 
 /// One CUDA GPU with Tern's kernels loaded.
 pub struct CudaDevice {
@@ -171,8 +173,8 @@ impl CudaDevice {
         );
         let cfg = LaunchConfig {
             grid_dim: (
-                n.div_ceil(MATMUL_TILE) as u32,
-                m.div_ceil(MATMUL_TILE) as u32,
+                n.div_ceil(MATMUL_TILE).next_multiple_of(MATMUL_CLUSTER.0) as u32,
+                m.div_ceil(MATMUL_TILE).next_multiple_of(MATMUL_CLUSTER.1) as u32,
                 1,
             ),
             block_dim: (MATMUL_THREADS, 1, 1),
