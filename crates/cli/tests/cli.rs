@@ -3,8 +3,12 @@
 use std::process::Command;
 
 fn tern(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tern")).args(args).output().expect("tern runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .output()
+        .expect("tern runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains("panicked"), "tern panicked: {text}");
     (out.status.success(), text)
 }
@@ -29,7 +33,10 @@ fn auto_picks_a_device_that_works() {
 fn bad_input_is_a_clear_error() {
     let cases: &[(&[&str], &str)] = &[
         (&["run", "no-such-guest"], "no bundled guest"),
-        (&["run", "matmul", "--device", "tpu"], "unknown device `tpu`"),
+        (
+            &["run", "matmul", "--device", "tpu"],
+            "unknown device `tpu`",
+        ),
         (&["run", "Cargo.toml"], "invalid module"),
         (&["run", "matmul", "--memory-mib", "0"], "cap"),
         (&["bench", "zero-copy", "--device", "gpu"], "unknown device"),
@@ -47,6 +54,9 @@ fn cuda_without_a_gpu_says_so() {
     if ok {
         assert!(text.contains("device: cuda"), "{text}");
     } else {
-        assert!(text.contains("no CUDA device") || text.contains("no CUDA support"), "{text}");
+        assert!(
+            text.contains("no CUDA device") || text.contains("no CUDA support"),
+            "{text}"
+        );
     }
 }
