@@ -20,6 +20,8 @@ fn main() {
         "guests/Cargo.toml",
         "guests/Cargo.lock",
         "guests/matmul",
+        "guests/chat",
+        "guests/bench",
         "guest/src",
         "guest/Cargo.toml",
     ] {

@@ -15,9 +15,14 @@
 //! tern_guest::export_actor!(Echo);
 //! ```
 
+pub mod model;
+pub mod sample;
 pub mod sys;
 
 mod runtime;
+
+pub use model::{Model, Session};
+pub use sample::{Rng, Sampler, SamplerConfig};
 
 #[doc(hidden)]
 pub use runtime::{__alloc, __init, __on_message, ActorCell};

@@ -2,6 +2,8 @@
 //!
 //! On targets other than wasm32 the imports are absent and every call returns -5
 //! ("invalid"), so the SDK's own logic (samplers, parsing) can be unit-tested on the host.
+// Off wasm32 the wrappers have no host to pass their arguments to.
+#![cfg_attr(not(target_arch = "wasm32"), allow(unused_variables))]
 
 #[cfg(target_arch = "wasm32")]
 mod imports {
@@ -11,6 +13,16 @@ mod imports {
         -> i32;
         pub fn emit(ptr: *const u8, len: u32) -> i32;
         pub fn last_error(buf: *mut u8, cap: u32) -> i32;
+        pub fn model_open(name: *const u8, len: u32) -> i32;
+        pub fn model_info(model: i32, out: *mut u8, cap: u32) -> i32;
+        pub fn tokenize(model: i32, text: *const u8, len: u32, ids: *mut u32, cap: u32) -> i32;
+        pub fn detokenize(model: i32, ids: *const u32, n: u32, out: *mut u8, cap: u32) -> i32;
+        pub fn render_chat(model: i32, json: *const u8, len: u32, out: *mut u8, cap: u32) -> i32;
+        pub fn session_open(model: i32, max_tokens: u32) -> i32;
+        pub fn session_close(session: i32) -> i32;
+        pub fn session_len(session: i32) -> i32;
+        pub fn session_rewind(session: i32, len: u32) -> i32;
+        pub fn forward(session: i32, ids: *const u32, n: u32, logits: *mut f32) -> i32;
     }
 }
 
@@ -70,4 +82,94 @@ pub fn last_error(buf: &mut [u8]) -> usize {
         0
     };
     usize::try_from(n).unwrap_or(0)
+}
+
+/// Calls an import on wasm32; elsewhere evaluates to [`NO_HOST`]-style -5 without a host.
+macro_rules! host {
+    ($call:expr) => {{
+        #[cfg(target_arch = "wasm32")]
+        // SAFETY: every pointer passed comes from a live slice whose length is passed beside
+        // it; the host validates each range against guest memory before touching it.
+        let r = unsafe { $call };
+        #[cfg(not(target_arch = "wasm32"))]
+        let r = -5;
+        r
+    }};
+}
+
+/// `tern.model_open`.
+pub fn model_open(name: &str) -> i32 {
+    host!(imports::model_open(name.as_ptr(), len32(name.len())))
+}
+
+/// `tern.model_info`.
+pub fn model_info(model: i32, out: &mut [u8]) -> i32 {
+    host!(imports::model_info(
+        model,
+        out.as_mut_ptr(),
+        len32(out.len())
+    ))
+}
+
+/// `tern.tokenize`.
+pub fn tokenize(model: i32, text: &str, ids: &mut [u32]) -> i32 {
+    host!(imports::tokenize(
+        model,
+        text.as_ptr(),
+        len32(text.len()),
+        ids.as_mut_ptr(),
+        len32(ids.len())
+    ))
+}
+
+/// `tern.detokenize`.
+pub fn detokenize(model: i32, ids: &[u32], out: &mut [u8]) -> i32 {
+    host!(imports::detokenize(
+        model,
+        ids.as_ptr(),
+        len32(ids.len()),
+        out.as_mut_ptr(),
+        len32(out.len())
+    ))
+}
+
+/// `tern.render_chat`.
+pub fn render_chat(model: i32, json: &str, out: &mut [u8]) -> i32 {
+    host!(imports::render_chat(
+        model,
+        json.as_ptr(),
+        len32(json.len()),
+        out.as_mut_ptr(),
+        len32(out.len())
+    ))
+}
+
+/// `tern.session_open`.
+pub fn session_open(model: i32, max_tokens: u32) -> i32 {
+    host!(imports::session_open(model, max_tokens))
+}
+
+/// `tern.session_close`.
+pub fn session_close(session: i32) -> i32 {
+    host!(imports::session_close(session))
+}
+
+/// `tern.session_len`.
+pub fn session_len(session: i32) -> i32 {
+    host!(imports::session_len(session))
+}
+
+/// `tern.session_rewind`.
+pub fn session_rewind(session: i32, len: u32) -> i32 {
+    host!(imports::session_rewind(session, len))
+}
+
+/// `tern.forward`.
+pub fn forward(session: i32, ids: &[u32], logits: &mut [f32]) -> i32 {
+    host!(imports::forward(
+        session,
+        ids.as_ptr(),
+        len32(ids.len()),
+        logits.as_mut_ptr()
+    ))
 }

@@ -27,12 +27,12 @@ pub(crate) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap("tern", "matmul_f32", matmul_f32)?;
     linker.func_wrap("tern", "emit", emit)?;
     linker.func_wrap("tern", "last_error", last_error)?;
-    Ok(())
+    crate::models::link(linker)
 }
 
 /// Runs `body` on the caller's memory; an error becomes its code and its message is kept
 /// for `last_error`.
-fn with_memory(
+pub(crate) fn with_memory(
     caller: &mut Caller<'_, HostState>,
     body: impl FnOnce(&mut GuestMemory<'_>, &mut HostState) -> Result<i32, AbiError>,
 ) -> i32 {

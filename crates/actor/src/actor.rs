@@ -6,6 +6,7 @@ use tern_compute::Device;
 use wasmtime::{Instance, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc};
 
 use crate::guest_memory::{self, AbiError};
+use crate::models::ModelState;
 use crate::{ActorError, Runtime, abi};
 
 /// What the guest returned for one message, and what it emitted meanwhile.
@@ -25,6 +26,7 @@ pub(crate) struct HostState {
     pub(crate) device: Arc<dyn Device>,
     pub(crate) memory: Option<Memory>,
     pub(crate) last_error: Option<String>,
+    pub(crate) models: ModelState,
     output: Vec<u8>,
     output_limit: usize,
     stream: Option<OutputSink>,
@@ -116,6 +118,7 @@ impl Actor {
             device: runtime.device.clone(),
             memory: None,
             last_error: None,
+            models: ModelState::new(runtime.models.clone()),
             output: Vec::new(),
             output_limit: limits.output_bytes,
             stream: None,

@@ -176,6 +176,27 @@ impl<'m> GuestMemory<'m> {
         &mut self.data[range.offset..range.offset + range.bytes]
     }
 
+    /// A writable `f32` view of a range checked with 4-byte alignment against this memory.
+    pub fn f32_mut(&mut self, r: GuestRange) -> Result<&mut [f32], AbiError> {
+        if r.offset + r.bytes > self.data.len()
+            || !r.offset.is_multiple_of(4)
+            || !r.bytes.is_multiple_of(4)
+        {
+            return Err(AbiError::Invalid(format!(
+                "range {r} was not checked as f32s"
+            )));
+        }
+        // SAFETY: the range is inside `self.data`, 4-byte aligned relative to a page-aligned
+        // base (checked above), every bit pattern is a valid f32, and the view borrows `self`
+        // mutably, so it is the only reference to these bytes while it lives.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(
+                self.data.as_mut_ptr().add(r.offset).cast::<f32>(),
+                r.bytes / 4,
+            )
+        })
+    }
+
     /// Two read-only `f32` views and one writable one, for an operation whose output must not
     /// alias its inputs. All three ranges must come from [`check`] with 4-byte alignment
     /// against this memory.

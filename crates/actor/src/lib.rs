@@ -16,9 +16,11 @@
 pub mod abi;
 mod actor;
 pub mod guest_memory;
+mod models;
 mod runtime;
 
 pub use actor::{Actor, Reply};
+pub use models::ModelRegistry;
 pub use runtime::{Limits, Runtime};
 pub use tern_compute::Device;
 

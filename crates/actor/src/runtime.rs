@@ -11,6 +11,7 @@ use tern_memory::RegionCreator;
 use wasmtime::{Config, Engine};
 
 use crate::ActorError;
+use crate::models::ModelRegistry;
 
 /// How often the epoch advances; a time limit is a whole number of ticks.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -42,6 +43,7 @@ pub struct Runtime {
     pub(crate) creator: Arc<RegionCreator>,
     pub(crate) device: Arc<dyn Device>,
     pub(crate) limits: Limits,
+    pub(crate) models: ModelRegistry,
     ticker: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
@@ -84,6 +86,7 @@ impl Runtime {
             creator,
             device,
             limits,
+            models: ModelRegistry::default(),
             ticker: Some((stop, ticker)),
         })
     }
@@ -92,6 +95,11 @@ impl Runtime {
     /// made on it directly must set an epoch deadline (`Store::set_epoch_deadline`).
     pub fn engine(&self) -> &wasmtime::Engine {
         &self.engine
+    }
+
+    /// Offers `model` to this runtime's actors under its name (`tern.model_open`).
+    pub fn add_model(&mut self, model: Arc<tern_model::Model>) {
+        self.models.insert(model);
     }
 
     /// The device every actor of this runtime computes on.

@@ -1,6 +1,8 @@
 //! `tern`: run, chat with and benchmark Tern actors.
 
 mod bench;
+mod chat;
+mod fetch;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -19,8 +21,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Chat with a model through the chat actor (the default model is fetched on first use).
+    Chat(chat::ChatArgs),
     /// Load an actor, send it one message and print what it emits.
     Run(run::RunArgs),
+    /// Fetch the default model into the model cache (if needed) and print its path.
+    Fetch,
     /// Measure Tern against a baseline, in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -34,7 +40,12 @@ pub fn parse_device(s: &str) -> Result<DeviceChoice, String> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Chat(args) => chat::chat(args),
         Command::Run(args) => run::run(args),
+        Command::Fetch => fetch::default_model().map(|path| {
+            println!("{}", path.display());
+            std::process::ExitCode::SUCCESS
+        }),
         Command::Bench(cmd) => bench::bench(cmd),
     };
     match result {

@@ -1,5 +1,4 @@
-//! `tern bench`: Tern's measurements, each printed beside the baseline it beats or loses
-//! to, both measured in the same run.
+//! `tern bench zero-copy`: the seed's measurement, on each available device.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,12 +8,6 @@ use anyhow::Context;
 use tern_compute::{Device, DeviceChoice, MatmulDims};
 use tern_memory::Region;
 
-#[derive(clap::Subcommand)]
-pub enum BenchCommand {
-    /// Zero-copy guest memory against the explicit-copy path, on each available device.
-    ZeroCopy(ZeroCopyArgs),
-}
-
 #[derive(clap::Args)]
 pub struct ZeroCopyArgs {
     /// `cpu`, `cuda`, or `auto` for every device present.
@@ -23,12 +16,6 @@ pub struct ZeroCopyArgs {
     /// Timed calls per path (default: 30 on CUDA, 3 on the CPU).
     #[arg(long)]
     iters: Option<usize>,
-}
-
-pub fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
-    match cmd {
-        BenchCommand::ZeroCopy(args) => zero_copy(args),
-    }
 }
 
 const REGION_BYTES: usize = 16 << 20;
@@ -48,7 +35,7 @@ struct PathResult {
     errors: usize,
 }
 
-fn zero_copy(args: ZeroCopyArgs) -> anyhow::Result<ExitCode> {
+pub fn zero_copy(args: ZeroCopyArgs) -> anyhow::Result<ExitCode> {
     let mut devices: Vec<Arc<dyn Device>> = Vec::new();
     match args.device {
         DeviceChoice::Auto => {
@@ -235,7 +222,7 @@ fn rss_bytes() -> i64 {
 }
 
 /// The `p`-th percentile of sorted `xs`.
-fn percentile(xs: &[f64], p: f64) -> f64 {
+pub(super) fn percentile(xs: &[f64], p: f64) -> f64 {
     let i = ((xs.len() - 1) as f64 * p).round() as usize;
     xs[i]
 }

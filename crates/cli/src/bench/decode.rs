@@ -1,0 +1,157 @@
+//! `tern bench decode`: prefill and decode tokens per second of a model on the CPU, measured
+//! directly on the engine and through the `bench` actor in the same run; the difference is
+//! what the Wasm actor path costs per token.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use tern_actor::{Actor, Limits, Runtime};
+use tern_compute::DeviceChoice;
+use tern_model::Model;
+
+use super::median;
+use crate::fetch;
+
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    /// Where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
+    device: DeviceChoice,
+    /// A GGUF model file (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt tokens to prefill.
+    #[arg(long, default_value_t = 128)]
+    prefill: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    decode: usize,
+    /// Repeats of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// Figures quoted for the best CPU engines on SmolLM2-135M Q4_1, 2 cores.
+const REFERENCE_DECODE: f64 = 158.0;
+const REFERENCE_PREFILL: f64 = 290.0;
+
+pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
+    if args.device != DeviceChoice::Cpu {
+        bail!("this build runs the forward pass on the CPU only (--device cpu)");
+    }
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => fetch::default_model()?,
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let model = Arc::new(Model::open("bench", &path, threads)?);
+    let c = model.config().clone();
+    let context = args.prefill + args.decode + 1;
+    // A real prompt, repeated to the requested length.
+    let text =
+        "The quick brown fox jumps over the lazy dog while the sea rolls grey under a low sky. ";
+    let unit = model.tokenizer.encode(text, false)?;
+    let prompt: Vec<u32> = unit.iter().copied().cycle().take(args.prefill).collect();
+    println!(
+        "tern bench decode: {} ({} layers, n_embd {}, vocab {}), {:.1} MB of weights per token, cpu x{threads}",
+        path.file_name()
+            .map_or("model".into(), |n| n.to_string_lossy()),
+        c.n_layer,
+        c.n_embd,
+        c.n_vocab,
+        model.llama.weights.bytes_per_token() as f64 / 1e6
+    );
+
+    // Direct: the engine alone.
+    let mut direct_prefill = Vec::new();
+    let mut direct_decode = Vec::new();
+    for _ in 0..args.repeats.max(1) {
+        let mut session = model.new_session(context)?;
+        let mut logits = vec![0.0; c.n_vocab];
+        let t = Instant::now();
+        model.forward(&mut session, &prompt, &mut logits)?;
+        direct_prefill.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for _ in 0..args.decode {
+            let next = tern_guest::sample::argmax(&logits);
+            model.forward(&mut session, &[next], &mut logits)?;
+        }
+        direct_decode.push(t.elapsed().as_secs_f64());
+    }
+
+    // Through the actor: the same work, driven from inside Wasm.
+    let mut runtime = Runtime::new(tern_compute::open(DeviceChoice::Cpu)?, Limits::default())?;
+    runtime.add_model(model.clone());
+    let wasm =
+        std::fs::read(crate::run::resolve_module("bench")?).context("reading the bench guest")?;
+    let mut actor_prefill = Vec::new();
+    let mut actor_decode = Vec::new();
+    let ids = prompt
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    for _ in 0..args.repeats.max(1) {
+        let mut actor = Actor::load(&runtime, &wasm)?;
+        send(&mut actor, &format!("open bench {} {context}", c.n_vocab))?;
+        let t = Instant::now();
+        send(&mut actor, &format!("prefill {ids}"))?;
+        actor_prefill.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        send(&mut actor, &format!("decode {}", args.decode))?;
+        actor_decode.push(t.elapsed().as_secs_f64());
+    }
+
+    let rate = |n: usize, secs: &[f64]| n as f64 / median(secs);
+    let (dp, dd) = (
+        rate(args.prefill, &direct_prefill),
+        rate(args.decode, &direct_decode),
+    );
+    let (ap, ad) = (
+        rate(args.prefill, &actor_prefill),
+        rate(args.decode, &actor_decode),
+    );
+    println!();
+    println!("{:<26} {:>12} {:>12}", "path", "prefill t/s", "decode t/s");
+    println!("{:<26} {:>12.1} {:>12.1}", "engine (direct)", dp, dd);
+    println!(
+        "{:<26} {:>12.1} {:>12.1}",
+        "actor (Wasm, bench guest)", ap, ad
+    );
+    println!(
+        "{:<26} {:>12.1} {:>12.1}",
+        "reference: best CPU engine", REFERENCE_PREFILL, REFERENCE_DECODE
+    );
+    let per_token_us = (median(&actor_decode) - median(&direct_decode)) / args.decode as f64 * 1e6;
+    println!();
+    println!(
+        "actor path cost per decoded token: {per_token_us:+.1} us ({:+.2}% of the direct engine's {:.0} us)",
+        per_token_us / (1e6 / dd) * 100.0,
+        1e6 / dd
+    );
+    println!(
+        "decode vs reference: {:.2}x; prefill vs reference: {:.2}x",
+        dd / REFERENCE_DECODE,
+        dp / REFERENCE_PREFILL
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn send(actor: &mut Actor, message: &str) -> anyhow::Result<()> {
+    let reply = actor.send(message.as_bytes())?;
+    if reply.code < 0 {
+        bail!(
+            "the bench actor failed: {}",
+            String::from_utf8_lossy(&reply.output)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! `tern chat`: the chat actor on a model, interactively or for one prompt.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tern_actor::{Actor, Limits, Runtime};
+use tern_compute::DeviceChoice;
+use tern_model::Model;
+
+use crate::fetch;
+
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// Say this once, print the reply, and exit (otherwise: interactive).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// A GGUF model file (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Seed of the actor's sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// The most tokens per reply.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// A system prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Where the actor's memory lives and `matmul` runs (the model's forward pass runs on the
+    /// CPU in this build).
+    #[arg(long, default_value = "auto", value_parser = crate::parse_device)]
+    device: DeviceChoice,
+    /// CPU threads for the forward pass (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
+    let (name, path) = match &args.model {
+        Some(path) => (
+            path.file_stem()
+                .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+            path.clone(),
+        ),
+        None => (fetch::DEFAULT_MODEL.to_string(), fetch::default_model()?),
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let model = Arc::new(Model::open(&name, &path, threads)?);
+    let device = tern_compute::open(args.device)?;
+    let mut runtime = Runtime::new(
+        device.clone(),
+        Limits {
+            call_time: std::time::Duration::from_secs(600),
+            ..Limits::default()
+        },
+    )?;
+    runtime.add_model(model.clone());
+    let wasm_path = crate::run::resolve_module("chat")?;
+    let wasm =
+        std::fs::read(&wasm_path).with_context(|| format!("reading {}", wasm_path.display()))?;
+    let mut actor = Actor::load(&runtime, &wasm)?;
+    eprintln!(
+        "model: {name} ({} layers, vocab {}), forward pass on cpu x{threads}; actor memory on {}",
+        model.config().n_layer,
+        model.config().n_vocab,
+        device.describe()
+    );
+    let config = serde_json::json!({"config": {
+        "model": name, "seed": args.seed, "temperature": args.temperature,
+        "max_tokens": args.max_tokens, "system": args.system,
+    }});
+    expect_ok(actor.send(config.to_string().as_bytes())?.code, &actor)?;
+    actor.on_output(|bytes| {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(bytes);
+        let _ = out.flush();
+    });
+    if let Some(prompt) = &args.prompt {
+        expect_ok(actor.send(prompt.as_bytes())?.code, &actor)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.is_empty() {
+            continue;
+        }
+        let reply = actor.send(line.as_bytes())?;
+        if reply.code < 0 {
+            eprintln!("the actor reported an error ({})", reply.code);
+        }
+    }
+}
+
+fn expect_ok(code: i32, actor: &Actor) -> anyhow::Result<()> {
+    if code < 0 {
+        anyhow::bail!(
+            "the chat actor failed ({code}): {}",
+            actor.last_error().unwrap_or("see its output")
+        );
+    }
+    Ok(())
+}

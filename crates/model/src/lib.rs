@@ -1,0 +1,50 @@
+//! Models: GGUF and safetensors files, quantized weight formats, and the Llama-family
+//! forward pass on the CPU, the reference every other backend is checked against.
+
+pub mod generate;
+pub mod gguf;
+pub mod gguf_write;
+pub mod llama;
+pub mod model;
+pub mod quant;
+
+pub use model::{Model, Session};
+
+use std::path::Path;
+
+/// Errors from opening or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("malformed model file: {0}")]
+    Format(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("{path}: {inner}")]
+    InFile {
+        path: String,
+        inner: Box<ModelError>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ModelError {
+    fn io(path: &Path, source: std::io::Error) -> ModelError {
+        ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    fn in_file(self, path: &Path) -> ModelError {
+        ModelError::InFile {
+            path: path.display().to_string(),
+            inner: Box::new(self),
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The Llama forward pass on the CPU: the readable reference every other backend is checked
+//! against.
+//!
+//! Activations stay in f32; each quantized weight row is dequantized to f32 once per batch of
+//! positions and dotted with each of them. Work is split over a fixed pool by output rows and by heads, and
+//! every sum runs in a fixed order, so results are bitwise reproducible run to run and do not
+//! depend on the thread count.
+
+use rayon::prelude::*;
+
+use crate::ModelError;
+use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
+use crate::quant::{dequantize_row, dot_f32 as dot};
+
+/// One sequence's keys and values for every layer: `[layer][position][kv_dim]`.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Positions filled.
+    pub len: usize,
+    /// Positions the cache can hold.
+    pub n_ctx: usize,
+    kv_dim: usize,
+}
+
+impl KvCache {
+    /// Offset of `(layer, pos)` in `k` and `v`.
+    fn at(&self, layer: usize, pos: usize) -> usize {
+        (layer * self.n_ctx + pos) * self.kv_dim
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+/// A Llama model ready to run on the CPU.
+pub struct CpuLlama {
+    pub config: LlamaConfig,
+    pub weights: LlamaWeights,
+    /// Inverse rotary frequencies, one per rotated pair (Llama-3 factors applied).
+    inv_freq: Vec<f32>,
+    pool: rayon::ThreadPool,
+}
+
+/// Activations of a batch of `n` positions, row-major `[position][width]`.
+struct Scratch {
+    x: Vec<f32>,   // (n, n_embd) the residual stream
+    xb: Vec<f32>,  // (n, n_embd) normalized input of a sub-layer
+    q: Vec<f32>,   // (n, n_head * head_dim)
+    att: Vec<f32>, // (n, n_head * head_dim) attention output, before wo
+    xb2: Vec<f32>, // (n, n_embd) a sub-layer's output
+    hb: Vec<f32>,  // (n, n_ff) gate, then silu(gate) * up
+    hb2: Vec<f32>, // (n, n_ff) up
+}
+
+impl Scratch {
+    fn new(c: &LlamaConfig, n: usize) -> Scratch {
+        Scratch {
+            x: vec![0.0; n * c.n_embd],
+            xb: vec![0.0; n * c.n_embd],
+            q: vec![0.0; n * c.n_head * c.head_dim],
+            att: vec![0.0; n * c.n_head * c.head_dim],
+            xb2: vec![0.0; n * c.n_embd],
+            hb: vec![0.0; n * c.n_ff],
+            hb2: vec![0.0; n * c.n_ff],
+        }
+    }
+}
+
+/// Positions run through the layers together (one pass over the weights per batch).
+const MAX_BATCH: usize = 64;
+
+impl CpuLlama {
+    /// Wraps checked weights; `threads` workers do the matrix products.
+    pub fn new(
+        config: LlamaConfig,
+        weights: LlamaWeights,
+        threads: usize,
+    ) -> Result<CpuLlama, ModelError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("tern-model-{i}"))
+            .build()
+            .map_err(|e| ModelError::Invalid(format!("cannot start worker threads: {e}")))?;
+        let inv_freq = (0..config.n_rot / 2)
+            .map(|i| {
+                let f = 1.0 / config.rope_base.powf((2 * i) as f32 / config.n_rot as f32);
+                weights
+                    .rope_freqs
+                    .as_ref()
+                    .map_or(f, |factors| f / factors[i])
+            })
+            .collect();
+        Ok(CpuLlama {
+            config,
+            weights,
+            inv_freq,
+            pool,
+        })
+    }
+
+    /// An empty cache for up to `n_ctx` positions.
+    pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache, ModelError> {
+        let kv_dim = self.config.kv_dim();
+        let len = self
+            .config
+            .n_layer
+            .checked_mul(n_ctx)
+            .and_then(|n| n.checked_mul(kv_dim))
+            .filter(|&n| n <= 1 << 34)
+            .ok_or_else(|| {
+                ModelError::Invalid(format!("a cache of {n_ctx} positions is too large"))
+            })?;
+        Ok(KvCache {
+            k: vec![0.0; len],
+            v: vec![0.0; len],
+            len: 0,
+            n_ctx,
+            kv_dim,
+        })
+    }
+
+    /// Appends `tokens` to `cache` and writes the last position's logits (`n_vocab`) into
+    /// `logits`.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        if logits.len() != c.n_vocab {
+            return Err(ModelError::Invalid(format!(
+                "logits buffer holds {}, vocab is {}",
+                logits.len(),
+                c.n_vocab
+            )));
+        }
+        if tokens.is_empty() {
+            return Err(ModelError::Invalid("no tokens to run".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.n_vocab
+            )));
+        }
+        if cache.len + tokens.len() > cache.n_ctx {
+            return Err(ModelError::Invalid(format!(
+                "context full: {} + {} tokens exceed the session's {} positions",
+                cache.len,
+                tokens.len(),
+                cache.n_ctx
+            )));
+        }
+        self.pool.install(|| {
+            let batches = tokens.chunks(MAX_BATCH);
+            let last = batches.len() - 1;
+            for (i, batch) in tokens.chunks(MAX_BATCH).enumerate() {
+                let mut s = Scratch::new(c, batch.len());
+                self.layers(cache, batch, &mut s);
+                if i == last {
+                    let x_last = &s.x[(batch.len() - 1) * c.n_embd..];
+                    let mut xb = vec![0.0; c.n_embd];
+                    rmsnorm(&mut xb, x_last, &self.weights.output_norm, c.rms_eps);
+                    self.matmul(logits, &self.weights.output, &xb, 1);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// A batch of consecutive positions through every layer; appends their K and V to the
+    /// cache. Every position's arithmetic is the same whatever the batch, so prefilling in
+    /// one call or many, or decoding one token at a time, gives bitwise the same results.
+    fn layers(&self, cache: &mut KvCache, tokens: &[u32], s: &mut Scratch) {
+        let c = &self.config;
+        let w = &self.weights;
+        let (n, e, kv) = (tokens.len(), c.n_embd, c.kv_dim());
+        let pos0 = cache.len;
+        for (x, &token) in s.x.chunks_mut(e).zip(tokens) {
+            dequantize_row(w.token_embd.dtype, w.row(&w.token_embd, token as usize), x);
+        }
+        for (l, lw) in w.layers.iter().enumerate() {
+            // Attention.
+            rmsnorm_rows(&mut s.xb, &s.x, &lw.attn_norm, c.rms_eps, e);
+            let at = cache.at(l, pos0);
+            self.matmul(&mut s.q, &lw.wq, &s.xb, n);
+            self.matmul(&mut cache.k[at..at + n * kv], &lw.wk, &s.xb, n);
+            self.matmul(&mut cache.v[at..at + n * kv], &lw.wv, &s.xb, n);
+            for t in 0..n {
+                self.rope(
+                    &mut s.q[t * c.n_head * c.head_dim..][..c.n_head * c.head_dim],
+                    pos0 + t,
+                );
+                self.rope(&mut cache.k[at + t * kv..][..kv], pos0 + t);
+            }
+            self.attention(&mut s.att, &s.q, cache, l, pos0, n);
+            self.matmul(&mut s.xb2, &lw.wo, &s.att, n);
+            add(&mut s.x, &s.xb2);
+            // Feed-forward: w_down(silu(w_gate x) * w_up x).
+            rmsnorm_rows(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps, e);
+            self.matmul(&mut s.hb, &lw.w_gate, &s.xb, n);
+            self.matmul(&mut s.hb2, &lw.w_up, &s.xb, n);
+            for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
+                *g = silu(*g) * u;
+            }
+            self.matmul(&mut s.xb2, &lw.w_down, &s.hb, n);
+            add(&mut s.x, &s.xb2);
+        }
+        cache.len = pos0 + n;
+    }
+
+    /// `out[t] = m · x[t]` for `n` rows of `x`: each weight row is dequantized once per batch
+    /// and dotted with every position. Rows are split over the pool in fixed chunks; each
+    /// output element is one fixed-order dot product.
+    fn matmul(&self, out: &mut [f32], m: &Matrix, x: &[f32], n: usize) {
+        const ROWS_PER_TASK: usize = 32;
+        let rows = self.weights.rows(m);
+        let chunks: Vec<Vec<f32>> = (0..m.rows.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .map(|chunk| {
+                let first = chunk * ROWS_PER_TASK;
+                let count = ROWS_PER_TASK.min(m.rows - first);
+                let mut w = vec![0.0f32; m.cols];
+                let mut y = vec![0.0f32; count * n]; // (count, n)
+                for i in 0..count {
+                    let r = first + i;
+                    dequantize_row(
+                        m.dtype,
+                        &rows[r * m.row_bytes..(r + 1) * m.row_bytes],
+                        &mut w,
+                    );
+                    for t in 0..n {
+                        y[i * n + t] = dot(&w, &x[t * m.cols..(t + 1) * m.cols]);
+                    }
+                }
+                y
+            })
+            .collect();
+        for (chunk, y) in chunks.iter().enumerate() {
+            let first = chunk * ROWS_PER_TASK;
+            for (i, row) in y.chunks(n).enumerate() {
+                for (t, &v) in row.iter().enumerate() {
+                    out[t * m.rows + first + i] = v;
+                }
+            }
+        }
+    }
+
+    /// Rotates every head of `x` (a multiple of `head_dim` long) to position `pos`.
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let c = &self.config;
+        for head in x.chunks_mut(c.head_dim) {
+            for (i, &inv_freq) in self.inv_freq.iter().enumerate() {
+                let angle = pos as f32 * inv_freq;
+                let (sin, cos) = angle.sin_cos();
+                let (a, b) = match c.rope_style {
+                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                    RopeStyle::Halves => (i, i + c.n_rot / 2),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
+            }
+        }
+    }
+
+    /// Causal attention for `n` queries at positions `pos0..pos0 + n`, each over positions
+    /// `0..=` its own; (position, head) pairs in parallel.
+    fn attention(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        cache: &KvCache,
+        layer: usize,
+        pos0: usize,
+        n: usize,
+    ) {
+        let c = &self.config;
+        let group = c.n_head / c.n_head_kv;
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        out[..n * c.n_head * c.head_dim]
+            .par_chunks_mut(c.head_dim)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let (t, h) = (i / c.n_head, i % c.n_head);
+                let pos = pos0 + t;
+                let q = &q[i * c.head_dim..(i + 1) * c.head_dim];
+                let kv_off = (h / group) * c.head_dim;
+                let mut scores: Vec<f32> = (0..=pos)
+                    .map(|p| {
+                        let k = &cache.k[cache.at(layer, p) + kv_off..][..c.head_dim];
+                        dot(q, k) * scale
+                    })
+                    .collect();
+                softmax(&mut scores);
+                out.fill(0.0);
+                for (p, &weight) in scores.iter().enumerate() {
+                    let v = &cache.v[cache.at(layer, p) + kv_off..][..c.head_dim];
+                    for (o, &vi) in out.iter_mut().zip(v) {
+                        *o += weight * vi;
+                    }
+                }
+            });
+    }
+}
+
+/// `rmsnorm` applied to each `width`-long row.
+fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32], eps: f32, width: usize) {
+    for (o, xr) in out.chunks_mut(width).zip(x.chunks(width)) {
+        rmsnorm(o, xr, w, eps);
+    }
+}
+
+/// `out = x / rms(x) * w`.
+pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let mean_sq = dot(x, x) / x.len() as f32;
+    let scale = 1.0 / (mean_sq + eps).sqrt();
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = xi * scale * wi;
+    }
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

@@ -1,0 +1,158 @@
+//! [`LlamaWeights`]: the tensors of a Llama-family model, checked against its config, named as
+//! llama.cpp names them (`blk.{i}.attn_q.weight`, ...), and left in the mapped file.
+
+use crate::ModelError;
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::llama::LlamaConfig;
+use crate::quant::{DType, dequantize_row};
+
+/// A weight matrix in the mapped file: `rows` rows of `cols` elements each, row-major, in
+/// `dtype` blocks. `y = W x` takes `x` of length `cols` and gives `y` of length `rows`.
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    /// Byte offset in the file, and bytes per row.
+    pub start: usize,
+    pub row_bytes: usize,
+}
+
+/// The weights of one transformer block.
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>, // (n_embd)
+    pub wq: Matrix,          // (n_head * head_dim, n_embd)
+    pub wk: Matrix,          // (n_head_kv * head_dim, n_embd)
+    pub wv: Matrix,          // (n_head_kv * head_dim, n_embd)
+    pub wo: Matrix,          // (n_embd, n_head * head_dim)
+    pub ffn_norm: Vec<f32>,  // (n_embd)
+    pub w_gate: Matrix,      // (n_ff, n_embd)
+    pub w_up: Matrix,        // (n_ff, n_embd)
+    pub w_down: Matrix,      // (n_embd, n_ff)
+}
+
+/// Every weight of a model, over the file that holds them.
+pub struct LlamaWeights {
+    pub file: GgufFile,
+    pub token_embd: Matrix, // (n_vocab, n_embd): row t is token t's embedding
+    pub layers: Vec<LayerWeights>,
+    pub output_norm: Vec<f32>, // (n_embd)
+    pub output: Matrix,        // (n_vocab, n_embd); the embedding matrix when tied
+    /// Llama-3 frequency factors (n_rot / 2), if the file has them.
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+impl LlamaWeights {
+    /// Finds and checks every tensor `config` needs.
+    pub fn from_gguf(file: GgufFile, config: &LlamaConfig) -> Result<LlamaWeights, ModelError> {
+        let (e, q, kv, ff) = (
+            config.n_embd,
+            config.n_head * config.head_dim,
+            config.kv_dim(),
+            config.n_ff,
+        );
+        let matrix = |name: &str, rows: usize, cols: usize| find_matrix(&file, name, rows, cols);
+        let vector = |name: &str, len: usize| find_vector(&file, name, len);
+        let token_embd = matrix("token_embd.weight", config.n_vocab, e)?;
+        let output = match file.tensor("output.weight") {
+            Some(_) => matrix("output.weight", config.n_vocab, e)?,
+            None => token_embd,
+        };
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let name = |t: &str| format!("blk.{i}.{t}.weight");
+            layers.push(LayerWeights {
+                attn_norm: vector(&name("attn_norm"), e)?,
+                wq: matrix(&name("attn_q"), q, e)?,
+                wk: matrix(&name("attn_k"), kv, e)?,
+                wv: matrix(&name("attn_v"), kv, e)?,
+                wo: matrix(&name("attn_output"), e, q)?,
+                ffn_norm: vector(&name("ffn_norm"), e)?,
+                w_gate: matrix(&name("ffn_gate"), ff, e)?,
+                w_up: matrix(&name("ffn_up"), ff, e)?,
+                w_down: matrix(&name("ffn_down"), e, ff)?,
+            });
+        }
+        let rope_freqs = match file.tensor("rope_freqs.weight") {
+            Some(_) => Some(vector("rope_freqs.weight", config.n_rot / 2)?),
+            None => None,
+        };
+        let output_norm = vector("output_norm.weight", e)?;
+        Ok(LlamaWeights {
+            file,
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            rope_freqs,
+        })
+    }
+
+    /// Row `r` of `m`, as encoded bytes.
+    pub fn row(&self, m: &Matrix, r: usize) -> &[u8] {
+        let start = m.start + r * m.row_bytes;
+        &self.file.bytes()[start..start + m.row_bytes]
+    }
+
+    /// All rows of `m`, as encoded bytes.
+    pub fn rows(&self, m: &Matrix) -> &[u8] {
+        &self.file.bytes()[m.start..m.start + m.rows * m.row_bytes]
+    }
+
+    /// Total bytes of weights read per token: every matrix once, plus one embedding row.
+    pub fn bytes_per_token(&self) -> usize {
+        let layer = |l: &LayerWeights| {
+            [l.wq, l.wk, l.wv, l.wo, l.w_gate, l.w_up, l.w_down]
+                .iter()
+                .map(|m| m.rows * m.row_bytes)
+                .sum::<usize>()
+        };
+        self.layers.iter().map(layer).sum::<usize>()
+            + self.output.rows * self.output.row_bytes
+            + self.token_embd.row_bytes
+    }
+}
+
+fn find<'f>(file: &'f GgufFile, name: &str) -> Result<&'f TensorInfo, ModelError> {
+    file.tensor(name)
+        .ok_or_else(|| ModelError::Format(format!("tensor `{name}` is missing")))
+}
+
+fn find_matrix(
+    file: &GgufFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Matrix, ModelError> {
+    let t = find(file, name)?;
+    if t.dims != [cols as u64, rows as u64] {
+        return Err(ModelError::Format(format!(
+            "tensor `{name}` has dims {:?}; the config needs [{cols}, {rows}]",
+            t.dims
+        )));
+    }
+    let row_bytes = t
+        .dtype
+        .row_bytes(cols)
+        .expect("checked when the file was opened");
+    Ok(Matrix {
+        dtype: t.dtype,
+        rows,
+        cols,
+        start: t.start,
+        row_bytes,
+    })
+}
+
+fn find_vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let t = find(file, name)?;
+    if t.dims != [len as u64] {
+        return Err(ModelError::Format(format!(
+            "tensor `{name}` has dims {:?}; expected [{len}]",
+            t.dims
+        )));
+    }
+    let mut out = vec![0.0; len];
+    dequantize_row(t.dtype, file.data(t), &mut out);
+    Ok(out)
+}

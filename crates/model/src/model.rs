@@ -1,0 +1,214 @@
+//! [`Model`]: one model file opened once per process and shared by every actor that uses it:
+//! its weights, tokenizer and chat template, and the sessions (KV caches) that run on it.
+
+use std::path::Path;
+
+use tern_text::{ChatTemplate, Message, Tokenizer, TokenizerSpec};
+
+use crate::ModelError;
+use crate::gguf::{GgufFile, Value};
+use crate::llama::cpu::{CpuLlama, KvCache};
+use crate::llama::{LlamaConfig, LlamaWeights};
+
+/// A loaded model.
+pub struct Model {
+    pub name: String,
+    pub llama: CpuLlama,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    /// A digest of the model file (FNV-1a over its bytes), to tell models apart in snapshots.
+    pub digest: u64,
+}
+
+/// One sequence's state on a model: its tokens and KV cache.
+pub struct Session {
+    pub tokens: Vec<u32>,
+    pub cache: KvCache,
+}
+
+impl Model {
+    /// Opens a GGUF model file with `threads` CPU workers.
+    pub fn open(name: &str, path: &Path, threads: usize) -> Result<Model, ModelError> {
+        let file = GgufFile::open(path)?;
+        let config = LlamaConfig::from_gguf(&file).map_err(|e| e.in_file(path))?;
+        let tokenizer =
+            Tokenizer::from_spec(tokenizer_spec(&file)?).map_err(|e| text_error(path, e))?;
+        let template = match file.get("tokenizer.chat_template").and_then(Value::as_str) {
+            Some(source) => {
+                let token = |id: Option<u32>| {
+                    id.and_then(|id| tokenizer.token_bytes(id))
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                };
+                let bos = token(tokenizer.bos()).unwrap_or_default();
+                let eos = token(tokenizer.eos()).unwrap_or_default();
+                Some(ChatTemplate::new(source, &bos, &eos).map_err(|e| text_error(path, e))?)
+            }
+            None => None,
+        };
+        let digest = fnv1a(file.bytes());
+        let weights = LlamaWeights::from_gguf(file, &config).map_err(|e| e.in_file(path))?;
+        let llama = CpuLlama::new(config, weights, threads)?;
+        Ok(Model {
+            name: name.to_string(),
+            llama,
+            tokenizer,
+            template,
+            digest,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.llama.config
+    }
+
+    /// Facts a guest needs, as JSON.
+    pub fn info_json(&self) -> String {
+        let c = self.config();
+        serde_json::json!({
+            "name": self.name,
+            "architecture": "llama",
+            "vocab_size": c.n_vocab,
+            "context_length": c.n_ctx_train,
+            "bos": self.tokenizer.bos(),
+            "eos": self.tokenizer.eos(),
+            "eot": self.end_of_turn(),
+            "has_chat_template": self.template.is_some(),
+        })
+        .to_string()
+    }
+
+    /// The token that ends an assistant turn: `<|im_end|>` or `<|eot_id|>` when the vocabulary
+    /// has one, else EOS.
+    pub fn end_of_turn(&self) -> Option<u32> {
+        ["<|im_end|>", "<|eot_id|>", "<|end|>"]
+            .iter()
+            .find_map(|t| {
+                self.tokenizer
+                    .encode(t, false)
+                    .ok()
+                    .filter(|ids| ids.len() == 1)
+                    .map(|ids| ids[0])
+            })
+            .or(self.tokenizer.eos())
+    }
+
+    /// Renders a conversation with the model's chat template.
+    pub fn render_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, ModelError> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            ModelError::Invalid(format!("model `{}` has no chat template", self.name))
+        })?;
+        template
+            .render(messages, add_generation_prompt)
+            .map_err(|e| ModelError::Invalid(e.to_string()))
+    }
+
+    /// A new, empty session of up to `max_tokens` positions (at most the trained context).
+    pub fn new_session(&self, max_tokens: usize) -> Result<Session, ModelError> {
+        let limit = self.config().n_ctx_train;
+        if max_tokens == 0 || max_tokens > limit {
+            return Err(ModelError::Invalid(format!(
+                "session of {max_tokens} tokens (1..={limit} allowed)"
+            )));
+        }
+        Ok(Session {
+            tokens: Vec::new(),
+            cache: self.llama.new_cache(max_tokens)?,
+        })
+    }
+
+    /// Appends `tokens` to the session and writes the last position's logits.
+    pub fn forward(
+        &self,
+        session: &mut Session,
+        tokens: &[u32],
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        self.llama.forward(&mut session.cache, tokens, logits)?;
+        session.tokens.extend_from_slice(tokens);
+        Ok(())
+    }
+}
+
+impl Session {
+    /// Keeps the first `len` tokens and forgets the rest.
+    pub fn rewind(&mut self, len: usize) {
+        self.tokens.truncate(len);
+        self.cache.truncate(len);
+    }
+}
+
+fn text_error(path: &Path, e: tern_text::TextError) -> ModelError {
+    ModelError::Format(format!("{}: tokenizer: {e}", path.display()))
+}
+
+/// The tokenizer as the file describes it (`tokenizer.ggml.*`).
+fn tokenizer_spec(file: &GgufFile) -> Result<TokenizerSpec, ModelError> {
+    let strings = |key: &str| -> Option<Vec<String>> {
+        file.get(key)?
+            .as_array()?
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    let id = |key: &str| {
+        file.get(key)
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let flag = |key: &str, default: bool| file.get(key).and_then(Value::as_bool).unwrap_or(default);
+    let model = file.str("tokenizer.ggml.model")?.to_string();
+    Ok(TokenizerSpec {
+        tokens: strings("tokenizer.ggml.tokens")
+            .ok_or_else(|| ModelError::Format("tokenizer.ggml.tokens is missing".into()))?,
+        scores: file
+            .get("tokenizer.ggml.scores")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_f32().unwrap_or(0.0)).collect()),
+        token_types: file
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|v| match v {
+                        Value::I32(x) => *x,
+                        other => other.as_u64().map_or(1, |x| x as i32),
+                    })
+                    .collect()
+            }),
+        merges: strings("tokenizer.ggml.merges"),
+        pre: file
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        bos: id("tokenizer.ggml.bos_token_id"),
+        eos: id("tokenizer.ggml.eos_token_id"),
+        unk: id("tokenizer.ggml.unknown_token_id"),
+        pad: id("tokenizer.ggml.padding_token_id"),
+        add_bos: flag("tokenizer.ggml.add_bos_token", model == "llama"),
+        add_eos: flag("tokenizer.ggml.add_eos_token", false),
+        add_space_prefix: flag("tokenizer.ggml.add_space_prefix", model == "llama"),
+        model,
+    })
+}
+
+/// FNV-1a, 64-bit, over `bytes`, sampled: every 4 KiB page's first 64 bytes plus the length,
+/// so a 1 GB file hashes in milliseconds while any header or tensor change is caught.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    for page in bytes.chunks(4096) {
+        page.iter().take(64).for_each(|&b| eat(b));
+    }
+    (bytes.len() as u64)
+        .to_le_bytes()
+        .iter()
+        .for_each(|&b| eat(b));
+    h
+}

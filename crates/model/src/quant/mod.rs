@@ -1,0 +1,254 @@
+//! Quantized weight formats: the byte layouts of GGML/GGUF tensors and the CPU reference for
+//! reading them.
+//!
+//! A weight matrix is stored row by row; each row is a run of *blocks*, and each block holds
+//! [`DType::block_elems`] weights in [`DType::block_bytes`] bytes, laid out exactly as
+//! llama.cpp's `ggml-common.h` (all multi-byte fields little-endian):
+//!
+//! | type   | elems | bytes | block                                                         |
+//! |--------|-------|-------|---------------------------------------------------------------|
+//! | `F32`  | 1     | 4     | `f32`                                                         |
+//! | `F16`  | 1     | 2     | IEEE binary16                                                 |
+//! | `BF16` | 1     | 2     | bfloat16 (the high half of an `f32`)                          |
+//! | `Q8_0` | 32    | 34    | `{f16 d; i8 qs[32]}`, `w = qs*d`                              |
+//! | `Q4_0` | 32    | 18    | `{f16 d; u8 qs[16]}`, `w = (q-8)*d`                           |
+//! | `Q4_1` | 32    | 20    | `{f16 d; f16 m; u8 qs[16]}`, `w = q*d + m`                    |
+//! | `Q4_K` | 256   | 144   | `{f16 d; f16 dmin; u8 scales[12]; u8 qs[128]}`, see [`kquants`] |
+//! | `Q6_K` | 256   | 210   | `{u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}`, see [`kquants`] |
+//!
+//! In the 32-element 4-bit blocks the low nibbles of `qs` are elements 0..16 and the high
+//! nibbles elements 16..32.
+//!
+//! # What this module guarantees
+//!
+//! * Activations stay `f32`. Every weight is widened to `f32` with the same arithmetic as
+//!   ggml's `dequantize_row_*` (e.g. `q*d + m` as a multiply then an add, never fused), so
+//!   [`dequantize_row`] matches ggml and the Python `gguf` package bit for bit.
+//! * [`dot_row`] dequantizes one block at a time and multiply-adds it into 32 `f32` lanes
+//!   (element `i` goes to lane `i % 32`), then sums the lanes in a fixed binary tree. It is
+//!   bitwise equal to [`dot_f32`] of [`dequantize_row`]'s output, whatever the thread count,
+//!   and whatever SIMD path the CPU takes (the AVX2 path is the same code compiled wider, and
+//!   Rust never contracts `a*b + c` into an FMA).
+//! * Nothing here panics on well-formed input. The lengths are preconditions (see each
+//!   function); a mismatch is a caller bug: debug builds assert, release builds poison the
+//!   output with NaN instead of reading or writing out of bounds.
+
+mod blocks;
+mod float;
+pub mod kquants;
+mod rows;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+#[cfg(test)]
+mod reference;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+/// The element type of a tensor: a float type or a GGML block-quantized format.
+#[allow(non_camel_case_types)] // ggml's spelling: `Q4_K` is not `Q4K`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q6_K,
+}
+
+impl DType {
+    /// Every supported type, in declaration order.
+    pub const ALL: [DType; 8] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q4_K,
+        DType::Q6_K,
+    ];
+
+    /// The type with GGML type id `type_id` (`enum ggml_type`), or `None` if unsupported.
+    pub fn from_ggml(type_id: u32) -> Option<DType> {
+        DType::ALL.into_iter().find(|t| t.ggml_id() == type_id)
+    }
+
+    /// The GGML type id (`enum ggml_type`) stored in GGUF tensor headers.
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::Q4_0 => 2,
+            DType::Q4_1 => 3,
+            DType::Q8_0 => 8,
+            DType::Q4_K => 12,
+            DType::Q6_K => 14,
+            DType::BF16 => 30,
+        }
+    }
+
+    /// ggml's name for the type (`ggml_type_name`): `"f32"`, `"q4_1"`, `"q4_K"`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::Q4_K => "q4_K",
+            DType::Q6_K => "q6_K",
+        }
+    }
+
+    /// Weights per block: 1 for float types, 32 for `Q4_0`/`Q4_1`/`Q8_0`, 256 for K-quants.
+    pub fn block_elems(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => blocks::QK,
+            DType::Q4_K | DType::Q6_K => kquants::QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => blocks::Q8_0_BYTES,
+            DType::Q4_0 => blocks::Q4_0_BYTES,
+            DType::Q4_1 => blocks::Q4_1_BYTES,
+            DType::Q4_K => kquants::Q4_K_BYTES,
+            DType::Q6_K => kquants::Q6_K_BYTES,
+        }
+    }
+
+    /// Bytes of a row of `n_elems` weights, or `None` if `n_elems` is not a whole number of
+    /// blocks or the size overflows `usize`.
+    pub fn row_bytes(self, n_elems: usize) -> Option<usize> {
+        if !n_elems.is_multiple_of(self.block_elems()) {
+            return None;
+        }
+        (n_elems / self.block_elems()).checked_mul(self.block_bytes())
+    }
+
+    /// Whether this is a block-quantized format (not a float type).
+    pub fn is_quantized(self) -> bool {
+        self.block_elems() > 1
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// True when `n_bytes` holds exactly `n_elems` weights of `dtype`.
+fn lengths_match(dtype: DType, n_bytes: usize, n_elems: usize) -> bool {
+    dtype.row_bytes(n_elems) == Some(n_bytes)
+}
+
+/// Widens one row of `dtype` weights to `f32`: `dst.len()` weights from `src`.
+///
+/// Precondition: `src.len() == dtype.row_bytes(dst.len())`. On a mismatch, debug builds
+/// panic and release builds fill `dst` with NaN.
+pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
+    if !lengths_match(dtype, src.len(), dst.len()) {
+        debug_assert!(
+            false,
+            "dequantize_row: {} bytes of {dtype} for {} weights",
+            src.len(),
+            dst.len()
+        );
+        dst.fill(f32::NAN);
+        return;
+    }
+    rows::Path::best().dequantize(dtype, src, dst);
+}
+
+/// `sum_i w[i] * x[i]` over one row `w` of `dtype` weights, dequantized block by block; the
+/// decode hot loop. Bitwise equal to `dot_f32(&dequantized_row, x)`.
+///
+/// Precondition: `row.len() == dtype.row_bytes(x.len())`. On a mismatch, debug builds panic
+/// and release builds return NaN.
+pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
+    if !lengths_match(dtype, row.len(), x.len()) {
+        debug_assert!(
+            false,
+            "dot_row: {} bytes of {dtype} for {} activations",
+            row.len(),
+            x.len()
+        );
+        return f32::NAN;
+    }
+    rows::Path::best().dot(dtype, row, x)
+}
+
+/// `out[r] = dot_row(dtype, row r, x)` for `out.len()` consecutive rows of `rows`: a
+/// matrix-vector product over a run of rows (split a matrix into runs to spread it over
+/// threads). Each output is bitwise what [`dot_row`] gives; the code path is chosen once.
+///
+/// Precondition: `rows.len() == out.len() * dtype.row_bytes(x.len())`. On a mismatch, debug
+/// builds panic and release builds fill `out` with NaN.
+pub fn dot_rows(dtype: DType, rows: &[u8], x: &[f32], out: &mut [f32]) {
+    let row_bytes = dtype.row_bytes(x.len());
+    if row_bytes.and_then(|b| b.checked_mul(out.len())) != Some(rows.len()) {
+        debug_assert!(
+            false,
+            "dot_rows: {} bytes of {dtype} for {} rows of {} activations",
+            rows.len(),
+            out.len(),
+            x.len()
+        );
+        out.fill(f32::NAN);
+        return;
+    }
+    rows::Path::best().dot_rows(dtype, rows, row_bytes.unwrap_or(0), x, out);
+}
+
+/// `sum_i w[i] * x[i]` in the order every dot in this module uses: products go into 32 lanes
+/// (lane `i % 32`) in increasing `i`, then lanes are added pairwise (`lane[j] += lane[j + h]`
+/// for `h` = 16, 8, 4, 2, 1). The reference [`dot_row`] is checked against.
+///
+/// Precondition: `w.len() == x.len()`. On a mismatch, debug builds panic and release builds
+/// return NaN.
+pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    if w.len() != x.len() {
+        debug_assert!(
+            false,
+            "dot_f32: {} weights for {} activations",
+            w.len(),
+            x.len()
+        );
+        return f32::NAN;
+    }
+    rows::Path::best().dot_f32(w, x)
+}
+
+/// Encodes `src` as one row of `dtype` into `dst`, with ggml's reference quantizers for the
+/// float types and `Q8_0`/`Q4_0`/`Q4_1` (byte-identical to `quantize_row_*_ref`), and simple
+/// valid (not error-minimizing) quantizers for `Q4_K`/`Q6_K`. Meant for tests and generated
+/// models, not for a production model converter.
+///
+/// Precondition: `dst.len() == dtype.row_bytes(src.len())`. On a mismatch, debug builds
+/// panic and release builds zero `dst` (which every format reads back as zeros).
+pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
+    if !lengths_match(dtype, dst.len(), src.len()) {
+        debug_assert!(
+            false,
+            "quantize_row: {} bytes of {dtype} for {} weights",
+            dst.len(),
+            src.len()
+        );
+        dst.fill(0);
+        return;
+    }
+    rows::quantize(dtype, src, dst);
+}

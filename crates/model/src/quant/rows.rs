@@ -1,0 +1,405 @@
+//! Row loops: dequantize, dot and quantize a whole row, block by block.
+//!
+//! The hot loops are written once, as `#[inline(always)]` functions over fixed-size arrays
+//! that LLVM auto-vectorizes, generic over an [`Isa`], and compiled once per code path: the
+//! target's baseline (SSE2 on x86-64) and, on x86-64 CPUs that have them, AVX2 and AVX-512
+//! (see `x86.rs`). Every path performs the same IEEE operations on the same values in the
+//! same order (Rust never reassociates floats nor fuses `a*b + c` into an FMA; hand-written
+//! kernels only look values up instead of recomputing them), so all paths give
+//! bitwise-identical results; `tests.rs` checks this on the paths the CPU supports.
+//!
+//! Callers (`mod.rs`) have already checked that byte and element counts agree.
+
+use std::sync::OnceLock;
+
+use super::DType;
+use super::blocks::{self, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES, QK};
+use super::float::{self, Soft, Widen, bf16_to_f32};
+use super::kquants::{self, Q4_K_BYTES, Q6_K_BYTES, QK_K};
+
+/// Accumulator lanes of every dot product: element `i` of a row goes to lane `i % LANES`.
+pub(crate) const LANES: usize = 32;
+pub(crate) type Lanes = [f32; LANES];
+
+// ---------------------------------------------------------------------------------------
+// Code paths
+// ---------------------------------------------------------------------------------------
+
+/// What one compiled copy of the row loops may use. The defaults are the portable loops; a
+/// path may replace a format's dot with a hand-written kernel that gives the same bits.
+pub(crate) trait Isa: Widen + Sized {
+    /// Multiply-adds a row of `Q4_0` blocks into `acc` (see [`dot_blocks`]).
+    #[inline(always)]
+    fn dot_q4_0(row: &[u8], x: &[f32], acc: &mut Lanes) {
+        dot_blocks::<_, _, Q4_0, Self>(row, x, acc);
+    }
+
+    /// Multiply-adds a row of `Q4_1` blocks into `acc` (see [`dot_blocks`]).
+    #[inline(always)]
+    fn dot_q4_1(row: &[u8], x: &[f32], acc: &mut Lanes) {
+        dot_blocks::<_, _, Q4_1, Self>(row, x, acc);
+    }
+}
+
+impl Isa for Soft {}
+
+/// Which compiled copy of the row loops to run. Holding a token proves the CPU supports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// The target's baseline instruction set (SSE2 on x86-64).
+    Portable,
+    /// AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    Avx2(super::x86::Avx2),
+    /// AVX-512 (F, BW, VL) and F16C.
+    #[cfg(target_arch = "x86_64")]
+    Avx512(super::x86::Avx512),
+}
+
+impl Path {
+    /// Every path this CPU supports, slowest first.
+    #[cfg(test)]
+    pub(crate) fn supported() -> Vec<Path> {
+        let mut paths = vec![Path::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            paths.extend(super::x86::Avx2::detect().map(Path::Avx2));
+            paths.extend(super::x86::Avx512::detect().map(Path::Avx512));
+        }
+        paths
+    }
+
+    /// The fastest path this CPU supports (detected once, then cached).
+    #[inline]
+    pub(crate) fn best() -> Path {
+        static BEST: OnceLock<Path> = OnceLock::new();
+        *BEST.get_or_init(Path::detect)
+    }
+
+    fn detect() -> Path {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(token) = super::x86::Avx512::detect() {
+                return Path::Avx512(token);
+            }
+            if let Some(token) = super::x86::Avx2::detect() {
+                return Path::Avx2(token);
+            }
+        }
+        Path::Portable
+    }
+
+    pub(crate) fn dot(self, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
+        match self {
+            Path::Portable => dot_impl::<Soft>(dtype, row, x),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(token) => token.dot(dtype, row, x),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(token) => token.dot(dtype, row, x),
+        }
+    }
+
+    /// `out[r]` = the dot of row `r` (`row_bytes` each) of `rows` with `x`.
+    pub(crate) fn dot_rows(
+        self,
+        dtype: DType,
+        rows: &[u8],
+        row_bytes: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        match self {
+            Path::Portable => dot_rows_impl::<Soft>(dtype, rows, row_bytes, x, out),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(token) => token.dot_rows(dtype, rows, row_bytes, x, out),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(token) => token.dot_rows(dtype, rows, row_bytes, x, out),
+        }
+    }
+
+    pub(crate) fn dot_f32(self, w: &[f32], x: &[f32]) -> f32 {
+        match self {
+            Path::Portable => dot_f32_impl(w, x),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(token) => token.dot_f32(w, x),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(token) => token.dot_f32(w, x),
+        }
+    }
+
+    pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
+        match self {
+            Path::Portable => dequantize_impl::<Soft>(dtype, src, dst),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(token) => token.dequantize(dtype, src, dst),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(token) => token.dequantize(dtype, src, dst),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Block formats as the loops see them
+// ---------------------------------------------------------------------------------------
+
+/// A block format: `B` bytes in, `E` weights out. Implemented on marker types (not passed
+/// as closures or fn items, whose call shims LLVM may keep out of line and compile without
+/// the caller's target features).
+pub(crate) trait Block<const B: usize, const E: usize> {
+    fn dequant<W: Widen>(b: &[u8; B], w: &mut [f32; E]);
+}
+
+macro_rules! block_formats {
+    ($($name:ident: $bytes:expr, $elems:expr, $($f:ident)::+;)*) => {$(
+        pub(crate) struct $name;
+        impl Block<{ $bytes }, { $elems }> for $name {
+            #[inline(always)]
+            fn dequant<W: Widen>(b: &[u8; $bytes], w: &mut [f32; $elems]) {
+                $($f)::+::<W>(b, w)
+            }
+        }
+    )*};
+}
+
+block_formats! {
+    F32Chunk: 4 * LANES, LANES, dequant_f32_chunk;
+    F16Chunk: 2 * LANES, LANES, float::dequant_f16_chunk;
+    Bf16Chunk: 2 * LANES, LANES, dequant_bf16_chunk;
+    Q8_0: Q8_0_BYTES, QK, blocks::dequant_q8_0;
+    Q4_0: Q4_0_BYTES, QK, blocks::dequant_q4_0;
+    Q4_1: Q4_1_BYTES, QK, blocks::dequant_q4_1;
+    Q4K: Q4_K_BYTES, QK_K, kquants::dequant_q4_k;
+    Q6K: Q6_K_BYTES, QK_K, kquants::dequant_q6_k;
+}
+
+#[inline(always)]
+fn dequant_f32_chunk<W: Widen>(b: &[u8; 4 * LANES], w: &mut Lanes) {
+    float::dequant_f32_chunk(b, w);
+}
+
+#[inline(always)]
+fn dequant_bf16_chunk<W: Widen>(b: &[u8; 2 * LANES], w: &mut Lanes) {
+    float::dequant_bf16_chunk(b, w);
+}
+
+// ---------------------------------------------------------------------------------------
+// Dot products (the decode hot loop)
+// ---------------------------------------------------------------------------------------
+
+/// `acc[j] += w[j] * x[j]`: a multiply, then an add, per lane.
+#[inline(always)]
+fn mac(acc: &mut Lanes, w: &Lanes, x: &Lanes) {
+    for j in 0..LANES {
+        acc[j] += w[j] * x[j];
+    }
+}
+
+/// Sums the lanes pairwise: `acc[j] += acc[j + h]` for `h` = 16, 8, 4, 2, 1.
+#[inline(always)]
+fn reduce(mut acc: Lanes) -> f32 {
+    let mut h = LANES / 2;
+    while h > 0 {
+        for j in 0..h {
+            acc[j] += acc[j + h];
+        }
+        h /= 2;
+    }
+    acc[0]
+}
+
+/// Multiply-adds whole blocks of `B` bytes / `E` weights into `acc`, one dequantized block
+/// at a time; stops at the shorter of `row` and `x`.
+#[inline(always)]
+pub(crate) fn dot_blocks<const B: usize, const E: usize, F: Block<B, E>, W: Widen>(
+    row: &[u8],
+    x: &[f32],
+    acc: &mut Lanes,
+) {
+    const { assert!(E.is_multiple_of(LANES)) };
+    let mut w = [0.0f32; E];
+    for (b, xb) in row.as_chunks::<B>().0.iter().zip(x.as_chunks::<E>().0) {
+        F::dequant::<W>(b, &mut w);
+        for (wc, xc) in w
+            .as_chunks::<LANES>()
+            .0
+            .iter()
+            .zip(xb.as_chunks::<LANES>().0)
+        {
+            mac(acc, wc, xc);
+        }
+    }
+}
+
+/// The elements of a float row past its last whole chunk of `LANES`: element `j` of the tail
+/// goes to lane `j`. `size` is the bytes per element.
+#[inline(always)]
+fn dot_tail(row: &[u8], x: &[f32], size: usize, acc: &mut Lanes, widen: impl Fn(&[u8]) -> f32) {
+    let done = x.len() / LANES * LANES;
+    let tail = row[done * size..].chunks_exact(size).zip(&x[done..]);
+    for (a, (w, &xv)) in acc.iter_mut().zip(tail) {
+        *a += widen(w) * xv;
+    }
+}
+
+#[inline(always)]
+pub(crate) fn dot_f32_impl(w: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for (wc, xc) in w
+        .as_chunks::<LANES>()
+        .0
+        .iter()
+        .zip(x.as_chunks::<LANES>().0)
+    {
+        mac(&mut acc, wc, xc);
+    }
+    let done = x.len() / LANES * LANES;
+    for (a, (wv, xv)) in acc.iter_mut().zip(w[done..].iter().zip(&x[done..])) {
+        *a += wv * xv;
+    }
+    reduce(acc)
+}
+
+#[inline(always)]
+pub(crate) fn dot_impl<I: Isa>(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    match dtype {
+        DType::F32 => {
+            dot_blocks::<_, _, F32Chunk, I>(row, x, &mut acc);
+            dot_tail(row, x, 4, &mut acc, |b| {
+                f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+            });
+        }
+        DType::F16 => {
+            dot_blocks::<_, _, F16Chunk, I>(row, x, &mut acc);
+            dot_tail(row, x, 2, &mut acc, |b| {
+                I::f16(u16::from_le_bytes([b[0], b[1]]))
+            });
+        }
+        DType::BF16 => {
+            dot_blocks::<_, _, Bf16Chunk, I>(row, x, &mut acc);
+            dot_tail(row, x, 2, &mut acc, |b| {
+                bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+            });
+        }
+        DType::Q8_0 => dot_blocks::<_, _, Q8_0, I>(row, x, &mut acc),
+        DType::Q4_0 => I::dot_q4_0(row, x, &mut acc),
+        DType::Q4_1 => I::dot_q4_1(row, x, &mut acc),
+        DType::Q4_K => dot_blocks::<_, _, Q4K, I>(row, x, &mut acc),
+        DType::Q6_K => dot_blocks::<_, _, Q6K, I>(row, x, &mut acc),
+    }
+    reduce(acc)
+}
+
+#[inline(always)]
+pub(crate) fn dot_rows_impl<I: Isa>(
+    dtype: DType,
+    rows: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
+    if row_bytes == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(row_bytes)) {
+        *o = dot_impl::<I>(dtype, row, x);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dequantize
+// ---------------------------------------------------------------------------------------
+
+/// Widens whole blocks of `B` bytes / `E` weights; stops at the shorter of `src` and `dst`.
+#[inline(always)]
+fn dequant_blocks<const B: usize, const E: usize, F: Block<B, E>, W: Widen>(
+    src: &[u8],
+    dst: &mut [f32],
+) {
+    for (b, out) in src
+        .as_chunks::<B>()
+        .0
+        .iter()
+        .zip(dst.as_chunks_mut::<E>().0)
+    {
+        F::dequant::<W>(b, out);
+    }
+}
+
+/// Widens a float row element by element (`size` bytes each).
+#[inline(always)]
+fn dequant_floats(src: &[u8], dst: &mut [f32], size: usize, widen: impl Fn(&[u8]) -> f32) {
+    for (out, b) in dst.iter_mut().zip(src.chunks_exact(size)) {
+        *out = widen(b);
+    }
+}
+
+#[inline(always)]
+pub(crate) fn dequantize_impl<I: Isa>(dtype: DType, src: &[u8], dst: &mut [f32]) {
+    match dtype {
+        DType::F32 => dequant_floats(src, dst, 4, |b| {
+            f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }),
+        DType::F16 => {
+            dequant_blocks::<_, _, F16Chunk, I>(src, dst);
+            let done = dst.len() / LANES * LANES;
+            dequant_floats(&src[2 * done..], &mut dst[done..], 2, |b| {
+                I::f16(u16::from_le_bytes([b[0], b[1]]))
+            });
+        }
+        DType::BF16 => dequant_floats(src, dst, 2, |b| {
+            bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+        }),
+        DType::Q8_0 => dequant_blocks::<_, _, Q8_0, I>(src, dst),
+        DType::Q4_0 => dequant_blocks::<_, _, Q4_0, I>(src, dst),
+        DType::Q4_1 => dequant_blocks::<_, _, Q4_1, I>(src, dst),
+        DType::Q4_K => dequant_blocks::<_, _, Q4K, I>(src, dst),
+        DType::Q6_K => dequant_blocks::<_, _, Q6K, I>(src, dst),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Quantize (not hot)
+// ---------------------------------------------------------------------------------------
+
+/// Encodes whole blocks of `E` weights / `B` bytes.
+fn quant_blocks<const B: usize, const E: usize>(
+    src: &[f32],
+    dst: &mut [u8],
+    quant: fn(&[f32; E], &mut [u8; B]),
+) {
+    for (x, out) in src
+        .as_chunks::<E>()
+        .0
+        .iter()
+        .zip(dst.as_chunks_mut::<B>().0)
+    {
+        quant(x, out);
+    }
+}
+
+pub(crate) fn quantize(dtype: DType, src: &[f32], dst: &mut [u8]) {
+    match dtype {
+        DType::F32 => {
+            for (out, v) in dst.chunks_exact_mut(4).zip(src) {
+                out.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::F16 | DType::BF16 => {
+            let narrow = if dtype == DType::F16 {
+                float::f32_to_f16
+            } else {
+                float::f32_to_bf16
+            };
+            for (out, &v) in dst.chunks_exact_mut(2).zip(src) {
+                out.copy_from_slice(&narrow(v).to_le_bytes());
+            }
+        }
+        DType::Q8_0 => quant_blocks::<Q8_0_BYTES, QK>(src, dst, blocks::quant_q8_0),
+        DType::Q4_0 => quant_blocks::<Q4_0_BYTES, QK>(src, dst, blocks::quant_q4_0),
+        DType::Q4_1 => quant_blocks::<Q4_1_BYTES, QK>(src, dst, blocks::quant_q4_1),
+        DType::Q4_K => quant_blocks::<Q4_K_BYTES, QK_K>(src, dst, kquants::quant_q4_k),
+        DType::Q6_K => quant_blocks::<Q6_K_BYTES, QK_K>(src, dst, kquants::quant_q6_k),
+    }
+}

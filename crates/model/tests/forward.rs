@@ -1,0 +1,132 @@
+//! The CPU forward pass on generated models: batch-invariant, thread-count-invariant and
+//! reproducible bit for bit; every weight type runs; bad calls are clear errors.
+
+use std::path::PathBuf;
+
+use tern_model::Model;
+use tern_model::generate::{Types, shape, write_random_llama};
+use tern_model::quant::DType;
+
+fn tiny(linear: DType, threads: usize) -> Model {
+    let dir = std::env::temp_dir().join(format!("tern-forward-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path: PathBuf = dir.join(format!("tiny-{}.gguf", linear.name()));
+    if !path.exists() {
+        let types = Types {
+            linear,
+            embd: DType::Q8_0,
+        };
+        let partial = path.with_extension("partial");
+        write_random_llama(&partial, shape("tiny").unwrap(), types, 7).unwrap();
+        std::fs::rename(&partial, &path).unwrap();
+    }
+    Model::open("tiny", &path, threads).unwrap()
+}
+
+fn prompt(n: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 37 + 11) % 256) as u32).collect()
+}
+
+/// Runs `tokens` in the given chunk sizes; returns the last logits and the session.
+fn run(model: &Model, tokens: &[u32], chunks: &[usize]) -> (Vec<f32>, tern_model::Session) {
+    let mut session = model.new_session(128).unwrap();
+    let mut logits = vec![0.0; model.config().n_vocab];
+    let mut at = 0;
+    for &n in chunks.iter().chain(std::iter::repeat(&1)) {
+        if at == tokens.len() {
+            break;
+        }
+        let n = n.min(tokens.len() - at);
+        model
+            .forward(&mut session, &tokens[at..at + n], &mut logits)
+            .unwrap();
+        at += n;
+    }
+    (logits, session)
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn results_do_not_depend_on_batching_threads_or_runs() {
+    let model = tiny(DType::Q4_1, 2);
+    let tokens = prompt(90); // more than one internal batch
+    let (whole, s1) = run(&model, &tokens, &[90]);
+    let (chunked, s2) = run(&model, &tokens, &[7, 33, 50]);
+    let (single, s3) = run(&model, &tokens, &[1]);
+    assert_eq!(bits(&whole), bits(&chunked));
+    assert_eq!(bits(&whole), bits(&single));
+    assert_eq!(bits(&s1.cache.k), bits(&s2.cache.k));
+    assert_eq!(bits(&s1.cache.v), bits(&s3.cache.v));
+    let (again, _) = run(&model, &tokens, &[90]);
+    assert_eq!(bits(&whole), bits(&again));
+    let one_thread = tiny(DType::Q4_1, 1);
+    assert_eq!(bits(&whole), bits(&run(&one_thread, &tokens, &[90]).0));
+    assert!(whole.iter().all(|v| v.is_finite()));
+    let spread = whole.iter().copied().fold(f32::MIN, f32::max)
+        - whole.iter().copied().fold(f32::MAX, f32::min);
+    assert!(
+        spread > 0.1,
+        "logits are flat ({spread}): the model is not doing anything"
+    );
+}
+
+#[test]
+fn rewinding_and_replaying_gives_the_same_logits() {
+    let model = tiny(DType::Q8_0, 2);
+    let tokens = prompt(30);
+    let (want, mut session) = run(&model, &tokens, &[30]);
+    session.rewind(12);
+    assert_eq!(session.tokens.len(), 12);
+    let mut logits = vec![0.0; model.config().n_vocab];
+    model
+        .forward(&mut session, &tokens[12..], &mut logits)
+        .unwrap();
+    assert_eq!(bits(&want), bits(&logits));
+}
+
+#[test]
+fn every_weight_type_runs() {
+    for dtype in [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+    ] {
+        let (logits, _) = run(&tiny(dtype, 2), &prompt(5), &[5]);
+        assert!(logits.iter().all(|v| v.is_finite()), "{dtype:?}");
+    }
+}
+
+#[test]
+fn bad_calls_are_clear_errors() {
+    let model = tiny(DType::Q8_0, 1);
+    let vocab = model.config().n_vocab;
+    let mut session = model.new_session(8).unwrap();
+    let mut logits = vec![0.0; vocab];
+    let err = model
+        .forward(&mut session, &[vocab as u32], &mut logits)
+        .unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    let err = model
+        .forward(&mut session, &prompt(9), &mut logits)
+        .unwrap_err();
+    assert!(err.to_string().contains("context full"), "{err}");
+    let err = model
+        .forward(&mut session, &[1], &mut logits[..10])
+        .unwrap_err();
+    assert!(err.to_string().contains("logits buffer"), "{err}");
+    let err = model.forward(&mut session, &[], &mut logits).unwrap_err();
+    assert!(err.to_string().contains("no tokens"), "{err}");
+    assert!(model.new_session(0).is_err());
+    assert!(model.new_session(1 << 30).is_err());
+    // Nothing was appended by the failed calls.
+    assert_eq!(session.tokens.len(), 0);
+    model
+        .forward(&mut session, &prompt(8), &mut logits)
+        .unwrap();
+}

@@ -1,0 +1,167 @@
+//! SmolLM2-135M-Instruct against Hugging Face `transformers` on the same GGUF: token ids,
+//! rendered chat templates, logits and greedy continuations, from the golden files that
+//! `scripts/golden/make_golden.py` wrote (see its README).
+//!
+//! The model is fetched by `tern fetch` (scripts/test runs it first) into the model cache.
+//!
+//! Logit tolerance: transformers dequantizes the Q4_1/Q8_0 weights to f32 and computes in
+//! f32, as this engine does; only the order of f32 sums differs (blocked dot products here,
+//! BLAS there). Over 30 layers such reordering moves logits by about 1e-3 of their scale;
+//! the tests allow 0.05 absolute on logits whose spread is about 20, and require the same
+//! argmax at every checked position and the same greedy tokens.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use tern_model::Model;
+use tern_text::Message;
+
+const LOGIT_TOLERANCE: f32 = 0.05;
+
+fn golden(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/smollm2")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("golden JSON")
+}
+
+fn model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let dir = std::env::var_os("TERN_MODELS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let home = std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                    .expect("HOME");
+                home.join("tern/models")
+            });
+        let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            path.exists(),
+            "{} is missing: run `scripts/test` (or `tern fetch`) first",
+            path.display()
+        );
+        Model::open("smollm2", &path, 2).expect("the model opens")
+    })
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+#[test]
+fn token_ids_match_transformers() {
+    let cases = golden("tokenizer.json");
+    let mut checked = 0;
+    for case in cases["cases"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        let add_special = case["add_special_tokens"].as_bool().unwrap_or(false);
+        let got = model()
+            .tokenizer
+            .encode(text, add_special)
+            .expect("encodes");
+        assert_eq!(got, ids(&case["ids"]), "text {text:?}");
+        let back = model().tokenizer.decode(&got).expect("decodes");
+        if !add_special {
+            assert_eq!(back, text, "round trip of {text:?}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 30, "only {checked} cases");
+}
+
+#[test]
+fn chat_templates_render_like_transformers() {
+    let cases = golden("chat.json");
+    for case in cases["cases"].as_array().expect("cases") {
+        let messages: Vec<Message> =
+            serde_json::from_value(case["messages"].clone()).expect("messages");
+        let add = case["add_generation_prompt"].as_bool().expect("flag");
+        let rendered = model().render_chat(&messages, add).expect("renders");
+        assert_eq!(rendered, case["rendered"].as_str().expect("rendered"));
+        assert_eq!(
+            model().tokenizer.encode(&rendered, false).expect("encodes"),
+            ids(&case["ids"])
+        );
+    }
+}
+
+#[test]
+fn logits_and_greedy_tokens_match_transformers() {
+    let cases = golden("logits.json");
+    let m = model();
+    let vocab = m.config().n_vocab;
+    let mut worst = 0.0f32;
+    for case in cases["cases"].as_array().expect("cases") {
+        let prompt = ids(&case["ids"]);
+        let mut session = m.new_session(prompt.len() + 64).expect("session");
+        let mut logits = vec![0.0; vocab];
+        let mut at: Vec<Vec<f32>> = Vec::new();
+        for &t in &prompt {
+            m.forward(&mut session, &[t], &mut logits).expect("forward");
+            at.push(logits.clone());
+        }
+        for pos in case["positions"].as_array().expect("positions") {
+            let p = pos["pos"].as_u64().expect("pos") as usize;
+            let top = pos["top"].as_array().expect("top");
+            let ours = &at[p];
+            let argmax = argmax(ours);
+            assert_eq!(
+                argmax,
+                top[0][0].as_u64().expect("id") as u32,
+                "argmax at position {p} of {:?}",
+                case["prompt"]
+            );
+            for entry in top {
+                let (id, want) = (
+                    entry[0].as_u64().expect("id") as usize,
+                    entry[1].as_f64().expect("logit") as f32,
+                );
+                let diff = (ours[id] - want).abs();
+                worst = worst.max(diff);
+                assert!(
+                    diff <= LOGIT_TOLERANCE,
+                    "logit of {id} at {p}: {} vs {want}",
+                    ours[id]
+                );
+            }
+        }
+        // Greedy continuation from the prompt's last logits.
+        let want = ids(&case["greedy"]);
+        let mut got = Vec::new();
+        let mut next = argmax(&logits);
+        while got.len() < want.len() {
+            got.push(next);
+            if got.len() == want.len() {
+                break;
+            }
+            m.forward(&mut session, &[next], &mut logits)
+                .expect("forward");
+            next = argmax(&logits);
+        }
+        assert!(
+            want.len() >= 16 || want.last() == Some(&2),
+            "golden greedy run too short"
+        );
+        assert_eq!(got, want, "greedy tokens for {:?}", case["prompt"]);
+    }
+    eprintln!("largest logit difference from transformers: {worst}");
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

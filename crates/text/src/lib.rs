@@ -1,0 +1,83 @@
+//! Text in and out of a model: tokenizers and chat templates, built from the model's own
+//! metadata.
+//!
+//! A GGUF file carries no `tokenizer.json`; it stores the vocabulary, merges and special token
+//! ids under llama.cpp's `tokenizer.ggml.*` keys. The model crate copies those keys into a
+//! [`TokenizerSpec`], and [`Tokenizer::from_spec`] rebuilds the tokenizer that Hugging Face
+//! `transformers` builds from the same file (`AutoTokenizer.from_pretrained(dir, gguf_file=..)`),
+//! so that both produce the same ids for the same text:
+//!
+//! | `tokenizer.ggml.model` | what it is                          | pipeline                                              |
+//! |------------------------|-------------------------------------|-------------------------------------------------------|
+//! | `gpt2`                 | byte-level BPE (SmolLM2, Llama 3)   | split regex chosen by `pre` → bytes → BPE             |
+//! | `llama`                | SentencePiece BPE (Llama 2)         | spaces → `▁`, `▁` prefix → BPE with `<0xNN>` fallback |
+//!
+//! Control (type 3) and user-defined (type 4) tokens written in the text are matched whole
+//! before any of that, the way `transformers` matches its added tokens.
+//!
+//! [`ChatTemplate`] renders a model's Jinja chat template the way `apply_chat_template` does
+//! (trimmed blocks, Python string methods, `raise_exception`, `strftime_now`, Python-style
+//! `tojson`). [`StreamDecoder`] turns token ids generated one at a time into text, holding back
+//! bytes until they form whole UTF-8 characters.
+//!
+//! Nothing here panics on bad input: malformed specs, out-of-range ids and broken templates are
+//! [`TextError`]s.
+
+mod added;
+mod bpe;
+mod byte_level;
+mod pretokenize;
+mod pyfmt;
+mod sentencepiece;
+mod spec;
+mod stream;
+mod template;
+mod tokenizer;
+
+pub use spec::TokenizerSpec;
+pub use stream::StreamDecoder;
+pub use template::{ChatTemplate, Message};
+pub use tokenizer::Tokenizer;
+
+/// Errors from building a tokenizer, encoding, decoding or rendering a chat template.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("tokenizer model `{model}` is not supported (expected `gpt2` or `llama`)")]
+    UnsupportedModel { model: String },
+    #[error("the vocabulary is empty")]
+    EmptyVocab,
+    #[error("the vocabulary has {n_vocab} tokens, more than 32-bit token ids can address")]
+    VocabTooLarge { n_vocab: usize },
+    #[error("{field} has {len} entries but the vocabulary has {n_vocab} tokens")]
+    LengthMismatch {
+        field: &'static str,
+        len: usize,
+        n_vocab: usize,
+    },
+    #[error("{role} token id {id} is outside the vocabulary of {n_vocab} tokens")]
+    SpecialOutOfRange {
+        role: &'static str,
+        id: u32,
+        n_vocab: usize,
+    },
+    #[error("merge {rank} `{merge}` is malformed: expected two tokens separated by one space")]
+    BadMerge { rank: usize, merge: String },
+    #[error("merge {rank} `{merge}` names `{token}`, which is not in the vocabulary")]
+    MergeUnknownToken {
+        rank: usize,
+        merge: String,
+        token: String,
+    },
+    #[error("the SentencePiece vocabulary has neither merges nor scores to derive them from")]
+    MissingScores,
+    #[error("the pre-tokenizer pattern for `{pre}` does not compile: {message}")]
+    BadPattern { pre: String, message: String },
+    #[error("text of {bytes} bytes is too long to encode (at most {max})")]
+    TextTooLong { bytes: usize, max: usize },
+    #[error("token id {id} is outside the vocabulary of {n_vocab} tokens")]
+    InvalidId { id: u32, n_vocab: usize },
+    #[error("chat template does not compile: {message}")]
+    TemplateSyntax { message: String },
+    #[error("chat template failed to render: {message}")]
+    TemplateRender { message: String },
+}
