@@ -7,6 +7,7 @@ pub mod gguf_write;
 pub mod llama;
 pub mod model;
 pub mod quant;
+pub mod safetensors;
 
 pub use model::{Model, Session};
 
@@ -34,14 +35,14 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    fn io(path: &Path, source: std::io::Error) -> ModelError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> ModelError {
         ModelError::Io {
             path: path.display().to_string(),
             source,
         }
     }
 
-    fn in_file(self, path: &Path) -> ModelError {
+    pub(crate) fn in_file(self, path: &Path) -> ModelError {
         ModelError::InFile {
             path: path.display().to_string(),
             inner: Box::new(self),

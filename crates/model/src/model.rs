@@ -8,7 +8,8 @@ use tern_text::{ChatTemplate, Message, Tokenizer, TokenizerSpec};
 use crate::ModelError;
 use crate::gguf::{GgufFile, Value};
 use crate::llama::cpu::{CpuLlama, KvCache};
-use crate::llama::{LlamaConfig, LlamaWeights};
+use crate::llama::{LlamaConfig, LlamaWeights, read_hf_config};
+use crate::safetensors::SafetensorsFile;
 
 /// A loaded model.
 pub struct Model {
@@ -27,8 +28,22 @@ pub struct Session {
 }
 
 impl Model {
-    /// Opens a GGUF model file with `threads` CPU workers.
+    /// Opens a model with `threads` CPU workers: a GGUF file, or a Hugging Face checkpoint
+    /// (a directory with `config.json`, `tokenizer.json` and `*.safetensors`, or one of its
+    /// files).
     pub fn open(name: &str, path: &Path, threads: usize) -> Result<Model, ModelError> {
+        if path.is_dir()
+            || path
+                .extension()
+                .is_some_and(|e| e == "safetensors" || e == "json")
+        {
+            let dir = if path.is_dir() {
+                path
+            } else {
+                path.parent().unwrap_or(Path::new("."))
+            };
+            return Self::open_hf(name, dir, threads);
+        }
         let file = GgufFile::open(path)?;
         let config = LlamaConfig::from_gguf(&file).map_err(|e| e.in_file(path))?;
         let tokenizer =
@@ -48,6 +63,55 @@ impl Model {
         let digest = fnv1a(file.bytes());
         let weights = LlamaWeights::from_gguf(file, &config).map_err(|e| e.in_file(path))?;
         let llama = CpuLlama::new(config, weights, threads)?;
+        Ok(Model {
+            name: name.to_string(),
+            llama,
+            tokenizer,
+            template,
+            digest,
+        })
+    }
+
+    fn open_hf(name: &str, dir: &Path, threads: usize) -> Result<Model, ModelError> {
+        let read = |file: &str| {
+            std::fs::read_to_string(dir.join(file)).map_err(|e| ModelError::io(&dir.join(file), e))
+        };
+        let hf = read_hf_config(&read("config.json")?)
+            .map_err(|e| e.in_file(&dir.join("config.json")))?;
+        let tok = tern_text::from_hf_files(
+            &read("tokenizer.json")?,
+            read("tokenizer_config.json").ok().as_deref(),
+        )
+        .map_err(|e| text_error(dir, e))?;
+        let tokenizer = Tokenizer::from_spec(tok.spec).map_err(|e| text_error(dir, e))?;
+        let template = tok
+            .chat_template
+            .map(|source| chat_template(&tokenizer, &source))
+            .transpose()
+            .map_err(|e| text_error(dir, e))?;
+        let mut paths: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::io(dir, e))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(ModelError::Format(format!(
+                "{}: no *.safetensors files",
+                dir.display()
+            )));
+        }
+        let shards = paths
+            .iter()
+            .map(|p| SafetensorsFile::open(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let digest = shards
+            .iter()
+            .fold(0u64, |h, s| h.rotate_left(7) ^ fnv1a(s.bytes()));
+        let weights = LlamaWeights::from_safetensors(shards, &hf.config, hf.rope_freqs)
+            .map_err(|e| e.in_file(dir))?;
+        let llama = CpuLlama::new(hf.config, weights, threads)?;
         Ok(Model {
             name: name.to_string(),
             llama,
@@ -139,6 +203,22 @@ impl Session {
         self.tokens.truncate(len);
         self.cache.truncate(len);
     }
+}
+
+/// The chat template `source`, with the tokenizer's BOS and EOS spelled out for it.
+fn chat_template(
+    tokenizer: &Tokenizer,
+    source: &str,
+) -> Result<ChatTemplate, tern_text::TextError> {
+    let token = |id: Option<u32>| {
+        id.and_then(|id| tokenizer.token_bytes(id))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    ChatTemplate::new(
+        source,
+        &token(tokenizer.bos()).unwrap_or_default(),
+        &token(tokenizer.eos()).unwrap_or_default(),
+    )
 }
 
 fn text_error(path: &Path, e: tern_text::TextError) -> ModelError {

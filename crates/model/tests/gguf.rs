@@ -94,7 +94,7 @@ fn corrupt_headers_are_refused() {
         (patch(24, &(1u64 << 50).to_le_bytes()), "string"),
     ];
     for (bytes, words) in cases {
-        let err = open(&bytes).err().expect("refused").to_string();
+        let err = open(&bytes).expect_err("refused").to_string();
         assert!(err.contains(words), "`{err}` lacks `{words}`");
     }
 }
@@ -119,7 +119,7 @@ fn unsupported_tensor_types_are_named() {
         .rposition(|w| w == 8u32.to_le_bytes())
         .unwrap();
     out[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
-    let err = open(&out).err().expect("refused").to_string();
+    let err = open(&out).expect_err("refused").to_string();
     assert!(err.contains("ggml type 99") && err.contains("odd"), "{err}");
 }
 

@@ -4,28 +4,47 @@
 //! A GGUF file carries no `tokenizer.json`; it stores the vocabulary, merges and special token
 //! ids under llama.cpp's `tokenizer.ggml.*` keys. The model crate copies those keys into a
 //! [`TokenizerSpec`], and [`Tokenizer::from_spec`] rebuilds the tokenizer that Hugging Face
-//! `transformers` builds from the same file (`AutoTokenizer.from_pretrained(dir, gguf_file=..)`),
-//! so that both produce the same ids for the same text:
+//! `transformers` builds from the same file (`AutoTokenizer.from_pretrained(dir, gguf_file=..)`,
+//! `integrations/gguf/gguf_tokenizer_mapping.py`), so that both give the same ids for the same
+//! text:
 //!
 //! | `tokenizer.ggml.model` | what it is                          | pipeline                                              |
 //! |------------------------|-------------------------------------|-------------------------------------------------------|
 //! | `gpt2`                 | byte-level BPE (SmolLM2, Llama 3)   | split regex chosen by `pre` → bytes → BPE             |
 //! | `llama`                | SentencePiece BPE (Llama 2)         | spaces → `▁`, `▁` prefix → BPE with `<0xNN>` fallback |
 //!
-//! Control (type 3) and user-defined (type 4) tokens written in the text are matched whole
-//! before any of that, the way `transformers` matches its added tokens.
+//! Before either, "added tokens" written in the text are matched whole (leftmost-longest), as
+//! `transformers` adds them: control tokens (type 3; for `gpt2` only those spelled in GPT-2's
+//! byte alphabet), user-defined tokens (type 4), the BOS/EOS/UNK/PAD tokens, and the defaults of
+//! the tokenizer class `transformers` uses (`<|endoftext|>`; `<unk>`, `<s>`, `</s>`) where the
+//! vocabulary has them. A SentencePiece vocabulary without merges gets them derived from its
+//! scores exactly as `transformers` derives them.
 //!
 //! [`ChatTemplate`] renders a model's Jinja chat template the way `apply_chat_template` does
 //! (trimmed blocks, Python string methods, `raise_exception`, `strftime_now`, Python-style
-//! `tojson`). [`StreamDecoder`] turns token ids generated one at a time into text, holding back
-//! bytes until they form whole UTF-8 characters.
+//! `tojson` and printing). [`StreamDecoder`] turns ids generated one at a time into text,
+//! holding back bytes until they form whole UTF-8 characters.
 //!
 //! Nothing here panics on bad input: malformed specs, out-of-range ids and broken templates are
 //! [`TextError`]s.
+//!
+//! # Where this differs from `transformers`, on purpose
+//!
+//! - [`Tokenizer::decode`] refuses ids outside the vocabulary; `transformers` skips them.
+//! - Where `transformers` invents an id past the vocabulary for a class default it does not find
+//!   (`<|endoftext|>` in a Llama 3 vocabulary), that text is encoded as ordinary text here.
+//! - `add_space_prefix = false` is honoured for `llama` vocabularies, as llama.cpp honours it;
+//!   `transformers` ignores the key and always prefixes (checked with 5.24). Files that set the
+//!   key to `true` or leave it out (Llama 2, TinyLlama, Mistral) are unaffected.
+//! - A merge whose halves exist but whose concatenation does not is ignored; `transformers`
+//!   refuses the file.
+//! - Architecture-specific SentencePiece variants (Gemma, Phi-3) and other models (`t5`
+//!   unigram, `gemma4`) are not built: the spec does not carry the architecture.
 
 mod added;
 mod bpe;
 mod byte_level;
+mod hf;
 mod pretokenize;
 mod pyfmt;
 mod sentencepiece;
@@ -34,6 +53,7 @@ mod stream;
 mod template;
 mod tokenizer;
 
+pub use hf::{HfTokenizer, from_hf_files};
 pub use spec::TokenizerSpec;
 pub use stream::StreamDecoder;
 pub use template::{ChatTemplate, Message};
@@ -80,4 +100,6 @@ pub enum TextError {
     TemplateSyntax { message: String },
     #[error("chat template failed to render: {message}")]
     TemplateRender { message: String },
+    #[error("Hugging Face tokenizer files: {message}")]
+    Hf { message: String },
 }

@@ -157,7 +157,7 @@ impl Tokenizer {
         for piece in self.added.split(text) {
             match piece {
                 Piece::Added(id) => ids.push(id),
-                Piece::Text { offset, text } => self.encode_piece(text, offset == 0, &mut ids)?,
+                Piece::Text { offset, text } => self.encode_piece(text, offset == 0, &mut ids),
             }
         }
         if add_special && self.add_eos {
@@ -167,7 +167,7 @@ impl Tokenizer {
     }
 
     /// Encodes text that holds no added token; `first` when it starts the input.
-    fn encode_piece(&self, text: &str, first: bool, ids: &mut Vec<u32>) -> Result<(), TextError> {
+    fn encode_piece(&self, text: &str, first: bool, ids: &mut Vec<u32>) {
         let mut symbols: Vec<u32> = Vec::new();
         match &self.kind {
             Kind::ByteLevel {
@@ -194,7 +194,6 @@ impl Tokenizer {
                         cache.insert(word.into(), ids[start..].into());
                     }
                 });
-                Ok(())
             }
             Kind::SentencePiece {
                 space_prefix,
@@ -210,7 +209,6 @@ impl Tokenizer {
                     self.push_char(c, byte_ids, &mut symbols);
                 }
                 self.bpe.merge_into(&symbols, ids);
-                Ok(())
             }
         }
     }

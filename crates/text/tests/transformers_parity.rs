@@ -1,7 +1,8 @@
 //! Parity with Hugging Face `transformers` on real and generated GGUF vocabularies.
 //!
-//! Runs only when `TERN_TEXT_FIXTURES` names a folder of `*.json` fixtures, each written by a
-//! script that loads a GGUF with `AutoTokenizer.from_pretrained(dir, gguf_file=..)`:
+//! Runs only when `TERN_TEXT_FIXTURES` names a folder of `*.json` fixtures, as written by
+//! `tests/parity/make_fixtures.py`, which loads GGUF files with
+//! `AutoTokenizer.from_pretrained(dir, gguf_file=..)`:
 //!
 //! ```json
 //! { "spec": { TokenizerSpec fields },

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::ModelError;
 use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
-use crate::quant::{dequantize_row, dot_f32 as dot};
+use crate::quant::{dequantize_row, dot_f32 as dot, dot_rows};
 
 /// One sequence's keys and values for every layer: `[layer][position][kv_dim]`.
 #[derive(Clone, Debug)]
@@ -220,6 +220,22 @@ impl CpuLlama {
     fn matmul(&self, out: &mut [f32], m: &Matrix, x: &[f32], n: usize) {
         const ROWS_PER_TASK: usize = 32;
         let rows = self.weights.rows(m);
+        if n == 1 {
+            // Decode: one position, so dequantize inside the dot product (bitwise the same as
+            // dequantizing the row first) and write each chunk of outputs in place.
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(chunk, out)| {
+                    let first = chunk * ROWS_PER_TASK * m.row_bytes;
+                    dot_rows(
+                        m.dtype,
+                        &rows[first..first + out.len() * m.row_bytes],
+                        x,
+                        out,
+                    );
+                });
+            return;
+        }
         let chunks: Vec<Vec<f32>> = (0..m.rows.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .map(|chunk| {
@@ -336,6 +352,17 @@ pub fn softmax(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v /= sum;
     }
+}
+
+/// The index of the largest value; the lowest index among equals.
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 fn silu(x: f32) -> f32 {

@@ -3,7 +3,9 @@
 
 mod config;
 pub mod cpu;
+mod hf;
 mod weights;
 
 pub use config::{LlamaConfig, RopeStyle};
-pub use weights::{LlamaWeights, Matrix};
+pub use hf::{HfConfig, llama3_rope_factors, read_hf_config};
+pub use weights::{LayerWeights, LlamaWeights, Matrix, Storage};

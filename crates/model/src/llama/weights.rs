@@ -5,11 +5,14 @@ use crate::ModelError;
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::llama::LlamaConfig;
 use crate::quant::{DType, dequantize_row};
+use crate::safetensors::SafetensorsFile;
 
 /// A weight matrix in the mapped file: `rows` rows of `cols` elements each, row-major, in
 /// `dtype` blocks. `y = W x` takes `x` of length `cols` and gives `y` of length `rows`.
 #[derive(Clone, Copy, Debug)]
 pub struct Matrix {
+    /// Which file of the [`Storage`] holds it.
+    pub file: usize,
     pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
@@ -31,9 +34,26 @@ pub struct LayerWeights {
     pub w_down: Matrix,      // (n_embd, n_ff)
 }
 
-/// Every weight of a model, over the file that holds them.
+/// The mapped files that hold a model's weights.
+pub enum Storage {
+    Gguf(GgufFile),
+    /// A Hugging Face checkpoint: one or more shards.
+    Safetensors(Vec<SafetensorsFile>),
+}
+
+impl Storage {
+    /// The bytes of file `file`.
+    pub fn bytes(&self, file: usize) -> &[u8] {
+        match self {
+            Storage::Gguf(f) => f.bytes(),
+            Storage::Safetensors(shards) => shards[file].bytes(),
+        }
+    }
+}
+
+/// Every weight of a model, over the files that hold them.
 pub struct LlamaWeights {
-    pub file: GgufFile,
+    pub storage: Storage,
     pub token_embd: Matrix, // (n_vocab, n_embd): row t is token t's embedding
     pub layers: Vec<LayerWeights>,
     pub output_norm: Vec<f32>, // (n_embd)
@@ -79,7 +99,94 @@ impl LlamaWeights {
         };
         let output_norm = vector("output_norm.weight", e)?;
         Ok(LlamaWeights {
-            file,
+            storage: Storage::Gguf(file),
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            rope_freqs,
+        })
+    }
+
+    /// Finds and checks every tensor `config` needs in a Hugging Face checkpoint
+    /// (`model.layers.{i}.self_attn.q_proj.weight`, ...); `lm_head.weight` may be absent when
+    /// the embeddings are tied. `rope_freqs` are Llama-3 frequency factors, if any.
+    pub fn from_safetensors(
+        shards: Vec<SafetensorsFile>,
+        config: &LlamaConfig,
+        rope_freqs: Option<Vec<f32>>,
+    ) -> Result<LlamaWeights, ModelError> {
+        let (e, q, kv, ff) = (
+            config.n_embd,
+            config.n_head * config.head_dim,
+            config.kv_dim(),
+            config.n_ff,
+        );
+        let find = |name: &str| -> Result<(usize, &crate::safetensors::StTensor), ModelError> {
+            shards
+                .iter()
+                .enumerate()
+                .find_map(|(i, s)| s.tensors.get(name).map(|t| (i, t)))
+                .ok_or_else(|| ModelError::Format(format!("tensor `{name}` is missing")))
+        };
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix, ModelError> {
+            let (file, t) = find(name)?;
+            if t.shape != [rows, cols] {
+                return Err(ModelError::Format(format!(
+                    "tensor `{name}` has shape {:?}; the config needs [{rows}, {cols}]",
+                    t.shape
+                )));
+            }
+            let row_bytes = t.dtype.row_bytes(cols).expect("float types fit any row");
+            Ok(Matrix {
+                file,
+                dtype: t.dtype,
+                rows,
+                cols,
+                start: t.start,
+                row_bytes,
+            })
+        };
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
+            let (file, t) = find(name)?;
+            if t.shape != [len] {
+                return Err(ModelError::Format(format!(
+                    "tensor `{name}` has shape {:?}; expected [{len}]",
+                    t.shape
+                )));
+            }
+            let mut out = vec![0.0; len];
+            dequantize_row(
+                t.dtype,
+                &shards[file].bytes()[t.start..t.start + t.bytes],
+                &mut out,
+            );
+            Ok(out)
+        };
+        let token_embd = matrix("model.embed_tokens.weight", config.n_vocab, e)?;
+        let output = match find("lm_head.weight") {
+            Ok(_) => matrix("lm_head.weight", config.n_vocab, e)?,
+            Err(_) => token_embd,
+        };
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let name = |t: &str| format!("model.layers.{i}.{t}.weight");
+            layers.push(LayerWeights {
+                attn_norm: vector(&name("input_layernorm"), e)?,
+                wq: matrix(&name("self_attn.q_proj"), q, e)?,
+                wk: matrix(&name("self_attn.k_proj"), kv, e)?,
+                wv: matrix(&name("self_attn.v_proj"), kv, e)?,
+                wo: matrix(&name("self_attn.o_proj"), e, q)?,
+                ffn_norm: vector(&name("post_attention_layernorm"), e)?,
+                w_gate: matrix(&name("mlp.gate_proj"), ff, e)?,
+                w_up: matrix(&name("mlp.up_proj"), ff, e)?,
+                w_down: matrix(&name("mlp.down_proj"), e, ff)?,
+            });
+        }
+        let output_norm = vector("model.norm.weight", e)?;
+        let storage = Storage::Safetensors(shards);
+        Ok(LlamaWeights {
+            storage,
             token_embd,
             layers,
             output_norm,
@@ -91,12 +198,12 @@ impl LlamaWeights {
     /// Row `r` of `m`, as encoded bytes.
     pub fn row(&self, m: &Matrix, r: usize) -> &[u8] {
         let start = m.start + r * m.row_bytes;
-        &self.file.bytes()[start..start + m.row_bytes]
+        &self.storage.bytes(m.file)[start..start + m.row_bytes]
     }
 
     /// All rows of `m`, as encoded bytes.
     pub fn rows(&self, m: &Matrix) -> &[u8] {
-        &self.file.bytes()[m.start..m.start + m.rows * m.row_bytes]
+        &self.storage.bytes(m.file)[m.start..m.start + m.rows * m.row_bytes]
     }
 
     /// Total bytes of weights read per token: every matrix once, plus one embedding row.
@@ -136,6 +243,7 @@ fn find_matrix(
         .row_bytes(cols)
         .expect("checked when the file was opened");
     Ok(Matrix {
+        file: 0,
         dtype: t.dtype,
         rows,
         cols,

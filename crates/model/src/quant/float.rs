@@ -1,8 +1,8 @@
 //! Half-precision conversions: IEEE binary16 (`f16`) and bfloat16 (`bf16`), both ways.
 //!
-//! Widening is exact, branch-free enough to vectorize, and never computes on subnormal
-//! `f32`s (they can be slow). NaNs come out quiet, as with the F16C instruction
-//! `vcvtph2ps`. Narrowing rounds to nearest, ties to even, as ggml does.
+//! Widening is exact, written so that LLVM can vectorize it (its branches become selects),
+//! and never computes on subnormal `f32`s (they can be slow). NaNs come out quiet, as with
+//! the F16C instruction `vcvtph2ps`. Narrowing rounds to nearest, ties to even, as ggml does.
 
 /// Widens an IEEE binary16 bit pattern to `f32` (Giesen's `half_to_float_fast5`).
 #[inline(always)]

@@ -24,11 +24,14 @@
 //! * Activations stay `f32`. Every weight is widened to `f32` with the same arithmetic as
 //!   ggml's `dequantize_row_*` (e.g. `q*d + m` as a multiply then an add, never fused), so
 //!   [`dequantize_row`] matches ggml and the Python `gguf` package bit for bit.
-//! * [`dot_row`] dequantizes one block at a time and multiply-adds it into 32 `f32` lanes
-//!   (element `i` goes to lane `i % 32`), then sums the lanes in a fixed binary tree. It is
-//!   bitwise equal to [`dot_f32`] of [`dequantize_row`]'s output, whatever the thread count,
-//!   and whatever SIMD path the CPU takes (the AVX2 path is the same code compiled wider, and
-//!   Rust never contracts `a*b + c` into an FMA).
+//! * [`dot_row`] (and [`dot_rows`], its loop over a run of rows) dequantizes one block at a
+//!   time and multiply-adds it into 32 `f32` lanes (element `i` goes to lane `i % 32`), then
+//!   sums the lanes in a fixed binary tree. It is bitwise equal to [`dot_f32`] of
+//!   [`dequantize_row`]'s output, whatever the thread count and whatever code path the CPU
+//!   takes: the portable loops, or (x86-64, chosen at run time) the same loops compiled for
+//!   AVX2 or AVX-512, where `Q4_0`/`Q4_1`/`Q4_K` look their weights up in a per-block table
+//!   of the 16 values computed with the very same expression. Rust never contracts
+//!   `a*b + c` into an FMA, so every path rounds identically.
 //! * Nothing here panics on well-formed input. The lengths are preconditions (see each
 //!   function); a mismatch is a caller bug: debug builds assert, release builds poison the
 //!   output with NaN instead of reading or writing out of bounds.

@@ -39,6 +39,12 @@ pub(crate) trait Isa: Widen + Sized {
     fn dot_q4_1(row: &[u8], x: &[f32], acc: &mut Lanes) {
         dot_blocks::<_, _, Q4_1, Self>(row, x, acc);
     }
+
+    /// Multiply-adds a row of `Q4_K` blocks into `acc` (see [`dot_blocks`]).
+    #[inline(always)]
+    fn dot_q4_k(row: &[u8], x: &[f32], acc: &mut Lanes) {
+        dot_blocks::<_, _, Q4K, Self>(row, x, acc);
+    }
 }
 
 impl Isa for Soft {}
@@ -60,13 +66,28 @@ impl Path {
     /// Every path this CPU supports, slowest first.
     #[cfg(test)]
     pub(crate) fn supported() -> Vec<Path> {
-        let mut paths = vec![Path::Portable];
         #[cfg(target_arch = "x86_64")]
-        {
-            paths.extend(super::x86::Avx2::detect().map(Path::Avx2));
-            paths.extend(super::x86::Avx512::detect().map(Path::Avx512));
+        let wider = [
+            super::x86::Avx2::detect().map(Path::Avx2),
+            super::x86::Avx512::detect().map(Path::Avx512),
+        ];
+        #[cfg(not(target_arch = "x86_64"))]
+        let wider: [Option<Path>; 0] = [];
+        std::iter::once(Path::Portable)
+            .chain(wider.into_iter().flatten())
+            .collect()
+    }
+
+    /// A short name, for test messages and benchmarks.
+    #[cfg(test)]
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Path::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(_) => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(_) => "avx512",
         }
-        paths
     }
 
     /// The fastest path this CPU supports (detected once, then cached).
@@ -284,7 +305,7 @@ pub(crate) fn dot_impl<I: Isa>(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         DType::Q8_0 => dot_blocks::<_, _, Q8_0, I>(row, x, &mut acc),
         DType::Q4_0 => I::dot_q4_0(row, x, &mut acc),
         DType::Q4_1 => I::dot_q4_1(row, x, &mut acc),
-        DType::Q4_K => dot_blocks::<_, _, Q4K, I>(row, x, &mut acc),
+        DType::Q4_K => I::dot_q4_k(row, x, &mut acc),
         DType::Q6_K => dot_blocks::<_, _, Q6K, I>(row, x, &mut acc),
     }
     reduce(acc)

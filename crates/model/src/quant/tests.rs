@@ -39,13 +39,17 @@ impl Rng {
         for i in 0..n {
             if i % 32 == 0 {
                 scale = 10f32.powf(2.0 * self.uniform() - 1.0);
-                offset = if self.next_u32() % 4 == 0 {
+                offset = if self.next_u32().is_multiple_of(4) {
                     scale * self.uniform()
                 } else {
                     0.0
                 };
             }
-            let outlier = if self.next_u32() % 64 == 0 { 4.0 } else { 1.0 };
+            let outlier = if self.next_u32().is_multiple_of(64) {
+                4.0
+            } else {
+                1.0
+            };
             out.push(offset + scale * outlier * self.uniform());
         }
         out
@@ -301,7 +305,8 @@ const K4_MIN: [u8; 8] = [5, 6, 7, 8, 25, 43, 61, 15];
 
 #[test]
 fn q4_k_scale_unpacking_by_hand() {
-    // j < 4: low 6 bits of bytes j and j + 4. j >= 4, e.g. j = 4: scale = 0x9a & 15 | (0xc1 >> 6) << 4
+    // j < 4: low 6 bits of bytes j and j + 4. j >= 4, e.g. j = 4:
+    // scale = 0x9a & 15 | (0xc1 >> 6) << 4
     // = 10 | 48 = 58, min = 0x9a >> 4 | (0x45 >> 6) << 4 = 9 | 16 = 25.
     for j in 0..8 {
         assert_eq!(
@@ -400,7 +405,7 @@ fn dequantize_matches_python_gguf() {
         for path in paths() {
             let mut out = vec![0.0; values.len()];
             path.dequantize(dtype, bytes, &mut out);
-            assert_bits_eq(&out, values, &format!("{what} on {path:?}"));
+            assert_bits_eq(&out, values, &format!("{what} on {}", path.name()));
         }
     }
 }
@@ -558,7 +563,8 @@ fn dot_f32_follows_documented_order() {
             assert_eq!(
                 path.dot_f32(&w, &x).to_bits(),
                 want.to_bits(),
-                "n = {n} on {path:?}"
+                "n = {n} on {}",
+                path.name()
             );
         }
     }
@@ -579,13 +585,14 @@ fn dot_row_is_dot_f32_of_dequantized_row_bitwise() {
                     assert_bits_eq(
                         &w_path,
                         &w,
-                        &format!("{dtype} n = {n} dequantize on {path:?}"),
+                        &format!("{dtype} n = {n} dequantize on {}", path.name()),
                     );
                     let got = path.dot(dtype, &bytes, &x);
                     assert_eq!(
                         got.to_bits(),
                         want.to_bits(),
-                        "{dtype} n = {n} on {path:?}: {got} vs {want}"
+                        "{dtype} n = {n} on {}: {got} vs {want}",
+                        path.name()
                     );
                 }
             }
@@ -610,7 +617,7 @@ fn dot_rows_is_dot_row_per_row_bitwise() {
         assert_bits_eq(&out, &want, &format!("{dtype} dot_rows"));
         for path in paths() {
             path.dot_rows(dtype, &matrix, row_bytes, &x, &mut out);
-            assert_bits_eq(&out, &want, &format!("{dtype} dot_rows on {path:?}"));
+            assert_bits_eq(&out, &want, &format!("{dtype} dot_rows on {}", path.name()));
         }
     }
     let mut out = [1.0; 3];
@@ -713,7 +720,9 @@ fn bench_dot_row() {
                 let gbs = |secs: f64| matrix.len() as f64 / secs / 1e9;
                 let (row, all) = (gbs(best_row), gbs(best_rows));
                 println!(
-                    "{dtype:>5} {label:>20} {path:>8?}: dot_row {row:6.2} GB/s, dot_rows {all:6.2} GB/s"
+                    "{dtype:>5} {label:>20} {:>8}: \
+                     dot_row {row:6.2} GB/s, dot_rows {all:6.2} GB/s",
+                    path.name()
                 );
             }
         }

@@ -3,21 +3,24 @@
 //!
 //! Each path is a token type that only its `detect` makes, after `is_x86_feature_detected!`
 //! has seen every feature its `#[target_feature]` functions are compiled with. The copies
-//! are the generic loops compiled wider, plus F16C for the f16 scales and, on AVX-512, table
-//! lookups for `Q4_0`/`Q4_1`: per block the 16 possible weights are computed once, with the
-//! very operations the portable dequantizer applies to each weight, and each weight is then
-//! looked up (`vpermps`) instead of recomputed. Same values, same summation order, same bits.
+//! are the generic loops compiled wider, plus F16C for f16 data and, on AVX-512, table lookups
+//! for `Q4_0`/`Q4_1`/`Q4_K`: per (sub-)block the 16 possible weights are computed once, with
+//! the very operations the portable dequantizer applies to each weight, and each weight is
+//! then looked up (`vpermps`) instead of recomputed. Same values, same summation order, same
+//! bits. (Measured on a Zen 4 core: `Q4_1` 5.5 GB/s of weights with AVX2, 7.7 with the
+//! lookups, against 2.5 for the SSE2 baseline.)
 
 use std::arch::x86_64::{
     __m128, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32, _mm_loadu_si128, _mm_movehdup_ps,
-    _mm_set1_epi16, _mm256_loadu_si256, _mm512_add_ps, _mm512_cvtepu8_epi32, _mm512_cvtph_ps,
-    _mm512_loadu_ps, _mm512_mul_ps, _mm512_permutexvar_ps, _mm512_set1_ps, _mm512_setr_ps,
-    _mm512_srli_epi32, _mm512_storeu_ps,
+    _mm_set1_epi16, _mm512_add_ps, _mm512_broadcastss_ps, _mm512_cvtepu8_epi32, _mm512_loadu_ps,
+    _mm512_mul_ps, _mm512_permutexvar_ps, _mm512_set1_ps, _mm512_setr_ps, _mm512_srli_epi32,
+    _mm512_storeu_ps, _mm512_sub_ps,
 };
 
 use super::DType;
 use super::blocks::{Q4_0_BYTES, Q4_1_BYTES, QK};
-use super::float::Widen;
+use super::float::{Widen, le_f16};
+use super::kquants::{K_SCALE_SIZE, Q4_K_BYTES, QK_K, scale_min_k4};
 use super::rows::{Isa, LANES, Lanes, dequantize_impl, dot_f32_impl, dot_impl, dot_rows_impl};
 
 /// Implements `Widen` with F16C. The types using this are private to this module and only
@@ -126,14 +129,20 @@ widen_with_f16c!(Avx512Isa);
 impl Isa for Avx512Isa {
     #[inline(always)]
     fn dot_q4_0(row: &[u8], x: &[f32], acc: &mut Lanes) {
-        // SAFETY: only reached from `avx512_dot`, which runs only after `detect`.
+        // SAFETY: only called within `avx512_dot*`, which run only after `detect`.
         unsafe { dot_q4_lut::<Q4_0_BYTES>(row, x, acc) }
     }
 
     #[inline(always)]
     fn dot_q4_1(row: &[u8], x: &[f32], acc: &mut Lanes) {
-        // SAFETY: only reached from `avx512_dot`, which runs only after `detect`.
+        // SAFETY: only called within `avx512_dot*`, which run only after `detect`.
         unsafe { dot_q4_lut::<Q4_1_BYTES>(row, x, acc) }
+    }
+
+    #[inline(always)]
+    fn dot_q4_k(row: &[u8], x: &[f32], acc: &mut Lanes) {
+        // SAFETY: only called within `avx512_dot*`, which run only after `detect`.
+        unsafe { dot_q4_k_lut(row, x, acc) }
     }
 }
 
@@ -195,17 +204,10 @@ fn avx512_dequantize(dtype: DType, src: &[u8], dst: &mut [f32]) {
     dequantize_impl::<Avx512Isa>(dtype, src, dst);
 }
 
-/// Blocks per batch of scale conversions in [`dot_q4_lut`].
-const SCALE_BATCH: usize = 16;
-
 /// `Q4_0` (`B` = 18) or `Q4_1` (`B` = 20) blocks multiply-added into `acc`, as
 /// `rows::dot_blocks` does, with the weights looked up in a per-block table of the 16
 /// values a nibble can stand for: `t[q] = f32(q - 8) * d` or `t[q] = f32(q) * d + m`,
 /// exactly the portable dequantizers' expressions.
-///
-/// The f16 scales of 16 blocks are widened together first, so that the block loop
-/// broadcasts them from memory (a plain load) rather than across registers (a shuffle, the
-/// scarce resource here: the byte widening and the two lookups are shuffles too).
 #[target_feature(enable = "avx512f,f16c")]
 #[inline]
 fn dot_q4_lut<const B: usize>(row: &[u8], x: &[f32], acc: &mut Lanes) {
@@ -227,59 +229,108 @@ fn dot_q4_lut<const B: usize>(row: &[u8], x: &[f32], acc: &mut Lanes) {
             _mm512_loadu_ps(acc.as_ptr().add(16)),
         )
     };
-    let blocks = row.as_chunks::<B>().0;
-    for (batch, x_batch) in blocks
-        .chunks(SCALE_BATCH)
-        .zip(x.as_chunks::<QK>().0.chunks(SCALE_BATCH))
+    for (b, xb) in row.as_chunks::<B>().0.iter().zip(x.as_chunks::<QK>().0) {
+        let table = if B == Q4_0_BYTES {
+            // A lone f16 in software (see `Widen` on F16C and false dependencies).
+            _mm512_mul_ps(nibbles, _mm512_set1_ps(le_f16(b, 0)))
+        } else {
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+                b[0], b[1], b[2], b[3],
+            ])));
+            let (d, m) = (
+                _mm512_broadcastss_ps(dm),
+                _mm512_broadcastss_ps(_mm_movehdup_ps(dm)),
+            );
+            _mm512_add_ps(_mm512_mul_ps(nibbles, d), m)
+        };
+        // SAFETY: the last 16 bytes of a block are its nibbles (B - 16 = 2 or 4).
+        let qs = unsafe { _mm_loadu_si128(b[B - QK / 2..].as_ptr().cast()) };
+        // One byte per 32-bit lane; `vpermps` reads only the low 4 bits of each index, so the
+        // low nibble indexes as it is and the high nibble after a shift.
+        let bytes = _mm512_cvtepu8_epi32(qs);
+        let w_lo = _mm512_permutexvar_ps(bytes, table);
+        let w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table);
+        // SAFETY: `xb` holds 32 f32s: elements 0..16 and 16..32 of the block.
+        let (x_lo, x_hi) = unsafe {
+            (
+                _mm512_loadu_ps(xb.as_ptr()),
+                _mm512_loadu_ps(xb.as_ptr().add(16)),
+            )
+        };
+        acc_lo = _mm512_add_ps(acc_lo, _mm512_mul_ps(w_lo, x_lo));
+        acc_hi = _mm512_add_ps(acc_hi, _mm512_mul_ps(w_hi, x_hi));
+    }
+    // SAFETY: as for the loads.
+    unsafe {
+        _mm512_storeu_ps(acc.as_mut_ptr(), acc_lo);
+        _mm512_storeu_ps(acc.as_mut_ptr().add(16), acc_hi);
+    }
+}
+
+/// `Q4_K` blocks multiply-added into `acc`, as `rows::dot_blocks` does, with table lookups
+/// as in [`dot_q4_lut`]: per 32-weight sub-block, `t[q] = (d*sc) * f32(q) - (dmin*m)`, the
+/// portable dequantizer's expression. Sub-blocks are added in order, elements 0..16 of each
+/// to lanes 0..16 and 16..32 to lanes 16..32.
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
+fn dot_q4_k_lut(row: &[u8], x: &[f32], acc: &mut Lanes) {
+    const { assert!(LANES == 32) };
+    let nibbles = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    // SAFETY: `acc` holds 32 f32s: lanes 0..16 and 16..32.
+    let (mut acc_lo, mut acc_hi) = unsafe {
+        (
+            _mm512_loadu_ps(acc.as_ptr()),
+            _mm512_loadu_ps(acc.as_ptr().add(16)),
+        )
+    };
+    for (b, xb) in row
+        .as_chunks::<Q4_K_BYTES>()
+        .0
+        .iter()
+        .zip(x.as_chunks::<QK_K>().0)
     {
-        // [d, m] of each block (m = 0 for Q4_0, unused), widened 16 f16s at a time.
-        let mut halves = [0u16; 2 * SCALE_BATCH];
-        for (h, b) in halves.as_chunks_mut::<2>().0.iter_mut().zip(batch) {
-            h[0] = u16::from_le_bytes([b[0], b[1]]);
-            if B == Q4_1_BYTES {
-                h[1] = u16::from_le_bytes([b[2], b[3]]);
-            }
-        }
-        let mut scales = [0.0f32; 2 * SCALE_BATCH];
-        for (s, h) in scales
-            .as_chunks_mut::<16>()
-            .0
-            .iter_mut()
-            .zip(halves.as_chunks::<16>().0)
-        {
-            // SAFETY: `h` is 16 u16s (one 256-bit load); `s` is 16 f32s (one 512-bit store).
-            unsafe {
-                _mm512_storeu_ps(
-                    s.as_mut_ptr(),
-                    _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr().cast())),
-                )
-            };
-        }
-        for ((b, xb), dm) in batch.iter().zip(x_batch).zip(scales.as_chunks::<2>().0) {
-            let table = if B == Q4_0_BYTES {
-                _mm512_mul_ps(nibbles, _mm512_set1_ps(dm[0]))
-            } else {
-                _mm512_add_ps(
-                    _mm512_mul_ps(nibbles, _mm512_set1_ps(dm[0])),
-                    _mm512_set1_ps(dm[1]),
-                )
-            };
-            // SAFETY: the last 16 bytes of a block are its nibbles (B - 16 = 2 or 4).
-            let qs = unsafe { _mm_loadu_si128(b[B - QK / 2..].as_ptr().cast()) };
-            // One byte per 32-bit lane; `vpermps` reads only the low 4 bits of each index, so
-            // the low nibble indexes as it is and the high nibble after a shift.
-            let bytes = _mm512_cvtepu8_epi32(qs);
-            let w_lo = _mm512_permutexvar_ps(bytes, table);
-            let w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table);
-            // SAFETY: `xb` holds 32 f32s: elements 0..16 and 16..32 of the block.
-            let (x_lo, x_hi) = unsafe {
+        let [d, dmin] = Avx512Isa::f16x2(b, 0);
+        let scales: [u8; K_SCALE_SIZE] = std::array::from_fn(|i| b[4 + i]);
+        let qs = &b[4 + K_SCALE_SIZE..];
+        // Group g: 32 bytes, low nibbles are sub-block 2g, high nibbles sub-block 2g + 1.
+        for (g, (qg, xg)) in qs.chunks_exact(32).zip(xb.chunks_exact(64)).enumerate() {
+            // SAFETY: `qg` is 32 bytes: two 16-byte loads.
+            let (q_lo, q_hi) = unsafe {
                 (
-                    _mm512_loadu_ps(xb.as_ptr()),
-                    _mm512_loadu_ps(xb.as_ptr().add(16)),
+                    _mm_loadu_si128(qg.as_ptr().cast()),
+                    _mm_loadu_si128(qg.as_ptr().add(16).cast()),
                 )
             };
-            acc_lo = _mm512_add_ps(acc_lo, _mm512_mul_ps(w_lo, x_lo));
-            acc_hi = _mm512_add_ps(acc_hi, _mm512_mul_ps(w_hi, x_hi));
+            let (bytes_lo, bytes_hi) = (_mm512_cvtepu8_epi32(q_lo), _mm512_cvtepu8_epi32(q_hi));
+            for (half, xs) in xg.chunks_exact(32).enumerate() {
+                let (sc, m) = scale_min_k4(2 * g + half, &scales);
+                let d1 = _mm512_set1_ps(d * f32::from(sc));
+                let table = _mm512_sub_ps(
+                    _mm512_mul_ps(d1, nibbles),
+                    _mm512_set1_ps(dmin * f32::from(m)),
+                );
+                let (idx_lo, idx_hi) = if half == 0 {
+                    (bytes_lo, bytes_hi)
+                } else {
+                    (
+                        _mm512_srli_epi32::<4>(bytes_lo),
+                        _mm512_srli_epi32::<4>(bytes_hi),
+                    )
+                };
+                let w_lo = _mm512_permutexvar_ps(idx_lo, table);
+                let w_hi = _mm512_permutexvar_ps(idx_hi, table);
+                // SAFETY: `xs` is 32 f32s: elements 0..16 and 16..32 of the sub-block.
+                let (x_lo, x_hi) = unsafe {
+                    (
+                        _mm512_loadu_ps(xs.as_ptr()),
+                        _mm512_loadu_ps(xs.as_ptr().add(16)),
+                    )
+                };
+                acc_lo = _mm512_add_ps(acc_lo, _mm512_mul_ps(w_lo, x_lo));
+                acc_hi = _mm512_add_ps(acc_hi, _mm512_mul_ps(w_hi, x_hi));
+            }
         }
     }
     // SAFETY: as for the loads.
