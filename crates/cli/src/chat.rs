@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tern_actor::{Actor, Limits, Runtime};
 use tern_compute::DeviceChoice;
-use tern_model::Model;
+use tern_model::{Model, Precision};
 
 use crate::fetch;
 
@@ -39,6 +39,9 @@ pub struct ChatArgs {
     /// CPU threads for the forward pass (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// `fast` (int8 activations, as llama.cpp) or `reference` (f32 activations).
+    #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
+    precision: Precision,
 }
 
 pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
@@ -53,7 +56,7 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let model = Arc::new(Model::open(&name, &path, threads)?);
+    let model = Arc::new(Model::open(&name, &path, threads)?.with_precision(args.precision));
     let device = tern_compute::open(args.device)?;
     let mut runtime = Runtime::new(
         device.clone(),
@@ -68,9 +71,10 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
         std::fs::read(&wasm_path).with_context(|| format!("reading {}", wasm_path.display()))?;
     let mut actor = Actor::load(&runtime, &wasm)?;
     eprintln!(
-        "model: {name} ({} layers, vocab {}), forward pass on cpu x{threads}; actor memory on {}",
+        "model: {name} ({} layers, vocab {}), forward pass on cpu x{threads} ({:?} precision); actor memory on {}",
         model.config().n_layer,
         model.config().n_vocab,
+        args.precision,
         device.describe()
     );
     let config = serde_json::json!({"config": {

@@ -32,6 +32,15 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// Parses `--precision`.
+pub fn parse_precision(s: &str) -> Result<tern_model::Precision, String> {
+    match s {
+        "fast" => Ok(tern_model::Precision::Fast),
+        "reference" => Ok(tern_model::Precision::Reference),
+        other => Err(format!("unknown precision `{other}` (expected fast or reference)")),
+    }
+}
+
 /// Parses `--device`.
 pub fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     s.parse()

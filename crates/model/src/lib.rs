@@ -1,6 +1,7 @@
 //! Models: GGUF and safetensors files, quantized weight formats, and the Llama-family
 //! forward pass on the CPU, the reference every other backend is checked against.
 
+pub mod fastdot;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_write;
@@ -9,6 +10,7 @@ pub mod model;
 pub mod quant;
 pub mod safetensors;
 
+pub use llama::cpu::Precision;
 pub use model::{Model, Session};
 
 use std::path::Path;

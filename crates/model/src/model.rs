@@ -7,7 +7,7 @@ use tern_text::{ChatTemplate, Message, Tokenizer, TokenizerSpec};
 
 use crate::ModelError;
 use crate::gguf::{GgufFile, Value};
-use crate::llama::cpu::{CpuLlama, KvCache};
+use crate::llama::cpu::{CpuLlama, KvCache, Precision};
 use crate::llama::{LlamaConfig, LlamaWeights, read_hf_config};
 use crate::safetensors::SafetensorsFile;
 
@@ -119,6 +119,12 @@ impl Model {
             template,
             digest,
         })
+    }
+
+    /// Switches how matrix products treat activations (the default is the reference).
+    pub fn with_precision(mut self, precision: Precision) -> Model {
+        self.llama.precision = precision;
+        self
     }
 
     pub fn config(&self) -> &LlamaConfig {

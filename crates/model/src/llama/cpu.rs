@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use crate::ModelError;
 use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
+use crate::fastdot::{self, QuantizedActs};
 use crate::quant::{dequantize_row, dot_f32 as dot, dot_rows};
 
 /// One sequence's keys and values for every layer: `[layer][position][kv_dim]`.
@@ -37,9 +38,22 @@ impl KvCache {
 }
 
 /// A Llama model ready to run on the CPU.
+/// How matrix products treat activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 activations against weights dequantized block by block: the reference, matched
+    /// against `transformers` in the golden tests.
+    Reference,
+    /// Activations quantized to int8 blocks for integer dot products with quantized weights
+    /// ([`crate::fastdot`]), as llama.cpp does; float weights take the reference path. Checked
+    /// against the reference with a stated tolerance. Still deterministic and batch-invariant.
+    Fast,
+}
+
 pub struct CpuLlama {
     pub config: LlamaConfig,
     pub weights: LlamaWeights,
+    pub precision: Precision,
     /// Inverse rotary frequencies, one per rotated pair (Llama-3 factors applied).
     inv_freq: Vec<f32>,
     pool: rayon::ThreadPool,
@@ -95,6 +109,7 @@ impl CpuLlama {
             })
             .collect();
         Ok(CpuLlama {
+            precision: Precision::Reference,
             config,
             weights,
             inv_freq,
@@ -220,6 +235,36 @@ impl CpuLlama {
     fn matmul(&self, out: &mut [f32], m: &Matrix, x: &[f32], n: usize) {
         const ROWS_PER_TASK: usize = 32;
         let rows = self.weights.rows(m);
+        if self.precision == Precision::Fast && fastdot::supports(m.dtype) {
+            // Each position's activations quantized once; then, per chunk of weight rows,
+            // every position against the rows while they are in cache.
+            let xq: Vec<QuantizedActs> = x.chunks(m.cols).map(QuantizedActs::new).collect();
+            if n == 1 {
+                out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(chunk, y)| {
+                    let first = chunk * ROWS_PER_TASK * m.row_bytes;
+                    fastdot::dot_q8_rows(m.dtype, &rows[first..first + y.len() * m.row_bytes], m.row_bytes, &xq[0], y);
+                });
+                return;
+            }
+            let mut t_major = vec![0.0f32; n * m.rows];
+            t_major.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(chunk, y)| {
+                let first = chunk * ROWS_PER_TASK;
+                let count = y.len() / n;
+                let w = &rows[first * m.row_bytes..(first + count) * m.row_bytes];
+                for (t, xq) in xq.iter().enumerate() {
+                    fastdot::dot_q8_rows(m.dtype, w, m.row_bytes, xq, &mut y[t * count..(t + 1) * count]);
+                }
+            });
+            // t_major holds, per chunk, `n` runs of `count` outputs; scatter to [t][row].
+            for (chunk, y) in t_major.chunks(ROWS_PER_TASK * n).enumerate() {
+                let first = chunk * ROWS_PER_TASK;
+                let count = y.len() / n;
+                for t in 0..n {
+                    out[t * m.rows + first..][..count].copy_from_slice(&y[t * count..(t + 1) * count]);
+                }
+            }
+            return;
+        }
         if n == 1 {
             // Decode: one position, so dequantize inside the dot product (bitwise the same as
             // dequantizing the row first) and write each chunk of outputs in place.

@@ -1,0 +1,248 @@
+//! Integer dot products: quantized weights against activations quantized to int8 blocks,
+//! the fast path llama.cpp takes for a matrix-vector product (`ggml_vec_dot_q4_1_q8_1` and
+//! friends). [`crate::quant`]'s `dot_row` stays the `f32` reference; this module trades the
+//! int8 rounding of the activations for speed.
+//!
+//! # Activations
+//!
+//! [`QuantizedActs`] splits `x` into blocks of 32 (`x[32b..32b + 32]`), each with an `f32`
+//! scale `d_x = max|x| / 127` and `i8` values `q_x = round(x / d_x)`, like ggml's
+//! `Q8_0`/`Q8_1`, plus per block `s_x = d_x * Σq_x` (an `f32`) and the exact `Σq_x`.
+//!
+//! # What a dot product computes
+//!
+//! Every weight format is read as 32-element blocks `b` (a K-quant super-block is 8 of them:
+//! its sub-blocks). Per block an exact integer sum `isum` is formed, then one `f32` term:
+//!
+//! | weights | `w`                 | `isum` (exact `i32`)                  | term                                  |
+//! |---------|---------------------|---------------------------------------|---------------------------------------|
+//! | `Q8_0`  | `d*q`               | `Σ q q_x`                             | `(d*d_x) * isum`                      |
+//! | `Q4_0`  | `d*(q-8)`           | `Σ (q-8) q_x`                         | `(d*d_x) * isum`                      |
+//! | `Q4_1`  | `d*q + m`           | `Σ q q_x`                             | `(d*d_x) * isum + m*s_x`              |
+//! | `Q4_K`  | `(d*sc)*q - dmin*m` | `Σ q q_x`                             | `((d*sc)*d_x) * isum - (dmin*m)*s_x`  |
+//! | `Q6_K`  | `(d*sc)*(q-32)`     | `Σ_h sc_h Σ_(i in h) (q-32) q_x`      | `(d*d_x) * isum`                      |
+//!
+//! (`Q4_K`: `sc`, `m` are the 6-bit scale and min of the sub-block; `Q6_K`: `h` runs over the
+//! two halves of 16 of the block, each with its `i8` scale `sc_h`.) `isum` is converted to
+//! `f32` with one rounding (`isum as f32`), each product and sum above rounds once, in the
+//! order written (never fused).
+//!
+//! Terms are summed in 16 lanes: block `b` is added to `lane[b % 16]`, in increasing `b`;
+//! then `lane[j] += lane[j + h]` for `h` = 8, 4, 2, 1, and `lane[0]` is the result.
+//!
+//! # What this module guarantees
+//!
+//! * Every code path (portable, and on x86-64 chosen once at run time: AVX2, AVX-512 VNNI)
+//!   gives bitwise the same result: integer sums are exact whatever order a path adds them
+//!   in, and every path performs the `f32` operations above on the same values in the same
+//!   lane structure. `tests.rs` checks this on every path the CPU supports.
+//! * The result is within the int8 rounding of the activations of [`crate::quant::dot_row`]
+//!   (each activation moves by at most `d_x / 2`), plus `f32` rounding.
+//! * Nothing here panics on well-formed input. Lengths are preconditions, checked once at
+//!   the top: a mismatch is a caller bug; debug builds assert, release builds return NaN.
+
+mod acts;
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx512;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::OnceLock;
+
+pub use acts::QuantizedActs;
+
+use crate::quant::DType;
+
+/// Elements per activation block (and per weight block or sub-block).
+const QK: usize = 32;
+/// Float lanes of every dot product, and blocks per chunk in the x86 kernels.
+const LANES: usize = 16;
+/// Elements per chunk of [`LANES`] blocks.
+const CHUNK_ELEMS: usize = LANES * QK;
+
+/// Whether [`dot_q8`] handles weights of `dtype`: the block-quantized formats.
+pub fn supports(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q4_K | DType::Q6_K
+    )
+}
+
+/// True when `row_bytes` bytes hold exactly `x.len()` weights of a supported `dtype`.
+fn row_fits(dtype: DType, row_bytes: usize, x: &QuantizedActs) -> bool {
+    supports(dtype) && dtype.row_bytes(x.len()) == Some(row_bytes)
+}
+
+/// `Σ w·x` for one row of `dtype` weights against quantized activations, as the module docs
+/// describe.
+///
+/// Precondition: [`supports`]`(dtype)` and `row.len() == dtype.row_bytes(x.len())`. On a
+/// mismatch, debug builds panic and release builds return NaN.
+pub fn dot_q8(dtype: DType, row: &[u8], x: &QuantizedActs) -> f32 {
+    let mut out = [0.0f32];
+    if !row_fits(dtype, row.len(), x) {
+        debug_assert!(
+            false,
+            "dot_q8: {} bytes of {dtype} for {} activations",
+            row.len(),
+            x.len()
+        );
+        return f32::NAN;
+    }
+    Path::best().dot_rows(dtype, row, row.len(), x, &mut out);
+    out[0]
+}
+
+/// `out[r] = dot_q8(dtype, row r, x)` for `out.len()` consecutive rows of `row_bytes` bytes:
+/// a matrix-vector product over a run of rows. Each output is bitwise what [`dot_q8`] gives.
+///
+/// Precondition: [`supports`]`(dtype)`, `row_bytes == dtype.row_bytes(x.len())` and
+/// `rows.len() == out.len() * row_bytes`. On a mismatch, debug builds panic and release
+/// builds fill `out` with NaN.
+pub fn dot_q8_rows(
+    dtype: DType,
+    rows: &[u8],
+    row_bytes: usize,
+    x: &QuantizedActs,
+    out: &mut [f32],
+) {
+    Path::best().checked_dot_rows(dtype, rows, row_bytes, x, out);
+}
+
+// ---------------------------------------------------------------------------------------
+// Code paths
+// ---------------------------------------------------------------------------------------
+
+/// Which kernels to run. Holding a token proves the CPU supports its instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 (`vpmaddubsw`, `vpmaddwd`).
+    #[cfg(target_arch = "x86_64")]
+    Avx2(x86_avx2::Avx2),
+    /// AVX-512 VNNI (`vpdpbusd`).
+    #[cfg(target_arch = "x86_64")]
+    Avx512(x86_avx512::Avx512Vnni),
+}
+
+impl Path {
+    /// Every path this CPU supports, slowest first.
+    #[cfg(test)]
+    fn supported() -> Vec<Path> {
+        #[cfg(target_arch = "x86_64")]
+        let wider = [
+            x86_avx2::Avx2::detect().map(Path::Avx2),
+            x86_avx512::Avx512Vnni::detect().map(Path::Avx512),
+        ];
+        #[cfg(not(target_arch = "x86_64"))]
+        let wider: [Option<Path>; 0] = [];
+        std::iter::once(Path::Portable)
+            .chain(wider.into_iter().flatten())
+            .collect()
+    }
+
+    /// The fastest path this CPU supports (detected once, then cached).
+    #[inline]
+    fn best() -> Path {
+        static BEST: OnceLock<Path> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if let Some(token) = x86_avx512::Avx512Vnni::detect() {
+                    return Path::Avx512(token);
+                }
+                if let Some(token) = x86_avx2::Avx2::detect() {
+                    return Path::Avx2(token);
+                }
+            }
+            Path::Portable
+        })
+    }
+
+    #[cfg(test)]
+    fn name(self) -> &'static str {
+        match self {
+            Path::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(_) => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(_) => "avx512vnni",
+        }
+    }
+
+    /// [`dot_q8_rows`] on this path: checks the lengths, then runs the kernels.
+    fn checked_dot_rows(
+        self,
+        dtype: DType,
+        rows: &[u8],
+        row_bytes: usize,
+        x: &QuantizedActs,
+        out: &mut [f32],
+    ) {
+        if !row_fits(dtype, row_bytes, x) || row_bytes.checked_mul(out.len()) != Some(rows.len())
+        {
+            debug_assert!(
+                false,
+                "dot_q8_rows: {} bytes of {dtype} for {} rows of {row_bytes} bytes \
+                 and {} activations",
+                rows.len(),
+                out.len(),
+                x.len()
+            );
+            out.fill(f32::NAN);
+            return;
+        }
+        self.dot_rows(dtype, rows, row_bytes, x, out);
+    }
+
+    /// The kernels. Precondition (checked by the callers): the lengths fit as
+    /// [`dot_q8_rows`] requires.
+    fn dot_rows(self, dtype: DType, rows: &[u8], row_bytes: usize, x: &QuantizedActs, out: &mut [f32]) {
+        if row_bytes == 0 {
+            // No activations: every dot is the empty sum.
+            out.fill(0.0);
+            return;
+        }
+        match self {
+            Path::Portable => portable::dot_rows(dtype, rows, row_bytes, x, out),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(token) => token.dot_rows(dtype, rows, row_bytes, x, out),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(token) => token.dot_rows(dtype, rows, row_bytes, x, out),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared by the x86 kernels
+// ---------------------------------------------------------------------------------------
+
+/// The little-endian u32 at `v[at..at + 4]`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn le_u32(v: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([v[at], v[at + 1], v[at + 2], v[at + 3]])
+}
+
+/// A `Q4_K` super-block's 12 bytes of packed scales as its 8 six-bit scales and 8 mins, a
+/// byte each (`scale_min_k4` for all `j` at once, as ggml's `utmp` shuffle).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn unpack_scales_q4_k(s: &[u8]) -> (u64, u64) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    let (a, b, c) = (le_u32(s, 0), le_u32(s, 4), le_u32(s, 8));
+    let sc = (a & LOW6, (c & LOW4) | (((a >> 6) & TOP2) << 4));
+    let m = (b & LOW6, ((c >> 4) & LOW4) | (((b >> 6) & TOP2) << 4));
+    (
+        u64::from(sc.0) | (u64::from(sc.1) << 32),
+        u64::from(m.0) | (u64::from(m.1) << 32),
+    )
+}
+
