@@ -37,7 +37,9 @@ pub fn parse_precision(s: &str) -> Result<tern_model::Precision, String> {
     match s {
         "fast" => Ok(tern_model::Precision::Fast),
         "reference" => Ok(tern_model::Precision::Reference),
-        other => Err(format!("unknown precision `{other}` (expected fast or reference)")),
+        other => Err(format!(
+            "unknown precision `{other}` (expected fast or reference)"
+        )),
     }
 }
 

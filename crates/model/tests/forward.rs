@@ -143,8 +143,14 @@ fn the_fast_path_is_batch_invariant_and_close_to_the_reference() {
     let (reference, _) = run(&tiny(DType::Q4_1, 2), &tokens, &[90]);
     assert_ne!(bits(&whole), bits(&reference), "the fast path did not run");
     let scale = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let worst = whole.iter().zip(&reference).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let worst = whole
+        .iter()
+        .zip(&reference)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     // int8 activations carry about 0.4% relative error per block; over two layers the
     // logits stay within a few percent of their scale.
-    assert!(worst <= 0.05 * scale, "fast path differs by {worst} (scale {scale})");
+    assert!(
+        worst <= 0.05 * scale,
+        "fast path differs by {worst} (scale {scale})"
+    );
 }

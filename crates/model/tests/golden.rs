@@ -177,13 +177,15 @@ fn argmax(x: &[f32]) -> u32 {
 #[test]
 fn the_fast_path_stays_close_to_the_reference() {
     let reference = model();
-    let dir = std::env::var_os("TERN_MODELS").map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .expect("HOME")
-            .join("tern/models")
-    });
+    let dir = std::env::var_os("TERN_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .expect("HOME")
+                .join("tern/models")
+        });
     let fast = Model::open("smollm2", &dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"), 2)
         .expect("opens")
         .with_precision(tern_model::Precision::Fast);
@@ -191,7 +193,10 @@ fn the_fast_path_stays_close_to_the_reference() {
     let (mut worst, mut sum, mut count) = (0.0f32, 0.0f64, 0usize);
     for case in golden("logits.json")["cases"].as_array().expect("cases") {
         let prompt = ids(&case["ids"]);
-        let (mut sr, mut sf) = (reference.new_session(prompt.len()).unwrap(), fast.new_session(prompt.len()).unwrap());
+        let (mut sr, mut sf) = (
+            reference.new_session(prompt.len()).unwrap(),
+            fast.new_session(prompt.len()).unwrap(),
+        );
         let (mut lr, mut lf) = (vec![0.0; vocab], vec![0.0; vocab]);
         for &t in &prompt {
             reference.forward(&mut sr, &[t], &mut lr).unwrap();
@@ -204,7 +209,11 @@ fn the_fast_path_stays_close_to_the_reference() {
             count += vocab;
             let top = argmax(&lr) as usize;
             let above = lf.iter().filter(|&&v| v > lf[top]).count();
-            assert!(above < 3, "reference top token {top} is ranked {} on the fast path", above + 1);
+            assert!(
+                above < 3,
+                "reference top token {top} is ranked {} on the fast path",
+                above + 1
+            );
         }
     }
     let mean = sum / count as f64;

@@ -35,6 +35,10 @@ pub struct DecodeArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Also measure llama.cpp on the same model in this run (`llama-cpp`); the first use
+    /// builds it into a virtual environment (about 15 minutes on 2 cores).
+    #[arg(long)]
+    baseline: Option<String>,
 }
 
 /// Figures quoted for the best CPU engines on SmolLM2-135M Q4_1, 2 cores.
@@ -87,6 +91,11 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     let (mut direct_prefill, mut direct_decode) = (Vec::new(), Vec::new());
     let (mut actor_prefill, mut actor_decode) = (Vec::new(), Vec::new());
     let (mut ref_prefill, mut ref_decode) = (Vec::new(), Vec::new());
+    let (mut base_prefill, mut base_decode) = (Vec::new(), Vec::new());
+    match args.baseline.as_deref() {
+        None | Some("llama-cpp") => {}
+        Some(other) => bail!("unknown baseline `{other}` (expected llama-cpp)"),
+    }
     // Alternate the two paths so drift in the machine's speed affects both alike.
     for _ in 0..args.repeats.max(1) {
         let (p, d) = direct(&model, &prompt, args.decode, context)?;
@@ -104,8 +113,15 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         let (p, d) = direct(&reference, &prompt, args.decode, context)?;
         ref_prefill.push(p);
         ref_decode.push(d);
+        if args.baseline.is_some() {
+            let (p, d) = llama_cpp(&path, threads, args.prefill, args.decode, 1)?;
+            base_prefill.push(args.prefill as f64 / p);
+            base_decode.push(args.decode as f64 / d);
+        }
     }
 
+    let baseline =
+        (!base_prefill.is_empty()).then(|| (median(&base_prefill), median(&base_decode)));
     let rate = |n: usize, secs: &[f64]| n as f64 / median(secs);
     let (dp, dd) = (
         rate(args.prefill, &direct_prefill),
@@ -117,11 +133,33 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     );
     println!();
     println!("{:<36} {:>12} {:>12}", "path", "prefill t/s", "decode t/s");
-    let row = |name: &str, prefill: f64, decode: f64| println!("{name:<36} {prefill:>12.1} {decode:>12.1}");
+    let row = |name: &str, prefill: f64, decode: f64| {
+        println!("{name:<36} {prefill:>12.1} {decode:>12.1}")
+    };
     row("engine, fast (int8 activations)", dp, dd);
     row("actor (Wasm bench guest), fast", ap, ad);
-    row("engine, reference (f32 activations)", rate(args.prefill, &ref_prefill), rate(args.decode, &ref_decode));
-    row("quoted: best CPU engine", REFERENCE_PREFILL, REFERENCE_DECODE);
+    row(
+        "engine, reference (f32 activations)",
+        rate(args.prefill, &ref_prefill),
+        rate(args.decode, &ref_decode),
+    );
+    row(
+        "quoted: best CPU engine",
+        REFERENCE_PREFILL,
+        REFERENCE_DECODE,
+    );
+    if let Some((prefill_s, decode_s)) = baseline {
+        let (prefill, decode) = (
+            args.prefill as f64 / prefill_s,
+            args.decode as f64 / decode_s,
+        );
+        row("llama.cpp, same model, this run", prefill, decode);
+        println!(
+            "fast engine vs llama.cpp in this run: decode {:.2}x, prefill {:.2}x",
+            dd / decode,
+            dp / prefill
+        );
+    }
     let per_token_us = (median(&actor_decode) - median(&direct_decode)) / args.decode as f64 * 1e6;
     println!();
     println!(
@@ -151,6 +189,57 @@ fn direct(model: &Model, prompt: &[u32], n: usize, context: usize) -> anyhow::Re
         model.forward(&mut session, &[next], &mut logits)?;
     }
     Ok((prefill, t.elapsed().as_secs_f64()))
+}
+
+/// Runs scripts/baseline/llamacpp_bench.py with a Python that has `llama-cpp-python`,
+/// setting one up on first use; returns its (prefill, decode) tokens per second.
+fn llama_cpp(
+    model: &std::path::Path,
+    threads: usize,
+    prefill: usize,
+    decode: usize,
+    repeats: usize,
+) -> anyhow::Result<(f64, f64)> {
+    use std::process::Command;
+    let venv = fetch::model_dir().join("../llamacpp-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        eprintln!(
+            "building llama.cpp (pip install llama-cpp-python) into {} ...",
+            venv.display()
+        );
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?
+            .success()
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "llama-cpp-python"])
+                .status()?
+                .success();
+        if !ok {
+            bail!("could not install llama-cpp-python into {}", venv.display());
+        }
+    }
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/baseline/llamacpp_bench.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(model)
+        .args([threads, prefill, decode, repeats.max(1)].map(|n| n.to_string()))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "the llama.cpp baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("the llama.cpp baseline's output")?;
+    match (v["prefill_tps"].as_f64(), v["decode_tps"].as_f64()) {
+        (Some(p), Some(d)) => Ok((p, d)),
+        _ => bail!("the llama.cpp baseline printed {v}"),
+    }
 }
 
 fn send(actor: &mut Actor, message: &str) -> anyhow::Result<()> {

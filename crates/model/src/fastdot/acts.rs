@@ -80,13 +80,17 @@ impl QuantizedActs {
         let s = self.s.as_chunks::<LANES>().0.iter();
         let qsum = self.qsum.as_chunks::<LANES>().0.iter();
         let qsum16 = self.qsum16.as_chunks::<{ 2 * LANES }>().0.iter();
-        q.zip(d).zip(s).zip(qsum).zip(qsum16).map(|((((q, d), s), qsum), qsum16)| Chunk {
-            q,
-            d,
-            s,
-            qsum,
-            qsum16,
-        })
+        q.zip(d)
+            .zip(s)
+            .zip(qsum)
+            .zip(qsum16)
+            .map(|((((q, d), s), qsum), qsum16)| Chunk {
+                q,
+                d,
+                s,
+                qsum,
+                qsum16,
+            })
     }
 
     /// The value activation `i` stands for, `d * q` (for tests and error bounds); `None`

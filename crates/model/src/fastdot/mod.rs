@@ -14,16 +14,17 @@
 //! Every weight format is read as 32-element blocks `b` (a K-quant super-block is 8 of them:
 //! its sub-blocks). Per block an exact integer sum `isum` is formed, then one `f32` term:
 //!
-//! | weights | `w`                 | `isum` (exact `i32`)                  | term                                  |
-//! |---------|---------------------|---------------------------------------|---------------------------------------|
-//! | `Q8_0`  | `d*q`               | `Σ q q_x`                             | `(d*d_x) * isum`                      |
-//! | `Q4_0`  | `d*(q-8)`           | `Σ (q-8) q_x`                         | `(d*d_x) * isum`                      |
-//! | `Q4_1`  | `d*q + m`           | `Σ q q_x`                             | `(d*d_x) * isum + m*s_x`              |
-//! | `Q4_K`  | `(d*sc)*q - dmin*m` | `Σ q q_x`                             | `((d*sc)*d_x) * isum - (dmin*m)*s_x`  |
-//! | `Q6_K`  | `(d*sc)*(q-32)`     | `Σ_h sc_h Σ_(i in h) (q-32) q_x`      | `(d*d_x) * isum`                      |
+//! | weights | `w`                 | `isum` (exact `i32`)   | term                                 |
+//! |---------|---------------------|------------------------|--------------------------------------|
+//! | `Q8_0`  | `d*q`               | `Σ q q_x`              | `(d*d_x) * isum`                     |
+//! | `Q4_0`  | `d*(q-8)`           | `Σ (q-8) q_x`          | `(d*d_x) * isum`                     |
+//! | `Q4_1`  | `d*q + m`           | `Σ q q_x`              | `(d*d_x) * isum + m*s_x`             |
+//! | `Q4_K`  | `(d*sc)*q - dmin*m` | `Σ q q_x`              | `((d*sc)*d_x) * isum - (dmin*m)*s_x` |
+//! | `Q6_K`  | `(d*sc)*(q-32)`     | `Σ_h sc_h Σ(q-32)q_x`  | `(d*d_x) * isum`                     |
 //!
-//! (`Q4_K`: `sc`, `m` are the 6-bit scale and min of the sub-block; `Q6_K`: `h` runs over the
-//! two halves of 16 of the block, each with its `i8` scale `sc_h`.) `isum` is converted to
+//! (`Q4_K`: `sc`, `m` are the 6-bit scale and min of the sub-block. `Q6_K`: `h` runs over
+//! the two halves of 16 of the block, each with its `i8` scale `sc_h`; the inner sum is over
+//! the half.) `isum` is converted to
 //! `f32` with one rounding (`isum as f32`), each product and sum above rounds once, in the
 //! order written (never fused).
 //!
@@ -184,8 +185,7 @@ impl Path {
         x: &QuantizedActs,
         out: &mut [f32],
     ) {
-        if !row_fits(dtype, row_bytes, x) || row_bytes.checked_mul(out.len()) != Some(rows.len())
-        {
+        if !row_fits(dtype, row_bytes, x) || row_bytes.checked_mul(out.len()) != Some(rows.len()) {
             debug_assert!(
                 false,
                 "dot_q8_rows: {} bytes of {dtype} for {} rows of {row_bytes} bytes \
@@ -202,7 +202,14 @@ impl Path {
 
     /// The kernels. Precondition (checked by the callers): the lengths fit as
     /// [`dot_q8_rows`] requires.
-    fn dot_rows(self, dtype: DType, rows: &[u8], row_bytes: usize, x: &QuantizedActs, out: &mut [f32]) {
+    fn dot_rows(
+        self,
+        dtype: DType,
+        rows: &[u8],
+        row_bytes: usize,
+        x: &QuantizedActs,
+        out: &mut [f32],
+    ) {
         if row_bytes == 0 {
             // No activations: every dot is the empty sum.
             out.fill(0.0);
@@ -245,4 +252,3 @@ fn unpack_scales_q4_k(s: &[u8]) -> (u64, u64) {
         u64::from(m.0) | (u64::from(m.1) << 32),
     )
 }
-

@@ -122,5 +122,7 @@ fn q6_k_block(w: &[u8; 210], j: usize) -> [i32; QK] {
     let ql = &w[64 * half + 32 * (quarter % 2)..][..32];
     let qh = &w[128 + 32 * half..][..32];
     let (lo_shift, hi_shift) = (4 * (quarter / 2), 2 * quarter);
-    std::array::from_fn(|l| i32::from(((ql[l] >> lo_shift) & 0x0f) | (((qh[l] >> hi_shift) & 3) << 4)))
+    std::array::from_fn(|l| {
+        i32::from(((ql[l] >> lo_shift) & 0x0f) | (((qh[l] >> hi_shift) & 3) << 4))
+    })
 }

@@ -114,8 +114,8 @@ fn hsum(acc: Lanes) -> f32 {
 }
 
 /// The float terms of the first `n_blocks` blocks of a chunk, `w` (block `b` in lane `b`;
-/// lanes past `n_blocks` hold junk; `n_blocks` is 16 unless `PARTIAL`). Precondition: `w` holds `n_blocks` blocks, and
-/// `n_blocks` is 8 or 16 for the K-quants.
+/// lanes past `n_blocks` hold junk). Precondition: `w` holds `n_blocks` blocks; `n_blocks`
+/// is 16 unless `PARTIAL`, and 8 or 16 for the K-quants.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 fn terms<const F: usize, const N: usize, const PARTIAL: bool>(
@@ -138,7 +138,12 @@ fn terms<const F: usize, const N: usize, const PARTIAL: bool>(
         let xq = &c.q[256 * h..];
         *out = match F {
             Q4_K => q4_k_terms(&w[(N / 2) * h..N / 2 * (h + 1)], xq, dx, s),
-            Q6_K => q6_k_terms(&w[(N / 2) * h..N / 2 * (h + 1)], xq, &c.qsum16[16 * h..], dx),
+            Q6_K => q6_k_terms(
+                &w[(N / 2) * h..N / 2 * (h + 1)],
+                xq,
+                &c.qsum16[16 * h..],
+                dx,
+            ),
             _ => {
                 let bb = N / LANES;
                 let w = &w[8 * bb * h..];
@@ -268,8 +273,8 @@ fn block_sums(p: [__m256i; 8]) -> __m256i {
 #[inline]
 fn f16_low_halves(v: __m256i) -> __m256 {
     let pick = _mm256_setr_epi8(
-        0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1,
-        -1, -1, -1, -1, -1, -1, -1,
+        0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1,
+        -1, -1, -1, -1, -1, -1,
     );
     let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(v, pick));
     _mm256_cvtph_ps(_mm256_castsi256_si128(packed))
@@ -349,6 +354,11 @@ fn q6_k_terms(w: &[u8], xq: &[i8], qsum16: &[i16], dx: __m256) -> __m256 {
     // 32 * Σ_h sc_h Σq_x per block, from the per-half sums.
     let offset = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), load256(qsum16));
     let isum = _mm256_sub_epi32(block_sums(parts), _mm256_slli_epi32::<5>(offset));
-    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(u16::from_le_bytes([w[208], w[209]]))));
-    _mm256_mul_ps(_mm256_mul_ps(_mm256_broadcastss_ps(d), dx), _mm256_cvtepi32_ps(isum))
+    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(u16::from_le_bytes([
+        w[208], w[209],
+    ]))));
+    _mm256_mul_ps(
+        _mm256_mul_ps(_mm256_broadcastss_ps(d), dx),
+        _mm256_cvtepi32_ps(isum),
+    )
 }

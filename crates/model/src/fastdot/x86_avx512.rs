@@ -97,6 +97,9 @@ fn dot_row<const F: usize, const N: usize>(row: &[u8], x: &QuantizedActs) -> f32
             let mut buf = [0u8; N];
             buf[..tail.len()].copy_from_slice(tail);
             terms::<F, N, false>(&buf, LANES, &c)
+        } else if n_blocks <= 2 {
+            // E.g. rows of 576 (18 blocks): one register, far cheaper on its own.
+            pair_terms::<F, N>(tail, &c)
         } else {
             terms::<F, N, true>(tail, n_blocks, &c)
         };
@@ -117,8 +120,8 @@ fn hsum(v: __m512) -> f32 {
 }
 
 /// The float terms of the first `n_blocks` blocks of a chunk, `w` (block `b` in lane `b`;
-/// lanes past `n_blocks` hold junk; `n_blocks` is 16 unless `PARTIAL`). Precondition: `w` holds `n_blocks` blocks, and
-/// `n_blocks` is 16 for the K-quants.
+/// lanes past `n_blocks` hold junk). Precondition: `w` holds `n_blocks` blocks; `n_blocks`
+/// is 16 unless `PARTIAL`, and K-quants are never `PARTIAL`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
 #[inline]
 fn terms<const F: usize, const N: usize, const PARTIAL: bool>(
@@ -129,10 +132,9 @@ fn terms<const F: usize, const N: usize, const PARTIAL: bool>(
     const { assert!(N == [16 * 34, 16 * 18, 16 * 20, 2 * 144, 2 * 210][F]) };
     // A constant for whole chunks, so that their loops unroll without checks.
     let n_blocks = if PARTIAL { n_blocks } else { LANES };
-    let dx = load_ps(c.d);
     match F {
-        Q4_K => q4_k_terms::<N>(w, c, dx),
-        Q6_K => q6_k_terms::<N>(w, c, dx),
+        Q4_K => q4_k_terms::<N>(w, c),
+        Q6_K => q6_k_terms::<N>(w, c),
         _ => {
             let bb = N / LANES;
             // The nibbles (`Q4_*`) or `i8`s (`Q8_0`) of a block start after its f16 fields.
@@ -157,35 +159,129 @@ fn terms<const F: usize, const N: usize, const PARTIAL: bool>(
                     dot_u8(nibbles_pair(u, v), x)
                 };
             }
-            let mut isum = block_sums(parts);
-            if F == Q4_0 {
-                let qsum = load512(c.qsum);
-                isum = _mm512_sub_epi32(isum, _mm512_slli_epi32::<3>(qsum));
-            }
-            // Each block starts with its f16 `d` (and for `Q4_1` its f16 `m`).
-            let idx = _mm512_mullo_epi32(lane_index(), _mm512_set1_epi32(bb as i32));
-            let live = ((1u32 << n_blocks) - 1) as u16;
-            assert!(w.len() >= n_blocks * bb);
-            // SAFETY: live lane `b < n_blocks` reads `w[bb*b..bb*b + 4]`, inside `w`
-            // (asserted, and `bb >= 18`); the others read nothing.
-            let head = unsafe {
-                _mm512_mask_i32gather_epi32::<1>(
-                    _mm512_setzero_si512(),
-                    live,
-                    idx,
-                    w.as_ptr().cast(),
-                )
-            };
-            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
-            let t = _mm512_mul_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(isum));
-            if F == Q4_1 {
-                let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(head)));
-                _mm512_add_ps(t, _mm512_mul_ps(m, load_ps(c.s)))
+            let isum = block_sums(parts);
+            if !PARTIAL && F != Q8_0 {
+                let (d, m) = q4_heads::<N>(w);
+                combine::<F>(isum, d, m, c)
             } else {
-                t
+                // Each block starts with its f16 `d` (and for `Q4_1` its f16 `m`).
+                let idx = _mm512_mullo_epi32(lane_index(), _mm512_set1_epi32(bb as i32));
+                let live = ((1u32 << n_blocks) - 1) as u16;
+                assert!(w.len() >= n_blocks * bb);
+                // SAFETY: live lane `b < n_blocks` reads `w[bb*b..bb*b + 4]`, inside `w`
+                // (asserted, and `bb >= 18`); the others read nothing.
+                let head = unsafe {
+                    let zero = _mm512_setzero_si512();
+                    _mm512_mask_i32gather_epi32::<1>(zero, live, idx, w.as_ptr().cast())
+                };
+                combine_heads::<F>(isum, head, c)
             }
         }
     }
+}
+
+/// The float terms from the block sums and the blocks' f16 `d` and (`Q4_1`) `m`, one block
+/// per lane.
+#[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+#[inline]
+fn combine<const F: usize>(isum: __m512i, d: __m256i, m: __m256i, c: &Chunk<'_>) -> __m512 {
+    let isum = if F == Q4_0 {
+        _mm512_sub_epi32(isum, _mm512_slli_epi32::<3>(load512(c.qsum)))
+    } else {
+        isum
+    };
+    let (d, dx) = (_mm512_cvtph_ps(d), load_ps(c.d));
+    let t = _mm512_mul_ps(_mm512_mul_ps(d, dx), _mm512_cvtepi32_ps(isum));
+    if F == Q4_1 {
+        _mm512_add_ps(t, _mm512_mul_ps(_mm512_cvtph_ps(m), load_ps(c.s)))
+    } else {
+        t
+    }
+}
+
+/// [`combine`] with each block's first 4 bytes in its i32 lane (`d`, then `m`).
+#[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+#[inline]
+fn combine_heads<const F: usize>(isum: __m512i, head: __m512i, c: &Chunk<'_>) -> __m512 {
+    let m = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(head));
+    combine::<F>(isum, _mm512_cvtepi32_epi16(head), m, c)
+}
+
+/// Where a whole chunk of `Q4_0`/`Q4_1` blocks (`bb` bytes each, `16 * bb` in all) keeps
+/// its f16 fields, for [`q4_heads`]: word lane `i` of the result is field `i / 16` (`d`,
+/// `m`) of block `i % 16`, taken from one of three sources. Returns the index into each
+/// source and the lanes taken from the second and third.
+const fn q4_head_index(bb: usize) -> ([[i16; 32]; 3], u32, u32) {
+    // Sources, in 16-bit words of the chunk: [0, 64) (two loads), [64, 128) (two loads),
+    // and the last 64 bytes.
+    let last = (16 * bb - 64) / 2;
+    let mut idx = [[0i16; 32]; 3];
+    let (mut second, mut third) = (0u32, 0u32);
+    let mut i = 0;
+    while i < 32 {
+        let word = bb * (i % 16) / 2 + i / 16;
+        if word < 64 {
+            idx[0][i] = word as i16;
+        } else if word < 128 {
+            idx[1][i] = (word - 64) as i16;
+            second |= 1 << i;
+        } else {
+            // (Instantiated, never run, for other formats: saturate rather than fail.)
+            idx[2][i] = word.saturating_sub(last) as i16;
+            third |= 1 << i;
+        }
+        i += 1;
+    }
+    (idx, second, third)
+}
+
+/// Each block's f16 `d` and `m` (`Q4_1`; junk for `Q4_0`) from a whole chunk of 4-bit
+/// blocks: five 64-byte loads and three word permutes, cheaper than a gather.
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+#[inline]
+fn q4_heads<const N: usize>(w: &[u8]) -> (__m256i, __m256i) {
+    let (idx, second, third) = const { q4_head_index(N / LANES) };
+    let a = _mm512_permutex2var_epi16(load512(w), load512(&idx[0]), load512(&w[64..]));
+    let b = _mm512_permutex2var_epi16(load512(&w[128..]), load512(&idx[1]), load512(&w[192..]));
+    let c = _mm512_permutexvar_epi16(load512(&idx[2]), load512(&w[N - 64..]));
+    let fields = _mm512_mask_blend_epi16(third, _mm512_mask_blend_epi16(second, a, b), c);
+    (
+        _mm512_castsi512_si256(fields),
+        _mm512_extracti64x4_epi64::<1>(fields),
+    )
+}
+
+/// [`terms`] for a partial chunk of one or two blocks (`w`): one register, whose two block
+/// sums take a few in-register adds instead of [`block_sums`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
+#[inline]
+fn pair_terms<const F: usize, const N: usize>(w: &[u8], c: &Chunk<'_>) -> __m512 {
+    let bb = N / LANES;
+    let at = [2, 2, 4][F];
+    let x = load512(c.q);
+    let two = w.len() >= 2 * bb;
+    let v = if two { Some(&w[bb + at..]) } else { None };
+    let part = if F == Q8_0 {
+        let u = load256z(&w[at..]);
+        match v {
+            Some(v) => dot_i8(_mm512_inserti64x4::<1>(u, load256(v)), x),
+            None => dot_i8(u, x),
+        }
+    } else {
+        dot_u8(nibbles_pair(&w[at..], v), x)
+    };
+    // Sum each 128-bit lane into all its lanes, then pairs of them: block 0 in lanes 0..8,
+    // block 1 in lanes 8..16; move them to lanes 0 and 1.
+    let a = _mm512_add_epi32(part, _mm512_shuffle_epi32::<0b01_00_11_10>(part));
+    let a = _mm512_add_epi32(a, _mm512_shuffle_epi32::<0b10_11_00_01>(a));
+    let a = _mm512_add_epi32(a, _mm512_shuffle_i64x2::<0b10_11_00_01>(a, a));
+    let isum = _mm512_permutexvar_epi32(
+        _mm512_setr_epi32(0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        a,
+    );
+    let h1 = if two { le_u32(w, bb) } else { 0 };
+    let head = _mm512_castsi128_si512(_mm_setr_epi32(le_u32(w, 0) as i32, h1 as i32, 0, 0));
+    combine_heads::<F>(isum, head, c)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -322,7 +418,8 @@ fn spread_f16_pairs(a: u32, b: u32) -> (__m512, __m512) {
 /// `Q4_K`: `((d*sc)*d_x) * isum - (dmin*m)*s_x`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
 #[inline]
-fn q4_k_terms<const N: usize>(w: &[u8], c: &Chunk<'_>, dx: __m512) -> __m512 {
+fn q4_k_terms<const N: usize>(w: &[u8], c: &Chunk<'_>) -> __m512 {
+    let dx = load_ps(c.d);
     let mut parts = [_mm512_setzero_si512(); 8];
     for (k, part) in parts.iter_mut().enumerate() {
         // Register k: super-block k / 4, its 32 bytes of `qs` for blocks 2(k%4), 2(k%4)+1.
@@ -345,7 +442,8 @@ fn q4_k_terms<const N: usize>(w: &[u8], c: &Chunk<'_>, dx: __m512) -> __m512 {
 /// `Q6_K`: `(d*d_x) * isum`, `isum = Σ_h sc_h (Σ q q_x - 32 Σq_x)` over its two halves.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
 #[inline]
-fn q6_k_terms<const N: usize>(w: &[u8], c: &Chunk<'_>, dx: __m512) -> __m512 {
+fn q6_k_terms<const N: usize>(w: &[u8], c: &Chunk<'_>) -> __m512 {
+    let dx = load_ps(c.d);
     let sb = [&w[..N / 2], &w[N / 2..]];
     // The 16 i8 scales of each super-block, as i16: lanes 0..16 and 16..32.
     let sc16 = _mm512_inserti64x4::<1>(
@@ -374,8 +472,8 @@ fn q6_k_terms<const N: usize>(w: &[u8], c: &Chunk<'_>, dx: __m512) -> __m512 {
         let pick = _mm512_add_epi16(
             _mm512_set1_epi16(4 * k as i16),
             _mm512_srli_epi16::<3>(_mm512_set_epi16(
-                31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12,
-                11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
+                31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11,
+                10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
             )),
         );
         let sc = _mm512_permutexvar_epi16(pick, sc16);

@@ -9,8 +9,8 @@
 use rayon::prelude::*;
 
 use crate::ModelError;
-use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
 use crate::fastdot::{self, QuantizedActs};
+use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
 use crate::quant::{dequantize_row, dot_f32 as dot, dot_rows};
 
 /// One sequence's keys and values for every layer: `[layer][position][kv_dim]`.
@@ -240,27 +240,45 @@ impl CpuLlama {
             // every position against the rows while they are in cache.
             let xq: Vec<QuantizedActs> = x.chunks(m.cols).map(QuantizedActs::new).collect();
             if n == 1 {
-                out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(chunk, y)| {
-                    let first = chunk * ROWS_PER_TASK * m.row_bytes;
-                    fastdot::dot_q8_rows(m.dtype, &rows[first..first + y.len() * m.row_bytes], m.row_bytes, &xq[0], y);
-                });
+                out.par_chunks_mut(ROWS_PER_TASK)
+                    .enumerate()
+                    .for_each(|(chunk, y)| {
+                        let first = chunk * ROWS_PER_TASK * m.row_bytes;
+                        fastdot::dot_q8_rows(
+                            m.dtype,
+                            &rows[first..first + y.len() * m.row_bytes],
+                            m.row_bytes,
+                            &xq[0],
+                            y,
+                        );
+                    });
                 return;
             }
             let mut t_major = vec![0.0f32; n * m.rows];
-            t_major.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(chunk, y)| {
-                let first = chunk * ROWS_PER_TASK;
-                let count = y.len() / n;
-                let w = &rows[first * m.row_bytes..(first + count) * m.row_bytes];
-                for (t, xq) in xq.iter().enumerate() {
-                    fastdot::dot_q8_rows(m.dtype, w, m.row_bytes, xq, &mut y[t * count..(t + 1) * count]);
-                }
-            });
+            t_major
+                .par_chunks_mut(ROWS_PER_TASK * n)
+                .enumerate()
+                .for_each(|(chunk, y)| {
+                    let first = chunk * ROWS_PER_TASK;
+                    let count = y.len() / n;
+                    let w = &rows[first * m.row_bytes..(first + count) * m.row_bytes];
+                    for (t, xq) in xq.iter().enumerate() {
+                        fastdot::dot_q8_rows(
+                            m.dtype,
+                            w,
+                            m.row_bytes,
+                            xq,
+                            &mut y[t * count..(t + 1) * count],
+                        );
+                    }
+                });
             // t_major holds, per chunk, `n` runs of `count` outputs; scatter to [t][row].
             for (chunk, y) in t_major.chunks(ROWS_PER_TASK * n).enumerate() {
                 let first = chunk * ROWS_PER_TASK;
                 let count = y.len() / n;
                 for t in 0..n {
-                    out[t * m.rows + first..][..count].copy_from_slice(&y[t * count..(t + 1) * count]);
+                    out[t * m.rows + first..][..count]
+                        .copy_from_slice(&y[t * count..(t + 1) * count]);
                 }
             }
             return;
