@@ -4,8 +4,8 @@
 use super::{CHUNK_ELEMS, LANES, QK};
 
 /// `x` quantized for integer dot products: per 32-element block an `f32` scale
-/// `d = max|x| / 127` and `i8` values `q = round(x / d)` (`x ≈ d*q`, like ggml's
-/// `Q8_0`/`Q8_1`), plus per block `s = d * Σq` (an `f32`, for the min terms of `Q4_1` and
+/// `d = max|x| / 127` and `i8` values `q = round(x / d)` (to nearest, ties to even;
+/// `x ≈ d*q`, like ggml's `Q8_0`/`Q8_1`), plus per block `s = d * Σq` (an `f32`, for the min terms of `Q4_1` and
 /// `Q4_K`) and the exact sums `Σq` (per block and per half block).
 ///
 /// Storage is zero-padded to whole chunks of 16 blocks, so kernels read whole chunks
@@ -48,8 +48,12 @@ impl QuantizedActs {
         self.qsum.resize(n_chunks * LANES, 0);
         self.qsum16.clear();
         self.qsum16.resize(n_chunks * LANES * 2, 0);
+        let (whole, part) = x.as_chunks::<QK>();
+        let mut padded = [0.0f32; QK];
+        padded[..part.len()].copy_from_slice(part);
+        let xs = whole.iter().chain((!part.is_empty()).then_some(&padded));
         let blocks = self.q.as_chunks_mut::<QK>().0;
-        for (b, (q, xs)) in blocks.iter_mut().zip(x.chunks(QK)).enumerate() {
+        for (b, (q, xs)) in blocks.iter_mut().zip(xs).enumerate() {
             let d = quantize_block(xs, q);
             let half = |h: usize| q[16 * h..16 * h + 16].iter().map(|&v| i16::from(v)).sum();
             let (lo, hi): (i16, i16) = (half(0), half(1));
@@ -109,22 +113,34 @@ pub(super) struct Chunk<'a> {
     pub(super) qsum16: &'a [i16; 2 * LANES],
 }
 
-/// Quantizes up to 32 values into `q` (zeros past `xs.len()`), returns the scale `d`.
+/// Quantizes 32 values into `q`, returns the scale `d`.
 ///
-/// `d = amax / 127` and `q = round(x / d)` (half away from zero), clamped to ±127 so that
-/// every kernel's 16-bit pair sums stay exact (`2 * 128 * 127 < 2^15`). A NaN in the block
-/// makes `d` NaN (and `q` 0), so it reaches the result as it would in `f32`.
-fn quantize_block(xs: &[f32], q: &mut [i8; QK]) -> f32 {
-    let amax = xs.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    let d = if xs.iter().any(|v| v.is_nan()) {
+/// `d = amax / 127` and `q = x / d` rounded to nearest, ties to even, clamped to ±127 so
+/// that every kernel's 16-bit pair sums stay exact (`2 * 128 * 127 < 2^15`). A NaN in the
+/// block makes `d` NaN (and `q` 0), so it reaches the result as it would in `f32`. Written
+/// in lanes of 8 without branches or calls, so that it vectorizes.
+fn quantize_block(xs: &[f32; QK], q: &mut [i8; QK]) -> f32 {
+    let (mut amax, mut nan) = ([0.0f32; 8], [0u32; 8]);
+    for xs in xs.as_chunks::<8>().0 {
+        for i in 0..8 {
+            amax[i] = amax[i].max(xs[i].abs());
+            nan[i] |= u32::from(xs[i].is_nan());
+        }
+    }
+    let amax = amax.iter().fold(0.0f32, |a, &v| a.max(v));
+    let d = if nan.iter().fold(0, |a, &v| a | v) != 0 {
         f32::NAN
     } else {
         amax / 127.0
     };
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // `y + 1.5 * 2^23` rounds `y` to an integer (nearest, ties to even) when `|y| < 2^22`,
+    // and its bits less those of `1.5 * 2^23` are that integer; here `|y| <= 127`, or NaN
+    // (then `d` is NaN too and `q` does not matter, as long as it is within ±127).
+    const ROUND: f32 = 12_582_912.0;
     for (qi, &v) in q.iter_mut().zip(xs) {
-        // `as` saturates and maps NaN to 0: no panic on any input.
-        *qi = (v * id).round().clamp(-127.0, 127.0) as i8;
+        let y = (v * id + ROUND).to_bits() as i32 - ROUND.to_bits() as i32;
+        *qi = y.clamp(-127, 127) as i8;
     }
     d
 }

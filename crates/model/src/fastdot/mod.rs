@@ -24,12 +24,26 @@
 //!
 //! (`Q4_K`: `sc`, `m` are the 6-bit scale and min of the sub-block. `Q6_K`: `h` runs over
 //! the two halves of 16 of the block, each with its `i8` scale `sc_h`; the inner sum is over
-//! the half.) `isum` is converted to
-//! `f32` with one rounding (`isum as f32`), each product and sum above rounds once, in the
-//! order written (never fused).
+//! the half.) `isum` is converted to `f32` with one rounding (`isum as f32`); each product
+//! and sum above rounds once, in the order written (never fused).
 //!
 //! Terms are summed in 16 lanes: block `b` is added to `lane[b % 16]`, in increasing `b`;
 //! then `lane[j] += lane[j + h]` for `h` = 8, 4, 2, 1, and `lane[0]` is the result.
+//!
+//! # Using it
+//!
+//! For `y = W x` (decode: one position), quantize `x` once with
+//! [`QuantizedActs::quantize_into`] (a buffer kept across calls; a few microseconds), then
+//! split `W`'s rows into runs, one task each, and call [`dot_q8_rows`] on each run: the
+//! activations are read-only and shared, the weights stream through once.
+//!
+//! # Speed
+//!
+//! The x86 kernels read a row in chunks of 16 blocks, one block's integer products per
+//! 256-bit half register, fold the partial sums of 16 blocks into one vector, and apply the
+//! float terms 16 at a time (see `x86_avx512.rs`). On one Zen 4 core, from DRAM, that streams
+//! about 17-25 GB/s of weights (AVX-512 VNNI), against 8-14 GB/s for the `f32` reference;
+//! `tests.rs`'s `bench_dot_q8` measures it.
 //!
 //! # What this module guarantees
 //!

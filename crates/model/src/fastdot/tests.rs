@@ -129,19 +129,21 @@ fn activations_quantize_by_hand() {
     // Block 0: amax 127 (d = 1, values exact). Block 1: amax 2.54 (d = 0.02), partial.
     let mut x = vec![0.0f32; 40];
     x[0] = 127.0;
-    x[1] = -63.5; // rounds half away from zero: -64
+    x[1] = -63.5; // rounds to even: -64
+    x[3] = 62.5; // 62
     x[2] = 0.4;
     x[32] = -2.54;
     x[33] = 1.0; // 1 / 0.02 = 50
     let a = QuantizedActs::new(&x);
     assert_eq!(a.len(), 40);
     assert_eq!(a.d[0], 1.0);
-    assert_eq!(&a.q[..4], &[127, -64, 0, 0]);
-    assert_eq!(a.qsum[0], 63);
-    assert_eq!(a.s[0], 63.0);
+    assert_eq!(&a.q[..5], &[127, -64, 0, 62, 0]);
+    assert_eq!(a.qsum[0], 125);
+    assert_eq!(a.s[0], 125.0);
     assert_eq!(a.d[1], 2.54f32 / 127.0);
     assert_eq!(&a.q[32..35], &[-127, 50, 0]);
     assert_eq!((a.qsum[1], a.qsum16[2], a.qsum16[3]), (-77, -77, 0));
+    assert_eq!((a.qsum16[0], a.qsum16[1]), (125, 0));
     assert_eq!(a.s[1], a.d[1] * -77.0);
     // Padding to a whole chunk is zero; `dequantized` stops at `len`.
     assert_eq!(a.q.len(), CHUNK_ELEMS);
@@ -195,13 +197,17 @@ fn every_path_matches_portable_bitwise() {
         for &n in lengths(dtype) {
             let row_bytes = dtype.row_bytes(n).unwrap();
             let n_rows = 9;
-            let rows: Vec<u8> = (0..n_rows).flat_map(|_| rng.row(dtype, n)).collect();
+            // One byte in, so that no row is aligned.
+            let buf: Vec<u8> = std::iter::once(0)
+                .chain((0..n_rows).flat_map(|_| rng.row(dtype, n)))
+                .collect();
+            let rows = &buf[1..];
             let x = QuantizedActs::new(&rng.acts(n));
             let mut want = vec![0.0f32; n_rows];
-            Path::Portable.checked_dot_rows(dtype, &rows, row_bytes, &x, &mut want);
+            Path::Portable.checked_dot_rows(dtype, rows, row_bytes, &x, &mut want);
             for &path in &paths {
                 let mut got = vec![0.0f32; n_rows];
-                path.checked_dot_rows(dtype, &rows, row_bytes, &x, &mut got);
+                path.checked_dot_rows(dtype, rows, row_bytes, &x, &mut got);
                 for (r, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(
                         g.to_bits(),
@@ -213,7 +219,7 @@ fn every_path_matches_portable_bitwise() {
             }
             // The public entry points run the best path, one row or many.
             let mut all = vec![0.0f32; n_rows];
-            dot_q8_rows(dtype, &rows, row_bytes, &x, &mut all);
+            dot_q8_rows(dtype, rows, row_bytes, &x, &mut all);
             for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
                 assert_eq!(dot_q8(dtype, row, &x).to_bits(), want[r].to_bits());
                 assert_eq!(all[r].to_bits(), want[r].to_bits());

@@ -42,7 +42,7 @@ impl Avx2 {
     }
 }
 
-/// Format tags for the const-generic kernels.
+/// Format tags for the const-generic kernels (each paired with its bytes per chunk).
 const Q8_0: usize = 0;
 const Q4_0: usize = 1;
 const Q4_1: usize = 2;

@@ -8,6 +8,14 @@
 //!
 //! Signed weights (`Q8_0`) use ggml's sign trick: `|w|` (u8) times `x` with `w`'s sign.
 //! 4-bit weights are unsigned nibbles; `Q4_0`'s `-8` comes off afterwards as `8 * Σq_x`.
+//! `Q4_K` stores two blocks per 32 bytes of nibbles, so one load makes a register; `Q6_K`
+//! multiplies with `vpmaddubsw` then `vpmaddwd` against its sub-block scales, and takes
+//! `32 * Σ sc_h Σq_x` off afterwards.
+//!
+//! The blocks' f16 fields come from a gather, or for whole `Q4_0`/`Q4_1` chunks (where the
+//! gather cost a fifth of the time) from word permutes of the chunk ([`q4_heads`]). A row's
+//! last partial chunk masks its missing lanes out of the float add; one of one or two
+//! blocks (rows of 576) skips the 16-block fold ([`pair_terms`]).
 
 use std::arch::x86_64::*;
 
@@ -47,7 +55,7 @@ impl Avx512Vnni {
     }
 }
 
-/// Format tags for the const-generic kernels, and their bytes per chunk of 16 blocks.
+/// Format tags for the const-generic kernels (each paired with its bytes per chunk).
 const Q8_0: usize = 0;
 const Q4_0: usize = 1;
 const Q4_1: usize = 2;
