@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 use tern_model::Model;
+use tern_model::llama::cpu::argmax;
 use tern_text::Message;
 
 const LOGIT_TOLERANCE: f32 = 0.05;
@@ -27,26 +28,29 @@ fn golden(name: &str) -> Value {
     serde_json::from_str(&text).expect("golden JSON")
 }
 
+/// The model file in the cache `tern fetch` fills.
+fn model_path() -> PathBuf {
+    let dir = std::env::var_os("TERN_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .expect("HOME");
+            home.join("tern/models")
+        });
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run `scripts/test` (or `tern fetch`) first",
+        path.display()
+    );
+    path
+}
+
 fn model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let dir = std::env::var_os("TERN_MODELS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("XDG_CACHE_HOME")
-                    .map(PathBuf::from)
-                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                    .expect("HOME");
-                home.join("tern/models")
-            });
-        let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(
-            path.exists(),
-            "{} is missing: run `scripts/test` (or `tern fetch`) first",
-            path.display()
-        );
-        Model::open("smollm2", &path, 2).expect("the model opens")
-    })
+    MODEL.get_or_init(|| Model::open("smollm2", &model_path(), 2).expect("the model opens"))
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -156,16 +160,6 @@ fn logits_and_greedy_tokens_match_transformers() {
     eprintln!("largest logit difference from transformers: {worst}");
 }
 
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// The fast path (int8 activations) against the reference on the golden prompts, every
 /// position, every logit. Quantizing activations to 8 bits per 32-element block changes each
 /// product by up to 1/254 of the block's largest activation, and 30 layers compound it:
@@ -177,16 +171,7 @@ fn argmax(x: &[f32]) -> u32 {
 #[test]
 fn the_fast_path_stays_close_to_the_reference() {
     let reference = model();
-    let dir = std::env::var_os("TERN_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .expect("HOME")
-                .join("tern/models")
-        });
-    let fast = Model::open("smollm2", &dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"), 2)
+    let fast = Model::open("smollm2", &model_path(), 2)
         .expect("opens")
         .with_precision(tern_model::Precision::Fast);
     let vocab = reference.config().n_vocab;
