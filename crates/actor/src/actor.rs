@@ -6,6 +6,7 @@ use tern_compute::Device;
 use wasmtime::{Instance, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc};
 
 use crate::guest_memory::{self, AbiError};
+use crate::instrument::{Instrumented, instrument};
 use crate::models::ModelState;
 use crate::{ActorError, Runtime, abi};
 
@@ -93,26 +94,82 @@ impl ResourceLimiter for Limiter {
     }
 }
 
+/// A compiled actor module, instrumented for snapshots ([`crate::instrument`]): compile once,
+/// start or restore any number of actors from it.
+pub struct ActorModule {
+    pub(crate) module: Module,
+    /// What the instrumentation learned (its rewritten binary dropped after compiling).
+    pub(crate) info: Instrumented,
+    name: String,
+}
+
+impl ActorModule {
+    /// Instruments and compiles `wasm` (binary or text); `name` says where it came from.
+    pub fn new(runtime: &Runtime, name: &str, wasm: &[u8]) -> Result<ActorModule, ActorError> {
+        let mut info = instrument(wasm)?;
+        let module = Module::new(&runtime.engine, &info.wasm)
+            .map_err(|e| ActorError::Module(format!("{e:#}")))?;
+        info.wasm = Vec::new();
+        Ok(ActorModule {
+            module,
+            info,
+            name: name.to_string(),
+        })
+    }
+
+    /// Where the module came from (a guest name or a path).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// SHA-256 of the module's original binary, lowercase hex.
+    pub fn digest(&self) -> &str {
+        &self.info.digest
+    }
+}
+
 /// A sandboxed Wasm actor. Faults stay inside it: a trap poisons this actor only.
 pub struct Actor {
-    store: Store<HostState>,
-    memory: Memory,
+    pub(crate) store: Store<HostState>,
+    pub(crate) module: Arc<ActorModule>,
+    pub(crate) instance: Instance,
+    pub(crate) memory: Memory,
     alloc: TypedFunc<u32, u32>,
     on_message: TypedFunc<(u32, u32), i32>,
     deadline_ticks: u64,
     limit_ms: u128,
-    poisoned: Option<String>,
+    pub(crate) poisoned: Option<String>,
 }
 
 impl Actor {
     /// Compiles and instantiates `wasm` (binary or text), then runs its `tern_init`.
     pub fn load(runtime: &Runtime, wasm: &[u8]) -> Result<Actor, ActorError> {
-        let module =
-            Module::new(&runtime.engine, wasm).map_err(|e| ActorError::Module(format!("{e:#}")))?;
-        Self::instantiate(runtime, &module)
+        Self::start(
+            runtime,
+            &Arc::new(ActorModule::new(runtime, "module", wasm)?),
+        )
     }
 
-    fn instantiate(runtime: &Runtime, module: &Module) -> Result<Actor, ActorError> {
+    /// A new actor of `module`: instantiated, then initialized by its `tern_init`.
+    pub fn start(runtime: &Runtime, module: &Arc<ActorModule>) -> Result<Actor, ActorError> {
+        let mut actor = Self::instantiate(runtime, module)?;
+        if let Some(init) = actor.instance.get_export(&mut actor.store, "tern_init") {
+            let init = init
+                .into_func()
+                .and_then(|f| f.typed::<(), ()>(&actor.store).ok())
+                .ok_or_else(|| {
+                    ActorError::Module("export `tern_init` must be a function () -> ()".into())
+                })?;
+            actor.call("tern_init", |store| init.call(store, ()))?;
+        }
+        Ok(actor)
+    }
+
+    /// An instance of `module` with fresh host state, not yet initialized.
+    pub(crate) fn instantiate(
+        runtime: &Runtime,
+        module: &Arc<ActorModule>,
+    ) -> Result<Actor, ActorError> {
         let limits = runtime.limits;
         let state = HostState {
             device: runtime.device.clone(),
@@ -134,14 +191,15 @@ impl Actor {
         let mut linker = Linker::new(&runtime.engine);
         abi::link(&mut linker).map_err(|e| ActorError::Engine(format!("{e:#}")))?;
         let limit_ms = limits.call_time.as_millis();
-        let instance = linker.instantiate(&mut store, module).map_err(|e| {
-            match classify(&e, "start", limit_ms, &store) {
-                ActorError::Trap { message, .. } if e.downcast_ref::<Trap>().is_none() => {
-                    ActorError::Instantiate(message)
-                }
-                other => other,
-            }
-        })?;
+        let instance =
+            linker
+                .instantiate(&mut store, &module.module)
+                .map_err(|e| match classify(&e, "start", limit_ms, &store) {
+                    ActorError::Trap { message, .. } if e.downcast_ref::<Trap>().is_none() => {
+                        ActorError::Instantiate(message)
+                    }
+                    other => other,
+                })?;
         let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| {
             ActorError::Module("the module exports no memory named `memory`".into())
         })?;
@@ -153,25 +211,17 @@ impl Actor {
         store.data_mut().memory = Some(memory);
         let alloc = typed(&instance, &mut store, "tern_alloc")?;
         let on_message = typed(&instance, &mut store, "tern_on_message")?;
-        let mut actor = Actor {
+        Ok(Actor {
             store,
+            module: module.clone(),
+            instance,
             memory,
             alloc,
             on_message,
             deadline_ticks: runtime.deadline_ticks(),
             limit_ms,
             poisoned: None,
-        };
-        if let Some(init) = instance.get_export(&mut actor.store, "tern_init") {
-            let init = init
-                .into_func()
-                .and_then(|f| f.typed::<(), ()>(&actor.store).ok())
-                .ok_or_else(|| {
-                    ActorError::Module("export `tern_init` must be a function () -> ()".into())
-                })?;
-            actor.call("tern_init", |store| init.call(store, ()))?;
-        }
-        Ok(actor)
+        })
     }
 
     /// Streams every `emit` to `sink` as it happens, in addition to collecting it.

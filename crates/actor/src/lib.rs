@@ -16,13 +16,16 @@
 pub mod abi;
 mod actor;
 pub mod guest_memory;
+pub mod instrument;
 mod models;
 mod runtime;
+mod snapshot;
 
-pub use actor::{Actor, Reply};
+pub use actor::{Actor, ActorModule, Reply};
 pub use models::ModelRegistry;
 pub use runtime::{Limits, Runtime};
 pub use tern_compute::Device;
+pub use tern_snapshot::{SnapshotError, SnapshotFile, SnapshotView};
 
 /// Errors from loading or driving an actor.
 #[derive(Debug, thiserror::Error)]
@@ -50,4 +53,10 @@ pub enum ActorError {
     },
     #[error("this actor failed earlier and takes no more messages ({0})")]
     Poisoned(String),
+    #[error("cannot snapshot this actor: {0}")]
+    Snapshot(String),
+    #[error("the snapshot does not fit here: {0}")]
+    Incompatible(String),
+    #[error(transparent)]
+    Format(#[from] tern_snapshot::SnapshotError),
 }

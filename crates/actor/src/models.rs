@@ -56,7 +56,7 @@ pub(crate) struct ModelState {
 }
 
 /// The most sessions one actor may hold open.
-const MAX_SESSIONS: usize = 64;
+pub(crate) const MAX_SESSIONS: usize = 64;
 
 impl ModelState {
     pub(crate) fn new(registry: ModelRegistry) -> ModelState {
@@ -64,6 +64,27 @@ impl ModelState {
             registry,
             ..ModelState::default()
         }
+    }
+
+    /// The models this actor opened; a model's handle is its index.
+    pub(crate) fn open_models(&self) -> &[Arc<Model>] {
+        &self.open
+    }
+
+    /// Session slots (a handle is an index; closed slots are `None`), each with the index
+    /// of its model.
+    pub(crate) fn session_slots(&self) -> &[Option<(usize, Session)>] {
+        &self.sessions
+    }
+
+    /// Replaces the open models and sessions with restored ones.
+    pub(crate) fn restore(
+        &mut self,
+        open: Vec<Arc<Model>>,
+        sessions: Vec<Option<(usize, Session)>>,
+    ) {
+        self.open = open;
+        self.sessions = sessions;
     }
 
     fn model(&self, handle: i32) -> Result<&Arc<Model>, AbiError> {

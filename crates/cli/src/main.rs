@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod fetch;
 mod run;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 use tern_compute::DeviceChoice;
@@ -25,6 +26,10 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Load an actor, send it one message and print what it emits.
     Run(run::RunArgs),
+    /// Start an actor, deliver messages, and save its whole state to a file.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Restore an actor from a snapshot, deliver more messages, optionally save it again.
+    Restore(snapshot::RestoreArgs),
     /// Fetch the default model into the model cache (if needed) and print its path.
     Fetch,
     /// Measure Tern against a baseline, in the same run.
@@ -53,6 +58,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Chat(args) => chat::chat(args),
         Command::Run(args) => run::run(args),
+        Command::Snapshot(args) => snapshot::snapshot(args),
+        Command::Restore(args) => snapshot::restore_command(args),
         Command::Fetch => fetch::default_model().map(|path| {
             println!("{}", path.display());
             std::process::ExitCode::SUCCESS

@@ -18,11 +18,8 @@ use std::path::Path;
 /// Errors from opening or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("malformed model file: {0}")]
     Format(String),
     #[error("unsupported: {0}")]
@@ -40,7 +37,7 @@ impl ModelError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> ModelError {
         ModelError::Io {
             path: path.display().to_string(),
-            source,
+            error: source,
         }
     }
 

@@ -127,6 +127,16 @@ impl Model {
         self
     }
 
+    /// Where and how the forward pass computes ("cpu fast"): two runs with the same label
+    /// round alike, so a session moved between them continues bit for bit.
+    pub fn compute_label(&self) -> String {
+        let precision = match self.llama.precision {
+            Precision::Reference => "reference",
+            Precision::Fast => "fast",
+        };
+        format!("cpu {precision}")
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.llama.config
     }

@@ -2,7 +2,9 @@
 //! - `open <model> <vocab> <context>`: opens the model and a session;
 //! - `prefill <id> <id> ...`: feeds these token ids in one call;
 //! - `decode <n>`: generates `n` tokens greedily, one forward call each, ignoring
-//!   end-of-turn, and emits the last token id.
+//!   end-of-turn, and emits the last token id;
+//! - `ballast <mib>`: holds `mib` MiB of pseudo-random bytes (incompressible guest state,
+//!   for `tern bench snapshot`).
 //!
 //! The host times each message; the same work done directly on the engine is the baseline.
 
@@ -12,6 +14,7 @@ use tern_guest::{Actor, Error, Model, Session, emit_str, export_actor};
 #[derive(Default)]
 struct Bench {
     state: Option<(Session, Vec<f32>)>,
+    ballast: Vec<u8>,
 }
 
 fn number<T: std::str::FromStr>(word: Option<&str>) -> Result<T, Error> {
@@ -52,7 +55,19 @@ impl Actor for Bench {
                 }
                 emit_str(&token.to_string())?;
             }
-            _ => return Err(Error::guest("expected open, prefill or decode")),
+            Some("ballast") => {
+                let mib: usize = number(words.next())?;
+                let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+                self.ballast = (0..mib << 17)
+                    .flat_map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x.to_le_bytes()
+                    })
+                    .collect();
+            }
+            _ => return Err(Error::guest("expected open, prefill, decode or ballast")),
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! measured in the same run.
 
 mod decode;
+mod snapshot;
 mod zero_copy;
 
 use std::process::ExitCode;
@@ -12,12 +13,16 @@ pub enum BenchCommand {
     ZeroCopy(zero_copy::ZeroCopyArgs),
     /// Prefill and decode speed of a model, directly and through a Wasm actor.
     Decode(decode::DecodeArgs),
+    /// Snapshot save and restore time and size at several context lengths, against
+    /// re-prefilling the same tokens.
+    Snapshot(snapshot::SnapshotBenchArgs),
 }
 
 pub fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::ZeroCopy(args) => zero_copy::zero_copy(args),
         BenchCommand::Decode(args) => decode::decode(args),
+        BenchCommand::Snapshot(args) => snapshot::snapshot(args),
     }
 }
 
@@ -26,4 +31,46 @@ fn median(xs: &[f64]) -> f64 {
     let mut sorted = xs.to_vec();
     sorted.sort_by(f64::total_cmp);
     zero_copy::percentile(&sorted, 0.5)
+}
+
+/// The model a benchmark runs on: `model`, else a random-weight model of `shape` (generated
+/// once into the model cache, Q4_1 matrices and a Q8_0 embedding as SmolLM2's file has), else
+/// the default model.
+fn bench_model(
+    model: Option<&std::path::Path>,
+    shape: Option<&str>,
+) -> anyhow::Result<std::path::PathBuf> {
+    use tern_model::generate::{Types, shape as find_shape, write_random_llama};
+    use tern_model::quant::DType;
+    match (model, shape) {
+        (Some(_), Some(_)) => anyhow::bail!("give --model or --shape, not both"),
+        (Some(path), None) => Ok(path.to_path_buf()),
+        (None, None) => crate::fetch::default_model(),
+        (None, Some(name)) => {
+            let shape = find_shape(name).ok_or_else(|| {
+                let names: Vec<_> = tern_model::generate::SHAPES
+                    .iter()
+                    .map(|s| s.name)
+                    .collect();
+                anyhow::anyhow!("unknown shape `{name}` (known: {})", names.join(", "))
+            })?;
+            let dir = crate::fetch::model_dir();
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join(format!("random-{name}-q4_1.gguf"));
+            if !path.exists() {
+                eprintln!(
+                    "generating a random-weight {name} model into {}",
+                    path.display()
+                );
+                let partial = path.with_extension(format!("partial-{}", std::process::id()));
+                let types = Types {
+                    linear: DType::Q4_1,
+                    embd: DType::Q8_0,
+                };
+                write_random_llama(&partial, shape, types, 1)?;
+                std::fs::rename(&partial, &path)?;
+            }
+            Ok(path)
+        }
+    }
 }

@@ -35,6 +35,37 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+
+    /// Floats per position in one layer's keys (or values): `n_head_kv * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    /// Layers this cache holds.
+    pub fn n_layer(&self) -> usize {
+        self.k.len() / (self.n_ctx * self.kv_dim).max(1)
+    }
+
+    /// Layer `layer`'s keys and values of the filled positions, `(len, kv_dim)` each.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let range = self.at(layer, 0)..self.at(layer, self.len);
+        (&self.k[range.clone()], &self.v[range])
+    }
+
+    /// Marks the first `len` positions filled and lends each layer's keys and values of those
+    /// positions, `(len, kv_dim)` each, to `fill`: how a restored cache is written back.
+    pub fn refill<E>(
+        &mut self,
+        len: usize,
+        mut fill: impl FnMut(usize, &mut [f32], &mut [f32]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.len = len.min(self.n_ctx);
+        for layer in 0..self.n_layer() {
+            let range = self.at(layer, 0)..self.at(layer, self.len);
+            fill(layer, &mut self.k[range.clone()], &mut self.v[range])?;
+        }
+        Ok(())
+    }
 }
 
 /// A Llama model ready to run on the CPU.
@@ -115,6 +146,11 @@ impl CpuLlama {
             inv_freq,
             pool,
         })
+    }
+
+    /// Worker threads of the forward pass.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
     }
 
     /// An empty cache for up to `n_ctx` positions.

@@ -1,0 +1,391 @@
+//! Snapshots of an actor's whole state, and restores of them into fresh actors.
+//!
+//! A snapshot holds the linear memory, every global the module defines (reached through the
+//! exports [`crate::instrument`] adds at load), the host side of the `tern` ABI (open models
+//! by name and weights digest, each session's tokens and KV cache, the last error message)
+//! and the identity of the module. The byte layout is [`tern_snapshot`]'s.
+//!
+//! Guarantees:
+//! - Snapshots are taken only between messages: [`Actor::save`] takes `&mut self`, so no
+//!   guest call is in flight, and each actor has its own store, so other actors run on.
+//! - A restore either yields an actor whose memory, globals, sessions and KV caches equal the
+//!   snapshot's bit for bit, or refuses with a message naming what differs (the module, a
+//!   missing model, a model of another architecture or KV shape, the ABI version).
+//! - Restoring on another kind of device (CUDA to CPU, say) continues validly but not bitwise:
+//!   devices round differently, so later tokens may differ from an uninterrupted run.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tern_model::{Model, Session};
+use tern_snapshot::{
+    self as format, Global, HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, SessionInfo,
+    SnapshotView, SnapshotWrite, ValType,
+};
+use wasmtime::{V128, Val};
+
+use crate::abi::ABI_VERSION;
+use crate::actor::{Actor, ActorModule};
+use crate::{ActorError, Runtime};
+
+fn refuse(what: String) -> ActorError {
+    ActorError::Incompatible(what)
+}
+
+impl Actor {
+    /// Writes this actor's state to `path`, crash-safely (a temporary file, fsync, rename):
+    /// an interrupted save leaves any earlier snapshot at `path` intact. Returns the bytes
+    /// written.
+    pub fn save(&mut self, path: &Path) -> Result<u64, ActorError> {
+        self.capture(|snapshot| format::save(path, snapshot))
+    }
+
+    /// This actor's state as snapshot bytes.
+    pub fn snapshot(&mut self) -> Result<Vec<u8>, ActorError> {
+        self.capture(format::to_bytes)
+    }
+
+    /// Gathers the state and lends it to `write`.
+    fn capture<R>(
+        &mut self,
+        write: impl FnOnce(&SnapshotWrite<'_>) -> Result<R, format::SnapshotError>,
+    ) -> Result<R, ActorError> {
+        if let Some(fault) = &self.poisoned {
+            return Err(ActorError::Poisoned(fault.clone()));
+        }
+        if let Some(why) = &self.module.info.mutable_tables {
+            return Err(ActorError::Snapshot(format!(
+                "the module's tables can change at run time ({why}), and tables are not part of a snapshot"
+            )));
+        }
+        let globals = self.globals()?;
+        let state = self.store.data();
+        let models = state.models.open_models().iter().map(model_ref).collect();
+        let mut sessions = Vec::new();
+        let mut kv = Vec::new();
+        for (slot, entry) in state.models.session_slots().iter().enumerate() {
+            let Some((model, session)) = entry else {
+                continue;
+            };
+            let cache = &session.cache;
+            sessions.push(SessionInfo {
+                slot: slot as u32,
+                model: *model as u32,
+                n_ctx: cache.n_ctx as u32,
+                tokens: session.tokens.clone(),
+            });
+            let (k, v) = (0..cache.n_layer()).map(|l| cache.layer(l)).unzip();
+            kv.push(KvWrite {
+                kv_dim: cache.kv_dim(),
+                n_tokens: cache.len,
+                k,
+                v,
+            });
+        }
+        let manifest = Manifest {
+            abi_version: ABI_VERSION,
+            module: ModuleRef {
+                name: self.module.name().to_string(),
+                digest: self.module.digest().to_string(),
+            },
+            memory_bytes: self.memory.data_size(&self.store) as u64,
+            globals,
+            models,
+            sessions,
+            host: HostInfo {
+                device: compute_label(state.models.open_models()),
+                last_error: state.last_error.clone(),
+                session_slots: state.models.session_slots().len() as u32,
+            },
+        };
+        let memory = self.memory.data(&self.store);
+        write(&SnapshotWrite {
+            manifest: &manifest,
+            memory,
+            kv,
+        })
+        .map_err(ActorError::from)
+    }
+
+    /// Every global the module defines, with its value's bits.
+    fn globals(&mut self) -> Result<Vec<Global>, ActorError> {
+        let mut out = Vec::new();
+        for slot in &self.module.info.globals {
+            let global = self
+                .instance
+                .get_global(&mut self.store, &slot.export)
+                .ok_or_else(|| ActorError::Snapshot(format!("global `{}` is gone", slot.export)))?;
+            let (ty, bits) = match global.get(&mut self.store) {
+                Val::I32(x) => (ValType::I32, u128::from(x as u32)),
+                Val::I64(x) => (ValType::I64, u128::from(x as u64)),
+                Val::F32(bits) => (ValType::F32, u128::from(bits)),
+                Val::F64(bits) => (ValType::F64, u128::from(bits)),
+                Val::V128(v) => (ValType::V128, v.as_u128()),
+                _ if !slot.mutable => continue,
+                _ => {
+                    return Err(ActorError::Snapshot(format!(
+                        "global `{}` is a mutable reference, which a snapshot cannot hold",
+                        slot.export
+                    )));
+                }
+            };
+            out.push(Global {
+                name: slot.export.clone(),
+                ty,
+                mutable: slot.mutable,
+                bits,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A new actor of `module` in exactly the state `snapshot` holds. Its `tern_init` does
+    /// not run: the restored memory already holds what it set up.
+    pub fn restore(
+        runtime: &Runtime,
+        module: &Arc<ActorModule>,
+        snapshot: &SnapshotView<'_>,
+    ) -> Result<Actor, ActorError> {
+        let m = &snapshot.manifest;
+        if m.abi_version != ABI_VERSION {
+            return Err(refuse(format!(
+                "the snapshot uses guest ABI version {}, this host implements {ABI_VERSION}",
+                m.abi_version
+            )));
+        }
+        if m.module.digest != module.digest() {
+            return Err(refuse(format!(
+                "the snapshot was taken with module `{}` (sha256 {}), not with `{}` (sha256 {})",
+                m.module.name,
+                m.module.digest,
+                module.name(),
+                module.digest()
+            )));
+        }
+        let open = m
+            .models
+            .iter()
+            .map(|r| find_model(runtime, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sessions = restore_sessions(snapshot, &open)?;
+        let mut actor = Actor::instantiate(runtime, module)?;
+        actor.restore_memory(snapshot)?;
+        actor.restore_globals(&m.globals)?;
+        let state = actor.store.data_mut();
+        state.models.restore(open, sessions);
+        state.last_error = m.host.last_error.clone();
+        Ok(actor)
+    }
+
+    fn restore_memory(&mut self, snapshot: &SnapshotView<'_>) -> Result<(), ActorError> {
+        let page = format::PAGE_BYTES as u64;
+        let want = snapshot.manifest.memory_bytes / page;
+        let now = self.memory.size(&self.store);
+        if want < now {
+            return Err(refuse(format!(
+                "the snapshot's memory ({want} pages) is smaller than the module's initial memory ({now} pages)"
+            )));
+        }
+        if want > now {
+            self.memory.grow(&mut self.store, want - now).map_err(|e| {
+                refuse(format!(
+                    "cannot grow the actor's memory to {} bytes: {e}",
+                    want * page
+                ))
+            })?;
+        }
+        let dirty = self.module.info.initialized_pages.clone();
+        let memory = self.memory.data_mut(&mut self.store);
+        match dirty {
+            Some(pages) => snapshot.restore_pages(memory, |p| pages.contains(&(p as u64)))?,
+            None => snapshot.restore_memory(memory)?,
+        }
+        Ok(())
+    }
+
+    fn restore_globals(&mut self, globals: &[Global]) -> Result<(), ActorError> {
+        let slots = &self.module.info.globals;
+        for slot in slots {
+            let saved = globals.iter().find(|g| g.name == slot.export);
+            if saved.is_none() && slot.mutable && is_number(slot.ty) {
+                return Err(refuse(format!(
+                    "the snapshot has no value for global `{}`",
+                    slot.export
+                )));
+            }
+        }
+        for saved in globals {
+            let slot = slots
+                .iter()
+                .find(|s| s.export == saved.name)
+                .ok_or_else(|| refuse(format!("the module has no global `{}`", saved.name)))?;
+            let global = self
+                .instance
+                .get_global(&mut self.store, &slot.export)
+                .ok_or_else(|| refuse(format!("the module has no global `{}`", saved.name)))?;
+            let value = match saved.ty {
+                ValType::I32 => Val::I32(saved.bits as u32 as i32),
+                ValType::I64 => Val::I64(saved.bits as u64 as i64),
+                ValType::F32 => Val::F32(saved.bits as u32),
+                ValType::F64 => Val::F64(saved.bits as u64),
+                ValType::V128 => Val::V128(V128::from(saved.bits)),
+            };
+            if saved.mutable != slot.mutable || !same_type(&value, slot.ty) {
+                return Err(refuse(format!(
+                    "global `{}` differs in type from the module's",
+                    saved.name
+                )));
+            }
+            if slot.mutable {
+                global.set(&mut self.store, value).map_err(|e| {
+                    ActorError::Snapshot(format!("cannot set global `{}`: {e:#}", saved.name))
+                })?;
+            } else if !same_bits(&global.get(&mut self.store), &value) {
+                return Err(refuse(format!(
+                    "constant global `{}` differs from the module's",
+                    saved.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_number(ty: wasmparser::ValType) -> bool {
+    !matches!(ty, wasmparser::ValType::Ref(_))
+}
+
+fn same_type(value: &Val, ty: wasmparser::ValType) -> bool {
+    use wasmparser::ValType as W;
+    matches!(
+        (value, ty),
+        (Val::I32(_), W::I32)
+            | (Val::I64(_), W::I64)
+            | (Val::F32(_), W::F32)
+            | (Val::F64(_), W::F64)
+            | (Val::V128(_), W::V128)
+    )
+}
+
+fn same_bits(a: &Val, b: &Val) -> bool {
+    match (a, b) {
+        (Val::I32(x), Val::I32(y)) => x == y,
+        (Val::I64(x), Val::I64(y)) => x == y,
+        (Val::F32(x), Val::F32(y)) => x == y,
+        (Val::F64(x), Val::F64(y)) => x == y,
+        (Val::V128(x), Val::V128(y)) => x.as_u128() == y.as_u128(),
+        _ => false,
+    }
+}
+
+fn model_ref(model: &Arc<Model>) -> ModelRef {
+    let c = model.config();
+    ModelRef {
+        name: model.name.clone(),
+        digest: model.digest,
+        arch: "llama".into(),
+        n_layer: c.n_layer as u32,
+        n_head_kv: c.n_head_kv as u32,
+        head_dim: c.head_dim as u32,
+        n_vocab: c.n_vocab as u32,
+    }
+}
+
+/// The runtime's model that `wanted` names, if it is the same model.
+fn find_model(runtime: &Runtime, wanted: &ModelRef) -> Result<Arc<Model>, ActorError> {
+    let model = runtime.models.get(&wanted.name).ok_or_else(|| {
+        refuse(format!(
+            "the snapshot needs model `{}`, and this host offers {}",
+            wanted.name,
+            match runtime.models.names() {
+                names if names.is_empty() => "none".to_string(),
+                names => names.join(", "),
+            }
+        ))
+    })?;
+    let have = model_ref(model);
+    let fields = [
+        ("architecture", wanted.arch.clone(), have.arch.clone()),
+        (
+            "layers",
+            wanted.n_layer.to_string(),
+            have.n_layer.to_string(),
+        ),
+        (
+            "KV heads",
+            wanted.n_head_kv.to_string(),
+            have.n_head_kv.to_string(),
+        ),
+        (
+            "head size",
+            wanted.head_dim.to_string(),
+            have.head_dim.to_string(),
+        ),
+        (
+            "vocabulary",
+            wanted.n_vocab.to_string(),
+            have.n_vocab.to_string(),
+        ),
+        (
+            "weights digest",
+            format!("{:016x}", wanted.digest),
+            format!("{:016x}", have.digest),
+        ),
+    ];
+    for (what, want, got) in fields {
+        if want != got {
+            return Err(refuse(format!(
+                "model `{}` differs from the snapshot's: {what} {got}, the snapshot has {want}",
+                wanted.name
+            )));
+        }
+    }
+    Ok(model.clone())
+}
+
+/// The snapshot's sessions, KV caches filled, in their slots.
+fn restore_sessions(
+    snapshot: &SnapshotView<'_>,
+    open: &[Arc<Model>],
+) -> Result<Vec<Option<(usize, Session)>>, ActorError> {
+    let m = &snapshot.manifest;
+    let mut slots: Vec<Option<(usize, Session)>> =
+        (0..m.host.session_slots).map(|_| None).collect();
+    for (i, info) in m.sessions.iter().enumerate() {
+        let model = open.get(info.model as usize).ok_or_else(|| {
+            ActorError::Snapshot(format!("session {i} names model {}", info.model))
+        })?;
+        let mut session = model
+            .new_session(info.n_ctx as usize)
+            .map_err(|e| refuse(format!("session {}: {e}", info.slot)))?;
+        let kv = snapshot.kv(i)?;
+        session.cache.refill(info.tokens.len(), |layer, k, v| {
+            kv.k_layer(layer, k)?;
+            kv.v_layer(layer, v)
+        })?;
+        session.tokens = info.tokens.clone();
+        let slot = slots.get_mut(info.slot as usize).ok_or_else(|| {
+            ActorError::Snapshot(format!("session slot {} out of range", info.slot))
+        })?;
+        *slot = Some((info.model as usize, session));
+    }
+    Ok(slots)
+}
+
+/// Where the forward passes of `models` compute, or where the actor's memory lives when it
+/// opened no model.
+pub fn compute_label(models: &[Arc<Model>]) -> String {
+    let labels: Vec<String> = models.iter().map(|m| m.compute_label()).collect();
+    if labels.is_empty() {
+        "no model".into()
+    } else {
+        labels.join(", ")
+    }
+}
+
+impl Actor {
+    /// Where this actor's forward passes compute, as its snapshots record it.
+    pub fn compute_label(&self) -> String {
+        compute_label(self.store.data().models.open_models())
+    }
+}

@@ -1,0 +1,167 @@
+//! `tern snapshot` and `tern restore`: an actor's whole state to a file and back, in this
+//! process or another, on this machine or another.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tern_actor::{Actor, ActorModule, Limits, Runtime, SnapshotFile};
+use tern_compute::DeviceChoice;
+use tern_model::Precision;
+
+use crate::chat::open_model;
+
+/// What an actor runs against: its device and, optionally, a model.
+#[derive(clap::Args)]
+pub struct ActorEnv {
+    /// A GGUF model (or Hugging Face checkpoint) to offer the actor, named by its file stem
+    /// (default: SmolLM2-135M-Instruct, when a snapshot names it).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where the actor's memory lives.
+    #[arg(long, default_value = "auto", value_parser = crate::parse_device)]
+    device: DeviceChoice,
+    /// CPU threads for the forward pass (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// `fast` (int8 activations) or `reference` (f32 activations).
+    #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
+    precision: Precision,
+}
+
+#[derive(clap::Args)]
+pub struct SnapshotArgs {
+    /// A `.wasm` or `.wat` file, or the name of a bundled guest (`chat`).
+    module: String,
+    /// Where to write the snapshot.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Messages to deliver before the snapshot, in order.
+    #[arg(long)]
+    message: Vec<String>,
+    #[command(flatten)]
+    env: ActorEnv,
+}
+
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot to restore.
+    snapshot: PathBuf,
+    /// The module the snapshot was taken with (default: the bundled guest or path it names).
+    #[arg(long)]
+    module: Option<String>,
+    /// Messages to deliver after restoring, in order.
+    #[arg(long)]
+    message: Vec<String>,
+    /// Snapshot the actor again to this file after the messages.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    #[command(flatten)]
+    env: ActorEnv,
+}
+
+/// A runtime on `env`'s device, offering `env`'s model (or the default one when `wanted`
+/// names it).
+fn runtime(env: &ActorEnv, wanted: &[String]) -> anyhow::Result<Runtime> {
+    let device = tern_compute::open(env.device)?;
+    let mut runtime = Runtime::new(
+        device,
+        Limits {
+            call_time: std::time::Duration::from_secs(600),
+            ..Limits::default()
+        },
+    )?;
+    let default = crate::fetch::DEFAULT_MODEL.to_string();
+    if env.model.is_some() || wanted.contains(&default) {
+        let (_, model) = open_model(env.model.as_deref(), env.threads, env.precision)?;
+        runtime.add_model(model);
+    }
+    Ok(runtime)
+}
+
+/// Instruments and compiles a module named by path or bundled-guest name.
+pub fn load_module(runtime: &Runtime, name: &str) -> anyhow::Result<Arc<ActorModule>> {
+    let path = crate::run::resolve_module(name)?;
+    let wasm = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Arc::new(ActorModule::new(runtime, name, &wasm)?))
+}
+
+/// Restores the actor saved at `path` and says how it will continue.
+pub fn restore(runtime: &Runtime, module: &Arc<ActorModule>, path: &Path) -> anyhow::Result<Actor> {
+    let file = SnapshotFile::open(path)?;
+    let view = file.view()?;
+    let actor = Actor::restore(runtime, module, &view)
+        .with_context(|| format!("restoring {}", path.display()))?;
+    let m = &view.manifest;
+    let tokens: usize = m.sessions.iter().map(|s| s.tokens.len()).sum();
+    let (was, now) = (&m.host.device, actor.compute_label());
+    eprintln!(
+        "restored {}: module `{}`, {} KiB of memory, {} globals, {} sessions ({tokens} tokens of KV cache)",
+        path.display(),
+        m.module.name,
+        m.memory_bytes / 1024,
+        m.globals.len(),
+        m.sessions.len(),
+    );
+    if *was == now {
+        eprintln!("continuing bit for bit: taken on {was}, continuing on {now}");
+    } else {
+        eprintln!(
+            "taken on {was}, continuing on {now}: a valid continuation, not a bitwise one (devices round differently, so later tokens may differ from an uninterrupted run)"
+        );
+    }
+    Ok(actor)
+}
+
+fn stream_to_stdout(actor: &mut Actor) {
+    actor.on_output(|bytes| {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(bytes);
+        let _ = out.flush();
+    });
+}
+
+fn deliver(actor: &mut Actor, messages: &[String]) -> anyhow::Result<()> {
+    for message in messages {
+        let reply = actor.send(message.as_bytes())?;
+        println!();
+        if reply.code < 0 {
+            anyhow::bail!(
+                "the actor reported an error ({}): {}",
+                reply.code,
+                actor.last_error().unwrap_or("see its output")
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
+    let runtime = runtime(&args.env, &[])?;
+    let module = load_module(&runtime, &args.module)?;
+    let mut actor = Actor::start(&runtime, &module)?;
+    stream_to_stdout(&mut actor);
+    deliver(&mut actor, &args.message)?;
+    let bytes = actor.save(&args.out)?;
+    eprintln!("saved {} ({bytes} bytes)", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn restore_command(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let file = SnapshotFile::open(&args.snapshot)?;
+    let manifest = file.view()?.manifest;
+    let names: Vec<String> = manifest.models.iter().map(|m| m.name.clone()).collect();
+    let runtime = runtime(&args.env, &names)?;
+    let module_name = args.module.as_deref().unwrap_or(&manifest.module.name);
+    let module = load_module(&runtime, module_name)?;
+    let mut actor = restore(&runtime, &module, &args.snapshot)?;
+    stream_to_stdout(&mut actor);
+    deliver(&mut actor, &args.message)?;
+    if let Some(path) = &args.save {
+        let bytes = actor.save(path)?;
+        eprintln!("saved {} ({bytes} bytes)", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

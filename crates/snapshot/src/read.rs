@@ -1,0 +1,191 @@
+//! Reading snapshots: [`parse`] checks a whole file and returns a [`SnapshotView`] that
+//! borrows its sections; [`SnapshotFile`] holds a file's bytes (memory-mapped when large).
+//!
+//! Everything a view hands out was checked by [`parse`]: the frame, the manifest, the memory
+//! page table and every KV blob's header and shape against the manifest.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use memmap2::{Mmap, MmapOptions};
+
+use crate::kv::KvView;
+use crate::layout::read_frame;
+use crate::pages::MemorySection;
+use crate::{MAX_MANIFEST_BYTES, Manifest, SnapshotError, check_limit, corrupt};
+
+/// Files smaller than this are read into memory rather than mapped.
+const MAP_THRESHOLD_BYTES: u64 = 256 << 10;
+
+/// A snapshot file's bytes, memory-mapped or (for small files) read into memory.
+pub struct SnapshotFile {
+    bytes: Bytes,
+}
+
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl SnapshotFile {
+    /// Opens the file at `path`. Nothing is checked until [`view`](Self::view).
+    ///
+    /// Large files are memory-mapped: the file must not be truncated or rewritten in place
+    /// while the `SnapshotFile` lives. [`save`](crate::save) never does that (it replaces
+    /// files by renaming); a process that did could make reads fault.
+    pub fn open(path: &Path) -> Result<SnapshotFile, SnapshotError> {
+        let io_error = |source| SnapshotError::Io {
+            path: path.to_path_buf(),
+            error: source,
+        };
+        let file = File::open(path).map_err(io_error)?;
+        let len = file.metadata().map_err(io_error)?.len();
+        let bytes = if len < MAP_THRESHOLD_BYTES {
+            let mut bytes = Vec::with_capacity(len as usize);
+            // `take` bounds the read even if the file grew since `metadata`.
+            file.take(MAP_THRESHOLD_BYTES)
+                .read_to_end(&mut bytes)
+                .map_err(io_error)?;
+            Bytes::Owned(bytes)
+        } else {
+            // SAFETY: the mapping is read-only and private to this value. Mapping a file is
+            // sound as long as no one modifies or truncates it while mapped; snapshot files
+            // are published by rename and never written in place, and `open` documents that
+            // contract. The bytes are treated as untrusted input by `parse` regardless.
+            let map = unsafe { MmapOptions::new().populate().map(&file) };
+            Bytes::Mapped(map.map_err(io_error)?)
+        };
+        Ok(SnapshotFile { bytes })
+    }
+
+    /// Checks the file and returns a view of it; see [`parse`].
+    pub fn view(&self) -> Result<SnapshotView<'_>, SnapshotError> {
+        parse(self.bytes())
+    }
+
+    /// The file's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            Bytes::Mapped(map) => map,
+            Bytes::Owned(bytes) => bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for SnapshotFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mapped = matches!(self.bytes, Bytes::Mapped(_));
+        f.debug_struct("SnapshotFile")
+            .field("bytes", &self.bytes().len())
+            .field("mapped", &mapped)
+            .finish()
+    }
+}
+
+/// A checked snapshot: the manifest, and the memory and KV sections borrowed from the bytes.
+pub struct SnapshotView<'a> {
+    pub manifest: Manifest,
+    memory: MemorySection<'a>,
+    kv: Vec<KvView<'a>>,
+}
+
+/// Checks `bytes` as a whole snapshot, in order: magic, version, flags, length, checksum,
+/// section table, manifest ([`Manifest::validate`] included), memory page table, and each KV
+/// blob's header and shape against its session (`[model.n_layer, tokens.len(),
+/// model.n_head_kv × model.head_dim]`). Never panics; allocates at most a small multiple of
+/// `bytes.len()`.
+pub fn parse(bytes: &[u8]) -> Result<SnapshotView<'_>, SnapshotError> {
+    let frame = read_frame(bytes)?;
+    check_limit(
+        "manifest bytes",
+        frame.manifest.len() as u64,
+        MAX_MANIFEST_BYTES,
+    )?;
+    let manifest: Manifest = serde_json::from_slice(frame.manifest)
+        .map_err(|source| SnapshotError::Manifest { source })?;
+    manifest.validate()?;
+    let memory = MemorySection::parse(frame.memory, manifest.memory_bytes)?;
+
+    if frame.kv.len() != manifest.sessions.len() {
+        return Err(corrupt(format!(
+            "the file has {} KV blobs but the manifest lists {} sessions",
+            frame.kv.len(),
+            manifest.sessions.len()
+        )));
+    }
+    let mut kv = Vec::with_capacity(frame.kv.len());
+    for (i, (blob, session)) in frame.kv.iter().zip(&manifest.sessions).enumerate() {
+        let view = KvView::parse(i, blob)?;
+        let Some(model) = manifest.models.get(session.model as usize) else {
+            return Err(corrupt(format!("session {i} has no model"))); // validate() checked
+        };
+        let expected = [
+            u64::from(model.n_layer),
+            session.tokens.len() as u64,
+            model.kv_dim(),
+        ];
+        let found = view.shape().map(|d| d as u64);
+        if found != expected {
+            return Err(corrupt(format!(
+                "session {i} KV blob has shape {found:?} but its manifest entry implies {expected:?} ([model n_layer, tokens, n_head_kv × head_dim])"
+            )));
+        }
+        kv.push(view);
+    }
+    Ok(SnapshotView {
+        manifest,
+        memory,
+        kv,
+    })
+}
+
+impl<'a> SnapshotView<'a> {
+    /// Writes every stored page into `dst` and zeroes every page that is not stored. `dst`
+    /// must be exactly `manifest.memory_bytes` long. On error `dst` holds partial contents.
+    pub fn restore_memory(&self, dst: &mut [u8]) -> Result<(), SnapshotError> {
+        self.memory.restore(dst, |_| true)
+    }
+
+    /// Like [`restore_memory`](Self::restore_memory), but of the pages that are not stored
+    /// zeroes only those for which `dirty(page)` is true (page = byte offset / [`PAGE_BYTES`])
+    /// and leaves the rest untouched. For a `dst` known to be zero outside a few pages (a
+    /// fresh instance whose data segments wrote some pages), this skips the zero fill of the
+    /// rest and keeps it uncommitted.
+    ///
+    /// [`PAGE_BYTES`]: crate::PAGE_BYTES
+    pub fn restore_pages(
+        &self,
+        dst: &mut [u8],
+        dirty: impl FnMut(usize) -> bool,
+    ) -> Result<(), SnapshotError> {
+        self.memory.restore(dst, dirty)
+    }
+
+    /// Number of memory pages stored in the file (pages that are not all zero).
+    pub fn stored_pages(&self) -> usize {
+        self.memory.stored_pages()
+    }
+
+    /// The KV cache of `manifest.sessions[session]`.
+    pub fn kv(&self, session: usize) -> Result<KvView<'a>, SnapshotError> {
+        self.kv
+            .get(session)
+            .copied()
+            .ok_or(SnapshotError::OutOfRange {
+                what: "session",
+                index: session as u64,
+                len: self.kv.len() as u64,
+            })
+    }
+}
+
+impl std::fmt::Debug for SnapshotView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotView")
+            .field("manifest", &self.manifest)
+            .field("stored_pages", &self.stored_pages())
+            .field("kv", &self.kv)
+            .finish()
+    }
+}
