@@ -60,28 +60,37 @@ impl Actor {
         }
         let globals = self.globals()?;
         let state = self.store.data();
-        let models = state.models.open_models().iter().map(model_ref).collect();
+        let open = state.models.open_models();
+        let models = open.iter().map(model_ref).collect();
         let mut sessions = Vec::new();
-        let mut kv = Vec::new();
+        let mut caches = Vec::new();
         for (slot, entry) in state.models.session_slots().iter().enumerate() {
             let Some((model, session)) = entry else {
                 continue;
             };
-            let cache = &session.cache;
             sessions.push(SessionInfo {
                 slot: slot as u32,
                 model: *model as u32,
-                n_ctx: cache.n_ctx as u32,
+                n_ctx: session.n_ctx() as u32,
                 tokens: session.tokens.clone(),
             });
-            let (k, v) = (0..cache.n_layer()).map(|l| cache.layer(l)).unzip();
-            kv.push(KvWrite {
-                kv_dim: cache.kv_dim(),
-                n_tokens: cache.len,
-                k,
-                v,
-            });
+            let cache = session
+                .host_kv(&open[*model])
+                .map_err(|e| ActorError::Snapshot(format!("reading a KV cache: {e}")))?;
+            caches.push(cache);
         }
+        let kv = caches
+            .iter()
+            .map(|cache| {
+                let (k, v) = (0..cache.n_layer()).map(|l| cache.layer(l)).unzip();
+                KvWrite {
+                    kv_dim: cache.kv_dim(),
+                    n_tokens: cache.len,
+                    k,
+                    v,
+                }
+            })
+            .collect();
         let manifest = Manifest {
             abi_version: ABI_VERSION,
             module: ModuleRef {
@@ -359,10 +368,13 @@ fn restore_sessions(
             .new_session(info.n_ctx as usize)
             .map_err(|e| refuse(format!("session {}: {e}", info.slot)))?;
         let kv = snapshot.kv(i)?;
-        session.cache.refill(info.tokens.len(), |layer, k, v| {
-            kv.k_layer(layer, k)?;
-            kv.v_layer(layer, v)
-        })?;
+        let bad_kv = |e: format::SnapshotError| tern_model::ModelError::Format(e.to_string());
+        session
+            .refill(model, info.tokens.len(), |layer, k, v| {
+                kv.k_layer(layer, k).map_err(bad_kv)?;
+                kv.v_layer(layer, v).map_err(bad_kv)
+            })
+            .map_err(|e| ActorError::Snapshot(format!("restoring a KV cache: {e}")))?;
         session.tokens = info.tokens.clone();
         let slot = slots.get_mut(info.slot as usize).ok_or_else(|| {
             ActorError::Snapshot(format!("session slot {} out of range", info.slot))

@@ -32,8 +32,8 @@ pub struct ChatArgs {
     /// A system prompt.
     #[arg(long)]
     system: Option<String>,
-    /// Where the actor's memory lives and `matmul` runs (the model's forward pass runs on the
-    /// CPU in this build).
+    /// Where the actor's memory lives and the forward pass runs (`auto`: the GPU when there
+    /// is one).
     #[arg(long, default_value = "auto", value_parser = crate::parse_device)]
     device: DeviceChoice,
     /// CPU threads for the forward pass (default: all cores).
@@ -53,8 +53,8 @@ pub struct ChatArgs {
 }
 
 pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
-    let (name, model) = open_model(args.model.as_deref(), args.threads, args.precision)?;
     let device = tern_compute::open(args.device)?;
+    let (name, model) = open_model(args.model.as_deref(), args.threads, args.precision, &device)?;
     let mut runtime = Runtime::new(
         device.clone(),
         Limits {
@@ -65,11 +65,10 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
     runtime.add_model(model.clone());
     let module = crate::snapshot::load_module(&runtime, "chat")?;
     eprintln!(
-        "model: {name} ({} layers, vocab {}), forward pass on cpu x{} ({:?} precision); actor memory on {}",
+        "model: {name} ({} layers, vocab {}), forward pass on {}; actor memory on {}",
         model.config().n_layer,
         model.config().n_vocab,
-        model.llama.threads(),
-        args.precision,
+        model.compute_label(),
         device.describe()
     );
     let mut actor = match &args.resume {
@@ -122,11 +121,13 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Opens `path` (or the default model, fetched on first use), named by its file stem.
+/// Opens `path` (or the default model, fetched on first use), named by its file stem, with
+/// its forward pass on `device` when that is a GPU.
 pub fn open_model(
     path: Option<&Path>,
     threads: Option<usize>,
     precision: Precision,
+    device: &Arc<dyn tern_compute::Device>,
 ) -> anyhow::Result<(String, Arc<Model>)> {
     let (name, path) = match path {
         Some(path) => (
@@ -138,7 +139,9 @@ pub fn open_model(
     };
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let model = Model::open(&name, &path, threads)?.with_precision(precision);
+    let model = Model::open(&name, &path, threads)?
+        .with_precision(precision)
+        .on_device(device)?;
     Ok((name, Arc::new(model)))
 }
 

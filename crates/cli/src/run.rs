@@ -33,9 +33,19 @@ pub fn resolve_module(name: &str) -> anyhow::Result<PathBuf> {
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    let bundled = Path::new(env!("TERN_GUEST_DIR")).join(format!("{name}.wasm"));
-    if !name.contains(['/', '.']) && bundled.exists() {
-        return Ok(bundled);
+    if !name.contains(['/', '.']) {
+        // Where the build put the guests, or beside the `tern` binary in a packed copy.
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join(format!("{name}.wasm"))));
+        let built = Path::new(env!("TERN_GUEST_DIR")).join(format!("{name}.wasm"));
+        if let Some(path) = [Some(built), beside]
+            .into_iter()
+            .flatten()
+            .find(|p| p.exists())
+        {
+            return Ok(path);
+        }
     }
     bail!("no module at `{name}`, and no bundled guest of that name")
 }

@@ -20,7 +20,7 @@ pub struct ActorEnv {
     /// (default: SmolLM2-135M-Instruct, when a snapshot names it).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Where the actor's memory lives.
+    /// Where the actor's memory lives and the forward pass runs.
     #[arg(long, default_value = "auto", value_parser = crate::parse_device)]
     device: DeviceChoice,
     /// CPU threads for the forward pass (default: all cores).
@@ -75,7 +75,12 @@ fn runtime(env: &ActorEnv, wanted: &[String]) -> anyhow::Result<Runtime> {
     )?;
     let default = crate::fetch::DEFAULT_MODEL.to_string();
     if env.model.is_some() || wanted.contains(&default) {
-        let (_, model) = open_model(env.model.as_deref(), env.threads, env.precision)?;
+        let (_, model) = open_model(
+            env.model.as_deref(),
+            env.threads,
+            env.precision,
+            runtime.device(),
+        )?;
         runtime.add_model(model);
     }
     Ok(runtime)

@@ -140,6 +140,11 @@ pub trait Device: HostMapper + fmt::Debug {
     fn device_memory_used(&self) -> Option<u64> {
         None
     }
+
+    /// This device as a CUDA GPU, when it is one: models run their forward pass on it.
+    fn as_cuda(&self) -> Option<&cuda::CudaDevice> {
+        None
+    }
 }
 
 /// Device-owned operand buffers for the explicit-copy path.

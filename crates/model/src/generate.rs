@@ -27,7 +27,7 @@ pub struct Shape {
     pub rope_base: f32,
 }
 
-/// Shapes of real models, and a tiny one for fast tests.
+/// Shapes of real models, and small ones for fast tests (`small` fits K-quant blocks).
 pub const SHAPES: &[Shape] = &[
     Shape {
         name: "tiny",
@@ -38,6 +38,17 @@ pub const SHAPES: &[Shape] = &[
         n_ff: 128,
         n_vocab: 512,
         n_ctx: 256,
+        rope_base: 10_000.0,
+    },
+    Shape {
+        name: "small",
+        n_layer: 2,
+        n_embd: 256,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ff: 512,
+        n_vocab: 512,
+        n_ctx: 1024,
         rope_base: 10_000.0,
     },
     Shape {

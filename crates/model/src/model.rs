@@ -1,6 +1,7 @@
 //! [`Model`]: one model file opened once per process and shared by every actor that uses it:
 //! its weights, tokenizer and chat template, and the sessions (KV caches) that run on it.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use tern_text::{ChatTemplate, Message, Tokenizer, TokenizerSpec};
@@ -15,6 +16,9 @@ use crate::safetensors::SafetensorsFile;
 pub struct Model {
     pub name: String,
     pub llama: CpuLlama,
+    /// The forward pass on a GPU, when the model was put on one ([`Model::on_device`]).
+    #[cfg(feature = "cuda")]
+    pub cuda: Option<crate::llama::cuda::CudaLlama>,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
     /// A digest of the model file (FNV-1a over its bytes), to tell models apart in snapshots.
@@ -24,7 +28,14 @@ pub struct Model {
 /// One sequence's state on a model: its tokens and KV cache.
 pub struct Session {
     pub tokens: Vec<u32>,
-    pub cache: KvCache,
+    kv: SessionKv,
+}
+
+/// Where a session's KV cache lives.
+enum SessionKv {
+    Cpu(KvCache),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::llama::cuda::CudaSession>),
 }
 
 impl Model {
@@ -66,6 +77,8 @@ impl Model {
         Ok(Model {
             name: name.to_string(),
             llama,
+            #[cfg(feature = "cuda")]
+            cuda: None,
             tokenizer,
             template,
             digest,
@@ -115,10 +128,31 @@ impl Model {
         Ok(Model {
             name: name.to_string(),
             llama,
+            #[cfg(feature = "cuda")]
+            cuda: None,
             tokenizer,
             template,
             digest,
         })
+    }
+
+    /// Runs the forward pass on `device` when it is a GPU (weights uploaded once, shared by
+    /// every session); on the CPU device this changes nothing.
+    pub fn on_device(
+        #[allow(unused_mut)] mut self,
+        device: &std::sync::Arc<dyn tern_compute::Device>,
+    ) -> Result<Model, ModelError> {
+        #[cfg(feature = "cuda")]
+        if device.as_cuda().is_some() {
+            let cuda = crate::llama::cuda::CudaLlama::new(
+                self.config(),
+                &self.llama.weights,
+                device.clone(),
+            )?;
+            self.cuda = Some(cuda);
+        }
+        let _ = device;
+        Ok(self)
     }
 
     /// Switches how matrix products treat activations (the default is the reference).
@@ -130,6 +164,10 @@ impl Model {
     /// Where and how the forward pass computes ("cpu fast"): two runs with the same label
     /// round alike, so a session moved between them continues bit for bit.
     pub fn compute_label(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = &self.cuda {
+            return cuda.label();
+        }
         let precision = match self.llama.precision {
             Precision::Reference => "reference",
             Precision::Fast => "fast",
@@ -194,9 +232,16 @@ impl Model {
                 "session of {max_tokens} tokens (1..={limit} allowed)"
             )));
         }
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = &self.cuda {
+            return Ok(Session {
+                tokens: Vec::new(),
+                kv: SessionKv::Cuda(Box::new(cuda.new_session(max_tokens)?)),
+            });
+        }
         Ok(Session {
             tokens: Vec::new(),
-            cache: self.llama.new_cache(max_tokens)?,
+            kv: SessionKv::Cpu(self.llama.new_cache(max_tokens)?),
         })
     }
 
@@ -207,7 +252,16 @@ impl Model {
         tokens: &[u32],
         logits: &mut [f32],
     ) -> Result<(), ModelError> {
-        self.llama.forward(&mut session.cache, tokens, logits)?;
+        match &mut session.kv {
+            SessionKv::Cpu(cache) => self.llama.forward(cache, tokens, logits)?,
+            #[cfg(feature = "cuda")]
+            SessionKv::Cuda(s) => {
+                let cuda = self.cuda.as_ref().ok_or_else(|| {
+                    ModelError::Invalid("a GPU session on a model without a GPU".into())
+                })?;
+                cuda.forward(s, tokens, logits)?
+            }
+        }
         session.tokens.extend_from_slice(tokens);
         Ok(())
     }
@@ -217,7 +271,79 @@ impl Session {
     /// Keeps the first `len` tokens and forgets the rest.
     pub fn rewind(&mut self, len: usize) {
         self.tokens.truncate(len);
-        self.cache.truncate(len);
+        match &mut self.kv {
+            SessionKv::Cpu(cache) => cache.truncate(len),
+            #[cfg(feature = "cuda")]
+            SessionKv::Cuda(s) => s.truncate(len),
+        }
+    }
+
+    /// Positions the session can hold.
+    pub fn n_ctx(&self) -> usize {
+        match &self.kv {
+            SessionKv::Cpu(cache) => cache.n_ctx,
+            #[cfg(feature = "cuda")]
+            SessionKv::Cuda(s) => s.n_ctx,
+        }
+    }
+
+    /// Positions in the KV cache.
+    pub fn kv_len(&self) -> usize {
+        match &self.kv {
+            SessionKv::Cpu(cache) => cache.len,
+            #[cfg(feature = "cuda")]
+            SessionKv::Cuda(s) => s.len,
+        }
+    }
+
+    /// The KV cache of the filled positions on the host: borrowed for a CPU session, copied
+    /// from the GPU for a GPU one.
+    pub fn host_kv(&self, model: &Model) -> Result<Cow<'_, KvCache>, ModelError> {
+        let _ = model;
+        match &self.kv {
+            SessionKv::Cpu(cache) => Ok(Cow::Borrowed(cache)),
+            #[cfg(feature = "cuda")]
+            SessionKv::Cuda(s) => {
+                let c = model.config();
+                Ok(Cow::Owned(s.download(c.n_layer, c.kv_dim())?))
+            }
+        }
+    }
+
+    /// Marks the first `len` positions filled and lends each layer's keys and values of those
+    /// positions to `fill`, then moves them to wherever the cache lives: how a saved cache
+    /// is written back.
+    pub fn refill(
+        &mut self,
+        model: &Model,
+        len: usize,
+        fill: impl FnMut(usize, &mut [f32], &mut [f32]) -> Result<(), ModelError>,
+    ) -> Result<(), ModelError> {
+        let _ = model;
+        match &mut self.kv {
+            SessionKv::Cpu(cache) => cache.refill(len, fill),
+            #[cfg(feature = "cuda")]
+            SessionKv::Cuda(s) => {
+                let c = model.config();
+                let mut host = KvCache::empty(c.n_layer, len, c.kv_dim());
+                host.refill(len, fill)?;
+                s.upload(&host)
+            }
+        }
+    }
+
+    /// The GPU side of the session, when it lives on one.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_mut(&mut self) -> Option<&mut crate::llama::cuda::CudaSession> {
+        match &mut self.kv {
+            SessionKv::Cuda(s) => Some(s),
+            SessionKv::Cpu(_) => None,
+        }
+    }
+
+    /// Whether the cache lives on a GPU.
+    pub fn on_gpu(&self) -> bool {
+        !matches!(self.kv, SessionKv::Cpu(_))
     }
 }
 

@@ -17,12 +17,19 @@ use crate::fetch;
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {
-    /// Where the model runs.
+    /// Where the model runs (`auto`: the GPU when there is one).
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: DeviceChoice,
     /// A GGUF model file (default: SmolLM2-135M-Instruct).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Instead of a model file, a random-weight model of this shape (`smollm2-135m`,
+    /// `llama-3.2-1b`, ...), generated once into the model cache.
+    #[arg(long)]
+    shape: Option<String>,
+    /// Weight type of a generated model's matrices (`q4_1`, `q8_0`, `bf16`, ...).
+    #[arg(long, default_value = "q4_1")]
+    weights: String,
     /// Prompt tokens to prefill.
     #[arg(long, default_value_t = 128)]
     prefill: usize,
@@ -46,13 +53,23 @@ const REFERENCE_DECODE: f64 = 158.0;
 const REFERENCE_PREFILL: f64 = 290.0;
 
 pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
-    if args.device != DeviceChoice::Cpu {
-        bail!("this build runs the forward pass on the CPU only (--device cpu)");
-    }
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => fetch::default_model()?,
+    let path = super::bench_model(args.model.as_deref(), args.shape.as_deref(), &args.weights)?;
+    let on_gpu = match args.device {
+        DeviceChoice::Cpu => false,
+        DeviceChoice::Cuda => true,
+        DeviceChoice::Auto => tern_compute::open(DeviceChoice::Auto)?.as_cuda().is_some(),
     };
+    if on_gpu {
+        #[cfg(feature = "cuda")]
+        return super::decode_cuda::decode_cuda(super::decode_cuda::CudaBench {
+            path: &path,
+            prefill: args.prefill,
+            decode: args.decode,
+            repeats: args.repeats,
+        });
+        #[cfg(not(feature = "cuda"))]
+        bail!("this build of tern has no CUDA support");
+    }
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

@@ -2,6 +2,8 @@
 //! measured in the same run.
 
 mod decode;
+#[cfg(feature = "cuda")]
+mod decode_cuda;
 mod snapshot;
 mod zero_copy;
 
@@ -33,12 +35,12 @@ fn median(xs: &[f64]) -> f64 {
     zero_copy::percentile(&sorted, 0.5)
 }
 
-/// The model a benchmark runs on: `model`, else a random-weight model of `shape` (generated
-/// once into the model cache, Q4_1 matrices and a Q8_0 embedding as SmolLM2's file has), else
-/// the default model.
+/// The model a benchmark runs on: `model`, else a random-weight model of `shape` with
+/// `weights` matrices (generated once into the model cache), else the default model.
 fn bench_model(
     model: Option<&std::path::Path>,
     shape: Option<&str>,
+    weights: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
     use tern_model::generate::{Types, shape as find_shape, write_random_llama};
     use tern_model::quant::DType;
@@ -54,19 +56,27 @@ fn bench_model(
                     .collect();
                 anyhow::anyhow!("unknown shape `{name}` (known: {})", names.join(", "))
             })?;
+            let linear = DType::ALL
+                .into_iter()
+                .find(|t| t.to_string().eq_ignore_ascii_case(weights))
+                .ok_or_else(|| anyhow::anyhow!("unknown weight type `{weights}`"))?;
             let dir = crate::fetch::model_dir();
             std::fs::create_dir_all(&dir)?;
-            let path = dir.join(format!("random-{name}-q4_1.gguf"));
+            let path = dir.join(format!("random-{name}-{}.gguf", weights.to_lowercase()));
             if !path.exists() {
                 eprintln!(
                     "generating a random-weight {name} model into {}",
                     path.display()
                 );
                 let partial = path.with_extension(format!("partial-{}", std::process::id()));
-                let types = Types {
-                    linear: DType::Q4_1,
-                    embd: DType::Q8_0,
+                // SmolLM2's file keeps its embedding in Q8_0 beside Q4_1 matrices; float
+                // models keep every matrix in their one type.
+                let embd = if linear == DType::Q4_1 {
+                    DType::Q8_0
+                } else {
+                    linear
                 };
+                let types = Types { linear, embd };
                 write_random_llama(&partial, shape, types, 1)?;
                 std::fs::rename(&partial, &path)?;
             }

@@ -17,7 +17,7 @@ use super::median;
 
 #[derive(clap::Args)]
 pub struct SnapshotBenchArgs {
-    /// Where the actor's memory lives (the forward pass runs on the CPU in this build).
+    /// Where the actor's memory lives and the forward pass runs.
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: DeviceChoice,
     /// A GGUF model file (default: SmolLM2-135M-Instruct).
@@ -55,17 +55,20 @@ struct Row {
 }
 
 pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
-    let path = super::bench_model(args.model.as_deref(), args.shape.as_deref())?;
+    let path = super::bench_model(args.model.as_deref(), args.shape.as_deref(), "q4_1")?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let model = Arc::new(Model::open("bench", &path, threads)?.with_precision(Precision::Fast));
+    let device = tern_compute::open(args.device)?;
+    let model = Model::open("bench", &path, threads)?
+        .with_precision(Precision::Fast)
+        .on_device(&device)?;
+    let model = Arc::new(model);
     let c = model.config().clone();
     let limit = c.n_ctx_train.saturating_sub(1);
     if let Some(&n) = args.tokens.iter().find(|&&n| n == 0 || n > limit) {
         bail!("--tokens {n}: the model holds 1..={limit} tokens");
     }
-    let device = tern_compute::open(args.device)?;
     let mut runtime = Runtime::new(device.clone(), Limits::default())?;
     runtime.add_model(model.clone());
     let wasm =
@@ -76,11 +79,12 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
     let dir = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let file = dir.join(format!("tern-bench-{}.tern", std::process::id()));
     println!(
-        "tern bench snapshot: {} ({} layers, {} KV floats per token and layer), forward pass on cpu x{threads}, actor memory on {}",
+        "tern bench snapshot: {} ({} layers, {} KV floats per token and layer), forward pass on {}, actor memory on {}",
         path.file_name()
             .map_or("model".into(), |n| n.to_string_lossy()),
         c.n_layer,
         c.kv_dim(),
+        model.compute_label(),
         device.describe()
     );
     println!(

@@ -116,6 +116,22 @@ impl CudaDevice {
         })
     }
 
+    /// The driver context every buffer and kernel of this GPU lives in.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The GPU's compute capability as one number (`90` for sm_90).
+    pub fn arch(&self) -> u32 {
+        self.arch
+    }
+
+    /// Whether `[addr, addr + bytes)` lies in host memory registered with this GPU, so that
+    /// kernels may read and write it at the same address.
+    pub fn sees(&self, addr: usize, bytes: usize) -> bool {
+        self.check_registered("range", addr, bytes).is_ok()
+    }
+
     fn driver_error(&self, what: &'static str, e: impl std::fmt::Debug) -> ComputeError {
         ComputeError::Driver {
             device: self.label.clone(),
@@ -298,6 +314,10 @@ impl Device for CudaDevice {
     fn device_memory_used(&self) -> Option<u64> {
         let (free, total) = self.ctx.mem_get_info().ok()?;
         Some((total - free) as u64)
+    }
+
+    fn as_cuda(&self) -> Option<&CudaDevice> {
+        Some(self)
     }
 }
 

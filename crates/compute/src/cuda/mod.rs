@@ -13,7 +13,11 @@ mod device;
 #[cfg(feature = "cuda")]
 mod nvrtc;
 #[cfg(feature = "cuda")]
+pub use cudarc;
+#[cfg(feature = "cuda")]
 pub use device::CudaDevice;
+#[cfg(feature = "cuda")]
+pub use nvrtc::compile_cubin;
 
 #[cfg(not(feature = "cuda"))]
 mod stub;

@@ -36,6 +36,23 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// A zeroed cache of `n_layer` layers for `n_ctx` positions, `len` of them filled.
+    pub fn empty(n_layer: usize, n_ctx: usize, kv_dim: usize) -> KvCache {
+        KvCache {
+            k: vec![0.0; n_layer * n_ctx * kv_dim],
+            v: vec![0.0; n_layer * n_ctx * kv_dim],
+            len: n_ctx,
+            n_ctx,
+            kv_dim,
+        }
+    }
+
+    /// Layer `layer`'s keys and values of the filled positions, writable.
+    pub fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
+        let range = self.at(layer, 0)..self.at(layer, self.len);
+        (&mut self.k[range.clone()], &mut self.v[range])
+    }
+
     /// Floats per position in one layer's keys (or values): `n_head_kv * head_dim`.
     pub fn kv_dim(&self) -> usize {
         self.kv_dim
@@ -183,30 +200,7 @@ impl CpuLlama {
         logits: &mut [f32],
     ) -> Result<(), ModelError> {
         let c = &self.config;
-        if logits.len() != c.n_vocab {
-            return Err(ModelError::Invalid(format!(
-                "logits buffer holds {}, vocab is {}",
-                logits.len(),
-                c.n_vocab
-            )));
-        }
-        if tokens.is_empty() {
-            return Err(ModelError::Invalid("no tokens to run".into()));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-            return Err(ModelError::Invalid(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                c.n_vocab
-            )));
-        }
-        if cache.len + tokens.len() > cache.n_ctx {
-            return Err(ModelError::Invalid(format!(
-                "context full: {} + {} tokens exceed the session's {} positions",
-                cache.len,
-                tokens.len(),
-                cache.n_ctx
-            )));
-        }
+        super::check_forward(c, cache.len, cache.n_ctx, tokens, logits)?;
         self.pool.install(|| {
             let batches = tokens.chunks(MAX_BATCH);
             let last = batches.len() - 1;

@@ -1,0 +1,177 @@
+//! `tern bench decode --device cuda`: batch-1 decode and prefill speed of a model on the GPU,
+//! directly on the engine and through the `bench` actor (whose logits the GPU writes into the
+//! actor's memory), with the GPU's memory roofline and a per-kernel breakdown of one decode
+//! step, all measured in the same run.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use tern_actor::{Actor, ActorModule, Limits, Runtime};
+use tern_compute::DeviceChoice;
+use tern_model::{Model, Precision};
+
+use super::median;
+
+/// What the CUDA decode benchmark runs.
+pub struct CudaBench<'a> {
+    pub path: &'a Path,
+    pub prefill: usize,
+    pub decode: usize,
+    pub repeats: usize,
+}
+
+pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
+    let device = tern_compute::open(DeviceChoice::Cuda)?;
+    let model = Model::open("bench", b.path, 1)?
+        .with_precision(Precision::Reference)
+        .on_device(&device)?;
+    let model = Arc::new(model);
+    let Some(cuda) = model.cuda.as_ref() else {
+        bail!("the model did not go onto the GPU");
+    };
+    let c = model.config().clone();
+    let weight_bytes = model.llama.weights.bytes_per_token() as f64;
+    let st = cuda.startup;
+    println!(
+        "tern bench decode: {} ({} layers, n_embd {}, vocab {}), {:.1} MB of weights per token, on {}",
+        b.path
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy()),
+        c.n_layer,
+        c.n_embd,
+        c.n_vocab,
+        weight_bytes / 1e6,
+        device.describe()
+    );
+    println!(
+        "startup: kernels {:.1} ms ({}), weights {:.1} ms ({:.1} MB); {} kernels per decode step",
+        st.kernels_ms,
+        if st.kernels_cached {
+            "cached"
+        } else {
+            "compiled by NVRTC"
+        },
+        st.upload_ms,
+        st.weight_bytes as f64 / 1e6,
+        cuda.kernels_per_step()
+    );
+    let bandwidth = cuda.copy_bandwidth(1 << 30, 5)?;
+    let roofline = bandwidth / weight_bytes;
+    let context = b.prefill + b.decode + 1;
+    let prompt: Vec<u32> = (0..b.prefill as u32)
+        .map(|i| (i * 7919 + 13) % c.n_vocab as u32)
+        .collect();
+
+    let mut runtime = Runtime::new(device.clone(), Limits::default())?;
+    runtime.add_model(model.clone());
+    let wasm =
+        std::fs::read(crate::run::resolve_module("bench")?).context("reading the bench guest")?;
+    let module = Arc::new(ActorModule::new(&runtime, "bench", &wasm)?);
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let prefill_msg = format!("prefill {}", ids.join(" "));
+
+    // Warm-up: graphs captured, caches and clocks settled, untimed.
+    direct(&model, &prompt, 16, context)?;
+    let (mut dp, mut dd, mut ap, mut ad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..b.repeats.max(1) {
+        let (p, d) = direct(&model, &prompt, b.decode, context)?;
+        dp.push(p);
+        dd.push(d);
+        let mut actor = Actor::start(&runtime, &module)?;
+        send(&mut actor, &format!("open bench {} {context}", c.n_vocab))?;
+        let t = Instant::now();
+        send(&mut actor, &prefill_msg)?;
+        ap.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        send(&mut actor, &format!("decode {}", b.decode))?;
+        ad.push(t.elapsed().as_secs_f64());
+    }
+    let rate = |n: usize, secs: &[f64]| n as f64 / median(secs);
+    println!();
+    println!("{:<40} {:>12} {:>12}", "path", "prefill t/s", "decode t/s");
+    println!(
+        "{:<40} {:>12.1} {:>12.1}",
+        "engine (logits copied to the host)",
+        rate(b.prefill, &dp),
+        rate(b.decode, &dd)
+    );
+    println!(
+        "{:<40} {:>12.1} {:>12.1}",
+        "actor (logits written into Wasm memory)",
+        rate(b.prefill, &ap),
+        rate(b.decode, &ad)
+    );
+    let decode = rate(b.decode, &dd).max(rate(b.decode, &ad));
+    println!();
+    println!(
+        "HBM roofline: device-to-device copy {:.0} GB/s (read + write, 1 GiB) / {:.1} MB per token = {:.0} tokens/s; decode reaches {:.1}% of it",
+        bandwidth / 1e9,
+        weight_bytes / 1e6,
+        roofline,
+        decode / roofline * 100.0
+    );
+    let per_token_us = (median(&ad) - median(&dd)) / b.decode as f64 * 1e6;
+    println!(
+        "actor path cost per decoded token: {per_token_us:+.2} us ({:+.2}% of the engine's {:.1} us)",
+        per_token_us / (median(&dd) / b.decode as f64 * 1e6) * 100.0,
+        median(&dd) / b.decode as f64 * 1e6
+    );
+    breakdown(&model, &prompt, context)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prefills `prompt`, then decodes `n` tokens greedily; returns the seconds each took.
+fn direct(model: &Model, prompt: &[u32], n: usize, context: usize) -> anyhow::Result<(f64, f64)> {
+    let mut session = model.new_session(context)?;
+    let mut logits = vec![0.0; model.config().n_vocab];
+    let t = Instant::now();
+    model.forward(&mut session, prompt, &mut logits)?;
+    let prefill = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..n {
+        let next = tern_guest::sample::argmax(&logits);
+        model.forward(&mut session, &[next], &mut logits)?;
+    }
+    Ok((prefill, t.elapsed().as_secs_f64()))
+}
+
+/// Prints the GPU time of each kernel of one decode step after `prompt`.
+fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()> {
+    let mut session = model.new_session(context)?;
+    let mut logits = vec![0.0; model.config().n_vocab];
+    model.forward(&mut session, prompt, &mut logits)?;
+    let cuda = model.cuda.as_ref().context("no GPU model")?;
+    let gpu = session.cuda_mut().context("no GPU session")?;
+    let mut runs: Vec<Vec<(&str, f64)>> = Vec::new();
+    for _ in 0..5 {
+        runs.push(cuda.profile_step(gpu, 1)?);
+    }
+    let total: Vec<f64> = runs
+        .iter()
+        .map(|r| r.iter().map(|(_, t)| t).sum())
+        .collect();
+    let total = median(&total);
+    println!();
+    println!("one decode step, kernel by kernel (events between kernels, no graph; medians of 5):");
+    println!("{:<16} {:>10} {:>8}", "kernel", "us", "share");
+    for (i, (name, _)) in runs[0].iter().enumerate() {
+        let us = median(&runs.iter().map(|r| r[i].1).collect::<Vec<_>>());
+        println!("{name:<16} {us:>10.1} {:>7.1}%", us / total * 100.0);
+    }
+    println!("{:<16} {total:>10.1}", "total");
+    Ok(())
+}
+
+fn send(actor: &mut Actor, message: &str) -> anyhow::Result<()> {
+    let reply = actor.send(message.as_bytes())?;
+    if reply.code < 0 {
+        bail!(
+            "the bench actor failed: {}",
+            String::from_utf8_lossy(&reply.output)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! Every CUDA kernel file of the workspace compiles for sm_90 (the H100) with NVRTC, exactly
+//! as the CUDA backends compile them at run time. NVRTC needs no GPU, so this runs on every
+//! machine where `libnvrtc` loads (`scripts/nvrtc.sh` fetches it and puts it on
+//! `LD_LIBRARY_PATH`); elsewhere it reports itself skipped, unless `TERN_REQUIRE_NVRTC=1`,
+//! which makes a missing library a failure.
+#![cfg(feature = "cuda")]
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tern_compute::cuda::{compile_cubin, cudarc};
+
+/// The architecture the kernels must build for.
+const ARCH: u32 = 90;
+
+/// Folders holding kernel sources, relative to this crate.
+const KERNEL_DIRS: [&str; 2] = ["kernels", "../model/src/llama/cuda/kernels"];
+
+/// Every `*.cu` file in `KERNEL_DIRS`, sorted.
+fn kernel_files() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for dir in KERNEL_DIRS {
+        let dir = root.join(dir);
+        let entries = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("kernel folder {}: {e}", dir.display()));
+        for entry in entries {
+            let path = entry.expect("reading a kernel folder").path();
+            if path.extension().is_some_and(|x| x == "cu") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Whether the test may run: libnvrtc loads. Prints why not otherwise, or panics when
+/// `TERN_REQUIRE_NVRTC=1`.
+fn nvrtc_or_skip(test: &str) -> bool {
+    // SAFETY: only tries to dlopen the library under its candidate names; nothing is called.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return true;
+    }
+    let why = "libnvrtc could not be loaded (run `source scripts/nvrtc.sh` to fetch it)";
+    if std::env::var_os("TERN_REQUIRE_NVRTC").is_some_and(|v| v == "1") {
+        panic!("{test}: TERN_REQUIRE_NVRTC=1 but {why}");
+    }
+    // Past the harness's capture, so that the skip shows in every run.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{test}: skipped: {why}");
+    false
+}
+
+#[test]
+fn every_kernel_file_compiles_for_sm_90() {
+    if !nvrtc_or_skip("every_kernel_file_compiles_for_sm_90") {
+        return;
+    }
+    let files = kernel_files();
+    assert!(
+        files.iter().any(|f| f.ends_with("kernels/matmul.cu")),
+        "no kernel sources found under {KERNEL_DIRS:?}"
+    );
+    let mut failures = Vec::new();
+    for path in &files {
+        let source = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("kernel.cu");
+        // compile_cubin names its file for the life of the program, as the kernels it
+        // compiles at run time do.
+        let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        let started = Instant::now();
+        match compile_cubin(name, &source, ARCH) {
+            Ok(cubin) if cubin.starts_with(b"\x7fELF") => println!(
+                "{}: {} bytes of sm_{ARCH} code in {:.1?}",
+                path.display(),
+                cubin.len(),
+                started.elapsed()
+            ),
+            Ok(cubin) => failures.push(format!(
+                "{}: NVRTC returned {} bytes that are not an ELF CUBIN",
+                path.display(),
+                cubin.len()
+            )),
+            Err(e) => failures.push(format!("{}: {e}", path.display())),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

@@ -1,0 +1,251 @@
+//! The Llama forward pass on a CUDA GPU, checked against the CPU reference ([`super::cpu`]).
+//!
+//! Weights are uploaded once, in their file's block format, and shared by every session of
+//! the model; each session owns its KV cache and scratch buffers in device memory. Kernels are
+//! the real files in `kernels/` (`matvec.cu`: quantized matrix-vector products; `llama.cu`:
+//! norms, rotary embeddings with the KV append, attention, SwiGLU), compiled by NVRTC for the
+//! GPU's architecture and cached on disk.
+//!
+//! Guarantees:
+//! - Activations stay in f32 and weights are dequantized inside each dot product, as the
+//!   CPU reference does; every reduction runs in a fixed order, so results are bitwise
+//!   reproducible run to run and independent of other work on the GPU.
+//! - When the logits buffer lies in host memory registered with the GPU (an actor's memory),
+//!   the last kernel writes the logits there directly: no staging buffer, no copy.
+//! - A decode step is one CUDA graph launch (captured per session and logits address).
+//! - All device work of a call finishes before the call returns.
+
+mod kernels;
+mod session;
+pub mod testing;
+mod weights;
+
+pub use session::CudaSession;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tern_compute::Device;
+use tern_compute::cuda::cudarc::driver::{CudaContext, CudaStream};
+
+use crate::ModelError;
+use crate::llama::{LlamaConfig, LlamaWeights, RopeStyle};
+use kernels::Kernels;
+use weights::DeviceWeights;
+
+/// Positions run through the layers together in one call of each kernel (a prefill is cut
+/// into chunks of this many tokens).
+pub const MAX_CHUNK: usize = 8;
+
+/// Positions one attention split covers (`ATTN_SPLIT` in `llama.cu`).
+const ATTN_SPLIT: usize = 128;
+
+/// What opening the model on the GPU cost.
+#[derive(Clone, Copy, Debug)]
+pub struct Startup {
+    /// Compiling (or loading cached) kernels, milliseconds.
+    pub kernels_ms: f64,
+    /// Whether the compiled kernels came from the on-disk cache.
+    pub kernels_cached: bool,
+    /// Uploading the weights, milliseconds.
+    pub upload_ms: f64,
+    /// Bytes of weights in device memory.
+    pub weight_bytes: usize,
+}
+
+/// A Llama model with its weights on one GPU.
+pub struct CudaLlama {
+    pub config: LlamaConfig,
+    /// The device the model was opened on: the one actors' memories are registered with.
+    device: Arc<dyn Device>,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    weights: DeviceWeights,
+    pub startup: Startup,
+    /// One forward pass at a time on the model's stream.
+    busy: Mutex<()>,
+}
+
+impl CudaLlama {
+    /// Uploads `weights` to the GPU `device` is (it must be a CUDA device).
+    pub fn new(
+        config: &LlamaConfig,
+        weights: &LlamaWeights,
+        device: Arc<dyn Device>,
+    ) -> Result<CudaLlama, ModelError> {
+        let gpu = device.as_cuda().ok_or_else(|| {
+            ModelError::Invalid(format!("{} is not a CUDA GPU", device.describe()))
+        })?;
+        let hd = config.head_dim;
+        if !hd.is_multiple_of(4) || !ATTN_SPLIT.is_multiple_of(hd) {
+            return Err(ModelError::Unsupported(format!(
+                "head size {hd} on the GPU (attention takes multiples of 4 that divide {ATTN_SPLIT})"
+            )));
+        }
+        let ctx = gpu.context().clone();
+        untracked(&ctx);
+        let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
+        let t = Instant::now();
+        let (kernels, kernels_cached) = Kernels::load(&ctx, gpu.arch())?;
+        let kernels_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let inv_freq = inv_freq(config, weights);
+        let weights = DeviceWeights::upload(&stream, weights, &inv_freq)?;
+        stream.synchronize().map_err(driver("uploading weights"))?;
+        let startup = Startup {
+            kernels_ms,
+            kernels_cached,
+            upload_ms: t.elapsed().as_secs_f64() * 1e3,
+            weight_bytes: weights.bytes,
+        };
+        Ok(CudaLlama {
+            config: config.clone(),
+            device,
+            ctx,
+            stream,
+            kernels,
+            weights,
+            startup,
+            busy: Mutex::new(()),
+        })
+    }
+
+    /// Where the forward pass computes, for snapshots and messages.
+    pub fn label(&self) -> String {
+        format!("{} f32", self.device.describe())
+    }
+
+    /// An empty session of up to `n_ctx` positions.
+    pub fn new_session(&self, n_ctx: usize) -> Result<CudaSession, ModelError> {
+        CudaSession::new(self, n_ctx)
+    }
+
+    /// Appends `tokens` to `session` and writes the last position's logits into `logits`
+    /// (directly, when `logits` is registered with the GPU).
+    pub fn forward(
+        &self,
+        session: &mut CudaSession,
+        tokens: &[u32],
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        super::check_forward(c, session.len, session.n_ctx, tokens, logits)?;
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        let direct = self
+            .device
+            .as_cuda()
+            .is_some_and(|gpu| gpu.sees(logits.as_ptr() as usize, size_of_val(logits)));
+        let dst = if direct {
+            logits.as_mut_ptr() as u64
+        } else {
+            session.logits_ptr()
+        };
+        let chunks = tokens.chunks(MAX_CHUNK);
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.enumerate() {
+            let out = (i == last).then_some(dst);
+            if chunk.len() == 1 && out.is_some() {
+                session.decode(self, chunk[0], dst)?;
+            } else {
+                session.run_chunk(self, chunk, out)?;
+            }
+        }
+        if !direct {
+            session.read_logits(&self.stream, logits)?;
+        }
+        self.stream
+            .synchronize()
+            .map_err(driver("running the forward pass"))
+    }
+
+    /// Times each kernel of one decode step of `session` (see [`CudaSession::profile_step`]).
+    pub fn profile_step(
+        &self,
+        session: &mut CudaSession,
+        token: u32,
+    ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        session.profile_step(self, token)
+    }
+
+    /// The GPU's memory bandwidth as a device-to-device copy of `bytes` sees it: bytes read
+    /// plus bytes written per second (the median of `repeats` copies), the roofline a
+    /// memory-bound decode step is measured against.
+    pub fn copy_bandwidth(&self, bytes: usize, repeats: usize) -> Result<f64, ModelError> {
+        use tern_compute::cuda::cudarc::driver::sys::CUevent_flags;
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &self.stream;
+        let src = s.alloc_zeros::<u8>(bytes).map_err(driver("allocating"))?;
+        let mut dst = s.alloc_zeros::<u8>(bytes).map_err(driver("allocating"))?;
+        s.memcpy_dtod(&src, &mut dst).map_err(driver("copying"))?;
+        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let mut rates = Vec::new();
+        for _ in 0..repeats.max(1) {
+            let start = s
+                .record_event(timing)
+                .map_err(driver("recording an event"))?;
+            s.memcpy_dtod(&src, &mut dst).map_err(driver("copying"))?;
+            let end = s
+                .record_event(timing)
+                .map_err(driver("recording an event"))?;
+            end.synchronize().map_err(driver("copying"))?;
+            let ms = start.elapsed_ms(&end).map_err(driver("reading an event"))?;
+            rates.push(2.0 * bytes as f64 / (f64::from(ms) / 1e3));
+        }
+        rates.sort_by(f64::total_cmp);
+        Ok(rates[rates.len() / 2])
+    }
+
+    /// Kernel launches of one decode step (the nodes of its graph).
+    pub fn kernels_per_step(&self) -> usize {
+        let per_layer: usize = self
+            .weights
+            .layers
+            .iter()
+            .map(|l| 8 + l.qkv.len() + l.gate_up.len())
+            .sum();
+        per_layer + 3
+    }
+
+    /// The number of attention splits a session of `n_ctx` positions uses.
+    fn n_split(n_ctx: usize) -> usize {
+        n_ctx.div_ceil(ATTN_SPLIT)
+    }
+}
+
+/// Inverse rotary frequencies, one per rotated pair (Llama-3 factors applied), as the CPU
+/// reference computes them.
+fn inv_freq(c: &LlamaConfig, w: &LlamaWeights) -> Vec<f32> {
+    (0..c.n_rot / 2)
+        .map(|i| {
+            let f = 1.0 / c.rope_base.powf((2 * i) as f32 / c.n_rot as f32);
+            w.rope_freqs.as_ref().map_or(f, |factors| f / factors[i])
+        })
+        .collect()
+}
+
+fn halves(c: &LlamaConfig) -> i32 {
+    i32::from(c.rope_style == RopeStyle::Halves)
+}
+
+/// Turns off cudarc's per-buffer event tracking for buffers made from now on: a captured
+/// graph must not wait on or record events from outside the capture, and the forward pass
+/// orders its work itself.
+fn untracked(ctx: &CudaContext) {
+    // SAFETY: every buffer of the forward pass is allocated, used and freed on one stream
+    // (the model's, or a test harness's own), and that stream is synchronized before a call
+    // returns, so no buffer is used by two streams or freed while a kernel may use it.
+    unsafe { ctx.disable_event_tracking() };
+}
+
+/// Maps a driver error to a [`ModelError`] that says what was being done.
+fn driver<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> ModelError {
+    move |e| ModelError::Invalid(format!("CUDA: {what} failed: {e:?}"))
+}

@@ -1,0 +1,337 @@
+//! [`CudaSession`]: one sequence on the GPU: its KV cache, its scratch buffers, and the CUDA
+//! graph of its decode step.
+
+use std::sync::Arc;
+
+use tern_compute::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use tern_compute::cuda::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
+
+use super::kernels::{DevMatrix, Launcher};
+use super::{CudaLlama, MAX_CHUNK, driver};
+use crate::ModelError;
+use crate::llama::cpu::KvCache;
+
+/// Device buffers of one session. Every activation buffer holds `MAX_CHUNK` positions.
+struct Buffers {
+    k: CudaSlice<f32>,       // (n_layer, n_ctx, kv_dim)
+    v: CudaSlice<f32>,       // (n_layer, n_ctx, kv_dim)
+    step: CudaSlice<i32>,    // [first position, token ids (MAX_CHUNK)]
+    x: CudaSlice<f32>,       // (MAX_CHUNK, n_embd) the residual stream
+    xb: CudaSlice<f32>,      // (MAX_CHUNK, n_embd) a sub-layer's normalized input
+    qkv: CudaSlice<f32>,     // (MAX_CHUNK, n_head * head_dim + 2 * kv_dim): q | k | v
+    att: CudaSlice<f32>,     // (MAX_CHUNK, n_head * head_dim)
+    gate_up: CudaSlice<f32>, // (MAX_CHUNK, 2 * n_ff): gate | up
+    hb: CudaSlice<f32>,      // (MAX_CHUNK, n_ff) silu(gate) * up
+    part_o: CudaSlice<f32>,  // (MAX_CHUNK, n_head, n_split, head_dim)
+    part_ml: CudaSlice<f32>, // (MAX_CHUNK, n_head, n_split, 2)
+    logits: CudaSlice<f32>,  // (n_vocab) for callers whose buffer the GPU cannot see
+}
+
+/// One sequence's state on the GPU.
+pub struct CudaSession {
+    pub n_ctx: usize,
+    /// Positions filled.
+    pub len: usize,
+    buf: Buffers,
+    stream: Arc<CudaStream>,
+    /// The decode step's graph and the logits address it writes.
+    graph: Option<(CudaGraph, u64)>,
+}
+
+impl CudaSession {
+    pub(super) fn new(model: &CudaLlama, n_ctx: usize) -> Result<CudaSession, ModelError> {
+        let c = &model.config;
+        let s = &model.stream;
+        let kv_len = c
+            .n_layer
+            .checked_mul(n_ctx)
+            .and_then(|n| n.checked_mul(c.kv_dim()))
+            .filter(|&n| n <= 1 << 34)
+            .ok_or_else(|| {
+                ModelError::Invalid(format!("a cache of {n_ctx} positions is too large"))
+            })?;
+        let n_split = CudaLlama::n_split(n_ctx);
+        let q_dim = c.n_head * c.head_dim;
+        let alloc = |n: usize| {
+            s.alloc_zeros::<f32>(n)
+                .map_err(driver("allocating a session"))
+        };
+        let buf = Buffers {
+            k: alloc(kv_len)?,
+            v: alloc(kv_len)?,
+            step: s
+                .alloc_zeros::<i32>(1 + MAX_CHUNK)
+                .map_err(driver("allocating a session"))?,
+            x: alloc(MAX_CHUNK * c.n_embd)?,
+            xb: alloc(MAX_CHUNK * c.n_embd)?,
+            qkv: alloc(MAX_CHUNK * (q_dim + 2 * c.kv_dim()))?,
+            att: alloc(MAX_CHUNK * q_dim)?,
+            gate_up: alloc(MAX_CHUNK * 2 * c.n_ff)?,
+            hb: alloc(MAX_CHUNK * c.n_ff)?,
+            part_o: alloc(MAX_CHUNK * c.n_head * n_split * c.head_dim)?,
+            part_ml: alloc(MAX_CHUNK * c.n_head * n_split * 2)?,
+            logits: alloc(c.n_vocab)?,
+        };
+        Ok(CudaSession {
+            n_ctx,
+            len: 0,
+            buf,
+            stream: s.clone(),
+            graph: None,
+        })
+    }
+
+    fn ptr<T>(&self, slice: &CudaSlice<T>) -> u64 {
+        slice.device_ptr(&self.stream).0
+    }
+
+    pub(super) fn logits_ptr(&self) -> u64 {
+        self.ptr(&self.buf.logits)
+    }
+
+    /// Copies the session's own logits buffer to the host.
+    pub(super) fn read_logits(
+        &self,
+        stream: &Arc<CudaStream>,
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        stream
+            .memcpy_dtoh(&self.buf.logits, logits)
+            .map_err(driver("copying logits"))
+    }
+
+    /// Writes the first position and the token ids the kernels of the next call read.
+    fn set_step(&mut self, tokens: &[u32]) -> Result<(), ModelError> {
+        let mut step = [0i32; 1 + MAX_CHUNK];
+        step[0] = self.len as i32;
+        for (s, &t) in step[1..].iter_mut().zip(tokens) {
+            *s = t as i32;
+        }
+        self.stream
+            .memcpy_htod(&step[..1 + tokens.len()], &mut self.buf.step)
+            .map_err(driver("setting the step"))
+    }
+
+    /// Runs up to `MAX_CHUNK` tokens through every layer (kernel by kernel); when `logits` is
+    /// given, also the output head for the last of them.
+    pub(super) fn run_chunk(
+        &mut self,
+        model: &CudaLlama,
+        tokens: &[u32],
+        logits: Option<u64>,
+    ) -> Result<(), ModelError> {
+        self.set_step(tokens)?;
+        self.enqueue(model, tokens.len(), logits, &mut |_| Ok(()))?;
+        self.len += tokens.len();
+        Ok(())
+    }
+
+    /// One decode step through the session's graph, captured on first use and again whenever
+    /// the logits address changes.
+    pub(super) fn decode(
+        &mut self,
+        model: &CudaLlama,
+        token: u32,
+        logits: u64,
+    ) -> Result<(), ModelError> {
+        self.set_step(&[token])?;
+        if self.graph.as_ref().is_none_or(|(_, at)| *at != logits) {
+            self.graph = None;
+            let stream = &model.stream;
+            stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(driver("capturing the decode graph"))?;
+            let enqueued = self.enqueue(model, 1, Some(logits), &mut |_| Ok(()));
+            let graph = stream
+                .end_capture(CUgraphInstantiate_flags(0))
+                .map_err(driver("capturing the decode graph"))?;
+            enqueued?;
+            let graph = graph.ok_or_else(|| {
+                ModelError::Invalid("CUDA: capturing the decode graph gave no graph".into())
+            })?;
+            self.graph = Some((graph, logits));
+        }
+        let (graph, _) = self.graph.as_ref().expect("captured above");
+        graph
+            .launch()
+            .map_err(driver("launching the decode graph"))?;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Enqueues the forward pass of `n` tokens whose ids and first position are in `step`;
+    /// `mark` is told the name of each kernel after it is enqueued.
+    fn enqueue(
+        &self,
+        model: &CudaLlama,
+        n: usize,
+        logits: Option<u64>,
+        mark: &mut dyn FnMut(&'static str) -> Result<(), ModelError>,
+    ) -> Result<(), ModelError> {
+        let c = &model.config;
+        let w = &model.weights;
+        let run = Launcher {
+            kernels: &model.kernels,
+            stream: &model.stream,
+        };
+        let b = &self.buf;
+        let p = |s: &CudaSlice<f32>| self.ptr(s);
+        let (x, xb, qkv, att, gate_up, hb) = (
+            p(&b.x),
+            p(&b.xb),
+            p(&b.qkv),
+            p(&b.att),
+            p(&b.gate_up),
+            p(&b.hb),
+        );
+        let step = self.ptr(&b.step);
+        let ids = step + 4;
+        let n_u = n as u32;
+        let (e, q_dim, kv, ff) = (
+            c.n_embd as u32,
+            (c.n_head * c.head_dim) as u32,
+            c.kv_dim() as u32,
+            c.n_ff as u32,
+        );
+        let layer_floats = (self.n_ctx * c.kv_dim() * 4) as u64;
+        let n_split = CudaLlama::n_split(self.n_ctx) as u32;
+        // Stacked matrices (or their parts one by one) write side by side in one row per token.
+        let stacked = |parts: &[DevMatrix], y: u64, stride: u32| -> Result<(), ModelError> {
+            let mut at = 0u64;
+            for m in parts {
+                run.matvec(m, xb, y + 4 * at, n_u, e, stride, 0)?;
+                at += u64::from(m.rows);
+            }
+            Ok(())
+        };
+        run.get_rows(&w.token_embd, ids, x, n_u)?;
+        mark("get_rows")?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            let k_cache = p(&b.k) + l as u64 * layer_floats;
+            let v_cache = p(&b.v) + l as u64 * layer_floats;
+            run.rmsnorm(x, lw.attn_norm, xb, n_u, e, c.rms_eps)?;
+            mark("rmsnorm")?;
+            stacked(&lw.qkv, qkv, q_dim + 2 * kv)?;
+            mark("matvec qkv")?;
+            run.rope_append(c, n_u, qkv, k_cache, v_cache, w.inv_freq, step)?;
+            mark("rope_append")?;
+            let (part_o, part_ml) = (p(&b.part_o), p(&b.part_ml));
+            run.attention(
+                c, n_u, n_split, qkv, k_cache, v_cache, part_o, part_ml, att, step,
+            )?;
+            mark("attention")?;
+            run.matvec(&lw.wo, att, x, n_u, q_dim, e, x)?;
+            mark("matvec o")?;
+            run.rmsnorm(x, lw.ffn_norm, xb, n_u, e, c.rms_eps)?;
+            mark("rmsnorm")?;
+            stacked(&lw.gate_up, gate_up, 2 * ff)?;
+            mark("matvec gate_up")?;
+            run.swiglu(gate_up, gate_up + 4 * u64::from(ff), hb, n_u, ff, 2 * ff)?;
+            mark("swiglu")?;
+            run.matvec(&lw.w_down, hb, x, n_u, ff, e, x)?;
+            mark("matvec down")?;
+        }
+        if let Some(out) = logits {
+            let x_last = x + ((n - 1) * c.n_embd * 4) as u64;
+            run.rmsnorm(x_last, w.output_norm, xb, 1, e, c.rms_eps)?;
+            mark("rmsnorm")?;
+            run.matvec(&w.output, xb, out, 1, e, c.n_vocab as u32, 0)?;
+            mark("matvec output")?;
+        }
+        Ok(())
+    }
+
+    /// Times each kernel of one decode step (with an event after each, outside any graph),
+    /// leaving the session as it was; returns each kernel name's total, in microseconds, in
+    /// the order first seen.
+    pub fn profile_step(
+        &mut self,
+        model: &CudaLlama,
+        token: u32,
+    ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+        self.set_step(&[token])?;
+        let ctx = model.ctx.clone();
+        let timing = Some(tern_compute::cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let first = model
+            .stream
+            .record_event(timing)
+            .map_err(driver("recording an event"))?;
+        let mut marks = Vec::new();
+        self.enqueue(model, 1, Some(self.logits_ptr()), &mut |name| {
+            let event = ctx
+                .new_event(timing)
+                .map_err(driver("recording an event"))?;
+            event
+                .record(&model.stream)
+                .map_err(driver("recording an event"))?;
+            marks.push((name, event));
+            Ok(())
+        })?;
+        model.stream.synchronize().map_err(driver("profiling"))?;
+        let mut totals: Vec<(&'static str, f64)> = Vec::new();
+        let mut prev = &first;
+        for (name, event) in &marks {
+            let us = f64::from(prev.elapsed_ms(event).map_err(driver("reading an event"))?) * 1e3;
+            match totals.iter_mut().find(|(n, _)| n == name) {
+                Some((_, t)) => *t += us,
+                None => totals.push((name, us)),
+            }
+            prev = event;
+        }
+        Ok(totals)
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// The filled positions' keys and values, copied to the host (compact: `n_ctx == len`).
+    pub fn download(&self, n_layer: usize, kv_dim: usize) -> Result<KvCache, ModelError> {
+        let mut host = KvCache::empty(n_layer, self.len, kv_dim);
+        let per_layer = self.len * kv_dim;
+        for l in 0..n_layer {
+            let at = l * self.n_ctx * kv_dim;
+            let (k, v) = host.layer_mut(l);
+            let copy = driver("downloading the KV cache");
+            self.stream
+                .memcpy_dtoh(&self.buf.k.slice(at..at + per_layer), k)
+                .map_err(&copy)?;
+            self.stream
+                .memcpy_dtoh(&self.buf.v.slice(at..at + per_layer), v)
+                .map_err(&copy)?;
+        }
+        self.stream
+            .synchronize()
+            .map_err(driver("downloading the KV cache"))?;
+        Ok(host)
+    }
+
+    /// Replaces the cache with `host`'s filled positions.
+    pub fn upload(&mut self, host: &KvCache) -> Result<(), ModelError> {
+        let (n_layer, kv_dim) = (host.n_layer(), host.kv_dim());
+        if host.len > self.n_ctx {
+            return Err(ModelError::Invalid(format!(
+                "{} positions do not fit a session of {}",
+                host.len, self.n_ctx
+            )));
+        }
+        let per_layer = host.len * kv_dim;
+        for l in 0..n_layer {
+            let at = l * self.n_ctx * kv_dim;
+            let (k, v) = host.layer(l);
+            let copy = driver("uploading the KV cache");
+            self.stream
+                .memcpy_htod(k, &mut self.buf.k.slice_mut(at..at + per_layer))
+                .map_err(&copy)?;
+            self.stream
+                .memcpy_htod(v, &mut self.buf.v.slice_mut(at..at + per_layer))
+                .map_err(&copy)?;
+        }
+        self.stream
+            .synchronize()
+            .map_err(driver("uploading the KV cache"))?;
+        self.len = host.len;
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! Single kernels on host data, for op-by-op parity tests against the CPU reference.
+
+use std::sync::Arc;
+
+use tern_compute::Device;
+use tern_compute::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+
+use super::driver;
+use super::kernels::{DevMatrix, Kernels, Launcher};
+use crate::ModelError;
+use crate::quant::DType;
+
+/// The forward pass's kernels with a stream of their own.
+pub struct OpHarness {
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+}
+
+impl OpHarness {
+    pub fn new(device: &Arc<dyn Device>) -> Result<OpHarness, ModelError> {
+        let gpu = device
+            .as_cuda()
+            .ok_or_else(|| ModelError::Invalid("not a CUDA device".into()))?;
+        let ctx = gpu.context().clone();
+        super::untracked(&ctx);
+        let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
+        let (kernels, _) = Kernels::load(&ctx, gpu.arch())?;
+        Ok(OpHarness { stream, kernels })
+    }
+
+    fn up<T: DeviceRepr>(&self, v: &[T]) -> Result<(CudaSlice<T>, u64), ModelError> {
+        let buf = self.stream.clone_htod(v).map_err(driver("uploading"))?;
+        let ptr = buf.device_ptr(&self.stream).0;
+        Ok((buf, ptr))
+    }
+
+    fn down(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>, ModelError> {
+        self.stream.synchronize().map_err(driver("running"))?;
+        self.stream.clone_dtoh(buf).map_err(driver("downloading"))
+    }
+
+    fn run(&self) -> Launcher<'_> {
+        Launcher {
+            kernels: &self.kernels,
+            stream: &self.stream,
+        }
+    }
+
+    fn matrix(dtype: DType, rows: usize, cols: usize, ptr: u64) -> Result<DevMatrix, ModelError> {
+        let row_bytes = dtype
+            .row_bytes(cols)
+            .ok_or_else(|| ModelError::Invalid(format!("{cols} columns of {dtype}")))?;
+        Ok(DevMatrix {
+            ptr,
+            dtype,
+            rows: rows as u32,
+            cols: cols as u32,
+            row_bytes: row_bytes as u32,
+        })
+    }
+
+    /// `y[t] = residual[t] + W x[t]` for `n_tok` rows of `x` (`residual` zero when absent).
+    pub fn matvec(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+        residual: Option<&[f32]>,
+    ) -> Result<Vec<f32>, ModelError> {
+        let n_tok = x.len() / cols;
+        let (_w, w_ptr) = self.up(w)?;
+        let (_x, x_ptr) = self.up(x)?;
+        let init = residual.map_or_else(|| vec![f32::NAN; n_tok * rows], <[f32]>::to_vec);
+        let (y, y_ptr) = self.up(&init)?;
+        let m = Self::matrix(dtype, rows, cols, w_ptr)?;
+        let res = if residual.is_some() { y_ptr } else { 0 };
+        self.run().matvec(
+            &m,
+            x_ptr,
+            y_ptr,
+            n_tok as u32,
+            cols as u32,
+            rows as u32,
+            res,
+        )?;
+        self.down(&y)
+    }
+
+    /// Rows `ids` of W, dequantized.
+    pub fn get_rows(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        ids: &[i32],
+    ) -> Result<Vec<f32>, ModelError> {
+        let (_w, w_ptr) = self.up(w)?;
+        let (_ids, ids_ptr) = self.up(ids)?;
+        let (out, out_ptr) = self.up(&vec![f32::NAN; ids.len() * cols])?;
+        let m = Self::matrix(dtype, rows, cols, w_ptr)?;
+        self.run()
+            .get_rows(&m, ids_ptr, out_ptr, ids.len() as u32)?;
+        self.down(&out)
+    }
+
+    /// `x[t] / rms(x[t]) * w` for each `w.len()`-wide row of `x`.
+    pub fn rmsnorm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>, ModelError> {
+        let (_x, x_ptr) = self.up(x)?;
+        let (_w, w_ptr) = self.up(w)?;
+        let (out, out_ptr) = self.up(&vec![f32::NAN; x.len()])?;
+        let n_tok = (x.len() / w.len()) as u32;
+        self.run()
+            .rmsnorm(x_ptr, w_ptr, out_ptr, n_tok, w.len() as u32, eps)?;
+        self.down(&out)
+    }
+
+    /// `silu(gate) * up`.
+    pub fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let (_g, g_ptr) = self.up(gate)?;
+        let (_u, u_ptr) = self.up(up)?;
+        let (out, out_ptr) = self.up(&vec![f32::NAN; gate.len()])?;
+        let n = gate.len() as u32;
+        self.run().swiglu(g_ptr, u_ptr, out_ptr, 1, n, n)?;
+        self.down(&out)
+    }
+}

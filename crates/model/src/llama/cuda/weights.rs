@@ -1,0 +1,145 @@
+//! The model's weights in device memory, uploaded once in their file's block format.
+
+use std::sync::Arc;
+
+use tern_compute::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+
+use super::driver;
+use super::kernels::DevMatrix;
+use crate::ModelError;
+use crate::llama::{LlamaWeights, Matrix};
+
+/// One transformer block's weights on the GPU. Matrices that read the same input are
+/// stacked into one when their types agree, so one launch computes them all: `qkv` is
+/// `[wq; wk; wv]` (or the three apart), `gate_up` is `[w_gate; w_up]` (or the two apart);
+/// their outputs land side by side either way.
+pub struct DevLayer {
+    pub attn_norm: u64,          // (n_embd) f32
+    pub qkv: Vec<DevMatrix>,     // (n_head * head_dim + 2 * n_head_kv * head_dim, n_embd)
+    pub wo: DevMatrix,           // (n_embd, n_head * head_dim)
+    pub ffn_norm: u64,           // (n_embd) f32
+    pub gate_up: Vec<DevMatrix>, // (2 * n_ff, n_embd)
+    pub w_down: DevMatrix,       // (n_embd, n_ff)
+}
+
+/// Every weight of the model on the GPU; the buffers live as long as this.
+pub struct DeviceWeights {
+    pub token_embd: DevMatrix, // (n_vocab, n_embd)
+    pub layers: Vec<DevLayer>,
+    pub output_norm: u64,  // (n_embd) f32
+    pub output: DevMatrix, // (n_vocab, n_embd); the embedding matrix when tied
+    pub inv_freq: u64,     // (n_rot / 2) f32
+    /// Bytes of device memory the weights take.
+    pub bytes: usize,
+    _bytes: Vec<CudaSlice<u8>>,
+    _floats: Vec<CudaSlice<f32>>,
+}
+
+struct Uploader<'a> {
+    stream: &'a Arc<CudaStream>,
+    weights: &'a LlamaWeights,
+    bytes: Vec<CudaSlice<u8>>,
+    floats: Vec<CudaSlice<f32>>,
+    total: usize,
+}
+
+impl Uploader<'_> {
+    fn matrix(&mut self, m: &Matrix) -> Result<DevMatrix, ModelError> {
+        let rows = self.weights.rows(m);
+        self.upload(m, rows, m.rows)
+    }
+
+    fn upload(&mut self, m: &Matrix, bytes: &[u8], rows: usize) -> Result<DevMatrix, ModelError> {
+        let buf = self
+            .stream
+            .clone_htod(bytes)
+            .map_err(driver("uploading weights"))?;
+        let (ptr, _) = buf.device_ptr(self.stream);
+        self.total += bytes.len();
+        self.bytes.push(buf);
+        let u32_of = |v: usize| {
+            u32::try_from(v).map_err(|_| ModelError::Unsupported(format!("a {v}-wide matrix")))
+        };
+        Ok(DevMatrix {
+            ptr,
+            dtype: m.dtype,
+            rows: u32_of(rows)?,
+            cols: u32_of(m.cols)?,
+            row_bytes: u32_of(m.row_bytes)?,
+        })
+    }
+
+    /// `parts` stacked into one matrix when they share a type, else each on its own.
+    fn stacked(&mut self, parts: &[&Matrix]) -> Result<Vec<DevMatrix>, ModelError> {
+        let first = parts[0];
+        if parts
+            .iter()
+            .any(|m| m.dtype != first.dtype || m.cols != first.cols)
+        {
+            return parts.iter().map(|m| self.matrix(m)).collect();
+        }
+        let bytes: Vec<u8> = parts
+            .iter()
+            .flat_map(|m| self.weights.rows(m).iter().copied())
+            .collect();
+        let rows = parts.iter().map(|m| m.rows).sum();
+        Ok(vec![self.upload(first, &bytes, rows)?])
+    }
+
+    fn vector(&mut self, v: &[f32]) -> Result<u64, ModelError> {
+        let buf = self
+            .stream
+            .clone_htod(v)
+            .map_err(driver("uploading weights"))?;
+        let (ptr, _) = buf.device_ptr(self.stream);
+        self.total += size_of_val(v);
+        self.floats.push(buf);
+        Ok(ptr)
+    }
+}
+
+impl DeviceWeights {
+    pub fn upload(
+        stream: &Arc<CudaStream>,
+        w: &LlamaWeights,
+        inv_freq: &[f32],
+    ) -> Result<DeviceWeights, ModelError> {
+        let mut up = Uploader {
+            stream,
+            weights: w,
+            bytes: Vec::new(),
+            floats: Vec::new(),
+            total: 0,
+        };
+        let token_embd = up.matrix(&w.token_embd)?;
+        let tied = (w.output.file, w.output.start) == (w.token_embd.file, w.token_embd.start);
+        let output = if tied {
+            token_embd
+        } else {
+            up.matrix(&w.output)?
+        };
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for l in &w.layers {
+            layers.push(DevLayer {
+                attn_norm: up.vector(&l.attn_norm)?,
+                qkv: up.stacked(&[&l.wq, &l.wk, &l.wv])?,
+                wo: up.matrix(&l.wo)?,
+                ffn_norm: up.vector(&l.ffn_norm)?,
+                gate_up: up.stacked(&[&l.w_gate, &l.w_up])?,
+                w_down: up.matrix(&l.w_down)?,
+            });
+        }
+        let output_norm = up.vector(&w.output_norm)?;
+        let inv_freq = up.vector(inv_freq)?;
+        Ok(DeviceWeights {
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            inv_freq,
+            bytes: up.total,
+            _bytes: up.bytes,
+            _floats: up.floats,
+        })
+    }
+}
