@@ -370,9 +370,11 @@ fn restore_sessions(
         let kv = snapshot.kv(i)?;
         let bad_kv = |e: format::SnapshotError| tern_model::ModelError::Format(e.to_string());
         session
-            .refill(model, info.tokens.len(), |layer, k, v| {
-                kv.k_layer(layer, k).map_err(bad_kv)?;
-                kv.v_layer(layer, v).map_err(bad_kv)
+            .refill(model, info.tokens.len(), |layer| {
+                Ok((
+                    kv.k_layer_bytes(layer).map_err(bad_kv)?,
+                    kv.v_layer_bytes(layer).map_err(bad_kv)?,
+                ))
             })
             .map_err(|e| ActorError::Snapshot(format!("restoring a KV cache: {e}")))?;
         session.tokens = info.tokens.clone();

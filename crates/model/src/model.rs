@@ -310,25 +310,31 @@ impl Session {
         }
     }
 
-    /// Marks the first `len` positions filled and lends each layer's keys and values of those
-    /// positions to `fill`, then moves them to wherever the cache lives: how a saved cache
-    /// is written back.
-    pub fn refill(
+    /// Fills the first `len` positions from each layer's keys and values as little-endian
+    /// f32 bytes, `(len, kv_dim)` each, as `layer` gives them: how a saved cache is written
+    /// back. A GPU session copies them straight from those bytes (a mapped snapshot file, say)
+    /// to device memory.
+    pub fn refill<'a>(
         &mut self,
         model: &Model,
         len: usize,
-        fill: impl FnMut(usize, &mut [f32], &mut [f32]) -> Result<(), ModelError>,
+        layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
     ) -> Result<(), ModelError> {
-        let _ = model;
+        let c = model.config();
+        if len > self.n_ctx() {
+            return Err(ModelError::Invalid(format!(
+                "{len} positions do not fit a session of {}",
+                self.n_ctx()
+            )));
+        }
         match &mut self.kv {
-            SessionKv::Cpu(cache) => cache.refill(len, fill),
+            SessionKv::Cpu(cache) => cache.refill(len, |l, k, v| {
+                let (kb, vb) = layer(l)?;
+                copy_le(kb, k)?;
+                copy_le(vb, v)
+            }),
             #[cfg(feature = "cuda")]
-            SessionKv::Cuda(s) => {
-                let c = model.config();
-                let mut host = KvCache::empty(c.n_layer, len, c.kv_dim());
-                host.refill(len, fill)?;
-                s.upload(&host)
-            }
+            SessionKv::Cuda(s) => s.upload_layers(len, c.n_layer, c.kv_dim(), layer),
         }
     }
 
@@ -433,4 +439,19 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
         .iter()
         .for_each(|&b| eat(b));
     h
+}
+
+/// Little-endian f32 bytes into `dst`, which must be exactly as long.
+fn copy_le(bytes: &[u8], dst: &mut [f32]) -> Result<(), ModelError> {
+    if bytes.len() != 4 * dst.len() {
+        return Err(ModelError::Invalid(format!(
+            "{} bytes of keys or values where {} floats belong",
+            bytes.len(),
+            dst.len()
+        )));
+    }
+    for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Ok(())
 }

@@ -330,12 +330,13 @@ fn a_kv_cache_moved_off_and_back_onto_the_gpu_continues_bit_for_bit() {
     model.forward(&mut original, &p, &mut logits).unwrap();
     let host = original.host_kv(&model).unwrap().into_owned();
     let mut moved = model.new_session(400).unwrap();
+    let le = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let layers: Vec<(Vec<u8>, Vec<u8>)> = (0..host.n_layer())
+        .map(|l| (le(host.layer(l).0), le(host.layer(l).1)))
+        .collect();
     moved
-        .refill(&model, host.len, |l, k, v| {
-            let (hk, hv) = host.layer(l);
-            k.copy_from_slice(hk);
-            v.copy_from_slice(hv);
-            Ok(())
+        .refill(&model, host.len, |l| {
+            Ok((&layers[l].0[..], &layers[l].1[..]))
         })
         .unwrap();
     moved.tokens = original.tokens.clone();

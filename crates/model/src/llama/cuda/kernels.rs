@@ -26,6 +26,7 @@ const MATVEC_ROWS_PER_BLOCK: usize = 8;
 /// Every kernel of the forward pass.
 pub struct Kernels {
     matvec: Vec<(DType, CudaFunction)>,
+    matvec_out: Vec<(DType, CudaFunction)>,
     get_rows: Vec<(DType, CudaFunction)>,
     rmsnorm: CudaFunction,
     rope_append: CudaFunction,
@@ -107,6 +108,7 @@ impl Kernels {
         Ok((
             Kernels {
                 matvec: per_type("matvec")?,
+                matvec_out: per_type("matvec_out")?,
                 get_rows: per_type("get_rows")?,
                 rmsnorm: get(1, "rmsnorm")?,
                 rope_append: get(1, "rope_append")?,
@@ -192,6 +194,23 @@ impl Launcher<'_> {
             &x_stride,
             &y_stride,
             &residual
+        )
+    }
+
+    /// `y = W x` for one token, stored 8 rows at a time: the output head, whose `y` is often
+    /// host memory registered with the GPU.
+    pub fn matvec_out(&self, w: &DevMatrix, x: u64, y: u64) -> Result<(), ModelError> {
+        let blocks = (w.rows as usize).div_ceil(MATVEC_ROWS_PER_BLOCK) as u32;
+        launch!(
+            self,
+            find(&self.kernels.matvec_out, w.dtype),
+            config((blocks, 1, 1), 256),
+            &w.ptr,
+            &x,
+            &y,
+            &w.rows,
+            &w.cols,
+            &w.row_bytes
         )
     }
 

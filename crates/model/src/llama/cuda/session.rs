@@ -1,6 +1,7 @@
 //! [`CudaSession`]: one sequence on the GPU: its KV cache, its scratch buffers, and the CUDA
 //! graph of its decode step.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use tern_compute::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -235,7 +236,7 @@ impl CudaSession {
             let x_last = x + ((n - 1) * c.n_embd * 4) as u64;
             run.rmsnorm(x_last, w.output_norm, xb, 1, e, c.rms_eps)?;
             mark("rmsnorm")?;
-            run.matvec(&w.output, xb, out, 1, e, c.n_vocab as u32, 0)?;
+            run.matvec_out(&w.output, xb, out)?;
             mark("matvec output")?;
         }
         Ok(())
@@ -307,31 +308,53 @@ impl CudaSession {
         Ok(host)
     }
 
-    /// Replaces the cache with `host`'s filled positions.
-    pub fn upload(&mut self, host: &KvCache) -> Result<(), ModelError> {
-        let (n_layer, kv_dim) = (host.n_layer(), host.kv_dim());
-        if host.len > self.n_ctx {
-            return Err(ModelError::Invalid(format!(
-                "{} positions do not fit a session of {}",
-                host.len, self.n_ctx
-            )));
-        }
-        let per_layer = host.len * kv_dim;
+    /// Fills the first `len` positions of every layer from little-endian f32 bytes, copied
+    /// straight from `layer`'s slices to device memory.
+    pub fn upload_layers<'a>(
+        &mut self,
+        len: usize,
+        n_layer: usize,
+        kv_dim: usize,
+        layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
+    ) -> Result<(), ModelError> {
+        let per_layer = len * kv_dim;
         for l in 0..n_layer {
+            let (kb, vb) = layer(l)?;
             let at = l * self.n_ctx * kv_dim;
-            let (k, v) = host.layer(l);
-            let copy = driver("uploading the KV cache");
-            self.stream
-                .memcpy_htod(k, &mut self.buf.k.slice_mut(at..at + per_layer))
-                .map_err(&copy)?;
-            self.stream
-                .memcpy_htod(v, &mut self.buf.v.slice_mut(at..at + per_layer))
-                .map_err(&copy)?;
+            for (bytes, buf) in [(kb, &mut self.buf.k), (vb, &mut self.buf.v)] {
+                if bytes.len() != 4 * per_layer {
+                    return Err(ModelError::Invalid(format!(
+                        "{} bytes of keys or values where {per_layer} floats belong",
+                        bytes.len()
+                    )));
+                }
+                self.stream
+                    .memcpy_htod(&*as_f32(bytes), &mut buf.slice_mut(at..at + per_layer))
+                    .map_err(driver("uploading the KV cache"))?;
+            }
         }
         self.stream
             .synchronize()
             .map_err(driver("uploading the KV cache"))?;
-        self.len = host.len;
+        self.len = len;
         Ok(())
     }
+}
+
+/// Little-endian f32 bytes as floats: borrowed where they already are floats in place.
+fn as_f32(bytes: &[u8]) -> Cow<'_, [f32]> {
+    if cfg!(target_endian = "little") && bytes.as_ptr().align_offset(4) == 0 {
+        // SAFETY: the pointer is 4-byte aligned (checked), the length is a whole number of
+        // floats (checked by the caller), every bit pattern is a valid f32, and on a
+        // little-endian host the bytes are the floats' own representation.
+        return Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4)
+        });
+    }
+    Cow::Owned(
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    )
 }

@@ -1,6 +1,7 @@
 // Weight-matrix kernels over GGML block formats, compiled by NVRTC (no headers, no includes):
 //
 //   matvec_<t>        y[t][r] = (residual ? residual[t][r] : 0) + sum_c W[r][c] * x[t][c]
+//   matvec_out_<t>    y[r] = sum_c W[r][c] * x[c], one token, stored 8 rows at a time
 //   get_rows_<t>      out[i][c] = W[ids[i]][c]              (the token embedding lookup)
 //   dequant_bf16_<t>  out[r][c] = bf16(W[r][c])             (operands for prefill GEMMs)
 //
@@ -763,6 +764,43 @@ __device__ __forceinline__ void dequant_bf16(const unsigned char* __restrict__ w
         [&](unsigned c, float v) { o[c] = (unsigned short)f32_to_bf16(v); });
 }
 
+// The output head for one token: as matvec, but the block's 8 results are gathered in
+// shared memory and stored by 8 adjacent threads at once. The logits often go straight into
+// host memory registered with the GPU (an actor's buffer), where one 4-byte store per warp
+// would each cross the bus on its own. Same arithmetic as matvec, so the same bits.
+template <class T>
+__device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
+                                           const float* __restrict__ x, float* y, unsigned rows,
+                                           unsigned cols, unsigned row_bytes)
+{
+    __shared__ float s_y[8];
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = blockIdx.x * 8 + warp;
+    if (r < rows) {
+        // Row r's result lands in s_y[warp]: the kernels index their output by the row
+        // number they are given, and only the output.
+        const unsigned char* row = w + (unsigned long long)r * row_bytes;
+        bool done = false;
+        if constexpr (T::FLOAT) {
+            if (by_elements<T>(row, cols)) {
+                matvec_elems<T>(row, x, s_y, warp, cols, 1, cols, 1, nullptr, lane);
+                done = true;
+            }
+        }
+        if (!done) {
+            if ((unsigned long long)x % 16 == 0) {
+                matvec_row<T, 1, true>(row, x, s_y, warp, cols, 1, cols, 1, nullptr, lane, magic_2p23());
+            } else {
+                matvec_row<T, 8, false>(row, x, s_y, warp, cols, 1, cols, 1, nullptr, lane, magic_2p23());
+            }
+        }
+    }
+    __syncthreads();
+    const unsigned i = blockIdx.x * 8 + threadIdx.x;
+    if (threadIdx.x < 8 && i < rows) {
+        y[i] = s_y[threadIdx.x];
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Entry points
 // ---------------------------------------------------------------------------------------
@@ -776,6 +814,12 @@ __device__ __forceinline__ void dequant_bf16(const unsigned char* __restrict__ w
                       unsigned x_stride, unsigned y_stride, const float* residual)                  \
     {                                                                                                \
         matvec<T>(w, x, y, rows, cols, row_bytes, n_tok, x_stride, y_stride, residual);              \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256, 3)                                             \
+        matvec_out_##NAME(const unsigned char* __restrict__ w, const float* __restrict__ x,          \
+                          float* y, unsigned rows, unsigned cols, unsigned row_bytes)                \
+    {                                                                                                \
+        matvec_out<T>(w, x, y, rows, cols, row_bytes);                                               \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(256)                                                \
         get_rows_##NAME(const unsigned char* __restrict__ w, const int* __restrict__ ids,            \
