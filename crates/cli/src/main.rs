@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod fetch;
+mod generate;
 mod run;
 mod snapshot;
 
@@ -30,6 +31,8 @@ enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Restore an actor from a snapshot, deliver more messages, optionally save it again.
     Restore(snapshot::RestoreArgs),
+    /// Write a random-weight model of a real shape into the model cache; print its path.
+    Generate(generate::GenerateArgs),
     /// Fetch the default model into the model cache (if needed) and print its path.
     Fetch,
     /// Measure Tern against a baseline, in the same run.
@@ -58,6 +61,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Chat(args) => chat::chat(args),
         Command::Run(args) => run::run(args),
+        Command::Generate(args) => generate::generate(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Restore(args) => snapshot::restore_command(args),
         Command::Fetch => fetch::default_model().map(|path| {

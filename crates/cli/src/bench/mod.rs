@@ -42,45 +42,10 @@ fn bench_model(
     shape: Option<&str>,
     weights: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
-    use tern_model::generate::{Types, shape as find_shape, write_random_llama};
-    use tern_model::quant::DType;
     match (model, shape) {
         (Some(_), Some(_)) => anyhow::bail!("give --model or --shape, not both"),
         (Some(path), None) => Ok(path.to_path_buf()),
         (None, None) => crate::fetch::default_model(),
-        (None, Some(name)) => {
-            let shape = find_shape(name).ok_or_else(|| {
-                let names: Vec<_> = tern_model::generate::SHAPES
-                    .iter()
-                    .map(|s| s.name)
-                    .collect();
-                anyhow::anyhow!("unknown shape `{name}` (known: {})", names.join(", "))
-            })?;
-            let linear = DType::ALL
-                .into_iter()
-                .find(|t| t.to_string().eq_ignore_ascii_case(weights))
-                .ok_or_else(|| anyhow::anyhow!("unknown weight type `{weights}`"))?;
-            let dir = crate::fetch::model_dir();
-            std::fs::create_dir_all(&dir)?;
-            let path = dir.join(format!("random-{name}-{}.gguf", weights.to_lowercase()));
-            if !path.exists() {
-                eprintln!(
-                    "generating a random-weight {name} model into {}",
-                    path.display()
-                );
-                let partial = path.with_extension(format!("partial-{}", std::process::id()));
-                // SmolLM2's file keeps its embedding in Q8_0 beside Q4_1 matrices; float
-                // models keep every matrix in their one type.
-                let embd = if linear == DType::Q4_1 {
-                    DType::Q8_0
-                } else {
-                    linear
-                };
-                let types = Types { linear, embd };
-                write_random_llama(&partial, shape, types, 1)?;
-                std::fs::rename(&partial, &path)?;
-            }
-            Ok(path)
-        }
+        (None, Some(name)) => crate::generate::generated_model(name, weights),
     }
 }
