@@ -12,7 +12,7 @@ use tern_actor::{Actor, Limits, Runtime};
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
-use super::median;
+use super::{direct, median, send};
 use crate::fetch;
 
 #[derive(clap::Args)]
@@ -192,22 +192,6 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prefill `prompt`, then decode `n` tokens greedily, on the engine directly; returns the
-/// seconds each took.
-fn direct(model: &Model, prompt: &[u32], n: usize, context: usize) -> anyhow::Result<(f64, f64)> {
-    let mut session = model.new_session(context)?;
-    let mut logits = vec![0.0; model.config().n_vocab];
-    let t = Instant::now();
-    model.forward(&mut session, prompt, &mut logits)?;
-    let prefill = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for _ in 0..n {
-        let next = tern_guest::sample::argmax(&logits);
-        model.forward(&mut session, &[next], &mut logits)?;
-    }
-    Ok((prefill, t.elapsed().as_secs_f64()))
-}
-
 /// Runs scripts/baseline/llamacpp_bench.py with a Python that has `llama-cpp-python`,
 /// setting one up on first use; returns its (prefill, decode) tokens per second.
 fn llama_cpp(
@@ -257,15 +241,4 @@ fn llama_cpp(
         (Some(p), Some(d)) => Ok((p, d)),
         _ => bail!("the llama.cpp baseline printed {v}"),
     }
-}
-
-fn send(actor: &mut Actor, message: &str) -> anyhow::Result<()> {
-    let reply = actor.send(message.as_bytes())?;
-    if reply.code < 0 {
-        bail!(
-            "the bench actor failed: {}",
-            String::from_utf8_lossy(&reply.output)
-        );
-    }
-    Ok(())
 }

@@ -13,7 +13,7 @@ use tern_actor::{Actor, ActorModule, Limits, Runtime};
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
-use super::median;
+use super::{direct, median, send};
 
 /// What the CUDA decode benchmark runs.
 pub struct CudaBench<'a> {
@@ -123,21 +123,6 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prefills `prompt`, then decodes `n` tokens greedily; returns the seconds each took.
-fn direct(model: &Model, prompt: &[u32], n: usize, context: usize) -> anyhow::Result<(f64, f64)> {
-    let mut session = model.new_session(context)?;
-    let mut logits = vec![0.0; model.config().n_vocab];
-    let t = Instant::now();
-    model.forward(&mut session, prompt, &mut logits)?;
-    let prefill = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for _ in 0..n {
-        let next = tern_guest::sample::argmax(&logits);
-        model.forward(&mut session, &[next], &mut logits)?;
-    }
-    Ok((prefill, t.elapsed().as_secs_f64()))
-}
-
 /// Prints the GPU time of each kernel of one decode step after `prompt`.
 fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()> {
     let mut session = model.new_session(context)?;
@@ -162,16 +147,5 @@ fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()
         println!("{name:<16} {us:>10.1} {:>7.1}%", us / total * 100.0);
     }
     println!("{:<16} {total:>10.1}", "total");
-    Ok(())
-}
-
-fn send(actor: &mut Actor, message: &str) -> anyhow::Result<()> {
-    let reply = actor.send(message.as_bytes())?;
-    if reply.code < 0 {
-        bail!(
-            "the bench actor failed: {}",
-            String::from_utf8_lossy(&reply.output)
-        );
-    }
     Ok(())
 }

@@ -49,3 +49,37 @@ fn bench_model(
         (None, Some(name)) => crate::generate::generated_model(name, weights),
     }
 }
+
+/// Prefills `prompt`, then decodes `n` tokens greedily on the engine directly; returns the
+/// seconds each took.
+fn direct(
+    model: &tern_model::Model,
+    prompt: &[u32],
+    n: usize,
+    context: usize,
+) -> anyhow::Result<(f64, f64)> {
+    use std::time::Instant;
+    let mut session = model.new_session(context)?;
+    let mut logits = vec![0.0; model.config().n_vocab];
+    let t = Instant::now();
+    model.forward(&mut session, prompt, &mut logits)?;
+    let prefill = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..n {
+        let next = tern_guest::sample::argmax(&logits);
+        model.forward(&mut session, &[next], &mut logits)?;
+    }
+    Ok((prefill, t.elapsed().as_secs_f64()))
+}
+
+/// Sends `message` to a bench actor; a negative reply is an error with the actor's output.
+fn send(actor: &mut tern_actor::Actor, message: &str) -> anyhow::Result<()> {
+    let reply = actor.send(message.as_bytes())?;
+    if reply.code < 0 {
+        anyhow::bail!(
+            "the bench actor failed: {}",
+            String::from_utf8_lossy(&reply.output)
+        );
+    }
+    Ok(())
+}

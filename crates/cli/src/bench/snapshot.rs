@@ -13,7 +13,7 @@ use tern_actor::{Actor, ActorModule, Limits, Runtime, SnapshotFile};
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
-use super::median;
+use super::{median, send};
 
 #[derive(clap::Args)]
 pub struct SnapshotBenchArgs {
@@ -175,15 +175,4 @@ fn print_table(rows: &[Row]) {
     println!(
         "anchor (the seed's author, Llama 3.2 1B on an M1, 24 tokens): save 1.1 ms, 1.58 MB, restore 1.4 ms, re-prefill 67.7 ms (48x)"
     );
-}
-
-fn send(actor: &mut Actor, message: &str) -> anyhow::Result<()> {
-    let reply = actor.send(message.as_bytes())?;
-    if reply.code < 0 {
-        bail!(
-            "the bench actor failed: {}",
-            String::from_utf8_lossy(&reply.output)
-        );
-    }
-    Ok(())
 }

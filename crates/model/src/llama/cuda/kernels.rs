@@ -35,19 +35,6 @@ pub struct Kernels {
     attn_merge: CudaFunction,
 }
 
-fn suffix(t: DType) -> &'static str {
-    match t {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        DType::Q8_0 => "q8_0",
-        DType::Q4_0 => "q4_0",
-        DType::Q4_1 => "q4_1",
-        DType::Q4_K => "q4_k",
-        DType::Q6_K => "q6_k",
-    }
-}
-
 /// Where compiled kernels are kept: `$TERN_MODELS/../kernels` or `~/.cache/tern/kernels`.
 fn cache_dir() -> Option<PathBuf> {
     if let Some(models) = std::env::var_os("TERN_MODELS") {
@@ -102,7 +89,7 @@ impl Kernels {
         let per_type = |prefix: &str| {
             DType::ALL
                 .iter()
-                .map(|&t| Ok((t, get(0, &format!("{prefix}_{}", suffix(t)))?)))
+                .map(|&t| Ok((t, get(0, &format!("{prefix}_{}", t.name().to_lowercase()))?)))
                 .collect::<Result<Vec<_>, ModelError>>()
         };
         Ok((
