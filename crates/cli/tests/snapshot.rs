@@ -3,6 +3,9 @@
 //! branch B's process saves at the checkpoint and is killed with SIGKILL, and a fresh process
 //! restores it and runs the same turn. Memory, globals, tokens and KV caches must match byte
 //! for byte. Needs the default model (scripts/test fetches it first).
+//!
+//! The GPU suite runs the same protocol on CUDA with `TERN_BIN` (the packed `tern`) and
+//! `TERN_TEST_ARGS` (`--device cuda --model <generated model>`) set.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -32,7 +35,14 @@ const SAMPLING: [&str; 8] = [
 ];
 
 fn tern() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tern"))
+    Command::new(std::env::var_os("TERN_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_tern").into()))
+}
+
+/// Extra arguments for every `tern chat` of the protocol (a device and a model).
+fn chat_args() -> Vec<String> {
+    std::env::var("TERN_TEST_ARGS")
+        .map(|a| a.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -56,6 +66,7 @@ fn interactive(save: &Path) -> Child {
     tern()
         .arg("chat")
         .args(SAMPLING)
+        .args(chat_args())
         .arg("--save")
         .arg(save)
         .stdin(Stdio::piped())
@@ -104,6 +115,7 @@ fn sigkill_then_restore_continues_bit_for_bit() {
     // Branch B's second process: restore and run the third turn.
     let out = tern()
         .arg("chat")
+        .args(chat_args())
         .args(["--threads", "2", "--resume"])
         .arg(&checkpoint)
         .args(["--prompt", TURNS[2], "--save"])

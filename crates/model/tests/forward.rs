@@ -16,7 +16,8 @@ fn tiny(linear: DType, threads: usize) -> Model {
             linear,
             embd: DType::Q8_0,
         };
-        let partial = path.with_extension("partial");
+        // Tests run in parallel: each writes its own partial file, then renames it whole.
+        let partial = path.with_extension(format!("partial-{:?}", std::thread::current().id()));
         write_random_llama(&partial, shape("tiny").unwrap(), types, 7).unwrap();
         std::fs::rename(&partial, &path).unwrap();
     }
@@ -155,4 +156,12 @@ fn the_fast_path_is_batch_invariant_and_close_to_the_reference() {
         worst <= 0.05 * scale,
         "fast path differs by {worst} (scale {scale})"
     );
+}
+
+#[test]
+fn an_empty_session_still_knows_its_shape() {
+    let model = tiny(DType::Q8_0, 1);
+    let session = model.new_session(16).unwrap();
+    let kv = session.host_kv(&model).unwrap();
+    assert_eq!((kv.n_layer(), kv.len, kv.kv_dim()), (2, 0, 32));
 }

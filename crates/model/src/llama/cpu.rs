@@ -23,6 +23,7 @@ pub struct KvCache {
     /// Positions the cache can hold.
     pub n_ctx: usize,
     kv_dim: usize,
+    n_layer: usize,
 }
 
 impl KvCache {
@@ -44,6 +45,7 @@ impl KvCache {
             len: n_ctx,
             n_ctx,
             kv_dim,
+            n_layer,
         }
     }
 
@@ -60,7 +62,7 @@ impl KvCache {
 
     /// Layers this cache holds.
     pub fn n_layer(&self) -> usize {
-        self.k.len() / (self.n_ctx * self.kv_dim).max(1)
+        self.n_layer
     }
 
     /// Layer `layer`'s keys and values of the filled positions, `(len, kv_dim)` each.
@@ -188,6 +190,7 @@ impl CpuLlama {
             len: 0,
             n_ctx,
             kv_dim,
+            n_layer: self.config.n_layer,
         })
     }
 
