@@ -18,6 +18,7 @@ fn main() {
     let target_dir = root.join("target").join("guests");
     for dir in [
         "guests/Cargo.toml",
+        "guests/.cargo/config.toml",
         "guests/Cargo.lock",
         "guests/matmul",
         "guests/chat",

@@ -139,15 +139,39 @@ impl Sampler {
     }
 }
 
-/// The index of the largest logit; the lowest index among equals.
+/// The index of the largest logit; the lowest index among equals (NaNs are never chosen;
+/// 0 when nothing beats negative infinity).
+///
+/// Eight independent lanes each keep the first maximum of their own elements, so the loop
+/// compiles to SIMD (guests are built with `simd128`); lanes are then merged by value and,
+/// among equals, by the lowest index, which is the first maximum overall.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    const LANES: usize = 8;
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    let mut best = [f32::NEG_INFINITY; LANES];
+    let mut at = [0u32; LANES];
+    for (c, chunk) in chunks.enumerate() {
+        let first = (c * LANES) as u32;
+        for j in 0..LANES {
+            let better = chunk[j] > best[j];
+            best[j] = if better { chunk[j] } else { best[j] };
+            at[j] = if better { first + j as u32 } else { at[j] };
         }
     }
-    best as u32
+    let (mut value, mut index) = (f32::NEG_INFINITY, u32::MAX);
+    for j in 0..LANES {
+        if best[j] > value || (best[j] == value && at[j] < index) {
+            (value, index) = (best[j], at[j]);
+        }
+    }
+    let base = logits.len() - rest.len();
+    for (k, &v) in rest.iter().enumerate() {
+        if v > value {
+            (value, index) = (v, (base + k) as u32);
+        }
+    }
+    if index == u32::MAX { 0 } else { index }
 }
 
 fn apply_repeat_penalty(logits: &mut [f32], recent: &[u32], penalty: f32) {
@@ -171,6 +195,33 @@ fn normalize(p: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_is_the_first_maximum_whatever_the_length() {
+        let naive = |x: &[f32]| {
+            let mut best = 0;
+            for (i, &v) in x.iter().enumerate() {
+                if v > x[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut rng = Rng::new(9);
+        for len in [1, 7, 8, 9, 16, 63, 64, 65, 49152, 128_256] {
+            // Few distinct values, so maxima tie across lanes and chunks.
+            let x: Vec<f32> = (0..len)
+                .map(|_| (rng.next_u64() % 5) as f32 - 2.0)
+                .collect();
+            assert_eq!(argmax(&x), naive(&x), "length {len}");
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 20]), 0);
+        assert_eq!(argmax(&[1.0, f32::NAN, 3.0, f32::NAN]), 2);
+        let mut late = vec![0.0f32; 1000];
+        late[999] = 1.0;
+        late[998] = 1.0;
+        assert_eq!(argmax(&late), 998);
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {

@@ -3,6 +3,8 @@
 //! - `prefill <id> <id> ...`: feeds these token ids in one call;
 //! - `decode <n>`: generates `n` tokens greedily, one forward call each, ignoring
 //!   end-of-turn, and emits the last token id;
+//! - `argmax <reps>`: takes the argmax of the current logits `reps` times (the guest's
+//!   share of a greedy decode step, timed by the host) and emits it;
 //! - `ballast <mib>`: holds `mib` MiB of pseudo-random bytes (incompressible guest state,
 //!   for `tern bench snapshot`).
 //!
@@ -55,6 +57,18 @@ impl Actor for Bench {
                 }
                 emit_str(&token.to_string())?;
             }
+            Some("argmax") => {
+                let (_, logits) = self
+                    .state
+                    .as_ref()
+                    .ok_or_else(|| Error::guest("open first"))?;
+                let reps: usize = number(words.next())?;
+                let mut token = 0;
+                for _ in 0..reps {
+                    token = argmax(std::hint::black_box(logits));
+                }
+                emit_str(&token.to_string())?;
+            }
             Some("ballast") => {
                 let mib: usize = number(words.next())?;
                 let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -67,7 +81,11 @@ impl Actor for Bench {
                     })
                     .collect();
             }
-            _ => return Err(Error::guest("expected open, prefill, decode or ballast")),
+            _ => {
+                return Err(Error::guest(
+                    "expected open, prefill, decode, argmax or ballast",
+                ));
+            }
         }
         Ok(())
     }

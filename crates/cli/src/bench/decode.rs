@@ -184,6 +184,12 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         per_token_us / (1e6 / dd) * 100.0,
         1e6 / dd
     );
+    let module = Arc::new(tern_actor::ActorModule::new(&runtime, "bench", &wasm)?);
+    let (wasm_us, native_us) = super::argmax_cost(&runtime, &module, c.n_vocab)?;
+    println!(
+        "of which the guest's argmax over {} logits: {wasm_us:.1} us in Wasm ({native_us:.1} us natively)",
+        c.n_vocab
+    );
     println!(
         "fast engine vs the quoted best CPU engine: decode {:.2}x, prefill {:.2}x",
         dd / REFERENCE_DECODE,

@@ -119,6 +119,11 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
         per_token_us / (median(&dd) / b.decode as f64 * 1e6) * 100.0,
         median(&dd) / b.decode as f64 * 1e6
     );
+    let (wasm_us, native_us) = super::argmax_cost(&runtime, &module, c.n_vocab)?;
+    println!(
+        "of which the guest's argmax over {} logits: {wasm_us:.1} us in Wasm ({native_us:.1} us natively)",
+        c.n_vocab
+    );
     breakdown(&model, &prompt, context)?;
     Ok(ExitCode::SUCCESS)
 }

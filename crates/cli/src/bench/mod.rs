@@ -83,3 +83,28 @@ fn send(actor: &mut tern_actor::Actor, message: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The guest's share of a greedy decode step: microseconds per argmax over the model's
+/// vocabulary in the `bench` actor (Wasm), and natively, in the same run.
+fn argmax_cost(
+    runtime: &tern_actor::Runtime,
+    module: &std::sync::Arc<tern_actor::ActorModule>,
+    n_vocab: usize,
+) -> anyhow::Result<(f64, f64)> {
+    use std::time::Instant;
+    const REPS: usize = 200;
+    let mut actor = tern_actor::Actor::start(runtime, module)?;
+    send(&mut actor, &format!("open bench {n_vocab} 8"))?;
+    send(&mut actor, "prefill 1 2 3")?;
+    send(&mut actor, "argmax 1")?;
+    let t = Instant::now();
+    send(&mut actor, &format!("argmax {REPS}"))?;
+    let wasm = t.elapsed().as_secs_f64() / REPS as f64 * 1e6;
+    let logits: Vec<f32> = (0..n_vocab).map(|i| ((i * 7919) % 1013) as f32).collect();
+    let t = Instant::now();
+    for _ in 0..REPS {
+        std::hint::black_box(tern_guest::sample::argmax(std::hint::black_box(&logits)));
+    }
+    let native = t.elapsed().as_secs_f64() / REPS as f64 * 1e6;
+    Ok((wasm, native))
+}
