@@ -40,16 +40,16 @@ fn exports(wasm: &[u8]) -> Vec<String> {
 }
 
 fn check(bytes: &[u8]) {
-    if let Ok(out) = instrument(bytes) {
-        if wasmparser::validate(bytes).is_ok() {
-            wasmparser::validate(&out.wasm).expect("a valid module stays valid");
-            let before = exports(bytes);
-            let after = exports(&out.wasm);
-            assert!(
-                before.iter().all(|e| after.contains(e)),
-                "an export was lost"
-            );
-        }
+    if let Ok(out) = instrument(bytes)
+        && wasmparser::validate(bytes).is_ok()
+    {
+        wasmparser::validate(&out.wasm).expect("a valid module stays valid");
+        let before = exports(bytes);
+        let after = exports(&out.wasm);
+        assert!(
+            before.iter().all(|e| after.contains(e)),
+            "an export was lost"
+        );
     }
 }
 

@@ -321,6 +321,7 @@ impl Session {
         layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
     ) -> Result<(), ModelError> {
         let c = model.config();
+        let _ = c; // only a GPU session needs the shape
         if len > self.n_ctx() {
             return Err(ModelError::Invalid(format!(
                 "{len} positions do not fit a session of {}",
