@@ -58,6 +58,10 @@ pub struct RestoreArgs {
     /// Snapshot the actor again to this file after the messages.
     #[arg(long)]
     save: Option<PathBuf>,
+    /// Only check the file and print what it holds (module, memory, globals, models,
+    /// sessions); restore nothing.
+    #[arg(long)]
+    inspect: bool,
     #[command(flatten)]
     env: ActorEnv,
 }
@@ -156,7 +160,12 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
 
 pub fn restore_command(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let file = SnapshotFile::open(&args.snapshot)?;
-    let manifest = file.view()?.manifest;
+    let view = file.view()?;
+    if args.inspect {
+        inspect(&args.snapshot, &view);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let manifest = view.manifest;
     let names: Vec<String> = manifest.models.iter().map(|m| m.name.clone()).collect();
     let runtime = runtime(&args.env, &names)?;
     let module_name = args.module.as_deref().unwrap_or(&manifest.module.name);
@@ -169,4 +178,44 @@ pub fn restore_command(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         eprintln!("saved {} ({bytes} bytes)", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints what a checked snapshot holds.
+fn inspect(path: &Path, view: &tern_actor::SnapshotView<'_>) {
+    let m = &view.manifest;
+    println!(
+        "{}: a valid Tern snapshot (ABI version {})",
+        path.display(),
+        m.abi_version
+    );
+    println!("module: `{}`, sha256 {}", m.module.name, m.module.digest);
+    println!(
+        "memory: {} KiB, {} of {} pages stored",
+        m.memory_bytes / 1024,
+        view.stored_pages(),
+        m.memory_bytes / tern_snapshot::PAGE_BYTES as u64
+    );
+    for g in &m.globals {
+        let kind = if g.mutable { "mut " } else { "" };
+        println!("global {}: {kind}{:?} = {:#x}", g.name, g.ty, g.bits);
+    }
+    for (i, r) in m.models.iter().enumerate() {
+        println!(
+            "model {i}: `{}` ({}, {} layers, {} KV heads of {}, vocabulary {}, weights digest {:016x})",
+            r.name, r.arch, r.n_layer, r.n_head_kv, r.head_dim, r.n_vocab, r.digest
+        );
+    }
+    for s in &m.sessions {
+        println!(
+            "session {} on model {}: {} of {} positions",
+            s.slot,
+            s.model,
+            s.tokens.len(),
+            s.n_ctx
+        );
+    }
+    println!("taken on: {}", m.host.device);
+    if let Some(e) = &m.host.last_error {
+        println!("last error the guest saw: {e}");
+    }
 }

@@ -267,6 +267,21 @@ fn snapshots_for_missing_or_different_models_are_refused() {
         "{err}"
     );
 
+    let saved = dir.join("hi.tern");
+    std::fs::write(&saved, &snapshot).unwrap();
+    let out = tern()
+        .args(["restore", "--inspect"])
+        .arg(&saved)
+        .output()
+        .unwrap();
+    let shown = check(out, "restore --inspect");
+    assert!(shown.contains("a valid Tern snapshot"), "{shown}");
+    assert!(shown.contains("module: `chat`"), "{shown}");
+    assert!(
+        shown.contains("model 0: `smollm2` (llama, 30 layers"),
+        "{shown}"
+    );
+
     let matmul = std::fs::read(PathBuf::from(env!("TERN_GUEST_DIR")).join("matmul.wasm")).unwrap();
     let matmul = Arc::new(ActorModule::new(&rt, "matmul", &matmul).unwrap());
     let err = Actor::restore(&rt, &matmul, &view).err().unwrap();
