@@ -1,6 +1,6 @@
 //! `tern chat`: the chat actor on a model, interactively or for one prompt.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -83,11 +83,7 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
             actor
         }
     };
-    actor.on_output(|bytes| {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(bytes);
-        let _ = out.flush();
-    });
+    crate::snapshot::stream_to_stdout(&mut actor);
     let save = |actor: &mut Actor| -> anyhow::Result<()> {
         if let Some(path) = &args.save {
             actor

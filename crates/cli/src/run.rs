@@ -1,6 +1,5 @@
 //! `tern run`: load one actor, deliver one message, stream what it emits.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -76,11 +75,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             None => "unavailable".into(),
         }
     );
-    actor.on_output(|bytes| {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(bytes);
-        let _ = out.flush();
-    });
+    crate::snapshot::stream_to_stdout(&mut actor);
     let reply = actor.send(args.message.as_bytes())?;
     println!("result: {}", reply.code);
     Ok(if reply.code >= 0 {

@@ -124,7 +124,8 @@ pub fn restore(runtime: &Runtime, module: &Arc<ActorModule>, path: &Path) -> any
     Ok(actor)
 }
 
-fn stream_to_stdout(actor: &mut Actor) {
+/// Streams everything `actor` emits to standard output as it is emitted.
+pub fn stream_to_stdout(actor: &mut Actor) {
     actor.on_output(|bytes| {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(bytes);

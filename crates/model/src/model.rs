@@ -144,11 +144,7 @@ impl Model {
     ) -> Result<Model, ModelError> {
         #[cfg(feature = "cuda")]
         if device.as_cuda().is_some() {
-            let cuda = crate::llama::cuda::CudaLlama::new(
-                self.config(),
-                &self.llama.weights,
-                device.clone(),
-            )?;
+            let cuda = crate::llama::cuda::CudaLlama::new(&self.llama, device.clone())?;
             self.cuda = Some(cuda);
         }
         let _ = device;
@@ -287,15 +283,6 @@ impl Session {
         }
     }
 
-    /// Positions in the KV cache.
-    pub fn kv_len(&self) -> usize {
-        match &self.kv {
-            SessionKv::Cpu(cache) => cache.len,
-            #[cfg(feature = "cuda")]
-            SessionKv::Cuda(s) => s.len,
-        }
-    }
-
     /// The KV cache of the filled positions on the host: borrowed for a CPU session, copied
     /// from the GPU for a GPU one.
     pub fn host_kv(&self, model: &Model) -> Result<Cow<'_, KvCache>, ModelError> {
@@ -320,8 +307,7 @@ impl Session {
         len: usize,
         layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
     ) -> Result<(), ModelError> {
-        let c = model.config();
-        let _ = c; // only a GPU session needs the shape
+        let _ = model; // only a GPU session needs the shape
         if len > self.n_ctx() {
             return Err(ModelError::Invalid(format!(
                 "{len} positions do not fit a session of {}",
@@ -335,7 +321,10 @@ impl Session {
                 copy_le(vb, v)
             }),
             #[cfg(feature = "cuda")]
-            SessionKv::Cuda(s) => s.upload_layers(len, c.n_layer, c.kv_dim(), layer),
+            SessionKv::Cuda(s) => {
+                let c = model.config();
+                s.upload_layers(len, c.n_layer, c.kv_dim(), layer)
+            }
         }
     }
 
@@ -346,11 +335,6 @@ impl Session {
             SessionKv::Cuda(s) => Some(s),
             SessionKv::Cpu(_) => None,
         }
-    }
-
-    /// Whether the cache lives on a GPU.
-    pub fn on_gpu(&self) -> bool {
-        !matches!(self.kv, SessionKv::Cpu(_))
     }
 }
 

@@ -96,6 +96,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     runtime.add_model(model.clone());
     let wasm =
         std::fs::read(crate::run::resolve_module("bench")?).context("reading the bench guest")?;
+    let module = Arc::new(tern_actor::ActorModule::new(&runtime, "bench", &wasm)?);
     let ids = prompt
         .iter()
         .map(u32::to_string)
@@ -119,7 +120,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         direct_prefill.push(p);
         direct_decode.push(d);
         // Through the actor: the same work, driven from inside Wasm.
-        let mut actor = Actor::load(&runtime, &wasm)?;
+        let mut actor = Actor::start(&runtime, &module)?;
         send(&mut actor, &format!("open bench {} {context}", c.n_vocab))?;
         let t = Instant::now();
         send(&mut actor, &format!("prefill {ids}"))?;
@@ -184,7 +185,6 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         per_token_us / (1e6 / dd) * 100.0,
         1e6 / dd
     );
-    let module = Arc::new(tern_actor::ActorModule::new(&runtime, "bench", &wasm)?);
     let (wasm_us, native_us) = super::argmax_cost(&runtime, &module, c.n_vocab)?;
     println!(
         "of which the guest's argmax over {} logits: {wasm_us:.1} us in Wasm ({native_us:.1} us natively)",

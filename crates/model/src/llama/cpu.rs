@@ -80,8 +80,8 @@ impl KvCache {
     ) -> Result<(), E> {
         self.len = len.min(self.n_ctx);
         for layer in 0..self.n_layer() {
-            let range = self.at(layer, 0)..self.at(layer, self.len);
-            fill(layer, &mut self.k[range.clone()], &mut self.v[range])?;
+            let (k, v) = self.layer_mut(layer);
+            fill(layer, k, v)?;
         }
         Ok(())
     }
@@ -167,9 +167,10 @@ impl CpuLlama {
         })
     }
 
-    /// Worker threads of the forward pass.
-    pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+    /// Inverse rotary frequencies, one per rotated pair (Llama-3 factors applied): what
+    /// every backend rotates by.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
     }
 
     /// An empty cache for up to `n_ctx` positions.

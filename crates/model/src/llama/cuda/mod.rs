@@ -29,7 +29,8 @@ use tern_compute::Device;
 use tern_compute::cuda::cudarc::driver::{CudaContext, CudaStream};
 
 use crate::ModelError;
-use crate::llama::{LlamaConfig, LlamaWeights, RopeStyle};
+use crate::llama::cpu::CpuLlama;
+use crate::llama::{LlamaConfig, RopeStyle};
 use kernels::Kernels;
 use weights::DeviceWeights;
 
@@ -68,12 +69,10 @@ pub struct CudaLlama {
 }
 
 impl CudaLlama {
-    /// Uploads `weights` to the GPU `device` is (it must be a CUDA device).
-    pub fn new(
-        config: &LlamaConfig,
-        weights: &LlamaWeights,
-        device: Arc<dyn Device>,
-    ) -> Result<CudaLlama, ModelError> {
+    /// Uploads the weights of `cpu` (the reference, whose config and rotary frequencies it
+    /// shares) to the GPU `device` is (it must be a CUDA device).
+    pub fn new(cpu: &CpuLlama, device: Arc<dyn Device>) -> Result<CudaLlama, ModelError> {
+        let config = &cpu.config;
         let gpu = device.as_cuda().ok_or_else(|| {
             ModelError::Invalid(format!("{} is not a CUDA GPU", device.describe()))
         })?;
@@ -90,8 +89,7 @@ impl CudaLlama {
         let (kernels, kernels_cached) = Kernels::load(&ctx, gpu.arch())?;
         let kernels_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        let inv_freq = inv_freq(config, weights);
-        let weights = DeviceWeights::upload(&stream, weights, &inv_freq)?;
+        let weights = DeviceWeights::upload(&stream, &cpu.weights, cpu.inv_freq())?;
         stream.synchronize().map_err(driver("uploading weights"))?;
         let startup = Startup {
             kernels_ms,
@@ -218,17 +216,6 @@ impl CudaLlama {
     fn n_split(n_ctx: usize) -> usize {
         n_ctx.div_ceil(ATTN_SPLIT)
     }
-}
-
-/// Inverse rotary frequencies, one per rotated pair (Llama-3 factors applied), as the CPU
-/// reference computes them.
-fn inv_freq(c: &LlamaConfig, w: &LlamaWeights) -> Vec<f32> {
-    (0..c.n_rot / 2)
-        .map(|i| {
-            let f = 1.0 / c.rope_base.powf((2 * i) as f32 / c.n_rot as f32);
-            w.rope_freqs.as_ref().map_or(f, |factors| f / factors[i])
-        })
-        .collect()
 }
 
 fn halves(c: &LlamaConfig) -> i32 {
