@@ -74,7 +74,8 @@ fn every_matvec_type_matches_the_cpu() {
     let ops = OpHarness::new(&device).unwrap();
     let mut rng = Rng(0x5eed);
     for dtype in DType::ALL {
-        for cols in [256, 576, 2048] {
+        // 2048 to 8192 columns split rows into 2, 2 (uneven), 4 and 8 parts.
+        for cols in [256, 576, 2048, 2304, 4096, 8192] {
             if dtype.row_bytes(cols).is_none() {
                 continue;
             }
@@ -108,6 +109,48 @@ fn every_matvec_type_matches_the_cpu() {
                     "{dtype} with residual, {n_tok} tokens: error {err}"
                 );
             }
+        }
+    }
+}
+
+/// The forward pass fuses each RMSNorm into the product after it (the scale computed by the
+/// kernel, the weights multiplied in by the kernel before): the same 1e-5 as a plain product,
+/// as only the order of the scale's multiplication changes.
+#[test]
+fn matvec_with_the_norm_fused_in_matches_the_cpu() {
+    let Some(device) = gpu("matvec_with_the_norm_fused_in_matches_the_cpu") else {
+        return;
+    };
+    let ops = OpHarness::new(&device).unwrap();
+    let mut rng = Rng(0xf05e);
+    for (dtype, rows, cols) in [(DType::Q4_1, 960, 576), (DType::BF16, 3072, 2048)] {
+        let w = quantized(dtype, rows, cols, &mut rng);
+        let (g, g_next) = (rng.vec(cols), rng.vec(rows));
+        for n_tok in [1, 5] {
+            let x: Vec<f32> = rng.vec(n_tok * cols).iter().map(|v| v * 20.0).collect();
+            let mut want = vec![0.0; n_tok * rows];
+            let mut xb = vec![0.0; cols];
+            for t in 0..n_tok {
+                tern_model::llama::cpu::rmsnorm(&mut xb, &x[t * cols..(t + 1) * cols], &g, 1e-5);
+                dot_rows(dtype, &w, &xb, &mut want[t * rows..(t + 1) * rows]);
+            }
+            let (y, yg) = ops
+                .matvec_norm(dtype, rows, cols, &w, &x, &g, 1e-5, &g_next)
+                .unwrap();
+            let err = normalized_error(&y, &want);
+            assert!(
+                err <= 1e-5,
+                "{dtype} {rows}x{cols}, {n_tok} tokens: error {err}"
+            );
+            let want_g: Vec<f32> = y
+                .chunks(rows)
+                .flat_map(|r| r.iter().zip(&g_next).map(|(a, b)| a * b))
+                .collect();
+            assert_eq!(
+                yg.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want_g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{dtype}: y * g_next"
+            );
         }
     }
 }
@@ -199,7 +242,9 @@ fn prompt(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Greedy generation: the logits after the prompt and after each token, and the tokens.
+/// Greedy generation: the logits after the prompt and after each token, and the tokens. The
+/// prompt goes in pieces shorter than the GPU's tensor-core prefill takes, so that both
+/// backends run the same f32 arithmetic (the CPU's results do not depend on the pieces).
 fn greedy(
     model: &Model,
     session: &mut Session,
@@ -207,7 +252,9 @@ fn greedy(
     n: usize,
 ) -> (Vec<Vec<f32>>, Vec<u32>) {
     let mut logits = vec![0.0; model.config().n_vocab];
-    model.forward(session, prompt, &mut logits).unwrap();
+    for piece in prompt.chunks(63) {
+        model.forward(session, piece, &mut logits).unwrap();
+    }
     let (mut all, mut tokens) = (vec![logits.clone()], Vec::new());
     for _ in 0..n {
         let next = tern_model::llama::cpu::argmax(&logits);
@@ -263,8 +310,76 @@ fn small_models_of_every_type_generate_as_the_cpu_does() {
     for linear in DType::ALL {
         parity(&device, "small", linear, DType::Q8_0, 20);
     }
-    // A prompt longer than one attention split (256 positions).
+    // A prompt of many attention splits (64 positions each), prefilled in chunks.
     parity(&device, "small", DType::Q4_1, DType::Q8_0, 600);
+}
+
+/// Prompts of 64 positions and more go through BF16 tensor-core GEMMs, whose operands (the
+/// normalized activations, the attention output, SwiGLU's output, and weights of other
+/// types) are rounded to 8 significant bits: a relative error of up to 2^-9 per operand.
+/// Over a dot product of random-signed terms that stays near 2^-9 of the result's scale, and
+/// through every layer it compounds to a few 1e-3 of the logits' scale; 3e-2 leaves margin
+/// and still catches any wrong index, layout or missing term, which give errors of order 1.
+/// The same prompt twice gives the same bits.
+#[test]
+fn tensor_core_prefill_stays_close_to_the_cpu() {
+    let Some(device) = gpu("tensor_core_prefill_stays_close_to_the_cpu") else {
+        return;
+    };
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for (shape_name, linear, embd) in [
+        ("small", DType::Q4_1, DType::Q8_0),
+        ("smollm2-135m", DType::Q8_0, DType::Q8_0),
+        ("llama-3.2-1b", DType::BF16, DType::BF16),
+    ] {
+        let path = model_file(shape_name, linear, embd);
+        let cpu = Model::open("m", &path, threads).unwrap();
+        let gpu = Model::open("m", &path, threads)
+            .unwrap()
+            .on_device(&device)
+            .unwrap();
+        let n_vocab = cpu.config().n_vocab;
+        // One chunk; one chunk of many attention splits plus a shorter one; and a long
+        // prompt after a short one (the chunk starts mid-split).
+        for (before, len) in [(0, 64), (0, 600), (5, 130)] {
+            let p = prompt(before + len, n_vocab);
+            let run = |model: &Model| {
+                let mut session = model.new_session(before + len + 8).unwrap();
+                let mut logits = vec![0.0; n_vocab];
+                if before > 0 {
+                    model
+                        .forward(&mut session, &p[..before], &mut logits)
+                        .unwrap();
+                }
+                model
+                    .forward(&mut session, &p[before..], &mut logits)
+                    .unwrap();
+                // One decode step on the cache the prefill wrote (the same token for both).
+                let next = 17;
+                let mut after = vec![0.0; n_vocab];
+                model.forward(&mut session, &[next], &mut after).unwrap();
+                (logits, after)
+            };
+            let (want, want_after) = run(&cpu);
+            let (got, got_after) = run(&gpu);
+            let err = normalized_error(&got, &want);
+            let err_after = normalized_error(&got_after, &want_after);
+            eprintln!(
+                "{shape_name} {linear}, {before} + {len} positions: normalized logit error {err:.2e}, after one more token {err_after:.2e}"
+            );
+            assert!(err <= 3e-2, "{shape_name} {linear} {len}: error {err}");
+            assert!(
+                err_after <= 3e-2,
+                "{shape_name} {linear} {len}: error {err_after} after"
+            );
+            let (again, _) = run(&gpu);
+            assert_eq!(
+                bits(&[again]),
+                bits(&[got]),
+                "{shape_name} {len}: the tensor-core prefill is not reproducible"
+            );
+        }
+    }
 }
 
 #[test]

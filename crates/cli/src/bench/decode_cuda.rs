@@ -113,6 +113,21 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
         roofline,
         decode / roofline * 100.0
     );
+    println!("prefill: {}", cuda.prefill_path());
+    match cuda.gemm_rate(b.prefill, 5) {
+        Ok(gemm) => {
+            let prefill = rate(b.prefill, &dp).max(rate(b.prefill, &ap));
+            let achieved = cuda.layer_flops(1) * prefill;
+            println!(
+                "prefill matrix products: {:.1} TFLOP/s over {} positions; cuBLAS BF16 GEMMs of the same shapes in this run: {:.1} TFLOP/s; prefill reaches {:.1}% of it",
+                achieved / 1e12,
+                b.prefill,
+                gemm / 1e12,
+                achieved / gemm * 100.0
+            );
+        }
+        Err(e) => println!("prefill GEMM yardstick not measured: {e}"),
+    }
     let per_token_us = (median(&ad) - median(&dd)) / b.decode as f64 * 1e6;
     println!(
         "actor path cost per decoded token: {per_token_us:+.2} us ({:+.2}% of the engine's {:.1} us)",

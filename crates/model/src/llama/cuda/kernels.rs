@@ -20,20 +20,41 @@ const SOURCES: [(&str, &str); 2] = [
     ("llama.cu", include_str!("kernels/llama.cu")),
 ];
 
-/// Rows one `matvec` block computes (8 warps of one row each).
-const MATVEC_ROWS_PER_BLOCK: usize = 8;
+/// Warps of one `matvec` block (one row each, or one part of a split row).
+const MATVEC_WARPS: usize = 8;
+
+/// Warps `matvec` gives each row of a `rows` x `cols` matrix: split rows (1, 2, 4 or 8
+/// parts of at least four 256-column steps each) while the matrix has too few rows to keep
+/// 8,192 warps reading, which short matrices (the attention output, Q/K/V, the MLP's down
+/// projection) otherwise leave the GPU well short of.
+fn matvec_parts(rows: usize, cols: usize) -> usize {
+    let steps = cols.div_ceil(256);
+    let mut parts = 1;
+    while parts < MATVEC_WARPS && rows * parts < 8192 && steps >= 8 * parts {
+        parts *= 2;
+    }
+    parts
+}
 
 /// Every kernel of the forward pass.
 pub struct Kernels {
     matvec: Vec<(DType, CudaFunction)>,
     matvec_out: Vec<(DType, CudaFunction)>,
     get_rows: Vec<(DType, CudaFunction)>,
+    dequant_bf16: Vec<(DType, CudaFunction)>,
     rmsnorm: CudaFunction,
+    rmsnorm_bf16: CudaFunction,
+    to_bf16: CudaFunction,
     rope_append: CudaFunction,
     swiglu: CudaFunction,
-    attn_split: CudaFunction,
-    attn_merge: CudaFunction,
+    swiglu_bf16: CudaFunction,
+    /// By head size: `attention_<head_dim>`, `attention_prefill_<head_dim>`.
+    attention: Vec<(usize, CudaFunction)>,
+    attention_prefill: Vec<(usize, CudaFunction)>,
 }
+
+/// The head sizes `llama.cu`'s attention is instantiated for.
+pub const HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
 
 /// Where compiled kernels are kept: `$TERN_MODELS/../kernels` or `~/.cache/tern/kernels`.
 fn cache_dir() -> Option<PathBuf> {
@@ -97,15 +118,40 @@ impl Kernels {
                 matvec: per_type("matvec")?,
                 matvec_out: per_type("matvec_out")?,
                 get_rows: per_type("get_rows")?,
+                dequant_bf16: per_type("dequant_bf16")?,
                 rmsnorm: get(1, "rmsnorm")?,
+                rmsnorm_bf16: get(1, "rmsnorm_bf16")?,
+                to_bf16: get(1, "to_bf16")?,
                 rope_append: get(1, "rope_append")?,
                 swiglu: get(1, "swiglu")?,
-                attn_split: get(1, "attn_split")?,
-                attn_merge: get(1, "attn_merge")?,
+                swiglu_bf16: get(1, "swiglu_bf16")?,
+                attention: HEAD_DIMS
+                    .iter()
+                    .map(|&d| Ok((d, get(1, &format!("attention_{d}"))?)))
+                    .collect::<Result<_, ModelError>>()?,
+                attention_prefill: HEAD_DIMS
+                    .iter()
+                    .map(|&d| Ok((d, get(1, &format!("attention_prefill_{d}"))?)))
+                    .collect::<Result<_, ModelError>>()?,
             },
             all_cached,
         ))
     }
+}
+
+/// What a `matvec` launch fuses in (see `matvec.cu`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fuse {
+    /// The RMSNorm before the product: the norm's raw input and epsilon (the launch's `x`
+    /// then holds that input times the norm's weights).
+    pub norm: Option<(u64, f32)>,
+    /// The next RMSNorm's weights `g` and where `y * g` goes.
+    pub next: Option<(u64, u64)>,
+    /// The matrix is gate and up interleaved four rows at a time ([`DevLayer::glu`]): write
+    /// `silu(gate) * up`, one output per pair of rows.
+    ///
+    /// [`DevLayer::glu`]: super::weights::DevLayer::glu
+    pub glu: bool,
 }
 
 /// A weight matrix in device memory: `rows` rows of `row_bytes` bytes in `dtype` blocks.
@@ -124,6 +170,13 @@ fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+fn by_head_dim(list: &[(usize, CudaFunction)], d: usize) -> Result<&CudaFunction, ModelError> {
+    list.iter()
+        .find(|(h, _)| *h == d)
+        .map(|(_, f)| f)
+        .ok_or_else(|| ModelError::Unsupported(format!("head size {d} on the GPU")))
 }
 
 fn find(list: &[(DType, CudaFunction)], t: DType) -> &CudaFunction {
@@ -154,7 +207,7 @@ macro_rules! launch {
 }
 
 impl Launcher<'_> {
-    /// `y[t] = (residual ? residual[t] : 0) + W x[t]` for `n` tokens (n <= 8).
+    /// `y[t] = (residual ? residual[t] : 0) + W x[t]` for `n` tokens, with `fuse`'s norms.
     #[allow(clippy::too_many_arguments)]
     pub fn matvec(
         &self,
@@ -165,8 +218,18 @@ impl Launcher<'_> {
         x_stride: u32,
         y_stride: u32,
         residual: u64,
+        fuse: Fuse,
     ) -> Result<(), ModelError> {
-        let blocks = (w.rows as usize).div_ceil(MATVEC_ROWS_PER_BLOCK) as u32;
+        let (norm_x, eps) = fuse.norm.unwrap_or((0, 0.0));
+        let (g, yg) = fuse.next.unwrap_or((0, 0));
+        let parts = if fuse.glu {
+            1
+        } else {
+            matvec_parts(w.rows as usize, w.cols as usize)
+        };
+        let glu = u32::from(fuse.glu);
+        let blocks = (w.rows as usize * parts).div_ceil(MATVEC_WARPS) as u32;
+        let parts = parts as u32;
         launch!(
             self,
             find(&self.kernels.matvec, w.dtype),
@@ -180,14 +243,20 @@ impl Launcher<'_> {
             &n,
             &x_stride,
             &y_stride,
-            &residual
+            &residual,
+            &parts,
+            &norm_x,
+            &eps,
+            &g,
+            &yg,
+            &glu
         )
     }
 
     /// `y = W x` for one token, stored 8 rows at a time: the output head, whose `y` is often
     /// host memory registered with the GPU.
     pub fn matvec_out(&self, w: &DevMatrix, x: u64, y: u64) -> Result<(), ModelError> {
-        let blocks = (w.rows as usize).div_ceil(MATVEC_ROWS_PER_BLOCK) as u32;
+        let blocks = (w.rows as usize).div_ceil(MATVEC_WARPS) as u32;
         launch!(
             self,
             find(&self.kernels.matvec_out, w.dtype),
@@ -238,34 +307,109 @@ impl Launcher<'_> {
         )
     }
 
-    /// Rotates the queries of `qkv` (fused `q|k|v` rows) in place and appends rotated keys
-    /// and values to one layer's cache.
+    /// Causal attention of `n_tok` queries over one layer's cache, in one launch: rotates
+    /// this call's queries and keys (the unrotated fused `q|k|v` rows of `qkv`), appends
+    /// their keys and values to the cache at `step[0]`.., and writes `out` (`n_tok` rows of
+    /// `n_head * head_dim`). `part_o`, `part_ml` and `tickets` are the session's scratch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        c: &crate::llama::LlamaConfig,
+        n_tok: u32,
+        n_split: u32,
+        qkv: u64,
+        cache: (u64, u64),
+        inv_freq: u64,
+        scratch: (u64, u64, u64),
+        out: u64,
+        step: u64,
+    ) -> Result<(), ModelError> {
+        let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
+        let (n_rot, halves) = (c.n_rot as u32, super::halves(c));
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let stride = (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32;
+        let (k_cache, v_cache) = cache;
+        let (part_o, part_ml, tickets) = scratch;
+        launch!(
+            self,
+            by_head_dim(&self.kernels.attention, c.head_dim)?,
+            config((n_split, n_head, n_tok), super::ATTN_THREADS),
+            &qkv,
+            &k_cache,
+            &v_cache,
+            &inv_freq,
+            &part_o,
+            &part_ml,
+            &tickets,
+            &out,
+            &step,
+            &n_head,
+            &n_head_kv,
+            &n_rot,
+            &halves,
+            &n_split,
+            &scale,
+            &stride
+        )
+    }
+
+    /// Causal attention of a prefill chunk of `n_tok` queries, already rotated in place in
+    /// `qkv`, over one layer's cache, to which [`Launcher::rope_append`] appended the
+    /// chunk's keys and values.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill(
+        &self,
+        c: &crate::llama::LlamaConfig,
+        n_tok: u32,
+        qkv: u64,
+        cache: (u64, u64),
+        out: u64,
+        step: u64,
+    ) -> Result<(), ModelError> {
+        let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let stride = (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32;
+        // Queries per block (`QT` of the kernel's instance for this head size).
+        let tile = if c.head_dim == 256 { 16 } else { 32 };
+        launch!(
+            self,
+            by_head_dim(&self.kernels.attention_prefill, c.head_dim)?,
+            config((n_tok.div_ceil(tile), n_head, 1), 128),
+            &qkv,
+            &cache.0,
+            &cache.1,
+            &out,
+            &step,
+            &n_tok,
+            &n_head,
+            &n_head_kv,
+            &scale,
+            &stride
+        )
+    }
+
+    /// Rotates the queries of `n_tok` fused `q|k|v` rows in place and appends their rotated
+    /// keys and values to one layer's cache at `step[0]`.. (before an unfused `attention`).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_append(
         &self,
         c: &crate::llama::LlamaConfig,
         n_tok: u32,
         qkv: u64,
-        k_cache: u64,
-        v_cache: u64,
+        cache: (u64, u64),
         inv_freq: u64,
         step: u64,
     ) -> Result<(), ModelError> {
-        let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.kv_dim());
-        let stride = (q_dim + 2 * kv_dim) as u32;
-        let (q, k_new) = (qkv, qkv + 4 * q_dim as u64);
-        let v_new = k_new + 4 * kv_dim as u64;
         let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
         let (head_dim, n_rot, halves) = (c.head_dim as u32, c.n_rot as u32, super::halves(c));
+        let stride = (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32;
         launch!(
             self,
             &self.kernels.rope_append,
             config((n_tok, n_head + n_head_kv, 1), 64),
-            &q,
-            &k_new,
-            &v_new,
-            &k_cache,
-            &v_cache,
+            &qkv,
+            &cache.0,
+            &cache.1,
             &inv_freq,
             &step,
             &n_head,
@@ -277,54 +421,73 @@ impl Launcher<'_> {
         )
     }
 
-    /// Causal attention of `n_tok` queries (the `q` part of fused `q|k|v` rows) over one
-    /// layer's cache, in two fixed-order passes.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention(
-        &self,
-        c: &crate::llama::LlamaConfig,
-        n_tok: u32,
-        n_split: u32,
-        q: u64,
-        k_cache: u64,
-        v_cache: u64,
-        part_o: u64,
-        part_ml: u64,
-        out: u64,
-        step: u64,
-    ) -> Result<(), ModelError> {
-        let (n_head, n_head_kv, head_dim) =
-            (c.n_head as u32, c.n_head_kv as u32, c.head_dim as u32);
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let q_stride = (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32;
+    /// `out = bf16(W)`, row-major `rows x cols` (an operand for a prefill GEMM).
+    pub fn dequant_bf16(&self, w: &DevMatrix, out: u64) -> Result<(), ModelError> {
         launch!(
             self,
-            &self.kernels.attn_split,
-            config((n_split, n_head, n_tok), super::ATTN_SPLIT as u32),
-            &q,
-            &k_cache,
-            &v_cache,
-            &part_o,
-            &part_ml,
-            &step,
-            &n_head,
-            &n_head_kv,
-            &head_dim,
-            &n_split,
-            &scale,
-            &q_stride
-        )?;
-        launch!(
-            self,
-            &self.kernels.attn_merge,
-            config((n_head, n_tok, 1), head_dim),
-            &part_o,
-            &part_ml,
+            find(&self.kernels.dequant_bf16, w.dtype),
+            config((w.rows, 1, 1), 256),
+            &w.ptr,
             &out,
-            &step,
-            &n_head,
-            &head_dim,
-            &n_split
+            &w.rows,
+            &w.cols,
+            &w.row_bytes
+        )
+    }
+
+    /// `out[t] = bf16(rmsnorm(x[t]) * w)` for `n_tok` rows of `width`.
+    pub fn rmsnorm_bf16(
+        &self,
+        x: u64,
+        w: u64,
+        out: u64,
+        n_tok: u32,
+        width: u32,
+        eps: f32,
+    ) -> Result<(), ModelError> {
+        launch!(
+            self,
+            &self.kernels.rmsnorm_bf16,
+            config((n_tok, 1, 1), 256),
+            &x,
+            &w,
+            &out,
+            &width,
+            &eps
+        )
+    }
+
+    /// `out[i] = bf16(x[i])` for `n` floats.
+    pub fn to_bf16(&self, x: u64, out: u64, n: u32) -> Result<(), ModelError> {
+        launch!(
+            self,
+            &self.kernels.to_bf16,
+            config((n.div_ceil(256), 1, 1), 256),
+            &x,
+            &out,
+            &n
+        )
+    }
+
+    /// `out[t] = bf16(silu(gate[t]) * up[t])` for `n_tok` rows of `2 * n_ff` GEMM outputs:
+    /// `[gate | up]`, or interleaved four at a time when `glu` (see [`Fuse::glu`]).
+    pub fn swiglu_bf16(
+        &self,
+        gate_up: u64,
+        out: u64,
+        n_tok: u32,
+        n_ff: u32,
+        glu: bool,
+    ) -> Result<(), ModelError> {
+        let interleaved = i32::from(glu);
+        launch!(
+            self,
+            &self.kernels.swiglu_bf16,
+            config((n_ff.div_ceil(256), n_tok, 1), 256),
+            &gate_up,
+            &out,
+            &n_ff,
+            &interleaved
         )
     }
 
@@ -349,5 +512,26 @@ impl Launcher<'_> {
             &n_ff,
             &stride
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matvec_parts;
+
+    #[test]
+    fn short_matrices_split_their_rows_and_long_ones_do_not() {
+        // Llama-3.2-1B: attention output, Q/K/V, down, gate/up, the output head.
+        assert_eq!(matvec_parts(2048, 2048), 2);
+        assert_eq!(matvec_parts(3072, 2048), 2);
+        assert_eq!(matvec_parts(2048, 8192), 4);
+        assert_eq!(matvec_parts(16384, 2048), 1);
+        assert_eq!(matvec_parts(128_256, 2048), 1);
+        // SmolLM2-135M rows are too short to split.
+        assert_eq!(matvec_parts(576, 1536), 1);
+        assert_eq!(matvec_parts(960, 576), 1);
+        // Never more parts than warps, never parts of under four steps.
+        assert_eq!(matvec_parts(1, 1 << 20), 8);
+        assert_eq!(matvec_parts(1, 256 * 7), 1);
     }
 }

@@ -3,7 +3,7 @@
 //! Weights are uploaded once, in their file's block format, and shared by every session of
 //! the model; each session owns its KV cache and scratch buffers in device memory. Kernels are
 //! the real files in `kernels/` (`matvec.cu`: quantized matrix-vector products; `llama.cu`:
-//! norms, rotary embeddings with the KV append, attention, SwiGLU), compiled by NVRTC for the
+//! norms, attention with the rotary embeddings and KV append fused in, SwiGLU), compiled by NVRTC for the
 //! GPU's architecture and cached on disk.
 //!
 //! Guarantees:
@@ -16,6 +16,7 @@
 //! - All device work of a call finishes before the call returns.
 
 mod kernels;
+mod prefill;
 mod session;
 pub mod testing;
 mod weights;
@@ -32,14 +33,17 @@ use crate::ModelError;
 use crate::llama::cpu::CpuLlama;
 use crate::llama::{LlamaConfig, RopeStyle};
 use kernels::Kernels;
+use prefill::{PREFILL_CHUNK, PREFILL_MIN, Prefill};
 use weights::DeviceWeights;
 
 /// Positions run through the layers together in one call of each kernel (a prefill is cut
 /// into chunks of this many tokens).
 pub const MAX_CHUNK: usize = 8;
 
-/// Positions one attention split covers (`ATTN_SPLIT` in `llama.cu`).
-const ATTN_SPLIT: usize = 128;
+/// Positions one attention split covers, and threads per attention block (`ATTN_SPLIT`,
+/// `ATTN_THREADS` in `llama.cu`).
+const ATTN_SPLIT: usize = 64;
+const ATTN_THREADS: u32 = 128;
 
 /// What opening the model on the GPU cost.
 #[derive(Clone, Copy, Debug)]
@@ -64,8 +68,9 @@ pub struct CudaLlama {
     kernels: Kernels,
     weights: DeviceWeights,
     pub startup: Startup,
-    /// One forward pass at a time on the model's stream.
-    busy: Mutex<()>,
+    /// One forward pass at a time on the model's stream; it holds the prefill path's
+    /// buffers once a long prompt has needed them (or why that path cannot run).
+    busy: Mutex<Option<Result<Prefill, String>>>,
 }
 
 impl CudaLlama {
@@ -77,9 +82,10 @@ impl CudaLlama {
             ModelError::Invalid(format!("{} is not a CUDA GPU", device.describe()))
         })?;
         let hd = config.head_dim;
-        if !hd.is_multiple_of(4) || !ATTN_SPLIT.is_multiple_of(hd) {
+        if !kernels::HEAD_DIMS.contains(&hd) {
             return Err(ModelError::Unsupported(format!(
-                "head size {hd} on the GPU (attention takes multiples of 4 that divide {ATTN_SPLIT})"
+                "head size {hd} on the GPU (attention takes {:?})",
+                kernels::HEAD_DIMS
             )));
         }
         let ctx = gpu.context().clone();
@@ -105,13 +111,16 @@ impl CudaLlama {
             kernels,
             weights,
             startup,
-            busy: Mutex::new(()),
+            busy: Mutex::new(None),
         })
     }
 
     /// Where the forward pass computes, for snapshots and messages.
     pub fn label(&self) -> String {
-        format!("{} f32", self.device.describe())
+        match prefill::unavailable() {
+            None => format!("{} f32, bf16 prefill GEMMs", self.device.describe()),
+            Some(_) => format!("{} f32", self.device.describe()),
+        }
     }
 
     /// An empty session of up to `n_ctx` positions.
@@ -129,7 +138,7 @@ impl CudaLlama {
     ) -> Result<(), ModelError> {
         let c = &self.config;
         super::check_forward(c, session.len, session.n_ctx, tokens, logits)?;
-        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         self.ctx
             .bind_to_thread()
             .map_err(driver("binding the context"))?;
@@ -142,8 +151,19 @@ impl CudaLlama {
         } else {
             session.logits_ptr()
         };
+        // Long prompts on tensor cores, chunk by chunk; the rest below.
+        let mut tokens = tokens;
+        while tokens.len() >= PREFILL_MIN {
+            let Some(prefill) = self.prefill(&mut busy) else {
+                break;
+            };
+            let n = tokens.len().min(PREFILL_CHUNK);
+            let out = (n == tokens.len()).then_some(dst);
+            session.prefill_chunk(self, prefill, &tokens[..n], out)?;
+            tokens = &tokens[n..];
+        }
         let chunks = tokens.chunks(MAX_CHUNK);
-        let last = chunks.len() - 1;
+        let last = chunks.len().saturating_sub(1);
         for (i, chunk) in chunks.enumerate() {
             let out = (i == last).then_some(dst);
             if chunk.len() == 1 && out.is_some() {
@@ -158,6 +178,47 @@ impl CudaLlama {
         self.stream
             .synchronize()
             .map_err(driver("running the forward pass"))
+    }
+
+    /// The prefill path's buffers, made on first use; `None` when it cannot run here.
+    fn prefill<'a>(
+        &self,
+        state: &'a mut Option<Result<Prefill, String>>,
+    ) -> Option<&'a mut Prefill> {
+        state
+            .get_or_insert_with(|| Prefill::new(self).map_err(|e| e.to_string()))
+            .as_mut()
+            .ok()
+    }
+
+    /// How prompts of at least [`PREFILL_MIN`] positions run: on tensor cores, or why not.
+    pub fn prefill_path(&self) -> String {
+        match prefill::unavailable() {
+            None => format!(
+                "prompts of {PREFILL_MIN}+ positions through BF16 tensor-core GEMMs (cuBLAS), \
+                 f32 accumulation"
+            ),
+            Some(why) => format!("matrix-vector kernels only: {why}"),
+        }
+    }
+
+    /// What cuBLAS reaches on one layer's matrix products with `n` positions of BF16
+    /// operands (floating-point operations per second), and what those products take per
+    /// position: the prefill path's yardstick.
+    pub fn gemm_rate(&self, n: usize, repeats: usize) -> Result<f64, ModelError> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        let prefill = self.prefill(&mut busy).ok_or_else(|| {
+            ModelError::Unsupported(prefill::unavailable().unwrap_or("no cuBLAS").into())
+        })?;
+        prefill.gemm_rate(self, n, repeats)
+    }
+
+    /// Floating-point operations of the layers' matrix products for `n` positions.
+    pub fn layer_flops(&self, n: usize) -> f64 {
+        prefill::layer_flops(&self.config, n)
     }
 
     /// Times each kernel of one decode step of `session` (see [`CudaSession::profile_step`]).
@@ -207,9 +268,9 @@ impl CudaLlama {
             .weights
             .layers
             .iter()
-            .map(|l| 8 + l.qkv.len() + l.gate_up.len())
+            .map(|l| 3 + usize::from(!l.glu) + l.qkv.len() + l.gate_up.len())
             .sum();
-        per_layer + 3
+        per_layer + 4
     }
 
     /// The number of attention splits a session of `n_ctx` positions uses.

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tern_compute::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use tern_compute::cuda::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 
-use super::kernels::{DevMatrix, Launcher};
+use super::kernels::{DevMatrix, Fuse, Launcher};
+use super::prefill::Prefill;
 use super::{CudaLlama, MAX_CHUNK, driver};
 use crate::ModelError;
 use crate::llama::cpu::KvCache;
@@ -25,6 +26,7 @@ struct Buffers {
     hb: CudaSlice<f32>,      // (MAX_CHUNK, n_ff) silu(gate) * up
     part_o: CudaSlice<f32>,  // (MAX_CHUNK, n_head, n_split, head_dim)
     part_ml: CudaSlice<f32>, // (MAX_CHUNK, n_head, n_split, 2)
+    tickets: CudaSlice<u32>, // (MAX_CHUNK, n_head) attention's merge tickets, zero between launches
     logits: CudaSlice<f32>,  // (n_vocab) for callers whose buffer the GPU cannot see
 }
 
@@ -71,6 +73,9 @@ impl CudaSession {
             hb: alloc(MAX_CHUNK * c.n_ff)?,
             part_o: alloc(MAX_CHUNK * c.n_head * n_split * c.head_dim)?,
             part_ml: alloc(MAX_CHUNK * c.n_head * n_split * 2)?,
+            tickets: s
+                .alloc_zeros::<u32>(MAX_CHUNK * c.n_head)
+                .map_err(driver("allocating a session"))?,
             logits: alloc(c.n_vocab)?,
         };
         Ok(CudaSession {
@@ -124,6 +129,72 @@ impl CudaSession {
         self.set_step(tokens)?;
         self.enqueue(model, tokens.len(), logits, &mut |_| Ok(()))?;
         self.len += tokens.len();
+        Ok(())
+    }
+
+    /// Runs `tokens` (at most `PREFILL_CHUNK`) through every layer with BF16 GEMMs for the
+    /// matrix products (see `prefill.rs`); when `logits` is given, also the output head for
+    /// the last of them.
+    pub(super) fn prefill_chunk(
+        &mut self,
+        model: &CudaLlama,
+        pre: &mut Prefill,
+        tokens: &[u32],
+        logits: Option<u64>,
+    ) -> Result<(), ModelError> {
+        let c = &model.config;
+        let w = &model.weights;
+        let n = tokens.len();
+        self.set_step(&[])?;
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        self.stream
+            .memcpy_htod(&ids, &mut pre.ids.slice_mut(..n))
+            .map_err(driver("setting the prompt"))?;
+        let run = Launcher {
+            kernels: &model.kernels,
+            stream: &model.stream,
+        };
+        let (x, act, qkv, att, gate_up) = (
+            pre.ptr(&pre.x),
+            pre.ptr(&pre.act),
+            pre.ptr(&pre.qkv),
+            pre.ptr(&pre.att),
+            pre.ptr(&pre.gate_up),
+        );
+        let step = self.ptr(&self.buf.step);
+        let (e, q_dim, kv, ff) = (c.n_embd, c.n_head * c.head_dim, c.kv_dim(), c.n_ff);
+        let n_u = n as u32;
+        let layer_floats = (self.n_ctx * kv * 4) as u64;
+        let stacked = |parts: &[DevMatrix], y: u64, stride: usize| -> Result<(), ModelError> {
+            let mut at = 0u64;
+            for m in parts {
+                pre.gemm(&run, m, n, y + 4 * at, stride, false)?;
+                at += u64::from(m.rows);
+            }
+            Ok(())
+        };
+        run.get_rows(&w.token_embd, pre.ptr(&pre.ids), x, n_u)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            let k_cache = self.ptr(&self.buf.k) + l as u64 * layer_floats;
+            let v_cache = self.ptr(&self.buf.v) + l as u64 * layer_floats;
+            run.rmsnorm_bf16(x, lw.attn_norm, act, n_u, e as u32, c.rms_eps)?;
+            stacked(&lw.qkv, qkv, q_dim + 2 * kv)?;
+            run.rope_append(c, n_u, qkv, (k_cache, v_cache), w.inv_freq, step)?;
+            run.attention_prefill(c, n_u, qkv, (k_cache, v_cache), att, step)?;
+            run.to_bf16(att, act, (n * q_dim) as u32)?;
+            pre.gemm(&run, &lw.wo, n, x, e, true)?;
+            run.rmsnorm_bf16(x, lw.ffn_norm, act, n_u, e as u32, c.rms_eps)?;
+            stacked(&lw.gate_up, gate_up, 2 * ff)?;
+            run.swiglu_bf16(gate_up, act, n_u, ff as u32, lw.glu)?;
+            pre.gemm(&run, &lw.w_down, n, x, e, true)?;
+        }
+        if let Some(out) = logits {
+            let x_last = x + ((n - 1) * e * 4) as u64;
+            let xb = self.ptr(&self.buf.xb);
+            run.rmsnorm(x_last, w.output_norm, xb, 1, e as u32, c.rms_eps)?;
+            run.matvec_out(&w.output, xb, out)?;
+        }
+        self.len += n;
         Ok(())
     }
 
@@ -196,40 +267,68 @@ impl CudaSession {
         );
         let layer_floats = (self.n_ctx * c.kv_dim() * 4) as u64;
         let n_split = CudaLlama::n_split(self.n_ctx) as u32;
-        // Stacked matrices (or their parts one by one) write side by side in one row per token.
-        let stacked = |parts: &[DevMatrix], y: u64, stride: u32| -> Result<(), ModelError> {
+        // Stacked matrices (or their parts one by one) write side by side in one row per
+        // token; their input is `xb`, the norm's input times its weights (see `Fuse`).
+        let stacked = |parts: &[DevMatrix], y: u64, stride: u32, fuse| -> Result<(), ModelError> {
             let mut at = 0u64;
             for m in parts {
-                run.matvec(m, xb, y + 4 * at, n_u, e, stride, 0)?;
+                run.matvec(m, xb, y + 4 * at, n_u, e, stride, 0, fuse)?;
                 at += u64::from(m.rows);
             }
             Ok(())
         };
+        // Each RMSNorm is fused into the matrix product after it: the kernel that writes the
+        // residual stream also writes it times the next norm's weights into `xb`, and the
+        // product computes the norm's scale itself. Only the first layer's comes from its
+        // own kernel, whose output the product then takes as it is.
+        let norm = Fuse {
+            norm: Some((x, c.rms_eps)),
+            ..Fuse::default()
+        };
+        let then = |g: u64| Fuse {
+            next: Some((g, xb)),
+            ..Fuse::default()
+        };
         run.get_rows(&w.token_embd, ids, x, n_u)?;
         mark("get_rows")?;
+        run.rmsnorm(x, w.layers[0].attn_norm, xb, n_u, e, c.rms_eps)?;
+        mark("rmsnorm")?;
         for (l, lw) in w.layers.iter().enumerate() {
             let k_cache = p(&b.k) + l as u64 * layer_floats;
             let v_cache = p(&b.v) + l as u64 * layer_floats;
-            run.rmsnorm(x, lw.attn_norm, xb, n_u, e, c.rms_eps)?;
-            mark("rmsnorm")?;
-            stacked(&lw.qkv, qkv, q_dim + 2 * kv)?;
+            let fuse = if l == 0 { Fuse::default() } else { norm };
+            stacked(&lw.qkv, qkv, q_dim + 2 * kv, fuse)?;
             mark("matvec qkv")?;
-            run.rope_append(c, n_u, qkv, k_cache, v_cache, w.inv_freq, step)?;
-            mark("rope_append")?;
-            let (part_o, part_ml) = (p(&b.part_o), p(&b.part_ml));
+            let scratch = (p(&b.part_o), p(&b.part_ml), self.ptr(&b.tickets));
             run.attention(
-                c, n_u, n_split, qkv, k_cache, v_cache, part_o, part_ml, att, step,
+                c,
+                n_u,
+                n_split,
+                qkv,
+                (k_cache, v_cache),
+                w.inv_freq,
+                scratch,
+                att,
+                step,
             )?;
             mark("attention")?;
-            run.matvec(&lw.wo, att, x, n_u, q_dim, e, x)?;
+            run.matvec(&lw.wo, att, x, n_u, q_dim, e, x, then(lw.ffn_norm))?;
             mark("matvec o")?;
-            run.rmsnorm(x, lw.ffn_norm, xb, n_u, e, c.rms_eps)?;
-            mark("rmsnorm")?;
-            stacked(&lw.gate_up, gate_up, 2 * ff)?;
-            mark("matvec gate_up")?;
-            run.swiglu(gate_up, gate_up + 4 * u64::from(ff), hb, n_u, ff, 2 * ff)?;
-            mark("swiglu")?;
-            run.matvec(&lw.w_down, hb, x, n_u, ff, e, x)?;
+            if lw.glu {
+                let fuse = Fuse { glu: true, ..norm };
+                run.matvec(&lw.gate_up[0], xb, hb, n_u, e, ff, 0, fuse)?;
+                mark("matvec gate_up")?;
+            } else {
+                stacked(&lw.gate_up, gate_up, 2 * ff, norm)?;
+                mark("matvec gate_up")?;
+                run.swiglu(gate_up, gate_up + 4 * u64::from(ff), hb, n_u, ff, 2 * ff)?;
+                mark("swiglu")?;
+            }
+            let next = match w.layers.get(l + 1) {
+                Some(next) => then(next.attn_norm),
+                None => Fuse::default(),
+            };
+            run.matvec(&lw.w_down, hb, x, n_u, ff, e, x, next)?;
             mark("matvec down")?;
         }
         if let Some(out) = logits {

@@ -6,7 +6,7 @@ use tern_compute::Device;
 use tern_compute::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use super::driver;
-use super::kernels::{DevMatrix, Kernels, Launcher};
+use super::kernels::{DevMatrix, Fuse, Kernels, Launcher};
 use crate::ModelError;
 use crate::quant::DType;
 
@@ -84,8 +84,53 @@ impl OpHarness {
             cols as u32,
             rows as u32,
             res,
+            Fuse::default(),
         )?;
         self.down(&y)
+    }
+
+    /// The RMSNorm fused into a product: `y[t] = W rmsnorm(x[t], g, eps)` computed from
+    /// `x * g` and `x` as the forward pass does, with `y * g_next` written beside it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_norm(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+        g: &[f32],
+        eps: f32,
+        g_next: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
+        let n_tok = x.len() / cols;
+        let xg: Vec<f32> = x
+            .chunks(cols)
+            .flat_map(|r| r.iter().zip(g).map(|(a, b)| a * b))
+            .collect();
+        let (_w, w_ptr) = self.up(w)?;
+        let (_x, x_ptr) = self.up(x)?;
+        let (_xg, xg_ptr) = self.up(&xg)?;
+        let (_g, g_ptr) = self.up(g_next)?;
+        let (y, y_ptr) = self.up(&vec![f32::NAN; n_tok * rows])?;
+        let (yg, yg_ptr) = self.up(&vec![f32::NAN; n_tok * rows])?;
+        let m = Self::matrix(dtype, rows, cols, w_ptr)?;
+        let fuse = Fuse {
+            norm: Some((x_ptr, eps)),
+            next: Some((g_ptr, yg_ptr)),
+            glu: false,
+        };
+        self.run().matvec(
+            &m,
+            xg_ptr,
+            y_ptr,
+            n_tok as u32,
+            cols as u32,
+            rows as u32,
+            0,
+            fuse,
+        )?;
+        Ok((self.down(&y)?, self.down(&yg)?))
     }
 
     /// Rows `ids` of W, dequantized.

@@ -20,6 +20,10 @@ pub struct DevLayer {
     pub ffn_norm: u64,           // (n_embd) f32
     pub gate_up: Vec<DevMatrix>, // (2 * n_ff, n_embd)
     pub w_down: DevMatrix,       // (n_embd, n_ff)
+    /// `gate_up` is one matrix of gate and up rows interleaved four at a time (gate rows
+    /// 4b..4b+3, then up rows 4b..4b+3), so that one block of the product holds both
+    /// halves of four SwiGLU outputs; otherwise `[w_gate; w_up]` or the two apart.
+    pub glu: bool,
 }
 
 /// Every weight of the model on the GPU; the buffers live as long as this.
@@ -86,6 +90,27 @@ impl Uploader<'_> {
         Ok(vec![self.upload(first, &bytes, rows)?])
     }
 
+    /// Gate and up interleaved four rows at a time (see [`DevLayer::glu`]) when they share a
+    /// type and a row count that four divides; else as [`Uploader::stacked`].
+    fn interleaved(
+        &mut self,
+        gate: &Matrix,
+        up: &Matrix,
+    ) -> Result<(Vec<DevMatrix>, bool), ModelError> {
+        let same = gate.dtype == up.dtype && gate.cols == up.cols && gate.rows == up.rows;
+        if !same || !gate.rows.is_multiple_of(4) {
+            return Ok((self.stacked(&[gate, up])?, false));
+        }
+        let (g, u) = (self.weights.rows(gate), self.weights.rows(up));
+        let four = 4 * gate.row_bytes;
+        let bytes: Vec<u8> = g
+            .chunks(four)
+            .zip(u.chunks(four))
+            .flat_map(|(g, u)| g.iter().chain(u).copied())
+            .collect();
+        Ok((vec![self.upload(gate, &bytes, 2 * gate.rows)?], true))
+    }
+
     fn vector(&mut self, v: &[f32]) -> Result<u64, ModelError> {
         let buf = self
             .stream
@@ -120,13 +145,15 @@ impl DeviceWeights {
         };
         let mut layers = Vec::with_capacity(w.layers.len());
         for l in &w.layers {
+            let (gate_up, glu) = up.interleaved(&l.w_gate, &l.w_up)?;
             layers.push(DevLayer {
                 attn_norm: up.vector(&l.attn_norm)?,
                 qkv: up.stacked(&[&l.wq, &l.wk, &l.wv])?,
                 wo: up.matrix(&l.wo)?,
                 ffn_norm: up.vector(&l.ffn_norm)?,
-                gate_up: up.stacked(&[&l.w_gate, &l.w_up])?,
+                gate_up,
                 w_down: up.matrix(&l.w_down)?,
+                glu,
             });
         }
         let output_norm = up.vector(&w.output_norm)?;

@@ -47,33 +47,60 @@ extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __r
     for (unsigned i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
 }
 
-// Rotates the query heads in place and the new key heads, and appends keys and values to the
-// layer's cache at positions step[0] + t. Token t's query starts at q + t*stride, its new key
-// and value at k_new + t*stride and v_new + t*stride (one fused Q|K|V row per token, or three
-// buffers with stride set per buffer by the caller). Grid (n_tok, n_head + n_head_kv),
-// block 64. `halves` selects Hugging Face's pairing (i, i + n_rot/2) over adjacent pairs.
-extern "C" __global__ void rope_append(float* q, const float* k_new, const float* v_new,
-                                       float* __restrict__ k_cache, float* __restrict__ v_cache,
+// f32 to bf16 bits, nearest with ties to even; NaNs stay NaN, made quiet (as matvec.cu's).
+__device__ __forceinline__ unsigned short to_bf16_bits(float f) {
+    const unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 64u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// rmsnorm with the result rounded to bf16: the operand of a prefill GEMM. Grid (n_tok),
+// block 256.
+extern "C" __global__ void rmsnorm_bf16(const float* __restrict__ x, const float* __restrict__ w,
+                                        unsigned short* __restrict__ out, unsigned n, float eps) {
+    __shared__ float shared[32];
+    const float* xr = x + (size_t)blockIdx.x * n;
+    unsigned short* o = out + (size_t)blockIdx.x * n;
+    float sum = 0.0f;
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) sum += xr[i] * xr[i];
+    float mean_sq = block_sum(sum, shared) / (float)n;
+    float scale = 1.0f / sqrtf(mean_sq + eps);
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) o[i] = to_bf16_bits(xr[i] * scale * w[i]);
+}
+
+// out[i] = bf16(x[i]) for i < n. Grid (ceil(n / 256)), block 256.
+extern "C" __global__ void to_bf16(const float* __restrict__ x, unsigned short* __restrict__ out,
+                                   unsigned n) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = to_bf16_bits(x[i]);
+}
+
+// Rotates the query heads of n_tok fused q | k | v rows (`stride` floats apart) in place and
+// appends the rotated keys and the values to the layer's cache at positions step[0] + t:
+// the prefill path's half of what `attention` fuses for short calls (attention_prefill
+// reads them back from the cache). Grid
+// (n_tok, n_head + n_head_kv), block 64.
+extern "C" __global__ void rope_append(float* qkv, float* __restrict__ k_cache,
+                                       float* __restrict__ v_cache,
                                        const float* __restrict__ inv_freq,
                                        const int* __restrict__ step, unsigned n_head,
                                        unsigned n_head_kv, unsigned head_dim, unsigned n_rot,
                                        int halves, unsigned stride) {
     unsigned t = blockIdx.x, head = blockIdx.y;
-    unsigned kv_dim = n_head_kv * head_dim;
+    unsigned q_dim = n_head * head_dim, kv_dim = n_head_kv * head_dim;
     int pos = step[0] + (int)t;
-    bool is_q = head < n_head;
-    unsigned kv_head = head - n_head;
+    float* row = qkv + (size_t)t * stride;
     float* dst;
     const float* src;
-    if (is_q) {
-        dst = q + (size_t)t * stride + head * head_dim;
+    if (head < n_head) {
+        dst = row + head * head_dim;
         src = dst;
     } else {
-        src = k_new + (size_t)t * stride + kv_head * head_dim;
-        dst = k_cache + (size_t)pos * kv_dim + kv_head * head_dim;
-        // Values are appended as they are; dimensions past n_rot are copied unrotated.
-        const float* vs = v_new + (size_t)t * stride + kv_head * head_dim;
-        float* vd = v_cache + (size_t)pos * kv_dim + kv_head * head_dim;
+        unsigned kv_off = (head - n_head) * head_dim;
+        src = row + q_dim + kv_off;
+        dst = k_cache + (size_t)pos * kv_dim + kv_off;
+        const float* vs = row + q_dim + kv_dim + kv_off;
+        float* vd = v_cache + (size_t)pos * kv_dim + kv_off;
         for (unsigned i = threadIdx.x; i < head_dim; i += blockDim.x) vd[i] = vs[i];
         for (unsigned i = n_rot + threadIdx.x; i < head_dim; i += blockDim.x) dst[i] = src[i];
     }
@@ -85,6 +112,22 @@ extern "C" __global__ void rope_append(float* q, const float* k_new, const float
         float x0 = src[a], x1 = src[b];
         dst[a] = x0 * c - x1 * s;
         dst[b] = x0 * s + x1 * c;
+    }
+}
+
+// out[t][i] = bf16(silu(gate) * up) for i < n_ff, as swiglu below, where token t's row of
+// 2 * n_ff GEMM outputs is [gate | up], or, when `interleaved`, gate and up four at a time
+// (gate i at 8 (i / 4) + i % 4, up i four on). Grid (ceil(n_ff / 256), n_tok), block 256.
+extern "C" __global__ void swiglu_bf16(const float* __restrict__ gate_up,
+                                       unsigned short* __restrict__ out, unsigned n_ff,
+                                       int interleaved) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (i < n_ff) {
+        const float* row = gate_up + (size_t)t * 2 * n_ff;
+        unsigned gi = interleaved ? 8 * (i / 4) + i % 4 : i;
+        unsigned ui = interleaved ? gi + 4 : n_ff + i;
+        float g = row[gi];
+        out[(size_t)t * n_ff + i] = to_bf16_bits(g / (1.0f + expf(-g)) * row[ui]);
     }
 }
 
@@ -100,109 +143,364 @@ extern "C" __global__ void swiglu(const float* __restrict__ gate, const float* _
     }
 }
 
-// Flash-decoding, part 1. Positions are cut into fixed splits of ATTN_SPLIT; block
-// (split, head, t) scores query (t, head) against the positions of its split that are causal
-// for it (<= step[0] + t) and writes the split's max score, sum of exponentials and
-// unnormalized output. Token t's query heads start at q + t*q_stride. Splits past the
-// query's position write nothing.
+// Attention of n_tok queries over one layer's cache, with this call's rotary embedding and
+// KV append fused in (flash-decoding with a fixed reduction order).
 //
-// Block ATTN_SPLIT threads. Thread i scores position first + i (its own key row, read with
-// 16-byte loads); the block takes the max and the sum of exponentials in a fixed order; then
-// each output dimension sums weight * value over the split's positions in position order,
-// the positions dealt to `blockDim.x / head_dim` threads per dimension whose partial sums
-// are added in a fixed order. head_dim <= 256, a multiple of 4 that divides ATTN_SPLIT.
-#define ATTN_SPLIT 128
+// qkv holds one fused q | k | v row per token (`stride` floats apart), as the QKV matrix
+// product wrote it, unrotated. Positions are cut into splits of ATTN_SPLIT; block
+// (split, head, t) takes query (t, head) against the split's positions that are causal for
+// it (<= step[0] + t) and exits at once when there are none. It rotates the query, and the
+// keys of this call's positions that fall in the split, into shared memory and reads those
+// keys and values from there, older ones from the cache. The block of the first query head
+// of each KV group whose split holds the query's own position appends that position's
+// rotated key and value to the cache: one writer per position, and no block of the same
+// launch reads those cache rows.
+//
+// Each block scores its positions (L lanes of a warp per key row, 16-byte loads, the lanes'
+// partial dots summed by a fixed butterfly), takes the max and the sum of exponentials in
+// one warp in a fixed order, then sums weight * value per dimension over the positions in
+// a fixed deal of positions to thread groups whose partial sums are added in group order.
+// A query with one split writes its output directly. Otherwise every block writes its
+// max, sum and unnormalized output; the last of the query's blocks to finish (a ticket
+// counter, which decides only who merges, never the order) merges the splits in split order
+// and resets the ticket for the next launch. So results are bitwise reproducible.
+//
+// Grid (n_split, n_head, n_tok), block ATTN_THREADS; D = head_dim, one of 32, 64, 128, 256;
+// n_tok <= ATTN_MAX_NEW. part_o: (n_tok, n_head, n_split, D), part_ml: (.., 2), tickets:
+// (n_tok, n_head) zeros, out: (n_tok, n_head * D).
+#define ATTN_SPLIT 64
+#define ATTN_THREADS 128
+#define ATTN_MAX_NEW 8
+#define FULL_MASK 0xffffffffu
 
-__device__ float block_max(float v, float* shared) {
-    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
-    v = warp_max(v);
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    float m = shared[0];
-    for (int i = 1; i < warps; i++) m = fmaxf(m, shared[i]);
-    __syncthreads();
-    return m;
+// dst[0..D) = src rotated for position `pos` (Hugging Face's pairing (i, i + n_rot/2) when
+// `halves`, else adjacent pairs); dimensions from n_rot on are copied as they are.
+template <int D>
+__device__ __forceinline__ void rope_into(const float* src, float* dst, int pos,
+                                          const float* __restrict__ inv_freq, unsigned n_rot,
+                                          int halves) {
+    for (unsigned i = threadIdx.x; i < n_rot / 2; i += blockDim.x) {
+        float angle = (float)pos * inv_freq[i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        unsigned a = halves ? i : 2 * i, b = halves ? i + n_rot / 2 : 2 * i + 1;
+        float x0 = src[a], x1 = src[b];
+        dst[a] = x0 * c - x1 * s;
+        dst[b] = x0 * s + x1 * c;
+    }
+    for (unsigned i = n_rot + threadIdx.x; i < D; i += blockDim.x) dst[i] = src[i];
 }
 
-extern "C" __global__ void __launch_bounds__(ATTN_SPLIT)
-attn_split(const float* __restrict__ q, const float* __restrict__ k_cache,
-           const float* __restrict__ v_cache, float* __restrict__ part_o,
-           float* __restrict__ part_ml, const int* __restrict__ step, unsigned n_head,
-           unsigned n_head_kv, unsigned head_dim, unsigned n_split, float scale,
-           unsigned q_stride) {
-    __shared__ __align__(16) float s_q[256];
+template <int D>
+__device__ __forceinline__ void attention(const float* __restrict__ qkv, float* k_cache,
+                                          float* v_cache, const float* __restrict__ inv_freq,
+                                          float* part_o, float* part_ml, unsigned* tickets,
+                                          float* __restrict__ out, const int* __restrict__ step,
+                                          unsigned n_head, unsigned n_head_kv, unsigned n_rot,
+                                          int halves, unsigned n_split, float scale,
+                                          unsigned stride) {
+    constexpr unsigned L = D / 4 < 32 ? D / 4 : 32;  // lanes per key or value row
+    constexpr unsigned F = D / (4 * L);               // float4s per lane and row
+    constexpr unsigned P = 32 / L;                    // rows per warp and pass
+    constexpr unsigned WARPS = ATTN_THREADS / 32;
+    constexpr unsigned G = ATTN_THREADS / L;          // thread groups summing values
+    __shared__ __align__(16) float s_q[D];
+    __shared__ __align__(16) float s_k[ATTN_MAX_NEW][D];
+    __shared__ __align__(16) float s_v[ATTN_MAX_NEW][D];
+    __shared__ __align__(16) float s_part[G * D];
     __shared__ float s_w[ATTN_SPLIT];
-    __shared__ float s_part[ATTN_SPLIT];
-    __shared__ float s_red[32];
-    unsigned split = blockIdx.x, head = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
-    int last = step[0] + (int)t;  // the last position this query sees
-    int first = (int)(split * ATTN_SPLIT);
+    __shared__ float s_ml[2];
+    __shared__ unsigned s_merge;
+
+    const unsigned split = blockIdx.x, head = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
+    const int step0 = step[0], last = step0 + (int)t, first = (int)(split * ATTN_SPLIT);
     if (first > last) return;
-    int count = last + 1 - first < ATTN_SPLIT ? last + 1 - first : ATTN_SPLIT;
-    unsigned kv_dim = n_head_kv * head_dim;
-    unsigned kv_off = (head / (n_head / n_head_kv)) * head_dim;
-    const float* qh = q + (size_t)t * q_stride + head * head_dim;
-    for (unsigned d = tid; d < head_dim; d += blockDim.x) s_q[d] = qh[d];
-    __syncthreads();
+    const int count = last + 1 - first < ATTN_SPLIT ? last + 1 - first : ATTN_SPLIT;
+    const unsigned q_dim = n_head * D, kv_dim = n_head_kv * D;
+    const unsigned group = n_head / n_head_kv, kv_off = (head / group) * D;
 
-    float score = NEG_INF;
-    if ((int)tid < count) {
-        const float4* k = (const float4*)(k_cache + (size_t)(first + tid) * kv_dim + kv_off);
-        const float4* qv = (const float4*)s_q;
-        float dot = 0.0f;
-        for (unsigned j = 0; j < head_dim / 4; j++) {
-            float4 a = k[j], b = qv[j];
-            dot += a.x * b.x;
-            dot += a.y * b.y;
-            dot += a.z * b.z;
-            dot += a.w * b.w;
+    // This call's positions step0 + j that the split holds and the query sees: j0 <= j <= t.
+    const int j0 = first > step0 ? first - step0 : 0;
+    rope_into<D>(qkv + (size_t)t * stride + head * D, s_q, last, inv_freq, n_rot, halves);
+    for (int j = j0; j <= (int)t; j++) {
+        const float* row = qkv + (size_t)j * stride;
+        rope_into<D>(row + q_dim + kv_off, s_k[j], step0 + j, inv_freq, n_rot, halves);
+        for (unsigned d = tid; d < D; d += blockDim.x) s_v[j][d] = row[q_dim + kv_dim + kv_off + d];
+    }
+    __syncthreads();
+    if (head % group == 0 && last - first < ATTN_SPLIT) {
+        size_t at = (size_t)last * kv_dim + kv_off;
+        for (unsigned d = tid; d < D; d += blockDim.x) {
+            k_cache[at + d] = s_k[t][d];
+            v_cache[at + d] = s_v[t][d];
         }
-        score = dot * scale;
     }
-    float m = block_max(score, s_red);
-    float w = (int)tid < count ? expf(score - m) : 0.0f;
-    s_w[tid] = w;
-    float l = block_sum(w, s_red);  // also makes s_w visible to every thread
 
-    unsigned lanes = blockDim.x / head_dim;  // threads per output dimension
-    unsigned d = tid % head_dim, part = tid / head_dim;
-    float acc = 0.0f;
-    if (part < lanes) {
-        const float* v = v_cache + (size_t)first * kv_dim + kv_off + d;
-        for (int p = (int)part; p < count; p += (int)lanes) acc += s_w[p] * v[(size_t)p * kv_dim];
+    const unsigned warp = tid / 32, lane = tid % 32;
+    {
+        const unsigned sub = lane / L, e = lane % L;
+#pragma unroll
+        for (unsigned pass = 0; pass < ATTN_SPLIT / (WARPS * P); pass++) {
+            const int pl = (int)((pass * WARPS + warp) * P + sub);
+            float dot = 0.0f;
+            if (pl < count) {
+                const int p = first + pl;
+                const float* k = p >= step0 ? s_k[p - step0] : k_cache + (size_t)p * kv_dim + kv_off;
+#pragma unroll
+                for (unsigned f = 0; f < F; f++) {
+                    const float4 a = *(const float4*)(k + 4 * (e + L * f));
+                    const float4 b = *(const float4*)(s_q + 4 * (e + L * f));
+                    dot = fmaf(a.x, b.x, dot);
+                    dot = fmaf(a.y, b.y, dot);
+                    dot = fmaf(a.z, b.z, dot);
+                    dot = fmaf(a.w, b.w, dot);
+                }
+            }
+            for (unsigned o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+            if (e == 0) s_w[pl] = pl < count ? dot * scale : NEG_INF;
+        }
     }
-    s_part[tid] = acc;
     __syncthreads();
-    size_t slot = ((size_t)t * n_head + head) * n_split + split;
-    if (tid < head_dim) {
+    if (warp == 0) {
+        const float a = s_w[lane], b = s_w[lane + 32];
+        const float m = warp_max(fmaxf(a, b));
+        const float wa = (int)lane < count ? expf(a - m) : 0.0f;
+        const float wb = (int)lane + 32 < count ? expf(b - m) : 0.0f;
+        s_w[lane] = wa;
+        s_w[lane + 32] = wb;
+        const float l = warp_sum(wa + wb);
+        if (lane == 0) {
+            s_ml[0] = m;
+            s_ml[1] = l;
+        }
+    }
+    __syncthreads();
+    {
+        const unsigned g = tid / L, e = tid % L;
+        float4 acc[F];
+#pragma unroll
+        for (unsigned f = 0; f < F; f++) acc[f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (unsigned i = 0; i < ATTN_SPLIT / G; i++) {
+            const int pl = (int)(g + i * G);
+            if (pl < count) {
+                const int p = first + pl;
+                const float* v = p >= step0 ? s_v[p - step0] : v_cache + (size_t)p * kv_dim + kv_off;
+                const float w = s_w[pl];
+#pragma unroll
+                for (unsigned f = 0; f < F; f++) {
+                    const float4 x = *(const float4*)(v + 4 * (e + L * f));
+                    acc[f].x = fmaf(w, x.x, acc[f].x);
+                    acc[f].y = fmaf(w, x.y, acc[f].y);
+                    acc[f].z = fmaf(w, x.z, acc[f].z);
+                    acc[f].w = fmaf(w, x.w, acc[f].w);
+                }
+            }
+        }
+#pragma unroll
+        for (unsigned f = 0; f < F; f++) *(float4*)(s_part + g * D + 4 * (e + L * f)) = acc[f];
+    }
+    __syncthreads();
+
+    const unsigned query = t * n_head + head;
+    const unsigned used = (unsigned)(last / ATTN_SPLIT) + 1;
+    float* o_row = out + (size_t)query * D;
+    if (used == 1) {
+        for (unsigned d = tid; d < D; d += blockDim.x) {
+            float o = 0.0f;
+            for (unsigned i = 0; i < G; i++) o += s_part[i * D + d];
+            o_row[d] = o / s_ml[1];
+        }
+        return;
+    }
+    const size_t base = (size_t)query * n_split;
+    for (unsigned d = tid; d < D; d += blockDim.x) {
         float o = 0.0f;
-        for (unsigned i = 0; i < lanes; i++) o += s_part[i * head_dim + tid];
-        part_o[slot * head_dim + tid] = o;
+        for (unsigned i = 0; i < G; i++) o += s_part[i * D + d];
+        part_o[(base + split) * D + d] = o;
     }
     if (tid == 0) {
-        part_ml[slot * 2] = m;
-        part_ml[slot * 2 + 1] = l;
+        part_ml[(base + split) * 2] = s_ml[0];
+        part_ml[(base + split) * 2 + 1] = s_ml[1];
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_merge = atomicAdd(&tickets[query], 1u) == used - 1;
+    __syncthreads();
+    if (!s_merge) return;
+    __threadfence();
+    float m_all = NEG_INF;
+    for (unsigned s = 0; s < used; s++) m_all = fmaxf(m_all, __ldcg(part_ml + (base + s) * 2));
+    for (unsigned d = tid; d < D; d += blockDim.x) {
+        float l_all = 0.0f, o = 0.0f;
+        for (unsigned s = 0; s < used; s++) {
+            const float f = expf(__ldcg(part_ml + (base + s) * 2) - m_all);
+            l_all += __ldcg(part_ml + (base + s) * 2 + 1) * f;
+            o += __ldcg(part_o + (base + s) * D + d) * f;
+        }
+        o_row[d] = o / l_all;
+    }
+    if (tid == 0) tickets[query] = 0;
+}
+
+#define ATTENTION(D)                                                                              \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##D(                     \
+        const float* __restrict__ qkv, float* k_cache, float* v_cache,                            \
+        const float* __restrict__ inv_freq, float* part_o, float* part_ml, unsigned* tickets,     \
+        float* __restrict__ out, const int* __restrict__ step, unsigned n_head,                   \
+        unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split, float scale,            \
+        unsigned stride) {                                                                        \
+        attention<D>(qkv, k_cache, v_cache, inv_freq, part_o, part_ml, tickets, out, step,       \
+                     n_head, n_head_kv, n_rot, halves, n_split, scale, stride);                   \
+    }
+
+ATTENTION(32)
+ATTENTION(64)
+ATTENTION(128)
+ATTENTION(256)
+
+// Causal attention for a prefill chunk (flash attention, f32): block (tile, head) takes
+// queries QT * tile .. of one head, already rotated in place in their fused q | k | v rows
+// (`stride` floats apart), and walks the cache's key and value rows (this chunk's appended
+// by rope_append) in tiles of KT positions up to the tile's last query, in position order.
+// Each tile: scores into shared memory (each thread a 2 x 4-ish patch of queries by keys,
+// dot products in dimension order), one warp per query row takes the tile's max and sum of
+// exponentials in a fixed order and rescales its running sum, then each thread adds weight
+// * value for its queries and dimensions in position order. The order of every sum is fixed
+// by the tile sizes, never by timing, so results are bitwise reproducible.
+//
+// Grid (ceil(n_tok / QT), n_head), block 128. out: (n_tok, n_head * D).
+template <int D, int QT, int KT>
+__device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
+                                                  const float* __restrict__ k_cache,
+                                                  const float* __restrict__ v_cache,
+                                                  float* __restrict__ out,
+                                                  const int* __restrict__ step, unsigned n_tok,
+                                                  unsigned n_head, unsigned n_head_kv,
+                                                  float scale, unsigned stride) {
+    constexpr int RQ = QT / 16;  // query rows per thread (16 row groups)
+    constexpr int RK = KT / 8;   // keys per thread in the scores (8 key groups)
+    constexpr int RD = D / 8;    // output dimensions per thread
+    constexpr int ROWS_PER_WARP = QT / 4;
+    __shared__ float s_q[QT][D + 1];  // padded: a warp reads four rows at once
+    __shared__ float s_k[KT][D + 1];  // padded: threads of a row read keys 8 apart
+    __shared__ __align__(16) float s_v[KT][D];
+    __shared__ float s_p[QT][KT + 1];
+    __shared__ float s_alpha[QT], s_l[QT];
+
+    const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const unsigned ty = tid / 8, tx = tid % 8;
+    const unsigned head = blockIdx.y, t0 = blockIdx.x * QT;
+    const int step0 = step[0];
+    const unsigned q_dim = n_head * D, kv_dim = n_head_kv * D;
+    const unsigned kv_off = (head / (n_head / n_head_kv)) * D;
+    const unsigned t_end = t0 + QT < n_tok ? t0 + QT : n_tok;
+    const int last = step0 + (int)t_end - 1;  // the tile's last query position
+
+    for (unsigned i = tid; i < QT * D; i += blockDim.x) {
+        const unsigned r = i / D, d = i % D;
+        s_q[r][d] = t0 + r < n_tok ? qkv[(size_t)(t0 + r) * stride + head * D + d] : 0.0f;
+    }
+    // Running max (per warp's rows, kept by lane 0 of the row's warp in registers), sum and
+    // output.
+    float m_row[ROWS_PER_WARP], l_row[ROWS_PER_WARP];
+    for (int r = 0; r < ROWS_PER_WARP; r++) {
+        m_row[r] = NEG_INF;
+        l_row[r] = 0.0f;
+    }
+    float o[RQ][RD];
+    for (int r = 0; r < RQ; r++)
+        for (int m = 0; m < RD; m++) o[r][m] = 0.0f;
+
+    for (int k0 = 0; k0 <= last; k0 += KT) {
+        __syncthreads();  // the previous tile's s_k, s_v, s_p are used up
+        for (unsigned i = tid; i < KT * D / 4; i += blockDim.x) {
+            const unsigned j = i / (D / 4), d = 4 * (i % (D / 4));
+            const int p = k0 + (int)j;
+            float4 kv4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv4 = kv4;
+            if (p <= last) {
+                kv4 = *(const float4*)(k_cache + (size_t)p * kv_dim + kv_off + d);
+                vv4 = *(const float4*)(v_cache + (size_t)p * kv_dim + kv_off + d);
+            }
+            s_k[j][d] = kv4.x;
+            s_k[j][d + 1] = kv4.y;
+            s_k[j][d + 2] = kv4.z;
+            s_k[j][d + 3] = kv4.w;
+            *(float4*)&s_v[j][d] = vv4;
+        }
+        __syncthreads();
+        // Scores: rows ty + 16 r, keys tx + 8 c.
+        {
+            float acc[RQ][RK];
+            for (int r = 0; r < RQ; r++)
+                for (int c = 0; c < RK; c++) acc[r][c] = 0.0f;
+#pragma unroll 8
+            for (int d = 0; d < D; d++) {
+                float qv[RQ], kv[RK];
+                for (int r = 0; r < RQ; r++) qv[r] = s_q[ty + 16 * r][d];
+                for (int c = 0; c < RK; c++) kv[c] = s_k[tx + 8 * c][d];
+                for (int r = 0; r < RQ; r++)
+                    for (int c = 0; c < RK; c++) acc[r][c] = fmaf(qv[r], kv[c], acc[r][c]);
+            }
+            for (int r = 0; r < RQ; r++) {
+                const int qp = step0 + (int)(t0 + ty + 16 * r);
+                for (int c = 0; c < RK; c++) {
+                    const int kp = k0 + (int)(tx + 8 * c);
+                    s_p[ty + 16 * r][tx + 8 * c] = kp <= qp ? acc[r][c] * scale : NEG_INF;
+                }
+            }
+        }
+        __syncthreads();
+        // Softmax update, one warp per row: lane j holds key j of the tile.
+        for (int r = 0; r < ROWS_PER_WARP; r++) {
+            const unsigned row = warp * ROWS_PER_WARP + r;
+            const float s = (int)lane < KT ? s_p[row][lane] : NEG_INF;
+            const float m_new = fmaxf(m_row[r], warp_max(s));
+            const float p = (int)lane < KT ? expf(s - m_new) : 0.0f;
+            const float alpha = expf(m_row[r] - m_new);
+            l_row[r] = l_row[r] * alpha + warp_sum(p);
+            m_row[r] = m_new;
+            if ((int)lane < KT) s_p[row][lane] = p;
+            if (lane == 0) s_alpha[row] = alpha;
+        }
+        __syncthreads();
+        // Output: rows ty + 16 r, dimensions tx + 8 m, keys in position order.
+        for (int r = 0; r < RQ; r++) {
+            const float alpha = s_alpha[ty + 16 * r];
+            for (int m = 0; m < RD; m++) o[r][m] *= alpha;
+        }
+#pragma unroll 4
+        for (int j = 0; j < KT; j++) {
+            float v[RD];
+            for (int m = 0; m < RD; m++) v[m] = s_v[j][tx + 8 * m];
+            for (int r = 0; r < RQ; r++) {
+                const float p = s_p[ty + 16 * r][j];
+                for (int m = 0; m < RD; m++) o[r][m] = fmaf(p, v[m], o[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < ROWS_PER_WARP; r++)
+        if (lane == 0) s_l[warp * ROWS_PER_WARP + r] = l_row[r];
+    __syncthreads();
+    for (int r = 0; r < RQ; r++) {
+        const unsigned row = ty + 16 * r, t = t0 + row;
+        if (t >= n_tok) continue;
+        const float l = s_l[row];
+        for (int m = 0; m < RD; m++) out[(size_t)t * q_dim + head * D + tx + 8 * m] = o[r][m] / l;
     }
 }
 
-// Flash-decoding, part 2: merges the splits of query (t, head) in split order.
-// Grid (n_head, n_tok), block head_dim threads.
-extern "C" __global__ void attn_merge(const float* __restrict__ part_o,
-                                      const float* __restrict__ part_ml, float* __restrict__ out,
-                                      const int* __restrict__ step, unsigned n_head,
-                                      unsigned head_dim, unsigned n_split) {
-    unsigned head = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
-    int last = step[0] + (int)t;
-    unsigned used = (unsigned)(last / ATTN_SPLIT) + 1;
-    if (used > n_split) used = n_split;
-    size_t base = ((size_t)t * n_head + head) * n_split;
-    float m_all = NEG_INF;
-    for (unsigned s = 0; s < used; s++) m_all = fmaxf(m_all, part_ml[(base + s) * 2]);
-    float l_all = 0.0f, o = 0.0f;
-    for (unsigned s = 0; s < used; s++) {
-        float f = expf(part_ml[(base + s) * 2] - m_all);
-        l_all += part_ml[(base + s) * 2 + 1] * f;
-        o += part_o[(base + s) * head_dim + d] * f;
+#define ATTENTION_PREFILL(D, QT, KT)                                                              \
+    extern "C" __global__ void __launch_bounds__(128) attention_prefill_##D(                      \
+        const float* __restrict__ qkv, const float* __restrict__ k_cache,                         \
+        const float* __restrict__ v_cache, float* __restrict__ out,                               \
+        const int* __restrict__ step, unsigned n_tok, unsigned n_head, unsigned n_head_kv,        \
+        float scale, unsigned stride) {                                                           \
+        attention_prefill<D, QT, KT>(qkv, k_cache, v_cache, out, step, n_tok, n_head, n_head_kv, \
+                                     scale, stride);                                              \
     }
-    out[((size_t)t * n_head + head) * head_dim + d] = o / l_all;
-}
+
+ATTENTION_PREFILL(32, 32, 32)
+ATTENTION_PREFILL(64, 32, 32)
+ATTENTION_PREFILL(128, 32, 16)
+ATTENTION_PREFILL(256, 16, 8)

@@ -1,6 +1,8 @@
 // Weight-matrix kernels over GGML block formats, compiled by NVRTC (no headers, no includes):
 //
 //   matvec_<t>        y[t][r] = (residual ? residual[t][r] : 0) + sum_c W[r][c] * x[t][c]
+//                     (optionally with the RMSNorm before it and the next one's weights after
+//                     it fused in: see matvec below)
 //   matvec_out_<t>    y[r] = sum_c W[r][c] * x[c], one token, stored 8 rows at a time
 //   get_rows_<t>      out[i][c] = W[ids[i]][c]              (the token embedding lookup)
 //   dequant_bf16_<t>  out[r][c] = bf16(W[r][c])             (operands for prefill GEMMs)
@@ -64,7 +66,8 @@
 // depend on how many tokens share the call.
 //
 // Geometry (all kernels): blockDim (256, 1, 1), no dynamic shared memory.
-//   matvec:       gridDim (ceil(rows / 8)); warp w of block b owns row 8b + w.
+//   matvec:       gridDim (ceil(rows * parts / 8)), parts in 1, 2, 4, 8; warp w of block b
+//                 takes part w % parts of row (8 / parts) b + w / parts.
 //   get_rows:     gridDim (n); block i writes out row i.
 //   dequant_bf16: gridDim (rows); block r writes out row r.
 
@@ -478,11 +481,11 @@ __device__ __forceinline__ float warp_sum(float v)
 }
 
 // Reduces each lane's partial sums and writes y[t][r] for t < n from lane t, which also
-// reads the residual (which may be y itself).
+// reads the residual (which may be y itself); or, given `part`, only part[t] = the sum.
 template <int NT>
 __device__ __forceinline__ void finish_row(float (&acc)[NT], float* y, const float* residual,
                                            unsigned r, unsigned n, unsigned y_stride,
-                                           unsigned lane)
+                                           unsigned lane, float* part)
 {
     float mine = 0.0f;
     for (int t = 0; t < NT; ++t) {
@@ -492,6 +495,10 @@ __device__ __forceinline__ void finish_row(float (&acc)[NT], float* y, const flo
         }
     }
     if (lane < n) {
+        if (part) {
+            part[lane] = mine;
+            return;
+        }
         const unsigned long long i = (unsigned long long)lane * y_stride + r;
         y[i] = (residual ? residual[i] : 0.0f) + mine;
     }
@@ -560,7 +567,8 @@ template <class T, int NT, bool VX>
 __device__ __forceinline__ void matvec_row(const unsigned char* row, const float* __restrict__ x,
                                            float* y, unsigned r, unsigned cols, unsigned n,
                                            unsigned x_stride, unsigned y_stride,
-                                           const float* residual, unsigned lane, unsigned magic)
+                                           const float* residual, unsigned lane, unsigned magic,
+                                           float* part)
 {
     constexpr int BATCH = matvec_batch<NT>();
     const unsigned n_slices = slices_of<T>(cols), b = lane >> 3;
@@ -589,7 +597,7 @@ __device__ __forceinline__ void matvec_row(const unsigned char* row, const float
         const bool b_ok = 8 * k + 4 + b < n_slices;
         dot_step<T, NT, VX>(T::load(l, o, b_ok), l, xk, x_stride, n, b_ok, acc);
     }
-    finish_row<NT>(acc, y, residual, r, n, y_stride, lane);
+    finish_row<NT>(acc, y, residual, r, n, y_stride, lane, part);
 }
 
 // Float rows that are not whole, aligned slices: lane l takes columns l, l + 32, ...
@@ -597,7 +605,7 @@ template <class T>
 __device__ __forceinline__ void matvec_elems(const unsigned char* row, const float* __restrict__ x,
                                              float* y, unsigned r, unsigned cols, unsigned n,
                                              unsigned x_stride, unsigned y_stride,
-                                             const float* residual, unsigned lane)
+                                             const float* residual, unsigned lane, float* part)
 {
     float acc[8];
     for (int t = 0; t < 8; ++t) {
@@ -611,7 +619,7 @@ __device__ __forceinline__ void matvec_elems(const unsigned char* row, const flo
             }
         }
     }
-    finish_row<8>(acc, y, residual, r, n, y_stride, lane);
+    finish_row<8>(acc, y, residual, r, n, y_stride, lane, part);
 }
 
 // Whether a float row must be read element by element.
@@ -624,48 +632,133 @@ __device__ __forceinline__ bool by_elements(const unsigned char* row, unsigned c
     return false;
 }
 
+// Split rows: with `parts` > 1, the `parts` warps of a row each take an equal run of its
+// 256-column steps (the last one the rest), and the row's sum is their partial sums added
+// in part order, so the result still depends only on the row's length, never on timing.
+// Short matrices use this to keep enough warps reading.
+//
+// Fused RMSNorm: with `norm_x` given, x holds x_raw * g (the norm's input times its
+// weights, written by the kernel before: see `g`) and norm_x holds x_raw; then
+// y = (1 / rms(x_raw)) * (W (x_raw * g)), the norm's scale computed per token by warp t of
+// every block from norm_x in a fixed order. With `g` given, the kernel also writes
+// yg[t][r] = y[t][r] * g[r]: the next norm's input for a later fused kernel.
+//
+// Fused SwiGLU: with `glu`, the matrix is the MLP's gate and up projections interleaved four
+// rows at a time (gate rows 4b..4b+3, then up rows 4b..4b+3, in block b; parts must be 1),
+// and block b writes y[t][4b + j] = silu(gate_j) * up_j, as the swiglu kernel would.
 template <class T>
 __device__ __forceinline__ void matvec(const unsigned char* __restrict__ w, const float* __restrict__ x,
                                        float* y, unsigned rows, unsigned cols, unsigned row_bytes,
                                        unsigned n_tok, unsigned x_stride, unsigned y_stride,
-                                       const float* residual)
+                                       const float* residual, unsigned parts,
+                                       const float* __restrict__ norm_x, float eps,
+                                       const float* __restrict__ g, float* __restrict__ yg,
+                                       unsigned glu)
 {
-    const unsigned lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (r >= rows) {
-        return;
-    }
-    const unsigned char* row = w + (unsigned long long)r * row_bytes;
+    __shared__ float s_part[8][8];  // [warp][token]
+    __shared__ float s_scale[8];    // [token]
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned r = blockIdx.x * (8 / parts) + warp / parts, part = warp % parts;
+    const bool live = r < rows;
+    const unsigned char* row = w + (unsigned long long)(live ? r : 0) * row_bytes;
     const unsigned magic = magic_2p23();
     const bool elems = by_elements<T>(row, cols);
     const bool vx = (unsigned long long)x % 16 == 0 && x_stride % 4 == 0;
+    // This warp's columns: whole steps, except in the last part.
+    const unsigned steps = (cols + 255) / 256, per_part = (steps + parts - 1) / parts;
+    const unsigned c0 = part * per_part * 256 < cols ? part * per_part * 256 : cols;
+    const unsigned c1 = c0 + per_part * 256 < cols ? c0 + per_part * 256 : cols;
+    const unsigned long long b0 = (unsigned long long)c0 / T::BLOCK * (T::STEP / (256 / T::BLOCK));
+    float* my_part = s_part[warp];
     // Tokens in groups of at most 8, one pass over the row each.
     for (unsigned t0 = 0; t0 < n_tok; t0 += 8) {
         const unsigned n = n_tok - t0 < 8 ? n_tok - t0 : 8;
         const float* xt = x + (unsigned long long)t0 * x_stride;
         float* yt = y + (unsigned long long)t0 * y_stride;
         const float* rt = residual ? residual + (unsigned long long)t0 * y_stride : residual;
-        if constexpr (T::FLOAT) {
-            if (elems) {
-                matvec_elems<T>(row, xt, yt, r, cols, n, x_stride, y_stride, rt, lane);
-                continue;
+        if (norm_x && warp < n) {
+            const float* xr = norm_x + (unsigned long long)(t0 + warp) * x_stride;
+            float sum = 0.0f;
+            if (cols % 4 == 0 && (unsigned long long)xr % 16 == 0) {
+#pragma unroll 4
+                for (unsigned c = 4 * lane; c < cols; c += 128) {
+                    const float4 v = __ldg((const float4*)(xr + c));
+                    sum = fmaf(v.x, v.x, sum);
+                    sum = fmaf(v.y, v.y, sum);
+                    sum = fmaf(v.z, v.z, sum);
+                    sum = fmaf(v.w, v.w, sum);
+                }
+            } else {
+                for (unsigned c = lane; c < cols; c += 32) {
+                    sum = fmaf(xr[c], xr[c], sum);
+                }
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                s_scale[warp] = 1.0f / sqrtf(sum / (float)cols + eps);
             }
         }
-#define MATVEC_ROW(NT, VX) matvec_row<T, NT, VX>(row, xt, yt, r, cols, n, x_stride, y_stride, rt, lane, magic)
-        if (!vx) {
-            MATVEC_ROW(8, false);
-            continue;
+        if (lane < 8) {
+            my_part[lane] = 0.0f;
         }
-        switch (n) {
-        case 1: MATVEC_ROW(1, true); break;
-        case 2: MATVEC_ROW(2, true); break;
-        case 3: MATVEC_ROW(3, true); break;
-        case 4: MATVEC_ROW(4, true); break;
-        case 5: MATVEC_ROW(5, true); break;
-        case 6: MATVEC_ROW(6, true); break;
-        case 7: MATVEC_ROW(7, true); break;
-        default: MATVEC_ROW(8, true); break;
+        bool done = !live;
+        if constexpr (T::FLOAT) {
+            if (live && elems) {
+                if (part == 0) {
+                    matvec_elems<T>(row, xt, yt, r, cols, n, x_stride, y_stride, rt, lane, my_part);
+                }
+                done = true;
+            }
         }
+        if (!done && c1 > c0) {
+            const unsigned char* rp = row + b0;
+            const float* xp = xt + c0;
+#define MATVEC_ROW(NT, VX) matvec_row<T, NT, VX>(rp, xp, yt, r, c1 - c0, n, x_stride, y_stride, rt, lane, magic, my_part)
+            if (!vx) {
+                MATVEC_ROW(8, false);
+            } else {
+                switch (n) {
+                case 1: MATVEC_ROW(1, true); break;
+                case 2: MATVEC_ROW(2, true); break;
+                case 3: MATVEC_ROW(3, true); break;
+                case 4: MATVEC_ROW(4, true); break;
+                case 5: MATVEC_ROW(5, true); break;
+                case 6: MATVEC_ROW(6, true); break;
+                case 7: MATVEC_ROW(7, true); break;
+                default: MATVEC_ROW(8, true); break;
+                }
+            }
 #undef MATVEC_ROW
+        }
+        __syncthreads();
+        if (live && part == 0 && lane < n) {
+            float total = 0.0f;
+            for (unsigned k = 0; k < parts; ++k) {
+                total += s_part[warp + k][lane];
+            }
+            if (norm_x) {
+                total *= s_scale[lane];
+            }
+            if (glu) {
+                s_part[warp][lane] = total;  // parts == 1: the warp's own slot
+            } else {
+                const unsigned long long i = (unsigned long long)lane * y_stride + r;
+                const float v = (rt ? rt[i] : 0.0f) + total;
+                yt[i] = v;
+                if (g) {
+                    yg[(unsigned long long)t0 * y_stride + i] = v * g[r];
+                }
+            }
+        }
+        if (glu) {
+            __syncthreads();
+            if (warp < 4 && live && lane < n) {
+                const float gate = s_part[warp][lane], up = s_part[warp + 4][lane];
+                yt[(unsigned long long)lane * y_stride + 4 * blockIdx.x + warp] =
+                    gate / (1.0f + expf(-gate)) * up;
+            }
+        }
+        __syncthreads();
     }
 }
 
@@ -782,15 +875,15 @@ __device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
         bool done = false;
         if constexpr (T::FLOAT) {
             if (by_elements<T>(row, cols)) {
-                matvec_elems<T>(row, x, s_y, warp, cols, 1, cols, 1, nullptr, lane);
+                matvec_elems<T>(row, x, s_y, warp, cols, 1, cols, 1, nullptr, lane, nullptr);
                 done = true;
             }
         }
         if (!done) {
             if ((unsigned long long)x % 16 == 0) {
-                matvec_row<T, 1, true>(row, x, s_y, warp, cols, 1, cols, 1, nullptr, lane, magic_2p23());
+                matvec_row<T, 1, true>(row, x, s_y, warp, cols, 1, cols, 1, nullptr, lane, magic_2p23(), nullptr);
             } else {
-                matvec_row<T, 8, false>(row, x, s_y, warp, cols, 1, cols, 1, nullptr, lane, magic_2p23());
+                matvec_row<T, 8, false>(row, x, s_y, warp, cols, 1, cols, 1, nullptr, lane, magic_2p23(), nullptr);
             }
         }
     }
@@ -811,9 +904,11 @@ __device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
     extern "C" __global__ void __launch_bounds__(256, 3)                                             \
         matvec_##NAME(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y,   \
                       unsigned rows, unsigned cols, unsigned row_bytes, unsigned n_tok,              \
-                      unsigned x_stride, unsigned y_stride, const float* residual)                  \
+                      unsigned x_stride, unsigned y_stride, const float* residual, unsigned parts,  \
+                      const float* norm_x, float eps, const float* g, float* yg, unsigned glu)       \
     {                                                                                                \
-        matvec<T>(w, x, y, rows, cols, row_bytes, n_tok, x_stride, y_stride, residual);              \
+        matvec<T>(w, x, y, rows, cols, row_bytes, n_tok, x_stride, y_stride, residual, parts,        \
+                  norm_x, eps, g, yg, glu);                                                          \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(256, 3)                                             \
         matvec_out_##NAME(const unsigned char* __restrict__ w, const float* __restrict__ x,          \
