@@ -6,19 +6,26 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tern_compute::cuda::compile_cubin;
-use tern_compute::cuda::cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
-};
+use tern_compute::cuda::cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use tern_compute::cuda::cudarc::nvrtc::Ptx;
 
 use super::driver;
 use crate::ModelError;
 use crate::quant::DType;
 
-const SOURCES: [(&str, &str); 2] = [
-    ("matvec.cu", include_str!("kernels/matvec.cu")),
-    ("llama.cu", include_str!("kernels/llama.cu")),
+const MATVEC: &str = include_str!("kernels/matvec.cu");
+/// `matvec.cu`'s programs, one per type of `DType::ALL`, in its order.
+const MATVEC_UNITS: [&str; 8] = [
+    "matvec.cu-f32",
+    "matvec.cu-f16",
+    "matvec.cu-bf16",
+    "matvec.cu-q8_0",
+    "matvec.cu-q4_0",
+    "matvec.cu-q4_1",
+    "matvec.cu-q4_k",
+    "matvec.cu-q6_k",
 ];
+const LLAMA: &str = include_str!("kernels/llama.cu");
 
 /// Warps of one `matvec` block (one row each, or one part of a split row).
 const MATVEC_WARPS: usize = 8;
@@ -92,25 +99,55 @@ fn cubin(file: &'static str, src: &str, arch: u32) -> Result<(Vec<u8>, bool), Mo
 
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>, arch: u32) -> Result<(Kernels, bool), ModelError> {
-        let mut functions = Vec::new();
+        // Compiled (when not cached) as nine programs side by side, NVRTC taking seconds
+        // for each: `llama.cu`, and `matvec.cu` once per type (`MATVEC_TYPE`, in the order
+        // of `DType::ALL`).
+        let units: Vec<(&'static str, String)> = std::iter::once(("llama.cu", LLAMA.into()))
+            .chain(
+                MATVEC_UNITS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &unit)| (unit, format!("#define MATVEC_TYPE {i}\n{MATVEC}"))),
+            )
+            .collect();
+        let binaries: Vec<Result<(Vec<u8>, bool), ModelError>> = std::thread::scope(|scope| {
+            let jobs: Vec<_> = units
+                .iter()
+                .map(|&(file, ref src)| scope.spawn(move || cubin(file, src, arch)))
+                .collect();
+            jobs.into_iter()
+                .map(|job| {
+                    job.join().unwrap_or_else(|_| {
+                        Err(ModelError::Invalid(
+                            "CUDA kernels: the compiler crashed".into(),
+                        ))
+                    })
+                })
+                .collect()
+        });
+        let mut modules = Vec::new();
         let mut all_cached = true;
-        for (file, src) in SOURCES {
-            let (bytes, cached) = cubin(file, src, arch)?;
+        for binary in binaries {
+            let (bytes, cached) = binary?;
             all_cached &= cached;
             let module = ctx
                 .load_module(Ptx::from_binary(bytes))
                 .map_err(driver("loading kernels"))?;
-            functions.push(module);
+            modules.push(module);
         }
         let get = |m: usize, name: &str| {
-            functions[m]
+            modules[m]
                 .load_function(name)
                 .map_err(|e| ModelError::Invalid(format!("CUDA kernel `{name}`: {e:?}")))
         };
         let per_type = |prefix: &str| {
             DType::ALL
                 .iter()
-                .map(|&t| Ok((t, get(0, &format!("{prefix}_{}", t.name().to_lowercase()))?)))
+                .enumerate()
+                .map(|(i, &t)| {
+                    let name = format!("{prefix}_{}", t.name().to_lowercase());
+                    Ok((t, get(1 + i, &name)?))
+                })
                 .collect::<Result<Vec<_>, ModelError>>()
         };
         Ok((
@@ -119,19 +156,19 @@ impl Kernels {
                 matvec_out: per_type("matvec_out")?,
                 get_rows: per_type("get_rows")?,
                 dequant_bf16: per_type("dequant_bf16")?,
-                rmsnorm: get(1, "rmsnorm")?,
-                rmsnorm_bf16: get(1, "rmsnorm_bf16")?,
-                to_bf16: get(1, "to_bf16")?,
-                rope_append: get(1, "rope_append")?,
-                swiglu: get(1, "swiglu")?,
-                swiglu_bf16: get(1, "swiglu_bf16")?,
+                rmsnorm: get(0, "rmsnorm")?,
+                rmsnorm_bf16: get(0, "rmsnorm_bf16")?,
+                to_bf16: get(0, "to_bf16")?,
+                rope_append: get(0, "rope_append")?,
+                swiglu: get(0, "swiglu")?,
+                swiglu_bf16: get(0, "swiglu_bf16")?,
                 attention: HEAD_DIMS
                     .iter()
-                    .map(|&d| Ok((d, get(1, &format!("attention_{d}"))?)))
+                    .map(|&d| Ok((d, get(0, &format!("attention_{d}"))?)))
                     .collect::<Result<_, ModelError>>()?,
                 attention_prefill: HEAD_DIMS
                     .iter()
-                    .map(|&d| Ok((d, get(1, &format!("attention_prefill_{d}"))?)))
+                    .map(|&d| Ok((d, get(0, &format!("attention_prefill_{d}"))?)))
                     .collect::<Result<_, ModelError>>()?,
             },
             all_cached,
@@ -197,16 +234,65 @@ pub struct Launcher<'a> {
 
 macro_rules! launch {
     ($self:ident, $f:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let mut builder = $self.stream.launch_builder($f);
-        $(builder.arg($arg);)+
-        // SAFETY: the argument list matches the kernel's signature in kernels/*.cu, and every
-        // pointer addresses a live buffer of the extent the kernel reads or writes (see
+        let mut args: Vec<*mut std::ffi::c_void> = Vec::new();
+        $(args.push(std::ptr::from_ref($arg).cast_mut().cast());)+
+        // SAFETY: the argument list matches the kernel's signature in kernels/*.cu (each
+        // pointer points at a live local of the parameter's type), and every device address
+        // among them addresses a live buffer of the extent the kernel reads or writes (see
         // `Launcher`); the stream is synchronized before those buffers are freed.
-        unsafe { builder.launch($cfg) }.map(|_| ()).map_err(driver("launching a kernel"))
+        unsafe { $self.launch_raw($f, $cfg, &mut args) }
     }};
 }
 
 impl Launcher<'_> {
+    /// Launches `f` with programmatic dependent launch: the kernel may be scheduled while
+    /// the one before it on the stream finishes, and waits for it (`griddepcontrol.wait`,
+    /// `pdl_wait` in the kernels) before it touches anything but weights. Every kernel of
+    /// the forward pass waits so before its first read of activations or its first write.
+    ///
+    /// # Safety
+    /// `args` must point at values of the kernel's parameter types, in order, and every
+    /// device address among them must be valid for what the kernel does with it.
+    unsafe fn launch_raw(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &mut [*mut std::ffi::c_void],
+    ) -> Result<(), ModelError> {
+        use tern_compute::cuda::cudarc::driver::sys;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &raw mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: the config and attribute live across the call; the caller vouches for
+        // the arguments.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &raw const config,
+                f.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(driver("launching a kernel"))
+    }
+
     /// `y[t] = (residual ? residual[t] : 0) + W x[t]` for `n` tokens, with `fuse`'s norms.
     #[allow(clippy::too_many_arguments)]
     pub fn matvec(
@@ -517,7 +603,16 @@ impl Launcher<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::matvec_parts;
+    use super::{MATVEC_UNITS, matvec_parts};
+    use crate::quant::DType;
+
+    #[test]
+    fn each_type_has_its_matvec_program_in_order() {
+        for (unit, t) in MATVEC_UNITS.iter().zip(DType::ALL) {
+            assert_eq!(*unit, format!("matvec.cu-{}", t.name().to_lowercase()));
+        }
+        assert_eq!(MATVEC_UNITS.len(), DType::ALL.len());
+    }
 
     #[test]
     fn short_matrices_split_their_rows_and_long_ones_do_not() {

@@ -10,6 +10,25 @@
 // `[position][n_head_kv * head_dim]` f32; `step[0]` is the first position of this call.
 
 #define WARP 32
+
+// Programmatic dependent launch (sm_90 and later; nothing before): every kernel is launched
+// so that it may be scheduled while the kernel before it on the stream finishes. pdl_wait
+// blocks until that kernel has completed and its writes are visible; a kernel calls it
+// before it reads any activation or writes anything (only weights, which nothing writes,
+// may be touched before). pdl_launch_dependents lets the next kernel be scheduled early;
+// it only starts the next kernel's own wait, so it is safe anywhere.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -37,6 +56,8 @@ __device__ float block_sum(float v, float* shared) {
 // out[t] = x[t] / rms(x[t]) * w. Grid (n_tok), block 256.
 extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
                                    float* __restrict__ out, unsigned n, float eps) {
+    pdl_wait();
+    pdl_launch_dependents();
     __shared__ float shared[32];
     const float* xr = x + (size_t)blockIdx.x * n;
     float* o = out + (size_t)blockIdx.x * n;
@@ -58,6 +79,8 @@ __device__ __forceinline__ unsigned short to_bf16_bits(float f) {
 // block 256.
 extern "C" __global__ void rmsnorm_bf16(const float* __restrict__ x, const float* __restrict__ w,
                                         unsigned short* __restrict__ out, unsigned n, float eps) {
+    pdl_wait();
+    pdl_launch_dependents();
     __shared__ float shared[32];
     const float* xr = x + (size_t)blockIdx.x * n;
     unsigned short* o = out + (size_t)blockIdx.x * n;
@@ -71,6 +94,8 @@ extern "C" __global__ void rmsnorm_bf16(const float* __restrict__ x, const float
 // out[i] = bf16(x[i]) for i < n. Grid (ceil(n / 256)), block 256.
 extern "C" __global__ void to_bf16(const float* __restrict__ x, unsigned short* __restrict__ out,
                                    unsigned n) {
+    pdl_wait();
+    pdl_launch_dependents();
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = to_bf16_bits(x[i]);
 }
@@ -86,6 +111,8 @@ extern "C" __global__ void rope_append(float* qkv, float* __restrict__ k_cache,
                                        const int* __restrict__ step, unsigned n_head,
                                        unsigned n_head_kv, unsigned head_dim, unsigned n_rot,
                                        int halves, unsigned stride) {
+    pdl_wait();
+    pdl_launch_dependents();
     unsigned t = blockIdx.x, head = blockIdx.y;
     unsigned q_dim = n_head * head_dim, kv_dim = n_head_kv * head_dim;
     int pos = step[0] + (int)t;
@@ -121,6 +148,8 @@ extern "C" __global__ void rope_append(float* qkv, float* __restrict__ k_cache,
 extern "C" __global__ void swiglu_bf16(const float* __restrict__ gate_up,
                                        unsigned short* __restrict__ out, unsigned n_ff,
                                        int interleaved) {
+    pdl_wait();
+    pdl_launch_dependents();
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (i < n_ff) {
         const float* row = gate_up + (size_t)t * 2 * n_ff;
@@ -136,6 +165,8 @@ extern "C" __global__ void swiglu_bf16(const float* __restrict__ gate_up,
 // (n_tok, n_ff). Grid (ceil(n_ff / 256), n_tok), block 256.
 extern "C" __global__ void swiglu(const float* __restrict__ gate, const float* __restrict__ up,
                                   float* __restrict__ out, unsigned n_ff, unsigned stride) {
+    pdl_wait();
+    pdl_launch_dependents();
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (i < n_ff) {
         float g = gate[(size_t)t * stride + i];
@@ -212,6 +243,8 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv, float* 
     __shared__ float s_ml[2];
     __shared__ unsigned s_merge;
 
+    pdl_wait();
+    pdl_launch_dependents();
     const unsigned split = blockIdx.x, head = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
     const int step0 = step[0], last = step0 + (int)t, first = (int)(split * ATTN_SPLIT);
     if (first > last) return;
@@ -388,6 +421,8 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
     __shared__ float s_p[QT][KT + 1];
     __shared__ float s_alpha[QT], s_l[QT];
 
+    pdl_wait();
+    pdl_launch_dependents();
     const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const unsigned ty = tid / 8, tx = tid % 8;
     const unsigned head = blockIdx.y, t0 = blockIdx.x * QT;

@@ -73,6 +73,25 @@
 
 #define FULL_MASK 0xffffffffu
 
+// Programmatic dependent launch (sm_90 and later; nothing before): every kernel is launched
+// so that it may be scheduled while the kernel before it on the stream finishes. pdl_wait
+// blocks until that kernel has completed and its writes are visible; a kernel calls it
+// before it reads any activation or writes anything (only weights, which nothing writes,
+// may be touched before). pdl_launch_dependents lets the next kernel be scheduled early;
+// it only starts the next kernel's own wait, so it is safe anywhere.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+
 // ---------------------------------------------------------------------------------------
 // Loads and conversions
 // ---------------------------------------------------------------------------------------
@@ -463,6 +482,19 @@ struct Q6_K {
 // matvec
 // ---------------------------------------------------------------------------------------
 
+// Asks L2 for the first bytes (up to 2 KiB) of a warp's run of weights, one 128-byte line per
+// lane and step, so that they stream in while the kernel before this one finishes. More (16
+// KiB) helped the small SmolLM2 matrices as much but cost the 1B shape's large ones 1-2%:
+// lines fetched too early are evicted before their warp reads them.
+__device__ __forceinline__ void prefetch_weights(const unsigned char* p, unsigned long long bytes,
+                                                 unsigned lane)
+{
+    const unsigned long long end = bytes < 2048 ? bytes : 2048;
+    for (unsigned long long o = 128ull * lane; o < end; o += 32 * 128) {
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
+    }
+}
+
 // Steps whose loads a lane issues before using the first: more for fewer tokens, where
 // memory latency rather than arithmetic bounds a warp.
 template <int NT>
@@ -670,6 +702,11 @@ __device__ __forceinline__ void matvec(const unsigned char* __restrict__ w, cons
     const unsigned c1 = c0 + per_part * 256 < cols ? c0 + per_part * 256 : cols;
     const unsigned long long b0 = (unsigned long long)c0 / T::BLOCK * (T::STEP / (256 / T::BLOCK));
     float* my_part = s_part[warp];
+    if (live) {
+        prefetch_weights(row + b0, (unsigned long long)(c1 - c0) / T::BLOCK * (T::STEP / (256 / T::BLOCK)), lane);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
     // Tokens in groups of at most 8, one pass over the row each.
     for (unsigned t0 = 0; t0 < n_tok; t0 += 8) {
         const unsigned n = n_tok - t0 < 8 ? n_tok - t0 : 8;
@@ -800,6 +837,8 @@ __device__ __forceinline__ void get_rows(const unsigned char* __restrict__ w, co
                                          float* __restrict__ out, unsigned cols, unsigned row_bytes,
                                          unsigned n, unsigned out_stride)
 {
+    pdl_wait();
+    pdl_launch_dependents();
     const unsigned i = blockIdx.x;
     if (i >= n) {
         return;
@@ -829,6 +868,8 @@ __device__ __forceinline__ void dequant_bf16(const unsigned char* __restrict__ w
                                              unsigned short* __restrict__ out, unsigned rows,
                                              unsigned cols, unsigned row_bytes)
 {
+    pdl_wait();
+    pdl_launch_dependents();
     const unsigned r = blockIdx.x;
     if (r >= rows) {
         return;
@@ -868,6 +909,11 @@ __device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
 {
     __shared__ float s_y[8];
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = blockIdx.x * 8 + warp;
+    if (r < rows) {
+        prefetch_weights(w + (unsigned long long)r * row_bytes, row_bytes, lane);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
     if (r < rows) {
         // Row r's result lands in s_y[warp]: the kernels index their output by the row
         // number they are given, and only the output.
@@ -930,11 +976,34 @@ __device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
         dequant_bf16<T>(w, out, rows, cols, row_bytes);                                              \
     }
 
+// One type's kernels when MATVEC_TYPE is defined (0-7 in this order, the host's DType::ALL),
+// so that the types compile as separate programs side by side; every type otherwise.
+#if !defined(MATVEC_TYPE)
+#define MATVEC_TYPE_IS(n) 1
+#else
+#define MATVEC_TYPE_IS(n) (MATVEC_TYPE == (n))
+#endif
+#if MATVEC_TYPE_IS(0)
 WEIGHT_KERNELS(f32, F32)
+#endif
+#if MATVEC_TYPE_IS(1)
 WEIGHT_KERNELS(f16, Half16<false>)
+#endif
+#if MATVEC_TYPE_IS(2)
 WEIGHT_KERNELS(bf16, Half16<true>)
+#endif
+#if MATVEC_TYPE_IS(3)
 WEIGHT_KERNELS(q8_0, Q8_0)
+#endif
+#if MATVEC_TYPE_IS(4)
 WEIGHT_KERNELS(q4_0, Q4_0)
+#endif
+#if MATVEC_TYPE_IS(5)
 WEIGHT_KERNELS(q4_1, Q4_1)
+#endif
+#if MATVEC_TYPE_IS(6)
 WEIGHT_KERNELS(q4_k, Q4_K)
+#endif
+#if MATVEC_TYPE_IS(7)
 WEIGHT_KERNELS(q6_k, Q6_K)
+#endif
