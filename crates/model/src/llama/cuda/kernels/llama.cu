@@ -252,6 +252,31 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv, float* 
     const unsigned q_dim = n_head * D, kv_dim = n_head_kv * D;
     const unsigned group = n_head / n_head_kv, kv_off = (head / group) * D;
 
+    // The cached keys and values this thread reads (positions before this call's), loaded
+    // first so that their latency overlaps the rotations below.
+    constexpr unsigned PASSES = ATTN_SPLIT / (WARPS * P), VSTEPS = ATTN_SPLIT / G;
+    const unsigned warp = tid / 32, lane = tid % 32;
+    const unsigned sub = lane / L, ek = lane % L, g = tid / L, ev = tid % L;
+    float4 kr[PASSES][F], vr[VSTEPS][F];
+#pragma unroll
+    for (unsigned pass = 0; pass < PASSES; pass++) {
+        const int pl = (int)((pass * WARPS + warp) * P + sub), p = first + pl;
+        const float* k = k_cache + (size_t)p * kv_dim + kv_off;
+#pragma unroll
+        for (unsigned f = 0; f < F; f++)
+            kr[pass][f] = pl < count && p < step0 ? *(const float4*)(k + 4 * (ek + L * f))
+                                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (unsigned i = 0; i < VSTEPS; i++) {
+        const int pl = (int)(g + i * G), p = first + pl;
+        const float* v = v_cache + (size_t)p * kv_dim + kv_off;
+#pragma unroll
+        for (unsigned f = 0; f < F; f++)
+            vr[i][f] = pl < count && p < step0 ? *(const float4*)(v + 4 * (ev + L * f))
+                                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+
     // This call's positions step0 + j that the split holds and the query sees: j0 <= j <= t.
     const int j0 = first > step0 ? first - step0 : 0;
     rope_into<D>(qkv + (size_t)t * stride + head * D, s_q, last, inv_freq, n_rot, halves);
@@ -269,29 +294,24 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv, float* 
         }
     }
 
-    const unsigned warp = tid / 32, lane = tid % 32;
-    {
-        const unsigned sub = lane / L, e = lane % L;
 #pragma unroll
-        for (unsigned pass = 0; pass < ATTN_SPLIT / (WARPS * P); pass++) {
-            const int pl = (int)((pass * WARPS + warp) * P + sub);
-            float dot = 0.0f;
-            if (pl < count) {
-                const int p = first + pl;
-                const float* k = p >= step0 ? s_k[p - step0] : k_cache + (size_t)p * kv_dim + kv_off;
+    for (unsigned pass = 0; pass < PASSES; pass++) {
+        const int pl = (int)((pass * WARPS + warp) * P + sub), p = first + pl;
+        float dot = 0.0f;
+        if (pl < count) {
 #pragma unroll
-                for (unsigned f = 0; f < F; f++) {
-                    const float4 a = *(const float4*)(k + 4 * (e + L * f));
-                    const float4 b = *(const float4*)(s_q + 4 * (e + L * f));
-                    dot = fmaf(a.x, b.x, dot);
-                    dot = fmaf(a.y, b.y, dot);
-                    dot = fmaf(a.z, b.z, dot);
-                    dot = fmaf(a.w, b.w, dot);
-                }
+            for (unsigned f = 0; f < F; f++) {
+                const float4 a = p >= step0 ? *(const float4*)(s_k[p - step0] + 4 * (ek + L * f))
+                                            : kr[pass][f];
+                const float4 b = *(const float4*)(s_q + 4 * (ek + L * f));
+                dot = fmaf(a.x, b.x, dot);
+                dot = fmaf(a.y, b.y, dot);
+                dot = fmaf(a.z, b.z, dot);
+                dot = fmaf(a.w, b.w, dot);
             }
-            for (unsigned o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
-            if (e == 0) s_w[pl] = pl < count ? dot * scale : NEG_INF;
         }
+        for (unsigned o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+        if (ek == 0) s_w[pl] = pl < count ? dot * scale : NEG_INF;
     }
     __syncthreads();
     if (warp == 0) {
@@ -309,20 +329,18 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv, float* 
     }
     __syncthreads();
     {
-        const unsigned g = tid / L, e = tid % L;
         float4 acc[F];
 #pragma unroll
         for (unsigned f = 0; f < F; f++) acc[f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-        for (unsigned i = 0; i < ATTN_SPLIT / G; i++) {
-            const int pl = (int)(g + i * G);
+        for (unsigned i = 0; i < VSTEPS; i++) {
+            const int pl = (int)(g + i * G), p = first + pl;
             if (pl < count) {
-                const int p = first + pl;
-                const float* v = p >= step0 ? s_v[p - step0] : v_cache + (size_t)p * kv_dim + kv_off;
                 const float w = s_w[pl];
 #pragma unroll
                 for (unsigned f = 0; f < F; f++) {
-                    const float4 x = *(const float4*)(v + 4 * (e + L * f));
+                    const float4 x = p >= step0 ? *(const float4*)(s_v[p - step0] + 4 * (ev + L * f))
+                                                : vr[i][f];
                     acc[f].x = fmaf(w, x.x, acc[f].x);
                     acc[f].y = fmaf(w, x.y, acc[f].y);
                     acc[f].z = fmaf(w, x.z, acc[f].z);
@@ -331,7 +349,7 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv, float* 
             }
         }
 #pragma unroll
-        for (unsigned f = 0; f < F; f++) *(float4*)(s_part + g * D + 4 * (e + L * f)) = acc[f];
+        for (unsigned f = 0; f < F; f++) *(float4*)(s_part + g * D + 4 * (ev + L * f)) = acc[f];
     }
     __syncthreads();
 
@@ -363,9 +381,11 @@ __device__ __forceinline__ void attention(const float* __restrict__ qkv, float* 
     if (!s_merge) return;
     __threadfence();
     float m_all = NEG_INF;
+#pragma unroll 8
     for (unsigned s = 0; s < used; s++) m_all = fmaxf(m_all, __ldcg(part_ml + (base + s) * 2));
     for (unsigned d = tid; d < D; d += blockDim.x) {
         float l_all = 0.0f, o = 0.0f;
+#pragma unroll 4
         for (unsigned s = 0; s < used; s++) {
             const float f = expf(__ldcg(part_ml + (base + s) * 2) - m_all);
             l_all += __ldcg(part_ml + (base + s) * 2 + 1) * f;
