@@ -21,7 +21,7 @@ pub mod sys;
 
 mod runtime;
 
-pub use model::{Model, Session};
+pub use model::{Candidate, Model, Session};
 pub use sample::{Rng, Sampler, SamplerConfig};
 
 #[doc(hidden)]

@@ -94,6 +94,34 @@ impl Session {
         }
         check(sys::forward(self.handle, ids, logits)).map(drop)
     }
+
+    /// Appends `ids` and fills `top` (1 to 64 long) with the last position's largest
+    /// logits, largest first (ties to the smaller token), and `logits`, when given, with all
+    /// of them. The host selects them (on a GPU, there), so a sampler that keeps only the
+    /// top few, or greedy decoding (`top` of one), need not read the vocabulary's logits.
+    pub fn forward_top(
+        &self,
+        ids: &[u32],
+        logits: Option<&mut [f32]>,
+        top: &mut [Candidate],
+    ) -> Result<(), Error> {
+        if logits.as_ref().is_some_and(|l| l.len() != self.vocab) {
+            return Err(Error::guest(format!(
+                "logits buffer for a vocabulary of {}",
+                self.vocab
+            )));
+        }
+        check(sys::forward_top(self.handle, ids, logits, top)).map(drop)
+    }
+}
+
+/// One of a forward pass's largest logits: its token and value, laid out as the host writes
+/// them (`u32` token, then the `f32` logit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Candidate {
+    pub token: u32,
+    pub logit: f32,
 }
 
 impl Drop for Session {

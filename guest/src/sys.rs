@@ -23,6 +23,14 @@ mod imports {
         pub fn session_len(session: i32) -> i32;
         pub fn session_rewind(session: i32, len: u32) -> i32;
         pub fn forward(session: i32, ids: *const u32, n: u32, logits: *mut f32) -> i32;
+        pub fn forward_top(
+            session: i32,
+            ids: *const u32,
+            n: u32,
+            logits: *mut f32,
+            top: *mut crate::model::Candidate,
+            k: u32,
+        ) -> i32;
     }
 }
 
@@ -171,5 +179,23 @@ pub fn forward(session: i32, ids: &[u32], logits: &mut [f32]) -> i32 {
         ids.as_ptr(),
         len32(ids.len()),
         logits.as_mut_ptr()
+    ))
+}
+
+/// `tern.forward_top`: `logits` `None` passes 0 (no logits written).
+pub fn forward_top(
+    session: i32,
+    ids: &[u32],
+    logits: Option<&mut [f32]>,
+    top: &mut [crate::model::Candidate],
+) -> i32 {
+    let logits = logits.map_or(std::ptr::null_mut(), <[f32]>::as_mut_ptr);
+    host!(imports::forward_top(
+        session,
+        ids.as_ptr(),
+        len32(ids.len()),
+        logits,
+        top.as_mut_ptr(),
+        len32(top.len())
     ))
 }

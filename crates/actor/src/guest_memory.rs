@@ -8,6 +8,7 @@
 use std::fmt;
 
 use tern_compute::ComputeError;
+use tern_model::Candidate;
 
 /// A negative ABI result, with the message `tern.last_error` returns.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +240,55 @@ impl<'m> GuestMemory<'m> {
                 std::slice::from_raw_parts(base.add(b.offset).cast::<f32>(), b.bytes / 4),
                 std::slice::from_raw_parts_mut(base.add(c.offset).cast::<f32>(), c.bytes / 4),
             ))
+        }
+    }
+
+    /// A writable `f32` view (optional) and a writable [`Candidate`] view that must not
+    /// overlap: a forward pass's logits and its top candidates. Both ranges must come from
+    /// [`check`] with 4-byte alignment against this memory.
+    pub fn f32_and_candidates_mut(
+        &mut self,
+        logits: Option<GuestRange>,
+        top: GuestRange,
+    ) -> Result<(Option<&mut [f32]>, &mut [Candidate]), AbiError> {
+        if let Some(l) = logits
+            && top.overlaps(&l)
+        {
+            return Err(AbiError::Overlap {
+                what: "top",
+                other: "logits",
+            });
+        }
+        for r in logits.iter().chain([&top]) {
+            if r.offset + r.bytes > self.data.len()
+                || !r.offset.is_multiple_of(4)
+                || !r.bytes.is_multiple_of(4)
+            {
+                return Err(AbiError::Invalid(format!(
+                    "range {r} was not checked as 4-byte values"
+                )));
+            }
+        }
+        if !top.bytes.is_multiple_of(size_of::<Candidate>()) {
+            return Err(AbiError::Invalid(format!(
+                "range {top} is not a whole number of candidates"
+            )));
+        }
+        let base = self.data.as_mut_ptr();
+        // SAFETY: both ranges are inside `self.data` and 4-byte aligned relative to a
+        // page-aligned base (checked above); every bit pattern is a valid f32 and a valid
+        // `Candidate` (a `repr(C)` pair of u32 and f32, 4-byte aligned); the two views are
+        // disjoint (checked above) and borrow `self` mutably, so nothing else can touch the
+        // memory while they live.
+        unsafe {
+            let logits = logits.map(|l| {
+                std::slice::from_raw_parts_mut(base.add(l.offset).cast::<f32>(), l.bytes / 4)
+            });
+            let top = std::slice::from_raw_parts_mut(
+                base.add(top.offset).cast::<Candidate>(),
+                top.bytes / size_of::<Candidate>(),
+            );
+            Ok((logits, top))
         }
     }
 }

@@ -12,6 +12,7 @@
 //! | `session_open(model, max_tokens)` | `-> handle` | a new KV cache |
 //! | `session_close(s)`, `session_len(s)`, `session_rewind(s, n)` | `-> 0 / len / len` | |
 //! | `forward(s, ids, n, logits)` | `-> 0` | appends `n` tokens; writes `f32[vocab]` logits of the last |
+//! | `forward_top(s, ids, n, logits, top, k)` | `-> k` | as `forward`, and the `k` (1 to 64) largest logits as `(u32 token, f32 logit)` pairs into `top`, largest first, ties to the smaller token; `logits` 0 writes no logits (on a GPU they then never leave it) |
 //!
 //! Functions returning a length write at most `cap` bytes (or ids) and return the full length,
 //! so a guest can retry with a larger buffer.
@@ -19,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tern_model::{Model, Session};
+use tern_model::{MAX_TOP, Model, Session};
 use tern_text::Message;
 use wasmtime::{Caller, Linker};
 
@@ -115,6 +116,7 @@ pub(crate) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap("tern", "session_len", session_len)?;
     linker.func_wrap("tern", "session_rewind", session_rewind)?;
     linker.func_wrap("tern", "forward", forward)?;
+    linker.func_wrap("tern", "forward_top", forward_top)?;
     Ok(())
 }
 
@@ -301,5 +303,41 @@ fn forward(mut caller: Caller<'_, HostState>, session: i32, ids: u32, n: u32, lo
         let out = mem.f32_mut(range)?;
         model.forward(s, &tokens, out).map_err(model_error)?;
         Ok(0)
+    })
+}
+
+/// `forward_top(session, ids, n, logits, top, k)`: appends the tokens, writes the `k` (1 to
+/// [`MAX_TOP`]) largest logits of the last position to `top` as (token `u32`, logit `f32`)
+/// pairs, largest first (ties to the smaller token), and all logits to `logits` unless it is
+/// 0. Returns `k`. On a GPU the selection runs there, so a guest that samples from the top
+/// few never reads the vocabulary's logits at all.
+fn forward_top(
+    mut caller: Caller<'_, HostState>,
+    session: i32,
+    ids: u32,
+    n: u32,
+    logits: u32,
+    top: u32,
+    k: u32,
+) -> i32 {
+    with_memory(&mut caller, |mem, state| {
+        let tokens = read_ids(mem, ids, n)?;
+        let (model, s) = state.models.session(session)?;
+        let vocab = model.config().n_vocab;
+        if k == 0 || k as usize > MAX_TOP.min(vocab) {
+            return Err(AbiError::Invalid(format!(
+                "{k} top logits asked for (1 to {})",
+                MAX_TOP.min(vocab)
+            )));
+        }
+        let logits = (logits != 0)
+            .then(|| guest_memory::check("logits", mem.len(), logits, vocab as u64, 4, 4))
+            .transpose()?;
+        let top = guest_memory::check("top", mem.len(), top, 2 * u64::from(k), 4, 4)?;
+        let (logits, top) = mem.f32_and_candidates_mut(logits, top)?;
+        model
+            .forward_top(s, &tokens, logits, top)
+            .map_err(model_error)?;
+        Ok(k as i32)
     })
 }

@@ -9,9 +9,11 @@ pub mod llama;
 pub mod model;
 pub mod quant;
 pub mod safetensors;
+pub mod top;
 
 pub use llama::cpu::Precision;
 pub use model::{Model, Session};
+pub use top::{Candidate, MAX_TOP};
 
 use std::path::Path;
 

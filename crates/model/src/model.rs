@@ -11,6 +11,7 @@ use crate::gguf::{GgufFile, Value};
 use crate::llama::cpu::{CpuLlama, KvCache, Precision};
 use crate::llama::{LlamaConfig, LlamaWeights, read_hf_config};
 use crate::safetensors::SafetensorsFile;
+use crate::top::{Candidate, MAX_TOP, top_k};
 
 /// A loaded model.
 pub struct Model {
@@ -256,6 +257,48 @@ impl Model {
                     ModelError::Invalid("a GPU session on a model without a GPU".into())
                 })?;
                 cuda.forward(s, tokens, logits)?
+            }
+        }
+        session.tokens.extend_from_slice(tokens);
+        Ok(())
+    }
+
+    /// [`forward`](Self::forward), and the `top.len()` (at most [`MAX_TOP`]) largest logits
+    /// of the last position into `top`, in [`crate::top`]'s order: on a GPU session they are
+    /// selected there, and with `logits` `None` the logits never leave it.
+    pub fn forward_top(
+        &self,
+        session: &mut Session,
+        tokens: &[u32],
+        logits: Option<&mut [f32]>,
+        top: &mut [Candidate],
+    ) -> Result<(), ModelError> {
+        let vocab = self.config().n_vocab;
+        if top.len() > MAX_TOP || top.len() > vocab {
+            return Err(ModelError::Invalid(format!(
+                "{} top logits asked for (at most {MAX_TOP}, and no more than the vocabulary)",
+                top.len()
+            )));
+        }
+        match &mut session.kv {
+            SessionKv::Cpu(cache) => {
+                let mut own = Vec::new();
+                let logits = match logits {
+                    Some(l) => l,
+                    None => {
+                        own.resize(vocab, 0.0);
+                        &mut own[..]
+                    }
+                };
+                self.llama.forward(cache, tokens, logits)?;
+                top_k(logits, top);
+            }
+            #[cfg(feature = "cuda")]
+            SessionKv::Cuda(s) => {
+                let cuda = self.cuda.as_ref().ok_or_else(|| {
+                    ModelError::Invalid("a GPU session on a model without a GPU".into())
+                })?;
+                cuda.forward_top(s, tokens, logits, top)?
             }
         }
         session.tokens.extend_from_slice(tokens);

@@ -155,6 +155,35 @@ fn matvec_with_the_norm_fused_in_matches_the_cpu() {
     }
 }
 
+/// The GPU's top-k selection picks exactly what the CPU's does (same order, ties to the
+/// smaller token, infinities and signed zeros in IEEE total order), for vocabularies that
+/// fill one block, many, and a partial last one.
+#[test]
+fn top_logits_are_selected_as_on_the_cpu() {
+    let Some(device) = gpu("top_logits_are_selected_as_on_the_cpu") else {
+        return;
+    };
+    let ops = OpHarness::new(&device).unwrap();
+    let mut rng = Rng(0x7017);
+    for n in [512, 1000, 49_152, 128_256] {
+        // Values from a small set, so that ties are everywhere.
+        let mut logits: Vec<f32> = (0..n).map(|_| (rng.f32() * 50.0).round() / 4.0).collect();
+        logits[n / 3] = f32::INFINITY;
+        logits[n / 2] = -0.0;
+        logits[n / 2 + 1] = 0.0;
+        logits[n - 1] = f32::NEG_INFINITY;
+        for k in [1, 5, 64] {
+            let got = ops.top_k(&logits, k).unwrap();
+            let mut want = vec![tern_model::Candidate::default(); k];
+            tern_model::top::top_k(&logits, &mut want);
+            let bits = |c: &[tern_model::Candidate]| -> Vec<(u32, u32)> {
+                c.iter().map(|c| (c.token, c.logit.to_bits())).collect()
+            };
+            assert_eq!(bits(&got), bits(&want), "{n} logits, k = {k}");
+        }
+    }
+}
+
 #[test]
 fn embedding_rows_of_every_type_match_the_cpu() {
     let Some(device) = gpu("embedding_rows_of_every_type_match_the_cpu") else {

@@ -3,6 +3,8 @@
 //! - `prefill <id> <id> ...`: feeds these token ids in one call;
 //! - `decode <n>`: generates `n` tokens greedily, one forward call each, ignoring
 //!   end-of-turn, and emits the last token id;
+//! - `decode_top <n>`: the same, each step asking the host for the top logit only
+//!   (`forward_top` with one candidate and no logits) instead of scanning the logits;
 //! - `argmax <reps>`: takes the argmax of the current logits `reps` times (the guest's
 //!   share of a greedy decode step, timed by the host) and emits it;
 //! - `ballast <mib>`: holds `mib` MiB of pseudo-random bytes (incompressible guest state,
@@ -11,7 +13,7 @@
 //! The host times each message; the same work done directly on the engine is the baseline.
 
 use tern_guest::sample::argmax;
-use tern_guest::{Actor, Error, Model, Session, emit_str, export_actor};
+use tern_guest::{Actor, Candidate, Error, Model, Session, emit_str, export_actor};
 
 #[derive(Default)]
 struct Bench {
@@ -57,6 +59,19 @@ impl Actor for Bench {
                 }
                 emit_str(&token.to_string())?;
             }
+            Some("decode_top") => {
+                let (session, logits) = self
+                    .state
+                    .as_mut()
+                    .ok_or_else(|| Error::guest("open first"))?;
+                let n: usize = number(words.next())?;
+                let mut top = [Candidate::default()];
+                top[0].token = argmax(logits);
+                for _ in 0..n {
+                    session.forward_top(&[top[0].token], None, &mut top)?;
+                }
+                emit_str(&top[0].token.to_string())?;
+            }
             Some("argmax") => {
                 let (_, logits) = self
                     .state
@@ -83,7 +98,7 @@ impl Actor for Bench {
             }
             _ => {
                 return Err(Error::guest(
-                    "expected open, prefill, decode, argmax or ballast",
+                    "expected open, prefill, decode, decode_top, argmax or ballast",
                 ));
             }
         }

@@ -13,7 +13,7 @@ use tern_actor::{Actor, ActorModule, Limits, Runtime};
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
-use super::{direct, median, send};
+use super::{direct, direct_top, median, send};
 
 /// What the CUDA decode benchmark runs.
 pub struct CudaBench<'a> {
@@ -75,36 +75,62 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
 
     // Warm-up: graphs captured, caches and clocks settled, untimed.
     direct(&model, &prompt, 16, context)?;
+    direct_top(&model, &prompt, 16, context)?;
     let (mut dp, mut dd, mut ap, mut ad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut dt, mut at) = (Vec::new(), Vec::new());
     for _ in 0..b.repeats.max(1) {
         let (p, d) = direct(&model, &prompt, b.decode, context)?;
         dp.push(p);
         dd.push(d);
-        let mut actor = Actor::start(&runtime, &module)?;
-        send(&mut actor, &format!("open bench {} {context}", c.n_vocab))?;
-        let t = Instant::now();
-        send(&mut actor, &prefill_msg)?;
-        ap.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        send(&mut actor, &format!("decode {}", b.decode))?;
-        ad.push(t.elapsed().as_secs_f64());
+        dt.push(direct_top(&model, &prompt, b.decode, context)?);
+        for top in [false, true] {
+            let mut actor = Actor::start(&runtime, &module)?;
+            send(&mut actor, &format!("open bench {} {context}", c.n_vocab))?;
+            let t = Instant::now();
+            send(&mut actor, &prefill_msg)?;
+            let prefill = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let verb = if top { "decode_top" } else { "decode" };
+            send(&mut actor, &format!("{verb} {}", b.decode))?;
+            if top {
+                at.push(t.elapsed().as_secs_f64());
+            } else {
+                ap.push(prefill);
+                ad.push(t.elapsed().as_secs_f64());
+            }
+        }
     }
     let rate = |n: usize, secs: &[f64]| n as f64 / median(secs);
     println!();
-    println!("{:<40} {:>12} {:>12}", "path", "prefill t/s", "decode t/s");
-    println!(
-        "{:<40} {:>12.1} {:>12.1}",
-        "engine (logits copied to the host)",
-        rate(b.prefill, &dp),
-        rate(b.decode, &dd)
+    println!("{:<52} {:>12} {:>12}", "path", "prefill t/s", "decode t/s");
+    let row = |name: &str, prefill: Option<f64>, decode: f64| {
+        let prefill = prefill.map_or("".into(), |p| format!("{p:.1}"));
+        println!("{name:<52} {prefill:>12} {decode:>12.1}");
+    };
+    row(
+        "engine (logits copied to the host, argmax there)",
+        Some(rate(b.prefill, &dp)),
+        rate(b.decode, &dd),
     );
-    println!(
-        "{:<40} {:>12.1} {:>12.1}",
-        "actor (logits written into Wasm memory)",
-        rate(b.prefill, &ap),
-        rate(b.decode, &ad)
+    row(
+        "actor (logits written into Wasm memory, argmax there)",
+        Some(rate(b.prefill, &ap)),
+        rate(b.decode, &ad),
     );
-    let decode = rate(b.decode, &dd).max(rate(b.decode, &ad));
+    row(
+        "engine, top logit selected on the GPU",
+        None,
+        rate(b.decode, &dt),
+    );
+    row(
+        "actor, top logit selected on the GPU (forward_top)",
+        None,
+        rate(b.decode, &at),
+    );
+    let decode = [&dd, &ad, &dt, &at]
+        .into_iter()
+        .map(|d| rate(b.decode, d))
+        .fold(0.0, f64::max);
     println!();
     println!(
         "HBM roofline: device-to-device copy {:.0} GB/s (read + write, 1 GiB) / {:.1} MB per token = {:.0} tokens/s; decode reaches {:.1}% of it",
@@ -128,12 +154,18 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
         }
         Err(e) => println!("prefill GEMM yardstick not measured: {e}"),
     }
-    let per_token_us = (median(&ad) - median(&dd)) / b.decode as f64 * 1e6;
-    println!(
-        "actor path cost per decoded token: {per_token_us:+.2} us ({:+.2}% of the engine's {:.1} us)",
-        per_token_us / (median(&dd) / b.decode as f64 * 1e6) * 100.0,
-        median(&dd) / b.decode as f64 * 1e6
-    );
+    let per_token = |secs: &[f64]| median(secs) / b.decode as f64 * 1e6;
+    for (what, actor, engine) in [
+        ("logits into the actor, argmax in Wasm", &ad, &dd),
+        ("top logit from the GPU", &at, &dt),
+    ] {
+        let extra = per_token(actor) - per_token(engine);
+        println!(
+            "actor path cost per decoded token, {what}: {extra:+.2} us ({:+.2}% of the engine's {:.1} us)",
+            extra / per_token(engine) * 100.0,
+            per_token(engine)
+        );
+    }
     let (wasm_us, native_us) = super::argmax_cost(&runtime, &module, c.n_vocab)?;
     println!(
         "of which the guest's argmax over {} logits: {wasm_us:.1} us in Wasm ({native_us:.1} us natively)",

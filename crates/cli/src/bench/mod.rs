@@ -72,6 +72,29 @@ fn direct(
     Ok((prefill, t.elapsed().as_secs_f64()))
 }
 
+/// As [`direct`], but each decode step asks the engine for the top logit only
+/// ([`tern_model::Model::forward_top`], no logits copied out); returns the decode time.
+fn direct_top(
+    model: &tern_model::Model,
+    prompt: &[u32],
+    n: usize,
+    context: usize,
+) -> anyhow::Result<f64> {
+    use std::time::Instant;
+    let mut session = model.new_session(context)?;
+    let mut logits = vec![0.0; model.config().n_vocab];
+    model.forward(&mut session, prompt, &mut logits)?;
+    let mut top = [tern_model::Candidate {
+        token: tern_guest::sample::argmax(&logits),
+        logit: 0.0,
+    }];
+    let t = Instant::now();
+    for _ in 0..n {
+        model.forward_top(&mut session, &[top[0].token], None, &mut top)?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// Sends `message` to a bench actor; a negative reply is an error with the actor's output.
 fn send(actor: &mut tern_actor::Actor, message: &str) -> anyhow::Result<()> {
     let reply = actor.send(message.as_bytes())?;

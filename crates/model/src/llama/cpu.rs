@@ -204,7 +204,7 @@ impl CpuLlama {
         logits: &mut [f32],
     ) -> Result<(), ModelError> {
         let c = &self.config;
-        super::check_forward(c, cache.len, cache.n_ctx, tokens, logits)?;
+        super::check_forward(c, cache.len, cache.n_ctx, tokens, Some(logits))?;
         self.pool.install(|| {
             let batches = tokens.chunks(MAX_BATCH);
             let last = batches.len() - 1;

@@ -19,10 +19,12 @@ pub(crate) fn check_forward(
     len: usize,
     n_ctx: usize,
     tokens: &[u32],
-    logits: &[f32],
+    logits: Option<&[f32]>,
 ) -> Result<(), crate::ModelError> {
     use crate::ModelError;
-    if logits.len() != c.n_vocab {
+    if let Some(logits) = logits
+        && logits.len() != c.n_vocab
+    {
         return Err(ModelError::Invalid(format!(
             "logits buffer holds {}, vocab is {}",
             logits.len(),

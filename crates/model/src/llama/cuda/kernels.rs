@@ -58,7 +58,14 @@ pub struct Kernels {
     /// By head size: `attention_<head_dim>`, `attention_prefill_<head_dim>`.
     attention: Vec<(usize, CudaFunction)>,
     attention_prefill: Vec<(usize, CudaFunction)>,
+    top_k_blocks: CudaFunction,
+    top_k_merge: CudaFunction,
 }
+
+/// Logits one `top_k_blocks` block sorts, and the most lists `top_k_merge` merges
+/// (`TOP_CHUNK`, `TOP_MAX_LISTS` in `llama.cu`).
+pub const TOP_CHUNK: usize = 1024;
+pub const TOP_MAX_LISTS: usize = 1024;
 
 /// The head sizes `llama.cu`'s attention is instantiated for.
 pub const HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
@@ -166,6 +173,8 @@ impl Kernels {
                     .iter()
                     .map(|&d| Ok((d, get(0, &format!("attention_{d}"))?)))
                     .collect::<Result<_, ModelError>>()?,
+                top_k_blocks: get(0, "top_k_blocks")?,
+                top_k_merge: get(0, "top_k_merge")?,
                 attention_prefill: HEAD_DIMS
                     .iter()
                     .map(|&d| Ok((d, get(0, &format!("attention_prefill_{d}"))?)))
@@ -471,6 +480,38 @@ impl Launcher<'_> {
             &n_head_kv,
             &scale,
             &stride
+        )
+    }
+
+    /// The `k` largest of `n` logits as (token, logit bits) pairs into `out`, through
+    /// `cand` (`ceil(n / TOP_CHUNK) * k` keys of scratch).
+    pub fn top_k(
+        &self,
+        logits: u64,
+        n: u32,
+        k: u32,
+        cand: u64,
+        out: u64,
+    ) -> Result<(), ModelError> {
+        let lists = (n as usize).div_ceil(TOP_CHUNK) as u32;
+        launch!(
+            self,
+            &self.kernels.top_k_blocks,
+            config((lists, 1, 1), 256),
+            &logits,
+            &n,
+            &k,
+            &cand
+        )?;
+        launch!(
+            self,
+            &self.kernels.top_k_merge,
+            config((1, 1, 1), 32),
+            &cand,
+            &lists,
+            &k,
+            &logits,
+            &out
         )
     }
 

@@ -32,6 +32,7 @@ use tern_compute::cuda::cudarc::driver::{CudaContext, CudaStream};
 use crate::ModelError;
 use crate::llama::cpu::CpuLlama;
 use crate::llama::{LlamaConfig, RopeStyle};
+use crate::top::{Candidate, MAX_TOP};
 use kernels::Kernels;
 use prefill::{PREFILL_CHUNK, PREFILL_MIN, Prefill};
 use weights::DeviceWeights;
@@ -136,20 +137,38 @@ impl CudaLlama {
         tokens: &[u32],
         logits: &mut [f32],
     ) -> Result<(), ModelError> {
+        self.forward_top(session, tokens, Some(logits), &mut [])
+    }
+
+    /// [`forward`](Self::forward), and the `top.len()` largest logits into `top` in
+    /// [`crate::top`]'s order, selected on the GPU (`top` is written by the GPU directly when
+    /// it is registered with it). With `logits` `None`, the logits stay on the GPU.
+    pub fn forward_top(
+        &self,
+        session: &mut CudaSession,
+        tokens: &[u32],
+        mut logits: Option<&mut [f32]>,
+        top: &mut [Candidate],
+    ) -> Result<(), ModelError> {
         let c = &self.config;
-        super::check_forward(c, session.len, session.n_ctx, tokens, logits)?;
+        let vocab = c.n_vocab;
+        super::check_forward(c, session.len, session.n_ctx, tokens, logits.as_deref())?;
+        check_top(vocab, top.len())?;
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         self.ctx
             .bind_to_thread()
             .map_err(driver("binding the context"))?;
-        let direct = self
-            .device
-            .as_cuda()
-            .is_some_and(|gpu| gpu.sees(logits.as_ptr() as usize, size_of_val(logits)));
-        let dst = if direct {
-            logits.as_mut_ptr() as u64
-        } else {
-            session.logits_ptr()
+        let sees = |ptr: usize, bytes: usize| {
+            self.device
+                .as_cuda()
+                .is_some_and(|gpu| gpu.sees(ptr, bytes))
+        };
+        let direct = logits
+            .as_deref()
+            .is_some_and(|l| sees(l.as_ptr() as usize, size_of_val(l)));
+        let dst = match logits.as_deref_mut() {
+            Some(l) if direct => l.as_mut_ptr() as u64,
+            _ => session.logits_ptr(),
         };
         // Long prompts on tensor cores, chunk by chunk; the rest below.
         let mut tokens = tokens;
@@ -172,8 +191,14 @@ impl CudaLlama {
                 session.run_chunk(self, chunk, out)?;
             }
         }
-        if !direct {
-            session.read_logits(&self.stream, logits)?;
+        if !top.is_empty() {
+            let top_direct = sees(top.as_ptr() as usize, size_of_val(top));
+            session.top_k(self, dst, top, top_direct)?;
+        }
+        if let Some(l) = logits
+            && !direct
+        {
+            session.read_logits(&self.stream, l)?;
         }
         self.stream
             .synchronize()
@@ -277,6 +302,21 @@ impl CudaLlama {
     fn n_split(n_ctx: usize) -> usize {
         n_ctx.div_ceil(ATTN_SPLIT)
     }
+}
+
+/// Refuses a request for `k` of `vocab` logits that the top-k kernels cannot serve.
+fn check_top(vocab: usize, k: usize) -> Result<(), ModelError> {
+    if k > MAX_TOP || k > vocab {
+        return Err(ModelError::Invalid(format!(
+            "{k} top logits asked for (at most {MAX_TOP}, and no more than the vocabulary)"
+        )));
+    }
+    if vocab.div_ceil(kernels::TOP_CHUNK) > kernels::TOP_MAX_LISTS {
+        return Err(ModelError::Unsupported(format!(
+            "selecting top logits on the GPU from a vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
 }
 
 fn halves(c: &LlamaConfig) -> i32 {

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use tern_compute::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use tern_compute::cuda::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 
-use super::kernels::{DevMatrix, Fuse, Launcher};
+use super::kernels::{DevMatrix, Fuse, Launcher, TOP_CHUNK};
 use super::prefill::Prefill;
 use super::{CudaLlama, MAX_CHUNK, driver};
 use crate::ModelError;
 use crate::llama::cpu::KvCache;
+use crate::top::{Candidate, MAX_TOP};
 
 /// Device buffers of one session. Every activation buffer holds `MAX_CHUNK` positions.
 struct Buffers {
@@ -28,6 +29,8 @@ struct Buffers {
     part_ml: CudaSlice<f32>, // (MAX_CHUNK, n_head, n_split, 2)
     tickets: CudaSlice<u32>, // (MAX_CHUNK, n_head) attention's merge tickets, zero between launches
     logits: CudaSlice<f32>,  // (n_vocab) for callers whose buffer the GPU cannot see
+    cand: CudaSlice<u64>,    // (ceil(n_vocab / TOP_CHUNK), MAX_TOP) top-k scratch
+    top: CudaSlice<u32>,     // (MAX_TOP, 2) top-k for callers whose buffer the GPU cannot see
 }
 
 /// One sequence's state on the GPU.
@@ -77,6 +80,12 @@ impl CudaSession {
                 .alloc_zeros::<u32>(MAX_CHUNK * c.n_head)
                 .map_err(driver("allocating a session"))?,
             logits: alloc(c.n_vocab)?,
+            cand: s
+                .alloc_zeros::<u64>(c.n_vocab.div_ceil(TOP_CHUNK) * MAX_TOP)
+                .map_err(driver("allocating a session"))?,
+            top: s
+                .alloc_zeros::<u32>(2 * MAX_TOP)
+                .map_err(driver("allocating a session"))?,
         };
         Ok(CudaSession {
             n_ctx,
@@ -104,6 +113,45 @@ impl CudaSession {
         stream
             .memcpy_dtoh(&self.buf.logits, logits)
             .map_err(driver("copying logits"))
+    }
+
+    /// The largest `top.len()` of the `n_vocab` logits at `logits` (device-visible), into
+    /// `top` (written by the GPU directly when it sees `top`, else copied).
+    pub(super) fn top_k(
+        &self,
+        model: &CudaLlama,
+        logits: u64,
+        top: &mut [Candidate],
+        direct: bool,
+    ) -> Result<(), ModelError> {
+        let run = Launcher {
+            kernels: &model.kernels,
+            stream: &model.stream,
+        };
+        let n = model.config.n_vocab as u32;
+        let k = top.len() as u32;
+        let out = if direct {
+            top.as_mut_ptr() as u64
+        } else {
+            self.ptr(&self.buf.top)
+        };
+        run.top_k(logits, n, k, self.ptr(&self.buf.cand), out)?;
+        if !direct {
+            let mut pairs = [0u32; 2 * MAX_TOP];
+            self.stream
+                .memcpy_dtoh(
+                    &self.buf.top.slice(..2 * top.len()),
+                    &mut pairs[..2 * top.len()],
+                )
+                .map_err(driver("copying the top logits"))?;
+            for (c, p) in top.iter_mut().zip(pairs.chunks_exact(2)) {
+                *c = Candidate {
+                    token: p[0],
+                    logit: f32::from_bits(p[1]),
+                };
+            }
+        }
+        Ok(())
     }
 
     /// Writes the first position and the token ids the kernels of the next call read.

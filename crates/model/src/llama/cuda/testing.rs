@@ -6,9 +6,10 @@ use tern_compute::Device;
 use tern_compute::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use super::driver;
-use super::kernels::{DevMatrix, Fuse, Kernels, Launcher};
+use super::kernels::{DevMatrix, Fuse, Kernels, Launcher, TOP_CHUNK};
 use crate::ModelError;
 use crate::quant::DType;
+use crate::top::Candidate;
 
 /// The forward pass's kernels with a stream of their own.
 pub struct OpHarness {
@@ -131,6 +132,28 @@ impl OpHarness {
             fuse,
         )?;
         Ok((self.down(&y)?, self.down(&yg)?))
+    }
+
+    /// The `k` largest of `logits` as the GPU selects them (see [`crate::top`]).
+    pub fn top_k(&self, logits: &[f32], k: usize) -> Result<Vec<Candidate>, ModelError> {
+        let n = logits.len();
+        let (_l, l_ptr) = self.up(logits)?;
+        let (_cand, cand_ptr) = self.up(&vec![0u64; n.div_ceil(TOP_CHUNK) * k])?;
+        let (out, out_ptr) = self.up(&vec![u32::MAX; 2 * k])?;
+        self.run()
+            .top_k(l_ptr, n as u32, k as u32, cand_ptr, out_ptr)?;
+        self.stream.synchronize().map_err(driver("running"))?;
+        let pairs = self
+            .stream
+            .clone_dtoh(&out)
+            .map_err(driver("downloading"))?;
+        Ok(pairs
+            .chunks_exact(2)
+            .map(|p| Candidate {
+                token: p[0],
+                logit: f32::from_bits(p[1]),
+            })
+            .collect())
     }
 
     /// Rows `ids` of W, dequantized.

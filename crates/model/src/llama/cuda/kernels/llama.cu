@@ -559,3 +559,92 @@ ATTENTION_PREFILL(32, 32, 32)
 ATTENTION_PREFILL(64, 32, 32)
 ATTENTION_PREFILL(128, 32, 16)
 ATTENTION_PREFILL(256, 16, 8)
+
+// The k largest logits (top.rs's order: logit descending in IEEE total order, ties to the
+// smaller token), in two launches. A candidate is a 64-bit key, the logit's order key above
+// ~token, so that a larger key comes first; 0 is no candidate.
+//
+// top_k_blocks: block b sorts logits 1024 b .. 1024 b + 1023 by key with a bitonic network
+// (descending) in shared memory and writes its first k keys to cand[k b ..]. Grid
+// (ceil(n / 1024)), block 256, k <= TOP_MAX.
+// top_k_merge: one warp merges the sorted lists, k rounds of taking the largest head, and
+// writes (token, logit bits) pairs to out[2 i], out[2 i + 1]. Grid (1), block 32.
+#define TOP_CHUNK 1024
+#define TOP_MAX 64
+#define TOP_MAX_LISTS 1024
+
+__device__ __forceinline__ unsigned order_key(float logit) {
+    unsigned bits = __float_as_uint(logit);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+top_k_blocks(const float* __restrict__ logits, unsigned n, unsigned k,
+             unsigned long long* __restrict__ cand) {
+    __shared__ unsigned long long s_key[TOP_CHUNK];
+    pdl_wait();
+    pdl_launch_dependents();
+    const unsigned base = blockIdx.x * TOP_CHUNK;
+    for (unsigned i = threadIdx.x; i < TOP_CHUNK; i += blockDim.x) {
+        const unsigned token = base + i;
+        s_key[i] = token < n ? ((unsigned long long)order_key(logits[token]) << 32) |
+                                   (0xffffffffu - token)
+                             : 0ull;
+    }
+    __syncthreads();
+    for (unsigned size = 2; size <= TOP_CHUNK; size <<= 1) {
+        for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
+            for (unsigned i = threadIdx.x; i < TOP_CHUNK; i += blockDim.x) {
+                const unsigned j = i ^ stride;
+                if (j > i) {
+                    const unsigned long long a = s_key[i], b = s_key[j];
+                    const bool descending = (i & size) == 0;
+                    if (descending ? a < b : a > b) {
+                        s_key[i] = b;
+                        s_key[j] = a;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (unsigned i = threadIdx.x; i < k; i += blockDim.x) cand[(size_t)blockIdx.x * k + i] = s_key[i];
+}
+
+extern "C" __global__ void __launch_bounds__(32)
+top_k_merge(const unsigned long long* __restrict__ cand, unsigned lists, unsigned k,
+            const float* __restrict__ logits, unsigned* __restrict__ out) {
+    __shared__ unsigned s_head[TOP_MAX_LISTS];
+    pdl_wait();
+    pdl_launch_dependents();
+    const unsigned lane = threadIdx.x;
+    for (unsigned l = lane; l < lists; l += 32) s_head[l] = 0;
+    __syncwarp();
+    for (unsigned r = 0; r < k; r++) {
+        unsigned long long best = 0ull;
+        unsigned from = 0;
+        for (unsigned l = lane; l < lists; l += 32) {
+            const unsigned h = s_head[l];
+            const unsigned long long key = h < k ? cand[(size_t)l * k + h] : 0ull;
+            if (key > best) {
+                best = key;
+                from = l;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
+            const unsigned other_from = __shfl_xor_sync(0xffffffffu, from, o);
+            if (other > best) {
+                best = other;
+                from = other_from;
+            }
+        }
+        if (lane == 0) {
+            const unsigned token = 0xffffffffu - (unsigned)(best & 0xffffffffu);
+            s_head[from] += 1;
+            out[2 * r] = token;
+            out[2 * r + 1] = __float_as_uint(logits[token]);
+        }
+        __syncwarp();
+    }
+}
