@@ -381,6 +381,9 @@ impl Launcher<'_> {
         )
     }
 
+    /// `out[t] = rmsnorm(x[t]) * w` for `n_tok` rows of `width`, as f32, or rounded to bf16
+    /// when `bf16` (an operand for a prefill GEMM).
+    #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm(
         &self,
         x: u64,
@@ -389,10 +392,16 @@ impl Launcher<'_> {
         n_tok: u32,
         width: u32,
         eps: f32,
+        bf16: bool,
     ) -> Result<(), ModelError> {
+        let f = if bf16 {
+            &self.kernels.rmsnorm_bf16
+        } else {
+            &self.kernels.rmsnorm
+        };
         launch!(
             self,
-            &self.kernels.rmsnorm,
+            f,
             config((n_tok, 1, 1), 256),
             &x,
             &w,
@@ -559,28 +568,6 @@ impl Launcher<'_> {
             &w.rows,
             &w.cols,
             &w.row_bytes
-        )
-    }
-
-    /// `out[t] = bf16(rmsnorm(x[t]) * w)` for `n_tok` rows of `width`.
-    pub fn rmsnorm_bf16(
-        &self,
-        x: u64,
-        w: u64,
-        out: u64,
-        n_tok: u32,
-        width: u32,
-        eps: f32,
-    ) -> Result<(), ModelError> {
-        launch!(
-            self,
-            &self.kernels.rmsnorm_bf16,
-            config((n_tok, 1, 1), 256),
-            &x,
-            &w,
-            &out,
-            &width,
-            &eps
         )
     }
 

@@ -263,28 +263,14 @@ impl CudaLlama {
     /// plus bytes written per second (the median of `repeats` copies), the roofline a
     /// memory-bound decode step is measured against.
     pub fn copy_bandwidth(&self, bytes: usize, repeats: usize) -> Result<f64, ModelError> {
-        use tern_compute::cuda::cudarc::driver::sys::CUevent_flags;
         let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let s = &self.stream;
         let src = s.alloc_zeros::<u8>(bytes).map_err(driver("allocating"))?;
         let mut dst = s.alloc_zeros::<u8>(bytes).map_err(driver("allocating"))?;
         s.memcpy_dtod(&src, &mut dst).map_err(driver("copying"))?;
-        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let mut rates = Vec::new();
-        for _ in 0..repeats.max(1) {
-            let start = s
-                .record_event(timing)
-                .map_err(driver("recording an event"))?;
-            s.memcpy_dtod(&src, &mut dst).map_err(driver("copying"))?;
-            let end = s
-                .record_event(timing)
-                .map_err(driver("recording an event"))?;
-            end.synchronize().map_err(driver("copying"))?;
-            let ms = start.elapsed_ms(&end).map_err(driver("reading an event"))?;
-            rates.push(2.0 * bytes as f64 / (f64::from(ms) / 1e3));
-        }
-        rates.sort_by(f64::total_cmp);
-        Ok(rates[rates.len() / 2])
+        median_rate(s, repeats, 2.0 * bytes as f64, || {
+            s.memcpy_dtod(&src, &mut dst).map_err(driver("copying"))
+        })
     }
 
     /// Kernel launches of one decode step (the nodes of its graph).
@@ -302,6 +288,33 @@ impl CudaLlama {
     fn n_split(n_ctx: usize) -> usize {
         n_ctx.div_ceil(ATTN_SPLIT)
     }
+}
+
+/// `amount` (bytes, operations) per second that `run` achieves on `stream`, timed with events:
+/// the median of `repeats` runs.
+fn median_rate(
+    stream: &Arc<CudaStream>,
+    repeats: usize,
+    amount: f64,
+    mut run: impl FnMut() -> Result<(), ModelError>,
+) -> Result<f64, ModelError> {
+    use tern_compute::cuda::cudarc::driver::sys::CUevent_flags;
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let mut rates = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let start = stream
+            .record_event(timing)
+            .map_err(driver("recording an event"))?;
+        run()?;
+        let end = stream
+            .record_event(timing)
+            .map_err(driver("recording an event"))?;
+        end.synchronize().map_err(driver("timing"))?;
+        let ms = start.elapsed_ms(&end).map_err(driver("reading an event"))?;
+        rates.push(amount / (f64::from(ms) / 1e3));
+    }
+    rates.sort_by(f64::total_cmp);
+    Ok(rates[rates.len() / 2])
 }
 
 /// Refuses a request for `k` of `vocab` logits that the top-k kernels cannot serve.

@@ -12,7 +12,6 @@
 use std::sync::Arc;
 
 use tern_compute::cuda::cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
-use tern_compute::cuda::cudarc::driver::sys::CUevent_flags;
 use tern_compute::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::kernels::{DevMatrix, Launcher};
@@ -212,24 +211,12 @@ impl Prefill {
             Ok(())
         };
         once()?;
-        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let mut rates = Vec::new();
-        for _ in 0..repeats.max(1) {
-            let start = s
-                .record_event(timing)
-                .map_err(driver("recording an event"))?;
+        super::median_rate(s, repeats, 10.0 * flops, || {
             for _ in 0..10 {
                 once()?;
             }
-            let end = s
-                .record_event(timing)
-                .map_err(driver("recording an event"))?;
-            end.synchronize().map_err(driver("timing GEMMs"))?;
-            let ms = start.elapsed_ms(&end).map_err(driver("reading an event"))?;
-            rates.push(10.0 * flops / (f64::from(ms) / 1e3));
-        }
-        rates.sort_by(f64::total_cmp);
-        Ok(rates[rates.len() / 2])
+            Ok(())
+        })
     }
 }
 

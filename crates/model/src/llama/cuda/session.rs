@@ -225,13 +225,13 @@ impl CudaSession {
         for (l, lw) in w.layers.iter().enumerate() {
             let k_cache = self.ptr(&self.buf.k) + l as u64 * layer_floats;
             let v_cache = self.ptr(&self.buf.v) + l as u64 * layer_floats;
-            run.rmsnorm_bf16(x, lw.attn_norm, act, n_u, e as u32, c.rms_eps)?;
+            run.rmsnorm(x, lw.attn_norm, act, n_u, e as u32, c.rms_eps, true)?;
             stacked(&lw.qkv, qkv, q_dim + 2 * kv)?;
             run.rope_append(c, n_u, qkv, (k_cache, v_cache), w.inv_freq, step)?;
             run.attention_prefill(c, n_u, qkv, (k_cache, v_cache), att, step)?;
             run.to_bf16(att, act, (n * q_dim) as u32)?;
             pre.gemm(&run, &lw.wo, n, x, e, true)?;
-            run.rmsnorm_bf16(x, lw.ffn_norm, act, n_u, e as u32, c.rms_eps)?;
+            run.rmsnorm(x, lw.ffn_norm, act, n_u, e as u32, c.rms_eps, true)?;
             stacked(&lw.gate_up, gate_up, 2 * ff)?;
             run.swiglu_bf16(gate_up, act, n_u, ff as u32, lw.glu)?;
             pre.gemm(&run, &lw.w_down, n, x, e, true)?;
@@ -239,7 +239,7 @@ impl CudaSession {
         if let Some(out) = logits {
             let x_last = x + ((n - 1) * e * 4) as u64;
             let xb = self.ptr(&self.buf.xb);
-            run.rmsnorm(x_last, w.output_norm, xb, 1, e as u32, c.rms_eps)?;
+            run.rmsnorm(x_last, w.output_norm, xb, 1, e as u32, c.rms_eps, false)?;
             run.matvec_out(&w.output, xb, out)?;
         }
         self.len += n;
@@ -339,7 +339,7 @@ impl CudaSession {
         };
         run.get_rows(&w.token_embd, ids, x, n_u)?;
         mark("get_rows")?;
-        run.rmsnorm(x, w.layers[0].attn_norm, xb, n_u, e, c.rms_eps)?;
+        run.rmsnorm(x, w.layers[0].attn_norm, xb, n_u, e, c.rms_eps, false)?;
         mark("rmsnorm")?;
         for (l, lw) in w.layers.iter().enumerate() {
             let k_cache = p(&b.k) + l as u64 * layer_floats;
@@ -381,7 +381,7 @@ impl CudaSession {
         }
         if let Some(out) = logits {
             let x_last = x + ((n - 1) * c.n_embd * 4) as u64;
-            run.rmsnorm(x_last, w.output_norm, xb, 1, e, c.rms_eps)?;
+            run.rmsnorm(x_last, w.output_norm, xb, 1, e, c.rms_eps, false)?;
             mark("rmsnorm")?;
             run.matvec_out(&w.output, xb, out)?;
             mark("matvec output")?;

@@ -181,7 +181,7 @@ impl OpHarness {
         let (out, out_ptr) = self.up(&vec![f32::NAN; x.len()])?;
         let n_tok = (x.len() / w.len()) as u32;
         self.run()
-            .rmsnorm(x_ptr, w_ptr, out_ptr, n_tok, w.len() as u32, eps)?;
+            .rmsnorm(x_ptr, w_ptr, out_ptr, n_tok, w.len() as u32, eps, false)?;
         self.down(&out)
     }
 

@@ -53,6 +53,22 @@ __device__ float block_sum(float v, float* shared) {
     return total;
 }
 
+// Rotates the n_rot / 2 pairs of a head for position `pos` from src into dst (which may be
+// src): Hugging Face's pairing (i, i + n_rot/2) when `halves`, else adjacent pairs.
+__device__ __forceinline__ void rope_pairs(const float* src, float* dst, int pos,
+                                           const float* __restrict__ inv_freq, unsigned n_rot,
+                                           int halves) {
+    for (unsigned i = threadIdx.x; i < n_rot / 2; i += blockDim.x) {
+        float angle = (float)pos * inv_freq[i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        unsigned a = halves ? i : 2 * i, b = halves ? i + n_rot / 2 : 2 * i + 1;
+        float x0 = src[a], x1 = src[b];
+        dst[a] = x0 * c - x1 * s;
+        dst[b] = x0 * s + x1 * c;
+    }
+}
+
 // out[t] = x[t] / rms(x[t]) * w. Grid (n_tok), block 256.
 extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
                                    float* __restrict__ out, unsigned n, float eps) {
@@ -131,15 +147,7 @@ extern "C" __global__ void rope_append(float* qkv, float* __restrict__ k_cache,
         for (unsigned i = threadIdx.x; i < head_dim; i += blockDim.x) vd[i] = vs[i];
         for (unsigned i = n_rot + threadIdx.x; i < head_dim; i += blockDim.x) dst[i] = src[i];
     }
-    for (unsigned i = threadIdx.x; i < n_rot / 2; i += blockDim.x) {
-        float angle = (float)pos * inv_freq[i];
-        float s, c;
-        sincosf(angle, &s, &c);
-        unsigned a = halves ? i : 2 * i, b = halves ? i + n_rot / 2 : 2 * i + 1;
-        float x0 = src[a], x1 = src[b];
-        dst[a] = x0 * c - x1 * s;
-        dst[b] = x0 * s + x1 * c;
-    }
+    rope_pairs(src, dst, pos, inv_freq, n_rot, halves);
 }
 
 // out[t][i] = bf16(silu(gate) * up) for i < n_ff, as swiglu below, where token t's row of
@@ -210,15 +218,7 @@ template <int D>
 __device__ __forceinline__ void rope_into(const float* src, float* dst, int pos,
                                           const float* __restrict__ inv_freq, unsigned n_rot,
                                           int halves) {
-    for (unsigned i = threadIdx.x; i < n_rot / 2; i += blockDim.x) {
-        float angle = (float)pos * inv_freq[i];
-        float s, c;
-        sincosf(angle, &s, &c);
-        unsigned a = halves ? i : 2 * i, b = halves ? i + n_rot / 2 : 2 * i + 1;
-        float x0 = src[a], x1 = src[b];
-        dst[a] = x0 * c - x1 * s;
-        dst[b] = x0 * s + x1 * c;
-    }
+    rope_pairs(src, dst, pos, inv_freq, n_rot, halves);
     for (unsigned i = n_rot + threadIdx.x; i < D; i += blockDim.x) dst[i] = src[i];
 }
 
