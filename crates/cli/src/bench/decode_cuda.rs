@@ -175,29 +175,52 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints the GPU time of each kernel of one decode step after `prompt`.
+/// Prints the GPU time of each kernel of one decode step after `prompt`, and of one
+/// tensor-core prefill chunk of (up to 512 positions of) `prompt`.
 fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()> {
     let mut session = model.new_session(context)?;
     let mut logits = vec![0.0; model.config().n_vocab];
     model.forward(&mut session, prompt, &mut logits)?;
     let cuda = model.cuda.as_ref().context("no GPU model")?;
     let gpu = session.cuda_mut().context("no GPU session")?;
-    let mut runs: Vec<Vec<(&str, f64)>> = Vec::new();
-    for _ in 0..5 {
-        runs.push(cuda.profile_step(gpu, 1)?);
+    let runs = (0..5)
+        .map(|_| cuda.profile_step(gpu, 1))
+        .collect::<Result<Vec<_>, _>>()?;
+    print_breakdown(
+        "one decode step, kernel by kernel (events between kernels, no graph; medians of 5):",
+        &runs,
+    );
+    let chunk = &prompt[..prompt.len().min(512)];
+    if chunk.len() >= 64 {
+        let mut fresh = model.new_session(context)?;
+        let gpu = fresh.cuda_mut().context("no GPU session")?;
+        let runs = (0..3)
+            .map(|_| cuda.profile_prefill(gpu, chunk))
+            .collect::<Result<Vec<_>, _>>()?;
+        print_breakdown(
+            &format!(
+                "one prefill chunk of {} positions, kernel by kernel (events between kernels; medians of 3):",
+                chunk.len()
+            ),
+            &runs,
+        );
     }
+    Ok(())
+}
+
+/// Prints kernel times (medians over `runs`, each a list of (kernel, microseconds)).
+fn print_breakdown(title: &str, runs: &[Vec<(&str, f64)>]) {
     let total: Vec<f64> = runs
         .iter()
         .map(|r| r.iter().map(|(_, t)| t).sum())
         .collect();
     let total = median(&total);
     println!();
-    println!("one decode step, kernel by kernel (events between kernels, no graph; medians of 5):");
+    println!("{title}");
     println!("{:<16} {:>10} {:>8}", "kernel", "us", "share");
     for (i, (name, _)) in runs[0].iter().enumerate() {
         let us = median(&runs.iter().map(|r| r[i].1).collect::<Vec<_>>());
         println!("{name:<16} {us:>10.1} {:>7.1}%", us / total * 100.0);
     }
     println!("{:<16} {total:>10.1}", "total");
-    Ok(())
 }

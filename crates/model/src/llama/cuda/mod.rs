@@ -178,7 +178,7 @@ impl CudaLlama {
             };
             let n = tokens.len().min(PREFILL_CHUNK);
             let out = (n == tokens.len()).then_some(dst);
-            session.prefill_chunk(self, prefill, &tokens[..n], out)?;
+            session.prefill_chunk(self, prefill, &tokens[..n], out, &mut |_| Ok(()))?;
             tokens = &tokens[n..];
         }
         let chunks = tokens.chunks(MAX_CHUNK);
@@ -257,6 +257,34 @@ impl CudaLlama {
             .bind_to_thread()
             .map_err(driver("binding the context"))?;
         session.profile_step(self, token)
+    }
+
+    /// Times each kernel of one tensor-core prefill chunk of `tokens` (at most
+    /// `PREFILL_CHUNK`) after `session`'s positions, leaving the session as it was.
+    pub fn profile_prefill(
+        &self,
+        session: &mut CudaSession,
+        tokens: &[u32],
+    ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+        if tokens.is_empty()
+            || tokens.len() > PREFILL_CHUNK
+            || session.len + tokens.len() > session.n_ctx
+        {
+            return Err(ModelError::Invalid(format!(
+                "a prefill chunk of {} positions after {} in a session of {}",
+                tokens.len(),
+                session.len,
+                session.n_ctx
+            )));
+        }
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        let prefill = self.prefill(&mut busy).ok_or_else(|| {
+            ModelError::Unsupported(prefill::unavailable().unwrap_or("no cuBLAS").into())
+        })?;
+        session.profile_prefill(self, prefill, tokens)
     }
 
     /// The GPU's memory bandwidth as a device-to-device copy of `bytes` sees it: bytes read

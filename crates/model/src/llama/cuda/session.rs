@@ -189,6 +189,7 @@ impl CudaSession {
         pre: &mut Prefill,
         tokens: &[u32],
         logits: Option<u64>,
+        mark: &mut dyn FnMut(&'static str) -> Result<(), ModelError>,
     ) -> Result<(), ModelError> {
         let c = &model.config;
         let w = &model.weights;
@@ -222,25 +223,37 @@ impl CudaSession {
             Ok(())
         };
         run.get_rows(&w.token_embd, pre.ptr(&pre.ids), x, n_u)?;
+        mark("get_rows")?;
         for (l, lw) in w.layers.iter().enumerate() {
             let k_cache = self.ptr(&self.buf.k) + l as u64 * layer_floats;
             let v_cache = self.ptr(&self.buf.v) + l as u64 * layer_floats;
             run.rmsnorm(x, lw.attn_norm, act, n_u, e as u32, c.rms_eps, true)?;
+            mark("rmsnorm")?;
             stacked(&lw.qkv, qkv, q_dim + 2 * kv)?;
+            mark("gemm qkv")?;
             run.rope_append(c, n_u, qkv, (k_cache, v_cache), w.inv_freq, step)?;
+            mark("rope_append")?;
             run.attention_prefill(c, n_u, qkv, (k_cache, v_cache), att, step)?;
+            mark("attention")?;
             run.to_bf16(att, act, (n * q_dim) as u32)?;
+            mark("to_bf16")?;
             pre.gemm(&run, &lw.wo, n, x, e, true)?;
+            mark("gemm o")?;
             run.rmsnorm(x, lw.ffn_norm, act, n_u, e as u32, c.rms_eps, true)?;
+            mark("rmsnorm")?;
             stacked(&lw.gate_up, gate_up, 2 * ff)?;
+            mark("gemm gate_up")?;
             run.swiglu_bf16(gate_up, act, n_u, ff as u32, lw.glu)?;
+            mark("swiglu")?;
             pre.gemm(&run, &lw.w_down, n, x, e, true)?;
+            mark("gemm down")?;
         }
         if let Some(out) = logits {
             let x_last = x + ((n - 1) * e * 4) as u64;
             let xb = self.ptr(&self.buf.xb);
             run.rmsnorm(x_last, w.output_norm, xb, 1, e as u32, c.rms_eps, false)?;
             run.matvec_out(&w.output, xb, out)?;
+            mark("output head")?;
         }
         self.len += n;
         Ok(())
@@ -398,35 +411,25 @@ impl CudaSession {
         token: u32,
     ) -> Result<Vec<(&'static str, f64)>, ModelError> {
         self.set_step(&[token])?;
-        let ctx = model.ctx.clone();
-        let timing = Some(tern_compute::cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let first = model
-            .stream
-            .record_event(timing)
-            .map_err(driver("recording an event"))?;
-        let mut marks = Vec::new();
-        self.enqueue(model, 1, Some(self.logits_ptr()), &mut |name| {
-            let event = ctx
-                .new_event(timing)
-                .map_err(driver("recording an event"))?;
-            event
-                .record(&model.stream)
-                .map_err(driver("recording an event"))?;
-            marks.push((name, event));
-            Ok(())
-        })?;
-        model.stream.synchronize().map_err(driver("profiling"))?;
-        let mut totals: Vec<(&'static str, f64)> = Vec::new();
-        let mut prev = &first;
-        for (name, event) in &marks {
-            let us = f64::from(prev.elapsed_ms(event).map_err(driver("reading an event"))?) * 1e3;
-            match totals.iter_mut().find(|(n, _)| n == name) {
-                Some((_, t)) => *t += us,
-                None => totals.push((name, us)),
-            }
-            prev = event;
-        }
-        Ok(totals)
+        let logits = Some(self.logits_ptr());
+        timed(model, |mark| self.enqueue(model, 1, logits, mark))
+    }
+
+    /// As [`profile_step`](Self::profile_step), for one tensor-core prefill chunk of `tokens`
+    /// after the session's positions (which it leaves as they were).
+    pub(super) fn profile_prefill(
+        &mut self,
+        model: &CudaLlama,
+        pre: &mut Prefill,
+        tokens: &[u32],
+    ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+        let len = self.len;
+        let logits = Some(self.logits_ptr());
+        let totals = timed(model, |mark| {
+            self.prefill_chunk(model, pre, tokens, logits, mark)
+        });
+        self.len = len;
+        totals
     }
 
     /// Forgets every position from `len` on.
@@ -486,6 +489,45 @@ impl CudaSession {
         self.len = len;
         Ok(())
     }
+}
+
+/// Runs `enqueue` with an event recorded after each kernel it marks, and returns each
+/// kernel name's total time in microseconds, in the order first seen.
+fn timed(
+    model: &CudaLlama,
+    enqueue: impl FnOnce(
+        &mut dyn FnMut(&'static str) -> Result<(), ModelError>,
+    ) -> Result<(), ModelError>,
+) -> Result<Vec<(&'static str, f64)>, ModelError> {
+    let ctx = model.ctx.clone();
+    let timing = Some(tern_compute::cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let first = model
+        .stream
+        .record_event(timing)
+        .map_err(driver("recording an event"))?;
+    let mut marks = Vec::new();
+    enqueue(&mut |name| {
+        let event = ctx
+            .new_event(timing)
+            .map_err(driver("recording an event"))?;
+        event
+            .record(&model.stream)
+            .map_err(driver("recording an event"))?;
+        marks.push((name, event));
+        Ok(())
+    })?;
+    model.stream.synchronize().map_err(driver("profiling"))?;
+    let mut totals: Vec<(&'static str, f64)> = Vec::new();
+    let mut prev = &first;
+    for (name, event) in &marks {
+        let us = f64::from(prev.elapsed_ms(event).map_err(driver("reading an event"))?) * 1e3;
+        match totals.iter_mut().find(|(n, _)| n == name) {
+            Some((_, t)) => *t += us,
+            None => totals.push((name, us)),
+        }
+        prev = event;
+    }
+    Ok(totals)
 }
 
 /// Little-endian f32 bytes as floats: borrowed where they already are floats in place.
