@@ -597,7 +597,7 @@ impl Launcher<'_> {
         launch!(
             self,
             &self.kernels.swiglu_bf16,
-            config((n_ff.div_ceil(256), n_tok, 1), 256),
+            config((n_ff.div_ceil(1024), n_tok, 1), 256),
             &gate_up,
             &out,
             &n_ff,

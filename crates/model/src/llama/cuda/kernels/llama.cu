@@ -152,19 +152,38 @@ extern "C" __global__ void rope_append(float* qkv, float* __restrict__ k_cache,
 
 // out[t][i] = bf16(silu(gate) * up) for i < n_ff, as swiglu below, where token t's row of
 // 2 * n_ff GEMM outputs is [gate | up], or, when `interleaved`, gate and up four at a time
-// (gate i at 8 (i / 4) + i % 4, up i four on). Grid (ceil(n_ff / 256), n_tok), block 256.
+// (gate i at 8 (i / 4) + i % 4, up i four on). Thread q takes i = 4q .. 4q + 3, with 16-byte
+// loads when n_ff is a multiple of 4. Grid (ceil(n_ff / 1024), n_tok), block 256.
+__device__ __forceinline__ unsigned short swiglu_bf16_one(float g, float u) {
+    return to_bf16_bits(g / (1.0f + expf(-g)) * u);
+}
+
 extern "C" __global__ void swiglu_bf16(const float* __restrict__ gate_up,
                                        unsigned short* __restrict__ out, unsigned n_ff,
                                        int interleaved) {
     pdl_wait();
     pdl_launch_dependents();
-    unsigned i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
-    if (i < n_ff) {
-        const float* row = gate_up + (size_t)t * 2 * n_ff;
-        unsigned gi = interleaved ? 8 * (i / 4) + i % 4 : i;
-        unsigned ui = interleaved ? gi + 4 : n_ff + i;
-        float g = row[gi];
-        out[(size_t)t * n_ff + i] = to_bf16_bits(g / (1.0f + expf(-g)) * row[ui]);
+    const unsigned q = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y, i0 = 4 * q;
+    if (i0 >= n_ff) return;
+    const float* row = gate_up + (size_t)t * 2 * n_ff;
+    unsigned short* o = out + (size_t)t * n_ff + i0;
+    if (n_ff % 4 == 0) {
+        const float4 g = *(const float4*)(row + (interleaved ? 8 * q : i0));
+        const float4 u = *(const float4*)(row + (interleaved ? 8 * q + 4 : n_ff + i0));
+        const unsigned lo = swiglu_bf16_one(g.x, u.x) | (unsigned)swiglu_bf16_one(g.y, u.y) << 16;
+        const unsigned hi = swiglu_bf16_one(g.z, u.z) | (unsigned)swiglu_bf16_one(g.w, u.w) << 16;
+        if ((size_t)o % 8 == 0) {
+            *(uint2*)o = make_uint2(lo, hi);
+        } else {
+            o[0] = (unsigned short)lo, o[1] = (unsigned short)(lo >> 16);
+            o[2] = (unsigned short)hi, o[3] = (unsigned short)(hi >> 16);
+        }
+        return;
+    }
+    for (unsigned i = i0; i < i0 + 4 && i < n_ff; i++) {
+        const unsigned gi = interleaved ? 8 * (i / 4) + i % 4 : i;
+        const unsigned ui = interleaved ? gi + 4 : n_ff + i;
+        out[(size_t)t * n_ff + i] = swiglu_bf16_one(row[gi], row[ui]);
     }
 }
 
@@ -417,8 +436,8 @@ ATTENTION(256)
 // (`stride` floats apart), and walks the cache's key and value rows (this chunk's appended
 // by rope_append) in tiles of KT positions up to the tile's last query, in position order.
 // Each tile: scores into shared memory (each thread a 2 x 4-ish patch of queries by keys,
-// dot products in dimension order), one warp per query row takes the tile's max and sum of
-// exponentials in a fixed order and rescales its running sum, then each thread adds weight
+// dot products in dimension order), a few lanes per query row take the tile's max and sum of
+// exponentials in a fixed order and rescale its running sum, then each thread adds weight
 // * value for its queries and dimensions in position order. The order of every sum is fixed
 // by the tile sizes, never by timing, so results are bitwise reproducible.
 //
@@ -435,6 +454,8 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
     constexpr int RK = KT / 8;   // keys per thread in the scores (8 key groups)
     constexpr int RD = D / 8;    // output dimensions per thread
     constexpr int ROWS_PER_WARP = QT / 4;
+    constexpr int LANES_PER_ROW = 32 / ROWS_PER_WARP;  // in the softmax update
+    constexpr int KEYS_PER_LANE = KT / LANES_PER_ROW;
     __shared__ float s_q[QT][D + 1];  // padded: a warp reads four rows at once
     __shared__ float s_k[KT][D + 1];  // padded: threads of a row read keys 8 apart
     __shared__ __align__(16) float s_v[KT][D];
@@ -456,13 +477,9 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
         const unsigned r = i / D, d = i % D;
         s_q[r][d] = t0 + r < n_tok ? qkv[(size_t)(t0 + r) * stride + head * D + d] : 0.0f;
     }
-    // Running max (per warp's rows, kept by lane 0 of the row's warp in registers), sum and
-    // output.
-    float m_row[ROWS_PER_WARP], l_row[ROWS_PER_WARP];
-    for (int r = 0; r < ROWS_PER_WARP; r++) {
-        m_row[r] = NEG_INF;
-        l_row[r] = 0.0f;
-    }
+    // The running max and sum of this lane's softmax row (see the update below), and the
+    // running output of this thread's rows and dimensions.
+    float m_run = NEG_INF, l_run = 0.0f;
     float o[RQ][RD];
     for (int r = 0; r < RQ; r++)
         for (int m = 0; m < RD; m++) o[r][m] = 0.0f;
@@ -506,17 +523,33 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
             }
         }
         __syncthreads();
-        // Softmax update, one warp per row: lane j holds key j of the tile.
-        for (int r = 0; r < ROWS_PER_WARP; r++) {
-            const unsigned row = warp * ROWS_PER_WARP + r;
-            const float s = (int)lane < KT ? s_p[row][lane] : NEG_INF;
-            const float m_new = fmaxf(m_row[r], warp_max(s));
-            const float p = (int)lane < KT ? expf(s - m_new) : 0.0f;
-            const float alpha = expf(m_row[r] - m_new);
-            l_row[r] = l_row[r] * alpha + warp_sum(p);
-            m_row[r] = m_new;
-            if ((int)lane < KT) s_p[row][lane] = p;
-            if (lane == 0) s_alpha[row] = alpha;
+        // Softmax update: warp w takes rows w * ROWS_PER_WARP.., LANES_PER_ROW lanes per row,
+        // each with KEYS_PER_LANE consecutive keys; the row's max and sum combine its lanes
+        // with a fixed butterfly.
+        {
+            const unsigned row = warp * ROWS_PER_WARP + lane / LANES_PER_ROW;
+            const unsigned k0s = (lane % LANES_PER_ROW) * KEYS_PER_LANE;
+            float sc[KEYS_PER_LANE];
+            float mx = NEG_INF;
+            for (int i = 0; i < KEYS_PER_LANE; i++) {
+                sc[i] = s_p[row][k0s + i];
+                mx = fmaxf(mx, sc[i]);
+            }
+            for (int o = LANES_PER_ROW / 2; o > 0; o >>= 1)
+                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+            const float m_new = fmaxf(m_run, mx);
+            float sum = 0.0f;
+            for (int i = 0; i < KEYS_PER_LANE; i++) {
+                const float p = expf(sc[i] - m_new);
+                s_p[row][k0s + i] = p;
+                sum += p;
+            }
+            for (int o = LANES_PER_ROW / 2; o > 0; o >>= 1)
+                sum += __shfl_xor_sync(FULL_MASK, sum, o);
+            const float alpha = expf(m_run - m_new);
+            l_run = l_run * alpha + sum;
+            m_run = m_new;
+            if (k0s == 0) s_alpha[row] = alpha;
         }
         __syncthreads();
         // Output: rows ty + 16 r, dimensions tx + 8 m, keys in position order.
@@ -534,8 +567,7 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
             }
         }
     }
-    for (int r = 0; r < ROWS_PER_WARP; r++)
-        if (lane == 0) s_l[warp * ROWS_PER_WARP + r] = l_row[r];
+    if (lane % LANES_PER_ROW == 0) s_l[warp * ROWS_PER_WARP + lane / LANES_PER_ROW] = l_run;
     __syncthreads();
     for (int r = 0; r < RQ; r++) {
         const unsigned row = ty + 16 * r, t = t0 + row;
