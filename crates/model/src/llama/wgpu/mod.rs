@@ -1,0 +1,3 @@
+//! The Llama forward pass on a GPU through wgpu (Vulkan; Metal on macOS).
+
+pub mod shaders;
