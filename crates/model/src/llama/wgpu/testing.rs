@@ -1,0 +1,159 @@
+//! Single kernels on host data, for op-by-op parity tests against the CPU reference.
+
+use std::sync::Arc;
+
+use tern_compute::Device;
+use tern_compute::wgpu::WgpuDevice;
+use tern_compute::wgpu::wgpu;
+
+use super::MAX_CHUNK;
+use super::kernels::{Bind, Dispatch, Kernels, submit};
+use super::model::wgpu_error;
+use super::session::{Out, matvec};
+use super::weights::DevMatrix;
+use crate::ModelError;
+use crate::quant::DType;
+
+/// The forward pass's kernels, built for every matrix type.
+pub struct OpHarness {
+    device: Arc<dyn Device>,
+    kernels: Kernels,
+}
+
+impl OpHarness {
+    pub fn new(device: &Arc<dyn Device>) -> Result<OpHarness, ModelError> {
+        let gpu = device
+            .as_wgpu()
+            .ok_or_else(|| ModelError::Invalid("not a wgpu device".into()))?;
+        let kernels = Kernels::build(gpu, &DType::ALL, &DType::ALL);
+        Ok(OpHarness {
+            device: device.clone(),
+            kernels,
+        })
+    }
+
+    fn gpu(&self) -> &WgpuDevice {
+        self.device.as_wgpu().expect("checked at construction")
+    }
+
+    /// A step buffer for `n_tok` tokens with ids `ids` at position 0.
+    fn step(&self, n_tok: usize, ids: &[u32]) -> wgpu::Buffer {
+        let mut words = vec![0, n_tok as u32];
+        words.extend_from_slice(ids);
+        words.resize(2 + MAX_CHUNK, 0);
+        let floats: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+        self.gpu().upload_f32("step", &floats)
+    }
+
+    fn run(
+        &self,
+        dispatch: &Dispatch,
+        out: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        submit(self.gpu(), &[dispatch]);
+        let mut host = vec![0.0; len];
+        self.gpu().read_f32(out, 0, &mut host).map_err(wgpu_error)?;
+        Ok(host)
+    }
+
+    /// `y[t] = residual[t] + W x[t]` for the `n_tok <= 8` rows of `x` (`residual` zero when
+    /// absent); `prefill` picks the tiled F16 kernel where it applies.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+        residual: Option<&[f32]>,
+        prefill: bool,
+    ) -> Result<Vec<f32>, ModelError> {
+        let gpu = self.gpu();
+        let n_tok = x.len() / cols;
+        if n_tok > MAX_CHUNK {
+            return Err(ModelError::Invalid(format!("{n_tok} tokens in one call")));
+        }
+        let m = DevMatrix::new(gpu, dtype, rows as u32, cols as u32, w)?;
+        let xs = gpu.upload_f32("x", x);
+        let init = residual.map_or_else(|| vec![f32::NAN; n_tok * rows], <[f32]>::to_vec);
+        let y = gpu.upload_f32("y", &init);
+        let step = self.step(n_tok, &[]);
+        let out = Out {
+            off: 0,
+            stride: rows as u32,
+            residual: residual.is_some(),
+            n_fixed: 0,
+        };
+        let (xb, yb) = (Bind::all(&xs), Bind::all(&y));
+        let d = matvec(gpu, &self.kernels, &m, xb, yb, &step, out, prefill)?;
+        self.run(&d, &y, n_tok * rows)
+    }
+
+    /// Rows `ids` of W, dequantized.
+    pub fn get_rows(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        ids: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
+        let gpu = self.gpu();
+        let m = DevMatrix::new(gpu, dtype, rows as u32, cols as u32, w)?;
+        let step = self.step(ids.len(), ids);
+        let out = gpu.upload_f32("out", &vec![f32::NAN; ids.len() * cols]);
+        let d = Dispatch::new(
+            gpu,
+            "get_rows",
+            self.kernels.get_rows(dtype)?,
+            &[Bind::all(&m.buffer), Bind::all(&step), Bind::all(&out)],
+            &[m.cols, m.row_bytes],
+            [m.cols.div_ceil(32 * 64), MAX_CHUNK as u32, 1],
+        );
+        self.run(&d, &out, ids.len() * cols)
+    }
+
+    /// `x[t] / rms(x[t]) * w` for each `w.len()`-wide row of `x` (at most 8 rows).
+    pub fn rmsnorm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>, ModelError> {
+        let gpu = self.gpu();
+        let n_tok = x.len() / w.len();
+        let (xs, ws) = (gpu.upload_f32("x", x), gpu.upload_f32("w", w));
+        let out = gpu.upload_f32("out", &vec![f32::NAN; x.len()]);
+        let step = self.step(n_tok, &[]);
+        let d = Dispatch::new(
+            gpu,
+            "rmsnorm",
+            &self.kernels.rmsnorm,
+            &[
+                Bind::all(&xs),
+                Bind::all(&ws),
+                Bind::all(&out),
+                Bind::all(&step),
+            ],
+            &[w.len() as u32, 0, eps.to_bits()],
+            [MAX_CHUNK as u32, 1, 1],
+        );
+        self.run(&d, &out, x.len())
+    }
+
+    /// `silu(gate) * up` for one token.
+    pub fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let gpu = self.gpu();
+        let n_ff = gate.len();
+        let joined: Vec<f32> = gate.iter().chain(up).copied().collect();
+        let gate_up = gpu.upload_f32("gate_up", &joined);
+        let out = gpu.upload_f32("out", &vec![f32::NAN; n_ff]);
+        let step = self.step(1, &[]);
+        let d = Dispatch::new(
+            gpu,
+            "swiglu",
+            &self.kernels.swiglu,
+            &[Bind::all(&gate_up), Bind::all(&out), Bind::all(&step)],
+            &[n_ff as u32],
+            [(n_ff as u32).div_ceil(256), MAX_CHUNK as u32, 1],
+        );
+        self.run(&d, &out, n_ff)
+    }
+}
