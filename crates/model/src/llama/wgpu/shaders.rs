@@ -3,7 +3,8 @@
 //! WGSL has no includes, so a module that reads weights is the concatenation of its parts:
 //! a row reduction (`reduce_shared.wgsl`, or `reduce_subgroup.wgsl` on adapters whose
 //! subgroups are 32 wide), the block reader `blocks.wgsl`, the dequantizer of the matrix's
-//! type (`dequant_*.wgsl`), and the kernel. [`all`] lists every module the backend can build,
+//! type (`dequant_*.wgsl`), and the kernel; 16-bit float matrices take `matvec_wide.wgsl`
+//! with their `widen_*.wgsl` instead. [`all`] lists every module the backend can build,
 //! so the tests validate each with naga and translate it to Metal's language.
 
 use crate::quant::DType;
@@ -12,6 +13,7 @@ const BLOCKS: &str = include_str!("kernels/blocks.wgsl");
 const REDUCE_SHARED: &str = include_str!("kernels/reduce_shared.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("kernels/reduce_subgroup.wgsl");
 const MATVEC: &str = include_str!("kernels/matvec.wgsl");
+const MATVEC_WIDE: &str = include_str!("kernels/matvec_wide.wgsl");
 const MATMUL_F16: &str = include_str!("kernels/matmul_f16.wgsl");
 const GET_ROWS: &str = include_str!("kernels/get_rows.wgsl");
 
@@ -47,13 +49,18 @@ fn dequant(dtype: DType) -> &'static str {
     }
 }
 
-/// `matvec` for weights of `dtype` (entry point `matvec`).
+/// `matvec` for weights of `dtype` (entry point `matvec`): 16-byte loads of 16-bit floats
+/// for F16 and BF16, block by block for the rest.
 pub fn matvec(dtype: DType, reduce: Reduce) -> String {
     let reduce = match reduce {
         Reduce::Shared => REDUCE_SHARED,
         Reduce::Subgroup => REDUCE_SUBGROUP,
     };
-    [reduce, BLOCKS, dequant(dtype), MATVEC].join("\n")
+    match dtype {
+        DType::F16 => [reduce, include_str!("kernels/widen_f16.wgsl"), MATVEC_WIDE].join("\n"),
+        DType::BF16 => [reduce, include_str!("kernels/widen_bf16.wgsl"), MATVEC_WIDE].join("\n"),
+        _ => [reduce, BLOCKS, dequant(dtype), MATVEC].join("\n"),
+    }
 }
 
 /// `get_rows` for an embedding matrix of `dtype` (entry point `get_rows`).

@@ -144,8 +144,9 @@ impl Uploader<'_> {
 }
 
 impl DevMatrix {
-    /// Uploads `rows` rows of `dtype` blocks, plus one spare word (kernels read whole words
-    /// and may touch the word after a row's last byte).
+    /// Uploads `rows` rows of `dtype` blocks, plus at least one spare word (kernels read whole
+    /// words and may touch the word after a row's last byte), padded to 16 bytes (some read
+    /// 16-byte words).
     pub fn new(
         gpu: &WgpuDevice,
         dtype: DType,
@@ -162,7 +163,7 @@ impl DevMatrix {
                 bytes.len()
             )));
         }
-        let padded = (bytes.len() + 4).next_multiple_of(4);
+        let padded = (bytes.len() + 4).next_multiple_of(16);
         let limit = gpu.device().limits().max_storage_buffer_binding_size as usize;
         if padded > limit {
             return Err(ModelError::Unsupported(format!(
