@@ -112,7 +112,7 @@ impl WgpuDevice {
             .ok_or_else(|| no("the adapter request did not complete".into()))?
             .map_err(|e| no(format!("no Vulkan or Metal adapter: {e}")))?;
         let info = adapter.get_info();
-        let wanted = wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16;
+        let wanted = wgpu::Features::SUBGROUP;
         let desc = wgpu::DeviceDescriptor {
             label: Some("tern"),
             required_features: adapter.features() & wanted,
@@ -340,6 +340,21 @@ impl WgpuDevice {
         Ok(rates[rates.len() / 2])
     }
 
+    /// Refuses a kernel operand window of `bytes` that the device cannot bind.
+    fn check_binding(&self, bytes: usize) -> Result<(), ComputeError> {
+        let limits = self.device.limits();
+        let limit = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        if bytes as u64 > limit {
+            return Err(self.error(
+                "binding operands",
+                format!("{bytes} bytes exceed the adapter's {limit}-byte storage binding"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The device's storage-buffer offset alignment, in bytes.
     pub fn storage_align(&self) -> u64 {
         u64::from(self.device.limits().min_storage_buffer_offset_alignment)
@@ -455,6 +470,7 @@ impl Device for WgpuDevice {
         });
         let start = spans.iter().map(|s| s.0).min().unwrap_or(0);
         let end = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        self.check_binding(end - start)?;
         if let Some(slice) = self.guest_slice(start, end - start) {
             let (window, first) = slice.window(self.storage_align());
             let at = spans.map(|s| u64::from(first) + ((s.0 - start) / 4) as u64);
@@ -466,6 +482,11 @@ impl Device for WgpuDevice {
 
     fn staged_matmul(&self, dims: MatmulDims) -> Result<Box<dyn StagedMatmul + '_>, ComputeError> {
         let (a, b, c) = (dims.m * dims.k, dims.k * dims.n, dims.m * dims.n);
+        let total = a
+            .checked_add(b)
+            .and_then(|s| s.checked_add(c))
+            .and_then(|s| s.checked_mul(4));
+        self.check_binding(total.unwrap_or(usize::MAX))?;
         let mem = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("a | b | c"),
             size: (4 * (a + b + c).max(1)) as u64,
