@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use tern_compute::Device;
 use tern_compute::testing::wgpu_or_skip;
 use tern_model::generate::{Types, shape, write_random_llama};
+use tern_model::llama::wgpu::shaders::Reduce;
 use tern_model::llama::wgpu::testing::OpHarness;
 use tern_model::quant::{DType, dequantize_row, dot_rows, quantize_row};
 use tern_model::{Model, Session};
@@ -26,7 +27,7 @@ fn gpu(test: &str) -> Option<Arc<dyn Device>> {
 
 fn ops(device: &Arc<dyn Device>) -> &'static OpHarness {
     static OPS: OnceLock<OpHarness> = OnceLock::new();
-    OPS.get_or_init(|| OpHarness::new(device).unwrap())
+    OPS.get_or_init(|| OpHarness::new(device, None).unwrap())
 }
 
 struct Rng(u64);
@@ -74,7 +75,22 @@ fn every_matvec_type_matches_the_cpu() {
     let Some(device) = gpu("every_matvec_type_matches_the_cpu") else {
         return;
     };
-    let ops = ops(&device);
+    // Both row reductions: the adapter's choice and the other one, where it has subgroups.
+    let mut harnesses = vec![ops(&device)];
+    let other;
+    if OpHarness::adapter_reduce(&device) == Some(Reduce::Subgroup) {
+        other = OpHarness::new(&device, Some(Reduce::Shared)).unwrap();
+        harnesses.push(&other);
+    } else {
+        eprintln!("every_matvec_type_matches_the_cpu: the adapter has no usable subgroups");
+    }
+    for ops in harnesses {
+        eprintln!("row sums: {:?}", ops.reduce());
+        matvec_parity(ops);
+    }
+}
+
+fn matvec_parity(ops: &OpHarness) {
     let mut rng = Rng(0x5eed);
     for dtype in DType::ALL {
         for cols in [256, 576, 2048] {

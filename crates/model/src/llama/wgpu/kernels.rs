@@ -25,19 +25,15 @@ pub struct Kernels {
 
 impl Kernels {
     /// Builds the pipelines; matrix kernels for `matrix_types`, embedding lookups for
-    /// `embd_types`.
-    pub fn build(gpu: &WgpuDevice, matrix_types: &[DType], embd_types: &[DType]) -> Kernels {
+    /// `embd_types`; rows summed as `reduce` says, or as suits the adapter.
+    pub fn build(
+        gpu: &WgpuDevice,
+        matrix_types: &[DType],
+        embd_types: &[DType],
+        reduce: Option<Reduce>,
+    ) -> Kernels {
         let device = gpu.device();
-        let info = gpu.adapter_info();
-        // One subgroup reduction sums a row only where subgroups are exactly 32 wide.
-        let reduce = if device.features().contains(wgpu::Features::SUBGROUP)
-            && info.subgroup_min_size == 32
-            && info.subgroup_max_size == 32
-        {
-            Reduce::Subgroup
-        } else {
-            Reduce::Shared
-        };
+        let reduce = reduce.unwrap_or_else(|| Kernels::reduce_for(gpu));
         let plain = |name: &str| {
             let (entry, src) = shaders::PLAIN
                 .iter()
@@ -71,6 +67,20 @@ impl Kernels {
             attn_merge: plain("attn_merge"),
             swiglu: plain("swiglu"),
             reduce,
+        }
+    }
+
+    /// Subgroup reductions where the adapter has them with subgroups of 2..=32 invocations.
+    pub fn reduce_for(gpu: &WgpuDevice) -> Reduce {
+        let info = gpu.adapter_info();
+        let sizes = info.subgroup_min_size..=info.subgroup_max_size;
+        if gpu.device().features().contains(wgpu::Features::SUBGROUP)
+            && *sizes.start() >= 2
+            && *sizes.end() <= 32
+        {
+            Reduce::Subgroup
+        } else {
+            Reduce::Shared
         }
     }
 

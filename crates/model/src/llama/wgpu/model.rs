@@ -56,7 +56,8 @@ impl WgpuLlama {
         gpu.wait().map_err(wgpu_error)?;
         let upload_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        let kernels = Kernels::build(gpu, &weights.matrix_types(), &[weights.token_embd.dtype]);
+        let embd = [weights.token_embd.dtype];
+        let kernels = Kernels::build(gpu, &weights.matrix_types(), &embd, None);
         let startup = Startup {
             kernels_ms: t.elapsed().as_secs_f64() * 1e3,
             upload_ms,

@@ -2,7 +2,7 @@
 //!
 //! WGSL has no includes, so a module that reads weights is the concatenation of its parts:
 //! a row reduction (`reduce_shared.wgsl`, or `reduce_subgroup.wgsl` on adapters whose
-//! subgroups are 32 wide), the block reader `blocks.wgsl`, the dequantizer of the matrix's
+//! subgroups hold at most 32 invocations), the block reader `blocks.wgsl`, the dequantizer of the matrix's
 //! type (`dequant_*.wgsl`), and the kernel; 16-bit float matrices take `matvec_wide.wgsl`
 //! with their `widen_*.wgsl` instead. [`all`] lists every module the backend can build,
 //! so the tests validate each with naga and translate it to Metal's language.
@@ -31,7 +31,7 @@ pub const PLAIN: [(&str, &str); 5] = [
 pub enum Reduce {
     /// A fixed tree through workgroup memory: every adapter.
     Shared,
-    /// One subgroup reduction: adapters whose subgroups are exactly 32 wide.
+    /// Subgroup reductions: adapters whose subgroups hold at most 32 invocations.
     Subgroup,
 }
 

@@ -10,6 +10,7 @@ use super::MAX_CHUNK;
 use super::kernels::{Bind, Dispatch, Kernels, submit};
 use super::model::wgpu_error;
 use super::session::{Out, matvec};
+use super::shaders::Reduce;
 use super::weights::DevMatrix;
 use crate::ModelError;
 use crate::quant::DType;
@@ -21,15 +22,27 @@ pub struct OpHarness {
 }
 
 impl OpHarness {
-    pub fn new(device: &Arc<dyn Device>) -> Result<OpHarness, ModelError> {
+    /// The kernels with rows summed as `reduce` says (`None`: as suits the adapter, as the
+    /// forward pass does).
+    pub fn new(device: &Arc<dyn Device>, reduce: Option<Reduce>) -> Result<OpHarness, ModelError> {
         let gpu = device
             .as_wgpu()
             .ok_or_else(|| ModelError::Invalid("not a wgpu device".into()))?;
-        let kernels = Kernels::build(gpu, &DType::ALL, &DType::ALL);
+        let kernels = Kernels::build(gpu, &DType::ALL, &DType::ALL, reduce);
         Ok(OpHarness {
             device: device.clone(),
             kernels,
         })
+    }
+
+    /// How these kernels sum matrix rows.
+    pub fn reduce(&self) -> Reduce {
+        self.kernels.reduce
+    }
+
+    /// How the forward pass on `device` sums matrix rows.
+    pub fn adapter_reduce(device: &Arc<dyn Device>) -> Option<Reduce> {
+        device.as_wgpu().map(Kernels::reduce_for)
     }
 
     fn gpu(&self) -> &WgpuDevice {
