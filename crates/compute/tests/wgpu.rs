@@ -140,3 +140,29 @@ fn wgpu_staged_matmul_matches_the_cpu() {
         .unwrap();
     assert_eq!(got, want);
 }
+
+#[test]
+fn without_import_guest_operands_take_the_copy_path_and_say_so() {
+    if wgpu_or_skip("without_import_guest_operands_take_the_copy_path_and_say_so").is_none() {
+        return;
+    }
+    let device: Arc<dyn Device> = Arc::new(tern_compute::wgpu::WgpuDevice::open_copying().unwrap());
+    let gpu = device.as_wgpu().unwrap();
+    assert!(matches!(gpu.guest_access(), GuestAccess::Copied { .. }));
+    assert!(
+        device.describe().contains("copy path"),
+        "{}",
+        device.describe()
+    );
+    let mapper: Arc<dyn HostMapper> = device.clone();
+    let mut region = Region::with_committed(1 << 20, 1 << 20, 0, vec![mapper]).unwrap();
+    let bytes = region.as_mut_slice();
+    assert!(gpu.guest_slice(bytes.as_ptr() as usize, 4).is_none());
+    assert_eq!(device.device_address(bytes.as_ptr()), None);
+    let dims = MatmulDims {
+        m: 50,
+        n: 70,
+        k: 30,
+    };
+    check(device.as_ref(), bytes, [64, 65536, 131072], dims);
+}

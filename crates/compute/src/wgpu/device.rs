@@ -96,6 +96,16 @@ impl WgpuDevice {
     /// Opens the first high-performance adapter (Vulkan, or Metal on Apple platforms). No
     /// adapter is [`ComputeError::NoWgpu`], never a panic.
     pub fn open() -> Result<WgpuDevice, ComputeError> {
+        Self::open_with(true)
+    }
+
+    /// Opens the adapter as [`WgpuDevice::open`] does, but never imports guest memory: every
+    /// guest operand takes the copy path, as on a driver without the extension.
+    pub fn open_copying() -> Result<WgpuDevice, ComputeError> {
+        Self::open_with(false)
+    }
+
+    fn open_with(import: bool) -> Result<WgpuDevice, ComputeError> {
         let no = |reason: String| ComputeError::NoWgpu { reason };
         let started = Instant::now();
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
@@ -119,7 +129,18 @@ impl WgpuDevice {
             required_limits: adapter.limits(),
             ..Default::default()
         };
-        let (device, queue, importer) = Importer::open(&adapter, &desc).map_err(no)?;
+        let (device, queue, importer) = if import {
+            Importer::open(&adapter, &desc).map_err(no)?
+        } else {
+            let (device, queue) = ready(adapter.request_device(&desc))
+                .ok_or_else(|| no("the device request did not complete".into()))?
+                .map_err(|e| no(format!("opening the device: {e}")))?;
+            (
+                device,
+                queue,
+                Err("zero-copy turned off for this device".into()),
+            )
+        };
         let matmul = compute_pipeline(&device, "matmul_f32", MATMUL_SRC);
         let label = format!("wgpu:{:?}", info.backend).to_lowercase();
         Ok(WgpuDevice {

@@ -12,6 +12,10 @@ impl WgpuDevice {
             reason: "this build of tern has no wgpu support".into(),
         })
     }
+
+    pub fn open_copying() -> Result<WgpuDevice, ComputeError> {
+        Self::open()
+    }
 }
 impl crate::HostMapper for WgpuDevice {
     fn mapper_name(&self) -> String {
