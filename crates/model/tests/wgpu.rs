@@ -311,10 +311,9 @@ fn real_shapes_generate_as_the_cpu_does() {
         eprintln!("real_shapes_generate_as_the_cpu_does: skipped: the adapter is a CPU driver");
         return;
     }
+    // The shapes of the benchmarks, in their types (the K-quants are checked op by op).
     parity(&device, "smollm2-135m", DType::Q4_1, DType::Q8_0, 24);
-    parity(&device, "smollm2-135m", DType::Q8_0, DType::Q8_0, 24);
     parity(&device, "llama-3.2-1b", DType::F16, DType::F16, 24);
-    parity(&device, "llama-3.2-1b", DType::Q4_K, DType::Q6_K, 24);
 }
 
 #[test]
