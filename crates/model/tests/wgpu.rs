@@ -16,7 +16,7 @@ use tern_compute::Device;
 use tern_compute::testing::wgpu_or_skip;
 use tern_model::generate::{Types, shape, write_random_llama};
 use tern_model::llama::wgpu::shaders::Reduce;
-use tern_model::llama::wgpu::testing::OpHarness;
+use tern_model::llama::wgpu::testing::{AttnShape, OpHarness};
 use tern_model::quant::{DType, dequantize_row, dot_rows, quantize_row};
 use tern_model::{Model, Session};
 
@@ -192,6 +192,94 @@ fn norms_and_activations_match_the_cpu() {
         .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
         .collect();
     assert!(normalized_error(&got, &want) <= 1e-6);
+}
+
+/// Rotates each head of `x` to `pos` as the CPU reference does.
+fn rotate(x: &mut [f32], pos: usize, inv_freq: &[f32], s: &AttnShape) {
+    for head in x.chunks_mut(s.head_dim) {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let (sin, cos) = (pos as f32 * f).sin_cos();
+            let (a, b) = if s.halves {
+                (i, i + s.n_rot / 2)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos - x1 * sin;
+            head[b] = x0 * sin + x1 * cos;
+        }
+    }
+}
+
+#[test]
+fn rope_append_and_attention_match_the_cpu() {
+    let Some(device) = gpu("rope_append_and_attention_match_the_cpu") else {
+        return;
+    };
+    let ops = ops(&device);
+    let mut rng = Rng(23);
+    for (halves, pos0, n_tok) in [(false, 0, 1), (true, 5, 8), (false, 250, 3), (true, 300, 1)] {
+        let s = AttnShape {
+            n_head: 8,
+            n_head_kv: 2,
+            head_dim: 64,
+            n_rot: 64,
+            halves,
+            n_ctx: 320,
+        };
+        let (q_dim, kv) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+        let inv_freq: Vec<f32> = (0..s.n_rot / 2)
+            .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / s.n_rot as f32))
+            .collect();
+        let qkv = rng.vec(n_tok * (q_dim + 2 * kv));
+        let (k_cache, v_cache) = (rng.vec(s.n_ctx * kv), rng.vec(s.n_ctx * kv));
+        let got = ops
+            .rope_attention(&s, &inv_freq, pos0, &qkv, &k_cache, &v_cache)
+            .unwrap();
+        // The reference: rotate, append, then causal attention over the cache.
+        let (mut k_want, mut v_want) = (k_cache.clone(), v_cache.clone());
+        let mut q = vec![0.0; n_tok * q_dim];
+        for t in 0..n_tok {
+            let row = &qkv[t * (q_dim + 2 * kv)..][..q_dim + 2 * kv];
+            let pos = pos0 + t;
+            q[t * q_dim..][..q_dim].copy_from_slice(&row[..q_dim]);
+            rotate(&mut q[t * q_dim..][..q_dim], pos, &inv_freq, &s);
+            k_want[pos * kv..][..kv].copy_from_slice(&row[q_dim..q_dim + kv]);
+            rotate(&mut k_want[pos * kv..][..kv], pos, &inv_freq, &s);
+            v_want[pos * kv..][..kv].copy_from_slice(&row[q_dim + kv..]);
+        }
+        let mut want = vec![0.0; n_tok * q_dim];
+        let group = s.n_head / s.n_head_kv;
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        for t in 0..n_tok {
+            for h in 0..s.n_head {
+                let qh = &q[t * q_dim + h * s.head_dim..][..s.head_dim];
+                let off = (h / group) * s.head_dim;
+                let mut scores: Vec<f32> = (0..=pos0 + t)
+                    .map(|p| {
+                        let k = &k_want[p * kv + off..][..s.head_dim];
+                        qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                tern_model::llama::cpu::softmax(&mut scores);
+                let out = &mut want[t * q_dim + h * s.head_dim..][..s.head_dim];
+                for (p, &w) in scores.iter().enumerate() {
+                    let v = &v_want[p * kv + off..][..s.head_dim];
+                    for (o, &x) in out.iter_mut().zip(v) {
+                        *o += w * x;
+                    }
+                }
+            }
+        }
+        let what = format!("halves {halves}, positions {pos0}..{}", pos0 + n_tok);
+        assert!(
+            normalized_error(&got.k_cache, &k_want) <= 1e-6,
+            "{what}: keys"
+        );
+        assert!(got.v_cache == v_want, "{what}: values");
+        let err = normalized_error(&got.att, &want);
+        assert!(err <= 1e-5, "{what}: attention error {err}");
+    }
 }
 
 /// A generated model of `shape` with `linear` matrices, written once per process.

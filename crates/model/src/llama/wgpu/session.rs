@@ -66,7 +66,7 @@ fn floats(gpu: &WgpuDevice, label: &str, floats: usize) -> wgpu::Buffer {
 }
 
 /// The rotation factors of every (position, pair), computed as the CPU reference does.
-fn rope_table(inv_freq: &[f32], n_ctx: usize) -> Vec<f32> {
+pub(super) fn rope_table(inv_freq: &[f32], n_ctx: usize) -> Vec<f32> {
     let mut table = Vec::with_capacity(2 * n_ctx * inv_freq.len());
     for pos in 0..n_ctx {
         for &f in inv_freq {
