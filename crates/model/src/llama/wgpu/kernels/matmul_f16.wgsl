@@ -43,22 +43,27 @@ fn matmul_f16(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
             let row_byte = r * p.row_bytes + 2u * k0;
             for (var j = 0u; j < width; j += 2u) {
                 let pair = unpack2x16float(load_u32(row_byte + 2u * j));
-                for (var t = 0u; t < n; t++) {
-                    acc[t] += pair.x * xs[t * TILE + j];
-                    acc[t] += pair.y * xs[t * TILE + j + 1u];
+                // A fixed trip count, so the accumulators stay in registers.
+                for (var t = 0u; t < MAX_TOK; t++) {
+                    if t < n {
+                        acc[t] += pair.x * xs[t * TILE + j];
+                        acc[t] += pair.y * xs[t * TILE + j + 1u];
+                    }
                 }
             }
         }
         workgroupBarrier();
     }
     if r < p.rows {
-        for (var t = 0u; t < n; t++) {
-            let at = p.y_off + t * p.y_stride + r;
-            var base = 0.0;
-            if p.residual != 0u {
-                base = y[at];
+        for (var t = 0u; t < MAX_TOK; t++) {
+            if t < n {
+                let at = p.y_off + t * p.y_stride + r;
+                var base = 0.0;
+                if p.residual != 0u {
+                    base = y[at];
+                }
+                y[at] = base + acc[t];
             }
-            y[at] = base + acc[t];
         }
     }
 }

@@ -43,9 +43,12 @@ fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             let q = w[row + v];
             let w0 = vec4<f32>(widen(q.x), widen(q.y));
             let w1 = vec4<f32>(widen(q.z), widen(q.w));
-            for (var t = 0u; t < n; t++) {
-                let xv = (p.x_off + t * p.x_stride) / 4u + 2u * v;
-                acc[t] += dot(w0, x[xv]) + dot(w1, x[xv + 1u]);
+            // A fixed trip count, so the accumulators stay in registers.
+            for (var t = 0u; t < MAX_TOK; t++) {
+                if t < n {
+                    let xv = (p.x_off + t * p.x_stride) / 4u + 2u * v;
+                    acc[t] += dot(w0, x[xv]) + dot(w1, x[xv + 1u]);
+                }
             }
         }
     }
