@@ -4,7 +4,8 @@
 //! about every committed range, and afterwards computes directly on slices of that region
 //! with no staging copy. The CPU backend ([`cpu`]) is the readable reference; the CUDA
 //! backend ([`cuda`]) registers committed ranges with the driver so that device pointers
-//! equal host pointers.
+//! equal host pointers; the wgpu backend ([`wgpu`]) imports them into Vulkan or wraps them
+//! as Metal buffers.
 //!
 //! | CPU idea                 | device idea                                  |
 //! |--------------------------|----------------------------------------------|
@@ -14,6 +15,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod testing;
+pub mod wgpu;
 
 use std::fmt;
 use std::sync::Arc;
@@ -25,6 +27,8 @@ pub use tern_memory::{HostMapper, HostRange};
 pub enum ComputeError {
     #[error("no CUDA device: {reason}")]
     NoCuda { reason: String },
+    #[error("no wgpu device: {reason}")]
+    NoWgpu { reason: String },
     #[error("operand `{operand}` has {actual} elements; {rows}x{cols} needs {expected}")]
     Shape {
         operand: &'static str,
@@ -57,7 +61,9 @@ pub enum ComputeError {
 pub enum DeviceChoice {
     Cpu,
     Cuda,
-    /// CUDA when a device is present, otherwise the CPU.
+    /// A GPU through wgpu: Vulkan, or Metal on macOS.
+    Wgpu,
+    /// CUDA when a device is present, else (on macOS) Metal through wgpu, else the CPU.
     Auto,
 }
 
@@ -67,9 +73,10 @@ impl std::str::FromStr for DeviceChoice {
         match s {
             "cpu" => Ok(DeviceChoice::Cpu),
             "cuda" => Ok(DeviceChoice::Cuda),
+            "wgpu" => Ok(DeviceChoice::Wgpu),
             "auto" => Ok(DeviceChoice::Auto),
             other => Err(format!(
-                "unknown device `{other}` (expected cpu, cuda or auto)"
+                "unknown device `{other}` (expected cpu, cuda, wgpu or auto)"
             )),
         }
     }
@@ -145,6 +152,11 @@ pub trait Device: HostMapper + fmt::Debug {
     fn as_cuda(&self) -> Option<&cuda::CudaDevice> {
         None
     }
+
+    /// This device as a wgpu GPU, when it is one: models run their forward pass on it.
+    fn as_wgpu(&self) -> Option<&wgpu::WgpuDevice> {
+        None
+    }
 }
 
 /// Device-owned operand buffers for the explicit-copy path.
@@ -153,14 +165,23 @@ pub trait StagedMatmul {
     fn run(&mut self, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<(), ComputeError>;
 }
 
-/// Opens the chosen device. `Auto` picks CUDA when it is present and says why not otherwise.
+/// Opens the chosen device. `Auto` picks CUDA when it is present, then (on macOS, where
+/// the GPU shares memory with the host) Metal through wgpu, then the CPU.
 pub fn open(choice: DeviceChoice) -> Result<Arc<dyn Device>, ComputeError> {
     match choice {
         DeviceChoice::Cpu => Ok(Arc::new(cpu::CpuDevice::new())),
         DeviceChoice::Cuda => Ok(Arc::new(cuda::CudaDevice::open(0)?)),
-        DeviceChoice::Auto => match cuda::CudaDevice::open(0) {
-            Ok(dev) => Ok(Arc::new(dev)),
-            Err(_) => Ok(Arc::new(cpu::CpuDevice::new())),
-        },
+        DeviceChoice::Wgpu => Ok(Arc::new(wgpu::WgpuDevice::open()?)),
+        DeviceChoice::Auto => {
+            if let Ok(dev) = cuda::CudaDevice::open(0) {
+                return Ok(Arc::new(dev));
+            }
+            if cfg!(target_os = "macos")
+                && let Ok(dev) = wgpu::WgpuDevice::open()
+            {
+                return Ok(Arc::new(dev));
+            }
+            Ok(Arc::new(cpu::CpuDevice::new()))
+        }
     }
 }

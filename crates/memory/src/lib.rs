@@ -10,9 +10,11 @@
 //! [`RegionCreator`] installs regions as Wasmtime's linear memories
 //! (`Config::with_host_memory`), so `Memory::data_ptr()` is the region's base.
 
+#[cfg(feature = "wasmtime")]
 mod creator;
 mod region;
 
+#[cfg(feature = "wasmtime")]
 pub use creator::RegionCreator;
 pub use region::{HostMapper, HostRange, Region};
 

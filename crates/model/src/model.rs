@@ -20,6 +20,9 @@ pub struct Model {
     /// The forward pass on a GPU, when the model was put on one ([`Model::on_device`]).
     #[cfg(feature = "cuda")]
     pub cuda: Option<crate::llama::cuda::CudaLlama>,
+    /// The forward pass on a GPU through wgpu, when the model was put on one.
+    #[cfg(feature = "wgpu")]
+    pub wgpu: Option<crate::llama::wgpu::WgpuLlama>,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
     /// A digest of the model file (FNV-1a over its bytes), to tell models apart in snapshots.
@@ -37,6 +40,8 @@ enum SessionKv {
     Cpu(KvCache),
     #[cfg(feature = "cuda")]
     Cuda(Box<crate::llama::cuda::CudaSession>),
+    #[cfg(feature = "wgpu")]
+    Wgpu(Box<crate::llama::wgpu::WgpuSession>),
 }
 
 impl Model {
@@ -80,6 +85,8 @@ impl Model {
             llama,
             #[cfg(feature = "cuda")]
             cuda: None,
+            #[cfg(feature = "wgpu")]
+            wgpu: None,
             tokenizer,
             template,
             digest,
@@ -131,6 +138,8 @@ impl Model {
             llama,
             #[cfg(feature = "cuda")]
             cuda: None,
+            #[cfg(feature = "wgpu")]
+            wgpu: None,
             tokenizer,
             template,
             digest,
@@ -148,6 +157,11 @@ impl Model {
             let cuda = crate::llama::cuda::CudaLlama::new(&self.llama, device.clone())?;
             self.cuda = Some(cuda);
         }
+        #[cfg(feature = "wgpu")]
+        if device.as_wgpu().is_some() {
+            let wgpu = crate::llama::wgpu::WgpuLlama::new(&self.llama, device.clone())?;
+            self.wgpu = Some(wgpu);
+        }
         let _ = device;
         Ok(self)
     }
@@ -164,6 +178,10 @@ impl Model {
         #[cfg(feature = "cuda")]
         if let Some(cuda) = &self.cuda {
             return cuda.label();
+        }
+        #[cfg(feature = "wgpu")]
+        if let Some(wgpu) = &self.wgpu {
+            return wgpu.label();
         }
         let precision = match self.llama.precision {
             Precision::Reference => "reference",
@@ -236,6 +254,13 @@ impl Model {
                 kv: SessionKv::Cuda(Box::new(cuda.new_session(max_tokens)?)),
             });
         }
+        #[cfg(feature = "wgpu")]
+        if let Some(wgpu) = &self.wgpu {
+            return Ok(Session {
+                tokens: Vec::new(),
+                kv: SessionKv::Wgpu(Box::new(wgpu.new_session(max_tokens)?)),
+            });
+        }
         Ok(Session {
             tokens: Vec::new(),
             kv: SessionKv::Cpu(self.llama.new_cache(max_tokens)?),
@@ -258,6 +283,8 @@ impl Model {
                 })?;
                 cuda.forward(s, tokens, logits)?
             }
+            #[cfg(feature = "wgpu")]
+            SessionKv::Wgpu(s) => self.wgpu_model()?.forward(s, tokens, logits)?,
         }
         session.tokens.extend_from_slice(tokens);
         Ok(())
@@ -306,6 +333,15 @@ impl Model {
     }
 }
 
+impl Model {
+    #[cfg(feature = "wgpu")]
+    fn wgpu_model(&self) -> Result<&crate::llama::wgpu::WgpuLlama, ModelError> {
+        self.wgpu
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("a wgpu session on a model without a GPU".into()))
+    }
+}
+
 impl Session {
     /// Keeps the first `len` tokens and forgets the rest.
     pub fn rewind(&mut self, len: usize) {
@@ -314,6 +350,8 @@ impl Session {
             SessionKv::Cpu(cache) => cache.truncate(len),
             #[cfg(feature = "cuda")]
             SessionKv::Cuda(s) => s.truncate(len),
+            #[cfg(feature = "wgpu")]
+            SessionKv::Wgpu(s) => s.truncate(len),
         }
     }
 
@@ -323,6 +361,8 @@ impl Session {
             SessionKv::Cpu(cache) => cache.n_ctx,
             #[cfg(feature = "cuda")]
             SessionKv::Cuda(s) => s.n_ctx,
+            #[cfg(feature = "wgpu")]
+            SessionKv::Wgpu(s) => s.n_ctx,
         }
     }
 
@@ -336,6 +376,12 @@ impl Session {
             SessionKv::Cuda(s) => {
                 let c = model.config();
                 Ok(Cow::Owned(s.download(c.n_layer, c.kv_dim())?))
+            }
+            #[cfg(feature = "wgpu")]
+            SessionKv::Wgpu(s) => {
+                let c = model.config();
+                let gpu = model.wgpu_model()?.gpu();
+                Ok(Cow::Owned(s.download(gpu, c.n_layer, c.kv_dim())?))
             }
         }
     }
@@ -368,6 +414,12 @@ impl Session {
                 let c = model.config();
                 s.upload_layers(len, c.n_layer, c.kv_dim(), layer)
             }
+            #[cfg(feature = "wgpu")]
+            SessionKv::Wgpu(s) => {
+                let c = model.config();
+                let gpu = model.wgpu_model()?.gpu();
+                s.upload_layers(gpu, len, c.n_layer, c.kv_dim(), layer)
+            }
         }
     }
 
@@ -376,7 +428,7 @@ impl Session {
     pub fn cuda_mut(&mut self) -> Option<&mut crate::llama::cuda::CudaSession> {
         match &mut self.kv {
             SessionKv::Cuda(s) => Some(s),
-            SessionKv::Cpu(_) => None,
+            _ => None,
         }
     }
 }

@@ -54,12 +54,22 @@ const REFERENCE_PREFILL: f64 = 290.0;
 
 pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     let path = super::bench_model(args.model.as_deref(), args.shape.as_deref(), &args.weights)?;
-    let on_gpu = match args.device {
-        DeviceChoice::Cpu => false,
-        DeviceChoice::Cuda => true,
-        DeviceChoice::Auto => tern_compute::open(DeviceChoice::Auto)?.as_cuda().is_some(),
+    let gpu = match args.device {
+        DeviceChoice::Auto => tern_compute::open(DeviceChoice::Auto)?.kind(),
+        choice => choice,
     };
-    if on_gpu {
+    if gpu == DeviceChoice::Wgpu {
+        #[cfg(feature = "wgpu")]
+        return super::decode_wgpu::decode_wgpu(super::decode_wgpu::WgpuBench {
+            path: &path,
+            prefill: args.prefill,
+            decode: args.decode,
+            repeats: args.repeats,
+        });
+        #[cfg(not(feature = "wgpu"))]
+        bail!("this build of tern has no wgpu support");
+    }
+    if gpu == DeviceChoice::Cuda {
         #[cfg(feature = "cuda")]
         return super::decode_cuda::decode_cuda(super::decode_cuda::CudaBench {
             path: &path,

@@ -4,6 +4,8 @@
 mod decode;
 #[cfg(feature = "cuda")]
 mod decode_cuda;
+#[cfg(feature = "wgpu")]
+mod decode_wgpu;
 mod snapshot;
 mod zero_copy;
 

@@ -10,10 +10,10 @@ use tern_memory::Region;
 
 #[derive(clap::Args)]
 pub struct ZeroCopyArgs {
-    /// `cpu`, `cuda`, or `auto` for every device present.
+    /// `cpu`, `cuda`, `wgpu`, or `auto` for every device present.
     #[arg(long, default_value = "auto", value_parser = crate::parse_device)]
     device: DeviceChoice,
-    /// Timed calls per path (default: 30 on CUDA, 3 on the CPU).
+    /// Timed calls per path (default: 30 on a GPU, 3 on the CPU).
     #[arg(long)]
     iters: Option<usize>,
 }
@@ -44,6 +44,10 @@ pub fn zero_copy(args: ZeroCopyArgs) -> anyhow::Result<ExitCode> {
                 Ok(dev) => devices.push(dev),
                 Err(e) => println!("skipping CUDA: {e}"),
             }
+            match tern_compute::open(DeviceChoice::Wgpu) {
+                Ok(dev) => devices.push(dev),
+                Err(e) => println!("skipping wgpu: {e}"),
+            }
         }
         choice => devices.push(tern_compute::open(choice)?),
     }
@@ -65,13 +69,11 @@ pub fn zero_copy(args: ZeroCopyArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     let mut ok = true;
     for device in &devices {
-        let iters = args
-            .iters
-            .unwrap_or(if device.kind() == DeviceChoice::Cuda {
-                30
-            } else {
-                3
-            });
+        let iters = args.iters.unwrap_or(if device.kind() != DeviceChoice::Cpu {
+            30
+        } else {
+            3
+        });
         let (identity, results) = measure(device, dims, iters)?;
         println!("{}: {identity}", device.describe());
         ok &= results.iter().all(|r| r.errors == 0);

@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod cuda;
 mod hf;
 mod weights;
+pub mod wgpu;
 
 pub use config::{LlamaConfig, RopeStyle};
 pub use hf::{HfConfig, llama3_rope_factors, read_hf_config};

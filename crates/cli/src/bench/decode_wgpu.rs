@@ -1,0 +1,112 @@
+//! `tern bench decode --device wgpu`: batch-1 decode and prefill speed of a model on a GPU
+//! through wgpu (Vulkan or Metal), directly on the engine and through the `bench` actor
+//! (whose logits the GPU writes into the actor's imported memory), with the device's memory
+//! roofline measured in the same run.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use tern_actor::{Actor, ActorModule, Limits, Runtime};
+use tern_compute::DeviceChoice;
+use tern_model::{Model, Precision};
+
+use super::{direct, median, send};
+
+/// What the wgpu decode benchmark runs.
+pub struct WgpuBench<'a> {
+    pub path: &'a Path,
+    pub prefill: usize,
+    pub decode: usize,
+    pub repeats: usize,
+}
+
+pub fn decode_wgpu(b: WgpuBench<'_>) -> anyhow::Result<ExitCode> {
+    let device = tern_compute::open(DeviceChoice::Wgpu)?;
+    let model = Model::open("bench", b.path, 1)?
+        .with_precision(Precision::Reference)
+        .on_device(&device)?;
+    let model = Arc::new(model);
+    let (Some(wgpu), Some(gpu)) = (model.wgpu.as_ref(), device.as_wgpu()) else {
+        bail!("the model did not go onto the GPU");
+    };
+    let c = model.config().clone();
+    let weight_bytes = model.llama.weights.bytes_per_token() as f64;
+    let st = wgpu.startup;
+    println!(
+        "tern bench decode: {} ({} layers, n_embd {}, vocab {}), {:.1} MB of weights per token, on {}",
+        b.path
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy()),
+        c.n_layer,
+        c.n_embd,
+        c.n_vocab,
+        weight_bytes / 1e6,
+        wgpu.label()
+    );
+    println!(
+        "startup: pipelines {:.1} ms, weights {:.1} ms ({:.1} MB); {} kernels per decode step",
+        st.kernels_ms,
+        st.upload_ms,
+        st.weight_bytes as f64 / 1e6,
+        wgpu.kernels_per_step()
+    );
+    let bandwidth = gpu.copy_bandwidth(1 << 30, 5)?;
+    let roofline = bandwidth / weight_bytes;
+    let context = b.prefill + b.decode + 1;
+    let prompt: Vec<u32> = (0..b.prefill as u32)
+        .map(|i| (i * 7919 + 13) % c.n_vocab as u32)
+        .collect();
+
+    let mut runtime = Runtime::new(device.clone(), Limits::default())?;
+    runtime.add_model(model.clone());
+    let wasm =
+        std::fs::read(crate::run::resolve_module("bench")?).context("reading the bench guest")?;
+    let module = Arc::new(ActorModule::new(&runtime, "bench", &wasm)?);
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let prefill_msg = format!("prefill {}", ids.join(" "));
+
+    // Warm-up: pipelines compiled by the driver, clocks settled, untimed.
+    direct(&model, &prompt, 16, context)?;
+    let (mut dp, mut dd, mut ap, mut ad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..b.repeats.max(1) {
+        let (p, d) = direct(&model, &prompt, b.decode, context)?;
+        dp.push(p);
+        dd.push(d);
+        let mut actor = Actor::start(&runtime, &module)?;
+        send(&mut actor, &format!("open bench {} {context}", c.n_vocab))?;
+        let t = Instant::now();
+        send(&mut actor, &prefill_msg)?;
+        ap.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        send(&mut actor, &format!("decode {}", b.decode))?;
+        ad.push(t.elapsed().as_secs_f64());
+    }
+    let rate = |n: usize, secs: &[f64]| n as f64 / median(secs);
+    println!();
+    println!("{:<40} {:>12} {:>12}", "path", "prefill t/s", "decode t/s");
+    println!(
+        "{:<40} {:>12.1} {:>12.1}",
+        "engine (logits copied to the host)",
+        rate(b.prefill, &dp),
+        rate(b.decode, &dd)
+    );
+    println!(
+        "{:<40} {:>12.1} {:>12.1}",
+        "actor (logits written into Wasm memory)",
+        rate(b.prefill, &ap),
+        rate(b.decode, &ad)
+    );
+    let decode = rate(b.decode, &dd).max(rate(b.decode, &ad));
+    println!();
+    println!(
+        "memory roofline: buffer copy {:.0} GB/s (read + write) / {:.1} MB per token = {:.0} tokens/s; decode reaches {:.1}% of it",
+        bandwidth / 1e9,
+        weight_bytes / 1e6,
+        roofline,
+        decode / roofline * 100.0
+    );
+    Ok(ExitCode::SUCCESS)
+}

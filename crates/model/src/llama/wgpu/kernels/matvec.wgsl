@@ -1,0 +1,66 @@
+// y[t] = (residual ? y[t] : 0) + W x[t] for the n tokens of this call (n <= 8), W in its
+// block format (blocks.wgsl plus one dequant_*.wgsl). Workgroup 256 = 8 rows of 32 lanes;
+// lane l of a row dequantizes chunks l, l + 32, ... (32 weights each) once and dots them with
+// every token, so each weight is read once per call. Each lane's sums run in column order;
+// the 32 lanes are then summed in a fixed tree (reduce_*.wgsl), so results are reproducible.
+// Grid (ceil(rows / 8)).
+//
+// `step` is [first position, token count, token ids]; `n_fixed` overrides the count (the
+// output head runs on one token).
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    row_bytes: u32,
+    x_off: u32,
+    x_stride: u32,
+    y_off: u32,
+    y_stride: u32,
+    residual: u32,
+    n_fixed: u32,
+}
+
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> step: array<u32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+const ROWS: u32 = 8u;
+const LANES: u32 = 32u;
+const MAX_TOK: u32 = 8u;
+
+@compute @workgroup_size(256)
+fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let r = wg.x * ROWS + tid / LANES;
+    let lane = tid % LANES;
+    let n = min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
+    var acc: array<f32, 8>;
+    if r < p.rows {
+        let row_byte = r * p.row_bytes;
+        for (var c = lane; c < p.cols / 32u; c += LANES) {
+            dequant_chunk(row_byte, c);
+            for (var t = 0u; t < n; t++) {
+                let xb = p.x_off + t * p.x_stride + 32u * c;
+                var s = 0.0;
+                for (var i = 0u; i < 32u; i++) {
+                    s += wv[i] * x[xb + i];
+                }
+                acc[t] += s;
+            }
+        }
+    }
+    for (var t = 0u; t < MAX_TOK; t++) {
+        if t >= n {
+            break;
+        }
+        let total = row_sum(acc[t], tid);
+        if r < p.rows && lane == 0u {
+            let at = p.y_off + t * p.y_stride + r;
+            var base = 0.0;
+            if p.residual != 0u {
+                base = y[at];
+            }
+            y[at] = base + total;
+        }
+    }
+}

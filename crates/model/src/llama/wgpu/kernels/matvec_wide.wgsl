@@ -1,0 +1,69 @@
+// y[t] = (residual ? y[t] : 0) + W x[t] for the n tokens of this call (n <= 8), for 16-bit
+// float weights (F16, BF16: `widen` comes from widen_*.wgsl). Each lane reads 16 bytes (8
+// weights) at a time and consecutive lanes read consecutive 16-byte words, so a row group's
+// loads are coalesced and wide; the activations are read as vec4. Workgroup 256 = 8 rows of
+// 32 lanes; each lane's sums run in column order, then the 32 lanes are summed in a fixed
+// tree (reduce_*.wgsl), so results are reproducible. Rows are 16-byte aligned (cols is a
+// multiple of 32) and the activations' offset and stride are multiples of 4.
+// Grid (ceil(rows / 8)).
+//
+// `step` is [first position, token count, token ids]; `n_fixed` overrides the count.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    row_bytes: u32,
+    x_off: u32,
+    x_stride: u32,
+    y_off: u32,
+    y_stride: u32,
+    residual: u32,
+    n_fixed: u32,
+}
+
+@group(0) @binding(0) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> step: array<u32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+const ROWS: u32 = 8u;
+const LANES: u32 = 32u;
+const MAX_TOK: u32 = 8u;
+
+@compute @workgroup_size(256)
+fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let r = wg.x * ROWS + tid / LANES;
+    let lane = tid % LANES;
+    let n = min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
+    var acc: array<f32, 8>;
+    if r < p.rows {
+        let row = r * (p.row_bytes / 16u);
+        for (var v = lane; v < p.cols / 8u; v += LANES) {
+            let q = w[row + v];
+            let w0 = vec4<f32>(widen(q.x), widen(q.y));
+            let w1 = vec4<f32>(widen(q.z), widen(q.w));
+            // A fixed trip count, so the accumulators stay in registers.
+            for (var t = 0u; t < MAX_TOK; t++) {
+                if t < n {
+                    let xv = (p.x_off + t * p.x_stride) / 4u + 2u * v;
+                    acc[t] += dot(w0, x[xv]) + dot(w1, x[xv + 1u]);
+                }
+            }
+        }
+    }
+    for (var t = 0u; t < MAX_TOK; t++) {
+        if t >= n {
+            break;
+        }
+        let total = row_sum(acc[t], tid);
+        if r < p.rows && lane == 0u {
+            let at = p.y_off + t * p.y_stride + r;
+            var base = 0.0;
+            if p.residual != 0u {
+                base = y[at];
+            }
+            y[at] = base + total;
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! [`WgpuLlama`]: a model's weights and kernels on one wgpu device.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tern_compute::Device;
+use tern_compute::wgpu::WgpuDevice;
+
+use super::kernels::{Bind, Kernels};
+use super::weights::DeviceWeights;
+use super::{ATTN_SPLIT, MAX_CHUNK, WgpuSession};
+use crate::ModelError;
+use crate::llama::LlamaConfig;
+use crate::llama::cpu::CpuLlama;
+
+/// What opening the model on the GPU cost.
+#[derive(Clone, Copy, Debug)]
+pub struct Startup {
+    /// Building the pipelines, milliseconds.
+    pub kernels_ms: f64,
+    /// Uploading the weights, milliseconds.
+    pub upload_ms: f64,
+    /// Bytes of weights in device memory.
+    pub weight_bytes: usize,
+}
+
+/// A Llama model with its weights on one wgpu device.
+pub struct WgpuLlama {
+    pub config: LlamaConfig,
+    /// The device the model was opened on: the one actors' memories are imported into.
+    device: Arc<dyn Device>,
+    pub(super) kernels: Kernels,
+    pub(super) weights: DeviceWeights,
+    inv_freq: Vec<f32>,
+    pub startup: Startup,
+    /// One forward pass at a time.
+    busy: Mutex<()>,
+}
+
+impl WgpuLlama {
+    /// Uploads the weights of `cpu` (the reference, whose config and rotary frequencies it
+    /// shares) to the GPU `device` is (it must be a wgpu device).
+    pub fn new(cpu: &CpuLlama, device: Arc<dyn Device>) -> Result<WgpuLlama, ModelError> {
+        let config = cpu.config.clone();
+        let gpu = device.as_wgpu().ok_or_else(|| {
+            ModelError::Invalid(format!("{} is not a wgpu device", device.describe()))
+        })?;
+        let hd = config.head_dim;
+        if !ATTN_SPLIT.is_multiple_of(hd) || !config.n_head.is_multiple_of(config.n_head_kv) {
+            return Err(ModelError::Unsupported(format!(
+                "head size {hd} on wgpu (attention takes sizes that divide {ATTN_SPLIT})"
+            )));
+        }
+        let t = Instant::now();
+        let weights = DeviceWeights::upload(gpu, &cpu.weights)?;
+        gpu.wait().map_err(wgpu_error)?;
+        let upload_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let embd = [weights.token_embd.dtype];
+        let kernels = Kernels::build(gpu, &weights.matrix_types(), &embd, None);
+        let startup = Startup {
+            kernels_ms: t.elapsed().as_secs_f64() * 1e3,
+            upload_ms,
+            weight_bytes: weights.bytes,
+        };
+        Ok(WgpuLlama {
+            config,
+            inv_freq: cpu.inv_freq().to_vec(),
+            device,
+            kernels,
+            weights,
+            startup,
+            busy: Mutex::new(()),
+        })
+    }
+
+    pub fn gpu(&self) -> &WgpuDevice {
+        self.device
+            .as_wgpu()
+            .expect("checked to be a wgpu device at open")
+    }
+
+    pub(super) fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Where the forward pass computes, for snapshots and messages.
+    pub fn label(&self) -> String {
+        let reduce = match self.kernels.reduce {
+            super::shaders::Reduce::Shared => "",
+            super::shaders::Reduce::Subgroup => ", subgroups",
+        };
+        format!("{} f32{reduce}", self.gpu().describe())
+    }
+
+    /// An empty session of up to `n_ctx` positions.
+    pub fn new_session(&self, n_ctx: usize) -> Result<WgpuSession, ModelError> {
+        WgpuSession::new(self, n_ctx)
+    }
+
+    /// Appends `tokens` to `session` and writes the last position's logits into `logits`
+    /// (directly, when `logits` lies in guest memory the device imported).
+    pub fn forward(
+        &self,
+        session: &mut WgpuSession,
+        tokens: &[u32],
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        super::super::check_forward(c, session.len, session.n_ctx, tokens, logits)?;
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let gpu = self.gpu();
+        let guest = gpu.guest_slice(logits.as_ptr() as usize, size_of_val(logits));
+        let window = guest.as_ref().map(|g| g.window(gpu.storage_align()));
+        let chunks = tokens.chunks(MAX_CHUNK);
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.enumerate() {
+            let out = (i == last).then(|| {
+                window.as_ref().map(|(binding, first)| {
+                    let bind = Bind {
+                        buffer: binding.buffer,
+                        offset: binding.offset,
+                        size: binding.size.map(|s| s.get()),
+                    };
+                    (bind, *first)
+                })
+            });
+            session.run_chunk(self, chunk, out)?;
+        }
+        if guest.is_some() {
+            gpu.finish_guest_writes().map_err(wgpu_error)
+        } else {
+            session.read_logits(gpu, logits)
+        }
+    }
+
+    /// Launches of one decode step.
+    pub fn kernels_per_step(&self) -> usize {
+        let per_layer: usize = self
+            .weights
+            .layers
+            .iter()
+            .map(|l| 8 + l.qkv.len() + l.gate_up.len())
+            .sum();
+        per_layer + 3
+    }
+}
+
+/// Maps a device error to a [`ModelError`].
+pub(super) fn wgpu_error(e: tern_compute::ComputeError) -> ModelError {
+    ModelError::Invalid(format!("wgpu: {e}"))
+}

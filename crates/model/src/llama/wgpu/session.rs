@@ -1,0 +1,460 @@
+//! [`WgpuSession`]: one sequence on the GPU: its KV cache, its activation buffers, and the
+//! recorded launches of its forward pass.
+
+use tern_compute::wgpu::WgpuDevice;
+use tern_compute::wgpu::wgpu;
+
+use super::kernels::{Bind, Dispatch, Kernels};
+use super::model::wgpu_error;
+use super::weights::DevMatrix;
+use super::{ATTN_SPLIT, MAX_CHUNK, WgpuLlama};
+use crate::ModelError;
+use crate::llama::cpu::KvCache;
+use crate::llama::{LlamaConfig, RopeStyle};
+use crate::quant::DType;
+
+/// Device buffers of one session. Every activation buffer holds `MAX_CHUNK` positions.
+struct Buffers {
+    k: wgpu::Buffer,       // (n_layer, n_ctx, kv_dim)
+    v: wgpu::Buffer,       // (n_layer, n_ctx, kv_dim)
+    step: wgpu::Buffer,    // [first position, token count, token ids (MAX_CHUNK)] u32
+    rope: wgpu::Buffer,    // (n_ctx, n_rot / 2) (cos, sin)
+    x: wgpu::Buffer,       // (MAX_CHUNK, n_embd) the residual stream
+    xb: wgpu::Buffer,      // (MAX_CHUNK, n_embd) a sub-layer's normalized input
+    qkv: wgpu::Buffer,     // (MAX_CHUNK, n_head * head_dim + 2 * kv_dim): q | k | v
+    att: wgpu::Buffer,     // (MAX_CHUNK, n_head * head_dim)
+    gate_up: wgpu::Buffer, // (MAX_CHUNK, 2 * n_ff): gate | up
+    hb: wgpu::Buffer,      // (MAX_CHUNK, n_ff) silu(gate) * up
+    part_o: wgpu::Buffer,  // (MAX_CHUNK, n_head, n_split, head_dim)
+    part_ml: wgpu::Buffer, // (MAX_CHUNK, n_head, n_split, 2)
+    logits: wgpu::Buffer,  // (n_vocab) for callers whose memory the GPU cannot see
+}
+
+/// One sequence's state on the GPU.
+pub struct WgpuSession {
+    pub n_ctx: usize,
+    /// Positions filled.
+    pub len: usize,
+    buf: Buffers,
+    /// Every layer's launches, then the final norm (reading the step's token count, so one
+    /// recording serves every call): for one token, and for several (the F16 prefill
+    /// kernel where it applies).
+    decode: Vec<Dispatch>,
+    prefill: Vec<Dispatch>,
+    /// The output head into the session's own logits buffer.
+    head: Dispatch,
+}
+
+/// The output head: one token, written from element 0.
+const HEAD: Out = Out {
+    off: 0,
+    stride: 0,
+    residual: false,
+    n_fixed: 1,
+};
+
+/// A zeroed device buffer of `floats` f32.
+fn floats(gpu: &WgpuDevice, label: &str, floats: usize) -> wgpu::Buffer {
+    gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (4 * floats.max(1)) as u64,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// The rotation factors of every (position, pair), computed as the CPU reference does.
+pub(super) fn rope_table(inv_freq: &[f32], n_ctx: usize) -> Vec<f32> {
+    let mut table = Vec::with_capacity(2 * n_ctx * inv_freq.len());
+    for pos in 0..n_ctx {
+        for &f in inv_freq {
+            let (sin, cos) = (pos as f32 * f).sin_cos();
+            table.extend([cos, sin]);
+        }
+    }
+    table
+}
+
+impl WgpuSession {
+    pub(super) fn new(model: &WgpuLlama, n_ctx: usize) -> Result<WgpuSession, ModelError> {
+        let c = &model.config;
+        let gpu = model.gpu();
+        let kv_len = c
+            .n_layer
+            .checked_mul(n_ctx)
+            .and_then(|n| n.checked_mul(c.kv_dim()))
+            .filter(|&n| n <= 1 << 34)
+            .ok_or_else(|| {
+                ModelError::Invalid(format!("a cache of {n_ctx} positions is too large"))
+            })?;
+        let limit = gpu.device().limits().max_storage_buffer_binding_size as usize;
+        if 4 * kv_len > limit {
+            return Err(ModelError::Unsupported(format!(
+                "a KV cache of {n_ctx} positions on this adapter (storage bindings hold {limit} bytes)"
+            )));
+        }
+        let n_split = n_ctx.div_ceil(ATTN_SPLIT);
+        let q_dim = c.n_head * c.head_dim;
+        let buf = Buffers {
+            k: floats(gpu, "k cache", kv_len),
+            v: floats(gpu, "v cache", kv_len),
+            step: floats(gpu, "step", 2 + MAX_CHUNK),
+            rope: gpu.upload_f32("rope", &rope_table(model.inv_freq(), n_ctx)),
+            x: floats(gpu, "x", MAX_CHUNK * c.n_embd),
+            xb: floats(gpu, "xb", MAX_CHUNK * c.n_embd),
+            qkv: floats(gpu, "qkv", MAX_CHUNK * (q_dim + 2 * c.kv_dim())),
+            att: floats(gpu, "att", MAX_CHUNK * q_dim),
+            gate_up: floats(gpu, "gate_up", MAX_CHUNK * 2 * c.n_ff),
+            hb: floats(gpu, "hb", MAX_CHUNK * c.n_ff),
+            part_o: floats(gpu, "part_o", MAX_CHUNK * c.n_head * n_split * c.head_dim),
+            part_ml: floats(gpu, "part_ml", MAX_CHUNK * c.n_head * n_split * 2),
+            logits: floats(gpu, "logits", c.n_vocab),
+        };
+        let decode = record_layers(model, &buf, n_ctx, false)?;
+        let prefill = record_layers(model, &buf, n_ctx, true)?;
+        let head = matvec(
+            gpu,
+            &model.kernels,
+            model.weights.output(),
+            Bind::all(&buf.xb),
+            Bind::all(&buf.logits),
+            &buf.step,
+            HEAD,
+            false,
+        )?;
+        Ok(WgpuSession {
+            n_ctx,
+            len: 0,
+            buf,
+            decode,
+            prefill,
+            head,
+        })
+    }
+
+    /// Runs `tokens` (at most `MAX_CHUNK`) through every layer; when `logits` is given, also
+    /// the output head for the last of them, into guest memory (a binding window and the
+    /// logits' first element in it) or, for `Some(None)`, into the session's own buffer.
+    pub(super) fn run_chunk(
+        &mut self,
+        model: &WgpuLlama,
+        tokens: &[u32],
+        logits: Option<Option<(Bind<'_>, u32)>>,
+    ) -> Result<(), ModelError> {
+        let gpu = model.gpu();
+        let mut step = vec![self.len as u32, tokens.len() as u32];
+        step.extend_from_slice(tokens);
+        let bytes: Vec<u8> = step.iter().flat_map(|v| v.to_le_bytes()).collect();
+        gpu.queue().write_buffer(&self.buf.step, 0, &bytes);
+        let guest_head;
+        let layers = if tokens.len() == 1 {
+            &self.decode
+        } else {
+            &self.prefill
+        };
+        let mut list: Vec<&Dispatch> = layers.iter().collect();
+        match logits {
+            None => {
+                list.pop(); // the final norm: no logits wanted
+            }
+            Some(None) => list.push(&self.head),
+            Some(Some((window, first))) => {
+                let to = Out { off: first, ..HEAD };
+                let xb = Bind::all(&self.buf.xb);
+                let head = model.weights.output();
+                let k = &model.kernels;
+                guest_head = matvec(gpu, k, head, xb, window, &self.buf.step, to, false)?;
+                list.push(&guest_head);
+            }
+        }
+        super::kernels::submit(gpu, &list);
+        self.len += tokens.len();
+        Ok(())
+    }
+
+    /// Copies the session's own logits buffer to the host.
+    pub(super) fn read_logits(
+        &self,
+        gpu: &WgpuDevice,
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        gpu.read_f32(&self.buf.logits, 0, logits)
+            .map_err(|e| ModelError::Invalid(format!("wgpu: {e}")))
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// The filled positions' keys and values, copied to the host (compact: `n_ctx == len`).
+    pub fn download(
+        &self,
+        gpu: &WgpuDevice,
+        n_layer: usize,
+        kv_dim: usize,
+    ) -> Result<KvCache, ModelError> {
+        let mut host = KvCache::empty(n_layer, self.len, kv_dim);
+        for l in 0..n_layer {
+            let at = (4 * l * self.n_ctx * kv_dim) as u64;
+            let (k, v) = host.layer_mut(l);
+            gpu.read_f32(&self.buf.k, at, k).map_err(wgpu_error)?;
+            gpu.read_f32(&self.buf.v, at, v).map_err(wgpu_error)?;
+        }
+        Ok(host)
+    }
+
+    /// Fills the first `len` positions of every layer from little-endian f32 bytes, copied
+    /// from `layer`'s slices to device memory.
+    pub fn upload_layers<'a>(
+        &mut self,
+        gpu: &WgpuDevice,
+        len: usize,
+        n_layer: usize,
+        kv_dim: usize,
+        layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
+    ) -> Result<(), ModelError> {
+        for l in 0..n_layer {
+            let (kb, vb) = layer(l)?;
+            let at = (4 * l * self.n_ctx * kv_dim) as u64;
+            for (bytes, buf) in [(kb, &self.buf.k), (vb, &self.buf.v)] {
+                if bytes.len() != 4 * len * kv_dim {
+                    return Err(ModelError::Invalid(format!(
+                        "{} bytes of keys or values where {} floats belong",
+                        bytes.len(),
+                        len * kv_dim
+                    )));
+                }
+                if !bytes.is_empty() {
+                    gpu.queue().write_buffer(buf, at, bytes);
+                }
+            }
+        }
+        gpu.wait().map_err(wgpu_error)?;
+        self.len = len;
+        Ok(())
+    }
+}
+
+/// Where a matrix product writes: element offset, per-token stride, whether it adds to what
+/// is there, and a fixed token count (0: the step's).
+pub(super) struct Out {
+    pub off: u32,
+    pub stride: u32,
+    pub residual: bool,
+    pub n_fixed: u32,
+}
+
+/// `y[t] (+)= W x[t]` for the step's tokens (or `n_fixed`), x rows `m.cols` apart from
+/// element 0 of `x`. Multi-token calls on F16 weights take the tiled prefill kernel.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matvec(
+    gpu: &WgpuDevice,
+    k: &Kernels,
+    m: &DevMatrix,
+    x: Bind<'_>,
+    y: Bind<'_>,
+    step: &wgpu::Buffer,
+    out: Out,
+    prefill: bool,
+) -> Result<Dispatch, ModelError> {
+    let params = [
+        m.rows,
+        m.cols,
+        m.row_bytes,
+        0,
+        m.cols,
+        out.off,
+        out.stride,
+        u32::from(out.residual),
+        out.n_fixed,
+    ];
+    let buffers = [Bind::all(&m.buffer), x, y, Bind::all(step)];
+    let (name, pipeline, rows_per_group) = if prefill && m.dtype == DType::F16 {
+        ("matmul_f16", &k.matmul_f16, 64)
+    } else {
+        ("matvec", k.matvec(m.dtype)?, 8)
+    };
+    let grid = [m.rows.div_ceil(rows_per_group), 1, 1];
+    Ok(Dispatch::new(gpu, name, pipeline, &buffers, &params, grid))
+}
+
+fn halves(c: &LlamaConfig) -> u32 {
+    u32::from(c.rope_style == RopeStyle::Halves)
+}
+
+/// Every layer's launches for a session's buffers, then the final norm of the last token.
+fn record_layers(
+    model: &WgpuLlama,
+    b: &Buffers,
+    n_ctx: usize,
+    prefill: bool,
+) -> Result<Vec<Dispatch>, ModelError> {
+    let c = &model.config;
+    let w = &model.weights;
+    let gpu = model.gpu();
+    let k = &model.kernels;
+    let u = |v: usize| v as u32;
+    let (e, q_dim, kv, ff) = (
+        u(c.n_embd),
+        u(c.n_head * c.head_dim),
+        u(c.kv_dim()),
+        u(c.n_ff),
+    );
+    let n_split = u(n_ctx.div_ceil(ATTN_SPLIT));
+    let tok = u(MAX_CHUNK);
+    let step = Bind::all(&b.step);
+    let mut out = Vec::new();
+    let embd = &w.token_embd;
+    out.push(Dispatch::new(
+        gpu,
+        "get_rows",
+        k.get_rows(embd.dtype)?,
+        &[Bind::all(&embd.buffer), step, Bind::all(&b.x)],
+        &[embd.cols, embd.row_bytes],
+        [embd.cols.div_ceil(32 * 64), tok, 1],
+    ));
+    let norm = |weight: &wgpu::Buffer, last_only: bool| {
+        Dispatch::new(
+            gpu,
+            "rmsnorm",
+            &k.rmsnorm,
+            &[Bind::all(&b.x), Bind::all(weight), Bind::all(&b.xb), step],
+            &[e, u32::from(last_only), c.rms_eps.to_bits()],
+            [if last_only { 1 } else { tok }, 1, 1],
+        )
+    };
+    // Stacked matrices (or their parts one by one) write side by side in one row per token.
+    let stacked = |parts: &[DevMatrix], y: &wgpu::Buffer, stride: u32, out: &mut Vec<Dispatch>| {
+        let mut at = 0;
+        for m in parts {
+            let to = Out {
+                off: at,
+                stride,
+                residual: false,
+                n_fixed: 0,
+            };
+            out.push(matvec(
+                gpu,
+                k,
+                m,
+                Bind::all(&b.xb),
+                Bind::all(y),
+                &b.step,
+                to,
+                prefill,
+            )?);
+            at += m.rows;
+        }
+        Ok::<(), ModelError>(())
+    };
+    let layer_floats = u(n_ctx * c.kv_dim());
+    for (l, lw) in w.layers.iter().enumerate() {
+        let cache_off = u(l) * layer_floats;
+        out.push(norm(&lw.attn_norm, false));
+        stacked(&lw.qkv, &b.qkv, q_dim + 2 * kv, &mut out)?;
+        out.push(Dispatch::new(
+            gpu,
+            "rope_append",
+            &k.rope_append,
+            &[
+                Bind::all(&b.qkv),
+                Bind::all(&b.k),
+                Bind::all(&b.v),
+                Bind::all(&b.rope),
+                step,
+            ],
+            &[
+                u(c.n_head),
+                u(c.n_head_kv),
+                u(c.head_dim),
+                u(c.n_rot),
+                halves(c),
+                cache_off,
+            ],
+            [tok, u(c.n_head + c.n_head_kv), 1],
+        ));
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        out.push(Dispatch::new(
+            gpu,
+            "attn_split",
+            &k.attn_split,
+            &[
+                Bind::all(&b.qkv),
+                Bind::all(&b.k),
+                Bind::all(&b.v),
+                Bind::all(&b.part_o),
+                Bind::all(&b.part_ml),
+                step,
+            ],
+            &[
+                u(c.n_head),
+                u(c.n_head_kv),
+                u(c.head_dim),
+                n_split,
+                scale.to_bits(),
+                cache_off,
+            ],
+            [n_split, u(c.n_head), tok],
+        ));
+        out.push(Dispatch::new(
+            gpu,
+            "attn_merge",
+            &k.attn_merge,
+            &[
+                Bind::all(&b.part_o),
+                Bind::all(&b.part_ml),
+                Bind::all(&b.att),
+                step,
+            ],
+            &[u(c.n_head), u(c.head_dim), n_split],
+            [u(c.n_head), tok, 1],
+        ));
+        let residual = Out {
+            off: 0,
+            stride: e,
+            residual: true,
+            n_fixed: 0,
+        };
+        out.push(matvec(
+            gpu,
+            k,
+            &lw.wo,
+            Bind::all(&b.att),
+            Bind::all(&b.x),
+            &b.step,
+            residual,
+            prefill,
+        )?);
+        out.push(norm(&lw.ffn_norm, false));
+        stacked(&lw.gate_up, &b.gate_up, 2 * ff, &mut out)?;
+        out.push(Dispatch::new(
+            gpu,
+            "swiglu",
+            &k.swiglu,
+            &[Bind::all(&b.gate_up), Bind::all(&b.hb), step],
+            &[ff],
+            [ff.div_ceil(256), tok, 1],
+        ));
+        let residual = Out {
+            off: 0,
+            stride: e,
+            residual: true,
+            n_fixed: 0,
+        };
+        out.push(matvec(
+            gpu,
+            k,
+            &lw.w_down,
+            Bind::all(&b.hb),
+            Bind::all(&b.x),
+            &b.step,
+            residual,
+            prefill,
+        )?);
+    }
+    out.push(norm(&w.output_norm, true));
+    Ok(out)
+}

@@ -1,0 +1,98 @@
+//! The forward pass's WGSL kernels, composed from the real files in `kernels/`.
+//!
+//! WGSL has no includes, so a module that reads weights is the concatenation of its parts:
+//! a row reduction (`reduce_shared.wgsl`, or `reduce_subgroup.wgsl` on adapters whose
+//! subgroups hold at most 32 invocations), the block reader `blocks.wgsl`, the dequantizer of the matrix's
+//! type (`dequant_*.wgsl`), and the kernel; 16-bit float matrices take `matvec_wide.wgsl`
+//! with their `widen_*.wgsl` instead. [`all`] lists every module the backend can build,
+//! so the tests validate each with naga and translate it to Metal's language.
+
+use crate::quant::DType;
+
+const BLOCKS: &str = include_str!("kernels/blocks.wgsl");
+const REDUCE_SHARED: &str = include_str!("kernels/reduce_shared.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("kernels/reduce_subgroup.wgsl");
+const MATVEC: &str = include_str!("kernels/matvec.wgsl");
+const MATVEC_WIDE: &str = include_str!("kernels/matvec_wide.wgsl");
+const MATMUL_F16: &str = include_str!("kernels/matmul_f16.wgsl");
+const GET_ROWS: &str = include_str!("kernels/get_rows.wgsl");
+
+/// The kernels that read no weights: (entry point, source).
+pub const PLAIN: [(&str, &str); 5] = [
+    ("rmsnorm", include_str!("kernels/rmsnorm.wgsl")),
+    ("rope_append", include_str!("kernels/rope_append.wgsl")),
+    ("attn_split", include_str!("kernels/attn_split.wgsl")),
+    ("attn_merge", include_str!("kernels/attn_merge.wgsl")),
+    ("swiglu", include_str!("kernels/swiglu.wgsl")),
+];
+
+/// How the 32 lanes of a matrix row are summed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduce {
+    /// A fixed tree through workgroup memory: every adapter.
+    Shared,
+    /// Subgroup reductions: adapters whose subgroups hold at most 32 invocations.
+    Subgroup,
+}
+
+/// The dequantizer of `dtype`.
+fn dequant(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => include_str!("kernels/dequant_f32.wgsl"),
+        DType::F16 => include_str!("kernels/dequant_f16.wgsl"),
+        DType::BF16 => include_str!("kernels/dequant_bf16.wgsl"),
+        DType::Q8_0 => include_str!("kernels/dequant_q8_0.wgsl"),
+        DType::Q4_0 => include_str!("kernels/dequant_q4_0.wgsl"),
+        DType::Q4_1 => include_str!("kernels/dequant_q4_1.wgsl"),
+        DType::Q4_K => include_str!("kernels/dequant_q4_k.wgsl"),
+        DType::Q6_K => include_str!("kernels/dequant_q6_k.wgsl"),
+    }
+}
+
+/// `matvec` for weights of `dtype` (entry point `matvec`): 16-byte loads of 16-bit floats
+/// for F16 and BF16, block by block for the rest.
+pub fn matvec(dtype: DType, reduce: Reduce) -> String {
+    let reduce = match reduce {
+        Reduce::Shared => REDUCE_SHARED,
+        Reduce::Subgroup => REDUCE_SUBGROUP,
+    };
+    match dtype {
+        DType::F16 => [reduce, include_str!("kernels/widen_f16.wgsl"), MATVEC_WIDE].join("\n"),
+        DType::BF16 => [reduce, include_str!("kernels/widen_bf16.wgsl"), MATVEC_WIDE].join("\n"),
+        _ => [reduce, BLOCKS, dequant(dtype), MATVEC].join("\n"),
+    }
+}
+
+/// `get_rows` for an embedding matrix of `dtype` (entry point `get_rows`).
+pub fn get_rows(dtype: DType) -> String {
+    [BLOCKS, dequant(dtype), GET_ROWS].join("\n")
+}
+
+/// The F16 prefill product (entry point `matmul_f16`).
+pub fn matmul_f16() -> String {
+    [BLOCKS, MATMUL_F16].join("\n")
+}
+
+/// Every module the backend builds: (name, entry point, source).
+pub fn all() -> Vec<(String, &'static str, String)> {
+    let mut out = Vec::new();
+    for dtype in DType::ALL {
+        for (reduce, tag) in [(Reduce::Shared, "shared"), (Reduce::Subgroup, "subgroup")] {
+            out.push((
+                format!("matvec_{}_{tag}", dtype.name()),
+                "matvec",
+                matvec(dtype, reduce),
+            ));
+        }
+        out.push((
+            format!("get_rows_{}", dtype.name()),
+            "get_rows",
+            get_rows(dtype),
+        ));
+    }
+    out.push(("matmul_f16".into(), "matmul_f16", matmul_f16()));
+    for (entry, src) in PLAIN {
+        out.push((entry.to_string(), entry, src.to_string()));
+    }
+    out
+}

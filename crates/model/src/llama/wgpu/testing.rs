@@ -1,0 +1,287 @@
+//! Single kernels on host data, for op-by-op parity tests against the CPU reference.
+
+use std::sync::Arc;
+
+use tern_compute::Device;
+use tern_compute::wgpu::WgpuDevice;
+use tern_compute::wgpu::wgpu;
+
+use super::kernels::{Bind, Dispatch, Kernels, submit};
+use super::model::wgpu_error;
+use super::session::{Out, matvec, rope_table};
+use super::shaders::Reduce;
+use super::weights::DevMatrix;
+use super::{ATTN_SPLIT, MAX_CHUNK};
+use crate::ModelError;
+use crate::quant::DType;
+
+/// The attention geometry of [`OpHarness::rope_attention`].
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// Dimensions rotated per head.
+    pub n_rot: usize,
+    /// Hugging Face's pairing (i, i + n_rot / 2) instead of adjacent pairs.
+    pub halves: bool,
+    /// Positions the cache holds.
+    pub n_ctx: usize,
+}
+
+/// What [`OpHarness::rope_attention`] computed.
+pub struct AttnOut {
+    /// `(n_tok, n_head * head_dim)`.
+    pub att: Vec<f32>,
+    /// The caches after the append, `(n_ctx, n_head_kv * head_dim)` each.
+    pub k_cache: Vec<f32>,
+    pub v_cache: Vec<f32>,
+}
+
+/// The forward pass's kernels, built for every matrix type.
+pub struct OpHarness {
+    device: Arc<dyn Device>,
+    kernels: Kernels,
+}
+
+impl OpHarness {
+    /// The kernels with rows summed as `reduce` says (`None`: as suits the adapter, as the
+    /// forward pass does).
+    pub fn new(device: &Arc<dyn Device>, reduce: Option<Reduce>) -> Result<OpHarness, ModelError> {
+        let gpu = device
+            .as_wgpu()
+            .ok_or_else(|| ModelError::Invalid("not a wgpu device".into()))?;
+        let kernels = Kernels::build(gpu, &DType::ALL, &DType::ALL, reduce);
+        Ok(OpHarness {
+            device: device.clone(),
+            kernels,
+        })
+    }
+
+    /// How these kernels sum matrix rows.
+    pub fn reduce(&self) -> Reduce {
+        self.kernels.reduce
+    }
+
+    /// How the forward pass on `device` sums matrix rows.
+    pub fn adapter_reduce(device: &Arc<dyn Device>) -> Option<Reduce> {
+        device.as_wgpu().map(Kernels::reduce_for)
+    }
+
+    fn gpu(&self) -> &WgpuDevice {
+        self.device.as_wgpu().expect("checked at construction")
+    }
+
+    /// A step buffer for `n_tok` tokens with ids `ids` from position `pos0`.
+    fn step(&self, pos0: usize, n_tok: usize, ids: &[u32]) -> wgpu::Buffer {
+        let mut words = vec![pos0 as u32, n_tok as u32];
+        words.extend_from_slice(ids);
+        words.resize(2 + MAX_CHUNK, 0);
+        let floats: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+        self.gpu().upload_f32("step", &floats)
+    }
+
+    fn run(
+        &self,
+        dispatch: &Dispatch,
+        out: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        submit(self.gpu(), &[dispatch]);
+        let mut host = vec![0.0; len];
+        self.gpu().read_f32(out, 0, &mut host).map_err(wgpu_error)?;
+        Ok(host)
+    }
+
+    /// `y[t] = residual[t] + W x[t]` for the `n_tok <= 8` rows of `x` (`residual` zero when
+    /// absent); `prefill` picks the tiled F16 kernel where it applies.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+        residual: Option<&[f32]>,
+        prefill: bool,
+    ) -> Result<Vec<f32>, ModelError> {
+        let gpu = self.gpu();
+        let n_tok = x.len() / cols;
+        if n_tok > MAX_CHUNK {
+            return Err(ModelError::Invalid(format!("{n_tok} tokens in one call")));
+        }
+        let m = DevMatrix::new(gpu, dtype, rows as u32, cols as u32, w)?;
+        let xs = gpu.upload_f32("x", x);
+        let init = residual.map_or_else(|| vec![f32::NAN; n_tok * rows], <[f32]>::to_vec);
+        let y = gpu.upload_f32("y", &init);
+        let step = self.step(0, n_tok, &[]);
+        let out = Out {
+            off: 0,
+            stride: rows as u32,
+            residual: residual.is_some(),
+            n_fixed: 0,
+        };
+        let (xb, yb) = (Bind::all(&xs), Bind::all(&y));
+        let d = matvec(gpu, &self.kernels, &m, xb, yb, &step, out, prefill)?;
+        self.run(&d, &y, n_tok * rows)
+    }
+
+    /// Rows `ids` of W, dequantized.
+    pub fn get_rows(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        ids: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
+        let gpu = self.gpu();
+        let m = DevMatrix::new(gpu, dtype, rows as u32, cols as u32, w)?;
+        let step = self.step(0, ids.len(), ids);
+        let out = gpu.upload_f32("out", &vec![f32::NAN; ids.len() * cols]);
+        let d = Dispatch::new(
+            gpu,
+            "get_rows",
+            self.kernels.get_rows(dtype)?,
+            &[Bind::all(&m.buffer), Bind::all(&step), Bind::all(&out)],
+            &[m.cols, m.row_bytes],
+            [m.cols.div_ceil(32 * 64), MAX_CHUNK as u32, 1],
+        );
+        self.run(&d, &out, ids.len() * cols)
+    }
+
+    /// `x[t] / rms(x[t]) * w` for each `w.len()`-wide row of `x` (at most 8 rows).
+    pub fn rmsnorm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>, ModelError> {
+        let gpu = self.gpu();
+        let n_tok = x.len() / w.len();
+        let (xs, ws) = (gpu.upload_f32("x", x), gpu.upload_f32("w", w));
+        let out = gpu.upload_f32("out", &vec![f32::NAN; x.len()]);
+        let step = self.step(0, n_tok, &[]);
+        let d = Dispatch::new(
+            gpu,
+            "rmsnorm",
+            &self.kernels.rmsnorm,
+            &[
+                Bind::all(&xs),
+                Bind::all(&ws),
+                Bind::all(&out),
+                Bind::all(&step),
+            ],
+            &[w.len() as u32, 0, eps.to_bits()],
+            [MAX_CHUNK as u32, 1, 1],
+        );
+        self.run(&d, &out, x.len())
+    }
+
+    /// `silu(gate) * up` for one token.
+    pub fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let gpu = self.gpu();
+        let n_ff = gate.len();
+        let joined: Vec<f32> = gate.iter().chain(up).copied().collect();
+        let gate_up = gpu.upload_f32("gate_up", &joined);
+        let out = gpu.upload_f32("out", &vec![f32::NAN; n_ff]);
+        let step = self.step(0, 1, &[]);
+        let d = Dispatch::new(
+            gpu,
+            "swiglu",
+            &self.kernels.swiglu,
+            &[Bind::all(&gate_up), Bind::all(&out), Bind::all(&step)],
+            &[n_ff as u32],
+            [(n_ff as u32).div_ceil(256), MAX_CHUNK as u32, 1],
+        );
+        self.run(&d, &out, n_ff)
+    }
+
+    /// One layer's attention for the `n_tok` rows of `qkv` (q | k | v per token) at positions
+    /// `pos0..`: rotary embeddings, the KV append into `k_cache` and `v_cache` (`n_ctx`
+    /// positions, the first `pos0` already filled), then causal attention.
+    pub fn rope_attention(
+        &self,
+        s: &AttnShape,
+        inv_freq: &[f32],
+        pos0: usize,
+        qkv: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+    ) -> Result<AttnOut, ModelError> {
+        let gpu = self.gpu();
+        let (q_dim, kv) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+        let n_tok = qkv.len() / (q_dim + 2 * kv);
+        if n_tok > MAX_CHUNK || pos0 + n_tok > s.n_ctx || k_cache.len() != s.n_ctx * kv {
+            return Err(ModelError::Invalid(
+                "inconsistent attention operands".into(),
+            ));
+        }
+        let n_split = s.n_ctx.div_ceil(ATTN_SPLIT);
+        let u = |v: usize| v as u32;
+        let qkv_buf = gpu.upload_f32("qkv", qkv);
+        let k = gpu.upload_f32("k", k_cache);
+        let v = gpu.upload_f32("v", v_cache);
+        let rope = gpu.upload_f32("rope", &rope_table(inv_freq, s.n_ctx));
+        let step = self.step(pos0, n_tok, &[]);
+        let part_o = gpu.upload_f32("part_o", &vec![0.0; MAX_CHUNK * q_dim * n_split]);
+        let part_ml = gpu.upload_f32("part_ml", &vec![0.0; MAX_CHUNK * s.n_head * n_split * 2]);
+        let att = gpu.upload_f32("att", &vec![f32::NAN; n_tok * q_dim]);
+        let k_ = &self.kernels;
+        let all = Bind::all;
+        let rope_append = Dispatch::new(
+            gpu,
+            "rope_append",
+            &k_.rope_append,
+            &[all(&qkv_buf), all(&k), all(&v), all(&rope), all(&step)],
+            &[
+                u(s.n_head),
+                u(s.n_head_kv),
+                u(s.head_dim),
+                u(s.n_rot),
+                u32::from(s.halves),
+                0,
+            ],
+            [u(MAX_CHUNK), u(s.n_head + s.n_head_kv), 1],
+        );
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let split = Dispatch::new(
+            gpu,
+            "attn_split",
+            &k_.attn_split,
+            &[
+                all(&qkv_buf),
+                all(&k),
+                all(&v),
+                all(&part_o),
+                all(&part_ml),
+                all(&step),
+            ],
+            &[
+                u(s.n_head),
+                u(s.n_head_kv),
+                u(s.head_dim),
+                u(n_split),
+                scale.to_bits(),
+                0,
+            ],
+            [u(n_split), u(s.n_head), u(MAX_CHUNK)],
+        );
+        let merge = Dispatch::new(
+            gpu,
+            "attn_merge",
+            &k_.attn_merge,
+            &[all(&part_o), all(&part_ml), all(&att), all(&step)],
+            &[u(s.n_head), u(s.head_dim), u(n_split)],
+            [u(s.n_head), u(MAX_CHUNK), 1],
+        );
+        submit(gpu, &[&rope_append, &split, &merge]);
+        let read = |buf: &wgpu::Buffer, len: usize| {
+            let mut host = vec![0.0; len];
+            gpu.read_f32(buf, 0, &mut host)
+                .map(|()| host)
+                .map_err(wgpu_error)
+        };
+        Ok(AttnOut {
+            att: read(&att, n_tok * q_dim)?,
+            k_cache: read(&k, k_cache.len())?,
+            v_cache: read(&v, v_cache.len())?,
+        })
+    }
+}

@@ -1,0 +1,480 @@
+#![cfg(feature = "wgpu")]
+//! The wgpu forward pass against the CPU reference: every kernel op by op, then greedy
+//! generation end to end on generated models. Runs on any Vulkan driver (lavapipe, the CPU
+//! one, in CI; the GPU suite's real GPU) or Metal; skipped (with the reason) where there is
+//! none, and failing instead with `TERN_REQUIRE_WGPU=1`. The real shapes (SmolLM2-135M,
+//! Llama-3.2-1B) run only on a hardware adapter: on a CPU driver they would take minutes.
+//!
+//! Tolerances, as for CUDA: both sides keep activations in f32 and dequantize weights inside
+//! the dot product, so only the order of additions (and fused multiply-adds) differs; 1e-5
+//! of the output's scale per op, 1e-3 of the logits' scale end to end, greedy tokens equal.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use tern_compute::Device;
+use tern_compute::testing::wgpu_or_skip;
+use tern_model::generate::{Types, shape, write_random_llama};
+use tern_model::llama::wgpu::shaders::Reduce;
+use tern_model::llama::wgpu::testing::{AttnShape, OpHarness};
+use tern_model::quant::{DType, dequantize_row, dot_rows, quantize_row};
+use tern_model::{Model, Session};
+
+fn gpu(test: &str) -> Option<Arc<dyn Device>> {
+    static GPU: OnceLock<Option<Arc<dyn Device>>> = OnceLock::new();
+    GPU.get_or_init(|| wgpu_or_skip(test)).clone()
+}
+
+fn ops(device: &Arc<dyn Device>) -> &'static OpHarness {
+    static OPS: OnceLock<OpHarness> = OnceLock::new();
+    OPS.get_or_init(|| OpHarness::new(device, None).unwrap())
+}
+
+struct Rng(u64);
+impl Rng {
+    fn f32(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+}
+
+/// `max |a - b| / max |b|`.
+fn normalized_error(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| {
+        if x.is_nan() || y.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max((x - y).abs())
+        }
+    });
+    worst / scale
+}
+
+fn quantized(dtype: DType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+    let row_bytes = dtype.row_bytes(cols).unwrap();
+    let mut w = vec![0u8; rows * row_bytes];
+    for r in 0..rows {
+        quantize_row(
+            dtype,
+            &rng.vec(cols),
+            &mut w[r * row_bytes..(r + 1) * row_bytes],
+        );
+    }
+    w
+}
+
+#[test]
+fn every_matvec_type_matches_the_cpu() {
+    let Some(device) = gpu("every_matvec_type_matches_the_cpu") else {
+        return;
+    };
+    // Both row reductions: the adapter's choice and the other one, where it has subgroups.
+    let mut harnesses = vec![ops(&device)];
+    let other;
+    if OpHarness::adapter_reduce(&device) == Some(Reduce::Subgroup) {
+        other = OpHarness::new(&device, Some(Reduce::Shared)).unwrap();
+        harnesses.push(&other);
+    } else {
+        eprintln!("every_matvec_type_matches_the_cpu: the adapter has no usable subgroups");
+    }
+    for ops in harnesses {
+        eprintln!("row sums: {:?}", ops.reduce());
+        matvec_parity(ops);
+    }
+}
+
+fn matvec_parity(ops: &OpHarness) {
+    let mut rng = Rng(0x5eed);
+    for dtype in DType::ALL {
+        for cols in [256, 576, 2048] {
+            if dtype.row_bytes(cols).is_none() {
+                continue;
+            }
+            let rows = 300;
+            let w = quantized(dtype, rows, cols, &mut rng);
+            for n_tok in [1, 3, 8] {
+                let x = rng.vec(n_tok * cols);
+                let residual = rng.vec(n_tok * rows);
+                let mut want = vec![0.0; n_tok * rows];
+                for t in 0..n_tok {
+                    dot_rows(
+                        dtype,
+                        &w,
+                        &x[t * cols..(t + 1) * cols],
+                        &mut want[t * rows..(t + 1) * rows],
+                    );
+                }
+                let with: Vec<f32> = want.iter().zip(&residual).map(|(a, b)| a + b).collect();
+                // The F16 prefill kernel too, where it applies.
+                for prefill in [false, dtype == DType::F16 && n_tok > 1] {
+                    let got = ops
+                        .matvec(dtype, rows, cols, &w, &x, None, prefill)
+                        .unwrap();
+                    let err = normalized_error(&got, &want);
+                    assert!(
+                        err <= 1e-5,
+                        "{dtype} {rows}x{cols}, {n_tok} tokens, prefill {prefill}: error {err}"
+                    );
+                    let got = ops
+                        .matvec(dtype, rows, cols, &w, &x, Some(&residual), prefill)
+                        .unwrap();
+                    let err = normalized_error(&got, &with);
+                    assert!(
+                        err <= 1e-5,
+                        "{dtype} with residual, {n_tok} tokens, prefill {prefill}: error {err}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn embedding_rows_of_every_type_match_the_cpu() {
+    let Some(device) = gpu("embedding_rows_of_every_type_match_the_cpu") else {
+        return;
+    };
+    let ops = ops(&device);
+    let mut rng = Rng(7);
+    for dtype in DType::ALL {
+        let (rows, cols) = (64, 512);
+        let w = quantized(dtype, rows, cols, &mut rng);
+        let ids = [3, 0, 63, 3, 17];
+        let got = ops.get_rows(dtype, rows, cols, &w, &ids).unwrap();
+        let row_bytes = dtype.row_bytes(cols).unwrap();
+        let mut want = vec![0.0; ids.len() * cols];
+        for (i, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            dequantize_row(
+                dtype,
+                &w[id * row_bytes..(id + 1) * row_bytes],
+                &mut want[i * cols..(i + 1) * cols],
+            );
+        }
+        let err = normalized_error(&got, &want);
+        assert!(err <= 1e-6, "{dtype}: error {err}");
+    }
+}
+
+#[test]
+fn norms_and_activations_match_the_cpu() {
+    let Some(device) = gpu("norms_and_activations_match_the_cpu") else {
+        return;
+    };
+    let ops = ops(&device);
+    let mut rng = Rng(11);
+    let (n_tok, width) = (5, 2048);
+    let x: Vec<f32> = rng.vec(n_tok * width).iter().map(|v| v * 30.0).collect();
+    let w = rng.vec(width);
+    let got = ops.rmsnorm(&x, &w, 1e-5).unwrap();
+    let mut want = vec![0.0; x.len()];
+    for t in 0..n_tok {
+        tern_model::llama::cpu::rmsnorm(
+            &mut want[t * width..(t + 1) * width],
+            &x[t * width..(t + 1) * width],
+            &w,
+            1e-5,
+        );
+    }
+    assert!(normalized_error(&got, &want) <= 1e-5);
+    let (gate, up) = (rng.vec(width), rng.vec(width));
+    let got = ops.swiglu(&gate, &up).unwrap();
+    let want: Vec<f32> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    assert!(normalized_error(&got, &want) <= 1e-6);
+}
+
+/// Rotates each head of `x` to `pos` as the CPU reference does.
+fn rotate(x: &mut [f32], pos: usize, inv_freq: &[f32], s: &AttnShape) {
+    for head in x.chunks_mut(s.head_dim) {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let (sin, cos) = (pos as f32 * f).sin_cos();
+            let (a, b) = if s.halves {
+                (i, i + s.n_rot / 2)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos - x1 * sin;
+            head[b] = x0 * sin + x1 * cos;
+        }
+    }
+}
+
+#[test]
+fn rope_append_and_attention_match_the_cpu() {
+    let Some(device) = gpu("rope_append_and_attention_match_the_cpu") else {
+        return;
+    };
+    let ops = ops(&device);
+    let mut rng = Rng(23);
+    for (halves, pos0, n_tok) in [(false, 0, 1), (true, 5, 8), (false, 250, 3), (true, 300, 1)] {
+        let s = AttnShape {
+            n_head: 8,
+            n_head_kv: 2,
+            head_dim: 64,
+            n_rot: 64,
+            halves,
+            n_ctx: 320,
+        };
+        let (q_dim, kv) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+        let inv_freq: Vec<f32> = (0..s.n_rot / 2)
+            .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / s.n_rot as f32))
+            .collect();
+        let qkv = rng.vec(n_tok * (q_dim + 2 * kv));
+        let (k_cache, v_cache) = (rng.vec(s.n_ctx * kv), rng.vec(s.n_ctx * kv));
+        let got = ops
+            .rope_attention(&s, &inv_freq, pos0, &qkv, &k_cache, &v_cache)
+            .unwrap();
+        // The reference: rotate, append, then causal attention over the cache.
+        let (mut k_want, mut v_want) = (k_cache.clone(), v_cache.clone());
+        let mut q = vec![0.0; n_tok * q_dim];
+        for t in 0..n_tok {
+            let row = &qkv[t * (q_dim + 2 * kv)..][..q_dim + 2 * kv];
+            let pos = pos0 + t;
+            q[t * q_dim..][..q_dim].copy_from_slice(&row[..q_dim]);
+            rotate(&mut q[t * q_dim..][..q_dim], pos, &inv_freq, &s);
+            k_want[pos * kv..][..kv].copy_from_slice(&row[q_dim..q_dim + kv]);
+            rotate(&mut k_want[pos * kv..][..kv], pos, &inv_freq, &s);
+            v_want[pos * kv..][..kv].copy_from_slice(&row[q_dim + kv..]);
+        }
+        let mut want = vec![0.0; n_tok * q_dim];
+        let group = s.n_head / s.n_head_kv;
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        for t in 0..n_tok {
+            for h in 0..s.n_head {
+                let qh = &q[t * q_dim + h * s.head_dim..][..s.head_dim];
+                let off = (h / group) * s.head_dim;
+                let mut scores: Vec<f32> = (0..=pos0 + t)
+                    .map(|p| {
+                        let k = &k_want[p * kv + off..][..s.head_dim];
+                        qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                tern_model::llama::cpu::softmax(&mut scores);
+                let out = &mut want[t * q_dim + h * s.head_dim..][..s.head_dim];
+                for (p, &w) in scores.iter().enumerate() {
+                    let v = &v_want[p * kv + off..][..s.head_dim];
+                    for (o, &x) in out.iter_mut().zip(v) {
+                        *o += w * x;
+                    }
+                }
+            }
+        }
+        let what = format!("halves {halves}, positions {pos0}..{}", pos0 + n_tok);
+        assert!(
+            normalized_error(&got.k_cache, &k_want) <= 1e-6,
+            "{what}: keys"
+        );
+        assert!(got.v_cache == v_want, "{what}: values");
+        let err = normalized_error(&got.att, &want);
+        assert!(err <= 1e-5, "{what}: attention error {err}");
+    }
+}
+
+/// A generated model of `shape` with `linear` matrices, written once per process.
+fn model_file(shape_name: &str, linear: DType, embd: DType) -> PathBuf {
+    let dir = std::env::temp_dir().join("tern-wgpu-models");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!(
+        "{shape_name}-{}-{}.gguf",
+        linear.name(),
+        embd.name()
+    ));
+    if !path.exists() {
+        let partial = path.with_extension(format!("partial-{}", std::process::id()));
+        write_random_llama(
+            &partial,
+            shape(shape_name).unwrap(),
+            Types { linear, embd },
+            3,
+        )
+        .unwrap();
+        std::fs::rename(&partial, &path).unwrap();
+    }
+    path
+}
+
+fn prompt(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + 13) % vocab.min(256)) as u32)
+        .collect()
+}
+
+/// Greedy generation: the logits after the prompt and after each token, and the tokens.
+fn greedy(
+    model: &Model,
+    session: &mut Session,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut logits = vec![0.0; model.config().n_vocab];
+    model.forward(session, prompt, &mut logits).unwrap();
+    let (mut all, mut tokens) = (vec![logits.clone()], Vec::new());
+    for _ in 0..n {
+        let next = tern_model::llama::cpu::argmax(&logits);
+        tokens.push(next);
+        model.forward(session, &[next], &mut logits).unwrap();
+        all.push(logits.clone());
+    }
+    (all, tokens)
+}
+
+fn bits(x: &[Vec<f32>]) -> Vec<u32> {
+    x.iter().flatten().map(|v| v.to_bits()).collect()
+}
+
+/// CPU reference and GPU on one generated model: greedy tokens equal for 32 steps, logits
+/// close at every step.
+fn parity(
+    device: &Arc<dyn Device>,
+    shape_name: &str,
+    linear: DType,
+    embd: DType,
+    prompt_len: usize,
+) {
+    let path = model_file(shape_name, linear, embd);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cpu = Model::open("m", &path, threads).unwrap();
+    let gpu = Model::open("m", &path, threads)
+        .unwrap()
+        .on_device(device)
+        .unwrap();
+    let p = prompt(prompt_len, cpu.config().n_vocab);
+    let ctx = prompt_len + 40;
+    let (want_logits, want) = greedy(&cpu, &mut cpu.new_session(ctx).unwrap(), &p, 32);
+    let (got_logits, got) = greedy(&gpu, &mut gpu.new_session(ctx).unwrap(), &p, 32);
+    let worst = got_logits
+        .iter()
+        .zip(&want_logits)
+        .map(|(g, w)| normalized_error(g, w))
+        .fold(0f32, f32::max);
+    eprintln!("{shape_name} {linear}: largest normalized logit error {worst:.2e}");
+    assert_eq!(got, want, "{shape_name} {linear}: greedy tokens differ");
+    assert!(
+        worst <= 1e-3,
+        "{shape_name} {linear}: logits differ by {worst}"
+    );
+}
+
+/// Whether the adapter is real hardware (not a CPU driver such as lavapipe).
+fn hardware(device: &Arc<dyn Device>) -> bool {
+    let gpu = device.as_wgpu().expect("a wgpu device");
+    gpu.adapter_info().device_type != tern_compute::wgpu::wgpu::DeviceType::Cpu
+}
+
+#[test]
+fn small_models_generate_as_the_cpu_does() {
+    let Some(device) = gpu("small_models_generate_as_the_cpu_does") else {
+        return;
+    };
+    let types = if hardware(&device) {
+        DType::ALL.to_vec()
+    } else {
+        vec![DType::Q4_0, DType::Q6_K, DType::F16]
+    };
+    for linear in types {
+        parity(&device, "small", linear, DType::Q8_0, 20);
+    }
+    // A prompt longer than one attention split (128 positions), in several chunks.
+    parity(&device, "small", DType::Q4_1, DType::Q8_0, 150);
+}
+
+#[test]
+fn real_shapes_generate_as_the_cpu_does() {
+    let Some(device) = gpu("real_shapes_generate_as_the_cpu_does") else {
+        return;
+    };
+    if !hardware(&device) {
+        eprintln!("real_shapes_generate_as_the_cpu_does: skipped: the adapter is a CPU driver");
+        return;
+    }
+    // The shapes of the benchmarks, in their types (the K-quants are checked op by op).
+    parity(&device, "smollm2-135m", DType::Q4_1, DType::Q8_0, 24);
+    parity(&device, "llama-3.2-1b", DType::F16, DType::F16, 24);
+}
+
+#[test]
+fn logits_land_in_imported_guest_memory() {
+    let Some(device) = gpu("logits_land_in_imported_guest_memory") else {
+        return;
+    };
+    let path = model_file("small", DType::Q8_0, DType::Q8_0);
+    let cpu = Model::open("m", &path, 2).unwrap();
+    let model = Model::open("m", &path, 2)
+        .unwrap()
+        .on_device(&device)
+        .unwrap();
+    let mapper: Arc<dyn tern_compute::HostMapper> = device.clone();
+    let mut region =
+        tern_memory::Region::with_committed(1 << 20, 1 << 20, 0, vec![mapper]).unwrap();
+    let n_vocab = model.config().n_vocab;
+    let bytes = region.as_mut_slice();
+    // SAFETY: 4-byte aligned (an offset of 4096 from a page), inside the region, and nothing
+    // else borrows these bytes while the slice lives.
+    let logits = unsafe {
+        std::slice::from_raw_parts_mut(bytes.as_mut_ptr().add(4100).cast::<f32>(), n_vocab)
+    };
+    logits.fill(f32::NAN);
+    let p = prompt(12, n_vocab);
+    let mut want = vec![0.0; n_vocab];
+    cpu.forward(&mut cpu.new_session(64).unwrap(), &p, &mut want)
+        .unwrap();
+    model
+        .forward(&mut model.new_session(64).unwrap(), &p, logits)
+        .unwrap();
+    let gpu = device.as_wgpu().unwrap();
+    if let tern_compute::wgpu::GuestAccess::ZeroCopy { .. } = gpu.guest_access() {
+        assert!(
+            gpu.guest_slice(logits.as_ptr() as usize, 4 * n_vocab)
+                .is_some()
+        );
+    }
+    assert!(normalized_error(logits, &want) <= 1e-4);
+}
+
+#[test]
+fn a_kv_cache_moved_off_and_back_onto_the_gpu_continues_bit_for_bit() {
+    let Some(device) = gpu("a_kv_cache_moved_off_and_back_onto_the_gpu_continues_bit_for_bit")
+    else {
+        return;
+    };
+    let path = model_file("small", DType::Q4_1, DType::Q8_0);
+    let model = Model::open("m", &path, 2)
+        .unwrap()
+        .on_device(&device)
+        .unwrap();
+    let p = prompt(40, 512);
+    let mut original = model.new_session(100).unwrap();
+    let mut logits = vec![0.0; 512];
+    model.forward(&mut original, &p, &mut logits).unwrap();
+    let host = original.host_kv(&model).unwrap().into_owned();
+    let mut moved = model.new_session(100).unwrap();
+    let le = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let layers: Vec<(Vec<u8>, Vec<u8>)> = (0..host.n_layer())
+        .map(|l| (le(host.layer(l).0), le(host.layer(l).1)))
+        .collect();
+    moved
+        .refill(&model, host.len, |l| {
+            Ok((&layers[l].0[..], &layers[l].1[..]))
+        })
+        .unwrap();
+    moved.tokens = original.tokens.clone();
+    let (a, ta) = greedy(&model, &mut original, &[7], 8);
+    let (b, tb) = greedy(&model, &mut moved, &[7], 8);
+    assert_eq!(ta, tb);
+    assert!(
+        bits(&a) == bits(&b),
+        "the moved cache continues differently"
+    );
+}
