@@ -307,28 +307,26 @@ impl Model {
                 top.len()
             )));
         }
-        match &mut session.kv {
-            SessionKv::Cpu(cache) => {
-                let mut own = Vec::new();
-                let logits = match logits {
-                    Some(l) => l,
-                    None => {
-                        own.resize(vocab, 0.0);
-                        &mut own[..]
-                    }
-                };
-                self.llama.forward(cache, tokens, logits)?;
-                top_k(logits, top);
-            }
-            #[cfg(feature = "cuda")]
-            SessionKv::Cuda(s) => {
-                let cuda = self.cuda.as_ref().ok_or_else(|| {
-                    ModelError::Invalid("a GPU session on a model without a GPU".into())
-                })?;
-                cuda.forward_top(s, tokens, logits, top)?
-            }
+        #[cfg(feature = "cuda")]
+        if let SessionKv::Cuda(s) = &mut session.kv {
+            let cuda = self.cuda.as_ref().ok_or_else(|| {
+                ModelError::Invalid("a GPU session on a model without a GPU".into())
+            })?;
+            cuda.forward_top(s, tokens, logits, top)?;
+            session.tokens.extend_from_slice(tokens);
+            return Ok(());
         }
-        session.tokens.extend_from_slice(tokens);
+        // Elsewhere the logits come to the host and the selection runs here.
+        let mut own = Vec::new();
+        let logits = match logits {
+            Some(l) => l,
+            None => {
+                own.resize(vocab, 0.0);
+                &mut own[..]
+            }
+        };
+        self.forward(session, tokens, logits)?;
+        top_k(logits, top);
         Ok(())
     }
 }

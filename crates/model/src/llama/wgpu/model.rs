@@ -107,7 +107,7 @@ impl WgpuLlama {
         logits: &mut [f32],
     ) -> Result<(), ModelError> {
         let c = &self.config;
-        super::super::check_forward(c, session.len, session.n_ctx, tokens, logits)?;
+        super::super::check_forward(c, session.len, session.n_ctx, tokens, Some(logits))?;
         let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let gpu = self.gpu();
         let guest = gpu.guest_slice(logits.as_ptr() as usize, size_of_val(logits));
