@@ -76,6 +76,7 @@ fn direct(
 
 /// As [`direct`], but each decode step asks the engine for the top logit only
 /// ([`tern_model::Model::forward_top`], no logits copied out); returns the decode time.
+#[cfg(feature = "cuda")]
 fn direct_top(
     model: &tern_model::Model,
     prompt: &[u32],
