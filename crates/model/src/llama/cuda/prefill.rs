@@ -9,7 +9,7 @@
 //! arithmetic is the CPU reference's. Results are bitwise reproducible run to run: cuBLAS
 //! computes a given GEMM the same way on the same GPU and stream.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tern_compute::cuda::cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use tern_compute::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
@@ -41,10 +41,21 @@ pub struct Prefill {
     widened: Option<CudaSlice<u16>>,
 }
 
-/// Why the prefill path cannot run on this machine, if it cannot.
+/// Why the prefill path cannot run on this machine, if it cannot. Probed once per process:
+/// the probe loads the library (tens of milliseconds), which then stays loaded for the GEMMs.
 pub fn unavailable() -> Option<&'static str> {
-    // SAFETY: only probes whether the library loads; calls nothing in it.
-    let present = unsafe { blas_sys::is_culib_present() };
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    let present = *PRESENT.get_or_init(|| {
+        // SAFETY: `is_culib_present` only tries to load the library; `culib` loads it for
+        // good (cudarc keeps it for the process) and is reached only when that succeeded, so
+        // it cannot fail.
+        unsafe {
+            blas_sys::is_culib_present() && {
+                let _ = blas_sys::culib();
+                true
+            }
+        }
+    });
     (!present).then_some("the cuBLAS library (libcublas) is not installed")
 }
 
