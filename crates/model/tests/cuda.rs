@@ -11,59 +11,21 @@
 //! to about 1e-4 of the logits' scale, far below the gap between the top two logits in all
 //! but rare near-ties, so greedy tokens must match exactly for 32 steps.
 
-use std::path::PathBuf;
+mod common;
+
+use common::{Rng, bits, greedy, model_file, normalized_error, parity, prompt, quantized};
+
 use std::sync::{Arc, OnceLock};
 
 use tern_compute::Device;
 use tern_compute::testing::cuda_or_skip;
-use tern_model::generate::{Types, shape, write_random_llama};
+use tern_model::Model;
 use tern_model::llama::cuda::testing::OpHarness;
-use tern_model::quant::{DType, dequantize_row, dot_rows, quantize_row};
-use tern_model::{Model, Session};
+use tern_model::quant::{DType, dequantize_row, dot_rows};
 
 fn gpu(test: &str) -> Option<Arc<dyn Device>> {
     static GPU: OnceLock<Option<Arc<dyn Device>>> = OnceLock::new();
     GPU.get_or_init(|| cuda_or_skip(test)).clone()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn f32(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.f32()).collect()
-    }
-}
-
-/// `max |a - b| / max |b|`.
-fn normalized_error(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-    let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| {
-        if x.is_nan() || y.is_nan() {
-            f32::INFINITY
-        } else {
-            m.max((x - y).abs())
-        }
-    });
-    worst / scale
-}
-
-fn quantized(dtype: DType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
-    let row_bytes = dtype.row_bytes(cols).unwrap();
-    let mut w = vec![0u8; rows * row_bytes];
-    for r in 0..rows {
-        quantize_row(
-            dtype,
-            &rng.vec(cols),
-            &mut w[r * row_bytes..(r + 1) * row_bytes],
-        );
-    }
-    w
 }
 
 #[test]
@@ -240,95 +202,6 @@ fn norms_and_activations_match_the_cpu() {
         .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
         .collect();
     assert!(normalized_error(&got, &want) <= 1e-6);
-}
-
-/// A generated model of `shape` with `linear` matrices, written once per process.
-fn model_file(shape_name: &str, linear: DType, embd: DType) -> PathBuf {
-    let dir = std::env::temp_dir().join("tern-cuda-models");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!(
-        "{shape_name}-{}-{}.gguf",
-        linear.name(),
-        embd.name()
-    ));
-    if !path.exists() {
-        let partial = path.with_extension(format!("partial-{}", std::process::id()));
-        write_random_llama(
-            &partial,
-            shape(shape_name).unwrap(),
-            Types { linear, embd },
-            3,
-        )
-        .unwrap();
-        std::fs::rename(&partial, &path).unwrap();
-    }
-    path
-}
-
-fn prompt(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| ((i * 7919 + 13) % vocab.min(256)) as u32)
-        .collect()
-}
-
-/// Greedy generation: the logits after the prompt and after each token, and the tokens. The
-/// prompt goes in pieces shorter than the GPU's tensor-core prefill takes, so that both
-/// backends run the same f32 arithmetic (the CPU's results do not depend on the pieces).
-fn greedy(
-    model: &Model,
-    session: &mut Session,
-    prompt: &[u32],
-    n: usize,
-) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let mut logits = vec![0.0; model.config().n_vocab];
-    for piece in prompt.chunks(63) {
-        model.forward(session, piece, &mut logits).unwrap();
-    }
-    let (mut all, mut tokens) = (vec![logits.clone()], Vec::new());
-    for _ in 0..n {
-        let next = tern_model::llama::cpu::argmax(&logits);
-        tokens.push(next);
-        model.forward(session, &[next], &mut logits).unwrap();
-        all.push(logits.clone());
-    }
-    (all, tokens)
-}
-
-fn bits(x: &[Vec<f32>]) -> Vec<u32> {
-    x.iter().flatten().map(|v| v.to_bits()).collect()
-}
-
-/// CPU reference and GPU on one generated model: greedy tokens equal for 32 steps, logits
-/// close at every step.
-fn parity(
-    device: &Arc<dyn Device>,
-    shape_name: &str,
-    linear: DType,
-    embd: DType,
-    prompt_len: usize,
-) {
-    let path = model_file(shape_name, linear, embd);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let cpu = Model::open("m", &path, threads).unwrap();
-    let gpu = Model::open("m", &path, threads)
-        .unwrap()
-        .on_device(device)
-        .unwrap();
-    let p = prompt(prompt_len, cpu.config().n_vocab);
-    let ctx = prompt_len + 40;
-    let (want_logits, want) = greedy(&cpu, &mut cpu.new_session(ctx).unwrap(), &p, 32);
-    let (got_logits, got) = greedy(&gpu, &mut gpu.new_session(ctx).unwrap(), &p, 32);
-    let worst = got_logits
-        .iter()
-        .zip(&want_logits)
-        .map(|(g, w)| normalized_error(g, w))
-        .fold(0f32, f32::max);
-    eprintln!("{shape_name} {linear}: largest normalized logit error {worst:.2e}");
-    assert_eq!(got, want, "{shape_name} {linear}: greedy tokens differ");
-    assert!(
-        worst <= 1e-3,
-        "{shape_name} {linear}: logits differ by {worst}"
-    );
 }
 
 #[test]
