@@ -82,6 +82,13 @@ impl Sampler {
         }
     }
 
+    /// Whether [`sample`](Self::sample) always picks the largest logit (no temperature, no
+    /// repetition penalty): the top logit alone then decides, and a host can select it
+    /// (`Session::forward_top`) without the guest reading the logits.
+    pub fn is_greedy(&self) -> bool {
+        self.config.temperature <= 0.0 && self.config.repeat_penalty == 1.0
+    }
+
     /// Picks the next token from `logits` (modified in place), given the tokens so far.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let c = &self.config;

@@ -10,7 +10,9 @@
 //!   end-of-turn token or the token limit.
 
 use serde::{Deserialize, Serialize};
-use tern_guest::{Actor, Error, Model, Sampler, SamplerConfig, Session, emit, export_actor};
+use tern_guest::{
+    Actor, Candidate, Error, Model, Sampler, SamplerConfig, Session, emit, export_actor,
+};
 
 /// Settings sent as `{"config": {...}}`.
 #[derive(Clone, Debug, Deserialize)]
@@ -160,8 +162,16 @@ impl Conversation {
         self.feed(&prompt)?;
         let mut reply = Vec::new();
         let mut pending = Vec::new();
+        // Greedy decoding asks the host for the top logit only (on a GPU the logits then
+        // never leave it); anything else samples from all of them, once per token as always.
+        let greedy = self.sampler.is_greedy();
+        let mut top = [Candidate::default()];
+        let mut selected = None;
         for _ in 0..self.config.max_tokens {
-            let token = self.sampler.sample(&mut self.logits, &self.tokens);
+            let token = match selected.take() {
+                Some(token) => token,
+                None => self.sampler.sample(&mut self.logits, &self.tokens),
+            };
             if self.end_tokens.contains(&token) || token as usize >= self.vocab {
                 break;
             }
@@ -172,7 +182,12 @@ impl Conversation {
             if self.tokens.len() + 1 >= self.config.context as usize {
                 break;
             }
-            self.session.forward(&[token], &mut self.logits)?;
+            if greedy {
+                self.session.forward_top(&[token], None, &mut top)?;
+                selected = Some(top[0].token);
+            } else {
+                self.session.forward(&[token], &mut self.logits)?;
+            }
             self.tokens.push(token);
         }
         emit(&pending)?;
