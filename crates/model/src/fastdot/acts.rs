@@ -77,7 +77,8 @@ impl QuantizedActs {
     }
 
     /// The chunks of 16 blocks, in order (one more than the whole chunks of `len()` when it
-    /// ends with a part of one).
+    /// ends with a part of one). Read by the x86 kernels.
+    #[cfg(target_arch = "x86_64")]
     pub(super) fn chunks(&self) -> impl Iterator<Item = Chunk<'_>> {
         let q = self.q.as_chunks::<CHUNK_ELEMS>().0.iter();
         let d = self.d.as_chunks::<LANES>().0.iter();
@@ -104,7 +105,8 @@ impl QuantizedActs {
     }
 }
 
-/// One chunk of 16 blocks of [`QuantizedActs`], as the kernels read it.
+/// One chunk of 16 blocks of [`QuantizedActs`], as the x86 kernels read it.
+#[cfg(target_arch = "x86_64")]
 pub(super) struct Chunk<'a> {
     pub(super) q: &'a [i8; CHUNK_ELEMS],
     pub(super) d: &'a [f32; LANES],
