@@ -2,14 +2,17 @@
 //!
 //! Weights are uploaded once, in their file's block format, and shared by every session of
 //! the model; each session owns its KV cache and scratch buffers in device memory. Kernels are
-//! the real files in `kernels/` (`matvec.cu`: quantized matrix-vector products; `llama.cu`:
-//! norms, attention with the rotary embeddings and KV append fused in, SwiGLU), compiled by NVRTC for the
-//! GPU's architecture and cached on disk.
+//! the real files in `kernels/` (`matvec.cu`: quantized matrix-vector products with the
+//! RMSNorm before and SwiGLU after them fused in; `llama.cu`: attention with the rotary
+//! embeddings and KV append fused in, the prefill path's element-wise kernels and flash
+//! attention, top-logit selection), compiled by NVRTC for the GPU's architecture and cached on
+//! disk. Prompts of [`prefill::PREFILL_MIN`] positions or more run their matrix products as
+//! BF16 GEMMs on tensor cores (`prefill.rs`).
 //!
 //! Guarantees:
-//! - Activations stay in f32 and weights are dequantized inside each dot product, as the
-//!   CPU reference does; every reduction runs in a fixed order, so results are bitwise
-//!   reproducible run to run and independent of other work on the GPU.
+//! - Decode steps and short prompts keep activations in f32 and dequantize weights inside
+//!   each dot product, as the CPU reference does; every reduction runs in a fixed order, so
+//!   results are bitwise reproducible run to run and independent of other work on the GPU.
 //! - When the logits buffer lies in host memory registered with the GPU (an actor's memory),
 //!   the last kernel writes the logits there directly: no staging buffer, no copy.
 //! - A decode step is one CUDA graph launch (captured per session and logits address).
