@@ -6,7 +6,7 @@
 //! RMSNorm before and SwiGLU after them fused in; `llama.cu`: attention with the rotary
 //! embeddings and KV append fused in, the prefill path's element-wise kernels and flash
 //! attention, top-logit selection), compiled by NVRTC for the GPU's architecture and cached on
-//! disk. Prompts of [`prefill::PREFILL_MIN`] positions or more run their matrix products as
+//! disk. Prompts of 64 positions or more run their matrix products as
 //! BF16 GEMMs on tensor cores (`prefill.rs`).
 //!
 //! Guarantees:
@@ -219,7 +219,7 @@ impl CudaLlama {
             .ok()
     }
 
-    /// How prompts of at least [`PREFILL_MIN`] positions run: on tensor cores, or why not.
+    /// How prompts of at least `PREFILL_MIN` (64) positions run: on tensor cores, or why not.
     pub fn prefill_path(&self) -> String {
         match prefill::unavailable() {
             None => format!(
