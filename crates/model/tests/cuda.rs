@@ -13,7 +13,10 @@
 
 mod common;
 
-use common::{Rng, bits, greedy, model_file, normalized_error, parity, prompt, quantized};
+use common::{
+    Rng, bits, greedy, model_file, moved_cache_continues_bit_for_bit, normalized_error, parity,
+    prompt, quantized,
+};
 
 use std::sync::{Arc, OnceLock};
 
@@ -336,32 +339,5 @@ fn a_kv_cache_moved_off_and_back_onto_the_gpu_continues_bit_for_bit() {
     else {
         return;
     };
-    let path = model_file("small", DType::Q4_1, DType::Q8_0);
-    let model = Model::open("m", &path, 2)
-        .unwrap()
-        .on_device(&device)
-        .unwrap();
-    let p = prompt(300, 512);
-    let mut original = model.new_session(400).unwrap();
-    let mut logits = vec![0.0; 512];
-    model.forward(&mut original, &p, &mut logits).unwrap();
-    let host = original.host_kv(&model).unwrap().into_owned();
-    let mut moved = model.new_session(400).unwrap();
-    let le = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-    let layers: Vec<(Vec<u8>, Vec<u8>)> = (0..host.n_layer())
-        .map(|l| (le(host.layer(l).0), le(host.layer(l).1)))
-        .collect();
-    moved
-        .refill(&model, host.len, |l| {
-            Ok((&layers[l].0[..], &layers[l].1[..]))
-        })
-        .unwrap();
-    moved.tokens = original.tokens.clone();
-    let (a, ta) = greedy(&model, &mut original, &[7], 16);
-    let (b, tb) = greedy(&model, &mut moved, &[7], 16);
-    assert_eq!(ta, tb);
-    assert!(
-        bits(&a) == bits(&b),
-        "the moved cache continues differently"
-    );
+    moved_cache_continues_bit_for_bit(&device, 300, 400, 16);
 }

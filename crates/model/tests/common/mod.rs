@@ -139,3 +139,42 @@ pub fn parity(
         "{shape_name} {linear}: logits differ by {worst}"
     );
 }
+
+/// A session's KV cache after a `prompt_len`-token prompt on `device` (the small generated
+/// model), copied to the host and written into a fresh session as a snapshot restore does,
+/// continues for `steps` greedy tokens with the same bits as the original.
+pub fn moved_cache_continues_bit_for_bit(
+    device: &Arc<dyn Device>,
+    prompt_len: usize,
+    n_ctx: usize,
+    steps: usize,
+) {
+    let path = model_file("small", DType::Q4_1, DType::Q8_0);
+    let model = Model::open("m", &path, 2)
+        .unwrap()
+        .on_device(device)
+        .unwrap();
+    let p = prompt(prompt_len, 512);
+    let mut original = model.new_session(n_ctx).unwrap();
+    let mut logits = vec![0.0; 512];
+    model.forward(&mut original, &p, &mut logits).unwrap();
+    let host = original.host_kv(&model).unwrap().into_owned();
+    let mut moved = model.new_session(n_ctx).unwrap();
+    let le = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let layers: Vec<(Vec<u8>, Vec<u8>)> = (0..host.n_layer())
+        .map(|l| (le(host.layer(l).0), le(host.layer(l).1)))
+        .collect();
+    moved
+        .refill(&model, host.len, |l| {
+            Ok((&layers[l].0[..], &layers[l].1[..]))
+        })
+        .unwrap();
+    moved.tokens = original.tokens.clone();
+    let (a, ta) = greedy(&model, &mut original, &[7], steps);
+    let (b, tb) = greedy(&model, &mut moved, &[7], steps);
+    assert_eq!(ta, tb);
+    assert!(
+        bits(&a) == bits(&b),
+        "the moved cache continues differently"
+    );
+}
