@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use tern_actor::{Actor, ActorModule, Limits, Runtime};
+use tern_actor::Actor;
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
-use super::{direct, direct_top, median, send};
+use super::{GuestBench, direct, direct_top, median, send};
 
 /// What the CUDA decode benchmark runs.
 pub struct CudaBench<'a> {
@@ -61,17 +61,12 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
     let bandwidth = cuda.copy_bandwidth(1 << 30, 5)?;
     let roofline = bandwidth / weight_bytes;
     let context = b.prefill + b.decode + 1;
-    let prompt: Vec<u32> = (0..b.prefill as u32)
-        .map(|i| (i * 7919 + 13) % c.n_vocab as u32)
-        .collect();
-
-    let mut runtime = Runtime::new(device.clone(), Limits::default())?;
-    runtime.add_model(model.clone());
-    let wasm =
-        std::fs::read(crate::run::resolve_module("bench")?).context("reading the bench guest")?;
-    let module = Arc::new(ActorModule::new(&runtime, "bench", &wasm)?);
-    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
-    let prefill_msg = format!("prefill {}", ids.join(" "));
+    let GuestBench {
+        prompt,
+        runtime,
+        module,
+        prefill_msg,
+    } = GuestBench::new(&device, &model, b.prefill)?;
 
     // Warm-up: graphs captured, caches and clocks settled, untimed.
     direct(&model, &prompt, 16, context)?;

@@ -10,6 +10,13 @@ mod snapshot;
 mod zero_copy;
 
 use std::process::ExitCode;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use std::sync::Arc;
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use anyhow::Context;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+use tern_actor::{ActorModule, Limits, Runtime};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
@@ -96,6 +103,44 @@ fn direct_top(
         model.forward_top(&mut session, &[top[0].token], None, &mut top)?;
     }
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// What the GPU decode benchmarks share: a prompt of `prefill` tokens spread over the
+/// vocabulary, a runtime serving `model` on `device`, the compiled `bench` guest, and the
+/// message that prefills the prompt in it.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+struct GuestBench {
+    prompt: Vec<u32>,
+    runtime: Runtime,
+    module: Arc<ActorModule>,
+    prefill_msg: String,
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl GuestBench {
+    fn new(
+        device: &Arc<dyn tern_compute::Device>,
+        model: &Arc<tern_model::Model>,
+        prefill: usize,
+    ) -> anyhow::Result<GuestBench> {
+        let vocab = model.config().n_vocab as u32;
+        let prompt: Vec<u32> = (0..prefill as u32)
+            .map(|i| (i * 7919 + 13) % vocab)
+            .collect();
+        let mut runtime = Runtime::new(device.clone(), Limits::default())?;
+        runtime.add_model(model.clone());
+        let wasm = std::fs::read(crate::run::resolve_module("bench")?)
+            .context("reading the bench guest")?;
+        let module = Arc::new(ActorModule::new(&runtime, "bench", &wasm)?);
+        let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+        let prefill_msg = format!("prefill {}", ids.join(" "));
+        Ok(GuestBench {
+            prompt,
+            runtime,
+            module,
+            prefill_msg,
+        })
+    }
 }
 
 /// Sends `message` to a bench actor; a negative reply is an error with the actor's output.
