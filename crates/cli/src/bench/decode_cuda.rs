@@ -69,8 +69,8 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
     } = GuestBench::new(&device, &model, b.prefill)?;
 
     // Warm-up: graphs captured, caches and clocks settled, untimed.
-    direct(&model, &prompt, 16, context)?;
-    direct_top(&model, &prompt, 16, context)?;
+    direct(&model, &prompt, b.decode.min(16), context)?;
+    direct_top(&model, &prompt, b.decode.min(16), context)?;
     let (mut dp, mut dd, mut ap, mut ad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut dt, mut at) = (Vec::new(), Vec::new());
     for _ in 0..b.repeats.max(1) {

@@ -64,7 +64,7 @@ pub fn decode_wgpu(b: WgpuBench<'_>) -> anyhow::Result<ExitCode> {
     } = GuestBench::new(&device, &model, b.prefill)?;
 
     // Warm-up: pipelines compiled by the driver, clocks settled, untimed.
-    direct(&model, &prompt, 16, context)?;
+    direct(&model, &prompt, b.decode.min(16), context)?;
     let (mut dp, mut dd, mut ap, mut ad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..b.repeats.max(1) {
         let (p, d) = direct(&model, &prompt, b.decode, context)?;
