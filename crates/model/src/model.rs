@@ -11,7 +11,7 @@ use crate::gguf::{GgufFile, Value};
 use crate::llama::cpu::{CpuLlama, KvCache, Precision};
 use crate::llama::{LlamaConfig, LlamaWeights, read_hf_config};
 use crate::safetensors::SafetensorsFile;
-use crate::top::{Candidate, MAX_TOP, top_k};
+use crate::top::{Candidate, check_k, top_k};
 
 /// A loaded model.
 pub struct Model {
@@ -290,7 +290,7 @@ impl Model {
         Ok(())
     }
 
-    /// [`forward`](Self::forward), and the `top.len()` (at most [`MAX_TOP`]) largest logits
+    /// [`forward`](Self::forward), and the `top.len()` (at most [`MAX_TOP`](crate::top::MAX_TOP)) largest logits
     /// of the last position into `top`, in [`crate::top`]'s order: on a GPU session they are
     /// selected there, and with `logits` `None` the logits never leave it.
     pub fn forward_top(
@@ -301,12 +301,7 @@ impl Model {
         top: &mut [Candidate],
     ) -> Result<(), ModelError> {
         let vocab = self.config().n_vocab;
-        if top.len() > MAX_TOP || top.len() > vocab {
-            return Err(ModelError::Invalid(format!(
-                "{} top logits asked for (at most {MAX_TOP}, and no more than the vocabulary)",
-                top.len()
-            )));
-        }
+        check_k(top.len(), vocab)?;
         #[cfg(feature = "cuda")]
         if let SessionKv::Cuda(s) = &mut session.kv {
             let cuda = self.cuda.as_ref().ok_or_else(|| {

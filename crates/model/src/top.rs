@@ -17,6 +17,17 @@ pub struct Candidate {
     pub logit: f32,
 }
 
+/// Refuses a request for `k` of `vocab` logits: more than [`MAX_TOP`] or than the
+/// vocabulary holds.
+pub fn check_k(k: usize, vocab: usize) -> Result<(), crate::ModelError> {
+    if k > MAX_TOP || k > vocab {
+        return Err(crate::ModelError::Invalid(format!(
+            "{k} top logits asked for (at most {MAX_TOP}, and no more than the vocabulary)"
+        )));
+    }
+    Ok(())
+}
+
 /// A logit's position in IEEE total order as an unsigned integer (larger sorts later).
 pub fn order_key(logit: f32) -> u32 {
     let bits = logit.to_bits();

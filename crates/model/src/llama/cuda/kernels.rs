@@ -218,6 +218,11 @@ fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
+/// Floats from one token's fused `q|k|v` row to the next.
+fn qkv_stride(c: &crate::llama::LlamaConfig) -> u32 {
+    (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32
+}
+
 fn by_head_dim(list: &[(usize, CudaFunction)], d: usize) -> Result<&CudaFunction, ModelError> {
     list.iter()
         .find(|(h, _)| *h == d)
@@ -431,7 +436,7 @@ impl Launcher<'_> {
         let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
         let (n_rot, halves) = (c.n_rot as u32, super::halves(c));
         let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let stride = (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32;
+        let stride = qkv_stride(c);
         let (k_cache, v_cache) = cache;
         let (part_o, part_ml, tickets) = scratch;
         launch!(
@@ -460,7 +465,6 @@ impl Launcher<'_> {
     /// Causal attention of a prefill chunk of `n_tok` queries, already rotated in place in
     /// `qkv`, over one layer's cache, to which [`Launcher::rope_append`] appended the
     /// chunk's keys and values.
-    #[allow(clippy::too_many_arguments)]
     pub fn attention_prefill(
         &self,
         c: &crate::llama::LlamaConfig,
@@ -472,7 +476,7 @@ impl Launcher<'_> {
     ) -> Result<(), ModelError> {
         let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let stride = (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32;
+        let stride = qkv_stride(c);
         // Queries per block (`QT` of the kernel's instance for this head size).
         let tile = if c.head_dim == 256 { 16 } else { 32 };
         launch!(
@@ -525,7 +529,8 @@ impl Launcher<'_> {
     }
 
     /// Rotates the queries of `n_tok` fused `q|k|v` rows in place and appends their rotated
-    /// keys and values to one layer's cache at `step[0]`.. (before an unfused `attention`).
+    /// keys and values to one layer's cache at `step[0]`.. (before
+    /// [`Launcher::attention_prefill`]).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_append(
         &self,
@@ -538,7 +543,7 @@ impl Launcher<'_> {
     ) -> Result<(), ModelError> {
         let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
         let (head_dim, n_rot, halves) = (c.head_dim as u32, c.n_rot as u32, super::halves(c));
-        let stride = (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32;
+        let stride = qkv_stride(c);
         launch!(
             self,
             &self.kernels.rope_append,

@@ -35,7 +35,7 @@ use tern_compute::cuda::cudarc::driver::{CudaContext, CudaStream};
 use crate::ModelError;
 use crate::llama::cpu::CpuLlama;
 use crate::llama::{LlamaConfig, RopeStyle};
-use crate::top::{Candidate, MAX_TOP};
+use crate::top::Candidate;
 use kernels::Kernels;
 use prefill::{PREFILL_CHUNK, PREFILL_MIN, Prefill};
 use weights::DeviceWeights;
@@ -350,11 +350,7 @@ fn median_rate(
 
 /// Refuses a request for `k` of `vocab` logits that the top-k kernels cannot serve.
 fn check_top(vocab: usize, k: usize) -> Result<(), ModelError> {
-    if k > MAX_TOP || k > vocab {
-        return Err(ModelError::Invalid(format!(
-            "{k} top logits asked for (at most {MAX_TOP}, and no more than the vocabulary)"
-        )));
-    }
+    crate::top::check_k(k, vocab)?;
     if vocab.div_ceil(kernels::TOP_CHUNK) > kernels::TOP_MAX_LISTS {
         return Err(ModelError::Unsupported(format!(
             "selecting top logits on the GPU from a vocabulary of {vocab}"
