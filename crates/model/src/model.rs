@@ -290,9 +290,10 @@ impl Model {
         Ok(())
     }
 
-    /// [`forward`](Self::forward), and the `top.len()` (at most [`MAX_TOP`](crate::top::MAX_TOP)) largest logits
-    /// of the last position into `top`, in [`crate::top`]'s order: on a GPU session they are
-    /// selected there, and with `logits` `None` the logits never leave it.
+    /// [`forward`](Self::forward), and the `top.len()` (at most
+    /// [`MAX_TOP`](crate::top::MAX_TOP)) largest logits of the last position into `top`, in
+    /// [`crate::top`]'s order: on a CUDA session they are selected there, and with `logits`
+    /// `None` the logits never leave it.
     pub fn forward_top(
         &self,
         session: &mut Session,
