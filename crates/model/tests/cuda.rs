@@ -14,8 +14,8 @@
 mod common;
 
 use common::{
-    Rng, bits, greedy, model_file, moved_cache_continues_bit_for_bit, normalized_error, parity,
-    prompt, quantized,
+    Rng, bits, greedy, model_file, model_file_of, moved_cache_continues_bit_for_bit,
+    normalized_error, parity, prompt, quantized,
 };
 
 use std::sync::{Arc, OnceLock};
@@ -23,6 +23,7 @@ use std::sync::{Arc, OnceLock};
 use tern_compute::Device;
 use tern_compute::testing::cuda_or_skip;
 use tern_model::Model;
+use tern_model::generate::{Shape, shape};
 use tern_model::llama::cuda::testing::OpHarness;
 use tern_model::quant::{DType, dequantize_row, dot_rows};
 
@@ -232,12 +233,33 @@ fn tensor_core_prefill_stays_close_to_the_cpu() {
         return;
     };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    for (shape_name, linear, embd) in [
-        ("small", DType::Q4_1, DType::Q8_0),
-        ("smollm2-135m", DType::Q8_0, DType::Q8_0),
-        ("llama-3.2-1b", DType::BF16, DType::BF16),
+    // The small shape again with each other head size the attention kernels are built for
+    // (64 is the real shapes'): 32 and 256 on f32 FMAs, 128 on tensor cores.
+    let small = shape("small").unwrap();
+    let heads = |name, n_head, n_head_kv| Shape {
+        name,
+        n_head,
+        n_head_kv,
+        ..small.clone()
+    };
+    for (shape, linear, embd) in [
+        (small.clone(), DType::Q4_1, DType::Q8_0),
+        (heads("small-d32", 8, 4), DType::Q4_1, DType::Q8_0),
+        (heads("small-d128", 2, 1), DType::Q4_1, DType::Q8_0),
+        (heads("small-d256", 1, 1), DType::Q4_1, DType::Q8_0),
+        (
+            shape("smollm2-135m").unwrap().clone(),
+            DType::Q8_0,
+            DType::Q8_0,
+        ),
+        (
+            shape("llama-3.2-1b").unwrap().clone(),
+            DType::BF16,
+            DType::BF16,
+        ),
     ] {
-        let path = model_file(shape_name, linear, embd);
+        let shape_name = shape.name;
+        let path = model_file_of(&shape, linear, embd);
         let cpu = Model::open("m", &path, threads).unwrap();
         let gpu = Model::open("m", &path, threads)
             .unwrap()

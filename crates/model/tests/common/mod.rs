@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tern_compute::Device;
-use tern_model::generate::{Types, shape, write_random_llama};
+use tern_model::generate::{Shape, Types, shape, write_random_llama};
 use tern_model::quant::{DType, quantize_row};
 use tern_model::{Model, Session};
 
@@ -53,22 +53,22 @@ pub fn quantized(dtype: DType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u
 
 /// A generated model of `shape` with `linear` matrices, written once per process.
 pub fn model_file(shape_name: &str, linear: DType, embd: DType) -> PathBuf {
+    model_file_of(shape(shape_name).unwrap(), linear, embd)
+}
+
+/// The same for any shape (its name names the file).
+pub fn model_file_of(shape: &Shape, linear: DType, embd: DType) -> PathBuf {
     let dir = std::env::temp_dir().join("tern-test-models");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!(
-        "{shape_name}-{}-{}.gguf",
+        "{}-{}-{}.gguf",
+        shape.name,
         linear.name(),
         embd.name()
     ));
     if !path.exists() {
         let partial = path.with_extension(format!("partial-{}", std::process::id()));
-        write_random_llama(
-            &partial,
-            shape(shape_name).unwrap(),
-            Types { linear, embd },
-            3,
-        )
-        .unwrap();
+        write_random_llama(&partial, shape, Types { linear, embd }, 3).unwrap();
         std::fs::rename(&partial, &path).unwrap();
     }
     path

@@ -51,13 +51,15 @@ pub struct Kernels {
     dequant_bf16: Vec<(DType, CudaFunction)>,
     rmsnorm: CudaFunction,
     rmsnorm_bf16: CudaFunction,
-    to_bf16: CudaFunction,
     rope_append: CudaFunction,
     swiglu: CudaFunction,
     swiglu_bf16: CudaFunction,
-    /// By head size: `attention_<head_dim>`, `attention_prefill_<head_dim>`.
+    /// By head size: `attention_<head_dim>`.
     attention: Vec<(usize, CudaFunction)>,
-    attention_prefill: Vec<(usize, CudaFunction)>,
+    /// By head size: the prefill attention and its queries per block,
+    /// `attention_prefill_mma_<head_dim>` where the GPU and head size have it, else
+    /// `attention_prefill_<head_dim>`.
+    attention_prefill: Vec<(usize, (CudaFunction, u32))>,
     top_k_blocks: CudaFunction,
     top_k_merge: CudaFunction,
 }
@@ -165,7 +167,6 @@ impl Kernels {
                 dequant_bf16: per_type("dequant_bf16")?,
                 rmsnorm: get(0, "rmsnorm")?,
                 rmsnorm_bf16: get(0, "rmsnorm_bf16")?,
-                to_bf16: get(0, "to_bf16")?,
                 rope_append: get(0, "rope_append")?,
                 swiglu: get(0, "swiglu")?,
                 swiglu_bf16: get(0, "swiglu_bf16")?,
@@ -177,7 +178,15 @@ impl Kernels {
                 top_k_merge: get(0, "top_k_merge")?,
                 attention_prefill: HEAD_DIMS
                     .iter()
-                    .map(|&d| Ok((d, get(0, &format!("attention_prefill_{d}"))?)))
+                    .map(|&d| {
+                        let (name, tile) = match d {
+                            // Tensor cores (TF32 mma.sync): sm_80 and later.
+                            64 | 128 if arch >= 80 => (format!("attention_prefill_mma_{d}"), 64),
+                            256 => (format!("attention_prefill_{d}"), 16),
+                            _ => (format!("attention_prefill_{d}"), 32),
+                        };
+                        Ok((d, (get(0, &name)?, tile)))
+                    })
                     .collect::<Result<_, ModelError>>()?,
             },
             all_cached,
@@ -223,7 +232,7 @@ fn qkv_stride(c: &crate::llama::LlamaConfig) -> u32 {
     (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32
 }
 
-fn by_head_dim(list: &[(usize, CudaFunction)], d: usize) -> Result<&CudaFunction, ModelError> {
+fn by_head_dim<T>(list: &[(usize, T)], d: usize) -> Result<&T, ModelError> {
     list.iter()
         .find(|(h, _)| *h == d)
         .map(|(_, f)| f)
@@ -464,7 +473,8 @@ impl Launcher<'_> {
 
     /// Causal attention of a prefill chunk of `n_tok` queries, already rotated in place in
     /// `qkv`, over one layer's cache, to which [`Launcher::rope_append`] appended the
-    /// chunk's keys and values.
+    /// chunk's keys and values. `out` gets `n_tok` rows of `n_head * head_dim` bf16 values
+    /// (the output projection's GEMM operand).
     pub fn attention_prefill(
         &self,
         c: &crate::llama::LlamaConfig,
@@ -477,12 +487,11 @@ impl Launcher<'_> {
         let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let stride = qkv_stride(c);
-        // Queries per block (`QT` of the kernel's instance for this head size).
-        let tile = if c.head_dim == 256 { 16 } else { 32 };
+        let (f, tile) = by_head_dim(&self.kernels.attention_prefill, c.head_dim)?;
         launch!(
             self,
-            by_head_dim(&self.kernels.attention_prefill, c.head_dim)?,
-            config((n_tok.div_ceil(tile), n_head, 1), 128),
+            f,
+            config((n_head, n_tok.div_ceil(*tile), 1), 128),
             &qkv,
             &cache.0,
             &cache.1,
@@ -547,7 +556,7 @@ impl Launcher<'_> {
         launch!(
             self,
             &self.kernels.rope_append,
-            config((n_tok, n_head + n_head_kv, 1), 64),
+            config((n_tok, 1, 1), 256),
             &qkv,
             &cache.0,
             &cache.1,
@@ -573,18 +582,6 @@ impl Launcher<'_> {
             &w.rows,
             &w.cols,
             &w.row_bytes
-        )
-    }
-
-    /// `out[i] = bf16(x[i])` for `n` floats.
-    pub fn to_bf16(&self, x: u64, out: u64, n: u32) -> Result<(), ModelError> {
-        launch!(
-            self,
-            &self.kernels.to_bf16,
-            config((n.div_ceil(256), 1, 1), 256),
-            &x,
-            &out,
-            &n
         )
     }
 

@@ -35,7 +35,6 @@ pub struct Prefill {
     pub x: CudaSlice<f32>,       // (PREFILL_CHUNK, n_embd) the residual stream
     pub act: CudaSlice<u16>,     // (PREFILL_CHUNK, max(n_embd, q_dim, n_ff)) bf16 GEMM input
     pub qkv: CudaSlice<f32>,     // (PREFILL_CHUNK, q_dim + 2 * kv_dim)
-    pub att: CudaSlice<f32>,     // (PREFILL_CHUNK, q_dim)
     pub gate_up: CudaSlice<f32>, // (PREFILL_CHUNK, 2 * n_ff)
     /// The largest non-BF16 layer matrix, widened to BF16 before its GEMM.
     widened: Option<CudaSlice<u16>>,
@@ -89,7 +88,6 @@ impl Prefill {
             x: alloc(PREFILL_CHUNK * c.n_embd)?,
             act: half(PREFILL_CHUNK * widest)?,
             qkv: alloc(PREFILL_CHUNK * (q_dim + 2 * c.kv_dim()))?,
-            att: alloc(PREFILL_CHUNK * q_dim)?,
             gate_up: alloc(PREFILL_CHUNK * 2 * c.n_ff)?,
             widened: widened.map(half).transpose()?,
         })

@@ -203,11 +203,10 @@ impl CudaSession {
             kernels: &model.kernels,
             stream: &model.stream,
         };
-        let (x, act, qkv, att, gate_up) = (
+        let (x, act, qkv, gate_up) = (
             pre.ptr(&pre.x),
             pre.ptr(&pre.act),
             pre.ptr(&pre.qkv),
-            pre.ptr(&pre.att),
             pre.ptr(&pre.gate_up),
         );
         let step = self.ptr(&self.buf.step);
@@ -233,10 +232,8 @@ impl CudaSession {
             mark("gemm qkv")?;
             run.rope_append(c, n_u, qkv, (k_cache, v_cache), w.inv_freq, step)?;
             mark("rope_append")?;
-            run.attention_prefill(c, n_u, qkv, (k_cache, v_cache), att, step)?;
+            run.attention_prefill(c, n_u, qkv, (k_cache, v_cache), act, step)?;
             mark("attention")?;
-            run.to_bf16(att, act, (n * q_dim) as u32)?;
-            mark("to_bf16")?;
             pre.gemm(&run, &lw.wo, n, x, e, true)?;
             mark("gemm o")?;
             run.rmsnorm(x, lw.ffn_norm, act, n_u, e as u32, c.rms_eps, true)?;

@@ -91,8 +91,15 @@ __device__ __forceinline__ unsigned short to_bf16_bits(float f) {
     return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// rmsnorm with the result rounded to bf16: the operand of a prefill GEMM. Grid (n_tok),
-// block 256.
+// rmsnorm with the result rounded to bf16: the operand of a prefill GEMM. Each thread keeps
+// its part of the row in registers (16-byte loads, at most NORM_VEC of them) when the width
+// allows, else reads the row twice. Grid (n_tok), block 256.
+#define NORM_VEC 8
+
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+    return to_bf16_bits(lo) | (unsigned)to_bf16_bits(hi) << 16;
+}
+
 extern "C" __global__ void rmsnorm_bf16(const float* __restrict__ x, const float* __restrict__ w,
                                         unsigned short* __restrict__ out, unsigned n, float eps) {
     pdl_wait();
@@ -100,6 +107,26 @@ extern "C" __global__ void rmsnorm_bf16(const float* __restrict__ x, const float
     __shared__ float shared[32];
     const float* xr = x + (size_t)blockIdx.x * n;
     unsigned short* o = out + (size_t)blockIdx.x * n;
+    if (n % 4 == 0 && n <= 4 * NORM_VEC * blockDim.x) {
+        float4 v[NORM_VEC];
+        float sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < NORM_VEC; k++) {
+            const unsigned i = 4 * (threadIdx.x + k * blockDim.x);
+            v[k] = i < n ? *(const float4*)(xr + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            sum += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+        }
+        const float scale = 1.0f / sqrtf(block_sum(sum, shared) / (float)n + eps);
+#pragma unroll
+        for (int k = 0; k < NORM_VEC; k++) {
+            const unsigned i = 4 * (threadIdx.x + k * blockDim.x);
+            if (i >= n) break;
+            const float4 g = *(const float4*)(w + i);
+            *(uint2*)(o + i) = make_uint2(bf16_pair(v[k].x * scale * g.x, v[k].y * scale * g.y),
+                                          bf16_pair(v[k].z * scale * g.z, v[k].w * scale * g.w));
+        }
+        return;
+    }
     float sum = 0.0f;
     for (unsigned i = threadIdx.x; i < n; i += blockDim.x) sum += xr[i] * xr[i];
     float mean_sq = block_sum(sum, shared) / (float)n;
@@ -107,20 +134,11 @@ extern "C" __global__ void rmsnorm_bf16(const float* __restrict__ x, const float
     for (unsigned i = threadIdx.x; i < n; i += blockDim.x) o[i] = to_bf16_bits(xr[i] * scale * w[i]);
 }
 
-// out[i] = bf16(x[i]) for i < n. Grid (ceil(n / 256)), block 256.
-extern "C" __global__ void to_bf16(const float* __restrict__ x, unsigned short* __restrict__ out,
-                                   unsigned n) {
-    pdl_wait();
-    pdl_launch_dependents();
-    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = to_bf16_bits(x[i]);
-}
-
 // Rotates the query heads of n_tok fused q | k | v rows (`stride` floats apart) in place and
 // appends the rotated keys and the values to the layer's cache at positions step[0] + t:
 // the prefill path's half of what `attention` fuses for short calls (attention_prefill
-// reads them back from the cache). Grid
-// (n_tok, n_head + n_head_kv), block 64.
+// reads them back from the cache). Block t takes token t: the rotation's n_rot / 2 angles
+// once, then every head's pairs. Grid (n_tok), block 256; n_rot <= 256.
 extern "C" __global__ void rope_append(float* qkv, float* __restrict__ k_cache,
                                        float* __restrict__ v_cache,
                                        const float* __restrict__ inv_freq,
@@ -129,25 +147,29 @@ extern "C" __global__ void rope_append(float* qkv, float* __restrict__ k_cache,
                                        int halves, unsigned stride) {
     pdl_wait();
     pdl_launch_dependents();
-    unsigned t = blockIdx.x, head = blockIdx.y;
-    unsigned q_dim = n_head * head_dim, kv_dim = n_head_kv * head_dim;
-    int pos = step[0] + (int)t;
+    __shared__ float s_cos[128], s_sin[128];
+    const unsigned t = blockIdx.x, half = n_rot / 2;
+    const unsigned q_dim = n_head * head_dim, kv_dim = n_head_kv * head_dim;
+    const int pos = step[0] + (int)t;
+    for (unsigned i = threadIdx.x; i < half; i += blockDim.x)
+        sincosf((float)pos * inv_freq[i], &s_sin[i], &s_cos[i]);
     float* row = qkv + (size_t)t * stride;
-    float* dst;
-    const float* src;
-    if (head < n_head) {
-        dst = row + head * head_dim;
-        src = dst;
-    } else {
-        unsigned kv_off = (head - n_head) * head_dim;
-        src = row + q_dim + kv_off;
-        dst = k_cache + (size_t)pos * kv_dim + kv_off;
-        const float* vs = row + q_dim + kv_dim + kv_off;
-        float* vd = v_cache + (size_t)pos * kv_dim + kv_off;
-        for (unsigned i = threadIdx.x; i < head_dim; i += blockDim.x) vd[i] = vs[i];
-        for (unsigned i = n_rot + threadIdx.x; i < head_dim; i += blockDim.x) dst[i] = src[i];
+    float* k_row = k_cache + (size_t)pos * kv_dim;
+    float* v_row = v_cache + (size_t)pos * kv_dim;
+    for (unsigned i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        v_row[i] = row[q_dim + kv_dim + i];
+        if (i % head_dim >= n_rot) k_row[i] = row[q_dim + i];
     }
-    rope_pairs(src, dst, pos, inv_freq, n_rot, halves);
+    __syncthreads();
+    for (unsigned i = threadIdx.x; i < (n_head + n_head_kv) * half; i += blockDim.x) {
+        const unsigned head = i / half, p = i % half;
+        const unsigned a = halves ? p : 2 * p, b = halves ? p + half : 2 * p + 1;
+        const float* src = row + head * head_dim;  // a key head's src follows the queries
+        float* dst = head < n_head ? row + head * head_dim : k_row + (head - n_head) * head_dim;
+        const float x0 = src[a], x1 = src[b], c = s_cos[p], sn = s_sin[p];
+        dst[a] = x0 * c - x1 * sn;
+        dst[b] = x0 * sn + x1 * c;
+    }
 }
 
 // out[t][i] = bf16(silu(gate) * up) for i < n_ff, as swiglu below, where token t's row of
@@ -431,7 +453,7 @@ ATTENTION(64)
 ATTENTION(128)
 ATTENTION(256)
 
-// Causal attention for a prefill chunk (flash attention, f32): block (tile, head) takes
+// Causal attention for a prefill chunk (flash attention, f32): block (head, tile) takes
 // queries QT * tile .. of one head, already rotated in place in their fused q | k | v rows
 // (`stride` floats apart), and walks the cache's key and value rows (this chunk's appended
 // by rope_append) in tiles of KT positions up to the tile's last query, in position order.
@@ -441,12 +463,13 @@ ATTENTION(256)
 // * value for its queries and dimensions in position order. The order of every sum is fixed
 // by the tile sizes, never by timing, so results are bitwise reproducible.
 //
-// Grid (ceil(n_tok / QT), n_head), block 128. out: (n_tok, n_head * D).
+// Grid (n_head, ceil(n_tok / QT)), block 128. out: (n_tok, n_head * D) bf16, the operand of
+// the output projection's GEMM.
 template <int D, int QT, int KT>
 __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
                                                   const float* __restrict__ k_cache,
                                                   const float* __restrict__ v_cache,
-                                                  float* __restrict__ out,
+                                                  unsigned short* __restrict__ out,
                                                   const int* __restrict__ step, unsigned n_tok,
                                                   unsigned n_head, unsigned n_head_kv,
                                                   float scale, unsigned stride) {
@@ -466,7 +489,7 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
     pdl_launch_dependents();
     const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const unsigned ty = tid / 8, tx = tid % 8;
-    const unsigned head = blockIdx.y, t0 = blockIdx.x * QT;
+    const unsigned head = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * QT;  // longest first
     const int step0 = step[0];
     const unsigned q_dim = n_head * D, kv_dim = n_head_kv * D;
     const unsigned kv_off = (head / (n_head / n_head_kv)) * D;
@@ -573,14 +596,15 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
         const unsigned row = ty + 16 * r, t = t0 + row;
         if (t >= n_tok) continue;
         const float l = s_l[row];
-        for (int m = 0; m < RD; m++) out[(size_t)t * q_dim + head * D + tx + 8 * m] = o[r][m] / l;
+        for (int m = 0; m < RD; m++)
+            out[(size_t)t * q_dim + head * D + tx + 8 * m] = to_bf16_bits(o[r][m] / l);
     }
 }
 
 #define ATTENTION_PREFILL(D, QT, KT)                                                              \
     extern "C" __global__ void __launch_bounds__(128) attention_prefill_##D(                      \
         const float* __restrict__ qkv, const float* __restrict__ k_cache,                         \
-        const float* __restrict__ v_cache, float* __restrict__ out,                               \
+        const float* __restrict__ v_cache, unsigned short* __restrict__ out,                      \
         const int* __restrict__ step, unsigned n_tok, unsigned n_head, unsigned n_head_kv,        \
         float scale, unsigned stride) {                                                           \
         attention_prefill<D, QT, KT>(qkv, k_cache, v_cache, out, step, n_tok, n_head, n_head_kv, \
@@ -591,6 +615,176 @@ ATTENTION_PREFILL(32, 32, 32)
 ATTENTION_PREFILL(64, 32, 32)
 ATTENTION_PREFILL(128, 32, 16)
 ATTENTION_PREFILL(256, 16, 8)
+
+#if __CUDA_ARCH__ >= 800
+// The same attention on tensor cores (sm_80 and later), for head sizes 64 and 128: TF32
+// mma.sync (m16n8k8, f32 accumulation), FlashAttention-2's layout. Block (head, tile) takes
+// MMA_QT = 64 queries of one head, 16 per warp; the longest (last) tiles are scheduled first.
+// Each warp keeps its queries as A fragments in registers and, per tile of KT cached
+// positions (staged in shared memory, rounded to TF32, rows padded by 4 floats so that
+// fragment reads hit 32 distinct banks), computes its 16 x KT scores S = Q K^T, masks and
+// scales them, updates each row's running max and sum (a row's four lanes combined by a
+// fixed butterfly), and adds P V into its 16 x D accumulators. P's accumulator layout feeds
+// the next mma as its A operand once the keys inside each group of eight are taken in the
+// order 0, 2, 4, 6, 1, 3, 5, 7, which V's B fragments follow. Every sum runs in an order
+// fixed by the tile sizes, so results are bitwise reproducible.
+//
+// Grid (n_head, ceil(n_tok / MMA_QT)), block 128. out: (n_tok, n_head * D) bf16.
+#define MMA_QT 64
+
+__device__ __forceinline__ unsigned to_tf32(float f) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
+    return r;
+}
+
+// d += a b for one m16n8k8 TF32 tile: a (16 x 8) as four registers, b (8 x 8) as two.
+__device__ __forceinline__ void mma_tf32(float (&d)[4], unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int D, int KT>
+__device__ __forceinline__ void attention_prefill_mma(const float* __restrict__ qkv,
+                                                      const float* __restrict__ k_cache,
+                                                      const float* __restrict__ v_cache,
+                                                      unsigned short* __restrict__ out,
+                                                      const int* __restrict__ step,
+                                                      unsigned n_tok, unsigned n_head,
+                                                      unsigned n_head_kv, float scale,
+                                                      unsigned stride) {
+    constexpr int KS = D + 4;   // a staged row's stride, in floats
+    constexpr int NB = KT / 8;  // groups of eight keys in a tile
+    constexpr int DB = D / 8;   // groups of eight dimensions
+    __shared__ __align__(16) float s_k[KT * KS];
+    __shared__ __align__(16) float s_v[KT * KS];
+
+    pdl_wait();
+    pdl_launch_dependents();
+    const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const unsigned g = lane / 4, tq = lane % 4;  // mma fragment coordinates
+    const unsigned head = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * MMA_QT;
+    const int step0 = step[0];
+    const unsigned q_dim = n_head * D, kv_dim = n_head_kv * D;
+    const unsigned kv_off = (head / (n_head / n_head_kv)) * D;
+    const unsigned t_end = t0 + MMA_QT < n_tok ? t0 + MMA_QT : n_tok;
+    const int last = step0 + (int)t_end - 1;  // the block's last query position
+    const unsigned r0 = t0 + warp * 16 + g, r1 = r0 + 8;  // this thread's two query rows
+    const int qp0 = step0 + (int)r0, qp1 = step0 + (int)r1;
+    const int warp_last = step0 + (int)(t0 + warp * 16 + 15);
+
+    unsigned qa[DB][4];
+    {
+        const float* q0 = qkv + (size_t)r0 * stride + head * D;
+        const float* q1 = qkv + (size_t)r1 * stride + head * D;
+        for (int kb = 0; kb < DB; kb++) {
+            const unsigned c = kb * 8 + tq;
+            qa[kb][0] = to_tf32(r0 < n_tok ? q0[c] : 0.0f);
+            qa[kb][1] = to_tf32(r1 < n_tok ? q1[c] : 0.0f);
+            qa[kb][2] = to_tf32(r0 < n_tok ? q0[c + 4] : 0.0f);
+            qa[kb][3] = to_tf32(r1 < n_tok ? q1[c + 4] : 0.0f);
+        }
+    }
+    float o[DB][4];
+    for (int db = 0; db < DB; db++) o[db][0] = o[db][1] = o[db][2] = o[db][3] = 0.0f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;  // rows r0, r1 (l: this lane's part)
+
+    for (int k0 = 0; k0 <= last; k0 += KT) {
+        __syncthreads();  // the previous tile is used up
+        for (unsigned i = tid; i < KT * D / 4; i += blockDim.x) {
+            const unsigned j = i / (D / 4), d = 4 * (i % (D / 4));
+            const int p = k0 + (int)j;
+            float4 kv4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv4 = kv4;
+            if (p <= last) {
+                kv4 = *(const float4*)(k_cache + (size_t)p * kv_dim + kv_off + d);
+                vv4 = *(const float4*)(v_cache + (size_t)p * kv_dim + kv_off + d);
+            }
+            *(uint4*)&s_k[j * KS + d] =
+                make_uint4(to_tf32(kv4.x), to_tf32(kv4.y), to_tf32(kv4.z), to_tf32(kv4.w));
+            *(uint4*)&s_v[j * KS + d] =
+                make_uint4(to_tf32(vv4.x), to_tf32(vv4.y), to_tf32(vv4.z), to_tf32(vv4.w));
+        }
+        __syncthreads();
+        if (k0 > warp_last) continue;  // every key of the tile is after this warp's queries
+        const unsigned* sk = (const unsigned*)s_k;
+        const unsigned* sv = (const unsigned*)s_v;
+        float s[NB][4];
+        for (int nb = 0; nb < NB; nb++) {
+            s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+            const unsigned* krow = sk + (nb * 8 + g) * KS + tq;
+            for (int kb = 0; kb < DB; kb++)
+                mma_tf32(s[nb], qa[kb][0], qa[kb][1], qa[kb][2], qa[kb][3], krow[kb * 8],
+                         krow[kb * 8 + 4]);
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+        for (int nb = 0; nb < NB; nb++) {
+            for (int e = 0; e < 4; e++) {
+                const int kp = k0 + nb * 8 + 2 * (int)tq + (e & 1);
+                s[nb][e] = kp <= (e < 2 ? qp0 : qp1) ? s[nb][e] * scale : NEG_INF;
+            }
+            mx0 = fmaxf(mx0, fmaxf(s[nb][0], s[nb][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[nb][2], s[nb][3]));
+        }
+        for (int x = 1; x < 4; x <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, x));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, x));
+        }
+        // The first tile always holds position 0, which every query sees: the maxima are
+        // finite from then on.
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float alpha0 = expf(m0 - n0), alpha1 = expf(m1 - n1);
+        m0 = n0, m1 = n1;
+        float sum0 = 0.0f, sum1 = 0.0f;
+        for (int nb = 0; nb < NB; nb++) {
+            s[nb][0] = expf(s[nb][0] - n0), s[nb][1] = expf(s[nb][1] - n0);
+            s[nb][2] = expf(s[nb][2] - n1), s[nb][3] = expf(s[nb][3] - n1);
+            sum0 += s[nb][0] + s[nb][1];
+            sum1 += s[nb][2] + s[nb][3];
+        }
+        l0 = l0 * alpha0 + sum0, l1 = l1 * alpha1 + sum1;
+        for (int db = 0; db < DB; db++) {
+            o[db][0] *= alpha0, o[db][1] *= alpha0;
+            o[db][2] *= alpha1, o[db][3] *= alpha1;
+        }
+        for (int nb = 0; nb < NB; nb++) {
+            const unsigned a0 = to_tf32(s[nb][0]), a1 = to_tf32(s[nb][2]);
+            const unsigned a2 = to_tf32(s[nb][1]), a3 = to_tf32(s[nb][3]);
+            const unsigned* vrow = sv + (nb * 8 + 2 * tq) * KS + g;
+            for (int db = 0; db < DB; db++)
+                mma_tf32(o[db], a0, a1, a2, a3, vrow[db * 8], vrow[KS + db * 8]);
+        }
+    }
+    for (int x = 1; x < 4; x <<= 1) {
+        l0 += __shfl_xor_sync(FULL_MASK, l0, x);
+        l1 += __shfl_xor_sync(FULL_MASK, l1, x);
+    }
+    for (int db = 0; db < DB; db++) {
+        const unsigned col = head * D + db * 8 + 2 * tq;
+        if (r0 < n_tok)
+            *(unsigned*)(out + (size_t)r0 * q_dim + col) =
+                to_bf16_bits(o[db][0] / l0) | (unsigned)to_bf16_bits(o[db][1] / l0) << 16;
+        if (r1 < n_tok)
+            *(unsigned*)(out + (size_t)r1 * q_dim + col) =
+                to_bf16_bits(o[db][2] / l1) | (unsigned)to_bf16_bits(o[db][3] / l1) << 16;
+    }
+}
+
+#define ATTENTION_PREFILL_MMA(D, KT)                                                              \
+    extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma_##D(                  \
+        const float* __restrict__ qkv, const float* __restrict__ k_cache,                         \
+        const float* __restrict__ v_cache, unsigned short* __restrict__ out,                      \
+        const int* __restrict__ step, unsigned n_tok, unsigned n_head, unsigned n_head_kv,        \
+        float scale, unsigned stride) {                                                           \
+        attention_prefill_mma<D, KT>(qkv, k_cache, v_cache, out, step, n_tok, n_head, n_head_kv, \
+                                     scale, stride);                                              \
+    }
+
+ATTENTION_PREFILL_MMA(64, 64)
+ATTENTION_PREFILL_MMA(128, 32)
+#endif
 
 // The k largest logits (top.rs's order: logit descending in IEEE total order, ties to the
 // smaller token), in two launches. A candidate is a 64-bit key, the logit's order key above
