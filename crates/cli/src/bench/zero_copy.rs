@@ -119,8 +119,11 @@ fn measure(
     let (c, _) = split_f32(rest, c_len);
 
     // Zero-copy: the device computes on the region itself.
-    // One call first, so one-time costs (thread stacks, driver state) count for no path.
-    device.matmul_f32(a, b, c, dims)?;
+    // A few calls first, so one-time costs (thread stacks, the driver's command and
+    // descriptor pools, which some drivers grow over the first calls) count for no path.
+    for _ in 0..3 {
+        device.matmul_f32(a, b, c, dims)?;
+    }
     let mut zero = time_path("zero-copy", device, iters, || {
         Ok(device.matmul_f32(a, b, c, dims)?)
     })?;

@@ -51,6 +51,7 @@ const HEAD: Out = Out {
     stride: 0,
     residual: false,
     n_fixed: 1,
+    glu: 0,
 };
 
 /// A zeroed device buffer of `floats` f32.
@@ -239,12 +240,15 @@ impl WgpuSession {
 }
 
 /// Where a matrix product writes: element offset, per-token stride, whether it adds to what
-/// is there, and a fixed token count (0: the step's).
+/// is there, a fixed token count (0: the step's), and, for a stacked gate and up matrix,
+/// its gate rows `n_ff` when the product writes `silu(gate) * up` instead (0: plainly;
+/// `matvec_rows.wgsl`).
 pub(super) struct Out {
     pub off: u32,
     pub stride: u32,
     pub residual: bool,
     pub n_fixed: u32,
+    pub glu: u32,
 }
 
 /// `y[t] (+)= W x[t]` for the step's tokens (or `n_fixed`), x rows `m.cols` apart from
@@ -270,15 +274,29 @@ pub(super) fn matvec(
         out.stride,
         u32::from(out.residual),
         out.n_fixed,
+        out.glu,
     ];
     let buffers = [Bind::all(&m.buffer), x, y, Bind::all(step)];
-    let (name, pipeline, rows_per_group) = if prefill && m.dtype == DType::F16 {
-        ("matmul_f16", &k.matmul_f16, 64)
+    let tiled = tiled(m, prefill);
+    if tiled && out.glu != 0 {
+        return Err(ModelError::Invalid(
+            "wgpu: the tiled F16 product has no fused SwiGLU".into(),
+        ));
+    }
+    let (name, pipeline, grid) = if tiled {
+        ("matmul_f16", &k.matmul_f16, m.rows.div_ceil(64))
+    } else if out.glu != 0 {
+        ("matvec", k.matvec(m.dtype)?, out.glu.div_ceil(4))
     } else {
-        ("matvec", k.matvec(m.dtype)?, 8)
+        ("matvec", k.matvec(m.dtype)?, m.rows.div_ceil(8))
     };
-    let grid = [m.rows.div_ceil(rows_per_group), 1, 1];
+    let grid = [grid, 1, 1];
     Ok(Dispatch::new(gpu, name, pipeline, &buffers, &params, grid))
+}
+
+/// Whether a product of `m` takes the tiled prefill kernel rather than `matvec`.
+fn tiled(m: &DevMatrix, prefill: bool) -> bool {
+    prefill && m.dtype == DType::F16
 }
 
 fn halves(c: &LlamaConfig) -> u32 {
@@ -335,6 +353,7 @@ fn record_layers(
                 stride,
                 residual: false,
                 n_fixed: 0,
+                glu: 0,
             };
             out.push(matvec(
                 gpu,
@@ -417,6 +436,7 @@ fn record_layers(
             stride: e,
             residual: true,
             n_fixed: 0,
+            glu: 0,
         };
         out.push(matvec(
             gpu,
@@ -429,20 +449,37 @@ fn record_layers(
             prefill,
         )?);
         out.push(norm(&lw.ffn_norm, false));
-        stacked(&lw.gate_up, &b.gate_up, 2 * ff, &mut out)?;
-        out.push(Dispatch::new(
-            gpu,
-            "swiglu",
-            &k.swiglu,
-            &[Bind::all(&b.gate_up), Bind::all(&b.hb), step],
-            &[ff],
-            [ff.div_ceil(256), tok, 1],
-        ));
+        match lw.gate_up.as_slice() {
+            // One stacked matrix on `matvec`: SwiGLU fused into the product.
+            [m] if !tiled(m, prefill) => {
+                let to = Out {
+                    off: 0,
+                    stride: ff,
+                    residual: false,
+                    n_fixed: 0,
+                    glu: ff,
+                };
+                let (xb, hb) = (Bind::all(&b.xb), Bind::all(&b.hb));
+                out.push(matvec(gpu, k, m, xb, hb, &b.step, to, prefill)?);
+            }
+            parts => {
+                stacked(parts, &b.gate_up, 2 * ff, &mut out)?;
+                out.push(Dispatch::new(
+                    gpu,
+                    "swiglu",
+                    &k.swiglu,
+                    &[Bind::all(&b.gate_up), Bind::all(&b.hb), step],
+                    &[ff],
+                    [ff.div_ceil(256), tok, 1],
+                ));
+            }
+        }
         let residual = Out {
             off: 0,
             stride: e,
             residual: true,
             n_fixed: 0,
+            glu: 0,
         };
         out.push(matvec(
             gpu,

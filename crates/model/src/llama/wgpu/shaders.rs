@@ -3,8 +3,9 @@
 //! WGSL has no includes, so a module that reads weights is the concatenation of its parts:
 //! a row reduction (`reduce_shared.wgsl`, or `reduce_subgroup.wgsl` on adapters whose
 //! subgroups hold at most 32 invocations), the block reader `blocks.wgsl`, the dequantizer of the matrix's
-//! type (`dequant_*.wgsl`), and the kernel; 16-bit float matrices take `matvec_wide.wgsl`
-//! with their `widen_*.wgsl` instead. [`all`] lists every module the backend can build,
+//! type (`dequant_*.wgsl`), and the kernel with its row choice and stores
+//! (`matvec_rows.wgsl`); 16-bit float matrices take `matvec_wide.wgsl` with their
+//! `widen_*.wgsl` instead. [`all`] lists every module the backend can build,
 //! so the tests validate each with naga and translate it to Metal's language.
 
 use crate::quant::DType;
@@ -14,6 +15,7 @@ const REDUCE_SHARED: &str = include_str!("kernels/reduce_shared.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("kernels/reduce_subgroup.wgsl");
 const MATVEC: &str = include_str!("kernels/matvec.wgsl");
 const MATVEC_WIDE: &str = include_str!("kernels/matvec_wide.wgsl");
+const MATVEC_ROWS: &str = include_str!("kernels/matvec_rows.wgsl");
 const MATMUL_F16: &str = include_str!("kernels/matmul_f16.wgsl");
 const GET_ROWS: &str = include_str!("kernels/get_rows.wgsl");
 
@@ -56,11 +58,12 @@ pub fn matvec(dtype: DType, reduce: Reduce) -> String {
         Reduce::Shared => REDUCE_SHARED,
         Reduce::Subgroup => REDUCE_SUBGROUP,
     };
-    match dtype {
-        DType::F16 => [reduce, include_str!("kernels/widen_f16.wgsl"), MATVEC_WIDE].join("\n"),
-        DType::BF16 => [reduce, include_str!("kernels/widen_bf16.wgsl"), MATVEC_WIDE].join("\n"),
-        _ => [reduce, BLOCKS, dequant(dtype), MATVEC].join("\n"),
-    }
+    let kernel = match dtype {
+        DType::F16 => vec![reduce, include_str!("kernels/widen_f16.wgsl"), MATVEC_WIDE],
+        DType::BF16 => vec![reduce, include_str!("kernels/widen_bf16.wgsl"), MATVEC_WIDE],
+        _ => vec![reduce, BLOCKS, dequant(dtype), MATVEC],
+    };
+    [kernel.as_slice(), &[MATVEC_ROWS]].concat().join("\n")
 }
 
 /// `get_rows` for an embedding matrix of `dtype` (entry point `get_rows`).

@@ -121,6 +121,7 @@ impl OpHarness {
             stride: rows as u32,
             residual: residual.is_some(),
             n_fixed: 0,
+            glu: 0,
         };
         let (xb, yb) = (Bind::all(&xs), Bind::all(&y));
         let d = matvec(gpu, &self.kernels, &m, xb, yb, &step, out, prefill)?;

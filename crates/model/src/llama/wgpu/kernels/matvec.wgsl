@@ -3,7 +3,7 @@
 // lane l of a row dequantizes chunks l, l + 32, ... (32 weights each) once and dots them with
 // every token, so each weight is read once per call. Each lane's sums run in column order;
 // the 32 lanes are then summed in a fixed tree (reduce_*.wgsl), so results are reproducible.
-// Grid (ceil(rows / 8)).
+// Grid (ceil(rows / 8)), or (ceil(glu / 4)) with `glu` (matvec_rows.wgsl).
 //
 // `step` is [first position, token count, token ids]; `n_fixed` overrides the count (the
 // output head runs on one token).
@@ -18,6 +18,7 @@ struct Params {
     y_stride: u32,
     residual: u32,
     n_fixed: u32,
+    glu: u32,
 }
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -31,7 +32,7 @@ const MAX_TOK: u32 = 8u;
 
 @compute @workgroup_size(256)
 fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    let r = wg.x * ROWS + tid / LANES;
+    let r = matvec_row(tid, wg.x);
     let lane = tid % LANES;
     let n = min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
     var acc: array<f32, 8>;
@@ -49,18 +50,5 @@ fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             }
         }
     }
-    for (var t = 0u; t < MAX_TOK; t++) {
-        if t >= n {
-            break;
-        }
-        let total = row_sum(acc[t], tid);
-        if r < p.rows && lane == 0u {
-            let at = p.y_off + t * p.y_stride + r;
-            var base = 0.0;
-            if p.residual != 0u {
-                base = y[at];
-            }
-            y[at] = base + total;
-        }
-    }
+    store_rows(&acc, r, n, tid, wg.x);
 }

@@ -5,7 +5,7 @@
 // 32 lanes; each lane's sums run in column order, then the 32 lanes are summed in a fixed
 // tree (reduce_*.wgsl), so results are reproducible. Rows are 16-byte aligned (cols is a
 // multiple of 32) and the activations' offset and stride are multiples of 4.
-// Grid (ceil(rows / 8)).
+// Grid (ceil(rows / 8)), or (ceil(glu / 4)) with `glu` (matvec_rows.wgsl).
 //
 // `step` is [first position, token count, token ids]; `n_fixed` overrides the count.
 
@@ -19,6 +19,7 @@ struct Params {
     y_stride: u32,
     residual: u32,
     n_fixed: u32,
+    glu: u32,
 }
 
 @group(0) @binding(0) var<storage, read> w: array<vec4<u32>>;
@@ -31,39 +32,44 @@ const ROWS: u32 = 8u;
 const LANES: u32 = 32u;
 const MAX_TOK: u32 = 8u;
 
+// acc[t] += the dot of weight word `v` (8 weights) with token t's matching activations.
+fn add_word(acc: ptr<function, array<f32, 8>>, q: vec4<u32>, v: u32, n: u32) {
+    let w0 = vec4<f32>(widen(q.x), widen(q.y));
+    let w1 = vec4<f32>(widen(q.z), widen(q.w));
+    // A fixed trip count, so the accumulators stay in registers.
+    for (var t = 0u; t < MAX_TOK; t++) {
+        if t < n {
+            let xv = (p.x_off + t * p.x_stride) / 4u + 2u * v;
+            (*acc)[t] += dot(w0, x[xv]) + dot(w1, x[xv + 1u]);
+        }
+    }
+}
+
 @compute @workgroup_size(256)
 fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    let r = wg.x * ROWS + tid / LANES;
+    let r = matvec_row(tid, wg.x);
     let lane = tid % LANES;
     let n = min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
     var acc: array<f32, 8>;
     if r < p.rows {
         let row = r * (p.row_bytes / 16u);
-        for (var v = lane; v < p.cols / 8u; v += LANES) {
-            let q = w[row + v];
-            let w0 = vec4<f32>(widen(q.x), widen(q.y));
-            let w1 = vec4<f32>(widen(q.z), widen(q.w));
-            // A fixed trip count, so the accumulators stay in registers.
-            for (var t = 0u; t < MAX_TOK; t++) {
-                if t < n {
-                    let xv = (p.x_off + t * p.x_stride) / 4u + 2u * v;
-                    acc[t] += dot(w0, x[xv]) + dot(w1, x[xv + 1u]);
-                }
-            }
+        let words = p.cols / 8u;
+        var v = lane;
+        // Four 16-byte loads in flight per lane before any is used: one at a time leaves
+        // the memory's latency exposed. The sums still run in column order.
+        for (; v + 3u * LANES < words; v += 4u * LANES) {
+            let q0 = w[row + v];
+            let q1 = w[row + v + LANES];
+            let q2 = w[row + v + 2u * LANES];
+            let q3 = w[row + v + 3u * LANES];
+            add_word(&acc, q0, v, n);
+            add_word(&acc, q1, v + LANES, n);
+            add_word(&acc, q2, v + 2u * LANES, n);
+            add_word(&acc, q3, v + 3u * LANES, n);
+        }
+        for (; v < words; v += LANES) {
+            add_word(&acc, w[row + v], v, n);
         }
     }
-    for (var t = 0u; t < MAX_TOK; t++) {
-        if t >= n {
-            break;
-        }
-        let total = row_sum(acc[t], tid);
-        if r < p.rows && lane == 0u {
-            let at = p.y_off + t * p.y_stride + r;
-            var base = 0.0;
-            if p.residual != 0u {
-                base = y[at];
-            }
-            y[at] = base + total;
-        }
-    }
+    store_rows(&acc, r, n, tid, wg.x);
 }
