@@ -13,7 +13,6 @@ use crate::quant::DType;
 pub struct Kernels {
     matvec: Vec<(DType, wgpu::ComputePipeline)>,
     get_rows: Vec<(DType, wgpu::ComputePipeline)>,
-    pub matmul_f16: wgpu::ComputePipeline,
     pub rmsnorm: wgpu::ComputePipeline,
     pub rope_append: wgpu::ComputePipeline,
     pub attn_split: wgpu::ComputePipeline,
@@ -60,7 +59,6 @@ impl Kernels {
                     )
                 })
                 .collect(),
-            matmul_f16: compute_pipeline(device, "matmul_f16", &shaders::matmul_f16()),
             rmsnorm: plain("rmsnorm"),
             rope_append: plain("rope_append"),
             attn_split: plain("attn_split"),

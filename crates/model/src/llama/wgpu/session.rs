@@ -11,7 +11,6 @@ use super::{ATTN_SPLIT, MAX_CHUNK, WgpuLlama};
 use crate::ModelError;
 use crate::llama::cpu::KvCache;
 use crate::llama::{LlamaConfig, RopeStyle};
-use crate::quant::DType;
 
 /// Device buffers of one session. Every activation buffer holds `MAX_CHUNK` positions.
 struct Buffers {
@@ -37,10 +36,8 @@ pub struct WgpuSession {
     pub len: usize,
     buf: Buffers,
     /// Every layer's launches, then the final norm (reading the step's token count, so one
-    /// recording serves every call): for one token, and for several (the F16 prefill
-    /// kernel where it applies).
-    decode: Vec<Dispatch>,
-    prefill: Vec<Dispatch>,
+    /// recording serves every call, of one token or of several).
+    layers: Vec<Dispatch>,
     /// The output head into the session's own logits buffer.
     head: Dispatch,
 }
@@ -113,8 +110,7 @@ impl WgpuSession {
             part_ml: floats(gpu, "part_ml", MAX_CHUNK * c.n_head * n_split * 2),
             logits: floats(gpu, "logits", c.n_vocab),
         };
-        let decode = record_layers(model, &buf, n_ctx, false)?;
-        let prefill = record_layers(model, &buf, n_ctx, true)?;
+        let layers = record_layers(model, &buf, n_ctx)?;
         let head = matvec(
             gpu,
             &model.kernels,
@@ -123,14 +119,12 @@ impl WgpuSession {
             Bind::all(&buf.logits),
             &buf.step,
             HEAD,
-            false,
         )?;
         Ok(WgpuSession {
             n_ctx,
             len: 0,
             buf,
-            decode,
-            prefill,
+            layers,
             head,
         })
     }
@@ -150,12 +144,7 @@ impl WgpuSession {
         let bytes: Vec<u8> = step.iter().flat_map(|v| v.to_le_bytes()).collect();
         gpu.queue().write_buffer(&self.buf.step, 0, &bytes);
         let guest_head;
-        let layers = if tokens.len() == 1 {
-            &self.decode
-        } else {
-            &self.prefill
-        };
-        let mut list: Vec<&Dispatch> = layers.iter().collect();
+        let mut list: Vec<&Dispatch> = self.layers.iter().collect();
         match logits {
             None => {
                 list.pop(); // the final norm: no logits wanted
@@ -166,7 +155,7 @@ impl WgpuSession {
                 let xb = Bind::all(&self.buf.xb);
                 let head = model.weights.output();
                 let k = &model.kernels;
-                guest_head = matvec(gpu, k, head, xb, window, &self.buf.step, to, false)?;
+                guest_head = matvec(gpu, k, head, xb, window, &self.buf.step, to)?;
                 list.push(&guest_head);
             }
         }
@@ -252,7 +241,7 @@ pub(super) struct Out {
 }
 
 /// `y[t] (+)= W x[t]` for the step's tokens (or `n_fixed`), x rows `m.cols` apart from
-/// element 0 of `x`. Multi-token calls on F16 weights take the tiled prefill kernel.
+/// element 0 of `x`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matvec(
     gpu: &WgpuDevice,
@@ -262,7 +251,6 @@ pub(super) fn matvec(
     y: Bind<'_>,
     step: &wgpu::Buffer,
     out: Out,
-    prefill: bool,
 ) -> Result<Dispatch, ModelError> {
     let params = [
         m.rows,
@@ -277,26 +265,20 @@ pub(super) fn matvec(
         out.glu,
     ];
     let buffers = [Bind::all(&m.buffer), x, y, Bind::all(step)];
-    let tiled = tiled(m, prefill);
-    if tiled && out.glu != 0 {
-        return Err(ModelError::Invalid(
-            "wgpu: the tiled F16 product has no fused SwiGLU".into(),
-        ));
-    }
-    let (name, pipeline, grid) = if tiled {
-        ("matmul_f16", &k.matmul_f16, m.rows.div_ceil(64))
-    } else if out.glu != 0 {
-        ("matvec", k.matvec(m.dtype)?, out.glu.div_ceil(4))
+    let groups = if out.glu != 0 {
+        out.glu.div_ceil(4)
     } else {
-        ("matvec", k.matvec(m.dtype)?, m.rows.div_ceil(8))
+        m.rows.div_ceil(8)
     };
-    let grid = [grid, 1, 1];
-    Ok(Dispatch::new(gpu, name, pipeline, &buffers, &params, grid))
-}
-
-/// Whether a product of `m` takes the tiled prefill kernel rather than `matvec`.
-fn tiled(m: &DevMatrix, prefill: bool) -> bool {
-    prefill && m.dtype == DType::F16
+    let pipeline = k.matvec(m.dtype)?;
+    Ok(Dispatch::new(
+        gpu,
+        "matvec",
+        pipeline,
+        &buffers,
+        &params,
+        [groups, 1, 1],
+    ))
 }
 
 fn halves(c: &LlamaConfig) -> u32 {
@@ -308,7 +290,6 @@ fn record_layers(
     model: &WgpuLlama,
     b: &Buffers,
     n_ctx: usize,
-    prefill: bool,
 ) -> Result<Vec<Dispatch>, ModelError> {
     let c = &model.config;
     let w = &model.weights;
@@ -363,7 +344,6 @@ fn record_layers(
                 Bind::all(y),
                 &b.step,
                 to,
-                prefill,
             )?);
             at += m.rows;
         }
@@ -446,12 +426,11 @@ fn record_layers(
             Bind::all(&b.x),
             &b.step,
             residual,
-            prefill,
         )?);
         out.push(norm(&lw.ffn_norm, false));
         match lw.gate_up.as_slice() {
             // One stacked matrix on `matvec`: SwiGLU fused into the product.
-            [m] if !tiled(m, prefill) => {
+            [m] => {
                 let to = Out {
                     off: 0,
                     stride: ff,
@@ -460,7 +439,7 @@ fn record_layers(
                     glu: ff,
                 };
                 let (xb, hb) = (Bind::all(&b.xb), Bind::all(&b.hb));
-                out.push(matvec(gpu, k, m, xb, hb, &b.step, to, prefill)?);
+                out.push(matvec(gpu, k, m, xb, hb, &b.step, to)?);
             }
             parts => {
                 stacked(parts, &b.gate_up, 2 * ff, &mut out)?;
@@ -489,7 +468,6 @@ fn record_layers(
             Bind::all(&b.x),
             &b.step,
             residual,
-            prefill,
         )?);
     }
     out.push(norm(&w.output_norm, true));

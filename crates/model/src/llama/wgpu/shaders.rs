@@ -16,7 +16,6 @@ const REDUCE_SUBGROUP: &str = include_str!("kernels/reduce_subgroup.wgsl");
 const MATVEC: &str = include_str!("kernels/matvec.wgsl");
 const MATVEC_WIDE: &str = include_str!("kernels/matvec_wide.wgsl");
 const MATVEC_ROWS: &str = include_str!("kernels/matvec_rows.wgsl");
-const MATMUL_F16: &str = include_str!("kernels/matmul_f16.wgsl");
 const GET_ROWS: &str = include_str!("kernels/get_rows.wgsl");
 
 /// The kernels that read no weights: (entry point, source).
@@ -71,11 +70,6 @@ pub fn get_rows(dtype: DType) -> String {
     [BLOCKS, dequant(dtype), GET_ROWS].join("\n")
 }
 
-/// The F16 prefill product (entry point `matmul_f16`).
-pub fn matmul_f16() -> String {
-    [BLOCKS, MATMUL_F16].join("\n")
-}
-
 /// Every module the backend builds: (name, entry point, source).
 pub fn all() -> Vec<(String, &'static str, String)> {
     let mut out = Vec::new();
@@ -93,7 +87,6 @@ pub fn all() -> Vec<(String, &'static str, String)> {
             get_rows(dtype),
         ));
     }
-    out.push(("matmul_f16".into(), "matmul_f16", matmul_f16()));
     for (entry, src) in PLAIN {
         out.push((entry.to_string(), entry, src.to_string()));
     }

@@ -94,7 +94,7 @@ impl OpHarness {
     }
 
     /// `y[t] = residual[t] + W x[t]` for the `n_tok <= 8` rows of `x` (`residual` zero when
-    /// absent); `prefill` picks the tiled F16 kernel where it applies.
+    /// absent).
     #[allow(clippy::too_many_arguments)]
     pub fn matvec(
         &self,
@@ -104,7 +104,6 @@ impl OpHarness {
         w: &[u8],
         x: &[f32],
         residual: Option<&[f32]>,
-        prefill: bool,
     ) -> Result<Vec<f32>, ModelError> {
         let gpu = self.gpu();
         let n_tok = x.len() / cols;
@@ -124,7 +123,7 @@ impl OpHarness {
             glu: 0,
         };
         let (xb, yb) = (Bind::all(&xs), Bind::all(&y));
-        let d = matvec(gpu, &self.kernels, &m, xb, yb, &step, out, prefill)?;
+        let d = matvec(gpu, &self.kernels, &m, xb, yb, &step, out)?;
         self.run(&d, &y, n_tok * rows)
     }
 

@@ -1,5 +1,5 @@
 // Weight access shared by every kernel that reads a matrix in its file's block format
-// (`matvec`, `get_rows`, `matmul_f16`). The matrix is one storage buffer of little-endian
+// (`matvec`, `get_rows`). The matrix is one storage buffer of little-endian
 // 32-bit words holding the GGUF rows as they are; blocks need not be 4-byte aligned (a Q4_0
 // block is 18 bytes), so fields are read by byte offset. The uploader pads every matrix with
 // one spare word, so the word after the last one read always exists.
