@@ -140,10 +140,10 @@ impl WgpuLlama {
             .weights
             .layers
             .iter()
-            // RoPE + append, the attention's split and merge, the output and down
-            // products, the Q/K/V and gate/up products (the norms fused into them), and
-            // SwiGLU where gate and up are apart (else it is fused into their product).
-            .map(|l| 5 + l.qkv.len() + l.gate_up.len() + usize::from(l.gate_up.len() > 1))
+            // Two norms, RoPE + append, the attention's split and merge, the output and
+            // down products, the Q/K/V and gate/up products, and SwiGLU where gate and up
+            // are apart (else it is fused into their product).
+            .map(|l| 7 + l.qkv.len() + l.gate_up.len() + usize::from(l.gate_up.len() > 1))
             .sum();
         per_layer + 3
     }

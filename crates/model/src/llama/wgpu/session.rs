@@ -119,7 +119,6 @@ impl WgpuSession {
             Bind::all(&buf.logits),
             &buf.step,
             HEAD,
-            None,
         )?;
         Ok(WgpuSession {
             n_ctx,
@@ -156,7 +155,7 @@ impl WgpuSession {
                 let xb = Bind::all(&self.buf.xb);
                 let head = model.weights.output();
                 let k = &model.kernels;
-                guest_head = matvec(gpu, k, head, xb, window, &self.buf.step, to, None)?;
+                guest_head = matvec(gpu, k, head, xb, window, &self.buf.step, to)?;
                 list.push(&guest_head);
             }
         }
@@ -242,8 +241,7 @@ pub(super) struct Out {
 }
 
 /// `y[t] (+)= W x[t]` for the step's tokens (or `n_fixed`), x rows `m.cols` apart from
-/// element 0 of `x`; with `norm` (an RMSNorm's weights and epsilon), `W rmsnorm(x[t])`
-/// (`matvec_rows.wgsl`).
+/// element 0 of `x`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matvec(
     gpu: &WgpuDevice,
@@ -253,7 +251,6 @@ pub(super) fn matvec(
     y: Bind<'_>,
     step: &wgpu::Buffer,
     out: Out,
-    norm: Option<(&wgpu::Buffer, f32)>,
 ) -> Result<Dispatch, ModelError> {
     let params = [
         m.rows,
@@ -266,12 +263,8 @@ pub(super) fn matvec(
         u32::from(out.residual),
         out.n_fixed,
         out.glu,
-        u32::from(norm.is_some()),
-        norm.map_or(0, |(_, eps)| eps.to_bits()),
     ];
-    // Without a norm, the kernel reads no `g`: any buffer large enough binds there.
-    let g = norm.map_or(&m.buffer, |(g, _)| g);
-    let buffers = [Bind::all(&m.buffer), x, y, Bind::all(step), Bind::all(g)];
+    let buffers = [Bind::all(&m.buffer), x, y, Bind::all(step)];
     let groups = if out.glu != 0 {
         out.glu.div_ceil(4)
     } else {
@@ -322,13 +315,18 @@ fn record_layers(
         &[embd.cols, embd.row_bytes],
         [embd.cols.div_ceil(32 * 64), tok, 1],
     ));
-    // Stacked matrices (or their parts one by one) write side by side in one row per token,
-    // each product normalizing the residual stream x with the layer's norm `g` itself.
-    let stacked = |parts: &[DevMatrix],
-                   g: &wgpu::Buffer,
-                   y: &wgpu::Buffer,
-                   stride: u32,
-                   out: &mut Vec<Dispatch>| {
+    let norm = |weight: &wgpu::Buffer, last_only: bool| {
+        Dispatch::new(
+            gpu,
+            "rmsnorm",
+            &k.rmsnorm,
+            &[Bind::all(&b.x), Bind::all(weight), Bind::all(&b.xb), step],
+            &[e, u32::from(last_only), c.rms_eps.to_bits()],
+            [if last_only { 1 } else { tok }, 1, 1],
+        )
+    };
+    // Stacked matrices (or their parts one by one) write side by side in one row per token.
+    let stacked = |parts: &[DevMatrix], y: &wgpu::Buffer, stride: u32, out: &mut Vec<Dispatch>| {
         let mut at = 0;
         for m in parts {
             let to = Out {
@@ -342,11 +340,10 @@ fn record_layers(
                 gpu,
                 k,
                 m,
-                Bind::all(&b.x),
+                Bind::all(&b.xb),
                 Bind::all(y),
                 &b.step,
                 to,
-                Some((g, c.rms_eps)),
             )?);
             at += m.rows;
         }
@@ -355,7 +352,8 @@ fn record_layers(
     let layer_floats = u(n_ctx * c.kv_dim());
     for (l, lw) in w.layers.iter().enumerate() {
         let cache_off = u(l) * layer_floats;
-        stacked(&lw.qkv, &lw.attn_norm, &b.qkv, q_dim + 2 * kv, &mut out)?;
+        out.push(norm(&lw.attn_norm, false));
+        stacked(&lw.qkv, &b.qkv, q_dim + 2 * kv, &mut out)?;
         out.push(Dispatch::new(
             gpu,
             "rope_append",
@@ -428,10 +426,10 @@ fn record_layers(
             Bind::all(&b.x),
             &b.step,
             residual,
-            None,
         )?);
+        out.push(norm(&lw.ffn_norm, false));
         match lw.gate_up.as_slice() {
-            // One stacked matrix: the norm and SwiGLU fused into the product.
+            // One stacked matrix on `matvec`: SwiGLU fused into the product.
             [m] => {
                 let to = Out {
                     off: 0,
@@ -440,12 +438,11 @@ fn record_layers(
                     n_fixed: 0,
                     glu: ff,
                 };
-                let (x, hb) = (Bind::all(&b.x), Bind::all(&b.hb));
-                let norm = Some((&lw.ffn_norm, c.rms_eps));
-                out.push(matvec(gpu, k, m, x, hb, &b.step, to, norm)?);
+                let (xb, hb) = (Bind::all(&b.xb), Bind::all(&b.hb));
+                out.push(matvec(gpu, k, m, xb, hb, &b.step, to)?);
             }
             parts => {
-                stacked(parts, &lw.ffn_norm, &b.gate_up, 2 * ff, &mut out)?;
+                stacked(parts, &b.gate_up, 2 * ff, &mut out)?;
                 out.push(Dispatch::new(
                     gpu,
                     "swiglu",
@@ -471,22 +468,8 @@ fn record_layers(
             Bind::all(&b.x),
             &b.step,
             residual,
-            None,
         )?);
     }
-    // The output head's input: the last token's row, normalized.
-    out.push(Dispatch::new(
-        gpu,
-        "rmsnorm",
-        &k.rmsnorm,
-        &[
-            Bind::all(&b.x),
-            Bind::all(&w.output_norm),
-            Bind::all(&b.xb),
-            step,
-        ],
-        &[e, 1, c.rms_eps.to_bits()],
-        [1, 1, 1],
-    ));
+    out.push(norm(&w.output_norm, true));
     Ok(out)
 }

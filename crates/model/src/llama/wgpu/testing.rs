@@ -123,7 +123,7 @@ impl OpHarness {
             glu: 0,
         };
         let (xb, yb) = (Bind::all(&xs), Bind::all(&y));
-        let d = matvec(gpu, &self.kernels, &m, xb, yb, &step, out, None)?;
+        let d = matvec(gpu, &self.kernels, &m, xb, yb, &step, out)?;
         self.run(&d, &y, n_tok * rows)
     }
 

@@ -19,41 +19,27 @@ struct Params {
     residual: u32,
     n_fixed: u32,
     glu: u32,
-    norm: u32,
-    eps: f32,
 }
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> step: array<u32>;
-@group(0) @binding(4) var<storage, read> g: array<f32>;
-@group(0) @binding(5) var<uniform> p: Params;
+@group(0) @binding(4) var<uniform> p: Params;
 
 const ROWS: u32 = 8u;
 const LANES: u32 = 32u;
 const MAX_TOK: u32 = 8u;
-
-// Activation `i` (an index into the floats of x), for matvec_rows.wgsl.
-fn x_at(i: u32) -> f32 {
-    return x[i];
-}
 
 @compute @workgroup_size(256)
 fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let r = matvec_row(tid, wg.x);
     let lane = tid % LANES;
     let n = min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
-    norm_scales(tid, n);
     var acc: array<f32, 8>;
     if r < p.rows {
         let row_byte = r * p.row_bytes;
         for (var c = lane; c < p.cols / 32u; c += LANES) {
             dequant_chunk(row_byte, c);
-            if p.norm != 0u {
-                for (var i = 0u; i < 32u; i++) {
-                    wv[i] *= g[32u * c + i];
-                }
-            }
             for (var t = 0u; t < n; t++) {
                 let xb = p.x_off + t * p.x_stride + 32u * c;
                 var s = 0.0;

@@ -1,11 +1,5 @@
-// Which rows a `matvec` workgroup takes, the RMSNorm it may fuse, and how it stores its sums:
-// shared by matvec.wgsl and matvec_wide.wgsl (which declare `p`, `y`, `x_at`, ROWS, LANES
-// and MAX_TOK).
-//
-// With `norm`, x is an RMSNorm's raw input and `g` its weights: the kernels multiply the
-// weights of column c by g[c], and each token's sums are scaled by 1 / rms(x[t]), which row
-// group t computes for token t (its 32 lanes in column order, then reduce_*.wgsl's fixed
-// tree) before the product: one launch fewer, and the normalized row never written.
+// Which rows a `matvec` workgroup takes and how it stores their sums: shared by matvec.wgsl
+// and matvec_wide.wgsl (which declare `p`, `y`, ROWS, LANES and MAX_TOK).
 //
 // Plainly, rows 8 wg .. 8 wg + 7, one per 32 lanes, each written (or added, with
 // `residual`) to y. With `glu` = n_ff, the matrix is the MLP's gate rows (0 .. n_ff) stacked
@@ -14,29 +8,6 @@
 // four outputs (the swiglu kernel's arithmetic): one launch and one pass over memory fewer.
 
 var<workgroup> glu_part: array<array<f32, 8>, 8>;  // [row group][token]
-var<workgroup> norm_scale: array<f32, 8>;  // [token]
-
-// The fused norm's scales (nothing without `norm`). Every invocation must call it.
-fn norm_scales(tid: u32, n: u32) {
-    if p.norm == 0u {
-        return;
-    }
-    let k = tid / LANES;
-    let lane = tid % LANES;
-    var s = 0.0;
-    if k < n {
-        let xr = p.x_off + k * p.x_stride;
-        for (var c = lane; c < p.cols; c += LANES) {
-            let v = x_at(xr + c);
-            s += v * v;
-        }
-    }
-    let total = row_sum(s, tid);
-    if lane == 0u && k < n {
-        norm_scale[k] = 1.0 / sqrt(total / f32(p.cols) + p.eps);
-    }
-    workgroupBarrier();
-}
 
 // The row of the 32 lanes `tid` belongs to (p.rows: none).
 fn matvec_row(tid: u32, wg: u32) -> u32 {
@@ -60,10 +31,7 @@ fn store_rows(acc: ptr<function, array<f32, 8>>, r: u32, n: u32, tid: u32, wg: u
         if t >= n {
             break;
         }
-        var total = row_sum((*acc)[t], tid);
-        if p.norm != 0u {
-            total *= norm_scale[t];
-        }
+        let total = row_sum((*acc)[t], tid);
         if r < p.rows && lane == 0u {
             if p.glu != 0u {
                 glu_part[k][t] = total;

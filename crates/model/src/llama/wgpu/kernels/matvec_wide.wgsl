@@ -20,34 +20,22 @@ struct Params {
     residual: u32,
     n_fixed: u32,
     glu: u32,
-    norm: u32,
-    eps: f32,
 }
 
 @group(0) @binding(0) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> step: array<u32>;
-@group(0) @binding(4) var<storage, read> g: array<vec4<f32>>;
-@group(0) @binding(5) var<uniform> p: Params;
+@group(0) @binding(4) var<uniform> p: Params;
 
 const ROWS: u32 = 8u;
 const LANES: u32 = 32u;
 const MAX_TOK: u32 = 8u;
 
-// Activation `i` (an index into the floats of x), for matvec_rows.wgsl.
-fn x_at(i: u32) -> f32 {
-    return x[i / 4u][i % 4u];
-}
-
 // acc[t] += the dot of weight word `v` (8 weights) with token t's matching activations.
 fn add_word(acc: ptr<function, array<f32, 8>>, q: vec4<u32>, v: u32, n: u32) {
-    var w0 = vec4<f32>(widen(q.x), widen(q.y));
-    var w1 = vec4<f32>(widen(q.z), widen(q.w));
-    if p.norm != 0u {
-        w0 *= g[2u * v];
-        w1 *= g[2u * v + 1u];
-    }
+    let w0 = vec4<f32>(widen(q.x), widen(q.y));
+    let w1 = vec4<f32>(widen(q.z), widen(q.w));
     // A fixed trip count, so the accumulators stay in registers.
     for (var t = 0u; t < MAX_TOK; t++) {
         if t < n {
@@ -62,7 +50,6 @@ fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     let r = matvec_row(tid, wg.x);
     let lane = tid % LANES;
     let n = min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
-    norm_scales(tid, n);
     var acc: array<f32, 8>;
     if r < p.rows {
         let row = r * (p.row_bytes / 16u);
