@@ -453,6 +453,17 @@ ATTENTION(64)
 ATTENTION(128)
 ATTENTION(256)
 
+// The four floats at `off` of cached position p's key and value, zeros past `last`.
+__device__ __forceinline__ void kv_at(const float* __restrict__ k_cache,
+                                      const float* __restrict__ v_cache, int p, int last,
+                                      unsigned kv_dim, unsigned off, float4& k, float4& v) {
+    k = v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (p <= last) {
+        k = *(const float4*)(k_cache + (size_t)p * kv_dim + off);
+        v = *(const float4*)(v_cache + (size_t)p * kv_dim + off);
+    }
+}
+
 // Causal attention for a prefill chunk (flash attention, f32): block (head, tile) takes
 // queries QT * tile .. of one head, already rotated in place in their fused q | k | v rows
 // (`stride` floats apart), and walks the cache's key and value rows (this chunk's appended
@@ -512,11 +523,8 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
         for (unsigned i = tid; i < KT * D / 4; i += blockDim.x) {
             const unsigned j = i / (D / 4), d = 4 * (i % (D / 4));
             const int p = k0 + (int)j;
-            float4 kv4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv4 = kv4;
-            if (p <= last) {
-                kv4 = *(const float4*)(k_cache + (size_t)p * kv_dim + kv_off + d);
-                vv4 = *(const float4*)(v_cache + (size_t)p * kv_dim + kv_off + d);
-            }
+            float4 kv4, vv4;
+            kv_at(k_cache, v_cache, p, last, kv_dim, kv_off + d, kv4, vv4);
             s_k[j][d] = kv4.x;
             s_k[j][d + 1] = kv4.y;
             s_k[j][d + 2] = kv4.z;
@@ -697,11 +705,8 @@ __device__ __forceinline__ void attention_prefill_mma(const float* __restrict__ 
         for (unsigned i = tid; i < KT * D / 4; i += blockDim.x) {
             const unsigned j = i / (D / 4), d = 4 * (i % (D / 4));
             const int p = k0 + (int)j;
-            float4 kv4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv4 = kv4;
-            if (p <= last) {
-                kv4 = *(const float4*)(k_cache + (size_t)p * kv_dim + kv_off + d);
-                vv4 = *(const float4*)(v_cache + (size_t)p * kv_dim + kv_off + d);
-            }
+            float4 kv4, vv4;
+            kv_at(k_cache, v_cache, p, last, kv_dim, kv_off + d, kv4, vv4);
             *(uint4*)&s_k[j * KS + d] =
                 make_uint4(to_tf32(kv4.x), to_tf32(kv4.y), to_tf32(kv4.z), to_tf32(kv4.w));
             *(uint4*)&s_v[j * KS + d] =
