@@ -12,17 +12,18 @@
 mod common;
 
 use common::{
-    Rng, model_file, moved_cache_continues_bit_for_bit, normalized_error, parity, prompt, quantized,
+    Ops, Rng, embedding_parity, matvec_parity, model_file, moved_cache_continues_bit_for_bit,
+    norm_and_activation_parity, normalized_error, parity, prompt,
 };
 
 use std::sync::{Arc, OnceLock};
 
 use tern_compute::Device;
 use tern_compute::testing::wgpu_or_skip;
-use tern_model::Model;
 use tern_model::llama::wgpu::shaders::Reduce;
 use tern_model::llama::wgpu::testing::{AttnShape, OpHarness};
-use tern_model::quant::{DType, dequantize_row, dot_rows};
+use tern_model::quant::DType;
+use tern_model::{Model, ModelError};
 
 fn gpu(test: &str) -> Option<Arc<dyn Device>> {
     static GPU: OnceLock<Option<Arc<dyn Device>>> = OnceLock::new();
@@ -32,6 +33,36 @@ fn gpu(test: &str) -> Option<Arc<dyn Device>> {
 fn ops(device: &Arc<dyn Device>) -> &'static OpHarness {
     static OPS: OnceLock<OpHarness> = OnceLock::new();
     OPS.get_or_init(|| OpHarness::new(device, None).unwrap())
+}
+
+impl Ops for OpHarness {
+    fn matvec(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+        residual: Option<&[f32]>,
+    ) -> Result<Vec<f32>, ModelError> {
+        OpHarness::matvec(self, dtype, rows, cols, w, x, residual)
+    }
+    fn get_rows(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        ids: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
+        OpHarness::get_rows(self, dtype, rows, cols, w, ids)
+    }
+    fn rmsnorm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>, ModelError> {
+        OpHarness::rmsnorm(self, x, w, eps)
+    }
+    fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>, ModelError> {
+        OpHarness::swiglu(self, gate, up)
+    }
 }
 
 #[test]
@@ -50,48 +81,7 @@ fn every_matvec_type_matches_the_cpu() {
     }
     for ops in harnesses {
         eprintln!("row sums: {:?}", ops.reduce());
-        matvec_parity(ops);
-    }
-}
-
-fn matvec_parity(ops: &OpHarness) {
-    let mut rng = Rng(0x5eed);
-    for dtype in DType::ALL {
-        for cols in [256, 576, 2048] {
-            if dtype.row_bytes(cols).is_none() {
-                continue;
-            }
-            let rows = 300;
-            let w = quantized(dtype, rows, cols, &mut rng);
-            for n_tok in [1, 3, 8] {
-                let x = rng.vec(n_tok * cols);
-                let residual = rng.vec(n_tok * rows);
-                let mut want = vec![0.0; n_tok * rows];
-                for t in 0..n_tok {
-                    dot_rows(
-                        dtype,
-                        &w,
-                        &x[t * cols..(t + 1) * cols],
-                        &mut want[t * rows..(t + 1) * rows],
-                    );
-                }
-                let with: Vec<f32> = want.iter().zip(&residual).map(|(a, b)| a + b).collect();
-                let got = ops.matvec(dtype, rows, cols, &w, &x, None).unwrap();
-                let err = normalized_error(&got, &want);
-                assert!(
-                    err <= 1e-5,
-                    "{dtype} {rows}x{cols}, {n_tok} tokens: error {err}"
-                );
-                let got = ops
-                    .matvec(dtype, rows, cols, &w, &x, Some(&residual))
-                    .unwrap();
-                let err = normalized_error(&got, &with);
-                assert!(
-                    err <= 1e-5,
-                    "{dtype} with residual, {n_tok} tokens: error {err}"
-                );
-            }
-        }
+        matvec_parity(ops, &[256, 576, 2048]);
     }
 }
 
@@ -100,26 +90,7 @@ fn embedding_rows_of_every_type_match_the_cpu() {
     let Some(device) = gpu("embedding_rows_of_every_type_match_the_cpu") else {
         return;
     };
-    let ops = ops(&device);
-    let mut rng = Rng(7);
-    for dtype in DType::ALL {
-        let (rows, cols) = (64, 512);
-        let w = quantized(dtype, rows, cols, &mut rng);
-        let ids = [3, 0, 63, 3, 17];
-        let got = ops.get_rows(dtype, rows, cols, &w, &ids).unwrap();
-        let row_bytes = dtype.row_bytes(cols).unwrap();
-        let mut want = vec![0.0; ids.len() * cols];
-        for (i, &id) in ids.iter().enumerate() {
-            let id = id as usize;
-            dequantize_row(
-                dtype,
-                &w[id * row_bytes..(id + 1) * row_bytes],
-                &mut want[i * cols..(i + 1) * cols],
-            );
-        }
-        let err = normalized_error(&got, &want);
-        assert!(err <= 1e-6, "{dtype}: error {err}");
-    }
+    embedding_parity(ops(&device));
 }
 
 #[test]
@@ -127,30 +98,7 @@ fn norms_and_activations_match_the_cpu() {
     let Some(device) = gpu("norms_and_activations_match_the_cpu") else {
         return;
     };
-    let ops = ops(&device);
-    let mut rng = Rng(11);
-    let (n_tok, width) = (5, 2048);
-    let x: Vec<f32> = rng.vec(n_tok * width).iter().map(|v| v * 30.0).collect();
-    let w = rng.vec(width);
-    let got = ops.rmsnorm(&x, &w, 1e-5).unwrap();
-    let mut want = vec![0.0; x.len()];
-    for t in 0..n_tok {
-        tern_model::llama::cpu::rmsnorm(
-            &mut want[t * width..(t + 1) * width],
-            &x[t * width..(t + 1) * width],
-            &w,
-            1e-5,
-        );
-    }
-    assert!(normalized_error(&got, &want) <= 1e-5);
-    let (gate, up) = (rng.vec(width), rng.vec(width));
-    let got = ops.swiglu(&gate, &up).unwrap();
-    let want: Vec<f32> = gate
-        .iter()
-        .zip(&up)
-        .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-        .collect();
-    assert!(normalized_error(&got, &want) <= 1e-6);
+    norm_and_activation_parity(ops(&device));
 }
 
 /// Rotates each head of `x` to `pos` as the CPU reference does.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use tern_compute::Device;
 use tern_model::generate::{Shape, Types, shape, write_random_llama};
-use tern_model::quant::{DType, quantize_row};
-use tern_model::{Model, Session};
+use tern_model::quant::{DType, dequantize_row, dot_rows, quantize_row};
+use tern_model::{Model, ModelError, Session};
 
 /// A xorshift generator of values in [-1, 1), seeded by its one field.
 pub struct Rng(pub u64);
@@ -177,4 +177,123 @@ pub fn moved_cache_continues_bit_for_bit(
         bits(&a) == bits(&b),
         "the moved cache continues differently"
     );
+}
+
+/// The single-kernel runs both GPU backends' test harnesses offer, for the op parity checks
+/// below.
+pub trait Ops {
+    /// `y[t] = residual[t] + W x[t]` for the `x.len() / cols` rows of `x`.
+    fn matvec(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+        residual: Option<&[f32]>,
+    ) -> Result<Vec<f32>, ModelError>;
+    /// Rows `ids` of W, dequantized.
+    fn get_rows(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        ids: &[u32],
+    ) -> Result<Vec<f32>, ModelError>;
+    fn rmsnorm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>, ModelError>;
+    fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>, ModelError>;
+}
+
+/// Every weight type's product with 1, 3 and 8 tokens, with and without a residual, for
+/// each of `widths` (column counts the type's blocks divide), against the CPU's dot rows.
+pub fn matvec_parity(ops: &impl Ops, widths: &[usize]) {
+    let mut rng = Rng(0x5eed);
+    for dtype in DType::ALL {
+        for &cols in widths {
+            if dtype.row_bytes(cols).is_none() {
+                continue;
+            }
+            let rows = 300;
+            let w = quantized(dtype, rows, cols, &mut rng);
+            for n_tok in [1, 3, 8] {
+                let x = rng.vec(n_tok * cols);
+                let residual = rng.vec(n_tok * rows);
+                let mut want = vec![0.0; n_tok * rows];
+                for t in 0..n_tok {
+                    dot_rows(
+                        dtype,
+                        &w,
+                        &x[t * cols..(t + 1) * cols],
+                        &mut want[t * rows..(t + 1) * rows],
+                    );
+                }
+                let got = ops.matvec(dtype, rows, cols, &w, &x, None).unwrap();
+                let err = normalized_error(&got, &want);
+                assert!(
+                    err <= 1e-5,
+                    "{dtype} {rows}x{cols}, {n_tok} tokens: error {err}"
+                );
+                let with: Vec<f32> = want.iter().zip(&residual).map(|(a, b)| a + b).collect();
+                let got = ops
+                    .matvec(dtype, rows, cols, &w, &x, Some(&residual))
+                    .unwrap();
+                let err = normalized_error(&got, &with);
+                assert!(
+                    err <= 1e-5,
+                    "{dtype} with residual, {n_tok} tokens: error {err}"
+                );
+            }
+        }
+    }
+}
+
+/// Embedding rows of every type, repeats included, against the CPU's dequantization.
+pub fn embedding_parity(ops: &impl Ops) {
+    let mut rng = Rng(7);
+    for dtype in DType::ALL {
+        let (rows, cols) = (64, 512);
+        let w = quantized(dtype, rows, cols, &mut rng);
+        let ids = [3, 0, 63, 3, 17];
+        let got = ops.get_rows(dtype, rows, cols, &w, &ids).unwrap();
+        let row_bytes = dtype.row_bytes(cols).unwrap();
+        let mut want = vec![0.0; ids.len() * cols];
+        for (i, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            dequantize_row(
+                dtype,
+                &w[id * row_bytes..(id + 1) * row_bytes],
+                &mut want[i * cols..(i + 1) * cols],
+            );
+        }
+        let err = normalized_error(&got, &want);
+        assert!(err <= 1e-6, "{dtype}: error {err}");
+    }
+}
+
+/// RMSNorm (on large activations) and SwiGLU against the CPU reference.
+pub fn norm_and_activation_parity(ops: &impl Ops) {
+    let mut rng = Rng(11);
+    let (n_tok, width) = (5, 2048);
+    let x: Vec<f32> = rng.vec(n_tok * width).iter().map(|v| v * 30.0).collect();
+    let w = rng.vec(width);
+    let got = ops.rmsnorm(&x, &w, 1e-5).unwrap();
+    let mut want = vec![0.0; x.len()];
+    for t in 0..n_tok {
+        tern_model::llama::cpu::rmsnorm(
+            &mut want[t * width..(t + 1) * width],
+            &x[t * width..(t + 1) * width],
+            &w,
+            1e-5,
+        );
+    }
+    assert!(normalized_error(&got, &want) <= 1e-5);
+    let (gate, up) = (rng.vec(width), rng.vec(width));
+    let got = ops.swiglu(&gate, &up).unwrap();
+    let want: Vec<f32> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    assert!(normalized_error(&got, &want) <= 1e-6);
 }
