@@ -44,11 +44,8 @@ pub struct WgpuSession {
 
 /// The output head: one token, written from element 0.
 const HEAD: Out = Out {
-    off: 0,
-    stride: 0,
-    residual: false,
     n_fixed: 1,
-    glu: 0,
+    ..Out::at(0, 0)
 };
 
 /// A zeroed device buffer of `floats` f32.
@@ -232,12 +229,26 @@ impl WgpuSession {
 /// is there, a fixed token count (0: the step's), and, for a stacked gate and up matrix,
 /// its gate rows `n_ff` when the product writes `silu(gate) * up` instead (0: plainly;
 /// `matvec_rows.wgsl`).
+#[derive(Clone, Copy)]
 pub(super) struct Out {
     pub off: u32,
     pub stride: u32,
     pub residual: bool,
     pub n_fixed: u32,
     pub glu: u32,
+}
+
+impl Out {
+    /// Plain stores from element `off`, rows `stride` apart, for the step's tokens.
+    pub const fn at(off: u32, stride: u32) -> Out {
+        Out {
+            off,
+            stride,
+            residual: false,
+            n_fixed: 0,
+            glu: 0,
+        }
+    }
 }
 
 /// `y[t] (+)= W x[t]` for the step's tokens (or `n_fixed`), x rows `m.cols` apart from
@@ -329,13 +340,7 @@ fn record_layers(
     let stacked = |parts: &[DevMatrix], y: &wgpu::Buffer, stride: u32, out: &mut Vec<Dispatch>| {
         let mut at = 0;
         for m in parts {
-            let to = Out {
-                off: at,
-                stride,
-                residual: false,
-                n_fixed: 0,
-                glu: 0,
-            };
+            let to = Out::at(at, stride);
             out.push(matvec(
                 gpu,
                 k,
@@ -350,6 +355,11 @@ fn record_layers(
         Ok::<(), ModelError>(())
     };
     let layer_floats = u(n_ctx * c.kv_dim());
+    // The output and down products add to the residual stream.
+    let residual = Out {
+        residual: true,
+        ..Out::at(0, e)
+    };
     for (l, lw) in w.layers.iter().enumerate() {
         let cache_off = u(l) * layer_floats;
         out.push(norm(&lw.attn_norm, false));
@@ -411,13 +421,6 @@ fn record_layers(
             &[u(c.n_head), u(c.head_dim), n_split],
             [u(c.n_head), tok, 1],
         ));
-        let residual = Out {
-            off: 0,
-            stride: e,
-            residual: true,
-            n_fixed: 0,
-            glu: 0,
-        };
         out.push(matvec(
             gpu,
             k,
@@ -432,11 +435,8 @@ fn record_layers(
             // One stacked matrix on `matvec`: SwiGLU fused into the product.
             [m] => {
                 let to = Out {
-                    off: 0,
-                    stride: ff,
-                    residual: false,
-                    n_fixed: 0,
                     glu: ff,
+                    ..Out::at(0, ff)
                 };
                 let (xb, hb) = (Bind::all(&b.xb), Bind::all(&b.hb));
                 out.push(matvec(gpu, k, m, xb, hb, &b.step, to)?);
@@ -453,13 +453,6 @@ fn record_layers(
                 ));
             }
         }
-        let residual = Out {
-            off: 0,
-            stride: e,
-            residual: true,
-            n_fixed: 0,
-            glu: 0,
-        };
         out.push(matvec(
             gpu,
             k,

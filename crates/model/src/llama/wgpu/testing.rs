@@ -116,11 +116,8 @@ impl OpHarness {
         let y = gpu.upload_f32("y", &init);
         let step = self.step(0, n_tok, &[]);
         let out = Out {
-            off: 0,
-            stride: rows as u32,
             residual: residual.is_some(),
-            n_fixed: 0,
-            glu: 0,
+            ..Out::at(0, rows as u32)
         };
         let (xb, yb) = (Bind::all(&xs), Bind::all(&y));
         let d = matvec(gpu, &self.kernels, &m, xb, yb, &step, out)?;
