@@ -6,35 +6,16 @@
 // Grid (ceil(rows / 8)), or (ceil(glu / 4)) with `glu` (matvec_rows.wgsl).
 //
 // `step` is [first position, token count, token ids]; `n_fixed` overrides the count (the
-// output head runs on one token).
-
-struct Params {
-    rows: u32,
-    cols: u32,
-    row_bytes: u32,
-    x_off: u32,
-    x_stride: u32,
-    y_off: u32,
-    y_stride: u32,
-    residual: u32,
-    n_fixed: u32,
-    glu: u32,
-}
+// output head runs on one token). matvec_rows.wgsl declares the parameters and the bindings
+// after x.
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read> step: array<u32>;
-@group(0) @binding(4) var<uniform> p: Params;
-
-const ROWS: u32 = 8u;
-const LANES: u32 = 32u;
-const MAX_TOK: u32 = 8u;
 
 @compute @workgroup_size(256)
 fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let r = matvec_row(tid, wg.x);
     let lane = tid % LANES;
-    let n = min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
+    let n = token_count();
     var acc: array<f32, 8>;
     if r < p.rows {
         let row_byte = r * p.row_bytes;

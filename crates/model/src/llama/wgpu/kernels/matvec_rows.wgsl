@@ -1,11 +1,37 @@
-// Which rows a `matvec` workgroup takes and how it stores their sums: shared by matvec.wgsl
-// and matvec_wide.wgsl (which declare `p`, `y`, ROWS, LANES and MAX_TOK).
+// What matvec.wgsl and matvec_wide.wgsl share (they declare the weights and x): the
+// parameters, the bindings after x, which rows a workgroup takes and how it stores their sums.
 //
 // Plainly, rows 8 wg .. 8 wg + 7, one per 32 lanes, each written (or added, with
 // `residual`) to y. With `glu` = n_ff, the matrix is the MLP's gate rows (0 .. n_ff) stacked
 // on its up rows (n_ff .. 2 n_ff): the first four row groups take gate rows 4 wg .. 4 wg + 3
 // and the last four the matching up rows, and the workgroup writes silu(gate) * up for its
 // four outputs (the swiglu kernel's arithmetic): one launch and one pass over memory fewer.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    row_bytes: u32,
+    x_off: u32,
+    x_stride: u32,
+    y_off: u32,
+    y_stride: u32,
+    residual: u32,
+    n_fixed: u32,
+    glu: u32,
+}
+
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> step: array<u32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+const ROWS: u32 = 8u;
+const LANES: u32 = 32u;
+const MAX_TOK: u32 = 8u;
+
+// The call's token count: the step's, or `n_fixed`.
+fn token_count() -> u32 {
+    return min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
+}
 
 var<workgroup> glu_part: array<array<f32, 8>, 8>;  // [row group][token]
 

@@ -7,30 +7,11 @@
 // multiple of 32) and the activations' offset and stride are multiples of 4.
 // Grid (ceil(rows / 8)), or (ceil(glu / 4)) with `glu` (matvec_rows.wgsl).
 //
-// `step` is [first position, token count, token ids]; `n_fixed` overrides the count.
-
-struct Params {
-    rows: u32,
-    cols: u32,
-    row_bytes: u32,
-    x_off: u32,
-    x_stride: u32,
-    y_off: u32,
-    y_stride: u32,
-    residual: u32,
-    n_fixed: u32,
-    glu: u32,
-}
+// `step` is [first position, token count, token ids]; `n_fixed` overrides the count
+// (matvec_rows.wgsl declares the parameters and the bindings after x).
 
 @group(0) @binding(0) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read> step: array<u32>;
-@group(0) @binding(4) var<uniform> p: Params;
-
-const ROWS: u32 = 8u;
-const LANES: u32 = 32u;
-const MAX_TOK: u32 = 8u;
 
 // acc[t] += the dot of weight word `v` (8 weights) with token t's matching activations.
 fn add_word(acc: ptr<function, array<f32, 8>>, q: vec4<u32>, v: u32, n: u32) {
@@ -49,7 +30,7 @@ fn add_word(acc: ptr<function, array<f32, 8>>, q: vec4<u32>, v: u32, n: u32) {
 fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let r = matvec_row(tid, wg.x);
     let lane = tid % LANES;
-    let n = min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
+    let n = token_count();
     var acc: array<f32, 8>;
     if r < p.rows {
         let row = r * (p.row_bytes / 16u);
