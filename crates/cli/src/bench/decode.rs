@@ -60,7 +60,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     };
     if gpu == DeviceChoice::Wgpu {
         #[cfg(feature = "wgpu")]
-        return super::decode_wgpu::decode_wgpu(super::decode_wgpu::WgpuBench {
+        return super::decode_wgpu::decode_wgpu(super::GpuBench {
             path: &path,
             prefill: args.prefill,
             decode: args.decode,
@@ -71,7 +71,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     }
     if gpu == DeviceChoice::Cuda {
         #[cfg(feature = "cuda")]
-        return super::decode_cuda::decode_cuda(super::decode_cuda::CudaBench {
+        return super::decode_cuda::decode_cuda(super::GpuBench {
             path: &path,
             prefill: args.prefill,
             decode: args.decode,
@@ -92,15 +92,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         "The quick brown fox jumps over the lazy dog while the sea rolls grey under a low sky. ";
     let unit = model.tokenizer.encode(text, false)?;
     let prompt: Vec<u32> = unit.iter().copied().cycle().take(args.prefill).collect();
-    println!(
-        "tern bench decode: {} ({} layers, n_embd {}, vocab {}), {:.1} MB of weights per token, cpu x{threads}",
-        path.file_name()
-            .map_or("model".into(), |n| n.to_string_lossy()),
-        c.n_layer,
-        c.n_embd,
-        c.n_vocab,
-        model.llama.weights.bytes_per_token() as f64 / 1e6
-    );
+    super::print_model(&path, &model, &format!("cpu x{threads}"));
 
     let mut runtime = Runtime::new(tern_compute::open(DeviceChoice::Cpu)?, Limits::default())?;
     runtime.add_model(model.clone());

@@ -3,27 +3,16 @@
 //! actor's memory), with the GPU's memory roofline and a per-kernel breakdown of one decode
 //! step, all measured in the same run.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{Context, bail};
-use tern_actor::Actor;
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
-use super::{GuestBench, direct, direct_top, median, send};
+use super::{GpuBench, GuestBench, direct, direct_top, median};
 
-/// What the CUDA decode benchmark runs.
-pub struct CudaBench<'a> {
-    pub path: &'a Path,
-    pub prefill: usize,
-    pub decode: usize,
-    pub repeats: usize,
-}
-
-pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
+pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     let device = tern_compute::open(DeviceChoice::Cuda)?;
     let model = Model::open("bench", b.path, 1)?
         .with_precision(Precision::Reference)
@@ -35,17 +24,7 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
     let c = model.config().clone();
     let weight_bytes = model.llama.weights.bytes_per_token() as f64;
     let st = cuda.startup;
-    println!(
-        "tern bench decode: {} ({} layers, n_embd {}, vocab {}), {:.1} MB of weights per token, on {}",
-        b.path
-            .file_name()
-            .map_or("model".into(), |n| n.to_string_lossy()),
-        c.n_layer,
-        c.n_embd,
-        c.n_vocab,
-        weight_bytes / 1e6,
-        device.describe()
-    );
+    super::print_model(b.path, &model, &format!("on {}", device.describe()));
     println!(
         "startup: kernels {:.1} ms ({}), weights {:.1} ms ({:.1} MB); {} kernels per decode step",
         st.kernels_ms,
@@ -61,39 +40,23 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
     let bandwidth = cuda.copy_bandwidth(1 << 30, 5)?;
     let roofline = bandwidth / weight_bytes;
     let context = b.prefill + b.decode + 1;
-    let GuestBench {
-        prompt,
-        runtime,
-        module,
-        prefill_msg,
-    } = GuestBench::new(&device, &model, b.prefill)?;
+    let guest = GuestBench::new(&device, &model, b.prefill)?;
+    let prompt = &guest.prompt;
 
     // Warm-up: graphs captured, caches and clocks settled, untimed.
-    direct(&model, &prompt, b.decode.min(16), context)?;
-    direct_top(&model, &prompt, b.decode.min(16), context)?;
+    direct(&model, prompt, b.decode.min(16), context)?;
+    direct_top(&model, prompt, b.decode.min(16), context)?;
     let (mut dp, mut dd, mut ap, mut ad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut dt, mut at) = (Vec::new(), Vec::new());
     for _ in 0..b.repeats.max(1) {
-        let (p, d) = direct(&model, &prompt, b.decode, context)?;
+        let (p, d) = direct(&model, prompt, b.decode, context)?;
         dp.push(p);
         dd.push(d);
-        dt.push(direct_top(&model, &prompt, b.decode, context)?);
-        for top in [false, true] {
-            let mut actor = Actor::start(&runtime, &module)?;
-            send(&mut actor, &format!("open bench {} {context}", c.n_vocab))?;
-            let t = Instant::now();
-            send(&mut actor, &prefill_msg)?;
-            let prefill = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let verb = if top { "decode_top" } else { "decode" };
-            send(&mut actor, &format!("{verb} {}", b.decode))?;
-            if top {
-                at.push(t.elapsed().as_secs_f64());
-            } else {
-                ap.push(prefill);
-                ad.push(t.elapsed().as_secs_f64());
-            }
-        }
+        dt.push(direct_top(&model, prompt, b.decode, context)?);
+        let (p, d) = guest.actor_run(context, "decode", b.decode)?;
+        ap.push(p);
+        ad.push(d);
+        at.push(guest.actor_run(context, "decode_top", b.decode)?.1);
     }
     let rate = |n: usize, secs: &[f64]| n as f64 / median(secs);
     println!();
@@ -161,12 +124,12 @@ pub fn decode_cuda(b: CudaBench<'_>) -> anyhow::Result<ExitCode> {
             per_token(engine)
         );
     }
-    let (wasm_us, native_us) = super::argmax_cost(&runtime, &module, c.n_vocab)?;
+    let (wasm_us, native_us) = super::argmax_cost(&guest.runtime, &guest.module, c.n_vocab)?;
     println!(
         "of which the guest's argmax over {} logits: {wasm_us:.1} us in Wasm ({native_us:.1} us natively)",
         c.n_vocab
     );
-    breakdown(&model, &prompt, context)?;
+    breakdown(&model, prompt, context)?;
     Ok(ExitCode::SUCCESS)
 }
 

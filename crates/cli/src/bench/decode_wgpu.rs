@@ -3,27 +3,16 @@
 //! (whose logits the GPU writes into the actor's imported memory), with the device's memory
 //! roofline measured in the same run.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::bail;
-use tern_actor::Actor;
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
-use super::{GuestBench, direct, median, send};
+use super::{GpuBench, GuestBench, direct, median};
 
-/// What the wgpu decode benchmark runs.
-pub struct WgpuBench<'a> {
-    pub path: &'a Path,
-    pub prefill: usize,
-    pub decode: usize,
-    pub repeats: usize,
-}
-
-pub fn decode_wgpu(b: WgpuBench<'_>) -> anyhow::Result<ExitCode> {
+pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     let device = tern_compute::open(DeviceChoice::Wgpu)?;
     let model = Model::open("bench", b.path, 1)?
         .with_precision(Precision::Reference)
@@ -32,20 +21,9 @@ pub fn decode_wgpu(b: WgpuBench<'_>) -> anyhow::Result<ExitCode> {
     let (Some(wgpu), Some(gpu)) = (model.wgpu.as_ref(), device.as_wgpu()) else {
         bail!("the model did not go onto the GPU");
     };
-    let c = model.config().clone();
     let weight_bytes = model.llama.weights.bytes_per_token() as f64;
     let st = wgpu.startup;
-    println!(
-        "tern bench decode: {} ({} layers, n_embd {}, vocab {}), {:.1} MB of weights per token, on {}",
-        b.path
-            .file_name()
-            .map_or("model".into(), |n| n.to_string_lossy()),
-        c.n_layer,
-        c.n_embd,
-        c.n_vocab,
-        weight_bytes / 1e6,
-        wgpu.label()
-    );
+    super::print_model(b.path, &model, &format!("on {}", wgpu.label()));
     println!(
         "startup: pipelines {:.1} ms, weights {:.1} ms ({:.1} MB); {} kernels per decode step",
         st.kernels_ms,
@@ -56,28 +34,19 @@ pub fn decode_wgpu(b: WgpuBench<'_>) -> anyhow::Result<ExitCode> {
     let bandwidth = gpu.copy_bandwidth(1 << 30, 5)?;
     let roofline = bandwidth / weight_bytes;
     let context = b.prefill + b.decode + 1;
-    let GuestBench {
-        prompt,
-        runtime,
-        module,
-        prefill_msg,
-    } = GuestBench::new(&device, &model, b.prefill)?;
+    let guest = GuestBench::new(&device, &model, b.prefill)?;
+    let prompt = &guest.prompt;
 
     // Warm-up: pipelines compiled by the driver, clocks settled, untimed.
-    direct(&model, &prompt, b.decode.min(16), context)?;
+    direct(&model, prompt, b.decode.min(16), context)?;
     let (mut dp, mut dd, mut ap, mut ad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..b.repeats.max(1) {
-        let (p, d) = direct(&model, &prompt, b.decode, context)?;
+        let (p, d) = direct(&model, prompt, b.decode, context)?;
         dp.push(p);
         dd.push(d);
-        let mut actor = Actor::start(&runtime, &module)?;
-        send(&mut actor, &format!("open bench {} {context}", c.n_vocab))?;
-        let t = Instant::now();
-        send(&mut actor, &prefill_msg)?;
-        ap.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        send(&mut actor, &format!("decode {}", b.decode))?;
-        ad.push(t.elapsed().as_secs_f64());
+        let (p, d) = guest.actor_run(context, "decode", b.decode)?;
+        ap.push(p);
+        ad.push(d);
     }
     let rate = |n: usize, secs: &[f64]| n as f64 / median(secs);
     println!();

@@ -105,6 +105,30 @@ fn direct_top(
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// What a GPU decode benchmark runs.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub struct GpuBench<'a> {
+    pub path: &'a std::path::Path,
+    pub prefill: usize,
+    pub decode: usize,
+    pub repeats: usize,
+}
+
+/// The first line of every decode benchmark: the model, its weights read per token, and
+/// where it runs (`on`).
+fn print_model(path: &std::path::Path, model: &tern_model::Model, on: &str) {
+    let c = model.config();
+    println!(
+        "tern bench decode: {} ({} layers, n_embd {}, vocab {}), {:.1} MB of weights per token, {on}",
+        path.file_name()
+            .map_or("model".into(), |n| n.to_string_lossy()),
+        c.n_layer,
+        c.n_embd,
+        c.n_vocab,
+        model.llama.weights.bytes_per_token() as f64 / 1e6
+    );
+}
+
 /// What the GPU decode benchmarks share: a prompt of `prefill` tokens spread over the
 /// vocabulary, a runtime serving `model` on `device`, the compiled `bench` guest, and the
 /// message that prefills the prompt in it.
@@ -114,6 +138,7 @@ struct GuestBench {
     runtime: Runtime,
     module: Arc<ActorModule>,
     prefill_msg: String,
+    n_vocab: usize,
 }
 
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -139,7 +164,25 @@ impl GuestBench {
             runtime,
             module,
             prefill_msg,
+            n_vocab: vocab as usize,
         })
+    }
+
+    /// A fresh bench actor with a session of `context` positions: the seconds its prefill
+    /// of the prompt takes, then the seconds of `{verb} {n}` (`decode` or `decode_top`).
+    fn actor_run(&self, context: usize, verb: &str, n: usize) -> anyhow::Result<(f64, f64)> {
+        use std::time::Instant;
+        let mut actor = tern_actor::Actor::start(&self.runtime, &self.module)?;
+        send(
+            &mut actor,
+            &format!("open bench {} {context}", self.n_vocab),
+        )?;
+        let t = Instant::now();
+        send(&mut actor, &self.prefill_msg)?;
+        let prefill = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        send(&mut actor, &format!("{verb} {n}"))?;
+        Ok((prefill, t.elapsed().as_secs_f64()))
     }
 }
 
