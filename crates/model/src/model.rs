@@ -425,6 +425,15 @@ impl Session {
             _ => None,
         }
     }
+
+    /// The portable GPU side of the session, when it lives on one.
+    #[cfg(feature = "wgpu")]
+    pub fn wgpu_mut(&mut self) -> Option<&mut crate::llama::wgpu::WgpuSession> {
+        match &mut self.kv {
+            SessionKv::Wgpu(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 /// The chat template `source`, with the tokenizer's BOS and EOS spelled out for it.

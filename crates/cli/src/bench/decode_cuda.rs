@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
-use super::{GpuBench, GuestBench, direct, direct_top, median};
+use super::{GpuBench, GuestBench, direct, direct_top, median, print_breakdown};
 
 pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     let device = tern_compute::open(DeviceChoice::Cuda)?;
@@ -164,21 +164,4 @@ fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()
         );
     }
     Ok(())
-}
-
-/// Prints kernel times (medians over `runs`, each a list of (kernel, microseconds)).
-fn print_breakdown(title: &str, runs: &[Vec<(&str, f64)>]) {
-    let total: Vec<f64> = runs
-        .iter()
-        .map(|r| r.iter().map(|(_, t)| t).sum())
-        .collect();
-    let total = median(&total);
-    println!();
-    println!("{title}");
-    println!("{:<16} {:>10} {:>8}", "kernel", "us", "share");
-    for (i, (name, _)) in runs[0].iter().enumerate() {
-        let us = median(&runs.iter().map(|r| r[i].1).collect::<Vec<_>>());
-        println!("{name:<16} {us:>10.1} {:>7.1}%", us / total * 100.0);
-    }
-    println!("{:<16} {total:>10.1}", "total");
 }

@@ -222,3 +222,20 @@ fn argmax_cost(
     let native = t.elapsed().as_secs_f64() / REPS as f64 * 1e6;
     Ok((wasm, native))
 }
+
+/// Prints kernel times (medians over `runs`, each a list of (kernel, microseconds)).
+pub(super) fn print_breakdown(title: &str, runs: &[Vec<(&str, f64)>]) {
+    let total: Vec<f64> = runs
+        .iter()
+        .map(|r| r.iter().map(|(_, t)| t).sum())
+        .collect();
+    let total = median(&total);
+    println!();
+    println!("{title}");
+    println!("{:<16} {:>10} {:>8}", "kernel", "us", "share");
+    for (i, (name, _)) in runs[0].iter().enumerate() {
+        let us = median(&runs.iter().map(|r| r[i].1).collect::<Vec<_>>());
+        println!("{name:<16} {us:>10.1} {:>7.1}%", us / total * 100.0);
+    }
+    println!("{:<16} {total:>10.1}", "total");
+}

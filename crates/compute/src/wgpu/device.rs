@@ -13,6 +13,7 @@ use super::vulkan::Importer;
 use crate::{ComputeError, Device, DeviceChoice, HostMapper, HostRange, MatmulDims, StagedMatmul};
 
 const MATMUL_SRC: &str = include_str!("../../kernels/matmul.wgsl");
+const READ_SRC: &str = include_str!("../../kernels/read.wgsl");
 const MATMUL_TILE: u32 = 16;
 
 /// How the GPU reaches guest memory.
@@ -122,7 +123,7 @@ impl WgpuDevice {
             .ok_or_else(|| no("the adapter request did not complete".into()))?
             .map_err(|e| no(format!("no Vulkan or Metal adapter: {e}")))?;
         let info = adapter.get_info();
-        let wanted = wgpu::Features::SUBGROUP;
+        let wanted = wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let desc = wgpu::DeviceDescriptor {
             label: Some("tern"),
             required_features: adapter.features() & wanted,
@@ -225,7 +226,22 @@ impl WgpuDevice {
         offset: u64,
         out: &mut [f32],
     ) -> Result<(), ComputeError> {
-        let bytes = size_of_val(out) as u64;
+        let mut bytes = vec![0u8; size_of_val(out)];
+        self.read_bytes(buffer, offset, &mut bytes)?;
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Ok(())
+    }
+
+    /// Copies `out.len()` bytes from `buffer` at byte `offset` to the host.
+    pub fn read_bytes(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), ComputeError> {
+        let bytes = out.len() as u64;
         if bytes == 0 {
             return Ok(());
         }
@@ -262,10 +278,75 @@ impl WgpuDevice {
             .slice(..)
             .get_mapped_range()
             .map_err(|e| self.error("reading back", e))?;
-        for (o, b) in out.iter_mut().zip(view.chunks_exact(4)) {
-            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
+        out.copy_from_slice(&view);
         Ok(())
+    }
+
+    /// Whether the device can time passes ([`WgpuDevice::time_passes`]).
+    pub fn can_time(&self) -> bool {
+        self.device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Runs `n` compute passes in one submission, pass `i` recorded by `record(i, pass)`,
+    /// and returns each one's GPU time in microseconds, from timestamps the GPU writes at
+    /// its start and end.
+    pub fn time_passes(
+        &self,
+        n: usize,
+        record: impl Fn(usize, &mut wgpu::ComputePass<'_>),
+    ) -> Result<Vec<f64>, ComputeError> {
+        let what = "timing passes";
+        if !self.can_time() {
+            return Err(self.error(what, "the adapter has no timestamp queries"));
+        }
+        let count = 2 * n as u64;
+        if count > u64::from(wgpu::QUERY_SET_MAX_QUERIES) {
+            return Err(self.error(
+                what,
+                format!("{n} passes are more than one query set holds"),
+            ));
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("pass times"),
+            ty: wgpu::QueryType::Timestamp,
+            count: count as u32,
+        });
+        let resolved = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("pass times"),
+            size: 8 * count,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        for i in 0..n as u32 {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &set,
+                    beginning_of_pass_write_index: Some(2 * i),
+                    end_of_pass_write_index: Some(2 * i + 1),
+                }),
+            });
+            record(i as usize, &mut pass);
+        }
+        encoder.resolve_query_set(&set, 0..count as u32, &resolved, 0);
+        self.queue.submit([encoder.finish()]);
+        let mut bytes = vec![0u8; 8 * count as usize];
+        self.read_bytes(&resolved, 0, &mut bytes)?;
+        let tick_us = f64::from(self.queue.get_timestamp_period()) / 1e3;
+        let ticks: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        Ok(ticks
+            .chunks_exact(2)
+            .map(|t| t[1].saturating_sub(t[0]) as f64 * tick_us)
+            .collect())
     }
 
     /// A device buffer holding `data`.
@@ -330,9 +411,7 @@ impl WgpuDevice {
     }
 
     /// The device's memory bandwidth as a buffer-to-buffer copy of up to `bytes` sees it:
-    /// bytes read plus bytes written per second, the median of `repeats` copies timed from
-    /// submission to completion (the roofline a memory-bound decode step is measured
-    /// against).
+    /// bytes read plus bytes written per second, the median of `repeats` timed submissions.
     pub fn copy_bandwidth(&self, bytes: u64, repeats: usize) -> Result<f64, ComputeError> {
         let bytes = bytes.min(self.device.limits().max_buffer_size) / 4 * 4;
         let buffer = |label| {
@@ -344,23 +423,77 @@ impl WgpuDevice {
             })
         };
         let (src, dst) = (buffer("copy source"), buffer("copy destination"));
-        // Many copies per submission, so that the submission's own latency (a large share of
-        // one copy of a buffer as small as wgpu allows) does not count as copy time.
-        const COPIES: u32 = 20;
-        let copy = || {
+        self.rate(2 * bytes, repeats, |encoder| {
+            encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+        })
+    }
+
+    /// The device's memory-read bandwidth: bytes per second of a kernel that reads up to
+    /// `bytes` of device memory once (`kernels/read.wgsl`), the median of `repeats` timed
+    /// submissions. The roofline of a decode step, which reads each weight once.
+    pub fn read_bandwidth(&self, bytes: u64, repeats: usize) -> Result<f64, ComputeError> {
+        let limits = self.device.limits();
+        let words = (bytes
+            .min(limits.max_storage_buffer_binding_size)
+            .min(limits.max_buffer_size)
+            / 16)
+            .min(u64::from(u32::MAX));
+        let src = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("read source"),
+            size: 16 * words,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let sink = self.upload_f32("read sink", &[0.0]);
+        let uniform = self.uniform(&[words as u32, 0, 0, 0]);
+        let pipeline = compute_pipeline(&self.device, "read_words", READ_SRC);
+        let entries = [
+            buffer_entry(0, src.as_entire_buffer_binding()),
+            buffer_entry(1, sink.as_entire_buffer_binding()),
+            buffer_entry(2, uniform.as_entire_buffer_binding()),
+        ];
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("read"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        // Four words an invocation, as far as the grid's limit allows.
+        let groups = words
+            .div_ceil(4 * 256)
+            .min(u64::from(limits.max_compute_workgroups_per_dimension))
+            as u32;
+        self.rate(16 * words, repeats, |encoder| {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(groups, 1, 1);
+        })
+    }
+
+    /// Bytes per second of the work `record` adds to an encoder (moving `bytes`): the median
+    /// of `repeats` submissions, each of many such recordings so that the submission's own
+    /// latency does not count, timed from submission to completion after one untimed run.
+    fn rate(
+        &self,
+        bytes: u64,
+        repeats: usize,
+        record: impl Fn(&mut wgpu::CommandEncoder),
+    ) -> Result<f64, ComputeError> {
+        const TIMES: u32 = 20;
+        let run = || {
             let mut encoder = self.device.create_command_encoder(&Default::default());
-            for _ in 0..COPIES {
-                encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+            for _ in 0..TIMES {
+                record(&mut encoder);
             }
             self.queue.submit([encoder.finish()]);
             self.wait()
         };
-        copy()?;
+        run()?;
         let mut rates = Vec::new();
         for _ in 0..repeats.max(1) {
             let t = Instant::now();
-            copy()?;
-            rates.push(2.0 * f64::from(COPIES) * bytes as f64 / t.elapsed().as_secs_f64());
+            run()?;
+            rates.push(f64::from(TIMES) * bytes as f64 / t.elapsed().as_secs_f64());
         }
         rates.sort_by(f64::total_cmp);
         Ok(rates[rates.len() / 2])

@@ -13,6 +13,21 @@ pub use config::{LlamaConfig, RopeStyle};
 pub use hf::{HfConfig, llama3_rope_factors, read_hf_config};
 pub use weights::{LayerWeights, LlamaWeights, Matrix, Storage};
 
+/// Each name's total of `times` (kernel name, microseconds), in the order first seen: a
+/// per-kernel breakdown of a step.
+pub(crate) fn totals_by_name(
+    times: impl IntoIterator<Item = (&'static str, f64)>,
+) -> Vec<(&'static str, f64)> {
+    let mut totals: Vec<(&'static str, f64)> = Vec::new();
+    for (name, us) in times {
+        match totals.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, t)) => *t += us,
+            None => totals.push((name, us)),
+        }
+    }
+    totals
+}
+
 /// Checks one forward call's arguments against the model and the session (`len` positions
 /// filled of `n_ctx`), the same way on every backend.
 pub(crate) fn check_forward(

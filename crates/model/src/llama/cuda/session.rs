@@ -514,17 +514,14 @@ fn timed(
         Ok(())
     })?;
     model.stream.synchronize().map_err(driver("profiling"))?;
-    let mut totals: Vec<(&'static str, f64)> = Vec::new();
+    let mut times = Vec::new();
     let mut prev = &first;
     for (name, event) in &marks {
         let us = f64::from(prev.elapsed_ms(event).map_err(driver("reading an event"))?) * 1e3;
-        match totals.iter_mut().find(|(n, _)| n == name) {
-            Some((_, t)) => *t += us,
-            None => totals.push((name, us)),
-        }
+        times.push((*name, us));
         prev = event;
     }
-    Ok(totals)
+    Ok(crate::llama::totals_by_name(times))
 }
 
 /// Little-endian f32 bytes as floats: borrowed where they already are floats in place.

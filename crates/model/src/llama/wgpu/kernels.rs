@@ -120,8 +120,9 @@ impl<'a> Bind<'a> {
     }
 }
 
-/// One kernel launch, ready to record: its pipeline, bind group and grid.
+/// One kernel launch, ready to record: its name, pipeline, bind group and grid.
 pub struct Dispatch {
+    pub name: &'static str,
     pipeline: wgpu::ComputePipeline,
     group: wgpu::BindGroup,
     grid: [u32; 3],
@@ -163,10 +164,16 @@ impl Dispatch {
             entries: &entries,
         });
         Dispatch {
+            name,
             pipeline: pipeline.clone(),
             group,
             grid,
         }
+    }
+
+    /// The launch under another name (in a per-kernel breakdown).
+    pub fn named(self, name: &'static str) -> Dispatch {
+        Dispatch { name, ..self }
     }
 
     /// Records the launch into `pass`.

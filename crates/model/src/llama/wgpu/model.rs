@@ -134,6 +134,20 @@ impl WgpuLlama {
         }
     }
 
+    /// Times each kernel of one decode step of `session` (see
+    /// [`WgpuSession::profile_step`]); `None` where the adapter cannot time its work.
+    pub fn profile_step(
+        &self,
+        session: &mut WgpuSession,
+        token: u32,
+    ) -> Result<Option<Vec<(&'static str, f64)>>, ModelError> {
+        if !self.gpu().can_time() {
+            return Ok(None);
+        }
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        session.profile_step(self.gpu(), token).map(Some)
+    }
+
     /// Launches of one decode step.
     pub fn kernels_per_step(&self) -> usize {
         let per_layer: usize = self

@@ -116,7 +116,8 @@ impl WgpuSession {
             Bind::all(&buf.logits),
             &buf.step,
             HEAD,
-        )?;
+        )?
+        .named("matvec output");
         Ok(WgpuSession {
             n_ctx,
             len: 0,
@@ -136,10 +137,7 @@ impl WgpuSession {
         logits: Option<Option<(Bind<'_>, u32)>>,
     ) -> Result<(), ModelError> {
         let gpu = model.gpu();
-        let mut step = vec![self.len as u32, tokens.len() as u32];
-        step.extend_from_slice(tokens);
-        let bytes: Vec<u8> = step.iter().flat_map(|v| v.to_le_bytes()).collect();
-        gpu.queue().write_buffer(&self.buf.step, 0, &bytes);
+        self.set_step(gpu, tokens);
         let guest_head;
         let mut list: Vec<&Dispatch> = self.layers.iter().collect();
         match logits {
@@ -159,6 +157,33 @@ impl WgpuSession {
         super::kernels::submit(gpu, &list);
         self.len += tokens.len();
         Ok(())
+    }
+
+    /// Writes the first position, the token count and the token ids the kernels of the next
+    /// submission read.
+    fn set_step(&self, gpu: &WgpuDevice, tokens: &[u32]) {
+        let mut step = vec![self.len as u32, tokens.len() as u32];
+        step.extend_from_slice(tokens);
+        let bytes: Vec<u8> = step.iter().flat_map(|v| v.to_le_bytes()).collect();
+        gpu.queue().write_buffer(&self.buf.step, 0, &bytes);
+    }
+
+    /// Times each kernel of one decode step of `token` (each launch in a pass of its own,
+    /// with GPU timestamps at its start and end), leaving the session as it was; returns
+    /// each kernel name's total, in microseconds, in the order first seen.
+    pub(super) fn profile_step(
+        &mut self,
+        gpu: &WgpuDevice,
+        token: u32,
+    ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+        self.set_step(gpu, &[token]);
+        let list: Vec<&Dispatch> = self.layers.iter().chain([&self.head]).collect();
+        let times = gpu
+            .time_passes(list.len(), |i, pass| list[i].record(pass))
+            .map_err(wgpu_error)?;
+        Ok(crate::llama::totals_by_name(
+            list.iter().zip(times).map(|(d, us)| (d.name, us)),
+        ))
     }
 
     /// Copies the session's own logits buffer to the host.
@@ -337,19 +362,16 @@ fn record_layers(
         )
     };
     // Stacked matrices (or their parts one by one) write side by side in one row per token.
-    let stacked = |parts: &[DevMatrix], y: &wgpu::Buffer, stride: u32, out: &mut Vec<Dispatch>| {
+    let stacked = |parts: &[DevMatrix],
+                   y: &wgpu::Buffer,
+                   stride: u32,
+                   name: &'static str,
+                   out: &mut Vec<Dispatch>| {
         let mut at = 0;
         for m in parts {
             let to = Out::at(at, stride);
-            out.push(matvec(
-                gpu,
-                k,
-                m,
-                Bind::all(&b.xb),
-                Bind::all(y),
-                &b.step,
-                to,
-            )?);
+            let (xb, y) = (Bind::all(&b.xb), Bind::all(y));
+            out.push(matvec(gpu, k, m, xb, y, &b.step, to)?.named(name));
             at += m.rows;
         }
         Ok::<(), ModelError>(())
@@ -363,7 +385,7 @@ fn record_layers(
     for (l, lw) in w.layers.iter().enumerate() {
         let cache_off = u(l) * layer_floats;
         out.push(norm(&lw.attn_norm, false));
-        stacked(&lw.qkv, &b.qkv, q_dim + 2 * kv, &mut out)?;
+        stacked(&lw.qkv, &b.qkv, q_dim + 2 * kv, "matvec qkv", &mut out)?;
         out.push(Dispatch::new(
             gpu,
             "rope_append",
@@ -421,15 +443,10 @@ fn record_layers(
             &[u(c.n_head), u(c.head_dim), n_split],
             [u(c.n_head), tok, 1],
         ));
-        out.push(matvec(
-            gpu,
-            k,
-            &lw.wo,
-            Bind::all(&b.att),
-            Bind::all(&b.x),
-            &b.step,
-            residual,
-        )?);
+        let att = Bind::all(&b.att);
+        out.push(
+            matvec(gpu, k, &lw.wo, att, Bind::all(&b.x), &b.step, residual)?.named("matvec o"),
+        );
         out.push(norm(&lw.ffn_norm, false));
         match lw.gate_up.as_slice() {
             // One stacked matrix on `matvec`: SwiGLU fused into the product.
@@ -439,10 +456,10 @@ fn record_layers(
                     ..Out::at(0, ff)
                 };
                 let (xb, hb) = (Bind::all(&b.xb), Bind::all(&b.hb));
-                out.push(matvec(gpu, k, m, xb, hb, &b.step, to)?);
+                out.push(matvec(gpu, k, m, xb, hb, &b.step, to)?.named("matvec gate_up"));
             }
             parts => {
-                stacked(parts, &b.gate_up, 2 * ff, &mut out)?;
+                stacked(parts, &b.gate_up, 2 * ff, "matvec gate_up", &mut out)?;
                 out.push(Dispatch::new(
                     gpu,
                     "swiglu",
@@ -453,15 +470,11 @@ fn record_layers(
                 ));
             }
         }
-        out.push(matvec(
-            gpu,
-            k,
-            &lw.w_down,
-            Bind::all(&b.hb),
-            Bind::all(&b.x),
-            &b.step,
-            residual,
-        )?);
+        let hb = Bind::all(&b.hb);
+        out.push(
+            matvec(gpu, k, &lw.w_down, hb, Bind::all(&b.x), &b.step, residual)?
+                .named("matvec down"),
+        );
     }
     out.push(norm(&w.output_norm, true));
     Ok(out)
