@@ -81,7 +81,9 @@ fn every_matvec_type_matches_the_cpu() {
     }
     for ops in harnesses {
         eprintln!("row sums: {:?}", ops.reduce());
-        matvec_parity(ops, &[256, 576, 2048]);
+        // 2048 columns split rows of 16-bit types in two, 8192 columns every type's in
+        // several.
+        matvec_parity(ops, &[256, 576, 2048, 8192]);
     }
 }
 
@@ -125,12 +127,20 @@ fn rope_append_and_attention_match_the_cpu() {
     };
     let ops = ops(&device);
     let mut rng = Rng(23);
-    for (halves, pos0, n_tok) in [(false, 0, 1), (true, 5, 8), (false, 250, 3), (true, 300, 1)] {
+    for (halves, pos0, n_tok, head_dim) in [
+        (false, 0, 1, 64),
+        (true, 5, 8, 64),
+        (false, 250, 3, 64),
+        (true, 300, 1, 64),
+        (false, 130, 8, 128),
+        (true, 200, 2, 32),
+        (false, 70, 1, 4),
+    ] {
         let s = AttnShape {
             n_head: 8,
             n_head_kv: 2,
-            head_dim: 64,
-            n_rot: 64,
+            head_dim,
+            n_rot: head_dim,
             halves,
             n_ctx: 320,
         };

@@ -39,7 +39,7 @@ pub const MAX_CHUNK: usize = 8;
 
 /// Positions one attention split covers (`SPLIT` in `attn_split.wgsl`).
 #[cfg(feature = "wgpu")]
-const ATTN_SPLIT: usize = 128;
+const ATTN_SPLIT: usize = 64;
 
 #[cfg(feature = "wgpu")]
 mod model;

@@ -8,7 +8,7 @@ use tern_compute::wgpu::WgpuDevice;
 
 use super::kernels::{Bind, Kernels};
 use super::weights::DeviceWeights;
-use super::{ATTN_SPLIT, MAX_CHUNK, WgpuSession};
+use super::{MAX_CHUNK, WgpuSession};
 use crate::ModelError;
 use crate::llama::LlamaConfig;
 use crate::llama::cpu::CpuLlama;
@@ -46,9 +46,18 @@ impl WgpuLlama {
             ModelError::Invalid(format!("{} is not a wgpu device", device.describe()))
         })?;
         let hd = config.head_dim;
-        if !ATTN_SPLIT.is_multiple_of(hd) || !config.n_head.is_multiple_of(config.n_head_kv) {
+        if !hd.is_multiple_of(4)
+            || !128usize.is_multiple_of(hd)
+            || !config.n_head.is_multiple_of(config.n_head_kv)
+        {
             return Err(ModelError::Unsupported(format!(
-                "head size {hd} on wgpu (attention takes sizes that divide {ATTN_SPLIT})"
+                "head size {hd} on wgpu (attention takes multiples of 4 that divide 128)"
+            )));
+        }
+        if !config.n_embd.is_multiple_of(4) {
+            return Err(ModelError::Unsupported(format!(
+                "embedding width {} on wgpu (the norms read vectors of four)",
+                config.n_embd
             )));
         }
         let t = Instant::now();

@@ -11,6 +11,7 @@ use super::{ATTN_SPLIT, MAX_CHUNK, WgpuLlama};
 use crate::ModelError;
 use crate::llama::cpu::KvCache;
 use crate::llama::{LlamaConfig, RopeStyle};
+use crate::quant::DType;
 
 /// Device buffers of one session. Every activation buffer holds `MAX_CHUNK` positions.
 struct Buffers {
@@ -276,6 +277,25 @@ impl Out {
     }
 }
 
+/// Groups of 32 lanes `matvec` gives each row of `m` (`matvec_rows.wgsl`): split rows (1, 2,
+/// 4 or 8 parts of at least four 32-unit steps each) while the matrix has too few rows to
+/// keep 8,192 groups reading, which short matrices (Q/K/V, the attention output, the MLP's
+/// down projection) otherwise leave the GPU well short of. A unit is a 16-byte word of 8
+/// weights for 16-bit floats (`matvec_wide.wgsl`), else a chunk of 32 (`matvec.wgsl`).
+fn matvec_parts(m: &DevMatrix) -> u32 {
+    let per_unit = if matches!(m.dtype, DType::F16 | DType::BF16) {
+        8
+    } else {
+        32
+    };
+    let steps = (m.cols / per_unit).div_ceil(32);
+    let mut parts = 1;
+    while parts < 8 && m.rows * parts < 8192 && steps >= 8 * parts {
+        parts *= 2;
+    }
+    parts
+}
+
 /// `y[t] (+)= W x[t]` for the step's tokens (or `n_fixed`), x rows `m.cols` apart from
 /// element 0 of `x`.
 #[allow(clippy::too_many_arguments)]
@@ -288,6 +308,7 @@ pub(super) fn matvec(
     step: &wgpu::Buffer,
     out: Out,
 ) -> Result<Dispatch, ModelError> {
+    let parts = if out.glu != 0 { 1 } else { matvec_parts(m) };
     let params = [
         m.rows,
         m.cols,
@@ -299,12 +320,13 @@ pub(super) fn matvec(
         u32::from(out.residual),
         out.n_fixed,
         out.glu,
+        parts,
     ];
     let buffers = [Bind::all(&m.buffer), x, y, Bind::all(step)];
     let groups = if out.glu != 0 {
         out.glu.div_ceil(4)
     } else {
-        m.rows.div_ceil(8)
+        (m.rows * parts).div_ceil(8)
     };
     let pipeline = k.matvec(m.dtype)?;
     Ok(Dispatch::new(

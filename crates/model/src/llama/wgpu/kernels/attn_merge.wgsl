@@ -13,6 +13,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> step: array<u32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
+const SPLIT: u32 = 64u;  // attn_split.wgsl's
+
 @compute @workgroup_size(128)
 fn attn_merge(@builtin(local_invocation_index) d: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let head = wg.x;
@@ -21,7 +23,7 @@ fn attn_merge(@builtin(local_invocation_index) d: u32, @builtin(workgroup_id) wg
         return;
     }
     let last = step[0] + t;
-    let used = min(last / 128u + 1u, p.n_split);
+    let used = min(last / SPLIT + 1u, p.n_split);
     let base = (t * p.n_head + head) * p.n_split;
     var m_all = -3.4028235e38;
     for (var s = 0u; s < used; s++) {

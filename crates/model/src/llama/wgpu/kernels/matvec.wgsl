@@ -3,7 +3,7 @@
 // lane l of a row dequantizes chunks l, l + 32, ... (32 weights each) once and dots them with
 // every token, so each weight is read once per call. Each lane's sums run in column order;
 // the 32 lanes are then summed in a fixed tree (reduce_*.wgsl), so results are reproducible.
-// Grid (ceil(rows / 8)), or (ceil(glu / 4)) with `glu` (matvec_rows.wgsl).
+// Grid (ceil(rows * parts / 8)), or (ceil(glu / 4)) with `glu` (matvec_rows.wgsl).
 //
 // `step` is [first position, token count, token ids]; `n_fixed` overrides the count (the
 // output head runs on one token). matvec_rows.wgsl declares the parameters and the bindings
@@ -19,7 +19,8 @@ fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     var acc: array<f32, 8>;
     if r < p.rows {
         let row_byte = r * p.row_bytes;
-        for (var c = lane; c < p.cols / 32u; c += LANES) {
+        let range = part_range(tid, p.cols / 32u);
+        for (var c = range.x + lane; c < range.y; c += LANES) {
             dequant_chunk(row_byte, c);
             for (var t = 0u; t < n; t++) {
                 let xb = p.x_off + t * p.x_stride + 32u * c;

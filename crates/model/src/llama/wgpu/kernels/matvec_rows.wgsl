@@ -2,7 +2,11 @@
 // parameters, the bindings after x, which rows a workgroup takes and how it stores their sums.
 //
 // Plainly, rows 8 wg .. 8 wg + 7, one per 32 lanes, each written (or added, with
-// `residual`) to y. With `glu` = n_ff, the matrix is the MLP's gate rows (0 .. n_ff) stacked
+// `residual`) to y. With `parts` > 1 (a short matrix, whose rows alone leave too few lanes
+// reading), each row is split between `parts` consecutive groups of 32 lanes: rows
+// (8 / parts) wg + .., each group an equal run of the row's 32-unit steps (the last one the
+// rest), and the row's sum is its parts' sums added in part order, so the result depends only
+// on the row's length, never on timing. With `glu` = n_ff (and one part), the matrix is the MLP's gate rows (0 .. n_ff) stacked
 // on its up rows (n_ff .. 2 n_ff): the first four row groups take gate rows 4 wg .. 4 wg + 3
 // and the last four the matching up rows, and the workgroup writes silu(gate) * up for its
 // four outputs (the swiglu kernel's arithmetic): one launch and one pass over memory fewer.
@@ -18,6 +22,7 @@ struct Params {
     residual: u32,
     n_fixed: u32,
     glu: u32,
+    parts: u32,
 }
 
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
@@ -33,13 +38,17 @@ fn token_count() -> u32 {
     return min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
 }
 
-var<workgroup> glu_part: array<array<f32, 8>, 8>;  // [row group][token]
+var<workgroup> group_sums: array<array<f32, 8>, 8>;  // [group of 32 lanes][token]
+
+fn parts() -> u32 {
+    return max(p.parts, 1u);
+}
 
 // The row of the 32 lanes `tid` belongs to (p.rows: none).
 fn matvec_row(tid: u32, wg: u32) -> u32 {
     let k = tid / LANES;
     if p.glu == 0u {
-        return wg * ROWS + k;
+        return wg * (ROWS / parts()) + k / parts();
     }
     let j = wg * 4u + k % 4u;
     if j >= p.glu {
@@ -48,36 +57,62 @@ fn matvec_row(tid: u32, wg: u32) -> u32 {
     return select(j, p.glu + j, k >= 4u);
 }
 
+// The units (of a row's `units`, taken 32 at a time by the lanes) that the 32 lanes `tid`
+// belongs to read: [x, y).
+fn part_range(tid: u32, units: u32) -> vec2<u32> {
+    let part = (tid / LANES) % parts();
+    let steps = (units + LANES - 1u) / LANES;
+    let per = (steps + parts() - 1u) / parts() * LANES;
+    let first = min(part * per, units);
+    return vec2<u32>(first, min(first + per, units));
+}
+
+// Writes (or adds, with `residual`) token t's sum of row r.
+fn store(r: u32, t: u32, total: f32) {
+    let at = p.y_off + t * p.y_stride + r;
+    var base = 0.0;
+    if p.residual != 0u {
+        base = y[at];
+    }
+    y[at] = base + total;
+}
+
 // Sums each token's 32 lane sums of row `r` (a fixed tree, reduce_*.wgsl) and stores them.
 // Every invocation must call it.
 fn store_rows(acc: ptr<function, array<f32, 8>>, r: u32, n: u32, tid: u32, wg: u32) {
     let lane = tid % LANES;
     let k = tid / LANES;
+    let gather = p.glu != 0u || parts() > 1u;
     for (var t = 0u; t < MAX_TOK; t++) {
         if t >= n {
             break;
         }
         let total = row_sum((*acc)[t], tid);
-        if r < p.rows && lane == 0u {
-            if p.glu != 0u {
-                glu_part[k][t] = total;
-            } else {
-                let at = p.y_off + t * p.y_stride + r;
-                var base = 0.0;
-                if p.residual != 0u {
-                    base = y[at];
-                }
-                y[at] = base + total;
+        if lane == 0u {
+            if gather {
+                group_sums[k][t] = total;
+            } else if r < p.rows {
+                store(r, t, total);
             }
         }
     }
+    if !gather {
+        return;
+    }
+    workgroupBarrier();
     if p.glu != 0u {
-        workgroupBarrier();
         let j = wg * 4u + k;
         if k < 4u && lane < n && j < p.glu {
-            let g = glu_part[k][lane];
-            let u = glu_part[k + 4u][lane];
+            let g = group_sums[k][lane];
+            let u = group_sums[k + 4u][lane];
             y[p.y_off + lane * p.y_stride + j] = g / (1.0 + exp(-g)) * u;
         }
+    } else if k % parts() == 0u && lane < n && r < p.rows {
+        // The row's first group adds its parts in order.
+        var total = 0.0;
+        for (var i = 0u; i < parts(); i++) {
+            total += group_sums[k + i][lane];
+        }
+        store(r, lane, total);
     }
 }

@@ -5,7 +5,7 @@
 // 32 lanes; each lane's sums run in column order, then the 32 lanes are summed in a fixed
 // tree (reduce_*.wgsl), so results are reproducible. Rows are 16-byte aligned (cols is a
 // multiple of 32) and the activations' offset and stride are multiples of 4.
-// Grid (ceil(rows / 8)), or (ceil(glu / 4)) with `glu` (matvec_rows.wgsl).
+// Grid (ceil(rows * parts / 8)), or (ceil(glu / 4)) with `glu` (matvec_rows.wgsl).
 //
 // `step` is [first position, token count, token ids]; `n_fixed` overrides the count
 // (matvec_rows.wgsl declares the parameters and the bindings after x).
@@ -34,8 +34,9 @@ fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     var acc: array<f32, 8>;
     if r < p.rows {
         let row = r * (p.row_bytes / 16u);
-        let words = p.cols / 8u;
-        var v = lane;
+        let range = part_range(tid, p.cols / 8u);
+        let words = range.y;
+        var v = range.x + lane;
         // Four 16-byte loads in flight per lane before any is used: one at a time leaves
         // the memory's latency exposed. The sums still run in column order.
         for (; v + 3u * LANES < words; v += 4u * LANES) {
