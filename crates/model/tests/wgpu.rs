@@ -127,20 +127,23 @@ fn rope_append_and_attention_match_the_cpu() {
     };
     let ops = ops(&device);
     let mut rng = Rng(23);
-    for (halves, pos0, n_tok, head_dim) in [
-        (false, 0, 1, 64),
-        (true, 5, 8, 64),
-        (false, 250, 3, 64),
-        (true, 300, 1, 64),
-        (false, 130, 8, 128),
-        (true, 200, 2, 32),
-        (false, 70, 1, 4),
+    // (halves, first position, tokens, head size, rotated dimensions): a call inside one
+    // split of 64 positions and across two, head sizes 4 to 128, partial rotation.
+    for (halves, pos0, n_tok, head_dim, n_rot) in [
+        (false, 0, 1, 64, 64),
+        (true, 5, 8, 64, 64),
+        (true, 60, 8, 64, 64),
+        (false, 250, 3, 64, 64),
+        (true, 300, 1, 64, 64),
+        (false, 130, 8, 128, 128),
+        (true, 200, 2, 32, 16),
+        (false, 70, 1, 4, 4),
     ] {
         let s = AttnShape {
             n_head: 8,
             n_head_kv: 2,
             head_dim,
-            n_rot: head_dim,
+            n_rot,
             halves,
             n_ctx: 320,
         };

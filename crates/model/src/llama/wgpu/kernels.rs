@@ -14,7 +14,6 @@ pub struct Kernels {
     matvec: Vec<(DType, wgpu::ComputePipeline)>,
     get_rows: Vec<(DType, wgpu::ComputePipeline)>,
     pub rmsnorm: wgpu::ComputePipeline,
-    pub rope_append: wgpu::ComputePipeline,
     pub attn_split: wgpu::ComputePipeline,
     pub attn_merge: wgpu::ComputePipeline,
     pub swiglu: wgpu::ComputePipeline,
@@ -60,7 +59,6 @@ impl Kernels {
                 })
                 .collect(),
             rmsnorm: plain("rmsnorm"),
-            rope_append: plain("rope_append"),
             attn_split: plain("attn_split"),
             attn_merge: plain("attn_merge"),
             swiglu: plain("swiglu"),

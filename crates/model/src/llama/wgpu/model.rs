@@ -163,10 +163,10 @@ impl WgpuLlama {
             .weights
             .layers
             .iter()
-            // Two norms, RoPE + append, the attention's split and merge, the output and
-            // down products, the Q/K/V and gate/up products, and SwiGLU where gate and up
-            // are apart (else it is fused into their product).
-            .map(|l| 7 + l.qkv.len() + l.gate_up.len() + usize::from(l.gate_up.len() > 1))
+            // Two norms, the attention's split (with RoPE and the append) and merge, the
+            // output and down products, the Q/K/V and gate/up products, and SwiGLU where gate
+            // and up are apart (else it is fused into their product).
+            .map(|l| 6 + l.qkv.len() + l.gate_up.len() + usize::from(l.gate_up.len() > 1))
             .sum();
         per_layer + 3
     }

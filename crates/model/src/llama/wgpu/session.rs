@@ -9,8 +9,8 @@ use super::model::wgpu_error;
 use super::weights::DevMatrix;
 use super::{ATTN_SPLIT, MAX_CHUNK, WgpuLlama};
 use crate::ModelError;
+use crate::llama::RopeStyle;
 use crate::llama::cpu::KvCache;
-use crate::llama::{LlamaConfig, RopeStyle};
 use crate::quant::DType;
 
 /// Device buffers of one session. Every activation buffer holds `MAX_CHUNK` positions.
@@ -339,8 +339,79 @@ pub(super) fn matvec(
     ))
 }
 
-fn halves(c: &LlamaConfig) -> u32 {
-    u32::from(c.rope_style == RopeStyle::Halves)
+/// The attention geometry of one layer's launches (see [`attention`]).
+#[derive(Clone, Copy)]
+pub(super) struct AttnDims {
+    pub n_head: u32,
+    pub n_head_kv: u32,
+    pub head_dim: u32,
+    /// Dimensions rotated per head.
+    pub n_rot: u32,
+    /// Hugging Face's pairing (i, i + n_rot / 2) instead of adjacent pairs.
+    pub halves: bool,
+    pub n_split: u32,
+    /// The layer's first float in each cache.
+    pub cache_off: u32,
+}
+
+/// What the attention reads and writes: the step's q | k | v rows, the caches, the rotation
+/// table, the splits' partial results and the output.
+pub(super) struct AttnBuffers<'a> {
+    pub qkv: &'a wgpu::Buffer,
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    pub rope: &'a wgpu::Buffer,
+    pub part_o: &'a wgpu::Buffer,
+    pub part_ml: &'a wgpu::Buffer,
+    pub att: &'a wgpu::Buffer,
+    pub step: &'a wgpu::Buffer,
+}
+
+/// The step's attention over one layer's cache: the splits (with RoPE and the cache append,
+/// `attn_split.wgsl`), then their merge (`attn_merge.wgsl`).
+pub(super) fn attention(
+    gpu: &WgpuDevice,
+    k: &Kernels,
+    d: AttnDims,
+    b: AttnBuffers<'_>,
+) -> [Dispatch; 2] {
+    let all = Bind::all;
+    let scale = 1.0 / (d.head_dim as f32).sqrt();
+    let tok = MAX_CHUNK as u32;
+    let split = Dispatch::new(
+        gpu,
+        "attention",
+        &k.attn_split,
+        &[
+            all(b.qkv),
+            all(b.k),
+            all(b.v),
+            all(b.rope),
+            all(b.part_o),
+            all(b.part_ml),
+            all(b.step),
+        ],
+        &[
+            d.n_head,
+            d.n_head_kv,
+            d.head_dim,
+            d.n_split,
+            scale.to_bits(),
+            d.cache_off,
+            d.n_rot,
+            u32::from(d.halves),
+        ],
+        [d.n_split, d.n_head, tok],
+    );
+    let merge = Dispatch::new(
+        gpu,
+        "attn_merge",
+        &k.attn_merge,
+        &[all(b.part_o), all(b.part_ml), all(b.att), all(b.step)],
+        &[d.n_head, d.head_dim, d.n_split],
+        [d.n_head, tok, 1],
+    );
+    [split, merge]
 }
 
 /// Every layer's launches for a session's buffers, then the final norm of the last token.
@@ -408,63 +479,26 @@ fn record_layers(
         let cache_off = u(l) * layer_floats;
         out.push(norm(&lw.attn_norm, false));
         stacked(&lw.qkv, &b.qkv, q_dim + 2 * kv, "matvec qkv", &mut out)?;
-        out.push(Dispatch::new(
-            gpu,
-            "rope_append",
-            &k.rope_append,
-            &[
-                Bind::all(&b.qkv),
-                Bind::all(&b.k),
-                Bind::all(&b.v),
-                Bind::all(&b.rope),
-                step,
-            ],
-            &[
-                u(c.n_head),
-                u(c.n_head_kv),
-                u(c.head_dim),
-                u(c.n_rot),
-                halves(c),
-                cache_off,
-            ],
-            [tok, u(c.n_head + c.n_head_kv), 1],
-        ));
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        out.push(Dispatch::new(
-            gpu,
-            "attn_split",
-            &k.attn_split,
-            &[
-                Bind::all(&b.qkv),
-                Bind::all(&b.k),
-                Bind::all(&b.v),
-                Bind::all(&b.part_o),
-                Bind::all(&b.part_ml),
-                step,
-            ],
-            &[
-                u(c.n_head),
-                u(c.n_head_kv),
-                u(c.head_dim),
-                n_split,
-                scale.to_bits(),
-                cache_off,
-            ],
-            [n_split, u(c.n_head), tok],
-        ));
-        out.push(Dispatch::new(
-            gpu,
-            "attn_merge",
-            &k.attn_merge,
-            &[
-                Bind::all(&b.part_o),
-                Bind::all(&b.part_ml),
-                Bind::all(&b.att),
-                step,
-            ],
-            &[u(c.n_head), u(c.head_dim), n_split],
-            [u(c.n_head), tok, 1],
-        ));
+        let dims = AttnDims {
+            n_head: u(c.n_head),
+            n_head_kv: u(c.n_head_kv),
+            head_dim: u(c.head_dim),
+            n_rot: u(c.n_rot),
+            halves: c.rope_style == RopeStyle::Halves,
+            n_split,
+            cache_off,
+        };
+        let bufs = AttnBuffers {
+            qkv: &b.qkv,
+            k: &b.k,
+            v: &b.v,
+            rope: &b.rope,
+            part_o: &b.part_o,
+            part_ml: &b.part_ml,
+            att: &b.att,
+            step: &b.step,
+        };
+        out.extend(attention(gpu, k, dims, bufs));
         let att = Bind::all(&b.att);
         out.push(
             matvec(gpu, k, &lw.wo, att, Bind::all(&b.x), &b.step, residual)?.named("matvec o"),

@@ -19,9 +19,8 @@ const MATVEC_ROWS: &str = include_str!("kernels/matvec_rows.wgsl");
 const GET_ROWS: &str = include_str!("kernels/get_rows.wgsl");
 
 /// The kernels that read no weights: (entry point, source).
-pub const PLAIN: [(&str, &str); 5] = [
+pub const PLAIN: [(&str, &str); 4] = [
     ("rmsnorm", include_str!("kernels/rmsnorm.wgsl")),
-    ("rope_append", include_str!("kernels/rope_append.wgsl")),
     ("attn_split", include_str!("kernels/attn_split.wgsl")),
     ("attn_merge", include_str!("kernels/attn_merge.wgsl")),
     ("swiglu", include_str!("kernels/swiglu.wgsl")),

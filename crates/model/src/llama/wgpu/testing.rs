@@ -8,7 +8,7 @@ use tern_compute::wgpu::wgpu;
 
 use super::kernels::{Bind, Dispatch, Kernels, submit};
 use super::model::wgpu_error;
-use super::session::{Out, matvec, rope_table};
+use super::session::{AttnBuffers, AttnDims, Out, attention, matvec, rope_table};
 use super::shaders::Reduce;
 use super::weights::DevMatrix;
 use super::{ATTN_SPLIT, MAX_CHUNK};
@@ -220,55 +220,27 @@ impl OpHarness {
         let part_o = gpu.upload_f32("part_o", &vec![0.0; MAX_CHUNK * q_dim * n_split]);
         let part_ml = gpu.upload_f32("part_ml", &vec![0.0; MAX_CHUNK * s.n_head * n_split * 2]);
         let att = gpu.upload_f32("att", &vec![f32::NAN; n_tok * q_dim]);
-        let k_ = &self.kernels;
-        let all = Bind::all;
-        let rope_append = Dispatch::new(
-            gpu,
-            "rope_append",
-            &k_.rope_append,
-            &[all(&qkv_buf), all(&k), all(&v), all(&rope), all(&step)],
-            &[
-                u(s.n_head),
-                u(s.n_head_kv),
-                u(s.head_dim),
-                u(s.n_rot),
-                u32::from(s.halves),
-                0,
-            ],
-            [u(MAX_CHUNK), u(s.n_head + s.n_head_kv), 1],
-        );
-        let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let split = Dispatch::new(
-            gpu,
-            "attn_split",
-            &k_.attn_split,
-            &[
-                all(&qkv_buf),
-                all(&k),
-                all(&v),
-                all(&part_o),
-                all(&part_ml),
-                all(&step),
-            ],
-            &[
-                u(s.n_head),
-                u(s.n_head_kv),
-                u(s.head_dim),
-                u(n_split),
-                scale.to_bits(),
-                0,
-            ],
-            [u(n_split), u(s.n_head), u(MAX_CHUNK)],
-        );
-        let merge = Dispatch::new(
-            gpu,
-            "attn_merge",
-            &k_.attn_merge,
-            &[all(&part_o), all(&part_ml), all(&att), all(&step)],
-            &[u(s.n_head), u(s.head_dim), u(n_split)],
-            [u(s.n_head), u(MAX_CHUNK), 1],
-        );
-        submit(gpu, &[&rope_append, &split, &merge]);
+        let dims = AttnDims {
+            n_head: u(s.n_head),
+            n_head_kv: u(s.n_head_kv),
+            head_dim: u(s.head_dim),
+            n_rot: u(s.n_rot),
+            halves: s.halves,
+            n_split: u(n_split),
+            cache_off: 0,
+        };
+        let bufs = AttnBuffers {
+            qkv: &qkv_buf,
+            k: &k,
+            v: &v,
+            rope: &rope,
+            part_o: &part_o,
+            part_ml: &part_ml,
+            att: &att,
+            step: &step,
+        };
+        let [split, merge] = attention(gpu, &self.kernels, dims, bufs);
+        submit(gpu, &[&split, &merge]);
         let read = |buf: &wgpu::Buffer, len: usize| {
             let mut host = vec![0.0; len];
             gpu.read_f32(buf, 0, &mut host)

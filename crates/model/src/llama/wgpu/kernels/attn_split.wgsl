@@ -1,14 +1,23 @@
-// Flash-decoding, part 1. Positions are cut into fixed splits of 64; workgroup
-// (split, head, t) scores query (t, head) against the positions of its split that are causal
-// for it (<= step[0] + t) and writes the split's max score, sum of exponentials and
-// unnormalized output. Splits past the query's position write nothing.
+// Flash-decoding, part 1, with RoPE and the cache append. Positions are cut into fixed splits
+// of 64; workgroup (split, head, t) scores query (t, head) against the positions of its split
+// that are causal for it (<= step[0] + t) and writes the split's max score, sum of
+// exponentials and unnormalized output. Splits past the query's position write nothing.
 //
-// Two invocations score each position, each dotting half of the key with the query (16-byte
-// loads, four in flight), and their halves are added in a fixed order. The workgroup takes the
-// max and the sum of exponentials in fixed trees. Then each invocation sums weight * value
-// for four dimensions over every (512 / head_dim)-th position of the split, again with four
-// loads in flight, and the parts are added in a fixed order. head_dim is a multiple of 4 that
-// divides 128. Grid (n_split, n_head, 8), workgroup 128.
+// The call's tokens (positions step[0] + t') are not in the cache yet: token t's row of `qkv`
+// is q | k | v, unrotated. Each workgroup rotates its query, and the keys (with the values) of
+// the call's positions in its split, into workgroup memory, and reads those from there; the
+// workgroup of the first query head of a key head, in the split of token t's position,
+// writes token t's rotated key and its value to the cache, where no workgroup of this launch
+// reads them. Rotation factors come from `rope`, a table of (cos, sin) per (position, pair)
+// computed on the host exactly as the CPU reference computes them; `halves` selects Hugging
+// Face's pairing (i, i + n_rot / 2) over adjacent pairs.
+//
+// Two invocations score each cached position, each dotting half of the key with the query
+// (16-byte loads, four in flight), and their halves are added in a fixed order. The workgroup
+// takes the max and the sum of exponentials in fixed trees. Then each invocation sums
+// weight * value for four dimensions over every (512 / head_dim)-th position of the split,
+// again with four loads in flight, and the parts are added in a fixed order. head_dim is a
+// multiple of 4 that divides 128. Grid (n_split, n_head, 8), workgroup 128.
 
 struct Params {
     n_head: u32,
@@ -17,19 +26,26 @@ struct Params {
     n_split: u32,
     scale: f32,
     cache_off: u32,
+    n_rot: u32,
+    halves: u32,
 }
 
-@group(0) @binding(0) var<storage, read> qkv: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> k_cache: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> v_cache: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> part_o: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> part_ml: array<f32>;
-@group(0) @binding(5) var<storage, read> step: array<u32>;
-@group(0) @binding(6) var<uniform> p: Params;
+@group(0) @binding(0) var<storage, read> qkv: array<f32>;
+@group(0) @binding(1) var<storage, read_write> k_cache: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> v_cache: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> rope: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read_write> part_o: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> part_ml: array<f32>;
+@group(0) @binding(6) var<storage, read> step: array<u32>;
+@group(0) @binding(7) var<uniform> p: Params;
 
 const SPLIT: u32 = 64u;
+const MAX_TOK: u32 = 8u;
+const MAX_DIM: u32 = 128u;
 
-var<workgroup> s_q: array<vec4<f32>, 32>;
+var<workgroup> s_q: array<f32, 128>;
+var<workgroup> s_k: array<f32, 1024>;  // the call's keys in this split, rotated [new][dim]
+var<workgroup> s_v: array<f32, 1024>;  // and their values
 var<workgroup> s_w: array<f32, 64>;
 var<workgroup> s_red: array<f32, 128>;
 var<workgroup> s_o: array<vec4<f32>, 128>;
@@ -64,48 +80,123 @@ fn wg_sum(v: f32, tid: u32) -> f32 {
     return s;
 }
 
+// The dimensions of rotation pair i: (a, b).
+fn pair(i: u32) -> vec2<u32> {
+    let half_rot = p.n_rot / 2u;
+    return select(vec2<u32>(2u * i, 2u * i + 1u), vec2<u32>(i, i + half_rot), p.halves != 0u);
+}
+
+// Vector j of the query, or of the call's key `i` in workgroup memory.
+fn q4(j: u32) -> vec4<f32> {
+    return vec4<f32>(s_q[4u * j], s_q[4u * j + 1u], s_q[4u * j + 2u], s_q[4u * j + 3u]);
+}
+
+fn new_k4(i: u32, j: u32) -> vec4<f32> {
+    let at = i * MAX_DIM + 4u * j;
+    return vec4<f32>(s_k[at], s_k[at + 1u], s_k[at + 2u], s_k[at + 3u]);
+}
+
+fn new_v4(i: u32, j: u32) -> vec4<f32> {
+    let at = i * MAX_DIM + 4u * j;
+    return vec4<f32>(s_v[at], s_v[at + 1u], s_v[at + 2u], s_v[at + 3u]);
+}
+
 @compute @workgroup_size(128)
 fn attn_split(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let split = wg.x;
     let head = wg.y;
     let t = wg.z;
-    let last = step[0] + t;
+    let pos0 = step[0];
+    let last = pos0 + t;
     let first = split * SPLIT;
     if t >= step[1] || first > last {
         return;
     }
     let count = min(last + 1u - first, SPLIT);
-    // Vectors of four: the head's, and a cache row's.
-    let hv = p.head_dim / 4u;
-    let kv_row = p.n_head_kv * hv;
-    let q_row = p.n_head * hv + 2u * kv_row;
-    let kv_off = p.cache_off / 4u + (head / (p.n_head / p.n_head_kv)) * hv;
-    if tid < hv {
-        s_q[tid] = qkv[t * q_row + head * hv + tid];
+    let hd = p.head_dim;
+    let half_rot = p.n_rot / 2u;
+    let group = p.n_head / p.n_head_kv;
+    let kv_head = head / group;
+    let q_dim = p.n_head * hd;
+    let kv_dim = p.n_head_kv * hd;
+    let row = q_dim + 2u * kv_dim;
+    // Positions [first, first + cached) come from the cache, the rest of the split's from
+    // the call's rows (the call's tokens first .. first + count - cached - 1 of this split).
+    let cached = min(count, select(pos0 - first, 0u, pos0 < first));
+    let n_new = count - cached;
+    let new0 = first + cached - pos0;  // the first new position's token
+
+    // The query, rotated.
+    let q = t * row + head * hd;
+    for (var i = tid; i < hd; i += 128u) {
+        s_q[i] = qkv[q + i];
     }
     workgroupBarrier();
+    if tid < half_rot {
+        let ab = pair(tid);
+        let cs = rope[last * half_rot + tid];
+        let x0 = qkv[q + ab.x];
+        let x1 = qkv[q + ab.y];
+        s_q[ab.x] = x0 * cs.x - x1 * cs.y;
+        s_q[ab.y] = x0 * cs.y + x1 * cs.x;
+    }
+    // The call's keys (rotated) and values in this split.
+    for (var e = tid; e < n_new * hd; e += 128u) {
+        let i = e / hd;
+        let d = e % hd;
+        let src = (new0 + i) * row + q_dim + kv_head * hd;
+        s_v[i * MAX_DIM + d] = qkv[src + kv_dim + d];
+        if d >= p.n_rot {
+            s_k[i * MAX_DIM + d] = qkv[src + d];
+        }
+    }
+    for (var e = tid; e < n_new * half_rot; e += 128u) {
+        let i = e / half_rot;
+        let j = e % half_rot;
+        let ab = pair(j);
+        let src = (new0 + i) * row + q_dim + kv_head * hd;
+        let cs = rope[(pos0 + new0 + i) * half_rot + j];
+        let x0 = qkv[src + ab.x];
+        let x1 = qkv[src + ab.y];
+        s_k[i * MAX_DIM + ab.x] = x0 * cs.x - x1 * cs.y;
+        s_k[i * MAX_DIM + ab.y] = x0 * cs.y + x1 * cs.x;
+    }
+    workgroupBarrier();
+    // Vectors of four: the head's, and a cache row's.
+    let hv = hd / 4u;
+    let kv_row = p.n_head_kv * hv;
+    let kv_off = p.cache_off / 4u + kv_head * hv;
+    // The append: token t's key and value, by one workgroup.
+    if head % group == 0u && last / SPLIT == split && tid < hv {
+        let i = last - first - cached;
+        let dst = kv_off + last * kv_row + tid;
+        k_cache[dst] = new_k4(i, tid);
+        v_cache[dst] = new_v4(i, tid);
+    }
 
     // Scores: invocations 2i and 2i + 1 take the two halves of position first + i's key.
     let i = tid / 2u;
     let half = hv / 2u;
     let j0 = (tid % 2u) * half;
+    // An odd vector count: the second half takes the last one.
+    let j1 = select(j0 + half, hv, hv % 2u == 1u && tid % 2u == 1u);
     var sum = 0.0;
-    if i < count {
-        let k = kv_off + (first + i) * kv_row + j0;
-        var j = 0u;
-        for (; j + 4u <= half; j += 4u) {
+    if i < cached {
+        let k = kv_off + (first + i) * kv_row;
+        var j = j0;
+        for (; j + 4u <= j1; j += 4u) {
             let a = k_cache[k + j];
             let b = k_cache[k + j + 1u];
             let c = k_cache[k + j + 2u];
             let d = k_cache[k + j + 3u];
-            sum += dot(a, s_q[j0 + j]) + dot(b, s_q[j0 + j + 1u]) + dot(c, s_q[j0 + j + 2u]) + dot(d, s_q[j0 + j + 3u]);
+            sum += dot(a, q4(j)) + dot(b, q4(j + 1u)) + dot(c, q4(j + 2u)) + dot(d, q4(j + 3u));
         }
-        for (; j < half; j++) {
-            sum += dot(k_cache[k + j], s_q[j0 + j]);
+        for (; j < j1; j++) {
+            sum += dot(k_cache[k + j], q4(j));
         }
-        // An odd vector count: the second half takes the last one.
-        if hv % 2u == 1u && tid % 2u == 1u {
-            sum += dot(k_cache[k + hv - 1u], s_q[hv - 1u]);
+    } else if i < count {
+        for (var j = j0; j < j1; j++) {
+            sum += dot(new_k4(i - cached, j), q4(j));
         }
     }
     s_red[tid] = sum;
@@ -132,15 +223,18 @@ fn attn_split(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
     var acc = vec4<f32>(0.0);
     let v = kv_off + first * kv_row + g;
     var pos = part;
-    for (; pos + 3u * parts < count; pos += 4u * parts) {
+    for (; pos + 3u * parts < cached; pos += 4u * parts) {
         let a = v_cache[v + pos * kv_row];
         let b = v_cache[v + (pos + parts) * kv_row];
         let c = v_cache[v + (pos + 2u * parts) * kv_row];
         let d = v_cache[v + (pos + 3u * parts) * kv_row];
         acc += s_w[pos] * a + s_w[pos + parts] * b + s_w[pos + 2u * parts] * c + s_w[pos + 3u * parts] * d;
     }
-    for (; pos < count; pos += parts) {
+    for (; pos < cached; pos += parts) {
         acc += s_w[pos] * v_cache[v + pos * kv_row];
+    }
+    for (; pos < count; pos += parts) {
+        acc += s_w[pos] * new_v4(pos - cached, g);
     }
     s_o[tid] = acc;
     workgroupBarrier();

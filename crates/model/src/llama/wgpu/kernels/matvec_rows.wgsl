@@ -77,42 +77,47 @@ fn store(r: u32, t: u32, total: f32) {
     y[at] = base + total;
 }
 
-// Sums each token's 32 lane sums of row `r` (a fixed tree, reduce_*.wgsl) and stores them.
-// Every invocation must call it.
-fn store_rows(acc: ptr<function, array<f32, 8>>, r: u32, n: u32, tid: u32, wg: u32) {
+// Sums each token's 32 lane sums of each row (a fixed tree, reduce_*.wgsl), gathers the
+// workgroup's results in workgroup memory, and stores them from adjacent invocations, so
+// that each token's results leave in one run of adjacent words: the output head's often
+// go straight to host memory (an actor's buffer), where scattered 4-byte stores would each
+// cross the bus on their own. Every invocation must call it.
+fn store_rows(acc: ptr<function, array<f32, 8>>, n: u32, tid: u32, wg: u32) {
     let lane = tid % LANES;
     let k = tid / LANES;
-    let gather = p.glu != 0u || parts() > 1u;
     for (var t = 0u; t < MAX_TOK; t++) {
         if t >= n {
             break;
         }
         let total = row_sum((*acc)[t], tid);
         if lane == 0u {
-            if gather {
-                group_sums[k][t] = total;
-            } else if r < p.rows {
-                store(r, t, total);
-            }
+            group_sums[k][t] = total;
         }
-    }
-    if !gather {
-        return;
     }
     workgroupBarrier();
     if p.glu != 0u {
-        let j = wg * 4u + k;
-        if k < 4u && lane < n && j < p.glu {
-            let g = group_sums[k][lane];
-            let u = group_sums[k + 4u][lane];
-            y[p.y_off + lane * p.y_stride + j] = g / (1.0 + exp(-g)) * u;
+        // Invocation 4t + i: output 4 wg + i of token t, from gate group i and up group 4 + i.
+        let t = tid / 4u;
+        let i = tid % 4u;
+        let j = wg * 4u + i;
+        if t < n && j < p.glu {
+            let g = group_sums[i][t];
+            let u = group_sums[i + 4u][t];
+            y[p.y_off + t * p.y_stride + j] = g / (1.0 + exp(-g)) * u;
         }
-    } else if k % parts() == 0u && lane < n && r < p.rows {
-        // The row's first group adds its parts in order.
-        var total = 0.0;
-        for (var i = 0u; i < parts(); i++) {
-            total += group_sums[k + i][lane];
+    } else {
+        // Invocation `per` t + i: row i of the workgroup's `per` rows for token t, its parts'
+        // sums added in part order.
+        let per = ROWS / parts();
+        let t = tid / per;
+        let i = tid % per;
+        let row = wg * per + i;
+        if t < n && row < p.rows {
+            var total = 0.0;
+            for (var q = 0u; q < parts(); q++) {
+                total += group_sums[i * parts() + q][t];
+            }
+            store(row, t, total);
         }
-        store(r, lane, total);
     }
 }

@@ -53,5 +53,5 @@ fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             add_word(&acc, w[row + v], v, n);
         }
     }
-    store_rows(&acc, r, n, tid, wg.x);
+    store_rows(&acc, n, tid, wg.x);
 }
