@@ -128,7 +128,8 @@ fn rope_append_and_attention_match_the_cpu() {
     let ops = ops(&device);
     let mut rng = Rng(23);
     // (halves, first position, tokens, head size, rotated dimensions): a call inside one
-    // split of 64 positions and across two, head sizes 4 to 128, partial rotation.
+    // split of 64 positions and across two, head sizes 4 to 128, partial rotation, and more
+    // splits than the merge takes at once (128).
     for (halves, pos0, n_tok, head_dim, n_rot) in [
         (false, 0, 1, 64, 64),
         (true, 5, 8, 64, 64),
@@ -138,6 +139,7 @@ fn rope_append_and_attention_match_the_cpu() {
         (false, 130, 8, 128, 128),
         (true, 200, 2, 32, 16),
         (false, 70, 1, 4, 4),
+        (true, 8250, 2, 64, 64),
     ] {
         let s = AttnShape {
             n_head: 8,
@@ -145,7 +147,7 @@ fn rope_append_and_attention_match_the_cpu() {
             head_dim,
             n_rot,
             halves,
-            n_ctx: 320,
+            n_ctx: (pos0 + n_tok).max(320),
         };
         let (q_dim, kv) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
         let inv_freq: Vec<f32> = (0..s.n_rot / 2)

@@ -33,11 +33,8 @@ impl Kernels {
         let device = gpu.device();
         let reduce = reduce.unwrap_or_else(|| Kernels::reduce_for(gpu));
         let plain = |name: &str| {
-            let (entry, src) = shaders::PLAIN
-                .iter()
-                .find(|(e, _)| *e == name)
-                .expect("every plain kernel is listed");
-            compute_pipeline(device, entry, src)
+            let src = shaders::plain(name).expect("every plain kernel has a module");
+            compute_pipeline(device, name, &src)
         };
         Kernels {
             matvec: matrix_types

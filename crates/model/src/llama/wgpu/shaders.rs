@@ -18,13 +18,27 @@ const MATVEC_WIDE: &str = include_str!("kernels/matvec_wide.wgsl");
 const MATVEC_ROWS: &str = include_str!("kernels/matvec_rows.wgsl");
 const GET_ROWS: &str = include_str!("kernels/get_rows.wgsl");
 
-/// The kernels that read no weights: (entry point, source).
-pub const PLAIN: [(&str, &str); 4] = [
-    ("rmsnorm", include_str!("kernels/rmsnorm.wgsl")),
-    ("attn_split", include_str!("kernels/attn_split.wgsl")),
-    ("attn_merge", include_str!("kernels/attn_merge.wgsl")),
-    ("swiglu", include_str!("kernels/swiglu.wgsl")),
-];
+const WG_REDUCE: &str = include_str!("kernels/wg_reduce.wgsl");
+
+/// The kernels that read no weights: their entry points.
+pub const PLAIN: [&str; 4] = ["rmsnorm", "attn_split", "attn_merge", "swiglu"];
+
+/// The module of `PLAIN` kernel `entry`: its file, after the workgroup reductions for the
+/// attention's two.
+pub fn plain(entry: &str) -> Option<String> {
+    let src = match entry {
+        "rmsnorm" => include_str!("kernels/rmsnorm.wgsl"),
+        "attn_split" => include_str!("kernels/attn_split.wgsl"),
+        "attn_merge" => include_str!("kernels/attn_merge.wgsl"),
+        "swiglu" => include_str!("kernels/swiglu.wgsl"),
+        _ => return None,
+    };
+    Some(if entry.starts_with("attn_") {
+        [WG_REDUCE, src].join("\n")
+    } else {
+        src.to_string()
+    })
+}
 
 /// How the 32 lanes of a matrix row are summed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +100,9 @@ pub fn all() -> Vec<(String, &'static str, String)> {
             get_rows(dtype),
         ));
     }
-    for (entry, src) in PLAIN {
-        out.push((entry.to_string(), entry, src.to_string()));
+    for entry in PLAIN {
+        let src = plain(entry).expect("every plain kernel has a module");
+        out.push((entry.to_string(), entry, src));
     }
     out
 }

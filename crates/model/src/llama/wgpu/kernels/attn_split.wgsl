@@ -17,7 +17,8 @@
 // takes the max and the sum of exponentials in fixed trees. Then each invocation sums
 // weight * value for four dimensions over every (512 / head_dim)-th position of the split,
 // again with four loads in flight, and the parts are added in a fixed order. head_dim is a
-// multiple of 4 that divides 128. Grid (n_split, n_head, 8), workgroup 128.
+// multiple of 4 that divides 128. Grid (n_split, n_head, 8), workgroup 128. (wg_reduce.wgsl
+// comes first.)
 
 struct Params {
     n_head: u32,
@@ -47,38 +48,7 @@ var<workgroup> s_q: array<f32, 128>;
 var<workgroup> s_k: array<f32, 1024>;  // the call's keys in this split, rotated [new][dim]
 var<workgroup> s_v: array<f32, 1024>;  // and their values
 var<workgroup> s_w: array<f32, 64>;
-var<workgroup> s_red: array<f32, 128>;
 var<workgroup> s_o: array<vec4<f32>, 128>;
-
-// Max over the workgroup, in a fixed tree. Every invocation must call it.
-fn wg_max(v: f32, tid: u32) -> f32 {
-    s_red[tid] = v;
-    workgroupBarrier();
-    for (var k = 64u; k > 0u; k >>= 1u) {
-        if tid < k {
-            s_red[tid] = max(s_red[tid], s_red[tid + k]);
-        }
-        workgroupBarrier();
-    }
-    let m = s_red[0];
-    workgroupBarrier();
-    return m;
-}
-
-// Sum over the workgroup, in a fixed tree. Every invocation must call it.
-fn wg_sum(v: f32, tid: u32) -> f32 {
-    s_red[tid] = v;
-    workgroupBarrier();
-    for (var k = 64u; k > 0u; k >>= 1u) {
-        if tid < k {
-            s_red[tid] += s_red[tid + k];
-        }
-        workgroupBarrier();
-    }
-    let s = s_red[0];
-    workgroupBarrier();
-    return s;
-}
 
 // The dimensions of rotation pair i: (a, b).
 fn pair(i: u32) -> vec2<u32> {
