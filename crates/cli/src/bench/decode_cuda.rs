@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
-use super::{GpuBench, GuestBench, direct, direct_top, median, print_breakdown};
+use super::{GpuBench, GuestBench, print_breakdown};
 
 pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     let device = tern_compute::open(DeviceChoice::Cuda)?;
@@ -41,54 +41,8 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     let roofline = bandwidth / weight_bytes;
     let context = b.prefill + b.decode + 1;
     let guest = GuestBench::new(&device, &model, b.prefill)?;
-    let prompt = &guest.prompt;
-
-    // Warm-up: graphs captured, caches and clocks settled, untimed.
-    direct(&model, prompt, b.decode.min(16), context)?;
-    direct_top(&model, prompt, b.decode.min(16), context)?;
-    let (mut dp, mut dd, mut ap, mut ad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut dt, mut at) = (Vec::new(), Vec::new());
-    for _ in 0..b.repeats.max(1) {
-        let (p, d) = direct(&model, prompt, b.decode, context)?;
-        dp.push(p);
-        dd.push(d);
-        dt.push(direct_top(&model, prompt, b.decode, context)?);
-        let (p, d) = guest.actor_run(context, "decode", b.decode)?;
-        ap.push(p);
-        ad.push(d);
-        at.push(guest.actor_run(context, "decode_top", b.decode)?.1);
-    }
-    let rate = |n: usize, secs: &[f64]| n as f64 / median(secs);
-    println!();
-    println!("{:<52} {:>12} {:>12}", "path", "prefill t/s", "decode t/s");
-    let row = |name: &str, prefill: Option<f64>, decode: f64| {
-        let prefill = prefill.map_or("".into(), |p| format!("{p:.1}"));
-        println!("{name:<52} {prefill:>12} {decode:>12.1}");
-    };
-    row(
-        "engine (logits copied to the host, argmax there)",
-        Some(rate(b.prefill, &dp)),
-        rate(b.decode, &dd),
-    );
-    row(
-        "actor (logits written into Wasm memory, argmax there)",
-        Some(rate(b.prefill, &ap)),
-        rate(b.decode, &ad),
-    );
-    row(
-        "engine, top logit selected on the GPU",
-        None,
-        rate(b.decode, &dt),
-    );
-    row(
-        "actor, top logit selected on the GPU (forward_top)",
-        None,
-        rate(b.decode, &at),
-    );
-    let decode = [&dd, &ad, &dt, &at]
-        .into_iter()
-        .map(|d| rate(b.decode, d))
-        .fold(0.0, f64::max);
+    let paths = guest.time_paths(&model, &b, context)?;
+    let (prefill, decode) = paths.print(&b, "on the GPU");
     println!();
     println!(
         "HBM roofline: device-to-device copy {:.0} GB/s (read + write, 1 GiB) / {:.1} MB per token = {:.0} tokens/s; decode reaches {:.1}% of it",
@@ -100,7 +54,6 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     println!("prefill: {}", cuda.prefill_path());
     match cuda.gemm_rate(b.prefill, 5) {
         Ok(gemm) => {
-            let prefill = rate(b.prefill, &dp).max(rate(b.prefill, &ap));
             let achieved = cuda.layer_flops(1) * prefill;
             println!(
                 "prefill matrix products: {:.1} TFLOP/s over {} positions; cuBLAS BF16 GEMMs of the same shapes in this run: {:.1} TFLOP/s; prefill reaches {:.1}% of it",
@@ -112,24 +65,13 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
         }
         Err(e) => println!("prefill GEMM yardstick not measured: {e}"),
     }
-    let per_token = |secs: &[f64]| median(secs) / b.decode as f64 * 1e6;
-    for (what, actor, engine) in [
-        ("logits into the actor, argmax in Wasm", &ad, &dd),
-        ("top logit from the GPU", &at, &dt),
-    ] {
-        let extra = per_token(actor) - per_token(engine);
-        println!(
-            "actor path cost per decoded token, {what}: {extra:+.2} us ({:+.2}% of the engine's {:.1} us)",
-            extra / per_token(engine) * 100.0,
-            per_token(engine)
-        );
-    }
+    paths.print_actor_cost(&b, "on the GPU");
     let (wasm_us, native_us) = super::argmax_cost(&guest.runtime, &guest.module, c.n_vocab)?;
     println!(
         "of which the guest's argmax over {} logits: {wasm_us:.1} us in Wasm ({native_us:.1} us natively)",
         c.n_vocab
     );
-    breakdown(&model, prompt, context)?;
+    breakdown(&model, &guest.prompt, context)?;
     Ok(ExitCode::SUCCESS)
 }
 

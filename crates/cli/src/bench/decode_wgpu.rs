@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
-use super::{GpuBench, GuestBench, direct, median, print_breakdown};
+use super::{GpuBench, GuestBench, print_breakdown};
 
 pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     let device = tern_compute::open(DeviceChoice::Wgpu)?;
@@ -33,35 +33,8 @@ pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     );
     let context = b.prefill + b.decode + 1;
     let guest = GuestBench::new(&device, &model, b.prefill)?;
-    let prompt = &guest.prompt;
-
-    // Warm-up: pipelines compiled by the driver, clocks settled, untimed.
-    direct(&model, prompt, b.decode.min(16), context)?;
-    let (mut dp, mut dd, mut ap, mut ad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..b.repeats.max(1) {
-        let (p, d) = direct(&model, prompt, b.decode, context)?;
-        dp.push(p);
-        dd.push(d);
-        let (p, d) = guest.actor_run(context, "decode", b.decode)?;
-        ap.push(p);
-        ad.push(d);
-    }
-    let rate = |n: usize, secs: &[f64]| n as f64 / median(secs);
-    println!();
-    println!("{:<40} {:>12} {:>12}", "path", "prefill t/s", "decode t/s");
-    println!(
-        "{:<40} {:>12.1} {:>12.1}",
-        "engine (logits copied to the host)",
-        rate(b.prefill, &dp),
-        rate(b.decode, &dd)
-    );
-    println!(
-        "{:<40} {:>12.1} {:>12.1}",
-        "actor (logits written into Wasm memory)",
-        rate(b.prefill, &ap),
-        rate(b.decode, &ad)
-    );
-    let decode = rate(b.decode, &dd).max(rate(b.decode, &ad));
+    let paths = guest.time_paths(&model, &b, context)?;
+    let (_, decode) = paths.print(&b, "on the host");
     // Measured after the timed runs, on a GPU whose clocks they have raised: straight after
     // start-up the same kernel reads at as little as 60% of this.
     let bandwidth = gpu.read_bandwidth(1 << 30, 5)?;
@@ -76,7 +49,8 @@ pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
         roofline,
         decode / roofline * 100.0
     );
-    breakdown(&model, prompt, context)?;
+    paths.print_actor_cost(&b, "on the host");
+    breakdown(&model, &guest.prompt, context)?;
     Ok(ExitCode::SUCCESS)
 }
 

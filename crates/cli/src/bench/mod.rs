@@ -186,6 +186,119 @@ impl GuestBench {
     }
 }
 
+/// Seconds of each decode path over the repeats of a GPU benchmark (and the prefills before
+/// the first two): the engine with the logits on the host and the argmax there, the actor
+/// with the logits in Wasm memory and the argmax there, and both with the top logit chosen
+/// by the engine (`forward_top`).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+#[derive(Default)]
+struct Paths {
+    engine_prefill: Vec<f64>,
+    engine: Vec<f64>,
+    actor_prefill: Vec<f64>,
+    actor: Vec<f64>,
+    engine_top: Vec<f64>,
+    actor_top: Vec<f64>,
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl GuestBench {
+    /// Times every path `b.repeats` times after an untimed warm-up (kernels compiled by the
+    /// driver, graphs captured, clocks raised).
+    fn time_paths(
+        &self,
+        model: &tern_model::Model,
+        b: &GpuBench<'_>,
+        context: usize,
+    ) -> anyhow::Result<Paths> {
+        let prompt = &self.prompt;
+        direct(model, prompt, b.decode.min(16), context)?;
+        direct_top(model, prompt, b.decode.min(16), context)?;
+        let mut p = Paths::default();
+        for _ in 0..b.repeats.max(1) {
+            let (pre, d) = direct(model, prompt, b.decode, context)?;
+            p.engine_prefill.push(pre);
+            p.engine.push(d);
+            p.engine_top
+                .push(direct_top(model, prompt, b.decode, context)?);
+            let (pre, d) = self.actor_run(context, "decode", b.decode)?;
+            p.actor_prefill.push(pre);
+            p.actor.push(d);
+            p.actor_top
+                .push(self.actor_run(context, "decode_top", b.decode)?.1);
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl Paths {
+    /// Prints the table of rates and returns the best prefill and decode rates; `top` says
+    /// where the engine chooses the top logit.
+    fn print(&self, b: &GpuBench<'_>, top: &str) -> (f64, f64) {
+        let rate = |n: usize, secs: &[f64]| n as f64 / median(secs);
+        println!();
+        println!("{:<52} {:>12} {:>12}", "path", "prefill t/s", "decode t/s");
+        let row = |name: &str, prefill: Option<f64>, decode: f64| {
+            let prefill = prefill.map_or("".into(), |p| format!("{p:.1}"));
+            println!("{name:<52} {prefill:>12} {decode:>12.1}");
+        };
+        let (ep, ap) = (
+            rate(b.prefill, &self.engine_prefill),
+            rate(b.prefill, &self.actor_prefill),
+        );
+        row(
+            "engine (logits copied to the host, argmax there)",
+            Some(ep),
+            rate(b.decode, &self.engine),
+        );
+        row(
+            "actor (logits written into Wasm memory, argmax there)",
+            Some(ap),
+            rate(b.decode, &self.actor),
+        );
+        row(
+            &format!("engine, top logit selected {top}"),
+            None,
+            rate(b.decode, &self.engine_top),
+        );
+        row(
+            &format!("actor, top logit selected {top} (forward_top)"),
+            None,
+            rate(b.decode, &self.actor_top),
+        );
+        let decode = [&self.engine, &self.actor, &self.engine_top, &self.actor_top]
+            .into_iter()
+            .map(|d| rate(b.decode, d))
+            .fold(0.0, f64::max);
+        (ep.max(ap), decode)
+    }
+
+    /// Prints what the actor path costs per decoded token over the engine's, both ways.
+    fn print_actor_cost(&self, b: &GpuBench<'_>, top: &str) {
+        let per_token = |secs: &[f64]| median(secs) / b.decode as f64 * 1e6;
+        for (what, actor, engine) in [
+            (
+                "logits into the actor, argmax in Wasm",
+                &self.actor,
+                &self.engine,
+            ),
+            (
+                &*format!("top logit selected {top}"),
+                &self.actor_top,
+                &self.engine_top,
+            ),
+        ] {
+            let extra = per_token(actor) - per_token(engine);
+            println!(
+                "actor path cost per decoded token, {what}: {extra:+.2} us ({:+.2}% of the engine's {:.1} us)",
+                extra / per_token(engine) * 100.0,
+                per_token(engine)
+            );
+        }
+    }
+}
+
 /// Sends `message` to a bench actor; a negative reply is an error with the actor's output.
 fn send(actor: &mut tern_actor::Actor, message: &str) -> anyhow::Result<()> {
     let reply = actor.send(message.as_bytes())?;
