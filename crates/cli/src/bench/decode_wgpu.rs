@@ -57,9 +57,7 @@ pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
 /// Prints the GPU time of each kernel of one decode step after `prompt`, where the adapter
 /// has timestamp queries.
 fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()> {
-    let mut session = model.new_session(context)?;
-    let mut logits = vec![0.0; model.config().n_vocab];
-    model.forward(&mut session, prompt, &mut logits)?;
+    let mut session = super::session_after(model, prompt, context)?;
     let wgpu = model.wgpu.as_ref().context("no GPU model")?;
     let gpu = session.wgpu_mut().context("no GPU session")?;
     let mut runs = Vec::new();

@@ -105,6 +105,19 @@ fn direct_top(
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// A session of `context` positions that has run `prompt`.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn session_after(
+    model: &tern_model::Model,
+    prompt: &[u32],
+    context: usize,
+) -> anyhow::Result<tern_model::Session> {
+    let mut session = model.new_session(context)?;
+    let mut logits = vec![0.0; model.config().n_vocab];
+    model.forward(&mut session, prompt, &mut logits)?;
+    Ok(session)
+}
+
 /// What a GPU decode benchmark runs.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub struct GpuBench<'a> {
