@@ -19,9 +19,11 @@ fn validate(name: &str, src: &str) -> (naga::Module, naga::valid::ModuleInfo) {
 #[test]
 fn every_kernel_validates_and_translates_to_msl() {
     let modules = shaders::all();
-    // matvec twice (two row reductions) and get_rows once per weight type, and the rest.
+    // matvec for two row reductions and each token capacity, get_rows once per weight type,
+    // and the rest.
     let types = tern_model::quant::DType::ALL.len();
-    assert_eq!(modules.len(), 3 * types + shaders::PLAIN.len());
+    let matvecs = 2 * shaders::MATVEC_TOKENS.len();
+    assert_eq!(modules.len(), (matvecs + 1) * types + shaders::PLAIN.len());
     for (name, entry, src) in &modules {
         let (module, info) = validate(name, src);
         assert!(

@@ -11,7 +11,8 @@ use crate::quant::DType;
 
 /// Every pipeline of the forward pass.
 pub struct Kernels {
-    matvec: Vec<(DType, wgpu::ComputePipeline)>,
+    /// By weight type and token capacity (`shaders::MATVEC_TOKENS`).
+    matvec: Vec<((DType, u32), wgpu::ComputePipeline)>,
     get_rows: Vec<(DType, wgpu::ComputePipeline)>,
     pub rmsnorm: wgpu::ComputePipeline,
     pub attn_split: wgpu::ComputePipeline,
@@ -39,11 +40,10 @@ impl Kernels {
         Kernels {
             matvec: matrix_types
                 .iter()
-                .map(|&t| {
-                    (
-                        t,
-                        compute_pipeline(device, "matvec", &shaders::matvec(t, reduce)),
-                    )
+                .flat_map(|&t| shaders::MATVEC_TOKENS.map(|n| (t, n)))
+                .map(|(t, n)| {
+                    let src = shaders::matvec(t, reduce, n);
+                    ((t, n), compute_pipeline(device, "matvec", &src))
                 })
                 .collect(),
             get_rows: embd_types
@@ -77,24 +77,29 @@ impl Kernels {
         }
     }
 
-    pub fn matvec(&self, t: DType) -> Result<&wgpu::ComputePipeline, ModelError> {
-        find(&self.matvec, t, "matvec")
+    /// `matvec` for weights of type `t` and calls of at most `max_tok` tokens (one of
+    /// `shaders::MATVEC_TOKENS`).
+    pub fn matvec(&self, t: DType, max_tok: u32) -> Result<&wgpu::ComputePipeline, ModelError> {
+        find(&self.matvec, (t, max_tok), || {
+            format!("matvec for {t} x {max_tok}")
+        })
     }
 
     pub fn get_rows(&self, t: DType) -> Result<&wgpu::ComputePipeline, ModelError> {
-        find(&self.get_rows, t, "get_rows")
+        find(&self.get_rows, t, || format!("get_rows for {t}"))
     }
 }
 
-fn find<'a>(
-    list: &'a [(DType, wgpu::ComputePipeline)],
-    t: DType,
-    what: &str,
-) -> Result<&'a wgpu::ComputePipeline, ModelError> {
+/// The pipeline built for `key` (`what` names it in the error when none was).
+fn find<K: PartialEq>(
+    list: &[(K, wgpu::ComputePipeline)],
+    key: K,
+    what: impl FnOnce() -> String,
+) -> Result<&wgpu::ComputePipeline, ModelError> {
     list.iter()
-        .find(|(d, _)| *d == t)
+        .find(|(k, _)| *k == key)
         .map(|(_, p)| p)
-        .ok_or_else(|| ModelError::Invalid(format!("wgpu: no {what} kernel built for {t}")))
+        .ok_or_else(|| ModelError::Invalid(format!("wgpu: no {} kernel built", what())))
 }
 
 /// A buffer range a kernel binds: a whole buffer, or a window of one (guest memory).

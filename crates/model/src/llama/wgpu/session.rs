@@ -36,9 +36,10 @@ pub struct WgpuSession {
     /// Positions filled.
     pub len: usize,
     buf: Buffers,
-    /// Every layer's launches, then the final norm (reading the step's token count, so one
-    /// recording serves every call, of one token or of several).
-    layers: Vec<Dispatch>,
+    /// Every layer's launches, then the final norm, for calls of one token (a decode step)
+    /// and for calls of up to `MAX_CHUNK` (reading the step's token count).
+    decode: Vec<Dispatch>,
+    chunk: Vec<Dispatch>,
     /// The output head into the session's own logits buffer.
     head: Dispatch,
 }
@@ -46,6 +47,7 @@ pub struct WgpuSession {
 /// The output head: one token, written from element 0.
 const HEAD: Out = Out {
     n_fixed: 1,
+    max_tok: 1,
     ..Out::at(0, 0)
 };
 
@@ -108,7 +110,8 @@ impl WgpuSession {
             part_ml: floats(gpu, "part_ml", MAX_CHUNK * c.n_head * n_split * 2),
             logits: floats(gpu, "logits", c.n_vocab),
         };
-        let layers = record_layers(model, &buf, n_ctx)?;
+        let decode = record_layers(model, &buf, n_ctx, 1)?;
+        let chunk = record_layers(model, &buf, n_ctx, MAX_CHUNK as u32)?;
         let head = matvec(
             gpu,
             &model.kernels,
@@ -123,7 +126,8 @@ impl WgpuSession {
             n_ctx,
             len: 0,
             buf,
-            layers,
+            decode,
+            chunk,
             head,
         })
     }
@@ -140,7 +144,12 @@ impl WgpuSession {
         let gpu = model.gpu();
         self.set_step(gpu, tokens);
         let guest_head;
-        let mut list: Vec<&Dispatch> = self.layers.iter().collect();
+        let layers = if tokens.len() == 1 {
+            &self.decode
+        } else {
+            &self.chunk
+        };
+        let mut list: Vec<&Dispatch> = layers.iter().collect();
         match logits {
             None => {
                 list.pop(); // the final norm: no logits wanted
@@ -178,7 +187,7 @@ impl WgpuSession {
         token: u32,
     ) -> Result<Vec<(&'static str, f64)>, ModelError> {
         self.set_step(gpu, &[token]);
-        let list: Vec<&Dispatch> = self.layers.iter().chain([&self.head]).collect();
+        let list: Vec<&Dispatch> = self.decode.iter().chain([&self.head]).collect();
         let times = gpu
             .time_passes(list.len(), |i, pass| list[i].record(pass))
             .map_err(wgpu_error)?;
@@ -262,10 +271,13 @@ pub(super) struct Out {
     pub residual: bool,
     pub n_fixed: u32,
     pub glu: u32,
+    /// The most tokens the call may have (one of `shaders::MATVEC_TOKENS`).
+    pub max_tok: u32,
 }
 
 impl Out {
-    /// Plain stores from element `off`, rows `stride` apart, for the step's tokens.
+    /// Plain stores from element `off`, rows `stride` apart, for the step's tokens (up to
+    /// `MAX_CHUNK`).
     pub const fn at(off: u32, stride: u32) -> Out {
         Out {
             off,
@@ -273,6 +285,7 @@ impl Out {
             residual: false,
             n_fixed: 0,
             glu: 0,
+            max_tok: MAX_CHUNK as u32,
         }
     }
 }
@@ -328,7 +341,7 @@ pub(super) fn matvec(
     } else {
         (m.rows * parts).div_ceil(8)
     };
-    let pipeline = k.matvec(m.dtype)?;
+    let pipeline = k.matvec(m.dtype, out.max_tok)?;
     Ok(Dispatch::new(
         gpu,
         "matvec",
@@ -352,6 +365,8 @@ pub(super) struct AttnDims {
     pub n_split: u32,
     /// The layer's first float in each cache.
     pub cache_off: u32,
+    /// The most tokens a call has (the launches' grids).
+    pub tokens: u32,
 }
 
 /// What the attention reads and writes: the step's q | k | v rows, the caches, the rotation
@@ -377,7 +392,7 @@ pub(super) fn attention(
 ) -> [Dispatch; 2] {
     let all = Bind::all;
     let scale = 1.0 / (d.head_dim as f32).sqrt();
-    let tok = MAX_CHUNK as u32;
+    let tok = d.tokens;
     let split = Dispatch::new(
         gpu,
         "attention",
@@ -414,11 +429,13 @@ pub(super) fn attention(
     [split, merge]
 }
 
-/// Every layer's launches for a session's buffers, then the final norm of the last token.
+/// Every layer's launches for a session's buffers, then the final norm of the last token,
+/// for calls of up to `tok` tokens.
 fn record_layers(
     model: &WgpuLlama,
     b: &Buffers,
     n_ctx: usize,
+    tok: u32,
 ) -> Result<Vec<Dispatch>, ModelError> {
     let c = &model.config;
     let w = &model.weights;
@@ -432,8 +449,11 @@ fn record_layers(
         u(c.n_ff),
     );
     let n_split = u(n_ctx.div_ceil(ATTN_SPLIT));
-    let tok = u(MAX_CHUNK);
     let step = Bind::all(&b.step);
+    let at = |off, stride| Out {
+        max_tok: tok,
+        ..Out::at(off, stride)
+    };
     let mut out = Vec::new();
     let embd = &w.token_embd;
     out.push(Dispatch::new(
@@ -460,12 +480,12 @@ fn record_layers(
                    stride: u32,
                    name: &'static str,
                    out: &mut Vec<Dispatch>| {
-        let mut at = 0;
+        let mut first = 0;
         for m in parts {
-            let to = Out::at(at, stride);
+            let to = at(first, stride);
             let (xb, y) = (Bind::all(&b.xb), Bind::all(y));
             out.push(matvec(gpu, k, m, xb, y, &b.step, to)?.named(name));
-            at += m.rows;
+            first += m.rows;
         }
         Ok::<(), ModelError>(())
     };
@@ -473,7 +493,7 @@ fn record_layers(
     // The output and down products add to the residual stream.
     let residual = Out {
         residual: true,
-        ..Out::at(0, e)
+        ..at(0, e)
     };
     for (l, lw) in w.layers.iter().enumerate() {
         let cache_off = u(l) * layer_floats;
@@ -487,6 +507,7 @@ fn record_layers(
             halves: c.rope_style == RopeStyle::Halves,
             n_split,
             cache_off,
+            tokens: tok,
         };
         let bufs = AttnBuffers {
             qkv: &b.qkv,
@@ -509,7 +530,7 @@ fn record_layers(
             [m] => {
                 let to = Out {
                     glu: ff,
-                    ..Out::at(0, ff)
+                    ..at(0, ff)
                 };
                 let (xb, hb) = (Bind::all(&b.xb), Bind::all(&b.hb));
                 out.push(matvec(gpu, k, m, xb, hb, &b.step, to)?.named("matvec gate_up"));

@@ -63,9 +63,12 @@ fn dequant(dtype: DType) -> &'static str {
     }
 }
 
-/// `matvec` for weights of `dtype` (entry point `matvec`): 16-byte loads of 16-bit floats
-/// for F16 and BF16, block by block for the rest.
-pub fn matvec(dtype: DType, reduce: Reduce) -> String {
+/// The token capacities `matvec` is built for: one (a decode step) and a chunk.
+pub const MATVEC_TOKENS: [u32; 2] = [1, 8];
+
+/// `matvec` for weights of `dtype` and calls of at most `max_tok` tokens (entry point
+/// `matvec`): 16-byte loads of 16-bit floats for F16 and BF16, block by block for the rest.
+pub fn matvec(dtype: DType, reduce: Reduce, max_tok: u32) -> String {
     let reduce = match reduce {
         Reduce::Shared => REDUCE_SHARED,
         Reduce::Subgroup => REDUCE_SUBGROUP,
@@ -75,7 +78,10 @@ pub fn matvec(dtype: DType, reduce: Reduce) -> String {
         DType::BF16 => vec![reduce, include_str!("kernels/widen_bf16.wgsl"), MATVEC_WIDE],
         _ => vec![reduce, BLOCKS, dequant(dtype), MATVEC],
     };
-    [kernel.as_slice(), &[MATVEC_ROWS]].concat().join("\n")
+    let capacity = format!("const MAX_TOK: u32 = {max_tok}u;");
+    [&[capacity.as_str()], kernel.as_slice(), &[MATVEC_ROWS]]
+        .concat()
+        .join("\n")
 }
 
 /// `get_rows` for an embedding matrix of `dtype` (entry point `get_rows`).
@@ -88,11 +94,13 @@ pub fn all() -> Vec<(String, &'static str, String)> {
     let mut out = Vec::new();
     for dtype in DType::ALL {
         for (reduce, tag) in [(Reduce::Shared, "shared"), (Reduce::Subgroup, "subgroup")] {
-            out.push((
-                format!("matvec_{}_{tag}", dtype.name()),
-                "matvec",
-                matvec(dtype, reduce),
-            ));
+            for max_tok in MATVEC_TOKENS {
+                out.push((
+                    format!("matvec_{}_{tag}_{max_tok}", dtype.name()),
+                    "matvec",
+                    matvec(dtype, reduce, max_tok),
+                ));
+            }
         }
         out.push((
             format!("get_rows_{}", dtype.name()),

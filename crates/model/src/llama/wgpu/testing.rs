@@ -115,8 +115,10 @@ impl OpHarness {
         let init = residual.map_or_else(|| vec![f32::NAN; n_tok * rows], <[f32]>::to_vec);
         let y = gpu.upload_f32("y", &init);
         let step = self.step(0, n_tok, &[]);
+        // A single token takes the decode step's kernel, as in the forward pass.
         let out = Out {
             residual: residual.is_some(),
+            max_tok: if n_tok == 1 { 1 } else { MAX_CHUNK as u32 },
             ..Out::at(0, rows as u32)
         };
         let (xb, yb) = (Bind::all(&xs), Bind::all(&y));
@@ -228,6 +230,7 @@ impl OpHarness {
             halves: s.halves,
             n_split: u(n_split),
             cache_off: 0,
+            tokens: u(MAX_CHUNK),
         };
         let bufs = AttnBuffers {
             qkv: &qkv_buf,

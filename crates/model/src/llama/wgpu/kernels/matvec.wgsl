@@ -1,4 +1,4 @@
-// y[t] = (residual ? y[t] : 0) + W x[t] for the n tokens of this call (n <= 8), W in its
+// y[t] = (residual ? y[t] : 0) + W x[t] for the n tokens of this call (n <= MAX_TOK), W in its
 // block format (blocks.wgsl plus one dequant_*.wgsl). Workgroup 256 = 8 rows of 32 lanes;
 // lane l of a row dequantizes chunks l, l + 32, ... (32 weights each) once and dots them with
 // every token, so each weight is read once per call. Each lane's sums run in column order;
@@ -16,7 +16,7 @@ fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     let r = matvec_row(tid, wg.x);
     let lane = tid % LANES;
     let n = token_count();
-    var acc: array<f32, 8>;
+    var acc: array<f32, MAX_TOK>;
     if r < p.rows {
         let row_byte = r * p.row_bytes;
         let range = part_range(tid, p.cols / 32u);

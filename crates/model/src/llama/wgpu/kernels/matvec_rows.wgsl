@@ -31,14 +31,15 @@ struct Params {
 
 const ROWS: u32 = 8u;
 const LANES: u32 = 32u;
-const MAX_TOK: u32 = 8u;
+// MAX_TOK, the most tokens one call takes (at most 8), is set by the host before these parts:
+// 1 for a decode step, whose single accumulator leaves the registers to loads in flight.
 
 // The call's token count: the step's, or `n_fixed`.
 fn token_count() -> u32 {
     return min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
 }
 
-var<workgroup> group_sums: array<array<f32, 8>, 8>;  // [group of 32 lanes][token]
+var<workgroup> group_sums: array<array<f32, MAX_TOK>, 8>;  // [group of 32 lanes][token]
 
 fn parts() -> u32 {
     return max(p.parts, 1u);
@@ -82,7 +83,7 @@ fn store(r: u32, t: u32, total: f32) {
 // that each token's results leave in one run of adjacent words: the output head's often
 // go straight to host memory (an actor's buffer), where scattered 4-byte stores would each
 // cross the bus on their own. Every invocation must call it.
-fn store_rows(acc: ptr<function, array<f32, 8>>, n: u32, tid: u32, wg: u32) {
+fn store_rows(acc: ptr<function, array<f32, MAX_TOK>>, n: u32, tid: u32, wg: u32) {
     let lane = tid % LANES;
     let k = tid / LANES;
     for (var t = 0u; t < MAX_TOK; t++) {

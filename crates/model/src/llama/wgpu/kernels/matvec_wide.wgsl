@@ -1,4 +1,4 @@
-// y[t] = (residual ? y[t] : 0) + W x[t] for the n tokens of this call (n <= 8), for 16-bit
+// y[t] = (residual ? y[t] : 0) + W x[t] for the n tokens of this call (n <= MAX_TOK), for 16-bit
 // float weights (F16, BF16: `widen` comes from widen_*.wgsl). Each lane reads 16 bytes (8
 // weights) at a time and consecutive lanes read consecutive 16-byte words, so a row group's
 // loads are coalesced and wide; the activations are read as vec4. Workgroup 256 = 8 rows of
@@ -14,7 +14,7 @@
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 
 // acc[t] += the dot of weight word `v` (8 weights) with token t's matching activations.
-fn add_word(acc: ptr<function, array<f32, 8>>, q: vec4<u32>, v: u32, n: u32) {
+fn add_word(acc: ptr<function, array<f32, MAX_TOK>>, q: vec4<u32>, v: u32, n: u32) {
     let w0 = vec4<f32>(widen(q.x), widen(q.y));
     let w1 = vec4<f32>(widen(q.z), widen(q.w));
     // A fixed trip count, so the accumulators stay in registers.
@@ -31,7 +31,7 @@ fn matvec(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     let r = matvec_row(tid, wg.x);
     let lane = tid % LANES;
     let n = token_count();
-    var acc: array<f32, 8>;
+    var acc: array<f32, MAX_TOK>;
     if r < p.rows {
         let row = r * (p.row_bytes / 16u);
         let range = part_range(tid, p.cols / 8u);
