@@ -83,7 +83,7 @@ fn direct(
 
 /// As [`direct`], but each decode step asks the engine for the top logit only
 /// ([`tern_model::Model::forward_top`], no logits copied out); returns the decode time.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn direct_top(
     model: &tern_model::Model,
     prompt: &[u32],
@@ -350,6 +350,7 @@ fn argmax_cost(
 }
 
 /// Prints kernel times (medians over `runs`, each a list of (kernel, microseconds)).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(super) fn print_breakdown(title: &str, runs: &[Vec<(&str, f64)>]) {
     let total: Vec<f64> = runs
         .iter()

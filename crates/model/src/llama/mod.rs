@@ -15,6 +15,7 @@ pub use weights::{LayerWeights, LlamaWeights, Matrix, Storage};
 
 /// Each name's total of `times` (kernel name, microseconds), in the order first seen: a
 /// per-kernel breakdown of a step.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn totals_by_name(
     times: impl IntoIterator<Item = (&'static str, f64)>,
 ) -> Vec<(&'static str, f64)> {
