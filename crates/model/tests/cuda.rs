@@ -14,9 +14,9 @@
 mod common;
 
 use common::{
-    Ops, Rng, bits, embedding_parity, greedy, matvec_parity, model_file, model_file_of,
-    moved_cache_continues_bit_for_bit, norm_and_activation_parity, normalized_error, parity,
-    prompt, quantized,
+    Ops, Rng, bits, embedding_parity, greedy, harness_ops, matvec_parity, model_file,
+    model_file_of, moved_cache_continues_bit_for_bit, norm_and_activation_parity, normalized_error,
+    parity, prompt, quantized,
 };
 
 use std::sync::{Arc, OnceLock};
@@ -33,36 +33,7 @@ fn gpu(test: &str) -> Option<Arc<dyn Device>> {
     GPU.get_or_init(|| cuda_or_skip(test)).clone()
 }
 
-impl Ops for OpHarness {
-    fn matvec(
-        &self,
-        dtype: DType,
-        rows: usize,
-        cols: usize,
-        w: &[u8],
-        x: &[f32],
-        residual: Option<&[f32]>,
-    ) -> Result<Vec<f32>, ModelError> {
-        OpHarness::matvec(self, dtype, rows, cols, w, x, residual)
-    }
-    fn get_rows(
-        &self,
-        dtype: DType,
-        rows: usize,
-        cols: usize,
-        w: &[u8],
-        ids: &[u32],
-    ) -> Result<Vec<f32>, ModelError> {
-        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        OpHarness::get_rows(self, dtype, rows, cols, w, &ids)
-    }
-    fn rmsnorm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>, ModelError> {
-        OpHarness::rmsnorm(self, x, w, eps)
-    }
-    fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>, ModelError> {
-        OpHarness::swiglu(self, gate, up)
-    }
-}
+harness_ops!(OpHarness);
 
 #[test]
 fn every_matvec_type_matches_the_cpu() {

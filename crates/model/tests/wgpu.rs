@@ -12,8 +12,9 @@
 mod common;
 
 use common::{
-    Ops, Rng, embedding_parity, matvec_parity, model_file, moved_cache_continues_bit_for_bit,
-    norm_and_activation_parity, normalized_error, parity, prompt,
+    Ops, Rng, embedding_parity, harness_ops, matvec_parity, model_file,
+    moved_cache_continues_bit_for_bit, norm_and_activation_parity, normalized_error, parity,
+    prompt,
 };
 
 use std::sync::{Arc, OnceLock};
@@ -35,35 +36,7 @@ fn ops(device: &Arc<dyn Device>) -> &'static OpHarness {
     OPS.get_or_init(|| OpHarness::new(device, None).unwrap())
 }
 
-impl Ops for OpHarness {
-    fn matvec(
-        &self,
-        dtype: DType,
-        rows: usize,
-        cols: usize,
-        w: &[u8],
-        x: &[f32],
-        residual: Option<&[f32]>,
-    ) -> Result<Vec<f32>, ModelError> {
-        OpHarness::matvec(self, dtype, rows, cols, w, x, residual)
-    }
-    fn get_rows(
-        &self,
-        dtype: DType,
-        rows: usize,
-        cols: usize,
-        w: &[u8],
-        ids: &[u32],
-    ) -> Result<Vec<f32>, ModelError> {
-        OpHarness::get_rows(self, dtype, rows, cols, w, ids)
-    }
-    fn rmsnorm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>, ModelError> {
-        OpHarness::rmsnorm(self, x, w, eps)
-    }
-    fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>, ModelError> {
-        OpHarness::swiglu(self, gate, up)
-    }
-}
+harness_ops!(OpHarness);
 
 #[test]
 fn every_matvec_type_matches_the_cpu() {

@@ -205,6 +205,44 @@ pub trait Ops {
     fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>, ModelError>;
 }
 
+/// Implements [`Ops`] for a backend's op harness, whose inherent methods have the trait's
+/// signatures.
+macro_rules! harness_ops {
+    ($harness:ty) => {
+        impl Ops for $harness {
+            fn matvec(
+                &self,
+                dtype: DType,
+                rows: usize,
+                cols: usize,
+                w: &[u8],
+                x: &[f32],
+                residual: Option<&[f32]>,
+            ) -> Result<Vec<f32>, ModelError> {
+                <$harness>::matvec(self, dtype, rows, cols, w, x, residual)
+            }
+            fn get_rows(
+                &self,
+                dtype: DType,
+                rows: usize,
+                cols: usize,
+                w: &[u8],
+                ids: &[u32],
+            ) -> Result<Vec<f32>, ModelError> {
+                <$harness>::get_rows(self, dtype, rows, cols, w, ids)
+            }
+            fn rmsnorm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>, ModelError> {
+                <$harness>::rmsnorm(self, x, w, eps)
+            }
+            fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>, ModelError> {
+                <$harness>::swiglu(self, gate, up)
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use harness_ops;
+
 /// Every weight type's product with 1, 3 and 8 tokens, with and without a residual, for
 /// each of `widths` (column counts the type's blocks divide), against the CPU's dot rows.
 pub fn matvec_parity(ops: &impl Ops, widths: &[usize]) {

@@ -163,9 +163,10 @@ impl OpHarness {
         rows: usize,
         cols: usize,
         w: &[u8],
-        ids: &[i32],
+        ids: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
         let (_w, w_ptr) = self.up(w)?;
+        // The kernel reads the ids as i32: the same bits for every id a vocabulary holds.
         let (_ids, ids_ptr) = self.up(ids)?;
         let (out, out_ptr) = self.up(&vec![f32::NAN; ids.len() * cols])?;
         let m = Self::matrix(dtype, rows, cols, w_ptr)?;
