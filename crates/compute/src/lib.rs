@@ -12,6 +12,49 @@
 //! | a slice of guest memory  | the same addresses, registered for the GPU   |
 //! | a function call          | a kernel launch, finished before returning   |
 
+/// The `HostMapper` and `Device` impls of a backend's stand-in, an enum with no variants
+/// (used when Tern is built without that backend): never constructed, so never called.
+#[allow(unused_macros)]
+macro_rules! absent_device {
+    ($device:ty) => {
+        impl crate::HostMapper for $device {
+            fn mapper_name(&self) -> String {
+                match *self {}
+            }
+            fn map_range(&self, _: crate::HostRange) -> Result<(), String> {
+                match *self {}
+            }
+            fn unmap_range(&self, _: crate::HostRange) {
+                match *self {}
+            }
+        }
+
+        impl crate::Device for $device {
+            fn kind(&self) -> crate::DeviceChoice {
+                match *self {}
+            }
+            fn describe(&self) -> String {
+                match *self {}
+            }
+            fn matmul_f32(
+                &self,
+                _: &[f32],
+                _: &[f32],
+                _: &mut [f32],
+                _: crate::MatmulDims,
+            ) -> Result<(), crate::ComputeError> {
+                match *self {}
+            }
+            fn staged_matmul(
+                &self,
+                _: crate::MatmulDims,
+            ) -> Result<Box<dyn crate::StagedMatmul + '_>, crate::ComputeError> {
+                match *self {}
+            }
+        }
+    };
+}
+
 pub mod cpu;
 pub mod cuda;
 pub mod testing;

@@ -14,38 +14,4 @@ impl CudaDevice {
     }
 }
 
-impl crate::HostMapper for CudaDevice {
-    fn mapper_name(&self) -> String {
-        match *self {}
-    }
-    fn map_range(&self, _: crate::HostRange) -> Result<(), String> {
-        match *self {}
-    }
-    fn unmap_range(&self, _: crate::HostRange) {
-        match *self {}
-    }
-}
-
-impl crate::Device for CudaDevice {
-    fn kind(&self) -> crate::DeviceChoice {
-        match *self {}
-    }
-    fn describe(&self) -> String {
-        match *self {}
-    }
-    fn matmul_f32(
-        &self,
-        _: &[f32],
-        _: &[f32],
-        _: &mut [f32],
-        _: crate::MatmulDims,
-    ) -> Result<(), ComputeError> {
-        match *self {}
-    }
-    fn staged_matmul(
-        &self,
-        _: crate::MatmulDims,
-    ) -> Result<Box<dyn crate::StagedMatmul + '_>, ComputeError> {
-        match *self {}
-    }
-}
+absent_device!(CudaDevice);
