@@ -3,39 +3,9 @@
 
 use std::sync::Arc;
 
-use tern_compute::cpu::CpuDevice;
-use tern_compute::testing::{cuda_or_skip, exact_f32};
-use tern_compute::{ComputeError, Device, HostMapper, MatmulDims};
+use tern_compute::testing::{cpu_matmul, cuda_or_skip, exact_f32, operands};
+use tern_compute::{ComputeError, HostMapper, MatmulDims};
 use tern_memory::Region;
-
-/// Carves `a`, `b`, `c` out of `bytes` at byte offsets `at`, filled for `dims`.
-fn operands(bytes: &mut [u8], at: [usize; 3], dims: MatmulDims) -> (&[f32], &[f32], &mut [f32]) {
-    let MatmulDims { m, n, k } = dims;
-    assert!(
-        at[0] + 4 * m * k <= at[1]
-            && at[1] + 4 * k * n <= at[2]
-            && at[2] + 4 * m * n <= bytes.len()
-    );
-    let base = bytes.as_mut_ptr();
-    // SAFETY: the three ranges are disjoint (asserted), inside `bytes`, 4-byte aligned.
-    let (a, b, c) = unsafe {
-        (
-            std::slice::from_raw_parts_mut(base.add(at[0]).cast::<f32>(), m * k),
-            std::slice::from_raw_parts_mut(base.add(at[1]).cast::<f32>(), k * n),
-            std::slice::from_raw_parts_mut(base.add(at[2]).cast::<f32>(), m * n),
-        )
-    };
-    a.copy_from_slice(&exact_f32(m * k, 1));
-    b.copy_from_slice(&exact_f32(k * n, 2));
-    c.fill(f32::NAN);
-    (a, b, c)
-}
-
-fn cpu_reference(a: &[f32], b: &[f32], dims: MatmulDims) -> Vec<f32> {
-    let mut c = vec![0.0; dims.m * dims.n];
-    CpuDevice::new().matmul_f32(a, b, &mut c, dims).unwrap();
-    c
-}
 
 fn mismatches(x: &[f32], y: &[f32]) -> usize {
     x.iter()
@@ -62,7 +32,7 @@ fn cuda_matmul_matches_the_cpu_on_registered_memory() {
         let at = [0, 4 * m * k, 4 * (m * k + k * n)];
         let (a, b, c) = operands(region.as_mut_slice(), at, dims);
         gpu.matmul_f32(a, b, c, dims).unwrap();
-        let expect = cpu_reference(a, b, dims);
+        let expect = cpu_matmul(a, b, dims);
         assert_eq!(mismatches(c, &expect), 0, "{dims:?}");
     }
 }
@@ -94,7 +64,7 @@ fn an_operand_may_straddle_ranges_registered_at_different_growths() {
     let at = [(64 << 10) - 8192, (2 << 20) - 4096, 3 << 20];
     let (a, b, c) = operands(region.as_mut_slice(), at, dims);
     gpu.matmul_f32(a, b, c, dims).unwrap();
-    assert_eq!(mismatches(c, &cpu_reference(a, b, dims)), 0);
+    assert_eq!(mismatches(c, &cpu_matmul(a, b, dims)), 0);
     assert!(a.as_ptr() as usize - base < 64 << 10);
 }
 
@@ -147,5 +117,5 @@ fn the_copy_path_agrees_with_zero_copy() {
         .unwrap()
         .run(&a, &b, &mut c)
         .unwrap();
-    assert_eq!(mismatches(&c, &cpu_reference(&a, &b, dims)), 0);
+    assert_eq!(mismatches(&c, &cpu_matmul(&a, &b, dims)), 0);
 }

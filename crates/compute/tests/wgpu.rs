@@ -6,37 +6,14 @@
 use std::sync::Arc;
 
 use tern_compute::cpu::CpuDevice;
-use tern_compute::testing::{exact_f32, wgpu_or_skip};
+use tern_compute::testing::{cpu_matmul, exact_f32, operands, wgpu_or_skip};
 use tern_compute::wgpu::GuestAccess;
 use tern_compute::{Device, HostMapper, MatmulDims};
 use tern_memory::Region;
 
-fn fill(bytes: &mut [u8], at: [usize; 3], dims: MatmulDims) -> (&[f32], &[f32], &mut [f32]) {
-    let MatmulDims { m, n, k } = dims;
-    assert!(
-        at[0] + 4 * m * k <= at[1]
-            && at[1] + 4 * k * n <= at[2]
-            && at[2] + 4 * m * n <= bytes.len()
-    );
-    let base = bytes.as_mut_ptr();
-    // SAFETY: the three ranges are disjoint (asserted), inside `bytes`, 4-byte aligned.
-    let (a, b, c) = unsafe {
-        (
-            std::slice::from_raw_parts_mut(base.add(at[0]).cast::<f32>(), m * k),
-            std::slice::from_raw_parts_mut(base.add(at[1]).cast::<f32>(), k * n),
-            std::slice::from_raw_parts_mut(base.add(at[2]).cast::<f32>(), m * n),
-        )
-    };
-    a.copy_from_slice(&exact_f32(m * k, 1));
-    b.copy_from_slice(&exact_f32(k * n, 2));
-    c.fill(f32::NAN);
-    (a, b, c)
-}
-
 fn check(device: &dyn Device, bytes: &mut [u8], at: [usize; 3], dims: MatmulDims) {
-    let (a, b, c) = fill(bytes, at, dims);
-    let mut want = vec![0.0; dims.m * dims.n];
-    CpuDevice::new().matmul_f32(a, b, &mut want, dims).unwrap();
+    let (a, b, c) = operands(bytes, at, dims);
+    let want = cpu_matmul(a, b, dims);
     device.matmul_f32(a, b, c, dims).unwrap();
     let bad = c
         .iter()
