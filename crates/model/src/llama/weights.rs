@@ -264,3 +264,48 @@ fn find_vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, Mode
     dequantize_row(t.dtype, file.data(t), &mut out);
     Ok(out)
 }
+
+/// How a GPU backend puts the model's matrices in device memory, in their file's block
+/// format: it uploads `rows` rows of one matrix's type and width; matrices that read the same
+/// input are stacked into one where their types and widths agree.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) trait UploadMatrices<'a> {
+    /// A matrix in device memory.
+    type Dev;
+
+    /// The weights being uploaded.
+    fn weights(&self) -> &'a LlamaWeights;
+
+    /// `rows` rows of `m`'s type and width, from `bytes`.
+    fn upload(&mut self, m: &Matrix, bytes: &[u8], rows: usize) -> Result<Self::Dev, ModelError>;
+
+    fn matrix(&mut self, m: &Matrix) -> Result<Self::Dev, ModelError> {
+        let rows = self.weights().rows(m);
+        self.upload(m, rows, m.rows)
+    }
+
+    /// `parts` stacked into one matrix when they share a type and width, else each on its
+    /// own.
+    fn stacked(&mut self, parts: &[&Matrix]) -> Result<Vec<Self::Dev>, ModelError> {
+        let first = parts[0];
+        if parts
+            .iter()
+            .any(|m| m.dtype != first.dtype || m.cols != first.cols)
+        {
+            return parts.iter().map(|m| self.matrix(m)).collect();
+        }
+        let w = self.weights();
+        let bytes: Vec<u8> = parts
+            .iter()
+            .flat_map(|m| w.rows(m).iter().copied())
+            .collect();
+        let rows = parts.iter().map(|m| m.rows).sum();
+        Ok(vec![self.upload(first, &bytes, rows)?])
+    }
+}
+
+/// A matrix dimension as the kernels take it.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn dim_u32(v: usize) -> Result<u32, ModelError> {
+    u32::try_from(v).map_err(|_| ModelError::Unsupported(format!("a {v}-wide matrix")))
+}

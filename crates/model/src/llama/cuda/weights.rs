@@ -7,6 +7,7 @@ use tern_compute::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use super::driver;
 use super::kernels::DevMatrix;
 use crate::ModelError;
+use crate::llama::weights::{UploadMatrices, dim_u32};
 use crate::llama::{LlamaWeights, Matrix};
 
 /// One transformer block's weights on the GPU. Matrices that read the same input are
@@ -47,10 +48,11 @@ struct Uploader<'a> {
     total: usize,
 }
 
-impl Uploader<'_> {
-    fn matrix(&mut self, m: &Matrix) -> Result<DevMatrix, ModelError> {
-        let rows = self.weights.rows(m);
-        self.upload(m, rows, m.rows)
+impl<'a> UploadMatrices<'a> for Uploader<'a> {
+    type Dev = DevMatrix;
+
+    fn weights(&self) -> &'a LlamaWeights {
+        self.weights
     }
 
     fn upload(&mut self, m: &Matrix, bytes: &[u8], rows: usize) -> Result<DevMatrix, ModelError> {
@@ -61,35 +63,17 @@ impl Uploader<'_> {
         let (ptr, _) = buf.device_ptr(self.stream);
         self.total += bytes.len();
         self.bytes.push(buf);
-        let u32_of = |v: usize| {
-            u32::try_from(v).map_err(|_| ModelError::Unsupported(format!("a {v}-wide matrix")))
-        };
         Ok(DevMatrix {
             ptr,
             dtype: m.dtype,
-            rows: u32_of(rows)?,
-            cols: u32_of(m.cols)?,
-            row_bytes: u32_of(m.row_bytes)?,
+            rows: dim_u32(rows)?,
+            cols: dim_u32(m.cols)?,
+            row_bytes: dim_u32(m.row_bytes)?,
         })
     }
+}
 
-    /// `parts` stacked into one matrix when they share a type, else each on its own.
-    fn stacked(&mut self, parts: &[&Matrix]) -> Result<Vec<DevMatrix>, ModelError> {
-        let first = parts[0];
-        if parts
-            .iter()
-            .any(|m| m.dtype != first.dtype || m.cols != first.cols)
-        {
-            return parts.iter().map(|m| self.matrix(m)).collect();
-        }
-        let bytes: Vec<u8> = parts
-            .iter()
-            .flat_map(|m| self.weights.rows(m).iter().copied())
-            .collect();
-        let rows = parts.iter().map(|m| m.rows).sum();
-        Ok(vec![self.upload(first, &bytes, rows)?])
-    }
-
+impl Uploader<'_> {
     /// Gate and up interleaved four rows at a time (see [`DevLayer::glu`]) when they share a
     /// type and a row count that four divides; else as [`Uploader::stacked`].
     fn interleaved(

@@ -4,6 +4,7 @@ use tern_compute::wgpu::WgpuDevice;
 use tern_compute::wgpu::wgpu::{self, util::DeviceExt};
 
 use crate::ModelError;
+use crate::llama::weights::{UploadMatrices, dim_u32};
 use crate::llama::{LlamaWeights, Matrix};
 use crate::quant::DType;
 
@@ -99,10 +100,11 @@ struct Uploader<'a> {
     total: usize,
 }
 
-impl Uploader<'_> {
-    fn matrix(&mut self, m: &Matrix) -> Result<DevMatrix, ModelError> {
-        let rows = self.weights.rows(m);
-        self.upload(m, rows, m.rows)
+impl<'a> UploadMatrices<'a> for Uploader<'a> {
+    type Dev = DevMatrix;
+
+    fn weights(&self) -> &'a LlamaWeights {
+        self.weights
     }
 
     fn upload(&mut self, m: &Matrix, bytes: &[u8], rows: usize) -> Result<DevMatrix, ModelError> {
@@ -112,31 +114,13 @@ impl Uploader<'_> {
                 m.cols
             )));
         }
-        let u32_of = |v: usize| {
-            u32::try_from(v).map_err(|_| ModelError::Unsupported(format!("a {v}-wide matrix")))
-        };
-        DevMatrix::new(self.gpu, m.dtype, u32_of(rows)?, u32_of(m.cols)?, bytes).inspect(|d| {
+        DevMatrix::new(self.gpu, m.dtype, dim_u32(rows)?, dim_u32(m.cols)?, bytes).inspect(|d| {
             self.total += d.buffer.size() as usize;
         })
     }
+}
 
-    /// `parts` stacked into one matrix when they share a type, else each on its own.
-    fn stacked(&mut self, parts: &[&Matrix]) -> Result<Vec<DevMatrix>, ModelError> {
-        let first = parts[0];
-        if parts
-            .iter()
-            .any(|m| m.dtype != first.dtype || m.cols != first.cols)
-        {
-            return parts.iter().map(|m| self.matrix(m)).collect();
-        }
-        let bytes: Vec<u8> = parts
-            .iter()
-            .flat_map(|m| self.weights.rows(m).iter().copied())
-            .collect();
-        let rows = parts.iter().map(|m| m.rows).sum();
-        Ok(vec![self.upload(first, &bytes, rows)?])
-    }
-
+impl Uploader<'_> {
     fn vector(&mut self, v: &[f32]) -> wgpu::Buffer {
         self.total += size_of_val(v);
         self.gpu.upload_f32("norm", v)
