@@ -45,8 +45,8 @@ const MAX_TOK: u32 = 8u;
 const MAX_DIM: u32 = 128u;
 
 var<workgroup> s_q: array<f32, 128>;
-var<workgroup> s_k: array<f32, 1024>;  // the call's keys in this split, rotated [new][dim]
-var<workgroup> s_v: array<f32, 1024>;  // and their values
+var<workgroup> s_k: array<f32, MAX_TOK * MAX_DIM>;  // the call's keys in this split, rotated [new][dim]
+var<workgroup> s_v: array<f32, MAX_TOK * MAX_DIM>;  // and their values
 var<workgroup> s_w: array<f32, 64>;
 var<workgroup> s_o: array<vec4<f32>, 128>;
 
