@@ -6,12 +6,12 @@ use tern_compute::wgpu::wgpu;
 
 use super::kernels::{Bind, Dispatch, Kernels};
 use super::model::wgpu_error;
+use super::shaders;
 use super::weights::DevMatrix;
 use super::{ATTN_SPLIT, MAX_CHUNK, WgpuLlama};
 use crate::ModelError;
 use crate::llama::RopeStyle;
 use crate::llama::cpu::KvCache;
-use crate::quant::DType;
 
 /// Device buffers of one session. Every activation buffer holds `MAX_CHUNK` positions.
 struct Buffers {
@@ -44,9 +44,9 @@ pub struct WgpuSession {
     head: Dispatch,
 }
 
-/// The output head: one token, written from element 0.
+/// The output head: one token (the kernel built for one takes the first of the step's,
+/// which the final norm wrote as row 0), written from element 0.
 const HEAD: Out = Out {
-    n_fixed: 1,
     max_tok: 1,
     ..Out::at(0, 0)
 };
@@ -261,7 +261,7 @@ impl WgpuSession {
 }
 
 /// Where a matrix product writes: element offset, per-token stride, whether it adds to what
-/// is there, a fixed token count (0: the step's), and, for a stacked gate and up matrix,
+/// is there, and, for a stacked gate and up matrix,
 /// its gate rows `n_ff` when the product writes `silu(gate) * up` instead (0: plainly;
 /// `matvec_rows.wgsl`).
 #[derive(Clone, Copy)]
@@ -269,7 +269,6 @@ pub(super) struct Out {
     pub off: u32,
     pub stride: u32,
     pub residual: bool,
-    pub n_fixed: u32,
     pub glu: u32,
     /// The most tokens the call may have (one of `shaders::MATVEC_TOKENS`).
     pub max_tok: u32,
@@ -283,7 +282,6 @@ impl Out {
             off,
             stride,
             residual: false,
-            n_fixed: 0,
             glu: 0,
             max_tok: MAX_CHUNK as u32,
         }
@@ -296,11 +294,7 @@ impl Out {
 /// down projection) otherwise leave the GPU well short of. A unit is a 16-byte word of 8
 /// weights for 16-bit floats (`matvec_wide.wgsl`), else a chunk of 32 (`matvec.wgsl`).
 fn matvec_parts(m: &DevMatrix) -> u32 {
-    let per_unit = if matches!(m.dtype, DType::F16 | DType::BF16) {
-        8
-    } else {
-        32
-    };
+    let per_unit = if shaders::is_wide(m.dtype) { 8 } else { 32 };
     let steps = (m.cols / per_unit).div_ceil(32);
     let mut parts = 1;
     while parts < 8 && m.rows * parts < 8192 && steps >= 8 * parts {
@@ -309,7 +303,7 @@ fn matvec_parts(m: &DevMatrix) -> u32 {
     parts
 }
 
-/// `y[t] (+)= W x[t]` for the step's tokens (or `n_fixed`), x rows `m.cols` apart from
+/// `y[t] (+)= W x[t]` for the step's tokens (at most `out.max_tok`), x rows `m.cols` apart from
 /// element 0 of `x`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matvec(
@@ -331,7 +325,6 @@ pub(super) fn matvec(
         out.off,
         out.stride,
         u32::from(out.residual),
-        out.n_fixed,
         out.glu,
         parts,
     ];

@@ -20,19 +20,18 @@ const GET_ROWS: &str = include_str!("kernels/get_rows.wgsl");
 
 const WG_REDUCE: &str = include_str!("kernels/wg_reduce.wgsl");
 
-/// The kernels that read no weights: their entry points.
-pub const PLAIN: [&str; 4] = ["rmsnorm", "attn_split", "attn_merge", "swiglu"];
+/// The kernels that read no weights: (entry point, file).
+pub const PLAIN: [(&str, &str); 4] = [
+    ("rmsnorm", include_str!("kernels/rmsnorm.wgsl")),
+    ("attn_split", include_str!("kernels/attn_split.wgsl")),
+    ("attn_merge", include_str!("kernels/attn_merge.wgsl")),
+    ("swiglu", include_str!("kernels/swiglu.wgsl")),
+];
 
 /// The module of `PLAIN` kernel `entry`: its file, after the workgroup reductions for the
 /// attention's two.
 pub fn plain(entry: &str) -> Option<String> {
-    let src = match entry {
-        "rmsnorm" => include_str!("kernels/rmsnorm.wgsl"),
-        "attn_split" => include_str!("kernels/attn_split.wgsl"),
-        "attn_merge" => include_str!("kernels/attn_merge.wgsl"),
-        "swiglu" => include_str!("kernels/swiglu.wgsl"),
-        _ => return None,
-    };
+    let (_, src) = PLAIN.iter().find(|(e, _)| *e == entry)?;
     Some(if entry.starts_with("attn_") {
         [WG_REDUCE, src].join("\n")
     } else {
@@ -63,6 +62,12 @@ fn dequant(dtype: DType) -> &'static str {
     }
 }
 
+/// Whether `matvec` reads `dtype` with `matvec_wide.wgsl` (16-byte words of 8 weights) rather
+/// than chunk by chunk of 32 with `matvec.wgsl`.
+pub fn is_wide(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+}
+
 /// The token capacities `matvec` is built for: one (a decode step) and a chunk.
 pub const MATVEC_TOKENS: [u32; 2] = [1, 8];
 
@@ -73,10 +78,15 @@ pub fn matvec(dtype: DType, reduce: Reduce, max_tok: u32) -> String {
         Reduce::Shared => REDUCE_SHARED,
         Reduce::Subgroup => REDUCE_SUBGROUP,
     };
-    let kernel = match dtype {
-        DType::F16 => vec![reduce, include_str!("kernels/widen_f16.wgsl"), MATVEC_WIDE],
-        DType::BF16 => vec![reduce, include_str!("kernels/widen_bf16.wgsl"), MATVEC_WIDE],
-        _ => vec![reduce, BLOCKS, dequant(dtype), MATVEC],
+    let kernel = if is_wide(dtype) {
+        let widen = if dtype == DType::BF16 {
+            include_str!("kernels/widen_bf16.wgsl")
+        } else {
+            include_str!("kernels/widen_f16.wgsl")
+        };
+        vec![reduce, widen, MATVEC_WIDE]
+    } else {
+        vec![reduce, BLOCKS, dequant(dtype), MATVEC]
     };
     let capacity = format!("const MAX_TOK: u32 = {max_tok}u;");
     [&[capacity.as_str()], kernel.as_slice(), &[MATVEC_ROWS]]
@@ -108,7 +118,7 @@ pub fn all() -> Vec<(String, &'static str, String)> {
             get_rows(dtype),
         ));
     }
-    for entry in PLAIN {
+    for (entry, _) in PLAIN {
         let src = plain(entry).expect("every plain kernel has a module");
         out.push((entry.to_string(), entry, src));
     }

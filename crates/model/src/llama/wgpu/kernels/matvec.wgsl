@@ -5,9 +5,9 @@
 // the 32 lanes are then summed in a fixed tree (reduce_*.wgsl), so results are reproducible.
 // Grid (ceil(rows * parts / 8)), or (ceil(glu / 4)) with `glu` (matvec_rows.wgsl).
 //
-// `step` is [first position, token count, token ids]; `n_fixed` overrides the count (the
-// output head runs on one token). matvec_rows.wgsl declares the parameters and the bindings
-// after x.
+// `step` is [first position, token count, token ids]; a call takes at most MAX_TOK of them
+// (the output head is built for one). matvec_rows.wgsl declares the parameters and the
+// bindings after x.
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 

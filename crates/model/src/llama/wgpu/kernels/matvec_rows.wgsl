@@ -20,7 +20,6 @@ struct Params {
     y_off: u32,
     y_stride: u32,
     residual: u32,
-    n_fixed: u32,
     glu: u32,
     parts: u32,
 }
@@ -34,9 +33,9 @@ const LANES: u32 = 32u;
 // MAX_TOK, the most tokens one call takes (at most 8), is set by the host before these parts:
 // 1 for a decode step, whose single accumulator leaves the registers to loads in flight.
 
-// The call's token count: the step's, or `n_fixed`.
+// The call's token count: the step's, up to MAX_TOK.
 fn token_count() -> u32 {
-    return min(select(step[1], p.n_fixed, p.n_fixed != 0u), MAX_TOK);
+    return min(step[1], MAX_TOK);
 }
 
 var<workgroup> group_sums: array<array<f32, MAX_TOK>, 8>;  // [group of 32 lanes][token]

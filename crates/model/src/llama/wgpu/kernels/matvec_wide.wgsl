@@ -7,7 +7,7 @@
 // multiple of 32) and the activations' offset and stride are multiples of 4.
 // Grid (ceil(rows * parts / 8)), or (ceil(glu / 4)) with `glu` (matvec_rows.wgsl).
 //
-// `step` is [first position, token count, token ids]; `n_fixed` overrides the count
+// `step` is [first position, token count, token ids]; a call takes at most MAX_TOK of them
 // (matvec_rows.wgsl declares the parameters and the bindings after x).
 
 @group(0) @binding(0) var<storage, read> w: array<vec4<u32>>;
