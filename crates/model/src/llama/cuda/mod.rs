@@ -26,7 +26,7 @@ mod weights;
 
 pub use session::CudaSession;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tern_compute::Device;
@@ -157,10 +157,7 @@ impl CudaLlama {
         let vocab = c.n_vocab;
         super::check_forward(c, session.len, session.n_ctx, tokens, logits.as_deref())?;
         check_top(vocab, top.len())?;
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("binding the context"))?;
+        let mut busy = self.hold()?;
         let sees = |ptr: usize, bytes: usize| {
             self.device
                 .as_cuda()
@@ -219,6 +216,28 @@ impl CudaLlama {
             .ok()
     }
 
+    /// The model, held for this caller (one at a time), its context bound to this thread.
+    fn hold(&self) -> Result<MutexGuard<'_, Option<Result<Prefill, String>>>, ModelError> {
+        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        Ok(busy)
+    }
+
+    /// `f` on the tensor-core prefill, the model held as [`CudaLlama::hold`] holds it; an
+    /// error where the prefill cannot run (no cuBLAS).
+    fn with_prefill<R>(
+        &self,
+        f: impl FnOnce(&mut Prefill) -> Result<R, ModelError>,
+    ) -> Result<R, ModelError> {
+        let mut busy = self.hold()?;
+        let prefill = self.prefill(&mut busy).ok_or_else(|| {
+            ModelError::Unsupported(prefill::unavailable().unwrap_or("no cuBLAS").into())
+        })?;
+        f(prefill)
+    }
+
     /// How prompts of at least `PREFILL_MIN` (64) positions run: on tensor cores, or why not.
     pub fn prefill_path(&self) -> String {
         match prefill::unavailable() {
@@ -234,14 +253,7 @@ impl CudaLlama {
     /// operands (floating-point operations per second), and what those products take per
     /// position: the prefill path's yardstick.
     pub fn gemm_rate(&self, n: usize, repeats: usize) -> Result<f64, ModelError> {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("binding the context"))?;
-        let prefill = self.prefill(&mut busy).ok_or_else(|| {
-            ModelError::Unsupported(prefill::unavailable().unwrap_or("no cuBLAS").into())
-        })?;
-        prefill.gemm_rate(self, n, repeats)
+        self.with_prefill(|prefill| prefill.gemm_rate(self, n, repeats))
     }
 
     /// Floating-point operations of the layers' matrix products for `n` positions.
@@ -255,10 +267,7 @@ impl CudaLlama {
         session: &mut CudaSession,
         token: u32,
     ) -> Result<Vec<(&'static str, f64)>, ModelError> {
-        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("binding the context"))?;
+        let _busy = self.hold()?;
         session.profile_step(self, token)
     }
 
@@ -280,14 +289,7 @@ impl CudaLlama {
                 session.n_ctx
             )));
         }
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("binding the context"))?;
-        let prefill = self.prefill(&mut busy).ok_or_else(|| {
-            ModelError::Unsupported(prefill::unavailable().unwrap_or("no cuBLAS").into())
-        })?;
-        session.profile_prefill(self, prefill, tokens)
+        self.with_prefill(|prefill| session.profile_prefill(self, prefill, tokens))
     }
 
     /// The GPU's memory bandwidth as a device-to-device copy of `bytes` sees it: bytes read
