@@ -65,22 +65,27 @@ impl Model {
         let config = LlamaConfig::from_gguf(&file).map_err(|e| e.in_file(path))?;
         let tokenizer =
             Tokenizer::from_spec(tokenizer_spec(&file)?).map_err(|e| text_error(path, e))?;
-        let template = match file.get("tokenizer.chat_template").and_then(Value::as_str) {
-            Some(source) => {
-                let token = |id: Option<u32>| {
-                    id.and_then(|id| tokenizer.token_bytes(id))
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                };
-                let bos = token(tokenizer.bos()).unwrap_or_default();
-                let eos = token(tokenizer.eos()).unwrap_or_default();
-                Some(ChatTemplate::new(source, &bos, &eos).map_err(|e| text_error(path, e))?)
-            }
-            None => None,
-        };
+        let template = file
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(|source| chat_template(&tokenizer, source))
+            .transpose()
+            .map_err(|e| text_error(path, e))?;
         let digest = fnv1a(file.bytes());
         let weights = LlamaWeights::from_gguf(file, &config).map_err(|e| e.in_file(path))?;
         let llama = CpuLlama::new(config, weights, threads)?;
-        Ok(Model {
+        Ok(Model::on_cpu(name, llama, tokenizer, template, digest))
+    }
+
+    /// A model on the CPU only (until [`Model::on_device`]).
+    fn on_cpu(
+        name: &str,
+        llama: CpuLlama,
+        tokenizer: Tokenizer,
+        template: Option<ChatTemplate>,
+        digest: u64,
+    ) -> Model {
+        Model {
             name: name.to_string(),
             llama,
             #[cfg(feature = "cuda")]
@@ -90,7 +95,7 @@ impl Model {
             tokenizer,
             template,
             digest,
-        })
+        }
     }
 
     fn open_hf(name: &str, dir: &Path, threads: usize) -> Result<Model, ModelError> {
@@ -133,17 +138,7 @@ impl Model {
         let weights = LlamaWeights::from_safetensors(shards, &hf.config, hf.rope_freqs)
             .map_err(|e| e.in_file(dir))?;
         let llama = CpuLlama::new(hf.config, weights, threads)?;
-        Ok(Model {
-            name: name.to_string(),
-            llama,
-            #[cfg(feature = "cuda")]
-            cuda: None,
-            #[cfg(feature = "wgpu")]
-            wgpu: None,
-            tokenizer,
-            template,
-            digest,
-        })
+        Ok(Model::on_cpu(name, llama, tokenizer, template, digest))
     }
 
     /// Runs the forward pass on `device` when it is a GPU (weights uploaded once, shared by
