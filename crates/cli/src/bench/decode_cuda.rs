@@ -78,7 +78,7 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
 /// Prints the GPU time of each kernel of one decode step after `prompt`, and of one
 /// tensor-core prefill chunk of (up to 512 positions of) `prompt`.
 fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()> {
-    let mut session = super::session_after(model, prompt, context)?;
+    let (mut session, _) = super::session_after(model, prompt, context)?;
     let cuda = model.cuda.as_ref().context("no GPU model")?;
     let gpu = session.cuda_mut().context("no GPU session")?;
     let runs = (0..5)

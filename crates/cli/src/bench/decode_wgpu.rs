@@ -57,7 +57,7 @@ pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
 /// Prints the GPU time of each kernel of one decode step after `prompt`, where the adapter
 /// has timestamp queries.
 fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()> {
-    let mut session = super::session_after(model, prompt, context)?;
+    let (mut session, _) = super::session_after(model, prompt, context)?;
     let wgpu = model.wgpu.as_ref().context("no GPU model")?;
     let gpu = session.wgpu_mut().context("no GPU session")?;
     let mut runs = Vec::new();

@@ -91,9 +91,7 @@ fn direct_top(
     context: usize,
 ) -> anyhow::Result<f64> {
     use std::time::Instant;
-    let mut session = model.new_session(context)?;
-    let mut logits = vec![0.0; model.config().n_vocab];
-    model.forward(&mut session, prompt, &mut logits)?;
+    let (mut session, logits) = session_after(model, prompt, context)?;
     let mut top = [tern_model::Candidate {
         token: tern_guest::sample::argmax(&logits),
         logit: 0.0,
@@ -105,17 +103,17 @@ fn direct_top(
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// A session of `context` positions that has run `prompt`.
+/// A session of `context` positions that has run `prompt`, and the prompt's last logits.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn session_after(
     model: &tern_model::Model,
     prompt: &[u32],
     context: usize,
-) -> anyhow::Result<tern_model::Session> {
+) -> anyhow::Result<(tern_model::Session, Vec<f32>)> {
     let mut session = model.new_session(context)?;
     let mut logits = vec![0.0; model.config().n_vocab];
     model.forward(&mut session, prompt, &mut logits)?;
-    Ok(session)
+    Ok((session, logits))
 }
 
 /// What a GPU decode benchmark runs.
