@@ -127,4 +127,16 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
     }
+
+    /// Floats in each of the K and V caches of `n_ctx` positions (every layer), refused
+    /// beyond 2^34.
+    pub fn kv_cache_len(&self, n_ctx: usize) -> Result<usize, ModelError> {
+        self.n_layer
+            .checked_mul(n_ctx)
+            .and_then(|n| n.checked_mul(self.kv_dim()))
+            .filter(|&n| n <= 1 << 34)
+            .ok_or_else(|| {
+                ModelError::Invalid(format!("a cache of {n_ctx} positions is too large"))
+            })
+    }
 }

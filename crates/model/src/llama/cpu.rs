@@ -176,15 +176,7 @@ impl CpuLlama {
     /// An empty cache for up to `n_ctx` positions.
     pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache, ModelError> {
         let kv_dim = self.config.kv_dim();
-        let len = self
-            .config
-            .n_layer
-            .checked_mul(n_ctx)
-            .and_then(|n| n.checked_mul(kv_dim))
-            .filter(|&n| n <= 1 << 34)
-            .ok_or_else(|| {
-                ModelError::Invalid(format!("a cache of {n_ctx} positions is too large"))
-            })?;
+        let len = self.config.kv_cache_len(n_ctx)?;
         Ok(KvCache {
             k: vec![0.0; len],
             v: vec![0.0; len],

@@ -48,14 +48,7 @@ impl CudaSession {
     pub(super) fn new(model: &CudaLlama, n_ctx: usize) -> Result<CudaSession, ModelError> {
         let c = &model.config;
         let s = &model.stream;
-        let kv_len = c
-            .n_layer
-            .checked_mul(n_ctx)
-            .and_then(|n| n.checked_mul(c.kv_dim()))
-            .filter(|&n| n <= 1 << 34)
-            .ok_or_else(|| {
-                ModelError::Invalid(format!("a cache of {n_ctx} positions is too large"))
-            })?;
+        let kv_len = c.kv_cache_len(n_ctx)?;
         let n_split = CudaLlama::n_split(n_ctx);
         let q_dim = c.n_head * c.head_dim;
         let alloc = |n: usize| {

@@ -79,14 +79,7 @@ impl WgpuSession {
     pub(super) fn new(model: &WgpuLlama, n_ctx: usize) -> Result<WgpuSession, ModelError> {
         let c = &model.config;
         let gpu = model.gpu();
-        let kv_len = c
-            .n_layer
-            .checked_mul(n_ctx)
-            .and_then(|n| n.checked_mul(c.kv_dim()))
-            .filter(|&n| n <= 1 << 34)
-            .ok_or_else(|| {
-                ModelError::Invalid(format!("a cache of {n_ctx} positions is too large"))
-            })?;
+        let kv_len = c.kv_cache_len(n_ctx)?;
         let limit = gpu.device().limits().max_storage_buffer_binding_size as usize;
         if 4 * kv_len > limit {
             return Err(ModelError::Unsupported(format!(
