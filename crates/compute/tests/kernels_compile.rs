@@ -16,22 +16,38 @@ const ARCH: u32 = 90;
 /// Folders holding kernel sources, relative to this crate.
 const KERNEL_DIRS: [&str; 2] = ["kernels", "../model/src/llama/cuda/kernels"];
 
-/// Every `*.cu` file in `KERNEL_DIRS`, sorted.
-fn kernel_files() -> Vec<PathBuf> {
+/// Every file with extension `ext` in `dir`, sorted.
+fn files_in(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("kernel folder {}: {e}", dir.display()));
+    let mut files: Vec<PathBuf> = entries
+        .map(|entry| entry.expect("reading a kernel folder").path())
+        .filter(|path| path.extension().is_some_and(|x| x == ext))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every `*.cu` file in `KERNEL_DIRS`, sorted, with the `*.cuh` headers of its folder as
+/// (name, source) pairs: what its `#include` lines may name, as at run time.
+fn kernel_files() -> Vec<(PathBuf, Vec<(String, String)>)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
     for dir in KERNEL_DIRS {
         let dir = root.join(dir);
-        let entries = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("kernel folder {}: {e}", dir.display()));
-        for entry in entries {
-            let path = entry.expect("reading a kernel folder").path();
-            if path.extension().is_some_and(|x| x == "cu") {
-                files.push(path);
-            }
+        let headers: Vec<(String, String)> = files_in(&dir, "cuh")
+            .iter()
+            .map(|h| {
+                let name = h.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let source = std::fs::read_to_string(h)
+                    .unwrap_or_else(|e| panic!("reading {}: {e}", h.display()));
+                (name.to_owned(), source)
+            })
+            .collect();
+        for path in files_in(&dir, "cu") {
+            files.push((path, headers.clone()));
         }
     }
-    files.sort();
     files
 }
 
@@ -59,11 +75,11 @@ fn every_kernel_file_compiles_for_sm_90() {
     }
     let files = kernel_files();
     assert!(
-        files.iter().any(|f| f.ends_with("kernels/matmul.cu")),
+        files.iter().any(|(f, _)| f.ends_with("kernels/matmul.cu")),
         "no kernel sources found under {KERNEL_DIRS:?}"
     );
     let mut failures = Vec::new();
-    for path in &files {
+    for (path, headers) in &files {
         let source = std::fs::read_to_string(path)
             .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         let name = path
@@ -74,7 +90,11 @@ fn every_kernel_file_compiles_for_sm_90() {
         // compiles at run time do.
         let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
         let started = Instant::now();
-        match compile_cubin(name, &source, ARCH) {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, h)| (n.as_str(), h.as_str()))
+            .collect();
+        match compile_cubin(name, &source, &headers, ARCH) {
             Ok(cubin) if cubin.starts_with(b"\x7fELF") => println!(
                 "{}: {} bytes of sm_{ARCH} code in {:.1?}",
                 path.display(),

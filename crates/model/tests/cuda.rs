@@ -244,6 +244,49 @@ fn real_shapes_generate_as_the_cpu_does() {
     parity(&device, "llama-3.2-1b", DType::Q8_0, DType::Q8_0, 24);
 }
 
+/// A decode step's layers, when asked to run in one persistent kernel (decode.cu), keep the
+/// arithmetic of the kernel-by-kernel step (matvec.cuh, attention.cuh): the same logits, bit
+/// for bit, step after step, for every weight type, for the real shapes, and at a context of
+/// many attention splits.
+#[test]
+fn the_persistent_decode_kernel_gives_the_kernel_by_kernel_bits() {
+    let Some(device) = gpu("the_persistent_decode_kernel_gives_the_kernel_by_kernel_bits") else {
+        return;
+    };
+    let cases = DType::ALL
+        .iter()
+        .map(|&t| ("small", t, DType::Q8_0, 20))
+        .chain([
+            ("small", DType::Q4_1, DType::Q8_0, 600),
+            ("smollm2-135m", DType::Q4_1, DType::Q8_0, 40),
+            ("llama-3.2-1b", DType::BF16, DType::BF16, 70),
+        ]);
+    for (shape_name, linear, embd, len) in cases {
+        let path = model_file(shape_name, linear, embd);
+        let model = Model::open("m", &path, 2)
+            .unwrap()
+            .on_device(&device)
+            .unwrap();
+        let cuda = model.cuda.as_ref().unwrap();
+        assert!(
+            cuda.has_fused_decode(),
+            "{shape_name} {linear}: {}",
+            cuda.decode_path()
+        );
+        let p = prompt(len, model.config().n_vocab);
+        let run = || greedy(&model, &mut model.new_session(len + 40).unwrap(), &p, 16);
+        cuda.set_fused_decode(true);
+        let (fused, tokens) = run();
+        cuda.set_fused_decode(false);
+        let (apart, tokens_apart) = run();
+        assert_eq!(tokens, tokens_apart, "{shape_name} {linear}");
+        assert!(
+            bits(&fused) == bits(&apart),
+            "{shape_name} {linear}, {len} positions: the persistent kernel's logits differ"
+        );
+    }
+}
+
 #[test]
 fn results_are_bitwise_reproducible_whatever_else_runs() {
     let Some(device) = gpu("results_are_bitwise_reproducible_whatever_else_runs") else {

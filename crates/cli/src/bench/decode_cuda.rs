@@ -37,12 +37,14 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
         st.weight_bytes as f64 / 1e6,
         cuda.kernels_per_step()
     );
+    println!("decode step: {}", cuda.decode_path());
     let bandwidth = cuda.copy_bandwidth(1 << 30, 5)?;
     let roofline = bandwidth / weight_bytes;
     let context = b.prefill + b.decode + 1;
     let guest = GuestBench::new(&device, &model, b.prefill)?;
     let paths = guest.time_paths(&model, &b, context)?;
     let (prefill, decode) = paths.print(&b, "on the GPU");
+    compare_persistent(&model, &guest.prompt, &b, context, &paths)?;
     println!();
     println!(
         "HBM roofline: device-to-device copy {:.0} GB/s (read + write, 1 GiB) / {:.1} MB per token = {:.0} tokens/s; decode reaches {:.1}% of it",
@@ -75,19 +77,61 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where the model has the persistent decode kernel (off by default): times the engine's
+/// decode with the top logit from the GPU through it, against the default graph of kernels
+/// timed in `paths` in the same run, and prints both.
+fn compare_persistent(
+    model: &Model,
+    prompt: &[u32],
+    b: &GpuBench<'_>,
+    context: usize,
+    paths: &super::Paths,
+) -> anyhow::Result<()> {
+    let cuda = model.cuda.as_ref().context("no GPU model")?;
+    if !cuda.has_fused_decode() {
+        return Ok(());
+    }
+    let kernels = cuda.kernels_per_step();
+    cuda.set_fused_decode(true);
+    let timed = super::direct_top(model, prompt, b.decode.min(16), context).and_then(|_| {
+        (0..b.repeats.max(1))
+            .map(|_| super::direct_top(model, prompt, b.decode, context))
+            .collect::<anyhow::Result<Vec<f64>>>()
+    });
+    cuda.set_fused_decode(false);
+    let fused = b.decode as f64 / super::median(&timed?);
+    let graph = b.decode as f64 / super::median(&paths.engine_top);
+    println!(
+        "engine, top logit on the GPU, with the layers in one persistent kernel (off by default): {fused:.1} t/s against {graph:.1} t/s kernel by kernel ({kernels} kernels a step, one CUDA graph) in this run: {:+.1}%",
+        (fused / graph - 1.0) * 100.0
+    );
+    Ok(())
+}
+
 /// Prints the GPU time of each kernel of one decode step after `prompt`, and of one
 /// tensor-core prefill chunk of (up to 512 positions of) `prompt`.
 fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()> {
     let (mut session, _) = super::session_after(model, prompt, context)?;
     let cuda = model.cuda.as_ref().context("no GPU model")?;
     let gpu = session.cuda_mut().context("no GPU session")?;
-    let runs = (0..5)
-        .map(|_| cuda.profile_step(gpu, 1))
-        .collect::<Result<Vec<_>, _>>()?;
+    let profile = |gpu: &mut tern_model::llama::cuda::CudaSession| {
+        (0..5)
+            .map(|_| cuda.profile_step(gpu, 1))
+            .collect::<Result<Vec<_>, _>>()
+    };
     print_breakdown(
         "one decode step, kernel by kernel (events between kernels, no graph; medians of 5):",
-        &runs,
+        &profile(gpu)?,
     );
+    if cuda.has_fused_decode() {
+        cuda.set_fused_decode(true);
+        let runs = profile(gpu);
+        cuda.set_fused_decode(false);
+        print_breakdown(
+            "the same step with the layers in the persistent kernel (its stages from its own timestamps, each until the barrier after it is passed; medians of 5):",
+            &runs?,
+        );
+    }
     let chunk = &prompt[..prompt.len().min(512)];
     if chunk.len() >= 64 {
         let mut fresh = model.new_session(context)?;

@@ -95,7 +95,7 @@ impl CudaDevice {
         let arch = (major * 10 + minor) as u32;
         let name = ctx.name().map_err(driver("reading the name"))?;
         let started = Instant::now();
-        let cubin = compile_cubin("matmul.cu", MATMUL_SRC, arch)?;
+        let cubin = compile_cubin("matmul.cu", MATMUL_SRC, &[], arch)?;
         let module = ctx
             .load_module(Ptx::from_binary(cubin))
             .map_err(driver("loading kernels"))?;

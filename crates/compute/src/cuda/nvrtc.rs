@@ -6,12 +6,44 @@ use cudarc::nvrtc::{result, sys};
 
 use crate::ComputeError;
 
-/// Compiles `src` (named `file` in messages) for `sm_{arch}` and returns the CUBIN.
-pub fn compile_cubin(file: &'static str, src: &str, arch: u32) -> Result<Vec<u8>, ComputeError> {
+/// Compiles `src` (named `file` in messages) for `sm_{arch}` and returns the CUBIN. `headers`
+/// are the (name, source) pairs its `#include "name"` lines may name; nothing else is found.
+pub fn compile_cubin(
+    file: &'static str,
+    src: &str,
+    headers: &[(&str, &str)],
+    arch: u32,
+) -> Result<Vec<u8>, ComputeError> {
     let fail = |log: String| ComputeError::Compile { kernel: file, log };
-    let src = CString::new(src).map_err(|_| fail("source contains a NUL byte".into()))?;
-    let name = CString::new(file).map_err(|_| fail("name contains a NUL byte".into()))?;
-    let prog = result::create_program(&src, Some(&name)).map_err(|e| fail(format!("{e:?}")))?;
+    let c_str = |s: &str, what: &str| {
+        CString::new(s).map_err(|_| fail(format!("{what} contains a NUL byte")))
+    };
+    let src = c_str(src, "source")?;
+    let name = c_str(file, "name")?;
+    let mut header_src = Vec::with_capacity(headers.len());
+    let mut header_names = Vec::with_capacity(headers.len());
+    for (n, h) in headers {
+        header_names.push(c_str(n, "a header's name")?);
+        header_src.push(c_str(h, "a header")?);
+    }
+    let src_ptrs: Vec<*const std::ffi::c_char> = header_src.iter().map(|h| h.as_ptr()).collect();
+    let name_ptrs: Vec<*const std::ffi::c_char> = header_names.iter().map(|n| n.as_ptr()).collect();
+    let count = i32::try_from(headers.len()).map_err(|_| fail("too many headers".into()))?;
+    let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call (the CStrings
+    // above), the two arrays hold `count` entries each, and `prog` is a valid out-pointer.
+    unsafe {
+        sys::nvrtcCreateProgram(
+            &mut prog,
+            src.as_ptr(),
+            name.as_ptr(),
+            count,
+            src_ptrs.as_ptr(),
+            name_ptrs.as_ptr(),
+        )
+    }
+    .result()
+    .map_err(|e| fail(format!("{e:?}")))?;
     let options = [
         format!("--gpu-architecture=sm_{arch}"),
         "--std=c++17".to_string(),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tern_compute::cuda::compile_cubin;
+use tern_compute::cuda::cudarc::driver::sys;
 use tern_compute::cuda::cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use tern_compute::cuda::cudarc::nvrtc::Ptx;
 
@@ -26,6 +27,13 @@ const MATVEC_UNITS: [&str; 8] = [
     "matvec.cu-q6_k",
 ];
 const LLAMA: &str = include_str!("kernels/llama.cu");
+const DECODE: &str = include_str!("kernels/decode.cu");
+/// The headers the programs above include, by the names they include them by.
+const HEADERS: [(&str, &str); 3] = [
+    ("common.cuh", include_str!("kernels/common.cuh")),
+    ("matvec.cuh", include_str!("kernels/matvec.cuh")),
+    ("attention.cuh", include_str!("kernels/attention.cuh")),
+];
 
 /// Warps of one `matvec` block (one row each, or one part of a split row).
 const MATVEC_WARPS: usize = 8;
@@ -62,6 +70,9 @@ pub struct Kernels {
     attention_prefill: Vec<(usize, (CudaFunction, u32))>,
     top_k_blocks: CudaFunction,
     top_k_merge: CudaFunction,
+    /// `decode.cu`'s persistent decode kernel, for the model's weight type and head size,
+    /// when it was asked for.
+    pub decode_layers: Option<CudaFunction>,
 }
 
 /// Logits one `top_k_blocks` block sorts, and the most lists `top_k_merge` merges
@@ -71,6 +82,12 @@ pub const TOP_MAX_LISTS: usize = 1024;
 
 /// The head sizes `llama.cu`'s attention is instantiated for.
 pub const HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
+
+/// Warps `matvec` gives each row of a `rows` x `cols` matrix (see [`matvec_parts`]); the
+/// persistent decode kernel splits rows the same way, so that its rows have the same bits.
+pub fn parts_of(m: &DevMatrix) -> u32 {
+    matvec_parts(m.rows as usize, m.cols as usize) as u32
+}
 
 /// Where compiled kernels are kept: `$TERN_MODELS/../kernels` or `~/.cache/tern/kernels`.
 fn cache_dir() -> Option<PathBuf> {
@@ -83,18 +100,22 @@ fn cache_dir() -> Option<PathBuf> {
     Some(base.join("tern/kernels"))
 }
 
-/// The CUBIN of `src` for `sm_{arch}`, from the cache when an identical source was compiled
-/// before; returns whether it was cached.
+/// The CUBIN of `src` (with `HEADERS`) for `sm_{arch}`, from the cache when identical
+/// sources were compiled before; returns whether it was cached.
 fn cubin(file: &'static str, src: &str, arch: u32) -> Result<(Vec<u8>, bool), ModelError> {
-    // FNV-1a over the whole source: a changed kernel never loads a stale binary.
-    let key = src.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    // FNV-1a over the whole source and every header: a changed kernel never loads a stale
+    // binary.
+    let key = std::iter::once(src)
+        .chain(HEADERS.iter().map(|(_, h)| *h))
+        .flat_map(str::bytes)
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
     let path = cache_dir().map(|d| d.join(format!("{file}-sm{arch}-{key:016x}.cubin")));
     if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
         return Ok((bytes, true));
     }
-    let bytes = compile_cubin(file, src, arch)
+    let bytes = compile_cubin(file, src, &HEADERS, arch)
         .map_err(|e| ModelError::Invalid(format!("CUDA kernels: {e}")))?;
     if let Some(path) = path {
         // A cache that cannot be written only costs the next start a compilation.
@@ -107,10 +128,23 @@ fn cubin(file: &'static str, src: &str, arch: u32) -> Result<(Vec<u8>, bool), Mo
 }
 
 impl Kernels {
-    pub fn load(ctx: &Arc<CudaContext>, arch: u32) -> Result<(Kernels, bool), ModelError> {
-        // Compiled (when not cached) as nine programs side by side, NVRTC taking seconds
-        // for each: `llama.cu`, and `matvec.cu` once per type (`MATVEC_TYPE`, in the order
-        // of `DType::ALL`).
+    /// Every kernel, and with `decode` (the layers' weight type and the head size) also
+    /// `decode.cu`'s persistent decode kernel for them.
+    pub fn load(
+        ctx: &Arc<CudaContext>,
+        arch: u32,
+        decode: Option<(DType, usize)>,
+    ) -> Result<(Kernels, bool), ModelError> {
+        // Compiled (when not cached) as programs side by side, NVRTC taking seconds for
+        // each: `llama.cu`, `matvec.cu` once per type (`MATVEC_TYPE`, in the order of
+        // `DType::ALL`), and `decode.cu` for one type and head size.
+        let decode_unit = decode.map(|(t, d)| {
+            let i = DType::ALL.iter().position(|&a| a == t).unwrap_or(0);
+            (
+                "decode.cu",
+                format!("#define DECODE_TYPE {i}\n#define DECODE_HEAD_DIM {d}\n{DECODE}"),
+            )
+        });
         let units: Vec<(&'static str, String)> = std::iter::once(("llama.cu", LLAMA.into()))
             .chain(
                 MATVEC_UNITS
@@ -118,6 +152,7 @@ impl Kernels {
                     .enumerate()
                     .map(|(i, &unit)| (unit, format!("#define MATVEC_TYPE {i}\n{MATVEC}"))),
             )
+            .chain(decode_unit)
             .collect();
         let binaries: Vec<Result<(Vec<u8>, bool), ModelError>> = std::thread::scope(|scope| {
             let jobs: Vec<_> = units
@@ -176,6 +211,10 @@ impl Kernels {
                     .collect::<Result<_, ModelError>>()?,
                 top_k_blocks: get(0, "top_k_blocks")?,
                 top_k_merge: get(0, "top_k_merge")?,
+                decode_layers: match decode {
+                    Some(_) => Some(get(1 + MATVEC_UNITS.len(), "decode_layers")?),
+                    None => None,
+                },
                 attention_prefill: HEAD_DIMS
                     .iter()
                     .map(|&d| {
@@ -282,14 +321,28 @@ impl Launcher<'_> {
         cfg: LaunchConfig,
         args: &mut [*mut std::ffi::c_void],
     ) -> Result<(), ModelError> {
-        use tern_compute::cuda::cudarc::driver::sys;
-        let mut attr = sys::CUlaunchAttribute {
+        let attr = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
             pad: [0; 4],
             value: sys::CUlaunchAttributeValue {
                 programmaticStreamSerializationAllowed: 1,
             },
         };
+        // SAFETY: as this function's.
+        unsafe { self.launch_with(f, cfg, attr, args) }
+    }
+
+    /// Launches `f` with one launch attribute.
+    ///
+    /// # Safety
+    /// As [`Launcher::launch_raw`].
+    unsafe fn launch_with(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        mut attr: sys::CUlaunchAttribute,
+        args: &mut [*mut std::ffi::c_void],
+    ) -> Result<(), ModelError> {
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -360,6 +413,33 @@ impl Launcher<'_> {
             &yg,
             &glu
         )
+    }
+
+    /// One decode step's layers in one cooperative launch of `decode.cu`'s persistent
+    /// kernel (`f`): `grid` blocks, all resident at once, with `shared` bytes of dynamic
+    /// shared memory each.
+    pub fn decode_layers(
+        &self,
+        f: &CudaFunction,
+        grid: u32,
+        shared: u32,
+        args: &super::fused::DecodeArgs,
+    ) -> Result<(), ModelError> {
+        let attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue { cooperative: 1 },
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (super::fused::DECODE_THREADS, 1, 1),
+            shared_mem_bytes: shared,
+        };
+        let mut args: [*mut std::ffi::c_void; 1] = [std::ptr::from_ref(args).cast_mut().cast()];
+        // SAFETY: the one argument is a `DecodeArgs`, laid out as decode.cu's struct of the
+        // same name (`repr(C)`), whose addresses the session made valid for the step (see
+        // `fused.rs`); the grid fits the GPU at once (the caller's occupancy check).
+        unsafe { self.launch_with(f, cfg, attr, &mut args) }
     }
 
     /// `y = W x` for one token, stored 8 rows at a time: the output head, whose `y` is often

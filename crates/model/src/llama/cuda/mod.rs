@@ -7,7 +7,11 @@
 //! embeddings and KV append fused in, the prefill path's element-wise kernels and flash
 //! attention, top-logit selection), compiled by NVRTC for the GPU's architecture and cached on
 //! disk. Prompts of 64 positions or more run their matrix products as
-//! BF16 GEMMs on tensor cores (`prefill.rs`).
+//! BF16 GEMMs on tensor cores (`prefill.rs`). A decode step can also run its layers in one
+//! persistent kernel (`decode.cu`, `fused.rs`, for models whose layer matrices share one type),
+//! with the same arithmetic, so the same bits; it is off unless asked for
+//! ([`CudaLlama::set_fused_decode`]), as on an H100 it is slower than the graph of
+//! kernels launched with programmatic dependent launch (see docs/perf.md).
 //!
 //! Guarantees:
 //! - Decode steps and short prompts keep activations in f32 and dequantize weights inside
@@ -15,9 +19,11 @@
 //!   results are bitwise reproducible run to run and independent of other work on the GPU.
 //! - When the logits buffer lies in host memory registered with the GPU (an actor's memory),
 //!   the last kernel writes the logits there directly: no staging buffer, no copy.
-//! - A decode step is one CUDA graph launch (captured per session and logits address).
+//! - A decode step is one CUDA graph launch (captured per session and logits address): one or
+//!   more kernels per stage of every layer, or five with the persistent kernel.
 //! - All device work of a call finishes before the call returns.
 
+mod fused;
 mod kernels;
 mod prefill;
 mod session;
@@ -26,6 +32,7 @@ mod weights;
 
 pub use session::CudaSession;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -71,6 +78,10 @@ pub struct CudaLlama {
     stream: Arc<CudaStream>,
     kernels: Kernels,
     weights: DeviceWeights,
+    /// The decode step's layers as one persistent kernel, or why they cannot be.
+    fused: Result<fused::Fused, String>,
+    /// Whether decode steps take `fused` (when there is one): only when asked for.
+    fused_on: AtomicBool,
     pub startup: Startup,
     /// One forward pass at a time on the model's stream; it holds the prefill path's
     /// buffers once a long prompt has needed them (or why that path cannot run).
@@ -96,15 +107,22 @@ impl CudaLlama {
         untracked(&ctx);
         let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
         let t = Instant::now();
-        let (kernels, kernels_cached) = Kernels::load(&ctx, gpu.arch())?;
-        let kernels_ms = t.elapsed().as_secs_f64() * 1e3;
-        let t = Instant::now();
         let weights = DeviceWeights::upload(&stream, &cpu.weights, cpu.inv_freq())?;
         stream.synchronize().map_err(driver("uploading weights"))?;
+        let upload_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let layer_type = fused::layer_type(&weights);
+        let decode = layer_type.as_ref().ok().map(|&dtype| (dtype, hd));
+        let (mut kernels, kernels_cached) = Kernels::load(&ctx, gpu.arch(), decode)?;
+        let kernels_ms = t.elapsed().as_secs_f64() * 1e3;
+        let fused = layer_type.and_then(|_| {
+            let f = kernels.decode_layers.take().ok_or("not compiled")?;
+            fused::Fused::new(&ctx, f, hd)
+        });
         let startup = Startup {
             kernels_ms,
             kernels_cached,
-            upload_ms: t.elapsed().as_secs_f64() * 1e3,
+            upload_ms,
             weight_bytes: weights.bytes,
         };
         Ok(CudaLlama {
@@ -114,6 +132,8 @@ impl CudaLlama {
             stream,
             kernels,
             weights,
+            fused,
+            fused_on: AtomicBool::new(false),
             startup,
             busy: Mutex::new(None),
         })
@@ -125,6 +145,43 @@ impl CudaLlama {
             None => format!("{} f32, bf16 prefill GEMMs", self.device.describe()),
             Some(_) => format!("{} f32", self.device.describe()),
         }
+    }
+
+    /// How a decode step runs: its layers as one persistent kernel, or kernel by kernel
+    /// (and why).
+    pub fn decode_path(&self) -> String {
+        match (&self.fused, self.fused_on.load(Ordering::Relaxed)) {
+            (Ok(f), true) => format!(
+                "the layers in one persistent kernel (cooperative launch, {} blocks of {} \
+                 threads, grid barriers between stages), then the output head",
+                f.grid,
+                fused::DECODE_THREADS
+            ),
+            (Ok(_), false) => {
+                "kernel by kernel (a persistent kernel for the layers is available)".into()
+            }
+            (Err(why), _) => format!("kernel by kernel ({why})"),
+        }
+    }
+
+    /// Whether the model has the persistent decode kernel (on or off).
+    pub fn has_fused_decode(&self) -> bool {
+        self.fused.is_ok()
+    }
+
+    /// Turns the persistent decode kernel on or off (where the model has one), so that the
+    /// two ways can be compared; sessions capture their decode graph again on their next
+    /// step.
+    pub fn set_fused_decode(&self, on: bool) {
+        self.fused_on.store(on, Ordering::Relaxed);
+    }
+
+    /// The persistent decode kernel, when decode steps take it.
+    fn fused(&self) -> Option<&fused::Fused> {
+        self.fused
+            .as_ref()
+            .ok()
+            .filter(|_| self.fused_on.load(Ordering::Relaxed))
     }
 
     /// An empty session of up to `n_ctx` positions.
@@ -308,6 +365,10 @@ impl CudaLlama {
 
     /// Kernel launches of one decode step (the nodes of its graph).
     pub fn kernels_per_step(&self) -> usize {
+        if self.fused().is_some() {
+            // get_rows, rmsnorm, the layers, rmsnorm, the output head.
+            return 5;
+        }
         let per_layer: usize = self
             .weights
             .layers

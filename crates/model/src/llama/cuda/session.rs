@@ -7,12 +7,16 @@ use std::sync::Arc;
 use tern_compute::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use tern_compute::cuda::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 
+use super::fused::{self, FusedSession};
 use super::kernels::{DevMatrix, Fuse, Launcher, TOP_CHUNK};
 use super::prefill::Prefill;
 use super::{CudaLlama, MAX_CHUNK, driver};
 use crate::ModelError;
 use crate::llama::cpu::KvCache;
 use crate::top::{Candidate, MAX_TOP};
+
+/// The persistent decode kernel's name in a profile.
+const LAYERS: &str = "layers (persistent kernel)";
 
 /// Device buffers of one session. Every activation buffer holds `MAX_CHUNK` positions.
 struct Buffers {
@@ -40,8 +44,11 @@ pub struct CudaSession {
     pub len: usize,
     buf: Buffers,
     stream: Arc<CudaStream>,
-    /// The decode step's graph and the logits address it writes.
-    graph: Option<(CudaGraph, u64)>,
+    /// The decode step's graph, the logits address it writes, and whether it runs the
+    /// layers in the persistent kernel.
+    graph: Option<(CudaGraph, u64, bool)>,
+    /// The persistent decode kernel's share, when the model has that kernel.
+    fused: Option<FusedSession>,
 }
 
 impl CudaSession {
@@ -80,12 +87,21 @@ impl CudaSession {
                 .alloc_zeros::<u32>(2 * MAX_TOP)
                 .map_err(driver("allocating a session"))?,
         };
+        let fused = match &model.fused {
+            Ok(_) => {
+                let caches = (buf.k.device_ptr(s).0, buf.v.device_ptr(s).0);
+                let layer_bytes = (n_ctx * c.kv_dim() * 4) as u64;
+                Some(FusedSession::new(s, &model.weights, caches, layer_bytes)?)
+            }
+            Err(_) => None,
+        };
         Ok(CudaSession {
             n_ctx,
             len: 0,
             buf,
             stream: s.clone(),
             graph: None,
+            fused,
         })
     }
 
@@ -168,7 +184,7 @@ impl CudaSession {
         logits: Option<u64>,
     ) -> Result<(), ModelError> {
         self.set_step(tokens)?;
-        self.enqueue(model, tokens.len(), logits, &mut |_| Ok(()))?;
+        self.enqueue(model, tokens.len(), logits, 0, &mut |_| Ok(()))?;
         self.len += tokens.len();
         Ok(())
     }
@@ -258,13 +274,18 @@ impl CudaSession {
         logits: u64,
     ) -> Result<(), ModelError> {
         self.set_step(&[token])?;
-        if self.graph.as_ref().is_none_or(|(_, at)| *at != logits) {
+        let fused = model.fused().is_some();
+        if self
+            .graph
+            .as_ref()
+            .is_none_or(|&(_, at, f)| (at, f) != (logits, fused))
+        {
             self.graph = None;
             let stream = &model.stream;
             stream
                 .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(driver("capturing the decode graph"))?;
-            let enqueued = self.enqueue(model, 1, Some(logits), &mut |_| Ok(()));
+            let enqueued = self.enqueue(model, 1, Some(logits), 0, &mut |_| Ok(()));
             let graph = stream
                 .end_capture(CUgraphInstantiate_flags(0))
                 .map_err(driver("capturing the decode graph"))?;
@@ -272,9 +293,9 @@ impl CudaSession {
             let graph = graph.ok_or_else(|| {
                 ModelError::Invalid("CUDA: capturing the decode graph gave no graph".into())
             })?;
-            self.graph = Some((graph, logits));
+            self.graph = Some((graph, logits, fused));
         }
-        let (graph, _) = self.graph.as_ref().expect("captured above");
+        let (graph, _, _) = self.graph.as_ref().expect("captured above");
         graph
             .launch()
             .map_err(driver("launching the decode graph"))?;
@@ -283,12 +304,14 @@ impl CudaSession {
     }
 
     /// Enqueues the forward pass of `n` tokens whose ids and first position are in `step`;
-    /// `mark` is told the name of each kernel after it is enqueued.
+    /// `mark` is told the name of each kernel after it is enqueued. `timing`: 0, or where the
+    /// persistent decode kernel, when it runs, writes its timestamps.
     fn enqueue(
         &self,
         model: &CudaLlama,
         n: usize,
         logits: Option<u64>,
+        timing: u64,
         mark: &mut dyn FnMut(&'static str) -> Result<(), ModelError>,
     ) -> Result<(), ModelError> {
         let c = &model.config;
@@ -344,43 +367,61 @@ impl CudaSession {
         mark("get_rows")?;
         run.rmsnorm(x, w.layers[0].attn_norm, xb, n_u, e, c.rms_eps, false)?;
         mark("rmsnorm")?;
-        for (l, lw) in w.layers.iter().enumerate() {
-            let k_cache = p(&b.k) + l as u64 * layer_floats;
-            let v_cache = p(&b.v) + l as u64 * layer_floats;
-            let fuse = if l == 0 { Fuse::default() } else { norm };
-            stacked(&lw.qkv, qkv, q_dim + 2 * kv, fuse)?;
-            mark("matvec qkv")?;
-            let scratch = (p(&b.part_o), p(&b.part_ml), self.ptr(&b.tickets));
-            run.attention(
-                c,
-                n_u,
-                n_split,
+        // One decode token's layers run in the persistent kernel when the model has it.
+        let persistent = model.fused().zip(self.fused.as_ref()).filter(|_| n == 1);
+        if let Some((f, session)) = persistent {
+            let buffers = [
+                x,
+                xb,
                 qkv,
-                (k_cache, v_cache),
-                w.inv_freq,
-                scratch,
                 att,
-                step,
-            )?;
-            mark("attention")?;
-            run.matvec(&lw.wo, att, x, n_u, q_dim, e, x, then(lw.ffn_norm))?;
-            mark("matvec o")?;
-            if lw.glu {
-                let fuse = Fuse { glu: true, ..norm };
-                run.matvec(&lw.gate_up[0], xb, hb, n_u, e, ff, 0, fuse)?;
-                mark("matvec gate_up")?;
-            } else {
-                stacked(&lw.gate_up, gate_up, 2 * ff, norm)?;
-                mark("matvec gate_up")?;
-                run.swiglu(gate_up, gate_up + 4 * u64::from(ff), hb, n_u, ff, 2 * ff)?;
-                mark("swiglu")?;
+                hb,
+                p(&b.part_o),
+                p(&b.part_ml),
+                self.ptr(&b.tickets),
+            ];
+            let args = session.args(&self.stream, c, w.inv_freq, step, n_split, buffers, timing);
+            run.decode_layers(&f.f, f.grid, f.shared, &args)?;
+            mark(LAYERS)?;
+        } else {
+            for (l, lw) in w.layers.iter().enumerate() {
+                let k_cache = p(&b.k) + l as u64 * layer_floats;
+                let v_cache = p(&b.v) + l as u64 * layer_floats;
+                let fuse = if l == 0 { Fuse::default() } else { norm };
+                stacked(&lw.qkv, qkv, q_dim + 2 * kv, fuse)?;
+                mark("matvec qkv")?;
+                let scratch = (p(&b.part_o), p(&b.part_ml), self.ptr(&b.tickets));
+                run.attention(
+                    c,
+                    n_u,
+                    n_split,
+                    qkv,
+                    (k_cache, v_cache),
+                    w.inv_freq,
+                    scratch,
+                    att,
+                    step,
+                )?;
+                mark("attention")?;
+                run.matvec(&lw.wo, att, x, n_u, q_dim, e, x, then(lw.ffn_norm))?;
+                mark("matvec o")?;
+                if lw.glu {
+                    let fuse = Fuse { glu: true, ..norm };
+                    run.matvec(&lw.gate_up[0], xb, hb, n_u, e, ff, 0, fuse)?;
+                    mark("matvec gate_up")?;
+                } else {
+                    stacked(&lw.gate_up, gate_up, 2 * ff, norm)?;
+                    mark("matvec gate_up")?;
+                    run.swiglu(gate_up, gate_up + 4 * u64::from(ff), hb, n_u, ff, 2 * ff)?;
+                    mark("swiglu")?;
+                }
+                let next = match w.layers.get(l + 1) {
+                    Some(next) => then(next.attn_norm),
+                    None => Fuse::default(),
+                };
+                run.matvec(&lw.w_down, hb, x, n_u, ff, e, x, next)?;
+                mark("matvec down")?;
             }
-            let next = match w.layers.get(l + 1) {
-                Some(next) => then(next.attn_norm),
-                None => Fuse::default(),
-            };
-            run.matvec(&lw.w_down, hb, x, n_u, ff, e, x, next)?;
-            mark("matvec down")?;
         }
         if let Some(out) = logits {
             let x_last = x + ((n - 1) * c.n_embd * 4) as u64;
@@ -394,7 +435,7 @@ impl CudaSession {
 
     /// Times each kernel of one decode step (with an event after each, outside any graph),
     /// leaving the session as it was; returns each kernel name's total, in microseconds, in
-    /// the order first seen.
+    /// the order first seen. The persistent decode kernel's time is given stage by stage.
     pub fn profile_step(
         &mut self,
         model: &CudaLlama,
@@ -402,7 +443,23 @@ impl CudaSession {
     ) -> Result<Vec<(&'static str, f64)>, ModelError> {
         self.set_step(&[token])?;
         let logits = Some(self.logits_ptr());
-        timed(model, |mark| self.enqueue(model, 1, logits, mark))
+        let stamps = self
+            .stream
+            .alloc_zeros::<u64>(fused::timestamps(model.config.n_layer))
+            .map_err(driver("profiling"))?;
+        let timing = stamps.device_ptr(&self.stream).0;
+        let times = timed(model, |mark| self.enqueue(model, 1, logits, timing, mark))?;
+        let stamps = self
+            .stream
+            .clone_dtoh(&stamps)
+            .map_err(driver("profiling"))?;
+        Ok(times
+            .into_iter()
+            .flat_map(|(name, us)| match name {
+                LAYERS => fused::stage_times(&stamps),
+                _ => vec![(name, us)],
+            })
+            .collect())
     }
 
     /// As [`profile_step`](Self::profile_step), for one tensor-core prefill chunk of `tokens`

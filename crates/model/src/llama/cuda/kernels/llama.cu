@@ -1,5 +1,6 @@
 // The Llama forward pass's element-wise and attention kernels (matrix-vector products are in
-// matvec.cu). Compiled by NVRTC for the device's architecture; no headers.
+// matvec.cu, the decode attention's device code in attention.cuh). Compiled by NVRTC for the
+// device's architecture, with this folder's headers.
 //
 // Every reduction runs in a fixed order (fixed thread-to-element assignment, fixed
 // shuffle trees, fixed split sizes), so results are bitwise reproducible run to run and do
@@ -9,41 +10,11 @@
 // Layouts: activations are row-major `[token][width]` f32; a layer's KV cache is
 // `[position][n_head_kv * head_dim]` f32; `step[0]` is the first position of this call.
 
-#define WARP 32
-
-// Programmatic dependent launch (sm_90 and later; nothing before): every kernel is launched
-// so that it may be scheduled while the kernel before it on the stream finishes. pdl_wait
-// blocks until that kernel has completed and its writes are visible; a kernel calls it
-// before it reads any activation or writes anything (only weights, which nothing writes,
-// may be touched before). pdl_launch_dependents lets the next kernel be scheduled early;
-// it only starts the next kernel's own wait, so it is safe anywhere.
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-#define NEG_INF __int_as_float(0xff800000)
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
+#include "attention.cuh"
 
 // Sum over a block of `blockDim.x` (a multiple of 32, at most 1024) threads, in a fixed order.
 __device__ float block_sum(float v, float* shared) {
-    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     v = warp_sum(v);
     if (lane == 0) shared[warp] = v;
     __syncthreads();
@@ -51,22 +22,6 @@ __device__ float block_sum(float v, float* shared) {
     for (int i = 0; i < warps; i++) total += shared[i];
     __syncthreads();
     return total;
-}
-
-// Rotates the n_rot / 2 pairs of a head for position `pos` from src into dst (which may be
-// src): Hugging Face's pairing (i, i + n_rot/2) when `halves`, else adjacent pairs.
-__device__ __forceinline__ void rope_pairs(const float* src, float* dst, int pos,
-                                           const float* __restrict__ inv_freq, unsigned n_rot,
-                                           int halves) {
-    for (unsigned i = threadIdx.x; i < n_rot / 2; i += blockDim.x) {
-        float angle = (float)pos * inv_freq[i];
-        float s, c;
-        sincosf(angle, &s, &c);
-        unsigned a = halves ? i : 2 * i, b = halves ? i + n_rot / 2 : 2 * i + 1;
-        float x0 = src[a], x1 = src[b];
-        dst[a] = x0 * c - x1 * s;
-        dst[b] = x0 * s + x1 * c;
-    }
 }
 
 // out[t] = x[t] / rms(x[t]) * w. Grid (n_tok), block 256.
@@ -223,229 +178,21 @@ extern "C" __global__ void swiglu(const float* __restrict__ gate, const float* _
     }
 }
 
-// Attention of n_tok queries over one layer's cache, with this call's rotary embedding and
-// KV append fused in (flash-decoding with a fixed reduction order).
-//
-// qkv holds one fused q | k | v row per token (`stride` floats apart), as the QKV matrix
-// product wrote it, unrotated. Positions are cut into splits of ATTN_SPLIT; block
-// (split, head, t) takes query (t, head) against the split's positions that are causal for
-// it (<= step[0] + t) and exits at once when there are none. It rotates the query, and the
-// keys of this call's positions that fall in the split, into shared memory and reads those
-// keys and values from there, older ones from the cache. The block of the first query head
-// of each KV group whose split holds the query's own position appends that position's
-// rotated key and value to the cache: one writer per position, and no block of the same
-// launch reads those cache rows.
-//
-// Each block scores its positions (L lanes of a warp per key row, 16-byte loads, the lanes'
-// partial dots summed by a fixed butterfly), takes the max and the sum of exponentials in
-// one warp in a fixed order, then sums weight * value per dimension over the positions in
-// a fixed deal of positions to thread groups whose partial sums are added in group order.
-// A query with one split writes its output directly. Otherwise every block writes its
-// max, sum and unnormalized output; the last of the query's blocks to finish (a ticket
-// counter, which decides only who merges, never the order) merges the splits in split order
-// and resets the ticket for the next launch. So results are bitwise reproducible.
-//
-// Grid (n_split, n_head, n_tok), block ATTN_THREADS; D = head_dim, one of 32, 64, 128, 256;
-// n_tok <= ATTN_MAX_NEW. part_o: (n_tok, n_head, n_split, D), part_ml: (.., 2), tickets:
-// (n_tok, n_head) zeros, out: (n_tok, n_head * D).
-#define ATTN_SPLIT 64
-#define ATTN_THREADS 128
-#define ATTN_MAX_NEW 8
-#define FULL_MASK 0xffffffffu
-
-// dst[0..D) = src rotated for position `pos` (Hugging Face's pairing (i, i + n_rot/2) when
-// `halves`, else adjacent pairs); dimensions from n_rot on are copied as they are.
-template <int D>
-__device__ __forceinline__ void rope_into(const float* src, float* dst, int pos,
-                                          const float* __restrict__ inv_freq, unsigned n_rot,
-                                          int halves) {
-    rope_pairs(src, dst, pos, inv_freq, n_rot, halves);
-    for (unsigned i = n_rot + threadIdx.x; i < D; i += blockDim.x) dst[i] = src[i];
-}
-
-template <int D>
-__device__ __forceinline__ void attention(const float* __restrict__ qkv, float* k_cache,
-                                          float* v_cache, const float* __restrict__ inv_freq,
-                                          float* part_o, float* part_ml, unsigned* tickets,
-                                          float* __restrict__ out, const int* __restrict__ step,
-                                          unsigned n_head, unsigned n_head_kv, unsigned n_rot,
-                                          int halves, unsigned n_split, float scale,
-                                          unsigned stride) {
-    constexpr unsigned L = D / 4 < 32 ? D / 4 : 32;  // lanes per key or value row
-    constexpr unsigned F = D / (4 * L);               // float4s per lane and row
-    constexpr unsigned P = 32 / L;                    // rows per warp and pass
-    constexpr unsigned WARPS = ATTN_THREADS / 32;
-    constexpr unsigned G = ATTN_THREADS / L;          // thread groups summing values
-    __shared__ __align__(16) float s_q[D];
-    __shared__ __align__(16) float s_k[ATTN_MAX_NEW][D];
-    __shared__ __align__(16) float s_v[ATTN_MAX_NEW][D];
-    __shared__ __align__(16) float s_part[G * D];
-    __shared__ float s_w[ATTN_SPLIT];
-    __shared__ float s_ml[2];
-    __shared__ unsigned s_merge;
-
-    pdl_wait();
-    pdl_launch_dependents();
-    const unsigned split = blockIdx.x, head = blockIdx.y, t = blockIdx.z, tid = threadIdx.x;
-    const int step0 = step[0], last = step0 + (int)t, first = (int)(split * ATTN_SPLIT);
-    if (first > last) return;
-    const int count = last + 1 - first < ATTN_SPLIT ? last + 1 - first : ATTN_SPLIT;
-    const unsigned q_dim = n_head * D, kv_dim = n_head_kv * D;
-    const unsigned group = n_head / n_head_kv, kv_off = (head / group) * D;
-
-    // The cached keys and values this thread reads (positions before this call's), loaded
-    // first so that their latency overlaps the rotations below.
-    constexpr unsigned PASSES = ATTN_SPLIT / (WARPS * P), VSTEPS = ATTN_SPLIT / G;
-    const unsigned warp = tid / 32, lane = tid % 32;
-    const unsigned sub = lane / L, ek = lane % L, g = tid / L, ev = tid % L;
-    float4 kr[PASSES][F], vr[VSTEPS][F];
-#pragma unroll
-    for (unsigned pass = 0; pass < PASSES; pass++) {
-        const int pl = (int)((pass * WARPS + warp) * P + sub), p = first + pl;
-        const float* k = k_cache + (size_t)p * kv_dim + kv_off;
-#pragma unroll
-        for (unsigned f = 0; f < F; f++)
-            kr[pass][f] = pl < count && p < step0 ? *(const float4*)(k + 4 * (ek + L * f))
-                                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
-#pragma unroll
-    for (unsigned i = 0; i < VSTEPS; i++) {
-        const int pl = (int)(g + i * G), p = first + pl;
-        const float* v = v_cache + (size_t)p * kv_dim + kv_off;
-#pragma unroll
-        for (unsigned f = 0; f < F; f++)
-            vr[i][f] = pl < count && p < step0 ? *(const float4*)(v + 4 * (ev + L * f))
-                                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
-
-    // This call's positions step0 + j that the split holds and the query sees: j0 <= j <= t.
-    const int j0 = first > step0 ? first - step0 : 0;
-    rope_into<D>(qkv + (size_t)t * stride + head * D, s_q, last, inv_freq, n_rot, halves);
-    for (int j = j0; j <= (int)t; j++) {
-        const float* row = qkv + (size_t)j * stride;
-        rope_into<D>(row + q_dim + kv_off, s_k[j], step0 + j, inv_freq, n_rot, halves);
-        for (unsigned d = tid; d < D; d += blockDim.x) s_v[j][d] = row[q_dim + kv_dim + kv_off + d];
-    }
-    __syncthreads();
-    if (head % group == 0 && last - first < ATTN_SPLIT) {
-        size_t at = (size_t)last * kv_dim + kv_off;
-        for (unsigned d = tid; d < D; d += blockDim.x) {
-            k_cache[at + d] = s_k[t][d];
-            v_cache[at + d] = s_v[t][d];
-        }
-    }
-
-#pragma unroll
-    for (unsigned pass = 0; pass < PASSES; pass++) {
-        const int pl = (int)((pass * WARPS + warp) * P + sub), p = first + pl;
-        float dot = 0.0f;
-        if (pl < count) {
-#pragma unroll
-            for (unsigned f = 0; f < F; f++) {
-                const float4 a = p >= step0 ? *(const float4*)(s_k[p - step0] + 4 * (ek + L * f))
-                                            : kr[pass][f];
-                const float4 b = *(const float4*)(s_q + 4 * (ek + L * f));
-                dot = fmaf(a.x, b.x, dot);
-                dot = fmaf(a.y, b.y, dot);
-                dot = fmaf(a.z, b.z, dot);
-                dot = fmaf(a.w, b.w, dot);
-            }
-        }
-        for (unsigned o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
-        if (ek == 0) s_w[pl] = pl < count ? dot * scale : NEG_INF;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        const float a = s_w[lane], b = s_w[lane + 32];
-        const float m = warp_max(fmaxf(a, b));
-        const float wa = (int)lane < count ? expf(a - m) : 0.0f;
-        const float wb = (int)lane + 32 < count ? expf(b - m) : 0.0f;
-        s_w[lane] = wa;
-        s_w[lane + 32] = wb;
-        const float l = warp_sum(wa + wb);
-        if (lane == 0) {
-            s_ml[0] = m;
-            s_ml[1] = l;
-        }
-    }
-    __syncthreads();
-    {
-        float4 acc[F];
-#pragma unroll
-        for (unsigned f = 0; f < F; f++) acc[f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-        for (unsigned i = 0; i < VSTEPS; i++) {
-            const int pl = (int)(g + i * G), p = first + pl;
-            if (pl < count) {
-                const float w = s_w[pl];
-#pragma unroll
-                for (unsigned f = 0; f < F; f++) {
-                    const float4 x = p >= step0 ? *(const float4*)(s_v[p - step0] + 4 * (ev + L * f))
-                                                : vr[i][f];
-                    acc[f].x = fmaf(w, x.x, acc[f].x);
-                    acc[f].y = fmaf(w, x.y, acc[f].y);
-                    acc[f].z = fmaf(w, x.z, acc[f].z);
-                    acc[f].w = fmaf(w, x.w, acc[f].w);
-                }
-            }
-        }
-#pragma unroll
-        for (unsigned f = 0; f < F; f++) *(float4*)(s_part + g * D + 4 * (ev + L * f)) = acc[f];
-    }
-    __syncthreads();
-
-    const unsigned query = t * n_head + head;
-    const unsigned used = (unsigned)(last / ATTN_SPLIT) + 1;
-    float* o_row = out + (size_t)query * D;
-    if (used == 1) {
-        for (unsigned d = tid; d < D; d += blockDim.x) {
-            float o = 0.0f;
-            for (unsigned i = 0; i < G; i++) o += s_part[i * D + d];
-            o_row[d] = o / s_ml[1];
-        }
-        return;
-    }
-    const size_t base = (size_t)query * n_split;
-    for (unsigned d = tid; d < D; d += blockDim.x) {
-        float o = 0.0f;
-        for (unsigned i = 0; i < G; i++) o += s_part[i * D + d];
-        part_o[(base + split) * D + d] = o;
-    }
-    if (tid == 0) {
-        part_ml[(base + split) * 2] = s_ml[0];
-        part_ml[(base + split) * 2 + 1] = s_ml[1];
-    }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) s_merge = atomicAdd(&tickets[query], 1u) == used - 1;
-    __syncthreads();
-    if (!s_merge) return;
-    __threadfence();
-    float m_all = NEG_INF;
-#pragma unroll 8
-    for (unsigned s = 0; s < used; s++) m_all = fmaxf(m_all, __ldcg(part_ml + (base + s) * 2));
-    for (unsigned d = tid; d < D; d += blockDim.x) {
-        float l_all = 0.0f, o = 0.0f;
-#pragma unroll 4
-        for (unsigned s = 0; s < used; s++) {
-            const float f = expf(__ldcg(part_ml + (base + s) * 2) - m_all);
-            l_all += __ldcg(part_ml + (base + s) * 2 + 1) * f;
-            o += __ldcg(part_o + (base + s) * D + d) * f;
-        }
-        o_row[d] = o / l_all;
-    }
-    if (tid == 0) tickets[query] = 0;
-}
-
+// Decode attention (attention.cuh), one block per item. Grid (n_split, n_head, n_tok), block
+// ATTN_THREADS, n_tok <= ATTN_MAX_NEW.
 #define ATTENTION(D)                                                                              \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##D(                     \
-        const float* __restrict__ qkv, float* k_cache, float* v_cache,                            \
-        const float* __restrict__ inv_freq, float* part_o, float* part_ml, unsigned* tickets,     \
-        float* __restrict__ out, const int* __restrict__ step, unsigned n_head,                   \
-        unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split, float scale,            \
-        unsigned stride) {                                                                        \
-        attention<D>(qkv, k_cache, v_cache, inv_freq, part_o, part_ml, tickets, out, step,       \
-                     n_head, n_head_kv, n_rot, halves, n_split, scale, stride);                   \
+        const float* qkv, float* k_cache, float* v_cache, const float* __restrict__ inv_freq,     \
+        float* part_o, float* part_ml, unsigned* tickets, float* out, const int* __restrict__ step, \
+        unsigned n_head, unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split,        \
+        float scale, unsigned stride) {                                                           \
+        __shared__ AttnShared<D, ATTN_MAX_NEW> sh;                                                \
+        pdl_wait();                                                                               \
+        pdl_launch_dependents();                                                                  \
+        attention<D, ATTN_MAX_NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y, blockIdx.z,  \
+                                   step[0], qkv, k_cache, v_cache, inv_freq, part_o, part_ml,     \
+                                   tickets, out, n_head, n_head_kv, n_rot, halves, n_split,       \
+                                   scale, stride);                                                \
     }
 
 ATTENTION(32)

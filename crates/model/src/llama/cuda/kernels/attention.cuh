@@ -1,0 +1,267 @@
+// The decode attention's device code (see attention below), shared by llama.cu's attention
+// kernel and decode.cu's persistent decode kernel.
+
+#ifndef TERN_ATTENTION_CUH
+#define TERN_ATTENTION_CUH
+
+#include "common.cuh"
+
+// Attention of n_tok queries over one layer's cache, with this call's rotary embedding and
+// KV append fused in (flash-decoding with a fixed reduction order).
+//
+// qkv holds one fused q | k | v row per token (`stride` floats apart), as the QKV matrix
+// product wrote it, unrotated. Positions are cut into splits of ATTN_SPLIT; item
+// (split, head, t) takes query (t, head) against the split's positions that are causal for
+// it (<= step[0] + t) and exits at once when there are none. It rotates the query, and the
+// keys of this call's positions that fall in the split, into shared memory and reads those
+// keys and values from there, older ones from the cache. The block of the first query head
+// of each KV group whose split holds the query's own position appends that position's
+// rotated key and value to the cache: one writer per position, and no block of the same
+// launch reads those cache rows.
+//
+// Each block scores its positions (L lanes of a warp per key row, 16-byte loads, the lanes'
+// partial dots summed by a fixed butterfly), takes the max and the sum of exponentials in
+// one warp in a fixed order, then sums weight * value per dimension over the positions in
+// a fixed deal of positions to thread groups whose partial sums are added in group order.
+// A query with one split writes its output directly. Otherwise every block writes its
+// max, sum and unnormalized output; the last of the query's blocks to finish (a ticket
+// counter, which decides only who merges, never the order) merges the splits in split order
+// and resets the ticket for the next launch. So results are bitwise reproducible.
+//
+// One item (split, head, t) is taken by a Team of ATTN_THREADS threads: a whole block of
+// llama.cu's attention kernel (grid (n_split, n_head, n_tok)), or one of the teams of
+// decode.cu's persistent kernel. D = head_dim, one of 32, 64, 128, 256; n_tok <= NEW (at most
+// ATTN_MAX_NEW). part_o: (n_tok, n_head, n_split, D), part_ml: (.., 2), tickets: (n_tok,
+// n_head) zeros, out: (n_tok, n_head * D). qkv and out are read and written with ordinary
+// (coherent) accesses: in decode.cu, other blocks of the same launch write qkv.
+#define ATTN_SPLIT 64
+#define ATTN_THREADS 128
+#define ATTN_MAX_NEW 8
+
+// The threads that take one attention item together: thread `tid` of ATTN_THREADS, which
+// synchronize with __syncthreads when they are the whole block (bar 0), else with named
+// barrier `bar` (1-15) of ATTN_THREADS threads.
+struct Team {
+    unsigned tid, bar;
+    __device__ __forceinline__ void sync() const {
+        if (bar == 0) {
+            __syncthreads();
+        } else {
+            asm volatile("bar.sync %0, %1;" ::"r"(bar), "n"(ATTN_THREADS) : "memory");
+        }
+    }
+};
+
+// A team's shared memory for items of head size D and up to NEW new positions.
+template <int D, int NEW>
+struct AttnShared {
+    static constexpr unsigned L = D / 4 < 32 ? D / 4 : 32;  // lanes per key or value row
+    static constexpr unsigned G = ATTN_THREADS / L;         // thread groups summing values
+    __align__(16) float q[D];
+    __align__(16) float k[NEW][D];
+    __align__(16) float v[NEW][D];
+    __align__(16) float part[G * D];
+    float w[ATTN_SPLIT];
+    float ml[2];
+    unsigned merge;
+};
+
+// Rotates the n_rot / 2 pairs of a head for position `pos` from src into dst (which may be
+// src): Hugging Face's pairing (i, i + n_rot/2) when `halves`, else adjacent pairs. The
+// team's threads take the pairs in turn.
+__device__ __forceinline__ void rope_pairs(const Team& team, const float* src, float* dst,
+                                           int pos, const float* __restrict__ inv_freq,
+                                           unsigned n_rot, int halves) {
+    for (unsigned i = team.tid; i < n_rot / 2; i += ATTN_THREADS) {
+        float angle = (float)pos * inv_freq[i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        unsigned a = halves ? i : 2 * i, b = halves ? i + n_rot / 2 : 2 * i + 1;
+        float x0 = src[a], x1 = src[b];
+        dst[a] = x0 * c - x1 * s;
+        dst[b] = x0 * s + x1 * c;
+    }
+}
+
+// dst[0..D) = src rotated for position `pos` (see rope_pairs); dimensions from n_rot on are
+// copied as they are.
+template <int D>
+__device__ __forceinline__ void rope_into(const Team& team, const float* src, float* dst,
+                                          int pos, const float* __restrict__ inv_freq,
+                                          unsigned n_rot, int halves) {
+    rope_pairs(team, src, dst, pos, inv_freq, n_rot, halves);
+    for (unsigned i = n_rot + team.tid; i < D; i += ATTN_THREADS) dst[i] = src[i];
+}
+
+template <int D, int NEW>
+__device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& sh,
+                                          unsigned split, unsigned head, unsigned t, int step0,
+                                          const float* qkv, float* k_cache, float* v_cache,
+                                          const float* __restrict__ inv_freq, float* part_o,
+                                          float* part_ml, unsigned* tickets, float* out,
+                                          unsigned n_head, unsigned n_head_kv, unsigned n_rot,
+                                          int halves, unsigned n_split, float scale,
+                                          unsigned stride) {
+    constexpr unsigned L = AttnShared<D, NEW>::L, F = D / (4 * L);  // float4s per lane and row
+    constexpr unsigned P = 32 / L;                                  // rows per warp and pass
+    constexpr unsigned WARPS = ATTN_THREADS / 32;
+    constexpr unsigned G = AttnShared<D, NEW>::G;
+    float* s_q = sh.q;
+    float (*s_k)[D] = sh.k;
+    float (*s_v)[D] = sh.v;
+    float* s_part = sh.part;
+    float* s_w = sh.w;
+    float* s_ml = sh.ml;
+
+    const unsigned tid = team.tid;
+    const int last = step0 + (int)t, first = (int)(split * ATTN_SPLIT);
+    if (first > last) return;
+    const int count = last + 1 - first < ATTN_SPLIT ? last + 1 - first : ATTN_SPLIT;
+    const unsigned q_dim = n_head * D, kv_dim = n_head_kv * D;
+    const unsigned group = n_head / n_head_kv, kv_off = (head / group) * D;
+
+    // The cached keys and values this thread reads (positions before this call's), loaded
+    // first so that their latency overlaps the rotations below.
+    constexpr unsigned PASSES = ATTN_SPLIT / (WARPS * P), VSTEPS = ATTN_SPLIT / G;
+    const unsigned warp = tid / 32, lane = tid % 32;
+    const unsigned sub = lane / L, ek = lane % L, g = tid / L, ev = tid % L;
+    float4 kr[PASSES][F], vr[VSTEPS][F];
+#pragma unroll
+    for (unsigned pass = 0; pass < PASSES; pass++) {
+        const int pl = (int)((pass * WARPS + warp) * P + sub), p = first + pl;
+        const float* k = k_cache + (size_t)p * kv_dim + kv_off;
+#pragma unroll
+        for (unsigned f = 0; f < F; f++)
+            kr[pass][f] = pl < count && p < step0 ? *(const float4*)(k + 4 * (ek + L * f))
+                                                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (unsigned i = 0; i < VSTEPS; i++) {
+        const int pl = (int)(g + i * G), p = first + pl;
+        const float* v = v_cache + (size_t)p * kv_dim + kv_off;
+#pragma unroll
+        for (unsigned f = 0; f < F; f++)
+            vr[i][f] = pl < count && p < step0 ? *(const float4*)(v + 4 * (ev + L * f))
+                                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+
+    // This call's positions step0 + j that the split holds and the query sees: j0 <= j <= t.
+    const int j0 = first > step0 ? first - step0 : 0;
+    rope_into<D>(team, qkv + (size_t)t * stride + head * D, s_q, last, inv_freq, n_rot, halves);
+    for (int j = j0; j <= (int)t; j++) {
+        const float* row = qkv + (size_t)j * stride;
+        rope_into<D>(team, row + q_dim + kv_off, s_k[j], step0 + j, inv_freq, n_rot, halves);
+        for (unsigned d = tid; d < D; d += ATTN_THREADS) s_v[j][d] = row[q_dim + kv_dim + kv_off + d];
+    }
+    team.sync();
+    if (head % group == 0 && last - first < ATTN_SPLIT) {
+        size_t at = (size_t)last * kv_dim + kv_off;
+        for (unsigned d = tid; d < D; d += ATTN_THREADS) {
+            k_cache[at + d] = s_k[t][d];
+            v_cache[at + d] = s_v[t][d];
+        }
+    }
+
+#pragma unroll
+    for (unsigned pass = 0; pass < PASSES; pass++) {
+        const int pl = (int)((pass * WARPS + warp) * P + sub), p = first + pl;
+        float dot = 0.0f;
+        if (pl < count) {
+#pragma unroll
+            for (unsigned f = 0; f < F; f++) {
+                const float4 a = p >= step0 ? *(const float4*)(s_k[p - step0] + 4 * (ek + L * f))
+                                            : kr[pass][f];
+                const float4 b = *(const float4*)(s_q + 4 * (ek + L * f));
+                dot = fmaf(a.x, b.x, dot);
+                dot = fmaf(a.y, b.y, dot);
+                dot = fmaf(a.z, b.z, dot);
+                dot = fmaf(a.w, b.w, dot);
+            }
+        }
+        for (unsigned o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+        if (ek == 0) s_w[pl] = pl < count ? dot * scale : NEG_INF;
+    }
+    team.sync();
+    if (warp == 0) {
+        const float a = s_w[lane], b = s_w[lane + 32];
+        const float m = warp_max(fmaxf(a, b));
+        const float wa = (int)lane < count ? expf(a - m) : 0.0f;
+        const float wb = (int)lane + 32 < count ? expf(b - m) : 0.0f;
+        s_w[lane] = wa;
+        s_w[lane + 32] = wb;
+        const float l = warp_sum(wa + wb);
+        if (lane == 0) {
+            s_ml[0] = m;
+            s_ml[1] = l;
+        }
+    }
+    team.sync();
+    {
+        float4 acc[F];
+#pragma unroll
+        for (unsigned f = 0; f < F; f++) acc[f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (unsigned i = 0; i < VSTEPS; i++) {
+            const int pl = (int)(g + i * G), p = first + pl;
+            if (pl < count) {
+                const float w = s_w[pl];
+#pragma unroll
+                for (unsigned f = 0; f < F; f++) {
+                    const float4 x = p >= step0 ? *(const float4*)(s_v[p - step0] + 4 * (ev + L * f))
+                                                : vr[i][f];
+                    acc[f].x = fmaf(w, x.x, acc[f].x);
+                    acc[f].y = fmaf(w, x.y, acc[f].y);
+                    acc[f].z = fmaf(w, x.z, acc[f].z);
+                    acc[f].w = fmaf(w, x.w, acc[f].w);
+                }
+            }
+        }
+#pragma unroll
+        for (unsigned f = 0; f < F; f++) *(float4*)(s_part + g * D + 4 * (ev + L * f)) = acc[f];
+    }
+    team.sync();
+
+    const unsigned query = t * n_head + head;
+    const unsigned used = (unsigned)(last / ATTN_SPLIT) + 1;
+    float* o_row = out + (size_t)query * D;
+    if (used == 1) {
+        for (unsigned d = tid; d < D; d += ATTN_THREADS) {
+            float o = 0.0f;
+            for (unsigned i = 0; i < G; i++) o += s_part[i * D + d];
+            o_row[d] = o / s_ml[1];
+        }
+        return;
+    }
+    const size_t base = (size_t)query * n_split;
+    for (unsigned d = tid; d < D; d += ATTN_THREADS) {
+        float o = 0.0f;
+        for (unsigned i = 0; i < G; i++) o += s_part[i * D + d];
+        part_o[(base + split) * D + d] = o;
+    }
+    if (tid == 0) {
+        part_ml[(base + split) * 2] = s_ml[0];
+        part_ml[(base + split) * 2 + 1] = s_ml[1];
+    }
+    __threadfence();
+    team.sync();
+    if (tid == 0) sh.merge = atomicAdd(&tickets[query], 1u) == used - 1;
+    team.sync();
+    if (!sh.merge) return;
+    __threadfence();
+    float m_all = NEG_INF;
+#pragma unroll 8
+    for (unsigned s = 0; s < used; s++) m_all = fmaxf(m_all, __ldcg(part_ml + (base + s) * 2));
+    for (unsigned d = tid; d < D; d += ATTN_THREADS) {
+        float l_all = 0.0f, o = 0.0f;
+#pragma unroll 4
+        for (unsigned s = 0; s < used; s++) {
+            const float f = expf(__ldcg(part_ml + (base + s) * 2) - m_all);
+            l_all += __ldcg(part_ml + (base + s) * 2 + 1) * f;
+            o += __ldcg(part_o + (base + s) * D + d) * f;
+        }
+        o_row[d] = o / l_all;
+    }
+    if (tid == 0) tickets[query] = 0;
+}
+
+#endif  // TERN_ATTENTION_CUH

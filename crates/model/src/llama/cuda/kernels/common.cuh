@@ -1,0 +1,69 @@
+// What every kernel program of the forward pass shares (NVRTC compiles each .cu file with this
+// folder's headers): warp reductions, programmatic dependent launch, and the grid barrier of
+// decode.cu's persistent kernel.
+
+#ifndef TERN_COMMON_CUH
+#define TERN_COMMON_CUH
+
+#define FULL_MASK 0xffffffffu
+#define NEG_INF __int_as_float(0xff800000)
+
+// Programmatic dependent launch (sm_90 and later; nothing before): every kernel is launched
+// so that it may be scheduled while the kernel before it on the stream finishes. pdl_wait
+// blocks until that kernel has completed and its writes are visible; a kernel calls it
+// before it reads any activation or writes anything (only weights, which nothing writes,
+// may be touched before). pdl_launch_dependents lets the next kernel be scheduled early;
+// it only starts the next kernel's own wait, so it is safe anywhere.
+__device__ __forceinline__ void pdl_wait()
+{
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents()
+{
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Sums v over the warp with a fixed butterfly; every lane gets the same total.
+__device__ __forceinline__ float warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(FULL_MASK, v, o);
+    }
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    }
+    return v;
+}
+
+// Waits until every block of the grid has arrived here, and makes every write before the
+// barrier, by any block, visible to every read after it. Only for grids whose blocks are all
+// resident at once (a cooperative launch). `count` is a counter that only ever grows: each
+// block adds one per barrier, so barrier k of a launch ends when the count reaches the next
+// multiple of the grid's size after the value the block found. A launch whose blocks all
+// pass the same number of barriers leaves it at a multiple, ready for the next launch.
+__device__ __forceinline__ void grid_barrier(unsigned long long* count)
+{
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long old, now;
+        asm volatile("atom.add.release.gpu.u64 %0, [%1], 1;" : "=l"(old) : "l"(count) : "memory");
+        const unsigned long long target = (old / gridDim.x + 1) * gridDim.x;
+        do {
+            asm volatile("ld.relaxed.gpu.u64 %0, [%1];" : "=l"(now) : "l"(count) : "memory");
+        } while (now < target);
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    }
+    __syncthreads();
+}
+
+#endif  // TERN_COMMON_CUH
