@@ -71,8 +71,8 @@ pub struct Kernels {
     top_k_blocks: CudaFunction,
     top_k_merge: CudaFunction,
     /// `decode.cu`'s persistent decode kernel, for the model's weight type and head size,
-    /// when it was asked for.
-    pub decode_layers: Option<CudaFunction>,
+    /// when it was asked for and built; else why not.
+    pub decode_layers: Result<CudaFunction, String>,
 }
 
 /// Logits one `top_k_blocks` block sorts, and the most lists `top_k_merge` merges
@@ -154,7 +154,7 @@ impl Kernels {
             )
             .chain(decode_unit)
             .collect();
-        let binaries: Vec<Result<(Vec<u8>, bool), ModelError>> = std::thread::scope(|scope| {
+        let mut binaries: Vec<Result<(Vec<u8>, bool), ModelError>> = std::thread::scope(|scope| {
             let jobs: Vec<_> = units
                 .iter()
                 .map(|&(file, ref src)| scope.spawn(move || cubin(file, src, arch)))
@@ -169,8 +169,18 @@ impl Kernels {
                 })
                 .collect()
         });
-        let mut modules = Vec::new();
+        // The persistent kernel is optional: its failure to build only leaves it out.
         let mut all_cached = true;
+        let decode_layers = match decode.and_then(|_| binaries.pop()) {
+            None => Err("not built".to_string()),
+            Some(binary) => binary.map_err(|e| e.to_string()).and_then(|(bytes, cached)| {
+                all_cached &= cached;
+                ctx.load_module(Ptx::from_binary(bytes))
+                    .and_then(|module| module.load_function("decode_layers"))
+                    .map_err(|e| format!("loading decode.cu: {e:?}"))
+            }),
+        };
+        let mut modules = Vec::new();
         for binary in binaries {
             let (bytes, cached) = binary?;
             all_cached &= cached;
@@ -211,10 +221,7 @@ impl Kernels {
                     .collect::<Result<_, ModelError>>()?,
                 top_k_blocks: get(0, "top_k_blocks")?,
                 top_k_merge: get(0, "top_k_merge")?,
-                decode_layers: match decode {
-                    Some(_) => Some(get(1 + MATVEC_UNITS.len(), "decode_layers")?),
-                    None => None,
-                },
+                decode_layers,
                 attention_prefill: HEAD_DIMS
                     .iter()
                     .map(|&d| {

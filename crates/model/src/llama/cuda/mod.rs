@@ -116,8 +116,8 @@ impl CudaLlama {
         let (mut kernels, kernels_cached) = Kernels::load(&ctx, gpu.arch(), decode)?;
         let kernels_ms = t.elapsed().as_secs_f64() * 1e3;
         let fused = layer_type.and_then(|_| {
-            let f = kernels.decode_layers.take().ok_or("not compiled")?;
-            fused::Fused::new(&ctx, f, hd)
+            let built = std::mem::replace(&mut kernels.decode_layers, Err(String::new()));
+            fused::Fused::new(&ctx, built?, hd)
         });
         let startup = Startup {
             kernels_ms,
