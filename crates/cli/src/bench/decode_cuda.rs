@@ -114,6 +114,10 @@ fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()
     let (mut session, _) = super::session_after(model, prompt, context)?;
     let cuda = model.cuda.as_ref().context("no GPU model")?;
     let gpu = session.cuda_mut().context("no GPU session")?;
+    println!(
+        "one decode step on the GPU (the step's ids set and its graph launched, events around both; median of 5): {:.1} us",
+        cuda.graph_step_us(gpu, 1, 5)?
+    );
     let profile = |gpu: &mut tern_model::llama::cuda::CudaSession| {
         (0..5)
             .map(|_| cuda.profile_step(gpu, 1))

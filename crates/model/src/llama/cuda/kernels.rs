@@ -173,12 +173,14 @@ impl Kernels {
         let mut all_cached = true;
         let decode_layers = match decode.and_then(|_| binaries.pop()) {
             None => Err("not built".to_string()),
-            Some(binary) => binary.map_err(|e| e.to_string()).and_then(|(bytes, cached)| {
-                all_cached &= cached;
-                ctx.load_module(Ptx::from_binary(bytes))
-                    .and_then(|module| module.load_function("decode_layers"))
-                    .map_err(|e| format!("loading decode.cu: {e:?}"))
-            }),
+            Some(binary) => binary
+                .map_err(|e| e.to_string())
+                .and_then(|(bytes, cached)| {
+                    all_cached &= cached;
+                    ctx.load_module(Ptx::from_binary(bytes))
+                        .and_then(|module| module.load_function("decode_layers"))
+                        .map_err(|e| format!("loading decode.cu: {e:?}"))
+                }),
         };
         let mut modules = Vec::new();
         for binary in binaries {

@@ -349,6 +349,28 @@ impl CudaLlama {
         self.with_prefill(|prefill| session.profile_prefill(self, prefill, tokens))
     }
 
+    /// Microseconds one decode step of `session` takes on the GPU as the engine runs it
+    /// (setting the step, and its graph: events around both; the median of `repeats`, after
+    /// one untimed step that captures the graph), leaving the session as it was. What the
+    /// engine's whole step takes beyond this is the host's.
+    pub fn graph_step_us(
+        &self,
+        session: &mut CudaSession,
+        token: u32,
+        repeats: usize,
+    ) -> Result<f64, ModelError> {
+        let _busy = self.hold()?;
+        let (len, logits) = (session.len, session.logits_ptr());
+        session.decode(self, token, logits)?;
+        session.truncate(len);
+        let per_second = median_rate(&self.stream, repeats, 1.0, || {
+            session.decode(self, token, logits)?;
+            session.truncate(len);
+            Ok(())
+        })?;
+        Ok(1e6 / per_second)
+    }
+
     /// The GPU's memory bandwidth as a device-to-device copy of `bytes` sees it: bytes read
     /// plus bytes written per second (the median of `repeats` copies), the roofline a
     /// memory-bound decode step is measured against.
