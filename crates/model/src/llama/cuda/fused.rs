@@ -169,19 +169,18 @@ pub struct FusedSession {
 unsafe impl tern_compute::cuda::cudarc::driver::DeviceRepr for DecodeLayer {}
 
 impl FusedSession {
-    /// Uploads the layer table for `w`, whose layers' KV caches lie `layer_bytes` apart from
-    /// `caches` (keys, values).
+    /// Uploads the layer table for `w`, with each layer's KV caches (keys, values).
     pub fn new(
         stream: &Arc<CudaStream>,
         w: &DeviceWeights,
-        caches: (u64, u64),
-        layer_bytes: u64,
+        caches: Vec<(u64, u64)>,
     ) -> Result<FusedSession, ModelError> {
         let table: Vec<DecodeLayer> = w
             .layers
             .iter()
+            .zip(caches)
             .enumerate()
-            .map(|(l, layer)| DecodeLayer {
+            .map(|(l, (layer, (k_cache, v_cache)))| DecodeLayer {
                 qkv: (&layer.qkv[0]).into(),
                 wo: (&layer.wo).into(),
                 gate_up: (&layer.gate_up[0]).into(),
@@ -189,8 +188,8 @@ impl FusedSession {
                 attn_norm: layer.attn_norm,
                 ffn_norm: layer.ffn_norm,
                 next_norm: w.layers.get(l + 1).map_or(0, |n| n.attn_norm),
-                k_cache: caches.0 + l as u64 * layer_bytes,
-                v_cache: caches.1 + l as u64 * layer_bytes,
+                k_cache,
+                v_cache,
             })
             .collect();
         let fail = driver("setting up the fused decode step");

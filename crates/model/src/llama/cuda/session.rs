@@ -87,22 +87,28 @@ impl CudaSession {
                 .alloc_zeros::<u32>(2 * MAX_TOP)
                 .map_err(driver("allocating a session"))?,
         };
-        let fused = match &model.fused {
-            Ok(_) => {
-                let caches = (buf.k.device_ptr(s).0, buf.v.device_ptr(s).0);
-                let layer_bytes = (n_ctx * c.kv_dim() * 4) as u64;
-                Some(FusedSession::new(s, &model.weights, caches, layer_bytes)?)
-            }
-            Err(_) => None,
-        };
-        Ok(CudaSession {
+        let mut session = CudaSession {
             n_ctx,
             len: 0,
             buf,
             stream: s.clone(),
             graph: None,
-            fused,
-        })
+            fused: None,
+        };
+        if model.fused.is_ok() {
+            let caches = (0..c.n_layer).map(|l| session.cache(c, l)).collect();
+            session.fused = Some(FusedSession::new(s, &model.weights, caches)?);
+        }
+        Ok(session)
+    }
+
+    /// Layer `l`'s key and value caches (`n_ctx` rows of `kv_dim` floats each).
+    fn cache(&self, c: &crate::llama::LlamaConfig, l: usize) -> (u64, u64) {
+        let layer_bytes = (l * self.n_ctx * c.kv_dim() * 4) as u64;
+        (
+            self.ptr(&self.buf.k) + layer_bytes,
+            self.ptr(&self.buf.v) + layer_bytes,
+        )
     }
 
     fn ptr<T>(&self, slice: &CudaSlice<T>) -> u64 {
@@ -221,7 +227,6 @@ impl CudaSession {
         let step = self.ptr(&self.buf.step);
         let (e, q_dim, kv, ff) = (c.n_embd, c.n_head * c.head_dim, c.kv_dim(), c.n_ff);
         let n_u = n as u32;
-        let layer_floats = (self.n_ctx * kv * 4) as u64;
         let stacked = |parts: &[DevMatrix], y: u64, stride: usize| -> Result<(), ModelError> {
             let mut at = 0u64;
             for m in parts {
@@ -233,8 +238,7 @@ impl CudaSession {
         run.get_rows(&w.token_embd, pre.ptr(&pre.ids), x, n_u)?;
         mark("get_rows")?;
         for (l, lw) in w.layers.iter().enumerate() {
-            let k_cache = self.ptr(&self.buf.k) + l as u64 * layer_floats;
-            let v_cache = self.ptr(&self.buf.v) + l as u64 * layer_floats;
+            let (k_cache, v_cache) = self.cache(c, l);
             run.rmsnorm(x, lw.attn_norm, act, n_u, e as u32, c.rms_eps, true)?;
             mark("rmsnorm")?;
             stacked(&lw.qkv, qkv, q_dim + 2 * kv)?;
@@ -339,7 +343,6 @@ impl CudaSession {
             c.kv_dim() as u32,
             c.n_ff as u32,
         );
-        let layer_floats = (self.n_ctx * c.kv_dim() * 4) as u64;
         let n_split = CudaLlama::n_split(self.n_ctx) as u32;
         // Stacked matrices (or their parts one by one) write side by side in one row per
         // token; their input is `xb`, the norm's input times its weights (see `Fuse`).
@@ -385,8 +388,7 @@ impl CudaSession {
             mark(LAYERS)?;
         } else {
             for (l, lw) in w.layers.iter().enumerate() {
-                let k_cache = p(&b.k) + l as u64 * layer_floats;
-                let v_cache = p(&b.v) + l as u64 * layer_floats;
+                let (k_cache, v_cache) = self.cache(c, l);
                 let fuse = if l == 0 { Fuse::default() } else { norm };
                 stacked(&lw.qkv, qkv, q_dim + 2 * kv, fuse)?;
                 mark("matvec qkv")?;
