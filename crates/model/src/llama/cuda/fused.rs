@@ -18,9 +18,6 @@ use crate::quant::DType;
 
 /// Threads of one block of the persistent kernel (`DECODE_THREADS` in `decode.cu`).
 pub const DECODE_THREADS: u32 = 512;
-/// Bytes of its rows of the next stage that each warp asks L2 for before a barrier (0, 4 and
-/// 16 KiB measured within noise of each other on an H100; see docs/perf.md).
-const DECODE_PREFETCH: u32 = 4096;
 /// Attention teams of `ATTN_THREADS` in one block.
 const DECODE_TEAMS: u32 = DECODE_THREADS / ATTN_THREADS;
 
@@ -81,12 +78,10 @@ pub struct DecodeArgs {
     /// 0, or where block 0 writes the step's timestamps (see [`stage_times`]).
     pub timing: u64,
     pub n_layer: u32,
-    pub n_embd: u32,
     pub n_head: u32,
     pub n_head_kv: u32,
     pub n_rot: u32,
     pub n_split: u32,
-    pub prefetch: u32,
     pub halves: i32,
     pub eps: f32,
     pub scale: f32,
@@ -228,12 +223,10 @@ impl FusedSession {
             inv_freq,
             timing,
             n_layer: c.n_layer as u32,
-            n_embd: c.n_embd as u32,
             n_head: c.n_head as u32,
             n_head_kv: c.n_head_kv as u32,
             n_rot: c.n_rot as u32,
             n_split,
-            prefetch: DECODE_PREFETCH,
             halves: super::halves(c),
             eps: c.rms_eps,
             scale: 1.0 / (c.head_dim as f32).sqrt(),

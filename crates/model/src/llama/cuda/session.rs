@@ -445,12 +445,20 @@ impl CudaSession {
     ) -> Result<Vec<(&'static str, f64)>, ModelError> {
         self.set_step(&[token])?;
         let logits = Some(self.logits_ptr());
-        let stamps = self
-            .stream
-            .alloc_zeros::<u64>(fused::timestamps(model.config.n_layer))
-            .map_err(driver("profiling"))?;
-        let timing = stamps.device_ptr(&self.stream).0;
+        // Where the persistent kernel runs, a buffer for its timestamps.
+        let stamps = match model.fused() {
+            Some(_) => Some(
+                self.stream
+                    .alloc_zeros::<u64>(fused::timestamps(model.config.n_layer))
+                    .map_err(driver("profiling"))?,
+            ),
+            None => None,
+        };
+        let timing = stamps.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
         let times = timed(model, |mark| self.enqueue(model, 1, logits, timing, mark))?;
+        let Some(stamps) = stamps else {
+            return Ok(times);
+        };
         let stamps = self
             .stream
             .clone_dtoh(&stamps)

@@ -62,6 +62,9 @@ typedef Q6_K W;
 #define DECODE_THREADS 512
 #define DECODE_WARPS (DECODE_THREADS / 32)
 #define DECODE_TEAMS (DECODE_THREADS / ATTN_THREADS)
+// Bytes of its rows of the next stage that each warp asks L2 for before a barrier (0, 4 and
+// 16 KiB measured within noise of each other on an H100; see docs/perf.md).
+#define DECODE_PREFETCH 4096
 
 // A weight matrix: `rows` rows of `row_bytes` bytes; each row's columns are cut into `parts`
 // runs of whole 256-column steps, taken by `parts` warps of one block.
@@ -79,12 +82,11 @@ struct DecodeLayer {
 
 // Everything the step reads and writes: device addresses (layers: n_layer DecodeLayers;
 // step: [position, token]; barrier: the grid barrier's counter; timing: 0, or 5 * n_layer + 1
-// timestamps, see stamp), the model's sizes, and the bytes of its rows of the next stage
-// that each warp asks L2 for before a barrier (prefetch).
+// timestamps, see stamp) and the model's sizes.
 struct DecodeArgs {
     unsigned long long layers, step, barrier, x, xb, qkv, att, hb, part_o, part_ml, tickets,
         inv_freq, timing;
-    unsigned n_layer, n_embd, n_head, n_head_kv, n_rot, n_split, prefetch;
+    unsigned n_layer, n_head, n_head_kv, n_rot, n_split;
     int halves;
     float eps, scale;
 };
@@ -111,7 +113,7 @@ __device__ constexpr int decode_batch()
 // warp w part w % parts of row w / parts, and the parts meet in shared memory.
 struct StageRows {
     unsigned first, step;   // the warp's first row (or output) and the stride to its next
-    unsigned part, c0, c1;  // its part of a row: columns c0 .. c1
+    unsigned c0, c1;        // its part of a row: columns c0 .. c1 (matvec.cuh's row_part)
     unsigned long long b0;  // the part's first byte in its row
 };
 
@@ -126,11 +128,8 @@ __device__ __forceinline__ StageRows stage_rows(const DecodeMatrix& m, unsigned 
         s.first = blockIdx.x * per_round + warp / m.parts;
         s.step = gridDim.x * per_round;
     }
-    s.part = warp % m.parts;
-    const unsigned steps = (m.cols + 255) / 256, per_part = (steps + m.parts - 1) / m.parts;
-    s.c0 = s.part * per_part * 256 < m.cols ? s.part * per_part * 256 : m.cols;
-    s.c1 = s.c0 + per_part * 256 < m.cols ? s.c0 + per_part * 256 : m.cols;
-    s.b0 = (unsigned long long)s.c0 / W::BLOCK * (W::STEP / (256 / W::BLOCK));
+    row_part<W>(m.cols, m.parts, warp % m.parts, s.c0, s.c1);
+    s.b0 = bytes_of<W>(s.c0);
     return s;
 }
 
@@ -141,10 +140,10 @@ __device__ __forceinline__ void prefetch_stage(const DecodeMatrix& m, bool glu,
 {
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const StageRows s = stage_rows(m, warp);
-    if (s.c1 <= s.c0) {
+    const unsigned long long bytes = bytes_of<W>(s.c1 - s.c0);
+    if (bytes == 0) {
         return;
     }
-    const unsigned long long bytes = (unsigned long long)(s.c1 - s.c0) / W::BLOCK * (W::STEP / (256 / W::BLOCK));
     const unsigned units = glu ? m.rows / 2 : m.rows;
     for (unsigned u = s.first; u < units && budget > 0; u += s.step) {
         for (unsigned h = 0; h < (glu ? 2u : 1u); ++h) {
@@ -313,25 +312,25 @@ extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1) decode_layers(De
                             (unsigned*)a.tickets, att, a.n_head, a.n_head_kv, a.n_rot, a.halves,
                             a.n_split, a.scale, stride);
         }
-        prefetch_stage(L.wo, false, a.prefetch);
+        prefetch_stage(L.wo, false, DECODE_PREFETCH);
         grid_barrier(barrier);
         stamp(timing, 5 * l + 2);
 
         stage_matvec(L.wo, att, x, x, nullptr, a.eps, (const float*)L.ffn_norm, xb, false, s_part,
                      &s_scale);
-        prefetch_stage(L.gate_up, true, a.prefetch);
+        prefetch_stage(L.gate_up, true, DECODE_PREFETCH);
         grid_barrier(barrier);
         stamp(timing, 5 * l + 3);
 
         stage_matvec(L.gate_up, xb, hb, nullptr, x, a.eps, nullptr, nullptr, true, s_part, &s_scale);
-        prefetch_stage(L.down, false, a.prefetch);
+        prefetch_stage(L.down, false, DECODE_PREFETCH);
         grid_barrier(barrier);
         stamp(timing, 5 * l + 4);
 
         stage_matvec(L.down, hb, x, x, nullptr, a.eps, (const float*)L.next_norm, xb, false, s_part,
                      &s_scale);
         if (l + 1 < a.n_layer) {
-            prefetch_stage(layers[l + 1].qkv, false, a.prefetch);
+            prefetch_stage(layers[l + 1].qkv, false, DECODE_PREFETCH);
             grid_barrier(barrier);
         }
         stamp(timing, 5 * l + 5);

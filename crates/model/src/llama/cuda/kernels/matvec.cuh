@@ -716,6 +716,24 @@ __device__ __forceinline__ bool by_elements(const unsigned char* row, unsigned c
     return false;
 }
 
+// Bytes of a row's first `cols` columns (whole blocks).
+template <class T>
+__device__ __forceinline__ unsigned long long bytes_of(unsigned cols)
+{
+    return (unsigned long long)cols / T::BLOCK * (T::STEP / (256 / T::BLOCK));
+}
+
+// The columns c0 .. c1 of a row that part `part` of `parts` takes: each part an equal run of
+// whole 256-column steps, the last one the rest.
+template <class T>
+__device__ __forceinline__ void row_part(unsigned cols, unsigned parts, unsigned part,
+                                         unsigned& c0, unsigned& c1)
+{
+    const unsigned steps = (cols + 255) / 256, per_part = (steps + parts - 1) / parts;
+    c0 = part * per_part * 256 < cols ? part * per_part * 256 : cols;
+    c1 = c0 + per_part * 256 < cols ? c0 + per_part * 256 : cols;
+}
+
 // Split rows: with `parts` > 1, the `parts` warps of a row each take an equal run of its
 // 256-column steps (the last one the rest), and the row's sum is their partial sums added
 // in part order, so the result still depends only on the row's length, never on timing.
@@ -749,13 +767,12 @@ __device__ __forceinline__ void matvec(const unsigned char* __restrict__ w, cons
     const bool elems = by_elements<T>(row, cols);
     const bool vx = (unsigned long long)x % 16 == 0 && x_stride % 4 == 0;
     // This warp's columns: whole steps, except in the last part.
-    const unsigned steps = (cols + 255) / 256, per_part = (steps + parts - 1) / parts;
-    const unsigned c0 = part * per_part * 256 < cols ? part * per_part * 256 : cols;
-    const unsigned c1 = c0 + per_part * 256 < cols ? c0 + per_part * 256 : cols;
-    const unsigned long long b0 = (unsigned long long)c0 / T::BLOCK * (T::STEP / (256 / T::BLOCK));
+    unsigned c0, c1;
+    row_part<T>(cols, parts, part, c0, c1);
+    const unsigned long long b0 = bytes_of<T>(c0);
     float* my_part = s_part[warp];
     if (live) {
-        prefetch_weights(row + b0, (unsigned long long)(c1 - c0) / T::BLOCK * (T::STEP / (256 / T::BLOCK)), lane);
+        prefetch_weights(row + b0, bytes_of<T>(c1 - c0), lane);
     }
     pdl_wait();
     pdl_launch_dependents();
