@@ -2,6 +2,7 @@
 //! panic) for corrupt, truncated and unsupported files.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tern_model::ModelError;
 use tern_model::gguf::{GgufFile, Value};
@@ -37,10 +38,10 @@ fn sample() -> Vec<u8> {
 fn open(bytes: &[u8]) -> Result<GgufFile, ModelError> {
     let dir = std::env::temp_dir().join(format!("tern-gguf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path: PathBuf = dir.join(format!(
-        "{:x}.gguf",
-        bytes.len() * 31 + bytes.iter().map(|&b| b as usize).sum::<usize>()
-    ));
+    // Tests run in parallel threads of one process: every file gets its own name, since two
+    // samples with the same length and byte sum would otherwise overwrite each other.
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let path: PathBuf = dir.join(format!("{}.gguf", NEXT.fetch_add(1, Ordering::Relaxed)));
     std::fs::write(&path, bytes).unwrap();
     let result = GgufFile::open(&path);
     let _ = std::fs::remove_file(&path);

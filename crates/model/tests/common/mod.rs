@@ -67,7 +67,12 @@ pub fn model_file_of(shape: &Shape, linear: DType, embd: DType) -> PathBuf {
         embd.name()
     ));
     if !path.exists() {
-        let partial = path.with_extension(format!("partial-{}", std::process::id()));
+        // Tests run in parallel threads: each writes its own partial file, then renames it.
+        let partial = path.with_extension(format!(
+            "partial-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         write_random_llama(&partial, shape, Types { linear, embd }, 3).unwrap();
         std::fs::rename(&partial, &path).unwrap();
     }

@@ -119,7 +119,10 @@ fn cubin(file: &'static str, src: &str, arch: u32) -> Result<(Vec<u8>, bool), Mo
         .map_err(|e| ModelError::Invalid(format!("CUDA kernels: {e}")))?;
     if let Some(path) = path {
         // A cache that cannot be written only costs the next start a compilation.
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        // Threads of one process may write the same entry at once: each writes its own file.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
         let _ = std::fs::create_dir_all(path.parent().unwrap_or(&path))
             .and_then(|()| std::fs::write(&tmp, &bytes))
             .and_then(|()| std::fs::rename(&tmp, &path));
