@@ -46,6 +46,14 @@ impl ModelRegistry {
     pub fn names(&self) -> Vec<String> {
         self.models.keys().cloned().collect()
     }
+
+    /// What the registry offers, for messages: its names, or "none".
+    pub fn offered(&self) -> String {
+        match self.names() {
+            names if names.is_empty() => "none".to_string(),
+            names => names.join(", "),
+        }
+    }
 }
 
 /// An actor's open models and sessions; handles are indices.
@@ -155,8 +163,8 @@ fn model_open(mut caller: Caller<'_, HostState>, name: u32, len: u32) -> i32 {
         let models = &mut state.models;
         let model = models.registry.get(name).cloned().ok_or_else(|| {
             AbiError::Invalid(format!(
-                "unknown model `{name}` (this host offers: {})",
-                models.registry.names().join(", ")
+                "unknown model `{name}` (this host offers {})",
+                models.registry.offered()
             ))
         })?;
         if let Some(i) = models.open.iter().position(|m| Arc::ptr_eq(m, &model)) {

@@ -306,10 +306,7 @@ fn find_model(runtime: &Runtime, wanted: &ModelRef) -> Result<Arc<Model>, ActorE
         refuse(format!(
             "the snapshot needs model `{}`, and this host offers {}",
             wanted.name,
-            match runtime.models.names() {
-                names if names.is_empty() => "none".to_string(),
-                names => names.join(", "),
-            }
+            runtime.models.offered()
         ))
     })?;
     let have = model_ref(model);

@@ -37,7 +37,7 @@ pub struct ChatArgs {
     #[arg(long, default_value = "auto", value_parser = crate::parse_device)]
     device: DeviceChoice,
     /// CPU threads for the forward pass (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_count)]
     threads: Option<usize>,
     /// `fast` (int8 activations, as llama.cpp) or `reference` (f32 activations).
     #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]

@@ -51,6 +51,15 @@ pub fn parse_precision(s: &str) -> Result<tern_model::Precision, String> {
     }
 }
 
+/// Parses a count that must be at least 1 (`--repeats`, `--decode`, ...).
+pub fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Parses `--device`.
 pub fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     s.parse()

@@ -40,7 +40,7 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     println!("decode step: {}", cuda.decode_path());
     let bandwidth = cuda.copy_bandwidth(1 << 30, 5)?;
     let roofline = bandwidth / weight_bytes;
-    let context = b.prefill + b.decode + 1;
+    let context = super::context_for(&model, b.prefill, b.decode)?;
     let guest = GuestBench::new(&device, &model, b.prefill)?;
     let paths = guest.time_paths(&model, &b, context)?;
     let (prefill, decode) = paths.print(&b, "on the GPU");

@@ -31,7 +31,7 @@ pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
         st.weight_bytes as f64 / 1e6,
         wgpu.kernels_per_step()
     );
-    let context = b.prefill + b.decode + 1;
+    let context = super::context_for(&model, b.prefill, b.decode)?;
     let guest = GuestBench::new(&device, &model, b.prefill)?;
     let paths = guest.time_paths(&model, &b, context)?;
     let (_, decode) = paths.print(&b, "on the host");

@@ -125,6 +125,18 @@ pub struct GpuBench<'a> {
     pub repeats: usize,
 }
 
+/// The positions a decode benchmark's session needs (the prompt, the decoded tokens and one
+/// more), or a clear error naming the flags when the model holds fewer.
+fn context_for(model: &tern_model::Model, prefill: usize, decode: usize) -> anyhow::Result<usize> {
+    let (context, limit) = (prefill + decode + 1, model.config().n_ctx_train);
+    if context > limit {
+        anyhow::bail!(
+            "--prefill {prefill} and --decode {decode} need {context} positions; this model holds {limit}"
+        );
+    }
+    Ok(context)
+}
+
 /// The first line of every decode benchmark: the model, its weights read per token, and
 /// where it runs (`on`).
 fn print_model(path: &std::path::Path, model: &tern_model::Model, on: &str) {

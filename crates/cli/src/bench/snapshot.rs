@@ -30,10 +30,10 @@ pub struct SnapshotBenchArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [24, 512, 4096])]
     tokens: Vec<usize>,
     /// Repeats of each measurement (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::parse_count)]
     repeats: usize,
     /// CPU threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_count)]
     threads: Option<usize>,
     /// MiB of incompressible state the actor holds besides its session.
     #[arg(long, default_value_t = 0)]

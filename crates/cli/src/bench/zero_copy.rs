@@ -14,7 +14,7 @@ pub struct ZeroCopyArgs {
     #[arg(long, default_value = "auto", value_parser = crate::parse_device)]
     device: DeviceChoice,
     /// Timed calls per path (default: 30 on a GPU, 3 on the CPU).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_count)]
     iters: Option<usize>,
 }
 
