@@ -4,7 +4,7 @@
 //!
 //! | import | signature | does |
 //! |---|---|---|
-//! | `model_open(name, len)` | `-> handle` | opens a model the host configured, by name |
+//! | `model_open(name, len)` | `-> handle` | opens a model the host configured, by name (`default`: the host's only model, when it offers one) |
 //! | `model_info(model, out, cap)` | `-> len` | JSON: vocab size, context length, special tokens |
 //! | `tokenize(model, text, len, ids, cap)` | `-> n` | UTF-8 text to token ids (`u32`); writes at most `cap` ids, returns how many there are |
 //! | `detokenize(model, ids, n, out, cap)` | `-> len` | the raw bytes of token ids (may end inside a UTF-8 sequence) |
@@ -39,8 +39,15 @@ impl ModelRegistry {
         self.models.insert(model.name.clone(), model);
     }
 
+    /// The model named `name`. `default` names the host's only model when it offers exactly
+    /// one (and none is itself named `default`): what a guest asks for before it is told a name.
     pub fn get(&self, name: &str) -> Option<&Arc<Model>> {
-        self.models.get(name)
+        self.models
+            .get(name)
+            .or_else(|| match (name, self.models.len()) {
+                ("default", 1) => self.models.values().next(),
+                _ => None,
+            })
     }
 
     pub fn names(&self) -> Vec<String> {

@@ -17,7 +17,7 @@ use crate::chat::open_model;
 #[derive(clap::Args)]
 pub struct ActorEnv {
     /// A GGUF model (or Hugging Face checkpoint) to offer the actor, named by its file stem
-    /// (default: SmolLM2-135M-Instruct, when a snapshot names it).
+    /// (default: SmolLM2-135M-Instruct, for the bundled chat guest or a snapshot that names it).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Where the actor's memory lives and the forward pass runs.
@@ -149,7 +149,13 @@ fn deliver(actor: &mut Actor, messages: &[String]) -> anyhow::Result<()> {
 }
 
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
-    let runtime = runtime(&args.env, &[])?;
+    // The bundled chat guest asks for the host's `default` model until a config names one:
+    // offer it the default model, as `tern chat` does.
+    let wanted = match args.module.as_str() {
+        "chat" => vec![crate::fetch::DEFAULT_MODEL.to_string()],
+        _ => Vec::new(),
+    };
+    let runtime = runtime(&args.env, &wanted)?;
     let module = load_module(&runtime, &args.module)?;
     let mut actor = Actor::start(&runtime, &module)?;
     stream_to_stdout(&mut actor);

@@ -448,7 +448,7 @@ fn chat_template(
 }
 
 fn text_error(path: &Path, e: tern_text::TextError) -> ModelError {
-    ModelError::Format(format!("{}: tokenizer: {e}", path.display()))
+    ModelError::Format(format!("tokenizer: {e}")).in_file(path)
 }
 
 /// The tokenizer as the file describes it (`tokenizer.ggml.*`).
