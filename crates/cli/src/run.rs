@@ -61,7 +61,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         call_time: Duration::from_millis(args.time_limit_ms),
         ..Limits::default()
     };
-    let runtime = Runtime::new(device.clone(), limits)?;
+    let mut runtime = Runtime::new(device.clone(), limits)?;
+    if args.module == "chat" {
+        // The bundled chat guest asks for the host's default model.
+        let (_, model) = crate::chat::open_model(None, None, tern_model::Precision::Fast, &device)?;
+        runtime.add_model(model);
+    }
     println!("device: {}", device.describe());
     let mut actor = Actor::load(&runtime, &wasm)?;
     let base = actor.memory_base();

@@ -87,7 +87,6 @@ impl KvCache {
     }
 }
 
-/// A Llama model ready to run on the CPU.
 /// How matrix products treat activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -100,6 +99,7 @@ pub enum Precision {
     Fast,
 }
 
+/// A Llama model ready to run on the CPU.
 pub struct CpuLlama {
     pub config: LlamaConfig,
     pub weights: LlamaWeights,
