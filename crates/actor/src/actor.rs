@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use tern_compute::Device;
-use wasmtime::{Instance, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc};
+use wasmtime::{
+    Instance, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc, WasmBacktrace,
+};
 
 use crate::guest_memory::{self, AbiError};
 use crate::instrument::{Instrumented, instrument};
@@ -325,7 +327,12 @@ fn classify(
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return ActorError::TimeLimit { export, limit_ms };
     }
-    let mut message = format!("{e:#}");
+    // A trap's reason first, then where it happened (Wasmtime puts the backtrace first).
+    let mut message = match (e.downcast_ref::<Trap>(), e.downcast_ref::<WasmBacktrace>()) {
+        (Some(trap), Some(trace)) => format!("{trap}\n{trace}"),
+        (Some(trap), None) => trap.to_string(),
+        _ => format!("{e:#}"),
+    };
     if let Some(bytes) = store.data().limiter.refused {
         message.push_str(&format!(
             " (memory growth to {bytes} bytes was refused earlier: the cap is {} bytes)",
