@@ -98,6 +98,18 @@ impl QuantizedActs {
             })
     }
 
+    /// Chunk `i` of [`chunks`](Self::chunks), if there is one.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn chunk(&self, i: usize) -> Option<Chunk<'_>> {
+        Some(Chunk {
+            q: self.q.as_chunks::<CHUNK_ELEMS>().0.get(i)?,
+            d: self.d.as_chunks::<LANES>().0.get(i)?,
+            s: self.s.as_chunks::<LANES>().0.get(i)?,
+            qsum: self.qsum.as_chunks::<LANES>().0.get(i)?,
+            qsum16: self.qsum16.as_chunks::<{ 2 * LANES }>().0.get(i)?,
+        })
+    }
+
     /// The value activation `i` stands for, `d * q` (for tests and error bounds); `None`
     /// past the end.
     pub fn dequantized(&self, i: usize) -> Option<f32> {

@@ -128,6 +128,40 @@ pub fn dot_q8_rows(
     Path::best().checked_dot_rows(dtype, rows, row_bytes, x, out);
 }
 
+/// `out[t * n + r] = dot_q8(dtype, row r, xs[t])` for the `n = out.len() / xs.len()`
+/// consecutive rows of `row_bytes` bytes in `rows` and every token's activations `xs[t]`: a
+/// matrix product over a run of rows, for a prefill. Each output is bitwise what
+/// [`dot_q8_rows`] gives for that token alone; the fastest path reads and unpacks each
+/// block of weights once for several tokens.
+///
+/// Precondition: as [`dot_q8_rows`] for every `xs[t]`, and `out.len() == xs.len() * n`. On a
+/// mismatch, debug builds panic and release builds fill `out` with NaN.
+pub fn dot_q8_rows_tokens(
+    dtype: DType,
+    rows: &[u8],
+    row_bytes: usize,
+    xs: &[QuantizedActs],
+    out: &mut [f32],
+) {
+    let n = out.len().checked_div(xs.len()).unwrap_or(0);
+    let fits = xs.iter().all(|x| row_fits(dtype, row_bytes, x))
+        && n * xs.len() == out.len()
+        && row_bytes.checked_mul(n) == Some(rows.len());
+    if !fits {
+        debug_assert!(
+            false,
+            "dot_q8_rows_tokens: {} bytes of {dtype} in rows of {row_bytes} bytes, {} tokens, \
+             {} outputs",
+            rows.len(),
+            xs.len(),
+            out.len()
+        );
+        out.fill(f32::NAN);
+        return;
+    }
+    Path::best().dot_rows_tokens(dtype, rows, row_bytes, xs, out);
+}
+
 // ---------------------------------------------------------------------------------------
 // Code paths
 // ---------------------------------------------------------------------------------------
@@ -212,6 +246,32 @@ impl Path {
             return;
         }
         self.dot_rows(dtype, rows, row_bytes, x, out);
+    }
+
+    /// [`dot_q8_rows_tokens`] on this path. Precondition (checked by the caller): the
+    /// lengths fit as it requires.
+    fn dot_rows_tokens(
+        self,
+        dtype: DType,
+        rows: &[u8],
+        row_bytes: usize,
+        xs: &[QuantizedActs],
+        out: &mut [f32],
+    ) {
+        if row_bytes == 0 || out.is_empty() {
+            // No activations (every dot is the empty sum), or nothing to compute.
+            out.fill(0.0);
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Path::Avx512(token) = self {
+            token.dot_rows_tokens(dtype, rows, row_bytes, xs, out);
+            return;
+        }
+        let n = rows.len() / row_bytes;
+        for (x, out) in xs.iter().zip(out.chunks_exact_mut(n)) {
+            self.dot_rows(dtype, rows, row_bytes, x, out);
+        }
     }
 
     /// The kernels. Precondition (checked by the callers): the lengths fit as

@@ -228,6 +228,47 @@ fn every_path_matches_portable_bitwise() {
     }
 }
 
+#[test]
+fn several_tokens_give_each_token_alone_bitwise() {
+    let mut rng = Rng(11);
+    for dtype in FORMATS {
+        for &n in lengths(dtype) {
+            let row_bytes = dtype.row_bytes(n).unwrap();
+            let n_rows = 5;
+            // One byte in, so that no row is aligned.
+            let buf: Vec<u8> = std::iter::once(0)
+                .chain((0..n_rows).flat_map(|_| rng.row(dtype, n)))
+                .collect();
+            let rows = &buf[1..];
+            for tokens in [1, 2, 3, 4, 5, 8, 9] {
+                let xs: Vec<QuantizedActs> = (0..tokens)
+                    .map(|_| QuantizedActs::new(&rng.acts(n)))
+                    .collect();
+                let mut want = vec![0.0f32; tokens * n_rows];
+                for (x, want) in xs.iter().zip(want.chunks_exact_mut(n_rows)) {
+                    Path::Portable.checked_dot_rows(dtype, rows, row_bytes, x, want);
+                }
+                let mut all = vec![0.0f32; tokens * n_rows];
+                dot_q8_rows_tokens(dtype, rows, row_bytes, &xs, &mut all);
+                for path in Path::supported() {
+                    let mut got = vec![0.0f32; tokens * n_rows];
+                    path.dot_rows_tokens(dtype, rows, row_bytes, &xs, &mut got);
+                    for (i, ((g, a), w)) in got.iter().zip(&all).zip(&want).enumerate() {
+                        let (t, r) = (i / n_rows, i % n_rows);
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "{dtype} n={n} {tokens} tokens: token {t} row {r} on {}: {g} vs {w}",
+                            path.name()
+                        );
+                        assert_eq!(a.to_bits(), w.to_bits(), "{dtype} n={n} token {t} row {r}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn q4_k_scale_unpacking_matches_scale_min_k4() {
@@ -383,9 +424,71 @@ fn mismatched_lengths_poison_instead_of_reading_out_of_bounds() {
     assert!(out.iter().all(|v| v.is_nan()));
 }
 
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    should_panic(
+        expected = "dot_q8_rows_tokens: 68 bytes of q8_0 in rows of 68 bytes, 2 tokens, 3 outputs"
+    )
+)]
+fn several_tokens_with_mismatched_lengths_poison() {
+    // Release builds: NaN out, nothing read or written past the slices.
+    let x = QuantizedActs::new(&[1.0; 64]);
+    let mut out = [0.0f32; 3];
+    dot_q8_rows_tokens(DType::Q8_0, &[0; 68], 68, &[x.clone(), x], &mut out);
+    assert!(out.iter().all(|v| v.is_nan()));
+}
+
 // ---------------------------------------------------------------------------------------
 // Throughput (not a test: prints numbers)
 // ---------------------------------------------------------------------------------------
+
+/// Single-thread prefill products: 32 rows (the CPU forward pass's task) against 128
+/// tokens, token by token through `dot_q8_rows` against all at once through
+/// `dot_q8_rows_tokens`, on the best path.
+#[test]
+#[ignore = "benchmark: run with --release -- --ignored --nocapture"]
+fn bench_dot_q8_tokens() {
+    use std::hint::black_box;
+    use std::time::Instant;
+    let mut rng = Rng(2);
+    for (dtype, n) in [
+        (DType::Q4_1, 576),
+        (DType::Q4_1, 1536),
+        (DType::Q8_0, 576),
+        (DType::Q4_K, 1536),
+    ] {
+        let (rows, tokens) = (32, 128);
+        let row_bytes = dtype.row_bytes(n).unwrap();
+        let matrix: Vec<u8> = (0..rows).flat_map(|_| rng.row(dtype, n)).collect();
+        let xs: Vec<QuantizedActs> = (0..tokens)
+            .map(|_| QuantizedActs::new(&rng.acts(n)))
+            .collect();
+        let mut out = vec![0.0f32; rows * tokens];
+        let best = |f: &mut dyn FnMut()| {
+            (0..50)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let one = best(&mut || {
+            for (x, o) in xs.iter().zip(out.chunks_exact_mut(rows)) {
+                dot_q8_rows(dtype, black_box(&matrix), row_bytes, x, o);
+            }
+        });
+        let all =
+            best(&mut || dot_q8_rows_tokens(dtype, black_box(&matrix), row_bytes, &xs, &mut out));
+        println!(
+            "{dtype:>5} {rows} x {n:<5} x {tokens} tokens: one at a time {:8.1} us, together {:8.1} us ({:.2}x)",
+            one * 1e6,
+            all * 1e6,
+            one / all
+        );
+    }
+}
 
 /// Single-thread GB/s of weight bytes, `dot_q8_rows` on each path against the f32
 /// reference `quant::dot_rows` on the same matrix.

@@ -55,6 +55,28 @@ impl Avx512Vnni {
     }
 }
 
+impl Avx512Vnni {
+    /// `out[t * n + r]` = row `r` against `xs[t]`, each bitwise as [`Avx512Vnni::dot_rows`]
+    /// gives it, reading and unpacking each chunk of weights once for up to [`TOKENS`]
+    /// tokens. Precondition (checked in `mod.rs`): as `dot_rows` for every token, and
+    /// `out.len() == xs.len() * n` for the `n` rows.
+    pub(super) fn dot_rows_tokens(
+        self,
+        dtype: DType,
+        rows: &[u8],
+        row_bytes: usize,
+        xs: &[QuantizedActs],
+        out: &mut [f32],
+    ) {
+        // SAFETY: an `Avx512Vnni` exists only if `detect` saw every feature enabled there.
+        unsafe { dot_rows_tokens(dtype, rows, row_bytes, xs, out) }
+    }
+}
+
+/// Tokens whose products share each chunk's weight loads and unpacking: their block sums
+/// stay in registers (4 tokens x 4 registers) while a chunk is read.
+const TOKENS: usize = 4;
+
 /// Format tags for the const-generic kernels (each paired with its bytes per chunk).
 const Q8_0: usize = 0;
 const Q4_0: usize = 1;
@@ -86,8 +108,88 @@ fn run<const F: usize, const N: usize>(
     }
 }
 
-/// One row: whole chunks, then a last partial chunk, its missing blocks masked out of the
-/// float lanes. (A K-quant row ends in half a chunk, copied into a zero-padded buffer.)
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
+fn dot_rows_tokens(
+    dtype: DType,
+    rows: &[u8],
+    row_bytes: usize,
+    xs: &[QuantizedActs],
+    out: &mut [f32],
+) {
+    let n = rows.len() / row_bytes;
+    let mut groups = xs.chunks_exact(TOKENS);
+    let mut outs = out.chunks_exact_mut(TOKENS * n);
+    for (xs, out) in (&mut groups).zip(&mut outs) {
+        let xs = [&xs[0], &xs[1], &xs[2], &xs[3]];
+        let each = rows.chunks_exact(row_bytes);
+        match dtype {
+            DType::Q8_0 => run_tokens::<Q8_0, { 16 * 34 }>(each, xs, out),
+            DType::Q4_0 => run_tokens::<Q4_0, { 16 * 18 }>(each, xs, out),
+            DType::Q4_1 => run_tokens::<Q4_1, { 16 * 20 }>(each, xs, out),
+            // K-quant chunks (two super-blocks) unpack with their scales: token by token.
+            _ => {
+                for (x, out) in xs.into_iter().zip(out.chunks_exact_mut(n)) {
+                    dot_rows(dtype, rows, row_bytes, x, out);
+                }
+            }
+        }
+    }
+    // The tokens past the last whole group, one by one.
+    for (x, out) in groups
+        .remainder()
+        .iter()
+        .zip(outs.into_remainder().chunks_exact_mut(n))
+    {
+        dot_rows(dtype, rows, row_bytes, x, out);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
+fn run_tokens<const F: usize, const N: usize>(
+    rows: std::slice::ChunksExact<'_, u8>,
+    xs: [&QuantizedActs; TOKENS],
+    out: &mut [f32],
+) {
+    let n = rows.len();
+    for (r, row) in rows.enumerate() {
+        let (whole, tail) = row.as_chunks::<N>();
+        let mut acc = [_mm512_setzero_ps(); TOKENS];
+        for (i, w) in whole.iter().enumerate() {
+            let Some(cs) = chunks_at(xs, i) else {
+                break;
+            };
+            let t = terms_tokens::<F, N>(w, &cs);
+            for (acc, t) in acc.iter_mut().zip(t) {
+                *acc = _mm512_add_ps(*acc, t);
+            }
+        }
+        let n_blocks = tail.len() * LANES / N;
+        if (1..=2).contains(&n_blocks)
+            && let Some(cs) = chunks_at(xs, whole.len())
+        {
+            // E.g. rows of 576 (18 blocks): the last two blocks' weights unpacked once.
+            let (reg, head) = pair_weights::<F, N>(tail);
+            let live = ((1u32 << n_blocks) - 1) as u16;
+            for t in 0..TOKENS {
+                let v = pair_terms_of::<F>(reg, head, &cs[t]);
+                out[t * n + r] = hsum(_mm512_mask_add_ps(acc[t], live, acc[t], v));
+            }
+            continue;
+        }
+        for t in 0..TOKENS {
+            out[t * n + r] = hsum(add_tail::<F, N>(acc[t], tail, xs[t].chunk(whole.len())));
+        }
+    }
+}
+
+/// Chunk `i` of every token's activations, if they all have one.
+#[inline]
+fn chunks_at(xs: [&QuantizedActs; TOKENS], i: usize) -> Option<[Chunk<'_>; TOKENS]> {
+    let [a, b, c, d] = xs;
+    Some([a.chunk(i)?, b.chunk(i)?, c.chunk(i)?, d.chunk(i)?])
+}
+
+/// One row: whole chunks, then a last partial chunk ([`add_tail`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
 #[inline]
 fn dot_row<const F: usize, const N: usize>(row: &[u8], x: &QuantizedActs) -> f32 {
@@ -97,23 +199,34 @@ fn dot_row<const F: usize, const N: usize>(row: &[u8], x: &QuantizedActs) -> f32
     for (w, c) in whole.iter().zip(&mut chunks) {
         acc = _mm512_add_ps(acc, terms::<F, N, false>(w, LANES, &c));
     }
-    if !tail.is_empty()
-        && let Some(c) = chunks.next()
-    {
-        let n_blocks = tail.len() * LANES / N;
-        let t = if F == Q4_K || F == Q6_K {
-            let mut buf = [0u8; N];
-            buf[..tail.len()].copy_from_slice(tail);
-            terms::<F, N, false>(&buf, LANES, &c)
-        } else if n_blocks <= 2 {
-            // E.g. rows of 576 (18 blocks): one register, far cheaper on its own.
-            pair_terms::<F, N>(tail, &c)
-        } else {
-            terms::<F, N, true>(tail, n_blocks, &c)
-        };
-        acc = _mm512_mask_add_ps(acc, ((1u32 << n_blocks) - 1) as u16, acc, t);
-    }
-    hsum(acc)
+    hsum(add_tail::<F, N>(acc, tail, chunks.next()))
+}
+
+/// `acc` plus the terms of a row's last partial chunk `tail` (against activations `c`), its
+/// missing blocks masked out of the float lanes. (A K-quant row ends in half a chunk,
+/// copied into a zero-padded buffer.)
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
+#[inline]
+fn add_tail<const F: usize, const N: usize>(
+    acc: __m512,
+    tail: &[u8],
+    c: Option<Chunk<'_>>,
+) -> __m512 {
+    let Some(c) = c.filter(|_| !tail.is_empty()) else {
+        return acc;
+    };
+    let n_blocks = tail.len() * LANES / N;
+    let t = if F == Q4_K || F == Q6_K {
+        let mut buf = [0u8; N];
+        buf[..tail.len()].copy_from_slice(tail);
+        terms::<F, N, false>(&buf, LANES, &c)
+    } else if n_blocks <= 2 {
+        // E.g. rows of 576 (18 blocks): one register, far cheaper on its own.
+        pair_terms::<F, N>(tail, &c)
+    } else {
+        terms::<F, N, true>(tail, n_blocks, &c)
+    };
+    _mm512_mask_add_ps(acc, ((1u32 << n_blocks) - 1) as u16, acc, t)
 }
 
 /// `lane[j] += lane[j + h]` for `h` = 8, 4, 2, 1; returns lane 0.
@@ -172,19 +285,81 @@ fn terms<const F: usize, const N: usize, const PARTIAL: bool>(
                 let (d, m) = q4_heads::<N>(w);
                 combine::<F>(isum, d, m, c)
             } else {
-                // Each block starts with its f16 `d` (and for `Q4_1` its f16 `m`).
-                let idx = _mm512_mullo_epi32(lane_index(), _mm512_set1_epi32(bb as i32));
-                let live = ((1u32 << n_blocks) - 1) as u16;
-                assert!(w.len() >= n_blocks * bb);
-                // SAFETY: live lane `b < n_blocks` reads `w[bb*b..bb*b + 4]`, inside `w`
-                // (asserted, and `bb >= 18`); the others read nothing.
-                let head = unsafe {
-                    let zero = _mm512_setzero_si512();
-                    _mm512_mask_i32gather_epi32::<1>(zero, live, idx, w.as_ptr().cast())
-                };
-                combine_heads::<F>(isum, head, c)
+                combine_heads::<F>(isum, gather_heads::<N>(w, n_blocks), c)
             }
         }
+    }
+}
+
+/// [`terms`] of a whole chunk of `Q8_0`, `Q4_0` or `Q4_1` blocks for [`TOKENS`] tokens at
+/// once: each pair of blocks is loaded and unpacked once, and its products with each
+/// token's activations folded into that token's block sums at once. Bitwise what `terms`
+/// gives each token: the block sums are exact integers, the float terms the same
+/// operations on the same values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
+#[inline]
+fn terms_tokens<const F: usize, const N: usize>(
+    w: &[u8],
+    cs: &[Chunk<'_>; TOKENS],
+) -> [__m512; TOKENS] {
+    const { assert!(F == Q8_0 || F == Q4_0 || F == Q4_1) };
+    const { assert!(N == [16 * 34, 16 * 18, 16 * 20][F]) };
+    let bb = N / LANES;
+    let at = [2, 2, 4][F];
+    // pairs[t][j]: token t's sums of registers 2j and 2j + 1 (blocks 4j .. 4j + 4).
+    // (No closures here: they would not inherit the target features.)
+    let mut pairs = [[_mm512_setzero_si512(); 4]; TOKENS];
+    for j in 0..4 {
+        let mut regs = [_mm512_setzero_si512(); 2];
+        for (i, reg) in regs.iter_mut().enumerate() {
+            let k = 2 * j + i;
+            let (u, v) = (&w[2 * bb * k + at..], &w[(2 * k + 1) * bb + at..]);
+            *reg = if F == Q8_0 {
+                _mm512_inserti64x4::<1>(load256z(u), load256(v))
+            } else {
+                nibbles_pair(u, Some(v))
+            };
+        }
+        for t in 0..TOKENS {
+            let q = cs[t].q;
+            let (xa, xb) = (load512(&q[128 * j..]), load512(&q[128 * j + 64..]));
+            pairs[t][j] = if F == Q8_0 {
+                hadd(dot_i8(regs[0], xa), dot_i8(regs[1], xb))
+            } else {
+                hadd(dot_u8(regs[0], xa), dot_u8(regs[1], xb))
+            };
+        }
+    }
+    let mut out = [_mm512_setzero_ps(); TOKENS];
+    if F == Q8_0 {
+        let head = gather_heads::<N>(w, LANES);
+        for t in 0..TOKENS {
+            out[t] = combine_heads::<F>(fold_pairs(pairs[t]), head, &cs[t]);
+        }
+    } else {
+        let (d, m) = q4_heads::<N>(w);
+        for t in 0..TOKENS {
+            out[t] = combine::<F>(fold_pairs(pairs[t]), d, m, &cs[t]);
+        }
+    }
+    out
+}
+
+/// The first 4 bytes of each of the first `n_blocks` blocks of a chunk of `Q8_0`, `Q4_0` or
+/// `Q4_1` blocks (`N / 16` bytes each), in its i32 lane: the block's f16 `d`, then (`Q4_1`)
+/// its f16 `m`. Lanes past `n_blocks` hold 0.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn gather_heads<const N: usize>(w: &[u8], n_blocks: usize) -> __m512i {
+    let bb = N / LANES;
+    let idx = _mm512_mullo_epi32(lane_index(), _mm512_set1_epi32(bb as i32));
+    let live = ((1u32 << n_blocks) - 1) as u16;
+    assert!(n_blocks <= LANES && w.len() >= n_blocks * bb);
+    // SAFETY: live lane `b < n_blocks` reads `w[bb*b..bb*b + 4]`, inside `w` (asserted, and
+    // `bb >= 18`); the others read nothing.
+    unsafe {
+        let zero = _mm512_setzero_si512();
+        _mm512_mask_i32gather_epi32::<1>(zero, live, idx, w.as_ptr().cast())
     }
 }
 
@@ -264,19 +439,43 @@ fn q4_heads<const N: usize>(w: &[u8]) -> (__m256i, __m256i) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
 #[inline]
 fn pair_terms<const F: usize, const N: usize>(w: &[u8], c: &Chunk<'_>) -> __m512 {
+    let (reg, head) = pair_weights::<F, N>(w);
+    pair_terms_of::<F>(reg, head, c)
+}
+
+/// The weights of a partial chunk of one or two blocks as [`pair_terms`] multiplies them
+/// (`Q8_0`: signed bytes; 4-bit formats: nibbles in element order), and their heads
+/// ([`combine_heads`]).
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+#[inline]
+fn pair_weights<const F: usize, const N: usize>(w: &[u8]) -> (__m512i, __m512i) {
     let bb = N / LANES;
     let at = [2, 2, 4][F];
-    let x = load512(c.q);
     let two = w.len() >= 2 * bb;
     let v = if two { Some(&w[bb + at..]) } else { None };
-    let part = if F == Q8_0 {
+    let reg = if F == Q8_0 {
         let u = load256z(&w[at..]);
         match v {
-            Some(v) => dot_i8(_mm512_inserti64x4::<1>(u, load256(v)), x),
-            None => dot_i8(u, x),
+            Some(v) => _mm512_inserti64x4::<1>(u, load256(v)),
+            None => u,
         }
     } else {
-        dot_u8(nibbles_pair(&w[at..], v), x)
+        nibbles_pair(&w[at..], v)
+    };
+    let h1 = if two { le_u32(w, bb) } else { 0 };
+    let head = _mm512_castsi128_si512(_mm_setr_epi32(le_u32(w, 0) as i32, h1 as i32, 0, 0));
+    (reg, head)
+}
+
+/// [`pair_terms`] from [`pair_weights`]' register and heads.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,f16c")]
+#[inline]
+fn pair_terms_of<const F: usize>(reg: __m512i, head: __m512i, c: &Chunk<'_>) -> __m512 {
+    let x = load512(c.q);
+    let part = if F == Q8_0 {
+        dot_i8(reg, x)
+    } else {
+        dot_u8(reg, x)
     };
     // Sum each 128-bit lane into all its lanes, then pairs of them: block 0 in lanes 0..8,
     // block 1 in lanes 8..16; move them to lanes 0 and 1.
@@ -287,8 +486,6 @@ fn pair_terms<const F: usize, const N: usize>(w: &[u8], c: &Chunk<'_>) -> __m512
         _mm512_setr_epi32(0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
         a,
     );
-    let h1 = if two { le_u32(w, bb) } else { 0 };
-    let head = _mm512_castsi128_si512(_mm_setr_epi32(le_u32(w, 0) as i32, h1 as i32, 0, 0));
     combine_heads::<F>(isum, head, c)
 }
 
@@ -394,10 +591,22 @@ fn hadd(a: __m512i, b: __m512i) -> __m512i {
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn block_sums(p: [__m512i; 8]) -> __m512i {
+    fold_pairs([
+        hadd(p[0], p[1]),
+        hadd(p[2], p[3]),
+        hadd(p[4], p[5]),
+        hadd(p[6], p[7]),
+    ])
+}
+
+/// [`block_sums`] from `hadd`s of its registers' pairs (`p[j] = hadd(p[2j], p[2j + 1])`).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn fold_pairs(p: [__m512i; 4]) -> __m512i {
     // Per 128-bit lane L, q0 holds blocks [0, 2, 4, 6] (L = 0, 1) or [1, 3, 5, 7] (L = 2, 3),
     // partial over that quarter of each block; q1 the same for blocks 8..16.
-    let q0 = hadd(hadd(p[0], p[1]), hadd(p[2], p[3]));
-    let q1 = hadd(hadd(p[4], p[5]), hadd(p[6], p[7]));
+    let q0 = hadd(p[0], p[1]);
+    let q1 = hadd(p[2], p[3]);
     let lo = _mm512_shuffle_i64x2::<0b10_00_10_00>(q0, q1);
     let hi = _mm512_shuffle_i64x2::<0b11_01_11_01>(q0, q1);
     // Lanes now hold blocks [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15].

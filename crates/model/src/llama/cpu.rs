@@ -288,15 +288,7 @@ impl CpuLlama {
                     let first = chunk * ROWS_PER_TASK;
                     let count = y.len() / n;
                     let w = &rows[first * m.row_bytes..(first + count) * m.row_bytes];
-                    for (t, xq) in xq.iter().enumerate() {
-                        fastdot::dot_q8_rows(
-                            m.dtype,
-                            w,
-                            m.row_bytes,
-                            xq,
-                            &mut y[t * count..(t + 1) * count],
-                        );
-                    }
+                    fastdot::dot_q8_rows_tokens(m.dtype, w, m.row_bytes, &xq, y);
                 });
             // t_major holds, per chunk, `n` runs of `count` outputs; scatter to [t][row].
             for (chunk, y) in t_major.chunks(ROWS_PER_TASK * n).enumerate() {
