@@ -53,9 +53,7 @@ impl Avx512Vnni {
         // SAFETY: an `Avx512Vnni` exists only if `detect` saw every feature enabled there.
         unsafe { dot_rows(dtype, rows, row_bytes, x, out) }
     }
-}
 
-impl Avx512Vnni {
     /// `out[t * n + r]` = row `r` against `xs[t]`, each bitwise as [`Avx512Vnni::dot_rows`]
     /// gives it, reading and unpacking each chunk of weights once for up to [`TOKENS`]
     /// tokens. Precondition (checked in `mod.rs`): as `dot_rows` for every token, and
