@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::ModelError;
 use crate::fastdot::{self, QuantizedActs};
 use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
-use crate::quant::{dequantize_row, dot_f32 as dot, dot_rows};
+use crate::quant::{self, dequantize_row, dot_f32 as dot, dot_rows};
 
 /// One sequence's keys and values for every layer: `[layer][position][kv_dim]`.
 #[derive(Clone, Debug)]
@@ -367,7 +367,7 @@ impl CpuLlama {
     }
 
     /// Causal attention for `n` queries at positions `pos0..pos0 + n`, each over positions
-    /// `0..=` its own; (position, head) pairs in parallel.
+    /// `0..=` its own ([`quant::attend`]); tokens and heads in parallel.
     fn attention(
         &self,
         out: &mut [f32],
@@ -378,30 +378,33 @@ impl CpuLlama {
         n: usize,
     ) {
         let c = &self.config;
-        let group = c.n_head / c.n_head_kv;
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        out[..n * c.n_head * c.head_dim]
-            .par_chunks_mut(c.head_dim)
+        let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
+        let scale = 1.0 / (hd as f32).sqrt();
+        // A task per token and KV head, its `group` query heads together (each key and value
+        // read once for them), or per token and query head where that leaves the pool too
+        // few tasks. Each query's result is the same bits either way (`quant::attend`).
+        let per_task = if n * c.n_head_kv >= 2 * self.pool.current_num_threads() {
+            group
+        } else {
+            1
+        };
+        let tasks_per_token = c.n_head / per_task;
+        out[..n * c.n_head * hd]
+            .par_chunks_mut(per_task * hd)
+            .zip(q[..n * c.n_head * hd].par_chunks(per_task * hd))
             .enumerate()
-            .for_each(|(i, out)| {
-                let (t, h) = (i / c.n_head, i % c.n_head);
-                let pos = pos0 + t;
-                let q = &q[i * c.head_dim..(i + 1) * c.head_dim];
-                let kv_off = (h / group) * c.head_dim;
-                let mut scores: Vec<f32> = (0..=pos)
-                    .map(|p| {
-                        let k = &cache.k[cache.at(layer, p) + kv_off..][..c.head_dim];
-                        dot(q, k) * scale
-                    })
-                    .collect();
-                softmax(&mut scores);
-                out.fill(0.0);
-                for (p, &weight) in scores.iter().enumerate() {
-                    let v = &cache.v[cache.at(layer, p) + kv_off..][..c.head_dim];
-                    for (o, &vi) in out.iter_mut().zip(v) {
-                        *o += weight * vi;
-                    }
-                }
+            .for_each(|(i, (out, q))| {
+                let (t, h0) = (i / tasks_per_token, i % tasks_per_token * per_task);
+                let first = cache.at(layer, 0) + (h0 / group) * hd;
+                let a = quant::Attend {
+                    k: &cache.k[first..],
+                    v: &cache.v[first..],
+                    stride: cache.kv_dim,
+                    n_pos: pos0 + t + 1,
+                    head_dim: hd,
+                    scale,
+                };
+                quant::attend(&a, q, out);
             });
     }
 }
@@ -422,18 +425,7 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     }
 }
 
-/// In-place softmax.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
-}
+pub use crate::quant::softmax;
 
 /// The index of the largest value; the lowest index among equals.
 pub fn argmax(x: &[f32]) -> u32 {

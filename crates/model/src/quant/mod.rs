@@ -235,6 +235,69 @@ pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
     rows::Path::best().dot_f32(w, x)
 }
 
+/// The keys and values one attention call reads: position `p`'s key is
+/// `k[p * stride..][..head_dim]`, its value `v[p * stride..][..head_dim]`, for `p < n_pos`.
+pub struct Attend<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub stride: usize,
+    pub n_pos: usize,
+    pub head_dim: usize,
+    /// What each score is multiplied by (1 / sqrt(head_dim)).
+    pub scale: f32,
+}
+
+/// Causal attention of the queries in `q` (any number, `head_dim` floats each, all over
+/// the same keys and values) into `out` (the same shape): for each query, the scores
+/// `dot_f32(q, key_p) * scale` in position order, [`softmax`], then
+/// `out = sum_p weight_p * value_p` added in position order (a product, then a sum, per
+/// element). Each query's result is the same bits whatever other queries share the call,
+/// and on every code path; the keys and values are read once for all of them.
+///
+/// Precondition: `q.len() == out.len()`, a multiple of `head_dim`; `n_pos >= 1`; `k` and
+/// `v` hold every row. On a mismatch, debug builds panic and release builds fill `out`
+/// with NaN.
+pub fn attend(a: &Attend<'_>, q: &[f32], out: &mut [f32]) {
+    let need = (a.n_pos.max(1) - 1)
+        .checked_mul(a.stride)
+        .and_then(|n| n.checked_add(a.head_dim));
+    let fits = a.head_dim > 0
+        && a.n_pos > 0
+        && q.len() == out.len()
+        && q.len().is_multiple_of(a.head_dim)
+        && need.is_some_and(|n| n <= a.k.len() && n <= a.v.len());
+    if !fits {
+        debug_assert!(
+            false,
+            "attend: {} query floats into {}, head_dim {}, {} positions {} apart in {} keys \
+             and {} values",
+            q.len(),
+            out.len(),
+            a.head_dim,
+            a.n_pos,
+            a.stride,
+            a.k.len(),
+            a.v.len()
+        );
+        out.fill(f32::NAN);
+        return;
+    }
+    rows::Path::best().attend(a, q, out);
+}
+
+/// In-place softmax: `exp(x - max)` in order, their sum in order, then each divided by it.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
 /// Encodes `src` as one row of `dtype` into `dst`, with ggml's reference quantizers for the
 /// float types and `Q8_0`/`Q4_0`/`Q4_1` (byte-identical to `quantize_row_*_ref`), and simple
 /// valid (not error-minimizing) quantizers for `Q4_K`/`Q6_K`. Meant for tests and generated

@@ -45,6 +45,13 @@ pub(crate) trait Isa: Widen + Sized {
     fn dot_q4_k(row: &[u8], x: &[f32], acc: &mut Lanes) {
         dot_blocks::<_, _, Q4K, Self>(row, x, acc);
     }
+
+    /// [`dot_f32_impl`] of two short rows (an attention score), where a path's compiler
+    /// would not keep the lanes in registers on its own.
+    #[inline(always)]
+    fn dot_f32_short(w: &[f32], x: &[f32]) -> f32 {
+        dot_f32_impl(w, x)
+    }
 }
 
 impl Isa for Soft {}
@@ -145,6 +152,16 @@ impl Path {
             Path::Avx2(token) => token.dot_f32(w, x),
             #[cfg(target_arch = "x86_64")]
             Path::Avx512(token) => token.dot_f32(w, x),
+        }
+    }
+
+    pub(crate) fn attend(self, a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
+        match self {
+            Path::Portable => attend_impl::<Soft>(a, q, out),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(token) => token.attend(a, q, out),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(token) => token.attend(a, q, out),
         }
     }
 
@@ -278,6 +295,36 @@ pub(crate) fn dot_f32_impl(w: &[f32], x: &[f32]) -> f32 {
         *a += wv * xv;
     }
     reduce(acc)
+}
+
+/// [`super::attend`] with its preconditions checked: `q` and `out` hold `g` queries of
+/// `head_dim`, and `k`/`v` the `n_pos` rows `stride` apart.
+#[inline(always)]
+pub(crate) fn attend_impl<I: Isa>(a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
+    let (hd, n_pos) = (a.head_dim, a.n_pos);
+    let g = q.len() / hd;
+    let mut scores = vec![0.0f32; g * n_pos];
+    // Each key row read once for the `g` queries; each query's scores in position order.
+    for p in 0..n_pos {
+        let k = &a.k[p * a.stride..][..hd];
+        for (j, q) in q.chunks_exact(hd).enumerate() {
+            scores[j * n_pos + p] = I::dot_f32_short(q, k) * a.scale;
+        }
+    }
+    for s in scores.chunks_exact_mut(n_pos) {
+        super::softmax(s);
+    }
+    // Each value row read once; each query's output summed in position order.
+    out.fill(0.0);
+    for p in 0..n_pos {
+        let v = &a.v[p * a.stride..][..hd];
+        for (j, out) in out.chunks_exact_mut(hd).enumerate() {
+            let weight = scores[j * n_pos + p];
+            for (o, &vi) in out.iter_mut().zip(v) {
+                *o += weight * vi;
+            }
+        }
+    }
 }
 
 #[inline(always)]

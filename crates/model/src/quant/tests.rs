@@ -570,6 +570,97 @@ fn dot_f32_follows_documented_order() {
     }
 }
 
+/// The arithmetic `attend` documents, for one query, written out plainly.
+fn attend_documented(q: &[f32], a: &super::Attend<'_>) -> Vec<f32> {
+    let hd = a.head_dim;
+    let mut scores: Vec<f32> = (0..a.n_pos)
+        .map(|p| dot_documented(q, &a.k[p * a.stride..][..hd]) * a.scale)
+        .collect();
+    super::softmax(&mut scores);
+    let mut out = vec![0.0f32; hd];
+    for (p, &weight) in scores.iter().enumerate() {
+        for (o, &v) in out.iter_mut().zip(&a.v[p * a.stride..][..hd]) {
+            *o += weight * v;
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_follows_documented_order_whatever_shares_the_call() {
+    let mut rng = Rng(13);
+    for (hd, stride, n_pos, queries) in [
+        (64, 192, 1, 3),
+        (64, 192, 37, 3),
+        (64, 64, 300, 1),
+        (128, 512, 70, 4),
+        (7, 9, 5, 2),
+    ] {
+        let k = rng.weights((n_pos - 1) * stride + hd);
+        let v = rng.weights((n_pos - 1) * stride + hd);
+        let q = rng.weights(queries * hd);
+        let a = super::Attend {
+            k: &k,
+            v: &v,
+            stride,
+            n_pos,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let want: Vec<f32> = q
+            .chunks_exact(hd)
+            .flat_map(|q| attend_documented(q, &a))
+            .collect();
+        for path in paths() {
+            let mut all = vec![0.0f32; q.len()];
+            path.attend(&a, &q, &mut all);
+            assert_bits_eq(
+                &all,
+                &want,
+                &format!(
+                    "{queries} queries of {hd}, {n_pos} positions on {}",
+                    path.name()
+                ),
+            );
+            for (j, q) in q.chunks_exact(hd).enumerate() {
+                let mut one = vec![0.0f32; hd];
+                path.attend(&a, q, &mut one);
+                assert_bits_eq(
+                    &one,
+                    &want[j * hd..][..hd],
+                    &format!("query {j} alone on {}", path.name()),
+                );
+            }
+        }
+        let mut public = vec![0.0f32; q.len()];
+        super::attend(&a, &q, &mut public);
+        assert_bits_eq(&public, &want, "attend");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    should_panic(
+        expected = "attend: 64 query floats into 64, head_dim 64, 3 positions 64 apart in 128 keys"
+    )
+)]
+fn attention_past_its_keys_poisons_instead_of_reading_out_of_bounds() {
+    // Release builds: NaN out, nothing read past the slices.
+    let (k, q) = (vec![1.0f32; 128], vec![1.0f32; 64]);
+    let a = super::Attend {
+        k: &k,
+        v: &k,
+        stride: 64,
+        n_pos: 3,
+        head_dim: 64,
+        scale: 0.125,
+    };
+    let mut out = vec![0.0f32; 64];
+    super::attend(&a, &q, &mut out);
+    assert!(out.iter().all(|v| v.is_nan()));
+}
+
 #[test]
 fn dot_row_is_dot_f32_of_dequantized_row_bitwise() {
     let mut rng = Rng(11);

@@ -11,17 +11,22 @@
 //! lookups, against 2.5 for the SSE2 baseline.)
 
 use std::arch::x86_64::{
-    __m128, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32, _mm_loadu_si128, _mm_movehdup_ps,
-    _mm_set1_epi16, _mm512_add_ps, _mm512_broadcastss_ps, _mm512_cvtepu8_epi32, _mm512_loadu_ps,
-    _mm512_mul_ps, _mm512_permutexvar_ps, _mm512_set1_ps, _mm512_setr_ps, _mm512_srli_epi32,
-    _mm512_storeu_ps, _mm512_sub_ps,
+    __m128, __m256, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32,
+    _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_set1_epi16, _mm256_add_ps,
+    _mm256_castpd_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_loadu_ps,
+    _mm256_mul_ps, _mm256_setzero_ps, _mm512_add_ps, _mm512_broadcastss_ps, _mm512_castps_pd,
+    _mm512_castps512_ps256, _mm512_cvtepu8_epi32, _mm512_extractf64x4_pd, _mm512_loadu_ps,
+    _mm512_mul_ps, _mm512_permutexvar_ps, _mm512_set1_ps, _mm512_setr_ps, _mm512_setzero_ps,
+    _mm512_srli_epi32, _mm512_storeu_ps, _mm512_sub_ps,
 };
 
 use super::DType;
 use super::blocks::{Q4_0_BYTES, Q4_1_BYTES, QK};
 use super::float::{Widen, le_f16};
 use super::kquants::{K_SCALE_SIZE, Q4_K_BYTES, QK_K, scale_min_k4};
-use super::rows::{Isa, LANES, Lanes, dequantize_impl, dot_f32_impl, dot_impl, dot_rows_impl};
+use super::rows::{
+    Isa, LANES, Lanes, attend_impl, dequantize_impl, dot_f32_impl, dot_impl, dot_rows_impl,
+};
 
 /// Implements `Widen` with F16C. The types using this are private to this module and only
 /// instantiate code inside its `#[target_feature(enable = "...f16c")]` functions.
@@ -59,7 +64,76 @@ pub(crate) struct Avx2(());
 
 struct Avx2Isa;
 widen_with_f16c!(Avx2Isa);
-impl Isa for Avx2Isa {}
+impl Isa for Avx2Isa {
+    #[inline(always)]
+    fn dot_f32_short(w: &[f32], x: &[f32]) -> f32 {
+        // SAFETY: only called within `avx2_*`, which run only after `detect`.
+        unsafe { dot_f32_avx2(w, x) }
+    }
+}
+
+/// [`dot_f32_impl`] with its 32 lanes in four registers: lane `i % 32` gets `w[i] * x[i]`
+/// in increasing `i` (a product, then a sum), then the lanes are added pairwise, 16 apart,
+/// then 8, 4, 2, 1. Same operations on the same values, so the same bits. Rows that are not
+/// whole 32-float chunks take `dot_f32_impl` itself.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn dot_f32_avx2(w: &[f32], x: &[f32]) -> f32 {
+    let ((wc, []), (xc, [])) = (w.as_chunks::<LANES>(), x.as_chunks::<LANES>()) else {
+        return dot_f32_impl(w, x);
+    };
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (w, x) in wc.iter().zip(xc) {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: 8 floats at 8i inside 32-float chunks.
+            let (w, x) = unsafe {
+                (
+                    _mm256_loadu_ps(w.as_ptr().add(8 * i)),
+                    _mm256_loadu_ps(x.as_ptr().add(8 * i)),
+                )
+            };
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, x));
+        }
+    }
+    // Lanes 0..16 += 16..32 (registers 0, 1 += 2, 3), then 0..8 += 8..16.
+    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+    sum_lanes8(v)
+}
+
+/// Lanes 0..4 += 4..8, then 0..2 += 2..4, then lane 0 += lane 1; returns lane 0.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn sum_lanes8(v: __m256) -> f32 {
+    let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
+}
+
+/// [`dot_f32_avx2`] with the 32 lanes in two AVX-512 registers.
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+fn dot_f32_avx512(w: &[f32], x: &[f32]) -> f32 {
+    let ((wc, []), (xc, [])) = (w.as_chunks::<LANES>(), x.as_chunks::<LANES>()) else {
+        return dot_f32_impl(w, x);
+    };
+    let mut acc = [_mm512_setzero_ps(); 2];
+    for (w, x) in wc.iter().zip(xc) {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: 16 floats at 16i inside 32-float chunks.
+            let (w, x) = unsafe {
+                (
+                    _mm512_loadu_ps(w.as_ptr().add(16 * i)),
+                    _mm512_loadu_ps(x.as_ptr().add(16 * i)),
+                )
+            };
+            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(w, x));
+        }
+    }
+    // Lanes 0..16 += 16..32, then 0..8 += 8..16.
+    let v = _mm512_add_ps(acc[0], acc[1]);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    sum_lanes8(_mm256_add_ps(_mm512_castps512_ps256(v), hi))
+}
 
 impl Avx2 {
     pub(crate) fn detect() -> Option<Avx2> {
@@ -88,6 +162,11 @@ impl Avx2 {
         unsafe { avx2_dot_f32(w, x) }
     }
 
+    pub(crate) fn attend(self, a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
+        // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
+        unsafe { avx2_attend(a, q, out) }
+    }
+
     pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
         // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
         unsafe { avx2_dequantize(dtype, src, dst) }
@@ -107,6 +186,11 @@ fn avx2_dot_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &[f32], out: &m
 #[target_feature(enable = "avx2,f16c")]
 fn avx2_dot_f32(w: &[f32], x: &[f32]) -> f32 {
     dot_f32_impl(w, x)
+}
+
+#[target_feature(enable = "avx2,f16c")]
+fn avx2_attend(a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
+    attend_impl::<Avx2Isa>(a, q, out);
 }
 
 #[target_feature(enable = "avx2,f16c")]
@@ -144,6 +228,12 @@ impl Isa for Avx512Isa {
         // SAFETY: only called within `avx512_dot*`, which run only after `detect`.
         unsafe { dot_q4_k_lut(row, x, acc) }
     }
+
+    #[inline(always)]
+    fn dot_f32_short(w: &[f32], x: &[f32]) -> f32 {
+        // SAFETY: only called within `avx512_*`, which run only after `detect`.
+        unsafe { dot_f32_avx512(w, x) }
+    }
 }
 
 impl Avx512 {
@@ -178,6 +268,11 @@ impl Avx512 {
         unsafe { avx512_dot_f32(w, x) }
     }
 
+    pub(crate) fn attend(self, a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
+        // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
+        unsafe { avx512_attend(a, q, out) }
+    }
+
     pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
         // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
         unsafe { avx512_dequantize(dtype, src, dst) }
@@ -197,6 +292,11 @@ fn avx512_dot_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &[f32], out: 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 fn avx512_dot_f32(w: &[f32], x: &[f32]) -> f32 {
     dot_f32_impl(w, x)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+fn avx512_attend(a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
+    attend_impl::<Avx512Isa>(a, q, out);
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
