@@ -30,7 +30,7 @@ fn prompt(n: usize) -> Vec<u32> {
 
 /// Runs `tokens` in the given chunk sizes; returns the last logits and the session.
 fn run(model: &Model, tokens: &[u32], chunks: &[usize]) -> (Vec<f32>, tern_model::Session) {
-    let mut session = model.new_session(128).unwrap();
+    let mut session = model.new_session(256).unwrap();
     let mut logits = vec![0.0; model.config().n_vocab];
     let mut at = 0;
     for &n in chunks.iter().chain(std::iter::repeat(&1)) {
@@ -53,9 +53,10 @@ fn bits(x: &[f32]) -> Vec<u32> {
 #[test]
 fn results_do_not_depend_on_batching_threads_or_runs() {
     let model = tiny(DType::Q4_1, 2);
-    let tokens = prompt(90); // more than one internal batch
-    let (whole, s1) = run(&model, &tokens, &[90]);
-    let (chunked, s2) = run(&model, &tokens, &[7, 33, 50]);
+    // More than one internal batch, and more than one block of the attention's positions.
+    let tokens = prompt(200);
+    let (whole, s1) = run(&model, &tokens, &[200]);
+    let (chunked, s2) = run(&model, &tokens, &[7, 33, 50, 110]);
     let (single, s3) = run(&model, &tokens, &[1]);
     assert_eq!(bits(&whole), bits(&chunked));
     assert_eq!(bits(&whole), bits(&single));
@@ -63,10 +64,10 @@ fn results_do_not_depend_on_batching_threads_or_runs() {
     let (kv1, kv2, kv3) = (kv(&s1), kv(&s2), kv(&s3));
     assert_eq!(bits(&kv1.k), bits(&kv2.k));
     assert_eq!(bits(&kv1.v), bits(&kv3.v));
-    let (again, _) = run(&model, &tokens, &[90]);
+    let (again, _) = run(&model, &tokens, &[200]);
     assert_eq!(bits(&whole), bits(&again));
     let one_thread = tiny(DType::Q4_1, 1);
-    assert_eq!(bits(&whole), bits(&run(&one_thread, &tokens, &[90]).0));
+    assert_eq!(bits(&whole), bits(&run(&one_thread, &tokens, &[200]).0));
     assert!(whole.iter().all(|v| v.is_finite()));
     let spread = whole.iter().copied().fold(f32::MIN, f32::max)
         - whole.iter().copied().fold(f32::MAX, f32::min);

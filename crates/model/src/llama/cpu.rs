@@ -379,15 +379,51 @@ impl CpuLlama {
     ) {
         let c = &self.config;
         let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
-        let scale = 1.0 / (hd as f32).sqrt();
-        // A task per token and KV head, its `group` query heads together (each key and value
-        // read once for them), or per token and query head where that leaves the pool too
-        // few tasks. Each query's result is the same bits either way (`quant::attend`).
-        let per_task = if n * c.n_head_kv >= 2 * self.pool.current_num_threads() {
-            group
-        } else {
-            1
+        let threads = self.pool.current_num_threads();
+        // Token t's keys and values for the KV head of query head h.
+        let over = |t: usize, h: usize| {
+            let first = cache.at(layer, 0) + (h / group) * hd;
+            quant::Attend {
+                k: &cache.k[first..],
+                v: &cache.v[first..],
+                stride: cache.kv_dim,
+                n_pos: pos0 + t + 1,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            }
         };
+        // A task takes the `group` query heads of a KV head together (each key and value read
+        // once for them), or one query head where that leaves the pool too few tasks. Each
+        // query's result is the same bits either way, and whether its blocks of positions
+        // are taken one after another or side by side (`quant::attend`).
+        let per_task = |tasks_if_grouped: usize| {
+            if tasks_if_grouped >= 2 * threads {
+                group
+            } else {
+                1
+            }
+        };
+        if n == 1 {
+            // Decode: the blocks of positions side by side, then each head's merged.
+            let nb = over(0, 0).blocks();
+            let per_task = per_task(c.n_head_kv * nb);
+            let plen = quant::partial_len(hd);
+            let mut partials = vec![0.0f32; c.n_head * nb * plen]; // [task][block][query]
+            partials
+                .par_chunks_mut(per_task * plen)
+                .enumerate()
+                .for_each(|(i, part)| {
+                    let h0 = i / nb * per_task;
+                    let q = &q[h0 * hd..][..per_task * hd];
+                    quant::attend_block(&over(0, h0), i % nb, q, part);
+                });
+            for (h, out) in out[..c.n_head * hd].chunks_exact_mut(hd).enumerate() {
+                let first = (h / per_task * nb * per_task + h % per_task) * plen;
+                quant::attend_merge(&partials[first..], per_task * plen, nb, out);
+            }
+            return;
+        }
+        let per_task = per_task(n * c.n_head_kv);
         let tasks_per_token = c.n_head / per_task;
         out[..n * c.n_head * hd]
             .par_chunks_mut(per_task * hd)
@@ -395,16 +431,7 @@ impl CpuLlama {
             .enumerate()
             .for_each(|(i, (out, q))| {
                 let (t, h0) = (i / tasks_per_token, i % tasks_per_token * per_task);
-                let first = cache.at(layer, 0) + (h0 / group) * hd;
-                let a = quant::Attend {
-                    k: &cache.k[first..],
-                    v: &cache.v[first..],
-                    stride: cache.kv_dim,
-                    n_pos: pos0 + t + 1,
-                    head_dim: hd,
-                    scale,
-                };
-                quant::attend(&a, q, out);
+                quant::attend(&over(t, h0), q, out);
             });
     }
 }

@@ -247,42 +247,135 @@ pub struct Attend<'a> {
     pub scale: f32,
 }
 
+/// Positions per block of [`attend`]'s softmax.
+pub const ATTEND_BLOCK: usize = 128;
+
+impl Attend<'_> {
+    /// Blocks of [`ATTEND_BLOCK`] positions over the `n_pos` positions (the last one part
+    /// of a block).
+    pub fn blocks(&self) -> usize {
+        self.n_pos.div_ceil(ATTEND_BLOCK)
+    }
+
+    /// Whether the keys and values hold every position, `g` queries of `head_dim` fit `q`,
+    /// and there is at least one position.
+    fn fits(&self, q: usize) -> bool {
+        let need = (self.n_pos.max(1) - 1)
+            .checked_mul(self.stride)
+            .and_then(|n| n.checked_add(self.head_dim));
+        self.head_dim > 0
+            && self.n_pos > 0
+            && q.is_multiple_of(self.head_dim)
+            && need.is_some_and(|n| n <= self.k.len() && n <= self.v.len())
+    }
+
+    fn refuse(&self, what: &str, q: usize, out: &mut [f32]) {
+        debug_assert!(
+            false,
+            "{what}: {q} query floats into {}, head_dim {}, {} positions {} apart in {} keys and \
+             {} values",
+            out.len(),
+            self.head_dim,
+            self.n_pos,
+            self.stride,
+            self.k.len(),
+            self.v.len()
+        );
+        out.fill(f32::NAN);
+    }
+}
+
+/// Floats of one query's result for one block ([`attend_block`]): its `head_dim` weighted
+/// value sums, the block's largest score, and the sum of its weights.
+pub fn partial_len(head_dim: usize) -> usize {
+    head_dim + 2
+}
+
 /// Causal attention of the queries in `q` (any number, `head_dim` floats each, all over
-/// the same keys and values) into `out` (the same shape): for each query, the scores
-/// `dot_f32(q, key_p) * scale` in position order, [`softmax`], then
-/// `out = sum_p weight_p * value_p` added in position order (a product, then a sum, per
-/// element). Each query's result is the same bits whatever other queries share the call,
-/// and on every code path; the keys and values are read once for all of them.
+/// the same keys and values) into `out` (the same shape): every block's [`attend_block`],
+/// then [`attend_merge`], in block order. Each query's result is the same bits whatever
+/// other queries share the call, however its blocks are computed, and on every code path.
 ///
 /// Precondition: `q.len() == out.len()`, a multiple of `head_dim`; `n_pos >= 1`; `k` and
 /// `v` hold every row. On a mismatch, debug builds panic and release builds fill `out`
 /// with NaN.
 pub fn attend(a: &Attend<'_>, q: &[f32], out: &mut [f32]) {
-    let need = (a.n_pos.max(1) - 1)
-        .checked_mul(a.stride)
-        .and_then(|n| n.checked_add(a.head_dim));
-    let fits = a.head_dim > 0
-        && a.n_pos > 0
-        && q.len() == out.len()
-        && q.len().is_multiple_of(a.head_dim)
-        && need.is_some_and(|n| n <= a.k.len() && n <= a.v.len());
-    if !fits {
+    if !a.fits(q.len()) || q.len() != out.len() {
+        a.refuse("attend", q.len(), out);
+        return;
+    }
+    let (hd, nb) = (a.head_dim, a.blocks());
+    let per_block = q.len() / hd * partial_len(hd);
+    let mut partials = vec![0.0f32; nb * per_block];
+    let path = rows::Path::best();
+    for (b, part) in partials.chunks_exact_mut(per_block).enumerate() {
+        path.attend_block(a, b, q, part);
+    }
+    for (j, out) in out.chunks_exact_mut(hd).enumerate() {
+        merge(&partials[j * partial_len(hd)..], per_block, nb, out);
+    }
+}
+
+/// Block `b` of [`attend`] (positions `128 b ..` up to 128 of them, at most `n_pos`) for
+/// the queries in `q`, into `partials` (`partial_len(head_dim)` floats a query, in order):
+/// the scores `dot_f32(q, key_p) * scale` in position order, their largest `m`, the weights
+/// `exp(score - m)`, their sum in order, and the values weighted by them, summed in position
+/// order (a product, then a sum, per element). The keys and values are read once for all
+/// the queries.
+///
+/// Precondition: as [`attend`], with `partials` sized for the queries and `b` a block. On a
+/// mismatch, debug builds panic and release builds fill `partials` with NaN.
+pub fn attend_block(a: &Attend<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
+    let sized = a.head_dim > 0 && partials.len() == q.len() / a.head_dim * partial_len(a.head_dim);
+    if !a.fits(q.len()) || !sized || b >= a.blocks() {
+        a.refuse("attend_block", q.len(), partials);
+        return;
+    }
+    rows::Path::best().attend_block(a, b, q, partials);
+}
+
+/// One query's result from its blocks' partials ([`attend_block`]; block `b`'s at
+/// `partials[b * stride..]`), into `out` (`head_dim` floats): `M` the largest block
+/// maximum, each block's factor `exp(m_b - M)`, `L = sum_b factor_b * sum_b` and
+/// `out = (sum_b factor_b * values_b) / L`, sums in block order.
+///
+/// Precondition: `blocks >= 1` and `partials` holds them. On a mismatch, debug builds panic
+/// and release builds fill `out` with NaN.
+pub fn attend_merge(partials: &[f32], stride: usize, blocks: usize, out: &mut [f32]) {
+    let need = (blocks.max(1) - 1)
+        .checked_mul(stride)
+        .and_then(|n| n.checked_add(partial_len(out.len())));
+    if blocks == 0 || need.is_none_or(|n| n > partials.len()) {
         debug_assert!(
             false,
-            "attend: {} query floats into {}, head_dim {}, {} positions {} apart in {} keys \
-             and {} values",
-            q.len(),
-            out.len(),
-            a.head_dim,
-            a.n_pos,
-            a.stride,
-            a.k.len(),
-            a.v.len()
+            "attend_merge: {blocks} blocks {stride} apart in {} floats, {} outputs",
+            partials.len(),
+            out.len()
         );
         out.fill(f32::NAN);
         return;
     }
-    rows::Path::best().attend(a, q, out);
+    merge(partials, stride, blocks, out);
+}
+
+/// [`attend_merge`] with its preconditions met.
+fn merge(partials: &[f32], stride: usize, blocks: usize, out: &mut [f32]) {
+    let hd = out.len();
+    let block = |b: usize| &partials[b * stride..][..partial_len(hd)];
+    let max = (0..blocks).fold(f32::NEG_INFINITY, |m, b| m.max(block(b)[hd]));
+    out.fill(0.0);
+    let mut sum = 0.0f32;
+    for b in 0..blocks {
+        let p = block(b);
+        let factor = (p[hd] - max).exp();
+        sum += factor * p[hd + 1];
+        for (o, &v) in out.iter_mut().zip(&p[..hd]) {
+            *o += factor * v;
+        }
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
+    }
 }
 
 /// In-place softmax: `exp(x - max)` in order, their sum in order, then each divided by it.

@@ -155,13 +155,19 @@ impl Path {
         }
     }
 
-    pub(crate) fn attend(self, a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
+    pub(crate) fn attend_block(
+        self,
+        a: &super::Attend<'_>,
+        b: usize,
+        q: &[f32],
+        partials: &mut [f32],
+    ) {
         match self {
-            Path::Portable => attend_impl::<Soft>(a, q, out),
+            Path::Portable => attend_block_impl::<Soft>(a, b, q, partials),
             #[cfg(target_arch = "x86_64")]
-            Path::Avx2(token) => token.attend(a, q, out),
+            Path::Avx2(token) => token.attend_block(a, b, q, partials),
             #[cfg(target_arch = "x86_64")]
-            Path::Avx512(token) => token.attend(a, q, out),
+            Path::Avx512(token) => token.attend_block(a, b, q, partials),
         }
     }
 
@@ -297,30 +303,49 @@ pub(crate) fn dot_f32_impl(w: &[f32], x: &[f32]) -> f32 {
     reduce(acc)
 }
 
-/// [`super::attend`] with its preconditions checked: `q` and `out` hold `g` queries of
-/// `head_dim`, and `k`/`v` the `n_pos` rows `stride` apart.
+/// [`super::attend_block`] with its preconditions checked.
 #[inline(always)]
-pub(crate) fn attend_impl<I: Isa>(a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
-    let (hd, n_pos) = (a.head_dim, a.n_pos);
+pub(crate) fn attend_block_impl<I: Isa>(
+    a: &super::Attend<'_>,
+    b: usize,
+    q: &[f32],
+    partials: &mut [f32],
+) {
+    let hd = a.head_dim;
+    let p0 = b * super::ATTEND_BLOCK;
+    let n = a.n_pos.min(p0 + super::ATTEND_BLOCK) - p0;
     let g = q.len() / hd;
-    let mut scores = vec![0.0f32; g * n_pos];
+    let mut weights = vec![0.0f32; g * n];
     // Each key row read once for the `g` queries; each query's scores in position order.
-    for p in 0..n_pos {
-        let k = &a.k[p * a.stride..][..hd];
+    for p in 0..n {
+        let k = &a.k[(p0 + p) * a.stride..][..hd];
         for (j, q) in q.chunks_exact(hd).enumerate() {
-            scores[j * n_pos + p] = I::dot_f32_short(q, k) * a.scale;
+            weights[j * n + p] = I::dot_f32_short(q, k) * a.scale;
         }
     }
-    for s in scores.chunks_exact_mut(n_pos) {
-        super::softmax(s);
+    for (w, part) in weights
+        .chunks_exact_mut(n)
+        .zip(partials.chunks_exact_mut(super::partial_len(hd)))
+    {
+        let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for w in w.iter_mut() {
+            *w = (*w - max).exp();
+            sum += *w;
+        }
+        part[..hd].fill(0.0);
+        part[hd] = max;
+        part[hd + 1] = sum;
     }
-    // Each value row read once; each query's output summed in position order.
-    out.fill(0.0);
-    for p in 0..n_pos {
-        let v = &a.v[p * a.stride..][..hd];
-        for (j, out) in out.chunks_exact_mut(hd).enumerate() {
-            let weight = scores[j * n_pos + p];
-            for (o, &vi) in out.iter_mut().zip(v) {
+    // Each value row read once; each query's sums in position order.
+    for p in 0..n {
+        let v = &a.v[(p0 + p) * a.stride..][..hd];
+        for (j, part) in partials
+            .chunks_exact_mut(super::partial_len(hd))
+            .enumerate()
+        {
+            let weight = weights[j * n + p];
+            for (o, &vi) in part[..hd].iter_mut().zip(v) {
                 *o += weight * vi;
             }
         }

@@ -573,29 +573,47 @@ fn dot_f32_follows_documented_order() {
 /// The arithmetic `attend` documents, for one query, written out plainly.
 fn attend_documented(q: &[f32], a: &super::Attend<'_>) -> Vec<f32> {
     let hd = a.head_dim;
-    let mut scores: Vec<f32> = (0..a.n_pos)
-        .map(|p| dot_documented(q, &a.k[p * a.stride..][..hd]) * a.scale)
-        .collect();
-    super::softmax(&mut scores);
-    let mut out = vec![0.0f32; hd];
-    for (p, &weight) in scores.iter().enumerate() {
-        for (o, &v) in out.iter_mut().zip(&a.v[p * a.stride..][..hd]) {
-            *o += weight * v;
+    let mut blocks = Vec::new();
+    for p0 in (0..a.n_pos).step_by(super::ATTEND_BLOCK) {
+        let positions = p0..a.n_pos.min(p0 + super::ATTEND_BLOCK);
+        let scores: Vec<f32> = positions
+            .clone()
+            .map(|p| dot_documented(q, &a.k[p * a.stride..][..hd]) * a.scale)
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (mut sum, mut values) = (0.0f32, vec![0.0f32; hd]);
+        for (p, s) in positions.zip(scores) {
+            let w = (s - max).exp();
+            sum += w;
+            for (o, &v) in values.iter_mut().zip(&a.v[p * a.stride..][..hd]) {
+                *o += w * v;
+            }
+        }
+        blocks.push((values, max, sum));
+    }
+    let max = blocks.iter().fold(f32::NEG_INFINITY, |m, b| m.max(b.1));
+    let (mut out, mut total) = (vec![0.0f32; hd], 0.0f32);
+    for (values, m, sum) in &blocks {
+        let factor = (m - max).exp();
+        total += factor * sum;
+        for (o, v) in out.iter_mut().zip(values) {
+            *o += factor * v;
         }
     }
-    out
+    out.iter().map(|o| o / total).collect()
 }
 
 #[test]
 fn attention_follows_documented_order_whatever_shares_the_call() {
     let mut rng = Rng(13);
-    for (hd, stride, n_pos, queries) in [
+    let cases = [
         (64, 192, 1, 3),
         (64, 192, 37, 3),
         (64, 64, 300, 1),
-        (128, 512, 70, 4),
+        (128, 512, 257, 4),
         (7, 9, 5, 2),
-    ] {
+    ];
+    for (hd, stride, n_pos, queries) in cases {
         let k = rng.weights((n_pos - 1) * stride + hd);
         let v = rng.weights((n_pos - 1) * stride + hd);
         let q = rng.weights(queries * hd);
@@ -607,34 +625,42 @@ fn attention_follows_documented_order_whatever_shares_the_call() {
             head_dim: hd,
             scale: 1.0 / (hd as f32).sqrt(),
         };
+        let what = format!("{queries} queries of {hd}, {n_pos} positions");
         let want: Vec<f32> = q
             .chunks_exact(hd)
             .flat_map(|q| attend_documented(q, &a))
             .collect();
+        let plen = super::partial_len(hd);
         for path in paths() {
-            let mut all = vec![0.0f32; q.len()];
-            path.attend(&a, &q, &mut all);
-            assert_bits_eq(
-                &all,
-                &want,
-                &format!(
-                    "{queries} queries of {hd}, {n_pos} positions on {}",
-                    path.name()
-                ),
-            );
+            // All queries at once, block by block, then each query's blocks merged.
+            let mut parts = vec![0.0f32; a.blocks() * queries * plen];
+            for (b, part) in parts.chunks_exact_mut(queries * plen).enumerate() {
+                path.attend_block(&a, b, &q, part);
+            }
+            for (j, want) in want.chunks_exact(hd).enumerate() {
+                let mut out = vec![0.0f32; hd];
+                super::attend_merge(&parts[j * plen..], queries * plen, a.blocks(), &mut out);
+                assert_bits_eq(&out, want, &format!("{what}, query {j} on {}", path.name()));
+            }
+            // Each query alone.
             for (j, q) in q.chunks_exact(hd).enumerate() {
-                let mut one = vec![0.0f32; hd];
-                path.attend(&a, q, &mut one);
+                let mut parts = vec![0.0f32; a.blocks() * plen];
+                for (b, part) in parts.chunks_exact_mut(plen).enumerate() {
+                    path.attend_block(&a, b, q, part);
+                }
+                let mut out = vec![0.0f32; hd];
+                super::attend_merge(&parts, plen, a.blocks(), &mut out);
+                let want = &want[j * hd..][..hd];
                 assert_bits_eq(
-                    &one,
-                    &want[j * hd..][..hd],
-                    &format!("query {j} alone on {}", path.name()),
+                    &out,
+                    want,
+                    &format!("{what}, query {j} alone on {}", path.name()),
                 );
             }
         }
-        let mut public = vec![0.0f32; q.len()];
-        super::attend(&a, &q, &mut public);
-        assert_bits_eq(&public, &want, "attend");
+        let mut all = vec![0.0f32; q.len()];
+        super::attend(&a, &q, &mut all);
+        assert_bits_eq(&all, &want, &format!("attend: {what}"));
     }
 }
 
@@ -658,6 +684,20 @@ fn attention_past_its_keys_poisons_instead_of_reading_out_of_bounds() {
     };
     let mut out = vec![0.0f32; 64];
     super::attend(&a, &q, &mut out);
+    assert!(out.iter().all(|v| v.is_nan()));
+    let mut part = vec![0.0f32; super::partial_len(64)];
+    super::attend_block(&a, 0, &q, &mut part);
+    assert!(part.iter().all(|v| v.is_nan()));
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    should_panic(expected = "attend_merge: 3 blocks 66 apart")
+)]
+fn merging_past_the_partials_poisons() {
+    let mut out = vec![0.0f32; 64];
+    super::attend_merge(&[1.0; 66 * 2], 66, 3, &mut out);
     assert!(out.iter().all(|v| v.is_nan()));
 }
 

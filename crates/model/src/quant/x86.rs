@@ -25,7 +25,7 @@ use super::blocks::{Q4_0_BYTES, Q4_1_BYTES, QK};
 use super::float::{Widen, le_f16};
 use super::kquants::{K_SCALE_SIZE, Q4_K_BYTES, QK_K, scale_min_k4};
 use super::rows::{
-    Isa, LANES, Lanes, attend_impl, dequantize_impl, dot_f32_impl, dot_impl, dot_rows_impl,
+    Isa, LANES, Lanes, attend_block_impl, dequantize_impl, dot_f32_impl, dot_impl, dot_rows_impl,
 };
 
 /// Implements `Widen` with F16C. The types using this are private to this module and only
@@ -162,9 +162,15 @@ impl Avx2 {
         unsafe { avx2_dot_f32(w, x) }
     }
 
-    pub(crate) fn attend(self, a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
+    pub(crate) fn attend_block(
+        self,
+        a: &super::Attend<'_>,
+        b: usize,
+        q: &[f32],
+        partials: &mut [f32],
+    ) {
         // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
-        unsafe { avx2_attend(a, q, out) }
+        unsafe { avx2_attend_block(a, b, q, partials) }
     }
 
     pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
@@ -189,8 +195,8 @@ fn avx2_dot_f32(w: &[f32], x: &[f32]) -> f32 {
 }
 
 #[target_feature(enable = "avx2,f16c")]
-fn avx2_attend(a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
-    attend_impl::<Avx2Isa>(a, q, out);
+fn avx2_attend_block(a: &super::Attend<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
+    attend_block_impl::<Avx2Isa>(a, b, q, partials);
 }
 
 #[target_feature(enable = "avx2,f16c")]
@@ -268,9 +274,15 @@ impl Avx512 {
         unsafe { avx512_dot_f32(w, x) }
     }
 
-    pub(crate) fn attend(self, a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
+    pub(crate) fn attend_block(
+        self,
+        a: &super::Attend<'_>,
+        b: usize,
+        q: &[f32],
+        partials: &mut [f32],
+    ) {
         // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
-        unsafe { avx512_attend(a, q, out) }
+        unsafe { avx512_attend_block(a, b, q, partials) }
     }
 
     pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
@@ -295,8 +307,8 @@ fn avx512_dot_f32(w: &[f32], x: &[f32]) -> f32 {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-fn avx512_attend(a: &super::Attend<'_>, q: &[f32], out: &mut [f32]) {
-    attend_impl::<Avx512Isa>(a, q, out);
+fn avx512_attend_block(a: &super::Attend<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
+    attend_block_impl::<Avx512Isa>(a, b, q, partials);
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
