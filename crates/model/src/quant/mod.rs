@@ -286,7 +286,7 @@ impl Attend<'_> {
 }
 
 /// Floats of one query's result for one block ([`attend_block`]): its `head_dim` weighted
-/// value sums, the block's largest score, and the sum of its weights.
+/// value sums, the block's largest score, and the sum of its exps.
 pub fn partial_len(head_dim: usize) -> usize {
     head_dim + 2
 }
@@ -318,10 +318,10 @@ pub fn attend(a: &Attend<'_>, q: &[f32], out: &mut [f32]) {
 
 /// Block `b` of [`attend`] (positions `128 b ..` up to 128 of them, at most `n_pos`) for
 /// the queries in `q`, into `partials` (`partial_len(head_dim)` floats a query, in order):
-/// the scores `dot_f32(q, key_p) * scale` in position order, their largest `m`, the weights
-/// `exp(score - m)`, their sum in order, and the values weighted by them, summed in position
-/// order (a product, then a sum, per element). The keys and values are read once for all
-/// the queries.
+/// the scores `dot_f32(q, key_p) * scale` in position order, then as [`softmax`] does, their
+/// largest `m`, the exps `exp(score - m)`, their sum `l` in order and the weights
+/// `exp / l`; then the values weighted by them, summed in position order (a product, then a
+/// sum, per element), `m` and `l`. The keys and values are read once for all the queries.
 ///
 /// Precondition: as [`attend`], with `partials` sized for the queries and `b` a block. On a
 /// mismatch, debug builds panic and release builds fill `partials` with NaN.
@@ -336,8 +336,10 @@ pub fn attend_block(a: &Attend<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
 
 /// One query's result from its blocks' partials ([`attend_block`]; block `b`'s at
 /// `partials[b * stride..]`), into `out` (`head_dim` floats): `M` the largest block
-/// maximum, each block's factor `exp(m_b - M)`, `L = sum_b factor_b * sum_b` and
-/// `out = (sum_b factor_b * values_b) / L`, sums in block order.
+/// maximum, each block's share `f_b = exp(m_b - M) * l_b`, `L` their sum in block order, and
+/// `out = sum_b (f_b / L) * values_b` in block order. With one block that is its values
+/// exactly (`f / L` is 1), so up to 128 positions the result is the one softmax over them
+/// all gives.
 ///
 /// Precondition: `blocks >= 1` and `partials` holds them. On a mismatch, debug builds panic
 /// and release builds fill `out` with NaN.
@@ -363,18 +365,14 @@ fn merge(partials: &[f32], stride: usize, blocks: usize, out: &mut [f32]) {
     let hd = out.len();
     let block = |b: usize| &partials[b * stride..][..partial_len(hd)];
     let max = (0..blocks).fold(f32::NEG_INFINITY, |m, b| m.max(block(b)[hd]));
+    let share = |b: usize| (block(b)[hd] - max).exp() * block(b)[hd + 1];
+    let total = (0..blocks).fold(0.0f32, |t, b| t + share(b));
     out.fill(0.0);
-    let mut sum = 0.0f32;
     for b in 0..blocks {
-        let p = block(b);
-        let factor = (p[hd] - max).exp();
-        sum += factor * p[hd + 1];
-        for (o, &v) in out.iter_mut().zip(&p[..hd]) {
-            *o += factor * v;
+        let weight = share(b) / total;
+        for (o, &v) in out.iter_mut().zip(&block(b)[..hd]) {
+            *o += weight * v;
         }
-    }
-    for o in out.iter_mut() {
-        *o /= sum;
     }
 }
 

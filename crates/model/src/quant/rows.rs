@@ -333,6 +333,9 @@ pub(crate) fn attend_block_impl<I: Isa>(
             *w = (*w - max).exp();
             sum += *w;
         }
+        for w in w.iter_mut() {
+            *w /= sum;
+        }
         part[..hd].fill(0.0);
         part[hd] = max;
         part[hd + 1] = sum;

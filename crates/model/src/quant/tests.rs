@@ -581,10 +581,11 @@ fn attend_documented(q: &[f32], a: &super::Attend<'_>) -> Vec<f32> {
             .map(|p| dot_documented(q, &a.k[p * a.stride..][..hd]) * a.scale)
             .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let (mut sum, mut values) = (0.0f32, vec![0.0f32; hd]);
-        for (p, s) in positions.zip(scores) {
-            let w = (s - max).exp();
-            sum += w;
+        let mut weights = scores.clone();
+        super::softmax(&mut weights);
+        let sum = scores.iter().fold(0.0f32, |s, x| s + (x - max).exp());
+        let mut values = vec![0.0f32; hd];
+        for (p, w) in positions.zip(weights) {
             for (o, &v) in values.iter_mut().zip(&a.v[p * a.stride..][..hd]) {
                 *o += w * v;
             }
@@ -592,15 +593,16 @@ fn attend_documented(q: &[f32], a: &super::Attend<'_>) -> Vec<f32> {
         blocks.push((values, max, sum));
     }
     let max = blocks.iter().fold(f32::NEG_INFINITY, |m, b| m.max(b.1));
-    let (mut out, mut total) = (vec![0.0f32; hd], 0.0f32);
-    for (values, m, sum) in &blocks {
-        let factor = (m - max).exp();
-        total += factor * sum;
-        for (o, v) in out.iter_mut().zip(values) {
-            *o += factor * v;
+    let share = |b: &(Vec<f32>, f32, f32)| (b.1 - max).exp() * b.2;
+    let total = blocks.iter().fold(0.0f32, |t, b| t + share(b));
+    let mut out = vec![0.0f32; hd];
+    for b in &blocks {
+        let weight = share(b) / total;
+        for (o, v) in out.iter_mut().zip(&b.0) {
+            *o += weight * v;
         }
     }
-    out.iter().map(|o| o / total).collect()
+    out
 }
 
 #[test]
