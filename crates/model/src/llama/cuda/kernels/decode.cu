@@ -41,23 +41,7 @@
 #define DECODE_HEAD_DIM 64
 #endif
 
-#if DECODE_TYPE == 0
-typedef F32 W;
-#elif DECODE_TYPE == 1
-typedef Half16<false> W;
-#elif DECODE_TYPE == 2
-typedef Half16<true> W;
-#elif DECODE_TYPE == 3
-typedef Q8_0 W;
-#elif DECODE_TYPE == 4
-typedef Q4_0 W;
-#elif DECODE_TYPE == 5
-typedef Q4_1 W;
-#elif DECODE_TYPE == 6
-typedef Q4_K W;
-#else
-typedef Q6_K W;
-#endif
+typedef WeightType<DECODE_TYPE>::T W;
 
 #define DECODE_THREADS 512
 #define DECODE_WARPS (DECODE_THREADS / 32)

@@ -39,7 +39,7 @@
         dequant_bf16<T>(w, out, rows, cols, row_bytes);                                              \
     }
 
-// One type's kernels when MATVEC_TYPE is defined (0-7 in this order, the host's DType::ALL),
+// One type's kernels when MATVEC_TYPE is defined (0-7: matvec.cuh's WeightType),
 // so that the types compile as separate programs side by side; every type otherwise.
 #if !defined(MATVEC_TYPE)
 #define MATVEC_TYPE_IS(n) 1
@@ -47,26 +47,26 @@
 #define MATVEC_TYPE_IS(n) (MATVEC_TYPE == (n))
 #endif
 #if MATVEC_TYPE_IS(0)
-WEIGHT_KERNELS(f32, F32)
+WEIGHT_KERNELS(f32, WeightType<0>::T)
 #endif
 #if MATVEC_TYPE_IS(1)
-WEIGHT_KERNELS(f16, Half16<false>)
+WEIGHT_KERNELS(f16, WeightType<1>::T)
 #endif
 #if MATVEC_TYPE_IS(2)
-WEIGHT_KERNELS(bf16, Half16<true>)
+WEIGHT_KERNELS(bf16, WeightType<2>::T)
 #endif
 #if MATVEC_TYPE_IS(3)
-WEIGHT_KERNELS(q8_0, Q8_0)
+WEIGHT_KERNELS(q8_0, WeightType<3>::T)
 #endif
 #if MATVEC_TYPE_IS(4)
-WEIGHT_KERNELS(q4_0, Q4_0)
+WEIGHT_KERNELS(q4_0, WeightType<4>::T)
 #endif
 #if MATVEC_TYPE_IS(5)
-WEIGHT_KERNELS(q4_1, Q4_1)
+WEIGHT_KERNELS(q4_1, WeightType<5>::T)
 #endif
 #if MATVEC_TYPE_IS(6)
-WEIGHT_KERNELS(q4_k, Q4_K)
+WEIGHT_KERNELS(q4_k, WeightType<6>::T)
 #endif
 #if MATVEC_TYPE_IS(7)
-WEIGHT_KERNELS(q6_k, Q6_K)
+WEIGHT_KERNELS(q6_k, WeightType<7>::T)
 #endif

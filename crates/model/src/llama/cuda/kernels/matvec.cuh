@@ -463,6 +463,18 @@ struct Q6_K {
     }
 };
 
+// The block format of weight type n, in the host's order (DType::ALL): the numbers that
+// MATVEC_TYPE (matvec.cu) and DECODE_TYPE (decode.cu) name.
+template <int N> struct WeightType;
+template <> struct WeightType<0> { typedef F32 T; };
+template <> struct WeightType<1> { typedef Half16<false> T; };
+template <> struct WeightType<2> { typedef Half16<true> T; };
+template <> struct WeightType<3> { typedef Q8_0 T; };
+template <> struct WeightType<4> { typedef Q4_0 T; };
+template <> struct WeightType<5> { typedef Q4_1 T; };
+template <> struct WeightType<6> { typedef Q4_K T; };
+template <> struct WeightType<7> { typedef Q6_K T; };
+
 // ---------------------------------------------------------------------------------------
 // matvec
 // ---------------------------------------------------------------------------------------
