@@ -378,6 +378,11 @@ fn merge(partials: &[f32], stride: usize, blocks: usize, out: &mut [f32]) {
 
 /// In-place softmax: `exp(x - max)` in order, their sum in order, then each divided by it.
 pub fn softmax(x: &mut [f32]) {
+    softmax_max_sum(x);
+}
+
+/// [`softmax`], returning the largest value and the sum of the exps.
+fn softmax_max_sum(x: &mut [f32]) -> (f32, f32) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in x.iter_mut() {
@@ -387,6 +392,7 @@ pub fn softmax(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v /= sum;
     }
+    (max, sum)
 }
 
 /// Encodes `src` as one row of `dtype` into `dst`, with ggml's reference quantizers for the

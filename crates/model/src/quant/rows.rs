@@ -334,15 +334,7 @@ pub(crate) fn attend_block_impl<I: Isa>(
         .chunks_exact_mut(n)
         .zip(partials.chunks_exact_mut(super::partial_len(hd)))
     {
-        let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for w in w.iter_mut() {
-            *w = (*w - max).exp();
-            sum += *w;
-        }
-        for w in w.iter_mut() {
-            *w /= sum;
-        }
+        let (max, sum) = super::softmax_max_sum(w);
         part[..hd].fill(0.0);
         part[hd] = max;
         part[hd + 1] = sum;
