@@ -156,7 +156,7 @@ fn rope_append_and_attention_match_the_cpu() {
                         qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
                     })
                     .collect();
-                tern_model::llama::cpu::softmax(&mut scores);
+                tern_model::quant::softmax(&mut scores);
                 let out = &mut want[t * q_dim + h * s.head_dim..][..s.head_dim];
                 for (p, &w) in scores.iter().enumerate() {
                     let v = &v_want[p * kv + off..][..s.head_dim];

@@ -424,56 +424,29 @@ impl CpuLlama {
             return;
         }
         // Prefill: a task takes up to TILE tokens' queries of its heads, so that each key and
-        // value of the blocks every one of them sees in full is read once for all of them;
-        // each token's last blocks, and the merges, go token by token.
+        // value of the blocks they all see whole is read once for all of them.
         const TILE: usize = 4;
         let per_task = per_task(n * c.n_head_kv);
-        let (groups, plen) = (c.n_head / per_task, quant::partial_len(hd));
+        let (groups, width) = (c.n_head / per_task, per_task * hd);
+        let task = |i: usize| (i / groups * TILE, i % groups * per_task); // first token, head
         let results: Vec<Vec<f32>> = (0..n.div_ceil(TILE) * groups)
             .into_par_iter()
             .map(|i| {
-                let (t0, h0) = (i / groups * TILE, i % groups * per_task);
+                let (t0, h0) = task(i);
                 let tokens = TILE.min(n - t0);
-                let width = per_task * hd; // one token's queries (and outputs) of the task
                 let qs: Vec<f32> = (t0..t0 + tokens)
                     .flat_map(|t| &q[(t * c.n_head + h0) * hd..][..width])
                     .copied()
                     .collect();
-                // parts[query][block]: the tile's queries in token order.
-                let most = over(t0 + tokens - 1, h0).blocks();
-                let mut parts = vec![0.0f32; tokens * per_task * most * plen];
-                let mut block = vec![0.0f32; tokens * per_task * plen];
-                let mut keep = |first: usize, b: usize, block: &[f32]| {
-                    for (j, part) in block.chunks_exact(plen).enumerate() {
-                        parts[((first + j) * most + b) * plen..][..plen].copy_from_slice(part);
-                    }
-                };
-                let shared = over(t0, h0);
-                let full = shared.n_pos / quant::ATTEND_BLOCK;
-                for b in 0..full {
-                    quant::attend_block(&shared, b, &qs, &mut block);
-                    keep(0, b, &block);
-                }
-                for k in 0..tokens {
-                    let mine = over(t0 + k, h0);
-                    let block = &mut block[..per_task * plen];
-                    for b in full..mine.blocks() {
-                        quant::attend_block(&mine, b, &qs[k * width..][..width], block);
-                        keep(k * per_task, b, block);
-                    }
-                }
-                let mut outs = vec![0.0f32; tokens * width];
-                for (j, out) in outs.chunks_exact_mut(hd).enumerate() {
-                    let blocks = over(t0 + j / per_task, h0).blocks();
-                    quant::attend_merge(&parts[j * most * plen..], plen, blocks, out);
-                }
+                let mut outs = vec![0.0f32; qs.len()];
+                quant::attend(&over(t0, h0), tokens, &qs, &mut outs);
                 outs
             })
             .collect();
         for (i, outs) in results.iter().enumerate() {
-            let (t0, h0) = (i / groups * TILE, i % groups * per_task);
-            for (k, o) in outs.chunks_exact(per_task * hd).enumerate() {
-                out[((t0 + k) * c.n_head + h0) * hd..][..per_task * hd].copy_from_slice(o);
+            let (t0, h0) = task(i);
+            for (k, o) in outs.chunks_exact(width).enumerate() {
+                out[((t0 + k) * c.n_head + h0) * hd..][..width].copy_from_slice(o);
             }
         }
     }
@@ -494,8 +467,6 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
         *o = xi * scale * wi;
     }
 }
-
-pub use crate::quant::softmax;
 
 /// The index of the largest value; the lowest index among equals.
 pub fn argmax(x: &[f32]) -> u32 {

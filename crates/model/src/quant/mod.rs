@@ -237,6 +237,7 @@ pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
 
 /// The keys and values one attention call reads: position `p`'s key is
 /// `k[p * stride..][..head_dim]`, its value `v[p * stride..][..head_dim]`, for `p < n_pos`.
+#[derive(Clone, Copy)]
 pub struct Attend<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
@@ -291,28 +292,55 @@ pub fn partial_len(head_dim: usize) -> usize {
     head_dim + 2
 }
 
-/// Causal attention of the queries in `q` (any number, `head_dim` floats each, all over
-/// the same keys and values) into `out` (the same shape): every block's [`attend_block`],
-/// then [`attend_merge`], in block order. Each query's result is the same bits whatever
-/// other queries share the call, however its blocks are computed, and on every code path.
+/// Causal attention of `tokens` consecutive positions' queries into `out` (the same shape
+/// as `q`): `q` holds, token by token, the same number of queries (`head_dim` floats each,
+/// all over the same keys and values), and token `k` sees `a.n_pos + k` positions. The
+/// blocks every token sees whole are [`attend_block`]s of all the queries at once (each key
+/// and value read once for them), each token's other blocks of its own queries; then each
+/// query's blocks go through [`attend_merge`], in block order. Each query's result is the
+/// same bits whatever other queries share the call, however its blocks are computed, and on
+/// every code path.
 ///
-/// Precondition: `q.len() == out.len()`, a multiple of `head_dim`; `n_pos >= 1`; `k` and
-/// `v` hold every row. On a mismatch, debug builds panic and release builds fill `out`
-/// with NaN.
-pub fn attend(a: &Attend<'_>, q: &[f32], out: &mut [f32]) {
-    if !a.fits(q.len()) || q.len() != out.len() {
-        a.refuse("attend", q.len(), out);
+/// Precondition: `tokens >= 1`; `q.len() == out.len()`, `tokens` times a multiple of
+/// `head_dim`; `n_pos >= 1`; `k` and `v` hold every row the last token sees. On a mismatch,
+/// debug builds panic and release builds fill `out` with NaN.
+pub fn attend(a: &Attend<'_>, tokens: usize, q: &[f32], out: &mut [f32]) {
+    let seen = |k: usize| Attend {
+        n_pos: a.n_pos + k,
+        ..*a
+    };
+    let last = seen(tokens.max(1) - 1);
+    let whole_tokens = a.head_dim > 0 && (q.len() / a.head_dim).is_multiple_of(tokens);
+    if tokens == 0 || !whole_tokens || !last.fits(q.len()) || q.len() != out.len() {
+        last.refuse("attend", q.len(), out);
         return;
     }
-    let (hd, nb) = (a.head_dim, a.blocks());
-    let per_block = q.len() / hd * partial_len(hd);
-    let mut partials = vec![0.0f32; nb * per_block];
+    let (hd, plen, most) = (a.head_dim, partial_len(a.head_dim), last.blocks());
+    let width = q.len() / tokens; // one token's queries
+    // parts[query][block], the queries in token order.
+    let mut parts = vec![0.0f32; q.len() / hd * most * plen];
+    let mut block = vec![0.0f32; q.len() / hd * plen];
+    let mut keep = |first: usize, b: usize, block: &[f32]| {
+        for (j, part) in block.chunks_exact(plen).enumerate() {
+            parts[((first + j) * most + b) * plen..][..plen].copy_from_slice(part);
+        }
+    };
     let path = rows::Path::best();
-    for (b, part) in partials.chunks_exact_mut(per_block).enumerate() {
-        path.attend_block(a, b, q, part);
+    let full = a.n_pos / ATTEND_BLOCK;
+    for b in 0..full {
+        path.attend_block(a, b, q, &mut block);
+        keep(0, b, &block);
+    }
+    for k in 0..tokens {
+        let (mine, block) = (seen(k), &mut block[..width / hd * plen]);
+        for b in full..mine.blocks() {
+            path.attend_block(&mine, b, &q[k * width..][..width], block);
+            keep(k * width / hd, b, block);
+        }
     }
     for (j, out) in out.chunks_exact_mut(hd).enumerate() {
-        merge(&partials[j * partial_len(hd)..], per_block, nb, out);
+        let blocks = seen(j * hd / width).blocks();
+        merge(&parts[j * most * plen..], plen, blocks, out);
     }
 }
 

@@ -661,8 +661,29 @@ fn attention_follows_documented_order_whatever_shares_the_call() {
             }
         }
         let mut all = vec![0.0f32; q.len()];
-        super::attend(&a, &q, &mut all);
+        super::attend(&a, 1, &q, &mut all);
         assert_bits_eq(&all, &want, &format!("attend: {what}"));
+        // The same queries as three consecutive tokens', token k seeing n_pos + k positions.
+        let tokens = 3;
+        let (k, v) = (
+            rng.weights((n_pos + 1) * stride + hd),
+            rng.weights((n_pos + 1) * stride + hd),
+        );
+        let (a, q) = (
+            super::Attend { k: &k, v: &v, ..a },
+            rng.weights(tokens * queries * hd),
+        );
+        let mut all = vec![0.0f32; q.len()];
+        super::attend(&a, tokens, &q, &mut all);
+        for (j, q) in q.chunks_exact(hd).enumerate() {
+            let token = j / queries;
+            let seen = super::Attend {
+                n_pos: n_pos + token,
+                ..a
+            };
+            let what = format!("attend: {what}, token {token}'s query {}", j % queries);
+            assert_bits_eq(&all[j * hd..][..hd], &attend_documented(q, &seen), &what);
+        }
     }
 }
 
@@ -685,7 +706,7 @@ fn attention_past_its_keys_poisons_instead_of_reading_out_of_bounds() {
         scale: 0.125,
     };
     let mut out = vec![0.0f32; 64];
-    super::attend(&a, &q, &mut out);
+    super::attend(&a, 1, &q, &mut out);
     assert!(out.iter().all(|v| v.is_nan()));
     let mut part = vec![0.0f32; super::partial_len(64)];
     super::attend_block(&a, 0, &q, &mut part);
