@@ -118,7 +118,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         Some(other) => bail!("unknown baseline `{other}` (expected llama-cpp)"),
     }
     // Alternate the two paths so drift in the machine's speed affects both alike.
-    for _ in 0..args.repeats.max(1) {
+    for _ in 0..args.repeats {
         let (p, d) = direct(&model, &prompt, args.decode, context)?;
         direct_prefill.push(p);
         direct_decode.push(d);
@@ -245,7 +245,7 @@ fn llama_cpp(
     let out = Command::new(&python)
         .arg(&script)
         .arg(model)
-        .args([threads, prefill, decode, repeats.max(1)].map(|n| n.to_string()))
+        .args([threads, prefill, decode, repeats].map(|n| n.to_string()))
         .output()?;
     if !out.status.success() {
         bail!(

@@ -94,7 +94,7 @@ fn compare_persistent(
     let kernels = cuda.kernels_per_step();
     cuda.set_fused_decode(true);
     let timed = super::direct_top(model, prompt, b.decode.min(16), context).and_then(|_| {
-        (0..b.repeats.max(1))
+        (0..b.repeats)
             .map(|_| super::direct_top(model, prompt, b.decode, context))
             .collect::<anyhow::Result<Vec<f64>>>()
     });

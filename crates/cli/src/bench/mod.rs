@@ -122,6 +122,7 @@ pub struct GpuBench<'a> {
     pub path: &'a std::path::Path,
     pub prefill: usize,
     pub decode: usize,
+    /// At least 1 (`--repeats` is parsed by `parse_count`).
     pub repeats: usize,
 }
 
@@ -238,7 +239,7 @@ impl GuestBench {
         direct(model, prompt, b.decode.min(16), context)?;
         direct_top(model, prompt, b.decode.min(16), context)?;
         let mut p = Paths::default();
-        for _ in 0..b.repeats.max(1) {
+        for _ in 0..b.repeats {
             let (pre, d) = direct(model, prompt, b.decode, context)?;
             p.engine_prefill.push(pre);
             p.engine.push(d);

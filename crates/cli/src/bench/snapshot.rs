@@ -101,7 +101,7 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
         let open_msg = format!("open bench {} {}", c.n_vocab, n + 1);
         let (mut save, mut restore, mut prefill) = (Vec::new(), Vec::new(), Vec::new());
         let (mut bytes, mut identical, mut memory_bytes) = (0, true, 0);
-        for _ in 0..args.repeats.max(1) {
+        for _ in 0..args.repeats {
             // Baseline: rebuild the state by prefilling the tokens into a fresh session.
             let mut actor = Actor::start(&runtime, &module)?;
             if args.memory_mib > 0 {
