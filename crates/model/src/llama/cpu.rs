@@ -13,6 +13,9 @@ use crate::fastdot::{self, QuantizedActs};
 use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
 use crate::quant::{self, dequantize_row, dot_f32 as dot, dot_rows};
 
+/// Output rows a matrix-product task computes.
+const ROWS_PER_TASK: usize = 32;
+
 /// One sequence's keys and values for every layer: `[layer][position][kv_dim]`.
 #[derive(Clone, Debug)]
 pub struct KvCache {
@@ -229,9 +232,8 @@ impl CpuLlama {
             // Attention.
             rmsnorm_rows(&mut s.xb, &s.x, &lw.attn_norm, c.rms_eps, e);
             let at = cache.at(l, pos0);
-            self.matmul(&mut s.q, &lw.wq, &s.xb, n);
-            self.matmul(&mut cache.k[at..at + n * kv], &lw.wk, &s.xb, n);
-            self.matmul(&mut cache.v[at..at + n * kv], &lw.wv, &s.xb, n);
+            let (k, v) = (&mut cache.k[at..at + n * kv], &mut cache.v[at..at + n * kv]);
+            self.matmuls([(&mut s.q, &lw.wq), (k, &lw.wk), (v, &lw.wv)], &s.xb, n);
             for t in 0..n {
                 self.rope(
                     &mut s.q[t * c.n_head * c.head_dim..][..c.n_head * c.head_dim],
@@ -244,8 +246,7 @@ impl CpuLlama {
             add(&mut s.x, &s.xb2);
             // Feed-forward: w_down(silu(w_gate x) * w_up x).
             rmsnorm_rows(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps, e);
-            self.matmul(&mut s.hb, &lw.w_gate, &s.xb, n);
-            self.matmul(&mut s.hb2, &lw.w_up, &s.xb, n);
+            self.matmuls([(&mut s.hb, &lw.w_gate), (&mut s.hb2, &lw.w_up)], &s.xb, n);
             for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
                 *g = silu(*g) * u;
             }
@@ -255,31 +256,64 @@ impl CpuLlama {
         cache.len = pos0 + n;
     }
 
+    /// Whether products with `m` take the fast path (int8 activations).
+    fn fast(&self, m: &Matrix) -> bool {
+        self.precision == Precision::Fast && fastdot::supports(m.dtype)
+    }
+
+    /// `out_j = m_j · x_t` for `n` positions and each of `K` matrices as wide as a position:
+    /// for one position in one pass over the pool ([`Self::matmuls_one`]), for more one
+    /// [`Self::matmul`] each. Either way each output is the bits `matmul` gives it alone.
+    fn matmuls<const K: usize>(&self, jobs: [(&mut [f32], &Matrix); K], x: &[f32], n: usize) {
+        if n == 1 {
+            self.matmuls_one(jobs, x);
+        } else {
+            for (out, m) in jobs {
+                self.matmul(out, m, x, n);
+            }
+        }
+    }
+
+    /// `out_j = m_j · x` for one position and each of `K` matrices as wide as `x`, in one
+    /// pass over the pool (each pass ends in a wait for every thread, and a small model's
+    /// decode step makes hundreds of them): each
+    /// matrix's rows in chunks of [`ROWS_PER_TASK`], every chunk a task. The fast path
+    /// quantizes `x` once for all of them, the reference path dequantizes inside the dot
+    /// product (bitwise the same as dequantizing the row first). Each output is the same
+    /// bits as [`Self::matmul`] of its matrix alone.
+    fn matmuls_one<const K: usize>(&self, jobs: [(&mut [f32], &Matrix); K], x: &[f32]) {
+        let xq = jobs
+            .iter()
+            .any(|(_, m)| self.fast(m))
+            .then(|| QuantizedActs::new(x));
+        let mut tasks = Vec::new();
+        for (out, m) in jobs {
+            let rows = self.weights.rows(m);
+            for (chunk, y) in out.chunks_mut(ROWS_PER_TASK).enumerate() {
+                let first = chunk * ROWS_PER_TASK * m.row_bytes;
+                let w = &rows[first..first + y.len() * m.row_bytes];
+                tasks.push((y, m, w));
+            }
+        }
+        tasks.into_par_iter().for_each(|(y, m, rows)| match &xq {
+            Some(xq) if self.fast(m) => fastdot::dot_q8_rows(m.dtype, rows, m.row_bytes, xq, y),
+            _ => dot_rows(m.dtype, rows, x, y),
+        });
+    }
+
     /// `out[t] = m · x[t]` for `n` rows of `x`: each weight row is dequantized once per batch
     /// and dotted with every position. Rows are split over the pool in fixed chunks; each
     /// output element is one fixed-order dot product.
     fn matmul(&self, out: &mut [f32], m: &Matrix, x: &[f32], n: usize) {
-        const ROWS_PER_TASK: usize = 32;
         let rows = self.weights.rows(m);
-        if self.precision == Precision::Fast && fastdot::supports(m.dtype) {
+        if n == 1 {
+            self.matmuls_one([(out, m)], x);
+            return;
+        }
+        if self.fast(m) {
             // Each position's activations quantized once; then, per chunk of weight rows,
             // every position against the rows while they are in cache.
             let xq: Vec<QuantizedActs> = x.chunks(m.cols).map(QuantizedActs::new).collect();
-            if n == 1 {
-                out.par_chunks_mut(ROWS_PER_TASK)
-                    .enumerate()
-                    .for_each(|(chunk, y)| {
-                        let first = chunk * ROWS_PER_TASK * m.row_bytes;
-                        fastdot::dot_q8_rows(
-                            m.dtype,
-                            &rows[first..first + y.len() * m.row_bytes],
-                            m.row_bytes,
-                            &xq[0],
-                            y,
-                        );
-                    });
-                return;
-            }
             let mut t_major = vec![0.0f32; n * m.rows];
             t_major
                 .par_chunks_mut(ROWS_PER_TASK * n)
@@ -299,22 +333,6 @@ impl CpuLlama {
                         .copy_from_slice(&y[t * count..(t + 1) * count]);
                 }
             }
-            return;
-        }
-        if n == 1 {
-            // Decode: one position, so dequantize inside the dot product (bitwise the same as
-            // dequantizing the row first) and write each chunk of outputs in place.
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(chunk, out)| {
-                    let first = chunk * ROWS_PER_TASK * m.row_bytes;
-                    dot_rows(
-                        m.dtype,
-                        &rows[first..first + out.len() * m.row_bytes],
-                        x,
-                        out,
-                    );
-                });
             return;
         }
         let chunks: Vec<Vec<f32>> = (0..m.rows.div_ceil(ROWS_PER_TASK))
