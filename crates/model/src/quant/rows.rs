@@ -339,19 +339,42 @@ pub(crate) fn attend_block_impl<I: Isa>(
         part[hd] = max;
         part[hd + 1] = sum;
     }
-    // Each value row read once; each query's sums in position order.
-    for p in 0..n {
-        let v = &a.v[(p0 + p) * a.stride..][..hd];
-        for (j, part) in partials
-            .chunks_exact_mut(super::partial_len(hd))
-            .enumerate()
-        {
-            let weight = weights[j * n + p];
-            for (o, &vi) in part[..hd].iter_mut().zip(v) {
-                *o += weight * vi;
+    // Each query's sums in position order (a product, then a sum, per element).
+    let values = |p: usize| &a.v[(p0 + p) * a.stride..][..hd];
+    for (w, part) in weights
+        .chunks_exact(n)
+        .zip(partials.chunks_exact_mut(super::partial_len(hd)))
+    {
+        match <&mut [f32; 64]>::try_from(&mut part[..hd]) {
+            // The usual head size: the sums stay in registers across the positions.
+            Ok(out) => weighted_sum(w, values, out),
+            Err(_) => {
+                for (p, &weight) in w.iter().enumerate() {
+                    for (o, &vi) in part[..hd].iter_mut().zip(values(p)) {
+                        *o += weight * vi;
+                    }
+                }
             }
         }
     }
+}
+
+/// `out = sum_p w[p] * values(p)` in position order from `out`'s zeros, each element a
+/// product, then a sum, kept in a local array (registers) across the positions.
+#[inline(always)]
+fn weighted_sum<'v, const HD: usize>(
+    w: &[f32],
+    values: impl Fn(usize) -> &'v [f32],
+    out: &mut [f32; HD],
+) {
+    let mut acc = *out;
+    for (p, &weight) in w.iter().enumerate() {
+        let v: &[f32; HD] = values(p).try_into().expect("a head's values");
+        for (a, &vi) in acc.iter_mut().zip(v) {
+            *a += weight * vi;
+        }
+    }
+    *out = acc;
 }
 
 #[inline(always)]

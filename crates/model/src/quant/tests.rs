@@ -882,3 +882,38 @@ fn bench_dot_row() {
         }
     }
 }
+
+#[test]
+#[ignore = "benchmark: run with --release -- --ignored --nocapture"]
+fn bench_attend_block() {
+    use std::hint::black_box;
+    use std::time::Instant;
+    let mut rng = Rng(2);
+    // SmolLM2-135M's decode: 3 query heads a KV head, head_dim 64, KV rows of 3 heads.
+    let (hd, g, stride, n_pos) = (64, 3, 192, 1024);
+    let k = rng.weights(stride * n_pos);
+    let v = rng.weights(stride * n_pos);
+    let q = rng.weights(g * hd);
+    let a = Attend {
+        k: &k,
+        v: &v,
+        stride,
+        n_pos,
+        head_dim: hd,
+        scale: 0.125,
+    };
+    let mut partials = vec![0.0f32; g * partial_len(hd)];
+    for path in paths() {
+        let mut best = f64::INFINITY;
+        for _ in 0..std::env::var("BENCH_ITERS").map_or(20, |v| v.parse().unwrap()) {
+            let t = Instant::now();
+            for b in 0..a.blocks() {
+                path.attend_block(&a, b, black_box(&q), &mut partials);
+                black_box(&partials);
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let ns = best * 1e9 / (n_pos * g) as f64;
+        println!("{:>8}: {ns:6.2} ns a query and position", path.name());
+    }
+}
