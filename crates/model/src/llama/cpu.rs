@@ -121,6 +121,7 @@ struct Scratch {
     xb2: Vec<f32>, // (n, n_embd) a sub-layer's output
     hb: Vec<f32>,  // (n, n_ff) gate, then silu(gate) * up
     hb2: Vec<f32>, // (n, n_ff) up
+    neg: Vec<f32>, // (n, n_ff) -gate, then exp(-gate)
 }
 
 impl Scratch {
@@ -133,6 +134,7 @@ impl Scratch {
             xb2: vec![0.0; n * c.n_embd],
             hb: vec![0.0; n * c.n_ff],
             hb2: vec![0.0; n * c.n_ff],
+            neg: vec![0.0; n * c.n_ff],
         }
     }
 }
@@ -247,9 +249,7 @@ impl CpuLlama {
             // Feed-forward: w_down(silu(w_gate x) * w_up x).
             rmsnorm_rows(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps, e);
             self.matmuls([(&mut s.hb, &lw.w_gate), (&mut s.hb2, &lw.w_up)], &s.xb, n);
-            for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
-                *g = silu(*g) * u;
-            }
+            swiglu(&mut s.hb, &s.hb2, &mut s.neg);
             self.matmul(&mut s.xb2, &lw.w_down, &s.hb, n);
             add(&mut s.x, &s.xb2);
         }
@@ -497,8 +497,16 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+/// `gate = silu(gate) * up`, `silu(g) = g / (1 + exp(-g))`, with the exps a slice at a time
+/// (in `neg`, as long as `gate`).
+fn swiglu(gate: &mut [f32], up: &[f32], neg: &mut [f32]) {
+    for (n, &g) in neg.iter_mut().zip(gate.iter()) {
+        *n = -g;
+    }
+    quant::exp_in_place(neg);
+    for ((g, &u), &e) in gate.iter_mut().zip(up).zip(neg.iter()) {
+        *g = *g / (1.0 + e) * u;
+    }
 }
 
 fn add(x: &mut [f32], y: &[f32]) {

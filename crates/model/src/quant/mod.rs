@@ -37,6 +37,7 @@
 //!   output with NaN instead of reading or writing out of bounds.
 
 mod blocks;
+mod exp;
 mod float;
 pub mod kquants;
 mod rows;
@@ -49,6 +50,8 @@ mod reference;
 mod tests;
 
 use std::fmt;
+
+pub use exp::exp;
 
 /// The element type of a tensor: a float type or a GGML block-quantized format.
 #[allow(non_camel_case_types)] // ggml's spelling: `Q4_K` is not `Q4K`.
@@ -393,7 +396,7 @@ fn merge(partials: &[f32], stride: usize, blocks: usize, out: &mut [f32]) {
     let hd = out.len();
     let block = |b: usize| &partials[b * stride..][..partial_len(hd)];
     let max = (0..blocks).fold(f32::NEG_INFINITY, |m, b| m.max(block(b)[hd]));
-    let share = |b: usize| (block(b)[hd] - max).exp() * block(b)[hd + 1];
+    let share = |b: usize| exp(block(b)[hd] - max) * block(b)[hd + 1];
     let total = (0..blocks).fold(0.0f32, |t, b| t + share(b));
     out.fill(0.0);
     for b in 0..blocks {
@@ -404,19 +407,26 @@ fn merge(partials: &[f32], stride: usize, blocks: usize, out: &mut [f32]) {
     }
 }
 
-/// In-place softmax: `exp(x - max)` in order, their sum in order, then each divided by it.
-pub fn softmax(x: &mut [f32]) {
-    softmax_max_sum(x);
+/// [`exp`] of each element, in place: the same bits, several lanes at a time where the CPU
+/// has them.
+pub fn exp_in_place(x: &mut [f32]) {
+    rows::Path::best().exp_in_place(x);
 }
 
-/// [`softmax`], returning the largest value and the sum of the exps.
-fn softmax_max_sum(x: &mut [f32]) -> (f32, f32) {
+/// In-place softmax: `exp(x - max)` ([`exp`]), their sum in order, then each divided by it.
+pub fn softmax(x: &mut [f32]) {
+    softmax_max_sum::<float::Soft>(x);
+}
+
+/// [`softmax`], its exps by `I`'s copy of [`exp_in_place`]; returns the largest value and the
+/// sum of the exps.
+fn softmax_max_sum<I: rows::Isa>(x: &mut [f32]) -> (f32, f32) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+        *v -= max;
     }
+    I::exp_in_place(x);
+    let sum = x.iter().fold(0.0, |sum, v| sum + v);
     for v in x.iter_mut() {
         *v /= sum;
     }

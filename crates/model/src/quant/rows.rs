@@ -53,6 +53,12 @@ pub(crate) trait Isa: Widen + Sized {
     fn dot_f32_short(w: &[f32], x: &[f32]) -> f32 {
         dot_f32_outlined(w, x)
     }
+
+    /// [`super::exp_in_place`]: the same bits, the x86 paths 8 lanes at a time.
+    #[inline(always)]
+    fn exp_in_place(x: &mut [f32]) {
+        super::exp::exp_in_place(x);
+    }
 }
 
 impl Isa for Soft {}
@@ -153,6 +159,17 @@ impl Path {
             Path::Avx2(token) => token.dot_f32(w, x),
             #[cfg(target_arch = "x86_64")]
             Path::Avx512(token) => token.dot_f32(w, x),
+        }
+    }
+
+    /// [`super::exp_in_place`] on this path.
+    pub(crate) fn exp_in_place(self, x: &mut [f32]) {
+        match self {
+            Path::Portable => super::exp::exp_in_place(x),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(token) => token.exp_in_place(x),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(token) => token.exp_in_place(x),
         }
     }
 
@@ -334,7 +351,7 @@ pub(crate) fn attend_block_impl<I: Isa>(
         .chunks_exact_mut(n)
         .zip(partials.chunks_exact_mut(super::partial_len(hd)))
     {
-        let (max, sum) = super::softmax_max_sum(w);
+        let (max, sum) = super::softmax_max_sum::<I>(w);
         part[..hd].fill(0.0);
         part[hd] = max;
         part[hd + 1] = sum;

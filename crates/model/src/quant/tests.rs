@@ -583,7 +583,7 @@ fn attend_documented(q: &[f32], a: &super::Attend<'_>) -> Vec<f32> {
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut weights = scores.clone();
         super::softmax(&mut weights);
-        let sum = scores.iter().fold(0.0f32, |s, x| s + (x - max).exp());
+        let sum = scores.iter().fold(0.0f32, |s, x| s + super::exp(x - max));
         let mut values = vec![0.0f32; hd];
         for (p, w) in positions.zip(weights) {
             for (o, &v) in values.iter_mut().zip(&a.v[p * a.stride..][..hd]) {
@@ -593,7 +593,7 @@ fn attend_documented(q: &[f32], a: &super::Attend<'_>) -> Vec<f32> {
         blocks.push((values, max, sum));
     }
     let max = blocks.iter().fold(f32::NEG_INFINITY, |m, b| m.max(b.1));
-    let share = |b: &(Vec<f32>, f32, f32)| (b.1 - max).exp() * b.2;
+    let share = |b: &(Vec<f32>, f32, f32)| super::exp(b.1 - max) * b.2;
     let total = blocks.iter().fold(0.0f32, |t, b| t + share(b));
     let mut out = vec![0.0f32; hd];
     for b in &blocks {
@@ -915,5 +915,61 @@ fn bench_attend_block() {
         }
         let ns = best * 1e9 / (n_pos * g) as f64;
         println!("{:>8}: {ns:6.2} ns a query and position", path.name());
+    }
+}
+
+/// `exp` is glibc's `expf` (its FMA build, which x86-64 glibc picks on CPUs with FMA) bit for
+/// bit, on every `EXP_STEP`-th f32 (default 61; 1 checks all of them).
+#[test]
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+fn exp_is_glibc_expf_bit_for_bit() {
+    if !std::arch::is_x86_feature_detected!("fma") {
+        return; // glibc's build without FMA rounds differently
+    }
+    let step = std::env::var("EXP_STEP").map_or(61, |v| v.parse().unwrap());
+    let mut bits = Some(0u32);
+    let mut checked = 0u64;
+    while let Some(b) = bits {
+        let x = f32::from_bits(b);
+        let (ours, libm) = (super::exp(x), x.exp());
+        assert!(
+            ours.to_bits() == libm.to_bits() || (ours.is_nan() && libm.is_nan()),
+            "exp({x:e}) ({b:#x}): {ours:e} here, {libm:e} from glibc"
+        );
+        checked += 1;
+        bits = b.checked_add(step);
+    }
+    assert!(checked > 1 << 20, "{checked} values");
+}
+
+/// Each path's `exp` of a slice is the scalar `exp`'s bits, in range and out.
+#[test]
+fn exp_paths_agree() {
+    let mut rng = Rng(5);
+    let mut x: Vec<f32> = rng.weights(4099).iter().map(|v| v * 40.0 - 45.0).collect();
+    x.extend([
+        0.0,
+        -0.0,
+        88.0,
+        -88.0,
+        87.99,
+        -87.99,
+        89.0,
+        -104.0,
+        -200.0,
+        1e-30,
+        -1e-30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+        -0.5,
+    ]);
+    let want: Vec<u32> = x.iter().map(|&v| super::exp(v).to_bits()).collect();
+    for path in paths() {
+        let mut got = x.clone();
+        path.exp_in_place(&mut got);
+        let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want, "{}", path.name());
     }
 }
