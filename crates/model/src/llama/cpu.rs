@@ -276,8 +276,8 @@ impl CpuLlama {
 
     /// `out_j = m_j · x` for one position and each of `K` matrices as wide as `x`, in one
     /// pass over the pool (each pass ends in a wait for every thread, and a small model's
-    /// decode step makes hundreds of them): each
-    /// matrix's rows in chunks of [`ROWS_PER_TASK`], every chunk a task. The fast path
+    /// decode step makes hundreds of them): each matrix's rows in chunks of
+    /// [`ROWS_PER_TASK`], every chunk a task. The fast path
     /// quantizes `x` once for all of them, the reference path dequantizes inside the dot
     /// product (bitwise the same as dequantizing the row first). Each output is the same
     /// bits as [`Self::matmul`] of its matrix alone.
@@ -305,11 +305,11 @@ impl CpuLlama {
     /// and dotted with every position. Rows are split over the pool in fixed chunks; each
     /// output element is one fixed-order dot product.
     fn matmul(&self, out: &mut [f32], m: &Matrix, x: &[f32], n: usize) {
-        let rows = self.weights.rows(m);
         if n == 1 {
             self.matmuls_one([(out, m)], x);
             return;
         }
+        let rows = self.weights.rows(m);
         if self.fast(m) {
             // Each position's activations quantized once; then, per chunk of weight rows,
             // every position against the rows while they are in cache.

@@ -67,12 +67,9 @@ pub(super) fn in_range(x: f32) -> bool {
 /// `e^x`, the same bits on every machine (see the module docs).
 #[inline]
 pub fn exp(x: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has FMA.
-        return unsafe { exp_fma(x) };
-    }
-    exp_any(x)
+    let mut x = [x];
+    exp_in_place(&mut x);
+    x[0]
 }
 
 /// [`exp`] one element at a time, in place.
@@ -87,13 +84,8 @@ pub(super) fn exp_in_place(x: &mut [f32]) {
     }
 }
 
-/// [`exp`] with the fused multiply-adds as instructions (without, each is a libm call).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-fn exp_fma(x: f32) -> f32 {
-    exp_any(x)
-}
-
+/// [`exp_in_place`] with the fused multiply-adds as instructions (without, each is a libm
+/// call).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
 fn exp_in_place_fma(x: &mut [f32]) {

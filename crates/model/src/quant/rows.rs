@@ -364,34 +364,24 @@ pub(crate) fn attend_block_impl<I: Isa>(
     {
         match <&mut [f32; 64]>::try_from(&mut part[..hd]) {
             // The usual head size: the sums stay in registers across the positions.
-            Ok(out) => weighted_sum(w, values, out),
-            Err(_) => {
-                for (p, &weight) in w.iter().enumerate() {
-                    for (o, &vi) in part[..hd].iter_mut().zip(values(p)) {
-                        *o += weight * vi;
-                    }
-                }
+            Ok(out) => {
+                let mut acc = *out;
+                weighted_sum(w, values, &mut acc);
+                *out = acc;
             }
+            Err(_) => weighted_sum(w, values, &mut part[..hd]),
         }
     }
 }
 
-/// `out = sum_p w[p] * values(p)` in position order from `out`'s zeros, each element a
-/// product, then a sum, kept in a local array (registers) across the positions.
+/// `out += sum_p w[p] * values(p)` in position order, each element a product, then a sum.
 #[inline(always)]
-fn weighted_sum<'v, const HD: usize>(
-    w: &[f32],
-    values: impl Fn(usize) -> &'v [f32],
-    out: &mut [f32; HD],
-) {
-    let mut acc = *out;
+fn weighted_sum<'v>(w: &[f32], values: impl Fn(usize) -> &'v [f32], out: &mut [f32]) {
     for (p, &weight) in w.iter().enumerate() {
-        let v: &[f32; HD] = values(p).try_into().expect("a head's values");
-        for (a, &vi) in acc.iter_mut().zip(v) {
-            *a += weight * vi;
+        for (o, &vi) in out.iter_mut().zip(values(p)) {
+            *o += weight * vi;
         }
     }
-    *out = acc;
 }
 
 #[inline(always)]

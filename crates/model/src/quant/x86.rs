@@ -7,28 +7,25 @@
 //! for `Q4_0`/`Q4_1`/`Q4_K`: per (sub-)block the 16 possible weights are computed once, with
 //! the very operations the portable dequantizer applies to each weight, and each weight is
 //! then looked up (`vpermps`) instead of recomputed. Same values, same summation order, same
-//! bits. Both paths also run `exp` (see `exp.rs`) on 8 lanes, with its very operations. (Measured on a Zen 4 core: `Q4_1` 5.5 GB/s of weights with AVX2, 7.7 with the
-//! lookups, against 2.5 for the SSE2 baseline.)
+//! bits. (Measured on a Zen 4 core: `Q4_1` 5.5 GB/s of weights with AVX2, 7.7 with the
+//! lookups, against 2.5 for the SSE2 baseline.) Both paths also run `exp` (see `exp.rs`) on 8
+//! lanes, with its very operations.
 
 use std::arch::x86_64::{
-    __m128, __m256, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32,
-    _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_set1_epi16, _mm256_add_ps,
-    _mm256_castpd_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_loadu_ps,
-    _mm256_mul_ps, _mm256_setzero_ps, _mm512_add_ps, _mm512_broadcastss_ps, _mm512_castps_pd,
-    _mm512_castps512_ps256, _mm512_cvtepu8_epi32, _mm512_extractf64x4_pd, _mm512_loadu_ps,
-    _mm512_mul_ps, _mm512_permutexvar_ps, _mm512_set1_ps, _mm512_setr_ps, _mm512_setzero_ps,
-    _mm512_srli_epi32, _mm512_storeu_ps, _mm512_sub_ps,
-};
-
-use std::arch::x86_64::{
-    __m512i, _mm256_add_epi64, _mm256_and_si256, _mm256_castpd_si256, _mm256_castps128_ps256,
-    _mm256_castsi256_pd, _mm256_cvtpd_ps, _mm256_cvtps_pd, _mm256_fmadd_pd, _mm256_fmsub_pd,
-    _mm256_i64gather_epi64, _mm256_insertf128_ps, _mm256_mul_pd, _mm256_set1_epi64x,
-    _mm256_set1_pd, _mm256_slli_epi64, _mm256_storeu_ps, _mm256_sub_pd, _mm512_add_epi64,
-    _mm512_castpd_si512, _mm512_castsi512_pd, _mm512_cvtpd_ps, _mm512_cvtps_pd, _mm512_fmadd_pd,
-    _mm512_fmsub_pd, _mm512_loadu_si512, _mm512_mask_blend_epi64, _mm512_mul_pd,
-    _mm512_permutex2var_epi64, _mm512_set1_epi64, _mm512_set1_pd, _mm512_slli_epi64, _mm512_sub_pd,
-    _mm512_test_epi64_mask,
+    __m128, __m256, __m512i, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtsi32_si128,
+    _mm_cvtss_f32, _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_set1_epi16,
+    _mm256_add_epi64, _mm256_add_ps, _mm256_and_si256, _mm256_castpd_ps, _mm256_castpd_si256,
+    _mm256_castps128_ps256, _mm256_castps256_ps128, _mm256_castsi256_pd, _mm256_cvtpd_ps,
+    _mm256_cvtps_pd, _mm256_extractf128_ps, _mm256_fmadd_pd, _mm256_fmsub_pd,
+    _mm256_i64gather_epi64, _mm256_insertf128_ps, _mm256_loadu_ps, _mm256_mul_pd, _mm256_mul_ps,
+    _mm256_set1_epi64x, _mm256_set1_pd, _mm256_setzero_ps, _mm256_slli_epi64, _mm256_storeu_ps,
+    _mm256_sub_pd, _mm512_add_epi64, _mm512_add_ps, _mm512_broadcastss_ps, _mm512_castpd_si512,
+    _mm512_castps_pd, _mm512_castps512_ps256, _mm512_castsi512_pd, _mm512_cvtepu8_epi32,
+    _mm512_cvtpd_ps, _mm512_cvtps_pd, _mm512_extractf64x4_pd, _mm512_fmadd_pd, _mm512_fmsub_pd,
+    _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_blend_epi64, _mm512_mul_pd, _mm512_mul_ps,
+    _mm512_permutex2var_epi64, _mm512_permutexvar_ps, _mm512_set1_epi64, _mm512_set1_pd,
+    _mm512_set1_ps, _mm512_setr_ps, _mm512_setzero_ps, _mm512_slli_epi64, _mm512_srli_epi32,
+    _mm512_storeu_ps, _mm512_sub_pd, _mm512_sub_ps, _mm512_test_epi64_mask,
 };
 
 use super::DType;
@@ -329,6 +326,7 @@ impl Isa for Avx512Isa {
         // SAFETY: only called within `avx512_*`, which run only after `detect`.
         unsafe { dot_f32_avx512(w, x) }
     }
+
     #[inline(always)]
     fn exp_in_place(x: &mut [f32]) {
         exp_lanes::<Avx512Isa>(x);
