@@ -44,11 +44,34 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// The host's error codes (the `tern` ABI's table).
+pub mod code {
+    pub const OUT_OF_BOUNDS: i32 = -1;
+    pub const MISALIGNED: i32 = -2;
+    pub const OVERFLOW: i32 = -3;
+    pub const OVERLAP: i32 = -4;
+    /// Any other bad argument.
+    pub const INVALID: i32 = -5;
+    /// The compute device failed; the call may work on another host.
+    pub const DEVICE: i32 = -6;
+    pub const OUTPUT_LIMIT: i32 = -7;
+    /// No such model on this host.
+    pub const NOT_FOUND: i32 = -8;
+    /// A budget (KV-cache bytes, sessions) is exhausted.
+    pub const BUDGET: i32 = -9;
+    /// Host work's input or output is over the host's size limit.
+    pub const TOO_LARGE: i32 = -10;
+    /// Host work ran past the host's time limit.
+    pub const TIME_LIMIT: i32 = -11;
+    /// An error the guest raised itself.
+    pub const GUEST: i32 = -100;
+}
+
 impl Error {
-    /// An error raised by the guest itself (code -100).
+    /// An error raised by the guest itself ([`code::GUEST`]).
     pub fn guest(message: impl Into<String>) -> Error {
         Error {
-            code: -100,
+            code: code::GUEST,
             message: message.into(),
         }
     }

@@ -60,9 +60,10 @@ impl Model {
         String::from_utf8(bytes).map_err(|_| Error::guest("render_chat is not UTF-8"))
     }
 
-    /// A new session of up to `max_tokens` positions; `vocab` is the model's vocabulary size.
-    pub fn session(&self, max_tokens: u32, vocab: usize) -> Result<Session, Error> {
-        let handle = check(sys::session_open(self.0, max_tokens))?;
+    /// A new session (KV cache) of `n_ctx` positions, prompt and replies together; `vocab` is
+    /// the model's vocabulary size.
+    pub fn session(&self, n_ctx: u32, vocab: usize) -> Result<Session, Error> {
+        let handle = check(sys::session_open(self.0, n_ctx))?;
         Ok(Session { handle, vocab })
     }
 }

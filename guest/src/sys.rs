@@ -18,7 +18,7 @@ mod imports {
         pub fn tokenize(model: i32, text: *const u8, len: u32, ids: *mut u32, cap: u32) -> i32;
         pub fn detokenize(model: i32, ids: *const u32, n: u32, out: *mut u8, cap: u32) -> i32;
         pub fn render_chat(model: i32, json: *const u8, len: u32, out: *mut u8, cap: u32) -> i32;
-        pub fn session_open(model: i32, max_tokens: u32) -> i32;
+        pub fn session_open(model: i32, n_ctx: u32) -> i32;
         pub fn session_close(session: i32) -> i32;
         pub fn session_len(session: i32) -> i32;
         pub fn session_rewind(session: i32, len: u32) -> i32;
@@ -152,9 +152,9 @@ pub fn render_chat(model: i32, json: &str, out: &mut [u8]) -> i32 {
     ))
 }
 
-/// `tern.session_open`.
-pub fn session_open(model: i32, max_tokens: u32) -> i32 {
-    host!(imports::session_open(model, max_tokens))
+/// `tern.session_open`: a session (KV cache) of `n_ctx` positions.
+pub fn session_open(model: i32, n_ctx: u32) -> i32 {
+    host!(imports::session_open(model, n_ctx))
 }
 
 /// `tern.session_close`.

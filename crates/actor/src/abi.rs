@@ -2,7 +2,7 @@
 //!
 //! All pointers are `u32` offsets into the guest's exported `memory`; lengths are bytes
 //! unless named otherwise; results are `i32`, `>= 0` for success and `< 0` for an error code
-//! whose message `last_error` returns. Codes are those of [`AbiError::code`].
+//! whose message `last_error` returns.
 //!
 //! | import | signature | does |
 //! |---|---|---|
@@ -10,8 +10,29 @@
 //! | `emit(ptr, len)` | `(i32, i32) -> i32` | streams `len` bytes to whoever drives the actor |
 //! | `last_error(buf, cap)` | `(i32, i32) -> i32` | copies up to `cap` bytes of the last error message; returns its full length |
 //!
+//! The model functions are listed in [`crate::models`]'s documentation.
+//!
+//! Error codes ([`AbiError::code`]), so that a guest can tell a mistake of its own from a
+//! host that cannot serve it:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | −1, −2, −3, −4 | a pointer argument is out of bounds, misaligned, overflows, or an output aliases an input |
+//! | −5 | any other bad argument (an unknown handle, a token outside the vocabulary, ...) |
+//! | −6 | the compute device failed (a CUDA or wgpu error): the call may work elsewhere |
+//! | −7 | the message's output limit is reached |
+//! | −8 | no such model on this host |
+//! | −9 | a budget is exhausted: KV-cache bytes (the actor's or the host's), open sessions |
+//! | −10 | the input or output of host work is over the host's size limit |
+//! | −11 | host work ran past the host's time limit |
+//!
+//! A host function that panics does not return: the guest traps, and the actor is poisoned
+//! (every later call reports the fault); other actors carry on.
+//!
 //! Guest exports: `memory`, `tern_alloc(len) -> ptr`, `tern_init()` (optional),
 //! `tern_on_message(ptr, len) -> i32`.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use wasmtime::{Caller, Linker};
 
@@ -22,34 +43,68 @@ use tern_compute::MatmulDims;
 /// The ABI version this host implements.
 pub const ABI_VERSION: u32 = 1;
 
-/// Adds every `tern` host function to `linker`.
-pub(crate) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+/// Adds every `tern` host function to `linker`; `panic_probe` adds `testing_panic` too.
+pub(crate) fn link(linker: &mut Linker<HostState>, panic_probe: bool) -> wasmtime::Result<()> {
     linker.func_wrap("tern", "matmul_f32", matmul_f32)?;
     linker.func_wrap("tern", "emit", emit)?;
     linker.func_wrap("tern", "last_error", last_error)?;
+    if panic_probe {
+        linker.func_wrap("tern", "testing_panic", testing_panic)?;
+    }
     crate::models::link(linker)
 }
 
-/// Runs `body` on the caller's memory; an error becomes its code and its message is kept
-/// for `last_error`.
+/// A panic caught in a host function: it traps the guest that made the call.
+#[derive(Debug, thiserror::Error)]
+#[error("host function `{function}` panicked: {message}")]
+pub(crate) struct HostPanic {
+    pub(crate) function: &'static str,
+    pub(crate) message: String,
+}
+
+/// Runs host function `function`'s `body` on the caller's memory. An error becomes its
+/// code, its message kept for `last_error`. A panic is caught here, so it never unwinds
+/// through the guest into the thread that drives the actor (or other actors): it becomes a
+/// trap of this actor, which poisons it.
 pub(crate) fn with_memory(
     caller: &mut Caller<'_, HostState>,
+    function: &'static str,
     body: impl FnOnce(&mut GuestMemory<'_>, &mut HostState) -> Result<i32, AbiError>,
-) -> i32 {
+) -> wasmtime::Result<i32> {
     let Some(memory) = caller.data().memory else {
         caller.data_mut().last_error = Some("the guest has no memory".into());
-        return AbiError::Invalid(String::new()).code();
+        return Ok(AbiError::Invalid(String::new()).code());
     };
     let (data, state) = memory.data_and_store_mut(caller);
-    let result = body(&mut GuestMemory::new(data), state);
+    // The state a panicking body leaves may be half-updated; the actor is poisoned by the
+    // trap, so nothing reads that state again except a snapshot, which a poisoned actor
+    // refuses.
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        body(&mut GuestMemory::new(data), &mut *state)
+    }));
     match result {
-        Ok(value) => value,
-        Err(e) => {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => {
             let code = e.code();
             state.last_error = Some(e.to_string());
-            code
+            Ok(code)
+        }
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            Err(wasmtime::Error::new(HostPanic { function, message }))
         }
     }
+}
+
+/// `testing_panic()`: panics inside the host (linked only with [`crate::RuntimeBuilder::panic_probe`]).
+fn testing_panic(mut caller: Caller<'_, HostState>) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "testing_panic", |_, _| {
+        panic!("testing_panic was called")
+    })
 }
 
 fn matmul_f32(
@@ -60,8 +115,8 @@ fn matmul_f32(
     m: u32,
     n: u32,
     k: u32,
-) -> i32 {
-    with_memory(&mut caller, |mem, state| {
+) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "matmul_f32", |mem, state| {
         let len = mem.len();
         let (mk, kn, mn) = (
             guest_memory::product("m*k", m, k)?,
@@ -82,16 +137,16 @@ fn matmul_f32(
     })
 }
 
-fn emit(mut caller: Caller<'_, HostState>, ptr: u32, len: u32) -> i32 {
-    with_memory(&mut caller, |mem, state| {
+fn emit(mut caller: Caller<'_, HostState>, ptr: u32, len: u32) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "emit", |mem, state| {
         let range = guest_memory::check("emit", mem.len(), ptr, len.into(), 1, 1)?;
         state.emit(mem.bytes(range))?;
         Ok(0)
     })
 }
 
-fn last_error(mut caller: Caller<'_, HostState>, buf: u32, cap: u32) -> i32 {
-    with_memory(&mut caller, |mem, state| {
+fn last_error(mut caller: Caller<'_, HostState>, buf: u32, cap: u32) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "last_error", |mem, state| {
         let message = state.last_error.clone().unwrap_or_default();
         let n = message.len().min(cap as usize);
         let range = guest_memory::check("last_error", mem.len(), buf, n as u64, 1, 1)?;

@@ -7,10 +7,12 @@ use wasmtime::{
     Instance, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc, WasmBacktrace,
 };
 
+use crate::abi::HostPanic;
+use crate::clock::VirtualClock;
 use crate::guest_memory::{self, AbiError};
 use crate::instrument::{Instrumented, instrument};
 use crate::models::ModelState;
-use crate::{ActorError, Runtime, abi};
+use crate::{ActorError, Limits, Runtime, abi};
 
 /// What the guest returned for one message, and what it emitted meanwhile.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +32,9 @@ pub(crate) struct HostState {
     pub(crate) memory: Option<Memory>,
     pub(crate) last_error: Option<String>,
     pub(crate) models: ModelState,
+    pub(crate) limits: Limits,
+    /// The actor's time, read once from the runtime's wall clock and recorded.
+    pub(crate) clock: VirtualClock,
     output: Vec<u8>,
     output_limit: usize,
     stream: Option<OutputSink>,
@@ -177,7 +182,9 @@ impl Actor {
             device: runtime.device.clone(),
             memory: None,
             last_error: None,
-            models: ModelState::new(runtime.models.clone()),
+            models: ModelState::new(runtime.models.clone(), runtime.kv.clone(), limits.kv_bytes),
+            limits,
+            clock: VirtualClock::new(runtime.clock.clone()),
             output: Vec::new(),
             output_limit: limits.output_bytes,
             stream: None,
@@ -191,7 +198,8 @@ impl Actor {
         store.epoch_deadline_trap();
         store.set_epoch_deadline(runtime.deadline_ticks());
         let mut linker = Linker::new(&runtime.engine);
-        abi::link(&mut linker).map_err(|e| ActorError::Engine(format!("{e:#}")))?;
+        abi::link(&mut linker, runtime.panic_probe)
+            .map_err(|e| ActorError::Engine(format!("{e:#}")))?;
         let limit_ms = limits.call_time.as_millis();
         let instance =
             linker
@@ -326,6 +334,12 @@ fn classify(
 ) -> ActorError {
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return ActorError::TimeLimit { export, limit_ms };
+    }
+    if let Some(panic) = e.downcast_ref::<HostPanic>() {
+        return ActorError::HostFault {
+            export,
+            message: panic.to_string(),
+        };
     }
     // A trap's reason first, then where it happened (Wasmtime puts the backtrace first).
     let mut message = match (e.downcast_ref::<Trap>(), e.downcast_ref::<WasmBacktrace>()) {

@@ -36,13 +36,64 @@ pub enum AbiError {
     #[error("{0}")]
     Invalid(String),
     #[error("device error: {0}")]
-    Device(#[from] ComputeError),
+    Device(String),
     #[error("output limit of {limit} bytes per message reached")]
     OutputLimit { limit: usize },
+    #[error("{0}")]
+    NotFound(String),
+    #[error(
+        "{what} is exhausted: {needed} more bytes asked for, {in_use} in use, the limit is {limit}"
+    )]
+    Budget {
+        what: &'static str,
+        needed: u64,
+        in_use: u64,
+        limit: u64,
+    },
+    #[error("{what} of {bytes} bytes is over the host's limit of {limit} bytes")]
+    TooLarge {
+        what: &'static str,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error("{what} ran past the host's limit of {limit_ms} ms")]
+    TimeLimit { what: &'static str, limit_ms: u128 },
+}
+
+impl From<ComputeError> for AbiError {
+    fn from(e: ComputeError) -> AbiError {
+        AbiError::Device(e.to_string())
+    }
+}
+
+impl From<tern_model::ModelError> for AbiError {
+    /// A failing device stays a device error; anything else the model refuses is a bad
+    /// argument.
+    fn from(e: tern_model::ModelError) -> AbiError {
+        if e.is_device() {
+            AbiError::Device(e.to_string())
+        } else {
+            AbiError::Invalid(e.to_string())
+        }
+    }
+}
+
+impl From<crate::registry::OpenError> for AbiError {
+    fn from(e: crate::registry::OpenError) -> AbiError {
+        use crate::registry::OpenError;
+        match e {
+            OpenError::Unknown { .. } | OpenError::Locate { .. } => {
+                AbiError::NotFound(e.to_string())
+            }
+            OpenError::Load { .. } if e.is_device() => AbiError::Device(e.to_string()),
+            OpenError::Load { .. } => AbiError::Invalid(e.to_string()),
+        }
+    }
 }
 
 impl AbiError {
-    /// The code a host function returns for this error; always negative.
+    /// The code a host function returns for this error; always negative. The codes are
+    /// part of the ABI ([`crate::abi`] lists them).
     pub fn code(&self) -> i32 {
         match self {
             AbiError::OutOfBounds { .. } => -1,
@@ -52,6 +103,10 @@ impl AbiError {
             AbiError::Invalid(_) => -5,
             AbiError::Device(_) => -6,
             AbiError::OutputLimit { .. } => -7,
+            AbiError::NotFound(_) => -8,
+            AbiError::Budget { .. } => -9,
+            AbiError::TooLarge { .. } => -10,
+            AbiError::TimeLimit { .. } => -11,
         }
     }
 }
@@ -154,8 +209,19 @@ pub struct GuestMemory<'m> {
 }
 
 impl<'m> GuestMemory<'m> {
+    /// Views `data` as a guest memory. A guest memory is a page-aligned Tern region, but
+    /// nothing here relies on that: the typed views check the alignment of each element's
+    /// address (the base's plus the offset), so any byte slice is safe to wrap.
     pub fn new(data: &'m mut [u8]) -> GuestMemory<'m> {
         GuestMemory { data }
+    }
+
+    /// Whether `r` lies inside this memory as a run of 4-byte values at 4-byte aligned
+    /// addresses: what the `f32` and [`Candidate`] views need.
+    fn holds_words(&self, r: &GuestRange) -> bool {
+        r.offset + r.bytes <= self.data.len()
+            && (self.data.as_ptr() as usize + r.offset).is_multiple_of(4)
+            && r.bytes.is_multiple_of(4)
     }
 
     /// The memory's size in bytes now.
@@ -179,17 +245,14 @@ impl<'m> GuestMemory<'m> {
 
     /// A writable `f32` view of a range checked with 4-byte alignment against this memory.
     pub fn f32_mut(&mut self, r: GuestRange) -> Result<&mut [f32], AbiError> {
-        if r.offset + r.bytes > self.data.len()
-            || !r.offset.is_multiple_of(4)
-            || !r.bytes.is_multiple_of(4)
-        {
+        if !self.holds_words(&r) {
             return Err(AbiError::Invalid(format!(
                 "range {r} was not checked as f32s"
             )));
         }
-        // SAFETY: the range is inside `self.data`, 4-byte aligned relative to a page-aligned
-        // base (checked above), every bit pattern is a valid f32, and the view borrows `self`
-        // mutably, so it is the only reference to these bytes while it lives.
+        // SAFETY: the range is inside `self.data` at a 4-byte aligned address (checked
+        // above), every bit pattern is a valid f32, and the view borrows `self` mutably, so
+        // it is the only reference to these bytes while it lives.
         Ok(unsafe {
             std::slice::from_raw_parts_mut(
                 self.data.as_mut_ptr().add(r.offset).cast::<f32>(),
@@ -220,20 +283,17 @@ impl<'m> GuestMemory<'m> {
             });
         }
         for r in [a, b, c] {
-            if r.offset + r.bytes > self.data.len()
-                || !r.offset.is_multiple_of(4)
-                || !r.bytes.is_multiple_of(4)
-            {
+            if !self.holds_words(&r) {
                 return Err(AbiError::Invalid(format!(
                     "range {r} was not checked as f32s"
                 )));
             }
         }
         let base = self.data.as_mut_ptr();
-        // SAFETY: each range is inside `self.data` and 4-byte aligned relative to a
-        // page-aligned base (checked above), every bit pattern is a valid f32, and the
-        // mutable view `c` is disjoint from `a` and `b` (checked above); all three borrow
-        // `self` mutably, so nothing else can touch the memory while they live.
+        // SAFETY: each range is inside `self.data` at a 4-byte aligned address (checked
+        // above), every bit pattern is a valid f32, and the mutable view `c` is disjoint from
+        // `a` and `b` (checked above); all three borrow `self` mutably, so nothing else can
+        // touch the memory while they live.
         unsafe {
             Ok((
                 std::slice::from_raw_parts(base.add(a.offset).cast::<f32>(), a.bytes / 4),
@@ -260,10 +320,7 @@ impl<'m> GuestMemory<'m> {
             });
         }
         for r in logits.iter().chain([&top]) {
-            if r.offset + r.bytes > self.data.len()
-                || !r.offset.is_multiple_of(4)
-                || !r.bytes.is_multiple_of(4)
-            {
+            if !self.holds_words(r) {
                 return Err(AbiError::Invalid(format!(
                     "range {r} was not checked as 4-byte values"
                 )));
@@ -275,11 +332,10 @@ impl<'m> GuestMemory<'m> {
             )));
         }
         let base = self.data.as_mut_ptr();
-        // SAFETY: both ranges are inside `self.data` and 4-byte aligned relative to a
-        // page-aligned base (checked above); every bit pattern is a valid f32 and a valid
-        // `Candidate` (a `repr(C)` pair of u32 and f32, 4-byte aligned); the two views are
-        // disjoint (checked above) and borrow `self` mutably, so nothing else can touch the
-        // memory while they live.
+        // SAFETY: both ranges are inside `self.data` at 4-byte aligned addresses (checked
+        // above); every bit pattern is a valid f32 and a valid `Candidate` (a `repr(C)` pair
+        // of u32 and f32, 4-byte aligned); the two views are disjoint (checked above) and
+        // borrow `self` mutably, so nothing else can touch the memory while they live.
         unsafe {
             let logits = logits.map(|l| {
                 std::slice::from_raw_parts_mut(base.add(l.offset).cast::<f32>(), l.bytes / 4)
@@ -321,6 +377,31 @@ mod tests {
             Err(AbiError::Overflow { .. })
         ));
         assert_eq!(check("x", 100, 100, 0, 4, 4).unwrap().bytes(), 0);
+    }
+
+    #[test]
+    fn a_failing_device_keeps_its_kind_through_the_abi() {
+        let device = tern_model::ModelError::Device {
+            backend: "cuda",
+            what: "launching the decode graph".into(),
+            reason: "CUDA_ERROR_LAUNCH_FAILED".into(),
+        };
+        let in_file = tern_model::ModelError::InFile {
+            path: "m.gguf".into(),
+            inner: Box::new(device),
+        };
+        let e = AbiError::from(in_file);
+        assert_eq!(e.code(), -6);
+        assert!(e.to_string().contains("CUDA_ERROR_LAUNCH_FAILED"), "{e}");
+        let bad = AbiError::from(tern_model::ModelError::Invalid(
+            "session of 0 tokens".into(),
+        ));
+        assert_eq!(bad.code(), -5);
+        let unknown = crate::registry::OpenError::Unknown {
+            name: "x".into(),
+            offered: "none".into(),
+        };
+        assert_eq!(AbiError::from(unknown).code(), -8);
     }
 
     #[test]

@@ -11,19 +11,30 @@
 //!   a negative code and leaves a message for `tern.last_error`.
 //! - A runaway guest is interrupted (epoch deadline), memory is capped, and a trap poisons
 //!   only that actor: every later call on it reports the original fault.
+//! - A panic inside a host function is caught there: it traps the guest that made the call
+//!   and poisons that actor only; the process and every other actor carry on.
+//! - Host work on a guest's behalf is bounded: text in and out of host calls by size and
+//!   time, KV caches by a per-actor and a per-runtime budget counted at `session_open`.
 //! - Device work on guest memory completes before the host call that started it returns.
+//! - Nothing an actor sees depends on when it runs: its clock is virtual ([`clock`]).
 
 pub mod abi;
 mod actor;
+mod budget;
+pub mod clock;
 pub mod guest_memory;
 pub mod instrument;
 mod models;
+mod registry;
 mod runtime;
 mod snapshot;
 
 pub use actor::{Actor, ActorModule, Reply};
-pub use models::ModelRegistry;
-pub use runtime::{Limits, Runtime};
+pub use budget::KvLedger;
+pub use clock::WallClock;
+pub use registry::{Locate, ModelRegistry, ModelSource, OpenError};
+pub use runtime::{Limits, Runtime, RuntimeBuilder};
+pub use snapshot::Continuation;
 pub use tern_compute::Device;
 pub use tern_snapshot::{SnapshotError, SnapshotFile, SnapshotView};
 
@@ -32,6 +43,8 @@ pub use tern_snapshot::{SnapshotError, SnapshotFile, SnapshotView};
 pub enum ActorError {
     #[error("cannot set up the Wasm engine: {0}")]
     Engine(String),
+    #[error("bad host configuration: {0}")]
+    Config(String),
     #[error("invalid module: {0}")]
     Module(String),
     #[error("cannot instantiate the module: {0}")]
@@ -48,6 +61,11 @@ pub enum ActorError {
     },
     #[error("the guest broke the ABI in `{export}`: {message}")]
     Abi {
+        export: &'static str,
+        message: String,
+    },
+    #[error("a host function panicked in `{export}` while serving this actor: {message}")]
+    HostFault {
         export: &'static str,
         message: String,
     },

@@ -4,21 +4,27 @@
 //!
 //! | import | signature | does |
 //! |---|---|---|
-//! | `model_open(name, len)` | `-> handle` | opens a model the host configured, by name (`default`: the host's only model, when it offers one) |
+//! | `model_open(name, len)` | `-> handle` | opens a model the host configured, by name (`default`: the host's first model) |
 //! | `model_info(model, out, cap)` | `-> len` | JSON: vocab size, context length, special tokens |
 //! | `tokenize(model, text, len, ids, cap)` | `-> n` | UTF-8 text to token ids (`u32`); writes at most `cap` ids, returns how many there are |
 //! | `detokenize(model, ids, n, out, cap)` | `-> len` | the raw bytes of token ids (may end inside a UTF-8 sequence) |
 //! | `render_chat(model, json, len, out, cap)` | `-> len` | renders `[{"role","content"}...]` with the model's template, generation prompt added |
-//! | `session_open(model, max_tokens)` | `-> handle` | a new KV cache |
+//! | `session_open(model, n_ctx)` | `-> handle` | a new KV cache of `n_ctx` positions (the session's size, not a reply's length) |
 //! | `session_close(s)`, `session_len(s)`, `session_rewind(s, n)` | `-> 0 / len / len` | |
 //! | `forward(s, ids, n, logits)` | `-> 0` | appends `n` tokens; writes `f32[vocab]` logits of the last |
 //! | `forward_top(s, ids, n, logits, top, k)` | `-> k` | as `forward`, and the `k` (1 to 64) largest logits as `(u32 token, f32 logit)` pairs into `top`, largest first, ties to the smaller token; `logits` 0 writes no logits (on a GPU they then never leave it) |
 //!
 //! Functions returning a length write at most `cap` bytes (or ids) and return the full length,
 //! so a guest can retry with a larger buffer.
+//!
+//! Host work is bounded, since it runs outside the guest's time limit: text in and out of
+//! `tokenize`, `detokenize` and `render_chat` is at most [`crate::Limits::text_bytes`]
+//! (`-10` beyond), tokenizing and rendering stop at [`crate::Limits::text_time`] (`-11`), and
+//! a chat template runs on bounded fuel. `session_open` reserves the session's whole KV
+//! cache against the actor's and the runtime's budgets (`-9` when exhausted).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tern_model::{MAX_TOP, Model, Session};
 use tern_text::Message;
@@ -26,59 +32,46 @@ use wasmtime::{Caller, Linker};
 
 use crate::abi::with_memory;
 use crate::actor::HostState;
+use crate::budget::{KvLedger, KvReservation};
 use crate::guest_memory::{self, AbiError, GuestMemory, GuestRange};
+use crate::registry::ModelRegistry;
 
-/// The models a runtime's actors may open, by name. Loaded once, shared by every actor.
-#[derive(Clone, Default)]
-pub struct ModelRegistry {
-    models: BTreeMap<String, Arc<Model>>,
-}
-
-impl ModelRegistry {
-    pub fn insert(&mut self, model: Arc<Model>) {
-        self.models.insert(model.name.clone(), model);
-    }
-
-    /// The model named `name`. `default` names the host's only model when it offers exactly
-    /// one (and none is itself named `default`): what a guest asks for before it is told a name.
-    pub fn get(&self, name: &str) -> Option<&Arc<Model>> {
-        self.models
-            .get(name)
-            .or_else(|| match (name, self.models.len()) {
-                ("default", 1) => self.models.values().next(),
-                _ => None,
-            })
-    }
-
-    pub fn names(&self) -> Vec<String> {
-        self.models.keys().cloned().collect()
-    }
-
-    /// What the registry offers, for messages: its names, or "none".
-    pub fn offered(&self) -> String {
-        match self.names() {
-            names if names.is_empty() => "none".to_string(),
-            names => names.join(", "),
-        }
-    }
+/// One open session: the index of its model among the actor's open models, the session, and
+/// its share of the KV-cache budget.
+pub(crate) struct SessionSlot {
+    pub(crate) model: usize,
+    pub(crate) session: Session,
+    reservation: KvReservation,
 }
 
 /// An actor's open models and sessions; handles are indices.
-#[derive(Default)]
 pub(crate) struct ModelState {
-    pub(crate) registry: ModelRegistry,
+    registry: ModelRegistry,
+    ledger: Arc<KvLedger>,
+    /// The actor's KV-cache budget in bytes.
+    kv_budget: u64,
     open: Vec<Arc<Model>>,
-    sessions: Vec<Option<(usize, Session)>>,
+    sessions: Vec<Option<SessionSlot>>,
 }
 
 /// The most sessions one actor may hold open.
 pub(crate) const MAX_SESSIONS: usize = 64;
 
+/// The bytes a session of `n_ctx` positions reserves: keys and values of every layer at
+/// every position, as f32.
+pub(crate) fn session_kv_bytes(model: &Model, n_ctx: usize) -> u64 {
+    let c = model.config();
+    2 * 4 * c.n_layer as u64 * n_ctx as u64 * c.kv_dim() as u64
+}
+
 impl ModelState {
-    pub(crate) fn new(registry: ModelRegistry) -> ModelState {
+    pub(crate) fn new(registry: ModelRegistry, ledger: Arc<KvLedger>, kv_budget: u64) -> Self {
         ModelState {
             registry,
-            ..ModelState::default()
+            ledger,
+            kv_budget,
+            open: Vec::new(),
+            sessions: Vec::new(),
         }
     }
 
@@ -87,20 +80,44 @@ impl ModelState {
         &self.open
     }
 
-    /// Session slots (a handle is an index; closed slots are `None`), each with the index
-    /// of its model.
-    pub(crate) fn session_slots(&self) -> &[Option<(usize, Session)>] {
+    /// Session slots (a handle is an index; closed slots are `None`).
+    pub(crate) fn session_slots(&self) -> &[Option<SessionSlot>] {
         &self.sessions
     }
 
-    /// Replaces the open models and sessions with restored ones.
+    /// KV-cache bytes this actor's open sessions reserve.
+    pub(crate) fn kv_bytes(&self) -> u64 {
+        self.sessions
+            .iter()
+            .flatten()
+            .map(|s| s.reservation.bytes())
+            .sum()
+    }
+
+    /// Reserves the budget for a session of `n_ctx` positions on `model`.
+    pub(crate) fn reserve(&self, model: &Model, n_ctx: usize) -> Result<KvReservation, AbiError> {
+        let bytes = session_kv_bytes(model, n_ctx);
+        KvReservation::take(&self.ledger, bytes, self.kv_bytes(), self.kv_budget)
+    }
+
+    /// Replaces the open models and sessions with restored ones, each session with its
+    /// reservation ([`Self::reserve`]).
     pub(crate) fn restore(
         &mut self,
         open: Vec<Arc<Model>>,
-        sessions: Vec<Option<(usize, Session)>>,
+        sessions: Vec<Option<(usize, Session, KvReservation)>>,
     ) {
         self.open = open;
-        self.sessions = sessions;
+        self.sessions = sessions
+            .into_iter()
+            .map(|s| {
+                s.map(|(model, session, reservation)| SessionSlot {
+                    model,
+                    session,
+                    reservation,
+                })
+            })
+            .collect();
     }
 
     fn model(&self, handle: i32) -> Result<&Arc<Model>, AbiError> {
@@ -116,7 +133,7 @@ impl ModelState {
             .and_then(|h| self.sessions.get_mut(h))
             .and_then(Option::as_mut)
             .ok_or_else(|| AbiError::Invalid(format!("no open session with handle {handle}")))?;
-        Ok((&self.open[slot.0], &mut slot.1))
+        Ok((&self.open[slot.model], &mut slot.session))
     }
 }
 
@@ -135,15 +152,27 @@ pub(crate) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// The guest's UTF-8 text at `ptr`, at most [`crate::Limits::text_bytes`] long.
 fn utf8<'m>(
     mem: &'m GuestMemory<'_>,
+    state: &HostState,
     what: &'static str,
     ptr: u32,
     len: u32,
 ) -> Result<&'m str, AbiError> {
     let range = guest_memory::check(what, mem.len(), ptr, len.into(), 1, 1)?;
+    check_text_size(state, what, u64::from(len))?;
     std::str::from_utf8(mem.bytes(range))
         .map_err(|e| AbiError::Invalid(format!("{what} is not UTF-8: {e}")))
+}
+
+/// Refuses host text work on more than [`crate::Limits::text_bytes`].
+fn check_text_size(state: &HostState, what: &'static str, bytes: u64) -> Result<(), AbiError> {
+    let limit = state.limits.text_bytes as u64;
+    if bytes > limit {
+        return Err(AbiError::TooLarge { what, bytes, limit });
+    }
+    Ok(())
 }
 
 /// Writes as much of `bytes` as fits in `cap` at `out`; returns the full length.
@@ -160,20 +189,11 @@ fn write_out(
     i32::try_from(bytes.len()).map_err(|_| AbiError::Invalid(format!("{what}: result too large")))
 }
 
-fn model_error(e: tern_model::ModelError) -> AbiError {
-    AbiError::Invalid(e.to_string())
-}
-
-fn model_open(mut caller: Caller<'_, HostState>, name: u32, len: u32) -> i32 {
-    with_memory(&mut caller, |mem, state| {
-        let name = utf8(mem, "model name", name, len)?;
+fn model_open(mut caller: Caller<'_, HostState>, name: u32, len: u32) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "model_open", |mem, state| {
+        let name = utf8(mem, state, "model name", name, len)?;
         let models = &mut state.models;
-        let model = models.registry.get(name).cloned().ok_or_else(|| {
-            AbiError::Invalid(format!(
-                "unknown model `{name}` (this host offers {})",
-                models.registry.offered()
-            ))
-        })?;
+        let model = models.registry.open(name)?;
         if let Some(i) = models.open.iter().position(|m| Arc::ptr_eq(m, &model)) {
             return Ok(i as i32);
         }
@@ -182,8 +202,13 @@ fn model_open(mut caller: Caller<'_, HostState>, name: u32, len: u32) -> i32 {
     })
 }
 
-fn model_info(mut caller: Caller<'_, HostState>, model: i32, out: u32, cap: u32) -> i32 {
-    with_memory(&mut caller, |mem, state| {
+fn model_info(
+    mut caller: Caller<'_, HostState>,
+    model: i32,
+    out: u32,
+    cap: u32,
+) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "model_info", |mem, state| {
         let info = state.models.model(model)?.info_json();
         write_out(mem, "model_info", out, cap, info.as_bytes())
     })
@@ -196,15 +221,16 @@ fn tokenize(
     len: u32,
     ids: u32,
     cap: u32,
-) -> i32 {
-    with_memory(&mut caller, |mem, state| {
-        let text = utf8(mem, "text", text, len)?;
+) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "tokenize", |mem, state| {
+        let text = utf8(mem, state, "text", text, len)?;
+        let deadline = Instant::now() + state.limits.text_time;
         let tokens = state
             .models
             .model(model)?
             .tokenizer
-            .encode(text, false)
-            .map_err(|e| AbiError::Invalid(e.to_string()))?;
+            .encode_within(text, false, deadline)
+            .map_err(|e| text_error(e, "tokenize", state))?;
         let n = tokens.len().min(cap as usize);
         let range = guest_memory::check("ids", mem.len(), ids, n as u64, 4, 4)?;
         let out = mem.bytes_mut(range);
@@ -213,6 +239,18 @@ fn tokenize(
         }
         i32::try_from(tokens.len()).map_err(|_| AbiError::Invalid("too many tokens".into()))
     })
+}
+
+/// A text error from host work: running out of time is the host's limit, anything else
+/// a bad argument.
+fn text_error(e: tern_text::TextError, what: &'static str, state: &HostState) -> AbiError {
+    match e {
+        tern_text::TextError::TimeLimit { .. } => AbiError::TimeLimit {
+            what,
+            limit_ms: state.limits.text_time.as_millis(),
+        },
+        other => AbiError::Invalid(other.to_string()),
+    }
 }
 
 /// Reads `n` token ids from guest memory.
@@ -232,8 +270,10 @@ fn detokenize(
     n: u32,
     out: u32,
     cap: u32,
-) -> i32 {
-    with_memory(&mut caller, |mem, state| {
+) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "detokenize", |mem, state| {
+        // A token is at least one byte of text: more ids than the text limit cannot fit.
+        check_text_size(state, "detokenize's ids", u64::from(n))?;
         let ids = read_ids(mem, ids, n)?;
         let tokenizer = &state.models.model(model)?.tokenizer;
         let mut bytes = Vec::new();
@@ -241,6 +281,7 @@ fn detokenize(
             bytes.extend(tokenizer.token_bytes(id).ok_or_else(|| {
                 AbiError::Invalid(format!("token id {id} is not in the vocabulary"))
             })?);
+            check_text_size(state, "detokenize's text", bytes.len() as u64)?;
         }
         write_out(mem, "detokenize", out, cap, &bytes)
     })
@@ -253,70 +294,99 @@ fn render_chat(
     len: u32,
     out: u32,
     cap: u32,
-) -> i32 {
-    with_memory(&mut caller, |mem, state| {
-        let json = utf8(mem, "messages", json, len)?;
+) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "render_chat", |mem, state| {
+        let json = utf8(mem, state, "messages", json, len)?;
         let messages: Vec<Message> = serde_json::from_str(json)
             .map_err(|e| AbiError::Invalid(format!("messages JSON: {e}")))?;
-        let text = state
-            .models
-            .model(model)?
-            .render_chat(&messages, true)
-            .map_err(model_error)?;
+        let model = state.models.model(model)?.clone();
+        let clock = std::cell::RefCell::new(&mut state.clock);
+        let text = model
+            .render_chat(&messages, true, &|| clock.borrow_mut().now_unix_ms())
+            .map_err(AbiError::from)?;
+        check_text_size(state, "render_chat's text", text.len() as u64)?;
         write_out(mem, "render_chat", out, cap, text.as_bytes())
     })
 }
 
-fn session_open(mut caller: Caller<'_, HostState>, model: i32, max_tokens: u32) -> i32 {
-    with_memory(&mut caller, |_, state| {
+fn session_open(
+    mut caller: Caller<'_, HostState>,
+    model: i32,
+    n_ctx: u32,
+) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "session_open", |_, state| {
         let models = &mut state.models;
         let m = models.model(model)?;
-        let session = m.new_session(max_tokens as usize).map_err(model_error)?;
         let index = usize::try_from(model).expect("checked by model()");
-        if let Some(free) = models.sessions.iter().position(Option::is_none) {
-            models.sessions[free] = Some((index, session));
-            return Ok(free as i32);
+        let free = models.sessions.iter().position(Option::is_none);
+        if free.is_none() && models.sessions.len() >= MAX_SESSIONS {
+            return Err(AbiError::Budget {
+                what: "this actor's sessions",
+                needed: 1,
+                in_use: MAX_SESSIONS as u64,
+                limit: MAX_SESSIONS as u64,
+            });
         }
-        if models.sessions.len() >= MAX_SESSIONS {
-            return Err(AbiError::Invalid(format!(
-                "at most {MAX_SESSIONS} sessions may be open"
-            )));
+        let reservation = models.reserve(m, n_ctx as usize)?;
+        let session = m.new_session(n_ctx as usize)?;
+        let slot = Some(SessionSlot {
+            model: index,
+            session,
+            reservation,
+        });
+        match free {
+            Some(free) => {
+                models.sessions[free] = slot;
+                Ok(free as i32)
+            }
+            None => {
+                models.sessions.push(slot);
+                Ok(models.sessions.len() as i32 - 1)
+            }
         }
-        models.sessions.push(Some((index, session)));
-        Ok(models.sessions.len() as i32 - 1)
     })
 }
 
-fn session_close(mut caller: Caller<'_, HostState>, session: i32) -> i32 {
-    with_memory(&mut caller, |_, state| {
+fn session_close(mut caller: Caller<'_, HostState>, session: i32) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "session_close", |_, state| {
         state.models.session(session)?;
         state.models.sessions[session as usize] = None;
         Ok(0)
     })
 }
 
-fn session_len(mut caller: Caller<'_, HostState>, session: i32) -> i32 {
-    with_memory(&mut caller, |_, state| {
+fn session_len(mut caller: Caller<'_, HostState>, session: i32) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "session_len", |_, state| {
         Ok(state.models.session(session)?.1.tokens.len() as i32)
     })
 }
 
-fn session_rewind(mut caller: Caller<'_, HostState>, session: i32, len: u32) -> i32 {
-    with_memory(&mut caller, |_, state| {
+fn session_rewind(
+    mut caller: Caller<'_, HostState>,
+    session: i32,
+    len: u32,
+) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "session_rewind", |_, state| {
         let (_, s) = state.models.session(session)?;
         s.rewind(len as usize);
         Ok(s.tokens.len() as i32)
     })
 }
 
-fn forward(mut caller: Caller<'_, HostState>, session: i32, ids: u32, n: u32, logits: u32) -> i32 {
-    with_memory(&mut caller, |mem, state| {
+fn forward(
+    mut caller: Caller<'_, HostState>,
+    session: i32,
+    ids: u32,
+    n: u32,
+    logits: u32,
+) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "forward", |mem, state| {
         let tokens = read_ids(mem, ids, n)?;
         let (model, s) = state.models.session(session)?;
         let vocab = model.config().n_vocab;
         let range = guest_memory::check("logits", mem.len(), logits, vocab as u64, 4, 4)?;
         let out = mem.f32_mut(range)?;
-        model.forward(s, &tokens, out).map_err(model_error)?;
+        model.forward(s, &tokens, out)?;
         Ok(0)
     })
 }
@@ -334,8 +404,8 @@ fn forward_top(
     logits: u32,
     top: u32,
     k: u32,
-) -> i32 {
-    with_memory(&mut caller, |mem, state| {
+) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "forward_top", |mem, state| {
         let tokens = read_ids(mem, ids, n)?;
         let (model, s) = state.models.session(session)?;
         let vocab = model.config().n_vocab;
@@ -350,9 +420,7 @@ fn forward_top(
             .transpose()?;
         let top = guest_memory::check("top", mem.len(), top, 2 * u64::from(k), 4, 4)?;
         let (logits, top) = mem.f32_and_candidates_mut(logits, top)?;
-        model
-            .forward_top(s, &tokens, logits, top)
-            .map_err(model_error)?;
+        model.forward_top(s, &tokens, logits, top)?;
         Ok(k as i32)
     })
 }

@@ -1,6 +1,8 @@
-//! [`Runtime`]: the Wasmtime engine, its memory creator, the compute device and the clock
-//! that interrupts runaway guests.
+//! [`Runtime`]: the Wasmtime engine, its memory creator, the compute device, the models it
+//! offers and the clock that interrupts runaway guests; built by [`RuntimeBuilder`], the one
+//! way every front (the CLI's commands, the server) sets up a host.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -8,10 +10,13 @@ use std::time::Duration;
 
 use tern_compute::Device;
 use tern_memory::RegionCreator;
+use tern_model::{Model, Precision};
 use wasmtime::{Config, Engine};
 
 use crate::ActorError;
-use crate::models::ModelRegistry;
+use crate::budget::KvLedger;
+use crate::clock::{WallClock, system_clock};
+use crate::registry::{Locate, ModelRegistry, ModelSource, OpenError, OpenOptions};
 
 /// How often the epoch advances; a time limit is a whole number of ticks.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -25,6 +30,16 @@ pub struct Limits {
     pub call_time: Duration,
     /// The most bytes one message may `emit`.
     pub output_bytes: usize,
+    /// The most KV-cache bytes one actor's open sessions may reserve, each counted at its
+    /// full capacity when it is opened.
+    pub kv_bytes: u64,
+    /// The most KV-cache bytes all actors of the runtime together may reserve.
+    pub runtime_kv_bytes: u64,
+    /// The most bytes of text one host call works on (`tokenize`'s input, `render_chat`'s
+    /// messages, `detokenize`'s output): host work runs outside the guest's time limit.
+    pub text_bytes: usize,
+    /// The longest one host call on text (`tokenize`, `render_chat`) may run.
+    pub text_time: Duration,
 }
 
 impl Default for Limits {
@@ -33,7 +48,102 @@ impl Default for Limits {
             memory_bytes: 1 << 30,
             call_time: Duration::from_secs(60),
             output_bytes: 16 << 20,
+            kv_bytes: 4 << 30,
+            runtime_kv_bytes: u64::MAX,
+            text_bytes: 4 << 20,
+            text_time: Duration::from_secs(5),
         }
+    }
+}
+
+/// Sets up a [`Runtime`]: its device, limits, the models it offers by name (the first also
+/// answers to `default`), how CPU forward passes run, and the wall clock actors' virtual
+/// clocks read.
+pub struct RuntimeBuilder {
+    device: Arc<dyn Device>,
+    limits: Limits,
+    models: Vec<(String, ModelSource)>,
+    threads: usize,
+    precision: Precision,
+    clock: WallClock,
+    panic_probe: bool,
+}
+
+impl RuntimeBuilder {
+    /// The limits every actor runs under.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Offers the model file at `path` (GGUF, or a Hugging Face checkpoint) as `name`, loaded
+    /// on first use.
+    pub fn model_file(mut self, name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        self.models
+            .push((name.into(), ModelSource::File(path.into())));
+        self
+    }
+
+    /// Offers the model file `locate` finds (fetching it, say) as `name`, on first use.
+    pub fn model_located(mut self, name: impl Into<String>, locate: Locate) -> Self {
+        self.models
+            .push((name.into(), ModelSource::Located(locate)));
+        self
+    }
+
+    /// Offers a model already loaded and on this runtime's device, under its own name.
+    pub fn model(mut self, model: Arc<Model>) -> Self {
+        self.models
+            .push((model.name.clone(), ModelSource::Loaded(model)));
+        self
+    }
+
+    /// CPU threads for the forward pass of models loaded from files (default: all cores).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// How CPU matrix products treat activations, for models loaded from files.
+    pub fn precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The wall clock, in milliseconds since the Unix epoch, that actors' virtual clocks read
+    /// once each (default: the system's).
+    pub fn clock(mut self, clock: WallClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Links `tern.testing_panic()`, a host function that panics: for tests that show a
+    /// host panic stays inside the actor that caused it. Never for production hosts.
+    #[doc(hidden)]
+    pub fn panic_probe(mut self) -> Self {
+        self.panic_probe = true;
+        self
+    }
+
+    /// The runtime; refuses two models of one name.
+    pub fn build(self) -> Result<Runtime, ActorError> {
+        for (i, (name, _)) in self.models.iter().enumerate() {
+            if self.models[..i].iter().any(|(n, _)| n == name) {
+                return Err(ActorError::Config(format!("two models are named `{name}`")));
+            }
+        }
+        let options = OpenOptions {
+            device: self.device.clone(),
+            threads: self.threads,
+            precision: self.precision,
+        };
+        Runtime::new(
+            self.device,
+            self.limits,
+            ModelRegistry::new(self.models, options),
+            self.clock,
+            self.panic_probe,
+        )
     }
 }
 
@@ -44,12 +154,33 @@ pub struct Runtime {
     pub(crate) device: Arc<dyn Device>,
     pub(crate) limits: Limits,
     pub(crate) models: ModelRegistry,
+    pub(crate) kv: Arc<KvLedger>,
+    pub(crate) clock: WallClock,
+    pub(crate) panic_probe: bool,
     ticker: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl Runtime {
-    /// A runtime whose actors' memories are attached to `device`.
-    pub fn new(device: Arc<dyn Device>, limits: Limits) -> Result<Runtime, ActorError> {
+    /// Starts setting up a runtime whose actors' memories are attached to `device`.
+    pub fn builder(device: Arc<dyn Device>) -> RuntimeBuilder {
+        RuntimeBuilder {
+            device,
+            limits: Limits::default(),
+            models: Vec::new(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            precision: Precision::Fast,
+            clock: system_clock(),
+            panic_probe: false,
+        }
+    }
+
+    fn new(
+        device: Arc<dyn Device>,
+        limits: Limits,
+        models: ModelRegistry,
+        clock: WallClock,
+        panic_probe: bool,
+    ) -> Result<Runtime, ActorError> {
         let creator = Arc::new(RegionCreator::new(
             vec![device.clone()],
             limits.memory_bytes,
@@ -85,8 +216,11 @@ impl Runtime {
             engine,
             creator,
             device,
+            kv: Arc::new(KvLedger::new(limits.runtime_kv_bytes)),
             limits,
-            models: ModelRegistry::default(),
+            models,
+            clock,
+            panic_probe,
             ticker: Some((stop, ticker)),
         })
     }
@@ -97,9 +231,19 @@ impl Runtime {
         &self.engine
     }
 
-    /// Offers `model` to this runtime's actors under its name (`tern.model_open`).
-    pub fn add_model(&mut self, model: Arc<tern_model::Model>) {
-        self.models.insert(model);
+    /// The model offered as `name` (`default`: the first), loaded now if it was not yet.
+    pub fn model(&self, name: &str) -> Result<Arc<Model>, OpenError> {
+        self.models.open(name)
+    }
+
+    /// The models this runtime offers, by name.
+    pub fn models(&self) -> &ModelRegistry {
+        &self.models
+    }
+
+    /// The KV-cache bytes all actors of this runtime have reserved, and the cap.
+    pub fn kv_ledger(&self) -> &KvLedger {
+        &self.kv
     }
 
     /// The device every actor of this runtime computes on.

@@ -2,7 +2,7 @@
 //!
 //! A snapshot holds the linear memory, every global the module defines (reached through the
 //! exports [`crate::instrument`] adds at load), the host side of the `tern` ABI (open models
-//! by name and weights digest, each session's tokens and KV cache, the last error message)
+//! by name, SHA-256 and numerics, each session's tokens and KV cache, the last error message)
 //! and the identity of the module. The byte layout is [`tern_snapshot`]'s.
 //!
 //! Guarantees:
@@ -10,9 +10,13 @@
 //!   guest call is in flight, and each actor has its own store, so other actors run on.
 //! - A restore either yields an actor whose memory, globals, sessions and KV caches equal the
 //!   snapshot's bit for bit, or refuses with a message naming what differs (the module, a
-//!   missing model, a model of another architecture or KV shape, the ABI version).
-//! - Restoring on another kind of device (CUDA to CPU, say) continues validly but not bitwise:
-//!   devices round differently, so later tokens may differ from an uninterrupted run.
+//!   missing model, a model of another architecture or KV shape or other contents: its
+//!   SHA-256, or in a version-1 snapshot its sampled digest; the ABI version).
+//! - [`Actor::continuation`] says how a restored actor continues: bit for bit where every
+//!   model's [`tern_model::Numerics`] equal those in the snapshot, field by field; otherwise
+//!   (CUDA to CPU, say) validly but not bitwise, naming the fields that differ, as later tokens
+//!   may differ from an uninterrupted run. A version-1 snapshot records no numerics: there
+//!   its device label is compared with [`Actor::compute_label`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,7 +30,13 @@ use wasmtime::{V128, Val};
 
 use crate::abi::ABI_VERSION;
 use crate::actor::{Actor, ActorModule};
+use crate::budget::KvReservation;
+use crate::models::{SessionSlot, session_kv_bytes};
+use crate::registry::OpenError;
 use crate::{ActorError, Runtime};
+
+/// A restored session: its model's index, the session, its share of the budget.
+type RestoredSession = (usize, Session, KvReservation);
 
 fn refuse(what: String) -> ActorError {
     ActorError::Incompatible(what)
@@ -65,7 +75,7 @@ impl Actor {
         let mut sessions = Vec::new();
         let mut caches = Vec::new();
         for (slot, entry) in state.models.session_slots().iter().enumerate() {
-            let Some((model, session)) = entry else {
+            let Some(SessionSlot { model, session, .. }) = entry else {
                 continue;
             };
             sessions.push(SessionInfo {
@@ -105,6 +115,7 @@ impl Actor {
                 device: compute_label(state.models.open_models()),
                 last_error: state.last_error.clone(),
                 session_slots: state.models.session_slots().len() as u32,
+                clock_unix_ms: state.clock.reading(),
             },
         };
         let memory = self.memory.data(&self.store);
@@ -176,13 +187,14 @@ impl Actor {
             .iter()
             .map(|r| find_model(runtime, r))
             .collect::<Result<Vec<_>, _>>()?;
-        let sessions = restore_sessions(snapshot, &open)?;
+        let sessions = restore_sessions(runtime, snapshot, &open)?;
         let mut actor = Actor::instantiate(runtime, module)?;
         actor.restore_memory(snapshot)?;
         actor.restore_globals(&m.globals)?;
         let state = actor.store.data_mut();
         state.models.restore(open, sessions);
         state.last_error = m.host.last_error.clone();
+        state.clock.restore(m.host.clock_unix_ms);
         Ok(actor)
     }
 
@@ -289,9 +301,17 @@ fn same_bits(a: &Val, b: &Val) -> bool {
 
 fn model_ref(model: &Arc<Model>) -> ModelRef {
     let c = model.config();
+    let n = model.numerics();
     ModelRef {
         name: model.name.clone(),
-        digest: model.digest,
+        sha256: Some(model.digest.to_string()),
+        legacy_digest: model.legacy_digest,
+        numerics: Some(format::Numerics {
+            backend: n.backend,
+            precision: n.precision,
+            kernels: n.kernels,
+            architecture: n.architecture,
+        }),
         arch: "llama".into(),
         n_layer: c.n_layer as u32,
         n_head_kv: c.n_head_kv as u32,
@@ -302,13 +322,15 @@ fn model_ref(model: &Arc<Model>) -> ModelRef {
 
 /// The runtime's model that `wanted` names, if it is the same model.
 fn find_model(runtime: &Runtime, wanted: &ModelRef) -> Result<Arc<Model>, ActorError> {
-    let model = runtime.models.get(&wanted.name).ok_or_else(|| {
-        refuse(format!(
+    let model = runtime.models.open(&wanted.name).map_err(|e| match e {
+        OpenError::Unknown { .. } => refuse(format!(
             "the snapshot needs model `{}`, and this host offers {}",
             wanted.name,
             runtime.models.offered()
-        ))
+        )),
+        other => refuse(format!("the snapshot needs {other}")),
     })?;
+    let model = &model;
     let have = model_ref(model);
     let fields = [
         ("architecture", wanted.arch.clone(), have.arch.clone()),
@@ -332,11 +354,15 @@ fn find_model(runtime: &Runtime, wanted: &ModelRef) -> Result<Arc<Model>, ActorE
             wanted.n_vocab.to_string(),
             have.n_vocab.to_string(),
         ),
-        (
-            "weights digest",
-            format!("{:016x}", wanted.digest),
-            format!("{:016x}", have.digest),
-        ),
+        match &wanted.sha256 {
+            Some(sha256) => ("sha256", sha256.clone(), model.digest.to_string()),
+            // A version-1 snapshot identifies models by a sampled FNV-1a only.
+            None => (
+                "sampled digest",
+                format!("{:016x}", wanted.legacy_digest),
+                format!("{:016x}", model.legacy_digest),
+            ),
+        },
     ];
     for (what, want, got) in fields {
         if want != got {
@@ -349,18 +375,28 @@ fn find_model(runtime: &Runtime, wanted: &ModelRef) -> Result<Arc<Model>, ActorE
     Ok(model.clone())
 }
 
-/// The snapshot's sessions, KV caches filled, in their slots.
+/// The snapshot's sessions, KV caches filled, in their slots, each with its share of the
+/// KV-cache budget (reserved before the cache is made).
 fn restore_sessions(
+    runtime: &Runtime,
     snapshot: &SnapshotView<'_>,
     open: &[Arc<Model>],
-) -> Result<Vec<Option<(usize, Session)>>, ActorError> {
+) -> Result<Vec<Option<RestoredSession>>, ActorError> {
     let m = &snapshot.manifest;
-    let mut slots: Vec<Option<(usize, Session)>> =
-        (0..m.host.session_slots).map(|_| None).collect();
+    let mut slots: Vec<Option<RestoredSession>> = (0..m.host.session_slots).map(|_| None).collect();
+    let mut reserved = 0;
     for (i, info) in m.sessions.iter().enumerate() {
         let model = open.get(info.model as usize).ok_or_else(|| {
             ActorError::Snapshot(format!("session {i} names model {}", info.model))
         })?;
+        let reservation = KvReservation::take(
+            &runtime.kv,
+            session_kv_bytes(model, info.n_ctx as usize),
+            reserved,
+            runtime.limits.kv_bytes,
+        )
+        .map_err(|e| refuse(format!("session {}: {e}", info.slot)))?;
+        reserved += reservation.bytes();
         let mut session = model
             .new_session(info.n_ctx as usize)
             .map_err(|e| refuse(format!("session {}: {e}", info.slot)))?;
@@ -378,7 +414,7 @@ fn restore_sessions(
         let slot = slots.get_mut(info.slot as usize).ok_or_else(|| {
             ActorError::Snapshot(format!("session slot {} out of range", info.slot))
         })?;
-        *slot = Some((info.model as usize, session));
+        *slot = Some((info.model as usize, session, reservation));
     }
     Ok(slots)
 }
@@ -398,5 +434,62 @@ impl Actor {
     /// Where this actor's forward passes compute, as its snapshots record it.
     pub fn compute_label(&self) -> String {
         compute_label(self.store.data().models.open_models())
+    }
+
+    /// How this actor, restored from a snapshot whose manifest is `snapshot`, continues: see
+    /// [`Continuation`].
+    pub fn continuation(&self, snapshot: &Manifest) -> Continuation {
+        continuation(snapshot, self.store.data().models.open_models())
+    }
+}
+
+/// How a restored actor continues from its snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Continuation {
+    /// Every model computes with the numerics it was snapshotted with: later tokens equal an
+    /// uninterrupted run's, bit for bit.
+    Bitwise,
+    /// Some numerics differ: the continuation is valid, but later tokens may differ from an
+    /// uninterrupted run. `differs` names each difference, `"backend cpu → cuda"` (after the
+    /// model's name when the snapshot has several models); for a version-1 snapshot, the
+    /// device labels, `"device cpu fast → cuda …"`.
+    Valid { differs: Vec<String> },
+}
+
+/// Compares each of the snapshot's models' numerics with those of `open`, the restored
+/// actor's models in the same order; a version-1 snapshot by its device label.
+fn continuation(snapshot: &Manifest, open: &[Arc<Model>]) -> Continuation {
+    let mut differs = Vec::new();
+    if snapshot.models.iter().any(|m| m.numerics.is_none()) {
+        let (was, now) = (&snapshot.host.device, compute_label(open));
+        if *was != now {
+            differs.push(format!("device {was} → {now}"));
+        }
+    } else {
+        let several = snapshot.models.len() > 1;
+        for (i, wanted) in snapshot.models.iter().enumerate() {
+            let (Some(was), Some(model)) = (&wanted.numerics, open.get(i)) else {
+                differs.push(format!("model `{}` is not open", wanted.name));
+                continue;
+            };
+            let was = tern_model::Numerics {
+                backend: was.backend.clone(),
+                precision: was.precision.clone(),
+                kernels: was.kernels.clone(),
+                architecture: was.architecture.clone(),
+            };
+            for difference in was.differences(&model.numerics()) {
+                differs.push(if several {
+                    format!("`{}` {difference}", wanted.name)
+                } else {
+                    difference
+                });
+            }
+        }
+    }
+    if differs.is_empty() {
+        Continuation::Bitwise
+    } else {
+        Continuation::Valid { differs }
     }
 }

@@ -1,7 +1,7 @@
 //! A guest on the CUDA device: it grows its memory, lays an operand across the boundary
 //! between two registrations, and the GPU computes in place. Skipped without a GPU.
 
-use tern_actor::{Actor, Limits, Runtime};
+use tern_actor::{Actor, Runtime};
 use tern_compute::cpu::CpuDevice;
 use tern_compute::testing::cuda_or_skip;
 
@@ -32,7 +32,7 @@ const GUEST: &str = r#"(module
     (local.get $rc)))"#;
 
 fn run_on(device: std::sync::Arc<dyn tern_compute::Device>) -> Vec<u8> {
-    let rt = Runtime::new(device, Limits::default()).unwrap();
+    let rt = Runtime::builder(device).build().unwrap();
     let mut actor = Actor::load(&rt, GUEST.as_bytes()).unwrap();
     let reply = actor.send(b"").unwrap();
     assert_eq!(reply.code, 0, "{:?}", actor.last_error());
@@ -105,8 +105,10 @@ fn the_gpu_writes_logits_into_the_actor_and_snapshots_continue_bit_for_bit() {
     };
     let model = small_model(&device);
     assert!(model.cuda.is_some(), "the model is not on the GPU");
-    let mut rt = Runtime::new(device, Limits::default()).unwrap();
-    rt.add_model(model.clone());
+    let rt = Runtime::builder(device)
+        .model(model.clone())
+        .build()
+        .unwrap();
     let mut actor = Actor::load(&rt, FORWARD_GUEST.as_bytes()).unwrap();
     let prompt = [1, 2, 3, 40, 50, 60, 7];
     let through_actor = actor.send(&ids(&prompt)).unwrap();

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use tern_actor::{Actor, Limits, Runtime};
+use tern_actor::{Actor, Runtime};
 use tern_compute::Device;
 use tern_compute::cpu::CpuDevice;
 use tern_compute::testing::cuda_or_skip;
@@ -92,8 +92,10 @@ fn expected(model: &Model, steps: &[&[u32]], k: usize) -> Vec<(u32, u32)> {
 }
 
 fn check_on(device: Arc<dyn Device>, model: Arc<Model>) {
-    let mut rt = Runtime::new(device, Limits::default()).unwrap();
-    rt.add_model(model.clone());
+    let rt = Runtime::builder(device)
+        .model(model.clone())
+        .build()
+        .unwrap();
     let mut actor = Actor::load(&rt, GUEST.as_bytes()).unwrap();
     let prompt = [5u32, 6, 7, 300, 11];
     // 64 candidates and the logits, then one without logits.

@@ -37,7 +37,10 @@ fn healthy() -> String {
 }
 
 fn runtime(limits: Limits) -> Runtime {
-    Runtime::new(Arc::new(CpuDevice::new()), limits).expect("runtime")
+    Runtime::builder(Arc::new(CpuDevice::new()))
+        .limits(limits)
+        .build()
+        .expect("runtime")
 }
 
 fn quick_limits() -> Limits {

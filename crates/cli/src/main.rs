@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod fetch;
 mod generate;
+mod host;
 mod run;
 mod snapshot;
 

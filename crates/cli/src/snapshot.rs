@@ -1,35 +1,14 @@
 //! `tern snapshot` and `tern restore`: an actor's whole state to a file and back, in this
 //! process or another, on this machine or another.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tern_actor::{Actor, ActorModule, Limits, Runtime, SnapshotFile};
-use tern_compute::DeviceChoice;
-use tern_model::Precision;
+use tern_actor::{Actor, ActorModule, Runtime, SnapshotFile};
 
-use crate::chat::open_model;
-
-/// What an actor runs against: its device and, optionally, a model.
-#[derive(clap::Args)]
-pub struct ActorEnv {
-    /// A GGUF model (or Hugging Face checkpoint) to offer the actor, named by its file stem
-    /// (default: SmolLM2-135M-Instruct, for the bundled chat guest or a snapshot that names it).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Where the actor's memory lives and the forward pass runs.
-    #[arg(long, default_value = "auto", value_parser = crate::parse_device)]
-    device: DeviceChoice,
-    /// CPU threads for the forward pass (default: all cores).
-    #[arg(long, value_parser = crate::parse_count)]
-    threads: Option<usize>,
-    /// `fast` (int8 activations) or `reference` (f32 activations).
-    #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
-    precision: Precision,
-}
+use crate::host::{HostArgs, load_module, stream_to_stdout};
 
 #[derive(clap::Args)]
 pub struct SnapshotArgs {
@@ -42,7 +21,7 @@ pub struct SnapshotArgs {
     #[arg(long)]
     message: Vec<String>,
     #[command(flatten)]
-    env: ActorEnv,
+    host: HostArgs,
 }
 
 #[derive(clap::Args)]
@@ -63,38 +42,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     inspect: bool,
     #[command(flatten)]
-    env: ActorEnv,
-}
-
-/// A runtime on `env`'s device, offering `env`'s model (or the default one when `wanted`
-/// names it).
-fn runtime(env: &ActorEnv, wanted: &[String]) -> anyhow::Result<Runtime> {
-    let device = tern_compute::open(env.device)?;
-    let mut runtime = Runtime::new(
-        device,
-        Limits {
-            call_time: std::time::Duration::from_secs(600),
-            ..Limits::default()
-        },
-    )?;
-    let default = crate::fetch::DEFAULT_MODEL.to_string();
-    if env.model.is_some() || wanted.contains(&default) {
-        let (_, model) = open_model(
-            env.model.as_deref(),
-            env.threads,
-            env.precision,
-            runtime.device(),
-        )?;
-        runtime.add_model(model);
-    }
-    Ok(runtime)
-}
-
-/// Instruments and compiles a module named by path or bundled-guest name.
-pub fn load_module(runtime: &Runtime, name: &str) -> anyhow::Result<Arc<ActorModule>> {
-    let path = crate::run::resolve_module(name)?;
-    let wasm = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Arc::new(ActorModule::new(runtime, name, &wasm)?))
+    host: HostArgs,
 }
 
 /// Restores the actor saved at `path` and says how it will continue.
@@ -114,23 +62,16 @@ pub fn restore(runtime: &Runtime, module: &Arc<ActorModule>, path: &Path) -> any
         m.globals.len(),
         m.sessions.len(),
     );
-    if *was == now {
-        eprintln!("continuing bit for bit: taken on {was}, continuing on {now}");
-    } else {
-        eprintln!(
-            "taken on {was}, continuing on {now}: a valid continuation, not a bitwise one (devices round differently, so later tokens may differ from an uninterrupted run)"
-        );
+    match actor.continuation(m) {
+        tern_actor::Continuation::Bitwise => {
+            eprintln!("continuing bit for bit: taken on {was}, continuing on {now}")
+        }
+        tern_actor::Continuation::Valid { differs } => eprintln!(
+            "taken on {was}, continuing on {now}: a valid continuation, not a bitwise one ({}: the arithmetic differs, so later tokens may differ from an uninterrupted run)",
+            differs.join(", ")
+        ),
     }
     Ok(actor)
-}
-
-/// Streams everything `actor` emits to standard output as it is emitted.
-pub fn stream_to_stdout(actor: &mut Actor) {
-    actor.on_output(|bytes| {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(bytes);
-        let _ = out.flush();
-    });
 }
 
 fn deliver(actor: &mut Actor, messages: &[String]) -> anyhow::Result<()> {
@@ -149,13 +90,7 @@ fn deliver(actor: &mut Actor, messages: &[String]) -> anyhow::Result<()> {
 }
 
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
-    // The bundled chat guest asks for the host's `default` model until a config names one:
-    // offer it the default model, as `tern chat` does.
-    let wanted = match args.module.as_str() {
-        "chat" => vec![crate::fetch::DEFAULT_MODEL.to_string()],
-        _ => Vec::new(),
-    };
-    let runtime = runtime(&args.env, &wanted)?;
+    let runtime = args.host.runtime()?;
     let module = load_module(&runtime, &args.module)?;
     let mut actor = Actor::start(&runtime, &module)?;
     stream_to_stdout(&mut actor);
@@ -173,8 +108,7 @@ pub fn restore_command(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let manifest = view.manifest;
-    let names: Vec<String> = manifest.models.iter().map(|m| m.name.clone()).collect();
-    let runtime = runtime(&args.env, &names)?;
+    let runtime = args.host.runtime()?;
     let module_name = args.module.as_deref().unwrap_or(&manifest.module.name);
     let module = load_module(&runtime, module_name)?;
     let mut actor = restore(&runtime, &module, &args.snapshot)?;
@@ -191,8 +125,9 @@ pub fn restore_command(args: RestoreArgs) -> anyhow::Result<ExitCode> {
 fn inspect(path: &Path, view: &tern_actor::SnapshotView<'_>) {
     let m = &view.manifest;
     println!(
-        "{}: a valid Tern snapshot (ABI version {})",
+        "{}: a valid Tern snapshot (format version {}, ABI version {})",
         path.display(),
+        view.version(),
         m.abi_version
     );
     println!("module: `{}`, sha256 {}", m.module.name, m.module.digest);
@@ -207,10 +142,20 @@ fn inspect(path: &Path, view: &tern_actor::SnapshotView<'_>) {
         println!("global {}: {kind}{:?} = {:#x}", g.name, g.ty, g.bits);
     }
     for (i, r) in m.models.iter().enumerate() {
+        let identity = match &r.sha256 {
+            Some(sha256) => format!("sha256 {sha256}"),
+            None => format!("sampled digest {:016x}", r.legacy_digest),
+        };
         println!(
-            "model {i}: `{}` ({}, {} layers, {} KV heads of {}, vocabulary {}, weights digest {:016x})",
-            r.name, r.arch, r.n_layer, r.n_head_kv, r.head_dim, r.n_vocab, r.digest
+            "model {i}: `{}` ({}, {} layers, {} KV heads of {}, vocabulary {}, {identity})",
+            r.name, r.arch, r.n_layer, r.n_head_kv, r.head_dim, r.n_vocab
         );
+        if let Some(n) = &r.numerics {
+            println!(
+                "model {i} numerics: backend {}, precision {}, kernels {}, architecture {}",
+                n.backend, n.precision, n.kernels, n.architecture
+            );
+        }
     }
     for s in &m.sessions {
         println!(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-use tern_actor::{Actor, Limits, Runtime};
+use tern_actor::{Actor, Runtime};
 use tern_compute::cpu::CpuDevice;
 use tern_model::Model;
 use tern_text::Message;
@@ -33,6 +33,7 @@ fn direct(model: &Model, prompt: &str, max: usize, end: u32) -> Vec<u8> {
                 content: prompt.into(),
             }],
             true,
+            &|| 0, // SmolLM2's template never reads the clock.
         )
         .unwrap();
     let ids = model.tokenizer.encode(&rendered, false).unwrap();
@@ -54,8 +55,10 @@ fn direct(model: &Model, prompt: &str, max: usize, end: u32) -> Vec<u8> {
 #[test]
 fn a_greedy_run_through_the_actor_equals_the_engine() {
     let model = Arc::new(Model::open("smollm2", &model_path(), 2).unwrap());
-    let mut runtime = Runtime::new(Arc::new(CpuDevice::new()), Limits::default()).unwrap();
-    runtime.add_model(model.clone());
+    let runtime = Runtime::builder(Arc::new(CpuDevice::new()))
+        .model(model.clone())
+        .build()
+        .unwrap();
     let wasm = std::fs::read(PathBuf::from(env!("TERN_GUEST_DIR")).join("chat.wasm")).unwrap();
     let mut actor = Actor::load(&runtime, &wasm).unwrap();
     let config = r#"{"config": {"model": "smollm2", "temperature": 0, "max_tokens": 32}}"#;
@@ -106,8 +109,10 @@ fn tern_chat_answers_the_capital_question() {
 #[test]
 fn unknown_models_and_bad_messages_are_clear_errors() {
     let model = Arc::new(Model::open("smollm2", &model_path(), 1).unwrap());
-    let mut runtime = Runtime::new(Arc::new(CpuDevice::new()), Limits::default()).unwrap();
-    runtime.add_model(model);
+    let runtime = Runtime::builder(Arc::new(CpuDevice::new()))
+        .model(model)
+        .build()
+        .unwrap();
     let wasm = std::fs::read(PathBuf::from(env!("TERN_GUEST_DIR")).join("chat.wasm")).unwrap();
     let mut actor = Actor::load(&runtime, &wasm).unwrap();
     let reply = actor.send(br#"{"config": {"model": "gpt-17"}}"#).unwrap();

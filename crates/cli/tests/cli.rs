@@ -60,3 +60,79 @@ fn cuda_without_a_gpu_says_so() {
         );
     }
 }
+
+/// Opens the model the message names (or `default`) and emits its `model_info` JSON.
+const MODEL_INFO_GUEST: &str = r#"(module
+  (import "tern" "model_open" (func $model_open (param i32 i32) (result i32)))
+  (import "tern" "model_info" (func $model_info (param i32 i32 i32) (result i32)))
+  (import "tern" "emit" (func $emit (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "default")
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param $ptr i32) (param $len i32) (result i32)
+    (local $m i32) (local $n i32)
+    (if (i32.eqz (local.get $len))
+      (then (local.set $ptr (i32.const 0)) (local.set $len (i32.const 7))))
+    (local.set $m (call $model_open (local.get $ptr) (local.get $len)))
+    (if (i32.lt_s (local.get $m) (i32.const 0)) (then (return (local.get $m))))
+    (local.set $n (call $model_info (local.get $m) (i32.const 4096) (i32.const 4096)))
+    (drop (call $emit (i32.const 4096) (local.get $n)))
+    (i32.const 0)))"#;
+
+/// A user's own module, and a generated model, in a fresh temporary folder.
+fn own_module_and_model(test: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    use tern_model::generate::{Types, shape, write_random_llama};
+    use tern_model::quant::DType;
+    let dir = std::env::temp_dir().join(format!("tern-cli-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = dir.join("mine.wat");
+    std::fs::write(&module, MODEL_INFO_GUEST).unwrap();
+    let model = dir.join("little.gguf");
+    let types = Types {
+        linear: DType::Q8_0,
+        embd: DType::Q8_0,
+    };
+    write_random_llama(&model, shape("tiny").unwrap(), types, 5).unwrap();
+    (module, model)
+}
+
+#[test]
+fn a_users_own_module_gets_every_configured_model() {
+    let (module, model) = own_module_and_model("own");
+    let (module, model) = (module.to_str().unwrap(), model.to_str().unwrap());
+    let named = format!("other={model}");
+    let args = [
+        "run", module, "--device", "cpu", "--model", model, "--model", &named,
+    ];
+    let (ok, text) = tern(&args);
+    assert!(ok, "{text}");
+    assert!(text.contains(r#""name":"little""#), "{text}");
+    let (ok, text) = tern(&[&args[..], &["--message", "other"]].concat());
+    assert!(ok, "{text}");
+    assert!(text.contains(r#""name":"other""#), "{text}");
+    let (ok, text) = tern(&[&args[..], &["--message", "nothing"]].concat());
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("unknown model `nothing` (this host offers little, other)"),
+        "{text}"
+    );
+
+    let out = std::env::temp_dir().join(format!("tern-cli-own-{}.tern", std::process::id()));
+    let out = out.to_str().unwrap();
+    let snap = [
+        "snapshot", module, "--device", "cpu", "--model", model, "--out", out,
+    ];
+    let (ok, text) = tern(&[&snap[..], &["--message", ""]].concat());
+    assert!(ok, "{text}");
+    let (ok, text) = tern(&["restore", out, "--device", "cpu", "--model", model]);
+    assert!(ok, "{text}");
+    let _ = std::fs::remove_file(out);
+}
+
+#[test]
+fn without_a_model_flag_any_module_gets_the_default_model() {
+    let (module, _) = own_module_and_model("default");
+    let (ok, text) = tern(&["run", module.to_str().unwrap(), "--device", "cpu"]);
+    assert!(ok, "{text}");
+    assert!(text.contains(r#""name":"smollm2-135m-instruct""#), "{text}");
+}

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 
-use tern_actor::{Actor, ActorError, ActorModule, Limits, Runtime};
+use tern_actor::{Actor, ActorError, ActorModule, Runtime};
 use tern_compute::cpu::CpuDevice;
 use tern_model::Model;
 
@@ -189,11 +189,11 @@ fn chat_module(rt: &Runtime) -> Arc<ActorModule> {
 }
 
 fn runtime_with(model: Option<Arc<Model>>) -> Runtime {
-    let mut rt = Runtime::new(Arc::new(CpuDevice::new()), Limits::default()).unwrap();
+    let mut builder = Runtime::builder(Arc::new(CpuDevice::new()));
     if let Some(model) = model {
-        rt.add_model(model);
+        builder = builder.model(model);
     }
-    rt
+    builder.build().unwrap()
 }
 
 #[test]
@@ -293,11 +293,11 @@ fn snapshots_for_missing_or_different_models_are_refused() {
 fn restore_refuses_a_damaged_file_and_keeps_it() {
     let dir = scratch("damaged");
     let path = dir.join("broken.tern");
-    std::fs::write(&path, b"TERNSNAP\x02\0\0\0 and the rest is gone").unwrap();
+    std::fs::write(&path, b"TERNSNAP\x03\0\0\0 and the rest is gone").unwrap();
     let out = tern().arg("restore").arg(&path).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("version 2"), "{stderr}");
+    assert!(stderr.contains("version 3"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(path.exists());
     std::fs::remove_dir_all(&dir).unwrap();

@@ -45,7 +45,19 @@ impl fmt::Display for HostRange {
 /// `map_range` is called once per newly committed range, before the guest can touch it;
 /// ranges of one region never overlap. `unmap_range` is called for every mapped range before
 /// the region is unmapped, in reverse order of mapping.
-pub trait HostMapper: Send + Sync {
+///
+/// # Safety
+///
+/// The region unmaps its pages right after the last `unmap_range` returns, so an
+/// implementation must guarantee:
+/// - once `unmap_range(range)` returns, no device work reads or writes any byte of `range`
+///   again (work already queued on it has finished or been cancelled);
+/// - it reads or writes a mapped range only on behalf of a caller that holds the region's
+///   memory borrowed for that access (a host call with the guest suspended), never
+///   concurrently with the guest;
+/// - `map_range` and `unmap_range` touch no memory outside `range` and do not change the
+///   range's protection or contents.
+pub unsafe trait HostMapper: Send + Sync {
     /// A short name for messages ("cpu", "cuda:0").
     fn mapper_name(&self) -> String;
     /// Makes `range` visible to the device. An error refuses the commit.
@@ -285,7 +297,8 @@ mod tests {
         refuse_after: Option<usize>,
     }
 
-    impl HostMapper for Recorder {
+    // SAFETY: the recorder only notes ranges; it never touches their memory.
+    unsafe impl HostMapper for Recorder {
         fn mapper_name(&self) -> String {
             "recorder".into()
         }

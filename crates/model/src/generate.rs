@@ -114,8 +114,22 @@ fn byte_token(b: u8) -> String {
     char::from_u32(256 + shift).expect("valid char").to_string()
 }
 
-/// Writes a random model of `shape` with `types` to `path`.
+/// The chat template generated models carry: ChatML, as SmolLM2's.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Writes a random model of `shape` with `types` to `path`, with the ChatML template.
 pub fn write_random_llama(path: &Path, shape: &Shape, types: Types, seed: u64) -> io::Result<()> {
+    write_random_llama_with_template(path, shape, types, seed, CHATML_TEMPLATE)
+}
+
+/// Writes a random model of `shape` with `types` and chat template `template` to `path`.
+pub fn write_random_llama_with_template(
+    path: &Path,
+    shape: &Shape,
+    types: Types,
+    seed: u64,
+    template: &str,
+) -> io::Result<()> {
     let mut rng = Rng(seed | 1);
     let s = shape;
     let head_dim = s.n_embd / s.n_head;
@@ -130,7 +144,6 @@ pub fn write_random_llama(path: &Path, shape: &Shape, types: Types, seed: u64) -
     }
     tokens.truncate(s.n_vocab);
     types_tok.truncate(s.n_vocab);
-    let template = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
     let u32v = |v: usize| Value::U32(v as u32);
     let metadata = vec![
         ("general.architecture", Value::String("llama".into())),

@@ -7,9 +7,11 @@ use std::path::Path;
 use tern_text::{ChatTemplate, Message, Tokenizer, TokenizerSpec};
 
 use crate::ModelError;
+use crate::digest::ModelDigest;
 use crate::gguf::{GgufFile, Value};
 use crate::llama::cpu::{CpuLlama, KvCache, Precision};
 use crate::llama::{LlamaConfig, LlamaWeights, read_hf_config};
+use crate::numerics::Numerics;
 use crate::safetensors::SafetensorsFile;
 use crate::top::{Candidate, check_k, top_k};
 
@@ -25,8 +27,10 @@ pub struct Model {
     pub wgpu: Option<crate::llama::wgpu::WgpuLlama>,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
-    /// A digest of the model file (FNV-1a over its bytes), to tell models apart in snapshots.
-    pub digest: u64,
+    /// The SHA-256 of the model's files ([`crate::digest`]): its identity in snapshots.
+    pub digest: ModelDigest,
+    /// The sampled FNV-1a digest ([`fnv1a`]) that version-1 snapshots identify models by.
+    pub legacy_digest: u64,
 }
 
 /// One sequence's state on a model: its tokens and KV cache.
@@ -71,10 +75,18 @@ impl Model {
             .map(|source| chat_template(&tokenizer, source))
             .transpose()
             .map_err(|e| text_error(path, e))?;
-        let digest = fnv1a(file.bytes());
+        let digest = ModelDigest::of_file(path, file.bytes());
+        let legacy_digest = fnv1a(file.bytes());
         let weights = LlamaWeights::from_gguf(file, &config).map_err(|e| e.in_file(path))?;
         let llama = CpuLlama::new(config, weights, threads)?;
-        Ok(Model::on_cpu(name, llama, tokenizer, template, digest))
+        Ok(Model::on_cpu(
+            name,
+            llama,
+            tokenizer,
+            template,
+            digest,
+            legacy_digest,
+        ))
     }
 
     /// A model on the CPU only (until [`Model::on_device`]).
@@ -83,7 +95,8 @@ impl Model {
         llama: CpuLlama,
         tokenizer: Tokenizer,
         template: Option<ChatTemplate>,
-        digest: u64,
+        digest: ModelDigest,
+        legacy_digest: u64,
     ) -> Model {
         Model {
             name: name.to_string(),
@@ -95,6 +108,7 @@ impl Model {
             tokenizer,
             template,
             digest,
+            legacy_digest,
         }
     }
 
@@ -102,13 +116,22 @@ impl Model {
         let read = |file: &str| {
             std::fs::read_to_string(dir.join(file)).map_err(|e| ModelError::io(&dir.join(file), e))
         };
-        let hf = read_hf_config(&read("config.json")?)
-            .map_err(|e| e.in_file(&dir.join("config.json")))?;
-        let tok = tern_text::from_hf_files(
-            &read("tokenizer.json")?,
-            read("tokenizer_config.json").ok().as_deref(),
-        )
-        .map_err(|e| text_error(dir, e))?;
+        // Every file that shapes the model, by name, for its digest.
+        let mut files = Vec::new();
+        let mut digest_of = |file: &str, text: &str| {
+            files.push((file.to_string(), ModelDigest::of_bytes(text.as_bytes())));
+        };
+        let config_json = read("config.json")?;
+        digest_of("config.json", &config_json);
+        let hf = read_hf_config(&config_json).map_err(|e| e.in_file(&dir.join("config.json")))?;
+        let tokenizer_json = read("tokenizer.json")?;
+        digest_of("tokenizer.json", &tokenizer_json);
+        let tokenizer_config = read("tokenizer_config.json").ok();
+        if let Some(text) = &tokenizer_config {
+            digest_of("tokenizer_config.json", text);
+        }
+        let tok = tern_text::from_hf_files(&tokenizer_json, tokenizer_config.as_deref())
+            .map_err(|e| text_error(dir, e))?;
         let tokenizer = Tokenizer::from_spec(tok.spec).map_err(|e| text_error(dir, e))?;
         let template = tok
             .chat_template
@@ -132,13 +155,25 @@ impl Model {
             .iter()
             .map(|p| SafetensorsFile::open(p))
             .collect::<Result<Vec<_>, _>>()?;
-        let digest = shards
+        for (path, shard) in paths.iter().zip(&shards) {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            files.push((name.into_owned(), ModelDigest::of_file(path, shard.bytes())));
+        }
+        let digest = ModelDigest::of_checkpoint(&files);
+        let legacy_digest = shards
             .iter()
             .fold(0u64, |h, s| h.rotate_left(7) ^ fnv1a(s.bytes()));
         let weights = LlamaWeights::from_safetensors(shards, &hf.config, hf.rope_freqs)
             .map_err(|e| e.in_file(dir))?;
         let llama = CpuLlama::new(hf.config, weights, threads)?;
-        Ok(Model::on_cpu(name, llama, tokenizer, template, digest))
+        Ok(Model::on_cpu(
+            name,
+            llama,
+            tokenizer,
+            template,
+            digest,
+            legacy_digest,
+        ))
     }
 
     /// Runs the forward pass on `device` when it is a GPU (weights uploaded once, shared by
@@ -167,8 +202,8 @@ impl Model {
         self
     }
 
-    /// Where and how the forward pass computes ("cpu fast"): two runs with the same label
-    /// round alike, so a session moved between them continues bit for bit.
+    /// Where and how the forward pass computes ("cpu fast"), for people; whether two runs
+    /// round alike is decided by [`Model::numerics`], field by field.
     pub fn compute_label(&self) -> String {
         #[cfg(feature = "cuda")]
         if let Some(cuda) = &self.cuda {
@@ -183,6 +218,20 @@ impl Model {
             Precision::Fast => "fast",
         };
         format!("cpu {precision}")
+    }
+
+    /// What decides the bits of the forward pass, field by field ([`crate::numerics`]): where
+    /// two models' numerics are equal, a session moved between them continues bit for bit.
+    pub fn numerics(&self) -> Numerics {
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = &self.cuda {
+            return cuda.numerics();
+        }
+        #[cfg(feature = "wgpu")]
+        if let Some(wgpu) = &self.wgpu {
+            return wgpu.numerics();
+        }
+        Numerics::cpu(self.llama.precision)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -220,45 +269,48 @@ impl Model {
             .or(self.tokenizer.eos())
     }
 
-    /// Renders a conversation with the model's chat template.
+    /// Renders a conversation with the model's chat template. `now` is the clock the
+    /// template's `strftime_now` reads (Unix time in milliseconds, UTC), called only if the
+    /// template asks for the time; see [`tern_text::ChatTemplate::render`].
     pub fn render_chat(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
+        now: &dyn Fn() -> i64,
     ) -> Result<String, ModelError> {
         let template = self.template.as_ref().ok_or_else(|| {
             ModelError::Invalid(format!("model `{}` has no chat template", self.name))
         })?;
         template
-            .render(messages, add_generation_prompt)
+            .render(messages, add_generation_prompt, now)
             .map_err(|e| ModelError::Invalid(e.to_string()))
     }
 
-    /// A new, empty session of up to `max_tokens` positions (at most the trained context).
-    pub fn new_session(&self, max_tokens: usize) -> Result<Session, ModelError> {
+    /// A new, empty session (KV cache) of `n_ctx` positions (at most the trained context).
+    pub fn new_session(&self, n_ctx: usize) -> Result<Session, ModelError> {
         let limit = self.config().n_ctx_train;
-        if max_tokens == 0 || max_tokens > limit {
+        if n_ctx == 0 || n_ctx > limit {
             return Err(ModelError::Invalid(format!(
-                "session of {max_tokens} tokens (1..={limit} allowed)"
+                "session of {n_ctx} tokens (1..={limit} allowed)"
             )));
         }
         #[cfg(feature = "cuda")]
         if let Some(cuda) = &self.cuda {
             return Ok(Session {
                 tokens: Vec::new(),
-                kv: SessionKv::Cuda(Box::new(cuda.new_session(max_tokens)?)),
+                kv: SessionKv::Cuda(Box::new(cuda.new_session(n_ctx)?)),
             });
         }
         #[cfg(feature = "wgpu")]
         if let Some(wgpu) = &self.wgpu {
             return Ok(Session {
                 tokens: Vec::new(),
-                kv: SessionKv::Wgpu(Box::new(wgpu.new_session(max_tokens)?)),
+                kv: SessionKv::Wgpu(Box::new(wgpu.new_session(n_ctx)?)),
             });
         }
         Ok(Session {
             tokens: Vec::new(),
-            kv: SessionKv::Cpu(self.llama.new_cache(max_tokens)?),
+            kv: SessionKv::Cpu(self.llama.new_cache(n_ctx)?),
         })
     }
 

@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use tern_snapshot::{
-    HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, PAGE_BYTES, SessionInfo, SnapshotWrite,
-    encode, parse, to_bytes,
+    HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES, SessionInfo,
+    SnapshotWrite, encode, parse, to_bytes,
 };
 
 /// Median wall time of `runs` calls of `f`.
@@ -54,7 +54,14 @@ impl Actor {
             globals: Vec::new(),
             models: vec![ModelRef {
                 name: "m".into(),
-                digest: 1,
+                sha256: Some("00".repeat(32)),
+                legacy_digest: 1,
+                numerics: Some(Numerics {
+                    backend: "cpu".into(),
+                    precision: "fast".into(),
+                    kernels: "1".into(),
+                    architecture: "x86_64-linux-gnu".into(),
+                }),
                 arch: "llama".into(),
                 n_layer,
                 n_head_kv: 1,
@@ -71,6 +78,7 @@ impl Actor {
                 device: "cpu".into(),
                 last_error: None,
                 session_slots: 1,
+                clock_unix_ms: None,
             },
         };
         Actor {

@@ -8,7 +8,7 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::{MAGIC, MAX_SECTIONS, SnapshotError, VERSION, check_limit, corrupt};
+use crate::{MAGIC, MAX_SECTIONS, OLDEST_VERSION, SnapshotError, VERSION, check_limit, corrupt};
 
 /// Bytes before the section table.
 pub(crate) const HEADER_BYTES: u64 = 32;
@@ -41,6 +41,8 @@ pub(crate) struct Section {
 /// The sections of a file whose frame checked out.
 #[derive(Debug)]
 pub(crate) struct Frame<'a> {
+    /// The format version in the header, [`OLDEST_VERSION`] to [`VERSION`].
+    pub version: u32,
     pub manifest: &'a [u8],
     pub memory: &'a [u8],
     /// KV blobs by session number.
@@ -136,7 +138,7 @@ pub(crate) fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, SnapshotError> {
         return Err(SnapshotError::NotASnapshot);
     }
     let version = u32_at(bytes, 8).ok_or_else(truncated)?;
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(SnapshotError::Version {
             found: version,
             supported: VERSION,
@@ -170,7 +172,7 @@ pub(crate) fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, SnapshotError> {
     if stored != computed {
         return Err(SnapshotError::Checksum { stored, computed });
     }
-    read_table(body)
+    read_table(body, version)
 }
 
 /// Reads table entry `i` of `body` and checks that its section is aligned, starts at or
@@ -209,8 +211,9 @@ fn read_entry<'a>(
     Ok((kind, index, &body[offset as usize..end as usize]))
 }
 
-/// Reads and checks the section table of `body`, the file without its trailer.
-fn read_table(body: &[u8]) -> Result<Frame<'_>, SnapshotError> {
+/// Reads and checks the section table of `body`, the file without its trailer, of format
+/// `version`.
+fn read_table(body: &[u8], version: u32) -> Result<Frame<'_>, SnapshotError> {
     let body_len = body.len() as u64;
     let count = u32_at(body, 24).ok_or_else(|| corrupt("header is cut short"))?;
     let reserved = u32_at(body, 28).ok_or_else(|| corrupt("header is cut short"))?;
@@ -262,6 +265,7 @@ fn read_table(body: &[u8]) -> Result<Frame<'_>, SnapshotError> {
     let manifest = manifest.ok_or_else(|| corrupt("the file has no manifest section"))?;
     let memory = memory.ok_or_else(|| corrupt("the file has no memory section"))?;
     Ok(Frame {
+        version,
         manifest,
         memory,
         kv,
@@ -313,6 +317,7 @@ mod tests {
             (SectionKind::Kv, 1, 7),
         ]);
         let frame = read_frame(&bytes).unwrap();
+        assert_eq!(frame.version, VERSION);
         assert_eq!(frame.manifest.len(), 3);
         assert_eq!(frame.memory.len(), 16);
         assert_eq!(frame.kv.iter().map(|b| b.len()).collect::<Vec<_>>(), [5, 7]);

@@ -1,6 +1,11 @@
-//! The on-disk format of a Tern actor snapshot, version 1: an actor's manifest (module, globals,
+//! The on-disk format of a Tern actor snapshot, version 2: an actor's manifest (module, globals,
 //! models, sessions, host state), its linear memory and one KV cache per session, in one
 //! checksummed file that another process restores bit for bit.
+//!
+//! This crate writes version 2 ([`VERSION`]) and reads versions 1 and 2 ([`OLDEST_VERSION`]
+//! to [`VERSION`]); [`SnapshotView::version`] says which a file is. The two differ only in
+//! the manifest (see below); a version-1 manifest is read into the current [`Manifest`] with
+//! what version 1 did not record left `None`.
 //!
 //! Writing: [`encode`] or [`to_bytes`] turn a [`SnapshotWrite`] into bytes; [`save`] writes a
 //! file crash-safely (temp file, fsync, rename, fsync of the directory). Reading: [`parse`] a
@@ -25,14 +30,14 @@
 //! - **What encodes, parses**: [`encode`] runs the same consistency checks as [`parse`], so it
 //!   never writes a file that [`parse`] would refuse.
 //!
-//! # Byte layout, version 1
+//! # Byte layout, version 2
 //!
 //! All integers are little-endian. Offsets are from the start of the file.
 //!
 //! | offset | size | field | rule |
 //! |---|---|---|---|
 //! | 0 | 8 | magic | `b"TERNSNAP"` ([`MAGIC`]) |
-//! | 8 | 4 | version `u32` | [`VERSION`]; other versions are refused |
+//! | 8 | 4 | version `u32` | 1 or 2 ([`OLDEST_VERSION`] to [`VERSION`]); other versions are refused |
 //! | 12 | 4 | flags `u32` | 0 |
 //! | 16 | 8 | file_len `u64` | length of the whole file, trailer included |
 //! | 24 | 4 | section_count `u32` | at most [`MAX_SECTIONS`] |
@@ -54,7 +59,13 @@
 //! indices 0, 1, 2, …, one per entry of [`Manifest::sessions`].
 //!
 //! **Manifest section** (kind 1): the [`Manifest`] as UTF-8 JSON, at most
-//! [`MAX_MANIFEST_BYTES`]; unknown fields are refused.
+//! [`MAX_MANIFEST_BYTES`]; unknown fields are refused, and so are missing ones, except
+//! `last_error`. Version 2 added, and requires, in each of `models`: `sha256` (the model's
+//! SHA-256, 64 lowercase hex digits), `legacy_digest` (what version 1 called `digest`) and
+//! `numerics` (`backend`, `precision`, `kernels` and `architecture`, strings of at most
+//! [`MAX_NUMERICS_BYTES`], `backend` not empty); in `host`: `clock_unix_ms` (an integer or
+//! `null`). A version-1 manifest has none of these, and `digest` where version 2 has
+//! `legacy_digest`; it must not have the others.
 //!
 //! **Memory section** (kind 2):
 //!
@@ -86,6 +97,7 @@ mod layout;
 mod manifest;
 mod pages;
 mod read;
+mod v1;
 mod write;
 
 use std::io;
@@ -93,14 +105,18 @@ use std::path::PathBuf;
 
 pub use kv::{KvView, KvWrite};
 pub use layout::reseal;
-pub use manifest::{Global, HostInfo, Manifest, ModelRef, ModuleRef, SessionInfo, ValType};
+pub use manifest::{
+    Global, HostInfo, Manifest, ModelRef, ModuleRef, Numerics, SessionInfo, ValType,
+};
 pub use read::{SnapshotFile, SnapshotView, parse};
 pub use write::{SnapshotWrite, encode, save, to_bytes};
 
 /// The first 8 bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"TERNSNAP";
-/// The format version this crate writes and the only one it reads.
-pub const VERSION: u32 = 1;
+/// The format version this crate writes, and the newest it reads.
+pub const VERSION: u32 = 2;
+/// The oldest format version this crate reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// Bytes in one WebAssembly page; linear memory is stored page by page.
 pub const PAGE_BYTES: usize = 65536;
 
@@ -118,6 +134,8 @@ pub const MAX_SESSION_SLOTS: u32 = 64;
 pub const MAX_GLOBALS: u64 = 1 << 16;
 /// Longest string in the manifest, in bytes.
 pub const MAX_STRING_BYTES: u64 = 64 << 10;
+/// Longest field of a model's [`Numerics`], in bytes.
+pub const MAX_NUMERICS_BYTES: u64 = 256;
 /// Longest JSON header of a KV blob, in bytes.
 pub const MAX_KV_HEADER_BYTES: u64 = 64 << 10;
 
@@ -135,11 +153,11 @@ pub enum SnapshotError {
     NotASnapshot,
     /// The file is in a format version this build does not read.
     #[error(
-        "snapshot format version {found} is not supported: this build reads version {supported}"
+        "snapshot format version {found} is not supported: this build reads versions {OLDEST_VERSION} to {supported}"
     )]
     Version { found: u32, supported: u32 },
-    /// The header sets flags that version 1 does not define.
-    #[error("snapshot header sets unknown flags {flags:#x}: version 1 defines none")]
+    /// The header sets flags that no version defines.
+    #[error("snapshot header sets unknown flags {flags:#x}: no version defines any")]
     Flags { flags: u32 },
     /// The file is shorter than its header says (or than the smallest snapshot).
     #[error("snapshot is truncated: expected {expected} bytes, found {actual}")]

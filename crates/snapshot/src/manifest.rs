@@ -1,15 +1,17 @@
 //! The manifest: everything about an actor that is not memory or KV data, stored as JSON.
 //!
 //! Every struct refuses unknown fields, so a file from a writer that knows more than this build
-//! is refused rather than half-read. A global's bit pattern is a `"0x…"` hex string, so JSON
-//! never rounds it. [`Manifest::validate`] is the one place the manifest's own consistency is
-//! checked; the reader and the writer both call it.
+//! is refused rather than half-read, and the fields version 2 added must be present (`null`
+//! only where the type is an option of its own: `clock_unix_ms`). A global's bit pattern is a
+//! `"0x…"` hex string, so JSON never rounds it. [`Manifest::validate`] is the one place the
+//! manifest's own consistency is checked; the reader and the writer both call it. Version-1
+//! manifests are read by [`crate::v1`] into these types.
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    MAX_CTX_TOKENS, MAX_GLOBALS, MAX_MEMORY_BYTES, MAX_SESSION_SLOTS, MAX_STRING_BYTES, PAGE_BYTES,
-    SnapshotError, check_limit, corrupt,
+    MAX_CTX_TOKENS, MAX_GLOBALS, MAX_MEMORY_BYTES, MAX_NUMERICS_BYTES, MAX_SESSION_SLOTS,
+    MAX_STRING_BYTES, PAGE_BYTES, SnapshotError, VERSION, check_limit, corrupt,
 };
 
 /// What a snapshot says about the actor as a whole.
@@ -82,8 +84,16 @@ impl ValType {
 #[serde(deny_unknown_fields)]
 pub struct ModelRef {
     pub name: String,
-    /// Digest of the model's weights, computed by the caller.
-    pub digest: u64,
+    /// The SHA-256 of the model's files as 64 lowercase hex digits, computed by the caller:
+    /// the model's identity. `None` only in a version-1 file.
+    #[serde(deserialize_with = "present")]
+    pub sha256: Option<String>,
+    /// The digest version 1 identified the model by (its `digest`: a sampled FNV-1a of the
+    /// weights, computed by the caller), for restoring version-1 files.
+    pub legacy_digest: u64,
+    /// What decided the bits of the model's forward pass. `None` only in a version-1 file.
+    #[serde(deserialize_with = "present")]
+    pub numerics: Option<Numerics>,
     pub arch: String,
     pub n_layer: u32,
     pub n_head_kv: u32,
@@ -96,6 +106,53 @@ impl ModelRef {
     pub fn kv_dim(&self) -> u64 {
         u64::from(self.n_head_kv) * u64::from(self.head_dim)
     }
+}
+
+/// What decides the bits a model's forward pass computes, as the writer describes it: two
+/// runs whose numerics are equal field by field compute the same bits. Each field is at most
+/// [`MAX_NUMERICS_BYTES`](crate::MAX_NUMERICS_BYTES); `backend` is not empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Numerics {
+    /// Where the forward pass ran (`cpu`, `cuda`, `wgpu`).
+    pub backend: String,
+    /// How it rounded (`fast`, `reference`, `f32, bf16 prefill GEMMs`).
+    pub precision: String,
+    /// The version of the backend's kernels.
+    pub kernels: String,
+    /// The hardware or platform the results depend on (`x86_64-linux-gnu`, `sm_90`).
+    pub architecture: String,
+}
+
+impl Numerics {
+    /// The four fields by name, in order.
+    pub fn fields(&self) -> [(&'static str, &str); 4] {
+        [
+            ("backend", &self.backend),
+            ("precision", &self.precision),
+            ("kernels", &self.kernels),
+            ("architecture", &self.architecture),
+        ]
+    }
+}
+
+/// Deserializes a field that must be present and not `null` into `Some`: the fields version
+/// 2 added, which are `None` only in manifests read from version 1.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+/// Deserializes a field that must be present but may be `null`.
+fn nullable<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer)
 }
 
 /// One open inference session.
@@ -117,18 +174,36 @@ pub struct SessionInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostInfo {
+    /// Where the forward passes computed, in words (`cpu fast`), for messages; version-1 files
+    /// have nothing else to tell devices apart by.
     pub device: String,
     pub last_error: Option<String>,
     /// Number of session slots; at most [`MAX_SESSION_SLOTS`](crate::MAX_SESSION_SLOTS).
     pub session_slots: u32,
+    /// The actor's virtual clock: the wall-clock reading, in milliseconds since the Unix
+    /// epoch, that the guest saw (templates' `strftime_now` among others), so that a restored
+    /// actor sees the same time. `None` when the actor never read the clock, and in version-1
+    /// files.
+    #[serde(deserialize_with = "nullable")]
+    pub clock_unix_ms: Option<i64>,
 }
 
 impl Manifest {
     /// Checks the manifest against the format's limits and against itself: string lengths,
-    /// memory size, global count and bit widths, model indices, token counts and vocabularies,
-    /// distinct session slots. It does not look at the sections; [`parse`](crate::parse) checks
-    /// those against the manifest.
+    /// model digests and numerics, memory size, global count and bit widths, model indices,
+    /// token counts and vocabularies, distinct session slots. It does not look at the
+    /// sections; [`parse`](crate::parse) checks those against the manifest.
+    ///
+    /// This is the check of a manifest that can be written: as [`VERSION`] requires, every
+    /// model has its `sha256` and `numerics` (a manifest read from a version-1 file has
+    /// neither, and is refused here).
     pub fn validate(&self) -> Result<(), SnapshotError> {
+        self.validate_as(VERSION)
+    }
+
+    /// [`validate`](Self::validate) for a manifest of format `version`: version 1 lacks each
+    /// model's `sha256` and `numerics`, later versions require them.
+    pub(crate) fn validate_as(&self, version: u32) -> Result<(), SnapshotError> {
         check_string("module name", &self.module.name)?;
         check_string("module digest", &self.module.digest)?;
         let digest = self.module.digest.as_bytes();
@@ -163,9 +238,10 @@ impl Manifest {
             }
         }
 
-        for model in &self.models {
+        for (i, model) in self.models.iter().enumerate() {
             check_string("model name", &model.name)?;
             check_string("model arch", &model.arch)?;
+            model.validate(i, version)?;
         }
 
         check_string("host device", &self.host.device)?;
@@ -229,6 +305,51 @@ impl Manifest {
     }
 }
 
+impl ModelRef {
+    /// Checks model `i`'s digest and numerics as format `version` requires them.
+    fn validate(&self, i: usize, version: u32) -> Result<(), SnapshotError> {
+        let name = &self.name;
+        match (&self.sha256, version) {
+            (None, 1) => {}
+            (None, _) => {
+                return Err(corrupt(format!(
+                    "model {i} ({name:?}) has no sha256: version {version} requires one (only a version-1 file lacks it)"
+                )));
+            }
+            (Some(sha256), _) => {
+                let hex = sha256.as_bytes();
+                if hex.len() != 64 || !hex.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                    let shown: String = sha256.chars().take(80).collect();
+                    return Err(corrupt(format!(
+                        "model {i} ({name:?}) sha256 {shown:?} is not 64 lowercase hex digits"
+                    )));
+                }
+            }
+        }
+        match (&self.numerics, version) {
+            (None, 1) => Ok(()),
+            (None, _) => Err(corrupt(format!(
+                "model {i} ({name:?}) has no numerics: version {version} requires them (only a version-1 file lacks them)"
+            ))),
+            (Some(numerics), _) => {
+                for (field, value) in numerics.fields() {
+                    check_limit(
+                        "model numerics field",
+                        value.len() as u64,
+                        MAX_NUMERICS_BYTES,
+                    )?;
+                    if field == "backend" && value.is_empty() {
+                        return Err(corrupt(format!(
+                            "model {i} ({name:?}) numerics name no backend"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 fn check_string(what: &'static str, value: &str) -> Result<(), SnapshotError> {
     check_limit(what, value.len() as u64, MAX_STRING_BYTES)
 }
@@ -283,7 +404,14 @@ mod tests {
             }],
             models: vec![ModelRef {
                 name: "tiny".into(),
-                digest: u64::MAX,
+                sha256: Some("ab".repeat(32)),
+                legacy_digest: u64::MAX,
+                numerics: Some(Numerics {
+                    backend: "cpu".into(),
+                    precision: "fast".into(),
+                    kernels: "1".into(),
+                    architecture: "x86_64-linux-gnu".into(),
+                }),
                 arch: "llama".into(),
                 n_layer: 2,
                 n_head_kv: 2,
@@ -300,6 +428,7 @@ mod tests {
                 device: "cpu".into(),
                 last_error: None,
                 session_slots: 4,
+                clock_unix_ms: Some(-1),
             },
         }
     }
@@ -342,6 +471,59 @@ mod tests {
     }
 
     #[test]
+    fn version_2_fields_must_be_present() {
+        let json = serde_json::to_value(manifest()).unwrap();
+        for (path, field) in [
+            ("/models/0", "sha256"),
+            ("/models/0", "legacy_digest"),
+            ("/models/0", "numerics"),
+            ("/models/0/numerics", "kernels"),
+            ("/host", "clock_unix_ms"),
+        ] {
+            let mut missing = json.clone();
+            missing
+                .pointer_mut(path)
+                .and_then(|v| v.as_object_mut())
+                .unwrap()
+                .remove(field);
+            let err = serde_json::from_value::<Manifest>(missing).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("missing field `{field}`")),
+                "{err}"
+            );
+        }
+        for field in ["sha256", "numerics"] {
+            let mut null = json.clone();
+            null["models"][0][field] = serde_json::Value::Null;
+            assert!(serde_json::from_value::<Manifest>(null).is_err(), "{field}");
+        }
+        let mut no_clock = json.clone();
+        no_clock["host"]["clock_unix_ms"] = serde_json::Value::Null;
+        let read: Manifest = serde_json::from_value(no_clock).unwrap();
+        assert_eq!(read.host.clock_unix_ms, None);
+        let mut no_error = json.clone();
+        no_error["host"]
+            .as_object_mut()
+            .unwrap()
+            .remove("last_error");
+        assert!(serde_json::from_value::<Manifest>(no_error).is_ok());
+    }
+
+    #[test]
+    fn validate_requires_the_version_2_fields_except_for_version_1() {
+        let mut m = manifest();
+        m.models[0].sha256 = None;
+        let err = m.validate().unwrap_err();
+        assert!(err.to_string().contains("has no sha256"), "{err}");
+        m.models[0].numerics = None;
+        m.validate_as(1).unwrap();
+        m.models[0].sha256 = Some("00".repeat(32));
+        let err = m.validate().unwrap_err();
+        assert!(err.to_string().contains("has no numerics"), "{err}");
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let json = serde_json::to_string(&manifest()).unwrap();
         let extra = json.replacen('{', r#"{"future":1,"#, 1);
@@ -362,6 +544,22 @@ mod tests {
         let cases: Vec<(Mutation, &str)> = vec![
             (|m| m.memory_bytes += 1, "not a multiple"),
             (|m| m.module.digest = "ABC".into(), "not lowercase hex"),
+            (
+                |m| m.models[0].sha256 = Some("AB".repeat(32)),
+                "is not 64 lowercase hex digits",
+            ),
+            (
+                |m| m.models[0].sha256 = Some("ab".repeat(31)),
+                "is not 64 lowercase hex digits",
+            ),
+            (
+                |m| m.models[0].sha256 = Some(format!("{}g", "a".repeat(63))),
+                "is not 64 lowercase hex digits",
+            ),
+            (
+                |m| m.models[0].numerics.as_mut().unwrap().backend.clear(),
+                "numerics name no backend",
+            ),
             (|m| m.globals[0].bits = 1 << 32, "do not fit in 32 bits"),
             (|m| m.sessions[0].slot = 4, "host has 4 slots"),
             (|m| m.sessions[0].model = 1, "there are 1 models"),
@@ -400,6 +598,10 @@ mod tests {
                 "session n_ctx",
             ),
             (|m| m.host.device = "x".repeat(64 * 1024 + 1), "host device"),
+            (
+                |m| m.models[0].numerics.as_mut().unwrap().architecture = "x".repeat(257),
+                "model numerics field",
+            ),
         ];
         for (mutate, expected) in cases {
             let mut m = manifest();

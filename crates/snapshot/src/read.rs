@@ -13,6 +13,7 @@ use memmap2::{Mmap, MmapOptions};
 use crate::kv::KvView;
 use crate::layout::read_frame;
 use crate::pages::MemorySection;
+use crate::v1::read_manifest;
 use crate::{MAX_MANIFEST_BYTES, Manifest, SnapshotError, check_limit, corrupt};
 
 /// Files smaller than this are read into memory rather than mapped.
@@ -85,13 +86,17 @@ impl std::fmt::Debug for SnapshotFile {
 
 /// A checked snapshot: the manifest, and the memory and KV sections borrowed from the bytes.
 pub struct SnapshotView<'a> {
+    /// The manifest, in the current form whatever the file's version (see
+    /// [`version`](Self::version)).
     pub manifest: Manifest,
+    version: u32,
     memory: MemorySection<'a>,
     kv: Vec<KvView<'a>>,
 }
 
 /// Checks `bytes` as a whole snapshot, in order: magic, version, flags, length, checksum,
-/// section table, manifest ([`Manifest::validate`] included), memory page table, and each KV
+/// section table, manifest (read as its version wrote it; [`Manifest::validate`] included, a
+/// version-1 manifest exempt from the fields it lacks), memory page table, and each KV
 /// blob's header and shape against its session (`[model.n_layer, tokens.len(),
 /// model.n_head_kv × model.head_dim]`). Never panics; allocates at most a small multiple of
 /// `bytes.len()`.
@@ -102,9 +107,9 @@ pub fn parse(bytes: &[u8]) -> Result<SnapshotView<'_>, SnapshotError> {
         frame.manifest.len() as u64,
         MAX_MANIFEST_BYTES,
     )?;
-    let manifest: Manifest = serde_json::from_slice(frame.manifest)
+    let manifest = read_manifest(frame.version, frame.manifest)
         .map_err(|source| SnapshotError::Manifest { source })?;
-    manifest.validate()?;
+    manifest.validate_as(frame.version)?;
     let memory = MemorySection::parse(frame.memory, manifest.memory_bytes)?;
 
     if frame.kv.len() != manifest.sessions.len() {
@@ -135,12 +140,19 @@ pub fn parse(bytes: &[u8]) -> Result<SnapshotView<'_>, SnapshotError> {
     }
     Ok(SnapshotView {
         manifest,
+        version: frame.version,
         memory,
         kv,
     })
 }
 
 impl<'a> SnapshotView<'a> {
+    /// The file's format version: [`OLDEST_VERSION`](crate::OLDEST_VERSION) to
+    /// [`VERSION`](crate::VERSION).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
     /// Writes every stored page into `dst` and zeroes every page that is not stored. `dst`
     /// must be exactly `manifest.memory_bytes` long. On error `dst` holds partial contents.
     pub fn restore_memory(&self, dst: &mut [u8]) -> Result<(), SnapshotError> {
@@ -183,6 +195,7 @@ impl<'a> SnapshotView<'a> {
 impl std::fmt::Debug for SnapshotView<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SnapshotView")
+            .field("version", &self.version)
             .field("manifest", &self.manifest)
             .field("stored_pages", &self.stored_pages())
             .field("kv", &self.kv)

@@ -29,9 +29,11 @@ pub struct SnapshotWrite<'a> {
     pub kv: Vec<KvWrite<'a>>,
 }
 
-/// Encodes `s` into `out`; returns the bytes written. Checks `s` first (the manifest with
-/// [`Manifest::validate`], the memory length, each KV cache's shape against its session and
-/// model) and writes nothing if a check fails. `out` is not flushed.
+/// Encodes `s` into `out` as format [`VERSION`](crate::VERSION); returns the bytes written.
+/// Checks `s` first (the manifest with [`Manifest::validate`], which refuses one read from a
+/// version-1 file until its models have their `sha256` and `numerics`; the memory length; each
+/// KV cache's shape against its session and model) and writes nothing if a check fails. `out`
+/// is not flushed.
 pub fn encode(s: &SnapshotWrite<'_>, out: &mut impl Write) -> Result<u64, SnapshotError> {
     Plan::new(s)?.write(s, out)
 }

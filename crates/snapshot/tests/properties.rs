@@ -7,7 +7,7 @@ mod common;
 use common::{Page, Rng, memory};
 use proptest::prelude::*;
 use tern_snapshot::{
-    Global, HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, PAGE_BYTES, SessionInfo,
+    Global, HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES, SessionInfo,
     SnapshotWrite, ValType, parse, to_bytes,
 };
 
@@ -50,9 +50,16 @@ fn model() -> impl Strategy<Value = ModelRef> {
         1u32..100,
     )
         .prop_map(
-            |(name, digest, n_layer, n_head_kv, head_dim, n_vocab)| ModelRef {
+            |(name, legacy_digest, n_layer, n_head_kv, head_dim, n_vocab)| ModelRef {
+                sha256: Some(format!("{legacy_digest:064x}")),
+                numerics: Some(Numerics {
+                    backend: "cpu".into(),
+                    precision: name.chars().rev().collect(),
+                    kernels: format!("{n_vocab}"),
+                    architecture: String::new(),
+                }),
                 name,
-                digest,
+                legacy_digest,
                 arch: "llama".into(),
                 n_layer,
                 n_head_kv,
@@ -114,6 +121,7 @@ fn actor() -> impl Strategy<Value = (Manifest, Vec<u8>, u64)> {
                     device: "cpu".into(),
                     last_error,
                     session_slots: 8,
+                    clock_unix_ms: Some(seed as i64),
                 },
             };
             (manifest, pages, seed)

@@ -46,26 +46,22 @@ fn bad_magic_is_not_a_snapshot() {
 }
 
 #[test]
-fn version_2_is_refused_naming_both_versions() {
-    let mut bytes = standard();
-    set_u32(&mut bytes, 8, 2);
-    reseal(&mut bytes);
-    let err = refuse(&bytes);
-    assert!(
-        matches!(
-            err,
-            SnapshotError::Version {
-                found: 2,
-                supported: 1
-            }
-        ),
-        "{err:?}"
-    );
-    let message = err.to_string();
-    assert!(
-        message.contains("version 2") && message.contains("version 1"),
-        "{message}"
-    );
+fn versions_0_and_3_are_refused_naming_the_versions_read() {
+    for version in [0, 3, u32::MAX] {
+        let mut bytes = standard();
+        set_u32(&mut bytes, 8, version);
+        reseal(&mut bytes);
+        let err = refuse(&bytes);
+        assert!(
+            matches!(err, SnapshotError::Version { found, supported: 2 } if found == version),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("version {version} ")) && message.contains("versions 1 to 2"),
+            "{message}"
+        );
+    }
 }
 
 #[test]

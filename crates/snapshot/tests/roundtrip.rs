@@ -147,7 +147,7 @@ fn layout_matches_the_documented_table() {
     let fixture = Fixture::standard();
     let bytes = to_bytes(&fixture.write()).unwrap();
     assert_eq!(&bytes[..8], b"TERNSNAP");
-    assert_eq!(u32_at(&bytes, 8), 1);
+    assert_eq!(u32_at(&bytes, 8), 2);
     assert_eq!(u32_at(&bytes, 12), 0);
     assert_eq!(u64_at(&bytes, 16), bytes.len() as u64);
     assert_eq!(u32_at(&bytes, 28), 0);

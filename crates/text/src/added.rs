@@ -2,9 +2,15 @@
 //! any other processing, so that `<|im_start|>` written in a prompt becomes one id.
 //!
 //! Matching is leftmost-longest, as in Hugging Face's `AddedVocabulary`: the earliest position
-//! where any token matches wins, and the longest token among those matching there.
+//! where any token matches wins, and the longest token among those matching there. It runs on
+//! an Aho-Corasick automaton, as there, so it takes time linear in the text however many added
+//! tokens share a prefix (Llama 3 has 256 starting `<|reserved_special_token_`).
 
 use std::collections::HashMap;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+
+use crate::TextError;
 
 /// One piece of the text after added tokens are cut out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,71 +21,57 @@ pub(crate) enum Piece<'a> {
     Text { offset: usize, text: &'a str },
 }
 
-/// The added tokens of a vocabulary, indexed by first byte.
+/// The added tokens of a vocabulary.
 #[derive(Debug, Default)]
 pub(crate) struct AddedTokens {
-    /// First byte → (content, id), longest content first.
-    by_first_byte: HashMap<u8, Vec<(String, u32)>>,
+    /// Matches the contents, leftmost-longest; `None` when there are none.
+    matcher: Option<AhoCorasick>,
+    /// The id of each pattern of `matcher`.
+    ids: Vec<u32>,
 }
 
 impl AddedTokens {
     /// Builds the matcher from `(content, id)` pairs; empty contents are ignored, and a content
     /// given twice keeps its last id.
-    pub(crate) fn new(tokens: impl IntoIterator<Item = (String, u32)>) -> AddedTokens {
+    pub(crate) fn new(
+        tokens: impl IntoIterator<Item = (String, u32)>,
+    ) -> Result<AddedTokens, TextError> {
         let mut unique: HashMap<String, u32> = HashMap::new();
         for (content, id) in tokens {
             if !content.is_empty() {
                 unique.insert(content, id);
             }
         }
-        let mut by_first_byte: HashMap<u8, Vec<(String, u32)>> = HashMap::new();
-        for (content, id) in unique {
-            let first = content.as_bytes()[0];
-            by_first_byte.entry(first).or_default().push((content, id));
+        if unique.is_empty() {
+            return Ok(AddedTokens::default());
         }
-        for list in by_first_byte.values_mut() {
-            list.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        }
-        AddedTokens { by_first_byte }
-    }
-
-    /// The id of the added token that starts `text`, if any, and its length in bytes.
-    fn match_at(&self, text: &str) -> Option<(u32, usize)> {
-        let candidates = self.by_first_byte.get(text.as_bytes().first()?)?;
-        candidates
-            .iter()
-            .find(|(content, _)| text.starts_with(content.as_str()))
-            .map(|(content, id)| (*id, content.len()))
+        let (contents, ids): (Vec<String>, Vec<u32>) = unique.into_iter().unzip();
+        let matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&contents)
+            .map_err(|e| TextError::AddedTokens {
+                count: contents.len(),
+                message: e.to_string(),
+            })?;
+        Ok(AddedTokens {
+            matcher: Some(matcher),
+            ids,
+        })
     }
 
     /// Cuts `text` into added tokens and the ordinary text between them.
     pub(crate) fn split<'a>(&self, text: &'a str) -> Vec<Piece<'a>> {
         let mut pieces = Vec::new();
         let mut start = 0;
-        let mut at = 0;
-        if !self.by_first_byte.is_empty() {
-            while at < text.len() {
-                if !text.is_char_boundary(at)
-                    || !self.by_first_byte.contains_key(&text.as_bytes()[at])
-                {
-                    at += 1;
-                    continue;
-                }
-                match self.match_at(&text[at..]) {
-                    Some((id, len)) => {
-                        if start < at {
-                            pieces.push(Piece::Text {
-                                offset: start,
-                                text: &text[start..at],
-                            });
-                        }
-                        pieces.push(Piece::Added(id));
-                        at += len;
-                        start = at;
-                    }
-                    None => at += 1,
-                }
+        for found in self.matcher.iter().flat_map(|m| m.find_iter(text)) {
+            if start < found.start() {
+                pieces.push(Piece::Text {
+                    offset: start,
+                    text: &text[start..found.start()],
+                });
             }
+            pieces.push(Piece::Added(self.ids[found.pattern().as_usize()]));
+            start = found.end();
         }
         if start < text.len() {
             pieces.push(Piece::Text {
@@ -102,7 +94,9 @@ mod tests {
             ("<|b|>".to_string(), 3),
             ("é".to_string(), 4),
             (String::new(), 5),
+            ("<|b|>".to_string(), 6),
         ])
+        .unwrap()
     }
 
     #[test]
@@ -121,6 +115,25 @@ mod tests {
                     text: "y"
                 },
                 Piece::Added(1),
+            ]
+        );
+        // The later id of a content given twice; a longer match starting later loses.
+        assert_eq!(
+            tokens().split("<|b|><|a|><|b|>"),
+            vec![Piece::Added(6), Piece::Added(2)]
+        );
+        assert_eq!(
+            tokens().split("<|a<|a|><|b|"),
+            vec![
+                Piece::Text {
+                    offset: 0,
+                    text: "<|a"
+                },
+                Piece::Added(1),
+                Piece::Text {
+                    offset: 8,
+                    text: "<|b|"
+                },
             ]
         );
     }

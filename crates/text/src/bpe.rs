@@ -4,9 +4,14 @@
 //! A word starts as one symbol per character (or byte); the adjacent pair with the lowest
 //! merge rank is merged first, the leftmost among equals, until no adjacent pair has a merge.
 //! The order is kept exactly, since a different order can give different ids.
+//!
+//! A word of n symbols takes O(n log n) time (a heap of candidate merges); a long one checks
+//! its [`Deadline`] every [`Deadline::CHECK_EVERY`] merges, so that a caller can bound the
+//! time of one pathological word (megabytes of one letter) as well as of many words.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 
@@ -16,25 +21,58 @@ use crate::TextError;
 /// Python dict built from the list.
 pub(crate) type Vocab = FxHashMap<String, u32>;
 
-/// The merge loop's state for one symbol of a word.
+/// The merge loop's state for one symbol of a word (16 bytes: a long word's symbols are
+/// visited in no particular order, so their size is the loop's memory traffic).
 #[derive(Debug, Clone, Copy)]
 struct Symbol {
     id: u32,
-    /// Index of the previous live symbol, or `usize::MAX` for none.
-    prev: usize,
-    /// Index of the next live symbol, or `usize::MAX` for none.
-    next: usize,
+    /// Index of the previous live symbol, or [`NONE`].
+    prev: u32,
+    /// Index of the next live symbol, or [`NONE`].
+    next: u32,
     /// False once merged into the symbol on its left.
     live: bool,
 }
 
-const NONE: usize = usize::MAX;
+/// No symbol: words have fewer than `u32::MAX` symbols.
+const NONE: u32 = u32::MAX;
 
 /// Words of up to this many symbols take the scan loop instead of the heap.
 const SHORT_WORD: usize = 48;
 
 /// The rank of a pair that does not merge.
 const NO_MERGE: (u32, u32) = (u32::MAX, 0);
+
+/// When an encode gives up, if ever.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline(Option<Instant>);
+
+/// The [`Deadline`] passed before the work was done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TimeUp;
+
+impl Deadline {
+    /// No deadline.
+    pub(crate) const NEVER: Deadline = Deadline(None);
+
+    /// Merges of a long word between two looks at the clock: far enough apart that the clock
+    /// costs nothing, close enough that a check comes every few hundred microseconds (a merge
+    /// of a word of millions of symbols takes up to about 0.5 us).
+    pub(crate) const CHECK_EVERY: usize = 1024;
+
+    /// Give up at `instant`.
+    pub(crate) fn at(instant: Instant) -> Deadline {
+        Deadline(Some(instant))
+    }
+
+    /// Fails once the deadline has passed.
+    pub(crate) fn check(self) -> Result<(), TimeUp> {
+        match self.0 {
+            Some(deadline) if Instant::now() >= deadline => Err(TimeUp),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// A vocabulary and its merges.
 #[derive(Debug)]
@@ -89,15 +127,21 @@ impl Bpe {
     }
 
     /// Merges the symbols `ids` of one word as far as the merges allow and appends the result
-    /// to `out`.
-    pub(crate) fn merge_into(&self, ids: &[u32], out: &mut Vec<u32>) {
+    /// to `out`, unless `deadline` passes first.
+    pub(crate) fn merge_into(
+        &self,
+        ids: &[u32],
+        out: &mut Vec<u32>,
+        deadline: Deadline,
+    ) -> Result<(), TimeUp> {
         if ids.len() < 2 {
             out.extend_from_slice(ids);
         } else if ids.len() <= SHORT_WORD {
             self.merge_short(ids, out);
         } else {
-            self.merge_long(ids, out);
+            self.merge_long(ids, out, deadline)?;
         }
+        Ok(())
     }
 
     /// The merge loop for short words: keeps each adjacent pair's rank and scans them for the
@@ -146,60 +190,75 @@ impl Bpe {
 
     /// The merge loop of `tokenizers` for words of any length (up to `u32::MAX` symbols,
     /// which [`crate::Tokenizer::encode`] ensures): a min-heap of candidate merges over a
-    /// linked list of symbols.
-    fn merge_long(&self, ids: &[u32], out: &mut Vec<u32>) {
+    /// linked list of symbols. Looks at `deadline` every [`Deadline::CHECK_EVERY`] steps.
+    fn merge_long(
+        &self,
+        ids: &[u32],
+        out: &mut Vec<u32>,
+        deadline: Deadline,
+    ) -> Result<(), TimeUp> {
         let mut symbols: Vec<Symbol> = ids
             .iter()
             .enumerate()
             .map(|(i, &id)| Symbol {
                 id,
-                prev: if i == 0 { NONE } else { i - 1 },
-                next: if i + 1 == ids.len() { NONE } else { i + 1 },
+                prev: if i == 0 { NONE } else { i as u32 - 1 },
+                next: if i + 1 == ids.len() {
+                    NONE
+                } else {
+                    i as u32 + 1
+                },
                 live: true,
             })
             .collect();
         // Min-heap on (rank, position), packed as `rank << 32 | position`: the best merge,
         // leftmost first. A merge's rank names its pair, so an entry is current exactly when
         // the pair now at its position has its rank.
-        let key = |rank: u32, pos: usize| Reverse((u64::from(rank) << 32) | pos as u64);
+        let key = |rank: u32, pos: u32| Reverse((u64::from(rank) << 32) | u64::from(pos));
         let mut queue: BinaryHeap<Reverse<u64>> = ids
             .windows(2)
             .enumerate()
-            .filter_map(|(pos, w)| Some(key(self.merge_of(w[0], w[1])?.0, pos)))
+            .filter_map(|(pos, w)| Some(key(self.merge_of(w[0], w[1])?.0, pos as u32)))
             .collect();
 
+        let mut steps = 0usize;
         while let Some(Reverse(top)) = queue.pop() {
-            let (rank, pos) = ((top >> 32) as u32, (top & u64::from(u32::MAX)) as usize);
-            let current = symbols[pos];
+            steps += 1;
+            if steps.is_multiple_of(Deadline::CHECK_EVERY) {
+                deadline.check()?;
+            }
+            let (rank, pos) = ((top >> 32) as u32, top as u32);
+            let current = symbols[pos as usize];
             if !current.live || current.next == NONE {
                 continue;
             }
-            let right = symbols[current.next];
+            let right = symbols[current.next as usize];
             let merged = match self.merge_of(current.id, right.id) {
                 Some((now, merged)) if now == rank => merged,
                 _ => continue, // Stale: an earlier merge changed this pair.
             };
-            symbols[pos].id = merged;
-            symbols[pos].next = right.next;
-            symbols[current.next].live = false;
+            symbols[pos as usize].id = merged;
+            symbols[pos as usize].next = right.next;
+            symbols[current.next as usize].live = false;
             if right.next != NONE {
-                symbols[right.next].prev = pos;
+                symbols[right.next as usize].prev = pos;
             }
-            let current = symbols[pos];
+            let current = symbols[pos as usize];
             if current.prev != NONE {
-                let prev = symbols[current.prev];
+                let prev = symbols[current.prev as usize];
                 if let Some((rank, _)) = self.merge_of(prev.id, current.id) {
                     queue.push(key(rank, current.prev));
                 }
             }
             if current.next != NONE {
-                let next = symbols[current.next];
+                let next = symbols[current.next as usize];
                 if let Some((rank, _)) = self.merge_of(current.id, next.id) {
                     queue.push(key(rank, pos));
                 }
             }
         }
         out.extend(symbols.iter().filter(|s| s.live).map(|s| s.id));
+        Ok(())
     }
 }
 
@@ -222,7 +281,7 @@ mod tests {
             .map(|c| bpe.id(&c.to_string()).unwrap())
             .collect();
         let mut out = Vec::new();
-        bpe.merge_into(&ids, &mut out);
+        bpe.merge_into(&ids, &mut out, Deadline::NEVER).unwrap();
         out
     }
 
@@ -299,10 +358,22 @@ mod tests {
                     .collect();
                 let (mut short, mut long) = (Vec::new(), Vec::new());
                 bpe.merge_short(&ids, &mut short);
-                bpe.merge_long(&ids, &mut long);
+                bpe.merge_long(&ids, &mut long, Deadline::NEVER).unwrap();
                 assert_eq!(short, long, "{ids:?}");
             }
         }
+    }
+
+    #[test]
+    fn long_words_stop_at_the_deadline() {
+        let bpe = model(&["a", "aa"], &[("a", "a")]);
+        let ids = vec![0; 4 * Deadline::CHECK_EVERY];
+        let mut out = Vec::new();
+        let past = Deadline::at(Instant::now());
+        assert_eq!(bpe.merge_into(&ids, &mut out, past), Err(TimeUp));
+        out.clear();
+        bpe.merge_into(&ids, &mut out, Deadline::NEVER).unwrap();
+        assert_eq!(out, vec![1; 2 * Deadline::CHECK_EVERY]);
     }
 
     #[test]

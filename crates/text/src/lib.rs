@@ -26,7 +26,9 @@
 //! holding back bytes until they form whole UTF-8 characters.
 //!
 //! Nothing here panics on bad input: malformed specs, out-of-range ids and broken templates are
-//! [`TextError`]s.
+//! [`TextError`]s. Work is bounded for callers that run it for someone else:
+//! [`Tokenizer::encode_within`] stops at a deadline, and a template render stops at fixed
+//! limits of work, nesting and output (see [`ChatTemplate`]).
 //!
 //! # Where this differs from `transformers`, on purpose
 //!
@@ -56,7 +58,9 @@ mod tokenizer;
 pub use hf::{HfTokenizer, from_hf_files};
 pub use spec::TokenizerSpec;
 pub use stream::StreamDecoder;
-pub use template::{ChatTemplate, Message};
+pub use template::{
+    ChatTemplate, MAX_RENDER_BYTES, Message, RECURSION_LIMIT, RENDER_FUEL, RENDER_STACK_BYTES,
+};
 pub use tokenizer::Tokenizer;
 
 /// Errors from building a tokenizer, encoding, decoding or rendering a chat template.
@@ -94,12 +98,19 @@ pub enum TextError {
     BadPattern { pre: String, message: String },
     #[error("text of {bytes} bytes is too long to encode (at most {max})")]
     TextTooLong { bytes: usize, max: usize },
+    #[error("the {count} added tokens do not build a matcher: {message}")]
+    AddedTokens { count: usize, message: String },
+    #[error("encoding {bytes} bytes of text ran past its deadline")]
+    TimeLimit { bytes: usize },
     #[error("token id {id} is outside the vocabulary of {n_vocab} tokens")]
     InvalidId { id: u32, n_vocab: usize },
     #[error("chat template does not compile: {message}")]
     TemplateSyntax { message: String },
     #[error("chat template failed to render: {message}")]
     TemplateRender { message: String },
+    /// A render ran past one of its bounds (work, nesting, output size).
+    #[error("chat template stopped: it went past its limit of {limit} {what}")]
+    TemplateLimit { what: &'static str, limit: u64 },
     #[error("Hugging Face tokenizer files: {message}")]
     Hf { message: String },
 }

@@ -11,6 +11,8 @@
 //! follows. The `regex` crate has no look-ahead, so the tail is matched as `\s+` and the rule is
 //! applied after the match (see [`Splitter::split`]), which keeps matching on a DFA.
 
+use std::ops::ControlFlow;
+
 use regex::Regex;
 
 use crate::TextError;
@@ -98,20 +100,25 @@ impl Splitter {
     }
 
     /// Calls `word` on each piece of `text`, in order: every match, and any text between
-    /// matches (the patterns cover all text, so there is none in practice).
+    /// matches (the patterns cover all text, so there is none in practice); stops early when
+    /// `word` breaks.
     ///
     /// The look-ahead tail: a match that is all whitespace came from `\s+` (or, when it holds
     /// a newline in a pattern with [`NEWLINE_RUN`], from that alternative). `\s+` took the whole
     /// run, so unless the run ends the text a non-space follows, and `\s+(?!\S)` would have
     /// stopped one character short, if that leaves anything.
-    pub(crate) fn split(&self, text: &str, mut word: impl FnMut(&str)) {
+    pub(crate) fn split<B>(
+        &self,
+        text: &str,
+        mut word: impl FnMut(&str) -> ControlFlow<B>,
+    ) -> ControlFlow<B> {
         let mut at = 0;
         while at < text.len() {
             let Some(found) = self.regex.find_at(text, at) else {
                 break;
             };
             if found.start() > at {
-                word(&text[at..found.start()]);
+                word(&text[at..found.start()])?;
             }
             let piece = found.as_str();
             let mut end = found.end();
@@ -125,12 +132,13 @@ impl Splitter {
                 // An empty match cannot happen with these patterns; step over a character.
                 end += text[end..].chars().next().map_or(1, char::len_utf8);
             }
-            word(&text[found.start()..end]);
+            word(&text[found.start()..end])?;
             at = end;
         }
         if at < text.len() {
-            word(&text[at..]);
+            word(&text[at..])?;
         }
+        ControlFlow::Continue(())
     }
 }
 
@@ -141,7 +149,10 @@ mod tests {
     fn words(pre: &str, text: &str) -> Vec<String> {
         let splitter = Splitter::new(Some(pre)).unwrap();
         let mut out = Vec::new();
-        splitter.split(text, |w| out.push(w.to_string()));
+        let _: ControlFlow<()> = splitter.split(text, |w| {
+            out.push(w.to_string());
+            ControlFlow::Continue(())
+        });
         out
     }
 

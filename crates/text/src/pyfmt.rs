@@ -1,8 +1,46 @@
 //! Python's spellings of values, for chat templates written against Jinja2: `json.dumps`,
 //! `repr()`/`str()` of containers, float repr, and `time.strftime`.
+//!
+//! [`json`] and [`repr`] are bounded: they refuse values nested deeper than [`MAX_DEPTH`] and
+//! stop once their text passes the caller's byte limit, since a template can build a small
+//! value whose text is huge (a list holding the same list a thousand times, nested).
 
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Error, ErrorKind};
+
+/// How deep [`json`] and [`repr`] follow nested lists and maps (Python's own recursion limit
+/// is 1,000; tool schemas nest a few levels).
+pub(crate) const MAX_DEPTH: usize = 256;
+
+/// A bound a template ran into, carried as the source of a minijinja [`Error`].
+#[derive(Debug, thiserror::Error)]
+#[error("more than {limit} {what}")]
+pub(crate) struct LimitExceeded {
+    pub(crate) what: &'static str,
+    pub(crate) limit: u64,
+}
+
+impl LimitExceeded {
+    /// The error a filter returns for this bound.
+    fn error(what: &'static str, limit: u64) -> Error {
+        let message = format!("more than {limit} {what}");
+        Error::new(ErrorKind::InvalidOperation, message).with_source(LimitExceeded { what, limit })
+    }
+}
+
+/// Fails once `out` is longer than `max_bytes` or `depth` is past [`MAX_DEPTH`].
+fn check_bounds(out: &str, depth: usize, max_bytes: usize) -> Result<(), Error> {
+    if out.len() > max_bytes {
+        return Err(LimitExceeded::error("bytes of text", max_bytes as u64));
+    }
+    if depth > MAX_DEPTH {
+        return Err(LimitExceeded::error(
+            "levels of nesting in a value",
+            MAX_DEPTH as u64,
+        ));
+    }
+    Ok(())
+}
 
 /// The arguments of `json.dumps` that templates pass.
 pub(crate) struct JsonOptions {
@@ -14,13 +52,15 @@ pub(crate) struct JsonOptions {
     pub(crate) ensure_ascii: bool,
 }
 
-/// Appends `value` as `json.dumps` writes it.
+/// Appends `value` as `json.dumps` writes it, failing once `out` passes `max_bytes`.
 pub(crate) fn json(
     value: &Value,
     options: &JsonOptions,
     depth: usize,
     out: &mut String,
+    max_bytes: usize,
 ) -> Result<(), Error> {
+    check_bounds(out, depth, max_bytes)?;
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -33,7 +73,7 @@ pub(crate) fn json(
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             json_container(('[', ']'), items.len(), options, depth, out, |i, out| {
-                json(&items[i], options, depth + 1, out)
+                json(&items[i], options, depth + 1, out, max_bytes)
             })?;
         }
         ValueKind::Map => {
@@ -48,7 +88,7 @@ pub(crate) fn json(
             json_container(('{', '}'), entries.len(), options, depth, out, |i, out| {
                 json_string(&entries[i].0, options.ensure_ascii, out);
                 out.push_str(&options.key_sep);
-                json(&entries[i].1, options, depth + 1, out)
+                json(&entries[i].1, options, depth + 1, out, max_bytes)
             })?;
         }
         _ => {
@@ -177,8 +217,14 @@ pub(crate) fn float_repr(x: f64, json: bool) -> String {
 }
 
 /// Appends Python's `str()` of a value inside Jinja2 output: `None`, `True`, lists and dicts
-/// as `repr` writes them.
-pub(crate) fn repr(value: &Value, out: &mut String) {
+/// as `repr` writes them; fails once `out` passes `max_bytes`.
+pub(crate) fn repr(
+    value: &Value,
+    depth: usize,
+    out: &mut String,
+    max_bytes: usize,
+) -> Result<(), Error> {
+    check_bounds(out, depth, max_bytes)?;
     match value.kind() {
         ValueKind::Undefined => {}
         ValueKind::None => out.push_str("None"),
@@ -199,10 +245,11 @@ pub(crate) fn repr(value: &Value, out: &mut String) {
                     if n > 0 {
                         out.push_str(", ");
                     }
-                    repr(&item, out);
+                    repr(&item, depth + 1, out, max_bytes)?;
                     if is_map {
                         out.push_str(": ");
-                        repr(&value.get_item(&item).unwrap_or_default(), out);
+                        let entry = value.get_item(&item).unwrap_or_default();
+                        repr(&entry, depth + 1, out, max_bytes)?;
                     }
                     n += 1;
                 }
@@ -214,6 +261,7 @@ pub(crate) fn repr(value: &Value, out: &mut String) {
         }
         _ => out.push_str(&value.to_string()),
     }
+    Ok(())
 }
 
 /// Python's `repr(str)`: single quotes unless the text has `'` and no `"`.
@@ -384,8 +432,11 @@ mod tests {
                 Value::from("a\nb"),
                 Value::from(()),
             ]),
+            0,
             &mut out,
-        );
+            usize::MAX,
+        )
+        .unwrap();
         assert_eq!(out, "[\"it's\", 'a\\nb', None]");
     }
 }

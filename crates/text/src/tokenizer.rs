@@ -4,13 +4,20 @@
 //! Encoding runs, in order: added tokens are cut out of the raw text (leftmost-longest); each
 //! remaining piece is split into words (byte-level: the `pre` regex; SentencePiece: the whole
 //! piece, spaces as `▁`); each word goes through BPE; BOS/EOS are added on request.
+//!
+//! Work is near linear in the text: added tokens are found in one pass, the split regexes run
+//! on a DFA, and BPE takes O(n log n) per word. The constant is not small for pathological
+//! text (a megabyte of random letters is one word of a million symbols, about 0.4 s), so
+//! [`Tokenizer::encode_within`] takes a deadline for callers that must bound it.
 
+use std::ops::ControlFlow;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 
 use crate::added::{AddedTokens, Piece};
-use crate::bpe::{Bpe, Vocab};
+use crate::bpe::{Bpe, Deadline, TimeUp, Vocab};
 use crate::pretokenize::Splitter;
 use crate::spec::{TokenType, TokenizerSpec};
 use crate::{TextError, byte_level, sentencepiece};
@@ -37,6 +44,9 @@ enum Kind {
 
 /// The longest text [`Tokenizer::encode`] takes: BPE positions are 32-bit.
 const MAX_TEXT_BYTES: usize = u32::MAX as usize / 2;
+
+/// Words encoded between two looks at the deadline: a few hundred microseconds of work.
+const WORDS_PER_CHECK: usize = 256;
 
 /// Ids of recently encoded words, which natural text repeats a lot.
 #[derive(Debug, Default)]
@@ -127,7 +137,7 @@ impl Tokenizer {
                 byte_ids,
             }
         };
-        let added = added_tokens(&spec, &types, &bpe, byte_level);
+        let added = added_tokens(&spec, &types, &bpe, byte_level)?;
         Ok(Tokenizer {
             kind,
             tokens: spec.tokens,
@@ -144,6 +154,27 @@ impl Tokenizer {
     /// The ids of `text`. Added tokens written in the text (`<|im_start|>`) become their ids;
     /// `add_special` adds BOS and/or EOS as the spec asks.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TextError> {
+        self.encode_until(text, add_special, Deadline::NEVER)
+    }
+
+    /// [`Tokenizer::encode`], giving up with [`TextError::TimeLimit`] once `deadline` has
+    /// passed. The clock is read between words and every thousand merges of a long word,
+    /// so the overrun is about a millisecond at most.
+    pub fn encode_within(
+        &self,
+        text: &str,
+        add_special: bool,
+        deadline: Instant,
+    ) -> Result<Vec<u32>, TextError> {
+        self.encode_until(text, add_special, Deadline::at(deadline))
+    }
+
+    fn encode_until(
+        &self,
+        text: &str,
+        add_special: bool,
+        deadline: Deadline,
+    ) -> Result<Vec<u32>, TextError> {
         if text.len() >= MAX_TEXT_BYTES {
             return Err(TextError::TextTooLong {
                 bytes: text.len(),
@@ -154,10 +185,13 @@ impl Tokenizer {
         if add_special && self.add_bos {
             ids.extend(self.bos);
         }
+        let time_up = |_: TimeUp| TextError::TimeLimit { bytes: text.len() };
         for piece in self.added.split(text) {
             match piece {
                 Piece::Added(id) => ids.push(id),
-                Piece::Text { offset, text } => self.encode_piece(text, offset == 0, &mut ids),
+                Piece::Text { offset, text } => self
+                    .encode_piece(text, offset == 0, &mut ids, deadline)
+                    .map_err(time_up)?,
             }
         }
         if add_special && self.add_eos {
@@ -167,7 +201,14 @@ impl Tokenizer {
     }
 
     /// Encodes text that holds no added token; `first` when it starts the input.
-    fn encode_piece(&self, text: &str, first: bool, ids: &mut Vec<u32>) {
+    fn encode_piece(
+        &self,
+        text: &str,
+        first: bool,
+        ids: &mut Vec<u32>,
+        deadline: Deadline,
+    ) -> Result<(), TimeUp> {
+        deadline.check()?;
         let mut symbols: Vec<u32> = Vec::new();
         match &self.kind {
             Kind::ByteLevel {
@@ -177,15 +218,24 @@ impl Tokenizer {
             } => {
                 // Another thread using the cache just means encoding without it.
                 let mut cache = cache.words.try_lock().ok();
-                splitter.split(text, |word| {
+                let mut words = 0usize;
+                let split = splitter.split(text, |word| {
+                    words += 1;
+                    if words.is_multiple_of(WORDS_PER_CHECK)
+                        && let Err(time_up) = deadline.check()
+                    {
+                        return ControlFlow::Break(time_up);
+                    }
                     if let Some(ids_of_word) = cache.as_ref().and_then(|c| c.get(word)) {
                         ids.extend_from_slice(ids_of_word);
-                        return;
+                        return ControlFlow::Continue(());
                     }
                     let start = ids.len();
                     symbols.clear();
                     symbols.extend(word.bytes().filter_map(|b| byte_ids[usize::from(b)]));
-                    self.bpe.merge_into(&symbols, ids);
+                    if let Err(time_up) = self.bpe.merge_into(&symbols, ids, deadline) {
+                        return ControlFlow::Break(time_up);
+                    }
                     if let Some(cache) = cache.as_mut().filter(|_| word.len() < WordCache::MAX_WORD)
                     {
                         if cache.len() >= WordCache::CAPACITY {
@@ -193,7 +243,11 @@ impl Tokenizer {
                         }
                         cache.insert(word.into(), ids[start..].into());
                     }
+                    ControlFlow::Continue(())
                 });
+                if let ControlFlow::Break(time_up) = split {
+                    return Err(time_up);
+                }
             }
             Kind::SentencePiece {
                 space_prefix,
@@ -208,9 +262,10 @@ impl Tokenizer {
                     let c = if c == ' ' { sentencepiece::SPACE } else { c };
                     self.push_char(c, byte_ids, &mut symbols);
                 }
-                self.bpe.merge_into(&symbols, ids);
+                self.bpe.merge_into(&symbols, ids, deadline)?;
             }
         }
+        Ok(())
     }
 
     /// Appends the initial symbol(s) of one character of a SentencePiece word: its token, else
@@ -407,7 +462,7 @@ fn added_tokens(
     types: &[TokenType],
     bpe: &Bpe,
     byte_level: bool,
-) -> AddedTokens {
+) -> Result<AddedTokens, TextError> {
     let mut added: Vec<(String, u32)> = Vec::new();
     let class_defaults: &[&str] = if byte_level {
         &["<|endoftext|>"]

@@ -170,3 +170,24 @@ fn tokenizer_is_shareable_across_threads() {
         );
     }
 }
+
+#[test]
+fn encoding_stops_at_its_deadline() {
+    use std::time::{Duration, Instant};
+    let tokenizer = tiny_bpe();
+    // Many words, and one long word: both are checked against the deadline.
+    for text in ["hello the hello ".repeat(50_000), "l".repeat(200_000)] {
+        let err = tokenizer
+            .encode_within(&text, false, Instant::now())
+            .unwrap_err();
+        assert!(
+            matches!(err, TextError::TimeLimit { bytes } if bytes == text.len()),
+            "{err}"
+        );
+        let later = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(
+            tokenizer.encode_within(&text, false, later).unwrap(),
+            tokenizer.encode(&text, false).unwrap()
+        );
+    }
+}

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{tiny_spm, tiny_spm_spec};
-use tern_text::{StreamDecoder, Tokenizer};
+use tern_text::{StreamDecoder, TextError, Tokenizer};
 
 #[test]
 fn merges_derived_from_scores() {
@@ -123,4 +123,21 @@ fn stream_matches_decode() {
         .map(|&id| stream.push(&tokenizer, id).unwrap())
         .collect();
     assert_eq!(pieces, ["hello", "", "", "€"]);
+}
+
+#[test]
+fn encoding_stops_at_its_deadline() {
+    use std::time::{Duration, Instant};
+    let tokenizer = tiny_spm();
+    // The whole text is one word here.
+    let text = "hello world ".repeat(20_000);
+    let err = tokenizer
+        .encode_within(&text, false, Instant::now())
+        .unwrap_err();
+    assert!(matches!(err, TextError::TimeLimit { .. }), "{err}");
+    let later = Instant::now() + Duration::from_secs(3600);
+    assert_eq!(
+        tokenizer.encode_within(&text, false, later).unwrap(),
+        tokenizer.encode(&text, false).unwrap()
+    );
 }

@@ -91,6 +91,11 @@ fn stream(tokenizer: &Tokenizer, ids: &[u32]) -> String {
     text + &decoder.finish()
 }
 
+/// The clock `strftime_now` reads in fixture templates: 2024-07-26 00:00 UTC, in milliseconds.
+fn clock() -> i64 {
+    1_721_952_000_000
+}
+
 fn run_fixture(path: &Path) -> Tally {
     let fixture: Fixture = serde_json::from_slice(&std::fs::read(path).expect("readable fixture"))
         .expect("valid fixture");
@@ -162,7 +167,7 @@ fn run_fixture(path: &Path) -> Tally {
         );
         let template =
             ChatTemplate::new(&chat.template, &chat.bos, &chat.eos).expect("template compiles");
-        let ours = template.render(&chat.messages, chat.add_generation_prompt);
+        let ours = template.render(&chat.messages, chat.add_generation_prompt, &clock);
         match (&chat.text, &chat.error) {
             (Some(text), _) => tally.check(
                 "chat",

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use tern_actor::{Actor, Limits, Runtime};
+use tern_actor::{Actor, Runtime};
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
@@ -95,10 +95,11 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     let prompt: Vec<u32> = unit.iter().copied().cycle().take(args.prefill).collect();
     super::print_model(&path, &model, &format!("cpu x{threads}"));
 
-    let mut runtime = Runtime::new(tern_compute::open(DeviceChoice::Cpu)?, Limits::default())?;
-    runtime.add_model(model.clone());
+    let runtime = Runtime::builder(tern_compute::open(DeviceChoice::Cpu)?)
+        .model(model.clone())
+        .build()?;
     let wasm =
-        std::fs::read(crate::run::resolve_module("bench")?).context("reading the bench guest")?;
+        std::fs::read(crate::host::resolve_module("bench")?).context("reading the bench guest")?;
     let module = Arc::new(tern_actor::ActorModule::new(&runtime, "bench", &wasm)?);
     let ids = prompt
         .iter()

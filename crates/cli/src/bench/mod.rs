@@ -16,7 +16,7 @@ use std::sync::Arc;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 use anyhow::Context;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-use tern_actor::{ActorModule, Limits, Runtime};
+use tern_actor::{ActorModule, Runtime};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
@@ -176,9 +176,10 @@ impl GuestBench {
         let prompt: Vec<u32> = (0..prefill as u32)
             .map(|i| (i * 7919 + 13) % vocab)
             .collect();
-        let mut runtime = Runtime::new(device.clone(), Limits::default())?;
-        runtime.add_model(model.clone());
-        let wasm = std::fs::read(crate::run::resolve_module("bench")?)
+        let runtime = Runtime::builder(device.clone())
+            .model(model.clone())
+            .build()?;
+        let wasm = std::fs::read(crate::host::resolve_module("bench")?)
             .context("reading the bench guest")?;
         let module = Arc::new(ActorModule::new(&runtime, "bench", &wasm)?);
         let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use tern_actor::{Actor, ActorModule, Limits, Runtime, SnapshotFile};
+use tern_actor::{Actor, ActorModule, Runtime, SnapshotFile};
 use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
@@ -69,10 +69,11 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(&n) = args.tokens.iter().find(|&&n| n == 0 || n > limit) {
         bail!("--tokens {n}: the model holds 1..={limit} tokens");
     }
-    let mut runtime = Runtime::new(device.clone(), Limits::default())?;
-    runtime.add_model(model.clone());
+    let runtime = Runtime::builder(device.clone())
+        .model(model.clone())
+        .build()?;
     let wasm =
-        std::fs::read(crate::run::resolve_module("bench")?).context("reading the bench guest")?;
+        std::fs::read(crate::host::resolve_module("bench")?).context("reading the bench guest")?;
     let t = Instant::now();
     let module = Arc::new(ActorModule::new(&runtime, "bench", &wasm)?);
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;

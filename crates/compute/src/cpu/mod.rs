@@ -53,7 +53,9 @@ impl Default for CpuDevice {
     }
 }
 
-impl HostMapper for CpuDevice {
+// SAFETY: the CPU device computes on guest memory only inside the host call that lends it
+// (synchronously, on the caller's borrow) and keeps nothing of a range after that call.
+unsafe impl HostMapper for CpuDevice {
     fn mapper_name(&self) -> String {
         "cpu".into()
     }

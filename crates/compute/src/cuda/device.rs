@@ -208,7 +208,10 @@ impl CudaDevice {
     }
 }
 
-impl HostMapper for CudaDevice {
+// SAFETY: every kernel that reads registered guest memory is launched inside a host call and
+// its stream synchronized before that call returns, so no work is in flight when
+// `unmap_range` unregisters a range; registration neither reads nor writes the pages.
+unsafe impl HostMapper for CudaDevice {
     fn mapper_name(&self) -> String {
         self.label.clone()
     }

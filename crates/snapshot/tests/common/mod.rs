@@ -4,8 +4,8 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use tern_snapshot::{
-    Global, HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, PAGE_BYTES, SessionInfo,
-    SnapshotWrite, ValType, reseal,
+    Global, HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES, SessionInfo,
+    SnapshotWrite, VERSION, ValType, reseal,
 };
 
 /// An actor's state, owned, ready to be borrowed as a [`SnapshotWrite`].
@@ -68,7 +68,14 @@ pub fn memory(pages: &[Page], rng: &mut Rng) -> Vec<u8> {
 fn model(name: &str, n_layer: u32, n_head_kv: u32, head_dim: u32) -> ModelRef {
     ModelRef {
         name: name.into(),
-        digest: 0x0123_4567_89ab_cdef,
+        sha256: Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into()),
+        legacy_digest: 0x0123_4567_89ab_cdef,
+        numerics: Some(Numerics {
+            backend: "cpu".into(),
+            precision: "fast".into(),
+            kernels: "1".into(),
+            architecture: "x86_64-linux-gnu".into(),
+        }),
         arch: "llama".into(),
         n_layer,
         n_head_kv,
@@ -134,6 +141,7 @@ impl Fixture {
                 device: "cpu".into(),
                 last_error: Some("model \"x\" not found".into()),
                 session_slots: 8,
+                clock_unix_ms: Some(1_733_246_567_123),
             },
         };
         Fixture {
@@ -233,9 +241,14 @@ pub fn section(file: &[u8], kind: u32, index: u32) -> &[u8] {
     &file[e.offset..e.offset + e.len]
 }
 
-/// Builds a file from `(kind, index, bytes)` sections by the documented layout: header,
-/// table, each section at the next multiple of 64, trailer.
+/// Builds a file of the current version from `(kind, index, bytes)` sections by the
+/// documented layout: header, table, each section at the next multiple of 64, trailer.
 pub fn assemble(sections: &[(u32, u32, Vec<u8>)]) -> Vec<u8> {
+    assemble_as(VERSION, sections)
+}
+
+/// [`assemble`] with `version` in the header.
+pub fn assemble_as(version: u32, sections: &[(u32, u32, Vec<u8>)]) -> Vec<u8> {
     let mut file = vec![0u8; 32 + 24 * sections.len()];
     let mut entries = Vec::new();
     for (kind, index, bytes) in sections {
@@ -246,7 +259,7 @@ pub fn assemble(sections: &[(u32, u32, Vec<u8>)]) -> Vec<u8> {
     file.extend_from_slice(&[0u8; 8]);
     let file_len = file.len() as u64;
     file[..8].copy_from_slice(b"TERNSNAP");
-    file[8..12].copy_from_slice(&1u32.to_le_bytes());
+    file[8..12].copy_from_slice(&version.to_le_bytes());
     file[16..24].copy_from_slice(&file_len.to_le_bytes());
     file[24..28].copy_from_slice(&(sections.len() as u32).to_le_bytes());
     for (i, (kind, index, offset, len)) in entries.into_iter().enumerate() {

@@ -16,7 +16,8 @@ use crate::ModelError;
 use crate::llama::LlamaConfig;
 use crate::quant::DType;
 
-/// Threads of one block of the persistent kernel (`DECODE_THREADS` in `decode.cu`).
+/// Threads of one block of the persistent kernel (`decode.cu`'s `DECODE_THREADS`, written
+/// into `constants.cuh` from here).
 pub const DECODE_THREADS: u32 = 512;
 /// Attention teams of `ATTN_THREADS` in one block.
 const DECODE_TEAMS: u32 = DECODE_THREADS / ATTN_THREADS;

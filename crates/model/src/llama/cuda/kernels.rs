@@ -35,6 +35,28 @@ const HEADERS: [(&str, &str); 3] = [
     ("attention.cuh", include_str!("kernels/attention.cuh")),
 ];
 
+/// [`HEADERS`] and `constants.cuh` (the numbers shared with the host, written from its
+/// constants by [`super::constants`]): every header the programs are compiled with.
+fn headers() -> [(&'static str, &'static str); 4] {
+    let [common, matvec_h, attention] = HEADERS;
+    [super::constants::header(), common, matvec_h, attention]
+}
+
+/// Every source file the kernels are compiled from, by name: what the kernel version of
+/// [`super::CudaLlama::numerics`] hashes.
+pub(super) fn sources() -> [(&'static str, &'static str); 7] {
+    let [constants, common, matvec_h, attention] = headers();
+    [
+        ("matvec.cu", MATVEC),
+        ("llama.cu", LLAMA),
+        ("decode.cu", DECODE),
+        constants,
+        common,
+        matvec_h,
+        attention,
+    ]
+}
+
 /// Warps of one `matvec` block (one row each, or one part of a split row).
 const MATVEC_WARPS: usize = 8;
 
@@ -76,7 +98,7 @@ pub struct Kernels {
 }
 
 /// Logits one `top_k_blocks` block sorts, and the most lists `top_k_merge` merges
-/// (`TOP_CHUNK`, `TOP_MAX_LISTS` in `llama.cu`).
+/// (`llama.cu`'s `TOP_CHUNK`, `TOP_MAX_LISTS`, written into `constants.cuh` from here).
 pub const TOP_CHUNK: usize = 1024;
 pub const TOP_MAX_LISTS: usize = 1024;
 
@@ -100,13 +122,13 @@ fn cache_dir() -> Option<PathBuf> {
     Some(base.join("tern/kernels"))
 }
 
-/// The CUBIN of `src` (with `HEADERS`) for `sm_{arch}`, from the cache when identical
+/// The CUBIN of `src` (with [`headers`]) for `sm_{arch}`, from the cache when identical
 /// sources were compiled before; returns whether it was cached.
 fn cubin(file: &'static str, src: &str, arch: u32) -> Result<(Vec<u8>, bool), ModelError> {
     // FNV-1a over the whole source and every header: a changed kernel never loads a stale
     // binary.
     let key = std::iter::once(src)
-        .chain(HEADERS.iter().map(|(_, h)| *h))
+        .chain(headers().iter().map(|(_, h)| *h))
         .flat_map(str::bytes)
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
@@ -115,8 +137,8 @@ fn cubin(file: &'static str, src: &str, arch: u32) -> Result<(Vec<u8>, bool), Mo
     if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
         return Ok((bytes, true));
     }
-    let bytes = compile_cubin(file, src, &HEADERS, arch)
-        .map_err(|e| ModelError::Invalid(format!("CUDA kernels: {e}")))?;
+    let bytes = compile_cubin(file, src, &headers(), arch)
+        .map_err(|e| ModelError::device("cuda", format!("compiling {file}"), e))?;
     if let Some(path) = path {
         // A cache that cannot be written only costs the next start a compilation.
         // Threads of one process may write the same entry at once: each writes its own file.
@@ -165,8 +187,10 @@ impl Kernels {
             jobs.into_iter()
                 .map(|job| {
                     job.join().unwrap_or_else(|_| {
-                        Err(ModelError::Invalid(
-                            "CUDA kernels: the compiler crashed".into(),
+                        Err(ModelError::device(
+                            "cuda",
+                            "compiling kernels",
+                            "the compiler crashed",
                         ))
                     })
                 })
@@ -195,9 +219,9 @@ impl Kernels {
             modules.push(module);
         }
         let get = |m: usize, name: &str| {
-            modules[m]
-                .load_function(name)
-                .map_err(|e| ModelError::Invalid(format!("CUDA kernel `{name}`: {e:?}")))
+            modules[m].load_function(name).map_err(|e| {
+                ModelError::device("cuda", format!("loading kernel `{name}`"), format!("{e:?}"))
+            })
         };
         let per_type = |prefix: &str| {
             DType::ALL

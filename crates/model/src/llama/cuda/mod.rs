@@ -23,6 +23,7 @@
 //!   more kernels per stage of every layer, or five with the persistent kernel.
 //! - All device work of a call finishes before the call returns.
 
+mod constants;
 mod fused;
 mod kernels;
 mod prefill;
@@ -42,6 +43,7 @@ use tern_compute::cuda::cudarc::driver::{CudaContext, CudaStream};
 use crate::ModelError;
 use crate::llama::cpu::CpuLlama;
 use crate::llama::{LlamaConfig, RopeStyle};
+use crate::numerics::{Numerics, kernel_hash};
 use crate::top::Candidate;
 use kernels::Kernels;
 use prefill::{PREFILL_CHUNK, PREFILL_MIN, Prefill};
@@ -51,8 +53,8 @@ use weights::DeviceWeights;
 /// into chunks of this many tokens).
 pub const MAX_CHUNK: usize = 8;
 
-/// Positions one attention split covers, and threads per attention block (`ATTN_SPLIT`,
-/// `ATTN_THREADS` in `llama.cu`).
+/// Positions one attention split covers, and threads per attention block: the kernels'
+/// `ATTN_SPLIT` and `ATTN_THREADS`, written into `constants.cuh` by [`constants`].
 const ATTN_SPLIT: usize = 64;
 const ATTN_THREADS: u32 = 128;
 
@@ -85,7 +87,7 @@ pub struct CudaLlama {
     pub startup: Startup,
     /// One forward pass at a time on the model's stream; it holds the prefill path's
     /// buffers once a long prompt has needed them (or why that path cannot run).
-    busy: Mutex<Option<Result<Prefill, String>>>,
+    busy: Mutex<Option<Result<Prefill, ModelError>>>,
 }
 
 impl CudaLlama {
@@ -144,6 +146,25 @@ impl CudaLlama {
         match prefill::unavailable() {
             None => format!("{} f32, bf16 prefill GEMMs", self.device.describe()),
             Some(_) => format!("{} f32", self.device.describe()),
+        }
+    }
+
+    /// What decides the bits this forward pass computes ([`crate::numerics`]): the precision
+    /// path `label` names, the SHA-256 of the kernel sources and the compute capability.
+    pub fn numerics(&self) -> Numerics {
+        let precision = match prefill::unavailable() {
+            None => "f32, bf16 prefill GEMMs",
+            Some(_) => "f32",
+        };
+        let architecture = match self.device.as_cuda() {
+            Some(gpu) => format!("sm_{}", gpu.arch()),
+            None => String::new(), // checked to be a CUDA device at open
+        };
+        Numerics {
+            backend: "cuda".into(),
+            precision: precision.into(),
+            kernels: kernel_hash(kernels::sources()),
+            architecture,
         }
     }
 
@@ -230,7 +251,8 @@ impl CudaLlama {
         // Long prompts on tensor cores, chunk by chunk; the rest below.
         let mut tokens = tokens;
         while tokens.len() >= PREFILL_MIN {
-            let Some(prefill) = self.prefill(&mut busy) else {
+            // Where the prefill cannot run, the prompt takes the path below.
+            let Ok(prefill) = self.prefill(&mut busy) else {
                 break;
             };
             let n = tokens.len().min(PREFILL_CHUNK);
@@ -262,19 +284,19 @@ impl CudaLlama {
             .map_err(driver("running the forward pass"))
     }
 
-    /// The prefill path's buffers, made on first use; `None` when it cannot run here.
+    /// The prefill path's buffers, made on first use, or why it cannot run here.
     fn prefill<'a>(
         &self,
-        state: &'a mut Option<Result<Prefill, String>>,
-    ) -> Option<&'a mut Prefill> {
+        state: &'a mut Option<Result<Prefill, ModelError>>,
+    ) -> Result<&'a mut Prefill, &'a ModelError> {
         state
-            .get_or_insert_with(|| Prefill::new(self).map_err(|e| e.to_string()))
+            .get_or_insert_with(|| Prefill::new(self))
             .as_mut()
-            .ok()
+            .map_err(|e| &*e)
     }
 
     /// The model, held for this caller (one at a time), its context bound to this thread.
-    fn hold(&self) -> Result<MutexGuard<'_, Option<Result<Prefill, String>>>, ModelError> {
+    fn hold(&self) -> Result<MutexGuard<'_, Option<Result<Prefill, ModelError>>>, ModelError> {
         let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         self.ctx
             .bind_to_thread()
@@ -283,14 +305,17 @@ impl CudaLlama {
     }
 
     /// `f` on the tensor-core prefill, the model held as [`CudaLlama::hold`] holds it; an
-    /// error where the prefill cannot run (no cuBLAS).
+    /// error where the prefill cannot run (no cuBLAS, or the device failed setting it up).
     fn with_prefill<R>(
         &self,
         f: impl FnOnce(&mut Prefill) -> Result<R, ModelError>,
     ) -> Result<R, ModelError> {
         let mut busy = self.hold()?;
-        let prefill = self.prefill(&mut busy).ok_or_else(|| {
-            ModelError::Unsupported(prefill::unavailable().unwrap_or("no cuBLAS").into())
+        let prefill = self.prefill(&mut busy).map_err(|e| match e {
+            ModelError::Device { what, reason, .. } => {
+                ModelError::device("cuda", format!("setting up the prefill: {what}"), reason)
+            }
+            _ => ModelError::Unsupported(prefill::unavailable().unwrap_or("no cuBLAS").into()),
         })?;
         f(prefill)
     }
@@ -458,7 +483,7 @@ fn untracked(ctx: &CudaContext) {
     unsafe { ctx.disable_event_tracking() };
 }
 
-/// Maps a driver error to a [`ModelError`] that says what was being done.
+/// Maps a driver error to a [`ModelError::Device`] that says what was being done.
 fn driver<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> ModelError {
-    move |e| ModelError::Invalid(format!("CUDA: {what} failed: {e:?}"))
+    move |e| ModelError::device("cuda", what, format!("{e:?}"))
 }

@@ -65,8 +65,9 @@ impl Prefill {
         }
         let c = &model.config;
         let s = &model.stream;
-        let blas = CudaBlas::new(s.clone())
-            .map_err(|e| ModelError::Invalid(format!("CUDA: creating a cuBLAS handle: {e:?}")))?;
+        let blas = CudaBlas::new(s.clone()).map_err(|e| {
+            ModelError::device("cuda", "creating a cuBLAS handle", format!("{e:?}"))
+        })?;
         let q_dim = c.n_head * c.head_dim;
         let widest = c.n_embd.max(q_dim).max(c.n_ff);
         let widened = model
@@ -178,7 +179,7 @@ impl Prefill {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| ModelError::Invalid(format!("CUDA: a cuBLAS GEMM failed: {e:?}")))
+        .map_err(|e| ModelError::device("cuda", "a cuBLAS GEMM", format!("{e:?}")))
     }
 
     /// The rate cuBLAS reaches on one layer's GEMMs with `n` rows of activations, BF16

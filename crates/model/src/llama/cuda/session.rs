@@ -295,7 +295,7 @@ impl CudaSession {
                 .map_err(driver("capturing the decode graph"))?;
             enqueued?;
             let graph = graph.ok_or_else(|| {
-                ModelError::Invalid("CUDA: capturing the decode graph gave no graph".into())
+                ModelError::device("cuda", "capturing the decode graph", "no graph was made")
             })?;
             self.graph = Some((graph, logits, fused));
         }

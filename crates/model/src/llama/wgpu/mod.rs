@@ -34,11 +34,11 @@ pub use model::{Startup, WgpuLlama};
 pub use session::WgpuSession;
 
 /// Positions run through the layers together in one submission (a prefill is cut into
-/// chunks of this many tokens; `MAX_TOK` in the matrix kernels).
+/// chunks of this many tokens). The kernels' `MAX_TOK`: [`shaders`] writes it into them.
 pub const MAX_CHUNK: usize = 8;
 
-/// Positions one attention split covers (`SPLIT` in `attn_split.wgsl`).
-#[cfg(feature = "wgpu")]
+/// Positions one attention split covers. The attention kernels' `SPLIT`: [`shaders`] writes
+/// it into them.
 const ATTN_SPLIT: usize = 64;
 
 #[cfg(feature = "wgpu")]

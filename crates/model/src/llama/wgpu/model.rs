@@ -1,6 +1,6 @@
 //! [`WgpuLlama`]: a model's weights and kernels on one wgpu device.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use tern_compute::Device;
@@ -12,6 +12,7 @@ use super::{MAX_CHUNK, WgpuSession};
 use crate::ModelError;
 use crate::llama::LlamaConfig;
 use crate::llama::cpu::CpuLlama;
+use crate::numerics::{Numerics, kernel_hash};
 
 /// What opening the model on the GPU cost.
 #[derive(Clone, Copy, Debug)]
@@ -102,6 +103,37 @@ impl WgpuLlama {
         format!("{} f32{reduce}", self.gpu().describe())
     }
 
+    /// What decides the bits this forward pass computes ([`crate::numerics`]): the row
+    /// reduction `label` names, the SHA-256 of the WGSL sources, and the graphics API,
+    /// adapter and driver that compile them.
+    pub fn numerics(&self) -> Numerics {
+        static KERNELS: OnceLock<String> = OnceLock::new();
+        let kernels = KERNELS.get_or_init(|| {
+            let all = super::shaders::all();
+            kernel_hash(
+                all.iter()
+                    .map(|(name, _, src)| (name.as_str(), src.as_str())),
+            )
+        });
+        let precision = match self.kernels.reduce {
+            super::shaders::Reduce::Shared => "f32, shared-memory reductions",
+            super::shaders::Reduce::Subgroup => "f32, subgroup reductions",
+        };
+        let info = self.gpu().adapter_info();
+        let api = format!("{:?}", info.backend).to_lowercase();
+        let mut architecture = format!("{api} {}", info.name);
+        let driver = format!("{} {}", info.driver, info.driver_info);
+        if !driver.trim().is_empty() {
+            architecture += &format!(", driver {}", driver.trim());
+        }
+        Numerics {
+            backend: "wgpu".into(),
+            precision: precision.into(),
+            kernels: kernels.clone(),
+            architecture,
+        }
+    }
+
     /// An empty session of up to `n_ctx` positions.
     pub fn new_session(&self, n_ctx: usize) -> Result<WgpuSession, ModelError> {
         WgpuSession::new(self, n_ctx)
@@ -172,7 +204,18 @@ impl WgpuLlama {
     }
 }
 
-/// Maps a device error to a [`ModelError`].
+/// Maps a compute error to a [`ModelError`]: a bad operand stays [`ModelError::Invalid`];
+/// everything else is the device failing ([`ModelError::Device`]).
 pub(super) fn wgpu_error(e: tern_compute::ComputeError) -> ModelError {
-    ModelError::Invalid(format!("wgpu: {e}"))
+    use tern_compute::ComputeError;
+    match e {
+        ComputeError::Shape { .. } | ComputeError::NotRegistered { .. } => {
+            ModelError::Invalid(format!("wgpu: {e}"))
+        }
+        ComputeError::Driver { what, reason, .. } => ModelError::device("wgpu", what, reason),
+        ComputeError::Compile { kernel, log } => {
+            ModelError::device("wgpu", format!("compiling kernel `{kernel}`"), log)
+        }
+        other => ModelError::device("wgpu", "using the device", other),
+    }
 }

@@ -196,7 +196,7 @@ impl WgpuSession {
         logits: &mut [f32],
     ) -> Result<(), ModelError> {
         gpu.read_f32(&self.buf.logits, 0, logits)
-            .map_err(|e| ModelError::Invalid(format!("wgpu: {e}")))
+            .map_err(wgpu_error)
     }
 
     /// Forgets every position from `len` on.

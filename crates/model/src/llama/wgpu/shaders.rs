@@ -7,8 +7,19 @@
 //! (`matvec_rows.wgsl`); 16-bit float matrices take `matvec_wide.wgsl` with their
 //! `widen_*.wgsl` instead. [`all`] lists every module the backend can build,
 //! so the tests validate each with naga and translate it to Metal's language.
+//!
+//! The numbers host and kernels share are defined once, in Rust, and written into the
+//! modules here: `MAX_TOK` (the tokens one call takes; [`MAX_CHUNK`], or 1 for a decode
+//! step's matrix kernels) and `SPLIT` (the positions of one attention split, `ATTN_SPLIT`).
 
+use super::{ATTN_SPLIT, MAX_CHUNK};
 use crate::quant::DType;
+
+// attn_split.wgsl scores a split's positions with two of its 128 invocations each, and keeps
+// the call's keys and values (2 * MAX_TOK * 128 floats) in workgroup memory, which WebGPU
+// guarantees only 16 KiB of.
+const _: () = assert!(ATTN_SPLIT >= 1 && ATTN_SPLIT <= 64);
+const _: () = assert!(MAX_CHUNK >= 1 && MAX_CHUNK <= 8);
 
 const BLOCKS: &str = include_str!("kernels/blocks.wgsl");
 const REDUCE_SHARED: &str = include_str!("kernels/reduce_shared.wgsl");
@@ -28,12 +39,14 @@ pub const PLAIN: [(&str, &str); 4] = [
     ("swiglu", include_str!("kernels/swiglu.wgsl")),
 ];
 
-/// The module of `PLAIN` kernel `entry`: its file, after the workgroup reductions for the
-/// attention's two.
+/// The module of `PLAIN` kernel `entry`: its file, after the shared constants and the
+/// workgroup reductions for the attention's two.
 pub fn plain(entry: &str) -> Option<String> {
     let (_, src) = PLAIN.iter().find(|(e, _)| *e == entry)?;
     Some(if entry.starts_with("attn_") {
-        [WG_REDUCE, src].join("\n")
+        let constants =
+            format!("const SPLIT: u32 = {ATTN_SPLIT}u;\nconst MAX_TOK: u32 = {MAX_CHUNK}u;");
+        [&constants, WG_REDUCE, src].join("\n")
     } else {
         src.to_string()
     })
@@ -69,7 +82,7 @@ pub fn is_wide(dtype: DType) -> bool {
 }
 
 /// The token capacities `matvec` is built for: one (a decode step) and a chunk.
-pub const MATVEC_TOKENS: [u32; 2] = [1, 8];
+pub const MATVEC_TOKENS: [u32; 2] = [1, MAX_CHUNK as u32];
 
 /// `matvec` for weights of `dtype` and calls of at most `max_tok` tokens (entry point
 /// `matvec`): 16-byte loads of 16-bit floats for F16 and BF16, block by block for the rest.
@@ -123,4 +136,27 @@ pub fn all() -> Vec<(String, &'static str, String)> {
         out.push((entry.to_string(), entry, src));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_constants_come_from_the_host_only() {
+        let files = PLAIN
+            .iter()
+            .map(|(_, src)| *src)
+            .chain([MATVEC_ROWS, MATVEC]);
+        for src in files {
+            assert!(!src.contains("const SPLIT") && !src.contains("const MAX_TOK"));
+        }
+        for entry in ["attn_split", "attn_merge"] {
+            let module = plain(entry).unwrap();
+            assert!(module.contains(&format!("const SPLIT: u32 = {ATTN_SPLIT}u;")));
+            assert!(module.contains(&format!("const MAX_TOK: u32 = {MAX_CHUNK}u;")));
+        }
+        let chunk = matvec(DType::Q8_0, Reduce::Shared, MAX_CHUNK as u32);
+        assert!(chunk.contains(&format!("const MAX_TOK: u32 = {MAX_CHUNK}u;")));
+    }
 }

@@ -34,9 +34,7 @@
 // ATTN_MAX_NEW). part_o: (n_tok, n_head, n_split, D), part_ml: (.., 2), tickets: (n_tok,
 // n_head) zeros, out: (n_tok, n_head * D). qkv and out are read and written with ordinary
 // (coherent) accesses: in decode.cu, other blocks of the same launch write qkv.
-#define ATTN_SPLIT 64
-#define ATTN_THREADS 128
-#define ATTN_MAX_NEW 8
+// ATTN_SPLIT, ATTN_THREADS and ATTN_MAX_NEW come from constants.cuh (the host's numbers).
 
 // The threads that take one attention item together: thread `tid` of ATTN_THREADS, which
 // synchronize with __syncthreads when they are the whole block (bar 0), else with named

@@ -5,6 +5,10 @@
 #ifndef TERN_COMMON_CUH
 #define TERN_COMMON_CUH
 
+// The numbers these kernels share with the host (ATTN_SPLIT, DECODE_THREADS, TOP_CHUNK, ...),
+// written from the host's Rust constants.
+#include "constants.cuh"
+
 #define FULL_MASK 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
 

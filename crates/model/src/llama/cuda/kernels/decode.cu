@@ -43,7 +43,7 @@
 
 typedef WeightType<DECODE_TYPE>::T W;
 
-#define DECODE_THREADS 512
+// DECODE_THREADS comes from constants.cuh (the host's numbers).
 #define DECODE_WARPS (DECODE_THREADS / 32)
 #define DECODE_TEAMS (DECODE_THREADS / ATTN_THREADS)
 // Bytes of its rows of the next stage that each warp asks L2 for before a barrier (0, 4 and

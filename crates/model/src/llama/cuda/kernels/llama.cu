@@ -542,14 +542,12 @@ ATTENTION_PREFILL_MMA(128, 32)
 // smaller token), in two launches. A candidate is a 64-bit key, the logit's order key above
 // ~token, so that a larger key comes first; 0 is no candidate.
 //
-// top_k_blocks: block b sorts logits 1024 b .. 1024 b + 1023 by key with a bitonic network
-// (descending) in shared memory and writes its first k keys to cand[k b ..]. Grid
-// (ceil(n / 1024)), block 256, k <= TOP_MAX.
+// top_k_blocks: block b sorts logits TOP_CHUNK b .. TOP_CHUNK (b + 1) - 1 by key with a
+// bitonic network (descending) in shared memory and writes its first k keys to cand[k b ..].
+// Grid (ceil(n / TOP_CHUNK)), block 256, k <= TOP_MAX.
 // top_k_merge: one warp merges the sorted lists, k rounds of taking the largest head, and
 // writes (token, logit bits) pairs to out[2 i], out[2 i + 1]. Grid (1), block 32.
-#define TOP_CHUNK 1024
-#define TOP_MAX 64
-#define TOP_MAX_LISTS 1024
+// TOP_CHUNK, TOP_MAX and TOP_MAX_LISTS come from constants.cuh (the host's numbers).
 
 __device__ __forceinline__ unsigned order_key(float logit) {
     unsigned bits = __float_as_uint(logit);

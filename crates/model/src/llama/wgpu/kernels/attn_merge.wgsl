@@ -2,7 +2,8 @@
 // ((t, n_head * head_dim)). The workgroup takes the splits' max and their sums of
 // exponentials, rescaled, in fixed trees (wg_reduce.wgsl comes first); then invocation tid
 // sums four dimensions of the rescaled outputs over every (512 / head_dim)-th split, and the
-// parts are added in a fixed order. Grid (n_head, 8), workgroup 128.
+// parts are added in a fixed order. Grid (n_head, MAX_TOK), workgroup 128. The host puts SPLIT
+// (attn_split.wgsl's) and MAX_TOK first.
 
 struct Params {
     n_head: u32,
@@ -15,8 +16,6 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> att: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> step: array<u32>;
 @group(0) @binding(4) var<uniform> p: Params;
-
-const SPLIT: u32 = 64u;  // attn_split.wgsl's
 
 var<workgroup> s_f: array<f32, 128>;
 var<workgroup> s_o: array<vec4<f32>, 128>;

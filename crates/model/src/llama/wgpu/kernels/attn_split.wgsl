@@ -1,5 +1,5 @@
 // Flash-decoding, part 1, with RoPE and the cache append. Positions are cut into fixed splits
-// of 64; workgroup (split, head, t) scores query (t, head) against the positions of its split
+// of SPLIT; workgroup (split, head, t) scores query (t, head) against the positions of its split
 // that are causal for it (<= step[0] + t) and writes the split's max score, sum of
 // exponentials and unnormalized output. Splits past the query's position write nothing.
 //
@@ -17,8 +17,9 @@
 // takes the max and the sum of exponentials in fixed trees. Then each invocation sums
 // weight * value for four dimensions over every (512 / head_dim)-th position of the split,
 // again with four loads in flight, and the parts are added in a fixed order. head_dim is a
-// multiple of 4 that divides 128. Grid (n_split, n_head, 8), workgroup 128. (wg_reduce.wgsl
-// comes first.)
+// multiple of 4 that divides 128. Grid (n_split, n_head, MAX_TOK), workgroup 128. (The host
+// puts SPLIT and MAX_TOK first, from its ATTN_SPLIT and MAX_CHUNK, then wg_reduce.wgsl; SPLIT
+// is at most 64, two invocations per position.)
 
 struct Params {
     n_head: u32,
@@ -40,14 +41,12 @@ struct Params {
 @group(0) @binding(6) var<storage, read> step: array<u32>;
 @group(0) @binding(7) var<uniform> p: Params;
 
-const SPLIT: u32 = 64u;
-const MAX_TOK: u32 = 8u;
 const MAX_DIM: u32 = 128u;
 
 var<workgroup> s_q: array<f32, 128>;
 var<workgroup> s_k: array<f32, MAX_TOK * MAX_DIM>;  // the call's keys in this split, rotated [new][dim]
 var<workgroup> s_v: array<f32, MAX_TOK * MAX_DIM>;  // and their values
-var<workgroup> s_w: array<f32, 64>;
+var<workgroup> s_w: array<f32, SPLIT>;
 var<workgroup> s_o: array<vec4<f32>, 128>;
 
 // The dimensions of rotation pair i: (a, b).

@@ -30,7 +30,7 @@ struct Params {
 
 const ROWS: u32 = 8u;
 const LANES: u32 = 32u;
-// MAX_TOK, the most tokens one call takes (at most 8), is set by the host before these parts:
+// MAX_TOK, the most tokens one call takes (at most MAX_CHUNK), is set by the host before these parts:
 // 1 for a decode step, whose single accumulator leaves the registers to loads in flight.
 
 // The call's token count: the step's, up to MAX_TOK.

@@ -1,0 +1,17 @@
+// The numbers the host and these kernels share, written by the host from its Rust
+// constants (crates/model/src/llama/cuda/constants.rs), their only definition. Do not
+// edit: change the constant and run
+// `BLESS=1 cargo test -p tern-model --lib constants_cuh`.
+
+#ifndef TERN_CONSTANTS_CUH
+#define TERN_CONSTANTS_CUH
+
+#define ATTN_SPLIT 64
+#define ATTN_THREADS 128
+#define ATTN_MAX_NEW 8
+#define DECODE_THREADS 512
+#define TOP_CHUNK 1024
+#define TOP_MAX 64
+#define TOP_MAX_LISTS 1024
+
+#endif
