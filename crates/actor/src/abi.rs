@@ -34,7 +34,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use wasmtime::{Caller, Linker};
+use wasmtime::{AsContextMut, Caller, Linker};
 
 use crate::actor::HostState;
 use crate::guest_memory::{self, AbiError, GuestMemory};
@@ -43,13 +43,15 @@ use tern_compute::MatmulDims;
 /// The ABI version this host implements.
 pub const ABI_VERSION: u32 = 1;
 
-/// Adds every `tern` host function to `linker`; `panic_probe` adds `testing_panic` too.
-pub(crate) fn link(linker: &mut Linker<HostState>, panic_probe: bool) -> wasmtime::Result<()> {
+/// Adds every `tern` host function to `linker`; `testing_probes` adds `testing_panic` and
+/// `testing_sleep` too.
+pub(crate) fn link(linker: &mut Linker<HostState>, testing_probes: bool) -> wasmtime::Result<()> {
     linker.func_wrap("tern", "matmul_f32", matmul_f32)?;
     linker.func_wrap("tern", "emit", emit)?;
     linker.func_wrap("tern", "last_error", last_error)?;
-    if panic_probe {
+    if testing_probes {
         linker.func_wrap("tern", "testing_panic", testing_panic)?;
+        linker.func_wrap("tern", "testing_sleep", testing_sleep)?;
     }
     crate::models::link(linker)
 }
@@ -75,13 +77,20 @@ pub(crate) fn with_memory(
         caller.data_mut().last_error = Some("the guest has no memory".into());
         return Ok(AbiError::Invalid(String::new()).code());
     };
-    let (data, state) = memory.data_and_store_mut(caller);
+    let started = caller.data().deadline.now();
+    let (data, state) = memory.data_and_store_mut(&mut *caller);
     // The state a panicking body leaves may be half-updated; the actor is poisoned by the
     // trap, so nothing reads that state again except a snapshot, which a poisoned actor
     // refuses.
     let result = catch_unwind(AssertUnwindSafe(|| {
         body(&mut GuestMemory::new(data), &mut *state)
     }));
+    // Time in the host is not the guest's: move the deadline out by as much.
+    let ticks_left = state.deadline.extend_since(started);
+    if let Some(ticks) = ticks_left {
+        caller.as_context_mut().set_epoch_deadline(ticks);
+    }
+    let state = caller.data_mut();
     match result {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => {
@@ -100,7 +109,8 @@ pub(crate) fn with_memory(
     }
 }
 
-/// `testing_panic()`: panics inside the host (linked only with [`crate::RuntimeBuilder::panic_probe`]).
+/// `testing_panic()`: panics inside the host (linked only with
+/// [`crate::RuntimeBuilder::testing_probes`]).
 fn testing_panic(mut caller: Caller<'_, HostState>) -> wasmtime::Result<i32> {
     with_memory(&mut caller, "testing_panic", |_, _| {
         panic!("testing_panic was called")
@@ -153,5 +163,14 @@ fn last_error(mut caller: Caller<'_, HostState>, buf: u32, cap: u32) -> wasmtime
         mem.bytes_mut(range)
             .copy_from_slice(&message.as_bytes()[..n]);
         Ok(i32::try_from(message.len()).unwrap_or(i32::MAX))
+    })
+}
+
+/// `testing_sleep(ms)`: spends `ms` milliseconds in the host (linked only with
+/// [`crate::RuntimeBuilder::testing_probes`]).
+fn testing_sleep(mut caller: Caller<'_, HostState>, ms: u32) -> wasmtime::Result<i32> {
+    with_memory(&mut caller, "testing_sleep", |_, _| {
+        std::thread::sleep(std::time::Duration::from_millis(ms.into()));
+        Ok(0)
     })
 }

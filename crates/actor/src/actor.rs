@@ -9,6 +9,7 @@ use wasmtime::{
 
 use crate::abi::HostPanic;
 use crate::clock::VirtualClock;
+use crate::deadline::GuestDeadline;
 use crate::guest_memory::{self, AbiError};
 use crate::instrument::{Instrumented, instrument};
 use crate::models::ModelState;
@@ -35,6 +36,8 @@ pub(crate) struct HostState {
     pub(crate) limits: Limits,
     /// The actor's time, read once from the runtime's wall clock and recorded.
     pub(crate) clock: VirtualClock,
+    /// When the running guest call is interrupted.
+    pub(crate) deadline: GuestDeadline,
     output: Vec<u8>,
     output_limit: usize,
     stream: Option<OutputSink>,
@@ -185,6 +188,7 @@ impl Actor {
             models: ModelState::new(runtime.models.clone(), runtime.kv.clone(), limits.kv_bytes),
             limits,
             clock: VirtualClock::new(runtime.clock.clone()),
+            deadline: GuestDeadline::new(runtime.ticks.clone()),
             output: Vec::new(),
             output_limit: limits.output_bytes,
             stream: None,
@@ -196,9 +200,10 @@ impl Actor {
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
+        store.data_mut().deadline.start(runtime.deadline_ticks());
         store.set_epoch_deadline(runtime.deadline_ticks());
         let mut linker = Linker::new(&runtime.engine);
-        abi::link(&mut linker, runtime.panic_probe)
+        abi::link(&mut linker, runtime.testing_probes)
             .map_err(|e| ActorError::Engine(format!("{e:#}")))?;
         let limit_ms = limits.call_time.as_millis();
         let instance =
@@ -299,6 +304,7 @@ impl Actor {
         if let Some(fault) = &self.poisoned {
             return Err(ActorError::Poisoned(fault.clone()));
         }
+        self.store.data_mut().deadline.start(self.deadline_ticks);
         self.store.set_epoch_deadline(self.deadline_ticks);
         match f(&mut self.store) {
             Ok(value) => Ok(value),

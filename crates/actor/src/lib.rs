@@ -9,8 +9,9 @@
 //! - Every guest-supplied offset, length, alignment and size product is checked in one
 //!   place ([`guest_memory`]) before host or device code touches memory; a bad call returns
 //!   a negative code and leaves a message for `tern.last_error`.
-//! - A runaway guest is interrupted (epoch deadline), memory is capped, and a trap poisons
-//!   only that actor: every later call on it reports the original fault.
+//! - A runaway guest is interrupted (epoch deadline, counting its own running time and not
+//!   its time in host calls), memory is capped, and a trap poisons only that actor: every
+//!   later call on it reports the original fault.
 //! - A panic inside a host function is caught there: it traps the guest that made the call
 //!   and poisons that actor only; the process and every other actor carry on.
 //! - Host work on a guest's behalf is bounded: text in and out of host calls by size and
@@ -22,6 +23,7 @@ pub mod abi;
 mod actor;
 mod budget;
 pub mod clock;
+mod deadline;
 pub mod guest_memory;
 pub mod instrument;
 mod models;

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,7 +26,8 @@ pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
 pub struct Limits {
     /// The most linear memory one actor may have, in bytes.
     pub memory_bytes: usize,
-    /// The longest one guest call (init, one message) may run.
+    /// The longest one guest call (init, one message) may run, counting the guest's own
+    /// running time: time spent inside host calls (a forward pass, say) does not count.
     pub call_time: Duration,
     /// The most bytes one message may `emit`.
     pub output_bytes: usize,
@@ -66,7 +67,7 @@ pub struct RuntimeBuilder {
     threads: usize,
     precision: Precision,
     clock: WallClock,
-    panic_probe: bool,
+    testing_probes: bool,
 }
 
 impl RuntimeBuilder {
@@ -117,11 +118,12 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Links `tern.testing_panic()`, a host function that panics: for tests that show a
-    /// host panic stays inside the actor that caused it. Never for production hosts.
+    /// Links two host functions for tests: `tern.testing_panic()`, which panics (a host panic
+    /// stays inside the actor that caused it), and `tern.testing_sleep(ms)`, which sleeps (host
+    /// time does not count against a guest's time limit). Never for production hosts.
     #[doc(hidden)]
-    pub fn panic_probe(mut self) -> Self {
-        self.panic_probe = true;
+    pub fn testing_probes(mut self) -> Self {
+        self.testing_probes = true;
         self
     }
 
@@ -142,7 +144,7 @@ impl RuntimeBuilder {
             self.limits,
             ModelRegistry::new(self.models, options),
             self.clock,
-            self.panic_probe,
+            self.testing_probes,
         )
     }
 }
@@ -156,7 +158,9 @@ pub struct Runtime {
     pub(crate) models: ModelRegistry,
     pub(crate) kv: Arc<KvLedger>,
     pub(crate) clock: WallClock,
-    pub(crate) panic_probe: bool,
+    pub(crate) testing_probes: bool,
+    /// Epoch ticks so far, counted beside the engine's own epoch (which it does not expose).
+    pub(crate) ticks: Arc<AtomicU64>,
     ticker: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
@@ -170,7 +174,7 @@ impl Runtime {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             precision: Precision::Fast,
             clock: system_clock(),
-            panic_probe: false,
+            testing_probes: false,
         }
     }
 
@@ -179,7 +183,7 @@ impl Runtime {
         limits: Limits,
         models: ModelRegistry,
         clock: WallClock,
-        panic_probe: bool,
+        testing_probes: bool,
     ) -> Result<Runtime, ActorError> {
         let creator = Arc::new(RegionCreator::new(
             vec![device.clone()],
@@ -200,14 +204,16 @@ impl Runtime {
             .epoch_interruption(true);
         let engine = Engine::new(&config).map_err(|e| ActorError::Engine(format!("{e:#}")))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let ticks = Arc::new(AtomicU64::new(0));
         let ticker = {
-            let (engine, stop) = (engine.clone(), stop.clone());
+            let (engine, stop, ticks) = (engine.clone(), stop.clone(), ticks.clone());
             std::thread::Builder::new()
                 .name("tern-epoch".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(EPOCH_TICK);
                         engine.increment_epoch();
+                        ticks.fetch_add(1, Ordering::Relaxed);
                     }
                 })
                 .map_err(|e| ActorError::Engine(format!("cannot start the epoch thread: {e}")))?
@@ -220,7 +226,8 @@ impl Runtime {
             limits,
             models,
             clock,
-            panic_probe,
+            testing_probes,
+            ticks,
             ticker: Some((stop, ticker)),
         })
     }

@@ -52,7 +52,7 @@ const PANICKY: &str = r#"(module
 
 #[test]
 fn a_host_panic_poisons_only_the_actor_that_caused_it() {
-    let rt = Arc::new(Runtime::builder(cpu()).panic_probe().build().unwrap());
+    let rt = Arc::new(Runtime::builder(cpu()).testing_probes().build().unwrap());
     let module = Arc::new(ActorModule::new(&rt, "panicky", PANICKY.as_bytes()).unwrap());
     // Another actor of the same runtime works on another thread all along.
     let other = {
@@ -84,10 +84,51 @@ fn a_host_panic_poisons_only_the_actor_that_caused_it() {
 }
 
 #[test]
-fn the_panic_probe_is_not_linked_by_default() {
+fn the_testing_probes_are_not_linked_by_default() {
     let rt = Runtime::builder(cpu()).build().unwrap();
     let err = Actor::load(&rt, PANICKY.as_bytes()).err().expect("refused");
     assert!(err.to_string().contains("testing_panic"), "{err}");
+}
+
+// ---------------------------------------------------------------- the guest's own time
+
+/// Sleeps in the host for 100 ms five times (`s`), or spins in Wasm for ever (anything else).
+const SLOW: &str = r#"(module
+  (import "tern" "testing_sleep" (func $sleep (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param $ptr i32) (param $len i32) (result i32)
+    (local $i i32)
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 115))
+      (then
+        (loop $again
+          (drop (call $sleep (i32.const 100)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $again (i32.lt_u (local.get $i) (i32.const 5))))
+        (return (i32.const 0))))
+    (loop $spin (br $spin))
+    (i32.const 0)))"#;
+
+#[test]
+fn time_in_host_calls_does_not_count_against_the_guest() {
+    let limits = Limits {
+        call_time: std::time::Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let rt = Runtime::builder(cpu())
+        .testing_probes()
+        .limits(limits)
+        .build()
+        .unwrap();
+    let module = Arc::new(ActorModule::new(&rt, "slow", SLOW.as_bytes()).unwrap());
+    // Half a second in the host, under a 200 ms limit: the guest itself ran for microseconds.
+    let mut sleeper = Actor::start(&rt, &module).unwrap();
+    assert_eq!(sleeper.send(b"s").unwrap().code, 0);
+    assert_eq!(sleeper.send(b"s").unwrap().code, 0);
+    // A guest that runs on its own is still stopped.
+    let mut spinner = Actor::start(&rt, &module).unwrap();
+    let err = spinner.send(b"x").unwrap_err();
+    assert!(matches!(err, ActorError::TimeLimit { .. }), "{err}");
 }
 
 // ---------------------------------------------------------------- KV-cache budgets
