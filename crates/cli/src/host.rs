@@ -143,3 +143,29 @@ pub fn stream_to_stdout(actor: &mut Actor) {
         let _ = out.flush();
     });
 }
+
+/// The bundled guests by name (`chat`, `matmul`, ...): the `.wasm` files where the build put
+/// them, or beside the `tern` binary in a packed copy, the first found of each name.
+pub fn bundled_guests() -> Vec<(String, PathBuf)> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let mut guests: Vec<(String, PathBuf)> = Vec::new();
+    for dir in [Some(PathBuf::from(env!("TERN_GUEST_DIR"))), beside]
+        .into_iter()
+        .flatten()
+    {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut found: Vec<(String, PathBuf)> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+            .filter_map(|p| Some((p.file_stem()?.to_str()?.to_string(), p)))
+            .filter(|(name, _)| !guests.iter().any(|(n, _)| n == name))
+            .collect();
+        found.sort();
+        guests.extend(found);
+    }
+    guests
+}

@@ -6,6 +6,7 @@ mod fetch;
 mod generate;
 mod host;
 mod run;
+mod serve;
 mod snapshot;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Load an actor, send it one message and print what it emits.
     Run(run::RunArgs),
+    /// Serve actors over HTTP: upload modules, start actors, send them messages.
+    Serve(serve::ServeArgs),
     /// Start an actor, deliver messages, and save its whole state to a file.
     Snapshot(snapshot::SnapshotArgs),
     /// Restore an actor from a snapshot, deliver more messages, optionally save it again.
@@ -71,6 +74,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Chat(args) => chat::chat(args),
         Command::Run(args) => run::run(args),
+        Command::Serve(args) => serve::serve(args),
         Command::Generate(args) => generate::generate(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Restore(args) => snapshot::restore_command(args),

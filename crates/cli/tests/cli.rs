@@ -136,3 +136,55 @@ fn without_a_model_flag_any_module_gets_the_default_model() {
     assert!(ok, "{text}");
     assert!(text.contains(r#""name":"smollm2-135m-instruct""#), "{text}");
 }
+
+#[test]
+fn serve_prints_its_address_and_answers_health() {
+    use std::io::{BufRead, Read, Write};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["serve", "--device", "cpu", "--listen", "127.0.0.1:0"])
+        .env_remove("TERN_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tern runs");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().strip_prefix("listening on http://");
+    let answer = addr.map(|addr| {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let answer = answer.unwrap_or_else(|| panic!("no address in {line:?}"));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#"{"status":"ok"}"#), "{answer}");
+}
+
+#[test]
+fn serve_refuses_a_port_in_use_and_an_empty_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (ok, text) = tern(&["serve", "--device", "cpu", "--listen", &addr]);
+    assert!(
+        !ok && text.contains(&format!("cannot listen on {addr}")),
+        "{text}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["serve", "--device", "cpu", "--listen", "127.0.0.1:0"])
+        .env("TERN_API_KEY", " \n")
+        .output()
+        .expect("tern runs");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("the API key is empty"),
+        "{text}"
+    );
+}

@@ -1,0 +1,88 @@
+//! `tern serve`: the actor API over HTTP ([`tern_server`]) on the host the shared flags
+//! describe.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tern_server::{Config, Server};
+
+use crate::host::{HostArgs, bundled_guests};
+
+/// The environment variable that may hold the API key (never a flag: flags show in `ps`).
+const KEY_ENV: &str = "TERN_API_KEY";
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Where to listen, as ADDRESS:PORT.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// A file holding the API key every route but `/health` requires as
+    /// `Authorization: Bearer KEY` (surrounding whitespace is ignored). Without it, the key
+    /// is read from TERN_API_KEY; with neither, the API is open.
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+    /// The largest message body, in KiB.
+    #[arg(long, default_value_t = 16 << 10)]
+    max_message_kib: usize,
+    /// The largest module upload, in MiB.
+    #[arg(long, default_value_t = 64)]
+    max_module_mib: usize,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // Requests, actors started and deleted, and failures, on standard error.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let api_key = api_key(&args)?;
+    let runtime = args.host.runtime()?;
+    let mut config = Config::new(args.listen);
+    config.message_bytes = args
+        .max_message_kib
+        .checked_mul(1 << 10)
+        .context("--max-message-kib is too large")?;
+    config.module_bytes = args
+        .max_module_mib
+        .checked_mul(1 << 20)
+        .context("--max-module-mib is too large")?;
+    config.bundled = bundled_guests();
+    let open = api_key.is_none();
+    config.api_key = api_key;
+    let device = runtime.device().describe();
+    let server = Server::bind(Arc::new(runtime), config)?;
+    let addr = server.local_addr();
+    eprintln!("device: {device}");
+    if open && !addr.ip().is_loopback() {
+        eprintln!(
+            "warning: no API key (--api-key-file or {KEY_ENV}): anyone who reaches {addr} can run actors"
+        );
+    }
+    println!("listening on http://{addr}");
+    server.run_until_ctrl_c()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The key from `--api-key-file`, else from the environment; an empty key is an error.
+fn api_key(args: &ServeArgs) -> anyhow::Result<Option<String>> {
+    let key = match &args.api_key_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the API key from {}", path.display()))?,
+        ),
+        None => std::env::var(KEY_ENV).ok(),
+    };
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        bail!("the API key is empty");
+    }
+    Ok(Some(key.to_string()))
+}

@@ -1,0 +1,89 @@
+//! [`ApiError`]: every error the API returns, as `{"error": {"message", "type"}}` with a
+//! status code that says whose fault it was.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tern_actor::ActorError;
+
+/// An error answer: its status, a short machine-readable type and a message for people.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the request itself is wrong.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 404: no such actor, module or route.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 401: a missing or wrong API key.
+    pub fn unauthorized() -> ApiError {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "a valid `Authorization: Bearer KEY` header is required",
+        )
+    }
+
+    /// 500: the host failed, not the request.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": {"message": self.message, "type": self.kind}})
+    }
+}
+
+impl From<ActorError> for ApiError {
+    fn from(e: ActorError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            ActorError::Module(_) | ActorError::Instantiate(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_module", message)
+            }
+            ActorError::Trap { .. }
+            | ActorError::TimeLimit { .. }
+            | ActorError::Abi { .. }
+            | ActorError::HostFault { .. }
+            | ActorError::Poisoned(_)
+            | ActorError::Snapshot(_) => Self::new(StatusCode::CONFLICT, "actor_failed", message),
+            // Engine, configuration and snapshot-format errors, and any kind added later.
+            _ => Self::internal(message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, message = %self.message, "request failed");
+        } else {
+            tracing::debug!(status = %self.status, message = %self.message, "request refused");
+        }
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

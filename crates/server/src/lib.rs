@@ -1,0 +1,156 @@
+//! `tern serve`: many Tern actors behind an HTTP API.
+//!
+//! A [`Server`] shares one [`tern_actor::Runtime`] among every actor it starts. Each actor
+//! lives on its own worker thread with one mailbox ([`actors`]): the messages sent to one
+//! actor run one at a time in arrival order, different actors run in parallel, and no guest
+//! code ever runs on the async reactor. The routes ([`routes`]) start, list, message,
+//! snapshot and delete actors, and upload modules addressed by their SHA-256 digest.
+//!
+//! Guarantees:
+//! - A bad request, a bad module or a failing actor is a JSON error with a fitting status
+//!   code, never a panic; an actor that traps answers 409 from then on, and the others carry
+//!   on.
+//! - When an API key is configured every route but `GET /health` needs
+//!   `Authorization: Bearer KEY`, compared in constant time ([`auth`]); the key is never
+//!   logged.
+//! - A client that disconnects from a streamed reply does not disturb the server (the
+//!   message still runs to its end: cancelling a generation is not built yet).
+//!
+//! Not built yet: durability (actors live in memory only), passivation, the
+//! OpenAI-compatible routes, the batched step scheduler, quotas beyond the runtime's
+//! limits, metrics.
+
+pub mod actors;
+pub mod auth;
+mod error;
+mod modules;
+pub mod routes;
+mod sse;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tern_actor::Runtime;
+
+pub use error::ApiError;
+
+/// How a [`Server`] listens and what it accepts.
+#[derive(Clone)]
+pub struct Config {
+    /// Where to listen (port 0: any free port; [`Server::local_addr`] says which).
+    pub listen: SocketAddr,
+    /// The key every route but `/health` requires as `Authorization: Bearer KEY`; `None`
+    /// leaves the API open.
+    pub api_key: Option<String>,
+    /// The largest message body, in bytes.
+    pub message_bytes: usize,
+    /// The largest module upload, in bytes.
+    pub module_bytes: usize,
+    /// Modules offered by name (the bundled guests), compiled on first use.
+    pub bundled: Vec<(String, PathBuf)>,
+}
+
+impl Config {
+    /// Listens on `listen` with no key, 16 MiB messages, 64 MiB modules, no bundled guests.
+    pub fn new(listen: SocketAddr) -> Config {
+        Config {
+            listen,
+            api_key: None,
+            message_bytes: 16 << 20,
+            module_bytes: 64 << 20,
+            bundled: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    // By hand, so that the key never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("message_bytes", &self.message_bytes)
+            .field("module_bytes", &self.module_bytes)
+            .field("bundled", &self.bundled)
+            .finish()
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("the API key is empty")]
+    EmptyKey,
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("the server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A bound, not yet serving, HTTP front for actors of one runtime.
+pub struct Server {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    state: Arc<routes::AppState>,
+}
+
+impl Server {
+    /// Binds `config.listen` now, so that a port in use is an error here.
+    pub fn bind(runtime: Arc<Runtime>, config: Config) -> Result<Server, ServerError> {
+        if config.api_key.as_deref() == Some("") {
+            return Err(ServerError::EmptyKey);
+        }
+        let bind_err = |error| ServerError::Bind {
+            addr: config.listen,
+            error,
+        };
+        let listener = std::net::TcpListener::bind(config.listen).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
+        let state = Arc::new(routes::AppState::new(runtime, config));
+        Ok(Server {
+            listener,
+            addr,
+            state,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` completes, then stops taking connections and waits for the
+    /// open ones. Must run inside a multi-threaded Tokio runtime.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let listener =
+            tokio::net::TcpListener::from_std(self.listener).map_err(ServerError::Serve)?;
+        tracing::info!(addr = %self.addr, "serving");
+        axum::serve(listener, routes::router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServerError::Serve)
+    }
+
+    /// Serves on a Tokio runtime of its own until Ctrl-C.
+    pub fn run_until_ctrl_c(self) -> Result<(), ServerError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("tern-http")
+            .build()
+            .map_err(ServerError::Runtime)?;
+        rt.block_on(self.run(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C: shutting down");
+        }))
+    }
+}

@@ -1,0 +1,239 @@
+//! The HTTP routes: health, modules, actors, messages (JSON or server-sent events) and
+//! snapshots. Each handler checks its input, hands guest work to the actor's thread
+//! ([`crate::actors`]) and maps every failure to an [`ApiError`].
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tern_actor::Runtime;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::actors::{ActorHandle, Directory, Job, State as ActorState};
+use crate::modules::Modules;
+use crate::sse::ReplyEvents;
+use crate::{ApiError, Config};
+
+/// What every handler shares.
+pub struct AppState {
+    pub runtime: Arc<Runtime>,
+    pub config: Config,
+    modules: Modules,
+    actors: Directory,
+}
+
+impl AppState {
+    pub fn new(runtime: Arc<Runtime>, config: Config) -> AppState {
+        AppState {
+            runtime,
+            modules: Modules::new(config.bundled.clone()),
+            config,
+            actors: Directory::default(),
+        }
+    }
+}
+
+/// Every route, behind the key check ([`crate::auth`]), which lets `/health` through.
+pub fn router(state: Arc<AppState>) -> Router {
+    let message_limit = DefaultBodyLimit::max(state.config.message_bytes);
+    let module_limit = DefaultBodyLimit::max(state.config.module_bytes);
+    Router::new()
+        .route("/health", get(health))
+        .route(
+            "/v1/modules",
+            get(list_modules).post(upload_module).layer(module_limit),
+        )
+        .route("/v1/actors", get(list_actors).post(start_actor))
+        .route("/v1/actors/{id}", get(get_actor).delete(delete_actor))
+        .route(
+            "/v1/actors/{id}/messages",
+            post(send_message).layer(message_limit),
+        )
+        .route("/v1/actors/{id}/snapshot", post(snapshot))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::require_key,
+        ))
+        .with_state(state)
+}
+
+type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn list_modules(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({ "modules": s.modules.list() }))
+}
+
+/// `POST /v1/modules`: the body is a module (binary, or text format).
+async fn upload_module(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let body = body_bytes(body)?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "the body is empty: send the module's bytes",
+        ));
+    }
+    let (digest, fresh) = s.modules.upload(&s.runtime, body.to_vec()).await?;
+    tracing::info!(%digest, "module uploaded");
+    let status = if fresh {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "digest": digest }))).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartActor {
+    module: String,
+}
+
+/// `POST /v1/actors` with `{"module": NAME_OR_DIGEST}`.
+async fn start_actor(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let body = body_bytes(body)?;
+    let request: StartActor = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("expected {{\"module\": NAME}}: {e}")))?;
+    let (name, module) = s.modules.find(&s.runtime, &request.module).await?;
+    let actor = s.actors.start(s.runtime.clone(), module, name).await?;
+    tracing::info!(id = %actor.id, module = %actor.module, "actor started");
+    Ok((StatusCode::CREATED, Json(describe(&actor))).into_response())
+}
+
+async fn list_actors(State(s): State<Arc<AppState>>) -> Json<Value> {
+    let actors: Vec<Value> = s.actors.list().iter().map(|a| describe(a)).collect();
+    Json(json!({ "actors": actors }))
+}
+
+async fn get_actor(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>> {
+    let actor = s.actors.get(&id)?;
+    Ok(Json(describe(&actor)))
+}
+
+async fn delete_actor(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    s.actors.remove(&id)?;
+    tracing::info!(%id, "actor deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/actors/{id}/messages`: the body is one message. Answers
+/// `{"code", "output"}`, or server-sent events when the client accepts
+/// `text/event-stream`.
+async fn send_message(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let actor = s.actors.get(&id)?;
+    let body = body_bytes(body)?.to_vec();
+    if let ActorState::Failed(fault) = actor.status().state {
+        return Err(ApiError::from(tern_actor::ActorError::Poisoned(fault)));
+    }
+    let (reply_tx, reply) = oneshot::channel();
+    if wants_events(&headers) {
+        let (stream, output) = mpsc::unbounded_channel();
+        actor.post(Job::Message {
+            body,
+            stream: Some(stream),
+            reply: reply_tx,
+        })?;
+        let events = ReplyEvents::new(output, reply);
+        return Ok(Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    actor.post(Job::Message {
+        body,
+        stream: None,
+        reply: reply_tx,
+    })?;
+    let reply = await_reply(&actor, reply).await?;
+    Ok(Json(json!({
+        "code": reply.code,
+        "output": String::from_utf8_lossy(&reply.output),
+    }))
+    .into_response())
+}
+
+/// `POST /v1/actors/{id}/snapshot`: the actor's whole state as snapshot bytes.
+async fn snapshot(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response> {
+    let actor = s.actors.get(&id)?;
+    let (reply_tx, reply) = oneshot::channel();
+    actor.post(Job::Snapshot { reply: reply_tx })?;
+    let bytes = await_reply(&actor, reply).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn await_reply<T>(actor: &ActorHandle, reply: oneshot::Receiver<Result<T>>) -> Result<T> {
+    reply.await.map_err(|_| {
+        ApiError::internal(format!(
+            "actor `{}`'s thread stopped unexpectedly",
+            actor.id
+        ))
+    })?
+}
+
+/// What `GET /v1/actors/{id}` reports.
+fn describe(actor: &ActorHandle) -> Value {
+    let status = actor.status();
+    let (state, fault) = match status.state {
+        ActorState::Idle => ("idle", None),
+        ActorState::Busy => ("busy", None),
+        ActorState::Failed(fault) => ("failed", Some(fault)),
+    };
+    json!({
+        "id": actor.id,
+        "module": actor.module,
+        "state": state,
+        "fault": fault,
+        "memory_bytes": status.memory_bytes,
+        "queued": actor.queued(),
+        "created_ms": actor.created_ms,
+        "last_activity_ms": status.last_activity_ms,
+    })
+}
+
+/// The body, or 413 past the route's limit, or 400.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "invalid_request"
+        };
+        ApiError::new(status, kind, rejection.body_text())
+    })
+}
+
+/// Whether the client asked for server-sent events.
+fn wants_events(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().starts_with("text/event-stream"))
+        })
+}

@@ -1,0 +1,318 @@
+//! The actor API over real HTTP on loopback: modules, actors, messages (JSON and streamed),
+//! failures, auth and snapshots.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+
+use common::{ECHO, MESSAGE_BYTES, MODULE_BYTES, TestServer, request};
+
+#[test]
+fn uploads_a_module_and_lists_it_beside_the_bundled_guests() {
+    let server = TestServer::start(None);
+    let first = server.post("/v1/modules", ECHO.as_bytes());
+    assert_eq!(first.status, 201, "{first:?}");
+    let digest = first.json()["digest"].as_str().unwrap().to_string();
+    assert_eq!(digest.len(), 64);
+    assert!(digest.bytes().all(|b| b.is_ascii_hexdigit()));
+    let again = server.post("/v1/modules", ECHO.as_bytes());
+    assert_eq!(
+        (again.status, again.json()["digest"].as_str()),
+        (200, Some(&*digest))
+    );
+
+    let modules = server.get("/v1/modules").json()["modules"].clone();
+    let modules = modules.as_array().unwrap();
+    assert_eq!(modules[0]["name"], "echo");
+    assert_eq!(modules[0]["source"], "bundled");
+    assert_eq!(modules[1]["digest"], digest.as_str());
+    assert_eq!(modules[1]["source"], "uploaded");
+    // By digest, with or without its prefix, and by bundled name.
+    for name in [digest.clone(), format!("sha256:{digest}"), "echo".into()] {
+        server.start_actor(&name);
+    }
+    assert_eq!(
+        server.get("/v1/actors").json()["actors"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[test]
+fn concurrent_clients_get_their_own_replies_in_order() {
+    let server = TestServer::start(None);
+    let digest = server.upload_echo();
+    let actors = [server.start_actor(&digest), server.start_actor(&digest)];
+    assert_ne!(actors[0], actors[1]);
+    const CLIENTS_PER_ACTOR: usize = 3;
+    const MESSAGES: usize = 8;
+    // Each client sends its messages one after another; the counter each reply carries must
+    // grow for every client, and one actor's counters are 1..=N with none repeated.
+    let codes: Vec<(usize, Vec<i64>)> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..2 * CLIENTS_PER_ACTOR)
+            .map(|client| {
+                let (server, actor) = (&server, &actors[client % 2]);
+                scope.spawn(move || {
+                    let mut codes = Vec::new();
+                    for i in 0..MESSAGES {
+                        let message = format!("client {client} message {i}");
+                        let path = format!("/v1/actors/{actor}/messages");
+                        let r = server.post(&path, message.as_bytes());
+                        assert_eq!(r.status, 200, "{r:?}");
+                        let body = r.json();
+                        assert_eq!(body["output"], format!("{message}!"));
+                        codes.push(body["code"].as_i64().unwrap());
+                    }
+                    (client % 2, codes)
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for actor in 0..2 {
+        let mut all = Vec::new();
+        for (_, client_codes) in codes.iter().filter(|(a, _)| *a == actor) {
+            assert!(
+                client_codes.windows(2).all(|w| w[0] < w[1]),
+                "{client_codes:?}"
+            );
+            all.extend_from_slice(client_codes);
+        }
+        all.sort();
+        let expected: Vec<i64> = (1..=(CLIENTS_PER_ACTOR * MESSAGES) as i64).collect();
+        assert_eq!(all, expected);
+    }
+    let info = server.get(&format!("/v1/actors/{}", actors[0])).json();
+    assert_eq!(info["state"], "idle");
+    assert_eq!(info["memory_bytes"], 65536);
+    assert_eq!(info["module"], digest.as_str());
+    assert!(info["last_activity_ms"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn streams_each_emit_then_the_code() {
+    let server = TestServer::start(None);
+    let actor = server.start_actor("echo");
+    let path = format!("/v1/actors/{actor}/messages");
+    let accept = [("Accept", "text/event-stream")];
+    let r = request(
+        server.addr,
+        "POST",
+        &path,
+        &accept,
+        "héllo\nworld".as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = r.events();
+    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(names, ["output", "output", "done"], "{events:?}");
+    assert_eq!(events[0].1["text"], "héllo\nworld");
+    assert_eq!(events[1].1["text"], "!");
+    assert_eq!(events[2].1["code"], 1);
+
+    // A client that leaves before its reply disturbs neither the actor nor the server.
+    let mut gone = TcpStream::connect(server.addr).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nContent-Length: 3\r\n\r\nbye"
+    );
+    gone.write_all(head.as_bytes()).unwrap();
+    drop(gone);
+    let r = server.post(&path, b"still here");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["output"], "still here!");
+    // Either the abandoned message ran (code 3 here) or it had not arrived (code 2).
+    assert!(matches!(r.json()["code"].as_i64(), Some(2 | 3)));
+}
+
+#[test]
+fn a_trapping_actor_fails_alone() {
+    let server = TestServer::start(None);
+    let digest = server.upload_echo();
+    let (bad, good) = (server.start_actor(&digest), server.start_actor(&digest));
+    let trap = server.post(&format!("/v1/actors/{bad}/messages"), b"#trap");
+    assert_eq!(
+        (trap.status, trap.error_type()),
+        (409, "actor_failed".into())
+    );
+    for _ in 0..2 {
+        let later = server.post(&format!("/v1/actors/{bad}/messages"), b"hello");
+        assert_eq!(
+            (later.status, later.error_type()),
+            (409, "actor_failed".into())
+        );
+    }
+    let info = server.get(&format!("/v1/actors/{bad}")).json();
+    assert_eq!(info["state"], "failed");
+    assert!(
+        info["fault"].as_str().unwrap().contains("unreachable"),
+        "{info}"
+    );
+    let ok = server.post(&format!("/v1/actors/{good}/messages"), b"fine");
+    assert_eq!(
+        (ok.status, ok.json()["output"].as_str()),
+        (200, Some("fine!"))
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let server = TestServer::start(None);
+    let bad_module = server.post("/v1/modules", b"\0asm\x01\0\0\0garbage");
+    assert_eq!(
+        (bad_module.status, bad_module.error_type()),
+        (400, "invalid_module".into())
+    );
+    // A valid module without the actor exports compiles; starting an actor from it fails.
+    let no_exports = server.post("/v1/modules", b"(module)");
+    assert_eq!(no_exports.status, 201, "{no_exports:?}");
+    let digest = no_exports.json()["digest"].as_str().unwrap().to_string();
+    let start = server.post(
+        "/v1/actors",
+        format!(r#"{{"module":"{digest}"}}"#).as_bytes(),
+    );
+    assert_eq!(
+        (start.status, start.error_type()),
+        (400, "invalid_module".into())
+    );
+    let empty = server.post("/v1/modules", b"");
+    assert_eq!(empty.status, 400);
+    let huge = server.post("/v1/modules", &vec![0; MODULE_BYTES + 1]);
+    assert_eq!(
+        (huge.status, huge.error_type()),
+        (413, "payload_too_large".into())
+    );
+
+    for body in [&b"{"[..], br#"{"modul": "echo"}"#, b"[]"] {
+        let r = server.post("/v1/actors", body);
+        assert_eq!(
+            (r.status, r.error_type()),
+            (400, "invalid_request".into()),
+            "{body:?}"
+        );
+    }
+    let unknown = server.post("/v1/actors", br#"{"module": "nope"}"#);
+    assert_eq!(
+        (unknown.status, unknown.error_type()),
+        (404, "not_found".into())
+    );
+
+    for (method, path) in [
+        ("GET", "/v1/actors/a999"),
+        ("DELETE", "/v1/actors/a999"),
+        ("POST", "/v1/actors/a999/messages"),
+        ("POST", "/v1/actors/a999/snapshot"),
+        ("GET", "/v1/nothing"),
+    ] {
+        let r = request(server.addr, method, path, &[], b"hi");
+        assert_eq!(
+            (r.status, r.error_type()),
+            (404, "not_found".into()),
+            "{method} {path}"
+        );
+    }
+
+    let actor = server.start_actor("echo");
+    let path = format!("/v1/actors/{actor}/messages");
+    let too_long = server.post(&path, &vec![b'x'; MESSAGE_BYTES + 1]);
+    assert_eq!(
+        (too_long.status, too_long.error_type()),
+        (413, "payload_too_large".into())
+    );
+    let fits = server.post(&path, &vec![b'x'; MESSAGE_BYTES]);
+    assert_eq!(fits.status, 200, "{fits:?}");
+}
+
+#[test]
+fn the_key_guards_every_route_but_health() {
+    let server = TestServer::start(Some("k-secret"));
+    let routes = [
+        ("GET", "/v1/modules"),
+        ("POST", "/v1/modules"),
+        ("GET", "/v1/actors"),
+        ("POST", "/v1/actors"),
+        ("GET", "/v1/actors/a1"),
+        ("DELETE", "/v1/actors/a1"),
+        ("POST", "/v1/actors/a1/messages"),
+        ("POST", "/v1/actors/a1/snapshot"),
+        ("GET", "/v1/unknown"),
+    ];
+    let wrong: [&[(&str, &str)]; 4] = [
+        &[],
+        &[("Authorization", "Bearer k-secreT")],
+        &[("Authorization", "Bearer k-secret2")],
+        &[("Authorization", "k-secret")],
+    ];
+    for (method, path) in routes {
+        for headers in wrong {
+            let r = request(server.addr, method, path, headers, b"{}");
+            assert_eq!(r.status, 401, "{method} {path} {headers:?}");
+            assert_eq!(r.error_type(), "authentication_error");
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        }
+    }
+    let health = server.get("/health");
+    assert_eq!(
+        (health.status, health.json()["status"].as_str()),
+        (200, Some("ok"))
+    );
+    let key = [("Authorization", "Bearer k-secret")];
+    let list = request(server.addr, "GET", "/v1/actors", &key, b"");
+    assert_eq!(list.status, 200, "{list:?}");
+    let start = request(
+        server.addr,
+        "POST",
+        "/v1/actors",
+        &key,
+        br#"{"module":"echo"}"#,
+    );
+    assert_eq!(start.status, 201, "{start:?}");
+}
+
+#[test]
+fn snapshots_parse_and_deleted_actors_are_gone() {
+    let server = TestServer::start(None);
+    let actor = server.start_actor("echo");
+    assert_eq!(
+        server
+            .post(&format!("/v1/actors/{actor}/messages"), b"one")
+            .status,
+        200
+    );
+    let snap = server.post(&format!("/v1/actors/{actor}/snapshot"), b"");
+    assert_eq!(snap.status, 200, "{snap:?}");
+    assert_eq!(
+        snap.header("content-type"),
+        Some("application/octet-stream")
+    );
+    tern_snapshot::parse(&snap.body).expect("the snapshot parses");
+
+    let deleted = request(
+        server.addr,
+        "DELETE",
+        &format!("/v1/actors/{actor}"),
+        &[],
+        b"",
+    );
+    assert_eq!(deleted.status, 204);
+    assert_eq!(server.get(&format!("/v1/actors/{actor}")).status, 404);
+    assert_eq!(
+        server
+            .post(&format!("/v1/actors/{actor}/messages"), b"x")
+            .status,
+        404
+    );
+    assert!(
+        server.get("/v1/actors").json()["actors"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
