@@ -114,12 +114,14 @@ pub struct ActorModule {
 }
 
 impl ActorModule {
-    /// Instruments and compiles `wasm` (binary or text); `name` says where it came from.
+    /// Instruments and compiles `wasm` (binary or text); `name` says where it came from. A
+    /// module without the exports an actor needs is refused here, before any actor starts.
     pub fn new(runtime: &Runtime, name: &str, wasm: &[u8]) -> Result<ActorModule, ActorError> {
         let mut info = instrument(wasm)?;
         let module = Module::new(&runtime.engine, &info.wasm)
             .map_err(|e| ActorError::Module(format!("{e:#}")))?;
         info.wasm = Vec::new();
+        check_exports(&module)?;
         Ok(ActorModule {
             module,
             info,
@@ -319,6 +321,46 @@ impl Actor {
         self.poisoned = Some(err.to_string());
         err
     }
+}
+
+/// Refuses a module that lacks an export an actor needs, or has one of the wrong type.
+fn check_exports(module: &Module) -> Result<(), ActorError> {
+    use wasmtime::{ExternType, ValType};
+    let func = |name: &str, params: &[ValType], results: &[ValType], required: bool| {
+        let wanted = format!("a function ({params:?}) -> ({results:?})");
+        match module.get_export(name) {
+            None if required => Err(ActorError::Module(format!(
+                "the module exports no `{name}` ({wanted})"
+            ))),
+            None => Ok(()),
+            Some(ExternType::Func(f))
+                if f.params()
+                    .map(|p| p.to_string())
+                    .eq(params.iter().map(|p| p.to_string()))
+                    && f.results()
+                        .map(|r| r.to_string())
+                        .eq(results.iter().map(|r| r.to_string())) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(ActorError::Module(format!(
+                "export `{name}` must be {wanted}"
+            ))),
+        }
+    };
+    if !matches!(module.get_export("memory"), Some(ExternType::Memory(_))) {
+        return Err(ActorError::Module(
+            "the module exports no memory named `memory`".into(),
+        ));
+    }
+    func("tern_alloc", &[ValType::I32], &[ValType::I32], true)?;
+    func(
+        "tern_on_message",
+        &[ValType::I32, ValType::I32],
+        &[ValType::I32],
+        true,
+    )?;
+    func("tern_init", &[], &[], false)
 }
 
 fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(

@@ -438,3 +438,36 @@ fn a_failing_device_is_a_device_error_not_a_bad_argument() {
     assert_eq!(actor.send(b"").unwrap().code, -2);
     assert!(actor.fault().is_none());
 }
+
+// ---------------------------------------------------------------- modules are checked once
+
+#[test]
+fn a_module_without_the_actor_exports_is_refused_when_compiled() {
+    let rt = Runtime::builder(cpu()).build().unwrap();
+    let cases = [
+        ("(module)", "no memory named `memory`"),
+        (
+            r#"(module (memory (export "memory") 1))"#,
+            "exports no `tern_alloc`",
+        ),
+        (
+            r#"(module (memory (export "memory") 1)
+                 (func (export "tern_alloc") (param i64) (result i32) (i32.const 0))
+                 (func (export "tern_on_message") (param i32 i32) (result i32) (i32.const 0)))"#,
+            "export `tern_alloc` must be",
+        ),
+        (
+            r#"(module (memory (export "memory") 1)
+                 (func (export "tern_alloc") (param i32) (result i32) (i32.const 0))
+                 (func (export "tern_on_message") (param i32 i32) (result i32) (i32.const 0))
+                 (func (export "tern_init") (param i32)))"#,
+            "export `tern_init` must be",
+        ),
+    ];
+    for (wat, words) in cases {
+        let err = ActorModule::new(&rt, "m", wat.as_bytes())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains(words), "{wat}: {err}");
+    }
+}
