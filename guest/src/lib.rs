@@ -63,6 +63,8 @@ pub mod code {
     pub const TOO_LARGE: i32 = -10;
     /// Host work ran past the host's time limit.
     pub const TIME_LIMIT: i32 = -11;
+    /// The message was cancelled: its sender stopped waiting for the reply.
+    pub const CANCELLED: i32 = -12;
     /// An error the guest raised itself.
     pub const GUEST: i32 = -100;
 }

@@ -1,6 +1,7 @@
 //! [`Actor`]: one module instance in its own store, fed one message at a time.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tern_compute::Device;
 use wasmtime::{
@@ -38,6 +39,8 @@ pub(crate) struct HostState {
     pub(crate) clock: VirtualClock,
     /// When the running guest call is interrupted.
     pub(crate) deadline: GuestDeadline,
+    /// Set when whoever waits for the running message no longer does ([`Canceller`]).
+    pub(crate) cancelled: Arc<AtomicBool>,
     output: Vec<u8>,
     output_limit: usize,
     stream: Option<OutputSink>,
@@ -47,6 +50,7 @@ pub(crate) struct HostState {
 impl HostState {
     /// Records `bytes` as output and passes them to the stream, if any.
     pub(crate) fn emit(&mut self, bytes: &[u8]) -> Result<(), AbiError> {
+        self.check_cancelled()?;
         if self.output.len() + bytes.len() > self.output_limit {
             return Err(AbiError::OutputLimit {
                 limit: self.output_limit,
@@ -55,6 +59,16 @@ impl HostState {
         self.output.extend_from_slice(bytes);
         if let Some(stream) = &mut self.stream {
             stream(bytes);
+        }
+        Ok(())
+    }
+}
+
+impl HostState {
+    /// Refuses host work for a message whose waiter has gone ([`Canceller`]).
+    pub(crate) fn check_cancelled(&self) -> Result<(), AbiError> {
+        if self.cancelled.load(Ordering::Acquire) {
+            return Err(AbiError::Cancelled);
         }
         Ok(())
     }
@@ -140,6 +154,17 @@ impl ActorModule {
     }
 }
 
+/// Cancels the message an actor is handling ([`Actor::canceller`]).
+#[derive(Clone, Debug)]
+pub struct Canceller(Arc<AtomicBool>);
+
+impl Canceller {
+    /// Asks the running message to stop at the guest's next `emit` or forward pass.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// A sandboxed Wasm actor. Faults stay inside it: a trap poisons this actor only.
 pub struct Actor {
     pub(crate) store: Store<HostState>,
@@ -191,6 +216,7 @@ impl Actor {
             limits,
             clock: VirtualClock::new(runtime.clock.clone()),
             deadline: GuestDeadline::new(runtime.ticks.clone()),
+            cancelled: Arc::new(AtomicBool::new(false)),
             output: Vec::new(),
             output_limit: limits.output_bytes,
             stream: None,
@@ -241,6 +267,14 @@ impl Actor {
         })
     }
 
+    /// A handle that cancels the message this actor is handling, from any thread: its next
+    /// `emit`, `forward` or `forward_top` returns the ABI's "cancelled" code (−12), so a guest
+    /// that checks its results stops at its next token. The actor is not harmed; the next
+    /// message runs normally.
+    pub fn canceller(&self) -> Canceller {
+        Canceller(self.store.data().cancelled.clone())
+    }
+
     /// Streams every `emit` to `sink` as it happens, in addition to collecting it.
     pub fn on_output(&mut self, sink: impl FnMut(&[u8]) + Send + 'static) {
         self.store.data_mut().stream = Some(Box::new(sink));
@@ -253,7 +287,9 @@ impl Actor {
             export: "tern_alloc",
             message: "message larger than 4 GiB".into(),
         })?;
-        self.store.data_mut().output.clear();
+        let state = self.store.data_mut();
+        state.output.clear();
+        state.cancelled.store(false, Ordering::Release);
         let alloc = self.alloc.clone();
         let ptr = self.call("tern_alloc", |store| alloc.call(store, len))?;
         let memory = self.memory;

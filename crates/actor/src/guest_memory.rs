@@ -58,6 +58,8 @@ pub enum AbiError {
     },
     #[error("{what} ran past the host's limit of {limit_ms} ms")]
     TimeLimit { what: &'static str, limit_ms: u128 },
+    #[error("the message was cancelled: whoever sent it no longer waits for the reply")]
+    Cancelled,
 }
 
 impl From<ComputeError> for AbiError {
@@ -107,6 +109,7 @@ impl AbiError {
             AbiError::Budget { .. } => -9,
             AbiError::TooLarge { .. } => -10,
             AbiError::TimeLimit { .. } => -11,
+            AbiError::Cancelled => -12,
         }
     }
 }

@@ -31,7 +31,7 @@ mod registry;
 mod runtime;
 mod snapshot;
 
-pub use actor::{Actor, ActorModule, Reply};
+pub use actor::{Actor, ActorModule, Canceller, Reply};
 pub use budget::KvLedger;
 pub use clock::WallClock;
 pub use registry::{Locate, ModelRegistry, ModelSource, OpenError};

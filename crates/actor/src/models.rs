@@ -381,6 +381,7 @@ fn forward(
     logits: u32,
 ) -> wasmtime::Result<i32> {
     with_memory(&mut caller, "forward", |mem, state| {
+        state.check_cancelled()?;
         let tokens = read_ids(mem, ids, n)?;
         let (model, s) = state.models.session(session)?;
         let vocab = model.config().n_vocab;
@@ -406,6 +407,7 @@ fn forward_top(
     k: u32,
 ) -> wasmtime::Result<i32> {
     with_memory(&mut caller, "forward_top", |mem, state| {
+        state.check_cancelled()?;
         let tokens = read_ids(mem, ids, n)?;
         let (model, s) = state.models.session(session)?;
         let vocab = model.config().n_vocab;

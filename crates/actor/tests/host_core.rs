@@ -471,3 +471,45 @@ fn a_module_without_the_actor_exports_is_refused_when_compiled() {
         assert!(err.to_string().contains(words), "{wat}: {err}");
     }
 }
+
+// ---------------------------------------------------------------- cancelling a message
+
+/// Emits "x" until `emit` fails, then returns its code.
+const CHATTY: &str = r#"(module
+  (import "tern" "emit" (func $emit (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "x")
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param i32 i32) (result i32)
+    (local $code i32)
+    (loop $again
+      (local.set $code (call $emit (i32.const 0) (i32.const 1)))
+      (br_if $again (i32.ge_s (local.get $code) (i32.const 0))))
+    (local.get $code)))"#;
+
+#[test]
+fn a_cancelled_message_stops_at_the_next_emit_and_the_actor_carries_on() {
+    let limits = Limits {
+        output_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    let rt = Runtime::builder(cpu()).limits(limits).build().unwrap();
+    let mut actor = Actor::load(&rt, CHATTY.as_bytes()).unwrap();
+    // The reader goes away after ten bytes.
+    let canceller = actor.canceller();
+    let mut seen = 0;
+    actor.on_output(move |bytes| {
+        seen += bytes.len();
+        if seen == 10 {
+            canceller.cancel();
+        }
+    });
+    let reply = actor.send(b"go").unwrap();
+    assert_eq!((reply.code, reply.output.len()), (-12, 10));
+    assert!(actor.fault().is_none());
+    // The next message starts uncancelled: this one runs into the output limit instead.
+    let mut actor = Actor::load(&rt, CHATTY.as_bytes()).unwrap();
+    actor.canceller().cancel();
+    let reply = actor.send(b"go").unwrap();
+    assert_eq!((reply.code, reply.output.len()), (-7, 1 << 20));
+}
