@@ -61,7 +61,7 @@ pub mod code {
     pub const BUDGET: i32 = -9;
     /// Host work's input or output is over the host's size limit.
     pub const TOO_LARGE: i32 = -10;
-    /// Host work ran past the host's time limit.
+    /// Host work ran past the host's time limit or its work bound (a template's fuel).
     pub const TIME_LIMIT: i32 = -11;
     /// The message was cancelled: its sender stopped waiting for the reply.
     pub const CANCELLED: i32 = -12;

@@ -24,7 +24,7 @@
 //! | −8 | no such model on this host |
 //! | −9 | a budget is exhausted: KV-cache bytes (the actor's or the host's), open sessions |
 //! | −10 | the input or output of host work is over the host's size limit |
-//! | −11 | host work ran past the host's time limit |
+//! | −11 | host work ran past the host's time limit, or past its work bound (a chat template's fuel) |
 //! | −12 | the message was cancelled (its sender stopped waiting): stop and return |
 //!
 //! A host function that panics does not return: the guest traps, and the actor is poisoned

@@ -58,6 +58,9 @@ pub enum AbiError {
     },
     #[error("{what} ran past the host's limit of {limit_ms} ms")]
     TimeLimit { what: &'static str, limit_ms: u128 },
+    /// Host work that went past one of its bounds (a chat template's fuel, say).
+    #[error("{0}")]
+    WorkLimit(String),
     #[error("the message was cancelled: whoever sent it no longer waits for the reply")]
     Cancelled,
 }
@@ -72,10 +75,14 @@ impl From<tern_model::ModelError> for AbiError {
     /// A failing device stays a device error; anything else the model refuses is a bad
     /// argument.
     fn from(e: tern_model::ModelError) -> AbiError {
-        if e.is_device() {
-            AbiError::Device(e.to_string())
-        } else {
-            AbiError::Invalid(e.to_string())
+        use tern_model::ModelError;
+        use tern_text::TextError;
+        match e {
+            ModelError::Template(TextError::TemplateLimit { .. }) => {
+                AbiError::WorkLimit(e.to_string())
+            }
+            e if e.is_device() => AbiError::Device(e.to_string()),
+            e => AbiError::Invalid(e.to_string()),
         }
     }
 }
@@ -108,7 +115,7 @@ impl AbiError {
             AbiError::NotFound(_) => -8,
             AbiError::Budget { .. } => -9,
             AbiError::TooLarge { .. } => -10,
-            AbiError::TimeLimit { .. } => -11,
+            AbiError::TimeLimit { .. } | AbiError::WorkLimit(_) => -11,
             AbiError::Cancelled => -12,
         }
     }

@@ -37,6 +37,9 @@ pub enum ModelError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// Rendering a chat template failed (a bad message, or one of the render's bounds).
+    #[error(transparent)]
+    Template(tern_text::TextError),
     /// The GPU, its driver or a GPU library (cuBLAS, NVRTC, wgpu) failed at `what`: not the
     /// caller's input, so the same call may succeed later or on another device.
     #[error("{backend}: {what} failed: {reason}")]

@@ -283,7 +283,7 @@ impl Model {
         })?;
         template
             .render(messages, add_generation_prompt, now)
-            .map_err(|e| ModelError::Invalid(e.to_string()))
+            .map_err(ModelError::Template)
     }
 
     /// A new, empty session (KV cache) of `n_ctx` positions (at most the trained context).
