@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tern_server::{Config, Server};
+use tern_server::{Config, Durability, LocalStore, Server};
 
 use crate::host::{HostArgs, bundled_guests};
 
@@ -30,6 +31,17 @@ pub struct ServeArgs {
     /// The largest module upload, in MiB.
     #[arg(long, default_value_t = 64)]
     max_module_mib: usize,
+    /// The folder that keeps actors and uploaded modules across restarts (created if
+    /// needed). Default: $XDG_DATA_HOME/tern/serve, else ~/.local/share/tern/serve.
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// When an actor's state is saved: after every `message`, or only when it `passivate`s.
+    #[arg(long, default_value = "message", value_parser = ["message", "passivate"])]
+    durability: String,
+    /// Seconds an actor may stay idle before it is saved and its thread and memory freed
+    /// (0: never).
+    #[arg(long, default_value_t = 300)]
+    idle_secs: u64,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -52,12 +64,25 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .checked_mul(1 << 20)
         .context("--max-module-mib is too large")?;
     config.bundled = bundled_guests();
+    let state_dir = match &args.state {
+        Some(dir) => dir.clone(),
+        None => default_state_dir()?,
+    };
+    let store = LocalStore::open(&state_dir)
+        .with_context(|| format!("the state folder {}", state_dir.display()))?;
+    config.store = Some(Arc::new(store));
+    config.durability = match args.durability.as_str() {
+        "passivate" => Durability::Passivate,
+        _ => Durability::Message,
+    };
+    config.idle = (args.idle_secs > 0).then(|| Duration::from_secs(args.idle_secs));
     let open = api_key.is_none();
     config.api_key = api_key;
     let device = runtime.device().describe();
     let server = Server::bind(Arc::new(runtime), config)?;
     let addr = server.local_addr();
     eprintln!("device: {device}");
+    eprintln!("state: {}", state_dir.display());
     if open && !addr.ip().is_loopback() {
         eprintln!(
             "warning: no API key (--api-key-file or {KEY_ENV}): anyone who reaches {addr} can run actors"
@@ -85,4 +110,16 @@ fn api_key(args: &ServeArgs) -> anyhow::Result<Option<String>> {
         bail!("the API key is empty");
     }
     Ok(Some(key.to_string()))
+}
+
+/// `$XDG_DATA_HOME/tern/serve`, else `$HOME/.local/share/tern/serve`.
+fn default_state_dir() -> anyhow::Result<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(data) = var("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(data).join("tern/serve"));
+    }
+    match var("HOME") {
+        Some(home) => Ok(PathBuf::from(home).join(".local/share/tern/serve")),
+        None => bail!("no --state folder given, and neither XDG_DATA_HOME nor HOME is set"),
+    }
 }

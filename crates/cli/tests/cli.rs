@@ -137,11 +137,19 @@ fn without_a_model_flag_any_module_gets_the_default_model() {
     assert!(text.contains(r#""name":"smollm2-135m-instruct""#), "{text}");
 }
 
+/// A state folder for a `tern serve` test, so that it neither needs nor touches the
+/// default one in the home folder.
+fn scratch_state() -> String {
+    let dir = std::env::temp_dir().join(format!("tern-cli-serve-state-{}", std::process::id()));
+    dir.to_str().unwrap().to_string()
+}
+
 #[test]
 fn serve_prints_its_address_and_answers_health() {
     use std::io::{BufRead, Read, Write};
     let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["serve", "--device", "cpu", "--listen", "127.0.0.1:0"])
+        .args(["--state", &scratch_state()])
         .env_remove("TERN_API_KEY")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -172,13 +180,22 @@ fn serve_prints_its_address_and_answers_health() {
 fn serve_refuses_a_port_in_use_and_an_empty_key() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let (ok, text) = tern(&["serve", "--device", "cpu", "--listen", &addr]);
+    let (ok, text) = tern(&[
+        "serve",
+        "--device",
+        "cpu",
+        "--listen",
+        &addr,
+        "--state",
+        &scratch_state(),
+    ]);
     assert!(
         !ok && text.contains(&format!("cannot listen on {addr}")),
         "{text}"
     );
     let out = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["serve", "--device", "cpu", "--listen", "127.0.0.1:0"])
+        .args(["--state", &scratch_state()])
         .env("TERN_API_KEY", " \n")
         .output()
         .expect("tern runs");

@@ -1,10 +1,16 @@
-//! Actors on worker threads: one thread and one mailbox per actor.
+//! Actors on worker threads: one thread and one mailbox per active actor.
 //!
 //! Guest code runs only on the actor's own thread, never on the async reactor. The mailbox
 //! is a queue: messages to one actor run one at a time in the order they arrived, while
 //! different actors' threads run in parallel. A caller hands in a [`Job`] and awaits its
 //! answer on a one-shot channel; what the guest emits can be streamed on a second channel as
 //! it happens.
+//!
+//! With a store ([`crate::durable`]), the thread saves the actor's snapshot after each
+//! message (or only when passivating), and an actor idle past the configured time is saved
+//! and passivated: its thread ends and its memory is freed. The next job restores it on a
+//! fresh thread. Jobs are posted and passivation decided under one lock per actor, so no job
+//! is lost between the two.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -15,6 +21,7 @@ use tern_actor::{Actor, ActorModule, Reply, Runtime};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::ApiError;
+use crate::durable::{ActorRecord, Durability, Persistence};
 
 /// The stack of an actor's thread: guest calls and the host functions they make run on it.
 const ACTOR_STACK_BYTES: usize = 8 << 20;
@@ -22,13 +29,20 @@ const ACTOR_STACK_BYTES: usize = 8 << 20;
 /// Where emitted bytes are streamed while one message runs.
 pub type OutputStream = tokio_mpsc::UnboundedSender<Vec<u8>>;
 
+/// The answer to one message: the guest's reply, and whether the state it left was saved
+/// to the store before this answer.
+pub struct Delivered {
+    pub reply: Reply,
+    pub durable: bool,
+}
+
 /// Work for an actor's thread.
 pub enum Job {
     /// Deliver one message; stream its `emit`s to `stream` if given.
     Message {
         body: Vec<u8>,
         stream: Option<OutputStream>,
-        reply: oneshot::Sender<Result<Reply, ApiError>>,
+        reply: oneshot::Sender<Result<Delivered, ApiError>>,
     },
     /// Capture the actor's state as snapshot bytes.
     Snapshot {
@@ -41,6 +55,8 @@ pub enum Job {
 pub enum State {
     Idle,
     Busy,
+    /// Saved to the store with no thread or memory; the next job restores it.
+    Passivated,
     /// It trapped or broke a limit, and takes no more messages: why.
     Failed(String),
 }
@@ -54,49 +70,96 @@ pub struct Status {
     pub last_activity_ms: u64,
 }
 
+/// Whether an actor has a thread.
+enum Life {
+    Active(mpsc::Sender<Job>),
+    Passivated,
+    /// It takes no more jobs: deleted, or its server is gone.
+    Deleted,
+}
+
+/// What an actor's thread and its handle share.
+struct Shared {
+    id: String,
+    module_name: String,
+    created_ms: u64,
+    runtime: Arc<Runtime>,
+    module: Arc<ActorModule>,
+    persist: Option<Arc<Persistence>>,
+    life: Mutex<Life>,
+    status: Mutex<Status>,
+    /// Jobs handed in and not finished.
+    queued: AtomicUsize,
+    deleted: AtomicBool,
+}
+
 /// The server's side of one actor: its mailbox and its status.
 pub struct ActorHandle {
     pub id: String,
     /// The module it runs: a bundled guest's name or a digest.
     pub module: String,
     pub created_ms: u64,
-    mailbox: mpsc::Sender<Job>,
-    status: Arc<Mutex<Status>>,
-    /// Jobs handed in and not finished.
-    queued: Arc<AtomicUsize>,
-    deleted: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl ActorHandle {
     /// A copy of the actor's status.
     pub fn status(&self) -> Status {
-        lock(&self.status).clone()
+        lock(&self.shared.status).clone()
     }
 
     /// Jobs waiting or running.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.shared.queued.load(Ordering::Relaxed)
     }
 
-    /// Queues `job`; fails only when the actor's thread is gone.
+    /// Queues `job`, restoring a passivated actor on a fresh thread first; fails only when
+    /// the actor was deleted or its thread is gone.
     pub fn post(&self, job: Job) -> Result<(), ApiError> {
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        self.mailbox.send(job).map_err(|_| {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+        let shared = &self.shared;
+        let mut life = lock(&shared.life);
+        if let Life::Passivated = *life {
+            let (mailbox, jobs) = mpsc::channel();
+            spawn(shared.clone(), Boot::Restore, jobs)?;
+            *life = Life::Active(mailbox);
+        }
+        let Life::Active(mailbox) = &*life else {
+            return Err(ApiError::not_found(format!("no actor `{}`", self.id)));
+        };
+        shared.queued.fetch_add(1, Ordering::Relaxed);
+        mailbox.send(job).map_err(|_| {
+            shared.queued.fetch_sub(1, Ordering::Relaxed);
             ApiError::not_found(format!("actor `{}` has stopped", self.id))
         })
     }
 }
 
-/// Every live actor, by id.
-#[derive(Default)]
+impl Drop for ActorHandle {
+    // The thread holds the shared part, mailbox included: dropping the last handle (the
+    // server stopped) closes the mailbox so the thread ends. The stored state stays.
+    fn drop(&mut self) {
+        *lock(&self.shared.life) = Life::Deleted;
+    }
+}
+
+/// Every actor, by id.
 pub struct Directory {
     actors: RwLock<HashMap<String, Arc<ActorHandle>>>,
     next_id: AtomicU64,
+    persist: Option<Arc<Persistence>>,
 }
 
 impl Directory {
-    /// Starts an actor of `module` on a thread of its own and waits for its `tern_init`.
+    pub fn new(persist: Option<Arc<Persistence>>) -> Directory {
+        Directory {
+            actors: RwLock::default(),
+            next_id: AtomicU64::new(0),
+            persist,
+        }
+    }
+
+    /// Starts an actor of `module` on a thread of its own and waits for its `tern_init`
+    /// (and, with a store, for its first save).
     pub async fn start(
         &self,
         runtime: Arc<Runtime>,
@@ -106,37 +169,73 @@ impl Directory {
         let id = format!("a{}", self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         let (mailbox, jobs) = mpsc::channel();
         let (started_tx, started) = oneshot::channel();
-        let status = Arc::new(Mutex::new(Status {
-            state: State::Busy,
-            memory_bytes: 0,
-            last_activity_ms: now_ms(),
-        }));
-        let queued = Arc::new(AtomicUsize::new(0));
-        let deleted = Arc::new(AtomicBool::new(false));
-        let worker = Worker {
-            status: status.clone(),
-            queued: queued.clone(),
-            deleted: deleted.clone(),
-        };
-        std::thread::Builder::new()
-            .name(format!("tern-actor-{id}"))
-            .stack_size(ACTOR_STACK_BYTES)
-            .spawn(move || worker.run(&runtime, &module, started_tx, jobs))
-            .map_err(|e| ApiError::internal(format!("cannot start the actor's thread: {e}")))?;
+        let shared = self.shared(id, module_name, now_ms(), runtime, module, State::Busy);
+        *lock(&shared.life) = Life::Active(mailbox);
+        spawn(shared.clone(), Boot::Start(started_tx), jobs)?;
         started
             .await
             .map_err(|_| ApiError::internal("the actor's thread stopped while starting"))??;
+        Ok(self.insert(shared))
+    }
+
+    /// Lists an actor brought back from the store, passivated: its first job restores it.
+    pub fn recover(
+        &self,
+        runtime: Arc<Runtime>,
+        module: Arc<ActorModule>,
+        record: &ActorRecord,
+        id: String,
+    ) {
+        if let Some(n) = id.strip_prefix('a').and_then(|n| n.parse::<u64>().ok()) {
+            self.next_id.fetch_max(n, Ordering::Relaxed);
+        }
+        let shared = self.shared(
+            id,
+            record.module.clone(),
+            record.created_ms,
+            runtime,
+            module,
+            State::Passivated,
+        );
+        self.insert(shared);
+    }
+
+    fn shared(
+        &self,
+        id: String,
+        module_name: String,
+        created_ms: u64,
+        runtime: Arc<Runtime>,
+        module: Arc<ActorModule>,
+        state: State,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            id,
+            module_name,
+            created_ms,
+            runtime,
+            module,
+            persist: self.persist.clone(),
+            life: Mutex::new(Life::Passivated),
+            status: Mutex::new(Status {
+                state,
+                memory_bytes: 0,
+                last_activity_ms: now_ms(),
+            }),
+            queued: AtomicUsize::new(0),
+            deleted: AtomicBool::new(false),
+        })
+    }
+
+    fn insert(&self, shared: Arc<Shared>) -> Arc<ActorHandle> {
         let handle = Arc::new(ActorHandle {
-            id: id.clone(),
-            module: module_name,
-            created_ms: now_ms(),
-            mailbox,
-            status,
-            queued,
-            deleted,
+            id: shared.id.clone(),
+            module: shared.module_name.clone(),
+            created_ms: shared.created_ms,
+            shared,
         });
-        write(&self.actors).insert(id, handle.clone());
-        Ok(handle)
+        write(&self.actors).insert(handle.id.clone(), handle.clone());
+        handle
     }
 
     /// The actor `id`.
@@ -155,87 +254,272 @@ impl Directory {
     }
 
     /// Removes actor `id`: jobs still queued are refused, the running one finishes, then
-    /// its thread ends and its memory is freed.
+    /// its thread ends, its memory is freed and its state leaves the store.
     pub fn remove(&self, id: &str) -> Result<(), ApiError> {
         let handle = write(&self.actors)
             .remove(id)
             .ok_or_else(|| ApiError::not_found(format!("no actor `{id}`")))?;
-        handle.deleted.store(true, Ordering::Relaxed);
+        let shared = &handle.shared;
+        shared.deleted.store(true, Ordering::Relaxed);
+        let was = std::mem::replace(&mut *lock(&shared.life), Life::Deleted);
+        // An active thread forgets the stored state itself once its last job is done, so
+        // that a save still running cannot bring it back.
+        if let (Life::Passivated, Some(persist)) = (was, &shared.persist) {
+            persist.forget(id);
+        }
         Ok(())
     }
 }
 
+/// How a thread gets its actor.
+enum Boot {
+    /// Run `tern_init`, then say so.
+    Start(oneshot::Sender<Result<(), ApiError>>),
+    /// Restore the last stored snapshot.
+    Restore,
+}
+
+fn spawn(shared: Arc<Shared>, boot: Boot, jobs: mpsc::Receiver<Job>) -> Result<(), ApiError> {
+    std::thread::Builder::new()
+        .name(format!("tern-actor-{}", shared.id))
+        .stack_size(ACTOR_STACK_BYTES)
+        .spawn(move || Worker { shared }.run(boot, jobs))
+        .map(|_| ())
+        .map_err(|e| ApiError::internal(format!("cannot start the actor's thread: {e}")))
+}
+
 /// The actor's thread.
 struct Worker {
-    status: Arc<Mutex<Status>>,
-    queued: Arc<AtomicUsize>,
-    deleted: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+}
+
+/// What the mailbox gave after a wait.
+enum Next {
+    Job(Job),
+    /// Idle past the limit and saved: the thread ends.
+    Passivated,
+    /// The handle is gone (deleted, or the server stopped).
+    Closed,
 }
 
 impl Worker {
-    fn run(
-        self,
-        runtime: &Runtime,
-        module: &Arc<ActorModule>,
-        started: oneshot::Sender<Result<(), ApiError>>,
-        jobs: mpsc::Receiver<Job>,
-    ) {
-        let mut actor = match Actor::start(runtime, module) {
-            Ok(actor) => actor,
-            Err(e) => {
-                let _ = started.send(Err(e.into()));
-                return;
-            }
+    fn run(self, boot: Boot, jobs: mpsc::Receiver<Job>) {
+        let Some(mut actor) = self.boot(boot, &jobs) else {
+            return;
         };
         // The sink stays for the actor's life; each message puts its own stream in the slot.
         let slot: Arc<Mutex<Option<OutputStream>>> = Arc::default();
         let sink = slot.clone();
+        let canceller = actor.canceller();
         actor.on_output(move |bytes| {
-            if let Some(stream) = lock(&sink).as_ref() {
-                // A closed stream is a client that left: the message runs on regardless.
-                let _ = stream.send(bytes.to_vec());
+            if let Some(stream) = lock(&sink).as_ref()
+                && stream.send(bytes.to_vec()).is_err()
+            {
+                // A closed stream is a client that left: the message is cancelled, and the
+                // guest's next emit or forward pass returns the ABI's "cancelled" code.
+                canceller.cancel();
             }
         });
-        self.finished(&actor);
-        if started.send(Ok(())).is_err() {
-            return;
-        }
-        // Ends when the directory dropped the actor's handle and the queue is empty.
-        while let Ok(job) = jobs.recv() {
-            if self.deleted.load(Ordering::Relaxed) {
+        // Whether the actor's state differs from the stored one.
+        let mut dirty = false;
+        loop {
+            let job = match self.next(&jobs, &mut actor, &mut dirty) {
+                Next::Job(job) => job,
+                Next::Passivated => {
+                    tracing::info!(id = %self.shared.id, "actor passivated");
+                    return;
+                }
+                Next::Closed => break,
+            };
+            if self.shared.deleted.load(Ordering::Relaxed) {
                 refuse(job);
             } else {
                 self.set_state(State::Busy);
-                match job {
-                    Job::Message {
-                        body,
-                        stream,
-                        reply,
-                    } => {
-                        *lock(&slot) = stream;
-                        let result = actor.send(&body).map_err(ApiError::from);
-                        // Dropping the stream's sender ends the stream before the reply comes.
-                        *lock(&slot) = None;
-                        let _ = reply.send(result);
+                self.handle(job, &mut actor, &slot, &mut dirty);
+            }
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let (true, Some(persist)) = (
+            self.shared.deleted.load(Ordering::Relaxed),
+            &self.shared.persist,
+        ) {
+            persist.forget(&self.shared.id);
+        }
+    }
+
+    /// The actor, started or restored; `None` (the error sent or recorded) if that failed.
+    fn boot(&self, boot: Boot, jobs: &mpsc::Receiver<Job>) -> Option<Actor> {
+        let shared = &self.shared;
+        match boot {
+            Boot::Start(started) => {
+                let result = Actor::start(&shared.runtime, &shared.module)
+                    .map_err(ApiError::from)
+                    .and_then(|mut actor| {
+                        if let Some(persist) = &shared.persist {
+                            let record = ActorRecord {
+                                module: shared.module_name.clone(),
+                                created_ms: shared.created_ms,
+                            };
+                            persist.record(&shared.id, &record)?;
+                            persist.save(&shared.id, &mut actor)?;
+                        }
+                        Ok(actor)
+                    });
+                self.finished_or(&result);
+                match result {
+                    Ok(actor) => {
+                        self.finished(&actor);
+                        if started.send(Ok(())).is_ok() {
+                            return Some(actor);
+                        }
+                        // The request that started it is gone, so nobody knows its id.
+                        if let Some(persist) = &shared.persist {
+                            persist.forget(&shared.id);
+                        }
+                        None
                     }
-                    Job::Snapshot { reply } => {
-                        let _ = reply.send(actor.snapshot().map_err(ApiError::from));
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        None
                     }
                 }
-                self.finished(&actor);
             }
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+            Boot::Restore => {
+                let result = match &shared.persist {
+                    Some(persist) => persist.restore(&shared.id, &shared.runtime, &shared.module),
+                    None => Err(ApiError::internal("no store to restore the actor from")),
+                };
+                self.finished_or(&result);
+                match result {
+                    Ok(actor) => {
+                        self.finished(&actor);
+                        Some(actor)
+                    }
+                    Err(e) => {
+                        tracing::error!(id = %shared.id, error = %e.message, "restore failed");
+                        // Every job until the handle goes answers the failure.
+                        while let Ok(job) = jobs.recv() {
+                            fail(job, &e);
+                            shared.queued.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the next job; past the idle limit, saves and passivates the actor unless a
+    /// job came in the meantime.
+    fn next(&self, jobs: &mpsc::Receiver<Job>, actor: &mut Actor, dirty: &mut bool) -> Next {
+        let shared = &self.shared;
+        let Some((persist, idle)) = shared.persist.as_ref().and_then(|p| Some((p, p.idle?))) else {
+            return jobs.recv().map_or(Next::Closed, Next::Job);
+        };
+        loop {
+            match jobs.recv_timeout(idle) {
+                Ok(job) => return Next::Job(job),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Next::Closed,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if actor.fault().is_some() {
+                continue; // A failed actor stays, to answer its fault.
+            }
+            if *dirty {
+                match persist.save(&shared.id, actor) {
+                    Ok(()) => *dirty = false,
+                    Err(e) => {
+                        tracing::error!(id = %shared.id, error = %e.message, "cannot passivate");
+                        continue;
+                    }
+                }
+            }
+            // Under the lock no job can be posted: the mailbox is empty or it is not.
+            let mut life = lock(&shared.life);
+            match jobs.try_recv() {
+                Ok(job) => return Next::Job(job),
+                Err(mpsc::TryRecvError::Disconnected) => return Next::Closed,
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
+            if let Life::Deleted = *life {
+                return Next::Closed;
+            }
+            *life = Life::Passivated;
+            let mut status = lock(&shared.status);
+            status.state = State::Passivated;
+            status.memory_bytes = 0;
+            return Next::Passivated;
+        }
+    }
+
+    fn handle(
+        &self,
+        job: Job,
+        actor: &mut Actor,
+        slot: &Mutex<Option<OutputStream>>,
+        dirty: &mut bool,
+    ) {
+        match job {
+            Job::Message {
+                body,
+                stream,
+                reply,
+            } => {
+                *lock(slot) = stream;
+                let result = actor.send(&body).map_err(ApiError::from);
+                // Dropping the stream's sender ends the stream before the reply comes.
+                *lock(slot) = None;
+                let result = result.map(|reply| Delivered {
+                    durable: self.after_message(actor, dirty),
+                    reply,
+                });
+                // The status is current before the client hears the answer.
+                self.finished(actor);
+                let _ = reply.send(result);
+            }
+            Job::Snapshot { reply } => {
+                let result = actor.snapshot().map_err(ApiError::from);
+                self.finished(actor);
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Saves after a message when durability is per message; says whether it was saved.
+    fn after_message(&self, actor: &mut Actor, dirty: &mut bool) -> bool {
+        let Some(persist) = &self.shared.persist else {
+            return false;
+        };
+        *dirty = true;
+        if persist.durability != Durability::Message {
+            return false;
+        }
+        match persist.save(&self.shared.id, actor) {
+            Ok(()) => {
+                *dirty = false;
+                true
+            }
+            Err(e) => {
+                tracing::error!(id = %self.shared.id, error = %e.message, "save failed");
+                false
+            }
         }
     }
 
     fn set_state(&self, state: State) {
-        let mut status = lock(&self.status);
+        let mut status = lock(&self.shared.status);
         status.state = state;
         status.last_activity_ms = now_ms();
     }
 
+    fn finished_or<T>(&self, result: &Result<T, ApiError>) {
+        if let Err(e) = result {
+            self.set_state(State::Failed(e.message.clone()));
+        }
+    }
+
     fn finished(&self, actor: &Actor) {
-        let mut status = lock(&self.status);
+        let mut status = lock(&self.shared.status);
         status.state = match actor.fault() {
             Some(fault) => State::Failed(fault.to_string()),
             None => State::Idle,
@@ -247,13 +531,19 @@ impl Worker {
 
 /// Answers a job queued for an actor that was deleted before it ran.
 fn refuse(job: Job) {
-    let gone = || ApiError::not_found("the actor was deleted before this request ran");
+    fail(
+        job,
+        &ApiError::not_found("the actor was deleted before this request ran"),
+    );
+}
+
+fn fail(job: Job, e: &ApiError) {
     match job {
         Job::Message { reply, .. } => {
-            let _ = reply.send(Err(gone()));
+            let _ = reply.send(Err(e.clone()));
         }
         Job::Snapshot { reply } => {
-            let _ = reply.send(Err(gone()));
+            let _ = reply.send(Err(e.clone()));
         }
     }
 }

@@ -16,24 +16,34 @@
 //! - A client that disconnects from a streamed reply does not disturb the server (the
 //!   message still runs to its end: cancelling a generation is not built yet).
 //!
-//! Not built yet: durability (actors live in memory only), passivation, the
-//! OpenAI-compatible routes, the batched step scheduler, quotas beyond the runtime's
+//! - With a store ([`Config::store`], [`durable`]), each actor's state is saved crash-safely
+//!   after every message (or on passivation only), uploads are kept, and a server started
+//!   on the same store lists the same actors and continues each from its last save. An
+//!   actor idle past [`Config::idle`] is passivated (saved, thread and memory freed) and
+//!   restored by its next message.
+//!
+//! Not built yet: the OpenAI-compatible routes, the batched step scheduler, quotas beyond the runtime's
 //! limits, metrics.
 
 pub mod actors;
 pub mod auth;
+pub mod durable;
 mod error;
 mod modules;
 pub mod routes;
 mod sse;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tern_actor::Runtime;
 
+pub use durable::Durability;
 pub use error::ApiError;
+pub use store::{LocalStore, SnapshotStore, StoreError};
 
 /// How a [`Server`] listens and what it accepts.
 #[derive(Clone)]
@@ -49,6 +59,14 @@ pub struct Config {
     pub module_bytes: usize,
     /// Modules offered by name (the bundled guests), compiled on first use.
     pub bundled: Vec<(String, PathBuf)>,
+    /// Where actors and uploads are kept across restarts; `None`: in memory only (no
+    /// durability, no passivation).
+    pub store: Option<Arc<dyn SnapshotStore>>,
+    /// When actors are saved to `store`.
+    pub durability: Durability,
+    /// How long an actor may stay idle before it is saved and its thread and memory freed;
+    /// `None`: never. Needs a `store`.
+    pub idle: Option<Duration>,
 }
 
 impl Config {
@@ -60,6 +78,9 @@ impl Config {
             message_bytes: 16 << 20,
             module_bytes: 64 << 20,
             bundled: Vec::new(),
+            store: None,
+            durability: Durability::Message,
+            idle: None,
         }
     }
 }
@@ -73,6 +94,9 @@ impl std::fmt::Debug for Config {
             .field("message_bytes", &self.message_bytes)
             .field("module_bytes", &self.module_bytes)
             .field("bundled", &self.bundled)
+            .field("store", &self.store.as_ref().map(|_| "<store>"))
+            .field("durability", &self.durability)
+            .field("idle", &self.idle)
             .finish()
     }
 }
@@ -91,6 +115,8 @@ pub enum ServerError {
     Runtime(std::io::Error),
     #[error("the server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot read the stored actors: {0}")]
+    Recover(#[from] StoreError),
 }
 
 /// A bound, not yet serving, HTTP front for actors of one runtime.
@@ -113,7 +139,7 @@ impl Server {
         let listener = std::net::TcpListener::bind(config.listen).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
-        let state = Arc::new(routes::AppState::new(runtime, config));
+        let state = Arc::new(routes::AppState::new(runtime, config)?);
         Ok(Server {
             listener,
             addr,

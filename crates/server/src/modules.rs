@@ -70,6 +70,34 @@ impl Modules {
         wasm: Vec<u8>,
     ) -> Result<(String, bool), ApiError> {
         let module = compile(runtime, "upload", wasm).await?;
+        Ok(self.add_upload(module))
+    }
+
+    /// Compiles and lists an upload kept in the store (at recovery, off the reactor).
+    pub fn add_stored(&self, runtime: &Runtime, wasm: &[u8]) -> Result<String, ApiError> {
+        let module = Arc::new(ActorModule::new(runtime, "upload", wasm)?);
+        Ok(self.add_upload(module).0)
+    }
+
+    /// The module a stored actor names, compiling a bundled guest if needed (at recovery,
+    /// off the reactor).
+    pub fn load(&self, runtime: &Runtime, name: &str) -> Result<Arc<ActorModule>, ApiError> {
+        if let Some(module) = lock(&self.compiled).get(name) {
+            return Ok(module.clone());
+        }
+        let Some((_, path)) = self.bundled.iter().find(|(n, _)| n == name) else {
+            return Err(ApiError::not_found(format!("no module `{name}`")));
+        };
+        let wasm = std::fs::read(path)
+            .map_err(|e| ApiError::internal(format!("cannot read bundled guest `{name}`: {e}")))?;
+        let module = Arc::new(ActorModule::new(runtime, name, &wasm)?);
+        let mut compiled = lock(&self.compiled);
+        compiled.insert(module.digest().to_string(), module.clone());
+        Ok(compiled.entry(name.to_string()).or_insert(module).clone())
+    }
+
+    /// Lists a compiled upload; returns its digest and whether it is new.
+    fn add_upload(&self, module: Arc<ActorModule>) -> (String, bool) {
         let digest = module.digest().to_string();
         let fresh = lock(&self.compiled)
             .insert(digest.clone(), module)
@@ -78,7 +106,7 @@ impl Modules {
         if !uploaded.contains(&digest) {
             uploaded.push(digest.clone());
         }
-        Ok((digest, fresh))
+        (digest, fresh)
     }
 
     /// Bundled guests, then uploads.

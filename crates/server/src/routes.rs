@@ -17,9 +17,10 @@ use tern_actor::Runtime;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::{ActorHandle, Directory, Job, State as ActorState};
+use crate::durable::Persistence;
 use crate::modules::Modules;
 use crate::sse::ReplyEvents;
-use crate::{ApiError, Config};
+use crate::{ApiError, Config, ServerError};
 
 /// What every handler shares.
 pub struct AppState {
@@ -27,16 +28,51 @@ pub struct AppState {
     pub config: Config,
     modules: Modules,
     actors: Directory,
+    persist: Option<Arc<Persistence>>,
 }
 
 impl AppState {
-    pub fn new(runtime: Arc<Runtime>, config: Config) -> AppState {
-        AppState {
+    /// The shared state; with a store, the stored uploads are compiled and the stored
+    /// actors listed, passivated (each is restored by its first job).
+    pub fn new(runtime: Arc<Runtime>, config: Config) -> Result<AppState, ServerError> {
+        let persist = config.store.clone().map(|store| {
+            Arc::new(Persistence {
+                store,
+                durability: config.durability,
+                idle: config.idle,
+            })
+        });
+        let state = AppState {
             runtime,
             modules: Modules::new(config.bundled.clone()),
             config,
-            actors: Directory::default(),
+            actors: Directory::new(persist.clone()),
+            persist,
+        };
+        if let Some(persist) = &state.persist {
+            state.recover(persist)?;
         }
+        Ok(state)
+    }
+
+    /// Brings back the stored uploads and actors; one that fails is logged and skipped.
+    fn recover(&self, persist: &Persistence) -> Result<(), ServerError> {
+        for (digest, wasm) in persist.modules()? {
+            if let Err(e) = self.modules.add_stored(&self.runtime, &wasm) {
+                tracing::error!(%digest, error = %e.message, "skipping a stored module");
+            }
+        }
+        let actors = persist.actors()?;
+        for (id, record) in &actors {
+            match self.modules.load(&self.runtime, &record.module) {
+                Ok(module) => self
+                    .actors
+                    .recover(self.runtime.clone(), module, record, id.clone()),
+                Err(e) => tracing::error!(%id, error = %e.message, "skipping a stored actor"),
+            }
+        }
+        tracing::info!(actors = actors.len(), "recovered stored actors");
+        Ok(())
     }
 }
 
@@ -87,6 +123,12 @@ async fn upload_module(
         ));
     }
     let (digest, fresh) = s.modules.upload(&s.runtime, body.to_vec()).await?;
+    if let Some(persist) = s.persist.clone() {
+        let key = digest.clone();
+        tokio::task::spawn_blocking(move || persist.save_module(&key, &body))
+            .await
+            .map_err(|e| ApiError::internal(format!("saving the module failed: {e}")))??;
+    }
     tracing::info!(%digest, "module uploaded");
     let status = if fresh {
         StatusCode::CREATED
@@ -167,10 +209,11 @@ async fn send_message(
         stream: None,
         reply: reply_tx,
     })?;
-    let reply = await_reply(&actor, reply).await?;
+    let delivered = await_reply(&actor, reply).await?;
     Ok(Json(json!({
-        "code": reply.code,
-        "output": String::from_utf8_lossy(&reply.output),
+        "code": delivered.reply.code,
+        "output": String::from_utf8_lossy(&delivered.reply.output),
+        "durable": delivered.durable,
     }))
     .into_response())
 }
@@ -199,6 +242,7 @@ fn describe(actor: &ActorHandle) -> Value {
     let (state, fault) = match status.state {
         ActorState::Idle => ("idle", None),
         ActorState::Busy => ("busy", None),
+        ActorState::Passivated => ("passivated", None),
         ActorState::Failed(fault) => ("failed", Some(fault)),
     };
     json!({

@@ -1,21 +1,21 @@
 //! A streamed reply as server-sent events: `output` events (`{"text": ...}`) as the guest
-//! emits, then one `done` event (`{"code": ...}`) or one `error` event (`{"error": ...}`).
+//! emits, then one `done` event (`{"code": ..., "durable": ...}`) or one `error` event (`{"error": ...}`).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::response::sse::Event;
-use tern_actor::Reply;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ApiError;
+use crate::actors::Delivered;
 
 /// The events of one message, read from the actor's output stream and then its reply.
 pub struct ReplyEvents {
     output: mpsc::UnboundedReceiver<Vec<u8>>,
     output_done: bool,
-    reply: Option<oneshot::Receiver<Result<Reply, ApiError>>>,
+    reply: Option<oneshot::Receiver<Result<Delivered, ApiError>>>,
     /// The final event, when held back behind the last text.
     last: Option<Event>,
     text: Utf8Carry,
@@ -24,7 +24,7 @@ pub struct ReplyEvents {
 impl ReplyEvents {
     pub fn new(
         output: mpsc::UnboundedReceiver<Vec<u8>>,
-        reply: oneshot::Receiver<Result<Reply, ApiError>>,
+        reply: oneshot::Receiver<Result<Delivered, ApiError>>,
     ) -> ReplyEvents {
         ReplyEvents {
             output,
@@ -64,7 +64,7 @@ impl futures_core::Stream for ReplyEvents {
         };
         this.reply = None;
         let event = match result {
-            Ok(Ok(reply)) => done_event(reply.code),
+            Ok(Ok(delivered)) => done_event(delivered.reply.code, delivered.durable),
             Ok(Err(e)) => error_event(&e),
             Err(_) => error_event(&ApiError::internal("the actor's thread stopped")),
         };
@@ -84,10 +84,10 @@ fn output_event(text: &str) -> Event {
         .data(serde_json::json!({ "text": text }).to_string())
 }
 
-fn done_event(code: i32) -> Event {
+fn done_event(code: i32, durable: bool) -> Event {
     Event::default()
         .event("done")
-        .data(serde_json::json!({ "code": code }).to_string())
+        .data(serde_json::json!({ "code": code, "durable": durable }).to_string())
 }
 
 fn error_event(e: &ApiError) -> Event {

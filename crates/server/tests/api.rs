@@ -132,6 +132,61 @@ fn streams_each_emit_then_the_code() {
     assert!(matches!(r.json()["code"].as_i64(), Some(2 | 3)));
 }
 
+/// `s...` emits "x" until `emit` fails, counting the emits in a global, and returns the
+/// failure's code; any other message returns the count so far.
+const CHATTY: &str = r#"(module
+  (import "tern" "emit" (func $emit (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $n (mut i32) (i32.const 0))
+  (data (i32.const 0) "x")
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param $ptr i32) (param $len i32) (result i32)
+    (local $code i32)
+    (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 115))
+      (then
+        (loop $again
+          (local.set $code (call $emit (i32.const 0) (i32.const 1)))
+          (if (i32.ge_s (local.get $code) (i32.const 0))
+            (then
+              (global.set $n (i32.add (global.get $n) (i32.const 1)))
+              (br $again))))
+        (return (local.get $code))))
+    (global.get $n)))"#;
+
+#[test]
+fn a_streaming_client_that_leaves_cancels_its_message() {
+    use std::io::Read;
+    let server = TestServer::start(None);
+    let r = server.post("/v1/modules", CHATTY.as_bytes());
+    assert!(r.status == 201 || r.status == 200, "{r:?}");
+    let actor = server.start_actor(r.json()["digest"].as_str().unwrap());
+    let path = format!("/v1/actors/{actor}/messages");
+    let mut client = TcpStream::connect(server.addr).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nContent-Length: 5\r\n\r\nspeak"
+    );
+    client.write_all(head.as_bytes()).unwrap();
+    // Read until the stream has begun, then leave.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("event: output") {
+        let n = client.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the stream ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(client);
+    // The next message runs after the abandoned one: had that run on, it would have emitted
+    // until the 16 MiB output limit.
+    let r = server.post(&path, b"count");
+    assert_eq!(r.status, 200, "{r:?}");
+    let emitted = r.json()["code"].as_i64().unwrap();
+    assert!((1..16 << 20).contains(&emitted), "{emitted} emits");
+}
+
 #[test]
 fn a_trapping_actor_fails_alone() {
     let server = TestServer::start(None);

@@ -30,6 +30,24 @@ pub const ECHO: &str = r#"(module
     (drop (call $emit (i32.const 16) (i32.const 1)))
     (global.get $count)))"#;
 
+/// Keeps a log of every message in its memory and emits the whole log; returns how many
+/// messages it has handled (a global). A continuation after a restore is exact only if
+/// both memory and globals came back.
+pub const COUNTER: &str = r#"(module
+  (import "tern" "emit" (func $emit (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $count (mut i32) (i32.const 0))
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 40000))
+  (func (export "tern_on_message") (param $ptr i32) (param $len i32) (result i32)
+    (local $log i32)
+    (local.set $log (i32.load (i32.const 0)))
+    (memory.copy (i32.add (i32.const 64) (local.get $log)) (local.get $ptr) (local.get $len))
+    (local.set $log (i32.add (local.get $log) (local.get $len)))
+    (i32.store (i32.const 0) (local.get $log))
+    (global.set $count (i32.add (global.get $count) (i32.const 1)))
+    (drop (call $emit (i32.const 64) (local.get $log)))
+    (global.get $count)))"#;
+
 /// The largest message body the test servers take.
 pub const MESSAGE_BYTES: usize = 4096;
 /// The largest module the test servers take.
@@ -44,6 +62,12 @@ pub struct TestServer {
 impl TestServer {
     /// A server on a CPU runtime without models; `echo` is offered as a bundled guest.
     pub fn start(api_key: Option<&str>) -> TestServer {
+        TestServer::start_with(|config| config.api_key = api_key.map(str::to_string))
+    }
+
+    /// As [`TestServer::start`] without a key, with `configure` applied to the
+    /// configuration.
+    pub fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
         let runtime = Runtime::builder(Arc::new(CpuDevice::new()))
             .limits(Limits {
                 memory_bytes: 16 << 20,
@@ -53,10 +77,10 @@ impl TestServer {
             .build()
             .expect("a CPU runtime");
         let mut config = Config::new("127.0.0.1:0".parse().unwrap());
-        config.api_key = api_key.map(str::to_string);
         config.message_bytes = MESSAGE_BYTES;
         config.module_bytes = MODULE_BYTES;
-        config.bundled = vec![("echo".into(), echo_file())];
+        config.bundled = vec![("echo".into(), guest_file("echo", ECHO))];
+        configure(&mut config);
         let server = Server::bind(Arc::new(runtime), config).expect("binds a free port");
         let addr = server.local_addr();
         let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -95,10 +119,16 @@ impl TestServer {
     }
 }
 
-/// [`ECHO`] in a file, as a bundled guest would be.
-fn echo_file() -> PathBuf {
-    let path = std::env::temp_dir().join(format!("tern-server-echo-{}.wat", std::process::id()));
-    std::fs::write(&path, ECHO).unwrap();
+/// A guest's text in a file, as a bundled guest would be.
+pub fn guest_file(name: &str, wat: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("tern-server-{name}-{}.wat", std::process::id()));
+    // Written aside and renamed: a server of another test may be reading it right now.
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("tern-server-{name}-{}-{n}.tmp", std::process::id()));
+    std::fs::write(&tmp, wat).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
     path
 }
 

@@ -1,0 +1,157 @@
+//! Durable actors: what is saved to the [`SnapshotStore`], under which keys, and how a
+//! server brings it back.
+//!
+//! Layout (keys of the store; a [`crate::store::LocalStore`] makes them files under the
+//! state folder):
+//! - `actors/{id}.json`: the actor's record (its module, by bundled name or digest, and its
+//!   creation time), written once when it starts;
+//! - `actors/{id}.tern`: its last durable snapshot (the format `tern restore` reads),
+//!   replaced crash-safely after each message or on passivation;
+//! - `modules/{digest}.wasm`: each uploaded module's bytes, so uploads survive a restart.
+//!
+//! Guarantees: a save replaces the previous snapshot whole or not at all; an actor whose
+//! record or snapshot is missing or unreadable is skipped at recovery with an error in the
+//! log, never a crash; a deleted actor's keys are removed (snapshot first, then record).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_actor::{Actor, ActorModule, Runtime};
+
+use crate::ApiError;
+use crate::store::{SnapshotStore, StoreError};
+
+/// When an actor's state is saved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// After every message, before its answer (which says `"durable": true`).
+    Message,
+    /// Only when the actor passivates: a crash loses the messages since.
+    Passivate,
+}
+
+/// The store and the policy, shared by every actor of a server.
+pub struct Persistence {
+    pub store: Arc<dyn SnapshotStore>,
+    pub durability: Durability,
+    /// How long an actor may stay idle before it is passivated; `None`: never.
+    pub idle: Option<Duration>,
+}
+
+/// What is needed, beside its snapshot, to bring an actor back.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ActorRecord {
+    /// A bundled guest's name or an uploaded module's digest.
+    pub module: String,
+    pub created_ms: u64,
+}
+
+fn snapshot_key(id: &str) -> String {
+    format!("actors/{id}.tern")
+}
+
+fn record_key(id: &str) -> String {
+    format!("actors/{id}.json")
+}
+
+fn module_key(digest: &str) -> String {
+    format!("modules/{digest}.wasm")
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    ApiError::internal(format!("the state store failed: {e}"))
+}
+
+impl Persistence {
+    /// Writes the actor's record.
+    pub fn record(&self, id: &str, record: &ActorRecord) -> Result<(), ApiError> {
+        let bytes = serde_json::to_vec(record).map_err(|e| ApiError::internal(e.to_string()))?;
+        self.store.put(&record_key(id), &bytes).map_err(store_error)
+    }
+
+    /// Saves the actor's state as its last durable snapshot.
+    pub fn save(&self, id: &str, actor: &mut Actor) -> Result<(), ApiError> {
+        let bytes = actor.snapshot()?;
+        self.store
+            .put(&snapshot_key(id), &bytes)
+            .map_err(store_error)
+    }
+
+    /// A new actor in the state of its last durable snapshot.
+    pub fn restore(
+        &self,
+        id: &str,
+        runtime: &Runtime,
+        module: &Arc<ActorModule>,
+    ) -> Result<Actor, ApiError> {
+        let bytes = self
+            .store
+            .get(&snapshot_key(id))
+            .map_err(store_error)?
+            .ok_or_else(|| ApiError::internal(format!("actor `{id}` has no stored snapshot")))?;
+        let view = tern_snapshot::parse(&bytes).map_err(|e| {
+            ApiError::internal(format!("actor `{id}`'s stored snapshot is unreadable: {e}"))
+        })?;
+        Ok(Actor::restore(runtime, module, &view)?)
+    }
+
+    /// Removes the actor's keys; a failure is logged (the actor is gone from the API).
+    pub fn forget(&self, id: &str) {
+        for key in [snapshot_key(id), record_key(id)] {
+            if let Err(e) = self.store.delete(&key) {
+                tracing::error!(%id, error = %e, "cannot delete the actor's stored state");
+            }
+        }
+    }
+
+    /// Keeps an uploaded module's bytes under its digest.
+    pub fn save_module(&self, digest: &str, wasm: &[u8]) -> Result<(), ApiError> {
+        self.store
+            .put(&module_key(digest), wasm)
+            .map_err(store_error)
+    }
+
+    /// The stored uploads, as (digest, bytes).
+    pub fn modules(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.store.list()? {
+            let Some(digest) = key
+                .strip_prefix("modules/")
+                .and_then(|k| k.strip_suffix(".wasm"))
+            else {
+                continue;
+            };
+            if let Some(bytes) = self.store.get(&key)? {
+                out.push((digest.to_string(), bytes));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored actors that have both a record and a snapshot, as (id, record).
+    pub fn actors(&self) -> Result<Vec<(String, ActorRecord)>, StoreError> {
+        let keys = self.store.list()?;
+        let mut out = Vec::new();
+        for key in &keys {
+            let Some(id) = key
+                .strip_prefix("actors/")
+                .and_then(|k| k.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            if !keys.contains(&snapshot_key(id)) {
+                tracing::error!(%id, "skipping a stored actor without a snapshot");
+                continue;
+            }
+            let Some(bytes) = self.store.get(key)? else {
+                continue;
+            };
+            match serde_json::from_slice::<ActorRecord>(&bytes) {
+                Ok(record) => out.push((id.to_string(), record)),
+                Err(e) => tracing::error!(%id, error = %e, "skipping an unreadable actor record"),
+            }
+        }
+        Ok(out)
+    }
+}

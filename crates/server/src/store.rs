@@ -1,0 +1,209 @@
+//! Where durable state lives: a [`SnapshotStore`] keeps blobs by key (actor snapshots, actor
+//! records, uploaded modules), and [`LocalStore`] keeps them as files under one folder.
+//!
+//! Guarantees of every implementation:
+//! - [`SnapshotStore::put`] is crash-safe: after a crash the key holds either its previous
+//!   bytes or the new ones, whole, never a mix or a truncated file.
+//! - Keys are checked in one place ([`check_key`]): segments of `[A-Za-z0-9._-]` joined by
+//!   `/`, none empty or starting with `.`, so a key never leaves the store.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid store key `{0}`")]
+    Key(String),
+    #[error("{what} {path}: {error}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// Blobs by key, written crash-safely. Narrow on purpose: a local folder implements it
+/// today, an object store (NATS JetStream) later.
+pub trait SnapshotStore: Send + Sync {
+    /// Stores `bytes` under `key`, replacing what was there, crash-safely.
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The bytes under `key`, or `None` if there are none.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Removes `key`; removing a missing key is not an error.
+    fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Every key, sorted.
+    fn list(&self) -> Result<Vec<String>, StoreError>;
+}
+
+/// Refuses a key that is empty, absolute, or has an empty, hidden or odd segment.
+pub fn check_key(key: &str) -> Result<(), StoreError> {
+    let ok = !key.is_empty()
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && !seg.starts_with('.')
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Key(key.to_string()))
+    }
+}
+
+/// A store in a local folder: key `a/b` is the file `ROOT/a/b`. A put writes a hidden
+/// temporary file beside the target, fsyncs it, renames it over the target and fsyncs the
+/// folder.
+pub struct LocalStore {
+    root: PathBuf,
+    next_tmp: AtomicU64,
+}
+
+impl LocalStore {
+    /// Opens (creating it if needed) the folder `root` and checks that it can be written.
+    pub fn open(root: impl Into<PathBuf>) -> Result<LocalStore, StoreError> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(io("cannot create the state folder", &root))?;
+        let store = LocalStore {
+            root,
+            next_tmp: AtomicU64::new(0),
+        };
+        // A probe, so that a read-only folder is an error now rather than at the first save.
+        store.put("write-check", b"ok")?;
+        store.delete("write-check")?;
+        Ok(store)
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+}
+
+impl SnapshotStore for LocalStore {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
+        let written = (|| {
+            let mut file = File::create(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()
+        })();
+        if let Err(error) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io("cannot write", &tmp)(error));
+        }
+        if let Err(error) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io("cannot rename onto", &path)(error));
+        }
+        // The rename itself is durable once the folder is synced.
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("cannot sync", &dir))
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.path(key)?;
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("cannot read", &path)(e)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("cannot delete", &path)(e)),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        walk(&self.root, "", &mut keys)?;
+        keys.sort();
+        Ok(keys)
+    }
+}
+
+/// Collects the keys under `dir` (prefixed by `prefix`), skipping temporary files left by
+/// an interrupted put and anything that is not a valid key.
+fn walk(dir: &Path, prefix: &str, keys: &mut Vec<String>) -> Result<(), StoreError> {
+    let entries = fs::read_dir(dir).map_err(io("cannot list", dir))?;
+    for entry in entries {
+        let entry = entry.map_err(io("cannot list", dir))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let key = format!("{prefix}{name}");
+        if check_key(&key).is_err() {
+            continue;
+        }
+        let kind = entry.file_type().map_err(io("cannot list", dir))?;
+        if kind.is_dir() {
+            walk(&entry.path(), &format!("{key}/"), keys)?;
+        } else if kind.is_file() {
+            keys.push(key);
+        }
+    }
+    Ok(())
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |error| StoreError::Io { what, path, error }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn puts_gets_lists_and_deletes() {
+        let dir = std::env::temp_dir().join(format!("tern-store-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = LocalStore::open(&dir).unwrap();
+        store.put("actors/a1.tern", b"one").unwrap();
+        store.put("actors/a1.tern", b"two").unwrap();
+        store.put("modules/m.wasm", b"m").unwrap();
+        // A temporary file left by an interrupted put is not a key.
+        fs::write(dir.join("actors/.tmp-1-1"), b"half").unwrap();
+        assert_eq!(store.get("actors/a1.tern").unwrap().unwrap(), b"two");
+        assert_eq!(store.get("actors/a2.tern").unwrap(), None);
+        assert_eq!(store.list().unwrap(), ["actors/a1.tern", "modules/m.wasm"]);
+        store.delete("actors/a1.tern").unwrap();
+        store.delete("actors/a1.tern").unwrap();
+        assert_eq!(store.list().unwrap(), ["modules/m.wasm"]);
+        for bad in ["", "../x", "a//b", "/abs", "a/.hidden", "a b"] {
+            assert!(store.put(bad, b"x").is_err(), "{bad}");
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_folder_that_cannot_be_created_is_an_error() {
+        let file = std::env::temp_dir().join(format!("tern-store-file-{}", std::process::id()));
+        fs::write(&file, b"not a folder").unwrap();
+        let err = LocalStore::open(file.join("state")).err().unwrap();
+        assert!(
+            err.to_string().contains("cannot create the state folder"),
+            "{err}"
+        );
+        fs::remove_file(&file).unwrap();
+    }
+}

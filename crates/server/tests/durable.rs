@@ -1,0 +1,228 @@
+//! Durable actors over real HTTP on loopback: state saved per message, a restarted server
+//! on the same state folder continuing each actor byte for byte, passivation of idle
+//! actors, and deleted actors leaving the store.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{COUNTER, TestServer, guest_file, request};
+use serde_json::Value;
+use tern_server::{Config, Durability, LocalStore};
+
+/// A fresh state folder for one test.
+fn state_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tern-durable-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `counter` bundled; with `state`, actors kept there.
+fn configure(
+    state: Option<&Path>,
+    durability: Durability,
+    idle: Option<Duration>,
+) -> impl FnOnce(&mut Config) {
+    let state = state.map(Path::to_path_buf);
+    move |config: &mut Config| {
+        config
+            .bundled
+            .push(("counter".into(), guest_file("counter", COUNTER)));
+        if let Some(dir) = state {
+            config.store = Some(Arc::new(LocalStore::open(dir).expect("a state folder")));
+        }
+        config.durability = durability;
+        config.idle = idle;
+    }
+}
+
+fn send(server: &TestServer, actor: &str, message: &str) -> Value {
+    let r = server.post(&format!("/v1/actors/{actor}/messages"), message.as_bytes());
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()
+}
+
+/// The replies an uninterrupted actor of `module` gives to `messages`, from a server that
+/// keeps nothing.
+fn uninterrupted(module: &str, messages: &[&str]) -> Vec<Value> {
+    let server = TestServer::start_with(configure(None, Durability::Message, None));
+    let module = if module == "upload" {
+        server.upload_echo()
+    } else {
+        module.to_string()
+    };
+    let actor = server.start_actor(&module);
+    messages
+        .iter()
+        .map(|m| {
+            let mut reply = send(&server, &actor, m);
+            assert_eq!(reply["durable"], false);
+            reply.as_object_mut().unwrap().remove("durable");
+            reply
+        })
+        .collect()
+}
+
+fn without_durable(mut reply: Value) -> Value {
+    reply.as_object_mut().unwrap().remove("durable");
+    reply
+}
+
+fn actor_ids(server: &TestServer) -> Vec<(String, String, String)> {
+    let list = server.get("/v1/actors").json()["actors"].clone();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let s = |k: &str| a[k].as_str().unwrap().to_string();
+            (s("id"), s("module"), s("state"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_restarted_server_lists_its_actors_and_continues_them_exactly() {
+    let dir = state_dir("restart");
+    let messages = ["one ", "two ", "three"];
+    let counter_ref = uninterrupted("counter", &messages);
+    let echo_ref = uninterrupted("upload", &messages);
+
+    let first = TestServer::start_with(configure(Some(&dir), Durability::Message, None));
+    let digest = first.upload_echo();
+    let counter = first.start_actor("counter");
+    let echo = first.start_actor(&digest);
+    for (i, m) in messages[..2].iter().enumerate() {
+        let reply = send(&first, &counter, m);
+        assert_eq!(reply["durable"], true, "{reply}");
+        assert_eq!(without_durable(reply), counter_ref[i]);
+        assert_eq!(without_durable(send(&first, &echo, m)), echo_ref[i]);
+    }
+    let before = actor_ids(&first);
+    drop(first);
+
+    let second = TestServer::start_with(configure(Some(&dir), Durability::Message, None));
+    let after = actor_ids(&second);
+    assert_eq!(after.len(), 2);
+    for ((id, module, _), (id2, module2, state)) in before.iter().zip(&after) {
+        assert_eq!((id, module), (id2, module2));
+        assert_eq!(state, "passivated");
+    }
+    // The upload survived, so new actors can still start from it.
+    let modules = second.get("/v1/modules").json()["modules"].to_string();
+    assert!(modules.contains(&digest), "{modules}");
+    // Streamed: the final event says the state was saved.
+    let path = format!("/v1/actors/{counter}/messages");
+    let accept = [("Accept", "text/event-stream")];
+    let streamed = request(second.addr, "POST", &path, &accept, messages[2].as_bytes());
+    let events = streamed.events();
+    let (name, done) = events.last().unwrap();
+    assert_eq!(name, "done", "{events:?}");
+    assert_eq!(done["durable"], true);
+    assert_eq!(done["code"], counter_ref[2]["code"]);
+    let text: String = events
+        .iter()
+        .filter(|(e, _)| e == "output")
+        .map(|(_, d)| d["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, counter_ref[2]["output"].as_str().unwrap());
+    assert_eq!(
+        without_durable(send(&second, &echo, messages[2])),
+        echo_ref[2]
+    );
+    assert_eq!(
+        second.get(&format!("/v1/actors/{counter}")).json()["state"],
+        "idle"
+    );
+    // New ids do not reuse recovered ones.
+    let fresh = second.start_actor(&digest);
+    assert!(!before.iter().any(|(id, _, _)| *id == fresh), "{fresh}");
+    drop(second);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Waits until actor `id` reports `state`.
+fn wait_for_state(server: &TestServer, id: &str, state: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let info = server.get(&format!("/v1/actors/{id}")).json();
+        if info["state"] == state {
+            return info;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never {state}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn idle_actors_passivate_and_continue_exactly() {
+    let dir = state_dir("passivate");
+    let messages = ["alpha ", "beta ", "gamma ", "delta"];
+    let reference = uninterrupted("counter", &messages);
+    let idle = Some(Duration::from_millis(500));
+
+    // Saved only on passivation: replies are not durable, and the actor continues after
+    // its thread was freed, then after a restart.
+    let server = TestServer::start_with(configure(Some(&dir), Durability::Passivate, idle));
+    let actor = server.start_actor("counter");
+    for (i, m) in messages[..2].iter().enumerate() {
+        let reply = send(&server, &actor, m);
+        assert_eq!(reply["durable"], false);
+        assert_eq!(without_durable(reply), reference[i]);
+    }
+    let info = wait_for_state(&server, &actor, "passivated");
+    assert_eq!(info["memory_bytes"], 0);
+    assert_eq!(
+        without_durable(send(&server, &actor, messages[2])),
+        reference[2]
+    );
+    assert_eq!(
+        server.get(&format!("/v1/actors/{actor}")).json()["memory_bytes"],
+        65536
+    );
+    wait_for_state(&server, &actor, "passivated");
+    drop(server);
+
+    let server = TestServer::start_with(configure(Some(&dir), Durability::Passivate, idle));
+    assert_eq!(
+        without_durable(send(&server, &actor, messages[3])),
+        reference[3]
+    );
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn deleted_actors_leave_the_store() {
+    let dir = state_dir("delete");
+    let server = TestServer::start_with(configure(Some(&dir), Durability::Message, None));
+    let (kept, gone) = (server.start_actor("counter"), server.start_actor("counter"));
+    send(&server, &gone, "x");
+    let r = request(
+        server.addr,
+        "DELETE",
+        &format!("/v1/actors/{gone}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 204);
+    drop(server);
+    let server = TestServer::start_with(configure(Some(&dir), Durability::Message, None));
+    let ids: Vec<String> = actor_ids(&server)
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(ids, [kept]);
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("actors"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["a1.json", "a1.tern"]);
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
