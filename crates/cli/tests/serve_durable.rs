@@ -12,20 +12,24 @@ use serde_json::Value;
 
 /// Keeps a log of every message in memory and emits it whole; returns its message count (a
 /// global).
-const COUNTER: &str = r#"(module
-  (import "tern" "emit" (func $emit (param i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (global $count (mut i32) (i32.const 0))
-  (func (export "tern_alloc") (param i32) (result i32) (i32.const 40000))
-  (func (export "tern_on_message") (param $ptr i32) (param $len i32) (result i32)
-    (local $log i32)
-    (local.set $log (i32.load (i32.const 0)))
-    (memory.copy (i32.add (i32.const 64) (local.get $log)) (local.get $ptr) (local.get $len))
-    (local.set $log (i32.add (local.get $log) (local.get $len)))
-    (i32.store (i32.const 0) (local.get $log))
-    (global.set $count (i32.add (global.get $count) (i32.const 1)))
-    (drop (call $emit (i32.const 64) (local.get $log)))
-    (global.get $count)))"#;
+const COUNTER: &str = include_str!("../../server/tests/data/counter.wat");
+
+/// `tern serve` on the CPU, on a free loopback port, with state in `state`, without a key.
+fn serve_command(state: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tern"));
+    command
+        .args([
+            "serve",
+            "--device",
+            "cpu",
+            "--listen",
+            "127.0.0.1:0",
+            "--state",
+        ])
+        .arg(state)
+        .env_remove("TERN_API_KEY");
+    command
+}
 
 /// A `tern serve` process and the address it printed.
 struct Serve {
@@ -35,17 +39,7 @@ struct Serve {
 
 impl Serve {
     fn start(state: &Path) -> Serve {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args([
-                "serve",
-                "--device",
-                "cpu",
-                "--listen",
-                "127.0.0.1:0",
-                "--state",
-            ])
-            .arg(state)
-            .env_remove("TERN_API_KEY")
+        let mut child = serve_command(state)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -182,17 +176,7 @@ fn a_killed_server_restarts_on_its_state_folder_and_continues_exactly() {
 fn a_state_folder_that_cannot_be_made_is_a_clear_error() {
     let file = state_dir("file");
     std::fs::write(&file, b"a file, not a folder").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args([
-            "serve",
-            "--device",
-            "cpu",
-            "--listen",
-            "127.0.0.1:0",
-            "--state",
-        ])
-        .arg(file.join("state"))
-        .env_remove("TERN_API_KEY")
+    let out = serve_command(&file.join("state"))
         .output()
         .expect("tern runs");
     let text = String::from_utf8_lossy(&out.stderr);

@@ -33,20 +33,7 @@ pub const ECHO: &str = r#"(module
 /// Keeps a log of every message in its memory and emits the whole log; returns how many
 /// messages it has handled (a global). A continuation after a restore is exact only if
 /// both memory and globals came back.
-pub const COUNTER: &str = r#"(module
-  (import "tern" "emit" (func $emit (param i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (global $count (mut i32) (i32.const 0))
-  (func (export "tern_alloc") (param i32) (result i32) (i32.const 40000))
-  (func (export "tern_on_message") (param $ptr i32) (param $len i32) (result i32)
-    (local $log i32)
-    (local.set $log (i32.load (i32.const 0)))
-    (memory.copy (i32.add (i32.const 64) (local.get $log)) (local.get $ptr) (local.get $len))
-    (local.set $log (i32.add (local.get $log) (local.get $len)))
-    (i32.store (i32.const 0) (local.get $log))
-    (global.set $count (i32.add (global.get $count) (i32.const 1)))
-    (drop (call $emit (i32.const 64) (local.get $log)))
-    (global.get $count)))"#;
+pub const COUNTER: &str = include_str!("../data/counter.wat");
 
 /// The largest message body the test servers take.
 pub const MESSAGE_BYTES: usize = 4096;
