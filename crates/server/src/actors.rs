@@ -13,7 +13,7 @@
 //! is lost between the two.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -145,7 +145,6 @@ impl Drop for ActorHandle {
 /// Every actor, by id.
 pub struct Directory {
     actors: RwLock<HashMap<String, Arc<ActorHandle>>>,
-    next_id: AtomicU64,
     persist: Option<Arc<Persistence>>,
 }
 
@@ -153,7 +152,6 @@ impl Directory {
     pub fn new(persist: Option<Arc<Persistence>>) -> Directory {
         Directory {
             actors: RwLock::default(),
-            next_id: AtomicU64::new(0),
             persist,
         }
     }
@@ -166,7 +164,7 @@ impl Directory {
         module: Arc<ActorModule>,
         module_name: String,
     ) -> Result<Arc<ActorHandle>, ApiError> {
-        let id = format!("a{}", self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+        let id = fresh_id()?;
         let (mailbox, jobs) = mpsc::channel();
         let (started_tx, started) = oneshot::channel();
         let shared = self.shared(id, module_name, now_ms(), runtime, module, State::Busy);
@@ -186,9 +184,6 @@ impl Directory {
         record: &ActorRecord,
         id: String,
     ) {
-        if let Some(n) = id.strip_prefix('a').and_then(|n| n.parse::<u64>().ok()) {
-            self.next_id.fetch_max(n, Ordering::Relaxed);
-        }
         let shared = self.shared(
             id,
             record.module.clone(),
@@ -567,4 +562,17 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A new actor id: `a` and 32 hex digits from the operating system's random source, so that
+/// knowing one actor's id tells nothing about another's.
+fn fresh_id() -> Result<String, ApiError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| ApiError::internal(format!("reading /dev/urandom for an actor id: {e}")))?;
+    Ok(std::iter::once("a".to_string())
+        .chain(bytes.iter().map(|b| format!("{b:02x}")))
+        .collect())
 }

@@ -216,13 +216,13 @@ fn deleted_actors_leave_the_store() {
         .into_iter()
         .map(|(id, _, _)| id)
         .collect();
-    assert_eq!(ids, [kept]);
+    assert_eq!(ids, std::slice::from_ref(&kept));
     let mut files: Vec<String> = std::fs::read_dir(dir.join("actors"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     files.sort();
-    assert_eq!(files, ["a1.json", "a1.tern"]);
+    assert_eq!(files, [format!("{kept}.json"), format!("{kept}.tern")]);
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }
