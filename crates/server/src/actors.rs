@@ -244,7 +244,7 @@ impl Directory {
     /// Every actor, oldest first.
     pub fn list(&self) -> Vec<Arc<ActorHandle>> {
         let mut all: Vec<_> = read(&self.actors).values().cloned().collect();
-        all.sort_by_key(|a| (a.created_ms, a.id[1..].parse::<u64>().unwrap_or(0)));
+        all.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
         all
     }
 

@@ -29,6 +29,7 @@ pub mod actors;
 pub mod auth;
 pub mod durable;
 mod error;
+pub mod metrics;
 mod modules;
 pub mod routes;
 mod sse;

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::{ActorHandle, Directory, Job, State as ActorState};
 use crate::durable::Persistence;
+use crate::metrics::Metrics;
 use crate::modules::Modules;
 use crate::sse::ReplyEvents;
 use crate::{ApiError, Config, ServerError};
@@ -29,6 +30,7 @@ pub struct AppState {
     modules: Modules,
     actors: Directory,
     persist: Option<Arc<Persistence>>,
+    pub(crate) metrics: Metrics,
 }
 
 impl AppState {
@@ -48,11 +50,17 @@ impl AppState {
             config,
             actors: Directory::new(persist.clone()),
             persist,
+            metrics: Metrics::default(),
         };
         if let Some(persist) = &state.persist {
             state.recover(persist)?;
         }
         Ok(state)
+    }
+
+    /// Every actor, oldest first.
+    pub(crate) fn actor_list(&self) -> Vec<Arc<ActorHandle>> {
+        self.actors.list()
     }
 
     /// Brings back the stored uploads and actors; one that fails is logged and skipped.
@@ -93,6 +101,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(send_message).layer(message_limit),
         )
         .route("/v1/actors/{id}/snapshot", post(snapshot))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -105,6 +118,14 @@ type Result<T, E = ApiError> = std::result::Result<T, E>;
 
 async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(&s),
+    )
+        .into_response()
 }
 
 async fn list_modules(State(s): State<Arc<AppState>>) -> Json<Value> {

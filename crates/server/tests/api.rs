@@ -288,6 +288,7 @@ fn the_key_guards_every_route_but_health() {
     let server = TestServer::start(Some("k-secret"));
     let routes = [
         ("GET", "/v1/modules"),
+        ("GET", "/metrics"),
         ("POST", "/v1/modules"),
         ("GET", "/v1/actors"),
         ("POST", "/v1/actors"),
@@ -368,4 +369,31 @@ fn snapshots_parse_and_deleted_actors_are_gone() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[test]
+fn metrics_count_requests_by_route_and_show_actors_and_kv_bytes() {
+    let server = TestServer::start(None);
+    let actor = server.start_actor("echo");
+    for _ in 0..3 {
+        let r = server.post(&format!("/v1/actors/{actor}/messages"), b"hi");
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(server.get("/v1/actors/nobody").status, 404);
+    let r = server.get("/metrics");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    let text = String::from_utf8(r.body).unwrap();
+    for line in [
+        r#"tern_http_requests_total{route="/v1/actors/{id}/messages",method="POST",status="200"} 3"#,
+        r#"tern_http_requests_total{route="/v1/actors/{id}",method="GET",status="404"} 1"#,
+        r#"tern_http_requests_total{route="/v1/actors",method="POST",status="201"} 1"#,
+        r#"tern_http_request_duration_seconds_count{route="/v1/actors/{id}/messages",method="POST"} 3"#,
+        r#"tern_actors{state="idle"} 1"#,
+        "tern_kv_reserved_bytes 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
+    // Ids never become labels.
+    assert!(!text.contains(&actor), "{text}");
 }
