@@ -69,6 +69,10 @@ pub struct HostArgs {
     /// The most KV-cache memory one actor's sessions may reserve, in MiB.
     #[arg(long, default_value_t = 4096)]
     pub kv_mib: u64,
+    /// The most KV-cache memory all actors together may reserve, in MiB (default: no cap
+    /// beyond each actor's).
+    #[arg(long)]
+    pub host_kv_mib: Option<u64>,
 }
 
 impl HostArgs {
@@ -86,6 +90,12 @@ impl HostArgs {
                 .kv_mib
                 .checked_mul(1 << 20)
                 .context("--kv-mib is too large")?,
+            runtime_kv_bytes: match self.host_kv_mib {
+                Some(mib) => mib
+                    .checked_mul(1 << 20)
+                    .context("--host-kv-mib is too large")?,
+                None => u64::MAX,
+            },
             ..Limits::default()
         };
         let mut builder = Runtime::builder(device)

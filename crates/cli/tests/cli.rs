@@ -205,3 +205,31 @@ fn serve_refuses_a_port_in_use_and_an_empty_key() {
         "{text}"
     );
 }
+
+#[test]
+fn the_host_wide_kv_cap_is_a_flag() {
+    let (module, model) = own_module_and_model("hostkv");
+    let sessions = module.with_file_name("sessions.wat");
+    std::fs::write(
+        &sessions,
+        r#"(module
+  (import "tern" "model_open" (func $model_open (param i32 i32) (result i32)))
+  (import "tern" "session_open" (func $session_open (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "default")
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param i32 i32) (result i32)
+    (call $session_open (call $model_open (i32.const 0) (i32.const 7)) (i32.const 256))))"#,
+    )
+    .unwrap();
+    let (sessions, model) = (sessions.to_str().unwrap(), model.to_str().unwrap());
+    let run = ["run", sessions, "--device", "cpu", "--model", model];
+    let (ok, text) = tern(&run);
+    assert!(ok, "{text}");
+    let (ok, text) = tern(&[&run[..], &["--host-kv-mib", "0"]].concat());
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("the host's KV-cache memory is exhausted"),
+        "{text}"
+    );
+}
