@@ -26,7 +26,7 @@ fn main() {
         "guest/src",
         "guest/Cargo.toml",
     ] {
-        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+        watch(&root.join(dir));
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -60,4 +60,17 @@ fn main() {
     }
     let out = target_dir.join("wasm32-unknown-unknown").join("release");
     println!("cargo:rustc-env=TERN_GUEST_DIR={}", out.display());
+}
+
+/// Asks cargo to rerun this script when `path` changes: a file, or every file under a
+/// folder (cargo may not look inside a folder whose own entries did not change).
+fn watch(path: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_name() != "target" {
+                watch(&entry.path());
+            }
+        }
+    }
+    println!("cargo:rerun-if-changed={}", path.display());
 }

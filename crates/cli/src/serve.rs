@@ -42,6 +42,18 @@ pub struct ServeArgs {
     /// (0: never).
     #[arg(long, default_value_t = 300)]
     idle_secs: u64,
+    /// The largest snapshot upload (to restore an actor from), in MiB.
+    #[arg(long, default_value_t = 1024)]
+    max_snapshot_mib: usize,
+    /// Whether a stateless OpenAI-compatible request continues in a fork of a cached actor
+    /// whose conversation it extends, instead of prefilling it again. `auto`: on the CPU only,
+    /// where a prefill gives the same bits as decoding token by token; on a GPU the two
+    /// round differently, so reuse would change the bytes of a reply.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    prefix_reuse: String,
+    /// How many actors the prefix cache keeps.
+    #[arg(long, default_value_t = 4)]
+    prefix_cache: usize,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -63,7 +75,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .max_module_mib
         .checked_mul(1 << 20)
         .context("--max-module-mib is too large")?;
+    config.snapshot_bytes = args
+        .max_snapshot_mib
+        .checked_mul(1 << 20)
+        .context("--max-snapshot-mib is too large")?;
     config.bundled = bundled_guests();
+    config.prefix_reuse = match args.prefix_reuse.as_str() {
+        "on" => true,
+        "off" => false,
+        _ => runtime.device().kind() == tern_compute::DeviceChoice::Cpu,
+    };
+    config.prefix_cache = args.prefix_cache;
     let state_dir = match &args.state {
         Some(dir) => dir.clone(),
         None => default_state_dir()?,

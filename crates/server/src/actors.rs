@@ -78,10 +78,43 @@ enum Life {
     Deleted,
 }
 
+/// How a new actor begins, and whether it is kept.
+pub struct Birth {
+    /// Its module: a bundled guest's name or a digest.
+    pub module_name: String,
+    /// A snapshot to start from (a fork, an upload); `None`: a fresh start with `tern_init`.
+    pub snapshot: Option<Vec<u8>>,
+    /// The OpenAI-compatible session it serves, kept in its record.
+    pub session: Option<String>,
+    /// Never saved, passivated or recovered: a fork made for one request, or a cache entry.
+    pub ephemeral: bool,
+}
+
+impl Birth {
+    /// A fresh actor of `module_name` that is never saved.
+    pub fn ephemeral(module_name: impl Into<String>) -> Birth {
+        Birth {
+            ephemeral: true,
+            ..Birth::fresh(module_name)
+        }
+    }
+
+    /// A fresh, durable actor of `module_name`.
+    pub fn fresh(module_name: impl Into<String>) -> Birth {
+        Birth {
+            module_name: module_name.into(),
+            snapshot: None,
+            session: None,
+            ephemeral: false,
+        }
+    }
+}
+
 /// What an actor's thread and its handle share.
 struct Shared {
     id: String,
     module_name: String,
+    session: Option<String>,
     created_ms: u64,
     runtime: Arc<Runtime>,
     module: Arc<ActorModule>,
@@ -98,6 +131,10 @@ pub struct ActorHandle {
     pub id: String,
     /// The module it runs: a bundled guest's name or a digest.
     pub module: String,
+    /// The OpenAI-compatible session it serves.
+    pub session: Option<String>,
+    /// Whether it is saved to the store (and so survives passivation and restarts).
+    pub durable: bool,
     pub created_ms: u64,
     shared: Arc<Shared>,
 }
@@ -106,6 +143,11 @@ impl ActorHandle {
     /// A copy of the actor's status.
     pub fn status(&self) -> Status {
         lock(&self.shared.status).clone()
+    }
+
+    /// The compiled module it runs.
+    pub fn module_handle(&self) -> Arc<ActorModule> {
+        self.shared.module.clone()
     }
 
     /// Jobs waiting or running.
@@ -156,20 +198,36 @@ impl Directory {
         }
     }
 
-    /// Starts an actor of `module` on a thread of its own and waits for its `tern_init`
-    /// (and, with a store, for its first save).
+    /// Starts an actor of `module` on a thread of its own and waits for its `tern_init` or
+    /// its restore (and, when durable, for its first save).
     pub async fn start(
         &self,
         runtime: Arc<Runtime>,
         module: Arc<ActorModule>,
-        module_name: String,
+        birth: Birth,
     ) -> Result<Arc<ActorHandle>, ApiError> {
         let id = fresh_id()?;
         let (mailbox, jobs) = mpsc::channel();
         let (started_tx, started) = oneshot::channel();
-        let shared = self.shared(id, module_name, now_ms(), runtime, module, State::Busy);
+        let mut shared = self.shared(
+            id,
+            birth.module_name,
+            now_ms(),
+            runtime,
+            module,
+            State::Busy,
+        );
+        let shared_mut = Arc::get_mut(&mut shared).expect("not shared yet");
+        shared_mut.session = birth.session;
+        if birth.ephemeral {
+            shared_mut.persist = None;
+        }
         *lock(&shared.life) = Life::Active(mailbox);
-        spawn(shared.clone(), Boot::Start(started_tx), jobs)?;
+        spawn(
+            shared.clone(),
+            Boot::Start(started_tx, birth.snapshot),
+            jobs,
+        )?;
         started
             .await
             .map_err(|_| ApiError::internal("the actor's thread stopped while starting"))??;
@@ -184,7 +242,7 @@ impl Directory {
         record: &ActorRecord,
         id: String,
     ) {
-        let shared = self.shared(
+        let mut shared = self.shared(
             id,
             record.module.clone(),
             record.created_ms,
@@ -192,6 +250,7 @@ impl Directory {
             module,
             State::Passivated,
         );
+        Arc::get_mut(&mut shared).expect("not shared yet").session = record.session.clone();
         self.insert(shared);
     }
 
@@ -207,6 +266,7 @@ impl Directory {
         Arc::new(Shared {
             id,
             module_name,
+            session: None,
             created_ms,
             runtime,
             module,
@@ -226,6 +286,8 @@ impl Directory {
         let handle = Arc::new(ActorHandle {
             id: shared.id.clone(),
             module: shared.module_name.clone(),
+            session: shared.session.clone(),
+            durable: shared.persist.is_some(),
             created_ms: shared.created_ms,
             shared,
         });
@@ -268,8 +330,8 @@ impl Directory {
 
 /// How a thread gets its actor.
 enum Boot {
-    /// Run `tern_init`, then say so.
-    Start(oneshot::Sender<Result<(), ApiError>>),
+    /// Run `tern_init` (or restore the snapshot given), then say so.
+    Start(oneshot::Sender<Result<(), ApiError>>, Option<Vec<u8>>),
     /// Restore the last stored snapshot.
     Restore,
 }
@@ -346,20 +408,23 @@ impl Worker {
     fn boot(&self, boot: Boot, jobs: &mpsc::Receiver<Job>) -> Option<Actor> {
         let shared = &self.shared;
         match boot {
-            Boot::Start(started) => {
-                let result = Actor::start(&shared.runtime, &shared.module)
-                    .map_err(ApiError::from)
-                    .and_then(|mut actor| {
-                        if let Some(persist) = &shared.persist {
-                            let record = ActorRecord {
-                                module: shared.module_name.clone(),
-                                created_ms: shared.created_ms,
-                            };
-                            persist.record(&shared.id, &record)?;
-                            persist.save(&shared.id, &mut actor)?;
-                        }
-                        Ok(actor)
-                    });
+            Boot::Start(started, snapshot) => {
+                let result = match &snapshot {
+                    None => Actor::start(&shared.runtime, &shared.module).map_err(ApiError::from),
+                    Some(bytes) => restore_bytes(&shared.runtime, &shared.module, bytes),
+                };
+                let result = result.and_then(|mut actor| {
+                    if let Some(persist) = &shared.persist {
+                        let record = ActorRecord {
+                            module: shared.module_name.clone(),
+                            created_ms: shared.created_ms,
+                            session: shared.session.clone(),
+                        };
+                        persist.record(&shared.id, &record)?;
+                        persist.save(&shared.id, &mut actor)?;
+                    }
+                    Ok(actor)
+                });
                 self.finished_or(&result);
                 match result {
                     Ok(actor) => {
@@ -524,6 +589,21 @@ impl Worker {
     }
 }
 
+/// A new actor of `module` from snapshot `bytes`, checked by the same parser and
+/// compatibility rules as a snapshot file.
+fn restore_bytes(
+    runtime: &Runtime,
+    module: &Arc<ActorModule>,
+    bytes: &[u8],
+) -> Result<Actor, ApiError> {
+    let view = tern_snapshot::parse(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the snapshot is unreadable: {e}")))?;
+    Actor::restore(runtime, module, &view).map_err(|e| match e {
+        tern_actor::ActorError::Snapshot(_) => ApiError::bad_request(e.to_string()),
+        e => ApiError::from(e),
+    })
+}
+
 /// Answers a job queued for an actor that was deleted before it ran.
 fn refuse(job: Job) {
     fail(
@@ -552,7 +632,7 @@ pub fn now_ms() -> u64 {
 
 // A panic while a lock was held leaves data that is still consistent here (plain values
 // replaced whole), so a poisoned lock is used as it is rather than spreading the panic.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -567,12 +647,27 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 /// A new actor id: `a` and 32 hex digits from the operating system's random source, so that
 /// knowing one actor's id tells nothing about another's.
 fn fresh_id() -> Result<String, ApiError> {
+    Ok(format!("a{}", random_hex(16)?))
+}
+
+/// `N` bytes from the operating system's random source.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], ApiError> {
     use std::io::Read;
-    let mut bytes = [0u8; 16];
+    let mut bytes = [0u8; N];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| ApiError::internal(format!("reading /dev/urandom for an actor id: {e}")))?;
-    Ok(std::iter::once("a".to_string())
-        .chain(bytes.iter().map(|b| format!("{b:02x}")))
-        .collect())
+        .map_err(|e| ApiError::internal(format!("reading /dev/urandom: {e}")))?;
+    Ok(bytes)
+}
+
+/// `2 * bytes` hex digits from the operating system's random source.
+pub fn random_hex(bytes: usize) -> Result<String, ApiError> {
+    let mut out = String::with_capacity(2 * bytes);
+    for _ in 0..bytes.div_ceil(16) {
+        for b in random_bytes::<16>()? {
+            out.push_str(&format!("{b:02x}"));
+        }
+    }
+    out.truncate(2 * bytes);
+    Ok(out)
 }

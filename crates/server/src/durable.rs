@@ -45,6 +45,9 @@ pub struct ActorRecord {
     /// A bundled guest's name or an uploaded module's digest.
     pub module: String,
     pub created_ms: u64,
+    /// The OpenAI-compatible session the actor serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 fn snapshot_key(id: &str) -> String {

@@ -11,6 +11,10 @@ pub struct ApiError {
     pub status: StatusCode,
     pub kind: &'static str,
     pub message: String,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
+    /// Seconds after which a retry may succeed (429 and 503), sent as `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -19,7 +23,22 @@ impl ApiError {
             status,
             kind,
             message: message.into(),
+            param: None,
+            retry_after: None,
         }
+    }
+
+    /// The same error, naming the request field at fault.
+    pub fn param(mut self, field: impl Into<String>) -> ApiError {
+        self.param = Some(field.into());
+        self
+    }
+
+    /// 429: the host is full for now; retry after `seconds`.
+    pub fn busy(message: impl Into<String>, seconds: u64) -> ApiError {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "server_busy", message);
+        e.retry_after = Some(seconds);
+        e
     }
 
     /// 400: the request itself is wrong.
@@ -46,9 +65,15 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
-    /// The JSON body.
+    /// The JSON body, shaped as OpenAI's clients expect: `{"error": {"message", "type",
+    /// "param", "code"}}`.
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({"error": {"message": self.message, "type": self.kind}})
+        serde_json::json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.kind,
+        }})
     }
 }
 
@@ -83,6 +108,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -31,6 +31,7 @@ pub mod durable;
 mod error;
 pub mod metrics;
 mod modules;
+pub mod openai;
 pub mod routes;
 mod sse;
 pub mod store;
@@ -68,6 +69,14 @@ pub struct Config {
     /// How long an actor may stay idle before it is saved and its thread and memory freed;
     /// `None`: never. Needs a `store`.
     pub idle: Option<Duration>,
+    /// The largest snapshot upload (`POST /v1/actors` with a snapshot), in bytes.
+    pub snapshot_bytes: usize,
+    /// Whether stateless OpenAI-compatible requests continue in a fork of a cached actor
+    /// whose conversation they extend ([`openai`]). Exact on the CPU; on CUDA, prefill and
+    /// decode round differently until the batched step lands, so the CLI turns it off there.
+    pub prefix_reuse: bool,
+    /// How many actors the prefix cache keeps.
+    pub prefix_cache: usize,
 }
 
 impl Config {
@@ -82,6 +91,9 @@ impl Config {
             store: None,
             durability: Durability::Message,
             idle: None,
+            snapshot_bytes: 1 << 30,
+            prefix_reuse: true,
+            prefix_cache: 4,
         }
     }
 }
@@ -98,6 +110,9 @@ impl std::fmt::Debug for Config {
             .field("store", &self.store.as_ref().map(|_| "<store>"))
             .field("durability", &self.durability)
             .field("idle", &self.idle)
+            .field("snapshot_bytes", &self.snapshot_bytes)
+            .field("prefix_reuse", &self.prefix_reuse)
+            .field("prefix_cache", &self.prefix_cache)
             .finish()
     }
 }

@@ -13,13 +13,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tern_actor::Runtime;
+use tern_actor::{ActorModule, Runtime};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actors::{ActorHandle, Directory, Job, State as ActorState};
+use crate::actors::{ActorHandle, Birth, Directory, Job, State as ActorState};
 use crate::durable::Persistence;
 use crate::metrics::Metrics;
 use crate::modules::Modules;
+use crate::openai::{self, OpenAi};
 use crate::sse::ReplyEvents;
 use crate::{ApiError, Config, ServerError};
 
@@ -27,10 +28,11 @@ use crate::{ApiError, Config, ServerError};
 pub struct AppState {
     pub runtime: Arc<Runtime>,
     pub config: Config,
-    modules: Modules,
-    actors: Directory,
+    pub(crate) modules: Modules,
+    pub(crate) actors: Directory,
     persist: Option<Arc<Persistence>>,
     pub(crate) metrics: Metrics,
+    pub(crate) openai: OpenAi,
 }
 
 impl AppState {
@@ -47,6 +49,7 @@ impl AppState {
         let state = AppState {
             runtime,
             modules: Modules::new(config.bundled.clone()),
+            openai: OpenAi::new(config.prefix_reuse, config.prefix_cache),
             config,
             actors: Directory::new(persist.clone()),
             persist,
@@ -73,14 +76,34 @@ impl AppState {
         let actors = persist.actors()?;
         for (id, record) in &actors {
             match self.modules.load(&self.runtime, &record.module) {
-                Ok(module) => self
-                    .actors
-                    .recover(self.runtime.clone(), module, record, id.clone()),
+                Ok(module) => {
+                    self.actors
+                        .recover(self.runtime.clone(), module, record, id.clone());
+                    if let Some(session) = &record.session {
+                        self.openai.recover_session(session.clone(), id.clone());
+                    }
+                }
                 Err(e) => tracing::error!(%id, error = %e.message, "skipping a stored actor"),
             }
         }
         tracing::info!(actors = actors.len(), "recovered stored actors");
         Ok(())
+    }
+
+    /// Starts an actor (fresh, or from the snapshot in `birth`).
+    pub(crate) async fn start_actor(
+        &self,
+        module: Arc<ActorModule>,
+        birth: Birth,
+    ) -> Result<Arc<ActorHandle>> {
+        self.actors.start(self.runtime.clone(), module, birth).await
+    }
+
+    /// The actor's current state as snapshot bytes, taken between its messages.
+    pub(crate) async fn snapshot_of(&self, actor: &ActorHandle) -> Result<Vec<u8>> {
+        let (reply_tx, reply) = oneshot::channel();
+        actor.post(Job::Snapshot { reply: reply_tx })?;
+        await_reply(actor, reply).await
     }
 }
 
@@ -94,7 +117,22 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/modules",
             get(list_modules).post(upload_module).layer(module_limit),
         )
-        .route("/v1/actors", get(list_actors).post(start_actor))
+        .route(
+            "/v1/actors",
+            get(list_actors)
+                .post(start_actor)
+                .layer(DefaultBodyLimit::max(state.config.snapshot_bytes)),
+        )
+        .route("/v1/actors/{id}/fork", post(fork_actor))
+        .route("/v1/models", get(openai::models))
+        .route(
+            "/v1/chat/completions",
+            post(openai::chat_completions).layer(message_limit),
+        )
+        .route(
+            "/v1/completions",
+            post(openai::completions).layer(message_limit),
+        )
         .route("/v1/actors/{id}", get(get_actor).delete(delete_actor))
         .route(
             "/v1/actors/{id}/messages",
@@ -165,18 +203,56 @@ struct StartActor {
     module: String,
 }
 
-/// `POST /v1/actors` with `{"module": NAME_OR_DIGEST}`.
+/// `POST /v1/actors` with `{"module": NAME_OR_DIGEST}`, or with a snapshot file's bytes
+/// (`Content-Type: application/octet-stream`) to restore: its module, named in the
+/// snapshot, must be bundled or uploaded.
 async fn start_actor(
     State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
     let body = body_bytes(body)?;
-    let request: StartActor = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("expected {{\"module\": NAME}}: {e}")))?;
-    let (name, module) = s.modules.find(&s.runtime, &request.module).await?;
-    let actor = s.actors.start(s.runtime.clone(), module, name).await?;
+    let is_snapshot = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/octet-stream"));
+    let actor = if is_snapshot {
+        let manifest = tern_snapshot::parse(&body)
+            .map_err(|e| ApiError::bad_request(format!("the snapshot is unreadable: {e}")))?
+            .manifest;
+        let (name, module) = match s.modules.find(&s.runtime, &manifest.module.digest).await {
+            Ok(found) => found,
+            Err(_) => s.modules.find(&s.runtime, &manifest.module.name).await?,
+        };
+        let birth = Birth {
+            snapshot: Some(body.to_vec()),
+            ..Birth::fresh(name)
+        };
+        s.start_actor(module, birth).await?
+    } else {
+        let request: StartActor = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "expected {{\"module\": NAME}} or a snapshot file: {e}"
+            ))
+        })?;
+        let (name, module) = s.modules.find(&s.runtime, &request.module).await?;
+        s.start_actor(module, Birth::fresh(name)).await?
+    };
     tracing::info!(id = %actor.id, module = %actor.module, "actor started");
     Ok((StatusCode::CREATED, Json(describe(&actor))).into_response())
+}
+
+/// `POST /v1/actors/{id}/fork`: a new, independent actor in this one's current state.
+async fn fork_actor(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response> {
+    let actor = s.actors.get(&id)?;
+    let bytes = s.snapshot_of(&actor).await?;
+    let birth = Birth {
+        snapshot: Some(bytes),
+        ..Birth::fresh(actor.module.clone())
+    };
+    let fork = s.start_actor(actor.module_handle(), birth).await?;
+    tracing::info!(id = %fork.id, from = %id, "actor forked");
+    Ok((StatusCode::CREATED, Json(describe(&fork))).into_response())
 }
 
 async fn list_actors(State(s): State<Arc<AppState>>) -> Json<Value> {
@@ -242,9 +318,7 @@ async fn send_message(
 /// `POST /v1/actors/{id}/snapshot`: the actor's whole state as snapshot bytes.
 async fn snapshot(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response> {
     let actor = s.actors.get(&id)?;
-    let (reply_tx, reply) = oneshot::channel();
-    actor.post(Job::Snapshot { reply: reply_tx })?;
-    let bytes = await_reply(&actor, reply).await?;
+    let bytes = s.snapshot_of(&actor).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
@@ -269,6 +343,8 @@ fn describe(actor: &ActorHandle) -> Value {
     json!({
         "id": actor.id,
         "module": actor.module,
+        "session": actor.session,
+        "durable": actor.durable,
         "state": state,
         "fault": fault,
         "memory_bytes": status.memory_bytes,
@@ -279,7 +355,7 @@ fn describe(actor: &ActorHandle) -> Value {
 }
 
 /// The body, or 413 past the route's limit, or 400.
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes> {
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes> {
     body.map_err(|rejection| {
         let status = rejection.status();
         let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
