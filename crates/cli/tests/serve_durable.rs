@@ -2,119 +2,13 @@
 //! and started again on the same folder, its actors and uploads come back and continue
 //! byte for byte; a state folder that cannot be made is a clear error.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+mod live;
 
-use serde_json::Value;
+use live::{Serve, serve_command, state_dir};
 
 /// Keeps a log of every message in memory and emits it whole; returns its message count (a
 /// global).
 const COUNTER: &str = include_str!("../../server/tests/data/counter.wat");
-
-/// `tern serve` on the CPU, on a free loopback port, with state in `state`, without a key.
-fn serve_command(state: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tern"));
-    command
-        .args([
-            "serve",
-            "--device",
-            "cpu",
-            "--listen",
-            "127.0.0.1:0",
-            "--state",
-        ])
-        .arg(state)
-        .env_remove("TERN_API_KEY");
-    command
-}
-
-/// A `tern serve` process and the address it printed.
-struct Serve {
-    child: Child,
-    addr: String,
-}
-
-impl Serve {
-    fn start(state: &Path) -> Serve {
-        let mut child = serve_command(state)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tern runs");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
-            let _ = child.kill();
-            panic!("no address in {line:?}");
-        };
-        Serve {
-            addr: addr.to_string(),
-            child,
-        }
-    }
-
-    /// SIGKILL: no chance to save anything more.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
-        let mut stream = TcpStream::connect(&self.addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).unwrap();
-        stream.write_all(body).unwrap();
-        let mut raw = Vec::new();
-        let _ = stream.read_to_end(&mut raw);
-        let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-        let status = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
-        let body = &raw[end + 4..];
-        let json = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(body).unwrap()
-        };
-        (status, json)
-    }
-
-    fn send(&self, actor: &str, message: &str) -> Value {
-        let path = format!("/v1/actors/{actor}/messages");
-        let (status, reply) = self.request("POST", &path, message.as_bytes());
-        assert_eq!(status, 200, "{reply}");
-        reply
-    }
-
-    fn start_actor(&self, module: &str) -> String {
-        let body = serde_json::json!({ "module": module }).to_string();
-        let (status, actor) = self.request("POST", "/v1/actors", body.as_bytes());
-        assert_eq!(status, 201, "{actor}");
-        actor["id"].as_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn state_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tern-serve-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
 
 #[test]
 fn a_killed_server_restarts_on_its_state_folder_and_continues_exactly() {

@@ -1,0 +1,162 @@
+//! A real `tern serve` process for the CLI's tests, and a small HTTP/1.1 client for it.
+
+#![allow(dead_code)] // Each test file uses its own part.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// `tern serve` on the CPU, on a free loopback port, with state in `state`, without a key.
+pub fn serve_command(state: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tern"));
+    command
+        .args([
+            "serve",
+            "--device",
+            "cpu",
+            "--listen",
+            "127.0.0.1:0",
+            "--state",
+        ])
+        .arg(state)
+        .env_remove("TERN_API_KEY");
+    command
+}
+
+/// A fresh scratch folder's path (removed if it exists) for test `test`.
+pub fn state_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tern-serve-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A `tern serve` process and the address it printed.
+pub struct Serve {
+    child: Child,
+    pub addr: String,
+    key: Option<String>,
+}
+
+/// An HTTP answer: status, header block (lowercase names) and JSON body.
+pub struct Answer {
+    pub status: u16,
+    pub headers: String,
+    pub json: Value,
+}
+
+impl Answer {
+    /// The value of header `name` (lowercase), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.eq_ignore_ascii_case(name)).then(|| v.trim())
+        })
+    }
+}
+
+impl Serve {
+    pub fn start(state: &Path) -> Serve {
+        Self::start_with(state, &[], None)
+    }
+
+    /// Starts with `args` added; `key` is passed through the environment.
+    pub fn start_with(state: &Path, args: &[&str], key: Option<&str>) -> Serve {
+        let mut command = serve_command(state);
+        command.args(args);
+        if let Some(key) = key {
+            command.env("TERN_API_KEY", key);
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tern runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
+            let _ = child.kill();
+            panic!("no address in {line:?}");
+        };
+        Serve {
+            addr: addr.to_string(),
+            child,
+            key: key.map(String::from),
+        }
+    }
+
+    /// SIGKILL: no chance to save anything more.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        let answer = self.call(method, path, &[], body);
+        (answer.status, answer.json)
+    }
+
+    /// A request with extra header lines (`Name: value`).
+    pub fn call(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> Answer {
+        let mut stream = TcpStream::connect(&self.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .unwrap();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let Some(key) = &self.key {
+            head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+        }
+        for h in headers {
+            head.push_str(h);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let status = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
+        let headers = String::from_utf8_lossy(&raw[..end]).into_owned();
+        let body = &raw[end + 4..];
+        let json = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(body).unwrap()
+        };
+        Answer {
+            status,
+            headers,
+            json,
+        }
+    }
+
+    pub fn send(&self, actor: &str, message: &str) -> Value {
+        let path = format!("/v1/actors/{actor}/messages");
+        let (status, reply) = self.request("POST", &path, message.as_bytes());
+        assert_eq!(status, 200, "{reply}");
+        reply
+    }
+
+    pub fn start_actor(&self, module: &str) -> String {
+        let body = serde_json::json!({ "module": module }).to_string();
+        let (status, actor) = self.request("POST", "/v1/actors", body.as_bytes());
+        assert_eq!(status, 201, "{actor}");
+        actor["id"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,125 @@
+//! `tern serve`'s OpenAI-compatible routes as a real process on the default model (which
+//! scripts/test fetches first): the official `openai` Python client against it, and the
+//! determinism guarantee (the same request gives the same bytes alone or among many, with
+//! its prefix reused or prefilled fresh, with its actor passivated, and after a crash).
+
+mod live;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use live::{Serve, state_dir};
+use serde_json::{Value, json};
+
+/// The interpreter of the Python environment scripts/python-env makes (with `openai`).
+fn python() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(root.join("scripts/python-env"))
+        .output()
+        .expect("scripts/python-env runs");
+    assert!(
+        out.status.success(),
+        "scripts/python-env: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+#[test]
+fn the_official_openai_client_works_against_tern_serve() {
+    let dir = state_dir("openai-client");
+    let key = "test-key-0123456789";
+    let server = Serve::start_with(&dir, &[], Some(key));
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg(format!("http://{}/v1", server.addr))
+        .arg(key)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok: a wrong key is a 401"), "{stdout}");
+    server.kill();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A sampled (not greedy) chat request: the seed decides the bytes.
+fn chat(messages: &Value) -> Vec<u8> {
+    json!({"messages": messages, "temperature": 0.8, "seed": 11, "max_tokens": 12})
+        .to_string()
+        .into_bytes()
+}
+
+/// Posts a chat request (in `session`, if given); returns the reply's text and how many
+/// prompt tokens were already cached.
+fn ask(server: &Serve, session: Option<&str>, body: &[u8]) -> (String, u64, Option<String>) {
+    let header = session.map(|s| format!("X-Tern-Session: {s}"));
+    let headers: Vec<&str> = header.iter().map(String::as_str).collect();
+    let answer = server.call("POST", "/v1/chat/completions", &headers, body);
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    let text = answer.json["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cached = answer.json["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    (
+        text,
+        cached,
+        answer.header("x-tern-durable").map(String::from),
+    )
+}
+
+#[test]
+fn a_reply_is_the_same_bytes_reused_fresh_passivated_and_after_a_crash() {
+    let dir = state_dir("openai-determinism");
+    let args = ["--idle-secs", "1"];
+    let server = Serve::start_with(&dir, &args, None);
+    let mut messages = json!([{"role": "user", "content": "Write a short poem about rain."}]);
+    let (first, cached, _) = ask(&server, None, &chat(&messages));
+    assert_eq!(cached, 0);
+    messages.as_array_mut().unwrap().extend([
+        json!({"role": "assistant", "content": first}),
+        json!({"role": "user", "content": "Now one about snow."}),
+    ]);
+    let turn2 = chat(&messages);
+
+    // Stateless: continues in a fork of the actor that answered turn 1.
+    let (reused, cached, _) = ask(&server, None, &turn2);
+    assert!(cached > 0, "the prefix was not reused");
+    // A new session: the whole conversation prefilled fresh.
+    let (fresh, cached, durable) = ask(&server, Some("det"), &turn2);
+    assert_eq!(cached, 0);
+    assert_eq!(durable.as_deref(), Some("true"));
+    assert_eq!(reused, fresh, "prefix reuse changed the reply");
+
+    // The session's actor passivates when idle, and is restored by the next request.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (_, list) = server.request("GET", "/v1/actors", b"");
+    let session_actor = list["actors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["session"] == "det")
+        .unwrap()
+        .clone();
+    assert_eq!(session_actor["state"], "passivated", "{session_actor}");
+    let (restored, cached, _) = ask(&server, Some("det"), &turn2);
+    assert!(cached > 0, "the restored session lost its KV cache");
+    assert_eq!(restored, fresh, "passivation changed the reply");
+    server.kill();
+
+    // After SIGKILL, the session comes back from its last durable state.
+    let server = Serve::start_with(&dir, &args, None);
+    let (after_crash, cached, _) = ask(&server, Some("det"), &turn2);
+    assert!(cached > 0, "the session did not survive the restart");
+    assert_eq!(after_crash, fresh, "the restart changed the reply");
+    server.kill();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
