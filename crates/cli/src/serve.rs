@@ -54,6 +54,14 @@ pub struct ServeArgs {
     /// How many actors the prefix cache keeps.
     #[arg(long, default_value_t = 4)]
     prefix_cache: usize,
+    /// The most actors resident (with a thread and memory) at once. Past it, the least
+    /// recently used idle actor is passivated to make room; when all are busy, requests get
+    /// 429 with Retry-After.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    max_resident: u64,
+    /// The most requests that may wait for one actor (429 past it).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_queued: u64,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -86,6 +94,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         _ => runtime.device().kind() == tern_compute::DeviceChoice::Cpu,
     };
     config.prefix_cache = args.prefix_cache;
+    config.max_resident = usize::try_from(args.max_resident).context("--max-resident")?;
+    config.max_queued = usize::try_from(args.max_queued).context("--max-queued")?;
     let state_dir = match &args.state {
         Some(dir) => dir.clone(),
         None => default_state_dir()?,

@@ -48,6 +48,8 @@ pub enum Job {
     Snapshot {
         reply: oneshot::Sender<Result<Vec<u8>, ApiError>>,
     },
+    /// Save and passivate now, if no other job is waiting (to make room on the host).
+    Passivate,
 }
 
 /// What an actor is doing.
@@ -124,6 +126,10 @@ struct Shared {
     /// Jobs handed in and not finished.
     queued: AtomicUsize,
     deleted: AtomicBool,
+    /// The server's count of actors with a thread.
+    resident: Arc<AtomicUsize>,
+    /// The most jobs that may wait for this actor.
+    max_queued: usize,
 }
 
 /// The server's side of one actor: its mailbox and its status.
@@ -155,11 +161,25 @@ impl ActorHandle {
         self.shared.queued.load(Ordering::Relaxed)
     }
 
-    /// Queues `job`, restoring a passivated actor on a fresh thread first; fails only when
-    /// the actor was deleted or its thread is gone.
+    /// Whether it has a thread and memory (it is not passivated).
+    pub fn is_resident(&self) -> bool {
+        matches!(*lock(&self.shared.life), Life::Active(_))
+    }
+
+    /// Queues `job`, restoring a passivated actor on a fresh thread first; fails when the
+    /// actor was deleted or its thread is gone, or (429) when its queue is full.
     pub fn post(&self, job: Job) -> Result<(), ApiError> {
         let shared = &self.shared;
         let mut life = lock(&shared.life);
+        if shared.queued.load(Ordering::Relaxed) >= shared.max_queued {
+            return Err(ApiError::busy(
+                format!(
+                    "actor `{}` has {} requests waiting already",
+                    self.id, shared.max_queued
+                ),
+                1,
+            ));
+        }
         if let Life::Passivated = *life {
             let (mailbox, jobs) = mpsc::channel();
             spawn(shared.clone(), Boot::Restore, jobs)?;
@@ -188,14 +208,43 @@ impl Drop for ActorHandle {
 pub struct Directory {
     actors: RwLock<HashMap<String, Arc<ActorHandle>>>,
     persist: Option<Arc<Persistence>>,
+    /// Actors with a thread (started, restored, not yet passivated or ended).
+    resident: Arc<AtomicUsize>,
+    /// The most jobs that may wait for one actor.
+    max_queued: usize,
 }
 
 impl Directory {
-    pub fn new(persist: Option<Arc<Persistence>>) -> Directory {
+    pub fn new(persist: Option<Arc<Persistence>>, max_queued: usize) -> Directory {
         Directory {
             actors: RwLock::default(),
             persist,
+            resident: Arc::default(),
+            max_queued,
         }
+    }
+
+    /// How many actors have a thread now.
+    pub fn resident(&self) -> usize {
+        self.resident.load(Ordering::Relaxed)
+    }
+
+    /// Asks the least recently used idle, durable actor (other than `except`) to passivate;
+    /// says whether there was one. A busy actor, or one with jobs waiting, is never chosen.
+    pub fn passivate_lru(&self, except: Option<&str>) -> bool {
+        let mut idle: Vec<(u64, Arc<ActorHandle>)> = read(&self.actors)
+            .values()
+            .filter(|a| {
+                a.durable && a.queued() == 0 && Some(a.id.as_str()) != except && a.is_resident()
+            })
+            .filter_map(|a| {
+                let status = a.status();
+                (status.state == State::Idle).then(|| (status.last_activity_ms, a.clone()))
+            })
+            .collect();
+        idle.sort_by(|a, b| (a.0, &a.1.id).cmp(&(b.0, &b.1.id)));
+        idle.into_iter()
+            .any(|(_, actor)| actor.post(Job::Passivate).is_ok())
     }
 
     /// Starts an actor of `module` on a thread of its own and waits for its `tern_init` or
@@ -279,6 +328,8 @@ impl Directory {
             }),
             queued: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
+            resident: self.resident.clone(),
+            max_queued: self.max_queued,
         })
     }
 
@@ -337,12 +388,21 @@ enum Boot {
 }
 
 fn spawn(shared: Arc<Shared>, boot: Boot, jobs: mpsc::Receiver<Job>) -> Result<(), ApiError> {
+    let resident = shared.resident.clone();
+    resident.fetch_add(1, Ordering::Relaxed);
     std::thread::Builder::new()
         .name(format!("tern-actor-{}", shared.id))
         .stack_size(ACTOR_STACK_BYTES)
-        .spawn(move || Worker { shared }.run(boot, jobs))
+        .spawn(move || {
+            let resident = shared.resident.clone();
+            Worker { shared }.run(boot, jobs);
+            resident.fetch_sub(1, Ordering::Relaxed);
+        })
         .map(|_| ())
-        .map_err(|e| ApiError::internal(format!("cannot start the actor's thread: {e}")))
+        .map_err(|e| {
+            resident.fetch_sub(1, Ordering::Relaxed);
+            ApiError::internal(format!("cannot start the actor's thread: {e}"))
+        })
 }
 
 /// The actor's thread.
@@ -388,6 +448,14 @@ impl Worker {
                 }
                 Next::Closed => break,
             };
+            if let Job::Passivate = job {
+                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                if self.passivate(&mut actor, &mut dirty) {
+                    tracing::info!(id = %self.shared.id, "actor passivated to make room");
+                    return;
+                }
+                continue;
+            }
             if self.shared.deleted.load(Ordering::Relaxed) {
                 refuse(job);
             } else {
@@ -473,7 +541,7 @@ impl Worker {
     /// job came in the meantime.
     fn next(&self, jobs: &mpsc::Receiver<Job>, actor: &mut Actor, dirty: &mut bool) -> Next {
         let shared = &self.shared;
-        let Some((persist, idle)) = shared.persist.as_ref().and_then(|p| Some((p, p.idle?))) else {
+        let Some(idle) = shared.persist.as_ref().and_then(|p| p.idle) else {
             return jobs.recv().map_or(Next::Closed, Next::Job);
         };
         loop {
@@ -482,34 +550,44 @@ impl Worker {
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Next::Closed,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
-            if actor.fault().is_some() {
-                continue; // A failed actor stays, to answer its fault.
+            if shared.queued.load(Ordering::Relaxed) > 0 {
+                continue; // A job was posted after the wait ended: run it first.
             }
-            if *dirty {
-                match persist.save(&shared.id, actor) {
-                    Ok(()) => *dirty = false,
-                    Err(e) => {
-                        tracing::error!(id = %shared.id, error = %e.message, "cannot passivate");
-                        continue;
-                    }
+            if self.passivate(actor, dirty) {
+                return Next::Passivated;
+            }
+        }
+    }
+
+    /// Saves the actor if needed and marks it passivated, unless it failed, a save fails,
+    /// a job is waiting or it was deleted; says whether it did (the thread then ends).
+    fn passivate(&self, actor: &mut Actor, dirty: &mut bool) -> bool {
+        let shared = &self.shared;
+        let Some(persist) = &shared.persist else {
+            return false;
+        };
+        if actor.fault().is_some() {
+            return false; // A failed actor stays, to answer its fault.
+        }
+        if *dirty {
+            match persist.save(&shared.id, actor) {
+                Ok(()) => *dirty = false,
+                Err(e) => {
+                    tracing::error!(id = %shared.id, error = %e.message, "cannot passivate");
+                    return false;
                 }
             }
-            // Under the lock no job can be posted: the mailbox is empty or it is not.
-            let mut life = lock(&shared.life);
-            match jobs.try_recv() {
-                Ok(job) => return Next::Job(job),
-                Err(mpsc::TryRecvError::Disconnected) => return Next::Closed,
-                Err(mpsc::TryRecvError::Empty) => {}
-            }
-            if let Life::Deleted = *life {
-                return Next::Closed;
-            }
-            *life = Life::Passivated;
-            let mut status = lock(&shared.status);
-            status.state = State::Passivated;
-            status.memory_bytes = 0;
-            return Next::Passivated;
         }
+        // Under the lock no job can be posted: the mailbox is empty or it is not.
+        let mut life = lock(&shared.life);
+        if shared.queued.load(Ordering::Relaxed) > 0 || !matches!(*life, Life::Active(_)) {
+            return false;
+        }
+        *life = Life::Passivated;
+        let mut status = lock(&shared.status);
+        status.state = State::Passivated;
+        status.memory_bytes = 0;
+        true
     }
 
     fn handle(
@@ -542,6 +620,8 @@ impl Worker {
                 self.finished(actor);
                 let _ = reply.send(result);
             }
+            // Taken by the loop before it gets here.
+            Job::Passivate => {}
         }
     }
 
@@ -620,6 +700,7 @@ fn fail(job: Job, e: &ApiError) {
         Job::Snapshot { reply } => {
             let _ = reply.send(Err(e.clone()));
         }
+        Job::Passivate => {}
     }
 }
 

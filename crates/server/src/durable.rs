@@ -14,11 +14,12 @@
 //! log, never a crash; a deleted actor's keys are removed (snapshot first, then record).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tern_actor::{Actor, ActorModule, Runtime};
 
 use crate::ApiError;
+use crate::metrics::Metrics;
 use crate::store::{SnapshotStore, StoreError};
 
 /// When an actor's state is saved.
@@ -36,6 +37,8 @@ pub struct Persistence {
     pub durability: Durability,
     /// How long an actor may stay idle before it is passivated; `None`: never.
     pub idle: Option<Duration>,
+    /// Where saves and restores are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// What is needed, beside its snapshot, to bring an actor back.
@@ -75,10 +78,16 @@ impl Persistence {
 
     /// Saves the actor's state as its last durable snapshot.
     pub fn save(&self, id: &str, actor: &mut Actor) -> Result<(), ApiError> {
+        let started = Instant::now();
         let bytes = actor.snapshot()?;
         self.store
             .put(&snapshot_key(id), &bytes)
-            .map_err(store_error)
+            .map_err(store_error)?;
+        Metrics::observe(
+            &self.metrics.snapshots_saved,
+            started.elapsed().as_secs_f64(),
+        );
+        Ok(())
     }
 
     /// A new actor in the state of its last durable snapshot.
@@ -88,6 +97,7 @@ impl Persistence {
         runtime: &Runtime,
         module: &Arc<ActorModule>,
     ) -> Result<Actor, ApiError> {
+        let started = Instant::now();
         let bytes = self
             .store
             .get(&snapshot_key(id))
@@ -96,7 +106,12 @@ impl Persistence {
         let view = tern_snapshot::parse(&bytes).map_err(|e| {
             ApiError::internal(format!("actor `{id}`'s stored snapshot is unreadable: {e}"))
         })?;
-        Ok(Actor::restore(runtime, module, &view)?)
+        let actor = Actor::restore(runtime, module, &view)?;
+        Metrics::observe(
+            &self.metrics.snapshots_restored,
+            started.elapsed().as_secs_f64(),
+        );
+        Ok(actor)
     }
 
     /// Removes the actor's keys; a failure is logged (the actor is gone from the API).

@@ -77,6 +77,12 @@ pub struct Config {
     pub prefix_reuse: bool,
     /// How many actors the prefix cache keeps.
     pub prefix_cache: usize,
+    /// The most actors resident (with a thread and memory) at once: past it, the least
+    /// recently used idle actor is passivated (a cached one deleted) to make room, and
+    /// when every resident actor is busy the request gets 429 with `Retry-After`.
+    pub max_resident: usize,
+    /// The most requests that may wait for one actor (429 past it).
+    pub max_queued: usize,
 }
 
 impl Config {
@@ -94,6 +100,8 @@ impl Config {
             snapshot_bytes: 1 << 30,
             prefix_reuse: true,
             prefix_cache: 4,
+            max_resident: 256,
+            max_queued: 64,
         }
     }
 }
@@ -113,6 +121,8 @@ impl std::fmt::Debug for Config {
             .field("snapshot_bytes", &self.snapshot_bytes)
             .field("prefix_reuse", &self.prefix_reuse)
             .field("prefix_cache", &self.prefix_cache)
+            .field("max_resident", &self.max_resident)
+            .field("max_queued", &self.max_queued)
             .finish()
     }
 }

@@ -3,10 +3,15 @@
 //! Counted as requests pass ([`track`], after routing, so each is counted under its route's
 //! pattern, `/v1/actors/{id}`, never under an id): requests by route, method and status, and
 //! the time to each response's head (for a streamed reply, the time until its stream began).
-//! Read at each scrape: actors by state, the runtime's reserved KV-cache bytes and its cap.
+//! Counted as work is done: prompt, cached and generated tokens, time to first token and
+//! per output token (OpenAI-compatible requests), snapshots saved and restored with their
+//! latency, requests refused because the host was full. Read at each scrape: actors by
+//! state, resident actors and their cap, queued jobs, the runtime's reserved KV-cache bytes
+//! and its cap.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,37 +22,86 @@ use axum::response::Response;
 use crate::actors::State as ActorState;
 use crate::routes::AppState;
 
-/// Upper bounds of the request-duration histogram's buckets, in seconds.
+/// Upper bounds of the histograms' buckets, in seconds.
 const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
-/// One route's, method's and status's requests.
-#[derive(Default)]
-struct Series {
+/// A histogram of durations in seconds.
+#[derive(Default, Clone)]
+pub struct Histogram {
     count: u64,
     seconds: f64,
-    /// Requests at or under each of [`BUCKETS`].
+    /// Observations at or under each of [`BUCKETS`].
     buckets: [u64; BUCKETS.len()],
 }
 
-/// The counters `track` keeps.
-#[derive(Default)]
-pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, String, u16), Series>>,
-}
-
-impl Metrics {
-    fn record(&self, route: String, method: String, status: u16, seconds: f64) {
-        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        let series = requests.entry((route, method, status)).or_default();
-        series.count += 1;
-        series.seconds += seconds;
-        for (bucket, &le) in series.buckets.iter_mut().zip(&BUCKETS) {
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        self.count += 1;
+        self.seconds += seconds;
+        for (bucket, &le) in self.buckets.iter_mut().zip(&BUCKETS) {
             if seconds <= le {
                 *bucket += 1;
             }
         }
+    }
+
+    fn add(&mut self, other: &Histogram) {
+        self.count += other.count;
+        self.seconds += other.seconds;
+        for (t, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *t += b;
+        }
+    }
+
+    /// Writes the series `name` with `labels` (`k="v",...`, or empty).
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (le, n) in BUCKETS.iter().zip(&self.buckets) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.seconds);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+/// What the server counts as it works.
+#[derive(Default)]
+pub struct Metrics {
+    /// By route pattern, method and status.
+    requests: Mutex<BTreeMap<(String, String, u16), Histogram>>,
+    /// Prompt tokens of OpenAI-compatible requests, and how many of them were cached.
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    /// Time from a request's arrival to its first generated text.
+    pub first_token: Mutex<Histogram>,
+    /// Time per generated token after the first.
+    pub per_token: Mutex<Histogram>,
+    /// Snapshots written to the store, and restored from it.
+    pub snapshots_saved: Mutex<Histogram>,
+    pub snapshots_restored: Mutex<Histogram>,
+    /// Requests refused because the host was full.
+    pub refused: AtomicU64,
+}
+
+impl Metrics {
+    fn record(&self, route: String, method: String, status: u16, seconds: f64) {
+        lock(&self.requests)
+            .entry((route, method, status))
+            .or_default()
+            .observe(seconds);
+    }
+
+    /// Adds one observation to `histogram`.
+    pub fn observe(histogram: &Mutex<Histogram>, seconds: f64) {
+        lock(histogram).observe(seconds);
     }
 }
 
@@ -71,13 +125,14 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
 /// The exposition: every counter, then the gauges read now.
 pub fn render(state: &AppState) -> String {
     let mut out = String::new();
-    let requests = state
-        .metrics
-        .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    out.push_str("# HELP tern_http_requests_total HTTP requests by route, method and status.\n");
-    out.push_str("# TYPE tern_http_requests_total counter\n");
+    let m = &state.metrics;
+    let requests = lock(&m.requests);
+    help(
+        &mut out,
+        "tern_http_requests_total",
+        "counter",
+        "HTTP requests by route, method and status.",
+    );
     for ((route, method, status), s) in requests.iter() {
         let _ = writeln!(
             out,
@@ -85,48 +140,76 @@ pub fn render(state: &AppState) -> String {
             s.count
         );
     }
-    out.push_str(
-        "# HELP tern_http_request_duration_seconds Time to each response's head, by route.\n",
+    help(
+        &mut out,
+        "tern_http_request_duration_seconds",
+        "histogram",
+        "Time to each response's head, by route.",
     );
-    out.push_str("# TYPE tern_http_request_duration_seconds histogram\n");
-    let mut by_route: BTreeMap<(&str, &str), Series> = BTreeMap::new();
+    let mut by_route: BTreeMap<(&str, &str), Histogram> = BTreeMap::new();
     for ((route, method, _), s) in requests.iter() {
-        let total = by_route.entry((route, method)).or_default();
-        total.count += s.count;
-        total.seconds += s.seconds;
-        for (t, b) in total.buckets.iter_mut().zip(&s.buckets) {
-            *t += b;
-        }
+        by_route.entry((route, method)).or_default().add(s);
     }
     for ((route, method), s) in &by_route {
         let labels = format!("route=\"{route}\",method=\"{method}\"");
-        for (le, n) in BUCKETS.iter().zip(&s.buckets) {
-            let _ = writeln!(
-                out,
-                "tern_http_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "tern_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-            s.count
-        );
-        let _ = writeln!(
-            out,
-            "tern_http_request_duration_seconds_sum{{{labels}}} {}",
-            s.seconds
-        );
-        let _ = writeln!(
-            out,
-            "tern_http_request_duration_seconds_count{{{labels}}} {}",
-            s.count
-        );
+        s.write(&mut out, "tern_http_request_duration_seconds", &labels);
     }
     drop(requests);
+    for (name, what, counter) in [
+        (
+            "tern_prompt_tokens_total",
+            "Prompt tokens of OpenAI-compatible requests.",
+            &m.prompt_tokens,
+        ),
+        (
+            "tern_prompt_tokens_cached_total",
+            "Prompt tokens a session or a reused prefix already held.",
+            &m.cached_tokens,
+        ),
+        (
+            "tern_generated_tokens_total",
+            "Tokens generated for OpenAI-compatible requests.",
+            &m.completion_tokens,
+        ),
+        (
+            "tern_requests_refused_total",
+            "Requests refused because the host was full (429).",
+            &m.refused,
+        ),
+    ] {
+        help(&mut out, name, "counter", what);
+        let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+    }
+    for (name, what, histogram) in [
+        (
+            "tern_time_to_first_token_seconds",
+            "From a request's arrival to its first generated text.",
+            &m.first_token,
+        ),
+        (
+            "tern_time_per_output_token_seconds",
+            "Time per generated token after the first.",
+            &m.per_token,
+        ),
+        (
+            "tern_snapshot_save_seconds",
+            "Snapshots written to the store, and how long each took.",
+            &m.snapshots_saved,
+        ),
+        (
+            "tern_snapshot_restore_seconds",
+            "Actors restored from the store, and how long each took.",
+            &m.snapshots_restored,
+        ),
+    ] {
+        help(&mut out, name, "histogram", what);
+        lock(histogram).write(&mut out, name, "");
+    }
     let mut states: BTreeMap<&str, u64> = ["idle", "busy", "passivated", "failed"]
         .into_iter()
         .map(|s| (s, 0))
         .collect();
+    let mut queued = 0;
     for actor in state.actor_list() {
         let name = match actor.status().state {
             ActorState::Idle => "idle",
@@ -135,17 +218,50 @@ pub fn render(state: &AppState) -> String {
             ActorState::Failed(_) => "failed",
         };
         *states.entry(name).or_default() += 1;
+        queued += actor.queued();
     }
-    out.push_str("# HELP tern_actors Actors by state.\n# TYPE tern_actors gauge\n");
+    help(&mut out, "tern_actors", "gauge", "Actors by state.");
     for (name, n) in states {
         let _ = writeln!(out, "tern_actors{{state=\"{name}\"}} {n}");
     }
-    let kv = state.runtime.kv_ledger();
-    out.push_str("# HELP tern_kv_reserved_bytes KV-cache bytes the runtime's sessions reserve.\n");
-    out.push_str("# TYPE tern_kv_reserved_bytes gauge\n");
-    let _ = writeln!(out, "tern_kv_reserved_bytes {}", kv.reserved());
-    out.push_str("# HELP tern_kv_cap_bytes The most KV-cache bytes all sessions may reserve.\n");
-    out.push_str("# TYPE tern_kv_cap_bytes gauge\n");
-    let _ = writeln!(out, "tern_kv_cap_bytes {}", kv.cap());
+    let gauges = [
+        (
+            "tern_actors_resident",
+            "Actors with a thread and memory (not passivated).",
+            state.actors.resident() as u64,
+        ),
+        (
+            "tern_actors_resident_cap",
+            "The most actors that may be resident at once.",
+            state.config.max_resident as u64,
+        ),
+        (
+            "tern_queued_jobs",
+            "Messages and snapshots waiting for or running on their actor.",
+            queued as u64,
+        ),
+        (
+            "tern_kv_reserved_bytes",
+            "KV-cache bytes the runtime's sessions reserve.",
+            state.runtime.kv_ledger().reserved(),
+        ),
+        (
+            "tern_kv_cap_bytes",
+            "The most KV-cache bytes all sessions may reserve.",
+            state.runtime.kv_ledger().cap(),
+        ),
+    ];
+    for (name, what, value) in gauges {
+        help(&mut out, name, "gauge", what);
+        let _ = writeln!(out, "{name} {value}");
+    }
     out
+}
+
+fn help(out: &mut String, name: &str, kind: &str, what: &str) {
+    let _ = writeln!(out, "# HELP {name} {what}\n# TYPE {name} {kind}");
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -22,8 +22,10 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -36,6 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ApiError;
 use crate::actors::{ActorHandle, Birth, Delivered, Job, lock, now_ms, random_bytes, random_hex};
+use crate::metrics::Metrics;
 use crate::routes::{AppState, body_bytes};
 
 /// The guest that serves these routes.
@@ -70,6 +73,14 @@ impl OpenAi {
             }),
             prefix_reuse: prefix_reuse && cache_actors > 0,
         }
+    }
+
+    /// Takes the least recently used cached actor out of the cache (for the caller to
+    /// delete), to make room on the host.
+    pub fn evict_one(&self) -> Option<Arc<ActorHandle>> {
+        let mut cache = lock(&self.cache);
+        let entry = cache.entries.pop()?;
+        Some(entry.actor)
     }
 
     /// Brings back a session's actor at recovery.
@@ -196,6 +207,8 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     session: Option<String>,
+    /// When the request arrived (for the time to its first token).
+    arrived: Instant,
 }
 
 impl Plan {
@@ -494,6 +507,11 @@ async fn run(
         }
     }
     let (usage, durable, _) = result?;
+    let m = &s.metrics;
+    m.prompt_tokens.fetch_add(usage.prompt, Ordering::Relaxed);
+    m.cached_tokens.fetch_add(usage.cached, Ordering::Relaxed);
+    m.completion_tokens
+        .fetch_add(usage.completion, Ordering::Relaxed);
     if let Some((actor, reply)) = keep {
         let mut conversation = plan.messages.clone();
         conversation.push(json!({"role": "assistant", "content": reply}));
@@ -520,18 +538,18 @@ async fn generate(
     frames: &mpsc::UnboundedSender<Frame>,
 ) -> Result<(Usage, bool, (Arc<ActorHandle>, String)), ApiError> {
     if plan.n == 1 {
-        let (usage, delivered, reply) =
-            deliver(base, plan.guest_request(0, plan.max_tokens), 0, frames).await?;
+        let body = plan.guest_request(0, plan.max_tokens);
+        let (usage, delivered, reply) = deliver(s, base, body, 0, plan.arrived, frames).await?;
         return Ok((usage, delivered.durable, (base.clone(), reply)));
     }
-    let (mut usage, delivered, _) = deliver(base, plan.guest_request(0, 0), 0, frames).await?;
+    let prefill = plan.guest_request(0, 0);
+    let (mut usage, delivered, _) = deliver(s, base, prefill, 0, plan.arrived, frames).await?;
     let forks = fork(s, base, plan.n as usize).await?;
     made.extend(forks.iter().cloned());
     let runs = forks.iter().enumerate().map(|(i, actor)| {
         let body = plan.guest_request(i as u64, plan.max_tokens);
-        let actor = actor.clone();
-        let frames = frames.clone();
-        tokio::spawn(async move { deliver(&actor, body, i as u64, &frames).await })
+        let (s, actor, frames, arrived) = (s.clone(), actor.clone(), frames.clone(), plan.arrived);
+        tokio::spawn(async move { deliver(&s, &actor, body, i as u64, arrived, &frames).await })
     });
     let runs: Vec<_> = runs.collect();
     let mut first = String::new();
@@ -551,18 +569,24 @@ async fn generate(
 /// Sends one guest request and relays its framed reply as choice `index`; returns the
 /// token counts, the delivery and the reply's text.
 async fn deliver(
+    s: &AppState,
     actor: &ActorHandle,
     body: Vec<u8>,
     index: u64,
+    arrived: Instant,
     frames: &mpsc::UnboundedSender<Frame>,
 ) -> Result<(Usage, Delivered, String), ApiError> {
     let (stream, mut output) = mpsc::unbounded_channel();
     let (reply_tx, reply) = oneshot::channel();
-    actor.post(Job::Message {
-        body,
-        stream: Some(stream),
-        reply: reply_tx,
-    })?;
+    s.post(
+        actor,
+        Job::Message {
+            body,
+            stream: Some(stream),
+            reply: reply_tx,
+        },
+    )?;
+    let mut first_text = None;
     let mut lines = Lines::default();
     let mut text = String::new();
     let mut usage = Usage::default();
@@ -571,6 +595,10 @@ async fn deliver(
         for line in lines.push(&bytes) {
             match parse_line(&line) {
                 Line::Text(piece) => {
+                    if first_text.is_none() {
+                        first_text = Some(Instant::now());
+                        Metrics::observe(&s.metrics.first_token, arrived.elapsed().as_secs_f64());
+                    }
                     text.push_str(&piece);
                     if frames.send(Frame::Text(index, piece)).is_err() {
                         // The client left: dropping the output cancels the generation.
@@ -593,6 +621,12 @@ async fn deliver(
     })??;
     if delivered.reply.code != 0 {
         return Err(guest_failure(delivered.reply.code, guest_error));
+    }
+    if let Some(first) = first_text
+        && usage.completion > 1
+    {
+        let per_token = first.elapsed().as_secs_f64() / (usage.completion - 1) as f64;
+        Metrics::observe(&s.metrics.per_token, per_token);
     }
     Ok((usage, delivered, text))
 }
@@ -887,6 +921,7 @@ fn plan(s: &AppState, headers: &HeaderMap, body: &[u8], kind: Kind) -> Result<Pl
         stream,
         include_usage,
         session: session(headers)?,
+        arrived: Instant::now(),
     })
 }
 

@@ -31,7 +31,7 @@ pub struct AppState {
     pub(crate) modules: Modules,
     pub(crate) actors: Directory,
     persist: Option<Arc<Persistence>>,
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) openai: OpenAi,
 }
 
@@ -39,21 +39,24 @@ impl AppState {
     /// The shared state; with a store, the stored uploads are compiled and the stored
     /// actors listed, passivated (each is restored by its first job).
     pub fn new(runtime: Arc<Runtime>, config: Config) -> Result<AppState, ServerError> {
+        let metrics = Arc::new(Metrics::default());
         let persist = config.store.clone().map(|store| {
             Arc::new(Persistence {
                 store,
                 durability: config.durability,
                 idle: config.idle,
+                metrics: metrics.clone(),
             })
         });
+        let max_queued = config.max_queued;
         let state = AppState {
             runtime,
             modules: Modules::new(config.bundled.clone()),
             openai: OpenAi::new(config.prefix_reuse, config.prefix_cache),
             config,
-            actors: Directory::new(persist.clone()),
+            actors: Directory::new(persist.clone(), max_queued),
             persist,
-            metrics: Metrics::default(),
+            metrics,
         };
         if let Some(persist) = &state.persist {
             state.recover(persist)?;
@@ -90,20 +93,61 @@ impl AppState {
         Ok(())
     }
 
-    /// Starts an actor (fresh, or from the snapshot in `birth`).
+    /// Starts an actor (fresh, or from the snapshot in `birth`) once there is room.
     pub(crate) async fn start_actor(
         &self,
         module: Arc<ActorModule>,
         birth: Birth,
     ) -> Result<Arc<ActorHandle>> {
+        self.admit(None)?;
         self.actors.start(self.runtime.clone(), module, birth).await
     }
 
     /// The actor's current state as snapshot bytes, taken between its messages.
     pub(crate) async fn snapshot_of(&self, actor: &ActorHandle) -> Result<Vec<u8>> {
         let (reply_tx, reply) = oneshot::channel();
-        actor.post(Job::Snapshot { reply: reply_tx })?;
+        self.post(actor, Job::Snapshot { reply: reply_tx })?;
         await_reply(actor, reply).await
+    }
+
+    /// Queues `job` for `actor`, making room first if it must be restored.
+    pub(crate) fn post(&self, actor: &ActorHandle, job: Job) -> Result<()> {
+        if !actor.is_resident() {
+            self.admit(Some(&actor.id))?;
+        }
+        actor.post(job)
+    }
+
+    /// Makes room for one more resident actor (`incoming`, when it exists already): below
+    /// the cap, or with the KV-cache budget under 90%, nothing to do; else a cached actor
+    /// is deleted or the least recently used idle actor passivated; when all are busy, 429.
+    fn admit(&self, incoming: Option<&str>) -> Result<()> {
+        let kv = self.runtime.kv_ledger();
+        let kv_full = kv.reserved() >= kv.cap() / 10 * 9;
+        if self.actors.resident() < self.config.max_resident && !kv_full {
+            return Ok(());
+        }
+        if let Some(cached) = self.openai.evict_one() {
+            let _ = self.actors.remove(&cached.id);
+            return Ok(());
+        }
+        if self.actors.passivate_lru(incoming) {
+            return Ok(());
+        }
+        if kv_full && self.actors.resident() < self.config.max_resident {
+            // The KV budget itself answers the session that does not fit (code -9).
+            return Ok(());
+        }
+        self.metrics
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Err(ApiError::busy(
+            format!(
+                "all {} resident actors are busy; retry shortly",
+                self.actors.resident()
+            ),
+            1,
+        ))
     }
 }
 
@@ -291,21 +335,27 @@ async fn send_message(
     let (reply_tx, reply) = oneshot::channel();
     if wants_events(&headers) {
         let (stream, output) = mpsc::unbounded_channel();
-        actor.post(Job::Message {
-            body,
-            stream: Some(stream),
-            reply: reply_tx,
-        })?;
+        s.post(
+            &actor,
+            Job::Message {
+                body,
+                stream: Some(stream),
+                reply: reply_tx,
+            },
+        )?;
         let events = ReplyEvents::new(output, reply);
         return Ok(Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response());
     }
-    actor.post(Job::Message {
-        body,
-        stream: None,
-        reply: reply_tx,
-    })?;
+    s.post(
+        &actor,
+        Job::Message {
+            body,
+            stream: None,
+            reply: reply_tx,
+        },
+    )?;
     let delivered = await_reply(&actor, reply).await?;
     Ok(Json(json!({
         "code": delivered.reply.code,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{COUNTER, TestServer, guest_file, request};
+use common::{COUNTER, SLEEPER, TestServer, guest_file, request};
 use serde_json::Value;
 use tern_server::{Config, Durability, LocalStore};
 
@@ -224,5 +224,80 @@ fn deleted_actors_leave_the_store() {
     files.sort();
     assert_eq!(files, [format!("{kept}.json"), format!("{kept}.tern")]);
     drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The actor's state as `GET /v1/actors/{id}` reports it.
+fn state_of(server: &TestServer, actor: &str) -> String {
+    server.get(&format!("/v1/actors/{actor}")).json()["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Waits (up to 10 s) until `actor` reports `state`.
+fn wait_for(server: &TestServer, actor: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of(server, actor) != state {
+        assert!(Instant::now() < deadline, "{actor} never became {state}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_full_host_passivates_the_least_recently_used_idle_actor_and_refuses_when_all_are_busy() {
+    let dir = state_dir("admission");
+    let server = TestServer::start_with(|config| {
+        configure(Some(&dir), Durability::Message, None)(config);
+        config
+            .bundled
+            .push(("sleeper".into(), guest_file("sleeper", SLEEPER)));
+        config.max_resident = 2;
+    });
+    let a = server.start_actor("counter");
+    send(&server, &a, "a1 ");
+    let b = server.start_actor("counter");
+    send(&server, &b, "b1 ");
+    // A third actor makes room: `a`, used least recently, is passivated, not refused.
+    let c = server.start_actor("counter");
+    wait_for(&server, &a, "passivated");
+    assert_eq!(state_of(&server, &b), "idle");
+    // Its next message restores it exactly, passivating `b` (now the least recently used).
+    assert_eq!(send(&server, &a, "a2")["output"], "a1 a2");
+    wait_for(&server, &b, "passivated");
+    assert_eq!(send(&server, &b, "b2")["output"], "b1 b2");
+    for id in [&a, &b, &c] {
+        assert_eq!(server.delete(&format!("/v1/actors/{id}")).status, 204);
+    }
+
+    // Two busy actors fill the host: a third is refused with 429 and `Retry-After`, and
+    // neither busy actor is evicted.
+    let sleepers = [server.start_actor("sleeper"), server.start_actor("sleeper")];
+    let addr = server.addr;
+    let busy: Vec<_> = sleepers
+        .iter()
+        .map(|id| {
+            let path = format!("/v1/actors/{id}/messages");
+            std::thread::spawn(move || request(addr, "POST", &path, &[], b"zzz").status)
+        })
+        .collect();
+    for id in &sleepers {
+        wait_for(&server, id, "busy");
+    }
+    let refused = server.post("/v1/actors", br#"{"module": "counter"}"#);
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.error_type(), "server_busy");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    for thread in busy {
+        assert_eq!(thread.join().unwrap(), 200);
+    }
+    // Once they are idle, one of them makes room again.
+    server.start_actor("counter");
+    let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
+    assert!(
+        metrics.contains("tern_requests_refused_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tern_actors_resident_cap 2"), "{metrics}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -35,6 +35,15 @@ pub const ECHO: &str = r#"(module
 /// both memory and globals came back.
 pub const COUNTER: &str = include_str!("../data/counter.wat");
 
+/// Sleeps 1.5 s inside a host call (the runtime's testing probe) for each message, so
+/// that it stays busy meanwhile.
+pub const SLEEPER: &str = r#"(module
+  (import "tern" "testing_sleep" (func $sleep (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param i32 i32) (result i32)
+    (call $sleep (i32.const 1500))))"#;
+
 /// The largest message body the test servers take.
 pub const MESSAGE_BYTES: usize = 4096;
 /// The largest module the test servers take.
@@ -61,6 +70,7 @@ impl TestServer {
                 call_time: Duration::from_secs(10),
                 ..Limits::default()
             })
+            .testing_probes()
             .build()
             .expect("a CPU runtime");
         let mut config = Config::new("127.0.0.1:0".parse().unwrap());
@@ -88,6 +98,10 @@ impl TestServer {
 
     pub fn post(&self, path: &str, body: &[u8]) -> HttpResponse {
         request(self.addr, "POST", path, &[], body)
+    }
+
+    pub fn delete(&self, path: &str) -> HttpResponse {
+        request(self.addr, "DELETE", path, &[], b"")
     }
 
     /// Uploads [`ECHO`] and returns its digest.
