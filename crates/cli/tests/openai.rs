@@ -123,3 +123,54 @@ fn a_reply_is_the_same_bytes_reused_fresh_passivated_and_after_a_crash() {
     server.kill();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Conversation `i`'s turns, each a sampled request of a few tokens in session `session`;
+/// returns the replies.
+fn conversation(server: &Serve, i: usize, session: &str) -> Vec<String> {
+    let mut messages = Vec::new();
+    let mut replies = Vec::new();
+    for turn in 0..3 {
+        messages.push(json!({"role": "user", "content": format!("Say something about the number {}.", i * 3 + turn)}));
+        let body = json!({
+            "messages": messages, "temperature": 0.9, "seed": i, "max_tokens": 5,
+        });
+        let (reply, _, _) = ask(server, Some(session), body.to_string().as_bytes());
+        messages.push(json!({"role": "assistant", "content": reply}));
+        replies.push(reply);
+    }
+    replies
+}
+
+#[test]
+fn sixty_four_concurrent_conversations_each_get_the_replies_they_get_alone() {
+    const N: usize = 64;
+    let dir = state_dir("openai-concurrency");
+    let server = std::sync::Arc::new(Serve::start_with(&dir, &[], None));
+    let started = std::time::Instant::now();
+    let together: Vec<Vec<String>> = (0..N)
+        .map(|i| {
+            let server = server.clone();
+            std::thread::spawn(move || conversation(&server, i, &format!("many-{i}")))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let concurrent = started.elapsed();
+    let started = std::time::Instant::now();
+    for (i, replies) in together.iter().enumerate() {
+        assert_eq!(replies.len(), 3);
+        let alone = conversation(&server, i, &format!("alone-{i}"));
+        assert_eq!(
+            replies, &alone,
+            "conversation {i} differs when run among {N}"
+        );
+    }
+    eprintln!(
+        "{N} conversations: {:.1} s together, {:.1} s one by one",
+        concurrent.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
