@@ -635,8 +635,10 @@ async fn deliver(
 fn guest_failure(code: i32, message: Option<String>) -> ApiError {
     let message = message.unwrap_or_else(|| format!("the chat actor failed with code {code}"));
     match code {
-        // A budget: the host's KV memory is spoken for.
-        -9 => ApiError::busy(message, 5),
+        // The host's KV memory is spoken for: retry later. (An actor's own budget is too
+        // small for the session: that will not change.)
+        -9 if message.contains("host's") => ApiError::busy(message, 5),
+        -9 => ApiError::bad_request(message),
         // Too large, or the conversation does not fit the session.
         -10 | -100 => ApiError::bad_request(message).param("messages"),
         -12 => ApiError::internal("the request was cancelled"),
