@@ -300,6 +300,9 @@ impl Directory {
             State::Passivated,
         );
         Arc::get_mut(&mut shared).expect("not shared yet").session = record.session.clone();
+        if let Some(fault) = &record.failed {
+            lock(&shared.status).state = State::Failed(fault.clone());
+        }
         self.insert(shared);
     }
 
@@ -487,6 +490,7 @@ impl Worker {
                             module: shared.module_name.clone(),
                             created_ms: shared.created_ms,
                             session: shared.session.clone(),
+                            failed: None,
                         };
                         persist.record(&shared.id, &record)?;
                         persist.save(&shared.id, &mut actor)?;
@@ -605,6 +609,9 @@ impl Worker {
             } => {
                 *lock(slot) = stream;
                 let result = actor.send(&body).map_err(ApiError::from);
+                if result.is_err() {
+                    self.record_fault(actor);
+                }
                 // Dropping the stream's sender ends the stream before the reply comes.
                 *lock(slot) = None;
                 let result = result.map(|reply| Delivered {
@@ -622,6 +629,24 @@ impl Worker {
             }
             // Taken by the loop before it gets here.
             Job::Passivate => {}
+        }
+    }
+
+    /// Records in the store that the actor failed, so that a restart keeps it failed rather
+    /// than bringing back its last good state.
+    fn record_fault(&self, actor: &Actor) {
+        let (Some(fault), Some(persist)) = (actor.fault(), &self.shared.persist) else {
+            return;
+        };
+        let shared = &self.shared;
+        let record = ActorRecord {
+            module: shared.module_name.clone(),
+            created_ms: shared.created_ms,
+            session: shared.session.clone(),
+            failed: Some(fault.to_string()),
+        };
+        if let Err(e) = persist.record(&shared.id, &record) {
+            tracing::error!(id = %shared.id, error = %e.message, "cannot record the fault");
         }
     }
 

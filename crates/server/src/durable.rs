@@ -51,6 +51,9 @@ pub struct ActorRecord {
     /// The OpenAI-compatible session the actor serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// Why the actor failed, once it has: a restart keeps it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 fn snapshot_key(id: &str) -> String {

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub enum StoreError {
     #[error("invalid store key `{0}`")]
     Key(String),
+    #[error("the state folder {0} is in use by another process (another tern serve?)")]
+    InUse(PathBuf),
     #[error("{what} {path}: {error}")]
     Io {
         what: &'static str,
@@ -61,16 +63,33 @@ pub fn check_key(key: &str) -> Result<(), StoreError> {
 pub struct LocalStore {
     root: PathBuf,
     next_tmp: AtomicU64,
+    /// `ROOT/.lock`, locked while the store is open: one server per folder.
+    _lock: File,
 }
 
 impl LocalStore {
-    /// Opens (creating it if needed) the folder `root` and checks that it can be written.
+    /// Opens (creating it if needed) the folder `root`, locks it against a second opener
+    /// (in this process or another, until the store is dropped), and checks that it can be
+    /// written.
     pub fn open(root: impl Into<PathBuf>) -> Result<LocalStore, StoreError> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(io("cannot create the state folder", &root))?;
+        let lock_path = root.join(".lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("cannot open", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(StoreError::InUse(root)),
+            Err(fs::TryLockError::Error(e)) => return Err(io("cannot lock", &lock_path)(e)),
+        }
         let store = LocalStore {
             root,
             next_tmp: AtomicU64::new(0),
+            _lock: lock,
         };
         // A probe, so that a read-only folder is an error now rather than at the first save.
         store.put("write-check", b"ok")?;
@@ -192,6 +211,22 @@ mod tests {
         for bad in ["", "../x", "a//b", "/abs", "a/.hidden", "a b"] {
             assert!(store.put(bad, b"x").is_err(), "{bad}");
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_folder_is_open_in_one_store_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("tern-store-lock-{}", std::process::id()));
+        let first = LocalStore::open(&dir).unwrap();
+        let err = LocalStore::open(&dir).err().unwrap();
+        assert!(matches!(err, StoreError::InUse(_)), "{err}");
+        drop(first);
+        let again = LocalStore::open(&dir).unwrap();
+        assert!(
+            again.list().unwrap().is_empty(),
+            "the lock file is not a key"
+        );
+        drop(again);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -31,10 +31,25 @@ fn configure(
             .bundled
             .push(("counter".into(), guest_file("counter", COUNTER)));
         if let Some(dir) = state {
-            config.store = Some(Arc::new(LocalStore::open(dir).expect("a state folder")));
+            config.store = Some(Arc::new(open_store(&dir)));
         }
         config.durability = durability;
         config.idle = idle;
+    }
+}
+
+/// The store in `dir`, waiting (up to 5 s) for the threads of a server just dropped on the
+/// same folder to let go of it.
+fn open_store(dir: &Path) -> LocalStore {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match LocalStore::open(dir) {
+            Ok(store) => return store,
+            Err(tern_server::StoreError::InUse(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("a state folder: {e}"),
+        }
     }
 }
 
@@ -299,5 +314,28 @@ fn a_full_host_passivates_the_least_recently_used_idle_actor_and_refuses_when_al
         "{metrics}"
     );
     assert!(metrics.contains("tern_actors_resident_cap 2"), "{metrics}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_failed_actor_stays_failed_across_a_restart() {
+    let dir = state_dir("failed");
+    let server = TestServer::start_with(configure(Some(&dir), Durability::Message, None));
+    let actor = server.start_actor("echo");
+    send(&server, &actor, "fine");
+    let trapped = server.post(&format!("/v1/actors/{actor}/messages"), b"#trap");
+    assert_eq!(trapped.status, 409, "{trapped:?}");
+    drop(server);
+
+    let server = TestServer::start_with(configure(Some(&dir), Durability::Message, None));
+    let info = server.get(&format!("/v1/actors/{actor}")).json();
+    assert_eq!(info["state"], "failed", "{info}");
+    assert!(
+        info["fault"].as_str().unwrap().contains("unreachable"),
+        "{info}"
+    );
+    let refused = server.post(&format!("/v1/actors/{actor}/messages"), b"again");
+    assert_eq!(refused.status, 409, "{refused:?}");
+    drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }

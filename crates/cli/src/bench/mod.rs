@@ -6,6 +6,7 @@ mod decode;
 mod decode_cuda;
 #[cfg(feature = "wgpu")]
 mod decode_wgpu;
+mod serve;
 mod snapshot;
 mod zero_copy;
 
@@ -27,6 +28,9 @@ pub enum BenchCommand {
     /// Snapshot save and restore time and size at several context lengths, against
     /// re-prefilling the same tokens.
     Snapshot(snapshot::SnapshotBenchArgs),
+    /// `tern serve` under concurrent multi-turn conversations over HTTP, beside llama.cpp's
+    /// llama-server under the same load.
+    Serve(serve::ServeBenchArgs),
 }
 
 pub fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -34,6 +38,7 @@ pub fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::ZeroCopy(args) => zero_copy::zero_copy(args),
         BenchCommand::Decode(args) => decode::decode(args),
         BenchCommand::Snapshot(args) => snapshot::snapshot(args),
+        BenchCommand::Serve(args) => serve::serve(args),
     }
 }
 
