@@ -184,6 +184,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/actors/{id}/snapshot", post(snapshot))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::metrics::track,
@@ -208,6 +209,13 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         crate::metrics::render(&s),
     )
         .into_response()
+}
+
+/// The OpenAPI document of every route.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn list_modules(State(s): State<Arc<AppState>>) -> Json<Value> {

@@ -397,3 +397,105 @@ fn metrics_count_requests_by_route_and_show_actors_and_kv_bytes() {
     // Ids never become labels.
     assert!(!text.contains(&actor), "{text}");
 }
+
+#[test]
+fn the_openapi_document_lists_exactly_the_routes_served() {
+    let server = TestServer::start(None);
+    let doc = server.get("/openapi.json").json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let actor = server.start_actor("echo");
+    let paths = doc["paths"].as_object().unwrap();
+    let mut documented = Vec::new();
+    for (path, item) in paths {
+        for method in ["get", "post", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            documented.push(format!("{} {path}", method.to_uppercase()));
+            let concrete = path.replace("{id}", &actor);
+            // An empty body: each route answers its own error, never "no such route".
+            let r = request(server.addr, &method.to_uppercase(), &concrete, &[], b"");
+            let unrouted = r.status == 405
+                || (r.status == 404 && r.json()["error"]["message"] == "no such route");
+            assert!(
+                !unrouted,
+                "{method} {path} is documented but not served: {r:?}"
+            );
+            if method == "delete" {
+                break; // the actor is gone now
+            }
+        }
+    }
+    documented.sort();
+    let served = [
+        "DELETE /v1/actors/{id}",
+        "GET /health",
+        "GET /metrics",
+        "GET /openapi.json",
+        "GET /v1/actors",
+        "GET /v1/actors/{id}",
+        "GET /v1/models",
+        "GET /v1/modules",
+        "POST /v1/actors",
+        "POST /v1/actors/{id}/fork",
+        "POST /v1/actors/{id}/messages",
+        "POST /v1/actors/{id}/snapshot",
+        "POST /v1/chat/completions",
+        "POST /v1/completions",
+        "POST /v1/modules",
+    ];
+    assert_eq!(documented, served);
+}
+
+#[test]
+fn forks_and_uploaded_snapshots_continue_from_the_state_they_copy() {
+    let server = TestServer::start(None);
+    let actor = server.start_actor("echo");
+    let say = |id: &str, text: &str| {
+        let r = server.post(&format!("/v1/actors/{id}/messages"), text.as_bytes());
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()["code"].as_i64().unwrap()
+    };
+    say(&actor, "one");
+    say(&actor, "two");
+    let fork = server.post(&format!("/v1/actors/{actor}/fork"), b"");
+    assert_eq!(fork.status, 201, "{fork:?}");
+    let fork = fork.json()["id"].as_str().unwrap().to_string();
+    assert_ne!(fork, actor);
+    // Each continues from the count of two, independently.
+    assert_eq!(say(&fork, "three"), 3);
+    assert_eq!(say(&fork, "four"), 4);
+    assert_eq!(say(&actor, "three"), 3);
+
+    // A snapshot file uploaded to POST /v1/actors restores a new actor from it.
+    let snapshot = server.post(&format!("/v1/actors/{actor}/snapshot"), b"");
+    assert_eq!(snapshot.status, 200);
+    let octets = [("Content-Type", "application/octet-stream")];
+    let restored = request(server.addr, "POST", "/v1/actors", &octets, &snapshot.body);
+    assert_eq!(restored.status, 201, "{restored:?}");
+    let restored = restored.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(say(&restored, "four"), 4);
+
+    // A damaged one is refused with a clear error, and nothing is started.
+    let mut damaged = snapshot.body.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    let refused = request(server.addr, "POST", "/v1/actors", &octets, &damaged);
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("snapshot")
+    );
+    let refused = request(
+        server.addr,
+        "POST",
+        "/v1/actors",
+        &octets,
+        b"not a snapshot",
+    );
+    assert_eq!(refused.status, 400, "{refused:?}");
+    let listed = server.get("/v1/actors").json();
+    assert_eq!(listed["actors"].as_array().unwrap().len(), 3);
+}
