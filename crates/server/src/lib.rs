@@ -3,27 +3,31 @@
 //! A [`Server`] shares one [`tern_actor::Runtime`] among every actor it starts. Each actor
 //! lives on its own worker thread with one mailbox ([`actors`]): the messages sent to one
 //! actor run one at a time in arrival order, different actors run in parallel, and no guest
-//! code ever runs on the async reactor. The routes ([`routes`]) start, list, message,
-//! snapshot and delete actors, and upload modules addressed by their SHA-256 digest.
+//! code ever runs on the async reactor. The routes ([`routes`]) start, list, message, fork,
+//! snapshot, restore and delete actors, and upload modules addressed by their SHA-256
+//! digest; [`openai`] speaks OpenAI's protocol on actors of the bundled chat guest, with
+//! durable sessions, prefix reuse and `n` choices by forking.
 //!
 //! Guarantees:
 //! - A bad request, a bad module or a failing actor is a JSON error with a fitting status
-//!   code, never a panic; an actor that traps answers 409 from then on, and the others carry
-//!   on.
+//!   code, never a panic; an actor that traps answers 409 from then on (across restarts
+//!   too), and the others carry on.
 //! - When an API key is configured every route but `GET /health` needs
 //!   `Authorization: Bearer KEY`, compared in constant time ([`auth`]); the key is never
 //!   logged.
-//! - A client that disconnects from a streamed reply does not disturb the server (the
-//!   message still runs to its end: cancelling a generation is not built yet).
-//!
+//! - A client that disconnects from a streamed reply cancels its message at the guest's
+//!   next emit or forward pass; the actor is unharmed.
 //! - With a store ([`Config::store`], [`durable`]), each actor's state is saved crash-safely
 //!   after every message (or on passivation only), uploads are kept, and a server started
 //!   on the same store lists the same actors and continues each from its last save. An
 //!   actor idle past [`Config::idle`] is passivated (saved, thread and memory freed) and
 //!   restored by its next message.
+//! - Admission: past [`Config::max_resident`] resident actors, the least recently used idle
+//!   one is passivated to make room; a busy actor is never evicted; when all are busy the
+//!   request gets 429 with `Retry-After`.
 //!
-//! Not built yet: the OpenAI-compatible routes, the batched step scheduler, quotas beyond the runtime's
-//! limits, metrics.
+//! Not built yet: the batched step scheduler (each actor's forward passes run alone), keys
+//! per client.
 
 pub mod actors;
 pub mod auth;
