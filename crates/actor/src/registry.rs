@@ -33,14 +33,16 @@ pub enum OpenError {
     Unknown { name: String, offered: String },
     #[error("cannot find model `{name}`: {reason}")]
     Locate { name: String, reason: String },
-    #[error("cannot load model `{name}`: {source}")]
-    Load { name: String, source: ModelError },
+    /// (The model error is in the message, not a `source()`, so that a chain of causes
+    /// does not print it twice.)
+    #[error("cannot load model `{name}`: {error}")]
+    Load { name: String, error: ModelError },
 }
 
 impl OpenError {
     /// Whether the compute device failed (rather than a name or a file).
     pub fn is_device(&self) -> bool {
-        matches!(self, OpenError::Load { source, .. } if source.is_device())
+        matches!(self, OpenError::Load { error, .. } if error.is_device())
     }
 }
 
@@ -147,9 +149,9 @@ impl ModelRegistry {
             .map(|m| m.with_precision(o.precision))
             .and_then(|m| m.on_device(&o.device))
             .map(Arc::new)
-            .map_err(|source| OpenError::Load {
+            .map_err(|error| OpenError::Load {
                 name: name(),
-                source,
+                error,
             })
     }
 }

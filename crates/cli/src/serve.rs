@@ -35,9 +35,14 @@ pub struct ServeArgs {
     /// needed). Default: $XDG_DATA_HOME/tern/serve, else ~/.local/share/tern/serve.
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
-    /// When an actor's state is saved: after every `message`, or only when it `passivate`s.
-    #[arg(long, default_value = "message", value_parser = ["message", "passivate"])]
+    /// When an actor's state is saved: after every `message`; at most every
+    /// --save-interval-secs (`interval`: after a message when the last save is that old, and
+    /// when unsaved state reaches that age); or only when it `passivate`s.
+    #[arg(long, default_value = "message", value_parser = ["message", "interval", "passivate"])]
     durability: String,
+    /// With `--durability interval`, the most seconds of work a crash may lose.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    save_interval_secs: u64,
     /// Seconds an actor may stay idle before it is saved and its thread and memory freed
     /// (0: never).
     #[arg(long, default_value_t = 300)]
@@ -74,6 +79,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .init();
     let api_key = api_key(&args)?;
     let runtime = args.host.runtime()?;
+    // Every model now, so that a file that cannot be loaded stops the start, not a request.
+    for name in runtime.models().names() {
+        runtime.model(&name)?;
+    }
     let mut config = Config::new(args.listen);
     config.message_bytes = args
         .max_message_kib
@@ -105,6 +114,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.store = Some(Arc::new(store));
     config.durability = match args.durability.as_str() {
         "passivate" => Durability::Passivate,
+        "interval" => Durability::Interval(Duration::from_secs(args.save_interval_secs)),
         _ => Durability::Message,
     };
     config.idle = (args.idle_secs > 0).then(|| Duration::from_secs(args.idle_secs));

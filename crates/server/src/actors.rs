@@ -12,10 +12,11 @@
 //! fresh thread. Jobs are posted and passivation decided under one lock per actor, so no job
 //! is lost between the two.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tern_actor::{Actor, ActorModule, Reply, Runtime};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
@@ -398,7 +399,8 @@ fn spawn(shared: Arc<Shared>, boot: Boot, jobs: mpsc::Receiver<Job>) -> Result<(
         .stack_size(ACTOR_STACK_BYTES)
         .spawn(move || {
             let resident = shared.resident.clone();
-            Worker { shared }.run(boot, jobs);
+            let saved_at = Cell::new(Instant::now());
+            Worker { shared, saved_at }.run(boot, jobs);
             resident.fetch_sub(1, Ordering::Relaxed);
         })
         .map(|_| ())
@@ -411,6 +413,8 @@ fn spawn(shared: Arc<Shared>, boot: Boot, jobs: mpsc::Receiver<Job>) -> Result<(
 /// The actor's thread.
 struct Worker {
     shared: Arc<Shared>,
+    /// When the actor's state was last saved (or the thread started).
+    saved_at: Cell<Instant>,
 }
 
 /// What the mailbox gave after a wait.
@@ -541,15 +545,28 @@ impl Worker {
         }
     }
 
-    /// Waits for the next job; past the idle limit, saves and passivates the actor unless a
+    /// Waits for the next job. Meanwhile, with durability per interval, saves unsaved state
+    /// when its interval is up; past the idle limit, saves and passivates the actor unless a
     /// job came in the meantime.
     fn next(&self, jobs: &mpsc::Receiver<Job>, actor: &mut Actor, dirty: &mut bool) -> Next {
         let shared = &self.shared;
-        let Some(idle) = shared.persist.as_ref().and_then(|p| p.idle) else {
+        let Some(persist) = &shared.persist else {
             return jobs.recv().map_or(Next::Closed, Next::Job);
         };
+        let interval = match persist.durability {
+            Durability::Interval(every) => Some(every),
+            _ => None,
+        };
+        let passivate_at = persist.idle.map(|idle| Instant::now() + idle);
         loop {
-            match jobs.recv_timeout(idle) {
+            let save_at = interval
+                .filter(|_| *dirty)
+                .map(|every| self.saved_at.get() + every);
+            let wake = save_at.into_iter().chain(passivate_at).min();
+            let Some(wake) = wake else {
+                return jobs.recv().map_or(Next::Closed, Next::Job);
+            };
+            match jobs.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(job) => return Next::Job(job),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Next::Closed,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -557,8 +574,30 @@ impl Worker {
             if shared.queued.load(Ordering::Relaxed) > 0 {
                 continue; // A job was posted after the wait ended: run it first.
             }
-            if self.passivate(actor, dirty) {
+            let now = Instant::now();
+            if save_at.is_some_and(|at| at <= now) && actor.fault().is_none() {
+                self.save(actor, dirty);
+            }
+            if passivate_at.is_some_and(|at| at <= now) && self.passivate(actor, dirty) {
                 return Next::Passivated;
+            }
+        }
+    }
+
+    /// Saves the actor's state to the store; says whether it did (a failure is logged).
+    fn save(&self, actor: &mut Actor, dirty: &mut bool) -> bool {
+        let Some(persist) = &self.shared.persist else {
+            return false;
+        };
+        match persist.save(&self.shared.id, actor) {
+            Ok(()) => {
+                *dirty = false;
+                self.saved_at.set(Instant::now());
+                true
+            }
+            Err(e) => {
+                tracing::error!(id = %self.shared.id, error = %e.message, "save failed");
+                false
             }
         }
     }
@@ -567,20 +606,11 @@ impl Worker {
     /// a job is waiting or it was deleted; says whether it did (the thread then ends).
     fn passivate(&self, actor: &mut Actor, dirty: &mut bool) -> bool {
         let shared = &self.shared;
-        let Some(persist) = &shared.persist else {
-            return false;
-        };
-        if actor.fault().is_some() {
+        if shared.persist.is_none() || actor.fault().is_some() {
             return false; // A failed actor stays, to answer its fault.
         }
-        if *dirty {
-            match persist.save(&shared.id, actor) {
-                Ok(()) => *dirty = false,
-                Err(e) => {
-                    tracing::error!(id = %shared.id, error = %e.message, "cannot passivate");
-                    return false;
-                }
-            }
+        if *dirty && !self.save(actor, dirty) {
+            return false;
         }
         // Under the lock no job can be posted: the mailbox is empty or it is not.
         let mut life = lock(&shared.life);
@@ -650,25 +680,19 @@ impl Worker {
         }
     }
 
-    /// Saves after a message when durability is per message; says whether it was saved.
+    /// Saves after a message when durability is per message, or per interval and the
+    /// interval is up; says whether it was saved.
     fn after_message(&self, actor: &mut Actor, dirty: &mut bool) -> bool {
         let Some(persist) = &self.shared.persist else {
             return false;
         };
         *dirty = true;
-        if persist.durability != Durability::Message {
-            return false;
-        }
-        match persist.save(&self.shared.id, actor) {
-            Ok(()) => {
-                *dirty = false;
-                true
-            }
-            Err(e) => {
-                tracing::error!(id = %self.shared.id, error = %e.message, "save failed");
-                false
-            }
-        }
+        let due = match persist.durability {
+            Durability::Message => true,
+            Durability::Interval(every) => self.saved_at.get().elapsed() >= every,
+            Durability::Passivate => false,
+        };
+        due && self.save(actor, dirty)
     }
 
     fn set_state(&self, state: State) {

@@ -27,6 +27,9 @@ use crate::store::{SnapshotStore, StoreError};
 pub enum Durability {
     /// After every message, before its answer (which says `"durable": true`).
     Message,
+    /// After a message when the last save is this old, and when unsaved state reaches this
+    /// age: a crash loses at most this much.
+    Interval(Duration),
     /// Only when the actor passivates: a crash loses the messages since.
     Passivate,
 }

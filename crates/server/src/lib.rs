@@ -36,6 +36,7 @@ mod error;
 pub mod metrics;
 mod modules;
 pub mod openai;
+mod request_id;
 pub mod routes;
 mod sse;
 pub mod store;

@@ -194,6 +194,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             crate::auth::require_key,
         ))
+        .layer(axum::middleware::from_fn(crate::request_id::request_id))
         .with_state(state)
 }
 

@@ -339,3 +339,24 @@ fn a_failed_actor_stays_failed_across_a_restart() {
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn interval_durability_saves_unsaved_state_when_its_interval_is_up() {
+    let dir = state_dir("interval");
+    let every = Duration::from_millis(300);
+    let first = TestServer::start_with(configure(Some(&dir), Durability::Interval(every), None));
+    let actor = first.start_actor("counter");
+    // Too soon after the start's save: not saved with the answer...
+    assert_eq!(send(&first, &actor, "one ")["durable"], false);
+    // ...but once its interval is up, while the actor waits.
+    std::thread::sleep(every * 3);
+    assert_eq!(send(&first, &actor, "two ")["durable"], true);
+    // Not saved yet: a crash now loses it.
+    assert_eq!(send(&first, &actor, "three")["durable"], false);
+    drop(first);
+
+    let second = TestServer::start_with(configure(Some(&dir), Durability::Interval(every), None));
+    assert_eq!(send(&second, &actor, "four")["output"], "one two four");
+    drop(second);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
