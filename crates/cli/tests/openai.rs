@@ -174,3 +174,51 @@ fn sixty_four_concurrent_conversations_each_get_the_replies_they_get_alone() {
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn kill_9_during_generation_then_the_session_continues_exactly() {
+    let dir = state_dir("openai-kill");
+    let server = std::sync::Arc::new(Serve::start_with(&dir, &[], None));
+    let turn1 = json!([{"role": "user", "content": "Name three rivers."}]);
+    let long = |first: &str| {
+        json!({
+            "messages": [
+                turn1[0],
+                {"role": "assistant", "content": first},
+                {"role": "user", "content": "Tell me a long story about one of them."},
+            ],
+            "temperature": 0.8, "seed": 3, "max_tokens": 160,
+        })
+        .to_string()
+    };
+    // Uninterrupted, in one session.
+    let (first, _, _) = ask(&server, Some("ref"), &chat(&turn1));
+    let (reference, _, _) = ask(&server, Some("ref"), long(&first).as_bytes());
+    // The same conversation in another session, killed while turn 2 generates.
+    let (first_again, _, _) = ask(&server, Some("crash"), &chat(&turn1));
+    assert_eq!(first_again, first);
+    let body = long(&first);
+    let pending = {
+        let (server, body) = (server.clone(), body.clone());
+        std::thread::spawn(move || {
+            let headers = ["X-Tern-Session: crash"];
+            server
+                .call("POST", "/v1/chat/completions", &headers, body.as_bytes())
+                .status
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    server.kill_now();
+    let _ = pending.join();
+    drop(server);
+
+    let server = Serve::start_with(&dir, &[], None);
+    let (after, cached, _) = ask(&server, Some("crash"), body.as_bytes());
+    assert!(cached > 0, "turn 1's durable state was lost");
+    assert_eq!(
+        after, reference,
+        "the continued session differs from the uninterrupted one"
+    );
+    server.kill();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -79,3 +79,77 @@ fn a_state_folder_that_cannot_be_made_is_a_clear_error() {
     assert!(!text.contains("panicked"), "{text}");
     std::fs::remove_file(&file).unwrap();
 }
+
+#[test]
+fn kill_9_at_random_moments_loses_no_acknowledged_message() {
+    let dir = state_dir("kill-random");
+    let mut acked: Vec<String> = Vec::new();
+    let mut next = 0;
+    let mut actor = None;
+    for round in 0..5u64 {
+        let server = std::sync::Arc::new(Serve::start(&dir));
+        let id = match &actor {
+            Some(id) => id,
+            None => {
+                let (status, upload) = server.request("POST", "/v1/modules", COUNTER.as_bytes());
+                assert_eq!(status, 201, "{upload}");
+                actor.insert(server.start_actor(upload["digest"].as_str().unwrap()))
+            }
+        }
+        .clone();
+        // After the restart: the state holds every acknowledged message, plus at most the
+        // one in flight when the server was killed.
+        if round > 0 {
+            let output = server.send(&id, "")["output"].as_str().unwrap().to_string();
+            let base = acked.concat();
+            let extra = output
+                .strip_prefix(&base)
+                .unwrap_or_else(|| panic!("acknowledged messages lost: {output:?} lacks {base:?}"));
+            if !extra.is_empty() {
+                assert_eq!(
+                    extra,
+                    format!("m{} ", next - 1),
+                    "only the message in flight"
+                );
+                acked.push(extra.to_string());
+            }
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = {
+            let (server, id, stop) = (server.clone(), id.clone(), stop.clone());
+            let start = next;
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                let mut k = start;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let message = format!("m{k} ");
+                    k += 1;
+                    let path = format!("/v1/actors/{id}/messages");
+                    let Some((200, reply)) = server.try_request("POST", &path, message.as_bytes())
+                    else {
+                        break;
+                    };
+                    assert_eq!(reply["durable"], true);
+                    done.push(message);
+                }
+                (done, k)
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(40 + 37 * round));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        server.kill_now();
+        let (done, k) = sender.join().unwrap();
+        drop(server);
+        acked.extend(done);
+        next = k;
+    }
+    assert!(
+        acked.len() >= 10,
+        "too few messages went through: {acked:?}"
+    );
+    eprintln!(
+        "{} messages acknowledged across 5 kills, {next} sent",
+        acked.len()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -90,10 +90,35 @@ impl Serve {
         }
     }
 
+    /// SIGKILL now, from any thread (the process is reaped when this is dropped).
+    pub fn kill_now(&self) {
+        let status = Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
     /// SIGKILL: no chance to save anything more.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// As [`Serve::request`], `None` when the server is gone mid-request.
+    pub fn try_request(&self, method: &str, path: &str, body: &[u8]) -> Option<(u16, Value)> {
+        let mut stream = TcpStream::connect(&self.addr).ok()?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).ok()?;
+        stream.write_all(body).ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).ok()?;
+        let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let status = std::str::from_utf8(raw.get(9..12)?).ok()?.parse().ok()?;
+        Some((status, serde_json::from_slice(&raw[end + 4..]).ok()?))
     }
 
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
