@@ -11,6 +11,7 @@ pub mod model;
 pub mod numerics;
 pub mod quant;
 pub mod safetensors;
+pub mod steps;
 pub mod top;
 
 pub use digest::ModelDigest;

@@ -104,6 +104,18 @@ pub fn serve(args: ServeBenchArgs) -> anyhow::Result<ExitCode> {
         args.turns,
         args.tokens
     );
+    // One request each first, so that no figure includes a server's warm-up.
+    for target in &targets {
+        let hello = [json!({"role": "user", "content": "Hello."})];
+        chat(
+            &target.addr,
+            target.tern,
+            &format!("warm-{}", random_tag()),
+            &hello,
+            4,
+            false,
+        )?;
+    }
     println!(
         "\n| server | clients | generated tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | turns |"
     );
@@ -137,7 +149,7 @@ pub fn serve(args: ServeBenchArgs) -> anyhow::Result<ExitCode> {
             fresh / kept
         );
     }
-    let (http, local) = http_cost(&targets[0], &path, threads, args.tokens.max(64))?;
+    let (http, local) = http_cost(&targets[0], &path, threads, args.tokens.max(256))?;
     println!(
         "\none conversation, decode: {http:.1} tok/s over HTTP, {local:.1} tok/s in process \
          (the HTTP path costs {:.1}%)",
@@ -332,7 +344,7 @@ fn prompt_tokens(addr: &str, messages: &[Value]) -> Option<u64> {
     serde_json::from_slice::<Value>(&body).ok()?["usage"]["prompt_tokens"].as_u64()
 }
 
-/// One conversation's decode speed over HTTP and in process, alternated, medians of three.
+/// One conversation's decode speed over HTTP and in process, alternated, medians of seven.
 fn http_cost(
     tern: &Target,
     model: &Path,
@@ -352,7 +364,7 @@ fn http_cost(
     let messages =
         vec![json!({"role": "user", "content": "Write a long story about a lighthouse keeper."})];
     let (mut http, mut local) = (Vec::new(), Vec::new());
-    for round in 0..3 {
+    for round in 0..7 {
         let t = chat(
             &tern.addr,
             true,

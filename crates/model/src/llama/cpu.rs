@@ -8,6 +8,8 @@
 
 use rayon::prelude::*;
 
+use crate::steps::StepQueue;
+
 use crate::ModelError;
 use crate::fastdot::{self, QuantizedActs};
 use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
@@ -110,6 +112,9 @@ pub struct CpuLlama {
     /// Inverse rotary frequencies, one per rotated pair (Llama-3 factors applied).
     inv_freq: Vec<f32>,
     pool: rayon::ThreadPool,
+    /// Turns on `pool`, first come first served, one per batch of positions, as many at
+    /// once as it has threads.
+    steps: StepQueue,
 }
 
 /// Activations of a batch of `n` positions, row-major `[position][width]`.
@@ -169,6 +174,7 @@ impl CpuLlama {
             weights,
             inv_freq,
             pool,
+            steps: StepQueue::new(2 * threads),
         })
     }
 
@@ -202,10 +208,12 @@ impl CpuLlama {
     ) -> Result<(), ModelError> {
         let c = &self.config;
         super::check_forward(c, cache.len, cache.n_ctx, tokens, Some(logits))?;
-        self.pool.install(|| {
-            let batches = tokens.chunks(MAX_BATCH);
-            let last = batches.len() - 1;
-            for (i, batch) in tokens.chunks(MAX_BATCH).enumerate() {
+        let batches = tokens.chunks(MAX_BATCH);
+        let last = batches.len() - 1;
+        for (i, batch) in batches.enumerate() {
+            // Taken outside the pool, so that no worker thread ever waits for a turn.
+            let _turn = self.steps.turn();
+            self.pool.install(|| {
                 let mut s = Scratch::new(c, batch.len());
                 self.layers(cache, batch, &mut s);
                 if i == last {
@@ -214,8 +222,8 @@ impl CpuLlama {
                     rmsnorm(&mut xb, x_last, &self.weights.output_norm, c.rms_eps);
                     self.matmul(logits, &self.weights.output, &xb, 1);
                 }
-            }
-        });
+            });
+        }
         Ok(())
     }
 
