@@ -232,7 +232,9 @@ impl Conversation {
             role: "user".into(),
             content: user.to_string(),
         });
-        let fed = self.render(&self.history).and_then(|prompt| self.feed(&prompt));
+        let fed = self
+            .render(&self.history)
+            .and_then(|prompt| self.feed(&prompt));
         if let Err(e) = fed {
             self.history.pop();
             return Err(e);
@@ -272,7 +274,11 @@ impl Conversation {
                 self.history.clear();
                 self.feed(&prompt)?
             }
-            _ => return Err(Error::guest("a request has `messages` or `prompt`, not both")),
+            _ => {
+                return Err(Error::guest(
+                    "a request has `messages` or `prompt`, not both",
+                ));
+            }
         };
         let mut out = Output::new(true, request.stop);
         let (finish, completion) = if request.max_tokens == 0 {
@@ -374,6 +380,11 @@ impl Output {
             .max()
             .unwrap_or(0);
         let end = from + utf8_prefix(&self.text[from..self.text.len() - held]);
+        if end == self.emitted && self.framed {
+            // A frame for every token, even one whose text is empty or held back, as
+            // streaming clients count tokens by their chunks.
+            emit(b"{\"text\":\"\"}\n")?;
+        }
         self.send(end)?;
         Ok(false)
     }

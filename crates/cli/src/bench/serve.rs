@@ -149,7 +149,13 @@ pub fn serve(args: ServeBenchArgs) -> anyhow::Result<ExitCode> {
             fresh / kept
         );
     }
-    let (http, local) = http_cost(&targets[0], &path, threads, args.tokens.max(256))?;
+    let (http, local) = http_cost(
+        &targets[0],
+        args.device,
+        &path,
+        threads,
+        args.tokens.max(256),
+    )?;
     println!(
         "\none conversation, decode: {http:.1} tok/s over HTTP, {local:.1} tok/s in process \
          (the HTTP path costs {:.1}%)",
@@ -230,6 +236,10 @@ fn start_llama(
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["-np", &slots.to_string(), "-c", &(slots * 4096).to_string()])
         .args(["-t", &threads.to_string(), "-tb", &threads.to_string()])
+        .args(match args.device {
+            DeviceChoice::Cpu => &[][..],
+            _ => &["-ngl", "999"][..], // every layer on the GPU
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -347,11 +357,12 @@ fn prompt_tokens(addr: &str, messages: &[Value]) -> Option<u64> {
 /// One conversation's decode speed over HTTP and in process, alternated, medians of seven.
 fn http_cost(
     tern: &Target,
+    device: DeviceChoice,
     model: &Path,
     threads: usize,
     tokens: usize,
 ) -> anyhow::Result<(f64, f64)> {
-    let runtime = Runtime::builder(tern_compute::open(DeviceChoice::Cpu)?)
+    let runtime = Runtime::builder(tern_compute::open(device)?)
         .model_file("default", model)
         .threads(threads)
         .build()?;
@@ -445,9 +456,8 @@ fn chat(
                 break 'read;
             }
             let v: Value = serde_json::from_str(&data).context("an event's data")?;
-            if let Some(piece) = v["choices"][0]["delta"]["content"].as_str()
-                && !piece.is_empty()
-            {
+            // A chunk per token, its text possibly empty.
+            if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
                 text.push_str(piece);
                 stamps.push(Instant::now());
             }
