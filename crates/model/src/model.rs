@@ -375,6 +375,13 @@ impl Model {
 }
 
 impl Model {
+    #[cfg(feature = "cuda")]
+    fn cuda_model(&self) -> Result<&crate::llama::cuda::CudaLlama, ModelError> {
+        self.cuda
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("a GPU session on a model without a GPU".into()))
+    }
+
     #[cfg(feature = "wgpu")]
     fn wgpu_model(&self) -> Result<&crate::llama::wgpu::WgpuLlama, ModelError> {
         self.wgpu
@@ -416,6 +423,7 @@ impl Session {
             #[cfg(feature = "cuda")]
             SessionKv::Cuda(s) => {
                 let c = model.config();
+                let _busy = model.cuda_model()?.hold()?;
                 Ok(Cow::Owned(s.download(c.n_layer, c.kv_dim())?))
             }
             #[cfg(feature = "wgpu")]
@@ -453,6 +461,7 @@ impl Session {
             #[cfg(feature = "cuda")]
             SessionKv::Cuda(s) => {
                 let c = model.config();
+                let _busy = model.cuda_model()?.hold()?;
                 s.upload_layers(len, c.n_layer, c.kv_dim(), layer)
             }
             #[cfg(feature = "wgpu")]

@@ -330,3 +330,64 @@ fn a_kv_cache_moved_off_and_back_onto_the_gpu_continues_bit_for_bit() {
     };
     moved_cache_continues_bit_for_bit(&device, 300, 400, 16);
 }
+
+#[test]
+fn sessions_made_read_and_dropped_on_other_threads_leave_decoding_alone() {
+    let Some(device) = gpu("sessions_made_read_and_dropped_on_other_threads_leave_decoding_alone")
+    else {
+        return;
+    };
+    let path = model_file("smollm2-135m", DType::Q4_1, DType::Q8_0);
+    let model = Arc::new(
+        Model::open("m", &path, 2)
+            .unwrap()
+            .on_device(&device)
+            .unwrap(),
+    );
+    let p = prompt(40, 49152);
+    let (alone, _) = greedy(&model, &mut model.new_session(300).unwrap(), &p, 24);
+    // While threads decode (each decode step may capture the stream into a graph), others
+    // open sessions, prefill them, read their KV caches back and drop them.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn: Vec<_> = (0..3)
+        .map(|i| {
+            let (model, stop) = (model.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut logits = vec![0.0; model.config().n_vocab];
+                let mut rounds = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut s = model.new_session(128 + 64 * i).unwrap();
+                    model
+                        .forward(&mut s, &prompt(20 + i, 49152), &mut logits)
+                        .unwrap();
+                    let kv = s.host_kv(&model).unwrap();
+                    assert_eq!(kv.len, 20 + i);
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    let decoders: Vec<_> = (0..3)
+        .map(|_| {
+            let (model, p) = (model.clone(), p.clone());
+            std::thread::spawn(move || {
+                (0..4)
+                    .map(|_| greedy(&model, &mut model.new_session(300).unwrap(), &p, 24).0)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for d in decoders {
+        for run in d.join().unwrap() {
+            assert!(
+                bits(&alone) == bits(&run),
+                "logits changed beside other sessions' work"
+            );
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in churn {
+        assert!(c.join().unwrap() > 0);
+    }
+}

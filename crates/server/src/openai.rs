@@ -204,6 +204,8 @@ struct Plan {
     top_p: f64,
     max_tokens: u64,
     stop: Vec<String>,
+    /// llama-server's extension: generate `max_tokens` whatever comes.
+    ignore_eos: bool,
     stream: bool,
     include_usage: bool,
     session: Option<String>,
@@ -221,6 +223,7 @@ impl Plan {
             "top_p": self.top_p,
             "max_tokens": max_tokens,
             "stop": self.stop,
+            "ignore_eos": self.ignore_eos,
         });
         match &self.prompt {
             Some(prompt) => request["prompt"] = json!(prompt),
@@ -786,6 +789,7 @@ fn plan(s: &AppState, headers: &HeaderMap, body: &[u8], kind: Kind) -> Result<Pl
         "frequency_penalty",
         "presence_penalty",
         "logprobs",
+        "ignore_eos",
     ];
     if let Some(field) = fields
         .keys()
@@ -848,6 +852,7 @@ fn plan(s: &AppState, headers: &HeaderMap, body: &[u8], kind: Kind) -> Result<Pl
         Kind::Text => (Vec::new(), Some(prompt(&fields["prompt"])?)),
     };
     let stream = flag(&fields, "stream")?;
+    let ignore_eos = flag(&fields, "ignore_eos")?;
     let include_usage = match fields.get("stream_options") {
         None => false,
         Some(Value::Object(o)) if o.keys().all(|k| k == "include_usage") => {
@@ -920,6 +925,7 @@ fn plan(s: &AppState, headers: &HeaderMap, body: &[u8], kind: Kind) -> Result<Pl
         top_p,
         max_tokens,
         stop,
+        ignore_eos,
         stream,
         include_usage,
         session: session(headers)?,

@@ -88,6 +88,8 @@ struct Request {
     top_p: f32,
     max_tokens: usize,
     stop: Vec<String>,
+    /// Generate `max_tokens` whatever comes: an end-of-turn token is fed like any other.
+    ignore_eos: bool,
 }
 
 impl Default for Request {
@@ -101,6 +103,7 @@ impl Default for Request {
             top_p: 1.0,
             max_tokens: 256,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -240,7 +243,7 @@ impl Conversation {
             return Err(e);
         }
         let mut out = Output::new(false, Vec::new());
-        self.generate(self.config.max_tokens, &mut out)?;
+        self.generate(self.config.max_tokens, false, &mut out)?;
         out.finish()?;
         emit(b"\n")?;
         self.history.push(Turn {
@@ -284,7 +287,7 @@ impl Conversation {
         let (finish, completion) = if request.max_tokens == 0 {
             (Finish::Length, 0)
         } else {
-            self.generate(request.max_tokens, &mut out)?
+            self.generate(request.max_tokens, request.ignore_eos, &mut out)?
         };
         out.finish()?;
         let finish = serde_json::json!({
@@ -303,9 +306,15 @@ impl Conversation {
         Ok(())
     }
 
-    /// Samples up to `max_tokens` tokens after what was fed, passing their text to `out`;
-    /// says why it stopped and how many tokens it generated.
-    fn generate(&mut self, max_tokens: usize, out: &mut Output) -> Result<(Finish, usize), Error> {
+    /// Samples up to `max_tokens` tokens after what was fed (past end-of-turn tokens too
+    /// with `ignore_eos`), passing their text to `out`; says why it stopped and how many
+    /// tokens it generated.
+    fn generate(
+        &mut self,
+        max_tokens: usize,
+        ignore_eos: bool,
+        out: &mut Output,
+    ) -> Result<(Finish, usize), Error> {
         // Greedy decoding asks the host for the top logit only (on a GPU the logits then
         // never leave it); anything else samples from all of them, once per token as always.
         let greedy = self.sampler.is_greedy();
@@ -316,7 +325,7 @@ impl Conversation {
                 Some(token) => token,
                 None => self.sampler.sample(&mut self.logits, &self.tokens),
             };
-            if self.end_tokens.contains(&token) || token as usize >= self.vocab {
+            if token as usize >= self.vocab || self.end_tokens.contains(&token) && !ignore_eos {
                 return Ok((Finish::Stop, generated));
             }
             if out.push(&self.model.detokenize(&[token])?)? {

@@ -117,23 +117,40 @@ pub fn serve(args: ServeBenchArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     println!(
-        "\n| server | clients | generated tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | turns |"
+        "\n| server | clients | generated tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | turns | failed |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
+    let mut failures = Vec::new();
     for &clients in &args.clients {
         for target in &targets {
             let run = load(target, clients, args.turns, args.tokens)?;
             println!(
-                "| {} | {clients} | {:.1} | {:.0} / {:.0} | {:.1} / {:.1} | {} |",
+                "| {} | {clients} | {:.1} | {:.0} / {:.0} | {:.1} / {:.1} | {} | {} |",
                 target.name,
                 run.tokens as f64 / run.seconds,
                 1e3 * run.first[0],
                 1e3 * run.first[1],
                 1e3 * run.per_token[0],
                 1e3 * run.per_token[1],
-                run.turns
+                run.turns,
+                run.failed.len()
+            );
+            failures.extend(
+                run.failed
+                    .into_iter()
+                    .map(|e| format!("{}: {e}", target.name)),
             );
         }
+    }
+    if !failures.is_empty() {
+        eprintln!("failed turns (first 5 of {}):", failures.len());
+        for f in failures.iter().take(5) {
+            eprintln!("  {f}");
+        }
+        eprintln!(
+            "tern serve's log: {}",
+            state.with_extension("log").display()
+        );
     }
     println!(
         "\n| server | turn-2 TTFT, cache kept | turn-2 TTFT, fresh prefill | speed-up | history tokens |"
@@ -186,7 +203,7 @@ fn start_tern(
         .args(["--threads", &threads.to_string()])
         .env_remove("TERN_API_KEY")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(state.with_extension("log"))?)
         .spawn()
         .context("starting tern serve")?;
     let mut line = String::new();
@@ -265,6 +282,8 @@ struct Load {
     tokens: usize,
     seconds: f64,
     turns: usize,
+    /// Why turns failed (a conversation stops at its first failure).
+    failed: Vec<String>,
     /// p50 and p99, in seconds.
     first: [f64; 2],
     per_token: [f64; 2],
@@ -273,33 +292,45 @@ struct Load {
 /// `clients` concurrent conversations of `turns` turns each.
 fn load(target: &Target, clients: usize, turns: usize, tokens: usize) -> anyhow::Result<Load> {
     let results = Arc::new(Mutex::new(Vec::new()));
+    let failed = Arc::new(Mutex::new(Vec::new()));
     let run = random_tag();
     let started = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|i| {
-            let (addr, tern, results) = (target.addr.clone(), target.tern, results.clone());
+            let (addr, tern) = (target.addr.clone(), target.tern);
+            let (results, failed) = (results.clone(), failed.clone());
             let session = format!("bench-{run}-{clients}-{i}");
-            std::thread::spawn(move || -> anyhow::Result<()> {
+            std::thread::spawn(move || {
                 let mut messages = Vec::new();
                 for turn in 0..turns {
                     messages.push(json!({"role": "user", "content": format!(
                         "Conversation {i}, question {turn}: tell me something about the number {}.",
                         i * 7 + turn
                     )}));
-                    let t = chat(&addr, tern, &session, &messages, tokens, true)?;
-                    messages.push(json!({"role": "assistant", "content": t.text}));
-                    results.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+                    match chat(&addr, tern, &session, &messages, tokens, true) {
+                        Ok(t) => {
+                            messages.push(json!({"role": "assistant", "content": t.text}));
+                            results.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+                        }
+                        Err(e) => {
+                            failed
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(format!("{e:#}"));
+                            return;
+                        }
+                    }
                 }
-                Ok(())
             })
         })
         .collect();
     for t in threads {
         t.join()
-            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
     }
     let seconds = started.elapsed().as_secs_f64();
     let results = results.lock().unwrap_or_else(|e| e.into_inner());
+    let failed = std::mem::take(&mut *failed.lock().unwrap_or_else(|e| e.into_inner()));
     let mut first: Vec<f64> = results.iter().map(|t| t.first).collect();
     let mut per_token: Vec<f64> = results.iter().filter_map(|t| t.per_token).collect();
     first.sort_by(f64::total_cmp);
@@ -315,6 +346,7 @@ fn load(target: &Target, clients: usize, turns: usize, tokens: usize) -> anyhow:
         tokens: results.iter().map(|t| t.tokens).sum(),
         seconds,
         turns: results.len(),
+        failed,
         first: [pct(&first, 0.5), pct(&first, 0.99)],
         per_token: [pct(&per_token, 0.5), pct(&per_token, 0.99)],
     })
@@ -409,6 +441,7 @@ fn in_process(
     });
     let request = json!({"request": {
         "messages": messages, "temperature": 0, "max_tokens": tokens, "seed": 0,
+        "ignore_eos": true,
     }});
     actor.send(request.to_string().as_bytes())?;
     let times = times.lock().unwrap_or_else(|e| e.into_inner());
@@ -429,9 +462,11 @@ fn chat(
     tokens: usize,
     keep: bool,
 ) -> anyhow::Result<Turn> {
+    // Every turn generates exactly `tokens` (an end-of-turn token does not stop it), so that
+    // both servers do the same work whatever the model says (random-weight models included).
     let mut body = json!({
         "messages": messages, "temperature": 0, "max_tokens": tokens, "stream": true,
-        "stream_options": {"include_usage": true},
+        "stream_options": {"include_usage": true}, "ignore_eos": true,
     });
     // Tern: every conversation in a session of its own (a fresh prefill is a new session).
     let header = format!("X-Tern-Session: {session}");

@@ -86,8 +86,14 @@ pub struct CudaLlama {
     fused_on: AtomicBool,
     pub startup: Startup,
     /// One forward pass at a time on the model's stream; it holds the prefill path's
-    /// buffers once a long prompt has needed them (or why that path cannot run).
+    /// buffers once a long prompt has needed them (or why that path cannot run). Everything
+    /// else that enqueues work on the stream (a session's allocation, a KV cache's download
+    /// or upload) holds it too: another thread's decode step may be capturing the stream
+    /// into a graph, and work enqueued meanwhile would fail or be captured with it.
     busy: Mutex<Option<Result<Prefill, ModelError>>>,
+    /// Device memory of dropped sessions, freed by the next holder of `busy` (a session can
+    /// be dropped on any thread, at any time, even while `busy` is held).
+    graveyard: Arc<Mutex<Vec<Box<dyn Send>>>>,
 }
 
 impl CudaLlama {
@@ -138,6 +144,7 @@ impl CudaLlama {
             fused_on: AtomicBool::new(false),
             startup,
             busy: Mutex::new(None),
+            graveyard: Arc::default(),
         })
     }
 
@@ -207,6 +214,7 @@ impl CudaLlama {
 
     /// An empty session of up to `n_ctx` positions.
     pub fn new_session(&self, n_ctx: usize) -> Result<CudaSession, ModelError> {
+        let _busy = self.hold()?;
         CudaSession::new(self, n_ctx)
     }
 
@@ -295,12 +303,17 @@ impl CudaLlama {
             .map_err(|e| &*e)
     }
 
-    /// The model, held for this caller (one at a time), its context bound to this thread.
-    fn hold(&self) -> Result<MutexGuard<'_, Option<Result<Prefill, ModelError>>>, ModelError> {
+    /// The model, held for this caller (one at a time), its context bound to this thread,
+    /// and the memory of sessions dropped since the last holder freed.
+    pub(crate) fn hold(
+        &self,
+    ) -> Result<MutexGuard<'_, Option<Result<Prefill, ModelError>>>, ModelError> {
         let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         self.ctx
             .bind_to_thread()
             .map_err(driver("binding the context"))?;
+        let dead = std::mem::take(&mut *self.graveyard.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(dead);
         Ok(busy)
     }
 

@@ -2,7 +2,8 @@
 //! graph of its decode step.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::mem::ManuallyDrop;
+use std::sync::{Arc, Mutex};
 
 use tern_compute::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use tern_compute::cuda::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
@@ -42,13 +43,46 @@ pub struct CudaSession {
     pub n_ctx: usize,
     /// Positions filled.
     pub len: usize,
-    buf: Buffers,
+    /// Freed only through `graveyard` (see [`Drop`]).
+    buf: ManuallyDrop<Buffers>,
+    /// Where this session's device memory goes when it is dropped: the model frees it
+    /// when next held, so that nothing is enqueued on its stream while another thread may
+    /// be capturing it.
+    graveyard: Arc<Mutex<Vec<Box<dyn Send>>>>,
     stream: Arc<CudaStream>,
     /// The decode step's graph, the logits address it writes, and whether it runs the
     /// layers in the persistent kernel.
     graph: Option<(CudaGraph, u64, bool)>,
     /// The persistent decode kernel's share, when the model has that kernel.
     fused: Option<FusedSession>,
+}
+
+/// A dropped session's decode graph on its way to the graveyard.
+struct DeadGraph(#[allow(dead_code)] CudaGraph);
+
+// SAFETY: a CUDA graph's handles belong to its context, not to a thread; the graveyard
+// destroys it on the thread that holds the model, with the model's context bound there,
+// and nothing else uses it after its session is dropped.
+unsafe impl Send for DeadGraph {}
+
+impl Drop for CudaSession {
+    // Frees nothing here: the device memory goes to the model's graveyard, freed by the
+    // model's next holder, when no other thread can be capturing its stream.
+    fn drop(&mut self) {
+        // SAFETY: `buf` is taken exactly once, here, and the session is gone after.
+        let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
+        let mut dead: Vec<Box<dyn Send>> = vec![Box::new(buf)];
+        if let Some((graph, _, _)) = self.graph.take() {
+            dead.push(Box::new(DeadGraph(graph)));
+        }
+        if let Some(fused) = self.fused.take() {
+            dead.push(Box::new(fused));
+        }
+        self.graveyard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(dead);
+    }
 }
 
 impl CudaSession {
@@ -90,7 +124,8 @@ impl CudaSession {
         let mut session = CudaSession {
             n_ctx,
             len: 0,
-            buf,
+            buf: ManuallyDrop::new(buf),
+            graveyard: model.graveyard.clone(),
             stream: s.clone(),
             graph: None,
             fused: None,
@@ -528,7 +563,8 @@ impl CudaSession {
         for l in 0..n_layer {
             let (kb, vb) = layer(l)?;
             let at = l * self.n_ctx * kv_dim;
-            for (bytes, buf) in [(kb, &mut self.buf.k), (vb, &mut self.buf.v)] {
+            let buffers = &mut *self.buf;
+            for (bytes, buf) in [(kb, &mut buffers.k), (vb, &mut buffers.v)] {
                 if bytes.len() != 4 * per_layer {
                     return Err(ModelError::Invalid(format!(
                         "{} bytes of keys or values where {per_layer} floats belong",
