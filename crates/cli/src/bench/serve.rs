@@ -157,27 +157,26 @@ pub fn serve(args: ServeBenchArgs) -> anyhow::Result<ExitCode> {
     );
     println!("|---|---|---|---|---|");
     for target in &targets {
-        let (kept, fresh, history) = session_turn(target, args.history)?;
-        println!(
-            "| {} | {:.1} ms | {:.1} ms | {:.1}x | {history} |",
-            target.name,
-            1e3 * kept,
-            1e3 * fresh,
-            fresh / kept
-        );
+        match session_turn(target, args.history) {
+            Ok((kept, fresh, history)) => println!(
+                "| {} | {:.1} ms | {:.1} ms | {:.1}x | {history} |",
+                target.name,
+                1e3 * kept,
+                1e3 * fresh,
+                fresh / kept
+            ),
+            Err(e) => println!("| {} | failed: {e:#} | | | |", target.name),
+        }
     }
-    let (http, local) = http_cost(
-        &targets[0],
-        args.device,
-        &path,
-        threads,
-        args.tokens.max(256),
-    )?;
-    println!(
-        "\none conversation, decode: {http:.1} tok/s over HTTP, {local:.1} tok/s in process \
-         (the HTTP path costs {:.1}%)",
-        100.0 * (1.0 - http / local)
-    );
+    let tokens = args.tokens.max(256);
+    match http_cost(&targets[0], args.device, &path, threads, tokens) {
+        Ok((http, local)) => println!(
+            "\none conversation, decode: {http:.1} tok/s over HTTP, {local:.1} tok/s in process \
+             (the HTTP path costs {:.1}%)",
+            100.0 * (1.0 - http / local)
+        ),
+        Err(e) => println!("\nthe HTTP path's cost: failed: {e:#}"),
+    }
     drop(targets);
     let _ = std::fs::remove_dir_all(&state);
     Ok(ExitCode::SUCCESS)
@@ -356,8 +355,13 @@ fn load(target: &Target, clients: usize, turns: usize, tokens: usize) -> anyhow:
 /// conversation's cache kept, and prefilled fresh. Returns both and the history's size.
 fn session_turn(target: &Target, history: usize) -> anyhow::Result<(f64, f64, u64)> {
     let sentence = "The river runs past the old mill, where the miller counts his sacks of grain. ";
-    // About 17 tokens a sentence on Llama-family vocabularies.
-    let long = sentence.repeat(history / 17 + 1);
+    // Tokens per sentence on this model, from the server's own count.
+    let count = |n: usize| {
+        let messages = [json!({"role": "user", "content": sentence.repeat(n)})];
+        prompt_tokens(&target.addr, &messages).context("counting prompt tokens")
+    };
+    let per_sentence = count(2)?.saturating_sub(count(1)?).max(1) as usize;
+    let long = sentence.repeat(history / per_sentence + 1);
     let tag = random_tag();
     let mut messages = vec![json!({"role": "user", "content": long})];
     let session = format!("long-{tag}");
