@@ -3,7 +3,6 @@
 
 mod live;
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 
 use live::{Serve, serve_command, state_dir};
@@ -42,21 +41,11 @@ fn a_state_folder_in_use_stops_a_second_server() {
 fn logs_carry_request_ids_and_never_the_key() {
     let dir = state_dir("logs");
     let key = "very-secret-key-4242";
-    let mut child = serve_command(&dir)
-        .env("TERN_API_KEY", key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tern runs");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap()
-        .to_string();
+    let (mut child, addr) = live::spawn(
+        serve_command(&dir)
+            .env("TERN_API_KEY", key)
+            .stderr(Stdio::piped()),
+    );
     let call = |auth: Option<&str>, extra: &str| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&addr).unwrap();

@@ -20,16 +20,8 @@ pub struct DecodeArgs {
     /// Where the model runs (`auto`: the GPU when there is one).
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: DeviceChoice,
-    /// A GGUF model file (default: SmolLM2-135M-Instruct).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Instead of a model file, a random-weight model of this shape (`smollm2-135m`,
-    /// `llama-3.2-1b`, ...), generated once into the model cache.
-    #[arg(long)]
-    shape: Option<String>,
-    /// Weight type of a generated model's matrices (`q4_1`, `q8_0`, `bf16`, ...).
-    #[arg(long, default_value = "q4_1")]
-    weights: String,
+    #[command(flatten)]
+    model: super::BenchModel,
     /// Prompt tokens to prefill.
     #[arg(long, default_value_t = 128, value_parser = crate::parse_count)]
     prefill: usize,
@@ -54,7 +46,7 @@ const REFERENCE_DECODE: f64 = 158.0;
 const REFERENCE_PREFILL: f64 = 290.0;
 
 pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
-    let path = super::bench_model(args.model.as_deref(), args.shape.as_deref(), &args.weights)?;
+    let path = args.model.path()?;
     let gpu = match args.device {
         DeviceChoice::Auto => tern_compute::open(DeviceChoice::Auto)?.kind(),
         choice => choice,

@@ -49,18 +49,31 @@ fn median(xs: &[f64]) -> f64 {
     zero_copy::percentile(&sorted, 0.5)
 }
 
-/// The model a benchmark runs on: `model`, else a random-weight model of `shape` with
-/// `weights` matrices (generated once into the model cache), else the default model.
-fn bench_model(
-    model: Option<&std::path::Path>,
-    shape: Option<&str>,
-    weights: &str,
-) -> anyhow::Result<std::path::PathBuf> {
-    match (model, shape) {
-        (Some(_), Some(_)) => anyhow::bail!("give --model or --shape, not both"),
-        (Some(path), None) => Ok(path.to_path_buf()),
-        (None, None) => crate::fetch::default_model(),
-        (None, Some(name)) => crate::generate::generated_model(name, weights),
+/// The model a benchmark runs on, as its flags name it.
+#[derive(clap::Args)]
+struct BenchModel {
+    /// A GGUF model file (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Instead of a model file, a random-weight model of this shape (`smollm2-135m`,
+    /// `llama-3.2-1b`, ...), generated once into the model cache.
+    #[arg(long)]
+    shape: Option<String>,
+    /// Weight type of a generated model's matrices (`q4_1`, `q8_0`, `bf16`, ...).
+    #[arg(long, default_value = "q4_1")]
+    weights: String,
+}
+
+impl BenchModel {
+    /// `--model`, else a random-weight model of `--shape` (generated once into the model
+    /// cache), else the default model (fetched on first use).
+    fn path(&self) -> anyhow::Result<std::path::PathBuf> {
+        match (&self.model, &self.shape) {
+            (Some(_), Some(_)) => anyhow::bail!("give --model or --shape, not both"),
+            (Some(path), None) => Ok(path.clone()),
+            (None, None) => crate::fetch::default_model(),
+            (None, Some(name)) => crate::generate::generated_model(name, &self.weights),
+        }
     }
 }
 

@@ -29,15 +29,8 @@ pub struct ServeBenchArgs {
     /// Where the models run.
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: DeviceChoice,
-    /// A GGUF model file (default: SmolLM2-135M-Instruct).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Instead of a model file, a random-weight model of this shape, generated once.
-    #[arg(long)]
-    shape: Option<String>,
-    /// Weight type of a generated model's matrices.
-    #[arg(long, default_value = "q4_1")]
-    weights: String,
+    #[command(flatten)]
+    model: super::BenchModel,
     /// Concurrent conversations, one run each.
     #[arg(long, default_value = "1,4,16,64", value_delimiter = ',')]
     clients: Vec<usize>,
@@ -89,7 +82,7 @@ struct Turn {
 }
 
 pub fn serve(args: ServeBenchArgs) -> anyhow::Result<ExitCode> {
-    let path = super::bench_model(args.model.as_deref(), args.shape.as_deref(), &args.weights)?;
+    let path = args.model.path()?;
     let threads = args.threads.unwrap_or_else(num_cpus);
     let most = args.clients.iter().copied().max().unwrap_or(1);
     let state = std::env::temp_dir().join(format!("tern-bench-serve-{}", std::process::id()));

@@ -20,12 +20,8 @@ pub struct SnapshotBenchArgs {
     /// Where the actor's memory lives and the forward pass runs.
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: DeviceChoice,
-    /// A GGUF model file (default: SmolLM2-135M-Instruct).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Instead of a model file, a random-weight model of this shape (`smollm2-135m`, ...).
-    #[arg(long)]
-    shape: Option<String>,
+    #[command(flatten)]
+    model: super::BenchModel,
     /// Context sizes to measure, in tokens.
     #[arg(long, value_delimiter = ',', default_values_t = [24, 512, 4096])]
     tokens: Vec<usize>,
@@ -55,7 +51,7 @@ struct Row {
 }
 
 pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
-    let path = super::bench_model(args.model.as_deref(), args.shape.as_deref(), "q4_1")?;
+    let path = args.model.path()?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

@@ -27,6 +27,20 @@ pub fn serve_command(state: &Path) -> Command {
     command
 }
 
+/// Starts `command` (a `tern serve`) and waits for the address it prints.
+pub fn spawn(command: &mut Command) -> (Child, String) {
+    let mut child = command.stdout(Stdio::piped()).spawn().expect("tern runs");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let Some(addr) = line.trim().strip_prefix("listening on http://") else {
+        let _ = child.kill();
+        panic!("no address in {line:?}");
+    };
+    (child, addr.to_string())
+}
+
 /// A fresh scratch folder's path (removed if it exists) for test `test`.
 pub fn state_dir(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tern-serve-{test}-{}", std::process::id()));
@@ -70,21 +84,9 @@ impl Serve {
         if let Some(key) = key {
             command.env("TERN_API_KEY", key);
         }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tern runs");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
-            let _ = child.kill();
-            panic!("no address in {line:?}");
-        };
+        let (child, addr) = spawn(command.stderr(Stdio::null()));
         Serve {
-            addr: addr.to_string(),
+            addr,
             child,
             key: key.map(String::from),
         }
