@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tern_server::{Config, Durability, LocalStore, Server};
+use tern_server::{ApiKey, Config, Durability, LocalStore, Server};
 
 use crate::host::{HostArgs, bundled_guests};
 
@@ -20,9 +20,11 @@ pub struct ServeArgs {
     /// Where to listen, as ADDRESS:PORT.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// A file holding the API key every route but `/health` requires as
-    /// `Authorization: Bearer KEY` (surrounding whitespace is ignored). Without it, the key
-    /// is read from TERN_API_KEY; with neither, the API is open.
+    /// A file holding the API keys every route but `/health` requires as
+    /// `Authorization: Bearer KEY`: one per line, `KEY` or `CLIENT KEY` (blank lines and
+    /// lines starting with `#` are skipped). Each client reaches only the actors and
+    /// sessions it made. Without the file, one key is read from TERN_API_KEY; with neither,
+    /// the API is open.
     #[arg(long, value_name = "FILE")]
     api_key_file: Option<PathBuf>,
     /// The largest message body, in KiB.
@@ -77,7 +79,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let api_key = api_key(&args)?;
+    let api_keys = api_keys(&args)?;
     let runtime = args.host.runtime()?;
     // Every model now, so that a file that cannot be loaded stops the start, not a request.
     for name in runtime.models().names() {
@@ -118,8 +120,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         _ => Durability::Message,
     };
     config.idle = (args.idle_secs > 0).then(|| Duration::from_secs(args.idle_secs));
-    let open = api_key.is_none();
-    config.api_key = api_key;
+    let open = api_keys.is_empty();
+    config.api_keys = api_keys;
     let device = runtime.device().describe();
     let server = Server::bind(Arc::new(runtime), config)?;
     let addr = server.local_addr();
@@ -135,23 +137,60 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The key from `--api-key-file`, else from the environment; an empty key is an error.
-fn api_key(args: &ServeArgs) -> anyhow::Result<Option<String>> {
-    let key = match &args.api_key_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the API key from {}", path.display()))?,
-        ),
-        None => std::env::var(KEY_ENV).ok(),
+/// The keys from `--api-key-file`, else the one from the environment; a file without a
+/// key, an empty key, a key given twice or a client named twice is an error (that never
+/// shows a key).
+fn api_keys(args: &ServeArgs) -> anyhow::Result<Vec<ApiKey>> {
+    let Some(path) = &args.api_key_file else {
+        return match std::env::var(KEY_ENV) {
+            Err(_) => Ok(Vec::new()),
+            Ok(key) if key.trim().is_empty() => bail!("the API key is empty"),
+            Ok(key) => Ok(vec![ApiKey {
+                client: "default".into(),
+                key: key.trim().to_string(),
+            }]),
+        };
     };
-    let Some(key) = key else {
-        return Ok(None);
-    };
-    let key = key.trim();
-    if key.is_empty() {
-        bail!("the API key is empty");
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the API keys from {}", path.display()))?;
+    let mut keys: Vec<ApiKey> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (client, key) = match fields[..] {
+            [key] => (format!("client-{}", n + 1), key),
+            [client, key] => (client.to_string(), key),
+            _ => bail!(
+                "{} line {}: expected KEY or CLIENT KEY",
+                path.display(),
+                n + 1
+            ),
+        };
+        if keys.iter().any(|k| k.client == client || k.key == key) {
+            bail!(
+                "{} line {}: a client or key given twice",
+                path.display(),
+                n + 1
+            );
+        }
+        keys.push(ApiKey {
+            client,
+            key: key.to_string(),
+        });
     }
-    Ok(Some(key.to_string()))
+    if keys.is_empty() {
+        bail!("the API key is empty: {} holds no key", path.display());
+    }
+    // One key alone is the single client of earlier versions.
+    if let [only] = &mut keys[..]
+        && only.client.starts_with("client-")
+    {
+        only.client = "default".into();
+    }
+    Ok(keys)
 }
 
 /// `$XDG_DATA_HOME/tern/serve`, else `$HOME/.local/share/tern/serve`.

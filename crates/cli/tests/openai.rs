@@ -222,3 +222,43 @@ fn kill_9_during_generation_then_the_session_continues_exactly() {
     server.kill();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn clients_with_the_same_session_name_get_separate_sessions() {
+    let dir = state_dir("openai-clients");
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    std::fs::write(&keys, "# two clients\nalice key-a\nbob key-b\n").unwrap();
+    let state = dir.join("state");
+    let server = Serve::start_with(&state, &["--api-key-file", keys.to_str().unwrap()], None);
+    let ask_as = |key: &str, content: &str| {
+        let body = json!({"messages": [{"role": "user", "content": content}],
+                          "temperature": 0, "max_tokens": 4});
+        let auth = format!("Authorization: Bearer {key}");
+        let answer = server.call(
+            "POST",
+            "/v1/chat/completions",
+            &[&auth, "X-Tern-Session: shared-name"],
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(answer.status, 200, "{}", answer.json);
+        answer.header("x-tern-actor").unwrap().to_string()
+    };
+    let alice = ask_as("key-a", "Hello from Alice.");
+    let bob = ask_as("key-b", "Hello from Bob.");
+    assert_ne!(alice, bob, "two clients shared one session");
+    assert_eq!(ask_as("key-a", "Hello from Alice."), alice);
+    let listed = server.call("GET", "/v1/actors", &["Authorization: Bearer key-b"], b"");
+    let ids: Vec<&str> = listed.json["actors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&bob.as_str()) && !ids.contains(&alice.as_str()),
+        "{ids:?}"
+    );
+    server.kill();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -89,6 +89,8 @@ pub struct Birth {
     pub snapshot: Option<Vec<u8>>,
     /// The OpenAI-compatible session it serves, kept in its record.
     pub session: Option<String>,
+    /// The client that made it, kept in its record; only that client reaches it.
+    pub owner: Option<String>,
     /// Never saved, passivated or recovered: a fork made for one request, or a cache entry.
     pub ephemeral: bool,
 }
@@ -108,6 +110,7 @@ impl Birth {
             module_name: module_name.into(),
             snapshot: None,
             session: None,
+            owner: None,
             ephemeral: false,
         }
     }
@@ -118,6 +121,7 @@ struct Shared {
     id: String,
     module_name: String,
     session: Option<String>,
+    owner: Option<String>,
     created_ms: u64,
     runtime: Arc<Runtime>,
     module: Arc<ActorModule>,
@@ -140,6 +144,8 @@ pub struct ActorHandle {
     pub module: String,
     /// The OpenAI-compatible session it serves.
     pub session: Option<String>,
+    /// The client that made it.
+    pub owner: Option<String>,
     /// Whether it is saved to the store (and so survives passivation and restarts).
     pub durable: bool,
     pub created_ms: u64,
@@ -269,6 +275,7 @@ impl Directory {
         );
         let shared_mut = Arc::get_mut(&mut shared).expect("not shared yet");
         shared_mut.session = birth.session;
+        shared_mut.owner = birth.owner;
         if birth.ephemeral {
             shared_mut.persist = None;
         }
@@ -300,7 +307,9 @@ impl Directory {
             module,
             State::Passivated,
         );
-        Arc::get_mut(&mut shared).expect("not shared yet").session = record.session.clone();
+        let shared_mut = Arc::get_mut(&mut shared).expect("not shared yet");
+        shared_mut.session = record.session.clone();
+        shared_mut.owner = record.owner.clone();
         if let Some(fault) = &record.failed {
             lock(&shared.status).state = State::Failed(fault.clone());
         }
@@ -320,6 +329,7 @@ impl Directory {
             id,
             module_name,
             session: None,
+            owner: None,
             created_ms,
             runtime,
             module,
@@ -342,6 +352,7 @@ impl Directory {
             id: shared.id.clone(),
             module: shared.module_name.clone(),
             session: shared.session.clone(),
+            owner: shared.owner.clone(),
             durable: shared.persist.is_some(),
             created_ms: shared.created_ms,
             shared,
@@ -494,6 +505,7 @@ impl Worker {
                             module: shared.module_name.clone(),
                             created_ms: shared.created_ms,
                             session: shared.session.clone(),
+                            owner: shared.owner.clone(),
                             failed: None,
                         };
                         persist.record(&shared.id, &record)?;
@@ -673,6 +685,7 @@ impl Worker {
             module: shared.module_name.clone(),
             created_ms: shared.created_ms,
             session: shared.session.clone(),
+            owner: shared.owner.clone(),
             failed: Some(fault.to_string()),
         };
         if let Err(e) = persist.record(&shared.id, &record) {

@@ -1,6 +1,8 @@
 //! The bearer-key check: every route but `GET /health` needs `Authorization: Bearer KEY`
-//! when a key is configured. The comparison takes the same time whatever the presented key
-//! holds, so timing reveals neither the key's bytes nor how many of them matched.
+//! when keys are configured. The comparison takes the same time whatever the presented key
+//! holds, so timing reveals neither a key's bytes nor how many of them matched. Each key
+//! names a client ([`Client`]): a client sees and reaches only the actors and sessions it
+//! made.
 
 use std::sync::Arc;
 
@@ -33,11 +35,36 @@ pub fn authorized(header: Option<&[u8]>, key: &str) -> bool {
     constant_time_eq(token, key.as_bytes())
 }
 
-/// Middleware: passes the request on when it may go through, else answers 401.
-pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let Some(key) = state.config.api_key.as_deref() else {
+/// Who is calling: the client a key names, or `None` when the API is open (no keys).
+#[derive(Clone, Debug, Default)]
+pub struct Client(pub Option<Arc<str>>);
+
+impl Client {
+    /// Whether this client may reach something `owner` made (an open API reaches all).
+    pub fn owns(&self, owner: Option<&str>) -> bool {
+        match &self.0 {
+            None => true,
+            Some(me) => owner == Some(&**me),
+        }
+    }
+
+    pub fn name(&self) -> Option<String> {
+        self.0.as_deref().map(String::from)
+    }
+}
+
+/// Middleware: passes the request on, with its [`Client`], when it may go through, else
+/// answers 401.
+pub async fn require_key(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let keys = &state.config.api_keys;
+    if keys.is_empty() {
+        req.extensions_mut().insert(Client(None));
         return next.run(req).await;
-    };
+    }
     if req.uri().path() == "/health" {
         return next.run(req).await;
     }
@@ -45,10 +72,19 @@ pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next:
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    if authorized(header, key) {
-        next.run(req).await
-    } else {
-        ApiError::unauthorized().into_response()
+    // Every key is compared, whichever matches, so the time says nothing of which did.
+    let mut client = None;
+    for key in keys {
+        if authorized(header, &key.key) {
+            client = Some(key.client.clone());
+        }
+    }
+    match client {
+        Some(name) => {
+            req.extensions_mut().insert(Client(Some(name.into())));
+            next.run(req).await
+        }
+        None => ApiError::unauthorized().into_response(),
     }
 }
 

@@ -54,6 +54,9 @@ pub struct ActorRecord {
     /// The OpenAI-compatible session the actor serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// The client that made it (when the server has keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Why the actor failed, once it has: a restart keeps it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,

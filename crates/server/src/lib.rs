@@ -26,8 +26,10 @@
 //!   one is passivated to make room; a busy actor is never evicted; when all are busy the
 //!   request gets 429 with `Retry-After`.
 //!
-//! Not built yet: the batched step scheduler (each actor's forward passes run alone), keys
-//! per client.
+//! - Clients: each API key names a client that reaches only the actors and sessions it
+//!   made ([`auth::Client`]).
+//!
+//! Not built yet: the batched step scheduler (each actor's forward passes run alone).
 
 pub mod actors;
 pub mod auth;
@@ -57,9 +59,10 @@ pub use store::{LocalStore, SnapshotStore, StoreError};
 pub struct Config {
     /// Where to listen (port 0: any free port; [`Server::local_addr`] says which).
     pub listen: SocketAddr,
-    /// The key every route but `/health` requires as `Authorization: Bearer KEY`; `None`
-    /// leaves the API open.
-    pub api_key: Option<String>,
+    /// The keys every route but `/health` requires as `Authorization: Bearer KEY`, each
+    /// naming a client that reaches only its own actors and sessions; none leaves the API
+    /// open (one client).
+    pub api_keys: Vec<ApiKey>,
     /// The largest message body, in bytes.
     pub message_bytes: usize,
     /// The largest module upload, in bytes.
@@ -95,7 +98,7 @@ impl Config {
     pub fn new(listen: SocketAddr) -> Config {
         Config {
             listen,
-            api_key: None,
+            api_keys: Vec::new(),
             message_bytes: 16 << 20,
             module_bytes: 64 << 20,
             bundled: Vec::new(),
@@ -116,7 +119,10 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field(
+                "api_keys",
+                &self.api_keys.iter().map(|k| &k.client).collect::<Vec<_>>(),
+            )
             .field("message_bytes", &self.message_bytes)
             .field("module_bytes", &self.module_bytes)
             .field("bundled", &self.bundled)
@@ -130,6 +136,13 @@ impl std::fmt::Debug for Config {
             .field("max_queued", &self.max_queued)
             .finish()
     }
+}
+
+/// One API key and the client it names.
+#[derive(Clone)]
+pub struct ApiKey {
+    pub client: String,
+    pub key: String,
 }
 
 /// Why the server could not start or stopped.
@@ -160,7 +173,7 @@ pub struct Server {
 impl Server {
     /// Binds `config.listen` now, so that a port in use is an error here.
     pub fn bind(runtime: Arc<Runtime>, config: Config) -> Result<Server, ServerError> {
-        if config.api_key.as_deref() == Some("") {
+        if config.api_keys.iter().any(|k| k.key.is_empty()) {
             return Err(ServerError::EmptyKey);
         }
         let bind_err = |error| ServerError::Bind {

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -38,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ApiError;
 use crate::actors::{ActorHandle, Birth, Delivered, Job, lock, now_ms, random_bytes, random_hex};
+use crate::auth::Client;
 use crate::metrics::Metrics;
 use crate::routes::{AppState, body_bytes};
 
@@ -84,9 +86,9 @@ impl OpenAi {
     }
 
     /// Brings back a session's actor at recovery.
-    pub fn recover_session(&self, session: String, actor: String) {
+    pub fn recover_session(&self, owner: Option<&str>, session: &str, actor: String) {
         if let Ok(mut sessions) = self.sessions.try_lock() {
-            sessions.insert(session, actor);
+            sessions.insert(scoped(owner, session), actor);
         }
     }
 }
@@ -141,6 +143,11 @@ impl PrefixCache {
     }
 }
 
+/// `name` in `owner`'s namespace: clients never share sessions or cached conversations.
+fn scoped(owner: Option<&str>, name: &str) -> String {
+    format!("{}\u{0}{name}", owner.unwrap_or(""))
+}
+
 /// A hash of a conversation on a model. A collision costs only speed: the guest compares
 /// the tokens it holds with the prompt and keeps only the common prefix.
 fn conversation_key(model: &str, messages: &[Value]) -> u64 {
@@ -176,19 +183,21 @@ enum Kind {
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(s): State<Arc<AppState>>,
+    Extension(client): Extension<Client>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    complete(s, headers, body, Kind::Chat).await
+    complete(s, client, headers, body, Kind::Chat).await
 }
 
 /// `POST /v1/completions`.
 pub async fn completions(
     State(s): State<Arc<AppState>>,
+    Extension(client): Extension<Client>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    complete(s, headers, body, Kind::Text).await
+    complete(s, client, headers, body, Kind::Text).await
 }
 
 /// A request, checked, in the guest's terms.
@@ -209,8 +218,17 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     session: Option<String>,
+    /// The client that sent it: its actors and cached conversations are its own.
+    owner: Option<String>,
     /// When the request arrived (for the time to its first token).
     arrived: Instant,
+}
+
+impl Plan {
+    /// The model's name in the client's namespace, for the prefix cache.
+    fn scope(&self) -> String {
+        scoped(self.owner.as_deref(), &self.model)
+    }
 }
 
 impl Plan {
@@ -235,12 +253,14 @@ impl Plan {
 
 async fn complete(
     s: Arc<AppState>,
+    client: Client,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
-    let plan = plan(&s, &headers, &body, kind)?;
+    let mut plan = plan(&s, &headers, &body, kind)?;
+    plan.owner = client.name();
     let id = format!(
         "{}-{}",
         if kind == Kind::Chat {
@@ -488,10 +508,19 @@ async fn run(
 ) -> Result<Outcome, ApiError> {
     let openai = &s.openai;
     let (base, reused) = match &plan.session {
-        Some(session) => (session_actor(s, session).await?, true),
+        Some(session) => (
+            session_actor(s, session, plan.owner.as_deref()).await?,
+            true,
+        ),
         None => match cached_actor(s, &plan) {
             Some(cached) => (fork(s, &cached, 1).await?.remove(0), false),
-            None => (start_chat(s, Birth::ephemeral(CHAT_GUEST)).await?, false),
+            None => {
+                let birth = Birth {
+                    owner: plan.owner.clone(),
+                    ..Birth::ephemeral(CHAT_GUEST)
+                };
+                (start_chat(s, birth).await?, false)
+            }
         },
     };
     // Ephemeral actors made for this request, deleted at the end unless cached.
@@ -518,7 +547,7 @@ async fn run(
     if let Some((actor, reply)) = keep {
         let mut conversation = plan.messages.clone();
         conversation.push(json!({"role": "assistant", "content": reply}));
-        let key = conversation_key(&plan.model, &conversation);
+        let key = conversation_key(&plan.scope(), &conversation);
         for old in lock(&openai.cache).insert(key, actor) {
             let _ = s.actors.remove(&old.id);
         }
@@ -724,6 +753,7 @@ async fn fork(
     for _ in 0..count {
         let birth = Birth {
             snapshot: Some(bytes.clone()),
+            owner: actor.owner.clone(),
             ..Birth::ephemeral(actor.module.clone())
         };
         match s.start_actor(actor.module_handle(), birth).await {
@@ -744,21 +774,27 @@ fn cached_actor(s: &AppState, plan: &Plan) -> Option<Arc<ActorHandle>> {
     if !s.openai.prefix_reuse || plan.kind != Kind::Chat {
         return None;
     }
-    lock(&s.openai.cache).find(&plan.model, &plan.messages)
+    lock(&s.openai.cache).find(&plan.scope(), &plan.messages)
 }
 
-/// The actor of session `session`, made on first use.
-async fn session_actor(s: &Arc<AppState>, session: &str) -> Result<Arc<ActorHandle>, ApiError> {
+/// The actor of `owner`'s session `session`, made on first use.
+async fn session_actor(
+    s: &Arc<AppState>,
+    session: &str,
+    owner: Option<&str>,
+) -> Result<Arc<ActorHandle>, ApiError> {
+    let key = scoped(owner, session);
     let mut sessions = s.openai.sessions.lock().await;
-    if let Some(actor) = sessions.get(session).and_then(|id| s.actors.get(id).ok()) {
+    if let Some(actor) = sessions.get(&key).and_then(|id| s.actors.get(id).ok()) {
         return Ok(actor);
     }
     let birth = Birth {
         session: Some(session.to_string()),
+        owner: owner.map(String::from),
         ..Birth::fresh(CHAT_GUEST)
     };
     let actor = start_chat(s, birth).await?;
-    sessions.insert(session.to_string(), actor.id.clone());
+    sessions.insert(key, actor.id.clone());
     Ok(actor)
 }
 
@@ -929,6 +965,7 @@ fn plan(s: &AppState, headers: &HeaderMap, body: &[u8], kind: Kind) -> Result<Pl
         stream,
         include_usage,
         session: session(headers)?,
+        owner: None,
         arrived: Instant::now(),
     })
 }

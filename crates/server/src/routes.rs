@@ -11,12 +11,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{Value, json};
 use tern_actor::{ActorModule, Runtime};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::{ActorHandle, Birth, Directory, Job, State as ActorState};
+use crate::auth::Client;
 use crate::durable::Persistence;
 use crate::metrics::Metrics;
 use crate::modules::Modules;
@@ -83,7 +84,8 @@ impl AppState {
                     self.actors
                         .recover(self.runtime.clone(), module, record, id.clone());
                     if let Some(session) = &record.session {
-                        self.openai.recover_session(session.clone(), id.clone());
+                        let owner = record.owner.as_deref();
+                        self.openai.recover_session(owner, session, id.clone());
                     }
                 }
                 Err(e) => tracing::error!(%id, error = %e.message, "skipping a stored actor"),
@@ -91,6 +93,16 @@ impl AppState {
         }
         tracing::info!(actors = actors.len(), "recovered stored actors");
         Ok(())
+    }
+
+    /// Actor `id`, if `client` may reach it: another client's actor is as unknown as a
+    /// missing one (404).
+    pub(crate) fn actor(&self, id: &str, client: &Client) -> Result<Arc<ActorHandle>> {
+        self.actors
+            .get(id)
+            .ok()
+            .filter(|a| client.owns(a.owner.as_deref()))
+            .ok_or_else(|| ApiError::not_found(format!("no actor `{id}`")))
     }
 
     /// Starts an actor (fresh, or from the snapshot in `birth`) once there is room.
@@ -261,6 +273,7 @@ struct StartActor {
 /// snapshot, must be bundled or uploaded.
 async fn start_actor(
     State(s): State<Arc<AppState>>,
+    Extension(client): Extension<Client>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
@@ -279,6 +292,7 @@ async fn start_actor(
         };
         let birth = Birth {
             snapshot: Some(body.to_vec()),
+            owner: client.name(),
             ..Birth::fresh(name)
         };
         s.start_actor(module, birth).await?
@@ -289,18 +303,27 @@ async fn start_actor(
             ))
         })?;
         let (name, module) = s.modules.find(&s.runtime, &request.module).await?;
-        s.start_actor(module, Birth::fresh(name)).await?
+        let birth = Birth {
+            owner: client.name(),
+            ..Birth::fresh(name)
+        };
+        s.start_actor(module, birth).await?
     };
     tracing::info!(id = %actor.id, module = %actor.module, "actor started");
     Ok((StatusCode::CREATED, Json(describe(&actor))).into_response())
 }
 
 /// `POST /v1/actors/{id}/fork`: a new, independent actor in this one's current state.
-async fn fork_actor(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response> {
-    let actor = s.actors.get(&id)?;
+async fn fork_actor(
+    State(s): State<Arc<AppState>>,
+    Extension(client): Extension<Client>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let actor = s.actor(&id, &client)?;
     let bytes = s.snapshot_of(&actor).await?;
     let birth = Birth {
         snapshot: Some(bytes),
+        owner: actor.owner.clone(),
         ..Birth::fresh(actor.module.clone())
     };
     let fork = s.start_actor(actor.module_handle(), birth).await?;
@@ -308,20 +331,35 @@ async fn fork_actor(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> R
     Ok((StatusCode::CREATED, Json(describe(&fork))).into_response())
 }
 
-async fn list_actors(State(s): State<Arc<AppState>>) -> Json<Value> {
-    let actors: Vec<Value> = s.actors.list().iter().map(|a| describe(a)).collect();
+async fn list_actors(
+    State(s): State<Arc<AppState>>,
+    Extension(client): Extension<Client>,
+) -> Json<Value> {
+    let actors: Vec<Value> = s
+        .actors
+        .list()
+        .iter()
+        .filter(|a| client.owns(a.owner.as_deref()))
+        .map(|a| describe(a))
+        .collect();
     Json(json!({ "actors": actors }))
 }
 
-async fn get_actor(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>> {
-    let actor = s.actors.get(&id)?;
+async fn get_actor(
+    State(s): State<Arc<AppState>>,
+    Extension(client): Extension<Client>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>> {
+    let actor = s.actor(&id, &client)?;
     Ok(Json(describe(&actor)))
 }
 
 async fn delete_actor(
     State(s): State<Arc<AppState>>,
+    Extension(client): Extension<Client>,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
+    s.actor(&id, &client)?;
     s.actors.remove(&id)?;
     tracing::info!(%id, "actor deleted");
     Ok(StatusCode::NO_CONTENT)
@@ -332,11 +370,12 @@ async fn delete_actor(
 /// `text/event-stream`.
 async fn send_message(
     State(s): State<Arc<AppState>>,
+    Extension(client): Extension<Client>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
-    let actor = s.actors.get(&id)?;
+    let actor = s.actor(&id, &client)?;
     let body = body_bytes(body)?.to_vec();
     if let ActorState::Failed(fault) = actor.status().state {
         return Err(ApiError::from(tern_actor::ActorError::Poisoned(fault)));
@@ -375,8 +414,12 @@ async fn send_message(
 }
 
 /// `POST /v1/actors/{id}/snapshot`: the actor's whole state as snapshot bytes.
-async fn snapshot(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response> {
-    let actor = s.actors.get(&id)?;
+async fn snapshot(
+    State(s): State<Arc<AppState>>,
+    Extension(client): Extension<Client>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let actor = s.actor(&id, &client)?;
     let bytes = s.snapshot_of(&actor).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }

@@ -499,3 +499,58 @@ fn forks_and_uploaded_snapshots_continue_from_the_state_they_copy() {
     let listed = server.get("/v1/actors").json();
     assert_eq!(listed["actors"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn each_key_names_a_client_that_reaches_only_its_own_actors() {
+    let server = TestServer::start_with(|config| {
+        config.api_keys = ["alice", "bob"]
+            .iter()
+            .map(|name| tern_server::ApiKey {
+                client: name.to_string(),
+                key: format!("key-of-{name}"),
+            })
+            .collect();
+    });
+    let as_client = |name: &str, method: &str, path: &str, body: &[u8]| {
+        let auth = format!("Bearer key-of-{name}");
+        request(server.addr, method, path, &[("Authorization", &auth)], body)
+    };
+    let start = |name: &str| {
+        let r = as_client(name, "POST", "/v1/actors", br#"{"module": "echo"}"#);
+        assert_eq!(r.status, 201, "{r:?}");
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let (a, b) = (start("alice"), start("bob"));
+    let listed = |name: &str| -> Vec<String> {
+        as_client(name, "GET", "/v1/actors", b"").json()["actors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(listed("alice"), std::slice::from_ref(&a));
+    assert_eq!(listed("bob"), std::slice::from_ref(&b));
+    // Bob cannot reach Alice's actor by any route: it is as unknown as a missing one.
+    for (method, path) in [
+        ("GET", format!("/v1/actors/{a}")),
+        ("POST", format!("/v1/actors/{a}/messages")),
+        ("POST", format!("/v1/actors/{a}/snapshot")),
+        ("POST", format!("/v1/actors/{a}/fork")),
+        ("DELETE", format!("/v1/actors/{a}")),
+    ] {
+        let r = as_client("bob", method, &path, b"hi");
+        assert_eq!(r.status, 404, "{method} {path}: {r:?}");
+        assert_eq!(r.error_type(), "not_found");
+    }
+    // Alice still can, and her fork is hers.
+    assert_eq!(
+        as_client("alice", "POST", &format!("/v1/actors/{a}/messages"), b"hi").status,
+        200
+    );
+    let fork = as_client("alice", "POST", &format!("/v1/actors/{a}/fork"), b"");
+    assert_eq!(fork.status, 201, "{fork:?}");
+    assert_eq!(listed("alice").len(), 2);
+    assert_eq!(listed("bob").len(), 1);
+    assert_eq!(as_client("carol", "GET", "/v1/actors", b"").status, 401);
+}

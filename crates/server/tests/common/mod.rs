@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tern_actor::{Limits, Runtime};
 use tern_compute::cpu::CpuDevice;
-use tern_server::{Config, Server};
+use tern_server::{ApiKey, Config, Server};
 
 /// Echoes each message and then `!`; a message starting with `#` traps. Returns how many
 /// messages it has handled, itself included: a counter kept in a global.
@@ -58,7 +58,15 @@ pub struct TestServer {
 impl TestServer {
     /// A server on a CPU runtime without models; `echo` is offered as a bundled guest.
     pub fn start(api_key: Option<&str>) -> TestServer {
-        TestServer::start_with(|config| config.api_key = api_key.map(str::to_string))
+        TestServer::start_with(|config| {
+            config.api_keys = api_key
+                .map(|key| ApiKey {
+                    client: "default".into(),
+                    key: key.into(),
+                })
+                .into_iter()
+                .collect()
+        })
     }
 
     /// As [`TestServer::start`] without a key, with `configure` applied to the
