@@ -153,3 +153,21 @@ fn kill_9_at_random_moments_loses_no_acknowledged_message() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn ctrl_c_saves_what_passivate_durability_had_not_saved() {
+    let dir = state_dir("ctrl-c");
+    let args = ["--durability", "passivate"];
+    let server = Serve::start_with(&dir, &args, None);
+    let (status, upload) = server.request("POST", "/v1/modules", COUNTER.as_bytes());
+    assert_eq!(status, 201, "{upload}");
+    let actor = server.start_actor(upload["digest"].as_str().unwrap());
+    assert_eq!(server.send(&actor, "one ")["durable"], false);
+    assert_eq!(server.send(&actor, "two ")["durable"], false);
+    server.interrupt();
+
+    let server = Serve::start_with(&dir, &args, None);
+    assert_eq!(server.send(&actor, "three")["output"], "one two three");
+    server.kill();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -163,6 +163,9 @@ pub enum ServerError {
     Recover(#[from] StoreError),
 }
 
+/// The most time a shutdown spends saving actors.
+pub const SHUTDOWN_SAVE: Duration = Duration::from_secs(30);
+
 /// A bound, not yet serving, HTTP front for actors of one runtime.
 pub struct Server {
     listener: std::net::TcpListener,
@@ -196,8 +199,10 @@ impl Server {
         self.addr
     }
 
-    /// Serves until `shutdown` completes, then stops taking connections and waits for the
-    /// open ones. Must run inside a multi-threaded Tokio runtime.
+    /// Serves until `shutdown` completes, then stops taking connections, waits for the
+    /// open ones, and saves every durable actor whose state is not saved yet (it is
+    /// passivated; at most [`SHUTDOWN_SAVE`] is spent). Must run inside a multi-threaded
+    /// Tokio runtime.
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -205,10 +210,22 @@ impl Server {
         let listener =
             tokio::net::TcpListener::from_std(self.listener).map_err(ServerError::Serve)?;
         tracing::info!(addr = %self.addr, "serving");
-        axum::serve(listener, routes::router(self.state))
+        let state = self.state.clone();
+        let served = axum::serve(listener, routes::router(self.state))
             .with_graceful_shutdown(shutdown)
             .await
-            .map_err(ServerError::Serve)
+            .map_err(ServerError::Serve);
+        let saving = state.passivate_all();
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_SAVE;
+        while state.resident_durable() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(
+            actors = saving,
+            left = state.resident_durable(),
+            "saved and passivated at shutdown"
+        );
+        served
     }
 
     /// Serves on a Tokio runtime of its own until Ctrl-C.

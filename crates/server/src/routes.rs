@@ -95,6 +95,27 @@ impl AppState {
         Ok(())
     }
 
+    /// Asks every resident durable actor to save (if it must) and passivate; returns how
+    /// many were asked.
+    pub(crate) fn passivate_all(&self) -> usize {
+        self.actors
+            .list()
+            .iter()
+            .filter(|a| a.durable && a.is_resident())
+            .filter(|a| a.post(Job::Passivate).is_ok())
+            .count()
+    }
+
+    /// Resident durable actors that have not failed: what a shutdown still has to save.
+    pub(crate) fn resident_durable(&self) -> usize {
+        self.actors
+            .list()
+            .iter()
+            .filter(|a| a.durable && a.is_resident())
+            .filter(|a| !matches!(a.status().state, ActorState::Failed(_)))
+            .count()
+    }
+
     /// Actor `id`, if `client` may reach it: another client's actor is as unknown as a
     /// missing one (404).
     pub(crate) fn actor(&self, id: &str, client: &Client) -> Result<Arc<ActorHandle>> {

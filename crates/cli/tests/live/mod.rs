@@ -101,6 +101,27 @@ impl Serve {
         assert!(status.success());
     }
 
+    /// SIGINT (Ctrl-C), then waits (up to a minute) for the server to finish and exit.
+    pub fn interrupt(mut self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                assert!(exit.success(), "tern serve exited with {exit}");
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tern serve did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: no chance to save anything more.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
