@@ -137,6 +137,19 @@ struct Shared {
     max_queued: usize,
 }
 
+impl Shared {
+    /// What the store keeps beside the actor's snapshot; `failed`: why it failed, if it has.
+    fn record(&self, failed: Option<String>) -> ActorRecord {
+        ActorRecord {
+            module: self.module_name.clone(),
+            created_ms: self.created_ms,
+            session: self.session.clone(),
+            owner: self.owner.clone(),
+            failed,
+        }
+    }
+}
+
 /// The server's side of one actor: its mailbox and its status.
 pub struct ActorHandle {
     pub id: String,
@@ -501,14 +514,7 @@ impl Worker {
                 };
                 let result = result.and_then(|mut actor| {
                     if let Some(persist) = &shared.persist {
-                        let record = ActorRecord {
-                            module: shared.module_name.clone(),
-                            created_ms: shared.created_ms,
-                            session: shared.session.clone(),
-                            owner: shared.owner.clone(),
-                            failed: None,
-                        };
-                        persist.record(&shared.id, &record)?;
+                        persist.record(&shared.id, &shared.record(None))?;
                         persist.save(&shared.id, &mut actor)?;
                     }
                     Ok(actor)
@@ -681,13 +687,7 @@ impl Worker {
             return;
         };
         let shared = &self.shared;
-        let record = ActorRecord {
-            module: shared.module_name.clone(),
-            created_ms: shared.created_ms,
-            session: shared.session.clone(),
-            owner: shared.owner.clone(),
-            failed: Some(fault.to_string()),
-        };
+        let record = shared.record(Some(fault.to_string()));
         if let Err(e) = persist.record(&shared.id, &record) {
             tracing::error!(id = %shared.id, error = %e.message, "cannot record the fault");
         }

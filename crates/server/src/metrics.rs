@@ -19,7 +19,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::actors::State as ActorState;
+use crate::actors::{State as ActorState, lock};
 use crate::routes::AppState;
 
 /// Upper bounds of the histograms' buckets, in seconds.
@@ -260,8 +260,4 @@ pub fn render(state: &AppState) -> String {
 
 fn help(out: &mut String, name: &str, kind: &str, what: &str) {
     let _ = writeln!(out, "# HELP {name} {what}\n# TYPE {name} {kind}");
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

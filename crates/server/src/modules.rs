@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tern_actor::{ActorModule, Runtime};
 
 use crate::ApiError;
+use crate::actors::lock;
 
 /// One entry of `GET /v1/modules`.
 #[derive(serde::Serialize)]
@@ -139,8 +140,4 @@ async fn compile(
         .map_err(|e| ApiError::internal(format!("compiling the module failed: {e}")))?
         .map(Arc::new)
         .map_err(ApiError::from)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -112,8 +112,8 @@ impl PrefixCache {
     fn find(&mut self, model: &str, messages: &[Value]) -> Option<Arc<ActorHandle>> {
         self.clock += 1;
         let clock = self.clock;
-        (1..=messages.len()).rev().find_map(|len| {
-            let key = conversation_key(model, &messages[..len]);
+        let keys = prefix_keys(model, messages);
+        keys.iter().rev().find_map(|&key| {
             let entry = self.entries.iter_mut().find(|e| e.key == key)?;
             entry.used = clock;
             Some(entry.actor.clone())
@@ -151,13 +151,25 @@ fn scoped(owner: Option<&str>, name: &str) -> String {
 /// A hash of a conversation on a model. A collision costs only speed: the guest compares
 /// the tokens it holds with the prompt and keeps only the common prefix.
 fn conversation_key(model: &str, messages: &[Value]) -> u64 {
+    prefix_keys(model, messages)
+        .last()
+        .copied()
+        .unwrap_or_default()
+}
+
+/// [`conversation_key`] of every non-empty prefix of `messages`, shortest first, hashing
+/// each message once.
+fn prefix_keys(model: &str, messages: &[Value]) -> Vec<u64> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     model.hash(&mut h);
-    for m in messages {
-        m["role"].as_str().hash(&mut h);
-        m["content"].as_str().hash(&mut h);
-    }
-    h.finish()
+    messages
+        .iter()
+        .map(|m| {
+            m["role"].as_str().hash(&mut h);
+            m["content"].as_str().hash(&mut h);
+            h.finish()
+        })
+        .collect()
 }
 
 /// `GET /v1/models`.
@@ -513,7 +525,7 @@ async fn run(
             true,
         ),
         None => match cached_actor(s, &plan) {
-            Some(cached) => (fork(s, &cached, 1).await?.remove(0), false),
+            Some(cached) => (s.fork(&cached, 1, true).await?.remove(0), false),
             None => {
                 let birth = Birth {
                     owner: plan.owner.clone(),
@@ -576,7 +588,7 @@ async fn generate(
     }
     let prefill = plan.guest_request(0, 0);
     let (mut usage, delivered, _) = deliver(s, base, prefill, 0, plan.arrived, frames).await?;
-    let forks = fork(s, base, plan.n as usize).await?;
+    let forks = s.fork(base, plan.n as usize, true).await?;
     made.extend(forks.iter().cloned());
     let runs = forks.iter().enumerate().map(|(i, actor)| {
         let body = plan.guest_request(i as u64, plan.max_tokens);
@@ -740,33 +752,6 @@ async fn start_chat(s: &Arc<AppState>, birth: Birth) -> Result<Arc<ActorHandle>,
         .await
         .map_err(|_| ApiError::internal("the chat guest is not installed beside `tern`"))?;
     s.start_actor(module, birth).await
-}
-
-/// `count` ephemeral forks of `actor`, all from one snapshot of its current state.
-async fn fork(
-    s: &Arc<AppState>,
-    actor: &ActorHandle,
-    count: usize,
-) -> Result<Vec<Arc<ActorHandle>>, ApiError> {
-    let bytes = s.snapshot_of(actor).await?;
-    let mut forks = Vec::with_capacity(count);
-    for _ in 0..count {
-        let birth = Birth {
-            snapshot: Some(bytes.clone()),
-            owner: actor.owner.clone(),
-            ..Birth::ephemeral(actor.module.clone())
-        };
-        match s.start_actor(actor.module_handle(), birth).await {
-            Ok(fork) => forks.push(fork),
-            Err(e) => {
-                for fork in &forks {
-                    let _ = s.actors.remove(&fork.id);
-                }
-                return Err(e);
-            }
-        }
-    }
-    Ok(forks)
 }
 
 /// The cached actor the request's conversation extends, if prefix reuse is on.

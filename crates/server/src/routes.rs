@@ -136,6 +136,37 @@ impl AppState {
         self.actors.start(self.runtime.clone(), module, birth).await
     }
 
+    /// `count` new actors in `actor`'s current state, all from one snapshot of it, owned by
+    /// its owner; `ephemeral` ones are never saved. All or none: on a failure the forks
+    /// made so far are deleted.
+    pub(crate) async fn fork(
+        &self,
+        actor: &ActorHandle,
+        count: usize,
+        ephemeral: bool,
+    ) -> Result<Vec<Arc<ActorHandle>>> {
+        let bytes = self.snapshot_of(actor).await?;
+        let mut forks = Vec::with_capacity(count);
+        for _ in 0..count {
+            let birth = Birth {
+                snapshot: Some(bytes.clone()),
+                owner: actor.owner.clone(),
+                ephemeral,
+                ..Birth::fresh(actor.module.clone())
+            };
+            match self.start_actor(actor.module_handle(), birth).await {
+                Ok(fork) => forks.push(fork),
+                Err(e) => {
+                    for fork in &forks {
+                        let _ = self.actors.remove(&fork.id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(forks)
+    }
+
     /// The actor's current state as snapshot bytes, taken between its messages.
     pub(crate) async fn snapshot_of(&self, actor: &ActorHandle) -> Result<Vec<u8>> {
         let (reply_tx, reply) = oneshot::channel();
@@ -341,13 +372,7 @@ async fn fork_actor(
     Path(id): Path<String>,
 ) -> Result<Response> {
     let actor = s.actor(&id, &client)?;
-    let bytes = s.snapshot_of(&actor).await?;
-    let birth = Birth {
-        snapshot: Some(bytes),
-        owner: actor.owner.clone(),
-        ..Birth::fresh(actor.module.clone())
-    };
-    let fork = s.start_actor(actor.module_handle(), birth).await?;
+    let fork = s.fork(&actor, 1, false).await?.remove(0);
     tracing::info!(id = %fork.id, from = %id, "actor forked");
     Ok((StatusCode::CREATED, Json(describe(&fork))).into_response())
 }
