@@ -89,7 +89,9 @@ pub(crate) fn with_memory(
     // Time in the host is not the guest's: move the deadline out by as much.
     let ticks_left = state.deadline.extend_since(started);
     if let Some(ticks) = ticks_left {
-        caller.as_context_mut().set_epoch_deadline(ticks);
+        caller
+            .as_context_mut()
+            .set_epoch_deadline(ticks.min(crate::actor::STOP_CHECK));
     }
     let state = caller.data_mut();
     match result {

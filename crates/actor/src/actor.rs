@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tern_compute::Device;
 use wasmtime::{
-    Instance, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc, WasmBacktrace,
+    Instance, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc, UpdateDeadline,
+    WasmBacktrace,
 };
 
 use crate::abi::HostPanic;
@@ -41,6 +42,8 @@ pub(crate) struct HostState {
     pub(crate) deadline: GuestDeadline,
     /// Set when whoever waits for the running message no longer does ([`Canceller`]).
     pub(crate) cancelled: Arc<AtomicBool>,
+    /// Set when the actor is stopped for good ([`Canceller::stop`]); never cleared.
+    pub(crate) stopped: Arc<AtomicBool>,
     output: Vec<u8>,
     output_limit: usize,
     stream: Option<OutputSink>,
@@ -67,7 +70,7 @@ impl HostState {
 impl HostState {
     /// Refuses host work for a message whose waiter has gone ([`Canceller`]).
     pub(crate) fn check_cancelled(&self) -> Result<(), AbiError> {
-        if self.cancelled.load(Ordering::Acquire) {
+        if self.cancelled.load(Ordering::Acquire) || self.stopped.load(Ordering::Acquire) {
             return Err(AbiError::Cancelled);
         }
         Ok(())
@@ -154,14 +157,55 @@ impl ActorModule {
     }
 }
 
-/// Cancels the message an actor is handling ([`Actor::canceller`]).
+/// Cancels the message an actor is handling, or stops the actor ([`Actor::canceller`]).
 #[derive(Clone, Debug)]
-pub struct Canceller(Arc<AtomicBool>);
+pub struct Canceller {
+    cancelled: Arc<AtomicBool>,
+    stopped: Arc<AtomicBool>,
+}
 
 impl Canceller {
     /// Asks the running message to stop at the guest's next `emit` or forward pass.
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Release);
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    /// Stops the actor for good (it is being deleted): the running guest call traps within
+    /// one epoch check ([`STOP_CHECK`]), even in a loop that never calls the host, and the
+    /// actor takes no more messages.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+}
+
+/// How often a running guest is checked for [`Canceller::stop`], in epoch ticks: its
+/// deadline is set at most this far ahead and moved on by the epoch callback.
+pub(crate) const STOP_CHECK: u64 = 20;
+
+/// The trap of a guest whose actor was stopped ([`Canceller::stop`]).
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the actor was stopped")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// The epoch callback: the guest call ends when its actor is stopped or its own running
+/// time is spent ([`GuestDeadline`]); otherwise it runs on to the next check.
+fn epoch_check(
+    store: wasmtime::StoreContextMut<'_, HostState>,
+) -> wasmtime::Result<UpdateDeadline> {
+    let state = store.data();
+    if state.stopped.load(Ordering::Acquire) {
+        return Err(wasmtime::Error::new(Stopped));
+    }
+    match state.deadline.left() {
+        0 => Err(Trap::Interrupt.into()),
+        left => Ok(UpdateDeadline::Continue(left.min(STOP_CHECK))),
     }
 }
 
@@ -217,6 +261,7 @@ impl Actor {
             clock: VirtualClock::new(runtime.clock.clone()),
             deadline: GuestDeadline::new(runtime.ticks.clone()),
             cancelled: Arc::new(AtomicBool::new(false)),
+            stopped: Arc::new(AtomicBool::new(false)),
             output: Vec::new(),
             output_limit: limits.output_bytes,
             stream: None,
@@ -227,9 +272,9 @@ impl Actor {
         };
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(epoch_check);
         store.data_mut().deadline.start(runtime.deadline_ticks());
-        store.set_epoch_deadline(runtime.deadline_ticks());
+        store.set_epoch_deadline(runtime.deadline_ticks().min(STOP_CHECK));
         let mut linker = Linker::new(&runtime.engine);
         abi::link(&mut linker, runtime.testing_probes)
             .map_err(|e| ActorError::Engine(format!("{e:#}")))?;
@@ -272,7 +317,11 @@ impl Actor {
     /// that checks its results stops at its next token. The actor is not harmed; the next
     /// message runs normally.
     pub fn canceller(&self) -> Canceller {
-        Canceller(self.store.data().cancelled.clone())
+        let state = self.store.data();
+        Canceller {
+            cancelled: state.cancelled.clone(),
+            stopped: state.stopped.clone(),
+        }
     }
 
     /// Streams every `emit` to `sink` as it happens, in addition to collecting it.
@@ -343,7 +392,8 @@ impl Actor {
             return Err(ActorError::Poisoned(fault.clone()));
         }
         self.store.data_mut().deadline.start(self.deadline_ticks);
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store
+            .set_epoch_deadline(self.deadline_ticks.min(STOP_CHECK));
         match f(&mut self.store) {
             Ok(value) => Ok(value),
             Err(e) => {
@@ -418,6 +468,9 @@ fn classify(
 ) -> ActorError {
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return ActorError::TimeLimit { export, limit_ms };
+    }
+    if e.downcast_ref::<Stopped>().is_some() {
+        return ActorError::Stopped { export };
     }
     if let Some(panic) = e.downcast_ref::<HostPanic>() {
         return ActorError::HostFault {

@@ -24,6 +24,11 @@ impl GuestDeadline {
         self.ticks.load(Ordering::Relaxed)
     }
 
+    /// Ticks left before the deadline (0 once it has passed).
+    pub(crate) fn left(&self) -> u64 {
+        self.deadline.saturating_sub(self.now())
+    }
+
     /// Starts a guest call that may run `budget` ticks.
     pub(crate) fn start(&mut self, budget: u64) {
         self.deadline = self.now() + budget;

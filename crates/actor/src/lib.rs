@@ -61,6 +61,8 @@ pub enum ActorError {
         export: &'static str,
         limit_ms: u128,
     },
+    #[error("the actor was stopped (deleted) while running `{export}`")]
+    Stopped { export: &'static str },
     #[error("the guest broke the ABI in `{export}`: {message}")]
     Abi {
         export: &'static str,

@@ -205,6 +205,31 @@ fn an_infinite_loop_is_interrupted_and_others_keep_working() {
 }
 
 #[test]
+fn stopping_an_actor_ends_its_loop_long_before_the_time_limit() {
+    let rt = runtime(Limits {
+        call_time: Duration::from_secs(600),
+        ..quick_limits()
+    });
+    let mut spinner =
+        Actor::load(&rt, guest("(loop $l (br $l)) (i32.const 0)").as_bytes()).unwrap();
+    let stopper = spinner.canceller();
+    let started = std::time::Instant::now();
+    let err = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            stopper.stop();
+        });
+        spinner.send(b"").unwrap_err()
+    });
+    assert!(matches!(err, ActorError::Stopped { .. }), "{err}");
+    // Well inside the ten-minute limit: the stop is seen at the next epoch check.
+    assert!(started.elapsed() < Duration::from_secs(60), "{err}");
+    let err = spinner.send(b"").unwrap_err();
+    assert!(matches!(err, ActorError::Poisoned(_)), "{err}");
+    assert_healthy(&rt);
+}
+
+#[test]
 fn a_grow_bomb_hits_the_cap_with_a_clear_error() {
     let rt = runtime(quick_limits());
     let bomb = guest(

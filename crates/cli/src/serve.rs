@@ -81,7 +81,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .init();
     let api_keys = api_keys(&args)?;
     let runtime = args.host.runtime()?;
-    // Every model now, so that a file that cannot be loaded stops the start, not a request.
+    // Every model now, so that a file that cannot be loaded stops the start, not a request,
+    // and so that each model's threads start here at normal priority, never from an actor's
+    // idle-class thread (tern_server's `sys`).
     for name in runtime.models().names() {
         runtime.model(&name)?;
     }

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tern_actor::{Actor, ActorModule, Reply, Runtime};
+use serde_json::Value;
+use tern_actor::{Actor, ActorModule, Canceller, Reply, Runtime};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::ApiError;
@@ -35,6 +36,9 @@ pub type OutputStream = tokio_mpsc::UnboundedSender<Vec<u8>>;
 pub struct Delivered {
     pub reply: Reply,
     pub durable: bool,
+    /// A message without a stream: its output as a JSON string (lossy UTF-8), made on the
+    /// actor's own thread at its lower priority, since a large reply is its tenant's work.
+    pub output_json: Option<String>,
 }
 
 /// Work for an actor's thread.
@@ -131,6 +135,8 @@ struct Shared {
     /// Jobs handed in and not finished.
     queued: AtomicUsize,
     deleted: AtomicBool,
+    /// Stops the running actor when it is deleted (set once its thread has it).
+    stopper: Mutex<Option<Canceller>>,
     /// The server's count of actors with a thread.
     resident: Arc<AtomicUsize>,
     /// The most jobs that may wait for this actor.
@@ -357,6 +363,7 @@ impl Directory {
             deleted: AtomicBool::new(false),
             resident: self.resident.clone(),
             max_queued: self.max_queued,
+            stopper: Mutex::new(None),
         })
     }
 
@@ -397,6 +404,11 @@ impl Directory {
             .ok_or_else(|| ApiError::not_found(format!("no actor `{id}`")))?;
         let shared = &handle.shared;
         shared.deleted.store(true, Ordering::Relaxed);
+        // A guest still running (even in a loop that never calls the host) ends now, not
+        // at its time limit.
+        if let Some(stopper) = lock(&shared.stopper).as_ref() {
+            stopper.stop();
+        }
         let was = std::mem::replace(&mut *lock(&shared.life), Life::Deleted);
         // An active thread forgets the stored state itself once its last job is done, so
         // that a save still running cannot bring it back.
@@ -422,6 +434,7 @@ fn spawn(shared: Arc<Shared>, boot: Boot, jobs: mpsc::Receiver<Job>) -> Result<(
         .name(format!("tern-actor-{}", shared.id))
         .stack_size(ACTOR_STACK_BYTES)
         .spawn(move || {
+            crate::sys::lower_thread_priority();
             let resident = shared.resident.clone();
             let saved_at = Cell::new(Instant::now());
             Worker { shared, saved_at }.run(boot, jobs);
@@ -459,6 +472,10 @@ impl Worker {
         let slot: Arc<Mutex<Option<OutputStream>>> = Arc::default();
         let sink = slot.clone();
         let canceller = actor.canceller();
+        *lock(&self.shared.stopper) = Some(canceller.clone());
+        if self.shared.deleted.load(Ordering::Relaxed) {
+            canceller.stop();
+        }
         actor.on_output(move |bytes| {
             if let Some(stream) = lock(&sink).as_ref()
                 && stream.send(bytes.to_vec()).is_err()
@@ -655,6 +672,7 @@ impl Worker {
                 stream,
                 reply,
             } => {
+                let streamed = stream.is_some();
                 *lock(slot) = stream;
                 let result = actor.send(&body).map_err(ApiError::from);
                 if result.is_err() {
@@ -664,6 +682,10 @@ impl Worker {
                 *lock(slot) = None;
                 let result = result.map(|reply| Delivered {
                     durable: self.after_message(actor, dirty),
+                    output_json: (!streamed).then(|| {
+                        Value::String(String::from_utf8_lossy(&reply.output).into_owned())
+                            .to_string()
+                    }),
                     reply,
                 });
                 // The status is current before the client hears the answer.

@@ -86,6 +86,7 @@ impl From<ActorError> for ApiError {
             }
             ActorError::Trap { .. }
             | ActorError::TimeLimit { .. }
+            | ActorError::Stopped { .. }
             | ActorError::Abi { .. }
             | ActorError::HostFault { .. }
             | ActorError::Poisoned(_)

@@ -42,6 +42,7 @@ mod request_id;
 pub mod routes;
 mod sse;
 pub mod store;
+mod sys;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -56,9 +56,10 @@ pub const SESSION_HEADER: &str = "x-tern-session";
 
 /// The routes' own state: sessions and the prefix cache.
 pub struct OpenAi {
-    /// Session ids to actor ids; the lock is held while a session's actor is made, so two
-    /// first requests make one actor.
-    sessions: tokio::sync::Mutex<HashMap<String, String>>,
+    /// Session ids to actor ids.
+    sessions: Mutex<HashMap<String, String>>,
+    /// Held while a session's actor is made, so that two first requests make one actor.
+    making: tokio::sync::Mutex<()>,
     cache: Mutex<PrefixCache>,
     /// Whether stateless requests continue in forks of cached actors.
     pub prefix_reuse: bool,
@@ -67,7 +68,8 @@ pub struct OpenAi {
 impl OpenAi {
     pub fn new(prefix_reuse: bool, cache_actors: usize) -> OpenAi {
         OpenAi {
-            sessions: tokio::sync::Mutex::default(),
+            sessions: Mutex::default(),
+            making: tokio::sync::Mutex::default(),
             cache: Mutex::new(PrefixCache {
                 capacity: cache_actors,
                 entries: Vec::new(),
@@ -87,9 +89,7 @@ impl OpenAi {
 
     /// Brings back a session's actor at recovery.
     pub fn recover_session(&self, owner: Option<&str>, session: &str, actor: String) {
-        if let Ok(mut sessions) = self.sessions.try_lock() {
-            sessions.insert(scoped(owner, session), actor);
-        }
+        lock(&self.sessions).insert(scoped(owner, session), actor);
     }
 }
 
@@ -524,16 +524,24 @@ async fn run(
             session_actor(s, session, plan.owner.as_deref()).await?,
             true,
         ),
-        None => match cached_actor(s, &plan) {
-            Some(cached) => (s.fork(&cached, 1, true).await?.remove(0), false),
-            None => {
-                let birth = Birth {
-                    owner: plan.owner.clone(),
-                    ..Birth::ephemeral(CHAT_GUEST)
-                };
-                (start_chat(s, birth).await?, false)
+        None => {
+            // A cached actor may be evicted (deleted) between the lookup and the fork: then
+            // the conversation is prefilled fresh, with the same result.
+            let forked = match cached_actor(s, &plan) {
+                Some(cached) => s.fork(&cached, 1, true).await.ok(),
+                None => None,
+            };
+            match forked.and_then(|mut forks| forks.pop()) {
+                Some(fork) => (fork, false),
+                None => {
+                    let birth = Birth {
+                        owner: plan.owner.clone(),
+                        ..Birth::ephemeral(CHAT_GUEST)
+                    };
+                    (start_chat(s, birth).await?, false)
+                }
             }
-        },
+        }
     };
     // Ephemeral actors made for this request, deleted at the end unless cached.
     let mut made: Vec<Arc<ActorHandle>> = Vec::new();
@@ -769,8 +777,9 @@ async fn session_actor(
     owner: Option<&str>,
 ) -> Result<Arc<ActorHandle>, ApiError> {
     let key = scoped(owner, session);
-    let mut sessions = s.openai.sessions.lock().await;
-    if let Some(actor) = sessions.get(&key).and_then(|id| s.actors.get(id).ok()) {
+    let _making = s.openai.making.lock().await;
+    let known = lock(&s.openai.sessions).get(&key).cloned();
+    if let Some(actor) = known.and_then(|id| s.actors.get(&id).ok()) {
         return Ok(actor);
     }
     let birth = Birth {
@@ -779,7 +788,7 @@ async fn session_actor(
         ..Birth::fresh(CHAT_GUEST)
     };
     let actor = start_chat(s, birth).await?;
-    sessions.insert(key, actor.id.clone());
+    lock(&s.openai.sessions).insert(key, actor.id.clone());
     Ok(actor)
 }
 

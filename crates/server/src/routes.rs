@@ -451,12 +451,12 @@ async fn send_message(
         },
     )?;
     let delivered = await_reply(&actor, reply).await?;
-    Ok(Json(json!({
-        "code": delivered.reply.code,
-        "output": String::from_utf8_lossy(&delivered.reply.output),
-        "durable": delivered.durable,
-    }))
-    .into_response())
+    let output = delivered.output_json.unwrap_or_else(|| "\"\"".into());
+    let body = format!(
+        r#"{{"code":{},"durable":{},"output":{output}}}"#,
+        delivered.reply.code, delivered.durable
+    );
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `POST /v1/actors/{id}/snapshot`: the actor's whole state as snapshot bytes.

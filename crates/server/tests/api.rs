@@ -218,6 +218,38 @@ fn a_trapping_actor_fails_alone() {
 }
 
 #[test]
+fn deleting_a_busy_actor_stops_its_guest_at_once() {
+    const LOOP: &str = r#"(module
+      (memory (export "memory") 1)
+      (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "tern_on_message") (param i32 i32) (result i32)
+        (loop $l (br $l))
+        (i32.const 0)))"#;
+    let server = TestServer::start(None);
+    let upload = server.post("/v1/modules", LOOP.as_bytes());
+    let actor = server.start_actor(upload.json()["digest"].as_str().unwrap());
+    let started = std::time::Instant::now();
+    let reply = std::thread::scope(|s| {
+        let spin = s.spawn(|| server.post(&format!("/v1/actors/{actor}/messages"), b"go"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(server.delete(&format!("/v1/actors/{actor}")).status, 204);
+        spin.join().unwrap()
+    });
+    assert_eq!(
+        (reply.status, reply.error_type()),
+        (409, "actor_failed".into())
+    );
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stopped")
+    );
+    // Not at the ten-second time limit: the guest ended when its actor was deleted.
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+}
+
+#[test]
 fn bad_input_gets_a_clear_error() {
     let server = TestServer::start(None);
     let bad_module = server.post("/v1/modules", b"\0asm\x01\0\0\0garbage");

@@ -8,7 +8,8 @@
 //! time to first token after a long first turn, with the conversation's cache kept (Tern: a
 //! durable session; llama-server: `cache_prompt`) against a fresh prefill. For Tern alone:
 //! one conversation's decode speed over HTTP against the same request sent to the chat actor
-//! in process.
+//! in process, and a chat turn's time beside hostile actors (one spinning in a loop, one
+//! flooding output) against the idle server's.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -159,6 +160,26 @@ pub fn serve(args: ServeBenchArgs) -> anyhow::Result<ExitCode> {
                 fresh / kept
             ),
             Err(e) => println!("| {} | failed: {e:#} | | | |", target.name),
+        }
+    }
+    println!(
+        "\n| a chat turn of {} tokens | idle server | beside it | ratio |",
+        args.tokens
+    );
+    println!("|---|---|---|---|");
+    for (name, guests) in [
+        ("an actor in a loop", &[LOOP_GUEST][..]),
+        ("an actor flooding output", &[FLOOD_GUEST]),
+        ("both", &[LOOP_GUEST, FLOOD_GUEST]),
+    ] {
+        match hostile(&targets[0], args.tokens, guests) {
+            Ok((idle, busy)) => println!(
+                "| beside {name} | {:.0} ms | {:.0} ms | {:.2}x |",
+                1e3 * idle,
+                1e3 * busy,
+                busy / idle
+            ),
+            Err(e) => println!("| beside {name} | failed: {e:#} | | |"),
         }
     }
     let tokens = args.tokens.max(256);
@@ -419,6 +440,97 @@ fn http_cost(
     Ok((super::median(&http), super::median(&local)))
 }
 
+/// Spins until stopped (deleted) or out of time.
+const LOOP_GUEST: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param i32 i32) (result i32)
+    (loop $l (br $l))
+    (i32.const 0)))"#;
+
+/// Emits 64 KiB at a time until refused (its output limit).
+const FLOOD_GUEST: &str = r#"(module
+  (import "tern" "emit" (func $emit (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param i32 i32) (result i32)
+    (local $r i32)
+    (loop $l
+      (local.set $r (call $emit (i32.const 0) (i32.const 65536)))
+      (br_if $l (i32.ge_s (local.get $r) (i32.const 0))))
+    (local.get $r)))"#;
+
+/// The time of one greedy chat turn of `tokens` on Tern: on the idle server and beside
+/// actors of `guests`, each sent message after message; medians of five, alternated.
+fn hostile(tern: &Target, tokens: usize, guests: &[&str]) -> anyhow::Result<(f64, f64)> {
+    let addr = tern.addr.as_str();
+    let start = |wat: &str| -> anyhow::Result<String> {
+        let (_, upload) = post(addr, "/v1/modules", &[], wat)?;
+        let digest = serde_json::from_slice::<Value>(&upload)?["digest"]
+            .as_str()
+            .context("uploading a module")?
+            .to_string();
+        let (_, actor) = post(
+            addr,
+            "/v1/actors",
+            &[],
+            &json!({"module": digest}).to_string(),
+        )?;
+        Ok(serde_json::from_slice::<Value>(&actor)?["id"]
+            .as_str()
+            .context("starting an actor")?
+            .to_string())
+    };
+    let turn = || -> anyhow::Result<f64> {
+        let messages = [json!({"role": "user", "content": "What is the capital of France?"})];
+        let started = Instant::now();
+        chat(
+            addr,
+            true,
+            &format!("victim-{}", random_tag()),
+            &messages,
+            tokens,
+            false,
+        )?;
+        Ok(started.elapsed().as_secs_f64())
+    };
+    let (mut idle, mut busy) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        idle.push(turn()?);
+        let hostile = guests
+            .iter()
+            .map(|wat| start(wat))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let attacks: Vec<_> = hostile
+            .iter()
+            .cloned()
+            .map(|id| {
+                let (addr, done) = (addr.to_string(), done.clone());
+                std::thread::spawn(move || {
+                    let path = format!("/v1/actors/{id}/messages");
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        if post(&addr, &path, &[], "go").is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100)); // the attacks are running
+        let measured = turn();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        for id in hostile {
+            call(addr, "DELETE", &format!("/v1/actors/{id}"), &[], "")?;
+        }
+        for attack in attacks {
+            let _ = attack.join();
+        }
+        busy.push(measured?);
+    }
+    Ok((super::median(&idle), super::median(&busy)))
+}
+
 /// Decode tokens per second of the same request, sent to a chat actor in this process.
 fn in_process(
     runtime: &Runtime,
@@ -535,11 +647,21 @@ impl SseReader {
 }
 
 fn request(addr: &str, path: &str, headers: &[&str], body: &str) -> anyhow::Result<TcpStream> {
+    request_with(addr, "POST", path, headers, body)
+}
+
+fn request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> anyhow::Result<TcpStream> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(900)))?;
     stream.set_nodelay(true)?;
     let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
     );
@@ -555,7 +677,18 @@ fn request(addr: &str, path: &str, headers: &[&str], body: &str) -> anyhow::Resu
 
 /// A whole, non-streamed answer: status and body.
 fn post(addr: &str, path: &str, headers: &[&str], body: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-    let mut stream = request(addr, path, headers, body)?;
+    call(addr, "POST", path, headers, body)
+}
+
+/// A whole answer to any method: status and body.
+fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut stream = request_with(addr, method, path, headers, body)?;
     let mut reader = BufReader::new(&mut stream);
     let status = read_head_chunked(&mut reader)?;
     let mut out = Vec::new();
