@@ -286,6 +286,11 @@ impl Model {
             .map_err(ModelError::Template)
     }
 
+    /// The CPU step scheduler's counters: steps run and the forward passes' chunks in them.
+    pub fn step_stats(&self) -> crate::steps::StepStats {
+        self.llama.step_stats()
+    }
+
     /// A new, empty session (KV cache) of `n_ctx` positions (at most the trained context).
     pub fn new_session(&self, n_ctx: usize) -> Result<Session, ModelError> {
         let limit = self.config().n_ctx_train;

@@ -29,7 +29,8 @@
 //! - Clients: each API key names a client that reaches only the actors and sessions it
 //!   made ([`auth::Client`]).
 //!
-//! Not built yet: the batched step scheduler (each actor's forward passes run alone).
+//! Actors' forward passes reach their model's step scheduler (`tern_model::steps`), which
+//! on the CPU gathers concurrent ones into batched steps; on the GPU each still runs alone.
 
 pub mod actors;
 pub mod auth;

@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::steps::StepQueue;
+use crate::steps::{Budget, StepBatcher, StepJob, StepStats};
 
 use crate::ModelError;
 use crate::fastdot::{self, QuantizedActs};
@@ -35,6 +35,18 @@ impl KvCache {
     /// Offset of `(layer, pos)` in `k` and `v`.
     fn at(&self, layer: usize, pos: usize) -> usize {
         (layer * self.n_ctx + pos) * self.kv_dim
+    }
+
+    /// An empty stand-in, holding no memory, for a cache lent to the step scheduler.
+    fn lent(&self) -> KvCache {
+        KvCache {
+            k: Vec::new(),
+            v: Vec::new(),
+            len: 0,
+            n_ctx: 0,
+            kv_dim: self.kv_dim,
+            n_layer: self.n_layer,
+        }
     }
 
     /// Forgets every position from `len` on.
@@ -112,9 +124,42 @@ pub struct CpuLlama {
     /// Inverse rotary frequencies, one per rotated pair (Llama-3 factors applied).
     inv_freq: Vec<f32>,
     pool: rayon::ThreadPool,
-    /// Turns on `pool`, first come first served, one per batch of positions, as many at
-    /// once as it has threads.
-    steps: StepQueue,
+    /// Gathers concurrent forward passes into batched steps on `pool`.
+    steps: StepBatcher<CpuJob>,
+}
+
+/// One forward pass waiting for (or in) batched steps: its session's cache (lent to the
+/// step scheduler for the while), its tokens, and where its logits go.
+struct CpuJob {
+    cache: KvCache,
+    tokens: Vec<u32>,
+    /// Tokens already run.
+    at: usize,
+    /// The last position's logits (`n_vocab`), written by the last chunk's step.
+    logits: Vec<f32>,
+    failed: Option<String>,
+}
+
+impl StepJob for CpuJob {
+    fn next_tokens(&self) -> usize {
+        match self.failed {
+            Some(_) => 0,
+            // Chunks at fixed offsets from the call's first token: never cut by load.
+            None => (self.tokens.len() - self.at).min(MAX_BATCH),
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        self.failed = Some(why);
+    }
+}
+
+/// One sequence's part of a batched step: its cache, the positions it appends, and where
+/// the last one's logits go (if wanted).
+pub struct Seq<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub logits: Option<&'a mut [f32]>,
 }
 
 /// Activations of a batch of `n` positions, row-major `[position][width]`.
@@ -144,8 +189,15 @@ impl Scratch {
     }
 }
 
-/// Positions run through the layers together (one pass over the weights per batch).
+/// Positions of one sequence in one step: a longer forward pass is cut into chunks of
+/// this many (from its first token), one per step.
 const MAX_BATCH: usize = 64;
+
+/// What one batched step takes: positions across its sequences, and sequences.
+const STEP_BUDGET: Budget = Budget {
+    tokens: 2 * MAX_BATCH,
+    jobs: 64,
+};
 
 impl CpuLlama {
     /// Wraps checked weights; `threads` workers do the matrix products.
@@ -174,7 +226,7 @@ impl CpuLlama {
             weights,
             inv_freq,
             pool,
-            steps: StepQueue::new(2 * threads),
+            steps: StepBatcher::new(STEP_BUDGET),
         })
     }
 
@@ -199,7 +251,8 @@ impl CpuLlama {
     }
 
     /// Appends `tokens` to `cache` and writes the last position's logits (`n_vocab`) into
-    /// `logits`.
+    /// `logits`. Concurrent calls (from other actors' threads) run together in batched steps
+    /// ([`crate::steps`]); the results are the same bits as alone.
     pub fn forward(
         &self,
         cache: &mut KvCache,
@@ -208,50 +261,110 @@ impl CpuLlama {
     ) -> Result<(), ModelError> {
         let c = &self.config;
         super::check_forward(c, cache.len, cache.n_ctx, tokens, Some(logits))?;
-        let batches = tokens.chunks(MAX_BATCH);
-        let last = batches.len() - 1;
-        for (i, batch) in batches.enumerate() {
-            // Taken outside the pool, so that no worker thread ever waits for a turn.
-            let _turn = self.steps.turn();
-            self.pool.install(|| {
-                let mut s = Scratch::new(c, batch.len());
-                self.layers(cache, batch, &mut s);
-                if i == last {
-                    let x_last = &s.x[(batch.len() - 1) * c.n_embd..];
-                    let mut xb = vec![0.0; c.n_embd];
-                    rmsnorm(&mut xb, x_last, &self.weights.output_norm, c.rms_eps);
-                    self.matmul(logits, &self.weights.output, &xb, 1);
-                }
-            });
+        let job = CpuJob {
+            cache: std::mem::replace(cache, cache.lent()),
+            tokens: tokens.to_vec(),
+            at: 0,
+            logits: vec![0.0; c.n_vocab],
+            failed: None,
+        };
+        let job = self.steps.run(job, |jobs| self.step_jobs(jobs));
+        *cache = job.cache;
+        if let Some(why) = job.failed {
+            return Err(ModelError::Invalid(why));
+        }
+        logits.copy_from_slice(&job.logits);
+        Ok(())
+    }
+
+    /// One batched step over `seqs`, run at once (the scheduler's steps are these). Checks
+    /// every sequence before running any.
+    pub fn forward_batch(&self, seqs: &mut [Seq<'_>]) -> Result<(), ModelError> {
+        for seq in seqs.iter() {
+            let (len, n_ctx) = (seq.cache.len, seq.cache.n_ctx);
+            super::check_forward(&self.config, len, n_ctx, seq.tokens, seq.logits.as_deref())?;
+        }
+        if !seqs.is_empty() {
+            self.pool.install(|| self.step(seqs));
         }
         Ok(())
     }
 
-    /// A batch of consecutive positions through every layer; appends their K and V to the
-    /// cache. Every position's arithmetic is the same whatever the batch, so prefilling in
-    /// one call or many, or decoding one token at a time, gives bitwise the same results.
-    fn layers(&self, cache: &mut KvCache, tokens: &[u32], s: &mut Scratch) {
+    /// The step scheduler's counters for this model.
+    pub fn step_stats(&self) -> StepStats {
+        self.steps.stats()
+    }
+
+    /// One step of the scheduler: each job's next chunk, together.
+    fn step_jobs(&self, jobs: &mut [CpuJob]) {
+        let mut seqs: Vec<Seq<'_>> = Vec::with_capacity(jobs.len());
+        let mut chunks = Vec::with_capacity(jobs.len());
+        for job in jobs.iter_mut() {
+            let n = job.next_tokens();
+            let (at, last) = (job.at, job.at + n == job.tokens.len());
+            chunks.push(n);
+            seqs.push(Seq {
+                cache: &mut job.cache,
+                tokens: &job.tokens[at..at + n],
+                logits: last.then_some(&mut job.logits[..]),
+            });
+        }
+        self.pool.install(|| self.step(&mut seqs));
+        for (job, n) in jobs.iter_mut().zip(chunks) {
+            job.at += n;
+        }
+    }
+
+    /// One batched step: every sequence's positions through every layer together (each
+    /// weight read once for all of them), appending their K and V to each sequence's own
+    /// cache, and the logits of each sequence's last position where asked. Runs on the
+    /// pool. Every position's arithmetic is the same whatever else is in the step: each
+    /// output element is one fixed-order dot product, each query attends over its own cache
+    /// alone. So a sequence alone, beside others, prefilled in one call or many, or decoded
+    /// one token at a time gives bitwise the same results.
+    fn step(&self, seqs: &mut [Seq<'_>]) {
         let c = &self.config;
         let w = &self.weights;
-        let (n, e, kv) = (tokens.len(), c.n_embd, c.kv_dim());
-        let pos0 = cache.len;
+        let (e, kv, qd) = (c.n_embd, c.kv_dim(), c.n_head * c.head_dim);
+        let n: usize = seqs.iter().map(|q| q.tokens.len()).sum();
+        let mut s = Scratch::new(c, n);
+        let (mut k, mut v) = (vec![0.0f32; n * kv], vec![0.0f32; n * kv]); // (n, kv_dim)
+        let tokens = seqs.iter().flat_map(|q| q.tokens.iter());
         for (x, &token) in s.x.chunks_mut(e).zip(tokens) {
             dequantize_row(w.token_embd.dtype, w.row(&w.token_embd, token as usize), x);
         }
         for (l, lw) in w.layers.iter().enumerate() {
             // Attention.
             rmsnorm_rows(&mut s.xb, &s.x, &lw.attn_norm, c.rms_eps, e);
-            let at = cache.at(l, pos0);
-            let (k, v) = (&mut cache.k[at..at + n * kv], &mut cache.v[at..at + n * kv]);
-            self.matmuls([(&mut s.q, &lw.wq), (k, &lw.wk), (v, &lw.wv)], &s.xb, n);
-            for t in 0..n {
-                self.rope(
-                    &mut s.q[t * c.n_head * c.head_dim..][..c.n_head * c.head_dim],
-                    pos0 + t,
-                );
-                self.rope(&mut cache.k[at + t * kv..][..kv], pos0 + t);
+            self.matmuls(
+                [(&mut s.q, &lw.wq), (&mut k, &lw.wk), (&mut v, &lw.wv)],
+                &s.xb,
+                n,
+            );
+            let mut first = 0;
+            for seq in seqs.iter_mut() {
+                let (pos0, m) = (seq.cache.len, seq.tokens.len());
+                let at = seq.cache.at(l, pos0);
+                seq.cache.k[at..at + m * kv].copy_from_slice(&k[first * kv..][..m * kv]);
+                seq.cache.v[at..at + m * kv].copy_from_slice(&v[first * kv..][..m * kv]);
+                for t in 0..m {
+                    self.rope(&mut s.q[(first + t) * qd..][..qd], pos0 + t);
+                    self.rope(&mut seq.cache.k[at + t * kv..][..kv], pos0 + t);
+                }
+                first += m;
             }
-            self.attention(&mut s.att, &s.q, cache, l, pos0, n);
+            // Each sequence's queries over its own cache, the sequences side by side.
+            let mut outs = Vec::with_capacity(seqs.len());
+            let (mut att, mut q) = (&mut s.att[..], &s.q[..]);
+            for seq in seqs.iter() {
+                let m = seq.tokens.len();
+                let (out, rest) = att.split_at_mut(m * qd);
+                outs.push((out, &q[..m * qd], &*seq.cache, m));
+                (att, q) = (rest, &q[m * qd..]);
+            }
+            outs.into_par_iter().for_each(|(out, q, cache, m)| {
+                self.attention(out, q, cache, l, cache.len, m);
+            });
             self.matmul(&mut s.xb2, &lw.wo, &s.att, n);
             add(&mut s.x, &s.xb2);
             // Feed-forward: w_down(silu(w_gate x) * w_up x).
@@ -261,7 +374,29 @@ impl CpuLlama {
             self.matmul(&mut s.xb2, &lw.w_down, &s.hb, n);
             add(&mut s.x, &s.xb2);
         }
-        cache.len = pos0 + n;
+        // The logits of the sequences that asked, their last positions in one product.
+        let mut last = Vec::new();
+        let mut first = 0;
+        for seq in seqs.iter_mut() {
+            first += seq.tokens.len();
+            seq.cache.len += seq.tokens.len();
+            if seq.logits.is_some() {
+                last.push(first - 1);
+            }
+        }
+        if last.is_empty() {
+            return;
+        }
+        let mut xb = vec![0.0; last.len() * e];
+        for (row, &t) in xb.chunks_mut(e).zip(&last) {
+            rmsnorm(row, &s.x[t * e..][..e], &w.output_norm, c.rms_eps);
+        }
+        let mut logits = vec![0.0; last.len() * c.n_vocab];
+        self.matmul(&mut logits, &w.output, &xb, last.len());
+        let wanted = seqs.iter_mut().filter_map(|q| q.logits.as_deref_mut());
+        for (out, row) in wanted.zip(logits.chunks(c.n_vocab)) {
+            out.copy_from_slice(row);
+        }
     }
 
     /// Whether products with `m` take the fast path (int8 activations).

@@ -1,0 +1,252 @@
+//! Batched steps on the CPU are batch-invariant: a conversation gives the same logits, bit
+//! for bit, alone, in one step beside other sequences, and among up to 63 other
+//! conversations whose forward passes the step scheduler gathers with its own.
+
+// The GPU tests' helpers; this file uses a few of them.
+#[allow(dead_code, unused_macros)]
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::{Rng, bits, model_file};
+use tern_model::llama::cpu::{KvCache, Seq, argmax};
+use tern_model::quant::DType;
+use tern_model::{Model, Precision};
+
+fn tiny(precision: Precision) -> Model {
+    let path = model_file("tiny", DType::Q4_1, DType::Q8_0);
+    Model::open("tiny", &path, 2)
+        .unwrap()
+        .with_precision(precision)
+}
+
+/// A conversation: a prompt sent in pieces, then greedy decode steps.
+#[derive(Clone, Debug)]
+struct Conversation {
+    prompt: Vec<u32>,
+    pieces: Vec<usize>,
+    decode: usize,
+    /// Pauses before each forward pass, in microseconds (varies arrival times).
+    pauses: Vec<u64>,
+}
+
+impl Conversation {
+    fn random(rng: &mut Rng, vocab: usize) -> Conversation {
+        let mut draw = |n: usize| ((rng.f32() + 1.0) / 2.0 * n as f32) as usize % n;
+        let len = 1 + draw(160);
+        let prompt = (0..len).map(|_| draw(vocab) as u32).collect();
+        let mut pieces = Vec::new();
+        let mut left = len;
+        while left > 0 {
+            let piece = (1 + draw(100)).min(left);
+            pieces.push(piece);
+            left -= piece;
+        }
+        let decode = 1 + draw(24);
+        let pauses = (0..pieces.len() + decode)
+            .map(|_| draw(300) as u64)
+            .collect();
+        Conversation {
+            prompt,
+            pieces,
+            decode,
+            pauses,
+        }
+    }
+
+    /// Every forward pass's logits.
+    fn run(&self, model: &Model) -> Vec<Vec<f32>> {
+        let mut session = model.new_session(256).unwrap();
+        let mut logits = vec![0.0; model.config().n_vocab];
+        let (mut all, mut at) = (Vec::new(), 0);
+        let mut pauses = self.pauses.iter();
+        let mut pause = || {
+            if let Some(&us) = pauses.next() {
+                std::thread::sleep(Duration::from_micros(us));
+            }
+        };
+        for &piece in &self.pieces {
+            pause();
+            let tokens = &self.prompt[at..at + piece];
+            model.forward(&mut session, tokens, &mut logits).unwrap();
+            all.push(logits.clone());
+            at += piece;
+        }
+        for _ in 0..self.decode {
+            pause();
+            let next = argmax(&logits);
+            model.forward(&mut session, &[next], &mut logits).unwrap();
+            all.push(logits.clone());
+        }
+        all
+    }
+}
+
+/// Each conversation alone, then all of them at once (started together); every one's
+/// logits must be the bits it got alone.
+fn alone_and_together(model: &Model, conversations: &[Conversation]) {
+    let alone: Vec<_> = conversations.iter().map(|c| bits(&c.run(model))).collect();
+    let before = model.step_stats();
+    let start = Barrier::new(conversations.len());
+    let together: Vec<_> = std::thread::scope(|s| {
+        let runs: Vec<_> = conversations
+            .iter()
+            .map(|c| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    bits(&c.run(model))
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert!(
+            a == t,
+            "conversation {i} of {} differs beside the others: {:?}",
+            conversations.len(),
+            conversations[i]
+        );
+    }
+    let after = model.step_stats();
+    let (steps, chunks) = (after.steps - before.steps, after.chunks - before.chunks);
+    // Two conversations may never overlap on so small a model; 64 always do.
+    if conversations.len() > 32 {
+        assert!(
+            steps < chunks,
+            "no step held two forward passes ({steps} steps)"
+        );
+    }
+}
+
+#[test]
+fn conversations_get_the_same_bits_alone_and_among_up_to_63_others() {
+    for precision in [Precision::Reference, Precision::Fast] {
+        let model = tiny(precision);
+        let vocab = model.config().n_vocab;
+        let mut rng = Rng(0x5eed_0001);
+        for others in [1, 7, 63] {
+            let conversations: Vec<_> = (0..=others)
+                .map(|_| Conversation::random(&mut rng, vocab))
+                .collect();
+            alone_and_together(&model, &conversations);
+        }
+    }
+}
+
+#[test]
+fn one_step_over_several_sequences_gives_each_its_own_bits() {
+    let model = tiny(Precision::Fast);
+    let vocab = model.config().n_vocab;
+    let prompt = |n: usize, salt: usize| -> Vec<u32> {
+        (0..n).map(|i| ((i * 31 + salt) % vocab) as u32).collect()
+    };
+    // Sequences at different positions, with different numbers of new tokens; two of
+    // them want logits.
+    let history = [0usize, 5, 40, 100];
+    let new = [30usize, 1, 64, 3];
+    let alone: Vec<(Vec<f32>, KvCache)> = (0..4)
+        .map(|i| {
+            let mut cache = model.llama.new_cache(256).unwrap();
+            let mut logits = vec![0.0; vocab];
+            let tokens = prompt(history[i] + new[i], i);
+            model
+                .llama
+                .forward(&mut cache, &tokens, &mut logits)
+                .unwrap();
+            (logits, cache)
+        })
+        .collect();
+    let mut caches: Vec<KvCache> = (0..4)
+        .map(|i| {
+            let mut cache = model.llama.new_cache(256).unwrap();
+            if history[i] > 0 {
+                let mut logits = vec![0.0; vocab];
+                let tokens = prompt(history[i], i);
+                model
+                    .llama
+                    .forward(&mut cache, &tokens, &mut logits)
+                    .unwrap();
+            }
+            cache
+        })
+        .collect();
+    let mut logits = vec![vec![0.0; vocab]; 4];
+    let tokens: Vec<Vec<u32>> = (0..4)
+        .map(|i| prompt(history[i] + new[i], i)[history[i]..].to_vec())
+        .collect();
+    let mut seqs: Vec<Seq<'_>> = caches
+        .iter_mut()
+        .zip(logits.iter_mut())
+        .zip(&tokens)
+        .enumerate()
+        .map(|(i, ((cache, logits), tokens))| Seq {
+            cache,
+            tokens,
+            logits: (i != 1).then_some(&mut logits[..]),
+        })
+        .collect();
+    model.llama.forward_batch(&mut seqs).unwrap();
+    for i in 0..4 {
+        if i != 1 {
+            assert_eq!(
+                bits(&[logits[i].clone()]),
+                bits(&[alone[i].0.clone()]),
+                "sequence {i}"
+            );
+        }
+        assert_eq!(caches[i].len, history[i] + new[i]);
+        assert_eq!(
+            bits(&[caches[i].k.clone(), caches[i].v.clone()]),
+            bits(&[alone[i].1.k.clone(), alone[i].1.v.clone()]),
+            "sequence {i}'s cache"
+        );
+    }
+    // A bad sequence fails the whole call before anything runs.
+    let mut cache = model.llama.new_cache(4).unwrap();
+    let mut bad = [Seq {
+        cache: &mut cache,
+        tokens: &[1, 2, 3, 4, 5],
+        logits: None,
+    }];
+    assert!(model.llama.forward_batch(&mut bad).is_err());
+    assert_eq!(cache.len, 0);
+}
+
+#[test]
+fn a_thousand_runs_of_one_request_among_random_load_give_one_output() {
+    let model = Arc::new(tiny(Precision::Fast));
+    let vocab = model.config().n_vocab;
+    let request = Conversation {
+        prompt: (0..12).map(|i| (i * 41 % vocab) as u32).collect(),
+        pieces: vec![12],
+        decode: 6,
+        pauses: Vec::new(),
+    };
+    let want = bits(&request.run(&model));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Random load: three threads running random conversations the whole time.
+    let load: Vec<_> = (0..3)
+        .map(|t| {
+            let (model, stop) = (model.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(0xbad_10ad + t);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    Conversation::random(&mut rng, vocab).run(&model);
+                }
+            })
+        })
+        .collect();
+    let mut outputs = std::collections::HashSet::new();
+    for _ in 0..1000 {
+        outputs.insert(bits(&request.run(&model)));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        l.join().unwrap();
+    }
+    assert_eq!(outputs.len(), 1, "{} different outputs", outputs.len());
+    assert!(outputs.contains(&want));
+}
