@@ -93,8 +93,13 @@ fn a_reply_is_the_same_bytes_reused_fresh_passivated_and_after_a_crash() {
     // Stateless: continues in a fork of the actor that answered turn 1.
     let (reused, cached, _) = ask(&server, None, &turn2);
     assert!(cached > 0, "the prefix was not reused");
-    // A new session: the whole conversation prefilled fresh.
+    // A new session: the whole conversation prefilled fresh, alone and beside others.
     let (fresh, cached, durable) = ask(&server, Some("det"), &turn2);
+    let (beside, _, _) = under_load(&server, || ask(&server, Some("det-load"), &turn2));
+    assert_eq!(
+        beside, fresh,
+        "other conversations in the same steps changed the reply"
+    );
     assert_eq!(cached, 0);
     assert_eq!(durable.as_deref(), Some("true"));
     assert_eq!(reused, fresh, "prefix reuse changed the reply");
@@ -110,18 +115,39 @@ fn a_reply_is_the_same_bytes_reused_fresh_passivated_and_after_a_crash() {
         .unwrap()
         .clone();
     assert_eq!(session_actor["state"], "passivated", "{session_actor}");
-    let (restored, cached, _) = ask(&server, Some("det"), &turn2);
+    let (restored, cached, _) = under_load(&server, || ask(&server, Some("det"), &turn2));
     assert!(cached > 0, "the restored session lost its KV cache");
     assert_eq!(restored, fresh, "passivation changed the reply");
     server.kill();
 
     // After SIGKILL, the session comes back from its last durable state.
     let server = Serve::start_with(&dir, &args, None);
-    let (after_crash, cached, _) = ask(&server, Some("det"), &turn2);
+    let (after_crash, cached, _) = under_load(&server, || ask(&server, Some("det"), &turn2));
     assert!(cached > 0, "the session did not survive the restart");
     assert_eq!(after_crash, fresh, "the restart changed the reply");
     server.kill();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs `f` while four other conversations generate on the same server (and so share its
+/// batched steps).
+fn under_load<T>(server: &Serve, f: impl FnOnce() -> T) -> T {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            let done = &done;
+            s.spawn(move || {
+                let mut round = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    conversation(server, 100 + i, &format!("load-{i}-{round}"));
+                    round += 1;
+                }
+            });
+        }
+        let out = f();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        out
+    })
 }
 
 /// Conversation `i`'s turns, each a sampled request of a few tokens in session `session`;

@@ -18,6 +18,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The longest a step's leader waits for the last step's jobs to come back (see
+/// [`StepBatcher::run`]).
+const MAX_GATHER: Duration = Duration::from_millis(3);
 
 /// What one step may take.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +45,8 @@ pub trait StepJob: Send {
 pub struct StepBatcher<J> {
     state: Mutex<State<J>>,
     changed: Condvar,
+    /// Signalled on each arrival, for a leader gathering its step.
+    arrived: Condvar,
     budget: Budget,
 }
 
@@ -54,6 +61,9 @@ struct State<J> {
     /// Steps run, and jobs in them (for [`StepBatcher::stats`]).
     steps: u64,
     stepped_jobs: u64,
+    /// Jobs in the last step, and how long it ran.
+    last_jobs: usize,
+    last_step: Duration,
 }
 
 /// Counters of a [`StepBatcher`].
@@ -78,8 +88,11 @@ impl<J: StepJob> StepBatcher<J> {
                 next_id: 0,
                 steps: 0,
                 stepped_jobs: 0,
+                last_jobs: 0,
+                last_step: Duration::ZERO,
             }),
             changed: Condvar::new(),
+            arrived: Condvar::new(),
             budget,
         }
     }
@@ -87,11 +100,18 @@ impl<J: StepJob> StepBatcher<J> {
     /// Runs `job` to its end in batched steps and returns it. `step` runs one step over the
     /// jobs given (each advancing by its next chunk); every caller of one batcher must pass
     /// the same step. A step that panics fails the jobs in it, not the process.
+    ///
+    /// Callers in a decode loop come back a moment after their step ends (to pick their next
+    /// token); the first one back would lead a step of one. So a leader that finds fewer
+    /// jobs waiting than the last step held waits for the others, at most a quarter of the
+    /// last step's time and never over [`MAX_GATHER`]. (Which jobs share a step never
+    /// changes their results, only the speed.)
     pub fn run(&self, job: J, step: impl Fn(&mut [J])) -> J {
         let mut state = self.lock();
         let id = state.next_id;
         state.next_id += 1;
         state.queue.push_back((id, job));
+        self.arrived.notify_one();
         loop {
             if let Some(job) = state.done.remove(&id) {
                 return job;
@@ -102,14 +122,29 @@ impl<J: StepJob> StepBatcher<J> {
             }
             // This caller leads the next step.
             state.running = true;
+            let deadline = Instant::now() + (state.last_step / 4).min(MAX_GATHER);
+            while state.queue.len() < state.last_jobs {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                state = self
+                    .arrived
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
             let (ids, mut jobs) = self.take(&mut state);
             drop(state);
+            let started = Instant::now();
             if catch_unwind(AssertUnwindSafe(|| step(&mut jobs))).is_err() {
                 for job in &mut jobs {
                     job.fail("the model's step failed (a panic); see the log".into());
                 }
             }
+            let took = started.elapsed();
             state = self.lock();
+            state.last_jobs = ids.len();
+            state.last_step = took;
             state.steps += 1;
             state.stepped_jobs += ids.len() as u64;
             for (id, job) in ids.into_iter().zip(jobs) {

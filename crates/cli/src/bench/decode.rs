@@ -2,7 +2,6 @@
 //! directly on the engine and through the `bench` actor in the same run; the difference is
 //! what the Wasm actor path costs per token.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,7 +12,6 @@ use tern_compute::DeviceChoice;
 use tern_model::{Model, Precision};
 
 use super::{direct, median, send};
-use crate::fetch;
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {
@@ -34,8 +32,8 @@ pub struct DecodeArgs {
     /// CPU threads (default: all cores).
     #[arg(long, value_parser = crate::parse_count)]
     threads: Option<usize>,
-    /// Also measure llama.cpp on the same model in this run (`llama-cpp`); the first use
-    /// builds it into a virtual environment (about 15 minutes on 2 cores).
+    /// Also measure llama.cpp on the same model in this run (`llama-cpp`: its own
+    /// `llama-bench`, built natively by scripts/llama-cpp on first use).
     #[arg(long)]
     baseline: Option<String>,
 }
@@ -85,7 +83,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         "The quick brown fox jumps over the lazy dog while the sea rolls grey under a low sky. ";
     let unit = model.tokenizer.encode(text, false)?;
     let prompt: Vec<u32> = unit.iter().copied().cycle().take(args.prefill).collect();
-    super::print_model(&path, &model, &format!("cpu x{threads}"));
+    super::print_model("decode", &path, &model, &format!("cpu x{threads}"));
 
     let runtime = Runtime::builder(tern_compute::open(DeviceChoice::Cpu)?)
         .model(model.clone())
@@ -128,7 +126,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         ref_prefill.push(p);
         ref_decode.push(d);
         if args.baseline.is_some() {
-            let (p, d) = llama_cpp(&path, threads, args.prefill, args.decode, 1)?;
+            let (p, d) = llama_bench(&path, threads, args.prefill, args.decode, false)?;
             base_prefill.push(args.prefill as f64 / p);
             base_decode.push(args.decode as f64 / d);
         }
@@ -203,53 +201,43 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs scripts/baseline/llamacpp_bench.py with a Python that has `llama-cpp-python`,
-/// setting one up on first use; returns its (prefill, decode) tokens per second.
-fn llama_cpp(
+/// Runs llama.cpp's own `llama-bench` (built natively by scripts/llama-cpp from the vendored
+/// source) once on `model`: one prefill of `prefill` tokens and one decode of `decode`;
+/// returns its (prefill, decode) tokens per second.
+pub(super) fn llama_bench(
     model: &std::path::Path,
     threads: usize,
     prefill: usize,
     decode: usize,
-    repeats: usize,
+    gpu: bool,
 ) -> anyhow::Result<(f64, f64)> {
     use std::process::Command;
-    let venv = fetch::model_dir().join("../llamacpp-venv");
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        eprintln!(
-            "building llama.cpp (pip install llama-cpp-python) into {} ...",
-            venv.display()
-        );
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()?
-            .success()
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "llama-cpp-python"])
-                .status()?
-                .success();
-        if !ok {
-            bail!("could not install llama-cpp-python into {}", venv.display());
-        }
-    }
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/baseline/llamacpp_bench.py");
-    let out = Command::new(&python)
-        .arg(&script)
+    let binary = super::batch::build_tool("llama-bench")?;
+    let mut command = Command::new(&binary);
+    command
+        .arg("-m")
         .arg(model)
-        .args([threads, prefill, decode, repeats].map(|n| n.to_string()))
-        .output()?;
+        .args(["-p", &prefill.to_string(), "-n", &decode.to_string()])
+        .args(["-t", &threads.to_string(), "-r", "1", "-o", "json"]);
+    if gpu {
+        command.args(["-ngl", "99", "-fa", "1"]);
+    }
+    let out = command
+        .output()
+        .with_context(|| format!("running {}", binary.display()))?;
     if !out.status.success() {
         bail!(
-            "the llama.cpp baseline failed: {}",
+            "llama-bench failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("the llama.cpp baseline's output")?;
-    match (v["prefill_tps"].as_f64(), v["decode_tps"].as_f64()) {
-        (Some(p), Some(d)) => Ok((p, d)),
-        _ => bail!("the llama.cpp baseline printed {v}"),
-    }
+    let runs: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("llama-bench's JSON output")?;
+    let speed = |prompt: bool| {
+        runs.iter()
+            .find(|r| (r["n_prompt"].as_u64().unwrap_or(0) > 0) == prompt)
+            .and_then(|r| r["avg_ts"].as_f64())
+            .context("llama-bench printed no such test")
+    };
+    Ok((speed(true)?, speed(false)?))
 }

@@ -24,7 +24,12 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     let c = model.config().clone();
     let weight_bytes = model.llama.weights.bytes_per_token() as f64;
     let st = cuda.startup;
-    super::print_model(b.path, &model, &format!("on {}", device.describe()));
+    super::print_model(
+        "decode",
+        b.path,
+        &model,
+        &format!("on {}", device.describe()),
+    );
     println!(
         "startup: kernels {:.1} ms ({}), weights {:.1} ms ({:.1} MB); {} kernels per decode step",
         st.kernels_ms,

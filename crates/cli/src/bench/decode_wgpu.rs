@@ -23,7 +23,7 @@ pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     };
     let weight_bytes = model.llama.weights.bytes_per_token() as f64;
     let st = wgpu.startup;
-    super::print_model(b.path, &model, &format!("on {}", wgpu.label()));
+    super::print_model("decode", b.path, &model, &format!("on {}", wgpu.label()));
     println!(
         "startup: pipelines {:.1} ms, weights {:.1} ms ({:.1} MB); {} kernels per decode step",
         st.kernels_ms,

@@ -1,6 +1,7 @@
 //! `tern bench`: Tern's measurements, each printed beside the baseline it is compared with,
 //! measured in the same run.
 
+mod batch;
 mod decode;
 #[cfg(feature = "cuda")]
 mod decode_cuda;
@@ -31,6 +32,9 @@ pub enum BenchCommand {
     /// `tern serve` under concurrent multi-turn conversations over HTTP, beside llama.cpp's
     /// llama-server under the same load.
     Serve(serve::ServeBenchArgs),
+    /// Many sequences on one model at once (batched steps), beside llama.cpp's
+    /// llama-batched-bench on the same file.
+    Batch(batch::BatchBenchArgs),
 }
 
 pub fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -39,6 +43,7 @@ pub fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Decode(args) => decode::decode(args),
         BenchCommand::Snapshot(args) => snapshot::snapshot(args),
         BenchCommand::Serve(args) => serve::serve(args),
+        BenchCommand::Batch(args) => batch::batch(args),
     }
 }
 
@@ -158,10 +163,10 @@ fn context_for(model: &tern_model::Model, prefill: usize, decode: usize) -> anyh
 
 /// The first line of every decode benchmark: the model, its weights read per token, and
 /// where it runs (`on`).
-fn print_model(path: &std::path::Path, model: &tern_model::Model, on: &str) {
+fn print_model(bench: &str, path: &std::path::Path, model: &tern_model::Model, on: &str) {
     let c = model.config();
     println!(
-        "tern bench decode: {} ({} layers, n_embd {}, vocab {}), {:.1} MB of weights per token, {on}",
+        "tern bench {bench}: {} ({} layers, n_embd {}, vocab {}), {:.1} MB of weights per token, {on}",
         path.file_name()
             .map_or("model".into(), |n| n.to_string_lossy()),
         c.n_layer,

@@ -241,21 +241,7 @@ fn start_llama(
 ) -> anyhow::Result<Target> {
     let binary = match &args.llama_server {
         Some(path) => path.clone(),
-        None => {
-            let script =
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/llama-server");
-            eprintln!(
-                "building llama-server (scripts/llama-server; the first time takes minutes) ..."
-            );
-            let out = Command::new(&script)
-                .stderr(Stdio::inherit())
-                .output()
-                .with_context(|| format!("running {}", script.display()))?;
-            if !out.status.success() {
-                bail!("scripts/llama-server failed");
-            }
-            PathBuf::from(String::from_utf8(out.stdout)?.trim())
-        }
+        None => super::batch::build_tool("llama-server")?,
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

@@ -1,0 +1,290 @@
+//! `tern bench batch`: many sequences on one model at once, as the step scheduler batches
+//! them, beside llama.cpp's own `llama-batched-bench` (built natively by scripts/llama-cpp
+//! from the vendored source) on the same file, in the same run.
+//!
+//! For each batch size B, as `llama-batched-bench -npp PP -ntg TG -npl B` measures: B
+//! sequences each prefill PP prompt tokens (S_PP: all B·PP tokens over the time), then each
+//! decode TG tokens (S_TG: all B·TG tokens over the time). Tern's sequences run on B threads
+//! calling the model's `forward`, which the step scheduler gathers into batched steps (what
+//! B actors do); its decode is also timed as plain batched steps over all B sequences, the
+//! engine alone. Medians of the rounds, Tern and llama.cpp alternated.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Barrier;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use tern_model::llama::cpu::{KvCache, Seq, argmax};
+use tern_model::{Model, Precision};
+
+use super::median;
+
+#[derive(clap::Args)]
+pub struct BatchBenchArgs {
+    #[command(flatten)]
+    model: super::BenchModel,
+    /// Sequences at once, one row each.
+    #[arg(long, default_value = "1,4,16,64", value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 128, value_parser = crate::parse_count)]
+    prefill: usize,
+    /// Tokens decoded per sequence.
+    #[arg(long, default_value_t = 32, value_parser = crate::parse_count)]
+    decode: usize,
+    /// Rounds (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = crate::parse_count)]
+    repeats: usize,
+    /// CPU threads (default: all cores).
+    #[arg(long, value_parser = crate::parse_count)]
+    threads: Option<usize>,
+    /// The llama-batched-bench binary (default: built by scripts/llama-cpp).
+    #[arg(long)]
+    llama_batched_bench: Option<PathBuf>,
+    /// Measure Tern alone.
+    #[arg(long)]
+    no_baseline: bool,
+}
+
+/// Tokens per second of one round: prefill, decode through the scheduler, decode as
+/// direct batched steps.
+#[derive(Default)]
+struct Round {
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    steps: Vec<f64>,
+}
+
+pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
+    if args.batch.contains(&0) {
+        bail!("--batch sizes must be at least 1");
+    }
+    let path = args.model.path()?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let model = Model::open("bench", &path, threads)?.with_precision(Precision::Fast);
+    let context = super::context_for(&model, args.prefill, args.decode)?;
+    super::print_model("batch", &path, &model, &format!("cpu x{threads}"));
+    let llama = match args.no_baseline {
+        true => None,
+        false => Some(match &args.llama_batched_bench {
+            Some(path) => path.clone(),
+            None => build_tool("llama-batched-bench")?,
+        }),
+    };
+    let text =
+        "The quick brown fox jumps over the lazy dog while the sea rolls grey under a low sky. ";
+    let unit = model.tokenizer.encode(text, false)?;
+    // Each sequence its own prompt: the same text from a different offset.
+    let prompts: Vec<Vec<u32>> = (0..args.batch.iter().copied().max().unwrap_or(1))
+        .map(|i| {
+            unit.iter()
+                .copied()
+                .cycle()
+                .skip(i % unit.len())
+                .take(args.prefill)
+                .collect()
+        })
+        .collect();
+    // Warm-up, untimed: the weights paged in, the threads started.
+    tern_round(&model, &prompts[..1], args.decode.min(4), context)?;
+    let mut tern: Vec<Round> = args.batch.iter().map(|_| Round::default()).collect();
+    let mut base: Vec<Round> = args.batch.iter().map(|_| Round::default()).collect();
+    for _ in 0..args.repeats {
+        for (i, &b) in args.batch.iter().enumerate() {
+            let (p, d, s) = tern_round(&model, &prompts[..b], args.decode, context)?;
+            tern[i].prefill.push(p);
+            tern[i].decode.push(d);
+            tern[i].steps.push(s);
+        }
+        if let Some(binary) = &llama {
+            let rows = llama_round(binary, &path, threads, &args)?;
+            for (i, (p, d)) in rows.into_iter().enumerate() {
+                base[i].prefill.push(p);
+                base[i].decode.push(d);
+            }
+        }
+    }
+    println!(
+        "\n{} prompt tokens and {} decoded tokens per sequence, greedy, {threads} threads; \
+         medians of {} rounds",
+        args.prefill, args.decode, args.repeats
+    );
+    println!(
+        "\n| B | Tern prefill t/s | Tern decode t/s (scheduler) | Tern decode t/s (steps) | \
+         llama.cpp prefill t/s | llama.cpp decode t/s | decode, Tern / llama.cpp |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (i, b) in args.batch.iter().enumerate() {
+        let (t, l) = (&tern[i], &base[i]);
+        let med = |xs: &[f64]| if xs.is_empty() { f64::NAN } else { median(xs) };
+        println!(
+            "| {b} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x |",
+            med(&t.prefill),
+            med(&t.decode),
+            med(&t.steps),
+            med(&l.prefill),
+            med(&l.decode),
+            med(&t.decode) / med(&l.decode)
+        );
+    }
+    let stats = model.step_stats();
+    println!(
+        "\nthe step scheduler ran {} chunks of forward passes in {} steps ({:.1} a step)",
+        stats.chunks,
+        stats.steps,
+        stats.chunks as f64 / stats.steps.max(1) as f64
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One round for `prompts.len()` sequences: prefill and decode tokens per second through
+/// the scheduler (one thread per sequence), and decode tokens per second as direct batched
+/// steps.
+fn tern_round(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    decode: usize,
+    context: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let b = prompts.len();
+    let start = Barrier::new(b + 1);
+    let (prefill_s, decode_s) = std::thread::scope(|s| -> anyhow::Result<(f64, f64)> {
+        let runs: Vec<_> = prompts
+            .iter()
+            .map(|prompt| {
+                let start = &start;
+                s.spawn(move || -> anyhow::Result<()> {
+                    let mut session = model.new_session(context)?;
+                    let mut logits = vec![0.0; model.config().n_vocab];
+                    start.wait();
+                    model.forward(&mut session, prompt, &mut logits)?;
+                    start.wait();
+                    start.wait();
+                    for _ in 0..decode {
+                        model.forward(&mut session, &[argmax(&logits)], &mut logits)?;
+                    }
+                    start.wait();
+                    Ok(())
+                })
+            })
+            .collect();
+        start.wait();
+        let t = Instant::now();
+        start.wait();
+        let prefill = t.elapsed().as_secs_f64();
+        start.wait();
+        let t = Instant::now();
+        start.wait();
+        let decode = t.elapsed().as_secs_f64();
+        for run in runs {
+            run.join()
+                .map_err(|_| anyhow::anyhow!("a sequence's thread panicked"))??;
+        }
+        Ok((prefill, decode))
+    })?;
+    // The engine alone: the same sequences as plain batched steps of all B at once.
+    let mut caches: Vec<KvCache> = Vec::with_capacity(b);
+    let mut logits = vec![vec![0.0; model.config().n_vocab]; b];
+    for (prompt, out) in prompts.iter().zip(logits.iter_mut()) {
+        let mut cache = model.llama.new_cache(context)?;
+        model.llama.forward(&mut cache, prompt, out)?;
+        caches.push(cache);
+    }
+    let t = Instant::now();
+    for _ in 0..decode {
+        let next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
+        let mut seqs: Vec<Seq<'_>> = caches
+            .iter_mut()
+            .zip(logits.iter_mut())
+            .zip(&next)
+            .map(|((cache, out), token)| Seq {
+                cache,
+                tokens: token,
+                logits: Some(out),
+            })
+            .collect();
+        model.llama.forward_batch(&mut seqs)?;
+    }
+    let steps_s = t.elapsed().as_secs_f64();
+    let tokens = |n: usize, s: f64| (b * n) as f64 / s;
+    Ok((
+        tokens(prompts[0].len(), prefill_s),
+        tokens(decode, decode_s),
+        tokens(decode, steps_s),
+    ))
+}
+
+/// One llama-batched-bench run over every batch size: (prefill, decode) tokens per second
+/// per size, in `--batch` order.
+fn llama_round(
+    binary: &Path,
+    model: &Path,
+    threads: usize,
+    args: &BatchBenchArgs,
+) -> anyhow::Result<Vec<(f64, f64)>> {
+    let most = args.batch.iter().copied().max().unwrap_or(1);
+    let sizes: Vec<String> = args.batch.iter().map(usize::to_string).collect();
+    let out = Command::new(binary)
+        .arg("-m")
+        .arg(model)
+        .args(["-c", &(most * (args.prefill + args.decode)).to_string()])
+        .args(["-b", "2048", "-ub", "512"])
+        .args(["-npp", &args.prefill.to_string()])
+        .args(["-ntg", &args.decode.to_string()])
+        .args(["-npl", &sizes.join(",")])
+        .args(["-t", &threads.to_string(), "-tb", &threads.to_string()])
+        .args(["--output-format", "jsonl"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if !out.status.success() {
+        bail!(
+            "llama-batched-bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    let mut rows = Vec::new();
+    for stream in [&out.stdout, &out.stderr] {
+        for line in String::from_utf8_lossy(stream).lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim())
+                && let (Some(pl), Some(pp), Some(tg)) = (
+                    v["pl"].as_u64(),
+                    v["speed_pp"].as_f64(),
+                    v["speed_tg"].as_f64(),
+                )
+            {
+                rows.push((pl as usize, (pp, tg)));
+            }
+        }
+    }
+    args.batch
+        .iter()
+        .map(|b| {
+            rows.iter()
+                .find(|(pl, _)| pl == b)
+                .map(|(_, r)| *r)
+                .with_context(|| format!("llama-batched-bench printed no row for B = {b}"))
+        })
+        .collect()
+}
+
+/// Builds (once) and finds one of llama.cpp's tools with scripts/llama-cpp.
+pub(super) fn build_tool(tool: &str) -> anyhow::Result<PathBuf> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/llama-cpp");
+    eprintln!("building {tool} (scripts/llama-cpp; the first time takes minutes) ...");
+    let out = Command::new(&script)
+        .arg(tool)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("scripts/llama-cpp {tool} failed");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
