@@ -104,7 +104,12 @@ fn the_gpu_writes_logits_into_the_actor_and_snapshots_continue_bit_for_bit() {
         return;
     };
     let model = small_model(&device);
-    assert!(model.cuda.is_some(), "the model is not on the GPU");
+    assert!(
+        model
+            .engine_as::<tern_model::llama::cuda::CudaLlama>()
+            .is_some(),
+        "the model is not on the GPU"
+    );
     let rt = Runtime::builder(device)
         .model(model.clone())
         .build()

@@ -2,6 +2,7 @@
 //! forward pass on the CPU, the reference every other backend is checked against.
 
 pub mod digest;
+pub mod engine;
 pub mod fastdot;
 pub mod generate;
 pub mod gguf;

@@ -8,23 +8,22 @@ use tern_text::{ChatTemplate, Message, Tokenizer, TokenizerSpec};
 
 use crate::ModelError;
 use crate::digest::ModelDigest;
+use crate::engine::{Engine, SessionState, StepItem};
 use crate::gguf::{GgufFile, Value};
 use crate::llama::cpu::{CpuLlama, KvCache, Precision};
 use crate::llama::{LlamaConfig, LlamaWeights, read_hf_config};
 use crate::numerics::Numerics;
 use crate::safetensors::SafetensorsFile;
-use crate::top::{Candidate, check_k, top_k};
+use crate::top::{Candidate, check_k};
 
 /// A loaded model.
 pub struct Model {
     pub name: String,
+    /// The weights, and the CPU engine: the reference every other backend is checked
+    /// against, and the engine unless the model was put on a GPU.
     pub llama: CpuLlama,
-    /// The forward pass on a GPU, when the model was put on one ([`Model::on_device`]).
-    #[cfg(feature = "cuda")]
-    pub cuda: Option<crate::llama::cuda::CudaLlama>,
-    /// The forward pass on a GPU through wgpu, when the model was put on one.
-    #[cfg(feature = "wgpu")]
-    pub wgpu: Option<crate::llama::wgpu::WgpuLlama>,
+    /// The engine on a GPU, when the model was put on one ([`Model::on_device`]).
+    gpu: Option<Box<dyn Engine>>,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
     /// The SHA-256 of the model's files ([`crate::digest`]): its identity in snapshots.
@@ -33,19 +32,10 @@ pub struct Model {
     pub legacy_digest: u64,
 }
 
-/// One sequence's state on a model: its tokens and KV cache.
+/// One sequence's state on a model: its tokens and its engine's state (the KV cache).
 pub struct Session {
     pub tokens: Vec<u32>,
-    kv: SessionKv,
-}
-
-/// Where a session's KV cache lives.
-enum SessionKv {
-    Cpu(KvCache),
-    #[cfg(feature = "cuda")]
-    Cuda(Box<crate::llama::cuda::CudaSession>),
-    #[cfg(feature = "wgpu")]
-    Wgpu(Box<crate::llama::wgpu::WgpuSession>),
+    state: Box<dyn SessionState>,
 }
 
 impl Model {
@@ -101,10 +91,7 @@ impl Model {
         Model {
             name: name.to_string(),
             llama,
-            #[cfg(feature = "cuda")]
-            cuda: None,
-            #[cfg(feature = "wgpu")]
-            wgpu: None,
+            gpu: None,
             tokenizer,
             template,
             digest,
@@ -179,21 +166,25 @@ impl Model {
     /// Runs the forward pass on `device` when it is a GPU (weights uploaded once, shared by
     /// every session); on the CPU device this changes nothing.
     pub fn on_device(
-        #[allow(unused_mut)] mut self,
+        mut self,
         device: &std::sync::Arc<dyn tern_compute::Device>,
     ) -> Result<Model, ModelError> {
-        #[cfg(feature = "cuda")]
-        if device.as_cuda().is_some() {
-            let cuda = crate::llama::cuda::CudaLlama::new(&self.llama, device.clone())?;
-            self.cuda = Some(cuda);
-        }
-        #[cfg(feature = "wgpu")]
-        if device.as_wgpu().is_some() {
-            let wgpu = crate::llama::wgpu::WgpuLlama::new(&self.llama, device.clone())?;
-            self.wgpu = Some(wgpu);
-        }
-        let _ = device;
+        self.gpu = crate::llama::gpu_engine(&self.llama, device)?;
         Ok(self)
+    }
+
+    /// The engine the forward pass runs on.
+    pub fn engine(&self) -> &dyn Engine {
+        match &self.gpu {
+            Some(gpu) => &**gpu,
+            None => &self.llama,
+        }
+    }
+
+    /// The engine as a backend's own type, when it is that one (for its benchmarks).
+    pub fn engine_as<T: Engine>(&self) -> Option<&T> {
+        let any: &dyn std::any::Any = self.engine();
+        any.downcast_ref()
     }
 
     /// Switches how matrix products treat activations (the default is the reference).
@@ -205,33 +196,13 @@ impl Model {
     /// Where and how the forward pass computes ("cpu fast"), for people; whether two runs
     /// round alike is decided by [`Model::numerics`], field by field.
     pub fn compute_label(&self) -> String {
-        #[cfg(feature = "cuda")]
-        if let Some(cuda) = &self.cuda {
-            return cuda.label();
-        }
-        #[cfg(feature = "wgpu")]
-        if let Some(wgpu) = &self.wgpu {
-            return wgpu.label();
-        }
-        let precision = match self.llama.precision {
-            Precision::Reference => "reference",
-            Precision::Fast => "fast",
-        };
-        format!("cpu {precision}")
+        self.engine().label()
     }
 
     /// What decides the bits of the forward pass, field by field ([`crate::numerics`]): where
     /// two models' numerics are equal, a session moved between them continues bit for bit.
     pub fn numerics(&self) -> Numerics {
-        #[cfg(feature = "cuda")]
-        if let Some(cuda) = &self.cuda {
-            return cuda.numerics();
-        }
-        #[cfg(feature = "wgpu")]
-        if let Some(wgpu) = &self.wgpu {
-            return wgpu.numerics();
-        }
-        Numerics::cpu(self.llama.precision)
+        self.engine().numerics()
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -299,23 +270,9 @@ impl Model {
                 "session of {n_ctx} tokens (1..={limit} allowed)"
             )));
         }
-        #[cfg(feature = "cuda")]
-        if let Some(cuda) = &self.cuda {
-            return Ok(Session {
-                tokens: Vec::new(),
-                kv: SessionKv::Cuda(Box::new(cuda.new_session(n_ctx)?)),
-            });
-        }
-        #[cfg(feature = "wgpu")]
-        if let Some(wgpu) = &self.wgpu {
-            return Ok(Session {
-                tokens: Vec::new(),
-                kv: SessionKv::Wgpu(Box::new(wgpu.new_session(n_ctx)?)),
-            });
-        }
         Ok(Session {
             tokens: Vec::new(),
-            kv: SessionKv::Cpu(self.llama.new_cache(n_ctx)?),
+            state: self.engine().open_session(n_ctx)?,
         })
     }
 
@@ -326,20 +283,7 @@ impl Model {
         tokens: &[u32],
         logits: &mut [f32],
     ) -> Result<(), ModelError> {
-        match &mut session.kv {
-            SessionKv::Cpu(cache) => self.llama.forward(cache, tokens, logits)?,
-            #[cfg(feature = "cuda")]
-            SessionKv::Cuda(s) => {
-                let cuda = self.cuda.as_ref().ok_or_else(|| {
-                    ModelError::Invalid("a GPU session on a model without a GPU".into())
-                })?;
-                cuda.forward(s, tokens, logits)?
-            }
-            #[cfg(feature = "wgpu")]
-            SessionKv::Wgpu(s) => self.wgpu_model()?.forward(s, tokens, logits)?,
-        }
-        session.tokens.extend_from_slice(tokens);
-        Ok(())
+        self.forward_top(session, tokens, Some(logits), &mut [])
     }
 
     /// [`forward`](Self::forward), and the `top.len()` (at most
@@ -353,45 +297,16 @@ impl Model {
         logits: Option<&mut [f32]>,
         top: &mut [Candidate],
     ) -> Result<(), ModelError> {
-        let vocab = self.config().n_vocab;
-        check_k(top.len(), vocab)?;
-        #[cfg(feature = "cuda")]
-        if let SessionKv::Cuda(s) = &mut session.kv {
-            let cuda = self.cuda.as_ref().ok_or_else(|| {
-                ModelError::Invalid("a GPU session on a model without a GPU".into())
-            })?;
-            cuda.forward_top(s, tokens, logits, top)?;
-            session.tokens.extend_from_slice(tokens);
-            return Ok(());
-        }
-        // Elsewhere the logits come to the host and the selection runs here.
-        let mut own = Vec::new();
-        let logits = match logits {
-            Some(l) => l,
-            None => {
-                own.resize(vocab, 0.0);
-                &mut own[..]
-            }
+        check_k(top.len(), self.config().n_vocab)?;
+        let item = StepItem {
+            state: &mut *session.state,
+            tokens,
+            logits,
+            top,
         };
-        self.forward(session, tokens, logits)?;
-        top_k(logits, top);
+        self.engine().step(&mut [item])?;
+        session.tokens.extend_from_slice(tokens);
         Ok(())
-    }
-}
-
-impl Model {
-    #[cfg(feature = "cuda")]
-    fn cuda_model(&self) -> Result<&crate::llama::cuda::CudaLlama, ModelError> {
-        self.cuda
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("a GPU session on a model without a GPU".into()))
-    }
-
-    #[cfg(feature = "wgpu")]
-    fn wgpu_model(&self) -> Result<&crate::llama::wgpu::WgpuLlama, ModelError> {
-        self.wgpu
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("a wgpu session on a model without a GPU".into()))
     }
 }
 
@@ -399,45 +314,18 @@ impl Session {
     /// Keeps the first `len` tokens and forgets the rest.
     pub fn rewind(&mut self, len: usize) {
         self.tokens.truncate(len);
-        match &mut self.kv {
-            SessionKv::Cpu(cache) => cache.truncate(len),
-            #[cfg(feature = "cuda")]
-            SessionKv::Cuda(s) => s.truncate(len),
-            #[cfg(feature = "wgpu")]
-            SessionKv::Wgpu(s) => s.truncate(len),
-        }
+        self.state.truncate(len);
     }
 
     /// Positions the session can hold.
     pub fn n_ctx(&self) -> usize {
-        match &self.kv {
-            SessionKv::Cpu(cache) => cache.n_ctx,
-            #[cfg(feature = "cuda")]
-            SessionKv::Cuda(s) => s.n_ctx,
-            #[cfg(feature = "wgpu")]
-            SessionKv::Wgpu(s) => s.n_ctx,
-        }
+        self.state.n_ctx()
     }
 
     /// The KV cache of the filled positions on the host: borrowed for a CPU session, copied
     /// from the GPU for a GPU one.
     pub fn host_kv(&self, model: &Model) -> Result<Cow<'_, KvCache>, ModelError> {
-        let _ = model;
-        match &self.kv {
-            SessionKv::Cpu(cache) => Ok(Cow::Borrowed(cache)),
-            #[cfg(feature = "cuda")]
-            SessionKv::Cuda(s) => {
-                let c = model.config();
-                let _busy = model.cuda_model()?.hold()?;
-                Ok(Cow::Owned(s.download(c.n_layer, c.kv_dim())?))
-            }
-            #[cfg(feature = "wgpu")]
-            SessionKv::Wgpu(s) => {
-                let c = model.config();
-                let gpu = model.wgpu_model()?.gpu();
-                Ok(Cow::Owned(s.download(gpu, c.n_layer, c.kv_dim())?))
-            }
-        }
+        model.engine().read_kv(&*self.state)
     }
 
     /// Fills the first `len` positions from each layer's keys and values as little-endian
@@ -450,50 +338,19 @@ impl Session {
         len: usize,
         layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
     ) -> Result<(), ModelError> {
-        let _ = model; // only a GPU session needs the shape
         if len > self.n_ctx() {
             return Err(ModelError::Invalid(format!(
                 "{len} positions do not fit a session of {}",
                 self.n_ctx()
             )));
         }
-        match &mut self.kv {
-            SessionKv::Cpu(cache) => cache.refill(len, |l, k, v| {
-                let (kb, vb) = layer(l)?;
-                copy_le(kb, k)?;
-                copy_le(vb, v)
-            }),
-            #[cfg(feature = "cuda")]
-            SessionKv::Cuda(s) => {
-                let c = model.config();
-                let _busy = model.cuda_model()?.hold()?;
-                s.upload_layers(len, c.n_layer, c.kv_dim(), layer)
-            }
-            #[cfg(feature = "wgpu")]
-            SessionKv::Wgpu(s) => {
-                let c = model.config();
-                let gpu = model.wgpu_model()?.gpu();
-                s.upload_layers(gpu, len, c.n_layer, c.kv_dim(), layer)
-            }
-        }
+        model.engine().write_kv(&mut *self.state, len, &layer)
     }
 
-    /// The GPU side of the session, when it lives on one.
-    #[cfg(feature = "cuda")]
-    pub fn cuda_mut(&mut self) -> Option<&mut crate::llama::cuda::CudaSession> {
-        match &mut self.kv {
-            SessionKv::Cuda(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    /// The portable GPU side of the session, when it lives on one.
-    #[cfg(feature = "wgpu")]
-    pub fn wgpu_mut(&mut self) -> Option<&mut crate::llama::wgpu::WgpuSession> {
-        match &mut self.kv {
-            SessionKv::Wgpu(s) => Some(s),
-            _ => None,
-        }
+    /// The session's state as its backend's own type, when it is that one (for the
+    /// backend's benchmarks and tests).
+    pub fn state_mut<T: SessionState>(&mut self) -> Option<&mut T> {
+        crate::engine::own_mut(&mut *self.state).ok()
     }
 }
 
@@ -583,19 +440,4 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
         .iter()
         .for_each(|&b| eat(b));
     h
-}
-
-/// Little-endian f32 bytes into `dst`, which must be exactly as long.
-fn copy_le(bytes: &[u8], dst: &mut [f32]) -> Result<(), ModelError> {
-    if bytes.len() != 4 * dst.len() {
-        return Err(ModelError::Invalid(format!(
-            "{} bytes of keys or values where {} floats belong",
-            bytes.len(),
-            dst.len()
-        )));
-    }
-    for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    }
-    Ok(())
 }

@@ -267,7 +267,9 @@ fn the_persistent_decode_kernel_gives_the_kernel_by_kernel_bits() {
             .unwrap()
             .on_device(&device)
             .unwrap();
-        let cuda = model.cuda.as_ref().unwrap();
+        let cuda = model
+            .engine_as::<tern_model::llama::cuda::CudaLlama>()
+            .unwrap();
         assert!(
             cuda.has_fused_decode(),
             "{shape_name} {linear}: {}",

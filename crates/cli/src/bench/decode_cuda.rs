@@ -18,7 +18,7 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
         .with_precision(Precision::Reference)
         .on_device(&device)?;
     let model = Arc::new(model);
-    let Some(cuda) = model.cuda.as_ref() else {
+    let Some(cuda) = model.engine_as::<tern_model::llama::cuda::CudaLlama>() else {
         bail!("the model did not go onto the GPU");
     };
     let c = model.config().clone();
@@ -92,7 +92,9 @@ fn compare_persistent(
     context: usize,
     paths: &super::Paths,
 ) -> anyhow::Result<()> {
-    let cuda = model.cuda.as_ref().context("no GPU model")?;
+    let cuda = model
+        .engine_as::<tern_model::llama::cuda::CudaLlama>()
+        .context("no GPU model")?;
     if !cuda.has_fused_decode() {
         return Ok(());
     }
@@ -117,8 +119,12 @@ fn compare_persistent(
 /// tensor-core prefill chunk of (up to 512 positions of) `prompt`.
 fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()> {
     let (mut session, _) = super::session_after(model, prompt, context)?;
-    let cuda = model.cuda.as_ref().context("no GPU model")?;
-    let gpu = session.cuda_mut().context("no GPU session")?;
+    let cuda = model
+        .engine_as::<tern_model::llama::cuda::CudaLlama>()
+        .context("no GPU model")?;
+    let gpu = session
+        .state_mut::<tern_model::llama::cuda::CudaSession>()
+        .context("no GPU session")?;
     println!(
         "one decode step on the GPU (the step's ids set and its graph launched, events around both; median of 5): {:.1} us",
         cuda.graph_step_us(gpu, 1, 5)?
@@ -144,7 +150,9 @@ fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()
     let chunk = &prompt[..prompt.len().min(512)];
     if chunk.len() >= 64 {
         let mut fresh = model.new_session(context)?;
-        let gpu = fresh.cuda_mut().context("no GPU session")?;
+        let gpu = fresh
+            .state_mut::<tern_model::llama::cuda::CudaSession>()
+            .context("no GPU session")?;
         let runs = (0..3)
             .map(|_| cuda.profile_prefill(gpu, chunk))
             .collect::<Result<Vec<_>, _>>()?;

@@ -18,7 +18,10 @@ pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
         .with_precision(Precision::Reference)
         .on_device(&device)?;
     let model = Arc::new(model);
-    let (Some(wgpu), Some(gpu)) = (model.wgpu.as_ref(), device.as_wgpu()) else {
+    let (Some(wgpu), Some(gpu)) = (
+        model.engine_as::<tern_model::llama::wgpu::WgpuLlama>(),
+        device.as_wgpu(),
+    ) else {
         bail!("the model did not go onto the GPU");
     };
     let weight_bytes = model.llama.weights.bytes_per_token() as f64;
@@ -58,8 +61,12 @@ pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
 /// has timestamp queries.
 fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()> {
     let (mut session, _) = super::session_after(model, prompt, context)?;
-    let wgpu = model.wgpu.as_ref().context("no GPU model")?;
-    let gpu = session.wgpu_mut().context("no GPU session")?;
+    let wgpu = model
+        .engine_as::<tern_model::llama::wgpu::WgpuLlama>()
+        .context("no GPU model")?;
+    let gpu = session
+        .state_mut::<tern_model::llama::wgpu::WgpuSession>()
+        .context("no GPU session")?;
     let mut runs = Vec::new();
     for _ in 0..5 {
         match wgpu.profile_step(gpu, 1)? {

@@ -10,10 +10,15 @@ use rayon::prelude::*;
 
 use crate::steps::{Budget, StepBatcher, StepJob, StepStats};
 
+use std::borrow::Cow;
+
 use crate::ModelError;
+use crate::engine::{Engine, LayerBytes, SessionState, StepItem, copy_le, own, own_mut};
 use crate::fastdot::{self, QuantizedActs};
 use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
+use crate::numerics::Numerics;
 use crate::quant::{self, dequantize_row, dot_f32 as dot, dot_rows};
+use crate::top::top_k;
 
 /// Output rows a matrix-product task computes.
 const ROWS_PER_TASK: usize = 32;
@@ -101,6 +106,104 @@ impl KvCache {
             fill(layer, k, v)?;
         }
         Ok(())
+    }
+}
+
+impl SessionState for KvCache {
+    fn filled(&self) -> usize {
+        self.len
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn truncate(&mut self, len: usize) {
+        KvCache::truncate(self, len);
+    }
+}
+
+/// The CPU engine: a single step goes through the step scheduler (so that concurrent
+/// callers share batched steps); several at once run as one batched step.
+impl Engine for CpuLlama {
+    fn label(&self) -> String {
+        let precision = match self.precision {
+            Precision::Reference => "reference",
+            Precision::Fast => "fast",
+        };
+        format!("cpu {precision}")
+    }
+
+    fn numerics(&self) -> Numerics {
+        Numerics::cpu(self.precision)
+    }
+
+    fn open_session(&self, n_ctx: usize) -> Result<Box<dyn SessionState>, ModelError> {
+        Ok(Box::new(self.new_cache(n_ctx)?))
+    }
+
+    fn step(&self, items: &mut [StepItem<'_>]) -> Result<(), ModelError> {
+        let vocab = self.config.n_vocab;
+        // Logits for every item that wants them or its top: the caller's buffer, or ours.
+        let mut own: Vec<Vec<f32>> = items
+            .iter()
+            .map(|i| match i.logits {
+                Some(_) => Vec::new(),
+                None => vec![0.0; if i.top.is_empty() { 0 } else { vocab }],
+            })
+            .collect();
+        if let [item] = items {
+            let cache = own_mut::<KvCache>(&mut *item.state)?;
+            let logits = match item.logits.as_deref_mut() {
+                Some(l) => l,
+                None if !own[0].is_empty() => &mut own[0][..],
+                // Neither logits nor top: the scheduler's job still computes the logits.
+                None => {
+                    own[0] = vec![0.0; vocab];
+                    &mut own[0][..]
+                }
+            };
+            self.forward(cache, item.tokens, logits)?;
+        } else {
+            let mut seqs = Vec::with_capacity(items.len());
+            for (item, own) in items.iter_mut().zip(own.iter_mut()) {
+                let logits = match item.logits.as_deref_mut() {
+                    Some(l) => Some(l),
+                    None if !own.is_empty() => Some(&mut own[..]),
+                    None => None,
+                };
+                seqs.push(Seq {
+                    cache: own_mut::<KvCache>(&mut *item.state)?,
+                    tokens: item.tokens,
+                    logits,
+                });
+            }
+            self.forward_batch(&mut seqs)?;
+        }
+        for (item, own) in items.iter_mut().zip(&own) {
+            if !item.top.is_empty() {
+                let logits = item.logits.as_deref().unwrap_or(own);
+                top_k(logits, item.top);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_kv<'s>(&self, state: &'s dyn SessionState) -> Result<Cow<'s, KvCache>, ModelError> {
+        Ok(Cow::Borrowed(own::<KvCache>(state)?))
+    }
+
+    fn write_kv(
+        &self,
+        state: &mut dyn SessionState,
+        len: usize,
+        layer: &LayerBytes<'_, '_>,
+    ) -> Result<(), ModelError> {
+        own_mut::<KvCache>(state)?.refill(len, |l, k, v| {
+            let (kb, vb) = layer(l)?;
+            copy_le(kb, k)?;
+            copy_le(vb, v)
+        })
     }
 }
 

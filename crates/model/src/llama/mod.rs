@@ -10,6 +10,24 @@ mod weights;
 pub mod wgpu;
 
 pub use config::{LlamaConfig, RopeStyle};
+
+/// The engine of `device` when it is a GPU this build supports (`None` on the CPU): the one
+/// place that knows which GPU backends are compiled in.
+pub(crate) fn gpu_engine(
+    cpu: &cpu::CpuLlama,
+    device: &std::sync::Arc<dyn tern_compute::Device>,
+) -> Result<Option<Box<dyn crate::engine::Engine>>, crate::ModelError> {
+    #[cfg(feature = "cuda")]
+    if device.as_cuda().is_some() {
+        return Ok(Some(Box::new(cuda::CudaLlama::new(cpu, device.clone())?)));
+    }
+    #[cfg(feature = "wgpu")]
+    if device.as_wgpu().is_some() {
+        return Ok(Some(Box::new(wgpu::WgpuLlama::new(cpu, device.clone())?)));
+    }
+    let _ = (cpu, device);
+    Ok(None)
+}
 pub use hf::{HfConfig, llama3_rope_factors, read_hf_config};
 pub use weights::{LayerWeights, LlamaWeights, Matrix, Storage};
 

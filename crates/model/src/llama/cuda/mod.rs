@@ -41,7 +41,8 @@ use tern_compute::Device;
 use tern_compute::cuda::cudarc::driver::{CudaContext, CudaStream};
 
 use crate::ModelError;
-use crate::llama::cpu::CpuLlama;
+use crate::engine::{Engine, LayerBytes, SessionState, StepItem, own, own_mut};
+use crate::llama::cpu::{CpuLlama, KvCache};
 use crate::llama::{LlamaConfig, RopeStyle};
 use crate::numerics::{Numerics, kernel_hash};
 use crate::top::Candidate;
@@ -499,4 +500,71 @@ fn untracked(ctx: &CudaContext) {
 /// Maps a driver error to a [`ModelError::Device`] that says what was being done.
 fn driver<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> ModelError {
     move |e| ModelError::device("cuda", what, format!("{e:?}"))
+}
+
+impl SessionState for CudaSession {
+    fn filled(&self) -> usize {
+        self.len
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn truncate(&mut self, len: usize) {
+        CudaSession::truncate(self, len);
+    }
+}
+
+/// The CUDA engine runs a step's sessions one after another, each as [`CudaLlama::forward_top`]
+/// (whose kernels differ between prefill and decode: see the module docs). Batched steps
+/// on the GPU are still to come.
+impl Engine for CudaLlama {
+    fn label(&self) -> String {
+        CudaLlama::label(self)
+    }
+
+    fn numerics(&self) -> Numerics {
+        CudaLlama::numerics(self)
+    }
+
+    fn open_session(&self, n_ctx: usize) -> Result<Box<dyn SessionState>, ModelError> {
+        Ok(Box::new(self.new_session(n_ctx)?))
+    }
+
+    fn step(&self, items: &mut [StepItem<'_>]) -> Result<(), ModelError> {
+        let c = &self.config;
+        for item in items.iter_mut() {
+            let s = own_mut::<CudaSession>(&mut *item.state)?;
+            super::check_forward(c, s.len, s.n_ctx, item.tokens, item.logits.as_deref())?;
+            check_top(c.n_vocab, item.top.len())?;
+        }
+        for item in items.iter_mut() {
+            let s = own_mut::<CudaSession>(&mut *item.state)?;
+            self.forward_top(s, item.tokens, item.logits.as_deref_mut(), item.top)?;
+        }
+        Ok(())
+    }
+
+    fn read_kv<'s>(
+        &self,
+        state: &'s dyn SessionState,
+    ) -> Result<std::borrow::Cow<'s, KvCache>, ModelError> {
+        let s = own::<CudaSession>(state)?;
+        let c = &self.config;
+        let _busy = self.hold()?;
+        Ok(std::borrow::Cow::Owned(s.download(c.n_layer, c.kv_dim())?))
+    }
+
+    fn write_kv(
+        &self,
+        state: &mut dyn SessionState,
+        len: usize,
+        layer: &LayerBytes<'_, '_>,
+    ) -> Result<(), ModelError> {
+        let s = own_mut::<CudaSession>(state)?;
+        let c = &self.config;
+        let _busy = self.hold()?;
+        s.upload_layers(len, c.n_layer, c.kv_dim(), layer)
+    }
 }

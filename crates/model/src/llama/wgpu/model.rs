@@ -10,9 +10,11 @@ use super::kernels::{Bind, Kernels};
 use super::weights::DeviceWeights;
 use super::{MAX_CHUNK, WgpuSession};
 use crate::ModelError;
+use crate::engine::{Engine, LayerBytes, SessionState, StepItem, own, own_mut};
 use crate::llama::LlamaConfig;
-use crate::llama::cpu::CpuLlama;
+use crate::llama::cpu::{CpuLlama, KvCache};
 use crate::numerics::{Numerics, kernel_hash};
+use crate::top::top_k;
 
 /// What opening the model on the GPU cost.
 #[derive(Clone, Copy, Debug)]
@@ -217,5 +219,83 @@ pub(super) fn wgpu_error(e: tern_compute::ComputeError) -> ModelError {
             ModelError::device("wgpu", format!("compiling kernel `{kernel}`"), log)
         }
         other => ModelError::device("wgpu", "using the device", other),
+    }
+}
+
+impl SessionState for WgpuSession {
+    fn filled(&self) -> usize {
+        self.len
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn truncate(&mut self, len: usize) {
+        WgpuSession::truncate(self, len);
+    }
+}
+
+/// The wgpu engine runs a step's sessions one after another, each as
+/// [`WgpuLlama::forward`]; the top logits are selected on the host.
+impl Engine for WgpuLlama {
+    fn label(&self) -> String {
+        WgpuLlama::label(self)
+    }
+
+    fn numerics(&self) -> Numerics {
+        WgpuLlama::numerics(self)
+    }
+
+    fn open_session(&self, n_ctx: usize) -> Result<Box<dyn SessionState>, ModelError> {
+        Ok(Box::new(self.new_session(n_ctx)?))
+    }
+
+    fn step(&self, items: &mut [StepItem<'_>]) -> Result<(), ModelError> {
+        let c = &self.config;
+        for item in items.iter_mut() {
+            let s = own_mut::<WgpuSession>(&mut *item.state)?;
+            crate::llama::check_forward(c, s.len, s.n_ctx, item.tokens, item.logits.as_deref())?;
+        }
+        let mut own_logits = Vec::new();
+        for item in items.iter_mut() {
+            let s = own_mut::<WgpuSession>(&mut *item.state)?;
+            let logits = match item.logits.as_deref_mut() {
+                Some(l) => l,
+                None => {
+                    own_logits.resize(c.n_vocab, 0.0);
+                    &mut own_logits[..]
+                }
+            };
+            self.forward(s, item.tokens, logits)?;
+            if !item.top.is_empty() {
+                top_k(logits, item.top);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_kv<'s>(
+        &self,
+        state: &'s dyn SessionState,
+    ) -> Result<std::borrow::Cow<'s, KvCache>, ModelError> {
+        let s = own::<WgpuSession>(state)?;
+        let c = &self.config;
+        Ok(std::borrow::Cow::Owned(s.download(
+            self.gpu(),
+            c.n_layer,
+            c.kv_dim(),
+        )?))
+    }
+
+    fn write_kv(
+        &self,
+        state: &mut dyn SessionState,
+        len: usize,
+        layer: &LayerBytes<'_, '_>,
+    ) -> Result<(), ModelError> {
+        let s = own_mut::<WgpuSession>(state)?;
+        let c = &self.config;
+        s.upload_layers(self.gpu(), len, c.n_layer, c.kv_dim(), layer)
     }
 }

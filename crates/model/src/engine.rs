@@ -1,0 +1,101 @@
+//! [`Engine`]: the one seam between a [`crate::Model`] and the backends that run it.
+//!
+//! A backend (the CPU reference in `llama/cpu.rs`, CUDA in `llama/cuda/`, wgpu in
+//! `llama/wgpu/`) implements six things: describe itself and its numerics, open a session's
+//! state, run one step over several sessions, write a session's KV cache out and read one
+//! back. Everything above (sessions, snapshots, actors, the server) speaks to this trait
+//! only; which backends a build has is decided in one place (`llama::gpu_engine`).
+//!
+//! Batch invariance is part of the contract: what `step` gives a session is the same bits
+//! whatever other sessions share the step. The CPU keeps it by construction (each output
+//! element is one fixed-order reduction, and a prefill's bits equal one-token decode's).
+//! The CUDA and wgpu engines run a step's sessions one after another (each on its own, so
+//! invariance holds there too), and their prefill and decode kernels round differently.
+
+use std::any::Any;
+use std::borrow::Cow;
+
+use crate::ModelError;
+use crate::llama::cpu::KvCache;
+use crate::numerics::Numerics;
+use crate::top::Candidate;
+
+/// A session's state on one engine (its KV cache and whatever the backend keeps with it).
+pub trait SessionState: Any {
+    /// Positions filled.
+    fn filled(&self) -> usize;
+    /// Positions it can hold.
+    fn n_ctx(&self) -> usize;
+    /// Forgets every position from `len` on.
+    fn truncate(&mut self, len: usize);
+}
+
+/// One session's part of a step.
+pub struct StepItem<'a> {
+    pub state: &'a mut dyn SessionState,
+    /// Its new positions' tokens (one for a decode step, more for a prefill).
+    pub tokens: &'a [u32],
+    /// Where the last position's logits go (`n_vocab`), if wanted.
+    pub logits: Option<&'a mut [f32]>,
+    /// Where the last position's `top.len()` largest logits go, in [`crate::top`]'s order
+    /// (empty: none wanted).
+    pub top: &'a mut [Candidate],
+}
+
+/// Each layer's keys and values of a saved cache, `(len, kv_dim)` little-endian f32 bytes
+/// each, by layer index (the bytes live for `'a`, the function for `'f`).
+pub type LayerBytes<'a, 'f> = dyn Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError> + 'f;
+
+/// A backend that runs a model's forward pass. See the module docs.
+pub trait Engine: Any + Send + Sync {
+    /// Where and how it computes, for people ("cpu fast").
+    fn label(&self) -> String;
+    /// What decides its bits, field by field ([`crate::numerics`]).
+    fn numerics(&self) -> Numerics;
+    /// A new, empty session of `n_ctx` positions.
+    fn open_session(&self, n_ctx: usize) -> Result<Box<dyn SessionState>, ModelError>;
+    /// Appends each item's tokens to its session and writes the outputs it asks for. The
+    /// items' arguments are checked before any runs; on an error no session has changed.
+    fn step(&self, items: &mut [StepItem<'_>]) -> Result<(), ModelError>;
+    /// The session's KV cache of its filled positions, on the host (borrowed where it
+    /// already lives there): a snapshot's state writer.
+    fn read_kv<'s>(&self, state: &'s dyn SessionState) -> Result<Cow<'s, KvCache>, ModelError>;
+    /// Fills the session's first `len` positions from saved layers: a snapshot's state
+    /// reader (`len` is checked against the session's size by the caller).
+    fn write_kv(
+        &self,
+        state: &mut dyn SessionState,
+        len: usize,
+        layer: &LayerBytes<'_, '_>,
+    ) -> Result<(), ModelError>;
+}
+
+/// `state` as the backend's own session type `T`, or an error (a session of another
+/// engine).
+pub(crate) fn own_mut<T: SessionState>(state: &mut dyn SessionState) -> Result<&mut T, ModelError> {
+    let any: &mut dyn Any = state;
+    any.downcast_mut::<T>()
+        .ok_or_else(|| ModelError::Invalid("a session of another backend".into()))
+}
+
+/// [`own_mut`], shared.
+pub(crate) fn own<T: SessionState>(state: &dyn SessionState) -> Result<&T, ModelError> {
+    let any: &dyn Any = state;
+    any.downcast_ref::<T>()
+        .ok_or_else(|| ModelError::Invalid("a session of another backend".into()))
+}
+
+/// Little-endian f32 bytes into `dst`, which must be exactly as long.
+pub(crate) fn copy_le(bytes: &[u8], dst: &mut [f32]) -> Result<(), ModelError> {
+    if bytes.len() != 4 * dst.len() {
+        return Err(ModelError::Invalid(format!(
+            "{} bytes of keys or values where {} floats belong",
+            bytes.len(),
+            dst.len()
+        )));
+    }
+    for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Ok(())
+}
