@@ -44,6 +44,8 @@ pub(crate) struct HostState {
     pub(crate) cancelled: Arc<AtomicBool>,
     /// Set when the actor is stopped for good ([`Canceller::stop`]); never cleared.
     pub(crate) stopped: Arc<AtomicBool>,
+    /// Whether this actor's thread was moved to the idle scheduling class ([`DEMOTE_AFTER`]).
+    demoted: bool,
     output: Vec<u8>,
     output_limit: usize,
     stream: Option<OutputSink>,
@@ -194,12 +196,21 @@ impl std::fmt::Display for Stopped {
 
 impl std::error::Error for Stopped {}
 
+/// Guest time without a host call after which the guest counts as spinning and its thread
+/// drops to the idle scheduling class ([`crate::sys`]), in epoch ticks (100 ms).
+pub(crate) const DEMOTE_AFTER: u64 = 20;
+
 /// The epoch callback: the guest call ends when its actor is stopped or its own running
-/// time is spent ([`GuestDeadline`]); otherwise it runs on to the next check.
+/// time is spent ([`GuestDeadline`]); a guest that has gone [`DEMOTE_AFTER`] without calling
+/// the host gets the idle scheduling class; otherwise it runs on to the next check.
 fn epoch_check(
-    store: wasmtime::StoreContextMut<'_, HostState>,
+    mut store: wasmtime::StoreContextMut<'_, HostState>,
 ) -> wasmtime::Result<UpdateDeadline> {
-    let state = store.data();
+    let state = store.data_mut();
+    if !state.demoted && state.deadline.running_alone() >= DEMOTE_AFTER {
+        crate::sys::lower_thread_priority();
+        state.demoted = true;
+    }
     if state.stopped.load(Ordering::Acquire) {
         return Err(wasmtime::Error::new(Stopped));
     }
@@ -262,6 +273,7 @@ impl Actor {
             deadline: GuestDeadline::new(runtime.ticks.clone()),
             cancelled: Arc::new(AtomicBool::new(false)),
             stopped: Arc::new(AtomicBool::new(false)),
+            demoted: false,
             output: Vec::new(),
             output_limit: limits.output_bytes,
             stream: None,

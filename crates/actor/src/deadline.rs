@@ -12,11 +12,18 @@ pub(crate) struct GuestDeadline {
     ticks: Arc<AtomicU64>,
     /// The tick at which the running guest call is interrupted.
     deadline: u64,
+    /// The tick at which the guest last got control back (its call began, or a host call
+    /// returned).
+    resumed: u64,
 }
 
 impl GuestDeadline {
     pub(crate) fn new(ticks: Arc<AtomicU64>) -> GuestDeadline {
-        GuestDeadline { ticks, deadline: 0 }
+        GuestDeadline {
+            ticks,
+            deadline: 0,
+            resumed: 0,
+        }
     }
 
     /// The tick now.
@@ -31,13 +38,21 @@ impl GuestDeadline {
 
     /// Starts a guest call that may run `budget` ticks.
     pub(crate) fn start(&mut self, budget: u64) {
-        self.deadline = self.now() + budget;
+        self.resumed = self.now();
+        self.deadline = self.resumed + budget;
+    }
+
+    /// Ticks the guest has run since it last got control back: how long it has gone
+    /// without calling the host.
+    pub(crate) fn running_alone(&self) -> u64 {
+        self.now().saturating_sub(self.resumed)
     }
 
     /// Moves the deadline out by the ticks since `started` (when a host call began). Returns
     /// the ticks left from now when it moved, for `Store::set_epoch_deadline`.
     pub(crate) fn extend_since(&mut self, started: u64) -> Option<u64> {
         let now = self.now();
+        self.resumed = now;
         let spent = now.saturating_sub(started);
         if spent == 0 {
             return None;

@@ -30,6 +30,7 @@ mod models;
 mod registry;
 mod runtime;
 mod snapshot;
+mod sys;
 
 pub use actor::{Actor, ActorModule, Canceller, Reply};
 pub use budget::KvLedger;

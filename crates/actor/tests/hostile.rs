@@ -229,6 +229,28 @@ fn stopping_an_actor_ends_its_loop_long_before_the_time_limit() {
     assert_healthy(&rt);
 }
 
+#[cfg(target_os = "linux")]
+#[test]
+fn a_spinning_guest_drops_its_thread_to_the_idle_class_and_a_healthy_one_does_not() {
+    // The scheduling policy of the thread that ran `wat` once.
+    let policy_after = |wat: String| {
+        std::thread::spawn(move || {
+            let rt = runtime(quick_limits());
+            let mut actor = Actor::load(&rt, wat.as_bytes()).unwrap();
+            let _ = actor.send(b"");
+            // SAFETY: sched_getscheduler(0) reads the calling thread's policy; no memory.
+            unsafe { libc::sched_getscheduler(0) }
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(policy_after(healthy()), libc::SCHED_OTHER);
+    assert_eq!(
+        policy_after(guest("(loop $l (br $l)) (i32.const 0)")),
+        libc::SCHED_IDLE
+    );
+}
+
 #[test]
 fn a_grow_bomb_hits_the_cap_with_a_clear_error() {
     let rt = runtime(quick_limits());

@@ -83,7 +83,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runtime = args.host.runtime()?;
     // Every model now, so that a file that cannot be loaded stops the start, not a request,
     // and so that each model's threads start here at normal priority, never from an actor's
-    // idle-class thread (tern_server's `sys`).
+    // thread (which a spinning guest moves to the idle class: tern_actor's `sys`).
     for name in runtime.models().names() {
         runtime.model(&name)?;
     }

@@ -434,7 +434,6 @@ fn spawn(shared: Arc<Shared>, boot: Boot, jobs: mpsc::Receiver<Job>) -> Result<(
         .name(format!("tern-actor-{}", shared.id))
         .stack_size(ACTOR_STACK_BYTES)
         .spawn(move || {
-            crate::sys::lower_thread_priority();
             let resident = shared.resident.clone();
             let saved_at = Cell::new(Instant::now());
             Worker { shared, saved_at }.run(boot, jobs);

@@ -43,7 +43,6 @@ mod request_id;
 pub mod routes;
 mod sse;
 pub mod store;
-mod sys;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
