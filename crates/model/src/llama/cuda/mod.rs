@@ -24,6 +24,7 @@
 //! - All device work of a call finishes before the call returns.
 
 mod constants;
+mod fifo;
 mod fused;
 mod kernels;
 mod prefill;
@@ -34,7 +35,7 @@ mod weights;
 pub use session::CudaSession;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tern_compute::Device;
@@ -46,6 +47,7 @@ use crate::llama::cpu::{CpuLlama, KvCache};
 use crate::llama::{LlamaConfig, RopeStyle};
 use crate::numerics::{Numerics, kernel_hash};
 use crate::top::Candidate;
+use fifo::{FifoGuard, FifoMutex};
 use kernels::Kernels;
 use prefill::{PREFILL_CHUNK, PREFILL_MIN, Prefill};
 use weights::DeviceWeights;
@@ -91,7 +93,7 @@ pub struct CudaLlama {
     /// else that enqueues work on the stream (a session's allocation, a KV cache's download
     /// or upload) holds it too: another thread's decode step may be capturing the stream
     /// into a graph, and work enqueued meanwhile would fail or be captured with it.
-    busy: Mutex<Option<Result<Prefill, ModelError>>>,
+    busy: FifoMutex<Option<Result<Prefill, ModelError>>>,
     /// Device memory of dropped sessions, freed by the next holder of `busy` (a session can
     /// be dropped on any thread, at any time, even while `busy` is held).
     graveyard: Arc<Mutex<Vec<Box<dyn Send>>>>,
@@ -144,7 +146,7 @@ impl CudaLlama {
             fused,
             fused_on: AtomicBool::new(false),
             startup,
-            busy: Mutex::new(None),
+            busy: FifoMutex::new(None),
             graveyard: Arc::default(),
         })
     }
@@ -304,12 +306,12 @@ impl CudaLlama {
             .map_err(|e| &*e)
     }
 
-    /// The model, held for this caller (one at a time), its context bound to this thread,
+    /// The model, held for this caller (one at a time, in arrival order), its context bound to this thread,
     /// and the memory of sessions dropped since the last holder freed.
     pub(crate) fn hold(
         &self,
-    ) -> Result<MutexGuard<'_, Option<Result<Prefill, ModelError>>>, ModelError> {
-        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+    ) -> Result<FifoGuard<'_, Option<Result<Prefill, ModelError>>>, ModelError> {
+        let busy = self.busy.lock();
         self.ctx
             .bind_to_thread()
             .map_err(driver("binding the context"))?;
@@ -414,7 +416,7 @@ impl CudaLlama {
     /// plus bytes written per second (the median of `repeats` copies), the roofline a
     /// memory-bound decode step is measured against.
     pub fn copy_bandwidth(&self, bytes: usize, repeats: usize) -> Result<f64, ModelError> {
-        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let _busy = self.busy.lock();
         let s = &self.stream;
         let src = s.alloc_zeros::<u8>(bytes).map_err(driver("allocating"))?;
         let mut dst = s.alloc_zeros::<u8>(bytes).map_err(driver("allocating"))?;
