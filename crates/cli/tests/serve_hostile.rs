@@ -11,13 +11,8 @@ use std::time::Instant;
 use live::{Serve, state_dir};
 use serde_json::json;
 
-/// Spins forever.
-const LOOP: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
-  (func (export "tern_on_message") (param i32 i32) (result i32)
-    (loop $l (br $l))
-    (i32.const 0)))"#;
+/// Spins forever (the bench's hostile guest).
+const LOOP: &str = include_str!("../src/bench/guests/loop.wat");
 
 /// Grows its memory a MiB at a time until refused; returns how many MiB it got.
 const GROW: &str = r#"(module
@@ -49,17 +44,8 @@ const HOARD: &str = r#"(module
       (br_if $l (i32.ge_s (local.get $r) (i32.const 0))))
     (local.get $r)))"#;
 
-/// Emits 64 KiB at a time until refused; returns the code.
-const FLOOD: &str = r#"(module
-  (import "tern" "emit" (func $emit (param i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
-  (func (export "tern_on_message") (param i32 i32) (result i32)
-    (local $r i32)
-    (loop $l
-      (local.set $r (call $emit (i32.const 0) (i32.const 65536)))
-      (br_if $l (i32.ge_s (local.get $r) (i32.const 0))))
-    (local.get $r)))"#;
+/// Emits 64 KiB at a time until refused; returns the code (the bench's hostile guest).
+const FLOOD: &str = include_str!("../src/bench/guests/flood.wat");
 
 /// A greedy chat request; returns its reply and how long it took.
 fn victim(server: &Serve) -> (String, f64) {

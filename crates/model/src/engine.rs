@@ -30,6 +30,27 @@ pub trait SessionState: Any {
     fn truncate(&mut self, len: usize);
 }
 
+/// Implements [`SessionState`] for a backend's session type that has `len` and `n_ctx`
+/// fields and a `truncate(len)` method (every backend's does).
+macro_rules! session_state {
+    ($session:ty) => {
+        impl $crate::engine::SessionState for $session {
+            fn filled(&self) -> usize {
+                self.len
+            }
+
+            fn n_ctx(&self) -> usize {
+                self.n_ctx
+            }
+
+            fn truncate(&mut self, len: usize) {
+                <$session>::truncate(self, len);
+            }
+        }
+    };
+}
+pub(crate) use session_state;
+
 /// One session's part of a step.
 pub struct StepItem<'a> {
     pub state: &'a mut dyn SessionState,

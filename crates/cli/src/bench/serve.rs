@@ -427,24 +427,10 @@ fn http_cost(
 }
 
 /// Spins until stopped (deleted) or out of time.
-const LOOP_GUEST: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
-  (func (export "tern_on_message") (param i32 i32) (result i32)
-    (loop $l (br $l))
-    (i32.const 0)))"#;
+const LOOP_GUEST: &str = include_str!("guests/loop.wat");
 
 /// Emits 64 KiB at a time until refused (its output limit).
-const FLOOD_GUEST: &str = r#"(module
-  (import "tern" "emit" (func $emit (param i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
-  (func (export "tern_on_message") (param i32 i32) (result i32)
-    (local $r i32)
-    (loop $l
-      (local.set $r (call $emit (i32.const 0) (i32.const 65536)))
-      (br_if $l (i32.ge_s (local.get $r) (i32.const 0))))
-    (local.get $r)))"#;
+const FLOOD_GUEST: &str = include_str!("guests/flood.wat");
 
 /// The time of one greedy chat turn of `tokens` on Tern: on the idle server and beside
 /// actors of `guests`, each sent message after message; medians of five, alternated.

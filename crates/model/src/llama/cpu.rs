@@ -109,19 +109,7 @@ impl KvCache {
     }
 }
 
-impl SessionState for KvCache {
-    fn filled(&self) -> usize {
-        self.len
-    }
-
-    fn n_ctx(&self) -> usize {
-        self.n_ctx
-    }
-
-    fn truncate(&mut self, len: usize) {
-        KvCache::truncate(self, len);
-    }
-}
+crate::engine::session_state!(KvCache);
 
 /// The CPU engine: a single step goes through the step scheduler (so that concurrent
 /// callers share batched steps); several at once run as one batched step.

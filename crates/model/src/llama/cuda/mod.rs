@@ -504,19 +504,7 @@ fn driver<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> ModelError {
     move |e| ModelError::device("cuda", what, format!("{e:?}"))
 }
 
-impl SessionState for CudaSession {
-    fn filled(&self) -> usize {
-        self.len
-    }
-
-    fn n_ctx(&self) -> usize {
-        self.n_ctx
-    }
-
-    fn truncate(&mut self, len: usize) {
-        CudaSession::truncate(self, len);
-    }
-}
+crate::engine::session_state!(CudaSession);
 
 /// The CUDA engine runs a step's sessions one after another, each as [`CudaLlama::forward_top`]
 /// (whose kernels differ between prefill and decode: see the module docs). Batched steps

@@ -222,19 +222,7 @@ pub(super) fn wgpu_error(e: tern_compute::ComputeError) -> ModelError {
     }
 }
 
-impl SessionState for WgpuSession {
-    fn filled(&self) -> usize {
-        self.len
-    }
-
-    fn n_ctx(&self) -> usize {
-        self.n_ctx
-    }
-
-    fn truncate(&mut self, len: usize) {
-        WgpuSession::truncate(self, len);
-    }
-}
+crate::engine::session_state!(WgpuSession);
 
 /// The wgpu engine runs a step's sessions one after another, each as
 /// [`WgpuLlama::forward`]; the top logits are selected on the host.
