@@ -183,6 +183,21 @@ fn sixty_four_concurrent_conversations_each_get_the_replies_they_get_alone() {
         .map(|t| t.join().unwrap())
         .collect();
     let concurrent = started.elapsed();
+    // The model's step scheduler put several conversations' forward passes in one step.
+    let metrics = server.call("GET", "/metrics", &[], b"").json;
+    let counter = |name: &str| -> u64 {
+        let text = metrics.as_str().unwrap();
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (steps, chunks) = (
+        counter("tern_model_steps_total{"),
+        counter("tern_model_step_chunks_total{"),
+    );
+    assert!(
+        steps > 0 && chunks > steps,
+        "{steps} steps for {chunks} chunks"
+    );
     let started = std::time::Instant::now();
     for (i, replies) in together.iter().enumerate() {
         assert_eq!(replies.len(), 3);
@@ -193,8 +208,9 @@ fn sixty_four_concurrent_conversations_each_get_the_replies_they_get_alone() {
         );
     }
     eprintln!(
-        "{N} conversations: {:.1} s together, {:.1} s one by one",
+        "{N} conversations: {:.1} s together ({:.1} forward passes a step), {:.1} s one by one",
         concurrent.as_secs_f64(),
+        chunks as f64 / steps as f64,
         started.elapsed().as_secs_f64()
     );
     drop(server);

@@ -255,6 +255,31 @@ pub fn render(state: &AppState) -> String {
         help(&mut out, name, "gauge", what);
         let _ = writeln!(out, "{name} {value}");
     }
+    // Each model's step scheduler: how many forward passes' chunks share a step.
+    let stats: Vec<(String, u64, u64)> = (state.runtime.models().loaded().iter())
+        .map(|m| (m.name.clone(), m.step_stats().steps, m.step_stats().chunks))
+        .collect();
+    help(
+        &mut out,
+        "tern_model_steps_total",
+        "counter",
+        "Batched steps each model's scheduler ran.",
+    );
+    for (model, steps, _) in &stats {
+        let _ = writeln!(out, "tern_model_steps_total{{model=\"{model}\"}} {steps}");
+    }
+    help(
+        &mut out,
+        "tern_model_step_chunks_total",
+        "counter",
+        "Forward passes' chunks run in those steps (chunks per step: the batch size).",
+    );
+    for (model, _, chunks) in &stats {
+        let _ = writeln!(
+            out,
+            "tern_model_step_chunks_total{{model=\"{model}\"}} {chunks}"
+        );
+    }
     out
 }
 

@@ -175,10 +175,12 @@ impl Serve {
         let status = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
         let headers = String::from_utf8_lossy(&raw[..end]).into_owned();
         let body = &raw[end + 4..];
+        // A body that is not JSON (the metrics' text) comes as a JSON string.
         let json = if body.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(body).unwrap()
+            serde_json::from_slice(body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
         };
         Answer {
             status,
