@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod cluster;
 mod fetch;
 mod generate;
 mod host;
@@ -31,6 +32,8 @@ enum Command {
     Run(run::RunArgs),
     /// Serve actors over HTTP: upload modules, start actors, send them messages.
     Serve(serve::ServeArgs),
+    /// Run a cluster of `tern serve --cluster` nodes: status, drain a node, move an actor.
+    Cluster(cluster::ClusterArgs),
     /// Start an actor, deliver messages, and save its whole state to a file.
     Snapshot(snapshot::SnapshotArgs),
     /// Restore an actor from a snapshot, deliver more messages, optionally save it again.
@@ -75,6 +78,7 @@ fn main() -> std::process::ExitCode {
         Command::Chat(args) => chat::chat(args),
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::serve(args),
+        Command::Cluster(args) => cluster::cluster(args),
         Command::Generate(args) => generate::generate(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Restore(args) => snapshot::restore_command(args),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use tern_server::cluster::{Cluster, ClusterOptions};
 use tern_server::{ApiKey, Config, Durability, LocalStore, Server};
 
 use crate::host::{HostArgs, bundled_guests};
@@ -69,6 +70,19 @@ pub struct ServeArgs {
     /// The most requests that may wait for one actor (429 past it).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     max_queued: u64,
+    /// Join the Tern cluster on this NATS server (`nats://HOST:PORT`, JetStream on, 2.11 or
+    /// later): actors, their snapshots and uploads live in its JetStream and any node
+    /// answers for any actor. Without it the server runs alone on --state.
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// This node's name in the cluster, unique among its nodes (default: the host name and
+    /// the port).
+    #[arg(long, requires = "cluster")]
+    node: Option<String>,
+    /// How many copies JetStream keeps of the cluster's buckets (3 on a NATS cluster of
+    /// three; the buckets are made by the first node that joins).
+    #[arg(long, default_value_t = 1, requires = "cluster", value_parser = clap::value_parser!(u64).range(1..=5))]
+    replicas: u64,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -109,13 +123,36 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.prefix_cache = args.prefix_cache;
     config.max_resident = usize::try_from(args.max_resident).context("--max-resident")?;
     config.max_queued = usize::try_from(args.max_queued).context("--max-queued")?;
-    let state_dir = match &args.state {
-        Some(dir) => dir.clone(),
-        None => default_state_dir()?,
+    let state = match &args.cluster {
+        Some(url) => {
+            if args.state.is_some() {
+                bail!(
+                    "--state is for a server alone: a cluster's nodes keep state in NATS JetStream"
+                );
+            }
+            let node = match &args.node {
+                Some(node) => node.clone(),
+                None => default_node_name(args.listen),
+            };
+            let cluster = Cluster::join(&ClusterOptions {
+                url: url.clone(),
+                node: node.clone(),
+                replicas: args.replicas as usize,
+            })?;
+            config.cluster = Some(cluster);
+            format!("the cluster at {url}, as node `{node}`")
+        }
+        None => {
+            let state_dir = match &args.state {
+                Some(dir) => dir.clone(),
+                None => default_state_dir()?,
+            };
+            let store = LocalStore::open(&state_dir)
+                .with_context(|| format!("the state folder {}", state_dir.display()))?;
+            config.store = Some(Arc::new(store));
+            state_dir.display().to_string()
+        }
     };
-    let store = LocalStore::open(&state_dir)
-        .with_context(|| format!("the state folder {}", state_dir.display()))?;
-    config.store = Some(Arc::new(store));
     config.durability = match args.durability.as_str() {
         "passivate" => Durability::Passivate,
         "interval" => Durability::Interval(Duration::from_secs(args.save_interval_secs)),
@@ -128,7 +165,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let server = Server::bind(Arc::new(runtime), config)?;
     let addr = server.local_addr();
     eprintln!("device: {device}");
-    eprintln!("state: {}", state_dir.display());
+    eprintln!("state: {state}");
     if open && !addr.ip().is_loopback() {
         eprintln!(
             "warning: no API key (--api-key-file or {KEY_ENV}): anyone who reaches {addr} can run actors"
@@ -193,6 +230,34 @@ fn api_keys(args: &ServeArgs) -> anyhow::Result<Vec<ApiKey>> {
         only.client = "default".into();
     }
     Ok(keys)
+}
+
+/// The host's name and the port (the process id too when the port is chosen at bind),
+/// reduced to the characters a node name may hold.
+fn default_node_name(listen: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "tern".into());
+    let mut name: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    if name.is_empty() {
+        name = "tern".into();
+    }
+    match listen.port() {
+        0 => format!("{name}-{}", std::process::id()),
+        port => format!("{name}-{port}"),
+    }
 }
 
 /// `$XDG_DATA_HOME/tern/serve`, else `$HOME/.local/share/tern/serve`.

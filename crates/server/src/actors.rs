@@ -55,6 +55,10 @@ pub enum Job {
     },
     /// Save and passivate now, if no other job is waiting (to make room on the host).
     Passivate,
+    /// Answer once the actor is running (restored, if it was passivated).
+    Ping {
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
 }
 
 /// What an actor is doing.
@@ -135,6 +139,9 @@ struct Shared {
     /// Jobs handed in and not finished.
     queued: AtomicUsize,
     deleted: AtomicBool,
+    /// Another instance of the actor (on another node, or a later one here) took over:
+    /// jobs still queued are answered "moved".
+    retired: AtomicBool,
     /// Stops the running actor when it is deleted (set once its thread has it).
     stopper: Mutex<Option<Canceller>>,
     /// The server's count of actors with a thread.
@@ -361,6 +368,7 @@ impl Directory {
             }),
             queued: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             resident: self.resident.clone(),
             max_queued: self.max_queued,
             stopper: Mutex::new(None),
@@ -394,6 +402,15 @@ impl Directory {
         let mut all: Vec<_> = read(&self.actors).values().cloned().collect();
         all.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
         all
+    }
+
+    /// Forgets actor `id` here without touching its stored state, because another instance
+    /// of it runs elsewhere (or is about to, here): jobs still queued are answered "moved",
+    /// the running one finishes, then its thread ends.
+    pub fn evict(&self, id: &str) {
+        if let Some(handle) = write(&self.actors).remove(id) {
+            handle.shared.retired.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Removes actor `id`: jobs still queued are refused, the running one finishes, then
@@ -464,6 +481,8 @@ enum Next {
 
 impl Worker {
     fn run(self, boot: Boot, jobs: mpsc::Receiver<Job>) {
+        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        crate::store::set_writer(INSTANCES.fetch_add(1, Ordering::Relaxed));
         let Some(mut actor) = self.boot(boot, &jobs) else {
             return;
         };
@@ -505,6 +524,11 @@ impl Worker {
             }
             if self.shared.deleted.load(Ordering::Relaxed) {
                 refuse(job);
+            } else if self.shared.retired.load(Ordering::Relaxed) {
+                fail(
+                    job,
+                    &ApiError::moved("the actor moved; send the request again"),
+                );
             } else {
                 self.set_state(State::Busy);
                 self.handle(job, &mut actor, &slot, &mut dirty);
@@ -564,6 +588,22 @@ impl Worker {
                     Ok(actor) => {
                         self.finished(&actor);
                         Some(actor)
+                    }
+                    Err(e) if e.kind == crate::error::MOVED => {
+                        // Another node has it: this handle goes back to passivated (a later
+                        // job tries again), and the jobs that came meanwhile hear "moved".
+                        tracing::info!(id = %shared.id, error = %e.message, "not restored here");
+                        let mut life = lock(&shared.life);
+                        if matches!(*life, Life::Active(_)) {
+                            *life = Life::Passivated;
+                        }
+                        drop(life);
+                        lock(&shared.status).state = State::Passivated;
+                        while let Ok(job) = jobs.try_recv() {
+                            fail(job, &e);
+                            shared.queued.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        None
                     }
                     Err(e) => {
                         tracing::error!(id = %shared.id, error = %e.message, "restore failed");
@@ -652,6 +692,13 @@ impl Worker {
             return false;
         }
         *life = Life::Passivated;
+        // Still under the lock: a job posted from now on restores the actor, and so takes
+        // it back first if the store shares it.
+        if let Some(persist) = &shared.persist
+            && let Err(e) = persist.release(&shared.id)
+        {
+            tracing::warn!(id = %shared.id, error = %e.message, "cannot release the actor");
+        }
         let mut status = lock(&shared.status);
         status.state = State::Passivated;
         status.memory_bytes = 0;
@@ -695,6 +742,10 @@ impl Worker {
                 let result = actor.snapshot().map_err(ApiError::from);
                 self.finished(actor);
                 let _ = reply.send(result);
+            }
+            Job::Ping { reply } => {
+                self.finished(actor);
+                let _ = reply.send(Ok(()));
             }
             // Taken by the loop before it gets here.
             Job::Passivate => {}
@@ -781,6 +832,9 @@ fn fail(job: Job, e: &ApiError) {
             let _ = reply.send(Err(e.clone()));
         }
         Job::Snapshot { reply } => {
+            let _ = reply.send(Err(e.clone()));
+        }
+        Job::Ping { reply } => {
             let _ = reply.send(Err(e.clone()));
         }
         Job::Passivate => {}

@@ -75,7 +75,10 @@ fn module_key(digest: &str) -> String {
 }
 
 fn store_error(e: StoreError) -> ApiError {
-    ApiError::internal(format!("the state store failed: {e}"))
+    match e {
+        StoreError::Moved { .. } | StoreError::Fenced(_) => ApiError::moved(e.to_string()),
+        e => ApiError::internal(format!("the state store failed: {e}")),
+    }
 }
 
 impl Persistence {
@@ -132,11 +135,21 @@ impl Persistence {
         }
     }
 
+    /// Gives up the passivated actor `id` to other servers sharing the store.
+    pub fn release(&self, id: &str) -> Result<(), ApiError> {
+        self.store.release(id).map_err(store_error)
+    }
+
     /// Keeps an uploaded module's bytes under its digest.
     pub fn save_module(&self, digest: &str, wasm: &[u8]) -> Result<(), ApiError> {
         self.store
             .put(&module_key(digest), wasm)
             .map_err(store_error)
+    }
+
+    /// An uploaded module's bytes, if stored.
+    pub fn load_module(&self, digest: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        self.store.get(&module_key(digest)).map_err(store_error)
     }
 
     /// The stored uploads, as (digest, bytes).

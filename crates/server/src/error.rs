@@ -60,6 +60,15 @@ impl ApiError {
         )
     }
 
+    /// 503: the actor is owned by another node, or was taken over by one, as this node
+    /// came to run it; the cluster's router sends the request on to where it is now.
+    pub fn moved(message: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, MOVED, message)
+        }
+    }
+
     /// 500: the host failed, not the request.
     pub fn internal(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
@@ -76,6 +85,12 @@ impl ApiError {
         }})
     }
 }
+
+/// Marks an [`ApiError::moved`] answer, for the cluster's router.
+pub const MOVED_HEADER: &str = "x-tern-moved";
+
+/// The error type of [`ApiError::moved`].
+pub const MOVED: &str = "actor_moved";
 
 impl From<ActorError> for ApiError {
     fn from(e: ActorError) -> ApiError {
@@ -109,6 +124,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.kind == MOVED {
+            response
+                .headers_mut()
+                .insert(MOVED_HEADER, HeaderValue::from_static("1"));
         }
         if let Some(seconds) = self.retry_after {
             response

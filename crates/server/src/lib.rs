@@ -34,8 +34,9 @@
 
 pub mod actors;
 pub mod auth;
+pub mod cluster;
 pub mod durable;
-mod error;
+pub(crate) mod error;
 pub mod metrics;
 mod modules;
 pub mod openai;
@@ -92,6 +93,9 @@ pub struct Config {
     pub max_resident: usize,
     /// The most requests that may wait for one actor (429 past it).
     pub max_queued: usize,
+    /// The cluster this server is a node of ([`cluster`]); its directory and object
+    /// stores then replace `store`.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl Config {
@@ -111,6 +115,7 @@ impl Config {
             prefix_cache: 4,
             max_resident: 256,
             max_queued: 64,
+            cluster: None,
         }
     }
 }
@@ -135,6 +140,10 @@ impl std::fmt::Debug for Config {
             .field("prefix_cache", &self.prefix_cache)
             .field("max_resident", &self.max_resident)
             .field("max_queued", &self.max_queued)
+            .field(
+                "cluster",
+                &self.cluster.as_ref().map(|c| c.node().to_string()),
+            )
             .finish()
     }
 }
@@ -188,6 +197,7 @@ impl Server {
         listener.set_nonblocking(true).map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
         let state = Arc::new(routes::AppState::new(runtime, config)?);
+        let _ = state.addr.set(addr);
         Ok(Server {
             listener,
             addr,
@@ -212,7 +222,26 @@ impl Server {
             tokio::net::TcpListener::from_std(self.listener).map_err(ServerError::Serve)?;
         tracing::info!(addr = %self.addr, "serving");
         let state = self.state.clone();
-        let served = axum::serve(listener, routes::router(self.state))
+        let router = routes::router(self.state);
+        let mut cluster_tasks = Vec::new();
+        if let Some(cluster) = state.cluster.clone() {
+            cluster_tasks.push(tokio::spawn(cluster::forward::serve(
+                cluster.client().clone(),
+                cluster.node().to_string(),
+                router.clone(),
+            )));
+            cluster_tasks.push(tokio::spawn(cluster::admin::serve(state.clone())));
+            let beating = state.clone();
+            cluster_tasks.push(tokio::spawn(async move {
+                let mut every = tokio::time::interval(cluster::HEARTBEAT);
+                loop {
+                    every.tick().await;
+                    beating.beat().await;
+                }
+            }));
+            tracing::info!(node = %cluster.node(), nats = %cluster.url(), "joined the cluster");
+        }
+        let served = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(ServerError::Serve);
@@ -226,6 +255,12 @@ impl Server {
             left = state.resident_durable(),
             "saved and passivated at shutdown"
         );
+        for task in cluster_tasks {
+            task.abort();
+        }
+        if let Some(cluster) = &state.cluster {
+            cluster.leave();
+        }
         served
     }
 

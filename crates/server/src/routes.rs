@@ -18,6 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::actors::{ActorHandle, Birth, Directory, Job, State as ActorState};
 use crate::auth::Client;
+use crate::cluster::Cluster;
+use crate::cluster::store::ClusterStore;
 use crate::durable::Persistence;
 use crate::metrics::Metrics;
 use crate::modules::Modules;
@@ -34,13 +36,21 @@ pub struct AppState {
     persist: Option<Arc<Persistence>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) openai: OpenAi,
+    /// The cluster this server is a node of.
+    pub(crate) cluster: Option<Arc<Cluster>>,
+    /// The address it serves HTTP on, once bound.
+    pub(crate) addr: std::sync::OnceLock<std::net::SocketAddr>,
+    started_ms: u64,
 }
 
 impl AppState {
     /// The shared state; with a store, the stored uploads are compiled and the stored
     /// actors listed, passivated (each is restored by its first job).
-    pub fn new(runtime: Arc<Runtime>, config: Config) -> Result<AppState, ServerError> {
+    pub fn new(runtime: Arc<Runtime>, mut config: Config) -> Result<AppState, ServerError> {
         let metrics = Arc::new(Metrics::default());
+        if let Some(cluster) = &config.cluster {
+            config.store = Some(Arc::new(ClusterStore(cluster.clone())));
+        }
         let persist = config.store.clone().map(|store| {
             Arc::new(Persistence {
                 store,
@@ -50,6 +60,7 @@ impl AppState {
             })
         });
         let max_queued = config.max_queued;
+        let config_cluster = config.cluster.clone();
         let state = AppState {
             runtime,
             modules: Modules::new(config.bundled.clone()),
@@ -58,6 +69,9 @@ impl AppState {
             actors: Directory::new(persist.clone(), max_queued),
             persist,
             metrics,
+            cluster: config_cluster,
+            addr: std::sync::OnceLock::new(),
+            started_ms: crate::actors::now_ms(),
         };
         if let Some(persist) = &state.persist {
             state.recover(persist)?;
@@ -76,6 +90,10 @@ impl AppState {
             if let Err(e) = self.modules.add_stored(&self.runtime, &wasm) {
                 tracing::error!(%digest, error = %e.message, "skipping a stored module");
             }
+        }
+        if self.cluster.is_some() {
+            // Actors are found in the cluster's directory as requests name them.
+            return Ok(());
         }
         let actors = persist.actors()?;
         for (id, record) in &actors {
@@ -124,6 +142,90 @@ impl AppState {
             .ok()
             .filter(|a| client.owns(a.owner.as_deref()))
             .ok_or_else(|| ApiError::not_found(format!("no actor `{id}`")))
+    }
+
+    /// The module named `name` (a bundled guest or a digest); in a cluster, an upload made
+    /// on another node is fetched from the cluster's store and compiled here.
+    pub(crate) async fn module_named(&self, name: &str) -> Result<(String, Arc<ActorModule>)> {
+        let missing = match self.modules.find(&self.runtime, name).await {
+            Ok(found) => return Ok(found),
+            Err(e) => e,
+        };
+        let (Some(persist), Some(_)) = (self.persist.clone(), &self.cluster) else {
+            return Err(missing);
+        };
+        let digest = name.strip_prefix("sha256:").unwrap_or(name);
+        if !digest.bytes().all(|b| b.is_ascii_hexdigit()) || digest.len() != 64 {
+            return Err(missing);
+        }
+        let (runtime, key) = (self.runtime.clone(), digest.to_string());
+        let stored = tokio::task::spawn_blocking(move || persist.load_module(&key))
+            .await
+            .map_err(|e| ApiError::internal(format!("fetching the module failed: {e}")))??;
+        let Some(wasm) = stored else {
+            return Err(missing);
+        };
+        self.modules.upload(&runtime, wasm).await?;
+        self.modules.find(&self.runtime, name).await
+    }
+
+    /// The device kind actors run on here (`cpu`, `cuda`, ...).
+    pub(crate) fn device_kind(&self) -> String {
+        format!("{:?}", self.runtime.device().kind()).to_lowercase()
+    }
+
+    /// This node's heartbeat, put now.
+    pub(crate) async fn beat(&self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let info = crate::cluster::NodeInfo {
+            name: cluster.node().to_string(),
+            http: self.addr.get().map(|a| a.to_string()).unwrap_or_default(),
+            device: self.device_kind(),
+            resident: self.actors.resident(),
+            kv_bytes: self.runtime.kv_ledger().reserved(),
+            draining: cluster.draining(),
+            started_ms: self.started_ms,
+        };
+        if let Err(e) = cluster.beat(&info).await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+    }
+
+    /// A local handle for actor `id`, which this node may run: in a cluster, made from the
+    /// directory when it is not here yet; refused (moved) while another live node owns it.
+    pub(crate) async fn activate(&self, id: &str) -> Result<Arc<ActorHandle>> {
+        if let Ok(handle) = self.actors.get(id) {
+            return Ok(handle);
+        }
+        let Some(cluster) = &self.cluster else {
+            return Err(ApiError::not_found(format!("no actor `{id}`")));
+        };
+        let found = cluster
+            .entry(id)
+            .await
+            .map_err(crate::cluster::route::cluster_error)?
+            .ok_or_else(|| ApiError::not_found(format!("no actor `{id}`")))?;
+        if let Some(owner) = &found.entry.node
+            && owner != cluster.node()
+            && cluster
+                .alive(owner)
+                .await
+                .map_err(crate::cluster::route::cluster_error)?
+        {
+            return Err(ApiError::moved(format!(
+                "actor `{id}` is on node `{owner}`"
+            )));
+        }
+        let (_, module) = self.module_named(&found.entry.record.module).await?;
+        self.actors.recover(
+            self.runtime.clone(),
+            module,
+            &found.entry.record,
+            id.to_string(),
+        );
+        self.actors.get(id)
     }
 
     /// Starts an actor (fresh, or from the snapshot in `birth`) once there is room.
@@ -251,6 +353,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(openapi))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            crate::cluster::route::route,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             crate::metrics::track,
         ))
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -338,9 +444,9 @@ async fn start_actor(
         let manifest = tern_snapshot::parse(&body)
             .map_err(|e| ApiError::bad_request(format!("the snapshot is unreadable: {e}")))?
             .manifest;
-        let (name, module) = match s.modules.find(&s.runtime, &manifest.module.digest).await {
+        let (name, module) = match s.module_named(&manifest.module.digest).await {
             Ok(found) => found,
-            Err(_) => s.modules.find(&s.runtime, &manifest.module.name).await?,
+            Err(_) => s.module_named(&manifest.module.name).await?,
         };
         let birth = Birth {
             snapshot: Some(body.to_vec()),
@@ -354,7 +460,7 @@ async fn start_actor(
                 "expected {{\"module\": NAME}} or a snapshot file: {e}"
             ))
         })?;
-        let (name, module) = s.modules.find(&s.runtime, &request.module).await?;
+        let (name, module) = s.module_named(&request.module).await?;
         let birth = Birth {
             owner: client.name(),
             ..Birth::fresh(name)
@@ -380,7 +486,41 @@ async fn fork_actor(
 async fn list_actors(
     State(s): State<Arc<AppState>>,
     Extension(client): Extension<Client>,
-) -> Json<Value> {
+) -> Result<Json<Value>> {
+    if let Some(cluster) = &s.cluster {
+        let entries = cluster
+            .entries()
+            .await
+            .map_err(crate::cluster::route::cluster_error)?;
+        let mut actors: Vec<Value> = entries
+            .into_iter()
+            .filter(|(_, found)| client.owns(found.entry.record.owner.as_deref()))
+            .map(|(id, found)| {
+                let record = &found.entry.record;
+                let state = match (&record.failed, &found.entry.node) {
+                    (Some(_), _) => "failed",
+                    (None, Some(_)) => "active",
+                    (None, None) => "passivated",
+                };
+                json!({
+                    "id": id,
+                    "module": record.module,
+                    "session": record.session,
+                    "durable": true,
+                    "state": state,
+                    "fault": record.failed,
+                    "node": found.entry.node,
+                    "epoch": found.entry.epoch,
+                    "created_ms": record.created_ms,
+                })
+            })
+            .collect();
+        actors.sort_by(|a, b| {
+            (a["created_ms"].as_u64(), a["id"].as_str())
+                .cmp(&(b["created_ms"].as_u64(), b["id"].as_str()))
+        });
+        return Ok(Json(json!({ "actors": actors })));
+    }
     let actors: Vec<Value> = s
         .actors
         .list()
@@ -388,7 +528,7 @@ async fn list_actors(
         .filter(|a| client.owns(a.owner.as_deref()))
         .map(|a| describe(a))
         .collect();
-    Json(json!({ "actors": actors }))
+    Ok(Json(json!({ "actors": actors })))
 }
 
 async fn get_actor(

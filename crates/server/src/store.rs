@@ -19,6 +19,14 @@ pub enum StoreError {
     Key(String),
     #[error("the state folder {0} is in use by another process (another tern serve?)")]
     InUse(PathBuf),
+    #[error("the cluster: {0}")]
+    Remote(String),
+    #[error("no actor `{0}` in the cluster")]
+    Missing(String),
+    #[error("actor `{id}` is owned by node `{node}`")]
+    Moved { id: String, node: String },
+    #[error("actor `{0}` was taken over by another node; this node's state of it is stale")]
+    Fenced(String),
     #[error("{what} {path}: {error}")]
     Io {
         what: &'static str,
@@ -28,7 +36,8 @@ pub enum StoreError {
 }
 
 /// Blobs by key, written crash-safely. Narrow on purpose: a local folder implements it
-/// today, an object store (NATS JetStream) later.
+/// today, the cluster's directory and object stores
+/// ([`crate::cluster`]) too.
 pub trait SnapshotStore: Send + Sync {
     /// Stores `bytes` under `key`, replacing what was there, crash-safely.
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError>;
@@ -38,6 +47,28 @@ pub trait SnapshotStore: Send + Sync {
     fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Every key, sorted.
     fn list(&self) -> Result<Vec<String>, StoreError>;
+    /// Gives up actor `id` once it is saved and passivated, so that another server sharing
+    /// the store may take it; a store of one server has nothing to do.
+    fn release(&self, id: &str) -> Result<(), StoreError> {
+        let _ = id;
+        Ok(())
+    }
+}
+
+thread_local! {
+    static WRITER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Names the actor instance whose thread this is (0: none), for stores that fence each
+/// instance's writes ([`crate::cluster`]): an instance that lost its actor to another
+/// keeps being refused even after its node takes the actor back in a new instance.
+pub fn set_writer(instance: u64) {
+    WRITER.with(|w| w.set(instance));
+}
+
+/// The instance [`set_writer`] named on this thread.
+pub fn writer() -> u64 {
+    WRITER.with(|w| w.get())
 }
 
 /// Refuses a key that is empty, absolute, or has an empty, hidden or odd segment.

@@ -1,0 +1,230 @@
+//! Running a cluster: drain a node, move an actor, see where everything lives.
+//!
+//! Each node answers requests on [`admin_subject`] (JSON in, JSON out): `drain` (stop taking
+//! actors, then save, passivate and release every resident one, so each wakes on another
+//! node at its next message), `release` (the same for one actor) and `activate` (claim and
+//! restore one actor here now). `tern cluster` calls these through [`drain`],
+//! [`move_actor`] and [`status`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use super::{Buckets, ClusterError, NodeInfo, connect};
+use crate::ApiError;
+use crate::actors::Job;
+use crate::routes::AppState;
+
+/// The most a drain or a release waits for busy actors to finish.
+const HANDOVER: Duration = Duration::from_secs(120);
+
+/// The subject a node takes administrative requests on.
+pub fn admin_subject(node: &str) -> String {
+    format!("tern.node.{node}.admin")
+}
+
+/// One administrative request.
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Admin {
+    Drain,
+    Release { actor: String },
+    Activate { actor: String },
+}
+
+/// Answers administrative requests for `state`'s node until the subscription ends.
+pub async fn serve(state: Arc<AppState>) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let client = cluster.client().clone();
+    let mut requests = match client.subscribe(admin_subject(cluster.node())).await {
+        Ok(requests) => requests,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot take administrative requests");
+            return;
+        }
+    };
+    while let Some(message) = requests.next().await {
+        let (state, client) = (state.clone(), client.clone());
+        tokio::spawn(async move {
+            let Some(reply) = message.reply else {
+                return;
+            };
+            let answer = match serde_json::from_slice::<Admin>(&message.payload) {
+                Ok(request) => {
+                    tracing::info!(?request, "administrative request");
+                    state.admin(request).await
+                }
+                Err(e) => Err(ApiError::bad_request(format!("unknown request: {e}"))),
+            };
+            let body = match answer {
+                Ok(value) => value,
+                Err(e) => json!({"error": e.message}),
+            };
+            let _ = client.publish(reply, body.to_string().into()).await;
+        });
+    }
+}
+
+impl AppState {
+    async fn admin(&self, request: Admin) -> Result<Value, ApiError> {
+        let started = Instant::now();
+        match request {
+            Admin::Drain => {
+                let cluster = self.cluster.clone().expect("admin runs in a cluster");
+                cluster.set_draining(true);
+                self.beat().await;
+                let moved = self.resident_durable();
+                let deadline = Instant::now() + HANDOVER;
+                while self.resident_durable() > 0 && Instant::now() < deadline {
+                    self.passivate_all();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(json!({
+                    "moved": moved - self.resident_durable().min(moved),
+                    "left": self.resident_durable(),
+                    "ms": started.elapsed().as_millis() as u64,
+                }))
+            }
+            Admin::Release { actor } => {
+                let cluster = self.cluster.clone().expect("admin runs in a cluster");
+                let deadline = Instant::now() + HANDOVER;
+                while cluster.holds(&actor) {
+                    if Instant::now() >= deadline {
+                        return Err(ApiError::busy(format!("actor `{actor}` stays busy"), 1));
+                    }
+                    if let Ok(handle) = self.actors.get(&actor)
+                        && handle.queued() == 0
+                    {
+                        let _ = handle.post(Job::Passivate);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                self.actors.evict(&actor);
+                Ok(json!({"released": actor, "ms": started.elapsed().as_millis() as u64}))
+            }
+            Admin::Activate { actor } => {
+                let handle = self.activate(&actor).await?;
+                let (reply, done) = oneshot::channel();
+                self.post(&handle, Job::Ping { reply })?;
+                done.await
+                    .map_err(|_| ApiError::internal("the actor's thread stopped"))??;
+                Ok(json!({"activated": actor, "ms": started.elapsed().as_millis() as u64}))
+            }
+        }
+    }
+}
+
+/// A client of the cluster's buckets and nodes, for `tern cluster`.
+pub struct ClusterClient {
+    rt: tokio::runtime::Runtime,
+    client: async_nats::Client,
+    buckets: Buckets,
+}
+
+/// What `tern cluster status` shows.
+#[derive(Serialize, Debug)]
+pub struct Status {
+    pub nodes: Vec<NodeInfo>,
+    /// (actor, owning node or `None` while passivated, epoch)
+    pub actors: Vec<(String, Option<String>, u64)>,
+}
+
+impl ClusterClient {
+    /// Connects to the cluster at `url`.
+    pub fn connect(url: &str) -> Result<ClusterClient, ClusterError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ClusterError::Runtime)?;
+        let (client, buckets) = rt.block_on(async {
+            let client = connect(url, "tern-cluster").await?;
+            let buckets = Buckets::open(&client, 1).await?;
+            Ok::<_, ClusterError>((client, buckets))
+        })?;
+        Ok(ClusterClient {
+            rt,
+            client,
+            buckets,
+        })
+    }
+
+    /// The live nodes and every actor's place.
+    pub fn status(&self) -> Result<Status, ClusterError> {
+        self.rt.block_on(async {
+            let nodes = super::live_nodes(&self.buckets.nodes)
+                .await
+                .map_err(super::js_error)?;
+            let mut actors: Vec<_> = super::all_entries(&self.buckets.actors)
+                .await
+                .map_err(super::js_error)?
+                .into_iter()
+                .map(|(id, found)| (id, found.entry.node, found.entry.epoch))
+                .collect();
+            actors.sort();
+            Ok(Status { nodes, actors })
+        })
+    }
+
+    /// Sends `request` to `node` and returns its answer.
+    pub fn request(&self, node: &str, request: &Admin) -> Result<Value, ClusterError> {
+        let body = serde_json::to_vec(request).map_err(super::js_error)?;
+        self.rt.block_on(async {
+            let answer = tokio::time::timeout(
+                HANDOVER + Duration::from_secs(10),
+                self.client.request(admin_subject(node), body.into()),
+            )
+            .await
+            .map_err(|_| ClusterError::JetStream(format!("node `{node}` did not answer")))?
+            .map_err(|e| ClusterError::JetStream(format!("node `{node}`: {e}")))?;
+            let value: Value = serde_json::from_slice(&answer.payload).map_err(super::js_error)?;
+            if let Some(error) = value.get("error").and_then(Value::as_str) {
+                return Err(ClusterError::JetStream(format!("node `{node}`: {error}")));
+            }
+            Ok(value)
+        })
+    }
+
+    /// Moves every actor off `node`.
+    pub fn drain(&self, node: &str) -> Result<Value, ClusterError> {
+        self.request(node, &Admin::Drain)
+    }
+
+    /// Moves `actor` to `node`: its owner (if any) saves and releases it, then `node`
+    /// claims and restores it. Returns the answers and the whole time taken.
+    pub fn move_actor(&self, actor: &str, node: &str) -> Result<(Duration, Value), ClusterError> {
+        let started = Instant::now();
+        let owner = self.rt.block_on(async {
+            super::read_entry(&self.buckets.actors, actor)
+                .await
+                .map_err(super::js_error)
+        })?;
+        let Some(found) = owner else {
+            return Err(ClusterError::JetStream(format!("no actor `{actor}`")));
+        };
+        let released = match found.entry.node {
+            Some(owner) if owner != node => Some(self.request(
+                &owner,
+                &Admin::Release {
+                    actor: actor.to_string(),
+                },
+            )?),
+            _ => None,
+        };
+        let activated = self.request(
+            node,
+            &Admin::Activate {
+                actor: actor.to_string(),
+            },
+        )?;
+        Ok((
+            started.elapsed(),
+            json!({"released": released, "activated": activated}),
+        ))
+    }
+}

@@ -1,0 +1,296 @@
+//! The cluster as the server's [`SnapshotStore`]: the durable layer's keys mapped onto the
+//! directory and the object stores.
+//!
+//! - `actors/{id}.json` (the record): creating it makes the directory entry (a create, so
+//!   an existing actor is never overwritten) owned by this node; later writes are fenced
+//!   updates.
+//! - `actors/{id}.tern` (the snapshot): a write puts the immutable object `{id}/{sha256}`,
+//!   moves the entry to it by a fenced update, then deletes the previous object. A read
+//!   (a restore) claims the actor first when this node does not own it, then reads the
+//!   entry's object and checks its SHA-256 against its name.
+//! - `modules/{digest}.wasm`: an object per uploaded module.
+//!
+//! Deleting the record claims the actor if needed, deletes its entry on the token's
+//! revision and then its snapshot; deleting the snapshot key alone does nothing (the
+//! object goes with the entry).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use super::{ActorEntry, Cluster, remote};
+use crate::durable::ActorRecord;
+use crate::store::{SnapshotStore, StoreError, check_key, writer};
+
+/// The cluster's directory and object stores behind the durable layer's keys.
+pub struct ClusterStore(pub Arc<Cluster>);
+
+enum Key<'a> {
+    Record(&'a str),
+    Snapshot(&'a str),
+    Module(&'a str),
+}
+
+fn parse(key: &str) -> Result<Key<'_>, StoreError> {
+    check_key(key)?;
+    let actor = key.strip_prefix("actors/");
+    if let Some(id) = actor.and_then(|k| k.strip_suffix(".json")) {
+        return Ok(Key::Record(id));
+    }
+    if let Some(id) = actor.and_then(|k| k.strip_suffix(".tern")) {
+        return Ok(Key::Snapshot(id));
+    }
+    if let Some(digest) = key
+        .strip_prefix("modules/")
+        .and_then(|k| k.strip_suffix(".wasm"))
+    {
+        return Ok(Key::Module(digest));
+    }
+    Err(StoreError::Key(key.to_string()))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The whole object `name`, or `None` if there is none.
+async fn read_object(
+    store: &async_nats::jetstream::object_store::ObjectStore,
+    name: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    use async_nats::jetstream::object_store::GetErrorKind;
+    let mut object = match store.get(name).await {
+        Ok(object) => object,
+        Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(remote(e)),
+    };
+    let mut bytes = Vec::with_capacity(object.info().size);
+    object.read_to_end(&mut bytes).await.map_err(remote)?;
+    Ok(Some(bytes))
+}
+
+impl ClusterStore {
+    fn put_record(&self, id: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let record: ActorRecord = serde_json::from_slice(bytes).map_err(remote)?;
+        let cluster = self.0.clone();
+        let id = id.to_string();
+        let writer = writer();
+        if cluster.holds(&id) {
+            return self.0.block(async move {
+                cluster
+                    .update_owned(&id, writer, |e| e.record = record)
+                    .await?;
+                Ok(())
+            });
+        }
+        self.0.block(async move {
+            let entry = ActorEntry {
+                record,
+                node: Some(cluster.node.clone()),
+                epoch: 1,
+                snapshot: None,
+            };
+            let revision = cluster
+                .actors
+                .create(&id, super::encode(&entry)?)
+                .await
+                .map_err(remote)?;
+            let token = super::Token { revision, writer };
+            super::lock(&cluster.tokens).insert(id, token);
+            Ok(())
+        })
+    }
+
+    fn put_snapshot(&self, id: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        if !self.0.holds(id) {
+            return Err(StoreError::Fenced(id.to_string()));
+        }
+        let name = format!("{id}/{}", sha256_hex(bytes));
+        let bytes = Bytes::copy_from_slice(bytes);
+        let cluster = self.0.clone();
+        let id = id.to_string();
+        let writer = writer();
+        self.0.block(async move {
+            cluster
+                .snapshots
+                .put(name.as_str(), &mut bytes.as_ref())
+                .await
+                .map_err(remote)?;
+            let (before, _) = cluster
+                .update_owned(&id, writer, |e| e.snapshot = Some(name.clone()))
+                .await?;
+            if let Some(old) = before.snapshot.filter(|old| *old != name)
+                && let Err(e) = cluster.snapshots.delete(&old).await
+            {
+                tracing::warn!(%id, error = %e, "cannot delete a replaced snapshot");
+            }
+            Ok(())
+        })
+    }
+
+    fn get_snapshot(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let cluster = self.0.clone();
+        let id = id.to_string();
+        let writer = writer();
+        self.0.block(async move {
+            let entry = match cluster.claim_if_needed(&id, writer).await {
+                Ok(entry) => entry,
+                Err(StoreError::Missing(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let Some(name) = entry.snapshot else {
+                return Ok(None);
+            };
+            let Some(bytes) = read_object(&cluster.snapshots, &name).await? else {
+                return Err(StoreError::Remote(format!(
+                    "actor `{id}`'s snapshot object {name} is missing"
+                )));
+            };
+            if !name.ends_with(&sha256_hex(&bytes)) {
+                return Err(StoreError::Remote(format!(
+                    "actor `{id}`'s snapshot object {name} does not match its SHA-256"
+                )));
+            }
+            Ok(Some(bytes))
+        })
+    }
+
+    fn delete_actor(&self, id: &str) -> Result<(), StoreError> {
+        let cluster = self.0.clone();
+        let id = id.to_string();
+        let writer = writer();
+        self.0.block(async move {
+            let entry = match cluster.claim_if_needed(&id, writer).await {
+                Ok(entry) => entry,
+                Err(StoreError::Missing(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let revision = super::lock(&cluster.tokens)
+                .get(&id)
+                .filter(|t| t.writer == writer)
+                .map(|t| t.revision)
+                .ok_or_else(|| StoreError::Fenced(id.clone()))?;
+            cluster
+                .actors
+                .delete_expect_revision(&id, Some(revision))
+                .await
+                .map_err(|e| {
+                    cluster.drop_token(&id);
+                    remote(e)
+                })?;
+            cluster.drop_token(&id);
+            if let Some(name) = entry.snapshot
+                && let Err(e) = cluster.snapshots.delete(&name).await
+            {
+                tracing::warn!(%id, error = %e, "cannot delete a deleted actor's snapshot");
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Cluster {
+    /// The entry of actor `id`, claimed first unless `writer` holds it already.
+    async fn claim_if_needed(
+        self: &Arc<Self>,
+        id: &str,
+        writer: u64,
+    ) -> Result<ActorEntry, StoreError> {
+        let held = super::lock(&self.tokens)
+            .get(id)
+            .is_some_and(|t| t.writer == writer);
+        if held && let Some(found) = self.entry(id).await? {
+            return Ok(found.entry);
+        }
+        self.claim(id, writer).await
+    }
+}
+
+impl SnapshotStore for ClusterStore {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        match parse(key)? {
+            Key::Record(id) => self.put_record(id, bytes),
+            Key::Snapshot(id) => self.put_snapshot(id, bytes),
+            Key::Module(digest) => {
+                let modules = self.0.modules.clone();
+                let (name, bytes) = (digest.to_string(), Bytes::copy_from_slice(bytes));
+                self.0.block(async move {
+                    modules
+                        .put(name.as_str(), &mut bytes.as_ref())
+                        .await
+                        .map_err(remote)?;
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match parse(key)? {
+            Key::Record(id) => {
+                let cluster = self.0.clone();
+                let id = id.to_string();
+                self.0.block(async move {
+                    match cluster.entry(&id).await? {
+                        Some(found) => serde_json::to_vec(&found.entry.record)
+                            .map(Some)
+                            .map_err(remote),
+                        None => Ok(None),
+                    }
+                })
+            }
+            Key::Snapshot(id) => self.get_snapshot(id),
+            Key::Module(digest) => {
+                let modules = self.0.modules.clone();
+                let name = digest.to_string();
+                self.0
+                    .block(async move { read_object(&modules, &name).await })
+            }
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match parse(key)? {
+            Key::Record(id) => self.delete_actor(id),
+            Key::Snapshot(_) => Ok(()),
+            Key::Module(digest) => {
+                let modules = self.0.modules.clone();
+                let name = digest.to_string();
+                self.0.block(async move {
+                    modules.delete(&name).await.map_err(remote)?;
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    fn release(&self, id: &str) -> Result<(), StoreError> {
+        self.0.release(id, writer())
+    }
+
+    /// The uploaded modules and every actor's record.
+    fn list(&self) -> Result<Vec<String>, StoreError> {
+        use futures_util::StreamExt;
+        let cluster = self.0.clone();
+        self.0.block(async move {
+            let mut keys = Vec::new();
+            let mut modules = cluster.modules.list().await.map_err(remote)?;
+            while let Some(info) = modules.next().await {
+                let info = info.map_err(remote)?;
+                if !info.deleted {
+                    keys.push(format!("modules/{}.wasm", info.name));
+                }
+            }
+            for (id, _) in cluster.entries().await? {
+                keys.push(format!("actors/{id}.json"));
+            }
+            keys.sort();
+            Ok(keys)
+        })
+    }
+}
