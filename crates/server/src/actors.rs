@@ -24,6 +24,7 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::ApiError;
 use crate::durable::{ActorRecord, Durability, Persistence};
+use crate::error::STORE_UNAVAILABLE;
 
 /// The stack of an actor's thread: guest calls and the host functions they make run on it.
 const ACTOR_STACK_BYTES: usize = 8 << 20;
@@ -531,7 +532,11 @@ impl Worker {
                 );
             } else {
                 self.set_state(State::Busy);
-                self.handle(job, &mut actor, &slot, &mut dirty);
+                if !self.handle(job, &mut actor, &slot, &mut dirty) {
+                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                    self.go_passive(&jobs);
+                    break;
+                }
             }
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
         }
@@ -589,20 +594,11 @@ impl Worker {
                         self.finished(&actor);
                         Some(actor)
                     }
-                    Err(e) if e.kind == crate::error::MOVED => {
-                        // Another node has it: this handle goes back to passivated (a later
-                        // job tries again), and the jobs that came meanwhile hear "moved".
-                        tracing::info!(id = %shared.id, error = %e.message, "not restored here");
-                        let mut life = lock(&shared.life);
-                        if matches!(*life, Life::Active(_)) {
-                            *life = Life::Passivated;
-                        }
-                        drop(life);
-                        lock(&shared.status).state = State::Passivated;
-                        while let Ok(job) = jobs.try_recv() {
-                            fail(job, &e);
-                            shared.queued.fetch_sub(1, Ordering::Relaxed);
-                        }
+                    Err(e) if e.kind == crate::error::MOVED || e.kind == STORE_UNAVAILABLE => {
+                        // Another node has it, or the store is out of reach for now: the
+                        // handle goes back to passivated, so a later job tries again.
+                        tracing::info!(id = %shared.id, error = %e.message, "not restored now");
+                        self.go_passive(jobs);
                         None
                     }
                     Err(e) => {
@@ -658,6 +654,30 @@ impl Worker {
         }
     }
 
+    /// Drops the actor's state in memory, which is ahead of its last durable snapshot (a
+    /// save failed) or was never brought back: the handle goes back to passivated, so its
+    /// next job restores the last durable state, and the jobs already queued here are
+    /// answered "moved" (the cluster's router sends them again; a client may too).
+    fn go_passive(&self, jobs: &mpsc::Receiver<Job>) {
+        let shared = &self.shared;
+        {
+            let mut life = lock(&shared.life);
+            if matches!(*life, Life::Active(_)) {
+                *life = Life::Passivated;
+            }
+        }
+        {
+            let mut status = lock(&shared.status);
+            status.state = State::Passivated;
+            status.memory_bytes = 0;
+        }
+        let again = ApiError::moved("the actor went back to its last durable state; send again");
+        while let Ok(job) = jobs.try_recv() {
+            fail(job, &again);
+            shared.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Saves the actor's state to the store; says whether it did (a failure is logged).
     fn save(&self, actor: &mut Actor, dirty: &mut bool) -> bool {
         let Some(persist) = &self.shared.persist else {
@@ -705,13 +725,15 @@ impl Worker {
         true
     }
 
+    /// Runs one job; says whether the actor's state in memory stays (not when a message's
+    /// state had to be saved before its answer and could not be).
     fn handle(
         &self,
         job: Job,
         actor: &mut Actor,
         slot: &Mutex<Option<OutputStream>>,
         dirty: &mut bool,
-    ) {
+    ) -> bool {
         match job {
             Job::Message {
                 body,
@@ -726,17 +748,33 @@ impl Worker {
                 }
                 // Dropping the stream's sender ends the stream before the reply comes.
                 *lock(slot) = None;
-                let result = result.map(|reply| Delivered {
-                    durable: self.after_message(actor, dirty),
-                    output_json: (!streamed).then(|| {
-                        Value::String(String::from_utf8_lossy(&reply.output).into_owned())
-                            .to_string()
+                let mut keep = true;
+                let result = result.and_then(|reply| match self.after_message(actor, dirty) {
+                    Ok(durable) => Ok(Delivered {
+                        durable,
+                        output_json: (!streamed).then(|| {
+                            Value::String(String::from_utf8_lossy(&reply.output).into_owned())
+                                .to_string()
+                        }),
+                        reply,
                     }),
-                    reply,
+                    Err(e) => {
+                        keep = false;
+                        tracing::error!(id = %self.shared.id, error = %e.message, "save failed");
+                        Err(ApiError {
+                            message: format!(
+                                "the message ran but its state could not be saved ({}); the \
+                                 actor is back at its last durable state",
+                                e.message
+                            ),
+                            ..e
+                        })
+                    }
                 });
                 // The status is current before the client hears the answer.
                 self.finished(actor);
                 let _ = reply.send(result);
+                return keep;
             }
             Job::Snapshot { reply } => {
                 let result = actor.snapshot().map_err(ApiError::from);
@@ -750,6 +788,7 @@ impl Worker {
             // Taken by the loop before it gets here.
             Job::Passivate => {}
         }
+        true
     }
 
     /// Records in the store that the actor failed, so that a restart keeps it failed rather
@@ -765,19 +804,26 @@ impl Worker {
         }
     }
 
-    /// Saves after a message when durability is per message, or per interval and the
-    /// interval is up; says whether it was saved.
-    fn after_message(&self, actor: &mut Actor, dirty: &mut bool) -> bool {
+    /// Saves after a message when durability is per message (a failure is the message's
+    /// error), or per interval and the interval is up (a failure is logged, and the save
+    /// retried when the actor waits); says whether it was saved.
+    fn after_message(&self, actor: &mut Actor, dirty: &mut bool) -> Result<bool, ApiError> {
         let Some(persist) = &self.shared.persist else {
-            return false;
+            return Ok(false);
         };
         *dirty = true;
-        let due = match persist.durability {
-            Durability::Message => true,
-            Durability::Interval(every) => self.saved_at.get().elapsed() >= every,
-            Durability::Passivate => false,
-        };
-        due && self.save(actor, dirty)
+        match persist.durability {
+            Durability::Message => {
+                persist.save(&self.shared.id, actor)?;
+                *dirty = false;
+                self.saved_at.set(Instant::now());
+                Ok(true)
+            }
+            Durability::Interval(every) => {
+                Ok(self.saved_at.get().elapsed() >= every && self.save(actor, dirty))
+            }
+            Durability::Passivate => Ok(false),
+        }
     }
 
     fn set_state(&self, state: State) {

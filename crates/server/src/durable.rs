@@ -77,6 +77,14 @@ fn module_key(digest: &str) -> String {
 fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::Moved { .. } | StoreError::Fenced(_) => ApiError::moved(e.to_string()),
+        e @ StoreError::Remote(_) => ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                crate::error::STORE_UNAVAILABLE,
+                format!("the state store is out of reach: {e}"),
+            )
+        },
         e => ApiError::internal(format!("the state store failed: {e}")),
     }
 }

@@ -89,6 +89,9 @@ impl ApiError {
 /// Marks an [`ApiError::moved`] answer, for the cluster's router.
 pub const MOVED_HEADER: &str = "x-tern-moved";
 
+/// The error type of a store that is out of reach for now (503).
+pub const STORE_UNAVAILABLE: &str = "store_unavailable";
+
 /// The error type of [`ApiError::moved`].
 pub const MOVED: &str = "actor_moved";
 

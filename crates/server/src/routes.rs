@@ -124,6 +124,16 @@ impl AppState {
             .count()
     }
 
+    /// Asks every resident durable actor with nothing queued to save and passivate (a busy
+    /// one is asked again later, so that asks never fill its queue).
+    pub(crate) fn passivate_idle(&self) {
+        for actor in self.actors.list() {
+            if actor.durable && actor.is_resident() && actor.queued() == 0 {
+                let _ = actor.post(Job::Passivate);
+            }
+        }
+    }
+
     /// Resident durable actors that have not failed: what a shutdown still has to save.
     pub(crate) fn resident_durable(&self) -> usize {
         self.actors

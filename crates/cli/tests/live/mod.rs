@@ -92,6 +92,25 @@ impl Serve {
         }
     }
 
+    /// `tern serve` on the CPU as node `node` of the cluster on the NATS server at `url`,
+    /// on a free loopback port, with `args` added.
+    pub fn node(url: &str, node: &str, args: &[&str]) -> Serve {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tern"));
+        command
+            .args(["serve", "--device", "cpu", "--listen", "127.0.0.1:0"])
+            .args(["--cluster", url, "--node", node])
+            .args(args)
+            .env_remove("TERN_API_KEY");
+        let log = std::env::temp_dir().join(format!("tern-node-{node}-{}.log", std::process::id()));
+        let log = std::fs::File::create(log).unwrap();
+        let (child, addr) = spawn(command.stderr(log));
+        Serve {
+            addr,
+            child,
+            key: None,
+        }
+    }
+
     /// SIGKILL now, from any thread (the process is reaped when this is dropped).
     pub fn kill_now(&self) {
         let status = Command::new("kill")
@@ -135,13 +154,22 @@ impl Serve {
             "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .ok()?;
         stream.write_all(head.as_bytes()).ok()?;
         stream.write_all(body).ok()?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).ok()?;
         let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
         let status = std::str::from_utf8(raw.get(9..12)?).ok()?.parse().ok()?;
-        Some((status, serde_json::from_slice(&raw[end + 4..]).ok()?))
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let body = if head.contains("transfer-encoding: chunked") {
+            dechunk(&raw[end + 4..])
+        } else {
+            raw[end + 4..].to_vec()
+        };
+        Some((status, serde_json::from_slice(&body).ok()?))
     }
 
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
@@ -174,7 +202,15 @@ impl Serve {
         let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
         let status = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
         let headers = String::from_utf8_lossy(&raw[..end]).into_owned();
-        let body = &raw[end + 4..];
+        let body = if headers
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(&raw[end + 4..])
+        } else {
+            raw[end + 4..].to_vec()
+        };
+        let body = &body[..];
         // A body that is not JSON (the metrics' text) comes as a JSON string.
         let json = if body.is_empty() {
             Value::Null
@@ -202,6 +238,24 @@ impl Serve {
         assert_eq!(status, 201, "{actor}");
         actor["id"].as_str().unwrap().to_string()
     }
+}
+
+/// The body of a chunked HTTP/1.1 reply, put together.
+pub fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&raw[..line_end])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next().unwrap().trim(), 16).ok())
+            .unwrap_or(0);
+        raw = &raw[line_end + 2..];
+        if size == 0 || raw.len() < size {
+            break;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = raw.get(size + 2..).unwrap_or(&[]);
+    }
+    out
 }
 
 impl Drop for Serve {

@@ -82,7 +82,7 @@ impl AppState {
                 let moved = self.resident_durable();
                 let deadline = Instant::now() + HANDOVER;
                 while self.resident_durable() > 0 && Instant::now() < deadline {
-                    self.passivate_all();
+                    self.passivate_idle();
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Ok(json!({

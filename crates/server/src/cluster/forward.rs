@@ -44,6 +44,7 @@ const METHOD: &str = "Tern-Method";
 const URI: &str = "Tern-Uri";
 const SEQ: &str = "Tern-Seq";
 const CANCEL: &str = "Tern-Cancel";
+const LENGTH: &str = "Tern-Length";
 /// Prefix of the HTTP headers carried as NATS headers.
 const HTTP: &str = "H-";
 
@@ -185,6 +186,10 @@ pub async fn forward(
         .unwrap_or(StatusCode::BAD_GATEWAY);
     let cancel = nats_header(&head, CANCEL).map(String::from);
     let mut builder = Response::builder().status(status);
+    // A whole reply keeps its length, so that it is not sent in chunks.
+    if let Some(length) = nats_header(&head, LENGTH).and_then(|l| l.parse::<u64>().ok()) {
+        builder = builder.header(header::CONTENT_LENGTH, length);
+    }
     let mut events = false;
     for (name, value) in http_headers(&head) {
         if name == header::CONTENT_TYPE {
@@ -330,6 +335,11 @@ async fn answer(client: async_nats::Client, router: Router, message: async_nats:
     let mut head = head_message("head");
     head.insert(STATUS, response.status().as_u16().to_string());
     head.insert(CANCEL, cancel_subject);
+    if let Some(length) = response.headers().get(header::CONTENT_LENGTH)
+        && let Ok(length) = length.to_str()
+    {
+        head.insert(LENGTH, length);
+    }
     carry_headers(response.headers(), &mut head);
     if send(head, Bytes::new()).await.is_err() {
         return;

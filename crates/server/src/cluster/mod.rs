@@ -336,14 +336,20 @@ impl Cluster {
         let (client, buckets) = rt.block_on(async {
             let client = connect(&options.url, &options.node).await?;
             let buckets = Buckets::open(&client, options.replicas.max(1)).await?;
-            if buckets
+            // A node restarted under its name waits for its previous life's heartbeat to
+            // lapse; one that keeps beating is another live node of that name.
+            let deadline = tokio::time::Instant::now() + NODE_TTL * 2 + HEARTBEAT;
+            while buckets
                 .nodes
                 .get(&options.node)
                 .await
                 .map_err(js_error)?
                 .is_some()
             {
-                return Err(ClusterError::NodeTaken(options.node.clone()));
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ClusterError::NodeTaken(options.node.clone()));
+                }
+                tokio::time::sleep(HEARTBEAT / 4).await;
             }
             Ok((client, buckets))
         })?;

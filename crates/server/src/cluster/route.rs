@@ -24,8 +24,8 @@ use crate::store::StoreError;
 
 /// The most a request spends being placed again after finding its actor moved.
 const PLACE_FOR: Duration = Duration::from_secs(10);
-/// The most times a request is forwarded.
-const MAX_HOPS: u32 = 2;
+/// The most times a request is forwarded (a draining owner hands it on once more).
+const MAX_HOPS: u32 = 3;
 
 /// Where one request runs.
 enum Place {
@@ -82,7 +82,7 @@ pub async fn route(State(s): State<Arc<AppState>>, request: Request, next: Next)
     let started = Instant::now();
     let mut last_moved = None;
     while started.elapsed() < PLACE_FOR {
-        let place = match place(&s, &cluster, &id, hops).await {
+        let place = match place(&s, &cluster, &id).await {
             Ok(place) => place,
             Err(e) => return e.into_response(),
         };
@@ -155,12 +155,7 @@ fn forward_error(id: &str, node: &str, e: ForwardError) -> ApiError {
 }
 
 /// Decides where the request for actor `id` runs, making a local handle for it when here.
-async fn place(
-    s: &AppState,
-    cluster: &Arc<super::Cluster>,
-    id: &str,
-    hops: u32,
-) -> Result<Place, ApiError> {
+async fn place(s: &AppState, cluster: &Arc<super::Cluster>, id: &str) -> Result<Place, ApiError> {
     let local = s.actors.get(id).ok();
     if let Some(handle) = &local
         && (!handle.durable || cluster.holds(id))
@@ -179,7 +174,6 @@ async fn place(
         return Ok(Place::On(owner.clone()));
     }
     if cluster.draining()
-        && hops == 0
         && let Some(other) = cluster.least_loaded_other(&s.device_kind()).await
     {
         s.actors.evict(id);
