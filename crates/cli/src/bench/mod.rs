@@ -2,6 +2,7 @@
 //! measured in the same run.
 
 mod batch;
+mod cluster;
 mod decode;
 #[cfg(feature = "cuda")]
 mod decode_cuda;
@@ -35,6 +36,9 @@ pub enum BenchCommand {
     /// Many sequences on one model at once (batched steps), beside llama.cpp's
     /// llama-batched-bench on the same file.
     Batch(batch::BatchBenchArgs),
+    /// A two-node cluster on NATS: object-store throughput, routed-message overhead,
+    /// migration against re-prefill, failover after SIGKILL.
+    Cluster(cluster::ClusterBenchArgs),
 }
 
 pub fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -44,6 +48,7 @@ pub fn bench(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Snapshot(args) => snapshot::snapshot(args),
         BenchCommand::Serve(args) => serve::serve(args),
         BenchCommand::Batch(args) => batch::batch(args),
+        BenchCommand::Cluster(args) => cluster::cluster(args),
     }
 }
 

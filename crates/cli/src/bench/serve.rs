@@ -598,12 +598,12 @@ fn chat(
 
 /// Splits server-sent events' `data:` fields out of a byte stream.
 #[derive(Default)]
-struct SseReader {
+pub(super) struct SseReader {
     pending: String,
 }
 
 impl SseReader {
-    fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+    pub(super) fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         self.pending.push_str(&String::from_utf8_lossy(bytes));
         let mut out = Vec::new();
         while let Some(end) = self.pending.find("\n\n") {
@@ -618,7 +618,12 @@ impl SseReader {
     }
 }
 
-fn request(addr: &str, path: &str, headers: &[&str], body: &str) -> anyhow::Result<TcpStream> {
+pub(super) fn request(
+    addr: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> anyhow::Result<TcpStream> {
     request_with(addr, "POST", path, headers, body)
 }
 
@@ -648,7 +653,12 @@ fn request_with(
 }
 
 /// A whole, non-streamed answer: status and body.
-fn post(addr: &str, path: &str, headers: &[&str], body: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+pub(super) fn post(
+    addr: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> anyhow::Result<(u16, Vec<u8>)> {
     call(addr, "POST", path, headers, body)
 }
 
@@ -686,7 +696,7 @@ fn get_status(addr: &str, path: &str) -> Option<u16> {
 }
 
 /// The status; fails unless the body is chunked (as streams are).
-fn read_head(reader: &mut impl BufRead) -> anyhow::Result<u16> {
+pub(super) fn read_head(reader: &mut impl BufRead) -> anyhow::Result<u16> {
     let (status, chunked) = read_head_chunked(reader)?;
     if status == 200 && !chunked {
         bail!("expected a chunked stream");
@@ -719,7 +729,7 @@ fn read_head_chunked(reader: &mut impl BufRead) -> anyhow::Result<(u16, bool)> {
 }
 
 /// The next chunk of a chunked body; `None` at its end.
-fn read_chunk(reader: &mut impl BufRead) -> anyhow::Result<Option<Vec<u8>>> {
+pub(super) fn read_chunk(reader: &mut impl BufRead) -> anyhow::Result<Option<Vec<u8>>> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Ok(None);

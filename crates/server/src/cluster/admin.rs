@@ -190,6 +190,67 @@ impl ClusterClient {
         })
     }
 
+    /// Whether node `name` is in the nodes bucket (its heartbeat has not lapsed).
+    pub fn node_listed(&self, name: &str) -> Result<bool, ClusterError> {
+        self.rt.block_on(async {
+            Ok(matches!(
+                self.buckets.nodes.entry(name).await.map_err(super::js_error)?,
+                Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put
+            ))
+        })
+    }
+
+    /// The size of actor `actor`'s last durable snapshot, in bytes.
+    pub fn snapshot_bytes(&self, actor: &str) -> Result<Option<usize>, ClusterError> {
+        self.rt.block_on(async {
+            let found = super::read_entry(&self.buckets.actors, actor)
+                .await
+                .map_err(super::js_error)?;
+            let Some(name) = found.and_then(|f| f.entry.snapshot) else {
+                return Ok(None);
+            };
+            let info = self
+                .buckets
+                .snapshots
+                .info(&name)
+                .await
+                .map_err(super::js_error)?;
+            Ok(Some(info.size))
+        })
+    }
+
+    /// Puts `bytes` bytes into the snapshots' object store and reads them back (checking
+    /// their digest), then deletes them: the time of each.
+    pub fn store_round_trip(&self, bytes: usize) -> Result<(Duration, Duration), ClusterError> {
+        use tokio::io::AsyncReadExt;
+        let data: Vec<u8> = (0..bytes).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let name = format!("bench/{}", std::process::id());
+        self.rt.block_on(async {
+            let store = &self.buckets.snapshots;
+            let started = Instant::now();
+            store
+                .put(name.as_str(), &mut data.as_slice())
+                .await
+                .map_err(super::js_error)?;
+            let put = started.elapsed();
+            let started = Instant::now();
+            let mut object = store.get(&name).await.map_err(super::js_error)?;
+            let mut back = Vec::with_capacity(bytes);
+            object
+                .read_to_end(&mut back)
+                .await
+                .map_err(super::js_error)?;
+            let get = started.elapsed();
+            let _ = store.delete(&name).await;
+            if back != data {
+                return Err(ClusterError::JetStream(
+                    "the object store gave back other bytes".into(),
+                ));
+            }
+            Ok((put, get))
+        })
+    }
+
     /// Moves every actor off `node`.
     pub fn drain(&self, node: &str) -> Result<Value, ClusterError> {
         self.request(node, &Admin::Drain)

@@ -6,14 +6,17 @@
 //! direct call) and answers on the request's reply inbox with a sequence of messages:
 //! `head` (status and headers), numbered `body` chunks as the handler produces them (a
 //! streamed reply's events as they happen), then `end`; `ping` every [`PING_EVERY`] while
-//! nothing else is sent. NATS keeps one connection's messages in order, and the numbering
+//! nothing else is sent. A small reply of known length comes as one `whole` message. NATS keeps one connection's messages in order, and the numbering
 //! catches a gap. The requester takes a node that says nothing for [`LOST_AFTER`] as lost:
 //! a reply not yet begun becomes a 502 saying the message did not complete, a streamed one
 //! ends with an `error` event (or an aborted body). A requester whose client leaves tells
 //! the owner on the head's cancel subject, which drops the reply there and so cancels the
 //! message at the guest's next token.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,6 +29,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tower::ServiceExt;
+
+use crate::actors::lock;
 
 /// How many times a request has been forwarded (a node forwards at most twice).
 pub const HOP_HEADER: &str = "x-tern-hops";
@@ -128,9 +133,84 @@ fn http_headers(message: &async_nats::Message) -> Vec<(HeaderName, HeaderValue)>
     out
 }
 
+/// The replies to this node's forwarded requests: one wildcard subscription, each
+/// request's messages handed to its own channel by the last token of their subject.
+pub struct Replies {
+    prefix: String,
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>>,
+}
+
+/// One request's replies; dropping it stops their delivery.
+struct Waiting {
+    replies: Arc<Replies>,
+    id: u64,
+    rx: mpsc::UnboundedReceiver<async_nats::Message>,
+}
+
+impl Waiting {
+    async fn next(&mut self) -> Option<async_nats::Message> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        lock(&self.replies.waiting).remove(&self.id);
+    }
+}
+
+impl Replies {
+    /// Subscribes to the replies of `client`'s forwarded requests and hands them out on
+    /// the runtime `on`.
+    pub(crate) async fn start(
+        client: &async_nats::Client,
+        on: &tokio::runtime::Handle,
+    ) -> Result<Arc<Replies>, async_nats::SubscribeError> {
+        let prefix = client.new_inbox();
+        let mut subscription = client.subscribe(format!("{prefix}.*")).await?;
+        let replies = Arc::new(Replies {
+            prefix,
+            next: AtomicU64::new(0),
+            waiting: Mutex::default(),
+        });
+        let weak = Arc::downgrade(&replies);
+        on.spawn(async move {
+            while let Some(message) = subscription.next().await {
+                let Some(replies) = weak.upgrade() else {
+                    return;
+                };
+                let id = message
+                    .subject
+                    .rsplit('.')
+                    .next()
+                    .and_then(|id| id.parse::<u64>().ok());
+                if let Some(tx) = id.and_then(|id| lock(&replies.waiting).get(&id).cloned()) {
+                    let _ = tx.send(message);
+                }
+            }
+        });
+        Ok(replies)
+    }
+
+    /// A fresh reply subject and the channel its messages arrive on.
+    fn open(self: &Arc<Self>) -> (String, Waiting) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.waiting).insert(id, tx);
+        let waiting = Waiting {
+            replies: self.clone(),
+            id,
+            rx,
+        };
+        (format!("{}.{id}", self.prefix), waiting)
+    }
+}
+
 /// Sends the request (`parts`, `body`) to `node` and returns its reply, streamed.
 pub async fn forward(
     client: &async_nats::Client,
+    replies: &Arc<Replies>,
     node: &str,
     parts: &Parts,
     body: Bytes,
@@ -144,11 +224,7 @@ pub async fn forward(
         });
     }
     let nats = |e: &dyn std::fmt::Display| ForwardError::Nats(e.to_string());
-    let inbox = client.new_inbox();
-    let mut replies = client
-        .subscribe(inbox.clone())
-        .await
-        .map_err(|e| nats(&e))?;
+    let (inbox, mut replies) = replies.open();
     let mut headers = HeaderMap::new();
     headers.insert(METHOD, parts.method.as_str());
     headers.insert(URI, parts.uri.to_string());
@@ -172,6 +248,7 @@ pub async fn forward(
         }
         match kind(&message) {
             "head" => break message,
+            "whole" => return Ok(whole(&message)),
             "error" => {
                 return Err(ForwardError::Lost(
                     String::from_utf8_lossy(&message.payload).into_owned(),
@@ -239,6 +316,20 @@ pub async fn forward(
     builder
         .body(body)
         .map_err(|e| ForwardError::Nats(e.to_string()))
+}
+
+/// A reply that came whole in one message.
+fn whole(message: &async_nats::Message) -> Response<Body> {
+    let status = nats_header(message, STATUS)
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = Response::new(Body::from(message.payload.clone()));
+    *response.status_mut() = status;
+    for (name, value) in http_headers(message) {
+        response.headers_mut().append(name, value);
+    }
+    response
 }
 
 /// A forwarded reply's body; dropped before its end (the client left), it tells the
@@ -324,6 +415,27 @@ async fn answer(client: async_nats::Client, router: Router, message: async_nats:
         }
     };
     let Ok(response) = response;
+    // A small reply of known length goes back whole, in one message.
+    let length = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|l| l.to_str().ok())
+        .and_then(|l| l.parse::<usize>().ok());
+    if length.is_some_and(|l| l <= CHUNK) {
+        let mut head = head_message("whole");
+        head.insert(STATUS, response.status().as_u16().to_string());
+        carry_headers(response.headers(), &mut head);
+        let (_, body) = response.into_parts();
+        match axum::body::to_bytes(body, CHUNK).await {
+            Ok(bytes) => {
+                let _ = send(head, bytes).await;
+            }
+            Err(e) => {
+                let _ = send(head_message("error"), Bytes::from(e.to_string())).await;
+            }
+        }
+        return;
+    }
     let cancel_subject = client.new_inbox();
     let mut cancel = match client.subscribe(cancel_subject.clone()).await {
         Ok(cancel) => cancel,

@@ -62,6 +62,11 @@ pub const MODULES_BUCKET: &str = "tern_modules";
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// How long a node's entry outlives its last heartbeat: a node lost is known within this.
 pub const NODE_TTL: Duration = Duration::from_secs(2);
+/// How long a node seen alive is taken as alive without asking again (a node found gone
+/// by a forwarded request is known gone at once).
+const ALIVE_FOR: Duration = Duration::from_millis(250);
+/// How long an actor's owner, as read from the directory, is used for routing unread.
+const OWNER_FOR: Duration = Duration::from_millis(500);
 /// How often claims and updates retry a compare-and-set that lost a race.
 const CAS_TRIES: usize = 8;
 
@@ -143,6 +148,7 @@ pub struct Cluster {
     url: String,
     rt: Option<tokio::runtime::Runtime>,
     client: async_nats::Client,
+    replies: Arc<forward::Replies>,
     actors: kv::Store,
     nodes: kv::Store,
     snapshots: object_store::ObjectStore,
@@ -150,6 +156,11 @@ pub struct Cluster {
     tokens: Mutex<HashMap<String, Token>>,
     /// Nodes whose subject had no responders: gone, whatever their heartbeat says yet.
     gone: Mutex<HashMap<String, u64>>,
+    /// Nodes seen alive, and when: trusted for [`ALIVE_FOR`].
+    seen_alive: Mutex<HashMap<String, std::time::Instant>>,
+    /// Actors seen owned by another node, and when: trusted for [`OWNER_FOR`] (a request
+    /// sent to a node that no longer owns its actor is placed again there).
+    seen_owner: Mutex<HashMap<String, (String, std::time::Instant)>>,
     draining: AtomicBool,
 }
 
@@ -333,8 +344,12 @@ impl Cluster {
             .enable_all()
             .build()
             .map_err(ClusterError::Runtime)?;
-        let (client, buckets) = rt.block_on(async {
+        let handle = rt.handle().clone();
+        let (client, buckets, replies) = rt.block_on(async {
             let client = connect(&options.url, &options.node).await?;
+            let replies = forward::Replies::start(&client, &handle)
+                .await
+                .map_err(js_error)?;
             let buckets = Buckets::open(&client, options.replicas.max(1)).await?;
             // A node restarted under its name waits for its previous life's heartbeat to
             // lapse; one that keeps beating is another live node of that name.
@@ -351,19 +366,22 @@ impl Cluster {
                 }
                 tokio::time::sleep(HEARTBEAT / 4).await;
             }
-            Ok((client, buckets))
+            Ok((client, buckets, replies))
         })?;
         Ok(Arc::new(Cluster {
             node: options.node.clone(),
             url: options.url.clone(),
             rt: Some(rt),
             client,
+            replies,
             actors: buckets.actors,
             nodes: buckets.nodes,
             snapshots: buckets.snapshots,
             modules: buckets.modules,
             tokens: Mutex::default(),
             gone: Mutex::default(),
+            seen_alive: Mutex::default(),
+            seen_owner: Mutex::default(),
             draining: AtomicBool::new(false),
         }))
     }
@@ -380,6 +398,10 @@ impl Cluster {
 
     pub(crate) fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    pub(crate) fn replies(&self) -> &Arc<forward::Replies> {
+        &self.replies
     }
 
     fn handle(&self) -> &tokio::runtime::Handle {
@@ -436,6 +458,23 @@ impl Cluster {
     /// Whether node `name` is alive: in the nodes bucket, and not found gone since its
     /// last heartbeat.
     pub async fn alive(&self, name: &str) -> Result<bool, StoreError> {
+        if lock(&self.seen_alive)
+            .get(name)
+            .is_some_and(|at| at.elapsed() < ALIVE_FOR)
+        {
+            return Ok(true);
+        }
+        let alive = self.ask_alive(name).await?;
+        let mut seen = lock(&self.seen_alive);
+        if alive {
+            seen.insert(name.to_string(), std::time::Instant::now());
+        } else {
+            seen.remove(name);
+        }
+        Ok(alive)
+    }
+
+    async fn ask_alive(&self, name: &str) -> Result<bool, StoreError> {
         let beat = self.nodes.entry(name).await.map_err(remote)?;
         let Some(beat) = beat.filter(|e| e.operation == kv::Operation::Put) else {
             return Ok(false);
@@ -455,11 +494,46 @@ impl Cluster {
     /// Marks node `name` gone until it beats again: its request subject had no responders
     /// (its connection, and with it every subscription, is closed).
     pub async fn mark_gone(&self, name: &str) {
+        lock(&self.seen_alive).remove(name);
+        lock(&self.seen_owner).retain(|_, (owner, _)| owner != name);
         let revision = match self.nodes.entry(name).await {
             Ok(Some(e)) => e.revision,
             _ => 0,
         };
         lock(&self.gone).insert(name.to_string(), revision);
+    }
+
+    /// The live node other than this one that owned actor `id` when last read, if read
+    /// within [`OWNER_FOR`].
+    pub fn recent_owner(&self, id: &str) -> Option<String> {
+        let mut seen = lock(&self.seen_owner);
+        match seen.get(id) {
+            Some((owner, at)) if at.elapsed() < OWNER_FOR => Some(owner.clone()),
+            Some(_) => {
+                seen.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers that another live node owns actor `id`; `None`: forgets it.
+    pub fn saw_owner(&self, id: &str, owner: Option<&str>) {
+        let mut seen = lock(&self.seen_owner);
+        match owner {
+            Some(owner) => {
+                if seen.len() > 100_000 {
+                    seen.clear();
+                }
+                seen.insert(
+                    id.to_string(),
+                    (owner.to_string(), std::time::Instant::now()),
+                );
+            }
+            None => {
+                seen.remove(id);
+            }
+        }
     }
 
     /// Every live node.

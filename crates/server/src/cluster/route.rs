@@ -82,7 +82,7 @@ pub async fn route(State(s): State<Arc<AppState>>, request: Request, next: Next)
     let started = Instant::now();
     let mut last_moved = None;
     while started.elapsed() < PLACE_FOR {
-        let place = match place(&s, &cluster, &id).await {
+        let place = match place(&s, &cluster, &id, hops).await {
             Ok(place) => place,
             Err(e) => return e.into_response(),
         };
@@ -107,9 +107,16 @@ pub async fn route(State(s): State<Arc<AppState>>, request: Request, next: Next)
                 .into_response();
             }
             Place::On(node) => {
-                match forward::forward(cluster.client(), &node, &parts, body.clone(), hops + 1)
-                    .await
-                {
+                let replies = cluster.replies();
+                let forwarded = forward::forward(
+                    cluster.client(),
+                    replies,
+                    &node,
+                    &parts,
+                    body.clone(),
+                    hops + 1,
+                );
+                match forwarded.await {
                     Ok(response) => return response,
                     Err(ForwardError::NoResponders) => {
                         tracing::warn!(%node, "node gone (no responders)");
@@ -155,12 +162,25 @@ fn forward_error(id: &str, node: &str, e: ForwardError) -> ApiError {
 }
 
 /// Decides where the request for actor `id` runs, making a local handle for it when here.
-async fn place(s: &AppState, cluster: &Arc<super::Cluster>, id: &str) -> Result<Place, ApiError> {
+async fn place(
+    s: &AppState,
+    cluster: &Arc<super::Cluster>,
+    id: &str,
+    hops: u32,
+) -> Result<Place, ApiError> {
     let local = s.actors.get(id).ok();
     if let Some(handle) = &local
         && (!handle.durable || cluster.holds(id))
     {
         return Ok(Place::Here);
+    }
+    // A request forwarded here always reads the directory: a recent owner may be the node
+    // that sent it on.
+    if local.is_none()
+        && hops == 0
+        && let Some(owner) = cluster.recent_owner(id)
+    {
+        return Ok(Place::On(owner));
     }
     let Some(found) = cluster.entry(id).await.map_err(cluster_error)? else {
         s.actors.evict(id);
@@ -171,8 +191,10 @@ async fn place(s: &AppState, cluster: &Arc<super::Cluster>, id: &str) -> Result<
         && cluster.alive(owner).await.map_err(cluster_error)?
     {
         s.actors.evict(id);
+        cluster.saw_owner(id, Some(owner));
         return Ok(Place::On(owner.clone()));
     }
+    cluster.saw_owner(id, None);
     if cluster.draining()
         && let Some(other) = cluster.least_loaded_other(&s.device_kind()).await
     {

@@ -1,0 +1,382 @@
+//! `tern bench cluster`: a two-node cluster on a nats-server on loopback. Measures the
+//! object store's put and get throughput, moving an actor with a long conversation between
+//! nodes against re-prefilling that conversation, the time a message routed through the
+//! other node adds to the first token, and failover: a node killed with SIGKILL to the first
+//! reply from the other node, and how long its heartbeat takes to lapse.
+
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tern_compute::DeviceChoice;
+use tern_server::cluster::admin::ClusterClient;
+
+use super::median;
+use super::serve::{SseReader, post, read_chunk, read_head, request};
+
+/// Emits its message back; durable like any actor, so each message is saved once.
+const ECHO: &str = r#"(module
+  (import "tern" "emit" (func $emit (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param $ptr i32) (param $len i32) (result i32)
+    (drop (call $emit (local.get $ptr) (local.get $len)))
+    (i32.const 0)))"#;
+
+#[derive(clap::Args)]
+pub struct ClusterBenchArgs {
+    /// Tokens of conversation the moved and failed-over actor holds.
+    #[arg(long, default_value_t = 4096, value_parser = crate::parse_count)]
+    context: usize,
+    /// Rounds of the routed-message measurement (each alternates direct and routed).
+    #[arg(long, default_value_t = 30, value_parser = crate::parse_count)]
+    rounds: usize,
+    /// Moves of the long actor between the nodes.
+    #[arg(long, default_value_t = 3, value_parser = crate::parse_count)]
+    moves: usize,
+    #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
+    device: DeviceChoice,
+    /// The nats-server binary (default: $TERN_NATS_SERVER, else the one scripts/nats-server
+    /// installs).
+    #[arg(long)]
+    nats_server: Option<PathBuf>,
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nats_binary(args: &ClusterBenchArgs) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &args.nats_server {
+        return Ok(path.clone());
+    }
+    if let Some(path) = std::env::var_os("TERN_NATS_SERVER") {
+        return Ok(path.into());
+    }
+    // target/{profile}/tern in a checkout: the script is at the root.
+    let exe = std::env::current_exe()?;
+    let script = exe
+        .ancestors()
+        .nth(3)
+        .map(|root| root.join("scripts/nats-server"))
+        .filter(|s| s.exists())
+        .context("no nats-server: give --nats-server or set TERN_NATS_SERVER")?;
+    let out = Command::new(script).output()?;
+    if !out.status.success() {
+        bail!(
+            "installing nats-server failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+fn start_nats(binary: &Path, dir: &Path) -> anyhow::Result<(Proc, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{ store_dir: \"{}\" }}\n",
+            dir.join("js").display()
+        ),
+    )?;
+    let child = Command::new(binary)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("nats.log"))?)
+        .spawn()
+        .context("starting nats-server")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nats-server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((Proc(child), format!("nats://127.0.0.1:{port}")))
+}
+
+fn start_node(
+    url: &str,
+    name: &str,
+    device: &str,
+    model: &Path,
+    dir: &Path,
+) -> anyhow::Result<(Proc, String)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--listen", "127.0.0.1:0", "--device", device])
+        .args(["--cluster", url, "--node", name])
+        .arg("--model")
+        .arg(model)
+        .env_remove("TERN_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
+        .spawn()
+        .context("starting tern serve")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut BufReader::new(child.stdout.take().context("tern serve's output")?),
+        &mut line,
+    )?;
+    let Some(addr) = line.trim().strip_prefix("listening on http://") else {
+        let _ = child.kill();
+        bail!("tern serve did not start: {line:?}");
+    };
+    Ok((Proc(child), addr.to_string()))
+}
+
+/// Sends `message` to `actor` through `addr`; the reply's JSON.
+fn send(addr: &str, actor: &str, message: &str) -> anyhow::Result<Value> {
+    let (status, body) = post(addr, &format!("/v1/actors/{actor}/messages"), &[], message)?;
+    let reply: Value = serde_json::from_slice(&body).context("a reply")?;
+    if status != 200 {
+        bail!("{status}: {reply}");
+    }
+    Ok(reply)
+}
+
+/// Seconds from sending `message` to `actor` through `addr` to its first emitted output.
+fn first_output(addr: &str, actor: &str, message: &str) -> anyhow::Result<f64> {
+    let sent = Instant::now();
+    let mut stream = request(
+        addr,
+        &format!("/v1/actors/{actor}/messages"),
+        &["Accept: text/event-stream"],
+        message,
+    )?;
+    let mut reader = BufReader::new(&mut stream);
+    let status = read_head(&mut reader)?;
+    if status != 200 {
+        bail!("{status}");
+    }
+    let mut events = SseReader::default();
+    let mut first = None;
+    while let Some(chunk) = read_chunk(&mut reader)? {
+        if first.is_none() && !events.push(&chunk).is_empty() {
+            first = Some(sent.elapsed().as_secs_f64());
+        }
+    }
+    first.context("no output")
+}
+
+/// The chat guest's one-shot request over `messages`, generating one token; the prompt's
+/// token count.
+fn request_turn(addr: &str, actor: &str, messages: &Value) -> anyhow::Result<u64> {
+    let body = json!({"request": {"messages": messages, "max_tokens": 1, "temperature": 0}});
+    let reply = send(addr, actor, &body.to_string())?;
+    let output = reply["output"].as_str().unwrap_or("");
+    output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|l| l["prompt_tokens"].as_u64())
+        .context("no prompt token count in the reply")
+}
+
+pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
+    let model = crate::fetch::default_model()?;
+    let nats_bin = nats_binary(&args)?;
+    let dir = std::env::temp_dir().join(format!("tern-bench-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (_nats, url) = start_nats(&nats_bin, &dir)?;
+    let device = format!("{:?}", args.device).to_lowercase();
+    let (mut node_a, addr_a) = start_node(&url, "bench-a", &device, &model, &dir)?;
+    let (node_b, addr_b) = start_node(&url, "bench-b", &device, &model, &dir)?;
+    let admin = ClusterClient::connect(&url)?;
+    let version = Command::new(&nats_bin).arg("--version").output()?;
+    println!(
+        "cluster of 2 nodes on {} (loopback), device {device}, model {}",
+        String::from_utf8_lossy(&version.stdout).trim(),
+        model.display()
+    );
+
+    // The object store.
+    let size = 64 << 20;
+    let mut puts = Vec::new();
+    let mut gets = Vec::new();
+    for _ in 0..3 {
+        let (put, get) = admin.store_round_trip(size)?;
+        puts.push(size as f64 / put.as_secs_f64() / 1e6);
+        gets.push(size as f64 / get.as_secs_f64() / 1e6);
+    }
+    println!(
+        "object store, 64 MiB objects (median of 3): put {:.0} MB/s, get {:.0} MB/s",
+        median(&puts),
+        median(&gets)
+    );
+
+    // Routed messages: a trivial one, then the same short chat turn, each through the owner
+    // and through the other node.
+    let (status, body) = post(&addr_a, "/v1/modules", &[], ECHO)?;
+    let digest = serde_json::from_slice::<Value>(&body)?["digest"]
+        .as_str()
+        .map(String::from)
+        .with_context(|| format!("uploading the echo module: {status}"))?;
+    let echo = start_actor(&addr_a, &digest)?;
+    let (mut direct, mut routed) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds * 10 {
+        let timed = |addr: &str| -> anyhow::Result<f64> {
+            let started = Instant::now();
+            send(addr, &echo, "ping")?;
+            Ok(started.elapsed().as_secs_f64() * 1e3)
+        };
+        if round % 2 == 0 {
+            direct.push(timed(&addr_a)?);
+            routed.push(timed(&addr_b)?);
+        } else {
+            routed.push(timed(&addr_b)?);
+            direct.push(timed(&addr_a)?);
+        }
+    }
+    let (direct, routed) = (median(&direct), median(&routed));
+    println!(
+        "a trivial message, round trip (median of {}, alternated): direct {direct:.2} ms, \
+         routed through the other node {routed:.2} ms: +{:.2} ms",
+        args.rounds * 10,
+        routed - direct
+    );
+
+    let short = start_actor(&addr_a, "chat")?;
+    send(
+        &addr_a,
+        &short,
+        r#"{"config": {"max_tokens": 1, "context": 4096}}"#,
+    )?;
+    let (mut direct, mut routed) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let turn = format!("Say {round}.");
+        if round % 2 == 0 {
+            direct.push(first_output(&addr_a, &short, &turn)?);
+            routed.push(first_output(&addr_b, &short, &turn)?);
+        } else {
+            routed.push(first_output(&addr_b, &short, &turn)?);
+            direct.push(first_output(&addr_a, &short, &turn)?);
+        }
+    }
+    let (direct, routed) = (median(&direct) * 1e3, median(&routed) * 1e3);
+    println!(
+        "time to first token, short turn (median of {}, alternated): direct {direct:.2} ms, \
+         routed through the other node {routed:.2} ms: +{:.2} ms (target <= 2 ms)",
+        args.rounds,
+        routed - direct
+    );
+
+    // The long conversation: its prefill is the re-prefill baseline.
+    let long = start_actor(&addr_a, "chat")?;
+    let context = args.context + 512;
+    send(
+        &addr_a,
+        &long,
+        &json!({"config": {"max_tokens": 1, "context": context}}).to_string(),
+    )?;
+    // About 15.7 tokens a sentence with SmolLM2's tokenizer.
+    let sentences = args.context * 10 / 157;
+    let text: String = (0..sentences)
+        .map(|i| format!("Sentence {i}: the quick brown fox jumps over the lazy dog. "))
+        .collect();
+    let mut messages = json!([{"role": "user", "content": text}]);
+    let started = Instant::now();
+    let tokens = request_turn(&addr_a, &long, &messages)?;
+    let prefill = started.elapsed().as_secs_f64() * 1e3;
+    let snapshot = admin.snapshot_bytes(&long)?.unwrap_or(0);
+    println!(
+        "actor with {tokens} tokens of conversation: snapshot {:.1} MB; prefilling it took \
+         {prefill:.0} ms",
+        snapshot as f64 / 1e6
+    );
+    let mut moves = Vec::new();
+    for i in 0..args.moves {
+        let to = if i % 2 == 0 { "bench-b" } else { "bench-a" };
+        let (took, _) = admin.move_actor(&long, to)?;
+        moves.push(took.as_secs_f64() * 1e3);
+    }
+    let moved = median(&moves);
+    println!(
+        "migration between the nodes (save, release, claim, restore; median of {}): {moved:.0} \
+         ms = {:.1}x faster than re-prefilling (targets <= 100 ms, >= 5x)",
+        args.moves,
+        prefill / moved
+    );
+
+    // Failover: the owner killed, the next message through the other node.
+    let owner_is_a = args.moves.is_multiple_of(2);
+    let (survivor, victim_name) = if owner_is_a {
+        (&addr_b, "bench-a")
+    } else {
+        (&addr_a, "bench-b")
+    };
+    if owner_is_a {
+        let _ = node_a.0.kill();
+        let _ = node_a.0.wait();
+    } else {
+        drop(node_b);
+    }
+    let killed = Instant::now();
+    let watcher = {
+        let (url, victim) = (url.clone(), victim_name.to_string());
+        std::thread::spawn(move || -> anyhow::Result<f64> {
+            let admin = ClusterClient::connect(&url)?;
+            while admin.node_listed(&victim)? {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(killed.elapsed().as_secs_f64() * 1e3)
+        })
+    };
+    messages
+        .as_array_mut()
+        .context("messages")?
+        .push(json!({"role": "user", "content": "And now?"}));
+    request_turn(survivor, &long, &messages)?;
+    let failover = killed.elapsed().as_secs_f64() * 1e3;
+    // The same kind of turn again, on the actor now resident: the message's own share.
+    messages
+        .as_array_mut()
+        .context("messages")?
+        .push(json!({"role": "user", "content": "And then?"}));
+    let started = Instant::now();
+    request_turn(survivor, &long, &messages)?;
+    let turn = started.elapsed().as_secs_f64() * 1e3;
+    let lapse = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the heartbeat watcher panicked"))??;
+    println!(
+        "failover, {tokens} tokens: owner killed (SIGKILL) to the first reply from the other \
+         node {failover:.0} ms, of which the turn itself {turn:.0} ms (the node was known gone \
+         at once: its subject had no responders); its heartbeat lapsed after {lapse:.0} ms \
+         (targets: detection <= 3 s, failover <= 2 s after it)"
+    );
+    drop(node_a);
+    if std::env::var_os("TERN_BENCH_KEEP").is_some() {
+        eprintln!("logs in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn start_actor(addr: &str, module: &str) -> anyhow::Result<String> {
+    let (status, body) = post(
+        addr,
+        "/v1/actors",
+        &[],
+        &json!({"module": module}).to_string(),
+    )?;
+    let reply: Value = serde_json::from_slice(&body)?;
+    if status != 201 {
+        bail!("starting an actor: {status} {reply}");
+    }
+    Ok(reply["id"].as_str().context("an actor id")?.to_string())
+}
