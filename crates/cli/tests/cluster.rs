@@ -185,9 +185,39 @@ fn conversations_continue_through_any_node_byte_for_byte() {
         assert_eq!(entry(&directory(&nodes[1]), &moving)["node"], to);
     }
 
+    // An OpenAI-compatible session made through a continues through b and c in the same
+    // actor, with the replies of a session that stays on a.
+    let ask = |node: &Serve, session: &str, messages: &[Value]| -> (String, String) {
+        let body = serde_json::json!({"messages": messages, "max_tokens": 8, "temperature": 0});
+        let header = format!("X-Tern-Session: {session}");
+        let answer = node.call(
+            "POST",
+            "/v1/chat/completions",
+            &[&header],
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(answer.status, 200, "{}", answer.json);
+        let text = answer.json["choices"][0]["message"]["content"].as_str();
+        let actor = answer.header("x-tern-actor").unwrap().to_string();
+        (text.unwrap().to_string(), actor)
+    };
+    let (mut roaming, mut home) = (Vec::new(), Vec::new());
+    let mut roaming_actor = None;
+    for (i, question) in ["Hello!", "What is 2+2?", "Thanks."].iter().enumerate() {
+        let user = serde_json::json!({"role": "user", "content": question});
+        roaming.push(user.clone());
+        home.push(user);
+        let (roamed, actor) = ask(&nodes[i % 3], "roaming", &roaming);
+        let (stayed, _) = ask(&nodes[0], "home", &home);
+        assert_eq!(roamed, stayed, "turn {i}");
+        assert_eq!(roaming_actor.get_or_insert(actor.clone()), &actor);
+        roaming.push(serde_json::json!({"role": "assistant", "content": roamed}));
+        home.push(serde_json::json!({"role": "assistant", "content": stayed}));
+    }
+
     // Every node lists every actor; an unknown one is unknown everywhere.
     for node in &nodes {
-        assert_eq!(directory(node).len(), actors.len() + 2);
+        assert_eq!(directory(node).len(), actors.len() + 4);
         let (status, _) = node.request("POST", "/v1/actors/a0123/messages", b"x");
         assert_eq!(status, 404);
     }

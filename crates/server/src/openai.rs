@@ -91,6 +91,11 @@ impl OpenAi {
     pub fn recover_session(&self, owner: Option<&str>, session: &str, actor: String) {
         lock(&self.sessions).insert(scoped(owner, session), actor);
     }
+
+    /// The actor this server knows for the session named by `scoped`.
+    pub(crate) fn local_session(&self, scoped: &str) -> Option<String> {
+        lock(&self.sessions).get(scoped).cloned()
+    }
 }
 
 /// Actors kept after answering a stateless request, by the conversation they hold.
@@ -782,14 +787,51 @@ async fn session_actor(
     if let Some(actor) = known.and_then(|id| s.actors.get(&id).ok()) {
         return Ok(actor);
     }
+    // In a cluster the session may have been made on another node.
+    let mut replace = false;
+    if let Some(cluster) = &s.cluster
+        && let Some(id) = cluster
+            .session_actor(&key)
+            .await
+            .map_err(crate::cluster::route::cluster_error)?
+    {
+        match s.activate(&id).await {
+            Ok(actor) => {
+                lock(&s.openai.sessions).insert(key, id);
+                return Ok(actor);
+            }
+            Err(e) if e.status == StatusCode::NOT_FOUND => replace = true,
+            Err(e) => return Err(e),
+        }
+    }
     let birth = Birth {
         session: Some(session.to_string()),
         owner: owner.map(String::from),
         ..Birth::fresh(CHAT_GUEST)
     };
-    let actor = start_chat(s, birth).await?;
+    let mut actor = start_chat(s, birth).await?;
+    if let Some(cluster) = &s.cluster {
+        let bound = cluster
+            .bind_session(&key, &actor.id, replace)
+            .await
+            .map_err(crate::cluster::route::cluster_error)?;
+        if bound != actor.id {
+            // Another node made the session's actor meanwhile: that one serves it.
+            let _ = s.actors.remove(&actor.id);
+            actor = s.activate(&bound).await?;
+        }
+    }
     lock(&s.openai.sessions).insert(key, actor.id.clone());
     Ok(actor)
+}
+
+/// The scoped name of a request's session (its client's and the `X-Tern-Session`
+/// header's), if it names one.
+pub(crate) fn request_session(headers: &HeaderMap, client: Option<&str>) -> Option<String> {
+    session(headers)
+        .ok()
+        .flatten()
+        .map(|name| scoped(client, &name))
 }
 
 /// Checks a request and turns it into a [`Plan`]; any field this server does not support

@@ -52,6 +52,8 @@ use crate::store::StoreError;
 
 /// The directory: actor id → [`ActorEntry`].
 pub const ACTORS_BUCKET: &str = "tern_actors";
+/// OpenAI-compatible sessions: SHA-256 of (client, session) → the session's actor id.
+pub const SESSIONS_BUCKET: &str = "tern_sessions";
 /// Live nodes: node name → [`NodeInfo`], expiring after [`NODE_TTL`].
 pub const NODES_BUCKET: &str = "tern_nodes";
 /// Actor snapshots, `{actor}/{sha256}`.
@@ -150,6 +152,7 @@ pub struct Cluster {
     client: async_nats::Client,
     replies: Arc<forward::Replies>,
     actors: kv::Store,
+    sessions: kv::Store,
     nodes: kv::Store,
     snapshots: object_store::ObjectStore,
     modules: object_store::ObjectStore,
@@ -212,6 +215,7 @@ pub(crate) async fn connect(url: &str, name: &str) -> Result<async_nats::Client,
 /// The cluster's buckets, created on first use.
 pub(crate) struct Buckets {
     pub actors: kv::Store,
+    pub sessions: kv::Store,
     pub nodes: kv::Store,
     pub snapshots: object_store::ObjectStore,
     pub modules: object_store::ObjectStore,
@@ -231,6 +235,7 @@ impl Buckets {
             ..Default::default()
         };
         let actors = open_kv(&js, kv_bucket(ACTORS_BUCKET, 1, Duration::ZERO)).await?;
+        let sessions = open_kv(&js, kv_bucket(SESSIONS_BUCKET, 1, Duration::ZERO)).await?;
         let nodes = open_kv(&js, kv_bucket(NODES_BUCKET, 1, NODE_TTL)).await?;
         let objects = |bucket: &str| object_store::Config {
             bucket: bucket.to_string(),
@@ -241,6 +246,7 @@ impl Buckets {
         let modules = open_objects(&js, objects(MODULES_BUCKET)).await?;
         Ok(Buckets {
             actors,
+            sessions,
             nodes,
             snapshots,
             modules,
@@ -375,6 +381,7 @@ impl Cluster {
             client,
             replies,
             actors: buckets.actors,
+            sessions: buckets.sessions,
             nodes: buckets.nodes,
             snapshots: buckets.snapshots,
             modules: buckets.modules,
@@ -536,6 +543,43 @@ impl Cluster {
         }
     }
 
+    /// The actor of the session named by `scoped` (its client and name), if one was made.
+    pub async fn session_actor(&self, scoped: &str) -> Result<Option<String>, StoreError> {
+        let entry = self
+            .sessions
+            .entry(session_key(scoped))
+            .await
+            .map_err(remote)?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| String::from_utf8(e.value.to_vec()).ok()))
+    }
+
+    /// Records `actor` as the session's actor, unless one is recorded already (another node
+    /// made it first): then that one's id. `replace`: the recorded actor is gone, so
+    /// `actor` takes its place.
+    pub async fn bind_session(
+        &self,
+        scoped: &str,
+        actor: &str,
+        replace: bool,
+    ) -> Result<String, StoreError> {
+        let key = session_key(scoped);
+        let value = Bytes::from(actor.to_string());
+        if replace {
+            self.sessions.put(&key, value).await.map_err(remote)?;
+            return Ok(actor.to_string());
+        }
+        match self.sessions.create(&key, value).await {
+            Ok(_) => Ok(actor.to_string()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(self
+                .session_actor(scoped)
+                .await?
+                .unwrap_or_else(|| actor.to_string())),
+            Err(e) => Err(remote(e)),
+        }
+    }
+
     /// Every live node.
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
         live_nodes(&self.nodes).await
@@ -683,6 +727,15 @@ impl Cluster {
         let node = self.node.clone();
         let _ = self.block(async move { nodes.purge(&node).await.map_err(remote) });
     }
+}
+
+/// A session's key in [`SESSIONS_BUCKET`]: the SHA-256 of its scoped name, in hex.
+fn session_key(scoped: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(scoped.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn encode(entry: &ActorEntry) -> Result<Bytes, StoreError> {

@@ -1,6 +1,7 @@
 //! Where a request for one actor runs: here, or on the node that owns it.
 //!
-//! [`route`] wraps every `/v1/actors/{id}...` route. An actor this node owns (or an
+//! [`route`] wraps every `/v1/actors/{id}...` route, and the OpenAI-compatible routes of a
+//! request naming a session (its actor is looked up in the cluster's sessions bucket). An actor this node owns (or an
 //! ephemeral one of its own) runs here at once. Otherwise the directory decides: an actor
 //! owned by another live node is forwarded there ([`super::forward`]); one without a live
 //! owner is activated here (its restore claims it), unless this node is draining, which
@@ -54,10 +55,17 @@ pub(crate) fn cluster_error(e: StoreError) -> ApiError {
 
 /// The middleware: runs the request here or forwards it to the actor's owner.
 pub async fn route(State(s): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let (Some(cluster), Some(id)) = (s.cluster.clone(), actor_id(request.uri().path())) else {
+    let Some(cluster) = s.cluster.clone() else {
         return next.run(request).await;
     };
-    let id = id.to_string();
+    let (id, session) = match actor_id(request.uri().path()) {
+        Some(id) => (id.to_string(), false),
+        None => match session_actor(&s, &cluster, request_session(&request)).await {
+            Ok(Some(id)) => (id, true),
+            Ok(None) => return next.run(request).await,
+            Err(e) => return e.into_response(),
+        },
+    };
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, s.config.message_bytes).await {
         Ok(body) => body,
@@ -87,6 +95,11 @@ pub async fn route(State(s): State<Arc<AppState>>, request: Request, next: Next)
             Err(e) => return e.into_response(),
         };
         match place {
+            // A session whose actor is gone gets a new one here.
+            Place::Missing if session => {
+                let request = Request::from_parts(parts, Body::from(body));
+                return next.run(request).await;
+            }
             Place::Missing => {
                 return ApiError::not_found(format!("no actor `{id}`")).into_response();
             }
@@ -132,6 +145,37 @@ pub async fn route(State(s): State<Arc<AppState>>, request: Request, next: Next)
     last_moved.unwrap_or_else(|| {
         ApiError::moved(format!("actor `{id}` is moving; send the request again")).into_response()
     })
+}
+
+/// The scoped session name of an OpenAI-compatible request, if it names a session.
+fn request_session(request: &Request) -> Option<String> {
+    let path = request.uri().path();
+    if path != "/v1/chat/completions" && path != "/v1/completions" {
+        return None;
+    }
+    let client = request
+        .extensions()
+        .get::<crate::auth::Client>()
+        .and_then(|c| c.0.as_deref());
+    crate::openai::request_session(request.headers(), client)
+}
+
+/// The actor of session `scoped` when it has one in the cluster and this node does not
+/// run it already.
+async fn session_actor(
+    s: &AppState,
+    cluster: &super::Cluster,
+    scoped: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let Some(scoped) = scoped else {
+        return Ok(None);
+    };
+    if let Some(id) = s.openai.local_session(&scoped)
+        && cluster.holds(&id)
+    {
+        return Ok(None);
+    }
+    cluster.session_actor(&scoped).await.map_err(cluster_error)
 }
 
 fn forward_error(id: &str, node: &str, e: ForwardError) -> ApiError {
