@@ -260,8 +260,27 @@ fn a_killed_node_s_actors_continue_elsewhere_from_their_last_durable_state() {
         a.send(&chat, turn);
     }
 
+    // One more, marked eager: restored elsewhere as soon as `a` is found lost, unasked.
+    let body = serde_json::json!({"module": digest, "eager": true}).to_string();
+    let (status, eager) = a.request("POST", "/v1/actors", body.as_bytes());
+    assert_eq!(status, 201, "{eager}");
+    let eager = eager["id"].as_str().unwrap().to_string();
+    assert_eq!(a.send(&eager, "e ")["output"], "e ");
+
     a.kill();
     let killed = Instant::now();
+    loop {
+        let node = entry(&directory(&b), &eager)["node"].clone();
+        if node == "b" || node == "c" {
+            eprintln!("eager actor restored {:?} after the kill", killed.elapsed());
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "not restored: {node}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for (i, actor) in counters.iter().enumerate() {
         let via = if i % 2 == 0 { &b } else { &c };
         let reply = via.send(actor, &format!("{i}.3 "));

@@ -102,6 +102,8 @@ pub struct Birth {
     pub owner: Option<String>,
     /// Never saved, passivated or recovered: a fork made for one request, or a cache entry.
     pub ephemeral: bool,
+    /// Restored by another node at once when its node is lost (in a cluster).
+    pub eager: bool,
 }
 
 impl Birth {
@@ -121,6 +123,7 @@ impl Birth {
             session: None,
             owner: None,
             ephemeral: false,
+            eager: false,
         }
     }
 }
@@ -131,6 +134,7 @@ struct Shared {
     module_name: String,
     session: Option<String>,
     owner: Option<String>,
+    eager: bool,
     created_ms: u64,
     runtime: Arc<Runtime>,
     module: Arc<ActorModule>,
@@ -160,6 +164,7 @@ impl Shared {
             session: self.session.clone(),
             owner: self.owner.clone(),
             failed,
+            eager: self.eager,
         }
     }
 }
@@ -303,6 +308,7 @@ impl Directory {
         let shared_mut = Arc::get_mut(&mut shared).expect("not shared yet");
         shared_mut.session = birth.session;
         shared_mut.owner = birth.owner;
+        shared_mut.eager = birth.eager;
         if birth.ephemeral {
             shared_mut.persist = None;
         }
@@ -337,6 +343,7 @@ impl Directory {
         let shared_mut = Arc::get_mut(&mut shared).expect("not shared yet");
         shared_mut.session = record.session.clone();
         shared_mut.owner = record.owner.clone();
+        shared_mut.eager = record.eager;
         if let Some(fault) = &record.failed {
             lock(&shared.status).state = State::Failed(fault.clone());
         }
@@ -357,6 +364,7 @@ impl Directory {
             module_name,
             session: None,
             owner: None,
+            eager: false,
             created_ms,
             runtime,
             module,

@@ -60,6 +60,10 @@ pub struct ActorRecord {
     /// Why the actor failed, once it has: a restart keeps it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// In a cluster: when its node is lost, another node restores it at once rather than
+    /// at its next message.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub eager: bool,
 }
 
 fn snapshot_key(id: &str) -> String {

@@ -231,6 +231,9 @@ impl Server {
                 router.clone(),
             )));
             cluster_tasks.push(tokio::spawn(cluster::admin::serve(state.clone())));
+            cluster_tasks.push(tokio::spawn(cluster::admin::reactivate_eager(
+                state.clone(),
+            )));
             let beating = state.clone();
             cluster_tasks.push(tokio::spawn(async move {
                 let mut every = tokio::time::interval(cluster::HEARTBEAT);

@@ -434,6 +434,9 @@ async fn upload_module(
 #[serde(deny_unknown_fields)]
 struct StartActor {
     module: String,
+    /// In a cluster: restore it on another node as soon as its node is lost.
+    #[serde(default)]
+    eager: bool,
 }
 
 /// `POST /v1/actors` with `{"module": NAME_OR_DIGEST}`, or with a snapshot file's bytes
@@ -473,6 +476,7 @@ async fn start_actor(
         let (name, module) = s.module_named(&request.module).await?;
         let birth = Birth {
             owner: client.name(),
+            eager: request.eager,
             ..Birth::fresh(name)
         };
         s.start_actor(module, birth).await?

@@ -120,6 +120,53 @@ impl AppState {
     }
 }
 
+/// Restores here, at once, the eager actors of nodes found gone (checked every heartbeat,
+/// and for every node at this node's start): each live node tries, and the claim lets
+/// one of them have each actor.
+pub async fn reactivate_eager(state: Arc<AppState>) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let mut known: Option<std::collections::HashSet<String>> = None;
+    let mut every = tokio::time::interval(super::HEARTBEAT);
+    loop {
+        every.tick().await;
+        let Ok(nodes) = cluster.nodes().await else {
+            continue;
+        };
+        let live: std::collections::HashSet<String> = nodes.into_iter().map(|n| n.name).collect();
+        let lost = known
+            .as_ref()
+            .is_none_or(|before| before.iter().any(|n| !live.contains(n)));
+        known = Some(live.clone());
+        if !lost || cluster.draining() {
+            continue;
+        }
+        let Ok(entries) = cluster.entries().await else {
+            continue;
+        };
+        for (id, found) in entries {
+            let orphan = found
+                .entry
+                .node
+                .as_ref()
+                .is_some_and(|owner| owner != cluster.node() && !live.contains(owner));
+            if !found.entry.record.eager || !orphan {
+                continue;
+            }
+            let Ok(handle) = state.activate(&id).await else {
+                continue;
+            };
+            let (reply, done) = oneshot::channel();
+            if state.post(&handle, Job::Ping { reply }).is_ok()
+                && let Ok(Ok(())) = done.await
+            {
+                tracing::info!(%id, "eager actor restored after its node was lost");
+            }
+        }
+    }
+}
+
 /// A client of the cluster's buckets and nodes, for `tern cluster`.
 pub struct ClusterClient {
     rt: tokio::runtime::Runtime,
