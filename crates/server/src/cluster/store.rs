@@ -58,11 +58,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The whole object `name`, or `None` if there is none.
+/// The whole object `name` and the digest it was checked against as it was read
+/// (`SHA-256=` and the URL-safe base64 of the hash), or `None` if there is none.
 async fn read_object(
     store: &async_nats::jetstream::object_store::ObjectStore,
     name: &str,
-) -> Result<Option<Vec<u8>>, StoreError> {
+) -> Result<Option<(Vec<u8>, Option<String>)>, StoreError> {
     use async_nats::jetstream::object_store::GetErrorKind;
     let mut object = match store.get(name).await {
         Ok(object) => object,
@@ -70,8 +71,24 @@ async fn read_object(
         Err(e) => return Err(remote(e)),
     };
     let mut bytes = Vec::with_capacity(object.info().size);
+    // The client hashes what it reads and fails the read on a mismatch with the digest.
     object.read_to_end(&mut bytes).await.map_err(remote)?;
-    Ok(Some(bytes))
+    Ok(Some((bytes, object.info().digest.clone())))
+}
+
+/// The object-store digest of content whose SHA-256 is `hex`.
+fn digest_of_hex(hex: &str) -> Option<String> {
+    use base64::Engine;
+    if hex.len() != 64 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..32)
+        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    Some(format!(
+        "SHA-256={}",
+        base64::engine::general_purpose::URL_SAFE.encode(bytes?)
+    ))
 }
 
 impl ClusterStore {
@@ -146,12 +163,14 @@ impl ClusterStore {
             let Some(name) = entry.snapshot else {
                 return Ok(None);
             };
-            let Some(bytes) = read_object(&cluster.snapshots, &name).await? else {
+            let Some((bytes, digest)) = read_object(&cluster.snapshots, &name).await? else {
                 return Err(StoreError::Remote(format!(
                     "actor `{id}`'s snapshot object {name} is missing"
                 )));
             };
-            if !name.ends_with(&sha256_hex(&bytes)) {
+            // The content matched the digest as it was read; the digest must be the name's.
+            let named = name.rsplit('/').next().and_then(digest_of_hex);
+            if named.is_none() || named != digest {
                 return Err(StoreError::Remote(format!(
                     "actor `{id}`'s snapshot object {name} does not match its SHA-256"
                 )));
@@ -248,8 +267,9 @@ impl SnapshotStore for ClusterStore {
             Key::Module(digest) => {
                 let modules = self.0.modules.clone();
                 let name = digest.to_string();
-                self.0
-                    .block(async move { read_object(&modules, &name).await })
+                self.0.block(async move {
+                    Ok(read_object(&modules, &name).await?.map(|(bytes, _)| bytes))
+                })
             }
         }
     }
