@@ -105,7 +105,7 @@ impl Persistence {
         let started = Instant::now();
         let bytes = actor.snapshot()?;
         self.store
-            .put(&snapshot_key(id), &bytes)
+            .put_owned(&snapshot_key(id), bytes)
             .map_err(store_error)?;
         Metrics::observe(
             &self.metrics.snapshots_saved,

@@ -41,6 +41,11 @@ pub enum StoreError {
 pub trait SnapshotStore: Send + Sync {
     /// Stores `bytes` under `key`, replacing what was there, crash-safely.
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// As [`SnapshotStore::put`], taking the bytes (a store that hands them to another
+    /// thread need not copy them).
+    fn put_owned(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        self.put(key, &bytes)
+    }
     /// The bytes under `key`, or `None` if there are none.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Removes `key`; removing a missing key is not an error.

@@ -131,11 +131,13 @@ pub enum ClusterError {
 }
 
 /// The fencing token of an actor this node owns.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Token {
     revision: u64,
     /// The actor instance that claimed it ([`crate::store::writer`]).
     writer: u64,
+    /// The entry as of `revision` (this node wrote it): an update needs no read first.
+    entry: ActorEntry,
 }
 
 /// What is known of one actor in the directory.
@@ -639,7 +641,12 @@ impl Cluster {
                 .await
             {
                 Ok(revision) => {
-                    lock(&self.tokens).insert(id.to_string(), Token { revision, writer });
+                    let token = Token {
+                        revision,
+                        writer,
+                        entry: entry.clone(),
+                    };
+                    lock(&self.tokens).insert(id.to_string(), token);
                     tracing::info!(%id, epoch = entry.epoch, "actor claimed");
                     return Ok(entry);
                 }
@@ -660,19 +667,13 @@ impl Cluster {
         writer: u64,
         change: impl FnOnce(&mut ActorEntry),
     ) -> Result<(ActorEntry, ActorEntry), StoreError> {
-        let token = lock(&self.tokens).get(id).copied();
+        let token = lock(&self.tokens).get(id).cloned();
         let Some(token) = token.filter(|t| t.writer == writer) else {
             return Err(StoreError::Fenced(id.to_string()));
         };
-        let Some(found) = self.entry(id).await? else {
-            self.drop_token(id);
-            return Err(StoreError::Fenced(id.to_string()));
-        };
-        if found.revision != token.revision {
-            self.drop_token(id);
-            return Err(StoreError::Fenced(id.to_string()));
-        }
-        let before = found.entry;
+        // The update succeeds only on the token's revision: any write by another node since
+        // makes it fail, so the entry this node wrote last is the one it replaces.
+        let before = token.entry.clone();
         let mut after = before.clone();
         change(&mut after);
         match self
@@ -683,7 +684,12 @@ impl Cluster {
             Ok(revision) => {
                 let mut tokens = lock(&self.tokens);
                 if after.node.as_deref() == Some(self.node.as_str()) {
-                    tokens.insert(id.to_string(), Token { revision, ..token });
+                    let token = Token {
+                        revision,
+                        writer,
+                        entry: after.clone(),
+                    };
+                    tokens.insert(id.to_string(), token);
                 } else {
                     tokens.remove(id);
                 }

@@ -117,18 +117,21 @@ impl ClusterStore {
                 .create(&id, super::encode(&entry)?)
                 .await
                 .map_err(remote)?;
-            let token = super::Token { revision, writer };
+            let token = super::Token {
+                revision,
+                writer,
+                entry,
+            };
             super::lock(&cluster.tokens).insert(id, token);
             Ok(())
         })
     }
 
-    fn put_snapshot(&self, id: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    fn put_snapshot(&self, id: &str, bytes: Bytes) -> Result<(), StoreError> {
         if !self.0.holds(id) {
             return Err(StoreError::Fenced(id.to_string()));
         }
-        let name = format!("{id}/{}", sha256_hex(bytes));
-        let bytes = Bytes::copy_from_slice(bytes);
+        let name = format!("{id}/{}", sha256_hex(&bytes));
         let cluster = self.0.clone();
         let id = id.to_string();
         let writer = writer();
@@ -222,11 +225,12 @@ impl Cluster {
     ) -> Result<ActorEntry, StoreError> {
         let held = super::lock(&self.tokens)
             .get(id)
-            .is_some_and(|t| t.writer == writer);
-        if held && let Some(found) = self.entry(id).await? {
-            return Ok(found.entry);
+            .filter(|t| t.writer == writer)
+            .map(|t| t.entry.clone());
+        match held {
+            Some(entry) => Ok(entry),
+            None => self.claim(id, writer).await,
         }
-        self.claim(id, writer).await
     }
 }
 
@@ -234,7 +238,7 @@ impl SnapshotStore for ClusterStore {
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
         match parse(key)? {
             Key::Record(id) => self.put_record(id, bytes),
-            Key::Snapshot(id) => self.put_snapshot(id, bytes),
+            Key::Snapshot(id) => self.put_snapshot(id, Bytes::copy_from_slice(bytes)),
             Key::Module(digest) => {
                 let modules = self.0.modules.clone();
                 let (name, bytes) = (digest.to_string(), Bytes::copy_from_slice(bytes));
@@ -246,6 +250,13 @@ impl SnapshotStore for ClusterStore {
                     Ok(())
                 })
             }
+        }
+    }
+
+    fn put_owned(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        match parse(key)? {
+            Key::Snapshot(id) => self.put_snapshot(id, Bytes::from(bytes)),
+            _ => self.put(key, &bytes),
         }
     }
 
