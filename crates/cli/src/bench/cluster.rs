@@ -39,6 +39,8 @@ pub struct ClusterBenchArgs {
     moves: usize,
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: DeviceChoice,
+    #[command(flatten)]
+    model: super::BenchModel,
     /// The nats-server binary (default: $TERN_NATS_SERVER, else the one scripts/nats-server
     /// installs).
     #[arg(long)]
@@ -186,7 +188,7 @@ fn request_turn(addr: &str, actor: &str, messages: &Value) -> anyhow::Result<u64
 }
 
 pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
-    let model = crate::fetch::default_model()?;
+    let model = args.model.path()?;
     let nats_bin = nats_binary(&args)?;
     let dir = std::env::temp_dir().join(format!("tern-bench-cluster-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -325,3 +325,37 @@ impl SnapshotStore for ClusterStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_map_onto_records_snapshots_and_modules_and_nothing_else() {
+        assert!(matches!(parse("actors/a12.json"), Ok(Key::Record("a12"))));
+        assert!(matches!(parse("actors/a12.tern"), Ok(Key::Snapshot("a12"))));
+        assert!(matches!(parse("modules/ab.wasm"), Ok(Key::Module("ab"))));
+        for bad in [
+            "write-check",
+            "actors/a12",
+            "actors/../x.json",
+            "other/a.json",
+            "",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_name_gives_the_digest_the_object_store_checks() {
+        use base64::Engine;
+        let bytes = b"some snapshot bytes";
+        let expected = format!(
+            "SHA-256={}",
+            base64::engine::general_purpose::URL_SAFE.encode(Sha256::digest(bytes))
+        );
+        assert_eq!(digest_of_hex(&sha256_hex(bytes)), Some(expected));
+        assert_eq!(digest_of_hex("not hex"), None);
+        assert_eq!(digest_of_hex(&"zz".repeat(32)), None);
+    }
+}
