@@ -184,7 +184,7 @@ fn request_turn(addr: &str, actor: &str, messages: &Value) -> anyhow::Result<u64
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find_map(|l| l["prompt_tokens"].as_u64())
-        .context("no prompt token count in the reply")
+        .with_context(|| format!("no prompt token count in the reply {reply}"))
 }
 
 pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
@@ -284,11 +284,32 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
         &long,
         &json!({"config": {"max_tokens": 1, "context": context}}).to_string(),
     )?;
-    // About 15.7 tokens a sentence with SmolLM2's tokenizer.
-    let sentences = args.context * 10 / 157;
-    let text: String = (0..sentences)
-        .map(|i| format!("Sentence {i}: the quick brown fox jumps over the lazy dog. "))
-        .collect();
+    let text = |n: usize| -> String {
+        (0..n)
+            .map(|i| format!("Sentence {i}: the quick brown fox jumps over the lazy dog. "))
+            .collect()
+    };
+    // The model's tokenizer decides how many sentences make the context: a probe counts
+    // the tokens of 20 and of 40.
+    let probe = start_actor(&addr_a, "chat")?;
+    send(
+        &addr_a,
+        &probe,
+        r#"{"config": {"max_tokens": 1, "context": 8192}}"#,
+    )?;
+    let count = |n: usize| {
+        request_turn(
+            &addr_a,
+            &probe,
+            &json!([{"role": "user", "content": text(n)}]),
+        )
+    };
+    let (t20, t40) = (count(20)?, count(40)?);
+    let per_sentence = (t40.saturating_sub(t20) as f64 / 20.0).max(1.0);
+    let fixed = t20 as f64 - 20.0 * per_sentence;
+    let sentences = ((args.context as f64 - fixed) / per_sentence).max(1.0) as usize;
+    let _ = super::serve::call(&addr_a, "DELETE", &format!("/v1/actors/{probe}"), &[], "");
+    let text = text(sentences);
     let mut messages = json!([{"role": "user", "content": text}]);
     let started = Instant::now();
     let tokens = request_turn(&addr_a, &long, &messages)?;

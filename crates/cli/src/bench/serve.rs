@@ -663,7 +663,7 @@ pub(super) fn post(
 }
 
 /// A whole answer to any method: status and body.
-fn call(
+pub(super) fn call(
     addr: &str,
     method: &str,
     path: &str,
