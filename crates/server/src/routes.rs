@@ -228,14 +228,17 @@ impl AppState {
                 "actor `{id}` is on node `{owner}`"
             )));
         }
-        let (_, module) = self.module_named(&found.entry.record.module).await?;
-        self.actors.recover(
-            self.runtime.clone(),
-            module,
-            &found.entry.record,
-            id.to_string(),
-        );
+        self.adopt(id, &found.entry.record).await?;
         self.actors.get(id)
+    }
+
+    /// Lists actor `id`, found in the cluster's directory with `record`, here, passivated:
+    /// its first job restores (and so claims) it.
+    pub(crate) async fn adopt(&self, id: &str, record: &crate::durable::ActorRecord) -> Result<()> {
+        let (_, module) = self.module_named(&record.module).await?;
+        self.actors
+            .recover(self.runtime.clone(), module, record, id.to_string());
+        Ok(())
     }
 
     /// Starts an actor (fresh, or from the snapshot in `birth`) once there is room.

@@ -228,22 +228,11 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
         .map(String::from)
         .with_context(|| format!("uploading the echo module: {status}"))?;
     let echo = start_actor(&addr_a, &digest)?;
-    let (mut direct, mut routed) = (Vec::new(), Vec::new());
-    for round in 0..args.rounds * 10 {
-        let timed = |addr: &str| -> anyhow::Result<f64> {
-            let started = Instant::now();
-            send(addr, &echo, "ping")?;
-            Ok(started.elapsed().as_secs_f64() * 1e3)
-        };
-        if round % 2 == 0 {
-            direct.push(timed(&addr_a)?);
-            routed.push(timed(&addr_b)?);
-        } else {
-            routed.push(timed(&addr_b)?);
-            direct.push(timed(&addr_a)?);
-        }
-    }
-    let (direct, routed) = (median(&direct), median(&routed));
+    let (direct, routed) = alternated(&addr_a, &addr_b, args.rounds * 10, |addr, _| {
+        let started = Instant::now();
+        send(addr, &echo, "ping")?;
+        Ok(started.elapsed().as_secs_f64() * 1e3)
+    })?;
     println!(
         "a trivial message, round trip (median of {}, alternated): direct {direct:.2} ms, \
          routed through the other node {routed:.2} ms: +{:.2} ms",
@@ -251,24 +240,10 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
         routed - direct
     );
 
-    let short = start_actor(&addr_a, "chat")?;
-    send(
-        &addr_a,
-        &short,
-        r#"{"config": {"max_tokens": 1, "context": 4096}}"#,
-    )?;
-    let (mut direct, mut routed) = (Vec::new(), Vec::new());
-    for round in 0..args.rounds {
-        let turn = format!("Say {round}.");
-        if round % 2 == 0 {
-            direct.push(first_output(&addr_a, &short, &turn)?);
-            routed.push(first_output(&addr_b, &short, &turn)?);
-        } else {
-            routed.push(first_output(&addr_b, &short, &turn)?);
-            direct.push(first_output(&addr_a, &short, &turn)?);
-        }
-    }
-    let (direct, routed) = (median(&direct) * 1e3, median(&routed) * 1e3);
+    let short = start_chat(&addr_a, 4096)?;
+    let (direct, routed) = alternated(&addr_a, &addr_b, args.rounds, |addr, round| {
+        Ok(first_output(addr, &short, &format!("Say {round}."))? * 1e3)
+    })?;
     println!(
         "time to first token, short turn (median of {}, alternated): direct {direct:.2} ms, \
          routed through the other node {routed:.2} ms: +{:.2} ms (target <= 2 ms)",
@@ -277,13 +252,7 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
     );
 
     // The long conversation: its prefill is the re-prefill baseline.
-    let long = start_actor(&addr_a, "chat")?;
-    let context = args.context + 512;
-    send(
-        &addr_a,
-        &long,
-        &json!({"config": {"max_tokens": 1, "context": context}}).to_string(),
-    )?;
+    let long = start_chat(&addr_a, args.context + 512)?;
     let text = |n: usize| -> String {
         (0..n)
             .map(|i| format!("Sentence {i}: the quick brown fox jumps over the lazy dog. "))
@@ -291,12 +260,7 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
     };
     // The model's tokenizer decides how many sentences make the context: a probe counts
     // the tokens of 20 and of 40.
-    let probe = start_actor(&addr_a, "chat")?;
-    send(
-        &addr_a,
-        &probe,
-        r#"{"config": {"max_tokens": 1, "context": 8192}}"#,
-    )?;
+    let probe = start_chat(&addr_a, 8192)?;
     let count = |n: usize| {
         request_turn(
             &addr_a,
@@ -388,6 +352,42 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The medians of `time` through `direct` and through `routed`, `rounds` times each,
+/// alternating which goes first.
+fn alternated(
+    direct: &str,
+    routed: &str,
+    rounds: usize,
+    mut time: impl FnMut(&str, usize) -> anyhow::Result<f64>,
+) -> anyhow::Result<(f64, f64)> {
+    let (mut through_direct, mut through_routed) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [direct, routed]
+        } else {
+            [routed, direct]
+        };
+        for addr in order {
+            let taken = time(addr, round)?;
+            if addr == direct {
+                through_direct.push(taken);
+            } else {
+                through_routed.push(taken);
+            }
+        }
+    }
+    Ok((median(&through_direct), median(&through_routed)))
+}
+
+/// A chat actor through `addr`, set to generate one token a turn in a session of
+/// `context` positions.
+fn start_chat(addr: &str, context: usize) -> anyhow::Result<String> {
+    let actor = start_actor(addr, "chat")?;
+    let config = json!({"config": {"max_tokens": 1, "context": context}});
+    send(addr, &actor, &config.to_string())?;
+    Ok(actor)
 }
 
 fn start_actor(addr: &str, module: &str) -> anyhow::Result<String> {

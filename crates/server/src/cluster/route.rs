@@ -246,13 +246,7 @@ async fn place(
         return Ok(Place::On(other));
     }
     if local.is_none() {
-        let (_, module) = s.module_named(&found.entry.record.module).await?;
-        s.actors.recover(
-            s.runtime.clone(),
-            module,
-            &found.entry.record,
-            id.to_string(),
-        );
+        s.adopt(id, &found.entry.record).await?;
     }
     Ok(Place::Here)
 }

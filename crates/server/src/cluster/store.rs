@@ -158,12 +158,11 @@ impl ClusterStore {
         let id = id.to_string();
         let writer = writer();
         self.0.block(async move {
-            let entry = match cluster.claim_if_needed(&id, writer).await {
-                Ok(entry) => entry,
-                Err(StoreError::Missing(_)) => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let Some(name) = entry.snapshot else {
+            let Some(name) = cluster
+                .claim_if_needed(&id, writer)
+                .await?
+                .and_then(|entry| entry.snapshot)
+            else {
                 return Ok(None);
             };
             let Some((bytes, digest)) = read_object(&cluster.snapshots, &name).await? else {
@@ -187,10 +186,8 @@ impl ClusterStore {
         let id = id.to_string();
         let writer = writer();
         self.0.block(async move {
-            let entry = match cluster.claim_if_needed(&id, writer).await {
-                Ok(entry) => entry,
-                Err(StoreError::Missing(_)) => return Ok(()),
-                Err(e) => return Err(e),
+            let Some(entry) = cluster.claim_if_needed(&id, writer).await? else {
+                return Ok(());
             };
             let revision = super::lock(&cluster.tokens)
                 .get(&id)
@@ -217,19 +214,24 @@ impl ClusterStore {
 }
 
 impl Cluster {
-    /// The entry of actor `id`, claimed first unless `writer` holds it already.
+    /// The entry of actor `id`, claimed first unless `writer` holds it already; `None` when
+    /// the directory has no such actor.
     async fn claim_if_needed(
         self: &Arc<Self>,
         id: &str,
         writer: u64,
-    ) -> Result<ActorEntry, StoreError> {
+    ) -> Result<Option<ActorEntry>, StoreError> {
         let held = super::lock(&self.tokens)
             .get(id)
             .filter(|t| t.writer == writer)
             .map(|t| t.entry.clone());
         match held {
-            Some(entry) => Ok(entry),
-            None => self.claim(id, writer).await,
+            Some(entry) => Ok(Some(entry)),
+            None => match self.claim(id, writer).await {
+                Ok(entry) => Ok(Some(entry)),
+                Err(StoreError::Missing(_)) => Ok(None),
+                Err(e) => Err(e),
+            },
         }
     }
 }
