@@ -242,6 +242,16 @@ impl Server {
                     beating.beat().await;
                 }
             }));
+            // Any node may have to restore any actor at once (a failover, a move): the
+            // bundled guests are compiled now rather than by the first such restore.
+            let compiling = state.clone();
+            tokio::task::spawn_blocking(move || {
+                for (name, _) in &compiling.config.bundled {
+                    if let Err(e) = compiling.modules.load(&compiling.runtime, name) {
+                        tracing::warn!(%name, error = %e.message, "cannot compile a bundled guest");
+                    }
+                }
+            });
             tracing::info!(node = %cluster.node(), nats = %cluster.url(), "joined the cluster");
         }
         let served = axum::serve(listener, router)
