@@ -555,3 +555,37 @@ fn draining_a_node_under_load_fails_no_request() {
         assert_ne!(entry(&directory(&nodes[1]), actor)["node"], "a");
     }
 }
+
+#[test]
+fn a_bad_cluster_flag_is_a_clear_error() {
+    let nats = Nats::start("flags");
+    let url = nats.url();
+    let unused = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--cluster", &format!("nats://127.0.0.1:{unused}")],
+            "cannot reach NATS",
+        ),
+        (&["--cluster", &url, "--node", "a b"], "invalid node name"),
+        (
+            &["--cluster", &url, "--state", "/tmp/x"],
+            "--state is for a server alone",
+        ),
+        (&["--node", "a"], "--cluster"),
+    ];
+    for (args, expected) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["serve", "--device", "cpu", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .expect("tern runs");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {text}");
+        assert!(text.contains(expected), "{args:?}: {text}");
+        assert!(!text.contains("panicked"), "{args:?}: {text}");
+    }
+}
