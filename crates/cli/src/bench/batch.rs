@@ -276,7 +276,7 @@ fn llama_round(
 
 /// Builds (once) and finds one of llama.cpp's tools with scripts/llama-cpp.
 pub(super) fn build_tool(tool: &str) -> anyhow::Result<PathBuf> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/llama-cpp");
+    let script = super::project_script("llama-cpp");
     eprintln!("building {tool} (scripts/llama-cpp; the first time takes minutes) ...");
     let out = Command::new(&script)
         .arg(tool)

@@ -64,14 +64,7 @@ fn nats_binary(args: &ClusterBenchArgs) -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("TERN_NATS_SERVER") {
         return Ok(path.into());
     }
-    // target/{profile}/tern in a checkout: the script is at the root.
-    let exe = std::env::current_exe()?;
-    let script = exe
-        .ancestors()
-        .nth(3)
-        .map(|root| root.join("scripts/nats-server"))
-        .filter(|s| s.exists())
-        .context("no nats-server: give --nats-server or set TERN_NATS_SERVER")?;
+    let script = super::project_script("nats-server");
     let out = Command::new(script).output()?;
     if !out.status.success() {
         bail!(

@@ -49,6 +49,10 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         DeviceChoice::Auto => tern_compute::open(DeviceChoice::Auto)?.kind(),
         choice => choice,
     };
+    match args.baseline.as_deref() {
+        None | Some("llama-cpp") => {}
+        Some(other) => bail!("unknown baseline `{other}` (expected llama-cpp)"),
+    }
     if gpu == DeviceChoice::Wgpu {
         #[cfg(feature = "wgpu")]
         return super::decode_wgpu::decode_wgpu(super::GpuBench {
@@ -56,6 +60,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
             prefill: args.prefill,
             decode: args.decode,
             repeats: args.repeats,
+            baseline: args.baseline.is_some(),
         });
         #[cfg(not(feature = "wgpu"))]
         bail!("this build of tern has no wgpu support");
@@ -67,6 +72,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
             prefill: args.prefill,
             decode: args.decode,
             repeats: args.repeats,
+            baseline: args.baseline.is_some(),
         });
         #[cfg(not(feature = "cuda"))]
         bail!("this build of tern has no CUDA support");
@@ -104,10 +110,6 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     let (mut actor_prefill, mut actor_decode) = (Vec::new(), Vec::new());
     let (mut ref_prefill, mut ref_decode) = (Vec::new(), Vec::new());
     let (mut base_prefill, mut base_decode) = (Vec::new(), Vec::new());
-    match args.baseline.as_deref() {
-        None | Some("llama-cpp") => {}
-        Some(other) => bail!("unknown baseline `{other}` (expected llama-cpp)"),
-    }
     // Alternate the two paths so drift in the machine's speed affects both alike.
     for _ in 0..args.repeats {
         let (p, d) = direct(&model, &prompt, args.decode, context)?;

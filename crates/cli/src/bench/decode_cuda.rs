@@ -58,6 +58,19 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
         roofline,
         decode / roofline * 100.0
     );
+    if b.baseline {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (base_prefill, base_decode) =
+            super::decode::llama_bench(b.path, threads, b.prefill, b.decode, true)?;
+        println!(
+            "llama.cpp's llama-bench on the same file, same run (CUDA, -ngl 99 -fa 1, \
+             -p {} -n {}): prefill {base_prefill:.1} t/s, decode {base_decode:.1} t/s; \
+             Tern's decode {decode:.1} t/s = {:.2}x",
+            b.prefill,
+            b.decode,
+            decode / base_decode
+        );
+    }
     println!("prefill: {}", cuda.prefill_path());
     match cuda.gemm_rate(b.prefill, 5) {
         Ok(gemm) => {

@@ -13,6 +13,9 @@ use tern_model::{Model, Precision};
 use super::{GpuBench, GuestBench, print_breakdown};
 
 pub fn decode_wgpu(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
+    if b.baseline {
+        anyhow::bail!("--baseline llama-cpp is measured on the CPU and on CUDA, not through wgpu");
+    }
     let device = tern_compute::open(DeviceChoice::Wgpu)?;
     let model = Model::open("bench", b.path, 1)?
         .with_precision(Precision::Reference)

@@ -152,6 +152,27 @@ pub struct GpuBench<'a> {
     pub decode: usize,
     /// At least 1 (`--repeats` is parsed by `parse_count`).
     pub repeats: usize,
+    /// Run llama.cpp's own `llama-bench` on the same file in the same run.
+    pub baseline: bool,
+}
+
+/// The project's script `name` (`scripts/NAME`): in the working folder's checkout (as
+/// `scripts/tern` and the device machine's commands run), else beside the binary's
+/// checkout (`target/PROFILE/tern`), else where the binary was built from.
+pub(crate) fn project_script(name: &str) -> std::path::PathBuf {
+    let relative = std::path::Path::new("scripts").join(name);
+    let beside_exe = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(|root| root.join(&relative)));
+    [Some(relative.clone()), beside_exe]
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../..")
+                .join(relative)
+        })
 }
 
 /// The positions a decode benchmark's session needs (the prompt, the decoded tokens and one
