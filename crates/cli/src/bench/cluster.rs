@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tern_compute::DeviceChoice;
-use tern_server::cluster::admin::ClusterClient;
+use tern_server::cluster::admin::{Admin, ClusterClient};
 
 use super::median;
 use super::serve::{SseReader, post, read_chunk, read_head, request};
@@ -211,6 +211,19 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
         "object store, 64 MiB objects (median of 3): put {:.0} MB/s, get {:.0} MB/s",
         median(&puts),
         median(&gets)
+    );
+
+    // The floor under routing: a request and its reply over NATS, answered at once.
+    let mut pings = Vec::new();
+    for _ in 0..args.rounds * 10 {
+        let started = Instant::now();
+        admin.request("bench-a", &Admin::Ping)?;
+        pings.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "a NATS request and reply between processes, answered at once (median of {}): {:.2} ms",
+        pings.len(),
+        median(&pings)
     );
 
     // Routed messages: a trivial one, then the same short chat turn, each through the owner

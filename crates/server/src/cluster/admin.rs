@@ -31,9 +31,15 @@ pub fn admin_subject(node: &str) -> String {
 #[derive(Serialize, Deserialize, Debug)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Admin {
+    /// Answers at once: the round trip of a request over NATS.
+    Ping,
     Drain,
-    Release { actor: String },
-    Activate { actor: String },
+    Release {
+        actor: String,
+    },
+    Activate {
+        actor: String,
+    },
 }
 
 /// Answers administrative requests for `state`'s node until the subscription ends.
@@ -56,6 +62,7 @@ pub async fn serve(state: Arc<AppState>) {
                 return;
             };
             let answer = match serde_json::from_slice::<Admin>(&message.payload) {
+                Ok(Admin::Ping) => state.admin(Admin::Ping).await,
                 Ok(request) => {
                     tracing::info!(?request, "administrative request");
                     state.admin(request).await
@@ -75,6 +82,7 @@ impl AppState {
     async fn admin(&self, request: Admin) -> Result<Value, ApiError> {
         let started = Instant::now();
         match request {
+            Admin::Ping => Ok(json!({"pong": true})),
             Admin::Drain => {
                 let cluster = self.cluster.clone().expect("admin runs in a cluster");
                 cluster.set_draining(true);
