@@ -402,8 +402,9 @@ async fn answer(client: async_nats::Client, router: Router, message: async_nats:
             return;
         }
     };
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.tick().await;
+    // The first ping is due one period from now. (An interval's immediate first tick is
+    // not immediate: the timer rounds it to its next millisecond, which a request waited.)
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let running = router.oneshot(request);
     tokio::pin!(running);
     let response = loop {
