@@ -320,22 +320,8 @@ impl Slot {
 /// One message to `actor` through the node at `addr`: the status and body, or `None`
 /// when the connection failed (the node died).
 fn post(addr: &str, actor: &str, message: &str) -> Option<(u16, Value)> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .ok()?;
-    use std::io::{Read, Write};
-    let head = format!(
-        "POST /v1/actors/{actor}/messages HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        message.len()
-    );
-    stream.write_all(head.as_bytes()).ok()?;
-    stream.write_all(message.as_bytes()).ok()?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).ok()?;
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let status = std::str::from_utf8(raw.get(9..12)?).ok()?.parse().ok()?;
-    Some((status, serde_json::from_slice(&raw[end + 4..]).ok()?))
+    let path = format!("/v1/actors/{actor}/messages");
+    live::try_request(addr, "POST", &path, message.as_bytes())
 }
 
 /// What one message came to.

@@ -149,27 +149,7 @@ impl Serve {
 
     /// As [`Serve::request`], `None` when the server is gone mid-request.
     pub fn try_request(&self, method: &str, path: &str, body: &[u8]) -> Option<(u16, Value)> {
-        let mut stream = TcpStream::connect(&self.addr).ok()?;
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .ok()?;
-        stream.write_all(head.as_bytes()).ok()?;
-        stream.write_all(body).ok()?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).ok()?;
-        let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-        let status = std::str::from_utf8(raw.get(9..12)?).ok()?.parse().ok()?;
-        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-        let body = if head.contains("transfer-encoding: chunked") {
-            dechunk(&raw[end + 4..])
-        } else {
-            raw[end + 4..].to_vec()
-        };
-        Some((status, serde_json::from_slice(&body).ok()?))
+        try_request(&self.addr, method, path, body)
     }
 
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
@@ -238,6 +218,32 @@ impl Serve {
         assert_eq!(status, 201, "{actor}");
         actor["id"].as_str().unwrap().to_string()
     }
+}
+
+/// One request to the server at `addr` without a key: the status and JSON body, or `None`
+/// when the connection failed (the server is gone mid-request) or the body is not JSON.
+pub fn try_request(addr: &str, method: &str, path: &str, body: &[u8]) -> Option<(u16, Value)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .ok()?;
+    stream.write_all(head.as_bytes()).ok()?;
+    stream.write_all(body).ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let status = std::str::from_utf8(raw.get(9..12)?).ok()?.parse().ok()?;
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(&raw[end + 4..])
+    } else {
+        raw[end + 4..].to_vec()
+    };
+    Some((status, serde_json::from_slice(&body).ok()?))
 }
 
 /// The body of a chunked HTTP/1.1 reply, put together.

@@ -62,9 +62,10 @@ pub async fn serve(state: Arc<AppState>) {
                 return;
             };
             let answer = match serde_json::from_slice::<Admin>(&message.payload) {
-                Ok(Admin::Ping) => state.admin(Admin::Ping).await,
                 Ok(request) => {
-                    tracing::info!(?request, "administrative request");
+                    if !matches!(request, Admin::Ping) {
+                        tracing::info!(?request, "administrative request");
+                    }
                     state.admin(request).await
                 }
                 Err(e) => Err(ApiError::bad_request(format!("unknown request: {e}"))),
@@ -117,14 +118,19 @@ impl AppState {
                 Ok(json!({"released": actor, "ms": started.elapsed().as_millis() as u64}))
             }
             Admin::Activate { actor } => {
-                let handle = self.activate(&actor).await?;
-                let (reply, done) = oneshot::channel();
-                self.post(&handle, Job::Ping { reply })?;
-                done.await
-                    .map_err(|_| ApiError::internal("the actor's thread stopped"))??;
+                self.restore_here(&actor).await?;
                 Ok(json!({"activated": actor, "ms": started.elapsed().as_millis() as u64}))
             }
         }
+    }
+
+    /// Claims actor `id` for this node and restores it now; returns once it runs.
+    async fn restore_here(&self, id: &str) -> Result<(), ApiError> {
+        let handle = self.activate(id).await?;
+        let (reply, done) = oneshot::channel();
+        self.post(&handle, Job::Ping { reply })?;
+        done.await
+            .map_err(|_| ApiError::internal("the actor's thread stopped"))?
     }
 }
 
@@ -162,13 +168,7 @@ pub async fn reactivate_eager(state: Arc<AppState>) {
             if !found.entry.record.eager || !orphan {
                 continue;
             }
-            let Ok(handle) = state.activate(&id).await else {
-                continue;
-            };
-            let (reply, done) = oneshot::channel();
-            if state.post(&handle, Job::Ping { reply }).is_ok()
-                && let Ok(Ok(())) = done.await
-            {
+            if state.restore_here(&id).await.is_ok() {
                 tracing::info!(%id, "eager actor restored after its node was lost");
             }
         }

@@ -257,12 +257,8 @@ pub async fn forward(
             _ => continue, // ping
         }
     };
-    let status = nats_header(&head, STATUS)
-        .and_then(|s| s.parse::<u16>().ok())
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(StatusCode::BAD_GATEWAY);
     let cancel = nats_header(&head, CANCEL).map(String::from);
-    let mut builder = Response::builder().status(status);
+    let mut builder = Response::builder().status(status_of(&head));
     // A whole reply keeps its length, so that it is not sent in chunks.
     if let Some(length) = nats_header(&head, LENGTH).and_then(|l| l.parse::<u64>().ok()) {
         builder = builder.header(header::CONTENT_LENGTH, length);
@@ -318,14 +314,18 @@ pub async fn forward(
         .map_err(|e| ForwardError::Nats(e.to_string()))
 }
 
-/// A reply that came whole in one message.
-fn whole(message: &async_nats::Message) -> Response<Body> {
-    let status = nats_header(message, STATUS)
+/// The HTTP status a reply's first message carries (502 if it carries none that is valid).
+fn status_of(message: &async_nats::Message) -> StatusCode {
+    nats_header(message, STATUS)
         .and_then(|s| s.parse::<u16>().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(StatusCode::BAD_GATEWAY);
+        .unwrap_or(StatusCode::BAD_GATEWAY)
+}
+
+/// A reply that came whole in one message.
+fn whole(message: &async_nats::Message) -> Response<Body> {
     let mut response = Response::new(Body::from(message.payload.clone()));
-    *response.status_mut() = status;
+    *response.status_mut() = status_of(message);
     for (name, value) in http_headers(message) {
         response.headers_mut().append(name, value);
     }
@@ -387,6 +387,14 @@ fn head_message(kind: &str) -> HeaderMap {
     headers
 }
 
+/// The first message of a reply (`kind` `head` or `whole`): its status and headers.
+fn reply_head(kind: &str, response: &Response<Body>) -> HeaderMap {
+    let mut head = head_message(kind);
+    head.insert(STATUS, response.status().as_u16().to_string());
+    carry_headers(response.headers(), &mut head);
+    head
+}
+
 async fn answer(client: async_nats::Client, router: Router, message: async_nats::Message) {
     let Some(reply) = message.reply.clone() else {
         return;
@@ -423,9 +431,7 @@ async fn answer(client: async_nats::Client, router: Router, message: async_nats:
         .and_then(|l| l.to_str().ok())
         .and_then(|l| l.parse::<usize>().ok());
     if length.is_some_and(|l| l <= CHUNK) {
-        let mut head = head_message("whole");
-        head.insert(STATUS, response.status().as_u16().to_string());
-        carry_headers(response.headers(), &mut head);
+        let head = reply_head("whole", &response);
         let (_, body) = response.into_parts();
         match axum::body::to_bytes(body, CHUNK).await {
             Ok(bytes) => {
@@ -445,15 +451,13 @@ async fn answer(client: async_nats::Client, router: Router, message: async_nats:
             return;
         }
     };
-    let mut head = head_message("head");
-    head.insert(STATUS, response.status().as_u16().to_string());
+    let mut head = reply_head("head", &response);
     head.insert(CANCEL, cancel_subject);
     if let Some(length) = response.headers().get(header::CONTENT_LENGTH)
         && let Ok(length) = length.to_str()
     {
         head.insert(LENGTH, length);
     }
-    carry_headers(response.headers(), &mut head);
     if send(head, Bytes::new()).await.is_err() {
         return;
     }

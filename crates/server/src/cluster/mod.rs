@@ -302,16 +302,21 @@ pub(crate) async fn read_entry(actors: &kv::Store, id: &str) -> Result<Option<Fo
     }))
 }
 
+/// Every key of `bucket` (deleted ones skipped).
+pub(crate) async fn keys(bucket: &kv::Store) -> Result<Vec<String>, StoreError> {
+    use futures_util::StreamExt;
+    let mut stream = bucket.keys().await.map_err(remote)?;
+    let mut keys = Vec::new();
+    while let Some(key) = stream.next().await {
+        keys.push(key.map_err(remote)?);
+    }
+    Ok(keys)
+}
+
 /// Every node now in the nodes bucket.
 pub(crate) async fn live_nodes(nodes: &kv::Store) -> Result<Vec<NodeInfo>, StoreError> {
-    use futures_util::StreamExt;
-    let mut keys = nodes.keys().await.map_err(remote)?;
-    let mut names = Vec::new();
-    while let Some(key) = keys.next().await {
-        names.push(key.map_err(remote)?);
-    }
     let mut out = Vec::new();
-    for name in names {
+    for name in keys(nodes).await? {
         if let Some(value) = nodes.get(&name).await.map_err(remote)?
             && let Ok(info) = serde_json::from_slice::<NodeInfo>(&value)
         {
@@ -324,14 +329,8 @@ pub(crate) async fn live_nodes(nodes: &kv::Store) -> Result<Vec<NodeInfo>, Store
 
 /// Every actor in the directory, by id.
 pub(crate) async fn all_entries(actors: &kv::Store) -> Result<Vec<(String, Found)>, StoreError> {
-    use futures_util::StreamExt;
-    let mut keys = actors.keys().await.map_err(remote)?;
-    let mut ids = Vec::new();
-    while let Some(key) = keys.next().await {
-        ids.push(key.map_err(remote)?);
-    }
     let mut out = Vec::new();
-    for id in ids {
+    for id in keys(actors).await? {
         if let Some(found) = read_entry(actors, &id).await? {
             out.push((id, found));
         }
@@ -737,8 +736,13 @@ impl Cluster {
 
 /// A session's key in [`SESSIONS_BUCKET`]: the SHA-256 of its scoped name, in hex.
 fn session_key(scoped: &str) -> String {
+    sha256_hex(scoped.as_bytes())
+}
+
+/// The SHA-256 of `bytes`, in lowercase hex.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(scoped.as_bytes())
+    Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()

@@ -17,10 +17,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
-use super::{ActorEntry, Cluster, remote};
+use super::{ActorEntry, Cluster, remote, sha256_hex};
 use crate::durable::ActorRecord;
 use crate::store::{SnapshotStore, StoreError, check_key, writer};
 
@@ -49,13 +48,6 @@ fn parse(key: &str) -> Result<Key<'_>, StoreError> {
         return Ok(Key::Module(digest));
     }
     Err(StoreError::Key(key.to_string()))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// The whole object `name` and the digest it was checked against as it was read
@@ -319,7 +311,7 @@ impl SnapshotStore for ClusterStore {
                     keys.push(format!("modules/{}.wasm", info.name));
                 }
             }
-            for (id, _) in cluster.entries().await? {
+            for id in super::keys(&cluster.actors).await? {
                 keys.push(format!("actors/{id}.json"));
             }
             keys.sort();
@@ -331,6 +323,7 @@ impl SnapshotStore for ClusterStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn keys_map_onto_records_snapshots_and_modules_and_nothing_else() {
