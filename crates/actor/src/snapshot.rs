@@ -47,7 +47,7 @@ impl Actor {
     /// an interrupted save leaves any earlier snapshot at `path` intact. Returns the bytes
     /// written.
     pub fn save(&mut self, path: &Path) -> Result<u64, ActorError> {
-        self.capture(|snapshot| format::save(path, snapshot))
+        self.capture(|snapshot| format::save(path, snapshot).map(|w| w.bytes))
     }
 
     /// This actor's state as snapshot bytes.
@@ -83,6 +83,8 @@ impl Actor {
                 model: *model as u32,
                 n_ctx: session.n_ctx() as u32,
                 tokens: session.tokens.clone(),
+                kv_from: 0,
+                kv_type: format::KvType::F32,
             });
             let cache = session
                 .host_kv(&open[*model])
@@ -117,12 +119,14 @@ impl Actor {
                 session_slots: state.models.session_slots().len() as u32,
                 clock_unix_ms: state.clock.reading(),
             },
+            link: None,
         };
         let memory = self.memory.data(&self.store);
         write(&SnapshotWrite {
             manifest: &manifest,
             memory,
             kv,
+            changed_pages: None,
         })
         .map_err(ActorError::from)
     }

@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use tern_snapshot::{
-    HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES, SessionInfo,
+    HostInfo, KvType, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES, SessionInfo,
     SnapshotWrite, encode, parse, to_bytes,
 };
 
@@ -73,6 +73,8 @@ impl Actor {
                 model: 0,
                 n_ctx: n_tokens.max(1) as u32,
                 tokens: (0..n_tokens as u32).collect(),
+                kv_from: 0,
+                kv_type: KvType::F32,
             }],
             host: HostInfo {
                 device: "cpu".into(),
@@ -80,6 +82,7 @@ impl Actor {
                 session_slots: 1,
                 clock_unix_ms: None,
             },
+            link: None,
         };
         Actor {
             manifest,
@@ -101,6 +104,7 @@ impl Actor {
                 k: layers.clone(),
                 v: layers,
             }],
+            changed_pages: None,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! the previous section. [`write_header`] produces the header and table for sections laid out
 //! by [`lay_out`].
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 use crate::{MAGIC, MAX_SECTIONS, OLDEST_VERSION, SnapshotError, VERSION, check_limit, corrupt};
 
@@ -43,6 +43,8 @@ pub(crate) struct Section {
 pub(crate) struct Frame<'a> {
     /// The format version in the header, [`OLDEST_VERSION`] to [`VERSION`].
     pub version: u32,
+    /// The 128-bit XXH3 of the body (everything before the trailer).
+    pub digest: u128,
     pub manifest: &'a [u8],
     pub memory: &'a [u8],
     /// KV blobs by session number.
@@ -168,11 +170,13 @@ pub(crate) fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, SnapshotError> {
     let body_len = file_len - TRAILER_BYTES;
     let stored = u64_at(bytes, body_len).ok_or_else(truncated)?;
     let body = bytes.get(..body_len as usize).ok_or_else(truncated)?;
-    let computed = xxh3_64(body);
+    let mut hasher = Xxh3::new();
+    hasher.update(body);
+    let computed = hasher.digest();
     if stored != computed {
         return Err(SnapshotError::Checksum { stored, computed });
     }
-    read_table(body, version)
+    read_table(body, version, hasher.digest128())
 }
 
 /// Reads table entry `i` of `body` and checks that its section is aligned, starts at or
@@ -213,7 +217,7 @@ fn read_entry<'a>(
 
 /// Reads and checks the section table of `body`, the file without its trailer, of format
 /// `version`.
-fn read_table(body: &[u8], version: u32) -> Result<Frame<'_>, SnapshotError> {
+fn read_table(body: &[u8], version: u32, digest: u128) -> Result<Frame<'_>, SnapshotError> {
     let body_len = body.len() as u64;
     let count = u32_at(body, 24).ok_or_else(|| corrupt("header is cut short"))?;
     let reserved = u32_at(body, 28).ok_or_else(|| corrupt("header is cut short"))?;
@@ -266,6 +270,7 @@ fn read_table(body: &[u8], version: u32) -> Result<Frame<'_>, SnapshotError> {
     let memory = memory.ok_or_else(|| corrupt("the file has no memory section"))?;
     Ok(Frame {
         version,
+        digest,
         manifest,
         memory,
         kv,

@@ -1,11 +1,14 @@
-//! The on-disk format of a Tern actor snapshot, version 2: an actor's manifest (module, globals,
+//! The on-disk format of a Tern actor snapshot, version 3: an actor's manifest (module, globals,
 //! models, sessions, host state), its linear memory and one KV cache per session, in one
-//! checksummed file that another process restores bit for bit.
+//! checksummed file that another process restores bit for bit; and incremental snapshots,
+//! links that hold only what changed since their parent, chained in an append-only file
+//! ([`chain`](crate::parse_chain)).
 //!
-//! This crate writes version 2 ([`VERSION`]) and reads versions 1 and 2 ([`OLDEST_VERSION`]
-//! to [`VERSION`]); [`SnapshotView::version`] says which a file is. The two differ only in
-//! the manifest (see below); a version-1 manifest is read into the current [`Manifest`] with
-//! what version 1 did not record left `None`.
+//! This crate writes version 3 ([`VERSION`]) and reads versions 1 to 3 ([`OLDEST_VERSION`]
+//! to [`VERSION`]); [`SnapshotView::version`] says which a file is. They differ only in the
+//! manifest and in version 3's zero pages (see below); an older manifest is read into the
+//! current [`Manifest`] with what its version did not record left `None` (or, for what
+//! version 3 added, as a whole snapshot of f32 caches).
 //!
 //! Writing: [`encode`] or [`to_bytes`] turn a [`SnapshotWrite`] into bytes; [`save`] writes a
 //! file crash-safely (temp file, fsync, rename, fsync of the directory). Reading: [`parse`] a
@@ -30,14 +33,14 @@
 //! - **What encodes, parses**: [`encode`] runs the same consistency checks as [`parse`], so it
 //!   never writes a file that [`parse`] would refuse.
 //!
-//! # Byte layout, version 2
+//! # Byte layout, version 3
 //!
 //! All integers are little-endian. Offsets are from the start of the file.
 //!
 //! | offset | size | field | rule |
 //! |---|---|---|---|
 //! | 0 | 8 | magic | `b"TERNSNAP"` ([`MAGIC`]) |
-//! | 8 | 4 | version `u32` | 1 or 2 ([`OLDEST_VERSION`] to [`VERSION`]); other versions are refused |
+//! | 8 | 4 | version `u32` | 1 to 3 ([`OLDEST_VERSION`] to [`VERSION`]); other versions are refused |
 //! | 12 | 4 | flags `u32` | 0 |
 //! | 16 | 8 | file_len `u64` | length of the whole file, trailer included |
 //! | 24 | 4 | section_count `u32` | at most [`MAX_SECTIONS`] |
@@ -65,7 +68,11 @@
 //! `numerics` (`backend`, `precision`, `kernels` and `architecture`, strings of at most
 //! [`MAX_NUMERICS_BYTES`], `backend` not empty); in `host`: `clock_unix_ms` (an integer or
 //! `null`). A version-1 manifest has none of these, and `digest` where version 2 has
-//! `legacy_digest`; it must not have the others.
+//! `legacy_digest`; it must not have the others. Version 3 added, and requires, `link` (`null`
+//! for a whole snapshot; for an incremental one its parent's [digest](SnapshotView::digest)
+//! as 32 lowercase hex digits and its depth, 1 to [`MAX_CHAIN_LINKS`] − 1) and in each
+//! session `kv_from` (the first position its KV blob stores: 0 in a whole snapshot, at most
+//! its token count) and `kv_type` (`"f32"`); versions 1 and 2 must not have them.
 //!
 //! **Memory section** (kind 2):
 //!
@@ -80,8 +87,11 @@
 //!
 //! Pages appear in strictly increasing order, each below n_pages. Codec 0 is raw
 //! (len = [`PAGE_BYTES`]); codec 1 is an LZ4 block (0 < len < [`PAGE_BYTES`]) that decompresses
-//! to exactly [`PAGE_BYTES`]. All-zero pages are not stored: restoring zeroes every page absent
-//! from the table. The writer stores a page compressed only when that shrinks it.
+//! to exactly [`PAGE_BYTES`]; codec 2 (version 3) is a page of zeros (len = 0). In a whole
+//! snapshot all-zero pages are not stored: restoring zeroes every page absent from the table.
+//! In a link the table lists exactly the pages that changed since the parent (one that became
+//! zero as codec 2); a page absent from it is as the parent has it, or zero where the parent's
+//! memory was smaller. The writer stores a page compressed only when that shrinks it.
 //!
 //! **KV section** (kind 3): a standard [safetensors](https://github.com/huggingface/safetensors)
 //! file, so stock readers open it. An 8-byte header length, then a JSON header with exactly
@@ -90,36 +100,48 @@
 //! `[n, 2n)` with `n = n_layer × n_tokens × kv_dim × 4`, then the little-endian data. The
 //! header is padded with spaces so the data starts 64-byte aligned in the file. The shape must
 //! agree with the manifest: `n_layer` and `n_head_kv × head_dim` of the session's model, and
-//! the session's token count.
+//! the session's token count less its `kv_from`: the blob holds positions `kv_from..`.
+//!
+//! **Digest**: the 128-bit XXH3 of every byte before the trailer ([`SnapshotView::digest`]),
+//! which a link names its parent by.
+//!
+//! # Chain files
+//!
+//! A whole snapshot followed by its links, back to back, each at a multiple of 64 bytes with
+//! zero padding between; see [`split_links`] and [`parse_chain`].
 
+mod chain;
 mod kv;
 mod layout;
 mod manifest;
+mod older;
 mod pages;
 mod read;
-mod v1;
 mod write;
 
 use std::io;
 use std::path::PathBuf;
 
+pub use chain::{Chain, KvPiece, Links, digest_hex, parse_chain, split_links};
 pub use kv::{KvView, KvWrite};
 pub use layout::reseal;
 pub use manifest::{
-    Global, HostInfo, Manifest, ModelRef, ModuleRef, Numerics, SessionInfo, ValType,
+    Global, HostInfo, KvType, Link, Manifest, ModelRef, ModuleRef, Numerics, SessionInfo, ValType,
 };
 pub use read::{SnapshotFile, SnapshotView, parse};
-pub use write::{SnapshotWrite, encode, save, to_bytes};
+pub use write::{SnapshotWrite, Written, append, encode, save, to_bytes};
 
 /// The first 8 bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"TERNSNAP";
 /// The format version this crate writes, and the newest it reads.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest format version this crate reads.
 pub const OLDEST_VERSION: u32 = 1;
 /// Bytes in one WebAssembly page; linear memory is stored page by page.
 pub const PAGE_BYTES: usize = 65536;
 
+/// Most snapshots in one chain: the whole snapshot and its links.
+pub const MAX_CHAIN_LINKS: u32 = 64;
 /// Most sections one file may list.
 pub const MAX_SECTIONS: u32 = 1024;
 /// Largest manifest section, in bytes.

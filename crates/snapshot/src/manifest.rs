@@ -33,6 +33,23 @@ pub struct Manifest {
     pub sessions: Vec<SessionInfo>,
     /// Host-side state the guest can observe.
     pub host: HostInfo,
+    /// For an incremental snapshot, the snapshot it continues; `None` for a whole one.
+    /// Present (possibly `null`) from version 3.
+    #[serde(deserialize_with = "nullable")]
+    pub link: Option<Link>,
+}
+
+/// Where an incremental snapshot sits in its chain: a chain is a whole snapshot (depth 0)
+/// followed by links, each holding only what changed since the one before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// The [`digest`](crate::SnapshotView::digest) of the snapshot this one continues, as 32
+    /// lowercase hex digits.
+    pub parent: String,
+    /// This link's place in its chain: 1 for the first link after the whole snapshot; at most
+    /// [`MAX_CHAIN_LINKS`](crate::MAX_CHAIN_LINKS) − 1.
+    pub depth: u32,
 }
 
 /// The Wasm module an actor runs.
@@ -168,6 +185,21 @@ pub struct SessionInfo {
     /// Tokens whose keys and values are in the KV cache, in order; each below the model's
     /// `n_vocab`.
     pub tokens: Vec<u32>,
+    /// The first position whose keys and values this snapshot stores: 0 in a whole snapshot;
+    /// in a link, the positions before it are those of the same slot's session in the
+    /// parent. From version 3.
+    pub kv_from: u32,
+    /// How the KV cache stores its values. From version 3.
+    pub kv_type: KvType,
+}
+
+/// The element type of a KV cache, serialized in lowercase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvType {
+    /// 32-bit IEEE floats.
+    #[default]
+    F32,
 }
 
 /// Host state the guest can observe.
@@ -253,7 +285,34 @@ impl Manifest {
             u64::from(self.host.session_slots),
             u64::from(MAX_SESSION_SLOTS),
         )?;
+        self.validate_link()?;
         self.validate_sessions()
+    }
+
+    fn validate_link(&self) -> Result<(), SnapshotError> {
+        let Some(link) = &self.link else {
+            if let Some(i) = self.sessions.iter().position(|s| s.kv_from != 0) {
+                return Err(corrupt(format!(
+                    "session {i} stores keys and values from position {}, but a whole snapshot stores them from 0",
+                    self.sessions[i].kv_from
+                )));
+            }
+            return Ok(());
+        };
+        if crate::chain::parse_digest(&link.parent).is_none() {
+            let shown: String = link.parent.chars().take(80).collect();
+            return Err(corrupt(format!(
+                "link parent {shown:?} is not 32 lowercase hex digits"
+            )));
+        }
+        if link.depth == 0 || link.depth >= crate::MAX_CHAIN_LINKS {
+            return Err(corrupt(format!(
+                "link depth {} is not between 1 and {}",
+                link.depth,
+                crate::MAX_CHAIN_LINKS - 1
+            )));
+        }
+        Ok(())
     }
 
     fn validate_sessions(&self) -> Result<(), SnapshotError> {
@@ -292,6 +351,13 @@ impl Manifest {
                     "session {i} holds {} tokens but its capacity n_ctx is {}",
                     session.tokens.len(),
                     session.n_ctx
+                )));
+            }
+            if session.kv_from as usize > session.tokens.len() {
+                return Err(corrupt(format!(
+                    "session {i} stores keys and values from position {} but holds {} tokens",
+                    session.kv_from,
+                    session.tokens.len()
                 )));
             }
             if let Some(pos) = session.tokens.iter().position(|&t| t >= model.n_vocab) {
@@ -423,6 +489,8 @@ mod tests {
                 model: 0,
                 n_ctx: 8,
                 tokens: vec![1, 2, 99],
+                kv_from: 0,
+                kv_type: KvType::F32,
             }],
             host: HostInfo {
                 device: "cpu".into(),
@@ -430,6 +498,7 @@ mod tests {
                 session_slots: 4,
                 clock_unix_ms: Some(-1),
             },
+            link: None,
         }
     }
 

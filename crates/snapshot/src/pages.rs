@@ -1,5 +1,6 @@
 //! The memory section: linear memory stored page by page, all-zero pages left out, the rest
-//! LZ4-compressed when that shrinks them.
+//! LZ4-compressed when that shrinks them. In an incremental snapshot the section stores only
+//! the pages that changed since the parent, an all-zero one as a zero page (codec 2).
 //!
 //! [`MemorySection::parse`] checks the section header and every page-table entry (order,
 //! range, codec, length, and that the payloads fill the section exactly) before anything
@@ -25,6 +26,9 @@ enum Codec {
     Raw = 0,
     /// One LZ4 block.
     Lz4 = 1,
+    /// A page of zeros, with no payload: only where a page absent from the table would not
+    /// be zero (an incremental snapshot's page that changed to zeros).
+    Zero = 2,
 }
 
 /// Where an encoded page's payload lives.
@@ -32,6 +36,7 @@ enum Payload<'a> {
     Raw(&'a [u8]),
     /// A range of [`EncodedMemory::compressed`].
     Lz4(Range<usize>),
+    Zero,
 }
 
 /// A memory section ready to be written.
@@ -43,14 +48,27 @@ pub(crate) struct EncodedMemory<'a> {
 }
 
 impl<'a> EncodedMemory<'a> {
-    /// Encodes `memory`, whose length is a multiple of [`PAGE_BYTES`] below 4 GiB.
-    pub(crate) fn new(memory: &'a [u8]) -> Self {
+    /// Encodes `memory`, whose length is a multiple of [`PAGE_BYTES`] below 4 GiB: every
+    /// page that is not all zero, or with `changed`, exactly the pages it lists (in increasing
+    /// order, each below the page count; the caller checked), zero ones as zero pages.
+    pub(crate) fn new(memory: &'a [u8], changed: Option<&[u32]>) -> Self {
         let mut entries = Vec::new();
         let mut payloads = Vec::new();
         let mut compressed = Vec::new();
         let mut scratch = vec![0u8; get_maximum_output_size(PAGE_BYTES)];
-        for (index, page) in memory.chunks_exact(PAGE_BYTES).enumerate() {
+        let pages: Box<dyn Iterator<Item = (usize, &[u8])>> = match changed {
+            None => Box::new(memory.chunks_exact(PAGE_BYTES).enumerate()),
+            Some(list) => Box::new(list.iter().filter_map(|&p| {
+                let p = p as usize;
+                Some((p, memory.get(p * PAGE_BYTES..(p + 1) * PAGE_BYTES)?))
+            })),
+        };
+        for (index, page) in pages {
             if is_zero(page) {
+                if changed.is_some() {
+                    entries.push([index as u32, Codec::Zero as u32, 0, 0]);
+                    payloads.push(Payload::Zero);
+                }
                 continue;
             }
             let (codec, len, payload) = match compress_into(page, &mut scratch) {
@@ -102,6 +120,7 @@ impl<'a> EncodedMemory<'a> {
         match payload {
             Payload::Raw(page) => page,
             Payload::Lz4(range) => self.compressed.get(range.clone()).unwrap_or_default(),
+            Payload::Zero => &[],
         }
     }
 }
@@ -128,6 +147,8 @@ pub(crate) struct MemorySection<'a> {
     entries: &'a [u8],
     /// All payloads, back to back.
     payloads: &'a [u8],
+    /// Whether zero pages (codec 2) may appear: from version 3.
+    zero_pages: bool,
 }
 
 impl std::fmt::Debug for MemorySection<'_> {
@@ -141,8 +162,13 @@ impl std::fmt::Debug for MemorySection<'_> {
 }
 
 impl<'a> MemorySection<'a> {
-    /// Checks `section` against the manifest's `memory_bytes`.
-    pub(crate) fn parse(section: &'a [u8], memory_bytes: u64) -> Result<Self, SnapshotError> {
+    /// Checks `section` against the manifest's `memory_bytes`; `zero_pages` says whether the
+    /// file's version has zero pages.
+    pub(crate) fn parse(
+        section: &'a [u8],
+        memory_bytes: u64,
+        zero_pages: bool,
+    ) -> Result<Self, SnapshotError> {
         let short = || corrupt("memory section is shorter than its 16-byte header");
         let field = |offset| u32_at(section, offset).ok_or_else(short);
         let (page_bytes, n_pages, n_stored, reserved) =
@@ -181,6 +207,7 @@ impl<'a> MemorySection<'a> {
             n_stored,
             entries: &table[SECTION_HEADER_BYTES as usize..],
             payloads,
+            zero_pages,
         };
         let used = parsed.for_each_page(|_| Ok(()))?;
         if used != payloads.len() {
@@ -217,6 +244,7 @@ impl<'a> MemorySection<'a> {
             let codec = match codec {
                 0 if len as usize == PAGE_BYTES => Codec::Raw,
                 1 if len > 0 && (len as usize) < PAGE_BYTES => Codec::Lz4,
+                2 if self.zero_pages && len == 0 => Codec::Zero,
                 0 | 1 => {
                     return Err(corrupt(format!(
                         "memory page {index} has codec {codec} and an impossible length of {len} bytes"
@@ -255,27 +283,29 @@ impl<'a> MemorySection<'a> {
     pub(crate) fn restore(
         &self,
         dst: &mut [u8],
-        mut dirty: impl FnMut(usize) -> bool,
+        dirty: impl FnMut(usize) -> bool,
     ) -> Result<(), SnapshotError> {
-        let expected = u64::from(self.n_pages) * PAGE_BYTES as u64;
-        if dst.len() as u64 != expected {
-            return Err(SnapshotError::BufferSize {
-                what: "memory destination (bytes)",
-                expected,
-                actual: dst.len() as u64,
-            });
-        }
-        let mut next = 0usize; // first page not yet written or zeroed
+        restore_sections(std::slice::from_ref(self), dst, dirty)
+    }
+
+    /// Writes each stored page whose flag in `written` is false into `dst`, and sets the flag:
+    /// a newer link's page wins over an older one's. `dst` and `written` cover at least this
+    /// section's pages.
+    fn apply(&self, dst: &mut [u8], written: &mut [bool]) -> Result<(), SnapshotError> {
         self.for_each_page(|page| {
             let index = page.index as usize;
-            // for_each_page checked index < n_pages and that indices increase, so the pages
-            // touched lie in dst; `get_mut` keeps that from being a panic if it ever did not.
+            // for_each_page checked index < n_pages, and the caller sized dst and written for
+            // n_pages; `get_mut` keeps that from being a panic if it ever did not.
             let outside = || corrupt(format!("memory page {index} lies outside memory"));
-            zero_dirty(dst, next..index, &mut dirty).ok_or_else(outside)?;
+            let flag = written.get_mut(index).ok_or_else(outside)?;
+            if std::mem::replace(flag, true) {
+                return Ok(());
+            }
             let out = dst.get_mut(index * PAGE_BYTES..(index + 1) * PAGE_BYTES);
             let out = out.ok_or_else(outside)?;
             match page.codec {
                 Codec::Raw => out.copy_from_slice(page.payload),
+                Codec::Zero => out.fill(0),
                 Codec::Lz4 => match decompress_into(page.payload, out) {
                     Ok(PAGE_BYTES) => {}
                     Ok(n) => {
@@ -290,28 +320,50 @@ impl<'a> MemorySection<'a> {
                     }
                 },
             }
-            next = index + 1;
             Ok(())
-        })?;
-        zero_dirty(dst, next..self.n_pages as usize, &mut dirty)
-            .ok_or_else(|| corrupt("memory lies outside its destination"))
+        })
+        .map(|_| ())
+    }
+
+    /// Pages of memory this section describes.
+    pub(crate) fn n_pages(&self) -> usize {
+        self.n_pages as usize
     }
 }
 
-/// Zeroes each page in `pages` for which `dirty(page)` is true; `None` if a page lies outside
-/// `dst`.
-fn zero_dirty(
+/// Restores memory from the memory sections of a chain, newest first: each page from the
+/// newest section that stores it; every page none stores is zeroed where `dirty(page)` is
+/// true. `dst` must be exactly the newest section's size, and no section may be larger.
+pub(crate) fn restore_sections(
+    newest_first: &[MemorySection<'_>],
     dst: &mut [u8],
-    pages: Range<usize>,
-    dirty: &mut impl FnMut(usize) -> bool,
-) -> Option<()> {
-    for page in pages {
-        if dirty(page) {
-            dst.get_mut(page * PAGE_BYTES..(page + 1) * PAGE_BYTES)?
-                .fill(0);
+    mut dirty: impl FnMut(usize) -> bool,
+) -> Result<(), SnapshotError> {
+    let n_pages = newest_first.first().map_or(0, MemorySection::n_pages);
+    let expected = n_pages as u64 * PAGE_BYTES as u64;
+    if dst.len() as u64 != expected {
+        return Err(SnapshotError::BufferSize {
+            what: "memory destination (bytes)",
+            expected,
+            actual: dst.len() as u64,
+        });
+    }
+    let mut written = vec![false; n_pages];
+    for section in newest_first {
+        if section.n_pages() > n_pages {
+            return Err(corrupt(format!(
+                "an older link's memory has {} pages, more than the newest's {n_pages}",
+                section.n_pages()
+            )));
+        }
+        section.apply(dst, &mut written)?;
+    }
+    for (page, chunk) in dst.chunks_exact_mut(PAGE_BYTES).enumerate() {
+        if !written[page] && dirty(page) {
+            chunk.fill(0);
         }
     }
-    Some(())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -319,7 +371,7 @@ mod tests {
     use super::*;
 
     fn section(memory: &[u8]) -> Vec<u8> {
-        let encoded = EncodedMemory::new(memory);
+        let encoded = EncodedMemory::new(memory, None);
         let bytes: Vec<u8> = encoded.pieces().flatten().copied().collect();
         assert_eq!(bytes.len() as u64, encoded.len());
         bytes
@@ -344,7 +396,7 @@ mod tests {
     #[test]
     fn zero_pages_are_left_out_and_codecs_chosen() {
         let memory = memory();
-        let encoded = EncodedMemory::new(&memory);
+        let encoded = EncodedMemory::new(&memory, None);
         assert_eq!(encoded.stored(), 2);
         let bytes = section(&memory);
         let entry = |i: u64, field: u64| u32_at(&bytes, 16 + 16 * i + field).unwrap();
@@ -360,7 +412,7 @@ mod tests {
     fn restore_round_trips_and_zeroes_gaps() {
         let memory = memory();
         let bytes = section(&memory);
-        let parsed = MemorySection::parse(&bytes, memory.len() as u64).unwrap();
+        let parsed = MemorySection::parse(&bytes, memory.len() as u64, true).unwrap();
         assert_eq!(parsed.stored_pages(), 2);
         let mut dst = vec![0xaau8; memory.len()];
         parsed.restore(&mut dst, |_| true).unwrap();
@@ -371,7 +423,7 @@ mod tests {
     fn restore_refuses_wrong_destination() {
         let memory = memory();
         let bytes = section(&memory);
-        let parsed = MemorySection::parse(&bytes, memory.len() as u64).unwrap();
+        let parsed = MemorySection::parse(&bytes, memory.len() as u64, true).unwrap();
         let err = parsed.restore(&mut [0u8; 10], |_| true).unwrap_err();
         assert!(
             matches!(err, SnapshotError::BufferSize { actual: 10, .. }),
@@ -384,7 +436,7 @@ mod tests {
         let memory = memory();
         let mut bytes = section(&memory);
         bytes.push(0);
-        let err = MemorySection::parse(&bytes, memory.len() as u64).unwrap_err();
+        let err = MemorySection::parse(&bytes, memory.len() as u64, true).unwrap_err();
         assert!(err.to_string().contains("after its page table"), "{err}");
     }
 
@@ -395,7 +447,7 @@ mod tests {
         // The first payload (page 1, LZ4) starts right after the two entries.
         let payload = 16 + 2 * 16;
         bytes[payload..payload + 8].fill(0xff);
-        let parsed = MemorySection::parse(&bytes, memory.len() as u64).unwrap();
+        let parsed = MemorySection::parse(&bytes, memory.len() as u64, true).unwrap();
         let err = parsed
             .restore(&mut vec![0u8; memory.len()], |_| true)
             .unwrap_err();

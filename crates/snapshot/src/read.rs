@@ -12,8 +12,8 @@ use memmap2::{Mmap, MmapOptions};
 
 use crate::kv::KvView;
 use crate::layout::read_frame;
+use crate::older::read_manifest;
 use crate::pages::MemorySection;
-use crate::v1::read_manifest;
 use crate::{MAX_MANIFEST_BYTES, Manifest, SnapshotError, check_limit, corrupt};
 
 /// Files smaller than this are read into memory rather than mapped.
@@ -90,6 +90,7 @@ pub struct SnapshotView<'a> {
     /// [`version`](Self::version)).
     pub manifest: Manifest,
     version: u32,
+    digest: u128,
     memory: MemorySection<'a>,
     kv: Vec<KvView<'a>>,
 }
@@ -110,7 +111,7 @@ pub fn parse(bytes: &[u8]) -> Result<SnapshotView<'_>, SnapshotError> {
     let manifest = read_manifest(frame.version, frame.manifest)
         .map_err(|source| SnapshotError::Manifest { source })?;
     manifest.validate_as(frame.version)?;
-    let memory = MemorySection::parse(frame.memory, manifest.memory_bytes)?;
+    let memory = MemorySection::parse(frame.memory, manifest.memory_bytes, frame.version >= 3)?;
 
     if frame.kv.len() != manifest.sessions.len() {
         return Err(corrupt(format!(
@@ -125,15 +126,12 @@ pub fn parse(bytes: &[u8]) -> Result<SnapshotView<'_>, SnapshotError> {
         let Some(model) = manifest.models.get(session.model as usize) else {
             return Err(corrupt(format!("session {i} has no model"))); // validate() checked
         };
-        let expected = [
-            u64::from(model.n_layer),
-            session.tokens.len() as u64,
-            model.kv_dim(),
-        ];
+        let stored = session.tokens.len() - session.kv_from as usize; // validate() checked
+        let expected = [u64::from(model.n_layer), stored as u64, model.kv_dim()];
         let found = view.shape().map(|d| d as u64);
         if found != expected {
             return Err(corrupt(format!(
-                "session {i} KV blob has shape {found:?} but its manifest entry implies {expected:?} ([model n_layer, tokens, n_head_kv × head_dim])"
+                "session {i} KV blob has shape {found:?} but its manifest entry implies {expected:?} ([model n_layer, tokens from kv_from, n_head_kv × head_dim])"
             )));
         }
         kv.push(view);
@@ -141,6 +139,7 @@ pub fn parse(bytes: &[u8]) -> Result<SnapshotView<'_>, SnapshotError> {
     Ok(SnapshotView {
         manifest,
         version: frame.version,
+        digest: frame.digest,
         memory,
         kv,
     })
@@ -151,6 +150,17 @@ impl<'a> SnapshotView<'a> {
     /// [`VERSION`](crate::VERSION).
     pub fn version(&self) -> u32 {
         self.version
+    }
+
+    /// The snapshot's digest: the 128-bit XXH3 of every byte before the checksum trailer.
+    /// A [`Link`](crate::Link) names its parent by it. It detects damage and mix-ups, not
+    /// forgery: snapshots are the host's own files.
+    pub fn digest(&self) -> u128 {
+        self.digest
+    }
+
+    pub(crate) fn memory_section(&self) -> MemorySection<'a> {
+        self.memory
     }
 
     /// Writes every stored page into `dst` and zeroes every page that is not stored. `dst`

@@ -1,11 +1,12 @@
-//! Writing snapshots: [`encode`] to any writer, [`to_bytes`], and the crash-safe [`save`].
+//! Writing snapshots: [`encode`] to any writer, [`to_bytes`], the crash-safe [`save`], and
+//! [`append`] of a link to a chain file.
 //!
 //! Everything is checked and laid out before the first byte is written, so a refused input
 //! writes nothing; bulk data (pages, KV tensors) is then streamed straight from the caller's
 //! slices, hashed and written in large chunks.
 
 use std::fs::{self, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,16 +26,31 @@ pub struct SnapshotWrite<'a> {
     pub manifest: &'a Manifest,
     /// Linear memory; `manifest.memory_bytes` long.
     pub memory: &'a [u8],
-    /// `kv[i]` is the KV cache of `manifest.sessions[i]`.
+    /// `kv[i]` is the KV cache of `manifest.sessions[i]`: its positions from `kv_from` on.
     pub kv: Vec<KvWrite<'a>>,
+    /// For a link (`manifest.link` set), the memory pages that changed since its parent, in
+    /// increasing order; `None` for a whole snapshot, which stores every page that is not zero.
+    pub changed_pages: Option<&'a [u32]>,
 }
 
-/// Encodes `s` into `out` as format [`VERSION`](crate::VERSION); returns the bytes written.
+/// What writing a snapshot produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The snapshot's length in bytes.
+    pub bytes: u64,
+    /// Its [digest](crate::SnapshotView::digest).
+    pub digest: u128,
+    /// The length of the file it was written to, once written: where a chain file's next
+    /// link goes.
+    pub file_len: u64,
+}
+
+/// Encodes `s` into `out` as format [`VERSION`](crate::VERSION); returns its length and digest.
 /// Checks `s` first (the manifest with [`Manifest::validate`], which refuses one read from a
 /// version-1 file until its models have their `sha256` and `numerics`; the memory length; each
 /// KV cache's shape against its session and model) and writes nothing if a check fails. `out`
 /// is not flushed.
-pub fn encode(s: &SnapshotWrite<'_>, out: &mut impl Write) -> Result<u64, SnapshotError> {
+pub fn encode(s: &SnapshotWrite<'_>, out: &mut impl Write) -> Result<Written, SnapshotError> {
     Plan::new(s)?.write(s, out)
 }
 
@@ -51,13 +67,14 @@ pub fn to_bytes(s: &SnapshotWrite<'_>) -> Result<Vec<u8>, SnapshotError> {
     Ok(out)
 }
 
-/// Writes `s` to `path` crash-safely; returns the bytes written.
+/// Writes `s`, a whole snapshot, to `path` crash-safely, replacing any file there (a chain
+/// file too: this starts a new chain); returns what it wrote.
 ///
 /// The snapshot goes to a temporary file `<path>.tmp-<pid>-<n>` in the same directory, which
 /// is fsynced and renamed over `path`, and then the directory is fsynced. An interruption at
 /// any point leaves an existing file at `path` intact: readers see the old snapshot or the new
 /// one, never a mix. On error the temporary file is removed.
-pub fn save(path: &Path, s: &SnapshotWrite<'_>) -> Result<u64, SnapshotError> {
+pub fn save(path: &Path, s: &SnapshotWrite<'_>) -> Result<Written, SnapshotError> {
     let io_error = |source| SnapshotError::Io {
         path: path.to_path_buf(),
         error: source,
@@ -95,7 +112,7 @@ fn temp_path(path: &Path) -> io::Result<PathBuf> {
 }
 
 /// Encodes `s` into a new file at `tmp` and fsyncs it.
-fn write_file(tmp: &Path, s: &SnapshotWrite<'_>) -> Result<u64, SnapshotError> {
+fn write_file(tmp: &Path, s: &SnapshotWrite<'_>) -> Result<Written, SnapshotError> {
     let io_error = |source| SnapshotError::Io {
         path: tmp.to_path_buf(),
         error: source,
@@ -115,6 +132,50 @@ fn write_file(tmp: &Path, s: &SnapshotWrite<'_>) -> Result<u64, SnapshotError> {
     let file = out.into_inner().map_err(|e| io_error(e.into_error()))?;
     file.sync_all().map_err(io_error)?;
     Ok(written)
+}
+
+/// Appends `s`, a link, to the chain file at `path` whose last complete snapshot ends at byte
+/// `end` ([`Links::end`](crate::Links), or [`Written::file_len`] of the last write), and
+/// fsyncs it; returns what it wrote. Anything after `end` (an append a crash cut short) is
+/// cut off first. An interruption leaves the chain up to `end` whole: readers see it, with
+/// or without the new link.
+pub fn append(path: &Path, end: u64, s: &SnapshotWrite<'_>) -> Result<Written, SnapshotError> {
+    let io_error = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        error: source,
+    };
+    if s.manifest.link.is_none() {
+        return Err(corrupt(
+            "only a link can be appended to a chain; a whole snapshot starts a new one",
+        ));
+    }
+    let plan = Plan::new(s)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_error)?;
+    let len = file.metadata().map_err(io_error)?.len();
+    if len < end {
+        return Err(corrupt(format!(
+            "the chain file {} has {len} bytes, fewer than the {end} it had",
+            path.display()
+        )));
+    }
+    file.set_len(end).map_err(io_error)?;
+    file.seek(SeekFrom::Start(end)).map_err(io_error)?;
+    let pad = crate::chain::padding(end);
+    let mut out = BufWriter::with_capacity(CHUNK_BYTES, file);
+    out.write_all(&vec![0; pad as usize]).map_err(io_error)?;
+    let written = plan.write(s, &mut out).map_err(|e| match e {
+        SnapshotError::Write { error } => io_error(error),
+        other => other,
+    })?;
+    let file = out.into_inner().map_err(|e| io_error(e.into_error()))?;
+    file.sync_data().map_err(io_error)?;
+    Ok(Written {
+        file_len: end + pad + written.bytes,
+        ..written
+    })
 }
 
 /// Fsyncs the directory holding `path`, so a rename into it is durable.
@@ -154,6 +215,28 @@ impl<'a> Plan<'a> {
                 m.memory_bytes
             )));
         }
+        match (&m.link, s.changed_pages) {
+            (None, Some(_)) => {
+                return Err(corrupt(
+                    "changed pages are given for a whole snapshot, which stores every page",
+                ));
+            }
+            (Some(_), None) => {
+                return Err(corrupt(
+                    "a link needs the pages that changed since its parent",
+                ));
+            }
+            (Some(_), Some(pages)) => {
+                let n_pages = m.memory_bytes / crate::PAGE_BYTES as u64;
+                let ordered = pages.windows(2).all(|w| w[0] < w[1]);
+                if !ordered || pages.last().is_some_and(|&p| u64::from(p) >= n_pages) {
+                    return Err(corrupt(format!(
+                        "changed pages must increase and lie below the memory's {n_pages} pages"
+                    )));
+                }
+            }
+            (None, None) => {}
+        }
         if s.kv.len() != m.sessions.len() {
             return Err(corrupt(format!(
                 "{} KV caches given for {} sessions",
@@ -165,7 +248,7 @@ impl<'a> Plan<'a> {
         let manifest =
             serde_json::to_vec(m).map_err(|source| SnapshotError::Manifest { source })?;
         check_limit("manifest bytes", manifest.len() as u64, MAX_MANIFEST_BYTES)?;
-        let memory = EncodedMemory::new(s.memory);
+        let memory = EncodedMemory::new(s.memory, s.changed_pages);
         let mut parts = vec![
             (SectionKind::Manifest, 0, manifest.len() as u64),
             (SectionKind::Memory, 0, memory.len()),
@@ -175,11 +258,8 @@ impl<'a> Plan<'a> {
             let Some(model) = m.models.get(session.model as usize) else {
                 return Err(corrupt(format!("session {i} has no model"))); // validate() checked
             };
-            let expected = [
-                model.n_layer as u64,
-                session.tokens.len() as u64,
-                model.kv_dim(),
-            ];
+            let stored = session.tokens.len() - session.kv_from as usize; // validate() checked
+            let expected = [model.n_layer as u64, stored as u64, model.kv_dim()];
             let given = [kv.k.len() as u64, kv.n_tokens as u64, kv.kv_dim as u64];
             if given != expected {
                 return Err(corrupt(format!(
@@ -204,7 +284,7 @@ impl<'a> Plan<'a> {
         })
     }
 
-    fn write(&self, s: &SnapshotWrite<'_>, out: &mut impl Write) -> Result<u64, SnapshotError> {
+    fn write(&self, s: &SnapshotWrite<'_>, out: &mut impl Write) -> Result<Written, SnapshotError> {
         let mut sink = Sink {
             out,
             hasher: Xxh3::new(),
@@ -281,9 +361,10 @@ impl<W: Write> Sink<'_, W> {
         self.put(&ZEROS[..gap as usize])
     }
 
-    /// Writes the checksum trailer; returns the file length.
-    fn finish(mut self, file_len: u64) -> Result<u64, SnapshotError> {
+    /// Writes the checksum trailer; returns the file length and digest.
+    fn finish(mut self, file_len: u64) -> Result<Written, SnapshotError> {
         let checksum = self.hasher.digest().to_le_bytes();
+        let digest = self.hasher.digest128();
         self.put(&checksum)?;
         if self.written != file_len {
             return Err(corrupt(format!(
@@ -291,6 +372,10 @@ impl<W: Write> Sink<'_, W> {
                 self.written
             )));
         }
-        Ok(self.written)
+        Ok(Written {
+            bytes: self.written,
+            digest,
+            file_len: self.written,
+        })
     }
 }

@@ -7,8 +7,8 @@ mod common;
 use common::{Page, Rng, memory};
 use proptest::prelude::*;
 use tern_snapshot::{
-    Global, HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES, SessionInfo,
-    SnapshotWrite, ValType, parse, to_bytes,
+    Global, HostInfo, KvType, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES,
+    SessionInfo, SnapshotWrite, ValType, parse, to_bytes,
 };
 
 fn val_type() -> impl Strategy<Value = ValType> {
@@ -105,6 +105,8 @@ fn actor() -> impl Strategy<Value = (Manifest, Vec<u8>, u64)> {
                     model,
                     n_ctx,
                     tokens,
+                    kv_from: 0,
+                    kv_type: KvType::F32,
                 });
             }
             let manifest = Manifest {
@@ -123,6 +125,7 @@ fn actor() -> impl Strategy<Value = (Manifest, Vec<u8>, u64)> {
                     session_slots: 8,
                     clock_unix_ms: Some(seed as i64),
                 },
+                link: None,
             };
             (manifest, pages, seed)
         })
@@ -172,6 +175,7 @@ proptest! {
                     v: c.v.iter().map(Vec::as_slice).collect(),
                 })
                 .collect(),
+            changed_pages: None,
         };
         let bytes = to_bytes(&write).unwrap();
         prop_assert!(bytes == to_bytes(&write).unwrap(), "deterministic");

@@ -1,6 +1,8 @@
-//! Format versions: version-2 files carry each model's SHA-256 and numerics and the host's
+//! Format versions: version-3 files carry the link of an incremental snapshot and each
+//! session's first stored position and cache type; version-2 files, without those, read as
+//! whole snapshots; version-2 files carry each model's SHA-256 and numerics and the host's
 //! clock; version-1 files (a real one written by the version-1 writer, in `data/`) still read,
-//! with those absent; what neither version allows is refused.
+//! with those absent; what no version allows is refused.
 
 mod common;
 
@@ -91,9 +93,21 @@ fn a_version_1_manifest_cannot_be_written_as_version_2() {
     assert!(err.to_string().contains("has no sha256"), "{err}");
 }
 
-/// The version-1 manifest JSON of a version-2 file's manifest JSON.
-fn v1_json(v2: &serde_json::Value) -> serde_json::Value {
-    let mut v1 = v2.clone();
+/// The version-2 manifest JSON of a version-3 file's manifest JSON (of a whole snapshot).
+fn v2_json(v3: &serde_json::Value) -> serde_json::Value {
+    let mut v2 = v3.clone();
+    v2.as_object_mut().unwrap().remove("link");
+    for session in v2["sessions"].as_array_mut().unwrap() {
+        let session = session.as_object_mut().unwrap();
+        session.remove("kv_from");
+        session.remove("kv_type");
+    }
+    v2
+}
+
+/// The version-1 manifest JSON of a version-3 file's manifest JSON.
+fn v1_json(v3: &serde_json::Value) -> serde_json::Value {
+    let mut v1 = v2_json(v3);
     for model in v1["models"].as_array_mut().unwrap() {
         let model = model.as_object_mut().unwrap();
         model.remove("sha256");
@@ -115,13 +129,20 @@ fn rebuilt(file: &[u8], version: u32, manifest: &serde_json::Value) -> Vec<u8> {
 #[test]
 fn the_header_version_decides_how_the_manifest_reads() {
     let bytes = standard();
-    let v2 = manifest_json(&bytes);
-    let v1 = v1_json(&v2);
+    let v3 = manifest_json(&bytes);
+    let v2 = v2_json(&v3);
+    let v1 = v1_json(&v3);
     let fixture = Fixture::standard();
     assert_eq!(
         parse(&rebuilt(&bytes, 1, &v1)).unwrap().manifest,
         as_version_1(&fixture)
     );
+    let old = rebuilt(&bytes, 2, &v2);
+    let old = parse(&old).unwrap();
+    assert_eq!((old.version(), &old.manifest), (2, &fixture.manifest));
+    // A version-3 manifest in a version-2 file, and the other way round, are refused.
+    assert_refused(&rebuilt(&bytes, 2, &v3), "unknown field `link`");
+    assert_refused(&rebuilt(&bytes, 3, &v2), "snapshot manifest is not valid");
     // A version-2 manifest in a version-1 file, and the other way round, are refused.
     assert_refused(&rebuilt(&bytes, 1, &v2), "snapshot manifest is not valid");
     assert_refused(&rebuilt(&bytes, 2, &v1), "snapshot manifest is not valid");

@@ -4,8 +4,8 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use tern_snapshot::{
-    Global, HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES, SessionInfo,
-    SnapshotWrite, VERSION, ValType, reseal,
+    Global, HostInfo, KvType, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES,
+    SessionInfo, SnapshotWrite, VERSION, ValType, reseal,
 };
 
 /// An actor's state, owned, ready to be borrowed as a [`SnapshotWrite`].
@@ -114,6 +114,8 @@ impl Fixture {
                 tokens: (0..n_tokens as u32)
                     .map(|t| (t * 7 + slot) % 1000)
                     .collect(),
+                kv_from: 0,
+                kv_type: KvType::F32,
             });
         }
         let globals = vec![
@@ -143,6 +145,7 @@ impl Fixture {
                 session_slots: 8,
                 clock_unix_ms: Some(1_733_246_567_123),
             },
+            link: None,
         };
         Fixture {
             manifest,
@@ -170,22 +173,34 @@ impl Fixture {
     }
 
     pub fn write(&self) -> SnapshotWrite<'_> {
+        self.write_link(None)
+    }
+
+    /// Borrows the state as a snapshot: a whole one when `changed` is `None`, else a link
+    /// storing those pages and each session's positions from its `kv_from` (`k` and `v` hold
+    /// every position).
+    pub fn write_link<'a>(&'a self, changed: Option<&'a [u32]>) -> SnapshotWrite<'a> {
         let kv = self
             .manifest
             .sessions
             .iter()
             .enumerate()
-            .map(|(i, session)| KvWrite {
-                kv_dim: self.manifest.models[session.model as usize].kv_dim() as usize,
-                n_tokens: session.tokens.len(),
-                k: self.k[i].iter().map(Vec::as_slice).collect(),
-                v: self.v[i].iter().map(Vec::as_slice).collect(),
+            .map(|(i, session)| {
+                let kv_dim = self.manifest.models[session.model as usize].kv_dim() as usize;
+                let from = session.kv_from as usize * kv_dim;
+                KvWrite {
+                    kv_dim,
+                    n_tokens: session.tokens.len() - session.kv_from as usize,
+                    k: self.k[i].iter().map(|l| &l[from..]).collect(),
+                    v: self.v[i].iter().map(|l| &l[from..]).collect(),
+                }
             })
             .collect();
         SnapshotWrite {
             manifest: &self.manifest,
             memory: &self.memory,
             kv,
+            changed_pages: changed,
         }
     }
 }
