@@ -83,9 +83,11 @@ pub(crate) fn with_memory(
     // The state a panicking body leaves may be half-updated; the actor is poisoned by the
     // trap, so nothing reads that state again except a snapshot, which a poisoned actor
     // refuses.
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        body(&mut GuestMemory::new(data), &mut *state)
-    }));
+    let mut guest = GuestMemory::new(data);
+    let result = catch_unwind(AssertUnwindSafe(|| body(&mut guest, &mut *state)));
+    for &(offset, len) in guest.written() {
+        state.written.mark(offset, len);
+    }
     // Time in the host is not the guest's: move the deadline out by as much.
     let ticks_left = state.deadline.extend_since(started);
     if let Some(ticks) = ticks_left {

@@ -13,7 +13,8 @@ use crate::abi::HostPanic;
 use crate::clock::VirtualClock;
 use crate::deadline::GuestDeadline;
 use crate::guest_memory::{self, AbiError};
-use crate::instrument::{Instrumented, instrument};
+use crate::incremental::{Captured, Lineage, PageSet};
+use crate::instrument::{Instrumented, Writes, instrument_with};
 use crate::models::ModelState;
 use crate::{ActorError, Limits, Runtime, abi};
 
@@ -44,6 +45,9 @@ pub(crate) struct HostState {
     pub(crate) cancelled: Arc<AtomicBool>,
     /// Set when the actor is stopped for good ([`Canceller::stop`]); never cleared.
     pub(crate) stopped: Arc<AtomicBool>,
+    /// Pages of guest memory the host wrote since the last snapshot capture
+    /// ([`crate::incremental`]).
+    pub(crate) written: PageSet,
     /// Whether this actor's thread was moved to the idle scheduling class ([`DEMOTE_AFTER`]).
     demoted: bool,
     output: Vec<u8>,
@@ -114,8 +118,9 @@ impl ResourceLimiter for Limiter {
         1
     }
 
+    /// The guest's memory and its dirty-page map ([`crate::dirty`]).
     fn memories(&self) -> usize {
-        1
+        2
     }
 
     fn tables(&self) -> usize {
@@ -136,11 +141,21 @@ impl ActorModule {
     /// Instruments and compiles `wasm` (binary or text); `name` says where it came from. A
     /// module without the exports an actor needs is refused here, before any actor starts.
     pub fn new(runtime: &Runtime, name: &str, wasm: &[u8]) -> Result<ActorModule, ActorError> {
-        let mut info = instrument(wasm)?;
+        let mut info = instrument_with(wasm, Writes::DirtyPages)?;
         let module = Module::new(&runtime.engine, &info.wasm)
             .map_err(|e| ActorError::Module(format!("{e:#}")))?;
         info.wasm = Vec::new();
         check_exports(&module)?;
+        // One memory is the actor's state; a second one is the dirty-page map the rewrite
+        // added, which snapshots need not hold.
+        let allowed = 1 + usize::from(info.dirty.is_some());
+        let memories = module.resources_required().num_memories as usize;
+        if memories > allowed {
+            return Err(ActorError::Module(format!(
+                "the module has {} memories; an actor has exactly one",
+                memories + 1 - allowed
+            )));
+        }
         Ok(ActorModule {
             module,
             info,
@@ -231,6 +246,10 @@ pub struct Actor {
     deadline_ticks: u64,
     limit_ms: u128,
     pub(crate) poisoned: Option<String>,
+    /// The last durable snapshot, which the next incremental one continues.
+    pub(crate) lineage: Option<Lineage>,
+    /// The last capture, until it is committed.
+    pub(crate) captured: Option<Captured>,
 }
 
 impl Actor {
@@ -273,6 +292,7 @@ impl Actor {
             deadline: GuestDeadline::new(runtime.ticks.clone()),
             cancelled: Arc::new(AtomicBool::new(false)),
             stopped: Arc::new(AtomicBool::new(false)),
+            written: PageSet::default(),
             demoted: false,
             output: Vec::new(),
             output_limit: limits.output_bytes,
@@ -321,6 +341,8 @@ impl Actor {
             deadline_ticks: runtime.deadline_ticks(),
             limit_ms,
             poisoned: None,
+            lineage: None,
+            captured: None,
         })
     }
 
@@ -364,6 +386,7 @@ impl Actor {
             })?;
         memory.data_mut(&mut self.store)[range.offset()..range.offset() + range.bytes()]
             .copy_from_slice(message);
+        (self.store.data_mut().written).mark(range.offset(), range.bytes());
         let on_message = self.on_message.clone();
         let code = self.call("tern_on_message", |store| {
             on_message.call(store, (ptr, len))

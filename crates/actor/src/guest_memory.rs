@@ -216,6 +216,8 @@ pub type InInOut<'a> = (&'a [f32], &'a [f32], &'a mut [f32]);
 /// Borrows checked ranges of one guest memory as typed slices.
 pub struct GuestMemory<'m> {
     data: &'m mut [u8],
+    /// Every range lent writable, `(offset, bytes)`: what an incremental snapshot stores.
+    written: Vec<(usize, usize)>,
 }
 
 impl<'m> GuestMemory<'m> {
@@ -223,7 +225,15 @@ impl<'m> GuestMemory<'m> {
     /// nothing here relies on that: the typed views check the alignment of each element's
     /// address (the base's plus the offset), so any byte slice is safe to wrap.
     pub fn new(data: &'m mut [u8]) -> GuestMemory<'m> {
-        GuestMemory { data }
+        GuestMemory {
+            data,
+            written: Vec::new(),
+        }
+    }
+
+    /// Every range lent writable so far, `(offset, bytes)`.
+    pub fn written(&self) -> &[(usize, usize)] {
+        &self.written
     }
 
     /// Whether `r` lies inside this memory as a run of 4-byte values at 4-byte aligned
@@ -250,6 +260,7 @@ impl<'m> GuestMemory<'m> {
 
     /// The bytes of a checked range, writable.
     pub fn bytes_mut(&mut self, range: GuestRange) -> &mut [u8] {
+        self.written.push((range.offset, range.bytes));
         &mut self.data[range.offset..range.offset + range.bytes]
     }
 
@@ -260,6 +271,7 @@ impl<'m> GuestMemory<'m> {
                 "range {r} was not checked as f32s"
             )));
         }
+        self.written.push((r.offset, r.bytes));
         // SAFETY: the range is inside `self.data` at a 4-byte aligned address (checked
         // above), every bit pattern is a valid f32, and the view borrows `self` mutably, so
         // it is the only reference to these bytes while it lives.
@@ -299,6 +311,7 @@ impl<'m> GuestMemory<'m> {
                 )));
             }
         }
+        self.written.push((c.offset, c.bytes));
         let base = self.data.as_mut_ptr();
         // SAFETY: each range is inside `self.data` at a 4-byte aligned address (checked
         // above), every bit pattern is a valid f32, and the mutable view `c` is disjoint from
@@ -340,6 +353,9 @@ impl<'m> GuestMemory<'m> {
             return Err(AbiError::Invalid(format!(
                 "range {top} is not a whole number of candidates"
             )));
+        }
+        for r in logits.iter().chain([&top]) {
+            self.written.push((r.offset, r.bytes));
         }
         let base = self.data.as_mut_ptr();
         // SAFETY: both ranges are inside `self.data` at 4-byte aligned addresses (checked

@@ -42,6 +42,9 @@ pub(crate) struct SessionSlot {
     pub(crate) model: usize,
     pub(crate) session: Session,
     reservation: KvReservation,
+    /// Positions whose keys and values are those of the actor's last durable snapshot: an
+    /// incremental snapshot stores the session's from here on.
+    pub(crate) kept: usize,
 }
 
 /// An actor's open models and sessions; handles are indices.
@@ -85,6 +88,11 @@ impl ModelState {
         &self.sessions
     }
 
+    /// Session slots, writable.
+    pub(crate) fn session_slots_mut(&mut self) -> &mut [Option<SessionSlot>] {
+        &mut self.sessions
+    }
+
     /// KV-cache bytes this actor's open sessions reserve.
     pub(crate) fn kv_bytes(&self) -> u64 {
         self.sessions
@@ -113,6 +121,7 @@ impl ModelState {
             .map(|s| {
                 s.map(|(model, session, reservation)| SessionSlot {
                     model,
+                    kept: session.tokens.len(),
                     session,
                     reservation,
                 })
@@ -333,6 +342,7 @@ fn session_open(
             model: index,
             session,
             reservation,
+            kept: 0,
         });
         match free {
             Some(free) => {
@@ -369,7 +379,11 @@ fn session_rewind(
     with_memory(&mut caller, "session_rewind", |_, state| {
         let (_, s) = state.models.session(session)?;
         s.rewind(len as usize);
-        Ok(s.tokens.len() as i32)
+        let len = s.tokens.len();
+        if let Some(Some(slot)) = state.models.sessions.get_mut(session as usize) {
+            slot.kept = slot.kept.min(len);
+        }
+        Ok(len as i32)
     })
 }
 

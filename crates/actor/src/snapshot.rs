@@ -23,14 +23,15 @@ use std::sync::Arc;
 
 use tern_model::{Model, Session};
 use tern_snapshot::{
-    self as format, Global, HostInfo, KvWrite, Manifest, ModelRef, ModuleRef, SessionInfo,
-    SnapshotView, SnapshotWrite, ValType,
+    self as format, Chain, Global, HostInfo, KvPiece, KvWrite, Manifest, ModelRef, ModuleRef,
+    SessionInfo, SnapshotView, SnapshotWrite, ValType,
 };
 use wasmtime::{V128, Val};
 
 use crate::abi::ABI_VERSION;
 use crate::actor::{Actor, ActorModule};
 use crate::budget::KvReservation;
+use crate::incremental::{Lineage, LinkParts, changed_pages};
 use crate::models::{SessionSlot, session_kv_bytes};
 use crate::registry::OpenError;
 use crate::{ActorError, Runtime};
@@ -55,9 +56,19 @@ impl Actor {
         self.capture(format::to_bytes)
     }
 
-    /// Gathers the state and lends it to `write`.
+    /// Gathers the state, as a whole snapshot, and lends it to `write`.
     fn capture<R>(
         &mut self,
+        write: impl FnOnce(&SnapshotWrite<'_>) -> Result<R, format::SnapshotError>,
+    ) -> Result<R, ActorError> {
+        self.capture_as(None, write)
+    }
+
+    /// Gathers the state and lends it to `write`: a whole snapshot, or with `link` a link
+    /// holding the pages it lists and each session's positions from its `kept` mark on.
+    pub(crate) fn capture_as<R>(
+        &mut self,
+        link: LinkParts,
         write: impl FnOnce(&SnapshotWrite<'_>) -> Result<R, format::SnapshotError>,
     ) -> Result<R, ActorError> {
         if let Some(fault) = &self.poisoned {
@@ -75,29 +86,45 @@ impl Actor {
         let mut sessions = Vec::new();
         let mut caches = Vec::new();
         for (slot, entry) in state.models.session_slots().iter().enumerate() {
-            let Some(SessionSlot { model, session, .. }) = entry else {
+            let Some(SessionSlot {
+                model,
+                session,
+                kept,
+                ..
+            }) = entry
+            else {
                 continue;
+            };
+            let kv_from = match link {
+                Some(_) => (*kept).min(session.tokens.len()),
+                None => 0,
             };
             sessions.push(SessionInfo {
                 slot: slot as u32,
                 model: *model as u32,
                 n_ctx: session.n_ctx() as u32,
                 tokens: session.tokens.clone(),
-                kv_from: 0,
+                kv_from: kv_from as u32,
                 kv_type: format::KvType::F32,
             });
             let cache = session
                 .host_kv(&open[*model])
                 .map_err(|e| ActorError::Snapshot(format!("reading a KV cache: {e}")))?;
-            caches.push(cache);
+            caches.push((cache, kv_from));
         }
         let kv = caches
             .iter()
-            .map(|cache| {
-                let (k, v) = (0..cache.n_layer()).map(|l| cache.layer(l)).unzip();
+            .map(|(cache, from)| {
+                let skip = from * cache.kv_dim();
+                let (k, v) = (0..cache.n_layer())
+                    .map(|l| {
+                        let (k, v) = cache.layer(l);
+                        (&k[skip..], &v[skip..])
+                    })
+                    .unzip();
                 KvWrite {
                     kv_dim: cache.kv_dim(),
-                    n_tokens: cache.len,
+                    n_tokens: cache.len - from,
                     k,
                     v,
                 }
@@ -119,14 +146,17 @@ impl Actor {
                 session_slots: state.models.session_slots().len() as u32,
                 clock_unix_ms: state.clock.reading(),
             },
-            link: None,
+            link: link.as_ref().map(|(link, _)| link.clone()),
         };
         let memory = self.memory.data(&self.store);
+        let changed = link
+            .as_ref()
+            .map(|(_, pages)| changed_pages(pages, memory.len()));
         write(&SnapshotWrite {
             manifest: &manifest,
             memory,
             kv,
-            changed_pages: None,
+            changed_pages: changed.as_deref(),
         })
         .map_err(ActorError::from)
     }
@@ -163,14 +193,65 @@ impl Actor {
         Ok(out)
     }
 
-    /// A new actor of `module` in exactly the state `snapshot` holds. Its `tern_init` does
-    /// not run: the restored memory already holds what it set up.
+    /// A new actor of `module` in exactly the state `snapshot`, a whole snapshot, holds. Its
+    /// `tern_init` does not run: the restored memory already holds what it set up. Its next
+    /// [link](Actor::capture_link) continues `snapshot`.
     pub fn restore(
         runtime: &Runtime,
         module: &Arc<ActorModule>,
         snapshot: &SnapshotView<'_>,
     ) -> Result<Actor, ActorError> {
-        let m = &snapshot.manifest;
+        if snapshot.manifest.link.is_some() {
+            return Err(refuse(
+                "the snapshot is a link of a chain, which restores only with the snapshots before it (its chain file)".into(),
+            ));
+        }
+        let pieces = (0..snapshot.manifest.sessions.len())
+            .map(|i| Ok(vec![KvPiece::whole(snapshot.kv(i)?)]))
+            .collect::<Result<Vec<_>, format::SnapshotError>>()?;
+        Self::restore_parts(
+            runtime,
+            module,
+            &snapshot.manifest,
+            |dst, dirty| snapshot.restore_pages(dst, dirty),
+            &pieces,
+            Lineage::whole(snapshot),
+        )
+    }
+
+    /// A new actor of `module` in exactly the state `chain`'s newest snapshot holds; see
+    /// [`restore`](Self::restore). Its next link continues the chain.
+    pub fn restore_chain(
+        runtime: &Runtime,
+        module: &Arc<ActorModule>,
+        chain: &Chain<'_>,
+    ) -> Result<Actor, ActorError> {
+        let pieces = (0..chain.manifest().sessions.len())
+            .map(|i| chain.kv(i).map(<[KvPiece<'_>]>::to_vec))
+            .collect::<Result<Vec<_>, format::SnapshotError>>()?;
+        Self::restore_parts(
+            runtime,
+            module,
+            chain.manifest(),
+            |dst, dirty| chain.restore_pages(dst, dirty),
+            &pieces,
+            Lineage::of(chain),
+        )
+    }
+
+    /// A restore from a manifest, a memory writer (`restore_pages`) and each session's KV
+    /// pieces.
+    fn restore_parts(
+        runtime: &Runtime,
+        module: &Arc<ActorModule>,
+        m: &Manifest,
+        restore_pages: impl FnOnce(
+            &mut [u8],
+            &mut dyn FnMut(usize) -> bool,
+        ) -> Result<(), format::SnapshotError>,
+        pieces: &[Vec<KvPiece<'_>>],
+        lineage: Lineage,
+    ) -> Result<Actor, ActorError> {
         if m.abi_version != ABI_VERSION {
             return Err(refuse(format!(
                 "the snapshot uses guest ABI version {}, this host implements {ABI_VERSION}",
@@ -191,10 +272,12 @@ impl Actor {
             .iter()
             .map(|r| find_model(runtime, r))
             .collect::<Result<Vec<_>, _>>()?;
-        let sessions = restore_sessions(runtime, snapshot, &open)?;
+        let sessions = restore_sessions(runtime, m, pieces, &open)?;
         let mut actor = Actor::instantiate(runtime, module)?;
-        actor.restore_memory(snapshot)?;
+        actor.restore_memory(m, restore_pages)?;
         actor.restore_globals(&m.globals)?;
+        actor.clear_written()?;
+        actor.lineage = Some(lineage);
         let state = actor.store.data_mut();
         state.models.restore(open, sessions);
         state.last_error = m.host.last_error.clone();
@@ -202,9 +285,16 @@ impl Actor {
         Ok(actor)
     }
 
-    fn restore_memory(&mut self, snapshot: &SnapshotView<'_>) -> Result<(), ActorError> {
+    fn restore_memory(
+        &mut self,
+        m: &Manifest,
+        restore_pages: impl FnOnce(
+            &mut [u8],
+            &mut dyn FnMut(usize) -> bool,
+        ) -> Result<(), format::SnapshotError>,
+    ) -> Result<(), ActorError> {
         let page = format::PAGE_BYTES as u64;
-        let want = snapshot.manifest.memory_bytes / page;
+        let want = m.memory_bytes / page;
         let now = self.memory.size(&self.store);
         if want < now {
             return Err(refuse(format!(
@@ -222,8 +312,8 @@ impl Actor {
         let dirty = self.module.info.initialized_pages.clone();
         let memory = self.memory.data_mut(&mut self.store);
         match dirty {
-            Some(pages) => snapshot.restore_pages(memory, |p| pages.contains(&(p as u64)))?,
-            None => snapshot.restore_memory(memory)?,
+            Some(pages) => restore_pages(memory, &mut |p| pages.contains(&(p as u64)))?,
+            None => restore_pages(memory, &mut |_| true)?,
         }
         Ok(())
     }
@@ -383,10 +473,10 @@ fn find_model(runtime: &Runtime, wanted: &ModelRef) -> Result<Arc<Model>, ActorE
 /// KV-cache budget (reserved before the cache is made).
 fn restore_sessions(
     runtime: &Runtime,
-    snapshot: &SnapshotView<'_>,
+    m: &Manifest,
+    pieces: &[Vec<KvPiece<'_>>],
     open: &[Arc<Model>],
 ) -> Result<Vec<Option<RestoredSession>>, ActorError> {
-    let m = &snapshot.manifest;
     let mut slots: Vec<Option<RestoredSession>> = (0..m.host.session_slots).map(|_| None).collect();
     let mut reserved = 0;
     for (i, info) in m.sessions.iter().enumerate() {
@@ -404,16 +494,18 @@ fn restore_sessions(
         let mut session = model
             .new_session(info.n_ctx as usize)
             .map_err(|e| refuse(format!("session {}: {e}", info.slot)))?;
-        let kv = snapshot.kv(i)?;
         let bad_kv = |e: format::SnapshotError| tern_model::ModelError::Format(e.to_string());
-        session
-            .refill(model, info.tokens.len(), |layer| {
-                Ok((
-                    kv.k_layer_bytes(layer).map_err(bad_kv)?,
-                    kv.v_layer_bytes(layer).map_err(bad_kv)?,
-                ))
-            })
-            .map_err(|e| ActorError::Snapshot(format!("restoring a KV cache: {e}")))?;
+        let session_pieces = pieces.get(i).map_or(&[][..], Vec::as_slice);
+        for piece in session_pieces {
+            session
+                .refill(model, piece.from, piece.count, |layer| {
+                    Ok((
+                        piece.k_layer_bytes(layer).map_err(bad_kv)?,
+                        piece.v_layer_bytes(layer).map_err(bad_kv)?,
+                    ))
+                })
+                .map_err(|e| ActorError::Snapshot(format!("restoring a KV cache: {e}")))?;
+        }
         session.tokens = info.tokens.clone();
         let slot = slots.get_mut(info.slot as usize).ok_or_else(|| {
             ActorError::Snapshot(format!("session slot {} out of range", info.slot))

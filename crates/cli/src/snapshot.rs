@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tern_actor::{Actor, ActorModule, Runtime, SnapshotFile};
+use tern_snapshot::{Chain, parse_chain, split_links};
 
 use crate::host::{HostArgs, load_module, stream_to_stdout};
 
@@ -45,13 +46,22 @@ pub struct RestoreArgs {
     host: HostArgs,
 }
 
-/// Restores the actor saved at `path` and says how it will continue.
+/// Restores the actor saved at `path` (a snapshot, or a chain of them) and says how it will
+/// continue; its next [`Actor::save_to`] `path` continues the chain.
 pub fn restore(runtime: &Runtime, module: &Arc<ActorModule>, path: &Path) -> anyhow::Result<Actor> {
     let file = SnapshotFile::open(path)?;
-    let view = file.view()?;
-    let actor = Actor::restore(runtime, module, &view)
+    let links = split_links(file.bytes())?;
+    if links.torn_bytes > 0 {
+        eprintln!(
+            "{}: its last {} bytes are a save that did not finish; restoring the snapshot before them",
+            path.display(),
+            links.torn_bytes
+        );
+    }
+    let chain = parse_chain(&links.links)?;
+    let actor = Actor::restore_chain(runtime, module, &chain)
         .with_context(|| format!("restoring {}", path.display()))?;
-    let m = &view.manifest;
+    let m = chain.manifest();
     let tokens: usize = m.sessions.iter().map(|s| s.tokens.len()).sum();
     let (was, now) = (&m.host.device, actor.compute_label());
     eprintln!(
@@ -102,12 +112,15 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
 
 pub fn restore_command(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let file = SnapshotFile::open(&args.snapshot)?;
-    let view = file.view()?;
+    let links = split_links(file.bytes())?;
+    let chain = parse_chain(&links.links)?;
     if args.inspect {
-        inspect(&args.snapshot, &view);
+        inspect(&args.snapshot, &chain, links.torn_bytes);
         return Ok(ExitCode::SUCCESS);
     }
-    let manifest = view.manifest;
+    let manifest = chain.manifest().clone();
+    drop(chain);
+    drop(file);
     let runtime = args.host.runtime()?;
     let module_name = args.module.as_deref().unwrap_or(&manifest.module.name);
     let module = load_module(&runtime, module_name)?;
@@ -121,8 +134,10 @@ pub fn restore_command(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints what a checked snapshot holds.
-fn inspect(path: &Path, view: &tern_actor::SnapshotView<'_>) {
+/// Prints what a checked snapshot or chain holds: each snapshot of the chain, then the
+/// state it restores.
+fn inspect(path: &Path, chain: &Chain<'_>, torn_bytes: u64) {
+    let view = chain.head();
     let m = &view.manifest;
     println!(
         "{}: a valid Tern snapshot (format version {}, ABI version {})",
@@ -130,6 +145,26 @@ fn inspect(path: &Path, view: &tern_actor::SnapshotView<'_>) {
         view.version(),
         m.abi_version
     );
+    if chain.len() > 1 {
+        println!(
+            "a chain of {} snapshots: a whole one and {} incremental links",
+            chain.len(),
+            chain.len() - 1
+        );
+        for (depth, link) in chain.views().iter().enumerate() {
+            let kv: usize = (link.manifest.sessions.iter())
+                .map(|s| s.tokens.len() - s.kv_from as usize)
+                .sum();
+            println!(
+                "snapshot {depth}: digest {}, {} pages and {kv} KV positions stored",
+                tern_snapshot::digest_hex(link.digest()),
+                link.stored_pages(),
+            );
+        }
+    }
+    if torn_bytes > 0 {
+        println!("then {torn_bytes} bytes of a save that did not finish (left out)");
+    }
     println!("module: `{}`, sha256 {}", m.module.name, m.module.digest);
     println!(
         "memory: {} KiB, {} of {} pages stored",

@@ -152,30 +152,48 @@ fn sigkill_then_restore_continues_bit_for_bit() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Compares two snapshots part by part, then whole.
+/// Compares the states two chain files restore to, part by part: globals, host state,
+/// models, sessions, linear memory and every KV value.
 fn compare(a: &[u8], b: &[u8]) {
-    let (va, vb) = (
-        tern_snapshot::parse(a).unwrap(),
-        tern_snapshot::parse(b).unwrap(),
+    let (la, lb) = (
+        tern_snapshot::split_links(a).unwrap(),
+        tern_snapshot::split_links(b).unwrap(),
     );
-    let (ma, mb) = (&va.manifest, &vb.manifest);
+    let (ca, cb) = (
+        tern_snapshot::parse_chain(&la.links).unwrap(),
+        tern_snapshot::parse_chain(&lb.links).unwrap(),
+    );
+    let (ma, mb) = (ca.manifest(), cb.manifest());
     assert_eq!(ma.globals, mb.globals, "globals differ");
-    assert_eq!(ma.sessions, mb.sessions, "session tokens differ");
+    assert_eq!(ma.host, mb.host, "host state differs");
+    assert_eq!(ma.models, mb.models, "models differ");
+    let sessions = |m: &tern_snapshot::Manifest| -> Vec<(u32, u32, Vec<u32>)> {
+        (m.sessions.iter())
+            .map(|s| (s.slot, s.n_ctx, s.tokens.clone()))
+            .collect()
+    };
+    assert_eq!(sessions(ma), sessions(mb), "session tokens differ");
     assert!(!ma.sessions.is_empty() && !ma.sessions[0].tokens.is_empty());
     assert_eq!(ma.memory_bytes, mb.memory_bytes, "memory sizes differ");
     let mut mem_a = vec![0u8; ma.memory_bytes as usize];
     let mut mem_b = mem_a.clone();
-    va.restore_memory(&mut mem_a).unwrap();
-    vb.restore_memory(&mut mem_b).unwrap();
+    ca.restore_memory(&mut mem_a).unwrap();
+    cb.restore_memory(&mut mem_b).unwrap();
     assert!(mem_a == mem_b, "linear memory differs");
+    let n_layer = ma.models[0].n_layer as usize;
+    let kv = |chain: &tern_snapshot::Chain<'_>, i: usize| -> Vec<u8> {
+        let mut out = Vec::new();
+        for layer in 0..n_layer {
+            for piece in chain.kv(i).unwrap() {
+                out.extend_from_slice(piece.k_layer_bytes(layer).unwrap());
+                out.extend_from_slice(piece.v_layer_bytes(layer).unwrap());
+            }
+        }
+        out
+    };
     for i in 0..ma.sessions.len() {
-        let (ka, kb) = (va.kv(i).unwrap(), vb.kv(i).unwrap());
-        assert!(ka.bytes() == kb.bytes(), "KV cache of session {i} differs");
+        assert!(kv(&ca, i) == kv(&cb, i), "KV cache of session {i} differs");
     }
-    assert!(
-        a == b,
-        "the files differ outside memory, globals, tokens and KV"
-    );
 }
 
 fn model_path() -> PathBuf {
@@ -293,11 +311,11 @@ fn snapshots_for_missing_or_different_models_are_refused() {
 fn restore_refuses_a_damaged_file_and_keeps_it() {
     let dir = scratch("damaged");
     let path = dir.join("broken.tern");
-    std::fs::write(&path, b"TERNSNAP\x03\0\0\0 and the rest is gone").unwrap();
+    std::fs::write(&path, b"TERNSNAP\x04\0\0\0 and the rest is gone").unwrap();
     let out = tern().arg("restore").arg(&path).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("version 3"), "{stderr}");
+    assert!(stderr.contains("version 4"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(path.exists());
     std::fs::remove_dir_all(&dir).unwrap();

@@ -63,8 +63,9 @@ pub struct StepItem<'a> {
     pub top: &'a mut [Candidate],
 }
 
-/// Each layer's keys and values of a saved cache, `(len, kv_dim)` little-endian f32 bytes
-/// each, by layer index (the bytes live for `'a`, the function for `'f`).
+/// Each layer's keys and values of some positions of a saved cache, `(positions, kv_dim)`
+/// little-endian f32 bytes each, by layer index (the bytes live for `'a`, the function for
+/// `'f`).
 pub type LayerBytes<'a, 'f> = dyn Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError> + 'f;
 
 /// A backend that runs a model's forward pass. See the module docs.
@@ -81,11 +82,13 @@ pub trait Engine: Any + Send + Sync {
     /// The session's KV cache of its filled positions, on the host (borrowed where it
     /// already lives there): a snapshot's state writer.
     fn read_kv<'s>(&self, state: &'s dyn SessionState) -> Result<Cow<'s, KvCache>, ModelError>;
-    /// Fills the session's first `len` positions from saved layers: a snapshot's state
-    /// reader (`len` is checked against the session's size by the caller).
+    /// Fills the session's positions `from..from + len` from saved layers and makes
+    /// `from + len` its length: a snapshot's state reader, called for each piece of a cache
+    /// in position order (`from + len` is checked against the session's size by the caller).
     fn write_kv(
         &self,
         state: &mut dyn SessionState,
+        from: usize,
         len: usize,
         layer: &LayerBytes<'_, '_>,
     ) -> Result<(), ModelError>;

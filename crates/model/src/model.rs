@@ -328,23 +328,25 @@ impl Session {
         model.engine().read_kv(&*self.state)
     }
 
-    /// Fills the first `len` positions from each layer's keys and values as little-endian
-    /// f32 bytes, `(len, kv_dim)` each, as `layer` gives them: how a saved cache is written
-    /// back. A GPU session copies them straight from those bytes (a mapped snapshot file, say)
-    /// to device memory.
+    /// Fills positions `from..from + len` from each layer's keys and values as little-endian
+    /// f32 bytes, `(len, kv_dim)` each, as `layer` gives them, and forgets every position
+    /// after them: how a saved cache is written back, piece by piece in position order. A GPU
+    /// session copies them straight from those bytes (a mapped snapshot file, say) to device
+    /// memory.
     pub fn refill<'a>(
         &mut self,
         model: &Model,
+        from: usize,
         len: usize,
         layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
     ) -> Result<(), ModelError> {
-        if len > self.n_ctx() {
+        if from.checked_add(len).is_none_or(|end| end > self.n_ctx()) {
             return Err(ModelError::Invalid(format!(
-                "{len} positions do not fit a session of {}",
+                "positions {from} + {len} do not fit a session of {}",
                 self.n_ctx()
             )));
         }
-        model.engine().write_kv(&mut *self.state, len, &layer)
+        model.engine().write_kv(&mut *self.state, from, len, &layer)
     }
 
     /// The session's state as its backend's own type, when it is that one (for the

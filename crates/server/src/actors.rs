@@ -866,10 +866,13 @@ fn restore_bytes(
 ) -> Result<Actor, ApiError> {
     let view = tern_snapshot::parse(bytes)
         .map_err(|e| ApiError::bad_request(format!("the snapshot is unreadable: {e}")))?;
-    Actor::restore(runtime, module, &view).map_err(|e| match e {
+    let mut actor = Actor::restore(runtime, module, &view).map_err(|e| match e {
         tern_actor::ActorError::Snapshot(_) => ApiError::bad_request(e.to_string()),
         e => ApiError::from(e),
-    })
+    })?;
+    // Its chain starts in this server's store.
+    actor.restart_chain();
+    Ok(actor)
 }
 
 /// Answers a job queued for an actor that was deleted before it ran.

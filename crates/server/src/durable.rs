@@ -5,18 +5,22 @@
 //! state folder):
 //! - `actors/{id}.json`: the actor's record (its module, by bundled name or digest, and its
 //!   creation time), written once when it starts;
-//! - `actors/{id}.tern`: its last durable snapshot (the format `tern restore` reads),
-//!   replaced crash-safely after each message or on passivation;
+//! - `actors/{id}.tern`: its last durable snapshot (the format `tern restore` reads): where
+//!   the store appends (a [`crate::store::LocalStore`]), a chain file, a link appended after
+//!   each message or on passivation and now and then a whole snapshot replacing it
+//!   crash-safely; elsewhere a whole snapshot, replaced crash-safely;
 //! - `modules/{digest}.wasm`: each uploaded module's bytes, so uploads survive a restart.
 //!
-//! Guarantees: a save replaces the previous snapshot whole or not at all; an actor whose
+//! Guarantees: a save replaces the previous snapshot whole or not at all, or appends a link
+//! that a restore reads only when complete; an actor whose
 //! record or snapshot is missing or unreadable is skipped at recovery with an error in the
 //! log, never a crash; a deleted actor's keys are removed (snapshot first, then record).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tern_actor::{Actor, ActorModule, Runtime};
+use tern_actor::{Actor, ActorModule, ChainWrite, Runtime};
+use tern_snapshot::Written;
 
 use crate::ApiError;
 use crate::metrics::Metrics;
@@ -100,13 +104,39 @@ impl Persistence {
         self.store.put(&record_key(id), &bytes).map_err(store_error)
     }
 
-    /// Saves the actor's state as its last durable snapshot.
+    /// Saves the actor's state as its last durable snapshot: where the store appends, a
+    /// link of the actor's chain (what changed since its last save) or now and then a whole
+    /// snapshot that starts the chain over ([`Actor::save_link`]); elsewhere a whole one.
     pub fn save(&self, id: &str, actor: &mut Actor) -> Result<(), ApiError> {
         let started = Instant::now();
-        let bytes = actor.snapshot()?;
-        self.store
-            .put_owned(&snapshot_key(id), bytes)
-            .map_err(store_error)?;
+        let key = snapshot_key(id);
+        if self.store.appends() {
+            let mut failed = None;
+            let saved = actor.save_link(false, |s, how| {
+                let mut bytes = Vec::new();
+                let written = tern_snapshot::encode(s, &mut bytes)?;
+                let stored = match how {
+                    ChainWrite::Whole => self.store.put_owned(&key, bytes).map(|()| written.bytes),
+                    ChainWrite::Append { end } => self.store.append(&key, end, &bytes),
+                };
+                let file_len = stored.map_err(|e| {
+                    let error = std::io::Error::other(e.to_string());
+                    failed = Some(e);
+                    tern_snapshot::SnapshotError::Write { error }
+                })?;
+                Ok(Written {
+                    file_len,
+                    ..written
+                })
+            });
+            if let Some(e) = failed {
+                return Err(store_error(e));
+            }
+            saved?;
+        } else {
+            let bytes = actor.snapshot()?;
+            self.store.put_owned(&key, bytes).map_err(store_error)?;
+        }
         Metrics::observe(
             &self.metrics.snapshots_saved,
             started.elapsed().as_secs_f64(),
@@ -127,10 +157,15 @@ impl Persistence {
             .get(&snapshot_key(id))
             .map_err(store_error)?
             .ok_or_else(|| ApiError::internal(format!("actor `{id}` has no stored snapshot")))?;
-        let view = tern_snapshot::parse(&bytes).map_err(|e| {
+        let unreadable = |e: tern_snapshot::SnapshotError| {
             ApiError::internal(format!("actor `{id}`'s stored snapshot is unreadable: {e}"))
-        })?;
-        let actor = Actor::restore(runtime, module, &view)?;
+        };
+        let links = tern_snapshot::split_links(&bytes).map_err(unreadable)?;
+        let chain = tern_snapshot::parse_chain(&links.links).map_err(unreadable)?;
+        let mut actor = Actor::restore_chain(runtime, module, &chain)?;
+        if !self.store.appends() {
+            actor.restart_chain();
+        }
         Metrics::observe(
             &self.metrics.snapshots_restored,
             started.elapsed().as_secs_f64(),

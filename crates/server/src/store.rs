@@ -8,7 +8,7 @@
 //!   `/`, none empty or starting with `.`, so a key never leaves the store.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -57,6 +57,22 @@ pub trait SnapshotStore: Send + Sync {
     fn release(&self, id: &str) -> Result<(), StoreError> {
         let _ = id;
         Ok(())
+    }
+
+    /// Whether [`append`](Self::append) works: values can grow in place.
+    fn appends(&self) -> bool {
+        false
+    }
+
+    /// Keeps the first `end` bytes of the value at `key`, cutting off the rest, and appends
+    /// `bytes` at the next multiple of 64 (zero padding between), durably; returns the new
+    /// length. An interruption leaves the first `end` bytes as they were. Only where
+    /// [`appends`](Self::appends).
+    fn append(&self, key: &str, end: u64, bytes: &[u8]) -> Result<u64, StoreError> {
+        let _ = (end, bytes);
+        Err(StoreError::Key(format!(
+            "{key}: this store does not append"
+        )))
     }
 }
 
@@ -193,6 +209,30 @@ impl SnapshotStore for LocalStore {
         walk(&self.root, "", &mut keys)?;
         keys.sort();
         Ok(keys)
+    }
+
+    fn appends(&self) -> bool {
+        true
+    }
+
+    fn append(&self, key: &str, end: u64, bytes: &[u8]) -> Result<u64, StoreError> {
+        let path = self.path(key)?;
+        let appended = (|| {
+            let mut file = File::options().write(true).open(&path)?;
+            if file.metadata()?.len() < end {
+                return Err(std::io::Error::other(format!(
+                    "it holds fewer than the {end} bytes it had"
+                )));
+            }
+            file.set_len(end)?;
+            file.seek(std::io::SeekFrom::Start(end))?;
+            let pad = end.next_multiple_of(64) - end;
+            file.write_all(&[0; 64][..pad as usize])?;
+            file.write_all(bytes)?;
+            file.sync_data()?;
+            Ok(end + pad + bytes.len() as u64)
+        })();
+        appended.map_err(io("cannot append to", &path))
     }
 }
 

@@ -101,10 +101,11 @@ pub fn split_links(bytes: &[u8]) -> Result<Links<'_>, SnapshotError> {
         at = next;
     }
     if links.is_empty() {
-        return Err(SnapshotError::Truncated {
-            expected: u64_at(bytes, 16).unwrap_or(MIN_FILE_BYTES),
+        // Not even a first snapshot: say what is wrong with it as one.
+        return Err(parse(bytes).err().unwrap_or(SnapshotError::Truncated {
+            expected: MIN_FILE_BYTES,
             actual: len,
-        });
+        }));
     }
     Ok(Links {
         links,
@@ -123,6 +124,15 @@ pub struct KvPiece<'a> {
 }
 
 impl<'a> KvPiece<'a> {
+    /// All of a whole snapshot's KV blob: positions `0..view.n_tokens`.
+    pub fn whole(view: KvView<'a>) -> KvPiece<'a> {
+        KvPiece {
+            from: 0,
+            count: view.n_tokens,
+            view,
+        }
+    }
+
     /// Layer `layer`'s keys of this piece's positions, little-endian f32 bytes.
     pub fn k_layer_bytes(&self, layer: usize) -> Result<&'a [u8], SnapshotError> {
         self.rows(self.view.k_layer_bytes(layer)?)

@@ -91,6 +91,7 @@ pub struct SnapshotView<'a> {
     pub manifest: Manifest,
     version: u32,
     digest: u128,
+    len: u64,
     memory: MemorySection<'a>,
     kv: Vec<KvView<'a>>,
 }
@@ -140,6 +141,7 @@ pub fn parse(bytes: &[u8]) -> Result<SnapshotView<'_>, SnapshotError> {
         manifest,
         version: frame.version,
         digest: frame.digest,
+        len: bytes.len() as u64,
         memory,
         kv,
     })
@@ -157,6 +159,16 @@ impl<'a> SnapshotView<'a> {
     /// forgery: snapshots are the host's own files.
     pub fn digest(&self) -> u128 {
         self.digest
+    }
+
+    /// The snapshot's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Never: a snapshot has at least its header.
+    pub fn is_empty(&self) -> bool {
+        false
     }
 
     pub(crate) fn memory_section(&self) -> MemorySection<'a> {

@@ -93,17 +93,21 @@ impl KvCache {
         (&self.k[range.clone()], &self.v[range])
     }
 
-    /// Marks the first `len` positions filled and lends each layer's keys and values of those
-    /// positions, `(len, kv_dim)` each, to `fill`: how a restored cache is written back.
+    /// Marks the first `from + len` positions filled and lends each layer's keys and values
+    /// of positions `from..from + len`, `(len, kv_dim)` each, to `fill`: how a restored cache
+    /// is written back, piece by piece.
     pub fn refill<E>(
         &mut self,
+        from: usize,
         len: usize,
         mut fill: impl FnMut(usize, &mut [f32], &mut [f32]) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.len = len.min(self.n_ctx);
+        let end = (from + len).min(self.n_ctx);
+        let from = from.min(end);
+        self.len = end;
         for layer in 0..self.n_layer() {
-            let (k, v) = self.layer_mut(layer);
-            fill(layer, k, v)?;
+            let range = self.at(layer, from)..self.at(layer, end);
+            fill(layer, &mut self.k[range.clone()], &mut self.v[range])?;
         }
         Ok(())
     }
@@ -184,10 +188,11 @@ impl Engine for CpuLlama {
     fn write_kv(
         &self,
         state: &mut dyn SessionState,
+        from: usize,
         len: usize,
         layer: &LayerBytes<'_, '_>,
     ) -> Result<(), ModelError> {
-        own_mut::<KvCache>(state)?.refill(len, |l, k, v| {
+        own_mut::<KvCache>(state)?.refill(from, len, |l, k, v| {
             let (kb, vb) = layer(l)?;
             copy_le(kb, k)?;
             copy_le(vb, v)

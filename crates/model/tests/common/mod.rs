@@ -170,7 +170,7 @@ pub fn moved_cache_continues_bit_for_bit(
         .map(|l| (le(host.layer(l).0), le(host.layer(l).1)))
         .collect();
     moved
-        .refill(&model, host.len, |l| {
+        .refill(&model, 0, host.len, |l| {
             Ok((&layers[l].0[..], &layers[l].1[..]))
         })
         .unwrap();

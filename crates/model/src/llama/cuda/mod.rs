@@ -549,12 +549,13 @@ impl Engine for CudaLlama {
     fn write_kv(
         &self,
         state: &mut dyn SessionState,
+        from: usize,
         len: usize,
         layer: &LayerBytes<'_, '_>,
     ) -> Result<(), ModelError> {
         let s = own_mut::<CudaSession>(state)?;
         let c = &self.config;
         let _busy = self.hold()?;
-        s.upload_layers(len, c.n_layer, c.kv_dim(), layer)
+        s.upload_layers(from, len, c.n_layer, c.kv_dim(), layer)
     }
 }

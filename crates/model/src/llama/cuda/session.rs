@@ -554,6 +554,7 @@ impl CudaSession {
     /// straight from `layer`'s slices to device memory.
     pub fn upload_layers<'a>(
         &mut self,
+        from: usize,
         len: usize,
         n_layer: usize,
         kv_dim: usize,
@@ -562,7 +563,7 @@ impl CudaSession {
         let per_layer = len * kv_dim;
         for l in 0..n_layer {
             let (kb, vb) = layer(l)?;
-            let at = l * self.n_ctx * kv_dim;
+            let at = (l * self.n_ctx + from) * kv_dim;
             let buffers = &mut *self.buf;
             for (bytes, buf) in [(kb, &mut buffers.k), (vb, &mut buffers.v)] {
                 if bytes.len() != 4 * per_layer {
@@ -579,7 +580,7 @@ impl CudaSession {
         self.stream
             .synchronize()
             .map_err(driver("uploading the KV cache"))?;
-        self.len = len;
+        self.len = from + len;
         Ok(())
     }
 }

@@ -279,11 +279,12 @@ impl Engine for WgpuLlama {
     fn write_kv(
         &self,
         state: &mut dyn SessionState,
+        from: usize,
         len: usize,
         layer: &LayerBytes<'_, '_>,
     ) -> Result<(), ModelError> {
         let s = own_mut::<WgpuSession>(state)?;
         let c = &self.config;
-        s.upload_layers(self.gpu(), len, c.n_layer, c.kv_dim(), layer)
+        s.upload_layers(self.gpu(), from, len, c.n_layer, c.kv_dim(), layer)
     }
 }

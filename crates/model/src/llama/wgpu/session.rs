@@ -226,6 +226,7 @@ impl WgpuSession {
     pub fn upload_layers<'a>(
         &mut self,
         gpu: &WgpuDevice,
+        from: usize,
         len: usize,
         n_layer: usize,
         kv_dim: usize,
@@ -233,7 +234,7 @@ impl WgpuSession {
     ) -> Result<(), ModelError> {
         for l in 0..n_layer {
             let (kb, vb) = layer(l)?;
-            let at = (4 * l * self.n_ctx * kv_dim) as u64;
+            let at = (4 * (l * self.n_ctx + from) * kv_dim) as u64;
             for (bytes, buf) in [(kb, &self.buf.k), (vb, &self.buf.v)] {
                 if bytes.len() != 4 * len * kv_dim {
                     return Err(ModelError::Invalid(format!(
@@ -248,7 +249,7 @@ impl WgpuSession {
             }
         }
         gpu.wait().map_err(wgpu_error)?;
-        self.len = len;
+        self.len = from + len;
         Ok(())
     }
 }
