@@ -107,10 +107,10 @@ impl Actor {
                 kv_from: kv_from as u32,
                 kv_type: format::KvType::F32,
             });
-            let cache = session
-                .host_kv(&open[*model])
+            let (cache, first) = session
+                .host_kv_from(&open[*model], kv_from)
                 .map_err(|e| ActorError::Snapshot(format!("reading a KV cache: {e}")))?;
-            caches.push((cache, kv_from));
+            caches.push((cache, kv_from - first));
         }
         let kv = caches
             .iter()

@@ -79,9 +79,15 @@ pub trait Engine: Any + Send + Sync {
     /// Appends each item's tokens to its session and writes the outputs it asks for. The
     /// items' arguments are checked before any runs; on an error no session has changed.
     fn step(&self, items: &mut [StepItem<'_>]) -> Result<(), ModelError>;
-    /// The session's KV cache of its filled positions, on the host (borrowed where it
-    /// already lives there): a snapshot's state writer.
-    fn read_kv<'s>(&self, state: &'s dyn SessionState) -> Result<Cow<'s, KvCache>, ModelError>;
+    /// The session's KV cache on the host, at least its filled positions from `from` on, and
+    /// the session position of the cache's first position: borrowed whole (first 0) where it
+    /// already lives on the host, else copied from `from` on (first `from`). A snapshot's
+    /// state writer; an incremental snapshot asks only for the positions it stores.
+    fn read_kv<'s>(
+        &self,
+        state: &'s dyn SessionState,
+        from: usize,
+    ) -> Result<(Cow<'s, KvCache>, usize), ModelError>;
     /// Fills the session's positions `from..from + len` from saved layers and makes
     /// `from + len` its length: a snapshot's state reader, called for each piece of a cache
     /// in position order (`from + len` is checked against the session's size by the caller).

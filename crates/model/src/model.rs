@@ -325,7 +325,20 @@ impl Session {
     /// The KV cache of the filled positions on the host: borrowed for a CPU session, copied
     /// from the GPU for a GPU one.
     pub fn host_kv(&self, model: &Model) -> Result<Cow<'_, KvCache>, ModelError> {
-        model.engine().read_kv(&*self.state)
+        Ok(self.host_kv_from(model, 0)?.0)
+    }
+
+    /// The KV cache on the host, at least its filled positions from `from` on, and the
+    /// session position of the cache's first position (see [`Engine::read_kv`]): a GPU
+    /// session copies only those positions.
+    ///
+    /// [`Engine::read_kv`]: crate::engine::Engine::read_kv
+    pub fn host_kv_from(
+        &self,
+        model: &Model,
+        from: usize,
+    ) -> Result<(Cow<'_, KvCache>, usize), ModelError> {
+        model.engine().read_kv(&*self.state, from)
     }
 
     /// Fills positions `from..from + len` from each layer's keys and values as little-endian

@@ -14,7 +14,9 @@ use std::cell::Cell;
 
 use common::{Fixture, assemble, sections};
 use proptest::prelude::*;
-use tern_snapshot::{PAGE_BYTES, SnapshotError, parse, reseal, to_bytes};
+use tern_snapshot::{
+    Link, PAGE_BYTES, SnapshotError, digest_hex, parse, parse_chain, reseal, split_links, to_bytes,
+};
 
 /// Counts this thread's live heap bytes and their peak, so a test can bound what one call
 /// allocates.
@@ -239,8 +241,107 @@ fn with_number(file: &[u8], target: usize, pick: usize, to: u64) -> Vec<u8> {
     assemble(&parts)
 }
 
+/// A whole snapshot and a link after it: session 0 one token longer, session 1 unchanged,
+/// memory page 1 changed.
+fn valid_chain() -> (Vec<u8>, Vec<u8>) {
+    let base = Fixture::small();
+    let whole = to_bytes(&base.write()).unwrap();
+    let mut next = Fixture {
+        manifest: base.manifest.clone(),
+        memory: base.memory.clone(),
+        k: base.k.clone(),
+        v: base.v.clone(),
+    };
+    let kv_dim = next.manifest.models[next.manifest.sessions[0].model as usize].kv_dim() as usize;
+    let first = &mut next.manifest.sessions[0];
+    first.kv_from = first.tokens.len() as u32;
+    first.tokens.push(5);
+    for layer in next.k[0].iter_mut().chain(next.v[0].iter_mut()) {
+        layer.extend(std::iter::repeat_n(1.5f32, kv_dim));
+    }
+    let second = &mut next.manifest.sessions[1];
+    second.kv_from = second.tokens.len() as u32;
+    next.memory[PAGE_BYTES + 9] ^= 0xff;
+    next.manifest.link = Some(Link {
+        parent: digest_hex(parse(&whole).unwrap().digest()),
+        depth: 1,
+    });
+    let link = to_bytes(&next.write_link(Some(&[1]))).unwrap();
+    (whole, link)
+}
+
+/// Checks `links` as a chain and, if that works, restores everything it holds; the pieces of
+/// each session's cache must cover its tokens exactly.
+fn exercise_chain(links: &[&[u8]]) {
+    let Ok(chain) = parse_chain(links) else {
+        return;
+    };
+    let m = chain.manifest();
+    if m.memory_bytes <= MAX_RESTORE_BYTES {
+        let mut memory = vec![0xa5u8; m.memory_bytes as usize];
+        let _ = chain.restore_memory(&mut memory);
+    }
+    for (i, session) in m.sessions.iter().enumerate() {
+        let pieces = chain.kv(i).expect("every session has its pieces");
+        let mut at = 0;
+        for piece in pieces {
+            assert_eq!(piece.from, at, "pieces follow each other");
+            at += piece.count;
+            let n_layer = m.models[session.model as usize].n_layer as usize;
+            for l in (0..n_layer.min(64)).chain(n_layer.saturating_sub(2)..n_layer) {
+                piece.k_layer_bytes(l).expect("a parsed piece reads");
+                piece.v_layer_bytes(l).expect("a parsed piece reads");
+            }
+        }
+        assert_eq!(at, session.tokens.len(), "pieces cover the tokens");
+    }
+}
+
 proptest! {
     #![proptest_config(config(3000))]
+
+    #[test]
+    fn mutated_links_never_panic(
+        edits in prop::collection::vec(edit(), 1..4),
+        fix_len in any::<bool>(),
+    ) {
+        let (whole, mut link) = valid_chain();
+        for e in &edits {
+            apply(&mut link, e);
+        }
+        if fix_len && link.len() >= 24 {
+            let len = link.len() as u64;
+            link[16..24].copy_from_slice(&len.to_le_bytes());
+        }
+        reseal(&mut link);
+        exercise(&link);
+        exercise_chain(&[&whole, &link]);
+    }
+
+    #[test]
+    fn structurally_mutated_links_never_panic(
+        target in 0usize..3,
+        pick in 0usize..64,
+        to in edge_value(),
+    ) {
+        let (whole, link) = valid_chain();
+        exercise_chain(&[&whole, &with_number(&link, target, pick, to)]);
+    }
+
+    #[test]
+    fn mutated_chain_files_never_panic(edits in prop::collection::vec(edit(), 1..4)) {
+        let (whole, link) = valid_chain();
+        let mut file = whole.clone();
+        file.resize(file.len().next_multiple_of(64), 0);
+        file.extend_from_slice(&link);
+        for e in &edits {
+            apply(&mut file, e);
+        }
+        if let Ok(links) = split_links(&file) {
+            assert!(links.end + links.torn_bytes == file.len() as u64);
+            exercise_chain(&links.links);
+        }
+    }
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
@@ -297,6 +398,19 @@ proptest! {
     ) {
         exercise(&with_number(&valid_small(), target, pick, to));
     }
+}
+
+#[test]
+fn the_fuzzed_chain_is_valid_to_begin_with() {
+    let (whole, link) = valid_chain();
+    let chain = parse_chain(&[&whole, &link]).unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(
+        chain.kv(0).unwrap().len(),
+        2,
+        "session 0 comes from both snapshots"
+    );
+    exercise_chain(&[&whole, &link]);
 }
 
 #[test]

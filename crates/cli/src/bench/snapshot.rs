@@ -158,7 +158,45 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
     }
     let _ = std::fs::remove_file(&file);
     print_table(&rows);
+    print_bus_bound(&model, &rows)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// On a GPU, the bytes-over-bus bound of each restore: the file's bytes over the page-locked
+/// host-to-device bandwidth measured now.
+#[cfg(feature = "cuda")]
+fn print_bus_bound(model: &Model, rows: &[Row]) -> anyhow::Result<()> {
+    let Some(cuda) = model.engine_as::<tern_model::llama::cuda::CudaLlama>() else {
+        return Ok(());
+    };
+    let bandwidth = cuda.upload_bandwidth(256 << 20, 9)?;
+    println!();
+    println!(
+        "bus: page-locked host-to-device copy {:.1} GB/s (256 MiB, median of 9)",
+        bandwidth / 1e9
+    );
+    println!(
+        "{:>7} {:>10} {:>15} {:>11} {:>13}",
+        "tokens", "file MB", "bus bound ms", "restore ms", "x the bound"
+    );
+    for r in rows {
+        let bound = r.bytes as f64 / bandwidth;
+        println!(
+            "{:>7} {:>10.2} {:>15.2} {:>11.2} {:>12.1}x",
+            r.tokens,
+            r.bytes as f64 / 1e6,
+            bound * 1e3,
+            r.restore * 1e3,
+            r.restore / bound
+        );
+    }
+    println!("target at 4096 tokens: restore within 3x of the bound");
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn print_bus_bound(_model: &Model, _rows: &[Row]) -> anyhow::Result<()> {
+    Ok(())
 }
 
 /// The actor the chain file at `path` holds: opened, split into its snapshots, checked and

@@ -181,8 +181,12 @@ impl Engine for CpuLlama {
         Ok(())
     }
 
-    fn read_kv<'s>(&self, state: &'s dyn SessionState) -> Result<Cow<'s, KvCache>, ModelError> {
-        Ok(Cow::Borrowed(own::<KvCache>(state)?))
+    fn read_kv<'s>(
+        &self,
+        state: &'s dyn SessionState,
+        _from: usize,
+    ) -> Result<(Cow<'s, KvCache>, usize), ModelError> {
+        Ok((Cow::Borrowed(own::<KvCache>(state)?), 0))
     }
 
     fn write_kv(

@@ -426,6 +426,24 @@ impl CudaLlama {
         })
     }
 
+    /// Host-to-device bandwidth from page-locked host memory: bytes per second of a copy of
+    /// `bytes` (the median of `repeats` copies), the bus bound of restoring a snapshot.
+    pub fn upload_bandwidth(&self, bytes: usize, repeats: usize) -> Result<f64, ModelError> {
+        let _busy = self.busy.lock();
+        let s = &self.stream;
+        // SAFETY: the buffer is zeroed below before anything reads it.
+        let mut host = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }
+            .map_err(driver("allocating page-locked memory"))?;
+        host.as_mut_slice()
+            .map_err(driver("allocating page-locked memory"))?
+            .fill(0);
+        let mut dst = s.alloc_zeros::<u8>(bytes).map_err(driver("allocating"))?;
+        s.memcpy_htod(&host, &mut dst).map_err(driver("copying"))?;
+        median_rate(s, repeats, bytes as f64, || {
+            s.memcpy_htod(&host, &mut dst).map_err(driver("copying"))
+        })
+    }
+
     /// Kernel launches of one decode step (the nodes of its graph).
     pub fn kernels_per_step(&self) -> usize {
         if self.fused().is_some() {
@@ -539,11 +557,14 @@ impl Engine for CudaLlama {
     fn read_kv<'s>(
         &self,
         state: &'s dyn SessionState,
-    ) -> Result<std::borrow::Cow<'s, KvCache>, ModelError> {
+        from: usize,
+    ) -> Result<(std::borrow::Cow<'s, KvCache>, usize), ModelError> {
         let s = own::<CudaSession>(state)?;
         let c = &self.config;
         let _busy = self.hold()?;
-        Ok(std::borrow::Cow::Owned(s.download(c.n_layer, c.kv_dim())?))
+        let from = from.min(s.len);
+        let cache = s.download(from, c.n_layer, c.kv_dim())?;
+        Ok((std::borrow::Cow::Owned(cache), from))
     }
 
     fn write_kv(

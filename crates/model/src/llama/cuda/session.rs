@@ -529,12 +529,19 @@ impl CudaSession {
         self.len = self.len.min(len);
     }
 
-    /// The filled positions' keys and values, copied to the host (compact: `n_ctx == len`).
-    pub fn download(&self, n_layer: usize, kv_dim: usize) -> Result<KvCache, ModelError> {
-        let mut host = KvCache::empty(n_layer, self.len, kv_dim);
-        let per_layer = self.len * kv_dim;
+    /// The keys and values of the filled positions from `from` (at most `len`) on, copied to
+    /// the host (compact: the cache's position 0 is `from`, `n_ctx == len - from`).
+    pub fn download(
+        &self,
+        from: usize,
+        n_layer: usize,
+        kv_dim: usize,
+    ) -> Result<KvCache, ModelError> {
+        let from = from.min(self.len);
+        let mut host = KvCache::empty(n_layer, self.len - from, kv_dim);
+        let per_layer = (self.len - from) * kv_dim;
         for l in 0..n_layer {
-            let at = l * self.n_ctx * kv_dim;
+            let at = (l * self.n_ctx + from) * kv_dim;
             let (k, v) = host.layer_mut(l);
             let copy = driver("downloading the KV cache");
             self.stream

@@ -266,14 +266,13 @@ impl Engine for WgpuLlama {
     fn read_kv<'s>(
         &self,
         state: &'s dyn SessionState,
-    ) -> Result<std::borrow::Cow<'s, KvCache>, ModelError> {
+        from: usize,
+    ) -> Result<(std::borrow::Cow<'s, KvCache>, usize), ModelError> {
         let s = own::<WgpuSession>(state)?;
         let c = &self.config;
-        Ok(std::borrow::Cow::Owned(s.download(
-            self.gpu(),
-            c.n_layer,
-            c.kv_dim(),
-        )?))
+        let from = from.min(s.len);
+        let cache = s.download(self.gpu(), from, c.n_layer, c.kv_dim())?;
+        Ok((std::borrow::Cow::Owned(cache), from))
     }
 
     fn write_kv(

@@ -204,16 +204,19 @@ impl WgpuSession {
         self.len = self.len.min(len);
     }
 
-    /// The filled positions' keys and values, copied to the host (compact: `n_ctx == len`).
+    /// The keys and values of the filled positions from `from` (at most `len`) on, copied to
+    /// the host (compact: the cache's position 0 is `from`, `n_ctx == len - from`).
     pub fn download(
         &self,
         gpu: &WgpuDevice,
+        from: usize,
         n_layer: usize,
         kv_dim: usize,
     ) -> Result<KvCache, ModelError> {
-        let mut host = KvCache::empty(n_layer, self.len, kv_dim);
+        let from = from.min(self.len);
+        let mut host = KvCache::empty(n_layer, self.len - from, kv_dim);
         for l in 0..n_layer {
-            let at = (4 * l * self.n_ctx * kv_dim) as u64;
+            let at = (4 * (l * self.n_ctx + from) * kv_dim) as u64;
             let (k, v) = host.layer_mut(l);
             gpu.read_f32(&self.buf.k, at, k).map_err(wgpu_error)?;
             gpu.read_f32(&self.buf.v, at, v).map_err(wgpu_error)?;
