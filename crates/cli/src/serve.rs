@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// How many actors the prefix cache keeps.
     #[arg(long, default_value_t = 4)]
     prefix_cache: usize,
+    /// MiB of actors' snapshots kept in host memory beside --state, so that an actor
+    /// passivated a little while ago comes back without reading the folder (0: none).
+    #[arg(long, default_value_t = 1024)]
+    hot_snapshot_mib: u64,
     /// The most actors resident (with a thread and memory) at once. Past it, the least
     /// recently used idle actor is passivated to make room; when all are busy, requests get
     /// 429 with Retry-After.
@@ -121,6 +125,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         _ => runtime.device().kind() == tern_compute::DeviceChoice::Cpu,
     };
     config.prefix_cache = args.prefix_cache;
+    config.hot_snapshot_bytes = args.hot_snapshot_mib.saturating_mul(1 << 20);
     config.max_resident = usize::try_from(args.max_resident).context("--max-resident")?;
     config.max_queued = usize::try_from(args.max_queued).context("--max-queued")?;
     let state = match &args.cluster {

@@ -16,13 +16,15 @@
 //! record or snapshot is missing or unreadable is skipped at recovery with an error in the
 //! log, never a crash; a deleted actor's keys are removed (snapshot first, then record).
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tern_actor::{Actor, ActorModule, ChainWrite, Runtime};
 use tern_snapshot::Written;
 
 use crate::ApiError;
+pub use crate::hot::HotSnapshots;
 use crate::metrics::Metrics;
 use crate::store::{SnapshotStore, StoreError};
 
@@ -46,6 +48,8 @@ pub struct Persistence {
     pub idle: Option<Duration>,
     /// Where saves and restores are counted.
     pub metrics: Arc<Metrics>,
+    /// Actors' chains kept in host memory ([`HotSnapshots`]).
+    pub hot: Mutex<HotSnapshots>,
 }
 
 /// What is needed, beside its snapshot, to bring an actor back.
@@ -116,8 +120,15 @@ impl Persistence {
                 let mut bytes = Vec::new();
                 let written = tern_snapshot::encode(s, &mut bytes)?;
                 let stored = match how {
-                    ChainWrite::Whole => self.store.put_owned(&key, bytes).map(|()| written.bytes),
-                    ChainWrite::Append { end } => self.store.append(&key, end, &bytes),
+                    ChainWrite::Whole => self.store.put(&key, &bytes).map(|()| {
+                        self.hot().replace(id, Arc::new(bytes));
+                        written.bytes
+                    }),
+                    ChainWrite::Append { end } => {
+                        self.store.append(&key, end, &bytes).inspect(|&new_end| {
+                            self.hot().append(id, end, new_end, bytes);
+                        })
+                    }
                 };
                 let file_len = stored.map_err(|e| {
                     let error = std::io::Error::other(e.to_string());
@@ -152,19 +163,35 @@ impl Persistence {
         module: &Arc<ActorModule>,
     ) -> Result<Actor, ApiError> {
         let started = Instant::now();
-        let bytes = self
-            .store
-            .get(&snapshot_key(id))
-            .map_err(store_error)?
-            .ok_or_else(|| ApiError::internal(format!("actor `{id}` has no stored snapshot")))?;
         let unreadable = |e: tern_snapshot::SnapshotError| {
             ApiError::internal(format!("actor `{id}`'s stored snapshot is unreadable: {e}"))
         };
-        let links = tern_snapshot::split_links(&bytes).map_err(unreadable)?;
-        let chain = tern_snapshot::parse_chain(&links.links).map_err(unreadable)?;
+        let kept = self.hot().get(id);
+        let segments = match &kept {
+            Some(segments) => segments.clone(),
+            None => {
+                let bytes = self.store.get(&snapshot_key(id)).map_err(store_error)?;
+                let bytes = bytes.ok_or_else(|| {
+                    ApiError::internal(format!("actor `{id}` has no stored snapshot"))
+                })?;
+                vec![Arc::new(bytes)]
+            }
+        };
+        // The store's bytes (a chain file), then each link appended since, if kept.
+        let (first, appended) = segments.split_first().expect("one segment at least");
+        let mut links = tern_snapshot::split_links(first).map_err(unreadable)?.links;
+        links.extend(appended.iter().map(|link| link.as_slice()));
+        let chain = tern_snapshot::parse_chain(&links).map_err(unreadable)?;
         let mut actor = Actor::restore_chain(runtime, module, &chain)?;
         if !self.store.appends() {
             actor.restart_chain();
+        }
+        drop(chain);
+        match kept {
+            Some(_) => {
+                self.metrics.hot_restores.fetch_add(1, Ordering::Relaxed);
+            }
+            None => self.hot().replace(id, segments[0].clone()),
         }
         Metrics::observe(
             &self.metrics.snapshots_restored,
@@ -173,8 +200,14 @@ impl Persistence {
         Ok(actor)
     }
 
+    /// The chains kept in host memory.
+    fn hot(&self) -> std::sync::MutexGuard<'_, HotSnapshots> {
+        self.hot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Removes the actor's keys; a failure is logged (the actor is gone from the API).
     pub fn forget(&self, id: &str) {
+        self.hot().forget(id);
         for key in [snapshot_key(id), record_key(id)] {
             if let Err(e) = self.store.delete(&key) {
                 tracing::error!(%id, error = %e, "cannot delete the actor's stored state");

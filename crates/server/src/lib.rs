@@ -37,6 +37,7 @@ pub mod auth;
 pub mod cluster;
 pub mod durable;
 pub(crate) mod error;
+mod hot;
 pub mod metrics;
 mod modules;
 pub mod openai;
@@ -81,6 +82,9 @@ pub struct Config {
     pub idle: Option<Duration>,
     /// The largest snapshot upload (`POST /v1/actors` with a snapshot), in bytes.
     pub snapshot_bytes: usize,
+    /// Bytes of actors' snapshot chains kept in host memory beside a state folder, so that
+    /// an actor passivated a little while ago comes back without reading it (0: none).
+    pub hot_snapshot_bytes: u64,
     /// Whether stateless OpenAI-compatible requests continue in a fork of a cached actor
     /// whose conversation they extend ([`openai`]). Exact on the CPU; on CUDA, prefill and
     /// decode round differently until the batched step lands, so the CLI turns it off there.
@@ -111,6 +115,7 @@ impl Config {
             durability: Durability::Message,
             idle: None,
             snapshot_bytes: 1 << 30,
+            hot_snapshot_bytes: 1 << 30,
             prefix_reuse: true,
             prefix_cache: 4,
             max_resident: 256,
@@ -136,6 +141,7 @@ impl std::fmt::Debug for Config {
             .field("durability", &self.durability)
             .field("idle", &self.idle)
             .field("snapshot_bytes", &self.snapshot_bytes)
+            .field("hot_snapshot_bytes", &self.hot_snapshot_bytes)
             .field("prefix_reuse", &self.prefix_reuse)
             .field("prefix_cache", &self.prefix_cache)
             .field("max_resident", &self.max_resident)

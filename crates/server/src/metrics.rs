@@ -89,6 +89,8 @@ pub struct Metrics {
     pub snapshots_restored: Mutex<Histogram>,
     /// Requests refused because the host was full.
     pub refused: AtomicU64,
+    /// Restores whose snapshots came from host memory rather than the store.
+    pub hot_restores: AtomicU64,
 }
 
 impl Metrics {
@@ -175,6 +177,11 @@ pub fn render(state: &AppState) -> String {
             "tern_requests_refused_total",
             "Requests refused because the host was full (429).",
             &m.refused,
+        ),
+        (
+            "tern_snapshot_hot_restores_total",
+            "Actors restored from snapshots kept in host memory, without reading the store.",
+            &m.hot_restores,
         ),
     ] {
         help(&mut out, name, "counter", what);

@@ -52,11 +52,19 @@ impl AppState {
             config.store = Some(Arc::new(ClusterStore(cluster.clone())));
         }
         let persist = config.store.clone().map(|store| {
+            // A cluster's store is shared: another node may move an actor on, so nothing of
+            // it is kept here.
+            let hot = if store.appends() {
+                config.hot_snapshot_bytes
+            } else {
+                0
+            };
             Arc::new(Persistence {
                 store,
                 durability: config.durability,
                 idle: config.idle,
                 metrics: metrics.clone(),
+                hot: std::sync::Mutex::new(crate::hot::HotSnapshots::new(hot)),
             })
         });
         let max_queued = config.max_queued;

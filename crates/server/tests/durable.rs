@@ -163,6 +163,16 @@ fn a_restarted_server_lists_its_actors_and_continues_them_exactly() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Actors the server restored from snapshots kept in memory.
+fn hot_restores(server: &TestServer) -> u64 {
+    let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("tern_snapshot_hot_restores_total "))
+        .unwrap_or_else(|| panic!("no hot restores counted: {metrics}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 /// Waits until actor `id` reports `state`.
 fn wait_for_state(server: &TestServer, id: &str, state: &str) -> Value {
     let start = Instant::now();
@@ -205,14 +215,18 @@ fn idle_actors_passivate_and_continue_exactly() {
         server.get(&format!("/v1/actors/{actor}")).json()["memory_bytes"],
         65536
     );
+    // Its snapshot was kept in memory: it came back without reading the folder.
+    assert_eq!(hot_restores(&server), 1);
     wait_for_state(&server, &actor, "passivated");
     drop(server);
 
+    // A new server has nothing in memory: the actor comes back from the folder.
     let server = TestServer::start_with(configure(Some(&dir), Durability::Passivate, idle));
     assert_eq!(
         without_durable(send(&server, &actor, messages[3])),
         reference[3]
     );
+    assert_eq!(hot_restores(&server), 0);
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }
