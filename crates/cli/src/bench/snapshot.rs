@@ -56,6 +56,8 @@ struct Row {
     turn_save: f64,
     turn_bytes: u64,
     chain_restore: f64,
+    /// The whole restore's phases: the file opened (mapped), checked, the actor restored.
+    phases: [f64; 3],
     identical: bool,
 }
 
@@ -108,6 +110,7 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
         let open_msg = format!("open bench {} {}", c.n_vocab, n + TURN_TOKENS + 1);
         let (mut save, mut restore, mut prefill) = (Vec::new(), Vec::new(), Vec::new());
         let (mut turn_save, mut chain_restore) = (Vec::new(), Vec::new());
+        let mut phases = [Vec::new(), Vec::new(), Vec::new()];
         let (mut bytes, mut turn_bytes, mut identical, mut memory_bytes) = (0, 0, true, 0);
         for _ in 0..args.repeats {
             // Baseline: rebuild the state by prefilling the tokens into a fresh session.
@@ -125,8 +128,11 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
             save.push(t.elapsed().as_secs_f64());
 
             let t = Instant::now();
-            let mut restored = restore_file(&runtime, &module, &file)?;
+            let (mut restored, took) = restore_file(&runtime, &module, &file)?;
             restore.push(t.elapsed().as_secs_f64());
+            for (all, took) in phases.iter_mut().zip(took) {
+                all.push(took);
+            }
 
             identical &= restored.snapshot()? == actor.snapshot()?;
             memory_bytes = restored.memory_bytes();
@@ -139,7 +145,7 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
             turn_save.push(t.elapsed().as_secs_f64());
 
             let t = Instant::now();
-            let mut restored = restore_file(&runtime, &module, &file)?;
+            let (mut restored, _) = restore_file(&runtime, &module, &file)?;
             chain_restore.push(t.elapsed().as_secs_f64());
             identical &= restored.snapshot()? == actor.snapshot()?;
         }
@@ -153,6 +159,7 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
             turn_save: median(&turn_save),
             turn_bytes,
             chain_restore: median(&chain_restore),
+            phases: phases.map(|p| median(&p)),
             identical,
         });
     }
@@ -200,16 +207,21 @@ fn print_bus_bound(_model: &Model, _rows: &[Row]) -> anyhow::Result<()> {
 }
 
 /// The actor the chain file at `path` holds: opened, split into its snapshots, checked and
-/// restored.
+/// restored; with the seconds each of the three took.
 fn restore_file(
     runtime: &Runtime,
     module: &Arc<ActorModule>,
     path: &std::path::Path,
-) -> anyhow::Result<Actor> {
+) -> anyhow::Result<(Actor, [f64; 3])> {
+    let t = Instant::now();
     let file = SnapshotFile::open(path)?;
+    let opened = t.elapsed().as_secs_f64();
     let links = tern_snapshot::split_links(file.bytes())?;
     let chain = tern_snapshot::parse_chain(&links.links)?;
-    Ok(Actor::restore_chain(runtime, module, &chain)?)
+    let checked = t.elapsed().as_secs_f64();
+    let actor = Actor::restore_chain(runtime, module, &chain)?;
+    let restored = t.elapsed().as_secs_f64();
+    Ok((actor, [opened, checked - opened, restored - checked]))
 }
 
 fn print_table(rows: &[Row]) {
@@ -240,21 +252,33 @@ fn print_table(rows: &[Row]) {
     }
     println!();
     println!(
-        "{:>7} {:>15} {:>14} {:>17}",
-        "tokens", "turn save ms", "turn MB", "chain restore ms"
+        "{:>7} {:>15} {:>14} {:>17} {:>9} {:>10} {:>11}",
+        "tokens",
+        "turn save ms",
+        "turn MB",
+        "chain restore ms",
+        "open ms",
+        "check ms",
+        "restore ms"
     );
     for r in rows {
         println!(
-            "{:>7} {:>15.2} {:>14.3} {:>17.2}",
+            "{:>7} {:>15.2} {:>14.3} {:>17.2} {:>9.2} {:>10.2} {:>11.2}",
             r.tokens,
             r.turn_save * 1e3,
             r.turn_bytes as f64 / 1e6,
             r.chain_restore * 1e3,
+            r.phases[0] * 1e3,
+            r.phases[1] * 1e3,
+            r.phases[2] * 1e3,
         );
     }
     println!();
     println!(
         "save: state gathered, written to a temporary file, fsynced and renamed; restore: file opened and checksummed, actor instantiated, memory, globals and KV cache written back"
+    );
+    println!(
+        "open, check, restore: the whole restore's phases (file mapped; frame, checksum and structure checked; actor instantiated and its memory, globals and KV cache written back)"
     );
     println!(
         "turn: {TURN_TOKENS} more tokens, then what changed (new KV positions, written pages) appended to the chain file and fsynced; chain restore: the whole snapshot and the link; target at 4096 tokens: turn save <= 10 ms and <= 5 MB"

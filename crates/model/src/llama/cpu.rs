@@ -94,22 +94,30 @@ impl KvCache {
     }
 
     /// Marks the first `from + len` positions filled and lends each layer's keys and values
-    /// of positions `from..from + len`, `(len, kv_dim)` each, to `fill`: how a restored cache
-    /// is written back, piece by piece.
-    pub fn refill<E>(
+    /// of positions `from..from + len`, `(len, kv_dim)` each, to `fill`, the layers side by
+    /// side on the current thread pool: how a restored cache is written back, piece by piece
+    /// (the copies and the page faults of a fresh cache spread over the cores).
+    pub fn refill<E: Send>(
         &mut self,
         from: usize,
         len: usize,
-        mut fill: impl FnMut(usize, &mut [f32], &mut [f32]) -> Result<(), E>,
+        fill: impl Fn(usize, &mut [f32], &mut [f32]) -> Result<(), E> + Sync,
     ) -> Result<(), E> {
         let end = (from + len).min(self.n_ctx);
         let from = from.min(end);
         self.len = end;
-        for layer in 0..self.n_layer() {
-            let range = self.at(layer, from)..self.at(layer, end);
-            fill(layer, &mut self.k[range.clone()], &mut self.v[range])?;
+        let (stride, kv_dim) = (self.n_ctx * self.kv_dim, self.kv_dim);
+        if stride == 0 {
+            return Ok(());
         }
-        Ok(())
+        let range = from * kv_dim..end * kv_dim;
+        self.k
+            .par_chunks_mut(stride)
+            .zip(self.v.par_chunks_mut(stride))
+            .enumerate()
+            .try_for_each(|(layer, (k, v))| {
+                fill(layer, &mut k[range.clone()], &mut v[range.clone()])
+            })
     }
 }
 
@@ -196,10 +204,18 @@ impl Engine for CpuLlama {
         len: usize,
         layer: &LayerBytes<'_, '_>,
     ) -> Result<(), ModelError> {
-        own_mut::<KvCache>(state)?.refill(from, len, |l, k, v| {
-            let (kb, vb) = layer(l)?;
-            copy_le(kb, k)?;
-            copy_le(vb, v)
+        let cache = own_mut::<KvCache>(state)?;
+        // The layers' bytes first (`layer` need not be shared across threads), then copied
+        // side by side.
+        let bytes = (0..cache.n_layer())
+            .map(layer)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.pool.install(|| {
+            cache.refill(from, len, |l, k, v| {
+                let (kb, vb) = bytes[l];
+                copy_le(kb, k)?;
+                copy_le(vb, v)
+            })
         })
     }
 }
