@@ -184,6 +184,10 @@ fn conversations_continue_through_any_node_byte_for_byte() {
         assert_eq!(moved["output"], stayed["output"], "turn {i}");
         assert_eq!(entry(&directory(&nodes[1]), &moving)["node"], to);
     }
+    // Each node continued the moving actor's chain: a whole snapshot, then links.
+    let admin = tern_server::cluster::admin::ClusterClient::connect(&url).unwrap();
+    let chain = admin.chain(&moving).unwrap();
+    assert!(chain.len() >= 3, "{chain:?}");
 
     // An OpenAI-compatible session made through a continues through b and c in the same
     // actor, with the replies of a session that stays on a.

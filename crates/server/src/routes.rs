@@ -54,10 +54,10 @@ impl AppState {
         let persist = config.store.clone().map(|store| {
             // A cluster's store is shared: another node may move an actor on, so nothing of
             // it is kept here.
-            let hot = if store.appends() {
-                config.hot_snapshot_bytes
-            } else {
+            let hot = if store.shared() {
                 0
+            } else {
+                config.hot_snapshot_bytes
             };
             Arc::new(Persistence {
                 store,

@@ -64,6 +64,12 @@ pub trait SnapshotStore: Send + Sync {
         false
     }
 
+    /// Whether other servers write the store too (a cluster's), so that nothing read from it
+    /// may be kept beside it.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Keeps the first `end` bytes of the value at `key`, cutting off the rest, and appends
     /// `bytes` at the next multiple of 64 (zero padding between), durably; returns the new
     /// length. An interruption leaves the first `end` bytes as they were. Only where

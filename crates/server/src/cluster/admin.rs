@@ -255,22 +255,37 @@ impl ClusterClient {
         })
     }
 
-    /// The size of actor `actor`'s last durable snapshot, in bytes.
+    /// The objects holding actor `actor`'s chain: its whole snapshot, then each link.
+    pub fn chain(&self, actor: &str) -> Result<Vec<String>, ClusterError> {
+        self.rt.block_on(async {
+            let found = super::read_entry(&self.buckets.actors, actor)
+                .await
+                .map_err(super::js_error)?;
+            Ok(found
+                .map(|f| f.entry.snapshot.into_iter().chain(f.entry.links).collect())
+                .unwrap_or_default())
+        })
+    }
+
+    /// The size of actor `actor`'s last durable state, in bytes: its chain's whole snapshot
+    /// and links.
     pub fn snapshot_bytes(&self, actor: &str) -> Result<Option<usize>, ClusterError> {
         self.rt.block_on(async {
             let found = super::read_entry(&self.buckets.actors, actor)
                 .await
                 .map_err(super::js_error)?;
-            let Some(name) = found.and_then(|f| f.entry.snapshot) else {
+            let Some(entry) = found.map(|f| f.entry) else {
                 return Ok(None);
             };
-            let info = self
-                .buckets
-                .snapshots
-                .info(&name)
-                .await
-                .map_err(super::js_error)?;
-            Ok(Some(info.size))
+            let Some(whole) = entry.snapshot else {
+                return Ok(None);
+            };
+            let mut bytes = 0;
+            for name in std::iter::once(&whole).chain(&entry.links) {
+                let info = self.buckets.snapshots.info(name).await;
+                bytes += info.map_err(super::js_error)?.size;
+            }
+            Ok(Some(bytes))
         })
     }
 

@@ -82,9 +82,13 @@ pub struct ActorEntry {
     pub node: Option<String>,
     /// How many times it has been claimed.
     pub epoch: u64,
-    /// The object holding its last durable snapshot.
+    /// The object holding the whole snapshot its chain starts with.
     #[serde(default)]
     pub snapshot: Option<String>,
+    /// The objects holding the links appended to that chain since, in order: the last one is
+    /// its last durable state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<String>,
 }
 
 /// What a node says of itself at every heartbeat.

@@ -4,10 +4,12 @@
 //! - `actors/{id}.json` (the record): creating it makes the directory entry (a create, so
 //!   an existing actor is never overwritten) owned by this node; later writes are fenced
 //!   updates.
-//! - `actors/{id}.tern` (the snapshot): a write puts the immutable object `{id}/{sha256}`,
-//!   moves the entry to it by a fenced update, then deletes the previous object. A read
-//!   (a restore) claims the actor first when this node does not own it, then reads the
-//!   entry's object and checks its SHA-256 against its name.
+//! - `actors/{id}.tern` (the snapshot chain): writing a whole snapshot puts the immutable
+//!   object `{id}/{sha256}`, moves the entry to it (with no links) by a fenced update, then
+//!   deletes the previous chain's objects; appending a link puts its object and adds it to
+//!   the entry's links by a fenced update. A read (a restore) claims the actor first when
+//!   this node does not own it, then reads the entry's objects, checks each one's SHA-256
+//!   against its name, and lays them out as a chain file.
 //! - `modules/{digest}.wasm`: an object per uploaded module.
 //!
 //! Deleting the record claims the actor if needed, deletes its entry on the token's
@@ -103,6 +105,7 @@ impl ClusterStore {
                 node: Some(cluster.node.clone()),
                 epoch: 1,
                 snapshot: None,
+                links: Vec::new(),
             };
             let revision = cluster
                 .actors
@@ -134,14 +137,41 @@ impl ClusterStore {
                 .await
                 .map_err(remote)?;
             let (before, _) = cluster
-                .update_owned(&id, writer, |e| e.snapshot = Some(name.clone()))
+                .update_owned(&id, writer, |e| {
+                    e.snapshot = Some(name.clone());
+                    e.links.clear();
+                })
                 .await?;
-            if let Some(old) = before.snapshot.filter(|old| *old != name)
-                && let Err(e) = cluster.snapshots.delete(&old).await
-            {
-                tracing::warn!(%id, error = %e, "cannot delete a replaced snapshot");
+            let replaced = before.snapshot.into_iter().chain(before.links);
+            for old in replaced.filter(|old| *old != name) {
+                if let Err(e) = cluster.snapshots.delete(&old).await {
+                    tracing::warn!(%id, error = %e, "cannot delete a replaced snapshot");
+                }
             }
             Ok(())
+        })
+    }
+
+    /// Appends `link` to actor `id`'s chain, whose layout as a chain file ends at `end`;
+    /// returns where it ends now.
+    fn append_link(&self, id: &str, end: u64, link: &[u8]) -> Result<u64, StoreError> {
+        if !self.0.holds(id) {
+            return Err(StoreError::Fenced(id.to_string()));
+        }
+        let name = format!("{id}/{}", sha256_hex(link));
+        let cluster = self.0.clone();
+        let (id, writer) = (id.to_string(), writer());
+        let bytes = Bytes::copy_from_slice(link);
+        self.0.block(async move {
+            cluster
+                .snapshots
+                .put(name.as_str(), &mut bytes.as_ref())
+                .await
+                .map_err(remote)?;
+            cluster
+                .update_owned(&id, writer, |e| e.links.push(name.clone()))
+                .await?;
+            Ok(end.next_multiple_of(64) + bytes.len() as u64)
         })
     }
 
@@ -150,26 +180,36 @@ impl ClusterStore {
         let id = id.to_string();
         let writer = writer();
         self.0.block(async move {
-            let Some(name) = cluster
-                .claim_if_needed(&id, writer)
-                .await?
-                .and_then(|entry| entry.snapshot)
-            else {
+            let Some(entry) = cluster.claim_if_needed(&id, writer).await? else {
                 return Ok(None);
             };
-            let Some((bytes, digest)) = read_object(&cluster.snapshots, &name).await? else {
-                return Err(StoreError::Remote(format!(
-                    "actor `{id}`'s snapshot object {name} is missing"
-                )));
+            let Some(whole) = entry.snapshot else {
+                return Ok(None);
             };
-            // The content matched the digest as it was read; the digest must be the name's.
-            let named = name.rsplit('/').next().and_then(digest_of_hex);
-            if named.is_none() || named != digest {
-                return Err(StoreError::Remote(format!(
-                    "actor `{id}`'s snapshot object {name} does not match its SHA-256"
-                )));
+            // The chain file: the whole snapshot, then each link at a multiple of 64.
+            let mut chain = Vec::new();
+            for name in std::iter::once(&whole).chain(&entry.links) {
+                let Some((bytes, digest)) = read_object(&cluster.snapshots, name).await? else {
+                    return Err(StoreError::Remote(format!(
+                        "actor `{id}`'s snapshot object {name} is missing"
+                    )));
+                };
+                // The content matched the digest as it was read; the digest must be the
+                // name's.
+                let named = name.rsplit('/').next().and_then(digest_of_hex);
+                if named.is_none() || named != digest {
+                    return Err(StoreError::Remote(format!(
+                        "actor `{id}`'s snapshot object {name} does not match its SHA-256"
+                    )));
+                }
+                if chain.is_empty() {
+                    chain = bytes;
+                } else {
+                    chain.resize(chain.len().next_multiple_of(64), 0);
+                    chain.extend_from_slice(&bytes);
+                }
             }
-            Ok(Some(bytes))
+            Ok(Some(chain))
         })
     }
 
@@ -195,10 +235,10 @@ impl ClusterStore {
                     remote(e)
                 })?;
             cluster.drop_token(&id);
-            if let Some(name) = entry.snapshot
-                && let Err(e) = cluster.snapshots.delete(&name).await
-            {
-                tracing::warn!(%id, error = %e, "cannot delete a deleted actor's snapshot");
+            for name in entry.snapshot.into_iter().chain(entry.links) {
+                if let Err(e) = cluster.snapshots.delete(&name).await {
+                    tracing::warn!(%id, error = %e, "cannot delete a deleted actor's snapshot");
+                }
             }
             Ok(())
         })
@@ -296,6 +336,23 @@ impl SnapshotStore for ClusterStore {
 
     fn release(&self, id: &str) -> Result<(), StoreError> {
         self.0.release(id, writer())
+    }
+
+    fn appends(&self) -> bool {
+        true
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn append(&self, key: &str, end: u64, bytes: &[u8]) -> Result<u64, StoreError> {
+        match parse(key)? {
+            Key::Snapshot(id) => self.append_link(id, end, bytes),
+            _ => Err(StoreError::Key(format!(
+                "{key}: only a snapshot chain grows"
+            ))),
+        }
     }
 
     /// The uploaded modules and every actor's record.
