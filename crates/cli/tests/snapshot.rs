@@ -152,6 +152,58 @@ fn sigkill_then_restore_continues_bit_for_bit() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn a_chain_killed_at_random_points_restores_to_a_complete_link() {
+    let dir = scratch("killed-chain");
+    let path = dir.join("chain.tern");
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for round in 0..4 {
+        let _ = std::fs::remove_file(&path);
+        let mut chat = interactive(&path);
+        let stdin = chat.stdin.as_mut().unwrap();
+        for turn in TURNS.iter().cycle().take(8) {
+            writeln!(stdin, "{turn}").unwrap();
+        }
+        // After two saves, killed anywhere in what follows: while generating, or while
+        // appending a link (or starting the chain over).
+        wait_for_prompts(&mut chat, 2);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(std::time::Duration::from_millis(seed % 400));
+        chat.kill().expect("SIGKILL");
+        chat.wait().unwrap();
+
+        let out = tern()
+            .args(["restore", "--inspect"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let shown = check(out, "restore --inspect of a killed chain");
+        assert!(
+            shown.contains("a valid Tern snapshot"),
+            "round {round}: {shown}"
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        let links = tern_snapshot::split_links(&bytes).unwrap();
+        tern_snapshot::parse_chain(&links.links).unwrap();
+        if links.torn_bytes > 0 {
+            assert!(shown.contains("did not finish"), "round {round}: {shown}");
+        }
+
+        // It restores and takes another turn.
+        let out = tern()
+            .arg("restore")
+            .args(chat_args())
+            .args(["--threads", "2", "--message", TURNS[0]])
+            .arg(&path)
+            .output()
+            .unwrap();
+        check(out, "restoring a killed chain");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Compares the states two chain files restore to, part by part: globals, host state,
 /// models, sessions, linear memory and every KV value.
 fn compare(a: &[u8], b: &[u8]) {
