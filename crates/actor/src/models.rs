@@ -61,10 +61,11 @@ pub(crate) struct ModelState {
 pub(crate) const MAX_SESSIONS: usize = 64;
 
 /// The bytes a session of `n_ctx` positions reserves: keys and values of every layer at
-/// every position, as f32.
+/// every position, in the model's cache type.
 pub(crate) fn session_kv_bytes(model: &Model, n_ctx: usize) -> u64 {
     let c = model.config();
-    2 * 4 * c.n_layer as u64 * n_ctx as u64 * c.kv_dim() as u64
+    let value = model.kv_type().bytes() as u64;
+    2 * value * c.n_layer as u64 * n_ctx as u64 * c.kv_dim() as u64
 }
 
 impl ModelState {

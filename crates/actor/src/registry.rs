@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tern_compute::Device;
-use tern_model::{Model, ModelError, Precision};
+use tern_model::{KvType, Model, ModelError, Precision};
 
 /// Finds a model file when it is first needed (fetching it, say); the error says why not.
 pub type Locate = Arc<dyn Fn() -> Result<PathBuf, String> + Send + Sync>;
@@ -53,6 +53,7 @@ pub(crate) struct OpenOptions {
     pub(crate) device: Arc<dyn Device>,
     pub(crate) threads: usize,
     pub(crate) precision: Precision,
+    pub(crate) kv_type: KvType,
 }
 
 struct Entry {
@@ -146,7 +147,7 @@ impl ModelRegistry {
         };
         let o = &self.options;
         Model::open(&entry.name, &path, o.threads)
-            .map(|m| m.with_precision(o.precision))
+            .map(|m| m.with_precision(o.precision).with_kv_type(o.kv_type))
             .and_then(|m| m.on_device(&o.device))
             .map(Arc::new)
             .map_err(|error| OpenError::Load {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tern_compute::Device;
 use tern_memory::RegionCreator;
-use tern_model::{Model, Precision};
+use tern_model::{KvType, Model, Precision};
 use wasmtime::{Config, Engine};
 
 use crate::ActorError;
@@ -66,6 +66,7 @@ pub struct RuntimeBuilder {
     models: Vec<(String, ModelSource)>,
     threads: usize,
     precision: Precision,
+    kv_type: KvType,
     clock: WallClock,
     testing_probes: bool,
 }
@@ -111,6 +112,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// How the KV caches of models loaded from files store keys and values (the default is
+    /// f32; f16 is kept on the CPU only so far).
+    pub fn kv_type(mut self, kv_type: KvType) -> Self {
+        self.kv_type = kv_type;
+        self
+    }
+
     /// The wall clock, in milliseconds since the Unix epoch, that actors' virtual clocks read
     /// once each (default: the system's).
     pub fn clock(mut self, clock: WallClock) -> Self {
@@ -138,6 +146,7 @@ impl RuntimeBuilder {
             device: self.device.clone(),
             threads: self.threads,
             precision: self.precision,
+            kv_type: self.kv_type,
         };
         Runtime::new(
             self.device,
@@ -173,6 +182,7 @@ impl Runtime {
             models: Vec::new(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             precision: Precision::Fast,
+            kv_type: KvType::F32,
             clock: system_clock(),
             testing_probes: false,
         }

@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 use tern_model::{Model, Session};
 use tern_snapshot::{
-    self as format, Chain, Global, HostInfo, KvPiece, KvWrite, Manifest, ModelRef, ModuleRef,
-    SessionInfo, SnapshotView, SnapshotWrite, ValType,
+    self as format, Chain, Global, HostInfo, KvLayers, KvPiece, KvWrite, Manifest, ModelRef,
+    ModuleRef, SessionInfo, SnapshotView, SnapshotWrite, ValType,
 };
 use wasmtime::{V128, Val};
 
@@ -105,7 +105,7 @@ impl Actor {
                 n_ctx: session.n_ctx() as u32,
                 tokens: session.tokens.clone(),
                 kv_from: kv_from as u32,
-                kv_type: format::KvType::F32,
+                kv_type: kv_type(open[*model].kv_type()),
             });
             let (cache, first) = session
                 .host_kv_from(&open[*model], kv_from)
@@ -116,12 +116,27 @@ impl Actor {
             .iter()
             .map(|(cache, from)| {
                 let skip = from * cache.kv_dim();
-                let (k, v) = (0..cache.n_layer())
-                    .map(|l| {
-                        let (k, v) = cache.layer(l);
-                        (&k[skip..], &v[skip..])
-                    })
-                    .unzip();
+                let layers = 0..cache.n_layer();
+                let (k, v) = match cache.kv_type() {
+                    tern_model::KvType::F32 => {
+                        let (k, v): (Vec<_>, Vec<_>) = layers
+                            .map(|l| {
+                                let (k, v) = cache.layer(l);
+                                (&k[skip..], &v[skip..])
+                            })
+                            .unzip();
+                        (KvLayers::F32(k), KvLayers::F32(v))
+                    }
+                    tern_model::KvType::F16 => {
+                        let (k, v): (Vec<_>, Vec<_>) = layers
+                            .map(|l| {
+                                let (k, v) = cache.layer_half(l);
+                                (&k[skip..], &v[skip..])
+                            })
+                            .unzip();
+                        (KvLayers::F16(k), KvLayers::F16(v))
+                    }
+                };
                 KvWrite {
                     kv_dim: cache.kv_dim(),
                     n_tokens: cache.len - from,
@@ -483,6 +498,16 @@ fn restore_sessions(
         let model = open.get(info.model as usize).ok_or_else(|| {
             ActorError::Snapshot(format!("session {i} names model {}", info.model))
         })?;
+        let (want, have) = (info.kv_type, kv_type(model.kv_type()));
+        if want != have {
+            return Err(refuse(format!(
+                "session {} keeps an {} KV cache, and model `{}` here keeps {} caches",
+                info.slot,
+                want.name(),
+                model.name,
+                have.name()
+            )));
+        }
         let reservation = KvReservation::take(
             &runtime.kv,
             session_kv_bytes(model, info.n_ctx as usize),
@@ -513,6 +538,14 @@ fn restore_sessions(
         *slot = Some((info.model as usize, session, reservation));
     }
     Ok(slots)
+}
+
+/// The snapshot format's name for a model's KV cache type.
+fn kv_type(t: tern_model::KvType) -> format::KvType {
+    match t {
+        tern_model::KvType::F32 => format::KvType::F32,
+        tern_model::KvType::F16 => format::KvType::F16,
+    }
 }
 
 /// Where the forward passes of `models` compute, or where the actor's memory lives when it

@@ -55,6 +55,11 @@ fn message(rewind: u32, write_at: u32, tokens: &[u32]) -> Vec<u8> {
 /// A runtime offering a tiny model as `m`, written to `model` (a file of the test's own),
 /// and the guest.
 fn setup(model: &str) -> (Runtime, Arc<ActorModule>) {
+    setup_with(model, tern_model::KvType::F32)
+}
+
+/// [`setup`] with KV caches of `kv_type`.
+fn setup_with(model: &str, kv_type: tern_model::KvType) -> (Runtime, Arc<ActorModule>) {
     use tern_model::generate::{Types, shape, write_random_llama};
     use tern_model::quant::DType;
     let path = scratch(model);
@@ -63,7 +68,7 @@ fn setup(model: &str) -> (Runtime, Arc<ActorModule>) {
         embd: DType::Q8_0,
     };
     write_random_llama(&path, shape("tiny").unwrap(), types, 5).unwrap();
-    let model = Arc::new(Model::open("m", &path, 1).unwrap());
+    let model = Arc::new(Model::open("m", &path, 1).unwrap().with_kv_type(kv_type));
     let rt = Runtime::builder(Arc::new(CpuDevice::new()))
         .model(model)
         .build()
@@ -210,4 +215,55 @@ fn a_chain_file_cut_short_restores_to_its_last_complete_link_and_compacts() {
     assert!(restarted, "the chain never started over");
     let mut restored = restore_file(&rt, &module, &path);
     assert_eq!(restored.snapshot().unwrap(), actor.snapshot().unwrap());
+}
+
+#[test]
+fn an_f16_cache_saves_half_the_kv_bytes_restores_exactly_and_keeps_to_its_type() {
+    let (rt16, module16) = setup_with("half.gguf", tern_model::KvType::F16);
+    let (rt32, module32) = setup("full.gguf");
+    let turns = turns();
+    let (mut half, mut full) = (
+        Actor::start(&rt16, &module16).unwrap(),
+        Actor::start(&rt32, &module32).unwrap(),
+    );
+    for turn in &turns[..3] {
+        assert_eq!(half.send(turn).unwrap().code, 4);
+        assert_eq!(full.send(turn).unwrap().code, 4);
+    }
+    let (path16, path32) = (scratch("half.tern"), scratch("full.tern"));
+    half.save_to(&path16, true).unwrap();
+    full.save_to(&path32, true).unwrap();
+    let bytes16 = std::fs::read(&path16).unwrap();
+    let view = tern_snapshot::parse(&bytes16).unwrap();
+    assert_eq!(
+        view.manifest.sessions[0].kv_type,
+        tern_snapshot::KvType::F16
+    );
+    let (kv16, kv32) = (
+        view.kv(0).unwrap().bytes().len(),
+        tern_snapshot::parse(&std::fs::read(&path32).unwrap())
+            .unwrap()
+            .kv(0)
+            .unwrap()
+            .bytes()
+            .len(),
+    );
+    assert!(kv16 * 2 < kv32 + 256, "{kv16} vs {kv32} bytes");
+    // Links too, and the chain restores bit for bit.
+    half.send(&turns[3]).unwrap();
+    half.save_to(&path16, false).unwrap();
+    let mut restored = restore_file(&rt16, &module16, &path16);
+    assert_eq!(restored.snapshot().unwrap(), half.snapshot().unwrap());
+    let next = message(u32::MAX, 7 * 65536, &[9]);
+    assert_eq!(restored.send(&next).unwrap(), half.send(&next).unwrap());
+    // An f16 session does not restore into a model keeping f32 caches, nor the other way.
+    let err = Actor::restore(&rt32, &module32, &view)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("keeps an f16 KV cache"), "{err}");
+    let whole32 = std::fs::read(&path32).unwrap();
+    let err = Actor::restore(&rt16, &module16, &tern_snapshot::parse(&whole32).unwrap())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("keeps an f32 KV cache"), "{err}");
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tern_actor::{Actor, ActorModule, Limits, Runtime};
 use tern_compute::DeviceChoice;
-use tern_model::Precision;
+use tern_model::{KvType, Precision};
 
 use crate::fetch;
 
@@ -60,6 +60,10 @@ pub struct HostArgs {
     /// `fast` (int8 activations, as llama.cpp) or `reference` (f32 activations).
     #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
     pub precision: Precision,
+    /// How KV caches keep keys and values: `f32`, or `f16` (half the memory and snapshot
+    /// bytes; on the CPU only so far).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_kv_type)]
+    pub kv_type: KvType,
     /// The most linear memory one actor may use, in MiB.
     #[arg(long, default_value_t = 1024)]
     pub memory_mib: usize,
@@ -100,7 +104,8 @@ impl HostArgs {
         };
         let mut builder = Runtime::builder(device)
             .limits(limits)
-            .precision(self.precision);
+            .precision(self.precision)
+            .kv_type(self.kv_type);
         if let Some(threads) = self.threads {
             builder = builder.threads(threads);
         }

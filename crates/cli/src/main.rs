@@ -47,6 +47,17 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// Parses `--kv-type`.
+pub fn parse_kv_type(s: &str) -> Result<tern_model::KvType, String> {
+    match s {
+        "f32" => Ok(tern_model::KvType::F32),
+        "f16" => Ok(tern_model::KvType::F16),
+        other => Err(format!(
+            "unknown KV cache type `{other}` (expected f32 or f16)"
+        )),
+    }
+}
+
 /// Parses `--precision`.
 pub fn parse_precision(s: &str) -> Result<tern_model::Precision, String> {
     match s {

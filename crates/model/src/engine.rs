@@ -115,6 +115,22 @@ pub(crate) fn own<T: SessionState>(state: &dyn SessionState) -> Result<&T, Model
         .ok_or_else(|| ModelError::Invalid("a session of another backend".into()))
 }
 
+/// Little-endian u16 bytes (half-precision values) into `dst`, which must be exactly as
+/// long.
+pub(crate) fn copy_le_u16(bytes: &[u8], dst: &mut [u16]) -> Result<(), ModelError> {
+    if bytes.len() != 2 * dst.len() {
+        return Err(ModelError::Invalid(format!(
+            "{} bytes of keys or values where {} half-precision values belong",
+            bytes.len(),
+            dst.len()
+        )));
+    }
+    for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+        *d = u16::from_le_bytes([b[0], b[1]]);
+    }
+    Ok(())
+}
+
 /// Little-endian f32 bytes into `dst`, which must be exactly as long.
 pub(crate) fn copy_le(bytes: &[u8], dst: &mut [f32]) -> Result<(), ModelError> {
     if bytes.len() != 4 * dst.len() {

@@ -16,7 +16,7 @@ pub mod steps;
 pub mod top;
 
 pub use digest::ModelDigest;
-pub use llama::cpu::Precision;
+pub use llama::cpu::{KvType, Precision};
 pub use model::{Model, Session};
 pub use numerics::Numerics;
 pub use top::{Candidate, MAX_TOP};

@@ -10,7 +10,7 @@ use crate::ModelError;
 use crate::digest::ModelDigest;
 use crate::engine::{Engine, SessionState, StepItem};
 use crate::gguf::{GgufFile, Value};
-use crate::llama::cpu::{CpuLlama, KvCache, Precision};
+use crate::llama::cpu::{CpuLlama, KvCache, KvType, Precision};
 use crate::llama::{LlamaConfig, LlamaWeights, read_hf_config};
 use crate::numerics::Numerics;
 use crate::safetensors::SafetensorsFile;
@@ -170,6 +170,13 @@ impl Model {
         device: &std::sync::Arc<dyn tern_compute::Device>,
     ) -> Result<Model, ModelError> {
         self.gpu = crate::llama::gpu_engine(&self.llama, device)?;
+        if self.gpu.is_some() && self.llama.kv_type != KvType::F32 {
+            return Err(ModelError::Invalid(format!(
+                "a {} KV cache is kept on the CPU only so far; on {} the cache is f32",
+                self.llama.kv_type.name(),
+                self.compute_label()
+            )));
+        }
         Ok(self)
     }
 
@@ -191,6 +198,21 @@ impl Model {
     pub fn with_precision(mut self, precision: Precision) -> Model {
         self.llama.precision = precision;
         self
+    }
+
+    /// Switches how new sessions' KV caches store keys and values (the default is f32). Set
+    /// it before [`on_device`](Self::on_device): a GPU keeps f32 caches.
+    pub fn with_kv_type(mut self, kv_type: KvType) -> Model {
+        self.llama.kv_type = kv_type;
+        self
+    }
+
+    /// How new sessions' KV caches store keys and values.
+    pub fn kv_type(&self) -> KvType {
+        match &self.gpu {
+            Some(_) => KvType::F32,
+            None => self.llama.kv_type,
+        }
     }
 
     /// Where and how the forward pass computes ("cpu fast"), for people; whether two runs

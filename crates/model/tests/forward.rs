@@ -78,6 +78,29 @@ fn results_do_not_depend_on_batching_threads_or_runs() {
 }
 
 #[test]
+fn an_f16_kv_cache_is_batch_invariant_and_half_the_size() {
+    let model = tiny(DType::Q4_1, 2).with_kv_type(tern_model::KvType::F16);
+    let tokens = prompt(200);
+    let (whole, s1) = run(&model, &tokens, &[200]);
+    let (chunked, s2) = run(&model, &tokens, &[7, 33, 50, 110]);
+    let (single, _) = run(&model, &tokens, &[1]);
+    assert_eq!(bits(&whole), bits(&chunked));
+    assert_eq!(bits(&whole), bits(&single));
+    let (kv1, kv2) = (s1.host_kv(&model).unwrap(), s2.host_kv(&model).unwrap());
+    assert_eq!(kv1.kv_type(), tern_model::KvType::F16);
+    assert!(kv1.k.is_empty() && kv1.k16 == kv2.k16 && kv1.v16 == kv2.v16);
+    // Close to the f32 cache's logits, not equal.
+    let (f32s, _) = run(&tiny(DType::Q4_1, 2), &tokens, &[200]);
+    let worst = whole
+        .iter()
+        .zip(&f32s)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(worst > 0.0 && worst < 0.1, "{worst}");
+    assert!(model.numerics().precision.contains("f16 KV cache"));
+}
+
+#[test]
 fn rewinding_and_replaying_gives_the_same_logits() {
     let model = tiny(DType::Q8_0, 2);
     let tokens = prompt(30);

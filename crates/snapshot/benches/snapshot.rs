@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use tern_snapshot::{
-    HostInfo, KvType, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES, SessionInfo,
-    SnapshotWrite, encode, parse, to_bytes,
+    HostInfo, KvLayers, KvType, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES,
+    SessionInfo, SnapshotWrite, encode, parse, to_bytes,
 };
 
 /// Median wall time of `runs` calls of `f`.
@@ -101,8 +101,8 @@ impl Actor {
             kv: vec![KvWrite {
                 kv_dim: self.manifest.models[0].head_dim as usize,
                 n_tokens: self.manifest.sessions[0].tokens.len(),
-                k: layers.clone(),
-                v: layers,
+                k: KvLayers::F32(layers.clone()),
+                v: KvLayers::F32(layers),
             }],
             changed_pages: None,
         }

@@ -133,18 +133,19 @@ impl<'a> KvPiece<'a> {
         }
     }
 
-    /// Layer `layer`'s keys of this piece's positions, little-endian f32 bytes.
+    /// Layer `layer`'s keys of this piece's positions, little-endian bytes of its type.
     pub fn k_layer_bytes(&self, layer: usize) -> Result<&'a [u8], SnapshotError> {
         self.rows(self.view.k_layer_bytes(layer)?)
     }
 
-    /// Layer `layer`'s values of this piece's positions, little-endian f32 bytes.
+    /// Layer `layer`'s values of this piece's positions, little-endian bytes of its type.
     pub fn v_layer_bytes(&self, layer: usize) -> Result<&'a [u8], SnapshotError> {
         self.rows(self.view.v_layer_bytes(layer)?)
     }
 
     fn rows(&self, layer: &'a [u8]) -> Result<&'a [u8], SnapshotError> {
-        let bytes = self.count.checked_mul(self.view.kv_dim * 4);
+        let value = self.view.kv_type.bytes() as usize;
+        let bytes = self.count.checked_mul(self.view.kv_dim * value);
         bytes
             .and_then(|n| layer.get(..n))
             .ok_or_else(|| corrupt("a KV piece is longer than its blob"))

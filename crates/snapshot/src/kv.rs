@@ -1,30 +1,68 @@
 //! KV blobs: one session's key and value caches as a standard safetensors file.
 //!
 //! Writing never goes through serde per element: the header is formatted once and the `f32`
-//! slices are written as little-endian bytes directly. Reading checks the header strictly
-//! (exactly the tensors `k` and `v`, dtype `F32`, equal 3-D shapes, contiguous offsets that
-//! cover the data exactly, the `tern-kv` metadata) and then copies a layer at a time.
+//! (or half-precision) slices are written as little-endian bytes directly. Reading checks the
+//! header strictly (exactly the tensors `k` and `v`, the dtype of the session's cache type,
+//! equal 3-D shapes, contiguous offsets that cover the data exactly, the `tern-kv` metadata)
+//! and then copies a layer at a time.
 
 use serde::Deserialize;
 
 use crate::layout::{SECTION_ALIGN, u64_at};
-use crate::{MAX_KV_HEADER_BYTES, SnapshotError, check_limit, corrupt};
+use crate::{KvType, MAX_KV_HEADER_BYTES, SnapshotError, check_limit, corrupt};
 
 /// Bytes of the safetensors header-length prefix.
 const LEN_PREFIX_BYTES: u64 = 8;
-const F32_BYTES: u64 = 4;
 
-/// One session's KV cache to write: per layer, the first `n_tokens` positions of `kv_dim`
-/// floats each.
+/// One tensor's layers, of the cache's type.
+#[derive(Clone, Debug)]
+pub enum KvLayers<'a> {
+    F32(Vec<&'a [f32]>),
+    /// Half-precision bit patterns.
+    F16(Vec<&'a [u16]>),
+}
+
+impl KvLayers<'_> {
+    /// The cache type the layers are of.
+    pub fn kv_type(&self) -> KvType {
+        match self {
+            KvLayers::F32(_) => KvType::F32,
+            KvLayers::F16(_) => KvType::F16,
+        }
+    }
+
+    /// Number of layers.
+    pub fn len(&self) -> usize {
+        match self {
+            KvLayers::F32(l) => l.len(),
+            KvLayers::F16(l) => l.len(),
+        }
+    }
+
+    /// Whether there are no layers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values in each layer.
+    fn lens(&self) -> Vec<usize> {
+        match self {
+            KvLayers::F32(l) => l.iter().map(|s| s.len()).collect(),
+            KvLayers::F16(l) => l.iter().map(|s| s.len()).collect(),
+        }
+    }
+}
+
+/// One session's KV cache to write: per layer, `n_tokens` positions of `kv_dim` values each.
 #[derive(Clone, Debug)]
 pub struct KvWrite<'a> {
-    /// Floats per token per layer: `n_head_kv × head_dim`.
+    /// Values per token per layer: `n_head_kv × head_dim`.
     pub kv_dim: usize,
     pub n_tokens: usize,
-    /// Keys per layer, each `n_tokens × kv_dim` floats (`[n_tokens, kv_dim]`, row-major).
-    pub k: Vec<&'a [f32]>,
-    /// Values per layer, shaped like `k`.
-    pub v: Vec<&'a [f32]>,
+    /// Keys per layer, each `n_tokens × kv_dim` values (`[n_tokens, kv_dim]`, row-major).
+    pub k: KvLayers<'a>,
+    /// Values per layer, shaped and typed like `k`.
+    pub v: KvLayers<'a>,
 }
 
 impl KvWrite<'_> {
@@ -39,15 +77,19 @@ impl KvWrite<'_> {
                 self.v.len()
             )));
         }
+        if self.k.kv_type() != self.v.kv_type() {
+            return Err(corrupt(format!(
+                "session {session} KV cache has keys and values of different types"
+            )));
+        }
         let layer_floats = (self.n_tokens as u64).checked_mul(self.kv_dim as u64);
         let layer_floats = layer_floats.ok_or_else(|| overflow(session))?;
         for (name, layers) in [("K", &self.k), ("V", &self.v)] {
-            if let Some(l) = layers.iter().position(|s| s.len() as u64 != layer_floats) {
+            let lens = layers.lens();
+            if let Some(l) = lens.iter().position(|&n| n as u64 != layer_floats) {
                 return Err(corrupt(format!(
-                    "session {session} {name} layer {l} holds {} floats, expected n_tokens {} × kv_dim {} = {layer_floats}",
-                    layers[l].len(),
-                    self.n_tokens,
-                    self.kv_dim
+                    "session {session} {name} layer {l} holds {} values, expected n_tokens {} × kv_dim {} = {layer_floats}",
+                    lens[l], self.n_tokens, self.kv_dim
                 )));
             }
         }
@@ -55,6 +97,7 @@ impl KvWrite<'_> {
             self.k.len() as u64,
             self.n_tokens as u64,
             self.kv_dim as u64,
+            self.k.kv_type(),
         )
         .ok_or_else(|| overflow(session))
     }
@@ -65,22 +108,29 @@ fn overflow(session: usize) -> SnapshotError {
 }
 
 /// Bytes of one `[n_layer, n_tokens, kv_dim]` f32 tensor; `None` on overflow.
-fn tensor_bytes(n_layer: u64, n_tokens: u64, kv_dim: u64) -> Option<u64> {
+fn tensor_bytes(n_layer: u64, n_tokens: u64, kv_dim: u64, kv_type: KvType) -> Option<u64> {
     n_layer
         .checked_mul(n_tokens)?
         .checked_mul(kv_dim)?
-        .checked_mul(F32_BYTES)
+        .checked_mul(kv_type.bytes())
 }
 
 /// The length prefix and JSON header of a blob holding two `[n_layer, n_tokens, kv_dim]`
 /// tensors of `tensor_bytes` each, padded with spaces to a multiple of 64 bytes so the data
 /// that follows is 64-byte aligned in the file.
-pub(crate) fn header(n_layer: usize, n_tokens: usize, kv_dim: usize, tensor_bytes: u64) -> Vec<u8> {
+pub(crate) fn header(
+    n_layer: usize,
+    n_tokens: usize,
+    kv_dim: usize,
+    kv_type: KvType,
+    tensor_bytes: u64,
+) -> Vec<u8> {
+    let dtype = kv_type.dtype();
     let shape = format!("[{n_layer},{n_tokens},{kv_dim}]");
     let n = tensor_bytes;
     let both = 2 * n; // the caller's section fits in u64, so this does not overflow
     let mut json = format!(
-        r#"{{"__metadata__":{{"format":"tern-kv","version":"1"}},"k":{{"dtype":"F32","shape":{shape},"data_offsets":[0,{n}]}},"v":{{"dtype":"F32","shape":{shape},"data_offsets":[{n},{both}]}}}}"#
+        r#"{{"__metadata__":{{"format":"tern-kv","version":"1"}},"k":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[0,{n}]}},"v":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[{n},{both}]}}}}"#
     )
     .into_bytes();
     let align = SECTION_ALIGN as usize;
@@ -133,6 +183,8 @@ pub struct KvView<'a> {
     pub n_layer: usize,
     pub n_tokens: usize,
     pub kv_dim: usize,
+    /// The type of its values.
+    pub kv_type: KvType,
     blob: &'a [u8],
     k: &'a [u8],
     v: &'a [u8],
@@ -140,7 +192,11 @@ pub struct KvView<'a> {
 
 impl<'a> KvView<'a> {
     /// Checks a blob's header and sizes; the caller checks the shape against the manifest.
-    pub(crate) fn parse(session: usize, blob: &'a [u8]) -> Result<Self, SnapshotError> {
+    pub(crate) fn parse(
+        session: usize,
+        blob: &'a [u8],
+        kv_type: KvType,
+    ) -> Result<Self, SnapshotError> {
         let bad = |what: String| corrupt(format!("session {session} KV blob {what}"));
         let header_len = u64_at(blob, 0).ok_or_else(|| bad("is shorter than 8 bytes".into()))?;
         check_limit("KV header length", header_len, MAX_KV_HEADER_BYTES)?;
@@ -166,10 +222,12 @@ impl<'a> KvView<'a> {
             )));
         }
         for (name, info) in [("k", &header.k), ("v", &header.v)] {
-            if info.dtype != "F32" {
+            if info.dtype != kv_type.dtype() {
                 return Err(bad(format!(
-                    "tensor {name} has dtype {}, expected F32",
-                    info.dtype
+                    "tensor {name} has dtype {}, expected {} (the session's cache is {})",
+                    info.dtype,
+                    kv_type.dtype(),
+                    kv_type.name()
                 )));
             }
         }
@@ -185,12 +243,13 @@ impl<'a> KvView<'a> {
                 header.v.shape, header.k.shape
             )));
         }
-        let n = tensor_bytes(n_layer, n_tokens, kv_dim)
+        let n = tensor_bytes(n_layer, n_tokens, kv_dim, kv_type)
             .filter(|n| n.checked_mul(2) == Some(data.len() as u64));
         let Some(n) = n else {
             return Err(bad(format!(
-                "data of {} bytes does not hold two f32 tensors of shape {:?}",
+                "data of {} bytes does not hold two {} tensors of shape {:?}",
                 data.len(),
+                kv_type.name(),
                 header.k.shape
             )));
         };
@@ -211,6 +270,7 @@ impl<'a> KvView<'a> {
             n_layer: dim(n_layer)?,
             n_tokens: dim(n_tokens)?,
             kv_dim: dim(kv_dim)?,
+            kv_type,
             blob,
             k,
             v,
@@ -260,7 +320,7 @@ impl<'a> KvView<'a> {
         let layer_bytes = self
             .n_tokens
             .checked_mul(self.kv_dim)
-            .and_then(|n| n.checked_mul(F32_BYTES as usize));
+            .and_then(|n| n.checked_mul(self.kv_type.bytes() as usize));
         let range =
             layer_bytes.and_then(|n| Some(layer.checked_mul(n)?..(layer + 1).checked_mul(n)?));
         range
@@ -301,7 +361,7 @@ mod tests {
     fn blob(n_layer: usize, n_tokens: usize, kv_dim: usize) -> Vec<u8> {
         let count = n_layer * n_tokens * kv_dim;
         let bytes = (count * 4) as u64;
-        let mut out = header(n_layer, n_tokens, kv_dim, bytes);
+        let mut out = header(n_layer, n_tokens, kv_dim, KvType::F32, bytes);
         for i in 0..2 * count {
             out.extend_from_slice(&(i as f32).to_le_bytes());
         }
@@ -311,7 +371,7 @@ mod tests {
     #[test]
     fn header_is_padded_to_64() {
         for (l, t, d) in [(0, 0, 0), (1, 1, 1), (32, 4096, 1024)] {
-            let h = header(l, t, d, (l * t * d * 4) as u64);
+            let h = header(l, t, d, KvType::F32, (l * t * d * 4) as u64);
             assert_eq!(h.len() % 64, 0);
             assert_eq!(u64_at(&h, 0).unwrap() as usize, h.len() - 8);
         }
@@ -320,7 +380,7 @@ mod tests {
     #[test]
     fn parse_reads_layers() {
         let bytes = blob(2, 3, 4);
-        let view = KvView::parse(0, &bytes).unwrap();
+        let view = KvView::parse(0, &bytes, KvType::F32).unwrap();
         assert_eq!(view.shape(), [2, 3, 4]);
         let mut layer = [0f32; 12];
         view.k_layer(1, &mut layer).unwrap();
@@ -343,7 +403,7 @@ mod tests {
         let good = String::from_utf8(good[8..good.len() - 8].to_vec()).unwrap();
         let cases = [
             (good.replace("tern-kv", "tern-xx"), "metadata"),
-            (good.replacen("F32", "F16", 1), "dtype F16"),
+            (good.replacen("F32", "F16", 1), "dtype F16, expected F32"),
             (good.replacen("[1,1,1]", "[1,1,2]", 1), "shape"),
             (good.replacen("[0,4]", "[1,4]", 1), "data offsets"),
             (
@@ -360,7 +420,7 @@ mod tests {
             let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
             bytes.extend_from_slice(json.as_bytes());
             bytes.extend_from_slice(&[0u8; 8]);
-            let err = KvView::parse(0, &bytes).unwrap_err();
+            let err = KvView::parse(0, &bytes, KvType::F32).unwrap_err();
             assert!(
                 err.to_string().contains(expected),
                 "{err} lacks {expected:?}"
@@ -369,17 +429,31 @@ mod tests {
     }
 
     #[test]
+    fn an_f16_blob_reads_its_half_precision_bytes() {
+        let count = 2 * 3 * 4;
+        let mut bytes = header(2, 3, 4, KvType::F16, 2 * count as u64);
+        for i in 0..2 * count {
+            bytes.extend_from_slice(&(i as u16).to_le_bytes());
+        }
+        let view = KvView::parse(0, &bytes, KvType::F16).unwrap();
+        assert_eq!(view.k_layer_bytes(1).unwrap()[..2], 12u16.to_le_bytes());
+        assert_eq!(view.v_layer_bytes(1).unwrap().len(), 24);
+        let err = KvView::parse(0, &bytes, KvType::F32).unwrap_err();
+        assert!(err.to_string().contains("dtype F16, expected F32"), "{err}");
+    }
+
+    #[test]
     fn write_checks_layer_lengths() {
         let data = [0f32; 6];
         let kv = KvWrite {
             kv_dim: 3,
             n_tokens: 2,
-            k: vec![&data, &data[..5]],
-            v: vec![&data, &data],
+            k: KvLayers::F32(vec![&data, &data[..5]]),
+            v: KvLayers::F32(vec![&data, &data]),
         };
         let err = kv.tensor_bytes(0).unwrap_err();
         assert!(
-            err.to_string().contains("K layer 1 holds 5 floats"),
+            err.to_string().contains("K layer 1 holds 5 values"),
             "{err}"
         );
     }

@@ -72,7 +72,8 @@
 //! for a whole snapshot; for an incremental one its parent's [digest](SnapshotView::digest)
 //! as 32 lowercase hex digits and its depth, 1 to [`MAX_CHAIN_LINKS`] − 1) and in each
 //! session `kv_from` (the first position its KV blob stores: 0 in a whole snapshot, at most
-//! its token count) and `kv_type` (`"f32"`); versions 1 and 2 must not have them.
+//! its token count) and `kv_type` (`"f32"` or `"f16"`: how its cache keeps values; a restore
+//! into a model keeping the other type is refused); versions 1 and 2 must not have them.
 //!
 //! **Memory section** (kind 2):
 //!
@@ -96,8 +97,9 @@
 //! **KV section** (kind 3): a standard [safetensors](https://github.com/huggingface/safetensors)
 //! file, so stock readers open it. An 8-byte header length, then a JSON header with exactly
 //! `"__metadata__": {"format": "tern-kv", "version": "1"}` and two tensors `"k"` and `"v"`,
-//! dtype `F32`, shape `[n_layer, n_tokens, kv_dim]`, `k` at data offsets `[0, n)` and `v` at
-//! `[n, 2n)` with `n = n_layer × n_tokens × kv_dim × 4`, then the little-endian data. The
+//! dtype `F32` (or `F16` for a session whose `kv_type` is `"f16"`), shape
+//! `[n_layer, n_tokens, kv_dim]`, `k` at data offsets `[0, n)` and `v` at `[n, 2n)` with
+//! `n = n_layer × n_tokens × kv_dim × 4` (× 2 for `F16`), then the little-endian data. The
 //! header is padded with spaces so the data starts 64-byte aligned in the file. The shape must
 //! agree with the manifest: `n_layer` and `n_head_kv × head_dim` of the session's model, and
 //! the session's token count less its `kv_from`: the blob holds positions `kv_from..`.
@@ -123,7 +125,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use chain::{Chain, KvPiece, Links, digest_hex, parse_chain, split_links};
-pub use kv::{KvView, KvWrite};
+pub use kv::{KvLayers, KvView, KvWrite};
 pub use layout::reseal;
 pub use manifest::{
     Global, HostInfo, KvType, Link, Manifest, ModelRef, ModuleRef, Numerics, SessionInfo, ValType,

@@ -200,6 +200,34 @@ pub enum KvType {
     /// 32-bit IEEE floats.
     #[default]
     F32,
+    /// IEEE half precision.
+    F16,
+}
+
+impl KvType {
+    /// Bytes per value.
+    pub fn bytes(self) -> u64 {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
+
+    /// The safetensors dtype of its KV blob: `F32`, `F16`.
+    pub fn dtype(self) -> &'static str {
+        match self {
+            KvType::F32 => "F32",
+            KvType::F16 => "F16",
+        }
+    }
+
+    /// Its name in the manifest: `f32`, `f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        }
+    }
 }
 
 /// Host state the guest can observe.

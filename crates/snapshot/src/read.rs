@@ -123,7 +123,7 @@ pub fn parse(bytes: &[u8]) -> Result<SnapshotView<'_>, SnapshotError> {
     }
     let mut kv = Vec::with_capacity(frame.kv.len());
     for (i, (blob, session)) in frame.kv.iter().zip(&manifest.sessions).enumerate() {
-        let view = KvView::parse(i, blob)?;
+        let view = KvView::parse(i, blob, session.kv_type)?;
         let Some(model) = manifest.models.get(session.model as usize) else {
             return Err(corrupt(format!("session {i} has no model"))); // validate() checked
         };

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::kv::{self, KvWrite};
+use crate::kv::{self, KvLayers, KvWrite};
 use crate::layout::{self, Section, SectionKind};
 use crate::pages::EncodedMemory;
 use crate::{MAX_MANIFEST_BYTES, Manifest, SnapshotError, check_limit, corrupt};
@@ -267,7 +267,20 @@ impl<'a> Plan<'a> {
                 )));
             }
             let tensor_bytes = kv.tensor_bytes(i)?;
-            let header = kv::header(kv.k.len(), kv.n_tokens, kv.kv_dim, tensor_bytes);
+            if kv.k.kv_type() != session.kv_type {
+                return Err(corrupt(format!(
+                    "session {i} KV cache is {} but the manifest says {}",
+                    kv.k.kv_type().name(),
+                    session.kv_type.name()
+                )));
+            }
+            let header = kv::header(
+                kv.k.len(),
+                kv.n_tokens,
+                kv.kv_dim,
+                session.kv_type,
+                tensor_bytes,
+            );
             let blob_len = (tensor_bytes.checked_mul(2))
                 .and_then(|data| data.checked_add(header.len() as u64))
                 .ok_or_else(|| corrupt(format!("session {i} KV blob size overflows u64")))?;
@@ -306,8 +319,19 @@ impl<'a> Plan<'a> {
                         return Err(corrupt(format!("KV blob {i} was not planned")));
                     };
                     sink.put(header)?;
-                    for layer in kv.k.iter().chain(&kv.v) {
-                        sink.put_f32(layer)?;
+                    for layers in [&kv.k, &kv.v] {
+                        match layers {
+                            KvLayers::F32(layers) => {
+                                for layer in layers {
+                                    sink.put_f32(layer)?;
+                                }
+                            }
+                            KvLayers::F16(layers) => {
+                                for layer in layers {
+                                    sink.put_u16(layer)?;
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -344,6 +368,16 @@ impl<W: Write> Sink<'_, W> {
     fn put_f32(&mut self, values: &[f32]) -> Result<(), SnapshotError> {
         let mut buf = Vec::with_capacity(CHUNK_BYTES);
         for chunk in values.chunks(CHUNK_BYTES / 4) {
+            buf.clear();
+            buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+            self.put(&buf)?;
+        }
+        Ok(())
+    }
+
+    fn put_u16(&mut self, values: &[u16]) -> Result<(), SnapshotError> {
+        let mut buf = Vec::with_capacity(CHUNK_BYTES.min(2 * values.len()));
+        for chunk in values.chunks(CHUNK_BYTES / 2) {
             buf.clear();
             buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
             self.put(&buf)?;

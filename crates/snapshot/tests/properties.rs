@@ -7,8 +7,8 @@ mod common;
 use common::{Page, Rng, memory};
 use proptest::prelude::*;
 use tern_snapshot::{
-    Global, HostInfo, KvType, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES,
-    SessionInfo, SnapshotWrite, ValType, parse, to_bytes,
+    Global, HostInfo, KvLayers, KvType, KvWrite, Manifest, ModelRef, ModuleRef, Numerics,
+    PAGE_BYTES, SessionInfo, SnapshotWrite, ValType, parse, to_bytes,
 };
 
 fn val_type() -> impl Strategy<Value = ValType> {
@@ -171,8 +171,8 @@ proptest! {
                 .map(|c| KvWrite {
                     kv_dim: c.kv_dim,
                     n_tokens: c.n_tokens,
-                    k: c.k.iter().map(Vec::as_slice).collect(),
-                    v: c.v.iter().map(Vec::as_slice).collect(),
+                    k: KvLayers::F32(c.k.iter().map(Vec::as_slice).collect()),
+                    v: KvLayers::F32(c.v.iter().map(Vec::as_slice).collect()),
                 })
                 .collect(),
             changed_pages: None,

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use common::{Fixture, Page, table, u32_at, u64_at};
 use safetensors::{Dtype, SafeTensors};
 use tern_snapshot::{
-    KvWrite, PAGE_BYTES, SnapshotError, SnapshotFile, SnapshotView, SnapshotWrite, encode, parse,
-    reseal, save, to_bytes,
+    KvLayers, KvWrite, PAGE_BYTES, SnapshotError, SnapshotFile, SnapshotView, SnapshotWrite,
+    encode, parse, reseal, save, to_bytes,
 };
 
 /// Asserts that `view` holds exactly `fixture`'s state, bit for bit.
@@ -234,15 +234,20 @@ fn inconsistencies(fixture: &Fixture) -> Vec<(Mutation<'_>, &'static str)> {
             "session 0 KV cache has shape",
         ),
         (
-            Box::new(|s| s.kv[2].v.truncate(2)),
+            Box::new(|s| {
+                if let KvLayers::F32(v) = &mut s.kv[2].v {
+                    v.truncate(2);
+                }
+            }),
             "3 K layers but 2 V layers",
         ),
         (
             Box::new(|s| {
-                let layer = s.kv[2].k[1];
-                s.kv[2].k[1] = &layer[1..];
+                if let KvLayers::F32(k) = &mut s.kv[2].k {
+                    k[1] = &k[1][1..];
+                }
             }),
-            "K layer 1 holds 23 floats",
+            "K layer 1 holds 23 values",
         ),
     ]
 }
@@ -339,8 +344,9 @@ fn failed_save_keeps_the_old_file_and_no_temp_file() {
     let before = std::fs::read(&path).unwrap();
 
     let mut bad = fixture.write();
-    let layer = bad.kv[0].k[0];
-    bad.kv[0].k[0] = &layer[..layer.len() - 1];
+    if let KvLayers::F32(k) = &mut bad.kv[0].k {
+        k[0] = &k[0][..k[0].len() - 1];
+    }
     let err = save(&path, &bad).unwrap_err();
     assert!(err.to_string().contains("K layer 0 holds"), "{err}");
 
@@ -397,8 +403,8 @@ fn kv_write_slices_are_borrowed_not_copied() {
     s.kv[0] = KvWrite {
         kv_dim: 8,
         n_tokens: 2,
-        k: vec![&storage[..used], &storage[16..16 + used]],
-        v: vec![&storage[32..32 + used], &storage[48..48 + used]],
+        k: KvLayers::F32(vec![&storage[..used], &storage[16..16 + used]]),
+        v: KvLayers::F32(vec![&storage[32..32 + used], &storage[48..48 + used]]),
     };
     let bytes = to_bytes(&s).unwrap();
     let mut layer = vec![0f32; used];

@@ -33,6 +33,9 @@ pub struct SnapshotBenchArgs {
     /// CPU threads (default: all cores).
     #[arg(long, value_parser = crate::parse_count)]
     threads: Option<usize>,
+    /// How the KV cache keeps keys and values: `f32`, or `f16` (on the CPU only so far).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_kv_type)]
+    kv_type: tern_model::KvType,
     /// MiB of incompressible state the actor holds besides its session.
     #[arg(long, default_value_t = 0)]
     memory_mib: usize,
@@ -69,6 +72,7 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
     let device = tern_compute::open(args.device)?;
     let model = Model::open("bench", &path, threads)?
         .with_precision(Precision::Fast)
+        .with_kv_type(args.kv_type)
         .on_device(&device)?;
     let model = Arc::new(model);
     let c = model.config().clone();

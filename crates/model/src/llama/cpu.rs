@@ -13,7 +13,9 @@ use crate::steps::{Budget, StepBatcher, StepJob, StepStats};
 use std::borrow::Cow;
 
 use crate::ModelError;
-use crate::engine::{Engine, LayerBytes, SessionState, StepItem, copy_le, own, own_mut};
+use crate::engine::{
+    Engine, LayerBytes, SessionState, StepItem, copy_le, copy_le_u16, own, own_mut,
+};
 use crate::fastdot::{self, QuantizedActs};
 use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
 use crate::numerics::Numerics;
@@ -23,17 +25,50 @@ use crate::top::top_k;
 /// Output rows a matrix-product task computes.
 const ROWS_PER_TASK: usize = 32;
 
-/// One sequence's keys and values for every layer: `[layer][position][kv_dim]`.
+/// How a KV cache stores its keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// 32-bit floats: the values exactly as the forward pass computed them.
+    #[default]
+    F32,
+    /// IEEE half precision, rounded to nearest: half the memory, the bandwidth of attention
+    /// and the snapshot bytes; attention widens them back exactly.
+    F16,
+}
+
+impl KvType {
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
+
+    /// Its name: `f32`, `f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        }
+    }
+}
+
+/// One sequence's keys and values for every layer: `[layer][position][kv_dim]`, in `k` and
+/// `v` for an f32 cache, in `k16` and `v16` (half-precision bits) for an f16 one.
 #[derive(Clone, Debug)]
 pub struct KvCache {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+    pub k16: Vec<u16>,
+    pub v16: Vec<u16>,
     /// Positions filled.
     pub len: usize,
     /// Positions the cache can hold.
     pub n_ctx: usize,
     kv_dim: usize,
     n_layer: usize,
+    kv_type: KvType,
 }
 
 impl KvCache {
@@ -47,6 +82,9 @@ impl KvCache {
         KvCache {
             k: Vec::new(),
             v: Vec::new(),
+            k16: Vec::new(),
+            v16: Vec::new(),
+            kv_type: self.kv_type,
             len: 0,
             n_ctx: 0,
             kv_dim: self.kv_dim,
@@ -64,11 +102,31 @@ impl KvCache {
         KvCache {
             k: vec![0.0; n_layer * n_ctx * kv_dim],
             v: vec![0.0; n_layer * n_ctx * kv_dim],
+            k16: Vec::new(),
+            v16: Vec::new(),
             len: n_ctx,
             n_ctx,
             kv_dim,
             n_layer,
+            kv_type: KvType::F32,
         }
+    }
+
+    /// How it stores its keys and values.
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// Layer `layer`'s keys and values of the filled positions of an f16 cache, as
+    /// half-precision bits, `(len, kv_dim)` each (empty for an f32 cache: see [`layer`]).
+    ///
+    /// [`layer`]: Self::layer
+    pub fn layer_half(&self, layer: usize) -> (&[u16], &[u16]) {
+        if self.kv_type != KvType::F16 {
+            return (&[], &[]);
+        }
+        let range = self.at(layer, 0)..self.at(layer, self.len);
+        (&self.k16[range.clone()], &self.v16[range])
     }
 
     /// Layer `layer`'s keys and values of the filled positions, writable.
@@ -93,16 +151,17 @@ impl KvCache {
         (&self.k[range.clone()], &self.v[range])
     }
 
-    /// Marks the first `from + len` positions filled and lends each layer's keys and values
-    /// of positions `from..from + len`, `(len, kv_dim)` each, to `fill`, the layers side by
-    /// side on the current thread pool: how a restored cache is written back, piece by piece
-    /// (the copies and the page faults of a fresh cache spread over the cores).
-    pub fn refill<E: Send>(
+    /// Marks the first `from + len` positions filled and copies each layer's keys and values
+    /// of positions `from..from + len` from `bytes[layer]` (little-endian values of the
+    /// cache's type, `(len, kv_dim)` each), the layers side by side on the current thread
+    /// pool: how a restored cache is written back, piece by piece (the copies and the page
+    /// faults of a fresh cache spread over the cores).
+    pub fn refill(
         &mut self,
         from: usize,
         len: usize,
-        fill: impl Fn(usize, &mut [f32], &mut [f32]) -> Result<(), E> + Sync,
-    ) -> Result<(), E> {
+        bytes: &[(&[u8], &[u8])],
+    ) -> Result<(), ModelError> {
         let end = (from + len).min(self.n_ctx);
         let from = from.min(end);
         self.len = end;
@@ -111,13 +170,34 @@ impl KvCache {
             return Ok(());
         }
         let range = from * kv_dim..end * kv_dim;
-        self.k
-            .par_chunks_mut(stride)
-            .zip(self.v.par_chunks_mut(stride))
-            .enumerate()
-            .try_for_each(|(layer, (k, v))| {
-                fill(layer, &mut k[range.clone()], &mut v[range.clone()])
-            })
+        let layer = |l: usize| {
+            bytes
+                .get(l)
+                .copied()
+                .ok_or_else(|| ModelError::Invalid(format!("no keys and values for layer {l}")))
+        };
+        match self.kv_type {
+            KvType::F32 => self
+                .k
+                .par_chunks_mut(stride)
+                .zip(self.v.par_chunks_mut(stride))
+                .enumerate()
+                .try_for_each(|(l, (k, v))| {
+                    let (kb, vb) = layer(l)?;
+                    copy_le(kb, &mut k[range.clone()])?;
+                    copy_le(vb, &mut v[range.clone()])
+                }),
+            KvType::F16 => self
+                .k16
+                .par_chunks_mut(stride)
+                .zip(self.v16.par_chunks_mut(stride))
+                .enumerate()
+                .try_for_each(|(l, (k, v))| {
+                    let (kb, vb) = layer(l)?;
+                    copy_le_u16(kb, &mut k[range.clone()])?;
+                    copy_le_u16(vb, &mut v[range.clone()])
+                }),
+        }
     }
 }
 
@@ -131,11 +211,18 @@ impl Engine for CpuLlama {
             Precision::Reference => "reference",
             Precision::Fast => "fast",
         };
-        format!("cpu {precision}")
+        match self.kv_type {
+            KvType::F32 => format!("cpu {precision}"),
+            KvType::F16 => format!("cpu {precision}, f16 KV cache"),
+        }
     }
 
     fn numerics(&self) -> Numerics {
-        Numerics::cpu(self.precision)
+        let mut numerics = Numerics::cpu(self.precision);
+        if self.kv_type == KvType::F16 {
+            numerics.precision.push_str(", f16 KV cache");
+        }
+        numerics
     }
 
     fn open_session(&self, n_ctx: usize) -> Result<Box<dyn SessionState>, ModelError> {
@@ -210,13 +297,7 @@ impl Engine for CpuLlama {
         let bytes = (0..cache.n_layer())
             .map(layer)
             .collect::<Result<Vec<_>, _>>()?;
-        self.pool.install(|| {
-            cache.refill(from, len, |l, k, v| {
-                let (kb, vb) = bytes[l];
-                copy_le(kb, k)?;
-                copy_le(vb, v)
-            })
-        })
+        self.pool.install(|| cache.refill(from, len, &bytes))
     }
 }
 
@@ -237,6 +318,8 @@ pub struct CpuLlama {
     pub config: LlamaConfig,
     pub weights: LlamaWeights,
     pub precision: Precision,
+    /// How new sessions' KV caches store keys and values.
+    pub kv_type: KvType,
     /// Inverse rotary frequencies, one per rotated pair (Llama-3 factors applied).
     inv_freq: Vec<f32>,
     pool: rayon::ThreadPool,
@@ -338,6 +421,7 @@ impl CpuLlama {
             .collect();
         Ok(CpuLlama {
             precision: Precision::Reference,
+            kv_type: KvType::F32,
             config,
             weights,
             inv_freq,
@@ -356,13 +440,20 @@ impl CpuLlama {
     pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache, ModelError> {
         let kv_dim = self.config.kv_dim();
         let len = self.config.kv_cache_len(n_ctx)?;
+        let (f32s, f16s) = match self.kv_type {
+            KvType::F32 => (len, 0),
+            KvType::F16 => (0, len),
+        };
         Ok(KvCache {
-            k: vec![0.0; len],
-            v: vec![0.0; len],
+            k: vec![0.0; f32s],
+            v: vec![0.0; f32s],
+            k16: vec![0; f16s],
+            v16: vec![0; f16s],
             len: 0,
             n_ctx,
             kv_dim,
             n_layer: self.config.n_layer,
+            kv_type: self.kv_type,
         })
     }
 
@@ -461,11 +552,28 @@ impl CpuLlama {
             for seq in seqs.iter_mut() {
                 let (pos0, m) = (seq.cache.len, seq.tokens.len());
                 let at = seq.cache.at(l, pos0);
-                seq.cache.k[at..at + m * kv].copy_from_slice(&k[first * kv..][..m * kv]);
-                seq.cache.v[at..at + m * kv].copy_from_slice(&v[first * kv..][..m * kv]);
+                let (new_k, new_v) = (&mut k[first * kv..][..m * kv], &v[first * kv..][..m * kv]);
                 for t in 0..m {
                     self.rope(&mut s.q[(first + t) * qd..][..qd], pos0 + t);
-                    self.rope(&mut seq.cache.k[at + t * kv..][..kv], pos0 + t);
+                }
+                match seq.cache.kv_type {
+                    KvType::F32 => {
+                        let cache = &mut seq.cache;
+                        cache.k[at..at + m * kv].copy_from_slice(new_k);
+                        cache.v[at..at + m * kv].copy_from_slice(new_v);
+                        for t in 0..m {
+                            self.rope(&mut cache.k[at + t * kv..][..kv], pos0 + t);
+                        }
+                    }
+                    KvType::F16 => {
+                        // Rotated in f32, then rounded once into the cache.
+                        for t in 0..m {
+                            self.rope(&mut new_k[t * kv..][..kv], pos0 + t);
+                        }
+                        let cache = &mut seq.cache;
+                        narrow(new_k, &mut cache.k16[at..at + m * kv]);
+                        narrow(new_v, &mut cache.v16[at..at + m * kv]);
+                    }
                 }
                 first += m;
             }
@@ -657,17 +765,22 @@ impl CpuLlama {
         let c = &self.config;
         let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
         let threads = self.pool.current_num_threads();
-        // Token t's keys and values for the KV head of query head h.
-        let over = |t: usize, h: usize| {
-            let first = cache.at(layer, 0) + (h / group) * hd;
-            quant::Attend {
-                k: &cache.k[first..],
-                v: &cache.v[first..],
-                stride: cache.kv_dim,
-                n_pos: pos0 + t + 1,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-            }
+        // Token t's keys and values for the KV head of query head h: an f32 cache's in the
+        // `Attend`, an f16 cache's beside it (`half`).
+        let first = |h: usize| cache.at(layer, 0) + (h / group) * hd;
+        let over = |t: usize, h: usize| quant::Attend {
+            k: cache.k.get(first(h)..).unwrap_or_default(),
+            v: cache.v.get(first(h)..).unwrap_or_default(),
+            stride: cache.kv_dim,
+            n_pos: pos0 + t + 1,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let half = |h: usize| {
+            (cache.kv_type == KvType::F16).then(|| quant::Half {
+                k: &cache.k16[first(h)..],
+                v: &cache.v16[first(h)..],
+            })
         };
         // A task takes the `group` query heads of a KV head together (each key and value read
         // once for them), or one query head where that leaves the pool too few tasks. Each
@@ -692,7 +805,10 @@ impl CpuLlama {
                 .for_each(|(i, part)| {
                     let h0 = i / nb * per_task;
                     let q = &q[h0 * hd..][..per_task * hd];
-                    quant::attend_block(&over(0, h0), i % nb, q, part);
+                    match half(h0) {
+                        None => quant::attend_block(&over(0, h0), i % nb, q, part),
+                        Some(kv) => quant::attend_block_half(&over(0, h0), kv, i % nb, q, part),
+                    }
                 });
             for (h, out) in out[..c.n_head * hd].chunks_exact_mut(hd).enumerate() {
                 let first = (h / per_task * nb * per_task + h % per_task) * plen;
@@ -716,7 +832,10 @@ impl CpuLlama {
                     .copied()
                     .collect();
                 let mut outs = vec![0.0f32; qs.len()];
-                quant::attend(&over(t0, h0), tokens, &qs, &mut outs);
+                match half(h0) {
+                    None => quant::attend(&over(t0, h0), tokens, &qs, &mut outs),
+                    Some(kv) => quant::attend_half(&over(t0, h0), kv, tokens, &qs, &mut outs),
+                }
                 outs
             })
             .collect();
@@ -726,6 +845,13 @@ impl CpuLlama {
                 out[((t0 + k) * c.n_head + h0) * hd..][..width].copy_from_slice(o);
             }
         }
+    }
+}
+
+/// Each of `values` rounded to half precision (nearest, ties to even) into `out`.
+fn narrow(values: &[f32], out: &mut [u16]) {
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = quant::f32_to_f16(v);
     }
 }
 

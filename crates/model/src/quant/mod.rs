@@ -39,6 +39,7 @@
 mod blocks;
 mod exp;
 mod float;
+pub(crate) use float::f32_to_f16;
 pub mod kquants;
 mod rows;
 #[cfg(target_arch = "x86_64")]
@@ -264,13 +265,18 @@ impl Attend<'_> {
     /// Whether the keys and values hold every position, `g` queries of `head_dim` fit `q`,
     /// and there is at least one position.
     fn fits(&self, q: usize) -> bool {
+        self.fits_rows(q, self.k.len(), self.v.len())
+    }
+
+    /// [`fits`](Self::fits) for keys and values of `k` and `v` elements stored elsewhere.
+    fn fits_rows(&self, q: usize, k: usize, v: usize) -> bool {
         let need = (self.n_pos.max(1) - 1)
             .checked_mul(self.stride)
             .and_then(|n| n.checked_add(self.head_dim));
         self.head_dim > 0
             && self.n_pos > 0
             && q.is_multiple_of(self.head_dim)
-            && need.is_some_and(|n| n <= self.k.len() && n <= self.v.len())
+            && need.is_some_and(|n| n <= k && n <= v)
     }
 
     fn refuse(&self, what: &str, q: usize, out: &mut [f32]) {
@@ -308,13 +314,91 @@ pub fn partial_len(head_dim: usize) -> usize {
 /// `head_dim`; `n_pos >= 1`; `k` and `v` hold every row the last token sees. On a mismatch,
 /// debug builds panic and release builds fill `out` with NaN.
 pub fn attend(a: &Attend<'_>, tokens: usize, q: &[f32], out: &mut [f32]) {
+    let path = rows::Path::best();
+    let rows = (a.k.len(), a.v.len());
+    attend_by(a, rows, tokens, q, out, |a, b, q, partials| {
+        path.attend_block(a, b, q, partials)
+    });
+}
+
+/// Keys and values stored as IEEE half-precision bits (an f16 KV cache), laid out as
+/// [`Attend`]'s `k` and `v`, for [`attend_half`] and [`attend_block_half`] (which read these
+/// and not the `Attend`'s own slices). Each block's rows are widened to f32, exactly, and
+/// attended as [`attend_block`] does: the f32 arithmetic on the rounded values, so the same
+/// bits on every path and whatever else shares a step.
+#[derive(Clone, Copy)]
+pub struct Half<'a> {
+    pub k: &'a [u16],
+    pub v: &'a [u16],
+}
+
+/// [`attend`] over keys and values in `half`.
+pub fn attend_half(a: &Attend<'_>, half: Half<'_>, tokens: usize, q: &[f32], out: &mut [f32]) {
+    let rows = (half.k.len(), half.v.len());
+    attend_by(a, rows, tokens, q, out, |a, b, q, partials| {
+        half_block(a, half, b, q, partials)
+    });
+}
+
+/// [`attend_block`] over keys and values in `half`.
+pub fn attend_block_half(
+    a: &Attend<'_>,
+    half: Half<'_>,
+    b: usize,
+    q: &[f32],
+    partials: &mut [f32],
+) {
+    let sized = a.head_dim > 0 && partials.len() == q.len() / a.head_dim * partial_len(a.head_dim);
+    if !a.fits_rows(q.len(), half.k.len(), half.v.len()) || !sized || b >= a.blocks() {
+        a.refuse("attend_block_half", q.len(), partials);
+        return;
+    }
+    half_block(a, half, b, q, partials);
+}
+
+/// Block `b` of `half`'s rows widened to f32 and attended as block 0 of an f32 [`Attend`]
+/// holding just them (the same positions, so the same arithmetic).
+fn half_block(a: &Attend<'_>, half: Half<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
+    let (hd, p0) = (a.head_dim, b * ATTEND_BLOCK);
+    let n = a.n_pos.min(p0 + ATTEND_BLOCK) - p0;
+    let (mut k, mut v) = (vec![0.0f32; n * hd], vec![0.0f32; n * hd]);
+    for p in 0..n {
+        let at = (p0 + p) * a.stride;
+        for (dst, src) in [(&mut k, half.k), (&mut v, half.v)] {
+            let row = &src[at..][..hd];
+            for (d, &h) in dst[p * hd..][..hd].iter_mut().zip(row) {
+                *d = float::f16_to_f32(h);
+            }
+        }
+    }
+    let block = Attend {
+        k: &k,
+        v: &v,
+        stride: hd,
+        n_pos: n,
+        ..*a
+    };
+    rows::Path::best().attend_block(&block, 0, q, partials);
+}
+
+/// [`attend`] over keys and values of `rows` (`k` and `v` elements), each block through
+/// `block`.
+fn attend_by(
+    a: &Attend<'_>,
+    rows: (usize, usize),
+    tokens: usize,
+    q: &[f32],
+    out: &mut [f32],
+    block_fn: impl Fn(&Attend<'_>, usize, &[f32], &mut [f32]),
+) {
     let seen = |k: usize| Attend {
         n_pos: a.n_pos + k,
         ..*a
     };
     let last = seen(tokens.max(1) - 1);
     let whole_tokens = a.head_dim > 0 && (q.len() / a.head_dim).is_multiple_of(tokens);
-    if tokens == 0 || !whole_tokens || !last.fits(q.len()) || q.len() != out.len() {
+    let fits = last.fits_rows(q.len(), rows.0, rows.1);
+    if tokens == 0 || !whole_tokens || !fits || q.len() != out.len() {
         last.refuse("attend", q.len(), out);
         return;
     }
@@ -328,16 +412,15 @@ pub fn attend(a: &Attend<'_>, tokens: usize, q: &[f32], out: &mut [f32]) {
             parts[((first + j) * most + b) * plen..][..plen].copy_from_slice(part);
         }
     };
-    let path = rows::Path::best();
     let full = a.n_pos / ATTEND_BLOCK;
     for b in 0..full {
-        path.attend_block(a, b, q, &mut block);
+        block_fn(a, b, q, &mut block);
         keep(0, b, &block);
     }
     for k in 0..tokens {
         let (mine, block) = (seen(k), &mut block[..width / hd * plen]);
         for b in full..mine.blocks() {
-            path.attend_block(&mine, b, &q[k * width..][..width], block);
+            block_fn(&mine, b, &q[k * width..][..width], block);
             keep(k * width / hd, b, block);
         }
     }

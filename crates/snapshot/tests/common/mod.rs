@@ -4,8 +4,8 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use tern_snapshot::{
-    Global, HostInfo, KvType, KvWrite, Manifest, ModelRef, ModuleRef, Numerics, PAGE_BYTES,
-    SessionInfo, SnapshotWrite, VERSION, ValType, reseal,
+    Global, HostInfo, KvLayers, KvType, KvWrite, Manifest, ModelRef, ModuleRef, Numerics,
+    PAGE_BYTES, SessionInfo, SnapshotWrite, VERSION, ValType, reseal,
 };
 
 /// An actor's state, owned, ready to be borrowed as a [`SnapshotWrite`].
@@ -191,8 +191,8 @@ impl Fixture {
                 KvWrite {
                     kv_dim,
                     n_tokens: session.tokens.len() - session.kv_from as usize,
-                    k: self.k[i].iter().map(|l| &l[from..]).collect(),
-                    v: self.v[i].iter().map(|l| &l[from..]).collect(),
+                    k: KvLayers::F32(self.k[i].iter().map(|l| &l[from..]).collect()),
+                    v: KvLayers::F32(self.v[i].iter().map(|l| &l[from..]).collect()),
                 }
             })
             .collect();
