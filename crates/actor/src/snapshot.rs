@@ -116,24 +116,14 @@ impl Actor {
             .iter()
             .map(|(cache, from)| {
                 let skip = from * cache.kv_dim();
-                let layers = 0..cache.n_layer();
+                let n_layer = cache.n_layer();
                 let (k, v) = match cache.kv_type() {
                     tern_model::KvType::F32 => {
-                        let (k, v): (Vec<_>, Vec<_>) = layers
-                            .map(|l| {
-                                let (k, v) = cache.layer(l);
-                                (&k[skip..], &v[skip..])
-                            })
-                            .unzip();
+                        let (k, v) = layers(n_layer, skip, |l| cache.layer(l));
                         (KvLayers::F32(k), KvLayers::F32(v))
                     }
                     tern_model::KvType::F16 => {
-                        let (k, v): (Vec<_>, Vec<_>) = layers
-                            .map(|l| {
-                                let (k, v) = cache.layer_half(l);
-                                (&k[skip..], &v[skip..])
-                            })
-                            .unzip();
+                        let (k, v) = layers(n_layer, skip, |l| cache.layer_half(l));
                         (KvLayers::F16(k), KvLayers::F16(v))
                     }
                 };
@@ -538,6 +528,23 @@ fn restore_sessions(
         *slot = Some((info.model as usize, session, reservation));
     }
     Ok(slots)
+}
+
+/// Keys and values, layer by layer.
+type Layers<'a, T> = (Vec<&'a [T]>, Vec<&'a [T]>);
+
+/// Each of `n_layer` layers' keys and values as `layer` lends them, from value `skip` on.
+fn layers<'a, T>(
+    n_layer: usize,
+    skip: usize,
+    layer: impl Fn(usize) -> (&'a [T], &'a [T]),
+) -> Layers<'a, T> {
+    (0..n_layer)
+        .map(|l| {
+            let (k, v) = layer(l);
+            (&k[skip..], &v[skip..])
+        })
+        .unzip()
 }
 
 /// The snapshot format's name for a model's KV cache type.

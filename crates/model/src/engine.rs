@@ -115,33 +115,33 @@ pub(crate) fn own<T: SessionState>(state: &dyn SessionState) -> Result<&T, Model
         .ok_or_else(|| ModelError::Invalid("a session of another backend".into()))
 }
 
+/// Little-endian f32 bytes into `dst`, which must be exactly as long.
+pub(crate) fn copy_le(bytes: &[u8], dst: &mut [f32]) -> Result<(), ModelError> {
+    copy_values(bytes, dst, f32::from_le_bytes)
+}
+
 /// Little-endian u16 bytes (half-precision values) into `dst`, which must be exactly as
 /// long.
 pub(crate) fn copy_le_u16(bytes: &[u8], dst: &mut [u16]) -> Result<(), ModelError> {
-    if bytes.len() != 2 * dst.len() {
-        return Err(ModelError::Invalid(format!(
-            "{} bytes of keys or values where {} half-precision values belong",
-            bytes.len(),
-            dst.len()
-        )));
-    }
-    for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
-        *d = u16::from_le_bytes([b[0], b[1]]);
-    }
-    Ok(())
+    copy_values(bytes, dst, u16::from_le_bytes)
 }
 
-/// Little-endian f32 bytes into `dst`, which must be exactly as long.
-pub(crate) fn copy_le(bytes: &[u8], dst: &mut [f32]) -> Result<(), ModelError> {
-    if bytes.len() != 4 * dst.len() {
+/// `N`-byte values decoded by `decode` from `bytes` into `dst`, which must be exactly as long.
+fn copy_values<T, const N: usize>(
+    bytes: &[u8],
+    dst: &mut [T],
+    decode: fn([u8; N]) -> T,
+) -> Result<(), ModelError> {
+    let (values, rest) = bytes.as_chunks::<N>();
+    if values.len() != dst.len() || !rest.is_empty() {
         return Err(ModelError::Invalid(format!(
-            "{} bytes of keys or values where {} floats belong",
+            "{} bytes of keys or values where {} values of {N} bytes belong",
             bytes.len(),
             dst.len()
         )));
     }
-    for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    for (d, v) in dst.iter_mut().zip(values) {
+        *d = decode(*v);
     }
     Ok(())
 }

@@ -122,20 +122,31 @@ impl ClusterStore {
         })
     }
 
-    fn put_snapshot(&self, id: &str, bytes: Bytes) -> Result<(), StoreError> {
+    /// Puts `bytes` as actor `id`'s immutable object `{id}/{sha256}`, when this node holds the
+    /// actor; returns its name.
+    fn put_object(&self, id: &str, bytes: Bytes) -> Result<String, StoreError> {
         if !self.0.holds(id) {
             return Err(StoreError::Fenced(id.to_string()));
         }
         let name = format!("{id}/{}", sha256_hex(&bytes));
-        let cluster = self.0.clone();
-        let id = id.to_string();
-        let writer = writer();
+        let (snapshots, object) = (self.0.snapshots.clone(), name.clone());
         self.0.block(async move {
-            cluster
-                .snapshots
-                .put(name.as_str(), &mut bytes.as_ref())
+            snapshots
+                .put(object.as_str(), &mut bytes.as_ref())
                 .await
                 .map_err(remote)?;
+            Ok(())
+        })?;
+        Ok(name)
+    }
+
+    /// Makes `bytes`, a whole snapshot, actor `id`'s chain, and deletes the old chain's
+    /// objects.
+    fn put_snapshot(&self, id: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let name = self.put_object(id, bytes)?;
+        let cluster = self.0.clone();
+        let (id, writer) = (id.to_string(), writer());
+        self.0.block(async move {
             let (before, _) = cluster
                 .update_owned(&id, writer, |e| {
                     e.snapshot = Some(name.clone());
@@ -155,24 +166,16 @@ impl ClusterStore {
     /// Appends `link` to actor `id`'s chain, whose layout as a chain file ends at `end`;
     /// returns where it ends now.
     fn append_link(&self, id: &str, end: u64, link: &[u8]) -> Result<u64, StoreError> {
-        if !self.0.holds(id) {
-            return Err(StoreError::Fenced(id.to_string()));
-        }
-        let name = format!("{id}/{}", sha256_hex(link));
+        let name = self.put_object(id, Bytes::copy_from_slice(link))?;
         let cluster = self.0.clone();
         let (id, writer) = (id.to_string(), writer());
-        let bytes = Bytes::copy_from_slice(link);
         self.0.block(async move {
             cluster
-                .snapshots
-                .put(name.as_str(), &mut bytes.as_ref())
-                .await
-                .map_err(remote)?;
-            cluster
-                .update_owned(&id, writer, |e| e.links.push(name.clone()))
+                .update_owned(&id, writer, |e| e.links.push(name))
                 .await?;
-            Ok(end.next_multiple_of(64) + bytes.len() as u64)
-        })
+            Ok(())
+        })?;
+        Ok(end.next_multiple_of(64) + link.len() as u64)
     }
 
     fn get_snapshot(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
