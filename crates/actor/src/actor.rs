@@ -250,6 +250,8 @@ pub struct Actor {
     pub(crate) lineage: Option<Lineage>,
     /// The last capture, until it is committed.
     pub(crate) captured: Option<Captured>,
+    /// Where its restore spent its time, if it was restored.
+    pub(crate) restored: Option<crate::snapshot::RestorePhases>,
 }
 
 impl Actor {
@@ -343,6 +345,7 @@ impl Actor {
             poisoned: None,
             lineage: None,
             captured: None,
+            restored: None,
         })
     }
 

@@ -40,7 +40,7 @@ pub use clock::WallClock;
 pub use incremental::{COMPACT_AFTER_LINKS, ChainWrite};
 pub use registry::{Locate, ModelRegistry, ModelSource, OpenError};
 pub use runtime::{Limits, Runtime, RuntimeBuilder};
-pub use snapshot::Continuation;
+pub use snapshot::{Continuation, RestorePhases};
 pub use tern_compute::Device;
 pub use tern_snapshot::{SnapshotError, SnapshotFile, SnapshotView};
 

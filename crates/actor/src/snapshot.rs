@@ -20,6 +20,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tern_model::{Model, Session};
 use tern_snapshot::{
@@ -272,17 +273,25 @@ impl Actor {
                 module.digest()
             )));
         }
+        let started = Instant::now();
         let open = m
             .models
             .iter()
             .map(|r| find_model(runtime, r))
             .collect::<Result<Vec<_>, _>>()?;
         let sessions = restore_sessions(runtime, m, pieces, &open)?;
+        let kv = started.elapsed();
         let mut actor = Actor::instantiate(runtime, module)?;
+        let instantiated = started.elapsed();
         actor.restore_memory(m, restore_pages)?;
         actor.restore_globals(&m.globals)?;
         actor.clear_written()?;
         actor.lineage = Some(lineage);
+        actor.restored = Some(RestorePhases {
+            kv,
+            instantiate: instantiated - kv,
+            memory: started.elapsed() - instantiated,
+        });
         let state = actor.store.data_mut();
         state.models.restore(open, sessions);
         state.last_error = m.host.last_error.clone();
@@ -545,6 +554,24 @@ fn layers<'a, T>(
             (&k[skip..], &v[skip..])
         })
         .unzip()
+}
+
+/// Where a restore's time went, after the snapshot was read and checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestorePhases {
+    /// Models found, sessions made and their KV caches written back (to the device, on a GPU).
+    pub kv: Duration,
+    /// The module instantiated (its memory and dirty-page map made).
+    pub instantiate: Duration,
+    /// Linear memory and globals written back.
+    pub memory: Duration,
+}
+
+impl Actor {
+    /// Where this actor's restore spent its time, if it was restored.
+    pub fn restore_phases(&self) -> Option<RestorePhases> {
+        self.restored
+    }
 }
 
 /// The snapshot format's name for a model's KV cache type.

@@ -59,8 +59,9 @@ struct Row {
     turn_save: f64,
     turn_bytes: u64,
     chain_restore: f64,
-    /// The whole restore's phases: the file opened (mapped), checked, the actor restored.
-    phases: [f64; 3],
+    /// The whole restore's phases: the file opened (mapped), checked, the sessions' KV caches
+    /// written back, the module instantiated, the memory and globals written back.
+    phases: [f64; 5],
     identical: bool,
 }
 
@@ -114,7 +115,7 @@ pub fn snapshot(args: SnapshotBenchArgs) -> anyhow::Result<ExitCode> {
         let open_msg = format!("open bench {} {}", c.n_vocab, n + TURN_TOKENS + 1);
         let (mut save, mut restore, mut prefill) = (Vec::new(), Vec::new(), Vec::new());
         let (mut turn_save, mut chain_restore) = (Vec::new(), Vec::new());
-        let mut phases = [Vec::new(), Vec::new(), Vec::new()];
+        let mut phases: [Vec<f64>; 5] = Default::default();
         let (mut bytes, mut turn_bytes, mut identical, mut memory_bytes) = (0, 0, true, 0);
         for _ in 0..args.repeats {
             // Baseline: rebuild the state by prefilling the tokens into a fresh session.
@@ -211,12 +212,12 @@ fn print_bus_bound(_model: &Model, _rows: &[Row]) -> anyhow::Result<()> {
 }
 
 /// The actor the chain file at `path` holds: opened, split into its snapshots, checked and
-/// restored; with the seconds each of the three took.
+/// restored; with the seconds each phase took (see [`Row::phases`]).
 fn restore_file(
     runtime: &Runtime,
     module: &Arc<ActorModule>,
     path: &std::path::Path,
-) -> anyhow::Result<(Actor, [f64; 3])> {
+) -> anyhow::Result<(Actor, [f64; 5])> {
     let t = Instant::now();
     let file = SnapshotFile::open(path)?;
     let opened = t.elapsed().as_secs_f64();
@@ -224,8 +225,17 @@ fn restore_file(
     let chain = tern_snapshot::parse_chain(&links.links)?;
     let checked = t.elapsed().as_secs_f64();
     let actor = Actor::restore_chain(runtime, module, &chain)?;
-    let restored = t.elapsed().as_secs_f64();
-    Ok((actor, [opened, checked - opened, restored - checked]))
+    let p = actor.restore_phases().unwrap_or_default();
+    Ok((
+        actor,
+        [
+            opened,
+            checked - opened,
+            p.kv.as_secs_f64(),
+            p.instantiate.as_secs_f64(),
+            p.memory.as_secs_f64(),
+        ],
+    ))
 }
 
 fn print_table(rows: &[Row]) {
@@ -256,25 +266,30 @@ fn print_table(rows: &[Row]) {
     }
     println!();
     println!(
-        "{:>7} {:>15} {:>14} {:>17} {:>9} {:>10} {:>11}",
+        "{:>7} {:>13} {:>8} {:>17} {:>8} {:>9} {:>7} {:>12} {:>10}",
         "tokens",
         "turn save ms",
         "turn MB",
         "chain restore ms",
         "open ms",
         "check ms",
-        "restore ms"
+        "kv ms",
+        "instance ms",
+        "memory ms"
     );
     for r in rows {
+        let [open, check, kv, instance, memory] = r.phases.map(|p| p * 1e3);
         println!(
-            "{:>7} {:>15.2} {:>14.3} {:>17.2} {:>9.2} {:>10.2} {:>11.2}",
+            "{:>7} {:>13.2} {:>8.3} {:>17.2} {:>8.2} {:>9.2} {:>7.2} {:>12.2} {:>10.2}",
             r.tokens,
             r.turn_save * 1e3,
             r.turn_bytes as f64 / 1e6,
             r.chain_restore * 1e3,
-            r.phases[0] * 1e3,
-            r.phases[1] * 1e3,
-            r.phases[2] * 1e3,
+            open,
+            check,
+            kv,
+            instance,
+            memory,
         );
     }
     println!();
@@ -282,7 +297,7 @@ fn print_table(rows: &[Row]) {
         "save: state gathered, written to a temporary file, fsynced and renamed; restore: file opened and checksummed, actor instantiated, memory, globals and KV cache written back"
     );
     println!(
-        "open, check, restore: the whole restore's phases (file mapped; frame, checksum and structure checked; actor instantiated and its memory, globals and KV cache written back)"
+        "open, check, kv, instance, memory: the whole restore's phases (file mapped; frame, checksum and structure checked; sessions made and their KV caches written back; module instantiated; memory and globals written back)"
     );
     println!(
         "turn: {TURN_TOKENS} more tokens, then what changed (new KV positions, written pages) appended to the chain file and fsynced; chain restore: the whole snapshot and the link; target at 4096 tokens: turn save <= 10 ms and <= 5 MB"
