@@ -6,7 +6,7 @@
 //! the previous section. [`write_header`] produces the header and table for sections laid out
 //! by [`lay_out`].
 
-use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+use crate::checksum;
 
 use crate::{MAGIC, MAX_SECTIONS, OLDEST_VERSION, SnapshotError, VERSION, check_limit, corrupt};
 
@@ -43,7 +43,7 @@ pub(crate) struct Section {
 pub(crate) struct Frame<'a> {
     /// The format version in the header, [`OLDEST_VERSION`] to [`VERSION`].
     pub version: u32,
-    /// The 128-bit XXH3 of the body (everything before the trailer).
+    /// The snapshot's digest ([`crate::checksum`]).
     pub digest: u128,
     pub manifest: &'a [u8],
     pub memory: &'a [u8],
@@ -106,8 +106,9 @@ pub fn reseal(bytes: &mut [u8]) {
     let Some(body_len) = bytes.len().checked_sub(TRAILER_BYTES as usize) else {
         return;
     };
+    let version = u32_at(bytes, 8).unwrap_or(VERSION);
     let (body, trailer) = bytes.split_at_mut(body_len);
-    trailer.copy_from_slice(&xxh3_64(body).to_le_bytes());
+    trailer.copy_from_slice(&checksum::of(version, body).checksum.to_le_bytes());
 }
 
 pub(crate) fn u32_at(bytes: &[u8], offset: u64) -> Option<u32> {
@@ -170,13 +171,14 @@ pub(crate) fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, SnapshotError> {
     let body_len = file_len - TRAILER_BYTES;
     let stored = u64_at(bytes, body_len).ok_or_else(truncated)?;
     let body = bytes.get(..body_len as usize).ok_or_else(truncated)?;
-    let mut hasher = Xxh3::new();
-    hasher.update(body);
-    let computed = hasher.digest();
-    if stored != computed {
-        return Err(SnapshotError::Checksum { stored, computed });
+    let sums = checksum::of(version, body);
+    if stored != sums.checksum {
+        return Err(SnapshotError::Checksum {
+            stored,
+            computed: sums.checksum,
+        });
     }
-    read_table(body, version, hasher.digest128())
+    read_table(body, version, sums.digest)
 }
 
 /// Reads table entry `i` of `body` and checks that its section is aligned, starts at or

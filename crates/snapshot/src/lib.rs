@@ -47,7 +47,7 @@
 //! | 28 | 4 | reserved `u32` | 0 |
 //! | 32 | 24 × section_count | section table | one entry per section, below |
 //! | … | … | sections | each at a multiple of 64, zero padding between, in table order, non-overlapping |
-//! | file_len − 8 | 8 | checksum `u64` | `xxh3_64` of every byte before it |
+//! | file_len − 8 | 8 | checksum `u64` | of every byte before it (the body), below |
 //!
 //! Section table entry (24 bytes):
 //!
@@ -104,8 +104,12 @@
 //! agree with the manifest: `n_layer` and `n_head_kv × head_dim` of the session's model, and
 //! the session's token count less its `kv_from`: the blob holds positions `kv_from..`.
 //!
-//! **Digest**: the 128-bit XXH3 of every byte before the trailer ([`SnapshotView::digest`]),
-//! which a link names its parent by.
+//! **Checksum and digest** (version 3): the body is hashed in chunks of 4 MiB (the last one
+//! shorter), each chunk's 128-bit XXH3 written little-endian one after another; the checksum
+//! is the 64-bit XXH3 of that list, the digest ([`SnapshotView::digest`], which a link names
+//! its parent by) its 128-bit XXH3. The chunks hash side by side on a reader's cores.
+//! Versions 1 and 2: the checksum is the 64-bit XXH3 of the body, the digest its 128-bit
+//! XXH3.
 //!
 //! # Chain files
 //!
@@ -113,6 +117,7 @@
 //! zero padding between; see [`split_links`] and [`parse_chain`].
 
 mod chain;
+mod checksum;
 mod kv;
 mod layout;
 mod manifest;

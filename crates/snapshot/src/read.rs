@@ -154,7 +154,8 @@ impl<'a> SnapshotView<'a> {
         self.version
     }
 
-    /// The snapshot's digest: the 128-bit XXH3 of every byte before the checksum trailer.
+    /// The snapshot's digest: a 128-bit XXH3 over the body's chunk hashes (see the crate's
+    /// byte layout; versions 1 and 2: of the body whole).
     /// A [`Link`](crate::Link) names its parent by it. It detects damage and mix-ups, not
     /// forgery: snapshots are the host's own files.
     pub fn digest(&self) -> u128 {

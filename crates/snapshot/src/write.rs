@@ -10,7 +10,7 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use xxhash_rust::xxh3::Xxh3;
+use crate::checksum::Streaming;
 
 use crate::kv::{self, KvLayers, KvWrite};
 use crate::layout::{self, Section, SectionKind};
@@ -300,7 +300,7 @@ impl<'a> Plan<'a> {
     fn write(&self, s: &SnapshotWrite<'_>, out: &mut impl Write) -> Result<Written, SnapshotError> {
         let mut sink = Sink {
             out,
-            hasher: Xxh3::new(),
+            hasher: Streaming::new(),
             written: 0,
         };
         sink.put(&layout::write_header(&self.sections, self.file_len))?;
@@ -343,7 +343,7 @@ impl<'a> Plan<'a> {
 /// Hashes and counts everything written through it.
 struct Sink<'w, W: Write> {
     out: &'w mut W,
-    hasher: Xxh3,
+    hasher: Streaming,
     written: u64,
 }
 
@@ -397,8 +397,8 @@ impl<W: Write> Sink<'_, W> {
 
     /// Writes the checksum trailer; returns the file length and digest.
     fn finish(mut self, file_len: u64) -> Result<Written, SnapshotError> {
-        let checksum = self.hasher.digest().to_le_bytes();
-        let digest = self.hasher.digest128();
+        let sums = self.hasher.finish();
+        let (checksum, digest) = (sums.checksum.to_le_bytes(), sums.digest);
         self.put(&checksum)?;
         if self.written != file_len {
             return Err(corrupt(format!(
