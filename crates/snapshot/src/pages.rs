@@ -290,8 +290,12 @@ impl<'a> MemorySection<'a> {
 
     /// Writes each stored page whose flag in `written` is false into `dst`, and sets the flag:
     /// a newer link's page wins over an older one's. `dst` and `written` cover at least this
-    /// section's pages.
+    /// section's pages. The pages are decoded side by side on up to [`WRITERS`] threads (a
+    /// fresh memory's pages fault in as they are first written, so that spreads the faults
+    /// too).
     fn apply(&self, dst: &mut [u8], written: &mut [bool]) -> Result<(), SnapshotError> {
+        let mut outs: Vec<Option<&mut [u8]>> = dst.chunks_exact_mut(PAGE_BYTES).map(Some).collect();
+        let mut work = Vec::new();
         self.for_each_page(|page| {
             let index = page.index as usize;
             // for_each_page checked index < n_pages, and the caller sized dst and written for
@@ -301,34 +305,75 @@ impl<'a> MemorySection<'a> {
             if std::mem::replace(flag, true) {
                 return Ok(());
             }
-            let out = dst.get_mut(index * PAGE_BYTES..(index + 1) * PAGE_BYTES);
-            let out = out.ok_or_else(outside)?;
-            match page.codec {
-                Codec::Raw => out.copy_from_slice(page.payload),
-                Codec::Zero => out.fill(0),
-                Codec::Lz4 => match decompress_into(page.payload, out) {
-                    Ok(PAGE_BYTES) => {}
-                    Ok(n) => {
-                        return Err(corrupt(format!(
-                            "memory page {index} decompresses to {n} bytes, expected {PAGE_BYTES}"
-                        )));
-                    }
-                    Err(e) => {
-                        return Err(corrupt(format!(
-                            "memory page {index} does not decompress: {e}"
-                        )));
-                    }
-                },
-            }
+            let out = outs.get_mut(index).and_then(Option::take);
+            work.push((page, out.ok_or_else(outside)?));
             Ok(())
+        })?;
+        let writers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(WRITERS)
+            .min(work.len().div_ceil(PAGES_PER_WRITER))
+            .max(1);
+        if writers == 1 {
+            return work
+                .into_iter()
+                .try_for_each(|(page, out)| decode(page, out));
+        }
+        let per = work.len().div_ceil(writers);
+        let mut parts = Vec::with_capacity(writers);
+        while !work.is_empty() {
+            let rest = work.split_off(per.min(work.len()));
+            parts.push(std::mem::replace(&mut work, rest));
+        }
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.into_iter()
+                            .try_for_each(|(page, out)| decode(page, out))
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(corrupt("a memory page writer panicked")))
+            })
         })
-        .map(|_| ())
     }
 
     /// Pages of memory this section describes.
     pub(crate) fn n_pages(&self) -> usize {
         self.n_pages as usize
     }
+}
+
+/// Most threads that write one section's pages.
+const WRITERS: usize = 8;
+/// Fewest pages worth a thread of their own.
+const PAGES_PER_WRITER: usize = 16;
+
+/// Writes one stored page into `out`, a page of memory.
+fn decode(page: StoredPage<'_>, out: &mut [u8]) -> Result<(), SnapshotError> {
+    let index = page.index;
+    match page.codec {
+        Codec::Raw => out.copy_from_slice(page.payload),
+        Codec::Zero => out.fill(0),
+        Codec::Lz4 => match decompress_into(page.payload, out) {
+            Ok(PAGE_BYTES) => {}
+            Ok(n) => {
+                return Err(corrupt(format!(
+                    "memory page {index} decompresses to {n} bytes, expected {PAGE_BYTES}"
+                )));
+            }
+            Err(e) => {
+                return Err(corrupt(format!(
+                    "memory page {index} does not decompress: {e}"
+                )));
+            }
+        },
+    }
+    Ok(())
 }
 
 /// Restores memory from the memory sections of a chain, newest first: each page from the
