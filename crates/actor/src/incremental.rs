@@ -58,7 +58,7 @@ impl PageSet {
     }
 
     /// The pages in the set below `n_pages`, in increasing order.
-    fn below(&self, n_pages: usize) -> Vec<u32> {
+    pub(crate) fn below(&self, n_pages: usize) -> Vec<u32> {
         let mut out = Vec::new();
         for (i, &w) in self.words.iter().enumerate() {
             let mut bits = w;
@@ -222,11 +222,6 @@ impl Actor {
 /// parent.
 pub(crate) type LinkParts = Option<(Link, PageSet)>;
 
-/// The pages of `set` below `memory_bytes`, for a [`format::SnapshotWrite`].
-pub(crate) fn changed_pages(set: &PageSet, memory_bytes: usize) -> Vec<u32> {
-    set.below(memory_bytes / PAGE_BYTES)
-}
-
 /// How [`Actor::save_link`] asks for a snapshot to be stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChainWrite {
@@ -256,7 +251,7 @@ impl ChainBytes {
         let lens: Vec<u64> = chain.views().iter().map(|v| v.len()).collect();
         let end = lens[..lens.len() - 1]
             .iter()
-            .map(|l| l.next_multiple_of(64))
+            .map(|&l| format::next_link_at(l))
             .sum::<u64>()
             + lens[lens.len() - 1];
         ChainBytes {

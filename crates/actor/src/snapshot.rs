@@ -32,7 +32,7 @@ use wasmtime::{V128, Val};
 use crate::abi::ABI_VERSION;
 use crate::actor::{Actor, ActorModule};
 use crate::budget::KvReservation;
-use crate::incremental::{Lineage, LinkParts, changed_pages};
+use crate::incremental::{Lineage, LinkParts};
 use crate::models::{SessionSlot, session_kv_bytes};
 use crate::registry::OpenError;
 use crate::{ActorError, Runtime};
@@ -157,7 +157,7 @@ impl Actor {
         let memory = self.memory.data(&self.store);
         let changed = link
             .as_ref()
-            .map(|(_, pages)| changed_pages(pages, memory.len()));
+            .map(|(_, pages)| pages.below(memory.len() / format::PAGE_BYTES));
         write(&SnapshotWrite {
             manifest: &manifest,
             memory,

@@ -232,7 +232,7 @@ impl SnapshotStore for LocalStore {
             }
             file.set_len(end)?;
             file.seek(std::io::SeekFrom::Start(end))?;
-            let pad = end.next_multiple_of(64) - end;
+            let pad = tern_snapshot::next_link_at(end) - end;
             file.write_all(&[0; 64][..pad as usize])?;
             file.write_all(bytes)?;
             file.sync_data()?;

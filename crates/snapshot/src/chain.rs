@@ -357,8 +357,8 @@ impl std::fmt::Debug for Chain<'_> {
     }
 }
 
-/// Bytes of zero padding that put the next snapshot of a chain file of `len` bytes at a
-/// multiple of 64.
-pub(crate) fn padding(len: u64) -> u64 {
-    len.next_multiple_of(SECTION_ALIGN) - len
+/// Where a chain file whose last complete snapshot ends at byte `end` starts its next one:
+/// the next multiple of 64 (zero padding between).
+pub fn next_link_at(end: u64) -> u64 {
+    end.next_multiple_of(SECTION_ALIGN)
 }

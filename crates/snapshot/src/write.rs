@@ -163,7 +163,7 @@ pub fn append(path: &Path, end: u64, s: &SnapshotWrite<'_>) -> Result<Written, S
     }
     file.set_len(end).map_err(io_error)?;
     file.seek(SeekFrom::Start(end)).map_err(io_error)?;
-    let pad = crate::chain::padding(end);
+    let pad = crate::next_link_at(end) - end;
     let mut out = BufWriter::with_capacity(CHUNK_BYTES, file);
     out.write_all(&vec![0; pad as usize]).map_err(io_error)?;
     let written = plan.write(s, &mut out).map_err(|e| match e {

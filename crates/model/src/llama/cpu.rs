@@ -170,35 +170,41 @@ impl KvCache {
             return Ok(());
         }
         let range = from * kv_dim..end * kv_dim;
-        let layer = |l: usize| {
-            bytes
-                .get(l)
-                .copied()
-                .ok_or_else(|| ModelError::Invalid(format!("no keys and values for layer {l}")))
-        };
         match self.kv_type {
-            KvType::F32 => self
-                .k
-                .par_chunks_mut(stride)
-                .zip(self.v.par_chunks_mut(stride))
-                .enumerate()
-                .try_for_each(|(l, (k, v))| {
-                    let (kb, vb) = layer(l)?;
-                    copy_le(kb, &mut k[range.clone()])?;
-                    copy_le(vb, &mut v[range.clone()])
-                }),
-            KvType::F16 => self
-                .k16
-                .par_chunks_mut(stride)
-                .zip(self.v16.par_chunks_mut(stride))
-                .enumerate()
-                .try_for_each(|(l, (k, v))| {
-                    let (kb, vb) = layer(l)?;
-                    copy_le_u16(kb, &mut k[range.clone()])?;
-                    copy_le_u16(vb, &mut v[range.clone()])
-                }),
+            KvType::F32 => fill_layers(&mut self.k, &mut self.v, stride, range, bytes, copy_le),
+            KvType::F16 => fill_layers(
+                &mut self.k16,
+                &mut self.v16,
+                stride,
+                range,
+                bytes,
+                copy_le_u16,
+            ),
         }
     }
+}
+
+/// Copies layer `l`'s `bytes` into `range` of each layer (`stride` values) of `k` and `v`, by
+/// `copy`, the layers side by side on the current thread pool.
+fn fill_layers<T: Send>(
+    k: &mut [T],
+    v: &mut [T],
+    stride: usize,
+    range: std::ops::Range<usize>,
+    bytes: &[(&[u8], &[u8])],
+    copy: fn(&[u8], &mut [T]) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
+    k.par_chunks_mut(stride)
+        .zip(v.par_chunks_mut(stride))
+        .enumerate()
+        .try_for_each(|(l, (k, v))| {
+            let (kb, vb) = bytes
+                .get(l)
+                .copied()
+                .ok_or_else(|| ModelError::Invalid(format!("no keys and values for layer {l}")))?;
+            copy(kb, &mut k[range.clone()])?;
+            copy(vb, &mut v[range.clone()])
+        })
 }
 
 crate::engine::session_state!(KvCache);

@@ -175,7 +175,7 @@ impl ClusterStore {
                 .await?;
             Ok(())
         })?;
-        Ok(end.next_multiple_of(64) + link.len() as u64)
+        Ok(tern_snapshot::next_link_at(end) + link.len() as u64)
     }
 
     fn get_snapshot(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -208,7 +208,7 @@ impl ClusterStore {
                 if chain.is_empty() {
                     chain = bytes;
                 } else {
-                    chain.resize(chain.len().next_multiple_of(64), 0);
+                    chain.resize(tern_snapshot::next_link_at(chain.len() as u64) as usize, 0);
                     chain.extend_from_slice(&bytes);
                 }
             }
