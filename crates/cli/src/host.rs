@@ -61,7 +61,7 @@ pub struct HostArgs {
     #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
     pub precision: Precision,
     /// How KV caches keep keys and values: `f32`, or `f16` (half the memory and snapshot
-    /// bytes; on the CPU only so far).
+    /// bytes; on the CPU and CUDA, not on wgpu).
     #[arg(long, default_value = "f32", value_parser = crate::parse_kv_type)]
     pub kv_type: KvType,
     /// The most linear memory one actor may use, in MiB.

@@ -89,25 +89,50 @@ fn every_kernel_file_compiles_for_sm_90() {
         // compile_cubin names its file for the life of the program, as the kernels it
         // compiles at run time do.
         let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
-        let started = Instant::now();
         let headers: Vec<(&str, &str)> = headers
             .iter()
             .map(|(n, h)| (n.as_str(), h.as_str()))
             .collect();
-        match compile_cubin(name, &source, &headers, ARCH) {
-            Ok(cubin) if cubin.starts_with(b"\x7fELF") => println!(
-                "{}: {} bytes of sm_{ARCH} code in {:.1?}",
-                path.display(),
-                cubin.len(),
-                started.elapsed()
-            ),
-            Ok(cubin) => failures.push(format!(
-                "{}: NVRTC returned {} bytes that are not an ELF CUBIN",
-                path.display(),
-                cubin.len()
-            )),
-            Err(e) => failures.push(format!("{}: {e}", path.display())),
+        // Files whose folder's headers switch on a build flag compile both ways.
+        let mut variants = vec![(String::new(), source.clone())];
+        for flag in FLAGS {
+            if headers.iter().any(|(_, h)| h.contains(flag)) {
+                variants.push((format!(" with {flag}"), format!("#define {flag}\n{source}")));
+            }
+        }
+        for (variant, source) in &variants {
+            compile_one(path, variant, name, source, &headers, &mut failures);
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// The flags the model's kernels are also compiled with at run time (`TERN_KV_F16`: a
+/// half-precision KV cache).
+const FLAGS: [&str; 1] = ["TERN_KV_F16"];
+
+/// Compiles one program, printing its size or adding why it failed to `failures`.
+fn compile_one(
+    path: &Path,
+    variant: &str,
+    name: &'static str,
+    source: &str,
+    headers: &[(&str, &str)],
+    failures: &mut Vec<String>,
+) {
+    let started = Instant::now();
+    match compile_cubin(name, source, headers, ARCH) {
+        Ok(cubin) if cubin.starts_with(b"\x7fELF") => println!(
+            "{}{variant}: {} bytes of sm_{ARCH} code in {:.1?}",
+            path.display(),
+            cubin.len(),
+            started.elapsed()
+        ),
+        Ok(cubin) => failures.push(format!(
+            "{}{variant}: NVRTC returned {} bytes that are not an ELF CUBIN",
+            path.display(),
+            cubin.len()
+        )),
+        Err(e) => failures.push(format!("{}{variant}: {e}", path.display())),
+    }
 }

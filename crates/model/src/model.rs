@@ -170,13 +170,6 @@ impl Model {
         device: &std::sync::Arc<dyn tern_compute::Device>,
     ) -> Result<Model, ModelError> {
         self.gpu = crate::llama::gpu_engine(&self.llama, device)?;
-        if self.gpu.is_some() && self.llama.kv_type != KvType::F32 {
-            return Err(ModelError::Invalid(format!(
-                "a {} KV cache is kept on the CPU only so far; on {} the cache is f32",
-                self.llama.kv_type.name(),
-                self.compute_label()
-            )));
-        }
         Ok(self)
     }
 
@@ -201,7 +194,8 @@ impl Model {
     }
 
     /// Switches how new sessions' KV caches store keys and values (the default is f32). Set
-    /// it before [`on_device`](Self::on_device): a GPU keeps f32 caches.
+    /// it before [`on_device`](Self::on_device), which builds the GPU's kernels for it (the
+    /// wgpu backend keeps f32 caches only, and refuses another type).
     pub fn with_kv_type(mut self, kv_type: KvType) -> Model {
         self.llama.kv_type = kv_type;
         self
@@ -209,10 +203,7 @@ impl Model {
 
     /// How new sessions' KV caches store keys and values.
     pub fn kv_type(&self) -> KvType {
-        match &self.gpu {
-            Some(_) => KvType::F32,
-            None => self.llama.kv_type,
-        }
+        self.llama.kv_type
     }
 
     /// Where and how the forward pass computes ("cpu fast"), for people; whether two runs

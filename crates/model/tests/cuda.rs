@@ -15,8 +15,8 @@ mod common;
 
 use common::{
     Ops, Rng, bits, embedding_parity, greedy, harness_ops, matvec_parity, model_file,
-    model_file_of, moved_cache_continues_bit_for_bit, norm_and_activation_parity, normalized_error,
-    parity, prompt, quantized,
+    model_file_of, moved_cache_continues_bit_for_bit, moved_cache_continues_bit_for_bit_with,
+    norm_and_activation_parity, normalized_error, parity, parity_with, prompt, quantized,
 };
 
 use std::sync::{Arc, OnceLock};
@@ -26,7 +26,7 @@ use tern_compute::testing::cuda_or_skip;
 use tern_model::generate::{Shape, shape};
 use tern_model::llama::cuda::testing::OpHarness;
 use tern_model::quant::{DType, dot_rows};
-use tern_model::{Model, ModelError};
+use tern_model::{KvType, Model, ModelError};
 
 fn gpu(test: &str) -> Option<Arc<dyn Device>> {
     static GPU: OnceLock<Option<Arc<dyn Device>>> = OnceLock::new();
@@ -322,6 +322,65 @@ fn results_are_bitwise_reproducible_whatever_else_runs() {
     );
     let (again, _) = greedy(&model, &mut model.new_session(300).unwrap(), &p, 24);
     assert!(bits(&alone) == bits(&again), "logits changed between runs");
+}
+
+/// A half-precision KV cache on the GPU against the CPU's (both round keys and values to
+/// nearest as they are appended and widen them exactly for attention): the same tolerance
+/// and greedy tokens as the f32 cache, at a short and a long context (many attention
+/// splits); the persistent decode kernel keeps the kernel-by-kernel bits; and a cache
+/// downloaded and uploaded again (a snapshot's path) continues bit for bit.
+#[test]
+fn a_half_precision_kv_cache_generates_as_the_cpu_does() {
+    let Some(device) = gpu("a_half_precision_kv_cache_generates_as_the_cpu_does") else {
+        return;
+    };
+    parity_with(&device, "small", DType::Q4_1, DType::Q8_0, 20, KvType::F16);
+    parity_with(&device, "small", DType::Q4_1, DType::Q8_0, 600, KvType::F16);
+    parity_with(
+        &device,
+        "smollm2-135m",
+        DType::Q4_1,
+        DType::Q8_0,
+        24,
+        KvType::F16,
+    );
+    moved_cache_continues_bit_for_bit_with(&device, 300, 400, 16, KvType::F16);
+
+    let path = model_file("smollm2-135m", DType::Q4_1, DType::Q8_0);
+    let model = Model::open("m", &path, 2)
+        .unwrap()
+        .with_kv_type(KvType::F16)
+        .on_device(&device)
+        .unwrap();
+    assert_eq!(model.kv_type(), KvType::F16);
+    assert!(model.compute_label().contains("f16 KV cache"));
+    let cuda = model
+        .engine_as::<tern_model::llama::cuda::CudaLlama>()
+        .unwrap();
+    let p = prompt(100, model.config().n_vocab);
+    let run = || greedy(&model, &mut model.new_session(200).unwrap(), &p, 16);
+    let (apart, tokens) = run();
+    if cuda.has_fused_decode() {
+        cuda.set_fused_decode(true);
+        let (fused, fused_tokens) = run();
+        cuda.set_fused_decode(false);
+        assert_eq!(tokens, fused_tokens);
+        assert!(
+            bits(&fused) == bits(&apart),
+            "the persistent kernel's logits differ"
+        );
+    }
+    // A position's keys read the same whether this call or an earlier one appended them:
+    // token by token gives the bits of chunks of 63.
+    let mut session = model.new_session(200).unwrap();
+    let mut logits = vec![0.0; model.config().n_vocab];
+    for &t in &p {
+        model.forward(&mut session, &[t], &mut logits).unwrap();
+    }
+    assert!(
+        bits(&[logits]) == bits(&apart[..1]),
+        "token by token differs from chunks"
+    );
 }
 
 #[test]

@@ -54,7 +54,11 @@ impl SnapshotFile {
             // sound as long as no one modifies or truncates it while mapped; snapshot files
             // are published by rename and never written in place, and `open` documents that
             // contract. The bytes are treated as untrusted input by `parse` regardless.
-            let map = unsafe { MmapOptions::new().populate().map(&file) };
+            //
+            // Not populated up front: the readers that follow (the checksum's threads, the
+            // restore's copies) fault the pages in side by side, faster than one thread
+            // mapping them all first.
+            let map = unsafe { MmapOptions::new().map(&file) };
             Bytes::Mapped(map.map_err(io_error)?)
         };
         Ok(SnapshotFile { bytes })

@@ -97,18 +97,53 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    /// A zeroed cache of `n_layer` layers for `n_ctx` positions, `len` of them filled.
+    /// A zeroed f32 cache of `n_layer` layers for `n_ctx` positions, all of them filled.
     pub fn empty(n_layer: usize, n_ctx: usize, kv_dim: usize) -> KvCache {
+        KvCache::empty_of(KvType::F32, n_layer, n_ctx, kv_dim)
+    }
+
+    /// A zeroed cache of `kv_type` of `n_layer` layers for `n_ctx` positions, all of them
+    /// filled.
+    pub fn empty_of(kv_type: KvType, n_layer: usize, n_ctx: usize, kv_dim: usize) -> KvCache {
+        let n = n_layer * n_ctx * kv_dim;
+        let (wide, half) = match kv_type {
+            KvType::F32 => (n, 0),
+            KvType::F16 => (0, n),
+        };
         KvCache {
-            k: vec![0.0; n_layer * n_ctx * kv_dim],
-            v: vec![0.0; n_layer * n_ctx * kv_dim],
-            k16: Vec::new(),
-            v16: Vec::new(),
+            k: vec![0.0; wide],
+            v: vec![0.0; wide],
+            k16: vec![0; half],
+            v16: vec![0; half],
             len: n_ctx,
             n_ctx,
             kv_dim,
             n_layer,
-            kv_type: KvType::F32,
+            kv_type,
+        }
+    }
+
+    /// Layer `layer`'s keys and values of the filled positions as the bytes of the cache's
+    /// type (native byte order), for a device to copy into.
+    pub fn layer_bytes_mut(&mut self, layer: usize) -> (&mut [u8], &mut [u8]) {
+        let range = self.at(layer, 0)..self.at(layer, self.len);
+        fn bytes<T>(values: &mut [T]) -> &mut [u8] {
+            // SAFETY: `T` is f32 or u16 (below): plain values with no padding, for which
+            // every byte pattern is valid; the byte slice covers exactly `values`' memory and
+            // borrows it mutably for as long.
+            unsafe {
+                std::slice::from_raw_parts_mut(
+                    values.as_mut_ptr().cast::<u8>(),
+                    std::mem::size_of_val(values),
+                )
+            }
+        }
+        match self.kv_type {
+            KvType::F32 => (bytes(&mut self.k[range.clone()]), bytes(&mut self.v[range])),
+            KvType::F16 => (
+                bytes(&mut self.k16[range.clone()]),
+                bytes(&mut self.v16[range]),
+            ),
         }
     }
 

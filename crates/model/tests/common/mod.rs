@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tern_compute::Device;
 use tern_model::generate::{Shape, Types, shape, write_random_llama};
 use tern_model::quant::{DType, dequantize_row, dot_rows, quantize_row};
-use tern_model::{Model, ModelError, Session};
+use tern_model::{KvType, Model, ModelError, Session};
 
 /// A xorshift generator of values in [-1, 1), seeded by its one field.
 pub struct Rng(pub u64);
@@ -121,11 +121,26 @@ pub fn parity(
     embd: DType,
     prompt_len: usize,
 ) {
+    parity_with(device, shape_name, linear, embd, prompt_len, KvType::F32);
+}
+
+/// [`parity`] with both sides keeping KV caches of `kv_type`.
+pub fn parity_with(
+    device: &Arc<dyn Device>,
+    shape_name: &str,
+    linear: DType,
+    embd: DType,
+    prompt_len: usize,
+    kv_type: KvType,
+) {
     let path = model_file(shape_name, linear, embd);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let cpu = Model::open("m", &path, threads).unwrap();
+    let cpu = Model::open("m", &path, threads)
+        .unwrap()
+        .with_kv_type(kv_type);
     let gpu = Model::open("m", &path, threads)
         .unwrap()
+        .with_kv_type(kv_type)
         .on_device(device)
         .unwrap();
     let p = prompt(prompt_len, cpu.config().n_vocab);
@@ -137,7 +152,10 @@ pub fn parity(
         .zip(&want_logits)
         .map(|(g, w)| normalized_error(g, w))
         .fold(0f32, f32::max);
-    eprintln!("{shape_name} {linear}: largest normalized logit error {worst:.2e}");
+    eprintln!(
+        "{shape_name} {linear}, {} KV cache: largest normalized logit error {worst:.2e}",
+        kv_type.name()
+    );
     assert_eq!(got, want, "{shape_name} {linear}: greedy tokens differ");
     assert!(
         worst <= 1e-3,
@@ -154,9 +172,21 @@ pub fn moved_cache_continues_bit_for_bit(
     n_ctx: usize,
     steps: usize,
 ) {
+    moved_cache_continues_bit_for_bit_with(device, prompt_len, n_ctx, steps, KvType::F32);
+}
+
+/// [`moved_cache_continues_bit_for_bit`] with a KV cache of `kv_type`.
+pub fn moved_cache_continues_bit_for_bit_with(
+    device: &Arc<dyn Device>,
+    prompt_len: usize,
+    n_ctx: usize,
+    steps: usize,
+    kv_type: KvType,
+) {
     let path = model_file("small", DType::Q4_1, DType::Q8_0);
     let model = Model::open("m", &path, 2)
         .unwrap()
+        .with_kv_type(kv_type)
         .on_device(device)
         .unwrap();
     let p = prompt(prompt_len, 512);
@@ -164,11 +194,21 @@ pub fn moved_cache_continues_bit_for_bit(
     let mut logits = vec![0.0; 512];
     model.forward(&mut original, &p, &mut logits).unwrap();
     let host = original.host_kv(&model).unwrap().into_owned();
+    assert_eq!(host.kv_type(), kv_type);
     let mut moved = model.new_session(n_ctx).unwrap();
-    let le = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-    let layers: Vec<(Vec<u8>, Vec<u8>)> = (0..host.n_layer())
-        .map(|l| (le(host.layer(l).0), le(host.layer(l).1)))
-        .collect();
+    let layer = |l: usize| -> (Vec<u8>, Vec<u8>) {
+        match kv_type {
+            KvType::F32 => {
+                let le = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (le(host.layer(l).0), le(host.layer(l).1))
+            }
+            KvType::F16 => {
+                let le = |x: &[u16]| x.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (le(host.layer_half(l).0), le(host.layer_half(l).1))
+            }
+        }
+    };
+    let layers: Vec<(Vec<u8>, Vec<u8>)> = (0..host.n_layer()).map(layer).collect();
     moved
         .refill(&model, 0, host.len, |l| {
             Ok((&layers[l].0[..], &layers[l].1[..]))

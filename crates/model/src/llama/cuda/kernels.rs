@@ -12,6 +12,7 @@ use tern_compute::cuda::cudarc::nvrtc::Ptx;
 
 use super::driver;
 use crate::ModelError;
+use crate::llama::cpu::KvType;
 use crate::quant::DType;
 
 const MATVEC: &str = include_str!("kernels/matvec.cu");
@@ -155,11 +156,19 @@ fn cubin(file: &'static str, src: &str, arch: u32) -> Result<(Vec<u8>, bool), Mo
 impl Kernels {
     /// Every kernel, and with `decode` (the layers' weight type and the head size) also
     /// `decode.cu`'s persistent decode kernel for them.
+    ///
+    /// The programs that touch the KV cache (`llama.cu`, `decode.cu`) are built for
+    /// `kv_type`'s element (`TERN_KV_F16` for half precision: see `common.cuh`).
     pub fn load(
         ctx: &Arc<CudaContext>,
         arch: u32,
         decode: Option<(DType, usize)>,
+        kv_type: KvType,
     ) -> Result<(Kernels, bool), ModelError> {
+        let kv = match kv_type {
+            KvType::F32 => "",
+            KvType::F16 => "#define TERN_KV_F16\n",
+        };
         // Compiled (when not cached) as programs side by side, NVRTC taking seconds for
         // each: `llama.cu`, `matvec.cu` once per type (`MATVEC_TYPE`, in the order of
         // `DType::ALL`), and `decode.cu` for one type and head size.
@@ -167,18 +176,19 @@ impl Kernels {
             let i = DType::ALL.iter().position(|&a| a == t).unwrap_or(0);
             (
                 "decode.cu",
-                format!("#define DECODE_TYPE {i}\n#define DECODE_HEAD_DIM {d}\n{DECODE}"),
+                format!("{kv}#define DECODE_TYPE {i}\n#define DECODE_HEAD_DIM {d}\n{DECODE}"),
             )
         });
-        let units: Vec<(&'static str, String)> = std::iter::once(("llama.cu", LLAMA.into()))
-            .chain(
-                MATVEC_UNITS
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &unit)| (unit, format!("#define MATVEC_TYPE {i}\n{MATVEC}"))),
-            )
-            .chain(decode_unit)
-            .collect();
+        let units: Vec<(&'static str, String)> =
+            std::iter::once(("llama.cu", format!("{kv}{LLAMA}")))
+                .chain(
+                    MATVEC_UNITS
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &unit)| (unit, format!("#define MATVEC_TYPE {i}\n{MATVEC}"))),
+                )
+                .chain(decode_unit)
+                .collect();
         let mut binaries: Vec<Result<(Vec<u8>, bool), ModelError>> = std::thread::scope(|scope| {
             let jobs: Vec<_> = units
                 .iter()

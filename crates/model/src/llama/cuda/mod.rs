@@ -13,6 +13,12 @@
 //! ([`CudaLlama::set_fused_decode`]), as on an H100 it is slower than the graph of
 //! kernels launched with programmatic dependent launch (see docs/perf.md).
 //!
+//! A session's KV cache keeps keys and values in the model's [`KvType`]: f32, or IEEE half
+//! precision (the kernels that touch the cache are built for it: `common.cuh`'s `kv_t`),
+//! rounded to nearest as they are appended and widened exactly for attention, as the CPU
+//! reference's f16 cache does. A snapshot's KV bytes are uploaded through page-locked staging
+//! buffers that several host threads fill while the GPU copies (`staging.rs`).
+//!
 //! Guarantees:
 //! - Decode steps and short prompts keep activations in f32 and dequantize weights inside
 //!   each dot product, as the CPU reference does; every reduction runs in a fixed order, so
@@ -29,6 +35,7 @@ mod fused;
 mod kernels;
 mod prefill;
 mod session;
+mod staging;
 pub mod testing;
 mod weights;
 
@@ -43,13 +50,14 @@ use tern_compute::cuda::cudarc::driver::{CudaContext, CudaStream};
 
 use crate::ModelError;
 use crate::engine::{Engine, LayerBytes, SessionState, StepItem, own, own_mut};
-use crate::llama::cpu::{CpuLlama, KvCache};
+use crate::llama::cpu::{CpuLlama, KvCache, KvType};
 use crate::llama::{LlamaConfig, RopeStyle};
 use crate::numerics::{Numerics, kernel_hash};
 use crate::top::Candidate;
 use fifo::{FifoGuard, FifoMutex};
 use kernels::Kernels;
 use prefill::{PREFILL_CHUNK, PREFILL_MIN, Prefill};
+use staging::Staging;
 use weights::DeviceWeights;
 
 /// Positions run through the layers together in one call of each kernel (a prefill is cut
@@ -97,6 +105,11 @@ pub struct CudaLlama {
     /// Device memory of dropped sessions, freed by the next holder of `busy` (a session can
     /// be dropped on any thread, at any time, even while `busy` is held).
     graveyard: Arc<Mutex<Vec<Box<dyn Send>>>>,
+    /// How sessions' KV caches store keys and values (the kernels are built for it).
+    kv_type: KvType,
+    /// Page-locked buffers KV caches are uploaded through, made on the first upload; used
+    /// only by a holder of `busy`.
+    staging: Mutex<Option<Staging>>,
 }
 
 impl CudaLlama {
@@ -124,7 +137,7 @@ impl CudaLlama {
         let t = Instant::now();
         let layer_type = fused::layer_type(&weights);
         let decode = layer_type.as_ref().ok().map(|&dtype| (dtype, hd));
-        let (mut kernels, kernels_cached) = Kernels::load(&ctx, gpu.arch(), decode)?;
+        let (mut kernels, kernels_cached) = Kernels::load(&ctx, gpu.arch(), decode, cpu.kv_type)?;
         let kernels_ms = t.elapsed().as_secs_f64() * 1e3;
         let fused = layer_type.and_then(|_| {
             let built = std::mem::replace(&mut kernels.decode_layers, Err(String::new()));
@@ -148,31 +161,43 @@ impl CudaLlama {
             startup,
             busy: FifoMutex::new(None),
             graveyard: Arc::default(),
+            kv_type: cpu.kv_type,
+            staging: Mutex::new(None),
         })
     }
 
     /// Where the forward pass computes, for snapshots and messages.
     pub fn label(&self) -> String {
-        match prefill::unavailable() {
-            None => format!("{} f32, bf16 prefill GEMMs", self.device.describe()),
-            Some(_) => format!("{} f32", self.device.describe()),
+        format!("{} {}", self.device.describe(), self.precision())
+    }
+
+    /// The arithmetic, as `label` and `numerics` name it.
+    fn precision(&self) -> String {
+        let mut precision = match prefill::unavailable() {
+            None => "f32, bf16 prefill GEMMs".to_string(),
+            Some(_) => "f32".to_string(),
+        };
+        if self.kv_type == KvType::F16 {
+            precision.push_str(", f16 KV cache");
         }
+        precision
+    }
+
+    /// How sessions' KV caches store keys and values.
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
     }
 
     /// What decides the bits this forward pass computes ([`crate::numerics`]): the precision
     /// path `label` names, the SHA-256 of the kernel sources and the compute capability.
     pub fn numerics(&self) -> Numerics {
-        let precision = match prefill::unavailable() {
-            None => "f32, bf16 prefill GEMMs",
-            Some(_) => "f32",
-        };
         let architecture = match self.device.as_cuda() {
             Some(gpu) => format!("sm_{}", gpu.arch()),
             None => String::new(), // checked to be a CUDA device at open
         };
         Numerics {
             backend: "cuda".into(),
-            precision: precision.into(),
+            precision: self.precision(),
             kernels: kernel_hash(kernels::sources()),
             architecture,
         }
@@ -563,7 +588,7 @@ impl Engine for CudaLlama {
         let c = &self.config;
         let _busy = self.hold()?;
         let from = from.min(s.len);
-        let cache = s.download(from, c.n_layer, c.kv_dim())?;
+        let cache = s.download(from, c.n_layer, c.kv_dim(), self.kv_type)?;
         Ok((std::borrow::Cow::Owned(cache), from))
     }
 
@@ -575,8 +600,12 @@ impl Engine for CudaLlama {
         layer: &LayerBytes<'_, '_>,
     ) -> Result<(), ModelError> {
         let s = own_mut::<CudaSession>(state)?;
-        let c = &self.config;
         let _busy = self.hold()?;
-        s.upload_layers(from, len, c.n_layer, c.kv_dim(), layer)
+        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        if staging.is_none() {
+            *staging = Some(Staging::new(&self.ctx)?);
+        }
+        let staging = staging.as_ref().expect("made above");
+        s.upload_layers(self, staging, from, len, layer)
     }
 }

@@ -1,7 +1,6 @@
 //! [`CudaSession`]: one sequence on the GPU: its KV cache, its scratch buffers, and the CUDA
 //! graph of its decode step.
 
-use std::borrow::Cow;
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
@@ -11,9 +10,11 @@ use tern_compute::cuda::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, Devic
 use super::fused::{self, FusedSession};
 use super::kernels::{DevMatrix, Fuse, Launcher, TOP_CHUNK};
 use super::prefill::Prefill;
+use super::staging::{Piece, Staging};
 use super::{CudaLlama, MAX_CHUNK, driver};
 use crate::ModelError;
-use crate::llama::cpu::KvCache;
+use crate::engine::LayerBytes;
+use crate::llama::cpu::{KvCache, KvType};
 use crate::top::{Candidate, MAX_TOP};
 
 /// The persistent decode kernel's name in a profile.
@@ -21,8 +22,8 @@ const LAYERS: &str = "layers (persistent kernel)";
 
 /// Device buffers of one session. Every activation buffer holds `MAX_CHUNK` positions.
 struct Buffers {
-    k: CudaSlice<f32>,       // (n_layer, n_ctx, kv_dim)
-    v: CudaSlice<f32>,       // (n_layer, n_ctx, kv_dim)
+    k: CudaSlice<u8>,        // (n_layer, n_ctx, kv_dim) of the model's KvType
+    v: CudaSlice<u8>,        // (n_layer, n_ctx, kv_dim) of the model's KvType
     step: CudaSlice<i32>,    // [first position, token ids (MAX_CHUNK)]
     x: CudaSlice<f32>,       // (MAX_CHUNK, n_embd) the residual stream
     xb: CudaSlice<f32>,      // (MAX_CHUNK, n_embd) a sub-layer's normalized input
@@ -41,6 +42,8 @@ struct Buffers {
 /// One sequence's state on the GPU.
 pub struct CudaSession {
     pub n_ctx: usize,
+    /// How the KV cache stores keys and values.
+    kv_type: KvType,
     /// Positions filled.
     pub len: usize,
     /// Freed only through `graveyard` (see [`Drop`]).
@@ -96,9 +99,13 @@ impl CudaSession {
             s.alloc_zeros::<f32>(n)
                 .map_err(driver("allocating a session"))
         };
+        let alloc_kv = || {
+            s.alloc_zeros::<u8>(kv_len * model.kv_type().bytes())
+                .map_err(driver("allocating a session"))
+        };
         let buf = Buffers {
-            k: alloc(kv_len)?,
-            v: alloc(kv_len)?,
+            k: alloc_kv()?,
+            v: alloc_kv()?,
             step: s
                 .alloc_zeros::<i32>(1 + MAX_CHUNK)
                 .map_err(driver("allocating a session"))?,
@@ -123,6 +130,7 @@ impl CudaSession {
         };
         let mut session = CudaSession {
             n_ctx,
+            kv_type: model.kv_type(),
             len: 0,
             buf: ManuallyDrop::new(buf),
             graveyard: model.graveyard.clone(),
@@ -139,7 +147,7 @@ impl CudaSession {
 
     /// Layer `l`'s key and value caches (`n_ctx` rows of `kv_dim` floats each).
     fn cache(&self, c: &crate::llama::LlamaConfig, l: usize) -> (u64, u64) {
-        let layer_bytes = (l * self.n_ctx * c.kv_dim() * 4) as u64;
+        let layer_bytes = (l * self.n_ctx * c.kv_dim() * self.kv_type.bytes()) as u64;
         (
             self.ptr(&self.buf.k) + layer_bytes,
             self.ptr(&self.buf.v) + layer_bytes,
@@ -530,19 +538,22 @@ impl CudaSession {
     }
 
     /// The keys and values of the filled positions from `from` (at most `len`) on, copied to
-    /// the host (compact: the cache's position 0 is `from`, `n_ctx == len - from`).
+    /// the host in the cache's own type (compact: the cache's position 0 is `from`,
+    /// `n_ctx == len - from`).
     pub fn download(
         &self,
         from: usize,
         n_layer: usize,
         kv_dim: usize,
+        kv_type: KvType,
     ) -> Result<KvCache, ModelError> {
         let from = from.min(self.len);
-        let mut host = KvCache::empty(n_layer, self.len - from, kv_dim);
-        let per_layer = (self.len - from) * kv_dim;
+        let mut host = KvCache::empty_of(kv_type, n_layer, self.len - from, kv_dim);
+        let size = kv_type.bytes();
+        let per_layer = (self.len - from) * kv_dim * size;
         for l in 0..n_layer {
-            let at = (l * self.n_ctx + from) * kv_dim;
-            let (k, v) = host.layer_mut(l);
+            let at = (l * self.n_ctx + from) * kv_dim * size;
+            let (k, v) = host.layer_bytes_mut(l);
             let copy = driver("downloading the KV cache");
             self.stream
                 .memcpy_dtoh(&self.buf.k.slice(at..at + per_layer), k)
@@ -557,36 +568,39 @@ impl CudaSession {
         Ok(host)
     }
 
-    /// Fills the first `len` positions of every layer from little-endian f32 bytes, copied
-    /// straight from `layer`'s slices to device memory.
-    pub fn upload_layers<'a>(
+    /// Fills positions `from..from + len` of every layer from little-endian bytes of the
+    /// cache's type, `layer(l)` giving layer `l`'s keys and values, uploaded through
+    /// `staging`.
+    pub(super) fn upload_layers<'a>(
         &mut self,
+        model: &CudaLlama,
+        staging: &Staging,
         from: usize,
         len: usize,
-        n_layer: usize,
-        kv_dim: usize,
-        layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
+        layer: &LayerBytes<'a, '_>,
     ) -> Result<(), ModelError> {
-        let per_layer = len * kv_dim;
-        for l in 0..n_layer {
+        let c = &model.config;
+        let size = self.kv_type.bytes();
+        let per_layer = len * c.kv_dim() * size;
+        let mut pieces = Vec::with_capacity(2 * c.n_layer);
+        for l in 0..c.n_layer {
             let (kb, vb) = layer(l)?;
-            let at = (l * self.n_ctx + from) * kv_dim;
-            let buffers = &mut *self.buf;
-            for (bytes, buf) in [(kb, &mut buffers.k), (vb, &mut buffers.v)] {
-                if bytes.len() != 4 * per_layer {
+            let at = ((l * self.n_ctx + from) * c.kv_dim() * size) as u64;
+            for (bytes, base) in [(kb, self.ptr(&self.buf.k)), (vb, self.ptr(&self.buf.v))] {
+                if bytes.len() != per_layer {
                     return Err(ModelError::Invalid(format!(
-                        "{} bytes of keys or values where {per_layer} floats belong",
-                        bytes.len()
+                        "{} bytes of keys or values where {per_layer} bytes of {} belong",
+                        bytes.len(),
+                        self.kv_type.name()
                     )));
                 }
-                self.stream
-                    .memcpy_htod(&*as_f32(bytes), &mut buf.slice_mut(at..at + per_layer))
-                    .map_err(driver("uploading the KV cache"))?;
+                pieces.push(Piece {
+                    src: bytes,
+                    dst: base + at,
+                });
             }
         }
-        self.stream
-            .synchronize()
-            .map_err(driver("uploading the KV cache"))?;
+        staging.upload(&model.ctx, &self.stream, &pieces)?;
         self.len = from + len;
         Ok(())
     }
@@ -626,22 +640,4 @@ fn timed(
         prev = event;
     }
     Ok(crate::llama::totals_by_name(times))
-}
-
-/// Little-endian f32 bytes as floats: borrowed where they already are floats in place.
-fn as_f32(bytes: &[u8]) -> Cow<'_, [f32]> {
-    if cfg!(target_endian = "little") && bytes.as_ptr().align_offset(4) == 0 {
-        // SAFETY: the pointer is 4-byte aligned (checked), the length is a whole number of
-        // floats (checked by the caller), every bit pattern is a valid f32, and on a
-        // little-endian host the bytes are the floats' own representation.
-        return Cow::Borrowed(unsafe {
-            std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4)
-        });
-    }
-    Cow::Owned(
-        bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-    )
 }

@@ -25,7 +25,7 @@ impl OpHarness {
         let ctx = gpu.context().clone();
         super::untracked(&ctx);
         let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
-        let (kernels, _) = Kernels::load(&ctx, gpu.arch(), None)?;
+        let (kernels, _) = Kernels::load(&ctx, gpu.arch(), None, crate::llama::cpu::KvType::F32)?;
         Ok(OpHarness { stream, kernels })
     }
 

@@ -12,7 +12,7 @@ use super::{MAX_CHUNK, WgpuSession};
 use crate::ModelError;
 use crate::engine::{Engine, LayerBytes, SessionState, StepItem, own, own_mut};
 use crate::llama::LlamaConfig;
-use crate::llama::cpu::{CpuLlama, KvCache};
+use crate::llama::cpu::{CpuLlama, KvCache, KvType};
 use crate::numerics::{Numerics, kernel_hash};
 use crate::top::top_k;
 
@@ -48,6 +48,12 @@ impl WgpuLlama {
         let gpu = device.as_wgpu().ok_or_else(|| {
             ModelError::Invalid(format!("{} is not a wgpu device", device.describe()))
         })?;
+        if cpu.kv_type != KvType::F32 {
+            return Err(ModelError::Unsupported(format!(
+                "a {} KV cache on wgpu (its attention reads f32 caches only)",
+                cpu.kv_type.name()
+            )));
+        }
         let hd = config.head_dim;
         if !hd.is_multiple_of(4)
             || !128usize.is_multiple_of(hd)

@@ -67,6 +67,8 @@ struct AttnShared {
 // Rotates the n_rot / 2 pairs of a head for position `pos` from src into dst (which may be
 // src): Hugging Face's pairing (i, i + n_rot/2) when `halves`, else adjacent pairs. The
 // team's threads take the pairs in turn.
+// With KEY, each value written is rounded as the KV cache stores it (kv_round).
+template <bool KEY>
 __device__ __forceinline__ void rope_pairs(const Team& team, const float* src, float* dst,
                                            int pos, const float* __restrict__ inv_freq,
                                            unsigned n_rot, int halves) {
@@ -76,25 +78,27 @@ __device__ __forceinline__ void rope_pairs(const Team& team, const float* src, f
         sincosf(angle, &s, &c);
         unsigned a = halves ? i : 2 * i, b = halves ? i + n_rot / 2 : 2 * i + 1;
         float x0 = src[a], x1 = src[b];
-        dst[a] = x0 * c - x1 * s;
-        dst[b] = x0 * s + x1 * c;
+        const float ya = x0 * c - x1 * s, yb = x0 * s + x1 * c;
+        dst[a] = KEY ? kv_round(ya) : ya;
+        dst[b] = KEY ? kv_round(yb) : yb;
     }
 }
 
 // dst[0..D) = src rotated for position `pos` (see rope_pairs); dimensions from n_rot on are
-// copied as they are.
-template <int D>
+// copied as they are (rounded too, with KEY).
+template <int D, bool KEY>
 __device__ __forceinline__ void rope_into(const Team& team, const float* src, float* dst,
                                           int pos, const float* __restrict__ inv_freq,
                                           unsigned n_rot, int halves) {
-    rope_pairs(team, src, dst, pos, inv_freq, n_rot, halves);
-    for (unsigned i = n_rot + team.tid; i < D; i += ATTN_THREADS) dst[i] = src[i];
+    rope_pairs<KEY>(team, src, dst, pos, inv_freq, n_rot, halves);
+    for (unsigned i = n_rot + team.tid; i < D; i += ATTN_THREADS)
+        dst[i] = KEY ? kv_round(src[i]) : src[i];
 }
 
 template <int D, int NEW>
 __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& sh,
                                           unsigned split, unsigned head, unsigned t, int step0,
-                                          const float* qkv, float* k_cache, float* v_cache,
+                                          const float* qkv, kv_t* k_cache, kv_t* v_cache,
                                           const float* __restrict__ inv_freq, float* part_o,
                                           float* part_ml, unsigned* tickets, float* out,
                                           unsigned n_head, unsigned n_head_kv, unsigned n_rot,
@@ -127,36 +131,38 @@ __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& 
 #pragma unroll
     for (unsigned pass = 0; pass < PASSES; pass++) {
         const int pl = (int)((pass * WARPS + warp) * P + sub), p = first + pl;
-        const float* k = k_cache + (size_t)p * kv_dim + kv_off;
+        const kv_t* k = k_cache + (size_t)p * kv_dim + kv_off;
 #pragma unroll
         for (unsigned f = 0; f < F; f++)
-            kr[pass][f] = pl < count && p < step0 ? *(const float4*)(k + 4 * (ek + L * f))
+            kr[pass][f] = pl < count && p < step0 ? kv_load4(k + 4 * (ek + L * f))
                                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 #pragma unroll
     for (unsigned i = 0; i < VSTEPS; i++) {
         const int pl = (int)(g + i * G), p = first + pl;
-        const float* v = v_cache + (size_t)p * kv_dim + kv_off;
+        const kv_t* v = v_cache + (size_t)p * kv_dim + kv_off;
 #pragma unroll
         for (unsigned f = 0; f < F; f++)
-            vr[i][f] = pl < count && p < step0 ? *(const float4*)(v + 4 * (ev + L * f))
+            vr[i][f] = pl < count && p < step0 ? kv_load4(v + 4 * (ev + L * f))
                                                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 
     // This call's positions step0 + j that the split holds and the query sees: j0 <= j <= t.
     const int j0 = first > step0 ? first - step0 : 0;
-    rope_into<D>(team, qkv + (size_t)t * stride + head * D, s_q, last, inv_freq, n_rot, halves);
+    rope_into<D, false>(team, qkv + (size_t)t * stride + head * D, s_q, last, inv_freq, n_rot,
+                        halves);
     for (int j = j0; j <= (int)t; j++) {
         const float* row = qkv + (size_t)j * stride;
-        rope_into<D>(team, row + q_dim + kv_off, s_k[j], step0 + j, inv_freq, n_rot, halves);
-        for (unsigned d = tid; d < D; d += ATTN_THREADS) s_v[j][d] = row[q_dim + kv_dim + kv_off + d];
+        rope_into<D, true>(team, row + q_dim + kv_off, s_k[j], step0 + j, inv_freq, n_rot, halves);
+        for (unsigned d = tid; d < D; d += ATTN_THREADS)
+            s_v[j][d] = kv_round(row[q_dim + kv_dim + kv_off + d]);
     }
     team.sync();
     if (head % group == 0 && last - first < ATTN_SPLIT) {
         size_t at = (size_t)last * kv_dim + kv_off;
         for (unsigned d = tid; d < D; d += ATTN_THREADS) {
-            k_cache[at + d] = s_k[t][d];
-            v_cache[at + d] = s_v[t][d];
+            kv_store(k_cache + at + d, s_k[t][d]);  // already rounded: exact
+            kv_store(v_cache + at + d, s_v[t][d]);
         }
     }
 

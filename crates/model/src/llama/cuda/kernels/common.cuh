@@ -10,6 +10,47 @@
 #include "constants.cuh"
 
 #define FULL_MASK 0xffffffffu
+
+// The KV cache's element: f32, or IEEE half (bits) when the program is compiled with
+// TERN_KV_F16 (the host's KvType::F16). Keys and values are rounded to nearest on the way
+// in and widened exactly on the way out, as the CPU reference's f16 cache does; kv_round is
+// that round trip, applied to this call's own new keys and values wherever they are read
+// from shared memory rather than from the cache, so that a position reads the same values
+// whichever call appended it.
+#ifdef TERN_KV_F16
+typedef unsigned short kv_t;
+__device__ __forceinline__ float kv_widen(unsigned short h)
+{
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ void kv_store(kv_t* p, float x)
+{
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    *p = h;
+}
+__device__ __forceinline__ float kv_round(float x)
+{
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return kv_widen(h);
+}
+// Four values from p, which must be 8-byte aligned.
+__device__ __forceinline__ float4 kv_load4(const kv_t* p)
+{
+    const uint2 u = *(const uint2*)p;
+    return make_float4(kv_widen((unsigned short)(u.x & 0xffff)), kv_widen((unsigned short)(u.x >> 16)),
+                       kv_widen((unsigned short)(u.y & 0xffff)), kv_widen((unsigned short)(u.y >> 16)));
+}
+#else
+typedef float kv_t;
+__device__ __forceinline__ void kv_store(kv_t* p, float x) { *p = x; }
+__device__ __forceinline__ float kv_round(float x) { return x; }
+// Four values from p, which must be 16-byte aligned.
+__device__ __forceinline__ float4 kv_load4(const kv_t* p) { return *(const float4*)p; }
+#endif
 #define NEG_INF __int_as_float(0xff800000)
 
 // Programmatic dependent launch (sm_90 and later; nothing before): every kernel is launched

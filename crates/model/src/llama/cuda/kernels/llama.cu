@@ -94,8 +94,8 @@ extern "C" __global__ void rmsnorm_bf16(const float* __restrict__ x, const float
 // the prefill path's half of what `attention` fuses for short calls (attention_prefill
 // reads them back from the cache). Block t takes token t: the rotation's n_rot / 2 angles
 // once, then every head's pairs. Grid (n_tok), block 256; n_rot <= 256.
-extern "C" __global__ void rope_append(float* qkv, float* __restrict__ k_cache,
-                                       float* __restrict__ v_cache,
+extern "C" __global__ void rope_append(float* qkv, kv_t* __restrict__ k_cache,
+                                       kv_t* __restrict__ v_cache,
                                        const float* __restrict__ inv_freq,
                                        const int* __restrict__ step, unsigned n_head,
                                        unsigned n_head_kv, unsigned head_dim, unsigned n_rot,
@@ -109,21 +109,26 @@ extern "C" __global__ void rope_append(float* qkv, float* __restrict__ k_cache,
     for (unsigned i = threadIdx.x; i < half; i += blockDim.x)
         sincosf((float)pos * inv_freq[i], &s_sin[i], &s_cos[i]);
     float* row = qkv + (size_t)t * stride;
-    float* k_row = k_cache + (size_t)pos * kv_dim;
-    float* v_row = v_cache + (size_t)pos * kv_dim;
+    kv_t* k_row = k_cache + (size_t)pos * kv_dim;
+    kv_t* v_row = v_cache + (size_t)pos * kv_dim;
     for (unsigned i = threadIdx.x; i < kv_dim; i += blockDim.x) {
-        v_row[i] = row[q_dim + kv_dim + i];
-        if (i % head_dim >= n_rot) k_row[i] = row[q_dim + i];
+        kv_store(v_row + i, row[q_dim + kv_dim + i]);
+        if (i % head_dim >= n_rot) kv_store(k_row + i, row[q_dim + i]);
     }
     __syncthreads();
     for (unsigned i = threadIdx.x; i < (n_head + n_head_kv) * half; i += blockDim.x) {
         const unsigned head = i / half, p = i % half;
         const unsigned a = halves ? p : 2 * p, b = halves ? p + half : 2 * p + 1;
         const float* src = row + head * head_dim;  // a key head's src follows the queries
-        float* dst = head < n_head ? row + head * head_dim : k_row + (head - n_head) * head_dim;
         const float x0 = src[a], x1 = src[b], c = s_cos[p], sn = s_sin[p];
-        dst[a] = x0 * c - x1 * sn;
-        dst[b] = x0 * sn + x1 * c;
+        const float ya = x0 * c - x1 * sn, yb = x0 * sn + x1 * c;
+        if (head < n_head) {
+            row[head * head_dim + a] = ya;
+            row[head * head_dim + b] = yb;
+        } else {
+            kv_store(k_row + (head - n_head) * head_dim + a, ya);
+            kv_store(k_row + (head - n_head) * head_dim + b, yb);
+        }
     }
 }
 
@@ -182,7 +187,7 @@ extern "C" __global__ void swiglu(const float* __restrict__ gate, const float* _
 // ATTN_THREADS, n_tok <= ATTN_MAX_NEW.
 #define ATTENTION(D)                                                                              \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##D(                     \
-        const float* qkv, float* k_cache, float* v_cache, const float* __restrict__ inv_freq,     \
+        const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,       \
         float* part_o, float* part_ml, unsigned* tickets, float* out, const int* __restrict__ step, \
         unsigned n_head, unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split,        \
         float scale, unsigned stride) {                                                           \
@@ -201,13 +206,13 @@ ATTENTION(128)
 ATTENTION(256)
 
 // The four floats at `off` of cached position p's key and value, zeros past `last`.
-__device__ __forceinline__ void kv_at(const float* __restrict__ k_cache,
-                                      const float* __restrict__ v_cache, int p, int last,
+__device__ __forceinline__ void kv_at(const kv_t* __restrict__ k_cache,
+                                      const kv_t* __restrict__ v_cache, int p, int last,
                                       unsigned kv_dim, unsigned off, float4& k, float4& v) {
     k = v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (p <= last) {
-        k = *(const float4*)(k_cache + (size_t)p * kv_dim + off);
-        v = *(const float4*)(v_cache + (size_t)p * kv_dim + off);
+        k = kv_load4(k_cache + (size_t)p * kv_dim + off);
+        v = kv_load4(v_cache + (size_t)p * kv_dim + off);
     }
 }
 
@@ -225,8 +230,8 @@ __device__ __forceinline__ void kv_at(const float* __restrict__ k_cache,
 // the output projection's GEMM.
 template <int D, int QT, int KT>
 __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
-                                                  const float* __restrict__ k_cache,
-                                                  const float* __restrict__ v_cache,
+                                                  const kv_t* __restrict__ k_cache,
+                                                  const kv_t* __restrict__ v_cache,
                                                   unsigned short* __restrict__ out,
                                                   const int* __restrict__ step, unsigned n_tok,
                                                   unsigned n_head, unsigned n_head_kv,
@@ -358,8 +363,8 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
 
 #define ATTENTION_PREFILL(D, QT, KT)                                                              \
     extern "C" __global__ void __launch_bounds__(128) attention_prefill_##D(                      \
-        const float* __restrict__ qkv, const float* __restrict__ k_cache,                         \
-        const float* __restrict__ v_cache, unsigned short* __restrict__ out,                      \
+        const float* __restrict__ qkv, const kv_t* __restrict__ k_cache,                         \
+        const kv_t* __restrict__ v_cache, unsigned short* __restrict__ out,                      \
         const int* __restrict__ step, unsigned n_tok, unsigned n_head, unsigned n_head_kv,        \
         float scale, unsigned stride) {                                                           \
         attention_prefill<D, QT, KT>(qkv, k_cache, v_cache, out, step, n_tok, n_head, n_head_kv, \
@@ -404,8 +409,8 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], unsigned a0, unsigned a1
 
 template <int D, int KT>
 __device__ __forceinline__ void attention_prefill_mma(const float* __restrict__ qkv,
-                                                      const float* __restrict__ k_cache,
-                                                      const float* __restrict__ v_cache,
+                                                      const kv_t* __restrict__ k_cache,
+                                                      const kv_t* __restrict__ v_cache,
                                                       unsigned short* __restrict__ out,
                                                       const int* __restrict__ step,
                                                       unsigned n_tok, unsigned n_head,
@@ -526,8 +531,8 @@ __device__ __forceinline__ void attention_prefill_mma(const float* __restrict__ 
 
 #define ATTENTION_PREFILL_MMA(D, KT)                                                              \
     extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma_##D(                  \
-        const float* __restrict__ qkv, const float* __restrict__ k_cache,                         \
-        const float* __restrict__ v_cache, unsigned short* __restrict__ out,                      \
+        const float* __restrict__ qkv, const kv_t* __restrict__ k_cache,                         \
+        const kv_t* __restrict__ v_cache, unsigned short* __restrict__ out,                      \
         const int* __restrict__ step, unsigned n_tok, unsigned n_head, unsigned n_head_kv,        \
         float scale, unsigned stride) {                                                           \
         attention_prefill_mma<D, KT>(qkv, k_cache, v_cache, out, step, n_tok, n_head, n_head_kv, \
