@@ -279,7 +279,7 @@ impl Actor {
             .iter()
             .map(|r| find_model(runtime, r))
             .collect::<Result<Vec<_>, _>>()?;
-        let sessions = restore_sessions(runtime, m, pieces, &open)?;
+        let (sessions, made) = restore_sessions(runtime, m, pieces, &open)?;
         let kv = started.elapsed();
         let mut actor = Actor::instantiate(runtime, module)?;
         let instantiated = started.elapsed();
@@ -288,7 +288,8 @@ impl Actor {
         actor.clear_written()?;
         actor.lineage = Some(lineage);
         actor.restored = Some(RestorePhases {
-            kv,
+            sessions: made,
+            kv: kv - made,
             instantiate: instantiated - kv,
             memory: started.elapsed() - instantiated,
         });
@@ -484,13 +485,15 @@ fn find_model(runtime: &Runtime, wanted: &ModelRef) -> Result<Arc<Model>, ActorE
 }
 
 /// The snapshot's sessions, KV caches filled, in their slots, each with its share of the
-/// KV-cache budget (reserved before the cache is made).
+/// KV-cache budget (reserved before the cache is made); and the time making the empty
+/// sessions took.
 fn restore_sessions(
     runtime: &Runtime,
     m: &Manifest,
     pieces: &[Vec<KvPiece<'_>>],
     open: &[Arc<Model>],
-) -> Result<Vec<Option<RestoredSession>>, ActorError> {
+) -> Result<(Vec<Option<RestoredSession>>, Duration), ActorError> {
+    let mut made = Duration::ZERO;
     let mut slots: Vec<Option<RestoredSession>> = (0..m.host.session_slots).map(|_| None).collect();
     let mut reserved = 0;
     for (i, info) in m.sessions.iter().enumerate() {
@@ -515,9 +518,11 @@ fn restore_sessions(
         )
         .map_err(|e| refuse(format!("session {}: {e}", info.slot)))?;
         reserved += reservation.bytes();
+        let t = Instant::now();
         let mut session = model
             .new_session(info.n_ctx as usize)
             .map_err(|e| refuse(format!("session {}: {e}", info.slot)))?;
+        made += t.elapsed();
         let bad_kv = |e: format::SnapshotError| tern_model::ModelError::Format(e.to_string());
         let session_pieces = pieces.get(i).map_or(&[][..], Vec::as_slice);
         for piece in session_pieces {
@@ -536,7 +541,7 @@ fn restore_sessions(
         })?;
         *slot = Some((info.model as usize, session, reservation));
     }
-    Ok(slots)
+    Ok((slots, made))
 }
 
 /// Keys and values, layer by layer.
@@ -559,7 +564,9 @@ fn layers<'a, T>(
 /// Where a restore's time went, after the snapshot was read and checked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RestorePhases {
-    /// Models found, sessions made and their KV caches written back (to the device, on a GPU).
+    /// Models found and empty sessions made (their KV caches allocated).
+    pub sessions: Duration,
+    /// The sessions' KV caches written back (to the device, on a GPU).
     pub kv: Duration,
     /// The module instantiated (its memory and dirty-page map made).
     pub instantiate: Duration,
