@@ -97,10 +97,11 @@ impl Lineage {
         }
     }
 
-    /// The lineage of an actor restored from `chain`.
-    pub(crate) fn of(chain: &Chain<'_>) -> Lineage {
+    /// The lineage of an actor restored from `chain`, whose newest snapshot's digest is
+    /// `digest` (the chain's own, or its verification's).
+    pub(crate) fn of(chain: &Chain<'_>, digest: u128) -> Lineage {
         Lineage {
-            digest: chain.head().digest(),
+            digest,
             depth: chain.len() as u32 - 1,
             chain: ChainBytes::of(chain),
             pending: PageSet::default(),

@@ -215,18 +215,23 @@ impl Actor {
         let pieces = (0..snapshot.manifest.sessions.len())
             .map(|i| Ok(vec![KvPiece::whole(snapshot.kv(i)?)]))
             .collect::<Result<Vec<_>, format::SnapshotError>>()?;
-        Self::restore_parts(
+        let mut actor = Self::restore_parts(
             runtime,
             module,
             &snapshot.manifest,
             |dst, dirty| snapshot.restore_pages(dst, dirty),
             &pieces,
-            Lineage::whole(snapshot),
-        )
+        )?;
+        actor.lineage = Some(Lineage::whole(snapshot));
+        Ok(actor)
     }
 
     /// A new actor of `module` in exactly the state `chain`'s newest snapshot holds; see
     /// [`restore`](Self::restore). Its next link continues the chain.
+    ///
+    /// A chain read by [`format::parse_chain_unverified`] has its checksums compared on other
+    /// threads while the actor is restored: the restore does not wait for the whole file to
+    /// be hashed first, and a mismatch discards the restored actor and is the error returned.
     pub fn restore_chain(
         runtime: &Runtime,
         module: &Arc<ActorModule>,
@@ -235,18 +240,48 @@ impl Actor {
         let pieces = (0..chain.manifest().sessions.len())
             .map(|i| chain.kv(i).map(<[KvPiece<'_>]>::to_vec))
             .collect::<Result<Vec<_>, format::SnapshotError>>()?;
-        Self::restore_parts(
-            runtime,
-            module,
-            chain.manifest(),
-            |dst, dirty| chain.restore_pages(dst, dirty),
-            &pieces,
-            Lineage::of(chain),
-        )
+        let restore = || {
+            Self::restore_parts(
+                runtime,
+                module,
+                chain.manifest(),
+                |dst, dirty| chain.restore_pages(dst, dirty),
+                &pieces,
+            )
+        };
+        let (restored, verified, check) = if chain.is_verified() {
+            (restore(), chain.verify(), Duration::ZERO)
+        } else {
+            std::thread::scope(|scope| {
+                let verify = scope.spawn(|| {
+                    let started = Instant::now();
+                    (chain.verify(), started.elapsed())
+                });
+                let restored = restore();
+                match verify.join() {
+                    Ok((verified, check)) => (restored, verified, check),
+                    Err(_) => (
+                        restored,
+                        Err(format::SnapshotError::Corrupt(
+                            "the thread comparing its checksums panicked".into(),
+                        )),
+                        Duration::ZERO,
+                    ),
+                }
+            })
+        };
+        // A damaged chain explains whatever else went wrong.
+        let verified = verified?;
+        let mut actor = restored?;
+        actor.lineage = Some(Lineage::of(chain, verified.head()));
+        if let Some(phases) = &mut actor.restored {
+            phases.check = check;
+        }
+        Ok(actor)
     }
 
     /// A restore from a manifest, a memory writer (`restore_pages`) and each session's KV
-    /// pieces.
+    /// pieces; its lineage is for the caller to set.
     fn restore_parts(
         runtime: &Runtime,
         module: &Arc<ActorModule>,
@@ -256,7 +291,6 @@ impl Actor {
             &mut dyn FnMut(usize) -> bool,
         ) -> Result<(), format::SnapshotError>,
         pieces: &[Vec<KvPiece<'_>>],
-        lineage: Lineage,
     ) -> Result<Actor, ActorError> {
         if m.abi_version != ABI_VERSION {
             return Err(refuse(format!(
@@ -283,15 +317,16 @@ impl Actor {
         let kv = started.elapsed();
         let mut actor = Actor::instantiate(runtime, module)?;
         let instantiated = started.elapsed();
-        actor.restore_memory(m, restore_pages)?;
+        let grow = actor.restore_memory(m, restore_pages)?;
         actor.restore_globals(&m.globals)?;
         actor.clear_written()?;
-        actor.lineage = Some(lineage);
         actor.restored = Some(RestorePhases {
+            check: Duration::ZERO,
             sessions: made,
             kv: kv - made,
             instantiate: instantiated - kv,
-            memory: started.elapsed() - instantiated,
+            grow,
+            memory: started.elapsed() - instantiated - grow,
         });
         let state = actor.store.data_mut();
         state.models.restore(open, sessions);
@@ -307,9 +342,10 @@ impl Actor {
             &mut [u8],
             &mut dyn FnMut(usize) -> bool,
         ) -> Result<(), format::SnapshotError>,
-    ) -> Result<(), ActorError> {
+    ) -> Result<Duration, ActorError> {
         let page = format::PAGE_BYTES as u64;
         let want = m.memory_bytes / page;
+        let started = Instant::now();
         let now = self.memory.size(&self.store);
         if want < now {
             return Err(refuse(format!(
@@ -324,13 +360,14 @@ impl Actor {
                 ))
             })?;
         }
+        let grow = started.elapsed();
         let dirty = self.module.info.initialized_pages.clone();
         let memory = self.memory.data_mut(&mut self.store);
         match dirty {
             Some(pages) => restore_pages(memory, &mut |p| pages.contains(&(p as u64)))?,
             None => restore_pages(memory, &mut |_| true)?,
         }
-        Ok(())
+        Ok(grow)
     }
 
     fn restore_globals(&mut self, globals: &[Global]) -> Result<(), ActorError> {
@@ -564,12 +601,18 @@ fn layers<'a, T>(
 /// Where a restore's time went, after the snapshot was read and checked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RestorePhases {
+    /// The snapshots' checksums compared, beside everything below (zero when the chain was
+    /// verified before the restore: see [`Actor::restore_chain`]).
+    pub check: Duration,
     /// Models found and empty sessions made (their KV caches allocated).
     pub sessions: Duration,
     /// The sessions' KV caches written back (to the device, on a GPU).
     pub kv: Duration,
     /// The module instantiated (its memory and dirty-page map made).
     pub instantiate: Duration,
+    /// Linear memory grown to the snapshot's size (committed, and on a GPU registered with
+    /// the device, which pins its pages).
+    pub grow: Duration,
     /// Linear memory and globals written back.
     pub memory: Duration,
 }

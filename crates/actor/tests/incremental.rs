@@ -93,8 +93,17 @@ fn scratch(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// The actor the chain file at `path` holds.
+/// The actor the chain file at `path` holds, its checksums compared beside the restore (as
+/// `tern restore` and `tern serve` do).
 fn restore_file(rt: &Runtime, module: &Arc<ActorModule>, path: &PathBuf) -> Actor {
+    let bytes = std::fs::read(path).unwrap();
+    let links = tern_snapshot::split_links(&bytes).unwrap();
+    let chain = tern_snapshot::parse_chain_unverified(&links.links).unwrap();
+    Actor::restore_chain(rt, module, &chain).unwrap()
+}
+
+/// [`restore_file`] with the chain checked whole before the restore.
+fn restore_file_checked(rt: &Runtime, module: &Arc<ActorModule>, path: &PathBuf) -> Actor {
     let bytes = std::fs::read(path).unwrap();
     let links = tern_snapshot::split_links(&bytes).unwrap();
     let chain = tern_snapshot::parse_chain(&links.links).unwrap();
@@ -130,7 +139,7 @@ fn every_link_restores_to_exactly_the_state_it_was_taken_of() {
             "turn {i}: the restored actor's state differs"
         );
         let next = message(u32::MAX, 7 * 65536, &[9]);
-        let mut twin = restore_file(&rt, &module, &path);
+        let mut twin = restore_file_checked(&rt, &module, &path);
         assert_eq!(restored.send(&next).unwrap(), twin.send(&next).unwrap());
     }
     assert_eq!(original.chain_len() as usize, sizes.len());
@@ -167,6 +176,39 @@ fn a_failed_save_loses_nothing_and_a_restored_chain_continues() {
     assert_eq!(restored.chain_len(), 5);
     let mut again = restore_file(&rt, &module, &path);
     assert_eq!(again.snapshot().unwrap(), original.snapshot().unwrap());
+}
+
+/// A byte of a chain's contents damaged (which only the checksum notices): the restore that
+/// ran beside the comparison is discarded and the mismatch is the error; the file is left
+/// as it was and the actor it held is restored from the intact bytes as before.
+#[test]
+fn a_damaged_chain_is_refused_by_its_checksum_though_it_restored() {
+    let (rt, module) = setup("damaged.gguf");
+    let path = scratch("damaged.tern");
+    let mut original = Actor::start(&rt, &module).unwrap();
+    let turns = turns();
+    for (i, turn) in turns[..3].iter().enumerate() {
+        original.send(turn).unwrap();
+        original.save_to(&path, i == 0).unwrap();
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    let links = tern_snapshot::split_links(&bytes).unwrap();
+    for (at, link) in links.links.iter().enumerate() {
+        // The last byte of the link's first KV blob.
+        let kv = tern_snapshot::parse(link).unwrap().kv(0).unwrap();
+        let blob = kv.bytes();
+        let offset = blob.as_ptr() as usize - bytes.as_ptr() as usize + blob.len() - 1;
+        let mut damaged = bytes.clone();
+        damaged[offset] ^= 0x10;
+        let links = tern_snapshot::split_links(&damaged).unwrap();
+        let chain = tern_snapshot::parse_chain_unverified(&links.links).unwrap();
+        let err = Actor::restore_chain(&rt, &module, &chain)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("checksum"), "link {at}: {err}");
+    }
+    let mut restored = restore_file(&rt, &module, &path);
+    assert_eq!(restored.snapshot().unwrap(), original.snapshot().unwrap());
 }
 
 #[test]

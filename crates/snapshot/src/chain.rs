@@ -15,6 +15,11 @@
 //!   in the same slot, of the same model and capacity, holding at least `p` tokens whose first
 //!   `p` equal its own; the positions below `p` come from there (and so on down the chain).
 //!
+//! [`parse_chain_unverified`] checks all of that except what needs the bodies hashed (each
+//! snapshot's checksum, and so each parent digest), which [`Chain::verify`] then checks on
+//! other threads while a restore reads the chain: a restore need not wait for a large file to
+//! be hashed first, and a mismatch found after it discards what it restored.
+//!
 //! # Chain files
 //!
 //! A chain file is the chain's snapshots back to back, oldest first, each starting at a
@@ -26,9 +31,10 @@
 //! snapshot where one should start is an error.
 
 use crate::kv::KvView;
-use crate::layout::{HEADER_BYTES, MIN_FILE_BYTES, SECTION_ALIGN, align_up, u64_at};
+use crate::layout::{HEADER_BYTES, MIN_FILE_BYTES, SECTION_ALIGN, Unverified, align_up, u64_at};
 use crate::pages::{MemorySection, restore_sections};
-use crate::{MAGIC, MAX_CHAIN_LINKS, Manifest, SnapshotError, SnapshotView, corrupt, parse};
+use crate::read::parse_unverified;
+use crate::{Link, MAGIC, MAX_CHAIN_LINKS, Manifest, SnapshotError, SnapshotView, corrupt, parse};
 
 /// A digest as 32 lowercase hex digits, the form a [`Link`](crate::Link) names it in.
 pub fn digest_hex(digest: u128) -> String {
@@ -157,11 +163,28 @@ pub struct Chain<'a> {
     views: Vec<SnapshotView<'a>>,
     /// For each session of the head, its pieces in position order.
     pieces: Vec<Vec<KvPiece<'a>>>,
+    /// Each snapshot's checksum, still to be compared ([`parse_chain_unverified`]); empty once
+    /// verified.
+    unverified: Vec<Unverified<'a>>,
 }
 
 /// Checks `links`, oldest first, as one chain (see the [module docs](self)); each link as
 /// [`parse`] checks a file. A single whole snapshot is a chain of one.
 pub fn parse_chain<'a>(links: &[&'a [u8]]) -> Result<Chain<'a>, SnapshotError> {
+    read_chain(links, false)
+}
+
+/// Checks `links` as [`parse_chain`] does, except for what needs their bodies hashed: each
+/// snapshot's checksum, and the digest each link names as its parent's. [`Chain::verify`]
+/// checks those, on other threads while this one restores from the chain if the caller
+/// likes; until [`Chain::set_verified`] the chain's digests are zero. What a restore reads
+/// from an unverified chain has passed every structural check, so it cannot go wrong in any
+/// way a verified chain could not; only its contents may be damaged.
+pub fn parse_chain_unverified<'a>(links: &[&'a [u8]]) -> Result<Chain<'a>, SnapshotError> {
+    read_chain(links, true)
+}
+
+fn read_chain<'a>(links: &[&'a [u8]], later: bool) -> Result<Chain<'a>, SnapshotError> {
     if links.is_empty() {
         return Err(corrupt("a chain needs at least one snapshot"));
     }
@@ -173,23 +196,52 @@ pub fn parse_chain<'a>(links: &[&'a [u8]]) -> Result<Chain<'a>, SnapshotError> {
         });
     }
     let mut views: Vec<SnapshotView<'a>> = Vec::with_capacity(links.len());
+    let mut unverified = Vec::new();
     for (depth, bytes) in links.iter().enumerate() {
-        let view = parse(bytes).map_err(|e| match depth {
-            0 => e,
-            _ => corrupt(format!("link {depth} of the chain: {e}")),
-        })?;
-        check_parent(depth, &view, views.last())?;
+        let view = if later {
+            let (view, sums) = parse_unverified(bytes).map_err(|e| in_chain(depth, e))?;
+            unverified.push(sums);
+            view
+        } else {
+            parse(bytes).map_err(|e| in_chain(depth, e))?
+        };
+        check_parent(depth, &view, views.last(), !later)?;
         views.push(view);
     }
     let pieces = kv_pieces(&views)?;
-    Ok(Chain { views, pieces })
+    Ok(Chain {
+        views,
+        pieces,
+        unverified,
+    })
+}
+
+/// An error in the snapshot at `depth` of a chain, as the chain reports it.
+fn in_chain(depth: usize, e: SnapshotError) -> SnapshotError {
+    match depth {
+        0 => e,
+        _ => corrupt(format!("link {depth} of the chain: {e}")),
+    }
+}
+
+/// The digests of a chain's snapshots, oldest first, as [`Chain::verify`] found them.
+#[derive(Clone, Debug)]
+pub struct Verified(Vec<u128>);
+
+impl Verified {
+    /// The newest snapshot's digest.
+    pub fn head(&self) -> u128 {
+        self.0.last().copied().unwrap_or(0) // a chain has a snapshot
+    }
 }
 
 /// Checks `view`, the snapshot at `depth` of a chain, against the one before it.
+/// The parent's digest is compared only with `digests` (else by [`Chain::verify`]).
 fn check_parent(
     depth: usize,
     view: &SnapshotView<'_>,
     parent: Option<&SnapshotView<'_>>,
+    digests: bool,
 ) -> Result<(), SnapshotError> {
     let m = &view.manifest;
     let (link, parent) = match (&m.link, parent) {
@@ -206,12 +258,8 @@ fn check_parent(
         }
         (Some(link), Some(parent)) => (link, parent),
     };
-    let expected = digest_hex(parent.digest());
-    if link.parent != expected {
-        return Err(corrupt(format!(
-            "link {depth} continues snapshot {}, but the snapshot before it is {expected}",
-            link.parent
-        )));
+    if digests {
+        check_named_parent(depth, link, parent.digest())?;
     }
     if link.depth as usize != depth {
         return Err(corrupt(format!(
@@ -230,6 +278,18 @@ fn check_parent(
         return Err(corrupt(format!(
             "link {depth} has {} bytes of memory, fewer than its parent's {}",
             m.memory_bytes, p.memory_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that `link`, the snapshot at `depth`, names `parent` as its parent's digest.
+fn check_named_parent(depth: usize, link: &Link, parent: u128) -> Result<(), SnapshotError> {
+    let expected = digest_hex(parent);
+    if link.parent != expected {
+        return Err(corrupt(format!(
+            "link {depth} continues snapshot {}, but the snapshot before it is {expected}",
+            link.parent
         )));
     }
     Ok(())
@@ -291,6 +351,48 @@ fn kv_pieces<'a>(views: &[SnapshotView<'a>]) -> Result<Vec<Vec<KvPiece<'a>>>, Sn
 }
 
 impl<'a> Chain<'a> {
+    /// Checks what [`parse_chain_unverified`] left: each snapshot's checksum (its body hashed
+    /// on up to 16 threads) and that each link names the digest of the snapshot before it.
+    /// Takes `&self`, so that it can run while another thread restores from the chain. For a
+    /// chain [`parse_chain`] read, it only returns the digests.
+    pub fn verify(&self) -> Result<Verified, SnapshotError> {
+        if self.unverified.is_empty() {
+            return Ok(Verified(self.views.iter().map(|v| v.digest()).collect()));
+        }
+        let mut digests: Vec<u128> = Vec::with_capacity(self.views.len());
+        for (depth, (view, sums)) in self.views.iter().zip(&self.unverified).enumerate() {
+            let digest = sums.verify().map_err(|e| in_chain(depth, e))?;
+            if let (Some(link), Some(&parent)) = (&view.manifest.link, digests.last()) {
+                check_named_parent(depth, link, parent)?;
+            }
+            digests.push(digest);
+        }
+        Ok(Verified(digests))
+    }
+
+    /// Records the digests this chain's [`verify`](Self::verify) found: the chain is then as
+    /// [`parse_chain`] would have returned it. `verified` must come from this chain; one of
+    /// another length is refused.
+    pub fn set_verified(&mut self, verified: Verified) -> Result<(), SnapshotError> {
+        if verified.0.len() != self.views.len() {
+            return Err(corrupt(format!(
+                "{} digests for a chain of {} snapshots",
+                verified.0.len(),
+                self.views.len()
+            )));
+        }
+        for (view, digest) in self.views.iter_mut().zip(verified.0) {
+            view.set_digest(digest);
+        }
+        self.unverified.clear();
+        Ok(())
+    }
+
+    /// Whether every snapshot's checksum has been compared (always, for [`parse_chain`]).
+    pub fn is_verified(&self) -> bool {
+        self.unverified.is_empty()
+    }
+
     /// The newest snapshot's manifest: the state the chain restores.
     pub fn manifest(&self) -> &Manifest {
         &self.head().manifest

@@ -130,6 +130,48 @@ pub(crate) fn u64_at(bytes: &[u8], offset: u64) -> Option<u64> {
 /// Checks magic, version, flags, length and checksum, then the section table; returns the
 /// sections.
 pub(crate) fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, SnapshotError> {
+    let unverified = read_header(bytes)?;
+    let digest = unverified.verify()?;
+    read_table(unverified.body, unverified.version, digest)
+}
+
+/// [`read_frame`] but for the checksum, which the returned [`Unverified`] checks; the
+/// frame's digest is zero until then.
+pub(crate) fn read_frame_unverified(
+    bytes: &[u8],
+) -> Result<(Frame<'_>, Unverified<'_>), SnapshotError> {
+    let unverified = read_header(bytes)?;
+    Ok((
+        read_table(unverified.body, unverified.version, 0)?,
+        unverified,
+    ))
+}
+
+/// A snapshot's body and the checksum its trailer stores, not compared yet.
+#[derive(Clone, Copy)]
+pub(crate) struct Unverified<'a> {
+    version: u32,
+    body: &'a [u8],
+    stored: u64,
+}
+
+impl Unverified<'_> {
+    /// Hashes the body (on up to 16 threads); the snapshot's digest when it matches the
+    /// stored checksum.
+    pub(crate) fn verify(&self) -> Result<u128, SnapshotError> {
+        let sums = checksum::of(self.version, self.body);
+        if self.stored != sums.checksum {
+            return Err(SnapshotError::Checksum {
+                stored: self.stored,
+                computed: sums.checksum,
+            });
+        }
+        Ok(sums.digest)
+    }
+}
+
+/// Checks magic, version, flags and length; returns the body and the stored checksum.
+fn read_header(bytes: &[u8]) -> Result<Unverified<'_>, SnapshotError> {
     let actual = bytes.len() as u64;
     let truncated = || SnapshotError::Truncated {
         expected: MIN_FILE_BYTES,
@@ -171,14 +213,11 @@ pub(crate) fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, SnapshotError> {
     let body_len = file_len - TRAILER_BYTES;
     let stored = u64_at(bytes, body_len).ok_or_else(truncated)?;
     let body = bytes.get(..body_len as usize).ok_or_else(truncated)?;
-    let sums = checksum::of(version, body);
-    if stored != sums.checksum {
-        return Err(SnapshotError::Checksum {
-            stored,
-            computed: sums.checksum,
-        });
-    }
-    read_table(body, version, sums.digest)
+    Ok(Unverified {
+        version,
+        body,
+        stored,
+    })
 }
 
 /// Reads table entry `i` of `body` and checks that its section is aligned, starts at or

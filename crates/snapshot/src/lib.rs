@@ -129,7 +129,10 @@ mod write;
 use std::io;
 use std::path::PathBuf;
 
-pub use chain::{Chain, KvPiece, Links, digest_hex, next_link_at, parse_chain, split_links};
+pub use chain::{
+    Chain, KvPiece, Links, Verified, digest_hex, next_link_at, parse_chain, parse_chain_unverified,
+    split_links,
+};
 pub use kv::{KvLayers, KvView, KvWrite};
 pub use layout::reseal;
 pub use manifest::{

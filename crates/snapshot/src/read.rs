@@ -11,7 +11,7 @@ use std::path::Path;
 use memmap2::{Mmap, MmapOptions};
 
 use crate::kv::KvView;
-use crate::layout::read_frame;
+use crate::layout::{Frame, Unverified, read_frame, read_frame_unverified};
 use crate::older::read_manifest;
 use crate::pages::MemorySection;
 use crate::{MAX_MANIFEST_BYTES, Manifest, SnapshotError, check_limit, corrupt};
@@ -107,7 +107,20 @@ pub struct SnapshotView<'a> {
 /// model.n_head_kv × model.head_dim]`). Never panics; allocates at most a small multiple of
 /// `bytes.len()`.
 pub fn parse(bytes: &[u8]) -> Result<SnapshotView<'_>, SnapshotError> {
-    let frame = read_frame(bytes)?;
+    view_of(bytes, read_frame(bytes)?)
+}
+
+/// [`parse`] but for the checksum, which the returned [`Unverified`] checks; the view's
+/// digest is zero until then.
+pub(crate) fn parse_unverified(
+    bytes: &[u8],
+) -> Result<(SnapshotView<'_>, Unverified<'_>), SnapshotError> {
+    let (frame, unverified) = read_frame_unverified(bytes)?;
+    Ok((view_of(bytes, frame)?, unverified))
+}
+
+/// The view of a snapshot whose frame has been read: everything after the frame checked.
+fn view_of<'a>(bytes: &'a [u8], frame: Frame<'a>) -> Result<SnapshotView<'a>, SnapshotError> {
     check_limit(
         "manifest bytes",
         frame.manifest.len() as u64,
@@ -174,6 +187,11 @@ impl<'a> SnapshotView<'a> {
     /// Never: a snapshot has at least its header.
     pub fn is_empty(&self) -> bool {
         false
+    }
+
+    /// Records the digest a verification found (see [`parse_unverified`]).
+    pub(crate) fn set_digest(&mut self, digest: u128) {
+        self.digest = digest;
     }
 
     pub(crate) fn memory_section(&self) -> MemorySection<'a> {

@@ -5,8 +5,8 @@ mod common;
 
 use common::{Fixture, Page, Rng};
 use tern_snapshot::{
-    Chain, Link, PAGE_BYTES, SnapshotError, Written, append, digest_hex, parse, parse_chain, save,
-    split_links, to_bytes,
+    Chain, Link, PAGE_BYTES, SnapshotError, Written, append, digest_hex, parse, parse_chain,
+    parse_chain_unverified, save, split_links, to_bytes,
 };
 
 /// The state after a turn: memory page 1 partly rewritten, page 4 zeroed, one page more at
@@ -124,6 +124,38 @@ fn every_prefix_of_a_chain_restores_its_own_state() {
         files[2].len(),
         files[0].len()
     );
+}
+
+/// A chain read unverified restores the same state, and its verification (which a restore
+/// runs beside itself) gives the digests `parse_chain` finds; a damaged byte in the contents,
+/// which only the checksum notices, fails the verification and nothing else.
+#[test]
+fn an_unverified_chain_restores_alike_and_its_verification_finds_damage() {
+    let (files, states) = chain_of(2);
+    let links: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+    let checked = parse_chain(&links).unwrap();
+    let mut chain = parse_chain_unverified(&links).unwrap();
+    assert!(checked.is_verified() && !chain.is_verified());
+    assert_restores(&chain, &states[2]);
+    let verified = chain.verify().unwrap();
+    assert_eq!(verified.head(), checked.head().digest());
+    chain.set_verified(verified).unwrap();
+    assert!(chain.is_verified());
+    assert_eq!(chain.head().digest(), checked.head().digest());
+
+    // The whole snapshot's last KV byte, then a link's: contents that parse either way.
+    for (at, file) in [(0, &files[0]), (1, &files[1])] {
+        let mut damaged = files.clone();
+        let kv = parse(file).unwrap().kv(0).unwrap();
+        let k = kv.k_layer_bytes(0).unwrap();
+        let offset = k.as_ptr() as usize - file.as_ptr() as usize + k.len() - 1;
+        damaged[at][offset] ^= 0x40;
+        let links: Vec<&[u8]> = damaged.iter().map(Vec::as_slice).collect();
+        let chain = parse_chain_unverified(&links).unwrap();
+        let err = chain.verify().unwrap_err().to_string();
+        assert!(err.contains("checksum"), "{err}");
+        assert_eq!(err, parse_chain(&links).unwrap_err().to_string());
+    }
 }
 
 #[test]

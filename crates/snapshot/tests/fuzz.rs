@@ -15,7 +15,8 @@ use std::cell::Cell;
 use common::{Fixture, assemble, sections};
 use proptest::prelude::*;
 use tern_snapshot::{
-    Link, PAGE_BYTES, SnapshotError, digest_hex, parse, parse_chain, reseal, split_links, to_bytes,
+    Chain, Link, PAGE_BYTES, SnapshotError, digest_hex, parse, parse_chain, parse_chain_unverified,
+    reseal, split_links, to_bytes,
 };
 
 /// Counts this thread's live heap bytes and their peak, so a test can bound what one call
@@ -270,12 +271,27 @@ fn valid_chain() -> (Vec<u8>, Vec<u8>) {
     (whole, link)
 }
 
-/// Checks `links` as a chain and, if that works, restores everything it holds; the pieces of
-/// each session's cache must cover its tokens exactly.
+/// Checks `links` as a chain, verified and unverified: both refuse or accept alike (the
+/// unverified read then verifies to the same digests), and whatever the unverified read
+/// accepts, which a restore reads before its checksums are compared, restores everything it
+/// holds; the pieces of each session's cache must cover its tokens exactly.
 fn exercise_chain(links: &[&[u8]]) {
-    let Ok(chain) = parse_chain(links) else {
-        return;
-    };
+    let checked = parse_chain(links);
+    let unverified = parse_chain_unverified(links);
+    let verified = unverified.as_ref().ok().map(|c| c.verify());
+    match (&checked, &verified) {
+        (Ok(chain), Some(Ok(v))) => assert_eq!(v.head(), chain.head().digest()),
+        (Err(_), None | Some(Err(_))) => {}
+        (Ok(_), _) => panic!("a chain parse_chain accepts is refused unverified or by verify"),
+        (Err(e), Some(Ok(_))) => panic!("parse_chain refuses a chain that verifies: {e}"),
+    }
+    if let Ok(chain) = &unverified {
+        restore_all(chain);
+    }
+}
+
+/// Restores everything `chain` holds, as a restore reads it.
+fn restore_all(chain: &Chain<'_>) {
     let m = chain.manifest();
     if m.memory_bytes <= MAX_RESTORE_BYTES {
         let mut memory = vec![0xa5u8; m.memory_bytes as usize];
