@@ -307,26 +307,45 @@ impl Actor {
                 module.digest()
             )));
         }
-        let started = Instant::now();
-        let open = m
-            .models
-            .iter()
-            .map(|r| find_model(runtime, r))
-            .collect::<Result<Vec<_>, _>>()?;
-        let (sessions, made) = restore_sessions(runtime, m, pieces, &open)?;
-        let kv = started.elapsed();
-        let mut actor = Actor::instantiate(runtime, module)?;
-        let instantiated = started.elapsed();
-        let grow = actor.restore_memory(m, restore_pages)?;
-        actor.restore_globals(&m.globals)?;
-        actor.clear_written()?;
+        // The sessions and their KV caches are restored on a thread of their own, beside the
+        // instance and its memory: neither needs the other until the actor is assembled.
+        let (sessions, instance) = std::thread::scope(|scope| {
+            let sessions = scope.spawn(|| {
+                let started = Instant::now();
+                let open = m
+                    .models
+                    .iter()
+                    .map(|r| find_model(runtime, r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (sessions, made) = restore_sessions(runtime, m, pieces, &open)?;
+                Ok::<_, ActorError>((open, sessions, made, started.elapsed() - made))
+            });
+            let instance = (|| {
+                let started = Instant::now();
+                let mut actor = Actor::instantiate(runtime, module)?;
+                let instantiated = started.elapsed();
+                let grow = actor.restore_memory(m, restore_pages)?;
+                actor.restore_globals(&m.globals)?;
+                actor.clear_written()?;
+                let memory = started.elapsed() - instantiated - grow;
+                Ok::<_, ActorError>((actor, instantiated, grow, memory))
+            })();
+            let sessions = sessions.join().unwrap_or_else(|_| {
+                Err(ActorError::Snapshot(
+                    "the thread restoring the KV caches panicked".into(),
+                ))
+            });
+            (sessions, instance)
+        });
+        let (open, sessions, made, kv) = sessions?;
+        let (mut actor, instantiate, grow, memory) = instance?;
         actor.restored = Some(RestorePhases {
             check: Duration::ZERO,
             sessions: made,
-            kv: kv - made,
-            instantiate: instantiated - kv,
+            kv,
+            instantiate,
             grow,
-            memory: started.elapsed() - instantiated - grow,
+            memory,
         });
         let state = actor.store.data_mut();
         state.models.restore(open, sessions);
@@ -598,7 +617,9 @@ fn layers<'a, T>(
         .unzip()
 }
 
-/// Where a restore's time went, after the snapshot was read and checked.
+/// Where a restore's time went, after the snapshot was read: the sessions and their KV
+/// caches are restored beside the instance and its memory (and, for a chain read unverified,
+/// the checksums compared beside both), so the phases overlap.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RestorePhases {
     /// The snapshots' checksums compared, beside everything below (zero when the chain was

@@ -20,8 +20,9 @@ use crate::llama::cpu::KvCache;
 use crate::numerics::Numerics;
 use crate::top::Candidate;
 
-/// A session's state on one engine (its KV cache and whatever the backend keeps with it).
-pub trait SessionState: Any {
+/// A session's state on one engine (its KV cache and whatever the backend keeps with it). It
+/// may move between threads (a restore makes sessions beside the actor's instance).
+pub trait SessionState: Any + Send {
     /// Positions filled.
     fn filled(&self) -> usize;
     /// Positions it can hold.

@@ -55,18 +55,21 @@ pub struct CudaSession {
     stream: Arc<CudaStream>,
     /// The decode step's graph, the logits address it writes, and whether it runs the
     /// layers in the persistent kernel.
-    graph: Option<(CudaGraph, u64, bool)>,
+    graph: Option<(Graph, u64, bool)>,
     /// The persistent decode kernel's share, when the model has that kernel.
     fused: Option<FusedSession>,
 }
 
-/// A dropped session's decode graph on its way to the graveyard.
-struct DeadGraph(#[allow(dead_code)] CudaGraph);
+/// A session's decode graph.
+struct Graph(CudaGraph);
 
-// SAFETY: a CUDA graph's handles belong to its context, not to a thread; the graveyard
-// destroys it on the thread that holds the model, with the model's context bound there,
-// and nothing else uses it after its session is dropped.
-unsafe impl Send for DeadGraph {}
+// SAFETY: a CUDA graph's handles belong to its context, not to a thread: the driver takes
+// them from any thread where the context is current. A session's graph is captured,
+// launched and replaced only by a holder of its model's `busy`, which binds the context,
+// one thread at a time; a dropped session's graph goes to the graveyard, which destroys it
+// on the thread that next holds the model. So a session (and its graph) may move between
+// threads.
+unsafe impl Send for Graph {}
 
 impl Drop for CudaSession {
     // Frees nothing here: the device memory goes to the model's graveyard, freed by the
@@ -76,7 +79,7 @@ impl Drop for CudaSession {
         let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
         let mut dead: Vec<Box<dyn Send>> = vec![Box::new(buf)];
         if let Some((graph, _, _)) = self.graph.take() {
-            dead.push(Box::new(DeadGraph(graph)));
+            dead.push(Box::new(graph));
         }
         if let Some(fused) = self.fused.take() {
             dead.push(Box::new(fused));
@@ -340,10 +343,11 @@ impl CudaSession {
             let graph = graph.ok_or_else(|| {
                 ModelError::device("cuda", "capturing the decode graph", "no graph was made")
             })?;
-            self.graph = Some((graph, logits, fused));
+            self.graph = Some((Graph(graph), logits, fused));
         }
         let (graph, _, _) = self.graph.as_ref().expect("captured above");
         graph
+            .0
             .launch()
             .map_err(driver("launching the decode graph"))?;
         self.len += 1;
