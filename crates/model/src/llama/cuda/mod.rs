@@ -41,6 +41,7 @@ mod weights;
 
 pub use session::CudaSession;
 
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -63,6 +64,9 @@ use weights::DeviceWeights;
 /// Positions run through the layers together in one call of each kernel (a prefill is cut
 /// into chunks of this many tokens).
 pub const MAX_CHUNK: usize = 8;
+
+/// Dropped sessions whose device memory a model keeps for new sessions of the same size.
+const SPARE_SESSIONS: usize = 2;
 
 /// Positions one attention split covers, and threads per attention block: the kernels'
 /// `ATTN_SPLIT` and `ATTN_THREADS`, written into `constants.cuh` by [`constants`].
@@ -104,7 +108,12 @@ pub struct CudaLlama {
     busy: FifoMutex<Option<Result<Prefill, ModelError>>>,
     /// Device memory of dropped sessions, freed by the next holder of `busy` (a session can
     /// be dropped on any thread, at any time, even while `busy` is held).
-    graveyard: Arc<Mutex<Vec<Box<dyn Send>>>>,
+    graveyard: Arc<Mutex<Vec<Box<dyn Any + Send>>>>,
+    /// Device memory of dropped sessions kept for new ones of the same size (at most
+    /// [`SPARE_SESSIONS`], the oldest freed first; all freed when an allocation fails): a
+    /// restore or a new conversation then skips the driver's allocation. Used only by a
+    /// holder of `busy`.
+    spare: Mutex<Vec<session::Spare>>,
     /// How sessions' KV caches store keys and values (the kernels are built for it).
     kv_type: KvType,
     /// Page-locked buffers KV caches are uploaded through, made on the first upload; used
@@ -161,6 +170,7 @@ impl CudaLlama {
             startup,
             busy: FifoMutex::new(None),
             graveyard: Arc::default(),
+            spare: Mutex::new(Vec::new()),
             kv_type: cpu.kv_type,
             staging: Mutex::new(None),
         })
@@ -243,7 +253,14 @@ impl CudaLlama {
     /// An empty session of up to `n_ctx` positions.
     pub fn new_session(&self, n_ctx: usize) -> Result<CudaSession, ModelError> {
         let _busy = self.hold()?;
-        CudaSession::new(self, n_ctx)
+        if let Some(spare) = self.take_spare(n_ctx) {
+            return CudaSession::reuse(self, spare);
+        }
+        CudaSession::new(self, n_ctx).or_else(|_| {
+            // Out of device memory, perhaps because of what is kept: free it and try again.
+            self.free_spares();
+            CudaSession::new(self, n_ctx)
+        })
     }
 
     /// Appends `tokens` to `session` and writes the last position's logits into `logits`
@@ -341,8 +358,32 @@ impl CudaLlama {
             .bind_to_thread()
             .map_err(driver("binding the context"))?;
         let dead = std::mem::take(&mut *self.graveyard.lock().unwrap_or_else(|e| e.into_inner()));
-        drop(dead);
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        for body in dead {
+            match body.downcast::<session::Spare>() {
+                Ok(buffers) => {
+                    spare.push(*buffers);
+                    if spare.len() > SPARE_SESSIONS {
+                        spare.remove(0);
+                    }
+                }
+                Err(other) => drop(other),
+            }
+        }
         Ok(busy)
+    }
+
+    /// A dropped session's device memory for `n_ctx` positions, if one is kept; the caller
+    /// holds `busy`.
+    fn take_spare(&self, n_ctx: usize) -> Option<session::Spare> {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let at = spare.iter().position(|s| s.n_ctx == n_ctx)?;
+        Some(spare.remove(at))
+    }
+
+    /// Frees every kept session's device memory; the caller holds `busy`.
+    fn free_spares(&self) {
+        self.spare.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// `f` on the tensor-core prefill, the model held as [`CudaLlama::hold`] holds it; an

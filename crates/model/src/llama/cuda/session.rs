@@ -1,6 +1,7 @@
 //! [`CudaSession`]: one sequence on the GPU: its KV cache, its scratch buffers, and the CUDA
 //! graph of its decode step.
 
+use std::any::Any;
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
@@ -51,7 +52,7 @@ pub struct CudaSession {
     /// Where this session's device memory goes when it is dropped: the model frees it
     /// when next held, so that nothing is enqueued on its stream while another thread may
     /// be capturing it.
-    graveyard: Arc<Mutex<Vec<Box<dyn Send>>>>,
+    graveyard: Arc<Mutex<Vec<Box<dyn Any + Send>>>>,
     stream: Arc<CudaStream>,
     /// The decode step's graph, the logits address it writes, and whether it runs the
     /// layers in the persistent kernel.
@@ -77,7 +78,10 @@ impl Drop for CudaSession {
     fn drop(&mut self) {
         // SAFETY: `buf` is taken exactly once, here, and the session is gone after.
         let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
-        let mut dead: Vec<Box<dyn Send>> = vec![Box::new(buf)];
+        let mut dead: Vec<Box<dyn Any + Send>> = vec![Box::new(Spare {
+            n_ctx: self.n_ctx,
+            buf,
+        })];
         if let Some((graph, _, _)) = self.graph.take() {
             dead.push(Box::new(graph));
         }
@@ -91,7 +95,42 @@ impl Drop for CudaSession {
     }
 }
 
+/// A dropped session's device memory, on its way to the model's spares (see
+/// [`CudaLlama::hold`]).
+pub(super) struct Spare {
+    pub n_ctx: usize,
+    buf: Buffers,
+}
+
 impl CudaSession {
+    /// A new session in `spare`'s device memory, zeroed first as a new allocation is. The
+    /// caller holds the model.
+    pub(super) fn reuse(model: &CudaLlama, spare: Spare) -> Result<CudaSession, ModelError> {
+        let Spare { n_ctx, mut buf } = spare;
+        let s = &model.stream;
+        let zero = driver("clearing a session");
+        s.memset_zeros(&mut buf.k).map_err(&zero)?;
+        s.memset_zeros(&mut buf.v).map_err(&zero)?;
+        s.memset_zeros(&mut buf.step).map_err(&zero)?;
+        for b in [
+            &mut buf.x,
+            &mut buf.xb,
+            &mut buf.qkv,
+            &mut buf.att,
+            &mut buf.gate_up,
+            &mut buf.hb,
+            &mut buf.part_o,
+            &mut buf.part_ml,
+            &mut buf.logits,
+        ] {
+            s.memset_zeros(b).map_err(&zero)?;
+        }
+        s.memset_zeros(&mut buf.tickets).map_err(&zero)?;
+        s.memset_zeros(&mut buf.cand).map_err(&zero)?;
+        s.memset_zeros(&mut buf.top).map_err(&zero)?;
+        Self::with_buffers(model, n_ctx, buf)
+    }
+
     pub(super) fn new(model: &CudaLlama, n_ctx: usize) -> Result<CudaSession, ModelError> {
         let c = &model.config;
         let s = &model.stream;
@@ -131,6 +170,17 @@ impl CudaSession {
                 .alloc_zeros::<u32>(2 * MAX_TOP)
                 .map_err(driver("allocating a session"))?,
         };
+        Self::with_buffers(model, n_ctx, buf)
+    }
+
+    /// A session in `buf`, sized for `n_ctx` positions.
+    fn with_buffers(
+        model: &CudaLlama,
+        n_ctx: usize,
+        buf: Buffers,
+    ) -> Result<CudaSession, ModelError> {
+        let c = &model.config;
+        let s = &model.stream;
         let mut session = CudaSession {
             n_ctx,
             kv_type: model.kv_type(),
