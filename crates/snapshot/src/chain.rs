@@ -163,8 +163,8 @@ pub struct Chain<'a> {
     views: Vec<SnapshotView<'a>>,
     /// For each session of the head, its pieces in position order.
     pieces: Vec<Vec<KvPiece<'a>>>,
-    /// Each snapshot's checksum, still to be compared ([`parse_chain_unverified`]); empty once
-    /// verified.
+    /// Each snapshot's checksum, still to be compared ([`parse_chain_unverified`]); empty for
+    /// a chain [`parse_chain`] checked.
     unverified: Vec<Unverified<'a>>,
 }
 
@@ -177,7 +177,7 @@ pub fn parse_chain<'a>(links: &[&'a [u8]]) -> Result<Chain<'a>, SnapshotError> {
 /// Checks `links` as [`parse_chain`] does, except for what needs their bodies hashed: each
 /// snapshot's checksum, and the digest each link names as its parent's. [`Chain::verify`]
 /// checks those, on other threads while this one restores from the chain if the caller
-/// likes; until [`Chain::set_verified`] the chain's digests are zero. What a restore reads
+/// likes, and returns the digests; the chain's own views report zero. What a restore reads
 /// from an unverified chain has passed every structural check, so it cannot go wrong in any
 /// way a verified chain could not; only its contents may be damaged.
 pub fn parse_chain_unverified<'a>(links: &[&'a [u8]]) -> Result<Chain<'a>, SnapshotError> {
@@ -368,24 +368,6 @@ impl<'a> Chain<'a> {
             digests.push(digest);
         }
         Ok(Verified(digests))
-    }
-
-    /// Records the digests this chain's [`verify`](Self::verify) found: the chain is then as
-    /// [`parse_chain`] would have returned it. `verified` must come from this chain; one of
-    /// another length is refused.
-    pub fn set_verified(&mut self, verified: Verified) -> Result<(), SnapshotError> {
-        if verified.0.len() != self.views.len() {
-            return Err(corrupt(format!(
-                "{} digests for a chain of {} snapshots",
-                verified.0.len(),
-                self.views.len()
-            )));
-        }
-        for (view, digest) in self.views.iter_mut().zip(verified.0) {
-            view.set_digest(digest);
-        }
-        self.unverified.clear();
-        Ok(())
     }
 
     /// Whether every snapshot's checksum has been compared (always, for [`parse_chain`]).

@@ -135,8 +135,8 @@ pub(crate) fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, SnapshotError> {
     read_table(unverified.body, unverified.version, digest)
 }
 
-/// [`read_frame`] but for the checksum, which the returned [`Unverified`] checks; the
-/// frame's digest is zero until then.
+/// [`read_frame`] but for the checksum, which the returned [`Unverified`] checks (and
+/// yields the digest of); the frame's digest is zero.
 pub(crate) fn read_frame_unverified(
     bytes: &[u8],
 ) -> Result<(Frame<'_>, Unverified<'_>), SnapshotError> {

@@ -110,8 +110,8 @@ pub fn parse(bytes: &[u8]) -> Result<SnapshotView<'_>, SnapshotError> {
     view_of(bytes, read_frame(bytes)?)
 }
 
-/// [`parse`] but for the checksum, which the returned [`Unverified`] checks; the view's
-/// digest is zero until then.
+/// [`parse`] but for the checksum, which the returned [`Unverified`] checks (and yields
+/// the digest of); the view's digest is zero.
 pub(crate) fn parse_unverified(
     bytes: &[u8],
 ) -> Result<(SnapshotView<'_>, Unverified<'_>), SnapshotError> {
@@ -187,11 +187,6 @@ impl<'a> SnapshotView<'a> {
     /// Never: a snapshot has at least its header.
     pub fn is_empty(&self) -> bool {
         false
-    }
-
-    /// Records the digest a verification found (see [`parse_unverified`]).
-    pub(crate) fn set_digest(&mut self, digest: u128) {
-        self.digest = digest;
     }
 
     pub(crate) fn memory_section(&self) -> MemorySection<'a> {

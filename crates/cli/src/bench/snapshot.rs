@@ -186,14 +186,15 @@ fn print_bus_bound(model: &Model, rows: &[Row], threads: usize) -> anyhow::Resul
         "host memory copy: {:.1} GB/s (256 MiB on {threads} threads, median of 9)",
         copy / 1e9
     );
-    let (what, bandwidth) = match upload_bandwidth(model)? {
-        Some(bus) => {
-            println!(
-                "bus: {:.1} GB/s (page-locked host-to-device copy, 256 MiB, median of 9)",
-                bus / 1e9
-            );
-            ("bus", bus)
-        }
+    let bus = upload_bandwidth(model)?;
+    if let Some(bus) = bus {
+        println!(
+            "bus: {:.1} GB/s (page-locked host-to-device copy, 256 MiB, median of 9)",
+            bus / 1e9
+        );
+    }
+    let (what, bandwidth) = match bus {
+        Some(bus) => ("bus", bus),
         None => ("copy", copy),
     };
     println!(
@@ -215,7 +216,7 @@ fn print_bus_bound(model: &Model, rows: &[Row], threads: usize) -> anyhow::Resul
             r.restore / bound
         );
     }
-    if what == "bus" {
+    if bus.is_some() {
         println!("target at 4096 tokens: restore within 3x of the bound");
     }
     Ok(())

@@ -52,6 +52,15 @@ impl KvType {
             KvType::F16 => "f16",
         }
     }
+
+    /// What a backend's precision (its label and numerics) adds for it: nothing for the
+    /// f32 cache, `, f16 KV cache` for the other.
+    pub(crate) fn precision_note(self) -> &'static str {
+        match self {
+            KvType::F32 => "",
+            KvType::F16 => ", f16 KV cache",
+        }
+    }
 }
 
 /// One sequence's keys and values for every layer: `[layer][position][kv_dim]`, in `k` and
@@ -252,17 +261,12 @@ impl Engine for CpuLlama {
             Precision::Reference => "reference",
             Precision::Fast => "fast",
         };
-        match self.kv_type {
-            KvType::F32 => format!("cpu {precision}"),
-            KvType::F16 => format!("cpu {precision}, f16 KV cache"),
-        }
+        format!("cpu {precision}{}", self.kv_type.precision_note())
     }
 
     fn numerics(&self) -> Numerics {
         let mut numerics = Numerics::cpu(self.precision);
-        if self.kv_type == KvType::F16 {
-            numerics.precision.push_str(", f16 KV cache");
-        }
+        numerics.precision.push_str(self.kv_type.precision_note());
         numerics
     }
 
@@ -479,23 +483,11 @@ impl CpuLlama {
 
     /// An empty cache for up to `n_ctx` positions.
     pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache, ModelError> {
-        let kv_dim = self.config.kv_dim();
-        let len = self.config.kv_cache_len(n_ctx)?;
-        let (f32s, f16s) = match self.kv_type {
-            KvType::F32 => (len, 0),
-            KvType::F16 => (0, len),
-        };
-        Ok(KvCache {
-            k: vec![0.0; f32s],
-            v: vec![0.0; f32s],
-            k16: vec![0; f16s],
-            v16: vec![0; f16s],
-            len: 0,
-            n_ctx,
-            kv_dim,
-            n_layer: self.config.n_layer,
-            kv_type: self.kv_type,
-        })
+        let c = &self.config;
+        c.kv_cache_len(n_ctx)?; // refuses a cache too large
+        let mut cache = KvCache::empty_of(self.kv_type, c.n_layer, n_ctx, c.kv_dim());
+        cache.len = 0;
+        Ok(cache)
     }
 
     /// Appends `tokens` to `cache` and writes the last position's logits (`n_vocab`) into

@@ -187,9 +187,7 @@ impl CudaLlama {
             None => "f32, bf16 prefill GEMMs".to_string(),
             Some(_) => "f32".to_string(),
         };
-        if self.kv_type == KvType::F16 {
-            precision.push_str(", f16 KV cache");
-        }
+        precision.push_str(self.kv_type.precision_note());
         precision
     }
 
@@ -629,7 +627,7 @@ impl Engine for CudaLlama {
         let c = &self.config;
         let _busy = self.hold()?;
         let from = from.min(s.len);
-        let cache = s.download(from, c.n_layer, c.kv_dim(), self.kv_type)?;
+        let cache = s.download(from, c.n_layer, c.kv_dim())?;
         Ok((std::borrow::Cow::Owned(cache), from))
     }
 

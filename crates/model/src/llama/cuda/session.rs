@@ -599,11 +599,10 @@ impl CudaSession {
         from: usize,
         n_layer: usize,
         kv_dim: usize,
-        kv_type: KvType,
     ) -> Result<KvCache, ModelError> {
         let from = from.min(self.len);
-        let mut host = KvCache::empty_of(kv_type, n_layer, self.len - from, kv_dim);
-        let size = kv_type.bytes();
+        let mut host = KvCache::empty_of(self.kv_type, n_layer, self.len - from, kv_dim);
+        let size = self.kv_type.bytes();
         let per_layer = (self.len - from) * kv_dim * size;
         for l in 0..n_layer {
             let at = (l * self.n_ctx + from) * kv_dim * size;
