@@ -9,8 +9,10 @@
 //! Batch invariance is part of the contract: what `step` gives a session is the same bits
 //! whatever other sessions share the step. The CPU keeps it by construction (each output
 //! element is one fixed-order reduction, and a prefill's bits equal one-token decode's).
-//! The CUDA and wgpu engines run a step's sessions one after another (each on its own, so
-//! invariance holds there too), and their prefill and decode kernels round differently.
+//! CUDA runs a step's sessions together with the kernels a session alone runs, whose
+//! results for one position never depend on the others (its tensor-core prefill of long
+//! prompts, which rounds differently, a session at a time). The wgpu engine runs a step's
+//! sessions one after another, each on its own.
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -18,6 +20,7 @@ use std::borrow::Cow;
 use crate::ModelError;
 use crate::llama::cpu::KvCache;
 use crate::numerics::Numerics;
+use crate::steps::StepStats;
 use crate::top::Candidate;
 
 /// A session's state on one engine (its KV cache and whatever the backend keeps with it). It
@@ -80,6 +83,10 @@ pub trait Engine: Any + Send + Sync {
     /// Appends each item's tokens to its session and writes the outputs it asks for. The
     /// items' arguments are checked before any runs; on an error no session has changed.
     fn step(&self, items: &mut [StepItem<'_>]) -> Result<(), ModelError>;
+    /// The step scheduler's counters, where the engine gathers concurrent steps.
+    fn step_stats(&self) -> StepStats {
+        StepStats::default()
+    }
     /// The session's KV cache on the host, at least its filled positions from `from` on, and
     /// the session position of the cache's first position: borrowed whole (first 0) where it
     /// already lives on the host, else copied from `from` on (first `from`). A snapshot's

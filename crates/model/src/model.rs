@@ -272,7 +272,7 @@ impl Model {
 
     /// The CPU step scheduler's counters: steps run and the forward passes' chunks in them.
     pub fn step_stats(&self) -> crate::steps::StepStats {
-        self.llama.step_stats()
+        self.engine().step_stats()
     }
 
     /// A new, empty session (KV cache) of `n_ctx` positions (at most the trained context).
@@ -287,6 +287,30 @@ impl Model {
             tokens: Vec::new(),
             state: self.engine().open_session(n_ctx)?,
         })
+    }
+
+    /// One step over several sessions at once, each weight read once for all of them: each
+    /// `(session, tokens, logits)` appends its tokens and gets its last position's logits,
+    /// the same bits [`forward`](Self::forward) gives it alone. Every session is checked
+    /// before any runs; a session may appear once.
+    pub fn forward_many(
+        &self,
+        steps: &mut [(&mut Session, &[u32], &mut [f32])],
+    ) -> Result<(), ModelError> {
+        let mut items: Vec<StepItem<'_>> = steps
+            .iter_mut()
+            .map(|(session, tokens, logits)| StepItem {
+                state: &mut *session.state,
+                tokens,
+                logits: Some(&mut **logits),
+                top: &mut [],
+            })
+            .collect();
+        self.engine().step(&mut items)?;
+        for (session, tokens, _) in steps.iter_mut() {
+            session.tokens.extend_from_slice(tokens);
+        }
+        Ok(())
     }
 
     /// Appends `tokens` to the session and writes the last position's logits.

@@ -5,12 +5,14 @@
 // The GPU tests' helpers; this file uses a few of them.
 #[allow(dead_code, unused_macros)]
 mod common;
+#[path = "common/conversations.rs"]
+mod conversations;
 
-use std::sync::{Arc, Barrier};
-use std::time::Duration;
+use std::sync::Arc;
 
 use common::{Rng, bits, model_file};
-use tern_model::llama::cpu::{KvCache, Seq, argmax};
+use conversations::{Conversation, alone_and_together, one_step_gives_each_session_its_own_bits};
+use tern_model::llama::cpu::{KvCache, Seq};
 use tern_model::quant::DType;
 use tern_model::{Model, Precision};
 
@@ -19,106 +21,6 @@ fn tiny(precision: Precision) -> Model {
     Model::open("tiny", &path, 2)
         .unwrap()
         .with_precision(precision)
-}
-
-/// A conversation: a prompt sent in pieces, then greedy decode steps.
-#[derive(Clone, Debug)]
-struct Conversation {
-    prompt: Vec<u32>,
-    pieces: Vec<usize>,
-    decode: usize,
-    /// Pauses before each forward pass, in microseconds (varies arrival times).
-    pauses: Vec<u64>,
-}
-
-impl Conversation {
-    fn random(rng: &mut Rng, vocab: usize) -> Conversation {
-        let mut draw = |n: usize| ((rng.f32() + 1.0) / 2.0 * n as f32) as usize % n;
-        let len = 1 + draw(160);
-        let prompt = (0..len).map(|_| draw(vocab) as u32).collect();
-        let mut pieces = Vec::new();
-        let mut left = len;
-        while left > 0 {
-            let piece = (1 + draw(100)).min(left);
-            pieces.push(piece);
-            left -= piece;
-        }
-        let decode = 1 + draw(24);
-        let pauses = (0..pieces.len() + decode)
-            .map(|_| draw(300) as u64)
-            .collect();
-        Conversation {
-            prompt,
-            pieces,
-            decode,
-            pauses,
-        }
-    }
-
-    /// Every forward pass's logits.
-    fn run(&self, model: &Model) -> Vec<Vec<f32>> {
-        let mut session = model.new_session(256).unwrap();
-        let mut logits = vec![0.0; model.config().n_vocab];
-        let (mut all, mut at) = (Vec::new(), 0);
-        let mut pauses = self.pauses.iter();
-        let mut pause = || {
-            if let Some(&us) = pauses.next() {
-                std::thread::sleep(Duration::from_micros(us));
-            }
-        };
-        for &piece in &self.pieces {
-            pause();
-            let tokens = &self.prompt[at..at + piece];
-            model.forward(&mut session, tokens, &mut logits).unwrap();
-            all.push(logits.clone());
-            at += piece;
-        }
-        for _ in 0..self.decode {
-            pause();
-            let next = argmax(&logits);
-            model.forward(&mut session, &[next], &mut logits).unwrap();
-            all.push(logits.clone());
-        }
-        all
-    }
-}
-
-/// Each conversation alone, then all of them at once (started together); every one's
-/// logits must be the bits it got alone.
-fn alone_and_together(model: &Model, conversations: &[Conversation]) {
-    let alone: Vec<_> = conversations.iter().map(|c| bits(&c.run(model))).collect();
-    let before = model.step_stats();
-    let start = Barrier::new(conversations.len());
-    let together: Vec<_> = std::thread::scope(|s| {
-        let runs: Vec<_> = conversations
-            .iter()
-            .map(|c| {
-                let start = &start;
-                s.spawn(move || {
-                    start.wait();
-                    bits(&c.run(model))
-                })
-            })
-            .collect();
-        runs.into_iter().map(|r| r.join().unwrap()).collect()
-    });
-    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
-        assert!(
-            a == t,
-            "conversation {i} of {} differs beside the others: {:?}",
-            conversations.len(),
-            conversations[i]
-        );
-    }
-    let after = model.step_stats();
-    let (steps, chunks) = (after.steps - before.steps, after.chunks - before.chunks);
-    // Two conversations may never overlap on so small a model; 64 always do.
-    if conversations.len() > 32 {
-        assert!(
-            steps < chunks,
-            "no step held two forward passes ({steps} steps)"
-        );
-    }
 }
 
 #[test]
@@ -134,6 +36,12 @@ fn conversations_get_the_same_bits_alone_and_among_up_to_63_others() {
             alone_and_together(&model, &conversations);
         }
     }
+}
+
+#[test]
+fn one_step_through_the_model_gives_each_session_its_own_bits() {
+    let model = tiny(Precision::Fast);
+    one_step_gives_each_session_its_own_bits(&model, &[0, 5, 40, 100], &[30, 1, 64, 3]);
 }
 
 #[test]

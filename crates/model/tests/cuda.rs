@@ -12,6 +12,8 @@
 //! but rare near-ties, so greedy tokens must match exactly for 32 steps.
 
 mod common;
+#[path = "common/conversations.rs"]
+mod conversations;
 
 use common::{
     Ops, Rng, bits, embedding_parity, greedy, harness_ops, matvec_parity, model_file,
@@ -451,4 +453,129 @@ fn sessions_made_read_and_dropped_on_other_threads_leave_decoding_alone() {
     for c in churn {
         assert!(c.join().unwrap() > 0);
     }
+}
+
+/// The SmolLM2-135M shape, Q4_1, on the GPU.
+fn smollm2_on(device: &Arc<dyn Device>) -> Model {
+    let path = model_file("smollm2-135m", DType::Q4_1, DType::Q8_0);
+    Model::open("m", &path, 2)
+        .unwrap()
+        .on_device(device)
+        .unwrap()
+}
+
+/// Batched steps on the GPU keep every conversation's bits: alone, and among 1, 7 and 63
+/// others whose forward passes the step scheduler gathers with its own (random prompts,
+/// pieces, arrival times; pieces of 64 tokens or more take the tensor-core prefill, cut
+/// the same way alone and together).
+#[test]
+fn conversations_get_the_same_bits_alone_and_among_up_to_63_others() {
+    let Some(device) = gpu("conversations_get_the_same_bits_alone_and_among_up_to_63_others")
+    else {
+        return;
+    };
+    let model = smollm2_on(&device);
+    let vocab = model.config().n_vocab;
+    let mut rng = Rng(0x5eed_00c0);
+    for others in [1, 7, 63] {
+        let conversations: Vec<_> = (0..=others)
+            .map(|_| conversations::Conversation::random(&mut rng, vocab))
+            .collect();
+        conversations::alone_and_together(&model, &conversations);
+    }
+    let stats = model.step_stats();
+    assert!(
+        stats.steps < stats.chunks,
+        "no step held two forward passes"
+    );
+}
+
+/// One step over sessions at different positions, with 1 to 64 new tokens each, on the
+/// GPU: each session's logits and cache are those it gets alone.
+#[test]
+fn one_step_over_several_sessions_gives_each_its_own_bits() {
+    let Some(device) = gpu("one_step_over_several_sessions_gives_each_its_own_bits") else {
+        return;
+    };
+    let model = smollm2_on(&device);
+    conversations::one_step_gives_each_session_its_own_bits(
+        &model,
+        &[0, 5, 40, 100, 63, 200, 1, 0],
+        &[30, 1, 64, 3, 1, 9, 8, 1],
+    );
+    // More sessions than one round takes.
+    let history: Vec<usize> = (0..70).map(|i| i * 3 % 50).collect();
+    let new: Vec<usize> = (0..70).map(|i| 1 + i % 3).collect();
+    conversations::one_step_gives_each_session_its_own_bits(&model, &history, &new);
+}
+
+/// Below the tensor-core prefill's 64 positions, a prompt in one call, in pieces and token
+/// by token gives the same bits on the GPU.
+#[test]
+fn short_prompts_give_the_same_bits_however_they_are_cut() {
+    let Some(device) = gpu("short_prompts_give_the_same_bits_however_they_are_cut") else {
+        return;
+    };
+    let model = smollm2_on(&device);
+    let vocab = model.config().n_vocab;
+    let p = prompt(63, vocab);
+    let run = |pieces: &[usize]| {
+        let mut session = model.new_session(64).unwrap();
+        let mut logits = vec![0.0; vocab];
+        let mut at = 0;
+        for &n in pieces {
+            model
+                .forward(&mut session, &p[at..at + n], &mut logits)
+                .unwrap();
+            at += n;
+        }
+        bits(&[logits])
+    };
+    let whole = run(&[63]);
+    assert!(run(&[5, 17, 41]) == whole, "pieces differ from one call");
+    assert!(
+        run(&[1; 63]) == whole,
+        "token by token differs from one call"
+    );
+}
+
+/// 1,000 runs of one request while three threads run random conversations on the same
+/// model give one output.
+#[test]
+fn a_thousand_runs_of_one_request_among_random_load_give_one_output() {
+    let Some(device) = gpu("a_thousand_runs_of_one_request_among_random_load_give_one_output")
+    else {
+        return;
+    };
+    let model = Arc::new(smollm2_on(&device));
+    let vocab = model.config().n_vocab;
+    let request = conversations::Conversation {
+        prompt: (0..12).map(|i| (i * 41 % vocab) as u32).collect(),
+        pieces: vec![12],
+        decode: 6,
+        pauses: Vec::new(),
+    };
+    let want = bits(&request.run(&model));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..3)
+        .map(|t| {
+            let (model, stop) = (model.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(0xbad_10ad + t);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    conversations::Conversation::random(&mut rng, vocab).run(&model);
+                }
+            })
+        })
+        .collect();
+    let mut outputs = std::collections::HashSet::new();
+    for _ in 0..1000 {
+        outputs.insert(bits(&request.run(&model)));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        l.join().unwrap();
+    }
+    assert_eq!(outputs.len(), 1, "{} different outputs", outputs.len());
+    assert!(outputs.contains(&want));
 }

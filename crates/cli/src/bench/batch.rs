@@ -1,13 +1,16 @@
 //! `tern bench batch`: many sequences on one model at once, as the step scheduler batches
-//! them, beside llama.cpp's own `llama-batched-bench` (built natively by scripts/llama-cpp
-//! from the vendored source) on the same file, in the same run.
+//! them, on the CPU or a CUDA GPU, beside llama.cpp's own `llama-batched-bench` (built
+//! natively by scripts/llama-cpp from the vendored source; for CUDA on a machine with nvcc)
+//! on the same file, in the same run.
 //!
 //! For each batch size B, as `llama-batched-bench -npp PP -ntg TG -npl B` measures: B
 //! sequences each prefill PP prompt tokens (S_PP: all B·PP tokens over the time), then each
 //! decode TG tokens (S_TG: all B·TG tokens over the time). Tern's sequences run on B threads
 //! calling the model's `forward`, which the step scheduler gathers into batched steps (what
-//! B actors do); its decode is also timed as plain batched steps over all B sequences, the
-//! engine alone. Medians of the rounds, Tern and llama.cpp alternated.
+//! B actors do); its decode is also timed as plain batched steps over all B sequences
+//! (`Model::forward_many`), the engine alone. On the GPU each row also states the memory
+//! roofline of a decode step: the weights read once and every sequence's cache read, at the
+//! GPU's measured copy bandwidth. Medians of the rounds, Tern and llama.cpp alternated.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -15,13 +18,17 @@ use std::sync::Barrier;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use tern_model::llama::cpu::{KvCache, Seq, argmax};
-use tern_model::{Model, Precision};
+use tern_compute::DeviceChoice;
+use tern_model::llama::cpu::argmax;
+use tern_model::{Model, Precision, Session};
 
 use super::median;
 
 #[derive(clap::Args)]
 pub struct BatchBenchArgs {
+    /// Where the model runs: cpu, or cuda (`auto`: the GPU when there is one).
+    #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
+    device: DeviceChoice,
     #[command(flatten)]
     model: super::BenchModel,
     /// Sequences at once, one row each.
@@ -64,9 +71,31 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let model = Model::open("bench", &path, threads)?.with_precision(Precision::Fast);
+    let device = match args.device {
+        DeviceChoice::Auto => tern_compute::open(DeviceChoice::Auto)?.kind(),
+        choice => choice,
+    };
+    let (model, on, gpu) = match device {
+        DeviceChoice::Cpu => (
+            Model::open("bench", &path, threads)?.with_precision(Precision::Fast),
+            format!("cpu x{threads}"),
+            false,
+        ),
+        DeviceChoice::Cuda => {
+            let gpu = tern_compute::open(DeviceChoice::Cuda)?;
+            let on = format!("on {}", gpu.describe());
+            let model = Model::open("bench", &path, 1)?.on_device(&gpu)?;
+            (model, on, true)
+        }
+        other => bail!("tern bench batch runs on the CPU or a CUDA GPU, not {other:?}"),
+    };
     let context = super::context_for(&model, args.prefill, args.decode)?;
-    super::print_model("batch", &path, &model, &format!("cpu x{threads}"));
+    super::print_model("batch", &path, &model, &on);
+    println!("forward pass: {}", model.compute_label());
+    let roofline = match gpu {
+        true => Some(Roofline::measure(&model, args.prefill + args.decode / 2)?),
+        false => None,
+    };
     let llama = match args.no_baseline {
         true => None,
         false => Some(match &args.llama_batched_bench {
@@ -100,7 +129,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
             tern[i].steps.push(s);
         }
         if let Some(binary) = &llama {
-            let rows = llama_round(binary, &path, threads, &args)?;
+            let rows = llama_round(binary, &path, threads, gpu, &args)?;
             for (i, (p, d)) in rows.into_iter().enumerate() {
                 base[i].prefill.push(p);
                 base[i].decode.push(d);
@@ -114,20 +143,42 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "\n| B | Tern prefill t/s | Tern decode t/s (scheduler) | Tern decode t/s (steps) | \
-         llama.cpp prefill t/s | llama.cpp decode t/s | decode, Tern / llama.cpp |"
+         llama.cpp prefill t/s | llama.cpp decode t/s | decode, Tern / llama.cpp |{}",
+        if roofline.is_some() {
+            " roofline t/s | Tern, of roofline |"
+        } else {
+            ""
+        }
     );
-    println!("|---|---|---|---|---|---|---|");
-    for (i, b) in args.batch.iter().enumerate() {
+    println!(
+        "|---|---|---|---|---|---|---|{}",
+        if roofline.is_some() { "---|---|" } else { "" }
+    );
+    for (i, &b) in args.batch.iter().enumerate() {
         let (t, l) = (&tern[i], &base[i]);
         let med = |xs: &[f64]| if xs.is_empty() { f64::NAN } else { median(xs) };
+        let (decode, steps) = (med(&t.decode), med(&t.steps));
+        let bound = roofline.as_ref().map_or(String::new(), |r| {
+            let top = r.tokens_per_s(b);
+            format!(" {top:.0} | {:.1}% |", decode.max(steps) / top * 100.0)
+        });
         println!(
-            "| {b} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x |",
+            "| {b} | {:.1} | {decode:.1} | {steps:.1} | {:.1} | {:.1} | {:.2}x |{bound}",
             med(&t.prefill),
-            med(&t.decode),
-            med(&t.steps),
             med(&l.prefill),
             med(&l.decode),
-            med(&t.decode) / med(&l.decode)
+            decode / med(&l.decode)
+        );
+    }
+    if let Some(r) = &roofline {
+        println!(
+            "\nroofline: a decode step reads the weights once ({:.1} MB) and each sequence's \
+             cache at {} positions ({:.2} MB), at the GPU's device-to-device copy bandwidth \
+             measured now ({:.0} GB/s)",
+            r.weights / 1e6,
+            r.positions,
+            r.kv_per_sequence / 1e6,
+            r.bandwidth / 1e9
         );
     }
     let stats = model.step_stats();
@@ -186,27 +237,24 @@ fn tern_round(
         Ok((prefill, decode))
     })?;
     // The engine alone: the same sequences as plain batched steps of all B at once.
-    let mut caches: Vec<KvCache> = Vec::with_capacity(b);
-    let mut logits = vec![vec![0.0; model.config().n_vocab]; b];
+    let vocab = model.config().n_vocab;
+    let mut sessions: Vec<Session> = Vec::with_capacity(b);
+    let mut logits = vec![vec![0.0; vocab]; b];
     for (prompt, out) in prompts.iter().zip(logits.iter_mut()) {
-        let mut cache = model.llama.new_cache(context)?;
-        model.llama.forward(&mut cache, prompt, out)?;
-        caches.push(cache);
+        let mut session = model.new_session(context)?;
+        model.forward(&mut session, prompt, out)?;
+        sessions.push(session);
     }
     let t = Instant::now();
     for _ in 0..decode {
         let next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
-        let mut seqs: Vec<Seq<'_>> = caches
+        let mut steps: Vec<(&mut Session, &[u32], &mut [f32])> = sessions
             .iter_mut()
-            .zip(logits.iter_mut())
             .zip(&next)
-            .map(|((cache, out), token)| Seq {
-                cache,
-                tokens: token,
-                logits: Some(out),
-            })
+            .zip(logits.iter_mut())
+            .map(|((session, token), out)| (session, &token[..], &mut out[..]))
             .collect();
-        model.llama.forward_batch(&mut seqs)?;
+        model.forward_many(&mut steps)?;
     }
     let steps_s = t.elapsed().as_secs_f64();
     let tokens = |n: usize, s: f64| (b * n) as f64 / s;
@@ -223,11 +271,17 @@ fn llama_round(
     binary: &Path,
     model: &Path,
     threads: usize,
+    gpu: bool,
     args: &BatchBenchArgs,
 ) -> anyhow::Result<Vec<(f64, f64)>> {
     let most = args.batch.iter().copied().max().unwrap_or(1);
     let sizes: Vec<String> = args.batch.iter().map(usize::to_string).collect();
-    let out = Command::new(binary)
+    let mut command = Command::new(binary);
+    if gpu {
+        // Every layer on the GPU, with flash attention (llama.cpp's fastest decode there).
+        command.args(["-ngl", "99", "-fa", "1"]);
+    }
+    let out = command
         .arg("-m")
         .arg(model)
         .args(["-c", &(most * (args.prefill + args.decode)).to_string()])
@@ -287,4 +341,43 @@ pub(super) fn build_tool(tool: &str) -> anyhow::Result<PathBuf> {
         bail!("scripts/llama-cpp {tool} failed");
     }
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// What a decode step over B sequences must read from GPU memory, and how fast it can.
+struct Roofline {
+    /// Bytes of weights one step reads.
+    weights: f64,
+    /// Bytes of one sequence's KV cache a step reads, at `positions` positions.
+    kv_per_sequence: f64,
+    positions: usize,
+    /// Device-to-device copy bandwidth (bytes read and written per second).
+    bandwidth: f64,
+}
+
+impl Roofline {
+    #[cfg(feature = "cuda")]
+    fn measure(model: &Model, positions: usize) -> anyhow::Result<Roofline> {
+        let Some(cuda) = model.engine_as::<tern_model::llama::cuda::CudaLlama>() else {
+            bail!("the model did not go onto the GPU");
+        };
+        let c = model.config();
+        Ok(Roofline {
+            weights: model.llama.weights.bytes_per_token() as f64,
+            kv_per_sequence: (positions * 2 * c.n_layer * c.kv_dim() * model.kv_type().bytes())
+                as f64,
+            positions,
+            bandwidth: cuda.copy_bandwidth(1 << 30, 5)?,
+        })
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn measure(_: &Model, _: usize) -> anyhow::Result<Roofline> {
+        bail!("this build of tern has no CUDA support")
+    }
+
+    /// Decode tokens per second at the bound, B sequences a step.
+    fn tokens_per_s(&self, b: usize) -> f64 {
+        let bytes = self.weights + b as f64 * self.kv_per_sequence;
+        b as f64 * self.bandwidth / bytes
+    }
 }

@@ -321,6 +321,10 @@ impl Engine for CpuLlama {
         Ok(())
     }
 
+    fn step_stats(&self) -> StepStats {
+        self.steps.stats()
+    }
+
     fn read_kv<'s>(
         &self,
         state: &'s dyn SessionState,

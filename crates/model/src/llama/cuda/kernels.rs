@@ -81,12 +81,16 @@ pub struct Kernels {
     get_rows: Vec<(DType, CudaFunction)>,
     dequant_bf16: Vec<(DType, CudaFunction)>,
     rmsnorm: CudaFunction,
+    rmsnorm_rows: CudaFunction,
     rmsnorm_bf16: CudaFunction,
+    scatter_rows: CudaFunction,
     rope_append: CudaFunction,
     swiglu: CudaFunction,
     swiglu_bf16: CudaFunction,
     /// By head size: `attention_<head_dim>`.
     attention: Vec<(usize, CudaFunction)>,
+    /// By head size: `attention_batch_<head_dim>`, a batched step's decode attention.
+    attention_batch: Vec<(usize, CudaFunction)>,
     /// By head size: the prefill attention and its queries per block,
     /// `attention_prefill_mma_<head_dim>` where the GPU and head size have it, else
     /// `attention_prefill_<head_dim>`.
@@ -250,13 +254,19 @@ impl Kernels {
                 get_rows: per_type("get_rows")?,
                 dequant_bf16: per_type("dequant_bf16")?,
                 rmsnorm: get(0, "rmsnorm")?,
+                rmsnorm_rows: get(0, "rmsnorm_rows")?,
                 rmsnorm_bf16: get(0, "rmsnorm_bf16")?,
+                scatter_rows: get(0, "scatter_rows")?,
                 rope_append: get(0, "rope_append")?,
                 swiglu: get(0, "swiglu")?,
                 swiglu_bf16: get(0, "swiglu_bf16")?,
                 attention: HEAD_DIMS
                     .iter()
                     .map(|&d| Ok((d, get(0, &format!("attention_{d}"))?)))
+                    .collect::<Result<_, ModelError>>()?,
+                attention_batch: HEAD_DIMS
+                    .iter()
+                    .map(|&d| Ok((d, get(0, &format!("attention_batch_{d}"))?)))
                     .collect::<Result<_, ModelError>>()?,
                 top_k_blocks: get(0, "top_k_blocks")?,
                 top_k_merge: get(0, "top_k_merge")?,
@@ -292,6 +302,9 @@ pub struct Fuse {
     ///
     /// [`DevLayer::glu`]: super::weights::DevLayer::glu
     pub glu: bool,
+    /// Every row by one warp (no split rows), as `matvec_out` takes them: a batched step's
+    /// output head, whose bits must be those of one session's.
+    pub whole_rows: bool,
 }
 
 /// A weight matrix in device memory: `rows` rows of `row_bytes` bytes in `dtype` blocks.
@@ -430,7 +443,7 @@ impl Launcher<'_> {
     ) -> Result<(), ModelError> {
         let (norm_x, eps) = fuse.norm.unwrap_or((0, 0.0));
         let (g, yg) = fuse.next.unwrap_or((0, 0));
-        let parts = if fuse.glu {
+        let parts = if fuse.glu || fuse.whole_rows {
             1
         } else {
             matvec_parts(w.rows as usize, w.cols as usize)
@@ -592,6 +605,91 @@ impl Launcher<'_> {
             &n_rot,
             &halves,
             &n_split,
+            &scale,
+            &stride
+        )
+    }
+
+    /// `out[i] = rmsnorm(x[rows[i]]) * w` for `n_rows` rows of `width` (`rows`: device
+    /// `i32`s), the arithmetic of [`Launcher::rmsnorm`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_rows(
+        &self,
+        x: u64,
+        rows: u64,
+        n_rows: u32,
+        w: u64,
+        out: u64,
+        width: u32,
+        eps: f32,
+    ) -> Result<(), ModelError> {
+        launch!(
+            self,
+            &self.kernels.rmsnorm_rows,
+            config((n_rows, 1, 1), 256),
+            &x,
+            &rows,
+            &w,
+            &out,
+            &width,
+            &eps
+        )
+    }
+
+    /// Row `i` of `src` (`n_rows` rows of `width` floats) to the device address `dsts[i]`
+    /// (`dsts`: device `u64`s).
+    pub fn scatter_rows(
+        &self,
+        src: u64,
+        dsts: u64,
+        n_rows: u32,
+        width: u32,
+    ) -> Result<(), ModelError> {
+        launch!(
+            self,
+            &self.kernels.scatter_rows,
+            config((n_rows, width.div_ceil(1024), 1), 256),
+            &src,
+            &dsts,
+            &width
+        )
+    }
+
+    /// A batched step's decode attention for layer `layer`: query `i` of the `n_tok` in
+    /// `jobs` (device [`AttnJob`]s) over its own session's cache, as
+    /// [`Launcher::attention`] computes it for that session alone; `n_split` is the most
+    /// splits of any of the sessions.
+    ///
+    /// [`AttnJob`]: super::batch::AttnJob
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_batch(
+        &self,
+        c: &crate::llama::LlamaConfig,
+        n_tok: u32,
+        n_split: u32,
+        qkv: u64,
+        jobs: u64,
+        layer: u32,
+        inv_freq: u64,
+        out: u64,
+    ) -> Result<(), ModelError> {
+        let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
+        let (n_rot, halves) = (c.n_rot as u32, super::halves(c));
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let stride = qkv_stride(c);
+        launch!(
+            self,
+            by_head_dim(&self.kernels.attention_batch, c.head_dim)?,
+            config((n_split, n_head, n_tok), super::ATTN_THREADS),
+            &qkv,
+            &jobs,
+            &layer,
+            &inv_freq,
+            &out,
+            &n_head,
+            &n_head_kv,
+            &n_rot,
+            &halves,
             &scale,
             &stride
         )

@@ -29,6 +29,7 @@
 //!   more kernels per stage of every layer, or five with the persistent kernel.
 //! - All device work of a call finishes before the call returns.
 
+mod batch;
 mod constants;
 mod fifo;
 mod fused;
@@ -54,7 +55,9 @@ use crate::engine::{Engine, LayerBytes, SessionState, StepItem, own, own_mut};
 use crate::llama::cpu::{CpuLlama, KvCache, KvType};
 use crate::llama::{LlamaConfig, RopeStyle};
 use crate::numerics::{Numerics, kernel_hash};
+use crate::steps::{StepBatcher, StepStats};
 use crate::top::Candidate;
+use batch::{BatchBuffers, CudaJob, Item};
 use fifo::{FifoGuard, FifoMutex};
 use kernels::Kernels;
 use prefill::{PREFILL_CHUNK, PREFILL_MIN, Prefill};
@@ -72,6 +75,16 @@ const SPARE_SESSIONS: usize = 2;
 /// `ATTN_SPLIT` and `ATTN_THREADS`, written into `constants.cuh` by [`constants`].
 const ATTN_SPLIT: usize = 64;
 const ATTN_THREADS: u32 = 128;
+
+/// What a holder of the model's stream keeps between calls.
+#[derive(Default)]
+pub(crate) struct Held {
+    /// The prefill path's buffers once a long prompt has needed them (or why that path
+    /// cannot run).
+    prefill: Option<Result<Prefill, ModelError>>,
+    /// Batched steps' buffers, once a step over several sessions has needed them.
+    batch: Option<BatchBuffers>,
+}
 
 /// What opening the model on the GPU cost.
 #[derive(Clone, Copy, Debug)]
@@ -100,12 +113,15 @@ pub struct CudaLlama {
     /// Whether decode steps take `fused` (when there is one): only when asked for.
     fused_on: AtomicBool,
     pub startup: Startup,
-    /// One forward pass at a time on the model's stream; it holds the prefill path's
-    /// buffers once a long prompt has needed them (or why that path cannot run). Everything
-    /// else that enqueues work on the stream (a session's allocation, a KV cache's download
-    /// or upload) holds it too: another thread's decode step may be capturing the stream
-    /// into a graph, and work enqueued meanwhile would fail or be captured with it.
-    busy: FifoMutex<Option<Result<Prefill, ModelError>>>,
+    /// The model's stream, held by whoever enqueues work on it: a step (over one session
+    /// or many), a session's allocation, a KV cache's download or upload. Another thread's
+    /// decode step may be capturing the stream into a graph, and work enqueued meanwhile
+    /// would fail or be captured with it. Concurrent forward passes do not queue here one
+    /// by one: `steps` gathers them into batched steps, each led by one of their threads.
+    busy: FifoMutex<Held>,
+    /// Gathers concurrent forward passes (from different actors' threads) into batched
+    /// steps.
+    steps: StepBatcher<CudaJob>,
     /// Device memory of dropped sessions, freed by the next holder of `busy` (a session can
     /// be dropped on any thread, at any time, even while `busy` is held).
     graveyard: Arc<Mutex<Vec<Box<dyn Any + Send>>>>,
@@ -168,7 +184,8 @@ impl CudaLlama {
             fused,
             fused_on: AtomicBool::new(false),
             startup,
-            busy: FifoMutex::new(None),
+            busy: FifoMutex::new(Held::default()),
+            steps: StepBatcher::new(batch::STEP_BUDGET),
             graveyard: Arc::default(),
             spare: Mutex::new(Vec::new()),
             kv_type: cpu.kv_type,
@@ -279,60 +296,21 @@ impl CudaLlama {
         &self,
         session: &mut CudaSession,
         tokens: &[u32],
-        mut logits: Option<&mut [f32]>,
+        logits: Option<&mut [f32]>,
         top: &mut [Candidate],
     ) -> Result<(), ModelError> {
-        let c = &self.config;
-        let vocab = c.n_vocab;
-        super::check_forward(c, session.len, session.n_ctx, tokens, logits.as_deref())?;
-        check_top(vocab, top.len())?;
-        let mut busy = self.hold()?;
-        let sees = |ptr: usize, bytes: usize| {
-            self.device
-                .as_cuda()
-                .is_some_and(|gpu| gpu.sees(ptr, bytes))
-        };
-        let direct = logits
-            .as_deref()
-            .is_some_and(|l| sees(l.as_ptr() as usize, size_of_val(l)));
-        let dst = match logits.as_deref_mut() {
-            Some(l) if direct => l.as_mut_ptr() as u64,
-            _ => session.logits_ptr(),
-        };
-        // Long prompts on tensor cores, chunk by chunk; the rest below.
-        let mut tokens = tokens;
-        while tokens.len() >= PREFILL_MIN {
-            // Where the prefill cannot run, the prompt takes the path below.
-            let Ok(prefill) = self.prefill(&mut busy) else {
-                break;
-            };
-            let n = tokens.len().min(PREFILL_CHUNK);
-            let out = (n == tokens.len()).then_some(dst);
-            session.prefill_chunk(self, prefill, &tokens[..n], out, &mut |_| Ok(()))?;
-            tokens = &tokens[n..];
-        }
-        let chunks = tokens.chunks(MAX_CHUNK);
-        let last = chunks.len().saturating_sub(1);
-        for (i, chunk) in chunks.enumerate() {
-            let out = (i == last).then_some(dst);
-            if chunk.len() == 1 && out.is_some() {
-                session.decode(self, chunk[0], dst)?;
-            } else {
-                session.run_chunk(self, chunk, out)?;
-            }
-        }
-        if !top.is_empty() {
-            let top_direct = sees(top.as_ptr() as usize, size_of_val(top));
-            session.top_k(self, dst, top, top_direct)?;
-        }
-        if let Some(l) = logits
-            && !direct
-        {
-            session.read_logits(&self.stream, l)?;
-        }
-        self.stream
-            .synchronize()
-            .map_err(driver("running the forward pass"))
+        self.step_items(&mut [Item {
+            session,
+            tokens,
+            logits,
+            top,
+            out: true,
+        }])
+    }
+
+    /// The step scheduler's counters for this model.
+    pub fn step_stats(&self) -> StepStats {
+        self.steps.stats()
     }
 
     /// The prefill path's buffers, made on first use, or why it cannot run here.
@@ -348,9 +326,7 @@ impl CudaLlama {
 
     /// The model, held for this caller (one at a time, in arrival order), its context bound to this thread,
     /// and the memory of sessions dropped since the last holder freed.
-    pub(crate) fn hold(
-        &self,
-    ) -> Result<FifoGuard<'_, Option<Result<Prefill, ModelError>>>, ModelError> {
+    pub(crate) fn hold(&self) -> Result<FifoGuard<'_, Held>, ModelError> {
         let busy = self.busy.lock();
         self.ctx
             .bind_to_thread()
@@ -391,7 +367,7 @@ impl CudaLlama {
         f: impl FnOnce(&mut Prefill) -> Result<R, ModelError>,
     ) -> Result<R, ModelError> {
         let mut busy = self.hold()?;
-        let prefill = self.prefill(&mut busy).map_err(|e| match e {
+        let prefill = self.prefill(&mut busy.prefill).map_err(|e| match e {
             ModelError::Device { what, reason, .. } => {
                 ModelError::device("cuda", format!("setting up the prefill: {what}"), reason)
             }
@@ -588,9 +564,8 @@ fn driver<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> ModelError {
 
 crate::engine::session_state!(CudaSession);
 
-/// The CUDA engine runs a step's sessions one after another, each as [`CudaLlama::forward_top`]
-/// (whose kernels differ between prefill and decode: see the module docs). Batched steps
-/// on the GPU are still to come.
+/// The CUDA engine: a single step goes through the step scheduler (so that concurrent
+/// callers share batched steps); several at once run as one batched step (`batch.rs`).
 impl Engine for CudaLlama {
     fn label(&self) -> String {
         CudaLlama::label(self)
@@ -611,11 +586,38 @@ impl Engine for CudaLlama {
             super::check_forward(c, s.len, s.n_ctx, item.tokens, item.logits.as_deref())?;
             check_top(c.n_vocab, item.top.len())?;
         }
-        for item in items.iter_mut() {
-            let s = own_mut::<CudaSession>(&mut *item.state)?;
-            self.forward_top(s, item.tokens, item.logits.as_deref_mut(), item.top)?;
+        if let [item] = items {
+            let session = own_mut::<CudaSession>(&mut *item.state)?;
+            let job = CudaJob {
+                session,
+                tokens: item.tokens,
+                len: item.tokens.len(),
+                logits: item.logits.as_deref_mut().map(std::ptr::from_mut),
+                top: std::ptr::from_mut(item.top),
+                at: 0,
+                failed: None,
+            };
+            let job = self.steps.run(job, |jobs| self.step_jobs(jobs));
+            return match job.failed {
+                Some(why) => Err(ModelError::device("cuda", "a batched step", why)),
+                None => Ok(()),
+            };
         }
-        Ok(())
+        let mut cuda = Vec::with_capacity(items.len());
+        for item in items.iter_mut() {
+            cuda.push(Item {
+                session: own_mut::<CudaSession>(&mut *item.state)?,
+                tokens: item.tokens,
+                logits: item.logits.as_deref_mut(),
+                top: &mut *item.top,
+                out: true,
+            });
+        }
+        self.step_items(&mut cuda)
+    }
+
+    fn step_stats(&self) -> StepStats {
+        self.steps.stats()
     }
 
     fn read_kv<'s>(

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tern_compute::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use tern_compute::cuda::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 
+use super::batch::AttnJob;
 use super::fused::{self, FusedSession};
 use super::kernels::{DevMatrix, Fuse, Launcher, TOP_CHUNK};
 use super::prefill::Prefill;
@@ -213,6 +214,29 @@ impl CudaSession {
 
     pub(super) fn logits_ptr(&self) -> u64 {
         self.ptr(&self.buf.logits)
+    }
+
+    /// Query `t` of this session's new positions in a batched step whose row `first` holds
+    /// the session's first new position: what `attention_batch` needs of the session.
+    pub(super) fn attn_job(
+        &self,
+        c: &crate::llama::LlamaConfig,
+        t: usize,
+        first: usize,
+    ) -> AttnJob {
+        let (k_cache, v_cache) = self.cache(c, 0);
+        AttnJob {
+            k_cache,
+            v_cache,
+            layer: (self.n_ctx * c.kv_dim()) as u64,
+            part_o: self.ptr(&self.buf.part_o),
+            part_ml: self.ptr(&self.buf.part_ml),
+            tickets: self.ptr(&self.buf.tickets),
+            step0: self.len as i32,
+            t: t as u32,
+            first: first as u32,
+            n_split: CudaLlama::n_split(self.n_ctx) as u32,
+        }
     }
 
     /// Copies the session's own logits buffer to the host.
@@ -434,35 +458,8 @@ impl CudaSession {
         let step = self.ptr(&b.step);
         let ids = step + 4;
         let n_u = n as u32;
-        let (e, q_dim, kv, ff) = (
-            c.n_embd as u32,
-            (c.n_head * c.head_dim) as u32,
-            c.kv_dim() as u32,
-            c.n_ff as u32,
-        );
+        let e = c.n_embd as u32;
         let n_split = CudaLlama::n_split(self.n_ctx) as u32;
-        // Stacked matrices (or their parts one by one) write side by side in one row per
-        // token; their input is `xb`, the norm's input times its weights (see `Fuse`).
-        let stacked = |parts: &[DevMatrix], y: u64, stride: u32, fuse| -> Result<(), ModelError> {
-            let mut at = 0u64;
-            for m in parts {
-                run.matvec(m, xb, y + 4 * at, n_u, e, stride, 0, fuse)?;
-                at += u64::from(m.rows);
-            }
-            Ok(())
-        };
-        // Each RMSNorm is fused into the matrix product after it: the kernel that writes the
-        // residual stream also writes it times the next norm's weights into `xb`, and the
-        // product computes the norm's scale itself. Only the first layer's comes from its
-        // own kernel, whose output the product then takes as it is.
-        let norm = Fuse {
-            norm: Some((x, c.rms_eps)),
-            ..Fuse::default()
-        };
-        let then = |g: u64| Fuse {
-            next: Some((g, xb)),
-            ..Fuse::default()
-        };
         run.get_rows(&w.token_embd, ids, x, n_u)?;
         mark("get_rows")?;
         run.rmsnorm(x, w.layers[0].attn_norm, xb, n_u, e, c.rms_eps, false)?;
@@ -484,43 +481,20 @@ impl CudaSession {
             run.decode_layers(&f.f, f.grid, f.shared, &args)?;
             mark(LAYERS)?;
         } else {
-            for (l, lw) in w.layers.iter().enumerate() {
-                let (k_cache, v_cache) = self.cache(c, l);
-                let fuse = if l == 0 { Fuse::default() } else { norm };
-                stacked(&lw.qkv, qkv, q_dim + 2 * kv, fuse)?;
-                mark("matvec qkv")?;
-                let scratch = (p(&b.part_o), p(&b.part_ml), self.ptr(&b.tickets));
-                run.attention(
-                    c,
-                    n_u,
-                    n_split,
-                    qkv,
-                    (k_cache, v_cache),
-                    w.inv_freq,
-                    scratch,
-                    att,
-                    step,
-                )?;
-                mark("attention")?;
-                run.matvec(&lw.wo, att, x, n_u, q_dim, e, x, then(lw.ffn_norm))?;
-                mark("matvec o")?;
-                if lw.glu {
-                    let fuse = Fuse { glu: true, ..norm };
-                    run.matvec(&lw.gate_up[0], xb, hb, n_u, e, ff, 0, fuse)?;
-                    mark("matvec gate_up")?;
-                } else {
-                    stacked(&lw.gate_up, gate_up, 2 * ff, norm)?;
-                    mark("matvec gate_up")?;
-                    run.swiglu(gate_up, gate_up + 4 * u64::from(ff), hb, n_u, ff, 2 * ff)?;
-                    mark("swiglu")?;
-                }
-                let next = match w.layers.get(l + 1) {
-                    Some(next) => then(next.attn_norm),
-                    None => Fuse::default(),
-                };
-                run.matvec(&lw.w_down, hb, x, n_u, ff, e, x, next)?;
-                mark("matvec down")?;
-            }
+            let acts = Acts {
+                x,
+                xb,
+                qkv,
+                att,
+                gate_up,
+                hb,
+            };
+            let scratch = (p(&b.part_o), p(&b.part_ml), self.ptr(&b.tickets));
+            let mut attention = |l: usize| {
+                let cache = self.cache(c, l);
+                run.attention(c, n_u, n_split, qkv, cache, w.inv_freq, scratch, att, step)
+            };
+            enqueue_layers(model, &run, acts, n, &mut attention, mark)?;
         }
         if let Some(out) = logits {
             let x_last = x + ((n - 1) * c.n_embd * 4) as u64;
@@ -657,6 +631,96 @@ impl CudaSession {
         self.len = from + len;
         Ok(())
     }
+}
+
+/// Device addresses of a forward pass's activation buffers, one row per position (see
+/// `Buffers`).
+#[derive(Clone, Copy)]
+pub(super) struct Acts {
+    pub x: u64,
+    pub xb: u64,
+    pub qkv: u64,
+    pub att: u64,
+    pub gate_up: u64,
+    pub hb: u64,
+}
+
+/// Enqueues every layer, kernel by kernel, for `n` positions whose residual stream is in
+/// `a.x` and whose first norm's output is in `a.xb`; `attention(l)` enqueues layer `l`'s
+/// attention from `a.qkv` into `a.att`. `mark` is told each kernel's name after it is
+/// enqueued. A session's chunk and a batched step over many sessions both run this.
+pub(super) fn enqueue_layers(
+    model: &CudaLlama,
+    run: &Launcher<'_>,
+    a: Acts,
+    n: usize,
+    attention: &mut dyn FnMut(usize) -> Result<(), ModelError>,
+    mark: &mut dyn FnMut(&'static str) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
+    let c = &model.config;
+    let w = &model.weights;
+    let n_u = n as u32;
+    let (e, q_dim, kv, ff) = (
+        c.n_embd as u32,
+        (c.n_head * c.head_dim) as u32,
+        c.kv_dim() as u32,
+        c.n_ff as u32,
+    );
+    // Stacked matrices (or their parts one by one) write side by side in one row per
+    // token; their input is `xb`, the norm's input times its weights (see `Fuse`).
+    let stacked = |parts: &[DevMatrix], y: u64, stride: u32, fuse| -> Result<(), ModelError> {
+        let mut at = 0u64;
+        for m in parts {
+            run.matvec(m, a.xb, y + 4 * at, n_u, e, stride, 0, fuse)?;
+            at += u64::from(m.rows);
+        }
+        Ok(())
+    };
+    // Each RMSNorm is fused into the matrix product after it: the kernel that writes the
+    // residual stream also writes it times the next norm's weights into `xb`, and the
+    // product computes the norm's scale itself. Only the first layer's comes from its
+    // own kernel, whose output the product then takes as it is.
+    let norm = Fuse {
+        norm: Some((a.x, c.rms_eps)),
+        ..Fuse::default()
+    };
+    let then = |g: u64| Fuse {
+        next: Some((g, a.xb)),
+        ..Fuse::default()
+    };
+    for (l, lw) in w.layers.iter().enumerate() {
+        let fuse = if l == 0 { Fuse::default() } else { norm };
+        stacked(&lw.qkv, a.qkv, q_dim + 2 * kv, fuse)?;
+        mark("matvec qkv")?;
+        attention(l)?;
+        mark("attention")?;
+        run.matvec(&lw.wo, a.att, a.x, n_u, q_dim, e, a.x, then(lw.ffn_norm))?;
+        mark("matvec o")?;
+        if lw.glu {
+            let fuse = Fuse { glu: true, ..norm };
+            run.matvec(&lw.gate_up[0], a.xb, a.hb, n_u, e, ff, 0, fuse)?;
+            mark("matvec gate_up")?;
+        } else {
+            stacked(&lw.gate_up, a.gate_up, 2 * ff, norm)?;
+            mark("matvec gate_up")?;
+            run.swiglu(
+                a.gate_up,
+                a.gate_up + 4 * u64::from(ff),
+                a.hb,
+                n_u,
+                ff,
+                2 * ff,
+            )?;
+            mark("swiglu")?;
+        }
+        let next = match w.layers.get(l + 1) {
+            Some(next) => then(next.attn_norm),
+            None => Fuse::default(),
+        };
+        run.matvec(&lw.w_down, a.hb, a.x, n_u, ff, e, a.x, next)?;
+        mark("matvec down")?;
+    }
+    Ok(())
 }
 
 /// Runs `enqueue` with an event recorded after each kernel it marks, and returns each

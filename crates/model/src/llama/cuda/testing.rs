@@ -119,7 +119,7 @@ impl OpHarness {
         let fuse = Fuse {
             norm: Some((x_ptr, eps)),
             next: Some((g_ptr, yg_ptr)),
-            glu: false,
+            ..Fuse::default()
         };
         self.run().matvec(
             &m,

@@ -24,19 +24,46 @@ __device__ float block_sum(float v, float* shared) {
     return total;
 }
 
-// out[t] = x[t] / rms(x[t]) * w. Grid (n_tok), block 256.
-extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
-                                   float* __restrict__ out, unsigned n, float eps) {
-    pdl_wait();
-    pdl_launch_dependents();
+// o = xr / rms(xr) * w for one row of n floats, by the whole block.
+__device__ __forceinline__ void rmsnorm_row(const float* __restrict__ xr, const float* __restrict__ w,
+                                            float* __restrict__ o, unsigned n, float eps) {
     __shared__ float shared[32];
-    const float* xr = x + (size_t)blockIdx.x * n;
-    float* o = out + (size_t)blockIdx.x * n;
     float sum = 0.0f;
     for (unsigned i = threadIdx.x; i < n; i += blockDim.x) sum += xr[i] * xr[i];
     float mean_sq = block_sum(sum, shared) / (float)n;
     float scale = 1.0f / sqrtf(mean_sq + eps);
     for (unsigned i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * scale * w[i];
+}
+
+// out[t] = x[t] / rms(x[t]) * w. Grid (n_tok), block 256.
+extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
+                                   float* __restrict__ out, unsigned n, float eps) {
+    pdl_wait();
+    pdl_launch_dependents();
+    rmsnorm_row(x + (size_t)blockIdx.x * n, w, out + (size_t)blockIdx.x * n, n, eps);
+}
+
+// out[i] = x[rows[i]] / rms(x[rows[i]]) * w: rmsnorm of chosen rows (a batched step's last
+// positions, before the output head), the same arithmetic. Grid (number of rows), block 256.
+extern "C" __global__ void rmsnorm_rows(const float* __restrict__ x, const int* __restrict__ rows,
+                                        const float* __restrict__ w, float* __restrict__ out,
+                                        unsigned n, float eps) {
+    pdl_wait();
+    pdl_launch_dependents();
+    rmsnorm_row(x + (size_t)rows[blockIdx.x] * n, w, out + (size_t)blockIdx.x * n, n, eps);
+}
+
+// Row i of src (n floats) to the address dsts[i] (device memory, or host memory registered
+// with the GPU: an actor's logits). Grid (number of rows, ceil(n / 1024)), block 256.
+extern "C" __global__ void scatter_rows(const float* __restrict__ src,
+                                        const unsigned long long* __restrict__ dsts, unsigned n) {
+    pdl_wait();
+    pdl_launch_dependents();
+    const float* s = src + (size_t)blockIdx.x * n;
+    float* d = (float*)dsts[blockIdx.x];
+    for (unsigned i = blockIdx.y * 1024 + threadIdx.x, end = min(n, (blockIdx.y + 1) * 1024); i < end;
+         i += blockDim.x)
+        d[i] = s[i];
 }
 
 // f32 to bf16 bits, nearest with ties to even; NaNs stay NaN, made quiet (as matvec.cu's).
@@ -204,6 +231,48 @@ ATTENTION(32)
 ATTENTION(64)
 ATTENTION(128)
 ATTENTION(256)
+
+// One query of a batched step (the host's `AttnJob`, 64 bytes): its session's cache and
+// attention scratch, where the session's new positions start, and which of them it is.
+struct AttnJob {
+    unsigned long long k_cache, v_cache;  // the session's layer 0; layer l is l * layer on
+    unsigned long long layer;             // elements from one layer's cache to the next
+    unsigned long long part_o, part_ml, tickets;  // the session's (see attention.cuh)
+    int step0;        // the session's first new position in this step
+    unsigned t;       // this query among the session's new positions (< ATTN_MAX_NEW)
+    unsigned first;   // the step's row of the session's first new position
+    unsigned n_split; // the session's attention splits
+};
+
+// Decode attention for a batched step: query z of the step (its fused q | k | v row in
+// qkv, `stride` floats apart, as one matrix product over all the step's positions wrote
+// it) over its own session's cache, exactly as `attention` above computes it for that
+// session alone (the same device code and order; the split and merge are fixed by the
+// session's positions). Grid (the most splits of any session, n_head, queries), block
+// ATTN_THREADS; out: (queries, n_head * D).
+#define ATTENTION_BATCH(D)                                                                        \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_batch_##D(               \
+        const float* qkv, const AttnJob* __restrict__ jobs, unsigned layer,                      \
+        const float* __restrict__ inv_freq, float* out, unsigned n_head, unsigned n_head_kv,      \
+        unsigned n_rot, int halves, float scale, unsigned stride) {                               \
+        __shared__ AttnShared<D, ATTN_MAX_NEW> sh;                                                \
+        pdl_wait();                                                                               \
+        pdl_launch_dependents();                                                                  \
+        const AttnJob j = jobs[blockIdx.z];                                                       \
+        if (blockIdx.x >= j.n_split) return;                                                      \
+        const size_t at = (size_t)layer * j.layer;                                                \
+        attention<D, ATTN_MAX_NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y, j.t, j.step0, \
+                                   qkv + (size_t)j.first * stride, (kv_t*)j.k_cache + at,         \
+                                   (kv_t*)j.v_cache + at, inv_freq, (float*)j.part_o,             \
+                                   (float*)j.part_ml, (unsigned*)j.tickets,                       \
+                                   out + (size_t)j.first * n_head * D, n_head, n_head_kv, n_rot,  \
+                                   halves, j.n_split, scale, stride);                             \
+    }
+
+ATTENTION_BATCH(32)
+ATTENTION_BATCH(64)
+ATTENTION_BATCH(128)
+ATTENTION_BATCH(256)
 
 // The four floats at `off` of cached position p's key and value, zeros past `last`.
 __device__ __forceinline__ void kv_at(const kv_t* __restrict__ k_cache,

@@ -1,0 +1,423 @@
+//! Batched steps on the GPU: several sessions' new positions through the layers together,
+//! each weight matrix read once for all of them.
+//!
+//! A step's positions are rows of one set of activation buffers (the model's, grown to what
+//! the largest step needed). Every matrix product runs over all the rows with the same
+//! `matvec` kernels a session alone runs, whose result for a row never depends on the other
+//! rows; each row's attention runs over its own session's cache with the same device code
+//! and split as that session alone (`attention_batch`, one launch per layer, from a table of
+//! one [`AttnJob`] per row); the output head takes the last row of each session that wants
+//! logits and a scatter writes each one where its session's logits go. So a session's bits
+//! are the same alone, beside any other sessions, and cut into any chunks (see
+//! docs/numerics.md; prompts of [`PREFILL_MIN`] positions or more still take the tensor-core
+//! GEMMs, a session at a time).
+//!
+//! Concurrent forward passes from different threads (actors) meet in a [`StepBatcher`]: one
+//! of them leads a step over all that wait, the others sleep until their result is there.
+
+use tern_compute::cuda::cudarc::driver::{CudaSlice, DevicePtr};
+
+use super::kernels::{Fuse, Launcher};
+use super::prefill::{self, PREFILL_CHUNK, PREFILL_MIN};
+use super::session::{Acts, enqueue_layers};
+use super::{CudaLlama, CudaSession, MAX_CHUNK, driver};
+use crate::ModelError;
+use crate::steps::{Budget, StepJob};
+use crate::top::Candidate;
+
+/// Sessions one batched step's round takes at most (more are run in several rounds).
+pub const MAX_SESSIONS: usize = 64;
+
+/// What one scheduled step takes: a long prompt's tensor-core chunk and every other
+/// session's next positions beside it.
+pub(super) const STEP_BUDGET: Budget = Budget {
+    tokens: PREFILL_CHUNK + MAX_SESSIONS * MAX_CHUNK,
+    jobs: MAX_SESSIONS,
+};
+
+/// One query of a batched step, laid out as `llama.cu`'s `AttnJob`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct AttnJob {
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub layer: u64,
+    pub part_o: u64,
+    pub part_ml: u64,
+    pub tickets: u64,
+    pub step0: i32,
+    pub t: u32,
+    pub first: u32,
+    pub n_split: u32,
+}
+
+/// One session's part of a step on the GPU.
+pub(super) struct Item<'a> {
+    pub session: &'a mut CudaSession,
+    pub tokens: &'a [u32],
+    /// Where the last position's logits go, if the caller wants them on the host.
+    pub logits: Option<&'a mut [f32]>,
+    /// Where the last position's `top.len()` largest logits go.
+    pub top: &'a mut [Candidate],
+    /// Whether the last position's logits are computed at all (a scheduled job's chunks
+    /// before its last want none).
+    pub out: bool,
+}
+
+/// Device buffers of batched steps, made on the first and grown as steps need.
+pub(super) struct BatchBuffers {
+    /// Positions the activation buffers hold, and logits rows.
+    rows: usize,
+    outs: usize,
+    x: CudaSlice<f32>,
+    xb: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    gate_up: CudaSlice<f32>,
+    hb: CudaSlice<f32>,
+    /// The step's plan: its attention jobs, token ids, the rows whose logits are wanted and
+    /// where each goes (see [`Plan`]).
+    plan: CudaSlice<u8>,
+    logits: CudaSlice<f32>,
+}
+
+/// Byte offsets of a plan's parts for `rows` positions and `outs` logits rows.
+struct Plan {
+    ids: usize,
+    out_rows: usize,
+    dsts: usize,
+    bytes: usize,
+}
+
+impl Plan {
+    fn of(rows: usize, outs: usize) -> Plan {
+        let ids = rows * size_of::<AttnJob>();
+        let out_rows = (ids + 4 * rows).next_multiple_of(16);
+        let dsts = (out_rows + 4 * outs).next_multiple_of(16);
+        Plan {
+            ids,
+            out_rows,
+            dsts,
+            bytes: dsts + 8 * outs,
+        }
+    }
+}
+
+impl BatchBuffers {
+    /// Buffers for at least `rows` positions and `outs` logits rows: `have`'s, or new ones
+    /// as large as both.
+    fn fit<'a>(
+        model: &CudaLlama,
+        have: &'a mut Option<BatchBuffers>,
+        rows: usize,
+        outs: usize,
+    ) -> Result<&'a mut BatchBuffers, ModelError> {
+        if let Some(b) = have.as_ref()
+            && (b.rows < rows || b.outs < outs)
+        {
+            *have = None;
+        }
+        if have.is_none() {
+            let rows = rows.next_multiple_of(64);
+            let outs = outs.next_multiple_of(16);
+            let c = &model.config;
+            let s = &model.stream;
+            let alloc = |n: usize| {
+                s.alloc_zeros::<f32>(n)
+                    .map_err(driver("allocating a batched step"))
+            };
+            let q_dim = c.n_head * c.head_dim;
+            *have = Some(BatchBuffers {
+                rows,
+                outs,
+                x: alloc(rows * c.n_embd)?,
+                xb: alloc(rows * c.n_embd)?,
+                qkv: alloc(rows * (q_dim + 2 * c.kv_dim()))?,
+                att: alloc(rows * q_dim)?,
+                gate_up: alloc(rows * 2 * c.n_ff)?,
+                hb: alloc(rows * c.n_ff)?,
+                plan: s
+                    .alloc_zeros::<u8>(Plan::of(rows, outs).bytes)
+                    .map_err(driver("allocating a batched step"))?,
+                logits: alloc(outs * c.n_vocab)?,
+            });
+        }
+        Ok(have.as_mut().expect("made above"))
+    }
+
+    fn ptr<T>(&self, model: &CudaLlama, slice: &CudaSlice<T>) -> u64 {
+        slice.device_ptr(&model.stream).0
+    }
+}
+
+/// One session's positions in a round: at most [`MAX_CHUNK`], and where the last one's
+/// logits go (if wanted).
+struct Part<'s, 't> {
+    session: &'s mut CudaSession,
+    tokens: &'t [u32],
+    out: Option<u64>,
+}
+
+/// Enqueues one round: every part's positions through every layer together, the logits of
+/// each part that wants them written to its address. The caller holds the model.
+fn round(
+    model: &CudaLlama,
+    have: &mut Option<BatchBuffers>,
+    parts: &mut [Part<'_, '_>],
+) -> Result<(), ModelError> {
+    let c = &model.config;
+    let w = &model.weights;
+    let rows: usize = parts.iter().map(|p| p.tokens.len()).sum();
+    let outs = parts.iter().filter(|p| p.out.is_some()).count();
+    let b = BatchBuffers::fit(model, have, rows, outs)?;
+    let plan = Plan::of(b.rows, b.outs);
+    let mut bytes = vec![0u8; plan.bytes];
+    let (mut first, mut n_split, mut out) = (0, 0, 0);
+    for p in parts.iter() {
+        for (t, &token) in p.tokens.iter().enumerate() {
+            let job = p.session.attn_job(c, t, first);
+            n_split = n_split.max(job.n_split);
+            let at = (first + t) * size_of::<AttnJob>();
+            bytes[at..at + size_of::<AttnJob>()].copy_from_slice(job_bytes(&job));
+            let at = plan.ids + 4 * (first + t);
+            bytes[at..at + 4].copy_from_slice(&(token as i32).to_le_bytes());
+        }
+        first += p.tokens.len();
+        if let Some(dst) = p.out {
+            let at = plan.out_rows + 4 * out;
+            bytes[at..at + 4].copy_from_slice(&((first - 1) as i32).to_le_bytes());
+            let at = plan.dsts + 8 * out;
+            bytes[at..at + 8].copy_from_slice(&dst.to_le_bytes());
+            out += 1;
+        }
+    }
+    model
+        .stream
+        .memcpy_htod(&bytes, &mut b.plan.slice_mut(..plan.bytes))
+        .map_err(driver("setting a batched step"))?;
+    let run = Launcher {
+        kernels: &model.kernels,
+        stream: &model.stream,
+    };
+    let p = |s: &CudaSlice<f32>| b.ptr(model, s);
+    let acts = Acts {
+        x: p(&b.x),
+        xb: p(&b.xb),
+        qkv: p(&b.qkv),
+        att: p(&b.att),
+        gate_up: p(&b.gate_up),
+        hb: p(&b.hb),
+    };
+    let base = b.ptr(model, &b.plan);
+    let (n, e) = (rows as u32, c.n_embd as u32);
+    run.get_rows(&w.token_embd, base + plan.ids as u64, acts.x, n)?;
+    run.rmsnorm(
+        acts.x,
+        w.layers[0].attn_norm,
+        acts.xb,
+        n,
+        e,
+        c.rms_eps,
+        false,
+    )?;
+    let mut attention = |l: usize| {
+        run.attention_batch(
+            c, n, n_split, acts.qkv, base, l as u32, w.inv_freq, acts.att,
+        )
+    };
+    enqueue_layers(model, &run, acts, rows, &mut attention, &mut |_| Ok(()))?;
+    if outs > 0 {
+        let (outs, vocab) = (outs as u32, c.n_vocab as u32);
+        let rows_at = base + plan.out_rows as u64;
+        run.rmsnorm_rows(acts.x, rows_at, outs, w.output_norm, acts.xb, e, c.rms_eps)?;
+        let whole = Fuse {
+            whole_rows: true,
+            ..Fuse::default()
+        };
+        let logits = p(&b.logits);
+        run.matvec(&w.output, acts.xb, logits, outs, e, vocab, 0, whole)?;
+        run.scatter_rows(logits, base + plan.dsts as u64, outs, vocab)?;
+    }
+    for p in parts.iter_mut() {
+        p.session.len += p.tokens.len();
+    }
+    Ok(())
+}
+
+/// A job's bytes as `llama.cu` reads them.
+fn job_bytes(job: &AttnJob) -> &[u8] {
+    // SAFETY: `AttnJob` is `repr(C)` plain integers with no padding (six u64, then four
+    // 4-byte fields: 64 bytes), so all of its bytes are initialized.
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(job).cast(), size_of::<AttnJob>()) }
+}
+
+impl CudaLlama {
+    /// Appends each item's tokens to its session and writes the outputs it asks for, as
+    /// [`CudaLlama::forward_top`] would for each alone (the same bits): long prompts' chunks
+    /// on tensor cores a session at a time, then every session's remaining positions
+    /// [`MAX_CHUNK`] at a time, all sessions together, in rounds. The items are checked
+    /// before any runs; a session may appear once.
+    pub(super) fn step_items(&self, items: &mut [Item<'_>]) -> Result<(), ModelError> {
+        let c = &self.config;
+        for item in items.iter() {
+            let logits = item.logits.as_deref();
+            super::super::check_forward(
+                c,
+                item.session.len,
+                item.session.n_ctx,
+                item.tokens,
+                logits,
+            )?;
+            super::check_top(c.n_vocab, item.top.len())?;
+        }
+        let mut busy = self.hold()?;
+        let sees = |ptr: usize, bytes: usize| {
+            self.device
+                .as_cuda()
+                .is_some_and(|gpu| gpu.sees(ptr, bytes))
+        };
+        // Where each item's logits go: the caller's buffer when the GPU sees it, else the
+        // session's own (copied out at the end).
+        let dsts: Vec<(u64, bool)> = items
+            .iter()
+            .map(|item| match item.logits.as_deref() {
+                Some(l) if sees(l.as_ptr() as usize, size_of_val(l)) => (l.as_ptr() as u64, true),
+                _ => (item.session.logits_ptr(), false),
+            })
+            .collect();
+        let mut at = vec![0usize; items.len()];
+        // Long prompts on tensor cores, chunk by chunk; where that path cannot run, the
+        // rounds below take them.
+        for (i, item) in items.iter_mut().enumerate() {
+            while item.tokens.len() - at[i] >= PREFILL_MIN {
+                let Ok(prefill) = self.prefill(&mut busy.prefill) else {
+                    break;
+                };
+                let n = (item.tokens.len() - at[i]).min(PREFILL_CHUNK);
+                let last = at[i] + n == item.tokens.len();
+                let out = (last && item.out).then_some(dsts[i].0);
+                let chunk = &item.tokens[at[i]..at[i] + n];
+                item.session
+                    .prefill_chunk(self, prefill, chunk, out, &mut |_| Ok(()))?;
+                at[i] += n;
+            }
+        }
+        // The rest in rounds of up to MAX_CHUNK positions of every session.
+        loop {
+            let mut parts: Vec<Part<'_, '_>> = Vec::new();
+            for (i, item) in items.iter_mut().enumerate() {
+                let n = (item.tokens.len() - at[i]).min(MAX_CHUNK);
+                if n == 0 {
+                    continue;
+                }
+                let last = at[i] + n == item.tokens.len();
+                parts.push(Part {
+                    session: &mut *item.session,
+                    tokens: &item.tokens[at[i]..at[i] + n],
+                    out: (last && item.out).then_some(dsts[i].0),
+                });
+                at[i] += n;
+            }
+            match parts.as_mut_slice() {
+                [] => break,
+                // One session alone: its own buffers, and its decode graph for one token.
+                [one] => match (one.tokens, one.out) {
+                    (&[token], Some(dst)) => one.session.decode(self, token, dst)?,
+                    (tokens, out) => one.session.run_chunk(self, tokens, out)?,
+                },
+                many => {
+                    for group in many.chunks_mut(MAX_SESSIONS) {
+                        round(self, &mut busy.batch, group)?;
+                    }
+                }
+            }
+        }
+        for (item, &(dst, direct)) in items.iter_mut().zip(&dsts) {
+            if !item.out {
+                continue;
+            }
+            if !item.top.is_empty() {
+                let top_direct = sees(item.top.as_ptr() as usize, size_of_val(item.top));
+                item.session.top_k(self, dst, item.top, top_direct)?;
+            }
+            if let Some(l) = item.logits.as_deref_mut()
+                && !direct
+            {
+                item.session.read_logits(&self.stream, l)?;
+            }
+        }
+        self.stream
+            .synchronize()
+            .map_err(driver("running the forward pass"))
+    }
+
+    /// One step's jobs of the scheduler, each its next chunk, together.
+    pub(super) fn step_jobs(&self, jobs: &mut [CudaJob]) {
+        let chunks: Vec<usize> = jobs.iter().map(StepJob::next_tokens).collect();
+        let mut items = Vec::with_capacity(jobs.len());
+        for (job, &n) in jobs.iter_mut().zip(&chunks) {
+            let last = job.at + n == job.len;
+            // SAFETY: see `CudaJob`: the pointers are the caller's borrows, alive and used by
+            // this thread alone until the job is done.
+            let (session, tokens) = unsafe { (&mut *job.session, &*job.tokens) };
+            let (logits, top) = match last {
+                // SAFETY: as above.
+                true => unsafe { (job.logits.map(|l| &mut *l), &mut *job.top) },
+                false => (None, &mut [][..]),
+            };
+            items.push(Item {
+                session,
+                tokens: &tokens[job.at..job.at + n],
+                logits,
+                top,
+                out: last,
+            });
+        }
+        let result = self.step_items(&mut items);
+        drop(items);
+        for (job, n) in jobs.iter_mut().zip(chunks) {
+            match &result {
+                Ok(()) => job.at += n,
+                Err(e) => job.failed = Some(e.to_string()),
+            }
+        }
+    }
+}
+
+/// One forward pass waiting for (or in) the scheduler's steps: its caller's session, tokens
+/// and outputs, as raw pointers.
+pub(super) struct CudaJob {
+    pub session: *mut CudaSession,
+    pub tokens: *const [u32],
+    pub len: usize,
+    pub logits: Option<*mut [f32]>,
+    pub top: *mut [Candidate],
+    /// Tokens already run.
+    pub at: usize,
+    pub failed: Option<String>,
+}
+
+// SAFETY: a job's pointers come from `&mut` borrows that its caller holds across
+// `StepBatcher::run`, which returns only once the job is done; meanwhile only the thread
+// leading a step that holds the job uses them (jobs are handed between threads under the
+// batcher's lock), so the borrowed data is never used by two threads at once. `CudaSession`
+// itself may move between threads.
+unsafe impl Send for CudaJob {}
+
+impl StepJob for CudaJob {
+    fn next_tokens(&self) -> usize {
+        if self.failed.is_some() {
+            return 0;
+        }
+        // Chunks at fixed offsets from the call's first token, as `forward_top` cuts them.
+        let left = self.len - self.at;
+        match left >= PREFILL_MIN && prefill::unavailable().is_none() {
+            true => left.min(PREFILL_CHUNK),
+            false => left.min(MAX_CHUNK),
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        self.failed = Some(why);
+    }
+}
