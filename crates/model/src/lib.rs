@@ -17,7 +17,7 @@ pub mod top;
 
 pub use digest::ModelDigest;
 pub use llama::cpu::{KvType, Precision};
-pub use model::{Model, Session};
+pub use model::{Model, Session, Step};
 pub use numerics::Numerics;
 pub use top::{Candidate, MAX_TOP};
 

@@ -290,27 +290,44 @@ impl Model {
     }
 
     /// One step over several sessions at once, each weight read once for all of them: each
-    /// `(session, tokens, logits)` appends its tokens and gets its last position's logits,
-    /// the same bits [`forward`](Self::forward) gives it alone. Every session is checked
-    /// before any runs; a session may appear once.
+    /// [`Step`] appends its tokens and gets its last position's outputs, the same bits
+    /// [`forward_top`](Self::forward_top) gives it alone. Every session is checked before
+    /// any runs; a session may appear once.
+    pub fn step(&self, steps: &mut [Step<'_>]) -> Result<(), ModelError> {
+        for step in steps.iter() {
+            check_k(step.top.len(), self.config().n_vocab)?;
+        }
+        let mut items: Vec<StepItem<'_>> = steps
+            .iter_mut()
+            .map(|step| StepItem {
+                state: &mut *step.session.state,
+                tokens: step.tokens,
+                logits: step.logits.as_deref_mut(),
+                top: &mut *step.top,
+            })
+            .collect();
+        self.engine().step(&mut items)?;
+        for step in steps.iter_mut() {
+            step.session.tokens.extend_from_slice(step.tokens);
+        }
+        Ok(())
+    }
+
+    /// [`step`](Self::step) where each `(session, tokens, logits)` wants its logits only.
     pub fn forward_many(
         &self,
         steps: &mut [(&mut Session, &[u32], &mut [f32])],
     ) -> Result<(), ModelError> {
-        let mut items: Vec<StepItem<'_>> = steps
+        let mut steps: Vec<Step<'_>> = steps
             .iter_mut()
-            .map(|(session, tokens, logits)| StepItem {
-                state: &mut *session.state,
+            .map(|(session, tokens, logits)| Step {
+                session,
                 tokens,
                 logits: Some(&mut **logits),
                 top: &mut [],
             })
             .collect();
-        self.engine().step(&mut items)?;
-        for (session, tokens, _) in steps.iter_mut() {
-            session.tokens.extend_from_slice(tokens);
-        }
-        Ok(())
+        self.step(&mut steps)
     }
 
     /// Appends `tokens` to the session and writes the last position's logits.
@@ -345,6 +362,18 @@ impl Model {
         session.tokens.extend_from_slice(tokens);
         Ok(())
     }
+}
+
+/// One session's part of [`Model::step`].
+pub struct Step<'a> {
+    pub session: &'a mut Session,
+    /// Its new positions' tokens.
+    pub tokens: &'a [u32],
+    /// Where the last position's logits go (`n_vocab`), if wanted.
+    pub logits: Option<&'a mut [f32]>,
+    /// Where the last position's `top.len()` largest logits go, in [`crate::top`]'s order
+    /// (empty: none wanted).
+    pub top: &'a mut [Candidate],
 }
 
 impl Session {

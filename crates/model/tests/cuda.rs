@@ -579,3 +579,28 @@ fn a_thousand_runs_of_one_request_among_random_load_give_one_output() {
     assert_eq!(outputs.len(), 1, "{} different outputs", outputs.len());
     assert!(outputs.contains(&want));
 }
+
+/// A model of bf16 matrices (the 1B benchmark's type) keeps each session's bits alone, in
+/// one step beside others, and among conversations the scheduler gathers.
+#[test]
+fn bf16_matrices_keep_each_sessions_bits_in_batched_steps() {
+    let Some(device) = gpu("bf16_matrices_keep_each_sessions_bits_in_batched_steps") else {
+        return;
+    };
+    let path = model_file("small", DType::BF16, DType::BF16);
+    let model = Model::open("m", &path, 2)
+        .unwrap()
+        .on_device(&device)
+        .unwrap();
+    conversations::one_step_gives_each_session_its_own_bits(
+        &model,
+        &[0, 5, 40, 100, 63, 200, 1, 0],
+        &[30, 1, 64, 3, 1, 9, 8, 1],
+    );
+    let vocab = model.config().n_vocab;
+    let mut rng = Rng(0x5eed_0bf1);
+    let conversations: Vec<_> = (0..24)
+        .map(|_| conversations::Conversation::random(&mut rng, vocab))
+        .collect();
+    conversations::alone_and_together(&model, &conversations);
+}

@@ -8,7 +8,8 @@
 //! decode TG tokens (S_TG: all B·TG tokens over the time). Tern's sequences run on B threads
 //! calling the model's `forward`, which the step scheduler gathers into batched steps (what
 //! B actors do); its decode is also timed as plain batched steps over all B sequences
-//! (`Model::forward_many`), the engine alone. On the GPU each row also states the memory
+//! (`Model::step`), the engine alone. Each sequence's next token is the top logit, which the
+//! engine selects (on the GPU, where the logits stay), as a serving actor's sampler reads it. On the GPU each row also states the memory
 //! roofline of a decode step: the weights read once and every sequence's cache read, at the
 //! GPU's measured copy bandwidth. Medians of the rounds, Tern and llama.cpp alternated.
 
@@ -19,8 +20,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use tern_compute::DeviceChoice;
-use tern_model::llama::cpu::argmax;
-use tern_model::{Model, Precision, Session};
+use tern_model::{Candidate, Model, Precision, Session, Step};
 
 use super::median;
 
@@ -209,13 +209,14 @@ fn tern_round(
                 let start = &start;
                 s.spawn(move || -> anyhow::Result<()> {
                     let mut session = model.new_session(context)?;
-                    let mut logits = vec![0.0; model.config().n_vocab];
+                    let mut top = [Candidate::default()];
                     start.wait();
-                    model.forward(&mut session, prompt, &mut logits)?;
+                    model.forward_top(&mut session, prompt, None, &mut top)?;
                     start.wait();
                     start.wait();
                     for _ in 0..decode {
-                        model.forward(&mut session, &[argmax(&logits)], &mut logits)?;
+                        let token = top[0].token;
+                        model.forward_top(&mut session, &[token], None, &mut top)?;
                     }
                     start.wait();
                     Ok(())
@@ -237,24 +238,28 @@ fn tern_round(
         Ok((prefill, decode))
     })?;
     // The engine alone: the same sequences as plain batched steps of all B at once.
-    let vocab = model.config().n_vocab;
     let mut sessions: Vec<Session> = Vec::with_capacity(b);
-    let mut logits = vec![vec![0.0; vocab]; b];
-    for (prompt, out) in prompts.iter().zip(logits.iter_mut()) {
+    let mut tops = vec![[Candidate::default()]; b];
+    for (prompt, top) in prompts.iter().zip(tops.iter_mut()) {
         let mut session = model.new_session(context)?;
-        model.forward(&mut session, prompt, out)?;
+        model.forward_top(&mut session, prompt, None, top)?;
         sessions.push(session);
     }
     let t = Instant::now();
     for _ in 0..decode {
-        let next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
-        let mut steps: Vec<(&mut Session, &[u32], &mut [f32])> = sessions
+        let next: Vec<[u32; 1]> = tops.iter().map(|top| [top[0].token]).collect();
+        let mut steps: Vec<Step<'_>> = sessions
             .iter_mut()
             .zip(&next)
-            .zip(logits.iter_mut())
-            .map(|((session, token), out)| (session, &token[..], &mut out[..]))
+            .zip(tops.iter_mut())
+            .map(|((session, token), top)| Step {
+                session,
+                tokens: token,
+                logits: None,
+                top,
+            })
             .collect();
-        model.forward_many(&mut steps)?;
+        model.step(&mut steps)?;
     }
     let steps_s = t.elapsed().as_secs_f64();
     let tokens = |n: usize, s: f64| (b * n) as f64 / s;
