@@ -301,6 +301,73 @@ fn a_conversation_forks_into_independent_actors() {
     );
 }
 
+/// The bit-equality protocol with the model under load: while three other chat actors
+/// converse on the same model (their forward passes batched with this actor's by the step
+/// scheduler), a conversation is snapshotted, restored and continued; its reply and its
+/// final snapshot are the bytes the same conversation gives alone, uninterrupted.
+#[test]
+fn a_snapshot_taken_and_restored_under_load_continues_bit_for_bit() {
+    let model = Arc::new(Model::open("smollm2", &model_path(), 2).unwrap());
+    let rt = runtime_with(Some(model.clone()));
+    let module = chat_module(&rt);
+    let config =
+        br#"{"config": {"model": "smollm2", "max_tokens": 8, "temperature": 0.8, "seed": 11}}"#;
+    let start = |config: &[u8]| {
+        let mut actor = Actor::start(&rt, &module).unwrap();
+        assert_eq!(actor.send(config).unwrap().code, 0);
+        actor
+    };
+    // Alone, uninterrupted.
+    let mut alone = start(config);
+    alone.send(TURNS[0].as_bytes()).unwrap();
+    let want = alone.send(TURNS[1].as_bytes()).unwrap();
+    let want_snapshot = alone.snapshot().unwrap();
+    drop(alone);
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let turns = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for i in 0..3u64 {
+            let (start, stop, turns) = (&start, &stop, &turns);
+            s.spawn(move || {
+                let config = format!(
+                    r#"{{"config": {{"model": "smollm2", "max_tokens": 6, "temperature": 0.9, "seed": {i}}}}}"#
+                );
+                let mut actor = start(config.as_bytes());
+                let mut turn = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let reply = actor.send(TURNS[turn % TURNS.len()].as_bytes()).unwrap();
+                    assert_eq!(reply.code, 0);
+                    turns.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    turn += 1;
+                    if turn % 4 == 0 {
+                        actor = start(config.as_bytes());
+                    }
+                }
+            });
+        }
+        let mut actor = start(config);
+        actor.send(TURNS[0].as_bytes()).unwrap();
+        let snapshot = actor.snapshot().unwrap();
+        drop(actor);
+        let view = tern_snapshot::parse(&snapshot).unwrap();
+        let mut restored = Actor::restore(&rt, &module, &view).unwrap();
+        let got = restored.send(TURNS[1].as_bytes()).unwrap();
+        let got_snapshot = restored.snapshot().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(got, want, "the reply under load differs");
+        assert!(
+            got_snapshot == want_snapshot,
+            "the snapshot after the turn under load differs"
+        );
+    });
+    assert!(turns.into_inner() > 0, "the load ran no turn");
+    assert!(
+        model.step_stats().steps < model.step_stats().chunks,
+        "no step was shared"
+    );
+}
+
 #[test]
 fn snapshots_for_missing_or_different_models_are_refused() {
     let model = Arc::new(Model::open("smollm2", &model_path(), 1).unwrap());
