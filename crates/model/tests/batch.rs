@@ -11,7 +11,10 @@ mod conversations;
 use std::sync::Arc;
 
 use common::{Rng, bits, model_file};
-use conversations::{Conversation, alone_and_together, one_step_gives_each_session_its_own_bits};
+use conversations::{
+    Conversation, alone_and_together, one_request_among_random_load_gives_one_output,
+    one_step_gives_each_session_its_own_bits,
+};
 use tern_model::llama::cpu::{KvCache, Seq};
 use tern_model::quant::DType;
 use tern_model::{Model, Precision};
@@ -125,36 +128,5 @@ fn one_step_over_several_sequences_gives_each_its_own_bits() {
 
 #[test]
 fn a_thousand_runs_of_one_request_among_random_load_give_one_output() {
-    let model = Arc::new(tiny(Precision::Fast));
-    let vocab = model.config().n_vocab;
-    let request = Conversation {
-        prompt: (0..12).map(|i| (i * 41 % vocab) as u32).collect(),
-        pieces: vec![12],
-        decode: 6,
-        pauses: Vec::new(),
-    };
-    let want = bits(&request.run(&model));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Random load: three threads running random conversations the whole time.
-    let load: Vec<_> = (0..3)
-        .map(|t| {
-            let (model, stop) = (model.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut rng = Rng(0xbad_10ad + t);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    Conversation::random(&mut rng, vocab).run(&model);
-                }
-            })
-        })
-        .collect();
-    let mut outputs = std::collections::HashSet::new();
-    for _ in 0..1000 {
-        outputs.insert(bits(&request.run(&model)));
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for l in load {
-        l.join().unwrap();
-    }
-    assert_eq!(outputs.len(), 1, "{} different outputs", outputs.len());
-    assert!(outputs.contains(&want));
+    one_request_among_random_load_gives_one_output(Arc::new(tiny(Precision::Fast)), 1000);
 }

@@ -547,37 +547,10 @@ fn a_thousand_runs_of_one_request_among_random_load_give_one_output() {
     else {
         return;
     };
-    let model = Arc::new(smollm2_on(&device));
-    let vocab = model.config().n_vocab;
-    let request = conversations::Conversation {
-        prompt: (0..12).map(|i| (i * 41 % vocab) as u32).collect(),
-        pieces: vec![12],
-        decode: 6,
-        pauses: Vec::new(),
-    };
-    let want = bits(&request.run(&model));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load: Vec<_> = (0..3)
-        .map(|t| {
-            let (model, stop) = (model.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut rng = Rng(0xbad_10ad + t);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    conversations::Conversation::random(&mut rng, vocab).run(&model);
-                }
-            })
-        })
-        .collect();
-    let mut outputs = std::collections::HashSet::new();
-    for _ in 0..1000 {
-        outputs.insert(bits(&request.run(&model)));
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for l in load {
-        l.join().unwrap();
-    }
-    assert_eq!(outputs.len(), 1, "{} different outputs", outputs.len());
-    assert!(outputs.contains(&want));
+    conversations::one_request_among_random_load_gives_one_output(
+        Arc::new(smollm2_on(&device)),
+        1000,
+    );
 }
 
 /// A model of bf16 matrices (the 1B benchmark's type) keeps each session's bits alone, in

@@ -2,7 +2,8 @@
 //! random pieces at random moments, then greedy decoding; each run alone and then among
 //! others, whose bits must not change.
 
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use tern_model::Model;
@@ -189,4 +190,40 @@ pub fn one_step_gives_each_session_its_own_bits(model: &Model, history: &[usize]
     ];
     assert!(model.forward_many(&mut bad).is_err());
     assert_eq!((small.tokens.len(), other.tokens.len()), (0, 0));
+}
+
+/// `runs` runs of one request while three threads run random conversations on the same
+/// model give one output, the one it gives alone.
+pub fn one_request_among_random_load_gives_one_output(model: Arc<Model>, runs: usize) {
+    let vocab = model.config().n_vocab;
+    let request = Conversation {
+        prompt: (0..12).map(|i| (i * 41 % vocab) as u32).collect(),
+        pieces: vec![12],
+        decode: 6,
+        pauses: Vec::new(),
+    };
+    let want = bits(&request.run(&model));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Random load: three threads running random conversations the whole time.
+    let load: Vec<_> = (0..3)
+        .map(|t| {
+            let (model, stop) = (model.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(0xbad_10ad + t);
+                while !stop.load(Ordering::Relaxed) {
+                    Conversation::random(&mut rng, vocab).run(&model);
+                }
+            })
+        })
+        .collect();
+    let mut outputs = std::collections::HashSet::new();
+    for _ in 0..runs {
+        outputs.insert(bits(&request.run(&model)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.join().unwrap();
+    }
+    assert_eq!(outputs.len(), 1, "{} different outputs", outputs.len());
+    assert!(outputs.contains(&want));
 }
