@@ -27,6 +27,10 @@
 //!   the last kernel writes the logits there directly: no staging buffer, no copy.
 //! - A decode step is one CUDA graph launch (captured per session and logits address): one or
 //!   more kernels per stage of every layer, or five with the persistent kernel.
+//! - Several sessions' steps run together, each weight matrix read once for all of them
+//!   (`batch.rs`), with the kernels a session alone runs: a session's bits do not depend on
+//!   what shares its step. Concurrent callers' forward passes are gathered into such steps
+//!   by the model's step scheduler.
 //! - All device work of a call finishes before the call returns.
 
 mod batch;
