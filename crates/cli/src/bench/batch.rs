@@ -32,7 +32,7 @@ pub struct BatchBenchArgs {
     #[command(flatten)]
     model: super::BenchModel,
     /// Sequences at once, one row each.
-    #[arg(long, default_value = "1,4,16,64", value_delimiter = ',')]
+    #[arg(long, default_value = "1,2,4,8,16,32,64", value_delimiter = ',')]
     batch: Vec<usize>,
     /// Prompt tokens per sequence.
     #[arg(long, default_value_t = 128, value_parser = crate::parse_count)]
@@ -142,8 +142,9 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
         args.prefill, args.decode, args.repeats
     );
     println!(
-        "\n| B | Tern prefill t/s | Tern decode t/s (scheduler) | Tern decode t/s (steps) | \
-         llama.cpp prefill t/s | llama.cpp decode t/s | decode, Tern / llama.cpp |{}",
+        "\n| B | Tern prefill t/s | Tern decode t/s (scheduler) | Tern ms per output token | \
+         Tern decode t/s (steps) | llama.cpp prefill t/s | llama.cpp decode t/s | \
+         decode, Tern / llama.cpp |{}",
         if roofline.is_some() {
             " roofline t/s | Tern, of roofline |"
         } else {
@@ -151,7 +152,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
         }
     );
     println!(
-        "|---|---|---|---|---|---|---|{}",
+        "|---|---|---|---|---|---|---|---|{}",
         if roofline.is_some() { "---|---|" } else { "" }
     );
     for (i, &b) in args.batch.iter().enumerate() {
@@ -162,12 +163,20 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
             let top = r.tokens_per_s(b);
             format!(" {top:.0} | {:.1}% |", decode.max(steps) / top * 100.0)
         });
+        // llama.cpp's columns, or dashes when it was not measured.
+        let (base_prefill, base_decode, ratio) = match l.decode.is_empty() {
+            true => ("-".to_string(), "-".to_string(), "-".to_string()),
+            false => (
+                format!("{:.1}", med(&l.prefill)),
+                format!("{:.1}", med(&l.decode)),
+                format!("{:.2}x", decode / med(&l.decode)),
+            ),
+        };
         println!(
-            "| {b} | {:.1} | {decode:.1} | {steps:.1} | {:.1} | {:.1} | {:.2}x |{bound}",
+            "| {b} | {:.1} | {decode:.1} | {:.2} | {steps:.1} | {base_prefill} | {base_decode} | \
+             {ratio} |{bound}",
             med(&t.prefill),
-            med(&l.prefill),
-            med(&l.decode),
-            decode / med(&l.decode)
+            b as f64 / decode * 1e3,
         );
     }
     if let Some(r) = &roofline {
