@@ -19,7 +19,7 @@ use tern_compute::cuda::cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::kernels::{Fuse, Launcher};
 use super::prefill::{self, PREFILL_CHUNK, PREFILL_MIN};
-use super::session::{Acts, enqueue_layers};
+use super::session::{ActBuffers, enqueue_layers};
 use super::{CudaLlama, CudaSession, MAX_CHUNK, driver};
 use crate::ModelError;
 use crate::steps::{Budget, StepJob};
@@ -69,12 +69,7 @@ pub(super) struct BatchBuffers {
     /// Positions the activation buffers hold, and logits rows.
     rows: usize,
     outs: usize,
-    x: CudaSlice<f32>,
-    xb: CudaSlice<f32>,
-    qkv: CudaSlice<f32>,
-    att: CudaSlice<f32>,
-    gate_up: CudaSlice<f32>,
-    hb: CudaSlice<f32>,
+    act: ActBuffers,
     /// The step's plan: its attention jobs, token ids, the rows whose logits are wanted and
     /// where each goes (see [`Plan`]).
     plan: CudaSlice<u8>,
@@ -126,16 +121,10 @@ impl BatchBuffers {
                 s.alloc_zeros::<f32>(n)
                     .map_err(driver("allocating a batched step"))
             };
-            let q_dim = c.n_head * c.head_dim;
             *have = Some(BatchBuffers {
                 rows,
                 outs,
-                x: alloc(rows * c.n_embd)?,
-                xb: alloc(rows * c.n_embd)?,
-                qkv: alloc(rows * (q_dim + 2 * c.kv_dim()))?,
-                att: alloc(rows * q_dim)?,
-                gate_up: alloc(rows * 2 * c.n_ff)?,
-                hb: alloc(rows * c.n_ff)?,
+                act: ActBuffers::new(s, c, rows, "allocating a batched step")?,
                 plan: s
                     .alloc_zeros::<u8>(Plan::of(rows, outs).bytes)
                     .map_err(driver("allocating a batched step"))?,
@@ -199,15 +188,7 @@ fn round(
         kernels: &model.kernels,
         stream: &model.stream,
     };
-    let p = |s: &CudaSlice<f32>| b.ptr(model, s);
-    let acts = Acts {
-        x: p(&b.x),
-        xb: p(&b.xb),
-        qkv: p(&b.qkv),
-        att: p(&b.att),
-        gate_up: p(&b.gate_up),
-        hb: p(&b.hb),
-    };
+    let acts = b.act.acts(&model.stream);
     let base = b.ptr(model, &b.plan);
     let (n, e) = (rows as u32, c.n_embd as u32);
     run.get_rows(&w.token_embd, base + plan.ids as u64, acts.x, n)?;
@@ -234,7 +215,7 @@ fn round(
             whole_rows: true,
             ..Fuse::default()
         };
-        let logits = p(&b.logits);
+        let logits = b.ptr(model, &b.logits);
         run.matvec(&w.output, acts.xb, logits, outs, e, vocab, 0, whole)?;
         run.scatter_rows(logits, base + plan.dsts as u64, outs, vocab)?;
     }

@@ -27,12 +27,7 @@ struct Buffers {
     k: CudaSlice<u8>,        // (n_layer, n_ctx, kv_dim) of the model's KvType
     v: CudaSlice<u8>,        // (n_layer, n_ctx, kv_dim) of the model's KvType
     step: CudaSlice<i32>,    // [first position, token ids (MAX_CHUNK)]
-    x: CudaSlice<f32>,       // (MAX_CHUNK, n_embd) the residual stream
-    xb: CudaSlice<f32>,      // (MAX_CHUNK, n_embd) a sub-layer's normalized input
-    qkv: CudaSlice<f32>,     // (MAX_CHUNK, n_head * head_dim + 2 * kv_dim): q | k | v
-    att: CudaSlice<f32>,     // (MAX_CHUNK, n_head * head_dim)
-    gate_up: CudaSlice<f32>, // (MAX_CHUNK, 2 * n_ff): gate | up
-    hb: CudaSlice<f32>,      // (MAX_CHUNK, n_ff) silu(gate) * up
+    act: ActBuffers,         // MAX_CHUNK rows
     part_o: CudaSlice<f32>,  // (MAX_CHUNK, n_head, n_split, head_dim)
     part_ml: CudaSlice<f32>, // (MAX_CHUNK, n_head, n_split, 2)
     tickets: CudaSlice<u32>, // (MAX_CHUNK, n_head) attention's merge tickets, zero between launches
@@ -113,17 +108,8 @@ impl CudaSession {
         s.memset_zeros(&mut buf.k).map_err(&zero)?;
         s.memset_zeros(&mut buf.v).map_err(&zero)?;
         s.memset_zeros(&mut buf.step).map_err(&zero)?;
-        for b in [
-            &mut buf.x,
-            &mut buf.xb,
-            &mut buf.qkv,
-            &mut buf.att,
-            &mut buf.gate_up,
-            &mut buf.hb,
-            &mut buf.part_o,
-            &mut buf.part_ml,
-            &mut buf.logits,
-        ] {
+        buf.act.zero(s, "clearing a session")?;
+        for b in [&mut buf.part_o, &mut buf.part_ml, &mut buf.logits] {
             s.memset_zeros(b).map_err(&zero)?;
         }
         s.memset_zeros(&mut buf.tickets).map_err(&zero)?;
@@ -137,7 +123,6 @@ impl CudaSession {
         let s = &model.stream;
         let kv_len = c.kv_cache_len(n_ctx)?;
         let n_split = CudaLlama::n_split(n_ctx);
-        let q_dim = c.n_head * c.head_dim;
         let alloc = |n: usize| {
             s.alloc_zeros::<f32>(n)
                 .map_err(driver("allocating a session"))
@@ -152,12 +137,7 @@ impl CudaSession {
             step: s
                 .alloc_zeros::<i32>(1 + MAX_CHUNK)
                 .map_err(driver("allocating a session"))?,
-            x: alloc(MAX_CHUNK * c.n_embd)?,
-            xb: alloc(MAX_CHUNK * c.n_embd)?,
-            qkv: alloc(MAX_CHUNK * (q_dim + 2 * c.kv_dim()))?,
-            att: alloc(MAX_CHUNK * q_dim)?,
-            gate_up: alloc(MAX_CHUNK * 2 * c.n_ff)?,
-            hb: alloc(MAX_CHUNK * c.n_ff)?,
+            act: ActBuffers::new(s, c, MAX_CHUNK, "allocating a session")?,
             part_o: alloc(MAX_CHUNK * c.n_head * n_split * c.head_dim)?,
             part_ml: alloc(MAX_CHUNK * c.n_head * n_split * 2)?,
             tickets: s
@@ -380,7 +360,7 @@ impl CudaSession {
         }
         if let Some(out) = logits {
             let x_last = x + ((n - 1) * e * 4) as u64;
-            let xb = self.ptr(&self.buf.xb);
+            let xb = self.ptr(&self.buf.act.xb);
             run.rmsnorm(x_last, w.output_norm, xb, 1, e as u32, c.rms_eps, false)?;
             run.matvec_out(&w.output, xb, out)?;
             mark("output head")?;
@@ -447,14 +427,8 @@ impl CudaSession {
         };
         let b = &self.buf;
         let p = |s: &CudaSlice<f32>| self.ptr(s);
-        let (x, xb, qkv, att, gate_up, hb) = (
-            p(&b.x),
-            p(&b.xb),
-            p(&b.qkv),
-            p(&b.att),
-            p(&b.gate_up),
-            p(&b.hb),
-        );
+        let acts = b.act.acts(&self.stream);
+        let (x, xb, qkv, att, hb) = (acts.x, acts.xb, acts.qkv, acts.att, acts.hb);
         let step = self.ptr(&b.step);
         let ids = step + 4;
         let n_u = n as u32;
@@ -481,14 +455,6 @@ impl CudaSession {
             run.decode_layers(&f.f, f.grid, f.shared, &args)?;
             mark(LAYERS)?;
         } else {
-            let acts = Acts {
-                x,
-                xb,
-                qkv,
-                att,
-                gate_up,
-                hb,
-            };
             let scratch = (p(&b.part_o), p(&b.part_ml), self.ptr(&b.tickets));
             let mut attention = |l: usize| {
                 let cache = self.cache(c, l);
@@ -633,8 +599,68 @@ impl CudaSession {
     }
 }
 
+/// A forward pass's activation buffers, one row per position: a session's (for its chunks)
+/// and a batched step's (for all its sessions' positions).
+pub(super) struct ActBuffers {
+    x: CudaSlice<f32>,       // (rows, n_embd) the residual stream
+    xb: CudaSlice<f32>,      // (rows, n_embd) a sub-layer's normalized input
+    qkv: CudaSlice<f32>,     // (rows, n_head * head_dim + 2 * kv_dim): q | k | v
+    att: CudaSlice<f32>,     // (rows, n_head * head_dim)
+    gate_up: CudaSlice<f32>, // (rows, 2 * n_ff): gate | up
+    hb: CudaSlice<f32>,      // (rows, n_ff) silu(gate) * up
+}
+
+impl ActBuffers {
+    /// Zeroed buffers for `rows` positions; `what` names the allocation in an error.
+    pub(super) fn new(
+        s: &Arc<CudaStream>,
+        c: &crate::llama::LlamaConfig,
+        rows: usize,
+        what: &'static str,
+    ) -> Result<ActBuffers, ModelError> {
+        let alloc = |n: usize| s.alloc_zeros::<f32>(rows * n).map_err(driver(what));
+        let q_dim = c.n_head * c.head_dim;
+        Ok(ActBuffers {
+            x: alloc(c.n_embd)?,
+            xb: alloc(c.n_embd)?,
+            qkv: alloc(q_dim + 2 * c.kv_dim())?,
+            att: alloc(q_dim)?,
+            gate_up: alloc(2 * c.n_ff)?,
+            hb: alloc(c.n_ff)?,
+        })
+    }
+
+    /// Zeroes every buffer, as a new allocation is.
+    fn zero(&mut self, s: &Arc<CudaStream>, what: &'static str) -> Result<(), ModelError> {
+        for b in [
+            &mut self.x,
+            &mut self.xb,
+            &mut self.qkv,
+            &mut self.att,
+            &mut self.gate_up,
+            &mut self.hb,
+        ] {
+            s.memset_zeros(b).map_err(driver(what))?;
+        }
+        Ok(())
+    }
+
+    /// Their device addresses.
+    pub(super) fn acts(&self, s: &Arc<CudaStream>) -> Acts {
+        let p = |b: &CudaSlice<f32>| b.device_ptr(s).0;
+        Acts {
+            x: p(&self.x),
+            xb: p(&self.xb),
+            qkv: p(&self.qkv),
+            att: p(&self.att),
+            gate_up: p(&self.gate_up),
+            hb: p(&self.hb),
+        }
+    }
+}
+
 /// Device addresses of a forward pass's activation buffers, one row per position (see
-/// `Buffers`).
+/// [`ActBuffers`]).
 #[derive(Clone, Copy)]
 pub(super) struct Acts {
     pub x: u64,
