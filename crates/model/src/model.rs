@@ -270,7 +270,8 @@ impl Model {
             .map_err(ModelError::Template)
     }
 
-    /// The CPU step scheduler's counters: steps run and the forward passes' chunks in them.
+    /// The engine's step scheduler's counters: steps run and the forward passes' chunks in
+    /// them.
     pub fn step_stats(&self) -> crate::steps::StepStats {
         self.engine().step_stats()
     }
@@ -351,16 +352,12 @@ impl Model {
         logits: Option<&mut [f32]>,
         top: &mut [Candidate],
     ) -> Result<(), ModelError> {
-        check_k(top.len(), self.config().n_vocab)?;
-        let item = StepItem {
-            state: &mut *session.state,
+        self.step(&mut [Step {
+            session,
             tokens,
             logits,
             top,
-        };
-        self.engine().step(&mut [item])?;
-        session.tokens.extend_from_slice(tokens);
-        Ok(())
+        }])
     }
 }
 

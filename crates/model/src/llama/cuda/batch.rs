@@ -239,17 +239,8 @@ impl CudaLlama {
     /// [`MAX_CHUNK`] at a time, all sessions together, in rounds. The items are checked
     /// before any runs; a session may appear once.
     pub(super) fn step_items(&self, items: &mut [Item<'_>]) -> Result<(), ModelError> {
-        let c = &self.config;
         for item in items.iter() {
-            let logits = item.logits.as_deref();
-            super::super::check_forward(
-                c,
-                item.session.len,
-                item.session.n_ctx,
-                item.tokens,
-                logits,
-            )?;
-            super::check_top(c.n_vocab, item.top.len())?;
+            self.check_item(item.session, item.tokens, item.logits.as_deref(), item.top)?;
         }
         let mut busy = self.hold()?;
         let sees = |ptr: usize, bytes: usize| {
@@ -332,12 +323,26 @@ impl CudaLlama {
             .map_err(driver("running the forward pass"))
     }
 
+    /// Refuses `tokens` for `session` (with outputs `logits` and `top`) that a step cannot
+    /// run.
+    pub(super) fn check_item(
+        &self,
+        session: &CudaSession,
+        tokens: &[u32],
+        logits: Option<&[f32]>,
+        top: &[Candidate],
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        super::super::check_forward(c, session.len, session.n_ctx, tokens, logits)?;
+        super::check_top(c.n_vocab, top.len())
+    }
+
     /// One step's jobs of the scheduler, each its next chunk, together.
     pub(super) fn step_jobs(&self, jobs: &mut [CudaJob]) {
         let chunks: Vec<usize> = jobs.iter().map(StepJob::next_tokens).collect();
         let mut items = Vec::with_capacity(jobs.len());
         for (job, &n) in jobs.iter_mut().zip(&chunks) {
-            let last = job.at + n == job.len;
+            let last = job.at + n == job.tokens.len();
             // SAFETY: see `CudaJob`: the pointers are the caller's borrows, alive and used by
             // this thread alone until the job is done.
             let (session, tokens) = unsafe { (&mut *job.session, &*job.tokens) };
@@ -370,7 +375,6 @@ impl CudaLlama {
 pub(super) struct CudaJob {
     pub session: *mut CudaSession,
     pub tokens: *const [u32],
-    pub len: usize,
     pub logits: Option<*mut [f32]>,
     pub top: *mut [Candidate],
     /// Tokens already run.
@@ -391,7 +395,7 @@ impl StepJob for CudaJob {
             return 0;
         }
         // Chunks at fixed offsets from the call's first token, as `forward_top` cuts them.
-        let left = self.len - self.at;
+        let left = self.tokens.len() - self.at;
         match left >= PREFILL_MIN && prefill::unavailable().is_none() {
             true => left.min(PREFILL_CHUNK),
             false => left.min(MAX_CHUNK),

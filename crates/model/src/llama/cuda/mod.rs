@@ -584,18 +584,13 @@ impl Engine for CudaLlama {
     }
 
     fn step(&self, items: &mut [StepItem<'_>]) -> Result<(), ModelError> {
-        let c = &self.config;
-        for item in items.iter_mut() {
-            let s = own_mut::<CudaSession>(&mut *item.state)?;
-            super::check_forward(c, s.len, s.n_ctx, item.tokens, item.logits.as_deref())?;
-            check_top(c.n_vocab, item.top.len())?;
-        }
         if let [item] = items {
             let session = own_mut::<CudaSession>(&mut *item.state)?;
+            // Checked here, so that a caller's mistake is its own error, not a step's.
+            self.check_item(session, item.tokens, item.logits.as_deref(), item.top)?;
             let job = CudaJob {
                 session,
                 tokens: item.tokens,
-                len: item.tokens.len(),
                 logits: item.logits.as_deref_mut().map(std::ptr::from_mut),
                 top: std::ptr::from_mut(item.top),
                 at: 0,
