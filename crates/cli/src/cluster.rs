@@ -68,7 +68,13 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         ClusterCommand::Move { actor, node } => {
             let (took, answer) = client.move_actor(&actor, &node)?;
             println!("{answer}");
-            eprintln!("moved in {:.1} ms", took.as_secs_f64() * 1e3);
+            eprintln!(
+                "moved in {:.1} ms: {:.1} ms copying ahead while the actor ran, then {:.1} ms \
+                 with no node answering for it",
+                took.total().as_secs_f64() * 1e3,
+                took.ahead.as_secs_f64() * 1e3,
+                took.pause.as_secs_f64() * 1e3
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -63,7 +63,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4)]
     prefix_cache: usize,
     /// MiB of actors' snapshots kept in host memory beside --state, so that an actor
-    /// passivated a little while ago comes back without reading the folder (0: none).
+    /// passivated a little while ago comes back without reading the folder; in a cluster,
+    /// of the snapshot objects this node wrote or read, so that an actor moved here (or
+    /// back) is restored without reading them from NATS again (0: none).
     #[arg(long, default_value_t = 1024)]
     hot_snapshot_mib: u64,
     /// The most actors resident (with a thread and memory) at once. Past it, the least
@@ -143,6 +145,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 url: url.clone(),
                 node: node.clone(),
                 replicas: args.replicas as usize,
+                cache_bytes: config.hot_snapshot_bytes,
             })?;
             config.cluster = Some(cluster);
             format!("the cluster at {url}, as node `{node}`")

@@ -176,9 +176,22 @@ fn conversations_continue_through_any_node_byte_for_byte() {
     ];
     let moving = nodes[0].start_actor("chat");
     let staying = nodes[0].start_actor("chat");
+    // A move's target reads the chain ahead (the bytes it read, and the chain's).
+    let move_to = |to: &str| -> (u64, u64) {
+        let answer: Value = serde_json::from_str(&tern_cluster(&url, &["move", &moving, to]))
+            .expect("a move's answer is JSON");
+        let prefetched = &answer["prefetched"];
+        let read = prefetched["read_bytes"].as_u64().expect("bytes read");
+        let chain = prefetched["chain_bytes"].as_u64().expect("the chain's bytes");
+        assert!(chain > 0, "{answer}");
+        (read, chain)
+    };
     for (i, turn) in turns.iter().enumerate() {
         let to = ["b", "c", "a", "b"][i];
-        tern_cluster(&url, &["move", &moving, to]);
+        let (read, chain) = move_to(to);
+        if i == 0 {
+            assert_eq!(read, chain, "a node that never held the actor reads it whole");
+        }
         let moved = nodes[(i + 1) % 3].send(&moving, turn);
         let stayed = nodes[0].send(&staying, turn);
         assert_eq!(moved["output"], stayed["output"], "turn {i}");
@@ -188,6 +201,15 @@ fn conversations_continue_through_any_node_byte_for_byte() {
     let admin = tern_server::cluster::admin::ClusterClient::connect(&url).unwrap();
     let chain = admin.chain(&moving).unwrap();
     assert!(chain.len() >= 3, "{chain:?}");
+
+    // Moved away and straight back, it comes back from what b kept: b reads at most the
+    // links written since it left.
+    move_to("c");
+    let (read, chain) = move_to("b");
+    assert!(read < chain, "read {read} of {chain} bytes");
+    let moved = nodes[1].send(&moving, "Bye!");
+    let stayed = nodes[0].send(&staying, "Bye!");
+    assert_eq!(moved["output"], stayed["output"]);
 
     // An OpenAI-compatible session made through a continues through b and c in the same
     // actor, with the replies of a session that stays on a.

@@ -169,13 +169,14 @@ impl Persistence {
         let kept = self.hot().get(id);
         let segments = match &kept {
             Some(segments) => segments.clone(),
-            None => {
-                let bytes = self.store.get(&snapshot_key(id)).map_err(store_error)?;
-                let bytes = bytes.ok_or_else(|| {
+            None => self
+                .store
+                .get_chain(&snapshot_key(id))
+                .map_err(store_error)?
+                .filter(|segments| !segments.is_empty())
+                .ok_or_else(|| {
                     ApiError::internal(format!("actor `{id}` has no stored snapshot"))
-                })?;
-                vec![Arc::new(bytes)]
-            }
+                })?,
         };
         // The store's bytes (a chain file), then each link appended since, if kept.
         let (first, appended) = segments.split_first().expect("one segment at least");
@@ -192,7 +193,8 @@ impl Persistence {
             Some(_) => {
                 self.metrics.hot_restores.fetch_add(1, Ordering::Relaxed);
             }
-            None => self.hot().replace(id, segments[0].clone()),
+            None if segments.len() == 1 => self.hot().replace(id, segments[0].clone()),
+            None => {}
         }
         Metrics::observe(
             &self.metrics.snapshots_restored,

@@ -10,6 +10,7 @@
 use std::fs::{self, File};
 use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why a store operation failed.
@@ -48,6 +49,12 @@ pub trait SnapshotStore: Send + Sync {
     }
     /// The bytes under `key`, or `None` if there are none.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A snapshot chain's bytes under `key` in pieces: a chain file, then links each
+    /// without padding (a store that keeps a chain's parts apart need not lay them out in
+    /// one buffer); or `None` if there are none.
+    fn get_chain(&self, key: &str) -> Result<Option<Vec<Arc<Vec<u8>>>>, StoreError> {
+        Ok(self.get(key)?.map(|bytes| vec![Arc::new(bytes)]))
+    }
     /// Removes `key`; removing a missing key is not an error.
     fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Every key, sorted.

@@ -2,9 +2,17 @@
 //!
 //! Each node answers requests on [`admin_subject`] (JSON in, JSON out): `drain` (stop taking
 //! actors, then save, passivate and release every resident one, so each wakes on another
-//! node at its next message), `release` (the same for one actor) and `activate` (claim and
-//! restore one actor here now). `tern cluster` calls these through [`drain`],
-//! [`move_actor`] and [`status`].
+//! node at its next message), `release` (the same for one actor), `prefetch` (read an
+//! actor's durable chain into this node's memory while its owner runs on) and `activate`
+//! (claim and restore one actor here now). `tern cluster` calls these through
+//! [`ClusterClient::drain`], [`ClusterClient::move_actor`] and [`ClusterClient::status`].
+//!
+//! A move copies ahead, as live migration of virtual machines does: the target reads the
+//! actor's durable chain while the actor still answers on its owner, then the owner saves
+//! what changed since (a link, often nothing), passivates and releases it, and the target
+//! claims it and restores it from the chain it holds and the links written after. The actor
+//! is unavailable only for that last part (the pause); the bulk of its bytes cross while it
+//! runs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +43,9 @@ pub enum Admin {
     Ping,
     Drain,
     Release {
+        actor: String,
+    },
+    Prefetch {
         actor: String,
     },
     Activate {
@@ -116,6 +127,22 @@ impl AppState {
                 }
                 self.actors.evict(&actor);
                 Ok(json!({"released": actor, "ms": started.elapsed().as_millis() as u64}))
+            }
+            Admin::Prefetch { actor } => {
+                let cluster = self.cluster.clone().expect("admin runs in a cluster");
+                let (read, chain) = cluster.prefetch(&actor).await.map_err(|e| match e {
+                    crate::store::StoreError::Missing(_) => {
+                        ApiError::not_found(format!("no actor `{actor}`"))
+                    }
+                    e => ApiError::internal(format!("prefetching `{actor}`: {e}")),
+                })?;
+                Ok(json!({
+                    "prefetched": actor,
+                    "read_bytes": read,
+                    "chain_bytes": chain,
+                    "kept_bytes": cluster.objects().bytes(),
+                    "ms": started.elapsed().as_millis() as u64,
+                }))
             }
             Admin::Activate { actor } => {
                 self.restore_here(&actor).await?;
@@ -326,9 +353,10 @@ impl ClusterClient {
         self.request(node, &Admin::Drain)
     }
 
-    /// Moves `actor` to `node`: its owner (if any) saves and releases it, then `node`
-    /// claims and restores it. Returns the answers and the whole time taken.
-    pub fn move_actor(&self, actor: &str, node: &str) -> Result<(Duration, Value), ClusterError> {
+    /// Moves `actor` to `node`, copying ahead: `node` reads the actor's durable chain while
+    /// its owner (if any) runs on, then the owner saves and releases it, and `node` claims
+    /// and restores it. Returns the phases' times and the nodes' answers.
+    pub fn move_actor(&self, actor: &str, node: &str) -> Result<(Move, Value), ClusterError> {
         let started = Instant::now();
         let owner = self.rt.block_on(async {
             super::read_entry(&self.buckets.actors, actor)
@@ -338,24 +366,48 @@ impl ClusterClient {
         let Some(found) = owner else {
             return Err(ClusterError::JetStream(format!("no actor `{actor}`")));
         };
+        let actor_name = actor.to_string();
+        let prefetched = self.request(
+            node,
+            &Admin::Prefetch {
+                actor: actor_name.clone(),
+            },
+        )?;
+        let copied = Instant::now();
         let released = match found.entry.node {
             Some(owner) if owner != node => Some(self.request(
                 &owner,
                 &Admin::Release {
-                    actor: actor.to_string(),
+                    actor: actor_name.clone(),
                 },
             )?),
             _ => None,
         };
-        let activated = self.request(
-            node,
-            &Admin::Activate {
-                actor: actor.to_string(),
-            },
-        )?;
+        let activated = self.request(node, &Admin::Activate { actor: actor_name })?;
+        let times = Move {
+            ahead: copied - started,
+            pause: copied.elapsed(),
+        };
         Ok((
-            started.elapsed(),
-            json!({"released": released, "activated": activated}),
+            times,
+            json!({"prefetched": prefetched, "released": released, "activated": activated}),
         ))
+    }
+}
+
+/// The phases of a move.
+#[derive(Clone, Copy, Debug)]
+pub struct Move {
+    /// Reading the actor's chain on the target while its owner runs on.
+    pub ahead: Duration,
+    /// From the owner's release to the actor restored on the target: while no node
+    /// answers for it.
+    pub pause: Duration,
+}
+
+impl Move {
+    /// The whole move.
+    pub fn total(&self) -> Duration {
+        self.ahead + self.pause
     }
 }

@@ -33,6 +33,7 @@
 
 pub mod admin;
 pub mod forward;
+mod objects;
 pub mod route;
 pub mod store;
 
@@ -117,6 +118,8 @@ pub struct ClusterOptions {
     pub node: String,
     /// JetStream replicas of each bucket (1 on one NATS server; 3 in production).
     pub replicas: usize,
+    /// The most bytes of snapshot objects this node keeps in memory ([`objects`]).
+    pub cache_bytes: u64,
 }
 
 /// Why joining or using the cluster failed.
@@ -171,6 +174,8 @@ pub struct Cluster {
     /// sent to a node that no longer owns its actor is placed again there).
     seen_owner: Mutex<HashMap<String, (String, std::time::Instant)>>,
     draining: AtomicBool,
+    /// Snapshot objects this node wrote or read.
+    objects: Mutex<objects::ObjectCache>,
 }
 
 impl Drop for Cluster {
@@ -395,7 +400,13 @@ impl Cluster {
             seen_alive: Mutex::default(),
             seen_owner: Mutex::default(),
             draining: AtomicBool::new(false),
+            objects: Mutex::new(objects::ObjectCache::new(options.cache_bytes)),
         }))
+    }
+
+    /// The snapshot objects this node keeps in memory.
+    pub(crate) fn objects(&self) -> std::sync::MutexGuard<'_, objects::ObjectCache> {
+        lock(&self.objects)
     }
 
     /// This node's name.

@@ -123,26 +123,27 @@ impl ClusterStore {
     }
 
     /// Puts `bytes` as actor `id`'s immutable object `{id}/{sha256}`, when this node holds the
-    /// actor; returns its name.
-    fn put_object(&self, id: &str, bytes: Bytes) -> Result<String, StoreError> {
+    /// actor, and keeps it in the node's memory; returns its name.
+    fn put_object(&self, id: &str, bytes: Arc<Vec<u8>>) -> Result<String, StoreError> {
         if !self.0.holds(id) {
             return Err(StoreError::Fenced(id.to_string()));
         }
         let name = format!("{id}/{}", sha256_hex(&bytes));
-        let (snapshots, object) = (self.0.snapshots.clone(), name.clone());
+        let (snapshots, object, put) = (self.0.snapshots.clone(), name.clone(), bytes.clone());
         self.0.block(async move {
             snapshots
-                .put(object.as_str(), &mut bytes.as_ref())
+                .put(object.as_str(), &mut put.as_slice())
                 .await
                 .map_err(remote)?;
             Ok(())
         })?;
+        self.0.objects().insert(&name, bytes);
         Ok(name)
     }
 
     /// Makes `bytes`, a whole snapshot, actor `id`'s chain, and deletes the old chain's
     /// objects.
-    fn put_snapshot(&self, id: &str, bytes: Bytes) -> Result<(), StoreError> {
+    fn put_snapshot(&self, id: &str, bytes: Arc<Vec<u8>>) -> Result<(), StoreError> {
         let name = self.put_object(id, bytes)?;
         let cluster = self.0.clone();
         let (id, writer) = (id.to_string(), writer());
@@ -155,6 +156,7 @@ impl ClusterStore {
                 .await?;
             let replaced = before.snapshot.into_iter().chain(before.links);
             for old in replaced.filter(|old| *old != name) {
+                cluster.objects().remove(&old);
                 if let Err(e) = cluster.snapshots.delete(&old).await {
                     tracing::warn!(%id, error = %e, "cannot delete a replaced snapshot");
                 }
@@ -166,7 +168,7 @@ impl ClusterStore {
     /// Appends `link` to actor `id`'s chain, whose layout as a chain file ends at `end`;
     /// returns where it ends now.
     fn append_link(&self, id: &str, end: u64, link: &[u8]) -> Result<u64, StoreError> {
-        let name = self.put_object(id, Bytes::copy_from_slice(link))?;
+        let name = self.put_object(id, Arc::new(link.to_vec()))?;
         let cluster = self.0.clone();
         let (id, writer) = (id.to_string(), writer());
         self.0.block(async move {
@@ -178,7 +180,8 @@ impl ClusterStore {
         Ok(tern_snapshot::next_link_at(end) + link.len() as u64)
     }
 
-    fn get_snapshot(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    /// Actor `id`'s chain: its whole snapshot's object, then each link's, claimed first.
+    fn get_chain(&self, id: &str) -> Result<Option<Vec<Arc<Vec<u8>>>>, StoreError> {
         let cluster = self.0.clone();
         let id = id.to_string();
         let writer = writer();
@@ -189,28 +192,9 @@ impl ClusterStore {
             let Some(whole) = entry.snapshot else {
                 return Ok(None);
             };
-            // The chain file: the whole snapshot, then each link at a multiple of 64.
             let mut chain = Vec::new();
             for name in std::iter::once(&whole).chain(&entry.links) {
-                let Some((bytes, digest)) = read_object(&cluster.snapshots, name).await? else {
-                    return Err(StoreError::Remote(format!(
-                        "actor `{id}`'s snapshot object {name} is missing"
-                    )));
-                };
-                // The content matched the digest as it was read; the digest must be the
-                // name's.
-                let named = name.rsplit('/').next().and_then(digest_of_hex);
-                if named.is_none() || named != digest {
-                    return Err(StoreError::Remote(format!(
-                        "actor `{id}`'s snapshot object {name} does not match its SHA-256"
-                    )));
-                }
-                if chain.is_empty() {
-                    chain = bytes;
-                } else {
-                    chain.resize(tern_snapshot::next_link_at(chain.len() as u64) as usize, 0);
-                    chain.extend_from_slice(&bytes);
-                }
+                chain.push(cluster.object(&id, name).await?);
             }
             Ok(Some(chain))
         })
@@ -239,6 +223,7 @@ impl ClusterStore {
                 })?;
             cluster.drop_token(&id);
             for name in entry.snapshot.into_iter().chain(entry.links) {
+                cluster.objects().remove(&name);
                 if let Err(e) = cluster.snapshots.delete(&name).await {
                     tracing::warn!(%id, error = %e, "cannot delete a deleted actor's snapshot");
                 }
@@ -249,6 +234,49 @@ impl ClusterStore {
 }
 
 impl Cluster {
+    /// Actor `id`'s snapshot object `name`: kept in this node's memory, or read from the
+    /// store, its content checked against the SHA-256 its name gives, and kept.
+    async fn object(&self, id: &str, name: &str) -> Result<Arc<Vec<u8>>, StoreError> {
+        if let Some(bytes) = self.objects().get(name) {
+            return Ok(bytes);
+        }
+        let Some((bytes, digest)) = read_object(&self.snapshots, name).await? else {
+            return Err(StoreError::Remote(format!(
+                "actor `{id}`'s snapshot object {name} is missing"
+            )));
+        };
+        // The content matched the digest as it was read; the digest must be the name's.
+        let named = name.rsplit('/').next().and_then(digest_of_hex);
+        if named.is_none() || named != digest {
+            return Err(StoreError::Remote(format!(
+                "actor `{id}`'s snapshot object {name} does not match its SHA-256"
+            )));
+        }
+        let bytes = Arc::new(bytes);
+        self.objects().insert(name, bytes.clone());
+        Ok(bytes)
+    }
+
+    /// Reads into this node's memory the objects of actor `id`'s chain that it does not keep
+    /// yet, without claiming the actor (its owner runs on): a move's copy ahead, so that the
+    /// actor's restore here reads from the store only what its owner saves after it. Returns
+    /// the bytes read and the bytes of the chain.
+    pub(crate) async fn prefetch(&self, id: &str) -> Result<(u64, u64), StoreError> {
+        let Some(found) = self.entry(id).await? else {
+            return Err(StoreError::Missing(id.to_string()));
+        };
+        let (mut read, mut chain) = (0, 0);
+        for name in found.entry.snapshot.iter().chain(&found.entry.links) {
+            let kept = self.objects().contains(name);
+            let bytes = self.object(id, name).await?;
+            chain += bytes.len() as u64;
+            if !kept {
+                read += bytes.len() as u64;
+            }
+        }
+        Ok((read, chain))
+    }
+
     /// The entry of actor `id`, claimed first unless `writer` holds it already; `None` when
     /// the directory has no such actor.
     async fn claim_if_needed(
@@ -275,7 +303,7 @@ impl SnapshotStore for ClusterStore {
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
         match parse(key)? {
             Key::Record(id) => self.put_record(id, bytes),
-            Key::Snapshot(id) => self.put_snapshot(id, Bytes::copy_from_slice(bytes)),
+            Key::Snapshot(id) => self.put_snapshot(id, Arc::new(bytes.to_vec())),
             Key::Module(digest) => {
                 let modules = self.0.modules.clone();
                 let (name, bytes) = (digest.to_string(), Bytes::copy_from_slice(bytes));
@@ -292,7 +320,7 @@ impl SnapshotStore for ClusterStore {
 
     fn put_owned(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
         match parse(key)? {
-            Key::Snapshot(id) => self.put_snapshot(id, Bytes::from(bytes)),
+            Key::Snapshot(id) => self.put_snapshot(id, Arc::new(bytes)),
             _ => self.put(key, &bytes),
         }
     }
@@ -311,7 +339,15 @@ impl SnapshotStore for ClusterStore {
                     }
                 })
             }
-            Key::Snapshot(id) => self.get_snapshot(id),
+            Key::Snapshot(id) => Ok(self.get_chain(id)?.map(|chain| {
+                // The chain file: the whole snapshot, then each link at a multiple of 64.
+                let mut file = Vec::new();
+                for object in chain {
+                    file.resize(tern_snapshot::next_link_at(file.len() as u64) as usize, 0);
+                    file.extend_from_slice(&object);
+                }
+                file
+            })),
             Key::Module(digest) => {
                 let modules = self.0.modules.clone();
                 let name = digest.to_string();
@@ -334,6 +370,13 @@ impl SnapshotStore for ClusterStore {
                     Ok(())
                 })
             }
+        }
+    }
+
+    fn get_chain(&self, key: &str) -> Result<Option<Vec<Arc<Vec<u8>>>>, StoreError> {
+        match parse(key)? {
+            Key::Snapshot(id) => self.get_chain(id),
+            _ => Ok(self.get(key)?.map(|bytes| vec![Arc::new(bytes)])),
         }
     }
 
