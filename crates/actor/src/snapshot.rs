@@ -226,6 +226,31 @@ impl Actor {
         Ok(actor)
     }
 
+    /// Gets this host ready for a restore of `chain` known to come soon (a move's copy
+    /// ahead, while the actor still runs elsewhere): each session's model makes the memory
+    /// of its KV cache ready now ([`Model::keep_session_memory`]), so that the restore only
+    /// copies. Sessions whose model is missing or differs, or which the actor's KV budget
+    /// would refuse, are left to the restore to refuse.
+    pub fn prepare_restore(runtime: &Runtime, chain: &Chain<'_>) {
+        let m = chain.manifest();
+        for info in &m.sessions {
+            let Some(Ok(model)) = m
+                .models
+                .get(info.model as usize)
+                .map(|r| find_model(runtime, r))
+            else {
+                continue;
+            };
+            let n_ctx = info.n_ctx as usize;
+            if info.kv_type == kv_type(model.kv_type())
+                && session_kv_bytes(&model, n_ctx) <= runtime.limits.kv_bytes
+            {
+                // A size the model refuses is the restore's to report.
+                let _ = model.keep_session_memory(n_ctx);
+            }
+        }
+    }
+
     /// A new actor of `module` in exactly the state `chain`'s newest snapshot holds; see
     /// [`restore`](Self::restore). Its next link continues the chain.
     ///

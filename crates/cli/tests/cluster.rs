@@ -182,7 +182,9 @@ fn conversations_continue_through_any_node_byte_for_byte() {
             .expect("a move's answer is JSON");
         let prefetched = &answer["prefetched"];
         let read = prefetched["read_bytes"].as_u64().expect("bytes read");
-        let chain = prefetched["chain_bytes"].as_u64().expect("the chain's bytes");
+        let chain = prefetched["chain_bytes"]
+            .as_u64()
+            .expect("the chain's bytes");
         assert!(chain > 0, "{answer}");
         (read, chain)
     };
@@ -190,7 +192,10 @@ fn conversations_continue_through_any_node_byte_for_byte() {
         let to = ["b", "c", "a", "b"][i];
         let (read, chain) = move_to(to);
         if i == 0 {
-            assert_eq!(read, chain, "a node that never held the actor reads it whole");
+            assert_eq!(
+                read, chain,
+                "a node that never held the actor reads it whole"
+            );
         }
         let moved = nodes[(i + 1) % 3].send(&moving, turn);
         let stayed = nodes[0].send(&staying, turn);

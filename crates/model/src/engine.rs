@@ -80,6 +80,13 @@ pub trait Engine: Any + Send + Sync {
     fn numerics(&self) -> Numerics;
     /// A new, empty session of `n_ctx` positions.
     fn open_session(&self, n_ctx: usize) -> Result<Box<dyn SessionState>, ModelError>;
+    /// Makes the memory of a session of `n_ctx` positions ready for the next
+    /// [`open_session`](Self::open_session) of that size, where the engine keeps such memory
+    /// (a restore known to come soon); elsewhere nothing.
+    fn keep_session_memory(&self, n_ctx: usize) -> Result<(), ModelError> {
+        let _ = n_ctx;
+        Ok(())
+    }
     /// Appends each item's tokens to its session and writes the outputs it asks for. The
     /// items' arguments are checked before any runs; on an error no session has changed.
     fn step(&self, items: &mut [StepItem<'_>]) -> Result<(), ModelError>;

@@ -278,16 +278,30 @@ impl Model {
 
     /// A new, empty session (KV cache) of `n_ctx` positions (at most the trained context).
     pub fn new_session(&self, n_ctx: usize) -> Result<Session, ModelError> {
+        self.check_n_ctx(n_ctx)?;
+        Ok(Session {
+            tokens: Vec::new(),
+            state: self.engine().open_session(n_ctx)?,
+        })
+    }
+
+    /// Makes the memory of a session of `n_ctx` positions ready for the next
+    /// [`new_session`](Self::new_session) of that size, ahead of a restore known to come
+    /// (a move's copy ahead): on the CPU its pages are brought in and zeroed now, which in a
+    /// virtual machine costs more than the restore's copy; elsewhere nothing.
+    pub fn keep_session_memory(&self, n_ctx: usize) -> Result<(), ModelError> {
+        self.check_n_ctx(n_ctx)?;
+        self.engine().keep_session_memory(n_ctx)
+    }
+
+    fn check_n_ctx(&self, n_ctx: usize) -> Result<(), ModelError> {
         let limit = self.config().n_ctx_train;
         if n_ctx == 0 || n_ctx > limit {
             return Err(ModelError::Invalid(format!(
                 "session of {n_ctx} tokens (1..={limit} allowed)"
             )));
         }
-        Ok(Session {
-            tokens: Vec::new(),
-            state: self.engine().open_session(n_ctx)?,
-        })
+        Ok(())
     }
 
     /// One step over several sessions at once, each weight read once for all of them: each

@@ -189,3 +189,27 @@ fn an_empty_session_still_knows_its_shape() {
     let kv = session.host_kv(&model).unwrap();
     assert_eq!((kv.n_layer(), kv.len, kv.kv_dim()), (2, 0, 32));
 }
+
+#[test]
+fn a_session_in_kept_memory_starts_zeroed_and_gives_the_same_bits() {
+    let model = tiny(DType::Q4_1, 2);
+    let tokens = prompt(100);
+    let (first, used) = run(&model, &tokens, &[100]);
+    assert!(used.host_kv(&model).unwrap().k.iter().any(|&x| x != 0.0));
+    // The dropped session's memory comes back, zeroed, to the next session of its size.
+    drop(used);
+    let fresh = model.new_session(256).unwrap();
+    let kv = fresh.host_kv(&model).unwrap();
+    assert!(kv.k.iter().chain(&kv.v).all(|&x| x == 0.0));
+    drop(kv);
+    drop(fresh);
+    let (again, _) = run(&model, &tokens, &[1]);
+    assert_eq!(bits(&first), bits(&again));
+    // Memory made ahead of a restore, and sizes the model refuses.
+    model.keep_session_memory(256).unwrap();
+    let (ahead, _) = run(&model, &tokens, &[30]);
+    assert_eq!(bits(&first), bits(&ahead));
+    for bad in [0, model.config().n_ctx_train + 1] {
+        assert!(model.keep_session_memory(bad).is_err(), "{bad}");
+    }
+}

@@ -178,10 +178,7 @@ impl Persistence {
                     ApiError::internal(format!("actor `{id}` has no stored snapshot"))
                 })?,
         };
-        // The store's bytes (a chain file), then each link appended since, if kept.
-        let (first, appended) = segments.split_first().expect("one segment at least");
-        let mut links = tern_snapshot::split_links(first).map_err(unreadable)?.links;
-        links.extend(appended.iter().map(|link| link.as_slice()));
+        let links = chain_links(&segments).map_err(unreadable)?;
         // Checksums compared beside the restore (see Actor::restore_chain).
         let chain = tern_snapshot::parse_chain_unverified(&links).map_err(unreadable)?;
         let mut actor = Actor::restore_chain(runtime, module, &chain)?;
@@ -201,6 +198,16 @@ impl Persistence {
             started.elapsed().as_secs_f64(),
         );
         Ok(actor)
+    }
+
+    /// Gets this host ready to restore, soon, the chain `segments` holds (see
+    /// [`Actor::prepare_restore`]); a chain that cannot be read is left to the restore.
+    pub fn prepare_restore(runtime: &Runtime, segments: &[Arc<Vec<u8>>]) {
+        if let Ok(links) = chain_links(segments)
+            && let Ok(chain) = tern_snapshot::parse_chain_unverified(&links)
+        {
+            Actor::prepare_restore(runtime, &chain);
+        }
     }
 
     /// The chains kept in host memory.
@@ -277,4 +284,15 @@ impl Persistence {
         }
         Ok(out)
     }
+}
+
+/// A chain's links from its pieces as a store gives them ([`SnapshotStore::get_chain`]): a
+/// chain file, then each link without padding.
+fn chain_links(segments: &[Arc<Vec<u8>>]) -> Result<Vec<&[u8]>, tern_snapshot::SnapshotError> {
+    let Some((first, appended)) = segments.split_first() else {
+        return Ok(Vec::new());
+    };
+    let mut links = tern_snapshot::split_links(first)?.links;
+    links.extend(appended.iter().map(|link| link.as_slice()));
+    Ok(links)
 }

@@ -308,12 +308,14 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "first move (the target reads {:.1} MB of {:.1} MB of chain): {:.0} ms in all = \
                  {:.1}x faster than re-prefilling; of it {:.0} ms copying ahead while the actor \
-                 answered on its owner, then {:.1} ms with no node answering for it",
+                 answered on its owner ({} ms reading, the rest making the restore's memory \
+                 ready), then {:.1} ms with no node answering for it",
                 answer["prefetched"]["read_bytes"].as_f64().unwrap_or(0.0) / 1e6,
                 answer["prefetched"]["chain_bytes"].as_f64().unwrap_or(0.0) / 1e6,
                 ms(took.total()),
                 prefill / ms(took.total()),
                 ms(took.ahead),
+                answer["prefetched"]["read_ms"],
                 ms(took.pause),
             );
         } else {

@@ -11,12 +11,14 @@ use rayon::prelude::*;
 use crate::steps::{Budget, StepBatcher, StepJob, StepStats};
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::ModelError;
 use crate::engine::{
     Engine, LayerBytes, SessionState, StepItem, copy_le, copy_le_u16, own, own_mut,
 };
 use crate::fastdot::{self, QuantizedActs};
+use crate::llama::kept::{Buffers, KeptCaches};
 use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
 use crate::numerics::Numerics;
 use crate::quant::{self, dequantize_row, dot_f32 as dot, dot_rows};
@@ -42,6 +44,14 @@ impl KvType {
         match self {
             KvType::F32 => 4,
             KvType::F16 => 2,
+        }
+    }
+
+    /// `(f32 values, f16 values)` holding `n` values of this type.
+    fn values(self, n: usize) -> (usize, usize) {
+        match self {
+            KvType::F32 => (n, 0),
+            KvType::F16 => (0, n),
         }
     }
 
@@ -78,6 +88,21 @@ pub struct KvCache {
     kv_dim: usize,
     n_layer: usize,
     kv_type: KvType,
+    /// Where its memory goes when it is dropped, if anywhere.
+    keep: Option<Arc<KeptCaches>>,
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        if let Some(keep) = self.keep.take() {
+            keep.give(Buffers {
+                k: std::mem::take(&mut self.k),
+                v: std::mem::take(&mut self.v),
+                k16: std::mem::take(&mut self.k16),
+                v16: std::mem::take(&mut self.v16),
+            });
+        }
+    }
 }
 
 impl KvCache {
@@ -98,6 +123,7 @@ impl KvCache {
             n_ctx: 0,
             kv_dim: self.kv_dim,
             n_layer: self.n_layer,
+            keep: None,
         }
     }
 
@@ -114,21 +140,36 @@ impl KvCache {
     /// A zeroed cache of `kv_type` of `n_layer` layers for `n_ctx` positions, all of them
     /// filled.
     pub fn empty_of(kv_type: KvType, n_layer: usize, n_ctx: usize, kv_dim: usize) -> KvCache {
-        let n = n_layer * n_ctx * kv_dim;
-        let (wide, half) = match kv_type {
-            KvType::F32 => (n, 0),
-            KvType::F16 => (0, n),
-        };
-        KvCache {
+        let (wide, half) = kv_type.values(n_layer * n_ctx * kv_dim);
+        let buffers = Buffers {
             k: vec![0.0; wide],
             v: vec![0.0; wide],
             k16: vec![0; half],
             v16: vec![0; half],
+        };
+        KvCache::of(buffers, kv_type, n_layer, n_ctx, kv_dim, None)
+    }
+
+    fn of(
+        buffers: Buffers,
+        kv_type: KvType,
+        n_layer: usize,
+        n_ctx: usize,
+        kv_dim: usize,
+        keep: Option<Arc<KeptCaches>>,
+    ) -> KvCache {
+        let Buffers { k, v, k16, v16 } = buffers;
+        KvCache {
+            k,
+            v,
+            k16,
+            v16,
             len: n_ctx,
             n_ctx,
             kv_dim,
             n_layer,
             kv_type,
+            keep,
         }
     }
 
@@ -274,6 +315,10 @@ impl Engine for CpuLlama {
         Ok(Box::new(self.new_cache(n_ctx)?))
     }
 
+    fn keep_session_memory(&self, n_ctx: usize) -> Result<(), ModelError> {
+        self.keep_cache_memory(n_ctx)
+    }
+
     fn step(&self, items: &mut [StepItem<'_>]) -> Result<(), ModelError> {
         let vocab = self.config.n_vocab;
         // Logits for every item that wants them or its top: the caller's buffer, or ours.
@@ -374,6 +419,8 @@ pub struct CpuLlama {
     pool: rayon::ThreadPool,
     /// Gathers concurrent forward passes into batched steps on `pool`.
     steps: StepBatcher<CpuJob>,
+    /// Dropped caches' memory, kept for the next cache of its size.
+    kept: Arc<KeptCaches>,
 }
 
 /// One forward pass waiting for (or in) batched steps: its session's cache (lent to the
@@ -476,6 +523,7 @@ impl CpuLlama {
             inv_freq,
             pool,
             steps: StepBatcher::new(STEP_BUDGET),
+            kept: Arc::default(),
         })
     }
 
@@ -486,12 +534,37 @@ impl CpuLlama {
     }
 
     /// An empty cache for up to `n_ctx` positions.
+    /// An empty cache of `n_ctx` positions, in memory a dropped cache of its size left (or
+    /// made ahead by [`CpuLlama::keep_cache_memory`]) where some is kept.
     pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache, ModelError> {
         let c = &self.config;
-        c.kv_cache_len(n_ctx)?; // refuses a cache too large
-        let mut cache = KvCache::empty_of(self.kv_type, c.n_layer, n_ctx, c.kv_dim());
+        let (wide, half) = self.cache_values(n_ctx)?;
+        let buffers = self.kept.take(wide, half).unwrap_or_else(|| Buffers {
+            k: vec![0.0; wide],
+            v: vec![0.0; wide],
+            k16: vec![0; half],
+            v16: vec![0; half],
+        });
+        let keep = Some(self.kept.clone());
+        let mut cache = KvCache::of(buffers, self.kv_type, c.n_layer, n_ctx, c.kv_dim(), keep);
         cache.len = 0;
         Ok(cache)
+    }
+
+    /// Makes the memory of a cache of `n_ctx` positions ready (its pages brought in and
+    /// zeroed) for the next [`CpuLlama::new_cache`] of that size, ahead of a restore.
+    pub fn keep_cache_memory(&self, n_ctx: usize) -> Result<(), ModelError> {
+        let (wide, half) = self.cache_values(n_ctx)?;
+        self.kept.make(wide, half);
+        Ok(())
+    }
+
+    /// The f32 and f16 values in each of a cache's keys and values for `n_ctx` positions;
+    /// an error for a cache too large.
+    fn cache_values(&self, n_ctx: usize) -> Result<(usize, usize), ModelError> {
+        let c = &self.config;
+        c.kv_cache_len(n_ctx)?;
+        Ok(self.kv_type.values(c.n_layer * n_ctx * c.kv_dim()))
     }
 
     /// Appends `tokens` to `cache` and writes the last position's logits (`n_vocab`) into

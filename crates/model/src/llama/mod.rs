@@ -6,6 +6,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod hf;
+pub(crate) mod kept;
 mod weights;
 pub mod wgpu;
 

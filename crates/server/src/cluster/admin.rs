@@ -136,11 +136,20 @@ impl AppState {
                     }
                     e => ApiError::internal(format!("prefetching `{actor}`: {e}")),
                 })?;
+                let chain_bytes: usize = chain.iter().map(|o| o.len()).sum();
+                let read_ms = started.elapsed().as_millis() as u64;
+                // The restore's memory made ready too, while the owner still runs it.
+                let runtime = self.runtime.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::durable::Persistence::prepare_restore(&runtime, &chain)
+                })
+                .await;
                 Ok(json!({
                     "prefetched": actor,
                     "read_bytes": read,
-                    "chain_bytes": chain,
+                    "chain_bytes": chain_bytes,
                     "kept_bytes": cluster.objects().bytes(),
+                    "read_ms": read_ms,
                     "ms": started.elapsed().as_millis() as u64,
                 }))
             }

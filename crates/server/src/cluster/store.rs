@@ -260,19 +260,19 @@ impl Cluster {
     /// Reads into this node's memory the objects of actor `id`'s chain that it does not keep
     /// yet, without claiming the actor (its owner runs on): a move's copy ahead, so that the
     /// actor's restore here reads from the store only what its owner saves after it. Returns
-    /// the bytes read and the bytes of the chain.
-    pub(crate) async fn prefetch(&self, id: &str) -> Result<(u64, u64), StoreError> {
+    /// the bytes read and the chain's objects (its whole snapshot, then each link).
+    pub(crate) async fn prefetch(&self, id: &str) -> Result<(u64, Vec<Arc<Vec<u8>>>), StoreError> {
         let Some(found) = self.entry(id).await? else {
             return Err(StoreError::Missing(id.to_string()));
         };
-        let (mut read, mut chain) = (0, 0);
+        let (mut read, mut chain) = (0, Vec::new());
         for name in found.entry.snapshot.iter().chain(&found.entry.links) {
             let kept = self.objects().contains(name);
             let bytes = self.object(id, name).await?;
-            chain += bytes.len() as u64;
             if !kept {
                 read += bytes.len() as u64;
             }
+            chain.push(bytes);
         }
         Ok((read, chain))
     }
