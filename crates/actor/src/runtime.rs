@@ -113,7 +113,7 @@ impl RuntimeBuilder {
     }
 
     /// How the KV caches of models loaded from files store keys and values (the default is
-    /// f32; f16 on the CPU and CUDA, not on wgpu).
+    /// f32).
     pub fn kv_type(mut self, kv_type: KvType) -> Self {
         self.kv_type = kv_type;
         self

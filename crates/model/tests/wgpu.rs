@@ -13,8 +13,8 @@ mod common;
 
 use common::{
     Ops, Rng, embedding_parity, harness_ops, matvec_parity, model_file,
-    moved_cache_continues_bit_for_bit, norm_and_activation_parity, normalized_error, parity,
-    prompt,
+    moved_cache_continues_bit_for_bit, moved_cache_continues_bit_for_bit_with,
+    norm_and_activation_parity, normalized_error, parity, parity_with, prompt,
 };
 
 use std::sync::{Arc, OnceLock};
@@ -24,7 +24,7 @@ use tern_compute::testing::wgpu_or_skip;
 use tern_model::llama::wgpu::shaders::Reduce;
 use tern_model::llama::wgpu::testing::{AttnShape, OpHarness};
 use tern_model::quant::DType;
-use tern_model::{Model, ModelError};
+use tern_model::{KvType, Model, ModelError};
 
 fn gpu(test: &str) -> Option<Arc<dyn Device>> {
     static GPU: OnceLock<Option<Arc<dyn Device>>> = OnceLock::new();
@@ -260,4 +260,75 @@ fn a_kv_cache_moved_off_and_back_onto_the_gpu_continues_bit_for_bit() {
         return;
     };
     moved_cache_continues_bit_for_bit(&device, 40, 100, 8);
+}
+
+/// The f16 KV cache's conversions in WGSL (integer arithmetic: the language leaves the
+/// rounding of its own to the implementation) give the CPU's bits: every f32 rounded to the
+/// nearest f16, ties to even (normal, subnormal, tie, overflow, infinity and NaN cases, and
+/// a sweep of the rest), and every one of the 65,536 f16s widened exactly.
+#[test]
+fn the_f16_cache_rounds_and_widens_as_the_cpu_does() {
+    let Some(device) = gpu("the_f16_cache_rounds_and_widens_as_the_cpu_does") else {
+        return;
+    };
+    let mut bits: Vec<u32> = (0..=0xffffu32).collect();
+    let edges = [
+        0x0000_0000,
+        0x8000_0000,
+        0x3380_0000, // 2^-24: the smallest f16 subnormal
+        0x3300_0000, // 2^-25: a tie, rounds to zero (even)
+        0x3300_0001, // just above: rounds up to the smallest subnormal
+        0x3880_0000, // 2^-14: the smallest normal
+        0x387f_e000, // just below it: rounds up to it
+        0x3f80_1000, // 1 + 2^-11: a tie, rounds to even (1)
+        0x3f80_3000, // 1 + 3 * 2^-11: a tie, rounds to even (up)
+        0x477f_e000, // 65504: the largest f16
+        0x477f_efff, // just below 65520: 65504
+        0x477f_f000, // 65520: rounds to infinity
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0x7f80_0001,
+        0x0000_0001, // f32 subnormals: zero
+        0x8040_0000,
+    ];
+    bits.extend(edges);
+    // A sweep of every exponent with assorted mantissas, both signs.
+    let mut x = 0x1234_5678u32;
+    for _ in 0..200_000 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        bits.push(x);
+    }
+    let harness = ops(&device);
+    let (halves, widened) = harness.f16_conversions(&bits).unwrap();
+    for (i, &b) in bits.iter().enumerate() {
+        let want = half::f16::from_f32(f32::from_bits(b)).to_bits() as u32;
+        assert_eq!(halves[i], want, "f32 {b:#010x} to f16");
+        let want = half::f16::from_bits(b as u16).to_f32().to_bits();
+        assert_eq!(widened[i], want, "f16 {:#06x} widened", b & 0xffff);
+    }
+}
+
+/// With an f16 KV cache (keys and values rounded to nearest as they are stored, widened
+/// exactly as they are read, the call's own included): the CPU's greedy tokens and the f32
+/// cache's tolerance, over one attention split and several in chunks; a cache downloaded and
+/// uploaded again (a snapshot's path) continues bit for bit.
+#[test]
+fn a_half_precision_kv_cache_generates_as_the_cpu_does() {
+    let Some(device) = gpu("a_half_precision_kv_cache_generates_as_the_cpu_does") else {
+        return;
+    };
+    parity_with(&device, "small", DType::Q4_1, DType::Q8_0, 20, KvType::F16);
+    parity_with(&device, "small", DType::Q4_1, DType::Q8_0, 150, KvType::F16);
+    moved_cache_continues_bit_for_bit_with(&device, 40, 100, 8, KvType::F16);
+    let path = model_file("small", DType::Q4_1, DType::Q8_0);
+    let model = Model::open("m", &path, 2)
+        .unwrap()
+        .with_kv_type(KvType::F16)
+        .on_device(&device)
+        .unwrap();
+    assert!(model.compute_label().contains("f16 KV cache"));
+    assert!(model.numerics().precision.contains("f16 KV cache"));
 }

@@ -24,12 +24,14 @@ pub struct Kernels {
 
 impl Kernels {
     /// Builds the pipelines; matrix kernels for `matrix_types`, embedding lookups for
-    /// `embd_types`; rows summed as `reduce` says, or as suits the adapter.
+    /// `embd_types`; rows summed as `reduce` says, or as suits the adapter; the attention
+    /// over a KV cache of f16 values (`kv_f16`) or of f32 ones.
     pub fn build(
         gpu: &WgpuDevice,
         matrix_types: &[DType],
         embd_types: &[DType],
         reduce: Option<Reduce>,
+        kv_f16: bool,
     ) -> Kernels {
         let device = gpu.device();
         let reduce = reduce.unwrap_or_else(|| Kernels::reduce_for(gpu));
@@ -56,7 +58,7 @@ impl Kernels {
                 })
                 .collect(),
             rmsnorm: plain("rmsnorm"),
-            attn_split: plain("attn_split"),
+            attn_split: compute_pipeline(device, "attn_split", &shaders::attn_split(kv_f16)),
             attn_merge: plain("attn_merge"),
             swiglu: plain("swiglu"),
             reduce,

@@ -34,6 +34,8 @@ pub struct WgpuLlama {
     device: Arc<dyn Device>,
     pub(super) kernels: Kernels,
     pub(super) weights: DeviceWeights,
+    /// How its sessions' KV caches store keys and values.
+    pub kv_type: KvType,
     inv_freq: Vec<f32>,
     pub startup: Startup,
     /// One forward pass at a time.
@@ -48,12 +50,6 @@ impl WgpuLlama {
         let gpu = device.as_wgpu().ok_or_else(|| {
             ModelError::Invalid(format!("{} is not a wgpu device", device.describe()))
         })?;
-        if cpu.kv_type != KvType::F32 {
-            return Err(ModelError::Unsupported(format!(
-                "a {} KV cache on wgpu (its attention reads f32 caches only)",
-                cpu.kv_type.name()
-            )));
-        }
         let hd = config.head_dim;
         if !hd.is_multiple_of(4)
             || !128usize.is_multiple_of(hd)
@@ -75,7 +71,8 @@ impl WgpuLlama {
         let upload_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         let embd = [weights.token_embd.dtype];
-        let kernels = Kernels::build(gpu, &weights.matrix_types(), &embd, None);
+        let kv_f16 = cpu.kv_type == KvType::F16;
+        let kernels = Kernels::build(gpu, &weights.matrix_types(), &embd, None, kv_f16);
         let startup = Startup {
             kernels_ms: t.elapsed().as_secs_f64() * 1e3,
             upload_ms,
@@ -83,6 +80,7 @@ impl WgpuLlama {
         };
         Ok(WgpuLlama {
             config,
+            kv_type: cpu.kv_type,
             inv_freq: cpu.inv_freq().to_vec(),
             device,
             kernels,
@@ -108,7 +106,8 @@ impl WgpuLlama {
             super::shaders::Reduce::Shared => "",
             super::shaders::Reduce::Subgroup => ", subgroups",
         };
-        format!("{} f32{reduce}", self.gpu().describe())
+        let kv = self.kv_type.precision_note();
+        format!("{} f32{reduce}{kv}", self.gpu().describe())
     }
 
     /// What decides the bits this forward pass computes ([`crate::numerics`]): the row
@@ -123,10 +122,11 @@ impl WgpuLlama {
                     .map(|(name, _, src)| (name.as_str(), src.as_str())),
             )
         });
-        let precision = match self.kernels.reduce {
+        let reduce = match self.kernels.reduce {
             super::shaders::Reduce::Shared => "f32, shared-memory reductions",
             super::shaders::Reduce::Subgroup => "f32, subgroup reductions",
         };
+        let precision = format!("{reduce}{}", self.kv_type.precision_note());
         let info = self.gpu().adapter_info();
         let api = format!("{:?}", info.backend).to_lowercase();
         let mut architecture = format!("{api} {}", info.name);
@@ -136,7 +136,7 @@ impl WgpuLlama {
         }
         Numerics {
             backend: "wgpu".into(),
-            precision: precision.into(),
+            precision,
             kernels: kernels.clone(),
             architecture,
         }
@@ -277,7 +277,7 @@ impl Engine for WgpuLlama {
         let s = own::<WgpuSession>(state)?;
         let c = &self.config;
         let from = from.min(s.len);
-        let cache = s.download(self.gpu(), from, c.n_layer, c.kv_dim())?;
+        let cache = s.download(self.gpu(), from, c.n_layer, c.kv_dim(), self.kv_type)?;
         Ok((std::borrow::Cow::Owned(cache), from))
     }
 
@@ -290,6 +290,14 @@ impl Engine for WgpuLlama {
     ) -> Result<(), ModelError> {
         let s = own_mut::<WgpuSession>(state)?;
         let c = &self.config;
-        s.upload_layers(self.gpu(), from, len, c.n_layer, c.kv_dim(), layer)
+        s.upload_layers(
+            self.gpu(),
+            from,
+            len,
+            c.n_layer,
+            c.kv_dim(),
+            self.kv_type,
+            layer,
+        )
     }
 }

@@ -11,7 +11,7 @@ use super::weights::DevMatrix;
 use super::{ATTN_SPLIT, MAX_CHUNK, WgpuLlama};
 use crate::ModelError;
 use crate::llama::RopeStyle;
-use crate::llama::cpu::KvCache;
+use crate::llama::cpu::{KvCache, KvType};
 
 /// Device buffers of one session. Every activation buffer holds `MAX_CHUNK` positions.
 struct Buffers {
@@ -80,8 +80,9 @@ impl WgpuSession {
         let c = &model.config;
         let gpu = model.gpu();
         let kv_len = c.kv_cache_len(n_ctx)?;
+        let kv_bytes = kv_len * model.kv_type.bytes();
         let limit = gpu.device().limits().max_storage_buffer_binding_size as usize;
-        if 4 * kv_len > limit {
+        if kv_bytes > limit {
             return Err(ModelError::Unsupported(format!(
                 "a KV cache of {n_ctx} positions on this adapter (storage bindings hold {limit} bytes)"
             )));
@@ -89,8 +90,8 @@ impl WgpuSession {
         let n_split = n_ctx.div_ceil(ATTN_SPLIT);
         let q_dim = c.n_head * c.head_dim;
         let buf = Buffers {
-            k: floats(gpu, "k cache", kv_len),
-            v: floats(gpu, "v cache", kv_len),
+            k: floats(gpu, "k cache", kv_bytes / 4),
+            v: floats(gpu, "v cache", kv_bytes / 4),
             step: floats(gpu, "step", 2 + MAX_CHUNK),
             rope: gpu.upload_f32("rope", &rope_table(model.inv_freq(), n_ctx)),
             x: floats(gpu, "x", MAX_CHUNK * c.n_embd),
@@ -205,27 +206,30 @@ impl WgpuSession {
     }
 
     /// The keys and values of the filled positions from `from` (at most `len`) on, copied to
-    /// the host (compact: the cache's position 0 is `from`, `n_ctx == len - from`).
+    /// the host as a cache of `kv_type` (compact: the cache's position 0 is `from`, `n_ctx ==
+    /// len - from`).
     pub fn download(
         &self,
         gpu: &WgpuDevice,
         from: usize,
         n_layer: usize,
         kv_dim: usize,
+        kv_type: KvType,
     ) -> Result<KvCache, ModelError> {
         let from = from.min(self.len);
-        let mut host = KvCache::empty(n_layer, self.len - from, kv_dim);
+        let mut host = KvCache::empty_of(kv_type, n_layer, self.len - from, kv_dim);
         for l in 0..n_layer {
-            let at = (4 * (l * self.n_ctx + from) * kv_dim) as u64;
-            let (k, v) = host.layer_mut(l);
-            gpu.read_f32(&self.buf.k, at, k).map_err(wgpu_error)?;
-            gpu.read_f32(&self.buf.v, at, v).map_err(wgpu_error)?;
+            let at = (kv_type.bytes() * (l * self.n_ctx + from) * kv_dim) as u64;
+            let (k, v) = host.layer_bytes_mut(l);
+            gpu.read_bytes(&self.buf.k, at, k).map_err(wgpu_error)?;
+            gpu.read_bytes(&self.buf.v, at, v).map_err(wgpu_error)?;
         }
         Ok(host)
     }
 
-    /// Fills the first `len` positions of every layer from little-endian f32 bytes, copied
-    /// from `layer`'s slices to device memory.
+    /// Fills the first `len` positions of every layer from little-endian values of
+    /// `kv_type`, copied from `layer`'s slices to device memory.
+    #[allow(clippy::too_many_arguments)]
     pub fn upload_layers<'a>(
         &mut self,
         gpu: &WgpuDevice,
@@ -233,17 +237,20 @@ impl WgpuSession {
         len: usize,
         n_layer: usize,
         kv_dim: usize,
+        kv_type: KvType,
         layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
     ) -> Result<(), ModelError> {
+        let value = kv_type.bytes();
         for l in 0..n_layer {
             let (kb, vb) = layer(l)?;
-            let at = (4 * (l * self.n_ctx + from) * kv_dim) as u64;
+            let at = (value * (l * self.n_ctx + from) * kv_dim) as u64;
             for (bytes, buf) in [(kb, &self.buf.k), (vb, &self.buf.v)] {
-                if bytes.len() != 4 * len * kv_dim {
+                if bytes.len() != value * len * kv_dim {
                     return Err(ModelError::Invalid(format!(
-                        "{} bytes of keys or values where {} floats belong",
+                        "{} bytes of keys or values where {} {} values belong",
                         bytes.len(),
-                        len * kv_dim
+                        len * kv_dim,
+                        kv_type.name()
                     )));
                 }
                 if !bytes.is_empty() {

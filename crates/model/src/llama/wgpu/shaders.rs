@@ -34,22 +34,39 @@ const WG_REDUCE: &str = include_str!("kernels/wg_reduce.wgsl");
 /// The kernels that read no weights: (entry point, file).
 pub const PLAIN: [(&str, &str); 4] = [
     ("rmsnorm", include_str!("kernels/rmsnorm.wgsl")),
-    ("attn_split", include_str!("kernels/attn_split.wgsl")),
+    ("attn_split", ATTN_SPLIT_WGSL),
     ("attn_merge", include_str!("kernels/attn_merge.wgsl")),
     ("swiglu", include_str!("kernels/swiglu.wgsl")),
 ];
 
+const ATTN_SPLIT_WGSL: &str = include_str!("kernels/attn_split.wgsl");
+/// The KV cache's bindings and accessors for `attn_split`: f32 values, or f16 ones.
+const KV_F32: &str = include_str!("kernels/kv_f32.wgsl");
+pub(super) const KV_F16: &str = include_str!("kernels/kv_f16.wgsl");
+
 /// The module of `PLAIN` kernel `entry`: its file, after the shared constants and the
-/// workgroup reductions for the attention's two.
+/// workgroup reductions for the attention's two (and, for `attn_split`, an f32 cache's
+/// accessors: [`attn_split`] for either cache).
 pub fn plain(entry: &str) -> Option<String> {
+    if entry == "attn_split" {
+        return Some(attn_split(false));
+    }
     let (_, src) = PLAIN.iter().find(|(e, _)| *e == entry)?;
     Some(if entry.starts_with("attn_") {
-        let constants =
-            format!("const SPLIT: u32 = {ATTN_SPLIT}u;\nconst MAX_TOK: u32 = {MAX_CHUNK}u;");
-        [&constants, WG_REDUCE, src].join("\n")
+        [&attn_constants(), WG_REDUCE, src].join("\n")
     } else {
         src.to_string()
     })
+}
+
+/// The attention's splits over a cache of f16 values (`kv_f16`) or of f32 ones.
+pub fn attn_split(kv_f16: bool) -> String {
+    let kv = if kv_f16 { KV_F16 } else { KV_F32 };
+    [&attn_constants(), WG_REDUCE, kv, ATTN_SPLIT_WGSL].join("\n")
+}
+
+fn attn_constants() -> String {
+    format!("const SPLIT: u32 = {ATTN_SPLIT}u;\nconst MAX_TOK: u32 = {MAX_CHUNK}u;")
 }
 
 /// How the 32 lanes of a matrix row are summed.
@@ -131,6 +148,7 @@ pub fn all() -> Vec<(String, &'static str, String)> {
             get_rows(dtype),
         ));
     }
+    out.push(("attn_split_f16".into(), "attn_split", attn_split(true)));
     for (entry, _) in PLAIN {
         let src = plain(entry).expect("every plain kernel has a module");
         out.push((entry.to_string(), entry, src));

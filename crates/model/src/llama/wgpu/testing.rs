@@ -51,7 +51,7 @@ impl OpHarness {
         let gpu = device
             .as_wgpu()
             .ok_or_else(|| ModelError::Invalid("not a wgpu device".into()))?;
-        let kernels = Kernels::build(gpu, &DType::ALL, &DType::ALL, reduce);
+        let kernels = Kernels::build(gpu, &DType::ALL, &DType::ALL, reduce, false);
         Ok(OpHarness {
             device: device.clone(),
             kernels,
@@ -171,6 +171,52 @@ impl OpHarness {
             [MAX_CHUNK as u32, 1, 1],
         );
         self.run(&d, &out, x.len())
+    }
+
+    /// The f16 KV cache's conversions (`kv_f16.wgsl`) on the GPU: for each f32 of bits
+    /// `bits[i]`, its f16 bits; and for the f16 of bits `bits[i] & 0xffff`, its f32 bits.
+    pub fn f16_conversions(&self, bits: &[u32]) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
+        // The results go out through the cache's own bindings (1 and 2), two per word.
+        const ENTRY: &str = "
+@group(0) @binding(0) var<storage, read> xs: array<u32>;
+@group(0) @binding(3) var<uniform> n: vec4<u32>;
+
+@compute @workgroup_size(64)
+fn f16_conversions(@builtin(global_invocation_id) id: vec3<u32>) {
+    let w = id.y * 65535u * 64u + id.x;
+    if 2u * w < n.x {
+        let a = xs[2u * w];
+        let b = xs[2u * w + 1u];
+        k_cache[w] = vec2<u32>(f16_bits_of(a), f16_bits_of(b));
+        v_cache[w] = vec2<u32>(
+            bitcast<u32>(f16_value(a & 0xffffu)),
+            bitcast<u32>(f16_value(b & 0xffffu)),
+        );
+    }
+}
+";
+        let gpu = self.gpu();
+        let src = [super::shaders::KV_F16, ENTRY].join("\n");
+        let pipeline = tern_compute::wgpu::compute_pipeline(gpu.device(), "f16_conversions", &src);
+        let mut as_f32: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        as_f32.resize(bits.len().next_multiple_of(2), 0.0);
+        let xs = gpu.upload_f32("xs", &as_f32);
+        let halves = gpu.upload_f32("halves", &vec![0.0; as_f32.len()]);
+        let widened = gpu.upload_f32("widened", &vec![0.0; as_f32.len()]);
+        let groups = (as_f32.len() / 2).div_ceil(64) as u32;
+        let d = Dispatch::new(
+            gpu,
+            "f16_conversions",
+            &pipeline,
+            &[Bind::all(&xs), Bind::all(&halves), Bind::all(&widened)],
+            &[bits.len() as u32],
+            [groups.min(65535), groups.div_ceil(65535), 1],
+        );
+        let to_bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect();
+        let h = self.run(&d, &halves, bits.len())?;
+        let mut w = vec![0.0; bits.len()];
+        gpu.read_f32(&widened, 0, &mut w).map_err(wgpu_error)?;
+        Ok((to_bits(h), to_bits(w)))
     }
 
     /// `silu(gate) * up` for one token.

@@ -12,6 +12,12 @@
 // computed on the host exactly as the CPU reference computes them; `halves` selects Hugging
 // Face's pairing (i, i + n_rot / 2) over adjacent pairs.
 //
+// The cache's bindings (1 and 2) and its accessors come from kv_f32.wgsl or kv_f16.wgsl, which
+// the host puts before this file: k_at/v_at read four values, k_put/v_put store four, and
+// kv_round rounds a value as the cache stores it, which the call's own keys and values get too
+// where they are read from workgroup memory (so a position reads the same bits whichever call
+// appended it).
+//
 // Two invocations score each cached position, each dotting half of the key with the query
 // (16-byte loads, four in flight), and their halves are added in a fixed order. The workgroup
 // takes the max and the sum of exponentials in fixed trees. Then each invocation sums
@@ -33,8 +39,6 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> qkv: array<f32>;
-@group(0) @binding(1) var<storage, read_write> k_cache: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> v_cache: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> rope: array<vec2<f32>>;
 @group(0) @binding(4) var<storage, read_write> part_o: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> part_ml: array<f32>;
@@ -114,9 +118,9 @@ fn attn_split(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
         let i = e / hd;
         let d = e % hd;
         let src = (new0 + i) * row + q_dim + kv_head * hd;
-        s_v[i * MAX_DIM + d] = qkv[src + kv_dim + d];
+        s_v[i * MAX_DIM + d] = kv_round(qkv[src + kv_dim + d]);
         if d >= p.n_rot {
-            s_k[i * MAX_DIM + d] = qkv[src + d];
+            s_k[i * MAX_DIM + d] = kv_round(qkv[src + d]);
         }
     }
     for (var e = tid; e < n_new * half_rot; e += 128u) {
@@ -127,8 +131,8 @@ fn attn_split(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
         let cs = rope[(pos0 + new0 + i) * half_rot + j];
         let x0 = qkv[src + ab.x];
         let x1 = qkv[src + ab.y];
-        s_k[i * MAX_DIM + ab.x] = x0 * cs.x - x1 * cs.y;
-        s_k[i * MAX_DIM + ab.y] = x0 * cs.y + x1 * cs.x;
+        s_k[i * MAX_DIM + ab.x] = kv_round(x0 * cs.x - x1 * cs.y);
+        s_k[i * MAX_DIM + ab.y] = kv_round(x0 * cs.y + x1 * cs.x);
     }
     workgroupBarrier();
     // Vectors of four: the head's, and a cache row's.
@@ -139,8 +143,8 @@ fn attn_split(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
     if head % group == 0u && last / SPLIT == split && tid < hv {
         let i = last - first - cached;
         let dst = kv_off + last * kv_row + tid;
-        k_cache[dst] = new_k4(i, tid);
-        v_cache[dst] = new_v4(i, tid);
+        k_put(dst, new_k4(i, tid));
+        v_put(dst, new_v4(i, tid));
     }
 
     // Scores: invocations 2i and 2i + 1 take the two halves of position first + i's key.
@@ -154,14 +158,14 @@ fn attn_split(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
         let k = kv_off + (first + i) * kv_row;
         var j = j0;
         for (; j + 4u <= j1; j += 4u) {
-            let a = k_cache[k + j];
-            let b = k_cache[k + j + 1u];
-            let c = k_cache[k + j + 2u];
-            let d = k_cache[k + j + 3u];
+            let a = k_at(k + j);
+            let b = k_at(k + j + 1u);
+            let c = k_at(k + j + 2u);
+            let d = k_at(k + j + 3u);
             sum += dot(a, q4(j)) + dot(b, q4(j + 1u)) + dot(c, q4(j + 2u)) + dot(d, q4(j + 3u));
         }
         for (; j < j1; j++) {
-            sum += dot(k_cache[k + j], q4(j));
+            sum += dot(k_at(k + j), q4(j));
         }
     } else if i < count {
         for (var j = j0; j < j1; j++) {
@@ -193,14 +197,14 @@ fn attn_split(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
     let v = kv_off + first * kv_row + g;
     var pos = part;
     for (; pos + 3u * parts < cached; pos += 4u * parts) {
-        let a = v_cache[v + pos * kv_row];
-        let b = v_cache[v + (pos + parts) * kv_row];
-        let c = v_cache[v + (pos + 2u * parts) * kv_row];
-        let d = v_cache[v + (pos + 3u * parts) * kv_row];
+        let a = v_at(v + pos * kv_row);
+        let b = v_at(v + (pos + parts) * kv_row);
+        let c = v_at(v + (pos + 2u * parts) * kv_row);
+        let d = v_at(v + (pos + 3u * parts) * kv_row);
         acc += s_w[pos] * a + s_w[pos + parts] * b + s_w[pos + 2u * parts] * c + s_w[pos + 3u * parts] * d;
     }
     for (; pos < cached; pos += parts) {
-        acc += s_w[pos] * v_cache[v + pos * kv_row];
+        acc += s_w[pos] * v_at(v + pos * kv_row);
     }
     for (; pos < count; pos += parts) {
         acc += s_w[pos] * new_v4(pos - cached, g);
