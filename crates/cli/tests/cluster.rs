@@ -571,6 +571,35 @@ fn draining_a_node_under_load_fails_no_request() {
     for actor in &actors {
         assert_ne!(entry(&directory(&nodes[1]), actor)["node"], "a");
     }
+    // Idle actors are handed over, not only passivated: draining the busier of b and c (a
+    // drains still) leaves each of its actors running on the other, and their conversations
+    // continue there.
+    let owned_by = |node: &str| -> Vec<String> {
+        let listed = directory(&nodes[0]);
+        (actors.iter())
+            .filter(|a| entry(&listed, a)["node"] == node)
+            .cloned()
+            .collect()
+    };
+    let (from, to) = if owned_by("b").len() >= owned_by("c").len() {
+        ("b", "c")
+    } else {
+        ("c", "b")
+    };
+    let held = owned_by(from);
+    assert!(!held.is_empty());
+    let drained: Value = serde_json::from_str(tern_cluster(&url, &["drain", from]).trim()).unwrap();
+    assert_eq!(drained["moved"], held.len(), "{drained}");
+    assert_eq!(drained["left"], 0, "{drained}");
+    for actor in &held {
+        assert_eq!(entry(&directory(&nodes[0]), actor)["node"], to);
+        let reply = nodes[0].send(actor, "after ");
+        assert!(
+            reply["output"].as_str().unwrap().ends_with("after "),
+            "{reply}"
+        );
+        assert_eq!(reply["durable"], true);
+    }
 }
 
 #[test]

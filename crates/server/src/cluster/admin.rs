@@ -1,8 +1,9 @@
 //! Running a cluster: drain a node, move an actor, see where everything lives.
 //!
 //! Each node answers requests on [`admin_subject`] (JSON in, JSON out): `drain` (stop taking
-//! actors, then save, passivate and release every resident one, so each wakes on another
-//! node at its next message), `release` (the same for one actor), `prefetch` (read an
+//! actors, then hand each resident one over to another node as a move does, the nodes taken
+//! in turn from the least loaded; one that cannot be handed over is saved, passivated and
+//! released, so it wakes on another node at its next message), `release` (the same for one actor), `prefetch` (read an
 //! actor's durable chain into this node's memory while its owner runs on) and `activate`
 //! (claim and restore one actor here now). `tern cluster` calls these through
 //! [`ClusterClient::drain`], [`ClusterClient::move_actor`] and [`ClusterClient::status`].
@@ -99,33 +100,46 @@ impl AppState {
                 let cluster = self.cluster.clone().expect("admin runs in a cluster");
                 cluster.set_draining(true);
                 self.beat().await;
-                let moved = self.resident_durable();
+                let before = self.resident_durable();
+                // Each resident actor handed over to another node, copying ahead, the nodes
+                // taken in turn from the least loaded.
+                let ids: Vec<String> = self
+                    .actors
+                    .list()
+                    .iter()
+                    .filter(|a| a.durable && a.is_resident())
+                    .map(|a| a.id.clone())
+                    .collect();
+                let targets = cluster.others_by_load(&self.device_kind()).await;
+                let mut moved = 0;
+                for (i, id) in ids.iter().enumerate() {
+                    let Some(to) = targets.get(i % targets.len().max(1)) else {
+                        break;
+                    };
+                    match self.hand_over(&cluster, id, to).await {
+                        Ok(()) => moved += 1,
+                        Err(e) => {
+                            tracing::info!(%id, %to, error = %e.message, "not handed over")
+                        }
+                    }
+                }
+                // The rest (no other node, or a hand-over that failed) saved, passivated and
+                // released as soon as each is idle: it wakes where its next message goes.
                 let deadline = Instant::now() + HANDOVER;
                 while self.resident_durable() > 0 && Instant::now() < deadline {
                     self.passivate_idle();
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                let left = self.resident_durable();
                 Ok(json!({
-                    "moved": moved - self.resident_durable().min(moved),
-                    "left": self.resident_durable(),
+                    "moved": moved,
+                    "passivated": before.saturating_sub(moved + left),
+                    "left": left,
                     "ms": started.elapsed().as_millis() as u64,
                 }))
             }
             Admin::Release { actor } => {
-                let cluster = self.cluster.clone().expect("admin runs in a cluster");
-                let deadline = Instant::now() + HANDOVER;
-                while cluster.holds(&actor) {
-                    if Instant::now() >= deadline {
-                        return Err(ApiError::busy(format!("actor `{actor}` stays busy"), 1));
-                    }
-                    if let Ok(handle) = self.actors.get(&actor)
-                        && handle.queued() == 0
-                    {
-                        let _ = handle.post(Job::Passivate);
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                self.actors.evict(&actor);
+                self.release_here(&actor).await?;
                 Ok(json!({"released": actor, "ms": started.elapsed().as_millis() as u64}))
             }
             Admin::Prefetch { actor } => {
@@ -158,6 +172,49 @@ impl AppState {
                 Ok(json!({"activated": actor, "ms": started.elapsed().as_millis() as u64}))
             }
         }
+    }
+
+    /// Saves, passivates and releases actor `id` here once it is idle (waiting at most
+    /// [`HANDOVER`]), so that another node may take it.
+    async fn release_here(&self, id: &str) -> Result<(), ApiError> {
+        let cluster = self.cluster.clone().expect("admin runs in a cluster");
+        let deadline = Instant::now() + HANDOVER;
+        while cluster.holds(id) {
+            if Instant::now() >= deadline {
+                return Err(ApiError::busy(format!("actor `{id}` stays busy"), 1));
+            }
+            if let Ok(handle) = self.actors.get(id)
+                && handle.queued() == 0
+            {
+                let _ = handle.post(Job::Passivate);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.actors.evict(id);
+        Ok(())
+    }
+
+    /// Moves actor `id` from here to node `to`, copying ahead: `to` reads its chain while
+    /// it still runs here, then it is released here and `to` restores it.
+    async fn hand_over(
+        &self,
+        cluster: &super::Cluster,
+        id: &str,
+        to: &str,
+    ) -> Result<(), ApiError> {
+        let unreachable = |e: ClusterError| ApiError::internal(e.to_string());
+        let actor = id.to_string();
+        let prefetch = Admin::Prefetch {
+            actor: actor.clone(),
+        };
+        ask(cluster.client(), to, &prefetch)
+            .await
+            .map_err(unreachable)?;
+        self.release_here(id).await?;
+        ask(cluster.client(), to, &Admin::Activate { actor })
+            .await
+            .map_err(unreachable)?;
+        Ok(())
     }
 
     /// Claims actor `id` for this node and restores it now; returns once it runs.
@@ -209,6 +266,28 @@ pub async fn reactivate_eager(state: Arc<AppState>) {
             }
         }
     }
+}
+
+/// Sends `request` to `node`'s administrative subject and returns its answer (an answer
+/// naming an error is one).
+async fn ask(
+    client: &async_nats::Client,
+    node: &str,
+    request: &Admin,
+) -> Result<Value, ClusterError> {
+    let body = serde_json::to_vec(request).map_err(super::js_error)?;
+    let answer = tokio::time::timeout(
+        HANDOVER + Duration::from_secs(10),
+        client.request(admin_subject(node), body.into()),
+    )
+    .await
+    .map_err(|_| ClusterError::JetStream(format!("node `{node}` did not answer")))?
+    .map_err(|e| ClusterError::JetStream(format!("node `{node}`: {e}")))?;
+    let value: Value = serde_json::from_slice(&answer.payload).map_err(super::js_error)?;
+    if let Some(error) = value.get("error").and_then(Value::as_str) {
+        return Err(ClusterError::JetStream(format!("node `{node}`: {error}")));
+    }
+    Ok(value)
 }
 
 /// A client of the cluster's buckets and nodes, for `tern cluster`.
@@ -264,21 +343,7 @@ impl ClusterClient {
 
     /// Sends `request` to `node` and returns its answer.
     pub fn request(&self, node: &str, request: &Admin) -> Result<Value, ClusterError> {
-        let body = serde_json::to_vec(request).map_err(super::js_error)?;
-        self.rt.block_on(async {
-            let answer = tokio::time::timeout(
-                HANDOVER + Duration::from_secs(10),
-                self.client.request(admin_subject(node), body.into()),
-            )
-            .await
-            .map_err(|_| ClusterError::JetStream(format!("node `{node}` did not answer")))?
-            .map_err(|e| ClusterError::JetStream(format!("node `{node}`: {e}")))?;
-            let value: Value = serde_json::from_slice(&answer.payload).map_err(super::js_error)?;
-            if let Some(error) = value.get("error").and_then(Value::as_str) {
-                return Err(ClusterError::JetStream(format!("node `{node}`: {error}")));
-            }
-            Ok(value)
-        })
+        self.rt.block_on(ask(&self.client, node, request))
     }
 
     /// Whether node `name` is in the nodes bucket (its heartbeat has not lapsed).

@@ -609,20 +609,22 @@ impl Cluster {
     /// The live, not draining node other than this one with the fewest KV bytes (then the
     /// fewest resident actors) of this node's device kind if there is one.
     pub async fn least_loaded_other(&self, device: &str) -> Option<String> {
-        let nodes = self.nodes().await.ok()?;
+        self.others_by_load(device).await.into_iter().next()
+    }
+
+    /// The live, not draining nodes other than this one: those of device kind `device`
+    /// first, each kind's from the fewest KV bytes (then the fewest resident actors).
+    pub async fn others_by_load(&self, device: &str) -> Vec<String> {
+        let Ok(nodes) = self.nodes().await else {
+            return Vec::new();
+        };
         let gone = lock(&self.gone).clone();
-        let candidates = || {
-            nodes
-                .iter()
-                .filter(|n| n.name != self.node && !n.draining && !gone.contains_key(&n.name))
-        };
-        let best = |same: bool| {
-            candidates()
-                .filter(|n| !same || n.device == device)
-                .min_by_key(|n| (n.kv_bytes, n.resident, n.name.clone()))
-                .map(|n| n.name.clone())
-        };
-        best(true).or_else(|| best(false))
+        let mut others: Vec<&NodeInfo> = nodes
+            .iter()
+            .filter(|n| n.name != self.node && !n.draining && !gone.contains_key(&n.name))
+            .collect();
+        others.sort_by_key(|n| (n.device != device, n.kv_bytes, n.resident, n.name.clone()));
+        others.into_iter().map(|n| n.name.clone()).collect()
     }
 
     /// Takes actor `id` for this node: an update of its entry on the revision read, with
