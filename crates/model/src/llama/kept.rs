@@ -98,10 +98,18 @@ impl KeptCaches {
             k16: vec![0; half],
             v16: vec![0; half],
         };
-        touch(&mut buffers.k);
-        touch(&mut buffers.v);
-        touch(&mut buffers.k16);
-        touch(&mut buffers.v16);
+        // Keys on a thread of their own, values here: page faults proceed side by side (a
+        // 196 MB cache's took 100 ms on one thread of this project's 2-core machine, 53 ms
+        // on two).
+        let Buffers { k, v, k16, v16 } = &mut buffers;
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                touch(k);
+                touch(k16);
+            });
+            touch(v);
+            touch(v16);
+        });
         self.keep(Kept {
             buffers,
             zero: true,
