@@ -30,6 +30,8 @@ use crate::routes::AppState;
 
 /// The most a drain or a release waits for busy actors to finish.
 const HANDOVER: Duration = Duration::from_secs(120);
+/// Actors a drain hands over at once.
+const HAND_OVERS: usize = 8;
 
 /// The subject a node takes administrative requests on.
 pub fn admin_subject(node: &str) -> String {
@@ -111,18 +113,27 @@ impl AppState {
                     .map(|a| a.id.clone())
                     .collect();
                 let targets = cluster.others_by_load(&self.device_kind()).await;
-                let mut moved = 0;
-                for (i, id) in ids.iter().enumerate() {
-                    let Some(to) = targets.get(i % targets.len().max(1)) else {
-                        break;
-                    };
-                    match self.hand_over(&cluster, id, to).await {
-                        Ok(()) => moved += 1,
-                        Err(e) => {
-                            tracing::info!(%id, %to, error = %e.message, "not handed over")
-                        }
+                let moved = if targets.is_empty() {
+                    0
+                } else {
+                    // Several at once: each waits for its actor to be idle.
+                    let mut hand_overs = Vec::with_capacity(ids.len());
+                    for (i, id) in ids.into_iter().enumerate() {
+                        let (cluster, to) = (cluster.clone(), targets[i % targets.len()].clone());
+                        hand_overs.push(async move {
+                            let handed = self.hand_over(&cluster, &id, &to).await;
+                            if let Err(e) = &handed {
+                                tracing::info!(%id, %to, error = %e.message, "not handed over");
+                            }
+                            handed.is_ok()
+                        });
                     }
-                }
+                    let handed: Vec<bool> = futures_util::stream::iter(hand_overs)
+                        .buffer_unordered(HAND_OVERS)
+                        .collect()
+                        .await;
+                    handed.into_iter().filter(|&h| h).count()
+                };
                 // The rest (no other node, or a hand-over that failed) saved, passivated and
                 // released as soon as each is idle: it wakes where its next message goes.
                 let deadline = Instant::now() + HANDOVER;
@@ -276,13 +287,15 @@ async fn ask(
     request: &Admin,
 ) -> Result<Value, ClusterError> {
     let body = serde_json::to_vec(request).map_err(super::js_error)?;
-    let answer = tokio::time::timeout(
-        HANDOVER + Duration::from_secs(10),
-        client.request(admin_subject(node), body.into()),
-    )
-    .await
-    .map_err(|_| ClusterError::JetStream(format!("node `{node}` did not answer")))?
-    .map_err(|e| ClusterError::JetStream(format!("node `{node}`: {e}")))?;
+    // A drain or a release may wait for busy actors for up to HANDOVER.
+    let wait = HANDOVER + Duration::from_secs(10);
+    let request = async_nats::Request::new()
+        .payload(body.into())
+        .timeout(Some(wait));
+    let answer = client
+        .send_request(admin_subject(node), request)
+        .await
+        .map_err(|e| ClusterError::JetStream(format!("node `{node}`: {e}")))?;
     let value: Value = serde_json::from_slice(&answer.payload).map_err(super::js_error)?;
     if let Some(error) = value.get("error").and_then(Value::as_str) {
         return Err(ClusterError::JetStream(format!("node `{node}`: {error}")));
