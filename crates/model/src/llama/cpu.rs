@@ -141,13 +141,14 @@ impl KvCache {
     /// filled.
     pub fn empty_of(kv_type: KvType, n_layer: usize, n_ctx: usize, kv_dim: usize) -> KvCache {
         let (wide, half) = kv_type.values(n_layer * n_ctx * kv_dim);
-        let buffers = Buffers {
-            k: vec![0.0; wide],
-            v: vec![0.0; wide],
-            k16: vec![0; half],
-            v16: vec![0; half],
-        };
-        KvCache::of(buffers, kv_type, n_layer, n_ctx, kv_dim, None)
+        KvCache::of(
+            Buffers::zeroed(wide, half),
+            kv_type,
+            n_layer,
+            n_ctx,
+            kv_dim,
+            None,
+        )
     }
 
     fn of(
@@ -533,18 +534,12 @@ impl CpuLlama {
         &self.inv_freq
     }
 
-    /// An empty cache for up to `n_ctx` positions.
     /// An empty cache of `n_ctx` positions, in memory a dropped cache of its size left (or
     /// made ahead by [`CpuLlama::keep_cache_memory`]) where some is kept.
     pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache, ModelError> {
         let c = &self.config;
         let (wide, half) = self.cache_values(n_ctx)?;
-        let buffers = self.kept.take(wide, half).unwrap_or_else(|| Buffers {
-            k: vec![0.0; wide],
-            v: vec![0.0; wide],
-            k16: vec![0; half],
-            v16: vec![0; half],
-        });
+        let buffers = (self.kept.take(wide, half)).unwrap_or_else(|| Buffers::zeroed(wide, half));
         let keep = Some(self.kept.clone());
         let mut cache = KvCache::of(buffers, self.kv_type, c.n_layer, n_ctx, c.kv_dim(), keep);
         cache.len = 0;

@@ -23,6 +23,17 @@ pub(crate) struct Buffers {
 }
 
 impl Buffers {
+    /// Zeroed buffers of `wide` f32 values and `half` f16 values each (their pages not yet
+    /// in memory).
+    pub(crate) fn zeroed(wide: usize, half: usize) -> Buffers {
+        Buffers {
+            k: vec![0.0; wide],
+            v: vec![0.0; wide],
+            k16: vec![0; half],
+            v16: vec![0; half],
+        }
+    }
+
     fn lens(&self) -> (usize, usize) {
         (self.k.len(), self.k16.len())
     }
@@ -92,12 +103,7 @@ impl KeptCaches {
         if self.kept().iter().any(|k| k.buffers.lens() == (wide, half)) {
             return;
         }
-        let mut buffers = Buffers {
-            k: vec![0.0; wide],
-            v: vec![0.0; wide],
-            k16: vec![0; half],
-            v16: vec![0; half],
-        };
+        let mut buffers = Buffers::zeroed(wide, half);
         // Keys on a thread of their own, values here: page faults proceed side by side (a
         // 196 MB cache's took 100 ms on one thread of this project's 2-core machine, 53 ms
         // on two).

@@ -3,9 +3,9 @@
 //! Each node answers requests on [`admin_subject`] (JSON in, JSON out): `drain` (stop taking
 //! actors, then hand each resident one over to another node as a move does, the nodes taken
 //! in turn from the least loaded; one that cannot be handed over is saved, passivated and
-//! released, so it wakes on another node at its next message), `release` (the same for one actor), `prefetch` (read an
-//! actor's durable chain into this node's memory while its owner runs on) and `activate`
-//! (claim and restore one actor here now). `tern cluster` calls these through
+//! released, so it wakes on another node at its next message), `release` (save, passivate
+//! and release one actor), `prefetch` (read an actor's durable chain into this node's memory
+//! while its owner runs on) and `activate` (claim and restore one actor here now). `tern cluster` calls these through
 //! [`ClusterClient::drain`], [`ClusterClient::move_actor`] and [`ClusterClient::status`].
 //!
 //! A move copies ahead, as live migration of virtual machines does: the target reads the
