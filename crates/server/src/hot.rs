@@ -5,7 +5,9 @@
 //! link appended), so it never holds what the store does not; a chain whose append does not
 //! continue the mirror exactly is dropped from it. A budget bounds the bytes kept; past it the
 //! chains used longest ago go first. Only a store that one server owns alone (the state
-//! folder, locked) is mirrored: in a cluster another node may move the actor on.
+//! folder, locked) is mirrored: in a cluster another node may move the actor on. A cluster's
+//! node keeps its immutable snapshot objects in one instead, each under its own name
+//! ([`crate::cluster`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;

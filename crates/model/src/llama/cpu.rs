@@ -539,7 +539,10 @@ impl CpuLlama {
     pub fn new_cache(&self, n_ctx: usize) -> Result<KvCache, ModelError> {
         let c = &self.config;
         let (wide, half) = self.cache_values(n_ctx)?;
-        let buffers = (self.kept.take(wide, half)).unwrap_or_else(|| Buffers::zeroed(wide, half));
+        let buffers = self
+            .kept
+            .take(wide, half)
+            .unwrap_or_else(|| Buffers::zeroed(wide, half));
         let keep = Some(self.kept.clone());
         let mut cache = KvCache::of(buffers, self.kv_type, c.n_layer, n_ctx, c.kv_dim(), keep);
         cache.len = 0;

@@ -33,7 +33,6 @@
 
 pub mod admin;
 pub mod forward;
-mod objects;
 pub mod route;
 pub mod store;
 
@@ -49,6 +48,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actors::lock;
 use crate::durable::ActorRecord;
+use crate::hot::HotSnapshots;
 use crate::store::StoreError;
 
 /// The directory: actor id → [`ActorEntry`].
@@ -118,7 +118,7 @@ pub struct ClusterOptions {
     pub node: String,
     /// JetStream replicas of each bucket (1 on one NATS server; 3 in production).
     pub replicas: usize,
-    /// The most bytes of snapshot objects this node keeps in memory ([`objects`]).
+    /// The most bytes of snapshot objects this node keeps in memory.
     pub cache_bytes: u64,
 }
 
@@ -174,8 +174,9 @@ pub struct Cluster {
     /// sent to a node that no longer owns its actor is placed again there).
     seen_owner: Mutex<HashMap<String, (String, std::time::Instant)>>,
     draining: AtomicBool,
-    /// Snapshot objects this node wrote or read.
-    objects: Mutex<objects::ObjectCache>,
+    /// Snapshot objects this node wrote or read, each kept under its name (see
+    /// [`crate::hot`]): an object never changes under its name, so a kept one is never stale.
+    objects: Mutex<HotSnapshots>,
 }
 
 impl Drop for Cluster {
@@ -400,12 +401,12 @@ impl Cluster {
             seen_alive: Mutex::default(),
             seen_owner: Mutex::default(),
             draining: AtomicBool::new(false),
-            objects: Mutex::new(objects::ObjectCache::new(options.cache_bytes)),
+            objects: Mutex::new(HotSnapshots::new(options.cache_bytes)),
         }))
     }
 
     /// The snapshot objects this node keeps in memory.
-    pub(crate) fn objects(&self) -> std::sync::MutexGuard<'_, objects::ObjectCache> {
+    pub(crate) fn objects(&self) -> std::sync::MutexGuard<'_, HotSnapshots> {
         lock(&self.objects)
     }
 

@@ -137,7 +137,7 @@ impl ClusterStore {
                 .map_err(remote)?;
             Ok(())
         })?;
-        self.0.objects().insert(&name, bytes);
+        self.0.objects().replace(&name, bytes);
         Ok(name)
     }
 
@@ -156,7 +156,7 @@ impl ClusterStore {
                 .await?;
             let replaced = before.snapshot.into_iter().chain(before.links);
             for old in replaced.filter(|old| *old != name) {
-                cluster.objects().remove(&old);
+                cluster.objects().forget(&old);
                 if let Err(e) = cluster.snapshots.delete(&old).await {
                     tracing::warn!(%id, error = %e, "cannot delete a replaced snapshot");
                 }
@@ -194,7 +194,7 @@ impl ClusterStore {
             };
             let mut chain = Vec::new();
             for name in std::iter::once(&whole).chain(&entry.links) {
-                chain.push(cluster.object(&id, name).await?);
+                chain.push(cluster.object(&id, name).await?.0);
             }
             Ok(Some(chain))
         })
@@ -223,7 +223,7 @@ impl ClusterStore {
                 })?;
             cluster.drop_token(&id);
             for name in entry.snapshot.into_iter().chain(entry.links) {
-                cluster.objects().remove(&name);
+                cluster.objects().forget(&name);
                 if let Err(e) = cluster.snapshots.delete(&name).await {
                     tracing::warn!(%id, error = %e, "cannot delete a deleted actor's snapshot");
                 }
@@ -234,11 +234,17 @@ impl ClusterStore {
 }
 
 impl Cluster {
-    /// Actor `id`'s snapshot object `name`: kept in this node's memory, or read from the
-    /// store, its content checked against the SHA-256 its name gives, and kept.
-    async fn object(&self, id: &str, name: &str) -> Result<Arc<Vec<u8>>, StoreError> {
-        if let Some(bytes) = self.objects().get(name) {
-            return Ok(bytes);
+    /// Actor `id`'s snapshot object `name`, and whether it was read from the store: kept in
+    /// this node's memory, or read, its content checked against the SHA-256 its name gives,
+    /// and kept.
+    async fn object(&self, id: &str, name: &str) -> Result<(Arc<Vec<u8>>, bool), StoreError> {
+        // An object is kept whole, as the one piece of its entry.
+        if let Some(bytes) = self
+            .objects()
+            .get(name)
+            .and_then(|kept| kept.first().cloned())
+        {
+            return Ok((bytes, false));
         }
         let Some((bytes, digest)) = read_object(&self.snapshots, name).await? else {
             return Err(StoreError::Remote(format!(
@@ -253,8 +259,8 @@ impl Cluster {
             )));
         }
         let bytes = Arc::new(bytes);
-        self.objects().insert(name, bytes.clone());
-        Ok(bytes)
+        self.objects().replace(name, bytes.clone());
+        Ok((bytes, true))
     }
 
     /// Reads into this node's memory the objects of actor `id`'s chain that it does not keep
@@ -267,9 +273,8 @@ impl Cluster {
         };
         let (mut read, mut chain) = (0, Vec::new());
         for name in found.entry.snapshot.iter().chain(&found.entry.links) {
-            let kept = self.objects().contains(name);
-            let bytes = self.object(id, name).await?;
-            if !kept {
+            let (bytes, from_store) = self.object(id, name).await?;
+            if from_store {
                 read += bytes.len() as u64;
             }
             chain.push(bytes);
