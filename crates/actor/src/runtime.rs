@@ -278,6 +278,12 @@ impl Runtime {
         self.creator.is_region_base(ptr)
     }
 
+    /// Guest memory regions kept from dropped actors for the next ones (zeroed, still
+    /// registered with the device), and the bytes they keep mapped.
+    pub fn kept_memory(&self) -> (usize, usize) {
+        self.creator.kept()
+    }
+
     /// The epoch deadline, in ticks, for one guest call.
     pub(crate) fn deadline_ticks(&self) -> u64 {
         (self.limits.call_time.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1

@@ -42,3 +42,60 @@ fn regions_are_released_with_their_actors() {
     drop(actor);
     assert!(!rt.is_region_base(base));
 }
+
+/// On an empty message: the memory's size in pages times 256 plus the OR of all its bytes,
+/// then the memory grown by 3 pages and every byte set to 0xAB. On a longer one: a load
+/// from the second page, which traps while the memory has one.
+const DIRTIER: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param $ptr i32) (param $len i32) (result i32)
+    (local $at i32) (local $acc i32) (local $pages i32)
+    (if (local.get $len) (then (return (i32.load8_u (i32.const 65536)))))
+    (local.set $pages (memory.size))
+    (block $done
+      (loop $each
+        (br_if $done (i32.ge_u (local.get $at) (i32.mul (local.get $pages) (i32.const 65536))))
+        (local.set $acc (i32.or (local.get $acc) (i32.load8_u (local.get $at))))
+        (local.set $at (i32.add (local.get $at) (i32.const 1)))
+        (br $each)))
+    (drop (memory.grow (i32.const 3)))
+    (memory.fill (i32.const 0) (i32.const 0xAB) (i32.const 262144))
+    (i32.add (i32.mul (local.get $pages) (i32.const 256)) (local.get $acc))))"#;
+
+#[test]
+fn a_reused_region_starts_as_a_fresh_memory() {
+    let rt = Runtime::builder(Arc::new(CpuDevice::new()))
+        .build()
+        .unwrap();
+    let mut first = Actor::load(&rt, DIRTIER.as_bytes()).unwrap();
+    let base = first.memory_base();
+    assert_eq!(
+        first.send(b"").unwrap().code,
+        256,
+        "a fresh memory: 1 page of zeros"
+    );
+    assert_eq!(first.memory_bytes(), 4 * 65536);
+    drop(first);
+    let mut second = Actor::load(&rt, DIRTIER.as_bytes()).unwrap();
+    assert_eq!(
+        second.memory_base(),
+        base,
+        "the dropped actor's region was not reused"
+    );
+    assert!(rt.is_region_base(base));
+    assert_eq!(second.memory_bytes(), 65536);
+    assert_eq!(
+        second.send(b"").unwrap().code,
+        256,
+        "the reused memory is not as fresh"
+    );
+    drop(second);
+    let mut third = Actor::load(&rt, DIRTIER.as_bytes()).unwrap();
+    assert_eq!(third.memory_base(), base);
+    let beyond = third.send(b"x");
+    assert!(
+        beyond.is_err(),
+        "a load past the memory's size did not trap: {beyond:?}"
+    );
+}

@@ -1,17 +1,43 @@
 //! Wasmtime's hook for host-owned linear memory: every Wasm memory becomes a [`Region`].
 
+use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
 use crate::{HostMapper, Region};
 
+/// Regions kept for reuse at most, and the bytes their devices may keep registered.
+const KEPT_REGIONS: usize = 4;
+const KEPT_BYTES: usize = 1 << 30;
+
 /// Creates each linear memory of an engine as a [`Region`] whose committed pages every
 /// mapper sees, and whose size can never exceed `max_bytes`.
+///
+/// A dropped memory's region is kept for the next memory of its shape (up to four regions
+/// keeping 1 GiB mapped in all), reset: zeroed, shrunk to nothing,
+/// its pages still faulted in and registered with every device. A restore that grows a fresh
+/// memory to its snapshot's size then skips the page faults and the devices' registration,
+/// which for a GPU is most of the cost of a large memory.
 pub struct RegionCreator {
     mappers: Vec<Arc<dyn HostMapper>>,
     max_bytes: usize,
     live: Arc<Mutex<Vec<usize>>>,
+    kept: Arc<Mutex<Vec<Kept>>>,
+}
+
+/// A reset region and the shape it was made for.
+struct Kept {
+    shape: Shape,
+    region: Region,
+}
+
+/// What a memory asks of its region: the reservation, its guard and its growth limit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    reserve: usize,
+    guard: usize,
+    capacity: usize,
 }
 
 impl RegionCreator {
@@ -21,6 +47,7 @@ impl RegionCreator {
             mappers,
             max_bytes,
             live: Arc::default(),
+            kept: Arc::default(),
         }
     }
 
@@ -36,12 +63,39 @@ impl RegionCreator {
             .unwrap_or_else(|e| e.into_inner())
             .contains(&(ptr as usize))
     }
+
+    /// Regions kept for reuse now, and the bytes they keep mapped.
+    pub fn kept(&self) -> (usize, usize) {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        (kept.len(), kept.iter().map(|k| k.region.mapped_to()).sum())
+    }
+
+    /// A kept region of `shape`, the one with the most bytes mapped, or a new one.
+    fn region(&self, shape: Shape) -> Result<Region, String> {
+        let kept = {
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            let best = (kept.iter().enumerate())
+                .filter(|(_, k)| k.shape == shape)
+                .max_by_key(|(_, k)| k.region.mapped_to())
+                .map(|(i, _)| i);
+            best.map(|i| kept.swap_remove(i).region)
+        };
+        match kept {
+            Some(region) => Ok(region),
+            None => Region::reserve(shape.reserve, shape.guard, self.mappers.clone())
+                .map(|region| region.with_capacity_limit(shape.capacity))
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
-/// A region in Wasmtime's clothes; it unlists itself from its creator when dropped.
+/// A region in Wasmtime's clothes; when dropped it unlists itself from its creator and is
+/// reset and kept for reuse, or unmapped when the creator keeps enough.
 struct RegionMemory {
-    region: Region,
+    region: ManuallyDrop<Region>,
+    shape: Shape,
     live: Arc<Mutex<Vec<usize>>>,
+    kept: Arc<Mutex<Vec<Kept>>>,
 }
 
 impl Drop for RegionMemory {
@@ -51,6 +105,23 @@ impl Drop for RegionMemory {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|&b| b != base);
+        // SAFETY: `drop` runs once and `self.region` is not used after this.
+        let mut region = unsafe { ManuallyDrop::take(&mut self.region) };
+        let bytes = region.mapped_to();
+        let room = |kept: &[Kept]| {
+            kept.len() < KEPT_REGIONS
+                && kept.iter().map(|k| k.region.mapped_to()).sum::<usize>() + bytes <= KEPT_BYTES
+        };
+        if !room(&self.kept.lock().unwrap_or_else(|e| e.into_inner())) || region.reset().is_err() {
+            return;
+        }
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if room(&kept) {
+            kept.push(Kept {
+                shape: self.shape,
+                region,
+            });
+        }
     }
 }
 
@@ -96,18 +167,22 @@ unsafe impl MemoryCreator for RegionCreator {
         // Growth must never move the base, so the capacity is fixed now: the whole
         // reservation Wasmtime expects (its code relies on it) but never past the cap.
         let capacity = reserved_size_in_bytes.map_or(limit, |r| r.min(limit));
-        let reserve = reserved_size_in_bytes.unwrap_or(capacity);
-        let mut region = Region::reserve(reserve, guard_size_in_bytes, self.mappers.clone())
-            .map_err(|e| e.to_string())?;
+        let shape = Shape {
+            reserve: reserved_size_in_bytes.unwrap_or(capacity),
+            guard: guard_size_in_bytes,
+            capacity,
+        };
+        let mut region = self.region(shape)?;
         region.grow_to(minimum).map_err(|e| e.to_string())?;
-        let region = region.with_capacity_limit(capacity);
         self.live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(region.base() as usize);
         Ok(Box::new(RegionMemory {
-            region,
+            region: ManuallyDrop::new(region),
+            shape,
             live: self.live.clone(),
+            kept: self.kept.clone(),
         }))
     }
 }
