@@ -3,7 +3,7 @@
 //! - **Directory**: the KV bucket [`ACTORS_BUCKET`] maps each actor id to an
 //!   [`ActorEntry`]: its record, the node that owns it (none while it is passivated), an
 //!   epoch counting its claims, and the object holding its last durable snapshot. A node
-//!   takes an actor with a compare-and-set on the entry's revision ([`Cluster::claim`]) and
+//!   takes an actor with a compare-and-set on the entry's revision (`Cluster::claim`) and
 //!   keeps the new revision as its fencing token: every later write of that actor (a save,
 //!   a fault, the release, the delete) is an update on exactly that revision, so a node that
 //!   lost the actor (another claimed it while this one was cut off) has every write refused
@@ -24,7 +24,7 @@
 //!   whichever node its next message reaches.
 //! - **Administration** ([`admin`]): drain a node, move an actor, list nodes and actors.
 //!
-//! The [`Cluster`] is also the server's [`SnapshotStore`]: the keys the server's durable
+//! The [`Cluster`] is also the server's [`SnapshotStore`](crate::SnapshotStore): the keys the server's durable
 //! layer writes (`actors/{id}.json`, `actors/{id}.tern`, `modules/{digest}.wasm`) map onto
 //! the directory and the object stores as above.
 //!
@@ -528,7 +528,7 @@ impl Cluster {
     }
 
     /// The live node other than this one that owned actor `id` when last read, if read
-    /// within [`OWNER_FOR`].
+    /// within the last half second.
     pub fn recent_owner(&self, id: &str) -> Option<String> {
         let mut seen = lock(&self.seen_owner);
         match seen.get(id) {
