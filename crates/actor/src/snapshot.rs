@@ -347,7 +347,9 @@ impl Actor {
             });
             let instance = (|| {
                 let started = Instant::now();
-                let mut actor = Actor::instantiate(runtime, module)?;
+                let expected = usize::try_from(m.memory_bytes).unwrap_or(usize::MAX);
+                let mut actor =
+                    tern_memory::expecting(expected, || Actor::instantiate(runtime, module))?;
                 let instantiated = started.elapsed();
                 let grow = actor.restore_memory(m, restore_pages)?;
                 actor.restore_globals(&m.globals)?;

@@ -99,3 +99,35 @@ fn a_reused_region_starts_as_a_fresh_memory() {
         "a load past the memory's size did not trap: {beyond:?}"
     );
 }
+
+/// Grows its memory by 400 pages (25 MiB) on each message.
+const BIG: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "tern_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tern_on_message") (param i32 i32) (result i32)
+    (memory.grow (i32.const 400))))"#;
+
+#[test]
+fn a_small_memory_does_not_take_a_large_kept_region() {
+    let rt = Runtime::builder(Arc::new(CpuDevice::new()))
+        .build()
+        .unwrap();
+    let mut big = Actor::load(&rt, BIG.as_bytes()).unwrap();
+    assert_eq!(big.send(b"").unwrap().code, 1);
+    let base = big.memory_base();
+    drop(big);
+    assert!(rt.kept_memory().1 >= 401 * 65536, "{:?}", rt.kept_memory());
+    let small = Actor::load(&rt, BIG.as_bytes()).unwrap();
+    assert_ne!(
+        small.memory_base(),
+        base,
+        "a one-page memory took a 25 MiB region"
+    );
+    drop(small);
+    let restored = tern_memory::expecting(401 * 65536, || Actor::load(&rt, BIG.as_bytes()));
+    assert_eq!(
+        restored.unwrap().memory_base(),
+        base,
+        "the expected size found no region"
+    );
+}

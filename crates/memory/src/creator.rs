@@ -1,5 +1,6 @@
 //! Wasmtime's hook for host-owned linear memory: every Wasm memory becomes a [`Region`].
 
+use std::cell::Cell;
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
@@ -10,6 +11,28 @@ use crate::{HostMapper, Region};
 /// Regions kept for reuse at most, and the bytes their devices may keep registered.
 const KEPT_REGIONS: usize = 4;
 const KEPT_BYTES: usize = 1 << 30;
+/// How far past what a new memory is expected to use a kept region may reach for the memory
+/// to take it: a quarter more, plus this.
+const KEPT_SLACK: usize = 16 << 20;
+
+thread_local! {
+    /// The size the next memory made on this thread will grow to, when known.
+    static EXPECTED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Runs `make`, which makes a linear memory on this thread (instantiates a module, say),
+/// with the creator told that the memory will soon grow to `bytes` (a restore's snapshot
+/// size): a kept region of about that size serves it, already mapped.
+pub fn expecting<R>(bytes: usize, make: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            EXPECTED.set(self.0);
+        }
+    }
+    let _restore = Restore(EXPECTED.replace(bytes));
+    make()
+}
 
 /// Creates each linear memory of an engine as a [`Region`] whose committed pages every
 /// mapper sees, and whose size can never exceed `max_bytes`.
@@ -18,7 +41,10 @@ const KEPT_BYTES: usize = 1 << 30;
 /// keeping 1 GiB mapped in all), reset: zeroed, shrunk to nothing,
 /// its pages still faulted in and registered with every device. A restore that grows a fresh
 /// memory to its snapshot's size then skips the page faults and the devices' registration,
-/// which for a GPU is most of the cost of a large memory.
+/// which for a GPU is most of the cost of a large memory. A memory takes a kept region only
+/// if the region reaches at most a quarter (plus 16 MiB) past the size the memory starts
+/// with or is expected to grow to ([`expecting`]), so that small memories never hold large
+/// regions pinned.
 pub struct RegionCreator {
     mappers: Vec<Arc<dyn HostMapper>>,
     max_bytes: usize,
@@ -70,12 +96,14 @@ impl RegionCreator {
         (kept.len(), kept.iter().map(|k| k.region.mapped_to()).sum())
     }
 
-    /// A kept region of `shape`, the one with the most bytes mapped, or a new one.
-    fn region(&self, shape: Shape) -> Result<Region, String> {
+    /// A kept region of `shape` for a memory that will use about `bytes`: of those mapping
+    /// no more than that and the slack, the one mapping the most; or a new one.
+    fn region(&self, shape: Shape, bytes: usize) -> Result<Region, String> {
+        let reach = bytes.saturating_add(bytes / 4).saturating_add(KEPT_SLACK);
         let kept = {
             let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
             let best = (kept.iter().enumerate())
-                .filter(|(_, k)| k.shape == shape)
+                .filter(|(_, k)| k.shape == shape && k.region.mapped_to() <= reach)
                 .max_by_key(|(_, k)| k.region.mapped_to())
                 .map(|(i, _)| i);
             best.map(|i| kept.swap_remove(i).region)
@@ -172,7 +200,7 @@ unsafe impl MemoryCreator for RegionCreator {
             guard: guard_size_in_bytes,
             capacity,
         };
-        let mut region = self.region(shape)?;
+        let mut region = self.region(shape, minimum.max(EXPECTED.get()))?;
         region.grow_to(minimum).map_err(|e| e.to_string())?;
         self.live
             .lock()

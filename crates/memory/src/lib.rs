@@ -15,7 +15,7 @@ mod creator;
 mod region;
 
 #[cfg(feature = "wasmtime")]
-pub use creator::RegionCreator;
+pub use creator::{RegionCreator, expecting};
 pub use region::{HostMapper, HostRange, Region};
 
 /// Errors from reserving, committing or mapping a region.
