@@ -93,7 +93,7 @@ impl RegionCreator {
     /// Regions kept for reuse now, and the bytes they keep mapped.
     pub fn kept(&self) -> (usize, usize) {
         let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        (kept.len(), kept.iter().map(|k| k.region.mapped_to()).sum())
+        (kept.len(), mapped(&kept))
     }
 
     /// A kept region of `shape` for a memory that will use about `bytes`: of those mapping
@@ -117,6 +117,11 @@ impl RegionCreator {
     }
 }
 
+/// The bytes the `kept` regions keep mapped.
+fn mapped(kept: &[Kept]) -> usize {
+    kept.iter().map(|k| k.region.mapped_to()).sum()
+}
+
 /// A region in Wasmtime's clothes; when dropped it unlists itself from its creator and is
 /// reset and kept for reuse, or unmapped when the creator keeps enough.
 struct RegionMemory {
@@ -136,10 +141,7 @@ impl Drop for RegionMemory {
         // SAFETY: `drop` runs once and `self.region` is not used after this.
         let mut region = unsafe { ManuallyDrop::take(&mut self.region) };
         let bytes = region.mapped_to();
-        let room = |kept: &[Kept]| {
-            kept.len() < KEPT_REGIONS
-                && kept.iter().map(|k| k.region.mapped_to()).sum::<usize>() + bytes <= KEPT_BYTES
-        };
+        let room = |kept: &[Kept]| kept.len() < KEPT_REGIONS && mapped(kept) + bytes <= KEPT_BYTES;
         if !room(&self.kept.lock().unwrap_or_else(|e| e.into_inner())) || region.reset().is_err() {
             return;
         }
