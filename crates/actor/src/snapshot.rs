@@ -18,14 +18,16 @@
 //!   may differ from an uninterrupted run. A version-1 snapshot records no numerics: there
 //!   its device label is compared with [`Actor::compute_label`].
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tern_model::engine::SourceUnits;
 use tern_model::{Model, Session};
 use tern_snapshot::{
-    self as format, Chain, Global, HostInfo, KvLayers, KvPiece, KvWrite, Manifest, ModelRef,
-    ModuleRef, SessionInfo, SnapshotView, SnapshotWrite, ValType,
+    self as format, Chain, ChunkHashes, Global, HostInfo, KvLayers, KvPiece, KvWrite, Manifest,
+    ModelRef, ModuleRef, SessionInfo, SnapshotView, SnapshotWrite, ValType,
 };
 use wasmtime::{V128, Val};
 
@@ -221,6 +223,7 @@ impl Actor {
             &snapshot.manifest,
             |dst, dirty| snapshot.restore_pages(dst, dirty),
             &pieces,
+            None,
         )?;
         actor.lineage = Some(Lineage::whole(snapshot));
         Ok(actor)
@@ -254,9 +257,12 @@ impl Actor {
     /// A new actor of `module` in exactly the state `chain`'s newest snapshot holds; see
     /// [`restore`](Self::restore). Its next link continues the chain.
     ///
-    /// A chain read by [`format::parse_chain_unverified`] has its checksums compared on other
-    /// threads while the actor is restored: the restore does not wait for the whole file to
-    /// be hashed first, and a mismatch discards the restored actor and is the error returned.
+    /// A chain read by [`format::parse_chain_unverified`] has its checksums compared while the
+    /// actor is restored: the restore does not wait for the whole file to be hashed first, and
+    /// a mismatch discards the restored actor and is the error returned. Where the sessions'
+    /// models copy KV caches through staging buffers (a GPU), the copy hashes the checksum
+    /// chunks that hold them as it reads them ([`Model::reads_kv_units`]), so those bytes
+    /// cross the host's memory once for both; other threads hash the rest.
     pub fn restore_chain(
         runtime: &Runtime,
         module: &Arc<ActorModule>,
@@ -265,26 +271,41 @@ impl Actor {
         let pieces = (0..chain.manifest().sessions.len())
             .map(|i| chain.kv(i).map(<[KvPiece<'_>]>::to_vec))
             .collect::<Result<Vec<_>, format::SnapshotError>>()?;
-        let restore = || {
+        let restore = |units: Option<&dyn SourceUnits>| {
             Self::restore_parts(
                 runtime,
                 module,
                 chain.manifest(),
                 |dst, dirty| chain.restore_pages(dst, dirty),
                 &pieces,
+                units,
             )
         };
         let (restored, verified, check) = if chain.is_verified() {
-            (restore(), chain.verify(), Duration::ZERO)
+            (restore(None), chain.verify(), Duration::ZERO)
         } else {
+            // Where the sessions' models copy the KV bytes through staging buffers, the copy
+            // hashes the checksum chunks holding them as it reads them; another thread hashes
+            // the rest, and the check hashes whatever neither did.
+            let hashes = chain.chunk_hashes();
+            let units = ChainUnits(&hashes);
+            let copy_hashes = sessions_read_units(runtime, chain.manifest());
+            let kv = kv_ranges(&pieces);
+            let by_copy = |r: &Range<usize>| {
+                copy_hashes && kv.iter().any(|k| k.start < r.end && r.start < k.end)
+            };
             std::thread::scope(|scope| {
-                let verify = scope.spawn(|| {
+                let hash = scope.spawn(|| {
                     let started = Instant::now();
-                    (chain.verify(), started.elapsed())
+                    hashes.hash_rest(|r| !by_copy(r));
+                    started.elapsed()
                 });
-                let restored = restore();
-                match verify.join() {
-                    Ok((verified, check)) => (restored, verified, check),
+                let restored = restore(copy_hashes.then_some(&units as &dyn SourceUnits));
+                let check = hash.join();
+                let started = Instant::now();
+                let verified = chain.verify_hashed(&hashes);
+                match check {
+                    Ok(check) => (restored, verified, check + started.elapsed()),
                     Err(_) => (
                         restored,
                         Err(format::SnapshotError::Corrupt(
@@ -306,7 +327,8 @@ impl Actor {
     }
 
     /// A restore from a manifest, a memory writer (`restore_pages`) and each session's KV
-    /// pieces; its lineage is for the caller to set.
+    /// pieces, read through `units` where the models can; its lineage is for the caller to
+    /// set.
     fn restore_parts(
         runtime: &Runtime,
         module: &Arc<ActorModule>,
@@ -316,6 +338,7 @@ impl Actor {
             &mut dyn FnMut(usize) -> bool,
         ) -> Result<(), format::SnapshotError>,
         pieces: &[Vec<KvPiece<'_>>],
+        units: Option<&dyn SourceUnits>,
     ) -> Result<Actor, ActorError> {
         if m.abi_version != ABI_VERSION {
             return Err(refuse(format!(
@@ -342,7 +365,7 @@ impl Actor {
                     .iter()
                     .map(|r| find_model(runtime, r))
                     .collect::<Result<Vec<_>, _>>()?;
-                let (sessions, made) = restore_sessions(runtime, m, pieces, &open)?;
+                let (sessions, made) = restore_sessions(runtime, m, pieces, &open, units)?;
                 Ok::<_, ActorError>((open, sessions, made, started.elapsed() - made))
             });
             let instance = (|| {
@@ -575,6 +598,7 @@ fn restore_sessions(
     m: &Manifest,
     pieces: &[Vec<KvPiece<'_>>],
     open: &[Arc<Model>],
+    units: Option<&dyn SourceUnits>,
 ) -> Result<(Vec<Option<RestoredSession>>, Duration), ActorError> {
     let mut made = Duration::ZERO;
     let mut slots: Vec<Option<RestoredSession>> = (0..m.host.session_slots).map(|_| None).collect();
@@ -609,14 +633,17 @@ fn restore_sessions(
         let bad_kv = |e: format::SnapshotError| tern_model::ModelError::Format(e.to_string());
         let session_pieces = pieces.get(i).map_or(&[][..], Vec::as_slice);
         for piece in session_pieces {
-            session
-                .refill(model, piece.from, piece.count, |layer| {
-                    Ok((
-                        piece.k_layer_bytes(layer).map_err(bad_kv)?,
-                        piece.v_layer_bytes(layer).map_err(bad_kv)?,
-                    ))
-                })
-                .map_err(|e| ActorError::Snapshot(format!("restoring a KV cache: {e}")))?;
+            let layer = |layer| {
+                Ok((
+                    piece.k_layer_bytes(layer).map_err(bad_kv)?,
+                    piece.v_layer_bytes(layer).map_err(bad_kv)?,
+                ))
+            };
+            match units {
+                Some(units) => session.refill_reading(model, piece.from, piece.count, layer, units),
+                None => session.refill(model, piece.from, piece.count, layer),
+            }
+            .map_err(|e| ActorError::Snapshot(format!("restoring a KV cache: {e}")))?;
         }
         session.tokens = info.tokens.clone();
         let slot = slots.get_mut(info.slot as usize).ok_or_else(|| {
@@ -625,6 +652,44 @@ fn restore_sessions(
         *slot = Some((info.model as usize, session, reservation));
     }
     Ok((slots, made))
+}
+
+/// A chain's checksum chunks as the units a model's KV copy reads.
+struct ChainUnits<'h, 'a>(&'h ChunkHashes<'a>);
+
+impl SourceUnits for ChainUnits<'_, '_> {
+    fn ranges(&self) -> &[Range<usize>] {
+        self.0.ranges()
+    }
+
+    fn read(&self, i: usize, take: &mut dyn FnMut(&[u8])) {
+        self.0.read(i, take);
+    }
+}
+
+/// Whether every session of `m` restores into a model that reads its KV bytes through
+/// source units ([`Model::reads_kv_units`]).
+fn sessions_read_units(runtime: &Runtime, m: &Manifest) -> bool {
+    m.sessions.iter().all(|s| {
+        m.models
+            .get(s.model as usize)
+            .and_then(|r| find_model(runtime, r).ok())
+            .is_some_and(|model| model.reads_kv_units())
+    })
+}
+
+/// The address ranges of every layer's keys and values in `pieces`.
+fn kv_ranges(pieces: &[Vec<KvPiece<'_>>]) -> Vec<Range<usize>> {
+    let span = |b: &[u8]| b.as_ptr() as usize..b.as_ptr() as usize + b.len();
+    let mut ranges = Vec::new();
+    for piece in pieces.iter().flatten() {
+        for layer in 0..piece.n_layer() {
+            for bytes in [piece.k_layer_bytes(layer), piece.v_layer_bytes(layer)] {
+                ranges.extend(bytes.ok().map(span));
+            }
+        }
+    }
+    ranges
 }
 
 /// Keys and values, layer by layer.

@@ -134,10 +134,29 @@ fn the_gpu_writes_logits_into_the_actor_and_snapshots_continue_bit_for_bit() {
         tern_actor::ActorModule::new(&rt, "module", FORWARD_GUEST.as_bytes()).unwrap(),
     );
     let mut restored = Actor::restore(&rt, &module, &view).unwrap();
+    // Read unverified, the KV bytes are hashed by the copy into the GPU's staging slots.
+    let chain = tern_snapshot::parse_chain_unverified(&[&snapshot]).unwrap();
+    let mut hashed_by_copy = Actor::restore_chain(&rt, &module, &chain).unwrap();
     for step in [[9u32], [10], [11]] {
         let a = actor.send(&ids(&step)).unwrap();
         let b = restored.send(&ids(&step)).unwrap();
+        let c = hashed_by_copy.send(&ids(&step)).unwrap();
         assert_eq!(a.code, 0);
         assert!(a.output == b.output, "the restored actor's logits differ");
+        assert!(
+            a.output == c.output,
+            "the chain's restored actor's logits differ"
+        );
     }
+
+    // A damaged key, which only the checksum the copy computed can notice.
+    let k = view.kv(0).unwrap().k_layer_bytes(1).unwrap();
+    let at = k.as_ptr() as usize - snapshot.as_ptr() as usize + k.len() / 2;
+    let mut damaged = snapshot.clone();
+    damaged[at] ^= 0x08;
+    let chain = tern_snapshot::parse_chain_unverified(&[&damaged]).unwrap();
+    let err = Actor::restore_chain(&rt, &module, &chain)
+        .err()
+        .expect("a damaged chain is refused");
+    assert!(err.to_string().contains("checksum"), "{err}");
 }

@@ -16,6 +16,7 @@
 
 use std::any::Any;
 use std::borrow::Cow;
+use std::ops::Range;
 
 use crate::ModelError;
 use crate::llama::cpu::KvCache;
@@ -72,6 +73,19 @@ pub struct StepItem<'a> {
 /// `'f`).
 pub type LayerBytes<'a, 'f> = dyn Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError> + 'f;
 
+/// The bytes a KV write reads, seen in units something else needs whole (a snapshot's
+/// checksum chunks): a backend that copies them through staging buffers takes each unit
+/// that holds any of its bytes through [`read`](Self::read) once, copying what it needs of
+/// each block while the block is still in the core's cache, so that whatever `read` does with
+/// the bytes (hash them) costs no pass over memory of its own.
+pub trait SourceUnits: Sync {
+    /// The units' address ranges, ascending and disjoint.
+    fn ranges(&self) -> &[Range<usize>];
+    /// Hands every byte of unit `i` to `take`, in order, in blocks that are sub-slices of the
+    /// unit's own memory.
+    fn read(&self, i: usize, take: &mut dyn FnMut(&[u8]));
+}
+
 /// A backend that runs a model's forward pass. See the module docs.
 pub trait Engine: Any + Send + Sync {
     /// Where and how it computes, for people ("cpu fast").
@@ -113,6 +127,24 @@ pub trait Engine: Any + Send + Sync {
         len: usize,
         layer: &LayerBytes<'_, '_>,
     ) -> Result<(), ModelError>;
+    /// Whether [`write_kv_reading`](Self::write_kv_reading) takes the units its bytes lie in
+    /// through [`SourceUnits::read`]; otherwise it ignores them.
+    fn reads_kv_units(&self) -> bool {
+        false
+    }
+    /// [`write_kv`](Self::write_kv), reading the units of `units` that hold any of the
+    /// layers' bytes through it where the backend [can](Self::reads_kv_units).
+    fn write_kv_reading(
+        &self,
+        state: &mut dyn SessionState,
+        from: usize,
+        len: usize,
+        layer: &LayerBytes<'_, '_>,
+        units: &dyn SourceUnits,
+    ) -> Result<(), ModelError> {
+        let _ = units;
+        self.write_kv(state, from, len, layer)
+    }
 }
 
 /// `state` as the backend's own session type `T`, or an error (a session of another

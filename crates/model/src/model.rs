@@ -8,7 +8,7 @@ use tern_text::{ChatTemplate, Message, Tokenizer, TokenizerSpec};
 
 use crate::ModelError;
 use crate::digest::ModelDigest;
-use crate::engine::{Engine, SessionState, StepItem};
+use crate::engine::{Engine, SessionState, SourceUnits, StepItem};
 use crate::gguf::{GgufFile, Value};
 use crate::llama::cpu::{CpuLlama, KvCache, KvType, Precision};
 use crate::llama::{LlamaConfig, LlamaWeights, read_hf_config};
@@ -199,6 +199,12 @@ impl Model {
     pub fn with_kv_type(mut self, kv_type: KvType) -> Model {
         self.llama.kv_type = kv_type;
         self
+    }
+
+    /// Whether [`Session::refill_reading`] reads its source's units (a GPU that copies
+    /// through staging buffers does).
+    pub fn reads_kv_units(&self) -> bool {
+        self.engine().reads_kv_units()
     }
 
     /// How new sessions' KV caches store keys and values.
@@ -430,13 +436,35 @@ impl Session {
         len: usize,
         layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
     ) -> Result<(), ModelError> {
+        self.check_fits(from, len)?;
+        model.engine().write_kv(&mut *self.state, from, len, &layer)
+    }
+
+    /// [`refill`](Self::refill), the bytes read through `units` where the model's backend
+    /// [does so](Model::reads_kv_units): a restore's checksum computed in the same pass as
+    /// the copy.
+    pub fn refill_reading<'a>(
+        &mut self,
+        model: &Model,
+        from: usize,
+        len: usize,
+        layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
+        units: &dyn SourceUnits,
+    ) -> Result<(), ModelError> {
+        self.check_fits(from, len)?;
+        model
+            .engine()
+            .write_kv_reading(&mut *self.state, from, len, &layer, units)
+    }
+
+    fn check_fits(&self, from: usize, len: usize) -> Result<(), ModelError> {
         if from.checked_add(len).is_none_or(|end| end > self.n_ctx()) {
             return Err(ModelError::Invalid(format!(
                 "positions {from} + {len} do not fit a session of {}",
                 self.n_ctx()
             )));
         }
-        model.engine().write_kv(&mut *self.state, from, len, &layer)
+        Ok(())
     }
 
     /// The session's state as its backend's own type, when it is that one (for the

@@ -139,6 +139,11 @@ impl<'a> KvPiece<'a> {
         }
     }
 
+    /// Layers of keys and values the piece holds.
+    pub fn n_layer(&self) -> usize {
+        self.view.n_layer
+    }
+
     /// Layer `layer`'s keys of this piece's positions, little-endian bytes of its type.
     pub fn k_layer_bytes(&self, layer: usize) -> Result<&'a [u8], SnapshotError> {
         self.rows(self.view.k_layer_bytes(layer)?)
@@ -356,18 +361,32 @@ impl<'a> Chain<'a> {
     /// Takes `&self`, so that it can run while another thread restores from the chain. For a
     /// chain [`parse_chain`] read, it only returns the digests.
     pub fn verify(&self) -> Result<Verified, SnapshotError> {
+        self.verify_with(|_, sums| sums.verify())
+    }
+
+    /// [`verify`](Self::verify), with `digest(depth, unverified)` checking each snapshot's
+    /// checksum and giving its digest.
+    pub(crate) fn verify_with(
+        &self,
+        digest: impl Fn(usize, &Unverified<'a>) -> Result<u128, SnapshotError>,
+    ) -> Result<Verified, SnapshotError> {
         if self.unverified.is_empty() {
             return Ok(Verified(self.views.iter().map(|v| v.digest()).collect()));
         }
         let mut digests: Vec<u128> = Vec::with_capacity(self.views.len());
         for (depth, (view, sums)) in self.views.iter().zip(&self.unverified).enumerate() {
-            let digest = sums.verify().map_err(|e| in_chain(depth, e))?;
+            let digest = digest(depth, sums).map_err(|e| in_chain(depth, e))?;
             if let (Some(link), Some(&parent)) = (&view.manifest.link, digests.last()) {
                 check_named_parent(depth, link, parent)?;
             }
             digests.push(digest);
         }
         Ok(Verified(digests))
+    }
+
+    /// Each snapshot's stored checksum, still to be compared (none for a verified chain).
+    pub(crate) fn unverified(&self) -> &[Unverified<'a>] {
+        &self.unverified
     }
 
     /// Whether every snapshot's checksum has been compared (always, for [`parse_chain`]).

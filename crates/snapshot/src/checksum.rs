@@ -57,12 +57,28 @@ pub(crate) fn of(version: u32, body: &[u8]) -> Sums {
 }
 
 /// The sums of a version-3 body from its chunks' hashes.
-fn combine(hashes: &[u128]) -> Sums {
+pub(crate) fn combine(hashes: &[u128]) -> Sums {
     let list: Vec<u8> = hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
     Sums {
         checksum: xxh3_64(&list),
         digest: xxh3_128(&list),
     }
+}
+
+/// Bytes [`hash_reading`] hashes before handing them on: small enough to stay in a core's
+/// own cache until its reader has copied them.
+const READ_BLOCK: usize = 64 << 10;
+
+/// A chunk's hash, as [`of`] makes it, computed while `take` reads the chunk: it is handed
+/// the chunk's bytes in order, in blocks (sub-slices of `chunk`), each just after it is
+/// hashed, so that a copy of them costs no second pass over memory.
+pub(crate) fn hash_reading(chunk: &[u8], take: &mut dyn FnMut(&[u8])) -> u128 {
+    let mut hasher = Xxh3::new();
+    for block in chunk.chunks(READ_BLOCK) {
+        hasher.update(block);
+        take(block);
+    }
+    hasher.digest128()
 }
 
 /// Hashes a version-3 body as it is written, chunk by chunk.
@@ -129,6 +145,11 @@ mod tests {
             assert_eq!(streaming.finish(), of(3, &body[..len]), "{len} bytes");
         }
         assert_ne!(of(3, &body[..10]), of(3, &body[..11]));
+        let mut seen = Vec::new();
+        let chunk = &body[..CHUNK_BYTES];
+        let hash = hash_reading(chunk, &mut |block| seen.extend_from_slice(block));
+        assert_eq!(hash, xxh3_128(chunk));
+        assert_eq!(seen, chunk);
         assert_eq!(of(2, &body[..10]).checksum, xxh3_64(&body[..10]));
     }
 }

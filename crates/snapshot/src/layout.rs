@@ -155,11 +155,25 @@ pub(crate) struct Unverified<'a> {
     stored: u64,
 }
 
-impl Unverified<'_> {
+impl<'a> Unverified<'a> {
     /// Hashes the body (on up to 16 threads); the snapshot's digest when it matches the
     /// stored checksum.
     pub(crate) fn verify(&self) -> Result<u128, SnapshotError> {
-        let sums = checksum::of(self.version, self.body);
+        self.check(checksum::of(self.version, self.body))
+    }
+
+    /// The format version, which says how the body is hashed.
+    pub(crate) fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The body: every byte the checksum covers.
+    pub(crate) fn body(&self) -> &'a [u8] {
+        self.body
+    }
+
+    /// The snapshot's digest when `sums`, the body's, match the stored checksum.
+    pub(crate) fn check(&self, sums: checksum::Sums) -> Result<u128, SnapshotError> {
         if self.stored != sums.checksum {
             return Err(SnapshotError::Checksum {
                 stored: self.stored,

@@ -118,6 +118,7 @@
 
 mod chain;
 mod checksum;
+mod hashes;
 mod kv;
 mod layout;
 mod manifest;
@@ -133,6 +134,7 @@ pub use chain::{
     Chain, KvPiece, Links, Verified, digest_hex, next_link_at, parse_chain, parse_chain_unverified,
     split_links,
 };
+pub use hashes::ChunkHashes;
 pub use kv::{KvLayers, KvView, KvWrite};
 pub use layout::reseal;
 pub use manifest::{

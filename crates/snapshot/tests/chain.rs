@@ -5,8 +5,8 @@ mod common;
 
 use common::{Fixture, Page, Rng};
 use tern_snapshot::{
-    Chain, Link, PAGE_BYTES, SnapshotError, Written, append, digest_hex, parse, parse_chain,
-    parse_chain_unverified, save, split_links, to_bytes,
+    Chain, ChunkHashes, Link, PAGE_BYTES, SnapshotError, Written, append, digest_hex, parse,
+    parse_chain, parse_chain_unverified, save, split_links, to_bytes,
 };
 
 /// The state after a turn: memory page 1 partly rewritten, page 4 zeroed, one page more at
@@ -152,6 +152,89 @@ fn an_unverified_chain_restores_alike_and_its_verification_finds_damage() {
         let err = chain.verify().unwrap_err().to_string();
         assert!(err.contains("checksum"), "{err}");
         assert_eq!(err, parse_chain(&links).unwrap_err().to_string());
+    }
+}
+
+/// A whole snapshot of 200 random pages (about 12.5 MiB, four checksum chunks) and a link
+/// after it.
+fn large_chain() -> Vec<Vec<u8>> {
+    let base = Fixture::new(&[Page::Random; 200], &[(0, 0, 5), (3, 1, 0), (7, 1, 3)], 9);
+    let (mut next, changed) = turn(&base, 5);
+    let first = to_bytes(&base.write()).unwrap();
+    let parent = parse(&first).unwrap().digest();
+    let link = link_bytes(&mut next, parent, 1, &changed);
+    vec![first, link]
+}
+
+/// Reads chunks `which` of `hashes` whole, checking that every block lies in its chunk, and
+/// returns the bytes read.
+fn read_chunks(hashes: &ChunkHashes<'_>, which: &[usize]) -> usize {
+    let mut read = 0;
+    for &i in which {
+        let r = hashes.ranges()[i].clone();
+        hashes.read(i, &mut |block| {
+            let at = block.as_ptr() as usize;
+            assert!(r.start <= at && at + block.len() <= r.end);
+            read += block.len();
+        });
+    }
+    read
+}
+
+/// Hashes filled in by readers, by other threads, or by no one verify exactly as the chain
+/// itself does, and a damaged byte fails the check whoever hashed its chunk.
+#[test]
+fn a_chain_verifies_alike_whoever_hashes_its_chunks() {
+    let files = large_chain();
+    let links: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+    let chain = parse_chain_unverified(&links).unwrap();
+    let expected = parse_chain(&links).unwrap().verify().unwrap().head();
+
+    let hashes = chain.chunk_hashes();
+    let ranges = hashes.ranges().to_vec();
+    assert_eq!(
+        ranges.len(),
+        5,
+        "four chunks of the whole snapshot, one of the link"
+    );
+    assert!(ranges.windows(2).all(|w| w[0].end <= w[1].start));
+    assert_eq!(chain.verify_hashed(&hashes).unwrap().head(), expected);
+
+    let hashes = chain.chunk_hashes();
+    let read = read_chunks(&hashes, &[4, 0, 2]);
+    assert_eq!(
+        read,
+        [0, 2, 4].iter().map(|&i| ranges[i].len()).sum::<usize>()
+    );
+    let taken = [&ranges[0], &ranges[2], &ranges[4]];
+    hashes.hash_rest(|r| !taken.contains(&r));
+    assert_eq!(chain.verify_hashed(&hashes).unwrap().head(), expected);
+
+    let all: Vec<usize> = (0..ranges.len()).collect();
+    let damaged_at = |i: usize| {
+        let (file, r) = (files[0].as_ptr() as usize, &ranges[i]);
+        (r.start + r.len() / 2)
+            .checked_sub(file)
+            .filter(|&at| at < files[0].len())
+    };
+    for chunk in [1, 3] {
+        let mut damaged = files.clone();
+        damaged[0][damaged_at(chunk).unwrap()] ^= 1;
+        let links: Vec<&[u8]> = damaged.iter().map(Vec::as_slice).collect();
+        let chain = parse_chain_unverified(&links).unwrap();
+        for by in ["reader", "threads", "check"] {
+            let hashes = chain.chunk_hashes();
+            match by {
+                "reader" => _ = read_chunks(&hashes, &all),
+                "threads" => hashes.hash_rest(|_| true),
+                _ => {}
+            }
+            let err = chain.verify_hashed(&hashes).unwrap_err().to_string();
+            assert!(
+                err.contains("checksum"),
+                "chunk {chunk} hashed by {by}: {err}"
+            );
+        }
     }
 }
 

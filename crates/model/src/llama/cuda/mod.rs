@@ -55,7 +55,7 @@ use tern_compute::Device;
 use tern_compute::cuda::cudarc::driver::{CudaContext, CudaStream};
 
 use crate::ModelError;
-use crate::engine::{Engine, LayerBytes, SessionState, StepItem, own, own_mut};
+use crate::engine::{Engine, LayerBytes, SessionState, SourceUnits, StepItem, own, own_mut};
 use crate::llama::cpu::{CpuLlama, KvCache, KvType};
 use crate::llama::{LlamaConfig, RopeStyle};
 use crate::numerics::{Numerics, kernel_hash};
@@ -326,6 +326,27 @@ impl CudaLlama {
             .get_or_insert_with(|| Prefill::new(self))
             .as_mut()
             .map_err(|e| &*e)
+    }
+
+    /// Fills a session's positions `from..from + len` from `layer`'s bytes through the
+    /// model's staging slots (made on first use), reading the units of `units` that hold them
+    /// through it.
+    fn upload_kv(
+        &self,
+        state: &mut dyn SessionState,
+        from: usize,
+        len: usize,
+        layer: &LayerBytes<'_, '_>,
+        units: Option<&dyn SourceUnits>,
+    ) -> Result<(), ModelError> {
+        let s = own_mut::<CudaSession>(state)?;
+        let _busy = self.hold()?;
+        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        if staging.is_none() {
+            *staging = Some(Staging::new(&self.ctx)?);
+        }
+        let staging = staging.as_ref().expect("made above");
+        s.upload_layers(self, staging, from, len, layer, units)
     }
 
     /// The model, held for this caller (one at a time, in arrival order), its context bound to this thread,
@@ -639,13 +660,21 @@ impl Engine for CudaLlama {
         len: usize,
         layer: &LayerBytes<'_, '_>,
     ) -> Result<(), ModelError> {
-        let s = own_mut::<CudaSession>(state)?;
-        let _busy = self.hold()?;
-        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        if staging.is_none() {
-            *staging = Some(Staging::new(&self.ctx)?);
-        }
-        let staging = staging.as_ref().expect("made above");
-        s.upload_layers(self, staging, from, len, layer)
+        self.upload_kv(state, from, len, layer, None)
+    }
+
+    fn reads_kv_units(&self) -> bool {
+        true
+    }
+
+    fn write_kv_reading(
+        &self,
+        state: &mut dyn SessionState,
+        from: usize,
+        len: usize,
+        layer: &LayerBytes<'_, '_>,
+        units: &dyn SourceUnits,
+    ) -> Result<(), ModelError> {
+        self.upload_kv(state, from, len, layer, Some(units))
     }
 }

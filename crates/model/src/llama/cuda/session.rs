@@ -15,7 +15,7 @@ use super::prefill::Prefill;
 use super::staging::{Piece, Staging};
 use super::{CudaLlama, MAX_CHUNK, driver};
 use crate::ModelError;
-use crate::engine::LayerBytes;
+use crate::engine::{LayerBytes, SourceUnits};
 use crate::llama::cpu::{KvCache, KvType};
 use crate::top::{Candidate, MAX_TOP};
 
@@ -563,7 +563,7 @@ impl CudaSession {
 
     /// Fills positions `from..from + len` of every layer from little-endian bytes of the
     /// cache's type, `layer(l)` giving layer `l`'s keys and values, uploaded through
-    /// `staging`.
+    /// `staging` (reading the units of `units` that hold them whole through it).
     pub(super) fn upload_layers<'a>(
         &mut self,
         model: &CudaLlama,
@@ -571,6 +571,7 @@ impl CudaSession {
         from: usize,
         len: usize,
         layer: &LayerBytes<'a, '_>,
+        units: Option<&dyn SourceUnits>,
     ) -> Result<(), ModelError> {
         let c = &model.config;
         let size = self.kv_type.bytes();
@@ -593,7 +594,7 @@ impl CudaSession {
                 });
             }
         }
-        staging.upload(&model.ctx, &self.stream, &pieces)?;
+        staging.upload(&model.ctx, &self.stream, &pieces, units)?;
         self.len = from + len;
         Ok(())
     }
