@@ -413,7 +413,10 @@ impl ClusterClient {
             let store = &self.buckets.snapshots;
             let started = Instant::now();
             store
-                .put(name.as_str(), &mut data.as_slice())
+                .put(
+                    super::object_meta(&self.client, &name),
+                    &mut data.as_slice(),
+                )
                 .await
                 .map_err(super::js_error)?;
             let put = started.elapsed();

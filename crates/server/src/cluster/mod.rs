@@ -224,6 +224,23 @@ pub(crate) async fn connect(url: &str, name: &str) -> Result<async_nats::Client,
         })
 }
 
+/// Bytes of one chunk of the objects the cluster puts, where the server takes messages of
+/// twice that (its `max_payload`, 1 MiB unless configured otherwise).
+const OBJECT_CHUNK: usize = 512 << 10;
+
+/// The metadata an object named `name` is put with: chunks of [`OBJECT_CHUNK`] where the
+/// server `client` is connected to takes them, else the client's own size (128 KiB). Each
+/// chunk is one publish whose acknowledgement the put waits for, so larger chunks put
+/// faster (`docs/perf.md`).
+pub(crate) fn object_meta(client: &async_nats::Client, name: &str) -> object_store::ObjectMetadata {
+    let fits = client.server_info().max_payload >= 2 * OBJECT_CHUNK;
+    object_store::ObjectMetadata {
+        name: name.to_string(),
+        chunk_size: fits.then_some(OBJECT_CHUNK),
+        ..Default::default()
+    }
+}
+
 /// The cluster's buckets, created on first use.
 pub(crate) struct Buckets {
     pub actors: kv::Store,

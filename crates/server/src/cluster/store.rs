@@ -129,10 +129,11 @@ impl ClusterStore {
             return Err(StoreError::Fenced(id.to_string()));
         }
         let name = format!("{id}/{}", sha256_hex(&bytes));
-        let (snapshots, object, put) = (self.0.snapshots.clone(), name.clone(), bytes.clone());
+        let (snapshots, put) = (self.0.snapshots.clone(), bytes.clone());
+        let meta = super::object_meta(&self.0.client, &name);
         self.0.block(async move {
             snapshots
-                .put(object.as_str(), &mut put.as_slice())
+                .put(meta, &mut put.as_slice())
                 .await
                 .map_err(remote)?;
             Ok(())
@@ -311,10 +312,11 @@ impl SnapshotStore for ClusterStore {
             Key::Snapshot(id) => self.put_snapshot(id, Arc::new(bytes.to_vec())),
             Key::Module(digest) => {
                 let modules = self.0.modules.clone();
-                let (name, bytes) = (digest.to_string(), Bytes::copy_from_slice(bytes));
+                let meta = super::object_meta(&self.0.client, digest);
+                let bytes = Bytes::copy_from_slice(bytes);
                 self.0.block(async move {
                     modules
-                        .put(name.as_str(), &mut bytes.as_ref())
+                        .put(meta, &mut bytes.as_ref())
                         .await
                         .map_err(remote)?;
                     Ok(())
