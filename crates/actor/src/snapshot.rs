@@ -639,11 +639,9 @@ fn restore_sessions(
                     piece.v_layer_bytes(layer).map_err(bad_kv)?,
                 ))
             };
-            match units {
-                Some(units) => session.refill_reading(model, piece.from, piece.count, layer, units),
-                None => session.refill(model, piece.from, piece.count, layer),
-            }
-            .map_err(|e| ActorError::Snapshot(format!("restoring a KV cache: {e}")))?;
+            session
+                .refill(model, piece.from, piece.count, layer, units)
+                .map_err(|e| ActorError::Snapshot(format!("restoring a KV cache: {e}")))?;
         }
         session.tokens = info.tokens.clone();
         let slot = slots.get_mut(info.slot as usize).ok_or_else(|| {

@@ -120,30 +120,19 @@ pub trait Engine: Any + Send + Sync {
     /// Fills the session's positions `from..from + len` from saved layers and makes
     /// `from + len` its length: a snapshot's state reader, called for each piece of a cache
     /// in position order (`from + len` is checked against the session's size by the caller).
+    /// A backend that [reads units](Self::reads_kv_units) takes the units of `units` that
+    /// hold any of the layers' bytes through [`SourceUnits::read`]; the others ignore them.
     fn write_kv(
         &self,
         state: &mut dyn SessionState,
         from: usize,
         len: usize,
         layer: &LayerBytes<'_, '_>,
+        units: Option<&dyn SourceUnits>,
     ) -> Result<(), ModelError>;
-    /// Whether [`write_kv_reading`](Self::write_kv_reading) takes the units its bytes lie in
-    /// through [`SourceUnits::read`]; otherwise it ignores them.
+    /// Whether [`write_kv`](Self::write_kv) reads the units it is given.
     fn reads_kv_units(&self) -> bool {
         false
-    }
-    /// [`write_kv`](Self::write_kv), reading the units of `units` that hold any of the
-    /// layers' bytes through it where the backend [can](Self::reads_kv_units).
-    fn write_kv_reading(
-        &self,
-        state: &mut dyn SessionState,
-        from: usize,
-        len: usize,
-        layer: &LayerBytes<'_, '_>,
-        units: &dyn SourceUnits,
-    ) -> Result<(), ModelError> {
-        let _ = units;
-        self.write_kv(state, from, len, layer)
     }
 }
 

@@ -201,7 +201,7 @@ impl Model {
         self
     }
 
-    /// Whether [`Session::refill_reading`] reads its source's units (a GPU that copies
+    /// Whether [`Session::refill`] reads its source's units (a GPU that copies
     /// through staging buffers does).
     pub fn reads_kv_units(&self) -> bool {
         self.engine().reads_kv_units()
@@ -428,43 +428,26 @@ impl Session {
     /// f32 bytes, `(len, kv_dim)` each, as `layer` gives them, and forgets every position
     /// after them: how a saved cache is written back, piece by piece in position order. A GPU
     /// session copies them straight from those bytes (a mapped snapshot file, say) to device
-    /// memory.
+    /// memory, reading them through `units` where the model's backend
+    /// [does so](Model::reads_kv_units): a restore's checksum computed in the same pass as
+    /// the copy.
     pub fn refill<'a>(
         &mut self,
         model: &Model,
         from: usize,
         len: usize,
         layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
+        units: Option<&dyn SourceUnits>,
     ) -> Result<(), ModelError> {
-        self.check_fits(from, len)?;
-        model.engine().write_kv(&mut *self.state, from, len, &layer)
-    }
-
-    /// [`refill`](Self::refill), the bytes read through `units` where the model's backend
-    /// [does so](Model::reads_kv_units): a restore's checksum computed in the same pass as
-    /// the copy.
-    pub fn refill_reading<'a>(
-        &mut self,
-        model: &Model,
-        from: usize,
-        len: usize,
-        layer: impl Fn(usize) -> Result<(&'a [u8], &'a [u8]), ModelError>,
-        units: &dyn SourceUnits,
-    ) -> Result<(), ModelError> {
-        self.check_fits(from, len)?;
-        model
-            .engine()
-            .write_kv_reading(&mut *self.state, from, len, &layer, units)
-    }
-
-    fn check_fits(&self, from: usize, len: usize) -> Result<(), ModelError> {
         if from.checked_add(len).is_none_or(|end| end > self.n_ctx()) {
             return Err(ModelError::Invalid(format!(
                 "positions {from} + {len} do not fit a session of {}",
                 self.n_ctx()
             )));
         }
-        Ok(())
+        model
+            .engine()
+            .write_kv(&mut *self.state, from, len, &layer, units)
     }
 
     /// The session's state as its backend's own type, when it is that one (for the

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::ModelError;
 use crate::engine::{
-    Engine, LayerBytes, SessionState, StepItem, copy_le, copy_le_u16, own, own_mut,
+    Engine, LayerBytes, SessionState, SourceUnits, StepItem, copy_le, copy_le_u16, own, own_mut,
 };
 use crate::fastdot::{self, QuantizedActs};
 use crate::llama::kept::{Buffers, KeptCaches};
@@ -385,6 +385,7 @@ impl Engine for CpuLlama {
         from: usize,
         len: usize,
         layer: &LayerBytes<'_, '_>,
+        _units: Option<&dyn SourceUnits>,
     ) -> Result<(), ModelError> {
         let cache = own_mut::<KvCache>(state)?;
         // The layers' bytes first (`layer` need not be shared across threads), then copied

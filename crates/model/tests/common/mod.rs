@@ -210,9 +210,13 @@ pub fn moved_cache_continues_bit_for_bit_with(
     };
     let layers: Vec<(Vec<u8>, Vec<u8>)> = (0..host.n_layer()).map(layer).collect();
     moved
-        .refill(&model, 0, host.len, |l| {
-            Ok((&layers[l].0[..], &layers[l].1[..]))
-        })
+        .refill(
+            &model,
+            0,
+            host.len,
+            |l| Ok((&layers[l].0[..], &layers[l].1[..])),
+            None,
+        )
         .unwrap();
     moved.tokens = original.tokens.clone();
     let (a, ta) = greedy(&model, &mut original, &[7], steps);

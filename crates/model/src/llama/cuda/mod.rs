@@ -328,27 +328,6 @@ impl CudaLlama {
             .map_err(|e| &*e)
     }
 
-    /// Fills a session's positions `from..from + len` from `layer`'s bytes through the
-    /// model's staging slots (made on first use), reading the units of `units` that hold them
-    /// through it.
-    fn upload_kv(
-        &self,
-        state: &mut dyn SessionState,
-        from: usize,
-        len: usize,
-        layer: &LayerBytes<'_, '_>,
-        units: Option<&dyn SourceUnits>,
-    ) -> Result<(), ModelError> {
-        let s = own_mut::<CudaSession>(state)?;
-        let _busy = self.hold()?;
-        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        if staging.is_none() {
-            *staging = Some(Staging::new(&self.ctx)?);
-        }
-        let staging = staging.as_ref().expect("made above");
-        s.upload_layers(self, staging, from, len, layer, units)
-    }
-
     /// The model, held for this caller (one at a time, in arrival order), its context bound to this thread,
     /// and the memory of sessions dropped since the last holder freed.
     pub(crate) fn hold(&self) -> Result<FifoGuard<'_, Held>, ModelError> {
@@ -659,22 +638,19 @@ impl Engine for CudaLlama {
         from: usize,
         len: usize,
         layer: &LayerBytes<'_, '_>,
+        units: Option<&dyn SourceUnits>,
     ) -> Result<(), ModelError> {
-        self.upload_kv(state, from, len, layer, None)
+        let s = own_mut::<CudaSession>(state)?;
+        let _busy = self.hold()?;
+        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        if staging.is_none() {
+            *staging = Some(Staging::new(&self.ctx)?);
+        }
+        let staging = staging.as_ref().expect("made above");
+        s.upload_layers(self, staging, from, len, layer, units)
     }
 
     fn reads_kv_units(&self) -> bool {
         true
-    }
-
-    fn write_kv_reading(
-        &self,
-        state: &mut dyn SessionState,
-        from: usize,
-        len: usize,
-        layer: &LayerBytes<'_, '_>,
-        units: &dyn SourceUnits,
-    ) -> Result<(), ModelError> {
-        self.upload_kv(state, from, len, layer, Some(units))
     }
 }

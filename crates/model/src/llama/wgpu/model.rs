@@ -10,7 +10,7 @@ use super::kernels::{Bind, Kernels};
 use super::weights::DeviceWeights;
 use super::{MAX_CHUNK, WgpuSession};
 use crate::ModelError;
-use crate::engine::{Engine, LayerBytes, SessionState, StepItem, own, own_mut};
+use crate::engine::{Engine, LayerBytes, SessionState, SourceUnits, StepItem, own, own_mut};
 use crate::llama::LlamaConfig;
 use crate::llama::cpu::{CpuLlama, KvCache, KvType};
 use crate::numerics::{Numerics, kernel_hash};
@@ -287,6 +287,7 @@ impl Engine for WgpuLlama {
         from: usize,
         len: usize,
         layer: &LayerBytes<'_, '_>,
+        _units: Option<&dyn SourceUnits>,
     ) -> Result<(), ModelError> {
         let s = own_mut::<WgpuSession>(state)?;
         let c = &self.config;
