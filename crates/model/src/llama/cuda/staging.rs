@@ -91,7 +91,7 @@ impl Staging {
         pieces: &[Piece<'_>],
         units: Option<&dyn SourceUnits>,
     ) -> Result<(), ModelError> {
-        let jobs = jobs(pieces, units.map_or(&[], |u| u.ranges()));
+        let jobs = jobs(pieces, units);
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let error: Mutex<Option<ModelError>> = Mutex::new(None);
@@ -111,7 +111,7 @@ impl Staging {
                     while turn.job != j && !failed.load(Ordering::Relaxed) {
                         turn = slot.changed.wait(turn).unwrap_or_else(|e| e.into_inner());
                     }
-                    let done = self.fill_and_copy(slot, &mut turn, &jobs[j], units, stream);
+                    let done = self.fill_and_copy(slot, &mut turn, &jobs[j], stream);
                     turn.job = j + n_slots;
                     drop(turn);
                     slot.changed.notify_all();
@@ -153,14 +153,13 @@ impl Staging {
         }
     }
 
-    /// Waits for the slot's last copy, fills it with `job`'s fragments (reading its unit of
-    /// `units` whole, if it has one) and enqueues their copies to the device.
+    /// Waits for the slot's last copy, fills it with `job`'s fragments (reading its source
+    /// unit whole, if it has one) and enqueues their copies to the device.
     fn fill_and_copy(
         &self,
         slot: &Slot,
         turn: &mut Turn,
         job: &Job<'_>,
-        units: Option<&dyn SourceUnits>,
         stream: &Arc<CudaStream>,
     ) -> Result<(), ModelError> {
         if let Some(copied) = turn.copied.take() {
@@ -173,9 +172,9 @@ impl Staging {
         // (waited on above, or the slot was never used since `upload` reset it), so nothing
         // else reads or writes it.
         let host = unsafe { std::slice::from_raw_parts_mut(slot.at as *mut u8, total) };
-        match (job.unit, units) {
-            (Some(unit), Some(units)) => fill_reading(host, &job.pieces, units, unit)?,
-            _ => {
+        match job.read {
+            Some((units, unit)) => fill_reading(host, &job.pieces, units, unit)?,
+            None => {
                 let mut at = 0;
                 for piece in &job.pieces {
                     host[at..at + piece.src.len()].copy_from_slice(piece.src);
@@ -246,25 +245,26 @@ fn span(bytes: &[u8]) -> (usize, usize) {
 }
 
 /// Fragments of pieces that fill one slot at most, and the source unit they are read
-/// through, if any.
+/// through (the units and its index), if any.
 struct Job<'a> {
-    unit: Option<usize>,
+    read: Option<(&'a dyn SourceUnits, usize)>,
     pieces: Vec<Piece<'a>>,
 }
 
-/// `pieces` as jobs: cut at the boundaries of `units` (address ranges, ascending and
-/// disjoint), the fragments inside each unit one job of their own (in unit order), and the
-/// rest cut at slot size and packed into jobs of at most one slot each, in order. A unit
-/// whose fragments would not fit one slot is packed with the rest, not read.
-fn jobs<'a>(pieces: &[Piece<'a>], units: &[Range<usize>]) -> Vec<Job<'a>> {
+/// `pieces` as jobs: cut at the boundaries of the units' ranges (ascending and disjoint),
+/// the fragments inside each unit one job of their own (in unit order), read through
+/// `units`, and the rest cut at slot size and packed into jobs of at most one slot each, in
+/// order. A unit whose fragments would not fit one slot is packed with the rest, not read.
+fn jobs<'a>(pieces: &[Piece<'a>], units: Option<&'a dyn SourceUnits>) -> Vec<Job<'a>> {
+    let ranges: &[Range<usize>] = units.map_or(&[], |u| u.ranges());
     let mut in_units: BTreeMap<usize, Vec<Piece<'a>>> = BTreeMap::new();
     let mut rest: Vec<Piece<'a>> = Vec::new();
     for piece in pieces {
         let (mut src, mut dst) = (piece.src, piece.dst);
         while !src.is_empty() {
             let at = src.as_ptr() as usize;
-            let i = units.partition_point(|u| u.end <= at);
-            let (n, unit) = match units.get(i) {
+            let i = ranges.partition_point(|u| u.end <= at);
+            let (n, unit) = match ranges.get(i) {
                 Some(u) if u.start <= at => ((u.end - at).min(src.len()), Some(i)),
                 Some(u) => ((u.start - at).min(src.len()), None),
                 None => (src.len(), None),
@@ -282,9 +282,11 @@ fn jobs<'a>(pieces: &[Piece<'a>], units: &[Range<usize>]) -> Vec<Job<'a>> {
     }
     let mut jobs = Vec::new();
     for (unit, fragments) in in_units {
-        if fragments.iter().map(|p| p.src.len()).sum::<usize>() <= SLOT_BYTES {
+        if let Some(units) = units
+            && fragments.iter().map(|p| p.src.len()).sum::<usize>() <= SLOT_BYTES
+        {
             jobs.push(Job {
-                unit: Some(unit),
+                read: Some((units, unit)),
                 pieces: fragments,
             });
         } else {
@@ -297,7 +299,7 @@ fn jobs<'a>(pieces: &[Piece<'a>], units: &[Range<usize>]) -> Vec<Job<'a>> {
         while !src.is_empty() {
             if room == 0 {
                 jobs.push(Job {
-                    unit: None,
+                    read: None,
                     pieces: Vec::new(),
                 });
                 room = SLOT_BYTES;
@@ -331,10 +333,10 @@ mod tests {
                 dst: 1 << 40,
             },
         ];
-        let jobs = jobs(&pieces, &[]);
+        let jobs = jobs(&pieces, None);
         assert_eq!(jobs.len(), 4);
         for job in &jobs {
-            assert!(job.unit.is_none());
+            assert!(job.read.is_none());
             assert!(job.pieces.iter().map(|p| p.src.len()).sum::<usize>() <= SLOT_BYTES);
         }
         let flat: Vec<(usize, u64)> = jobs
@@ -397,8 +399,8 @@ mod tests {
                 dst: 3 << 30,
             },
         ];
-        let jobs = jobs(&pieces, units.ranges());
-        let read: Vec<usize> = jobs.iter().filter_map(|j| j.unit).collect();
+        let jobs = jobs(&pieces, Some(&units));
+        let read: Vec<usize> = jobs.iter().filter_map(|j| j.read.map(|r| r.1)).collect();
         assert_eq!(
             read,
             [0, 2],
@@ -410,7 +412,7 @@ mod tests {
         for job in &jobs {
             let total: usize = job.pieces.iter().map(|p| p.src.len()).sum();
             assert!(total <= SLOT_BYTES);
-            if let Some(u) = job.unit {
+            if let Some((_, u)) = job.read {
                 assert!(
                     job.pieces
                         .iter()
