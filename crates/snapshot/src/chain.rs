@@ -30,6 +30,7 @@
 //! reported, so a chain restores to its last complete link; anything else that is not a
 //! snapshot where one should start is an error.
 
+use crate::hashes::ChunkHashes;
 use crate::kv::KvView;
 use crate::layout::{HEADER_BYTES, MIN_FILE_BYTES, SECTION_ALIGN, Unverified, align_up, u64_at};
 use crate::pages::{MemorySection, restore_sections};
@@ -361,32 +362,35 @@ impl<'a> Chain<'a> {
     /// Takes `&self`, so that it can run while another thread restores from the chain. For a
     /// chain [`parse_chain`] read, it only returns the digests.
     pub fn verify(&self) -> Result<Verified, SnapshotError> {
-        self.verify_with(|_, sums| sums.verify())
+        self.verify_hashed(&self.chunk_hashes())
     }
 
-    /// [`verify`](Self::verify), with `digest(depth, unverified)` checking each snapshot's
-    /// checksum and giving its digest.
-    pub(crate) fn verify_with(
-        &self,
-        digest: impl Fn(usize, &Unverified<'a>) -> Result<u128, SnapshotError>,
-    ) -> Result<Verified, SnapshotError> {
+    /// Empty hashes of the chain's unverified snapshots, for readers to fill
+    /// ([`ChunkHashes`]) and [`verify_hashed`](Self::verify_hashed) to compare; none for a
+    /// verified chain.
+    pub fn chunk_hashes(&self) -> ChunkHashes<'a> {
+        ChunkHashes::new(&self.unverified)
+    }
+
+    /// [`verify`](Self::verify), from the hashes readers have filled in (`hashes`, from
+    /// this chain's [`chunk_hashes`](Self::chunk_hashes)); what they left is hashed here, on
+    /// up to 16 threads.
+    pub fn verify_hashed(&self, hashes: &ChunkHashes<'a>) -> Result<Verified, SnapshotError> {
         if self.unverified.is_empty() {
             return Ok(Verified(self.views.iter().map(|v| v.digest()).collect()));
         }
+        hashes.hash_rest(|_| true);
         let mut digests: Vec<u128> = Vec::with_capacity(self.views.len());
-        for (depth, (view, sums)) in self.views.iter().zip(&self.unverified).enumerate() {
-            let digest = digest(depth, sums).map_err(|e| in_chain(depth, e))?;
+        for (depth, (view, unverified)) in self.views.iter().zip(&self.unverified).enumerate() {
+            let digest = unverified
+                .check(hashes.sums(depth))
+                .map_err(|e| in_chain(depth, e))?;
             if let (Some(link), Some(&parent)) = (&view.manifest.link, digests.last()) {
                 check_named_parent(depth, link, parent)?;
             }
             digests.push(digest);
         }
         Ok(Verified(digests))
-    }
-
-    /// Each snapshot's stored checksum, still to be compared (none for a verified chain).
-    pub(crate) fn unverified(&self) -> &[Unverified<'a>] {
-        &self.unverified
     }
 
     /// Whether every snapshot's checksum has been compared (always, for [`parse_chain`]).

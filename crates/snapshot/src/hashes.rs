@@ -5,7 +5,7 @@
 //! copies a version-3 chunk whole takes it through [`ChunkHashes::read`], which hashes each
 //! block just before handing it on, while the copy still finds it in the core's cache;
 //! [`ChunkHashes::hash_rest`] hashes what no reader takes, on other threads; and
-//! [`Chain::verify_hashed`] compares the sums, hashing whatever is still missing itself.
+//! [`Chain::verify_hashed`](crate::Chain::verify_hashed) compares the sums, hashing whatever is still missing itself.
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -13,8 +13,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::SnapshotError;
-use crate::chain::{Chain, Verified};
 use crate::checksum::{self, CHUNK_BYTES, Sums};
 use crate::layout::Unverified;
 
@@ -138,22 +136,30 @@ impl<'a> ChunkHashes<'a> {
         }
     }
 
-    /// The sums of snapshot `view`'s body, hashing here what no one has yet.
-    fn sums(&self, view: usize) -> Option<Sums> {
-        if let Some(Some((u, sums))) = self.whole.get(view) {
-            return Some(*sums.get_or_init(|| checksum::of(u.version(), u.body())));
+    /// The sums of snapshot `view`'s body, from the hashes made so far, hashing here what
+    /// no one has yet.
+    pub(crate) fn sums(&self, view: usize) -> Sums {
+        if let Some(Some(whole)) = self.whole.get(view) {
+            return whole_sums(whole);
         }
-        let hashes: Vec<u128> = self
-            .by_view
-            .get(view)?
+        let hashes: Vec<u128> = self.by_view[view]
             .iter()
-            .map(|&at| {
-                let c = &self.chunks[at];
-                *c.hash.get_or_init(|| xxh3_128(c.bytes))
-            })
+            .map(|&at| self.chunks[at].hash())
             .collect();
-        Some(checksum::combine(&hashes))
+        checksum::combine(&hashes)
     }
+}
+
+impl Chunk<'_> {
+    /// The chunk's hash, made now if no one has made it yet.
+    fn hash(&self) -> u128 {
+        *self.hash.get_or_init(|| xxh3_128(self.bytes))
+    }
+}
+
+/// The sums of an older snapshot's body, hashed whole, made now if no one has made them yet.
+fn whole_sums((u, sums): &(Unverified<'_>, OnceLock<Sums>)) -> Sums {
+    *sums.get_or_init(|| checksum::of(u.version(), u.body()))
 }
 
 /// A part of [`ChunkHashes`] to hash.
@@ -166,29 +172,11 @@ impl Job<'_, '_> {
     fn run(&self) {
         match self {
             Job::Chunk(c) => {
-                let _ = c.hash.set(xxh3_128(c.bytes));
+                c.hash();
             }
-            Job::Whole((u, sums)) => {
-                let _ = sums.set(checksum::of(u.version(), u.body()));
+            Job::Whole(whole) => {
+                whole_sums(whole);
             }
         }
-    }
-}
-
-impl<'a> Chain<'a> {
-    /// Empty hashes of the chain's unverified snapshots, for readers to fill
-    /// ([`ChunkHashes`]) and [`verify_hashed`](Self::verify_hashed) to compare; none for a
-    /// verified chain.
-    pub fn chunk_hashes(&self) -> ChunkHashes<'a> {
-        ChunkHashes::new(self.unverified())
-    }
-
-    /// [`verify`](Self::verify), from the hashes readers have filled in (`hashes`, from
-    /// this chain's [`chunk_hashes`](Self::chunk_hashes)); what they left is hashed here.
-    pub fn verify_hashed(&self, hashes: &ChunkHashes<'a>) -> Result<Verified, SnapshotError> {
-        self.verify_with(|depth, u| match hashes.sums(depth) {
-            Some(sums) => u.check(sums),
-            None => u.verify(),
-        })
     }
 }
