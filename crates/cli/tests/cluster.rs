@@ -125,13 +125,16 @@ fn entry<'a>(directory: &'a [Value], id: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("actor {id} not in the directory"))
 }
 
+/// `tern cluster ARGS...` against the cluster at `url`.
+fn cluster_command(url: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tern"));
+    command.args(["cluster", "--cluster", url]).args(args);
+    command
+}
+
 /// `tern cluster ARGS...` against the cluster at `url`; its standard output.
 fn tern_cluster(url: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["cluster", "--cluster", url])
-        .args(args)
-        .output()
-        .expect("tern runs");
+    let out = cluster_command(url, args).output().expect("tern runs");
     assert!(
         out.status.success(),
         "tern cluster {args:?}: {}",
@@ -188,6 +191,10 @@ fn conversations_continue_through_any_node_byte_for_byte() {
         assert!(chain > 0, "{answer}");
         (read, chain)
     };
+    // A move to a node that is not there is refused before the owner lets the actor go.
+    let text = live::refused(&mut cluster_command(&url, &["move", &moving, "nowhere"]));
+    assert!(text.contains("no live node `nowhere`"), "{text}");
+    assert_eq!(entry(&directory(&nodes[1]), &moving)["node"], "a");
     for (i, turn) in turns.iter().enumerate() {
         let to = ["b", "c", "a", "b"][i];
         let (read, chain) = move_to(to);
@@ -297,6 +304,9 @@ fn a_killed_node_s_actors_continue_elsewhere_from_their_last_durable_state() {
     assert_eq!(status, 201, "{eager}");
     let eager = eager["id"].as_str().unwrap().to_string();
     assert_eq!(a.send(&eager, "e ")["output"], "e ");
+    // And one that `tern cluster move` takes off the lost node.
+    let stranded = a.start_actor(&digest);
+    assert_eq!(a.send(&stranded, "s.1 ")["output"], "s.1 ");
 
     a.kill();
     let killed = Instant::now();
@@ -312,6 +322,11 @@ fn a_killed_node_s_actors_continue_elsewhere_from_their_last_durable_state() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let moved: Value = serde_json::from_str(&tern_cluster(&url, &["move", &stranded, "c"]))
+        .expect("a move's answer is JSON");
+    assert_eq!(moved["released"], Value::Null, "{moved}");
+    assert_eq!(entry(&directory(&b), &stranded)["node"], "c");
+    assert_eq!(b.send(&stranded, "s.2 ")["output"], "s.1 s.2 ");
     for (i, actor) in counters.iter().enumerate() {
         let via = if i % 2 == 0 { &b } else { &c };
         let reply = via.send(actor, &format!("{i}.3 "));
@@ -624,14 +639,16 @@ fn a_bad_cluster_flag_is_a_clear_error() {
         (&["--node", "a"], "--cluster"),
     ];
     for (args, expected) in cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(["serve", "--device", "cpu", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .output()
-            .expect("tern runs");
-        let text = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?}: {text}");
+        let text = live::refused(
+            Command::new(env!("CARGO_BIN_EXE_tern"))
+                .args(["serve", "--device", "cpu", "--listen", "127.0.0.1:0"])
+                .args(args),
+        );
         assert!(text.contains(expected), "{args:?}: {text}");
-        assert!(!text.contains("panicked"), "{args:?}: {text}");
+    }
+    // A node named with NATS wildcards would address other subjects: refused.
+    for args in [&["drain", "a.>"][..], &["move", "a0", "*"]] {
+        let text = live::refused(&mut cluster_command(&url, args));
+        assert!(text.contains("invalid node name"), "{args:?}: {text}");
     }
 }

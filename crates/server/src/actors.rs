@@ -54,7 +54,8 @@ pub enum Job {
     Snapshot {
         reply: oneshot::Sender<Result<Vec<u8>, ApiError>>,
     },
-    /// Save and passivate now, if no other job is waiting (to make room on the host).
+    /// Save and passivate now, if no other job is waiting (to make room on the host);
+    /// nothing for an actor already passivated.
     Passivate,
     /// Answer once the actor is running (restored, if it was passivated).
     Ping {
@@ -145,8 +146,11 @@ struct Shared {
     queued: AtomicUsize,
     deleted: AtomicBool,
     /// Another instance of the actor (on another node, or a later one here) took over:
-    /// jobs still queued are answered "moved".
+    /// jobs still queued, and any posted later, are answered "moved".
     retired: AtomicBool,
+    /// Being handed to another node: the jobs queued before still run, new ones are
+    /// answered "moved" (the cluster's router places them again once it is released).
+    leaving: AtomicBool,
     /// Stops the running actor when it is deleted (set once its thread has it).
     stopper: Mutex<Option<Canceller>>,
     /// The server's count of actors with a thread.
@@ -185,6 +189,18 @@ pub struct ActorHandle {
 }
 
 impl ActorHandle {
+    fn of(shared: Arc<Shared>) -> Arc<ActorHandle> {
+        Arc::new(ActorHandle {
+            id: shared.id.clone(),
+            module: shared.module_name.clone(),
+            session: shared.session.clone(),
+            owner: shared.owner.clone(),
+            durable: shared.persist.is_some(),
+            created_ms: shared.created_ms,
+            shared,
+        })
+    }
+
     /// A copy of the actor's status.
     pub fn status(&self) -> Status {
         lock(&self.shared.status).clone()
@@ -205,11 +221,35 @@ impl ActorHandle {
         matches!(*lock(&self.shared.life), Life::Active(_))
     }
 
+    /// Whether it is being handed to another node.
+    pub fn leaving(&self) -> bool {
+        self.shared.leaving.load(Ordering::Relaxed)
+    }
+
+    /// Starts (`true`) or ends a hand-over to another node: from now on, jobs other than
+    /// [`Job::Passivate`] are answered "moved" until it ends.
+    pub fn set_leaving(&self, on: bool) {
+        // Under the lock that `post` holds: no job slips in after this returns.
+        let _life = lock(&self.shared.life);
+        self.shared.leaving.store(on, Ordering::Relaxed);
+    }
+
     /// Queues `job`, restoring a passivated actor on a fresh thread first; fails when the
-    /// actor was deleted or its thread is gone, or (429) when its queue is full.
+    /// actor was deleted or its thread is gone, (429) when its queue is full, or ("moved")
+    /// when it runs elsewhere now or is being handed over. An instance that was replaced
+    /// is never restored again: that would take the actor back from its new owner.
     pub fn post(&self, job: Job) -> Result<(), ApiError> {
         let shared = &self.shared;
         let mut life = lock(&shared.life);
+        let passivate = matches!(job, Job::Passivate);
+        if !passivate
+            && (shared.retired.load(Ordering::Relaxed) || shared.leaving.load(Ordering::Relaxed))
+        {
+            return Err(ApiError::moved(format!(
+                "actor `{}` is moving to another node; send the request again",
+                self.id
+            )));
+        }
         if shared.queued.load(Ordering::Relaxed) >= shared.max_queued {
             return Err(ApiError::busy(
                 format!(
@@ -220,6 +260,9 @@ impl ActorHandle {
             ));
         }
         if let Life::Passivated = *life {
+            if passivate {
+                return Ok(());
+            }
             let (mailbox, jobs) = mpsc::channel();
             spawn(shared.clone(), Boot::Restore, jobs)?;
             *life = Life::Active(mailbox);
@@ -347,7 +390,12 @@ impl Directory {
         if let Some(fault) = &record.failed {
             lock(&shared.status).state = State::Failed(fault.clone());
         }
-        self.insert(shared);
+        // Two requests may adopt the same actor at once: the first handle stays, so that
+        // one node never runs two instances of it.
+        let handle = ActorHandle::of(shared);
+        write(&self.actors)
+            .entry(handle.id.clone())
+            .or_insert(handle);
     }
 
     fn shared(
@@ -378,6 +426,7 @@ impl Directory {
             queued: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             resident: self.resident.clone(),
             max_queued: self.max_queued,
             stopper: Mutex::new(None),
@@ -385,15 +434,7 @@ impl Directory {
     }
 
     fn insert(&self, shared: Arc<Shared>) -> Arc<ActorHandle> {
-        let handle = Arc::new(ActorHandle {
-            id: shared.id.clone(),
-            module: shared.module_name.clone(),
-            session: shared.session.clone(),
-            owner: shared.owner.clone(),
-            durable: shared.persist.is_some(),
-            created_ms: shared.created_ms,
-            shared,
-        });
+        let handle = ActorHandle::of(shared);
         write(&self.actors).insert(handle.id.clone(), handle.clone());
         handle
     }
@@ -417,7 +458,10 @@ impl Directory {
     /// of it runs elsewhere (or is about to, here): jobs still queued are answered "moved",
     /// the running one finishes, then its thread ends.
     pub fn evict(&self, id: &str) {
-        if let Some(handle) = write(&self.actors).remove(id) {
+        let removed = write(&self.actors).remove(id);
+        if let Some(handle) = removed {
+            // Under the lock that `post` holds: no job restores it after this returns.
+            let _life = lock(&handle.shared.life);
             handle.shared.retired.store(true, Ordering::Relaxed);
         }
     }

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -25,6 +26,16 @@ pub fn serve_command(state: &Path) -> Command {
         .arg(state)
         .env_remove("TERN_API_KEY");
     command
+}
+
+/// Runs `command` (a `tern` that must refuse its input) and returns its standard error,
+/// checking that it failed without a panic.
+pub fn refused(command: &mut Command) -> String {
+    let out = command.output().expect("tern runs");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{command:?}: {text}");
+    assert!(!text.contains("panicked"), "{command:?}: {text}");
+    text
 }
 
 /// Starts `command` (a `tern serve`) and waits for the address it prints.
@@ -101,8 +112,18 @@ impl Serve {
             .args(["--cluster", url, "--node", node])
             .args(args)
             .env_remove("TERN_API_KEY");
-        let log = std::env::temp_dir().join(format!("tern-node-{node}-{}.log", std::process::id()));
-        let log = std::fs::File::create(log).unwrap();
+        // One log per node start, named after the test that started it.
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("thread")
+            .replace("::", "-");
+        let name = format!(
+            "tern-node-{test}-{node}-{}-{}.log",
+            std::process::id(),
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        );
+        let log = std::fs::File::create(std::env::temp_dir().join(name)).unwrap();
         let (child, addr) = spawn(command.stderr(log));
         Serve {
             addr,

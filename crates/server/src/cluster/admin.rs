@@ -3,10 +3,11 @@
 //! Each node answers requests on [`admin_subject`] (JSON in, JSON out): `drain` (stop taking
 //! actors, then hand each resident one over to another node as a move does, the nodes taken
 //! in turn from the least loaded; one that cannot be handed over is saved, passivated and
-//! released, so it wakes on another node at its next message), `release` (save, passivate
-//! and release one actor), `prefetch` (read an actor's durable chain into this node's memory
-//! while its owner runs on) and `activate` (claim and restore one actor here now). `tern cluster` calls these through
-//! [`ClusterClient::drain`], [`ClusterClient::move_actor`] and [`ClusterClient::status`].
+//! released, so it wakes on another node at its next message), `hand_over` (move one actor
+//! of this node to another, as the drain does), `prefetch` (read an actor's durable chain
+//! into this node's memory while its owner runs on) and `activate` (claim and restore one
+//! actor here now). `tern cluster` calls these through [`ClusterClient::drain`],
+//! [`ClusterClient::move_actor`] and [`ClusterClient::status`].
 //!
 //! A move copies ahead, as live migration of virtual machines does: the target reads the
 //! actor's durable chain while the actor still answers on its owner, then the owner saves
@@ -18,6 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::http::StatusCode;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -25,10 +27,10 @@ use tokio::sync::oneshot;
 
 use super::{Buckets, ClusterError, NodeInfo, connect};
 use crate::ApiError;
-use crate::actors::Job;
+use crate::actors::{ActorHandle, Job, State as ActorState};
 use crate::routes::AppState;
 
-/// The most a drain or a release waits for busy actors to finish.
+/// The most a hand-over waits for its actor's queued jobs to finish.
 const HANDOVER: Duration = Duration::from_secs(120);
 /// Actors a drain hands over at once.
 const HAND_OVERS: usize = 8;
@@ -45,8 +47,9 @@ pub enum Admin {
     /// Answers at once: the round trip of a request over NATS.
     Ping,
     Drain,
-    Release {
+    HandOver {
         actor: String,
+        to: String,
     },
     Prefetch {
         actor: String,
@@ -149,9 +152,32 @@ impl AppState {
                     "ms": started.elapsed().as_millis() as u64,
                 }))
             }
-            Admin::Release { actor } => {
-                self.release_here(&actor).await?;
-                Ok(json!({"released": actor, "ms": started.elapsed().as_millis() as u64}))
+            Admin::HandOver { actor, to } => {
+                let cluster = self.cluster.clone().expect("admin runs in a cluster");
+                if !cluster.holds(&actor) {
+                    return Err(ApiError::moved(format!(
+                        "actor `{actor}` does not run on node `{}`",
+                        cluster.node()
+                    )));
+                }
+                if !super::valid_node_name(&to) {
+                    return Err(ApiError::bad_request(
+                        ClusterError::NodeName(to).to_string(),
+                    ));
+                }
+                if to == cluster.node() {
+                    return Err(ApiError::bad_request(format!(
+                        "actor `{actor}` runs on node `{to}` already"
+                    )));
+                }
+                let live = cluster
+                    .alive(&to)
+                    .await
+                    .map_err(crate::cluster::route::cluster_error)?;
+                if !live {
+                    return Err(ApiError::not_found(format!("no live node `{to}`")));
+                }
+                self.hand_over(&cluster, &actor, &to).await
             }
             Admin::Prefetch { actor } => {
                 let cluster = self.cluster.clone().expect("admin runs in a cluster");
@@ -185,47 +211,96 @@ impl AppState {
         }
     }
 
-    /// Saves, passivates and releases actor `id` here once it is idle (waiting at most
-    /// [`HANDOVER`]), so that another node may take it.
+    /// Saves, passivates and releases actor `id` here (waiting at most [`HANDOVER`]), so
+    /// that another node may take it: the jobs queued before run first, and any posted
+    /// from now on are answered "moved" (the router places them again once it is released).
     async fn release_here(&self, id: &str) -> Result<(), ApiError> {
         let cluster = self.cluster.clone().expect("admin runs in a cluster");
+        let Ok(handle) = self.actors.get(id) else {
+            return match cluster.holds(id) {
+                true => Err(ApiError::internal(format!(
+                    "actor `{id}` is held here without a handle"
+                ))),
+                false => Ok(()),
+            };
+        };
+        handle.set_leaving(true);
+        let released = Self::wait_released(&cluster, &handle).await;
+        match &released {
+            Ok(()) => self.actors.evict(id),
+            Err(_) => handle.set_leaving(false),
+        }
+        released
+    }
+
+    /// Asks `handle`'s actor to passivate whenever its queue is empty, until its node no
+    /// longer holds it.
+    async fn wait_released(cluster: &super::Cluster, handle: &ActorHandle) -> Result<(), ApiError> {
+        let id = &handle.id;
         let deadline = Instant::now() + HANDOVER;
         while cluster.holds(id) {
+            if let ActorState::Failed(why) = handle.status().state {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "actor_failed",
+                    format!("actor `{id}` failed and stays here: {why}"),
+                ));
+            }
             if Instant::now() >= deadline {
                 return Err(ApiError::busy(format!("actor `{id}` stays busy"), 1));
             }
-            if let Ok(handle) = self.actors.get(id)
-                && handle.queued() == 0
-            {
+            if handle.queued() == 0 {
+                // Passivated and still held: its release was refused.
+                if !handle.is_resident() {
+                    return Err(ApiError::internal(format!(
+                        "actor `{id}` could not be released"
+                    )));
+                }
                 let _ = handle.post(Job::Passivate);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.actors.evict(id);
         Ok(())
     }
 
     /// Moves actor `id` from here to node `to`, copying ahead: `to` reads its chain while
-    /// it still runs here, then it is released here and `to` restores it.
+    /// it still runs here, then it is released here and `to` restores it. Returns the
+    /// nodes' answers and the phases' times: `ahead_ms` (the copy ahead) and `pause_ms`
+    /// (from the release to the actor running on `to`).
     async fn hand_over(
         &self,
         cluster: &super::Cluster,
         id: &str,
         to: &str,
-    ) -> Result<(), ApiError> {
-        let unreachable = |e: ClusterError| ApiError::internal(e.to_string());
+    ) -> Result<Value, ApiError> {
+        let started = Instant::now();
         let actor = id.to_string();
         let prefetch = Admin::Prefetch {
             actor: actor.clone(),
         };
-        ask(cluster.client(), to, &prefetch)
+        // Copying ahead only saves time: without it, `to` reads the chain as it restores.
+        let prefetched = ask(cluster.client(), to, &prefetch)
             .await
-            .map_err(unreachable)?;
+            .unwrap_or_else(|e| {
+                tracing::info!(%id, %to, error = %e, "not copied ahead");
+                json!({"error": e.to_string()})
+            });
+        let copied = Instant::now();
         self.release_here(id).await?;
-        ask(cluster.client(), to, &Admin::Activate { actor })
+        let released = copied.elapsed();
+        // Requests that reach this node from now on go to `to`, which takes the actor.
+        cluster.saw_owner(id, Some(to));
+        let activated = ask(cluster.client(), to, &Admin::Activate { actor })
             .await
-            .map_err(unreachable)?;
-        Ok(())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Ok(json!({
+            "prefetched": prefetched,
+            "released": {"released": id, "ms": ms(released)},
+            "activated": activated,
+            "ahead_ms": ms(copied - started),
+            "pause_ms": ms(copied.elapsed()),
+        }))
     }
 
     /// Claims actor `id` for this node and restores it now; returns once it runs.
@@ -286,8 +361,12 @@ async fn ask(
     node: &str,
     request: &Admin,
 ) -> Result<Value, ClusterError> {
+    // A name with NATS wildcards or separators would address other subjects.
+    if !super::valid_node_name(node) {
+        return Err(ClusterError::NodeName(node.to_string()));
+    }
     let body = serde_json::to_vec(request).map_err(super::js_error)?;
-    // A drain or a release may wait for busy actors for up to HANDOVER.
+    // A drain or a hand-over may wait for busy actors for up to HANDOVER.
     let wait = HANDOVER + Duration::from_secs(10);
     let request = async_nats::Request::new()
         .payload(body.into())
@@ -443,11 +522,14 @@ impl ClusterClient {
         self.request(node, &Admin::Drain)
     }
 
-    /// Moves `actor` to `node`, copying ahead: `node` reads the actor's durable chain while
-    /// its owner (if any) runs on, then the owner saves and releases it, and `node` claims
-    /// and restores it. Returns the phases' times and the nodes' answers.
+    /// Moves `actor` to `node`, copying ahead: its owner hands it over as a drain does
+    /// (`node` reads the actor's durable chain while the owner runs on, then the owner saves
+    /// and releases it, and `node` claims and restores it); an actor with no live owner is
+    /// restored on `node`. Returns the phases' times and the nodes' answers.
     pub fn move_actor(&self, actor: &str, node: &str) -> Result<(Move, Value), ClusterError> {
-        let started = Instant::now();
+        if !super::valid_node_name(node) {
+            return Err(ClusterError::NodeName(node.to_string()));
+        }
         let owner = self.rt.block_on(async {
             super::read_entry(&self.buckets.actors, actor)
                 .await
@@ -456,32 +538,48 @@ impl ClusterClient {
         let Some(found) = owner else {
             return Err(ClusterError::JetStream(format!("no actor `{actor}`")));
         };
-        let actor_name = actor.to_string();
-        let prefetched = self.request(
-            node,
-            &Admin::Prefetch {
-                actor: actor_name.clone(),
-            },
-        )?;
-        let copied = Instant::now();
-        let released = match found.entry.node {
-            Some(owner) if owner != node => Some(self.request(
-                &owner,
-                &Admin::Release {
-                    actor: actor_name.clone(),
-                },
-            )?),
+        let actor = actor.to_string();
+        let live_owner = match found.entry.node {
+            Some(owner) if owner != node && self.node_listed(&owner)? => Some(owner),
             _ => None,
         };
-        let activated = self.request(node, &Admin::Activate { actor: actor_name })?;
-        let times = Move {
-            ahead: copied - started,
-            pause: copied.elapsed(),
-        };
-        Ok((
-            times,
-            json!({"prefetched": prefetched, "released": released, "activated": activated}),
-        ))
+        match live_owner {
+            Some(owner) => {
+                let answer = self.request(
+                    &owner,
+                    &Admin::HandOver {
+                        actor,
+                        to: node.to_string(),
+                    },
+                )?;
+                let phase = |key: &str| {
+                    Duration::from_secs_f64(answer[key].as_f64().unwrap_or(0.0).max(0.0) / 1e3)
+                };
+                let times = Move {
+                    ahead: phase("ahead_ms"),
+                    pause: phase("pause_ms"),
+                };
+                Ok((times, answer))
+            }
+            None => {
+                let started = Instant::now();
+                let prefetched = self.request(
+                    node,
+                    &Admin::Prefetch {
+                        actor: actor.clone(),
+                    },
+                )?;
+                let copied = Instant::now();
+                let activated = self.request(node, &Admin::Activate { actor })?;
+                let times = Move {
+                    ahead: copied - started,
+                    pause: copied.elapsed(),
+                };
+                let answer =
+                    json!({"prefetched": prefetched, "released": null, "activated": activated});
+                Ok((times, answer))
+            }
+        }
     }
 }
 

@@ -109,8 +109,11 @@ pub async fn route(State(s): State<Arc<AppState>>, request: Request, next: Next)
                 if !response.headers().contains_key(MOVED_HEADER) {
                     return response;
                 }
-                // Another node took it while it was being restored or saved here.
-                s.actors.evict(&id);
+                // Another node took it while it was being restored or saved here; one being
+                // handed over stays until its release ends.
+                if !s.actors.get(&id).is_ok_and(|h| h.leaving()) {
+                    s.actors.evict(&id);
+                }
                 last_moved = Some(response);
             }
             Place::On(node) if hops >= MAX_HOPS => {

@@ -17,6 +17,7 @@
 //! object goes with the entry).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
@@ -52,11 +53,20 @@ fn parse(key: &str) -> Result<Key<'_>, StoreError> {
     Err(StoreError::Key(key.to_string()))
 }
 
+/// The longest a read of an object may wait for its next chunk.
+const READ_STALL: Duration = Duration::from_secs(5);
+/// As [`READ_STALL`] for a move's copy ahead, which reads while the owner runs on: an
+/// object its owner replaced meanwhile is deleted under the read, and the restore that
+/// follows reads the newer one anyway.
+const AHEAD_STALL: Duration = Duration::from_secs(1);
+
 /// The whole object `name` and the digest it was checked against as it was read
-/// (`SHA-256=` and the URL-safe base64 of the hash), or `None` if there is none.
+/// (`SHA-256=` and the URL-safe base64 of the hash), or `None` if there is none; it fails
+/// when no data comes for `stall`.
 async fn read_object(
     store: &async_nats::jetstream::object_store::ObjectStore,
     name: &str,
+    stall: Duration,
 ) -> Result<Option<(Vec<u8>, Option<String>)>, StoreError> {
     use async_nats::jetstream::object_store::GetErrorKind;
     let mut object = match store.get(name).await {
@@ -65,8 +75,22 @@ async fn read_object(
         Err(e) => return Err(remote(e)),
     };
     let mut bytes = Vec::with_capacity(object.info().size);
-    // The client hashes what it reads and fails the read on a mismatch with the digest.
-    object.read_to_end(&mut bytes).await.map_err(remote)?;
+    // The client hashes what it reads and fails the read on a mismatch with the digest. An
+    // object deleted while it is read (a newer snapshot replaced it) stops sending chunks
+    // without an error: a read that stalls fails.
+    loop {
+        let read = tokio::time::timeout(stall, object.read_buf(&mut bytes))
+            .await
+            .map_err(|_| {
+                StoreError::Remote(format!(
+                    "object `{name}`: no data for {} ms (deleted while read?)",
+                    stall.as_millis()
+                ))
+            })?;
+        if read.map_err(remote)? == 0 {
+            break;
+        }
+    }
     Ok(Some((bytes, object.info().digest.clone())))
 }
 
@@ -195,7 +219,7 @@ impl ClusterStore {
             };
             let mut chain = Vec::new();
             for name in std::iter::once(&whole).chain(&entry.links) {
-                chain.push(cluster.object(&id, name).await?.0);
+                chain.push(cluster.object(&id, name, READ_STALL).await?.0);
             }
             Ok(Some(chain))
         })
@@ -236,9 +260,14 @@ impl ClusterStore {
 
 impl Cluster {
     /// Actor `id`'s snapshot object `name`, and whether it was read from the store: kept in
-    /// this node's memory, or read, its content checked against the SHA-256 its name gives,
-    /// and kept.
-    async fn object(&self, id: &str, name: &str) -> Result<(Arc<Vec<u8>>, bool), StoreError> {
+    /// this node's memory, or read (failing if no data comes for `stall`), its content
+    /// checked against the SHA-256 its name gives, and kept.
+    async fn object(
+        &self,
+        id: &str,
+        name: &str,
+        stall: Duration,
+    ) -> Result<(Arc<Vec<u8>>, bool), StoreError> {
         // An object is kept whole, as the one piece of its entry.
         if let Some(bytes) = self
             .objects()
@@ -247,7 +276,7 @@ impl Cluster {
         {
             return Ok((bytes, false));
         }
-        let Some((bytes, digest)) = read_object(&self.snapshots, name).await? else {
+        let Some((bytes, digest)) = read_object(&self.snapshots, name, stall).await? else {
             return Err(StoreError::Remote(format!(
                 "actor `{id}`'s snapshot object {name} is missing"
             )));
@@ -274,7 +303,7 @@ impl Cluster {
         };
         let (mut read, mut chain) = (0, Vec::new());
         for name in found.entry.snapshot.iter().chain(&found.entry.links) {
-            let (bytes, from_store) = self.object(id, name).await?;
+            let (bytes, from_store) = self.object(id, name, AHEAD_STALL).await?;
             if from_store {
                 read += bytes.len() as u64;
             }
@@ -359,7 +388,9 @@ impl SnapshotStore for ClusterStore {
                 let modules = self.0.modules.clone();
                 let name = digest.to_string();
                 self.0.block(async move {
-                    Ok(read_object(&modules, &name).await?.map(|(bytes, _)| bytes))
+                    Ok(read_object(&modules, &name, READ_STALL)
+                        .await?
+                        .map(|(bytes, _)| bytes))
                 })
             }
         }
