@@ -304,23 +304,34 @@ impl CudaLlama {
                 }
             }
         }
-        for (item, &(dst, direct)) in items.iter_mut().zip(&dsts) {
-            if !item.out {
+        // Every selection enqueued first, then one wait, then the copies the GPU could not
+        // write itself: a copy waits for the stream, so copying between the launches would
+        // wait once per session.
+        let mut copy_top = vec![false; items.len()];
+        for (i, (item, &(dst, _))) in items.iter().zip(&dsts).enumerate() {
+            if !item.out || item.top.is_empty() {
                 continue;
             }
-            if !item.top.is_empty() {
-                let top_direct = sees(item.top.as_ptr() as usize, size_of_val(item.top));
-                item.session.top_k(self, dst, item.top, top_direct)?;
+            let direct = sees(item.top.as_ptr() as usize, size_of_val(item.top));
+            let out = direct.then_some(item.top.as_ptr() as u64);
+            item.session.enqueue_top_k(self, dst, item.top.len(), out)?;
+            copy_top[i] = !direct;
+        }
+        self.stream
+            .synchronize()
+            .map_err(driver("running the forward pass"))?;
+        for ((item, &(_, direct)), copy_top) in items.iter_mut().zip(&dsts).zip(copy_top) {
+            if copy_top {
+                item.session.read_top(item.top)?;
             }
             if let Some(l) = item.logits.as_deref_mut()
+                && item.out
                 && !direct
             {
                 item.session.read_logits(&self.stream, l)?;
             }
         }
-        self.stream
-            .synchronize()
-            .map_err(driver("running the forward pass"))
+        Ok(())
     }
 
     /// Refuses `tokens` for `session` (with outputs `logits` and `top`) that a step cannot

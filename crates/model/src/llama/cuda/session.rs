@@ -230,41 +230,41 @@ impl CudaSession {
             .map_err(driver("copying logits"))
     }
 
-    /// The largest `top.len()` of the `n_vocab` logits at `logits` (device-visible), into
-    /// `top` (written by the GPU directly when it sees `top`, else copied).
-    pub(super) fn top_k(
+    /// Enqueues the selection of the largest `k` of the `n_vocab` logits at `logits`
+    /// (device-visible): into `out` when given (a buffer of the caller's that the GPU sees),
+    /// else into this session's own, which [`CudaSession::read_top`] copies out once the
+    /// stream has run it.
+    pub(super) fn enqueue_top_k(
         &self,
         model: &CudaLlama,
         logits: u64,
-        top: &mut [Candidate],
-        direct: bool,
+        k: usize,
+        out: Option<u64>,
     ) -> Result<(), ModelError> {
         let run = Launcher {
             kernels: &model.kernels,
             stream: &model.stream,
         };
         let n = model.config.n_vocab as u32;
-        let k = top.len() as u32;
-        let out = if direct {
-            top.as_mut_ptr() as u64
-        } else {
-            self.ptr(&self.buf.top)
-        };
-        run.top_k(logits, n, k, self.ptr(&self.buf.cand), out)?;
-        if !direct {
-            let mut pairs = [0u32; 2 * MAX_TOP];
-            self.stream
-                .memcpy_dtoh(
-                    &self.buf.top.slice(..2 * top.len()),
-                    &mut pairs[..2 * top.len()],
-                )
-                .map_err(driver("copying the top logits"))?;
-            for (c, p) in top.iter_mut().zip(pairs.chunks_exact(2)) {
-                *c = Candidate {
-                    token: p[0],
-                    logit: f32::from_bits(p[1]),
-                };
-            }
+        let out = out.unwrap_or_else(|| self.ptr(&self.buf.top));
+        run.top_k(logits, n, k as u32, self.ptr(&self.buf.cand), out)
+    }
+
+    /// Copies the candidates [`CudaSession::enqueue_top_k`] left in this session's buffer
+    /// into `top`.
+    pub(super) fn read_top(&self, top: &mut [Candidate]) -> Result<(), ModelError> {
+        let mut pairs = [0u32; 2 * MAX_TOP];
+        self.stream
+            .memcpy_dtoh(
+                &self.buf.top.slice(..2 * top.len()),
+                &mut pairs[..2 * top.len()],
+            )
+            .map_err(driver("copying the top logits"))?;
+        for (c, p) in top.iter_mut().zip(pairs.chunks_exact(2)) {
+            *c = Candidate {
+                token: p[0],
+                logit: f32::from_bits(p[1]),
+            };
         }
         Ok(())
     }
