@@ -10,7 +10,7 @@
 //! | `emit(ptr, len)` | `(i32, i32) -> i32` | streams `len` bytes to whoever drives the actor |
 //! | `last_error(buf, cap)` | `(i32, i32) -> i32` | copies up to `cap` bytes of the last error message; returns its full length |
 //!
-//! The model functions are listed in [`crate::models`]'s documentation.
+//! The model functions are listed in `models.rs`' documentation.
 //!
 //! Error codes ([`AbiError::code`]), so that a guest can tell a mistake of its own from a
 //! host that cannot serve it:

@@ -188,7 +188,7 @@ impl Canceller {
     }
 
     /// Stops the actor for good (it is being deleted): the running guest call traps within
-    /// one epoch check ([`STOP_CHECK`]), even in a loop that never calls the host, and the
+    /// one epoch check (every `STOP_CHECK` epoch ticks), even in a loop that never calls the host, and the
     /// actor takes no more messages.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);

@@ -1,4 +1,4 @@
-//! [`VirtualClock`]: the one way host code gives an actor the time.
+//! `VirtualClock`: the one way host code gives an actor the time.
 //!
 //! Nothing an actor sees may depend on when or where it runs, or a restored actor would not
 //! continue as the original would have. So the host reads the wall clock at most once per

@@ -104,7 +104,7 @@ impl<J: StepJob> StepBatcher<J> {
     /// Callers in a decode loop come back a moment after their step ends (to pick their next
     /// token); the first one back would lead a step of one. So a leader that finds fewer
     /// jobs waiting than the last step held waits for the others, at most a quarter of the
-    /// last step's time and never over [`MAX_GATHER`]. (Which jobs share a step never
+    /// last step's time and never over `MAX_GATHER` (3 ms). (Which jobs share a step never
     /// changes their results, only the speed.)
     pub fn run(&self, job: J, step: impl Fn(&mut [J])) -> J {
         let mut state = self.lock();

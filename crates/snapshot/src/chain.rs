@@ -60,7 +60,7 @@ pub struct Links<'a> {
     pub end: u64,
 }
 
-/// Splits a chain file into its snapshots (see the [module docs](self)). Only the frame of
+/// Splits a chain file into its snapshots (see the crate docs' "Chain files"). Only the frame of
 /// each is looked at here: [`parse_chain`] checks them.
 pub fn split_links(bytes: &[u8]) -> Result<Links<'_>, SnapshotError> {
     let len = bytes.len() as u64;
@@ -174,7 +174,7 @@ pub struct Chain<'a> {
     unverified: Vec<Unverified<'a>>,
 }
 
-/// Checks `links`, oldest first, as one chain (see the [module docs](self)); each link as
+/// Checks `links`, oldest first, as one chain (see the crate docs' "Chain files"); each link as
 /// [`parse`] checks a file. A single whole snapshot is a chain of one.
 pub fn parse_chain<'a>(links: &[&'a [u8]]) -> Result<Chain<'a>, SnapshotError> {
     read_chain(links, false)

@@ -184,7 +184,7 @@ impl WgpuLlama {
     }
 
     /// Times each kernel of one decode step of `session` (see
-    /// [`WgpuSession::profile_step`]); `None` where the adapter cannot time its work.
+    /// `WgpuSession::profile_step`); `None` where the adapter cannot time its work.
     pub fn profile_step(
         &self,
         session: &mut WgpuSession,
@@ -245,6 +245,8 @@ impl Engine for WgpuLlama {
         Ok(Box::new(self.new_session(n_ctx)?))
     }
 
+    /// Runs the sessions one after another: the WGSL kernels take one sequence per pass, so
+    /// a step reads the weights once per session (each session's bits are its own alone).
     fn step(&self, items: &mut [StepItem<'_>]) -> Result<(), ModelError> {
         let c = &self.config;
         for item in items.iter_mut() {
