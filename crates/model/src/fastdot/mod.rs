@@ -43,14 +43,18 @@
 //! 256-bit half register, fold the partial sums of 16 blocks into one vector, and apply the
 //! float terms 16 at a time (see `x86_avx512.rs`). On one Zen 4 core, from DRAM, that streams
 //! about 17-25 GB/s of weights (AVX-512 VNNI), against 8-14 GB/s for the `f32` reference;
-//! `tests.rs`'s `bench_dot_q8` measures it.
+//! `tests.rs`'s `bench_dot_q8` measures it. For several tokens at once (a prefill, a batched
+//! step) a CPU with AMX forms the block sums of 16 rows and up to 16 tokens in one tile
+//! product (see `x86_amx.rs`); `bench_dot_q8_tokens` compares the paths.
 //!
 //! # What this module guarantees
 //!
-//! * Every code path (portable, and on x86-64 chosen once at run time: AVX2, AVX-512 VNNI)
-//!   gives bitwise the same result: integer sums are exact whatever order a path adds them
-//!   in, and every path performs the `f32` operations above on the same values in the same
-//!   lane structure. `tests.rs` checks this on every path the CPU supports.
+//! * Every code path (portable, and on x86-64 chosen once at run time: AVX2, AVX-512 VNNI,
+//!   and AMX for products of several tokens) gives bitwise the same result: integer sums are
+//!   exact whatever order a path adds them in, and every path performs the `f32` operations
+//!   above on the same values in the same lane structure. `tests.rs` checks this on every
+//!   path the CPU supports. So a token's result never depends on how many tokens share its
+//!   product, nor on which of these paths ran it.
 //! * The result is within the int8 rounding of the activations of [`crate::quant::dot_row`]
 //!   (each activation moves by at most `d_x / 2`), plus `f32` rounding.
 //! * Nothing here panics on well-formed input. Lengths are preconditions, checked once at
@@ -58,6 +62,8 @@
 
 mod acts;
 mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86_amx;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
@@ -67,6 +73,8 @@ mod x86_avx512;
 mod tests;
 
 use std::sync::OnceLock;
+
+use rayon::prelude::*;
 
 pub use acts::QuantizedActs;
 
@@ -128,11 +136,57 @@ pub fn dot_q8_rows(
     Path::best().checked_dot_rows(dtype, rows, row_bytes, x, out);
 }
 
+/// Several tokens' activations, each quantized as [`QuantizedActs`], for
+/// [`dot_q8_rows_tokens`]. Where the AMX kernels run, the layout they read is made once, by
+/// the first product that needs it, and shared by every later product (on any thread).
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedTokens {
+    acts: Vec<QuantizedActs>,
+    #[cfg(target_arch = "x86_64")]
+    tiles: OnceLock<x86_amx::TokenTiles>,
+}
+
+impl QuantizedTokens {
+    /// Quantizes each `cols` values of `x` (its last row may be shorter), a token each.
+    /// (On the calling thread's rayon pool, a token a task.)
+    pub fn new(x: &[f32], cols: usize) -> QuantizedTokens {
+        x.par_chunks(cols.max(1))
+            .map(QuantizedActs::new)
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    /// The tokens' activations, in order.
+    pub fn acts(&self) -> &[QuantizedActs] {
+        &self.acts
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.acts.len()
+    }
+
+    /// Whether no tokens are held.
+    pub fn is_empty(&self) -> bool {
+        self.acts.is_empty()
+    }
+}
+
+impl From<Vec<QuantizedActs>> for QuantizedTokens {
+    fn from(acts: Vec<QuantizedActs>) -> QuantizedTokens {
+        QuantizedTokens {
+            acts,
+            #[cfg(target_arch = "x86_64")]
+            tiles: OnceLock::new(),
+        }
+    }
+}
+
 /// `out[t * n + r] = dot_q8(dtype, row r, xs[t])` for the `n = out.len() / xs.len()`
 /// consecutive rows of `row_bytes` bytes in `rows` and every token's activations `xs[t]`: a
-/// matrix product over a run of rows, for a prefill. Each output is bitwise what
-/// [`dot_q8_rows`] gives for that token alone; the fastest path reads and unpacks each
-/// block of weights once for several tokens.
+/// matrix product over a run of rows, for a prefill or a batched step. Each output is
+/// bitwise what [`dot_q8_rows`] gives for that token alone; the fastest paths read and
+/// unpack each block of weights once for several tokens (on AMX, 16 tokens a tile product).
 ///
 /// Precondition: as [`dot_q8_rows`] for every `xs[t]`, and `out.len() == xs.len() * n`. On a
 /// mismatch, debug builds panic and release builds fill `out` with NaN.
@@ -140,11 +194,11 @@ pub fn dot_q8_rows_tokens(
     dtype: DType,
     rows: &[u8],
     row_bytes: usize,
-    xs: &[QuantizedActs],
+    xs: &QuantizedTokens,
     out: &mut [f32],
 ) {
     let n = out.len().checked_div(xs.len()).unwrap_or(0);
-    let fits = xs.iter().all(|x| row_fits(dtype, row_bytes, x))
+    let fits = xs.acts.iter().all(|x| row_fits(dtype, row_bytes, x))
         && n * xs.len() == out.len()
         && row_bytes.checked_mul(n) == Some(rows.len());
     if !fits {
@@ -177,6 +231,9 @@ enum Path {
     /// AVX-512 VNNI (`vpdpbusd`).
     #[cfg(target_arch = "x86_64")]
     Avx512(x86_avx512::Avx512Vnni),
+    /// AMX (`tdpbusd`) for several tokens at once, AVX-512 VNNI for the rest.
+    #[cfg(target_arch = "x86_64")]
+    Amx(x86_amx::Amx),
 }
 
 impl Path {
@@ -187,6 +244,7 @@ impl Path {
         let wider = [
             x86_avx2::Avx2::detect().map(Path::Avx2),
             x86_avx512::Avx512Vnni::detect().map(Path::Avx512),
+            x86_amx::Amx::detect().map(Path::Amx),
         ];
         #[cfg(not(target_arch = "x86_64"))]
         let wider: [Option<Path>; 0] = [];
@@ -202,6 +260,9 @@ impl Path {
         *BEST.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
+                if let Some(token) = x86_amx::Amx::detect() {
+                    return Path::Amx(token);
+                }
                 if let Some(token) = x86_avx512::Avx512Vnni::detect() {
                     return Path::Avx512(token);
                 }
@@ -221,6 +282,8 @@ impl Path {
             Path::Avx2(_) => "avx2",
             #[cfg(target_arch = "x86_64")]
             Path::Avx512(_) => "avx512vnni",
+            #[cfg(target_arch = "x86_64")]
+            Path::Amx(_) => "amx",
         }
     }
 
@@ -255,7 +318,7 @@ impl Path {
         dtype: DType,
         rows: &[u8],
         row_bytes: usize,
-        xs: &[QuantizedActs],
+        xs: &QuantizedTokens,
         out: &mut [f32],
     ) {
         if row_bytes == 0 || out.is_empty() {
@@ -264,12 +327,15 @@ impl Path {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if let Path::Avx512(token) = self {
-            token.dot_rows_tokens(dtype, rows, row_bytes, xs, out);
-            return;
+        match self {
+            Path::Avx512(token) => {
+                return token.dot_rows_tokens(dtype, rows, row_bytes, &xs.acts, out);
+            }
+            Path::Amx(token) => return token.dot_rows_tokens(dtype, rows, row_bytes, xs, out),
+            _ => {}
         }
         let n = rows.len() / row_bytes;
-        for (x, out) in xs.iter().zip(out.chunks_exact_mut(n)) {
+        for (x, out) in xs.acts.iter().zip(out.chunks_exact_mut(n)) {
             self.dot_rows(dtype, rows, row_bytes, x, out);
         }
     }
@@ -295,6 +361,8 @@ impl Path {
             Path::Avx2(token) => token.dot_rows(dtype, rows, row_bytes, x, out),
             #[cfg(target_arch = "x86_64")]
             Path::Avx512(token) => token.dot_rows(dtype, rows, row_bytes, x, out),
+            #[cfg(target_arch = "x86_64")]
+            Path::Amx(token) => token.wide().dot_rows(dtype, rows, row_bytes, x, out),
         }
     }
 }

@@ -234,18 +234,20 @@ fn several_tokens_give_each_token_alone_bitwise() {
     for dtype in FORMATS {
         for &n in lengths(dtype) {
             let row_bytes = dtype.row_bytes(n).unwrap();
-            let n_rows = 5;
+            // Rows and tokens past one group of 16 (the AMX kernel's tiles), and short of one.
+            let n_rows = 37;
             // One byte in, so that no row is aligned.
             let buf: Vec<u8> = std::iter::once(0)
                 .chain((0..n_rows).flat_map(|_| rng.row(dtype, n)))
                 .collect();
             let rows = &buf[1..];
-            for tokens in [1, 2, 3, 4, 5, 8, 9] {
-                let xs: Vec<QuantizedActs> = (0..tokens)
+            for tokens in [1, 2, 3, 4, 5, 8, 9, 16, 17, 35] {
+                let xs: QuantizedTokens = (0..tokens)
                     .map(|_| QuantizedActs::new(&rng.acts(n)))
-                    .collect();
+                    .collect::<Vec<_>>()
+                    .into();
                 let mut want = vec![0.0f32; tokens * n_rows];
-                for (x, want) in xs.iter().zip(want.chunks_exact_mut(n_rows)) {
+                for (x, want) in xs.acts().iter().zip(want.chunks_exact_mut(n_rows)) {
                     Path::Portable.checked_dot_rows(dtype, rows, row_bytes, x, want);
                 }
                 let mut all = vec![0.0f32; tokens * n_rows];
@@ -435,7 +437,8 @@ fn several_tokens_with_mismatched_lengths_poison() {
     // Release builds: NaN out, nothing read or written past the slices.
     let x = QuantizedActs::new(&[1.0; 64]);
     let mut out = [0.0f32; 3];
-    dot_q8_rows_tokens(DType::Q8_0, &[0; 68], 68, &[x.clone(), x], &mut out);
+    let xs = QuantizedTokens::from(vec![x.clone(), x]);
+    dot_q8_rows_tokens(DType::Q8_0, &[0; 68], 68, &xs, &mut out);
     assert!(out.iter().all(|v| v.is_nan()));
 }
 
@@ -464,6 +467,7 @@ fn bench_dot_q8_tokens() {
         let xs: Vec<QuantizedActs> = (0..tokens)
             .map(|_| QuantizedActs::new(&rng.acts(n)))
             .collect();
+        let all_xs = QuantizedTokens::from(xs.clone());
         let mut out = vec![0.0f32; rows * tokens];
         let best = |f: &mut dyn FnMut()| {
             (0..50)
@@ -479,14 +483,31 @@ fn bench_dot_q8_tokens() {
                 dot_q8_rows(dtype, black_box(&matrix), row_bytes, x, o);
             }
         });
-        let all =
-            best(&mut || dot_q8_rows_tokens(dtype, black_box(&matrix), row_bytes, &xs, &mut out));
+        let all = best(&mut || {
+            dot_q8_rows_tokens(dtype, black_box(&matrix), row_bytes, &all_xs, &mut out)
+        });
         println!(
             "{dtype:>5} {rows} x {n:<5} x {tokens} tokens: one at a time {:8.1} us, together {:8.1} us ({:.2}x)",
             one * 1e6,
             all * 1e6,
             one / all
         );
+        // Each path's products of several tokens, at a decode step's batch sizes too.
+        for count in [8, 16, tokens] {
+            let xs = &QuantizedTokens::from(xs[..count].to_vec());
+            let out = &mut out[..rows * count];
+            let times: Vec<String> = Path::supported()
+                .into_iter()
+                .skip(1)
+                .map(|path| {
+                    let t = best(&mut || {
+                        path.dot_rows_tokens(dtype, black_box(&matrix), row_bytes, xs, out)
+                    });
+                    format!("{} {:.1} us", path.name(), t * 1e6)
+                })
+                .collect();
+            println!("      {count:>3} tokens: {}", times.join(", "));
+        }
     }
 }
 

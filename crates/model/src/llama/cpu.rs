@@ -17,7 +17,7 @@ use crate::ModelError;
 use crate::engine::{
     Engine, LayerBytes, SessionState, SourceUnits, StepItem, copy_le, copy_le_u16, own, own_mut,
 };
-use crate::fastdot::{self, QuantizedActs};
+use crate::fastdot::{self, QuantizedActs, QuantizedTokens};
 use crate::llama::kept::{Buffers, KeptCaches};
 use crate::llama::{LlamaConfig, LlamaWeights, Matrix, RopeStyle};
 use crate::numerics::Numerics;
@@ -744,8 +744,59 @@ impl CpuLlama {
         if n == 1 {
             self.matmuls_one(jobs, x);
         } else {
-            for (out, m) in jobs {
-                self.matmul(out, m, x, n);
+            // The positions quantized once for every matrix that takes them so.
+            let xq = jobs
+                .iter()
+                .find(|(_, m)| self.fast(m))
+                .map(|(_, m)| QuantizedTokens::new(x, m.cols));
+            match xq {
+                Some(xq) if jobs.iter().all(|(_, m)| self.fast(m)) => {
+                    self.matmuls_fast(jobs, &xq, n);
+                }
+                xq => {
+                    for (out, m) in jobs {
+                        self.matmul_quantized(out, m, x, xq.as_ref(), n);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fast path of [`Self::matmul`] for `n > 1` positions, quantized as `xq`, and each
+    /// of `K` matrices as wide as a position, in one pass over the pool: per chunk of
+    /// [`ROWS_PER_TASK`] weight rows, every position against the rows while they are in
+    /// cache.
+    fn matmuls_fast<const K: usize>(
+        &self,
+        jobs: [(&mut [f32], &Matrix); K],
+        xq: &QuantizedTokens,
+        n: usize,
+    ) {
+        let mut t_major: Vec<Vec<f32>> = jobs.iter().map(|(_, m)| vec![0.0; n * m.rows]).collect();
+        let mut tasks = Vec::new();
+        for ((_, m), t) in jobs.iter().zip(&mut t_major) {
+            let rows = self.weights.rows(m);
+            for (chunk, y) in t.chunks_mut(ROWS_PER_TASK * n).enumerate() {
+                let first = chunk * ROWS_PER_TASK;
+                let count = y.len() / n;
+                tasks.push((
+                    y,
+                    *m,
+                    &rows[first * m.row_bytes..(first + count) * m.row_bytes],
+                ));
+            }
+        }
+        tasks.into_par_iter().for_each(|(y, m, w)| {
+            fastdot::dot_q8_rows_tokens(m.dtype, w, m.row_bytes, xq, y);
+        });
+        // Each chunk holds `n` runs of `count` outputs; scatter them to [t][row].
+        for ((out, m), t) in jobs.into_iter().zip(&t_major) {
+            for (chunk, y) in t.chunks(ROWS_PER_TASK * n).enumerate() {
+                let first = chunk * ROWS_PER_TASK;
+                let count = y.len() / n;
+                for (t, y) in y.chunks_exact(count).enumerate() {
+                    out[t * m.rows + first..][..count].copy_from_slice(y);
+                }
             }
         }
     }
@@ -785,32 +836,25 @@ impl CpuLlama {
             self.matmuls_one([(out, m)], x);
             return;
         }
-        let rows = self.weights.rows(m);
-        if self.fast(m) {
-            // Each position's activations quantized once; then, per chunk of weight rows,
-            // every position against the rows while they are in cache.
-            let xq: Vec<QuantizedActs> = x.chunks(m.cols).map(QuantizedActs::new).collect();
-            let mut t_major = vec![0.0f32; n * m.rows];
-            t_major
-                .par_chunks_mut(ROWS_PER_TASK * n)
-                .enumerate()
-                .for_each(|(chunk, y)| {
-                    let first = chunk * ROWS_PER_TASK;
-                    let count = y.len() / n;
-                    let w = &rows[first * m.row_bytes..(first + count) * m.row_bytes];
-                    fastdot::dot_q8_rows_tokens(m.dtype, w, m.row_bytes, &xq, y);
-                });
-            // t_major holds, per chunk, `n` runs of `count` outputs; scatter to [t][row].
-            for (chunk, y) in t_major.chunks(ROWS_PER_TASK * n).enumerate() {
-                let first = chunk * ROWS_PER_TASK;
-                let count = y.len() / n;
-                for t in 0..n {
-                    out[t * m.rows + first..][..count]
-                        .copy_from_slice(&y[t * count..(t + 1) * count]);
-                }
-            }
+        let xq = self.fast(m).then(|| QuantizedTokens::new(x, m.cols));
+        self.matmul_quantized(out, m, x, xq.as_ref(), n);
+    }
+
+    /// [`Self::matmul`] for `n > 1` positions, given `x` quantized as `xq` when `m` takes
+    /// the fast path.
+    fn matmul_quantized(
+        &self,
+        out: &mut [f32],
+        m: &Matrix,
+        x: &[f32],
+        xq: Option<&QuantizedTokens>,
+        n: usize,
+    ) {
+        if let Some(xq) = xq.filter(|_| self.fast(m)) {
+            self.matmuls_fast([(out, m)], xq, n);
             return;
         }
+        let rows = self.weights.rows(m);
         let chunks: Vec<Vec<f32>> = (0..m.rows.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .map(|chunk| {
