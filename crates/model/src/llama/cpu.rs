@@ -26,6 +26,9 @@ use crate::top::top_k;
 
 /// Output rows a matrix-product task computes.
 const ROWS_PER_TASK: usize = 32;
+/// Output rows a task of a product over several positions computes: more than one
+/// position's, so that each task streams a longer run of the weights.
+const ROWS_PER_TOKENS_TASK: usize = 128;
 
 /// How a KV cache stores its keys and values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -764,8 +767,8 @@ impl CpuLlama {
 
     /// The fast path of [`Self::matmul`] for `n > 1` positions, quantized as `xq`, and each
     /// of `K` matrices as wide as a position, in one pass over the pool: per chunk of
-    /// [`ROWS_PER_TASK`] weight rows, every position against the rows while they are in
-    /// cache.
+    /// [`ROWS_PER_TOKENS_TASK`] weight rows, every position against the rows while they are
+    /// in cache.
     fn matmuls_fast<const K: usize>(
         &self,
         jobs: [(&mut [f32], &Matrix); K],
@@ -776,8 +779,8 @@ impl CpuLlama {
         let mut tasks = Vec::new();
         for ((_, m), t) in jobs.iter().zip(&mut t_major) {
             let rows = self.weights.rows(m);
-            for (chunk, y) in t.chunks_mut(ROWS_PER_TASK * n).enumerate() {
-                let first = chunk * ROWS_PER_TASK;
+            for (chunk, y) in t.chunks_mut(ROWS_PER_TOKENS_TASK * n).enumerate() {
+                let first = chunk * ROWS_PER_TOKENS_TASK;
                 let count = y.len() / n;
                 tasks.push((
                     y,
@@ -791,8 +794,8 @@ impl CpuLlama {
         });
         // Each chunk holds `n` runs of `count` outputs; scatter them to [t][row].
         for ((out, m), t) in jobs.into_iter().zip(&t_major) {
-            for (chunk, y) in t.chunks(ROWS_PER_TASK * n).enumerate() {
-                let first = chunk * ROWS_PER_TASK;
+            for (chunk, y) in t.chunks(ROWS_PER_TOKENS_TASK * n).enumerate() {
+                let first = chunk * ROWS_PER_TOKENS_TASK;
                 let count = y.len() / n;
                 for (t, y) in y.chunks_exact(count).enumerate() {
                     out[t * m.rows + first..][..count].copy_from_slice(y);
