@@ -61,8 +61,9 @@ struct State<J> {
     /// Steps run, and jobs in them (for [`StepBatcher::stats`]).
     steps: u64,
     stepped_jobs: u64,
-    /// Jobs in the last step, and how long it ran.
-    last_jobs: usize,
+    /// Jobs the next step's leader waits for: those of the last step and those that came
+    /// while it ran (at most the budget's); and how long the last step ran.
+    expect: usize,
     last_step: Duration,
 }
 
@@ -88,7 +89,7 @@ impl<J: StepJob> StepBatcher<J> {
                 next_id: 0,
                 steps: 0,
                 stepped_jobs: 0,
-                last_jobs: 0,
+                expect: 0,
                 last_step: Duration::ZERO,
             }),
             changed: Condvar::new(),
@@ -103,9 +104,11 @@ impl<J: StepJob> StepBatcher<J> {
     ///
     /// Callers in a decode loop come back a moment after their step ends (to pick their next
     /// token); the first one back would lead a step of one. So a leader that finds fewer
-    /// jobs waiting than the last step held waits for the others, at most a quarter of the
-    /// last step's time and never over `MAX_GATHER` (3 ms). (Which jobs share a step never
-    /// changes their results, only the speed.)
+    /// jobs waiting than there were callers at the end of the last step (its jobs, and those
+    /// that came while it ran) waits for the others, at most a quarter of the last step's
+    /// time and never over `MAX_GATHER` (3 ms). Counting only the last step's jobs would let
+    /// callers that once missed a step stay a step of their own, alternating with the rest
+    /// for good. (Which jobs share a step never changes their results, only the speed.)
     pub fn run(&self, job: J, step: impl Fn(&mut [J])) -> J {
         let mut state = self.lock();
         let id = state.next_id;
@@ -123,7 +126,7 @@ impl<J: StepJob> StepBatcher<J> {
             // This caller leads the next step.
             state.running = true;
             let deadline = Instant::now() + (state.last_step / 4).min(MAX_GATHER);
-            while state.queue.len() < state.last_jobs {
+            while state.queue.len() < state.expect {
                 let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                     break;
                 };
@@ -143,7 +146,7 @@ impl<J: StepJob> StepBatcher<J> {
             }
             let took = started.elapsed();
             state = self.lock();
-            state.last_jobs = ids.len();
+            state.expect = (ids.len() + state.queue.len()).min(self.budget.jobs);
             state.last_step = took;
             state.steps += 1;
             state.stepped_jobs += ids.len() as u64;
