@@ -226,14 +226,36 @@ impl TokenTiles {
     }
 }
 
-/// A call's own working memory, kept per thread and grown as needed: 16 rows' weights
-/// unpacked (per block an A tile, and per block and row the f16 `d` and `m` widened). Rows
-/// past a row group's count hold stale values that only results nobody reads depend on.
+/// A call's own working memory, kept per thread and grown as needed, so that nothing is
+/// allocated or cleared per call: 16 rows' weights unpacked (per block an A tile, and per
+/// block and row the f16 `d` and `m` widened), the tile products' block sums, the float
+/// lanes and the row group's results. Rows past a row group's count hold stale values
+/// that only results nobody reads depend on.
 #[derive(Default)]
 struct Scratch {
     weights: Vec<u8>,
     d: Vec<f32>,
     m: Vec<f32>,
+    /// Two blocks' sums (by parity), 16 rows of up to 16 tokens each.
+    c: Vec<i32>,
+    /// Per row (or pair of rows), 16 float lanes.
+    acc: Vec<__m512>,
+    /// Per row, its value for each of the group's 16 token slots.
+    sums: Vec<f32>,
+}
+
+/// A row group's weights as [`unpack`] left them.
+struct Unpacked<'a> {
+    weights: &'a [u8],
+    d: &'a [f32],
+    m: &'a [f32],
+}
+
+/// Where a row group's work goes: the block sums, the float lanes, the results.
+struct Work<'a> {
+    c: &'a mut [i32],
+    acc: &'a mut [__m512],
+    sums: &'a mut [f32],
 }
 
 thread_local! {
@@ -261,6 +283,17 @@ fn run<const F: usize>(
         grow(&mut scratch.weights, blocks * 512, 0);
         grow(&mut scratch.d, blocks * GROUP, 0.0);
         grow(&mut scratch.m, blocks * GROUP, 0.0);
+        grow(&mut scratch.c, 2 * GROUP * GROUP, 0);
+        grow(&mut scratch.acc, GROUP * LANES, _mm512_setzero_ps());
+        grow(&mut scratch.sums, GROUP * GROUP, 0.0);
+        let Scratch {
+            weights,
+            d,
+            m,
+            c,
+            acc,
+            sums,
+        } = scratch;
         let mut loaded: Option<*const TileConfig> = None;
         for g in 0..tokens.div_ceil(GROUP) {
             let in_group = (tokens - g * GROUP).min(GROUP);
@@ -275,19 +308,21 @@ fn run<const F: usize>(
             for r0 in (0..n).step_by(GROUP) {
                 let count = (n - r0).min(GROUP);
                 let group_rows = &rows[r0 * row_bytes..(r0 + count) * row_bytes];
-                unpack::<F>(group_rows, row_bytes, scratch);
+                unpack::<F>(group_rows, row_bytes, weights, d, m);
                 // The next row group's weights, asked of the cache a few lines per block
                 // while these are summed.
                 let next = &rows[(r0 + count) * row_bytes..];
                 let ahead = Ahead::new(&next[..next.len().min(GROUP * row_bytes)], blocks);
-                let sums = if wide {
-                    row_group_wide::<F>(count, xs, g, scratch, &ahead)
+                let unpacked = Unpacked { weights, d, m };
+                let work = Work { c, acc, sums };
+                if wide {
+                    row_group_wide::<F>(count, xs, g, &unpacked, work, &ahead);
                 } else {
-                    row_group_narrow::<F>(count, xs, g, scratch, &ahead)
-                };
-                for (m, lanes) in sums.iter().enumerate().take(count) {
+                    row_group_narrow::<F>(count, xs, g, &unpacked, work, &ahead);
+                }
+                for (row, lanes) in sums.chunks_exact(GROUP).enumerate().take(count) {
                     for (i, &v) in lanes.iter().enumerate().take(in_group) {
-                        out[(g * GROUP + i) * n + r0 + m] = v;
+                        out[(g * GROUP + i) * n + r0 + row] = v;
                     }
                 }
             }
@@ -302,12 +337,18 @@ fn run<const F: usize>(
 /// of A tile `b`, its `d` and `m` to element `16b + m`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
 #[inline]
-fn unpack<const F: usize>(rows: &[u8], row_bytes: usize, scratch: &mut Scratch) {
+fn unpack<const F: usize>(
+    rows: &[u8],
+    row_bytes: usize,
+    weights: &mut [u8],
+    d_out: &mut [f32],
+    m_out: &mut [f32],
+) {
     let (bb, at) = (BLOCK_BYTES[F], INTS_AT[F]);
     for (m, row) in rows.chunks_exact(row_bytes).enumerate() {
         for (b, w) in row.chunks_exact(bb).enumerate() {
             let ints = &w[at..];
-            let dst = &mut scratch.weights[512 * b + 32 * m..][..32];
+            let dst = &mut weights[512 * b + 32 * m..][..32];
             if F == Q8_0 {
                 dst.copy_from_slice(&ints[..32]);
             } else {
@@ -341,8 +382,8 @@ fn unpack<const F: usize>(rows: &[u8], row_bytes: usize, scratch: &mut Scratch) 
         let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(head)));
         // SAFETY: 16 floats each.
         unsafe {
-            _mm512_storeu_ps(scratch.d[b * GROUP..][..GROUP].as_mut_ptr(), d);
-            _mm512_storeu_ps(scratch.m[b * GROUP..][..GROUP].as_mut_ptr(), m);
+            _mm512_storeu_ps(d_out[b * GROUP..][..GROUP].as_mut_ptr(), d);
+            _mm512_storeu_ps(m_out[b * GROUP..][..GROUP].as_mut_ptr(), m);
         }
     }
 }
@@ -355,7 +396,7 @@ fn unpack<const F: usize>(rows: &[u8], row_bytes: usize, scratch: &mut Scratch) 
 /// i32.
 #[inline(always)]
 unsafe fn product<const F: usize>(
-    scratch: &Scratch,
+    unpacked: &Unpacked<'_>,
     xs: &TokenTiles,
     g: usize,
     b: usize,
@@ -363,7 +404,7 @@ unsafe fn product<const F: usize>(
     width: usize,
 ) {
     assert!(c.len() >= 16 * width);
-    let a = scratch.weights[512 * b..][..512].as_ptr();
+    let a = unpacked.weights[512 * b..][..512].as_ptr();
     let t = xs.tiles[(g * xs.blocks + b) * B_TILE / 4..][..B_TILE / 4]
         .as_ptr()
         .cast();
@@ -379,38 +420,40 @@ unsafe fn product<const F: usize>(
     }
 }
 
-/// The results of the `count` rows unpacked in `scratch` against group `g` of `xs` (more
-/// than 8 tokens): per row, its value for each of the group's 16 token slots.
+/// The results of the `count` rows `unpacked` against group `g` of `xs` (more than 8
+/// tokens), into `work.sums`: per row, its value for each of the group's 16 token slots.
 #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
 #[inline]
 fn row_group_wide<const F: usize>(
     count: usize,
     xs: &TokenTiles,
     g: usize,
-    scratch: &Scratch,
+    unpacked: &Unpacked<'_>,
+    work: Work<'_>,
     ahead: &Ahead<'_>,
-) -> [[f32; GROUP]; GROUP] {
+) {
     let blocks = xs.blocks;
-    // Per row, 16 float lanes, each a vector over the group's tokens.
-    let mut acc = [[_mm512_setzero_ps(); LANES]; GROUP];
     // Block sums, per parity of the block. Block `b + 1`'s product is started before block
     // `b`'s sums are read, so that the tile unit works while the terms are made.
-    let mut c = [[0i32; 256]; 2];
+    let (c0, c1) = work.c.split_at_mut(GROUP * GROUP);
+    let c = [c0, c1];
+    // Per row, 16 float lanes, each a vector over the group's tokens.
+    let acc = &mut work.acc[..GROUP * LANES];
     for b in 0..blocks {
         if b == 0 {
             // SAFETY: `run` loaded the wide configuration; `c` rows hold 16 i32.
-            unsafe { product::<F>(scratch, xs, g, 0, &mut c[0], GROUP) };
+            unsafe { product::<F>(unpacked, xs, g, 0, c[0], GROUP) };
         }
         if b + 1 < blocks {
             // SAFETY: as above.
-            unsafe { product::<F>(scratch, xs, g, b + 1, &mut c[(b + 1) % 2], GROUP) };
+            unsafe { product::<F>(unpacked, xs, g, b + 1, c[(b + 1) % 2], GROUP) };
         }
         ahead.block(b);
         let at = (g * blocks + b) * GROUP;
         let dx = load_ps(&xs.d[at..]);
         let s = load_ps(&xs.s[at..]);
         let qsum8 = _mm512_slli_epi32::<3>(load_epi32(&xs.qsum[at..]));
-        let (d, min) = (&scratch.d[b * GROUP..], &scratch.m[b * GROUP..]);
+        let (d, min) = (&unpacked.d[b * GROUP..], &unpacked.m[b * GROUP..]);
         for m in 0..count {
             let mut isum = load_epi32(&c[b % 2][GROUP * m..]);
             if F == Q4_0 {
@@ -423,16 +466,19 @@ fn row_group_wide<const F: usize>(
             } else {
                 t
             };
-            let lane = &mut acc[m][b % LANES];
-            *lane = _mm512_add_ps(*lane, t);
+            add_term(&mut acc[m * LANES + b % LANES], t, b);
         }
     }
-    let mut sums = [[0.0f32; GROUP]; GROUP];
-    for (lanes, sum) in acc.iter_mut().zip(&mut sums).take(count) {
+    for (lanes, sum) in acc
+        .chunks_exact_mut(LANES)
+        .zip(work.sums.chunks_exact_mut(GROUP))
+        .take(count)
+    {
+        let lanes: &mut [__m512; LANES] = lanes.try_into().expect("16 lanes");
+        zero_unused(lanes, blocks);
         // SAFETY: 16 floats.
         unsafe { _mm512_storeu_ps(sum.as_mut_ptr(), fold_lanes(lanes)) };
     }
-    sums
 }
 
 /// [`row_group_wide`] for a group of at most 8 tokens: two rows to a vector (tokens 0..8
@@ -443,23 +489,25 @@ fn row_group_narrow<const F: usize>(
     count: usize,
     xs: &TokenTiles,
     g: usize,
-    scratch: &Scratch,
+    unpacked: &Unpacked<'_>,
+    work: Work<'_>,
     ahead: &Ahead<'_>,
-) -> [[f32; GROUP]; GROUP] {
+) {
     const HALF: usize = GROUP / 2;
     let blocks = xs.blocks;
     let pairs = count.div_ceil(2);
-    let mut acc = [[_mm512_setzero_ps(); LANES]; HALF];
     // Block sums, 8 tokens to a row.
-    let mut c = [[0i32; 128]; 2];
+    let (c0, c1) = work.c.split_at_mut(GROUP * GROUP);
+    let c = [c0, c1];
+    let acc = &mut work.acc[..HALF * LANES];
     for b in 0..blocks {
         if b == 0 {
             // SAFETY: `run` loaded the narrow configuration; `c` rows hold 8 i32.
-            unsafe { product::<F>(scratch, xs, g, 0, &mut c[0], HALF) };
+            unsafe { product::<F>(unpacked, xs, g, 0, c[0], HALF) };
         }
         if b + 1 < blocks {
             // SAFETY: as above.
-            unsafe { product::<F>(scratch, xs, g, b + 1, &mut c[(b + 1) % 2], HALF) };
+            unsafe { product::<F>(unpacked, xs, g, b + 1, c[(b + 1) % 2], HALF) };
         }
         ahead.block(b);
         // The group's 8 tokens' values, in both halves.
@@ -467,8 +515,8 @@ fn row_group_narrow<const F: usize>(
         let dx = twice(&xs.d[at..]);
         let s = twice(&xs.s[at..]);
         let qsum8 = _mm512_slli_epi32::<3>(_mm512_castps_si512(twice(cast_ps(&xs.qsum[at..]))));
-        let d = load_ps(&scratch.d[b * GROUP..]);
-        let min = load_ps(&scratch.m[b * GROUP..]);
+        let d = load_ps(&unpacked.d[b * GROUP..]);
+        let min = load_ps(&unpacked.m[b * GROUP..]);
         for k in 0..pairs {
             let rows = pair_index(k);
             let mut isum = load_epi32(&c[b % 2][GROUP * k..]);
@@ -482,19 +530,40 @@ fn row_group_narrow<const F: usize>(
             } else {
                 t
             };
-            let lane = &mut acc[k][b % LANES];
-            *lane = _mm512_add_ps(*lane, t);
+            add_term(&mut acc[k * LANES + b % LANES], t, b);
         }
     }
-    let mut sums = [[0.0f32; GROUP]; GROUP];
-    for (k, lanes) in acc.iter_mut().enumerate().take(pairs) {
+    for (k, lanes) in acc.chunks_exact_mut(LANES).enumerate().take(pairs) {
+        let lanes: &mut [__m512; LANES] = lanes.try_into().expect("16 lanes");
+        zero_unused(lanes, blocks);
         let mut both = [0.0f32; GROUP];
         // SAFETY: 16 floats.
         unsafe { _mm512_storeu_ps(both.as_mut_ptr(), fold_lanes(lanes)) };
-        sums[2 * k][..HALF].copy_from_slice(&both[..HALF]);
-        sums[2 * k + 1][..HALF].copy_from_slice(&both[HALF..]);
+        work.sums[2 * k * GROUP..][..HALF].copy_from_slice(&both[..HALF]);
+        work.sums[(2 * k + 1) * GROUP..][..HALF].copy_from_slice(&both[HALF..]);
     }
-    sums
+}
+
+/// Adds block `b`'s term `t` to its lane: to zero for the lane's first block (as every
+/// path's lanes start at zero), so that the lanes need no clearing between row groups.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn add_term(lane: &mut __m512, t: __m512, b: usize) {
+    let sum = if b < LANES {
+        _mm512_setzero_ps()
+    } else {
+        *lane
+    };
+    *lane = _mm512_add_ps(sum, t);
+}
+
+/// Zeroes the lanes that no block reached (a row of fewer than 16 blocks).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn zero_unused(lanes: &mut [__m512; LANES], blocks: usize) {
+    for lane in lanes.iter_mut().skip(blocks) {
+        *lane = _mm512_setzero_ps();
+    }
 }
 
 /// Bytes to ask of the cache while a row group's blocks are summed, a share per block.
