@@ -1,0 +1,530 @@
+// Probe: can one BF16 matrix kernel on tensor cores serve every token count of a step (1 for a
+// lone decode, up to 64 for a batched one) with the same bits per token, and read its weights
+// as fast as the matrix-vector kernels do at one token? Not part of Tern: a measurement for
+// choosing the design of batched steps' matrix products (the Llama-3.2-1B shape's matrices).
+//
+//   nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/gemm scripts/probes/gemm-bf16-mma.cu && /tmp/gemm
+//
+// Designs:
+//   A   the matrix-vector kernel (matvec.cu's, as in matvec-bf16.cu): a warp per row, f32
+//       sums on CUDA cores, tokens 8 at a time, so the row passes through L1 once per 8 tokens.
+//   M   tensor cores, the weights as mma's A operand: a warp takes a tile of 16 rows and one
+//       of P parts of the columns (P fixed by the matrix's shape, never by the tokens), every
+//       token of the call as B operand in n8 tiles. Each activation is split beforehand into
+//       bf16 hi + lo (hi = bf16(x), lo = bf16(x - hi)), so every product is exact in f32;
+//       each 32-column chunk is four m16n8k16 mmas into one f32 sum (16 columns' hi, their
+//       lo, the other 16 columns' hi, their lo). A
+//       tile's parts are summed in part order by whichever warp finishes last (a ticket per
+//       tile), so no sum depends on timing or on the number of tokens.
+//   M2  M with two row tiles a warp (each activation fragment used twice): fewer activation
+//       reads through L1 at many tokens, half the warps.
+//   M8  M with 8 chunks' weights in flight a warp up to 16 tokens (4 above). The chunks in
+//       flight change when loads are issued, never the sums, so its bits are M's.
+//
+// Checks: M's token 0 gives the same bits at every token count; M against A's f32 sums (the
+// relative error of bf16 hi/lo products).
+#include <cuda_runtime.h>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#define CK(x)                                                                              \
+    do {                                                                                   \
+        cudaError_t e = (x);                                                               \
+        if (e != cudaSuccess) {                                                            \
+            printf("error %s at line %d\n", cudaGetErrorString(e), __LINE__);              \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+__device__ __forceinline__ uint4 ldw(const void* p)
+{
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint4 ldx(const void* p)
+{
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint2 ld8(const void* p)
+{
+    uint2 v;
+    asm("ld.global.nc.L1::evict_first.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float lo16(unsigned u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float hi16(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
+
+// ---- A: f32 matrix-vector sums, 8 tokens a pass over the row ----
+template <int STEPS>
+__global__ void __launch_bounds__(256, 3)
+    gemv_a(const unsigned char* w, const float* x, float* y, int rows, int cols, int T, int P, const void*, const void*, unsigned*, float*)
+{
+    const int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const unsigned char* row = w + (size_t)(r < rows ? r : 0) * cols * 2;
+    if (r < rows) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + 128 * (lane & 15)));
+    pdl_wait();
+    pdl_launch();
+    if (r >= rows) return;
+    for (int t0 = 0; t0 < T; t0 += 8) {
+        const int nt = T - t0 < 8 ? T - t0 : 8;
+        float acc[8] = {};
+        for (int k = 0; k < cols / 256; k += STEPS) {
+            uint2 ra[STEPS], rb[STEPS];
+#pragma unroll
+            for (int i = 0; i < STEPS; ++i) {
+                ra[i] = ld8(row + (k + i) * 512 + 8 * lane);
+                rb[i] = ld8(row + (k + i) * 512 + 256 + 8 * lane);
+            }
+#pragma unroll
+            for (int i = 0; i < STEPS; ++i) {
+#pragma unroll
+                for (int t = 0; t < 8; ++t) {
+                    if (t >= nt) break;
+                    const float* xt = x + (size_t)(t0 + t) * cols;
+                    const float4 a = *(const float4*)(xt + (k + i) * 256 + 4 * lane);
+                    const float4 b = *(const float4*)(xt + (k + i) * 256 + 128 + 4 * lane);
+                    float s = acc[t];
+                    s = fmaf(lo16(ra[i].x), a.x, s);
+                    s = fmaf(hi16(ra[i].x), a.y, s);
+                    s = fmaf(lo16(ra[i].y), a.z, s);
+                    s = fmaf(hi16(ra[i].y), a.w, s);
+                    s = fmaf(lo16(rb[i].x), b.x, s);
+                    s = fmaf(hi16(rb[i].x), b.y, s);
+                    s = fmaf(lo16(rb[i].y), b.z, s);
+                    s = fmaf(hi16(rb[i].y), b.w, s);
+                    acc[t] = s;
+                }
+            }
+        }
+        for (int t = 0; t < nt; ++t) {
+            float v = acc[t];
+            for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) y[(size_t)(t0 + t) * rows + r] = v;
+        }
+    }
+}
+
+// ---- the activations split into bf16 hi and lo ----
+__device__ __forceinline__ unsigned pack_bf16(float a, float b)
+{
+    unsigned d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(b), "f"(a));  // a in the low half
+    return d;
+}
+__global__ void split_x(const float* x, unsigned* xhi, unsigned* xlo, int n_pairs)
+{
+    pdl_wait();
+    pdl_launch();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_pairs; i += gridDim.x * blockDim.x) {
+        const float2 v = ((const float2*)x)[i];
+        const unsigned h = pack_bf16(v.x, v.y);
+        xhi[i] = h;
+        xlo[i] = pack_bf16(v.x - lo16(h), v.y - hi16(h));
+    }
+}
+
+// ---- M: tensor cores ----
+__device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1)
+{
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Block b: part b % P, row tiles (b / P) * 8 * MT + warp * MT ... (MT tiles of 16 rows a
+// warp). Per 32-column chunk, lane (g = lane / 4, t = lane % 4) holds 16 bytes (columns 8t ..
+// 8t + 7) of rows g and g + 8 of each tile, and of token 8n + g's hi and lo activations; the
+// first mma takes columns 8t .. 8t + 3, the second 8t + 4 .. 8t + 7 (A and B permuted alike,
+// so each is a sum over 16 columns). NT: n8 tiles of tokens a pass (T <= 8 NT).
+template <int NT, int MT, int U>
+__global__ void __launch_bounds__(256)
+    gemm_m(const unsigned char* w, const float*, float* y, int rows, int cols, int T, int P, const void* xhi_, const void* xlo_,
+           unsigned* tickets, float* part_sums)
+{
+    const unsigned char* xhi = (const unsigned char*)xhi_;
+    const unsigned char* xlo = (const unsigned char*)xlo_;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int part = blockIdx.x % P;
+    const int tile0 = ((blockIdx.x / P) * 8 + warp) * MT;
+    const int tiles = rows / 16;
+    if (tile0 >= tiles) {
+        pdl_wait();
+        pdl_launch();
+        return;
+    }
+    const int kp = cols / P, chunks = kp / 32, c0 = part * kp;
+    const size_t row_bytes = (size_t)cols * 2;
+    const unsigned char* wr[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        const int tile = tile0 + m < tiles ? tile0 + m : tiles - 1;
+        wr[m][0] = w + (size_t)(tile * 16 + g) * row_bytes + (size_t)c0 * 2 + 16 * t;
+        wr[m][1] = wr[m][0] + 8 * row_bytes;
+    }
+    float acc[MT][NT][4] = {};
+    uint4 wa[U][MT][2], wb[U][MT][2];
+    // Chunks come U at a time into one of two register sets, the next set's loads issued
+    // before the current set is summed.
+    auto load = [&](uint4 (&v)[U][MT][2], int k) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) v[u][m][h] = k + u < chunks ? ldw(wr[m][h] + (k + u) * 64) : make_uint4(0, 0, 0, 0);
+    };
+    auto sum = [&](const uint4 (&v)[U][MT][2], int k) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (k + u >= chunks) break;
+            const size_t col = (size_t)c0 + (k + u) * 32 + 8 * t;
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const int tok = 8 * n + g;
+                uint4 bh = make_uint4(0, 0, 0, 0), bl = make_uint4(0, 0, 0, 0);
+                if (tok < T) {
+                    bh = ldx(xhi + ((size_t)tok * cols + col) * 2);
+                    bl = ldx(xlo + ((size_t)tok * cols + col) * 2);
+                }
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    const uint4 a = v[u][m][0], b = v[u][m][1];
+                    mma(acc[m][n], a.x, b.x, a.y, b.y, bh.x, bh.y);
+                    mma(acc[m][n], a.x, b.x, a.y, b.y, bl.x, bl.y);
+                    mma(acc[m][n], a.z, b.z, a.w, b.w, bh.z, bh.w);
+                    mma(acc[m][n], a.z, b.z, a.w, b.w, bl.z, bl.w);
+                }
+            }
+        }
+    };
+    load(wa, 0);
+    pdl_wait();
+    pdl_launch();
+    for (int k = 0; k < chunks; k += 2 * U) {
+        load(wb, k + U);
+        sum(wa, k);
+        load(wa, k + 2 * U);
+        sum(wb, k + U);
+    }
+    // c0, c1: row g, tokens 2t, 2t + 1; c2, c3: row g + 8.
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        const int tile = tile0 + m;
+        if (tile >= tiles) break;
+        float* dst = P == 1 ? y : part_sums + (size_t)part * T * rows;
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int tok = 8 * n + 2 * t + (i & 1), r = tile * 16 + g + (i >> 1) * 8;
+                if (tok < T) dst[(size_t)tok * rows + r] = acc[m][n][i];
+            }
+        if (P == 1) continue;
+        __threadfence();
+        __syncwarp();
+        unsigned last = 0;
+        if (lane == 0) last = atomicAdd(&tickets[tile], 1u) == (unsigned)P - 1;
+        last = __shfl_sync(0xffffffffu, last, 0);
+        if (!last) continue;
+        __threadfence();
+        // Every part of this tile is written: sum them in part order.
+        for (int i = lane; i < 16 * T; i += 32) {
+            const int tok = i / 16, r = tile * 16 + i % 16;
+            float s = 0.f;
+            for (int p = 0; p < P; ++p) s += __ldcg(part_sums + ((size_t)p * T + tok) * rows + r);
+            y[(size_t)tok * rows + r] = s;
+        }
+        if (lane == 0) tickets[tile] = 0;
+    }
+}
+
+__global__ void read_all(const uint4* p, size_t n, unsigned* out)
+{
+    unsigned s = 0;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        uint4 a = ldw(p + i), b = ldw(p + i + stride), c = ldw(p + i + 2 * stride), d = ldw(p + i + 3 * stride);
+        s ^= a.x ^ b.y ^ c.z ^ d.w;
+    }
+    if (s == 0x12345678) out[0] = s;
+}
+
+typedef void (*Kernel)(const unsigned char*, const float*, float*, int, int, int, int, const void*, const void*, unsigned*, float*);
+
+static int sms;
+static unsigned* tickets;
+static float* part_sums;
+static unsigned *xhi, *xlo;
+
+struct Design {
+    const char* name;
+    bool mma;
+    int mt;  // row tiles a warp (M)
+    int u;   // chunks in flight (M)
+};
+
+// Parts of a matrix's columns for M: fixed by its shape alone. The fewest (a power of two,
+// columns a part a multiple of 256) giving at least 2,048 warps of one row tile.
+static int parts_of(int rows, int cols)
+{
+    int p = 1;
+    while ((rows / 16) * p < 2048 && cols / (2 * p) >= 256 && cols % (512 * p) == 0) p *= 2;
+    return p;
+}
+
+template <int MT, int U>
+static Kernel pick_m(int T)
+{
+    if (T <= 8) return gemm_m<1, MT, U>;
+    if (T <= 16) return gemm_m<2, MT, U>;
+    if (T <= 32) return gemm_m<4, MT, U>;
+    return gemm_m<8, MT, U>;
+}
+
+static void launch_kernel(Kernel k, int grid, cudaStream_t st, const unsigned char* w, const float* x, float* y, int rows, int cols,
+                          int T, int P)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(256);
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CK(cudaLaunchKernelEx(&cfg, k, w, x, y, rows, cols, T, P, (const void*)xhi, (const void*)xlo, tickets, part_sums));
+}
+
+static void split(cudaStream_t st, const float* x, int T, int cols)
+{
+    cudaLaunchConfig_t cfg = {};
+    const int pairs = T * cols / 2;
+    cfg.gridDim = dim3((pairs + 255) / 256 < 4 * sms ? (pairs + 255) / 256 : 4 * sms);
+    cfg.blockDim = dim3(256);
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CK(cudaLaunchKernelEx(&cfg, split_x, x, xhi, xlo, pairs));
+}
+
+// One product y = W x for T tokens; M's split of x is its caller's (once per input).
+static void product(const Design& d, cudaStream_t st, const unsigned char* w, const float* x, float* y, int rows, int cols, int T)
+{
+    if (!d.mma) {
+        launch_kernel(gemv_a<4>, (rows + 7) / 8, st, w, x, y, rows, cols, T, 1);
+        return;
+    }
+    const int P = parts_of(rows, cols);
+    const int warps = (rows / 16 + d.mt - 1) / d.mt;
+    const int grid = (warps + 7) / 8 * P;
+    Kernel k = d.mt == 2 ? pick_m<2, 2>(T)
+               : d.u == 2 ? pick_m<1, 2>(T)
+               : d.u == 4 ? pick_m<1, 4>(T)
+               : T <= 8   ? gemm_m<1, 1, 8>
+               : T <= 16  ? gemm_m<2, 1, 8>
+                          : pick_m<1, 4>(T);
+    launch_kernel(k, grid, st, w, x, y, rows, cols, T, P);
+}
+
+int main()
+{
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const size_t pool = 3ull << 30;
+    unsigned char* w;
+    float *x, *y, *y0;
+    unsigned* dummy;
+    const int max_t = 64, max_cols = 8192, max_rows = 128256;
+    CK(cudaMalloc(&w, pool));
+    CK(cudaMalloc(&x, (size_t)max_t * max_cols * 4));
+    CK(cudaMalloc(&xhi, (size_t)max_t * max_cols * 2));
+    CK(cudaMalloc(&xlo, (size_t)max_t * max_cols * 2));
+    CK(cudaMalloc(&y, (size_t)max_t * max_rows * 4));
+    CK(cudaMalloc(&y0, (size_t)max_t * max_rows * 4));
+    CK(cudaMalloc(&tickets, 65536 * 4));
+    CK(cudaMemset(tickets, 0, 65536 * 4));
+    CK(cudaMalloc(&part_sums, 64ull << 20));
+    CK(cudaMalloc(&dummy, 4));
+    {
+        std::vector<unsigned short> h(pool / 2);
+        unsigned s = 1;
+        for (auto& v : h) {
+            s = s * 1664525u + 1013904223u;
+            v = 0x3c00 | ((s >> 16) & 0x83ff);
+        }
+        CK(cudaMemcpy(w, h.data(), pool, cudaMemcpyHostToDevice));
+        std::vector<float> hx((size_t)max_t * max_cols);
+        for (auto& v : hx) {
+            s = s * 1664525u + 1013904223u;
+            v = ((s >> 8) & 0xffff) / 65536.0f - 0.5f;
+        }
+        CK(cudaMemcpy(x, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
+    }
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    float ms;
+    double copy_gbs = 0;
+    {
+        const size_t half = 1ull << 30;
+        for (int i = 0; i < 3; ++i) CK(cudaMemcpyAsync(w + half, w, half, cudaMemcpyDeviceToDevice, st));
+        cudaEventRecord(e0, st);
+        for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(w + half, w, half, cudaMemcpyDeviceToDevice, st));
+        cudaEventRecord(e1, st);
+        CK(cudaEventSynchronize(e1));
+        cudaEventElapsedTime(&ms, e0, e1);
+        copy_gbs = 2.0 * half * 10 / ms / 1e6;
+        printf("copy: %.0f GB/s (read + write)\n", copy_gbs);
+        // The pool again, with the probe's own data (the copies above overwrote its top half).
+        std::vector<unsigned short> h(pool / 2);
+        unsigned s = 7;
+        for (auto& v : h) {
+            s = s * 1664525u + 1013904223u;
+            v = 0x3c00 | ((s >> 16) & 0x83ff);
+        }
+        CK(cudaMemcpy(w, h.data(), pool, cudaMemcpyHostToDevice));
+        for (int i = 0; i < 3; ++i) read_all<<<sms * 8, 256, 0, st>>>((const uint4*)w, pool / 16, dummy);
+        cudaEventRecord(e0, st);
+        for (int i = 0; i < 10; ++i) read_all<<<sms * 8, 256, 0, st>>>((const uint4*)w, pool / 16, dummy);
+        cudaEventRecord(e1, st);
+        CK(cudaEventSynchronize(e1));
+        cudaEventElapsedTime(&ms, e0, e1);
+        printf("read: %.0f GB/s\n", 1.0 * pool * 10 / ms / 1e6);
+    }
+    const Design designs[] = {
+        {"A f32 matvec, 8 tokens a pass", false, 1, 0},
+        {"M mma, 1 tile a warp, 2 chunks", true, 1, 2},
+        {"M mma, 1 tile a warp, 4 chunks", true, 1, 4},
+        {"M2 mma, 2 tiles a warp, 2 chunks", true, 2, 2},
+        {"M8 mma, 8 chunks to 16 tokens, 4 above", true, 1, 8},
+    };
+    struct Shape {
+        const char* name;
+        int rows, cols;
+    };
+    const Shape shapes[] = {{"qkv 3072x2048", 3072, 2048},
+                            {"o 2048x2048", 2048, 2048},
+                            {"gate_up 16384x2048", 16384, 2048},
+                            {"down 2048x8192", 2048, 8192},
+                            {"head 128256x2048", 128256, 2048}};
+    const int counts[] = {1, 4, 16, 64};
+    bool all_same = true;
+    // Checks: token 0's bits at every token count, and the error against A at 64 tokens.
+    for (auto& sh : shapes) {
+        const int P = parts_of(sh.rows, sh.cols);
+        printf("== %s: %d parts of %d columns\n", sh.name, P, sh.cols / P);
+        std::vector<float> a((size_t)64 * sh.rows), b((size_t)64 * sh.rows), first(sh.rows);
+        product(designs[0], st, w, x, y0, sh.rows, sh.cols, 64);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(a.data(), y0, a.size() * 4, cudaMemcpyDeviceToHost));
+        for (int di = 1; di < 5; ++di) {
+            const Design& d = designs[di];
+            bool same = true;
+            for (int T : {1, 3, 8, 13, 16, 40, 64}) {
+                split(st, x, T, sh.cols);
+                CK(cudaMemsetAsync(y, 0, (size_t)T * sh.rows * 4, st));
+                product(d, st, w, x, y, sh.rows, sh.cols, T);
+                CK(cudaStreamSynchronize(st));
+                CK(cudaMemcpy(b.data(), y, (size_t)T * sh.rows * 4, cudaMemcpyDeviceToHost));
+                if (T == 1) memcpy(first.data(), b.data(), sh.rows * 4);
+                same = same && memcmp(first.data(), b.data(), sh.rows * 4) == 0;
+            }
+            double err = 0, nrm = 0;
+            for (size_t i = 0; i < a.size(); ++i) {
+                err += (double)(a[i] - b[i]) * (a[i] - b[i]);
+                nrm += (double)a[i] * a[i];
+            }
+            printf("  %-34s token 0 %s at 1-64 tokens, error against A %.1e\n", d.name, same ? "bit-equal" : "DIFFERS",
+                   sqrt(err / nrm));
+            all_same = all_same && same;
+        }
+    }
+    // Each product alone, back to back, the weights rotated through the pool.
+    for (auto& sh : shapes) {
+        const size_t bytes = (size_t)sh.rows * sh.cols * 2;
+        const int copies = (int)(pool / bytes);
+        printf("== %s (%.1f MB): us a call at 1 / 4 / 16 / 64 tokens (GB/s of weights)\n", sh.name, bytes / 1e6);
+        for (auto& d : designs) {
+            printf("  %-34s", d.name);
+            for (int T : counts) {
+                split(st, x, T, sh.cols);
+                for (int i = 0; i < 3; ++i) product(d, st, w + (size_t)(i % copies) * bytes, x, y, sh.rows, sh.cols, T);
+                const int iters = 40;
+                cudaEventRecord(e0, st);
+                for (int i = 0; i < iters; ++i) product(d, st, w + (size_t)(i % copies) * bytes, x, y, sh.rows, sh.cols, T);
+                cudaEventRecord(e1, st);
+                CK(cudaEventSynchronize(e1));
+                cudaEventElapsedTime(&ms, e0, e1);
+                printf(" %8.1f (%4.0f)", ms * 1000 / iters, bytes * iters / ms / 1e6);
+            }
+            printf("\n");
+        }
+    }
+    // A step's products chained as a decode step chains them (16 layers and the head, each
+    // its own weights, M with the split of each distinct input), as one CUDA graph.
+    const int layers = 16;
+    const size_t per_layer = (3072ull + 2048 + 16384) * 2048 * 2 + 2048ull * 8192 * 2;
+    const size_t head = 128256ull * 2048 * 2, step_bytes = layers * per_layer + head;
+    printf("== a step's products: 16 layers + head, %.1f MB of weights, one graph; roofline %.1f us at the copy bandwidth\n",
+           step_bytes / 1e6, step_bytes / copy_gbs / 1e3);
+    printf("  %-34s %10s %10s %10s %10s   (us a step; tokens/s at 64)\n", "design", "T=1", "T=4", "T=16", "T=64");
+    for (auto& d : designs) {
+        printf("  %-34s", d.name);
+        double us64 = 0;
+        for (int T : counts) {
+            cudaGraph_t g;
+            cudaGraphExec_t ge;
+            CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+            size_t off = 0;
+            for (int l = 0; l < layers; ++l) {
+                for (auto& sh : shapes) {
+                    if (sh.rows == 128256) continue;
+                    // Every product of a layer has an input of its own, split once.
+                    if (d.mma) split(st, x, T, sh.cols);
+                    product(d, st, w + off, x, y, sh.rows, sh.cols, T);
+                    off += (size_t)sh.rows * sh.cols * 2;
+                }
+            }
+            if (d.mma) split(st, x, T, shapes[4].cols);
+            product(d, st, w + off, x, y, shapes[4].rows, shapes[4].cols, T);
+            CK(cudaStreamEndCapture(st, &g));
+            CK(cudaGraphInstantiate(&ge, g, 0));
+            for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(ge, st));
+            const int iters = 10;
+            cudaEventRecord(e0, st);
+            for (int i = 0; i < iters; ++i) CK(cudaGraphLaunch(ge, st));
+            cudaEventRecord(e1, st);
+            CK(cudaEventSynchronize(e1));
+            cudaEventElapsedTime(&ms, e0, e1);
+            const double us = ms * 1000 / iters;
+            if (T == 64) us64 = us;
+            printf(" %10.1f", us);
+            cudaGraphExecDestroy(ge);
+            cudaGraphDestroy(g);
+        }
+        printf("   %8.0f\n", 64 / us64 * 1e6);
+    }
+    printf("token 0 bit-equal at every token count: %s\n", all_same ? "yes" : "NO");
+    return 0;
+}
