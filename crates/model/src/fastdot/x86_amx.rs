@@ -420,6 +420,32 @@ unsafe fn product<const F: usize>(
     }
 }
 
+/// Starts block `b + 1`'s tile product into `c[(b + 1) % 2]` (and at `b == 0` block 0's
+/// into `c[0]` first), so that the tile unit works on the next block while block `b`'s
+/// terms are made.
+///
+/// # Safety
+///
+/// As [`product`]'s, for both of `c`.
+#[inline(always)]
+unsafe fn products_ahead<const F: usize>(
+    unpacked: &Unpacked<'_>,
+    xs: &TokenTiles,
+    g: usize,
+    b: usize,
+    c: &mut [&mut [i32]; 2],
+    width: usize,
+) {
+    if b == 0 {
+        // SAFETY: the caller's contract.
+        unsafe { product::<F>(unpacked, xs, g, 0, c[0], width) };
+    }
+    if b + 1 < xs.blocks {
+        // SAFETY: as above.
+        unsafe { product::<F>(unpacked, xs, g, b + 1, c[(b + 1) % 2], width) };
+    }
+}
+
 /// The results of the `count` rows `unpacked` against group `g` of `xs` (more than 8
 /// tokens), into `work.sums`: per row, its value for each of the group's 16 token slots.
 #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
@@ -433,21 +459,14 @@ fn row_group_wide<const F: usize>(
     ahead: &Ahead<'_>,
 ) {
     let blocks = xs.blocks;
-    // Block sums, per parity of the block. Block `b + 1`'s product is started before block
-    // `b`'s sums are read, so that the tile unit works while the terms are made.
+    // Block sums, per parity of the block ([`products_ahead`]).
     let (c0, c1) = work.c.split_at_mut(GROUP * GROUP);
-    let c = [c0, c1];
+    let mut c = [c0, c1];
     // Per row, 16 float lanes, each a vector over the group's tokens.
     let acc = &mut work.acc[..GROUP * LANES];
     for b in 0..blocks {
-        if b == 0 {
-            // SAFETY: `run` loaded the wide configuration; `c` rows hold 16 i32.
-            unsafe { product::<F>(unpacked, xs, g, 0, c[0], GROUP) };
-        }
-        if b + 1 < blocks {
-            // SAFETY: as above.
-            unsafe { product::<F>(unpacked, xs, g, b + 1, c[(b + 1) % 2], GROUP) };
-        }
+        // SAFETY: `run` loaded the wide configuration; `c` rows hold 16 i32.
+        unsafe { products_ahead::<F>(unpacked, xs, g, b, &mut c, GROUP) };
         ahead.block(b);
         let at = (g * blocks + b) * GROUP;
         let dx = load_ps(&xs.d[at..]);
@@ -498,17 +517,11 @@ fn row_group_narrow<const F: usize>(
     let pairs = count.div_ceil(2);
     // Block sums, 8 tokens to a row.
     let (c0, c1) = work.c.split_at_mut(GROUP * GROUP);
-    let c = [c0, c1];
+    let mut c = [c0, c1];
     let acc = &mut work.acc[..HALF * LANES];
     for b in 0..blocks {
-        if b == 0 {
-            // SAFETY: `run` loaded the narrow configuration; `c` rows hold 8 i32.
-            unsafe { product::<F>(unpacked, xs, g, 0, c[0], HALF) };
-        }
-        if b + 1 < blocks {
-            // SAFETY: as above.
-            unsafe { product::<F>(unpacked, xs, g, b + 1, c[(b + 1) % 2], HALF) };
-        }
+        // SAFETY: `run` loaded the narrow configuration; `c` rows hold 8 i32.
+        unsafe { products_ahead::<F>(unpacked, xs, g, b, &mut c, HALF) };
         ahead.block(b);
         // The group's 8 tokens' values, in both halves.
         let at = (g * blocks + b) * GROUP;
