@@ -130,10 +130,11 @@ const fn config(width: u16) -> TileConfig {
     }
 }
 
-/// Tiles for 16 tokens, and for 8 (a group of at most 8: half the B tile's columns, sums
-/// 8 to a row, so that a vector of 16 floats holds two rows).
+/// Tiles for 16 tokens, for 8 (a group of at most 8: half the B tile's columns, sums 8 to
+/// a row, so that a vector of 16 floats holds two rows) and for 4 (four rows a vector).
 static WIDE: TileConfig = config(16);
 static NARROW: TileConfig = config(8);
+static QUARTER: TileConfig = config(4);
 
 /// One block's tile product: `c` (16 rows of `width` i32, `4 * width` bytes apart) = `a`
 /// (16 rows of 32 bytes, u8 or, for `SIGNED`, i8) times `b` (a [`B_TILE`] of i8), on the
@@ -297,8 +298,16 @@ fn run<const F: usize>(
         let mut loaded: Option<*const TileConfig> = None;
         for g in 0..tokens.div_ceil(GROUP) {
             let in_group = (tokens - g * GROUP).min(GROUP);
-            let wide = in_group > GROUP / 2;
-            let config: *const TileConfig = if wide { &WIDE } else { &NARROW };
+            let width = match in_group {
+                9.. => GROUP,
+                5..=8 => GROUP / 2,
+                _ => GROUP / 4,
+            };
+            let config: *const TileConfig = match width {
+                GROUP => &WIDE,
+                8 => &NARROW,
+                _ => &QUARTER,
+            };
             if loaded != Some(config) {
                 // SAFETY: `detect` saw the tile unit and got the kernel's permission; the
                 // configuration is 64 bytes.
@@ -315,10 +324,10 @@ fn run<const F: usize>(
                 let ahead = Ahead::new(&next[..next.len().min(GROUP * row_bytes)], blocks);
                 let unpacked = Unpacked { weights, d, m };
                 let work = Work { c, acc, sums };
-                if wide {
-                    row_group_wide::<F>(count, xs, g, &unpacked, work, &ahead);
-                } else {
-                    row_group_narrow::<F>(count, xs, g, &unpacked, work, &ahead);
+                match width {
+                    GROUP => row_group_wide::<F>(count, xs, g, &unpacked, work, &ahead),
+                    8 => row_group_narrow::<F, 8>(count, xs, g, &unpacked, work, &ahead),
+                    _ => row_group_narrow::<F, 4>(count, xs, g, &unpacked, work, &ahead),
                 }
                 for (row, lanes) in sums.chunks_exact(GROUP).enumerate().take(count) {
                     for (i, &v) in lanes.iter().enumerate().take(in_group) {
@@ -500,11 +509,12 @@ fn row_group_wide<const F: usize>(
     }
 }
 
-/// [`row_group_wide`] for a group of at most 8 tokens: two rows to a vector (tokens 0..8
-/// of row `2k`, then of row `2k + 1`), half the float work.
+/// [`row_group_wide`] for a group of at most `W` tokens (8 or 4): `16 / W` rows to a
+/// vector (tokens 0..W of row `(16 / W) k`, then of the next row, ...), a half or a quarter
+/// of the float work.
 #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
 #[inline]
-fn row_group_narrow<const F: usize>(
+fn row_group_narrow<const F: usize, const W: usize>(
     count: usize,
     xs: &TokenTiles,
     g: usize,
@@ -512,26 +522,31 @@ fn row_group_narrow<const F: usize>(
     work: Work<'_>,
     ahead: &Ahead<'_>,
 ) {
-    const HALF: usize = GROUP / 2;
+    const { assert!(W == 8 || W == 4) };
+    let per = GROUP / W;
     let blocks = xs.blocks;
-    let pairs = count.div_ceil(2);
-    // Block sums, 8 tokens to a row.
+    let vectors = count.div_ceil(per);
+    // Block sums, W tokens to a row.
     let (c0, c1) = work.c.split_at_mut(GROUP * GROUP);
     let mut c = [c0, c1];
-    let acc = &mut work.acc[..HALF * LANES];
+    let acc = &mut work.acc[..vectors * LANES];
+    let mut indices = [_mm512_setzero_si512(); GROUP / 2];
+    for (k, idx) in indices.iter_mut().enumerate().take(vectors) {
+        *idx = rows_index::<W>(k);
+    }
     for b in 0..blocks {
-        // SAFETY: `run` loaded the narrow configuration; `c` rows hold 8 i32.
-        unsafe { products_ahead::<F>(unpacked, xs, g, b, &mut c, HALF) };
+        // SAFETY: `run` loaded the configuration of W tokens; `c` rows hold W i32.
+        unsafe { products_ahead::<F>(unpacked, xs, g, b, &mut c, W) };
         ahead.block(b);
-        // The group's 8 tokens' values, in both halves.
+        // The group's W tokens' values, repeated across the vector.
         let at = (g * blocks + b) * GROUP;
-        let dx = twice(&xs.d[at..]);
-        let s = twice(&xs.s[at..]);
-        let qsum8 = _mm512_slli_epi32::<3>(_mm512_castps_si512(twice(cast_ps(&xs.qsum[at..]))));
+        let dx = repeat::<W>(&xs.d[at..]);
+        let s = repeat::<W>(&xs.s[at..]);
+        let qsum = repeat::<W>(cast_ps(&xs.qsum[at..]));
+        let qsum8 = _mm512_slli_epi32::<3>(_mm512_castps_si512(qsum));
         let d = load_ps(&unpacked.d[b * GROUP..]);
         let min = load_ps(&unpacked.m[b * GROUP..]);
-        for k in 0..pairs {
-            let rows = pair_index(k);
+        for (k, &rows) in indices.iter().enumerate().take(vectors) {
             let mut isum = load_epi32(&c[b % 2][GROUP * k..]);
             if F == Q4_0 {
                 isum = _mm512_sub_epi32(isum, qsum8);
@@ -546,14 +561,15 @@ fn row_group_narrow<const F: usize>(
             add_term(&mut acc[k * LANES + b % LANES], t, b);
         }
     }
-    for (k, lanes) in acc.chunks_exact_mut(LANES).enumerate().take(pairs) {
+    for (k, lanes) in acc.chunks_exact_mut(LANES).enumerate() {
         let lanes: &mut [__m512; LANES] = lanes.try_into().expect("16 lanes");
         zero_unused(lanes, blocks);
-        let mut both = [0.0f32; GROUP];
+        let mut rows = [0.0f32; GROUP];
         // SAFETY: 16 floats.
-        unsafe { _mm512_storeu_ps(both.as_mut_ptr(), fold_lanes(lanes)) };
-        work.sums[2 * k * GROUP..][..HALF].copy_from_slice(&both[..HALF]);
-        work.sums[(2 * k + 1) * GROUP..][..HALF].copy_from_slice(&both[HALF..]);
+        unsafe { _mm512_storeu_ps(rows.as_mut_ptr(), fold_lanes(lanes)) };
+        for (i, row) in rows.chunks_exact(W).enumerate() {
+            work.sums[(per * k + i) * GROUP..][..W].copy_from_slice(row);
+        }
     }
 }
 
@@ -620,24 +636,34 @@ fn fold_lanes(lanes: &mut [__m512; LANES]) -> __m512 {
     lanes[0]
 }
 
-/// Lanes 0..8 from row `2k`, 8..16 from row `2k + 1`.
+/// Lane `l` from row `(16 / W) k + l / W`: the rows whose sums, `W` to a row, one vector
+/// of block sums holds.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn pair_index(k: usize) -> __m512i {
-    let (a, b) = (2 * k as i32, 2 * k as i32 + 1);
-    _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+fn rows_index<const W: usize>(k: usize) -> __m512i {
+    let mut idx = [0i32; 16];
+    for (l, v) in idx.iter_mut().enumerate() {
+        *v = ((GROUP / W) * k + l / W) as i32;
+    }
+    // SAFETY: 16 i32.
+    unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
 }
 
-/// The 8 floats at the start of `v`, in both halves of a vector.
+/// The `W` (8 or 4) floats at the start of `v`, repeated across a vector.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn twice(v: &[f32]) -> __m512 {
-    assert!(v.len() >= 8);
-    // SAFETY: `v` holds at least 8 floats (asserted).
-    unsafe { _mm512_broadcast_f32x8(_mm256_loadu_ps(v.as_ptr())) }
+fn repeat<const W: usize>(v: &[f32]) -> __m512 {
+    assert!(v.len() >= W);
+    // SAFETY: `v` holds at least `W` floats (asserted).
+    unsafe {
+        match W {
+            8 => _mm512_broadcast_f32x8(_mm256_loadu_ps(v.as_ptr())),
+            _ => _mm512_broadcast_f32x4(_mm_loadu_ps(v.as_ptr())),
+        }
+    }
 }
 
-/// `v`'s bits as floats (for [`twice`]).
+/// `v`'s bits as floats (for [`repeat`]).
 fn cast_ps(v: &[i32]) -> &[f32] {
     // SAFETY: i32 and f32 have the same size and alignment, and any bits are an f32 (the
     // values are only moved, never computed with, as floats).
