@@ -7,7 +7,11 @@
 //! tile unit's layout (four consecutive columns of a token in each 32-bit element). The
 //! float terms of the module docs then follow, one vector of 16 tokens per row, each
 //! token's block `b` added to its lane `b % 16`, and each row's 16 lanes summed in the
-//! module's tree, so every token gets the bits every other path gives it.
+//! module's tree, so every token gets the bits every other path gives it. A group of at
+//! most 8 (or 4) tokens takes tiles of 8 (or 4) token columns, and one float vector then
+//! holds 2 (or 4) rows' terms, so a small batch does not pay for 16 tokens' float work.
+//! Each row group's weights are unpacked row by row before its products (the order the
+//! prefetchers follow), and the next group's are asked of the cache a few lines per block.
 //!
 //! The tile unit needs the kernel's permission (Linux's `arch_prctl(ARCH_REQ_XCOMP_PERM)`),
 //! asked for once by [`Amx::detect`], and a tile configuration per thread, loaded at the
