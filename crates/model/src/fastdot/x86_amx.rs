@@ -329,9 +329,9 @@ fn run<const F: usize>(
                 let unpacked = Unpacked { weights, d, m };
                 let work = Work { c, acc, sums };
                 match width {
-                    GROUP => row_group_wide::<F>(count, xs, g, &unpacked, work, &ahead),
-                    8 => row_group_narrow::<F, 8>(count, xs, g, &unpacked, work, &ahead),
-                    _ => row_group_narrow::<F, 4>(count, xs, g, &unpacked, work, &ahead),
+                    GROUP => row_group::<F, 16>(count, xs, g, &unpacked, work, &ahead),
+                    8 => row_group::<F, 8>(count, xs, g, &unpacked, work, &ahead),
+                    _ => row_group::<F, 4>(count, xs, g, &unpacked, work, &ahead),
                 }
                 for (row, lanes) in sums.chunks_exact(GROUP).enumerate().take(count) {
                     for (i, &v) in lanes.iter().enumerate().take(in_group) {
@@ -459,11 +459,14 @@ unsafe fn products_ahead<const F: usize>(
     }
 }
 
-/// The results of the `count` rows `unpacked` against group `g` of `xs` (more than 8
-/// tokens), into `work.sums`: per row, its value for each of the group's 16 token slots.
+/// The results of the `count` rows `unpacked` against group `g` of `xs`, a group of at most
+/// `W` tokens (16, 8 or 4), into `work.sums`: per row, its value for each of the group's
+/// token slots. One float vector holds the terms of `16 / W` rows (tokens 0..W of row
+/// `(16 / W) k`, then of the next row, ...), so a small group pays a half or a quarter of a
+/// full group's float work.
 #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
 #[inline]
-fn row_group_wide<const F: usize>(
+fn row_group<const F: usize, const W: usize>(
     count: usize,
     xs: &TokenTiles,
     g: usize,
@@ -471,62 +474,7 @@ fn row_group_wide<const F: usize>(
     work: Work<'_>,
     ahead: &Ahead<'_>,
 ) {
-    let blocks = xs.blocks;
-    // Block sums, per parity of the block ([`products_ahead`]).
-    let (c0, c1) = work.c.split_at_mut(GROUP * GROUP);
-    let mut c = [c0, c1];
-    // Per row, 16 float lanes, each a vector over the group's tokens.
-    let acc = &mut work.acc[..GROUP * LANES];
-    for b in 0..blocks {
-        // SAFETY: `run` loaded the wide configuration; `c` rows hold 16 i32.
-        unsafe { products_ahead::<F>(unpacked, xs, g, b, &mut c, GROUP) };
-        ahead.block(b);
-        let at = (g * blocks + b) * GROUP;
-        let dx = load_ps(&xs.d[at..]);
-        let s = load_ps(&xs.s[at..]);
-        let qsum8 = _mm512_slli_epi32::<3>(load_epi32(&xs.qsum[at..]));
-        let (d, min) = (&unpacked.d[b * GROUP..], &unpacked.m[b * GROUP..]);
-        for m in 0..count {
-            let mut isum = load_epi32(&c[b % 2][GROUP * m..]);
-            if F == Q4_0 {
-                isum = _mm512_sub_epi32(isum, qsum8);
-            }
-            let dd = _mm512_mul_ps(_mm512_set1_ps(d[m]), dx);
-            let t = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(isum));
-            let t = if F == Q4_1 {
-                _mm512_add_ps(t, _mm512_mul_ps(_mm512_set1_ps(min[m]), s))
-            } else {
-                t
-            };
-            add_term(&mut acc[m * LANES + b % LANES], t, b);
-        }
-    }
-    for (lanes, sum) in acc
-        .chunks_exact_mut(LANES)
-        .zip(work.sums.chunks_exact_mut(GROUP))
-        .take(count)
-    {
-        let lanes: &mut [__m512; LANES] = lanes.try_into().expect("16 lanes");
-        zero_unused(lanes, blocks);
-        // SAFETY: 16 floats.
-        unsafe { _mm512_storeu_ps(sum.as_mut_ptr(), fold_lanes(lanes)) };
-    }
-}
-
-/// [`row_group_wide`] for a group of at most `W` tokens (8 or 4): `16 / W` rows to a
-/// vector (tokens 0..W of row `(16 / W) k`, then of the next row, ...), a half or a quarter
-/// of the float work.
-#[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
-#[inline]
-fn row_group_narrow<const F: usize, const W: usize>(
-    count: usize,
-    xs: &TokenTiles,
-    g: usize,
-    unpacked: &Unpacked<'_>,
-    work: Work<'_>,
-    ahead: &Ahead<'_>,
-) {
-    const { assert!(W == 8 || W == 4) };
+    const { assert!(W == 16 || W == 8 || W == 4) };
     let per = GROUP / W;
     let blocks = xs.blocks;
     let vectors = count.div_ceil(per);
@@ -534,7 +482,7 @@ fn row_group_narrow<const F: usize, const W: usize>(
     let (c0, c1) = work.c.split_at_mut(GROUP * GROUP);
     let mut c = [c0, c1];
     let acc = &mut work.acc[..vectors * LANES];
-    let mut indices = [_mm512_setzero_si512(); GROUP / 2];
+    let mut indices = [_mm512_setzero_si512(); GROUP];
     for (k, idx) in indices.iter_mut().enumerate().take(vectors) {
         *idx = rows_index::<W>(k);
     }
@@ -653,7 +601,7 @@ fn rows_index<const W: usize>(k: usize) -> __m512i {
     unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
 }
 
-/// The `W` (8 or 4) floats at the start of `v`, repeated across a vector.
+/// The `W` (16, 8 or 4) floats at the start of `v`, repeated across a vector.
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn repeat<const W: usize>(v: &[f32]) -> __m512 {
@@ -661,6 +609,7 @@ fn repeat<const W: usize>(v: &[f32]) -> __m512 {
     // SAFETY: `v` holds at least `W` floats (asserted).
     unsafe {
         match W {
+            16 => _mm512_loadu_ps(v.as_ptr()),
             8 => _mm512_broadcast_f32x8(_mm256_loadu_ps(v.as_ptr())),
             _ => _mm512_broadcast_f32x4(_mm_loadu_ps(v.as_ptr())),
         }

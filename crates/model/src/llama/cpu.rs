@@ -765,7 +765,7 @@ impl CpuLlama {
         }
     }
 
-    /// The fast path of [`Self::matmul`] for `n > 1` positions, quantized as `xq`, and each
+    /// The fast path of [`Self::matmul_quantized`] for `n > 1` positions, quantized as `xq`, and each
     /// of `K` matrices as wide as a position, in one pass over the pool: per chunk of
     /// [`ROWS_PER_TOKENS_TASK`] weight rows, every position against the rows while they are
     /// in cache.
@@ -831,20 +831,15 @@ impl CpuLlama {
         });
     }
 
-    /// `out[t] = m · x[t]` for `n` rows of `x`: each weight row is dequantized once per batch
-    /// and dotted with every position. Rows are split over the pool in fixed chunks; each
-    /// output element is one fixed-order dot product.
+    /// `out[t] = m · x[t]` for `n` rows of `x`: [`Self::matmuls`] of one matrix.
     fn matmul(&self, out: &mut [f32], m: &Matrix, x: &[f32], n: usize) {
-        if n == 1 {
-            self.matmuls_one([(out, m)], x);
-            return;
-        }
-        let xq = self.fast(m).then(|| QuantizedTokens::new(x, m.cols));
-        self.matmul_quantized(out, m, x, xq.as_ref(), n);
+        self.matmuls([(out, m)], x, n);
     }
 
-    /// [`Self::matmul`] for `n > 1` positions, given `x` quantized as `xq` when `m` takes
-    /// the fast path.
+    /// `out[t] = m · x[t]` for `n > 1` positions, given `x` quantized as `xq` when `m` takes
+    /// the fast path; on the reference path each weight row is dequantized once per batch
+    /// and dotted with every position. Rows are split over the pool in fixed chunks; each
+    /// output element is one fixed-order dot product.
     fn matmul_quantized(
         &self,
         out: &mut [f32],
