@@ -89,6 +89,12 @@ pub struct ServeArgs {
     /// three; the buckets are made by the first node that joins).
     #[arg(long, default_value_t = 1, requires = "cluster", value_parser = clap::value_parser!(u64).range(1..=5))]
     replicas: u64,
+    /// A folder that this machine's nodes of the cluster share (give each the same one):
+    /// snapshot objects they put or read are kept there as files too, so that a move
+    /// between them reads the snapshot from memory rather than through NATS. The object
+    /// store stays the source of truth; the folder may be emptied at any time.
+    #[arg(long, value_name = "DIR", requires = "cluster")]
+    host_objects: Option<PathBuf>,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -146,6 +152,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 node: node.clone(),
                 replicas: args.replicas as usize,
                 cache_bytes: config.hot_snapshot_bytes,
+                host_objects: args.host_objects.clone(),
             })?;
             config.cluster = Some(cluster);
             format!("the cluster at {url}, as node `{node}`")

@@ -147,7 +147,13 @@ fn tern_cluster(url: &str, args: &[&str]) -> String {
 fn conversations_continue_through_any_node_byte_for_byte() {
     let nats = Nats::start("route");
     let url = nats.url();
-    let nodes = ["a", "b", "c"].map(|n| Serve::node(&url, n, &[]));
+    // a and c share host objects, as two nodes of one machine would; b reads the store.
+    let shared = nats.dir.join("host-objects");
+    let shared_arg = shared.to_str().unwrap();
+    let nodes = ["a", "b", "c"].map(|n| match n {
+        "b" => Serve::node(&url, n, &[]),
+        _ => Serve::node(&url, n, &["--host-objects", shared_arg]),
+    });
     let digest = upload(&nodes[0]);
     let actors: Vec<String> = (0..3).map(|_| nodes[0].start_actor(&digest)).collect();
     let mut logs = vec![String::new(); actors.len()];
@@ -203,6 +209,11 @@ fn conversations_continue_through_any_node_byte_for_byte() {
                 read, chain,
                 "a node that never held the actor reads it whole"
             );
+        }
+        if i == 1 {
+            // c takes the whole snapshot a wrote from the host objects, and reads from
+            // the store only the link b appended.
+            assert!(0 < read && read < chain, "read {read} of {chain} bytes");
         }
         let moved = nodes[(i + 1) % 3].send(&moving, turn);
         let stayed = nodes[0].send(&staying, turn);

@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tern_actor::{Actor, ActorModule, ChainWrite, Runtime};
 use tern_snapshot::Written;
 
@@ -121,7 +122,7 @@ impl Persistence {
                 let written = tern_snapshot::encode(s, &mut bytes)?;
                 let stored = match how {
                     ChainWrite::Whole => self.store.put(&key, &bytes).map(|()| {
-                        self.hot().replace(id, Arc::new(bytes));
+                        self.hot().replace(id, Bytes::from(bytes));
                         written.bytes
                     }),
                     ChainWrite::Append { end } => {
@@ -202,7 +203,7 @@ impl Persistence {
 
     /// Gets this host ready to restore, soon, the chain `segments` holds (see
     /// [`Actor::prepare_restore`]); a chain that cannot be read is left to the restore.
-    pub fn prepare_restore(runtime: &Runtime, segments: &[Arc<Vec<u8>>]) {
+    pub fn prepare_restore(runtime: &Runtime, segments: &[Bytes]) {
         if let Ok(links) = chain_links(segments)
             && let Ok(chain) = tern_snapshot::parse_chain_unverified(&links)
         {
@@ -288,11 +289,11 @@ impl Persistence {
 
 /// A chain's links from its pieces as a store gives them ([`SnapshotStore::get_chain`]): a
 /// chain file, then each link without padding.
-fn chain_links(segments: &[Arc<Vec<u8>>]) -> Result<Vec<&[u8]>, tern_snapshot::SnapshotError> {
+fn chain_links(segments: &[Bytes]) -> Result<Vec<&[u8]>, tern_snapshot::SnapshotError> {
     let Some((first, appended)) = segments.split_first() else {
         return Ok(Vec::new());
     };
     let mut links = tern_snapshot::split_links(first)?.links;
-    links.extend(appended.iter().map(|link| link.as_slice()));
+    links.extend(appended.iter().map(|link| link.as_ref()));
     Ok(links)
 }

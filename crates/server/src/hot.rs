@@ -10,12 +10,13 @@
 //! ([`crate::cluster`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+
+use bytes::Bytes;
 
 /// One actor's chain: the bytes of its whole snapshot (and any links read with it from the
 /// store), then each link appended since, without padding.
 struct Chain {
-    segments: Vec<Arc<Vec<u8>>>,
+    segments: Vec<Bytes>,
     /// Where the chain ends in the store's value.
     end: u64,
     bytes: u64,
@@ -43,7 +44,7 @@ impl HotSnapshots {
 
     /// Actor `id`'s chain is now `bytes` (as the store holds it: a whole snapshot, or a chain
     /// file read whole).
-    pub fn replace(&mut self, id: &str, bytes: Arc<Vec<u8>>) {
+    pub fn replace(&mut self, id: &str, bytes: Bytes) {
         self.forget(id);
         let len = bytes.len() as u64;
         if len > self.budget {
@@ -74,7 +75,7 @@ impl HotSnapshots {
         self.clock += 1;
         let chain = self.chains.get_mut(id).expect("checked above");
         let len = link.len() as u64;
-        chain.segments.push(Arc::new(link));
+        chain.segments.push(Bytes::from(link));
         chain.end = new_end;
         chain.bytes += len;
         chain.used = self.clock;
@@ -84,7 +85,7 @@ impl HotSnapshots {
 
     /// Actor `id`'s chain, if kept: the store's bytes up to the first link appended since,
     /// then each such link.
-    pub fn get(&mut self, id: &str) -> Option<Vec<Arc<Vec<u8>>>> {
+    pub fn get(&mut self, id: &str) -> Option<Vec<Bytes>> {
         self.clock += 1;
         let clock = self.clock;
         self.chains.get_mut(id).map(|c| {
@@ -125,8 +126,8 @@ impl HotSnapshots {
 mod tests {
     use super::*;
 
-    fn bytes(n: usize) -> Arc<Vec<u8>> {
-        Arc::new(vec![7u8; n])
+    fn bytes(n: usize) -> Bytes {
+        Bytes::from(vec![7u8; n])
     }
 
     #[test]

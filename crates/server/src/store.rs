@@ -10,8 +10,9 @@
 use std::fs::{self, File};
 use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +53,8 @@ pub trait SnapshotStore: Send + Sync {
     /// A snapshot chain's bytes under `key` in pieces: a chain file, then links each
     /// without padding (a store that keeps a chain's parts apart need not lay them out in
     /// one buffer); or `None` if there are none.
-    fn get_chain(&self, key: &str) -> Result<Option<Vec<Arc<Vec<u8>>>>, StoreError> {
-        Ok(self.get(key)?.map(|bytes| vec![Arc::new(bytes)]))
+    fn get_chain(&self, key: &str) -> Result<Option<Vec<Bytes>>, StoreError> {
+        Ok(self.get(key)?.map(|bytes| vec![Bytes::from(bytes)]))
     }
     /// Removes `key`; removing a missing key is not an error.
     fn delete(&self, key: &str) -> Result<(), StoreError>;

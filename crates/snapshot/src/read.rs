@@ -78,6 +78,12 @@ impl SnapshotFile {
     }
 }
 
+impl AsRef<[u8]> for SnapshotFile {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 impl std::fmt::Debug for SnapshotFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mapped = matches!(self.bytes, Bytes::Mapped(_));

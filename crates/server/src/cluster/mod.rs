@@ -33,6 +33,7 @@
 
 pub mod admin;
 pub mod forward;
+pub mod host;
 pub mod route;
 pub mod store;
 
@@ -120,6 +121,8 @@ pub struct ClusterOptions {
     pub replicas: usize,
     /// The most bytes of snapshot objects this node keeps in memory.
     pub cache_bytes: u64,
+    /// A folder of snapshot objects shared with this machine's other nodes ([`host`]).
+    pub host_objects: Option<std::path::PathBuf>,
 }
 
 /// Why joining or using the cluster failed.
@@ -135,6 +138,11 @@ pub enum ClusterError {
     JetStream(String),
     #[error("node `{0}` is already in the cluster (another tern serve with that --node?)")]
     NodeTaken(String),
+    #[error("the host objects' folder {path}: {error}")]
+    HostObjects {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// The fencing token of an actor this node owns.
@@ -177,6 +185,8 @@ pub struct Cluster {
     /// Snapshot objects this node wrote or read, each kept under its name (see
     /// [`crate::hot`]): an object never changes under its name, so a kept one is never stale.
     objects: Mutex<HotSnapshots>,
+    /// The folder of objects shared with this machine's other nodes, if any.
+    host: Option<Arc<host::HostObjects>>,
 }
 
 impl Drop for Cluster {
@@ -372,6 +382,15 @@ impl Cluster {
         if !valid_node_name(&options.node) {
             return Err(ClusterError::NodeName(options.node.clone()));
         }
+        let host = match &options.host_objects {
+            Some(path) => Some(Arc::new(host::HostObjects::open(path).map_err(
+                |error| ClusterError::HostObjects {
+                    path: path.clone(),
+                    error,
+                },
+            )?)),
+            None => None,
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("tern-nats")
@@ -419,12 +438,22 @@ impl Cluster {
             seen_owner: Mutex::default(),
             draining: AtomicBool::new(false),
             objects: Mutex::new(HotSnapshots::new(options.cache_bytes)),
+            host,
         }))
     }
 
     /// The snapshot objects this node keeps in memory.
     pub(crate) fn objects(&self) -> std::sync::MutexGuard<'_, HotSnapshots> {
         lock(&self.objects)
+    }
+
+    /// Forgets snapshot object `name`, deleted or about to be: from this node's memory and
+    /// from the machine's shared folder.
+    pub(crate) fn forget_object(&self, name: &str) {
+        self.objects().forget(name);
+        if let Some(host) = &self.host {
+            host.remove(name);
+        }
     }
 
     /// This node's name.

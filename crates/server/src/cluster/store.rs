@@ -148,27 +148,39 @@ impl ClusterStore {
 
     /// Puts `bytes` as actor `id`'s immutable object `{id}/{sha256}`, when this node holds the
     /// actor, and keeps it in the node's memory; returns its name.
-    fn put_object(&self, id: &str, bytes: Arc<Vec<u8>>) -> Result<String, StoreError> {
+    fn put_object(&self, id: &str, bytes: Bytes) -> Result<String, StoreError> {
         if !self.0.holds(id) {
             return Err(StoreError::Fenced(id.to_string()));
         }
         let name = format!("{id}/{}", sha256_hex(&bytes));
         let (snapshots, put) = (self.0.snapshots.clone(), bytes.clone());
         let meta = super::object_meta(&self.0.client, &name);
-        self.0.block(async move {
+        // The machine's copy is written while the object store takes the object.
+        let copy = self.0.host.clone().map(|host| {
+            let (name, bytes) = (name.clone(), bytes.clone());
+            std::thread::spawn(move || host.write(&name, &bytes))
+        });
+        let put = self.0.block(async move {
             snapshots
-                .put(meta, &mut put.as_slice())
+                .put(meta, &mut put.as_ref())
                 .await
                 .map_err(remote)?;
             Ok(())
-        })?;
+        });
+        if let Some(copy) = copy {
+            let _ = copy.join();
+            if put.is_err() {
+                self.0.forget_object(&name);
+            }
+        }
+        put?;
         self.0.objects().replace(&name, bytes);
         Ok(name)
     }
 
     /// Makes `bytes`, a whole snapshot, actor `id`'s chain, and deletes the old chain's
     /// objects.
-    fn put_snapshot(&self, id: &str, bytes: Arc<Vec<u8>>) -> Result<(), StoreError> {
+    fn put_snapshot(&self, id: &str, bytes: Bytes) -> Result<(), StoreError> {
         let name = self.put_object(id, bytes)?;
         let cluster = self.0.clone();
         let (id, writer) = (id.to_string(), writer());
@@ -181,7 +193,7 @@ impl ClusterStore {
                 .await?;
             let replaced = before.snapshot.into_iter().chain(before.links);
             for old in replaced.filter(|old| *old != name) {
-                cluster.objects().forget(&old);
+                cluster.forget_object(&old);
                 if let Err(e) = cluster.snapshots.delete(&old).await {
                     tracing::warn!(%id, error = %e, "cannot delete a replaced snapshot");
                 }
@@ -193,7 +205,7 @@ impl ClusterStore {
     /// Appends `link` to actor `id`'s chain, whose layout as a chain file ends at `end`;
     /// returns where it ends now.
     fn append_link(&self, id: &str, end: u64, link: &[u8]) -> Result<u64, StoreError> {
-        let name = self.put_object(id, Arc::new(link.to_vec()))?;
+        let name = self.put_object(id, Bytes::copy_from_slice(link))?;
         let cluster = self.0.clone();
         let (id, writer) = (id.to_string(), writer());
         self.0.block(async move {
@@ -206,7 +218,7 @@ impl ClusterStore {
     }
 
     /// Actor `id`'s chain: its whole snapshot's object, then each link's, claimed first.
-    fn get_chain(&self, id: &str) -> Result<Option<Vec<Arc<Vec<u8>>>>, StoreError> {
+    fn get_chain(&self, id: &str) -> Result<Option<Vec<Bytes>>, StoreError> {
         let cluster = self.0.clone();
         let id = id.to_string();
         let writer = writer();
@@ -248,7 +260,7 @@ impl ClusterStore {
                 })?;
             cluster.drop_token(&id);
             for name in entry.snapshot.into_iter().chain(entry.links) {
-                cluster.objects().forget(&name);
+                cluster.forget_object(&name);
                 if let Err(e) = cluster.snapshots.delete(&name).await {
                     tracing::warn!(%id, error = %e, "cannot delete a deleted actor's snapshot");
                 }
@@ -267,7 +279,7 @@ impl Cluster {
         id: &str,
         name: &str,
         stall: Duration,
-    ) -> Result<(Arc<Vec<u8>>, bool), StoreError> {
+    ) -> Result<(Bytes, bool), StoreError> {
         // An object is kept whole, as the one piece of its entry.
         if let Some(bytes) = self
             .objects()
@@ -275,6 +287,13 @@ impl Cluster {
             .and_then(|kept| kept.first().cloned())
         {
             return Ok((bytes, false));
+        }
+        if let Some(host) = self.host.clone() {
+            let named = name.to_string();
+            if let Ok(Some(bytes)) = tokio::task::spawn_blocking(move || host.read(&named)).await {
+                self.objects().replace(name, bytes.clone());
+                return Ok((bytes, false));
+            }
         }
         let Some((bytes, digest)) = read_object(&self.snapshots, name, stall).await? else {
             return Err(StoreError::Remote(format!(
@@ -288,8 +307,12 @@ impl Cluster {
                 "actor `{id}`'s snapshot object {name} does not match its SHA-256"
             )));
         }
-        let bytes = Arc::new(bytes);
+        let bytes = Bytes::from(bytes);
         self.objects().replace(name, bytes.clone());
+        if let Some(host) = self.host.clone() {
+            let (name, bytes) = (name.to_string(), bytes.clone());
+            tokio::task::spawn_blocking(move || host.write(&name, &bytes));
+        }
         Ok((bytes, true))
     }
 
@@ -297,7 +320,7 @@ impl Cluster {
     /// yet, without claiming the actor (its owner runs on): a move's copy ahead, so that the
     /// actor's restore here reads from the store only what its owner saves after it. Returns
     /// the bytes read and the chain's objects (its whole snapshot, then each link).
-    pub(crate) async fn prefetch(&self, id: &str) -> Result<(u64, Vec<Arc<Vec<u8>>>), StoreError> {
+    pub(crate) async fn prefetch(&self, id: &str) -> Result<(u64, Vec<Bytes>), StoreError> {
         let Some(found) = self.entry(id).await? else {
             return Err(StoreError::Missing(id.to_string()));
         };
@@ -338,7 +361,7 @@ impl SnapshotStore for ClusterStore {
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
         match parse(key)? {
             Key::Record(id) => self.put_record(id, bytes),
-            Key::Snapshot(id) => self.put_snapshot(id, Arc::new(bytes.to_vec())),
+            Key::Snapshot(id) => self.put_snapshot(id, Bytes::copy_from_slice(bytes)),
             Key::Module(digest) => {
                 let modules = self.0.modules.clone();
                 let meta = super::object_meta(&self.0.client, digest);
@@ -356,7 +379,7 @@ impl SnapshotStore for ClusterStore {
 
     fn put_owned(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
         match parse(key)? {
-            Key::Snapshot(id) => self.put_snapshot(id, Arc::new(bytes)),
+            Key::Snapshot(id) => self.put_snapshot(id, Bytes::from(bytes)),
             _ => self.put(key, &bytes),
         }
     }
@@ -411,10 +434,10 @@ impl SnapshotStore for ClusterStore {
         }
     }
 
-    fn get_chain(&self, key: &str) -> Result<Option<Vec<Arc<Vec<u8>>>>, StoreError> {
+    fn get_chain(&self, key: &str) -> Result<Option<Vec<Bytes>>, StoreError> {
         match parse(key)? {
             Key::Snapshot(id) => self.get_chain(id),
-            _ => Ok(self.get(key)?.map(|bytes| vec![Arc::new(bytes)])),
+            _ => Ok(self.get(key)?.map(|bytes| vec![Bytes::from(bytes)])),
         }
     }
 
