@@ -44,14 +44,20 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{:<24} {:<22} {:<6} {:>8} {:>12} {:<8}",
-                "node", "http", "device", "resident", "kv bytes", "state"
+                "{:<24} {:<22} {:<6} {:>8} {:>12} {:>14} {:<8}",
+                "node", "http", "device", "resident", "kv bytes", "device bytes", "state"
             );
             for node in &status.nodes {
                 let state = if node.draining { "draining" } else { "up" };
                 println!(
-                    "{:<24} {:<22} {:<6} {:>8} {:>12} {:<8}",
-                    node.name, node.http, node.device, node.resident, node.kv_bytes, state
+                    "{:<24} {:<22} {:<6} {:>8} {:>12} {:>14} {:<8}",
+                    node.name,
+                    node.http,
+                    node.device,
+                    node.resident,
+                    node.kv_bytes,
+                    node.device_bytes,
+                    state
                 );
             }
             println!();

@@ -203,6 +203,7 @@ impl AppState {
             device: self.device_kind(),
             resident: self.actors.resident(),
             kv_bytes: self.runtime.kv_ledger().reserved(),
+            device_bytes: self.runtime.device().device_memory_used().unwrap_or(0),
             draining: cluster.draining(),
             started_ms: self.started_ms,
         };

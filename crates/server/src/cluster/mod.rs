@@ -105,6 +105,9 @@ pub struct NodeInfo {
     pub resident: usize,
     /// KV-cache bytes its sessions reserve.
     pub kv_bytes: u64,
+    /// Device (GPU) memory in use; 0 where actors run on the CPU.
+    #[serde(default)]
+    pub device_bytes: u64,
     /// It hands its actors to other nodes and takes no new ones.
     pub draining: bool,
     pub started_ms: u64,
@@ -653,25 +656,21 @@ impl Cluster {
         all_entries(&self.actors).await
     }
 
-    /// The live, not draining node other than this one with the fewest KV bytes (then the
-    /// fewest resident actors) of this node's device kind if there is one.
+    /// The first of [`others_by_load`](Self::others_by_load).
     pub async fn least_loaded_other(&self, device: &str) -> Option<String> {
         self.others_by_load(device).await.into_iter().next()
     }
 
-    /// The live, not draining nodes other than this one: those of device kind `device`
-    /// first, each kind's from the fewest KV bytes (then the fewest resident actors).
+    /// The live, not draining nodes other than this one, as [`by_load`] orders them.
     pub async fn others_by_load(&self, device: &str) -> Vec<String> {
         let Ok(nodes) = self.nodes().await else {
             return Vec::new();
         };
         let gone = lock(&self.gone).clone();
-        let mut others: Vec<&NodeInfo> = nodes
+        let others = nodes
             .iter()
-            .filter(|n| n.name != self.node && !n.draining && !gone.contains_key(&n.name))
-            .collect();
-        others.sort_by_key(|n| (n.device != device, n.kv_bytes, n.resident, n.name.clone()));
-        others.into_iter().map(|n| n.name.clone()).collect()
+            .filter(|n| n.name != self.node && !n.draining && !gone.contains_key(&n.name));
+        by_load(others, device)
     }
 
     /// Takes actor `id` for this node: an update of its entry on the revision read, with
@@ -799,6 +798,18 @@ impl Cluster {
 }
 
 /// A session's key in [`SESSIONS_BUCKET`]: the SHA-256 of its scoped name, in hex.
+/// The names of `nodes` in placement order: those of device kind `device` first (on which
+/// an actor continues bit for bit), each kind's from the least device memory in use, then
+/// the fewest KV-cache bytes, then the fewest resident actors.
+fn by_load<'a>(nodes: impl Iterator<Item = &'a NodeInfo>, device: &str) -> Vec<String> {
+    let mut nodes: Vec<&NodeInfo> = nodes.collect();
+    nodes.sort_by_key(|n| {
+        let kind = n.device != device;
+        (kind, n.device_bytes, n.kv_bytes, n.resident, n.name.clone())
+    });
+    nodes.into_iter().map(|n| n.name.clone()).collect()
+}
+
 fn session_key(scoped: &str) -> String {
     sha256_hex(scoped.as_bytes())
 }
@@ -814,4 +825,42 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 
 fn encode(entry: &ActorEntry) -> Result<Bytes, StoreError> {
     serde_json::to_vec(entry).map(Bytes::from).map_err(remote)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, device: &str, device_bytes: u64, kv_bytes: u64) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            device: device.into(),
+            device_bytes,
+            kv_bytes,
+            ..NodeInfo::default()
+        }
+    }
+
+    #[test]
+    fn placement_prefers_the_same_device_kind_then_the_least_memory_in_use() {
+        let nodes = [
+            node("cpu-idle", "cpu", 0, 0),
+            node("gpu-full", "cuda", 60 << 30, 8 << 30),
+            node("gpu-light", "cuda", 20 << 30, 9 << 30),
+            node("gpu-light-fewer-kv", "cuda", 20 << 30, 1 << 30),
+        ];
+        assert_eq!(
+            by_load(nodes.iter(), "cuda"),
+            ["gpu-light-fewer-kv", "gpu-light", "gpu-full", "cpu-idle"]
+        );
+        assert_eq!(by_load(nodes.iter(), "cpu")[0], "cpu-idle");
+    }
+
+    #[test]
+    fn a_heartbeat_without_device_memory_reads_as_none_in_use() {
+        let older = r#"{"name":"a","http":"127.0.0.1:1","device":"cpu","resident":2,
+            "kv_bytes":5,"draining":false,"started_ms":1}"#;
+        let info: NodeInfo = serde_json::from_str(older).unwrap();
+        assert_eq!((info.device_bytes, info.kv_bytes), (0, 5));
+    }
 }
