@@ -20,6 +20,10 @@
 //       reads through L1 at many tokens, half the warps.
 //   M8  M with 8 chunks' weights in flight a warp up to 16 tokens (4 above). The chunks in
 //       flight change when loads are issued, never the sums, so its bits are M's.
+//   MS  M (one row tile a warp) with the activations staged in shared memory: the block's 8
+//       warps share their part's columns, so each stage of 4 chunks of every token's hi and
+//       lo is copied in once for the block (cp.async, two stages in flight) rather than read
+//       by each warp through L1. The same mmas in the same order: M's bits, checked.
 //
 // Checks: M's token 0 gives the same bits at every token count; M against A's f32 sums (the
 // relative error of bf16 hi/lo products).
@@ -253,6 +257,120 @@ __global__ void __launch_bounds__(256)
     }
 }
 
+// ---- MS: M with the activations staged in shared memory ----
+// As M with one row tile a warp (the same mmas in the same order, so M's bits), but the
+// block's 8 warps, which share their part's columns, read the activations' fragments from
+// shared memory: SC chunks of every token's hi and lo are copied in at a time (cp.async, two
+// stages in flight), once for the block instead of once per warp through L1. A token's row of
+// a stage is SC * 128 bytes and 64 more, so that the 8-lane phases of a warp's 16-byte reads
+// fall on distinct banks.
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp16(void* dst, const void* src, bool real)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(real ? 16 : 0));
+}
+template <int NT, int SC>
+__global__ void __launch_bounds__(256)
+    gemm_ms(const unsigned char* w, const float*, float* y, int rows, int cols, int T, int P, const void* xhi_, const void* xlo_,
+            unsigned* tickets, float* part_sums)
+{
+    constexpr int ROW = SC * 128 + 64, STAGE = 8 * NT * ROW;
+    extern __shared__ __align__(16) unsigned char xs[];  // 2 stages
+    const unsigned char* xhi = (const unsigned char*)xhi_;
+    const unsigned char* xlo = (const unsigned char*)xlo_;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int part = blockIdx.x % P;
+    const int tile = (blockIdx.x / P) * 8 + warp;
+    const int tiles = rows / 16;
+    const bool mine = tile < tiles;
+    const int kp = cols / P, chunks = kp / 32, c0 = part * kp, stages = chunks / SC;
+    const size_t row_bytes = (size_t)cols * 2;
+    const unsigned char* wr0 = w + (size_t)((mine ? tile : 0) * 16 + g) * row_bytes + (size_t)c0 * 2 + 16 * t;
+    const unsigned char* wr1 = wr0 + 8 * row_bytes;
+    // Stage s's activations into buffer s % 2: (token, chunk, hi/lo, quarter) items of 16 B.
+    auto load_x = [&](int s) {
+        unsigned char* buf = xs + (s & 1) * STAGE;
+        for (int i = threadIdx.x; i < 8 * NT * SC * 8; i += 256) {
+            const int q = i & 3, h = (i >> 2) & 1, c = (i >> 3) % SC, tok = (i >> 3) / SC;
+            const size_t col = (size_t)c0 + (s * SC + c) * 32 + 8 * q;
+            const unsigned char* src = (h ? xlo : xhi) + ((size_t)(tok < T ? tok : 0) * cols + col) * 2;
+            cp16(buf + tok * ROW + c * 128 + h * 64 + 16 * q, src, tok < T);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    uint4 wa[SC][2], wb[SC][2];
+    auto load_w = [&](uint4 (&v)[SC][2], int s) {
+#pragma unroll
+        for (int c = 0; c < SC; ++c) {
+            v[c][0] = mine && s < stages ? ldw(wr0 + (s * SC + c) * 64) : make_uint4(0, 0, 0, 0);
+            v[c][1] = mine && s < stages ? ldw(wr1 + (s * SC + c) * 64) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    float acc[NT][4] = {};
+    auto sum = [&](const uint4 (&v)[SC][2], int s) {
+        const unsigned char* buf = xs + (s & 1) * STAGE;
+#pragma unroll
+        for (int c = 0; c < SC; ++c) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                if (8 * n >= T) break;
+                const unsigned char* f = buf + (8 * n + g) * ROW + c * 128 + 16 * t;
+                const uint4 bh = *(const uint4*)f, bl = *(const uint4*)(f + 64);
+                const uint4 a = v[c][0], b = v[c][1];
+                mma(acc[n], a.x, b.x, a.y, b.y, bh.x, bh.y);
+                mma(acc[n], a.x, b.x, a.y, b.y, bl.x, bl.y);
+                mma(acc[n], a.z, b.z, a.w, b.w, bh.z, bh.w);
+                mma(acc[n], a.z, b.z, a.w, b.w, bl.z, bl.w);
+            }
+        }
+    };
+    load_w(wa, 0);
+    pdl_wait();
+    pdl_launch();
+    load_x(0);
+    for (int s = 0; s < stages; s += 2) {
+        load_w(wb, s + 1);
+        if (s + 1 < stages) load_x(s + 1);
+        if (s + 1 < stages) asm volatile("cp.async.wait_group 1;" ::: "memory");
+        else asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+        if (mine) sum(wa, s);
+        __syncthreads();
+        if (s + 1 >= stages) break;
+        load_w(wa, s + 2);
+        if (s + 2 < stages) load_x(s + 2);
+        if (s + 2 < stages) asm volatile("cp.async.wait_group 1;" ::: "memory");
+        else asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+        if (mine) sum(wb, s + 1);
+        __syncthreads();
+    }
+    if (!mine) return;
+    float* dst = P == 1 ? y : part_sums + (size_t)part * T * rows;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int tok = 8 * n + 2 * t + (i & 1), r = tile * 16 + g + (i >> 1) * 8;
+            if (tok < T) dst[(size_t)tok * rows + r] = acc[n][i];
+        }
+    if (P == 1) return;
+    __threadfence();
+    __syncwarp();
+    unsigned last = 0;
+    if (lane == 0) last = atomicAdd(&tickets[tile], 1u) == (unsigned)P - 1;
+    last = __shfl_sync(0xffffffffu, last, 0);
+    if (!last) return;
+    __threadfence();
+    for (int i = lane; i < 16 * T; i += 32) {
+        const int tok = i / 16, r = tile * 16 + i % 16;
+        float s = 0.f;
+        for (int p = 0; p < P; ++p) s += __ldcg(part_sums + ((size_t)p * T + tok) * rows + r);
+        y[(size_t)tok * rows + r] = s;
+    }
+    if (lane == 0) tickets[tile] = 0;
+}
+
 __global__ void read_all(const uint4* p, size_t n, unsigned* out)
 {
     unsigned s = 0;
@@ -275,9 +393,32 @@ static unsigned *xhi, *xlo;
 struct Design {
     const char* name;
     bool mma;
-    int mt;  // row tiles a warp (M)
-    int u;   // chunks in flight (M)
+    int mt;       // row tiles a warp (M)
+    int u;        // chunks in flight (M)
+    bool staged;  // MS: activations through shared memory
 };
+
+constexpr int MS_SC = 4;  // MS: chunks a stage
+
+template <int NT>
+static Kernel ms_kernel(int* smem)
+{
+    *smem = 2 * 8 * NT * (MS_SC * 128 + 64);
+    static bool set = false;
+    if (!set) {
+        CK(cudaFuncSetAttribute(gemm_ms<NT, MS_SC>, cudaFuncAttributeMaxDynamicSharedMemorySize, *smem));
+        set = true;
+    }
+    return gemm_ms<NT, MS_SC>;
+}
+
+static Kernel pick_ms(int T, int* smem)
+{
+    if (T <= 8) return ms_kernel<1>(smem);
+    if (T <= 16) return ms_kernel<2>(smem);
+    if (T <= 32) return ms_kernel<4>(smem);
+    return ms_kernel<8>(smem);
+}
 
 // Parts of a matrix's columns for M: fixed by its shape alone. The fewest (a power of two,
 // columns a part a multiple of 256) giving at least 2,048 warps of one row tile.
@@ -298,11 +439,12 @@ static Kernel pick_m(int T)
 }
 
 static void launch_kernel(Kernel k, int grid, cudaStream_t st, const unsigned char* w, const float* x, float* y, int rows, int cols,
-                          int T, int P)
+                          int T, int P, int smem = 0)
 {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(grid);
     cfg.blockDim = dim3(256);
+    cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -335,6 +477,12 @@ static void product(const Design& d, cudaStream_t st, const unsigned char* w, co
         return;
     }
     const int P = parts_of(rows, cols);
+    if (d.staged) {
+        int smem = 0;
+        Kernel k = pick_ms(T, &smem);
+        launch_kernel(k, (rows / 16 + 7) / 8 * P, st, w, x, y, rows, cols, T, P, smem);
+        return;
+    }
     const int warps = (rows / 16 + d.mt - 1) / d.mt;
     const int grid = (warps + 7) / 8 * P;
     Kernel k = d.mt == 2 ? pick_m<2, 2>(T)
@@ -413,12 +561,14 @@ int main()
         printf("read: %.0f GB/s\n", 1.0 * pool * 10 / ms / 1e6);
     }
     const Design designs[] = {
-        {"A f32 matvec, 8 tokens a pass", false, 1, 0},
-        {"M mma, 1 tile a warp, 2 chunks", true, 1, 2},
-        {"M mma, 1 tile a warp, 4 chunks", true, 1, 4},
-        {"M2 mma, 2 tiles a warp, 2 chunks", true, 2, 2},
-        {"M8 mma, 8 chunks to 16 tokens, 4 above", true, 1, 8},
+        {"A f32 matvec, 8 tokens a pass", false, 1, 0, false},
+        {"M mma, 1 tile a warp, 2 chunks", true, 1, 2, false},
+        {"M mma, 1 tile a warp, 4 chunks", true, 1, 4, false},
+        {"M2 mma, 2 tiles a warp, 2 chunks", true, 2, 2, false},
+        {"M8 mma, 8 chunks to 16 tokens, 4 above", true, 1, 8, false},
+        {"MS mma, activations in shared memory", true, 1, 4, true},
     };
+    const int n_designs = sizeof(designs) / sizeof(designs[0]);
     struct Shape {
         const char* name;
         int rows, cols;
@@ -434,11 +584,11 @@ int main()
     for (auto& sh : shapes) {
         const int P = parts_of(sh.rows, sh.cols);
         printf("== %s: %d parts of %d columns\n", sh.name, P, sh.cols / P);
-        std::vector<float> a((size_t)64 * sh.rows), b((size_t)64 * sh.rows), first(sh.rows);
+        std::vector<float> a((size_t)64 * sh.rows), b((size_t)64 * sh.rows), first(sh.rows), m64;
         product(designs[0], st, w, x, y0, sh.rows, sh.cols, 64);
         CK(cudaStreamSynchronize(st));
         CK(cudaMemcpy(a.data(), y0, a.size() * 4, cudaMemcpyDeviceToHost));
-        for (int di = 1; di < 5; ++di) {
+        for (int di = 1; di < n_designs; ++di) {
             const Design& d = designs[di];
             bool same = true;
             for (int T : {1, 3, 8, 13, 16, 40, 64}) {
@@ -449,6 +599,13 @@ int main()
                 CK(cudaMemcpy(b.data(), y, (size_t)T * sh.rows * 4, cudaMemcpyDeviceToHost));
                 if (T == 1) memcpy(first.data(), b.data(), sh.rows * 4);
                 same = same && memcmp(first.data(), b.data(), sh.rows * 4) == 0;
+            }
+            // b holds the 64-token product: MS must give M's bits for every output.
+            if (di == 1) m64 = b;
+            if (d.staged) {
+                const bool as_m = memcmp(m64.data(), b.data(), b.size() * 4) == 0;
+                printf("  %-34s 64 tokens: %s M's bits\n", d.name, as_m ? "the same as" : "NOT");
+                all_same = all_same && as_m;
             }
             double err = 0, nrm = 0;
             for (size_t i = 0; i < a.size(); ++i) {
