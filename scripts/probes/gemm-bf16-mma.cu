@@ -150,6 +150,39 @@ __device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// A warp's sums for row tile `tile` (c0, c1: row g, tokens 2t, 2t + 1; c2, c3: row g + 8)
+// written as part `part` of P; the warp that writes a tile's last part sums the parts in part
+// order (a ticket per tile), so no sum depends on timing or on the number of tokens.
+template <int NT>
+__device__ __forceinline__ void store_tile(const float (&acc)[NT][4], float* y, int rows, int T, int P, int part, int tile,
+                                           unsigned* tickets, float* part_sums)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float* dst = P == 1 ? y : part_sums + (size_t)part * T * rows;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int tok = 8 * n + 2 * t + (i & 1), r = tile * 16 + g + (i >> 1) * 8;
+            if (tok < T) dst[(size_t)tok * rows + r] = acc[n][i];
+        }
+    if (P == 1) return;
+    __threadfence();
+    __syncwarp();
+    unsigned last = 0;
+    if (lane == 0) last = atomicAdd(&tickets[tile], 1u) == (unsigned)P - 1;
+    last = __shfl_sync(0xffffffffu, last, 0);
+    if (!last) return;
+    __threadfence();
+    for (int i = lane; i < 16 * T; i += 32) {
+        const int tok = i / 16, r = tile * 16 + i % 16;
+        float s = 0.f;
+        for (int p = 0; p < P; ++p) s += __ldcg(part_sums + ((size_t)p * T + tok) * rows + r);
+        y[(size_t)tok * rows + r] = s;
+    }
+    if (lane == 0) tickets[tile] = 0;
+}
+
 // Block b: part b % P, row tiles (b / P) * 8 * MT + warp * MT ... (MT tiles of 16 rows a
 // warp). Per 32-column chunk, lane (g = lane / 4, t = lane % 4) holds 16 bytes (columns 8t ..
 // 8t + 7) of rows g and g + 8 of each tile, and of token 8n + g's hi and lo activations; the
@@ -225,35 +258,10 @@ __global__ void __launch_bounds__(256)
         load(wa, k + 2 * U);
         sum(wb, k + U);
     }
-    // c0, c1: row g, tokens 2t, 2t + 1; c2, c3: row g + 8.
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-        const int tile = tile0 + m;
-        if (tile >= tiles) break;
-        float* dst = P == 1 ? y : part_sums + (size_t)part * T * rows;
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int tok = 8 * n + 2 * t + (i & 1), r = tile * 16 + g + (i >> 1) * 8;
-                if (tok < T) dst[(size_t)tok * rows + r] = acc[m][n][i];
-            }
-        if (P == 1) continue;
-        __threadfence();
-        __syncwarp();
-        unsigned last = 0;
-        if (lane == 0) last = atomicAdd(&tickets[tile], 1u) == (unsigned)P - 1;
-        last = __shfl_sync(0xffffffffu, last, 0);
-        if (!last) continue;
-        __threadfence();
-        // Every part of this tile is written: sum them in part order.
-        for (int i = lane; i < 16 * T; i += 32) {
-            const int tok = i / 16, r = tile * 16 + i % 16;
-            float s = 0.f;
-            for (int p = 0; p < P; ++p) s += __ldcg(part_sums + ((size_t)p * T + tok) * rows + r);
-            y[(size_t)tok * rows + r] = s;
-        }
-        if (lane == 0) tickets[tile] = 0;
+        if (tile0 + m >= tiles) break;
+        store_tile<NT>(acc[m], y, rows, T, P, part, tile0 + m, tickets, part_sums);
     }
 }
 
@@ -345,30 +353,7 @@ __global__ void __launch_bounds__(256)
         if (mine) sum(wb, s + 1);
         __syncthreads();
     }
-    if (!mine) return;
-    float* dst = P == 1 ? y : part_sums + (size_t)part * T * rows;
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int tok = 8 * n + 2 * t + (i & 1), r = tile * 16 + g + (i >> 1) * 8;
-            if (tok < T) dst[(size_t)tok * rows + r] = acc[n][i];
-        }
-    if (P == 1) return;
-    __threadfence();
-    __syncwarp();
-    unsigned last = 0;
-    if (lane == 0) last = atomicAdd(&tickets[tile], 1u) == (unsigned)P - 1;
-    last = __shfl_sync(0xffffffffu, last, 0);
-    if (!last) return;
-    __threadfence();
-    for (int i = lane; i < 16 * T; i += 32) {
-        const int tok = i / 16, r = tile * 16 + i % 16;
-        float s = 0.f;
-        for (int p = 0; p < P; ++p) s += __ldcg(part_sums + ((size_t)p * T + tok) * rows + r);
-        y[(size_t)tok * rows + r] = s;
-    }
-    if (lane == 0) tickets[tile] = 0;
+    if (mine) store_tile<NT>(acc, y, rows, T, P, part, tile, tickets, part_sums);
 }
 
 __global__ void read_all(const uint4* p, size_t n, unsigned* out)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tern_compute::DeviceChoice;
-use tern_server::cluster::admin::{Admin, ClusterClient};
+use tern_server::cluster::admin::{Admin, ClusterClient, Move};
 
 use super::median;
 use super::serve::{SseReader, post, read_chunk, read_head, request};
@@ -308,20 +308,12 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
         snapshot as f64 / 1e6
     );
     // To a node of this machine sharing the owner's host objects, and back.
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let (took, answer) = admin.move_actor(&long, "bench-c")?;
-    println!(
-        "first move to a node sharing the owner's host objects (the target reads {:.1} MB of \
-         {:.1} MB of chain from the object store): {:.0} ms in all = {:.1}x faster than \
-         re-prefilling (target <= 100 ms); of it {:.0} ms copying ahead ({} ms reading), then \
-         {:.1} ms with no node answering for it",
-        answer["prefetched"]["read_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-        answer["prefetched"]["chain_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-        ms(took.total()),
-        prefill / ms(took.total()),
-        ms(took.ahead),
-        answer["prefetched"]["read_ms"],
-        ms(took.pause),
+    first_move(
+        "a node sharing the owner's host objects",
+        &took,
+        &answer,
+        prefill,
     );
     admin.move_actor(&long, "bench-a")?;
     // The first move to bench-b reads the whole chain from the object store. Later moves go
@@ -332,18 +324,11 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
         let to = if i % 2 == 0 { "bench-b" } else { "bench-a" };
         let (took, answer) = admin.move_actor(&long, to)?;
         if i == 0 {
-            println!(
-                "first move to a node that reads the object store (the target reads {:.1} MB of {:.1} MB of chain): {:.0} ms in all = \
-                 {:.1}x faster than re-prefilling; of it {:.0} ms copying ahead while the actor \
-                 answered on its owner ({} ms reading, the rest making the restore's memory \
-                 ready), then {:.1} ms with no node answering for it",
-                answer["prefetched"]["read_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-                answer["prefetched"]["chain_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-                ms(took.total()),
-                prefill / ms(took.total()),
-                ms(took.ahead),
-                answer["prefetched"]["read_ms"],
-                ms(took.pause),
+            first_move(
+                "a node that reads the object store",
+                &took,
+                &answer,
+                prefill,
             );
         } else {
             later.push(ms(took.total()));
@@ -427,6 +412,30 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Prints the first move of the long actor to `target` (which never held it), against
+/// re-prefilling it (`prefill_ms`).
+fn first_move(target: &str, took: &Move, answer: &Value, prefill_ms: f64) {
+    let prefetched = &answer["prefetched"];
+    println!(
+        "first move to {target} (the target reads {:.1} MB of {:.1} MB of chain from the \
+         object store): {:.0} ms in all = {:.1}x faster than re-prefilling (target <= 100 \
+         ms); of it {:.0} ms copying ahead while the actor answered on its owner ({} ms \
+         reading, the rest making the restore's memory ready), then {:.1} ms with no node \
+         answering for it",
+        prefetched["read_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        prefetched["chain_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        ms(took.total()),
+        prefill_ms / ms(took.total()),
+        ms(took.ahead),
+        prefetched["read_ms"],
+        ms(took.pause),
+    );
 }
 
 /// The medians of `time` through `direct` and through `routed`, `rounds` times each,
