@@ -137,8 +137,10 @@ pub fn dot_q8_rows(
 }
 
 /// Several tokens' activations, each quantized as [`QuantizedActs`], for
-/// [`dot_q8_rows_tokens`]. Where the AMX kernels run, the layout they read is made once, by
-/// the first product that needs it, and shared by every later product (on any thread).
+/// [`dot_q8_rows_tokens`]. Where the AMX kernels run, the layout they read is made with them
+/// (by [`QuantizedTokens::new`], before the products' threads start, so that none waits for
+/// another to make it), or else by the first product that needs it, and shared by every later
+/// product (on any thread).
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedTokens {
     acts: Vec<QuantizedActs>,
@@ -150,10 +152,16 @@ impl QuantizedTokens {
     /// Quantizes each `cols` values of `x` (its last row may be shorter), a token each.
     /// (On the calling thread's rayon pool, a token a task.)
     pub fn new(x: &[f32], cols: usize) -> QuantizedTokens {
-        x.par_chunks(cols.max(1))
+        let xs: QuantizedTokens = x
+            .par_chunks(cols.max(1))
             .map(QuantizedActs::new)
             .collect::<Vec<_>>()
-            .into()
+            .into();
+        #[cfg(target_arch = "x86_64")]
+        if xs.len() >= 2 && matches!(Path::best(), Path::Amx(_)) {
+            let _ = xs.tiles.set(x86_amx::TokenTiles::new(&xs.acts));
+        }
+        xs
     }
 
     /// The tokens' activations, in order.
