@@ -652,6 +652,13 @@ impl CpuLlama {
         for (x, &token) in s.x.chunks_mut(e).zip(tokens) {
             dequantize_row(w.token_embd.dtype, w.row(&w.token_embd, token as usize), x);
         }
+        // Each position's rotation, made once for every layer and head.
+        let pairs = self.inv_freq.len();
+        let rotations: Vec<(f32, f32)> = seqs
+            .iter()
+            .flat_map(|q| q.cache.len..q.cache.len + q.tokens.len())
+            .flat_map(|pos| self.rotation(pos))
+            .collect();
         for (l, lw) in w.layers.iter().enumerate() {
             // Attention.
             rmsnorm_rows(&mut s.xb, &s.x, &lw.attn_norm, c.rms_eps, e);
@@ -665,8 +672,9 @@ impl CpuLlama {
                 let (pos0, m) = (seq.cache.len, seq.tokens.len());
                 let at = seq.cache.at(l, pos0);
                 let (new_k, new_v) = (&mut k[first * kv..][..m * kv], &v[first * kv..][..m * kv]);
+                let rotation = |t: usize| &rotations[(first + t) * pairs..][..pairs];
                 for t in 0..m {
-                    self.rope(&mut s.q[(first + t) * qd..][..qd], pos0 + t);
+                    self.rope(&mut s.q[(first + t) * qd..][..qd], rotation(t));
                 }
                 match seq.cache.kv_type {
                     KvType::F32 => {
@@ -674,13 +682,13 @@ impl CpuLlama {
                         cache.k[at..at + m * kv].copy_from_slice(new_k);
                         cache.v[at..at + m * kv].copy_from_slice(new_v);
                         for t in 0..m {
-                            self.rope(&mut cache.k[at + t * kv..][..kv], pos0 + t);
+                            self.rope(&mut cache.k[at + t * kv..][..kv], rotation(t));
                         }
                     }
                     KvType::F16 => {
                         // Rotated in f32, then rounded once into the cache.
                         for t in 0..m {
-                            self.rope(&mut new_k[t * kv..][..kv], pos0 + t);
+                            self.rope(&mut new_k[t * kv..][..kv], rotation(t));
                         }
                         let cache = &mut seq.cache;
                         narrow(new_k, &mut cache.k16[at..at + m * kv]);
@@ -884,13 +892,19 @@ impl CpuLlama {
         }
     }
 
-    /// Rotates every head of `x` (a multiple of `head_dim` long) to position `pos`.
-    fn rope(&self, x: &mut [f32], pos: usize) {
+    /// The sine and cosine of each rotated pair's angle at position `pos`.
+    fn rotation(&self, pos: usize) -> impl Iterator<Item = (f32, f32)> + '_ {
+        self.inv_freq
+            .iter()
+            .map(move |&inv_freq| (pos as f32 * inv_freq).sin_cos())
+    }
+
+    /// Rotates every head of `x` (a multiple of `head_dim` long) by `rotation`, its position's
+    /// [`Self::rotation`].
+    fn rope(&self, x: &mut [f32], rotation: &[(f32, f32)]) {
         let c = &self.config;
         for head in x.chunks_mut(c.head_dim) {
-            for (i, &inv_freq) in self.inv_freq.iter().enumerate() {
-                let angle = pos as f32 * inv_freq;
-                let (sin, cos) = angle.sin_cos();
+            for (i, &(sin, cos)) in rotation.iter().enumerate() {
                 let (a, b) = match c.rope_style {
                     RopeStyle::Adjacent => (2 * i, 2 * i + 1),
                     RopeStyle::Halves => (i, i + c.n_rot / 2),
