@@ -713,8 +713,13 @@ impl CpuLlama {
             add(&mut s.x, &s.xb2);
             // Feed-forward: w_down(silu(w_gate x) * w_up x).
             rmsnorm_rows(&mut s.xb, &s.x, &lw.ffn_norm, c.rms_eps, e);
-            self.matmuls([(&mut s.hb, &lw.w_gate), (&mut s.hb2, &lw.w_up)], &s.xb, n);
-            swiglu(&mut s.hb, &s.hb2, &mut s.neg);
+            if n > 1 && self.fast(&lw.w_gate) && self.fast(&lw.w_up) {
+                let xq = QuantizedTokens::new(&s.xb, lw.w_gate.cols);
+                self.gate_up_fast(&mut s.hb, &lw.w_gate, &lw.w_up, &xq, n);
+            } else {
+                self.matmuls([(&mut s.hb, &lw.w_gate), (&mut s.hb2, &lw.w_up)], &s.xb, n);
+                swiglu(&mut s.hb, &s.hb2, &mut s.neg);
+            }
             self.matmul(&mut s.xb2, &lw.w_down, &s.hb, n);
             add(&mut s.x, &s.xb2);
         }
@@ -776,40 +781,64 @@ impl CpuLlama {
     /// The fast path of [`Self::matmul_quantized`] for `n > 1` positions, quantized as `xq`, and each
     /// of `K` matrices as wide as a position, in one pass over the pool: per chunk of
     /// [`ROWS_PER_TOKENS_TASK`] weight rows, every position against the rows while they are
-    /// in cache.
+    /// in cache, each task writing its outputs where they go.
     fn matmuls_fast<const K: usize>(
         &self,
         jobs: [(&mut [f32], &Matrix); K],
         xq: &QuantizedTokens,
         n: usize,
     ) {
-        let mut t_major: Vec<Vec<f32>> = jobs.iter().map(|(_, m)| vec![0.0; n * m.rows]).collect();
         let mut tasks = Vec::new();
-        for ((_, m), t) in jobs.iter().zip(&mut t_major) {
+        for (out, m) in jobs {
             let rows = self.weights.rows(m);
-            for (chunk, y) in t.chunks_mut(ROWS_PER_TOKENS_TASK * n).enumerate() {
-                let first = chunk * ROWS_PER_TOKENS_TASK;
-                let count = y.len() / n;
-                tasks.push((
-                    y,
-                    *m,
-                    &rows[first * m.row_bytes..(first + count) * m.row_bytes],
-                ));
+            for (run, outs) in row_runs(out, m.rows, n).into_iter().enumerate() {
+                let first = run * ROWS_PER_TOKENS_TASK;
+                let count = outs[0].len();
+                let w = &rows[first * m.row_bytes..(first + count) * m.row_bytes];
+                tasks.push((outs, m, w));
             }
         }
-        tasks.into_par_iter().for_each(|(y, m, w)| {
-            fastdot::dot_q8_rows_tokens(m.dtype, w, m.row_bytes, xq, y);
-        });
-        // Each chunk holds `n` runs of `count` outputs; scatter them to [t][row].
-        for ((out, m), t) in jobs.into_iter().zip(&t_major) {
-            for (chunk, y) in t.chunks(ROWS_PER_TOKENS_TASK * n).enumerate() {
-                let first = chunk * ROWS_PER_TOKENS_TASK;
-                let count = y.len() / n;
-                for (t, y) in y.chunks_exact(count).enumerate() {
-                    out[t * m.rows + first..][..count].copy_from_slice(y);
+        tasks.into_par_iter().for_each(|(mut outs, m, w)| {
+            PRODUCTS.with_borrow_mut(|[y, _, _]| {
+                let count = outs[0].len();
+                y.resize(n * count, 0.0);
+                fastdot::dot_q8_rows_tokens(m.dtype, w, m.row_bytes, xq, y);
+                for (out, y) in outs.iter_mut().zip(y.chunks_exact(count)) {
+                    out.copy_from_slice(y);
                 }
-            }
-        }
+            });
+        });
+    }
+
+    /// `hb[t] = swiglu(gate · x[t], up · x[t])` for `n > 1` positions quantized as `xq`, on
+    /// the fast path, in one pass over the pool: per chunk of [`ROWS_PER_TOKENS_TASK`] rows,
+    /// the gate's and the up matrix's rows against every position, then [`swiglu`] of those
+    /// outputs (each element its own, so the bits of the products, then `swiglu`, apart).
+    fn gate_up_fast(
+        &self,
+        hb: &mut [f32],
+        gate: &Matrix,
+        up: &Matrix,
+        xq: &QuantizedTokens,
+        n: usize,
+    ) {
+        let (gate_rows, up_rows) = (self.weights.rows(gate), self.weights.rows(up));
+        let tasks: Vec<_> = row_runs(hb, gate.rows, n).into_iter().enumerate().collect();
+        tasks.into_par_iter().for_each(|(run, mut outs)| {
+            PRODUCTS.with_borrow_mut(|[g, u, neg]| {
+                let (first, count) = (run * ROWS_PER_TOKENS_TASK, outs[0].len());
+                for (y, m, rows) in [(&mut *g, gate, gate_rows), (&mut *u, up, up_rows)] {
+                    y.resize(n * count, 0.0);
+                    let w = &rows[first * m.row_bytes..(first + count) * m.row_bytes];
+                    fastdot::dot_q8_rows_tokens(m.dtype, w, m.row_bytes, xq, y);
+                }
+                neg.resize(n * count, 0.0);
+                swiglu(g, u, neg);
+                for (out, g) in outs.iter_mut().zip(g.chunks_exact(count)) {
+                    out.copy_from_slice(g);
+                }
+            });
+        });
     }
 
     /// `out_j = m_j · x` for one position and each of `K` matrices as wide as `x`, in one
@@ -1045,6 +1074,33 @@ pub fn argmax(x: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+thread_local! {
+    /// A product task's outputs, position-major, before they go where they belong (and, for
+    /// [`CpuLlama::gate_up_fast`], the up outputs and the negated gate's `exp`): reused task
+    /// to task.
+    static PRODUCTS: std::cell::RefCell<[Vec<f32>; 3]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()])
+    };
+}
+
+/// `out` (`n` positions' outputs of a matrix of `rows` rows, position-major) cut into the
+/// runs of [`ROWS_PER_TOKENS_TASK`] rows a product task writes: for each run, its slice of
+/// every position's outputs.
+fn row_runs(out: &mut [f32], rows: usize, n: usize) -> Vec<Vec<&mut [f32]>> {
+    let mut runs: Vec<Vec<&mut [f32]>> = (0..rows.div_ceil(ROWS_PER_TOKENS_TASK))
+        .map(|_| Vec::with_capacity(n))
+        .collect();
+    for position in out.chunks_mut(rows.max(1)) {
+        for (run, slice) in runs
+            .iter_mut()
+            .zip(position.chunks_mut(ROWS_PER_TOKENS_TASK))
+        {
+            run.push(slice);
+        }
+    }
+    runs
 }
 
 /// `gate = silu(gate) * up`, `silu(g) = g / (1 + exp(-g))`, with the exps a slice at a time
