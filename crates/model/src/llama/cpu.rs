@@ -667,48 +667,49 @@ impl CpuLlama {
                 &s.xb,
                 n,
             );
-            let mut first = 0;
+            // Each sequence's new keys and values into its cache, then its queries over the
+            // cache, the sequences side by side.
+            let mut tasks = Vec::with_capacity(seqs.len());
+            let (mut q, mut att) = (&mut s.q[..], &mut s.att[..]);
+            let (mut new_k, mut new_v, mut rot) = (&mut k[..], &v[..], &rotations[..]);
             for seq in seqs.iter_mut() {
-                let (pos0, m) = (seq.cache.len, seq.tokens.len());
-                let at = seq.cache.at(l, pos0);
-                let (new_k, new_v) = (&mut k[first * kv..][..m * kv], &v[first * kv..][..m * kv]);
-                let rotation = |t: usize| &rotations[(first + t) * pairs..][..pairs];
-                for t in 0..m {
-                    self.rope(&mut s.q[(first + t) * qd..][..qd], rotation(t));
-                }
-                match seq.cache.kv_type {
-                    KvType::F32 => {
-                        let cache = &mut seq.cache;
-                        cache.k[at..at + m * kv].copy_from_slice(new_k);
-                        cache.v[at..at + m * kv].copy_from_slice(new_v);
-                        for t in 0..m {
-                            self.rope(&mut cache.k[at + t * kv..][..kv], rotation(t));
-                        }
-                    }
-                    KvType::F16 => {
-                        // Rotated in f32, then rounded once into the cache.
-                        for t in 0..m {
-                            self.rope(&mut new_k[t * kv..][..kv], rotation(t));
-                        }
-                        let cache = &mut seq.cache;
-                        narrow(new_k, &mut cache.k16[at..at + m * kv]);
-                        narrow(new_v, &mut cache.v16[at..at + m * kv]);
-                    }
-                }
-                first += m;
-            }
-            // Each sequence's queries over its own cache, the sequences side by side.
-            let mut outs = Vec::with_capacity(seqs.len());
-            let (mut att, mut q) = (&mut s.att[..], &s.q[..]);
-            for seq in seqs.iter() {
                 let m = seq.tokens.len();
-                let (out, rest) = att.split_at_mut(m * qd);
-                outs.push((out, &q[..m * qd], &*seq.cache, m));
-                (att, q) = (rest, &q[m * qd..]);
+                let (q_seq, q_rest) = q.split_at_mut(m * qd);
+                let (att_seq, att_rest) = att.split_at_mut(m * qd);
+                let (k_seq, k_rest) = new_k.split_at_mut(m * kv);
+                let (v_seq, v_rest) = new_v.split_at(m * kv);
+                let (rot_seq, rot_rest) = rot.split_at(m * pairs);
+                tasks.push((&mut *seq.cache, q_seq, att_seq, k_seq, v_seq, rot_seq));
+                (q, att, new_k, new_v, rot) = (q_rest, att_rest, k_rest, v_rest, rot_rest);
             }
-            outs.into_par_iter().for_each(|(out, q, cache, m)| {
-                self.attention(out, q, cache, l, cache.len, m);
-            });
+            tasks
+                .into_par_iter()
+                .for_each(|(cache, q, out, new_k, new_v, rot)| {
+                    let (pos0, m) = (cache.len, q.len() / qd);
+                    let rotation = |t: usize| &rot[t * pairs..][..pairs];
+                    for t in 0..m {
+                        self.rope(&mut q[t * qd..][..qd], rotation(t));
+                    }
+                    let at = cache.at(l, pos0);
+                    match cache.kv_type {
+                        KvType::F32 => {
+                            cache.k[at..at + m * kv].copy_from_slice(new_k);
+                            cache.v[at..at + m * kv].copy_from_slice(new_v);
+                            for t in 0..m {
+                                self.rope(&mut cache.k[at + t * kv..][..kv], rotation(t));
+                            }
+                        }
+                        KvType::F16 => {
+                            // Rotated in f32, then rounded once into the cache.
+                            for t in 0..m {
+                                self.rope(&mut new_k[t * kv..][..kv], rotation(t));
+                            }
+                            narrow(new_k, &mut cache.k16[at..at + m * kv]);
+                            narrow(new_v, &mut cache.v16[at..at + m * kv]);
+                        }
+                    }
+                    self.attention(out, q, cache, l, pos0, m);
+                });
             self.matmul(&mut s.xb2, &lw.wo, &s.att, n);
             add(&mut s.x, &s.xb2);
             // Feed-forward: w_down(silu(w_gate x) * w_up x).
