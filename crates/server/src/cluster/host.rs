@@ -16,14 +16,17 @@
 //!   checksum, [`tern_snapshot::parse`]); a damaged one is removed and the object read from
 //!   the object store instead.
 //! - The node that deletes an object (a newer chain replaced it, the actor was deleted)
-//!   removes its file. Files whose objects a node elsewhere deleted stay until the folder is
-//!   emptied, which may be done at any time.
+//!   removes its file. What is left otherwise (objects a node elsewhere deleted, files of a
+//!   node killed while it wrote them) a node joining the cluster sweeps away
+//!   ([`HostObjects::sweep`]); the folder may also be emptied at any time.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -119,6 +122,43 @@ impl HostObjects {
                 Err(e)
             }
         }
+    }
+
+    /// Removes every file older than `age` (by its last write) that is not an object `kept`
+    /// names (`{actor}/{sha256}`), temporary files included, and the actor folders left
+    /// empty; returns how many files went. Younger files may be objects put a moment ago and
+    /// not yet in the directory. Only plain files in plain folders are touched: a link is
+    /// never followed.
+    pub fn sweep(&self, kept: &HashSet<String>, age: Duration) -> usize {
+        let Ok(actors) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for actor in actors.flatten() {
+            if !actor.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(files) = fs::read_dir(actor.path()) else {
+                continue;
+            };
+            let folder = actor.file_name().to_string_lossy().into_owned();
+            for file in files.flatten() {
+                let name = format!("{folder}/{}", file.file_name().to_string_lossy());
+                let old = file
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|written| written.elapsed().ok())
+                    .is_some_and(|elapsed| elapsed >= age);
+                let plain = file.file_type().is_ok_and(|t| t.is_file());
+                if plain && old && !kept.contains(&name) && fs::remove_file(file.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+            // Fails while anything is left in it.
+            let _ = fs::remove_dir(actor.path());
+        }
+        removed
     }
 
     /// Removes object `name`'s file, and its actor's folder once empty.
@@ -226,6 +266,50 @@ mod tests {
         assert!(!dir.path().join("a1/abc").exists());
         host.write("a1/short", &snapshot()[..40]);
         assert!(host.read("a1/short").is_none());
+    }
+
+    #[test]
+    fn a_sweep_removes_old_unnamed_files_only() {
+        let dir = Folder::new("a_sweep_removes_old_");
+        let host = HostObjects::open(&dir.path().join("objects")).unwrap();
+        let bytes = snapshot();
+        for name in ["a1/kept", "a1/gone", "a1/young", "a2/gone"] {
+            host.write(name, &bytes);
+        }
+        let temporary = dir.path().join("objects/a1/.7.0.tmp");
+        fs::write(&temporary, b"half").unwrap();
+        // Elsewhere, reached through a link in the folder: never swept.
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::write(elsewhere.join("file"), b"mine").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("objects/a3")).unwrap();
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for path in [
+            "objects/a1/kept",
+            "objects/a1/gone",
+            "objects/a2/gone",
+            "objects/a1/.7.0.tmp",
+            "elsewhere/file",
+        ] {
+            let file = File::options()
+                .write(true)
+                .open(dir.path().join(path))
+                .unwrap();
+            file.set_modified(long_ago).unwrap();
+        }
+        let kept: HashSet<String> = ["a1/kept".to_string()].into();
+        assert_eq!(host.sweep(&kept, Duration::from_secs(60)), 3);
+        assert!(host.read("a1/kept").is_some());
+        assert!(
+            host.read("a1/young").is_some(),
+            "a young file may be an object just put"
+        );
+        assert!(host.read("a1/gone").is_none() && !temporary.exists());
+        assert!(
+            !dir.path().join("objects/a2").exists(),
+            "an emptied folder goes"
+        );
+        assert!(elsewhere.join("file").exists());
     }
 
     #[test]

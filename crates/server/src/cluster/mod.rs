@@ -367,6 +367,29 @@ pub(crate) async fn live_nodes(nodes: &kv::Store) -> Result<Vec<NodeInfo>, Store
     Ok(out)
 }
 
+/// How old a host object's file must be before a sweep may remove it as unnamed: older than
+/// any object put and not yet named by its actor's entry.
+const HOST_OBJECT_GRACE: Duration = Duration::from_secs(60);
+
+/// Sweeps `host` of the files no actor's entry names ([`host::HostObjects::sweep`]); a
+/// directory that cannot be read leaves it as it is.
+async fn sweep_host_objects(host: &host::HostObjects, actors: &kv::Store) {
+    let named = match all_entries(actors).await {
+        Ok(all) => all
+            .into_iter()
+            .flat_map(|(_, found)| found.entry.snapshot.into_iter().chain(found.entry.links))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "host objects not swept: the directory cannot be read");
+            return;
+        }
+    };
+    let removed = host.sweep(&named, HOST_OBJECT_GRACE);
+    if removed > 0 {
+        tracing::info!(removed, "host objects no actor names were removed");
+    }
+}
+
 /// Every actor in the directory, by id.
 pub(crate) async fn all_entries(actors: &kv::Store) -> Result<Vec<(String, Found)>, StoreError> {
     let mut out = Vec::new();
@@ -421,6 +444,9 @@ impl Cluster {
                     return Err(ClusterError::NodeTaken(options.node.clone()));
                 }
                 tokio::time::sleep(HEARTBEAT / 4).await;
+            }
+            if let Some(host) = &host {
+                sweep_host_objects(host, &buckets.actors).await;
             }
             Ok((client, buckets, replies))
         })?;
