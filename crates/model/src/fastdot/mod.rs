@@ -154,7 +154,11 @@ impl QuantizedTokens {
     pub fn new(x: &[f32], cols: usize) -> QuantizedTokens {
         let xs: QuantizedTokens = x
             .par_chunks(cols.max(1))
-            .map(QuantizedActs::new)
+            .map(|x| {
+                let mut acts = take_spare();
+                acts.quantize_into(x);
+                acts
+            })
             .collect::<Vec<_>>()
             .into();
         #[cfg(target_arch = "x86_64")]
@@ -177,6 +181,26 @@ impl QuantizedTokens {
     /// Whether no tokens are held.
     pub fn is_empty(&self) -> bool {
         self.acts.is_empty()
+    }
+}
+
+/// The most tokens' buffers kept for reuse ([`QuantizedTokens`]' drop).
+const SPARE_TOKENS: usize = 1024;
+
+/// Buffers of dropped [`QuantizedTokens`], for the next ones: a step quantizes every token's
+/// activations several times a layer, and each token's are five allocations.
+static SPARE: std::sync::Mutex<Vec<QuantizedActs>> = std::sync::Mutex::new(Vec::new());
+
+fn take_spare() -> QuantizedActs {
+    let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+    spare.pop().unwrap_or_default()
+}
+
+impl Drop for QuantizedTokens {
+    fn drop(&mut self) {
+        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        let room = SPARE_TOKENS.saturating_sub(spare.len());
+        spare.extend(self.acts.drain(..).take(room));
     }
 }
 
