@@ -30,21 +30,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::store::check_key;
+
 /// The folder of objects shared by this machine's nodes.
 pub struct HostObjects {
     dir: PathBuf,
     /// Names this process's temporary files apart.
     next_temporary: AtomicU64,
-}
-
-/// Whether `segment` is a name segment kept as a path component: `[A-Za-z0-9._-]`, not
-/// empty, not starting with `.`.
-fn plain(segment: &str) -> bool {
-    !segment.is_empty()
-        && !segment.starts_with('.')
-        && segment
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 impl HostObjects {
@@ -60,10 +52,12 @@ impl HostObjects {
         })
     }
 
-    /// The file of object `name` (`{actor}/{sha256}`); `None` for any other shape of name.
+    /// The file of object `name` (`{actor}/{sha256}`, two segments as a store key's,
+    /// [`check_key`]); `None` for any other shape of name.
     fn path(&self, name: &str) -> Option<PathBuf> {
         let (actor, digest) = name.split_once('/')?;
-        (plain(actor) && plain(digest)).then(|| self.dir.join(actor).join(digest))
+        let two_segments = check_key(name).is_ok() && !digest.contains('/');
+        two_segments.then(|| self.dir.join(actor).join(digest))
     }
 
     /// Object `name`'s bytes, mapped from its file, if the file is there and holds a whole,

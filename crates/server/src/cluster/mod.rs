@@ -823,7 +823,6 @@ impl Cluster {
     }
 }
 
-/// A session's key in [`SESSIONS_BUCKET`]: the SHA-256 of its scoped name, in hex.
 /// The names of `nodes` in placement order: those of device kind `device` first (on which
 /// an actor continues bit for bit), each kind's from the least device memory in use, then
 /// the fewest KV-cache bytes, then the fewest resident actors.
@@ -836,6 +835,7 @@ fn by_load<'a>(nodes: impl Iterator<Item = &'a NodeInfo>, device: &str) -> Vec<S
     nodes.into_iter().map(|n| n.name.clone()).collect()
 }
 
+/// A session's key in [`SESSIONS_BUCKET`]: the SHA-256 of its scoped name, in hex.
 fn session_key(scoped: &str) -> String {
     sha256_hex(scoped.as_bytes())
 }

@@ -272,8 +272,8 @@ impl ClusterStore {
 
 impl Cluster {
     /// Actor `id`'s snapshot object `name`, and whether it was read from the store: kept in
-    /// this node's memory, or read (failing if no data comes for `stall`), its content
-    /// checked against the SHA-256 its name gives, and kept.
+    /// this node's memory, else mapped from this machine's shared folder, else read from the
+    /// object store ([`Self::store_object`]); then kept.
     async fn object(
         &self,
         id: &str,
@@ -288,13 +288,33 @@ impl Cluster {
         {
             return Ok((bytes, false));
         }
-        if let Some(host) = self.host.clone() {
-            let named = name.to_string();
-            if let Ok(Some(bytes)) = tokio::task::spawn_blocking(move || host.read(&named)).await {
-                self.objects().replace(name, bytes.clone());
-                return Ok((bytes, false));
-            }
-        }
+        let (bytes, from_store) = match self.host_object(name).await {
+            Some(bytes) => (bytes, false),
+            None => (self.store_object(id, name, stall).await?, true),
+        };
+        self.objects().replace(name, bytes.clone());
+        Ok((bytes, from_store))
+    }
+
+    /// Object `name` from this machine's shared folder, if it is there whole.
+    async fn host_object(&self, name: &str) -> Option<Bytes> {
+        let host = self.host.clone()?;
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || host.read(&name))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Actor `id`'s object `name` read from the object store (failing if no data comes for
+    /// `stall`), its content checked against the SHA-256 its name gives, and copied into
+    /// this machine's shared folder, if any, on the side.
+    async fn store_object(
+        &self,
+        id: &str,
+        name: &str,
+        stall: Duration,
+    ) -> Result<Bytes, StoreError> {
         let Some((bytes, digest)) = read_object(&self.snapshots, name, stall).await? else {
             return Err(StoreError::Remote(format!(
                 "actor `{id}`'s snapshot object {name} is missing"
@@ -308,12 +328,11 @@ impl Cluster {
             )));
         }
         let bytes = Bytes::from(bytes);
-        self.objects().replace(name, bytes.clone());
         if let Some(host) = self.host.clone() {
             let (name, bytes) = (name.to_string(), bytes.clone());
             tokio::task::spawn_blocking(move || host.write(&name, &bytes));
         }
-        Ok((bytes, true))
+        Ok(bytes)
     }
 
     /// Reads into this node's memory the objects of actor `id`'s chain that it does not keep
