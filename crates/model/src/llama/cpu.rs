@@ -791,22 +791,17 @@ impl CpuLlama {
     ) {
         let mut tasks = Vec::new();
         for (out, m) in jobs {
-            let rows = self.weights.rows(m);
-            for (run, outs) in row_runs(out, m.rows, n).into_iter().enumerate() {
-                let first = run * ROWS_PER_TOKENS_TASK;
-                let count = outs[0].len();
-                let w = &rows[first * m.row_bytes..(first + count) * m.row_bytes];
-                tasks.push((outs, m, w));
-            }
+            tasks.extend(
+                row_runs(out, m.rows, n)
+                    .into_iter()
+                    .enumerate()
+                    .map(|run| (m, run)),
+            );
         }
-        tasks.into_par_iter().for_each(|(mut outs, m, w)| {
+        tasks.into_par_iter().for_each(|(m, (run, mut outs))| {
             PRODUCTS.with_borrow_mut(|[y, _, _]| {
-                let count = outs[0].len();
-                y.resize(n * count, 0.0);
-                fastdot::dot_q8_rows_tokens(m.dtype, w, m.row_bytes, xq, y);
-                for (out, y) in outs.iter_mut().zip(y.chunks_exact(count)) {
-                    out.copy_from_slice(y);
-                }
+                self.run_products(y, m, run, outs[0].len(), xq);
+                place(&mut outs, y);
             });
         });
     }
@@ -823,23 +818,33 @@ impl CpuLlama {
         xq: &QuantizedTokens,
         n: usize,
     ) {
-        let (gate_rows, up_rows) = (self.weights.rows(gate), self.weights.rows(up));
         let tasks: Vec<_> = row_runs(hb, gate.rows, n).into_iter().enumerate().collect();
         tasks.into_par_iter().for_each(|(run, mut outs)| {
             PRODUCTS.with_borrow_mut(|[g, u, neg]| {
-                let (first, count) = (run * ROWS_PER_TOKENS_TASK, outs[0].len());
-                for (y, m, rows) in [(&mut *g, gate, gate_rows), (&mut *u, up, up_rows)] {
-                    y.resize(n * count, 0.0);
-                    let w = &rows[first * m.row_bytes..(first + count) * m.row_bytes];
-                    fastdot::dot_q8_rows_tokens(m.dtype, w, m.row_bytes, xq, y);
-                }
-                neg.resize(n * count, 0.0);
+                let count = outs[0].len();
+                self.run_products(g, gate, run, count, xq);
+                self.run_products(u, up, run, count, xq);
+                neg.resize(g.len(), 0.0);
                 swiglu(g, u, neg);
-                for (out, g) in outs.iter_mut().zip(g.chunks_exact(count)) {
-                    out.copy_from_slice(g);
-                }
+                place(&mut outs, g);
             });
         });
+    }
+
+    /// Rows `run * ROWS_PER_TOKENS_TASK ..` (`count` of them) of `m` against every position
+    /// of `xq`, into `y` (position-major, resized to fit).
+    fn run_products(
+        &self,
+        y: &mut Vec<f32>,
+        m: &Matrix,
+        run: usize,
+        count: usize,
+        xq: &QuantizedTokens,
+    ) {
+        let first = run * ROWS_PER_TOKENS_TASK;
+        let w = &self.weights.rows(m)[first * m.row_bytes..(first + count) * m.row_bytes];
+        y.resize(xq.len() * count, 0.0);
+        fastdot::dot_q8_rows_tokens(m.dtype, w, m.row_bytes, xq, y);
     }
 
     /// `out_j = m_j · x` for one position and each of `K` matrices as wide as `x`, in one
@@ -1106,6 +1111,15 @@ fn row_runs(out: &mut [f32], rows: usize, n: usize) -> Vec<Vec<&mut [f32]>> {
 
 /// `gate = silu(gate) * up`, `silu(g) = g / (1 + exp(-g))`, with the exps a slice at a time
 /// (in `neg`, as long as `gate`).
+/// `y` (one run of rows, position-major, as [`CpuLlama::run_products`] writes it) into each
+/// position's slice of the run (`outs`, from [`row_runs`]).
+fn place(outs: &mut [&mut [f32]], y: &[f32]) {
+    let count = outs[0].len();
+    for (out, y) in outs.iter_mut().zip(y.chunks_exact(count)) {
+        out.copy_from_slice(y);
+    }
+}
+
 fn swiglu(gate: &mut [f32], up: &[f32], neg: &mut [f32]) {
     for (n, &g) in neg.iter_mut().zip(gate.iter()) {
         *n = -g;
