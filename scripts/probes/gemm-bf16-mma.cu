@@ -24,6 +24,14 @@
 //       warps share their part's columns, so each stage of 4 chunks of every token's hi and
 //       lo is copied in once for the block (cp.async, two stages in flight) rather than read
 //       by each warp through L1. The same mmas in the same order: M's bits, checked.
+//   H   each product the faster of M and MS for its shape and token count (Q/K/V through M
+//       with 2 chunks up to 16 tokens, everything else through MS): since M and MS make the
+//       same mmas in the same order over the same parts, a token's bits still never depend
+//       on the token count, checked.
+//
+// The chained step is timed twice for the tensor-core designs: with a kernel splitting each
+// product's input into hi and lo, and without (the input split once beforehand, standing in
+// for a producer kernel that writes hi and lo itself, as the engine's would).
 //
 // Checks: M's token 0 gives the same bits at every token count; M against A's f32 sums (the
 // relative error of bf16 hi/lo products).
@@ -381,6 +389,7 @@ struct Design {
     int mt;       // row tiles a warp (M)
     int u;        // chunks in flight (M)
     bool staged;  // MS: activations through shared memory
+    bool hybrid;  // H: M or MS by shape and token count
 };
 
 constexpr int MS_SC = 4;  // MS: chunks a stage
@@ -462,7 +471,7 @@ static void product(const Design& d, cudaStream_t st, const unsigned char* w, co
         return;
     }
     const int P = parts_of(rows, cols);
-    if (d.staged) {
+    if (d.staged || (d.hybrid && !(rows == 3072 && T <= 16))) {
         int smem = 0;
         Kernel k = pick_ms(T, &smem);
         launch_kernel(k, (rows / 16 + 7) / 8 * P, st, w, x, y, rows, cols, T, P, smem);
@@ -470,7 +479,8 @@ static void product(const Design& d, cudaStream_t st, const unsigned char* w, co
     }
     const int warps = (rows / 16 + d.mt - 1) / d.mt;
     const int grid = (warps + 7) / 8 * P;
-    Kernel k = d.mt == 2 ? pick_m<2, 2>(T)
+    Kernel k = d.hybrid    ? pick_m<1, 2>(T)
+               : d.mt == 2 ? pick_m<2, 2>(T)
                : d.u == 2 ? pick_m<1, 2>(T)
                : d.u == 4 ? pick_m<1, 4>(T)
                : T <= 8   ? gemm_m<1, 1, 8>
@@ -546,12 +556,13 @@ int main()
         printf("read: %.0f GB/s\n", 1.0 * pool * 10 / ms / 1e6);
     }
     const Design designs[] = {
-        {"A f32 matvec, 8 tokens a pass", false, 1, 0, false},
-        {"M mma, 1 tile a warp, 2 chunks", true, 1, 2, false},
-        {"M mma, 1 tile a warp, 4 chunks", true, 1, 4, false},
-        {"M2 mma, 2 tiles a warp, 2 chunks", true, 2, 2, false},
-        {"M8 mma, 8 chunks to 16 tokens, 4 above", true, 1, 8, false},
-        {"MS mma, activations in shared memory", true, 1, 4, true},
+        {"A f32 matvec, 8 tokens a pass", false, 1, 0, false, false},
+        {"M mma, 1 tile a warp, 2 chunks", true, 1, 2, false, false},
+        {"M mma, 1 tile a warp, 4 chunks", true, 1, 4, false, false},
+        {"M2 mma, 2 tiles a warp, 2 chunks", true, 2, 2, false, false},
+        {"M8 mma, 8 chunks to 16 tokens, 4 above", true, 1, 8, false, false},
+        {"MS mma, activations in shared memory", true, 1, 4, true, false},
+        {"H M or MS by shape and tokens", true, 1, 2, false, true},
     };
     const int n_designs = sizeof(designs) / sizeof(designs[0]);
     struct Shape {
@@ -587,7 +598,7 @@ int main()
             }
             // b holds the 64-token product: MS must give M's bits for every output.
             if (di == 1) m64 = b;
-            if (d.staged) {
+            if (d.staged || d.hybrid) {
                 const bool as_m = memcmp(m64.data(), b.data(), b.size() * 4) == 0;
                 printf("  %-34s 64 tokens: %s M's bits\n", d.name, as_m ? "the same as" : "NOT");
                 all_same = all_same && as_m;
@@ -631,10 +642,14 @@ int main()
     printf("== a step's products: 16 layers + head, %.1f MB of weights, one graph; roofline %.1f us at the copy bandwidth\n",
            step_bytes / 1e6, step_bytes / copy_gbs / 1e3);
     printf("  %-34s %10s %10s %10s %10s   (us a step; tokens/s at 64)\n", "design", "T=1", "T=4", "T=16", "T=64");
-    for (auto& d : designs) {
-        printf("  %-34s", d.name);
+    for (int run = 0; run < 2 * n_designs; ++run) {
+        const Design& d = designs[run / 2];
+        const bool split_each = run % 2 == 0;
+        if (!d.mma && !split_each) continue;
+        printf("  %-34s", split_each ? d.name : "  the same, no split kernels");
         double us64 = 0;
         for (int T : counts) {
+            if (!split_each) split(st, x, T, 8192);
             cudaGraph_t g;
             cudaGraphExec_t ge;
             CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
@@ -643,12 +658,12 @@ int main()
                 for (auto& sh : shapes) {
                     if (sh.rows == 128256) continue;
                     // Every product of a layer has an input of its own, split once.
-                    if (d.mma) split(st, x, T, sh.cols);
+                    if (d.mma && split_each) split(st, x, T, sh.cols);
                     product(d, st, w + off, x, y, sh.rows, sh.cols, T);
                     off += (size_t)sh.rows * sh.cols * 2;
                 }
             }
-            if (d.mma) split(st, x, T, shapes[4].cols);
+            if (d.mma && split_each) split(st, x, T, shapes[4].cols);
             product(d, st, w + off, x, y, shapes[4].rows, shapes[4].cols, T);
             CK(cudaStreamEndCapture(st, &g));
             CK(cudaGraphInstantiate(&ge, g, 0));
