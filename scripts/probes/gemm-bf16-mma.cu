@@ -28,6 +28,21 @@
 //       with 2 chunks up to 16 tokens, everything else through MS): since M and MS make the
 //       same mmas in the same order over the same parts, a token's bits still never depend
 //       on the token count, checked.
+//   B   at one token MB, above it MS. MB: a block takes one row tile's parts (8 warps, one or
+//       two parts a warp) or, where a matrix has fewer than 8 parts, 8 / P tiles' parts;
+//       token 0's hi and lo for every column are copied into shared memory once, then each
+//       warp streams its weights as M does with no barrier; the parts are summed in part
+//       order in shared memory (no tickets, no global round trip). The same mmas in the same
+//       order and the same sum of parts as M: M's bits, checked.
+//   Z   B over weights stored in tiles: each 16-row tile's 32-column chunk is 1 KiB, the
+//       first 512 bytes rows 0-7 and the next rows 8-15, each lane's 16 bytes where that
+//       lane's fragment wants them, so that every weight load of a warp reads 512
+//       contiguous bytes (a row-major matrix gives it 64 bytes of each of 8 rows). The model
+//       would store its matrices so once, at load. The same values, so M's bits, checked
+//       against M over the row-major matrix.
+//   ZP  Z with the first PF bytes of each warp's first part prefetched into L2 before the
+//       kernel waits for the one before it (as the matrix-vector kernels prefetch their rows),
+//       so that a chained step's weights stream while the kernel before it finishes.
 //
 // The chained step is timed twice for the tensor-core designs: with a kernel splitting each
 // product's input into hi and lo, and without (the input split once beforehand, standing in
@@ -285,7 +300,7 @@ __device__ __forceinline__ void cp16(void* dst, const void* src, bool real)
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(real ? 16 : 0));
 }
-template <int NT, int SC>
+template <int NT, int SC, bool Z = false>
 __global__ void __launch_bounds__(256)
     gemm_ms(const unsigned char* w, const float*, float* y, int rows, int cols, int T, int P, const void* xhi_, const void* xlo_,
             unsigned* tickets, float* part_sums)
@@ -301,8 +316,11 @@ __global__ void __launch_bounds__(256)
     const bool mine = tile < tiles;
     const int kp = cols / P, chunks = kp / 32, c0 = part * kp, stages = chunks / SC;
     const size_t row_bytes = (size_t)cols * 2;
-    const unsigned char* wr0 = w + (size_t)((mine ? tile : 0) * 16 + g) * row_bytes + (size_t)c0 * 2 + 16 * t;
-    const unsigned char* wr1 = wr0 + 8 * row_bytes;
+    // A chunk's two loads: rows g and g + 8, row-major or (Z) tiled.
+    const unsigned char* wr0 = Z ? w + ((size_t)(mine ? tile : 0) * (cols / 32) + c0 / 32) * 1024 + 16 * lane
+                                 : w + (size_t)((mine ? tile : 0) * 16 + g) * row_bytes + (size_t)c0 * 2 + 16 * t;
+    const unsigned char* wr1 = Z ? wr0 + 512 : wr0 + 8 * row_bytes;
+    const int step = Z ? 1024 : 64;
     // Stage s's activations into buffer s % 2: (token, chunk, hi/lo, quarter) items of 16 B.
     auto load_x = [&](int s) {
         unsigned char* buf = xs + (s & 1) * STAGE;
@@ -318,8 +336,8 @@ __global__ void __launch_bounds__(256)
     auto load_w = [&](uint4 (&v)[SC][2], int s) {
 #pragma unroll
         for (int c = 0; c < SC; ++c) {
-            v[c][0] = mine && s < stages ? ldw(wr0 + (s * SC + c) * 64) : make_uint4(0, 0, 0, 0);
-            v[c][1] = mine && s < stages ? ldw(wr1 + (s * SC + c) * 64) : make_uint4(0, 0, 0, 0);
+            v[c][0] = mine && s < stages ? ldw(wr0 + (s * SC + c) * step) : make_uint4(0, 0, 0, 0);
+            v[c][1] = mine && s < stages ? ldw(wr1 + (s * SC + c) * step) : make_uint4(0, 0, 0, 0);
         }
     };
     float acc[NT][4] = {};
@@ -364,6 +382,116 @@ __global__ void __launch_bounds__(256)
     if (mine) store_tile<NT>(acc, y, rows, T, P, part, tile, tickets, part_sums);
 }
 
+// ---- MB: one token, a block a row tile's parts ----
+template <int U, bool Z = false, int PF = 0>
+__global__ void __launch_bounds__(256)
+    gemm_mb(const unsigned char* w, const float*, float* y, int rows, int cols, int, int P, const void* xhi_, const void* xlo_,
+            unsigned*, float*)
+{
+    extern __shared__ __align__(16) unsigned char xs[];  // token 0's hi (2 * cols bytes), then its lo
+    __shared__ float s_part[16][16];                    // [part, or warp where P < 8][row of the tile]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int tiles = rows / 16;
+    const int per_block = P >= 8 ? 1 : 8 / P;  // row tiles a block
+    const int my_parts = P >= 8 ? P / 8 : 1;   // parts a warp (P <= 16)
+    const int tile = blockIdx.x * per_block + (P >= 8 ? 0 : warp / P);
+    const bool mine = tile < tiles;
+    const int kp = cols / P, chunks = kp / 32;
+    const size_t row_bytes = (size_t)cols * 2;
+    const unsigned char* w0 = w + (size_t)((mine ? tile : 0) * 16 + g) * row_bytes + 16 * t;
+    const unsigned char* s_hi = xs;
+    const unsigned char* s_lo = xs + 2 * cols;
+    float acc[2][4] = {};
+    uint4 wa[U][2], wb[U][2];
+    auto part_of = [&](int i) { return P >= 8 ? warp + 8 * i : warp % P; };
+    const unsigned char* z0 = w + (size_t)(mine ? tile : 0) * (cols / 32) * 1024 + 16 * lane;
+    auto load = [&](uint4 (&v)[U][2], int i, int k) {
+        const unsigned char* r0 = w0 + (size_t)part_of(i) * kp * 2;
+        const unsigned char* q0 = z0 + (size_t)part_of(i) * chunks * 1024;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const bool ok = mine && k + u < chunks;
+            v[u][0] = ok ? ldw(Z ? q0 + (k + u) * 1024 : r0 + (k + u) * 64) : make_uint4(0, 0, 0, 0);
+            v[u][1] = ok ? ldw(Z ? q0 + (k + u) * 1024 + 512 : r0 + 8 * row_bytes + (k + u) * 64) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    auto sum = [&](float (&c)[4], const uint4 (&v)[U][2], int i, int k) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (k + u >= chunks) break;
+            const int col = part_of(i) * kp + (k + u) * 32 + 8 * t;
+            uint4 bh = make_uint4(0, 0, 0, 0), bl = make_uint4(0, 0, 0, 0);
+            if (g == 0) {
+                bh = *(const uint4*)(s_hi + 2 * col);
+                bl = *(const uint4*)(s_lo + 2 * col);
+            }
+            const uint4 a = v[u][0], b = v[u][1];
+            mma(c, a.x, b.x, a.y, b.y, bh.x, bh.y);
+            mma(c, a.x, b.x, a.y, b.y, bl.x, bl.y);
+            mma(c, a.z, b.z, a.w, b.w, bh.z, bh.w);
+            mma(c, a.z, b.z, a.w, b.w, bl.z, bl.w);
+        }
+    };
+    if (Z && PF > 0 && mine) {
+        const unsigned char* q = z0 - 16 * lane + (size_t)part_of(0) * chunks * 1024;
+        const int bytes = chunks * 1024 < PF ? chunks * 1024 : PF;
+        for (int o = 128 * lane; o < bytes; o += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(q + o));
+    }
+    load(wa, 0, 0);
+    pdl_wait();
+    pdl_launch();
+    for (int j = threadIdx.x; j < cols / 8; j += 256) {
+        ((uint4*)xs)[j] = ((const uint4*)xhi_)[j];
+        ((uint4*)(xs + 2 * cols))[j] = ((const uint4*)xlo_)[j];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (i >= my_parts) break;
+        if (i > 0) load(wa, i, 0);
+        for (int k = 0; k < chunks; k += 2 * U) {
+            load(wb, i, k + U);
+            sum(acc[i], wa, i, k);
+            load(wa, i, k + 2 * U);
+            sum(acc[i], wb, i, k + U);
+        }
+    }
+    // Token 0 of rows g and g + 8 is c[0] and c[2] of the lanes with t = 0.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (i >= my_parts) break;
+        const int slot = P >= 8 ? part_of(i) : warp;
+        if (t == 0) {
+            s_part[slot][g] = acc[i][0];
+            s_part[slot][g + 8] = acc[i][2];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x >= 16 * per_block) return;
+    const int tb = threadIdx.x / 16, r = threadIdx.x % 16, out_tile = blockIdx.x * per_block + tb;
+    if (out_tile >= tiles) return;
+    float v;
+    if (P == 1) {
+        v = s_part[tb][r];
+    } else {
+        v = 0.f;
+        for (int p = 0; p < P; ++p) v += s_part[P >= 8 ? p : tb * P + p][r];
+    }
+    y[out_tile * 16 + r] = v;
+}
+
+// Row-major bf16 rows x cols into Z's tiles.
+__global__ void to_tiles(const unsigned char* src, unsigned char* dst, int rows, int cols)
+{
+    const size_t n = (size_t)rows / 16 * (cols / 32) * 64;  // 16-byte pieces
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int lane = i % 32, h = (i / 32) % 2;
+        const size_t chunk = i / 64, tile = chunk / (cols / 32), c = chunk % (cols / 32);
+        const size_t row = tile * 16 + (lane >> 2) + 8 * h;
+        *(uint4*)(dst + 16 * i) = *(const uint4*)(src + row * cols * 2 + c * 64 + 16 * (lane & 3));
+    }
+}
+
 __global__ void read_all(const uint4* p, size_t n, unsigned* out)
 {
     unsigned s = 0;
@@ -390,28 +518,32 @@ struct Design {
     int u;        // chunks in flight (M)
     bool staged;  // MS: activations through shared memory
     bool hybrid;  // H: M or MS by shape and token count
+    int mb;       // B: MB (with this many chunks in flight) at one token, MS above
+    bool z;       // Z: weights in tiles
+    int pf;       // ZP: bytes prefetched into L2 a warp
 };
 
 constexpr int MS_SC = 4;  // MS: chunks a stage
 
-template <int NT>
+template <int NT, bool Z>
 static Kernel ms_kernel(int* smem)
 {
     *smem = 2 * 8 * NT * (MS_SC * 128 + 64);
     static bool set = false;
     if (!set) {
-        CK(cudaFuncSetAttribute(gemm_ms<NT, MS_SC>, cudaFuncAttributeMaxDynamicSharedMemorySize, *smem));
+        CK(cudaFuncSetAttribute(gemm_ms<NT, MS_SC, Z>, cudaFuncAttributeMaxDynamicSharedMemorySize, *smem));
         set = true;
     }
-    return gemm_ms<NT, MS_SC>;
+    return gemm_ms<NT, MS_SC, Z>;
 }
 
+template <bool Z = false>
 static Kernel pick_ms(int T, int* smem)
 {
-    if (T <= 8) return ms_kernel<1>(smem);
-    if (T <= 16) return ms_kernel<2>(smem);
-    if (T <= 32) return ms_kernel<4>(smem);
-    return ms_kernel<8>(smem);
+    if (T <= 8) return ms_kernel<1, Z>(smem);
+    if (T <= 16) return ms_kernel<2, Z>(smem);
+    if (T <= 32) return ms_kernel<4, Z>(smem);
+    return ms_kernel<8, Z>(smem);
 }
 
 // Parts of a matrix's columns for M: fixed by its shape alone. The fewest (a power of two,
@@ -471,9 +603,14 @@ static void product(const Design& d, cudaStream_t st, const unsigned char* w, co
         return;
     }
     const int P = parts_of(rows, cols);
-    if (d.staged || (d.hybrid && !(rows == 3072 && T <= 16))) {
+    if (d.mb && T == 1 && P <= 16) {
+        const int per_block = P >= 8 ? 1 : 8 / P;
+        launch_kernel(d.pf == 8192 ? gemm_mb<4, true, 8192> : d.pf ? gemm_mb<4, true, 32768> : d.z ? gemm_mb<4, true> : d.mb == 2 ? gemm_mb<2> : gemm_mb<4>, (rows / 16 + per_block - 1) / per_block, st, w, x, y, rows, cols, T, P, 4 * cols);
+        return;
+    }
+    if (d.staged || d.mb || (d.hybrid && !(rows == 3072 && T <= 16))) {
         int smem = 0;
-        Kernel k = pick_ms(T, &smem);
+        Kernel k = d.z ? pick_ms<true>(T, &smem) : pick_ms(T, &smem);
         launch_kernel(k, (rows / 16 + 7) / 8 * P, st, w, x, y, rows, cols, T, P, smem);
         return;
     }
@@ -556,13 +693,18 @@ int main()
         printf("read: %.0f GB/s\n", 1.0 * pool * 10 / ms / 1e6);
     }
     const Design designs[] = {
-        {"A f32 matvec, 8 tokens a pass", false, 1, 0, false, false},
-        {"M mma, 1 tile a warp, 2 chunks", true, 1, 2, false, false},
-        {"M mma, 1 tile a warp, 4 chunks", true, 1, 4, false, false},
-        {"M2 mma, 2 tiles a warp, 2 chunks", true, 2, 2, false, false},
-        {"M8 mma, 8 chunks to 16 tokens, 4 above", true, 1, 8, false, false},
-        {"MS mma, activations in shared memory", true, 1, 4, true, false},
-        {"H M or MS by shape and tokens", true, 1, 2, false, true},
+        {"A f32 matvec, 8 tokens a pass", false, 1, 0, false, false, 0},
+        {"M mma, 1 tile a warp, 2 chunks", true, 1, 2, false, false, 0},
+        {"M mma, 1 tile a warp, 4 chunks", true, 1, 4, false, false, 0},
+        {"M2 mma, 2 tiles a warp, 2 chunks", true, 2, 2, false, false, 0},
+        {"M8 mma, 8 chunks to 16 tokens, 4 above", true, 1, 8, false, false, 0},
+        {"MS mma, activations in shared memory", true, 1, 4, true, false, 0},
+        {"H M or MS by shape and tokens", true, 1, 2, false, true, 0},
+        {"B MB at one token (4 chunks), MS above", true, 1, 4, false, false, 4},
+        {"B2 MB at one token (2 chunks), MS above", true, 1, 4, false, false, 2},
+        {"Z B over weights in tiles", true, 1, 4, false, false, 4, true},
+        {"ZP Z, 8 KiB a warp prefetched", true, 1, 4, false, false, 4, true, 8192},
+        {"ZP32 Z, 32 KiB a warp prefetched", true, 1, 4, false, false, 4, true, 32768},
     };
     const int n_designs = sizeof(designs) / sizeof(designs[0]);
     struct Shape {
@@ -590,7 +732,8 @@ int main()
             for (int T : {1, 3, 8, 13, 16, 40, 64}) {
                 split(st, x, T, sh.cols);
                 CK(cudaMemsetAsync(y, 0, (size_t)T * sh.rows * 4, st));
-                product(d, st, w, x, y, sh.rows, sh.cols, T);
+                if (d.z) to_tiles<<<4 * sms, 256, 0, st>>>(w, w + pool / 2, sh.rows, sh.cols);
+                product(d, st, d.z ? w + pool / 2 : w, x, y, sh.rows, sh.cols, T);
                 CK(cudaStreamSynchronize(st));
                 CK(cudaMemcpy(b.data(), y, (size_t)T * sh.rows * 4, cudaMemcpyDeviceToHost));
                 if (T == 1) memcpy(first.data(), b.data(), sh.rows * 4);
@@ -598,7 +741,7 @@ int main()
             }
             // b holds the 64-token product: MS must give M's bits for every output.
             if (di == 1) m64 = b;
-            if (d.staged || d.hybrid) {
+            if (d.staged || d.hybrid || d.mb || d.z) {
                 const bool as_m = memcmp(m64.data(), b.data(), b.size() * 4) == 0;
                 printf("  %-34s 64 tokens: %s M's bits\n", d.name, as_m ? "the same as" : "NOT");
                 all_same = all_same && as_m;
