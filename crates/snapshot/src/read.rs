@@ -7,6 +7,8 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
+use std::sync::OnceLock;
+use std::sync::mpsc::{self, Sender};
 
 use memmap2::{Mmap, MmapOptions};
 
@@ -18,6 +20,10 @@ use crate::{MAX_MANIFEST_BYTES, Manifest, SnapshotError, check_limit, corrupt};
 
 /// Files smaller than this are read into memory rather than mapped.
 const MAP_THRESHOLD_BYTES: u64 = 256 << 10;
+
+/// Mappings at least this large are unmapped on a thread of their own (see
+/// [`SnapshotFile`]'s `Drop`).
+const UNMAP_LATER_BYTES: usize = 8 << 20;
 
 /// A snapshot file's bytes, memory-mapped or (for small files) read into memory.
 pub struct SnapshotFile {
@@ -75,6 +81,40 @@ impl SnapshotFile {
             Bytes::Mapped(map) => map,
             Bytes::Owned(bytes) => bytes,
         }
+    }
+}
+
+/// A large mapping is unmapped on another thread: tearing down the page tables of a mapping
+/// that a restore's threads have read costs about as much as a small restore (0.6-0.7 ms for
+/// 94 MB on a 2-core machine), and whoever dropped the file (a restore that just finished) need
+/// not wait for it.
+impl Drop for SnapshotFile {
+    fn drop(&mut self) {
+        if let Bytes::Mapped(map) = &self.bytes
+            && map.len() >= UNMAP_LATER_BYTES
+            && let Bytes::Mapped(map) = std::mem::replace(&mut self.bytes, Bytes::Owned(Vec::new()))
+        {
+            unmap_later(map);
+        }
+    }
+}
+
+/// Hands `map` to the thread that unmaps large mappings, started on first use; unmaps it
+/// here if that thread cannot be started.
+fn unmap_later(map: Mmap) {
+    static UNMAPPER: OnceLock<Option<Sender<Mmap>>> = OnceLock::new();
+    let unmapper = UNMAPPER.get_or_init(|| {
+        let (send, receive) = mpsc::channel::<Mmap>();
+        std::thread::Builder::new()
+            .name("tern-unmap".into())
+            .spawn(move || receive.into_iter().for_each(drop))
+            .ok()
+            .map(|_| send)
+    });
+    if let Some(send) = unmapper
+        && let Err(mpsc::SendError(map)) = send.send(map)
+    {
+        drop(map);
     }
 }
 
