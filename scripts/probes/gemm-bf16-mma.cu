@@ -57,17 +57,7 @@
 #include <cstring>
 #include <vector>
 
-#define CK(x)                                                                              \
-    do {                                                                                   \
-        cudaError_t e = (x);                                                               \
-        if (e != cudaSuccess) {                                                            \
-            printf("error %s at line %d\n", cudaGetErrorString(e), __LINE__);              \
-            exit(1);                                                                       \
-        }                                                                                  \
-    } while (0)
-
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+#include "probe.cuh"
 
 __device__ __forceinline__ uint4 ldw(const void* p)
 {

@@ -22,17 +22,7 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                              \
-    do {                                                                                   \
-        cudaError_t e = (x);                                                               \
-        if (e != cudaSuccess) {                                                            \
-            printf("error %s at line %d\n", cudaGetErrorString(e), __LINE__);              \
-            exit(1);                                                                       \
-        }                                                                                  \
-    } while (0)
-
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+#include "probe.cuh"
 
 __device__ __forceinline__ uint4 ld16(const void* p)
 {

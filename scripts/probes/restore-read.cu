@@ -29,14 +29,7 @@
 #include <thread>
 #include <vector>
 
-#define CK(x)                                                                 \
-    do {                                                                      \
-        cudaError_t e = (x);                                                  \
-        if (e != cudaSuccess) {                                               \
-            printf("error %s at line %d\n", cudaGetErrorString(e), __LINE__); \
-            exit(1);                                                          \
-        }                                                                     \
-    } while (0)
+#include "probe.cuh"
 
 constexpr size_t JOB = 4 << 20, BLOCK = 64 << 10;
 
