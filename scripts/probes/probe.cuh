@@ -14,7 +14,8 @@
         }                                                                                  \
     } while (0)
 
-#ifdef __CUDACC__
+// (Probes that include the engine's kernel headers take these from common.cuh.)
+#if defined(__CUDACC__) && !defined(TERN_COMMON_CUH)
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 #endif

@@ -1,0 +1,243 @@
+// Probe: why is a Q8_0 decode step no faster than a BF16 one when it reads half the bytes?
+// Runs the engine's own matrix-vector kernel (kernels/matvec.cuh, included as NVRTC compiles
+// it) for the Llama-3.2-1B shape's matrices at one token, BF16 against Q8_0, alone and
+// chained as a decode step chains them, and against Q8_0 stored another way. Not part of
+// Tern: a measurement for choosing how Q8_0 matrices live on the GPU.
+//
+//   nvcc -O3 -arch=sm_90a -std=c++17 -I crates/model/src/llama/cuda/kernels \
+//     -o /tmp/q8 scripts/probes/matvec-q8.cu && /tmp/q8
+//
+// Ways:
+//   bf16   the engine's kernel over BF16 rows (8-byte loads: 8 bytes for 4 weights a load).
+//   q8_0   the engine's kernel over GGML's Q8_0 rows: 34-byte blocks {f16 d; i8 qs[32]},
+//          2-byte aligned, so a lane's 8 weights and 2 scales of a 256-column step take six
+//          2-byte loads.
+//   q8_0s  Q8_0 with each 256-column step's 8 blocks stored split (the 256 quants, then the 8
+//          scales): the same 272 bytes a step and the same arithmetic in the same order (the
+//          engine's bits, checked), but 4-byte aligned quants, so a lane's step is two 4-byte
+//          and two 2-byte loads. The model would repack its Q8_0 matrices so at load.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "matvec.cuh"
+#include "probe.cuh"
+
+// Q8_0 with a step's blocks split: quants at 0..256 of the step, scales at 256..272.
+struct Q8_0S {
+    static constexpr unsigned BLOCK = 32, STEP = 8 * 34;
+    static constexpr bool FLOAT = false, SCALED = true;
+    struct Lane {
+        const unsigned char *q, *d;  // quad A's quants and scale; quad B's are 128 and 8 bytes on
+        unsigned magic;
+    };
+    struct Raw {
+        unsigned a, b, da, db;
+    };
+    static __device__ __forceinline__ Lane lane(const unsigned char* row, unsigned l, unsigned magic)
+    {
+        return {row + 4 * l, row + 256 + 2 * (l >> 3), magic};
+    }
+    static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
+    {
+        Raw r = {ld_u32(l.q + o), 0, ld_u16(l.d + o), 0};
+        if (b_ok) {
+            r.b = ld_u32(l.q + o + 128), r.db = ld_u16(l.d + o + 8);
+        }
+        return r;
+    }
+    static __device__ __forceinline__ void widen(const Raw& r, const Lane& l, float (&u)[8], float (&s)[2])
+    {
+        const unsigned a = r.a ^ 0x80808080u, b = r.b ^ 0x80808080u;
+        for (int i = 0; i < 4; ++i) {
+            u[i] = byte_f32(a, i, 128.0f, l.magic);
+            u[4 + i] = byte_f32(b, i, 128.0f, l.magic);
+        }
+        s[0] = f16_to_f32(r.da);
+        s[1] = f16_to_f32(r.db);
+    }
+};
+
+// The engine's entry point (matvec.cu's), one per way.
+#define KERNEL(NAME, T)                                                                                        \
+    __global__ void __launch_bounds__(256, 3)                                                                  \
+        NAME(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,        \
+             unsigned cols, unsigned row_bytes, unsigned parts)                                                \
+    {                                                                                                          \
+        matvec<T>(w, x, y, rows, cols, row_bytes, 1, cols, rows, nullptr, parts, nullptr, 0.f, nullptr,       \
+                  nullptr, 0);                                                                                 \
+    }
+KERNEL(mv_bf16, Half16<true>)
+KERNEL(mv_q8_0, Q8_0)
+KERNEL(mv_q8_0s, Q8_0S)
+
+// GGML Q8_0 rows into Q8_0S rows (cols a multiple of 256).
+__global__ void split_steps(const unsigned char* src, unsigned char* dst, size_t steps)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < steps * 8; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t step = i / 8, blk = i % 8;
+        const unsigned char* b = src + step * 272 + blk * 34;
+        unsigned char* o = dst + step * 272;
+        for (int j = 0; j < 32; ++j) o[blk * 32 + j] = b[2 + j];
+        o[256 + 2 * blk] = b[0];
+        o[256 + 2 * blk + 1] = b[1];
+    }
+}
+
+typedef void (*Kernel)(const unsigned char*, const float*, float*, unsigned, unsigned, unsigned, unsigned);
+
+// kernels.rs's matvec_parts: warps a row, fixed by the shape.
+static unsigned parts_of(unsigned rows, unsigned cols)
+{
+    unsigned steps = (cols + 255) / 256, parts = 1;
+    while (parts < 8 && rows * parts < 8192 && steps >= 8 * parts) parts *= 2;
+    return parts;
+}
+
+static void launch(Kernel k, cudaStream_t st, const unsigned char* w, const float* x, float* y, unsigned rows,
+                   unsigned cols, unsigned row_bytes)
+{
+    const unsigned parts = parts_of(rows, cols);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((rows * parts + 7) / 8);
+    cfg.blockDim = dim3(256);
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CK(cudaLaunchKernelEx(&cfg, k, w, x, y, rows, cols, row_bytes, parts));
+}
+
+struct Way {
+    const char* name;
+    Kernel k;
+    bool q8;  // 34 bytes a 32 columns, else 2 bytes a column
+};
+
+int main()
+{
+    const size_t pool = 3ull << 30;
+    unsigned char *w, *w2;
+    float *x, *y;
+    CK(cudaMalloc(&w, pool));
+    CK(cudaMalloc(&w2, 600ull << 20));
+    CK(cudaMalloc(&x, 8192 * 4));
+    CK(cudaMalloc(&y, 128256 * 4 * 2));
+    {
+        // Random bytes: Q8_0 scales as f16 in [0.5, 1) (exponent bits fixed), everything else
+        // random; as BF16, weights of modest size.
+        std::vector<unsigned char> h(pool);
+        unsigned s = 1;
+        for (size_t i = 0; i < pool; i += 2) {
+            s = s * 1664525u + 1013904223u;
+            h[i] = (s >> 8) & 0xff;
+            h[i + 1] = ((s >> 16) & 0x83) | 0x38;
+        }
+        CK(cudaMemcpy(w, h.data(), pool, cudaMemcpyHostToDevice));
+        std::vector<float> hx(8192);
+        for (auto& v : hx) {
+            s = s * 1664525u + 1013904223u;
+            v = ((s >> 8) & 0xffff) / 65536.0f - 0.5f;
+        }
+        CK(cudaMemcpy(x, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
+    }
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    float ms;
+    double copy_gbs;
+    {
+        const size_t half = 1ull << 30;
+        for (int i = 0; i < 3; ++i) CK(cudaMemcpyAsync(w2, w, 512ull << 20, cudaMemcpyDeviceToDevice, st));
+        CK(cudaEventRecord(e0, st));
+        for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(w + half, w, half, cudaMemcpyDeviceToDevice, st));
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        copy_gbs = 2.0 * half * 10 / ms / 1e6;
+        printf("copy: %.0f GB/s (read + write)\n", copy_gbs);
+    }
+    struct Shape {
+        const char* name;
+        unsigned rows, cols;
+    };
+    const Shape shapes[] = {{"qkv 3072x2048", 3072, 2048},
+                            {"o 2048x2048", 2048, 2048},
+                            {"gate_up 16384x2048", 16384, 2048},
+                            {"down 2048x8192", 2048, 8192},
+                            {"head 128256x2048", 128256, 2048}};
+    const Way ways[] = {{"bf16", mv_bf16, false}, {"q8_0", mv_q8_0, true}, {"q8_0s", mv_q8_0s, true}};
+    auto row_bytes = [](const Way& wy, unsigned cols) { return wy.q8 ? cols / 32 * 34 : cols * 2; };
+    // q8_0s gives q8_0's bits, over the same matrix split by steps.
+    bool same = true;
+    for (auto& sh : shapes) {
+        const size_t bytes = (size_t)sh.rows * sh.cols / 32 * 34;
+        split_steps<<<1024, 256, 0, st>>>(w, w2, bytes / 272);
+        std::vector<float> a(sh.rows), b(sh.rows);
+        launch(mv_q8_0, st, w, x, y, sh.rows, sh.cols, sh.cols / 32 * 34);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(a.data(), y, sh.rows * 4, cudaMemcpyDeviceToHost));
+        launch(mv_q8_0s, st, w2, x, y, sh.rows, sh.cols, sh.cols / 32 * 34);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(b.data(), y, sh.rows * 4, cudaMemcpyDeviceToHost));
+        const bool eq = memcmp(a.data(), b.data(), sh.rows * 4) == 0;
+        printf("== %s: q8_0s %s q8_0's bits\n", sh.name, eq ? "gives" : "does NOT give");
+        same = same && eq;
+    }
+    // Each product alone, back to back, the weights rotated through the pool.
+    printf("== us a call, one token (GB/s of weights)\n");
+    for (auto& sh : shapes) {
+        printf("  %-20s", sh.name);
+        for (auto& wy : ways) {
+            const size_t bytes = (size_t)sh.rows * row_bytes(wy, sh.cols);
+            const int copies = (int)(pool / bytes);
+            for (int i = 0; i < 3; ++i) launch(wy.k, st, w + (i % copies) * bytes, x, y, sh.rows, sh.cols, row_bytes(wy, sh.cols));
+            const int iters = 40;
+            CK(cudaEventRecord(e0, st));
+            for (int i = 0; i < iters; ++i)
+                launch(wy.k, st, w + (size_t)(i % copies) * bytes, x, y, sh.rows, sh.cols, row_bytes(wy, sh.cols));
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            printf("  %s %7.1f (%4.0f)", wy.name, ms * 1000 / iters, bytes * iters / ms / 1e6);
+        }
+        printf("\n");
+    }
+    // A step's products chained (16 layers and the head), one CUDA graph.
+    printf("== a step's products, one token: us a step (GB/s of weights; roofline at the copy bandwidth)\n");
+    for (auto& wy : ways) {
+        size_t off = 0;
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+        for (int l = 0; l < 16; ++l)
+            for (int i = 0; i < 4; ++i) {
+                const Shape& sh = shapes[i];
+                launch(wy.k, st, w + off, x, y, sh.rows, sh.cols, row_bytes(wy, sh.cols));
+                off += (size_t)sh.rows * row_bytes(wy, sh.cols);
+            }
+        launch(wy.k, st, w + off, x, y, shapes[4].rows, shapes[4].cols, row_bytes(wy, shapes[4].cols));
+        off += (size_t)shapes[4].rows * row_bytes(wy, shapes[4].cols);
+        CK(cudaStreamEndCapture(st, &g));
+        CK(cudaGraphInstantiate(&ge, g, 0));
+        for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(ge, st));
+        const int iters = 20;
+        CK(cudaEventRecord(e0, st));
+        for (int i = 0; i < iters; ++i) CK(cudaGraphLaunch(ge, st));
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        const double us = ms * 1000 / iters;
+        printf("  %-6s %8.1f us (%4.0f GB/s; roofline %.1f us)\n", wy.name, us, off / us / 1e3, off / copy_gbs / 1e3);
+        cudaGraphExecDestroy(ge);
+        cudaGraphDestroy(g);
+    }
+    printf("q8_0s gives q8_0's bits: %s\n", same ? "yes" : "NO");
+    return 0;
+}
