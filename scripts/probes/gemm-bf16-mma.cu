@@ -573,32 +573,15 @@ static Kernel pick_m(int T)
 static void launch_kernel(Kernel k, int grid, cudaStream_t st, const unsigned char* w, const float* x, float* y, int rows, int cols,
                           int T, int P, int smem = 0)
 {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(256);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CK(cudaLaunchKernelEx(&cfg, k, w, x, y, rows, cols, T, P, (const void*)xhi, (const void*)xlo, tickets, part_sums));
+    launch_pdl(k, dim3(grid), dim3(256), smem, st, w, x, y, rows, cols, T, P, (const void*)xhi, (const void*)xlo, tickets,
+               part_sums);
 }
 
 static void split(cudaStream_t st, const float* x, int T, int cols)
 {
-    cudaLaunchConfig_t cfg = {};
     const int pairs = T * cols / 2;
-    cfg.gridDim = dim3((pairs + 255) / 256 < 4 * sms ? (pairs + 255) / 256 : 4 * sms);
-    cfg.blockDim = dim3(256);
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CK(cudaLaunchKernelEx(&cfg, split_x, x, xhi, xlo, pairs));
+    const int grid = (pairs + 255) / 256 < 4 * sms ? (pairs + 255) / 256 : 4 * sms;
+    launch_pdl(split_x, dim3(grid), dim3(256), 0, st, x, xhi, xlo, pairs);
 }
 
 // One product y = W x for T tokens; M's split of x is its caller's (once per input).
@@ -659,12 +642,7 @@ int main()
             v = 0x3c00 | ((s >> 16) & 0x83ff);
         }
         CK(cudaMemcpy(w, h.data(), pool, cudaMemcpyHostToDevice));
-        std::vector<float> hx((size_t)max_t * max_cols);
-        for (auto& v : hx) {
-            s = s * 1664525u + 1013904223u;
-            v = ((s >> 8) & 0xffff) / 65536.0f - 0.5f;
-        }
-        CK(cudaMemcpy(x, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
+        random_activations(x, (size_t)max_t * max_cols, s);
     }
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -675,13 +653,7 @@ int main()
     double copy_gbs = 0;
     {
         const size_t half = 1ull << 30;
-        for (int i = 0; i < 3; ++i) CK(cudaMemcpyAsync(w + half, w, half, cudaMemcpyDeviceToDevice, st));
-        cudaEventRecord(e0, st);
-        for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(w + half, w, half, cudaMemcpyDeviceToDevice, st));
-        cudaEventRecord(e1, st);
-        CK(cudaEventSynchronize(e1));
-        cudaEventElapsedTime(&ms, e0, e1);
-        copy_gbs = 2.0 * half * 10 / ms / 1e6;
+        copy_gbs = copy_bandwidth(st, w + half, w, half);
         printf("copy: %.0f GB/s (read + write)\n", copy_gbs);
         // The pool again, with the probe's own data (the copies above overwrote its top half).
         std::vector<unsigned short> h(pool / 2);

@@ -287,17 +287,7 @@ static void launch(const Design& d, cudaStream_t st, const unsigned char* w, con
 {
     int grid = (rows + 7) / 8;
     if (d.grid_kind == 1 && sms * d.blocks_per_sm < grid) grid = sms * d.blocks_per_sm;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(d.threads);
-    cfg.dynamicSmemBytes = d.smem;
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CK(cudaLaunchKernelEx(&cfg, d.k, w, x, y, rows, cols));
+    launch_pdl(d.k, dim3(grid), dim3(d.threads), d.smem, st, w, x, y, rows, cols);
 }
 
 template <int S, int SB>
@@ -327,12 +317,7 @@ int main()
             v = 0x3c00 | ((s >> 16) & 0x83ff);
         }
         CK(cudaMemcpy(w, h.data(), pool, cudaMemcpyHostToDevice));
-        std::vector<float> hx(65536);
-        for (auto& v : hx) {
-            s = s * 1664525u + 1013904223u;
-            v = ((s >> 8) & 0xffff) / 65536.0f - 0.5f;
-        }
-        CK(cudaMemcpy(x, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
+        random_activations(x, 65536, s);
     }
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -342,13 +327,7 @@ int main()
     float ms;
     {
         const size_t half = 1ull << 30;
-        for (int i = 0; i < 3; ++i) CK(cudaMemcpyAsync(w + half, w, half, cudaMemcpyDeviceToDevice, st));
-        cudaEventRecord(e0, st);
-        for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(w + half, w, half, cudaMemcpyDeviceToDevice, st));
-        cudaEventRecord(e1, st);
-        CK(cudaEventSynchronize(e1));
-        cudaEventElapsedTime(&ms, e0, e1);
-        printf("copy: %.0f GB/s (read + write)\n", 2.0 * half * 10 / ms / 1e6);
+        printf("copy: %.0f GB/s (read + write)\n", copy_bandwidth(st, w + half, w, half));
         for (int i = 0; i < 3; ++i) read_all<<<sms * 8, 256, 0, st>>>((const uint4*)w, pool / 16, dummy);
         cudaEventRecord(e0, st);
         for (int i = 0; i < 10; ++i) read_all<<<sms * 8, 256, 0, st>>>((const uint4*)w, pool / 16, dummy);

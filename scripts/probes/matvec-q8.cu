@@ -100,16 +100,7 @@ static void launch(Kernel k, cudaStream_t st, const unsigned char* w, const floa
                    unsigned cols, unsigned row_bytes)
 {
     const unsigned parts = parts_of(rows, cols);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((rows * parts + 7) / 8);
-    cfg.blockDim = dim3(256);
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CK(cudaLaunchKernelEx(&cfg, k, w, x, y, rows, cols, row_bytes, parts));
+    launch_pdl(k, dim3((rows * parts + 7) / 8), dim3(256), 0, st, w, x, y, rows, cols, row_bytes, parts);
 }
 
 struct Way {
@@ -138,12 +129,7 @@ int main()
             h[i + 1] = ((s >> 16) & 0x83) | 0x38;
         }
         CK(cudaMemcpy(w, h.data(), pool, cudaMemcpyHostToDevice));
-        std::vector<float> hx(8192);
-        for (auto& v : hx) {
-            s = s * 1664525u + 1013904223u;
-            v = ((s >> 8) & 0xffff) / 65536.0f - 0.5f;
-        }
-        CK(cudaMemcpy(x, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
+        random_activations(x, 8192, s);
     }
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -151,18 +137,8 @@ int main()
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
     float ms;
-    double copy_gbs;
-    {
-        const size_t half = 1ull << 30;
-        for (int i = 0; i < 3; ++i) CK(cudaMemcpyAsync(w2, w, 512ull << 20, cudaMemcpyDeviceToDevice, st));
-        CK(cudaEventRecord(e0, st));
-        for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(w + half, w, half, cudaMemcpyDeviceToDevice, st));
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        copy_gbs = 2.0 * half * 10 / ms / 1e6;
-        printf("copy: %.0f GB/s (read + write)\n", copy_gbs);
-    }
+    const double copy_gbs = copy_bandwidth(st, w + (1ull << 30), w, 1ull << 30);
+    printf("copy: %.0f GB/s (read + write)\n", copy_gbs);
     struct Shape {
         const char* name;
         unsigned rows, cols;

@@ -19,3 +19,54 @@
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 #endif
+
+#ifdef __CUDACC__
+// Launches `k` on `st` with programmatic dependent launch.
+template <class... Params, class... Args>
+static void launch_pdl(void (*k)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t st, Args... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CK(cudaLaunchKernelEx(&cfg, k, args...));
+}
+
+// Fills `n` floats at `x` (device memory) with values in [-0.5, 0.5), continuing the
+// generator state `s`.
+static void random_activations(float* x, size_t n, unsigned& s)
+{
+    float* h = new float[n];
+    for (size_t i = 0; i < n; ++i) {
+        s = s * 1664525u + 1013904223u;
+        h[i] = ((s >> 8) & 0xffff) / 65536.0f - 0.5f;
+    }
+    CK(cudaMemcpy(x, h, n * 4, cudaMemcpyHostToDevice));
+    delete[] h;
+}
+
+// The device-to-device copy bandwidth (read + write), GB/s: `bytes` at `from` copied to `to`
+// ten times on `st`, after three copies to warm up.
+static double copy_bandwidth(cudaStream_t st, unsigned char* to, const unsigned char* from, size_t bytes)
+{
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int i = 0; i < 3; ++i) CK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, st));
+    CK(cudaEventRecord(e0, st));
+    for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, st));
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return 2.0 * bytes * 10 / ms / 1e6;
+}
+#endif
