@@ -108,6 +108,11 @@ pub trait Engine: Any + Send + Sync {
     fn step_stats(&self) -> StepStats {
         StepStats::default()
     }
+    /// Whether a step's sessions share its passes over the weights (each weight read once a
+    /// step); an engine without batched kernels runs them one after another.
+    fn batches_steps(&self) -> bool {
+        true
+    }
     /// The session's KV cache on the host, at least its filled positions from `from` on, and
     /// the session position of the cache's first position: borrowed whole (first 0) where it
     /// already lives on the host, else copied from `from` on (first `from`). A snapshot's

@@ -276,6 +276,12 @@ impl Model {
             .map_err(ModelError::Template)
     }
 
+    /// Whether a step over several sessions reads each weight once for all of them; where
+    /// not (wgpu), the sessions of a step run one after another.
+    pub fn batches_steps(&self) -> bool {
+        self.engine().batches_steps()
+    }
+
     /// The engine's step scheduler's counters: steps run and the forward passes' chunks in
     /// them.
     pub fn step_stats(&self) -> crate::steps::StepStats {

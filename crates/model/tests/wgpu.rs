@@ -225,6 +225,9 @@ fn logits_land_in_imported_guest_memory() {
         .unwrap()
         .on_device(&device)
         .unwrap();
+    // A step's sessions share the CPU's passes over the weights; wgpu runs them one after
+    // another, and says so.
+    assert!(cpu.batches_steps() && !model.batches_steps());
     let mapper: Arc<dyn tern_compute::HostMapper> = device.clone();
     let mut region =
         tern_memory::Region::with_committed(1 << 20, 1 << 20, 0, vec![mapper]).unwrap();

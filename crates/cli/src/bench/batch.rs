@@ -1,7 +1,8 @@
 //! `tern bench batch`: many sequences on one model at once, as the step scheduler batches
 //! them, on the CPU or a CUDA GPU, beside llama.cpp's own `llama-batched-bench` (built
 //! natively by scripts/llama-cpp from the vendored source; for CUDA on a machine with nvcc)
-//! on the same file, in the same run.
+//! on the same file, in the same run. On wgpu only Tern runs, and the bench says that the
+//! backend runs a step's sessions one after another.
 //!
 //! For each batch size B, as `llama-batched-bench -npp PP -ntg TG -npl B` measures: B
 //! sequences each prefill PP prompt tokens (S_PP: all B·PP tokens over the time), then each
@@ -26,7 +27,7 @@ use super::median;
 
 #[derive(clap::Args)]
 pub struct BatchBenchArgs {
-    /// Where the model runs: cpu, or cuda (`auto`: the GPU when there is one).
+    /// Where the model runs: cpu, cuda or wgpu (`auto`: the GPU when there is one).
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: DeviceChoice,
     #[command(flatten)]
@@ -81,22 +82,30 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
             format!("cpu x{threads}"),
             false,
         ),
-        DeviceChoice::Cuda => {
-            let gpu = tern_compute::open(DeviceChoice::Cuda)?;
+        DeviceChoice::Cuda | DeviceChoice::Wgpu => {
+            let gpu = tern_compute::open(device)?;
             let on = format!("on {}", gpu.describe());
             let model = Model::open("bench", &path, 1)?.on_device(&gpu)?;
             (model, on, true)
         }
-        other => bail!("tern bench batch runs on the CPU or a CUDA GPU, not {other:?}"),
+        other => bail!("tern bench batch runs on the CPU or a GPU, not {other:?}"),
     };
+    // The roofline and llama.cpp's CUDA build are CUDA's; on wgpu only Tern is measured.
+    let cuda = device == DeviceChoice::Cuda;
     let context = super::context_for(&model, args.prefill, args.decode)?;
     super::print_model("batch", &path, &model, &on);
     println!("forward pass: {}", model.compute_label());
-    let roofline = match gpu {
+    if !model.batches_steps() {
+        println!(
+            "batched steps: this backend runs a step's sessions one after another (its kernels \
+             take one session at a time), so its aggregate decode does not grow with B"
+        );
+    }
+    let roofline = match cuda {
         true => Some(Roofline::measure(&model, args.prefill + args.decode / 2)?),
         false => None,
     };
-    let llama = match args.no_baseline {
+    let llama = match args.no_baseline || (gpu && !cuda) {
         true => None,
         false => Some(match &args.llama_batched_bench {
             Some(path) => path.clone(),
@@ -190,13 +199,16 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
             r.bandwidth / 1e9
         );
     }
+    // (An engine without a step scheduler keeps no counters.)
     let stats = model.step_stats();
-    println!(
-        "\nthe step scheduler ran {} chunks of forward passes in {} steps ({:.1} a step)",
-        stats.chunks,
-        stats.steps,
-        stats.chunks as f64 / stats.steps.max(1) as f64
-    );
+    if stats.steps > 0 {
+        println!(
+            "\nthe step scheduler ran {} chunks of forward passes in {} steps ({:.1} a step)",
+            stats.chunks,
+            stats.steps,
+            stats.chunks as f64 / stats.steps as f64
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

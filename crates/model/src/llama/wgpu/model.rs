@@ -237,6 +237,12 @@ impl Engine for WgpuLlama {
         WgpuLlama::label(self)
     }
 
+    /// Its kernels take one session's positions at a time, so a step's sessions run one
+    /// after another (each with the bits it gets alone).
+    fn batches_steps(&self) -> bool {
+        false
+    }
+
     fn numerics(&self) -> Numerics {
         WgpuLlama::numerics(self)
     }
