@@ -177,9 +177,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let open = api_keys.is_empty();
     config.api_keys = api_keys;
     let device = runtime.device().describe();
+    let wgpu = runtime.device().kind() == tern_compute::DeviceChoice::Wgpu;
     let server = Server::bind(Arc::new(runtime), config)?;
     let addr = server.local_addr();
     eprintln!("device: {device}");
+    if wgpu {
+        // Its kernels take one session at a time (`Model::batches_steps`).
+        eprintln!("batched steps: none on wgpu; a step's sessions run one after another");
+    }
     eprintln!("state: {state}");
     if open && !addr.ip().is_loopback() {
         eprintln!(
