@@ -335,6 +335,31 @@ fn save_writes_and_replaces_files() {
     assert_eq!(dir_names(&dir), ["actor.snap"], "no temp file is left");
 }
 
+/// Large files are mapped and, once dropped, unmapped on another thread: every mapping of a
+/// file opened and dropped many times is gone soon after (none is kept or leaked).
+#[cfg(target_os = "linux")]
+#[test]
+fn dropped_large_files_are_unmapped() {
+    let dir = test_dir("unmapped");
+    let path = dir.join("large.bin");
+    std::fs::write(&path, vec![7u8; 12 << 20]).unwrap();
+    let mappings = || {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let name = path.to_string_lossy().into_owned();
+        maps.lines().filter(|l| l.ends_with(name.as_str())).count()
+    };
+    for _ in 0..20 {
+        let file = SnapshotFile::open(&path).unwrap();
+        assert_eq!(file.bytes().len(), 12 << 20);
+        assert_eq!(file.bytes()[(12 << 20) - 1], 7);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while mappings() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(mappings(), 0, "every dropped file's mapping is unmapped");
+}
+
 #[test]
 fn failed_save_keeps_the_old_file_and_no_temp_file() {
     let dir = test_dir("failed-save");
