@@ -1109,8 +1109,6 @@ fn row_runs(out: &mut [f32], rows: usize, n: usize) -> Vec<Vec<&mut [f32]>> {
     runs
 }
 
-/// `gate = silu(gate) * up`, `silu(g) = g / (1 + exp(-g))`, with the exps a slice at a time
-/// (in `neg`, as long as `gate`).
 /// `y` (one run of rows, position-major, as [`CpuLlama::run_products`] writes it) into each
 /// position's slice of the run (`outs`, from [`row_runs`]).
 fn place(outs: &mut [&mut [f32]], y: &[f32]) {
@@ -1120,6 +1118,8 @@ fn place(outs: &mut [&mut [f32]], y: &[f32]) {
     }
 }
 
+/// `gate = silu(gate) * up`, `silu(g) = g / (1 + exp(-g))`, with the exps a slice at a time
+/// (in `neg`, as long as `gate`).
 fn swiglu(gate: &mut [f32], up: &[f32], neg: &mut [f32]) {
     for (n, &g) in neg.iter_mut().zip(gate.iter()) {
         *n = -g;
