@@ -100,7 +100,7 @@ impl Drop for SnapshotFile {
 }
 
 /// Hands `map` to the thread that unmaps large mappings, started on first use; unmaps it
-/// here if that thread cannot be started.
+/// here if that thread cannot be started or has gone (a failed send drops it with its error).
 fn unmap_later(map: Mmap) {
     static UNMAPPER: OnceLock<Option<Sender<Mmap>>> = OnceLock::new();
     let unmapper = UNMAPPER.get_or_init(|| {
@@ -111,10 +111,8 @@ fn unmap_later(map: Mmap) {
             .ok()
             .map(|_| send)
     });
-    if let Some(send) = unmapper
-        && let Err(mpsc::SendError(map)) = send.send(map)
-    {
-        drop(map);
+    if let Some(send) = unmapper {
+        let _ = send.send(map);
     }
 }
 
