@@ -58,9 +58,14 @@
 //       from 16 tokens on. ZO3: three blocks (80 registers, some spilled). ZO2: ZO over ZP2.
 //   ZG2 ZO with the mmas of 2 (ZG4: 4) n8 tiles interleaved, each sum keeping its own order
 //       (hi, lo, hi, lo), so that consecutive mmas rarely wait on each other. M's bits.
-//   ZN  ZG2 with MB's blocks of P warps, one row tile each, where 2 <= P < 8 (Q/K/V and O
-//       have 4 parts: blocks of 8 warps took two tiles each and left SMs idle at one token).
+//   ZN  ZG2 with MB's blocks of 4 warps where a matrix has fewer than 8 parts (Q/K/V and O
+//       have 4: blocks of 8 warps took two tiles each and left SMs idle at one token), so that
+//       blocks come and go in finer steps as a chained kernel ends and the next begins. ZN2:
+//       blocks of 2 warps (of P where P is 2 or 4).
 //   ZHO ZO and ZG2 with bf16 activations alone (ZH's bits).
+//   ZT  ZG2 with 2 warps a row tile from 16 tokens on, each with half the tokens' n8 tiles
+//       (the same mmas for each token, so M's bits): twice the warps on small matrices. ZT3:
+//       at three blocks an SM. ZT4: 4 warps a tile from 32 tokens on, three blocks an SM.
 //
 // `gemm profile` runs each of a few products once (for Nsight Compute) and nothing else.
 //
@@ -186,9 +191,11 @@ __device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned
 // A warp's sums for row tile `tile` (c0, c1: row g, tokens 2t, 2t + 1; c2, c3: row g + 8)
 // written as part `part` of P; the warp that writes a tile's last part sums the parts in part
 // order (a ticket per tile), so no sum depends on timing or on the number of tokens.
+// With TS > 1, TS warps share the tile's part, each holding NT n8 tiles of tokens from
+// n8 tile n_base on; the tile's last arrival of P * TS sums every token's parts.
 template <int NT>
 __device__ __forceinline__ void store_tile(const float (&acc)[NT][4], float* y, int rows, int T, int P, int part, int tile,
-                                           unsigned* tickets, float* part_sums)
+                                           unsigned* tickets, float* part_sums, int n_base = 0, int TS = 1)
 {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     float* dst = P == 1 ? y : part_sums + (size_t)part * T * rows;
@@ -196,10 +203,12 @@ __device__ __forceinline__ void store_tile(const float (&acc)[NT][4], float* y, 
     for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int tok = 8 * n + 2 * t + (i & 1), r = tile * 16 + g + (i >> 1) * 8;
+            const int tok = 8 * (n_base + n) + 2 * t + (i & 1), r = tile * 16 + g + (i >> 1) * 8;
             if (tok < T) dst[(size_t)tok * rows + r] = acc[n][i];
         }
     if (P == 1) return;
+    P *= TS;  // arrivals
+    const int parts = P / TS;
     __threadfence();
     __syncwarp();
     unsigned last = 0;
@@ -210,7 +219,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[NT][4], float* y, 
     for (int i = lane; i < 16 * T; i += 32) {
         const int tok = i / 16, r = tile * 16 + i % 16;
         float s = 0.f;
-        for (int p = 0; p < P; ++p) s += __ldcg(part_sums + ((size_t)p * T + tok) * rows + r);
+        for (int p = 0; p < parts; ++p) s += __ldcg(part_sums + ((size_t)p * T + tok) * rows + r);
         y[(size_t)tok * rows + r] = s;
     }
     if (lane == 0) tickets[tile] = 0;
@@ -310,7 +319,7 @@ __device__ __forceinline__ void cp16(void* dst, const void* src, bool real)
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(real ? 16 : 0));
 }
-template <int NT, int SC, bool Z = false, bool LO = true, int MT = 1, int MINB = 1, int G = 1>
+template <int NT, int SC, bool Z = false, bool LO = true, int MT = 1, int MINB = 1, int G = 1, int TS = 1>
 __global__ void __launch_bounds__(256, MINB)
     gemm_ms(const unsigned char* w, const float*, float* y, int rows, int cols, int T, int P, const void* xhi_, const void* xlo_,
             unsigned* tickets, float* part_sums)
@@ -320,10 +329,14 @@ __global__ void __launch_bounds__(256, MINB)
     const unsigned char* xhi = (const unsigned char*)xhi_;
     const unsigned char* xlo = (const unsigned char*)xlo_;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    // TS warps a row tile (MT = 1), each with NW of the call's n8 tiles of tokens from nb on.
+    constexpr int NW = NT / TS;
+    const int nb = (warp % TS) * NW;
     const int part = blockIdx.x % P;
-    const int tile = ((blockIdx.x / P) * 8 + warp) * MT;
+    const int tile = ((blockIdx.x / P) * (8 / TS) + warp / TS) * MT;
     const int tiles = rows / 16;
-    const bool mine = tile < tiles;
+    // A warp whose share holds no token still takes its ticket (it stores nothing).
+    const bool mine = tile < tiles, busy = mine && 8 * nb < T;
     const int kp = cols / P, chunks = kp / 32, c0 = part * kp, stages = chunks / SC;
     const size_t row_bytes = (size_t)cols * 2;
     // A chunk's two loads of each of the warp's tiles: rows g and g + 8, row-major or (Z)
@@ -355,26 +368,26 @@ __global__ void __launch_bounds__(256, MINB)
         for (int c = 0; c < SC; ++c)
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
-                const bool ok = mine && s < stages && tile + m < tiles;
+                const bool ok = busy && s < stages && tile + m < tiles;
                 v[c][m][0] = ok ? ldw(wr0[m] + (s * SC + c) * step) : make_uint4(0, 0, 0, 0);
                 v[c][m][1] = ok ? ldw(wr1[m] + (s * SC + c) * step) : make_uint4(0, 0, 0, 0);
             }
     };
-    float acc[MT][NT][4] = {};
+    float acc[MT][NW][4] = {};
     auto sum = [&](const uint4 (&v)[SC][MT][2], int s) {
         const unsigned char* buf = xs + (s & 1) * STAGE;
 #pragma unroll
         for (int c = 0; c < SC; ++c) {
 #pragma unroll
-            for (int n0 = 0; n0 < NT; n0 += G) {
-                if (8 * n0 >= T) break;
+            for (int n0 = 0; n0 < NW; n0 += G) {
+                if (8 * (nb + n0) >= T) break;
                 // G n8 tiles' fragments, then their mmas interleaved (each sum's own order
                 // unchanged: hi, lo, hi, lo), so consecutive mmas rarely wait on each other.
                 uint4 bh[G], bl[G];
 #pragma unroll
                 for (int j = 0; j < G; ++j) {
-                    const unsigned char* f = buf + (8 * (n0 + j) + g) * ROW + c * 128 + 16 * t;
-                    const bool real = G == 1 || 8 * (n0 + j) < T;
+                    const unsigned char* f = buf + (8 * (nb + n0 + j) + g) * ROW + c * 128 + 16 * t;
+                    const bool real = G == 1 || 8 * (nb + n0 + j) < T;
                     bh[j] = real ? *(const uint4*)f : make_uint4(0, 0, 0, 0);
                     bl[j] = LO && real ? *(const uint4*)(f + 64) : make_uint4(0, 0, 0, 0);
                 }
@@ -383,18 +396,18 @@ __global__ void __launch_bounds__(256, MINB)
                     const uint4 a = v[c][m][0], b = v[c][m][1];
 #pragma unroll
                     for (int j = 0; j < G; ++j)
-                        if (G == 1 || 8 * (n0 + j) < T) mma(acc[m][n0 + j], a.x, b.x, a.y, b.y, bh[j].x, bh[j].y);
+                        if (G == 1 || 8 * (nb + n0 + j) < T) mma(acc[m][n0 + j], a.x, b.x, a.y, b.y, bh[j].x, bh[j].y);
                     if (LO)
 #pragma unroll
                         for (int j = 0; j < G; ++j)
-                            if (G == 1 || 8 * (n0 + j) < T) mma(acc[m][n0 + j], a.x, b.x, a.y, b.y, bl[j].x, bl[j].y);
+                            if (G == 1 || 8 * (nb + n0 + j) < T) mma(acc[m][n0 + j], a.x, b.x, a.y, b.y, bl[j].x, bl[j].y);
 #pragma unroll
                     for (int j = 0; j < G; ++j)
-                        if (G == 1 || 8 * (n0 + j) < T) mma(acc[m][n0 + j], a.z, b.z, a.w, b.w, bh[j].z, bh[j].w);
+                        if (G == 1 || 8 * (nb + n0 + j) < T) mma(acc[m][n0 + j], a.z, b.z, a.w, b.w, bh[j].z, bh[j].w);
                     if (LO)
 #pragma unroll
                         for (int j = 0; j < G; ++j)
-                            if (G == 1 || 8 * (n0 + j) < T) mma(acc[m][n0 + j], a.z, b.z, a.w, b.w, bl[j].z, bl[j].w);
+                            if (G == 1 || 8 * (nb + n0 + j) < T) mma(acc[m][n0 + j], a.z, b.z, a.w, b.w, bl[j].z, bl[j].w);
                 }
             }
         }
@@ -422,11 +435,11 @@ __global__ void __launch_bounds__(256, MINB)
     }
 #pragma unroll
     for (int m = 0; m < MT; ++m)
-        if (mine && tile + m < tiles) store_tile<NT>(acc[m], y, rows, T, P, part, tile + m, tickets, part_sums);
+        if (mine && tile + m < tiles) store_tile<NW>(acc[m], y, rows, T, P, part, tile + m, tickets, part_sums, nb, TS);
 }
 
 // ---- MB: one token, a block a row tile's parts ----
-template <int U, bool Z = false, int PF = 0, bool LO = true, bool NARROW = false>
+template <int U, bool Z = false, int PF = 0, bool LO = true>
 __global__ void __launch_bounds__(256)
     gemm_mb(const unsigned char* w, const float*, float* y, int rows, int cols, int, int P, const void* xhi_, const void* xlo_,
             unsigned*, float*)
@@ -435,8 +448,9 @@ __global__ void __launch_bounds__(256)
     __shared__ float s_part[16][16];                    // [part, or warp where P < 8][row of the tile]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int tiles = rows / 16;
-    // Row tiles a block (NARROW: blocks of P warps, one tile each, where 2 <= P < 8).
-    const int per_block = P >= 8 || (NARROW && P >= 2) ? 1 : 8 / P;
+    // Row tiles a block: one where P >= 8, else (blocks of 8 warps, or fewer: see ZN) as many
+    // as its warps hold a tile's P parts.
+    const int per_block = P >= 8 ? 1 : (int)(blockDim.x / 32) / P;
     const int my_parts = P >= 8 ? P / 8 : 1;   // parts a warp (P <= 16)
     const int tile = blockIdx.x * per_block + (P >= 8 ? 0 : warp / P);
     const bool mine = tile < tiles;
@@ -571,14 +585,14 @@ struct Design {
     int ms_mt = 1;  // ZS2: row tiles a warp in MS (from 16 tokens on)
     int minb = 1;   // ZO: MS's blocks an SM by registers (2: at most 128 a thread)
     int g = 1;      // ZG: n8 tiles whose mmas MS interleaves
-    bool narrow = false; // ZN: MB's blocks of P warps where 2 <= P < 8
+    int wb = 8;     // ZN: MB's warps a block where P < 8 (at least P)
+    int ts = 1;     // ZT: warps sharing a row tile in MS, each with its share of the tokens
 };
 
 // MB's instantiation for a design.
 static Kernel mb_kernel(const Design& d)
 {
     if (!d.lo) return gemm_mb<4, true, 8192, false>;
-    if (d.narrow) return gemm_mb<4, true, 8192, true, true>;
     if (d.pf == 8192) return d.mb_u == 2 ? gemm_mb<2, true, 8192> : gemm_mb<4, true, 8192>;
     if (d.pf) return gemm_mb<4, true, 32768>;
     if (d.z) return gemm_mb<4, true>;
@@ -588,27 +602,31 @@ static Kernel mb_kernel(const Design& d)
 constexpr int MS_SC = 4;  // MS: chunks a stage
 
 // MINB > 1: blocks an SM the registers must allow, with 2 chunks a stage from 4 n8 tiles on.
-template <int NT, bool Z, bool LO = true, int MT = 1, int MINB = 1, int G = 1>
+template <int NT, bool Z, bool LO = true, int MT = 1, int MINB = 1, int G = 1, int TS = 1>
 static Kernel ms_kernel(int* smem)
 {
     constexpr int SC = MT == 1 && (MINB == 1 || NT < 4) ? MS_SC : MS_SC / 2;
-    constexpr int GG = G < NT ? G : NT;
+    constexpr int TT = TS < NT ? TS : NT;
+    constexpr int GG = G < NT / TT ? G : NT / TT;
     *smem = 2 * 8 * NT * (SC * 128 + 64);
     static bool set = false;
     if (!set) {
-        CK(cudaFuncSetAttribute(gemm_ms<NT, SC, Z, LO, MT, MINB, GG>, cudaFuncAttributeMaxDynamicSharedMemorySize, *smem));
+        CK(cudaFuncSetAttribute(gemm_ms<NT, SC, Z, LO, MT, MINB, GG, TT>, cudaFuncAttributeMaxDynamicSharedMemorySize, *smem));
         set = true;
     }
-    return gemm_ms<NT, SC, Z, LO, MT, MINB, GG>;
+    return gemm_ms<NT, SC, Z, LO, MT, MINB, GG, TT>;
 }
 
-template <bool Z = false, bool LO = true, int MT = 1, int MINB = 1, int G = 1>
-static Kernel pick_ms(int T, int* smem)
+template <bool Z = false, bool LO = true, int MT = 1, int MINB = 1, int G = 1, int TS = 1>
+static Kernel pick_ms(int T, int* smem, int* ts)
 {
+    *ts = 1;
     if (T <= 8) return ms_kernel<1, Z, LO>(smem);
-    if (T <= 16) return ms_kernel<2, Z, LO, MT, MINB, G>(smem);
-    if (T <= 32) return ms_kernel<4, Z, LO, MT, MINB, G>(smem);
-    return ms_kernel<8, Z, LO, MT, MINB, G>(smem);
+    *ts = TS < 2 ? TS : 2;
+    if (T <= 16) return ms_kernel<2, Z, LO, MT, MINB, G, TS>(smem);
+    *ts = TS < 4 ? TS : 4;
+    if (T <= 32) return ms_kernel<4, Z, LO, MT, MINB, G, TS>(smem);
+    return ms_kernel<8, Z, LO, MT, MINB, G, TS>(smem);
 }
 
 // Parts of a matrix's columns for M: fixed by its shape alone. The fewest (a power of two,
@@ -653,25 +671,29 @@ static void product(const Design& d, cudaStream_t st, const unsigned char* w, co
     int P = parts_of(rows, cols);
     if (d.pmul > 1 && P < 8) P *= d.pmul;
     if (d.mb && T == 1 && P <= 16) {
-        const bool narrow = d.narrow && P >= 2 && P < 8;
-        const int per_block = P >= 8 || narrow ? 1 : 8 / P;
+        const int warps = P >= 8 ? 8 : (d.wb > P ? d.wb : P);
+        const int per_block = P >= 8 ? 1 : warps / P;
         launch_kernel(mb_kernel(d), (rows / 16 + per_block - 1) / per_block, st, w, x, y, rows, cols, T, P, 4 * cols,
-                      narrow ? 32 * P : 256);
+                      32 * warps);
         return;
     }
     if (d.staged || d.mb || (d.hybrid && !(rows == 3072 && T <= 16))) {
-        int smem = 0;
+        int smem = 0, ts = 1;
         const int mt = T > 8 ? d.ms_mt : 1;
-        Kernel k = !d.lo && d.minb == 2 ? pick_ms<true, false, 1, 2, 2>(T, &smem)
-                   : !d.lo        ? pick_ms<true, false>(T, &smem)
-                   : d.g == 2     ? pick_ms<true, true, 1, 2, 2>(T, &smem)
-                   : d.g == 4     ? pick_ms<true, true, 1, 2, 4>(T, &smem)
-                   : d.minb == 2 ? pick_ms<true, true, 1, 2>(T, &smem)
-                   : d.minb == 3 ? pick_ms<true, true, 1, 3>(T, &smem)
-                   : mt == 2     ? pick_ms<true, true, 2>(T, &smem)
-                   : d.z     ? pick_ms<true>(T, &smem)
-                             : pick_ms(T, &smem);
-        launch_kernel(k, (rows / 16 / mt + 7) / 8 * P, st, w, x, y, rows, cols, T, P, smem);
+        Kernel k = d.ts == 2 && d.minb == 3 ? pick_ms<true, true, 1, 3, 2, 2>(T, &smem, &ts)
+                   : d.ts == 2 ? pick_ms<true, true, 1, 2, 2, 2>(T, &smem, &ts)
+                   : d.ts == 4 ? pick_ms<true, true, 1, 3, 2, 4>(T, &smem, &ts)
+                   : !d.lo && d.minb == 2 ? pick_ms<true, false, 1, 2, 2>(T, &smem, &ts)
+                   : !d.lo        ? pick_ms<true, false>(T, &smem, &ts)
+                   : d.g == 2     ? pick_ms<true, true, 1, 2, 2>(T, &smem, &ts)
+                   : d.g == 4     ? pick_ms<true, true, 1, 2, 4>(T, &smem, &ts)
+                   : d.minb == 2 ? pick_ms<true, true, 1, 2>(T, &smem, &ts)
+                   : d.minb == 3 ? pick_ms<true, true, 1, 3>(T, &smem, &ts)
+                   : mt == 2     ? pick_ms<true, true, 2>(T, &smem, &ts)
+                   : d.z     ? pick_ms<true>(T, &smem, &ts)
+                             : pick_ms(T, &smem, &ts);
+        const int tpb = 8 / ts;
+        launch_kernel(k, (rows / 16 / mt + tpb - 1) / tpb * P, st, w, x, y, rows, cols, T, P, smem);
         return;
     }
     const int warps = (rows / 16 + d.mt - 1) / d.mt;
@@ -765,8 +787,12 @@ int main(int argc, char** argv)
         {"ZO2 ZP2 with MS at 2 blocks an SM", true, 1, 4, false, false, 4, true, 8192, 2, 1, true, 1, 2},
         {"ZG2 ZO, 2 n8 tiles' mmas interleaved", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2},
         {"ZG4 ZO, 4 n8 tiles' mmas interleaved", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 4},
-        {"ZN ZG2, MB blocks of P warps (2<=P<8)", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, true},
+        {"ZN ZG2, MB blocks of 4 warps (P<8)", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, 4},
+        {"ZN2 ZG2, MB blocks of 2 warps (P<4)", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, 2},
         {"ZHO ZO with bf16 activations (no lo)", true, 1, 4, false, false, 4, true, 8192, 4, 1, false, 1, 2, 2},
+        {"ZT ZG2, 2 warps a tile from 16 tok", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, 8, 2},
+        {"ZT3 ZT at 3 blocks an SM", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 3, 2, 8, 2},
+        {"ZT4 4 warps a tile from 32 tok, 3 an SM", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 3, 2, 8, 4},
     };
     const int n_designs = sizeof(designs) / sizeof(designs[0]);
     struct Shape {
@@ -780,8 +806,8 @@ int main(int argc, char** argv)
                             {"head 128256x2048", 128256, 2048}};
     const int counts[] = {1, 4, 16, 64};
     if (profile) {
-        for (int si : {0, 2, 4})
-            for (int di : {0, 16, 19, 20, 21, 22})
+        for (int si : {0, 3, 4})
+            for (int di : {0, 24})
                 for (int T : {1, 64}) {
                     const Design& d = designs[di];
                     split(st, x, T, shapes[si].cols);
