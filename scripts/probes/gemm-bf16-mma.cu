@@ -66,6 +66,14 @@
 //   ZT  ZG2 with 2 warps a row tile from 16 tokens on, each with half the tokens' n8 tiles
 //       (the same mmas for each token, so M's bits): twice the warps on small matrices. ZT3:
 //       at three blocks an SM. ZT4: 4 warps a tile from 32 tokens on, three blocks an SM.
+//   ZD  ZG2 with MB reading token 0's hi and lo fragments from global memory (L2) as each
+//       chunk needs them, instead of copying the whole input into shared memory behind a
+//       block barrier after the wait: nothing between the wait and the first mma but the
+//       fragments' own loads. ZDN: ZD with MB's blocks of 4 warps where P < 8. ZD2: ZD with 2
+//       chunks in flight (fewer registers: three blocks an SM).
+//   ZI  ZG2 over tiles stored in groups of 8 (a group's chunk k is 8 KiB in a row: tile 0's
+//       1 KiB, tile 1's, ...), so that a block whose 8 warps take 8 tiles reads one 8 KiB run
+//       a chunk rather than 8 runs 64 KiB apart. M's bits, checked.
 //
 // `gemm profile` runs each of a few products once (for Nsight Compute) and nothing else.
 //
@@ -319,7 +327,7 @@ __device__ __forceinline__ void cp16(void* dst, const void* src, bool real)
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(real ? 16 : 0));
 }
-template <int NT, int SC, bool Z = false, bool LO = true, int MT = 1, int MINB = 1, int G = 1, int TS = 1>
+template <int NT, int SC, int Z = 0, bool LO = true, int MT = 1, int MINB = 1, int G = 1, int TS = 1>
 __global__ void __launch_bounds__(256, MINB)
     gemm_ms(const unsigned char* w, const float*, float* y, int rows, int cols, int T, int P, const void* xhi_, const void* xlo_,
             unsigned* tickets, float* part_sums)
@@ -346,11 +354,12 @@ __global__ void __launch_bounds__(256, MINB)
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
         const int tm = mine && tile + m < tiles ? tile + m : 0;
-        wr0[m] = Z ? w + ((size_t)tm * (cols / 32) + c0 / 32) * 1024 + 16 * lane
+        wr0[m] = Z == 2 ? w + (((size_t)(tm >> 3) * (cols / 32) + c0 / 32) * 8 + (tm & 7)) * 1024 + 16 * lane
+                 : Z    ? w + ((size_t)tm * (cols / 32) + c0 / 32) * 1024 + 16 * lane
                    : w + (size_t)(tm * 16 + g) * row_bytes + (size_t)c0 * 2 + 16 * t;
         wr1[m] = Z ? wr0[m] + 512 : wr0[m] + 8 * row_bytes;
     }
-    const int step = Z ? 1024 : 64;
+    const int step = Z == 2 ? 8192 : Z ? 1024 : 64;
     // Stage s's activations into buffer s % 2: (token, chunk, hi/lo, quarter) items of 16 B.
     auto load_x = [&](int s) {
         unsigned char* buf = xs + (s & 1) * STAGE;
@@ -439,7 +448,7 @@ __global__ void __launch_bounds__(256, MINB)
 }
 
 // ---- MB: one token, a block a row tile's parts ----
-template <int U, bool Z = false, int PF = 0, bool LO = true>
+template <int U, int Z = 0, int PF = 0, bool LO = true, bool DX = false>
 __global__ void __launch_bounds__(256)
     gemm_mb(const unsigned char* w, const float*, float* y, int rows, int cols, int, int P, const void* xhi_, const void* xlo_,
             unsigned*, float*)
@@ -462,15 +471,20 @@ __global__ void __launch_bounds__(256)
     float acc[2][4] = {};
     uint4 wa[U][2], wb[U][2];
     auto part_of = [&](int i) { return P >= 8 ? warp + 8 * i : warp % P; };
-    const unsigned char* z0 = w + (size_t)(mine ? tile : 0) * (cols / 32) * 1024 + 16 * lane;
+    // Z: a tile's chunks 1 KiB apart; Z == 2 (ZI): groups of 8 tiles, chunk by chunk, so a
+    // tile's chunks are 8 KiB apart and a block's 8 tiles' chunk k are one 8 KiB run.
+    const int tm = mine ? tile : 0;
+    constexpr int CS = Z == 2 ? 8192 : 1024;
+    const unsigned char* z0 = Z == 2 ? w + ((size_t)(tm >> 3) * (cols / 32) * 8 + (tm & 7)) * 1024 + 16 * lane
+                                     : w + (size_t)tm * (cols / 32) * 1024 + 16 * lane;
     auto load = [&](uint4 (&v)[U][2], int i, int k) {
         const unsigned char* r0 = w0 + (size_t)part_of(i) * kp * 2;
-        const unsigned char* q0 = z0 + (size_t)part_of(i) * chunks * 1024;
+        const unsigned char* q0 = z0 + (size_t)part_of(i) * chunks * CS;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const bool ok = mine && k + u < chunks;
-            v[u][0] = ok ? ldw(Z ? q0 + (k + u) * 1024 : r0 + (k + u) * 64) : make_uint4(0, 0, 0, 0);
-            v[u][1] = ok ? ldw(Z ? q0 + (k + u) * 1024 + 512 : r0 + 8 * row_bytes + (k + u) * 64) : make_uint4(0, 0, 0, 0);
+            v[u][0] = ok ? ldw(Z ? q0 + (size_t)(k + u) * CS : r0 + (k + u) * 64) : make_uint4(0, 0, 0, 0);
+            v[u][1] = ok ? ldw(Z ? q0 + (size_t)(k + u) * CS + 512 : r0 + 8 * row_bytes + (k + u) * 64) : make_uint4(0, 0, 0, 0);
         }
     };
     auto sum = [&](float (&c)[4], const uint4 (&v)[U][2], int i, int k) {
@@ -480,8 +494,9 @@ __global__ void __launch_bounds__(256)
             const int col = part_of(i) * kp + (k + u) * 32 + 8 * t;
             uint4 bh = make_uint4(0, 0, 0, 0), bl = make_uint4(0, 0, 0, 0);
             if (g == 0) {
-                bh = *(const uint4*)(s_hi + 2 * col);
-                if (LO) bl = *(const uint4*)(s_lo + 2 * col);
+                // DX: token 0's fragments straight from global memory (L2), no staging.
+                bh = DX ? ldx((const unsigned char*)xhi_ + 2 * col) : *(const uint4*)(s_hi + 2 * col);
+                if (LO) bl = DX ? ldx((const unsigned char*)xlo_ + 2 * col) : *(const uint4*)(s_lo + 2 * col);
             }
             const uint4 a = v[u][0], b = v[u][1];
             mma(c, a.x, b.x, a.y, b.y, bh.x, bh.y);
@@ -491,18 +506,20 @@ __global__ void __launch_bounds__(256)
         }
     };
     if (Z && PF > 0 && mine) {
-        const unsigned char* q = z0 - 16 * lane + (size_t)part_of(0) * chunks * 1024;
-        const int bytes = chunks * 1024 < PF ? chunks * 1024 : PF;
-        for (int o = 128 * lane; o < bytes; o += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(q + o));
+        const unsigned char* q = z0 - 16 * lane + (size_t)part_of(0) * chunks * CS;
+        const int lines = (chunks * 1024 < PF ? chunks * 1024 : PF) / 128;  // 8 a chunk
+        for (int i = lane; i < lines; i += 32) asm volatile("prefetch.global.L2 [%0];" ::"l"(q + (size_t)(i / 8) * CS + 128 * (i % 8)));
     }
     load(wa, 0, 0);
     pdl_wait();
     pdl_launch();
-    for (int j = threadIdx.x; j < cols / 8; j += blockDim.x) {
-        ((uint4*)xs)[j] = ((const uint4*)xhi_)[j];
-        ((uint4*)(xs + 2 * cols))[j] = ((const uint4*)xlo_)[j];
+    if (!DX) {
+        for (int j = threadIdx.x; j < cols / 8; j += blockDim.x) {
+            ((uint4*)xs)[j] = ((const uint4*)xhi_)[j];
+            ((uint4*)(xs + 2 * cols))[j] = ((const uint4*)xlo_)[j];
+        }
+        __syncthreads();
     }
-    __syncthreads();
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         if (i >= my_parts) break;
@@ -538,15 +555,16 @@ __global__ void __launch_bounds__(256)
     y[out_tile * 16 + r] = v;
 }
 
-// Row-major bf16 rows x cols into Z's tiles.
-__global__ void to_tiles(const unsigned char* src, unsigned char* dst, int rows, int cols)
+// Row-major bf16 rows x cols into Z's tiles (mode 2: ZI's groups of 8 tiles, chunk by chunk).
+__global__ void to_tiles(const unsigned char* src, unsigned char* dst, int rows, int cols, int mode)
 {
     const size_t n = (size_t)rows / 16 * (cols / 32) * 64;  // 16-byte pieces
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const int lane = i % 32, h = (i / 32) % 2;
         const size_t chunk = i / 64, tile = chunk / (cols / 32), c = chunk % (cols / 32);
         const size_t row = tile * 16 + (lane >> 2) + 8 * h;
-        *(uint4*)(dst + 16 * i) = *(const uint4*)(src + row * cols * 2 + c * 64 + 16 * (lane & 3));
+        const size_t at = mode == 2 ? (((tile >> 3) * (cols / 32) + c) * 8 + (tile & 7)) * 1024 + h * 512 + 16 * lane : 16 * i;
+        *(uint4*)(dst + at) = *(const uint4*)(src + row * cols * 2 + c * 64 + 16 * (lane & 3));
     }
 }
 
@@ -587,12 +605,16 @@ struct Design {
     int g = 1;      // ZG: n8 tiles whose mmas MS interleaves
     int wb = 8;     // ZN: MB's warps a block where P < 8 (at least P)
     int ts = 1;     // ZT: warps sharing a row tile in MS, each with its share of the tokens
+    bool dx = false; // ZD: MB reads token 0's fragments from global memory, no staging
+    bool zi = false; // ZI: tiles in groups of 8, chunk by chunk
 };
 
 // MB's instantiation for a design.
 static Kernel mb_kernel(const Design& d)
 {
+    if (d.zi) return gemm_mb<4, 2, 8192>;
     if (!d.lo) return gemm_mb<4, true, 8192, false>;
+    if (d.dx) return d.mb_u == 2 ? gemm_mb<2, true, 8192, true, true> : gemm_mb<4, true, 8192, true, true>;
     if (d.pf == 8192) return d.mb_u == 2 ? gemm_mb<2, true, 8192> : gemm_mb<4, true, 8192>;
     if (d.pf) return gemm_mb<4, true, 32768>;
     if (d.z) return gemm_mb<4, true>;
@@ -602,7 +624,7 @@ static Kernel mb_kernel(const Design& d)
 constexpr int MS_SC = 4;  // MS: chunks a stage
 
 // MINB > 1: blocks an SM the registers must allow, with 2 chunks a stage from 4 n8 tiles on.
-template <int NT, bool Z, bool LO = true, int MT = 1, int MINB = 1, int G = 1, int TS = 1>
+template <int NT, int Z, bool LO = true, int MT = 1, int MINB = 1, int G = 1, int TS = 1>
 static Kernel ms_kernel(int* smem)
 {
     constexpr int SC = MT == 1 && (MINB == 1 || NT < 4) ? MS_SC : MS_SC / 2;
@@ -617,7 +639,7 @@ static Kernel ms_kernel(int* smem)
     return gemm_ms<NT, SC, Z, LO, MT, MINB, GG, TT>;
 }
 
-template <bool Z = false, bool LO = true, int MT = 1, int MINB = 1, int G = 1, int TS = 1>
+template <int Z = 0, bool LO = true, int MT = 1, int MINB = 1, int G = 1, int TS = 1>
 static Kernel pick_ms(int T, int* smem, int* ts)
 {
     *ts = 1;
@@ -673,14 +695,15 @@ static void product(const Design& d, cudaStream_t st, const unsigned char* w, co
     if (d.mb && T == 1 && P <= 16) {
         const int warps = P >= 8 ? 8 : (d.wb > P ? d.wb : P);
         const int per_block = P >= 8 ? 1 : warps / P;
-        launch_kernel(mb_kernel(d), (rows / 16 + per_block - 1) / per_block, st, w, x, y, rows, cols, T, P, 4 * cols,
-                      32 * warps);
+        launch_kernel(mb_kernel(d), (rows / 16 + per_block - 1) / per_block, st, w, x, y, rows, cols, T, P,
+                      d.dx ? 0 : 4 * cols, 32 * warps);
         return;
     }
     if (d.staged || d.mb || (d.hybrid && !(rows == 3072 && T <= 16))) {
         int smem = 0, ts = 1;
         const int mt = T > 8 ? d.ms_mt : 1;
-        Kernel k = d.ts == 2 && d.minb == 3 ? pick_ms<true, true, 1, 3, 2, 2>(T, &smem, &ts)
+        Kernel k = d.zi ? pick_ms<2, true, 1, 2, 2>(T, &smem, &ts)
+                   : d.ts == 2 && d.minb == 3 ? pick_ms<true, true, 1, 3, 2, 2>(T, &smem, &ts)
                    : d.ts == 2 ? pick_ms<true, true, 1, 2, 2, 2>(T, &smem, &ts)
                    : d.ts == 4 ? pick_ms<true, true, 1, 3, 2, 4>(T, &smem, &ts)
                    : !d.lo && d.minb == 2 ? pick_ms<true, false, 1, 2, 2>(T, &smem, &ts)
@@ -791,8 +814,10 @@ int main(int argc, char** argv)
         {"ZN2 ZG2, MB blocks of 2 warps (P<4)", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, 2},
         {"ZHO ZO with bf16 activations (no lo)", true, 1, 4, false, false, 4, true, 8192, 4, 1, false, 1, 2, 2},
         {"ZT ZG2, 2 warps a tile from 16 tok", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, 8, 2},
-        {"ZT3 ZT at 3 blocks an SM", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 3, 2, 8, 2},
-        {"ZT4 4 warps a tile from 32 tok, 3 an SM", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 3, 2, 8, 4},
+        {"ZD ZG2, MB's token 0 from L2, unstaged", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, 8, 1, true},
+        {"ZDN ZD, MB blocks of 4 warps (P<8)", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, 4, 1, true},
+        {"ZD2 ZD, 2 chunks in flight at one token", true, 1, 4, false, false, 4, true, 8192, 2, 1, true, 1, 2, 2, 8, 1, true},
+        {"ZI ZG2 over tiles in groups of 8", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, 8, 1, false, true},
     };
     const int n_designs = sizeof(designs) / sizeof(designs[0]);
     struct Shape {
@@ -807,7 +832,7 @@ int main(int argc, char** argv)
     const int counts[] = {1, 4, 16, 64};
     if (profile) {
         for (int si : {0, 3, 4})
-            for (int di : {0, 24})
+            for (int di : {0, 19, 28})
                 for (int T : {1, 64}) {
                     const Design& d = designs[di];
                     split(st, x, T, shapes[si].cols);
@@ -832,7 +857,7 @@ int main(int argc, char** argv)
             for (int T : {1, 3, 8, 13, 16, 40, 64}) {
                 split(st, x, T, sh.cols);
                 CK(cudaMemsetAsync(y, 0, (size_t)T * sh.rows * 4, st));
-                if (d.z) to_tiles<<<4 * sms, 256, 0, st>>>(w, w + pool / 2, sh.rows, sh.cols);
+                if (d.z) to_tiles<<<4 * sms, 256, 0, st>>>(w, w + pool / 2, sh.rows, sh.cols, d.zi ? 2 : 1);
                 product(d, st, d.z ? w + pool / 2 : w, x, y, sh.rows, sh.cols, T);
                 CK(cudaStreamSynchronize(st));
                 CK(cudaMemcpy(b.data(), y, (size_t)T * sh.rows * 4, cudaMemcpyDeviceToHost));
