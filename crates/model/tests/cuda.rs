@@ -553,6 +553,39 @@ fn a_thousand_runs_of_one_request_among_random_load_give_one_output() {
     );
 }
 
+/// With the tensor-core products (`TERN_CUDA_MMA=1`), the 1B shape's BF16 matrices keep each
+/// session's bits alone, in one step beside others, and among conversations the scheduler
+/// gathers.
+#[test]
+fn tensor_core_products_keep_each_sessions_bits() {
+    let Some(device) = gpu("tensor_core_products_keep_each_sessions_bits") else {
+        return;
+    };
+    let path = model_file("llama-3.2-1b", DType::BF16, DType::BF16);
+    let model = Model::open("m", &path, 2)
+        .unwrap()
+        .on_device(&device)
+        .unwrap();
+    let cuda = model
+        .engine_as::<tern_model::llama::cuda::CudaLlama>()
+        .unwrap();
+    if !cuda.tensor_cores() {
+        eprintln!("tensor_core_products_keep_each_sessions_bits: skipped: TERN_CUDA_MMA is not 1");
+        return;
+    }
+    conversations::one_step_gives_each_session_its_own_bits(
+        &model,
+        &[0, 5, 40, 100, 63, 200, 1, 0],
+        &[30, 1, 64, 3, 1, 9, 8, 1],
+    );
+    let vocab = model.config().n_vocab;
+    let mut rng = Rng(0x5eed_7c0e);
+    let conversations: Vec<_> = (0..12)
+        .map(|_| conversations::Conversation::random(&mut rng, vocab))
+        .collect();
+    conversations::alone_and_together(&model, &conversations);
+}
+
 /// A model of bf16 matrices (the 1B benchmark's type) keeps each session's bits alone, in
 /// one step beside others, and among conversations the scheduler gathers.
 #[test]

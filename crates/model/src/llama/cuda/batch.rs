@@ -216,7 +216,7 @@ fn round(
             ..Fuse::default()
         };
         let logits = b.ptr(model, &b.logits);
-        run.matvec(&w.output, acts.xb, logits, outs, e, vocab, 0, whole)?;
+        run.product(&w.output, acts.xb, logits, outs, e, vocab, 0, whole)?;
         run.scatter_rows(logits, base + plan.dsts as u64, outs, vocab)?;
     }
     for p in parts.iter_mut() {

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use tern_compute::cuda::compile_cubin;
 use tern_compute::cuda::cudarc::driver::sys;
-use tern_compute::cuda::cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
+use tern_compute::cuda::cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+};
 use tern_compute::cuda::cudarc::nvrtc::Ptx;
 
 use super::driver;
@@ -29,32 +31,42 @@ const MATVEC_UNITS: [&str; 8] = [
 ];
 const LLAMA: &str = include_str!("kernels/llama.cu");
 const DECODE: &str = include_str!("kernels/decode.cu");
+const MMA: &str = include_str!("kernels/mma.cu");
 /// The headers the programs above include, by the names they include them by.
-const HEADERS: [(&str, &str); 3] = [
+const HEADERS: [(&str, &str); 4] = [
     ("common.cuh", include_str!("kernels/common.cuh")),
     ("matvec.cuh", include_str!("kernels/matvec.cuh")),
     ("attention.cuh", include_str!("kernels/attention.cuh")),
+    ("mma.cuh", include_str!("kernels/mma.cuh")),
 ];
 
 /// [`HEADERS`] and `constants.cuh` (the numbers shared with the host, written from its
 /// constants by [`super::constants`]): every header the programs are compiled with.
-fn headers() -> [(&'static str, &'static str); 4] {
-    let [common, matvec_h, attention] = HEADERS;
-    [super::constants::header(), common, matvec_h, attention]
+fn headers() -> [(&'static str, &'static str); 5] {
+    let [common, matvec_h, attention, mma_h] = HEADERS;
+    [
+        super::constants::header(),
+        common,
+        matvec_h,
+        attention,
+        mma_h,
+    ]
 }
 
 /// Every source file the kernels are compiled from, by name: what the kernel version of
 /// [`super::CudaLlama::numerics`] hashes.
-pub(super) fn sources() -> [(&'static str, &'static str); 7] {
-    let [constants, common, matvec_h, attention] = headers();
+pub(super) fn sources() -> [(&'static str, &'static str); 9] {
+    let [constants, common, matvec_h, attention, mma_h] = headers();
     [
         ("matvec.cu", MATVEC),
         ("llama.cu", LLAMA),
         ("decode.cu", DECODE),
+        ("mma.cu", MMA),
         constants,
         common,
         matvec_h,
         attention,
+        mma_h,
     ]
 }
 
@@ -72,6 +84,109 @@ fn matvec_parts(rows: usize, cols: usize) -> usize {
         parts *= 2;
     }
     parts
+}
+
+/// Most tokens one `mma_many` launch takes (`mma.cuh`'s `MMA_MAX_TOKENS`); more go in turns.
+const MMA_MAX_TOKENS: u32 = 64;
+
+/// Parts of the columns the tensor-core kernels give a `rows` x `cols` matrix: fixed by its
+/// shape alone, never by the tokens (see `mma.cuh`). The fewest (a power of two, at most 16,
+/// parts of 256 columns or more) giving at least 2,048 warps of one row tile.
+pub fn mma_parts(rows: usize, cols: usize) -> usize {
+    let mut p = 1;
+    while p < 16 && (rows / 16) * p < 2048 && cols / (2 * p) >= 256 && cols.is_multiple_of(512 * p)
+    {
+        p *= 2;
+    }
+    p
+}
+
+/// Whether the model's BF16 matrices go to the tensor-core kernels: on sm_80 and later, while
+/// `TERN_CUDA_MMA=1` (they are being measured against the matrix-vector kernels).
+pub fn mma_wanted(arch: u32) -> bool {
+    arch >= 80 && std::env::var_os("TERN_CUDA_MMA").is_some_and(|v| v == "1")
+}
+
+/// Whether the tensor-core kernels take a matrix: BF16, rows in whole groups of 8 tiles of
+/// 16, columns in whole 256-column steps.
+pub fn mma_fits(m: &DevMatrix) -> bool {
+    m.dtype == DType::BF16 && m.rows.is_multiple_of(128) && m.cols.is_multiple_of(256)
+}
+
+/// Dynamic shared memory of `mma_many_bf16_<nt>` (`mma.cuh`'s `mma_many_smem`).
+fn mma_many_smem(nt: u32) -> u32 {
+    let chunks = if nt >= 4 { 2 } else { 4 };
+    2 * 8 * nt * (chunks * 128 + 64)
+}
+
+/// The tensor-core kernels (`mma.cu`) and their scratch: the split activations, the norm's
+/// scales, the parts' sums and the tiles' tickets. One model's launches run in stream order,
+/// so one set serves every launch.
+pub struct Mma {
+    tile: CudaFunction,
+    split: CudaFunction,
+    one: CudaFunction,
+    /// `mma_many_bf16_<nt>` for nt = 1, 2, 4, 8.
+    many: [CudaFunction; 4],
+    hi: u64,
+    lo: u64,
+    scale: u64,
+    part_sums: u64,
+    tickets: u64,
+    _buffers: (CudaSlice<u32>, CudaSlice<f32>),
+}
+
+impl Mma {
+    /// Compiles (or loads) `mma.cu` for `sm_{arch}` and allocates scratch for matrices of up
+    /// to `max_cols` columns, `max_tiles` row tiles and `max_part_sums` floats of parts' sums
+    /// for `MMA_MAX_TOKENS` tokens.
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        arch: u32,
+        max_cols: usize,
+        max_tiles: usize,
+        max_part_sums: usize,
+    ) -> Result<Mma, ModelError> {
+        let (bytes, _) = cubin("mma.cu", MMA, arch)?;
+        let module = ctx
+            .load_module(Ptx::from_binary(bytes))
+            .map_err(driver("loading kernels"))?;
+        let get = |name: &str| {
+            module.load_function(name).map_err(|e| {
+                ModelError::device("cuda", format!("loading kernel `{name}`"), format!("{e:?}"))
+            })
+        };
+        let tokens = MMA_MAX_TOKENS as usize;
+        // hi and lo (a word a pair of columns each) and the tickets, then the scales and sums.
+        let words = 2 * tokens * max_cols.div_ceil(2) + max_tiles;
+        let words_buf = stream
+            .alloc_zeros::<u32>(words)
+            .map_err(driver("allocating the tensor-core kernels' scratch"))?;
+        let floats_buf = stream
+            .alloc_zeros::<f32>(tokens + max_part_sums)
+            .map_err(driver("allocating the tensor-core kernels' scratch"))?;
+        let (w, _) = words_buf.device_ptr(stream);
+        let (f, _) = floats_buf.device_ptr(stream);
+        let half = (tokens * max_cols.div_ceil(2) * 4) as u64;
+        Ok(Mma {
+            tile: get("mma_tile_bf16")?,
+            split: get("mma_split_f32")?,
+            one: get("mma_one_bf16")?,
+            many: [
+                get("mma_many_bf16_1")?,
+                get("mma_many_bf16_2")?,
+                get("mma_many_bf16_4")?,
+                get("mma_many_bf16_8")?,
+            ],
+            hi: w,
+            lo: w + half,
+            tickets: w + 2 * half,
+            scale: f,
+            part_sums: f + 4 * tokens as u64,
+            _buffers: (words_buf, floats_buf),
+        })
+    }
 }
 
 /// Every kernel of the forward pass.
@@ -100,6 +215,8 @@ pub struct Kernels {
     /// `decode.cu`'s persistent decode kernel, for the model's weight type and head size,
     /// when it was asked for and built; else why not.
     pub decode_layers: Result<CudaFunction, String>,
+    /// The tensor-core kernels, when the model's BF16 matrices are tiled for them.
+    pub mma: Option<Mma>,
 }
 
 /// Logits one `top_k_blocks` block sorts, and the most lists `top_k_merge` merges
@@ -271,6 +388,7 @@ impl Kernels {
                 top_k_blocks: get(0, "top_k_blocks")?,
                 top_k_merge: get(0, "top_k_merge")?,
                 decode_layers,
+                mma: None,
                 attention_prefill: HEAD_DIMS
                     .iter()
                     .map(|&d| {
@@ -315,6 +433,9 @@ pub struct DevMatrix {
     pub rows: u32,
     pub cols: u32,
     pub row_bytes: u32,
+    /// The same matrix stored again as the tensor-core kernels' tiles (`mma.cuh`), whose
+    /// products then take it for every token count; 0 where it is not.
+    pub tiles: u64,
 }
 
 fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
@@ -322,6 +443,14 @@ fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
         grid_dim: grid,
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// [`config`] with `shared` bytes of dynamic shared memory.
+fn config_shared(grid: u32, block: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        shared_mem_bytes: shared,
+        ..config((grid, 1, 1), block)
     }
 }
 
@@ -428,6 +557,145 @@ impl Launcher<'_> {
         .map_err(driver("launching a kernel"))
     }
 
+    /// [`Launcher::matvec`]'s product through the tensor-core kernels where `w` is tiled for
+    /// them, else through `matvec`: one matrix always takes one of the two, for every `n`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn product(
+        &self,
+        w: &DevMatrix,
+        x: u64,
+        y: u64,
+        n: u32,
+        x_stride: u32,
+        y_stride: u32,
+        residual: u64,
+        fuse: Fuse,
+    ) -> Result<(), ModelError> {
+        match &self.kernels.mma {
+            Some(mma) if w.tiles != 0 => {
+                self.mma(mma, w, x, y, n, x_stride, y_stride, residual, fuse)
+            }
+            _ => self.matvec(w, x, y, n, x_stride, y_stride, residual, fuse),
+        }
+    }
+
+    /// `w`'s rows stored again as `tiles` (its size), the tensor-core kernels' layout.
+    pub fn mma_tile(&self, mma: &Mma, w: &DevMatrix, tiles: u64) -> Result<(), ModelError> {
+        launch!(
+            self,
+            &mma.tile,
+            config((1024, 1, 1), 256),
+            &w.ptr,
+            &tiles,
+            &w.rows,
+            &w.cols
+        )
+    }
+
+    /// The product on tensor cores (`mma.cuh`): one token by `mma_one`; more split by
+    /// `mma_split`, then `mma_many`, 64 tokens a turn.
+    #[allow(clippy::too_many_arguments)]
+    fn mma(
+        &self,
+        mma: &Mma,
+        w: &DevMatrix,
+        x: u64,
+        y: u64,
+        n: u32,
+        x_stride: u32,
+        y_stride: u32,
+        residual: u64,
+        fuse: Fuse,
+    ) -> Result<(), ModelError> {
+        let (norm_x, eps) = fuse.norm.unwrap_or((0, 0.0));
+        let (g, yg) = fuse.next.unwrap_or((0, 0));
+        let glu = u32::from(fuse.glu);
+        let parts = mma_parts(w.rows as usize, w.cols as usize) as u32;
+        let tiles = w.rows / 16;
+        if n == 1 {
+            let per_block = if parts >= 8 { 1 } else { 8 / parts };
+            return launch!(
+                self,
+                &mma.one,
+                config_shared(tiles.div_ceil(per_block), 256, 4 * w.cols),
+                &w.tiles,
+                &x,
+                &y,
+                &w.rows,
+                &w.cols,
+                &parts,
+                &y_stride,
+                &residual,
+                &norm_x,
+                &eps,
+                &g,
+                &yg,
+                &glu
+            );
+        }
+        let norm = u32::from(norm_x != 0);
+        let plain = u32::from(parts == 1 && norm_x == 0 && g == 0 && !fuse.glu && residual == 0);
+        let at = |base: u64, t0: u32, stride: u32| {
+            if base == 0 {
+                0
+            } else {
+                base + 4 * u64::from(t0) * u64::from(stride)
+            }
+        };
+        for t0 in (0..n).step_by(MMA_MAX_TOKENS as usize) {
+            let m = (n - t0).min(MMA_MAX_TOKENS);
+            let (xs, ns) = (at(x, t0, x_stride), at(norm_x, t0, x_stride));
+            launch!(
+                self,
+                &mma.split,
+                config((m, 1, 1), 256),
+                &xs,
+                &x_stride,
+                &w.cols,
+                &ns,
+                &eps,
+                &mma.hi,
+                &mma.lo,
+                &mma.scale
+            )?;
+            let (k, nt) = match m {
+                ..=8 => (&mma.many[0], 1),
+                9..=16 => (&mma.many[1], 2),
+                17..=32 => (&mma.many[2], 4),
+                _ => (&mma.many[3], 8),
+            };
+            let (ys, rs, ygs) = (
+                at(y, t0, y_stride),
+                at(residual, t0, y_stride),
+                at(yg, t0, y_stride),
+            );
+            launch!(
+                self,
+                k,
+                config_shared(tiles / 8 * parts, 256, mma_many_smem(nt)),
+                &w.tiles,
+                &mma.hi,
+                &mma.lo,
+                &mma.scale,
+                &ys,
+                &w.rows,
+                &w.cols,
+                &m,
+                &parts,
+                &mma.tickets,
+                &mma.part_sums,
+                &y_stride,
+                &rs,
+                &norm,
+                &g,
+                &ygs,
+                &glu,
+                &plain
+            )?;
+        }
+        Ok(())
+    }
+
     /// `y[t] = (residual ? residual[t] : 0) + W x[t]` for `n` tokens, with `fuse`'s norms.
     #[allow(clippy::too_many_arguments)]
     pub fn matvec(
@@ -504,6 +772,11 @@ impl Launcher<'_> {
     /// `y = W x` for one token, stored 8 rows at a time: the output head, whose `y` is often
     /// host memory registered with the GPU.
     pub fn matvec_out(&self, w: &DevMatrix, x: u64, y: u64) -> Result<(), ModelError> {
+        if let Some(mma) = &self.kernels.mma
+            && w.tiles != 0
+        {
+            return self.mma(mma, w, x, y, 1, w.cols, w.rows, 0, Fuse::default());
+        }
         let blocks = (w.rows as usize).div_ceil(MATVEC_WARPS) as u32;
         launch!(
             self,

@@ -63,7 +63,7 @@ use crate::steps::{StepBatcher, StepStats};
 use crate::top::Candidate;
 use batch::{BatchBuffers, CudaJob, Item};
 use fifo::{FifoGuard, FifoMutex};
-use kernels::Kernels;
+use kernels::{Kernels, Launcher};
 use prefill::{PREFILL_CHUNK, PREFILL_MIN, Prefill};
 use staging::Staging;
 use weights::DeviceWeights;
@@ -141,6 +141,43 @@ pub struct CudaLlama {
     staging: Mutex<Option<Staging>>,
 }
 
+/// The tensor-core kernels with every BF16 matrix they take stored again as their tiles, or
+/// none where no matrix fits them.
+fn tile_weights(
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    kernels: &Kernels,
+    arch: u32,
+    weights: &mut DeviceWeights,
+) -> Result<Option<kernels::Mma>, ModelError> {
+    let fitting: Vec<&kernels::DevMatrix> = weights
+        .matrices()
+        .into_iter()
+        .filter(|m| kernels::mma_fits(m))
+        .collect();
+    let (Some(max_cols), Some(max_rows)) = (
+        fitting.iter().map(|m| m.cols as usize).max(),
+        fitting.iter().map(|m| m.rows as usize).max(),
+    ) else {
+        return Ok(None);
+    };
+    let max_part_sums = fitting
+        .iter()
+        .map(|m| {
+            let (rows, cols) = (m.rows as usize, m.cols as usize);
+            kernels::mma_parts(rows, cols) * 64 * rows
+        })
+        .max()
+        .unwrap_or(0);
+    let mma = kernels::Mma::new(ctx, stream, arch, max_cols, max_rows / 16, max_part_sums)?;
+    let run = Launcher { kernels, stream };
+    weights.tile(stream, kernels::mma_fits, |m, tiles| {
+        run.mma_tile(&mma, m, tiles)
+    })?;
+    stream.synchronize().map_err(driver("tiling weights"))?;
+    Ok(Some(mma))
+}
+
 impl CudaLlama {
     /// Uploads the weights of `cpu` (the reference, whose config and rotary frequencies it
     /// shares) to the GPU `device` is (it must be a CUDA device).
@@ -160,16 +197,26 @@ impl CudaLlama {
         untracked(&ctx);
         let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
         let t = Instant::now();
-        let weights = DeviceWeights::upload(&stream, &cpu.weights, cpu.inv_freq())?;
+        let mut weights = DeviceWeights::upload(&stream, &cpu.weights, cpu.inv_freq())?;
         stream.synchronize().map_err(driver("uploading weights"))?;
         let upload_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         let layer_type = fused::layer_type(&weights);
         let decode = layer_type.as_ref().ok().map(|&dtype| (dtype, hd));
         let (mut kernels, kernels_cached) = Kernels::load(&ctx, gpu.arch(), decode, cpu.kv_type)?;
+        if kernels::mma_wanted(gpu.arch()) {
+            kernels.mma = tile_weights(&ctx, &stream, &kernels, gpu.arch(), &mut weights)?;
+        }
         let kernels_ms = t.elapsed().as_secs_f64() * 1e3;
         let fused = layer_type.and_then(|_| {
             let built = std::mem::replace(&mut kernels.decode_layers, Err(String::new()));
+            if kernels.mma.is_some() {
+                return Err(
+                    "the BF16 matrices are multiplied on tensor cores, which the \
+                            persistent kernel does not do"
+                        .into(),
+                );
+            }
             fused::Fused::new(&ctx, built?, hd)
         });
         let startup = Startup {
@@ -197,6 +244,11 @@ impl CudaLlama {
         })
     }
 
+    /// Whether the BF16 matrices are multiplied on tensor cores (`kernels/mma.cuh`).
+    pub fn tensor_cores(&self) -> bool {
+        self.kernels.mma.is_some()
+    }
+
     /// Where the forward pass computes, for snapshots and messages.
     pub fn label(&self) -> String {
         format!("{} {}", self.device.describe(), self.precision())
@@ -208,6 +260,9 @@ impl CudaLlama {
             None => "f32, bf16 prefill GEMMs".to_string(),
             Some(_) => "f32".to_string(),
         };
+        if self.tensor_cores() {
+            precision.push_str(", bf16 hi/lo tensor-core products");
+        }
         precision.push_str(self.kv_type.precision_note());
         precision
     }

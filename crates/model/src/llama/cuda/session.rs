@@ -698,7 +698,7 @@ pub(super) fn enqueue_layers(
     let stacked = |parts: &[DevMatrix], y: u64, stride: u32, fuse| -> Result<(), ModelError> {
         let mut at = 0u64;
         for m in parts {
-            run.matvec(m, a.xb, y + 4 * at, n_u, e, stride, 0, fuse)?;
+            run.product(m, a.xb, y + 4 * at, n_u, e, stride, 0, fuse)?;
             at += u64::from(m.rows);
         }
         Ok(())
@@ -721,11 +721,11 @@ pub(super) fn enqueue_layers(
         mark("matvec qkv")?;
         attention(l)?;
         mark("attention")?;
-        run.matvec(&lw.wo, a.att, a.x, n_u, q_dim, e, a.x, then(lw.ffn_norm))?;
+        run.product(&lw.wo, a.att, a.x, n_u, q_dim, e, a.x, then(lw.ffn_norm))?;
         mark("matvec o")?;
         if lw.glu {
             let fuse = Fuse { glu: true, ..norm };
-            run.matvec(&lw.gate_up[0], a.xb, a.hb, n_u, e, ff, 0, fuse)?;
+            run.product(&lw.gate_up[0], a.xb, a.hb, n_u, e, ff, 0, fuse)?;
             mark("matvec gate_up")?;
         } else {
             stacked(&lw.gate_up, a.gate_up, 2 * ff, norm)?;
@@ -744,7 +744,7 @@ pub(super) fn enqueue_layers(
             Some(next) => then(next.attn_norm),
             None => Fuse::default(),
         };
-        run.matvec(&lw.w_down, a.hb, a.x, n_u, ff, e, a.x, next)?;
+        run.product(&lw.w_down, a.hb, a.x, n_u, ff, e, a.x, next)?;
         mark("matvec down")?;
     }
     Ok(())

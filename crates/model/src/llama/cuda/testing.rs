@@ -57,6 +57,7 @@ impl OpHarness {
             rows: rows as u32,
             cols: cols as u32,
             row_bytes: row_bytes as u32,
+            tiles: 0,
         })
     }
 

@@ -37,6 +37,8 @@ pub struct DeviceWeights {
     /// Bytes of device memory the weights take.
     pub bytes: usize,
     _bytes: Vec<CudaSlice<u8>>,
+    /// The tiled copies of [`DeviceWeights::tile`].
+    _tiles: Vec<CudaSlice<u8>>,
     _floats: Vec<CudaSlice<f32>>,
 }
 
@@ -69,6 +71,7 @@ impl<'a> UploadMatrices<'a> for Uploader<'a> {
             rows: dim_u32(rows)?,
             cols: dim_u32(m.cols)?,
             row_bytes: dim_u32(m.row_bytes)?,
+            tiles: 0,
         })
     }
 }
@@ -108,6 +111,52 @@ impl Uploader<'_> {
 }
 
 impl DeviceWeights {
+    /// The matrices the forward pass multiplies by: the output head, then each layer's.
+    pub fn matrices(&self) -> Vec<&DevMatrix> {
+        let mut all = vec![&self.output];
+        for l in &self.layers {
+            all.extend(l.qkv.iter());
+            all.push(&l.wo);
+            all.extend(l.gate_up.iter());
+            all.push(&l.w_down);
+        }
+        all
+    }
+
+    /// Stores every matrix that `fits` again, as `tile(matrix, copy)` writes it into a
+    /// buffer of its size (the tensor-core kernels' tiles), and points the matrix at the
+    /// copy. The output head is tiled apart from the token embedding it may share bytes
+    /// with: the embedding lookup keeps reading rows.
+    pub fn tile(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        fits: impl Fn(&DevMatrix) -> bool,
+        mut tile: impl FnMut(&DevMatrix, u64) -> Result<(), ModelError>,
+    ) -> Result<(), ModelError> {
+        let mut matrices: Vec<&mut DevMatrix> = vec![&mut self.output];
+        for l in &mut self.layers {
+            matrices.extend(l.qkv.iter_mut());
+            matrices.push(&mut l.wo);
+            matrices.extend(l.gate_up.iter_mut());
+            matrices.push(&mut l.w_down);
+        }
+        for m in matrices {
+            if !fits(m) {
+                continue;
+            }
+            let bytes = m.rows as usize * m.row_bytes as usize;
+            let buf = stream
+                .alloc_zeros::<u8>(bytes)
+                .map_err(driver("tiling weights"))?;
+            let (ptr, _) = buf.device_ptr(stream);
+            tile(m, ptr)?;
+            m.tiles = ptr;
+            self.bytes += bytes;
+            self._tiles.push(buf);
+        }
+        Ok(())
+    }
+
     pub fn upload(
         stream: &Arc<CudaStream>,
         w: &LlamaWeights,
@@ -150,6 +199,7 @@ impl DeviceWeights {
             inv_freq,
             bytes: up.total,
             _bytes: up.bytes,
+            _tiles: Vec::new(),
             _floats: up.floats,
         })
     }

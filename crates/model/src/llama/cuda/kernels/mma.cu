@@ -1,0 +1,60 @@
+// The tensor-core kernels' entry points, compiled by NVRTC (with this folder's headers): what
+// each computes, the weights' tiled layout and the order of the sums are in mma.cuh.
+
+#include "mma.cuh"
+
+extern "C" __global__ void __launch_bounds__(256)
+    mma_tile_bf16(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst, unsigned rows, unsigned cols)
+{
+    mma_tile(src, dst, rows, cols);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    mma_split_f32(const float* __restrict__ x, unsigned x_stride, unsigned cols, const float* __restrict__ norm_x,
+                  float eps, unsigned* __restrict__ hi, unsigned* __restrict__ lo, float* __restrict__ scale)
+{
+    mma_split(x, x_stride, cols, norm_x, eps, hi, lo, scale);
+}
+
+// The fusions' arguments, as matvec takes them: residual (may be y), norm_x and eps (the
+// norm before), g and yg (the next norm's input), glu.
+#define MMA_OUT                                                                                   \
+    MmaOut o;                                                                                     \
+    o.y = y;                                                                                      \
+    o.y_stride = y_stride;                                                                        \
+    o.residual = residual;                                                                        \
+    o.g = g;                                                                                      \
+    o.yg = yg;                                                                                    \
+    o.norm = norm;                                                                                \
+    o.glu = glu != 0;
+
+extern "C" __global__ void __launch_bounds__(256)
+    mma_one_bf16(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
+                 unsigned cols, unsigned parts, unsigned y_stride, const float* residual,
+                 const float* __restrict__ norm_x, float eps, const float* __restrict__ g, float* __restrict__ yg,
+                 unsigned glu)
+{
+    const bool norm = norm_x != nullptr;
+    MMA_OUT
+    mma_one<MMA_ONE_CHUNKS>(w, x, rows, cols, parts, norm_x, eps, o);
+}
+
+// mma_many for NT n8 tiles of tokens (T <= 8 NT), at two blocks an SM (at most 128 registers a
+// thread: one block an SM left too few warps reading).
+#define MMA_MANY(NT)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                              \
+        mma_many_bf16_##NT(const unsigned char* __restrict__ w, const unsigned* __restrict__ hi,      \
+                           const unsigned* __restrict__ lo, const float* __restrict__ scale, float* y,   \
+                           unsigned rows, unsigned cols, unsigned n_tok, unsigned parts,              \
+                           unsigned* tickets, float* part_sums, unsigned y_stride,                   \
+                           const float* residual, unsigned norm, const float* __restrict__ g,        \
+                           float* __restrict__ yg, unsigned glu, unsigned plain)                     \
+    {                                                                                                 \
+        MMA_OUT                                                                                       \
+        mma_many<NT>(w, hi, lo, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);  \
+    }
+
+MMA_MANY(1)
+MMA_MANY(2)
+MMA_MANY(4)
+MMA_MANY(8)
