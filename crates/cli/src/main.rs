@@ -63,8 +63,9 @@ pub fn parse_precision(s: &str) -> Result<tern_model::Precision, String> {
     match s {
         "fast" => Ok(tern_model::Precision::Fast),
         "reference" => Ok(tern_model::Precision::Reference),
+        "tensor" => Ok(tern_model::Precision::Tensor),
         other => Err(format!(
-            "unknown precision `{other}` (expected fast or reference)"
+            "unknown precision `{other}` (expected fast, tensor or reference)"
         )),
     }
 }

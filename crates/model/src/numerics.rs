@@ -49,10 +49,7 @@ pub struct Numerics {
 impl Numerics {
     /// The CPU forward pass at `precision`.
     pub fn cpu(precision: Precision) -> Numerics {
-        let precision = match precision {
-            Precision::Reference => "reference",
-            Precision::Fast => "fast",
-        };
+        let precision = precision.name(true);
         Numerics {
             backend: "cpu".into(),
             precision: precision.into(),

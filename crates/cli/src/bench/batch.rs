@@ -44,6 +44,10 @@ pub struct BatchBenchArgs {
     /// Rounds (medians are reported).
     #[arg(long, default_value_t = 3, value_parser = crate::parse_count)]
     repeats: usize,
+    /// How matrix products treat activations: fast (int8 on the CPU), tensor (fast, and the
+    /// BF16 products on a CUDA GPU's tensor cores) or reference.
+    #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
+    precision: Precision,
     /// CPU threads (default: all cores).
     #[arg(long, value_parser = crate::parse_count)]
     threads: Option<usize>,
@@ -78,14 +82,16 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
     };
     let (model, on, gpu) = match device {
         DeviceChoice::Cpu => (
-            Model::open("bench", &path, threads)?.with_precision(Precision::Fast),
+            Model::open("bench", &path, threads)?.with_precision(args.precision),
             format!("cpu x{threads}"),
             false,
         ),
         DeviceChoice::Cuda | DeviceChoice::Wgpu => {
             let gpu = tern_compute::open(device)?;
             let on = format!("on {}", gpu.describe());
-            let model = Model::open("bench", &path, 1)?.on_device(&gpu)?;
+            let model = Model::open("bench", &path, 1)?
+                .with_precision(args.precision)
+                .on_device(&gpu)?;
             (model, on, true)
         }
         other => bail!("tern bench batch runs on the CPU or a GPU, not {other:?}"),

@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use tern_compute::DeviceChoice;
-use tern_model::{Model, Precision};
+use tern_model::Model;
 
 use super::{GpuBench, GuestBench, print_breakdown};
 
 pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     let device = tern_compute::open(DeviceChoice::Cuda)?;
     let model = Model::open("bench", b.path, 1)?
-        .with_precision(Precision::Reference)
+        .with_precision(b.precision)
         .on_device(&device)?;
     let model = Arc::new(model);
     let Some(cuda) = model.engine_as::<tern_model::llama::cuda::CudaLlama>() else {

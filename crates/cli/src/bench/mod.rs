@@ -154,6 +154,8 @@ pub struct GpuBench<'a> {
     pub repeats: usize,
     /// Run llama.cpp's own `llama-bench` on the same file in the same run.
     pub baseline: bool,
+    /// How the model's matrix products treat activations (`--precision`).
+    pub precision: tern_model::Precision,
 }
 
 /// The project's script `name` (`scripts/NAME`): in the working folder's checkout (as

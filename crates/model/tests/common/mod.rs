@@ -133,6 +133,27 @@ pub fn parity_with(
     prompt_len: usize,
     kv_type: KvType,
 ) {
+    parity_at(
+        device,
+        shape_name,
+        linear,
+        embd,
+        prompt_len,
+        kv_type,
+        tern_model::Precision::Reference,
+    );
+}
+
+/// [`parity_with`] with the device's model at `precision` (the CPU's stays the reference).
+pub fn parity_at(
+    device: &Arc<dyn Device>,
+    shape_name: &str,
+    linear: DType,
+    embd: DType,
+    prompt_len: usize,
+    kv_type: KvType,
+    precision: tern_model::Precision,
+) {
     let path = model_file(shape_name, linear, embd);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let cpu = Model::open("m", &path, threads)
@@ -141,6 +162,7 @@ pub fn parity_with(
     let gpu = Model::open("m", &path, threads)
         .unwrap()
         .with_kv_type(kv_type)
+        .with_precision(precision)
         .on_device(device)
         .unwrap();
     let p = prompt(prompt_len, cpu.config().n_vocab);

@@ -101,10 +101,11 @@ pub fn mma_parts(rows: usize, cols: usize) -> usize {
     p
 }
 
-/// Whether the model's BF16 matrices go to the tensor-core kernels: on sm_80 and later, while
-/// `TERN_CUDA_MMA=1` (they are being measured against the matrix-vector kernels).
-pub fn mma_wanted(arch: u32) -> bool {
-    arch >= 80 && std::env::var_os("TERN_CUDA_MMA").is_some_and(|v| v == "1")
+/// Whether the model's BF16 matrices go to the tensor-core kernels: at
+/// [`Precision::Tensor`](crate::Precision::Tensor), on sm_80 and later (`mma.sync` with bf16
+/// operands).
+pub fn mma_wanted(arch: u32, precision: crate::Precision) -> bool {
+    arch >= 80 && precision == crate::Precision::Tensor
 }
 
 /// Whether the tensor-core kernels take a matrix: BF16, rows in whole groups of 8 tiles of

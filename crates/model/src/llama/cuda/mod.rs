@@ -204,7 +204,7 @@ impl CudaLlama {
         let layer_type = fused::layer_type(&weights);
         let decode = layer_type.as_ref().ok().map(|&dtype| (dtype, hd));
         let (mut kernels, kernels_cached) = Kernels::load(&ctx, gpu.arch(), decode, cpu.kv_type)?;
-        if kernels::mma_wanted(gpu.arch()) {
+        if kernels::mma_wanted(gpu.arch(), cpu.precision) {
             kernels.mma = tile_weights(&ctx, &stream, &kernels, gpu.arch(), &mut weights)?;
         }
         let kernels_ms = t.elapsed().as_secs_f64() * 1e3;
