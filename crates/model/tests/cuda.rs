@@ -584,17 +584,7 @@ fn tensor_core_products_keep_each_sessions_bits() {
         KvType::F32,
         tern_model::Precision::Tensor,
     );
-    conversations::one_step_gives_each_session_its_own_bits(
-        &model,
-        &[0, 5, 40, 100, 63, 200, 1, 0],
-        &[30, 1, 64, 3, 1, 9, 8, 1],
-    );
-    let vocab = model.config().n_vocab;
-    let mut rng = Rng(0x5eed_7c0e);
-    let conversations: Vec<_> = (0..12)
-        .map(|_| conversations::Conversation::random(&mut rng, vocab))
-        .collect();
-    conversations::alone_and_together(&model, &conversations);
+    keeps_each_sessions_bits(&model, 0x5eed_7c0e, 12);
 }
 
 /// A model of bf16 matrices (the 1B benchmark's type) keeps each session's bits alone, in
@@ -609,15 +599,21 @@ fn bf16_matrices_keep_each_sessions_bits_in_batched_steps() {
         .unwrap()
         .on_device(&device)
         .unwrap();
+    keeps_each_sessions_bits(&model, 0x5eed_0bf1, 24);
+}
+
+/// `model` gives each session its own bits in one step over 8 sessions at different
+/// positions, and `n` random conversations (from `seed`) the same bits alone and together.
+fn keeps_each_sessions_bits(model: &Model, seed: u64, n: usize) {
     conversations::one_step_gives_each_session_its_own_bits(
-        &model,
+        model,
         &[0, 5, 40, 100, 63, 200, 1, 0],
         &[30, 1, 64, 3, 1, 9, 8, 1],
     );
     let vocab = model.config().n_vocab;
-    let mut rng = Rng(0x5eed_0bf1);
-    let conversations: Vec<_> = (0..24)
+    let mut rng = Rng(seed);
+    let conversations: Vec<_> = (0..n)
         .map(|_| conversations::Conversation::random(&mut rng, vocab))
         .collect();
-    conversations::alone_and_together(&model, &conversations);
+    conversations::alone_and_together(model, &conversations);
 }
