@@ -617,3 +617,70 @@ fn keeps_each_sessions_bits(model: &Model, seed: u64, n: usize) {
         .collect();
     conversations::alone_and_together(model, &conversations);
 }
+
+/// A profiled batched step (`tern bench batch`'s breakdown) times every phase and leaves its
+/// sessions as they were: the step after it gives the bits a step gives unprofiled.
+#[test]
+fn a_profiled_batched_step_leaves_its_sessions_as_they_were() {
+    let Some(device) = gpu("a_profiled_batched_step_leaves_its_sessions_as_they_were") else {
+        return;
+    };
+    let model = smollm2_on(&device);
+    let cuda = model
+        .engine_as::<tern_model::llama::cuda::CudaLlama>()
+        .unwrap();
+    let vocab = model.config().n_vocab;
+    let prompts = [prompt(20, vocab), prompt(33, vocab)];
+    let after_prompts = || {
+        prompts
+            .iter()
+            .map(|p| {
+                let mut session = model.new_session(64).unwrap();
+                let mut logits = vec![0.0; vocab];
+                model.forward(&mut session, p, &mut logits).unwrap();
+                session
+            })
+            .collect::<Vec<_>>()
+    };
+    let tokens = [7u32, 11];
+    let step = |sessions: &mut [tern_model::Session]| {
+        let mut logits = vec![vec![0.0f32; vocab]; sessions.len()];
+        let mut tops = vec![[tern_model::Candidate::default()]; sessions.len()];
+        let mut steps: Vec<tern_model::Step<'_>> = sessions
+            .iter_mut()
+            .zip(&tokens)
+            .zip(logits.iter_mut().zip(tops.iter_mut()))
+            .map(|((session, token), (l, top))| tern_model::Step {
+                session,
+                tokens: std::slice::from_ref(token),
+                logits: Some(l.as_mut_slice()),
+                top,
+            })
+            .collect();
+        model.step(&mut steps).unwrap();
+        logits
+    };
+    let mut plain = after_prompts();
+    let want = step(&mut plain);
+    let mut profiled = after_prompts();
+    let mut states: Vec<_> = profiled
+        .iter_mut()
+        .map(|s| {
+            s.state_mut::<tern_model::llama::cuda::CudaSession>()
+                .unwrap()
+        })
+        .collect();
+    let times = cuda.profile_batch(&mut states, &tokens).unwrap();
+    for phase in ["embedding, norm", "attention", "output head", "top logits"] {
+        assert!(
+            times.iter().any(|(name, us)| *name == phase && *us > 0.0),
+            "no time for {phase}: {times:?}"
+        );
+    }
+    assert!(cuda.profile_batch(&mut states[..1], &tokens[..1]).is_err());
+    let got = step(&mut profiled);
+    assert!(
+        bits(&got) == bits(&want),
+        "the profiled step moved a session"
+    );
+}

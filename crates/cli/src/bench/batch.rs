@@ -205,6 +205,13 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
             r.bandwidth / 1e9
         );
     }
+    #[cfg(feature = "cuda")]
+    if cuda
+        && prompts.len() >= 2
+        && let Err(e) = profile_step(&model, &prompts, context)
+    {
+        println!("\n(the batched step was not profiled: {e:#})");
+    }
     // (An engine without a step scheduler keeps no counters.)
     let stats = model.step_stats();
     if stats.steps > 0 {
@@ -216,6 +223,40 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where one batched decode step of every prompt's sequence (the largest batch) spends its
+/// GPU time, kernel by kernel: medians of 5 steps, each after the prompts.
+#[cfg(feature = "cuda")]
+fn profile_step(model: &Model, prompts: &[Vec<u32>], context: usize) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tern_model::llama::cuda::{CudaLlama, CudaSession};
+    let cuda = model.engine_as::<CudaLlama>().context("no GPU model")?;
+    let mut sessions = Vec::with_capacity(prompts.len());
+    let mut tokens = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let mut session = model.new_session(context)?;
+        let mut top = [Candidate::default()];
+        model.forward_top(&mut session, prompt, None, &mut top)?;
+        tokens.push(top[0].token);
+        sessions.push(session);
+    }
+    let mut states = sessions
+        .iter_mut()
+        .map(|s| s.state_mut::<CudaSession>().context("no GPU session"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let runs = (0..5)
+        .map(|_| cuda.profile_batch(&mut states, &tokens))
+        .collect::<Result<Vec<_>, _>>()?;
+    super::print_breakdown(
+        &format!(
+            "one batched decode step of {} sequences, kernel by kernel (events between kernels, \
+             no graph; medians of 5):",
+            prompts.len()
+        ),
+        &runs,
+    );
+    Ok(())
 }
 
 /// One round for `prompts.len()` sequences: prefill and decode tokens per second through

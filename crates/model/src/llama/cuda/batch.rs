@@ -148,11 +148,13 @@ struct Part<'s, 't> {
 }
 
 /// Enqueues one round: every part's positions through every layer together, the logits of
-/// each part that wants them written to its address. The caller holds the model.
+/// each part that wants them written to its address. The caller holds the model. `mark` is
+/// told each kernel's name (or a layer phase's) after it is enqueued.
 fn round(
     model: &CudaLlama,
     have: &mut Option<BatchBuffers>,
     parts: &mut [Part<'_, '_>],
+    mark: &mut dyn FnMut(&'static str) -> Result<(), ModelError>,
 ) -> Result<(), ModelError> {
     let c = &model.config;
     let w = &model.weights;
@@ -201,12 +203,13 @@ fn round(
         c.rms_eps,
         false,
     )?;
+    mark("embedding, norm")?;
     let mut attention = |l: usize| {
         run.attention_batch(
             c, n, n_split, acts.qkv, base, l as u32, w.inv_freq, acts.att,
         )
     };
-    enqueue_layers(model, &run, acts, rows, &mut attention, &mut |_| Ok(()))?;
+    enqueue_layers(model, &run, acts, rows, &mut attention, mark)?;
     if outs > 0 {
         let (outs, vocab) = (outs as u32, c.n_vocab as u32);
         let rows_at = base + plan.out_rows as u64;
@@ -217,7 +220,9 @@ fn round(
         };
         let logits = b.ptr(model, &b.logits);
         run.product(&w.output, acts.xb, logits, outs, e, vocab, 0, whole)?;
+        mark("output head")?;
         run.scatter_rows(logits, base + plan.dsts as u64, outs, vocab)?;
+        mark("logits scattered")?;
     }
     for p in parts.iter_mut() {
         p.session.len += p.tokens.len();
@@ -233,6 +238,56 @@ fn job_bytes(job: &AttnJob) -> &[u8] {
 }
 
 impl CudaLlama {
+    /// Times each kernel of one batched decode step: `tokens[i]` after `sessions[i]`'s
+    /// positions, every session's logits and top logit (with an event after each kernel or
+    /// layer phase, outside any graph), leaving the sessions as they were; each name's total
+    /// in microseconds, in the order first seen.
+    pub fn profile_batch(
+        &self,
+        sessions: &mut [&mut CudaSession],
+        tokens: &[u32],
+    ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+        if sessions.len() != tokens.len() || !(2..=MAX_SESSIONS).contains(&sessions.len()) {
+            return Err(ModelError::Invalid(format!(
+                "a batched step of {} sessions and {} tokens (2 to {MAX_SESSIONS} of each)",
+                sessions.len(),
+                tokens.len()
+            )));
+        }
+        if let Some(full) = sessions.iter().find(|s| s.len >= s.n_ctx) {
+            return Err(ModelError::Invalid(format!(
+                "a session of {} positions holds {} already",
+                full.n_ctx, full.len
+            )));
+        }
+        let mut busy = self.hold()?;
+        let lens: Vec<usize> = sessions.iter().map(|s| s.len).collect();
+        let times = super::session::timed(self, |mark| {
+            let mut parts: Vec<Part<'_, '_>> = sessions
+                .iter_mut()
+                .zip(tokens)
+                .map(|(session, token)| {
+                    let out = Some(session.logits_ptr());
+                    Part {
+                        session,
+                        tokens: std::slice::from_ref(token),
+                        out,
+                    }
+                })
+                .collect();
+            round(self, &mut busy.batch, &mut parts, mark)?;
+            for p in &parts {
+                p.session
+                    .enqueue_top_k(self, p.session.logits_ptr(), 1, None)?;
+            }
+            mark("top logits")
+        });
+        for (session, len) in sessions.iter_mut().zip(lens) {
+            session.truncate(len);
+        }
+        times
+    }
+
     /// Appends each item's tokens to its session and writes the outputs it asks for, as
     /// [`CudaLlama::forward_top`] would for each alone (the same bits): long prompts' chunks
     /// on tensor cores a session at a time, then every session's remaining positions
@@ -299,7 +354,7 @@ impl CudaLlama {
                 },
                 many => {
                     for group in many.chunks_mut(MAX_SESSIONS) {
-                        round(self, &mut busy.batch, group)?;
+                        round(self, &mut busy.batch, group, &mut |_| Ok(()))?;
                     }
                 }
             }

@@ -752,7 +752,7 @@ pub(super) fn enqueue_layers(
 
 /// Runs `enqueue` with an event recorded after each kernel it marks, and returns each
 /// kernel name's total time in microseconds, in the order first seen.
-fn timed(
+pub(super) fn timed(
     model: &CudaLlama,
     enqueue: impl FnOnce(
         &mut dyn FnMut(&'static str) -> Result<(), ModelError>,
