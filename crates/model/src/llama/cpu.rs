@@ -302,7 +302,7 @@ crate::engine::session_state!(KvCache);
 /// callers share batched steps); several at once run as one batched step.
 impl Engine for CpuLlama {
     fn label(&self) -> String {
-        let precision = self.precision.name(true);
+        let precision = self.precision.cpu_name();
         format!("cpu {precision}{}", self.kv_type.precision_note())
     }
 
@@ -416,14 +416,12 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// The name `--precision` takes and the numerics record. On the CPU, `Tensor` is
-    /// `Fast`'s arithmetic and goes by its name.
-    pub fn name(self, cpu: bool) -> &'static str {
+    /// The CPU's arithmetic at this precision, as its label and numerics name it: `Tensor`
+    /// computes as `Fast` there, and goes by its name.
+    pub fn cpu_name(self) -> &'static str {
         match self {
             Precision::Reference => "reference",
-            Precision::Fast => "fast",
-            Precision::Tensor if cpu => "fast",
-            Precision::Tensor => "tensor",
+            Precision::Fast | Precision::Tensor => "fast",
         }
     }
 }
