@@ -1131,7 +1131,7 @@ impl Launcher<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{MATVEC_UNITS, matvec_parts};
+    use super::{DevMatrix, MATVEC_UNITS, matvec_parts, mma_fits, mma_many_smem, mma_parts};
     use crate::quant::DType;
 
     #[test]
@@ -1156,5 +1156,49 @@ mod tests {
         // Never more parts than warps, never parts of under four steps.
         assert_eq!(matvec_parts(1, 1 << 20), 8);
         assert_eq!(matvec_parts(1, 256 * 7), 1);
+    }
+
+    #[test]
+    fn tensor_core_parts_follow_the_shape_alone() {
+        // Llama-3.2-1B, as the probe measured them: Q/K/V and O 8 parts of 256 columns,
+        // gate/up 2 of 1,024, down 16 of 512, the output head whole rows.
+        assert_eq!(mma_parts(3072, 2048), 8);
+        assert_eq!(mma_parts(2048, 2048), 8);
+        assert_eq!(mma_parts(16384, 2048), 2);
+        assert_eq!(mma_parts(2048, 8192), 16);
+        assert_eq!(mma_parts(128_256, 2048), 1);
+        // At most 16 parts (what mma_one's blocks hold), each of 256 columns or more.
+        assert_eq!(mma_parts(128, 1 << 20), 16);
+        assert_eq!(mma_parts(128, 512), 2);
+        assert_eq!(mma_parts(128, 256), 1);
+    }
+
+    #[test]
+    fn tensor_cores_take_bf16_matrices_of_whole_tile_groups_and_steps() {
+        let m = |dtype, rows, cols| DevMatrix {
+            ptr: 0,
+            dtype,
+            rows,
+            cols,
+            row_bytes: 2 * cols,
+            tiles: 0,
+        };
+        assert!(mma_fits(&m(DType::BF16, 3072, 2048)));
+        assert!(mma_fits(&m(DType::BF16, 128_256, 2048)));
+        // SmolLM2's rows and columns are not whole groups of 128 and steps of 256.
+        assert!(!mma_fits(&m(DType::BF16, 960, 576)));
+        assert!(!mma_fits(&m(DType::BF16, 3072, 576)));
+        assert!(!mma_fits(&m(DType::F16, 3072, 2048)));
+        assert!(!mma_fits(&m(DType::Q8_0, 3072, 2048)));
+    }
+
+    #[test]
+    fn mma_many_shared_memory_fits_the_default_48_kib() {
+        // mma.cuh's mma_many_smem: two stages of 8 n8 tiles' rows.
+        assert_eq!(mma_many_smem(1), 9_216);
+        assert_eq!(mma_many_smem(2), 18_432);
+        assert_eq!(mma_many_smem(4), 20_480);
+        assert_eq!(mma_many_smem(8), 40_960);
+        assert!((1..=8).all(|nt| mma_many_smem(nt) <= 48 << 10));
     }
 }
