@@ -138,17 +138,26 @@ pub struct Mma {
 }
 
 impl Mma {
-    /// Compiles (or loads) `mma.cu` for `sm_{arch}` and allocates scratch for matrices of up
-    /// to `max_cols` columns, `max_tiles` row tiles and `max_part_sums` floats of parts' sums
-    /// for `MMA_MAX_TOKENS` tokens.
+    /// Compiles (or loads) `mma.cu` for `sm_{arch}` and allocates scratch for products of
+    /// up to `MMA_MAX_TOKENS` tokens by any of `matrices`; none when `matrices` is empty.
     pub fn new(
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
         arch: u32,
-        max_cols: usize,
-        max_tiles: usize,
-        max_part_sums: usize,
-    ) -> Result<Mma, ModelError> {
+        matrices: &[&DevMatrix],
+    ) -> Result<Option<Mma>, ModelError> {
+        let tokens = MMA_MAX_TOKENS as usize;
+        let dims = || matrices.iter().map(|m| (m.rows as usize, m.cols as usize));
+        let (Some(max_cols), Some(max_rows)) =
+            (dims().map(|(_, c)| c).max(), dims().map(|(r, _)| r).max())
+        else {
+            return Ok(None);
+        };
+        let max_tiles = max_rows / 16;
+        let max_part_sums = dims()
+            .map(|(rows, cols)| mma_parts(rows, cols) * tokens * rows)
+            .max()
+            .unwrap_or(0);
         let (bytes, _) = cubin("mma.cu", MMA, arch)?;
         let module = ctx
             .load_module(Ptx::from_binary(bytes))
@@ -158,7 +167,6 @@ impl Mma {
                 ModelError::device("cuda", format!("loading kernel `{name}`"), format!("{e:?}"))
             })
         };
-        let tokens = MMA_MAX_TOKENS as usize;
         // hi and lo (a word a pair of columns each) and the tickets, then the scales and sums.
         let words = 2 * tokens * max_cols.div_ceil(2) + max_tiles;
         let words_buf = stream
@@ -170,7 +178,7 @@ impl Mma {
         let (w, _) = words_buf.device_ptr(stream);
         let (f, _) = floats_buf.device_ptr(stream);
         let half = (tokens * max_cols.div_ceil(2) * 4) as u64;
-        Ok(Mma {
+        Ok(Some(Mma {
             tile: get("mma_tile_bf16")?,
             split: get("mma_split_f32")?,
             one: get("mma_one_bf16")?,
@@ -186,7 +194,7 @@ impl Mma {
             scale: f,
             part_sums: f + 4 * tokens as u64,
             _buffers: (words_buf, floats_buf),
-        })
+        }))
     }
 }
 
@@ -572,12 +580,15 @@ impl Launcher<'_> {
         residual: u64,
         fuse: Fuse,
     ) -> Result<(), ModelError> {
-        match &self.kernels.mma {
-            Some(mma) if w.tiles != 0 => {
-                self.mma(mma, w, x, y, n, x_stride, y_stride, residual, fuse)
-            }
-            _ => self.matvec(w, x, y, n, x_stride, y_stride, residual, fuse),
+        match self.tensor_cores_for(w) {
+            Some(mma) => self.mma(mma, w, x, y, n, x_stride, y_stride, residual, fuse),
+            None => self.matvec(w, x, y, n, x_stride, y_stride, residual, fuse),
         }
+    }
+
+    /// The tensor-core kernels, where `w` is tiled for them.
+    fn tensor_cores_for(&self, w: &DevMatrix) -> Option<&Mma> {
+        self.kernels.mma.as_ref().filter(|_| w.tiles != 0)
     }
 
     /// `w`'s rows stored again as `tiles` (its size), the tensor-core kernels' layout.
@@ -773,9 +784,7 @@ impl Launcher<'_> {
     /// `y = W x` for one token, stored 8 rows at a time: the output head, whose `y` is often
     /// host memory registered with the GPU.
     pub fn matvec_out(&self, w: &DevMatrix, x: u64, y: u64) -> Result<(), ModelError> {
-        if let Some(mma) = &self.kernels.mma
-            && w.tiles != 0
-        {
+        if let Some(mma) = self.tensor_cores_for(w) {
             return self.mma(mma, w, x, y, 1, w.cols, w.rows, 0, Fuse::default());
         }
         let blocks = (w.rows as usize).div_ceil(MATVEC_WARPS) as u32;

@@ -155,21 +155,9 @@ fn tile_weights(
         .into_iter()
         .filter(|m| kernels::mma_fits(m))
         .collect();
-    let (Some(max_cols), Some(max_rows)) = (
-        fitting.iter().map(|m| m.cols as usize).max(),
-        fitting.iter().map(|m| m.rows as usize).max(),
-    ) else {
+    let Some(mma) = kernels::Mma::new(ctx, stream, arch, &fitting)? else {
         return Ok(None);
     };
-    let max_part_sums = fitting
-        .iter()
-        .map(|m| {
-            let (rows, cols) = (m.rows as usize, m.cols as usize);
-            kernels::mma_parts(rows, cols) * 64 * rows
-        })
-        .max()
-        .unwrap_or(0);
-    let mma = kernels::Mma::new(ctx, stream, arch, max_cols, max_rows / 16, max_part_sums)?;
     let run = Launcher { kernels, stream };
     weights.tile(stream, kernels::mma_fits, |m, tiles| {
         run.mma_tile(&mma, m, tiles)
