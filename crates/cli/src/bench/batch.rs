@@ -232,15 +232,8 @@ fn profile_step(model: &Model, prompts: &[Vec<u32>], context: usize) -> anyhow::
     use anyhow::Context;
     use tern_model::llama::cuda::{CudaLlama, CudaSession};
     let cuda = model.engine_as::<CudaLlama>().context("no GPU model")?;
-    let mut sessions = Vec::with_capacity(prompts.len());
-    let mut tokens = Vec::with_capacity(prompts.len());
-    for prompt in prompts {
-        let mut session = model.new_session(context)?;
-        let mut top = [Candidate::default()];
-        model.forward_top(&mut session, prompt, None, &mut top)?;
-        tokens.push(top[0].token);
-        sessions.push(session);
-    }
+    let (mut sessions, tops) = after_prompts(model, prompts, context)?;
+    let tokens: Vec<u32> = tops.iter().map(|top| top[0].token).collect();
     let mut states = sessions
         .iter_mut()
         .map(|s| s.state_mut::<CudaSession>().context("no GPU session"))
@@ -257,6 +250,22 @@ fn profile_step(model: &Model, prompts: &[Vec<u32>], context: usize) -> anyhow::
         &runs,
     );
     Ok(())
+}
+
+/// A session after each prompt, and each session's top logit.
+fn after_prompts(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    context: usize,
+) -> anyhow::Result<(Vec<Session>, Vec<[Candidate; 1]>)> {
+    let mut sessions = Vec::with_capacity(prompts.len());
+    let mut tops = vec![[Candidate::default()]; prompts.len()];
+    for (prompt, top) in prompts.iter().zip(tops.iter_mut()) {
+        let mut session = model.new_session(context)?;
+        model.forward_top(&mut session, prompt, None, top)?;
+        sessions.push(session);
+    }
+    Ok((sessions, tops))
 }
 
 /// One round for `prompts.len()` sequences: prefill and decode tokens per second through
@@ -306,13 +315,7 @@ fn tern_round(
         Ok((prefill, decode))
     })?;
     // The engine alone: the same sequences as plain batched steps of all B at once.
-    let mut sessions: Vec<Session> = Vec::with_capacity(b);
-    let mut tops = vec![[Candidate::default()]; b];
-    for (prompt, top) in prompts.iter().zip(tops.iter_mut()) {
-        let mut session = model.new_session(context)?;
-        model.forward_top(&mut session, prompt, None, top)?;
-        sessions.push(session);
-    }
+    let (mut sessions, mut tops) = after_prompts(model, prompts, context)?;
     let t = Instant::now();
     for _ in 0..decode {
         let next: Vec<[u32; 1]> = tops.iter().map(|top| [top[0].token]).collect();
