@@ -3,7 +3,9 @@
 // as fast as the matrix-vector kernels do at one token? Not part of Tern: a measurement for
 // choosing the design of batched steps' matrix products (the Llama-3.2-1B shape's matrices).
 //
-//   nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/gemm scripts/probes/gemm-bf16-mma.cu && /tmp/gemm
+//   nvcc -O3 -gencode arch=compute_90a,code=sm_90a -std=c++17 -o /tmp/gemm scripts/probes/gemm-bf16-mma.cu && /tmp/gemm
+//
+// (`/tmp/gemm wg`: only A, M, ZG2, ZI and the W designs; `/tmp/gemm profile`: see below.)
 //
 // Designs:
 //   A   the matrix-vector kernel (matvec.cu's, as in matvec-bf16.cu): a warp per row, f32
@@ -74,6 +76,13 @@
 //   ZI  ZG2 over tiles stored in groups of 8 (a group's chunk k is 8 KiB in a row: tile 0's
 //       1 KiB, tile 1's, ...), so that a block whose 8 warps take 8 tiles reads one 8 KiB run
 //       a chunk rather than 8 runs 64 KiB apart. M's bits, checked.
+//   W   Hopper's warpgroup mma (wgmma m64nNk16, N = 8 to 64 tokens): a block of 4 warps takes
+//       64 rows (each warp its row tile's fragments from Z's tiles, in registers as wgmma's A
+//       operand) and one of P parts; the tokens' hi and lo come from shared memory as the B
+//       operand, staged SC chunks at a time while the stage before is multiplied. The same
+//       products in M's order, one instruction for up to 64 tokens instead of 8 mmas a warp:
+//       whether a wgmma gives an mma.sync's bits (a token's sum over 16 columns in the same
+//       order) is what the check answers. W2, W8: 2 and 8 chunks a stage.
 //
 // `gemm profile` runs each of a few products once (for Nsight Compute) and nothing else.
 //
@@ -555,6 +564,163 @@ __global__ void __launch_bounds__(256)
     y[out_tile * 16 + r] = v;
 }
 
+// ---- W: wgmma (sm_90a), the weights in registers as A, the tokens from shared memory as B ----
+// A block is one warpgroup (4 warps, 64 rows: warp w takes row tile 4 (b / P) + w, loading its
+// fragments from Z's tiles as M's warps do) and one of P parts of the columns. Per stage of
+// SC 32-column chunks, the block copies every token's hi and lo of those columns into shared
+// memory as wgmma's B operands (K-major, no swizzle: core matrices of 8 tokens x 8 columns, 128
+// bytes; the two 8-column halves of a k16 step 128 bytes apart, the 8-token groups 256), with
+// M's permutation of columns within a chunk, so that each wgmma m64nNk16 is M's mma for 8 N
+// tokens at once, in M's order: per chunk, step 0's hi, its lo, step 1's hi, its lo. The next
+// stage's weights are loaded and its activations copied while this stage's wgmmas run. Parts
+// are summed as M sums them (store_tile). Whether a wgmma gives mma.sync's bits is what the
+// check answers.
+template <int NT>
+struct Wg;
+template <>
+struct Wg<1> {
+    __device__ __forceinline__ static void mma(float (&d)[1][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned long long desc)
+    {
+        asm volatile(
+            "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, 1, 1, 1, 0;"
+            : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+    }
+};
+template <>
+struct Wg<2> {
+    __device__ __forceinline__ static void mma(float (&d)[2][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned long long desc)
+    {
+        asm volatile(
+            "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, 1, 1, 1, 0;"
+            : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+    }
+};
+template <>
+struct Wg<4> {
+    __device__ __forceinline__ static void mma(float (&d)[4][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned long long desc)
+    {
+        asm volatile(
+            "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, 1, 1, 1, 0;"
+            : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+    }
+};
+template <>
+struct Wg<8> {
+    __device__ __forceinline__ static void mma(float (&d)[8][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned long long desc)
+    {
+        asm volatile(
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, 1, 1, 1, 0;"
+            : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+    }
+};
+
+__device__ __forceinline__ unsigned long long wg_desc(const void* p)
+{
+    // Start address, leading (K) byte offset 128, stride (N) byte offset 256, no swizzle.
+    const unsigned long long a = smem_addr(p);
+    return ((a >> 4) & 0x3fff) | ((unsigned long long)(128 >> 4) << 16) | ((unsigned long long)(256 >> 4) << 32);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+template <int NT, int SC>
+__global__ void __launch_bounds__(128)
+    gemm_wg(const unsigned char* w, const float*, float* y, int rows, int cols, int T, int P, const void* xhi_, const void* xlo_,
+            unsigned* tickets, float* part_sums)
+{
+    extern __shared__ __align__(128) unsigned char wsm[];
+    constexpr int OP = NT * 256;        // one k16 operand: NT groups of 8 tokens x 16 columns
+    constexpr int STAGE = SC * 4 * OP;  // per chunk: step 0 hi, step 0 lo, step 1 hi, step 1 lo
+    const unsigned char* xhi = (const unsigned char*)xhi_;
+    const unsigned char* xlo = (const unsigned char*)xlo_;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int part = blockIdx.x % P, tiles = rows / 16;
+    const int tile = (blockIdx.x / P) * 4 + warp, tl = tile < tiles ? tile : tiles - 1;
+    const int kp = cols / P, chunks = kp / 32, c0 = part * kp;
+    const unsigned char* wt = w + ((size_t)tl * (cols / 32) + c0 / 32) * 1024 + 16 * lane;
+    uint4 wa[SC][2], wb[SC][2];
+    float acc[NT][4] = {};
+    auto load = [&](uint4 (&v)[SC][2], int k) {
+#pragma unroll
+        for (int u = 0; u < SC; ++u)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) v[u][h] = k + u < chunks ? ldw(wt + (size_t)(k + u) * 1024 + h * 512) : make_uint4(0, 0, 0, 0);
+    };
+    // Stage k's activations into buf: token n's 16 bytes of columns 8q .. 8q + 7 of a chunk
+    // go to step 0 (columns 8q, 8q + 1 as virtual k 2q, 2q + 1; 8q + 2, 8q + 3 as 2q + 8, 2q + 9)
+    // and step 1 (the same with 8q + 4 .. 8q + 7).
+    auto fill = [&](unsigned char* buf, int k) {
+        for (int i = threadIdx.x; i < SC * NT * 8 * 8; i += 128) {
+            const int hl = i & 1, q = (i >> 1) & 3, n = (i >> 3) % (NT * 8), u = (i >> 3) / (NT * 8);
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (n < T && k + u < chunks) v = ldx((hl ? xlo : xhi) + ((size_t)n * cols + c0 + (k + u) * 32 + 8 * q) * 2);
+            unsigned char* s0 = buf + ((u * 2 + 0) * 2 + hl) * OP + (n >> 3) * 256 + (n & 7) * 16 + q * 4;
+            unsigned char* s1 = buf + ((u * 2 + 1) * 2 + hl) * OP + (n >> 3) * 256 + (n & 7) * 16 + q * 4;
+            *(unsigned*)s0 = v.x;
+            *(unsigned*)(s0 + 128) = v.y;
+            *(unsigned*)s1 = v.z;
+            *(unsigned*)(s1 + 128) = v.w;
+        }
+    };
+    auto fence_acc = [&]() {
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(acc[n][i])::"memory");
+    };
+    // This stage's wgmmas from v and buf, the next stage's activations into next meanwhile.
+    auto stage = [&](const uint4 (&v)[SC][2], unsigned char* buf, unsigned char* next, int k) {
+        fence_acc();
+        wg_fence();
+#pragma unroll
+        for (int u = 0; u < SC; ++u) {
+            if (k + u >= chunks) break;
+            const uint4 a = v[u][0], b = v[u][1];
+            unsigned char* op = buf + u * 4 * OP;
+            Wg<NT>::mma(acc, a.x, b.x, a.y, b.y, wg_desc(op));
+            Wg<NT>::mma(acc, a.x, b.x, a.y, b.y, wg_desc(op + OP));
+            Wg<NT>::mma(acc, a.z, b.z, a.w, b.w, wg_desc(op + 2 * OP));
+            Wg<NT>::mma(acc, a.z, b.z, a.w, b.w, wg_desc(op + 3 * OP));
+        }
+        wg_commit();
+        if (k + SC < chunks) fill(next, k + SC);
+        wg_wait0();
+        fence_acc();
+        // The weights' registers stay untouched until the wgmmas reading them are done.
+#pragma unroll
+        for (int u = 0; u < SC; ++u)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) asm volatile("" ::"r"(v[u][h].x), "r"(v[u][h].y), "r"(v[u][h].z), "r"(v[u][h].w));
+        fence_async_smem();
+        __syncthreads();
+    };
+    load(wa, 0);
+    pdl_wait();
+    pdl_launch();
+    unsigned char *b0 = wsm, *b1 = wsm + STAGE;
+    fill(b0, 0);
+    fence_async_smem();
+    __syncthreads();
+    for (int k = 0; k < chunks; k += 2 * SC) {
+        load(wb, k + SC);
+        stage(wa, b0, b1, k);
+        if (k + SC >= chunks) break;
+        load(wa, k + 2 * SC);
+        stage(wb, b1, b0, k + SC);
+    }
+    if (tile < tiles) store_tile<NT>(acc, y, rows, T, P, part, tile, tickets, part_sums);
+}
+
 // Row-major bf16 rows x cols into Z's tiles (mode 2: ZI's groups of 8 tiles, chunk by chunk).
 __global__ void to_tiles(const unsigned char* src, unsigned char* dst, int rows, int cols, int mode)
 {
@@ -607,6 +773,7 @@ struct Design {
     int ts = 1;     // ZT: warps sharing a row tile in MS, each with its share of the tokens
     bool dx = false; // ZD: MB reads token 0's fragments from global memory, no staging
     bool zi = false; // ZI: tiles in groups of 8, chunk by chunk
+    int wg = 0;      // W: wgmma, this many chunks a stage
 };
 
 // MB's instantiation for a design.
@@ -651,6 +818,27 @@ static Kernel pick_ms(int T, int* smem, int* ts)
     return ms_kernel<8, Z, LO, MT, MINB, G, TS>(smem);
 }
 
+template <int NT, int SC>
+static Kernel wg_kernel(int* smem)
+{
+    *smem = 2 * SC * 4 * NT * 256;
+    static bool set = false;
+    if (!set) {
+        CK(cudaFuncSetAttribute(gemm_wg<NT, SC>, cudaFuncAttributeMaxDynamicSharedMemorySize, *smem));
+        set = true;
+    }
+    return gemm_wg<NT, SC>;
+}
+
+template <int SC>
+static Kernel pick_wg(int T, int* smem)
+{
+    if (T <= 8) return wg_kernel<1, SC>(smem);
+    if (T <= 16) return wg_kernel<2, SC>(smem);
+    if (T <= 32) return wg_kernel<4, SC>(smem);
+    return wg_kernel<8, SC>(smem);
+}
+
 // Parts of a matrix's columns for M: fixed by its shape alone. The fewest (a power of two,
 // columns a part a multiple of 256) giving at least 2,048 warps of one row tile.
 static int parts_of(int rows, int cols)
@@ -692,6 +880,12 @@ static void product(const Design& d, cudaStream_t st, const unsigned char* w, co
     }
     int P = parts_of(rows, cols);
     if (d.pmul > 1 && P < 8) P *= d.pmul;
+    if (d.wg) {
+        int smem = 0;
+        Kernel k = d.wg == 8 ? pick_wg<8>(T, &smem) : d.wg == 2 ? pick_wg<2>(T, &smem) : pick_wg<4>(T, &smem);
+        launch_kernel(k, (rows / 16 + 3) / 4 * P, st, w, x, y, rows, cols, T, P, smem, 128);
+        return;
+    }
     if (d.mb && T == 1 && P <= 16) {
         const int warps = P >= 8 ? 8 : (d.wb > P ? d.wb : P);
         const int per_block = P >= 8 ? 1 : warps / P;
@@ -735,6 +929,7 @@ int main(int argc, char** argv)
 {
     // `profile`: each of a few products once, for Nsight Compute, and nothing else.
     const bool profile = argc > 1 && strcmp(argv[1], "profile") == 0;
+    const bool wg_only = argc > 1 && strcmp(argv[1], "wg") == 0;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     const size_t pool = 3ull << 30;
     unsigned char* w;
@@ -788,7 +983,7 @@ int main(int argc, char** argv)
         cudaEventElapsedTime(&ms, e0, e1);
         printf("read: %.0f GB/s\n", 1.0 * pool * 10 / ms / 1e6);
     }
-    const Design designs[] = {
+    const Design all_designs[] = {
         {"A f32 matvec, 8 tokens a pass", false, 1, 0, false, false, 0},
         {"M mma, 1 tile a warp, 2 chunks", true, 1, 2, false, false, 0},
         {"M mma, 1 tile a warp, 4 chunks", true, 1, 4, false, false, 0},
@@ -818,8 +1013,18 @@ int main(int argc, char** argv)
         {"ZDN ZD, MB blocks of 4 warps (P<8)", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, 4, 1, true},
         {"ZD2 ZD, 2 chunks in flight at one token", true, 1, 4, false, false, 4, true, 8192, 2, 1, true, 1, 2, 2, 8, 1, true},
         {"ZI ZG2 over tiles in groups of 8", true, 1, 4, false, false, 4, true, 8192, 4, 1, true, 1, 2, 2, 8, 1, false, true},
+        {"W wgmma, 4 chunks a stage", true, 1, 4, false, false, 0, true, 0, 4, 1, true, 1, 1, 1, 8, 1, false, false, 4},
+        {"W2 wgmma, 2 chunks a stage", true, 1, 4, false, false, 0, true, 0, 4, 1, true, 1, 1, 1, 8, 1, false, false, 2},
+        {"W8 wgmma, 8 chunks a stage", true, 1, 4, false, false, 0, true, 0, 4, 1, true, 1, 1, 1, 8, 1, false, false, 8},
     };
-    const int n_designs = sizeof(designs) / sizeof(designs[0]);
+    // `gemm wg`: A, M, ZG2, ZI and the wgmma designs alone.
+    std::vector<Design> ds;
+    for (const Design& d : all_designs)
+        if (!wg_only || !d.mma || d.name[0] == 'W' || (d.name[0] == 'M' && d.name[1] == ' ' && d.u == 2) ||
+            !strncmp(d.name, "ZG2", 3) || !strncmp(d.name, "ZI", 2))
+            ds.push_back(d);
+    const Design* designs = ds.data();
+    const int n_designs = (int)ds.size();
     struct Shape {
         const char* name;
         int rows, cols;
@@ -886,7 +1091,7 @@ int main(int argc, char** argv)
         const size_t bytes = (size_t)sh.rows * sh.cols * 2;
         const int copies = (int)(pool / bytes);
         printf("== %s (%.1f MB): us a call at 1 / 4 / 16 / 64 tokens (GB/s of weights)\n", sh.name, bytes / 1e6);
-        for (auto& d : designs) {
+        for (auto& d : ds) {
             printf("  %-34s", d.name);
             for (int T : counts) {
                 split(st, x, T, sh.cols);
