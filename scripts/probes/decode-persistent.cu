@@ -1,0 +1,341 @@
+// Probe: can one persistent kernel keep the weight stream of a one-token decode step running
+// through its dependencies, where a graph of kernels leaves HBM idle at every kernel boundary?
+// Not part of Tern: a measurement for choosing the design of the batch-1 decode step (the
+// Llama-3.2-1B shape in BF16, 2,471.5 MB of weights a token).
+//
+//   nvcc -O3 -gencode arch=compute_90a,code=sm_90a -std=c++17 -o /tmp/dp scripts/probes/decode-persistent.cu && /tmp/dp
+//
+// A step here is the decode step's chain of matrix products with its real dependencies and
+// none of its small work: per layer x -> QKV product -> a stand-in for attention (each output
+// reads one query and one key element of this token: a full dependency on QKV, no work) -> O
+// product added to x -> gate/up product with SwiGLU (gate and up rows interleaved) -> down
+// product added to x; 16 layers, then the output head. Each product reads the whole of its
+// input, so each stage depends on all of the stage before. Every design runs the same warp
+// code per row (a warp a row, 16-byte loads, lane l's columns 8l .. 8l + 7 of each 256, a
+// fixed butterfly), so all give the same bits (checked against G).
+//
+// Designs:
+//   G   a graph of kernels: a kernel a stage, each launched with programmatic dependent launch
+//       and asking L2 for the first bytes of its rows before it waits (today's engine).
+//   B   one persistent kernel, a block an SM, each stage's rows dealt to blocks in equal
+//       contiguous runs; a block signals a counter when its rows of a stage are written and
+//       waits for the stage before it to be complete (all blocks counted) before reading its
+//       input: a grid barrier between stages.
+//   C   B with the next stage's weights of each block copied into shared memory (up to
+//       SMEM bytes, cp.async) as soon as the block has finished its rows of a stage, before it
+//       waits for the others: the weight stream keeps running through the wait, and a stage
+//       small enough to fit (Q/K/V, O) reads only shared memory once its input is there.
+//   L   B with the next stage's first bytes of each row asked of L2 before the wait instead.
+//
+// What it answers: how far C and L take a step toward the products' bytes at HBM's speed, and
+// what a dependency between stages costs each way.
+#include <cuda_runtime.h>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "probe.cuh"
+
+constexpr int LAYERS = 16, EMBD = 2048, QKV = 3072, FF = 8192, VOCAB = 128256;
+constexpr int THREADS = 768, WARPS = THREADS / 32;
+constexpr int SMEM = 200 * 1024;
+
+__device__ __forceinline__ uint4 ldw(const void* p)
+{
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float lo(unsigned u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
+__device__ __forceinline__ float wsum(float v)
+{
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b, float acc)
+{
+    acc = fmaf(lo(w.x), a.x, acc);
+    acc = fmaf(hi(w.x), a.y, acc);
+    acc = fmaf(lo(w.y), a.z, acc);
+    acc = fmaf(hi(w.y), a.w, acc);
+    acc = fmaf(lo(w.z), b.x, acc);
+    acc = fmaf(hi(w.z), b.y, acc);
+    acc = fmaf(lo(w.w), b.z, acc);
+    acc = fmaf(hi(w.w), b.w, acc);
+    return acc;
+}
+
+// One row's dot product with x (f32, read through L2: in the persistent designs other blocks
+// of the same launch wrote it), by a warp; `smem` rows are read with ordinary loads.
+template <bool SHARED>
+__device__ __forceinline__ float row_dot(const unsigned char* row, const float* x, int cols)
+{
+    const int lane = threadIdx.x & 31;
+    float acc = 0.f;
+    for (int k = 0; k < cols / 256; k += 4) {
+        uint4 v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const unsigned char* p = row + (k + i) * 512 + 16 * lane;
+            v[i] = SHARED ? *(const uint4*)p : ldw(p);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float* xp = x + (k + i) * 256 + 8 * lane;
+            acc = dot8(v[i], __ldcg((const float4*)xp), __ldcg((const float4*)(xp + 4)), acc);
+        }
+    }
+    return wsum(acc);
+}
+
+// A stage: y = W x over `rows` rows (kind 0), the same added to y (1), or SwiGLU over
+// interleaved gate/up rows into y[r / 2] (2); or the attention stand-in (3).
+struct Stage {
+    const unsigned char* w;
+    const float* x;
+    float* y;
+    int rows, cols, kind;
+};
+
+__device__ __forceinline__ void finish_row(const Stage& s, int r, float v, float other)
+{
+    if ((threadIdx.x & 31) != 0) return;
+    if (s.kind == 0) s.y[r] = v;
+    if (s.kind == 1) s.y[r] += v;
+    if (s.kind == 2) s.y[r / 2] = v / (1.f + expf(-v)) * other;
+}
+
+// Rows lo .. hi - 1 of stage s by the block's warps; rows below `in_smem` (from lo) come from
+// `sm`, which holds them in order.
+__device__ void run_rows(const Stage& s, int lo_, int hi_, const unsigned char* sm, int in_smem)
+{
+    const int warp = threadIdx.x >> 5;
+    if (s.kind == 3) {
+        for (int i = lo_ + threadIdx.x; i < hi_; i += blockDim.x)
+            s.y[i] = __ldcg(s.x + i) * __ldcg(s.x + EMBD + i % 512) * 0.125f + __ldcg(s.x + EMBD + 512 + i % 512);
+        return;
+    }
+    const size_t rb = (size_t)s.cols * 2;
+    const int step = s.kind == 2 ? 2 : 1;
+    for (int r = lo_ + warp * step; r < hi_; r += WARPS * step) {
+        float v, other = 0.f;
+        if (r - lo_ < in_smem) {
+            v = row_dot<true>(sm + (size_t)(r - lo_) * rb, s.x, s.cols);
+            if (step == 2) other = row_dot<true>(sm + (size_t)(r + 1 - lo_) * rb, s.x, s.cols);
+        } else {
+            v = row_dot<false>(s.w + (size_t)r * rb, s.x, s.cols);
+            if (step == 2) other = row_dot<false>(s.w + (size_t)(r + 1) * rb, s.x, s.cols);
+        }
+        finish_row(s, r, v, other);
+    }
+}
+
+// G: one stage a launch, a block of 8 warps per 8 rows (16 for SwiGLU), or 256 outputs.
+__global__ void __launch_bounds__(256) stage_kernel(Stage s)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (s.kind == 3) {
+        pdl_wait();
+        pdl_launch();
+        const int i = blockIdx.x * 256 + threadIdx.x;
+        if (i < s.rows)
+            s.y[i] = __ldcg(s.x + i) * __ldcg(s.x + EMBD + i % 512) * 0.125f + __ldcg(s.x + EMBD + 512 + i % 512);
+        return;
+    }
+    const int step = s.kind == 2 ? 2 : 1;
+    const int r = (blockIdx.x * 8 + warp) * step;
+    const size_t rb = (size_t)s.cols * 2;
+    if (r < s.rows) asm volatile("prefetch.global.L2 [%0];" ::"l"(s.w + (size_t)r * rb + 128 * (lane & 15)));
+    pdl_wait();
+    pdl_launch();
+    if (r >= s.rows) return;
+    const float v = row_dot<false>(s.w + (size_t)r * rb, s.x, s.cols);
+    const float other = step == 2 ? row_dot<false>(s.w + (size_t)(r + 1) * rb, s.x, s.cols) : 0.f;
+    finish_row(s, r, v, other);
+}
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p)
+{
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void cp16(void* dst, const void* src)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
+}
+
+// The block's run of a stage's rows (whole SwiGLU pairs), and the attention stand-in's.
+__device__ __forceinline__ void block_rows(const Stage& s, int* lo_, int* hi_)
+{
+    const int unit = s.kind == 2 ? 2 : 1, units = s.rows / unit;
+    *lo_ = (int)((long long)units * blockIdx.x / gridDim.x) * unit;
+    *hi_ = (int)((long long)units * (blockIdx.x + 1) / gridDim.x) * unit;
+}
+
+// B, C, L: every stage in one launch. `done[i]` counts the blocks that finished stage i.
+template <int MODE>  // 0: B, 1: C (shared memory), 2: L (L2)
+__global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, int n, unsigned* done)
+{
+    extern __shared__ __align__(16) unsigned char sm[];
+    int in_smem = 0;
+    for (int i = 0; i < n; ++i) {
+        const Stage s = stages[i];
+        int lo_, hi_;
+        block_rows(s, &lo_, &hi_);
+        if (MODE == 1 && s.kind != 3) {
+            // This stage's rows, from the first, as many as fit, while the stage before
+            // finishes elsewhere.
+            const size_t rb = (size_t)s.cols * 2;
+            const int unit = s.kind == 2 ? 2 : 1;
+            in_smem = (int)(SMEM / rb) / unit * unit;
+            if (in_smem > hi_ - lo_) in_smem = hi_ - lo_;
+            const size_t bytes = (size_t)in_smem * rb;
+            const unsigned char* src = s.w + (size_t)lo_ * rb;
+            for (size_t b = threadIdx.x * 16; b < bytes; b += THREADS * 16) cp16(sm + b, src + b);
+            asm volatile("cp.async.commit_group;" ::: "memory");
+        }
+        if (MODE == 2 && s.kind != 3) {
+            const size_t rb = (size_t)s.cols * 2;
+            for (int r = lo_ + (threadIdx.x >> 5); r < hi_ && r < lo_ + 4 * WARPS; r += WARPS)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(s.w + (size_t)r * rb + 128 * (threadIdx.x & 15)));
+        }
+        if (i > 0) {
+            if (threadIdx.x == 0)
+                while (ld_acquire(done + i - 1) < gridDim.x) {
+                }
+            __syncthreads();
+        }
+        if (MODE == 1) asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();
+        run_rows(s, lo_, hi_, sm, MODE == 1 && s.kind != 3 ? in_smem : 0);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(done + i, 1u);
+        }
+    }
+}
+
+int main()
+{
+    int sms;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const size_t per_layer = ((size_t)QKV * EMBD + (size_t)EMBD * EMBD + 2ull * FF * EMBD + (size_t)EMBD * FF) * 2;
+    const size_t total = LAYERS * per_layer + (size_t)VOCAB * EMBD * 2;
+    unsigned char* w;
+    CK(cudaMalloc(&w, total));
+    {
+        std::vector<unsigned short> h(total / 2);
+        unsigned s = 1;
+        for (auto& v : h) {
+            s = s * 1664525u + 1013904223u;
+            v = 0x3c00 | ((s >> 16) & 0x83ff);  // about +-1, small exponents
+        }
+        // Scale rows down so that the residual stream stays bounded through 16 layers.
+        for (auto& v : h) v = (unsigned short)((v & 0x8000) | ((v & 0x7fff) - 0x0300));
+        CK(cudaMemcpy(w, h.data(), total, cudaMemcpyHostToDevice));
+    }
+    float *x, *x0, *qkv, *att, *hb, *logits, *ref;
+    CK(cudaMalloc(&x, EMBD * 4));
+    CK(cudaMalloc(&x0, EMBD * 4));
+    CK(cudaMalloc(&qkv, QKV * 4));
+    CK(cudaMalloc(&att, EMBD * 4));
+    CK(cudaMalloc(&hb, FF * 4));
+    CK(cudaMalloc(&logits, (size_t)VOCAB * 4));
+    CK(cudaMalloc(&ref, (size_t)VOCAB * 4));
+    unsigned seed = 3;
+    random_activations(x0, EMBD, seed);
+    unsigned* done;
+    CK(cudaMalloc(&done, 1024 * 4));
+
+    // The step's stages.
+    std::vector<Stage> st;
+    size_t off = 0;
+    for (int l = 0; l < LAYERS; ++l) {
+        st.push_back({w + off, x, qkv, QKV, EMBD, 0});
+        off += (size_t)QKV * EMBD * 2;
+        st.push_back({nullptr, qkv, att, EMBD, 0, 3});
+        st.push_back({w + off, att, x, EMBD, EMBD, 1});
+        off += (size_t)EMBD * EMBD * 2;
+        st.push_back({w + off, x, hb, 2 * FF, EMBD, 2});
+        off += 2ull * FF * EMBD * 2;
+        st.push_back({w + off, hb, x, EMBD, FF, 1});
+        off += (size_t)EMBD * FF * 2;
+    }
+    st.push_back({w + off, x, logits, VOCAB, EMBD, 0});
+    const int n = (int)st.size();
+    Stage* dst;
+    CK(cudaMalloc(&dst, n * sizeof(Stage)));
+    CK(cudaMemcpy(dst, st.data(), n * sizeof(Stage), cudaMemcpyHostToDevice));
+
+    cudaStream_t s;
+    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    unsigned char* scratch;
+    CK(cudaMalloc(&scratch, 1ull << 30));
+    const double copy_gbs = copy_bandwidth(s, scratch, scratch + (512ull << 20), 512ull << 20);
+    CK(cudaFree(scratch));
+    printf("copy: %.0f GB/s; a step's weights %.1f MB, roofline %.1f us\n", copy_gbs, total / 1e6, total / copy_gbs / 1e3);
+
+    // G as a graph: the input reset, then every stage.
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    CK(cudaMemcpyAsync(x, x0, EMBD * 4, cudaMemcpyDeviceToDevice, s));
+    for (const Stage& t : st) {
+        const int blocks = t.kind == 3 ? (t.rows + 255) / 256 : (t.rows / (t.kind == 2 ? 2 : 1) + 7) / 8;
+        launch_pdl(stage_kernel, dim3(blocks), dim3(256), 0, s, t);
+    }
+    CK(cudaStreamEndCapture(s, &g));
+    CK(cudaGraphInstantiate(&ge, g, 0));
+
+    auto kernel_of = [](int mode) {
+        return mode == 0 ? persistent<0> : mode == 1 ? persistent<1> : persistent<2>;
+    };
+    for (int mode = 0; mode < 3; ++mode)
+        CK(cudaFuncSetAttribute(kernel_of(mode), cudaFuncAttributeMaxDynamicSharedMemorySize, mode == 1 ? SMEM : 0));
+    auto run = [&](int design) {
+        if (design == 0) {
+            CK(cudaGraphLaunch(ge, s));
+            return;
+        }
+        CK(cudaMemcpyAsync(x, x0, EMBD * 4, cudaMemcpyDeviceToDevice, s));
+        CK(cudaMemsetAsync(done, 0, n * 4, s));
+        const int mode = design - 1;
+        kernel_of(mode)<<<sms, THREADS, mode == 1 ? SMEM : 0, s>>>(dst, n, done);
+        CK(cudaGetLastError());
+    };
+    const char* names[] = {"G graph of kernels (today's)", "B persistent, a barrier a stage",
+                           "C B, next weights into shared memory", "L B, next rows asked of L2"};
+    std::vector<float> want(VOCAB), got(VOCAB);
+    printf("%-40s %10s %10s  %s\n", "design", "us a step", "GB/s", "logits against G");
+    for (int round = 0; round < 2; ++round)
+        for (int d = 0; d < 4; ++d) {
+            run(d);
+            CK(cudaStreamSynchronize(s));
+            CK(cudaMemcpy(d == 0 ? want.data() : got.data(), logits, (size_t)VOCAB * 4, cudaMemcpyDeviceToHost));
+            bool same = d == 0 || memcmp(want.data(), got.data(), (size_t)VOCAB * 4) == 0;
+            bool finite = true;
+            for (float v : (d == 0 ? want : got)) finite = finite && std::isfinite(v);
+            for (int i = 0; i < 3; ++i) run(d);
+            const int iters = 20;
+            CK(cudaEventRecord(e0, s));
+            for (int i = 0; i < iters; ++i) run(d);
+            CK(cudaEventRecord(e1, s));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            const double us = ms * 1000 / iters;
+            printf("%-40s %10.1f %10.0f  %s%s\n", names[d], us, total / us / 1e3, same ? "bit-equal" : "DIFFERS",
+                   finite ? "" : " (not finite)");
+        }
+    return 0;
+}
