@@ -16,6 +16,11 @@
 //          scales): the same 272 bytes a step and the same arithmetic in the same order (the
 //          engine's bits, checked), but 4-byte aligned quants, so a lane's step is two 4-byte
 //          and two 2-byte loads. The model would repack its Q8_0 matrices so at load.
+//   q8_0i  q8_0s's rows with the activations quantized too (int8 per 32 columns with an f32
+//          scale, once per input, as the CPU's `fast` products do): a lane's 4 quants of a
+//          block times the activations' 4 in one dp4a, then one fma with the two scales,
+//          instead of 4 widenings and 4 fmas. Other numerics (printed: the error against
+//          q8_0s), a warp a row; what it answers is whether the per-weight work was the bound.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -73,6 +78,68 @@ KERNEL(mv_bf16, Half16<true>)
 KERNEL(mv_q8_0, Q8_0)
 KERNEL(mv_q8_0s, Q8_0S)
 
+// x (n floats) as int8 per 32 values, each block's scale its largest magnitude / 127.
+__global__ void quantize_x(const float* x, signed char* xq, float* xd, unsigned n)
+{
+    pdl_wait();
+    pdl_launch_dependents();
+    const unsigned lane = threadIdx.x & 31, block = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (block * 32 >= n) return;
+    const float v = x[block * 32 + lane];
+    float m = fabsf(v);
+    for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const float d = m / 127.0f;
+    xq[block * 32 + lane] = (signed char)__float2int_rn(d > 0.0f ? v / d : 0.0f);
+    if (lane == 0) xd[block] = d;
+}
+
+// q8_0i: a warp a row of Q8_0S steps, 4 steps' loads in flight; lane l takes quants 4l ..
+// 4l + 3 (block l / 8) and 128 + 4l .. (block 4 + l / 8) of each 256-column step.
+__global__ void __launch_bounds__(256, 3)
+    mv_q8_0i(const unsigned char* __restrict__ w, const signed char* __restrict__ xq, const float* __restrict__ xd,
+             float* y, unsigned rows, unsigned cols)
+{
+    const unsigned lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const unsigned steps = cols / 256;
+    const unsigned char* row = w + (size_t)(r < rows ? r : 0) * steps * 272;
+    if (r < rows) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + 128 * (lane & 15)));
+    pdl_wait();
+    pdl_launch_dependents();
+    if (r >= rows) return;
+    float acc = 0.0f;
+    for (unsigned k = 0; k < steps; k += 4) {
+        unsigned qa[4], qb[4], da[4], db[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const unsigned char* st = row + (size_t)(k + i) * 272;
+            qa[i] = ld_u32(st + 4 * lane);
+            qb[i] = ld_u32(st + 128 + 4 * lane);
+            da[i] = ld_u16(st + 256 + 2 * (lane >> 3));
+            db[i] = ld_u16(st + 264 + 2 * (lane >> 3));
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const unsigned c = (k + i) * 256;
+            const int xa = *(const int*)(xq + c + 4 * lane), xb = *(const int*)(xq + c + 128 + 4 * lane);
+            const float sa = xd[c / 32 + (lane >> 3)], sb = xd[c / 32 + 4 + (lane >> 3)];
+            acc = fmaf(f16_to_f32(da[i]) * sa, (float)__dp4a((int)qa[i], xa, 0), acc);
+            acc = fmaf(f16_to_f32(db[i]) * sb, (float)__dp4a((int)qb[i], xb, 0), acc);
+        }
+    }
+    for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) y[r] = acc;
+}
+
+static signed char* xq;
+static float* xd;
+
+// q8_0i's product: the input quantized, then the rows.
+static void launch_i(cudaStream_t st, const unsigned char* w, const float* x, float* y, unsigned rows, unsigned cols)
+{
+    launch_pdl(quantize_x, dim3((cols / 32 + 7) / 8), dim3(256), 0, st, x, xq, xd, cols);
+    launch_pdl(mv_q8_0i, dim3((rows + 7) / 8), dim3(256), 0, st, w, (const signed char*)xq, (const float*)xd, y, rows, cols);
+}
+
 // GGML Q8_0 rows into Q8_0S rows (cols a multiple of 256).
 __global__ void split_steps(const unsigned char* src, unsigned char* dst, size_t steps)
 {
@@ -99,14 +166,18 @@ static unsigned parts_of(unsigned rows, unsigned cols)
 static void launch(Kernel k, cudaStream_t st, const unsigned char* w, const float* x, float* y, unsigned rows,
                    unsigned cols, unsigned row_bytes)
 {
+    if (!k) {
+        launch_i(st, w, x, y, rows, cols);
+        return;
+    }
     const unsigned parts = parts_of(rows, cols);
     launch_pdl(k, dim3((rows * parts + 7) / 8), dim3(256), 0, st, w, x, y, rows, cols, row_bytes, parts);
 }
 
 struct Way {
     const char* name;
-    Kernel k;
-    bool q8;  // 34 bytes a 32 columns, else 2 bytes a column
+    Kernel k;  // none: q8_0i (launch_i)
+    bool q8;   // 34 bytes a 32 columns, else 2 bytes a column
 };
 
 int main()
@@ -118,6 +189,8 @@ int main()
     CK(cudaMalloc(&w2, 600ull << 20));
     CK(cudaMalloc(&x, 8192 * 4));
     CK(cudaMalloc(&y, 128256 * 4 * 2));
+    CK(cudaMalloc(&xq, 8192));
+    CK(cudaMalloc(&xd, 8192 / 32 * 4));
     {
         // Random bytes: Q8_0 scales as f16 in [0.5, 1) (exponent bits fixed), everything else
         // random; as BF16, weights of modest size.
@@ -148,7 +221,7 @@ int main()
                             {"gate_up 16384x2048", 16384, 2048},
                             {"down 2048x8192", 2048, 8192},
                             {"head 128256x2048", 128256, 2048}};
-    const Way ways[] = {{"bf16", mv_bf16, false}, {"q8_0", mv_q8_0, true}, {"q8_0s", mv_q8_0s, true}};
+    const Way ways[] = {{"bf16", mv_bf16, false}, {"q8_0", mv_q8_0, true}, {"q8_0s", mv_q8_0s, true}, {"q8_0i", nullptr, true}};
     auto row_bytes = [](const Way& wy, unsigned cols) { return wy.q8 ? cols / 32 * 34 : cols * 2; };
     // q8_0s gives q8_0's bits, over the same matrix split by steps.
     bool same = true;
@@ -163,7 +236,17 @@ int main()
         CK(cudaStreamSynchronize(st));
         CK(cudaMemcpy(b.data(), y, sh.rows * 4, cudaMemcpyDeviceToHost));
         const bool eq = memcmp(a.data(), b.data(), sh.rows * 4) == 0;
-        printf("== %s: q8_0s %s q8_0's bits\n", sh.name, eq ? "gives" : "does NOT give");
+        std::vector<float> c(sh.rows);
+        launch_i(st, w2, x, y, sh.rows, sh.cols);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(c.data(), y, sh.rows * 4, cudaMemcpyDeviceToHost));
+        double err = 0, nrm = 0;
+        for (unsigned i = 0; i < sh.rows; ++i) {
+            err += (double)(c[i] - b[i]) * (c[i] - b[i]);
+            nrm += (double)b[i] * b[i];
+        }
+        printf("== %s: q8_0s %s q8_0's bits; q8_0i's error against q8_0s %.1e\n", sh.name, eq ? "gives" : "does NOT give",
+               sqrt(err / nrm));
         same = same && eq;
     }
     // Each product alone, back to back, the weights rotated through the pool.
