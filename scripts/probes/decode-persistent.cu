@@ -42,34 +42,6 @@ constexpr int LAYERS = 16, EMBD = 2048, QKV = 3072, FF = 8192, VOCAB = 128256;
 constexpr int THREADS = 768, WARPS = THREADS / 32;
 constexpr int SMEM = 200 * 1024;
 
-__device__ __forceinline__ uint4 ldw(const void* p)
-{
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-__device__ __forceinline__ float lo(unsigned u) { return __uint_as_float(u << 16); }
-__device__ __forceinline__ float hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
-__device__ __forceinline__ float wsum(float v)
-{
-    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b, float acc)
-{
-    acc = fmaf(lo(w.x), a.x, acc);
-    acc = fmaf(hi(w.x), a.y, acc);
-    acc = fmaf(lo(w.y), a.z, acc);
-    acc = fmaf(hi(w.y), a.w, acc);
-    acc = fmaf(lo(w.z), b.x, acc);
-    acc = fmaf(hi(w.z), b.y, acc);
-    acc = fmaf(lo(w.w), b.z, acc);
-    acc = fmaf(hi(w.w), b.w, acc);
-    return acc;
-}
-
 // One row's dot product with x (f32, read through L2: in the persistent designs other blocks
 // of the same launch wrote it), by a warp; `smem` rows are read with ordinary loads.
 template <bool SHARED>

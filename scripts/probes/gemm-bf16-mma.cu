@@ -101,14 +101,6 @@
 
 #include "probe.cuh"
 
-__device__ __forceinline__ uint4 ldw(const void* p)
-{
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
 __device__ __forceinline__ uint4 ldx(const void* p)
 {
     uint4 v;
@@ -123,8 +115,6 @@ __device__ __forceinline__ uint2 ld8(const void* p)
     asm("ld.global.nc.L1::evict_first.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
 }
-__device__ __forceinline__ float lo16(unsigned u) { return __uint_as_float(u << 16); }
-__device__ __forceinline__ float hi16(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
 
 // ---- A: f32 matrix-vector sums, 8 tokens a pass over the row ----
 template <int STEPS>

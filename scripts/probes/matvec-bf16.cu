@@ -38,25 +38,9 @@ __device__ __forceinline__ uint2 ld8(const void* p)
     asm("ld.global.nc.L1::evict_first.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
 }
-__device__ __forceinline__ float lo(unsigned u) { return __uint_as_float(u << 16); }
-__device__ __forceinline__ float hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
-__device__ __forceinline__ float wsum(float v)
-{
-    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 __device__ __forceinline__ float dot8(uint4 w, const float* x, float acc)
 {
-    const float4 a = *(const float4*)x, b = *(const float4*)(x + 4);
-    acc = fmaf(lo(w.x), a.x, acc);
-    acc = fmaf(hi(w.x), a.y, acc);
-    acc = fmaf(lo(w.y), a.z, acc);
-    acc = fmaf(hi(w.y), a.w, acc);
-    acc = fmaf(lo(w.z), b.x, acc);
-    acc = fmaf(hi(w.z), b.y, acc);
-    acc = fmaf(lo(w.w), b.z, acc);
-    acc = fmaf(hi(w.w), b.w, acc);
-    return acc;
+    return dot8(w, *(const float4*)x, *(const float4*)(x + 4), acc);
 }
 
 // ---- A ----
@@ -81,14 +65,14 @@ __global__ void __launch_bounds__(256, 3) gemv_a(const unsigned char* w, const f
         for (int i = 0; i < BATCH; ++i) {
             const float4 a = *(const float4*)(x + (k + i) * 256 + 4 * lane);
             const float4 b = *(const float4*)(x + (k + i) * 256 + 128 + 4 * lane);
-            acc = fmaf(lo(ra[i].x), a.x, acc);
-            acc = fmaf(hi(ra[i].x), a.y, acc);
-            acc = fmaf(lo(ra[i].y), a.z, acc);
-            acc = fmaf(hi(ra[i].y), a.w, acc);
-            acc = fmaf(lo(rb[i].x), b.x, acc);
-            acc = fmaf(hi(rb[i].x), b.y, acc);
-            acc = fmaf(lo(rb[i].y), b.z, acc);
-            acc = fmaf(hi(rb[i].y), b.w, acc);
+            acc = fmaf(lo16(ra[i].x), a.x, acc);
+            acc = fmaf(hi16(ra[i].x), a.y, acc);
+            acc = fmaf(lo16(ra[i].y), a.z, acc);
+            acc = fmaf(hi16(ra[i].y), a.w, acc);
+            acc = fmaf(lo16(rb[i].x), b.x, acc);
+            acc = fmaf(hi16(rb[i].x), b.y, acc);
+            acc = fmaf(lo16(rb[i].y), b.z, acc);
+            acc = fmaf(hi16(rb[i].y), b.w, acc);
         }
     }
     acc = wsum(acc);

@@ -20,6 +20,40 @@ __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;"
 __device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 #endif
 
+#if defined(__CUDACC__) && !defined(TERN_COMMON_CUH)
+// 16 bytes of weights, read past L1 (each is read once).
+__device__ __forceinline__ uint4 ldw(const void* p)
+{
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+// The low and high bf16 of a 32-bit word, as floats.
+__device__ __forceinline__ float lo16(unsigned u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float hi16(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
+// A warp's values summed by a fixed butterfly.
+__device__ __forceinline__ float wsum(float v)
+{
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// acc plus 8 bf16 weights times a (columns 0-3) and b (4-7), in column order.
+__device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b, float acc)
+{
+    acc = fmaf(lo16(w.x), a.x, acc);
+    acc = fmaf(hi16(w.x), a.y, acc);
+    acc = fmaf(lo16(w.y), a.z, acc);
+    acc = fmaf(hi16(w.y), a.w, acc);
+    acc = fmaf(lo16(w.z), b.x, acc);
+    acc = fmaf(hi16(w.z), b.y, acc);
+    acc = fmaf(lo16(w.w), b.z, acc);
+    acc = fmaf(hi16(w.w), b.w, acc);
+    return acc;
+}
+#endif
+
 #ifdef __CUDACC__
 // Launches `k` on `st` with programmatic dependent launch.
 template <class... Params, class... Args>
