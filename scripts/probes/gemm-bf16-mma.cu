@@ -145,16 +145,7 @@ __global__ void __launch_bounds__(256, 3)
                     const float* xt = x + (size_t)(t0 + t) * cols;
                     const float4 a = *(const float4*)(xt + (k + i) * 256 + 4 * lane);
                     const float4 b = *(const float4*)(xt + (k + i) * 256 + 128 + 4 * lane);
-                    float s = acc[t];
-                    s = fmaf(lo16(ra[i].x), a.x, s);
-                    s = fmaf(hi16(ra[i].x), a.y, s);
-                    s = fmaf(lo16(ra[i].y), a.z, s);
-                    s = fmaf(hi16(ra[i].y), a.w, s);
-                    s = fmaf(lo16(rb[i].x), b.x, s);
-                    s = fmaf(hi16(rb[i].x), b.y, s);
-                    s = fmaf(lo16(rb[i].y), b.z, s);
-                    s = fmaf(hi16(rb[i].y), b.w, s);
-                    acc[t] = s;
+                    acc[t] = dot8(make_uint4(ra[i].x, ra[i].y, rb[i].x, rb[i].y), a, b, acc[t]);
                 }
             }
         }

@@ -65,14 +65,7 @@ __global__ void __launch_bounds__(256, 3) gemv_a(const unsigned char* w, const f
         for (int i = 0; i < BATCH; ++i) {
             const float4 a = *(const float4*)(x + (k + i) * 256 + 4 * lane);
             const float4 b = *(const float4*)(x + (k + i) * 256 + 128 + 4 * lane);
-            acc = fmaf(lo16(ra[i].x), a.x, acc);
-            acc = fmaf(hi16(ra[i].x), a.y, acc);
-            acc = fmaf(lo16(ra[i].y), a.z, acc);
-            acc = fmaf(hi16(ra[i].y), a.w, acc);
-            acc = fmaf(lo16(rb[i].x), b.x, acc);
-            acc = fmaf(hi16(rb[i].x), b.y, acc);
-            acc = fmaf(lo16(rb[i].y), b.z, acc);
-            acc = fmaf(hi16(rb[i].y), b.w, acc);
+            acc = dot8(make_uint4(ra[i].x, ra[i].y, rb[i].x, rb[i].y), a, b, acc);
         }
     }
     acc = wsum(acc);
