@@ -3,16 +3,18 @@
 // Not part of Tern: a measurement for choosing the design of the batch-1 decode step (the
 // Llama-3.2-1B shape in BF16, 2,471.5 MB of weights a token).
 //
-//   nvcc -O3 -gencode arch=compute_90a,code=sm_90a -std=c++17 -o /tmp/dp scripts/probes/decode-persistent.cu && /tmp/dp
+//   nvcc -O3 -gencode arch=compute_90a,code=sm_90a -std=c++17 -I crates/model/src/llama/cuda/kernels \
+//     -o /tmp/dp scripts/probes/decode-persistent.cu && /tmp/dp
 //
-// A step here is the decode step's chain of matrix products with its real dependencies and
-// none of its small work: per layer x -> QKV product -> a stand-in for attention (each output
-// reads one query and one key element of this token: a full dependency on QKV, no work) -> O
-// product added to x -> gate/up product with SwiGLU (gate and up rows interleaved) -> down
-// product added to x; 16 layers, then the output head. Each product reads the whole of its
-// input, so each stage depends on all of the stage before. Every design runs the same warp
-// code per row (a warp a row, 16-byte loads, lane l's columns 8l .. 8l + 7 of each 256, a
-// fixed butterfly), so all give the same bits (checked against G).
+// A step here is the decode step's chain of matrix products and its attention, with their
+// real dependencies, and without the norms (fused into the products in the engine): per
+// layer x -> QKV product -> attention (the engine's own device code, attention.cuh: RoPE,
+// the KV append and flash-decoding splits merged by the last, over POS cached positions of
+// an f32 cache) -> O product added to x -> gate/up product with SwiGLU (gate and up rows
+// interleaved) -> down product added to x; 16 layers, then the output head. Each stage reads
+// the whole of the stage before's output. Every design runs the same warp code per row (a
+// warp a row, 16-byte loads, lane l's columns 8l .. 8l + 7 of each 256, a fixed butterfly)
+// and the same attention code, so all give the same bits (checked against G).
 //
 // Designs:
 //   G   a graph of kernels: a kernel a stage, each launched with programmatic dependent launch
@@ -36,11 +38,21 @@
 #include <cstring>
 #include <vector>
 
+#include "attention.cuh"
 #include "probe.cuh"
 
 constexpr int LAYERS = 16, EMBD = 2048, QKV = 3072, FF = 8192, VOCAB = 128256;
-constexpr int THREADS = 768, WARPS = THREADS / 32;
+constexpr int HEADS = 32, KV_HEADS = 8, D = 64, KV_DIM = KV_HEADS * D, CTX = 1024, POS = 640;
+constexpr int SPLITS = CTX / ATTN_SPLIT, ITEMS = (POS / ATTN_SPLIT + 1) * HEADS;
+constexpr int THREADS = 512, WARPS = THREADS / 32, TEAMS = THREADS / ATTN_THREADS;
 constexpr int SMEM = 200 * 1024;
+
+// Attention's buffers (the same for every layer but the cache).
+struct Attn {
+    const float* inv_freq;
+    float *part_o, *part_ml;
+    unsigned* tickets;
+};
 
 // One row's dot product with x (f32, read through L2: in the persistent designs other blocks
 // of the same launch wrote it), by a warp; `smem` rows are read with ordinary loads.
@@ -66,13 +78,22 @@ __device__ __forceinline__ float row_dot(const unsigned char* row, const float* 
 }
 
 // A stage: y = W x over `rows` rows (kind 0), the same added to y (1), or SwiGLU over
-// interleaved gate/up rows into y[r / 2] (2); or the attention stand-in (3).
+// interleaved gate/up rows into y[r / 2] (2); or attention (3) of the QKV row x over the
+// layer's cache k, v (`w` unused) into y.
 struct Stage {
     const unsigned char* w;
     const float* x;
     float* y;
     int rows, cols, kind;
+    float *k, *v;
 };
+
+// Attention item `item` (split item / HEADS, head item % HEADS) of stage s by `team`.
+__device__ __forceinline__ void attend(const Stage& s, const Attn& a, AttnShared<D, 1>& sh, Team team, int item)
+{
+    attention<D, 1>(team, sh, item / HEADS, item % HEADS, 0, POS, s.x, s.k, s.v, a.inv_freq, a.part_o, a.part_ml,
+                    a.tickets, s.y, HEADS, KV_HEADS, D, 1, SPLITS, 0.125f, QKV);
+}
 
 __device__ __forceinline__ void finish_row(const Stage& s, int r, float v, float other)
 {
@@ -83,13 +104,15 @@ __device__ __forceinline__ void finish_row(const Stage& s, int r, float v, float
 }
 
 // Rows lo .. hi - 1 of stage s by the block's warps; rows below `in_smem` (from lo) come from
-// `sm`, which holds them in order.
-__device__ void run_rows(const Stage& s, int lo_, int hi_, const unsigned char* sm, int in_smem)
+// `sm`, which holds them in order. Attention: the block's teams take items in turn.
+__device__ void run_rows(const Stage& s, const Attn& a, AttnShared<D, 1>* ash, int lo_, int hi_, const unsigned char* sm,
+                         int in_smem)
 {
     const int warp = threadIdx.x >> 5;
     if (s.kind == 3) {
-        for (int i = lo_ + threadIdx.x; i < hi_; i += blockDim.x)
-            s.y[i] = __ldcg(s.x + i) * __ldcg(s.x + EMBD + i % 512) * 0.125f + __ldcg(s.x + EMBD + 512 + i % 512);
+        const int team = threadIdx.x / ATTN_THREADS;
+        for (int item = blockIdx.x * TEAMS + team; item < ITEMS; item += gridDim.x * TEAMS)
+            attend(s, a, ash[team], Team{threadIdx.x % ATTN_THREADS, 1u + team}, item);
         return;
     }
     const size_t rb = (size_t)s.cols * 2;
@@ -108,23 +131,23 @@ __device__ void run_rows(const Stage& s, int lo_, int hi_, const unsigned char* 
 }
 
 // G: one stage a launch, a block of 8 warps per 8 rows (16 for SwiGLU), or 256 outputs.
+__global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(Stage s, Attn a)
+{
+    __shared__ AttnShared<D, 1> sh;
+    pdl_wait();
+    pdl_launch_dependents();
+    if ((int)blockIdx.x <= POS / ATTN_SPLIT) attend(s, a, sh, Team{threadIdx.x, 0}, blockIdx.x * HEADS + blockIdx.y);
+}
+
 __global__ void __launch_bounds__(256) stage_kernel(Stage s)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (s.kind == 3) {
-        pdl_wait();
-        pdl_launch();
-        const int i = blockIdx.x * 256 + threadIdx.x;
-        if (i < s.rows)
-            s.y[i] = __ldcg(s.x + i) * __ldcg(s.x + EMBD + i % 512) * 0.125f + __ldcg(s.x + EMBD + 512 + i % 512);
-        return;
-    }
     const int step = s.kind == 2 ? 2 : 1;
     const int r = (blockIdx.x * 8 + warp) * step;
     const size_t rb = (size_t)s.cols * 2;
     if (r < s.rows) asm volatile("prefetch.global.L2 [%0];" ::"l"(s.w + (size_t)r * rb + 128 * (lane & 15)));
     pdl_wait();
-    pdl_launch();
+    pdl_launch_dependents();
     if (r >= s.rows) return;
     const float v = row_dot<false>(s.w + (size_t)r * rb, s.x, s.cols);
     const float other = step == 2 ? row_dot<false>(s.w + (size_t)(r + 1) * rb, s.x, s.cols) : 0.f;
@@ -142,7 +165,7 @@ __device__ __forceinline__ void cp16(void* dst, const void* src)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
 }
 
-// The block's run of a stage's rows (whole SwiGLU pairs), and the attention stand-in's.
+// The block's run of a stage's rows (whole SwiGLU pairs).
 __device__ __forceinline__ void block_rows(const Stage& s, int* lo_, int* hi_)
 {
     const int unit = s.kind == 2 ? 2 : 1, units = s.rows / unit;
@@ -152,9 +175,10 @@ __device__ __forceinline__ void block_rows(const Stage& s, int* lo_, int* hi_)
 
 // B, C, L: every stage in one launch. `done[i]` counts the blocks that finished stage i.
 template <int MODE>  // 0: B, 1: C (shared memory), 2: L (L2)
-__global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, int n, unsigned* done)
+__global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, int n, Attn a, unsigned* done)
 {
     extern __shared__ __align__(16) unsigned char sm[];
+    __shared__ AttnShared<D, 1> ash[TEAMS];
     int in_smem = 0;
     for (int i = 0; i < n; ++i) {
         const Stage s = stages[i];
@@ -185,7 +209,7 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
         }
         if (MODE == 1) asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();
-        run_rows(s, lo_, hi_, sm, MODE == 1 && s.kind != 3 ? in_smem : 0);
+        run_rows(s, a, ash, lo_, hi_, sm, MODE == 1 && s.kind != 3 ? in_smem : 0);
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
@@ -225,6 +249,24 @@ int main()
     random_activations(x0, EMBD, seed);
     unsigned* done;
     CK(cudaMalloc(&done, 1024 * 4));
+    // Attention: each layer's cache with POS random positions, the rotary frequencies
+    // (theta 500,000, as Llama 3's), the splits' scratch and merge tickets.
+    float *kv, *inv_freq;
+    const size_t cache = (size_t)CTX * KV_DIM;
+    CK(cudaMalloc(&kv, 2 * LAYERS * cache * 4));
+    random_activations(kv, 2 * LAYERS * cache, seed);
+    {
+        std::vector<float> f(D / 2);
+        for (int i = 0; i < D / 2; ++i) f[i] = (float)pow(500000.0, -2.0 * i / D);
+        CK(cudaMalloc(&inv_freq, D / 2 * 4));
+        CK(cudaMemcpy(inv_freq, f.data(), D / 2 * 4, cudaMemcpyHostToDevice));
+    }
+    Attn attn;
+    attn.inv_freq = inv_freq;
+    CK(cudaMalloc(&attn.part_o, (size_t)HEADS * SPLITS * D * 4));
+    CK(cudaMalloc(&attn.part_ml, (size_t)HEADS * SPLITS * 2 * 4));
+    CK(cudaMalloc(&attn.tickets, HEADS * 4));
+    CK(cudaMemset(attn.tickets, 0, HEADS * 4));
 
     // The step's stages.
     std::vector<Stage> st;
@@ -232,7 +274,7 @@ int main()
     for (int l = 0; l < LAYERS; ++l) {
         st.push_back({w + off, x, qkv, QKV, EMBD, 0});
         off += (size_t)QKV * EMBD * 2;
-        st.push_back({nullptr, qkv, att, EMBD, 0, 3});
+        st.push_back({nullptr, qkv, att, EMBD, 0, 3, kv + 2 * l * cache, kv + (2 * l + 1) * cache});
         st.push_back({w + off, att, x, EMBD, EMBD, 1});
         off += (size_t)EMBD * EMBD * 2;
         st.push_back({w + off, x, hb, 2 * FF, EMBD, 2});
@@ -263,8 +305,11 @@ int main()
     CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
     CK(cudaMemcpyAsync(x, x0, EMBD * 4, cudaMemcpyDeviceToDevice, s));
     for (const Stage& t : st) {
-        const int blocks = t.kind == 3 ? (t.rows + 255) / 256 : (t.rows / (t.kind == 2 ? 2 : 1) + 7) / 8;
-        launch_pdl(stage_kernel, dim3(blocks), dim3(256), 0, s, t);
+        if (t.kind == 3) {
+            launch_pdl(attention_kernel, dim3(SPLITS, HEADS), dim3(ATTN_THREADS), 0, s, t, attn);
+            continue;
+        }
+        launch_pdl(stage_kernel, dim3((t.rows / (t.kind == 2 ? 2 : 1) + 7) / 8), dim3(256), 0, s, t);
     }
     CK(cudaStreamEndCapture(s, &g));
     CK(cudaGraphInstantiate(&ge, g, 0));
@@ -282,7 +327,7 @@ int main()
         CK(cudaMemcpyAsync(x, x0, EMBD * 4, cudaMemcpyDeviceToDevice, s));
         CK(cudaMemsetAsync(done, 0, n * 4, s));
         const int mode = design - 1;
-        kernel_of(mode)<<<sms, THREADS, mode == 1 ? SMEM : 0, s>>>(dst, n, done);
+        kernel_of(mode)<<<sms, THREADS, mode == 1 ? SMEM : 0, s>>>(dst, n, attn, done);
         CK(cudaGetLastError());
     };
     const char* names[] = {"G graph of kernels (today's)", "B persistent, a barrier a stage",

@@ -20,7 +20,7 @@ __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;"
 __device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 #endif
 
-#if defined(__CUDACC__) && !defined(TERN_COMMON_CUH)
+#ifdef __CUDACC__
 // 16 bytes of weights, read past L1 (each is read once).
 __device__ __forceinline__ uint4 ldw(const void* p)
 {
