@@ -327,8 +327,11 @@ int main()
         CK(cudaMemcpyAsync(x, x0, EMBD * 4, cudaMemcpyDeviceToDevice, s));
         CK(cudaMemsetAsync(done, 0, n * 4, s));
         const int mode = design - 1;
-        kernel_of(mode)<<<sms, THREADS, mode == 1 ? SMEM : 0, s>>>(dst, n, attn, done);
-        CK(cudaGetLastError());
+        // Cooperative, so that every block is resident (they wait for each other) or the
+        // launch fails.
+        const Stage* stages = dst;
+        void* args[] = {(void*)&stages, (void*)&n, (void*)&attn, (void*)&done};
+        CK(cudaLaunchCooperativeKernel((void*)kernel_of(mode), dim3(sms), dim3(THREADS), args, mode == 1 ? SMEM : 0, s));
     };
     const char* names[] = {"G graph of kernels (today's)", "B persistent, a barrier a stage",
                            "C B, next weights into shared memory", "L B, next rows asked of L2"};
