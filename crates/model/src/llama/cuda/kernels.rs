@@ -144,7 +144,7 @@ impl Mma {
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
         arch: u32,
-        matrices: &[&DevMatrix],
+        matrices: &[DevMatrix],
     ) -> Result<Option<Mma>, ModelError> {
         let tokens = MMA_MAX_TOKENS as usize;
         let dims = || matrices.iter().map(|m| (m.rows as usize, m.cols as usize));

@@ -150,10 +150,11 @@ fn tile_weights(
     arch: u32,
     weights: &mut DeviceWeights,
 ) -> Result<Option<kernels::Mma>, ModelError> {
-    let fitting: Vec<&kernels::DevMatrix> = weights
-        .matrices()
+    let fitting: Vec<kernels::DevMatrix> = weights
+        .matrices_mut()
         .into_iter()
         .filter(|m| kernels::mma_fits(m))
+        .map(|m| *m)
         .collect();
     let Some(mma) = kernels::Mma::new(ctx, stream, arch, &fitting)? else {
         return Ok(None);

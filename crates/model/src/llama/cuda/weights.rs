@@ -112,13 +112,13 @@ impl Uploader<'_> {
 
 impl DeviceWeights {
     /// The matrices the forward pass multiplies by: the output head, then each layer's.
-    pub fn matrices(&self) -> Vec<&DevMatrix> {
-        let mut all = vec![&self.output];
-        for l in &self.layers {
-            all.extend(l.qkv.iter());
-            all.push(&l.wo);
-            all.extend(l.gate_up.iter());
-            all.push(&l.w_down);
+    pub fn matrices_mut(&mut self) -> Vec<&mut DevMatrix> {
+        let mut all = vec![&mut self.output];
+        for l in &mut self.layers {
+            all.extend(l.qkv.iter_mut());
+            all.push(&mut l.wo);
+            all.extend(l.gate_up.iter_mut());
+            all.push(&mut l.w_down);
         }
         all
     }
@@ -133,27 +133,23 @@ impl DeviceWeights {
         fits: impl Fn(&DevMatrix) -> bool,
         mut tile: impl FnMut(&DevMatrix, u64) -> Result<(), ModelError>,
     ) -> Result<(), ModelError> {
-        let mut matrices: Vec<&mut DevMatrix> = vec![&mut self.output];
-        for l in &mut self.layers {
-            matrices.extend(l.qkv.iter_mut());
-            matrices.push(&mut l.wo);
-            matrices.extend(l.gate_up.iter_mut());
-            matrices.push(&mut l.w_down);
-        }
-        for m in matrices {
+        let (mut tiles, mut bytes) = (Vec::new(), 0);
+        for m in self.matrices_mut() {
             if !fits(m) {
                 continue;
             }
-            let bytes = m.rows as usize * m.row_bytes as usize;
+            let size = m.rows as usize * m.row_bytes as usize;
             let buf = stream
-                .alloc_zeros::<u8>(bytes)
+                .alloc_zeros::<u8>(size)
                 .map_err(driver("tiling weights"))?;
             let (ptr, _) = buf.device_ptr(stream);
             tile(m, ptr)?;
             m.tiles = ptr;
-            self.bytes += bytes;
-            self._tiles.push(buf);
+            bytes += size;
+            tiles.push(buf);
         }
+        self.bytes += bytes;
+        self._tiles.extend(tiles);
         Ok(())
     }
 
