@@ -434,6 +434,16 @@ pub struct Fuse {
     pub whole_rows: bool,
 }
 
+impl Fuse {
+    /// The fusions as the matrix kernels take them: the norm's input and epsilon, the next
+    /// norm's weights and output (0 where that fusion is off), and glu as 0 or 1.
+    fn args(&self) -> (u64, f32, u64, u64, u32) {
+        let (norm_x, eps) = self.norm.unwrap_or((0, 0.0));
+        let (g, yg) = self.next.unwrap_or((0, 0));
+        (norm_x, eps, g, yg, u32::from(self.glu))
+    }
+}
+
 /// A weight matrix in device memory: `rows` rows of `row_bytes` bytes in `dtype` blocks.
 #[derive(Clone, Copy, Debug)]
 pub struct DevMatrix {
@@ -619,9 +629,7 @@ impl Launcher<'_> {
         residual: u64,
         fuse: Fuse,
     ) -> Result<(), ModelError> {
-        let (norm_x, eps) = fuse.norm.unwrap_or((0, 0.0));
-        let (g, yg) = fuse.next.unwrap_or((0, 0));
-        let glu = u32::from(fuse.glu);
+        let (norm_x, eps, g, yg, glu) = fuse.args();
         let parts = mma_parts(w.rows as usize, w.cols as usize) as u32;
         let tiles = w.rows / 16;
         if n == 1 {
@@ -721,14 +729,12 @@ impl Launcher<'_> {
         residual: u64,
         fuse: Fuse,
     ) -> Result<(), ModelError> {
-        let (norm_x, eps) = fuse.norm.unwrap_or((0, 0.0));
-        let (g, yg) = fuse.next.unwrap_or((0, 0));
+        let (norm_x, eps, g, yg, glu) = fuse.args();
         let parts = if fuse.glu || fuse.whole_rows {
             1
         } else {
             matvec_parts(w.rows as usize, w.cols as usize)
         };
-        let glu = u32::from(fuse.glu);
         let blocks = (w.rows as usize * parts).div_ceil(MATVEC_WARPS) as u32;
         let parts = parts as u32;
         launch!(
