@@ -265,10 +265,7 @@ fn the_persistent_decode_kernel_gives_the_kernel_by_kernel_bits() {
         ]);
     for (shape_name, linear, embd, len) in cases {
         let path = model_file(shape_name, linear, embd);
-        let model = Model::open("m", &path, 2)
-            .unwrap()
-            .on_device(&device)
-            .unwrap();
+        let model = open_on(&device, &path);
         let cuda = model
             .engine_as::<tern_model::llama::cuda::CudaLlama>()
             .unwrap();
@@ -297,10 +294,7 @@ fn results_are_bitwise_reproducible_whatever_else_runs() {
         return;
     };
     let path = model_file("smollm2-135m", DType::Q4_1, DType::Q8_0);
-    let model = Model::open("m", &path, 2)
-        .unwrap()
-        .on_device(&device)
-        .unwrap();
+    let model = open_on(&device, &path);
     let p = prompt(40, 49152);
     let (alone, tokens) = greedy(&model, &mut model.new_session(300).unwrap(), &p, 24);
     // The same run with another session's work interleaved step by step.
@@ -401,12 +395,7 @@ fn sessions_made_read_and_dropped_on_other_threads_leave_decoding_alone() {
         return;
     };
     let path = model_file("smollm2-135m", DType::Q4_1, DType::Q8_0);
-    let model = Arc::new(
-        Model::open("m", &path, 2)
-            .unwrap()
-            .on_device(&device)
-            .unwrap(),
-    );
+    let model = Arc::new(open_on(&device, &path));
     let p = prompt(40, 49152);
     let (alone, _) = greedy(&model, &mut model.new_session(300).unwrap(), &p, 24);
     // While threads decode (each decode step may capture the stream into a graph), others
@@ -457,8 +446,15 @@ fn sessions_made_read_and_dropped_on_other_threads_leave_decoding_alone() {
 
 /// The SmolLM2-135M shape, Q4_1, on the GPU.
 fn smollm2_on(device: &Arc<dyn Device>) -> Model {
-    let path = model_file("smollm2-135m", DType::Q4_1, DType::Q8_0);
-    Model::open("m", &path, 2)
+    open_on(
+        device,
+        &model_file("smollm2-135m", DType::Q4_1, DType::Q8_0),
+    )
+}
+
+/// The model file at `path` opened (2 threads) and moved onto `device`.
+fn open_on(device: &Arc<dyn Device>, path: &std::path::Path) -> Model {
+    Model::open("m", path, 2)
         .unwrap()
         .on_device(device)
         .unwrap()
@@ -595,10 +591,7 @@ fn bf16_matrices_keep_each_sessions_bits_in_batched_steps() {
         return;
     };
     let path = model_file("small", DType::BF16, DType::BF16);
-    let model = Model::open("m", &path, 2)
-        .unwrap()
-        .on_device(&device)
-        .unwrap();
+    let model = open_on(&device, &path);
     keeps_each_sessions_bits(&model, 0x5eed_0bf1, 24);
 }
 
