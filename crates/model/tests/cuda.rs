@@ -99,6 +99,9 @@ fn top_logits_are_selected_as_on_the_cpu() {
     };
     let ops = OpHarness::new(&device).unwrap();
     let mut rng = Rng(0x7017);
+    let bits = |c: &[tern_model::Candidate]| -> Vec<(u32, u32)> {
+        c.iter().map(|c| (c.token, c.logit.to_bits())).collect()
+    };
     for n in [512, 1000, 49_152, 128_256] {
         // Values from a small set, so that ties are everywhere.
         let mut logits: Vec<f32> = (0..n).map(|_| (rng.f32() * 50.0).round() / 4.0).collect();
@@ -110,10 +113,24 @@ fn top_logits_are_selected_as_on_the_cpu() {
             let got = ops.top_k(&logits, k).unwrap();
             let mut want = vec![tern_model::Candidate::default(); k];
             tern_model::top::top_k(&logits, &mut want);
-            let bits = |c: &[tern_model::Candidate]| -> Vec<(u32, u32)> {
-                c.iter().map(|c| (c.token, c.logit.to_bits())).collect()
-            };
             assert_eq!(bits(&got), bits(&want), "{n} logits, k = {k}");
+        }
+        // Several rows selected together (a batched step's sessions), k = 0 among them.
+        let ks = [1, 64, 0, 5];
+        let rows: Vec<f32> = (0..ks.len())
+            .flat_map(|_| {
+                (0..n)
+                    .map(|_| (rng.f32() * 50.0).round() / 4.0)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let together = ops.top_k_many(&rows, n, &ks).unwrap();
+        for ((row, &k), got) in rows.chunks_exact(n).zip(&ks).zip(&together) {
+            let alone = ops.top_k(row, k.max(1)).unwrap();
+            let mut want = vec![tern_model::Candidate::default(); k];
+            tern_model::top::top_k(row, &mut want);
+            assert_eq!(bits(got), bits(&want), "{n} logits, k = {k}, together");
+            assert_eq!(bits(got), bits(&alone[..k]), "{n} logits, k = {k}, alone");
         }
     }
 }
@@ -441,6 +458,63 @@ fn sessions_made_read_and_dropped_on_other_threads_leave_decoding_alone() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for c in churn {
         assert!(c.join().unwrap() > 0);
+    }
+}
+
+/// A greedy decode (each call wants its top logit alone) runs each next step ahead of its
+/// call. The tokens and logits are the bits of steps run one call at a time: also where the
+/// caller feeds another token than the one run ahead, rewinds, or reads the cache between
+/// steps.
+#[test]
+fn greedy_steps_run_ahead_with_the_same_bits() {
+    let Some(device) = gpu("greedy_steps_run_ahead_with_the_same_bits") else {
+        return;
+    };
+    let model = smollm2_on(&device);
+    let vocab = model.config().n_vocab;
+    let p = prompt(40, vocab);
+    // The reference wants every step's logits, so nothing of it runs ahead.
+    let (mut want, mut got) = (
+        model.new_session(300).unwrap(),
+        model.new_session(300).unwrap(),
+    );
+    let (mut logits, mut first) = (vec![0.0; vocab], vec![0.0; vocab]);
+    model.forward(&mut want, &p, &mut logits).unwrap();
+    model.forward(&mut got, &p, &mut first).unwrap();
+    assert!(bits(&[logits.clone()]) == bits(&[first]));
+    let mut next = tern_model::llama::cpu::argmax(&logits);
+    let mut len = p.len();
+    for step in 0..48 {
+        let mut top = [tern_model::Candidate::default()];
+        model
+            .forward_top(&mut got, &[next], None, &mut top)
+            .unwrap();
+        model.forward(&mut want, &[next], &mut logits).unwrap();
+        len += 1;
+        let best = tern_model::llama::cpu::argmax(&logits);
+        assert_eq!(
+            (top[0].token, top[0].logit.to_bits()),
+            (best, logits[best as usize].to_bits()),
+            "step {step}"
+        );
+        next = best;
+        match step {
+            // Another token than the one the step run ahead took.
+            10 | 11 => next = (best + 1) % vocab as u32,
+            // Back three positions, with a step run ahead at the end.
+            20 => {
+                len -= 3;
+                got.rewind(len);
+                want.rewind(len);
+            }
+            // The cache read back while a step runs ahead.
+            30 => {
+                let (a, b) = (got.host_kv(&model).unwrap(), want.host_kv(&model).unwrap());
+                assert_eq!(a.len, len);
+                assert!(a.k == b.k && a.v == b.v, "the caches differ");
+            }
+            _ => {}
+        }
     }
 }
 

@@ -48,6 +48,9 @@ pub struct BatchBenchArgs {
     /// BF16 products on a CUDA GPU's tensor cores) or reference.
     #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
     precision: Precision,
+    /// How the KV caches store keys and values: f32 or f16 (llama-batched-bench's default).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_kv_type)]
+    kv_type: tern_model::KvType,
     /// CPU threads (default: all cores).
     #[arg(long, value_parser = crate::parse_count)]
     threads: Option<usize>,
@@ -82,7 +85,9 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
     };
     let (model, on, gpu) = match device {
         DeviceChoice::Cpu => (
-            Model::open("bench", &path, threads)?.with_precision(args.precision),
+            Model::open("bench", &path, threads)?
+                .with_precision(args.precision)
+                .with_kv_type(args.kv_type),
             format!("cpu x{threads}"),
             false,
         ),
@@ -91,6 +96,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
             let on = format!("on {}", gpu.describe());
             let model = Model::open("bench", &path, 1)?
                 .with_precision(args.precision)
+                .with_kv_type(args.kv_type)
                 .on_device(&gpu)?;
             (model, on, true)
         }

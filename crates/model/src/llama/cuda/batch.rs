@@ -17,13 +17,13 @@
 
 use tern_compute::cuda::cudarc::driver::{CudaSlice, DevicePtr};
 
-use super::kernels::{Fuse, Launcher};
+use super::kernels::{Fuse, Launcher, TopJob, top_k_many_scratch};
 use super::prefill::{self, PREFILL_CHUNK, PREFILL_MIN};
-use super::session::{ActBuffers, enqueue_layers};
+use super::session::{ActBuffers, enqueue_layers, from_pairs};
 use super::{CudaLlama, CudaSession, MAX_CHUNK, driver};
 use crate::ModelError;
 use crate::steps::{Budget, StepJob};
-use crate::top::Candidate;
+use crate::top::{Candidate, MAX_TOP};
 
 /// Sessions one batched step's round takes at most (more are run in several rounds).
 pub const MAX_SESSIONS: usize = 64;
@@ -139,6 +139,78 @@ impl BatchBuffers {
     }
 }
 
+/// Device buffers of several sessions' top-logit selections made together: the table of
+/// [`TopJob`]s, the kernels' scratch, and the selections bound for host memory ([`MAX_TOP`]
+/// pairs a job), made on the first and grown as steps need.
+pub(super) struct TopBuffers {
+    jobs: usize,
+    table: CudaSlice<u8>,
+    cand: CudaSlice<u64>,
+    out: CudaSlice<u32>,
+}
+
+impl TopBuffers {
+    /// Enqueues every selection of `jobs` ((logits, k, where the GPU may write the result)),
+    /// one launch of each kernel for all; a job without a destination leaves its result in
+    /// the buffers, for [`TopBuffers::read`] once the stream has run.
+    fn enqueue<'a>(
+        model: &CudaLlama,
+        have: &'a mut Option<TopBuffers>,
+        jobs: &[(u64, usize, Option<u64>)],
+    ) -> Result<&'a mut TopBuffers, ModelError> {
+        if have.as_ref().is_some_and(|b| b.jobs < jobs.len()) {
+            *have = None;
+        }
+        let s = &model.stream;
+        let n = model.config.n_vocab;
+        if have.is_none() {
+            let n_jobs = jobs.len().next_multiple_of(16);
+            let fail = driver("allocating top-logit selections");
+            *have = Some(TopBuffers {
+                jobs: n_jobs,
+                table: s.alloc_zeros(n_jobs * size_of::<TopJob>()).map_err(&fail)?,
+                cand: s
+                    .alloc_zeros(top_k_many_scratch(n, n_jobs))
+                    .map_err(&fail)?,
+                out: s.alloc_zeros(n_jobs * 2 * MAX_TOP).map_err(&fail)?,
+            });
+        }
+        let b = have.as_mut().expect("made above");
+        let out = b.out.device_ptr(s).0;
+        let table: Vec<TopJob> = jobs
+            .iter()
+            .enumerate()
+            .map(|(j, &(logits, k, dst))| TopJob {
+                logits,
+                out: dst.unwrap_or(out + (j * 2 * MAX_TOP * 4) as u64),
+                k: k as u32,
+                pad: 0,
+            })
+            .collect();
+        let bytes = TopJob::bytes(&table);
+        s.memcpy_htod(bytes, &mut b.table.slice_mut(..bytes.len()))
+            .map_err(driver("setting top-logit selections"))?;
+        let run = Launcher {
+            kernels: &model.kernels,
+            stream: s,
+        };
+        let (table, cand) = (b.table.device_ptr(s).0, b.cand.device_ptr(s).0);
+        run.top_k_many(table, jobs.len() as u32, n as u32, cand)?;
+        Ok(b)
+    }
+
+    /// The results left here by the first `jobs` jobs of [`TopBuffers::enqueue`] ([`MAX_TOP`]
+    /// (token, logit bits) pairs a job), once the stream has run them.
+    fn read(&self, model: &CudaLlama, jobs: usize) -> Result<Vec<u32>, ModelError> {
+        let mut pairs = vec![0u32; jobs * 2 * MAX_TOP];
+        model
+            .stream
+            .memcpy_dtoh(&self.out.slice(..pairs.len()), &mut pairs)
+            .map_err(driver("copying the top logits"))?;
+        Ok(pairs)
+    }
+}
+
 /// One session's positions in a round: at most [`MAX_CHUNK`], and where the last one's
 /// logits go (if wanted).
 struct Part<'s, 't> {
@@ -225,6 +297,7 @@ fn round(
         mark("logits scattered")?;
     }
     for p in parts.iter_mut() {
+        p.session.drop_ahead();
         p.session.len += p.tokens.len();
     }
     Ok(())
@@ -276,10 +349,11 @@ impl CudaLlama {
                 })
                 .collect();
             round(self, &mut busy.batch, &mut parts, mark)?;
-            for p in &parts {
-                p.session
-                    .enqueue_top_k(self, p.session.logits_ptr(), 1, None)?;
-            }
+            let jobs: Vec<_> = parts
+                .iter()
+                .map(|p| (p.session.logits_ptr(), 1, None))
+                .collect();
+            TopBuffers::enqueue(self, &mut busy.tops, &jobs)?;
             mark("top logits")
         });
         for (session, len) in sessions.iter_mut().zip(lens) {
@@ -298,6 +372,14 @@ impl CudaLlama {
             self.check_item(item.session, item.tokens, item.logits.as_deref(), item.top)?;
         }
         let mut busy = self.hold()?;
+        // A lone greedy decode step (one token, its top logit alone): with the next one run
+        // ahead of its call.
+        if let [item] = items
+            && let (&[token], [top], None, true) =
+                (item.tokens, &mut *item.top, &item.logits, item.out)
+        {
+            return item.session.greedy(self, token, top);
+        }
         let sees = |ptr: usize, bytes: usize| {
             self.device
                 .as_cuda()
@@ -362,22 +444,44 @@ impl CudaLlama {
         // Every selection enqueued first, then one wait, then the copies the GPU could not
         // write itself: a copy waits for the stream, so copying between the launches would
         // wait once per session.
-        let mut copy_top = vec![false; items.len()];
+        let mut jobs = Vec::new();
+        // Per item: the index of its job whose result is copied to the host after the wait.
+        let mut copy_top = vec![None; items.len()];
         for (i, (item, &(dst, _))) in items.iter().zip(&dsts).enumerate() {
             if !item.out || item.top.is_empty() {
                 continue;
             }
             let direct = sees(item.top.as_ptr() as usize, size_of_val(item.top));
+            if !direct {
+                copy_top[i] = Some(jobs.len());
+            }
             let out = direct.then_some(item.top.as_ptr() as u64);
-            item.session.enqueue_top_k(self, dst, item.top.len(), out)?;
-            copy_top[i] = !direct;
+            jobs.push((i, (dst, item.top.len(), out)));
         }
+        // One selection in the session's own buffers; several in one launch of each kernel.
+        let together = match jobs.as_slice() {
+            [] => None,
+            &[(i, (dst, k, out))] => {
+                items[i].session.enqueue_top_k(self, dst, k, out)?;
+                None
+            }
+            _ => {
+                let table: Vec<_> = jobs.iter().map(|&(_, job)| job).collect();
+                Some(TopBuffers::enqueue(self, &mut busy.tops, &table)?)
+            }
+        };
         self.stream
             .synchronize()
             .map_err(driver("running the forward pass"))?;
+        let pairs = match &together {
+            Some(tops) if copy_top.iter().any(Option::is_some) => tops.read(self, jobs.len())?,
+            _ => Vec::new(),
+        };
         for ((item, &(_, direct)), copy_top) in items.iter_mut().zip(&dsts).zip(copy_top) {
-            if copy_top {
-                item.session.read_top(item.top)?;
+            match (copy_top, &together) {
+                (Some(_), None) => item.session.read_top(item.top)?,
+                (Some(j), Some(_)) => from_pairs(item.top, &pairs[j * 2 * MAX_TOP..]),
+                (None, _) => {}
             }
             if let Some(l) = item.logits.as_deref_mut()
                 && item.out

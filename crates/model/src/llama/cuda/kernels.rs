@@ -221,6 +221,9 @@ pub struct Kernels {
     attention_prefill: Vec<(usize, (CudaFunction, u32))>,
     top_k_blocks: CudaFunction,
     top_k_merge: CudaFunction,
+    top_k_blocks_many: CudaFunction,
+    top_k_merge_many: CudaFunction,
+    next_step: CudaFunction,
     /// `decode.cu`'s persistent decode kernel, for the model's weight type and head size,
     /// when it was asked for and built; else why not.
     pub decode_layers: Result<CudaFunction, String>,
@@ -232,6 +235,32 @@ pub struct Kernels {
 /// (`llama.cu`'s `TOP_CHUNK`, `TOP_MAX_LISTS`, written into `constants.cuh` from here).
 pub const TOP_CHUNK: usize = 1024;
 pub const TOP_MAX_LISTS: usize = 1024;
+
+/// One selection of [`Launcher::top_k_many`], laid out as `llama.cu`'s `TopJob`: the `k`
+/// largest of the `n` logits at `logits` into `out` ((token, logit bits) pairs; nothing where
+/// `k` is 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TopJob {
+    pub logits: u64,
+    pub out: u64,
+    pub k: u32,
+    pub pad: u32,
+}
+
+impl TopJob {
+    /// The jobs' bytes as `llama.cu` reads them.
+    pub fn bytes(jobs: &[TopJob]) -> &[u8] {
+        // SAFETY: `TopJob` is `repr(C)` plain integers with no padding (two u64, two u32: 24
+        // bytes), so all of its bytes are initialized.
+        unsafe { std::slice::from_raw_parts(jobs.as_ptr().cast(), size_of_val(jobs)) }
+    }
+}
+
+/// Keys of scratch [`Launcher::top_k_many`] needs for `jobs` selections from `n` logits.
+pub fn top_k_many_scratch(n: usize, jobs: usize) -> usize {
+    n.div_ceil(TOP_CHUNK) * crate::top::MAX_TOP * jobs
+}
 
 /// The head sizes `llama.cu`'s attention is instantiated for.
 pub const HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
@@ -396,6 +425,9 @@ impl Kernels {
                     .collect::<Result<_, ModelError>>()?,
                 top_k_blocks: get(0, "top_k_blocks")?,
                 top_k_merge: get(0, "top_k_merge")?,
+                top_k_blocks_many: get(0, "top_k_blocks_many")?,
+                top_k_merge_many: get(0, "top_k_merge_many")?,
+                next_step: get(0, "next_step")?,
                 decode_layers,
                 mma: None,
                 attention_prefill: HEAD_DIMS
@@ -1047,6 +1079,42 @@ impl Launcher<'_> {
             &k,
             &logits,
             &out
+        )
+    }
+
+    /// Sets a decode step's `step` buffer to position `pos` and the token of the selection at
+    /// `pair` (a greedy step run ahead of its call).
+    pub fn next_step(&self, pair: u64, step: u64, pos: i32) -> Result<(), ModelError> {
+        launch!(
+            self,
+            &self.kernels.next_step,
+            config((1, 1, 1), 32),
+            &pair,
+            &step,
+            &pos
+        )
+    }
+
+    /// [`Launcher::top_k`] for each of `n_jobs` [`TopJob`]s at `jobs` (device memory) over
+    /// rows of `n` logits, in one launch of each kernel, through `cand`
+    /// ([`top_k_many_scratch`] keys).
+    pub fn top_k_many(&self, jobs: u64, n_jobs: u32, n: u32, cand: u64) -> Result<(), ModelError> {
+        let lists = (n as usize).div_ceil(TOP_CHUNK) as u32;
+        launch!(
+            self,
+            &self.kernels.top_k_blocks_many,
+            config((lists, n_jobs, 1), 256),
+            &jobs,
+            &n,
+            &cand
+        )?;
+        launch!(
+            self,
+            &self.kernels.top_k_merge_many,
+            config((n_jobs, 1, 1), 32),
+            &jobs,
+            &lists,
+            &cand
         )
     }
 

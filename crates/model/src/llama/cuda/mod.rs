@@ -61,7 +61,7 @@ use crate::llama::{LlamaConfig, RopeStyle};
 use crate::numerics::{Numerics, kernel_hash};
 use crate::steps::{StepBatcher, StepStats};
 use crate::top::Candidate;
-use batch::{BatchBuffers, CudaJob, Item};
+use batch::{BatchBuffers, CudaJob, Item, TopBuffers};
 use fifo::{FifoGuard, FifoMutex};
 use kernels::{Kernels, Launcher};
 use prefill::{PREFILL_CHUNK, PREFILL_MIN, Prefill};
@@ -88,6 +88,8 @@ pub(crate) struct Held {
     prefill: Option<Result<Prefill, ModelError>>,
     /// Batched steps' buffers, once a step over several sessions has needed them.
     batch: Option<BatchBuffers>,
+    /// Selections of several sessions' top logits, once a step has made them together.
+    tops: Option<TopBuffers>,
 }
 
 /// What opening the model on the GPU cost.

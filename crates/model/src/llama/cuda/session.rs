@@ -6,7 +6,9 @@ use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
 use tern_compute::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use tern_compute::cuda::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
+use tern_compute::cuda::cudarc::driver::{
+    CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
+};
 
 use super::batch::AttnJob;
 use super::fused::{self, FusedSession};
@@ -34,6 +36,69 @@ struct Buffers {
     logits: CudaSlice<f32>,  // (n_vocab) for callers whose buffer the GPU cannot see
     cand: CudaSlice<u64>,    // (ceil(n_vocab / TOP_CHUNK), MAX_TOP) top-k scratch
     top: CudaSlice<u32>,     // (MAX_TOP, 2) top-k for callers whose buffer the GPU cannot see
+    slots: Slots,            // greedy steps' selections, in page-locked memory
+}
+
+/// Two (token, logit bits) pairs in page-locked host memory that the GPU writes directly
+/// (unified addressing: the host address is the device address): a greedy step's selection
+/// and the one of the step enqueued ahead of it.
+struct Slots {
+    host: PinnedHostSlice<u32>,
+    at: u64,
+}
+
+impl Slots {
+    fn new(model: &CudaLlama) -> Result<Slots, ModelError> {
+        // SAFETY: zeroed below before anything reads it.
+        let mut host = unsafe { model.ctx.alloc_pinned_with_flags::<u32>(4, 0) }
+            .map_err(driver("allocating page-locked memory"))?;
+        let at = host
+            .as_mut_ptr()
+            .map_err(driver("allocating page-locked memory"))? as u64;
+        let mut slots = Slots { host, at };
+        slots.clear()?;
+        Ok(slots)
+    }
+
+    fn clear(&mut self) -> Result<(), ModelError> {
+        self.host
+            .as_mut_slice()
+            .map_err(driver("clearing page-locked memory"))?
+            .fill(0);
+        Ok(())
+    }
+
+    /// Device address of slot `i`.
+    fn ptr(&self, i: usize) -> u64 {
+        self.at + 8 * i as u64
+    }
+
+    /// Slot `i` once the GPU has written it.
+    fn read(&self, i: usize) -> Candidate {
+        // SAFETY: `at` addresses the 4 words of `host`, alive with `self`; the caller waited
+        // for the kernel that wrote them, so nothing writes them while they are read.
+        let (token, bits) = unsafe {
+            let p = self.at as *const u32;
+            (
+                std::ptr::read_volatile(p.add(2 * i)),
+                std::ptr::read_volatile(p.add(2 * i + 1)),
+            )
+        };
+        Candidate {
+            token,
+            logit: f32::from_bits(bits),
+        }
+    }
+}
+
+/// A greedy decode step enqueued before its call (see [`CudaSession::greedy`]): it ran the
+/// token `token` (the selection of the step before) at position `pos`, and its selection
+/// lands in slot `slot` once `done` has passed.
+struct Ahead {
+    pos: usize,
+    token: u32,
+    slot: usize,
+    done: CudaEvent,
 }
 
 /// One sequence's state on the GPU.
@@ -55,6 +120,8 @@ pub struct CudaSession {
     graph: Option<(Graph, u64, bool)>,
     /// The persistent decode kernel's share, when the model has that kernel.
     fused: Option<FusedSession>,
+    /// The greedy step enqueued ahead, if any.
+    ahead: Option<Ahead>,
 }
 
 /// A session's decode graph.
@@ -115,6 +182,7 @@ impl CudaSession {
         s.memset_zeros(&mut buf.tickets).map_err(&zero)?;
         s.memset_zeros(&mut buf.cand).map_err(&zero)?;
         s.memset_zeros(&mut buf.top).map_err(&zero)?;
+        buf.slots.clear()?;
         Self::with_buffers(model, n_ctx, buf)
     }
 
@@ -150,6 +218,7 @@ impl CudaSession {
             top: s
                 .alloc_zeros::<u32>(2 * MAX_TOP)
                 .map_err(driver("allocating a session"))?,
+            slots: Slots::new(model)?,
         };
         Self::with_buffers(model, n_ctx, buf)
     }
@@ -171,6 +240,7 @@ impl CudaSession {
             stream: s.clone(),
             graph: None,
             fused: None,
+            ahead: None,
         };
         if model.fused.is_ok() {
             let caches = (0..c.n_layer).map(|l| session.cache(c, l)).collect();
@@ -260,17 +330,13 @@ impl CudaSession {
                 &mut pairs[..2 * top.len()],
             )
             .map_err(driver("copying the top logits"))?;
-        for (c, p) in top.iter_mut().zip(pairs.chunks_exact(2)) {
-            *c = Candidate {
-                token: p[0],
-                logit: f32::from_bits(p[1]),
-            };
-        }
+        from_pairs(top, &pairs);
         Ok(())
     }
 
     /// Writes the first position and the token ids the kernels of the next call read.
     fn set_step(&mut self, tokens: &[u32]) -> Result<(), ModelError> {
+        self.drop_ahead();
         let mut step = [0i32; 1 + MAX_CHUNK];
         step[0] = self.len as i32;
         for (s, &t) in step[1..].iter_mut().zip(tokens) {
@@ -378,6 +444,14 @@ impl CudaSession {
         logits: u64,
     ) -> Result<(), ModelError> {
         self.set_step(&[token])?;
+        self.launch_graph(model, logits)?;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Launches the decode graph (for one token at the position and of the id in `step`),
+    /// captured first if there is none for `logits` yet.
+    fn launch_graph(&mut self, model: &CudaLlama, logits: u64) -> Result<(), ModelError> {
         let fused = model.fused().is_some();
         if self
             .graph
@@ -403,9 +477,77 @@ impl CudaSession {
         graph
             .0
             .launch()
-            .map_err(driver("launching the decode graph"))?;
-        self.len += 1;
+            .map_err(driver("launching the decode graph"))
+    }
+
+    /// One greedy decode step of `token` (a call that wants its top logit alone): taken from
+    /// the step enqueued ahead when that one ran `token` at this position, else run now. Its
+    /// selection goes into `top`, and the next step, of the token it selected, is enqueued
+    /// ahead of its call, so that the GPU runs it while the caller looks at this one's. A
+    /// call that is not that step's drops it (what it wrote is past the session's positions).
+    pub(super) fn greedy(
+        &mut self,
+        model: &CudaLlama,
+        token: u32,
+        top: &mut Candidate,
+    ) -> Result<(), ModelError> {
+        let (slot, done) = match self.ahead.take() {
+            Some(a) if a.pos == self.len && a.token == token => {
+                self.len += 1;
+                (a.slot, a.done)
+            }
+            _ => {
+                let logits = self.logits_ptr();
+                self.decode(model, token, logits)?;
+                self.enqueue_top_k(model, logits, 1, Some(self.buf.slots.ptr(0)))?;
+                let done = model
+                    .stream
+                    .record_event(None)
+                    .map_err(driver("recording an event"))?;
+                (0, done)
+            }
+        };
+        if self.len < self.n_ctx {
+            self.run_ahead(model, slot)?;
+        }
+        done.synchronize()
+            .map_err(driver("running the forward pass"))?;
+        *top = self.buf.slots.read(slot);
+        if let Some(a) = &mut self.ahead {
+            a.token = top.token;
+        }
         Ok(())
+    }
+
+    /// Enqueues the next decode step of the token selected into slot `from`, its selection
+    /// into the other slot.
+    fn run_ahead(&mut self, model: &CudaLlama, from: usize) -> Result<(), ModelError> {
+        let run = Launcher {
+            kernels: &model.kernels,
+            stream: &model.stream,
+        };
+        let slots = &self.buf.slots;
+        run.next_step(slots.ptr(from), self.ptr(&self.buf.step), self.len as i32)?;
+        let logits = self.logits_ptr();
+        self.launch_graph(model, logits)?;
+        let slot = 1 - from;
+        self.enqueue_top_k(model, logits, 1, Some(self.buf.slots.ptr(slot)))?;
+        let done = model
+            .stream
+            .record_event(None)
+            .map_err(driver("recording an event"))?;
+        self.ahead = Some(Ahead {
+            pos: self.len,
+            token: u32::MAX,
+            slot,
+            done,
+        });
+        Ok(())
+    }
+
+    /// Forgets the step enqueued ahead, if any (what it writes stays past the positions).
+    pub(super) fn drop_ahead(&mut self) {
+        self.ahead = None;
     }
 
     /// Enqueues the forward pass of `n` tokens whose ids and first position are in `step`;
@@ -528,6 +670,7 @@ impl CudaSession {
 
     /// Forgets every position from `len` on.
     pub fn truncate(&mut self, len: usize) {
+        self.drop_ahead();
         self.len = self.len.min(len);
     }
 
@@ -573,6 +716,12 @@ impl CudaSession {
         layer: &LayerBytes<'a, '_>,
         units: Option<&dyn SourceUnits>,
     ) -> Result<(), ModelError> {
+        // The uploads run on other streams: whatever the model's stream still runs for this
+        // session (a step enqueued ahead writes the cache past its positions) ends first.
+        self.drop_ahead();
+        self.stream
+            .synchronize()
+            .map_err(driver("running the forward pass"))?;
         let c = &model.config;
         let size = self.kv_type.bytes();
         let per_layer = len * c.kv_dim() * size;
@@ -784,4 +933,14 @@ pub(super) fn timed(
         prev = event;
     }
     Ok(crate::llama::totals_by_name(times))
+}
+
+/// Fills `top` from the kernels' (token, logit bits) pairs.
+pub(super) fn from_pairs(top: &mut [Candidate], pairs: &[u32]) {
+    for (c, p) in top.iter_mut().zip(pairs.chunks_exact(2)) {
+        *c = Candidate {
+            token: p[0],
+            logit: f32::from_bits(p[1]),
+        };
+    }
 }

@@ -6,10 +6,10 @@ use tern_compute::Device;
 use tern_compute::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use super::driver;
-use super::kernels::{DevMatrix, Fuse, Kernels, Launcher, TOP_CHUNK};
+use super::kernels::{DevMatrix, Fuse, Kernels, Launcher, TOP_CHUNK, TopJob, top_k_many_scratch};
 use crate::ModelError;
 use crate::quant::DType;
-use crate::top::Candidate;
+use crate::top::{Candidate, MAX_TOP};
 
 /// The forward pass's kernels with a stream of their own.
 pub struct OpHarness {
@@ -153,6 +153,46 @@ impl OpHarness {
             .map(|p| Candidate {
                 token: p[0],
                 logit: f32::from_bits(p[1]),
+            })
+            .collect())
+    }
+
+    /// Row i's `ks[i]` largest of the rows of `n` logits in `logits`, selected together as a
+    /// batched step selects several sessions' (one launch of each kernel).
+    pub fn top_k_many(
+        &self,
+        logits: &[f32],
+        n: usize,
+        ks: &[usize],
+    ) -> Result<Vec<Vec<Candidate>>, ModelError> {
+        let (_l, l_ptr) = self.up(logits)?;
+        let (_cand, cand_ptr) = self.up(&vec![0u64; top_k_many_scratch(n, ks.len())])?;
+        let (out, out_ptr) = self.up(&vec![u32::MAX; ks.len() * 2 * MAX_TOP])?;
+        let jobs: Vec<TopJob> = ks
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| TopJob {
+                logits: l_ptr + (i * n * 4) as u64,
+                out: out_ptr + (i * 2 * MAX_TOP * 4) as u64,
+                k: k as u32,
+                pad: 0,
+            })
+            .collect();
+        let (_jobs, jobs_ptr) = self.up(TopJob::bytes(&jobs))?;
+        self.run()
+            .top_k_many(jobs_ptr, ks.len() as u32, n as u32, cand_ptr)?;
+        self.stream.synchronize().map_err(driver("running"))?;
+        let pairs = self
+            .stream
+            .clone_dtoh(&out)
+            .map_err(driver("downloading"))?;
+        Ok(ks
+            .iter()
+            .zip(pairs.chunks_exact(2 * MAX_TOP))
+            .map(|(&k, row)| {
+                let mut top = vec![Candidate::default(); k];
+                super::session::from_pairs(&mut top, row);
+                top
             })
             .collect())
     }

@@ -614,33 +614,58 @@ ATTENTION_PREFILL_MMA(128, 32)
 
 // The k largest logits (top.rs's order: logit descending in IEEE total order, ties to the
 // smaller token), in two launches. A candidate is a 64-bit key, the logit's order key above
-// ~token, so that a larger key comes first; 0 is no candidate.
+// ~token, so that a larger key comes first; 0 is no candidate. Keys are unique (the token is
+// in them), so every way of finding the largest gives the same selection.
 //
-// top_k_blocks: block b sorts logits TOP_CHUNK b .. TOP_CHUNK (b + 1) - 1 by key with a
-// bitonic network (descending) in shared memory and writes its first k keys to cand[k b ..].
+// top_k_blocks: block b takes logits TOP_CHUNK b .. TOP_CHUNK (b + 1) - 1 and writes its
+// first k keys in order to cand[k b ..]: for k = 1 their maximum (a block reduction), else
+// all of them sorted by a bitonic network (descending) in shared memory.
 // Grid (ceil(n / TOP_CHUNK)), block 256, k <= TOP_MAX.
 // top_k_merge: one warp merges the sorted lists, k rounds of taking the largest head, and
 // writes (token, logit bits) pairs to out[2 i], out[2 i + 1]. Grid (1), block 32.
+// top_k_blocks_many, top_k_merge_many: the same for every TopJob of a table (the jobs'
+// logits rows of n each), job j's lists in cand[j TOP_MAX lists ..]. Grids (lists, jobs) and
+// (jobs).
 // TOP_CHUNK, TOP_MAX and TOP_MAX_LISTS come from constants.cuh (the host's numbers).
+
+struct TopJob {
+    const float* logits;
+    unsigned* out;
+    unsigned k;
+    unsigned pad;
+};
 
 __device__ __forceinline__ unsigned order_key(float logit) {
     unsigned bits = __float_as_uint(logit);
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-top_k_blocks(const float* __restrict__ logits, unsigned n, unsigned k,
-             unsigned long long* __restrict__ cand) {
+__device__ __forceinline__ unsigned long long top_key(const float* logits, unsigned n, unsigned token) {
+    return token < n ? ((unsigned long long)order_key(logits[token]) << 32) | (0xffffffffu - token) : 0ull;
+}
+
+__device__ __forceinline__ unsigned long long max_u64(unsigned long long a, unsigned long long b) {
+    return a > b ? a : b;
+}
+
+__device__ void top_k_block(const float* __restrict__ logits, unsigned n, unsigned k,
+                            unsigned long long* __restrict__ cand, unsigned blk) {
     __shared__ unsigned long long s_key[TOP_CHUNK];
-    pdl_wait();
-    pdl_launch_dependents();
-    const unsigned base = blockIdx.x * TOP_CHUNK;
-    for (unsigned i = threadIdx.x; i < TOP_CHUNK; i += blockDim.x) {
-        const unsigned token = base + i;
-        s_key[i] = token < n ? ((unsigned long long)order_key(logits[token]) << 32) |
-                                   (0xffffffffu - token)
-                             : 0ull;
+    const unsigned base = blk * TOP_CHUNK;
+    if (k == 1) {
+        unsigned long long best = 0ull;
+        for (unsigned i = threadIdx.x; i < TOP_CHUNK; i += blockDim.x)
+            best = max_u64(best, top_key(logits, n, base + i));
+        for (int o = 16; o > 0; o >>= 1) best = max_u64(best, __shfl_xor_sync(0xffffffffu, best, o));
+        if ((threadIdx.x & 31) == 0) s_key[threadIdx.x >> 5] = best;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (unsigned w = 1; w < blockDim.x / 32; w++) best = max_u64(best, s_key[w]);
+            cand[blk] = best;
+        }
+        return;
     }
+    for (unsigned i = threadIdx.x; i < TOP_CHUNK; i += blockDim.x) s_key[i] = top_key(logits, n, base + i);
     __syncthreads();
     for (unsigned size = 2; size <= TOP_CHUNK; size <<= 1) {
         for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
@@ -658,15 +683,12 @@ top_k_blocks(const float* __restrict__ logits, unsigned n, unsigned k,
             __syncthreads();
         }
     }
-    for (unsigned i = threadIdx.x; i < k; i += blockDim.x) cand[(size_t)blockIdx.x * k + i] = s_key[i];
+    for (unsigned i = threadIdx.x; i < k; i += blockDim.x) cand[(size_t)blk * k + i] = s_key[i];
 }
 
-extern "C" __global__ void __launch_bounds__(32)
-top_k_merge(const unsigned long long* __restrict__ cand, unsigned lists, unsigned k,
-            const float* __restrict__ logits, unsigned* __restrict__ out) {
+__device__ void top_k_merge_lists(const unsigned long long* __restrict__ cand, unsigned lists, unsigned k,
+                                  const float* __restrict__ logits, unsigned* __restrict__ out) {
     __shared__ unsigned s_head[TOP_MAX_LISTS];
-    pdl_wait();
-    pdl_launch_dependents();
     const unsigned lane = threadIdx.x;
     for (unsigned l = lane; l < lists; l += 32) s_head[l] = 0;
     __syncwarp();
@@ -696,5 +718,51 @@ top_k_merge(const unsigned long long* __restrict__ cand, unsigned lists, unsigne
             out[2 * r + 1] = __float_as_uint(logits[token]);
         }
         __syncwarp();
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+top_k_blocks(const float* __restrict__ logits, unsigned n, unsigned k,
+             unsigned long long* __restrict__ cand) {
+    pdl_wait();
+    pdl_launch_dependents();
+    top_k_block(logits, n, k, cand, blockIdx.x);
+}
+
+extern "C" __global__ void __launch_bounds__(32)
+top_k_merge(const unsigned long long* __restrict__ cand, unsigned lists, unsigned k,
+            const float* __restrict__ logits, unsigned* __restrict__ out) {
+    pdl_wait();
+    pdl_launch_dependents();
+    top_k_merge_lists(cand, lists, k, logits, out);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+top_k_blocks_many(const TopJob* __restrict__ jobs, unsigned n, unsigned long long* __restrict__ cand) {
+    pdl_wait();
+    pdl_launch_dependents();
+    const TopJob job = jobs[blockIdx.y];
+    if (job.k == 0) return;
+    top_k_block(job.logits, n, job.k, cand + (size_t)blockIdx.y * gridDim.x * TOP_MAX, blockIdx.x);
+}
+
+extern "C" __global__ void __launch_bounds__(32)
+top_k_merge_many(const TopJob* __restrict__ jobs, unsigned lists, const unsigned long long* __restrict__ cand) {
+    pdl_wait();
+    pdl_launch_dependents();
+    const TopJob job = jobs[blockIdx.x];
+    if (job.k == 0) return;
+    top_k_merge_lists(cand + (size_t)blockIdx.x * lists * TOP_MAX, lists, job.k, job.logits, job.out);
+}
+
+// A greedy step run ahead: step[0] = pos, step[1] = the token of the (token, logit bits) pair
+// at `pair` (the step before's selection). Grid (1), block 32.
+extern "C" __global__ void __launch_bounds__(32)
+next_step(const unsigned* __restrict__ pair, int* __restrict__ step, int pos) {
+    pdl_wait();
+    pdl_launch_dependents();
+    if (threadIdx.x == 0) {
+        step[0] = pos;
+        step[1] = (int)pair[0];
     }
 }
