@@ -139,6 +139,11 @@ impl Drop for CudaSession {
     // Frees nothing here: the device memory goes to the model's graveyard, freed by the
     // model's next holder, when no other thread can be capturing its stream.
     fn drop(&mut self) {
+        // A step run ahead writes the page-locked slots: it ends before they can be reused or
+        // freed (an error here means the context is gone, and the work with it).
+        if let Some(a) = self.ahead.take() {
+            let _ = a.done.synchronize();
+        }
         // SAFETY: `buf` is taken exactly once, here, and the session is gone after.
         let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
         let mut dead: Vec<Box<dyn Any + Send>> = vec![Box::new(Spare {
