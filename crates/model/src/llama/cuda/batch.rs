@@ -278,7 +278,15 @@ fn round(
     mark("embedding, norm")?;
     let mut attention = |l: usize| {
         run.attention_batch(
-            c, n, n_split, acts.qkv, base, l as u32, w.inv_freq, acts.att,
+            c,
+            n,
+            n_split,
+            acts.qkv,
+            base,
+            l as u32,
+            w.inv_freq,
+            acts.att,
+            rows == parts.len(),
         )
     };
     enqueue_layers(model, &run, acts, rows, &mut attention, mark)?;

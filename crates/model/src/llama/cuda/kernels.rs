@@ -211,10 +211,12 @@ pub struct Kernels {
     rope_append: CudaFunction,
     swiglu: CudaFunction,
     swiglu_bf16: CudaFunction,
-    /// By head size: `attention_<head_dim>`.
-    attention: Vec<(usize, CudaFunction)>,
-    /// By head size: `attention_batch_<head_dim>`, a batched step's decode attention.
-    attention_batch: Vec<(usize, CudaFunction)>,
+    /// By head size: `attention_<head_dim>` and `attention_one_<head_dim>` (one new
+    /// position: less shared memory, the same bits).
+    attention: Vec<(usize, [CudaFunction; 2])>,
+    /// By head size: `attention_batch_<head_dim>` and `attention_batch_one_<head_dim>`, a
+    /// batched step's decode attention (any new positions a session, or one).
+    attention_batch: Vec<(usize, [CudaFunction; 2])>,
     /// By head size: the prefill attention and its queries per block,
     /// `attention_prefill_mma_<head_dim>` where the GPU and head size have it, else
     /// `attention_prefill_<head_dim>`.
@@ -415,14 +417,8 @@ impl Kernels {
                 rope_append: get(0, "rope_append")?,
                 swiglu: get(0, "swiglu")?,
                 swiglu_bf16: get(0, "swiglu_bf16")?,
-                attention: HEAD_DIMS
-                    .iter()
-                    .map(|&d| Ok((d, get(0, &format!("attention_{d}"))?)))
-                    .collect::<Result<_, ModelError>>()?,
-                attention_batch: HEAD_DIMS
-                    .iter()
-                    .map(|&d| Ok((d, get(0, &format!("attention_batch_{d}"))?)))
-                    .collect::<Result<_, ModelError>>()?,
+                attention: by_head_dims(|name| get(0, name), "attention")?,
+                attention_batch: by_head_dims(|name| get(0, name), "attention_batch")?,
                 top_k_blocks: get(0, "top_k_blocks")?,
                 top_k_merge: get(0, "top_k_merge")?,
                 top_k_blocks_many: get(0, "top_k_blocks_many")?,
@@ -508,6 +504,20 @@ fn config_shared(grid: u32, block: u32, shared: u32) -> LaunchConfig {
 /// Floats from one token's fused `q|k|v` row to the next.
 fn qkv_stride(c: &crate::llama::LlamaConfig) -> u32 {
     (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32
+}
+
+/// `<prefix>_<d>` and `<prefix>_one_<d>` for every head size d of [`HEAD_DIMS`].
+fn by_head_dims(
+    mut get: impl FnMut(&str) -> Result<CudaFunction, ModelError>,
+    prefix: &str,
+) -> Result<Vec<(usize, [CudaFunction; 2])>, ModelError> {
+    HEAD_DIMS
+        .iter()
+        .map(|&d| {
+            let any = get(&format!("{prefix}_{d}"))?;
+            Ok((d, [any, get(&format!("{prefix}_one_{d}"))?]))
+        })
+        .collect()
 }
 
 fn by_head_dim<T>(list: &[(usize, T)], d: usize) -> Result<&T, ModelError> {
@@ -908,9 +918,10 @@ impl Launcher<'_> {
         let stride = qkv_stride(c);
         let (k_cache, v_cache) = cache;
         let (part_o, part_ml, tickets) = scratch;
+        let [any, one] = by_head_dim(&self.kernels.attention, c.head_dim)?;
         launch!(
             self,
-            by_head_dim(&self.kernels.attention, c.head_dim)?,
+            if n_tok == 1 { one } else { any },
             config((n_split, n_head, n_tok), super::ATTN_THREADS),
             &qkv,
             &k_cache,
@@ -979,7 +990,7 @@ impl Launcher<'_> {
     /// A batched step's decode attention for layer `layer`: query `i` of the `n_tok` in
     /// `jobs` (device [`AttnJob`]s) over its own session's cache, as
     /// [`Launcher::attention`] computes it for that session alone; `n_split` is the most
-    /// splits of any of the sessions.
+    /// splits of any of the sessions; `one_each`: every session has one new position.
     ///
     /// [`AttnJob`]: super::batch::AttnJob
     #[allow(clippy::too_many_arguments)]
@@ -993,14 +1004,16 @@ impl Launcher<'_> {
         layer: u32,
         inv_freq: u64,
         out: u64,
+        one_each: bool,
     ) -> Result<(), ModelError> {
         let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
         let (n_rot, halves) = (c.n_rot as u32, super::halves(c));
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let stride = qkv_stride(c);
+        let [any, one] = by_head_dim(&self.kernels.attention_batch, c.head_dim)?;
         launch!(
             self,
-            by_head_dim(&self.kernels.attention_batch, c.head_dim)?,
+            if one_each { one } else { any },
             config((n_split, n_head, n_tok), super::ATTN_THREADS),
             &qkv,
             &jobs,

@@ -211,26 +211,31 @@ extern "C" __global__ void swiglu(const float* __restrict__ gate, const float* _
 }
 
 // Decode attention (attention.cuh), one block per item. Grid (n_split, n_head, n_tok), block
-// ATTN_THREADS, n_tok <= ATTN_MAX_NEW.
-#define ATTENTION(D)                                                                              \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##D(                     \
+// ATTN_THREADS, n_tok <= ATTN_MAX_NEW. attention_one_<D>: the same for n_tok = 1, with shared
+// memory for one new position rather than ATTN_MAX_NEW (so more blocks fit an SM; the same
+// arithmetic, so the same bits).
+#define ATTENTION(D, NEW, NAME)                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) NAME##D(                           \
         const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,       \
         float* part_o, float* part_ml, unsigned* tickets, float* out, const int* __restrict__ step, \
         unsigned n_head, unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split,        \
         float scale, unsigned stride) {                                                           \
-        __shared__ AttnShared<D, ATTN_MAX_NEW> sh;                                                \
+        __shared__ AttnShared<D, NEW> sh;                                                         \
         pdl_wait();                                                                               \
         pdl_launch_dependents();                                                                  \
-        attention<D, ATTN_MAX_NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y, blockIdx.z,  \
-                                   step[0], qkv, k_cache, v_cache, inv_freq, part_o, part_ml,     \
-                                   tickets, out, n_head, n_head_kv, n_rot, halves, n_split,       \
-                                   scale, stride);                                                \
+        attention<D, NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y, blockIdx.z, step[0],  \
+                          qkv, k_cache, v_cache, inv_freq, part_o, part_ml, tickets, out, n_head, \
+                          n_head_kv, n_rot, halves, n_split, scale, stride);                      \
     }
 
-ATTENTION(32)
-ATTENTION(64)
-ATTENTION(128)
-ATTENTION(256)
+ATTENTION(32, ATTN_MAX_NEW, attention_)
+ATTENTION(64, ATTN_MAX_NEW, attention_)
+ATTENTION(128, ATTN_MAX_NEW, attention_)
+ATTENTION(256, ATTN_MAX_NEW, attention_)
+ATTENTION(32, 1, attention_one_)
+ATTENTION(64, 1, attention_one_)
+ATTENTION(128, 1, attention_one_)
+ATTENTION(256, 1, attention_one_)
 
 // One query of a batched step (the host's `AttnJob`, 64 bytes): its session's cache and
 // attention scratch, where the session's new positions start, and which of them it is.
@@ -249,30 +254,34 @@ struct AttnJob {
 // it) over its own session's cache, exactly as `attention` above computes it for that
 // session alone (the same device code and order; the split and merge are fixed by the
 // session's positions). Grid (the most splits of any session, n_head, queries), block
-// ATTN_THREADS; out: (queries, n_head * D).
-#define ATTENTION_BATCH(D)                                                                        \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_batch_##D(               \
+// ATTN_THREADS; out: (queries, n_head * D). attention_batch_one_<D>: the same where every
+// session has one new position (shared memory for one, as attention_one_<D>).
+#define ATTENTION_BATCH(D, NEW, NAME)                                                             \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) NAME##D(                           \
         const float* qkv, const AttnJob* __restrict__ jobs, unsigned layer,                      \
         const float* __restrict__ inv_freq, float* out, unsigned n_head, unsigned n_head_kv,      \
         unsigned n_rot, int halves, float scale, unsigned stride) {                               \
-        __shared__ AttnShared<D, ATTN_MAX_NEW> sh;                                                \
+        __shared__ AttnShared<D, NEW> sh;                                                         \
         pdl_wait();                                                                               \
         pdl_launch_dependents();                                                                  \
         const AttnJob j = jobs[blockIdx.z];                                                       \
         if (blockIdx.x >= j.n_split) return;                                                      \
         const size_t at = (size_t)layer * j.layer;                                                \
-        attention<D, ATTN_MAX_NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y, j.t, j.step0, \
-                                   qkv + (size_t)j.first * stride, (kv_t*)j.k_cache + at,         \
-                                   (kv_t*)j.v_cache + at, inv_freq, (float*)j.part_o,             \
-                                   (float*)j.part_ml, (unsigned*)j.tickets,                       \
-                                   out + (size_t)j.first * n_head * D, n_head, n_head_kv, n_rot,  \
-                                   halves, j.n_split, scale, stride);                             \
+        attention<D, NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y, j.t, j.step0,         \
+                          qkv + (size_t)j.first * stride, (kv_t*)j.k_cache + at,                  \
+                          (kv_t*)j.v_cache + at, inv_freq, (float*)j.part_o, (float*)j.part_ml,   \
+                          (unsigned*)j.tickets, out + (size_t)j.first * n_head * D, n_head,        \
+                          n_head_kv, n_rot, halves, j.n_split, scale, stride);                    \
     }
 
-ATTENTION_BATCH(32)
-ATTENTION_BATCH(64)
-ATTENTION_BATCH(128)
-ATTENTION_BATCH(256)
+ATTENTION_BATCH(32, ATTN_MAX_NEW, attention_batch_)
+ATTENTION_BATCH(64, ATTN_MAX_NEW, attention_batch_)
+ATTENTION_BATCH(128, ATTN_MAX_NEW, attention_batch_)
+ATTENTION_BATCH(256, ATTN_MAX_NEW, attention_batch_)
+ATTENTION_BATCH(32, 1, attention_batch_one_)
+ATTENTION_BATCH(64, 1, attention_batch_one_)
+ATTENTION_BATCH(128, 1, attention_batch_one_)
+ATTENTION_BATCH(256, 1, attention_batch_one_)
 
 // The four floats at `off` of cached position p's key and value, zeros past `last`.
 __device__ __forceinline__ void kv_at(const kv_t* __restrict__ k_cache,
