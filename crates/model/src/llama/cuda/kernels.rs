@@ -212,7 +212,7 @@ pub struct Kernels {
     swiglu: CudaFunction,
     swiglu_bf16: CudaFunction,
     /// By head size: `attention_<head_dim>` and `attention_one_<head_dim>` (one new
-    /// position: less shared memory, the same bits).
+    /// position: less shared memory and a KV group's query heads a block, the same bits).
     attention: Vec<(usize, [CudaFunction; 2])>,
     /// By head size: `attention_batch_<head_dim>` and `attention_batch_one_<head_dim>`, a
     /// batched step's decode attention (any new positions a session, or one).
@@ -918,11 +918,16 @@ impl Launcher<'_> {
         let stride = qkv_stride(c);
         let (k_cache, v_cache) = cache;
         let (part_o, part_ml, tickets) = scratch;
+        // One new position: a block takes a KV group's query heads.
         let [any, one] = by_head_dim(&self.kernels.attention, c.head_dim)?;
+        let (f, items) = match n_tok {
+            1 => (one, n_head_kv),
+            _ => (any, n_head),
+        };
         launch!(
             self,
-            if n_tok == 1 { one } else { any },
-            config((n_split, n_head, n_tok), super::ATTN_THREADS),
+            f,
+            config((n_split, items, n_tok), super::ATTN_THREADS),
             &qkv,
             &k_cache,
             &v_cache,
@@ -1010,11 +1015,16 @@ impl Launcher<'_> {
         let (n_rot, halves) = (c.n_rot as u32, super::halves(c));
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let stride = qkv_stride(c);
+        // One new position a session: a block takes a KV group's query heads.
         let [any, one] = by_head_dim(&self.kernels.attention_batch, c.head_dim)?;
+        let (f, items) = match one_each {
+            true => (one, n_head_kv),
+            false => (any, n_head),
+        };
         launch!(
             self,
-            if one_each { one } else { any },
-            config((n_split, n_head, n_tok), super::ATTN_THREADS),
+            f,
+            config((n_split, items, n_tok), super::ATTN_THREADS),
             &qkv,
             &jobs,
             &layer,

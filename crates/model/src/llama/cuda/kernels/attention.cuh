@@ -12,7 +12,11 @@
 // qkv holds one fused q | k | v row per token (`stride` floats apart), as the QKV matrix
 // product wrote it, unrotated. Positions are cut into splits of ATTN_SPLIT; item
 // (split, head, t) takes query (t, head) against the split's positions that are causal for
-// it (<= step[0] + t) and exits at once when there are none. It rotates the query, and the
+// it (<= step[0] + t) and exits at once when there are none. An item may take `heads` query
+// heads of one KV group from `head` on (1, or n_head / n_head_kv from the group's first),
+// one after another over the keys and values it read once, each head with the arithmetic of
+// an item of its own: the same bits, and a group's cache rows read once, not once a head.
+// It rotates the query, and the
 // keys of this call's positions that fall in the split, into shared memory and reads those
 // keys and values from there, older ones from the cache. The block of the first query head
 // of each KV group whose split holds the query's own position appends that position's
@@ -97,7 +101,8 @@ __device__ __forceinline__ void rope_into(const Team& team, const float* src, fl
 
 template <int D, int NEW>
 __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& sh,
-                                          unsigned split, unsigned head, unsigned t, int step0,
+                                          unsigned split, unsigned head, unsigned heads,
+                                          unsigned t, int step0,
                                           const float* qkv, kv_t* k_cache, kv_t* v_cache,
                                           const float* __restrict__ inv_freq, float* part_o,
                                           float* part_ml, unsigned* tickets, float* out,
@@ -149,123 +154,128 @@ __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& 
 
     // This call's positions step0 + j that the split holds and the query sees: j0 <= j <= t.
     const int j0 = first > step0 ? first - step0 : 0;
-    rope_into<D, false>(team, qkv + (size_t)t * stride + head * D, s_q, last, inv_freq, n_rot,
-                        halves);
     for (int j = j0; j <= (int)t; j++) {
         const float* row = qkv + (size_t)j * stride;
         rope_into<D, true>(team, row + q_dim + kv_off, s_k[j], step0 + j, inv_freq, n_rot, halves);
         for (unsigned d = tid; d < D; d += ATTN_THREADS)
             s_v[j][d] = kv_round(row[q_dim + kv_dim + kv_off + d]);
     }
-    team.sync();
-    if (head % group == 0 && last - first < ATTN_SPLIT) {
-        size_t at = (size_t)last * kv_dim + kv_off;
-        for (unsigned d = tid; d < D; d += ATTN_THREADS) {
-            kv_store(k_cache + at + d, s_k[t][d]);  // already rounded: exact
-            kv_store(v_cache + at + d, s_v[t][d]);
-        }
-    }
-
-#pragma unroll
-    for (unsigned pass = 0; pass < PASSES; pass++) {
-        const int pl = (int)((pass * WARPS + warp) * P + sub), p = first + pl;
-        float dot = 0.0f;
-        if (pl < count) {
-#pragma unroll
-            for (unsigned f = 0; f < F; f++) {
-                const float4 a = p >= step0 ? *(const float4*)(s_k[p - step0] + 4 * (ek + L * f))
-                                            : kr[pass][f];
-                const float4 b = *(const float4*)(s_q + 4 * (ek + L * f));
-                dot = fmaf(a.x, b.x, dot);
-                dot = fmaf(a.y, b.y, dot);
-                dot = fmaf(a.z, b.z, dot);
-                dot = fmaf(a.w, b.w, dot);
+    for (unsigned h = head; h < head + heads; h++) {
+        // Each head with the arithmetic of an item of its own; the sync keeps the head before's
+        // readers of the shared memory ahead of this head's writers.
+        if (h > head) team.sync();
+        rope_into<D, false>(team, qkv + (size_t)t * stride + h * D, s_q, last, inv_freq, n_rot,
+                            halves);
+        team.sync();
+        if (h % group == 0 && last - first < ATTN_SPLIT) {
+            size_t at = (size_t)last * kv_dim + kv_off;
+            for (unsigned d = tid; d < D; d += ATTN_THREADS) {
+                kv_store(k_cache + at + d, s_k[t][d]);  // already rounded: exact
+                kv_store(v_cache + at + d, s_v[t][d]);
             }
         }
-        for (unsigned o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
-        if (ek == 0) s_w[pl] = pl < count ? dot * scale : NEG_INF;
-    }
-    team.sync();
-    if (warp == 0) {
-        const float a = s_w[lane], b = s_w[lane + 32];
-        const float m = warp_max(fmaxf(a, b));
-        const float wa = (int)lane < count ? expf(a - m) : 0.0f;
-        const float wb = (int)lane + 32 < count ? expf(b - m) : 0.0f;
-        s_w[lane] = wa;
-        s_w[lane + 32] = wb;
-        const float l = warp_sum(wa + wb);
-        if (lane == 0) {
-            s_ml[0] = m;
-            s_ml[1] = l;
-        }
-    }
-    team.sync();
-    {
-        float4 acc[F];
-#pragma unroll
-        for (unsigned f = 0; f < F; f++) acc[f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-        for (unsigned i = 0; i < VSTEPS; i++) {
-            const int pl = (int)(g + i * G), p = first + pl;
+
+    #pragma unroll
+        for (unsigned pass = 0; pass < PASSES; pass++) {
+            const int pl = (int)((pass * WARPS + warp) * P + sub), p = first + pl;
+            float dot = 0.0f;
             if (pl < count) {
-                const float w = s_w[pl];
-#pragma unroll
+    #pragma unroll
                 for (unsigned f = 0; f < F; f++) {
-                    const float4 x = p >= step0 ? *(const float4*)(s_v[p - step0] + 4 * (ev + L * f))
-                                                : vr[i][f];
-                    acc[f].x = fmaf(w, x.x, acc[f].x);
-                    acc[f].y = fmaf(w, x.y, acc[f].y);
-                    acc[f].z = fmaf(w, x.z, acc[f].z);
-                    acc[f].w = fmaf(w, x.w, acc[f].w);
+                    const float4 a = p >= step0 ? *(const float4*)(s_k[p - step0] + 4 * (ek + L * f))
+                                                : kr[pass][f];
+                    const float4 b = *(const float4*)(s_q + 4 * (ek + L * f));
+                    dot = fmaf(a.x, b.x, dot);
+                    dot = fmaf(a.y, b.y, dot);
+                    dot = fmaf(a.z, b.z, dot);
+                    dot = fmaf(a.w, b.w, dot);
                 }
             }
+            for (unsigned o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+            if (ek == 0) s_w[pl] = pl < count ? dot * scale : NEG_INF;
         }
-#pragma unroll
-        for (unsigned f = 0; f < F; f++) *(float4*)(s_part + g * D + 4 * (ev + L * f)) = acc[f];
-    }
-    team.sync();
+        team.sync();
+        if (warp == 0) {
+            const float a = s_w[lane], b = s_w[lane + 32];
+            const float m = warp_max(fmaxf(a, b));
+            const float wa = (int)lane < count ? expf(a - m) : 0.0f;
+            const float wb = (int)lane + 32 < count ? expf(b - m) : 0.0f;
+            s_w[lane] = wa;
+            s_w[lane + 32] = wb;
+            const float l = warp_sum(wa + wb);
+            if (lane == 0) {
+                s_ml[0] = m;
+                s_ml[1] = l;
+            }
+        }
+        team.sync();
+        {
+            float4 acc[F];
+    #pragma unroll
+            for (unsigned f = 0; f < F; f++) acc[f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    #pragma unroll
+            for (unsigned i = 0; i < VSTEPS; i++) {
+                const int pl = (int)(g + i * G), p = first + pl;
+                if (pl < count) {
+                    const float w = s_w[pl];
+    #pragma unroll
+                    for (unsigned f = 0; f < F; f++) {
+                        const float4 x = p >= step0 ? *(const float4*)(s_v[p - step0] + 4 * (ev + L * f))
+                                                    : vr[i][f];
+                        acc[f].x = fmaf(w, x.x, acc[f].x);
+                        acc[f].y = fmaf(w, x.y, acc[f].y);
+                        acc[f].z = fmaf(w, x.z, acc[f].z);
+                        acc[f].w = fmaf(w, x.w, acc[f].w);
+                    }
+                }
+            }
+    #pragma unroll
+            for (unsigned f = 0; f < F; f++) *(float4*)(s_part + g * D + 4 * (ev + L * f)) = acc[f];
+        }
+        team.sync();
 
-    const unsigned query = t * n_head + head;
-    const unsigned used = (unsigned)(last / ATTN_SPLIT) + 1;
-    float* o_row = out + (size_t)query * D;
-    if (used == 1) {
+        const unsigned query = t * n_head + h;
+        const unsigned used = (unsigned)(last / ATTN_SPLIT) + 1;
+        float* o_row = out + (size_t)query * D;
+        if (used == 1) {
+            for (unsigned d = tid; d < D; d += ATTN_THREADS) {
+                float o = 0.0f;
+                for (unsigned i = 0; i < G; i++) o += s_part[i * D + d];
+                o_row[d] = o / s_ml[1];
+            }
+            continue;
+        }
+        const size_t base = (size_t)query * n_split;
         for (unsigned d = tid; d < D; d += ATTN_THREADS) {
             float o = 0.0f;
             for (unsigned i = 0; i < G; i++) o += s_part[i * D + d];
-            o_row[d] = o / s_ml[1];
+            part_o[(base + split) * D + d] = o;
         }
-        return;
-    }
-    const size_t base = (size_t)query * n_split;
-    for (unsigned d = tid; d < D; d += ATTN_THREADS) {
-        float o = 0.0f;
-        for (unsigned i = 0; i < G; i++) o += s_part[i * D + d];
-        part_o[(base + split) * D + d] = o;
-    }
-    if (tid == 0) {
-        part_ml[(base + split) * 2] = s_ml[0];
-        part_ml[(base + split) * 2 + 1] = s_ml[1];
-    }
-    __threadfence();
-    team.sync();
-    if (tid == 0) sh.merge = atomicAdd(&tickets[query], 1u) == used - 1;
-    team.sync();
-    if (!sh.merge) return;
-    __threadfence();
-    float m_all = NEG_INF;
-#pragma unroll 8
-    for (unsigned s = 0; s < used; s++) m_all = fmaxf(m_all, __ldcg(part_ml + (base + s) * 2));
-    for (unsigned d = tid; d < D; d += ATTN_THREADS) {
-        float l_all = 0.0f, o = 0.0f;
-#pragma unroll 4
-        for (unsigned s = 0; s < used; s++) {
-            const float f = expf(__ldcg(part_ml + (base + s) * 2) - m_all);
-            l_all += __ldcg(part_ml + (base + s) * 2 + 1) * f;
-            o += __ldcg(part_o + (base + s) * D + d) * f;
+        if (tid == 0) {
+            part_ml[(base + split) * 2] = s_ml[0];
+            part_ml[(base + split) * 2 + 1] = s_ml[1];
         }
-        o_row[d] = o / l_all;
+        __threadfence();
+        team.sync();
+        if (tid == 0) sh.merge = atomicAdd(&tickets[query], 1u) == used - 1;
+        team.sync();
+        if (!sh.merge) continue;
+        __threadfence();
+        float m_all = NEG_INF;
+    #pragma unroll 8
+        for (unsigned s = 0; s < used; s++) m_all = fmaxf(m_all, __ldcg(part_ml + (base + s) * 2));
+        for (unsigned d = tid; d < D; d += ATTN_THREADS) {
+            float l_all = 0.0f, o = 0.0f;
+    #pragma unroll 4
+            for (unsigned s = 0; s < used; s++) {
+                const float f = expf(__ldcg(part_ml + (base + s) * 2) - m_all);
+                l_all += __ldcg(part_ml + (base + s) * 2 + 1) * f;
+                o += __ldcg(part_o + (base + s) * D + d) * f;
+            }
+            o_row[d] = o / l_all;
+        }
+        if (tid == 0) tickets[query] = 0;
     }
-    if (tid == 0) tickets[query] = 0;
 }
 
 #endif  // TERN_ATTENTION_CUH

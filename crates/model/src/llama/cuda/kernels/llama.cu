@@ -212,8 +212,11 @@ extern "C" __global__ void swiglu(const float* __restrict__ gate, const float* _
 
 // Decode attention (attention.cuh), one block per item. Grid (n_split, n_head, n_tok), block
 // ATTN_THREADS, n_tok <= ATTN_MAX_NEW. attention_one_<D>: the same for n_tok = 1, with shared
-// memory for one new position rather than ATTN_MAX_NEW (so more blocks fit an SM; the same
-// arithmetic, so the same bits).
+// memory for one new position rather than ATTN_MAX_NEW, and a block taking a KV group's
+// query heads (grid (n_split, n_head_kv, 1)): the same arithmetic, so the same bits, from a
+// quarter of the blocks (where n_head = 4 n_head_kv), each reading its keys and values once.
+// ATTN_GROUPS(NEW): 1 where an item takes a KV group's heads.
+#define ATTN_GROUPS(NEW) ((NEW) == 1)
 #define ATTENTION(D, NEW, NAME)                                                                   \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) NAME##D(                           \
         const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,       \
@@ -223,9 +226,11 @@ extern "C" __global__ void swiglu(const float* __restrict__ gate, const float* _
         __shared__ AttnShared<D, NEW> sh;                                                         \
         pdl_wait();                                                                               \
         pdl_launch_dependents();                                                                  \
-        attention<D, NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y, blockIdx.z, step[0],  \
-                          qkv, k_cache, v_cache, inv_freq, part_o, part_ml, tickets, out, n_head, \
-                          n_head_kv, n_rot, halves, n_split, scale, stride);                      \
+        const unsigned heads = ATTN_GROUPS(NEW) ? n_head / n_head_kv : 1;                         \
+        attention<D, NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y * heads, heads,        \
+                          blockIdx.z, step[0], qkv, k_cache, v_cache, inv_freq, part_o, part_ml,  \
+                          tickets, out, n_head, n_head_kv, n_rot, halves, n_split, scale,         \
+                          stride);                                                                \
     }
 
 ATTENTION(32, ATTN_MAX_NEW, attention_)
@@ -255,7 +260,8 @@ struct AttnJob {
 // session alone (the same device code and order; the split and merge are fixed by the
 // session's positions). Grid (the most splits of any session, n_head, queries), block
 // ATTN_THREADS; out: (queries, n_head * D). attention_batch_one_<D>: the same where every
-// session has one new position (shared memory for one, as attention_one_<D>).
+// session has one new position, as attention_one_<D> (shared memory for one, a KV group's
+// heads a block: grid (the most splits, n_head_kv, queries)).
 #define ATTENTION_BATCH(D, NEW, NAME)                                                             \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) NAME##D(                           \
         const float* qkv, const AttnJob* __restrict__ jobs, unsigned layer,                      \
@@ -267,8 +273,9 @@ struct AttnJob {
         const AttnJob j = jobs[blockIdx.z];                                                       \
         if (blockIdx.x >= j.n_split) return;                                                      \
         const size_t at = (size_t)layer * j.layer;                                                \
-        attention<D, NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y, j.t, j.step0,         \
-                          qkv + (size_t)j.first * stride, (kv_t*)j.k_cache + at,                  \
+        const unsigned heads = ATTN_GROUPS(NEW) ? n_head / n_head_kv : 1;                         \
+        attention<D, NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y * heads, heads, j.t,   \
+                          j.step0, qkv + (size_t)j.first * stride, (kv_t*)j.k_cache + at,         \
                           (kv_t*)j.v_cache + at, inv_freq, (float*)j.part_o, (float*)j.part_ml,   \
                           (unsigned*)j.tickets, out + (size_t)j.first * n_head * D, n_head,        \
                           n_head_kv, n_rot, halves, j.n_split, scale, stride);                    \
