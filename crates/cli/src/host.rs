@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tern_actor::{Actor, ActorModule, Limits, Runtime};
 use tern_compute::DeviceChoice;
-use tern_model::{KvType, Precision};
+use tern_model::KvType;
 
 use crate::fetch;
 
@@ -57,11 +57,8 @@ pub struct HostArgs {
     /// CPU threads for the forward pass (default: all cores).
     #[arg(long, value_parser = crate::parse_count)]
     pub threads: Option<usize>,
-    /// `fast` (int8 activations, as llama.cpp), `tensor` (`fast`, and on a CUDA GPU the BF16
-    /// matrices on tensor cores: several times the batched throughput, a few percent slower
-    /// alone) or `reference` (f32 activations).
-    #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
-    pub precision: Precision,
+    #[command(flatten)]
+    pub precision: crate::PrecisionArg,
     /// How KV caches keep keys and values: `f32`, or `f16` (half the memory and snapshot
     /// bytes; on the CPU and CUDA, not on wgpu).
     #[arg(long, default_value = "f32", value_parser = crate::parse_kv_type)]
@@ -106,7 +103,7 @@ impl HostArgs {
         };
         let mut builder = Runtime::builder(device)
             .limits(limits)
-            .precision(self.precision)
+            .precision(self.precision.value)
             .kv_type(self.kv_type);
         if let Some(threads) = self.threads {
             builder = builder.threads(threads);

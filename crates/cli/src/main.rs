@@ -58,6 +58,21 @@ pub fn parse_kv_type(s: &str) -> Result<tern_model::KvType, String> {
     }
 }
 
+/// `--precision`, as `tern run`, `tern serve` and the benchmarks take it.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct PrecisionArg {
+    /// `fast` (int8 activations on the CPU, as llama.cpp), `tensor` (`fast`, and on a CUDA GPU
+    /// the BF16 matrices on tensor cores: several times the batched throughput, a few percent
+    /// slower alone) or `reference` (f32 activations).
+    #[arg(
+        long = "precision",
+        value_name = "PRECISION",
+        default_value = "fast",
+        value_parser = parse_precision
+    )]
+    pub value: tern_model::Precision,
+}
+
 /// Parses `--precision`.
 pub fn parse_precision(s: &str) -> Result<tern_model::Precision, String> {
     match s {

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use tern_compute::DeviceChoice;
-use tern_model::{Candidate, Model, Precision, Session, Step};
+use tern_model::{Candidate, Model, Session, Step};
 
 use super::median;
 
@@ -44,10 +44,8 @@ pub struct BatchBenchArgs {
     /// Rounds (medians are reported).
     #[arg(long, default_value_t = 3, value_parser = crate::parse_count)]
     repeats: usize,
-    /// How matrix products treat activations: fast (int8 on the CPU), tensor (fast, and the
-    /// BF16 products on a CUDA GPU's tensor cores) or reference.
-    #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
-    precision: Precision,
+    #[command(flatten)]
+    precision: crate::PrecisionArg,
     /// How the KV caches store keys and values: f32 or f16 (llama-batched-bench's default).
     #[arg(long, default_value = "f32", value_parser = crate::parse_kv_type)]
     kv_type: tern_model::KvType,
@@ -86,7 +84,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
     let (model, on, gpu) = match device {
         DeviceChoice::Cpu => (
             Model::open("bench", &path, threads)?
-                .with_precision(args.precision)
+                .with_precision(args.precision.value)
                 .with_kv_type(args.kv_type),
             format!("cpu x{threads}"),
             false,
@@ -95,7 +93,7 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
             let gpu = tern_compute::open(device)?;
             let on = format!("on {}", gpu.describe());
             let model = Model::open("bench", &path, 1)?
-                .with_precision(args.precision)
+                .with_precision(args.precision.value)
                 .with_kv_type(args.kv_type)
                 .on_device(&gpu)?;
             (model, on, true)

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use tern_actor::{Actor, Runtime};
 use tern_compute::DeviceChoice;
-use tern_model::{Model, Precision};
+use tern_model::Model;
 
 use super::{direct, median, send};
 
@@ -29,10 +29,8 @@ pub struct DecodeArgs {
     /// Repeats of each measurement (the median is reported).
     #[arg(long, default_value_t = 3, value_parser = crate::parse_count)]
     repeats: usize,
-    /// How matrix products treat activations: fast (int8 on the CPU), tensor (fast, and the
-    /// BF16 products on a CUDA GPU's tensor cores) or reference.
-    #[arg(long, default_value = "fast", value_parser = crate::parse_precision)]
-    precision: Precision,
+    #[command(flatten)]
+    precision: crate::PrecisionArg,
     /// CPU threads (default: all cores).
     #[arg(long, value_parser = crate::parse_count)]
     threads: Option<usize>,
@@ -65,7 +63,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
             decode: args.decode,
             repeats: args.repeats,
             baseline: args.baseline.is_some(),
-            precision: args.precision,
+            precision: args.precision.value,
         });
         #[cfg(not(feature = "wgpu"))]
         bail!("this build of tern has no wgpu support");
@@ -78,7 +76,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
             decode: args.decode,
             repeats: args.repeats,
             baseline: args.baseline.is_some(),
-            precision: args.precision,
+            precision: args.precision.value,
         });
         #[cfg(not(feature = "cuda"))]
         bail!("this build of tern has no CUDA support");
@@ -86,7 +84,8 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let model = Arc::new(Model::open("bench", &path, threads)?.with_precision(args.precision));
+    let model =
+        Arc::new(Model::open("bench", &path, threads)?.with_precision(args.precision.value));
     let reference = Model::open("bench", &path, threads)?;
     let c = model.config().clone();
     let context = super::context_for(&model, args.prefill, args.decode)?;
