@@ -233,14 +233,12 @@ extern "C" __global__ void swiglu(const float* __restrict__ gate, const float* _
                           stride);                                                                \
     }
 
-ATTENTION(32, ATTN_MAX_NEW, attention_)
-ATTENTION(64, ATTN_MAX_NEW, attention_)
-ATTENTION(128, ATTN_MAX_NEW, attention_)
-ATTENTION(256, ATTN_MAX_NEW, attention_)
-ATTENTION(32, 1, attention_one_)
-ATTENTION(64, 1, attention_one_)
-ATTENTION(128, 1, attention_one_)
-ATTENTION(256, 1, attention_one_)
+// M(D, NEW, NAME) for every head size the host instantiates (kernels.rs's HEAD_DIMS).
+#define FOR_HEAD_DIMS(M, NEW, NAME) \
+    M(32, NEW, NAME) M(64, NEW, NAME) M(128, NEW, NAME) M(256, NEW, NAME)
+
+FOR_HEAD_DIMS(ATTENTION, ATTN_MAX_NEW, attention_)
+FOR_HEAD_DIMS(ATTENTION, 1, attention_one_)
 
 // One query of a batched step (the host's `AttnJob`, 64 bytes): its session's cache and
 // attention scratch, where the session's new positions start, and which of them it is.
@@ -281,14 +279,8 @@ struct AttnJob {
                           n_head_kv, n_rot, halves, j.n_split, scale, stride);                    \
     }
 
-ATTENTION_BATCH(32, ATTN_MAX_NEW, attention_batch_)
-ATTENTION_BATCH(64, ATTN_MAX_NEW, attention_batch_)
-ATTENTION_BATCH(128, ATTN_MAX_NEW, attention_batch_)
-ATTENTION_BATCH(256, ATTN_MAX_NEW, attention_batch_)
-ATTENTION_BATCH(32, 1, attention_batch_one_)
-ATTENTION_BATCH(64, 1, attention_batch_one_)
-ATTENTION_BATCH(128, 1, attention_batch_one_)
-ATTENTION_BATCH(256, 1, attention_batch_one_)
+FOR_HEAD_DIMS(ATTENTION_BATCH, ATTN_MAX_NEW, attention_batch_)
+FOR_HEAD_DIMS(ATTENTION_BATCH, 1, attention_batch_one_)
 
 // The four floats at `off` of cached position p's key and value, zeros past `last`.
 __device__ __forceinline__ void kv_at(const kv_t* __restrict__ k_cache,
