@@ -520,6 +520,21 @@ fn by_head_dims(
         .collect()
 }
 
+/// Of `list`'s kernels for `c`'s head size ([`by_head_dims`]), the one for one new position a
+/// query (`one`: a block takes a KV group's query heads) or for any, and its blocks a query
+/// and split.
+fn attention_kernel<'k>(
+    list: &'k [(usize, [CudaFunction; 2])],
+    c: &crate::llama::LlamaConfig,
+    one: bool,
+) -> Result<(&'k CudaFunction, u32), ModelError> {
+    let [any, one_new] = by_head_dim(list, c.head_dim)?;
+    Ok(match one {
+        true => (one_new, c.n_head_kv as u32),
+        false => (any, c.n_head as u32),
+    })
+}
+
 fn by_head_dim<T>(list: &[(usize, T)], d: usize) -> Result<&T, ModelError> {
     list.iter()
         .find(|(h, _)| *h == d)
@@ -918,12 +933,7 @@ impl Launcher<'_> {
         let stride = qkv_stride(c);
         let (k_cache, v_cache) = cache;
         let (part_o, part_ml, tickets) = scratch;
-        // One new position: a block takes a KV group's query heads.
-        let [any, one] = by_head_dim(&self.kernels.attention, c.head_dim)?;
-        let (f, items) = match n_tok {
-            1 => (one, n_head_kv),
-            _ => (any, n_head),
-        };
+        let (f, items) = attention_kernel(&self.kernels.attention, c, n_tok == 1)?;
         launch!(
             self,
             f,
@@ -1015,12 +1025,7 @@ impl Launcher<'_> {
         let (n_rot, halves) = (c.n_rot as u32, super::halves(c));
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let stride = qkv_stride(c);
-        // One new position a session: a block takes a KV group's query heads.
-        let [any, one] = by_head_dim(&self.kernels.attention_batch, c.head_dim)?;
-        let (f, items) = match one_each {
-            true => (one, n_head_kv),
-            false => (any, n_head),
-        };
+        let (f, items) = attention_kernel(&self.kernels.attention_batch, c, one_each)?;
         launch!(
             self,
             f,
