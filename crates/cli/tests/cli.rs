@@ -139,8 +139,12 @@ fn without_a_model_flag_any_module_gets_the_default_model() {
 
 /// A state folder for a `tern serve` test, so that it neither needs nor touches the
 /// default one in the home folder.
+/// A state folder of its own for each server a test starts (tests run side by side, and a
+/// folder takes one server at a time).
 fn scratch_state() -> String {
-    let dir = std::env::temp_dir().join(format!("tern-cli-serve-state-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tern-cli-serve-state-{}-{n}", std::process::id()));
     dir.to_str().unwrap().to_string()
 }
 
