@@ -577,6 +577,17 @@ fn one_step_over_several_sessions_gives_each_its_own_bits() {
     let history: Vec<usize> = (0..70).map(|i| i * 3 % 50).collect();
     let new: Vec<usize> = (0..70).map(|i| 1 + i % 3).collect();
     conversations::one_step_gives_each_session_its_own_bits(&model, &history, &new);
+    long_conversations_keep_their_bits(&model);
+}
+
+/// 64 sessions of 600 to 2,000 positions (or the model's context), a new token each, in
+/// one step: thousands of attention splits, which the batched attention's blocks take
+/// several at a time (a session alone takes one a block), each session with the bits it
+/// gets alone.
+fn long_conversations_keep_their_bits(model: &Model) {
+    let span = model.config().n_ctx_train.min(2003) - 603;
+    let history: Vec<usize> = (0..64).map(|i| 600 + i * 97 % span).collect();
+    conversations::one_step_gives_each_session_its_own_bits(model, &history, &[1; 64]);
 }
 
 /// Below the tensor-core prefill's 64 positions, a prompt in one call, in pieces and token
@@ -670,7 +681,8 @@ fn bf16_matrices_keep_each_sessions_bits_in_batched_steps() {
 }
 
 /// `model` gives each session its own bits in one step over 8 sessions at different
-/// positions, and `n` random conversations (from `seed`) the same bits alone and together.
+/// positions, `n` random conversations (from `seed`) the same bits alone and together, and
+/// 64 long conversations in one step.
 fn keeps_each_sessions_bits(model: &Model, seed: u64, n: usize) {
     conversations::one_step_gives_each_session_its_own_bits(
         model,
@@ -683,6 +695,7 @@ fn keeps_each_sessions_bits(model: &Model, seed: u64, n: usize) {
         .map(|_| conversations::Conversation::random(&mut rng, vocab))
         .collect();
     conversations::alone_and_together(model, &conversations);
+    long_conversations_keep_their_bits(model);
 }
 
 /// A profiled batched step (`tern bench batch`'s breakdown) times every phase and leaves its

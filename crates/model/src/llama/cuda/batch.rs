@@ -20,7 +20,7 @@ use tern_compute::cuda::cudarc::driver::{CudaSlice, DevicePtr};
 use super::kernels::{Fuse, Launcher, TopJob, top_k_many_scratch};
 use super::prefill::{self, PREFILL_CHUNK, PREFILL_MIN};
 use super::session::{ActBuffers, enqueue_layers, from_pairs};
-use super::{CudaLlama, CudaSession, MAX_CHUNK, driver};
+use super::{ATTN_SPLIT, CudaLlama, CudaSession, MAX_CHUNK, driver};
 use crate::ModelError;
 use crate::steps::{Budget, StepJob};
 use crate::top::{Candidate, MAX_TOP};
@@ -239,7 +239,7 @@ fn round(
     for p in parts.iter() {
         for (t, &token) in p.tokens.iter().enumerate() {
             let job = p.session.attn_job(c, t, first);
-            n_split = n_split.max(job.n_split);
+            n_split = n_split.max((job.step0 as u32 + job.t) / ATTN_SPLIT as u32 + 1);
             let at = (first + t) * size_of::<AttnJob>();
             bytes[at..at + size_of::<AttnJob>()].copy_from_slice(job_bytes(&job));
             let at = plan.ids + 4 * (first + t);

@@ -24,6 +24,8 @@ fn text() -> String {
         ("ATTN_SPLIT", super::ATTN_SPLIT),
         ("ATTN_THREADS", super::ATTN_THREADS as usize),
         ("ATTN_MAX_NEW", super::MAX_CHUNK),
+        // The most query heads of a KV group that one block of attention_one_ takes.
+        ("ATTN_GROUP_MAX", super::ATTN_GROUP_MAX),
         // Threads of one block of decode.cu's persistent kernel.
         ("DECODE_THREADS", super::fused::DECODE_THREADS as usize),
         // Logits one top_k_blocks block sorts; the most candidates; the most lists merged.

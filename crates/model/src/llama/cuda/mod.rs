@@ -79,6 +79,9 @@ const SPARE_SESSIONS: usize = 2;
 /// `ATTN_SPLIT` and `ATTN_THREADS`, written into `constants.cuh` by [`constants`].
 const ATTN_SPLIT: usize = 64;
 const ATTN_THREADS: u32 = 128;
+/// The most query heads a KV group may have for a block of the one-new-position attention
+/// to take them together (`ATTN_GROUP_MAX`; larger groups take a head a block).
+const ATTN_GROUP_MAX: usize = 8;
 
 /// What a holder of the model's stream keeps between calls.
 #[derive(Default)]

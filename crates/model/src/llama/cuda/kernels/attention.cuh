@@ -69,14 +69,14 @@ struct AttnShared {
 };
 
 // Rotates the n_rot / 2 pairs of a head for position `pos` from src into dst (which may be
-// src): Hugging Face's pairing (i, i + n_rot/2) when `halves`, else adjacent pairs. The
-// team's threads take the pairs in turn.
+// src): Hugging Face's pairing (i, i + n_rot/2) when `halves`, else adjacent pairs. Thread
+// `tid` of `threads` takes every threads-th pair from its own on.
 // With KEY, each value written is rounded as the KV cache stores it (kv_round).
 template <bool KEY>
-__device__ __forceinline__ void rope_pairs(const Team& team, const float* src, float* dst,
-                                           int pos, const float* __restrict__ inv_freq,
+__device__ __forceinline__ void rope_pairs(unsigned tid, unsigned threads, const float* src,
+                                           float* dst, int pos, const float* __restrict__ inv_freq,
                                            unsigned n_rot, int halves) {
-    for (unsigned i = team.tid; i < n_rot / 2; i += ATTN_THREADS) {
+    for (unsigned i = tid; i < n_rot / 2; i += threads) {
         float angle = (float)pos * inv_freq[i];
         float s, c;
         sincosf(angle, &s, &c);
@@ -91,12 +91,34 @@ __device__ __forceinline__ void rope_pairs(const Team& team, const float* src, f
 // dst[0..D) = src rotated for position `pos` (see rope_pairs); dimensions from n_rot on are
 // copied as they are (rounded too, with KEY).
 template <int D, bool KEY>
-__device__ __forceinline__ void rope_into(const Team& team, const float* src, float* dst,
-                                          int pos, const float* __restrict__ inv_freq,
+__device__ __forceinline__ void rope_into(unsigned tid, unsigned threads, const float* src,
+                                          float* dst, int pos, const float* __restrict__ inv_freq,
                                           unsigned n_rot, int halves) {
-    rope_pairs<KEY>(team, src, dst, pos, inv_freq, n_rot, halves);
-    for (unsigned i = n_rot + team.tid; i < D; i += ATTN_THREADS)
+    rope_pairs<KEY>(tid, threads, src, dst, pos, inv_freq, n_rot, halves);
+    for (unsigned i = n_rot + tid; i < D; i += threads)
         dst[i] = KEY ? kv_round(src[i]) : src[i];
+}
+
+// A query's `used` splits (max, sum and unnormalized output of each, from `base` on in
+// part_ml and part_o) merged in split order into o_row; thread `tid` of `threads` takes
+// dimensions tid, tid + threads, ..
+template <int D>
+__device__ __forceinline__ void merge_splits(unsigned tid, unsigned threads, const float* part_o,
+                                             const float* part_ml, size_t base, unsigned used,
+                                             float* o_row) {
+    float m_all = NEG_INF;
+#pragma unroll 8
+    for (unsigned s = 0; s < used; s++) m_all = fmaxf(m_all, __ldcg(part_ml + (base + s) * 2));
+    for (unsigned d = tid; d < D; d += threads) {
+        float l_all = 0.0f, o = 0.0f;
+#pragma unroll 4
+        for (unsigned s = 0; s < used; s++) {
+            const float f = expf(__ldcg(part_ml + (base + s) * 2) - m_all);
+            l_all += __ldcg(part_ml + (base + s) * 2 + 1) * f;
+            o += __ldcg(part_o + (base + s) * D + d) * f;
+        }
+        o_row[d] = o / l_all;
+    }
 }
 
 template <int D, int NEW>
@@ -156,7 +178,8 @@ __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& 
     const int j0 = first > step0 ? first - step0 : 0;
     for (int j = j0; j <= (int)t; j++) {
         const float* row = qkv + (size_t)j * stride;
-        rope_into<D, true>(team, row + q_dim + kv_off, s_k[j], step0 + j, inv_freq, n_rot, halves);
+        rope_into<D, true>(tid, ATTN_THREADS, row + q_dim + kv_off, s_k[j], step0 + j, inv_freq,
+                           n_rot, halves);
         for (unsigned d = tid; d < D; d += ATTN_THREADS)
             s_v[j][d] = kv_round(row[q_dim + kv_dim + kv_off + d]);
     }
@@ -164,8 +187,8 @@ __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& 
         // Each head with the arithmetic of an item of its own; the sync keeps the head before's
         // readers of the shared memory ahead of this head's writers.
         if (h > head) team.sync();
-        rope_into<D, false>(team, qkv + (size_t)t * stride + h * D, s_q, last, inv_freq, n_rot,
-                            halves);
+        rope_into<D, false>(tid, ATTN_THREADS, qkv + (size_t)t * stride + h * D, s_q, last,
+                            inv_freq, n_rot, halves);
         team.sync();
         if (h % group == 0 && last - first < ATTN_SPLIT) {
             size_t at = (size_t)last * kv_dim + kv_off;
@@ -261,20 +284,220 @@ __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& 
         team.sync();
         if (!sh.merge) continue;
         __threadfence();
-        float m_all = NEG_INF;
-    #pragma unroll 8
-        for (unsigned s = 0; s < used; s++) m_all = fmaxf(m_all, __ldcg(part_ml + (base + s) * 2));
-        for (unsigned d = tid; d < D; d += ATTN_THREADS) {
-            float l_all = 0.0f, o = 0.0f;
-    #pragma unroll 4
-            for (unsigned s = 0; s < used; s++) {
-                const float f = expf(__ldcg(part_ml + (base + s) * 2) - m_all);
-                l_all += __ldcg(part_ml + (base + s) * 2 + 1) * f;
-                o += __ldcg(part_o + (base + s) * D + d) * f;
-            }
-            o_row[d] = o / l_all;
-        }
+        merge_splits<D>(tid, ATTN_THREADS, part_o, part_ml, base, used, o_row);
         if (tid == 0) tickets[query] = 0;
+    }
+}
+
+// A block's shared memory for attention_group: STAGES buffers of a split's cached keys and
+// values as the cache holds them, a KV group's rotated queries, and each warp's weights.
+// FITS: whether it fits the 48 KiB of static shared memory (two buffers where they fit, so
+// that the next split's rows arrive while this one's are used; else one).
+template <int D>
+struct GroupShared {
+    static constexpr size_t ROWS = (size_t)ATTN_SPLIT * D * sizeof(kv_t);  // bytes of K (or V)
+    static constexpr size_t REST = ((size_t)ATTN_GROUP_MAX * D + 2 * D +
+                                    (ATTN_THREADS / 32) * ATTN_SPLIT) * sizeof(float);
+    static constexpr unsigned STAGES = 4 * ROWS + REST <= 48 * 1024 ? 2 : 1;
+    static constexpr bool FITS = 2 * ROWS + REST <= 48 * 1024;
+    __align__(16) kv_t k[STAGES][ATTN_SPLIT][D];
+    __align__(16) kv_t v[STAGES][ATTN_SPLIT][D];
+    __align__(16) float q[ATTN_GROUP_MAX][D];
+    __align__(16) float k_new[D];  // this call's position's key and value, rounded
+    __align__(16) float v_new[D];
+    float w[ATTN_THREADS / 32][ATTN_SPLIT];
+};
+
+// `attention` for one new position at step0 (t = 0) and all query heads of KV group
+// `kv_head` (n_head / n_head_kv <= ATTN_GROUP_MAX), over splits s_begin .. s_begin +
+// s_count - 1 (those that hold positions), item by item with `attention`'s arithmetic: the
+// same bits. Where `attention` runs a group's heads one after another through the whole
+// block, here warp w takes heads w, w + 4, ..: a key row's dot by the same L lanes and
+// butterfly, the softmax in one warp as there, and each thread group's weighted sum of
+// values (group g: positions g, g + G, ..) by the lanes that hold g's dimensions, its
+// group sums gathered by shuffles and added in group order. The block's splits go through
+// shared memory in turn, the next one's rows copied in (cp.async) while this one's are used;
+// a split's parts are written as `attention` writes them, and the block adds its count of
+// splits to the query's ticket once, so whichever block finishes a query's splits merges
+// them, in split order as there.
+template <int D>
+__device__ __forceinline__ void attention_group(
+    GroupShared<D>& sh, unsigned s_begin, unsigned s_count, unsigned kv_head, int step0,
+    const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,
+    float* part_o, float* part_ml, unsigned* tickets, float* out, unsigned n_head,
+    unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split, float scale,
+    unsigned stride) {
+    constexpr unsigned L = AttnShared<D, 1>::L, F = D / (4 * L), P = 32 / L;
+    constexpr unsigned G = AttnShared<D, 1>::G, VSTEPS = ATTN_SPLIT / G;
+    constexpr unsigned WARPS = ATTN_THREADS / 32, GW = G / P;  // thread groups a lane holds
+    constexpr unsigned E = 16 / sizeof(kv_t), CH = D / E;       // a row's 16-byte chunks
+    constexpr unsigned STAGES = GroupShared<D>::STAGES;
+    const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const unsigned sub = lane / L, e = lane % L;
+    const int last = step0;
+    const unsigned used = (unsigned)(last / ATTN_SPLIT) + 1;
+    const unsigned s_end = s_begin + s_count < used ? s_begin + s_count : used;
+    if (s_begin >= s_end) return;
+    const unsigned group = n_head / n_head_kv, head0 = kv_head * group;
+    const unsigned q_dim = n_head * D, kv_dim = n_head_kv * D, kv_off = kv_head * D;
+
+    // Split s's cached rows (those before step0) into buffer b, as one group of copies.
+    auto stage = [&](unsigned s, unsigned b) {
+        const int first = (int)(s * ATTN_SPLIT);
+        const int cached = step0 - first < ATTN_SPLIT ? step0 - first : ATTN_SPLIT;
+        for (unsigned c = tid; c < ATTN_SPLIT * CH; c += ATTN_THREADS) {
+            const int row = (int)(c / CH);
+            const unsigned col = (c % CH) * E;
+            if (row < cached) {
+                const size_t at = (size_t)(first + row) * kv_dim + kv_off + col;
+                cp_async16(&sh.k[b][row][col], k_cache + at, true);
+                cp_async16(&sh.v[b][row][col], v_cache + at, true);
+            }
+        }
+        cp_async_commit();
+    };
+
+    if (STAGES == 2) stage(s_begin, 0);
+    for (unsigned h = warp; h < group; h += WARPS)
+        rope_into<D, false>(lane, 32, qkv + (size_t)(head0 + h) * D, sh.q[h], last, inv_freq,
+                            n_rot, halves);
+    for (unsigned s = s_begin; s < s_end; s++) {
+        const unsigned b = STAGES == 2 ? (s - s_begin) % 2 : 0;
+        __syncthreads();  // every warp is done with the buffer filled next
+        if (STAGES == 1) {
+            stage(s, 0);
+            cp_async_wait<0>();
+        } else if (s + 1 < s_end) {
+            stage(s + 1, b ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        const int first = (int)(s * ATTN_SPLIT);
+        const int count = last + 1 - first < ATTN_SPLIT ? last + 1 - first : ATTN_SPLIT;
+        if (last - first < ATTN_SPLIT) {
+            // The split holds this call's position: its rotated key and its value, rounded
+            // as the cache stores them, into the buffer's row and appended to the cache.
+            rope_into<D, true>(tid, ATTN_THREADS, qkv + q_dim + kv_off, sh.k_new, last,
+                               inv_freq, n_rot, halves);
+            for (unsigned d = tid; d < D; d += ATTN_THREADS)
+                sh.v_new[d] = kv_round(qkv[q_dim + kv_dim + kv_off + d]);
+            __syncthreads();
+            const size_t at = (size_t)last * kv_dim + kv_off;
+            for (unsigned d = tid; d < D; d += ATTN_THREADS) {
+                kv_store(&sh.k[b][count - 1][d], sh.k_new[d]);  // already rounded: exact
+                kv_store(&sh.v[b][count - 1][d], sh.v_new[d]);
+                kv_store(k_cache + at + d, sh.k_new[d]);
+                kv_store(v_cache + at + d, sh.v_new[d]);
+            }
+        }
+        __syncthreads();  // the split's rows are in shared memory for every warp
+
+        for (unsigned h = warp; h < group; h += WARPS) {
+            float* w = sh.w[warp];
+#pragma unroll 4
+            for (unsigned pass = 0; pass < ATTN_SPLIT / P; pass++) {
+                const unsigned pl = pass * P + sub;
+                float dot = 0.0f;
+                if ((int)pl < count) {
+#pragma unroll
+                    for (unsigned f = 0; f < F; f++) {
+                        const float4 a = kv_load4(&sh.k[b][pl][4 * (e + L * f)]);
+                        const float4 c = *(const float4*)(sh.q[h] + 4 * (e + L * f));
+                        dot = fmaf(a.x, c.x, dot);
+                        dot = fmaf(a.y, c.y, dot);
+                        dot = fmaf(a.z, c.z, dot);
+                        dot = fmaf(a.w, c.w, dot);
+                    }
+                }
+                for (unsigned o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+                if (e == 0) w[pl] = (int)pl < count ? dot * scale : NEG_INF;
+            }
+            __syncwarp();
+            const float wa0 = w[lane], wb0 = w[lane + 32];
+            const float m = warp_max(fmaxf(wa0, wb0));
+            const float wa = (int)lane < count ? expf(wa0 - m) : 0.0f;
+            const float wb = (int)lane + 32 < count ? expf(wb0 - m) : 0.0f;
+            const float l = warp_sum(wa + wb);
+            __syncwarp();
+            w[lane] = wa;
+            w[lane + 32] = wb;
+            __syncwarp();
+
+            // Thread group g = sub + P j of `attention`'s weighted sums, for each j.
+            float4 acc[GW][F];
+#pragma unroll
+            for (unsigned j = 0; j < GW; j++) {
+                const unsigned g = sub + P * j;
+#pragma unroll
+                for (unsigned f = 0; f < F; f++) acc[j][f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+                for (unsigned i = 0; i < VSTEPS; i++) {
+                    const unsigned pl = g + i * G;
+                    if ((int)pl < count) {
+                        const float wt = w[pl];
+#pragma unroll
+                        for (unsigned f = 0; f < F; f++) {
+                            const float4 x = kv_load4(&sh.v[b][pl][4 * (e + L * f)]);
+                            acc[j][f].x = fmaf(wt, x.x, acc[j][f].x);
+                            acc[j][f].y = fmaf(wt, x.y, acc[j][f].y);
+                            acc[j][f].z = fmaf(wt, x.z, acc[j][f].z);
+                            acc[j][f].w = fmaf(wt, x.w, acc[j][f].w);
+                        }
+                    }
+                }
+            }
+            // The groups' sums in group order: group g's are in lane (g % P) L + e.
+            float4 o[F];
+#pragma unroll
+            for (unsigned f = 0; f < F; f++) {
+                o[f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+                for (unsigned g = 0; g < G; g++) {
+                    const unsigned from = (g % P) * L + e;
+                    o[f].x += __shfl_sync(FULL_MASK, acc[g / P][f].x, from);
+                    o[f].y += __shfl_sync(FULL_MASK, acc[g / P][f].y, from);
+                    o[f].z += __shfl_sync(FULL_MASK, acc[g / P][f].z, from);
+                    o[f].w += __shfl_sync(FULL_MASK, acc[g / P][f].w, from);
+                }
+            }
+            const unsigned query = head0 + h;
+            if (sub == 0) {
+                const size_t base = (size_t)query * n_split;
+#pragma unroll
+                for (unsigned f = 0; f < F; f++) {
+                    float4 r = o[f];
+                    if (used == 1) {
+                        r = make_float4(r.x / l, r.y / l, r.z / l, r.w / l);
+                        *(float4*)(out + (size_t)query * D + 4 * (e + L * f)) = r;
+                    } else {
+                        *(float4*)(part_o + (base + s) * D + 4 * (e + L * f)) = r;
+                    }
+                }
+                if (used > 1 && lane == 0) {
+                    part_ml[(base + s) * 2] = m;
+                    part_ml[(base + s) * 2 + 1] = l;
+                }
+            }
+            __syncwarp();
+        }
+    }
+    if (used == 1) return;
+
+    // The block's splits are written: each head's warp adds their count to the query's
+    // ticket, and the one that completes it merges the query's splits as `attention` does.
+    __threadfence();
+    __syncwarp();
+    for (unsigned h = warp; h < group; h += WARPS) {
+        const unsigned query = head0 + h, mine = s_end - s_begin;
+        unsigned before = 0;
+        if (lane == 0) before = atomicAdd(&tickets[query], mine);
+        before = __shfl_sync(FULL_MASK, before, 0);
+        if (before + mine != used) continue;
+        __threadfence();
+        merge_splits<D>(lane, 32, part_o, part_ml, (size_t)query * n_split, used,
+                        out + (size_t)query * D);
+        if (lane == 0) tickets[query] = 0;
     }
 }
 

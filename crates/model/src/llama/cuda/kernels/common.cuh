@@ -73,6 +73,40 @@ __device__ __forceinline__ void pdl_launch_dependents()
 #endif
 }
 
+// Asynchronous 16-byte copies from global to shared memory (sm_80 and later; a plain copy
+// before): cp_async16 copies src to dst when `real`, else fills dst with zeros; a thread's
+// copies since its last cp_async_commit form a group, and cp_async_wait<N> waits until at most
+// N of its groups are still in flight (its own copies only: a block synchronizes after it).
+__device__ __forceinline__ unsigned smem_addr(const void* p)
+{
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool real)
+{
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(real ? 16 : 0));
+#else
+    *(uint4*)dst = real ? *(const uint4*)src : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit()
+{
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait()
+{
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
 // Sums v over the warp with a fixed butterfly; every lane gets the same total.
 __device__ __forceinline__ float warp_sum(float v)
 {

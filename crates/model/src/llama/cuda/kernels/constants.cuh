@@ -9,6 +9,7 @@
 #define ATTN_SPLIT 64
 #define ATTN_THREADS 128
 #define ATTN_MAX_NEW 8
+#define ATTN_GROUP_MAX 8
 #define DECODE_THREADS 512
 #define TOP_CHUNK 1024
 #define TOP_MAX 64

@@ -210,27 +210,48 @@ extern "C" __global__ void swiglu(const float* __restrict__ gate, const float* _
     }
 }
 
-// Decode attention (attention.cuh), one block per item. Grid (n_split, n_head, n_tok), block
-// ATTN_THREADS, n_tok <= ATTN_MAX_NEW. attention_one_<D>: the same for n_tok = 1, with shared
-// memory for one new position rather than ATTN_MAX_NEW, and a block taking a KV group's
-// query heads (grid (n_split, n_head_kv, 1)): the same arithmetic, so the same bits, from a
-// quarter of the blocks (where n_head = 4 n_head_kv), each reading its keys and values once.
-// ATTN_GROUPS(NEW): 1 where an item takes a KV group's heads.
-#define ATTN_GROUPS(NEW) ((NEW) == 1)
+// Decode attention (attention.cuh). Grid (n_split / spb rounded up, n_head, n_tok), block
+// ATTN_THREADS, n_tok <= ATTN_MAX_NEW: a block takes items (split, head, t) for spb splits
+// in turn. attention_one_<D>: the same for n_tok = 1, a block taking a KV group's query heads
+// (grid (.., n_head_kv, 1), n_head / n_head_kv <= ATTN_GROUP_MAX) by attention_group where
+// its shared memory fits (else one head after another): the same arithmetic, so the same
+// bits, from a quarter of the blocks (where n_head = 4 n_head_kv), each reading its keys and
+// values once.
+template <int D, int NEW>
+__device__ __forceinline__ void attention_splits(
+    unsigned spb, unsigned kv_head, unsigned t, int step0, const float* qkv, kv_t* k_cache,
+    kv_t* v_cache, const float* __restrict__ inv_freq, float* part_o, float* part_ml,
+    unsigned* tickets, float* out, unsigned n_head, unsigned n_head_kv, unsigned n_rot,
+    int halves, unsigned n_split, float scale, unsigned stride) {
+    const unsigned s_begin = blockIdx.x * spb;
+    if constexpr (NEW == 1 && GroupShared<D>::FITS) {
+        __shared__ GroupShared<D> sh;
+        attention_group<D>(sh, s_begin, spb, kv_head, step0, qkv, k_cache, v_cache, inv_freq,
+                           part_o, part_ml, tickets, out, n_head, n_head_kv, n_rot, halves,
+                           n_split, scale, stride);
+    } else {
+        __shared__ AttnShared<D, NEW> sh;
+        const unsigned heads = NEW == 1 ? n_head / n_head_kv : 1;
+        for (unsigned s = s_begin; s < s_begin + spb && s < n_split; s++) {
+            if (s > s_begin) __syncthreads();
+            attention<D, NEW>(Team{threadIdx.x, 0}, sh, s, kv_head * heads, heads, t, step0, qkv,
+                              k_cache, v_cache, inv_freq, part_o, part_ml, tickets, out, n_head,
+                              n_head_kv, n_rot, halves, n_split, scale, stride);
+        }
+    }
+}
+
 #define ATTENTION(D, NEW, NAME)                                                                   \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) NAME##D(                           \
         const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,       \
         float* part_o, float* part_ml, unsigned* tickets, float* out, const int* __restrict__ step, \
         unsigned n_head, unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split,        \
-        float scale, unsigned stride) {                                                           \
-        __shared__ AttnShared<D, NEW> sh;                                                         \
+        float scale, unsigned stride, unsigned spb) {                                             \
         pdl_wait();                                                                               \
         pdl_launch_dependents();                                                                  \
-        const unsigned heads = ATTN_GROUPS(NEW) ? n_head / n_head_kv : 1;                         \
-        attention<D, NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y * heads, heads,        \
-                          blockIdx.z, step[0], qkv, k_cache, v_cache, inv_freq, part_o, part_ml,  \
-                          tickets, out, n_head, n_head_kv, n_rot, halves, n_split, scale,         \
-                          stride);                                                                \
+        attention_splits<D, NEW>(spb, blockIdx.y, blockIdx.z, step[0], qkv, k_cache, v_cache,     \
+                                 inv_freq, part_o, part_ml, tickets, out, n_head, n_head_kv,      \
+                                 n_rot, halves, n_split, scale, stride);                          \
     }
 
 // M(D, NEW, NAME) for every head size the host instantiates (kernels.rs's HEAD_DIMS).
@@ -256,27 +277,25 @@ struct AttnJob {
 // qkv, `stride` floats apart, as one matrix product over all the step's positions wrote
 // it) over its own session's cache, exactly as `attention` above computes it for that
 // session alone (the same device code and order; the split and merge are fixed by the
-// session's positions). Grid (the most splits of any session, n_head, queries), block
-// ATTN_THREADS; out: (queries, n_head * D). attention_batch_one_<D>: the same where every
-// session has one new position, as attention_one_<D> (shared memory for one, a KV group's
-// heads a block: grid (the most splits, n_head_kv, queries)).
+// session's positions). Grid (the most splits of any session / spb rounded up, n_head,
+// queries), block ATTN_THREADS; out: (queries, n_head * D). attention_batch_one_<D>: the
+// same where every session has one new position, as attention_one_<D> (a KV group's heads a
+// block: grid (.., n_head_kv, queries)).
 #define ATTENTION_BATCH(D, NEW, NAME)                                                             \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) NAME##D(                           \
         const float* qkv, const AttnJob* __restrict__ jobs, unsigned layer,                      \
         const float* __restrict__ inv_freq, float* out, unsigned n_head, unsigned n_head_kv,      \
-        unsigned n_rot, int halves, float scale, unsigned stride) {                               \
-        __shared__ AttnShared<D, NEW> sh;                                                         \
+        unsigned n_rot, int halves, float scale, unsigned stride, unsigned spb) {                 \
         pdl_wait();                                                                               \
         pdl_launch_dependents();                                                                  \
         const AttnJob j = jobs[blockIdx.z];                                                       \
-        if (blockIdx.x >= j.n_split) return;                                                      \
+        if (blockIdx.x * spb >= j.n_split) return;                                                \
         const size_t at = (size_t)layer * j.layer;                                                \
-        const unsigned heads = ATTN_GROUPS(NEW) ? n_head / n_head_kv : 1;                         \
-        attention<D, NEW>(Team{threadIdx.x, 0}, sh, blockIdx.x, blockIdx.y * heads, heads, j.t,   \
-                          j.step0, qkv + (size_t)j.first * stride, (kv_t*)j.k_cache + at,         \
-                          (kv_t*)j.v_cache + at, inv_freq, (float*)j.part_o, (float*)j.part_ml,   \
-                          (unsigned*)j.tickets, out + (size_t)j.first * n_head * D, n_head,        \
-                          n_head_kv, n_rot, halves, j.n_split, scale, stride);                    \
+        attention_splits<D, NEW>(spb, blockIdx.y, j.t, j.step0, qkv + (size_t)j.first * stride,   \
+                                 (kv_t*)j.k_cache + at, (kv_t*)j.v_cache + at, inv_freq,          \
+                                 (float*)j.part_o, (float*)j.part_ml, (unsigned*)j.tickets,       \
+                                 out + (size_t)j.first * n_head * D, n_head, n_head_kv, n_rot,    \
+                                 halves, j.n_split, scale, stride);                               \
     }
 
 FOR_HEAD_DIMS(ATTENTION_BATCH, ATTN_MAX_NEW, attention_batch_)

@@ -346,17 +346,6 @@ __host__ __device__ constexpr int mma_many_smem()
     return 2 * 8 * NT * mma_many_row<NT>();
 }
 
-__device__ __forceinline__ unsigned mma_smem_addr(const void* p)
-{
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void mma_cp16(void* dst, const void* src, bool real)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(mma_smem_addr(dst)), "l"(src),
-                 "r"(real ? 16 : 0));
-}
-
 // A warp's sums for its tile (c0, c1: row g, tokens 2t, 2t + 1 of each n8 tile; c2, c3: row
 // g + 8) as part `part` of P into part_sums ([part][token][row]); the warp that brings the
 // tile's last part sums the parts in part order and writes the tile's outputs. With P = 1 and
@@ -443,9 +432,9 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
             const unsigned q = i & 3, h = (i >> 2) & 1, c = (i >> 3) % SC, tok = (i >> 3) / SC;
             const unsigned long long col = c0 + (s * SC + c) * 32 + 8 * q;
             const unsigned char* src = (h ? xlo : xhi) + ((unsigned long long)(tok < T ? tok : 0) * cols + col) * 2;
-            mma_cp16(buf + tok * ROW + c * 128 + h * 64 + 16 * q, src, tok < T);
+            cp_async16(buf + tok * ROW + c * 128 + h * 64 + 16 * q, src, tok < T);
         }
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        cp_async_commit();
     };
     uint4 wa[SC][2], wb[SC][2];
     auto load_w = [&](uint4 (&v)[SC][2], unsigned s) {
@@ -505,9 +494,9 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
         load_w(wb, s + 1);
         if (s + 1 < stages) {
             load_x(s + 1);
-            asm volatile("cp.async.wait_group 1;" ::: "memory");
+            cp_async_wait<1>();
         } else {
-            asm volatile("cp.async.wait_group 0;" ::: "memory");
+            cp_async_wait<0>();
         }
         __syncthreads();
         if (mine) {
@@ -520,9 +509,9 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
         load_w(wa, s + 2);
         if (s + 2 < stages) {
             load_x(s + 2);
-            asm volatile("cp.async.wait_group 1;" ::: "memory");
+            cp_async_wait<1>();
         } else {
-            asm volatile("cp.async.wait_group 0;" ::: "memory");
+            cp_async_wait<0>();
         }
         __syncthreads();
         if (mine) {
