@@ -88,6 +88,7 @@ fn matvec_parts(rows: usize, cols: usize) -> usize {
 
 /// Most tokens one `mma_many` launch takes (`mma.cuh`'s `MMA_MAX_TOKENS`); more go in turns.
 const MMA_MAX_TOKENS: u32 = 64;
+const _: () = assert!(MMA_MAX_TOKENS.is_multiple_of(4));
 
 /// Parts of the columns the tensor-core kernels give a `rows` x `cols` matrix: fixed by its
 /// shape alone, never by the tokens (see `mma.cuh`). The fewest (a power of two, at most 16,
@@ -192,6 +193,7 @@ impl Mma {
             lo: w + half,
             tickets: w + 2 * half,
             scale: f,
+            // 16-byte aligned (MMA_MAX_TOKENS is a multiple of 4): mma_store reads it by float4s.
             part_sums: f + 4 * tokens as u64,
             _buffers: (words_buf, floats_buf),
         }))

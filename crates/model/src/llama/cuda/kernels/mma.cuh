@@ -382,22 +382,52 @@ __device__ __forceinline__ void mma_store(const float (&acc)[NT][4], unsigned ro
         return;
     }
     __threadfence();
-    auto total = [&](unsigned tok, unsigned r) {
-        float s = 0.0f;
-        for (unsigned p = 0; p < P; ++p) {
-            s += __ldcg(part_sums + ((unsigned long long)p * T + tok) * rows + tile * 16 + r);
+    // Rows r .. r + 3 of token tok summed over the parts in part order from zero, eight parts'
+    // four sums loaded (a 16-byte load each) before the first of them is added: the loads of
+    // a part chain overlap instead of waiting for each other.
+    auto total4 = [&](unsigned tok, unsigned r) {
+        float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (unsigned p0 = 0; p0 < P; p0 += 8) {
+            float4 v[8];
+#pragma unroll
+            for (unsigned i = 0; i < 8; ++i) {
+                if (p0 + i < P) {
+                    v[i] = __ldcg((const float4*)(part_sums + ((unsigned long long)(p0 + i) * T + tok) * rows +
+                                                  tile * 16 + r));
+                }
+            }
+#pragma unroll
+            for (unsigned i = 0; i < 8; ++i) {
+                if (p0 + i < P) {
+                    s.x += v[i].x;
+                    s.y += v[i].y;
+                    s.z += v[i].z;
+                    s.w += v[i].w;
+                }
+            }
         }
         return s;
     };
     if (o.glu) {
-        for (unsigned i = lane; i < 8 * T; i += 32) {
-            const unsigned tok = i / 8, q = i % 8, r = mma_gate_row(q);
-            mma_emit_glu(o, total(tok, r), total(tok, r + 4), o.norm ? scale[tok] : 1.0f, tok, tile, q);
+        // Half h of the tile: gate rows 8 h .. 8 h + 3, up rows 8 h + 4 .. 8 h + 7 (mma_gate_row).
+        for (unsigned i = lane; i < 2 * T; i += 32) {
+            const unsigned tok = i / 2, h = i % 2;
+            const float4 gate = total4(tok, 8 * h), up = total4(tok, 8 * h + 4);
+            const float sc = o.norm ? scale[tok] : 1.0f;
+            mma_emit_glu(o, gate.x, up.x, sc, tok, tile, 4 * h);
+            mma_emit_glu(o, gate.y, up.y, sc, tok, tile, 4 * h + 1);
+            mma_emit_glu(o, gate.z, up.z, sc, tok, tile, 4 * h + 2);
+            mma_emit_glu(o, gate.w, up.w, sc, tok, tile, 4 * h + 3);
         }
     } else {
-        for (unsigned i = lane; i < 16 * T; i += 32) {
-            const unsigned tok = i / 16, r = i % 16;
-            mma_emit(o, total(tok, r), o.norm ? scale[tok] : 1.0f, tok, tile * 16 + r);
+        for (unsigned i = lane; i < 4 * T; i += 32) {
+            const unsigned tok = i / 4, r = 4 * (i % 4);
+            const float4 v = total4(tok, r);
+            const float sc = o.norm ? scale[tok] : 1.0f;
+            mma_emit(o, v.x, sc, tok, tile * 16 + r);
+            mma_emit(o, v.y, sc, tok, tile * 16 + r + 1);
+            mma_emit(o, v.z, sc, tok, tile * 16 + r + 2);
+            mma_emit(o, v.w, sc, tok, tile * 16 + r + 3);
         }
     }
     if (lane == 0) {
