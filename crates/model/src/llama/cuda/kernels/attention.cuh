@@ -33,12 +33,14 @@
 // and resets the ticket for the next launch. So results are bitwise reproducible.
 //
 // One item (split, head, t) is taken by a Team of ATTN_THREADS threads: a whole block of
-// llama.cu's attention kernel (grid (n_split, n_head, n_tok)), or one of the teams of
-// decode.cu's persistent kernel. D = head_dim, one of 32, 64, 128, 256; n_tok <= NEW (at most
+// llama.cu's attention kernels (which may take several splits in turn), or one of the teams
+// of decode.cu's persistent kernel. (attention_group below computes the same items of one
+// new position with a warp a head.) D = head_dim, one of 32, 64, 128, 256; n_tok <= NEW (at most
 // ATTN_MAX_NEW). part_o: (n_tok, n_head, n_split, D), part_ml: (.., 2), tickets: (n_tok,
 // n_head) zeros, out: (n_tok, n_head * D). qkv and out are read and written with ordinary
 // (coherent) accesses: in decode.cu, other blocks of the same launch write qkv.
-// ATTN_SPLIT, ATTN_THREADS and ATTN_MAX_NEW come from constants.cuh (the host's numbers).
+// ATTN_SPLIT, ATTN_THREADS, ATTN_MAX_NEW and ATTN_GROUP_MAX come from constants.cuh (the
+// host's numbers).
 
 // The threads that take one attention item together: thread `tid` of ATTN_THREADS, which
 // synchronize with __syncthreads when they are the whole block (bar 0), else with named
