@@ -138,9 +138,8 @@ fn without_a_model_flag_any_module_gets_the_default_model() {
 }
 
 /// A state folder for a `tern serve` test, so that it neither needs nor touches the
-/// default one in the home folder.
-/// A state folder of its own for each server a test starts (tests run side by side, and a
-/// folder takes one server at a time).
+/// default one in the home folder: one of its own for each server a test starts (tests run
+/// side by side, and a folder takes one server at a time).
 fn scratch_state() -> String {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -327,8 +327,7 @@ __device__ __forceinline__ void attention_group(
     GroupShared<D>& sh, unsigned s_begin, unsigned s_count, unsigned kv_head, int step0,
     const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,
     float* part_o, float* part_ml, unsigned* tickets, float* out, unsigned n_head,
-    unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split, float scale,
-    unsigned stride) {
+    unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split, float scale) {
     constexpr unsigned L = AttnShared<D, 1>::L, F = D / (4 * L), P = 32 / L;
     constexpr unsigned G = AttnShared<D, 1>::G, VSTEPS = ATTN_SPLIT / G;
     constexpr unsigned WARPS = ATTN_THREADS / 32, GW = G / P;  // thread groups a lane holds

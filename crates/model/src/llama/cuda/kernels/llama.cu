@@ -228,7 +228,7 @@ __device__ __forceinline__ void attention_splits(
         __shared__ GroupShared<D> sh;
         attention_group<D>(sh, s_begin, spb, kv_head, step0, qkv, k_cache, v_cache, inv_freq,
                            part_o, part_ml, tickets, out, n_head, n_head_kv, n_rot, halves,
-                           n_split, scale, stride);
+                           n_split, scale);
     } else {
         __shared__ AttnShared<D, NEW> sh;
         const unsigned heads = NEW == 1 ? n_head / n_head_kv : 1;
