@@ -115,6 +115,10 @@ pub fn mma_fits(m: &DevMatrix) -> bool {
     m.dtype == DType::BF16 && m.rows.is_multiple_of(128) && m.cols.is_multiple_of(256)
 }
 
+/// Dynamic shared memory of `mma_ring_bf16` (`mma.cuh`'s `MMA_RING_SMEM`: 3 stages of 2
+/// chunks, the 8 tiles' weights and 64 tokens' activations, and an mbarrier a stage).
+const MMA_RING_SMEM: u32 = 3 * (2 * (8192 + 64 * 128) + 8);
+
 /// Dynamic shared memory of `mma_many_bf16_<nt>` (`mma.cuh`'s `mma_many_smem`).
 fn mma_many_smem(nt: u32) -> u32 {
     let chunks = if nt >= 4 { 2 } else { 4 };
@@ -128,8 +132,10 @@ pub struct Mma {
     tile: CudaFunction,
     split: CudaFunction,
     one: CudaFunction,
-    /// `mma_many_bf16_<nt>` for nt = 1, 2, 4, 8.
-    many: [CudaFunction; 4],
+    /// `mma_many_bf16_<nt>` for nt = 1, 2, 4 (up to 32 tokens).
+    many: [CudaFunction; 3],
+    /// 33 to 64 tokens.
+    ring: CudaFunction,
     hi: u64,
     lo: u64,
     scale: u64,
@@ -179,6 +185,13 @@ impl Mma {
         let (w, _) = words_buf.device_ptr(stream);
         let (f, _) = floats_buf.device_ptr(stream);
         let half = (tokens * max_cols.div_ceil(2) * 4) as u64;
+        let ring = get("mma_ring_bf16")?;
+        // Past the 48 KiB a kernel gets without asking.
+        ring.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            MMA_RING_SMEM as i32,
+        )
+        .map_err(driver("giving the tensor-core kernels their shared memory"))?;
         Ok(Some(Mma {
             tile: get("mma_tile_bf16")?,
             split: get("mma_split_f32")?,
@@ -187,8 +200,8 @@ impl Mma {
                 get("mma_many_bf16_1")?,
                 get("mma_many_bf16_2")?,
                 get("mma_many_bf16_4")?,
-                get("mma_many_bf16_8")?,
             ],
+            ring,
             hi: w,
             lo: w + half,
             tickets: w + 2 * half,
@@ -688,7 +701,7 @@ impl Launcher<'_> {
     }
 
     /// The product on tensor cores (`mma.cuh`): one token by `mma_one`; more split by
-    /// `mma_split`, then `mma_many`, 64 tokens a turn.
+    /// `mma_split`, then `mma_many` (up to 32) or `mma_ring` (33 to 64), 64 tokens a turn.
     #[allow(clippy::too_many_arguments)]
     fn mma(
         &self,
@@ -738,6 +751,7 @@ impl Launcher<'_> {
         for t0 in (0..n).step_by(MMA_MAX_TOKENS as usize) {
             let m = (n - t0).min(MMA_MAX_TOKENS);
             let (xs, ns) = (at(x, t0, x_stride), at(norm_x, t0, x_stride));
+            let chunked = u32::from(m > 32);
             launch!(
                 self,
                 &mma.split,
@@ -749,13 +763,14 @@ impl Launcher<'_> {
                 &eps,
                 &mma.hi,
                 &mma.lo,
-                &mma.scale
+                &mma.scale,
+                &chunked
             )?;
-            let (k, nt) = match m {
-                ..=8 => (&mma.many[0], 1),
-                9..=16 => (&mma.many[1], 2),
-                17..=32 => (&mma.many[2], 4),
-                _ => (&mma.many[3], 8),
+            let (k, smem) = match m {
+                ..=8 => (&mma.many[0], mma_many_smem(1)),
+                9..=16 => (&mma.many[1], mma_many_smem(2)),
+                17..=32 => (&mma.many[2], mma_many_smem(4)),
+                _ => (&mma.ring, MMA_RING_SMEM),
             };
             let (ys, rs, ygs) = (
                 at(y, t0, y_stride),
@@ -765,7 +780,7 @@ impl Launcher<'_> {
             launch!(
                 self,
                 k,
-                config_shared(tiles / 8 * parts, 256, mma_many_smem(nt)),
+                config_shared(tiles / 8 * parts, 256, smem),
                 &w.tiles,
                 &mma.hi,
                 &mma.lo,

@@ -107,6 +107,51 @@ __device__ __forceinline__ void cp_async_wait()
 #endif
 }
 
+// Hopper's bulk copies (sm_90): one thread copies a contiguous run of global memory into
+// shared memory (sizes and addresses multiples of 16 bytes), and the copy's bytes complete a
+// phase of an mbarrier in shared memory. A phase completes once its one arrival
+// (bar_expect, which also tells it the bytes to wait for) has come and every byte has
+// landed; bar_wait waits for the phase of the given parity (0, 1, 0, ... as phases pass).
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void bar_init(unsigned long long* bar)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// After every bar_init, before the block's barrier that makes them visible.
+__device__ __forceinline__ void bar_init_fence()
+{
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void bar_expect(unsigned long long* bar, unsigned bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar)
+{
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+}
+
+__device__ __forceinline__ void bar_wait(unsigned long long* bar, unsigned parity)
+{
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n"
+        "}" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+#endif
+
 // Sums v over the warp with a fixed butterfly; every lane gets the same total.
 __device__ __forceinline__ float warp_sum(float v)
 {

@@ -4,8 +4,10 @@
 //
 //   mma_tile      the matrix's rows stored again as tiles (below), once at load
 //   mma_split     x as bf16 hi + lo (and the RMSNorm scale of each token), for mma_many
+//                 and mma_ring
 //   mma_one       y = W x for one token
-//   mma_many      y = W x for 2 to 64 tokens, x split by mma_split
+//   mma_many      y = W x for 2 to 32 tokens, x split by mma_split
+//   mma_ring      the same for 33 to 64 tokens through a deeper pipeline
 //
 // both products with matvec's fusions (matvec.cuh): the RMSNorm before the product (its scale
 // applied to the sum), a residual, the next norm's input y * g, and the interleaved gate/up
@@ -20,20 +22,23 @@
 // other 16 columns' hi and lo. A tile's P parts are summed in part order from zero. P is fixed
 // by the matrix's shape (mma_parts on the host), never by the tokens, and the sums per token
 // are the same mmas in the same order whether one token or 64 share the call (mma_one stages
-// token 0 in shared memory, mma_many all tokens of a stage; their fragments hold the same
-// values). The norm's scale is the same warp sum (matvec.cuh's rms_scale) either way.
+// token 0 in shared memory, mma_many and mma_ring all tokens of a stage; their fragments hold
+// the same values). The norm's scale is the same warp sum (matvec.cuh's rms_scale) either way.
 //
 // Tiled weights (groups of 8 tiles, chunk by chunk): the 1 KiB of tile t's chunk c is at
 // ((t / 8) * chunks + c) * 8 + t % 8 KiB (chunks = cols / 32); its first 512 bytes are rows
 // 0-7, the next rows 8-15, lane l's 16 bytes at 16 l: row l / 4 (+ 8), columns 8 (l % 4) ..
 // 8 (l % 4) + 7 of the chunk, so that a warp's weight load reads 512 contiguous bytes and the 8
-// tiles of a block one 8 KiB run a chunk. rows must be a multiple of 128, cols of 256.
+// tiles of a block one 8 KiB run a chunk (and a part's chunks one run). rows must be a
+// multiple of 128, cols of 256.
 //
 // Geometry: blockDim 256 for all. mma_tile: any grid. mma_split: gridDim (n), dynamic shared
 // memory 0. mma_one: 8 warps take one tile's parts (P >= 8; a warp takes parts w and w + 8
 // where P = 16) or 8 / P tiles' parts; gridDim ceil(tiles / tiles a block), dynamic shared
 // memory 4 * cols bytes. mma_many: a block's 8 warps take 8 tiles of one part; gridDim
-// (tiles / 8) * P, dynamic shared memory mma_many_smem(NT) bytes.
+// (tiles / 8) * P, dynamic shared memory mma_many_smem(NT) bytes. mma_ring: as mma_many, its
+// weights and activations streamed into a ring of stages in shared memory; dynamic shared
+// memory MMA_RING_SMEM bytes (more than 48 KiB: the host raises the kernel's limit).
 
 #ifndef TERN_MMA_CUH
 #define TERN_MMA_CUH
@@ -45,7 +50,7 @@
 #define MMA_PREFETCH 8192
 // Chunks in flight a warp in mma_one.
 #define MMA_ONE_CHUNKS 4
-// Most tokens one mma_many call takes.
+// Most tokens one mma_many or mma_ring call takes.
 #define MMA_MAX_TOKENS 64
 
 __device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
@@ -119,21 +124,31 @@ __device__ __forceinline__ void mma_tile(const unsigned char* __restrict__ src, 
     }
 }
 
-// Block t: token t's x (row t of x_stride floats) as cols / 2 hi words and lo words (rows of
-// cols / 2 words), and with norm_x, scale[t] = rms_scale of norm_x's row t.
+// Block t of T = gridDim.x: token t's x (row t of x_stride floats) split into hi and lo words,
+// and with norm_x, scale[t] = rms_scale of norm_x's row t. For mma_many (not `chunked`): hi
+// and lo rows of cols / 2 words. For mma_ring (`chunked`), chunk by chunk as its stages read
+// them, into hi alone: the 128 bytes of token t's chunk c (its 32 columns' hi, then their lo;
+// for an odd t lo first, so that a warp's fragment reads of tokens 2i and 2i + 1 fall on
+// distinct banks) at byte (c T + t) 128.
 __device__ __forceinline__ void mma_split(const float* __restrict__ x, unsigned x_stride, unsigned cols,
                                           const float* __restrict__ norm_x, float eps, unsigned* __restrict__ hi,
-                                          unsigned* __restrict__ lo, float* __restrict__ scale)
+                                          unsigned* __restrict__ lo, float* __restrict__ scale, bool chunked)
 {
     pdl_wait();
     pdl_launch_dependents();
-    const unsigned t = blockIdx.x;
+    const unsigned t = blockIdx.x, T = gridDim.x, first = (t & 1) * 16;
     const float* xt = x + (unsigned long long)t * x_stride;
     for (unsigned j = threadIdx.x; j < cols / 2; j += blockDim.x) {
         unsigned h, l;
         mma_split_pair(xt[2 * j], xt[2 * j + 1], h, l);
-        hi[(unsigned long long)t * cols / 2 + j] = h;
-        lo[(unsigned long long)t * cols / 2 + j] = l;
+        if (chunked) {
+            unsigned* row = hi + ((unsigned long long)(j / 16) * T + t) * 32;
+            row[first + j % 16] = h;
+            row[(first ^ 16) + j % 16] = l;
+        } else {
+            hi[(unsigned long long)t * cols / 2 + j] = h;
+            lo[(unsigned long long)t * cols / 2 + j] = l;
+        }
     }
     if (norm_x && threadIdx.x < 32) {
         const float s = rms_scale<true>(norm_x + (unsigned long long)t * x_stride, cols, eps, threadIdx.x);
@@ -158,14 +173,21 @@ struct MmaOut {
     bool glu;
 };
 
+// An output from its sum: scaled by the token's norm scale where the norm is fused, added to
+// the residual's value (0 without one).
+__device__ __forceinline__ float mma_out(bool norm, float total, float scale, float residual)
+{
+    if (norm) {
+        total *= scale;
+    }
+    return residual + total;
+}
+
 // Row r's sum for token t.
 __device__ __forceinline__ void mma_emit(const MmaOut& o, float total, float scale, unsigned t, unsigned r)
 {
-    if (o.norm) {
-        total *= scale;
-    }
     const unsigned long long i = (unsigned long long)t * o.y_stride + r;
-    const float v = (o.residual ? o.residual[i] : 0.0f) + total;
+    const float v = mma_out(o.norm, total, scale, o.residual ? o.residual[i] : 0.0f);
     o.y[i] = v;
     if (o.g) {
         o.yg[i] = v * o.g[r];
@@ -321,7 +343,7 @@ __device__ __forceinline__ void mma_one(const unsigned char* __restrict__ w, con
 }
 
 // ---------------------------------------------------------------------------------------
-// mma_many: 2 to 64 tokens
+// mma_many: 2 to 32 tokens
 // ---------------------------------------------------------------------------------------
 
 // Chunks a stage of activations (and weights in flight a warp).
@@ -347,13 +369,13 @@ __host__ __device__ constexpr int mma_many_smem()
 }
 
 // A warp's sums for its tile (c0, c1: row g, tokens 2t, 2t + 1 of each n8 tile; c2, c3: row
-// g + 8) as part `part` of P into part_sums ([part][token][row]); the warp that brings the
-// tile's last part sums the parts in part order and writes the tile's outputs. With P = 1 and
-// no fusion (`plain`) the sums go straight to y.
+// g + 8) as part `part` of P into part_sums ([part][token][row]), with P = 1 and no fusion
+// (`plain`) straight into y; whether this warp brought the tile's last part (whose warp
+// then sums the parts in part order and writes the tile's outputs: mma_store, mma_ring_store).
 template <int NT>
-__device__ __forceinline__ void mma_store(const float (&acc)[NT][4], unsigned rows, unsigned T, unsigned P,
-                                          unsigned part, unsigned tile, unsigned* tickets, float* part_sums,
-                                          const float* scale, const MmaOut& o, bool plain)
+__device__ __forceinline__ bool mma_park(const float (&acc)[NT][4], unsigned rows, unsigned T, unsigned P,
+                                         unsigned part, unsigned tile, unsigned* tickets, float* part_sums,
+                                         const MmaOut& o, bool plain)
 {
     const unsigned lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     float* dst = plain ? o.y : part_sums + (unsigned long long)part * T * rows;
@@ -369,7 +391,7 @@ __device__ __forceinline__ void mma_store(const float (&acc)[NT][4], unsigned ro
         }
     }
     if (plain) {
-        return;
+        return false;
     }
     __threadfence();
     __syncwarp();
@@ -379,9 +401,22 @@ __device__ __forceinline__ void mma_store(const float (&acc)[NT][4], unsigned ro
     }
     last = __shfl_sync(FULL_MASK, last, 0);
     if (!last) {
-        return;
+        return false;
     }
     __threadfence();
+    return true;
+}
+
+// mma_park, then the last part's warp sums the tile's parts and writes its outputs.
+template <int NT>
+__device__ __forceinline__ void mma_store(const float (&acc)[NT][4], unsigned rows, unsigned T, unsigned P,
+                                          unsigned part, unsigned tile, unsigned* tickets, float* part_sums,
+                                          const float* scale, const MmaOut& o, bool plain)
+{
+    if (!mma_park<NT>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
+        return;
+    }
+    const unsigned lane = threadIdx.x & 31;
     // Rows r .. r + 3 of token tok summed over the parts in part order from zero, eight parts'
     // four sums loaded (a 16-byte load each) before the first of them is added: the loads of
     // a part chain overlap instead of waiting for each other.
@@ -552,6 +587,270 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
     if (mine) {
         mma_store<NT>(acc, rows, T, P, part, tile, tickets, part_sums, scale, o, plain);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// mma_ring: 33 to 64 tokens
+// ---------------------------------------------------------------------------------------
+
+// Chunks a stage of mma_ring: its 8 tiles' weights (8 KiB a chunk, one run) and every token's
+// split activations for the same columns (128 bytes a token a chunk, 64 tokens at most).
+#define MMA_RING_CHUNKS 2
+#define MMA_RING_STAGE (MMA_RING_CHUNKS * (8192 + 64 * 128))
+// Stages in flight (a ring in shared memory): as many as two blocks an SM can hold.
+#define MMA_RING_STAGES 3
+// Dynamic shared memory of mma_ring: the ring's stages, then an mbarrier a stage.
+#define MMA_RING_SMEM (MMA_RING_STAGES * (MMA_RING_STAGE + 8))
+
+// mma_park, then the last part's warp sums the tile's parts and writes its outputs, with
+// more of its loads in flight than mma_store's (64 tokens make 8 rows of four a lane).
+__device__ __forceinline__ void mma_ring_store(const float (&acc)[8][4], unsigned rows, unsigned T, unsigned P,
+                                               unsigned part, unsigned tile, unsigned* tickets, float* part_sums,
+                                               const float* scale, const MmaOut& o, bool plain)
+{
+    if (!mma_park<8>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
+        return;
+    }
+    const unsigned lane = threadIdx.x & 31;
+    // The lane's vectors, four rows r .. r + 3 of a token each (4 T a tile, so at most V a
+    // lane): without glu vector j is item lane + 32 j; with glu item i = lane + 32 (j / 2) is
+    // half i % 2 of the tile's gate/up pairs (mma_gate_row), its gate rows for an even j and
+    // its up rows for an odd one. Each is summed over the parts in part order from zero, two
+    // parts of every vector loaded at once; then every value the outputs need is loaded
+    // before the first output is stored (y may be the residual, so a load after a store
+    // would wait for it).
+    constexpr int V = 4 * MMA_MAX_TOKENS / 32;
+    auto at = [&](int j, unsigned& tok, unsigned& r) {
+        if (o.glu) {
+            const unsigned i = lane + 32 * (j / 2);
+            tok = i / 2;
+            r = 8 * (i % 2) + 4 * (j % 2);
+            return i < 2 * T;
+        }
+        const unsigned i = lane + 32 * j;
+        tok = i / 4;
+        r = 4 * (i % 4);
+        return i < 4 * T;
+    };
+    float4 sum[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        sum[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    for (unsigned p0 = 0; p0 < P; p0 += 2) {
+        float4 v[2][V];
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                unsigned tok, r;
+                if (p0 + q < P && at(j, tok, r)) {
+                    v[q][j] = __ldcg((const float4*)(part_sums + ((unsigned long long)(p0 + q) * T + tok) * rows +
+                                                     tile * 16 + r));
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                unsigned tok, r;
+                if (p0 + q < P && at(j, tok, r)) {
+                    sum[j].x += v[q][j].x;
+                    sum[j].y += v[q][j].y;
+                    sum[j].z += v[q][j].z;
+                    sum[j].w += v[q][j].w;
+                }
+            }
+        }
+    }
+    float sc[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        unsigned tok, r;
+        sc[j] = o.norm && at(j, tok, r) ? scale[tok] : 1.0f;
+    }
+    if (o.glu) {
+#pragma unroll
+        for (int j = 0; j < V; j += 2) {
+            unsigned tok, r;
+            if (at(j, tok, r)) {
+                const float4 gate = sum[j], up = sum[j + 1];
+                const unsigned q = r / 2;  // gate rows 8 h .. 8 h + 3: pairs 4 h .. 4 h + 3
+                mma_emit_glu(o, gate.x, up.x, sc[j], tok, tile, q);
+                mma_emit_glu(o, gate.y, up.y, sc[j], tok, tile, q + 1);
+                mma_emit_glu(o, gate.z, up.z, sc[j], tok, tile, q + 2);
+                mma_emit_glu(o, gate.w, up.w, sc[j], tok, tile, q + 3);
+            }
+        }
+    } else {
+        // Every vector of the lane holds rows r .. r + 3 of the tile, r = 4 (lane % 4).
+        const unsigned r = tile * 16 + 4 * (lane % 4);
+        float res[V][4], gv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            gv[e] = o.g ? o.g[r + e] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            unsigned tok, rr;
+            const bool real = at(j, tok, rr);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                res[j][e] = real && o.residual ? o.residual[(unsigned long long)tok * o.y_stride + r + e] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            unsigned tok, rr;
+            if (at(j, tok, rr)) {
+                const float total[4] = {sum[j].x, sum[j].y, sum[j].z, sum[j].w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const unsigned long long i = (unsigned long long)tok * o.y_stride + r + e;
+                    const float v = mma_out(o.norm, total[e], sc[j], res[j][e]);
+                    o.y[i] = v;
+                    if (o.g) {
+                        o.yg[i] = v * gv[e];
+                    }
+                }
+            }
+        }
+    }
+    if (lane == 0) {
+        tickets[tile] = 0;
+    }
+}
+
+// mma_many's product for 33 to 64 tokens (the same mmas in the same order, so the same bits)
+// through a deeper pipeline. Block b: part b % P, tiles (b / P) * 8 + warp (every tile real:
+// rows are whole groups of 128). Stage s of SC chunks: the 8 tiles' weights for the part's chunks s SC .. s SC + SC - 1
+// (one 8 SC KiB run, see mma_at) and every token's split activations for them (one run of
+// SC T 128 bytes, see mma_split), copied into a ring of R stages in shared memory R stages
+// ahead: on sm_90 each run by one bulk copy whose bytes complete the stage's mbarrier, before
+// it by cp.async. The weights of the first R stages are requested before the wait for the
+// kernel before (nothing writes them). The mmas of two n8 tiles interleave, each sum keeping
+// its own order.
+__device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, const unsigned char* __restrict__ x,
+                                         const float* __restrict__ scale, unsigned rows, unsigned cols, unsigned T,
+                                         unsigned P, unsigned* tickets, float* part_sums, MmaOut o, bool plain)
+{
+    constexpr int NT = 8, SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE, WB = SC * 8192;
+    constexpr int G = 2;
+    extern __shared__ __align__(128) unsigned char ring[];
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const unsigned part = blockIdx.x % P, group = blockIdx.x / P, tile = group * 8 + warp;
+    const unsigned chunks_all = cols / 32, chunks = chunks_all / P, stages = chunks / SC;
+    const unsigned char* wp = w + mma_at(group * 8, part * chunks, chunks_all);
+    const unsigned xbytes = SC * T * 128;
+    const unsigned char* xp = x + (unsigned long long)part * chunks * T * 128;
+    auto slot = [&](unsigned s) { return ring + (s % R) * STAGE; };
+#if __CUDA_ARCH__ >= 900
+    unsigned long long* bars = (unsigned long long*)(ring + R * STAGE);
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < R; ++i) {
+            bar_init(&bars[i]);
+        }
+        bar_init_fence();
+    }
+    __syncthreads();
+    auto fetch_w = [&](unsigned s) {
+        if (threadIdx.x == 0 && s < stages) {
+            bar_expect(&bars[s % R], WB + xbytes);
+            bulk_copy(slot(s), wp + (unsigned long long)s * WB, WB, &bars[s % R]);
+        }
+    };
+    auto fetch_x = [&](unsigned s) {
+        if (threadIdx.x == 0 && s < stages) {
+            bulk_copy(slot(s) + WB, xp + (unsigned long long)s * xbytes, xbytes, &bars[s % R]);
+        }
+    };
+    auto ready = [&](unsigned s) { bar_wait(&bars[s % R], (s / R) & 1); };
+#else
+    auto copy = [&](unsigned char* dst, const unsigned char* src, unsigned bytes) {
+        for (unsigned i = 16 * threadIdx.x; i < bytes; i += 16 * 256) {
+            cp_async16(dst + i, src + i, true);
+        }
+    };
+    auto fetch_w = [&](unsigned s) {
+        if (s < stages) {
+            copy(slot(s), wp + (unsigned long long)s * WB, WB);
+        }
+    };
+    // A group a stage, empty past the last, so that R - 1 groups in flight leave stage s done.
+    auto fetch_x = [&](unsigned s) {
+        if (s < stages) {
+            copy(slot(s) + WB, xp + (unsigned long long)s * xbytes, xbytes);
+        }
+        cp_async_commit();
+    };
+    auto ready = [&](unsigned) {
+        cp_async_wait<R - 1>();
+        __syncthreads();
+    };
+#endif
+    float acc[NT][4] = {};
+    // Stage s's chunks: the warp's tile's 1 KiB a chunk (rows g and g + 8 at lane 16 l and
+    // 512 + 16 l), token tok's 128 bytes a chunk at (c T + tok) 128 (hi first for an even tok).
+    // The tokens past T of the last n8 tile read whatever the ring holds: their columns of
+    // the mma are their own and are never stored.
+    auto sum = [&](const unsigned char* buf) {
+        const unsigned char* ws = buf + warp * 1024 + 16 * lane;
+        const unsigned char* xs = buf + WB + 16 * t;
+#pragma unroll
+        for (int c = 0; c < SC; ++c) {
+            const uint4 a = *(const uint4*)(ws + c * 8192), b = *(const uint4*)(ws + c * 8192 + 512);
+#pragma unroll
+            for (int n0 = 0; n0 < NT; n0 += G) {
+                if (8 * n0 >= (int)T) {
+                    break;
+                }
+                uint4 bh[G], bl[G];
+#pragma unroll
+                for (int j = 0; j < G; ++j) {
+                    const unsigned tok = 8 * (n0 + j) + g;
+                    const unsigned char* f = xs + (c * T + tok) * 128;
+                    const bool real = 8 * (n0 + j) < (int)T;
+                    bh[j] = real ? *(const uint4*)(f + (g & 1) * 64) : make_uint4(0, 0, 0, 0);
+                    bl[j] = real ? *(const uint4*)(f + 64 - (g & 1) * 64) : make_uint4(0, 0, 0, 0);
+                }
+                // The chunk's four mmas (mma_chunk's order), two n8 tiles interleaved.
+#pragma unroll
+                for (int j = 0; j < G; ++j) {
+                    mma_bf16(acc[n0 + j], a.x, b.x, a.y, b.y, bh[j].x, bh[j].y);
+                }
+#pragma unroll
+                for (int j = 0; j < G; ++j) {
+                    mma_bf16(acc[n0 + j], a.x, b.x, a.y, b.y, bl[j].x, bl[j].y);
+                }
+#pragma unroll
+                for (int j = 0; j < G; ++j) {
+                    mma_bf16(acc[n0 + j], a.z, b.z, a.w, b.w, bh[j].z, bh[j].w);
+                }
+#pragma unroll
+                for (int j = 0; j < G; ++j) {
+                    mma_bf16(acc[n0 + j], a.z, b.z, a.w, b.w, bl[j].z, bl[j].w);
+                }
+            }
+        }
+    };
+    for (unsigned s = 0; s < R; ++s) {
+        fetch_w(s);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    for (unsigned s = 0; s < R; ++s) {
+        fetch_x(s);
+    }
+    for (unsigned s = 0; s < stages; ++s) {
+        ready(s);
+        sum(slot(s));
+        // Every warp is done with the slot before it is filled again.
+        __syncthreads();
+        fetch_w(s + R);
+        fetch_x(s + R);
+    }
+    mma_ring_store(acc, rows, T, P, part, tile, tickets, part_sums, scale, o, plain);
 }
 
 #endif
