@@ -104,6 +104,29 @@ __device__ __forceinline__ void mma_chunk(float* c, uint4 a, uint4 b, uint4 bh, 
     mma_bf16(c, a.z, b.z, a.w, b.w, bl.z, bl.w);
 }
 
+// mma_chunk's four mmas into G n8 token tiles' sums, interleaved (each sum keeps its order).
+template <int G>
+__device__ __forceinline__ void mma_chunk_tiles(float (*c)[4], uint4 a, uint4 b, const uint4 (&bh)[G],
+                                                const uint4 (&bl)[G])
+{
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+        mma_bf16(c[j], a.x, b.x, a.y, b.y, bh[j].x, bh[j].y);
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+        mma_bf16(c[j], a.x, b.x, a.y, b.y, bl[j].x, bl[j].y);
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+        mma_bf16(c[j], a.z, b.z, a.w, b.w, bh[j].z, bh[j].w);
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+        mma_bf16(c[j], a.z, b.z, a.w, b.w, bl[j].z, bl[j].w);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Tiles and the split
 // ---------------------------------------------------------------------------------------
@@ -531,23 +554,7 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
                     bl[j] = real ? *(const uint4*)(f + 64) : make_uint4(0, 0, 0, 0);
                 }
                 const uint4 a = v[c][0], b = v[c][1];
-                // The chunk's four mmas (mma_chunk's order), two n8 tiles interleaved.
-#pragma unroll
-                for (int j = 0; j < G; ++j) {
-                    mma_bf16(acc[n0 + j], a.x, b.x, a.y, b.y, bh[j].x, bh[j].y);
-                }
-#pragma unroll
-                for (int j = 0; j < G; ++j) {
-                    mma_bf16(acc[n0 + j], a.x, b.x, a.y, b.y, bl[j].x, bl[j].y);
-                }
-#pragma unroll
-                for (int j = 0; j < G; ++j) {
-                    mma_bf16(acc[n0 + j], a.z, b.z, a.w, b.w, bh[j].z, bh[j].w);
-                }
-#pragma unroll
-                for (int j = 0; j < G; ++j) {
-                    mma_bf16(acc[n0 + j], a.z, b.z, a.w, b.w, bl[j].z, bl[j].w);
-                }
+                mma_chunk_tiles<G>(acc + n0, a, b, bh, bl);
             }
         }
     };
@@ -814,23 +821,7 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
                     bh[j] = real ? *(const uint4*)(f + (g & 1) * 64) : make_uint4(0, 0, 0, 0);
                     bl[j] = real ? *(const uint4*)(f + 64 - (g & 1) * 64) : make_uint4(0, 0, 0, 0);
                 }
-                // The chunk's four mmas (mma_chunk's order), two n8 tiles interleaved.
-#pragma unroll
-                for (int j = 0; j < G; ++j) {
-                    mma_bf16(acc[n0 + j], a.x, b.x, a.y, b.y, bh[j].x, bh[j].y);
-                }
-#pragma unroll
-                for (int j = 0; j < G; ++j) {
-                    mma_bf16(acc[n0 + j], a.x, b.x, a.y, b.y, bl[j].x, bl[j].y);
-                }
-#pragma unroll
-                for (int j = 0; j < G; ++j) {
-                    mma_bf16(acc[n0 + j], a.z, b.z, a.w, b.w, bh[j].z, bh[j].w);
-                }
-#pragma unroll
-                for (int j = 0; j < G; ++j) {
-                    mma_bf16(acc[n0 + j], a.z, b.z, a.w, b.w, bl[j].z, bl[j].w);
-                }
+                mma_chunk_tiles<G>(acc + n0, a, b, bh, bl);
             }
         }
     };
