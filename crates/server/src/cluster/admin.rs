@@ -250,8 +250,13 @@ impl AppState {
                 return Err(ApiError::busy(format!("actor `{id}` stays busy"), 1));
             }
             if handle.queued() == 0 {
-                // Passivated and still held: its release was refused.
+                // Passivated: `is_resident` waits for a passivation under way, release
+                // included, so still held now means its release was refused. (Held at the
+                // loop's test says nothing: the release may have ended since.)
                 if !handle.is_resident() {
+                    if !cluster.holds(id) {
+                        break;
+                    }
                     return Err(ApiError::internal(format!(
                         "actor `{id}` could not be released"
                     )));
