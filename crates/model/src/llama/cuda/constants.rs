@@ -1,6 +1,6 @@
 //! `kernels/constants.cuh`: the numbers the host and the CUDA kernels share (the attention
 //! split, the threads of an attention item and of the persistent decode block, the top-k
-//! chunking), written from the Rust constants, which are their only definition.
+//! chunking, the tensor-core products' tokens and stages), written from the Rust constants, which are their only definition.
 //!
 //! The programs are compiled with the text [`header`] writes. The copy in `kernels/` exists
 //! so that a kernel file also compiles on its own (the compute crate's compile test, editors);
@@ -8,7 +8,7 @@
 
 use std::sync::LazyLock;
 
-use super::kernels::{TOP_CHUNK, TOP_MAX_LISTS};
+use super::kernels::{MMA_MAX_TOKENS, MMA_RING_CHUNKS, MMA_RING_STAGES, TOP_CHUNK, TOP_MAX_LISTS};
 
 /// `constants.cuh` as the kernels include it: (name, text).
 pub(super) fn header() -> (&'static str, &'static str) {
@@ -32,6 +32,11 @@ fn text() -> String {
         ("TOP_CHUNK", TOP_CHUNK),
         ("TOP_MAX", crate::top::MAX_TOP),
         ("TOP_MAX_LISTS", TOP_MAX_LISTS),
+        // Most tokens of one tensor-core product launch; mma_ring's chunks a stage, and its
+        // stages.
+        ("MMA_MAX_TOKENS", MMA_MAX_TOKENS as usize),
+        ("MMA_RING_CHUNKS", MMA_RING_CHUNKS as usize),
+        ("MMA_RING_STAGES", MMA_RING_STAGES as usize),
     ];
     let mut text = String::from(
         "// The numbers the host and these kernels share, written by the host from its Rust\n\

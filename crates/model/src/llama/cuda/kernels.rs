@@ -86,8 +86,11 @@ fn matvec_parts(rows: usize, cols: usize) -> usize {
     parts
 }
 
-/// Most tokens one `mma_many` launch takes (`mma.cuh`'s `MMA_MAX_TOKENS`); more go in turns.
-const MMA_MAX_TOKENS: u32 = 64;
+/// Most tokens one `mma_many` or `mma_ring` launch takes; more go in turns.
+pub const MMA_MAX_TOKENS: u32 = 64;
+/// Chunks (32 columns) a stage of `mma_ring`, and the stages in its ring.
+pub const MMA_RING_CHUNKS: u32 = 2;
+pub const MMA_RING_STAGES: u32 = 3;
 const _: () = assert!(MMA_MAX_TOKENS.is_multiple_of(4));
 
 /// Parts of the columns the tensor-core kernels give a `rows` x `cols` matrix: fixed by its
@@ -115,9 +118,10 @@ pub fn mma_fits(m: &DevMatrix) -> bool {
     m.dtype == DType::BF16 && m.rows.is_multiple_of(128) && m.cols.is_multiple_of(256)
 }
 
-/// Dynamic shared memory of `mma_ring_bf16` (`mma.cuh`'s `MMA_RING_SMEM`: 3 stages of 2
-/// chunks, the 8 tiles' weights and 64 tokens' activations, and an mbarrier a stage).
-const MMA_RING_SMEM: u32 = 3 * (2 * (8192 + 64 * 128) + 8);
+/// Dynamic shared memory of `mma_ring_bf16` (`mma.cuh`'s `MMA_RING_SMEM`: the ring's stages,
+/// each the 8 tiles' weights (8 KiB a chunk) and every token's activations (128 bytes a
+/// token a chunk), and an mbarrier a stage).
+const MMA_RING_SMEM: u32 = MMA_RING_STAGES * (MMA_RING_CHUNKS * (8192 + MMA_MAX_TOKENS * 128) + 8);
 
 /// Dynamic shared memory of `mma_many_bf16_<nt>` (`mma.cuh`'s `mma_many_smem`).
 fn mma_many_smem(nt: u32) -> u32 {

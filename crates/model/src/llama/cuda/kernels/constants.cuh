@@ -14,5 +14,8 @@
 #define TOP_CHUNK 1024
 #define TOP_MAX 64
 #define TOP_MAX_LISTS 1024
+#define MMA_MAX_TOKENS 64
+#define MMA_RING_CHUNKS 2
+#define MMA_RING_STAGES 3
 
 #endif

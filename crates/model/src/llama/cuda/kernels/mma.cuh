@@ -50,8 +50,7 @@
 #define MMA_PREFETCH 8192
 // Chunks in flight a warp in mma_one.
 #define MMA_ONE_CHUNKS 4
-// Most tokens one mma_many or mma_ring call takes.
-#define MMA_MAX_TOKENS 64
+// MMA_MAX_TOKENS (constants.cuh): the most tokens one mma_many or mma_ring call takes.
 
 __device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                          unsigned b1)
@@ -600,22 +599,21 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
 // mma_ring: 33 to 64 tokens
 // ---------------------------------------------------------------------------------------
 
-// Chunks a stage of mma_ring: its 8 tiles' weights (8 KiB a chunk, one run) and every token's
-// split activations for the same columns (128 bytes a token a chunk, 64 tokens at most).
-#define MMA_RING_CHUNKS 2
-#define MMA_RING_STAGE (MMA_RING_CHUNKS * (8192 + 64 * 128))
-// Stages in flight (a ring in shared memory): as many as two blocks an SM can hold.
-#define MMA_RING_STAGES 3
+// A stage of mma_ring (MMA_RING_CHUNKS chunks, constants.cuh): its 8 tiles' weights (8 KiB a
+// chunk, one run) and every token's split activations for the same columns (128 bytes a token
+// a chunk). MMA_RING_STAGES (constants.cuh) stages in flight, a ring in shared memory: as many
+// as two blocks an SM can hold.
+#define MMA_RING_STAGE (MMA_RING_CHUNKS * (8192 + MMA_MAX_TOKENS * 128))
 // Dynamic shared memory of mma_ring: the ring's stages, then an mbarrier a stage.
 #define MMA_RING_SMEM (MMA_RING_STAGES * (MMA_RING_STAGE + 8))
 
 // mma_park, then the last part's warp sums the tile's parts and writes its outputs, with
 // more of its loads in flight than mma_store's (64 tokens make 8 rows of four a lane).
-__device__ __forceinline__ void mma_ring_store(const float (&acc)[8][4], unsigned rows, unsigned T, unsigned P,
-                                               unsigned part, unsigned tile, unsigned* tickets, float* part_sums,
-                                               const float* scale, const MmaOut& o, bool plain)
+__device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS / 8][4], unsigned rows, unsigned T,
+                                               unsigned P, unsigned part, unsigned tile, unsigned* tickets,
+                                               float* part_sums, const float* scale, const MmaOut& o, bool plain)
 {
-    if (!mma_park<8>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
+    if (!mma_park<MMA_MAX_TOKENS / 8>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
         return;
     }
     const unsigned lane = threadIdx.x & 31;
@@ -742,8 +740,8 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
                                          const float* __restrict__ scale, unsigned rows, unsigned cols, unsigned T,
                                          unsigned P, unsigned* tickets, float* part_sums, MmaOut o, bool plain)
 {
-    constexpr int NT = 8, SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE, WB = SC * 8192;
-    constexpr int G = 2;
+    constexpr int NT = MMA_MAX_TOKENS / 8, G = 2;
+    constexpr int SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE, WB = SC * 8192;
     extern __shared__ __align__(128) unsigned char ring[];
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const unsigned part = blockIdx.x % P, group = blockIdx.x / P, tile = group * 8 + warp;
