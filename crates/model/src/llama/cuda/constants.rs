@@ -1,6 +1,7 @@
 //! `kernels/constants.cuh`: the numbers the host and the CUDA kernels share (the attention
 //! split, the threads of an attention item and of the persistent decode block, the top-k
-//! chunking, the tensor-core products' tokens and stages), written from the Rust constants, which are their only definition.
+//! chunking, the tensor-core products' tokens and stages), written from the Rust constants,
+//! which are their only definition.
 //!
 //! The programs are compiled with the text [`header`] writes. The copy in `kernels/` exists
 //! so that a kernel file also compiles on its own (the compute crate's compile test, editors);

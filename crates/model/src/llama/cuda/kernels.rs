@@ -755,7 +755,13 @@ impl Launcher<'_> {
         for t0 in (0..n).step_by(MMA_MAX_TOKENS as usize) {
             let m = (n - t0).min(MMA_MAX_TOKENS);
             let (xs, ns) = (at(x, t0, x_stride), at(norm_x, t0, x_stride));
-            let chunked = u32::from(m > 32);
+            // The kernel, its shared memory, and whether it reads the split chunk by chunk.
+            let (k, smem, chunked) = match m {
+                ..=8 => (&mma.many[0], mma_many_smem(1), 0u32),
+                9..=16 => (&mma.many[1], mma_many_smem(2), 0),
+                17..=32 => (&mma.many[2], mma_many_smem(4), 0),
+                _ => (&mma.ring, MMA_RING_SMEM, 1),
+            };
             launch!(
                 self,
                 &mma.split,
@@ -770,12 +776,6 @@ impl Launcher<'_> {
                 &mma.scale,
                 &chunked
             )?;
-            let (k, smem) = match m {
-                ..=8 => (&mma.many[0], mma_many_smem(1)),
-                9..=16 => (&mma.many[1], mma_many_smem(2)),
-                17..=32 => (&mma.many[2], mma_many_smem(4)),
-                _ => (&mma.ring, MMA_RING_SMEM),
-            };
             let (ys, rs, ygs) = (
                 at(y, t0, y_stride),
                 at(residual, t0, y_stride),

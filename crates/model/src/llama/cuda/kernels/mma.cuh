@@ -729,9 +729,9 @@ __device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS
 
 // mma_many's product for 33 to 64 tokens (the same mmas in the same order, so the same bits)
 // through a deeper pipeline. Block b: part b % P, tiles (b / P) * 8 + warp (every tile real:
-// rows are whole groups of 128). Stage s of SC chunks: the 8 tiles' weights for the part's chunks s SC .. s SC + SC - 1
-// (one 8 SC KiB run, see mma_at) and every token's split activations for them (one run of
-// SC T 128 bytes, see mma_split), copied into a ring of R stages in shared memory R stages
+// rows are whole groups of 128). Stage s of SC chunks: the 8 tiles' weights for the part's
+// chunks s SC .. s SC + SC - 1 (one 8 SC KiB run, see mma_at) and every token's split
+// activations for them (one run of SC T 128 bytes, see mma_split), copied into a ring of R stages in shared memory R stages
 // ahead: on sm_90 each run by one bulk copy whose bytes complete the stage's mbarrier, before
 // it by cp.async. The weights of the first R stages are requested before the wait for the
 // kernel before (nothing writes them). The mmas of two n8 tiles interleave, each sum keeping
