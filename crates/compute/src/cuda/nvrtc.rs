@@ -6,8 +6,10 @@ use cudarc::nvrtc::{result, sys};
 
 use crate::ComputeError;
 
-/// Compiles `src` (named `file` in messages) for `sm_{arch}` and returns the CUBIN. `headers`
-/// are the (name, source) pairs its `#include "name"` lines may name; nothing else is found.
+/// Compiles `src` (named `file` in messages) for `sm_{arch}` and returns the CUBIN; sm_90 as
+/// sm_90a, with Hopper's own instructions (warpgroup mmas), which such a CUBIN may use since it
+/// only ever runs on the GPU it was compiled for. `headers` are the (name, source) pairs its
+/// `#include "name"` lines may name; nothing else is found.
 pub fn compile_cubin(
     file: &'static str,
     src: &str,
@@ -45,7 +47,10 @@ pub fn compile_cubin(
     .result()
     .map_err(|e| fail(format!("{e:?}")))?;
     let options = [
-        format!("--gpu-architecture=sm_{arch}"),
+        format!(
+            "--gpu-architecture=sm_{arch}{}",
+            if arch == 90 { "a" } else { "" }
+        ),
         "--std=c++17".to_string(),
     ];
     // SAFETY: `prog` was just created and is destroyed only below.

@@ -9,7 +9,10 @@
 
 use std::sync::LazyLock;
 
-use super::kernels::{MMA_MAX_TOKENS, MMA_RING_CHUNKS, MMA_RING_STAGES, TOP_CHUNK, TOP_MAX_LISTS};
+use super::kernels::{
+    MMA_CHUNKS, MMA_MAX_TOKENS, MMA_OPERANDS, MMA_RING_CHUNKS, MMA_RING_STAGES, MMA_ROWS,
+    MMA_SPLIT_COLS, TOP_CHUNK, TOP_MAX_LISTS,
+};
 
 /// `constants.cuh` as the kernels include it: (name, text).
 pub(super) fn header() -> (&'static str, &'static str) {
@@ -38,6 +41,12 @@ fn text() -> String {
         ("MMA_MAX_TOKENS", MMA_MAX_TOKENS as usize),
         ("MMA_RING_CHUNKS", MMA_RING_CHUNKS as usize),
         ("MMA_RING_STAGES", MMA_RING_STAGES as usize),
+        // mma_split's layouts of the split activations.
+        ("MMA_ROWS", MMA_ROWS as usize),
+        ("MMA_CHUNKS", MMA_CHUNKS as usize),
+        ("MMA_OPERANDS", MMA_OPERANDS as usize),
+        // Columns of one block of mma_split.
+        ("MMA_SPLIT_COLS", MMA_SPLIT_COLS as usize),
     ];
     let mut text = String::from(
         "// The numbers the host and these kernels share, written by the host from its Rust\n\

@@ -92,6 +92,13 @@ pub const MMA_MAX_TOKENS: u32 = 64;
 pub const MMA_RING_CHUNKS: u32 = 2;
 pub const MMA_RING_STAGES: u32 = 3;
 const _: () = assert!(MMA_MAX_TOKENS.is_multiple_of(4));
+/// How `mma_split` lays out the split activations (`mma.cuh`): rows for `mma_many`, chunk by
+/// chunk for `mma_ring_bf16`'s fragment reads, as warpgroup mmas' operands for `mma_wg_bf16`.
+pub const MMA_ROWS: u32 = 0;
+pub const MMA_CHUNKS: u32 = 1;
+pub const MMA_OPERANDS: u32 = 2;
+/// Columns of one block of `mma_split` (8 a thread).
+pub const MMA_SPLIT_COLS: u32 = 2048;
 
 /// Parts of the columns the tensor-core kernels give a `rows` x `cols` matrix: fixed by its
 /// shape alone, never by the tokens (see `mma.cuh`). The fewest (a power of two, at most 16,
@@ -118,9 +125,9 @@ pub fn mma_fits(m: &DevMatrix) -> bool {
     m.dtype == DType::BF16 && m.rows.is_multiple_of(128) && m.cols.is_multiple_of(256)
 }
 
-/// Dynamic shared memory of `mma_ring_bf16` (`mma.cuh`'s `MMA_RING_SMEM`: the ring's stages,
-/// each the 8 tiles' weights (8 KiB a chunk) and every token's activations (128 bytes a
-/// token a chunk), and an mbarrier a stage).
+/// Dynamic shared memory of `mma_ring_bf16` and `mma_wg_bf16` (`mma.cuh`'s `MMA_RING_SMEM`:
+/// the ring's stages, each the 8 tiles' weights (8 KiB a chunk) and every token's activations
+/// (128 bytes a token a chunk), and an mbarrier a stage).
 const MMA_RING_SMEM: u32 = MMA_RING_STAGES * (MMA_RING_CHUNKS * (8192 + MMA_MAX_TOKENS * 128) + 8);
 
 /// Dynamic shared memory of `mma_many_bf16_<nt>` (`mma.cuh`'s `mma_many_smem`).
@@ -138,8 +145,9 @@ pub struct Mma {
     one: CudaFunction,
     /// `mma_many_bf16_<nt>` for nt = 1, 2, 4 (up to 32 tokens).
     many: [CudaFunction; 3],
-    /// 33 to 64 tokens.
-    ring: CudaFunction,
+    /// 33 to 64 tokens: `mma_wg_bf16` on Hopper (sm_90, compiled as sm_90a), else
+    /// `mma_ring_bf16`; and the split's layout for it.
+    ring: (CudaFunction, u32),
     hi: u64,
     lo: u64,
     scale: u64,
@@ -189,13 +197,21 @@ impl Mma {
         let (w, _) = words_buf.device_ptr(stream);
         let (f, _) = floats_buf.device_ptr(stream);
         let half = (tokens * max_cols.div_ceil(2) * 4) as u64;
-        let ring = get("mma_ring_bf16")?;
         // Past the 48 KiB a kernel gets without asking.
-        ring.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            MMA_RING_SMEM as i32,
-        )
-        .map_err(driver("giving the tensor-core kernels their shared memory"))?;
+        let ring_kernel = |name: &str| {
+            let f = get(name)?;
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                MMA_RING_SMEM as i32,
+            )
+            .map_err(driver("giving the tensor-core kernels their shared memory"))?;
+            Ok::<_, ModelError>(f)
+        };
+        let ring = if arch == 90 {
+            (ring_kernel("mma_wg_bf16")?, MMA_OPERANDS)
+        } else {
+            (ring_kernel("mma_ring_bf16")?, MMA_CHUNKS)
+        };
         Ok(Some(Mma {
             tile: get("mma_tile_bf16")?,
             split: get("mma_split_f32")?,
@@ -705,7 +721,8 @@ impl Launcher<'_> {
     }
 
     /// The product on tensor cores (`mma.cuh`): one token by `mma_one`; more split by
-    /// `mma_split`, then `mma_many` (up to 32) or `mma_ring` (33 to 64), 64 tokens a turn.
+    /// `mma_split`, then `mma_many` (up to 32) or `mma_ring` (33 to 64, by warpgroup mmas on
+    /// Hopper), 64 tokens a turn.
     #[allow(clippy::too_many_arguments)]
     fn mma(
         &self,
@@ -755,17 +772,19 @@ impl Launcher<'_> {
         for t0 in (0..n).step_by(MMA_MAX_TOKENS as usize) {
             let m = (n - t0).min(MMA_MAX_TOKENS);
             let (xs, ns) = (at(x, t0, x_stride), at(norm_x, t0, x_stride));
-            // The kernel, its shared memory, and whether it reads the split chunk by chunk.
-            let (k, smem, chunked) = match m {
-                ..=8 => (&mma.many[0], mma_many_smem(1), 0u32),
-                9..=16 => (&mma.many[1], mma_many_smem(2), 0),
-                17..=32 => (&mma.many[2], mma_many_smem(4), 0),
-                _ => (&mma.ring, MMA_RING_SMEM, 1),
+            // The kernel, its shared memory, and the split's layout for it (and its tokens).
+            let (k, smem, layout) = match m {
+                ..=8 => (&mma.many[0], mma_many_smem(1), MMA_ROWS),
+                9..=16 => (&mma.many[1], mma_many_smem(2), MMA_ROWS),
+                17..=32 => (&mma.many[2], mma_many_smem(4), MMA_ROWS),
+                _ => (&mma.ring.0, MMA_RING_SMEM, mma.ring.1),
             };
+            // A block a token and MMA_SPLIT_COLS columns, and one for its norm's scale.
+            let slices = w.cols.div_ceil(MMA_SPLIT_COLS) + 1;
             launch!(
                 self,
                 &mma.split,
-                config((m, 1, 1), 256),
+                config((m, slices, 1), 256),
                 &xs,
                 &x_stride,
                 &w.cols,
@@ -774,7 +793,8 @@ impl Launcher<'_> {
                 &mma.hi,
                 &mma.lo,
                 &mma.scale,
-                &chunked
+                &layout,
+                &MMA_MAX_TOKENS
             )?;
             let (ys, rs, ygs) = (
                 at(y, t0, y_stride),

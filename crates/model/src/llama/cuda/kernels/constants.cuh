@@ -17,5 +17,9 @@
 #define MMA_MAX_TOKENS 64
 #define MMA_RING_CHUNKS 2
 #define MMA_RING_STAGES 3
+#define MMA_ROWS 0
+#define MMA_CHUNKS 1
+#define MMA_OPERANDS 2
+#define MMA_SPLIT_COLS 2048
 
 #endif

@@ -694,13 +694,14 @@ __device__ __forceinline__ void matvec_elems(const unsigned char* row, const flo
 }
 
 // RMSNorm's scale of one row of `cols` floats, 1 / sqrt(mean(x^2) + eps), summed by one warp
-// in a fixed order; every lane gets it. NC: see ld_x4.
-template <bool NC>
+// in a fixed order (U: the loads in flight, which leave the order as it is); every lane gets
+// it. NC: see ld_x4.
+template <bool NC, int U = 4>
 __device__ __forceinline__ float rms_scale(const float* xr, unsigned cols, float eps, unsigned lane)
 {
     float sum = 0.0f;
     if (cols % 4 == 0 && (unsigned long long)xr % 16 == 0) {
-#pragma unroll 4
+#pragma unroll U
         for (unsigned c = 4 * lane; c < cols; c += 128) {
             const float4 v = ld_x4<NC>(xr + c);
             sum = fmaf(v.x, v.x, sum);

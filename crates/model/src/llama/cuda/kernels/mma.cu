@@ -12,9 +12,9 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     mma_split_f32(const float* __restrict__ x, unsigned x_stride, unsigned cols, const float* __restrict__ norm_x,
                   float eps, unsigned* __restrict__ hi, unsigned* __restrict__ lo, float* __restrict__ scale,
-                  unsigned chunked)
+                  unsigned layout, unsigned width)
 {
-    mma_split(x, x_stride, cols, norm_x, eps, hi, lo, scale, chunked != 0);
+    mma_split(x, x_stride, cols, norm_x, eps, hi, lo, scale, layout, width);
 }
 
 // The fusions' arguments, as matvec takes them: residual (may be y), norm_x and eps (the
@@ -60,7 +60,7 @@ MMA_MANY(2)
 MMA_MANY(4)
 
 // mma_ring for 33 to 64 tokens, at two blocks an SM (its shared memory): mma_many's
-// arguments, x split `chunked` into hi alone (lo unused).
+// arguments, x split into hi alone (lo unused), laid out MMA_CHUNKS.
 extern "C" __global__ void __launch_bounds__(256, 2)
     mma_ring_bf16(const unsigned char* __restrict__ w, const unsigned char* __restrict__ xs, const unsigned* lo,
                   const float* __restrict__ scale, float* y, unsigned rows, unsigned cols, unsigned n_tok,
@@ -68,5 +68,19 @@ extern "C" __global__ void __launch_bounds__(256, 2)
                   unsigned norm, const float* __restrict__ g, float* __restrict__ yg, unsigned glu, unsigned plain)
 {
     MMA_OUT
-    mma_ring(w, xs, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);
+    mma_ring<MMA_MAX_TOKENS / 8, false>(w, xs, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);
+}
+
+// The same by warpgroup mmas, x laid out MMA_OPERANDS for 64 tokens: Hopper's (sm_90a) alone,
+// empty elsewhere (the host takes it only there).
+extern "C" __global__ void __launch_bounds__(256, 2)
+    mma_wg_bf16(const unsigned char* __restrict__ w, const unsigned char* __restrict__ xs, const unsigned* lo,
+                const float* __restrict__ scale, float* y, unsigned rows, unsigned cols, unsigned n_tok,
+                unsigned parts, unsigned* tickets, float* part_sums, unsigned y_stride, const float* residual,
+                unsigned norm, const float* __restrict__ g, float* __restrict__ yg, unsigned glu, unsigned plain)
+{
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    MMA_OUT
+    mma_ring<MMA_MAX_TOKENS / 8, true>(w, xs, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);
+#endif
 }

@@ -7,7 +7,8 @@
 //                 and mma_ring
 //   mma_one       y = W x for one token
 //   mma_many      y = W x for 2 to 32 tokens, x split by mma_split
-//   mma_ring      the same for 33 to 64 tokens through a deeper pipeline
+//   mma_ring      the same for 33 to 64 tokens through a deeper pipeline, on Hopper (sm_90a)
+//                 by warpgroup mmas (wgmma), with the same bits
 //
 // both products with matvec's fusions (matvec.cuh): the RMSNorm before the product (its scale
 // applied to the sum), a residual, the next norm's input y * g, and the interleaved gate/up
@@ -32,13 +33,14 @@
 // tiles of a block one 8 KiB run a chunk (and a part's chunks one run). rows must be a
 // multiple of 128, cols of 256.
 //
-// Geometry: blockDim 256 for all. mma_tile: any grid. mma_split: gridDim (n), dynamic shared
-// memory 0. mma_one: 8 warps take one tile's parts (P >= 8; a warp takes parts w and w + 8
-// where P = 16) or 8 / P tiles' parts; gridDim ceil(tiles / tiles a block), dynamic shared
-// memory 4 * cols bytes. mma_many: a block's 8 warps take 8 tiles of one part; gridDim
-// (tiles / 8) * P, dynamic shared memory mma_many_smem(NT) bytes. mma_ring: as mma_many, its
-// weights and activations streamed into a ring of stages in shared memory; dynamic shared
-// memory MMA_RING_SMEM bytes (more than 48 KiB: the host raises the kernel's limit).
+// Geometry: blockDim 256 for all. mma_tile: any grid. mma_split: gridDim (n, cols /
+// MMA_SPLIT_COLS rounded up, plus 1), dynamic shared memory 0. mma_one: 8 warps take one
+// tile's parts (P >= 8; a warp takes parts w and w + 8 where P = 16) or 8 / P tiles' parts;
+// gridDim ceil(tiles / tiles a block), dynamic shared memory 4 * cols bytes. mma_many: a
+// block's 8 warps take 8 tiles of one part; gridDim (tiles / 8) * P, dynamic shared memory
+// mma_many_smem(NT) bytes. mma_ring: as mma_many, its weights and activations streamed into a
+// ring of stages in shared memory; dynamic shared memory MMA_RING_SMEM bytes (more than 48
+// KiB: the host raises the kernel's limit).
 
 #ifndef TERN_MMA_CUH
 #define TERN_MMA_CUH
@@ -146,37 +148,82 @@ __device__ __forceinline__ void mma_tile(const unsigned char* __restrict__ src, 
     }
 }
 
-// Block t of T = gridDim.x: token t's x (row t of x_stride floats) split into hi and lo words,
-// and with norm_x, scale[t] = rms_scale of norm_x's row t. For mma_many (not `chunked`): hi
-// and lo rows of cols / 2 words. For mma_ring (`chunked`), chunk by chunk as its stages read
-// them, into hi alone: the 128 bytes of token t's chunk c (its 32 columns' hi, then their lo;
-// for an odd t lo first, so that a warp's fragment reads of tokens 2i and 2i + 1 fall on
-// distinct banks) at byte (c T + t) 128.
+// How mma_split lays out the split activations (constants.cuh): MMA_ROWS for mma_many,
+// MMA_CHUNKS for mma_ring's fragment reads, MMA_OPERANDS for its warpgroup mmas.
+
+// Block (t, s) of (T, S + 1) = gridDim: token t's x (row t of x_stride floats) split into hi
+// and lo words, columns MMA_SPLIT_COLS s onwards (constants.cuh; S = cols / MMA_SPLIT_COLS
+// rounded up), 8 a thread, all loaded before the first is split; block (t, S): with norm_x, scale[t] =
+// rms_scale of norm_x's row t (matvec.cuh's warp sum, its loads in flight 16 at a time).
+// MMA_ROWS: hi and lo rows of cols / 2 words. The others chunk by chunk as mma_ring's stages
+// read them, into hi alone:
+// - MMA_CHUNKS: the 128 bytes of token t's chunk c (its 32 columns' hi, then their lo; for an
+//   odd t lo first, so that a warp's fragment reads of tokens 2i and 2i + 1 fall on distinct
+//   banks) at byte (c T + t) 128.
+// - MMA_OPERANDS: for warpgroup mmas of `width` tokens (8 to 64, a multiple of 8), chunk c's
+//   128 width bytes at byte 128 width c, as four B operands (32 width bytes each: the chunk's
+//   first 16 columns' hi, their lo, the other 16's hi, their lo, mma_chunk's order), each
+//   width / 8 core matrices of 8 tokens (256 bytes apart) by two halves of its 16 columns (128
+//   bytes apart), a token's 8 columns of a half at 16 (t % 8). The columns take the places
+//   mma_chunk's fragments give them: of lane quad q's columns 8q .. 8q + 7, the pairs 8q and
+//   8q + 2 go to the first operand's halves, 8q + 4 and 8q + 6 to the third's, at word q of the
+//   token's 16 bytes. Tokens T to width - 1 are left as they are.
 __device__ __forceinline__ void mma_split(const float* __restrict__ x, unsigned x_stride, unsigned cols,
                                           const float* __restrict__ norm_x, float eps, unsigned* __restrict__ hi,
-                                          unsigned* __restrict__ lo, float* __restrict__ scale, bool chunked)
+                                          unsigned* __restrict__ lo, float* __restrict__ scale, unsigned layout,
+                                          unsigned width)
 {
     pdl_wait();
     pdl_launch_dependents();
     const unsigned t = blockIdx.x, T = gridDim.x, first = (t & 1) * 16;
-    const float* xt = x + (unsigned long long)t * x_stride;
-    for (unsigned j = threadIdx.x; j < cols / 2; j += blockDim.x) {
-        unsigned h, l;
-        mma_split_pair(xt[2 * j], xt[2 * j + 1], h, l);
-        if (chunked) {
-            unsigned* row = hi + ((unsigned long long)(j / 16) * T + t) * 32;
-            row[first + j % 16] = h;
-            row[(first ^ 16) + j % 16] = l;
-        } else {
-            hi[(unsigned long long)t * cols / 2 + j] = h;
-            lo[(unsigned long long)t * cols / 2 + j] = l;
+    if (blockIdx.y == gridDim.y - 1) {
+        if (norm_x && threadIdx.x < 32) {
+            const float s = rms_scale<true, 16>(norm_x + (unsigned long long)t * x_stride, cols, eps, threadIdx.x);
+            if (threadIdx.x == 0) {
+                scale[t] = s;
+            }
+        }
+        return;
+    }
+    // The thread's 8 columns: pairs j0 .. j0 + 3.
+    const unsigned c0 = blockIdx.y * MMA_SPLIT_COLS + 8 * threadIdx.x, j0 = c0 / 2;
+    if (c0 >= cols) {
+        return;
+    }
+    const float* xt = x + (unsigned long long)t * x_stride + c0;
+    float v[8];
+    if ((unsigned long long)xt % 16 == 0) {
+        const float4 a = *(const float4*)xt, b = *(const float4*)(xt + 4);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            v[i] = xt[i];
         }
     }
-    if (norm_x && threadIdx.x < 32) {
-        const float s = rms_scale<true>(norm_x + (unsigned long long)t * x_stride, cols, eps, threadIdx.x);
-        if (threadIdx.x == 0) {
-            scale[t] = s;
+    unsigned h[4], l[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        mma_split_pair(v[2 * i], v[2 * i + 1], h[i], l[i]);
+    }
+    if (layout == MMA_OPERANDS) {
+        // Pair r of the thread's four is pair r of lane quad q: step r / 2's operand, half r % 2.
+        const unsigned q = (j0 % 16) / 4;
+        unsigned char* base =
+            (unsigned char*)hi + (unsigned long long)(j0 / 16) * 128 * width + (t / 8) * 256 + (t % 8) * 16 + q * 4;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            unsigned char* op = base + (r / 2) * 64 * width + (r % 2) * 128;
+            *(unsigned*)op = h[r];
+            *(unsigned*)(op + 32 * width) = l[r];
         }
+    } else if (layout == MMA_CHUNKS) {
+        unsigned* row = hi + ((unsigned long long)(j0 / 16) * T + t) * 32;
+        *(uint4*)(row + first + j0 % 16) = make_uint4(h[0], h[1], h[2], h[3]);
+        *(uint4*)(row + (first ^ 16) + j0 % 16) = make_uint4(l[0], l[1], l[2], l[3]);
+    } else {
+        *(uint4*)(hi + (unsigned long long)t * cols / 2 + j0) = make_uint4(h[0], h[1], h[2], h[3]);
+        *(uint4*)(lo + (unsigned long long)t * cols / 2 + j0) = make_uint4(l[0], l[1], l[2], l[3]);
     }
 }
 
@@ -599,32 +646,33 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
 // mma_ring: 33 to 64 tokens
 // ---------------------------------------------------------------------------------------
 
-// A stage of mma_ring (MMA_RING_CHUNKS chunks, constants.cuh): its 8 tiles' weights (8 KiB a
-// chunk, one run) and every token's split activations for the same columns (128 bytes a token
-// a chunk). MMA_RING_STAGES (constants.cuh) stages in flight, a ring in shared memory: as many
-// as two blocks an SM can hold.
-#define MMA_RING_STAGE (MMA_RING_CHUNKS * (8192 + MMA_MAX_TOKENS * 128))
+// A stage of mma_ring for TOK tokens (MMA_RING_CHUNKS chunks, constants.cuh): its 8 tiles'
+// weights (8 KiB a chunk, one run) and every token's split activations for the same columns
+// (128 bytes a token a chunk). MMA_RING_STAGES (constants.cuh) stages in flight, a ring in
+// shared memory: as many as two blocks an SM can hold.
+#define MMA_RING_STAGE(TOK) (MMA_RING_CHUNKS * (8192 + (TOK) * 128))
 // Dynamic shared memory of mma_ring: the ring's stages, then an mbarrier a stage.
-#define MMA_RING_SMEM (MMA_RING_STAGES * (MMA_RING_STAGE + 8))
+#define MMA_RING_SMEM(TOK) (MMA_RING_STAGES * (MMA_RING_STAGE(TOK) + 8))
 
 // mma_park, then the last part's warp sums the tile's parts and writes its outputs, with
 // more of its loads in flight than mma_store's (64 tokens make 8 rows of four a lane).
-__device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS / 8][4], unsigned rows, unsigned T,
-                                               unsigned P, unsigned part, unsigned tile, unsigned* tickets,
-                                               float* part_sums, const float* scale, const MmaOut& o, bool plain)
+template <int NT>
+__device__ __forceinline__ void mma_ring_store(const float (&acc)[NT][4], unsigned rows, unsigned T, unsigned P,
+                                               unsigned part, unsigned tile, unsigned* tickets, float* part_sums,
+                                               const float* scale, const MmaOut& o, bool plain)
 {
-    if (!mma_park<MMA_MAX_TOKENS / 8>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
+    if (!mma_park<NT>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
         return;
     }
     const unsigned lane = threadIdx.x & 31;
-    // The lane's vectors, four rows r .. r + 3 of a token each (4 T a tile, so at most V a
-    // lane): without glu vector j is item lane + 32 j; with glu item i = lane + 32 (j / 2) is
+    // The lane's vectors, four rows r .. r + 3 of a token each (4 T a tile, at most 32 NT, so
+    // at most V a lane; gate and up rows pair up, so at least 2): without glu vector j is item lane + 32 j; with glu item i = lane + 32 (j / 2) is
     // half i % 2 of the tile's gate/up pairs (mma_gate_row), its gate rows for an even j and
     // its up rows for an odd one. Each is summed over the parts in part order from zero, two
     // parts of every vector loaded at once; then every value the outputs need is loaded
     // before the first output is stored (y may be the residual, so a load after a store
     // would wait for it).
-    constexpr int V = 4 * MMA_MAX_TOKENS / 32;
+    constexpr int V = NT < 2 ? 2 : NT;
     auto at = [&](int j, unsigned& tok, unsigned& r) {
         if (o.glu) {
             const unsigned i = lane + 32 * (j / 2);
@@ -727,28 +775,93 @@ __device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS
     }
 }
 
-// mma_many's product for 33 to 64 tokens (the same mmas in the same order, so the same bits)
-// through a deeper pipeline. Block b: part b % P, tiles (b / P) * 8 + warp (every tile real:
-// rows are whole groups of 128). Stage s of SC chunks: the 8 tiles' weights for the part's
-// chunks s SC .. s SC + SC - 1 (one 8 SC KiB run, see mma_at) and every token's split
-// activations for them (one run of SC T 128 bytes, see mma_split), copied into a ring of R stages in shared memory R stages
-// ahead: on sm_90 each run by one bulk copy whose bytes complete the stage's mbarrier, before
-// it by cp.async. The weights of the first R stages are requested before the wait for the
-// kernel before (nothing writes them). The mmas of two n8 tiles interleave, each sum keeping
-// its own order.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// A warpgroup's mma (sm_90a): d, its 64 rows by 64 tokens (each warp's 16 rows as
+// mma.m16n8k16's C for 8 n8 tiles), plus the warp's A fragment (mma_bf16's a0-a3) times the
+// tokens' 16 columns, the B operand at `op` in shared memory (see mma_split's MMA_OPERANDS).
+// Asynchronous: d and the fragment wait for mma_wg_wait.
+#define MMA_WG_DESC(op) (((smem_addr(op) >> 4) & 0x3fff) | (128ull >> 4 << 16) | (256ull >> 4 << 32))
+// (The descriptor: the operand's address, 128 bytes between the halves of its 16 columns, 256
+// between groups of 8 tokens, no swizzle.)
+#define MMA_WG_D4(n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
+
+__device__ __forceinline__ void mma_wg(float (&d)[8][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                       const void* op)
+{
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,"
+        "%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, 1, 1, 1, 0;"
+        : MMA_WG_D4(0), MMA_WG_D4(1), MMA_WG_D4(2), MMA_WG_D4(3), MMA_WG_D4(4), MMA_WG_D4(5), MMA_WG_D4(6),
+          MMA_WG_D4(7)
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(MMA_WG_DESC(op)));
+}
+
+// The sums' registers as the compiler must see them at a warpgroup mma's start and end: read
+// and written there, never carried across.
+template <int NT>
+__device__ __forceinline__ void mma_wg_fence(float (&d)[NT][4])
+{
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            asm volatile("" : "+f"(d[n][i])::"memory");
+        }
+    }
+}
+
+// Before a warp's first warpgroup mma of a batch (after its registers' last writes).
+template <int NT>
+__device__ __forceinline__ void mma_wg_begin(float (&d)[NT][4])
+{
+    mma_wg_fence(d);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+
+// Waits for the warpgroup mmas issued since mma_wg_begin; `a` (their A fragments) stays
+// untouched until then.
+template <int NT, int N>
+__device__ __forceinline__ void mma_wg_wait(float (&d)[NT][4], const uint4 (&a)[N])
+{
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    mma_wg_fence(d);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        asm volatile("" ::"r"(a[i].x), "r"(a[i].y), "r"(a[i].z), "r"(a[i].w));
+    }
+}
+#endif
+
+// mma_many's product (the same mmas in the same order, so the same bits) for up to 8 NT
+// tokens through a deeper pipeline. Block b: part b % P, tiles (b / P) * 8 + warp (every tile
+// real: rows are whole groups of 128). Stage s of SC chunks: the 8 tiles' weights for the
+// part's chunks s SC .. s SC + SC - 1 (one 8 SC KiB run, see mma_at) and every token's split
+// activations for them (one run, see mma_split: SC T 128 bytes laid out MMA_CHUNKS, or with
+// WG, SC 8 NT 128 bytes laid out MMA_OPERANDS for 8 NT tokens), copied into a ring of R
+// stages in shared memory R stages ahead: on sm_90 each run by one bulk copy whose bytes
+// complete the stage's mbarrier, before it by cp.async. The weights of the first R stages are
+// requested before the wait for the kernel before (nothing writes them). Without WG, the mmas
+// of two n8 tiles interleave, each sum keeping its own order; with WG (sm_90a only, NT = 8)
+// the block's two warpgroups each make a chunk's four products for all its tokens at once as
+// four warpgroup mmas, which give mma.sync's bits (measured: scripts/probes/gemm-bf16-mma.cu,
+// design W, and the model's tests).
+template <int NT, bool WG>
 __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, const unsigned char* __restrict__ x,
                                          const float* __restrict__ scale, unsigned rows, unsigned cols, unsigned T,
                                          unsigned P, unsigned* tickets, float* part_sums, MmaOut o, bool plain)
 {
-    constexpr int NT = MMA_MAX_TOKENS / 8, G = 2;
-    constexpr int SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE, WB = SC * 8192;
+    static_assert(NT == MMA_MAX_TOKENS / 8, "mma_ring's token tiles");
+    constexpr int G = 2, TOK = 8 * NT;
+    constexpr int SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE(TOK), WB = SC * 8192;
     extern __shared__ __align__(128) unsigned char ring[];
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const unsigned part = blockIdx.x % P, group = blockIdx.x / P, tile = group * 8 + warp;
     const unsigned chunks_all = cols / 32, chunks = chunks_all / P, stages = chunks / SC;
     const unsigned char* wp = w + mma_at(group * 8, part * chunks, chunks_all);
-    const unsigned xbytes = SC * T * 128;
-    const unsigned char* xp = x + (unsigned long long)part * chunks * T * 128;
+    // A chunk's activations: 128 bytes a token (WG: 8 NT tokens).
+    const unsigned xchunk = (WG ? TOK : T) * 128, xbytes = SC * xchunk;
+    const unsigned char* xp = x + (unsigned long long)part * chunks * xchunk;
     auto slot = [&](unsigned s) { return ring + (s % R) * STAGE; };
 #if __CUDA_ARCH__ >= 900
     unsigned long long* bars = (unsigned long long*)(ring + R * STAGE);
@@ -801,6 +914,29 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
     // the mma are their own and are never stored.
     auto sum = [&](const unsigned char* buf) {
         const unsigned char* ws = buf + warp * 1024 + 16 * lane;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+        if constexpr (WG) {
+            constexpr int OPB = TOK * 32;  // bytes of a warpgroup mma's operand
+            uint4 a[2 * SC];
+#pragma unroll
+            for (int c = 0; c < SC; ++c) {
+                a[2 * c] = *(const uint4*)(ws + c * 8192);
+                a[2 * c + 1] = *(const uint4*)(ws + c * 8192 + 512);
+            }
+            mma_wg_begin(acc);
+#pragma unroll
+            for (int c = 0; c < SC; ++c) {
+                const unsigned char* op = buf + WB + c * 4 * OPB;
+                const uint4 ra = a[2 * c], rb = a[2 * c + 1];
+                mma_wg(acc, ra.x, rb.x, ra.y, rb.y, op);
+                mma_wg(acc, ra.x, rb.x, ra.y, rb.y, op + OPB);
+                mma_wg(acc, ra.z, rb.z, ra.w, rb.w, op + 2 * OPB);
+                mma_wg(acc, ra.z, rb.z, ra.w, rb.w, op + 3 * OPB);
+            }
+            mma_wg_wait(acc, a);
+            return;
+        }
+#endif
         const unsigned char* xs = buf + WB + 16 * t;
 #pragma unroll
         for (int c = 0; c < SC; ++c) {
@@ -839,7 +975,7 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
         fetch_w(s + R);
         fetch_x(s + R);
     }
-    mma_ring_store(acc, rows, T, P, part, tile, tickets, part_sums, scale, o, plain);
+    mma_ring_store<NT>(acc, rows, T, P, part, tile, tickets, part_sums, scale, o, plain);
 }
 
 #endif
