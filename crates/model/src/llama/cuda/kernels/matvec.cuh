@@ -694,20 +694,31 @@ __device__ __forceinline__ void matvec_elems(const unsigned char* row, const flo
 }
 
 // RMSNorm's scale of one row of `cols` floats, 1 / sqrt(mean(x^2) + eps), summed by one warp
-// in a fixed order (U: the loads in flight, which leave the order as it is); every lane gets
-// it. NC: see ld_x4.
+// in a fixed order: lane l's squares of columns 4l .. 4l + 3, 4l + 128 .. 4l + 131, ... in
+// column order, then warp_sum; every lane gets it. The lane's loads go U at a time, all issued
+// before the first is summed (U leaves the order as it is; 4 costs the matrix-vector kernels
+// no registers). NC: see ld_x4.
 template <bool NC, int U = 4>
 __device__ __forceinline__ float rms_scale(const float* xr, unsigned cols, float eps, unsigned lane)
 {
     float sum = 0.0f;
     if (cols % 4 == 0 && (unsigned long long)xr % 16 == 0) {
-#pragma unroll U
-        for (unsigned c = 4 * lane; c < cols; c += 128) {
-            const float4 v = ld_x4<NC>(xr + c);
-            sum = fmaf(v.x, v.x, sum);
-            sum = fmaf(v.y, v.y, sum);
-            sum = fmaf(v.z, v.z, sum);
-            sum = fmaf(v.w, v.w, sum);
+        for (unsigned c0 = 4 * lane; c0 < cols; c0 += 128 * U) {
+            float4 v[U];
+#pragma unroll
+            for (int i = 0; i < U; ++i) {
+                const unsigned c = c0 + 128 * i;
+                v[i] = c < cols ? ld_x4<NC>(xr + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int i = 0; i < U; ++i) {
+                if (c0 + 128 * i < cols) {
+                    sum = fmaf(v[i].x, v[i].x, sum);
+                    sum = fmaf(v[i].y, v[i].y, sum);
+                    sum = fmaf(v[i].z, v[i].z, sum);
+                    sum = fmaf(v[i].w, v[i].w, sum);
+                }
+            }
         }
     } else {
         for (unsigned c = lane; c < cols; c += 32) {
