@@ -563,7 +563,8 @@ pub(super) struct CudaJob {
 // SAFETY: a job's pointers come from `&mut` borrows that its caller holds across
 // `StepBatcher::run`, which returns only once the job is done; meanwhile only the thread
 // leading a step that holds the job uses them (jobs are handed between threads under the
-// batcher's lock), so the borrowed data is never used by two threads at once. `CudaSession`
+// batcher's lock or a waiting caller's own), so the borrowed data is never used by two
+// threads at once. `CudaSession`
 // itself may move between threads.
 unsafe impl Send for CudaJob {}
 
