@@ -772,7 +772,7 @@ impl Launcher<'_> {
         for t0 in (0..n).step_by(MMA_MAX_TOKENS as usize) {
             let m = (n - t0).min(MMA_MAX_TOKENS);
             let (xs, ns) = (at(x, t0, x_stride), at(norm_x, t0, x_stride));
-            // The kernel, its shared memory, and the split's layout for it (and its tokens).
+            // The kernel, its shared memory, and the split's layout for it.
             let (k, smem, layout) = match m {
                 ..=8 => (&mma.many[0], mma_many_smem(1), MMA_ROWS),
                 9..=16 => (&mma.many[1], mma_many_smem(2), MMA_ROWS),
@@ -793,8 +793,7 @@ impl Launcher<'_> {
                 &mma.hi,
                 &mma.lo,
                 &mma.scale,
-                &layout,
-                &MMA_MAX_TOKENS
+                &layout
             )?;
             let (ys, rs, ygs) = (
                 at(y, t0, y_stride),

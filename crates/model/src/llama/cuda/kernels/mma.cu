@@ -12,9 +12,9 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     mma_split_f32(const float* __restrict__ x, unsigned x_stride, unsigned cols, const float* __restrict__ norm_x,
                   float eps, unsigned* __restrict__ hi, unsigned* __restrict__ lo, float* __restrict__ scale,
-                  unsigned layout, unsigned width)
+                  unsigned layout)
 {
-    mma_split(x, x_stride, cols, norm_x, eps, hi, lo, scale, layout, width);
+    mma_split(x, x_stride, cols, norm_x, eps, hi, lo, scale, layout);
 }
 
 // The fusions' arguments, as matvec takes them: residual (may be y), norm_x and eps (the
@@ -68,7 +68,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
                   unsigned norm, const float* __restrict__ g, float* __restrict__ yg, unsigned glu, unsigned plain)
 {
     MMA_OUT
-    mma_ring<MMA_MAX_TOKENS / 8, false>(w, xs, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);
+    mma_ring<false>(w, xs, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);
 }
 
 // The same by warpgroup mmas, x laid out MMA_OPERANDS for 64 tokens: Hopper's (sm_90a) alone,
@@ -81,6 +81,6 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     MMA_OUT
-    mma_ring<MMA_MAX_TOKENS / 8, true>(w, xs, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);
+    mma_ring<true>(w, xs, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);
 #endif
 }

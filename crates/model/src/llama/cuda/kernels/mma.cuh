@@ -160,18 +160,17 @@ __device__ __forceinline__ void mma_tile(const unsigned char* __restrict__ src, 
 // - MMA_CHUNKS: the 128 bytes of token t's chunk c (its 32 columns' hi, then their lo; for an
 //   odd t lo first, so that a warp's fragment reads of tokens 2i and 2i + 1 fall on distinct
 //   banks) at byte (c T + t) 128.
-// - MMA_OPERANDS: for warpgroup mmas of `width` tokens (8 to 64, a multiple of 8), chunk c's
-//   128 width bytes at byte 128 width c, as four B operands (32 width bytes each: the chunk's
-//   first 16 columns' hi, their lo, the other 16's hi, their lo, mma_chunk's order), each
-//   width / 8 core matrices of 8 tokens (256 bytes apart) by two halves of its 16 columns (128
-//   bytes apart), a token's 8 columns of a half at 16 (t % 8). The columns take the places
+// - MMA_OPERANDS: for warpgroup mmas of W = MMA_MAX_TOKENS tokens, chunk c's 128 W bytes at
+//   byte 128 W c, as four B operands (32 W bytes each: the chunk's first 16 columns' hi, their
+//   lo, the other 16's hi, their lo, mma_chunk's order), each W / 8 core matrices of 8 tokens
+//   (256 bytes apart) by two halves of its 16 columns (128 bytes apart), a token's 8 columns
+//   of a half at 16 (t % 8). The columns take the places
 //   mma_chunk's fragments give them: of lane quad q's columns 8q .. 8q + 7, the pairs 8q and
 //   8q + 2 go to the first operand's halves, 8q + 4 and 8q + 6 to the third's, at word q of the
-//   token's 16 bytes. Tokens T to width - 1 are left as they are.
+//   token's 16 bytes. Tokens T to W - 1 are left as they are.
 __device__ __forceinline__ void mma_split(const float* __restrict__ x, unsigned x_stride, unsigned cols,
                                           const float* __restrict__ norm_x, float eps, unsigned* __restrict__ hi,
-                                          unsigned* __restrict__ lo, float* __restrict__ scale, unsigned layout,
-                                          unsigned width)
+                                          unsigned* __restrict__ lo, float* __restrict__ scale, unsigned layout)
 {
     pdl_wait();
     pdl_launch_dependents();
@@ -208,14 +207,15 @@ __device__ __forceinline__ void mma_split(const float* __restrict__ x, unsigned 
     }
     if (layout == MMA_OPERANDS) {
         // Pair r of the thread's four is pair r of lane quad q: step r / 2's operand, half r % 2.
+        constexpr unsigned W = MMA_MAX_TOKENS;
         const unsigned q = (j0 % 16) / 4;
         unsigned char* base =
-            (unsigned char*)hi + (unsigned long long)(j0 / 16) * 128 * width + (t / 8) * 256 + (t % 8) * 16 + q * 4;
+            (unsigned char*)hi + (unsigned long long)(j0 / 16) * 128 * W + (t / 8) * 256 + (t % 8) * 16 + q * 4;
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            unsigned char* op = base + (r / 2) * 64 * width + (r % 2) * 128;
+            unsigned char* op = base + (r / 2) * 64 * W + (r % 2) * 128;
             *(unsigned*)op = h[r];
-            *(unsigned*)(op + 32 * width) = l[r];
+            *(unsigned*)(op + 32 * W) = l[r];
         }
     } else if (layout == MMA_CHUNKS) {
         unsigned* row = hi + ((unsigned long long)(j0 / 16) * T + t) * 32;
@@ -646,33 +646,32 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
 // mma_ring: 33 to 64 tokens
 // ---------------------------------------------------------------------------------------
 
-// A stage of mma_ring for TOK tokens (MMA_RING_CHUNKS chunks, constants.cuh): its 8 tiles'
-// weights (8 KiB a chunk, one run) and every token's split activations for the same columns
-// (128 bytes a token a chunk). MMA_RING_STAGES (constants.cuh) stages in flight, a ring in
-// shared memory: as many as two blocks an SM can hold.
-#define MMA_RING_STAGE(TOK) (MMA_RING_CHUNKS * (8192 + (TOK) * 128))
+// A stage of mma_ring (MMA_RING_CHUNKS chunks, constants.cuh): its 8 tiles' weights (8 KiB a
+// chunk, one run) and every token's split activations for the same columns (128 bytes a token
+// a chunk). MMA_RING_STAGES (constants.cuh) stages in flight, a ring in shared memory: as many
+// as two blocks an SM can hold.
+#define MMA_RING_STAGE (MMA_RING_CHUNKS * (8192 + MMA_MAX_TOKENS * 128))
 // Dynamic shared memory of mma_ring: the ring's stages, then an mbarrier a stage.
-#define MMA_RING_SMEM(TOK) (MMA_RING_STAGES * (MMA_RING_STAGE(TOK) + 8))
+#define MMA_RING_SMEM (MMA_RING_STAGES * (MMA_RING_STAGE + 8))
 
 // mma_park, then the last part's warp sums the tile's parts and writes its outputs, with
 // more of its loads in flight than mma_store's (64 tokens make 8 rows of four a lane).
-template <int NT>
-__device__ __forceinline__ void mma_ring_store(const float (&acc)[NT][4], unsigned rows, unsigned T, unsigned P,
-                                               unsigned part, unsigned tile, unsigned* tickets, float* part_sums,
-                                               const float* scale, const MmaOut& o, bool plain)
+__device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS / 8][4], unsigned rows, unsigned T,
+                                               unsigned P, unsigned part, unsigned tile, unsigned* tickets,
+                                               float* part_sums, const float* scale, const MmaOut& o, bool plain)
 {
-    if (!mma_park<NT>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
+    if (!mma_park<MMA_MAX_TOKENS / 8>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
         return;
     }
     const unsigned lane = threadIdx.x & 31;
-    // The lane's vectors, four rows r .. r + 3 of a token each (4 T a tile, at most 32 NT, so
-    // at most V a lane; gate and up rows pair up, so at least 2): without glu vector j is item lane + 32 j; with glu item i = lane + 32 (j / 2) is
+    // The lane's vectors, four rows r .. r + 3 of a token each (4 T a tile, so at most V a
+    // lane): without glu vector j is item lane + 32 j; with glu item i = lane + 32 (j / 2) is
     // half i % 2 of the tile's gate/up pairs (mma_gate_row), its gate rows for an even j and
     // its up rows for an odd one. Each is summed over the parts in part order from zero, two
     // parts of every vector loaded at once; then every value the outputs need is loaded
     // before the first output is stored (y may be the residual, so a load after a store
     // would wait for it).
-    constexpr int V = NT < 2 ? 2 : NT;
+    constexpr int V = 4 * MMA_MAX_TOKENS / 32;
     auto at = [&](int j, unsigned& tok, unsigned& r) {
         if (o.glu) {
             const unsigned i = lane + 32 * (j / 2);
@@ -798,11 +797,10 @@ __device__ __forceinline__ void mma_wg(float (&d)[8][4], unsigned a0, unsigned a
 
 // The sums' registers as the compiler must see them at a warpgroup mma's start and end: read
 // and written there, never carried across.
-template <int NT>
-__device__ __forceinline__ void mma_wg_fence(float (&d)[NT][4])
+__device__ __forceinline__ void mma_wg_fence(float (&d)[8][4])
 {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
+    for (int n = 0; n < 8; ++n) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             asm volatile("" : "+f"(d[n][i])::"memory");
@@ -811,8 +809,7 @@ __device__ __forceinline__ void mma_wg_fence(float (&d)[NT][4])
 }
 
 // Before a warp's first warpgroup mma of a batch (after its registers' last writes).
-template <int NT>
-__device__ __forceinline__ void mma_wg_begin(float (&d)[NT][4])
+__device__ __forceinline__ void mma_wg_begin(float (&d)[8][4])
 {
     mma_wg_fence(d);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -820,8 +817,8 @@ __device__ __forceinline__ void mma_wg_begin(float (&d)[NT][4])
 
 // Waits for the warpgroup mmas issued since mma_wg_begin; `a` (their A fragments) stays
 // untouched until then.
-template <int NT, int N>
-__device__ __forceinline__ void mma_wg_wait(float (&d)[NT][4], const uint4 (&a)[N])
+template <int N>
+__device__ __forceinline__ void mma_wg_wait(float (&d)[8][4], const uint4 (&a)[N])
 {
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -833,34 +830,33 @@ __device__ __forceinline__ void mma_wg_wait(float (&d)[NT][4], const uint4 (&a)[
 }
 #endif
 
-// mma_many's product (the same mmas in the same order, so the same bits) for up to 8 NT
-// tokens through a deeper pipeline. Block b: part b % P, tiles (b / P) * 8 + warp (every tile
+// mma_many's product (the same mmas in the same order, so the same bits) for 33 to 64 tokens
+// through a deeper pipeline. Block b: part b % P, tiles (b / P) * 8 + warp (every tile
 // real: rows are whole groups of 128). Stage s of SC chunks: the 8 tiles' weights for the
 // part's chunks s SC .. s SC + SC - 1 (one 8 SC KiB run, see mma_at) and every token's split
 // activations for them (one run, see mma_split: SC T 128 bytes laid out MMA_CHUNKS, or with
-// WG, SC 8 NT 128 bytes laid out MMA_OPERANDS for 8 NT tokens), copied into a ring of R
+// WG, SC MMA_MAX_TOKENS 128 bytes laid out MMA_OPERANDS), copied into a ring of R
 // stages in shared memory R stages ahead: on sm_90 each run by one bulk copy whose bytes
 // complete the stage's mbarrier, before it by cp.async. The weights of the first R stages are
 // requested before the wait for the kernel before (nothing writes them). Without WG, the mmas
-// of two n8 tiles interleave, each sum keeping its own order; with WG (sm_90a only, NT = 8)
-// the block's two warpgroups each make a chunk's four products for all its tokens at once as
+// of two n8 tiles interleave, each sum keeping its own order; with WG (sm_90a only) the
+// block's two warpgroups each make a chunk's four products for all its tokens at once as
 // four warpgroup mmas, which give mma.sync's bits (measured: scripts/probes/gemm-bf16-mma.cu,
 // design W, and the model's tests).
-template <int NT, bool WG>
+template <bool WG>
 __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, const unsigned char* __restrict__ x,
                                          const float* __restrict__ scale, unsigned rows, unsigned cols, unsigned T,
                                          unsigned P, unsigned* tickets, float* part_sums, MmaOut o, bool plain)
 {
-    static_assert(NT == MMA_MAX_TOKENS / 8, "mma_ring's token tiles");
-    constexpr int G = 2, TOK = 8 * NT;
-    constexpr int SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE(TOK), WB = SC * 8192;
+    constexpr int NT = MMA_MAX_TOKENS / 8, G = 2;
+    constexpr int SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE, WB = SC * 8192;
     extern __shared__ __align__(128) unsigned char ring[];
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const unsigned part = blockIdx.x % P, group = blockIdx.x / P, tile = group * 8 + warp;
     const unsigned chunks_all = cols / 32, chunks = chunks_all / P, stages = chunks / SC;
     const unsigned char* wp = w + mma_at(group * 8, part * chunks, chunks_all);
-    // A chunk's activations: 128 bytes a token (WG: 8 NT tokens).
-    const unsigned xchunk = (WG ? TOK : T) * 128, xbytes = SC * xchunk;
+    // A chunk's activations: 128 bytes a token (WG: MMA_MAX_TOKENS, T and the room past it).
+    const unsigned xchunk = (WG ? MMA_MAX_TOKENS : T) * 128, xbytes = SC * xchunk;
     const unsigned char* xp = x + (unsigned long long)part * chunks * xchunk;
     auto slot = [&](unsigned s) { return ring + (s % R) * STAGE; };
 #if __CUDA_ARCH__ >= 900
@@ -916,7 +912,7 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
         const unsigned char* ws = buf + warp * 1024 + 16 * lane;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
         if constexpr (WG) {
-            constexpr int OPB = TOK * 32;  // bytes of a warpgroup mma's operand
+            constexpr int OPB = MMA_MAX_TOKENS * 32;  // bytes of a warpgroup mma's operand
             uint4 a[2 * SC];
 #pragma unroll
             for (int c = 0; c < SC; ++c) {
@@ -975,7 +971,7 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
         fetch_w(s + R);
         fetch_x(s + R);
     }
-    mma_ring_store<NT>(acc, rows, T, P, part, tile, tickets, part_sums, scale, o, plain);
+    mma_ring_store(acc, rows, T, P, part, tile, tickets, part_sums, scale, o, plain);
 }
 
 #endif
