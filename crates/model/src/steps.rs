@@ -113,6 +113,12 @@ struct State<J> {
     /// while it ran (at most the budget's); and how long the last step ran.
     expect: usize,
     last_step: Duration,
+    /// When the last step ended; time from a step's end to the next one's start, and the
+    /// part of it leaders spent waiting for the expected jobs; gathers ended by the deadline.
+    ended: Option<Instant>,
+    between: Duration,
+    gathering: Duration,
+    short: u64,
 }
 
 /// Counters of a [`StepBatcher`].
@@ -124,6 +130,12 @@ pub struct StepStats {
     pub chunks: u64,
     /// Jobs waiting now, the ones in a running step included.
     pub waiting: u64,
+    /// Microseconds from each step's end to the next step's start, summed; and the part of
+    /// them that leaders spent waiting for the callers of the step before to come back.
+    pub between_us: u64,
+    pub gather_us: u64,
+    /// Gathers that the deadline ended with fewer jobs than expected.
+    pub short_gathers: u64,
 }
 
 impl<J: StepJob> StepBatcher<J> {
@@ -137,6 +149,10 @@ impl<J: StepJob> StepBatcher<J> {
                 stepped_jobs: 0,
                 expect: 0,
                 last_step: Duration::ZERO,
+                ended: None,
+                between: Duration::ZERO,
+                gathering: Duration::ZERO,
+                short: 0,
             }),
             arrived: Condvar::new(),
             budget,
@@ -172,9 +188,11 @@ impl<J: StepJob> StepBatcher<J> {
         }
         // This caller leads steps until its own job is done.
         loop {
-            let deadline = Instant::now() + (state.last_step / 4).min(MAX_GATHER);
+            let gather = Instant::now();
+            let deadline = gather + (state.last_step / 4).min(MAX_GATHER);
             while state.queue.len() < state.expect {
                 let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    state.short += 1;
                     break;
                 };
                 state = self
@@ -184,8 +202,12 @@ impl<J: StepJob> StepBatcher<J> {
                     .0;
             }
             let (mut jobs, waiters) = self.take(&mut state);
-            drop(state);
             let started = Instant::now();
+            state.gathering += started - gather;
+            if let Some(ended) = state.ended {
+                state.between += started - ended;
+            }
+            drop(state);
             if catch_unwind(AssertUnwindSafe(|| step(&mut jobs))).is_err() {
                 for job in &mut jobs {
                     job.fail("the model's step failed (a panic); see the log".into());
@@ -193,6 +215,7 @@ impl<J: StepJob> StepBatcher<J> {
             }
             let took = started.elapsed();
             state = self.lock();
+            state.ended = Some(Instant::now());
             state.expect = (jobs.len() + state.queue.len()).min(self.budget.jobs);
             state.last_step = took;
             state.steps += 1;
@@ -224,13 +247,16 @@ impl<J: StepJob> StepBatcher<J> {
         }
     }
 
-    /// Counters: steps run, chunks run, jobs waiting.
+    /// Counters: steps run, chunks run, jobs waiting, the time between steps.
     pub fn stats(&self) -> StepStats {
         let state = self.lock();
         StepStats {
             steps: state.steps,
             chunks: state.stepped_jobs,
             waiting: (state.queue.len() + usize::from(state.running)) as u64,
+            between_us: state.between.as_micros() as u64,
+            gather_us: state.gathering.as_micros() as u64,
+            short_gathers: state.short,
         }
     }
 
@@ -419,10 +445,14 @@ mod tests {
         let step = stepping.lock().unwrap().as_secs_f64() * 1e3 / stats.steps as f64;
         let each = wall.as_secs_f64() * 1e3 / stats.steps as f64;
         println!(
-            "{} steps, {:.1} jobs a step, {each:.3} ms a step, {step:.3} ms in it: {:.3} ms between",
+            "{} steps, {:.1} jobs a step, {each:.3} ms a step, {step:.3} ms in it: {:.3} ms between \
+             ({:.3} ms by the batcher's count, {:.3} of it gathering; {} gathers short)",
             stats.steps,
             stats.chunks as f64 / stats.steps as f64,
-            each - step
+            each - step,
+            stats.between_us as f64 / 1e3 / stats.steps as f64,
+            stats.gather_us as f64 / 1e3 / stats.steps as f64,
+            stats.short_gathers
         );
     }
 }

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use tern_compute::DeviceChoice;
+use tern_model::steps::StepStats;
 use tern_model::{Candidate, Model, Session, Step};
 
 use super::median;
@@ -67,6 +68,8 @@ struct Round {
     prefill: Vec<f64>,
     decode: Vec<f64>,
     steps: Vec<f64>,
+    /// The scheduler's counters over each round's decode (steps, jobs, time between steps).
+    sched: Vec<StepStats>,
 }
 
 pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
@@ -142,10 +145,11 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
     let mut base: Vec<Round> = args.batch.iter().map(|_| Round::default()).collect();
     for _ in 0..args.repeats {
         for (i, &b) in args.batch.iter().enumerate() {
-            let (p, d, s) = tern_round(&model, &prompts[..b], args.decode, context)?;
+            let (p, d, s, sched) = tern_round(&model, &prompts[..b], args.decode, context)?;
             tern[i].prefill.push(p);
             tern[i].decode.push(d);
             tern[i].steps.push(s);
+            tern[i].sched.push(sched);
         }
         if let Some(binary) = &llama {
             let rows = llama_round(binary, &path, threads, gpu, &args)?;
@@ -220,11 +224,33 @@ pub fn batch(args: BatchBenchArgs) -> anyhow::Result<ExitCode> {
     let stats = model.step_stats();
     if stats.steps > 0 {
         println!(
-            "\nthe step scheduler ran {} chunks of forward passes in {} steps ({:.1} a step)",
+            "\nthe step scheduler ran {} chunks of forward passes in {} steps ({:.1} a step); \
+             its decode steps, over all rounds:",
             stats.chunks,
             stats.steps,
             stats.chunks as f64 / stats.steps as f64
         );
+        for (t, &b) in tern.iter().zip(&args.batch) {
+            let (steps, jobs, between, gather, short) =
+                t.sched.iter().fold((0, 0, 0, 0, 0), |a, s| {
+                    (
+                        a.0 + s.steps,
+                        a.1 + s.chunks,
+                        a.2 + s.between_us,
+                        a.3 + s.gather_us,
+                        a.4 + s.short_gathers,
+                    )
+                });
+            let each = |x: u64| x as f64 / steps.max(1) as f64;
+            println!(
+                "  B = {b}: {steps} steps of {:.1} jobs, {:.0} us from a step's end to the next \
+                 one's start ({:.0} us of it gathering the step's jobs), {short} gathers ended \
+                 short by the deadline",
+                each(jobs),
+                each(between),
+                each(gather)
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -273,51 +299,62 @@ fn after_prompts(
 }
 
 /// One round for `prompts.len()` sequences: prefill and decode tokens per second through
-/// the scheduler (one thread per sequence), and decode tokens per second as direct batched
-/// steps.
+/// the scheduler (one thread per sequence), decode tokens per second as direct batched
+/// steps, and the scheduler's counters over the decode.
 fn tern_round(
     model: &Model,
     prompts: &[Vec<u32>],
     decode: usize,
     context: usize,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<(f64, f64, f64, StepStats)> {
     let b = prompts.len();
     let start = Barrier::new(b + 1);
-    let (prefill_s, decode_s) = std::thread::scope(|s| -> anyhow::Result<(f64, f64)> {
-        let runs: Vec<_> = prompts
-            .iter()
-            .map(|prompt| {
-                let start = &start;
-                s.spawn(move || -> anyhow::Result<()> {
-                    let mut session = model.new_session(context)?;
-                    let mut top = [Candidate::default()];
-                    start.wait();
-                    model.forward_top(&mut session, prompt, None, &mut top)?;
-                    start.wait();
-                    start.wait();
-                    for _ in 0..decode {
-                        let token = top[0].token;
-                        model.forward_top(&mut session, &[token], None, &mut top)?;
-                    }
-                    start.wait();
-                    Ok(())
+    let (prefill_s, decode_s, sched) =
+        std::thread::scope(|s| -> anyhow::Result<(f64, f64, StepStats)> {
+            let runs: Vec<_> = prompts
+                .iter()
+                .map(|prompt| {
+                    let start = &start;
+                    s.spawn(move || -> anyhow::Result<()> {
+                        let mut session = model.new_session(context)?;
+                        let mut top = [Candidate::default()];
+                        start.wait();
+                        model.forward_top(&mut session, prompt, None, &mut top)?;
+                        start.wait();
+                        start.wait();
+                        for _ in 0..decode {
+                            let token = top[0].token;
+                            model.forward_top(&mut session, &[token], None, &mut top)?;
+                        }
+                        start.wait();
+                        Ok(())
+                    })
                 })
-            })
-            .collect();
-        start.wait();
-        let t = Instant::now();
-        start.wait();
-        let prefill = t.elapsed().as_secs_f64();
-        start.wait();
-        let t = Instant::now();
-        start.wait();
-        let decode = t.elapsed().as_secs_f64();
-        for run in runs {
-            run.join()
-                .map_err(|_| anyhow::anyhow!("a sequence's thread panicked"))??;
-        }
-        Ok((prefill, decode))
-    })?;
+                .collect();
+            start.wait();
+            let t = Instant::now();
+            start.wait();
+            let prefill = t.elapsed().as_secs_f64();
+            let before = model.step_stats();
+            start.wait();
+            let t = Instant::now();
+            start.wait();
+            let decode = t.elapsed().as_secs_f64();
+            let after = model.step_stats();
+            for run in runs {
+                run.join()
+                    .map_err(|_| anyhow::anyhow!("a sequence's thread panicked"))??;
+            }
+            let sched = StepStats {
+                steps: after.steps - before.steps,
+                chunks: after.chunks - before.chunks,
+                waiting: 0,
+                between_us: after.between_us - before.between_us,
+                gather_us: after.gather_us - before.gather_us,
+                short_gathers: after.short_gathers - before.short_gathers,
+            };
+            Ok((prefill, decode, sched))
+        })?;
     // The engine alone: the same sequences as plain batched steps of all B at once.
     let (mut sessions, mut tops) = after_prompts(model, prompts, context)?;
     let t = Instant::now();
@@ -342,6 +379,7 @@ fn tern_round(
         tokens(prompts[0].len(), prefill_s),
         tokens(decode, decode_s),
         tokens(decode, steps_s),
+        sched,
     ))
 }
 
