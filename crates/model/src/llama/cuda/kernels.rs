@@ -3,7 +3,8 @@
 //! that state each kernel's geometry in one place.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tern_compute::cuda::compile_cubin;
 use tern_compute::cuda::cudarc::driver::sys;
@@ -99,6 +100,9 @@ pub const MMA_CHUNKS: u32 = 1;
 pub const MMA_OPERANDS: u32 = 2;
 /// Columns of one block of `mma_split` (8 a thread).
 pub const MMA_SPLIT_COLS: u32 = 2048;
+/// Words of the flags of the norm's scales that a product takes itself (`mma.cuh`'s
+/// `MMA_FLAGS`): one a token, and a count.
+const MMA_FLAGS: usize = MMA_MAX_TOKENS as usize + 1;
 
 /// Parts of the columns the tensor-core kernels give a `rows` x `cols` matrix: fixed by its
 /// shape alone, never by the tokens (see `mma.cuh`). The fewest (a power of two, at most 16,
@@ -148,12 +152,30 @@ pub struct Mma {
     /// 33 to 64 tokens: `mma_wg_bf16` on Hopper (sm_90, compiled as sm_90a), else
     /// `mma_ring_bf16`; and the split's layout for it.
     ring: (CudaFunction, u32),
-    hi: u64,
-    lo: u64,
+    /// Two sets of split activations (hi, then lo): a product reads one while its outputs
+    /// go split into the other for the product after it.
+    sets: [(u64, u64); 2],
     scale: u64,
     part_sums: u64,
     tickets: u64,
+    flags: u64,
+    /// The split that the last product wrote for the next (see [`Pending`]).
+    pending: Mutex<Option<Pending>>,
     _buffers: (CudaSlice<u32>, CudaSlice<f32>),
+}
+
+/// Activations that a product's outputs also went split into: `n` rows of `cols` at `x`
+/// (`stride` floats apart) in split set `set`, laid out for a product of `n` tokens. Good for
+/// a product that reads exactly those as the very next launch (`at`, the launch count then),
+/// so that nothing can have written them since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pending {
+    x: u64,
+    n: u32,
+    cols: u32,
+    stride: u32,
+    set: usize,
+    at: u64,
 }
 
 impl Mma {
@@ -186,8 +208,9 @@ impl Mma {
                 ModelError::device("cuda", format!("loading kernel `{name}`"), format!("{e:?}"))
             })
         };
-        // hi and lo (a word a pair of columns each) and the tickets, then the scales and sums.
-        let words = 2 * tokens * max_cols.div_ceil(2) + max_tiles;
+        // Two sets of hi and lo (a word a pair of columns each), the tickets and the flags,
+        // then the scales and sums.
+        let words = 4 * tokens * max_cols.div_ceil(2) + max_tiles + MMA_FLAGS;
         let words_buf = stream
             .alloc_zeros::<u32>(words)
             .map_err(driver("allocating the tensor-core kernels' scratch"))?;
@@ -222,9 +245,10 @@ impl Mma {
                 get("mma_many_bf16_4")?,
             ],
             ring,
-            hi: w,
-            lo: w + half,
-            tickets: w + 2 * half,
+            sets: [(w, w + half), (w + 2 * half, w + 3 * half)],
+            tickets: w + 4 * half,
+            flags: w + 4 * half + 4 * max_tiles as u64,
+            pending: Mutex::new(None),
             scale: f,
             // 16-byte aligned (MMA_MAX_TOKENS is a multiple of 4): mma_store reads it by float4s.
             part_sums: f + 4 * tokens as u64,
@@ -266,6 +290,8 @@ pub struct Kernels {
     pub decode_layers: Result<CudaFunction, String>,
     /// The tensor-core kernels, when the model's BF16 matrices are tiled for them.
     pub mma: Option<Mma>,
+    /// Kernels launched so far (by every [`Launcher`] of the model).
+    launches: AtomicU64,
 }
 
 /// Logits one `top_k_blocks` block sorts, and the most lists `top_k_merge` merges
@@ -441,6 +467,7 @@ impl Kernels {
         };
         Ok((
             Kernels {
+                launches: AtomicU64::new(0),
                 matvec: per_type("matvec")?,
                 matvec_out: per_type("matvec_out")?,
                 get_rows: per_type("get_rows")?,
@@ -668,6 +695,7 @@ impl Launcher<'_> {
             attrs: &raw mut attr,
             numAttrs: 1,
         };
+        self.kernels.launches.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the config and attribute live across the call; the caller vouches for
         // the arguments.
         unsafe {
@@ -722,7 +750,8 @@ impl Launcher<'_> {
 
     /// The product on tensor cores (`mma.cuh`): one token by `mma_one`; more split by
     /// `mma_split`, then `mma_many` (up to 32) or `mma_ring` (33 to 64, by warpgroup mmas on
-    /// Hopper), 64 tokens a turn.
+    /// Hopper), 64 tokens a turn. Where the product before (the very last launch) wrote these
+    /// activations split already, no `mma_split` runs.
     #[allow(clippy::too_many_arguments)]
     fn mma(
         &self,
@@ -769,6 +798,28 @@ impl Launcher<'_> {
                 base + 4 * u64::from(t0) * u64::from(stride)
             }
         };
+        // A product of one turn whose activations the product just before wrote split (see
+        // `Pending`) reads that split and takes its norm's scales itself; and where its own
+        // outputs feed the next product (the next norm's input, or gate/up's), it writes them
+        // split too, into the other set.
+        let one_turn = n <= MMA_MAX_TOKENS;
+        let pending = mma.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let blocks = tiles / 8 * parts;
+        let wanted = Pending {
+            x,
+            n,
+            cols: w.cols,
+            stride: x_stride,
+            set: pending.map_or(0, |p| p.set),
+            at: self.kernels.launches.load(Ordering::Relaxed),
+        };
+        let presplit = one_turn && blocks >= n && pending == Some(wanted);
+        let set = wanted.set;
+        let next = match (one_turn && plain == 0, fuse.glu, g != 0) {
+            (true, true, _) => Some((y, w.rows / 2)),
+            (true, false, true) => Some((yg, w.rows)),
+            _ => None,
+        };
         for t0 in (0..n).step_by(MMA_MAX_TOKENS as usize) {
             let m = (n - t0).min(MMA_MAX_TOKENS);
             let (xs, ns) = (at(x, t0, x_stride), at(norm_x, t0, x_stride));
@@ -779,34 +830,43 @@ impl Launcher<'_> {
                 17..=32 => (&mma.many[2], mma_many_smem(4), MMA_ROWS),
                 _ => (&mma.ring.0, MMA_RING_SMEM, mma.ring.1),
             };
-            // A block a token and MMA_SPLIT_COLS columns, and one for its norm's scale.
-            let slices = w.cols.div_ceil(MMA_SPLIT_COLS) + 1;
-            launch!(
-                self,
-                &mma.split,
-                config((m, slices, 1), 256),
-                &xs,
-                &x_stride,
-                &w.cols,
-                &ns,
-                &eps,
-                &mma.hi,
-                &mma.lo,
-                &mma.scale,
-                &layout
-            )?;
+            let (hi, lo) = mma.sets[set];
+            if !presplit {
+                // A block a token and MMA_SPLIT_COLS columns, and one for its norm's scale.
+                let slices = w.cols.div_ceil(MMA_SPLIT_COLS) + 1;
+                launch!(
+                    self,
+                    &mma.split,
+                    config((m, slices, 1), 256),
+                    &xs,
+                    &x_stride,
+                    &w.cols,
+                    &ns,
+                    &eps,
+                    &hi,
+                    &lo,
+                    &mma.scale,
+                    &layout
+                )?;
+            }
             let (ys, rs, ygs) = (
                 at(y, t0, y_stride),
                 at(residual, t0, y_stride),
                 at(yg, t0, y_stride),
             );
+            let flags = if presplit && norm != 0 { mma.flags } else { 0 };
+            let (split_hi, split_lo) = match next {
+                Some(_) => mma.sets[1 - set],
+                None => (0, 0),
+            };
+            let split_cols = next.map_or(0, |(_, cols)| cols);
             launch!(
                 self,
                 k,
-                config_shared(tiles / 8 * parts, 256, smem),
+                config_shared(blocks, 256, smem),
                 &w.tiles,
-                &mma.hi,
-                &mma.lo,
+                &hi,
+                &lo,
                 &mma.scale,
                 &ys,
                 &w.rows,
@@ -821,8 +881,26 @@ impl Launcher<'_> {
                 &g,
                 &ygs,
                 &glu,
-                &plain
+                &plain,
+                &ns,
+                &x_stride,
+                &eps,
+                &flags,
+                &split_hi,
+                &split_lo,
+                &layout,
+                &split_cols
             )?;
+        }
+        if let Some((x, cols)) = next {
+            *mma.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(Pending {
+                x,
+                n,
+                cols,
+                stride: y_stride,
+                set: 1 - set,
+                at: self.kernels.launches.load(Ordering::Relaxed),
+            });
         }
         Ok(())
     }

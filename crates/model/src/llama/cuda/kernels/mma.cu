@@ -18,7 +18,8 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // The fusions' arguments, as matvec takes them: residual (may be y), norm_x and eps (the
-// norm before), g and yg (the next norm's input), glu.
+// norm before), g and yg (the next norm's input), glu; and where the next product's input
+// goes split (split_hi: none if null).
 #define MMA_OUT                                                                                   \
     MmaOut o;                                                                                     \
     o.y = y;                                                                                      \
@@ -27,7 +28,11 @@ extern "C" __global__ void __launch_bounds__(256)
     o.g = g;                                                                                      \
     o.yg = yg;                                                                                    \
     o.norm = norm;                                                                                \
-    o.glu = glu != 0;
+    o.glu = glu != 0;                                                                             \
+    o.split_hi = split_hi;                                                                        \
+    o.split_lo = split_lo;                                                                        \
+    o.split_layout = split_layout;                                                                \
+    o.split_cols = split_cols;
 
 extern "C" __global__ void __launch_bounds__(256)
     mma_one_bf16(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
@@ -36,6 +41,7 @@ extern "C" __global__ void __launch_bounds__(256)
                  unsigned glu)
 {
     const bool norm = norm_x != nullptr;
+    unsigned *split_hi = nullptr, *split_lo = nullptr, split_layout = 0, split_cols = 0;
     MMA_OUT
     mma_one<MMA_ONE_CHUNKS>(w, x, rows, cols, parts, norm_x, eps, o);
 }
@@ -45,14 +51,17 @@ extern "C" __global__ void __launch_bounds__(256)
 #define MMA_MANY(NT)                                                                                  \
     extern "C" __global__ void __launch_bounds__(256, 2)                                              \
         mma_many_bf16_##NT(const unsigned char* __restrict__ w, const unsigned* __restrict__ hi,      \
-                           const unsigned* __restrict__ lo, const float* __restrict__ scale, float* y,   \
+                           const unsigned* __restrict__ lo, float* scale, float* y,                   \
                            unsigned rows, unsigned cols, unsigned n_tok, unsigned parts,              \
                            unsigned* tickets, float* part_sums, unsigned y_stride,                   \
                            const float* residual, unsigned norm, const float* __restrict__ g,        \
-                           float* __restrict__ yg, unsigned glu, unsigned plain)                     \
+                           float* __restrict__ yg, unsigned glu, unsigned plain, const float* norm_x, \
+                           unsigned x_stride, float eps, unsigned* flags, unsigned* split_hi,        \
+                           unsigned* split_lo, unsigned split_layout, unsigned split_cols)           \
     {                                                                                                 \
         MMA_OUT                                                                                       \
-        mma_many<NT>(w, hi, lo, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);  \
+        mma_many<NT>(w, hi, lo, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, \
+                     part_sums, o, plain != 0);                                                       \
     }
 
 MMA_MANY(1)
@@ -63,24 +72,30 @@ MMA_MANY(4)
 // arguments, x split into hi alone (lo unused), laid out MMA_CHUNKS.
 extern "C" __global__ void __launch_bounds__(256, 2)
     mma_ring_bf16(const unsigned char* __restrict__ w, const unsigned char* __restrict__ xs, const unsigned* lo,
-                  const float* __restrict__ scale, float* y, unsigned rows, unsigned cols, unsigned n_tok,
-                  unsigned parts, unsigned* tickets, float* part_sums, unsigned y_stride, const float* residual,
-                  unsigned norm, const float* __restrict__ g, float* __restrict__ yg, unsigned glu, unsigned plain)
+                  float* scale, float* y, unsigned rows, unsigned cols, unsigned n_tok, unsigned parts,
+                  unsigned* tickets, float* part_sums, unsigned y_stride, const float* residual, unsigned norm,
+                  const float* __restrict__ g, float* __restrict__ yg, unsigned glu, unsigned plain,
+                  const float* norm_x, unsigned x_stride, float eps, unsigned* flags, unsigned* split_hi,
+                  unsigned* split_lo, unsigned split_layout, unsigned split_cols)
 {
     MMA_OUT
-    mma_ring<false>(w, xs, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);
+    mma_ring<false>(w, xs, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, part_sums, o,
+                    plain != 0);
 }
 
 // The same by warpgroup mmas, x laid out MMA_OPERANDS for 64 tokens: Hopper's (sm_90a) alone,
 // empty elsewhere (the host takes it only there).
 extern "C" __global__ void __launch_bounds__(256, 2)
     mma_wg_bf16(const unsigned char* __restrict__ w, const unsigned char* __restrict__ xs, const unsigned* lo,
-                const float* __restrict__ scale, float* y, unsigned rows, unsigned cols, unsigned n_tok,
-                unsigned parts, unsigned* tickets, float* part_sums, unsigned y_stride, const float* residual,
-                unsigned norm, const float* __restrict__ g, float* __restrict__ yg, unsigned glu, unsigned plain)
+                float* scale, float* y, unsigned rows, unsigned cols, unsigned n_tok, unsigned parts,
+                unsigned* tickets, float* part_sums, unsigned y_stride, const float* residual, unsigned norm,
+                const float* __restrict__ g, float* __restrict__ yg, unsigned glu, unsigned plain,
+                const float* norm_x, unsigned x_stride, float eps, unsigned* flags, unsigned* split_hi,
+                unsigned* split_lo, unsigned split_layout, unsigned split_cols)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     MMA_OUT
-    mma_ring<true>(w, xs, scale, rows, cols, n_tok, parts, tickets, part_sums, o, plain != 0);
+    mma_ring<true>(w, xs, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, part_sums, o,
+                   plain != 0);
 #endif
 }

@@ -12,7 +12,9 @@
 //
 // both products with matvec's fusions (matvec.cuh): the RMSNorm before the product (its scale
 // applied to the sum), a residual, the next norm's input y * g, and the interleaved gate/up
-// rows' silu(gate) * up.
+// rows' silu(gate) * up. mma_many and mma_ring may also write the next product's input (y * g,
+// or gate/up's output) split as mma_split would, so that no mma_split runs before that product,
+// which then takes its norm's scales itself (mma_scale_take).
 //
 // Arithmetic. Each activation is split into hi = bf16(x) and lo = bf16(x - hi), so that
 // every product of a bf16 weight with hi and with lo is exact in f32 and hi + lo holds x to
@@ -240,6 +242,12 @@ struct MmaOut {
     float* yg;
     bool norm;  // multiply by the token's norm scale
     bool glu;
+    // Where the next product's input (yg where the next norm is fused, else y) goes split as
+    // mma_split would split it, laid out split_layout for rows of split_cols (none if null).
+    unsigned* split_hi;
+    unsigned* split_lo;
+    unsigned split_layout;
+    unsigned split_cols;
 };
 
 // An output from its sum: scaled by the token's norm scale where the norm is fused, added to
@@ -252,26 +260,67 @@ __device__ __forceinline__ float mma_out(bool norm, float total, float scale, fl
     return residual + total;
 }
 
-// Row r's sum for token t.
-__device__ __forceinline__ void mma_emit(const MmaOut& o, float total, float scale, unsigned t, unsigned r)
+// Row r's sum for token t; returns the next product's input there (yg, or y without g).
+__device__ __forceinline__ float mma_emit(const MmaOut& o, float total, float scale, unsigned t, unsigned r)
 {
     const unsigned long long i = (unsigned long long)t * o.y_stride + r;
     const float v = mma_out(o.norm, total, scale, o.residual ? o.residual[i] : 0.0f);
     o.y[i] = v;
     if (o.g) {
-        o.yg[i] = v * o.g[r];
+        const float n = v * o.g[r];
+        o.yg[i] = n;
+        return n;
     }
+    return v;
 }
 
 // Gate/up pair q (0-7) of tile `tile` for token t: silu(gate) * up into output 8 tile + q.
-__device__ __forceinline__ void mma_emit_glu(const MmaOut& o, float gate, float up, float scale, unsigned t,
-                                             unsigned tile, unsigned q)
+__device__ __forceinline__ float mma_emit_glu(const MmaOut& o, float gate, float up, float scale, unsigned t,
+                                              unsigned tile, unsigned q)
 {
     if (o.norm) {
         gate *= scale;
         up *= scale;
     }
-    o.y[(unsigned long long)t * o.y_stride + 8 * tile + q] = gate / (1.0f + expf(-gate)) * up;
+    const float v = gate / (1.0f + expf(-gate)) * up;
+    o.y[(unsigned long long)t * o.y_stride + 8 * tile + q] = v;
+    return v;
+}
+
+// Pair j (columns 2j and 2j + 1) of token t of T, split into its hi and lo words where
+// mma_split puts them (see its layouts; MMA_OPERANDS: pair j % 16 = 4 q + r of chunk j / 16 is
+// pair r of lane quad q's columns).
+__device__ __forceinline__ void mma_split_put(const MmaOut& o, unsigned T, unsigned t, unsigned j, float x0, float x1)
+{
+    unsigned h, l;
+    mma_split_pair(x0, x1, h, l);
+    if (o.split_layout == MMA_OPERANDS) {
+        constexpr unsigned W = MMA_MAX_TOKENS;
+        const unsigned jj = j % 16, q = jj / 4, r = jj % 4;
+        unsigned char* op = (unsigned char*)o.split_hi + (unsigned long long)(j / 16) * 128 * W + (t / 8) * 256 +
+                            (t % 8) * 16 + q * 4 + (r / 2) * 64 * W + (r % 2) * 128;
+        *(unsigned*)op = h;
+        *(unsigned*)(op + 32 * W) = l;
+    } else if (o.split_layout == MMA_CHUNKS) {
+        unsigned* row = o.split_hi + ((unsigned long long)(j / 16) * T + t) * 32;
+        const unsigned first = (t & 1) * 16;
+        row[first + j % 16] = h;
+        row[(first ^ 16) + j % 16] = l;
+    } else {
+        const unsigned long long at = (unsigned long long)t * (o.split_cols / 2) + j;
+        o.split_hi[at] = h;
+        o.split_lo[at] = l;
+    }
+}
+
+// Outputs 2j .. 2j + 3 of token t as the next product's split input (with o.split_hi).
+__device__ __forceinline__ void mma_split_out(const MmaOut& o, unsigned T, unsigned t, unsigned j, float a, float b,
+                                              float c, float d)
+{
+    if (o.split_hi) {
+        mma_split_put(o, T, t, j, a, b);
+        mma_split_put(o, T, t, j + 1, c, d);
+    }
 }
 
 // Local rows (0-15) of a tile's gate/up pair q: rows 0-3 gate and 4-7 up of outputs 0-3,
@@ -437,6 +486,59 @@ __host__ __device__ constexpr int mma_many_smem()
     return 2 * 8 * NT * mma_many_row<NT>();
 }
 
+// The norm's scales that a product whose input came split by the product before it takes
+// itself, in its first T blocks (mma_many, mma_ring with flags): MMA_FLAGS words of the host's
+// scratch, a flag a token set once its scale is written, then the count of tiles done.
+#define MMA_FLAGS (MMA_MAX_TOKENS + 1)
+
+__device__ __forceinline__ void flag_set(unsigned* f)
+{
+    asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(f), "r"(1u) : "memory");
+}
+
+__device__ __forceinline__ unsigned flag_get(const unsigned* f)
+{
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(f) : "memory");
+    return v;
+}
+
+// Block t < T's warp (lane `lane`): token t's scale (rms_scale of norm_x's row t, as
+// mma_split takes it) into scale[t], then its flag. They are the launch's first blocks, so
+// they run (or are done) before any block waits for them.
+__device__ __forceinline__ void mma_scale_take(const float* __restrict__ norm_x, unsigned x_stride, unsigned cols,
+                                               float eps, float* scale, unsigned* flags, unsigned lane)
+{
+    const unsigned t = blockIdx.x;
+    const float sc = rms_scale<true, 16>(norm_x + (unsigned long long)t * x_stride, cols, eps, lane);
+    if (lane == 0) {
+        scale[t] = sc;
+        flag_set(flags + t);
+    }
+}
+
+// Before a tile's last warp reads the scales: waits for its T tokens' flags.
+__device__ __forceinline__ void mma_scales_wait(const unsigned* flags, unsigned T, unsigned lane)
+{
+    for (unsigned t = lane; t < T; t += 32) {
+        while (flag_get(flags + t) == 0) {
+        }
+    }
+    __syncwarp();
+}
+
+// After (lane 0): counts the tile; the last of the `tiles` clears the flags for the next
+// launch (every other tile's warp has read them before it counted itself).
+__device__ __forceinline__ void mma_scales_done(unsigned* flags, unsigned tiles, unsigned T)
+{
+    if (atomicAdd(flags + MMA_MAX_TOKENS, 1u) == tiles - 1) {
+        for (unsigned t = 0; t < T; ++t) {
+            flags[t] = 0;
+        }
+        flags[MMA_MAX_TOKENS] = 0;
+    }
+}
+
 // A warp's sums for its tile (c0, c1: row g, tokens 2t, 2t + 1 of each n8 tile; c2, c3: row
 // g + 8) as part `part` of P into part_sums ([part][token][row]), with P = 1 and no fusion
 // (`plain`) straight into y; whether this warp brought the tile's last part (whose warp
@@ -476,16 +578,20 @@ __device__ __forceinline__ bool mma_park(const float (&acc)[NT][4], unsigned row
     return true;
 }
 
-// mma_park, then the last part's warp sums the tile's parts and writes its outputs.
+// mma_park, then the last part's warp sums the tile's parts and writes its outputs (with
+// `flags`, once the norm's scales are taken: mma_scale_take).
 template <int NT>
 __device__ __forceinline__ void mma_store(const float (&acc)[NT][4], unsigned rows, unsigned T, unsigned P,
                                           unsigned part, unsigned tile, unsigned* tickets, float* part_sums,
-                                          const float* scale, const MmaOut& o, bool plain)
+                                          const float* scale, unsigned* flags, const MmaOut& o, bool plain)
 {
     if (!mma_park<NT>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
         return;
     }
     const unsigned lane = threadIdx.x & 31;
+    if (o.norm && flags) {
+        mma_scales_wait(flags, T, lane);
+    }
     // Rows r .. r + 3 of token tok summed over the parts in part order from zero, eight parts'
     // four sums loaded (a 16-byte load each) before the first of them is added: the loads of
     // a part chain overlap instead of waiting for each other.
@@ -517,25 +623,30 @@ __device__ __forceinline__ void mma_store(const float (&acc)[NT][4], unsigned ro
         for (unsigned i = lane; i < 2 * T; i += 32) {
             const unsigned tok = i / 2, h = i % 2;
             const float4 gate = total4(tok, 8 * h), up = total4(tok, 8 * h + 4);
-            const float sc = o.norm ? scale[tok] : 1.0f;
-            mma_emit_glu(o, gate.x, up.x, sc, tok, tile, 4 * h);
-            mma_emit_glu(o, gate.y, up.y, sc, tok, tile, 4 * h + 1);
-            mma_emit_glu(o, gate.z, up.z, sc, tok, tile, 4 * h + 2);
-            mma_emit_glu(o, gate.w, up.w, sc, tok, tile, 4 * h + 3);
+            const float sc = o.norm ? __ldcg(scale + tok) : 1.0f;
+            const float a = mma_emit_glu(o, gate.x, up.x, sc, tok, tile, 4 * h);
+            const float b = mma_emit_glu(o, gate.y, up.y, sc, tok, tile, 4 * h + 1);
+            const float c = mma_emit_glu(o, gate.z, up.z, sc, tok, tile, 4 * h + 2);
+            const float d = mma_emit_glu(o, gate.w, up.w, sc, tok, tile, 4 * h + 3);
+            mma_split_out(o, T, tok, 4 * tile + 2 * h, a, b, c, d);
         }
     } else {
         for (unsigned i = lane; i < 4 * T; i += 32) {
             const unsigned tok = i / 4, r = 4 * (i % 4);
             const float4 v = total4(tok, r);
-            const float sc = o.norm ? scale[tok] : 1.0f;
-            mma_emit(o, v.x, sc, tok, tile * 16 + r);
-            mma_emit(o, v.y, sc, tok, tile * 16 + r + 1);
-            mma_emit(o, v.z, sc, tok, tile * 16 + r + 2);
-            mma_emit(o, v.w, sc, tok, tile * 16 + r + 3);
+            const float sc = o.norm ? __ldcg(scale + tok) : 1.0f;
+            const float a = mma_emit(o, v.x, sc, tok, tile * 16 + r);
+            const float b = mma_emit(o, v.y, sc, tok, tile * 16 + r + 1);
+            const float c = mma_emit(o, v.z, sc, tok, tile * 16 + r + 2);
+            const float d = mma_emit(o, v.w, sc, tok, tile * 16 + r + 3);
+            mma_split_out(o, T, tok, (tile * 16 + r) / 2, a, b, c, d);
         }
     }
     if (lane == 0) {
         tickets[tile] = 0;
+        if (o.norm && flags) {
+            mma_scales_done(flags, rows / 16, T);
+        }
     }
 }
 
@@ -543,11 +654,16 @@ __device__ __forceinline__ void mma_store(const float (&acc)[NT][4], unsigned ro
 // for the part's chunks s SC .. s SC + SC - 1, copied in by cp.async (two stages in flight)
 // and shared by the block's 8 warps; the mmas of two n8 tiles interleave, each sum keeping
 // its own order.
+//
+// With `flags`, x came split by the product before (its outputs' split, MmaOut) and no
+// mma_split took the norm's scales: block t < T's last warp takes token t's from norm_x
+// (mma_scale_take), and the tiles' last warps wait for them.
 template <int NT>
 __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, const unsigned* __restrict__ xhi_,
-                                         const unsigned* __restrict__ xlo_, const float* __restrict__ scale,
-                                         unsigned rows, unsigned cols, unsigned T, unsigned P, unsigned* tickets,
-                                         float* part_sums, MmaOut o, bool plain)
+                                         const unsigned* __restrict__ xlo_, float* scale, const float* norm_x,
+                                         unsigned x_stride, float eps, unsigned* flags, unsigned rows, unsigned cols,
+                                         unsigned T, unsigned P, unsigned* tickets, float* part_sums, MmaOut o,
+                                         bool plain)
 {
     constexpr int SC = mma_stage_chunks<NT>(), ROW = mma_many_row<NT>(), STAGE = 8 * NT * ROW;
     constexpr int G = NT >= 2 ? 2 : 1;
@@ -608,6 +724,9 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
     pdl_wait();
     pdl_launch_dependents();
     load_x(0);
+    if (flags && o.norm && warp == 7 && blockIdx.x < T) {
+        mma_scale_take(norm_x, x_stride, cols, eps, scale, flags, lane);
+    }
     for (unsigned s = 0; s < stages; s += 2) {
         load_w(wb, s + 1);
         if (s + 1 < stages) {
@@ -638,7 +757,7 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
         __syncthreads();
     }
     if (mine) {
-        mma_store<NT>(acc, rows, T, P, part, tile, tickets, part_sums, scale, o, plain);
+        mma_store<NT>(acc, rows, T, P, part, tile, tickets, part_sums, scale, flags, o, plain);
     }
 }
 
@@ -658,7 +777,8 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
 // more of its loads in flight than mma_store's (64 tokens make 8 rows of four a lane).
 __device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS / 8][4], unsigned rows, unsigned T,
                                                unsigned P, unsigned part, unsigned tile, unsigned* tickets,
-                                               float* part_sums, const float* scale, const MmaOut& o, bool plain)
+                                               float* part_sums, const float* scale, unsigned* flags,
+                                               const MmaOut& o, bool plain)
 {
     if (!mma_park<MMA_MAX_TOKENS / 8>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
         return;
@@ -716,11 +836,14 @@ __device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS
             }
         }
     }
+    if (o.norm && flags) {
+        mma_scales_wait(flags, T, lane);
+    }
     float sc[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
         unsigned tok, r;
-        sc[j] = o.norm && at(j, tok, r) ? scale[tok] : 1.0f;
+        sc[j] = o.norm && at(j, tok, r) ? __ldcg(scale + tok) : 1.0f;
     }
     if (o.glu) {
 #pragma unroll
@@ -729,10 +852,11 @@ __device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS
             if (at(j, tok, r)) {
                 const float4 gate = sum[j], up = sum[j + 1];
                 const unsigned q = r / 2;  // gate rows 8 h .. 8 h + 3: pairs 4 h .. 4 h + 3
-                mma_emit_glu(o, gate.x, up.x, sc[j], tok, tile, q);
-                mma_emit_glu(o, gate.y, up.y, sc[j], tok, tile, q + 1);
-                mma_emit_glu(o, gate.z, up.z, sc[j], tok, tile, q + 2);
-                mma_emit_glu(o, gate.w, up.w, sc[j], tok, tile, q + 3);
+                const float a = mma_emit_glu(o, gate.x, up.x, sc[j], tok, tile, q);
+                const float b = mma_emit_glu(o, gate.y, up.y, sc[j], tok, tile, q + 1);
+                const float c = mma_emit_glu(o, gate.z, up.z, sc[j], tok, tile, q + 2);
+                const float d = mma_emit_glu(o, gate.w, up.w, sc[j], tok, tile, q + 3);
+                mma_split_out(o, T, tok, (8 * tile + q) / 2, a, b, c, d);
             }
         }
     } else {
@@ -757,20 +881,27 @@ __device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS
             unsigned tok, rr;
             if (at(j, tok, rr)) {
                 const float total[4] = {sum[j].x, sum[j].y, sum[j].z, sum[j].w};
+                float next[4];
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const unsigned long long i = (unsigned long long)tok * o.y_stride + r + e;
                     const float v = mma_out(o.norm, total[e], sc[j], res[j][e]);
                     o.y[i] = v;
+                    next[e] = v;
                     if (o.g) {
-                        o.yg[i] = v * gv[e];
+                        next[e] = v * gv[e];
+                        o.yg[i] = next[e];
                     }
                 }
+                mma_split_out(o, T, tok, r / 2, next[0], next[1], next[2], next[3]);
             }
         }
     }
     if (lane == 0) {
         tickets[tile] = 0;
+        if (o.norm && flags) {
+            mma_scales_done(flags, rows / 16, T);
+        }
     }
 }
 
@@ -843,10 +974,12 @@ __device__ __forceinline__ void mma_wg_wait(float (&d)[8][4], const uint4 (&a)[N
 // block's two warpgroups each make a chunk's four products for all its tokens at once as
 // four warpgroup mmas, which give mma.sync's bits (measured: scripts/probes/gemm-bf16-mma.cu,
 // design W, and the model's tests).
+// With `flags`, the norm's scales as mma_many takes them.
 template <bool WG>
 __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, const unsigned char* __restrict__ x,
-                                         const float* __restrict__ scale, unsigned rows, unsigned cols, unsigned T,
-                                         unsigned P, unsigned* tickets, float* part_sums, MmaOut o, bool plain)
+                                         float* scale, const float* norm_x, unsigned x_stride, float eps,
+                                         unsigned* flags, unsigned rows, unsigned cols, unsigned T, unsigned P,
+                                         unsigned* tickets, float* part_sums, MmaOut o, bool plain)
 {
     constexpr int NT = MMA_MAX_TOKENS / 8, G = 2;
     constexpr int SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE, WB = SC * 8192;
@@ -963,6 +1096,9 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
     for (unsigned s = 0; s < R; ++s) {
         fetch_x(s);
     }
+    if (flags && o.norm && warp == 7 && blockIdx.x < T) {
+        mma_scale_take(norm_x, x_stride, cols, eps, scale, flags, lane);
+    }
     for (unsigned s = 0; s < stages; ++s) {
         ready(s);
         sum(slot(s));
@@ -971,7 +1107,7 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
         fetch_w(s + R);
         fetch_x(s + R);
     }
-    mma_ring_store(acc, rows, T, P, part, tile, tickets, part_sums, scale, o, plain);
+    mma_ring_store(acc, rows, T, P, part, tile, tickets, part_sums, scale, flags, o, plain);
 }
 
 #endif
