@@ -101,7 +101,7 @@ pub const MMA_OPERANDS: u32 = 2;
 /// Columns of one block of `mma_split` (8 a thread).
 pub const MMA_SPLIT_COLS: u32 = 2048;
 /// Words of the flags of the norm's scales that a product takes itself (`mma.cuh`'s
-/// `MMA_FLAGS`): one a token, and a count.
+/// `mma_scale_take`): one a token, and a count.
 const MMA_FLAGS: usize = MMA_MAX_TOKENS as usize + 1;
 
 /// Parts of the columns the tensor-core kernels give a `rows` x `cols` matrix: fixed by its
@@ -168,7 +168,7 @@ pub struct Mma {
 /// (`stride` floats apart) in split set `set`, laid out for a product of `n` tokens. Good for
 /// a product that reads exactly those as the very next launch (`at`, the launch count then),
 /// so that nothing can have written them since.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 struct Pending {
     x: u64,
     n: u32,
@@ -176,6 +176,14 @@ struct Pending {
     stride: u32,
     set: usize,
     at: u64,
+}
+
+impl Pending {
+    /// Whether these are the activations a product of `n` tokens over `cols` columns reads
+    /// at `x`, `stride` floats apart, with `launches` kernels launched so far.
+    fn serves(&self, x: u64, n: u32, cols: u32, stride: u32, launches: u64) -> bool {
+        (self.x, self.n, self.cols, self.stride, self.at) == (x, n, cols, stride, launches)
+    }
 }
 
 impl Mma {
@@ -805,16 +813,12 @@ impl Launcher<'_> {
         let one_turn = n <= MMA_MAX_TOKENS;
         let pending = mma.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
         let blocks = tiles / 8 * parts;
-        let wanted = Pending {
-            x,
-            n,
-            cols: w.cols,
-            stride: x_stride,
-            set: pending.map_or(0, |p| p.set),
-            at: self.kernels.launches.load(Ordering::Relaxed),
-        };
-        let presplit = one_turn && blocks >= n && pending == Some(wanted);
-        let set = wanted.set;
+        let launches = self.kernels.launches.load(Ordering::Relaxed);
+        let presplit = one_turn
+            && blocks >= n
+            && pending.is_some_and(|p| p.serves(x, n, w.cols, x_stride, launches));
+        // The set the split was written to, else either: whatever it holds is stale.
+        let set = pending.map_or(0, |p| p.set);
         let next = match (one_turn && plain == 0, fuse.glu, g != 0) {
             (true, true, _) => Some((y, w.rows / 2)),
             (true, false, true) => Some((yg, w.rows)),

@@ -46,18 +46,22 @@ extern "C" __global__ void __launch_bounds__(256)
     mma_one<MMA_ONE_CHUNKS>(w, x, rows, cols, parts, norm_x, eps, o);
 }
 
+// The arguments of mma_many, mma_ring and mma_wg after their activations (x as mma_split
+// left it): the norm's scales (scale; with flags, taken by the kernel itself from norm_x),
+// the outputs and their fusions (MMA_OUT), the parts' scratch.
+#define MMA_PRODUCT_ARGS                                                                          \
+    float *scale, float *y, unsigned rows, unsigned cols, unsigned n_tok, unsigned parts,         \
+        unsigned *tickets, float *part_sums, unsigned y_stride, const float *residual,            \
+        unsigned norm, const float *__restrict__ g, float *__restrict__ yg, unsigned glu,         \
+        unsigned plain, const float *norm_x, unsigned x_stride, float eps, unsigned *flags,       \
+        unsigned *split_hi, unsigned *split_lo, unsigned split_layout, unsigned split_cols
+
 // mma_many for NT n8 tiles of tokens (T <= 8 NT), at two blocks an SM (at most 128 registers a
 // thread: one block an SM left too few warps reading).
 #define MMA_MANY(NT)                                                                                  \
     extern "C" __global__ void __launch_bounds__(256, 2)                                              \
         mma_many_bf16_##NT(const unsigned char* __restrict__ w, const unsigned* __restrict__ hi,      \
-                           const unsigned* __restrict__ lo, float* scale, float* y,                   \
-                           unsigned rows, unsigned cols, unsigned n_tok, unsigned parts,              \
-                           unsigned* tickets, float* part_sums, unsigned y_stride,                   \
-                           const float* residual, unsigned norm, const float* __restrict__ g,        \
-                           float* __restrict__ yg, unsigned glu, unsigned plain, const float* norm_x, \
-                           unsigned x_stride, float eps, unsigned* flags, unsigned* split_hi,        \
-                           unsigned* split_lo, unsigned split_layout, unsigned split_cols)           \
+                           const unsigned* __restrict__ lo, MMA_PRODUCT_ARGS)                         \
     {                                                                                                 \
         MMA_OUT                                                                                       \
         mma_many<NT>(w, hi, lo, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, \
@@ -72,11 +76,7 @@ MMA_MANY(4)
 // arguments, x split into hi alone (lo unused), laid out MMA_CHUNKS.
 extern "C" __global__ void __launch_bounds__(256, 2)
     mma_ring_bf16(const unsigned char* __restrict__ w, const unsigned char* __restrict__ xs, const unsigned* lo,
-                  float* scale, float* y, unsigned rows, unsigned cols, unsigned n_tok, unsigned parts,
-                  unsigned* tickets, float* part_sums, unsigned y_stride, const float* residual, unsigned norm,
-                  const float* __restrict__ g, float* __restrict__ yg, unsigned glu, unsigned plain,
-                  const float* norm_x, unsigned x_stride, float eps, unsigned* flags, unsigned* split_hi,
-                  unsigned* split_lo, unsigned split_layout, unsigned split_cols)
+                  MMA_PRODUCT_ARGS)
 {
     MMA_OUT
     mma_ring<false>(w, xs, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, part_sums, o,
@@ -87,11 +87,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // empty elsewhere (the host takes it only there).
 extern "C" __global__ void __launch_bounds__(256, 2)
     mma_wg_bf16(const unsigned char* __restrict__ w, const unsigned char* __restrict__ xs, const unsigned* lo,
-                float* scale, float* y, unsigned rows, unsigned cols, unsigned n_tok, unsigned parts,
-                unsigned* tickets, float* part_sums, unsigned y_stride, const float* residual, unsigned norm,
-                const float* __restrict__ g, float* __restrict__ yg, unsigned glu, unsigned plain,
-                const float* norm_x, unsigned x_stride, float eps, unsigned* flags, unsigned* split_hi,
-                unsigned* split_lo, unsigned split_layout, unsigned split_cols)
+                MMA_PRODUCT_ARGS)
 {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     MMA_OUT

@@ -487,9 +487,9 @@ __host__ __device__ constexpr int mma_many_smem()
 }
 
 // The norm's scales that a product whose input came split by the product before it takes
-// itself, in its first T blocks (mma_many, mma_ring with flags): MMA_FLAGS words of the host's
-// scratch, a flag a token set once its scale is written, then the count of tiles done.
-#define MMA_FLAGS (MMA_MAX_TOKENS + 1)
+// itself, in its first T blocks (mma_many, mma_ring with flags): MMA_MAX_TOKENS + 1 words of
+// the host's scratch, a flag a token set once its scale is written, then the count of tiles
+// done.
 
 __device__ __forceinline__ void flag_set(unsigned* f)
 {
