@@ -35,7 +35,7 @@
 // One item (split, head, t) is taken by a Team of ATTN_THREADS threads: a whole block of
 // llama.cu's attention kernels (which may take several splits in turn), or one of the teams
 // of decode.cu's persistent kernel. (attention_group below computes the same items of one
-// new position with a warp a head.) D = head_dim, one of 32, 64, 128, 256; n_tok <= NEW (at most
+// new position for a KV group's heads at once.) D = head_dim, one of 32, 64, 128, 256; n_tok <= NEW (at most
 // ATTN_MAX_NEW). part_o: (n_tok, n_head, n_split, D), part_ml: (.., 2), tickets: (n_tok,
 // n_head) zeros, out: (n_tok, n_head * D). qkv and out are read and written with ordinary
 // (coherent) accesses: in decode.cu, other blocks of the same launch write qkv.
@@ -292,35 +292,138 @@ __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& 
 }
 
 // A block's shared memory for attention_group: STAGES buffers of a split's cached keys and
-// values as the cache holds them, a KV group's rotated queries, and each warp's weights.
+// values as the cache holds them (a key row's 16-byte units swizzled, see group_unit), a KV
+// group's rotated queries, and each head's weights, max and sum. Once a split's scores are
+// taken, its key buffer holds the thread groups' weighted sums of HC heads at a time.
 // FITS: whether it fits the 48 KiB of static shared memory (two buffers where they fit, so
 // that the next split's rows arrive while this one's are used; else one).
 template <int D>
 struct GroupShared {
+    static constexpr unsigned L = AttnShared<D, 1>::L, G = AttnShared<D, 1>::G;
+    static constexpr unsigned E = 16 / sizeof(kv_t), UNITS = D / E;         // a row's 16-byte units
     static constexpr size_t ROWS = (size_t)ATTN_SPLIT * D * sizeof(kv_t);  // bytes of K (or V)
-    static constexpr size_t REST = ((size_t)ATTN_GROUP_MAX * D + 2 * D +
-                                    (ATTN_THREADS / 32) * ATTN_SPLIT) * sizeof(float);
+    static constexpr size_t HEAD_SUMS = (size_t)G * D * sizeof(float);    // a head's group sums
+    static constexpr unsigned HC =
+        ROWS / HEAD_SUMS < ATTN_GROUP_MAX ? (unsigned)(ROWS / HEAD_SUMS) : ATTN_GROUP_MAX;
+    static constexpr size_t REST =
+        ((size_t)ATTN_GROUP_MAX * D + 2 * D + ATTN_GROUP_MAX * (ATTN_SPLIT + 2)) * sizeof(float);
     static constexpr unsigned STAGES = 4 * ROWS + REST <= 48 * 1024 ? 2 : 1;
-    static constexpr bool FITS = 2 * ROWS + REST <= 48 * 1024;
+    static constexpr bool FITS = 2 * ROWS + REST <= 48 * 1024 && HC >= 1;
     __align__(16) kv_t k[STAGES][ATTN_SPLIT][D];
     __align__(16) kv_t v[STAGES][ATTN_SPLIT][D];
     __align__(16) float q[ATTN_GROUP_MAX][D];
     __align__(16) float k_new[D];  // this call's position's key and value, rounded
     __align__(16) float v_new[D];
-    float w[ATTN_THREADS / 32][ATTN_SPLIT];
+    float w[ATTN_GROUP_MAX][ATTN_SPLIT];
+    float ml[ATTN_GROUP_MAX][2];
 };
+
+// Where 16-byte unit u of key row `row` lies in GroupShared's key buffers: swizzled by the row,
+// so that a warp's lanes, each reading unit u of its own row, fall on distinct banks.
+template <int D>
+__device__ __forceinline__ unsigned group_unit(unsigned row, unsigned u) {
+    constexpr unsigned U = GroupShared<D>::UNITS, M = U < 8 ? U : 8;
+    return u ^ ((row / (8 / M)) % M);
+}
+
+// One thread's key row (its units, in order) and the H query heads it scores against it.
+template <int D, unsigned H>
+struct GroupKey {
+    static constexpr unsigned L = AttnShared<D, 1>::L, F = D / (4 * L);
+    uint4 raw[GroupShared<D>::UNITS];
+    const float* q[H];
+
+    // Dimensions 4c .. 4c + 3 of the row, widened as kv_load4 widens them (c is known at
+    // compile time where this is unrolled, so raw stays in registers).
+    __device__ __forceinline__ float4 chunk(unsigned c) const {
+#ifdef TERN_KV_F16
+        const uint4 u = raw[c / 2];
+        const unsigned a = c % 2 ? u.z : u.x, b = c % 2 ? u.w : u.y;
+        return make_float4(kv_widen((unsigned short)(a & 0xffff)), kv_widen((unsigned short)(a >> 16)),
+                           kv_widen((unsigned short)(b & 0xffff)), kv_widen((unsigned short)(b >> 16)));
+#else
+        const uint4 u = raw[c];
+        return make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z),
+                           __uint_as_float(u.w));
+#endif
+    }
+
+    // Lane J's partial dot of `attention`'s L lanes for each head: its fma chain over
+    // dimensions 4 (J + L f) .. + 3, f < F.
+    template <unsigned J>
+    __device__ __forceinline__ void lane(float (&out)[H]) const {
+        float4 k[F];
+#pragma unroll
+        for (unsigned f = 0; f < F; f++) k[f] = chunk(J + L * f);
+#pragma unroll
+        for (unsigned h = 0; h < H; h++) {
+            float dot = 0.0f;
+#pragma unroll
+            for (unsigned f = 0; f < F; f++) {
+                const float4 b = *(const float4*)(q[h] + 4 * (J + L * f));
+                dot = fmaf(k[f].x, b.x, dot);
+                dot = fmaf(k[f].y, b.y, dot);
+                dot = fmaf(k[f].z, b.z, dot);
+                dot = fmaf(k[f].w, b.w, dot);
+            }
+            out[h] = dot;
+        }
+    }
+};
+
+// The sum that `attention`'s butterfly (lanes xor L/2, .., 1) makes of the L lanes' partial
+// dots, taken by one thread: tree<J, 1> with tree<J, S> = tree<J, 2S> + tree<J + S, 2S> and
+// tree<J, L> lane J's partial (after the butterfly every lane holds this sum, or its mirror,
+// which is equal), for H heads at once.
+template <unsigned L, unsigned J, unsigned S, class Key, unsigned H>
+__device__ __forceinline__ void group_tree(const Key& key, float (&out)[H]) {
+    if constexpr (S == L) {
+        key.template lane<J>(out);
+    } else {
+        float a[H], b[H];
+        group_tree<L, J, 2 * S>(key, a);
+        group_tree<L, J + S, 2 * S>(key, b);
+#pragma unroll
+        for (unsigned h = 0; h < H; h++) out[h] = a[h] + b[h];
+    }
+}
+
+// A split's scores into sh.w: thread tid takes key row tid % ATTN_SPLIT (in buffer b) against
+// heads tid / ATTN_SPLIT + KPT i (i < H) of the group's n heads, each dot as `attention`
+// takes it; rows from `count` on score NEG_INF.
+template <int D, unsigned H>
+__device__ __forceinline__ void group_scores(GroupShared<D>& sh, unsigned b, int count,
+                                             unsigned n, float scale) {
+    constexpr unsigned KPT = ATTN_THREADS / ATTN_SPLIT, E = GroupShared<D>::E;
+    static_assert(ATTN_THREADS % ATTN_SPLIT == 0, "a key row a thread, KPT threads a row");
+    const unsigned row = threadIdx.x % ATTN_SPLIT, h0 = threadIdx.x / ATTN_SPLIT;
+    GroupKey<D, H> key;
+#pragma unroll
+    for (unsigned u = 0; u < GroupShared<D>::UNITS; u++)
+        key.raw[u] = *(const uint4*)&sh.k[b][row][group_unit<D>(row, u) * E];
+#pragma unroll
+    for (unsigned i = 0; i < H; i++) key.q[i] = sh.q[h0 + KPT * i < ATTN_GROUP_MAX ? h0 + KPT * i : 0];
+    float dot[H];
+    group_tree<AttnShared<D, 1>::L, 0, 1>(key, dot);
+#pragma unroll
+    for (unsigned i = 0; i < H; i++)
+        if (h0 + KPT * i < n) sh.w[h0 + KPT * i][row] = (int)row < count ? dot[i] * scale : NEG_INF;
+}
 
 // `attention` for one new position at step0 (t = 0) and all query heads of KV group
 // `kv_head` (n_head / n_head_kv <= ATTN_GROUP_MAX), over splits s_begin .. s_begin +
 // s_count - 1 (those that hold positions), item by item with `attention`'s arithmetic: the
-// same bits. Where `attention` runs a group's heads one after another through the whole
-// block, here warp w takes heads w, w + 4, ..: a key row's dot by the same L lanes and
-// butterfly, the softmax in one warp as there, and each thread group's weighted sum of
-// values (group g: positions g, g + G, ..) by the lanes that hold g's dimensions, its
-// group sums gathered by shuffles and added in group order. The block's splits go through
-// shared memory in turn, the next one's rows copied in (cp.async) while this one's are used;
-// a split's parts are written as `attention` writes them, and the block adds its count of
-// splits to the query's ticket once, so whichever block finishes a query's splits merges
+// same bits. The block's splits go through shared memory in turn, the next one's rows
+// copied in (cp.async) while this one's are used, and each is taken for all the group's heads
+// at once, each key row and value row read and widened once for them all:
+// - scores: a thread a key row and some of the heads (group_scores), each dot the sum
+//   `attention`'s lanes make of their partial dots, in the order their butterfly adds them;
+// - the softmax in one warp a head, as there;
+// - weighted sums of values: thread (g, e) of `attention`'s thread groups sums the same
+//   positions and dimensions, for every head, and the groups' sums are added in group order
+//   through shared memory.
+// A split's parts are written as `attention` writes them, and the block adds its count of
+// splits to each query's ticket once, so whichever block finishes a query's splits merges
 // them, in split order as there.
 template <int D>
 __device__ __forceinline__ void attention_group(
@@ -328,13 +431,14 @@ __device__ __forceinline__ void attention_group(
     const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,
     float* part_o, float* part_ml, unsigned* tickets, float* out, unsigned n_head,
     unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split, float scale) {
-    constexpr unsigned L = AttnShared<D, 1>::L, F = D / (4 * L), P = 32 / L;
+    constexpr unsigned L = AttnShared<D, 1>::L, F = D / (4 * L);
     constexpr unsigned G = AttnShared<D, 1>::G, VSTEPS = ATTN_SPLIT / G;
-    constexpr unsigned WARPS = ATTN_THREADS / 32, GW = G / P;  // thread groups a lane holds
-    constexpr unsigned E = 16 / sizeof(kv_t), CH = D / E;       // a row's 16-byte chunks
-    constexpr unsigned STAGES = GroupShared<D>::STAGES;
+    constexpr unsigned WARPS = ATTN_THREADS / 32, KPT = ATTN_THREADS / ATTN_SPLIT;
+    constexpr unsigned E = GroupShared<D>::E, CH = GroupShared<D>::UNITS;
+    constexpr unsigned STAGES = GroupShared<D>::STAGES, HC = GroupShared<D>::HC;
+    static_assert(ATTN_SPLIT == 64, "the softmax takes a split's weights as two per lane");
     const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const unsigned sub = lane / L, e = lane % L;
+    const unsigned e = tid % L, g = tid / L;
     const int last = step0;
     const unsigned used = (unsigned)(last / ATTN_SPLIT) + 1;
     const unsigned s_end = s_begin + s_count < used ? s_begin + s_count : used;
@@ -347,12 +451,11 @@ __device__ __forceinline__ void attention_group(
         const int first = (int)(s * ATTN_SPLIT);
         const int cached = step0 - first < ATTN_SPLIT ? step0 - first : ATTN_SPLIT;
         for (unsigned c = tid; c < ATTN_SPLIT * CH; c += ATTN_THREADS) {
-            const int row = (int)(c / CH);
-            const unsigned col = (c % CH) * E;
-            if (row < cached) {
-                const size_t at = (size_t)(first + row) * kv_dim + kv_off + col;
-                cp_async16(&sh.k[b][row][col], k_cache + at, true);
-                cp_async16(&sh.v[b][row][col], v_cache + at, true);
+            const unsigned row = c / CH, u = c % CH;
+            if ((int)row < cached) {
+                const size_t at = (size_t)(first + (int)row) * kv_dim + kv_off + u * E;
+                cp_async16(&sh.k[b][row][group_unit<D>(row, u) * E], k_cache + at, true);
+                cp_async16(&sh.v[b][row][u * E], v_cache + at, true);
             }
         }
         cp_async_commit();
@@ -364,7 +467,7 @@ __device__ __forceinline__ void attention_group(
                             n_rot, halves);
     for (unsigned s = s_begin; s < s_end; s++) {
         const unsigned b = STAGES == 2 ? (s - s_begin) % 2 : 0;
-        __syncthreads();  // every warp is done with the buffer filled next
+        __syncthreads();  // every thread is done with the buffer filled next
         if (STAGES == 1) {
             stage(s, 0);
             cp_async_wait<0>();
@@ -385,102 +488,106 @@ __device__ __forceinline__ void attention_group(
                 sh.v_new[d] = kv_round(qkv[q_dim + kv_dim + kv_off + d]);
             __syncthreads();
             const size_t at = (size_t)last * kv_dim + kv_off;
+            const unsigned row = (unsigned)count - 1;
             for (unsigned d = tid; d < D; d += ATTN_THREADS) {
-                kv_store(&sh.k[b][count - 1][d], sh.k_new[d]);  // already rounded: exact
-                kv_store(&sh.v[b][count - 1][d], sh.v_new[d]);
+                kv_store(&sh.k[b][row][group_unit<D>(row, d / E) * E + d % E], sh.k_new[d]);
+                kv_store(&sh.v[b][row][d], sh.v_new[d]);  // already rounded: exact
                 kv_store(k_cache + at + d, sh.k_new[d]);
                 kv_store(v_cache + at + d, sh.v_new[d]);
             }
         }
-        __syncthreads();  // the split's rows are in shared memory for every warp
+        __syncthreads();  // the split's rows are in shared memory for every thread
 
+        switch ((group + KPT - 1) / KPT) {
+        case 1: group_scores<D, 1>(sh, b, count, group, scale); break;
+        case 2: group_scores<D, 2>(sh, b, count, group, scale); break;
+        case 3: group_scores<D, 3>(sh, b, count, group, scale); break;
+        default: group_scores<D, (ATTN_GROUP_MAX + KPT - 1) / KPT>(sh, b, count, group, scale);
+        }
+        __syncthreads();
         for (unsigned h = warp; h < group; h += WARPS) {
-            float* w = sh.w[warp];
-#pragma unroll 4
-            for (unsigned pass = 0; pass < ATTN_SPLIT / P; pass++) {
-                const unsigned pl = pass * P + sub;
-                float dot = 0.0f;
-                if ((int)pl < count) {
-#pragma unroll
-                    for (unsigned f = 0; f < F; f++) {
-                        const float4 a = kv_load4(&sh.k[b][pl][4 * (e + L * f)]);
-                        const float4 c = *(const float4*)(sh.q[h] + 4 * (e + L * f));
-                        dot = fmaf(a.x, c.x, dot);
-                        dot = fmaf(a.y, c.y, dot);
-                        dot = fmaf(a.z, c.z, dot);
-                        dot = fmaf(a.w, c.w, dot);
-                    }
-                }
-                for (unsigned o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
-                if (e == 0) w[pl] = (int)pl < count ? dot * scale : NEG_INF;
-            }
-            __syncwarp();
+            float* w = sh.w[h];
             const float wa0 = w[lane], wb0 = w[lane + 32];
             const float m = warp_max(fmaxf(wa0, wb0));
             const float wa = (int)lane < count ? expf(wa0 - m) : 0.0f;
             const float wb = (int)lane + 32 < count ? expf(wb0 - m) : 0.0f;
             const float l = warp_sum(wa + wb);
-            __syncwarp();
             w[lane] = wa;
             w[lane + 32] = wb;
-            __syncwarp();
+            if (lane == 0) {
+                sh.ml[h][0] = m;
+                sh.ml[h][1] = l;
+            }
+        }
+        __syncthreads();
 
-            // Thread group g = sub + P j of `attention`'s weighted sums, for each j.
-            float4 acc[GW][F];
+        // Thread group g's sums of weight * value over positions g, g + G, .. for lane e's
+        // dimensions, every head's from each value row read once.
+        float4 acc[ATTN_GROUP_MAX][F];
 #pragma unroll
-            for (unsigned j = 0; j < GW; j++) {
-                const unsigned g = sub + P * j;
+        for (unsigned h = 0; h < ATTN_GROUP_MAX; h++)
 #pragma unroll
-                for (unsigned f = 0; f < F; f++) acc[j][f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (unsigned f = 0; f < F; f++) acc[h][f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-                for (unsigned i = 0; i < VSTEPS; i++) {
-                    const unsigned pl = g + i * G;
-                    if ((int)pl < count) {
-                        const float wt = w[pl];
+        for (unsigned i = 0; i < VSTEPS; i++) {
+            const unsigned pl = g + i * G;
+            if ((int)pl < count) {
+                float4 x[F];
+#pragma unroll
+                for (unsigned f = 0; f < F; f++) x[f] = kv_load4(&sh.v[b][pl][4 * (e + L * f)]);
+#pragma unroll
+                for (unsigned h = 0; h < ATTN_GROUP_MAX; h++) {
+                    if (h < group) {
+                        const float wt = sh.w[h][pl];
 #pragma unroll
                         for (unsigned f = 0; f < F; f++) {
-                            const float4 x = kv_load4(&sh.v[b][pl][4 * (e + L * f)]);
-                            acc[j][f].x = fmaf(wt, x.x, acc[j][f].x);
-                            acc[j][f].y = fmaf(wt, x.y, acc[j][f].y);
-                            acc[j][f].z = fmaf(wt, x.z, acc[j][f].z);
-                            acc[j][f].w = fmaf(wt, x.w, acc[j][f].w);
+                            acc[h][f].x = fmaf(wt, x[f].x, acc[h][f].x);
+                            acc[h][f].y = fmaf(wt, x[f].y, acc[h][f].y);
+                            acc[h][f].z = fmaf(wt, x[f].z, acc[h][f].z);
+                            acc[h][f].w = fmaf(wt, x[f].w, acc[h][f].w);
                         }
                     }
                 }
             }
-            // The groups' sums in group order: group g's are in lane (g % P) L + e.
-            float4 o[F];
+        }
+        // The groups' sums added in group order, HC heads at a time through the split's key
+        // buffer (its scores are taken), and each head's output or part written.
+        float* sums = (float*)&sh.k[b][0][0];
+        for (unsigned c0 = 0; c0 < group; c0 += HC) {
+            if (c0 > 0) __syncthreads();  // the heads before are summed
 #pragma unroll
-            for (unsigned f = 0; f < F; f++) {
-                o[f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (unsigned h = 0; h < ATTN_GROUP_MAX; h++) {
+                if (h >= c0 && h < c0 + HC && h < group) {
 #pragma unroll
-                for (unsigned g = 0; g < G; g++) {
-                    const unsigned from = (g % P) * L + e;
-                    o[f].x += __shfl_sync(FULL_MASK, acc[g / P][f].x, from);
-                    o[f].y += __shfl_sync(FULL_MASK, acc[g / P][f].y, from);
-                    o[f].z += __shfl_sync(FULL_MASK, acc[g / P][f].z, from);
-                    o[f].w += __shfl_sync(FULL_MASK, acc[g / P][f].w, from);
+                    for (unsigned f = 0; f < F; f++)
+                        *(float4*)(sums + ((h - c0) * G + g) * D + 4 * (e + L * f)) = acc[h][f];
                 }
             }
-            const unsigned query = head0 + h;
-            if (sub == 0) {
-                const size_t base = (size_t)query * n_split;
-#pragma unroll
-                for (unsigned f = 0; f < F; f++) {
-                    float4 r = o[f];
-                    if (used == 1) {
-                        r = make_float4(r.x / l, r.y / l, r.z / l, r.w / l);
-                        *(float4*)(out + (size_t)query * D + 4 * (e + L * f)) = r;
-                    } else {
-                        *(float4*)(part_o + (base + s) * D + 4 * (e + L * f)) = r;
-                    }
+            __syncthreads();
+            const unsigned heads = group - c0 < HC ? group - c0 : HC;
+            for (unsigned i = tid; i < heads * (D / 4); i += ATTN_THREADS) {
+                const unsigned hc = i / (D / 4), d = 4 * (i % (D / 4)), h = c0 + hc;
+                float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                for (unsigned gg = 0; gg < G; gg++) {
+                    const float4 p = *(const float4*)(sums + (hc * G + gg) * D + d);
+                    o.x += p.x;
+                    o.y += p.y;
+                    o.z += p.z;
+                    o.w += p.w;
                 }
-                if (used > 1 && lane == 0) {
-                    part_ml[(base + s) * 2] = m;
-                    part_ml[(base + s) * 2 + 1] = l;
+                const unsigned query = head0 + h;
+                if (used == 1) {
+                    const float l = sh.ml[h][1];
+                    *(float4*)(out + (size_t)query * D + d) = make_float4(o.x / l, o.y / l, o.z / l, o.w / l);
+                } else {
+                    *(float4*)(part_o + ((size_t)query * n_split + s) * D + d) = o;
                 }
             }
-            __syncwarp();
+        }
+        if (used > 1 && tid < group) {
+            const size_t at = ((size_t)(head0 + tid) * n_split + s) * 2;
+            part_ml[at] = sh.ml[tid][0];
+            part_ml[at + 1] = sh.ml[tid][1];
         }
     }
     if (used == 1) return;
@@ -488,7 +595,7 @@ __device__ __forceinline__ void attention_group(
     // The block's splits are written: each head's warp adds their count to the query's
     // ticket, and the one that completes it merges the query's splits as `attention` does.
     __threadfence();
-    __syncwarp();
+    __syncthreads();
     for (unsigned h = warp; h < group; h += WARPS) {
         const unsigned query = head0 + h, mine = s_end - s_begin;
         unsigned before = 0;
