@@ -9,7 +9,12 @@
 //! the scheduler's own, and a request that arrives while a step runs joins the next one.
 //! Each waiting caller sleeps on a place of its own, where the leader hands it its finished
 //! job (or the lead of the next step), so that the callers of a step wake side by side rather
-//! than one after another through one lock.
+//! than one after another through one lock. A batcher made
+//! [`waking_early`](StepBatcher::waking_early) wakes its waiting callers shortly before the
+//! running step is due to end, from how long the last one took, and they poll for their handoff from then on:
+//! a thread woken from sleep takes a while to run again (hundreds of microseconds on some
+//! hosts), which callers that must come back for the next step would otherwise add to every
+//! step. Meant for steps that leave the host's cores idle (a GPU's).
 //!
 //! A job puts one chunk of its tokens into a step ([`StepJob::next_tokens`]): a decode its
 //! one token, a long prefill its next chunk, whose size depends on its own positions only,
@@ -20,12 +25,19 @@
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The longest a step's leader waits for the last step's jobs to come back (see
 /// [`StepBatcher::run`]).
 const MAX_GATHER: Duration = Duration::from_millis(3);
+
+/// How long before a step's expected end a batcher that wakes early wakes its waiting
+/// callers (at most a third of the last step's time), and how long past that they poll
+/// before they sleep again.
+const WAKE_EARLY: Duration = Duration::from_micros(400);
+const POLL_FOR: Duration = Duration::from_millis(2);
 
 /// What one step may take.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +62,29 @@ pub struct StepBatcher<J> {
     /// Signalled when enough jobs wait, for a leader gathering its step.
     arrived: Condvar,
     budget: Budget,
+    /// When waiting callers start polling (see [`Wake`]), if this batcher wakes them early.
+    wake: Option<Wake>,
+}
+
+/// When the waiting callers of a batcher that wakes early should be awake: nanoseconds from
+/// `base` (0: not now).
+struct Wake {
+    base: Instant,
+    at: AtomicU64,
+}
+
+impl Wake {
+    fn set(&self, at: Instant) {
+        let nanos = (at - self.base).as_nanos().max(1) as u64;
+        self.at.store(nanos, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Instant> {
+        match self.at.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(self.base + Duration::from_nanos(nanos)),
+        }
+    }
 }
 
 /// What a waiting caller is handed.
@@ -67,6 +102,8 @@ type Handoffs<J> = Vec<(Arc<Waiter<J>>, Handoff<J>)>;
 struct Waiter<J> {
     slot: Mutex<Option<Handoff<J>>>,
     ready: Condvar,
+    /// Whether the slot holds a handoff (read without its lock by a polling caller).
+    filled: AtomicBool,
 }
 
 impl<J> Waiter<J> {
@@ -74,21 +111,51 @@ impl<J> Waiter<J> {
         Waiter {
             slot: Mutex::new(None),
             ready: Condvar::new(),
+            filled: AtomicBool::new(false),
         }
     }
 
-    fn wait(&self) -> Handoff<J> {
+    /// Sleeps until handed something. With `wake`: until the time it gives, then polls
+    /// (yielding its core between looks) until handed something, POLL_FOR has passed, or
+    /// a new step has set another time; without one set, looks again every POLL_FOR.
+    fn wait(&self, wake: Option<&Wake>) -> Handoff<J> {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(handoff) = slot.take() {
+                self.filled.store(false, Ordering::Relaxed);
                 return handoff;
             }
-            slot = self.ready.wait(slot).unwrap_or_else(|e| e.into_inner());
+            let Some(wake) = wake else {
+                slot = self.ready.wait(slot).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            let now = Instant::now();
+            let sleep = match wake.get() {
+                Some(at) if now < at => at - now,
+                Some(at) if now < at + POLL_FOR => {
+                    drop(slot);
+                    while !self.filled.load(Ordering::Acquire)
+                        && Instant::now() < at + POLL_FOR
+                        && wake.get() == Some(at)
+                    {
+                        std::thread::yield_now();
+                    }
+                    slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                _ => POLL_FOR,
+            };
+            slot = self
+                .ready
+                .wait_timeout(slot, sleep)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
     fn give(&self, handoff: Handoff<J>) {
         *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handoff);
+        self.filled.store(true, Ordering::Release);
         self.ready.notify_one();
     }
 }
@@ -156,7 +223,18 @@ impl<J: StepJob> StepBatcher<J> {
             }),
             arrived: Condvar::new(),
             budget,
+            wake: None,
         }
+    }
+
+    /// The same batcher, waking its waiting callers shortly before each step is due to end
+    /// (see the module docs).
+    pub fn waking_early(mut self) -> StepBatcher<J> {
+        self.wake = Some(Wake {
+            base: Instant::now(),
+            at: AtomicU64::new(0),
+        });
+        self
     }
 
     /// Runs `job` to its end in batched steps and returns it. `step` runs one step over the
@@ -179,7 +257,7 @@ impl<J: StepJob> StepBatcher<J> {
                 self.arrived.notify_one();
             }
             drop(state);
-            match me.wait() {
+            match me.wait(self.wake.as_ref()) {
                 Handoff::Done(job) => return job,
                 Handoff::Lead => state = self.lock(),
             }
@@ -195,6 +273,14 @@ impl<J: StepJob> StepBatcher<J> {
                     state.short += 1;
                     break;
                 };
+                if self.wake.is_some() {
+                    // Polls, as its callers do: the gather is short, and a leader woken from
+                    // sleep would add its own way back to it.
+                    drop(state);
+                    std::thread::yield_now();
+                    state = self.lock();
+                    continue;
+                }
                 state = self
                     .arrived
                     .wait_timeout(state, left)
@@ -206,6 +292,12 @@ impl<J: StepJob> StepBatcher<J> {
             state.gathering += started - gather;
             if let Some(ended) = state.ended {
                 state.between += started - ended;
+            }
+            if let Some(wake) = &self.wake
+                && !state.last_step.is_zero()
+            {
+                let early = WAKE_EARLY.min(state.last_step / 3);
+                wake.set(started + state.last_step - early);
             }
             drop(state);
             if catch_unwind(AssertUnwindSafe(|| step(&mut jobs))).is_err() {
@@ -324,10 +416,16 @@ mod tests {
 
     #[test]
     fn concurrent_jobs_share_steps_and_all_finish() {
-        let batcher = Arc::new(StepBatcher::new(Budget {
+        let budget = Budget {
             tokens: 64,
             jobs: 8,
-        }));
+        };
+        concurrent_jobs(StepBatcher::new(budget));
+        concurrent_jobs(StepBatcher::new(budget).waking_early());
+    }
+
+    fn concurrent_jobs(batcher: StepBatcher<Count>) {
+        let batcher = Arc::new(batcher);
         let step_no = Arc::new(Mutex::new(0u64));
         let threads: Vec<_> = (0..16)
             .map(|i| {
@@ -413,10 +511,17 @@ mod tests {
     #[test]
     #[ignore]
     fn gap_between_steps() {
-        let batcher = Arc::new(StepBatcher::new(Budget {
+        let budget = Budget {
             tokens: 64,
             jobs: 64,
-        }));
+        };
+        gap_between(StepBatcher::new(budget));
+        gap_between(StepBatcher::new(budget).waking_early());
+    }
+
+    fn gap_between(batcher: StepBatcher<Count>) {
+        let early = batcher.wake.is_some();
+        let batcher = Arc::new(batcher);
         let rounds = 60;
         let stepping = Arc::new(Mutex::new(Duration::ZERO));
         let started = Instant::now();
@@ -445,8 +550,9 @@ mod tests {
         let step = stepping.lock().unwrap().as_secs_f64() * 1e3 / stats.steps as f64;
         let each = wall.as_secs_f64() * 1e3 / stats.steps as f64;
         println!(
-            "{} steps, {:.1} jobs a step, {each:.3} ms a step, {step:.3} ms in it: {:.3} ms between \
-             ({:.3} ms by the batcher's count, {:.3} of it gathering; {} gathers short)",
+            "waking early {early}: {} steps, {:.1} jobs a step, {each:.3} ms a step, {step:.3} ms \
+             in it: {:.3} ms between ({:.3} ms by the batcher's count, {:.3} of it gathering; {} \
+             gathers short)",
             stats.steps,
             stats.chunks as f64 / stats.steps as f64,
             each - step,

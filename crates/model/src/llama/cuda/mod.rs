@@ -230,7 +230,7 @@ impl CudaLlama {
             fused_on: AtomicBool::new(false),
             startup,
             busy: FifoMutex::new(Held::default()),
-            steps: StepBatcher::new(batch::STEP_BUDGET),
+            steps: StepBatcher::new(batch::STEP_BUDGET).waking_early(),
             graveyard: Arc::default(),
             spare: Mutex::new(Vec::new()),
             kv_type: cpu.kv_type,
