@@ -609,14 +609,17 @@ fn attention_kernel<'k>(
 }
 
 /// Splits that one block of a batched step's one-new-position attention takes in turn, for
-/// `items` (query group, split) items: one each below 4,096 items (a block an item), up to
-/// four for the thousands of many long conversations, so that a block's next split is read
-/// while it uses this one. (Measured on an H200, 64 sessions of 1,056 positions, 8,704
-/// items: 2, 4 and 8 splits a block took attention from 2,098 us to 1,955, 1,946 and 2,223.)
-/// Which block takes a split changes no result. A single session's attention, captured in
-/// its decode graph for every length, takes one split a block.
+/// `items` (query group, split) items: one each below 1,024 items (a block an item), up to
+/// four from 2,048 on, so that a block's next split is read while it uses this one and a
+/// query's splits are merged by fewer blocks. (Measured on an H200, 64 sessions of 1,056
+/// positions, 8,704 items: 2, 4 and 8 splits a block took attention from 2,098 us to 1,955,
+/// 1,946 and 2,223; on an H100 with a KV group's heads taken together, four splits a block
+/// against one made the steps 2.2% faster at 64 sessions of 128-256 positions, 2,048-2,560
+/// items, and 3.3% at 16 of 1,024-1,056, 2,176 items.) Which block takes a split changes no
+/// result. A single session's attention, captured in its decode graph for every length,
+/// takes one split a block.
 fn splits_per_block(items: u32) -> u32 {
-    (items / 2048).clamp(1, 4)
+    (items / 512).clamp(1, 4)
 }
 
 fn by_head_dim<T>(list: &[(usize, T)], d: usize) -> Result<&T, ModelError> {
@@ -1416,12 +1419,18 @@ mod tests {
 
     #[test]
     fn only_thousands_of_attention_items_share_blocks() {
-        // One session of 4,000 positions on the 1B shape (63 splits, 8 KV groups); 64 of
-        // 1,056 positions; 64 of 2,000 on the SmolLM2 shape (3 groups); 512 long ones.
+        // One session of 4,000 positions on the 1B shape (63 splits, 8 KV groups); 16 of
+        // 128-256 positions; 4 of 1,056 on the SmolLM2 shape (3 groups); 64 of 128-256 on
+        // the 1B shape; 64 of 1,056; 512 long ones.
         assert_eq!(splits_per_block(63 * 8), 1);
+        assert_eq!(splits_per_block(16 * 4 * 8), 1);
+        assert_eq!(splits_per_block(4 * 17 * 3), 1);
+        assert_eq!(splits_per_block(16 * 17 * 3), 1);
+        assert_eq!(splits_per_block(64 * 4 * 8), 4);
         assert_eq!(splits_per_block(64 * 17 * 8), 4);
-        assert_eq!(splits_per_block(64 * 32 * 3), 3);
         assert_eq!(splits_per_block(512 * 64 * 8), 4);
+        assert_eq!(splits_per_block(48 * 4 * 8), 3);
+        assert_eq!(splits_per_block(32 * 4 * 8), 2);
     }
 
     #[test]
