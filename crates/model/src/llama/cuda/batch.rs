@@ -287,6 +287,7 @@ fn round(
             w.inv_freq,
             acts.att,
             rows == parts.len(),
+            &w.layers[l].wo,
         )
     };
     enqueue_layers(model, &run, acts, rows, &mut attention, mark)?;

@@ -187,6 +187,17 @@ impl Pending {
 }
 
 impl Mma {
+    /// The product kernel for `m` tokens (2 to `MMA_MAX_TOKENS`), its dynamic shared memory,
+    /// and the layout of its split activations.
+    fn kernel(&self, m: u32) -> (&CudaFunction, u32, u32) {
+        match m {
+            ..=8 => (&self.many[0], mma_many_smem(1), MMA_ROWS),
+            9..=16 => (&self.many[1], mma_many_smem(2), MMA_ROWS),
+            17..=32 => (&self.many[2], mma_many_smem(4), MMA_ROWS),
+            _ => (&self.ring.0, MMA_RING_SMEM, self.ring.1),
+        }
+    }
+
     /// Compiles (or loads) `mma.cu` for `sm_{arch}` and allocates scratch for products of
     /// up to `MMA_MAX_TOKENS` tokens by any of `matrices`; none when `matrices` is empty.
     pub fn new(
@@ -746,6 +757,41 @@ impl Launcher<'_> {
         self.kernels.mma.as_ref().filter(|_| w.tiles != 0)
     }
 
+    /// Where a kernel about to be launched may also write `w`'s input of `n` tokens split,
+    /// for the product over `w` launched right after it: (hi, lo, layout, set), the split set
+    /// that product reads once [`Launcher::split_written`] says so. None where that product
+    /// would not read a split (not on tensor cores, one token, more than one turn, or fewer
+    /// blocks than tokens to take the norm's scales).
+    fn split_target(&self, w: &DevMatrix, n: u32) -> Option<(u64, u64, u32, usize)> {
+        let mma = self.tensor_cores_for(w)?;
+        let blocks = w.rows / 16 / 8 * mma_parts(w.rows as usize, w.cols as usize) as u32;
+        if !(2..=MMA_MAX_TOKENS).contains(&n) || blocks < n {
+            return None;
+        }
+        let set = mma
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(0, |p| 1 - p.set);
+        let (hi, lo) = mma.sets[set];
+        Some((hi, lo, mma.kernel(n).2, set))
+    }
+
+    /// The last launch wrote `n` rows of `cols` at `x` (`stride` floats apart) also split into
+    /// split set `set`, where [`Launcher::split_target`] said.
+    fn split_written(&self, x: u64, n: u32, cols: u32, stride: u32, set: usize) {
+        if let Some(mma) = &self.kernels.mma {
+            *mma.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(Pending {
+                x,
+                n,
+                cols,
+                stride,
+                set,
+                at: self.kernels.launches.load(Ordering::Relaxed),
+            });
+        }
+    }
+
     /// `w`'s rows stored again as `tiles` (its size), the tensor-core kernels' layout.
     pub fn mma_tile(&self, mma: &Mma, w: &DevMatrix, tiles: u64) -> Result<(), ModelError> {
         launch!(
@@ -830,13 +876,7 @@ impl Launcher<'_> {
         for t0 in (0..n).step_by(MMA_MAX_TOKENS as usize) {
             let m = (n - t0).min(MMA_MAX_TOKENS);
             let (xs, ns) = (at(x, t0, x_stride), at(norm_x, t0, x_stride));
-            // The kernel, its shared memory, and the split's layout for it.
-            let (k, smem, layout) = match m {
-                ..=8 => (&mma.many[0], mma_many_smem(1), MMA_ROWS),
-                9..=16 => (&mma.many[1], mma_many_smem(2), MMA_ROWS),
-                17..=32 => (&mma.many[2], mma_many_smem(4), MMA_ROWS),
-                _ => (&mma.ring.0, MMA_RING_SMEM, mma.ring.1),
-            };
+            let (k, smem, layout) = mma.kernel(m);
             let (hi, lo) = mma.sets[set];
             if !presplit {
                 // A block a token and MMA_SPLIT_COLS columns, and one for its norm's scale.
@@ -900,14 +940,7 @@ impl Launcher<'_> {
             )?;
         }
         if let Some((x, cols)) = next {
-            *mma.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(Pending {
-                x,
-                n,
-                cols,
-                stride: y_stride,
-                set: 1 - set,
-                at: self.kernels.launches.load(Ordering::Relaxed),
-            });
+            self.split_written(x, n, cols, y_stride, 1 - set);
         }
         Ok(())
     }
@@ -1146,7 +1179,9 @@ impl Launcher<'_> {
     /// A batched step's decode attention for layer `layer`: query `i` of the `n_tok` in
     /// `jobs` (device [`AttnJob`]s) over its own session's cache, as
     /// [`Launcher::attention`] computes it for that session alone; `n_split` is the most
-    /// splits holding positions of any query; `one_each`: every session has one new position.
+    /// splits holding positions of any query; `one_each`: every session has one new position,
+    /// and then `out` also goes split for `next`, the product that reads it right after
+    /// (see `Pending`), where that product takes a split.
     ///
     /// [`AttnJob`]: super::batch::AttnJob
     #[allow(clippy::too_many_arguments)]
@@ -1161,6 +1196,7 @@ impl Launcher<'_> {
         inv_freq: u64,
         out: u64,
         one_each: bool,
+        next: &DevMatrix,
     ) -> Result<(), ModelError> {
         let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
         let (n_rot, halves) = (c.n_rot as u32, super::halves(c));
@@ -1171,6 +1207,9 @@ impl Launcher<'_> {
             true => splits_per_block(n_tok * items * n_split),
             false => 1,
         };
+        // A step of one new position each writes its outputs split for `next` too.
+        let split = self.split_target(next, n_tok).filter(|_| one_each);
+        let (split_hi, split_lo, layout, _) = split.unwrap_or_default();
         launch!(
             self,
             f,
@@ -1186,8 +1225,16 @@ impl Launcher<'_> {
             &halves,
             &scale,
             &stride,
-            &spb
-        )
+            &spb,
+            &split_hi,
+            &split_lo,
+            &layout
+        )?;
+        if let Some((.., set)) = split {
+            let q_dim = n_head * c.head_dim as u32;
+            self.split_written(out, n_tok, q_dim, q_dim, set);
+        }
+        Ok(())
     }
 
     /// Causal attention of a prefill chunk of `n_tok` queries, already rotated in place in

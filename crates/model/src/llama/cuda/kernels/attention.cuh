@@ -101,25 +101,47 @@ __device__ __forceinline__ void rope_into(unsigned tid, unsigned threads, const 
         dst[i] = KEY ? kv_round(src[i]) : src[i];
 }
 
+// Where an attention writes its outputs a second time, split for the output projection's
+// tensor-core product (common.cuh's SplitOut) as row t of its T tokens; nowhere where to.hi
+// is null.
+struct AttnSplit {
+    SplitOut to;
+    unsigned T, t;
+    // Columns c and c + 1 of the row (c even).
+    __device__ __forceinline__ void put(unsigned c, float x0, float x1) const {
+        if (to.hi) split_put(to, T, t, c / 2, x0, x1);
+    }
+};
+
+__device__ __forceinline__ AttnSplit no_split() {
+    return AttnSplit{SplitOut{nullptr, nullptr, 0u, 0u}, 0u, 0u};
+}
+
 // A query's `used` splits (max, sum and unnormalized output of each, from `base` on in
-// part_ml and part_o) merged in split order into o_row; thread `tid` of `threads` takes
-// dimensions tid, tid + threads, ..
+// part_ml and part_o) merged in split order into o_row, columns col .. of its token's row
+// (and split there); thread `tid` of `threads` takes dimensions 2 tid and 2 tid + 1, then
+// 2 (tid + threads) .., each summed as if alone.
 template <int D>
 __device__ __forceinline__ void merge_splits(unsigned tid, unsigned threads, const float* part_o,
                                              const float* part_ml, size_t base, unsigned used,
-                                             float* o_row) {
+                                             float* o_row, const AttnSplit& split_out, unsigned col) {
     float m_all = NEG_INF;
 #pragma unroll 8
     for (unsigned s = 0; s < used; s++) m_all = fmaxf(m_all, __ldcg(part_ml + (base + s) * 2));
-    for (unsigned d = tid; d < D; d += threads) {
-        float l_all = 0.0f, o = 0.0f;
+    for (unsigned d = 2 * tid; d < D; d += 2 * threads) {
+        float l_all = 0.0f, o0 = 0.0f, o1 = 0.0f;
 #pragma unroll 4
         for (unsigned s = 0; s < used; s++) {
             const float f = expf(__ldcg(part_ml + (base + s) * 2) - m_all);
             l_all += __ldcg(part_ml + (base + s) * 2 + 1) * f;
-            o += __ldcg(part_o + (base + s) * D + d) * f;
+            const float2 p = __ldcg((const float2*)(part_o + (base + s) * D + d));
+            o0 += p.x * f;
+            o1 += p.y * f;
         }
-        o_row[d] = o / l_all;
+        const float r0 = o0 / l_all, r1 = o1 / l_all;
+        o_row[d] = r0;
+        o_row[d + 1] = r1;
+        split_out.put(col + d, r0, r1);
     }
 }
 
@@ -132,7 +154,7 @@ __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& 
                                           float* part_ml, unsigned* tickets, float* out,
                                           unsigned n_head, unsigned n_head_kv, unsigned n_rot,
                                           int halves, unsigned n_split, float scale,
-                                          unsigned stride) {
+                                          unsigned stride, const AttnSplit& split_out) {
     constexpr unsigned L = AttnShared<D, NEW>::L, F = D / (4 * L);  // float4s per lane and row
     constexpr unsigned P = 32 / L;                                  // rows per warp and pass
     constexpr unsigned WARPS = ATTN_THREADS / 32;
@@ -263,10 +285,16 @@ __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& 
         const unsigned used = (unsigned)(last / ATTN_SPLIT) + 1;
         float* o_row = out + (size_t)query * D;
         if (used == 1) {
-            for (unsigned d = tid; d < D; d += ATTN_THREADS) {
-                float o = 0.0f;
-                for (unsigned i = 0; i < G; i++) o += s_part[i * D + d];
-                o_row[d] = o / s_ml[1];
+            for (unsigned d = 2 * tid; d < D; d += 2 * ATTN_THREADS) {
+                float o0 = 0.0f, o1 = 0.0f;
+                for (unsigned i = 0; i < G; i++) {
+                    o0 += s_part[i * D + d];
+                    o1 += s_part[i * D + d + 1];
+                }
+                const float r0 = o0 / s_ml[1], r1 = o1 / s_ml[1];
+                o_row[d] = r0;
+                o_row[d + 1] = r1;
+                split_out.put(h * D + d, r0, r1);
             }
             continue;
         }
@@ -286,7 +314,7 @@ __device__ __forceinline__ void attention(const Team& team, AttnShared<D, NEW>& 
         team.sync();
         if (!sh.merge) continue;
         __threadfence();
-        merge_splits<D>(tid, ATTN_THREADS, part_o, part_ml, base, used, o_row);
+        merge_splits<D>(tid, ATTN_THREADS, part_o, part_ml, base, used, o_row, split_out, h * D);
         if (tid == 0) tickets[query] = 0;
     }
 }
@@ -430,7 +458,8 @@ __device__ __forceinline__ void attention_group(
     GroupShared<D>& sh, unsigned s_begin, unsigned s_count, unsigned kv_head, int step0,
     const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,
     float* part_o, float* part_ml, unsigned* tickets, float* out, unsigned n_head,
-    unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split, float scale) {
+    unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split, float scale,
+    const AttnSplit& split_out) {
     constexpr unsigned L = AttnShared<D, 1>::L, F = D / (4 * L);
     constexpr unsigned G = AttnShared<D, 1>::G, VSTEPS = ATTN_SPLIT / G;
     constexpr unsigned WARPS = ATTN_THREADS / 32, KPT = ATTN_THREADS / ATTN_SPLIT;
@@ -461,7 +490,8 @@ __device__ __forceinline__ void attention_group(
         cp_async_commit();
     };
 
-    if (STAGES == 2) stage(s_begin, 0);
+    // The first split's rows are on their way while the queries are rotated.
+    stage(s_begin, 0);
     for (unsigned h = warp; h < group; h += WARPS)
         rope_into<D, false>(lane, 32, qkv + (size_t)(head0 + h) * D, sh.q[h], last, inv_freq,
                             n_rot, halves);
@@ -469,7 +499,7 @@ __device__ __forceinline__ void attention_group(
         const unsigned b = STAGES == 2 ? (s - s_begin) % 2 : 0;
         __syncthreads();  // every thread is done with the buffer filled next
         if (STAGES == 1) {
-            stage(s, 0);
+            if (s > s_begin) stage(s, 0);
             cp_async_wait<0>();
         } else if (s + 1 < s_end) {
             stage(s + 1, b ^ 1);
@@ -578,7 +608,10 @@ __device__ __forceinline__ void attention_group(
                 const unsigned query = head0 + h;
                 if (used == 1) {
                     const float l = sh.ml[h][1];
-                    *(float4*)(out + (size_t)query * D + d) = make_float4(o.x / l, o.y / l, o.z / l, o.w / l);
+                    const float4 r = make_float4(o.x / l, o.y / l, o.z / l, o.w / l);
+                    *(float4*)(out + (size_t)query * D + d) = r;
+                    split_out.put(query * D + d, r.x, r.y);
+                    split_out.put(query * D + d + 2, r.z, r.w);
                 } else {
                     *(float4*)(part_o + ((size_t)query * n_split + s) * D + d) = o;
                 }
@@ -604,7 +637,7 @@ __device__ __forceinline__ void attention_group(
         if (before + mine != used) continue;
         __threadfence();
         merge_splits<D>(lane, 32, part_o, part_ml, (size_t)query * n_split, used,
-                        out + (size_t)query * D);
+                        out + (size_t)query * D, split_out, query * D);
         if (lane == 0) tickets[query] = 0;
     }
 }

@@ -190,4 +190,59 @@ __device__ __forceinline__ void grid_barrier(unsigned long long* count)
     __syncthreads();
 }
 
+// ---------------------------------------------------------------------------------------
+// Activations split for the tensor-core products (mma.cuh)
+// ---------------------------------------------------------------------------------------
+
+// Two floats rounded to bf16, a in the low half.
+__device__ __forceinline__ unsigned mma_pack(float a, float b)
+{
+    unsigned d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(b), "f"(a));
+    return d;
+}
+
+// A pair x0, x1 as its hi word and its lo word.
+__device__ __forceinline__ void mma_split_pair(float x0, float x1, unsigned& hi, unsigned& lo)
+{
+    hi = mma_pack(x0, x1);
+    lo = mma_pack(x0 - __uint_as_float(hi << 16), x1 - __uint_as_float(hi & 0xffff0000u));
+}
+
+// Where a kernel writes a product's input a second time, split as mma.cuh's mma_split would
+// split it for that product: laid out `layout` (constants.cuh's MMA_ROWS, MMA_CHUNKS or
+// MMA_OPERANDS) for rows of `cols` columns; nothing where hi is null.
+struct SplitOut {
+    unsigned* hi;
+    unsigned* lo;
+    unsigned layout;
+    unsigned cols;
+};
+
+// Pair j (columns 2j and 2j + 1) of token t of T, split into its hi and lo words where
+// mma_split puts them (see its layouts; MMA_OPERANDS: pair j % 16 = 4 q + r of chunk j / 16 is
+// pair r of lane quad q's columns).
+__device__ __forceinline__ void split_put(const SplitOut& o, unsigned T, unsigned t, unsigned j, float x0, float x1)
+{
+    unsigned h, l;
+    mma_split_pair(x0, x1, h, l);
+    if (o.layout == MMA_OPERANDS) {
+        constexpr unsigned W = MMA_MAX_TOKENS;
+        const unsigned jj = j % 16, q = jj / 4, r = jj % 4;
+        unsigned char* op = (unsigned char*)o.hi + (unsigned long long)(j / 16) * 128 * W + (t / 8) * 256 +
+                            (t % 8) * 16 + q * 4 + (r / 2) * 64 * W + (r % 2) * 128;
+        *(unsigned*)op = h;
+        *(unsigned*)(op + 32 * W) = l;
+    } else if (o.layout == MMA_CHUNKS) {
+        unsigned* row = o.hi + ((unsigned long long)(j / 16) * T + t) * 32;
+        const unsigned first = (t & 1) * 16;
+        row[first + j % 16] = h;
+        row[(first ^ 16) + j % 16] = l;
+    } else {
+        const unsigned long long at = (unsigned long long)t * (o.cols / 2) + j;
+        o.hi[at] = h;
+        o.lo[at] = l;
+    }
+}
+
 #endif  // TERN_COMMON_CUH

@@ -294,7 +294,7 @@ extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1) decode_layers(De
                             item % a.n_head, 1, 0, pos, qkv, (kv_t*)L.k_cache, (kv_t*)L.v_cache,
                             (const float*)a.inv_freq, (float*)a.part_o, (float*)a.part_ml,
                             (unsigned*)a.tickets, att, a.n_head, a.n_head_kv, a.n_rot, a.halves,
-                            a.n_split, a.scale, stride);
+                            a.n_split, a.scale, stride, no_split());
         }
         prefetch_stage(L.wo, false, DECODE_PREFETCH);
         grid_barrier(barrier);

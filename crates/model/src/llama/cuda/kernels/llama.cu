@@ -222,13 +222,13 @@ __device__ __forceinline__ void attention_splits(
     unsigned spb, unsigned kv_head, unsigned t, int step0, const float* qkv, kv_t* k_cache,
     kv_t* v_cache, const float* __restrict__ inv_freq, float* part_o, float* part_ml,
     unsigned* tickets, float* out, unsigned n_head, unsigned n_head_kv, unsigned n_rot,
-    int halves, unsigned n_split, float scale, unsigned stride) {
+    int halves, unsigned n_split, float scale, unsigned stride, const AttnSplit& split_out) {
     const unsigned s_begin = blockIdx.x * spb;
     if constexpr (NEW == 1 && GroupShared<D>::FITS) {
         __shared__ GroupShared<D> sh;
         attention_group<D>(sh, s_begin, spb, kv_head, step0, qkv, k_cache, v_cache, inv_freq,
                            part_o, part_ml, tickets, out, n_head, n_head_kv, n_rot, halves,
-                           n_split, scale);
+                           n_split, scale, split_out);
     } else {
         __shared__ AttnShared<D, NEW> sh;
         const unsigned heads = NEW == 1 ? n_head / n_head_kv : 1;
@@ -236,7 +236,7 @@ __device__ __forceinline__ void attention_splits(
             if (s > s_begin) __syncthreads();
             attention<D, NEW>(Team{threadIdx.x, 0}, sh, s, kv_head * heads, heads, t, step0, qkv,
                               k_cache, v_cache, inv_freq, part_o, part_ml, tickets, out, n_head,
-                              n_head_kv, n_rot, halves, n_split, scale, stride);
+                              n_head_kv, n_rot, halves, n_split, scale, stride, split_out);
         }
     }
 }
@@ -251,7 +251,7 @@ __device__ __forceinline__ void attention_splits(
         pdl_launch_dependents();                                                                  \
         attention_splits<D, NEW>(spb, blockIdx.y, blockIdx.z, step[0], qkv, k_cache, v_cache,     \
                                  inv_freq, part_o, part_ml, tickets, out, n_head, n_head_kv,      \
-                                 n_rot, halves, n_split, scale, stride);                          \
+                                 n_rot, halves, n_split, scale, stride, no_split());              \
     }
 
 // M(D, NEW, NAME) for every head size the host instantiates (kernels.rs's HEAD_DIMS).
@@ -280,22 +280,27 @@ struct AttnJob {
 // session's positions). Grid (the most splits of any session / spb rounded up, n_head,
 // queries), block ATTN_THREADS; out: (queries, n_head * D). attention_batch_one_<D>: the
 // same where every session has one new position, as attention_one_<D> (a KV group's heads a
-// block: grid (.., n_head_kv, queries)).
+// block: grid (.., n_head_kv, queries)). With split_hi, out is also written split for the
+// output projection's product of all the step's queries, laid out split_layout (see
+// attention.cuh's AttnSplit).
 #define ATTENTION_BATCH(D, NEW, NAME)                                                             \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) NAME##D(                           \
         const float* qkv, const AttnJob* __restrict__ jobs, unsigned layer,                      \
         const float* __restrict__ inv_freq, float* out, unsigned n_head, unsigned n_head_kv,      \
-        unsigned n_rot, int halves, float scale, unsigned stride, unsigned spb) {                 \
+        unsigned n_rot, int halves, float scale, unsigned stride, unsigned spb,                   \
+        unsigned* split_hi, unsigned* split_lo, unsigned split_layout) {                          \
         pdl_wait();                                                                               \
         pdl_launch_dependents();                                                                  \
         const AttnJob j = jobs[blockIdx.z];                                                       \
         if (blockIdx.x * spb >= j.n_split) return;                                                \
         const size_t at = (size_t)layer * j.layer;                                                \
+        const AttnSplit split{SplitOut{split_hi, split_lo, split_layout, n_head * D}, gridDim.z,  \
+                              j.first + j.t};                                                     \
         attention_splits<D, NEW>(spb, blockIdx.y, j.t, j.step0, qkv + (size_t)j.first * stride,   \
                                  (kv_t*)j.k_cache + at, (kv_t*)j.v_cache + at, inv_freq,          \
                                  (float*)j.part_o, (float*)j.part_ml, (unsigned*)j.tickets,       \
                                  out + (size_t)j.first * n_head * D, n_head, n_head_kv, n_rot,    \
-                                 halves, j.n_split, scale, stride);                               \
+                                 halves, j.n_split, scale, stride, split);                        \
     }
 
 FOR_HEAD_DIMS(ATTENTION_BATCH, ATTN_MAX_NEW, attention_batch_)

@@ -76,21 +76,6 @@ __device__ __forceinline__ uint4 mma_ldw(const void* p)
     return v;
 }
 
-// Two floats rounded to bf16, a in the low half.
-__device__ __forceinline__ unsigned mma_pack(float a, float b)
-{
-    unsigned d;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(b), "f"(a));
-    return d;
-}
-
-// A pair x0, x1 as its hi word and its lo word.
-__device__ __forceinline__ void mma_split_pair(float x0, float x1, unsigned& hi, unsigned& lo)
-{
-    hi = mma_pack(x0, x1);
-    lo = mma_pack(x0 - __uint_as_float(hi << 16), x1 - __uint_as_float(hi & 0xffff0000u));
-}
-
 // Byte offset of tile t's chunk c (see the layout above).
 __device__ __forceinline__ unsigned long long mma_at(unsigned t, unsigned c, unsigned chunks)
 {
@@ -287,30 +272,11 @@ __device__ __forceinline__ float mma_emit_glu(const MmaOut& o, float gate, float
     return v;
 }
 
-// Pair j (columns 2j and 2j + 1) of token t of T, split into its hi and lo words where
-// mma_split puts them (see its layouts; MMA_OPERANDS: pair j % 16 = 4 q + r of chunk j / 16 is
-// pair r of lane quad q's columns).
+// Pair j (columns 2j and 2j + 1) of token t of T as the next product's split input (common.cuh's
+// split_put).
 __device__ __forceinline__ void mma_split_put(const MmaOut& o, unsigned T, unsigned t, unsigned j, float x0, float x1)
 {
-    unsigned h, l;
-    mma_split_pair(x0, x1, h, l);
-    if (o.split_layout == MMA_OPERANDS) {
-        constexpr unsigned W = MMA_MAX_TOKENS;
-        const unsigned jj = j % 16, q = jj / 4, r = jj % 4;
-        unsigned char* op = (unsigned char*)o.split_hi + (unsigned long long)(j / 16) * 128 * W + (t / 8) * 256 +
-                            (t % 8) * 16 + q * 4 + (r / 2) * 64 * W + (r % 2) * 128;
-        *(unsigned*)op = h;
-        *(unsigned*)(op + 32 * W) = l;
-    } else if (o.split_layout == MMA_CHUNKS) {
-        unsigned* row = o.split_hi + ((unsigned long long)(j / 16) * T + t) * 32;
-        const unsigned first = (t & 1) * 16;
-        row[first + j % 16] = h;
-        row[(first ^ 16) + j % 16] = l;
-    } else {
-        const unsigned long long at = (unsigned long long)t * (o.split_cols / 2) + j;
-        o.split_hi[at] = h;
-        o.split_lo[at] = l;
-    }
+    split_put(SplitOut{o.split_hi, o.split_lo, o.split_layout, o.split_cols}, T, t, j, x0, x1);
 }
 
 // Outputs 2j .. 2j + 3 of token t as the next product's split input (with o.split_hi).
