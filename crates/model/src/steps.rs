@@ -25,7 +25,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,8 @@ pub struct StepBatcher<J> {
     budget: Budget,
     /// When waiting callers start polling (see [`Wake`]), if this batcher wakes them early.
     wake: Option<Wake>,
+    /// The queue's length as of its last change, for a leader polling without the lock.
+    queued: AtomicUsize,
 }
 
 /// When the waiting callers of a batcher that wakes early should be awake: nanoseconds from
@@ -100,16 +102,26 @@ type Handoffs<J> = Vec<(Arc<Waiter<J>>, Handoff<J>)>;
 
 /// A waiting caller's place: it sleeps here until a leader hands it something.
 struct Waiter<J> {
-    slot: Mutex<Option<Handoff<J>>>,
+    slot: Mutex<Slot<J>>,
     ready: Condvar,
     /// Whether the slot holds a handoff (read without its lock by a polling caller).
     filled: AtomicBool,
 }
 
+/// What a waiter's lock guards: its handoff, and whether it sleeps on `ready` (so that a
+/// handoff to a caller that polls makes no system call).
+struct Slot<J> {
+    handoff: Option<Handoff<J>>,
+    asleep: bool,
+}
+
 impl<J> Waiter<J> {
     fn new() -> Waiter<J> {
         Waiter {
-            slot: Mutex::new(None),
+            slot: Mutex::new(Slot {
+                handoff: None,
+                asleep: false,
+            }),
             ready: Condvar::new(),
             filled: AtomicBool::new(false),
         }
@@ -121,42 +133,48 @@ impl<J> Waiter<J> {
     fn wait(&self, wake: Option<&Wake>) -> Handoff<J> {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(handoff) = slot.take() {
+            if let Some(handoff) = slot.handoff.take() {
                 self.filled.store(false, Ordering::Relaxed);
                 return handoff;
             }
-            let Some(wake) = wake else {
-                slot = self.ready.wait(slot).unwrap_or_else(|e| e.into_inner());
-                continue;
-            };
             let now = Instant::now();
-            let sleep = match wake.get() {
-                Some(at) if now < at => at - now,
+            let sleep = match wake.and_then(Wake::get) {
+                None if wake.is_none() => None,
+                Some(at) if now < at => Some(at - now),
                 Some(at) if now < at + POLL_FOR => {
                     drop(slot);
                     while !self.filled.load(Ordering::Acquire)
                         && Instant::now() < at + POLL_FOR
-                        && wake.get() == Some(at)
+                        && wake.and_then(Wake::get) == Some(at)
                     {
                         std::thread::yield_now();
                     }
                     slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
                     continue;
                 }
-                _ => POLL_FOR,
+                _ => Some(POLL_FOR),
             };
-            slot = self
-                .ready
-                .wait_timeout(slot, sleep)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            slot.asleep = true;
+            slot = match sleep {
+                None => self.ready.wait(slot).unwrap_or_else(|e| e.into_inner()),
+                Some(sleep) => {
+                    self.ready
+                        .wait_timeout(slot, sleep)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+            slot.asleep = false;
         }
     }
 
     fn give(&self, handoff: Handoff<J>) {
-        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handoff);
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.handoff = Some(handoff);
         self.filled.store(true, Ordering::Release);
-        self.ready.notify_one();
+        if slot.asleep {
+            self.ready.notify_one();
+        }
     }
 }
 
@@ -224,6 +242,7 @@ impl<J: StepJob> StepBatcher<J> {
             arrived: Condvar::new(),
             budget,
             wake: None,
+            queued: AtomicUsize::new(0),
         }
     }
 
@@ -252,6 +271,7 @@ impl<J: StepJob> StepBatcher<J> {
         let me = Arc::new(Waiter::new());
         let mut state = self.lock();
         state.queue.push_back((job, me.clone()));
+        self.queued.store(state.queue.len(), Ordering::Release);
         if state.running {
             if state.queue.len() >= state.expect {
                 self.arrived.notify_one();
@@ -276,8 +296,12 @@ impl<J: StepJob> StepBatcher<J> {
                 if self.wake.is_some() {
                     // Polls, as its callers do: the gather is short, and a leader woken from
                     // sleep would add its own way back to it.
+                    let expect = state.expect;
                     drop(state);
-                    std::thread::yield_now();
+                    while self.queued.load(Ordering::Acquire) < expect && Instant::now() < deadline
+                    {
+                        std::thread::yield_now();
+                    }
                     state = self.lock();
                     continue;
                 }
@@ -316,6 +340,7 @@ impl<J: StepJob> StepBatcher<J> {
             for (job, waiter) in jobs.into_iter().zip(waiters) {
                 if job.next_tokens() > 0 {
                     state.queue.push_back((job, waiter));
+                    self.queued.store(state.queue.len(), Ordering::Release);
                 } else if Arc::ptr_eq(&waiter, &me) {
                     mine = Some(job);
                 } else {
@@ -370,6 +395,7 @@ impl<J: StepJob> StepBatcher<J> {
             }
         }
         state.queue = kept;
+        self.queued.store(state.queue.len(), Ordering::Release);
         (jobs, waiters)
     }
 
