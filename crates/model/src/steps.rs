@@ -11,10 +11,10 @@
 //! job (or the lead of the next step), so that the callers of a step wake side by side rather
 //! than one after another through one lock. A batcher made
 //! [`waking_early`](StepBatcher::waking_early) wakes its waiting callers shortly before the
-//! running step is due to end, from how long the last one took, and they poll for their handoff from then on:
-//! a thread woken from sleep takes a while to run again (hundreds of microseconds on some
-//! hosts), which callers that must come back for the next step would otherwise add to every
-//! step. Meant for steps that leave the host's cores idle (a GPU's).
+//! running step is due to end, from how long the last one took, and they poll for their
+//! handoff from then on: a thread woken from sleep takes a while to run again (hundreds of
+//! microseconds on some hosts), which callers that must come back for the next step would
+//! otherwise add to every step. Meant for steps that leave the host's cores idle (a GPU's).
 //!
 //! A job puts one chunk of its tokens into a step ([`StepJob::next_tokens`]): a decode its
 //! one token, a long prefill its next chunk, whose size depends on its own positions only,

@@ -633,6 +633,19 @@ fn splits_per_block(items: u32) -> u32 {
     (items / 512).clamp(1, 4)
 }
 
+/// Blocks of a tensor-core product over `w` at 2 to `MMA_MAX_TOKENS` tokens: 8 tiles of one
+/// part each.
+fn mma_blocks(w: &DevMatrix) -> u32 {
+    w.rows / 16 / 8 * mma_parts(w.rows as usize, w.cols as usize) as u32
+}
+
+/// Whether a tensor-core product over `w` of `n` tokens can read its input already split by
+/// the launch before it (see `Pending`): one turn of at least two tokens, with a block for
+/// each token's norm scale.
+fn reads_split(w: &DevMatrix, n: u32) -> bool {
+    (2..=MMA_MAX_TOKENS).contains(&n) && mma_blocks(w) >= n
+}
+
 fn by_head_dim<T>(list: &[(usize, T)], d: usize) -> Result<&T, ModelError> {
     list.iter()
         .find(|(h, _)| *h == d)
@@ -764,8 +777,7 @@ impl Launcher<'_> {
     /// blocks than tokens to take the norm's scales).
     fn split_target(&self, w: &DevMatrix, n: u32) -> Option<(u64, u64, u32, usize)> {
         let mma = self.tensor_cores_for(w)?;
-        let blocks = w.rows / 16 / 8 * mma_parts(w.rows as usize, w.cols as usize) as u32;
-        if !(2..=MMA_MAX_TOKENS).contains(&n) || blocks < n {
+        if !reads_split(w, n) {
             return None;
         }
         let set = mma
@@ -861,10 +873,9 @@ impl Launcher<'_> {
         // split too, into the other set.
         let one_turn = n <= MMA_MAX_TOKENS;
         let pending = mma.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let blocks = tiles / 8 * parts;
         let launches = self.kernels.launches.load(Ordering::Relaxed);
-        let presplit = one_turn
-            && blocks >= n
+        let blocks = mma_blocks(w);
+        let presplit = reads_split(w, n)
             && pending.is_some_and(|p| p.serves(x, n, w.cols, x_stride, launches));
         // The set the split was written to, else either: whatever it holds is stale.
         let set = pending.map_or(0, |p| p.set);

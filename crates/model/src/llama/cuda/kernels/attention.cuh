@@ -35,10 +35,10 @@
 // One item (split, head, t) is taken by a Team of ATTN_THREADS threads: a whole block of
 // llama.cu's attention kernels (which may take several splits in turn), or one of the teams
 // of decode.cu's persistent kernel. (attention_group below computes the same items of one
-// new position for a KV group's heads at once.) D = head_dim, one of 32, 64, 128, 256; n_tok <= NEW (at most
-// ATTN_MAX_NEW). part_o: (n_tok, n_head, n_split, D), part_ml: (.., 2), tickets: (n_tok,
-// n_head) zeros, out: (n_tok, n_head * D). qkv and out are read and written with ordinary
-// (coherent) accesses: in decode.cu, other blocks of the same launch write qkv.
+// new position for a KV group's heads at once.) D = head_dim, one of 32, 64, 128, 256; n_tok
+// <= NEW (at most ATTN_MAX_NEW). part_o: (n_tok, n_head, n_split, D), part_ml: (.., 2),
+// tickets: (n_tok, n_head) zeros, out: (n_tok, n_head * D). qkv and out are read and written
+// with ordinary (coherent) accesses: in decode.cu, other blocks of the same launch write qkv.
 // ATTN_SPLIT, ATTN_THREADS, ATTN_MAX_NEW and ATTN_GROUP_MAX come from constants.cuh (the
 // host's numbers).
 
@@ -366,9 +366,7 @@ struct GroupKey {
     __device__ __forceinline__ float4 chunk(unsigned c) const {
 #ifdef TERN_KV_F16
         const uint4 u = raw[c / 2];
-        const unsigned a = c % 2 ? u.z : u.x, b = c % 2 ? u.w : u.y;
-        return make_float4(kv_widen((unsigned short)(a & 0xffff)), kv_widen((unsigned short)(a >> 16)),
-                           kv_widen((unsigned short)(b & 0xffff)), kv_widen((unsigned short)(b >> 16)));
+        return kv_widen4(c % 2 ? make_uint2(u.z, u.w) : make_uint2(u.x, u.y));
 #else
         const uint4 u = raw[c];
         return make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z),

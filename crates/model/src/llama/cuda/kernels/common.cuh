@@ -37,13 +37,14 @@ __device__ __forceinline__ float kv_round(float x)
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
     return kv_widen(h);
 }
-// Four values from p, which must be 8-byte aligned.
-__device__ __forceinline__ float4 kv_load4(const kv_t* p)
+// Four values as the cache holds them (two words, the first value in the low half of u.x).
+__device__ __forceinline__ float4 kv_widen4(uint2 u)
 {
-    const uint2 u = *(const uint2*)p;
     return make_float4(kv_widen((unsigned short)(u.x & 0xffff)), kv_widen((unsigned short)(u.x >> 16)),
                        kv_widen((unsigned short)(u.y & 0xffff)), kv_widen((unsigned short)(u.y >> 16)));
 }
+// Four values from p, which must be 8-byte aligned.
+__device__ __forceinline__ float4 kv_load4(const kv_t* p) { return kv_widen4(*(const uint2*)p); }
 #else
 typedef float kv_t;
 __device__ __forceinline__ void kv_store(kv_t* p, float x) { *p = x; }

@@ -29,10 +29,7 @@ extern "C" __global__ void __launch_bounds__(256)
     o.yg = yg;                                                                                    \
     o.norm = norm;                                                                                \
     o.glu = glu != 0;                                                                             \
-    o.split_hi = split_hi;                                                                        \
-    o.split_lo = split_lo;                                                                        \
-    o.split_layout = split_layout;                                                                \
-    o.split_cols = split_cols;
+    o.split = SplitOut{split_hi, split_lo, split_layout, split_cols};
 
 extern "C" __global__ void __launch_bounds__(256)
     mma_one_bf16(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,

@@ -228,11 +228,8 @@ struct MmaOut {
     bool norm;  // multiply by the token's norm scale
     bool glu;
     // Where the next product's input (yg where the next norm is fused, else y) goes split as
-    // mma_split would split it, laid out split_layout for rows of split_cols (none if null).
-    unsigned* split_hi;
-    unsigned* split_lo;
-    unsigned split_layout;
-    unsigned split_cols;
+    // mma_split would split it (common.cuh; nowhere where split.hi is null).
+    SplitOut split;
 };
 
 // An output from its sum: scaled by the token's norm scale where the norm is fused, added to
@@ -272,20 +269,13 @@ __device__ __forceinline__ float mma_emit_glu(const MmaOut& o, float gate, float
     return v;
 }
 
-// Pair j (columns 2j and 2j + 1) of token t of T as the next product's split input (common.cuh's
-// split_put).
-__device__ __forceinline__ void mma_split_put(const MmaOut& o, unsigned T, unsigned t, unsigned j, float x0, float x1)
-{
-    split_put(SplitOut{o.split_hi, o.split_lo, o.split_layout, o.split_cols}, T, t, j, x0, x1);
-}
-
-// Outputs 2j .. 2j + 3 of token t as the next product's split input (with o.split_hi).
+// Outputs 2j .. 2j + 3 of token t as the next product's split input (with o.split.hi).
 __device__ __forceinline__ void mma_split_out(const MmaOut& o, unsigned T, unsigned t, unsigned j, float a, float b,
                                               float c, float d)
 {
-    if (o.split_hi) {
-        mma_split_put(o, T, t, j, a, b);
-        mma_split_put(o, T, t, j + 1, c, d);
+    if (o.split.hi) {
+        split_put(o.split, T, t, j, a, b);
+        split_put(o.split, T, t, j + 1, c, d);
     }
 }
 
