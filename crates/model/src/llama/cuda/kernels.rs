@@ -311,6 +311,17 @@ pub struct Kernels {
     pub mma: Option<Mma>,
     /// Kernels launched so far (by every [`Launcher`] of the model).
     launches: AtomicU64,
+    /// The weights the next product or attention launch asks into L2 (see [`Ahead`]).
+    ahead: Mutex<Ahead>,
+}
+
+/// Weights asked into L2 ahead of the kernel that reads them, as `common.cuh`'s `Ahead`:
+/// `bytes` at `p` (none where `p` is 0), shared by the launch's blocks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Ahead {
+    p: u64,
+    bytes: u64,
 }
 
 /// Logits one `top_k_blocks` block sorts, and the most lists `top_k_merge` merges
@@ -487,6 +498,7 @@ impl Kernels {
         Ok((
             Kernels {
                 launches: AtomicU64::new(0),
+                ahead: Mutex::new(Ahead::default()),
                 matvec: per_type("matvec")?,
                 matvec_out: per_type("matvec_out")?,
                 get_rows: per_type("get_rows")?,
@@ -770,6 +782,28 @@ impl Launcher<'_> {
         self.kernels.mma.as_ref().filter(|_| w.tiles != 0)
     }
 
+    /// Asks the next tensor-core product or attention launch to bring `bytes` of `m`'s tiles
+    /// (where `m` is tiled for the tensor-core kernels; nothing otherwise), from byte `skip`
+    /// on, into L2 for the product over `m` after it (fewer where `m` has fewer).
+    pub fn ahead(&self, m: &DevMatrix, skip: u64, bytes: u64) {
+        let size = u64::from(m.rows) * u64::from(m.cols) * 2;
+        let bytes = bytes.min(size.saturating_sub(skip)) / 16 * 16;
+        let range = match self.tensor_cores_for(m) {
+            Some(_) if bytes > 0 => Ahead {
+                p: m.tiles + skip / 16 * 16,
+                bytes,
+            },
+            _ => Ahead::default(),
+        };
+        *self.kernels.ahead.lock().unwrap_or_else(|e| e.into_inner()) = range;
+    }
+
+    /// What [`Launcher::ahead`] asked, for the launch about to be made (and nothing for the
+    /// one after).
+    fn take_ahead(&self) -> Ahead {
+        std::mem::take(&mut *self.kernels.ahead.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Where a kernel about to be launched may also write `w`'s input of `n` tokens split,
     /// for the product over `w` launched right after it: (hi, lo, layout, set), the split set
     /// that product reads once [`Launcher::split_written`] says so. None where that product
@@ -918,6 +952,7 @@ impl Launcher<'_> {
                 None => (0, 0),
             };
             let split_cols = next.map_or(0, |(_, cols)| cols);
+            let ahead = self.take_ahead();
             launch!(
                 self,
                 k,
@@ -947,7 +982,8 @@ impl Launcher<'_> {
                 &split_hi,
                 &split_lo,
                 &layout,
-                &split_cols
+                &split_cols,
+                &ahead
             )?;
         }
         if let Some((x, cols)) = next {
@@ -1118,6 +1154,7 @@ impl Launcher<'_> {
         let (part_o, part_ml, tickets) = scratch;
         let (f, items, _) = attention_kernel(&self.kernels.attention, c, n_tok == 1)?;
         let spb = 1u32; // a split a block (see splits_per_block)
+        let ahead = self.take_ahead();
         launch!(
             self,
             f,
@@ -1138,7 +1175,8 @@ impl Launcher<'_> {
             &n_split,
             &scale,
             &stride,
-            &spb
+            &spb,
+            &ahead
         )
     }
 
@@ -1221,6 +1259,7 @@ impl Launcher<'_> {
         // A step of one new position each writes its outputs split for `next` too.
         let split = self.split_target(next, n_tok).filter(|_| one_each);
         let (split_hi, split_lo, layout, _) = split.unwrap_or_default();
+        let ahead = self.take_ahead();
         launch!(
             self,
             f,
@@ -1239,7 +1278,8 @@ impl Launcher<'_> {
             &spb,
             &split_hi,
             &split_lo,
-            &layout
+            &layout,
+            &ahead
         )?;
         if let Some((.., set)) = split {
             let q_dim = n_head * c.head_dim as u32;

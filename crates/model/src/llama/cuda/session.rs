@@ -869,12 +869,18 @@ pub(super) fn enqueue_layers(
         next: Some((g, a.xb)),
         ..Fuse::default()
     };
+    let [att_ahead, o_ahead] = match n {
+        2..=32 => GATE_UP_AHEAD,
+        _ => [0, 0],
+    };
     for (l, lw) in w.layers.iter().enumerate() {
         let fuse = if l == 0 { Fuse::default() } else { norm };
         stacked(&lw.qkv, a.qkv, q_dim + 2 * kv, fuse)?;
         mark("matvec qkv")?;
+        run.ahead(&lw.gate_up[0], 0, att_ahead);
         attention(l)?;
         mark("attention")?;
+        run.ahead(&lw.gate_up[0], att_ahead, o_ahead);
         run.product(&lw.wo, a.att, a.x, n_u, q_dim, e, a.x, then(lw.ffn_norm))?;
         mark("matvec o")?;
         if lw.glu {
@@ -903,6 +909,14 @@ pub(super) fn enqueue_layers(
     }
     Ok(())
 }
+
+/// Bytes of a layer's gate/up tiles asked into L2 ahead of their product in steps of 2 to 32
+/// tokens: the first by attention at its start, the next by O's product once its own last
+/// weights are requested, so that HBM streams them while those latency-bound kernels run
+/// (`Launcher::ahead`). On an H100 (docs/perf.md, "Weights asked into L2 ahead"), each gained
+/// 1.5-3% at 4 and 16 sessions; at 64 sessions and for one session asking ahead gained nothing
+/// or lost, and so did asking for the other matrices.
+const GATE_UP_AHEAD: [u64; 2] = [16 << 20, 8 << 20];
 
 /// Runs `enqueue` with an event recorded after each kernel it marks, and returns each
 /// kernel name's total time in microseconds, in the order first seen.

@@ -74,6 +74,35 @@ __device__ __forceinline__ void pdl_launch_dependents()
 #endif
 }
 
+// Weights a later kernel will read, asked into L2 ahead of it (Hopper's bulk prefetch,
+// sm_90; nothing before): `bytes` (a multiple of 16) at `p` (16-byte aligned; none where p is
+// null), shared out among the launch's blocks, 4 KiB a request, by each block's first warp.
+// Attention asks at its start, a product once its last weights are requested, so that HBM
+// streams the next product's weights while these latency-bound kernels run. A hint only: it
+// changes no result.
+struct Ahead {
+    const unsigned char* p;
+    unsigned long long bytes;
+};
+
+__device__ __forceinline__ void l2_ahead(const Ahead& a)
+{
+#if __CUDA_ARCH__ >= 900
+    if (a.p == nullptr || threadIdx.x >= 32) {
+        return;
+    }
+    const unsigned b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const unsigned n = gridDim.x * gridDim.y * gridDim.z;
+    const unsigned long long share = (a.bytes / n + 4095) / 4096 * 4096;
+    const unsigned long long lo = (unsigned long long)b * share;
+    const unsigned long long hi = lo + share < a.bytes ? lo + share : a.bytes;
+    for (unsigned long long o = lo + 4096ull * threadIdx.x; o < hi; o += 4096ull * 32) {
+        const unsigned size = (unsigned)(hi - o < 4096 ? hi - o : 4096);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a.p + o), "r"(size) : "memory");
+    }
+#endif
+}
+
 // Asynchronous 16-byte copies from global to shared memory (sm_80 and later; a plain copy
 // before): cp_async16 copies src to dst when `real`, else fills dst with zeros; a thread's
 // copies since its last cp_async_commit form a group, and cp_async_wait<N> waits until at most

@@ -246,7 +246,8 @@ __device__ __forceinline__ void attention_splits(
         const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,       \
         float* part_o, float* part_ml, unsigned* tickets, float* out, const int* __restrict__ step, \
         unsigned n_head, unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split,        \
-        float scale, unsigned stride, unsigned spb) {                                             \
+        float scale, unsigned stride, unsigned spb, Ahead ahead) {                                \
+        l2_ahead(ahead);                                                                          \
         pdl_wait();                                                                               \
         pdl_launch_dependents();                                                                  \
         attention_splits<D, NEW>(spb, blockIdx.y, blockIdx.z, step[0], qkv, k_cache, v_cache,     \
@@ -288,7 +289,8 @@ struct AttnJob {
         const float* qkv, const AttnJob* __restrict__ jobs, unsigned layer,                      \
         const float* __restrict__ inv_freq, float* out, unsigned n_head, unsigned n_head_kv,      \
         unsigned n_rot, int halves, float scale, unsigned stride, unsigned spb,                   \
-        unsigned* split_hi, unsigned* split_lo, unsigned split_layout) {                          \
+        unsigned* split_hi, unsigned* split_lo, unsigned split_layout, Ahead ahead) {             \
+        l2_ahead(ahead);                                                                          \
         pdl_wait();                                                                               \
         pdl_launch_dependents();                                                                  \
         const AttnJob j = jobs[blockIdx.z];                                                       \

@@ -51,7 +51,7 @@ extern "C" __global__ void __launch_bounds__(256)
         unsigned *tickets, float *part_sums, unsigned y_stride, const float *residual,            \
         unsigned norm, const float *__restrict__ g, float *__restrict__ yg, unsigned glu,         \
         unsigned plain, const float *norm_x, unsigned x_stride, float eps, unsigned *flags,       \
-        unsigned *split_hi, unsigned *split_lo, unsigned split_layout, unsigned split_cols
+        unsigned *split_hi, unsigned *split_lo, unsigned split_layout, unsigned split_cols, Ahead ahead
 
 // mma_many for NT n8 tiles of tokens (T <= 8 NT), at two blocks an SM (at most 128 registers a
 // thread: one block an SM left too few warps reading).
@@ -62,7 +62,7 @@ extern "C" __global__ void __launch_bounds__(256)
     {                                                                                                 \
         MMA_OUT                                                                                       \
         mma_many<NT>(w, hi, lo, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, \
-                     part_sums, o, plain != 0);                                                       \
+                     part_sums, o, plain != 0, ahead);                                                \
     }
 
 MMA_MANY(1)
@@ -77,7 +77,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 {
     MMA_OUT
     mma_ring<false>(w, xs, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, part_sums, o,
-                    plain != 0);
+                    plain != 0, ahead);
 }
 
 // The same by warpgroup mmas, x laid out MMA_OPERANDS for 64 tokens: Hopper's (sm_90a) alone,
@@ -89,6 +89,6 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     MMA_OUT
     mma_ring<true>(w, xs, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, part_sums, o,
-                   plain != 0);
+                   plain != 0, ahead);
 #endif
 }

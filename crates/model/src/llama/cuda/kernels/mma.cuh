@@ -619,7 +619,7 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
                                          const unsigned* __restrict__ xlo_, float* scale, const float* norm_x,
                                          unsigned x_stride, float eps, unsigned* flags, unsigned rows, unsigned cols,
                                          unsigned T, unsigned P, unsigned* tickets, float* part_sums, MmaOut o,
-                                         bool plain)
+                                         bool plain, const Ahead& ahead)
 {
     constexpr int SC = mma_stage_chunks<NT>(), ROW = mma_many_row<NT>(), STAGE = 8 * NT * ROW;
     constexpr int G = NT >= 2 ? 2 : 1;
@@ -712,6 +712,7 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
         }
         __syncthreads();
     }
+    l2_ahead(ahead);
     if (mine) {
         mma_store<NT>(acc, rows, T, P, part, tile, tickets, part_sums, scale, flags, o, plain);
     }
@@ -935,7 +936,8 @@ template <bool WG>
 __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, const unsigned char* __restrict__ x,
                                          float* scale, const float* norm_x, unsigned x_stride, float eps,
                                          unsigned* flags, unsigned rows, unsigned cols, unsigned T, unsigned P,
-                                         unsigned* tickets, float* part_sums, MmaOut o, bool plain)
+                                         unsigned* tickets, float* part_sums, MmaOut o, bool plain,
+                                         const Ahead& ahead)
 {
     constexpr int NT = MMA_MAX_TOKENS / 8, G = 2;
     constexpr int SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE, WB = SC * 8192;
@@ -1052,6 +1054,9 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
     for (unsigned s = 0; s < R; ++s) {
         fetch_x(s);
     }
+    if (stages < R) {
+        l2_ahead(ahead);
+    }
     if (flags && o.norm && warp == 7 && blockIdx.x < T) {
         mma_scale_take(norm_x, x_stride, cols, eps, scale, flags, lane);
     }
@@ -1062,6 +1067,9 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
         __syncthreads();
         fetch_w(s + R);
         fetch_x(s + R);
+        if (s + R == stages) {
+            l2_ahead(ahead);
+        }
     }
     mma_ring_store(acc, rows, T, P, part, tile, tickets, part_sums, scale, flags, o, plain);
 }
