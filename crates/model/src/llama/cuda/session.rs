@@ -870,7 +870,7 @@ pub(super) fn enqueue_layers(
         ..Fuse::default()
     };
     let [att_ahead, o_ahead] = match n {
-        2..=32 => GATE_UP_AHEAD,
+        2..=16 => GATE_UP_AHEAD,
         _ => [0, 0],
     };
     for (l, lw) in w.layers.iter().enumerate() {
@@ -910,12 +910,12 @@ pub(super) fn enqueue_layers(
     Ok(())
 }
 
-/// Bytes of a layer's gate/up tiles asked into L2 ahead of their product in steps of 2 to 32
+/// Bytes of a layer's gate/up tiles asked into L2 ahead of their product in steps of 2 to 16
 /// tokens: the first by attention at its start, the next by O's product once its own last
 /// weights are requested, so that HBM streams them while those latency-bound kernels run
-/// (`Launcher::ahead`). On an H100 (docs/perf.md, "Weights asked into L2 ahead"), each gained
-/// 1.5-3% at 4 and 16 sessions; at 64 sessions and for one session asking ahead gained nothing
-/// or lost, and so did asking for the other matrices.
+/// (`Launcher::ahead`). On an H100 (docs/perf.md, "Weights asked into L2 ahead"): steps +3-4%
+/// at 4, 8 and 16 sessions; -0.7% at 32, less still at 64 and for one session, where no
+/// weights are asked ahead, nor for the other matrices, which gained nothing anywhere.
 const GATE_UP_AHEAD: [u64; 2] = [16 << 20, 8 << 20];
 
 /// Runs `enqueue` with an event recorded after each kernel it marks, and returns each
