@@ -14,7 +14,10 @@
 //! running step is due to end, from how long the last one took, and they poll for their
 //! handoff from then on: a thread woken from sleep takes a while to run again (hundreds of
 //! microseconds on some hosts), which callers that must come back for the next step would
-//! otherwise add to every step. Meant for steps that leave the host's cores idle (a GPU's).
+//! otherwise add to every step. Meant for steps that leave the host's cores idle (a GPU's);
+//! where other threads keep the cores busy, a poll would wait out their time slices, so a
+//! yield that comes back late stops all polling for a while and the callers sleep until
+//! handed their job.
 //!
 //! A job puts one chunk of its tokens into a step ([`StepJob::next_tokens`]): a decode its
 //! one token, a long prefill its next chunk, whose size depends on its own positions only,
@@ -38,6 +41,12 @@ const MAX_GATHER: Duration = Duration::from_millis(3);
 /// before they sleep again.
 const WAKE_EARLY: Duration = Duration::from_micros(400);
 const POLL_FOR: Duration = Duration::from_millis(2);
+/// A polling thread's yield that takes longer than SLOW_YIELD to come back means that other
+/// threads hold the host's cores (a poller then waits out their time slices where a thread
+/// woken from sleep would be run at once): polling stops for CROWDED_FOR, and the callers
+/// sleep until handed their job, as without waking early.
+const SLOW_YIELD: Duration = Duration::from_micros(200);
+const CROWDED_FOR: Duration = Duration::from_millis(200);
 
 /// What one step may take.
 #[derive(Clone, Copy, Debug)]
@@ -73,12 +82,25 @@ pub struct StepBatcher<J> {
 struct Wake {
     base: Instant,
     at: AtomicU64,
+    /// Until when nobody polls (see SLOW_YIELD), as `at` counts time.
+    crowded_until: AtomicU64,
 }
 
 impl Wake {
+    fn new() -> Wake {
+        Wake {
+            base: Instant::now(),
+            at: AtomicU64::new(0),
+            crowded_until: AtomicU64::new(0),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        (at - self.base).as_nanos().max(1) as u64
+    }
+
     fn set(&self, at: Instant) {
-        let nanos = (at - self.base).as_nanos().max(1) as u64;
-        self.at.store(nanos, Ordering::Relaxed);
+        self.at.store(self.nanos(at), Ordering::Relaxed);
     }
 
     fn get(&self) -> Option<Instant> {
@@ -86,6 +108,25 @@ impl Wake {
             0 => None,
             nanos => Some(self.base + Duration::from_nanos(nanos)),
         }
+    }
+
+    /// Whether a caller may poll at `now`: no poll has found the cores crowded lately.
+    fn may_poll(&self, now: Instant) -> bool {
+        self.nanos(now) >= self.crowded_until.load(Ordering::Relaxed)
+    }
+
+    /// Yields the core once between two looks of a poll; false (and nobody polls for
+    /// CROWDED_FOR) where the yield came back too late to go on polling.
+    fn yield_once(&self) -> bool {
+        let before = Instant::now();
+        std::thread::yield_now();
+        let now = Instant::now();
+        if now - before <= SLOW_YIELD {
+            return true;
+        }
+        self.crowded_until
+            .store(self.nanos(now + CROWDED_FOR), Ordering::Relaxed);
+        false
     }
 }
 
@@ -128,8 +169,9 @@ impl<J> Waiter<J> {
     }
 
     /// Sleeps until handed something. With `wake`: until the time it gives, then polls
-    /// (yielding its core between looks) until handed something, POLL_FOR has passed, or
-    /// a new step has set another time; without one set, looks again every POLL_FOR.
+    /// (yielding its core between looks) until handed something, POLL_FOR has passed, a
+    /// new step has set another time, or a yield found the cores crowded; without one set,
+    /// or while they are crowded, looks again every POLL_FOR.
     fn wait(&self, wake: Option<&Wake>) -> Handoff<J> {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -138,16 +180,18 @@ impl<J> Waiter<J> {
                 return handoff;
             }
             let now = Instant::now();
-            let sleep = match wake.and_then(Wake::get) {
+            let sleep = match wake.and_then(|w| w.get().zip(Some(w))) {
                 None if wake.is_none() => None,
-                Some(at) if now < at => Some(at - now),
-                Some(at) if now < at + POLL_FOR => {
+                Some((at, _)) if now < at => Some(at - now),
+                Some((at, w)) if now < at + POLL_FOR && w.may_poll(now) => {
                     drop(slot);
                     while !self.filled.load(Ordering::Acquire)
                         && Instant::now() < at + POLL_FOR
-                        && wake.and_then(Wake::get) == Some(at)
+                        && w.get() == Some(at)
                     {
-                        std::thread::yield_now();
+                        if !w.yield_once() {
+                            break;
+                        }
                     }
                     slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
                     continue;
@@ -249,10 +293,7 @@ impl<J: StepJob> StepBatcher<J> {
     /// The same batcher, waking its waiting callers shortly before each step is due to end
     /// (see the module docs).
     pub fn waking_early(mut self) -> StepBatcher<J> {
-        self.wake = Some(Wake {
-            base: Instant::now(),
-            at: AtomicU64::new(0),
-        });
+        self.wake = Some(Wake::new());
         self
     }
 
@@ -293,14 +334,18 @@ impl<J: StepJob> StepBatcher<J> {
                     state.short += 1;
                     break;
                 };
-                if self.wake.is_some() {
+                if let Some(wake) = &self.wake
+                    && wake.may_poll(Instant::now())
+                {
                     // Polls, as its callers do: the gather is short, and a leader woken from
                     // sleep would add its own way back to it.
                     let expect = state.expect;
                     drop(state);
                     while self.queued.load(Ordering::Acquire) < expect && Instant::now() < deadline
                     {
-                        std::thread::yield_now();
+                        if !wake.yield_once() {
+                            break;
+                        }
                     }
                     state = self.lock();
                     continue;
@@ -543,6 +588,46 @@ mod tests {
         };
         gap_between(StepBatcher::new(budget));
         gap_between(StepBatcher::new(budget).waking_early());
+    }
+
+    /// The same with a thread that never yields on each of the host's cores (`cargo test -p
+    /// tern-model --release --lib gap_between -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn gap_between_steps_with_the_cores_busy() {
+        let budget = Budget {
+            tokens: 64,
+            jobs: 64,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hogs: Vec<_> = (0..cores)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        gap_between(StepBatcher::new(budget));
+        gap_between(StepBatcher::new(budget).waking_early());
+        stop.store(true, Ordering::Relaxed);
+        for h in hogs {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_slow_yield_stops_polling_for_a_while() {
+        let wake = Wake::new();
+        let now = Instant::now();
+        assert!(wake.may_poll(now));
+        wake.crowded_until
+            .store(wake.nanos(now + CROWDED_FOR), Ordering::Relaxed);
+        assert!(!wake.may_poll(now));
+        assert!(wake.may_poll(now + CROWDED_FOR + Duration::from_millis(1)));
     }
 
     fn gap_between(batcher: StepBatcher<Count>) {
