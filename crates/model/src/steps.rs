@@ -180,7 +180,7 @@ impl<J> Waiter<J> {
                 return handoff;
             }
             let now = Instant::now();
-            let sleep = match wake.and_then(|w| w.get().zip(Some(w))) {
+            let sleep = match wake.and_then(|w| w.get().map(|at| (at, w))) {
                 None if wake.is_none() => None,
                 Some((at, _)) if now < at => Some(at - now),
                 Some((at, w)) if now < at + POLL_FOR && w.may_poll(now) => {

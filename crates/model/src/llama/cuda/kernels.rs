@@ -782,9 +782,10 @@ impl Launcher<'_> {
         self.kernels.mma.as_ref().filter(|_| w.tiles != 0)
     }
 
-    /// Asks the next tensor-core product or attention launch to bring `bytes` of `m`'s tiles
-    /// (where `m` is tiled for the tensor-core kernels; nothing otherwise), from byte `skip`
-    /// on, into L2 for the product over `m` after it (fewer where `m` has fewer).
+    /// Asks the next tensor-core product of up to 32 tokens (`mma_many`; the ring kernels
+    /// above ignore it) or attention launch to bring `bytes` of `m`'s tiles (where `m` is
+    /// tiled for the tensor-core kernels; nothing otherwise), from byte `skip` on, into L2 for
+    /// the product over `m` after it (fewer where `m` has fewer).
     pub fn ahead(&self, m: &DevMatrix, skip: u64, bytes: u64) {
         let size = u64::from(m.rows) * u64::from(m.cols) * 2;
         let bytes = bytes.min(size.saturating_sub(skip)) / 16 * 16;

@@ -45,7 +45,9 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // The arguments of mma_many, mma_ring and mma_wg after their activations (x as mma_split
 // left it): the norm's scales (scale; with flags, taken by the kernel itself from norm_x),
-// the outputs and their fusions (MMA_OUT), the parts' scratch.
+// the outputs and their fusions (MMA_OUT), the parts' scratch, and weights to ask into L2
+// ahead (common.cuh's l2_ahead: mma_many asks; the host makes no request of the ring kernels,
+// which leave it).
 #define MMA_PRODUCT_ARGS                                                                          \
     float *scale, float *y, unsigned rows, unsigned cols, unsigned n_tok, unsigned parts,         \
         unsigned *tickets, float *part_sums, unsigned y_stride, const float *residual,            \
@@ -77,7 +79,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 {
     MMA_OUT
     mma_ring<false>(w, xs, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, part_sums, o,
-                    plain != 0, ahead);
+                    plain != 0);
 }
 
 // The same by warpgroup mmas, x laid out MMA_OPERANDS for 64 tokens: Hopper's (sm_90a) alone,
@@ -89,6 +91,6 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     MMA_OUT
     mma_ring<true>(w, xs, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, part_sums, o,
-                   plain != 0, ahead);
+                   plain != 0);
 #endif
 }

@@ -936,8 +936,7 @@ template <bool WG>
 __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, const unsigned char* __restrict__ x,
                                          float* scale, const float* norm_x, unsigned x_stride, float eps,
                                          unsigned* flags, unsigned rows, unsigned cols, unsigned T, unsigned P,
-                                         unsigned* tickets, float* part_sums, MmaOut o, bool plain,
-                                         const Ahead& ahead)
+                                         unsigned* tickets, float* part_sums, MmaOut o, bool plain)
 {
     constexpr int NT = MMA_MAX_TOKENS / 8, G = 2;
     constexpr int SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE, WB = SC * 8192;
@@ -1054,9 +1053,6 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
     for (unsigned s = 0; s < R; ++s) {
         fetch_x(s);
     }
-    if (stages < R) {
-        l2_ahead(ahead);
-    }
     if (flags && o.norm && warp == 7 && blockIdx.x < T) {
         mma_scale_take(norm_x, x_stride, cols, eps, scale, flags, lane);
     }
@@ -1067,9 +1063,6 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
         __syncthreads();
         fetch_w(s + R);
         fetch_x(s + R);
-        if (s + R == stages) {
-            l2_ahead(ahead);
-        }
     }
     mma_ring_store(acc, rows, T, P, part, tile, tickets, part_sums, scale, flags, o, plain);
 }
