@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 
 use super::kernels::{
     MMA_CHUNKS, MMA_MAX_TOKENS, MMA_OPERANDS, MMA_RING_CHUNKS, MMA_RING_STAGES, MMA_ROWS,
-    MMA_SPLIT_COLS, TOP_CHUNK, TOP_MAX_LISTS,
+    MMA_SPLIT_COLS, MMA_WG16_STAGES, MMA_WG32_STAGES, TOP_CHUNK, TOP_MAX_LISTS,
 };
 
 /// `constants.cuh` as the kernels include it: (name, text).
@@ -37,10 +37,12 @@ fn text() -> String {
         ("TOP_MAX", crate::top::MAX_TOP),
         ("TOP_MAX_LISTS", TOP_MAX_LISTS),
         // Most tokens of one tensor-core product launch; mma_ring's chunks a stage, and its
-        // stages.
+        // stages (for 64 tokens, 16 and 32).
         ("MMA_MAX_TOKENS", MMA_MAX_TOKENS as usize),
         ("MMA_RING_CHUNKS", MMA_RING_CHUNKS as usize),
         ("MMA_RING_STAGES", MMA_RING_STAGES as usize),
+        ("MMA_WG16_STAGES", MMA_WG16_STAGES as usize),
+        ("MMA_WG32_STAGES", MMA_WG32_STAGES as usize),
         // mma_split's layouts of the split activations.
         ("MMA_ROWS", MMA_ROWS as usize),
         ("MMA_CHUNKS", MMA_CHUNKS as usize),

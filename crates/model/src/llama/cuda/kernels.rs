@@ -94,7 +94,9 @@ pub const MMA_RING_CHUNKS: u32 = 2;
 pub const MMA_RING_STAGES: u32 = 3;
 const _: () = assert!(MMA_MAX_TOKENS.is_multiple_of(4));
 /// How `mma_split` lays out the split activations (`mma.cuh`): rows for `mma_many`, chunk by
-/// chunk for `mma_ring_bf16`'s fragment reads, as warpgroup mmas' operands for `mma_wg_bf16`.
+/// chunk for `mma_ring_bf16`'s fragment reads, as warpgroup mmas' operands for `mma_wg_bf16`
+/// (`MMA_OPERANDS + k`: operands of `MMA_MAX_TOKENS >> k` tokens, for `mma_wg_bf16_32` and
+/// `mma_wg_bf16_16`).
 pub const MMA_ROWS: u32 = 0;
 pub const MMA_CHUNKS: u32 = 1;
 pub const MMA_OPERANDS: u32 = 2;
@@ -129,10 +131,20 @@ pub fn mma_fits(m: &DevMatrix) -> bool {
     m.dtype == DType::BF16 && m.rows.is_multiple_of(128) && m.cols.is_multiple_of(256)
 }
 
-/// Dynamic shared memory of `mma_ring_bf16` and `mma_wg_bf16` (`mma.cuh`'s `MMA_RING_SMEM`:
-/// the ring's stages, each the 8 tiles' weights (8 KiB a chunk) and every token's activations
-/// (128 bytes a token a chunk), and an mbarrier a stage).
-const MMA_RING_SMEM: u32 = MMA_RING_STAGES * (MMA_RING_CHUNKS * (8192 + MMA_MAX_TOKENS * 128) + 8);
+/// Dynamic shared memory of `mma_ring_bf16` and `mma_wg_bf16`.
+const MMA_RING_SMEM: u32 = mma_ring_smem(MMA_MAX_TOKENS, MMA_RING_STAGES);
+
+/// Stages of the rings of `mma_wg_bf16_16` and `mma_wg_bf16_32`: as many as two blocks an SM
+/// hold.
+pub const MMA_WG16_STAGES: u32 = 5;
+pub const MMA_WG32_STAGES: u32 = 4;
+
+/// Dynamic shared memory of a ring of `stages` stages for `tokens` tokens (`mma.cuh`'s
+/// `mma_ring`: each stage 8 KiB of weights and 128 bytes of activations a token a chunk, then an
+/// mbarrier a stage).
+const fn mma_ring_smem(tokens: u32, stages: u32) -> u32 {
+    stages * (MMA_RING_CHUNKS * (8192 + tokens * 128) + 8)
+}
 
 /// Dynamic shared memory of `mma_many_bf16_<nt>` (`mma.cuh`'s `mma_many_smem`).
 fn mma_many_smem(nt: u32) -> u32 {
@@ -152,6 +164,9 @@ pub struct Mma {
     /// 33 to 64 tokens: `mma_wg_bf16` on Hopper (sm_90, compiled as sm_90a), else
     /// `mma_ring_bf16`; and the split's layout for it.
     ring: (CudaFunction, u32),
+    /// 9 to 16 and 17 to 32 tokens on Hopper: `mma_wg_bf16_16` and `mma_wg_bf16_32` (elsewhere
+    /// `mma_many_bf16_2` and `_4`).
+    few: Option<[CudaFunction; 2]>,
     /// Two sets of split activations (hi, then lo): a product reads one while its outputs
     /// go split into the other for the product after it.
     sets: [(u64, u64); 2],
@@ -188,12 +203,24 @@ impl Pending {
 
 impl Mma {
     /// The product kernel for `m` tokens (2 to `MMA_MAX_TOKENS`), its dynamic shared memory,
-    /// and the layout of its split activations.
+    /// and the layout of its split activations. (On an H100, the warpgroup mmas of 16 and 32
+    /// tokens made steps of 16 sessions 2% faster than `mma_many` and of 32 sessions 13%,
+    /// but of 4 and 8 sessions 6-8% slower: docs/perf.md.)
     fn kernel(&self, m: u32) -> (&CudaFunction, u32, u32) {
-        match m {
-            ..=8 => (&self.many[0], mma_many_smem(1), MMA_ROWS),
-            9..=16 => (&self.many[1], mma_many_smem(2), MMA_ROWS),
-            17..=32 => (&self.many[2], mma_many_smem(4), MMA_ROWS),
+        match (m, &self.few) {
+            (..=8, _) => (&self.many[0], mma_many_smem(1), MMA_ROWS),
+            (9..=16, Some(few)) => (
+                &few[0],
+                mma_ring_smem(16, MMA_WG16_STAGES),
+                MMA_OPERANDS + 2,
+            ),
+            (9..=16, None) => (&self.many[1], mma_many_smem(2), MMA_ROWS),
+            (17..=32, Some(few)) => (
+                &few[1],
+                mma_ring_smem(32, MMA_WG32_STAGES),
+                MMA_OPERANDS + 1,
+            ),
+            (17..=32, None) => (&self.many[2], mma_many_smem(4), MMA_ROWS),
             _ => (&self.ring.0, MMA_RING_SMEM, self.ring.1),
         }
     }
@@ -240,19 +267,28 @@ impl Mma {
         let (f, _) = floats_buf.device_ptr(stream);
         let half = (tokens * max_cols.div_ceil(2) * 4) as u64;
         // Past the 48 KiB a kernel gets without asking.
-        let ring_kernel = |name: &str| {
+        let ring_kernel = |name: &str, smem: u32| {
             let f = get(name)?;
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                MMA_RING_SMEM as i32,
+                smem as i32,
             )
             .map_err(driver("giving the tensor-core kernels their shared memory"))?;
             Ok::<_, ModelError>(f)
         };
-        let ring = if arch == 90 {
-            (ring_kernel("mma_wg_bf16")?, MMA_OPERANDS)
+        let (ring, few) = if arch == 90 {
+            (
+                (ring_kernel("mma_wg_bf16", MMA_RING_SMEM)?, MMA_OPERANDS),
+                Some([
+                    ring_kernel("mma_wg_bf16_16", mma_ring_smem(16, MMA_WG16_STAGES))?,
+                    ring_kernel("mma_wg_bf16_32", mma_ring_smem(32, MMA_WG32_STAGES))?,
+                ]),
+            )
         } else {
-            (ring_kernel("mma_ring_bf16")?, MMA_CHUNKS)
+            (
+                (ring_kernel("mma_ring_bf16", MMA_RING_SMEM)?, MMA_CHUNKS),
+                None,
+            )
         };
         Ok(Some(Mma {
             tile: get("mma_tile_bf16")?,
@@ -264,6 +300,7 @@ impl Mma {
                 get("mma_many_bf16_4")?,
             ],
             ring,
+            few,
             sets: [(w, w + half), (w + 2 * half, w + 3 * half)],
             tickets: w + 4 * half,
             flags: w + 4 * half + 4 * max_tiles as u64,
@@ -1488,7 +1525,8 @@ impl Launcher<'_> {
 #[cfg(test)]
 mod tests {
     use super::{
-        DevMatrix, MATVEC_UNITS, matvec_parts, mma_fits, mma_many_smem, mma_parts, splits_per_block,
+        DevMatrix, MATVEC_UNITS, MMA_MAX_TOKENS, MMA_RING_STAGES, MMA_WG16_STAGES, MMA_WG32_STAGES,
+        matvec_parts, mma_fits, mma_many_smem, mma_parts, mma_ring_smem, splits_per_block,
     };
     use crate::quant::DType;
 
@@ -1530,6 +1568,24 @@ mod tests {
         assert_eq!(splits_per_block(512 * 64 * 8), 4);
         assert_eq!(splits_per_block(48 * 4 * 8), 3);
         assert_eq!(splits_per_block(32 * 4 * 8), 2);
+    }
+
+    #[test]
+    fn two_blocks_of_each_ring_fit_an_sm() {
+        // An H100's SM: 228 KiB of shared memory, 1 KiB of it reserved a block.
+        let per_block = (228 * 1024 - 2 * 1024) / 2;
+        for (tokens, stages) in [
+            (MMA_MAX_TOKENS, MMA_RING_STAGES),
+            (16, MMA_WG16_STAGES),
+            (32, MMA_WG32_STAGES),
+        ] {
+            let smem = mma_ring_smem(tokens, stages);
+            assert!(smem <= per_block, "{tokens} tokens: {smem} bytes");
+            assert!(
+                mma_ring_smem(tokens, stages + 1) > per_block,
+                "{tokens} tokens: room for a stage more"
+            );
+        }
     }
 
     #[test]

@@ -239,9 +239,16 @@ __device__ __forceinline__ void mma_split_pair(float x0, float x1, unsigned& hi,
     lo = mma_pack(x0 - __uint_as_float(hi << 16), x1 - __uint_as_float(hi & 0xffff0000u));
 }
 
+// Tokens of the warpgroup mmas' operands laid out `layout` (MMA_OPERANDS + k: MMA_MAX_TOKENS
+// >> k, for products of fewer tokens).
+__device__ __forceinline__ unsigned operand_tokens(unsigned layout)
+{
+    return MMA_MAX_TOKENS >> (layout - MMA_OPERANDS);
+}
+
 // Where a kernel writes a product's input a second time, split as mma.cuh's mma_split would
 // split it for that product: laid out `layout` (constants.cuh's MMA_ROWS, MMA_CHUNKS or
-// MMA_OPERANDS) for rows of `cols` columns; nothing where hi is null.
+// MMA_OPERANDS + k) for rows of `cols` columns; nothing where hi is null.
 struct SplitOut {
     unsigned* hi;
     unsigned* lo;
@@ -256,8 +263,8 @@ __device__ __forceinline__ void split_put(const SplitOut& o, unsigned T, unsigne
 {
     unsigned h, l;
     mma_split_pair(x0, x1, h, l);
-    if (o.layout == MMA_OPERANDS) {
-        constexpr unsigned W = MMA_MAX_TOKENS;
+    if (o.layout >= MMA_OPERANDS) {
+        const unsigned W = operand_tokens(o.layout);
         const unsigned jj = j % 16, q = jj / 4, r = jj % 4;
         unsigned char* op = (unsigned char*)o.hi + (unsigned long long)(j / 16) * 128 * W + (t / 8) * 256 +
                             (t % 8) * 16 + q * 4 + (r / 2) * 64 * W + (r % 2) * 128;

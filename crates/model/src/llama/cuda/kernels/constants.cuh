@@ -17,6 +17,8 @@
 #define MMA_MAX_TOKENS 64
 #define MMA_RING_CHUNKS 2
 #define MMA_RING_STAGES 3
+#define MMA_WG16_STAGES 5
+#define MMA_WG32_STAGES 4
 #define MMA_ROWS 0
 #define MMA_CHUNKS 1
 #define MMA_OPERANDS 2

@@ -94,3 +94,29 @@ extern "C" __global__ void __launch_bounds__(256, 2)
                    plain != 0);
 #endif
 }
+
+// The same for 9 to 16 and 17 to 32 tokens: warpgroup mmas of N = 16 or 32 tokens, x laid out
+// MMA_OPERANDS + 2 or + 1 (operands of N tokens), stages as many as two blocks an SM hold
+// (MMA_WG16_STAGES, MMA_WG32_STAGES: constants.cuh). Empty before sm_90a.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MMA_WG_FEW(N, R)                                                                          \
+    MMA_OUT                                                                                       \
+    mma_ring<true, R, N>(w, xs, scale, norm_x, x_stride, eps, flags, rows, cols, n_tok, parts, tickets, part_sums, \
+                         o, plain != 0);
+#else
+#define MMA_WG_FEW(N, R)
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    mma_wg_bf16_16(const unsigned char* __restrict__ w, const unsigned char* __restrict__ xs, const unsigned* lo,
+                   MMA_PRODUCT_ARGS)
+{
+    MMA_WG_FEW(16, MMA_WG16_STAGES)
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    mma_wg_bf16_32(const unsigned char* __restrict__ w, const unsigned char* __restrict__ xs, const unsigned* lo,
+                   MMA_PRODUCT_ARGS)
+{
+    MMA_WG_FEW(32, MMA_WG32_STAGES)
+}

@@ -8,7 +8,8 @@
 //   mma_one       y = W x for one token
 //   mma_many      y = W x for 2 to 32 tokens, x split by mma_split
 //   mma_ring      the same for 33 to 64 tokens through a deeper pipeline, on Hopper (sm_90a)
-//                 by warpgroup mmas (wgmma), with the same bits
+//                 by warpgroup mmas (wgmma), with the same bits; there also for 9 to 16
+//                 and 17 to 32 tokens, by warpgroup mmas of 16 or 32 tokens
 //
 // both products with matvec's fusions (matvec.cuh): the RMSNorm before the product (its scale
 // applied to the sum), a residual, the next norm's input y * g, and the interleaved gate/up
@@ -41,8 +42,9 @@
 // gridDim ceil(tiles / tiles a block), dynamic shared memory 4 * cols bytes. mma_many: a
 // block's 8 warps take 8 tiles of one part; gridDim (tiles / 8) * P, dynamic shared memory
 // mma_many_smem(NT) bytes. mma_ring: as mma_many, its weights and activations streamed into a
-// ring of stages in shared memory; dynamic shared memory MMA_RING_SMEM bytes (more than 48
-// KiB: the host raises the kernel's limit).
+// ring of stages in shared memory; dynamic shared memory R (SC (8192 + 128 N) + 8) bytes
+// for R stages of SC chunks for N tokens (more than 48 KiB: the host raises the kernels'
+// limits).
 
 #ifndef TERN_MMA_CUH
 #define TERN_MMA_CUH
@@ -147,7 +149,8 @@ __device__ __forceinline__ void mma_tile(const unsigned char* __restrict__ src, 
 // - MMA_CHUNKS: the 128 bytes of token t's chunk c (its 32 columns' hi, then their lo; for an
 //   odd t lo first, so that a warp's fragment reads of tokens 2i and 2i + 1 fall on distinct
 //   banks) at byte (c T + t) 128.
-// - MMA_OPERANDS: for warpgroup mmas of W = MMA_MAX_TOKENS tokens, chunk c's 128 W bytes at
+// - MMA_OPERANDS + k: for warpgroup mmas of W = MMA_MAX_TOKENS >> k tokens (common.cuh's
+//   operand_tokens; 64, 32 or 16), chunk c's 128 W bytes at
 //   byte 128 W c, as four B operands (32 W bytes each: the chunk's first 16 columns' hi, their
 //   lo, the other 16's hi, their lo, mma_chunk's order), each W / 8 core matrices of 8 tokens
 //   (256 bytes apart) by two halves of its 16 columns (128 bytes apart), a token's 8 columns
@@ -192,9 +195,9 @@ __device__ __forceinline__ void mma_split(const float* __restrict__ x, unsigned 
     for (int i = 0; i < 4; ++i) {
         mma_split_pair(v[2 * i], v[2 * i + 1], h[i], l[i]);
     }
-    if (layout == MMA_OPERANDS) {
+    if (layout >= MMA_OPERANDS) {
         // Pair r of the thread's four is pair r of lane quad q: step r / 2's operand, half r % 2.
-        constexpr unsigned W = MMA_MAX_TOKENS;
+        const unsigned W = operand_tokens(layout);
         const unsigned q = (j0 % 16) / 4;
         unsigned char* base =
             (unsigned char*)hi + (unsigned long long)(j0 / 16) * 128 * W + (t / 8) * 256 + (t % 8) * 16 + q * 4;
@@ -719,25 +722,24 @@ __device__ __forceinline__ void mma_many(const unsigned char* __restrict__ w, co
 }
 
 // ---------------------------------------------------------------------------------------
-// mma_ring: 33 to 64 tokens
+// mma_ring: 33 to 64 tokens (on Hopper also 9 to 32)
 // ---------------------------------------------------------------------------------------
 
 // A stage of mma_ring (MMA_RING_CHUNKS chunks, constants.cuh): its 8 tiles' weights (8 KiB a
 // chunk, one run) and every token's split activations for the same columns (128 bytes a token
-// a chunk). MMA_RING_STAGES (constants.cuh) stages in flight, a ring in shared memory: as many
-// as two blocks an SM can hold.
-#define MMA_RING_STAGE (MMA_RING_CHUNKS * (8192 + MMA_MAX_TOKENS * 128))
-// Dynamic shared memory of mma_ring: the ring's stages, then an mbarrier a stage.
-#define MMA_RING_SMEM (MMA_RING_STAGES * (MMA_RING_STAGE + 8))
+// a chunk, N tokens). R stages in flight (MMA_RING_STAGES for 64 tokens, MMA_WG16_STAGES and
+// MMA_WG32_STAGES for 16 and 32), a ring in shared memory: as many as two blocks an SM can
+// hold. Its dynamic shared memory: the ring's stages, then an mbarrier a stage (the host's
+// mma_ring_smem).
 
 // mma_park, then the last part's warp sums the tile's parts and writes its outputs, with
 // more of its loads in flight than mma_store's (64 tokens make 8 rows of four a lane).
-__device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS / 8][4], unsigned rows, unsigned T,
-                                               unsigned P, unsigned part, unsigned tile, unsigned* tickets,
-                                               float* part_sums, const float* scale, unsigned* flags,
-                                               const MmaOut& o, bool plain)
+template <int NT>
+__device__ __forceinline__ void mma_ring_store(const float (&acc)[NT][4], unsigned rows, unsigned T, unsigned P,
+                                               unsigned part, unsigned tile, unsigned* tickets, float* part_sums,
+                                               const float* scale, unsigned* flags, const MmaOut& o, bool plain)
 {
-    if (!mma_park<MMA_MAX_TOKENS / 8>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
+    if (!mma_park<NT>(acc, rows, T, P, part, tile, tickets, part_sums, o, plain)) {
         return;
     }
     const unsigned lane = threadIdx.x & 31;
@@ -748,7 +750,7 @@ __device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS
     // parts of every vector loaded at once; then every value the outputs need is loaded
     // before the first output is stored (y may be the residual, so a load after a store
     // would wait for it).
-    constexpr int V = 4 * MMA_MAX_TOKENS / 32;
+    constexpr int V = 4 * 8 * NT / 32;
     auto at = [&](int j, unsigned& tok, unsigned& r) {
         if (o.glu) {
             const unsigned i = lane + 32 * (j / 2);
@@ -863,32 +865,51 @@ __device__ __forceinline__ void mma_ring_store(const float (&acc)[MMA_MAX_TOKENS
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// A warpgroup's mma (sm_90a): d, its 64 rows by 64 tokens (each warp's 16 rows as
-// mma.m16n8k16's C for 8 n8 tiles), plus the warp's A fragment (mma_bf16's a0-a3) times the
-// tokens' 16 columns, the B operand at `op` in shared memory (see mma_split's MMA_OPERANDS).
+// A warpgroup's mma (sm_90a): d, its 64 rows by 8 NT tokens (NT = 8, 4 or 2; each warp's 16
+// rows as mma.m16n8k16's C for NT n8 tiles), plus the warp's A fragment (mma_bf16's a0-a3)
+// times the tokens' 16 columns, the B operand at `op` in shared memory (see mma_split's
+// MMA_OPERANDS + k for 8 NT tokens).
 // Asynchronous: d and the fragment wait for mma_wg_wait.
 #define MMA_WG_DESC(op) (((smem_addr(op) >> 4) & 0x3fff) | (128ull >> 4 << 16) | (256ull >> 4 << 32))
 // (The descriptor: the operand's address, 128 bytes between the halves of its 16 columns, 256
 // between groups of 8 tokens, no swizzle.)
 #define MMA_WG_D4(n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
 
-__device__ __forceinline__ void mma_wg(float (&d)[8][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+template <int NT>
+__device__ __forceinline__ void mma_wg(float (&d)[NT][4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                        const void* op)
 {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,"
-        "%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, 1, 1, 1, 0;"
-        : MMA_WG_D4(0), MMA_WG_D4(1), MMA_WG_D4(2), MMA_WG_D4(3), MMA_WG_D4(4), MMA_WG_D4(5), MMA_WG_D4(6),
-          MMA_WG_D4(7)
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(MMA_WG_DESC(op)));
+    if constexpr (NT == 8) {
+        asm volatile(
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,"
+            "%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, 1, 1, "
+            "1, 0;"
+            : MMA_WG_D4(0), MMA_WG_D4(1), MMA_WG_D4(2), MMA_WG_D4(3), MMA_WG_D4(4), MMA_WG_D4(5), MMA_WG_D4(6),
+              MMA_WG_D4(7)
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(MMA_WG_DESC(op)));
+    } else if constexpr (NT == 4) {
+        asm volatile(
+            "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,"
+            "%14,%15}, {%16,%17,%18,%19}, %20, 1, 1, 1, 0;"
+            : MMA_WG_D4(0), MMA_WG_D4(1), MMA_WG_D4(2), MMA_WG_D4(3)
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(MMA_WG_DESC(op)));
+    } else {
+        static_assert(NT == 2, "warpgroup mmas of 16, 32 or 64 tokens");
+        asm volatile(
+            "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, "
+            "1, 1, 1, 0;"
+            : MMA_WG_D4(0), MMA_WG_D4(1)
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(MMA_WG_DESC(op)));
+    }
 }
 
 // The sums' registers as the compiler must see them at a warpgroup mma's start and end: read
 // and written there, never carried across.
-__device__ __forceinline__ void mma_wg_fence(float (&d)[8][4])
+template <int NT>
+__device__ __forceinline__ void mma_wg_fence(float (&d)[NT][4])
 {
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+    for (int n = 0; n < NT; ++n) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             asm volatile("" : "+f"(d[n][i])::"memory");
@@ -897,7 +918,8 @@ __device__ __forceinline__ void mma_wg_fence(float (&d)[8][4])
 }
 
 // Before a warp's first warpgroup mma of a batch (after its registers' last writes).
-__device__ __forceinline__ void mma_wg_begin(float (&d)[8][4])
+template <int NT>
+__device__ __forceinline__ void mma_wg_begin(float (&d)[NT][4])
 {
     mma_wg_fence(d);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -905,8 +927,8 @@ __device__ __forceinline__ void mma_wg_begin(float (&d)[8][4])
 
 // Waits for the warpgroup mmas issued since mma_wg_begin; `a` (their A fragments) stays
 // untouched until then.
-template <int N>
-__device__ __forceinline__ void mma_wg_wait(float (&d)[8][4], const uint4 (&a)[N])
+template <int NT, int N>
+__device__ __forceinline__ void mma_wg_wait(float (&d)[NT][4], const uint4 (&a)[N])
 {
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -919,11 +941,11 @@ __device__ __forceinline__ void mma_wg_wait(float (&d)[8][4], const uint4 (&a)[N
 #endif
 
 // mma_many's product (the same mmas in the same order, so the same bits) for 33 to 64 tokens
-// through a deeper pipeline. Block b: part b % P, tiles (b / P) * 8 + warp (every tile
+// (with WG, T <= N: 9 to 16 for N = 16, 17 to 32 for N = 32) through a deeper pipeline. Block b: part b % P, tiles (b / P) * 8 + warp (every tile
 // real: rows are whole groups of 128). Stage s of SC chunks: the 8 tiles' weights for the
 // part's chunks s SC .. s SC + SC - 1 (one 8 SC KiB run, see mma_at) and every token's split
 // activations for them (one run, see mma_split: SC T 128 bytes laid out MMA_CHUNKS, or with
-// WG, SC MMA_MAX_TOKENS 128 bytes laid out MMA_OPERANDS), copied into a ring of R
+// WG, SC N 128 bytes laid out MMA_OPERANDS for N tokens), copied into a ring of R
 // stages in shared memory R stages ahead: on sm_90 each run by one bulk copy whose bytes
 // complete the stage's mbarrier, before it by cp.async. The weights of the first R stages are
 // requested before the wait for the kernel before (nothing writes them). Without WG, the mmas
@@ -932,21 +954,22 @@ __device__ __forceinline__ void mma_wg_wait(float (&d)[8][4], const uint4 (&a)[N
 // four warpgroup mmas, which give mma.sync's bits (measured: scripts/probes/gemm-bf16-mma.cu,
 // design W, and the model's tests).
 // With `flags`, the norm's scales as mma_many takes them.
-template <bool WG>
+template <bool WG, int R = MMA_RING_STAGES, int N = MMA_MAX_TOKENS>
 __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, const unsigned char* __restrict__ x,
                                          float* scale, const float* norm_x, unsigned x_stride, float eps,
                                          unsigned* flags, unsigned rows, unsigned cols, unsigned T, unsigned P,
                                          unsigned* tickets, float* part_sums, MmaOut o, bool plain)
 {
-    constexpr int NT = MMA_MAX_TOKENS / 8, G = 2;
-    constexpr int SC = MMA_RING_CHUNKS, R = MMA_RING_STAGES, STAGE = MMA_RING_STAGE, WB = SC * 8192;
+    static_assert(N == MMA_MAX_TOKENS || WG, "products of fewer tokens by warpgroup mmas alone");
+    constexpr int NT = N / 8, G = 2;
+    constexpr int SC = MMA_RING_CHUNKS, WB = SC * 8192, STAGE = SC * (8192 + N * 128);
     extern __shared__ __align__(128) unsigned char ring[];
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const unsigned part = blockIdx.x % P, group = blockIdx.x / P, tile = group * 8 + warp;
     const unsigned chunks_all = cols / 32, chunks = chunks_all / P, stages = chunks / SC;
     const unsigned char* wp = w + mma_at(group * 8, part * chunks, chunks_all);
     // A chunk's activations: 128 bytes a token (WG: MMA_MAX_TOKENS, T and the room past it).
-    const unsigned xchunk = (WG ? MMA_MAX_TOKENS : T) * 128, xbytes = SC * xchunk;
+    const unsigned xchunk = (WG ? N : T) * 128, xbytes = SC * xchunk;
     const unsigned char* xp = x + (unsigned long long)part * chunks * xchunk;
     auto slot = [&](unsigned s) { return ring + (s % R) * STAGE; };
 #if __CUDA_ARCH__ >= 900
@@ -1002,7 +1025,7 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
         const unsigned char* ws = buf + warp * 1024 + 16 * lane;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
         if constexpr (WG) {
-            constexpr int OPB = MMA_MAX_TOKENS * 32;  // bytes of a warpgroup mma's operand
+            constexpr int OPB = N * 32;  // bytes of a warpgroup mma's operand
             uint4 a[2 * SC];
 #pragma unroll
             for (int c = 0; c < SC; ++c) {
@@ -1064,7 +1087,7 @@ __device__ __forceinline__ void mma_ring(const unsigned char* __restrict__ w, co
         fetch_w(s + R);
         fetch_x(s + R);
     }
-    mma_ring_store(acc, rows, T, P, part, tile, tickets, part_sums, scale, flags, o, plain);
+    mma_ring_store<NT>(acc, rows, T, P, part, tile, tickets, part_sums, scale, flags, o, plain);
 }
 
 #endif
