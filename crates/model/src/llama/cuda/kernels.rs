@@ -204,7 +204,7 @@ impl Pending {
 impl Mma {
     /// The product kernel for `m` tokens (2 to `MMA_MAX_TOKENS`), its dynamic shared memory,
     /// and the layout of its split activations. (On an H100, the warpgroup mmas of 16 and 32
-    /// tokens made steps of 16 sessions 2% faster than `mma_many` and of 32 sessions 13%,
+    /// tokens made steps of 16 sessions 1-4% faster than `mma_many` and of 32 sessions 13%,
     /// but of 4 and 8 sessions 6-8% slower: docs/perf.md.)
     fn kernel(&self, m: u32) -> (&CudaFunction, u32, u32) {
         match (m, &self.few) {
