@@ -120,7 +120,12 @@ impl Wake {
     fn yield_once(&self) -> bool {
         let before = Instant::now();
         std::thread::yield_now();
-        let now = Instant::now();
+        self.came_back(before, Instant::now())
+    }
+
+    /// Whether a yield from `before` came back at `now` in time to go on polling; if not,
+    /// nobody polls for CROWDED_FOR from `now`.
+    fn came_back(&self, before: Instant, now: Instant) -> bool {
         if now - before <= SLOW_YIELD {
             return true;
         }
@@ -624,10 +629,13 @@ mod tests {
         let wake = Wake::new();
         let now = Instant::now();
         assert!(wake.may_poll(now));
-        wake.crowded_until
-            .store(wake.nanos(now + CROWDED_FOR), Ordering::Relaxed);
-        assert!(!wake.may_poll(now));
-        assert!(wake.may_poll(now + CROWDED_FOR + Duration::from_millis(1)));
+        assert!(wake.came_back(now, now + SLOW_YIELD));
+        assert!(wake.may_poll(now + SLOW_YIELD));
+        let late = now + SLOW_YIELD + Duration::from_micros(1);
+        assert!(!wake.came_back(now, late));
+        assert!(!wake.may_poll(late));
+        assert!(!wake.may_poll(late + CROWDED_FOR - Duration::from_millis(1)));
+        assert!(wake.may_poll(late + CROWDED_FOR + Duration::from_millis(1)));
     }
 
     fn gap_between(batcher: StepBatcher<Count>) {

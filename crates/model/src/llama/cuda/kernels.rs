@@ -819,8 +819,8 @@ impl Launcher<'_> {
         self.kernels.mma.as_ref().filter(|_| w.tiles != 0)
     }
 
-    /// Asks the next tensor-core product of up to 32 tokens (`mma_many`; the ring kernels
-    /// above ignore it) or attention launch to bring `bytes` of `m`'s tiles (where `m` is
+    /// Asks the next tensor-core product run by `mma_many` (2 to 8 tokens on Hopper, up to 32
+    /// elsewhere; the ring kernels ignore it) or attention launch to bring `bytes` of `m`'s tiles (where `m` is
     /// tiled for the tensor-core kernels; nothing otherwise), from byte `skip` on, into L2 for
     /// the product over `m` after it (fewer where `m` has fewer).
     pub fn ahead(&self, m: &DevMatrix, skip: u64, bytes: u64) {

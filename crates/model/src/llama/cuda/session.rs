@@ -869,8 +869,11 @@ pub(super) fn enqueue_layers(
         next: Some((g, a.xb)),
         ..Fuse::default()
     };
+    // O's product of 9 to 16 tokens is a ring kernel on Hopper, which asks for nothing (and
+    // l2_ahead is nothing before Hopper): only attention asks there.
     let [att_ahead, o_ahead] = match n {
-        2..=16 => GATE_UP_AHEAD,
+        2..=8 => GATE_UP_AHEAD,
+        9..=16 => [GATE_UP_AHEAD[0], 0],
         _ => [0, 0],
     };
     for (l, lw) in w.layers.iter().enumerate() {
@@ -911,8 +914,8 @@ pub(super) fn enqueue_layers(
 }
 
 /// Bytes of a layer's gate/up tiles asked into L2 ahead of their product in steps of 2 to 16
-/// tokens: the first by attention at its start, the next by O's product once its own last
-/// weights are requested, so that HBM streams them while those latency-bound kernels run
+/// tokens: the first by attention at its start, the next by O's product (of up to 8 tokens:
+/// `mma_many`) once its own last weights are requested, so that HBM streams them while those latency-bound kernels run
 /// (`Launcher::ahead`). On an H100 (docs/perf.md, "Weights asked into L2 ahead"): steps +3-4%
 /// at 4, 8 and 16 sessions; -0.7% at 32, less still at 64 and for one session, where no
 /// weights are asked ahead, nor for the other matrices, which gained nothing anywhere.
