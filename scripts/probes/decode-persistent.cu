@@ -28,6 +28,11 @@
 //       waits for the others: the weight stream keeps running through the wait, and a stage
 //       small enough to fit (Q/K/V, O) reads only shared memory once its input is there.
 //   L   B with the next stage's first bytes of each row asked of L2 before the wait instead.
+//   GX, BX, CX, LX  the same with each block copying the stage's input x into its shared
+//       memory once (after the wait) and every row reading it there, rather than every warp
+//       reading x through L2 (two bytes of x a byte of weights). Run on an H100 without them,
+//       every design read L2-bound at 0.8-1.1 TB/s (G 2,996 us a step against a copy roofline of
+//       823 us), far from what the engine's own kernels read.
 //
 // What it answers: how far C and L take a step toward the products' bytes at HBM's speed, and
 // what a dependency between stages costs each way.
@@ -45,7 +50,7 @@ constexpr int LAYERS = 16, EMBD = 2048, QKV = 3072, FF = 8192, VOCAB = 128256;
 constexpr int HEADS = 32, KV_HEADS = 8, D = 64, KV_DIM = KV_HEADS * D, CTX = 1024, POS = 640;
 constexpr int SPLITS = CTX / ATTN_SPLIT, ITEMS = (POS / ATTN_SPLIT + 1) * HEADS;
 constexpr int THREADS = 512, WARPS = THREADS / 32, TEAMS = THREADS / ATTN_THREADS;
-constexpr int SMEM = 200 * 1024;
+constexpr int SMEM = 200 * 1024, SMEM_X = 176 * 1024;  // C's weights: x through L2 / in shared memory
 
 // Attention's buffers (the same for every layer but the cache).
 struct Attn {
@@ -54,9 +59,10 @@ struct Attn {
     unsigned* tickets;
 };
 
-// One row's dot product with x (f32, read through L2: in the persistent designs other blocks
-// of the same launch wrote it), by a warp; `smem` rows are read with ordinary loads.
-template <bool SHARED>
+// One row's dot product with x, by a warp; `smem` rows are read with ordinary loads. x is f32,
+// read through L2 (in the persistent designs other blocks of the same launch wrote it), or
+// with XS from the block's copy of it in shared memory (the same values, so the same bits).
+template <bool SHARED, bool XS>
 __device__ __forceinline__ float row_dot(const unsigned char* row, const float* x, int cols)
 {
     const int lane = threadIdx.x & 31;
@@ -71,7 +77,10 @@ __device__ __forceinline__ float row_dot(const unsigned char* row, const float* 
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const float* xp = x + (k + i) * 256 + 8 * lane;
-            acc = dot8(v[i], __ldcg((const float4*)xp), __ldcg((const float4*)(xp + 4)), acc);
+            if (XS)
+                acc = dot8(v[i], *(const float4*)xp, *(const float4*)(xp + 4), acc);
+            else
+                acc = dot8(v[i], __ldcg((const float4*)xp), __ldcg((const float4*)(xp + 4)), acc);
         }
     }
     return wsum(acc);
@@ -91,8 +100,8 @@ struct Stage {
 // Attention item `item` (split item / HEADS, head item % HEADS) of stage s by `team`.
 __device__ __forceinline__ void attend(const Stage& s, const Attn& a, AttnShared<D, 1>& sh, Team team, int item)
 {
-    attention<D, 1>(team, sh, item / HEADS, item % HEADS, 0, POS, s.x, s.k, s.v, a.inv_freq, a.part_o, a.part_ml,
-                    a.tickets, s.y, HEADS, KV_HEADS, D, 1, SPLITS, 0.125f, QKV);
+    attention<D, 1>(team, sh, item / HEADS, item % HEADS, 1, 0, POS, s.x, s.k, s.v, a.inv_freq, a.part_o,
+                    a.part_ml, a.tickets, s.y, HEADS, KV_HEADS, D, 1, SPLITS, 0.125f, QKV, no_split());
 }
 
 __device__ __forceinline__ void finish_row(const Stage& s, int r, float v, float other)
@@ -103,10 +112,20 @@ __device__ __forceinline__ void finish_row(const Stage& s, int r, float v, float
     if (s.kind == 2) s.y[r / 2] = v / (1.f + expf(-v)) * other;
 }
 
+// The stage's input x (cols floats, written by other blocks: read through L2) copied into
+// `xs` by the whole block.
+__device__ __forceinline__ void stage_x(const Stage& s, float* xs)
+{
+    for (int i = threadIdx.x; i < s.cols / 4; i += blockDim.x) ((float4*)xs)[i] = __ldcg((const float4*)s.x + i);
+    __syncthreads();
+}
+
 // Rows lo .. hi - 1 of stage s by the block's warps; rows below `in_smem` (from lo) come from
-// `sm`, which holds them in order. Attention: the block's teams take items in turn.
+// `sm`, which holds them in order; x from `x` (XS: the block's copy). Attention: the block's
+// teams take items in turn.
+template <bool XS>
 __device__ void run_rows(const Stage& s, const Attn& a, AttnShared<D, 1>* ash, int lo_, int hi_, const unsigned char* sm,
-                         int in_smem)
+                         int in_smem, const float* x)
 {
     const int warp = threadIdx.x >> 5;
     if (s.kind == 3) {
@@ -120,11 +139,11 @@ __device__ void run_rows(const Stage& s, const Attn& a, AttnShared<D, 1>* ash, i
     for (int r = lo_ + warp * step; r < hi_; r += WARPS * step) {
         float v, other = 0.f;
         if (r - lo_ < in_smem) {
-            v = row_dot<true>(sm + (size_t)(r - lo_) * rb, s.x, s.cols);
-            if (step == 2) other = row_dot<true>(sm + (size_t)(r + 1 - lo_) * rb, s.x, s.cols);
+            v = row_dot<true, XS>(sm + (size_t)(r - lo_) * rb, x, s.cols);
+            if (step == 2) other = row_dot<true, XS>(sm + (size_t)(r + 1 - lo_) * rb, x, s.cols);
         } else {
-            v = row_dot<false>(s.w + (size_t)r * rb, s.x, s.cols);
-            if (step == 2) other = row_dot<false>(s.w + (size_t)(r + 1) * rb, s.x, s.cols);
+            v = row_dot<false, XS>(s.w + (size_t)r * rb, x, s.cols);
+            if (step == 2) other = row_dot<false, XS>(s.w + (size_t)(r + 1) * rb, x, s.cols);
         }
         finish_row(s, r, v, other);
     }
@@ -139,8 +158,10 @@ __global__ void __launch_bounds__(ATTN_THREADS) attention_kernel(Stage s, Attn a
     if ((int)blockIdx.x <= POS / ATTN_SPLIT) attend(s, a, sh, Team{threadIdx.x, 0}, blockIdx.x * HEADS + blockIdx.y);
 }
 
+template <bool XS>
 __global__ void __launch_bounds__(256) stage_kernel(Stage s)
 {
+    __shared__ __align__(16) float xs[XS ? FF : 4];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int step = s.kind == 2 ? 2 : 1;
     const int r = (blockIdx.x * 8 + warp) * step;
@@ -148,9 +169,11 @@ __global__ void __launch_bounds__(256) stage_kernel(Stage s)
     if (r < s.rows) asm volatile("prefetch.global.L2 [%0];" ::"l"(s.w + (size_t)r * rb + 128 * (lane & 15)));
     pdl_wait();
     pdl_launch_dependents();
+    if (XS) stage_x(s, xs);
     if (r >= s.rows) return;
-    const float v = row_dot<false>(s.w + (size_t)r * rb, s.x, s.cols);
-    const float other = step == 2 ? row_dot<false>(s.w + (size_t)(r + 1) * rb, s.x, s.cols) : 0.f;
+    const float* x = XS ? xs : s.x;
+    const float v = row_dot<false, XS>(s.w + (size_t)r * rb, x, s.cols);
+    const float other = step == 2 ? row_dot<false, XS>(s.w + (size_t)(r + 1) * rb, x, s.cols) : 0.f;
     finish_row(s, r, v, other);
 }
 
@@ -174,11 +197,12 @@ __device__ __forceinline__ void block_rows(const Stage& s, int* lo_, int* hi_)
 }
 
 // B, C, L: every stage in one launch. `done[i]` counts the blocks that finished stage i.
-template <int MODE>  // 0: B, 1: C (shared memory), 2: L (L2)
+template <int MODE, bool XS>  // MODE 0: B, 1: C (shared memory), 2: L (L2)
 __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, int n, Attn a, unsigned* done)
 {
     extern __shared__ __align__(16) unsigned char sm[];
     __shared__ AttnShared<D, 1> ash[TEAMS];
+    __shared__ __align__(16) float xs[XS ? FF : 4];
     int in_smem = 0;
     for (int i = 0; i < n; ++i) {
         const Stage s = stages[i];
@@ -189,7 +213,7 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
             // finishes elsewhere.
             const size_t rb = (size_t)s.cols * 2;
             const int unit = s.kind == 2 ? 2 : 1;
-            in_smem = (int)(SMEM / rb) / unit * unit;
+            in_smem = (int)((XS ? SMEM_X : SMEM) / rb) / unit * unit;
             if (in_smem > hi_ - lo_) in_smem = hi_ - lo_;
             const size_t bytes = (size_t)in_smem * rb;
             const unsigned char* src = s.w + (size_t)lo_ * rb;
@@ -209,7 +233,8 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
         }
         if (MODE == 1) asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();
-        run_rows(s, a, ash, lo_, hi_, sm, MODE == 1 && s.kind != 3 ? in_smem : 0);
+        if (XS && s.kind != 3) stage_x(s, xs);
+        run_rows<XS>(s, a, ash, lo_, hi_, sm, MODE == 1 && s.kind != 3 ? in_smem : 0, XS ? xs : s.x);
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
@@ -299,46 +324,61 @@ int main()
     CK(cudaFree(scratch));
     printf("copy: %.0f GB/s; a step's weights %.1f MB, roofline %.1f us\n", copy_gbs, total / 1e6, total / copy_gbs / 1e3);
 
-    // G as a graph: the input reset, then every stage.
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    CK(cudaMemcpyAsync(x, x0, EMBD * 4, cudaMemcpyDeviceToDevice, s));
-    for (const Stage& t : st) {
-        if (t.kind == 3) {
-            launch_pdl(attention_kernel, dim3(SPLITS, HEADS), dim3(ATTN_THREADS), 0, s, t, attn);
-            continue;
+    // G as a graph: the input reset, then every stage (x through L2, or with XS copied into
+    // each block's shared memory first).
+    auto graph_of = [&](bool xs) {
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+        CK(cudaMemcpyAsync(x, x0, EMBD * 4, cudaMemcpyDeviceToDevice, s));
+        for (const Stage& t : st) {
+            if (t.kind == 3) {
+                launch_pdl(attention_kernel, dim3(SPLITS, HEADS), dim3(ATTN_THREADS), 0, s, t, attn);
+                continue;
+            }
+            const dim3 grid((t.rows / (t.kind == 2 ? 2 : 1) + 7) / 8);
+            if (xs)
+                launch_pdl(stage_kernel<true>, grid, dim3(256), 0, s, t);
+            else
+                launch_pdl(stage_kernel<false>, grid, dim3(256), 0, s, t);
         }
-        launch_pdl(stage_kernel, dim3((t.rows / (t.kind == 2 ? 2 : 1) + 7) / 8), dim3(256), 0, s, t);
-    }
-    CK(cudaStreamEndCapture(s, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-
-    auto kernel_of = [](int mode) {
-        return mode == 0 ? persistent<0> : mode == 1 ? persistent<1> : persistent<2>;
+        CK(cudaStreamEndCapture(s, &g));
+        CK(cudaGraphInstantiate(&ge, g, 0));
+        return ge;
     };
-    for (int mode = 0; mode < 3; ++mode)
-        CK(cudaFuncSetAttribute(kernel_of(mode), cudaFuncAttributeMaxDynamicSharedMemorySize, mode == 1 ? SMEM : 0));
+    const cudaGraphExec_t graphs[2] = {graph_of(false), graph_of(true)};
+
+    // Design d: G, B, C, L with x through L2 (d < 4), the same with x in shared memory (d >= 4).
+    using Kernel = void (*)(const Stage*, int, Attn, unsigned*);
+    const Kernel kernels[2][3] = {{persistent<0, false>, persistent<1, false>, persistent<2, false>},
+                                  {persistent<0, true>, persistent<1, true>, persistent<2, true>}};
+    for (int xs = 0; xs < 2; ++xs)
+        for (int mode = 0; mode < 3; ++mode)
+            CK(cudaFuncSetAttribute(kernels[xs][mode], cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    mode == 1 ? (xs ? SMEM_X : SMEM) : 0));
     auto run = [&](int design) {
-        if (design == 0) {
-            CK(cudaGraphLaunch(ge, s));
+        const int xs = design / 4, mode = design % 4 - 1;
+        if (mode < 0) {
+            CK(cudaGraphLaunch(graphs[xs], s));
             return;
         }
         CK(cudaMemcpyAsync(x, x0, EMBD * 4, cudaMemcpyDeviceToDevice, s));
         CK(cudaMemsetAsync(done, 0, n * 4, s));
-        const int mode = design - 1;
         // Cooperative, so that every block is resident (they wait for each other) or the
         // launch fails.
         const Stage* stages = dst;
         void* args[] = {(void*)&stages, (void*)&n, (void*)&attn, (void*)&done};
-        CK(cudaLaunchCooperativeKernel((void*)kernel_of(mode), dim3(sms), dim3(THREADS), args, mode == 1 ? SMEM : 0, s));
+        CK(cudaLaunchCooperativeKernel((void*)kernels[xs][mode], dim3(sms), dim3(THREADS), args,
+                                       mode == 1 ? (xs ? SMEM_X : SMEM) : 0, s));
     };
-    const char* names[] = {"G graph of kernels (today's)", "B persistent, a barrier a stage",
-                           "C B, next weights into shared memory", "L B, next rows asked of L2"};
+    const char* names[] = {"G graph of kernels (today's)",     "B persistent, a barrier a stage",
+                           "C B, next weights into shared mem", "L B, next rows asked of L2",
+                           "GX G, x in shared memory",          "BX B, x in shared memory",
+                           "CX C, x in shared memory",          "LX L, x in shared memory"};
     std::vector<float> want(VOCAB), got(VOCAB);
     printf("%-40s %10s %10s  %s\n", "design", "us a step", "GB/s", "logits against G");
     for (int round = 0; round < 2; ++round)
-        for (int d = 0; d < 4; ++d) {
+        for (int d = 0; d < 8; ++d) {
             run(d);
             CK(cudaStreamSynchronize(s));
             CK(cudaMemcpy(d == 0 ? want.data() : got.data(), logits, (size_t)VOCAB * 4, cudaMemcpyDeviceToHost));
