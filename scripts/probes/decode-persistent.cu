@@ -36,12 +36,14 @@
 //
 // What it answers: how far C and L take a step toward the products' bytes at HBM's speed, and
 // what a dependency between stages costs each way.
+#ifndef __CUDACC_RTC__
 #include <cuda_runtime.h>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+#endif
 
 #include "attention.cuh"
 #include "probe.cuh"
@@ -243,6 +245,18 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
     }
 }
 
+#ifdef __CUDACC_RTC__
+// NVRTC (the workspace's kernel compile test) builds the device code alone: every design's
+// kernels, instantiated here since no host code launches them there.
+template __global__ void stage_kernel<false>(Stage);
+template __global__ void stage_kernel<true>(Stage);
+template __global__ void persistent<0, false>(const Stage*, int, Attn, unsigned*);
+template __global__ void persistent<1, false>(const Stage*, int, Attn, unsigned*);
+template __global__ void persistent<2, false>(const Stage*, int, Attn, unsigned*);
+template __global__ void persistent<0, true>(const Stage*, int, Attn, unsigned*);
+template __global__ void persistent<1, true>(const Stage*, int, Attn, unsigned*);
+template __global__ void persistent<2, true>(const Stage*, int, Attn, unsigned*);
+#else
 int main()
 {
     int sms;
@@ -399,3 +413,4 @@ int main()
         }
     return 0;
 }
+#endif

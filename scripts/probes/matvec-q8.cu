@@ -21,11 +21,13 @@
 //          block times the activations' 4 in one dp4a, then one fma with the two scales,
 //          instead of 4 widenings and 4 fmas. Other numerics (printed: the error against
 //          q8_0s), a warp a row; what it answers is whether the per-weight work was the bound.
+#ifndef __CUDACC_RTC__
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstring>
 #include <vector>
+#endif
 
 #include "matvec.cuh"
 #include "probe.cuh"
@@ -130,6 +132,7 @@ __global__ void __launch_bounds__(256, 3)
     if (lane == 0) y[r] = acc;
 }
 
+#ifndef __CUDACC_RTC__  // host code: not for NVRTC, which builds the device code alone
 static signed char* xq;
 static float* xd;
 
@@ -139,6 +142,8 @@ static void launch_i(cudaStream_t st, const unsigned char* w, const float* x, fl
     launch_pdl(quantize_x, dim3((cols / 32 + 7) / 8), dim3(256), 0, st, x, xq, xd, cols);
     launch_pdl(mv_q8_0i, dim3((rows + 7) / 8), dim3(256), 0, st, w, (const signed char*)xq, (const float*)xd, y, rows, cols);
 }
+
+#endif
 
 // GGML Q8_0 rows into Q8_0S rows (cols a multiple of 256).
 __global__ void split_steps(const unsigned char* src, unsigned char* dst, size_t steps)
@@ -153,6 +158,7 @@ __global__ void split_steps(const unsigned char* src, unsigned char* dst, size_t
     }
 }
 
+#ifndef __CUDACC_RTC__  // host code: not for NVRTC, which builds the device code alone
 typedef void (*Kernel)(const unsigned char*, const float*, float*, unsigned, unsigned, unsigned, unsigned);
 
 // kernels.rs's matvec_parts: warps a row, fixed by the shape.
@@ -300,3 +306,4 @@ int main()
     printf("q8_0s gives q8_0's bits: %s\n", same ? "yes" : "NO");
     return 0;
 }
+#endif

@@ -2,8 +2,10 @@
 // programmatic dependent launch (a kernel may start while the one before it finishes, and
 // waits for it where it reads that kernel's results).
 #pragma once
+#ifndef __CUDACC_RTC__  // (NVRTC compiles the probes' device code alone: see kernels_compile.rs)
 #include <cstdio>
 #include <cstdlib>
+#endif
 
 #define CK(x)                                                                              \
     do {                                                                                   \
@@ -54,7 +56,7 @@ __device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b, float acc)
 }
 #endif
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) && !defined(__CUDACC_RTC__)
 // Launches `k` on `st` with programmatic dependent launch.
 template <class... Params, class... Args>
 static void launch_pdl(void (*k)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t st, Args... args)

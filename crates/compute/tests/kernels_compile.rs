@@ -107,6 +107,42 @@ fn every_kernel_file_compiles_for_sm_90() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// The probes (`scripts/probes`, built with nvcc on the GPU machine alone) that include the
+/// model's kernel headers: their device code, which NVRTC compiles without their host code
+/// (`__CUDACC_RTC__`), so that a change to a header the probes call cannot leave them
+/// unbuildable unnoticed.
+const PROBES: [&str; 2] = ["decode-persistent.cu", "matvec-q8.cu"];
+
+#[test]
+fn the_probes_device_code_compiles_against_the_kernel_headers() {
+    if !nvrtc_or_skip("the_probes_device_code_compiles_against_the_kernel_headers") {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let probes = root.join("../../scripts/probes");
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for dir in [root.join(KERNEL_DIRS[1]), probes.clone()] {
+        for h in files_in(&dir, "cuh") {
+            let name = h.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let source = std::fs::read_to_string(&h)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", h.display()));
+            headers.push((name.to_owned(), source));
+        }
+    }
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(n, h)| (n.as_str(), h.as_str()))
+        .collect();
+    let mut failures = Vec::new();
+    for probe in PROBES {
+        let path = probes.join(probe);
+        let source = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        compile_one(&path, "", probe, &source, &headers, &mut failures);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
 /// The flags the model's kernels are also compiled with at run time (`TERN_KV_F16`: a
 /// half-precision KV cache).
 const FLAGS: [&str; 1] = ["TERN_KV_F16"];
