@@ -28,6 +28,19 @@ fn files_in(dir: &Path, ext: &str) -> Vec<PathBuf> {
     files
 }
 
+/// The `*.cuh` headers in `dir` as (name, source) pairs, sorted.
+fn headers_in(dir: &Path) -> Vec<(String, String)> {
+    files_in(dir, "cuh")
+        .iter()
+        .map(|h| {
+            let name = h.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let source = std::fs::read_to_string(h)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", h.display()));
+            (name.to_owned(), source)
+        })
+        .collect()
+}
+
 /// Every `*.cu` file in `KERNEL_DIRS`, sorted, with the `*.cuh` headers of its folder as
 /// (name, source) pairs: what its `#include` lines may name, as at run time.
 fn kernel_files() -> Vec<(PathBuf, Vec<(String, String)>)> {
@@ -35,15 +48,7 @@ fn kernel_files() -> Vec<(PathBuf, Vec<(String, String)>)> {
     let mut files = Vec::new();
     for dir in KERNEL_DIRS {
         let dir = root.join(dir);
-        let headers: Vec<(String, String)> = files_in(&dir, "cuh")
-            .iter()
-            .map(|h| {
-                let name = h.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                let source = std::fs::read_to_string(h)
-                    .unwrap_or_else(|e| panic!("reading {}: {e}", h.display()));
-                (name.to_owned(), source)
-            })
-            .collect();
+        let headers = headers_in(&dir);
         for path in files_in(&dir, "cu") {
             files.push((path, headers.clone()));
         }
@@ -120,15 +125,8 @@ fn the_probes_device_code_compiles_against_the_kernel_headers() {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let probes = root.join("../../scripts/probes");
-    let mut headers: Vec<(String, String)> = Vec::new();
-    for dir in [root.join(KERNEL_DIRS[1]), probes.clone()] {
-        for h in files_in(&dir, "cuh") {
-            let name = h.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let source = std::fs::read_to_string(&h)
-                .unwrap_or_else(|e| panic!("reading {}: {e}", h.display()));
-            headers.push((name.to_owned(), source));
-        }
-    }
+    let mut headers = headers_in(&root.join(KERNEL_DIRS[1]));
+    headers.extend(headers_in(&probes));
     let headers: Vec<(&str, &str)> = headers
         .iter()
         .map(|(n, h)| (n.as_str(), h.as_str()))

@@ -133,6 +133,9 @@ pub fn mma_fits(m: &DevMatrix) -> bool {
 
 /// Dynamic shared memory of `mma_ring_bf16` and `mma_wg_bf16`.
 const MMA_RING_SMEM: u32 = mma_ring_smem(MMA_MAX_TOKENS, MMA_RING_STAGES);
+/// Dynamic shared memory of `mma_wg_bf16_16` and `mma_wg_bf16_32`.
+const MMA_WG16_SMEM: u32 = mma_ring_smem(16, MMA_WG16_STAGES);
+const MMA_WG32_SMEM: u32 = mma_ring_smem(32, MMA_WG32_STAGES);
 
 /// Stages of the rings of `mma_wg_bf16_16` and `mma_wg_bf16_32`: as many as two blocks an SM
 /// hold.
@@ -209,17 +212,9 @@ impl Mma {
     fn kernel(&self, m: u32) -> (&CudaFunction, u32, u32) {
         match (m, &self.few) {
             (..=8, _) => (&self.many[0], mma_many_smem(1), MMA_ROWS),
-            (9..=16, Some(few)) => (
-                &few[0],
-                mma_ring_smem(16, MMA_WG16_STAGES),
-                MMA_OPERANDS + 2,
-            ),
+            (9..=16, Some(few)) => (&few[0], MMA_WG16_SMEM, MMA_OPERANDS + 2),
             (9..=16, None) => (&self.many[1], mma_many_smem(2), MMA_ROWS),
-            (17..=32, Some(few)) => (
-                &few[1],
-                mma_ring_smem(32, MMA_WG32_STAGES),
-                MMA_OPERANDS + 1,
-            ),
+            (17..=32, Some(few)) => (&few[1], MMA_WG32_SMEM, MMA_OPERANDS + 1),
             (17..=32, None) => (&self.many[2], mma_many_smem(4), MMA_ROWS),
             _ => (&self.ring.0, MMA_RING_SMEM, self.ring.1),
         }
@@ -280,8 +275,8 @@ impl Mma {
             (
                 (ring_kernel("mma_wg_bf16", MMA_RING_SMEM)?, MMA_OPERANDS),
                 Some([
-                    ring_kernel("mma_wg_bf16_16", mma_ring_smem(16, MMA_WG16_STAGES))?,
-                    ring_kernel("mma_wg_bf16_32", mma_ring_smem(32, MMA_WG32_STAGES))?,
+                    ring_kernel("mma_wg_bf16_16", MMA_WG16_SMEM)?,
+                    ring_kernel("mma_wg_bf16_32", MMA_WG32_SMEM)?,
                 ]),
             )
         } else {
@@ -820,9 +815,9 @@ impl Launcher<'_> {
     }
 
     /// Asks the next tensor-core product run by `mma_many` (2 to 8 tokens on Hopper, up to 32
-    /// elsewhere; the ring kernels ignore it) or attention launch to bring `bytes` of `m`'s tiles (where `m` is
-    /// tiled for the tensor-core kernels; nothing otherwise), from byte `skip` on, into L2 for
-    /// the product over `m` after it (fewer where `m` has fewer).
+    /// elsewhere; the ring kernels ignore it) or attention launch to bring `bytes` of `m`'s
+    /// tiles (where `m` is tiled for the tensor-core kernels; nothing otherwise), from byte
+    /// `skip` on, into L2 for the product over `m` after it (fewer where `m` has fewer).
     pub fn ahead(&self, m: &DevMatrix, skip: u64, bytes: u64) {
         let size = u64::from(m.rows) * u64::from(m.cols) * 2;
         let bytes = bytes.min(size.saturating_sub(skip)) / 16 * 16;

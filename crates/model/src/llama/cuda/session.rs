@@ -915,8 +915,8 @@ pub(super) fn enqueue_layers(
 
 /// Bytes of a layer's gate/up tiles asked into L2 ahead of their product in steps of 2 to 16
 /// tokens: the first by attention at its start, the next by O's product (of up to 8 tokens:
-/// `mma_many`) once its own last weights are requested, so that HBM streams them while those latency-bound kernels run
-/// (`Launcher::ahead`). On an H100 (docs/perf.md, "Weights asked into L2 ahead"): steps +3-4%
+/// `mma_many`) once its own last weights are requested, so that HBM streams them while those
+/// latency-bound kernels run (`Launcher::ahead`). On an H100 (docs/perf.md, "Weights asked into L2 ahead"): steps +3-4%
 /// at 4, 8 and 16 sessions; -0.7% at 32, less still at 64 and for one session, where no
 /// weights are asked ahead, nor for the other matrices, which gained nothing anywhere.
 const GATE_UP_AHEAD: [u64; 2] = [16 << 20, 8 << 20];
