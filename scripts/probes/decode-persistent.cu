@@ -33,6 +33,13 @@
 //       reading x through L2 (two bytes of x a byte of weights). Run on an H100 without them,
 //       every design read L2-bound at 0.8-1.1 TB/s (G 2,996 us a step against a copy roofline of
 //       823 us), far from what the engine's own kernels read.
+//   PX  LX with each warp's rows walked in segments of SEG_LOADS * 256 columns (1,024; build
+//       with -DSEG_LOADS=8 for 2,048), the next segment's loads issued before the current one
+//       is summed, and the first segment's loads issued before the wait: the barrier and the
+//       copy of x overlap the weights' first bytes in flight.
+//   NX, NPX  LX and PX without the waits (stages read inputs not yet written: timing only,
+//       wrong results): how fast the same rows stream with no dependency at all, the ceiling
+//       of the row code against which the waits' cost is read.
 //
 // What it answers: how far C and L take a step toward the products' bytes at HBM's speed, and
 // what a dependency between stages costs each way.
@@ -198,8 +205,47 @@ __device__ __forceinline__ void block_rows(const Stage& s, int* lo_, int* hi_)
     *hi_ = (int)((long long)units * (blockIdx.x + 1) / gridDim.x) * unit;
 }
 
-// B, C, L: every stage in one launch. `done[i]` counts the blocks that finished stage i.
-template <int MODE, bool XS>  // MODE 0: B, 1: C (shared memory), 2: L (L2)
+// A segment of P's rows: each lane's SEG_LOADS loads of 16 bytes, 256 columns each.
+#ifndef SEG_LOADS
+#define SEG_LOADS 4
+#endif
+constexpr int SEG_COLS = SEG_LOADS * 256;
+
+// P's loads of segment j of a warp's rows of stage s (rows lo, lo + WARPS * unit, ... from
+// `first`, a unit of `unit` rows: SwiGLU's gate and up) into v.
+__device__ __forceinline__ void seg_load(const Stage& s, int first, int unit, int j, uint4 (&v)[SEG_LOADS])
+{
+    const int pieces = s.cols / SEG_COLS, per_unit = unit * pieces;
+    const int row = first + (j / per_unit) * WARPS * unit + (j / pieces) % unit;
+    const unsigned char* p = s.w + (size_t)row * s.cols * 2 + (size_t)(j % pieces) * SEG_COLS * 2 + 16 * (threadIdx.x & 31);
+#pragma unroll
+    for (int i = 0; i < SEG_LOADS; ++i) v[i] = ldw(p + i * 512);
+}
+
+// P's sums of segment j (loaded in v) into acc[0] (acc[1]: SwiGLU's up row), in column order
+// as row_dot's; a unit's last segment finishes its row.
+__device__ __forceinline__ void seg_sum(const Stage& s, int first, int unit, int j, const uint4 (&v)[SEG_LOADS], const float* x,
+                                        float& acc0, float& acc1)
+{
+    const int lane = threadIdx.x & 31, pieces = s.cols / SEG_COLS, per_unit = unit * pieces;
+    const int h = (j / pieces) % unit, piece = j % pieces;
+    float acc = h ? acc1 : acc0;
+#pragma unroll
+    for (int i = 0; i < SEG_LOADS; ++i) {
+        const float* xp = x + (piece * SEG_LOADS + i) * 256 + 8 * lane;
+        acc = dot8(v[i], *(const float4*)xp, *(const float4*)(xp + 4), acc);
+    }
+    if (h) acc1 = acc; else acc0 = acc;
+    if (j % per_unit == per_unit - 1) {
+        const int row = first + (j / per_unit) * WARPS * unit;
+        finish_row(s, row, wsum(acc0), unit == 2 ? wsum(acc1) : 0.f);
+        acc0 = acc1 = 0.f;
+    }
+}
+
+// B, C, L, P: every stage in one launch. `done[i]` counts the blocks that finished stage i.
+// Without WAIT no block waits for another (timing only).
+template <int MODE, bool XS, bool WAIT = true>  // MODE 0: B, 1: C (shared memory), 2: L (L2), 3: P
 __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, int n, Attn a, unsigned* done)
 {
     extern __shared__ __align__(16) unsigned char sm[];
@@ -222,12 +268,23 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
             for (size_t b = threadIdx.x * 16; b < bytes; b += THREADS * 16) cp16(sm + b, src + b);
             asm volatile("cp.async.commit_group;" ::: "memory");
         }
-        if (MODE == 2 && s.kind != 3) {
+        if (MODE >= 2 && s.kind != 3) {
             const size_t rb = (size_t)s.cols * 2;
-            for (int r = lo_ + (threadIdx.x >> 5); r < hi_ && r < lo_ + 4 * WARPS; r += WARPS)
+            // (P loads each warp's first rows itself.)
+            const int from = lo_ + (MODE == 3 ? WARPS * (s.kind == 2 ? 2 : 1) : 0);
+            for (int r = from + (threadIdx.x >> 5); r < hi_ && r < lo_ + 4 * WARPS; r += WARPS)
                 asm volatile("prefetch.global.L2 [%0];" ::"l"(s.w + (size_t)r * rb + 128 * (threadIdx.x & 15)));
         }
-        if (i > 0) {
+        // P: the warp's segments, the first one's loads issued now.
+        const int unit = s.kind == 2 ? 2 : 1, first = lo_ + (threadIdx.x >> 5) * unit;
+        int nseg = 0;
+        uint4 va[SEG_LOADS], vb[SEG_LOADS];
+        if (MODE == 3 && s.kind != 3) {
+            const int units = first < hi_ ? (hi_ - first + WARPS * unit - 1) / (WARPS * unit) : 0;
+            nseg = units * unit * (s.cols / SEG_COLS);
+            if (nseg > 0) seg_load(s, first, unit, 0, va);
+        }
+        if (WAIT && i > 0) {
             if (threadIdx.x == 0)
                 while (ld_acquire(done + i - 1) < gridDim.x) {
                 }
@@ -236,7 +293,18 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
         if (MODE == 1) asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();
         if (XS && s.kind != 3) stage_x(s, xs);
-        run_rows<XS>(s, a, ash, lo_, hi_, sm, MODE == 1 && s.kind != 3 ? in_smem : 0, XS ? xs : s.x);
+        if (MODE == 3 && s.kind != 3) {
+            float acc0 = 0.f, acc1 = 0.f;
+            for (int j = 0; j < nseg; j += 2) {
+                if (j + 1 < nseg) seg_load(s, first, unit, j + 1, vb);
+                seg_sum(s, first, unit, j, va, xs, acc0, acc1);
+                if (j + 1 >= nseg) break;
+                if (j + 2 < nseg) seg_load(s, first, unit, j + 2, va);
+                seg_sum(s, first, unit, j + 1, vb, xs, acc0, acc1);
+            }
+        } else {
+            run_rows<XS>(s, a, ash, lo_, hi_, sm, MODE == 1 && s.kind != 3 ? in_smem : 0, XS ? xs : s.x);
+        }
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
@@ -256,6 +324,9 @@ template __global__ void persistent<2, false>(const Stage*, int, Attn, unsigned*
 template __global__ void persistent<0, true>(const Stage*, int, Attn, unsigned*);
 template __global__ void persistent<1, true>(const Stage*, int, Attn, unsigned*);
 template __global__ void persistent<2, true>(const Stage*, int, Attn, unsigned*);
+template __global__ void persistent<3, true>(const Stage*, int, Attn, unsigned*);
+template __global__ void persistent<2, true, false>(const Stage*, int, Attn, unsigned*);
+template __global__ void persistent<3, true, false>(const Stage*, int, Attn, unsigned*);
 #else
 int main()
 {
@@ -362,16 +433,18 @@ int main()
     };
     const cudaGraphExec_t graphs[2] = {graph_of(false), graph_of(true)};
 
-    // Design d: G, B, C, L with x through L2 (d < 4), the same with x in shared memory (d >= 4).
+    // Design d: G, B, C, L with x through L2 (d < 4), the same with x in shared memory (4 <= d
+    // < 8), then PX, NX and NPX.
     using Kernel = void (*)(const Stage*, int, Attn, unsigned*);
     const Kernel kernels[2][3] = {{persistent<0, false>, persistent<1, false>, persistent<2, false>},
                                   {persistent<0, true>, persistent<1, true>, persistent<2, true>}};
+    const Kernel more[3] = {persistent<3, true>, persistent<2, true, false>, persistent<3, true, false>};
     for (int xs = 0; xs < 2; ++xs)
         for (int mode = 0; mode < 3; ++mode)
             CK(cudaFuncSetAttribute(kernels[xs][mode], cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     mode == 1 ? (xs ? SMEM_X : SMEM) : 0));
     auto run = [&](int design) {
-        const int xs = design / 4, mode = design % 4 - 1;
+        const int xs = design < 8 ? design / 4 : 1, mode = design < 8 ? design % 4 - 1 : 0;
         if (mode < 0) {
             CK(cudaGraphLaunch(graphs[xs], s));
             return;
@@ -382,17 +455,21 @@ int main()
         // launch fails.
         const Stage* stages = dst;
         void* args[] = {(void*)&stages, (void*)&n, (void*)&attn, (void*)&done};
-        CK(cudaLaunchCooperativeKernel((void*)kernels[xs][mode], dim3(sms), dim3(THREADS), args,
-                                       mode == 1 ? (xs ? SMEM_X : SMEM) : 0, s));
+        const Kernel k = design < 8 ? kernels[xs][mode] : more[design - 8];
+        const size_t smem = design < 8 && mode == 1 ? (xs ? SMEM_X : SMEM) : 0;
+        CK(cudaLaunchCooperativeKernel((void*)k, dim3(sms), dim3(THREADS), args, smem, s));
     };
     const char* names[] = {"G graph of kernels (today's)",     "B persistent, a barrier a stage",
                            "C B, next weights into shared mem", "L B, next rows asked of L2",
                            "GX G, x in shared memory",          "BX B, x in shared memory",
-                           "CX C, x in shared memory",          "LX L, x in shared memory"};
+                           "CX C, x in shared memory",          "LX L, x in shared memory",
+                           "PX LX, segments loaded ahead",      "NX LX without waits (timing)",
+                           "NPX PX without waits (timing)"};
+    const int designs = sizeof(names) / sizeof(names[0]);
     std::vector<float> want(VOCAB), got(VOCAB);
     printf("%-40s %10s %10s  %s\n", "design", "us a step", "GB/s", "logits against G");
     for (int round = 0; round < 2; ++round)
-        for (int d = 0; d < 8; ++d) {
+        for (int d = 0; d < designs; ++d) {
             run(d);
             CK(cudaStreamSynchronize(s));
             CK(cudaMemcpy(d == 0 ? want.data() : got.data(), logits, (size_t)VOCAB * 4, cudaMemcpyDeviceToHost));
