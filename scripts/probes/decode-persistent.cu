@@ -42,7 +42,9 @@
 //       of the row code against which the waits' cost is read.
 //
 // What it answers: how far C and L take a step toward the products' bytes at HBM's speed, and
-// what a dependency between stages costs each way.
+// what a dependency between stages costs each way. After the table of steps it prints, for each
+// persistent design, how long each kind of stage takes a layer (block 0's %globaltimer at the
+// start of every stage) and the rate its weights are read at.
 #ifndef __CUDACC_RTC__
 #include <cuda_runtime.h>
 #include <cmath>
@@ -61,8 +63,11 @@ constexpr int SPLITS = CTX / ATTN_SPLIT, ITEMS = (POS / ATTN_SPLIT + 1) * HEADS;
 constexpr int THREADS = 512, WARPS = THREADS / 32, TEAMS = THREADS / ATTN_THREADS;
 constexpr int SMEM = 200 * 1024, SMEM_X = 176 * 1024;  // C's weights: x through L2 / in shared memory
 
-// Attention's buffers (the same for every layer but the cache).
+// Attention's buffers (the same for every layer but the cache), and where the persistent
+// designs' block 0 stamps %globaltimer as it starts each stage (after its wait) and once all
+// blocks have finished the last (null: no stamps).
 struct Attn {
+    unsigned long long* stamps;
     const float* inv_freq;
     float *part_o, *part_ml;
     unsigned* tickets;
@@ -192,6 +197,12 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p)
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
+__device__ __forceinline__ unsigned long long globaltimer()
+{
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
 __device__ __forceinline__ void cp16(void* dst, const void* src)
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
@@ -292,6 +303,7 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
         }
         if (MODE == 1) asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();
+        if (a.stamps && blockIdx.x == 0 && threadIdx.x == 0) a.stamps[i] = globaltimer();
         if (XS && s.kind != 3) stage_x(s, xs);
         if (MODE == 3 && s.kind != 3) {
             float acc0 = 0.f, acc1 = 0.f;
@@ -310,6 +322,11 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
             __threadfence();
             atomicAdd(done + i, 1u);
         }
+    }
+    if (a.stamps && blockIdx.x == 0 && threadIdx.x == 0) {
+        while (ld_acquire(done + n - 1) < gridDim.x) {
+        }
+        a.stamps[n] = globaltimer();
     }
 }
 
@@ -372,6 +389,7 @@ int main()
         CK(cudaMemcpy(inv_freq, f.data(), D / 2 * 4, cudaMemcpyHostToDevice));
     }
     Attn attn;
+    attn.stamps = nullptr;
     attn.inv_freq = inv_freq;
     CK(cudaMalloc(&attn.part_o, (size_t)HEADS * SPLITS * D * 4));
     CK(cudaMalloc(&attn.part_ml, (size_t)HEADS * SPLITS * 2 * 4));
@@ -443,7 +461,9 @@ int main()
         for (int mode = 0; mode < 3; ++mode)
             CK(cudaFuncSetAttribute(kernels[xs][mode], cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     mode == 1 ? (xs ? SMEM_X : SMEM) : 0));
-    auto run = [&](int design) {
+    unsigned long long* stamps;
+    CK(cudaMalloc(&stamps, (n + 1) * 8));
+    auto run = [&](int design, bool stamped = false) {
         const int xs = design < 8 ? design / 4 : 1, mode = design < 8 ? design % 4 - 1 : 0;
         if (mode < 0) {
             CK(cudaGraphLaunch(graphs[xs], s));
@@ -454,7 +474,9 @@ int main()
         // Cooperative, so that every block is resident (they wait for each other) or the
         // launch fails.
         const Stage* stages = dst;
-        void* args[] = {(void*)&stages, (void*)&n, (void*)&attn, (void*)&done};
+        Attn at = attn;
+        if (stamped) at.stamps = stamps;
+        void* args[] = {(void*)&stages, (void*)&n, (void*)&at, (void*)&done};
         const Kernel k = design < 8 ? kernels[xs][mode] : more[design - 8];
         const size_t smem = design < 8 && mode == 1 ? (xs ? SMEM_X : SMEM) : 0;
         CK(cudaLaunchCooperativeKernel((void*)k, dim3(sms), dim3(THREADS), args, smem, s));
@@ -488,6 +510,34 @@ int main()
             printf("%-40s %10.1f %10.0f  %s%s\n", names[d], us, total / us / 1e3, same ? "bit-equal" : "DIFFERS",
                    finite ? "" : " (not finite)");
         }
+
+    // Where a persistent step's time goes: block 0's stamps, a stage from its start (after
+    // its wait) to the next stage's, us a layer (the mean of 16; GB/s of the stage's weights).
+    const double bytes[5] = {(double)QKV * EMBD * 2, 0, (double)EMBD * EMBD * 2, 2.0 * FF * EMBD * 2,
+                             (double)EMBD * FF * 2};
+    const char* stage_names[5] = {"Q/K/V", "attention", "O", "gate/up", "down"};
+    printf("\n%-40s", "stages, us a layer (GB/s)");
+    for (const char* name : stage_names) printf(" %16s", name);
+    printf(" %16s\n", "head");
+    std::vector<unsigned long long> t(n + 1);
+    for (int d = 1; d < designs; ++d) {
+        if (d == 4) continue;  // GX: a graph, no stamps
+        run(d, true);
+        CK(cudaStreamSynchronize(s));
+        CK(cudaMemcpy(t.data(), stamps, (n + 1) * 8, cudaMemcpyDeviceToHost));
+        printf("%-40s", names[d]);
+        for (int k = 0; k < 5; ++k) {
+            double ns = 0;
+            for (int l = 0; l < LAYERS; ++l) ns += (double)(t[5 * l + k + 1] - t[5 * l + k]);
+            const double us = ns / LAYERS / 1e3;
+            if (bytes[k] > 0)
+                printf(" %8.1f (%5.0f)", us, bytes[k] / us / 1e3);
+            else
+                printf(" %16.1f", us);
+        }
+        const double head = (double)(t[n] - t[n - 1]) / 1e3;
+        printf(" %8.1f (%5.0f)\n", head, (double)VOCAB * EMBD * 2 / head / 1e3);
+    }
     return 0;
 }
 #endif
