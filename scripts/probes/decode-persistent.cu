@@ -40,6 +40,12 @@
 //   NX, NPX  LX and PX without the waits (stages read inputs not yet written: timing only,
 //       wrong results): how fast the same rows stream with no dependency at all, the ceiling
 //       of the row code against which the waits' cost is read.
+//   SX, SPX  LX and PX with the small stages' weights streamed ahead: each block's Q/K/V rows
+//       (24 of 4 KiB on 132 SMs) copied into its shared memory by one bulk copy issued as its
+//       down product of the layer before starts, its O rows (16) as its Q/K/V product starts,
+//       and the first 192 KiB of its gate/up rows asked of L2 as its attention starts. HBM
+//       then streams through the latency-bound stages (Q/K/V, attention, O), which read
+//       shared memory once their input is complete: the megakernel's shape, per stage.
 //
 // What it answers: how far C and L take a step toward the products' bytes at HBM's speed, and
 // what a dependency between stages costs each way. After the table of steps it prints, for each
@@ -254,20 +260,85 @@ __device__ __forceinline__ void seg_sum(const Stage& s, int first, int unit, int
     }
 }
 
-// B, C, L, P: every stage in one launch. `done[i]` counts the blocks that finished stage i.
+// S's shared memory: a block's Q/K/V rows, then its O rows, each at most ceil(rows / blocks).
+__host__ __device__ constexpr size_t s_rows_bytes(int rows, int blocks) { return (size_t)((rows + blocks - 1) / blocks) * EMBD * 2; }
+
+// S: the block's rows of stage s copied into `buf` by one bulk copy (pieces of 64 KiB at most),
+// completing a phase of `bar`. By one thread, after the block's last reads of `buf`.
+__device__ __forceinline__ void copy_ahead(const Stage& s, unsigned char* buf, unsigned long long* bar)
+{
+    int lo_, hi_;
+    block_rows(s, &lo_, &hi_);
+    const unsigned bytes = (unsigned)((hi_ - lo_) * s.cols * 2);
+    const unsigned char* src = s.w + (size_t)lo_ * s.cols * 2;
+#if __CUDA_ARCH__ >= 900  // (the host pass sees no Hopper helpers)
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    bar_expect(bar, bytes);
+    for (unsigned o = 0; o < bytes; o += 65536) bulk_copy(buf + o, src + o, bytes - o < 65536 ? bytes - o : 65536, bar);
+#endif
+}
+
+// S's two barriers set up by the block, and a wait for phase `parity` of one.
+__device__ __forceinline__ void s_bars_init(unsigned long long* bars)
+{
+#if __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0) {
+        bar_init(&bars[0]);
+        bar_init(&bars[1]);
+        bar_init_fence();
+    }
+#endif
+    __syncthreads();
+}
+__device__ __forceinline__ void s_bar_wait(unsigned long long* bar, unsigned parity)
+{
+#if __CUDA_ARCH__ >= 900
+    bar_wait(bar, parity);
+#endif
+}
+
+// B, C, L, P, S: every stage in one launch. `done[i]` counts the blocks that finished stage i.
 // Without WAIT no block waits for another (timing only).
-template <int MODE, bool XS, bool WAIT = true>  // MODE 0: B, 1: C (shared memory), 2: L (L2), 3: P
+// MODE 0: B, 1: C (shared memory), 2: L (L2), 3: P, 4: S over L, 5: S over P (S: each block's
+// Q/K/V rows copied into its shared memory by a bulk copy issued as its down product of the
+// layer before starts, its O rows as its Q/K/V product starts, and the first 192 KiB of its
+// gate/up rows asked of L2 as its attention starts: the small stages' weights stream while
+// the stages before them run, and read shared memory once their input is there).
+template <int MODE, bool XS, bool WAIT = true>
 __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, int n, Attn a, unsigned* done)
 {
+    constexpr bool S = MODE >= 4;
+    constexpr int BASE = S ? MODE - 2 : MODE;
     extern __shared__ __align__(16) unsigned char sm[];
     __shared__ AttnShared<D, 1> ash[TEAMS];
     __shared__ __align__(16) float xs[XS ? FF : 4];
+    __shared__ __align__(8) unsigned long long bars[2];  // S: Q/K/V rows, O rows
+    unsigned char* const bufs[2] = {sm, sm + s_rows_bytes(QKV, gridDim.x)};
+    if (S) {
+        s_bars_init(bars);
+        if (threadIdx.x == 0) copy_ahead(stages[0], bufs[0], &bars[0]);
+    }
     int in_smem = 0;
     for (int i = 0; i < n; ++i) {
         const Stage s = stages[i];
+        const int pos = i % 5, layer = i / 5;
+        // S: this stage's rows are (or are being) copied into bufs[pos / 2].
+        const bool ahead = S && layer < LAYERS && (pos == 0 || pos == 2);
+        if (S && threadIdx.x == 0 && layer < LAYERS) {
+            if (pos == 0) copy_ahead(stages[i + 2], bufs[1], &bars[1]);
+            if (pos == 4 && layer + 1 < LAYERS) copy_ahead(stages[i + 1], bufs[0], &bars[0]);
+            if (pos == 1) {
+                int lo_, hi_;
+                block_rows(stages[i + 2], &lo_, &hi_);
+                const size_t rb = (size_t)stages[i + 2].cols * 2, bytes = (size_t)(hi_ - lo_) * rb;
+                const unsigned char* p = stages[i + 2].w + (size_t)lo_ * rb;
+                for (size_t o = 0; o < bytes && o < 192 * 1024; o += 32768)
+                    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + o), "r"(32768u) : "memory");
+            }
+        }
         int lo_, hi_;
         block_rows(s, &lo_, &hi_);
-        if (MODE == 1 && s.kind != 3) {
+        if (BASE == 1 && s.kind != 3) {
             // This stage's rows, from the first, as many as fit, while the stage before
             // finishes elsewhere.
             const size_t rb = (size_t)s.cols * 2;
@@ -280,10 +351,10 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
             asm volatile("cp.async.commit_group;" ::: "memory");
         }
         const int unit = s.kind == 2 ? 2 : 1;
-        if (MODE >= 2 && s.kind != 3) {
+        if (BASE >= 2 && s.kind != 3 && !ahead) {
             const size_t rb = (size_t)s.cols * 2;
             // (P loads each warp's first rows itself.)
-            const int from = lo_ + (MODE == 3 ? WARPS * unit : 0);
+            const int from = lo_ + (BASE == 3 ? WARPS * unit : 0);
             for (int r = from + (threadIdx.x >> 5); r < hi_ && r < lo_ + 4 * WARPS; r += WARPS)
                 asm volatile("prefetch.global.L2 [%0];" ::"l"(s.w + (size_t)r * rb + 128 * (threadIdx.x & 15)));
         }
@@ -291,7 +362,7 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
         const int first = lo_ + (threadIdx.x >> 5) * unit;
         int nseg = 0;
         uint4 va[SEG_LOADS], vb[SEG_LOADS];
-        if (MODE == 3 && s.kind != 3) {
+        if (BASE == 3 && s.kind != 3 && !ahead) {
             const int units = first < hi_ ? (hi_ - first + WARPS * unit - 1) / (WARPS * unit) : 0;
             nseg = units * unit * (s.cols / SEG_COLS);
             if (nseg > 0) seg_load(s, first, unit, 0, va);
@@ -302,11 +373,12 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
                 }
             __syncthreads();
         }
-        if (MODE == 1) asm volatile("cp.async.wait_all;" ::: "memory");
+        if (BASE == 1) asm volatile("cp.async.wait_all;" ::: "memory");
+        if (ahead) s_bar_wait(&bars[pos / 2], layer & 1);
         __syncthreads();
         if (a.stamps && blockIdx.x == 0 && threadIdx.x == 0) a.stamps[i] = globaltimer();
         if (XS && s.kind != 3) stage_x(s, xs);
-        if (MODE == 3 && s.kind != 3) {
+        if (BASE == 3 && s.kind != 3 && !ahead) {
             float acc0 = 0.f, acc1 = 0.f;
             for (int j = 0; j < nseg; j += 2) {
                 if (j + 1 < nseg) seg_load(s, first, unit, j + 1, vb);
@@ -316,7 +388,9 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
                 seg_sum(s, first, unit, j + 1, vb, xs, acc0, acc1);
             }
         } else {
-            run_rows<XS>(s, a, ash, lo_, hi_, sm, MODE == 1 && s.kind != 3 ? in_smem : 0, XS ? xs : s.x);
+            const unsigned char* rows_sm = ahead ? bufs[pos / 2] : sm;
+            const int rows_in_sm = ahead ? hi_ - lo_ : BASE == 1 && s.kind != 3 ? in_smem : 0;
+            run_rows<XS>(s, a, ash, lo_, hi_, rows_sm, rows_in_sm, XS ? xs : s.x);
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -345,6 +419,9 @@ template __global__ void persistent<2, true>(const Stage*, int, Attn, unsigned*)
 template __global__ void persistent<3, true>(const Stage*, int, Attn, unsigned*);
 template __global__ void persistent<2, true, false>(const Stage*, int, Attn, unsigned*);
 template __global__ void persistent<3, true, false>(const Stage*, int, Attn, unsigned*);
+// (S over L alone: NVRTC 13.0 crashes compiling S over L and S over P in one program, though
+// each compiles alone, and nvcc builds both.)
+template __global__ void persistent<4, true>(const Stage*, int, Attn, unsigned*);
 #else
 int main()
 {
@@ -457,7 +534,11 @@ int main()
     using Kernel = void (*)(const Stage*, int, Attn, unsigned*);
     const Kernel kernels[2][3] = {{persistent<0, false>, persistent<1, false>, persistent<2, false>},
                                   {persistent<0, true>, persistent<1, true>, persistent<2, true>}};
-    const Kernel more[3] = {persistent<3, true>, persistent<2, true, false>, persistent<3, true, false>};
+    const Kernel more[5] = {persistent<3, true>, persistent<2, true, false>, persistent<3, true, false>,
+                            persistent<4, true>, persistent<5, true>};
+    const size_t smem_s = s_rows_bytes(QKV, sms) + s_rows_bytes(EMBD, sms);
+    for (int k = 3; k < 5; ++k)
+        CK(cudaFuncSetAttribute(more[k], cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_s));
     for (int xs = 0; xs < 2; ++xs)
         for (int mode = 0; mode < 3; ++mode)
             CK(cudaFuncSetAttribute(kernels[xs][mode], cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -479,7 +560,7 @@ int main()
         if (stamped) at.stamps = stamps;
         void* args[] = {(void*)&stages, (void*)&n, (void*)&at, (void*)&done};
         const Kernel k = design < 8 ? kernels[xs][mode] : more[design - 8];
-        const size_t smem = design < 8 && mode == 1 ? (xs ? SMEM_X : SMEM) : 0;
+        const size_t smem = design < 8 && mode == 1 ? (xs ? SMEM_X : SMEM) : design >= 11 ? smem_s : 0;
         CK(cudaLaunchCooperativeKernel((void*)k, dim3(sms), dim3(THREADS), args, smem, s));
     };
     const char* names[] = {"G graph of kernels (today's)",     "B persistent, a barrier a stage",
@@ -487,7 +568,8 @@ int main()
                            "GX G, x in shared memory",          "BX B, x in shared memory",
                            "CX C, x in shared memory",          "LX L, x in shared memory",
                            "PX LX, segments loaded ahead",      "NX LX without waits (timing)",
-                           "NPX PX without waits (timing)"};
+                           "NPX PX without waits (timing)",      "SX LX, Q/K/V and O rows ahead in smem",
+                           "SPX PX, Q/K/V and O rows ahead in smem"};
     const int designs = sizeof(names) / sizeof(names[0]);
     std::vector<float> want(VOCAB), got(VOCAB);
     printf("%-40s %10s %10s  %s\n", "design", "us a step", "GB/s", "logits against G");
