@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tern_compute::cuda::cudarc::driver::sys::CUdevice_attribute;
+use tern_compute::cuda::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use tern_compute::cuda::cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr,
 };
@@ -117,13 +117,27 @@ pub fn layer_type(w: &DeviceWeights) -> Result<DType, String> {
 
 /// Dynamic shared memory of one block: `DECODE_TEAMS` of attention.cuh's `AttnShared<D, 1>`
 /// (q, k and v of D floats, G * D partial sums, 64 weights, max and sum, the merge flag; its
-/// arrays 16-byte aligned, its size a multiple of 16).
-fn shared_bytes(head_dim: usize) -> u32 {
+/// arrays 16-byte aligned, its size a multiple of 16), then the products' input, an f32 for
+/// each of `max_cols` columns.
+fn shared_bytes(head_dim: usize, max_cols: usize) -> usize {
     let lanes = (head_dim / 4).min(32);
     let groups = ATTN_THREADS as usize / lanes;
     let team = (4 * (3 * head_dim + groups * head_dim + 64 + 2 + 1)).next_multiple_of(16);
-    (team * DECODE_TEAMS as usize) as u32
+    team * DECODE_TEAMS as usize + 4 * max_cols
 }
+
+/// The widest layer matrix's columns (the largest input a product of the layers reads).
+pub fn max_cols(w: &DeviceWeights) -> usize {
+    w.layers
+        .iter()
+        .flat_map(|l| l.qkv.iter().chain(&l.gate_up).chain([&l.wo, &l.w_down]))
+        .map(|m| m.cols as usize)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Shared memory a block gets without asking for more.
+const DEFAULT_SHARED: usize = 48 << 10;
 
 /// The persistent kernel, compiled for the model, with its launch geometry.
 pub struct Fused {
@@ -134,14 +148,35 @@ pub struct Fused {
 }
 
 impl Fused {
-    /// The launch geometry of `f` on `ctx`'s GPU, or why it cannot run there.
-    pub fn new(ctx: &Arc<CudaContext>, f: CudaFunction, head_dim: usize) -> Result<Fused, String> {
+    /// The launch geometry of `f` on `ctx`'s GPU for layers of head size `head_dim` whose
+    /// widest matrix has `max_cols` columns, or why it cannot run there.
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        f: CudaFunction,
+        head_dim: usize,
+        max_cols: usize,
+    ) -> Result<Fused, String> {
         let attribute = |a| ctx.attribute(a).map_err(|e| format!("{e:?}"));
         if attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)? == 0 {
             return Err("the GPU has no cooperative launches".into());
         }
         let sms = attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-        let shared = shared_bytes(head_dim);
+        let bytes = shared_bytes(head_dim, max_cols);
+        let most =
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let shared = u32::try_from(bytes)
+            .ok()
+            .filter(|&b| b as usize <= usize::try_from(most).unwrap_or(0))
+            .ok_or_else(|| {
+                format!("a block would need {bytes} bytes of shared memory; the GPU gives {most}")
+            })?;
+        if bytes > DEFAULT_SHARED {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared as i32,
+            )
+            .map_err(|e| format!("{e:?}"))?;
+        }
         let per_sm = f
             .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, shared as usize, None)
             .map_err(|e| format!("{e:?}"))?;
@@ -277,11 +312,12 @@ mod tests {
     }
 
     #[test]
-    fn attention_teams_shared_memory_is_sized_as_decode_cu_lays_it_out() {
+    fn shared_memory_is_sized_as_decode_cu_lays_it_out() {
         // Head size 64: 16 lanes a row, 8 groups; (3 * 64 + 8 * 64 + 67) floats = 3,084
-        // bytes, rounded to 3,088; four teams.
-        assert_eq!(shared_bytes(64), 4 * 3088);
+        // bytes, rounded to 3,088; four teams; then the input of 8,192 columns (the 1B
+        // shape's down product).
+        assert_eq!(shared_bytes(64, 8192), 4 * 3088 + 4 * 8192);
         // 128: 32 lanes, 4 groups: (384 + 512 + 67) * 4 = 3,852, rounded to 3,856.
-        assert_eq!(shared_bytes(128), 4 * 3856);
+        assert_eq!(shared_bytes(128, 0), 4 * 3856);
     }
 }

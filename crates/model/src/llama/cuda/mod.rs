@@ -211,7 +211,7 @@ impl CudaLlama {
                         .into(),
                 );
             }
-            fused::Fused::new(&ctx, built?, hd)
+            fused::Fused::new(&ctx, built?, hd, fused::max_cols(&weights))
         });
         let startup = Startup {
             kernels_ms,

@@ -23,13 +23,18 @@
 // part order) with matvec.cuh's arithmetic, and every attention item with attention.cuh's:
 // results are the same bits as the kernel-by-kernel step's, and never depend on the grid's
 // size or on timing. Activations are read with ordinary loads (other blocks write them in
-// the same launch); the grid barrier orders them.
+// the same launch); the grid barrier orders them. A product's input is copied once into
+// each block's shared memory after the barrier, and every row of the block reads it there:
+// read through L1 by every warp instead, x moves more bytes than the weights do (4 bytes a
+// column against 2 or fewer), and the probe scripts/probes/decode-persistent.cu measured the
+// same step at twice the time that way.
 //
 // Compiled once per weight type and head size: DECODE_TYPE (0-7, the host's DType::ALL
 // order) and DECODE_HEAD_DIM; every layer matrix must be of that type, gate and up
 // interleaved (one matrix), Q/K/V stacked (one matrix), float rows whole 32-column slices.
 // Grid: any number of blocks that can all be resident; block DECODE_THREADS; dynamic shared
-// memory DECODE_TEAMS * sizeof(AttnShared<D, 1>).
+// memory DECODE_TEAMS * sizeof(AttnShared<D, 1>), then 4 bytes for each column of the widest
+// layer matrix (the products' inputs).
 
 #include "attention.cuh"
 #include "matvec.cuh"
@@ -75,15 +80,16 @@ struct DecodeArgs {
     float eps, scale;
 };
 
-// Steps of a row whose loads a lane issues before it uses the first (matvec_row's BATCH): for
-// 16-bit weights, with an SM's registers shared by 16 warps, twice matvec.cu's for one token;
-// as many as fit without spilling for the others (f32 and q6_k raw steps take 8 and 11
-// registers).
+// Steps of a row whose loads a lane issues before it uses the first (matvec_row's BATCH),
+// with an SM's registers shared by 16 warps: 4, 2 for q6_k (whose raw steps take 11
+// registers). With the products' input in shared memory, 8 for 16-bit weights spilled and
+// lost 11% of the step to 4 (docs/perf.md); f32 and the 4- and 8-bit formats spill some at
+// 4 too (fewer steps for them not yet measured).
 template <class T>
 __device__ constexpr int decode_batch()
 {
     if constexpr (T::FLOAT) {
-        return T::ALIGN == 8 ? 8 : 4;
+        return 4;
     } else {
         return T::STEP == 210 ? 2 : 4;
     }
@@ -152,6 +158,23 @@ __device__ __forceinline__ float row_dot(const DecodeMatrix& m, const StageRows&
     return total;
 }
 
+// The stage's input x, `n` floats (a multiple of 32) written by other blocks before the
+// barrier, copied into the block's shared memory `xs`, where the stage's rows read it.
+__device__ __forceinline__ const float* stage_in(const float* x, unsigned n, float* xs)
+{
+    if (((unsigned long long)x & 15) == 0) {
+        for (unsigned i = threadIdx.x; i < n / 4; i += blockDim.x) {
+            ((float4*)xs)[i] = __ldcg((const float4*)x + i);
+        }
+    } else {
+        for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
+            xs[i] = __ldcg(x + i);
+        }
+    }
+    __syncthreads();
+    return xs;
+}
+
 // y = (residual ? residual : 0) + W x, one token, with matvec's fused norms: with norm_x,
 // times rms_scale(norm_x); with g, also yg = y * g; with glu (parts 1), y[i] = silu(gate_i) *
 // up_i of the interleaved rows instead. The same arithmetic as matvec.cu's matvec, in the
@@ -161,8 +184,9 @@ __device__ __forceinline__ float row_dot(const DecodeMatrix& m, const StageRows&
 __device__ __forceinline__ void stage_matvec(const DecodeMatrix& m, const float* x, float* y,
                                              const float* residual, const float* norm_x,
                                              float eps, const float* g, float* yg, bool glu,
-                                             float* s_part, float* s_scale)
+                                             float* s_part, float* s_scale, float* xs)
 {
+    x = stage_in(x, m.cols, xs);
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const StageRows s = stage_rows(m, warp);
     float scale = 1.0f;
@@ -277,6 +301,7 @@ extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1) decode_layers(De
     const unsigned stride = (a.n_head + 2 * a.n_head_kv) * D;
     const unsigned team = threadIdx.x / ATTN_THREADS;
     AttnShared<D, 1>& sh = ((AttnShared<D, 1>*)smem)[team];
+    float* xs = (float*)(smem + DECODE_TEAMS * sizeof(AttnShared<D, 1>));
     const unsigned items = (unsigned)(pos / ATTN_SPLIT + 1) * a.n_head;
     unsigned long long* timing = (unsigned long long*)a.timing;
     stamp(timing, 0);
@@ -284,7 +309,8 @@ extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1) decode_layers(De
     for (unsigned l = 0; l < a.n_layer; ++l) {
         const DecodeLayer& L = layers[l];
         const float* norm_x = l > 0 ? x : nullptr;
-        stage_matvec(L.qkv, xb, qkv, nullptr, norm_x, a.eps, nullptr, nullptr, false, s_part, &s_scale);
+        stage_matvec(L.qkv, xb, qkv, nullptr, norm_x, a.eps, nullptr, nullptr, false, s_part, &s_scale,
+                     xs);
         grid_barrier(barrier);
         stamp(timing, 5 * l + 1);
 
@@ -301,18 +327,19 @@ extern "C" __global__ void __launch_bounds__(DECODE_THREADS, 1) decode_layers(De
         stamp(timing, 5 * l + 2);
 
         stage_matvec(L.wo, att, x, x, nullptr, a.eps, (const float*)L.ffn_norm, xb, false, s_part,
-                     &s_scale);
+                     &s_scale, xs);
         prefetch_stage(L.gate_up, true, DECODE_PREFETCH);
         grid_barrier(barrier);
         stamp(timing, 5 * l + 3);
 
-        stage_matvec(L.gate_up, xb, hb, nullptr, x, a.eps, nullptr, nullptr, true, s_part, &s_scale);
+        stage_matvec(L.gate_up, xb, hb, nullptr, x, a.eps, nullptr, nullptr, true, s_part, &s_scale,
+                     xs);
         prefetch_stage(L.down, false, DECODE_PREFETCH);
         grid_barrier(barrier);
         stamp(timing, 5 * l + 4);
 
         stage_matvec(L.down, hb, x, x, nullptr, a.eps, (const float*)L.next_norm, xb, false, s_part,
-                     &s_scale);
+                     &s_scale, xs);
         if (l + 1 < a.n_layer) {
             prefetch_stage(layers[l + 1].qkv, false, DECODE_PREFETCH);
             grid_barrier(barrier);
