@@ -46,6 +46,12 @@
 //       and the first 192 KiB of its gate/up rows asked of L2 as its attention starts. HBM
 //       then streams through the latency-bound stages (Q/K/V, attention, O), which read
 //       shared memory once their input is complete: the megakernel's shape, per stage.
+//   LE  LX with each row summed by the engine's own BF16 row code (matvec.cuh's matvec_row,
+//       as decode.cu calls it: a lane's two 4-column quads of every 256 columns, 8-byte loads,
+//       four steps in flight) rather than row_dot (a lane's 8 consecutive columns, 16-byte
+//       loads): whether the engine's row code or the rest of its step (rows split in parts,
+//       the fused norms) keeps decode.cu's layers from LX's time. Another order of sums, so
+//       other bits (timing only).
 //
 // What it answers: how far C and L take a step toward the products' bytes at HBM's speed, and
 // what a dependency between stages costs each way. After the table of steps it prints, for each
@@ -61,6 +67,7 @@
 #endif
 
 #include "attention.cuh"
+#include "matvec.cuh"
 #include "probe.cuh"
 
 constexpr int LAYERS = 16, EMBD = 2048, QKV = 3072, FF = 8192, VOCAB = 128256;
@@ -106,6 +113,17 @@ __device__ __forceinline__ float row_dot(const unsigned char* row, const float* 
     return wsum(acc);
 }
 
+// LE's row: the engine's own BF16 row code (matvec.cuh's matvec_row as decode.cu calls it: a
+// lane's two 4-column quads of each 256 columns, 8-byte loads, four steps in flight), x read
+// where it is (the block's copy); the total in lane 0. Another order of sums than row_dot's.
+__device__ __forceinline__ float engine_row(const unsigned char* row, const float* x, int cols)
+{
+    float total = 0.f;
+    matvec_row<WeightType<2>::T, 1, true, false, 4, true>(row, x, nullptr, 0, cols, 1, 0, 0, nullptr, threadIdx.x & 31,
+                                                          magic_2p23(), &total);
+    return total;
+}
+
 // A stage: y = W x over `rows` rows (kind 0), the same added to y (1), or SwiGLU over
 // interleaved gate/up rows into y[r / 2] (2); or attention (3) of the QKV row x over the
 // layer's cache k, v (`w` unused) into y.
@@ -143,7 +161,7 @@ __device__ __forceinline__ void stage_x(const Stage& s, float* xs)
 // Rows lo .. hi - 1 of stage s by the block's warps; rows below `in_smem` (from lo) come from
 // `sm`, which holds them in order; x from `x` (XS: the block's copy). Attention: the block's
 // teams take items in turn.
-template <bool XS>
+template <bool XS, bool ENGINE = false>
 __device__ void run_rows(const Stage& s, const Attn& a, AttnShared<D, 1>* ash, int lo_, int hi_, const unsigned char* sm,
                          int in_smem, const float* x)
 {
@@ -161,6 +179,9 @@ __device__ void run_rows(const Stage& s, const Attn& a, AttnShared<D, 1>* ash, i
         if (r - lo_ < in_smem) {
             v = row_dot<true, XS>(sm + (size_t)(r - lo_) * rb, x, s.cols);
             if (step == 2) other = row_dot<true, XS>(sm + (size_t)(r + 1 - lo_) * rb, x, s.cols);
+        } else if (ENGINE) {
+            v = engine_row(s.w + (size_t)r * rb, x, s.cols);
+            if (step == 2) other = engine_row(s.w + (size_t)(r + 1) * rb, x, s.cols);
         } else {
             v = row_dot<false, XS>(s.w + (size_t)r * rb, x, s.cols);
             if (step == 2) other = row_dot<false, XS>(s.w + (size_t)(r + 1) * rb, x, s.cols);
@@ -307,8 +328,8 @@ __device__ __forceinline__ void s_bar_wait(unsigned long long* bar, unsigned par
 template <int MODE, bool XS, bool WAIT = true>
 __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, int n, Attn a, unsigned* done)
 {
-    constexpr bool S = MODE >= 4;
-    constexpr int BASE = S ? MODE - 2 : MODE;
+    constexpr bool S = MODE == 4 || MODE == 5, ENGINE = MODE == 6;
+    constexpr int BASE = S ? MODE - 2 : ENGINE ? 2 : MODE;
     extern __shared__ __align__(16) unsigned char sm[];
     __shared__ AttnShared<D, 1> ash[TEAMS];
     __shared__ __align__(16) float xs[XS ? FF : 4];
@@ -390,7 +411,7 @@ __global__ void __launch_bounds__(THREADS, 1) persistent(const Stage* stages, in
         } else {
             const unsigned char* rows_sm = ahead ? bufs[pos / 2] : sm;
             const int rows_in_sm = ahead ? hi_ - lo_ : BASE == 1 && s.kind != 3 ? in_smem : 0;
-            run_rows<XS>(s, a, ash, lo_, hi_, rows_sm, rows_in_sm, XS ? xs : s.x);
+            run_rows<XS, ENGINE>(s, a, ash, lo_, hi_, rows_sm, rows_in_sm, XS ? xs : s.x);
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -419,9 +440,9 @@ template __global__ void persistent<2, true>(const Stage*, int, Attn, unsigned*)
 template __global__ void persistent<3, true>(const Stage*, int, Attn, unsigned*);
 template __global__ void persistent<2, true, false>(const Stage*, int, Attn, unsigned*);
 template __global__ void persistent<3, true, false>(const Stage*, int, Attn, unsigned*);
-// (S over L alone: NVRTC 13.0 crashes compiling S over L and S over P in one program, though
-// each compiles alone, and nvcc builds both.)
-template __global__ void persistent<4, true>(const Stage*, int, Attn, unsigned*);
+// (LE alone of SX, SPX and LE: NVRTC 13.0 crashes on a program holding any two of them,
+// though each compiles without the others, and nvcc builds all three.)
+template __global__ void persistent<6, true>(const Stage*, int, Attn, unsigned*);
 #else
 int main()
 {
@@ -534,8 +555,8 @@ int main()
     using Kernel = void (*)(const Stage*, int, Attn, unsigned*);
     const Kernel kernels[2][3] = {{persistent<0, false>, persistent<1, false>, persistent<2, false>},
                                   {persistent<0, true>, persistent<1, true>, persistent<2, true>}};
-    const Kernel more[5] = {persistent<3, true>, persistent<2, true, false>, persistent<3, true, false>,
-                            persistent<4, true>, persistent<5, true>};
+    const Kernel more[6] = {persistent<3, true>, persistent<2, true, false>, persistent<3, true, false>,
+                            persistent<4, true>,  persistent<5, true>,        persistent<6, true>};
     const size_t smem_s = s_rows_bytes(QKV, sms) + s_rows_bytes(EMBD, sms);
     for (int k = 3; k < 5; ++k)
         CK(cudaFuncSetAttribute(more[k], cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_s));
@@ -560,7 +581,7 @@ int main()
         if (stamped) at.stamps = stamps;
         void* args[] = {(void*)&stages, (void*)&n, (void*)&at, (void*)&done};
         const Kernel k = design < 8 ? kernels[xs][mode] : more[design - 8];
-        const size_t smem = design < 8 && mode == 1 ? (xs ? SMEM_X : SMEM) : design >= 11 ? smem_s : 0;
+        const size_t smem = design < 8 && mode == 1 ? (xs ? SMEM_X : SMEM) : design == 11 || design == 12 ? smem_s : 0;
         CK(cudaLaunchCooperativeKernel((void*)k, dim3(sms), dim3(THREADS), args, smem, s));
     };
     const char* names[] = {"G graph of kernels (today's)",     "B persistent, a barrier a stage",
@@ -569,7 +590,7 @@ int main()
                            "CX C, x in shared memory",          "LX L, x in shared memory",
                            "PX LX, segments loaded ahead",      "NX LX without waits (timing)",
                            "NPX PX without waits (timing)",      "SX LX, Q/K/V and O rows ahead in smem",
-                           "SPX PX, Q/K/V and O rows ahead in smem"};
+                           "SPX PX, Q/K/V and O rows ahead in smem", "LE LX, the engine's rows (other bits)"};
     const int designs = sizeof(names) / sizeof(names[0]);
     std::vector<float> want(VOCAB), got(VOCAB);
     printf("%-40s %10s %10s  %s\n", "design", "us a step", "GB/s", "logits against G");
