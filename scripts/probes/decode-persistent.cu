@@ -12,9 +12,9 @@
 // the KV append and flash-decoding splits merged by the last, over POS cached positions of
 // an f32 cache) -> O product added to x -> gate/up product with SwiGLU (gate and up rows
 // interleaved) -> down product added to x; 16 layers, then the output head. Each stage reads
-// the whole of the stage before's output. Every design runs the same warp code per row (a
-// warp a row, 16-byte loads, lane l's columns 8l .. 8l + 7 of each 256, a fixed butterfly)
-// and the same attention code, so all give the same bits (checked against G).
+// the whole of the stage before's output. Every design but LE runs the same warp code per
+// row (a warp a row, 16-byte loads, lane l's columns 8l .. 8l + 7 of each 256, a fixed
+// butterfly) and the same attention code, so all give the same bits (checked against G).
 //
 // Designs:
 //   G   a graph of kernels: a kernel a stage, each launched with programmatic dependent launch
