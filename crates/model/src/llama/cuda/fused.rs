@@ -136,9 +136,6 @@ pub fn max_cols(w: &DeviceWeights) -> usize {
         .unwrap_or(0)
 }
 
-/// Shared memory a block gets without asking for more.
-const DEFAULT_SHARED: usize = 48 << 10;
-
 /// The persistent kernel, compiled for the model, with its launch geometry.
 pub struct Fused {
     pub f: CudaFunction,
@@ -161,30 +158,33 @@ impl Fused {
             return Err("the GPU has no cooperative launches".into());
         }
         let sms = attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-        let bytes = shared_bytes(head_dim, max_cols);
+        let shared = shared_bytes(head_dim, max_cols);
         let most =
             attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-        let shared = u32::try_from(bytes)
-            .ok()
-            .filter(|&b| b as usize <= usize::try_from(most).unwrap_or(0))
-            .ok_or_else(|| {
-                format!("a block would need {bytes} bytes of shared memory; the GPU gives {most}")
-            })?;
-        if bytes > DEFAULT_SHARED {
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared as i32,
-            )
-            .map_err(|e| format!("{e:?}"))?;
+        if shared > usize::try_from(most).unwrap_or(0) {
+            return Err(format!(
+                "a block would need {shared} bytes of shared memory; the GPU gives {most}"
+            ));
         }
+        // Asked for whatever the size (past 48 KiB it must be); at most `most`, so it fits
+        // an i32 and a u32.
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+        .map_err(|e| format!("{e:?}"))?;
         let per_sm = f
-            .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, shared as usize, None)
+            .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, shared, None)
             .map_err(|e| format!("{e:?}"))?;
         let grid = per_sm * u32::try_from(sms).unwrap_or(0);
         if grid == 0 {
             return Err("a block of the persistent kernel does not fit an SM".into());
         }
-        Ok(Fused { f, grid, shared })
+        Ok(Fused {
+            f,
+            grid,
+            shared: shared as u32,
+        })
     }
 }
 
