@@ -9,13 +9,16 @@
 //
 // Ways:
 //   bf16   the engine's kernel over BF16 rows (8-byte loads: 8 bytes for 4 weights a load).
-//   q8_0   the engine's kernel over GGML's Q8_0 rows: 34-byte blocks {f16 d; i8 qs[32]},
-//          2-byte aligned, so a lane's 8 weights and 2 scales of a 256-column step take six
-//          2-byte loads.
+//   q8_0   the engine's former row code over GGML's Q8_0 rows (Q8_0G): 34-byte blocks
+//          {f16 d; i8 qs[32]}, 2-byte aligned, so a lane's 8 weights and 2 scales of a
+//          256-column step take six 2-byte loads.
 //   q8_0s  Q8_0 with each 256-column step's 8 blocks stored split (the 256 quants, then the 8
 //          scales): the same 272 bytes a step and the same arithmetic in the same order (the
 //          engine's bits, checked), but 4-byte aligned quants, so a lane's step is two 4-byte
-//          and two 2-byte loads. The model would repack its Q8_0 matrices so at load.
+//          and two 2-byte loads.
+//   q8_0l  the engine's kernel over Q8_0 as the engine now uploads it (each step's blocks dealt
+//          by lane: matvec.cuh's table): one 8-byte and one 4-byte load a lane-step, the same
+//          bits (checked).
 //   q8_0i  q8_0s's rows with the activations quantized too (int8 per 32 columns with an f32
 //          scale, once per input, as the CPU's `fast` products do): a lane's 4 quants of a
 //          block times the activations' 4 in one dp4a, then one fma with the two scales,
@@ -31,6 +34,47 @@
 
 #include "matvec.cuh"
 #include "probe.cuh"
+
+// GGML's Q8_0 rows as the engine read them before it dealt them by lane at upload: a lane's
+// step is six 2-byte loads.
+struct Q8_0G {
+    static constexpr unsigned BLOCK = 32, STEP = 8 * 34;
+    static constexpr bool FLOAT = false, SCALED = true;
+    struct Lane {
+        const unsigned char *d, *q;  // quad A's; quad B's are 4 blocks on
+        unsigned magic;
+    };
+    struct Raw {
+        unsigned da, a0, a1, db, b0, b1;
+    };
+    static __device__ __forceinline__ Lane lane(const unsigned char* row, unsigned l, unsigned magic)
+    {
+        const unsigned b = l >> 3, p = l & 7;
+        return {row + 34 * b, row + 34 * b + 2 + 4 * p, magic};
+    }
+    static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
+    {
+        const unsigned char *d = l.d + o, *q = l.q + o;
+        Raw r = {ld_u16(d), ld_u16(q), ld_u16(q + 2), 0, 0, 0};
+        if (b_ok) {
+            r.db = ld_u16(d + 136), r.b0 = ld_u16(q + 136), r.b1 = ld_u16(q + 138);
+        }
+        return r;
+    }
+    static __device__ __forceinline__ void widen(const Raw& r, const Lane& l, float (&u)[8],
+                                                 float (&s)[2])
+    {
+        // Flipping the sign bits turns each i8 q into the byte q + 128.
+        const unsigned a = __byte_perm(r.a0, r.a1, 0x5410) ^ 0x80808080u;
+        const unsigned b = __byte_perm(r.b0, r.b1, 0x5410) ^ 0x80808080u;
+        for (int i = 0; i < 4; ++i) {
+            u[i] = byte_f32(a, i, 128.0f, l.magic);
+            u[4 + i] = byte_f32(b, i, 128.0f, l.magic);
+        }
+        s[0] = f16_to_f32(r.da);
+        s[1] = f16_to_f32(r.db);
+    }
+};
 
 // Q8_0 with a step's blocks split: quants at 0..256 of the step, scales at 256..272.
 struct Q8_0S {
@@ -77,7 +121,8 @@ struct Q8_0S {
                   nullptr, 0);                                                                                 \
     }
 KERNEL(mv_bf16, Half16<true>)
-KERNEL(mv_q8_0, Q8_0)
+KERNEL(mv_q8_0, Q8_0G)
+KERNEL(mv_q8_0l, Q8_0)
 KERNEL(mv_q8_0s, Q8_0S)
 
 // x (n floats) as int8 per 32 values, each block's scale its largest magnitude / 127.
@@ -144,6 +189,21 @@ static void launch_i(cudaStream_t st, const unsigned char* w, const float* x, fl
 }
 
 #endif
+
+// GGML Q8_0 rows dealt by lane as the engine uploads them (weights.rs's q8_0_lanes; cols a
+// multiple of 256).
+__global__ void deal_lanes(const unsigned char* src, unsigned char* dst, size_t steps)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < steps * 8; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t step = i / 8, j = i % 8, b = j % 4, half = j / 4;
+        const unsigned char* blk = src + step * 272 + j * 34;
+        unsigned char* o = dst + step * 272;
+        for (int p = 0; p < 8; ++p)
+            for (int k = 0; k < 4; ++k) o[8 * (8 * b + p) + 4 * half + k] = blk[2 + 4 * p + k];
+        o[256 + 4 * b + 2 * half] = blk[0];
+        o[256 + 4 * b + 2 * half + 1] = blk[1];
+    }
+}
 
 // GGML Q8_0 rows into Q8_0S rows (cols a multiple of 256).
 __global__ void split_steps(const unsigned char* src, unsigned char* dst, size_t steps)
@@ -227,7 +287,8 @@ int main()
                             {"gate_up 16384x2048", 16384, 2048},
                             {"down 2048x8192", 2048, 8192},
                             {"head 128256x2048", 128256, 2048}};
-    const Way ways[] = {{"bf16", mv_bf16, false}, {"q8_0", mv_q8_0, true}, {"q8_0s", mv_q8_0s, true}, {"q8_0i", nullptr, true}};
+    const Way ways[] = {{"bf16", mv_bf16, false}, {"q8_0", mv_q8_0, true}, {"q8_0s", mv_q8_0s, true},
+                        {"q8_0l", mv_q8_0l, true}, {"q8_0i", nullptr, true}};
     auto row_bytes = [](const Way& wy, unsigned cols) { return wy.q8 ? cols / 32 * 34 : cols * 2; };
     // q8_0s gives q8_0's bits, over the same matrix split by steps.
     bool same = true;
@@ -251,9 +312,14 @@ int main()
             err += (double)(c[i] - b[i]) * (c[i] - b[i]);
             nrm += (double)b[i] * b[i];
         }
-        printf("== %s: q8_0s %s q8_0's bits; q8_0i's error against q8_0s %.1e\n", sh.name, eq ? "gives" : "does NOT give",
-               sqrt(err / nrm));
-        same = same && eq;
+        deal_lanes<<<1024, 256, 0, st>>>(w, w2, bytes / 272);
+        launch(mv_q8_0l, st, w2, x, y, sh.rows, sh.cols, sh.cols / 32 * 34);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(b.data(), y, sh.rows * 4, cudaMemcpyDeviceToHost));
+        const bool eq_l = memcmp(a.data(), b.data(), sh.rows * 4) == 0;
+        printf("== %s: q8_0s %s q8_0's bits, q8_0l %s; q8_0i's error against q8_0s %.1e\n", sh.name,
+               eq ? "gives" : "does NOT give", eq_l ? "gives them" : "does NOT", sqrt(err / nrm));
+        same = same && eq && eq_l;
     }
     // Each product alone, back to back, the weights rotated through the pool.
     printf("== us a call, one token (GB/s of weights)\n");
@@ -303,7 +369,7 @@ int main()
         cudaGraphExecDestroy(ge);
         cudaGraphDestroy(g);
     }
-    printf("q8_0s gives q8_0's bits: %s\n", same ? "yes" : "NO");
+    printf("q8_0s and q8_0l give q8_0's bits: %s\n", same ? "yes" : "NO");
     return 0;
 }
 #endif

@@ -7,6 +7,7 @@ use tern_compute::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, Devic
 
 use super::driver;
 use super::kernels::{DevMatrix, Fuse, Kernels, Launcher, TOP_CHUNK, TopJob, top_k_many_scratch};
+use super::weights::device_rows;
 use crate::ModelError;
 use crate::quant::DType;
 use crate::top::{Candidate, MAX_TOP};
@@ -47,18 +48,29 @@ impl OpHarness {
         }
     }
 
-    fn matrix(dtype: DType, rows: usize, cols: usize, ptr: u64) -> Result<DevMatrix, ModelError> {
+    /// `w`, the `rows` rows of a `dtype` matrix `cols` wide in the file's blocks, uploaded as the model
+    /// uploads its weights ([`device_rows`]).
+    fn matrix(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+    ) -> Result<(CudaSlice<u8>, DevMatrix), ModelError> {
         let row_bytes = dtype
             .row_bytes(cols)
             .ok_or_else(|| ModelError::Invalid(format!("{cols} columns of {dtype}")))?;
-        Ok(DevMatrix {
+        let (bytes, dev_row_bytes) = device_rows(dtype, cols, row_bytes, w);
+        let (buf, ptr) = self.up(&bytes[..])?;
+        let m = DevMatrix {
             ptr,
             dtype,
             rows: rows as u32,
             cols: cols as u32,
-            row_bytes: row_bytes as u32,
+            row_bytes: dev_row_bytes as u32,
             tiles: 0,
-        })
+        };
+        Ok((buf, m))
     }
 
     /// `y[t] = residual[t] + W x[t]` for `n_tok` rows of `x` (`residual` zero when absent).
@@ -72,11 +84,10 @@ impl OpHarness {
         residual: Option<&[f32]>,
     ) -> Result<Vec<f32>, ModelError> {
         let n_tok = x.len() / cols;
-        let (_w, w_ptr) = self.up(w)?;
+        let (_w, m) = self.matrix(dtype, rows, cols, w)?;
         let (_x, x_ptr) = self.up(x)?;
         let init = residual.map_or_else(|| vec![f32::NAN; n_tok * rows], <[f32]>::to_vec);
         let (y, y_ptr) = self.up(&init)?;
-        let m = Self::matrix(dtype, rows, cols, w_ptr)?;
         let res = if residual.is_some() { y_ptr } else { 0 };
         self.run().matvec(
             &m,
@@ -110,13 +121,12 @@ impl OpHarness {
             .chunks(cols)
             .flat_map(|r| r.iter().zip(g).map(|(a, b)| a * b))
             .collect();
-        let (_w, w_ptr) = self.up(w)?;
+        let (_w, m) = self.matrix(dtype, rows, cols, w)?;
         let (_x, x_ptr) = self.up(x)?;
         let (_xg, xg_ptr) = self.up(&xg)?;
         let (_g, g_ptr) = self.up(g_next)?;
         let (y, y_ptr) = self.up(&vec![f32::NAN; n_tok * rows])?;
         let (yg, yg_ptr) = self.up(&vec![f32::NAN; n_tok * rows])?;
-        let m = Self::matrix(dtype, rows, cols, w_ptr)?;
         let fuse = Fuse {
             norm: Some((x_ptr, eps)),
             next: Some((g_ptr, yg_ptr)),
@@ -206,11 +216,10 @@ impl OpHarness {
         w: &[u8],
         ids: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
-        let (_w, w_ptr) = self.up(w)?;
+        let (_w, m) = self.matrix(dtype, rows, cols, w)?;
         // The kernel reads the ids as i32: the same bits for every id a vocabulary holds.
         let (_ids, ids_ptr) = self.up(ids)?;
         let (out, out_ptr) = self.up(&vec![f32::NAN; ids.len() * cols])?;
-        let m = Self::matrix(dtype, rows, cols, w_ptr)?;
         self.run()
             .get_rows(&m, ids_ptr, out_ptr, ids.len() as u32)?;
         self.down(&out)

@@ -1,5 +1,7 @@
-//! The model's weights in device memory, uploaded once in their file's block format.
+//! The model's weights in device memory, uploaded once in their file's block format (Q8_0
+//! re-dealt by lane for the kernels' loads: [`device_rows`]).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use tern_compute::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
@@ -9,6 +11,7 @@ use super::kernels::DevMatrix;
 use crate::ModelError;
 use crate::llama::weights::{UploadMatrices, dim_u32};
 use crate::llama::{LlamaWeights, Matrix};
+use crate::quant::DType;
 
 /// One transformer block's weights on the GPU. Matrices that read the same input are
 /// stacked into one when their types agree, so one launch computes them all: `qkv` is
@@ -58,9 +61,10 @@ impl<'a> UploadMatrices<'a> for Uploader<'a> {
     }
 
     fn upload(&mut self, m: &Matrix, bytes: &[u8], rows: usize) -> Result<DevMatrix, ModelError> {
+        let (bytes, row_bytes) = device_rows(m.dtype, m.cols, m.row_bytes, bytes);
         let buf = self
             .stream
-            .clone_htod(bytes)
+            .clone_htod(&bytes[..])
             .map_err(driver("uploading weights"))?;
         let (ptr, _) = buf.device_ptr(self.stream);
         self.total += bytes.len();
@@ -70,9 +74,53 @@ impl<'a> UploadMatrices<'a> for Uploader<'a> {
             dtype: m.dtype,
             rows: dim_u32(rows)?,
             cols: dim_u32(m.cols)?,
-            row_bytes: dim_u32(m.row_bytes)?,
+            row_bytes: dim_u32(row_bytes)?,
             tiles: 0,
         })
+    }
+}
+
+/// Rows of a `dtype` matrix `cols` wide (`row_bytes` each in the file's blocks) as the
+/// kernels read them, and the length of a row there: Q8_0 re-dealt by [`q8_0_lanes`], every
+/// other type as the file holds it.
+pub fn device_rows(
+    dtype: DType,
+    cols: usize,
+    row_bytes: usize,
+    bytes: &[u8],
+) -> (Cow<'_, [u8]>, usize) {
+    if dtype != DType::Q8_0 {
+        return (Cow::Borrowed(bytes), row_bytes);
+    }
+    let steps = cols.div_ceil(256);
+    let mut out = vec![0u8; bytes.len() / row_bytes * steps * Q8_0_STEP];
+    for (row, dst) in bytes
+        .chunks_exact(row_bytes)
+        .zip(out.chunks_exact_mut(steps * Q8_0_STEP))
+    {
+        q8_0_lanes(row, dst);
+    }
+    (Cow::Owned(out), steps * Q8_0_STEP)
+}
+
+/// Bytes of 8 Q8_0 blocks: one 256-column step.
+const Q8_0_STEP: usize = 8 * 34;
+
+/// One row of GGML Q8_0 blocks (`{f16 d; i8 q[32]}`, 34 bytes) into `dst`, whole 256-column
+/// steps of 272 bytes (matvec.cuh's `Q8_0L`): in each step, lane l = 8b + p's quants 4p..4p+3
+/// of block b then of block 4 + b at 8l, and the blocks' scales at 256 in the order
+/// d0 d4 d1 d5 d2 d6 d3 d7. Blocks past the row's end stay zero.
+fn q8_0_lanes(row: &[u8], dst: &mut [u8]) {
+    for (blocks, step) in row.chunks(Q8_0_STEP).zip(dst.chunks_exact_mut(Q8_0_STEP)) {
+        for (j, block) in blocks.chunks_exact(34).enumerate() {
+            let (b, half) = (j % 4, j / 4);
+            let scale = 256 + 4 * b + 2 * half;
+            step[scale..scale + 2].copy_from_slice(&block[..2]);
+            for (p, quad) in block[2..].chunks_exact(4).enumerate() {
+                let at = 8 * (8 * b + p) + 4 * half;
+                step[at..at + 4].copy_from_slice(quad);
+            }
+        }
     }
 }
 
@@ -198,5 +246,46 @@ impl DeviceWeights {
             _tiles: Vec::new(),
             _floats: up.floats,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every quant and scale of a row lands where matvec.cuh's `Q8_0L` has lane 8b + p read
+    /// it, a partial last step included, and the padding is zeros.
+    #[test]
+    fn q8_0_rows_are_dealt_to_the_lanes_that_read_them() {
+        let (cols, blocks) = (576, 18); // two steps and a quarter
+        let row: Vec<u8> = (0..blocks * 34).map(|i| (i * 7 + 3) as u8).collect();
+        let two_rows = [row.clone(), row.iter().map(|b| b ^ 0x55).collect()].concat();
+        let (out, row_bytes) = device_rows(DType::Q8_0, cols, blocks * 34, &two_rows);
+        assert_eq!(row_bytes, 3 * 272);
+        assert_eq!(out.len(), 2 * row_bytes);
+        for (src, dst) in two_rows.chunks(blocks * 34).zip(out.chunks(row_bytes)) {
+            let mut expected = vec![0u8; row_bytes];
+            for k in 0..3 {
+                for lane in 0..32 {
+                    let (b, p) = (lane / 8, lane % 8);
+                    for half in 0..2 {
+                        let j = 8 * k + 4 * half + b;
+                        if j >= blocks {
+                            continue;
+                        }
+                        let block = &src[34 * j..34 * j + 34];
+                        let q = 272 * k + 8 * lane + 4 * half;
+                        expected[q..q + 4].copy_from_slice(&block[2 + 4 * p..6 + 4 * p]);
+                        let d = 272 * k + 256 + 4 * b + 2 * half;
+                        expected[d..d + 2].copy_from_slice(&block[..2]);
+                    }
+                }
+            }
+            assert_eq!(dst, &expected[..]);
+        }
+        // Other types go up as the file holds them.
+        let bf16 = [1u8, 2, 3, 4];
+        let (same, row_bytes) = device_rows(DType::BF16, 2, 4, &bf16);
+        assert_eq!((&same[..], row_bytes), (&bf16[..], 4));
     }
 }

@@ -26,12 +26,17 @@
 // | f32  | 1     | 4     | f32                                           | as is                | 16        |
 // | f16  | 1     | 2     | IEEE binary16                                 | exact widening       | 8         |
 // | bf16 | 1     | 2     | high half of an f32                           | exact widening       | 8         |
-// | q8_0 | 32    | 34    | {f16 d; i8 qs[32]}                            | qs[i] * d            | 2         |
+// | q8_0 | 32    | 34    | {f16 d; i8 qs[32]}, dealt by lane (below)     | qs[i] * d            | 8         |
 // | q4_0 | 32    | 18    | {f16 d; u8 qs[16]}                            | (q[i] - 8) * d       | 2         |
 // | q4_1 | 32    | 20    | {f16 d; f16 m; u8 qs[16]}                     | q[i] * d + m         | 4         |
 // | q4_k | 256   | 144   | {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]}  | (d*sc) * q - dmin*m  | 16        |
 // | q6_k | 256   | 210   | {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d} | (d*sc) * (q - 32)    | 2         |
 //
+// - q8_0 rows are not the file's: the model deals each 256-column step's 8 blocks (272
+//   bytes) by lane when it uploads them (weights.rs, `q8_0_lanes`). Lane l = 8b + p's quants
+//   of its quad A (block b) then of its quad B (block 4 + b) are the 8 bytes at 8l, and the
+//   8 scales follow at 256 in the order d0 d4 d1 d5 d2 d6 d3 d7, so the lane's two are the 4
+//   bytes at 256 + 4b. Rows are padded with zeros to whole steps (row_bytes says so).
 // - q4_0, q4_1: q[i] for i < 16 is the low nibble of qs[i], q[i + 16] its high nibble.
 // - q4_k: eight sub-blocks of 32, each with a 6-bit scale sc and min m packed in `scales`
 //   (get_scale_min_k4: bytes 0-3 hold sc 0-3 in bits 0-5, bytes 4-7 m 0-3; for j >= 4 the low
@@ -54,7 +59,8 @@
 //     2 bytes of weights), and L1 throughput is what bounds the quantized kernels;
 //   - a warp's weight loads of a step fall in one contiguous run of the row. Each lane reads
 //     its fields as wide as their alignment allows: 16 bytes for f32 and the q4_k header, 8
-//     for f16/bf16, 4 for q4_1 and q4_k nibbles, 2 for the 2-byte-aligned q8_0/q4_0/q6_k.
+//     for f16/bf16 and q8_0's quants, 4 for q4_1, q4_k nibbles and q8_0's scales, 2 for the
+//     2-byte-aligned q4_0/q6_k.
 //     Lanes 8b+p and 8b+p+4 of a 4-bit block read the same bytes, low and high nibbles;
 //   - a lane issues the loads of several steps before it uses the first.
 // A byte becomes an f32 with one permute and one add (2^23 + byte, minus 2^23: exact), not a
@@ -251,42 +257,41 @@ struct Half16 {
     }
 };
 
+// q8_0 as the model uploads it (weights.rs, `q8_0_lanes`; the table above): a lane's step is
+// one 8-byte and one 4-byte load, where GGML's 2-byte-aligned blocks took six 2-byte ones.
 struct Q8_0 {
     static constexpr unsigned BLOCK = 32, STEP = 8 * 34;
     static constexpr bool FLOAT = false, SCALED = true;
     struct Lane {
-        const unsigned char *d, *q;  // quad A's; quad B's are 4 blocks on
+        const unsigned char *q, *d;
         unsigned magic;
     };
     struct Raw {
-        unsigned da, a0, a1, db, b0, b1;
+        unsigned a, b, d;
     };
     static __device__ __forceinline__ Lane lane(const unsigned char* row, unsigned l, unsigned magic)
     {
-        const unsigned b = l >> 3, p = l & 7;
-        return {row + 34 * b, row + 34 * b + 2 + 4 * p, magic};
+        return {row + 8 * l, row + 256 + 4 * (l >> 3), magic};
     }
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
-        const unsigned char *d = l.d + o, *q = l.q + o;
-        Raw r = {ld_u16(d), ld_u16(q), ld_u16(q + 2), 0, 0, 0};
         if (b_ok) {
-            r.db = ld_u16(d + 136), r.b0 = ld_u16(q + 136), r.b1 = ld_u16(q + 138);
+            const uint2 q = ld_u32x2(l.q + o);
+            return {q.x, q.y, ld_u32(l.d + o)};
         }
-        return r;
+        return {ld_u32(l.q + o), 0, ld_u32(l.d + o)};
     }
     static __device__ __forceinline__ void widen(const Raw& r, const Lane& l, float (&u)[8],
                                                  float (&s)[2])
     {
         // Flipping the sign bits turns each i8 q into the byte q + 128.
-        const unsigned a = __byte_perm(r.a0, r.a1, 0x5410) ^ 0x80808080u;
-        const unsigned b = __byte_perm(r.b0, r.b1, 0x5410) ^ 0x80808080u;
+        const unsigned a = r.a ^ 0x80808080u, b = r.b ^ 0x80808080u;
         for (int i = 0; i < 4; ++i) {
             u[i] = byte_f32(a, i, 128.0f, l.magic);
             u[4 + i] = byte_f32(b, i, 128.0f, l.magic);
         }
-        s[0] = f16_to_f32(r.da);
-        s[1] = f16_to_f32(r.db);
+        s[0] = f16_to_f32(r.d & 0xffffu);
+        s[1] = f16_to_f32(r.d >> 16);
     }
 };
 
