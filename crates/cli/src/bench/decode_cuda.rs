@@ -44,6 +44,7 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     );
     println!("decode step: {}", cuda.decode_path());
     let bandwidth = cuda.copy_bandwidth(1 << 30, 5)?;
+    let read = cuda.read_bandwidth(1 << 30, 5)?;
     let roofline = bandwidth / weight_bytes;
     let context = super::context_for(&model, b.prefill, b.decode)?;
     let guest = GuestBench::new(&device, &model, b.prefill)?;
@@ -57,6 +58,13 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
         weight_bytes / 1e6,
         roofline,
         decode / roofline * 100.0
+    );
+    println!(
+        "read-only roofline: a kernel reading 1 GiB {:.0} GB/s / {:.1} MB per token = {:.0} tokens/s; decode reaches {:.1}% of it",
+        read / 1e9,
+        weight_bytes / 1e6,
+        read / weight_bytes,
+        decode / (read / weight_bytes) * 100.0
     );
     if b.baseline {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

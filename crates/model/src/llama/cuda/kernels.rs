@@ -336,6 +336,7 @@ pub struct Kernels {
     top_k_blocks_many: CudaFunction,
     top_k_merge_many: CudaFunction,
     next_step: CudaFunction,
+    read_all: CudaFunction,
     /// `decode.cu`'s persistent decode kernel, for the model's weight type and head size,
     /// when it was asked for and built; else why not.
     pub decode_layers: Result<CudaFunction, String>,
@@ -549,6 +550,7 @@ impl Kernels {
                 top_k_blocks_many: get(0, "top_k_blocks_many")?,
                 top_k_merge_many: get(0, "top_k_merge_many")?,
                 next_step: get(0, "next_step")?,
+                read_all: get(0, "read_all")?,
                 decode_layers,
                 mma: None,
                 attention_prefill: HEAD_DIMS
@@ -1397,6 +1399,19 @@ impl Launcher<'_> {
             &pair,
             &step,
             &pos
+        )
+    }
+
+    /// Reads `words` 16-byte words at `p` once each (`grid` blocks), storing nothing unless
+    /// they XOR to one value (then into `out`): the read-only roofline.
+    pub fn read_all(&self, p: u64, words: u64, out: u64, grid: u32) -> Result<(), ModelError> {
+        launch!(
+            self,
+            &self.kernels.read_all,
+            config((grid, 1, 1), 256),
+            &p,
+            &words,
+            &out
         )
     }
 

@@ -52,7 +52,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tern_compute::Device;
-use tern_compute::cuda::cudarc::driver::{CudaContext, CudaStream};
+use tern_compute::cuda::cudarc::driver::{CudaContext, CudaStream, DevicePtr};
 
 use crate::ModelError;
 use crate::engine::{Engine, LayerBytes, SessionState, SourceUnits, StepItem, own, own_mut};
@@ -516,6 +516,33 @@ impl CudaLlama {
         s.memcpy_dtod(&src, &mut dst).map_err(driver("copying"))?;
         median_rate(s, repeats, 2.0 * bytes as f64, || {
             s.memcpy_dtod(&src, &mut dst).map_err(driver("copying"))
+        })
+    }
+
+    /// The GPU's memory bandwidth as a kernel that only reads sees it: bytes read per second
+    /// of `bytes` (the median of `repeats` reads), eight blocks an SM; the upper roofline
+    /// beside [`CudaLlama::copy_bandwidth`]'s (a decode step only reads its weights).
+    pub fn read_bandwidth(&self, bytes: usize, repeats: usize) -> Result<f64, ModelError> {
+        use tern_compute::cuda::cudarc::driver::sys::CUdevice_attribute;
+        let _busy = self.busy.lock();
+        let s = &self.stream;
+        let sms = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("reading the SM count"))?;
+        let grid = 8 * u32::try_from(sms).unwrap_or(1).max(1);
+        let src = s.alloc_zeros::<u8>(bytes).map_err(driver("allocating"))?;
+        let out = s.alloc_zeros::<u32>(1).map_err(driver("allocating"))?;
+        let (p, _) = src.device_ptr(s);
+        let (o, _) = out.device_ptr(s);
+        let run = Launcher {
+            kernels: &self.kernels,
+            stream: s,
+        };
+        let words = (bytes / 16) as u64;
+        run.read_all(p, words, o, grid)?;
+        median_rate(s, repeats, (words * 16) as f64, || {
+            run.read_all(p, words, o, grid)
         })
     }
 
