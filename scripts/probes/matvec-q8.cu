@@ -61,18 +61,12 @@ struct Q8_0G {
         }
         return r;
     }
+    // The engine's widening, over the same bytes gathered as its dealt rows hold them.
     static __device__ __forceinline__ void widen(const Raw& r, const Lane& l, float (&u)[8],
                                                  float (&s)[2])
     {
-        // Flipping the sign bits turns each i8 q into the byte q + 128.
-        const unsigned a = __byte_perm(r.a0, r.a1, 0x5410) ^ 0x80808080u;
-        const unsigned b = __byte_perm(r.b0, r.b1, 0x5410) ^ 0x80808080u;
-        for (int i = 0; i < 4; ++i) {
-            u[i] = byte_f32(a, i, 128.0f, l.magic);
-            u[4 + i] = byte_f32(b, i, 128.0f, l.magic);
-        }
-        s[0] = f16_to_f32(r.da);
-        s[1] = f16_to_f32(r.db);
+        Q8_0::widen({__byte_perm(r.a0, r.a1, 0x5410), __byte_perm(r.b0, r.b1, 0x5410), r.da | r.db << 16},
+                    {nullptr, nullptr, l.magic}, u, s);
     }
 };
 
@@ -101,13 +95,7 @@ struct Q8_0S {
     }
     static __device__ __forceinline__ void widen(const Raw& r, const Lane& l, float (&u)[8], float (&s)[2])
     {
-        const unsigned a = r.a ^ 0x80808080u, b = r.b ^ 0x80808080u;
-        for (int i = 0; i < 4; ++i) {
-            u[i] = byte_f32(a, i, 128.0f, l.magic);
-            u[4 + i] = byte_f32(b, i, 128.0f, l.magic);
-        }
-        s[0] = f16_to_f32(r.da);
-        s[1] = f16_to_f32(r.db);
+        Q8_0::widen({r.a, r.b, r.da | r.db << 16}, {nullptr, nullptr, l.magic}, u, s);
     }
 };
 
