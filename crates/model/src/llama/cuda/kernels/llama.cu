@@ -807,6 +807,7 @@ next_step(const unsigned* __restrict__ pair, int* __restrict__ step, int pos) {
 // Grid any, block 256.
 extern "C" __global__ void __launch_bounds__(256)
 read_all(const uint4* __restrict__ p, unsigned long long n, unsigned* __restrict__ out) {
+    pdl_wait();
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     unsigned s = 0;
