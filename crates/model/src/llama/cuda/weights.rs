@@ -89,7 +89,7 @@ pub fn device_rows(
     row_bytes: usize,
     bytes: &[u8],
 ) -> (Cow<'_, [u8]>, usize) {
-    if dtype != DType::Q8_0 {
+    if dtype != DType::Q8_0 || row_bytes == 0 {
         return (Cow::Borrowed(bytes), row_bytes);
     }
     let steps = cols.div_ceil(256);
@@ -107,7 +107,7 @@ pub fn device_rows(
 const Q8_0_STEP: usize = 8 * 34;
 
 /// One row of GGML Q8_0 blocks (`{f16 d; i8 q[32]}`, 34 bytes) into `dst`, whole 256-column
-/// steps of 272 bytes (matvec.cuh's `Q8_0L`): in each step, lane l = 8b + p's quants 4p..4p+3
+/// steps of 272 bytes (matvec.cuh's `Q8_0`): in each step, lane l = 8b + p's quants 4p..4p+3
 /// of block b then of block 4 + b at 8l, and the blocks' scales at 256 in the order
 /// d0 d4 d1 d5 d2 d6 d3 d7. Blocks past the row's end stay zero.
 fn q8_0_lanes(row: &[u8], dst: &mut [u8]) {
@@ -253,7 +253,7 @@ impl DeviceWeights {
 mod tests {
     use super::*;
 
-    /// Every quant and scale of a row lands where matvec.cuh's `Q8_0L` has lane 8b + p read
+    /// Every quant and scale of a row lands where matvec.cuh's `Q8_0` has lane 8b + p read
     /// it, a partial last step included, and the padding is zeros.
     #[test]
     fn q8_0_rows_are_dealt_to_the_lanes_that_read_them() {
