@@ -246,16 +246,8 @@ int main()
     CK(cudaMalloc(&xq, 8192));
     CK(cudaMalloc(&xd, 8192 / 32 * 4));
     {
-        // Random bytes: Q8_0 scales as f16 in [0.5, 1) (exponent bits fixed), everything else
-        // random; as BF16, weights of modest size.
-        std::vector<unsigned char> h(pool);
         unsigned s = 1;
-        for (size_t i = 0; i < pool; i += 2) {
-            s = s * 1664525u + 1013904223u;
-            h[i] = (s >> 8) & 0xff;
-            h[i + 1] = ((s >> 16) & 0x83) | 0x38;
-        }
-        CK(cudaMemcpy(w, h.data(), pool, cudaMemcpyHostToDevice));
+        random_weights(w, pool, s);
         random_activations(x, 8192, s);
     }
     cudaStream_t st;

@@ -148,16 +148,8 @@ int main(int argc, char** argv)
     CK(cudaMalloc(&y, 128256 * 4));
     CK(cudaMalloc(&y0, 128256 * 4));
     {
-        // Random bytes with every odd byte's exponent bits tamed: modest BF16 weights and Q8_0
-        // scales alike (timing only; the bits check compares variants with each other).
-        std::vector<unsigned char> h(pool);
         unsigned s = 1;
-        for (size_t i = 0; i < pool; i += 2) {
-            s = s * 1664525u + 1013904223u;
-            h[i] = (s >> 8) & 0xff;
-            h[i + 1] = ((s >> 16) & 0x83) | 0x38;
-        }
-        CK(cudaMemcpy(w, h.data(), pool, cudaMemcpyHostToDevice));
+        random_weights(w, pool, s);
         random_activations(x, 8192, s);
     }
     const Variant variants[] = {VARIANTS(Half16<true>, ENTRY) TOGETHER(Half16<true>, ENTRY_T) VARIANTS(Q8_0, ENTRY)

@@ -87,6 +87,21 @@ static void random_activations(float* x, size_t n, unsigned& s)
     delete[] h;
 }
 
+// Fills `bytes` bytes at `w` (device memory, `bytes` even) with random bytes, each odd byte's
+// exponent bits tamed: modest BF16 weights, and Q8_0 scales (f16) in [0.5, 1) where a scale's
+// high byte lands on an odd byte. Continues the generator state `s`.
+static void random_weights(unsigned char* w, size_t bytes, unsigned& s)
+{
+    unsigned char* h = new unsigned char[bytes];
+    for (size_t i = 0; i < bytes; i += 2) {
+        s = s * 1664525u + 1013904223u;
+        h[i] = (s >> 8) & 0xff;
+        h[i + 1] = ((s >> 16) & 0x83) | 0x38;
+    }
+    CK(cudaMemcpy(w, h, bytes, cudaMemcpyHostToDevice));
+    delete[] h;
+}
+
 // The device-to-device copy bandwidth (read + write), GB/s: `bytes` at `from` copied to `to`
 // ten times on `st`, after three copies to warm up.
 static double copy_bandwidth(cudaStream_t st, unsigned char* to, const unsigned char* from, size_t bytes)
