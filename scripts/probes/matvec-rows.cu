@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(256, OCC)
 
 // Rows (blockIdx.x * 8 + warp) * R .. + R - 1 together: each step's loads of all R rows in
 // flight at once, and each x value loaded once for the R rows (x is most of what a row
-// moves through L1). Each row summed as matvec_row sums it (dot_step's order, then
+// moves through L1). Each row summed as matvec_row sums it (dot_values, then
 // finish_row's), so the same bits; whole steps only (cols a multiple of 256 * B).
 template <class T, int B, int R, int OCC>
 __global__ void __launch_bounds__(256, OCC)
@@ -86,19 +86,7 @@ __global__ void __launch_bounds__(256, OCC)
             for (int i = 0; i < R; ++i) {
                 float u[8], s[2];
                 T::widen(raw[i][j], l[i], u, s);
-                if (T::SCALED) {
-                    float a = u[0] * v[0], b = u[4] * v[4];
-                    for (int e = 1; e < 4; ++e) {
-                        a = fmaf(u[e], v[e], a);
-                        b = fmaf(u[4 + e], v[4 + e], b);
-                    }
-                    acc[i] = fmaf(s[0], a, acc[i]);
-                    acc[i] = fmaf(s[1], b, acc[i]);
-                } else {
-                    for (int e = 0; e < 8; ++e) {
-                        acc[i] = fmaf(u[e], v[e], acc[i]);
-                    }
-                }
+                dot_values<T>(u, s, v, true, acc[i]);
             }
         }
     }

@@ -48,8 +48,8 @@ impl OpHarness {
         }
     }
 
-    /// `w`, the `rows` rows of a `dtype` matrix `cols` wide in the file's blocks, uploaded as the model
-    /// uploads its weights ([`device_rows`]).
+    /// `w`, the `rows` rows of a `dtype` matrix `cols` wide in the file's blocks, uploaded
+    /// as the model uploads its weights ([`device_rows`]).
     fn matrix(
         &self,
         dtype: DType,

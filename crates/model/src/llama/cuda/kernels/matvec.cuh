@@ -543,6 +543,35 @@ __device__ __forceinline__ float ld_x(const float* p)
     return NC ? __ldg(p) : *p;
 }
 
+// acc += the lane's widened weights of one step (u, with scales s: see the formats) times
+// the same columns' activations v, in the matrix-vector order: quad A then, if b_ok, quad B;
+// a scaled quad's integer products summed first and scaled once.
+template <class T>
+__device__ __forceinline__ void dot_values(const float (&u)[8], const float (&s)[2],
+                                           const float (&v)[8], bool b_ok, float& acc)
+{
+    if (T::SCALED) {
+        float a = u[0] * v[0], b = u[4] * v[4];
+        for (int i = 1; i < 4; ++i) {
+            a = fmaf(u[i], v[i], a);
+            b = fmaf(u[4 + i], v[4 + i], b);
+        }
+        acc = fmaf(s[0], a, acc);
+        if (b_ok) {
+            acc = fmaf(s[1], b, acc);
+        }
+    } else {
+        for (int i = 0; i < 4; ++i) {
+            acc = fmaf(u[i], v[i], acc);
+        }
+        if (b_ok) {
+            for (int i = 4; i < 8; ++i) {
+                acc = fmaf(u[i], v[i], acc);
+            }
+        }
+    }
+}
+
 // acc[t] += the lane's weights of one step times x[t] at the same columns (xs: quad A's
 // columns for token 0). VX: x and x_stride allow float4 loads; without it only the first n
 // tokens are summed. b_ok: quad B exists (false only in the last step of some rows). NC: see
@@ -572,26 +601,7 @@ __device__ __forceinline__ void dot_step(const typename T::Raw& raw, const typen
                 v[4 + i] = b_ok ? ld_x<NC>(xt + 128 + i) : 0.0f;
             }
         }
-        if (T::SCALED) {
-            float a = u[0] * v[0], b = u[4] * v[4];
-            for (int i = 1; i < 4; ++i) {
-                a = fmaf(u[i], v[i], a);
-                b = fmaf(u[4 + i], v[4 + i], b);
-            }
-            acc[t] = fmaf(s[0], a, acc[t]);
-            if (b_ok) {
-                acc[t] = fmaf(s[1], b, acc[t]);
-            }
-        } else {
-            for (int i = 0; i < 4; ++i) {
-                acc[t] = fmaf(u[i], v[i], acc[t]);
-            }
-            if (b_ok) {
-                for (int i = 4; i < 8; ++i) {
-                    acc[t] = fmaf(u[i], v[i], acc[t]);
-                }
-            }
-        }
+        dot_values<T>(u, s, v, b_ok, acc[t]);
     }
 }
 
