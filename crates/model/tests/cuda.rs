@@ -89,6 +89,68 @@ fn matvec_with_the_norm_fused_in_matches_the_cpu() {
     }
 }
 
+/// One-token products with their weights streamed through shared memory (`matvec_stream`)
+/// give `matvec`'s bits: every type, rows whole in a stage and in chunks, whole and partial
+/// groups of 8 rows and steps of 256 columns, with and without the residual, the norm and the
+/// next norm's input.
+#[test]
+fn streamed_products_give_the_matvec_bits() {
+    let Some(device) = gpu("streamed_products_give_the_matvec_bits") else {
+        return;
+    };
+    let ops = OpHarness::new(&device).unwrap();
+    assert!(ops.set_streamed(false), "no bulk copies on this GPU");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut rng = Rng(0x57e4);
+    for dtype in DType::ALL {
+        for (rows, cols) in [
+            (300, 256),
+            (300, 576),
+            (64, 2304),
+            (40, 8192),
+            (8, 2048),
+            (3, 512),
+        ] {
+            if dtype.row_bytes(cols).is_none() {
+                continue;
+            }
+            let w = quantized(dtype, rows, cols, &mut rng);
+            let (x, residual) = (rng.vec(cols), rng.vec(rows));
+            let run = |on| {
+                ops.set_streamed(on);
+                let plain = ops.matvec(dtype, rows, cols, &w, &x, None).unwrap();
+                let with = ops
+                    .matvec(dtype, rows, cols, &w, &x, Some(&residual))
+                    .unwrap();
+                ops.set_streamed(false);
+                (bits(&plain), bits(&with))
+            };
+            assert!(run(true) == run(false), "{dtype} {rows}x{cols}");
+        }
+    }
+    for (dtype, rows, cols) in [
+        (DType::Q4_1, 960, 576),
+        (DType::BF16, 3072, 2048),
+        (DType::Q8_0, 2048, 8192),
+    ] {
+        let w = quantized(dtype, rows, cols, &mut rng);
+        let (g, g_next) = (rng.vec(cols), rng.vec(rows));
+        let x: Vec<f32> = rng.vec(cols).iter().map(|v| v * 20.0).collect();
+        let run = |on| {
+            ops.set_streamed(on);
+            let (y, yg) = ops
+                .matvec_norm(dtype, rows, cols, &w, &x, &g, 1e-5, &g_next)
+                .unwrap();
+            ops.set_streamed(false);
+            (bits(&y), bits(&yg))
+        };
+        assert!(
+            run(true) == run(false),
+            "{dtype} {rows}x{cols} with the norm"
+        );
+    }
+}
+
 /// The GPU's top-k selection picks exactly what the CPU's does (same order, ties to the
 /// smaller token, infinities and signed zeros in IEEE total order), for vocabularies that
 /// fill one block, many, and a partial last one.
@@ -302,6 +364,53 @@ fn the_persistent_decode_kernel_gives_the_kernel_by_kernel_bits() {
             bits(&fused) == bits(&apart),
             "{shape_name} {linear}, {len} positions: the persistent kernel's logits differ"
         );
+    }
+}
+
+#[test]
+fn streamed_products_and_early_attention_give_the_default_bits() {
+    let Some(device) = gpu("streamed_products_and_early_attention_give_the_default_bits") else {
+        return;
+    };
+    let cases = DType::ALL
+        .iter()
+        .map(|&t| ("small", t, DType::Q8_0, 20))
+        .chain([
+            ("small", DType::Q4_1, DType::Q8_0, 600),
+            ("smollm2-135m", DType::Q4_1, DType::Q8_0, 40),
+            ("llama-3.2-1b", DType::BF16, DType::BF16, 70),
+            ("llama-3.2-1b", DType::Q8_0, DType::Q8_0, 70),
+        ]);
+    for (shape_name, linear, embd, len) in cases {
+        let path = model_file(shape_name, linear, embd);
+        let model = open_on(&device, &path);
+        let cuda = model
+            .engine_as::<tern_model::llama::cuda::CudaLlama>()
+            .unwrap();
+        assert!(
+            cuda.has_streamed_products(),
+            "{shape_name} {linear}: no bulk copies on this GPU"
+        );
+        let p = prompt(len, model.config().n_vocab);
+        let run = |products, early| {
+            cuda.set_streamed(products, early);
+            let out = greedy(&model, &mut model.new_session(len + 40).unwrap(), &p, 16);
+            cuda.set_streamed(false, false);
+            out
+        };
+        let (plain, tokens) = run(false, false);
+        for (products, early) in [(true, false), (false, true), (true, true)] {
+            let (logits, t) = run(products, early);
+            assert_eq!(
+                t, tokens,
+                "{shape_name} {linear}, streamed {products}, early {early}"
+            );
+            assert!(
+                bits(&logits) == bits(&plain),
+                "{shape_name} {linear}, {len} positions, streamed {products}, early attention \
+                 {early}: the logits differ"
+            );
+        }
     }
 }
 

@@ -51,6 +51,7 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     let paths = guest.time_paths(&model, &b, context)?;
     let (prefill, decode) = paths.print(&b, "on the GPU");
     compare_persistent(&model, &guest.prompt, &b, context, &paths)?;
+    compare_streamed(&model, &guest.prompt, &b, context, &paths)?;
     println!();
     println!(
         "HBM roofline: device-to-device copy {:.0} GB/s (read + write, 1 GiB) / {:.1} MB per token = {:.0} tokens/s; decode reaches {:.1}% of it",
@@ -136,6 +137,46 @@ fn compare_persistent(
     Ok(())
 }
 
+/// Where the GPU can stream one-token products' weights through shared memory (off by
+/// default): times the engine's decode with the top logit from the GPU with them, with one-token
+/// attention asking for its cached rows before its wait, and with both, then the default kernels
+/// again, against the default timed in `paths` in the same run.
+fn compare_streamed(
+    model: &Model,
+    prompt: &[u32],
+    b: &GpuBench<'_>,
+    context: usize,
+    paths: &super::Paths,
+) -> anyhow::Result<()> {
+    let cuda = model
+        .engine_as::<tern_model::llama::cuda::CudaLlama>()
+        .context("no GPU model")?;
+    if !cuda.has_streamed_products() {
+        return Ok(());
+    }
+    let graph = b.decode as f64 / super::median(&paths.engine_top);
+    for (products, early, what) in [
+        (true, false, "products streamed through shared memory"),
+        (false, true, "attention's cached rows asked before its wait"),
+        (true, true, "both"),
+        (false, false, "the default kernels again"),
+    ] {
+        cuda.set_streamed(products, early);
+        let timed = super::direct_top(model, prompt, b.decode.min(16), context).and_then(|_| {
+            (0..b.repeats)
+                .map(|_| super::direct_top(model, prompt, b.decode, context))
+                .collect::<anyhow::Result<Vec<f64>>>()
+        });
+        cuda.set_streamed(false, false);
+        let tps = b.decode as f64 / super::median(&timed?);
+        println!(
+            "engine, top logit on the GPU, {what} (off by default): {tps:.1} t/s against {graph:.1} t/s with the default kernels in this run: {:+.1}%",
+            (tps / graph - 1.0) * 100.0
+        );
+    }
+    Ok(())
+}
+
 /// Prints the GPU time of each kernel of one decode step after `prompt`, and of one
 /// tensor-core prefill chunk of (up to 512 positions of) `prompt`.
 fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()> {
@@ -159,6 +200,20 @@ fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()
         "one decode step, kernel by kernel (events between kernels, no graph; medians of 5):",
         &profile(gpu)?,
     );
+    if cuda.has_streamed_products() {
+        cuda.set_streamed(true, true);
+        let step = cuda.graph_step_us(gpu, 1, 5);
+        let runs = profile(gpu);
+        cuda.set_streamed(false, false);
+        println!(
+            "the same step with products streamed and attention's cached rows asked early, graph launched: {:.1} us",
+            step?
+        );
+        print_breakdown(
+            "the same step with products streamed and attention's cached rows asked early, kernel by kernel:",
+            &runs?,
+        );
+    }
     if cuda.has_fused_decode() {
         cuda.set_fused_decode(true);
         let runs = profile(gpu);

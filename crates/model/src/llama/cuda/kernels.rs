@@ -3,7 +3,7 @@
 //! that state each kernel's geometry in one place.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tern_compute::cuda::compile_cubin;
@@ -342,10 +342,103 @@ pub struct Kernels {
     pub decode_layers: Result<CudaFunction, String>,
     /// The tensor-core kernels, when the model's BF16 matrices are tiled for them.
     pub mma: Option<Mma>,
+    /// `matvec_stream_<t>` by type, how one-token products take it where the GPU has it
+    /// (Hopper and later), and whether they do (off by default; see `set_streamed`).
+    matvec_stream: Vec<(DType, CudaFunction)>,
+    stream: Option<StreamPlan>,
+    streamed: AtomicBool,
+    /// Whether one-token attention asks for its first split's cached rows before it waits
+    /// for the kernel before it (off by default; see `set_early_attention`).
+    early_attention: AtomicBool,
     /// Kernels launched so far (by every [`Launcher`] of the model).
     launches: AtomicU64,
     /// The weights the next product or attention launch asks into L2 (see [`Ahead`]).
     ahead: Mutex<Ahead>,
+}
+
+/// How `matvec_stream` takes a one-token product: its ring's stages and a stage's bytes (at
+/// most), and its blocks (an SM's share times the SMs).
+#[derive(Clone, Copy, Debug)]
+pub struct StreamPlan {
+    stages: u32,
+    stage_bytes: u32,
+    blocks: u32,
+}
+
+impl StreamPlan {
+    /// For `w`: the chunk of each row a stage holds (a multiple of the format's step and of
+    /// 16 bytes, or the whole row), the groups of 8 rows a stage holds (more than one where
+    /// rows are whole and short, as many as a block takes at most), and the dynamic shared
+    /// memory that takes; None where `w` cannot be streamed (rows the bulk copies cannot take
+    /// whole or in chunks, float rows read by elements).
+    fn layout(&self, w: &DevMatrix) -> Option<(u32, u32, u32)> {
+        let step = w.dtype.block_bytes() as u32 * (256 / w.dtype.block_elems() as u32).max(1);
+        let (rows, rb) = (w.rows, w.row_bytes);
+        if !w.cols.is_multiple_of(32) || !rb.is_multiple_of(8) {
+            return None;
+        }
+        // A row's steps in as few chunks as fit a stage, of as equal a size as whole steps allow.
+        let (most, steps) = ((self.stage_bytes / 8 / step).max(1), rb.div_ceil(step));
+        let per_stage = steps.div_ceil(steps.div_ceil(most)) * step;
+        let chunk = if rb <= per_stage {
+            // The group's rows as one run: whole groups, and a last group of whole 16 bytes.
+            if !(8 * rb).is_multiple_of(16) || !((rows % 8) * rb).is_multiple_of(16) {
+                return None;
+            }
+            rb
+        } else {
+            if !rb.is_multiple_of(16) || !per_stage.is_multiple_of(16) {
+                return None;
+            }
+            per_stage
+        };
+        let groups = rows.div_ceil(8);
+        let gps = match rb <= per_stage {
+            true => (self.stage_bytes / (8 * rb))
+                .min(groups.div_ceil(self.blocks.min(groups)))
+                .max(1),
+            false => 1,
+        };
+        Some((chunk, gps, self.stages * (8 * gps * chunk + 8)))
+    }
+}
+
+/// `matvec_stream`'s ring: stages, and a stage's bytes at most (one group of 8 dealt Q8_0 rows
+/// of 2,048 columns, half of BF16's), and its blocks an SM.
+const STREAM_STAGES: u32 = 4;
+const STREAM_STAGE_BYTES: u32 = 17 << 10;
+const STREAM_BLOCKS_PER_SM: u32 = 1;
+
+/// How one-token products take `matvec_stream` on this GPU: None before Hopper (no bulk
+/// copies), else [`STREAM_STAGES`] stages of [`STREAM_STAGE_BYTES`], with the kernels given
+/// the shared memory a block may ask for.
+fn stream_plan(
+    ctx: &Arc<CudaContext>,
+    arch: u32,
+    kernels: &[(DType, CudaFunction)],
+) -> Result<Option<StreamPlan>, ModelError> {
+    if arch < 90 {
+        return Ok(None);
+    }
+    let attribute = |a| {
+        ctx.attribute(a)
+            .map_err(driver("reading the GPU's attributes"))
+    };
+    let sms = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let most =
+        attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+    for (_, f) in kernels {
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            most,
+        )
+        .map_err(driver("giving the streaming products their shared memory"))?;
+    }
+    Ok(Some(StreamPlan {
+        stages: STREAM_STAGES,
+        stage_bytes: STREAM_STAGE_BYTES,
+        blocks: STREAM_BLOCKS_PER_SM * sms as u32,
+    }))
 }
 
 /// Weights asked into L2 ahead of the kernel that reads them, as `common.cuh`'s `Ahead`:
@@ -439,6 +532,32 @@ fn cubin(file: &'static str, src: &str, arch: u32) -> Result<(Vec<u8>, bool), Mo
 }
 
 impl Kernels {
+    /// How one-token products may stream their weights (None before Hopper).
+    pub fn stream_plan(&self) -> Option<StreamPlan> {
+        self.stream
+    }
+
+    /// Whether one-token products stream their weights through shared memory
+    /// (`matvec_stream`) where the GPU can: false where it cannot.
+    pub fn streamed(&self) -> bool {
+        self.stream.is_some() && self.streamed.load(Ordering::Relaxed)
+    }
+
+    /// Turns the streamed one-token products on or off (nothing where the GPU has none).
+    pub fn set_streamed(&self, on: bool) {
+        self.streamed.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether one-token attention asks for its cached rows before its wait.
+    pub fn early_attention(&self) -> bool {
+        self.early_attention.load(Ordering::Relaxed)
+    }
+
+    /// Turns that on or off.
+    pub fn set_early_attention(&self, on: bool) {
+        self.early_attention.store(on, Ordering::Relaxed);
+    }
+
     /// Every kernel, and with `decode` (the layers' weight type and the head size) also
     /// `decode.cu`'s persistent decode kernel for them.
     ///
@@ -454,6 +573,7 @@ impl Kernels {
             KvType::F32 => "",
             KvType::F16 => "#define TERN_KV_F16\n",
         };
+
         // Compiled (when not cached) as programs side by side, NVRTC taking seconds for
         // each: `llama.cu`, `matvec.cu` once per type (`MATVEC_TYPE`, in the order of
         // `DType::ALL`), and `decode.cu` for one type and head size.
@@ -528,6 +648,7 @@ impl Kernels {
                 })
                 .collect::<Result<Vec<_>, ModelError>>()
         };
+        let matvec_stream = per_type("matvec_stream")?;
         Ok((
             Kernels {
                 launches: AtomicU64::new(0),
@@ -552,6 +673,10 @@ impl Kernels {
                 next_step: get(0, "next_step")?,
                 read_all: get(0, "read_all")?,
                 decode_layers,
+                stream: stream_plan(ctx, arch, &matvec_stream)?,
+                matvec_stream,
+                streamed: AtomicBool::new(false),
+                early_attention: AtomicBool::new(false),
                 mma: None,
                 attention_prefill: HEAD_DIMS
                     .iter()
@@ -1041,6 +1166,9 @@ impl Launcher<'_> {
         fuse: Fuse,
     ) -> Result<(), ModelError> {
         let (norm_x, eps, g, yg, glu) = fuse.args();
+        if n == 1 && self.stream(w, x, y, residual, fuse)? {
+            return Ok(());
+        }
         let parts = if fuse.glu || fuse.whole_rows {
             1
         } else {
@@ -1069,6 +1197,51 @@ impl Launcher<'_> {
             &yg,
             &glu
         )
+    }
+
+    /// `matvec` of one token through `matvec_stream`, where the model's plan takes `w`
+    /// (see [`StreamPlan`]); false where it does not, and nothing was launched.
+    fn stream(
+        &self,
+        w: &DevMatrix,
+        x: u64,
+        y: u64,
+        residual: u64,
+        fuse: Fuse,
+    ) -> Result<bool, ModelError> {
+        let Some(plan) = self
+            .kernels
+            .stream
+            .filter(|_| self.kernels.streamed.load(Ordering::Relaxed) && x.is_multiple_of(16))
+        else {
+            return Ok(false);
+        };
+        let Some((chunk, gps, smem)) = plan.layout(w) else {
+            return Ok(false);
+        };
+        let (norm_x, eps, g, yg, glu) = fuse.args();
+        let blocks = plan.blocks.min(w.rows.div_ceil(8));
+        launch!(
+            self,
+            find(&self.kernels.matvec_stream, w.dtype),
+            config_shared(blocks, 256, smem),
+            &w.ptr,
+            &x,
+            &y,
+            &w.rows,
+            &w.cols,
+            &w.row_bytes,
+            &chunk,
+            &gps,
+            &plan.stages,
+            &residual,
+            &norm_x,
+            &eps,
+            &g,
+            &yg,
+            &glu
+        )?;
+        Ok(true)
     }
 
     /// One decode step's layers in one cooperative launch of `decode.cu`'s persistent
@@ -1103,6 +1276,9 @@ impl Launcher<'_> {
     pub fn matvec_out(&self, w: &DevMatrix, x: u64, y: u64) -> Result<(), ModelError> {
         if let Some(mma) = self.tensor_cores_for(w) {
             return self.mma(mma, w, x, y, 1, w.cols, w.rows, 0, Fuse::default());
+        }
+        if self.stream(w, x, y, 0, Fuse::default())? {
+            return Ok(());
         }
         let blocks = (w.rows as usize).div_ceil(MATVEC_WARPS) as u32;
         launch!(
@@ -1190,6 +1366,7 @@ impl Launcher<'_> {
         let (f, items, _) = attention_kernel(&self.kernels.attention, c, n_tok == 1)?;
         let spb = 1u32; // a split a block (see splits_per_block)
         let ahead = self.take_ahead();
+        let early = u32::from(self.kernels.early_attention.load(Ordering::Relaxed));
         launch!(
             self,
             f,
@@ -1211,7 +1388,8 @@ impl Launcher<'_> {
             &scale,
             &stride,
             &spb,
-            &ahead
+            &ahead,
+            &early
         )
     }
 
@@ -1536,7 +1714,8 @@ impl Launcher<'_> {
 mod tests {
     use super::{
         DevMatrix, MATVEC_UNITS, MMA_MAX_TOKENS, MMA_RING_STAGES, MMA_WG16_STAGES, MMA_WG32_STAGES,
-        matvec_parts, mma_fits, mma_many_smem, mma_parts, mma_ring_smem, splits_per_block,
+        StreamPlan, matvec_parts, mma_fits, mma_many_smem, mma_parts, mma_ring_smem,
+        splits_per_block,
     };
     use crate::quant::DType;
 
@@ -1630,6 +1809,45 @@ mod tests {
         assert!(!mma_fits(&m(DType::BF16, 3072, 576)));
         assert!(!mma_fits(&m(DType::F16, 3072, 2048)));
         assert!(!mma_fits(&m(DType::Q8_0, 3072, 2048)));
+    }
+
+    #[test]
+    fn streamed_stages_hold_whole_steps_of_eight_rows() {
+        let plan = StreamPlan {
+            stages: 4,
+            stage_bytes: 17 << 10,
+            blocks: 132,
+        };
+        let m = |dtype, rows, cols, row_bytes| DevMatrix {
+            ptr: 0,
+            dtype,
+            rows,
+            cols,
+            row_bytes,
+            tiles: 0,
+        };
+        // Llama-3.2-1B: BF16 rows of 2,048 columns in two chunks of four steps (8 rows, 16
+        // KiB); dealt Q8_0 rows (2,176 bytes) whole, a group's 8 rows one run; down's rows of
+        // 8,192 columns (8,704 bytes) in four chunks of 8 steps; 6,144 columns (6,528 bytes) in
+        // three; 2,304 columns (9 steps, 2,448 bytes) in two of 5 and 4 steps.
+        let stage = |chunk: u32| Some((chunk, 1, 4 * (8 * chunk + 8)));
+        assert_eq!(plan.layout(&m(DType::BF16, 16384, 2048, 4096)), stage(2048));
+        assert_eq!(plan.layout(&m(DType::Q8_0, 16384, 2048, 2176)), stage(2176));
+        assert_eq!(plan.layout(&m(DType::Q8_0, 2048, 8192, 8704)), stage(2176));
+        assert_eq!(plan.layout(&m(DType::Q8_0, 2048, 6144, 6528)), stage(2176));
+        assert_eq!(plan.layout(&m(DType::Q8_0, 64, 2304, 2448)), stage(5 * 272));
+        // SmolLM2-135M Q4_1: rows of 576 columns (360 bytes) whole, one group a stage where a
+        // block takes one group (Q/K/V: 120 groups on 132 blocks); the output head's 6,144
+        // groups, 47 a block at most, six a stage; a last group of 3 rows would not be whole
+        // 16 bytes.
+        assert_eq!(plan.layout(&m(DType::Q4_1, 960, 576, 360)), stage(360));
+        assert_eq!(
+            plan.layout(&m(DType::Q4_1, 49152, 576, 360)),
+            Some((360, 6, 4 * (8 * 6 * 360 + 8)))
+        );
+        assert_eq!(plan.layout(&m(DType::Q4_1, 963, 576, 360)), None);
+        // Float rows read by elements are not streamed.
+        assert_eq!(plan.layout(&m(DType::F32, 8, 100, 400)), None);
     }
 
     #[test]

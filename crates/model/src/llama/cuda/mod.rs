@@ -310,6 +310,26 @@ impl CudaLlama {
         self.fused_on.store(on, Ordering::Relaxed);
     }
 
+    /// Whether the GPU can stream one-token products' weights through shared memory (Hopper
+    /// and later: `matvec_stream`).
+    pub fn has_streamed_products(&self) -> bool {
+        self.kernels.stream_plan().is_some()
+    }
+
+    /// Turns the streamed one-token products (`matvec_stream`, the same bits as `matvec`) and
+    /// one-token attention's cached rows asked before its wait on or off, so that they can be
+    /// compared with the default kernels; sessions capture their decode graph again on their
+    /// next step.
+    pub fn set_streamed(&self, products: bool, early_attention: bool) {
+        self.kernels.set_streamed(products);
+        self.kernels.set_early_attention(early_attention);
+    }
+
+    /// What [`CudaLlama::set_streamed`] set: (products, early attention).
+    pub fn streamed(&self) -> (bool, bool) {
+        (self.kernels.streamed(), self.kernels.early_attention())
+    }
+
     /// The persistent decode kernel, when decode steps take it.
     fn fused(&self) -> Option<&fused::Fused> {
         self.fused

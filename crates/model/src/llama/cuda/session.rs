@@ -115,9 +115,9 @@ pub struct CudaSession {
     /// be capturing it.
     graveyard: Arc<Mutex<Vec<Box<dyn Any + Send>>>>,
     stream: Arc<CudaStream>,
-    /// The decode step's graph, the logits address it writes, and whether it runs the
-    /// layers in the persistent kernel.
-    graph: Option<(Graph, u64, bool)>,
+    /// The decode step's graph, the logits address it writes, and the kernels it runs (bit 0:
+    /// the layers in the persistent kernel; 1, 2: streamed products, early attention).
+    graph: Option<(Graph, u64, u8)>,
     /// The persistent decode kernel's share, when the model has that kernel.
     fused: Option<FusedSession>,
     /// The greedy step enqueued ahead, if any.
@@ -457,11 +457,15 @@ impl CudaSession {
     /// Launches the decode graph (for one token at the position and of the id in `step`),
     /// captured first if there is none for `logits` yet.
     fn launch_graph(&mut self, model: &CudaLlama, logits: u64) -> Result<(), ModelError> {
-        let fused = model.fused().is_some();
+        // The kernels the graph holds: the persistent one or not, streamed products and early
+        // attention or not.
+        let (streamed, early) = model.streamed();
+        let kinds =
+            u8::from(model.fused().is_some()) | u8::from(streamed) << 1 | u8::from(early) << 2;
         if self
             .graph
             .as_ref()
-            .is_none_or(|&(_, at, f)| (at, f) != (logits, fused))
+            .is_none_or(|&(_, at, k)| (at, k) != (logits, kinds))
         {
             self.graph = None;
             let stream = &model.stream;
@@ -476,7 +480,7 @@ impl CudaSession {
             let graph = graph.ok_or_else(|| {
                 ModelError::device("cuda", "capturing the decode graph", "no graph was made")
             })?;
-            self.graph = Some((Graph(graph), logits, fused));
+            self.graph = Some((Graph(graph), logits, kinds));
         }
         let (graph, _, _) = self.graph.as_ref().expect("captured above");
         graph

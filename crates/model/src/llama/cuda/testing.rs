@@ -30,6 +30,13 @@ impl OpHarness {
         Ok(OpHarness { stream, kernels })
     }
 
+    /// Whether one-token products stream their weights through shared memory (where the GPU
+    /// can: see `Kernels::set_streamed`); and whether it can.
+    pub fn set_streamed(&self, on: bool) -> bool {
+        self.kernels.set_streamed(on);
+        self.kernels.stream_plan().is_some()
+    }
+
     fn up<T: DeviceRepr>(&self, v: &[T]) -> Result<(CudaSlice<T>, u64), ModelError> {
         let buf = self.stream.clone_htod(v).map_err(driver("uploading"))?;
         let ptr = buf.device_ptr(&self.stream).0;

@@ -451,13 +451,13 @@ __device__ __forceinline__ void group_scores(GroupShared<D>& sh, unsigned b, int
 // A split's parts are written as `attention` writes them, and the block adds its count of
 // splits to each query's ticket once, so whichever block finishes a query's splits merges
 // them, in split order as there.
-template <int D>
+template <int D, class Wait = NoMid>
 __device__ __forceinline__ void attention_group(
     GroupShared<D>& sh, unsigned s_begin, unsigned s_count, unsigned kv_head, int step0,
     const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,
     float* part_o, float* part_ml, unsigned* tickets, float* out, unsigned n_head,
     unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split, float scale,
-    const AttnSplit& split_out) {
+    const AttnSplit& split_out, const Wait& wait = Wait()) {
     constexpr unsigned L = AttnShared<D, 1>::L, F = D / (4 * L);
     constexpr unsigned G = AttnShared<D, 1>::G, VSTEPS = ATTN_SPLIT / G;
     constexpr unsigned WARPS = ATTN_THREADS / 32, KPT = ATTN_THREADS / ATTN_SPLIT;
@@ -488,8 +488,10 @@ __device__ __forceinline__ void attention_group(
         cp_async_commit();
     };
 
-    // The first split's rows are on their way while the queries are rotated.
+    // The first split's rows are on their way while the kernel waits for the one before it
+    // (`wait`: the cached rows are older than that kernel) and the queries are rotated.
     stage(s_begin, 0);
+    wait();
     for (unsigned h = warp; h < group; h += WARPS)
         rope_into<D, false>(lane, 32, qkv + (size_t)(head0 + h) * D, sh.q[h], last, inv_freq,
                             n_rot, halves);

@@ -74,6 +74,25 @@ __device__ __forceinline__ void pdl_launch_dependents()
 #endif
 }
 
+// Nothing: a device function's hook (a point where its caller may run something) by default.
+struct NoMid {
+    __device__ __forceinline__ void operator()() const {}
+};
+
+// The hook of a kernel that may touch memory no kernel of its step writes (weights, older
+// cache rows) before it waits: when `on`, pdl_wait, then pdl_launch_dependents (else the
+// kernel waited at its start).
+struct LateWait {
+    bool on;
+    __device__ __forceinline__ void operator()() const
+    {
+        if (on) {
+            pdl_wait();
+            pdl_launch_dependents();
+        }
+    }
+};
+
 // Weights a later kernel will read, asked into L2 ahead of it (Hopper's bulk prefetch,
 // sm_90; nothing before): `bytes` (a multiple of 16) at `p` (16-byte aligned; none where p is
 // null), shared out among the launch's blocks, 4 KiB a request, by each block's first warp.

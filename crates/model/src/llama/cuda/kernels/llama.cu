@@ -216,20 +216,23 @@ extern "C" __global__ void swiglu(const float* __restrict__ gate, const float* _
 // (grid (.., n_head_kv, 1), n_head / n_head_kv <= ATTN_GROUP_MAX) by attention_group where
 // its shared memory fits (else one head after another): the same arithmetic, so the same
 // bits, from a quarter of the blocks (where n_head = 4 n_head_kv), each reading its keys and
-// values once.
-template <int D, int NEW>
+// values once. With `early`, the kernel waits for the one before it only once its first
+// split's cached rows are on their way (attention_group's `wait`; the other paths wait first).
+template <int D, int NEW, class Wait = NoMid>
 __device__ __forceinline__ void attention_splits(
     unsigned spb, unsigned kv_head, unsigned t, int step0, const float* qkv, kv_t* k_cache,
     kv_t* v_cache, const float* __restrict__ inv_freq, float* part_o, float* part_ml,
     unsigned* tickets, float* out, unsigned n_head, unsigned n_head_kv, unsigned n_rot,
-    int halves, unsigned n_split, float scale, unsigned stride, const AttnSplit& split_out) {
+    int halves, unsigned n_split, float scale, unsigned stride, const AttnSplit& split_out,
+    const Wait& wait = Wait()) {
     const unsigned s_begin = blockIdx.x * spb;
     if constexpr (NEW == 1 && GroupShared<D>::FITS) {
         __shared__ GroupShared<D> sh;
         attention_group<D>(sh, s_begin, spb, kv_head, step0, qkv, k_cache, v_cache, inv_freq,
                            part_o, part_ml, tickets, out, n_head, n_head_kv, n_rot, halves,
-                           n_split, scale, split_out);
+                           n_split, scale, split_out, wait);
     } else {
+        wait();
         __shared__ AttnShared<D, NEW> sh;
         const unsigned heads = NEW == 1 ? n_head / n_head_kv : 1;
         for (unsigned s = s_begin; s < s_begin + spb && s < n_split; s++) {
@@ -246,13 +249,16 @@ __device__ __forceinline__ void attention_splits(
         const float* qkv, kv_t* k_cache, kv_t* v_cache, const float* __restrict__ inv_freq,       \
         float* part_o, float* part_ml, unsigned* tickets, float* out, const int* __restrict__ step, \
         unsigned n_head, unsigned n_head_kv, unsigned n_rot, int halves, unsigned n_split,        \
-        float scale, unsigned stride, unsigned spb, Ahead ahead) {                                \
+        float scale, unsigned stride, unsigned spb, Ahead ahead, unsigned early) {                \
         l2_ahead(ahead);                                                                          \
-        pdl_wait();                                                                               \
-        pdl_launch_dependents();                                                                  \
+        if (!early) {                                                                             \
+            pdl_wait();                                                                           \
+            pdl_launch_dependents();                                                              \
+        }                                                                                         \
         attention_splits<D, NEW>(spb, blockIdx.y, blockIdx.z, step[0], qkv, k_cache, v_cache,     \
                                  inv_freq, part_o, part_ml, tickets, out, n_head, n_head_kv,      \
-                                 n_rot, halves, n_split, scale, stride, no_split());              \
+                                 n_rot, halves, n_split, scale, stride, no_split(),               \
+                                 LateWait{early != 0});                                           \
     }
 
 // M(D, NEW, NAME) for every head size the host instantiates (kernels.rs's HEAD_DIMS).

@@ -5,6 +5,8 @@
 //                     (optionally with the RMSNorm before it and the next one's weights after
 //                     it fused in: see matvec below)
 //   matvec_out_<t>    y[r] = sum_c W[r][c] * x[c], one token, stored 8 rows at a time
+//   matvec_stream_<t> matvec (and matvec_out) of one token, the weights brought into shared
+//                     memory by bulk copies (sm_90): the same bits (see matvec_stream below)
 //   get_rows_<t>      out[i][c] = W[ids[i]][c]              (the token embedding lookup)
 //   dequant_bf16_<t>  out[r][c] = bf16(W[r][c])             (operands for prefill GEMMs)
 //
@@ -72,9 +74,11 @@
 // butterfly. No atomics, no dependence on timing or on the grid; a token's result does not
 // depend on how many tokens share the call.
 //
-// Geometry (all kernels): blockDim (256, 1, 1), no dynamic shared memory.
+// Geometry (all kernels): blockDim (256, 1, 1), no dynamic shared memory but matvec_stream's.
 //   matvec:       gridDim (ceil(rows * parts / 8)), parts in 1, 2, 4, 8; warp w of block b
 //                 takes part w % parts of row (8 / parts) b + w / parts.
+//   matvec_stream: any gridDim (the host's plan); block b takes rows 8 g .. 8 g + 7, warp w
+//                 row 8 g + w, for its run of groups g (see matvec_stream).
 //   get_rows:     gridDim (n); block i writes out row i.
 //   dequant_bf16: gridDim (rows); block r writes out row r.
 
@@ -127,6 +131,51 @@ __device__ __forceinline__ uint4 ld_u32x4(const unsigned char* p)
         : "l"(p));
     return v;
 }
+
+// Where a format's `load` reads its weights: device memory (the weight loads above), or
+// shared memory, where matvec_stream's bulk copies put them.
+struct GlobalWeights {
+    static __device__ __forceinline__ unsigned u8(const unsigned char* p) { return ld_u8(p); }
+    static __device__ __forceinline__ unsigned u16(const unsigned char* p) { return ld_u16(p); }
+    static __device__ __forceinline__ unsigned u32(const unsigned char* p) { return ld_u32(p); }
+    static __device__ __forceinline__ uint2 u32x2(const unsigned char* p) { return ld_u32x2(p); }
+    static __device__ __forceinline__ uint4 u32x4(const unsigned char* p) { return ld_u32x4(p); }
+};
+
+struct SharedWeights {
+    static __device__ __forceinline__ unsigned u8(const unsigned char* p)
+    {
+        unsigned short v;
+        asm volatile("ld.shared.u8 %0, [%1];" : "=h"(v) : "r"(smem_addr(p)));
+        return v;
+    }
+    static __device__ __forceinline__ unsigned u16(const unsigned char* p)
+    {
+        unsigned short v;
+        asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(smem_addr(p)));
+        return v;
+    }
+    static __device__ __forceinline__ unsigned u32(const unsigned char* p)
+    {
+        unsigned v;
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)));
+        return v;
+    }
+    static __device__ __forceinline__ uint2 u32x2(const unsigned char* p)
+    {
+        uint2 v;
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(smem_addr(p)));
+        return v;
+    }
+    static __device__ __forceinline__ uint4 u32x4(const unsigned char* p)
+    {
+        uint4 v;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "r"(smem_addr(p)));
+        return v;
+    }
+};
 
 __device__ __forceinline__ float f16_to_f32(unsigned bits)
 {
@@ -202,9 +251,10 @@ struct F32 {
     {
         return {row + 16 * l};
     }
+    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
-        return {ld_u32x4(l.p + o), b_ok ? ld_u32x4(l.p + o + 512) : make_uint4(0, 0, 0, 0)};
+        return {M::u32x4(l.p + o), b_ok ? M::u32x4(l.p + o + 512) : make_uint4(0, 0, 0, 0)};
     }
     static __device__ __forceinline__ void widen(const Raw& r, const Lane&, float (&u)[8],
                                                  float (&)[2])
@@ -238,9 +288,10 @@ struct Half16 {
     {
         return {row + 8 * l};
     }
+    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
-        return {ld_u32x2(l.p + o), b_ok ? ld_u32x2(l.p + o + 256) : make_uint2(0, 0)};
+        return {M::u32x2(l.p + o), b_ok ? M::u32x2(l.p + o + 256) : make_uint2(0, 0)};
     }
     static __device__ __forceinline__ void widen(const Raw& r, const Lane&, float (&u)[8],
                                                  float (&)[2])
@@ -273,13 +324,14 @@ struct Q8_0 {
     {
         return {row + 8 * l, row + 256 + 4 * (l >> 3), magic};
     }
+    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
         if (b_ok) {
-            const uint2 q = ld_u32x2(l.q + o);
-            return {q.x, q.y, ld_u32(l.d + o)};
+            const uint2 q = M::u32x2(l.q + o);
+            return {q.x, q.y, M::u32(l.d + o)};
         }
-        return {ld_u32(l.q + o), 0, ld_u32(l.d + o)};
+        return {M::u32(l.q + o), 0, M::u32(l.d + o)};
     }
     static __device__ __forceinline__ void widen(const Raw& r, const Lane& l, float (&u)[8],
                                                  float (&s)[2])
@@ -310,12 +362,13 @@ struct Q4_0 {
         const unsigned b = l >> 3, p = l & 7;
         return {row + 18 * b, row + 18 * b + 2 + 4 * (p & 3), magic, 4 * (p >> 2)};
     }
+    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
         const unsigned char *d = l.d + o, *q = l.q + o;
-        Raw r = {ld_u16(d), ld_u16(q), ld_u16(q + 2), 0, 0, 0};
+        Raw r = {M::u16(d), M::u16(q), M::u16(q + 2), 0, 0, 0};
         if (b_ok) {
-            r.db = ld_u16(d + 72), r.b0 = ld_u16(q + 72), r.b1 = ld_u16(q + 74);
+            r.db = M::u16(d + 72), r.b0 = M::u16(q + 72), r.b1 = M::u16(q + 74);
         }
         return r;
     }
@@ -348,12 +401,13 @@ struct Q4_1 {
         const unsigned b = l >> 3, p = l & 7;
         return {row + 20 * b, row + 20 * b + 4 + 4 * (p & 3), magic, 4 * (p >> 2)};
     }
+    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
         const unsigned char *dm = l.dm + o, *q = l.q + o;
-        Raw r = {ld_u32(dm), ld_u32(q), 0, 0};
+        Raw r = {M::u32(dm), M::u32(q), 0, 0};
         if (b_ok) {
-            r.dmb = ld_u32(dm + 80), r.b = ld_u32(q + 80);
+            r.dmb = M::u32(dm + 80), r.b = M::u32(q + 80);
         }
         return r;
     }
@@ -392,9 +446,10 @@ struct Q4_K {
         const unsigned b = l >> 3, p = l & 7;
         return {row, row + 16 + 32 * (b >> 1) + 4 * p, magic, 8 * b, 4 * (b & 1)};
     }
+    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool)
     {
-        return {ld_u32x4(l.head + o), ld_u32(l.q + o), ld_u32(l.q + o + 64)};
+        return {M::u32x4(l.head + o), M::u32(l.q + o), M::u32(l.q + o + 64)};
     }
     static __device__ __forceinline__ void widen(const Raw& r, const Lane& l, float (&u)[8],
                                                  float (&)[2])
@@ -439,12 +494,13 @@ struct Q6_K {
                 4 * (b >> 1),
                 2 * b};
     }
+    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool)
     {
         const unsigned char *ql = l.ql + o, *qh = l.qh + o, *sc = l.sc + o;
-        return {ld_u16(ql),      ld_u16(ql + 2),  ld_u16(qh),      ld_u16(qh + 2),
-                ld_u8(sc),       ld_u16(ql + 64), ld_u16(ql + 66), ld_u16(qh + 32),
-                ld_u16(qh + 34), ld_u8(sc + 8),   ld_u16(l.d + o)};
+        return {M::u16(ql),      M::u16(ql + 2),  M::u16(qh),      M::u16(qh + 2),
+                M::u8(sc),       M::u16(ql + 64), M::u16(ql + 66), M::u16(qh + 32),
+                M::u16(qh + 34), M::u8(sc + 8),   M::u16(l.d + o)};
     }
     static __device__ __forceinline__ unsigned six_bits(unsigned l0, unsigned l1, unsigned h0,
                                                         unsigned h1, const Lane& l)
@@ -611,11 +667,6 @@ __device__ __forceinline__ unsigned slices_of(unsigned cols)
 {
     return cols / T::BLOCK * (T::BLOCK / 32);
 }
-
-// Nothing: matvec_row's `mid` by default.
-struct NoMid {
-    __device__ __forceinline__ void operator()() const {}
-};
 
 // Row r for NT tokens (with VX false: the first n <= NT of them). NC: see ld_x4. BATCH: steps
 // whose loads a lane issues before it uses the first. TAIL: the steps after the last whole
@@ -1030,6 +1081,174 @@ __device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
     if (threadIdx.x < 8 && i < rows) {
         y[i] = s_y[threadIdx.x];
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// matvec_stream: one token, the weights streamed through shared memory
+// ---------------------------------------------------------------------------------------
+
+// matvec for one token (x 16-byte aligned, parts 1) with each block's weights brought into a
+// ring of `stages` stages in shared memory by Hopper's bulk copies, the first stages
+// requested before the wait for the kernel before (nothing writes weights), so that HBM streams
+// this product's weights while that kernel finishes, and a block keeps many kilobytes in
+// flight without registers to hold them. Rows go in groups of 8, warp w taking row w of
+// each: block b takes groups [b G / grid, (b + 1) G / grid) in order. A stage holds either
+// `gps` whole groups (rows of at most `chunk` bytes: the groups' rows as one run), or one
+// group's next `chunk` bytes of each row (a multiple of T::STEP and of 16 bytes; row_bytes
+// then a multiple of 16). Each lane sums its row as matvec_row does, step by step in column
+// order, so a row's result has matvec's bits; the finishing (norm, residual, the next norm's
+// input, SwiGLU) is matvec's too, and a group's outputs are stored by adjacent threads (as
+// matvec_out stores them: y may be host memory registered with the GPU). Dynamic shared
+// memory: stages * (8 * gps * chunk + 8) bytes (the ring, then an mbarrier a stage).
+// sm_90 and later.
+template <class T>
+__device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ w, const float* __restrict__ x,
+                                              float* y, unsigned rows, unsigned cols, unsigned row_bytes,
+                                              unsigned chunk, unsigned gps, unsigned stages,
+                                              const float* residual, const float* __restrict__ norm_x,
+                                              float eps, const float* __restrict__ g,
+                                              float* __restrict__ yg, unsigned glu)
+{
+#if __CUDA_ARCH__ >= 900
+    const unsigned R = stages;
+    extern __shared__ __align__(128) unsigned char ring[];
+    __shared__ float s_out[2][8];  // by group parity: a group's outputs are read while the next's land
+    __shared__ float s_scale;
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, b = lane >> 3;
+    const unsigned groups = (rows + 7) / 8;
+    const unsigned g0 = (unsigned)((unsigned long long)blockIdx.x * groups / gridDim.x);
+    const unsigned g1 = (unsigned)((unsigned long long)(blockIdx.x + 1) * groups / gridDim.x);
+    const bool whole = row_bytes <= chunk;
+    const unsigned per_row = whole ? 1 : (row_bytes + chunk - 1) / chunk;  // chunks a row
+    const unsigned per_stage = whole ? gps : 1;                              // groups a stage
+    const unsigned stride = whole ? row_bytes : chunk;  // bytes from one row of a stage to the next
+    const unsigned stage_bytes = 8 * per_stage * stride;
+    // Unit u: groups g0 + (u / per_row) per_stage .. (per_stage of them), chunk u % per_row.
+    const unsigned units = (g1 - g0 + per_stage - 1) / per_stage * per_row;
+    unsigned long long* bars = (unsigned long long*)(ring + R * stage_bytes);
+    auto slot = [&](unsigned u) { return ring + (u % R) * stage_bytes; };
+    auto first_group = [&](unsigned u) { return g0 + u / per_row * per_stage; };
+    auto rows_from = [&](unsigned grp) {  // rows of groups grp .. of the unit
+        const unsigned ng = g1 - grp < per_stage ? g1 - grp : per_stage;
+        return rows - 8 * grp < 8 * ng ? rows - 8 * grp : 8 * ng;
+    };
+    auto fetch = [&](unsigned u) {
+        if (threadIdx.x != 0 || u >= units) {
+            return;
+        }
+        const unsigned grp = first_group(u), n_rows = rows_from(grp);
+        const unsigned char* src = w + (unsigned long long)8 * grp * row_bytes;
+        if (whole) {
+            bar_expect(&bars[u % R], n_rows * row_bytes);
+            bulk_copy(slot(u), src, n_rows * row_bytes, &bars[u % R]);
+        } else {
+            const unsigned o = u % per_row * chunk, bytes = row_bytes - o < chunk ? row_bytes - o : chunk;
+            bar_expect(&bars[u % R], n_rows * bytes);
+            for (unsigned i = 0; i < n_rows; ++i) {
+                bulk_copy(slot(u) + i * stride, src + (unsigned long long)i * row_bytes + o, bytes, &bars[u % R]);
+            }
+        }
+    };
+    if (threadIdx.x == 0) {
+        for (unsigned i = 0; i < R; ++i) {
+            bar_init(&bars[i]);
+        }
+        bar_init_fence();
+    }
+    __syncthreads();
+    for (unsigned u = 0; u < R; ++u) {
+        fetch(u);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    if (norm_x && warp == 0) {
+        const float scale = rms_scale<true>(norm_x, cols, eps, lane);
+        if (lane == 0) {
+            s_scale = scale;
+        }
+    }
+    const unsigned magic = magic_2p23(), n_slices = slices_of<T>(cols);
+    const unsigned steps = chunk / T::STEP;  // whole steps a chunk
+    // Steps k0 .. k1 - 1 of row r from its bytes at `from` (step k0's first byte).
+    auto sum_steps = [&](const unsigned char* from, unsigned k0, unsigned k1, float (&acc)[1]) {
+        const typename T::Lane l = T::lane(from, lane, magic);
+        const unsigned full = k1 < n_slices / 8 ? k1 : n_slices / 8;  // whole steps end
+        unsigned k = k0;
+#pragma unroll 8
+        for (; k < full; ++k) {
+            const typename T::Raw raw =
+                T::template load<SharedWeights>(l, (unsigned long long)(k - k0) * T::STEP, true);
+            dot_step<T, 1, true>(raw, l, x + 256 * k + 4 * lane, cols, 1, true, acc);
+        }
+        for (; k < k1 && 8 * k + b < n_slices; ++k) {
+            const bool b_ok = 8 * k + 4 + b < n_slices;
+            const typename T::Raw raw =
+                T::template load<SharedWeights>(l, (unsigned long long)(k - k0) * T::STEP, b_ok);
+            dot_step<T, 1, true>(raw, l, x + 256 * k + 4 * lane, cols, 1, b_ok, acc);
+        }
+    };
+    // Group grp's rows are summed (warp w's in acc): matvec's finish (finish_row's, then the
+    // block's) for one token, then the outputs stored.
+    auto finish = [&](unsigned grp, float (&acc)[1]) {
+        const unsigned r = 8 * grp + warp;
+        float* out = s_out[grp & 1];
+        const float sum = warp_sum(acc[0]);
+        acc[0] = 0.0f;
+        if (lane == 0 && r < rows) {
+            float total = 0.0f;
+            total += sum;
+            if (norm_x) {
+                total *= s_scale;
+            }
+            if (glu) {
+                out[warp] = total;
+            } else {
+                const float v = (residual ? residual[r] : 0.0f) + total;
+                out[warp] = v;
+                if (g) {
+                    yg[r] = v * g[r];
+                }
+            }
+        }
+        __syncthreads();
+        const unsigned t = threadIdx.x;
+        if (glu) {
+            if (t < 4 && 8 * grp + t < rows) {
+                const float gate = out[t], up = out[t + 4];
+                y[4 * grp + t] = gate / (1.0f + expf(-gate)) * up;
+            }
+        } else if (t < 8 && 8 * grp + t < rows) {
+            y[8 * grp + t] = out[t];
+        }
+    };
+    float acc[1] = {0.0f};
+    for (unsigned u = 0; u < units; ++u) {
+        bar_wait(&bars[u % R], (u / R) & 1);
+        const unsigned grp0 = first_group(u);
+        if (whole) {
+            // The stage's groups one after another, each row from its first step.
+            const unsigned ng = g1 - grp0 < per_stage ? g1 - grp0 : per_stage;
+            for (unsigned j = 0; j < ng; ++j) {
+                if (8 * (grp0 + j) + warp < rows) {
+                    sum_steps(slot(u) + (8 * j + warp) * stride, 0, (n_slices + 7) / 8, acc);
+                }
+                finish(grp0 + j, acc);  // its barrier also tells that every warp is done with the slot
+            }
+            fetch(u + R);
+        } else {
+            const unsigned c = u % per_row;
+            if (8 * grp0 + warp < rows) {
+                sum_steps(slot(u) + warp * stride, c * steps, c * steps + steps, acc);
+            }
+            // Every warp is done with the slot before it is filled again.
+            __syncthreads();
+            fetch(u + R);
+            if (c + 1 == per_row) {
+                finish(grp0, acc);
+            }
+        }
+    }
+#endif
 }
 
 #endif  // TERN_MATVEC_CUH
