@@ -1101,6 +1101,10 @@ __device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
 // matvec_out stores them: y may be host memory registered with the GPU). Dynamic shared
 // memory: stages * (8 * gps * chunk + 8) bytes (the ring, then an mbarrier a stage).
 // sm_90 and later.
+// Steps of 256 columns whose x values matvec_stream keeps in registers (whole rows of up to
+// 2,048 columns).
+#define STREAM_X_STEPS 8
+
 template <class T>
 __device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ w, const float* __restrict__ x,
                                               float* y, unsigned rows, unsigned cols, unsigned row_bytes,
@@ -1187,6 +1191,34 @@ __device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ 
             dot_step<T, 1, true>(raw, l, x + 256 * k + 4 * lane, cols, 1, b_ok, acc);
         }
     };
+    // Whole rows of up to STREAM_X_STEPS steps: the lane's x values of every step loaded once
+    // (each warp's lanes take the same columns of every row), as dot_step loads them, and the
+    // rows summed from registers: x, not the weights, is most of what a row moves through L1.
+    constexpr unsigned XS = STREAM_X_STEPS;
+    const bool keep_x = whole && (n_slices + 7) / 8 <= XS;
+    float xr[XS][8];
+#pragma unroll
+    for (unsigned k = 0; k < XS; ++k) {
+        const bool a_ok = keep_x && 8 * k + b < n_slices, b_ok = keep_x && 8 * k + 4 + b < n_slices;
+        const float* xs = x + 256 * k + 4 * lane;
+        const float4 p = a_ok ? ld_x4<true>(xs) : make_float4(0, 0, 0, 0);
+        const float4 q = b_ok ? ld_x4<true>(xs + 128) : make_float4(0, 0, 0, 0);
+        xr[k][0] = p.x, xr[k][1] = p.y, xr[k][2] = p.z, xr[k][3] = p.w;
+        xr[k][4] = q.x, xr[k][5] = q.y, xr[k][6] = q.z, xr[k][7] = q.w;
+    }
+    // A whole row from `from` with x from xr: dot_step's arithmetic.
+    auto sum_kept = [&](const unsigned char* from, float (&acc)[1]) {
+        const typename T::Lane l = T::lane(from, lane, magic);
+#pragma unroll
+        for (unsigned k = 0; k < XS; ++k) {
+            if (8 * k + b < n_slices) {
+                const bool b_ok = 8 * k + 4 + b < n_slices;
+                float u[8], s[2];
+                T::widen(T::template load<SharedWeights>(l, (unsigned long long)k * T::STEP, b_ok), l, u, s);
+                dot_values<T>(u, s, xr[k], b_ok, acc[0]);
+            }
+        }
+    };
     // Group grp's rows are summed (warp w's in acc): matvec's finish (finish_row's, then the
     // block's) for one token, then the outputs stored.
     auto finish = [&](unsigned grp, float (&acc)[1]) {
@@ -1230,7 +1262,11 @@ __device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ 
             const unsigned ng = g1 - grp0 < per_stage ? g1 - grp0 : per_stage;
             for (unsigned j = 0; j < ng; ++j) {
                 if (8 * (grp0 + j) + warp < rows) {
-                    sum_steps(slot(u) + (8 * j + warp) * stride, 0, (n_slices + 7) / 8, acc);
+                    if (keep_x) {
+                        sum_kept(slot(u) + (8 * j + warp) * stride, acc);
+                    } else {
+                        sum_steps(slot(u) + (8 * j + warp) * stride, 0, (n_slices + 7) / 8, acc);
+                    }
                 }
                 finish(grp0 + j, acc);  // its barrier also tells that every warp is done with the slot
             }
