@@ -325,53 +325,13 @@ fn real_shapes_generate_as_the_cpu_does() {
     parity(&device, "llama-3.2-1b", DType::Q8_0, DType::Q8_0, 24);
 }
 
-/// A decode step's layers, when asked to run in one persistent kernel (decode.cu), keep the
-/// arithmetic of the kernel-by-kernel step (matvec.cuh, attention.cuh): the same logits, bit
-/// for bit, step after step, for every weight type, for the real shapes, and at a context of
-/// many attention splits.
-#[test]
-fn the_persistent_decode_kernel_gives_the_kernel_by_kernel_bits() {
-    let Some(device) = gpu("the_persistent_decode_kernel_gives_the_kernel_by_kernel_bits") else {
-        return;
-    };
-    let cases = DType::ALL
-        .iter()
-        .map(|&t| ("small", t, DType::Q8_0, 20))
-        .chain([
-            ("small", DType::Q4_1, DType::Q8_0, 600),
-            ("smollm2-135m", DType::Q4_1, DType::Q8_0, 40),
-            ("llama-3.2-1b", DType::BF16, DType::BF16, 70),
-        ]);
-    for (shape_name, linear, embd, len) in cases {
-        let path = model_file(shape_name, linear, embd);
-        let model = open_on(&device, &path);
-        let cuda = model
-            .engine_as::<tern_model::llama::cuda::CudaLlama>()
-            .unwrap();
-        assert!(
-            cuda.has_fused_decode(),
-            "{shape_name} {linear}: {}",
-            cuda.decode_path()
-        );
-        let p = prompt(len, model.config().n_vocab);
-        let run = || greedy(&model, &mut model.new_session(len + 40).unwrap(), &p, 16);
-        cuda.set_fused_decode(true);
-        let (fused, tokens) = run();
-        cuda.set_fused_decode(false);
-        let (apart, tokens_apart) = run();
-        assert_eq!(tokens, tokens_apart, "{shape_name} {linear}");
-        assert!(
-            bits(&fused) == bits(&apart),
-            "{shape_name} {linear}, {len} positions: the persistent kernel's logits differ"
-        );
-    }
-}
-
-#[test]
-fn streamed_products_and_early_attention_give_the_default_bits() {
-    let Some(device) = gpu("streamed_products_and_early_attention_give_the_default_bits") else {
-        return;
-    };
+/// Runs `check` over the models the decode path's bit tests take, each opened on `device`
+/// with a prompt of its length: every weight type at a small shape, a context of many
+/// attention splits, and the real shapes.
+fn each_decode_model(
+    device: &Arc<dyn Device>,
+    mut check: impl FnMut(&str, DType, &Model, &tern_model::llama::cuda::CudaLlama, &[u32]),
+) {
     let cases = DType::ALL
         .iter()
         .map(|&t| ("small", t, DType::Q8_0, 20))
@@ -382,19 +342,60 @@ fn streamed_products_and_early_attention_give_the_default_bits() {
             ("llama-3.2-1b", DType::Q8_0, DType::Q8_0, 70),
         ]);
     for (shape_name, linear, embd, len) in cases {
-        let path = model_file(shape_name, linear, embd);
-        let model = open_on(&device, &path);
+        let model = open_on(device, &model_file(shape_name, linear, embd));
         let cuda = model
             .engine_as::<tern_model::llama::cuda::CudaLlama>()
             .unwrap();
+        let p = prompt(len, model.config().n_vocab);
+        check(shape_name, linear, &model, cuda, &p);
+    }
+}
+
+/// A decode step's layers, when asked to run in one persistent kernel (decode.cu), keep the
+/// arithmetic of the kernel-by-kernel step (matvec.cuh, attention.cuh): the same logits, bit
+/// for bit, step after step, for every weight type, for the real shapes, and at a context of
+/// many attention splits.
+#[test]
+fn the_persistent_decode_kernel_gives_the_kernel_by_kernel_bits() {
+    let Some(device) = gpu("the_persistent_decode_kernel_gives_the_kernel_by_kernel_bits") else {
+        return;
+    };
+    each_decode_model(&device, |shape_name, linear, model, cuda, p| {
+        assert!(
+            cuda.has_fused_decode(),
+            "{shape_name} {linear}: {}",
+            cuda.decode_path()
+        );
+        let run = || greedy(model, &mut model.new_session(p.len() + 40).unwrap(), p, 16);
+        cuda.set_fused_decode(true);
+        let (fused, tokens) = run();
+        cuda.set_fused_decode(false);
+        let (apart, tokens_apart) = run();
+        assert_eq!(tokens, tokens_apart, "{shape_name} {linear}");
+        assert!(
+            bits(&fused) == bits(&apart),
+            "{shape_name} {linear}, {} positions: the persistent kernel's logits differ",
+            p.len()
+        );
+    });
+}
+
+/// One-token products streamed through shared memory (`matvec_stream`) and attention asking
+/// for its cached rows before its wait, each and together, keep the default kernels' logits,
+/// bit for bit, over the same models.
+#[test]
+fn streamed_products_and_early_attention_give_the_default_bits() {
+    let Some(device) = gpu("streamed_products_and_early_attention_give_the_default_bits") else {
+        return;
+    };
+    each_decode_model(&device, |shape_name, linear, model, cuda, p| {
         assert!(
             cuda.has_streamed_products(),
             "{shape_name} {linear}: no bulk copies on this GPU"
         );
-        let p = prompt(len, model.config().n_vocab);
         let run = |products, early| {
             cuda.set_streamed(products, early);
-            let out = greedy(&model, &mut model.new_session(len + 40).unwrap(), &p, 16);
+            let out = greedy(model, &mut model.new_session(p.len() + 40).unwrap(), p, 16);
             cuda.set_streamed(false, false);
             out
         };
@@ -407,11 +408,12 @@ fn streamed_products_and_early_attention_give_the_default_bits() {
             );
             assert!(
                 bits(&logits) == bits(&plain),
-                "{shape_name} {linear}, {len} positions, streamed {products}, early attention \
-                 {early}: the logits differ"
+                "{shape_name} {linear}, {} positions, streamed {products}, early attention \
+                 {early}: the logits differ",
+                p.len()
             );
         }
-    }
+    });
 }
 
 #[test]

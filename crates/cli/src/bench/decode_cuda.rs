@@ -50,8 +50,7 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     let guest = GuestBench::new(&device, &model, b.prefill)?;
     let paths = guest.time_paths(&model, &b, context)?;
     let (prefill, decode) = paths.print(&b, "on the GPU");
-    compare_persistent(&model, &guest.prompt, &b, context, &paths)?;
-    compare_streamed(&model, &guest.prompt, &b, context, &paths)?;
+    compare_other_kernels(&model, &guest.prompt, &b, context, &paths)?;
     println!();
     println!(
         "HBM roofline: device-to-device copy {:.0} GB/s (read + write, 1 GiB) / {:.1} MB per token = {:.0} tokens/s; decode reaches {:.1}% of it",
@@ -104,10 +103,12 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Where the model has the persistent decode kernel (off by default): times the engine's
-/// decode with the top logit from the GPU through it, against the default graph of kernels
-/// timed in `paths` in the same run, and prints both.
-fn compare_persistent(
+/// The engine's decode with the top logit from the GPU through the kernels that are off by
+/// default, against the default graph of kernels timed in `paths` in the same run: the layers
+/// in one persistent kernel (where the model has it); and where the GPU can stream one-token
+/// products' weights through shared memory, those, one-token attention asking for its cached
+/// rows before its wait, both, and then the default kernels again.
+fn compare_other_kernels(
     model: &Model,
     prompt: &[u32],
     b: &GpuBench<'_>,
@@ -117,44 +118,21 @@ fn compare_persistent(
     let cuda = model
         .engine_as::<tern_model::llama::cuda::CudaLlama>()
         .context("no GPU model")?;
-    if !cuda.has_fused_decode() {
-        return Ok(());
-    }
-    let kernels = cuda.kernels_per_step();
-    cuda.set_fused_decode(true);
-    let timed = super::direct_top(model, prompt, b.decode.min(16), context).and_then(|_| {
-        (0..b.repeats)
-            .map(|_| super::direct_top(model, prompt, b.decode, context))
-            .collect::<anyhow::Result<Vec<f64>>>()
-    });
-    cuda.set_fused_decode(false);
-    let fused = b.decode as f64 / super::median(&timed?);
     let graph = b.decode as f64 / super::median(&paths.engine_top);
-    println!(
-        "engine, top logit on the GPU, with the layers in one persistent kernel (off by default): {fused:.1} t/s against {graph:.1} t/s kernel by kernel ({kernels} kernels a step, one CUDA graph) in this run: {:+.1}%",
-        (fused / graph - 1.0) * 100.0
-    );
-    Ok(())
-}
-
-/// Where the GPU can stream one-token products' weights through shared memory (off by
-/// default): times the engine's decode with the top logit from the GPU with them, with one-token
-/// attention asking for its cached rows before its wait, and with both, then the default kernels
-/// again, against the default timed in `paths` in the same run.
-fn compare_streamed(
-    model: &Model,
-    prompt: &[u32],
-    b: &GpuBench<'_>,
-    context: usize,
-    paths: &super::Paths,
-) -> anyhow::Result<()> {
-    let cuda = model
-        .engine_as::<tern_model::llama::cuda::CudaLlama>()
-        .context("no GPU model")?;
+    if cuda.has_fused_decode() {
+        let kernels = cuda.kernels_per_step();
+        cuda.set_fused_decode(true);
+        let fused = top_rate(model, prompt, b, context);
+        cuda.set_fused_decode(false);
+        let fused = fused?;
+        println!(
+            "engine, top logit on the GPU, with the layers in one persistent kernel (off by default): {fused:.1} t/s against {graph:.1} t/s kernel by kernel ({kernels} kernels a step, one CUDA graph) in this run: {:+.1}%",
+            (fused / graph - 1.0) * 100.0
+        );
+    }
     if !cuda.has_streamed_products() {
         return Ok(());
     }
-    let graph = b.decode as f64 / super::median(&paths.engine_top);
     for (products, early, what) in [
         (true, false, "products streamed through shared memory"),
         (false, true, "attention's cached rows asked before its wait"),
@@ -162,19 +140,30 @@ fn compare_streamed(
         (false, false, "the default kernels again"),
     ] {
         cuda.set_streamed(products, early);
-        let timed = super::direct_top(model, prompt, b.decode.min(16), context).and_then(|_| {
-            (0..b.repeats)
-                .map(|_| super::direct_top(model, prompt, b.decode, context))
-                .collect::<anyhow::Result<Vec<f64>>>()
-        });
+        let tps = top_rate(model, prompt, b, context);
         cuda.set_streamed(false, false);
-        let tps = b.decode as f64 / super::median(&timed?);
+        let tps = tps?;
         println!(
             "engine, top logit on the GPU, {what} (off by default): {tps:.1} t/s against {graph:.1} t/s with the default kernels in this run: {:+.1}%",
             (tps / graph - 1.0) * 100.0
         );
     }
     Ok(())
+}
+
+/// The engine's decode with the top logit from the GPU as the model's kernels are set now,
+/// tokens/s: up to 16 tokens to warm up, then the median of `b.repeats` runs.
+fn top_rate(
+    model: &Model,
+    prompt: &[u32],
+    b: &GpuBench<'_>,
+    context: usize,
+) -> anyhow::Result<f64> {
+    super::direct_top(model, prompt, b.decode.min(16), context)?;
+    let times = (0..b.repeats)
+        .map(|_| super::direct_top(model, prompt, b.decode, context))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    Ok(b.decode as f64 / super::median(&times))
 }
 
 /// Prints the GPU time of each kernel of one decode step after `prompt`, and of one
