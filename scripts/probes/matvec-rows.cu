@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(256)
     mv_stream(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
               unsigned cols, unsigned row_bytes, unsigned chunk, unsigned gps, unsigned stages)
 {
-    matvec_stream<T>(w, x, y, rows, cols, row_bytes, chunk, gps, stages, nullptr, nullptr, 0.0f, nullptr, nullptr,
-                     0);
+    matvec_stream<T>(w, x, y, rows, cols, row_bytes, chunk, gps, stages, 1, nullptr, nullptr, 0.0f, nullptr,
+                     nullptr, 0);
 }
 template __global__ void mv_stream<Half16<true>>(const unsigned char* __restrict__, const float* __restrict__,
                                                  float*, unsigned, unsigned, unsigned, unsigned, unsigned,

@@ -1166,14 +1166,14 @@ impl Launcher<'_> {
         fuse: Fuse,
     ) -> Result<(), ModelError> {
         let (norm_x, eps, g, yg, glu) = fuse.args();
-        if n == 1 && self.stream(w, x, y, residual, fuse)? {
-            return Ok(());
-        }
         let parts = if fuse.glu || fuse.whole_rows {
             1
         } else {
             matvec_parts(w.rows as usize, w.cols as usize)
         };
+        if n == 1 && self.stream(w, x, y, residual, fuse, parts as u32)? {
+            return Ok(());
+        }
         let blocks = (w.rows as usize * parts).div_ceil(MATVEC_WARPS) as u32;
         let parts = parts as u32;
         launch!(
@@ -1199,8 +1199,9 @@ impl Launcher<'_> {
         )
     }
 
-    /// `matvec` of one token through `matvec_stream`, where the model's plan takes `w`
-    /// (see [`StreamPlan`]); false where it does not, and nothing was launched.
+    /// `matvec` of one token through `matvec_stream`, its rows summed as `matvec` sums them
+    /// in `parts` parts, where the model's plan takes `w` (see [`StreamPlan`]); false where it
+    /// does not, and nothing was launched.
     fn stream(
         &self,
         w: &DevMatrix,
@@ -1208,6 +1209,7 @@ impl Launcher<'_> {
         y: u64,
         residual: u64,
         fuse: Fuse,
+        parts: u32,
     ) -> Result<bool, ModelError> {
         let Some(plan) = self
             .kernels
@@ -1234,6 +1236,7 @@ impl Launcher<'_> {
             &chunk,
             &gps,
             &plan.stages,
+            &parts,
             &residual,
             &norm_x,
             &eps,
@@ -1277,7 +1280,7 @@ impl Launcher<'_> {
         if let Some(mma) = self.tensor_cores_for(w) {
             return self.mma(mma, w, x, y, 1, w.cols, w.rows, 0, Fuse::default());
         }
-        if self.stream(w, x, y, 0, Fuse::default())? {
+        if self.stream(w, x, y, 0, Fuse::default(), 1)? {
             return Ok(());
         }
         let blocks = (w.rows as usize).div_ceil(MATVEC_WARPS) as u32;

@@ -28,11 +28,11 @@
     extern "C" __global__ void __launch_bounds__(256)                                                \
         matvec_stream_##NAME(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, \
                              unsigned rows, unsigned cols, unsigned row_bytes, unsigned chunk,           \
-                             unsigned gps, unsigned stages, const float* residual, const float* norm_x,  \
-                             float eps, const float* g, float* yg, unsigned glu)                         \
+                             unsigned gps, unsigned stages, unsigned parts, const float* residual,       \
+                             const float* norm_x, float eps, const float* g, float* yg, unsigned glu)    \
     {                                                                                                \
-        matvec_stream<T>(w, x, y, rows, cols, row_bytes, chunk, gps, stages, residual, norm_x, eps, g, \
-                         yg, glu);                                                                   \
+        matvec_stream<T>(w, x, y, rows, cols, row_bytes, chunk, gps, stages, parts, residual, norm_x, eps, \
+                         g, yg, glu);                                                                \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(256)                                                \
         get_rows_##NAME(const unsigned char* __restrict__ w, const int* __restrict__ ids,            \

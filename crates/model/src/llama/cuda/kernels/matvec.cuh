@@ -1087,7 +1087,7 @@ __device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
 // matvec_stream: one token, the weights streamed through shared memory
 // ---------------------------------------------------------------------------------------
 
-// matvec for one token (x 16-byte aligned, parts 1) with each block's weights brought into a
+// matvec for one token (x 16-byte aligned) with each block's weights brought into a
 // ring of `stages` stages in shared memory by Hopper's bulk copies, the first stages
 // requested before the wait for the kernel before (nothing writes weights), so that HBM streams
 // this product's weights while that kernel finishes, and a block keeps many kilobytes in
@@ -1095,12 +1095,14 @@ __device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
 // each: block b takes groups [b G / grid, (b + 1) G / grid) in order. A stage holds either
 // `gps` whole groups (rows of at most `chunk` bytes: the groups' rows as one run), or one
 // group's next `chunk` bytes of each row (a multiple of T::STEP and of 16 bytes; row_bytes
-// then a multiple of 16). Each lane sums its row as matvec_row does, step by step in column
-// order, so a row's result has matvec's bits; the finishing (norm, residual, the next norm's
-// input, SwiGLU) is matvec's too, and a group's outputs are stored by adjacent threads (as
-// matvec_out stores them: y may be host memory registered with the GPU). Dynamic shared
-// memory: stages * (8 * gps * chunk + 8) bytes (the ring, then an mbarrier a stage).
-// sm_90 and later.
+// then a multiple of 16). A warp takes a whole row, but sums it as matvec sums a row of
+// `parts` parts (its warps' runs of steps, each lane's steps in column order, each part
+// reduced by the warp, the parts added in part order), so a row's result has matvec's bits;
+// the finishing (norm, residual, the next norm's input, SwiGLU) is matvec's too, and a group's
+// outputs are stored by adjacent threads (as matvec_out stores them: y may be host memory
+// registered with the GPU). Dynamic shared memory: stages * (8 * gps * chunk + 8) bytes (the
+// ring, then an mbarrier a stage). sm_90 and later.
+
 // Steps of 256 columns whose x values matvec_stream keeps in registers (whole rows of up to
 // 2,048 columns).
 #define STREAM_X_STEPS 8
@@ -1108,7 +1110,7 @@ __device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
 template <class T>
 __device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ w, const float* __restrict__ x,
                                               float* y, unsigned rows, unsigned cols, unsigned row_bytes,
-                                              unsigned chunk, unsigned gps, unsigned stages,
+                                              unsigned chunk, unsigned gps, unsigned stages, unsigned parts,
                                               const float* residual, const float* __restrict__ norm_x,
                                               float eps, const float* __restrict__ g,
                                               float* __restrict__ yg, unsigned glu)
@@ -1174,21 +1176,38 @@ __device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ 
     const unsigned magic = magic_2p23(), n_slices = slices_of<T>(cols);
     const unsigned steps = chunk / T::STEP;  // whole steps a chunk
     // Steps k0 .. k1 - 1 of row r from its bytes at `from` (step k0's first byte).
-    auto sum_steps = [&](const unsigned char* from, unsigned k0, unsigned k1, float (&acc)[1]) {
+    // A row's sum as matvec makes it of `parts` parts (matvec_parts; 1 for SwiGLU and the output
+    // head): each part's steps summed from zero and reduced by the warp, the parts added in
+    // part order to `total`, which starts at zero (empty parts add zero). edge(k), before step
+    // k (warp-uniform), closes the part before it where a part starts there.
+    const unsigned row_steps = (cols + 255) / 256, per_part = (row_steps + parts - 1) / parts;
+    float acc[1] = {0.0f}, total = 0.0f;
+    auto edge = [&](unsigned k) {
+        if (k > 0 && k % per_part == 0) {
+            total += warp_sum(acc[0]);
+            acc[0] = 0.0f;
+        }
+    };
+    // Steps k0 .. k1 - 1 of a row from its bytes at `from` (step k0's first byte).
+    auto sum_steps = [&](const unsigned char* from, unsigned k0, unsigned k1) {
         const typename T::Lane l = T::lane(from, lane, magic);
         const unsigned full = k1 < n_slices / 8 ? k1 : n_slices / 8;  // whole steps end
         unsigned k = k0;
 #pragma unroll 8
         for (; k < full; ++k) {
+            edge(k);
             const typename T::Raw raw =
                 T::template load<SharedWeights>(l, (unsigned long long)(k - k0) * T::STEP, true);
             dot_step<T, 1, true>(raw, l, x + 256 * k + 4 * lane, cols, 1, true, acc);
         }
-        for (; k < k1 && 8 * k + b < n_slices; ++k) {
-            const bool b_ok = 8 * k + 4 + b < n_slices;
-            const typename T::Raw raw =
-                T::template load<SharedWeights>(l, (unsigned long long)(k - k0) * T::STEP, b_ok);
-            dot_step<T, 1, true>(raw, l, x + 256 * k + 4 * lane, cols, 1, b_ok, acc);
+        for (; k < k1 && 8 * k < n_slices; ++k) {
+            edge(k);
+            if (8 * k + b < n_slices) {
+                const bool b_ok = 8 * k + 4 + b < n_slices;
+                const typename T::Raw raw =
+                    T::template load<SharedWeights>(l, (unsigned long long)(k - k0) * T::STEP, b_ok);
+                dot_step<T, 1, true>(raw, l, x + 256 * k + 4 * lane, cols, 1, b_ok, acc);
+            }
         }
     };
     // Whole rows of up to STREAM_X_STEPS steps: the lane's x values of every step loaded once
@@ -1207,28 +1226,33 @@ __device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ 
         xr[k][4] = q.x, xr[k][5] = q.y, xr[k][6] = q.z, xr[k][7] = q.w;
     }
     // A whole row from `from` with x from xr: dot_step's arithmetic.
-    auto sum_kept = [&](const unsigned char* from, float (&acc)[1]) {
+    auto sum_kept = [&](const unsigned char* from) {
         const typename T::Lane l = T::lane(from, lane, magic);
 #pragma unroll
         for (unsigned k = 0; k < XS; ++k) {
-            if (8 * k + b < n_slices) {
-                const bool b_ok = 8 * k + 4 + b < n_slices;
-                float u[8], s[2];
-                T::widen(T::template load<SharedWeights>(l, (unsigned long long)k * T::STEP, b_ok), l, u, s);
-                dot_values<T>(u, s, xr[k], b_ok, acc[0]);
+            if (8 * k < n_slices) {
+                edge(k);
+                if (8 * k + b < n_slices) {
+                    const bool b_ok = 8 * k + 4 + b < n_slices;
+                    float u[8], s[2];
+                    T::widen(T::template load<SharedWeights>(l, (unsigned long long)k * T::STEP, b_ok), l, u,
+                             s);
+                    dot_values<T>(u, s, xr[k], b_ok, acc[0]);
+                }
             }
         }
     };
-    // Group grp's rows are summed (warp w's in acc): matvec's finish (finish_row's, then the
-    // block's) for one token, then the outputs stored.
-    auto finish = [&](unsigned grp, float (&acc)[1]) {
+    // Group grp's rows are summed (warp w's last part in acc, the rest in total): matvec's
+    // finish (finish_row's, then the block's) for one token, then the outputs stored.
+    auto finish = [&](unsigned grp) {
         const unsigned r = 8 * grp + warp;
         float* out = s_out[grp & 1];
-        const float sum = warp_sum(acc[0]);
+        total += warp_sum(acc[0]);
+        for (unsigned p = (row_steps + per_part - 1) / per_part; p < parts; ++p) {
+            total += 0.0f;
+        }
         acc[0] = 0.0f;
         if (lane == 0 && r < rows) {
-            float total = 0.0f;
-            total += sum;
             if (norm_x) {
                 total *= s_scale;
             }
@@ -1252,8 +1276,8 @@ __device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ 
         } else if (t < 8 && 8 * grp + t < rows) {
             y[8 * grp + t] = out[t];
         }
+        total = 0.0f;
     };
-    float acc[1] = {0.0f};
     for (unsigned u = 0; u < units; ++u) {
         bar_wait(&bars[u % R], (u / R) & 1);
         const unsigned grp0 = first_group(u);
@@ -1263,24 +1287,24 @@ __device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ 
             for (unsigned j = 0; j < ng; ++j) {
                 if (8 * (grp0 + j) + warp < rows) {
                     if (keep_x) {
-                        sum_kept(slot(u) + (8 * j + warp) * stride, acc);
+                        sum_kept(slot(u) + (8 * j + warp) * stride);
                     } else {
-                        sum_steps(slot(u) + (8 * j + warp) * stride, 0, (n_slices + 7) / 8, acc);
+                        sum_steps(slot(u) + (8 * j + warp) * stride, 0, (n_slices + 7) / 8);
                     }
                 }
-                finish(grp0 + j, acc);  // its barrier also tells that every warp is done with the slot
+                finish(grp0 + j);  // its barrier also tells that every warp is done with the slot
             }
             fetch(u + R);
         } else {
             const unsigned c = u % per_row;
             if (8 * grp0 + warp < rows) {
-                sum_steps(slot(u) + warp * stride, c * steps, c * steps + steps, acc);
+                sum_steps(slot(u) + warp * stride, c * steps, c * steps + steps);
             }
             // Every warp is done with the slot before it is filled again.
             __syncthreads();
             fetch(u + R);
             if (c + 1 == per_row) {
-                finish(grp0, acc);
+                finish(grp0);
             }
         }
     }
