@@ -173,8 +173,44 @@ int main(int argc, char** argv)
         launch_pdl(v.k, dim3((warps + 7) / 8), dim3(256), 0, st, m, (const float*)x, y, sh.rows, sh.cols,
                    row_bytes(v, sh.cols));
     };
+    // matvec_stream as the engine lays it out (kernels.rs, StreamPlan::layout: whole rows of
+    // up to a stage's eighth, several groups a stage where a block takes many), by stages,
+    // stage bytes and blocks an SM.
+    int sms = 0;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    struct Stream {
+        unsigned stages, stage_kib, per_sm;
+    };
+    const Stream streams[] = {{4, 17, 1}, {4, 17, 2}, {6, 17, 1}, {3, 34, 1}, {8, 8, 1}};
+    for (int q8 = 0; q8 < 2; ++q8) {
+        auto k = q8 ? mv_stream<Q8_0> : mv_stream<Half16<true>>;
+        CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 << 10));
+    }
+    // Variant v of the stream over shape sh's rows at m (Q8_0 or BF16).
+    auto stream_launch = [&](bool q8, const Stream& v, const Shape& sh, const unsigned char* m) {
+        const unsigned rb = q8 ? sh.cols / 256 * 272 : sh.cols * 2, step = q8 ? 272 : 512;
+        const unsigned stage = v.stage_kib << 10, groups = (sh.rows + 7) / 8;
+        const unsigned blocks = v.per_sm * sms < groups ? v.per_sm * sms : groups;
+        const unsigned most = stage / 8 / step ? stage / 8 / step : 1, steps = (rb + step - 1) / step;
+        const unsigned n_chunks = (steps + most - 1) / most;
+        const unsigned per_stage = (steps + n_chunks - 1) / n_chunks * step;
+        const bool whole = rb <= per_stage;
+        const unsigned chunk = whole ? rb : per_stage;
+        unsigned gps = 1;
+        if (whole) {
+            const unsigned fit = stage / (8 * rb), cap = (groups + blocks - 1) / blocks;
+            gps = fit < cap ? fit : cap;
+            gps = gps ? gps : 1;
+        }
+        const unsigned smem = v.stages * (8 * gps * chunk + 8);
+        launch_pdl(q8 ? mv_stream<Q8_0> : mv_stream<Half16<true>>, dim3(blocks), dim3(256), smem, st, m,
+                   (const float*)x, y, sh.rows, sh.cols, rb, chunk, gps, v.stages);
+        return gps;
+    };
     if (profile) {
         for (const Variant& v : variants) launch(v, w, shapes[0]);
+        for (int q8 = 0; q8 < 2; ++q8)
+            for (const Stream& v : streams) stream_launch(q8, v, shapes[0], w);
         CK(cudaStreamSynchronize(st));
         return 0;
     }
@@ -217,19 +253,6 @@ int main(int argc, char** argv)
                    ms * 1000 / iters, bytes * iters / ms / 1e6, first ? "reference" : eq ? "same" : "DIFFER");
         }
     }
-    // matvec_stream as the engine lays it out (kernels.rs, StreamPlan::layout: whole rows of
-    // up to a stage's eighth, several groups a stage where a block takes many), by stages,
-    // stage bytes and blocks an SM.
-    int sms = 0;
-    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    struct Stream {
-        unsigned stages, stage_kib, per_sm;
-    };
-    const Stream streams[] = {{4, 17, 1}, {4, 17, 2}, {6, 17, 1}, {3, 34, 1}, {8, 8, 1}};
-    for (int q8 = 0; q8 < 2; ++q8) {
-        auto k = q8 ? mv_stream<Q8_0> : mv_stream<Half16<true>>;
-        CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 << 10));
-    }
     for (const Shape& sh : shapes) {
         printf("== %s, one token, matvec_stream: us a call (GB/s of weights)\n", sh.name);
         for (int q8 = 0; q8 < 2; ++q8) {
@@ -239,28 +262,11 @@ int main(int argc, char** argv)
             CK(cudaStreamSynchronize(st));
             std::vector<float> want(sh.rows), got(sh.rows);
             CK(cudaMemcpy(want.data(), y, sh.rows * 4, cudaMemcpyDeviceToHost));
-            const unsigned rb = q8 ? sh.cols / 256 * 272 : sh.cols * 2, step = q8 ? 272 : 512;
-            const size_t bytes = (size_t)sh.rows * rb;
+            const size_t bytes = (size_t)sh.rows * (q8 ? sh.cols / 256 * 272 : sh.cols * 2);
             const int copies = (int)(pool / bytes);
-            auto k = q8 ? mv_stream<Q8_0> : mv_stream<Half16<true>>;
             for (const Stream& v : streams) {
-                const unsigned stage = v.stage_kib << 10, groups = (sh.rows + 7) / 8;
-                const unsigned blocks = v.per_sm * sms < groups ? v.per_sm * sms : groups;
-                const unsigned most = stage / 8 / step ? stage / 8 / step : 1, steps = (rb + step - 1) / step;
-                const unsigned per_stage = (steps + (steps + most - 1) / most - 1) / ((steps + most - 1) / most) * step;
-                const bool whole = rb <= per_stage;
-                const unsigned chunk = whole ? rb : per_stage;
-                unsigned gps = 1;
-                if (whole) {
-                    const unsigned fit = stage / (8 * rb), cap = (groups + blocks - 1) / blocks;
-                    gps = fit < cap ? fit : cap;
-                    gps = gps ? gps : 1;
-                }
-                const unsigned smem = v.stages * (8 * gps * chunk + 8);
-                auto go = [&](const unsigned char* m) {
-                    launch_pdl(k, dim3(blocks), dim3(256), smem, st, m, (const float*)x, y, sh.rows, sh.cols, rb,
-                               chunk, gps, v.stages);
-                };
+                unsigned gps = 0;
+                auto go = [&](const unsigned char* m) { gps = stream_launch(q8, v, sh, m); };
                 go(w);
                 CK(cudaStreamSynchronize(st));
                 CK(cudaMemcpy(got.data(), y, sh.rows * 4, cudaMemcpyDeviceToHost));
@@ -274,8 +280,8 @@ int main(int argc, char** argv)
                 CK(cudaEventSynchronize(e1));
                 float ms;
                 CK(cudaEventElapsedTime(&ms, e0, e1));
-                printf("  %-14s stages %u of %2u KiB, %u a block, %u blocks an SM, %6u B shared %10.1f %8.0f  %s\n",
-                       q8 ? "Q8_0" : "Half16<true>", v.stages, v.stage_kib, gps, v.per_sm, smem, ms * 1000 / iters,
+                printf("  %-14s stages %u of %2u KiB, %u groups a stage, %u blocks an SM %10.1f %8.0f  %s\n",
+                       q8 ? "Q8_0" : "Half16<true>", v.stages, v.stage_kib, gps, v.per_sm, ms * 1000 / iters,
                        bytes * iters / ms / 1e6, eq ? "same" : "DIFFER");
             }
         }
