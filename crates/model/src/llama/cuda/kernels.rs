@@ -372,7 +372,8 @@ impl StreamPlan {
     /// memory that takes; None where `w` cannot be streamed (rows the bulk copies cannot take
     /// whole or in chunks, float rows read by elements).
     fn layout(&self, w: &DevMatrix) -> Option<(u32, u32, u32)> {
-        let step = w.dtype.block_bytes() as u32 * (256 / w.dtype.block_elems() as u32).max(1);
+        // A 256-column step's bytes (every type's blocks divide 256 columns).
+        let step = w.dtype.row_bytes(256)? as u32;
         let (rows, rb) = (w.rows, w.row_bytes);
         if !w.cols.is_multiple_of(32) || !rb.is_multiple_of(8) {
             return None;
@@ -380,24 +381,22 @@ impl StreamPlan {
         // A row's steps in as few chunks as fit a stage, of as equal a size as whole steps allow.
         let (most, steps) = ((self.stage_bytes / 8 / step).max(1), rb.div_ceil(step));
         let per_stage = steps.div_ceil(steps.div_ceil(most)) * step;
-        let chunk = if rb <= per_stage {
-            // The group's rows as one run: whole groups, and a last group of whole 16 bytes.
+        let (chunk, gps) = if rb <= per_stage {
+            // The groups' rows as one run: whole groups, and a last group of whole 16 bytes;
+            // as many groups as fit a stage and a block takes.
             if !(8 * rb).is_multiple_of(16) || !((rows % 8) * rb).is_multiple_of(16) {
                 return None;
             }
-            rb
+            let groups = rows.div_ceil(8);
+            let gps = (self.stage_bytes / (8 * rb))
+                .min(groups.div_ceil(self.blocks.min(groups)))
+                .max(1);
+            (rb, gps)
         } else {
             if !rb.is_multiple_of(16) || !per_stage.is_multiple_of(16) {
                 return None;
             }
-            per_stage
-        };
-        let groups = rows.div_ceil(8);
-        let gps = match rb <= per_stage {
-            true => (self.stage_bytes / (8 * rb))
-                .min(groups.div_ceil(self.blocks.min(groups)))
-                .max(1),
-            false => 1,
+            (per_stage, 1)
         };
         Some((chunk, gps, self.stages * (8 * gps * chunk + 8)))
     }
@@ -573,7 +572,6 @@ impl Kernels {
             KvType::F32 => "",
             KvType::F16 => "#define TERN_KV_F16\n",
         };
-
         // Compiled (when not cached) as programs side by side, NVRTC taking seconds for
         // each: `llama.cu`, `matvec.cu` once per type (`MATVEC_TYPE`, in the order of
         // `DType::ALL`), and `decode.cu` for one type and head size.
@@ -1214,7 +1212,7 @@ impl Launcher<'_> {
         let Some(plan) = self
             .kernels
             .stream
-            .filter(|_| self.kernels.streamed.load(Ordering::Relaxed) && x.is_multiple_of(16))
+            .filter(|_| self.kernels.streamed() && x.is_multiple_of(16))
         else {
             return Ok(false);
         };
@@ -1369,7 +1367,7 @@ impl Launcher<'_> {
         let (f, items, _) = attention_kernel(&self.kernels.attention, c, n_tok == 1)?;
         let spb = 1u32; // a split a block (see splits_per_block)
         let ahead = self.take_ahead();
-        let early = u32::from(self.kernels.early_attention.load(Ordering::Relaxed));
+        let early = u32::from(self.kernels.early_attention());
         launch!(
             self,
             f,

@@ -1175,17 +1175,19 @@ __device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ 
     }
     const unsigned magic = magic_2p23(), n_slices = slices_of<T>(cols);
     const unsigned steps = chunk / T::STEP;  // whole steps a chunk
-    // Steps k0 .. k1 - 1 of row r from its bytes at `from` (step k0's first byte).
     // A row's sum as matvec makes it of `parts` parts (matvec_parts; 1 for SwiGLU and the output
     // head): each part's steps summed from zero and reduced by the warp, the parts added in
     // part order to `total`, which starts at zero (empty parts add zero). edge(k), before step
-    // k (warp-uniform), closes the part before it where a part starts there.
+    // k (warp-uniform; a row's steps come in increasing order), closes the part before it where
+    // the next part starts there.
     const unsigned row_steps = (cols + 255) / 256, per_part = (row_steps + parts - 1) / parts;
     float acc[1] = {0.0f}, total = 0.0f;
+    unsigned next_part = per_part;  // the step the row's next part starts at
     auto edge = [&](unsigned k) {
-        if (k > 0 && k % per_part == 0) {
+        if (k == next_part) {
             total += warp_sum(acc[0]);
             acc[0] = 0.0f;
+            next_part += per_part;
         }
     };
     // Steps k0 .. k1 - 1 of a row from its bytes at `from` (step k0's first byte).
@@ -1252,6 +1254,7 @@ __device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ 
             total += 0.0f;
         }
         acc[0] = 0.0f;
+        next_part = per_part;
         if (lane == 0 && r < rows) {
             if (norm_x) {
                 total *= s_scale;
