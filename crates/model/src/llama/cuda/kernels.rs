@@ -424,12 +424,13 @@ fn stream_plan(
             .map_err(driver("reading the GPU's attributes"))
     };
     let sms = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    let most =
-        attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+    // The ring's stages and their mbarriers at most (StreamPlan::layout); the kernels' own
+    // shared memory comes on top, so the attribute cannot be the opt-in maximum itself.
+    let ring = STREAM_STAGES * (STREAM_STAGE_BYTES + 8);
     for (_, f) in kernels {
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            most,
+            ring as i32,
         )
         .map_err(driver("giving the streaming products their shared memory"))?;
     }
