@@ -400,6 +400,11 @@ impl StreamPlan {
         };
         Some((chunk, gps, self.stages * (8 * gps * chunk + 8)))
     }
+
+    /// The most dynamic shared memory a layout takes: every stage full, and its mbarrier.
+    fn most_shared(&self) -> u32 {
+        self.stages * (self.stage_bytes + 8)
+    }
 }
 
 /// `matvec_stream`'s ring: stages, and a stage's bytes at most (one group of 8 dealt Q8_0 rows
@@ -410,7 +415,7 @@ const STREAM_BLOCKS_PER_SM: u32 = 1;
 
 /// How one-token products take `matvec_stream` on this GPU: None before Hopper (no bulk
 /// copies), else [`STREAM_STAGES`] stages of [`STREAM_STAGE_BYTES`], with the kernels given
-/// the shared memory a block may ask for.
+/// the shared memory the fullest ring takes ([`StreamPlan::most_shared`]).
 fn stream_plan(
     ctx: &Arc<CudaContext>,
     arch: u32,
@@ -424,21 +429,21 @@ fn stream_plan(
             .map_err(driver("reading the GPU's attributes"))
     };
     let sms = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    // The ring's stages and their mbarriers at most (StreamPlan::layout); the kernels' own
-    // shared memory comes on top, so the attribute cannot be the opt-in maximum itself.
-    let ring = STREAM_STAGES * (STREAM_STAGE_BYTES + 8);
-    for (_, f) in kernels {
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            ring as i32,
-        )
-        .map_err(driver("giving the streaming products their shared memory"))?;
-    }
-    Ok(Some(StreamPlan {
+    let plan = StreamPlan {
         stages: STREAM_STAGES,
         stage_bytes: STREAM_STAGE_BYTES,
         blocks: STREAM_BLOCKS_PER_SM * sms as u32,
-    }))
+    };
+    // What the ring takes at most; the kernels' own shared memory comes on top, so asking for
+    // the opt-in maximum itself is refused.
+    for (_, f) in kernels {
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            plan.most_shared() as i32,
+        )
+        .map_err(driver("giving the streaming products their shared memory"))?;
+    }
+    Ok(Some(plan))
 }
 
 /// Weights asked into L2 ahead of the kernel that reads them, as `common.cuh`'s `Ahead`:
@@ -1850,6 +1855,24 @@ mod tests {
         assert_eq!(plan.layout(&m(DType::Q4_1, 963, 576, 360)), None);
         // Float rows read by elements are not streamed.
         assert_eq!(plan.layout(&m(DType::F32, 8, 100, 400)), None);
+        // Every layout within what the kernels ask the driver for, which leaves Hopper's 227
+        // KiB a block room for their own shared memory.
+        for (dtype, rows, cols) in [
+            (DType::BF16, 16384, 2048),
+            (DType::BF16, 2048, 8192),
+            (DType::Q8_0, 2048, 8192),
+            (DType::Q4_1, 49152, 576),
+            (DType::Q4_1, 1536, 576),
+            (DType::F16, 576, 1536),
+        ] {
+            let rb = dtype.row_bytes(cols as usize).unwrap() as u32;
+            let (_, _, smem) = plan.layout(&m(dtype, rows, cols, rb)).unwrap();
+            assert!(
+                smem <= plan.most_shared(),
+                "{dtype:?} {rows}x{cols}: {smem}"
+            );
+        }
+        assert!(plan.most_shared() + (4 << 10) <= 227 << 10);
     }
 
     #[test]
