@@ -349,11 +349,7 @@ __device__ __forceinline__ void s_bar_wait(unsigned long long* bar, unsigned par
 // weights, for a model small enough that a few layers' rows of a block fit (the small shape:
 // about 54 KiB a layer a block on 132 SMs). A chunk (a block's rows of a stage) is never split
 // by the ring's end: the bytes before it are left unused.
-#ifdef SMALL_SHAPE
 constexpr unsigned RING = 192 * 1024;
-#else
-constexpr unsigned RING = 160 * 1024;
-#endif
 constexpr int RING_SLOTS = 32;                // chunks in the ring at most (an mbarrier each)
 constexpr unsigned HEAD_AHEAD = 256 * 1024;  // a block's head bytes asked of L2 once its layers are issued
 

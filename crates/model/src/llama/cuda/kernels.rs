@@ -366,6 +366,16 @@ pub struct StreamPlan {
 }
 
 impl StreamPlan {
+    /// The plan on a GPU of `sms` SMs: [`STREAM_STAGES`] stages of [`STREAM_STAGE_BYTES`],
+    /// [`STREAM_BLOCKS_PER_SM`] blocks an SM.
+    fn new(sms: u32) -> StreamPlan {
+        StreamPlan {
+            stages: STREAM_STAGES,
+            stage_bytes: STREAM_STAGE_BYTES,
+            blocks: STREAM_BLOCKS_PER_SM * sms,
+        }
+    }
+
     /// For `w`: the chunk of each row a stage holds (a multiple of the format's step and of
     /// 16 bytes, or the whole row), the groups of 8 rows a stage holds (more than one where
     /// rows are whole and short, as many as a block takes at most), and the dynamic shared
@@ -429,11 +439,7 @@ fn stream_plan(
             .map_err(driver("reading the GPU's attributes"))
     };
     let sms = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    let plan = StreamPlan {
-        stages: STREAM_STAGES,
-        stage_bytes: STREAM_STAGE_BYTES,
-        blocks: STREAM_BLOCKS_PER_SM * sms as u32,
-    };
+    let plan = StreamPlan::new(sms as u32);
     // What the ring takes at most; the kernels' own shared memory comes on top, so asking for
     // the opt-in maximum itself is refused.
     for (_, f) in kernels {
@@ -1855,8 +1861,9 @@ mod tests {
         assert_eq!(plan.layout(&m(DType::Q4_1, 963, 576, 360)), None);
         // Float rows read by elements are not streamed.
         assert_eq!(plan.layout(&m(DType::F32, 8, 100, 400)), None);
-        // Every layout within what the kernels ask the driver for, which leaves Hopper's 227
-        // KiB a block room for their own shared memory.
+        // Every layout of the GPU's plan within what the kernels ask the driver for, which
+        // leaves Hopper's 227 KiB a block room for their own shared memory.
+        let plan = StreamPlan::new(132);
         for (dtype, rows, cols) in [
             (DType::BF16, 16384, 2048),
             (DType::BF16, 2048, 8192),
