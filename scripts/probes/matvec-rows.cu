@@ -4,10 +4,9 @@
 // varying only how the rows are walked: steps whose loads a lane has in flight (B, with the
 // rest of a row's steps loaded at once where TAIL), rows a warp takes one after another (R:
 // fewer, longer-lived blocks; or R rows together, each x value loaded once for them), and
-// blocks an SM (the register cap that follows); and the engine's matvec_stream (the weights
-// brought into shared memory by bulk copies) by its ring's stages, stage size and blocks an
-// SM. Every variant sums each row in the same order, so the same bits (checked). Not part of
-// Tern.
+// blocks an SM (the register cap that follows); and the engine's own output-head kernel at 1, 2
+// and 4 rows a warp. Every variant sums each row in the same order, so the same bits (checked).
+// Not part of Tern.
 //
 //   nvcc -O3 -gencode arch=compute_90a,code=sm_90a -std=c++17 \
 //     -I crates/model/src/llama/cuda/kernels -o /tmp/mr scripts/probes/matvec-rows.cu && /tmp/mr
@@ -100,21 +99,15 @@ __global__ void __launch_bounds__(256, OCC)
     }
 }
 
-// The engine's matvec_stream (matvec.cuh): the block's weights brought into shared memory by
-// bulk copies, `stages` of them in flight; the same bits.
-template <class T>
-__global__ void __launch_bounds__(256)
-    mv_stream(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
-              unsigned cols, unsigned row_bytes, unsigned chunk, unsigned gps, unsigned stages)
+// The engine's own one-token output-head kernel (matvec.cuh's matvec_out_rows), R rows a warp
+// (together where R > 1); the same bits.
+template <class T, int R>
+__global__ void __launch_bounds__(256, 3)
+    mv_engine(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
+              unsigned cols, unsigned row_bytes)
 {
-    matvec_stream<T>(w, x, y, rows, cols, row_bytes, chunk, gps, stages, 1, nullptr, nullptr, 0.0f, nullptr,
-                     nullptr, 0);
+    matvec_out_rows<T, R>(w, x, y, rows, cols, row_bytes);
 }
-template __global__ void mv_stream<Half16<true>>(const unsigned char* __restrict__, const float* __restrict__,
-                                                 float*, unsigned, unsigned, unsigned, unsigned, unsigned,
-                                                 unsigned);
-template __global__ void mv_stream<Q8_0>(const unsigned char* __restrict__, const float* __restrict__, float*,
-                                         unsigned, unsigned, unsigned, unsigned, unsigned, unsigned);
 
 #define VARIANTS(T, X)                                                                                     \
     X(T, 4, false, 1, 3) X(T, 8, true, 1, 3) X(T, 8, true, 1, 2) X(T, 4, false, 2, 3) X(T, 4, false, 4, 3) \
@@ -129,6 +122,11 @@ VARIANTS(Q8_0, INSTANTIATE)
     const unsigned char* __restrict__, const float* __restrict__, float*, unsigned, unsigned, unsigned);
 TOGETHER(Half16<true>, INSTANTIATE_T)
 TOGETHER(Q8_0, INSTANTIATE_T)
+#define ENGINE(T, X) X(T, 1) X(T, 2) X(T, 4)
+#define INSTANTIATE_E(T, R) template __global__ void mv_engine<T, R>( \
+    const unsigned char* __restrict__, const float* __restrict__, float*, unsigned, unsigned, unsigned);
+ENGINE(Half16<true>, INSTANTIATE_E)
+ENGINE(Q8_0, INSTANTIATE_E)
 
 #ifndef __CUDACC_RTC__  // host code: not for NVRTC, which builds the device code alone
 typedef void (*Kernel)(const unsigned char*, const float*, float*, unsigned, unsigned, unsigned);
@@ -137,11 +135,12 @@ struct Variant {
     const char* type;
     int b, tail, r, occ;
     Kernel k;
-    bool q8, together;
+    bool q8, together, engine;
 };
 
-#define ENTRY(T, B, TAIL, R, OCC) {#T, B, TAIL, R, OCC, mv_rows<T, B, TAIL, R, OCC>, !T::FLOAT, false},
-#define ENTRY_T(T, B, R, OCC) {#T, B, false, R, OCC, mv_together<T, B, R, OCC>, !T::FLOAT, true},
+#define ENTRY(T, B, TAIL, R, OCC) {#T, B, TAIL, R, OCC, mv_rows<T, B, TAIL, R, OCC>, !T::FLOAT, false, false},
+#define ENTRY_T(T, B, R, OCC) {#T, B, false, R, OCC, mv_together<T, B, R, OCC>, !T::FLOAT, true, false},
+#define ENTRY_E(T, R) {#T, R == 1 ? 4 : R == 2 ? 4 : 2, false, R, 3, mv_engine<T, R>, !T::FLOAT, R > 1, true},
 
 int main(int argc, char** argv)
 {
@@ -158,8 +157,9 @@ int main(int argc, char** argv)
         random_weights(w, pool, s);
         random_activations(x, 8192, s);
     }
-    const Variant variants[] = {VARIANTS(Half16<true>, ENTRY) TOGETHER(Half16<true>, ENTRY_T) VARIANTS(Q8_0, ENTRY)
-                                    TOGETHER(Q8_0, ENTRY_T)};
+    const Variant variants[] = {VARIANTS(Half16<true>, ENTRY) TOGETHER(Half16<true>, ENTRY_T)
+                                    ENGINE(Half16<true>, ENTRY_E) VARIANTS(Q8_0, ENTRY) TOGETHER(Q8_0, ENTRY_T)
+                                        ENGINE(Q8_0, ENTRY_E)};
     struct Shape {
         const char* name;
         unsigned rows, cols;
@@ -173,44 +173,8 @@ int main(int argc, char** argv)
         launch_pdl(v.k, dim3((warps + 7) / 8), dim3(256), 0, st, m, (const float*)x, y, sh.rows, sh.cols,
                    row_bytes(v, sh.cols));
     };
-    // matvec_stream as the engine lays it out (kernels.rs, StreamPlan::layout: whole rows of
-    // up to a stage's eighth, several groups a stage where a block takes many), by stages,
-    // stage bytes and blocks an SM.
-    int sms = 0;
-    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    struct Stream {
-        unsigned stages, stage_kib, per_sm;
-    };
-    const Stream streams[] = {{4, 17, 1}, {4, 17, 2}, {6, 17, 1}, {3, 34, 1}, {8, 8, 1}};
-    for (int q8 = 0; q8 < 2; ++q8) {
-        auto k = q8 ? mv_stream<Q8_0> : mv_stream<Half16<true>>;
-        CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 << 10));  // (static memory on top)
-    }
-    // Variant v of the stream over shape sh's rows at m (Q8_0 or BF16).
-    auto stream_launch = [&](bool q8, const Stream& v, const Shape& sh, const unsigned char* m) {
-        const unsigned rb = q8 ? sh.cols / 256 * 272 : sh.cols * 2, step = q8 ? 272 : 512;
-        const unsigned stage = v.stage_kib << 10, groups = (sh.rows + 7) / 8;
-        const unsigned blocks = v.per_sm * sms < groups ? v.per_sm * sms : groups;
-        const unsigned most = stage / 8 / step ? stage / 8 / step : 1, steps = (rb + step - 1) / step;
-        const unsigned n_chunks = (steps + most - 1) / most;
-        const unsigned per_stage = (steps + n_chunks - 1) / n_chunks * step;
-        const bool whole = rb <= per_stage;
-        const unsigned chunk = whole ? rb : per_stage;
-        unsigned gps = 1;
-        if (whole) {
-            const unsigned fit = stage / (8 * rb), cap = (groups + blocks - 1) / blocks;
-            gps = fit < cap ? fit : cap;
-            gps = gps ? gps : 1;
-        }
-        const unsigned smem = v.stages * (8 * gps * chunk + 8);
-        launch_pdl(q8 ? mv_stream<Q8_0> : mv_stream<Half16<true>>, dim3(blocks), dim3(256), smem, st, m,
-                   (const float*)x, y, sh.rows, sh.cols, rb, chunk, gps, v.stages);
-        return gps;
-    };
     if (profile) {
         for (const Variant& v : variants) launch(v, w, shapes[0]);
-        for (int q8 = 0; q8 < 2; ++q8)
-            for (const Stream& v : streams) stream_launch(q8, v, shapes[0], w);
         CK(cudaStreamSynchronize(st));
         return 0;
     }
@@ -229,7 +193,7 @@ int main(int argc, char** argv)
             // The first variant of a type is the reference for the bits.
             launch(v, w, sh);
             CK(cudaStreamSynchronize(st));
-            const bool first = v.b == 4 && v.r == 1 && v.occ == 3 && !v.together;
+            const bool first = v.b == 4 && v.r == 1 && v.occ == 3 && !v.together && !v.engine;
             bool eq = true;
             if (first) {
                 CK(cudaMemcpy(y0, y, sh.rows * 4, cudaMemcpyDeviceToDevice));
@@ -249,41 +213,8 @@ int main(int argc, char** argv)
             float ms;
             CK(cudaEventElapsedTime(&ms, e0, e1));
             printf("  %-14s %2d %5s %2d %8s %4d %10.1f %8.0f  %s\n", v.type, v.b, v.tail ? "yes" : "no", v.r,
-                   v.together ? "together" : "in turn", v.occ,
+                   v.engine ? (v.together ? "engine, together" : "engine") : v.together ? "together" : "in turn", v.occ,
                    ms * 1000 / iters, bytes * iters / ms / 1e6, first ? "reference" : eq ? "same" : "DIFFER");
-        }
-    }
-    for (const Shape& sh : shapes) {
-        printf("== %s, one token, matvec_stream: us a call (GB/s of weights)\n", sh.name);
-        for (int q8 = 0; q8 < 2; ++q8) {
-            // The reference bits: the first variant of the type, as above.
-            const Variant& ref = variants[q8 ? sizeof(variants) / sizeof(variants[0]) / 2 : 0];
-            launch(ref, w, sh);
-            CK(cudaStreamSynchronize(st));
-            std::vector<float> want(sh.rows), got(sh.rows);
-            CK(cudaMemcpy(want.data(), y, sh.rows * 4, cudaMemcpyDeviceToHost));
-            const size_t bytes = (size_t)sh.rows * (q8 ? sh.cols / 256 * 272 : sh.cols * 2);
-            const int copies = (int)(pool / bytes);
-            for (const Stream& v : streams) {
-                unsigned gps = 0;
-                auto go = [&](const unsigned char* m) { gps = stream_launch(q8, v, sh, m); };
-                go(w);
-                CK(cudaStreamSynchronize(st));
-                CK(cudaMemcpy(got.data(), y, sh.rows * 4, cudaMemcpyDeviceToHost));
-                const bool eq = memcmp(want.data(), got.data(), sh.rows * 4) == 0;
-                same = same && eq;
-                for (int i = 0; i < 3; ++i) go(w + (i % copies) * bytes);
-                const int iters = 40;
-                CK(cudaEventRecord(e0, st));
-                for (int i = 0; i < iters; ++i) go(w + (size_t)(i % copies) * bytes);
-                CK(cudaEventRecord(e1, st));
-                CK(cudaEventSynchronize(e1));
-                float ms;
-                CK(cudaEventElapsedTime(&ms, e0, e1));
-                printf("  %-14s stages %u of %2u KiB, %u groups a stage, %u blocks an SM %10.1f %8.0f  %s\n",
-                       q8 ? "Q8_0" : "Half16<true>", v.stages, v.stage_kib, gps, v.per_sm, ms * 1000 / iters,
-                       bytes * iters / ms / 1e6, eq ? "same" : "DIFFER");
-            }
         }
     }
     printf("every variant gives its type's reference bits: %s\n", same ? "yes" : "NO");

@@ -89,64 +89,70 @@ fn matvec_with_the_norm_fused_in_matches_the_cpu() {
     }
 }
 
-/// One-token products with their weights streamed through shared memory (`matvec_stream`)
-/// give `matvec`'s bits: every type, rows whole in a stage and in chunks, whole and partial
-/// groups of 8 rows and steps of 256 columns, with and without the residual, the norm and the
-/// next norm's input.
+/// One-token products whose rows a warp takes several together (`matvec_together`,
+/// `matvec_out_rows`) give the bits of one row a warp: every type (those whose rows never go
+/// together too), 2 and 4 rows a warp, rows in parts, a partial last group of rows and partial
+/// last steps, with and without the residual, the norm and the next norm's input, SwiGLU's
+/// interleaved rows and the output head's kernel.
 #[test]
-fn streamed_products_give_the_matvec_bits() {
-    let Some(device) = gpu("streamed_products_give_the_matvec_bits") else {
+fn rows_taken_together_give_the_bits_of_a_row_a_warp() {
+    let Some(device) = gpu("rows_taken_together_give_the_bits_of_a_row_a_warp") else {
         return;
     };
     let ops = OpHarness::new(&device).unwrap();
-    assert!(ops.set_streamed(false), "no bulk copies on this GPU");
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let mut rng = Rng(0x57e4);
+    let mut rng = Rng(0x70e7);
+    // Rows a warp: 4 (16,384 rows, and 16,387 with a last group of 3 and 2.25 steps a row);
+    // 2 (8,195 rows, a last group of 1; 2,048 rows of 8,192 columns in 4 parts); 1 (300).
+    let shapes = [
+        (16384, 256),
+        (16387, 576),
+        (8195, 512),
+        (2048, 8192),
+        (300, 2304),
+    ];
+    let both = |run: &dyn Fn() -> Vec<Vec<u32>>| {
+        ops.set_rows_together(false);
+        let apart = run();
+        ops.set_rows_together(true);
+        (run(), apart)
+    };
     for dtype in DType::ALL {
-        for (rows, cols) in [
-            (300, 256),
-            (300, 576),
-            (64, 2304),
-            (40, 8192),
-            (8, 2048),
-            (3, 512),
-        ] {
+        for (rows, cols) in shapes {
             if dtype.row_bytes(cols).is_none() {
                 continue;
             }
             let w = quantized(dtype, rows, cols, &mut rng);
             let (x, residual) = (rng.vec(cols), rng.vec(rows));
-            let run = |on| {
-                ops.set_streamed(on);
-                let plain = ops.matvec(dtype, rows, cols, &w, &x, None).unwrap();
-                let with = ops
-                    .matvec(dtype, rows, cols, &w, &x, Some(&residual))
-                    .unwrap();
-                ops.set_streamed(false);
-                (bits(&plain), bits(&with))
-            };
-            assert!(run(true) == run(false), "{dtype} {rows}x{cols}");
+            let (together, apart) = both(&|| {
+                vec![
+                    bits(&ops.matvec(dtype, rows, cols, &w, &x, None).unwrap()),
+                    bits(
+                        &ops.matvec(dtype, rows, cols, &w, &x, Some(&residual))
+                            .unwrap(),
+                    ),
+                    bits(&ops.matvec_out(dtype, rows, cols, &w, &x).unwrap()),
+                ]
+            });
+            assert!(together == apart, "{dtype} {rows}x{cols}");
         }
-    }
-    for (dtype, rows, cols) in [
-        (DType::Q4_1, 960, 576),
-        (DType::BF16, 3072, 2048),
-        (DType::Q8_0, 2048, 8192),
-    ] {
+        let (rows, cols) = (16384, 576);
+        if dtype.row_bytes(cols).is_none() {
+            continue;
+        }
         let w = quantized(dtype, rows, cols, &mut rng);
         let (g, g_next) = (rng.vec(cols), rng.vec(rows));
         let x: Vec<f32> = rng.vec(cols).iter().map(|v| v * 20.0).collect();
-        let run = |on| {
-            ops.set_streamed(on);
+        let (together, apart) = both(&|| {
             let (y, yg) = ops
                 .matvec_norm(dtype, rows, cols, &w, &x, &g, 1e-5, &g_next)
                 .unwrap();
-            ops.set_streamed(false);
-            (bits(&y), bits(&yg))
-        };
+            let glu = ops.matvec_glu(dtype, rows, cols, &w, &x).unwrap();
+            vec![bits(&y), bits(&yg), bits(&glu)]
+        });
         assert!(
-            run(true) == run(false),
-            "{dtype} {rows}x{cols} with the norm"
+            together == apart,
+            "{dtype} {rows}x{cols} with the norm and SwiGLU"
         );
     }
 }
@@ -380,39 +386,37 @@ fn the_persistent_decode_kernel_gives_the_kernel_by_kernel_bits() {
     });
 }
 
-/// One-token products streamed through shared memory (`matvec_stream`) and attention asking
-/// for its cached rows before its wait, each and together, keep the default kernels' logits,
-/// bit for bit, over the same models.
+/// One-token products taking several rows a warp and attention asking for its cached rows
+/// before its wait (both on by default), each off and both off, give the same logits, bit for
+/// bit, over the same models.
 #[test]
-fn streamed_products_and_early_attention_give_the_default_bits() {
-    let Some(device) = gpu("streamed_products_and_early_attention_give_the_default_bits") else {
+fn rows_together_and_early_attention_give_the_plain_kernels_bits() {
+    let Some(device) = gpu("rows_together_and_early_attention_give_the_plain_kernels_bits") else {
         return;
     };
     each_decode_model(&device, |shape_name, linear, model, cuda, p| {
-        assert!(
-            cuda.has_streamed_products(),
-            "{shape_name} {linear}: no bulk copies on this GPU"
-        );
-        let run = |products, early| {
-            cuda.set_streamed(products, early);
+        let run = |together, early| {
+            cuda.set_rows_together(together);
+            cuda.set_early_attention(early);
             let out = greedy(model, &mut model.new_session(p.len() + 40).unwrap(), p, 16);
-            cuda.set_streamed(false, false);
+            cuda.set_rows_together(true);
+            cuda.set_early_attention(true);
             out
         };
         let (plain, tokens) = run(false, false);
-        for (products, early) in [(true, false), (false, true), (true, true)] {
-            let (logits, t) = run(products, early);
-            assert_eq!(
-                t, tokens,
-                "{shape_name} {linear}, streamed {products}, early {early}"
-            );
-            assert!(
-                bits(&logits) == bits(&plain),
-                "{shape_name} {linear}, {} positions, streamed {products}, early attention \
-                 {early}: the logits differ",
-                p.len()
-            );
+        let mut failures = Vec::new();
+        for (together, early) in [(true, false), (false, true), (true, true)] {
+            let (logits, t) = run(together, early);
+            if t != tokens || bits(&logits) != bits(&plain) {
+                failures.push(format!("rows together {together}, early attention {early}"));
+            }
         }
+        assert!(
+            failures.is_empty(),
+            "{shape_name} {linear}, {} positions: the logits differ from the plain kernels' with {}",
+            p.len(),
+            failures.join("; ")
+        );
     });
 }
 

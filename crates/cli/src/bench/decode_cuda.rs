@@ -103,11 +103,12 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The engine's decode with the top logit from the GPU through the kernels that are off by
-/// default, against the default graph of kernels timed in `paths` in the same run: the layers
-/// in one persistent kernel (where the model has it); and where the GPU can stream one-token
-/// products' weights through shared memory, those, one-token attention asking for its cached
-/// rows before its wait, both, and then the default kernels again.
+/// The engine's decode with the top logit from the GPU through other kernels than the
+/// default ones, against the default graph of kernels timed in `paths` in the same run: the
+/// layers in one persistent kernel (where the model has it, off by default); one-token
+/// products with one row a warp, attention waiting before it reads its cached rows (the
+/// default takes several rows a warp and asks for the rows first), both, and then the default
+/// kernels again.
 fn compare_other_kernels(
     model: &Model,
     prompt: &[u32],
@@ -130,21 +131,24 @@ fn compare_other_kernels(
             (fused / graph - 1.0) * 100.0
         );
     }
-    if !cuda.has_streamed_products() {
-        return Ok(());
-    }
-    for (products, early, what) in [
-        (true, false, "products streamed through shared memory"),
-        (false, true, "attention's cached rows asked before its wait"),
-        (true, true, "both"),
-        (false, false, "the default kernels again"),
+    for (together, early, what) in [
+        (false, true, "one row a warp in one-token products"),
+        (
+            true,
+            false,
+            "attention waiting before it reads its cached rows",
+        ),
+        (false, false, "both"),
+        (true, true, "the default kernels again"),
     ] {
-        cuda.set_streamed(products, early);
+        cuda.set_rows_together(together);
+        cuda.set_early_attention(early);
         let tps = top_rate(model, prompt, b, context);
-        cuda.set_streamed(false, false);
+        cuda.set_rows_together(true);
+        cuda.set_early_attention(true);
         let tps = tps?;
         println!(
-            "engine, top logit on the GPU, {what} (off by default): {tps:.1} t/s against {graph:.1} t/s with the default kernels in this run: {:+.1}%",
+            "engine, top logit on the GPU, {what}: {tps:.1} t/s against {graph:.1} t/s with the default kernels in this run: {:+.1}%",
             (tps / graph - 1.0) * 100.0
         );
     }
@@ -189,20 +193,20 @@ fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()
         "one decode step, kernel by kernel (events between kernels, no graph; medians of 5):",
         &profile(gpu)?,
     );
-    if cuda.has_streamed_products() {
-        cuda.set_streamed(true, true);
-        let step = cuda.graph_step_us(gpu, 1, 5);
-        let runs = profile(gpu);
-        cuda.set_streamed(false, false);
-        println!(
-            "the same step with products streamed and attention's cached rows asked early, graph launched: {:.1} us",
-            step?
-        );
-        print_breakdown(
-            "the same step with products streamed and attention's cached rows asked early, kernel by kernel:",
-            &runs?,
-        );
-    }
+    cuda.set_rows_together(false);
+    cuda.set_early_attention(false);
+    let step = cuda.graph_step_us(gpu, 1, 5);
+    let runs = profile(gpu);
+    cuda.set_rows_together(true);
+    cuda.set_early_attention(true);
+    println!(
+        "the same step with one row a warp and attention waiting first, graph launched: {:.1} us",
+        step?
+    );
+    print_breakdown(
+        "the same step with one row a warp and attention waiting first, kernel by kernel:",
+        &runs?,
+    );
     if cuda.has_fused_decode() {
         cuda.set_fused_decode(true);
         let runs = profile(gpu);

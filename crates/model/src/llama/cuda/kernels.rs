@@ -87,6 +87,30 @@ fn matvec_parts(rows: usize, cols: usize) -> usize {
     parts
 }
 
+/// Rows a warp of `matvec` or `matvec_out` takes together for one token of `w` at `x`, in
+/// `parts` parts (`matvec.cuh`'s `matvec_together`; the same bits as one row a warp): 4, or 2,
+/// while the launch keeps at least [`TOGETHER_WARPS`] warps reading; 1 for several tokens,
+/// for formats whose loads would not fit the kernel's registers (`together_fits`), for float
+/// rows read by elements and for an x that is not 16-byte aligned.
+fn rows_together(w: &DevMatrix, parts: usize, n: u32, x: u64) -> u32 {
+    let fits = matches!(
+        w.dtype,
+        DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_1
+    );
+    if n != 1 || !fits || !w.cols.is_multiple_of(32) || !x.is_multiple_of(16) {
+        return 1;
+    }
+    let warps = w.rows as usize * parts;
+    [4, 2]
+        .into_iter()
+        .find(|r| warps / r >= TOGETHER_WARPS)
+        .unwrap_or(1) as u32
+}
+
+/// The fewest warps a one-token product keeps reading when its rows go together: about 1.3
+/// times an H100's resident warps at three blocks an SM.
+const TOGETHER_WARPS: usize = 4096;
+
 /// Most tokens one `mma_many` or `mma_ring` launch takes; more go in turns.
 pub const MMA_MAX_TOKENS: u32 = 64;
 /// Chunks (32 columns) a stage of `mma_ring`, and the stages in its ring.
@@ -312,6 +336,9 @@ impl Mma {
 pub struct Kernels {
     matvec: Vec<(DType, CudaFunction)>,
     matvec_out: Vec<(DType, CudaFunction)>,
+    /// `matvec` and `matvec_out` of one token with several rows a warp ([`rows_together`]).
+    matvec_rows: Vec<(DType, CudaFunction)>,
+    matvec_out_rows: Vec<(DType, CudaFunction)>,
     get_rows: Vec<(DType, CudaFunction)>,
     dequant_bf16: Vec<(DType, CudaFunction)>,
     rmsnorm: CudaFunction,
@@ -342,114 +369,16 @@ pub struct Kernels {
     pub decode_layers: Result<CudaFunction, String>,
     /// The tensor-core kernels, when the model's BF16 matrices are tiled for them.
     pub mma: Option<Mma>,
-    /// `matvec_stream_<t>` by type, how one-token products take it where the GPU has it
-    /// (Hopper and later), and whether they do (off by default; see `set_streamed`).
-    matvec_stream: Vec<(DType, CudaFunction)>,
-    stream: Option<StreamPlan>,
-    streamed: AtomicBool,
+    /// Whether one-token products take several rows a warp where they can (on by default;
+    /// see `set_rows_together`).
+    rows_together: AtomicBool,
     /// Whether one-token attention asks for its first split's cached rows before it waits
-    /// for the kernel before it (off by default; see `set_early_attention`).
+    /// for the kernel before it (on by default; see `set_early_attention`).
     early_attention: AtomicBool,
     /// Kernels launched so far (by every [`Launcher`] of the model).
     launches: AtomicU64,
     /// The weights the next product or attention launch asks into L2 (see [`Ahead`]).
     ahead: Mutex<Ahead>,
-}
-
-/// How `matvec_stream` takes a one-token product: its ring's stages and a stage's bytes (at
-/// most), and its blocks (an SM's share times the SMs).
-#[derive(Clone, Copy, Debug)]
-pub struct StreamPlan {
-    stages: u32,
-    stage_bytes: u32,
-    blocks: u32,
-}
-
-impl StreamPlan {
-    /// The plan on a GPU of `sms` SMs: [`STREAM_STAGES`] stages of [`STREAM_STAGE_BYTES`],
-    /// [`STREAM_BLOCKS_PER_SM`] blocks an SM.
-    fn new(sms: u32) -> StreamPlan {
-        StreamPlan {
-            stages: STREAM_STAGES,
-            stage_bytes: STREAM_STAGE_BYTES,
-            blocks: STREAM_BLOCKS_PER_SM * sms,
-        }
-    }
-
-    /// For `w`: the chunk of each row a stage holds (a multiple of the format's step and of
-    /// 16 bytes, or the whole row), the groups of 8 rows a stage holds (more than one where
-    /// rows are whole and short, as many as a block takes at most), and the dynamic shared
-    /// memory that takes; None where `w` cannot be streamed (rows the bulk copies cannot take
-    /// whole or in chunks, float rows read by elements).
-    fn layout(&self, w: &DevMatrix) -> Option<(u32, u32, u32)> {
-        // A 256-column step's bytes (every type's blocks divide 256 columns).
-        let step = w.dtype.row_bytes(256)? as u32;
-        let (rows, rb) = (w.rows, w.row_bytes);
-        if !w.cols.is_multiple_of(32) || !rb.is_multiple_of(8) {
-            return None;
-        }
-        // A row's steps in as few chunks as fit a stage, of as equal a size as whole steps allow.
-        let (most, steps) = ((self.stage_bytes / 8 / step).max(1), rb.div_ceil(step));
-        let per_stage = steps.div_ceil(steps.div_ceil(most)) * step;
-        let (chunk, gps) = if rb <= per_stage {
-            // The groups' rows as one run: whole groups, and a last group of whole 16 bytes;
-            // as many groups as fit a stage and a block takes.
-            if !(8 * rb).is_multiple_of(16) || !((rows % 8) * rb).is_multiple_of(16) {
-                return None;
-            }
-            let groups = rows.div_ceil(8);
-            let gps = (self.stage_bytes / (8 * rb))
-                .min(groups.div_ceil(self.blocks.min(groups)))
-                .max(1);
-            (rb, gps)
-        } else {
-            if !rb.is_multiple_of(16) || !per_stage.is_multiple_of(16) {
-                return None;
-            }
-            (per_stage, 1)
-        };
-        Some((chunk, gps, self.stages * (8 * gps * chunk + 8)))
-    }
-
-    /// The most dynamic shared memory a layout takes: every stage full, and its mbarrier.
-    fn most_shared(&self) -> u32 {
-        self.stages * (self.stage_bytes + 8)
-    }
-}
-
-/// `matvec_stream`'s ring: stages, and a stage's bytes at most (one group of 8 dealt Q8_0 rows
-/// of 2,048 columns, half of BF16's), and its blocks an SM.
-const STREAM_STAGES: u32 = 4;
-const STREAM_STAGE_BYTES: u32 = 17 << 10;
-const STREAM_BLOCKS_PER_SM: u32 = 1;
-
-/// How one-token products take `matvec_stream` on this GPU: None before Hopper (no bulk
-/// copies), else [`STREAM_STAGES`] stages of [`STREAM_STAGE_BYTES`], with the kernels given
-/// the shared memory the fullest ring takes ([`StreamPlan::most_shared`]).
-fn stream_plan(
-    ctx: &Arc<CudaContext>,
-    arch: u32,
-    kernels: &[(DType, CudaFunction)],
-) -> Result<Option<StreamPlan>, ModelError> {
-    if arch < 90 {
-        return Ok(None);
-    }
-    let attribute = |a| {
-        ctx.attribute(a)
-            .map_err(driver("reading the GPU's attributes"))
-    };
-    let sms = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
-    let plan = StreamPlan::new(sms as u32);
-    // What the ring takes at most; the kernels' own shared memory comes on top, so asking for
-    // the opt-in maximum itself is refused.
-    for (_, f) in kernels {
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            plan.most_shared() as i32,
-        )
-        .map_err(driver("giving the streaming products their shared memory"))?;
-    }
-    Ok(Some(plan))
 }
 
 /// Weights asked into L2 ahead of the kernel that reads them, as `common.cuh`'s `Ahead`:
@@ -543,20 +472,14 @@ fn cubin(file: &'static str, src: &str, arch: u32) -> Result<(Vec<u8>, bool), Mo
 }
 
 impl Kernels {
-    /// How one-token products may stream their weights (None before Hopper).
-    pub fn stream_plan(&self) -> Option<StreamPlan> {
-        self.stream
+    /// Whether one-token products take several rows a warp where they can.
+    pub fn rows_together(&self) -> bool {
+        self.rows_together.load(Ordering::Relaxed)
     }
 
-    /// Whether one-token products stream their weights through shared memory
-    /// (`matvec_stream`) where the GPU can: false where it cannot.
-    pub fn streamed(&self) -> bool {
-        self.stream.is_some() && self.streamed.load(Ordering::Relaxed)
-    }
-
-    /// Turns the streamed one-token products on or off (nothing where the GPU has none).
-    pub fn set_streamed(&self, on: bool) {
-        self.streamed.store(on, Ordering::Relaxed);
+    /// Turns that on or off (the same bits either way).
+    pub fn set_rows_together(&self, on: bool) {
+        self.rows_together.store(on, Ordering::Relaxed);
     }
 
     /// Whether one-token attention asks for its cached rows before its wait.
@@ -658,13 +581,14 @@ impl Kernels {
                 })
                 .collect::<Result<Vec<_>, ModelError>>()
         };
-        let matvec_stream = per_type("matvec_stream")?;
         Ok((
             Kernels {
                 launches: AtomicU64::new(0),
                 ahead: Mutex::new(Ahead::default()),
                 matvec: per_type("matvec")?,
                 matvec_out: per_type("matvec_out")?,
+                matvec_rows: per_type("matvec_rows")?,
+                matvec_out_rows: per_type("matvec_out_rows")?,
                 get_rows: per_type("get_rows")?,
                 dequant_bf16: per_type("dequant_bf16")?,
                 rmsnorm: get(0, "rmsnorm")?,
@@ -683,10 +607,8 @@ impl Kernels {
                 next_step: get(0, "next_step")?,
                 read_all: get(0, "read_all")?,
                 decode_layers,
-                stream: stream_plan(ctx, arch, &matvec_stream)?,
-                matvec_stream,
-                streamed: AtomicBool::new(false),
-                early_attention: AtomicBool::new(false),
+                rows_together: AtomicBool::new(true),
+                early_attention: AtomicBool::new(true),
                 mma: None,
                 attention_prefill: HEAD_DIMS
                     .iter()
@@ -1162,6 +1084,16 @@ impl Launcher<'_> {
         Ok(())
     }
 
+    /// The rows a warp of `matvec` takes together ([`rows_together`]), or 1 where the model
+    /// turned that off (see `Kernels::set_rows_together`).
+    fn together(&self, w: &DevMatrix, parts: usize, n: u32, x: u64) -> u32 {
+        if self.kernels.rows_together() {
+            rows_together(w, parts, n, x)
+        } else {
+            1
+        }
+    }
+
     /// `y[t] = (residual ? residual[t] : 0) + W x[t]` for `n` tokens, with `fuse`'s norms.
     #[allow(clippy::too_many_arguments)]
     pub fn matvec(
@@ -1181,8 +1113,29 @@ impl Launcher<'_> {
         } else {
             matvec_parts(w.rows as usize, w.cols as usize)
         };
-        if n == 1 && self.stream(w, x, y, residual, fuse, parts as u32)? {
-            return Ok(());
+        let rpw = self.together(w, parts, n, x);
+        if rpw > 1 {
+            let blocks = (w.rows as usize * parts).div_ceil(MATVEC_WARPS * rpw as usize) as u32;
+            let parts = parts as u32;
+            return launch!(
+                self,
+                find(&self.kernels.matvec_rows, w.dtype),
+                config((blocks, 1, 1), 256),
+                &w.ptr,
+                &x,
+                &y,
+                &w.rows,
+                &w.cols,
+                &w.row_bytes,
+                &residual,
+                &parts,
+                &norm_x,
+                &eps,
+                &g,
+                &yg,
+                &glu,
+                &rpw
+            );
         }
         let blocks = (w.rows as usize * parts).div_ceil(MATVEC_WARPS) as u32;
         let parts = parts as u32;
@@ -1207,54 +1160,6 @@ impl Launcher<'_> {
             &yg,
             &glu
         )
-    }
-
-    /// `matvec` of one token through `matvec_stream`, its rows summed as `matvec` sums them
-    /// in `parts` parts, where the model's plan takes `w` (see [`StreamPlan`]); false where it
-    /// does not, and nothing was launched.
-    fn stream(
-        &self,
-        w: &DevMatrix,
-        x: u64,
-        y: u64,
-        residual: u64,
-        fuse: Fuse,
-        parts: u32,
-    ) -> Result<bool, ModelError> {
-        let Some(plan) = self
-            .kernels
-            .stream
-            .filter(|_| self.kernels.streamed() && x.is_multiple_of(16))
-        else {
-            return Ok(false);
-        };
-        let Some((chunk, gps, smem)) = plan.layout(w) else {
-            return Ok(false);
-        };
-        let (norm_x, eps, g, yg, glu) = fuse.args();
-        let blocks = plan.blocks.min(w.rows.div_ceil(8));
-        launch!(
-            self,
-            find(&self.kernels.matvec_stream, w.dtype),
-            config_shared(blocks, 256, smem),
-            &w.ptr,
-            &x,
-            &y,
-            &w.rows,
-            &w.cols,
-            &w.row_bytes,
-            &chunk,
-            &gps,
-            &plan.stages,
-            &parts,
-            &residual,
-            &norm_x,
-            &eps,
-            &g,
-            &yg,
-            &glu
-        )?;
-        Ok(true)
     }
 
     /// One decode step's layers in one cooperative launch of `decode.cu`'s persistent
@@ -1284,14 +1189,27 @@ impl Launcher<'_> {
         unsafe { self.launch_with(f, cfg, attr, &mut args) }
     }
 
-    /// `y = W x` for one token, stored 8 rows at a time: the output head, whose `y` is often
-    /// host memory registered with the GPU.
+    /// `y = W x` for one token, stored 8 rows at a time (or 8 times the rows a warp takes
+    /// together): the output head, whose `y` is often host memory registered with the GPU.
     pub fn matvec_out(&self, w: &DevMatrix, x: u64, y: u64) -> Result<(), ModelError> {
         if let Some(mma) = self.tensor_cores_for(w) {
             return self.mma(mma, w, x, y, 1, w.cols, w.rows, 0, Fuse::default());
         }
-        if self.stream(w, x, y, 0, Fuse::default(), 1)? {
-            return Ok(());
+        let rpw = self.together(w, 1, 1, x);
+        if rpw > 1 {
+            let blocks = (w.rows as usize).div_ceil(MATVEC_WARPS * rpw as usize) as u32;
+            return launch!(
+                self,
+                find(&self.kernels.matvec_out_rows, w.dtype),
+                config((blocks, 1, 1), 256),
+                &w.ptr,
+                &x,
+                &y,
+                &w.rows,
+                &w.cols,
+                &w.row_bytes,
+                &rpw
+            );
         }
         let blocks = (w.rows as usize).div_ceil(MATVEC_WARPS) as u32;
         launch!(
@@ -1727,7 +1645,7 @@ impl Launcher<'_> {
 mod tests {
     use super::{
         DevMatrix, MATVEC_UNITS, MMA_MAX_TOKENS, MMA_RING_STAGES, MMA_WG16_STAGES, MMA_WG32_STAGES,
-        StreamPlan, matvec_parts, mma_fits, mma_many_smem, mma_parts, mma_ring_smem,
+        matvec_parts, mma_fits, mma_many_smem, mma_parts, mma_ring_smem, rows_together,
         splits_per_block,
     };
     use crate::quant::DType;
@@ -1825,61 +1743,38 @@ mod tests {
     }
 
     #[test]
-    fn streamed_stages_hold_whole_steps_of_eight_rows() {
-        let plan = StreamPlan {
-            stages: 4,
-            stage_bytes: 17 << 10,
-            blocks: 132,
-        };
-        let m = |dtype, rows, cols, row_bytes| DevMatrix {
+    fn rows_go_together_only_where_enough_warps_stay_reading() {
+        let m = |dtype: DType, rows, cols| DevMatrix {
             ptr: 0,
             dtype,
             rows,
             cols,
-            row_bytes,
+            row_bytes: dtype.row_bytes(cols as usize).unwrap() as u32,
             tiles: 0,
         };
-        // Llama-3.2-1B: BF16 rows of 2,048 columns in two chunks of four steps (8 rows, 16
-        // KiB); dealt Q8_0 rows (2,176 bytes) whole, a group's 8 rows one run; down's rows of
-        // 8,192 columns (8,704 bytes) in four chunks of 8 steps; 6,144 columns (6,528 bytes) in
-        // three; 2,304 columns (9 steps, 2,448 bytes) in two of 5 and 4 steps.
-        let stage = |chunk: u32| Some((chunk, 1, 4 * (8 * chunk + 8)));
-        assert_eq!(plan.layout(&m(DType::BF16, 16384, 2048, 4096)), stage(2048));
-        assert_eq!(plan.layout(&m(DType::Q8_0, 16384, 2048, 2176)), stage(2176));
-        assert_eq!(plan.layout(&m(DType::Q8_0, 2048, 8192, 8704)), stage(2176));
-        assert_eq!(plan.layout(&m(DType::Q8_0, 2048, 6144, 6528)), stage(2176));
-        assert_eq!(plan.layout(&m(DType::Q8_0, 64, 2304, 2448)), stage(5 * 272));
-        // SmolLM2-135M Q4_1: rows of 576 columns (360 bytes) whole, one group a stage where a
-        // block takes one group (Q/K/V: 120 groups on 132 blocks); the output head's 6,144
-        // groups, 47 a block at most, six a stage; a last group of 3 rows would not be whole
-        // 16 bytes.
-        assert_eq!(plan.layout(&m(DType::Q4_1, 960, 576, 360)), stage(360));
-        assert_eq!(
-            plan.layout(&m(DType::Q4_1, 49152, 576, 360)),
-            Some((360, 6, 4 * (8 * 6 * 360 + 8)))
-        );
-        assert_eq!(plan.layout(&m(DType::Q4_1, 963, 576, 360)), None);
-        // Float rows read by elements are not streamed.
-        assert_eq!(plan.layout(&m(DType::F32, 8, 100, 400)), None);
-        // Every layout of the GPU's plan within what the kernels ask the driver for, which
-        // leaves Hopper's 227 KiB a block room for their own shared memory.
-        let plan = StreamPlan::new(132);
-        for (dtype, rows, cols) in [
-            (DType::BF16, 16384, 2048),
-            (DType::BF16, 2048, 8192),
-            (DType::Q8_0, 2048, 8192),
-            (DType::Q4_1, 49152, 576),
-            (DType::Q4_1, 1536, 576),
-            (DType::F16, 576, 1536),
-        ] {
-            let rb = dtype.row_bytes(cols as usize).unwrap() as u32;
-            let (_, _, smem) = plan.layout(&m(dtype, rows, cols, rb)).unwrap();
-            assert!(
-                smem <= plan.most_shared(),
-                "{dtype:?} {rows}x{cols}: {smem}"
-            );
+        let r = |w: &DevMatrix, n, x| {
+            rows_together(w, matvec_parts(w.rows as usize, w.cols as usize), n, x)
+        };
+        // Llama-3.2-1B: gate/up (one part) and the head 4 rows a warp, down (4 parts) 2, Q/K/V
+        // and O one.
+        for t in [DType::BF16, DType::Q8_0] {
+            assert_eq!(rows_together(&m(t, 16384, 2048), 1, 1, 0), 4);
+            assert_eq!(rows_together(&m(t, 128_256, 2048), 1, 1, 0), 4);
+            assert_eq!(r(&m(t, 2048, 8192), 1, 0), 2);
+            assert_eq!(r(&m(t, 3072, 2048), 1, 0), 1);
+            assert_eq!(r(&m(t, 2048, 2048), 1, 0), 1);
         }
-        assert!(plan.most_shared() + (4 << 10) <= 227 << 10);
+        // SmolLM2-135M Q4_1: only the head.
+        assert_eq!(rows_together(&m(DType::Q4_1, 49152, 576), 1, 1, 0), 4);
+        assert_eq!(rows_together(&m(DType::Q4_1, 3072, 576), 1, 1, 0), 1);
+        // Several tokens, an unaligned x, formats whose loads do not fit, float rows read by
+        // elements: one.
+        let head = m(DType::BF16, 128_256, 2048);
+        assert_eq!(rows_together(&head, 1, 2, 0), 1);
+        assert_eq!(rows_together(&head, 1, 1, 4), 1);
+        assert_eq!(rows_together(&m(DType::Q6_K, 128_256, 2048), 1, 1, 0), 1);
+        assert_eq!(rows_together(&m(DType::F32, 128_256, 2048), 1, 1, 0), 1);
+        assert_eq!(rows_together(&m(DType::F16, 128_256, 2050), 1, 1, 0), 1);
     }
 
     #[test]

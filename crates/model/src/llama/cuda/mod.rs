@@ -310,24 +310,28 @@ impl CudaLlama {
         self.fused_on.store(on, Ordering::Relaxed);
     }
 
-    /// Whether the GPU can stream one-token products' weights through shared memory (Hopper
-    /// and later: `matvec_stream`).
-    pub fn has_streamed_products(&self) -> bool {
-        self.kernels.stream_plan().is_some()
+    /// Turns one-token attention's cached rows asked before its wait (on by default, the
+    /// same bits) on or off, so that the two can be compared; sessions capture their decode
+    /// graph again on their next step.
+    pub fn set_early_attention(&self, on: bool) {
+        self.kernels.set_early_attention(on);
     }
 
-    /// Turns the streamed one-token products (`matvec_stream`, the same bits as `matvec`) and
-    /// one-token attention's cached rows asked before its wait on or off, so that they can be
-    /// compared with the default kernels; sessions capture their decode graph again on their
-    /// next step.
-    pub fn set_streamed(&self, products: bool, early_attention: bool) {
-        self.kernels.set_streamed(products);
-        self.kernels.set_early_attention(early_attention);
+    /// What [`CudaLlama::set_early_attention`] set.
+    pub fn early_attention(&self) -> bool {
+        self.kernels.early_attention()
     }
 
-    /// What [`CudaLlama::set_streamed`] set: (products, early attention).
-    pub fn streamed(&self) -> (bool, bool) {
-        (self.kernels.streamed(), self.kernels.early_attention())
+    /// Turns one-token products' rows taken several a warp (on by default, the same bits) on
+    /// or off, so that the two can be compared; sessions capture their decode graph again on
+    /// their next step.
+    pub fn set_rows_together(&self, on: bool) {
+        self.kernels.set_rows_together(on);
+    }
+
+    /// What [`CudaLlama::set_rows_together`] set.
+    pub fn rows_together(&self) -> bool {
+        self.kernels.rows_together()
     }
 
     /// The persistent decode kernel, when decode steps take it.

@@ -116,7 +116,7 @@ pub struct CudaSession {
     graveyard: Arc<Mutex<Vec<Box<dyn Any + Send>>>>,
     stream: Arc<CudaStream>,
     /// The decode step's graph, the logits address it writes, and the kernels it runs (bit 0:
-    /// the layers in the persistent kernel; 1, 2: streamed products, early attention).
+    /// the layers in the persistent kernel; 1: early attention; 2: rows together).
     graph: Option<(Graph, u64, u8)>,
     /// The persistent decode kernel's share, when the model has that kernel.
     fused: Option<FusedSession>,
@@ -457,11 +457,11 @@ impl CudaSession {
     /// Launches the decode graph (for one token at the position and of the id in `step`),
     /// captured first if there is none for `logits` yet.
     fn launch_graph(&mut self, model: &CudaLlama, logits: u64) -> Result<(), ModelError> {
-        // The kernels the graph holds: the persistent one or not, streamed products and early
-        // attention or not.
-        let (streamed, early) = model.streamed();
-        let kinds =
-            u8::from(model.fused().is_some()) | u8::from(streamed) << 1 | u8::from(early) << 2;
+        // The kernels the graph holds: the persistent one or not, early attention or not, rows
+        // together or not.
+        let kinds = u8::from(model.fused().is_some())
+            | u8::from(model.early_attention()) << 1
+            | u8::from(model.rows_together()) << 2;
         if self
             .graph
             .as_ref()

@@ -30,11 +30,10 @@ impl OpHarness {
         Ok(OpHarness { stream, kernels })
     }
 
-    /// Whether one-token products stream their weights through shared memory (where the GPU
-    /// can: see `Kernels::set_streamed`); and whether it can.
-    pub fn set_streamed(&self, on: bool) -> bool {
-        self.kernels.set_streamed(on);
-        self.kernels.stream_plan().is_some()
+    /// Whether one-token products take several rows a warp where they can (see
+    /// `Kernels::set_rows_together`).
+    pub fn set_rows_together(&self, on: bool) {
+        self.kernels.set_rows_together(on);
     }
 
     fn up<T: DeviceRepr>(&self, v: &[T]) -> Result<(CudaSlice<T>, u64), ModelError> {
@@ -150,6 +149,44 @@ impl OpHarness {
             fuse,
         )?;
         Ok((self.down(&y)?, self.down(&yg)?))
+    }
+
+    /// `silu(gate) * up` for one token of `x`, `w` holding gate and up interleaved four rows
+    /// at a time (the MLP's fused matrix, `rows` of them): `rows / 2` outputs.
+    pub fn matvec_glu(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+    ) -> Result<Vec<f32>, ModelError> {
+        let (_w, m) = self.matrix(dtype, rows, cols, w)?;
+        let (_x, x_ptr) = self.up(x)?;
+        let (y, y_ptr) = self.up(&vec![f32::NAN; rows / 2])?;
+        let fuse = Fuse {
+            glu: true,
+            ..Fuse::default()
+        };
+        self.run()
+            .matvec(&m, x_ptr, y_ptr, 1, cols as u32, rows as u32, 0, fuse)?;
+        self.down(&y)
+    }
+
+    /// `W x` for one token through the output head's kernel (`matvec_out`).
+    pub fn matvec_out(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+    ) -> Result<Vec<f32>, ModelError> {
+        let (_w, m) = self.matrix(dtype, rows, cols, w)?;
+        let (_x, x_ptr) = self.up(x)?;
+        let (y, y_ptr) = self.up(&vec![f32::NAN; rows])?;
+        self.run().matvec_out(&m, x_ptr, y_ptr)?;
+        self.down(&y)
     }
 
     /// The `k` largest of `logits` as the GPU selects them (see [`crate::top`]).

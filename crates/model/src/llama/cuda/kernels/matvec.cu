@@ -23,16 +23,23 @@
         matvec_out_##NAME(const unsigned char* __restrict__ w, const float* __restrict__ x,          \
                           float* y, unsigned rows, unsigned cols, unsigned row_bytes)                \
     {                                                                                                \
-        matvec_out<T>(w, x, y, rows, cols, row_bytes);                                               \
+        matvec_out_rows<T, 1>(w, x, y, rows, cols, row_bytes);                                       \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(256)                                                \
-        matvec_stream_##NAME(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, \
-                             unsigned rows, unsigned cols, unsigned row_bytes, unsigned chunk,           \
-                             unsigned gps, unsigned stages, unsigned parts, const float* residual,       \
-                             const float* norm_x, float eps, const float* g, float* yg, unsigned glu)    \
+    extern "C" __global__ void __launch_bounds__(256, 3)                                             \
+        matvec_rows_##NAME(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, \
+                           unsigned rows, unsigned cols, unsigned row_bytes, const float* residual,   \
+                           unsigned parts, const float* norm_x, float eps, const float* g, float* yg, \
+                           unsigned glu, unsigned rpw)                                                \
     {                                                                                                \
-        matvec_stream<T>(w, x, y, rows, cols, row_bytes, chunk, gps, stages, parts, residual, norm_x, eps, \
-                         g, yg, glu);                                                                \
+        matvec_rows_of<T>(w, x, y, rows, cols, row_bytes, residual, parts, norm_x, eps, g, yg, glu,  \
+                          rpw);                                                                      \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256, 3)                                             \
+        matvec_out_rows_##NAME(const unsigned char* __restrict__ w, const float* __restrict__ x,     \
+                               float* y, unsigned rows, unsigned cols, unsigned row_bytes,           \
+                               unsigned rpw)                                                         \
+    {                                                                                                \
+        matvec_out_rows_of<T>(w, x, y, rows, cols, row_bytes, rpw);                                  \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(256)                                                \
         get_rows_##NAME(const unsigned char* __restrict__ w, const int* __restrict__ ids,            \

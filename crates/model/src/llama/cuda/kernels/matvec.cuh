@@ -5,8 +5,9 @@
 //                     (optionally with the RMSNorm before it and the next one's weights after
 //                     it fused in: see matvec below)
 //   matvec_out_<t>    y[r] = sum_c W[r][c] * x[c], one token, stored 8 rows at a time
-//   matvec_stream_<t> matvec (and matvec_out) of one token, the weights brought into shared
-//                     memory by bulk copies (sm_90): the same bits (see matvec_stream below)
+//   matvec_rows_<t>, matvec_out_rows_<t>
+//                     matvec and matvec_out of one token with 2 or 4 rows a warp (f16, bf16,
+//                     q8_0, q4_1): the same bits (see matvec_together)
 //   get_rows_<t>      out[i][c] = W[ids[i]][c]              (the token embedding lookup)
 //   dequant_bf16_<t>  out[r][c] = bf16(W[r][c])             (operands for prefill GEMMs)
 //
@@ -74,11 +75,14 @@
 // butterfly. No atomics, no dependence on timing or on the grid; a token's result does not
 // depend on how many tokens share the call.
 //
-// Geometry (all kernels): blockDim (256, 1, 1), no dynamic shared memory but matvec_stream's.
+// Geometry (all kernels): blockDim (256, 1, 1), no dynamic shared memory.
 //   matvec:       gridDim (ceil(rows * parts / 8)), parts in 1, 2, 4, 8; warp w of block b
 //                 takes part w % parts of row (8 / parts) b + w / parts.
-//   matvec_stream: any gridDim (the host's plan); block b takes rows 8 g .. 8 g + 7, warp w
-//                 row 8 g + w, for its run of groups g (see matvec_stream).
+//   matvec_rows:  (one token) gridDim (ceil(rows * parts / (8 rpw))), rpw (rows a warp takes
+//                 together) 2 or 4; warp w of block b takes part w % parts of rows
+//                 ((8 / parts) b + w / parts) rpw .. + rpw - 1.
+//   matvec_out:   gridDim (ceil(rows / 8)); matvec_out_rows: (ceil(rows / (8 rpw))), warp w of
+//                 block b rows (8 b + w) rpw .. + rpw - 1.
 //   get_rows:     gridDim (n); block i writes out row i.
 //   dequant_bf16: gridDim (rows); block r writes out row r.
 
@@ -131,51 +135,6 @@ __device__ __forceinline__ uint4 ld_u32x4(const unsigned char* p)
         : "l"(p));
     return v;
 }
-
-// Where a format's `load` reads its weights: device memory (the weight loads above), or
-// shared memory, where matvec_stream's bulk copies put them.
-struct GlobalWeights {
-    static __device__ __forceinline__ unsigned u8(const unsigned char* p) { return ld_u8(p); }
-    static __device__ __forceinline__ unsigned u16(const unsigned char* p) { return ld_u16(p); }
-    static __device__ __forceinline__ unsigned u32(const unsigned char* p) { return ld_u32(p); }
-    static __device__ __forceinline__ uint2 u32x2(const unsigned char* p) { return ld_u32x2(p); }
-    static __device__ __forceinline__ uint4 u32x4(const unsigned char* p) { return ld_u32x4(p); }
-};
-
-struct SharedWeights {
-    static __device__ __forceinline__ unsigned u8(const unsigned char* p)
-    {
-        unsigned short v;
-        asm volatile("ld.shared.u8 %0, [%1];" : "=h"(v) : "r"(smem_addr(p)));
-        return v;
-    }
-    static __device__ __forceinline__ unsigned u16(const unsigned char* p)
-    {
-        unsigned short v;
-        asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(smem_addr(p)));
-        return v;
-    }
-    static __device__ __forceinline__ unsigned u32(const unsigned char* p)
-    {
-        unsigned v;
-        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)));
-        return v;
-    }
-    static __device__ __forceinline__ uint2 u32x2(const unsigned char* p)
-    {
-        uint2 v;
-        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(smem_addr(p)));
-        return v;
-    }
-    static __device__ __forceinline__ uint4 u32x4(const unsigned char* p)
-    {
-        uint4 v;
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                     : "r"(smem_addr(p)));
-        return v;
-    }
-};
 
 __device__ __forceinline__ float f16_to_f32(unsigned bits)
 {
@@ -251,10 +210,9 @@ struct F32 {
     {
         return {row + 16 * l};
     }
-    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
-        return {M::u32x4(l.p + o), b_ok ? M::u32x4(l.p + o + 512) : make_uint4(0, 0, 0, 0)};
+        return {ld_u32x4(l.p + o), b_ok ? ld_u32x4(l.p + o + 512) : make_uint4(0, 0, 0, 0)};
     }
     static __device__ __forceinline__ void widen(const Raw& r, const Lane&, float (&u)[8],
                                                  float (&)[2])
@@ -288,10 +246,9 @@ struct Half16 {
     {
         return {row + 8 * l};
     }
-    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
-        return {M::u32x2(l.p + o), b_ok ? M::u32x2(l.p + o + 256) : make_uint2(0, 0)};
+        return {ld_u32x2(l.p + o), b_ok ? ld_u32x2(l.p + o + 256) : make_uint2(0, 0)};
     }
     static __device__ __forceinline__ void widen(const Raw& r, const Lane&, float (&u)[8],
                                                  float (&)[2])
@@ -324,14 +281,13 @@ struct Q8_0 {
     {
         return {row + 8 * l, row + 256 + 4 * (l >> 3), magic};
     }
-    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
         if (b_ok) {
-            const uint2 q = M::u32x2(l.q + o);
-            return {q.x, q.y, M::u32(l.d + o)};
+            const uint2 q = ld_u32x2(l.q + o);
+            return {q.x, q.y, ld_u32(l.d + o)};
         }
-        return {M::u32(l.q + o), 0, M::u32(l.d + o)};
+        return {ld_u32(l.q + o), 0, ld_u32(l.d + o)};
     }
     static __device__ __forceinline__ void widen(const Raw& r, const Lane& l, float (&u)[8],
                                                  float (&s)[2])
@@ -362,13 +318,12 @@ struct Q4_0 {
         const unsigned b = l >> 3, p = l & 7;
         return {row + 18 * b, row + 18 * b + 2 + 4 * (p & 3), magic, 4 * (p >> 2)};
     }
-    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
         const unsigned char *d = l.d + o, *q = l.q + o;
-        Raw r = {M::u16(d), M::u16(q), M::u16(q + 2), 0, 0, 0};
+        Raw r = {ld_u16(d), ld_u16(q), ld_u16(q + 2), 0, 0, 0};
         if (b_ok) {
-            r.db = M::u16(d + 72), r.b0 = M::u16(q + 72), r.b1 = M::u16(q + 74);
+            r.db = ld_u16(d + 72), r.b0 = ld_u16(q + 72), r.b1 = ld_u16(q + 74);
         }
         return r;
     }
@@ -401,13 +356,12 @@ struct Q4_1 {
         const unsigned b = l >> 3, p = l & 7;
         return {row + 20 * b, row + 20 * b + 4 + 4 * (p & 3), magic, 4 * (p >> 2)};
     }
-    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool b_ok)
     {
         const unsigned char *dm = l.dm + o, *q = l.q + o;
-        Raw r = {M::u32(dm), M::u32(q), 0, 0};
+        Raw r = {ld_u32(dm), ld_u32(q), 0, 0};
         if (b_ok) {
-            r.dmb = M::u32(dm + 80), r.b = M::u32(q + 80);
+            r.dmb = ld_u32(dm + 80), r.b = ld_u32(q + 80);
         }
         return r;
     }
@@ -446,10 +400,9 @@ struct Q4_K {
         const unsigned b = l >> 3, p = l & 7;
         return {row, row + 16 + 32 * (b >> 1) + 4 * p, magic, 8 * b, 4 * (b & 1)};
     }
-    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool)
     {
-        return {M::u32x4(l.head + o), M::u32(l.q + o), M::u32(l.q + o + 64)};
+        return {ld_u32x4(l.head + o), ld_u32(l.q + o), ld_u32(l.q + o + 64)};
     }
     static __device__ __forceinline__ void widen(const Raw& r, const Lane& l, float (&u)[8],
                                                  float (&)[2])
@@ -494,13 +447,12 @@ struct Q6_K {
                 4 * (b >> 1),
                 2 * b};
     }
-    template <class M = GlobalWeights>
     static __device__ __forceinline__ Raw load(const Lane& l, unsigned long long o, bool)
     {
         const unsigned char *ql = l.ql + o, *qh = l.qh + o, *sc = l.sc + o;
-        return {M::u16(ql),      M::u16(ql + 2),  M::u16(qh),      M::u16(qh + 2),
-                M::u8(sc),       M::u16(ql + 64), M::u16(ql + 66), M::u16(qh + 32),
-                M::u16(qh + 34), M::u8(sc + 8),   M::u16(l.d + o)};
+        return {ld_u16(ql),      ld_u16(ql + 2),  ld_u16(qh),      ld_u16(qh + 2),
+                ld_u8(sc),       ld_u16(ql + 64), ld_u16(ql + 66), ld_u16(qh + 32),
+                ld_u16(qh + 34), ld_u8(sc + 8),   ld_u16(l.d + o)};
     }
     static __device__ __forceinline__ unsigned six_bits(unsigned l0, unsigned l1, unsigned h0,
                                                         unsigned h1, const Lane& l)
@@ -824,6 +776,189 @@ __device__ __forceinline__ void row_part(unsigned cols, unsigned parts, unsigned
     c1 = c0 + per_part * 256 < cols ? c0 + per_part * 256 : cols;
 }
 
+// Rows a warp of `matvec` and `matvec_out` takes together for one token (the host's choice
+// by the matrix's shape, see kernels.rs's `rows_together`), and the steps whose loads a lane
+// of it issues before it uses the first (as many loads in flight as matvec_row's 4 at R = 2).
+template <int R>
+__device__ constexpr int together_batch()
+{
+    return R >= 4 ? 2 : 4;
+}
+
+// Whether a format's rows may go R > 1 a warp: where a step's loads take at most 16 bytes a
+// lane (f16, bf16, q8_0, q4_1), so that the rows' loads in flight fit matvec's 80 registers
+// (q6_k's 44 bytes spilled). kernels.rs's `rows_together` asks the same.
+template <class T>
+__device__ constexpr bool together_fits()
+{
+    return sizeof(typename T::Raw) <= 16;
+}
+
+// R consecutive rows (`row`, then every `row_bytes` on) of one token (x 16-byte aligned),
+// summed together: each step's loads of all R rows in flight at once, and each x value loaded
+// once for the R rows (x is most of what a row moves through L1). Each row is summed as
+// matvec_row<T, 1, true> sums it (its steps in column order, dot_values each, then warp_sum),
+// so the same bits; returns row i's sum in lane i < R.
+template <class T, int R>
+__device__ __forceinline__ float matvec_rows(const unsigned char* row, unsigned long long row_bytes,
+                                             const float* x, unsigned cols, unsigned lane,
+                                             unsigned magic)
+{
+    constexpr int BATCH = together_batch<R>();
+    const unsigned n_slices = slices_of<T>(cols), b = lane >> 3;
+    typename T::Lane l[R];
+    float acc[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        l[i] = T::lane(row + i * row_bytes, lane, magic);
+        acc[i] = 0.0f;
+    }
+    unsigned k = 0;
+    unsigned long long o = 0;
+    const float* xk = x + 4 * lane;
+    for (; 8 * (k + BATCH) <= n_slices; k += BATCH, o += BATCH * T::STEP, xk += 256 * BATCH) {
+        typename T::Raw raw[BATCH][R];
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                raw[j][i] = T::load(l[i], o + j * T::STEP, true);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            const float4 p = ld_x4<true>(xk + 256 * j), q = ld_x4<true>(xk + 256 * j + 128);
+            const float v[8] = {p.x, p.y, p.z, p.w, q.x, q.y, q.z, q.w};
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                float u[8], sc[2];
+                T::widen(raw[j][i], l[i], u, sc);
+                dot_values<T>(u, sc, v, true, acc[i]);
+            }
+        }
+    }
+    for (; 8 * k + b < n_slices; ++k, o += T::STEP, xk += 256) {
+        const bool b_ok = 8 * k + 4 + b < n_slices;
+        typename T::Raw raw[R];
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+            raw[i] = T::load(l[i], o, b_ok);
+        }
+        const float4 p = ld_x4<true>(xk), q = b_ok ? ld_x4<true>(xk + 128) : make_float4(0, 0, 0, 0);
+        const float v[8] = {p.x, p.y, p.z, p.w, q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+            float u[8], sc[2];
+            T::widen(raw[i], l[i], u, sc);
+            dot_values<T>(u, sc, v, b_ok, acc[i]);
+        }
+    }
+    float mine = 0.0f;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const float total = warp_sum(acc[i]);
+        if (lane == (unsigned)i) {
+            mine = total;
+        }
+    }
+    return mine;
+}
+
+// The sums of the warp's R rows first .. first + R - 1 (those below `rows`) over columns c0 ..
+// c1 into out[0 .. R) (0 where the run is empty): together where all R exist, else one after
+// another (the matrix's last rows).
+template <class T, int R>
+__device__ __forceinline__ void warp_rows(const unsigned char* w, const float* x, unsigned first,
+                                          unsigned rows, unsigned c0, unsigned c1,
+                                          unsigned row_bytes, unsigned lane, float* out)
+{
+    const unsigned char* row = w + (unsigned long long)first * row_bytes + bytes_of<T>(c0);
+    const unsigned magic = magic_2p23();
+    if (c1 <= c0 || first >= rows) {
+        if (lane < (unsigned)R) {
+            out[lane] = 0.0f;
+        }
+    } else if (first + R <= rows) {
+        const float mine = matvec_rows<T, R>(row, row_bytes, x + c0, c1 - c0, lane, magic);
+        if (lane < (unsigned)R) {
+            out[lane] = mine;
+        }
+    } else {
+        for (unsigned i = 0; i < (unsigned)R; ++i) {
+            if (first + i < rows) {
+                matvec_row<T, 1, true>(row + (unsigned long long)i * row_bytes, x + c0, nullptr, 0, c1 - c0, 1,
+                                       0, 0, nullptr, lane, magic, out + i);
+            }
+        }
+    }
+}
+
+// matvec of one token with R rows a warp (rows per block 8 R / parts): warp w of block b
+// takes part w % parts of rows (8 / parts * b + w / parts) R .. + R - 1, summed together
+// (warp_rows); the parts, the norm, the residual, the next norm's input and SwiGLU finish each
+// row as matvec does, so the same bits. x 16-byte aligned, rows read by steps (the host's
+// choice, see kernels.rs's `rows_together`). With glu, block b holds R groups of matvec's
+// 8 interleaved rows and writes y[4 (R b + g) + j].
+template <class T, int R>
+__device__ __forceinline__ void matvec_together(const unsigned char* __restrict__ w,
+                                                const float* __restrict__ x, float* y, unsigned rows,
+                                                unsigned cols, unsigned row_bytes, const float* residual,
+                                                unsigned parts, const float* __restrict__ norm_x, float eps,
+                                                const float* __restrict__ g, float* __restrict__ yg,
+                                                unsigned glu)
+{
+    __shared__ float s_part[8][R];  // [warp][row of the warp]
+    __shared__ float s_scale;
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % parts;
+    const unsigned first = (blockIdx.x * (8 / parts) + warp / parts) * R;
+    unsigned c0, c1;
+    row_part<T>(cols, parts, part, c0, c1);
+    for (unsigned i = 0; i < (unsigned)R && first + i < rows && c1 > c0; ++i) {
+        prefetch_weights(w + (unsigned long long)(first + i) * row_bytes + bytes_of<T>(c0), bytes_of<T>(c1 - c0),
+                         lane);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    if (norm_x && warp == 0) {
+        const float scale = rms_scale<true>(norm_x, cols, eps, lane);
+        if (lane == 0) {
+            s_scale = scale;
+        }
+    }
+    warp_rows<T, R>(w, x, first, rows, c0, c1, row_bytes, lane, s_part[warp]);
+    __syncthreads();
+    const unsigned r = first + lane;
+    if (part == 0 && lane < (unsigned)R && r < rows) {
+        float total = 0.0f;
+        for (unsigned k = 0; k < parts; ++k) {
+            total += s_part[warp + k][lane];
+        }
+        if (norm_x) {
+            total *= s_scale;
+        }
+        if (glu) {
+            s_part[warp][lane] = total;  // parts == 1: the warp's own slot
+        } else {
+            const float v = (residual ? residual[r] : 0.0f) + total;
+            y[r] = v;
+            if (g) {
+                yg[r] = v * g[r];
+            }
+        }
+    }
+    if (glu) {
+        __syncthreads();
+        // Thread t < 4 R: group t / 4's gate and up rows t % 4 (block rows 8 (t / 4) + t % 4
+        // and 4 on), in s_part's order of block rows.
+        const unsigned t = threadIdx.x, base = blockIdx.x * 8 * R;
+        if (t < 4 * (unsigned)R && base + 8 * (t / 4) + 4 + t % 4 < rows) {
+            const float* rows_of_block = &s_part[0][0];
+            const float gate = rows_of_block[8 * (t / 4) + t % 4], up = rows_of_block[8 * (t / 4) + 4 + t % 4];
+            y[4 * blockIdx.x * R + t] = gate / (1.0f + expf(-gate)) * up;
+        }
+    }
+}
+
 // Split rows: with `parts` > 1, the `parts` warps of a row each take an equal run of its
 // 256-column steps (the last one the rest), and the row's sum is their partial sums added
 // in part order, so the result still depends only on the row's length, never on timing.
@@ -1041,26 +1176,30 @@ __device__ __forceinline__ void dequant_bf16(const unsigned char* __restrict__ w
         [&](unsigned c, float v) { o[c] = (unsigned short)f32_to_bf16(v); });
 }
 
-// The output head for one token: as matvec, but the block's 8 results are gathered in
-// shared memory and stored by 8 adjacent threads at once. The logits often go straight into
+// The output head for one token: as matvec, but the block's 8 R results are gathered in
+// shared memory and stored by 8 R adjacent threads at once. The logits often go straight into
 // host memory registered with the GPU (an actor's buffer), where one 4-byte store per warp
-// would each cross the bus on its own. Same arithmetic as matvec, so the same bits.
-template <class T>
-__device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
-                                           const float* __restrict__ x, float* y, unsigned rows,
-                                           unsigned cols, unsigned row_bytes)
+// would each cross the bus on its own. A warp takes R rows together (warp_rows) where R > 1
+// (x 16-byte aligned, rows read by steps: the host's choice). Same arithmetic as matvec, so
+// the same bits.
+template <class T, int R>
+__device__ __forceinline__ void matvec_out_rows(const unsigned char* __restrict__ w,
+                                                const float* __restrict__ x, float* y, unsigned rows,
+                                                unsigned cols, unsigned row_bytes)
 {
-    __shared__ float s_y[8];
-    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = blockIdx.x * 8 + warp;
-    if (r < rows) {
-        prefetch_weights(w + (unsigned long long)r * row_bytes, row_bytes, lane);
+    __shared__ float s_y[8 * R];
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, first = (blockIdx.x * 8 + warp) * R;
+    for (unsigned i = 0; i < (unsigned)R && first + i < rows; ++i) {
+        prefetch_weights(w + (unsigned long long)(first + i) * row_bytes, row_bytes, lane);
     }
     pdl_wait();
     pdl_launch_dependents();
-    if (r < rows) {
+    if (R > 1) {
+        warp_rows<T, R>(w, x, first, rows, 0, cols, row_bytes, lane, s_y + warp * R);
+    } else if (first < rows) {
         // Row r's result lands in s_y[warp]: the kernels index their output by the row
         // number they are given, and only the output.
-        const unsigned char* row = w + (unsigned long long)r * row_bytes;
+        const unsigned char* row = w + (unsigned long long)first * row_bytes;
         bool done = false;
         if constexpr (T::FLOAT) {
             if (by_elements<T>(row, cols)) {
@@ -1077,241 +1216,45 @@ __device__ __forceinline__ void matvec_out(const unsigned char* __restrict__ w,
         }
     }
     __syncthreads();
-    const unsigned i = blockIdx.x * 8 + threadIdx.x;
-    if (threadIdx.x < 8 && i < rows) {
+    const unsigned i = blockIdx.x * 8 * R + threadIdx.x;
+    if (threadIdx.x < 8 * (unsigned)R && i < rows) {
         y[i] = s_y[threadIdx.x];
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// matvec_stream: one token, the weights streamed through shared memory
-// ---------------------------------------------------------------------------------------
-
-// matvec for one token (x 16-byte aligned) with each block's weights brought into a
-// ring of `stages` stages in shared memory by Hopper's bulk copies, the first stages
-// requested before the wait for the kernel before (nothing writes weights), so that HBM streams
-// this product's weights while that kernel finishes, and a block keeps many kilobytes in
-// flight without registers to hold them. Rows go in groups of 8, warp w taking row w of
-// each: block b takes groups [b G / grid, (b + 1) G / grid) in order. A stage holds either
-// `gps` whole groups (rows of at most `chunk` bytes: the groups' rows as one run), or one
-// group's next `chunk` bytes of each row (a multiple of T::STEP and of 16 bytes; row_bytes
-// then a multiple of 16). A warp takes a whole row, but sums it as matvec sums a row of
-// `parts` parts (its warps' runs of steps, each lane's steps in column order, each part
-// reduced by the warp, the parts added in part order), so a row's result has matvec's bits;
-// the finishing (norm, residual, the next norm's input, SwiGLU) is matvec's too, and a group's
-// outputs are stored by adjacent threads (as matvec_out stores them: y may be host memory
-// registered with the GPU). Dynamic shared memory: stages * (8 * gps * chunk + 8) bytes (the
-// ring, then an mbarrier a stage). sm_90 and later.
-
-// Steps of 256 columns whose x values matvec_stream keeps in registers (whole rows of up to
-// 2,048 columns).
-#define STREAM_X_STEPS 8
+// matvec_together of `rpw` (2 or 4) rows a warp, and matvec_out_rows likewise: kernels of
+// their own (matvec.cu's matvec_rows_<t> and matvec_out_rows_<t>), so that matvec's and
+// matvec_out's one row a warp keep their own registers. Nothing for the formats whose rows
+// do not go together (never launched).
+template <class T>
+__device__ __forceinline__ void matvec_rows_of(const unsigned char* __restrict__ w, const float* __restrict__ x,
+                                               float* y, unsigned rows, unsigned cols, unsigned row_bytes,
+                                               const float* residual, unsigned parts,
+                                               const float* __restrict__ norm_x, float eps,
+                                               const float* __restrict__ g, float* __restrict__ yg, unsigned glu,
+                                               unsigned rpw)
+{
+    if constexpr (together_fits<T>()) {
+        if (rpw == 4) {
+            matvec_together<T, 4>(w, x, y, rows, cols, row_bytes, residual, parts, norm_x, eps, g, yg, glu);
+        } else {
+            matvec_together<T, 2>(w, x, y, rows, cols, row_bytes, residual, parts, norm_x, eps, g, yg, glu);
+        }
+    }
+}
 
 template <class T>
-__device__ __forceinline__ void matvec_stream(const unsigned char* __restrict__ w, const float* __restrict__ x,
-                                              float* y, unsigned rows, unsigned cols, unsigned row_bytes,
-                                              unsigned chunk, unsigned gps, unsigned stages, unsigned parts,
-                                              const float* residual, const float* __restrict__ norm_x,
-                                              float eps, const float* __restrict__ g,
-                                              float* __restrict__ yg, unsigned glu)
+__device__ __forceinline__ void matvec_out_rows_of(const unsigned char* __restrict__ w,
+                                                   const float* __restrict__ x, float* y, unsigned rows,
+                                                   unsigned cols, unsigned row_bytes, unsigned rpw)
 {
-#if __CUDA_ARCH__ >= 900
-    const unsigned R = stages;
-    extern __shared__ __align__(128) unsigned char ring[];
-    __shared__ float s_out[2][8];  // by group parity: a group's outputs are read while the next's land
-    __shared__ float s_scale;
-    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, b = lane >> 3;
-    const unsigned groups = (rows + 7) / 8;
-    const unsigned g0 = (unsigned)((unsigned long long)blockIdx.x * groups / gridDim.x);
-    const unsigned g1 = (unsigned)((unsigned long long)(blockIdx.x + 1) * groups / gridDim.x);
-    const bool whole = row_bytes <= chunk;
-    const unsigned per_row = whole ? 1 : (row_bytes + chunk - 1) / chunk;  // chunks a row
-    const unsigned per_stage = whole ? gps : 1;                              // groups a stage
-    const unsigned stride = whole ? row_bytes : chunk;  // bytes from one row of a stage to the next
-    const unsigned stage_bytes = 8 * per_stage * stride;
-    // Unit u: groups g0 + (u / per_row) per_stage .. (per_stage of them), chunk u % per_row.
-    const unsigned units = (g1 - g0 + per_stage - 1) / per_stage * per_row;
-    unsigned long long* bars = (unsigned long long*)(ring + R * stage_bytes);
-    auto slot = [&](unsigned u) { return ring + (u % R) * stage_bytes; };
-    auto first_group = [&](unsigned u) { return g0 + u / per_row * per_stage; };
-    auto rows_from = [&](unsigned grp) {  // rows of groups grp .. of the unit
-        const unsigned ng = g1 - grp < per_stage ? g1 - grp : per_stage;
-        return rows - 8 * grp < 8 * ng ? rows - 8 * grp : 8 * ng;
-    };
-    auto fetch = [&](unsigned u) {
-        if (threadIdx.x != 0 || u >= units) {
-            return;
-        }
-        const unsigned grp = first_group(u), n_rows = rows_from(grp);
-        const unsigned char* src = w + (unsigned long long)8 * grp * row_bytes;
-        if (whole) {
-            bar_expect(&bars[u % R], n_rows * row_bytes);
-            bulk_copy(slot(u), src, n_rows * row_bytes, &bars[u % R]);
+    if constexpr (together_fits<T>()) {
+        if (rpw == 4) {
+            matvec_out_rows<T, 4>(w, x, y, rows, cols, row_bytes);
         } else {
-            const unsigned o = u % per_row * chunk, bytes = row_bytes - o < chunk ? row_bytes - o : chunk;
-            bar_expect(&bars[u % R], n_rows * bytes);
-            for (unsigned i = 0; i < n_rows; ++i) {
-                bulk_copy(slot(u) + i * stride, src + (unsigned long long)i * row_bytes + o, bytes, &bars[u % R]);
-            }
-        }
-    };
-    if (threadIdx.x == 0) {
-        for (unsigned i = 0; i < R; ++i) {
-            bar_init(&bars[i]);
-        }
-        bar_init_fence();
-    }
-    __syncthreads();
-    for (unsigned u = 0; u < R; ++u) {
-        fetch(u);
-    }
-    pdl_wait();
-    pdl_launch_dependents();
-    if (norm_x && warp == 0) {
-        const float scale = rms_scale<true>(norm_x, cols, eps, lane);
-        if (lane == 0) {
-            s_scale = scale;
+            matvec_out_rows<T, 2>(w, x, y, rows, cols, row_bytes);
         }
     }
-    const unsigned magic = magic_2p23(), n_slices = slices_of<T>(cols);
-    const unsigned steps = chunk / T::STEP;  // whole steps a chunk
-    // A row's sum as matvec makes it of `parts` parts (matvec_parts; 1 for SwiGLU and the output
-    // head): each part's steps summed from zero and reduced by the warp, the parts added in
-    // part order to `total`, which starts at zero (empty parts add zero). edge(k), before step
-    // k (warp-uniform; a row's steps come in increasing order), closes the part before it where
-    // the next part starts there.
-    const unsigned row_steps = (cols + 255) / 256, per_part = (row_steps + parts - 1) / parts;
-    float acc[1] = {0.0f}, total = 0.0f;
-    unsigned next_part = per_part;  // the step the row's next part starts at
-    auto edge = [&](unsigned k) {
-        if (k == next_part) {
-            total += warp_sum(acc[0]);
-            acc[0] = 0.0f;
-            next_part += per_part;
-        }
-    };
-    // Steps k0 .. k1 - 1 of a row from its bytes at `from` (step k0's first byte).
-    auto sum_steps = [&](const unsigned char* from, unsigned k0, unsigned k1) {
-        const typename T::Lane l = T::lane(from, lane, magic);
-        const unsigned full = k1 < n_slices / 8 ? k1 : n_slices / 8;  // whole steps end
-        unsigned k = k0;
-#pragma unroll 8
-        for (; k < full; ++k) {
-            edge(k);
-            const typename T::Raw raw =
-                T::template load<SharedWeights>(l, (unsigned long long)(k - k0) * T::STEP, true);
-            dot_step<T, 1, true>(raw, l, x + 256 * k + 4 * lane, cols, 1, true, acc);
-        }
-        for (; k < k1 && 8 * k < n_slices; ++k) {
-            edge(k);
-            if (8 * k + b < n_slices) {
-                const bool b_ok = 8 * k + 4 + b < n_slices;
-                const typename T::Raw raw =
-                    T::template load<SharedWeights>(l, (unsigned long long)(k - k0) * T::STEP, b_ok);
-                dot_step<T, 1, true>(raw, l, x + 256 * k + 4 * lane, cols, 1, b_ok, acc);
-            }
-        }
-    };
-    // Whole rows of up to STREAM_X_STEPS steps: the lane's x values of every step loaded once
-    // (each warp's lanes take the same columns of every row), as dot_step loads them, and the
-    // rows summed from registers: x, not the weights, is most of what a row moves through L1.
-    constexpr unsigned XS = STREAM_X_STEPS;
-    const bool keep_x = whole && (n_slices + 7) / 8 <= XS;
-    float xr[XS][8];
-#pragma unroll
-    for (unsigned k = 0; k < XS; ++k) {
-        const bool a_ok = keep_x && 8 * k + b < n_slices, b_ok = keep_x && 8 * k + 4 + b < n_slices;
-        const float* xs = x + 256 * k + 4 * lane;
-        const float4 p = a_ok ? ld_x4<true>(xs) : make_float4(0, 0, 0, 0);
-        const float4 q = b_ok ? ld_x4<true>(xs + 128) : make_float4(0, 0, 0, 0);
-        xr[k][0] = p.x, xr[k][1] = p.y, xr[k][2] = p.z, xr[k][3] = p.w;
-        xr[k][4] = q.x, xr[k][5] = q.y, xr[k][6] = q.z, xr[k][7] = q.w;
-    }
-    // A whole row from `from` with x from xr: dot_step's arithmetic.
-    auto sum_kept = [&](const unsigned char* from) {
-        const typename T::Lane l = T::lane(from, lane, magic);
-#pragma unroll
-        for (unsigned k = 0; k < XS; ++k) {
-            if (8 * k < n_slices) {
-                edge(k);
-                if (8 * k + b < n_slices) {
-                    const bool b_ok = 8 * k + 4 + b < n_slices;
-                    float u[8], s[2];
-                    T::widen(T::template load<SharedWeights>(l, (unsigned long long)k * T::STEP, b_ok), l, u,
-                             s);
-                    dot_values<T>(u, s, xr[k], b_ok, acc[0]);
-                }
-            }
-        }
-    };
-    // Group grp's rows are summed (warp w's last part in acc, the rest in total): matvec's
-    // finish (finish_row's, then the block's) for one token, then the outputs stored.
-    auto finish = [&](unsigned grp) {
-        const unsigned r = 8 * grp + warp;
-        float* out = s_out[grp & 1];
-        total += warp_sum(acc[0]);
-        for (unsigned p = (row_steps + per_part - 1) / per_part; p < parts; ++p) {
-            total += 0.0f;
-        }
-        acc[0] = 0.0f;
-        next_part = per_part;
-        if (lane == 0 && r < rows) {
-            if (norm_x) {
-                total *= s_scale;
-            }
-            if (glu) {
-                out[warp] = total;
-            } else {
-                const float v = (residual ? residual[r] : 0.0f) + total;
-                out[warp] = v;
-                if (g) {
-                    yg[r] = v * g[r];
-                }
-            }
-        }
-        __syncthreads();
-        const unsigned t = threadIdx.x;
-        if (glu) {
-            if (t < 4 && 8 * grp + t < rows) {
-                const float gate = out[t], up = out[t + 4];
-                y[4 * grp + t] = gate / (1.0f + expf(-gate)) * up;
-            }
-        } else if (t < 8 && 8 * grp + t < rows) {
-            y[8 * grp + t] = out[t];
-        }
-        total = 0.0f;
-    };
-    for (unsigned u = 0; u < units; ++u) {
-        bar_wait(&bars[u % R], (u / R) & 1);
-        const unsigned grp0 = first_group(u);
-        if (whole) {
-            // The stage's groups one after another, each row from its first step.
-            const unsigned ng = g1 - grp0 < per_stage ? g1 - grp0 : per_stage;
-            for (unsigned j = 0; j < ng; ++j) {
-                if (8 * (grp0 + j) + warp < rows) {
-                    if (keep_x) {
-                        sum_kept(slot(u) + (8 * j + warp) * stride);
-                    } else {
-                        sum_steps(slot(u) + (8 * j + warp) * stride, 0, (n_slices + 7) / 8);
-                    }
-                }
-                finish(grp0 + j);  // its barrier also tells that every warp is done with the slot
-            }
-            fetch(u + R);
-        } else {
-            const unsigned c = u % per_row;
-            if (8 * grp0 + warp < rows) {
-                sum_steps(slot(u) + warp * stride, c * steps, c * steps + steps);
-            }
-            // Every warp is done with the slot before it is filled again.
-            __syncthreads();
-            fetch(u + R);
-            if (c + 1 == per_row) {
-                finish(grp0);
-            }
-        }
-    }
-#endif
 }
 
 #endif  // TERN_MATVEC_CUH
