@@ -913,9 +913,10 @@ __device__ __forceinline__ void matvec_together(const unsigned char* __restrict_
     const unsigned first = (blockIdx.x * (8 / parts) + warp / parts) * R;
     unsigned c0, c1;
     row_part<T>(cols, parts, part, c0, c1);
-    for (unsigned i = 0; i < (unsigned)R && first + i < rows && c1 > c0; ++i) {
-        prefetch_weights(w + (unsigned long long)(first + i) * row_bytes + bytes_of<T>(c0), bytes_of<T>(c1 - c0),
-                         lane);
+    // Only the first row's run asked ahead, as for one row a warp: more lines asked early
+    // are evicted before the warp reads them.
+    if (first < rows && c1 > c0) {
+        prefetch_weights(w + (unsigned long long)first * row_bytes + bytes_of<T>(c0), bytes_of<T>(c1 - c0), lane);
     }
     pdl_wait();
     pdl_launch_dependents();
@@ -1189,8 +1190,8 @@ __device__ __forceinline__ void matvec_out_rows(const unsigned char* __restrict_
 {
     __shared__ float s_y[8 * R];
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, first = (blockIdx.x * 8 + warp) * R;
-    for (unsigned i = 0; i < (unsigned)R && first + i < rows; ++i) {
-        prefetch_weights(w + (unsigned long long)(first + i) * row_bytes, row_bytes, lane);
+    if (first < rows) {
+        prefetch_weights(w + (unsigned long long)first * row_bytes, row_bytes, lane);  // (see matvec_together)
     }
     pdl_wait();
     pdl_launch_dependents();
