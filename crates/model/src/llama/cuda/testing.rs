@@ -161,16 +161,13 @@ impl OpHarness {
         w: &[u8],
         x: &[f32],
     ) -> Result<Vec<f32>, ModelError> {
-        let (_w, m) = self.matrix(dtype, rows, cols, w)?;
-        let (_x, x_ptr) = self.up(x)?;
-        let (y, y_ptr) = self.up(&vec![f32::NAN; rows / 2])?;
         let fuse = Fuse {
             glu: true,
             ..Fuse::default()
         };
-        self.run()
-            .matvec(&m, x_ptr, y_ptr, 1, cols as u32, rows as u32, 0, fuse)?;
-        self.down(&y)
+        self.one_token(dtype, (rows, cols), w, x, rows / 2, |run, m, x, y| {
+            run.matvec(m, x, y, 1, cols as u32, rows as u32, 0, fuse)
+        })
     }
 
     /// `W x` for one token through the output head's kernel (`matvec_out`).
@@ -182,10 +179,26 @@ impl OpHarness {
         w: &[u8],
         x: &[f32],
     ) -> Result<Vec<f32>, ModelError> {
+        self.one_token(dtype, (rows, cols), w, x, rows, |run, m, x, y| {
+            run.matvec_out(m, x, y)
+        })
+    }
+
+    /// `launch(matrix, x, y)` over `w` (a `dtype` matrix of `shape`) and `x` uploaded, and
+    /// `outputs` floats of y (NaN before), downloaded after.
+    fn one_token(
+        &self,
+        dtype: DType,
+        (rows, cols): (usize, usize),
+        w: &[u8],
+        x: &[f32],
+        outputs: usize,
+        launch: impl FnOnce(&Launcher<'_>, &DevMatrix, u64, u64) -> Result<(), ModelError>,
+    ) -> Result<Vec<f32>, ModelError> {
         let (_w, m) = self.matrix(dtype, rows, cols, w)?;
         let (_x, x_ptr) = self.up(x)?;
-        let (y, y_ptr) = self.up(&vec![f32::NAN; rows])?;
-        self.run().matvec_out(&m, x_ptr, y_ptr)?;
+        let (y, y_ptr) = self.up(&vec![f32::NAN; outputs])?;
+        launch(&self.run(), &m, x_ptr, y_ptr)?;
         self.down(&y)
     }
 
