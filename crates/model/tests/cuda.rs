@@ -102,13 +102,17 @@ fn rows_taken_together_give_the_bits_of_a_row_a_warp() {
     let ops = OpHarness::new(&device).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let mut rng = Rng(0x70e7);
-    // Rows a warp: 4 (16,384 rows, and 16,387 with a last group of 3 and 2.25 steps a row);
-    // 2 (8,195 rows, a last group of 1; 2,048 rows of 8,192 columns in 4 parts); 1 (300).
+    // Rows a warp (`rows_together`): 4 (16,384 rows, and 16,387 with a last group of 3 and
+    // 2.25 steps a row); 2, or 4 with fewer warps kept reading (8,195 rows, a last group of 1
+    // or 3; 2,048 rows of 8,192 columns in 4 parts); 1, or 2 with fewer (5,003 rows; 2,048 of
+    // 2,048 columns in 2 parts); 1 (300).
     let shapes = [
         (16384, 256),
         (16387, 576),
         (8195, 512),
         (2048, 8192),
+        (5003, 512),
+        (2048, 2048),
         (300, 2304),
     ];
     let both = |run: &dyn Fn() -> Vec<Vec<u32>>| {
