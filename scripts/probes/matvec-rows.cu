@@ -44,11 +44,12 @@ __global__ void __launch_bounds__(256, OCC)
     }
 }
 
-// Rows (blockIdx.x * 8 + warp) * R .. + R - 1 together: each step's loads of all R rows in
-// flight at once, and each x value loaded once for the R rows (x is most of what a row
-// moves through L1). Each row summed as matvec_row sums it (dot_values, then
-// finish_row's), so the same bits; whole steps only (cols a multiple of 256 * B).
-template <class T, int B, int R, int OCC>
+// Rows (blockIdx.x * 8 + warp) * R .. + R - 1 together, by the engine's matvec_rows (each
+// step's loads of all R rows in flight at once, each x value loaded once for the R rows, each
+// row summed as matvec_row sums it: the same bits, B = 4 steps in flight at R = 2, 2 at R =
+// 4), stored by each row's lane as finish_row stores it; only the first R rows' bytes asked
+// into L2 ahead, and only whole groups of R rows.
+template <class T, int R, int OCC>
 __global__ void __launch_bounds__(256, OCC)
     mv_together(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
                 unsigned cols, unsigned row_bytes)
@@ -62,40 +63,10 @@ __global__ void __launch_bounds__(256, OCC)
     if (first + R > rows) {
         return;
     }
-    const unsigned magic = magic_2p23();
-    typename T::Lane l[R];
-    float acc[R];
-    for (int i = 0; i < R; ++i) {
-        l[i] = T::lane(w + (unsigned long long)(first + i) * row_bytes, lane, magic);
-        acc[i] = 0.0f;
-    }
-    for (unsigned k = 0; k < cols / 256; k += B) {
-        typename T::Raw raw[R][B];
-#pragma unroll
-        for (int j = 0; j < B; ++j) {
-#pragma unroll
-            for (int i = 0; i < R; ++i) {
-                raw[i][j] = T::load(l[i], (unsigned long long)(k + j) * T::STEP, true);
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < B; ++j) {
-            const float* xs = x + (k + j) * 256 + 4 * lane;
-            const float4 p = __ldg((const float4*)xs), q = __ldg((const float4*)(xs + 128));
-            const float v[8] = {p.x, p.y, p.z, p.w, q.x, q.y, q.z, q.w};
-#pragma unroll
-            for (int i = 0; i < R; ++i) {
-                float u[8], s[2];
-                T::widen(raw[i][j], l[i], u, s);
-                dot_values<T>(u, s, v, true, acc[i]);
-            }
-        }
-    }
-    for (int i = 0; i < R; ++i) {
-        const float total = warp_sum(acc[i]);
-        if (lane == 0) {
-            y[first + i] = 0.0f + total;
-        }
+    const float mine =
+        matvec_rows<T, R>(w + (unsigned long long)first * row_bytes, row_bytes, x, cols, lane, magic_2p23());
+    if (lane < (unsigned)R) {
+        y[first + lane] = 0.0f + mine;
     }
 }
 
@@ -117,8 +88,8 @@ __global__ void __launch_bounds__(256, 3)
     const unsigned char* __restrict__, const float* __restrict__, float*, unsigned, unsigned, unsigned);
 VARIANTS(Half16<true>, INSTANTIATE)
 VARIANTS(Q8_0, INSTANTIATE)
-#define TOGETHER(T, X) X(T, 4, 2, 3) X(T, 4, 2, 2) X(T, 2, 4, 3)
-#define INSTANTIATE_T(T, B, R, OCC) template __global__ void mv_together<T, B, R, OCC>( \
+#define TOGETHER(T, X) X(T, 2, 3) X(T, 2, 2) X(T, 4, 3)
+#define INSTANTIATE_T(T, R, OCC) template __global__ void mv_together<T, R, OCC>( \
     const unsigned char* __restrict__, const float* __restrict__, float*, unsigned, unsigned, unsigned);
 TOGETHER(Half16<true>, INSTANTIATE_T)
 TOGETHER(Q8_0, INSTANTIATE_T)
@@ -139,7 +110,7 @@ struct Variant {
 };
 
 #define ENTRY(T, B, TAIL, R, OCC) {#T, B, TAIL, R, OCC, mv_rows<T, B, TAIL, R, OCC>, !T::FLOAT, false, false},
-#define ENTRY_T(T, B, R, OCC) {#T, B, false, R, OCC, mv_together<T, B, R, OCC>, !T::FLOAT, true, false},
+#define ENTRY_T(T, R, OCC) {#T, R == 4 ? 2 : 4, false, R, OCC, mv_together<T, R, OCC>, !T::FLOAT, true, false},
 #define ENTRY_E(T, R) {#T, R == 1 ? 4 : R == 2 ? 4 : 2, false, R, 3, mv_engine<T, R>, !T::FLOAT, R > 1, true},
 
 int main(int argc, char** argv)

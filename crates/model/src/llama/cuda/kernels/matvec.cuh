@@ -551,6 +551,17 @@ __device__ __forceinline__ float ld_x(const float* p)
     return NC ? __ldg(p) : *p;
 }
 
+// The activations at a lane's two quads of one step (xs: quad A's first), by two float4
+// loads: quad A's in v[0..4], quad B's in v[4..8] (zeros where !b_ok). NC: see ld_x4.
+template <bool NC>
+__device__ __forceinline__ void step_x(const float* xs, bool b_ok, float (&v)[8])
+{
+    const float4 p = ld_x4<NC>(xs);
+    const float4 q = b_ok ? ld_x4<NC>(xs + 128) : make_float4(0, 0, 0, 0);
+    v[0] = p.x, v[1] = p.y, v[2] = p.z, v[3] = p.w;
+    v[4] = q.x, v[5] = q.y, v[6] = q.z, v[7] = q.w;
+}
+
 // acc += the lane's widened weights of one step (u, with scales s: see the formats) times
 // the same columns' activations v, in the matrix-vector order: quad A then, if b_ok, quad B;
 // a scaled quad's integer products summed first and scaled once.
@@ -599,10 +610,7 @@ __device__ __forceinline__ void dot_step(const typename T::Raw& raw, const typen
         const float* xt = xs + t * x_stride;
         float v[8];
         if (VX) {
-            const float4 p = ld_x4<NC>(xt);
-            const float4 q = b_ok ? ld_x4<NC>(xt + 128) : make_float4(0, 0, 0, 0);
-            v[0] = p.x, v[1] = p.y, v[2] = p.z, v[3] = p.w;
-            v[4] = q.x, v[5] = q.y, v[6] = q.z, v[7] = q.w;
+            step_x<NC>(xt, b_ok, v);
         } else {
             for (int i = 0; i < 4; ++i) {
                 v[i] = ld_x<NC>(xt + i);
@@ -827,8 +835,8 @@ __device__ __forceinline__ float matvec_rows(const unsigned char* row, unsigned 
         }
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
-            const float4 p = ld_x4<true>(xk + 256 * j), q = ld_x4<true>(xk + 256 * j + 128);
-            const float v[8] = {p.x, p.y, p.z, p.w, q.x, q.y, q.z, q.w};
+            float v[8];
+            step_x<true>(xk + 256 * j, true, v);
 #pragma unroll
             for (int i = 0; i < R; ++i) {
                 float u[8], sc[2];
@@ -844,8 +852,8 @@ __device__ __forceinline__ float matvec_rows(const unsigned char* row, unsigned 
         for (int i = 0; i < R; ++i) {
             raw[i] = T::load(l[i], o, b_ok);
         }
-        const float4 p = ld_x4<true>(xk), q = b_ok ? ld_x4<true>(xk + 128) : make_float4(0, 0, 0, 0);
-        const float v[8] = {p.x, p.y, p.z, p.w, q.x, q.y, q.z, q.w};
+        float v[8];
+        step_x<true>(xk, b_ok, v);
 #pragma unroll
         for (int i = 0; i < R; ++i) {
             float u[8], sc[2];
@@ -1195,7 +1203,7 @@ __device__ __forceinline__ void matvec_out_rows(const unsigned char* __restrict_
     }
     pdl_wait();
     pdl_launch_dependents();
-    if (R > 1) {
+    if constexpr (R > 1) {
         warp_rows<T, R>(w, x, first, rows, 0, cols, row_bytes, lane, s_y + warp * R);
     } else if (first < rows) {
         // Row r's result lands in s_y[warp]: the kernels index their output by the row
