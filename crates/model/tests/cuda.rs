@@ -400,12 +400,9 @@ fn rows_together_and_early_attention_give_the_plain_kernels_bits() {
     };
     each_decode_model(&device, |shape_name, linear, model, cuda, p| {
         let run = |together, early| {
-            cuda.set_rows_together(together);
-            cuda.set_early_attention(early);
-            let out = greedy(model, &mut model.new_session(p.len() + 40).unwrap(), p, 16);
-            cuda.set_rows_together(true);
-            cuda.set_early_attention(true);
-            out
+            cuda.with_one_token_kernels(together, early, || {
+                greedy(model, &mut model.new_session(p.len() + 40).unwrap(), p, 16)
+            })
         };
         let (plain, tokens) = run(false, false);
         let mut failures = Vec::new();

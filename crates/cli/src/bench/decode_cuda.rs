@@ -141,12 +141,8 @@ fn compare_other_kernels(
         (false, false, "both"),
         (true, true, "the default kernels again"),
     ] {
-        cuda.set_rows_together(together);
-        cuda.set_early_attention(early);
-        let tps = top_rate(model, prompt, b, context);
-        cuda.set_rows_together(true);
-        cuda.set_early_attention(true);
-        let tps = tps?;
+        let tps =
+            cuda.with_one_token_kernels(together, early, || top_rate(model, prompt, b, context))?;
         println!(
             "engine, top logit on the GPU, {what}: {tps:.1} t/s against {graph:.1} t/s with the default kernels in this run: {:+.1}%",
             (tps / graph - 1.0) * 100.0
@@ -193,12 +189,9 @@ fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()
         "one decode step, kernel by kernel (events between kernels, no graph; medians of 5):",
         &profile(gpu)?,
     );
-    cuda.set_rows_together(false);
-    cuda.set_early_attention(false);
-    let step = cuda.graph_step_us(gpu, 1, 5);
-    let runs = profile(gpu);
-    cuda.set_rows_together(true);
-    cuda.set_early_attention(true);
+    let (step, runs) = cuda.with_one_token_kernels(false, false, || {
+        (cuda.graph_step_us(gpu, 1, 5), profile(gpu))
+    });
     println!(
         "the same step with one row a warp and attention waiting first, graph launched: {:.1} us",
         step?

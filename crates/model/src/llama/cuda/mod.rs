@@ -310,27 +310,32 @@ impl CudaLlama {
         self.fused_on.store(on, Ordering::Relaxed);
     }
 
-    /// Turns one-token attention's cached rows asked before its wait (on by default, the
-    /// same bits) on or off, so that the two can be compared; sessions capture their decode
-    /// graph again on their next step.
-    pub fn set_early_attention(&self, on: bool) {
-        self.kernels.set_early_attention(on);
+    /// Runs `f` with one-token products taking several rows a warp where they can, and
+    /// one-token attention asking for its cached rows before its wait, each as given (both on
+    /// by default, the same bits either way), then sets both back as they were; so that the
+    /// ways can be compared. Sessions capture their decode graph again on their next step.
+    pub fn with_one_token_kernels<T>(
+        &self,
+        rows_together: bool,
+        early_attention: bool,
+        f: impl FnOnce() -> T,
+    ) -> T {
+        let before = (self.rows_together(), self.early_attention());
+        self.kernels.set_rows_together(rows_together);
+        self.kernels.set_early_attention(early_attention);
+        let out = f();
+        self.kernels.set_rows_together(before.0);
+        self.kernels.set_early_attention(before.1);
+        out
     }
 
-    /// What [`CudaLlama::set_early_attention`] set.
-    pub fn early_attention(&self) -> bool {
+    /// Whether one-token attention asks for its cached rows before its wait.
+    fn early_attention(&self) -> bool {
         self.kernels.early_attention()
     }
 
-    /// Turns one-token products' rows taken several a warp (on by default, the same bits) on
-    /// or off, so that the two can be compared; sessions capture their decode graph again on
-    /// their next step.
-    pub fn set_rows_together(&self, on: bool) {
-        self.kernels.set_rows_together(on);
-    }
-
-    /// What [`CudaLlama::set_rows_together`] set.
-    pub fn rows_together(&self) -> bool {
+    /// Whether one-token products take several rows a warp where they can.
+    fn rows_together(&self) -> bool {
         self.kernels.rows_together()
     }
 
