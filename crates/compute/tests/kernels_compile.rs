@@ -116,7 +116,12 @@ fn every_kernel_file_compiles_for_sm_90() {
 /// model's kernel headers: their device code, which NVRTC compiles without their host code
 /// (`__CUDACC_RTC__`), so that a change to a header the probes call cannot leave them
 /// unbuildable unnoticed.
-const PROBES: [&str; 3] = ["decode-persistent.cu", "matvec-q8.cu", "matvec-rows.cu"];
+const PROBES: [&str; 4] = [
+    "decode-persistent.cu",
+    "matvec-q8.cu",
+    "matvec-rows.cu",
+    "mma-one.cu",
+];
 
 #[test]
 fn the_probes_device_code_compiles_against_the_kernel_headers() {

@@ -1,0 +1,211 @@
+// Probe: where a lone session's step on the tensor-core products (`--precision tensor`, what
+// batching with invariance needs) loses to the matrix-vector kernels (the default): the
+// engine's one-token tensor-core product (mma.cuh's mma_one, at MMA_ONE_CHUNKS chunks in
+// flight a warp and at 2 and 8) and its one-token matrix-vector kernels (matvec.cuh's
+// matvec_together, and matvec_out_rows for the head, at the rows a warp and parts kernels.rs
+// gives each matrix) on each BF16 product of the Llama-3.2-1B shape, one token: alone, 40
+// calls over copies of the matrix (more bytes than L2 holds), and chained as a step's products
+// (16 layers of Q/K/V, O, gate/up and down, then the head, each launched with programmatic
+// dependent launch as the engine's graph launches them). mma_one's variants give the same bits
+// (checked); the two kinds of kernel round differently. Not part of Tern.
+//
+//   nvcc -O3 -gencode arch=compute_90a,code=sm_90a -std=c++17 \
+//     -I crates/model/src/llama/cuda/kernels -o /tmp/mo scripts/probes/mma-one.cu && /tmp/mo
+#ifndef __CUDACC_RTC__
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+#endif
+
+#include "mma.cuh"
+#include "probe.cuh"
+
+// The engine's mma_one of U chunks in flight a warp, the product alone (no fusions).
+template <int U>
+__global__ void __launch_bounds__(256)
+    mo_tensor(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
+              unsigned cols, unsigned parts)
+{
+    MmaOut o;
+    o.y = y;
+    o.y_stride = rows;
+    o.residual = nullptr;
+    o.g = nullptr;
+    o.yg = nullptr;
+    o.norm = false;
+    o.glu = false;
+    o.split = SplitOut{nullptr, nullptr, 0, 0};
+    mma_one<U>(w, x, rows, cols, parts, nullptr, 0.0f, o);
+}
+
+// The engine's one-token matrix-vector product of R rows a warp in `parts` parts (R = 0: the
+// head's kernel, matvec_out_rows of 4 rows a warp).
+template <int R>
+__global__ void __launch_bounds__(256, 3)
+    mo_rows(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
+            unsigned cols, unsigned parts)
+{
+    if constexpr (R == 0) {
+        matvec_out_rows<Half16<true>, 4>(w, x, y, rows, cols, cols * 2);
+    } else {
+        matvec_together<Half16<true>, R>(w, x, y, rows, cols, cols * 2, nullptr, parts, nullptr, 0.0f, nullptr,
+                                         nullptr, 0);
+    }
+}
+
+// Rows laid out as mma_one's tiles.
+__global__ void __launch_bounds__(256)
+    mo_tile(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst, unsigned rows, unsigned cols)
+{
+    mma_tile(src, dst, rows, cols);
+}
+
+// NVRTC builds every instantiation (kernels_compile).
+template __global__ void mo_tensor<2>(const unsigned char* __restrict__, const float* __restrict__, float*,
+                                      unsigned, unsigned, unsigned);
+template __global__ void mo_tensor<4>(const unsigned char* __restrict__, const float* __restrict__, float*,
+                                      unsigned, unsigned, unsigned);
+template __global__ void mo_tensor<8>(const unsigned char* __restrict__, const float* __restrict__, float*,
+                                      unsigned, unsigned, unsigned);
+template __global__ void mo_rows<0>(const unsigned char* __restrict__, const float* __restrict__, float*, unsigned,
+                                    unsigned, unsigned);
+template __global__ void mo_rows<2>(const unsigned char* __restrict__, const float* __restrict__, float*, unsigned,
+                                    unsigned, unsigned);
+template __global__ void mo_rows<4>(const unsigned char* __restrict__, const float* __restrict__, float*, unsigned,
+                                    unsigned, unsigned);
+
+#ifndef __CUDACC_RTC__  // host code: not for NVRTC, which builds the device code alone
+typedef void (*Kernel)(const unsigned char*, const float*, float*, unsigned, unsigned, unsigned);
+
+// A product of the 1B shape: mma_one's parts (kernels.rs's mma_parts), and the matrix-vector
+// kernels' rows a warp (0: the head's kernel) and parts (rows_together and matvec_parts at one
+// token).
+struct Shape {
+    const char* name;
+    unsigned rows, cols, mma_parts, rpw, mv_parts;
+};
+
+// One product's matrices: `copies` copies as rows and as tiles.
+struct Matrix {
+    const Shape* shape;
+    unsigned char *rows, *tiles;
+    size_t bytes;
+    int copies;
+};
+
+int main()
+{
+    const Shape shapes[] = {
+        {"qkv 3072x2048", 3072, 2048, 8, 2, 2},      {"o 2048x2048", 2048, 2048, 8, 2, 2},
+        {"gate_up 16384x2048", 16384, 2048, 2, 4, 1}, {"down 2048x8192", 2048, 8192, 16, 4, 4},
+        {"head 128256x2048", 128256, 2048, 1, 0, 1},
+    };
+    float *x, *y, *y0;
+    CK(cudaMalloc(&x, 8192 * 4));
+    CK(cudaMalloc(&y, 128256 * 4));
+    CK(cudaMalloc(&y0, 128256 * 4));
+    unsigned s = 1;
+    random_activations(x, 8192, s);
+    std::vector<Matrix> ms;
+    for (const Shape& sh : shapes) {
+        Matrix m{&sh, nullptr, nullptr, (size_t)sh.rows * sh.cols * 2, 0};
+        m.copies = (int)((256ull << 20) / m.bytes) > 2 ? (int)((256ull << 20) / m.bytes) : 2;
+        CK(cudaMalloc(&m.rows, m.bytes * m.copies));
+        CK(cudaMalloc(&m.tiles, m.bytes * m.copies));
+        random_weights(m.rows, m.bytes * m.copies, s);
+        for (int c = 0; c < m.copies; ++c) {
+            mo_tile<<<1024, 256>>>(m.rows + c * m.bytes, m.tiles + c * m.bytes, sh.rows, sh.cols);
+        }
+        ms.push_back(m);
+    }
+    CK(cudaDeviceSynchronize());
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    const Kernel tensor[] = {mo_tensor<MMA_ONE_CHUNKS>, mo_tensor<2>, mo_tensor<8>};
+    const int tensor_u[] = {MMA_ONE_CHUNKS, 2, 8};
+    // Variant v of product m, copy c: v < 3 mma_one (tensor[v]), v = 3 the matrix-vector kernel.
+    auto launch = [&](int v, const Matrix& m, int c) {
+        const Shape& sh = *m.shape;
+        if (v < 3) {
+            const unsigned tiles = sh.rows / 16, per_block = sh.mma_parts >= 8 ? 1 : 8 / sh.mma_parts;
+            CK(cudaFuncSetAttribute(tensor[v], cudaFuncAttributeMaxDynamicSharedMemorySize, 4 * sh.cols));
+            launch_pdl(tensor[v], dim3((tiles + per_block - 1) / per_block), dim3(256), 4 * sh.cols, st,
+                       (const unsigned char*)m.tiles + c * m.bytes, (const float*)x, y, sh.rows, sh.cols,
+                       sh.mma_parts);
+        } else if (sh.rpw == 0) {
+            launch_pdl(mo_rows<0>, dim3((sh.rows + 31) / 32), dim3(256), 0, st,
+                       (const unsigned char*)m.rows + c * m.bytes, (const float*)x, y, sh.rows, sh.cols, 1u);
+        } else {
+            const Kernel k = sh.rpw == 4 ? mo_rows<4> : mo_rows<2>;
+            launch_pdl(k, dim3(sh.rows * sh.mv_parts / (8 * sh.rpw)), dim3(256), 0, st,
+                       (const unsigned char*)m.rows + c * m.bytes, (const float*)x, y, sh.rows, sh.cols,
+                       sh.mv_parts);
+        }
+    };
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    auto timed = [&](auto&& body) {
+        CK(cudaEventRecord(e0, st));
+        body();
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        return (double)ms;
+    };
+    unsigned char *a, *b;
+    CK(cudaMalloc(&a, 1ull << 30));
+    CK(cudaMalloc(&b, 1ull << 30));
+    printf("copy: %.0f GB/s (read + write)\n", copy_bandwidth(st, b, a, 1ull << 30));
+    const char* names[] = {"mma_one, engine's U", "mma_one, U = 2", "mma_one, U = 8", "matrix-vector, engine's"};
+    bool same = true;
+    printf("== one token, us a call (GB/s of weights), 40 calls over the copies\n");
+    printf("  %-20s %-26s %4s %10s %8s  %s\n", "product", "kernel", "U", "us", "GB/s", "bits");
+    for (const Matrix& m : ms) {
+        for (int v = 0; v < 4; ++v) {
+            launch(v, m, 0);
+            CK(cudaStreamSynchronize(st));
+            const char* bits = "";
+            if (v == 0) {
+                CK(cudaMemcpy(y0, y, m.shape->rows * 4, cudaMemcpyDeviceToDevice));
+                bits = "reference";
+            } else if (v < 3) {
+                std::vector<float> p(m.shape->rows), q(m.shape->rows);
+                CK(cudaMemcpy(p.data(), y0, m.shape->rows * 4, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(q.data(), y, m.shape->rows * 4, cudaMemcpyDeviceToHost));
+                const bool eq = memcmp(p.data(), q.data(), m.shape->rows * 4) == 0;
+                same = same && eq;
+                bits = eq ? "same" : "DIFFER";
+            }
+            for (int i = 0; i < 3; ++i) launch(v, m, i % m.copies);
+            const int iters = 40;
+            const double ms_ = timed([&] {
+                for (int i = 0; i < iters; ++i) launch(v, m, i % m.copies);
+            });
+            printf("  %-20s %-26s %4d %10.1f %8.0f  %s\n", m.shape->name, names[v], v < 3 ? tensor_u[v] : 0,
+                   ms_ * 1000 / iters, m.bytes * iters / ms_ / 1e6, bits);
+        }
+    }
+    // A step's products: 16 layers of the four, then the head, each on its next copy.
+    printf("== a step's products chained (16 layers, then the head), us a step, medians of 5\n");
+    for (int v = 0; v < 4; ++v) {
+        std::vector<double> runs;
+        for (int r = 0; r < 6; ++r) {
+            const double t = timed([&] {
+                for (int l = 0; l < 16; ++l) {
+                    for (int p = 0; p < 4; ++p) launch(v, ms[p], l % ms[p].copies);
+                }
+                launch(v, ms[4], r % ms[4].copies);
+            });
+            if (r > 0) runs.push_back(t * 1000);
+        }
+        std::sort(runs.begin(), runs.end());
+        printf("  %-26s %10.1f\n", names[v], runs[runs.size() / 2]);
+    }
+    printf("mma_one's variants give its bits: %s\n", same ? "yes" : "NO");
+    return 0;
+}
+#endif
