@@ -150,9 +150,6 @@ int main(int argc, char** argv)
         return 0;
     }
     printf("copy: %.0f GB/s (read + write)\n", copy_bandwidth(st, w + (1ull << 30), w, 1ull << 30));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     bool same = true;
     for (const Shape& sh : shapes) {
         printf("== %s, one token: us a call (GB/s of weights), 40 calls over the pool\n", sh.name);
@@ -177,12 +174,9 @@ int main(int argc, char** argv)
             }
             for (int i = 0; i < 3; ++i) launch(v, w + (i % copies) * bytes, sh);
             const int iters = 40;
-            CK(cudaEventRecord(e0, st));
-            for (int i = 0; i < iters; ++i) launch(v, w + (size_t)(i % copies) * bytes, sh);
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
+            const double ms = elapsed_ms(st, [&] {
+                for (int i = 0; i < iters; ++i) launch(v, w + (size_t)(i % copies) * bytes, sh);
+            });
             printf("  %-14s %2d %5s %2d %8s %4d %10.1f %8.0f  %s\n", v.type, v.b, v.tail ? "yes" : "no", v.r,
                    v.engine ? (v.together ? "engine, together" : "engine") : v.together ? "together" : "in turn", v.occ,
                    ms * 1000 / iters, bytes * iters / ms / 1e6, first ? "reference" : eq ? "same" : "DIFFER");

@@ -102,22 +102,32 @@ static void random_weights(unsigned char* w, size_t bytes, unsigned& s)
     delete[] h;
 }
 
-// The device-to-device copy bandwidth (read + write), GB/s: `bytes` at `from` copied to `to`
-// ten times on `st`, after three copies to warm up.
-static double copy_bandwidth(cudaStream_t st, unsigned char* to, const unsigned char* from, size_t bytes)
+// Milliseconds the work `enqueue` puts on `st` takes there (events around it).
+template <class F>
+static double elapsed_ms(cudaStream_t st, F&& enqueue)
 {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    for (int i = 0; i < 3; ++i) CK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, st));
     CK(cudaEventRecord(e0, st));
-    for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, st));
+    enqueue();
     CK(cudaEventRecord(e1, st));
     CK(cudaEventSynchronize(e1));
     float ms;
     CK(cudaEventElapsedTime(&ms, e0, e1));
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
+    return ms;
+}
+
+// The device-to-device copy bandwidth (read + write), GB/s: `bytes` at `from` copied to `to`
+// ten times on `st`, after three copies to warm up.
+static double copy_bandwidth(cudaStream_t st, unsigned char* to, const unsigned char* from, size_t bytes)
+{
+    for (int i = 0; i < 3; ++i) CK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, st));
+    const double ms = elapsed_ms(st, [&] {
+        for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, st));
+    });
     return 2.0 * bytes * 10 / ms / 1e6;
 }
 #endif
