@@ -736,6 +736,43 @@ fn short_prompts_give_the_same_bits_however_they_are_cut() {
     );
 }
 
+/// At `Precision::Tensor` a prompt of 64 positions or more (chunks of 64 through the
+/// tensor-core products of every step, attention 8 positions a launch) gives the bits of
+/// one call, of any pieces and of the same tokens one by one.
+#[test]
+fn long_prompts_on_tensor_cores_give_the_same_bits_however_they_are_cut() {
+    let Some(device) = gpu("long_prompts_on_tensor_cores_give_the_same_bits_however_they_are_cut")
+    else {
+        return;
+    };
+    let path = model_file("llama-3.2-1b", DType::BF16, DType::BF16);
+    let model = Model::open("m", &path, 2)
+        .unwrap()
+        .with_precision(tern_model::Precision::Tensor)
+        .on_device(&device)
+        .unwrap();
+    let vocab = model.config().n_vocab;
+    let p = prompt(150, vocab);
+    let run = |pieces: &[usize]| {
+        let mut session = model.new_session(160).unwrap();
+        let mut logits = vec![0.0; vocab];
+        let mut at = 0;
+        for &n in pieces {
+            model
+                .forward(&mut session, &p[at..at + n], &mut logits)
+                .unwrap();
+            at += n;
+        }
+        bits(&[logits])
+    };
+    let whole = run(&[150]);
+    assert!(run(&[70, 13, 67]) == whole, "pieces differ from one call");
+    assert!(
+        run(&[1; 150]) == whole,
+        "token by token differs from one call"
+    );
+}
+
 /// 1,000 runs of one request while three threads run random conversations on the same
 /// model give one output.
 #[test]

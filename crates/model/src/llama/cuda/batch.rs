@@ -9,15 +9,16 @@
 //! one [`AttnJob`] per row); the output head takes the last row of each session that wants
 //! logits and a scatter writes each one where its session's logits go. So a session's bits
 //! are the same alone, beside any other sessions, and cut into any chunks (see
-//! docs/numerics.md; prompts of [`PREFILL_MIN`] positions or more still take the tensor-core
-//! GEMMs, a session at a time).
+//! docs/numerics.md). Prompts of [`PREFILL_MIN`] positions or more run a session at a time:
+//! at `Precision::Tensor` in rounds of their own of up to [`EXACT_CHUNK`] positions, with
+//! the same bits; otherwise through cuBLAS GEMMs (`prefill.rs`), whose bits differ.
 //!
 //! Concurrent forward passes from different threads (actors) meet in a [`StepBatcher`]: one
 //! of them leads a step over all that wait, the others sleep until their result is there.
 
 use tern_compute::cuda::cudarc::driver::{CudaSlice, DevicePtr};
 
-use super::kernels::{Fuse, Launcher, TopJob, top_k_many_scratch};
+use super::kernels::{Fuse, Launcher, MMA_MAX_TOKENS, TopJob, top_k_many_scratch};
 use super::prefill::{self, PREFILL_CHUNK, PREFILL_MIN};
 use super::session::{ActBuffers, enqueue_layers, from_pairs};
 use super::{ATTN_SPLIT, CudaLlama, CudaSession, MAX_CHUNK, driver};
@@ -27,6 +28,13 @@ use crate::top::{Candidate, MAX_TOP};
 
 /// Sessions one batched step's round takes at most (more are run in several rounds).
 pub const MAX_SESSIONS: usize = 64;
+
+/// Positions of a long prompt one round takes at `Precision::Tensor`: every product over
+/// all of them in one launch (`MMA_MAX_TOKENS`), whose result for a position is the one it
+/// gets alone; attention [`MAX_CHUNK`] positions a launch in turn, each position's query over
+/// the positions before it as a decode step takes it. So a prompt gives the bits of the
+/// same tokens decoded one by one, however it is cut.
+pub(super) const EXACT_CHUNK: usize = MMA_MAX_TOKENS as usize;
 
 /// What one scheduled step takes: a long prompt's tensor-core chunk and every other
 /// session's next positions beside it.
@@ -212,7 +220,9 @@ impl TopBuffers {
 }
 
 /// One session's positions in a round: at most [`MAX_CHUNK`], and where the last one's
-/// logits go (if wanted).
+/// logits go (if wanted). A part alone in its round may hold up to [`EXACT_CHUNK`]: its
+/// attention then runs [`MAX_CHUNK`] positions a launch, each launch after the one that
+/// appended the positions before it (see [`EXACT_CHUNK`]).
 struct Part<'s, 't> {
     session: &'s mut CudaSession,
     tokens: &'t [u32],
@@ -235,14 +245,23 @@ fn round(
     let b = BatchBuffers::fit(model, have, rows, outs)?;
     let plan = Plan::of(b.rows, b.outs);
     let mut bytes = vec![0u8; plan.bytes];
+    let grouped = rows > MAX_CHUNK * parts.len();
+    if grouped && parts.len() != 1 {
+        return Err(ModelError::Invalid(format!(
+            "a round of {} sessions with one of more than {MAX_CHUNK} positions",
+            parts.len()
+        )));
+    }
     let (mut first, mut n_split, mut out) = (0, 0, 0);
     for p in parts.iter() {
-        for (t, &token) in p.tokens.iter().enumerate() {
-            let job = p.session.attn_job(c, t, first);
+        for (i, &token) in p.tokens.iter().enumerate() {
+            // Position i is query t of the attention launch of its group of MAX_CHUNK.
+            let (group, t) = (i / MAX_CHUNK * MAX_CHUNK, i % MAX_CHUNK);
+            let job = p.session.attn_job(c, t, first + group, group);
             n_split = n_split.max((job.step0 as u32 + job.t) / ATTN_SPLIT as u32 + 1);
-            let at = (first + t) * size_of::<AttnJob>();
+            let at = (first + i) * size_of::<AttnJob>();
             bytes[at..at + size_of::<AttnJob>()].copy_from_slice(job_bytes(&job));
-            let at = plan.ids + 4 * (first + t);
+            let at = plan.ids + 4 * (first + i);
             bytes[at..at + 4].copy_from_slice(&(token as i32).to_le_bytes());
         }
         first += p.tokens.len();
@@ -276,19 +295,28 @@ fn round(
         false,
     )?;
     mark("embedding, norm")?;
+    // A grouped part's launches in turn, each over the jobs of its MAX_CHUNK rows.
+    let groups = if grouped { rows.div_ceil(MAX_CHUNK) } else { 1 };
     let mut attention = |l: usize| {
-        run.attention_batch(
-            c,
-            n,
-            n_split,
-            acts.qkv,
-            base,
-            l as u32,
-            w.inv_freq,
-            acts.att,
-            rows == parts.len(),
-            &w.layers[l].wo,
-        )
+        for g in 0..groups {
+            let (from, to) = match grouped {
+                true => (g * MAX_CHUNK, rows.min((g + 1) * MAX_CHUNK)),
+                false => (0, rows),
+            };
+            run.attention_batch(
+                c,
+                (to - from) as u32,
+                n_split,
+                acts.qkv,
+                base + (from * size_of::<AttnJob>()) as u64,
+                l as u32,
+                w.inv_freq,
+                acts.att,
+                rows == parts.len(),
+                &w.layers[l].wo,
+            )?;
+        }
+        Ok(())
     };
     enqueue_layers(model, &run, acts, rows, &mut attention, mark)?;
     if outs > 0 {
@@ -404,10 +432,23 @@ impl CudaLlama {
             })
             .collect();
         let mut at = vec![0usize; items.len()];
-        // Long prompts on tensor cores, chunk by chunk; where that path cannot run, the
-        // rounds below take them.
+        // Long prompts chunk by chunk, a session at a time: at `Precision::Tensor` through
+        // the tensor-core products of every step (the bits of one token at a time), else
+        // through cuBLAS GEMMs; where neither can run, the rounds below take them.
         for (i, item) in items.iter_mut().enumerate() {
             while item.tokens.len() - at[i] >= PREFILL_MIN {
+                if self.tensor_cores() {
+                    let n = (item.tokens.len() - at[i]).min(EXACT_CHUNK);
+                    let last = at[i] + n == item.tokens.len();
+                    let mut part = [Part {
+                        session: &mut *item.session,
+                        tokens: &item.tokens[at[i]..at[i] + n],
+                        out: (last && item.out).then_some(dsts[i].0),
+                    }];
+                    round(self, &mut busy.batch, &mut part, &mut |_| Ok(()))?;
+                    at[i] += n;
+                    continue;
+                }
                 let Ok(prefill) = self.prefill(&mut busy.prefill) else {
                     break;
                 };

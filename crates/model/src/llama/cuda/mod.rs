@@ -458,8 +458,17 @@ impl CudaLlama {
         f(prefill)
     }
 
-    /// How prompts of at least `PREFILL_MIN` (64) positions run: on tensor cores, or why not.
+    /// How prompts of at least `PREFILL_MIN` (64) positions run: through the tensor-core
+    /// products of every step (at `Precision::Tensor`), through cuBLAS GEMMs, or why not.
     pub fn prefill_path(&self) -> String {
+        if self.tensor_cores() {
+            return format!(
+                "prompts of {PREFILL_MIN}+ positions {} a chunk through the tensor-core products \
+                 of every step, attention {MAX_CHUNK} positions a launch: the bits of one token \
+                 at a time",
+                batch::EXACT_CHUNK
+            );
+        }
         match prefill::unavailable() {
             None => format!(
                 "prompts of {PREFILL_MIN}+ positions through BF16 tensor-core GEMMs (cuBLAS), \

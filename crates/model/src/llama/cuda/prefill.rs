@@ -6,7 +6,8 @@
 //! output and SwiGLU's output; weights of other types are widened to BF16 first); the
 //! residual stream, the KV cache and every other step stay f32. Prompts shorter than
 //! [`PREFILL_MIN`] positions, and decode steps, keep the matrix-vector kernels, whose
-//! arithmetic is the CPU reference's. Results are bitwise reproducible run to run: cuBLAS
+//! arithmetic is the CPU reference's; at `Precision::Tensor` no prompt comes here (see
+//! `batch.rs`'s `EXACT_CHUNK`). Results are bitwise reproducible run to run: cuBLAS
 //! computes a given GEMM the same way on the same GPU and stream.
 
 use std::sync::{Arc, OnceLock};

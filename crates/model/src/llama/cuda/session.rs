@@ -278,6 +278,7 @@ impl CudaSession {
         c: &crate::llama::LlamaConfig,
         t: usize,
         first: usize,
+        before: usize,
     ) -> AttnJob {
         let (k_cache, v_cache) = self.cache(c, 0);
         AttnJob {
@@ -287,7 +288,7 @@ impl CudaSession {
             part_o: self.ptr(&self.buf.part_o),
             part_ml: self.ptr(&self.buf.part_ml),
             tickets: self.ptr(&self.buf.tickets),
-            step0: self.len as i32,
+            step0: (self.len + before) as i32,
             t: t as u32,
             first: first as u32,
             n_split: CudaLlama::n_split(self.n_ctx) as u32,
