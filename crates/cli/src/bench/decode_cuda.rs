@@ -209,6 +209,22 @@ fn breakdown(model: &Model, prompt: &[u32], context: usize) -> anyhow::Result<()
             &runs?,
         );
     }
+    if cuda.tensor_cores() {
+        let chunk = &prompt[..prompt.len().min(64)];
+        if chunk.len() > 8 {
+            let runs = (0..3)
+                .map(|_| cuda.profile_exact_chunk(gpu, chunk))
+                .collect::<Result<Vec<_>, _>>()?;
+            print_breakdown(
+                &format!(
+                    "one prompt chunk of {} positions after the prompt, as the tensor-core products take it, kernel by kernel (events between kernels; medians of 3):",
+                    chunk.len()
+                ),
+                &runs,
+            );
+        }
+        return Ok(());
+    }
     let chunk = &prompt[..prompt.len().min(512)];
     if chunk.len() >= 64 {
         let mut fresh = model.new_session(context)?;

@@ -399,6 +399,43 @@ impl CudaLlama {
         times
     }
 
+    /// Times each kernel of one round of a long prompt's `tokens` (more than [`MAX_CHUNK`], at
+    /// most [`EXACT_CHUNK`]) after `session`'s positions as `Precision::Tensor` runs it (the
+    /// tensor-core products over all of them, attention [`MAX_CHUNK`] positions a launch; an
+    /// event after each kernel or layer phase, outside any graph), leaving the session as it
+    /// was; each name's total in microseconds, in the order first seen.
+    pub fn profile_exact_chunk(
+        &self,
+        session: &mut CudaSession,
+        tokens: &[u32],
+    ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+        if tokens.len() <= MAX_CHUNK
+            || tokens.len() > EXACT_CHUNK
+            || session.len + tokens.len() > session.n_ctx
+        {
+            return Err(ModelError::Invalid(format!(
+                "a chunk of {} positions ({} to {EXACT_CHUNK}) after {} in a session of {}",
+                tokens.len(),
+                MAX_CHUNK + 1,
+                session.len,
+                session.n_ctx
+            )));
+        }
+        let mut busy = self.hold()?;
+        let len = session.len;
+        let times = super::session::timed(self, |mark| {
+            let out = Some(session.logits_ptr());
+            let mut part = [Part {
+                session: &mut *session,
+                tokens,
+                out,
+            }];
+            round(self, &mut busy.batch, &mut part, mark)
+        });
+        session.truncate(len);
+        times
+    }
+
     /// Appends each item's tokens to its session and writes the outputs it asks for, as
     /// [`CudaLlama::forward_top`] would for each alone (the same bits): long prompts' chunks
     /// on tensor cores a session at a time, then every session's remaining positions
