@@ -54,9 +54,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024)]
     max_snapshot_mib: usize,
     /// Whether a stateless OpenAI-compatible request continues in a fork of a cached actor
-    /// whose conversation it extends, instead of prefilling it again. `auto`: on the CPU only,
-    /// where a prefill gives the same bits as decoding token by token; on a GPU the two
-    /// round differently, so reuse would change the bytes of a reply.
+    /// whose conversation it extends, instead of prefilling it again. `auto`: where a prefill
+    /// gives the same bits as decoding token by token (the CPU, and CUDA at `--precision
+    /// tensor`); elsewhere on a GPU the two round differently, so reuse would change the
+    /// bytes of a reply.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     prefix_reuse: String,
     /// How many actors the prefix cache keeps.
@@ -130,7 +131,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.prefix_reuse = match args.prefix_reuse.as_str() {
         "on" => true,
         "off" => false,
-        _ => runtime.device().kind() == tern_compute::DeviceChoice::Cpu,
+        _ => tern_model::llama::prefill_is_exact(&**runtime.device(), args.host.precision.value),
     };
     config.prefix_cache = args.prefix_cache;
     config.hot_snapshot_bytes = args.hot_snapshot_mib.saturating_mul(1 << 20);

@@ -29,6 +29,20 @@ pub(crate) fn gpu_engine(
     let _ = (cpu, device);
     Ok(None)
 }
+/// Whether a model on `device` at `precision` gives a prompt the bits of its tokens decoded
+/// one by one, whatever the prompt's length and however it is cut: on the CPU, and on a
+/// CUDA GPU whose tensor-core products run at `Precision::Tensor` (sm_80 and later, where
+/// no prompt takes cuBLAS GEMMs). A server may then continue a conversation from a kept
+/// prefix without changing the bytes of a reply.
+pub fn prefill_is_exact(device: &dyn tern_compute::Device, precision: cpu::Precision) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = device.as_cuda() {
+        return cuda::tensor_cores_wanted(gpu.arch(), precision);
+    }
+    let _ = precision;
+    device.kind() == tern_compute::DeviceChoice::Cpu
+}
+
 pub use hf::{HfConfig, llama3_rope_factors, read_hf_config};
 pub use weights::{LayerWeights, LlamaWeights, Matrix, Storage};
 

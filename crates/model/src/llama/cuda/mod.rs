@@ -44,6 +44,7 @@ mod staging;
 pub mod testing;
 mod weights;
 
+pub use kernels::mma_wanted as tensor_cores_wanted;
 pub use session::CudaSession;
 
 use std::any::Any;
