@@ -255,8 +255,7 @@ fn round(
     let (mut first, mut n_split, mut out) = (0, 0, 0);
     for p in parts.iter() {
         for (i, &token) in p.tokens.iter().enumerate() {
-            // Position i is query t of the attention launch of its group of MAX_CHUNK.
-            let (group, t) = (i / MAX_CHUNK * MAX_CHUNK, i % MAX_CHUNK);
+            let (group, t) = query_of(i);
             let job = p.session.attn_job(c, t, first + group, group);
             n_split = n_split.max((job.step0 as u32 + job.t) / ATTN_SPLIT as u32 + 1);
             let at = (first + i) * size_of::<AttnJob>();
@@ -295,14 +294,8 @@ fn round(
         false,
     )?;
     mark("embedding, norm")?;
-    // A grouped part's launches in turn, each over the jobs of its MAX_CHUNK rows.
-    let groups = if grouped { rows.div_ceil(MAX_CHUNK) } else { 1 };
     let mut attention = |l: usize| {
-        for g in 0..groups {
-            let (from, to) = match grouped {
-                true => (g * MAX_CHUNK, rows.min((g + 1) * MAX_CHUNK)),
-                false => (0, rows),
-            };
+        for (from, to) in attention_launches(rows, grouped) {
             run.attention_batch(
                 c,
                 (to - from) as u32,
@@ -338,6 +331,22 @@ fn round(
         p.session.len += p.tokens.len();
     }
     Ok(())
+}
+
+/// Where position `i` of a session's positions in a round goes in attention: the first
+/// position of its group of [`MAX_CHUNK`] (which its launch starts from) and which query of
+/// that launch it is.
+fn query_of(i: usize) -> (usize, usize) {
+    (i / MAX_CHUNK * MAX_CHUNK, i % MAX_CHUNK)
+}
+
+/// The rows of a round's attention launches, in turn: every row in one, or, for a grouped
+/// part, [`MAX_CHUNK`] a launch (the last the rest).
+fn attention_launches(rows: usize, grouped: bool) -> impl Iterator<Item = (usize, usize)> {
+    let size = if grouped { MAX_CHUNK } else { rows.max(1) };
+    (0..rows)
+        .step_by(size)
+        .map(move |from| (from, rows.min(from + size)))
 }
 
 /// A job's bytes as `llama.cu` reads them.
@@ -662,5 +671,31 @@ impl StepJob for CudaJob {
 
     fn fail(&mut self, why: String) {
         self.failed = Some(why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_prompts_attention_runs_max_chunk_positions_a_launch_in_order() {
+        let launches = |rows, grouped| attention_launches(rows, grouped).collect::<Vec<_>>();
+        assert_eq!(launches(12, false), [(0, 12)]);
+        assert_eq!(launches(64, false), [(0, 64)]);
+        let all: Vec<_> = (0..8).map(|g| (8 * g, 8 * g + 8)).collect();
+        assert_eq!(launches(64, true), all);
+        assert_eq!(launches(13, true), [(0, 8), (8, 13)]);
+        assert_eq!(launches(9, true), [(0, 8), (8, 9)]);
+        // Each position is query i % 8 of the launch that starts at its group's first.
+        assert_eq!(query_of(0), (0, 0));
+        assert_eq!(query_of(7), (0, 7));
+        assert_eq!(query_of(8), (8, 0));
+        assert_eq!(query_of(63), (56, 7));
+        for (from, to) in launches(50, true) {
+            for i in from..to {
+                assert_eq!(query_of(i), (from, i - from));
+            }
+        }
     }
 }
