@@ -713,27 +713,7 @@ fn short_prompts_give_the_same_bits_however_they_are_cut() {
     let Some(device) = gpu("short_prompts_give_the_same_bits_however_they_are_cut") else {
         return;
     };
-    let model = smollm2_on(&device);
-    let vocab = model.config().n_vocab;
-    let p = prompt(63, vocab);
-    let run = |pieces: &[usize]| {
-        let mut session = model.new_session(64).unwrap();
-        let mut logits = vec![0.0; vocab];
-        let mut at = 0;
-        for &n in pieces {
-            model
-                .forward(&mut session, &p[at..at + n], &mut logits)
-                .unwrap();
-            at += n;
-        }
-        bits(&[logits])
-    };
-    let whole = run(&[63]);
-    assert!(run(&[5, 17, 41]) == whole, "pieces differ from one call");
-    assert!(
-        run(&[1; 63]) == whole,
-        "token by token differs from one call"
-    );
+    cuts_give_the_bits_of_one_call(&smollm2_on(&device), 63, &[5, 17, 41]);
 }
 
 /// At `Precision::Tensor` a prompt of 64 positions or more (chunks of 64 through the
@@ -745,16 +725,27 @@ fn long_prompts_on_tensor_cores_give_the_same_bits_however_they_are_cut() {
     else {
         return;
     };
+    let model = llama_1b_on_tensor_cores(&device);
+    cuts_give_the_bits_of_one_call(&model, 150, &[70, 13, 67]);
+}
+
+/// The Llama-3.2-1B shape in BF16 on `device` at `Precision::Tensor`.
+fn llama_1b_on_tensor_cores(device: &Arc<dyn Device>) -> Model {
     let path = model_file("llama-3.2-1b", DType::BF16, DType::BF16);
-    let model = Model::open("m", &path, 2)
+    Model::open("m", &path, 2)
         .unwrap()
         .with_precision(tern_model::Precision::Tensor)
-        .on_device(&device)
-        .unwrap();
+        .on_device(device)
+        .unwrap()
+}
+
+/// A prompt of `len` positions gives `model`'s logits the same bits in one call, in
+/// `pieces` and token by token.
+fn cuts_give_the_bits_of_one_call(model: &Model, len: usize, pieces: &[usize]) {
     let vocab = model.config().n_vocab;
-    let p = prompt(150, vocab);
+    let p = prompt(len, vocab);
     let run = |pieces: &[usize]| {
-        let mut session = model.new_session(160).unwrap();
+        let mut session = model.new_session(len + 1).unwrap();
         let mut logits = vec![0.0; vocab];
         let mut at = 0;
         for &n in pieces {
@@ -765,10 +756,10 @@ fn long_prompts_on_tensor_cores_give_the_same_bits_however_they_are_cut() {
         }
         bits(&[logits])
     };
-    let whole = run(&[150]);
-    assert!(run(&[70, 13, 67]) == whole, "pieces differ from one call");
+    let whole = run(&[len]);
+    assert!(run(pieces) == whole, "pieces differ from one call");
     assert!(
-        run(&[1; 150]) == whole,
+        run(&vec![1; len]) == whole,
         "token by token differs from one call"
     );
 }
@@ -795,12 +786,7 @@ fn tensor_core_products_keep_each_sessions_bits() {
     let Some(device) = gpu("tensor_core_products_keep_each_sessions_bits") else {
         return;
     };
-    let path = model_file("llama-3.2-1b", DType::BF16, DType::BF16);
-    let model = Model::open("m", &path, 2)
-        .unwrap()
-        .with_precision(tern_model::Precision::Tensor)
-        .on_device(&device)
-        .unwrap();
+    let model = llama_1b_on_tensor_cores(&device);
     let cuda = model
         .engine_as::<tern_model::llama::cuda::CudaLlama>()
         .unwrap();
