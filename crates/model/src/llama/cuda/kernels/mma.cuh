@@ -346,15 +346,20 @@ __device__ __forceinline__ void mma_one(const unsigned char* __restrict__ w, con
             asm volatile("prefetch.global.L2 [%0];" ::"l"(chunk_at(0, i / 8) - 16 * lane + 128 * (i % 8)));
         }
     }
+    // The first part's first 2U chunks are on their way while the kernel waits.
     load(wa, 0, 0);
+    load(wb, 0, U);
     pdl_wait();
     pdl_launch_dependents();
-    // Token 0 split as it is staged.
-    for (unsigned j = threadIdx.x; j < cols / 2; j += blockDim.x) {
-        unsigned h, l;
-        mma_split_pair(x[2 * j], x[2 * j + 1], h, l);
-        ((unsigned*)xs)[j] = h;
-        ((unsigned*)(xs + 2 * cols))[j] = l;
+    // Token 0 split as it is staged (by warps 1-7 where warp 0 takes the norm's scale).
+    const unsigned stagers = norm_x ? blockDim.x - 32 : blockDim.x;
+    if (!norm_x || warp > 0) {
+        for (unsigned j = threadIdx.x - (blockDim.x - stagers); j < cols / 2; j += stagers) {
+            unsigned h, l;
+            mma_split_pair(x[2 * j], x[2 * j + 1], h, l);
+            ((unsigned*)xs)[j] = h;
+            ((unsigned*)(xs + 2 * cols))[j] = l;
+        }
     }
     if (norm_x && warp == 0) {
         const float s = rms_scale<true>(norm_x, cols, eps, lane);
@@ -372,7 +377,9 @@ __device__ __forceinline__ void mma_one(const unsigned char* __restrict__ w, con
             load(wa, i, 0);
         }
         for (unsigned k = 0; k < chunks; k += 2 * U) {
-            load(wb, i, k + U);
+            if (i > 0 || k > 0) {
+                load(wb, i, k + U);
+            }
             sum(acc[i], wa, i, k);
             load(wa, i, k + 2 * U);
             sum(acc[i], wb, i, k + U);
