@@ -293,6 +293,39 @@ __device__ __forceinline__ unsigned mma_gate_row(unsigned q)
 // mma_one: one token
 // ---------------------------------------------------------------------------------------
 
+// Token 0 split into hi and lo words (mma_split_pair) in shared memory by the block's 256
+// threads: 8 float4s of x a thread in flight at once (one batch up to 8,192 columns), all
+// issued before the first is split.
+__device__ __forceinline__ void mma_one_stage(const float* __restrict__ x, unsigned cols, unsigned* hi, unsigned* lo)
+{
+    if ((unsigned long long)x % 16 != 0) {
+        for (unsigned j = threadIdx.x; j < cols / 2; j += blockDim.x) {
+            mma_split_pair(x[2 * j], x[2 * j + 1], hi[j], lo[j]);
+        }
+        return;
+    }
+    const unsigned quads = cols / 4;
+    for (unsigned base = threadIdx.x; base < quads; base += 8 * 256) {
+        float4 v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const unsigned q = base + 256 * i;
+            v[i] = q < quads ? *(const float4*)(x + 4 * q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const unsigned q = base + 256 * i;
+            if (q < quads) {
+                unsigned h0, l0, h1, l1;
+                mma_split_pair(v[i].x, v[i].y, h0, l0);
+                mma_split_pair(v[i].z, v[i].w, h1, l1);
+                *(uint2*)(hi + 2 * q) = make_uint2(h0, h1);
+                *(uint2*)(lo + 2 * q) = make_uint2(l0, l1);
+            }
+        }
+    }
+}
+
 template <int U>
 __device__ __forceinline__ void mma_one(const unsigned char* __restrict__ w, const float* __restrict__ x,
                                         unsigned rows, unsigned cols, unsigned P, const float* __restrict__ norm_x,
@@ -351,23 +384,16 @@ __device__ __forceinline__ void mma_one(const unsigned char* __restrict__ w, con
     load(wb, 0, U);
     pdl_wait();
     pdl_launch_dependents();
-    // Token 0 split as it is staged (by warps 1-7 where warp 0 takes the norm's scale).
-    const unsigned stagers = norm_x ? blockDim.x - 32 : blockDim.x;
-    if (!norm_x || warp > 0) {
-        for (unsigned j = threadIdx.x - (blockDim.x - stagers); j < cols / 2; j += stagers) {
-            unsigned h, l;
-            mma_split_pair(x[2 * j], x[2 * j + 1], h, l);
-            ((unsigned*)xs)[j] = h;
-            ((unsigned*)(xs + 2 * cols))[j] = l;
-        }
-    }
+    mma_one_stage(x, cols, (unsigned*)xs, (unsigned*)(xs + 2 * cols));
+    __syncthreads();
+    // The norm's scale, needed by the outputs alone: warp 0 takes it while its first weights
+    // are still on their way and the other warps start their sums.
     if (norm_x && warp == 0) {
         const float s = rms_scale<true>(norm_x, cols, eps, lane);
         if (lane == 0) {
             s_scale = s;
         }
     }
-    __syncthreads();
 #pragma unroll
     for (unsigned i = 0; i < 2; ++i) {
         if (i >= my_parts) {
