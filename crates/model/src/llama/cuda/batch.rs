@@ -31,9 +31,10 @@ pub const MAX_SESSIONS: usize = 64;
 
 /// Positions of a long prompt one round takes at `Precision::Tensor`: every product over
 /// all of them in one launch (`MMA_MAX_TOKENS`), whose result for a position is the one it
-/// gets alone; attention [`MAX_CHUNK`] positions a launch in turn, each position's query over
-/// the positions before it as a decode step takes it. So a prompt gives the bits of the
-/// same tokens decoded one by one, however it is cut.
+/// gets alone; attention after every position's key and value are in the cache, each
+/// position's query over the positions before it and its own as a decode step takes it,
+/// [`MAX_CHUNK`] queries a launch (the session's attention scratch holds as many). So a
+/// prompt gives the bits of the same tokens decoded one by one, however it is cut.
 pub(super) const EXACT_CHUNK: usize = MMA_MAX_TOKENS as usize;
 
 /// What one scheduled step takes: a long prompt's tensor-core chunk and every other
@@ -221,8 +222,8 @@ impl TopBuffers {
 
 /// One session's positions in a round: at most [`MAX_CHUNK`], and where the last one's
 /// logits go (if wanted). A part alone in its round may hold up to [`EXACT_CHUNK`]: its
-/// attention then runs [`MAX_CHUNK`] positions a launch, each launch after the one that
-/// appended the positions before it (see [`EXACT_CHUNK`]).
+/// keys and values are then stored first and its attention runs [`MAX_CHUNK`] positions a
+/// launch (see [`EXACT_CHUNK`]).
 struct Part<'s, 't> {
     session: &'s mut CudaSession,
     tokens: &'t [u32],
@@ -255,8 +256,10 @@ fn round(
     let (mut first, mut n_split, mut out) = (0, 0, 0);
     for p in parts.iter() {
         for (i, &token) in p.tokens.iter().enumerate() {
-            let (group, t) = query_of(i);
-            let job = p.session.attn_job(c, t, first + group, group);
+            let job = match grouped {
+                true => p.session.attn_job_alone(c, scratch_slot(i), first + i, i),
+                false => p.session.attn_job(c, i, first, 0),
+            };
             n_split = n_split.max((job.step0 as u32 + job.t) / ATTN_SPLIT as u32 + 1);
             let at = (first + i) * size_of::<AttnJob>();
             bytes[at..at + size_of::<AttnJob>()].copy_from_slice(job_bytes(&job));
@@ -295,6 +298,11 @@ fn round(
     )?;
     mark("embedding, norm")?;
     let mut attention = |l: usize| {
+        // A grouped part's keys and values first, which its queries then read from the cache
+        // as a decode step's query reads those before its own.
+        if grouped {
+            run.append_kv(c, n, acts.qkv, base, l as u32, w.inv_freq)?;
+        }
         for (from, to) in attention_launches(rows, grouped) {
             run.attention_batch(
                 c,
@@ -305,7 +313,8 @@ fn round(
                 l as u32,
                 w.inv_freq,
                 acts.att,
-                rows == parts.len(),
+                grouped || rows == parts.len(),
+                !grouped && rows == parts.len(),
                 &w.layers[l].wo,
             )?;
         }
@@ -333,15 +342,14 @@ fn round(
     Ok(())
 }
 
-/// Where position `i` of a session's positions in a round goes in attention: the first
-/// position of its group of [`MAX_CHUNK`] (which its launch starts from) and which query of
-/// that launch it is.
-fn query_of(i: usize) -> (usize, usize) {
-    (i / MAX_CHUNK * MAX_CHUNK, i % MAX_CHUNK)
+/// Which of its session's [`MAX_CHUNK`] attention scratch slots position `i` of a grouped
+/// part takes: distinct within each of [`attention_launches`]'s launches.
+fn scratch_slot(i: usize) -> usize {
+    i % MAX_CHUNK
 }
 
-/// The rows of a round's attention launches, in turn: every row in one, or, for a grouped
-/// part, [`MAX_CHUNK`] a launch (the last the rest).
+/// The rows of a round's attention launches: every row in one, or, for a grouped part,
+/// [`MAX_CHUNK`] a launch (the last the rest).
 fn attention_launches(rows: usize, grouped: bool) -> impl Iterator<Item = (usize, usize)> {
     let size = if grouped { MAX_CHUNK } else { rows.max(1) };
     (0..rows)
@@ -687,14 +695,12 @@ mod tests {
         assert_eq!(launches(64, true), all);
         assert_eq!(launches(13, true), [(0, 8), (8, 13)]);
         assert_eq!(launches(9, true), [(0, 8), (8, 9)]);
-        // Each position is query i % 8 of the launch that starts at its group's first.
-        assert_eq!(query_of(0), (0, 0));
-        assert_eq!(query_of(7), (0, 7));
-        assert_eq!(query_of(8), (8, 0));
-        assert_eq!(query_of(63), (56, 7));
-        for (from, to) in launches(50, true) {
-            for i in from..to {
-                assert_eq!(query_of(i), (from, i - from));
+        // The positions of a launch take distinct scratch slots.
+        for rows in [9, 13, 50, 64] {
+            for (from, to) in launches(rows, true) {
+                let mut slots: Vec<_> = (from..to).map(scratch_slot).collect();
+                slots.sort();
+                assert_eq!(slots, (0..to - from).collect::<Vec<_>>());
             }
         }
     }

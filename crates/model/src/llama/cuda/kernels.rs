@@ -346,6 +346,8 @@ pub struct Kernels {
     rmsnorm_bf16: CudaFunction,
     scatter_rows: CudaFunction,
     rope_append: CudaFunction,
+    /// A batched step's keys and values stored before its attention (`append_kv`).
+    append_kv: CudaFunction,
     swiglu: CudaFunction,
     swiglu_bf16: CudaFunction,
     /// By head size: `attention_<head_dim>` and `attention_one_<head_dim>` (one new
@@ -596,6 +598,7 @@ impl Kernels {
                 rmsnorm_bf16: get(0, "rmsnorm_bf16")?,
                 scatter_rows: get(0, "scatter_rows")?,
                 rope_append: get(0, "rope_append")?,
+                append_kv: get(0, "append_kv")?,
                 swiglu: get(0, "swiglu")?,
                 swiglu_bf16: get(0, "swiglu_bf16")?,
                 attention: by_head_dims(|name| get(0, name), "attention")?,
@@ -1372,9 +1375,11 @@ impl Launcher<'_> {
     /// A batched step's decode attention for layer `layer`: query `i` of the `n_tok` in
     /// `jobs` (device [`AttnJob`]s) over its own session's cache, as
     /// [`Launcher::attention`] computes it for that session alone; `n_split` is the most
-    /// splits holding positions of any query; `one_each`: every session has one new position,
-    /// and then `out` also goes split for `next`, the product that reads it right after
-    /// (see `Pending`), where that product takes a split.
+    /// splits holding positions of any query; `one_each`: every query is its session's one
+    /// new position (or reads the positions before its own from the cache, where
+    /// [`Launcher::append_kv`] stored them), and then, with `split_next` (the launch takes
+    /// all of the step's rows), `out` also goes split for `next`, the product that reads it
+    /// right after (see `Pending`), where that product takes a split.
     ///
     /// [`AttnJob`]: super::batch::AttnJob
     #[allow(clippy::too_many_arguments)]
@@ -1389,6 +1394,7 @@ impl Launcher<'_> {
         inv_freq: u64,
         out: u64,
         one_each: bool,
+        split_next: bool,
         next: &DevMatrix,
     ) -> Result<(), ModelError> {
         let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
@@ -1400,8 +1406,11 @@ impl Launcher<'_> {
             true => splits_per_block(n_tok * items * n_split),
             false => 1,
         };
-        // A step of one new position each writes its outputs split for `next` too.
-        let split = self.split_target(next, n_tok).filter(|_| one_each);
+        // A step of one new position each writes its outputs split for `next` too, where
+        // this launch takes all of the step's rows.
+        let split = self
+            .split_target(next, n_tok)
+            .filter(|_| one_each && split_next);
         let (split_hi, split_lo, layout, _) = split.unwrap_or_default();
         let ahead = self.take_ahead();
         launch!(
@@ -1430,6 +1439,42 @@ impl Launcher<'_> {
             self.split_written(out, n_tok, q_dim, q_dim, set);
         }
         Ok(())
+    }
+
+    /// Stores the rotated key and the value of each of the `n_tok` queries of `jobs` (device
+    /// [`AttnJob`]s) into its session's cache at `layer`, as [`Launcher::attention_batch`]
+    /// appends them: so that one `attention_batch` launch with `one_each` may then take
+    /// several positions of one session.
+    ///
+    /// [`AttnJob`]: super::batch::AttnJob
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_kv(
+        &self,
+        c: &crate::llama::LlamaConfig,
+        n_tok: u32,
+        qkv: u64,
+        jobs: u64,
+        layer: u32,
+        inv_freq: u64,
+    ) -> Result<(), ModelError> {
+        let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
+        let (head_dim, n_rot, halves) = (c.head_dim as u32, c.n_rot as u32, super::halves(c));
+        let stride = qkv_stride(c);
+        launch!(
+            self,
+            &self.kernels.append_kv,
+            config((n_tok, n_head_kv, 1), super::ATTN_THREADS),
+            &qkv,
+            &jobs,
+            &layer,
+            &inv_freq,
+            &n_head,
+            &n_head_kv,
+            &head_dim,
+            &n_rot,
+            &halves,
+            &stride
+        )
     }
 
     /// Causal attention of a prefill chunk of `n_tok` queries, already rotated in place in

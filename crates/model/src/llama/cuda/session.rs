@@ -295,6 +295,29 @@ impl CudaSession {
         }
     }
 
+    /// Position `before` of this session's new positions (row `first` of a batched step) as
+    /// a query of its own, `t` 0, which reads the positions before it from the cache (stored
+    /// there by `append_kv`), with attention scratch slot `slot` (< `MAX_CHUNK`) of the
+    /// session's: so that up to `MAX_CHUNK` positions of one session share a launch.
+    pub(super) fn attn_job_alone(
+        &self,
+        c: &crate::llama::LlamaConfig,
+        slot: usize,
+        first: usize,
+        before: usize,
+    ) -> AttnJob {
+        debug_assert!(slot < MAX_CHUNK);
+        let job = self.attn_job(c, 0, first, before);
+        let queries = (slot * c.n_head) as u64;
+        let n_split = u64::from(job.n_split);
+        AttnJob {
+            part_o: job.part_o + queries * n_split * c.head_dim as u64 * 4,
+            part_ml: job.part_ml + queries * n_split * 2 * 4,
+            tickets: job.tickets + queries * 4,
+            ..job
+        }
+    }
+
     /// Copies the session's own logits buffer to the host.
     pub(super) fn read_logits(
         &self,

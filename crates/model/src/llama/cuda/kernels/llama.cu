@@ -314,6 +314,35 @@ struct AttnJob {
 FOR_HEAD_DIMS(ATTENTION_BATCH, ATTN_MAX_NEW, attention_batch_)
 FOR_HEAD_DIMS(ATTENTION_BATCH, 1, attention_batch_one_)
 
+// The rotated key and the value of each query of a batched step (job z's position step0 + t,
+// its row first + t of qkv) stored into its session's cache at `layer`, exactly as the
+// attention kernels above append them (rope_into's pairs and kv_round): so that a launch of
+// attention_batch_one after it may take several positions of one session, each reading the
+// positions before its own from the cache (its own block stores the same bytes again).
+// Grid (queries, n_head_kv), block ATTN_THREADS; head_dim <= 256.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    append_kv(const float* qkv, const AttnJob* __restrict__ jobs, unsigned layer,
+              const float* __restrict__ inv_freq, unsigned n_head, unsigned n_head_kv,
+              unsigned head_dim, unsigned n_rot, int halves, unsigned stride) {
+    pdl_wait();
+    pdl_launch_dependents();
+    __shared__ float s_k[256];
+    const AttnJob j = jobs[blockIdx.x];
+    const unsigned q_dim = n_head * head_dim, kv_dim = n_head_kv * head_dim;
+    const unsigned kv_off = blockIdx.y * head_dim, tid = threadIdx.x;
+    const int pos = j.step0 + (int)j.t;
+    const float* row = qkv + (size_t)(j.first + j.t) * stride;
+    rope_pairs<true>(tid, ATTN_THREADS, row + q_dim + kv_off, s_k, pos, inv_freq, n_rot, halves);
+    for (unsigned i = n_rot + tid; i < head_dim; i += ATTN_THREADS)
+        s_k[i] = kv_round(row[q_dim + kv_off + i]);
+    __syncthreads();
+    const size_t at = (size_t)layer * j.layer + (size_t)pos * kv_dim + kv_off;
+    for (unsigned d = tid; d < head_dim; d += ATTN_THREADS) {
+        kv_store((kv_t*)j.k_cache + at + d, s_k[d]);
+        kv_store((kv_t*)j.v_cache + at + d, kv_round(row[q_dim + kv_dim + kv_off + d]));
+    }
+}
+
 // The four floats at `off` of cached position p's key and value, zeros past `last`.
 __device__ __forceinline__ void kv_at(const kv_t* __restrict__ k_cache,
                                       const kv_t* __restrict__ v_cache, int p, int last,
