@@ -693,6 +693,21 @@ fn qkv_stride(c: &crate::llama::LlamaConfig) -> u32 {
     (c.n_head * c.head_dim + 2 * c.kv_dim()) as u32
 }
 
+/// What the kernels that rotate keys take of `c`: heads, KV heads, head size, rotated
+/// dimensions, the pairing (`halves`) and [`qkv_stride`].
+fn rope_shape(c: &crate::llama::LlamaConfig) -> (u32, u32, u32, u32, i32, u32) {
+    let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
+    let (head_dim, n_rot) = (c.head_dim as u32, c.n_rot as u32);
+    (
+        n_head,
+        n_head_kv,
+        head_dim,
+        n_rot,
+        super::halves(c),
+        qkv_stride(c),
+    )
+}
+
 /// `<prefix>_<d>` and `<prefix>_one_<d>` for every head size d of [`HEAD_DIMS`].
 fn by_head_dims(
     mut get: impl FnMut(&str) -> Result<CudaFunction, ModelError>,
@@ -1457,9 +1472,7 @@ impl Launcher<'_> {
         layer: u32,
         inv_freq: u64,
     ) -> Result<(), ModelError> {
-        let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
-        let (head_dim, n_rot, halves) = (c.head_dim as u32, c.n_rot as u32, super::halves(c));
-        let stride = qkv_stride(c);
+        let (n_head, n_head_kv, head_dim, n_rot, halves, stride) = rope_shape(c);
         launch!(
             self,
             &self.kernels.append_kv,
@@ -1605,9 +1618,7 @@ impl Launcher<'_> {
         inv_freq: u64,
         step: u64,
     ) -> Result<(), ModelError> {
-        let (n_head, n_head_kv) = (c.n_head as u32, c.n_head_kv as u32);
-        let (head_dim, n_rot, halves) = (c.head_dim as u32, c.n_rot as u32, super::halves(c));
-        let stride = qkv_stride(c);
+        let (n_head, n_head_kv, head_dim, n_rot, halves, stride) = rope_shape(c);
         launch!(
             self,
             &self.kernels.rope_append,
