@@ -90,15 +90,23 @@ __device__ __forceinline__ void rope_pairs(unsigned tid, unsigned threads, const
     }
 }
 
-// dst[0..D) = src rotated for position `pos` (see rope_pairs); dimensions from n_rot on are
+// dst[0..d) = src rotated for position `pos` (see rope_pairs); dimensions from n_rot on are
 // copied as they are (rounded too, with KEY).
+template <bool KEY>
+__device__ __forceinline__ void rope_head(unsigned tid, unsigned threads, const float* src,
+                                          float* dst, int pos, const float* __restrict__ inv_freq,
+                                          unsigned n_rot, int halves, unsigned d) {
+    rope_pairs<KEY>(tid, threads, src, dst, pos, inv_freq, n_rot, halves);
+    for (unsigned i = n_rot + tid; i < d; i += threads)
+        dst[i] = KEY ? kv_round(src[i]) : src[i];
+}
+
+// rope_head of a head of D dimensions.
 template <int D, bool KEY>
 __device__ __forceinline__ void rope_into(unsigned tid, unsigned threads, const float* src,
                                           float* dst, int pos, const float* __restrict__ inv_freq,
                                           unsigned n_rot, int halves) {
-    rope_pairs<KEY>(tid, threads, src, dst, pos, inv_freq, n_rot, halves);
-    for (unsigned i = n_rot + tid; i < D; i += threads)
-        dst[i] = KEY ? kv_round(src[i]) : src[i];
+    rope_head<KEY>(tid, threads, src, dst, pos, inv_freq, n_rot, halves, D);
 }
 
 // Where an attention writes its outputs a second time, split for the output projection's

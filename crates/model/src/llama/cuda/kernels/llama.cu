@@ -316,7 +316,7 @@ FOR_HEAD_DIMS(ATTENTION_BATCH, 1, attention_batch_one_)
 
 // The rotated key and the value of each query of a batched step (job z's position step0 + t,
 // its row first + t of qkv) stored into its session's cache at `layer`, exactly as the
-// attention kernels above append them (rope_into's pairs and kv_round): so that a launch of
+// attention kernels above append them (rope_head and kv_round): so that a launch of
 // attention_batch_one after it may take several positions of one session, each reading the
 // positions before its own from the cache (its own block stores the same bytes again).
 // Grid (queries, n_head_kv), block ATTN_THREADS; head_dim <= 256.
@@ -332,9 +332,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     const unsigned kv_off = blockIdx.y * head_dim, tid = threadIdx.x;
     const int pos = j.step0 + (int)j.t;
     const float* row = qkv + (size_t)(j.first + j.t) * stride;
-    rope_pairs<true>(tid, ATTN_THREADS, row + q_dim + kv_off, s_k, pos, inv_freq, n_rot, halves);
-    for (unsigned i = n_rot + tid; i < head_dim; i += ATTN_THREADS)
-        s_k[i] = kv_round(row[q_dim + kv_off + i]);
+    rope_head<true>(tid, ATTN_THREADS, row + q_dim + kv_off, s_k, pos, inv_freq, n_rot, halves,
+                    head_dim);
     __syncthreads();
     const size_t at = (size_t)layer * j.layer + (size_t)pos * kv_dim + kv_off;
     for (unsigned d = tid; d < head_dim; d += ATTN_THREADS) {
