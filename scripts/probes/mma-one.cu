@@ -3,7 +3,8 @@
 // engine's one-token tensor-core product (mma.cuh's mma_one, at MMA_ONE_CHUNKS chunks in
 // flight a warp and at 2 and 8) and its one-token matrix-vector kernels (matvec.cuh's
 // matvec_together, and matvec_out_rows for the head, at the rows a warp and parts kernels.rs
-// gives each matrix) on each BF16 product of the Llama-3.2-1B shape, one token: alone, 40
+// gives each matrix) on each BF16 product of the Llama-3.2-1B shape, one token (and mma_one at
+// 2 chunks in flight with three blocks an SM): alone, 40
 // calls over copies of the matrix (more bytes than L2 holds), and chained as a step's products
 // (16 layers of Q/K/V, O, gate/up and down, then the head, each launched with programmatic
 // dependent launch as the engine's graph launches them). mma_one's variants give the same bits
@@ -24,9 +25,8 @@
 
 // The engine's mma_one of U chunks in flight a warp, the product alone (no fusions).
 template <int U>
-__global__ void __launch_bounds__(256)
-    mo_tensor(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
-              unsigned cols, unsigned parts)
+__device__ __forceinline__ void mo_tensor_body(const unsigned char* __restrict__ w, const float* __restrict__ x,
+                                               float* y, unsigned rows, unsigned cols, unsigned parts)
 {
     MmaOut o;
     o.y = y;
@@ -38,6 +38,23 @@ __global__ void __launch_bounds__(256)
     o.glu = false;
     o.split = SplitOut{nullptr, nullptr, 0, 0};
     mma_one<U>(w, x, rows, cols, parts, nullptr, 0.0f, o);
+}
+
+template <int U>
+__global__ void __launch_bounds__(256)
+    mo_tensor(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
+              unsigned cols, unsigned parts)
+{
+    mo_tensor_body<U>(w, x, y, rows, cols, parts);
+}
+
+// The same at three blocks an SM (at most 85 registers a thread), for the occupancy question.
+template <int U>
+__global__ void __launch_bounds__(256, 3)
+    mo_tensor3(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
+               unsigned cols, unsigned parts)
+{
+    mo_tensor_body<U>(w, x, y, rows, cols, parts);
 }
 
 // The engine's one-token matrix-vector product of R rows a warp in `parts` parts (R = 0: the
@@ -69,6 +86,8 @@ template __global__ void mo_tensor<4>(const unsigned char* __restrict__, const f
                                       unsigned, unsigned, unsigned);
 template __global__ void mo_tensor<8>(const unsigned char* __restrict__, const float* __restrict__, float*,
                                       unsigned, unsigned, unsigned);
+template __global__ void mo_tensor3<2>(const unsigned char* __restrict__, const float* __restrict__, float*,
+                                       unsigned, unsigned, unsigned);
 template __global__ void mo_rows<0>(const unsigned char* __restrict__, const float* __restrict__, float*, unsigned,
                                     unsigned, unsigned);
 template __global__ void mo_rows<2>(const unsigned char* __restrict__, const float* __restrict__, float*, unsigned,
@@ -123,13 +142,14 @@ int main()
     CK(cudaDeviceSynchronize());
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    const Kernel tensor[] = {mo_tensor<MMA_ONE_CHUNKS>, mo_tensor<2>, mo_tensor<8>};
-    const int tensor_u[] = {MMA_ONE_CHUNKS, 2, 8};
-    // Variant v of product m, copy c: v < 3 mma_one (tensor[v]; its 4 cols bytes of dynamic
-    // shared memory stay under the default 48 KiB), v = 3 the matrix-vector kernel.
+    const Kernel tensor[] = {mo_tensor<MMA_ONE_CHUNKS>, mo_tensor<2>, mo_tensor<8>, mo_tensor3<2>};
+    const int tensor_u[] = {MMA_ONE_CHUNKS, 2, 8, 2};
+    constexpr int T = 4;  // mma_one's variants; variant T is the matrix-vector kernel
+    // Variant v of product m, copy c: v < T mma_one (tensor[v]; its 4 cols bytes of dynamic
+    // shared memory stay under the default 48 KiB), v = T the matrix-vector kernel.
     auto launch = [&](int v, const Matrix& m, int c) {
         const Shape& sh = *m.shape;
-        if (v < 3) {
+        if (v < T) {
             const unsigned tiles = sh.rows / 16, per_block = sh.mma_parts >= 8 ? 1 : 8 / sh.mma_parts;
             launch_pdl(tensor[v], dim3((tiles + per_block - 1) / per_block), dim3(256), 4 * sh.cols, st,
                        (const unsigned char*)m.tiles + c * m.bytes, (const float*)x, y, sh.rows, sh.cols,
@@ -148,13 +168,14 @@ int main()
     CK(cudaMalloc(&a, 1ull << 30));
     CK(cudaMalloc(&b, 1ull << 30));
     printf("copy: %.0f GB/s (read + write)\n", copy_bandwidth(st, b, a, 1ull << 30));
-    const char* names[] = {"mma_one, engine's U", "mma_one, U = 2", "mma_one, U = 8", "matrix-vector, engine's"};
+    const char* names[] = {"mma_one, engine's U", "mma_one, U = 2", "mma_one, U = 8", "mma_one, U = 2, 3 blocks",
+                           "matrix-vector, engine's"};
     bool same = true;
     char digest[40];
     printf("== one token, us a call (GB/s of weights), 40 calls over the copies\n");
     printf("  %-20s %-26s %4s %10s %8s  %s\n", "product", "kernel", "U", "us", "GB/s", "bits");
     for (const Matrix& m : ms) {
-        for (int v = 0; v < 4; ++v) {
+        for (int v = 0; v <= T; ++v) {
             launch(v, m, 0);
             CK(cudaStreamSynchronize(st));
             const char* bits = "";
@@ -167,7 +188,7 @@ int main()
                 for (unsigned char c : out) h = (h ^ c) * 1099511628211ull;
                 snprintf(digest, sizeof digest, "reference %016llx", h);
                 bits = digest;
-            } else if (v < 3) {
+            } else if (v < T) {
                 std::vector<float> p(m.shape->rows), q(m.shape->rows);
                 CK(cudaMemcpy(p.data(), y0, m.shape->rows * 4, cudaMemcpyDeviceToHost));
                 CK(cudaMemcpy(q.data(), y, m.shape->rows * 4, cudaMemcpyDeviceToHost));
@@ -180,13 +201,13 @@ int main()
             const double call_ms = elapsed_ms(st, [&] {
                 for (int i = 0; i < iters; ++i) launch(v, m, i % m.copies);
             });
-            printf("  %-20s %-26s %4d %10.1f %8.0f  %s\n", m.shape->name, names[v], v < 3 ? tensor_u[v] : 0,
+            printf("  %-20s %-26s %4d %10.1f %8.0f  %s\n", m.shape->name, names[v], v < T ? tensor_u[v] : 0,
                    call_ms * 1000 / iters, m.bytes * iters / call_ms / 1e6, bits);
         }
     }
     // A step's products: 16 layers of the four, then the head, each on its next copy.
     printf("== a step's products chained (16 layers, then the head), us a step, medians of 5\n");
-    for (int v = 0; v < 4; ++v) {
+    for (int v = 0; v <= T; ++v) {
         std::vector<double> runs;
         for (int r = 0; r < 6; ++r) {
             const double t = elapsed_ms(st, [&] {

@@ -717,8 +717,8 @@ fn short_prompts_give_the_same_bits_however_they_are_cut() {
 }
 
 /// At `Precision::Tensor` a prompt of 64 positions or more (chunks of 64 through the
-/// tensor-core products of every step, attention 8 positions a launch) gives the bits of
-/// one call, of any pieces and of the same tokens one by one.
+/// tensor-core products of every step, its queries on the decode attention kernel) gives the
+/// bits of one call, of any pieces and of the same tokens one by one.
 #[test]
 fn long_prompts_on_tensor_cores_give_the_same_bits_however_they_are_cut() {
     let Some(device) = gpu("long_prompts_on_tensor_cores_give_the_same_bits_however_they_are_cut")

@@ -33,8 +33,9 @@ pub const MAX_SESSIONS: usize = 64;
 /// all of them in one launch (`MMA_MAX_TOKENS`), whose result for a position is the one it
 /// gets alone; attention after every position's key and value are in the cache, each
 /// position's query over the positions before it and its own as a decode step takes it,
-/// [`MAX_CHUNK`] queries a launch (the session's attention scratch holds as many). So a
-/// prompt gives the bits of the same tokens decoded one by one, however it is cut.
+/// all in one launch where the round's shared scratch holds their slots ([`RoundScratch`]),
+/// else [`MAX_CHUNK`] a launch in the session's own. So a prompt gives the bits of the same
+/// tokens decoded one by one, however it is cut.
 pub(super) const EXACT_CHUNK: usize = MMA_MAX_TOKENS as usize;
 
 /// What one scheduled step takes: a long prompt's tensor-core chunk and every other
@@ -60,6 +61,30 @@ pub(super) struct AttnJob {
     pub n_split: u32,
 }
 
+/// Where queries keep their attention scratch (see `attention.cuh`): each query's slot of
+/// its heads' splits' unnormalized outputs (`part_o`), maxima and sums (`part_ml`) and merge
+/// tickets, slots of `n_split` splits a head laid out one after another.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct QueryScratch {
+    pub part_o: u64,
+    pub part_ml: u64,
+    pub tickets: u64,
+    pub n_split: u32,
+}
+
+/// Floats of a long prompt's round's shared attention outputs ([`RoundScratch`]): 64 MiB,
+/// so that a round of [`EXACT_CHUNK`] positions of a shape of 32 heads of 64 takes one
+/// attention launch a layer up to about 7,900 positions.
+const ROUND_SCRATCH_O: usize = 16 << 20;
+
+/// The attention scratch of a long prompt's round ([`EXACT_CHUNK`] positions of one
+/// session): up to [`EXACT_CHUNK`] queries' slots, as many as fit for the round's splits.
+struct RoundScratch {
+    part_o: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+    tickets: CudaSlice<u32>, // zero between launches
+}
+
 /// One session's part of a step on the GPU.
 pub(super) struct Item<'a> {
     pub session: &'a mut CudaSession,
@@ -83,6 +108,8 @@ pub(super) struct BatchBuffers {
     /// where each goes (see [`Plan`]).
     plan: CudaSlice<u8>,
     logits: CudaSlice<f32>,
+    /// Made by the first long prompt's round on tensor cores.
+    round_scratch: Option<RoundScratch>,
 }
 
 /// Byte offsets of a plan's parts for `rows` positions and `outs` logits rows.
@@ -138,6 +165,7 @@ impl BatchBuffers {
                     .alloc_zeros::<u8>(Plan::of(rows, outs).bytes)
                     .map_err(driver("allocating a batched step"))?,
                 logits: alloc(outs * c.n_vocab)?,
+                round_scratch: None,
             });
         }
         Ok(have.as_mut().expect("made above"))
@@ -145,6 +173,42 @@ impl BatchBuffers {
 
     fn ptr<T>(&self, model: &CudaLlama, slice: &CudaSlice<T>) -> u64 {
         slice.device_ptr(&model.stream).0
+    }
+
+    /// The round's shared attention scratch laid out for `n_split` splits a head, and how
+    /// many queries' slots it holds (at most [`EXACT_CHUNK`]); made on first use.
+    fn round_scratch(
+        &mut self,
+        model: &CudaLlama,
+        n_split: usize,
+    ) -> Result<(QueryScratch, usize), ModelError> {
+        let c = &model.config;
+        if self.round_scratch.is_none() {
+            let s = &model.stream;
+            let zeros = |n: usize| {
+                s.alloc_zeros::<f32>(n)
+                    .map_err(driver("allocating a long prompt's attention scratch"))
+            };
+            self.round_scratch = Some(RoundScratch {
+                part_o: zeros(ROUND_SCRATCH_O)?,
+                part_ml: zeros(ROUND_SCRATCH_O / 16)?,
+                tickets: s
+                    .alloc_zeros::<u32>(EXACT_CHUNK * c.n_head)
+                    .map_err(driver("allocating a long prompt's attention scratch"))?,
+            });
+        }
+        let r = self.round_scratch.as_ref().expect("made above");
+        let head = c.n_head * n_split.max(1);
+        let slots = (ROUND_SCRATCH_O / (head * c.head_dim))
+            .min(ROUND_SCRATCH_O / 16 / (head * 2))
+            .min(EXACT_CHUNK);
+        let scratch = QueryScratch {
+            part_o: self.ptr(model, &r.part_o),
+            part_ml: self.ptr(model, &r.part_ml),
+            tickets: self.ptr(model, &r.tickets),
+            n_split: n_split as u32,
+        };
+        Ok((scratch, slots))
     }
 }
 
@@ -222,8 +286,8 @@ impl TopBuffers {
 
 /// One session's positions in a round: at most [`MAX_CHUNK`], and where the last one's
 /// logits go (if wanted). A part alone in its round may hold up to [`EXACT_CHUNK`]: its
-/// keys and values are then stored first and its attention runs [`MAX_CHUNK`] positions a
-/// launch (see [`EXACT_CHUNK`]).
+/// keys and values are then stored first and its queries' attention runs as
+/// [`EXACT_CHUNK`] says.
 struct Part<'s, 't> {
     session: &'s mut CudaSession,
     tokens: &'t [u32],
@@ -253,12 +317,25 @@ fn round(
             parts.len()
         )));
     }
+    // A grouped part's queries each take a slot of the round's scratch, all in one launch
+    // where that many slots fit, else of the session's own, MAX_CHUNK a launch.
+    let (scratch, per_launch) = match grouped {
+        true => {
+            let session = &parts[0].session;
+            let (round, slots) = b.round_scratch(model, (session.len + rows - 1) / ATTN_SPLIT + 1)?;
+            match slots > MAX_CHUNK {
+                true => (Some(round), slots.min(rows)),
+                false => (Some(session.own_scratch()), MAX_CHUNK),
+            }
+        }
+        false => (None, rows.max(1)),
+    };
     let (mut first, mut n_split, mut out) = (0, 0, 0);
     for p in parts.iter() {
         for (i, &token) in p.tokens.iter().enumerate() {
-            let job = match grouped {
-                true => p.session.attn_job_alone(c, scratch_slot(i), first + i, i),
-                false => p.session.attn_job(c, i, first, 0),
+            let job = match scratch {
+                Some(s) => p.session.attn_job_alone(c, s, i % per_launch, first + i, i),
+                None => p.session.attn_job(c, i, first, 0),
             };
             n_split = n_split.max((job.step0 as u32 + job.t) / ATTN_SPLIT as u32 + 1);
             let at = (first + i) * size_of::<AttnJob>();
@@ -303,7 +380,7 @@ fn round(
         if grouped {
             run.append_kv(c, n, acts.qkv, base, l as u32, w.inv_freq)?;
         }
-        for (from, to) in attention_launches(rows, grouped) {
+        for (from, to) in attention_launches(rows, per_launch) {
             run.attention_batch(
                 c,
                 (to - from) as u32,
@@ -342,19 +419,13 @@ fn round(
     Ok(())
 }
 
-/// Which of its session's [`MAX_CHUNK`] attention scratch slots position `i` of a grouped
-/// part takes: distinct within each of [`attention_launches`]'s launches.
-fn scratch_slot(i: usize) -> usize {
-    i % MAX_CHUNK
-}
-
-/// The rows of a round's attention launches: every row in one, or, for a grouped part,
-/// [`MAX_CHUNK`] a launch (the last the rest).
-fn attention_launches(rows: usize, grouped: bool) -> impl Iterator<Item = (usize, usize)> {
-    let size = if grouped { MAX_CHUNK } else { rows.max(1) };
+/// The rows of a round's attention launches: `per_launch` a launch (the last the rest).
+/// Position `i` of a grouped part takes slot `i % per_launch` of its scratch, distinct
+/// within each launch.
+fn attention_launches(rows: usize, per_launch: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..rows)
-        .step_by(size)
-        .map(move |from| (from, rows.min(from + size)))
+        .step_by(per_launch.max(1))
+        .map(move |from| (from, rows.min(from + per_launch.max(1))))
 }
 
 /// A job's bytes as `llama.cu` reads them.
@@ -687,18 +758,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_long_prompts_attention_runs_max_chunk_positions_a_launch_in_order() {
-        let launches = |rows, grouped| attention_launches(rows, grouped).collect::<Vec<_>>();
-        assert_eq!(launches(12, false), [(0, 12)]);
-        assert_eq!(launches(64, false), [(0, 64)]);
+    fn a_long_prompts_attention_launches_cover_its_rows_with_distinct_slots() {
+        let launches = |rows, n| attention_launches(rows, n).collect::<Vec<_>>();
+        assert_eq!(launches(12, 12), [(0, 12)]);
+        assert_eq!(launches(64, 64), [(0, 64)]);
         let all: Vec<_> = (0..8).map(|g| (8 * g, 8 * g + 8)).collect();
-        assert_eq!(launches(64, true), all);
-        assert_eq!(launches(13, true), [(0, 8), (8, 13)]);
-        assert_eq!(launches(9, true), [(0, 8), (8, 9)]);
-        // The positions of a launch take distinct scratch slots.
-        for rows in [9, 13, 50, 64] {
-            for (from, to) in launches(rows, true) {
-                let mut slots: Vec<_> = (from..to).map(scratch_slot).collect();
+        assert_eq!(launches(64, 8), all);
+        assert_eq!(launches(13, 8), [(0, 8), (8, 13)]);
+        assert_eq!(launches(9, 8), [(0, 8), (8, 9)]);
+        assert_eq!(launches(50, 20), [(0, 20), (20, 40), (40, 50)]);
+        for (rows, n) in [(9, 8), (13, 8), (50, 8), (64, 8), (50, 20), (64, 64)] {
+            for (from, to) in launches(rows, n) {
+                let mut slots: Vec<_> = (from..to).map(|i| i % n).collect();
                 slots.sort();
                 assert_eq!(slots, (0..to - from).collect::<Vec<_>>());
             }

@@ -465,8 +465,8 @@ impl CudaLlama {
         if self.tensor_cores() {
             return format!(
                 "prompts of {PREFILL_MIN}+ positions {} a chunk through the tensor-core products \
-                 of every step, attention {MAX_CHUNK} positions a launch: the bits of one token \
-                 at a time",
+                 of every step, keys and values stored first, then every position's query on the \
+                 decode attention kernel: the bits of one token at a time",
                 batch::EXACT_CHUNK
             );
         }

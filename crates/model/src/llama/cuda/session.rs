@@ -10,7 +10,7 @@ use tern_compute::cuda::cudarc::driver::{
     CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
 };
 
-use super::batch::AttnJob;
+use super::batch::{AttnJob, QueryScratch};
 use super::fused::{self, FusedSession};
 use super::kernels::{DevMatrix, Fuse, Launcher, TOP_CHUNK};
 use super::prefill::Prefill;
@@ -295,25 +295,37 @@ impl CudaSession {
         }
     }
 
+    /// This session's own attention scratch: [`MAX_CHUNK`] queries' slots.
+    pub(super) fn own_scratch(&self) -> QueryScratch {
+        QueryScratch {
+            part_o: self.ptr(&self.buf.part_o),
+            part_ml: self.ptr(&self.buf.part_ml),
+            tickets: self.ptr(&self.buf.tickets),
+            n_split: CudaLlama::n_split(self.n_ctx) as u32,
+        }
+    }
+
     /// Position `before` of this session's new positions (row `first` of a batched step) as
     /// a query of its own, `t` 0, which reads the positions before it from the cache (stored
-    /// there by `append_kv`), with attention scratch slot `slot` (< `MAX_CHUNK`) of the
-    /// session's: so that up to `MAX_CHUNK` positions of one session share a launch.
+    /// there by `append_kv`), with slot `slot` of `scratch` (this session's own, or a
+    /// round's): so that several positions of one session share a launch, each in its slot.
     pub(super) fn attn_job_alone(
         &self,
         c: &crate::llama::LlamaConfig,
+        scratch: QueryScratch,
         slot: usize,
         first: usize,
         before: usize,
     ) -> AttnJob {
-        debug_assert!(slot < MAX_CHUNK);
         let job = self.attn_job(c, 0, first, before);
         let queries = (slot * c.n_head) as u64;
-        let n_split = u64::from(job.n_split);
+        let n_split = u64::from(scratch.n_split);
+        debug_assert!(u64::from(job.n_split) >= n_split);
         AttnJob {
-            part_o: job.part_o + queries * n_split * c.head_dim as u64 * 4,
-            part_ml: job.part_ml + queries * n_split * 2 * 4,
-            tickets: job.tickets + queries * 4,
+            part_o: scratch.part_o + queries * n_split * c.head_dim as u64 * 4,
+            part_ml: scratch.part_ml + queries * n_split * 2 * 4,
+            tickets: scratch.tickets + queries * 4,
+            n_split: scratch.n_split,
             ..job
         }
     }
