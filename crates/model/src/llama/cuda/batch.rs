@@ -322,7 +322,8 @@ fn round(
     let (scratch, per_launch) = match grouped {
         true => {
             let session = &parts[0].session;
-            let (round, slots) = b.round_scratch(model, (session.len + rows - 1) / ATTN_SPLIT + 1)?;
+            let (round, slots) =
+                b.round_scratch(model, (session.len + rows - 1) / ATTN_SPLIT + 1)?;
             match slots > MAX_CHUNK {
                 true => (Some(round), slots.min(rows)),
                 false => (Some(session.own_scratch()), MAX_CHUNK),
