@@ -634,6 +634,91 @@ fn greedy_steps_run_ahead_with_the_same_bits() {
     }
 }
 
+/// Steps of several greedy decode steps enqueue the next one ahead of their calls: each
+/// session gets the bits of its own steps run alone (which copy their logits out) whether
+/// its caller takes the step ahead, brings another token, rewinds, sits a step out, reads its
+/// cache back, or comes back alone.
+#[test]
+fn batched_greedy_steps_run_ahead_with_the_same_bits() {
+    let Some(device) = gpu("batched_greedy_steps_run_ahead_with_the_same_bits") else {
+        return;
+    };
+    let model = smollm2_on(&device);
+    let vocab = model.config().n_vocab;
+    const N: usize = 6;
+    let mut want: Vec<_> = (0..N).map(|_| model.new_session(300).unwrap()).collect();
+    let mut got: Vec<_> = (0..N).map(|_| model.new_session(300).unwrap()).collect();
+    let (mut logits, mut first) = (vec![0.0; vocab], vec![0.0; vocab]);
+    let mut next = [0u32; N];
+    let mut len = [0usize; N];
+    for i in 0..N {
+        let p = prompt(10 + 7 * i, vocab);
+        model.forward(&mut want[i], &p, &mut logits).unwrap();
+        model.forward(&mut got[i], &p, &mut first).unwrap();
+        assert!(bits(&[logits.clone()]) == bits(&[first.clone()]));
+        next[i] = tern_model::llama::cpu::argmax(&logits);
+        len[i] = p.len();
+    }
+    for step in 0..40 {
+        let in_step: Vec<usize> = match step {
+            // Session 4 sits out: its row of the step ahead is not taken.
+            10 => (0..N).filter(|&i| i != 4).collect(),
+            // One session alone takes its row.
+            30 => vec![2],
+            _ => (0..N).collect(),
+        };
+        let mut tops = vec![[tern_model::Candidate::default()]; in_step.len()];
+        let mut steps: Vec<tern_model::Step<'_>> = got
+            .iter_mut()
+            .zip(&next)
+            .enumerate()
+            .filter(|(i, _)| in_step.contains(i))
+            .zip(tops.iter_mut())
+            .map(|((_, (session, token)), top)| tern_model::Step {
+                session,
+                tokens: std::slice::from_ref(token),
+                logits: None,
+                top,
+            })
+            .collect();
+        model.step(&mut steps).unwrap();
+        drop(steps);
+        for (&i, top) in in_step.iter().zip(&tops) {
+            model
+                .forward(&mut want[i], &[next[i]], &mut logits)
+                .unwrap();
+            len[i] += 1;
+            let best = tern_model::llama::cpu::argmax(&logits);
+            assert_eq!(
+                (top[0].token, top[0].logit.to_bits()),
+                (best, logits[best as usize].to_bits()),
+                "step {step}, session {i}"
+            );
+            next[i] = best;
+        }
+        match step {
+            // Another token than the one the step ahead took.
+            15 => next[1] = (next[1] + 1) % vocab as u32,
+            // Back three positions.
+            20 => {
+                len[3] -= 3;
+                got[3].rewind(len[3]);
+                want[3].rewind(len[3]);
+            }
+            // The cache read back while a step runs ahead.
+            25 => {
+                let (a, b) = (
+                    got[0].host_kv(&model).unwrap(),
+                    want[0].host_kv(&model).unwrap(),
+                );
+                assert_eq!(a.len, len[0]);
+                assert!(a.k == b.k && a.v == b.v, "the caches differ");
+            }
+            _ => {}
+        }
+    }
+}
+
 /// The SmolLM2-135M shape, Q4_1, on the GPU.
 fn smollm2_on(device: &Arc<dyn Device>) -> Model {
     open_on(

@@ -16,12 +16,12 @@
 //! Concurrent forward passes from different threads (actors) meet in a [`StepBatcher`]: one
 //! of them leads a step over all that wait, the others sleep until their result is there.
 
-use tern_compute::cuda::cudarc::driver::{CudaSlice, DevicePtr};
+use tern_compute::cuda::cudarc::driver::{CudaEvent, CudaSlice, DevicePtr};
 
 use super::kernels::{Fuse, Launcher, MMA_MAX_TOKENS, TopJob, top_k_many_scratch};
 use super::prefill::{self, PREFILL_CHUNK, PREFILL_MIN};
-use super::session::{ActBuffers, enqueue_layers, from_pairs};
-use super::{ATTN_SPLIT, CudaLlama, CudaSession, MAX_CHUNK, driver};
+use super::session::{ActBuffers, Slots, enqueue_layers, from_pairs};
+use super::{ATTN_SPLIT, CudaLlama, CudaSession, Held, MAX_CHUNK, driver};
 use crate::ModelError;
 use crate::steps::{Budget, StepJob};
 use crate::top::{Candidate, MAX_TOP};
@@ -44,6 +44,36 @@ pub(super) const STEP_BUDGET: Budget = Budget {
     tokens: PREFILL_CHUNK + MAX_SESSIONS * MAX_CHUNK,
     jobs: MAX_SESSIONS,
 };
+
+/// Sets of [`MAX_SESSIONS`] slots of the model's greedy selections ([`Slots`]): those of the
+/// step enqueued ahead that a step claims, that step's own, and those of the step it
+/// enqueues ahead in turn.
+const AHEAD_SETS: usize = 3;
+
+/// A batched greedy step enqueued ahead of its calls: after a step of several greedy decode
+/// steps (one token each, the top logit alone), each session's next position, of the token
+/// that step selected, so that the GPU runs it while the callers look at their tokens and
+/// come back. A later step takes a session's row when its caller brings that token at that
+/// position (the same bits: a position's result never depends on the sessions beside it);
+/// what a row not taken wrote stays past its session's positions, and a session changed in
+/// between leaves its row ([`CudaSession::drop_ahead`]).
+pub(super) struct BatchAhead {
+    /// Unique to this step; its sessions hold it with their row (`CudaSession::batch_ahead`).
+    mark: u64,
+    /// Each row's position and the token it ran there.
+    rows: Vec<(usize, u32)>,
+    /// The set of slots its selections land in.
+    set: usize,
+    done: CudaEvent,
+}
+
+impl Drop for BatchAhead {
+    // Its selections land in the model's page-locked slots: it ends before they can be freed
+    // (an error here means the context is gone, and the work with it).
+    fn drop(&mut self) {
+        let _ = self.done.synchronize();
+    }
+}
 
 /// One query of a batched step, laid out as `llama.cu`'s `AttnJob`.
 #[repr(C)]
@@ -98,6 +128,16 @@ pub(super) struct Item<'a> {
     pub out: bool,
 }
 
+impl Item<'_> {
+    /// The token of a greedy decode step (one token, its top logit alone), if this is one.
+    fn greedy(&self) -> Option<u32> {
+        match (self.tokens, self.top.len(), &self.logits, self.out) {
+            (&[token], 1, None, true) => Some(token),
+            _ => None,
+        }
+    }
+}
+
 /// Device buffers of batched steps, made on the first and grown as steps need.
 pub(super) struct BatchBuffers {
     /// Positions the activation buffers hold, and logits rows.
@@ -112,11 +152,14 @@ pub(super) struct BatchBuffers {
     round_scratch: Option<RoundScratch>,
 }
 
-/// Byte offsets of a plan's parts for `rows` positions and `outs` logits rows.
+/// Byte offsets of a plan's parts for `rows` positions and `outs` logits rows: the attention
+/// jobs, the token ids, the rows whose logits are wanted, where each goes, and (for a step
+/// enqueued ahead, see [`BatchAhead`]) where each row's token is to be taken from.
 struct Plan {
     ids: usize,
     out_rows: usize,
     dsts: usize,
+    srcs: usize,
     bytes: usize,
 }
 
@@ -125,11 +168,13 @@ impl Plan {
         let ids = rows * size_of::<AttnJob>();
         let out_rows = (ids + 4 * rows).next_multiple_of(16);
         let dsts = (out_rows + 4 * outs).next_multiple_of(16);
+        let srcs = (dsts + 8 * outs).next_multiple_of(16);
         Plan {
             ids,
             out_rows,
             dsts,
-            bytes: dsts + 8 * outs,
+            srcs,
+            bytes: srcs + 8 * rows,
         }
     }
 }
@@ -296,12 +341,15 @@ struct Part<'s, 't> {
 
 /// Enqueues one round: every part's positions through every layer together, the logits of
 /// each part that wants them written to its address. The caller holds the model. `mark` is
-/// told each kernel's name (or a layer phase's) after it is enqueued.
+/// told each kernel's name (or a layer phase's) after it is enqueued. With `ids_from`, each
+/// row's token id is read on the GPU from the pair at that row's address there (a step
+/// enqueued ahead: the parts' tokens are placeholders).
 fn round(
     model: &CudaLlama,
     have: &mut Option<BatchBuffers>,
     parts: &mut [Part<'_, '_>],
     mark: &mut dyn FnMut(&'static str) -> Result<(), ModelError>,
+    ids_from: Option<&[u64]>,
 ) -> Result<(), ModelError> {
     let c = &model.config;
     let w = &model.weights;
@@ -353,6 +401,12 @@ fn round(
             out += 1;
         }
     }
+    if let Some(srcs) = ids_from {
+        for (i, src) in srcs.iter().take(rows).enumerate() {
+            let at = plan.srcs + 8 * i;
+            bytes[at..at + 8].copy_from_slice(&src.to_le_bytes());
+        }
+    }
     model
         .stream
         .memcpy_htod(&bytes, &mut b.plan.slice_mut(..plan.bytes))
@@ -363,6 +417,9 @@ fn round(
     };
     let acts = b.act.acts(&model.stream);
     let base = b.ptr(model, &b.plan);
+    if ids_from.is_some() {
+        run.next_ids(base + plan.srcs as u64, base + plan.ids as u64, rows as u32)?;
+    }
     let (n, e) = (rows as u32, c.n_embd as u32);
     run.get_rows(&w.token_embd, base + plan.ids as u64, acts.x, n)?;
     run.rmsnorm(
@@ -474,7 +531,7 @@ impl CudaLlama {
                     }
                 })
                 .collect();
-            round(self, &mut busy.batch, &mut parts, mark)?;
+            round(self, &mut busy.batch, &mut parts, mark, None)?;
             let jobs: Vec<_> = parts
                 .iter()
                 .map(|p| (p.session.logits_ptr(), 1, None))
@@ -519,7 +576,7 @@ impl CudaLlama {
                 tokens,
                 out,
             }];
-            round(self, &mut busy.batch, &mut part, mark)
+            round(self, &mut busy.batch, &mut part, mark, None)
         });
         session.truncate(len);
         times
@@ -529,19 +586,57 @@ impl CudaLlama {
     /// [`CudaLlama::forward_top`] would for each alone (the same bits): long prompts' chunks
     /// on tensor cores a session at a time, then every session's remaining positions
     /// [`MAX_CHUNK`] at a time, all sessions together, in rounds. The items are checked
-    /// before any runs; a session may appear once.
+    /// before any runs; a session may appear once. A step of several greedy decode steps
+    /// (one token each, its top logit alone) also enqueues the next one ahead of its calls
+    /// ([`BatchAhead`]), and an item that brings the token that one ran takes its result.
     pub(super) fn step_items(&self, items: &mut [Item<'_>]) -> Result<(), ModelError> {
         for item in items.iter() {
             self.check_item(item.session, item.tokens, item.logits.as_deref(), item.top)?;
         }
-        let mut busy = self.hold()?;
-        // A lone greedy decode step (one token, its top logit alone): with the next one run
-        // ahead of its call.
-        if let [item] = items
-            && let (&[token], [top], None, true) =
-                (item.tokens, &mut *item.top, &item.logits, item.out)
+        let mut held = self.hold()?;
+        let busy = &mut *held;
+        // Each item that the step enqueued ahead ran already: its row there.
+        let ahead = busy.ahead.take();
+        let greedy: Vec<Option<u32>> = items.iter().map(Item::greedy).collect();
+        let claimed: Vec<Option<usize>> = items
+            .iter()
+            .zip(&greedy)
+            .map(|(item, &token)| {
+                let (a, (mark, row)) = (ahead.as_ref()?, item.session.batch_ahead?);
+                (mark == a.mark && a.rows[row] == (item.session.len, token?)).then_some(row)
+            })
+            .collect();
+        let any_claimed = claimed.iter().any(Option::is_some);
+        // A lone greedy decode step: with the next one run ahead of its call.
+        if !any_claimed
+            && let [item] = items
+            && let (Some(token), [top]) = (greedy[0], &mut *item.top)
         {
             return item.session.greedy(self, token, top);
+        }
+        // Sets of the model's slots: the claimed selections', this step's where the next
+        // step goes ahead, and the next step's (distinct, as each is read after the wait
+        // while the step ahead may write its own).
+        let claimed_set = ahead
+            .as_ref()
+            .filter(|_| any_claimed)
+            .map_or(AHEAD_SETS - 1, |a| a.set);
+        let this_set = (claimed_set + 1) % AHEAD_SETS;
+        let next_set = (claimed_set + 2) % AHEAD_SETS;
+        let go_ahead = (2..=MAX_SESSIONS).contains(&items.len())
+            && greedy.iter().all(Option::is_some)
+            && items.iter().all(|i| i.session.len + 1 < i.session.n_ctx);
+        if (go_ahead || any_claimed) && busy.slots.is_none() {
+            busy.slots = Some(Slots::new(self, AHEAD_SETS * MAX_SESSIONS)?);
+        }
+        let slot = |set: usize, i: usize| set * MAX_SESSIONS + i;
+        let mut at = vec![0usize; items.len()];
+        for ((item, row), at) in items.iter_mut().zip(&claimed).zip(&mut at) {
+            if row.is_some() {
+                item.session.len += 1;
+                item.session.batch_ahead = None;
+                *at = item.tokens.len();
+            }
         }
         let sees = |ptr: usize, bytes: usize| {
             self.device
@@ -557,7 +652,6 @@ impl CudaLlama {
                 _ => (item.session.logits_ptr(), false),
             })
             .collect();
-        let mut at = vec![0usize; items.len()];
         // Long prompts chunk by chunk, a session at a time: at `Precision::Tensor` through
         // the tensor-core products of every step (the bits of one token at a time), else
         // through cuBLAS GEMMs; where neither can run, the rounds below take them.
@@ -571,7 +665,7 @@ impl CudaLlama {
                         tokens: &item.tokens[at[i]..at[i] + n],
                         out: (last && item.out).then_some(dsts[i].0),
                     }];
-                    round(self, &mut busy.batch, &mut part, &mut |_| Ok(()))?;
+                    round(self, &mut busy.batch, &mut part, &mut |_| Ok(()), None)?;
                     at[i] += n;
                     continue;
                 }
@@ -612,7 +706,7 @@ impl CudaLlama {
                 },
                 many => {
                     for group in many.chunks_mut(MAX_SESSIONS) {
-                        round(self, &mut busy.batch, group, &mut |_| Ok(()))?;
+                        round(self, &mut busy.batch, group, &mut |_| Ok(()), None)?;
                     }
                 }
             }
@@ -624,40 +718,73 @@ impl CudaLlama {
         // Per item: the index of its job whose result is copied to the host after the wait.
         let mut copy_top = vec![None; items.len()];
         for (i, (item, &(dst, _))) in items.iter().zip(&dsts).enumerate() {
-            if !item.out || item.top.is_empty() {
+            if !item.out || item.top.is_empty() || claimed[i].is_some() {
                 continue;
             }
-            let direct = sees(item.top.as_ptr() as usize, size_of_val(item.top));
-            if !direct {
-                copy_top[i] = Some(jobs.len());
-            }
-            let out = direct.then_some(item.top.as_ptr() as u64);
+            // Where the next step goes ahead, it takes its tokens from the model's slots.
+            let out = match (go_ahead, &busy.slots) {
+                (true, Some(slots)) => Some(slots.ptr(slot(this_set, i))),
+                _ => {
+                    let direct = sees(item.top.as_ptr() as usize, size_of_val(item.top));
+                    if !direct {
+                        copy_top[i] = Some(jobs.len());
+                    }
+                    direct.then_some(item.top.as_ptr() as u64)
+                }
+            };
             jobs.push((i, (dst, item.top.len(), out)));
         }
         // One selection in the session's own buffers; several in one launch of each kernel.
         let together = match jobs.as_slice() {
-            [] => None,
+            [] => false,
             &[(i, (dst, k, out))] => {
                 items[i].session.enqueue_top_k(self, dst, k, out)?;
-                None
+                false
             }
             _ => {
                 let table: Vec<_> = jobs.iter().map(|&(_, job)| job).collect();
-                Some(TopBuffers::enqueue(self, &mut busy.tops, &table)?)
+                TopBuffers::enqueue(self, &mut busy.tops, &table)?;
+                true
             }
         };
-        self.stream
-            .synchronize()
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(driver("recording an event"))?;
+        let next = match (go_ahead, &busy.slots) {
+            (true, Some(slots)) => {
+                let srcs: Vec<u64> = claimed
+                    .iter()
+                    .enumerate()
+                    .map(|(i, row)| match row {
+                        Some(row) => slots.ptr(slot(claimed_set, *row)),
+                        None => slots.ptr(slot(this_set, i)),
+                    })
+                    .collect();
+                let outs: Vec<u64> = (0..items.len())
+                    .map(|i| slots.ptr(slot(next_set, i)))
+                    .collect();
+                Some(self.enqueue_ahead(busy, items, &srcs, &outs, next_set)?)
+            }
+            _ => None,
+        };
+        done.synchronize()
             .map_err(driver("running the forward pass"))?;
-        let pairs = match &together {
-            Some(tops) if copy_top.iter().any(Option::is_some) => tops.read(self, jobs.len())?,
+        let pairs = match &busy.tops {
+            Some(tops) if together && copy_top.iter().any(Option::is_some) => {
+                tops.read(self, jobs.len())?
+            }
             _ => Vec::new(),
         };
-        for ((item, &(_, direct)), copy_top) in items.iter_mut().zip(&dsts).zip(copy_top) {
-            match (copy_top, &together) {
-                (Some(_), None) => item.session.read_top(item.top)?,
-                (Some(j), Some(_)) => from_pairs(item.top, &pairs[j * 2 * MAX_TOP..]),
-                (None, _) => {}
+        for (i, (item, &(_, direct))) in items.iter_mut().zip(&dsts).enumerate() {
+            match (claimed[i], copy_top[i], together, &busy.slots) {
+                (Some(row), _, _, Some(slots)) => item.top[0] = slots.read(slot(claimed_set, row)),
+                (None, _, _, Some(slots)) if go_ahead => {
+                    item.top[0] = slots.read(slot(this_set, i))
+                }
+                (_, Some(_), false, _) => item.session.read_top(item.top)?,
+                (_, Some(j), true, _) => from_pairs(item.top, &pairs[j * 2 * MAX_TOP..]),
+                _ => {}
             }
             if let Some(l) = item.logits.as_deref_mut()
                 && item.out
@@ -666,7 +793,67 @@ impl CudaLlama {
                 item.session.read_logits(&self.stream, l)?;
             }
         }
+        if let Some(mut next) = next {
+            for (i, item) in items.iter_mut().enumerate() {
+                next.rows[i].1 = item.top[0].token;
+                item.session.batch_ahead = Some((next.mark, i));
+            }
+            busy.ahead = Some(next);
+        }
         Ok(())
+    }
+
+    /// Enqueues the step ahead of a step of greedy `items` (see [`BatchAhead`]): each item's
+    /// session's next position, of the token in the pair at `srcs[i]` (its selection in the
+    /// step before), its own selection into `outs[i]`, slots of set `set`.
+    fn enqueue_ahead(
+        &self,
+        busy: &mut Held,
+        items: &mut [Item<'_>],
+        srcs: &[u64],
+        outs: &[u64],
+        set: usize,
+    ) -> Result<BatchAhead, ModelError> {
+        const PLACEHOLDER: [u32; 1] = [0];
+        let mut parts: Vec<Part<'_, '_>> = items
+            .iter_mut()
+            .map(|item| {
+                let out = Some(item.session.logits_ptr());
+                Part {
+                    session: &mut *item.session,
+                    tokens: &PLACEHOLDER,
+                    out,
+                }
+            })
+            .collect();
+        round(
+            self,
+            &mut busy.batch,
+            &mut parts,
+            &mut |_| Ok(()),
+            Some(srcs),
+        )?;
+        let jobs: Vec<_> = parts
+            .iter_mut()
+            .zip(outs)
+            .map(|(p, &out)| {
+                // The positions stay the callers' to take.
+                p.session.len -= 1;
+                (p.session.logits_ptr(), 1, Some(out))
+            })
+            .collect();
+        TopBuffers::enqueue(self, &mut busy.tops, &jobs)?;
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(driver("recording an event"))?;
+        busy.marks += 1;
+        Ok(BatchAhead {
+            mark: busy.marks,
+            rows: parts.iter().map(|p| (p.session.len, u32::MAX)).collect(),
+            set,
+            done,
+        })
     }
 
     /// Refuses `tokens` for `session` (with outputs `logits` and `top`) that a step cannot

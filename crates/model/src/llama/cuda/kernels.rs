@@ -365,6 +365,7 @@ pub struct Kernels {
     top_k_blocks_many: CudaFunction,
     top_k_merge_many: CudaFunction,
     next_step: CudaFunction,
+    next_ids: CudaFunction,
     read_all: CudaFunction,
     /// `decode.cu`'s persistent decode kernel, for the model's weight type and head size,
     /// when it was asked for and built; else why not.
@@ -608,6 +609,7 @@ impl Kernels {
                 top_k_blocks_many: get(0, "top_k_blocks_many")?,
                 top_k_merge_many: get(0, "top_k_merge_many")?,
                 next_step: get(0, "next_step")?,
+                next_ids: get(0, "next_ids")?,
                 read_all: get(0, "read_all")?,
                 decode_layers,
                 rows_together: AtomicBool::new(true),
@@ -1566,6 +1568,20 @@ impl Launcher<'_> {
             &pair,
             &step,
             &pos
+        )
+    }
+
+    /// Writes the `n` token ids at `ids` from the (token, logit bits) pairs whose addresses
+    /// are the `n` words at `src`: a batched greedy step enqueued ahead of its calls takes the
+    /// selections of the step before.
+    pub fn next_ids(&self, src: u64, ids: u64, n: u32) -> Result<(), ModelError> {
+        launch!(
+            self,
+            &self.kernels.next_ids,
+            config((1, 1, 1), 64),
+            &src,
+            &ids,
+            &n
         )
     }
 

@@ -62,7 +62,7 @@ use crate::llama::{LlamaConfig, RopeStyle};
 use crate::numerics::{Numerics, kernel_hash};
 use crate::steps::{StepBatcher, StepStats};
 use crate::top::Candidate;
-use batch::{BatchBuffers, CudaJob, Item, TopBuffers};
+use batch::{BatchAhead, BatchBuffers, CudaJob, Item, TopBuffers};
 use fifo::{FifoGuard, FifoMutex};
 use kernels::{Kernels, Launcher};
 use prefill::{PREFILL_CHUNK, PREFILL_MIN, Prefill};
@@ -94,6 +94,12 @@ pub(crate) struct Held {
     batch: Option<BatchBuffers>,
     /// Selections of several sessions' top logits, once a step has made them together.
     tops: Option<TopBuffers>,
+    /// The batched greedy step enqueued ahead of its calls, if any, and the last one's mark.
+    ahead: Option<BatchAhead>,
+    marks: u64,
+    /// Batched greedy steps' selections, once a step has gone ahead (declared after `ahead`,
+    /// so dropped after it: a step ahead ends before its slots go).
+    slots: Option<session::Slots>,
 }
 
 /// What opening the model on the GPU cost.

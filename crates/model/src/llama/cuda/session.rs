@@ -39,18 +39,20 @@ struct Buffers {
     slots: Slots,            // greedy steps' selections, in page-locked memory
 }
 
-/// Two (token, logit bits) pairs in page-locked host memory that the GPU writes directly
-/// (unified addressing: the host address is the device address): a greedy step's selection
-/// and the one of the step enqueued ahead of it.
-struct Slots {
+/// (token, logit bits) pairs in page-locked host memory that the GPU writes directly
+/// (unified addressing: the host address is the device address): a session's two, a greedy
+/// step's selection and the one of the step enqueued ahead of it; the model's, those of
+/// batched greedy steps (see `batch.rs`'s `BatchAhead`).
+pub(super) struct Slots {
     host: PinnedHostSlice<u32>,
     at: u64,
 }
 
 impl Slots {
-    fn new(model: &CudaLlama) -> Result<Slots, ModelError> {
+    /// `n` slots.
+    pub(super) fn new(model: &CudaLlama, n: usize) -> Result<Slots, ModelError> {
         // SAFETY: zeroed below before anything reads it.
-        let mut host = unsafe { model.ctx.alloc_pinned_with_flags::<u32>(4, 0) }
+        let mut host = unsafe { model.ctx.alloc_pinned_with_flags::<u32>(2 * n, 0) }
             .map_err(driver("allocating page-locked memory"))?;
         let at = host
             .as_mut_ptr()
@@ -69,14 +71,15 @@ impl Slots {
     }
 
     /// Device address of slot `i`.
-    fn ptr(&self, i: usize) -> u64 {
+    pub(super) fn ptr(&self, i: usize) -> u64 {
         self.at + 8 * i as u64
     }
 
-    /// Slot `i` once the GPU has written it.
-    fn read(&self, i: usize) -> Candidate {
-        // SAFETY: `at` addresses the 4 words of `host`, alive with `self`; the caller waited
-        // for the kernel that wrote them, so nothing writes them while they are read.
+    /// Slot `i` (of those made) once the GPU has written it.
+    pub(super) fn read(&self, i: usize) -> Candidate {
+        // SAFETY: `at` addresses the words of `host`, alive with `self`, of which slot `i` is
+        // one pair; the caller waited for the kernel that wrote them, so nothing writes them
+        // while they are read.
         let (token, bits) = unsafe {
             let p = self.at as *const u32;
             (
@@ -122,6 +125,9 @@ pub struct CudaSession {
     fused: Option<FusedSession>,
     /// The greedy step enqueued ahead, if any.
     ahead: Option<Ahead>,
+    /// The batched greedy step enqueued ahead that this session is a row of, if any: its
+    /// mark and the row (see `batch.rs`'s `BatchAhead`).
+    pub(super) batch_ahead: Option<(u64, usize)>,
 }
 
 /// A session's decode graph.
@@ -223,7 +229,7 @@ impl CudaSession {
             top: s
                 .alloc_zeros::<u32>(2 * MAX_TOP)
                 .map_err(driver("allocating a session"))?,
-            slots: Slots::new(model)?,
+            slots: Slots::new(model, 2)?,
         };
         Self::with_buffers(model, n_ctx, buf)
     }
@@ -246,6 +252,7 @@ impl CudaSession {
             graph: None,
             fused: None,
             ahead: None,
+            batch_ahead: None,
         };
         if model.fused.is_ok() {
             let caches = (0..c.n_layer).map(|l| session.cache(c, l)).collect();
@@ -590,9 +597,11 @@ impl CudaSession {
         Ok(())
     }
 
-    /// Forgets the step enqueued ahead, if any (what it writes stays past the positions).
+    /// Forgets the steps enqueued ahead, if any, this session's alone and the batched one it
+    /// is a row of (what they write stays past the positions).
     pub(super) fn drop_ahead(&mut self) {
         self.ahead = None;
+        self.batch_ahead = None;
     }
 
     /// Enqueues the forward pass of `n` tokens whose ids and first position are in `step`;

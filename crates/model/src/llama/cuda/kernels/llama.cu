@@ -835,6 +835,18 @@ next_step(const unsigned* __restrict__ pair, int* __restrict__ step, int pos) {
     }
 }
 
+// The token ids of a batched greedy step enqueued ahead of its calls (batch.rs's BatchAhead):
+// ids[i] is the token of the (token, logit bits) pair at src[i], a selection of the step
+// before. Grid 1, block 64.
+extern "C" __global__ void __launch_bounds__(64)
+next_ids(const unsigned long long* __restrict__ src, int* __restrict__ ids, unsigned n) {
+    pdl_wait();
+    pdl_launch_dependents();
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) {
+        ids[i] = (int)*(const unsigned*)src[i];
+    }
+}
+
 // Reads the n 16-byte words at p, each once, and nothing else: the read-only roofline that
 // `tern bench decode` prints beside the copy's. Each thread XORs what it loads and stores it
 // only if it is one value the bench's zeroed buffer cannot give, so that no load is dropped.
