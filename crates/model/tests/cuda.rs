@@ -637,7 +637,7 @@ fn greedy_steps_run_ahead_with_the_same_bits() {
 /// Steps of several greedy decode steps enqueue the next one ahead of their calls: each
 /// session gets the bits of its own steps run alone (which copy their logits out) whether
 /// its caller takes the step ahead, brings another token, rewinds, sits a step out, reads its
-/// cache back, or comes back alone.
+/// cache back, or comes back alone; in steps of `Model::step` and through the scheduler.
 #[test]
 fn batched_greedy_steps_run_ahead_with_the_same_bits() {
     let Some(device) = gpu("batched_greedy_steps_run_ahead_with_the_same_bits") else {
@@ -715,6 +715,53 @@ fn batched_greedy_steps_run_ahead_with_the_same_bits() {
                 assert!(a.k == b.k && a.v == b.v, "the caches differ");
             }
             _ => {}
+        }
+    }
+    // Through the step scheduler: 12 threads decoding greedily at once, each now and then
+    // bringing another token than its selection, against the same steps alone.
+    let runs: Vec<Vec<(u32, u32)>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..12)
+            .map(|t| {
+                let model = &model;
+                scope.spawn(move || {
+                    let mut session = model.new_session(300).unwrap();
+                    let mut top = [tern_model::Candidate::default()];
+                    model
+                        .forward_top(&mut session, &prompt(5 + 3 * t, vocab), None, &mut top)
+                        .unwrap();
+                    (0..32)
+                        .map(|step| {
+                            let mut token = top[0].token;
+                            if (step + t) % 11 == 0 {
+                                token = (token + 1) % vocab as u32;
+                            }
+                            model
+                                .forward_top(&mut session, &[token], None, &mut top)
+                                .unwrap();
+                            (token, top[0].logit.to_bits())
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for (t, run) in runs.iter().enumerate() {
+        let mut alone = model.new_session(300).unwrap();
+        let p = prompt(5 + 3 * t, vocab);
+        model.forward(&mut alone, &p, &mut logits).unwrap();
+        let mut best = tern_model::llama::cpu::argmax(&logits);
+        for (step, &(token, logit)) in run.iter().enumerate() {
+            if (step + t) % 11 != 0 {
+                assert_eq!(token, best, "thread {t}, step {step}");
+            }
+            model.forward(&mut alone, &[token], &mut logits).unwrap();
+            best = tern_model::llama::cpu::argmax(&logits);
+            assert_eq!(
+                logit,
+                logits[best as usize].to_bits(),
+                "thread {t}, step {step}"
+            );
         }
     }
 }
