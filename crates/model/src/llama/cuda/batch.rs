@@ -50,6 +50,11 @@ pub(super) const STEP_BUDGET: Budget = Budget {
 /// enqueues ahead in turn.
 const AHEAD_SETS: usize = 3;
 
+/// Index of the model's slot for item `i` of a step in set `set` (see [`AHEAD_SETS`]).
+fn slot(set: usize, i: usize) -> usize {
+    set * MAX_SESSIONS + i
+}
+
 /// A batched greedy step enqueued ahead of its calls: after a step of several greedy decode
 /// steps (one token each, the top logit alone), each session's next position, of the token
 /// that step selected, so that the GPU runs it while the callers look at their tokens and
@@ -547,9 +552,9 @@ impl CudaLlama {
 
     /// Times each kernel of one round of a long prompt's `tokens` (more than [`MAX_CHUNK`], at
     /// most [`EXACT_CHUNK`]) after `session`'s positions as `Precision::Tensor` runs it (the
-    /// tensor-core products over all of them, attention [`MAX_CHUNK`] positions a launch; an
-    /// event after each kernel or layer phase, outside any graph), leaving the session as it
-    /// was; each name's total in microseconds, in the order first seen.
+    /// tensor-core products over all of them, attention as [`EXACT_CHUNK`] says; an event
+    /// after each kernel or layer phase, outside any graph), leaving the session as it was;
+    /// each name's total in microseconds, in the order first seen.
     pub fn profile_exact_chunk(
         &self,
         session: &mut CudaSession,
@@ -629,7 +634,6 @@ impl CudaLlama {
         if (go_ahead || any_claimed) && busy.slots.is_none() {
             busy.slots = Some(Slots::new(self, AHEAD_SETS * MAX_SESSIONS)?);
         }
-        let slot = |set: usize, i: usize| set * MAX_SESSIONS + i;
         let mut at = vec![0usize; items.len()];
         for ((item, row), at) in items.iter_mut().zip(&claimed).zip(&mut at) {
             if row.is_some() {
@@ -761,10 +765,7 @@ impl CudaLlama {
                         None => slots.ptr(slot(this_set, i)),
                     })
                     .collect();
-                let outs: Vec<u64> = (0..items.len())
-                    .map(|i| slots.ptr(slot(next_set, i)))
-                    .collect();
-                Some(self.enqueue_ahead(busy, items, &srcs, &outs, next_set)?)
+                Some(self.enqueue_ahead(busy, items, &srcs, next_set)?)
             }
             _ => None,
         };
@@ -805,13 +806,12 @@ impl CudaLlama {
 
     /// Enqueues the step ahead of a step of greedy `items` (see [`BatchAhead`]): each item's
     /// session's next position, of the token in the pair at `srcs[i]` (its selection in the
-    /// step before), its own selection into `outs[i]`, slots of set `set`.
+    /// step before), its own selection into its slot of set `set`.
     fn enqueue_ahead(
         &self,
         busy: &mut Held,
         items: &mut [Item<'_>],
         srcs: &[u64],
-        outs: &[u64],
         set: usize,
     ) -> Result<BatchAhead, ModelError> {
         const PLACEHOLDER: [u32; 1] = [0];
@@ -833,13 +833,17 @@ impl CudaLlama {
             &mut |_| Ok(()),
             Some(srcs),
         )?;
+        let slots = busy
+            .slots
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("a step ahead without the model's slots".into()))?;
         let jobs: Vec<_> = parts
             .iter_mut()
-            .zip(outs)
-            .map(|(p, &out)| {
+            .enumerate()
+            .map(|(i, p)| {
                 // The positions stay the callers' to take.
                 p.session.len -= 1;
-                (p.session.logits_ptr(), 1, Some(out))
+                (p.session.logits_ptr(), 1, Some(slots.ptr(slot(set, i))))
             })
             .collect();
         TopBuffers::enqueue(self, &mut busy.tops, &jobs)?;

@@ -288,17 +288,18 @@ impl CudaSession {
         before: usize,
     ) -> AttnJob {
         let (k_cache, v_cache) = self.cache(c, 0);
+        let scratch = self.own_scratch();
         AttnJob {
             k_cache,
             v_cache,
             layer: (self.n_ctx * c.kv_dim()) as u64,
-            part_o: self.ptr(&self.buf.part_o),
-            part_ml: self.ptr(&self.buf.part_ml),
-            tickets: self.ptr(&self.buf.tickets),
+            part_o: scratch.part_o,
+            part_ml: scratch.part_ml,
+            tickets: scratch.tickets,
             step0: (self.len + before) as i32,
             t: t as u32,
             first: first as u32,
-            n_split: CudaLlama::n_split(self.n_ctx) as u32,
+            n_split: scratch.n_split,
         }
     }
 
