@@ -918,6 +918,62 @@ fn bench_attend_block() {
     }
 }
 
+/// A decode step's attention over every layer of SmolLM2-135M at 1,024 positions, caches
+/// too large for the CPU's caches as in a real step, with the f32 and the f16 cache (`cargo
+/// test --release -p tern-model --lib bench_attend_layers -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_attend_layers() {
+    use std::hint::black_box;
+    use std::time::Instant;
+    let mut rng = Rng(3);
+    let (layers, kv_heads, hd, g, n_pos) = (30, 3, 64, 3, 1024);
+    let stride = kv_heads * hd;
+    let k: Vec<Vec<f32>> = (0..layers).map(|_| rng.weights(stride * n_pos)).collect();
+    let v: Vec<Vec<f32>> = (0..layers).map(|_| rng.weights(stride * n_pos)).collect();
+    let half = |x: &Vec<f32>| x.iter().map(|&x| f32_to_f16(x)).collect::<Vec<u16>>();
+    let (kh, vh): (Vec<_>, Vec<_>) = (k.iter().map(half).collect(), v.iter().map(half).collect());
+    let q = rng.weights(g * hd);
+    let mut partials = vec![0.0f32; g * partial_len(hd)];
+    let iters = std::env::var("BENCH_ITERS").map_or(10, |v| v.parse().unwrap());
+    for f16 in [false, true] {
+        let mut best = f64::INFINITY;
+        for _ in 0..iters {
+            let t = Instant::now();
+            for l in 0..layers {
+                for h in 0..kv_heads {
+                    let a = Attend {
+                        k: &k[l][h * hd..],
+                        v: &v[l][h * hd..],
+                        stride,
+                        n_pos,
+                        head_dim: hd,
+                        scale: 0.125,
+                    };
+                    let cache = Half {
+                        k: &kh[l][h * hd..],
+                        v: &vh[l][h * hd..],
+                    };
+                    for b in 0..a.blocks() {
+                        if f16 {
+                            attend_block_half(&a, cache, b, black_box(&q), &mut partials);
+                        } else {
+                            attend_block(&a, b, black_box(&q), &mut partials);
+                        }
+                        black_box(&partials);
+                    }
+                }
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let cache = if f16 { "f16" } else { "f32" };
+        println!(
+            "{cache}: {:.3} ms a step ({layers} layers, one thread)",
+            best * 1e3
+        );
+    }
+}
+
 /// `exp` is glibc's `expf` (its FMA build, which x86-64 glibc picks on CPUs with FMA) bit for
 /// bit, on every `EXP_STEP`-th f32 (default 61; 1 checks all of them).
 #[test]
