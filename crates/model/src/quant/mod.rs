@@ -358,45 +358,14 @@ pub fn attend_block_half(
 
 /// Block `b` of `half`'s rows widened to f32 (by the CPU's vector conversion where it has
 /// one: exact either way) and attended as block 0 of an f32 [`Attend`] holding just them (the
-/// same positions, so the same arithmetic).
+/// same positions, so the same arithmetic), on the CPU's best path.
 fn half_block(a: &Attend<'_>, half: Half<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
     thread_local! {
         /// The widened keys, then values, of one block: reused call to call.
         static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let (hd, p0) = (a.head_dim, b * ATTEND_BLOCK);
-    let n = a.n_pos.min(p0 + ATTEND_BLOCK) - p0;
     let path = rows::Path::best();
-    WIDE.with_borrow_mut(|wide| {
-        wide.resize(2 * n * hd, 0.0);
-        let (k, v) = wide.split_at_mut(n * hd);
-        for p in 0..n {
-            let at = (p0 + p) * a.stride;
-            for (dst, src) in [(&mut *k, half.k), (&mut *v, half.v)] {
-                let row = half_bytes(&src[at..][..hd]);
-                path.dequantize(DType::F16, row, &mut dst[p * hd..][..hd]);
-            }
-        }
-        let block = Attend {
-            k,
-            v,
-            stride: hd,
-            n_pos: n,
-            ..*a
-        };
-        path.attend_block(&block, 0, q, partials);
-    });
-}
-
-/// Half-precision bit patterns as the little-endian bytes they are in memory.
-fn half_bytes(values: &[u16]) -> &[u8] {
-    const _: () = assert!(
-        cfg!(target_endian = "little"),
-        "f16 caches are little-endian"
-    );
-    // SAFETY: u16 is plain data without padding; the slice covers exactly the values' memory
-    // and borrows it, and on a little-endian target these are their little-endian bytes.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), size_of_val(values)) }
+    WIDE.with_borrow_mut(|wide| path.attend_block_half(a, half, b, q, partials, wide));
 }
 
 /// [`attend`] over keys and values of `rows` (`k` and `v` elements), each block through

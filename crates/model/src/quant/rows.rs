@@ -189,6 +189,25 @@ impl Path {
         }
     }
 
+    /// [`attend_block_half_impl`] on this path.
+    pub(crate) fn attend_block_half(
+        self,
+        a: &super::Attend<'_>,
+        half: super::Half<'_>,
+        b: usize,
+        q: &[f32],
+        partials: &mut [f32],
+        wide: &mut Vec<f32>,
+    ) {
+        match self {
+            Path::Portable => attend_block_half_impl::<Soft>(a, half, b, q, partials, wide),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(token) => token.attend_block_half(a, half, b, q, partials, wide),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(token) => token.attend_block_half(a, half, b, q, partials, wide),
+        }
+    }
+
     pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
         match self {
             Path::Portable => dequantize_impl::<Soft>(dtype, src, dst),
@@ -383,6 +402,51 @@ pub(crate) fn attend_block_impl<I: Isa>(
             Err(_) => weighted_sum(w, values, &mut part[..hd]),
         }
     }
+}
+
+/// Block `b` of an f16 cache's rows (`half`) widened to f32, exactly, into `wide` (a buffer
+/// the caller keeps), and attended as block 0 of an [`Attend`](super::Attend) holding just
+/// them (the same positions, so [`attend_block_impl`]'s arithmetic on the same values). The
+/// widening is inlined into the path's own instructions, and each row is asked for ahead of
+/// it (a hint).
+#[inline(always)]
+pub(crate) fn attend_block_half_impl<I: Isa>(
+    a: &super::Attend<'_>,
+    half: super::Half<'_>,
+    b: usize,
+    q: &[f32],
+    partials: &mut [f32],
+    wide: &mut Vec<f32>,
+) {
+    let (hd, p0) = (a.head_dim, b * super::ATTEND_BLOCK);
+    let n = a.n_pos.min(p0 + super::ATTEND_BLOCK) - p0;
+    wide.resize(2 * n * hd, 0.0);
+    let (k, v) = wide.split_at_mut(n * hd);
+    let ahead = |p: usize| {
+        if p < n {
+            let at = (p0 + p) * a.stride;
+            prefetch(&half.k[at..][..hd]);
+            prefetch(&half.v[at..][..hd]);
+        }
+    };
+    (0..ROWS_AHEAD).for_each(ahead);
+    for p in 0..n {
+        ahead(p + ROWS_AHEAD);
+        let at = (p0 + p) * a.stride;
+        for (dst, src) in [(&mut *k, half.k), (&mut *v, half.v)] {
+            for (w, &bits) in dst[p * hd..][..hd].iter_mut().zip(&src[at..][..hd]) {
+                *w = I::f16(bits);
+            }
+        }
+    }
+    let block = super::Attend {
+        k,
+        v,
+        stride: hd,
+        n_pos: n,
+        ..*a
+    };
+    attend_block_impl::<I>(&block, 0, q, partials);
 }
 
 /// Key rows asked for ahead of their use by [`attend_block_impl`].

@@ -34,7 +34,8 @@ use super::exp;
 use super::float::{Widen, le_f16};
 use super::kquants::{K_SCALE_SIZE, Q4_K_BYTES, QK_K, scale_min_k4};
 use super::rows::{
-    Isa, LANES, Lanes, attend_block_impl, dequantize_impl, dot_f32_impl, dot_impl, dot_rows_impl,
+    Isa, LANES, Lanes, attend_block_half_impl, attend_block_impl, dequantize_impl, dot_f32_impl,
+    dot_impl, dot_rows_impl,
 };
 
 /// Implements `Widen` with F16C. The types using this are private to this module and only
@@ -249,6 +250,19 @@ impl Avx2 {
         unsafe { avx2_attend_block(a, b, q, partials) }
     }
 
+    pub(crate) fn attend_block_half(
+        self,
+        a: &super::Attend<'_>,
+        half: super::Half<'_>,
+        b: usize,
+        q: &[f32],
+        partials: &mut [f32],
+        wide: &mut Vec<f32>,
+    ) {
+        // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
+        unsafe { avx2_attend_block_half(a, half, b, q, partials, wide) }
+    }
+
     pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
         // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
         unsafe { avx2_dequantize(dtype, src, dst) }
@@ -283,6 +297,18 @@ fn avx2_dot_f32(w: &[f32], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,f16c,fma")]
 fn avx2_attend_block(a: &super::Attend<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
     attend_block_impl::<Avx2Isa>(a, b, q, partials);
+}
+
+#[target_feature(enable = "avx2,f16c,fma")]
+fn avx2_attend_block_half(
+    a: &super::Attend<'_>,
+    half: super::Half<'_>,
+    b: usize,
+    q: &[f32],
+    partials: &mut [f32],
+    wide: &mut Vec<f32>,
+) {
+    attend_block_half_impl::<Avx2Isa>(a, half, b, q, partials, wide);
 }
 
 #[target_feature(enable = "avx2,f16c")]
@@ -418,6 +444,19 @@ impl Avx512 {
         unsafe { avx512_attend_block(a, b, q, partials) }
     }
 
+    pub(crate) fn attend_block_half(
+        self,
+        a: &super::Attend<'_>,
+        half: super::Half<'_>,
+        b: usize,
+        q: &[f32],
+        partials: &mut [f32],
+        wide: &mut Vec<f32>,
+    ) {
+        // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
+        unsafe { avx512_attend_block_half(a, half, b, q, partials, wide) }
+    }
+
     pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
         // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
         unsafe { avx512_dequantize(dtype, src, dst) }
@@ -452,6 +491,18 @@ fn avx512_dot_f32(w: &[f32], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
 fn avx512_attend_block(a: &super::Attend<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
     attend_block_impl::<Avx512Isa>(a, b, q, partials);
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+fn avx512_attend_block_half(
+    a: &super::Attend<'_>,
+    half: super::Half<'_>,
+    b: usize,
+    q: &[f32],
+    partials: &mut [f32],
+    wide: &mut Vec<f32>,
+) {
+    attend_block_half_impl::<Avx512Isa>(a, half, b, q, partials, wide);
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
