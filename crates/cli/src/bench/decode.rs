@@ -181,9 +181,8 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         );
         row("llama.cpp, same model, this run", prefill, decode);
         println!(
-            "llama.cpp: llama-bench -p {0} -n 0, and -p 0 -n {1} -d {0} (its decode after as \
-             many tokens of context as Tern's), each the faster of -fa on and off",
-            args.prefill, args.decode
+            "llama.cpp: {}",
+            llama_bench_tests(args.prefill, args.decode)
         );
         println!(
             "fast engine vs llama.cpp in this run: decode {:.2}x, prefill {:.2}x",
@@ -211,6 +210,14 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What [`llama_bench`] runs, as the benchmarks print it.
+pub(super) fn llama_bench_tests(prefill: usize, decode: usize) -> String {
+    format!(
+        "llama-bench -p {prefill} -n 0 and -p 0 -n {decode} -d {prefill} (its decode after as \
+         many tokens of context as Tern's), each the faster of -fa on and off"
+    )
 }
 
 /// Runs llama.cpp's own `llama-bench` (built natively by scripts/llama-cpp from the vendored

@@ -71,12 +71,10 @@ pub fn decode_cuda(b: GpuBench<'_>) -> anyhow::Result<ExitCode> {
         let (base_prefill, base_decode) =
             super::decode::llama_bench(b.path, threads, b.prefill, b.decode, true)?;
         println!(
-            "llama.cpp's llama-bench on the same file, same run (CUDA, -ngl 99, -p {0} -n 0 \
-             and -p 0 -n {1} -d {0}: its decode after as many tokens of context as Tern's, \
-             each the faster of -fa on and off): prefill {base_prefill:.1} t/s, decode \
-             {base_decode:.1} t/s; Tern's decode {decode:.1} t/s = {2:.2}x",
-            b.prefill,
-            b.decode,
+            "llama.cpp on the same file, same run (CUDA, -ngl 99, {}): prefill \
+             {base_prefill:.1} t/s, decode {base_decode:.1} t/s; Tern's decode {decode:.1} t/s \
+             = {:.2}x",
+            super::decode::llama_bench_tests(b.prefill, b.decode),
             decode / base_decode
         );
     }

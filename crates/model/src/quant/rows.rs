@@ -449,7 +449,8 @@ pub(crate) fn attend_block_half_impl<I: Isa>(
     attend_block_impl::<I>(&block, 0, q, partials);
 }
 
-/// Key rows asked for ahead of their use by [`attend_block_impl`].
+/// Rows asked for ahead of their use: keys by [`attend_block_impl`], an f16 cache's keys and
+/// values by [`attend_block_half_impl`].
 const ROWS_AHEAD: usize = 8;
 
 /// Asks the CPU to bring `values`' cache lines in: a hint, which changes no result.
