@@ -33,10 +33,7 @@ use super::blocks::{Q4_0_BYTES, Q4_1_BYTES, QK};
 use super::exp;
 use super::float::{Widen, le_f16};
 use super::kquants::{K_SCALE_SIZE, Q4_K_BYTES, QK_K, scale_min_k4};
-use super::rows::{
-    Isa, LANES, Lanes, attend_block_half_impl, attend_block_impl, dequantize_impl, dot_f32_impl,
-    dot_impl, dot_rows_impl,
-};
+use super::rows::{Isa, LANES, Lanes, dot_f32_impl};
 
 /// Implements `Widen` with F16C. The types using this are private to this module and only
 /// instantiate code inside its `#[target_feature(enable = "...f16c")]` functions.
@@ -64,6 +61,129 @@ macro_rules! widen_with_f16c {
     };
 }
 
+/// A path's entry points: `$token`'s methods (the token proves that `detect` saw every feature
+/// of the path on this CPU), each calling the generic loop of `rows.rs` compiled with the
+/// path's features in module `$fns`: `$base` (wider loads, F16C), `$fma` for attention (its
+/// `exp` too) and `$exp` for `exp` alone.
+macro_rules! path_entries {
+    ($token:ident, $isa:ty, $fns:ident, $base:literal, $fma:literal, $exp:literal) => {
+        impl $token {
+            pub(crate) fn dot(self, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
+                // SAFETY: the token exists only if `detect` saw the path's features.
+                unsafe { $fns::dot(dtype, row, x) }
+            }
+
+            pub(crate) fn dot_rows(
+                self,
+                dtype: DType,
+                rows: &[u8],
+                row_bytes: usize,
+                x: &[f32],
+                out: &mut [f32],
+            ) {
+                // SAFETY: as in `dot`.
+                unsafe { $fns::dot_rows(dtype, rows, row_bytes, x, out) }
+            }
+
+            pub(crate) fn dot_f32(self, w: &[f32], x: &[f32]) -> f32 {
+                // SAFETY: as in `dot`.
+                unsafe { $fns::dot_f32(w, x) }
+            }
+
+            pub(crate) fn attend_block(
+                self,
+                a: &super::Attend<'_>,
+                b: usize,
+                q: &[f32],
+                partials: &mut [f32],
+            ) {
+                // SAFETY: as in `dot`.
+                unsafe { $fns::attend_block(a, b, q, partials) }
+            }
+
+            pub(crate) fn attend_block_half(
+                self,
+                a: &super::Attend<'_>,
+                half: super::Half<'_>,
+                b: usize,
+                q: &[f32],
+                partials: &mut [f32],
+                wide: &mut Vec<f32>,
+            ) {
+                // SAFETY: as in `dot`.
+                unsafe { $fns::attend_block_half(a, half, b, q, partials, wide) }
+            }
+
+            pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
+                // SAFETY: as in `dot`.
+                unsafe { $fns::dequantize(dtype, src, dst) }
+            }
+
+            pub(crate) fn exp_in_place(self, x: &mut [f32]) {
+                // SAFETY: as in `dot`.
+                unsafe { $fns::exp_in_place(x) }
+            }
+        }
+
+        mod $fns {
+            use super::super::rows::{
+                attend_block_half_impl, attend_block_impl, dequantize_impl, dot_f32_impl, dot_impl,
+                dot_rows_impl,
+            };
+            use super::super::{Attend, DType, Half};
+            use super::{exp_lanes, $isa};
+
+            #[target_feature(enable = $base)]
+            pub(super) fn dot(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
+                dot_impl::<$isa>(dtype, row, x)
+            }
+
+            #[target_feature(enable = $base)]
+            pub(super) fn dot_rows(
+                dtype: DType,
+                rows: &[u8],
+                row_bytes: usize,
+                x: &[f32],
+                out: &mut [f32],
+            ) {
+                dot_rows_impl::<$isa>(dtype, rows, row_bytes, x, out);
+            }
+
+            #[target_feature(enable = $base)]
+            pub(super) fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+                dot_f32_impl(w, x)
+            }
+
+            #[target_feature(enable = $fma)]
+            pub(super) fn attend_block(a: &Attend<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
+                attend_block_impl::<$isa>(a, b, q, partials);
+            }
+
+            #[target_feature(enable = $fma)]
+            pub(super) fn attend_block_half(
+                a: &Attend<'_>,
+                half: Half<'_>,
+                b: usize,
+                q: &[f32],
+                partials: &mut [f32],
+                wide: &mut Vec<f32>,
+            ) {
+                attend_block_half_impl::<$isa>(a, half, b, q, partials, wide);
+            }
+
+            #[target_feature(enable = $base)]
+            pub(super) fn dequantize(dtype: DType, src: &[u8], dst: &mut [f32]) {
+                dequantize_impl::<$isa>(dtype, src, dst);
+            }
+
+            #[target_feature(enable = $exp)]
+            pub(super) fn exp_in_place(x: &mut [f32]) {
+                exp_lanes::<$isa>(x);
+            }
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------
 // AVX2
 // ---------------------------------------------------------------------------------------
@@ -77,7 +197,7 @@ widen_with_f16c!(Avx2Isa);
 impl Isa for Avx2Isa {
     #[inline(always)]
     fn dot_f32_short(w: &[f32], x: &[f32]) -> f32 {
-        // SAFETY: only called within `avx2_*`, which run only after `detect`.
+        // SAFETY: only called within `avx2::*`, which run only after `detect`.
         unsafe { dot_f32_avx2(w, x) }
     }
 
@@ -90,7 +210,7 @@ impl Isa for Avx2Isa {
 impl Exp8 for Avx2Isa {
     #[inline(always)]
     fn exp8(x: __m256) -> __m256 {
-        // SAFETY: only called within `avx2_*`, which run only after `detect`.
+        // SAFETY: only called within `avx2::*`, which run only after `detect`.
         unsafe {
             let lo = exp4_avx2(_mm256_castps256_ps128(x));
             _mm256_insertf128_ps::<1>(
@@ -216,105 +336,16 @@ impl Avx2 {
             && is_x86_feature_detected!("fma");
         yes.then_some(Avx2(()))
     }
-
-    pub(crate) fn dot(self, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
-        // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
-        unsafe { avx2_dot(dtype, row, x) }
-    }
-
-    pub(crate) fn dot_rows(
-        self,
-        dtype: DType,
-        rows: &[u8],
-        row_bytes: usize,
-        x: &[f32],
-        out: &mut [f32],
-    ) {
-        // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
-        unsafe { avx2_dot_rows(dtype, rows, row_bytes, x, out) }
-    }
-
-    pub(crate) fn dot_f32(self, w: &[f32], x: &[f32]) -> f32 {
-        // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
-        unsafe { avx2_dot_f32(w, x) }
-    }
-
-    pub(crate) fn attend_block(
-        self,
-        a: &super::Attend<'_>,
-        b: usize,
-        q: &[f32],
-        partials: &mut [f32],
-    ) {
-        // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
-        unsafe { avx2_attend_block(a, b, q, partials) }
-    }
-
-    pub(crate) fn attend_block_half(
-        self,
-        a: &super::Attend<'_>,
-        half: super::Half<'_>,
-        b: usize,
-        q: &[f32],
-        partials: &mut [f32],
-        wide: &mut Vec<f32>,
-    ) {
-        // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
-        unsafe { avx2_attend_block_half(a, half, b, q, partials, wide) }
-    }
-
-    pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
-        // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and F16C on this CPU.
-        unsafe { avx2_dequantize(dtype, src, dst) }
-    }
-
-    pub(crate) fn exp_in_place(self, x: &mut [f32]) {
-        // SAFETY: an `Avx2` exists only if `detect` saw AVX2 and FMA on this CPU.
-        unsafe { avx2_exp_in_place(x) }
-    }
 }
 
-#[target_feature(enable = "avx2,fma")]
-fn avx2_exp_in_place(x: &mut [f32]) {
-    exp_lanes::<Avx2Isa>(x);
-}
-
-#[target_feature(enable = "avx2,f16c")]
-fn avx2_dot(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
-    dot_impl::<Avx2Isa>(dtype, row, x)
-}
-
-#[target_feature(enable = "avx2,f16c")]
-fn avx2_dot_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
-    dot_rows_impl::<Avx2Isa>(dtype, rows, row_bytes, x, out);
-}
-
-#[target_feature(enable = "avx2,f16c")]
-fn avx2_dot_f32(w: &[f32], x: &[f32]) -> f32 {
-    dot_f32_impl(w, x)
-}
-
-#[target_feature(enable = "avx2,f16c,fma")]
-fn avx2_attend_block(a: &super::Attend<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
-    attend_block_impl::<Avx2Isa>(a, b, q, partials);
-}
-
-#[target_feature(enable = "avx2,f16c,fma")]
-fn avx2_attend_block_half(
-    a: &super::Attend<'_>,
-    half: super::Half<'_>,
-    b: usize,
-    q: &[f32],
-    partials: &mut [f32],
-    wide: &mut Vec<f32>,
-) {
-    attend_block_half_impl::<Avx2Isa>(a, half, b, q, partials, wide);
-}
-
-#[target_feature(enable = "avx2,f16c")]
-fn avx2_dequantize(dtype: DType, src: &[u8], dst: &mut [f32]) {
-    dequantize_impl::<Avx2Isa>(dtype, src, dst);
-}
+path_entries!(
+    Avx2,
+    Avx2Isa,
+    avx2,
+    "avx2,f16c",
+    "avx2,f16c,fma",
+    "avx2,fma"
+);
 
 // ---------------------------------------------------------------------------------------
 // AVX-512
@@ -331,25 +362,25 @@ widen_with_f16c!(Avx512Isa);
 impl Isa for Avx512Isa {
     #[inline(always)]
     fn dot_q4_0(row: &[u8], x: &[f32], acc: &mut Lanes) {
-        // SAFETY: only called within `avx512_dot*`, which run only after `detect`.
+        // SAFETY: only called within `avx512::dot*`, which run only after `detect`.
         unsafe { dot_q4_lut::<Q4_0_BYTES>(row, x, acc) }
     }
 
     #[inline(always)]
     fn dot_q4_1(row: &[u8], x: &[f32], acc: &mut Lanes) {
-        // SAFETY: only called within `avx512_dot*`, which run only after `detect`.
+        // SAFETY: only called within `avx512::dot*`, which run only after `detect`.
         unsafe { dot_q4_lut::<Q4_1_BYTES>(row, x, acc) }
     }
 
     #[inline(always)]
     fn dot_q4_k(row: &[u8], x: &[f32], acc: &mut Lanes) {
-        // SAFETY: only called within `avx512_dot*`, which run only after `detect`.
+        // SAFETY: only called within `avx512::dot*`, which run only after `detect`.
         unsafe { dot_q4_k_lut(row, x, acc) }
     }
 
     #[inline(always)]
     fn dot_f32_short(w: &[f32], x: &[f32]) -> f32 {
-        // SAFETY: only called within `avx512_*`, which run only after `detect`.
+        // SAFETY: only called within `avx512::*`, which run only after `detect`.
         unsafe { dot_f32_avx512(w, x) }
     }
 
@@ -362,7 +393,7 @@ impl Isa for Avx512Isa {
 impl Exp8 for Avx512Isa {
     #[inline(always)]
     fn exp8(x: __m256) -> __m256 {
-        // SAFETY: only called within `avx512_*`, which run only after `detect`.
+        // SAFETY: only called within `avx512::*`, which run only after `detect`.
         unsafe { exp8_avx512(x) }
     }
 }
@@ -410,105 +441,16 @@ impl Avx512 {
             && is_x86_feature_detected!("fma");
         yes.then_some(Avx512(()))
     }
-
-    pub(crate) fn dot(self, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
-        // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
-        unsafe { avx512_dot(dtype, row, x) }
-    }
-
-    pub(crate) fn dot_rows(
-        self,
-        dtype: DType,
-        rows: &[u8],
-        row_bytes: usize,
-        x: &[f32],
-        out: &mut [f32],
-    ) {
-        // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
-        unsafe { avx512_dot_rows(dtype, rows, row_bytes, x, out) }
-    }
-
-    pub(crate) fn dot_f32(self, w: &[f32], x: &[f32]) -> f32 {
-        // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
-        unsafe { avx512_dot_f32(w, x) }
-    }
-
-    pub(crate) fn attend_block(
-        self,
-        a: &super::Attend<'_>,
-        b: usize,
-        q: &[f32],
-        partials: &mut [f32],
-    ) {
-        // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
-        unsafe { avx512_attend_block(a, b, q, partials) }
-    }
-
-    pub(crate) fn attend_block_half(
-        self,
-        a: &super::Attend<'_>,
-        half: super::Half<'_>,
-        b: usize,
-        q: &[f32],
-        partials: &mut [f32],
-        wide: &mut Vec<f32>,
-    ) {
-        // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
-        unsafe { avx512_attend_block_half(a, half, b, q, partials, wide) }
-    }
-
-    pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
-        // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
-        unsafe { avx512_dequantize(dtype, src, dst) }
-    }
-
-    pub(crate) fn exp_in_place(self, x: &mut [f32]) {
-        // SAFETY: an `Avx512` exists only if `detect` saw every feature enabled on this CPU.
-        unsafe { avx512_exp_in_place(x) }
-    }
 }
 
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn avx512_exp_in_place(x: &mut [f32]) {
-    exp_lanes::<Avx512Isa>(x);
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-fn avx512_dot(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
-    dot_impl::<Avx512Isa>(dtype, row, x)
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-fn avx512_dot_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
-    dot_rows_impl::<Avx512Isa>(dtype, rows, row_bytes, x, out);
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-fn avx512_dot_f32(w: &[f32], x: &[f32]) -> f32 {
-    dot_f32_impl(w, x)
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
-fn avx512_attend_block(a: &super::Attend<'_>, b: usize, q: &[f32], partials: &mut [f32]) {
-    attend_block_impl::<Avx512Isa>(a, b, q, partials);
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
-fn avx512_attend_block_half(
-    a: &super::Attend<'_>,
-    half: super::Half<'_>,
-    b: usize,
-    q: &[f32],
-    partials: &mut [f32],
-    wide: &mut Vec<f32>,
-) {
-    attend_block_half_impl::<Avx512Isa>(a, half, b, q, partials, wide);
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-fn avx512_dequantize(dtype: DType, src: &[u8], dst: &mut [f32]) {
-    dequantize_impl::<Avx512Isa>(dtype, src, dst);
-}
+path_entries!(
+    Avx512,
+    Avx512Isa,
+    avx512,
+    "avx512f,avx512bw,avx512vl,avx2,f16c",
+    "avx512f,avx512bw,avx512vl,avx2,f16c,fma",
+    "avx512f,avx2,fma"
+);
 
 /// `Q4_0` (`B` = 18) or `Q4_1` (`B` = 20) blocks multiply-added into `acc`, as
 /// `rows::dot_blocks` does, with the weights looked up in a per-block table of the 16
