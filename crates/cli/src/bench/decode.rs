@@ -113,6 +113,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     direct(&reference, &prompt, 8, context)?;
     let (mut direct_prefill, mut direct_decode) = (Vec::new(), Vec::new());
     let (mut actor_prefill, mut actor_decode) = (Vec::new(), Vec::new());
+    let mut actor_top = Vec::new();
     let (mut ref_prefill, mut ref_decode) = (Vec::new(), Vec::new());
     let (mut base_prefill, mut base_decode) = (Vec::new(), Vec::new());
     // Alternate the two paths so drift in the machine's speed affects both alike.
@@ -120,15 +121,22 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
         let (p, d) = direct(&model, &prompt, args.decode, context)?;
         direct_prefill.push(p);
         direct_decode.push(d);
-        // Through the actor: the same work, driven from inside Wasm.
-        let mut actor = Actor::start(&runtime, &module)?;
-        send(&mut actor, &format!("open bench {} {context}", c.n_vocab))?;
-        let t = Instant::now();
-        send(&mut actor, &format!("prefill {ids}"))?;
-        actor_prefill.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        send(&mut actor, &format!("decode {}", args.decode))?;
-        actor_decode.push(t.elapsed().as_secs_f64());
+        // Through the actor: the same work, driven from inside Wasm, with the logits in its
+        // memory and the argmax there, then with the top logit chosen by the host.
+        let actor_run = |verb: &str| -> anyhow::Result<(f64, f64)> {
+            let mut actor = Actor::start(&runtime, &module)?;
+            send(&mut actor, &format!("open bench {} {context}", c.n_vocab))?;
+            let t = Instant::now();
+            send(&mut actor, &format!("prefill {ids}"))?;
+            let prefill = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            send(&mut actor, &format!("{verb} {}", args.decode))?;
+            Ok((prefill, t.elapsed().as_secs_f64()))
+        };
+        let (p, d) = actor_run("decode")?;
+        actor_prefill.push(p);
+        actor_decode.push(d);
+        actor_top.push(actor_run("decode_top")?.1);
         let (p, d) = direct(&reference, &prompt, args.decode, context)?;
         ref_prefill.push(p);
         ref_decode.push(d);
@@ -157,6 +165,12 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     };
     row("engine, fast (int8 activations)", dp, dd);
     row("actor (Wasm bench guest), fast", ap, ad);
+    println!(
+        "{:<36} {:>12} {:>12.1}",
+        "actor, top logit by the host",
+        "",
+        rate(args.decode, &actor_top)
+    );
     row(
         "engine, reference (f32 activations)",
         rate(args.prefill, &ref_prefill),
@@ -190,13 +204,18 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
             dp / prefill
         );
     }
-    let per_token_us = (median(&actor_decode) - median(&direct_decode)) / args.decode as f64 * 1e6;
     println!();
-    println!(
-        "actor path cost per decoded token: {per_token_us:+.1} us ({:+.2}% of the direct engine's {:.0} us)",
-        per_token_us / (1e6 / dd) * 100.0,
-        1e6 / dd
-    );
+    for (what, actor) in [
+        ("logits into Wasm, argmax there", &actor_decode),
+        ("top logit by the host, forward_top", &actor_top),
+    ] {
+        let per_token_us = (median(actor) - median(&direct_decode)) / args.decode as f64 * 1e6;
+        println!(
+            "actor path cost per decoded token, {what}: {per_token_us:+.1} us ({:+.2}% of the direct engine's {:.0} us)",
+            per_token_us / (1e6 / dd) * 100.0,
+            1e6 / dd
+        );
+    }
     let (wasm_us, native_us) = super::argmax_cost(&runtime, &module, c.n_vocab)?;
     println!(
         "of which the guest's argmax over {} logits: {wasm_us:.1} us in Wasm ({native_us:.1} us natively)",
