@@ -359,11 +359,14 @@ pub(crate) fn attend_block_impl<I: Isa>(
     let n = a.n_pos.min(p0 + super::ATTEND_BLOCK) - p0;
     let g = q.len() / hd;
     let mut weights = vec![0.0f32; g * n];
-    // The rows are `stride` apart, too far for the CPU's prefetchers to follow while the
-    // dots keep few loads in flight: each key row is asked for ROWS_AHEAD positions before
-    // its dots, each value row beside its key (a hint: the same arithmetic, the same bits).
+    // Rows `stride` apart are too far for the CPU's prefetchers to follow while the dots
+    // keep few loads in flight: each key row is asked for ROWS_AHEAD positions before its
+    // dots, each value row beside its key (a hint: the same arithmetic, the same bits).
+    // Contiguous rows (a block widened by `attend_block_half_impl`, which asked for its rows
+    // already) are not asked for again.
+    let far = a.stride > hd;
     let key_ahead = |p: usize| {
-        if p < n {
+        if far && p < n {
             prefetch(&a.k[(p0 + p) * a.stride..][..hd]);
         }
     };
@@ -371,7 +374,9 @@ pub(crate) fn attend_block_impl<I: Isa>(
     // Each key row read once for the `g` queries; each query's scores in position order.
     for p in 0..n {
         key_ahead(p + ROWS_AHEAD);
-        prefetch(&a.v[(p0 + p) * a.stride..][..hd]);
+        if far {
+            prefetch(&a.v[(p0 + p) * a.stride..][..hd]);
+        }
         let k = &a.k[(p0 + p) * a.stride..][..hd];
         for (j, q) in q.chunks_exact(hd).enumerate() {
             weights[j * n + p] = I::dot_f32_short(q, k) * a.scale;
