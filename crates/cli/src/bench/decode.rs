@@ -160,20 +160,20 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     );
     println!();
     println!("{:<36} {:>12} {:>12}", "path", "prefill t/s", "decode t/s");
-    let row = |name: &str, prefill: f64, decode: f64| {
-        println!("{name:<36} {prefill:>12.1} {decode:>12.1}")
+    let row = |name: &str, prefill: Option<f64>, decode: f64| {
+        let prefill = prefill.map_or("".into(), |p| format!("{p:.1}"));
+        println!("{name:<36} {prefill:>12} {decode:>12.1}")
     };
-    row("engine, fast (int8 activations)", dp, dd);
-    row("actor (Wasm bench guest), fast", ap, ad);
-    println!(
-        "{:<36} {:>12} {:>12.1}",
+    row("engine, fast (int8 activations)", Some(dp), dd);
+    row("actor (Wasm bench guest), fast", Some(ap), ad);
+    row(
         "actor, top logit by the host",
-        "",
-        rate(args.decode, &actor_top)
+        None,
+        rate(args.decode, &actor_top),
     );
     row(
         "engine, reference (f32 activations)",
-        rate(args.prefill, &ref_prefill),
+        Some(rate(args.prefill, &ref_prefill)),
         rate(args.decode, &ref_decode),
     );
     // The quoted figures are for one model: compared with any other they mean nothing.
@@ -184,7 +184,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
     if quoted_model {
         row(
             "quoted: best CPU engine",
-            REFERENCE_PREFILL,
+            Some(REFERENCE_PREFILL),
             REFERENCE_DECODE,
         );
     }
@@ -193,7 +193,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<ExitCode> {
             args.prefill as f64 / prefill_s,
             args.decode as f64 / decode_s,
         );
-        row("llama.cpp, same model, this run", prefill, decode);
+        row("llama.cpp, same model, this run", Some(prefill), decode);
         println!(
             "llama.cpp: {}",
             llama_bench_tests(args.prefill, args.decode)
