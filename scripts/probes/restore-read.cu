@@ -15,6 +15,11 @@
 //            back is slow), the bound of a read into slots
 //   cached   pread each 64 KiB block straight into a slot that is not write-combined, then
 //            sum it there while it is in cache
+//   ring     as map, but into a ring of R small page-locked slots of S bytes a thread, each
+//            copied to the device as soon as it is full (an event a slot, waited on before
+//            the slot is refilled), so that the slots stay in the host's caches and the GPU's
+//            reads of them need not reach its memory; cached (ring-c) or write-combined
+//            (ring-wc) slots
 #include <cuda_runtime.h>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -41,13 +46,21 @@ static unsigned long long sum_block(const unsigned char* p, size_t n)
     return s;
 }
 
-enum Way { MAP, MAPPED, PREAD, DIRECT, CACHED };
-static const char* names[] = {"map", "mapped", "pread", "direct", "cached"};
+enum Way { MAP, MAPPED, PREAD, DIRECT, CACHED, RING_C, RING_WC };
+static const char* names[] = {"map", "mapped", "pread", "direct", "cached", "ring-c", "ring-wc"};
+
+// The ring's slots: R of S bytes a thread.
+constexpr size_t RING_MAX = 4 << 20;
+static size_t ring_s = 256 << 10, ring_r = 4;
 
 struct Worker {
     unsigned char* slot;
     unsigned char* plain;  // not write-combined
     cudaStream_t stream;
+    unsigned char* ring_c;   // RING_MAX bytes, cached
+    unsigned char* ring_wc;  // RING_MAX bytes, write-combined
+    cudaEvent_t copied[64];
+    bool pending[64];
     unsigned char bounce[BLOCK] __attribute__((aligned(64)));
 };
 
@@ -55,7 +68,7 @@ static double run(Way way, int threads, int fd, size_t len, unsigned char* dev, 
                   unsigned long long* check)
 {
     const unsigned char* map = nullptr;
-    if (way == MAP || way == MAPPED) {
+    if (way == MAP || way == MAPPED || way == RING_C || way == RING_WC) {
         map = (const unsigned char*)mmap(nullptr, len, PROT_READ, MAP_PRIVATE | (way == MAPPED ? MAP_POPULATE : 0), fd, 0);
         if (map == MAP_FAILED) {
             perror("mmap");
@@ -75,6 +88,32 @@ static double run(Way way, int threads, int fd, size_t len, unsigned char* dev, 
                 const size_t at = j * JOB;
                 if (at >= len) break;
                 const size_t n = std::min(JOB, len - at);
+                if (way == RING_C || way == RING_WC) {
+                    unsigned char* ring = way == RING_C ? me->ring_c : me->ring_wc;
+                    // Job offsets o go to slot (o / S) % R; a slot is sent once full.
+                    for (size_t b = 0; b < n; b += BLOCK) {
+                        const size_t m = std::min(BLOCK, n - b);
+                        s += sum_block(map + at + b, m);
+                        for (size_t o = b; o < b + m;) {
+                            const size_t k = (o / ring_s) % ring_r, in = o % ring_s;
+                            if (in == 0 && me->pending[k]) {
+                                CK(cudaEventSynchronize(me->copied[k]));
+                                me->pending[k] = false;
+                            }
+                            const size_t c = std::min(ring_s - in, b + m - o);
+                            memcpy(ring + k * ring_s + in, map + at + o, c);
+                            o += c;
+                            if (o % ring_s == 0 || o == n) {
+                                const size_t from = o - (in + c);
+                                CK(cudaMemcpyAsync(dev + at + from, ring + k * ring_s, o - from,
+                                                   cudaMemcpyHostToDevice, me->stream));
+                                CK(cudaEventRecord(me->copied[k], me->stream));
+                                me->pending[k] = true;
+                            }
+                        }
+                    }
+                    continue;
+                }
                 for (size_t b = 0; b < n; b += BLOCK) {
                     const size_t m = std::min(BLOCK, n - b);
                     if (way == DIRECT) {
@@ -94,6 +133,10 @@ static double run(Way way, int threads, int fd, size_t len, unsigned char* dev, 
                 CK(cudaMemcpyAsync(dev + at, way == CACHED ? me->plain : me->slot, n, cudaMemcpyHostToDevice, me->stream));
                 CK(cudaStreamSynchronize(me->stream));
             }
+            if (way == RING_C || way == RING_WC) {
+                CK(cudaStreamSynchronize(me->stream));
+                for (int k = 0; k < 64; ++k) me->pending[k] = false;
+            }
             total += s;
         });
     for (auto& t : pool) t.join();
@@ -107,8 +150,8 @@ int main(int argc, char** argv)
 {
     const size_t len = (size_t)(argc > 1 ? atof(argv[1]) : 94.6) * 1e6 / 4096 * 4096;
     const char* path = "/tmp/restore-read.bin";
+    std::vector<unsigned char> bytes(len), back(len);
     {
-        std::vector<unsigned char> bytes(len);
         unsigned long long x = 88172645463325252ull;
         for (size_t i = 0; i < len; i += 8) {
             x ^= x << 13, x ^= x >> 7, x ^= x << 17;
@@ -127,6 +170,12 @@ int main(int argc, char** argv)
         CK(cudaHostAlloc(&me->slot, JOB, cudaHostAllocWriteCombined));
         CK(cudaHostAlloc(&me->plain, JOB, 0));
         CK(cudaStreamCreateWithFlags(&me->stream, cudaStreamNonBlocking));
+        CK(cudaHostAlloc(&me->ring_c, RING_MAX, 0));
+        CK(cudaHostAlloc(&me->ring_wc, RING_MAX, cudaHostAllocWriteCombined));
+        for (int k = 0; k < 64; ++k) {
+            CK(cudaEventCreateWithFlags(&me->copied[k], cudaEventDisableTiming));
+            me->pending[k] = false;
+        }
         workers.push_back(me);
     }
     // The bus: one page-locked copy of the whole file's size.
@@ -148,12 +197,27 @@ int main(int argc, char** argv)
     }
     printf("file %.1f MB in the page cache; bus %.1f GB/s (%.2f ms for the file); %u host threads\n", len / 1e6,
            len / bus_ms / 1e6, bus_ms, std::thread::hardware_concurrency());
-    printf("%-8s %8s %28s\n", "way", "threads", "ms (each of 5 rounds)");
-    const int counts[] = {4, 8, 16};
+    printf("%-18s %4s %28s\n", "way", "threads", "ms (each of 5 rounds)");
+    const int counts[] = {8, 16};
     unsigned long long want = 0;
+    // The ring's shapes: S bytes, R slots.
+    const size_t shapes[][2] = {{64 << 10, 4}, {256 << 10, 2}, {256 << 10, 4}, {1 << 20, 4}};
+    struct Case {
+        Way way;
+        size_t s, r;
+    };
+    std::vector<Case> cases = {{MAP, 0, 0}, {MAPPED, 0, 0}};
+    for (auto& sh : shapes) cases.push_back({RING_C, sh[0], sh[1]});
+    for (auto& sh : shapes) cases.push_back({RING_WC, sh[0], sh[1]});
+    cases.push_back({MAP, 0, 0});
     for (int threads : counts)
-        for (int way = MAP; way <= CACHED; ++way) {
-            printf("%-8s %8d  ", names[way], threads);
+        for (const Case& cs : cases) {
+            const Way way = cs.way;
+            ring_s = cs.s, ring_r = cs.r;
+            char label[32];
+            if (cs.s) snprintf(label, sizeof label, "%s %zuK x%zu", names[way], cs.s >> 10, cs.r);
+            else snprintf(label, sizeof label, "%s", names[way]);
+            printf("%-18s %4d  ", label, threads);
             std::vector<double> ms;
             for (int r = 0; r < 5; ++r) {
                 unsigned long long check;
@@ -162,6 +226,11 @@ int main(int argc, char** argv)
                     if (!want) want = check;
                     if (check != want) printf("(sum differs) ");
                 }
+            }
+            if (way == RING_C || way == RING_WC) {
+                CK(cudaMemcpy(back.data(), dev, len, cudaMemcpyDeviceToHost));
+                if (memcmp(back.data(), bytes.data(), len)) printf("(device bytes differ) ");
+                CK(cudaMemset(dev, 0, len));
             }
             for (double m : ms) printf(" %6.2f", m);
             std::sort(ms.begin(), ms.end());
