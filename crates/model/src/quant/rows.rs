@@ -76,6 +76,20 @@ pub(crate) enum Path {
     Avx512(super::x86::Avx512),
 }
 
+/// `$path`'s call: `$portable` on the portable path, else `$call` with `$token` bound to the
+/// path's token (each x86 path's own type, so `$call` is written once for both).
+macro_rules! on_path {
+    ($path:expr, $portable:expr, $token:ident => $call:expr) => {
+        match $path {
+            Path::Portable => $portable,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2($token) => $call,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512($token) => $call,
+        }
+    };
+}
+
 impl Path {
     /// Every path this CPU supports, slowest first.
     #[cfg(test)]
@@ -125,13 +139,7 @@ impl Path {
     }
 
     pub(crate) fn dot(self, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
-        match self {
-            Path::Portable => dot_impl::<Soft>(dtype, row, x),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2(token) => token.dot(dtype, row, x),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(token) => token.dot(dtype, row, x),
-        }
+        on_path!(self, dot_impl::<Soft>(dtype, row, x), token => token.dot(dtype, row, x))
     }
 
     /// `out[r]` = the dot of row `r` (`row_bytes` each) of `rows` with `x`.
@@ -143,34 +151,20 @@ impl Path {
         x: &[f32],
         out: &mut [f32],
     ) {
-        match self {
-            Path::Portable => dot_rows_impl::<Soft>(dtype, rows, row_bytes, x, out),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2(token) => token.dot_rows(dtype, rows, row_bytes, x, out),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(token) => token.dot_rows(dtype, rows, row_bytes, x, out),
-        }
+        on_path!(
+            self,
+            dot_rows_impl::<Soft>(dtype, rows, row_bytes, x, out),
+            token => token.dot_rows(dtype, rows, row_bytes, x, out)
+        )
     }
 
     pub(crate) fn dot_f32(self, w: &[f32], x: &[f32]) -> f32 {
-        match self {
-            Path::Portable => dot_f32_impl(w, x),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2(token) => token.dot_f32(w, x),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(token) => token.dot_f32(w, x),
-        }
+        on_path!(self, dot_f32_impl(w, x), token => token.dot_f32(w, x))
     }
 
     /// [`super::exp_in_place`] on this path.
     pub(crate) fn exp_in_place(self, x: &mut [f32]) {
-        match self {
-            Path::Portable => super::exp::exp_in_place(x),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2(token) => token.exp_in_place(x),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(token) => token.exp_in_place(x),
-        }
+        on_path!(self, super::exp::exp_in_place(x), token => token.exp_in_place(x))
     }
 
     pub(crate) fn attend_block(
@@ -180,13 +174,11 @@ impl Path {
         q: &[f32],
         partials: &mut [f32],
     ) {
-        match self {
-            Path::Portable => attend_block_impl::<Soft>(a, b, q, partials),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2(token) => token.attend_block(a, b, q, partials),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(token) => token.attend_block(a, b, q, partials),
-        }
+        on_path!(
+            self,
+            attend_block_impl::<Soft>(a, b, q, partials),
+            token => token.attend_block(a, b, q, partials)
+        )
     }
 
     /// [`attend_block_half_impl`] on this path.
@@ -199,23 +191,19 @@ impl Path {
         partials: &mut [f32],
         wide: &mut Vec<f32>,
     ) {
-        match self {
-            Path::Portable => attend_block_half_impl::<Soft>(a, half, b, q, partials, wide),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2(token) => token.attend_block_half(a, half, b, q, partials, wide),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(token) => token.attend_block_half(a, half, b, q, partials, wide),
-        }
+        on_path!(
+            self,
+            attend_block_half_impl::<Soft>(a, half, b, q, partials, wide),
+            token => token.attend_block_half(a, half, b, q, partials, wide)
+        )
     }
 
     pub(crate) fn dequantize(self, dtype: DType, src: &[u8], dst: &mut [f32]) {
-        match self {
-            Path::Portable => dequantize_impl::<Soft>(dtype, src, dst),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2(token) => token.dequantize(dtype, src, dst),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(token) => token.dequantize(dtype, src, dst),
-        }
+        on_path!(
+            self,
+            dequantize_impl::<Soft>(dtype, src, dst),
+            token => token.dequantize(dtype, src, dst)
+        )
     }
 }
 
