@@ -4,7 +4,8 @@
 // flight a warp and at 2 and 8) and its one-token matrix-vector kernels (matvec.cuh's
 // matvec_together, and matvec_out_rows for the head, at the rows a warp and parts kernels.rs
 // gives each matrix) on each BF16 product of the Llama-3.2-1B shape, one token (and mma_one at
-// 2 chunks in flight with three blocks an SM): alone, 40
+// 2 chunks in flight with three blocks an SM, and mma_one's arithmetic with each warp's
+// weights, and x too, brought through a ring of its own in shared memory by cp.async): alone, 40
 // calls over copies of the matrix (more bytes than L2 holds), and chained as a step's products
 // (16 layers of Q/K/V, O, gate/up and down, then the head, each launched with programmatic
 // dependent launch as the engine's graph launches them). mma_one's variants give the same bits
@@ -72,6 +73,132 @@ __global__ void __launch_bounds__(256, 3)
     }
 }
 
+// mma_one's arithmetic (no fusions) with each warp's weights brought by cp.async into a ring
+// of D chunks of its own in shared memory (1 KiB a chunk: a lane's two 16-byte pieces at
+// 16 lane and 512 + 16 lane, read back by that lane alone), so that D - 1 chunks a warp are
+// in flight ahead of its sums without holding registers. X: token 0's 32 columns of each
+// chunk come through the same ring (128 bytes after the chunk's weights, copied by lanes 0-7
+// after the wait) and are split where they are used, so that no warp waits at a block barrier
+// for the block's staging of x; else x is staged as mma_one stages it. The same mmas in the
+// same order, so mma_one's bits.
+template <int D, bool X>
+__device__ __forceinline__ void mo_async_body(const unsigned char* __restrict__ w, const float* __restrict__ x,
+                                              float* y, unsigned rows, unsigned cols, unsigned P)
+{
+    constexpr unsigned SLOT = X ? 1024 + 128 : 1024;
+    extern __shared__ __align__(16) unsigned char smem[];  // the warps' rings, then x's hi and lo (!X)
+    __shared__ float s_part[16][16];
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const unsigned tiles = rows / 16, chunks_all = cols / 32;
+    const unsigned per_block = P >= 8 ? 1 : 8 / P;
+    const unsigned my_parts = P >= 8 ? P / 8 : 1;
+    const unsigned tile = blockIdx.x * per_block + (P >= 8 ? 0 : warp / P);
+    const bool mine = tile < tiles;
+    const unsigned chunks = chunks_all / P;
+    const unsigned n = mine ? my_parts * chunks : 0;  // the warp's chunks, in order
+    unsigned char* ring = smem + warp * D * SLOT;
+    unsigned char* s_hi = smem + 8 * D * SLOT;
+    unsigned char* s_lo = s_hi + 2 * cols;
+    auto part_of = [&](unsigned i) { return P >= 8 ? warp + 8 * i : warp % P; };
+    auto col_of = [&](unsigned j) { return (part_of(j / chunks) * chunks + j % chunks) * 32; };
+    auto fetch_w = [&](unsigned j) {
+        if (j < n) {
+            const unsigned char* p = w + mma_at(tile, col_of(j) / 32, chunks_all) + 16 * lane;
+            unsigned char* d = ring + (j % D) * SLOT + 16 * lane;
+            cp_async16(d, p, true);
+            cp_async16(d + 512, p + 512, true);
+        }
+    };
+    auto fetch_x = [&](unsigned j) {
+        if (X && j < n && lane < 8) {
+            cp_async16(ring + (j % D) * SLOT + 1024 + 16 * lane, x + col_of(j) + 4 * lane, true);
+        }
+    };
+    // Chunks 0 .. D - 2's weights before the wait; then (X) their x, a group a chunk (group 0
+    // also holds the weights), so that group j holds chunk j whole.
+    for (unsigned j = 0; j + 1 < D; ++j) {
+        fetch_w(j);
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    for (unsigned j = 0; j + 1 < D; ++j) {
+        fetch_x(j);
+        cp_async_commit();
+    }
+    if (!X) {
+        mma_one_stage(x, cols, (unsigned*)s_hi, (unsigned*)s_lo);
+        __syncthreads();
+    }
+    float acc[2][4] = {};
+#pragma unroll
+    for (unsigned i = 0; i < 2; ++i) {
+        if (i >= my_parts) {
+            break;
+        }
+        for (unsigned k = 0; k < chunks; ++k) {
+            const unsigned j = i * chunks + k;
+            // The slot of chunk j - 1, whose sums are issued, takes chunk j + D - 1.
+            fetch_w(j + D - 1);
+            fetch_x(j + D - 1);
+            cp_async_commit();
+            cp_async_wait<D - 1>();
+            if (!mine) {
+                continue;
+            }
+            const unsigned char* s = ring + (j % D) * SLOT + 16 * lane;
+            const uint4 a = *(const uint4*)s, b = *(const uint4*)(s + 512);
+            uint4 bh = make_uint4(0, 0, 0, 0), bl = make_uint4(0, 0, 0, 0);
+            if (g == 0) {
+                if (X) {
+                    const float* xs = (const float*)(ring + (j % D) * SLOT + 1024) + 8 * t;
+                    const float4 p = *(const float4*)xs, q = *(const float4*)(xs + 4);
+                    mma_split_pair(p.x, p.y, bh.x, bl.x);
+                    mma_split_pair(p.z, p.w, bh.y, bl.y);
+                    mma_split_pair(q.x, q.y, bh.z, bl.z);
+                    mma_split_pair(q.z, q.w, bh.w, bl.w);
+                } else {
+                    const unsigned col = col_of(j) + 8 * t;
+                    bh = *(const uint4*)(s_hi + 2 * col);
+                    bl = *(const uint4*)(s_lo + 2 * col);
+                }
+            }
+            mma_chunk(acc[i], a, b, bh, bl);
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (unsigned i = 0; i < 2; ++i) {
+        if (i >= my_parts) {
+            break;
+        }
+        const unsigned slot = P >= 8 ? part_of(i) : warp;
+        if (t == 0) {
+            s_part[slot][g] = acc[i][0];
+            s_part[slot][g + 8] = acc[i][2];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x >= 16 * per_block) {
+        return;
+    }
+    const unsigned tb = threadIdx.x / 16, r = threadIdx.x % 16, out_tile = blockIdx.x * per_block + tb;
+    if (out_tile < tiles) {
+        float v = 0.0f;
+        for (unsigned p = 0; p < P; ++p) {
+            v += s_part[P >= 8 ? p : tb * P + p][r];
+        }
+        y[out_tile * 16 + r] = 0.0f + v;  // as mma_emit without a residual
+    }
+}
+
+template <int D, bool X, int B>
+__global__ void __launch_bounds__(256, B)
+    mo_async(const unsigned char* __restrict__ w, const float* __restrict__ x, float* y, unsigned rows,
+             unsigned cols, unsigned parts)
+{
+    mo_async_body<D, X>(w, x, y, rows, cols, parts);
+}
+
 // Rows laid out as mma_one's tiles.
 __global__ void __launch_bounds__(256)
     mo_tile(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst, unsigned rows, unsigned cols)
@@ -88,6 +215,16 @@ template __global__ void mo_tensor<8>(const unsigned char* __restrict__, const f
                                       unsigned, unsigned, unsigned);
 template __global__ void mo_tensor3<2>(const unsigned char* __restrict__, const float* __restrict__, float*,
                                        unsigned, unsigned, unsigned);
+template __global__ void mo_async<4, false, 3>(const unsigned char* __restrict__, const float* __restrict__, float*,
+                                               unsigned, unsigned, unsigned);
+template __global__ void mo_async<8, false, 3>(const unsigned char* __restrict__, const float* __restrict__, float*,
+                                               unsigned, unsigned, unsigned);
+template __global__ void mo_async<16, false, 1>(const unsigned char* __restrict__, const float* __restrict__, float*,
+                                                unsigned, unsigned, unsigned);
+template __global__ void mo_async<4, true, 3>(const unsigned char* __restrict__, const float* __restrict__, float*,
+                                              unsigned, unsigned, unsigned);
+template __global__ void mo_async<8, true, 3>(const unsigned char* __restrict__, const float* __restrict__, float*,
+                                              unsigned, unsigned, unsigned);
 template __global__ void mo_rows<0>(const unsigned char* __restrict__, const float* __restrict__, float*, unsigned,
                                     unsigned, unsigned);
 template __global__ void mo_rows<2>(const unsigned char* __restrict__, const float* __restrict__, float*, unsigned,
@@ -142,16 +279,27 @@ int main()
     CK(cudaDeviceSynchronize());
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    const Kernel tensor[] = {mo_tensor<MMA_ONE_CHUNKS>, mo_tensor<2>, mo_tensor<8>, mo_tensor3<2>};
-    const int tensor_u[] = {MMA_ONE_CHUNKS, 2, 8, 2};
-    constexpr int T = 4;  // mma_one's variants; variant T is the matrix-vector kernel
-    // Variant v of product m, copy c: v < T mma_one (tensor[v]; its 4 cols bytes of dynamic
-    // shared memory stay under the default 48 KiB), v = T the matrix-vector kernel.
+    const Kernel tensor[] = {mo_tensor<MMA_ONE_CHUNKS>, mo_tensor<2>,           mo_tensor<8>,
+                             mo_tensor3<2>,             mo_async<4, false, 3>,  mo_async<8, false, 3>,
+                             mo_async<16, false, 1>,    mo_async<4, true, 3>,   mo_async<8, true, 3>};
+    const int tensor_u[] = {MMA_ONE_CHUNKS, 2, 8, 2, 4, 8, 16, 4, 8};
+    // Bytes of the rings a block (0: mma_one's registers), and whether x comes through them.
+    const unsigned ring[] = {0, 0, 0, 0, 8 * 4 * 1024, 8 * 8 * 1024, 8 * 16 * 1024, 8 * 4 * 1152, 8 * 8 * 1152};
+    const bool ring_x[] = {false, false, false, false, false, false, false, true, true};
+    constexpr int T = 9;  // mma_one's variants; variant T is the matrix-vector kernel
+    // Dynamic shared memory of variant v for `cols` columns: its rings, and x's hi and lo
+    // (4 cols bytes) where it stages x.
+    auto smem = [&](int v, unsigned cols) { return ring[v] + (ring_x[v] ? 0 : 4 * cols); };
+    for (int v = 0; v < T; ++v) {
+        CK(cudaFuncSetAttribute(tensor[v], cudaFuncAttributeMaxDynamicSharedMemorySize, smem(v, 8192)));
+    }
+    // Variant v of product m, copy c: v < T mma_one or its variants (tensor[v]), v = T the
+    // matrix-vector kernel.
     auto launch = [&](int v, const Matrix& m, int c) {
         const Shape& sh = *m.shape;
         if (v < T) {
             const unsigned tiles = sh.rows / 16, per_block = sh.mma_parts >= 8 ? 1 : 8 / sh.mma_parts;
-            launch_pdl(tensor[v], dim3((tiles + per_block - 1) / per_block), dim3(256), 4 * sh.cols, st,
+            launch_pdl(tensor[v], dim3((tiles + per_block - 1) / per_block), dim3(256), smem(v, sh.cols), st,
                        (const unsigned char*)m.tiles + c * m.bytes, (const float*)x, y, sh.rows, sh.cols,
                        sh.mma_parts);
         } else if (sh.rpw == 0) {
@@ -168,12 +316,14 @@ int main()
     CK(cudaMalloc(&a, 1ull << 30));
     CK(cudaMalloc(&b, 1ull << 30));
     printf("copy: %.0f GB/s (read + write)\n", copy_bandwidth(st, b, a, 1ull << 30));
-    const char* names[] = {"mma_one, engine's U", "mma_one, U = 2", "mma_one, U = 8", "mma_one, U = 2, 3 blocks",
+    const char* names[] = {"mma_one, engine's U",      "mma_one, U = 2",           "mma_one, U = 8",
+                           "mma_one, U = 2, 3 blocks", "ring of 4, 3 blocks",      "ring of 8, 3 blocks",
+                           "ring of 16, 1 block",      "ring of 4 with x, 3 blks", "ring of 8 with x, 3 blks",
                            "matrix-vector, engine's"};
     bool same = true;
     char digest[40];
     printf("== one token, us a call (GB/s of weights), 40 calls over the copies\n");
-    printf("  %-20s %-26s %4s %10s %8s  %s\n", "product", "kernel", "U", "us", "GB/s", "bits");
+    printf("  %-20s %-26s %4s %10s %8s  %s\n", "product", "kernel", "U|D", "us", "GB/s", "bits");
     for (const Matrix& m : ms) {
         for (int v = 0; v <= T; ++v) {
             launch(v, m, 0);
