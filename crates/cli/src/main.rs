@@ -62,7 +62,7 @@ pub fn parse_kv_type(s: &str) -> Result<tern_model::KvType, String> {
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct PrecisionArg {
     /// `fast` (int8 activations on the CPU, as llama.cpp), `tensor` (`fast`, and on a CUDA GPU
-    /// the BF16 matrices on tensor cores: several times the batched throughput, a few percent
+    /// the BF16 matrices on tensor cores: several times the batched throughput, about a fifth
     /// slower alone) or `reference` (f32 activations).
     #[arg(
         long = "precision",
