@@ -77,8 +77,8 @@ __global__ void __launch_bounds__(256, 3)
 // of D chunks of its own in shared memory (1 KiB a chunk: a lane's two 16-byte pieces at
 // 16 lane and 512 + 16 lane, read back by that lane alone), so that D - 1 chunks a warp are
 // in flight ahead of its sums without holding registers. X: token 0's 32 columns of each
-// chunk come through the same ring (128 bytes after the chunk's weights, copied by lanes 0-7
-// after the wait) and are split where they are used, so that no warp waits at a block barrier
+// chunk come through the same ring (128 bytes after the chunk's weights, each lane of quad
+// t's 8 copied by that lane after the wait) and are split where they are used, so that no warp waits at a block barrier
 // for the block's staging of x; else x is staged as mma_one stages it. The same mmas in the
 // same order, so mma_one's bits.
 template <int D, bool X>
@@ -110,8 +110,10 @@ __device__ __forceinline__ void mo_async_body(const unsigned char* __restrict__ 
         }
     };
     auto fetch_x = [&](unsigned j) {
-        if (X && j < n && lane < 8) {
-            cp_async16(ring + (j % D) * SLOT + 1024 + 16 * lane, x + col_of(j) + 4 * lane, true);
+        if (X && j < n && lane < 4) {  // the 8 columns lane t = lane reads, copied by itself
+            unsigned char* d = ring + (j % D) * SLOT + 1024 + 32 * lane;
+            cp_async16(d, x + col_of(j) + 8 * lane, true);
+            cp_async16(d + 16, x + col_of(j) + 8 * lane + 4, true);
         }
     };
     // Chunks 0 .. D - 2's weights before the wait; then (X) their x, a group a chunk (group 0
