@@ -4,7 +4,10 @@ Run by crates/cli/tests/openai.rs as: python openai_client.py BASE_URL KEY
 Prints one line per check; any failure raises (a non-zero exit).
 """
 
+import json
 import sys
+import urllib.error
+import urllib.request
 
 import openai
 
@@ -121,6 +124,23 @@ try:
     raise AssertionError("n=9 was accepted")
 except openai.BadRequestError as e:
     check("n past 8 is a 400", e.body["param"] == "n", e.body)
+
+# A body that is not JSON at all (no client sends one: raw HTTP).
+request = urllib.request.Request(
+    base_url.rstrip("/") + "/chat/completions",
+    data=b'{"messages": [',
+    headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+)
+try:
+    urllib.request.urlopen(request, timeout=60)
+    raise AssertionError("a body that is not JSON was accepted")
+except urllib.error.HTTPError as e:
+    error = json.loads(e.read())["error"]
+    check(
+        "a body that is not JSON is a 400 saying where",
+        e.code == 400 and error["message"].startswith("the body is not valid JSON: EOF"),
+        error,
+    )
 
 wrong = openai.OpenAI(base_url=base_url, api_key=key + "x", max_retries=0)
 try:

@@ -837,8 +837,14 @@ pub(crate) fn request_session(headers: &HeaderMap, client: Option<&str>) -> Opti
 /// Checks a request and turns it into a [`Plan`]; any field this server does not support
 /// (or supports only at its default) is a 400 naming it.
 fn plan(s: &AppState, headers: &HeaderMap, body: &[u8], kind: Kind) -> Result<Plan, ApiError> {
-    let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(body) else {
-        return Err(ApiError::bad_request("the body must be a JSON object"));
+    let mut fields = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => fields,
+        Ok(_) => return Err(ApiError::bad_request("the body must be a JSON object")),
+        Err(e) => {
+            return Err(ApiError::bad_request(format!(
+                "the body is not valid JSON: {e}"
+            )));
+        }
     };
     let (own, required): (&[&str], &str) = match kind {
         Kind::Chat => (

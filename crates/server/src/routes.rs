@@ -381,6 +381,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             crate::metrics::track,
         ))
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("this route does not take {method}"),
+            )
+        })
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -304,6 +304,16 @@ fn bad_input_gets_a_clear_error() {
         );
     }
 
+    // A route that exists, asked with a method it does not take: the same error envelope,
+    // and the methods it takes.
+    let wrong = request(server.addr, "PUT", "/v1/actors", &[], b"");
+    assert_eq!(
+        (wrong.status, wrong.error_type()),
+        (405, "method_not_allowed".into()),
+        "{wrong:?}"
+    );
+    assert_eq!(wrong.header("allow"), Some("GET,HEAD,POST"), "{wrong:?}");
+
     let actor = server.start_actor("echo");
     let path = format!("/v1/actors/{actor}/messages");
     let too_long = server.post(&path, &vec![b'x'; MESSAGE_BYTES + 1]);
