@@ -77,10 +77,10 @@ __global__ void __launch_bounds__(256, 3)
 // of D chunks of its own in shared memory (1 KiB a chunk: a lane's two 16-byte pieces at
 // 16 lane and 512 + 16 lane, read back by that lane alone), so that D - 1 chunks a warp are
 // in flight ahead of its sums without holding registers. X: token 0's 32 columns of each
-// chunk come through the same ring (128 bytes after the chunk's weights, each lane of quad
-// t's 8 copied by that lane after the wait) and are split where they are used, so that no warp waits at a block barrier
-// for the block's staging of x; else x is staged as mma_one stages it. The same mmas in the
-// same order, so mma_one's bits.
+// chunk come through the same ring (128 bytes after the chunk's weights; lane t < 4 copies
+// the 8 it reads itself, after the wait) and are split where they are used, so that no warp
+// waits at a block barrier for the block's staging of x; else x is staged as mma_one stages
+// it. The same mmas in the same order, so mma_one's bits.
 template <int D, bool X>
 __device__ __forceinline__ void mo_async_body(const unsigned char* __restrict__ w, const float* __restrict__ x,
                                               float* y, unsigned rows, unsigned cols, unsigned P)
