@@ -101,30 +101,34 @@ __device__ __forceinline__ void mo_async_body(const unsigned char* __restrict__ 
     unsigned char* s_lo = s_hi + 2 * cols;
     auto part_of = [&](unsigned i) { return P >= 8 ? warp + 8 * i : warp % P; };
     auto col_of = [&](unsigned j) { return (part_of(j / chunks) * chunks + j % chunks) * 32; };
-    auto fetch_w = [&](unsigned j) {
+    // Chunk j (its first column col) of the warp into slot j % D: its weights, and (X) its x.
+    auto fetch_w = [&](unsigned j, unsigned col) {
         if (j < n) {
-            const unsigned char* p = w + mma_at(tile, col_of(j) / 32, chunks_all) + 16 * lane;
+            const unsigned char* p = w + mma_at(tile, col / 32, chunks_all) + 16 * lane;
             unsigned char* d = ring + (j % D) * SLOT + 16 * lane;
             cp_async16(d, p, true);
             cp_async16(d + 512, p + 512, true);
         }
     };
-    auto fetch_x = [&](unsigned j) {
+    auto fetch_x = [&](unsigned j, unsigned col) {
         if (X && j < n && lane < 4) {  // the 8 columns lane t = lane reads, copied by itself
             unsigned char* d = ring + (j % D) * SLOT + 1024 + 32 * lane;
-            cp_async16(d, x + col_of(j) + 8 * lane, true);
-            cp_async16(d + 16, x + col_of(j) + 8 * lane + 4, true);
+            cp_async16(d, x + col + 8 * lane, true);
+            cp_async16(d + 16, x + col + 8 * lane + 4, true);
         }
     };
+    // The next chunk the main loop fetches, D - 1 ahead of the one it sums: its index, part
+    // and chunk of the part, advanced without divisions.
+    unsigned fj = D - 1, fi = (D - 1) / chunks, fk = (D - 1) % chunks;
     // Chunks 0 .. D - 2's weights before the wait; then (X) their x, a group a chunk (group 0
     // also holds the weights), so that group j holds chunk j whole.
     for (unsigned j = 0; j + 1 < D; ++j) {
-        fetch_w(j);
+        fetch_w(j, col_of(j));
     }
     pdl_wait();
     pdl_launch_dependents();
     for (unsigned j = 0; j + 1 < D; ++j) {
-        fetch_x(j);
+        fetch_x(j, col_of(j));
         cp_async_commit();
     }
     if (!X) {
@@ -140,9 +144,15 @@ __device__ __forceinline__ void mo_async_body(const unsigned char* __restrict__ 
         for (unsigned k = 0; k < chunks; ++k) {
             const unsigned j = i * chunks + k;
             // The slot of chunk j - 1, whose sums are issued, takes chunk j + D - 1.
-            fetch_w(j + D - 1);
-            fetch_x(j + D - 1);
+            const unsigned fcol = (part_of(fi) * chunks + fk) * 32;
+            fetch_w(fj, fcol);
+            fetch_x(fj, fcol);
             cp_async_commit();
+            ++fj;
+            if (++fk == chunks) {
+                fk = 0;
+                ++fi;
+            }
             cp_async_wait<D - 1>();
             if (!mine) {
                 continue;
@@ -159,7 +169,7 @@ __device__ __forceinline__ void mo_async_body(const unsigned char* __restrict__ 
                     mma_split_pair(q.x, q.y, bh.z, bl.z);
                     mma_split_pair(q.z, q.w, bh.w, bl.w);
                 } else {
-                    const unsigned col = col_of(j) + 8 * t;
+                    const unsigned col = (part_of(i) * chunks + k) * 32 + 8 * t;
                     bh = *(const uint4*)(s_hi + 2 * col);
                     bl = *(const uint4*)(s_lo + 2 * col);
                 }
