@@ -291,19 +291,36 @@ int main()
     CK(cudaDeviceSynchronize());
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    const Kernel tensor[] = {mo_tensor<MMA_ONE_CHUNKS>, mo_tensor<2>,           mo_tensor<8>,
-                             mo_tensor3<2>,             mo_async<4, false, 3>,  mo_async<8, false, 3>,
-                             mo_async<16, false, 1>,    mo_async<4, true, 3>,   mo_async<8, true, 3>};
-    const int tensor_u[] = {MMA_ONE_CHUNKS, 2, 8, 2, 4, 8, 16, 4, 8};
-    // Bytes of the rings a block (0: mma_one's registers), and whether x comes through them.
-    const unsigned ring[] = {0, 0, 0, 0, 8 * 4 * 1024, 8 * 8 * 1024, 8 * 16 * 1024, 8 * 4 * 1152, 8 * 8 * 1152};
-    const bool ring_x[] = {false, false, false, false, false, false, false, true, true};
-    constexpr int T = 9;  // mma_one's variants; variant T is the matrix-vector kernel
-    // Dynamic shared memory of variant v for `cols` columns: its rings, and x's hi and lo
-    // (4 cols bytes) where it stages x.
-    auto smem = [&](int v, unsigned cols) { return ring[v] + (ring_x[v] ? 0 : 4 * cols); };
+    // mma_one and its variants: the kernel, its chunks in flight (U) or its ring's chunks (D) a
+    // warp, whether it is a ring, whether x comes through the ring (else x is staged), its name.
+    struct Variant {
+        Kernel kernel;
+        int depth;
+        bool ring, x;
+        const char* name;
+    };
+    const Variant tensor[] = {
+        {mo_tensor<MMA_ONE_CHUNKS>, MMA_ONE_CHUNKS, false, false, "mma_one, engine's U"},
+        {mo_tensor<2>, 2, false, false, "mma_one, U = 2"},
+        {mo_tensor<8>, 8, false, false, "mma_one, U = 8"},
+        {mo_tensor3<2>, 2, false, false, "mma_one, U = 2, 3 blocks"},
+        {mo_async<4, false, 3>, 4, true, false, "ring of 4, 3 blocks"},
+        {mo_async<8, false, 3>, 8, true, false, "ring of 8, 3 blocks"},
+        {mo_async<16, false, 1>, 16, true, false, "ring of 16, 1 block"},
+        {mo_async<4, true, 3>, 4, true, true, "ring of 4 with x, 3 blks"},
+        {mo_async<8, true, 3>, 8, true, true, "ring of 8 with x, 3 blks"},
+    };
+    constexpr int T = sizeof tensor / sizeof tensor[0];  // variant T is the matrix-vector kernel
+    auto name = [&](int v) { return v < T ? tensor[v].name : "matrix-vector, engine's"; };
+    // Dynamic shared memory of variant v for `cols` columns: its warps' rings (1 KiB a chunk,
+    // and 128 bytes more where x comes through them), and x's hi and lo (4 cols bytes) where it
+    // stages x.
+    auto smem = [&](int v, unsigned cols) {
+        const Variant& t = tensor[v];
+        return (t.ring ? 8u * t.depth * (t.x ? 1152u : 1024u) : 0u) + (t.x ? 0u : 4 * cols);
+    };
     for (int v = 0; v < T; ++v) {
-        CK(cudaFuncSetAttribute(tensor[v], cudaFuncAttributeMaxDynamicSharedMemorySize, smem(v, 8192)));
+        CK(cudaFuncSetAttribute(tensor[v].kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem(v, 8192)));
     }
     // Variant v of product m, copy c: v < T mma_one or its variants (tensor[v]), v = T the
     // matrix-vector kernel.
@@ -311,7 +328,7 @@ int main()
         const Shape& sh = *m.shape;
         if (v < T) {
             const unsigned tiles = sh.rows / 16, per_block = sh.mma_parts >= 8 ? 1 : 8 / sh.mma_parts;
-            launch_pdl(tensor[v], dim3((tiles + per_block - 1) / per_block), dim3(256), smem(v, sh.cols), st,
+            launch_pdl(tensor[v].kernel, dim3((tiles + per_block - 1) / per_block), dim3(256), smem(v, sh.cols), st,
                        (const unsigned char*)m.tiles + c * m.bytes, (const float*)x, y, sh.rows, sh.cols,
                        sh.mma_parts);
         } else if (sh.rpw == 0) {
@@ -328,10 +345,6 @@ int main()
     CK(cudaMalloc(&a, 1ull << 30));
     CK(cudaMalloc(&b, 1ull << 30));
     printf("copy: %.0f GB/s (read + write)\n", copy_bandwidth(st, b, a, 1ull << 30));
-    const char* names[] = {"mma_one, engine's U",      "mma_one, U = 2",           "mma_one, U = 8",
-                           "mma_one, U = 2, 3 blocks", "ring of 4, 3 blocks",      "ring of 8, 3 blocks",
-                           "ring of 16, 1 block",      "ring of 4 with x, 3 blks", "ring of 8 with x, 3 blks",
-                           "matrix-vector, engine's"};
     bool same = true;
     char digest[40];
     printf("== one token, us a call (GB/s of weights), 40 calls over the copies\n");
@@ -363,7 +376,7 @@ int main()
             const double call_ms = elapsed_ms(st, [&] {
                 for (int i = 0; i < iters; ++i) launch(v, m, i % m.copies);
             });
-            printf("  %-20s %-26s %4d %10.1f %8.0f  %s\n", m.shape->name, names[v], v < T ? tensor_u[v] : 0,
+            printf("  %-20s %-26s %4d %10.1f %8.0f  %s\n", m.shape->name, name(v), v < T ? tensor[v].depth : 0,
                    call_ms * 1000 / iters, m.bytes * iters / call_ms / 1e6, bits);
         }
     }
@@ -381,7 +394,7 @@ int main()
             if (r > 0) runs.push_back(t * 1000);
         }
         std::sort(runs.begin(), runs.end());
-        printf("  %-26s %10.1f\n", names[v], runs[runs.size() / 2]);
+        printf("  %-26s %10.1f\n", name(v), runs[runs.size() / 2]);
     }
     printf("mma_one's variants give its bits: %s\n", same ? "yes" : "NO");
     return 0;
